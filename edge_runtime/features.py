@@ -1,0 +1,49 @@
+"""Feature extraction: the bundle's ONNX graph (backbone + patch aggregation) run by onnxruntime."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+class FeatureError(RuntimeError):
+    """The ONNX model cannot be loaded or run on this device."""
+
+
+def make_session(model_path: Path, threads: int = 2, providers: list[str] | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    available = ort.get_available_providers()
+    wanted = providers or ["CPUExecutionProvider"]
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise FeatureError(f"onnxruntime here has no {', '.join(missing)} (available: {', '.join(available)})")
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=opts, providers=wanted)
+    except Exception as exc:  # onnxruntime raises its own exception types for invalid or unsupported graphs
+        raise FeatureError(f"{model_path}: onnxruntime cannot load the model ({exc})") from None
+
+
+class FeatureExtractor:
+    """(1,3,S,S) float32 -> (grid_h * grid_w, dim) float32 patch features."""
+
+    def __init__(self, model_path: Path, expected: tuple[int, int, int], threads: int = 2,
+                 providers: list[str] | None = None):
+        self.session = make_session(model_path, threads, providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.model_path = model_path
+        out_shape = self.session.get_outputs()[0].shape
+        n_patches, dim, size = expected
+        if len(out_shape) != 3 or out_shape[1:] != [n_patches, dim]:
+            raise FeatureError(f"{model_path}: model output shape {out_shape} does not match the manifest "
+                               f"(1, {n_patches}, {dim})")
+        in_shape = self.session.get_inputs()[0].shape
+        if in_shape[2:] != [size, size]:
+            raise FeatureError(f"{model_path}: model input {in_shape} does not match image_size {size}")
+
+    def __call__(self, tensor: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: tensor})[0][0]

@@ -1,0 +1,117 @@
+"""Nearest-neighbour search of patch features against the memory bank: exact (BLAS) or HNSW (hnswlib).
+
+Both return per-patch L2 distances. HNSW neighbours are real bank vectors, so an approximate distance is an
+upper bound of the exact one; `HnswSearch` therefore re-checks patches in descending order of approximate
+distance until no unchecked patch can beat the best exact one, which makes the IMAGE score exact (see
+shared/SEARCH.md: recall 99.7% alone still flips good parts to NG).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class ExactSearch:
+    """Brute force: d^2 = |q|^2 + |b|^2 - 2 q.b as one matrix product per bank chunk."""
+
+    def __init__(self, bank: np.ndarray, chunk: int = 16384):
+        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
+        self.bank_sq = np.einsum("ij,ij->i", self.bank, self.bank)
+        self.chunk = chunk
+
+    @property
+    def dim(self) -> int:
+        return self.bank.shape[1]
+
+    def __len__(self) -> int:
+        return self.bank.shape[0]
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, bank indices) of the nearest bank vector for each query row."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        q_sq = np.einsum("ij,ij->i", q, q)
+        best = np.full(q.shape[0], np.inf, dtype=np.float32)
+        best_idx = np.zeros(q.shape[0], dtype=np.int64)
+        for start in range(0, len(self), self.chunk):
+            b = self.bank[start:start + self.chunk]
+            d2 = self.bank_sq[start:start + self.chunk][None, :] - 2.0 * (q @ b.T)
+            idx = np.argmin(d2, axis=1)
+            val = d2[np.arange(q.shape[0]), idx]
+            better = val < best
+            best[better] = val[better]
+            best_idx[better] = idx[better] + start
+        return np.sqrt(np.maximum(best + q_sq, 0.0)), best_idx
+
+    def distances(self, queries: np.ndarray) -> np.ndarray:
+        return self.nearest(queries)[0]
+
+
+
+@dataclass(frozen=True)
+class HnswParams:
+    space: str = "l2"
+    M: int = 16
+    ef_construction: int = 200
+    ef_search: int = 32
+    exact_recheck: bool = True
+
+
+def build_hnsw(bank: np.ndarray, params: HnswParams, seed: int = 0, threads: int = -1):
+    import hnswlib
+
+    index = hnswlib.Index(space=params.space, dim=bank.shape[1])
+    index.init_index(max_elements=bank.shape[0], ef_construction=params.ef_construction, M=params.M, random_seed=seed)
+    index.set_num_threads(threads if threads > 0 else 2)
+    index.add_items(np.ascontiguousarray(bank, dtype=np.float32), np.arange(bank.shape[0]))
+    return index
+
+
+class HnswSearch:
+    RECHECK_BATCH = 8
+
+    def __init__(self, index, params: HnswParams, threads: int = 1):
+        self.index = index
+        self.params = params
+        # hnswlib does not persist ef and resets it to 10 on load: set it every time.
+        self.index.set_ef(params.ef_search)
+        self.index.set_num_threads(threads)
+        n = index.get_current_count()
+        bank = np.asarray(index.get_items(np.arange(n)), dtype=np.float32)
+        self.exact = ExactSearch(bank)
+        self.rechecked_last = 0
+
+    @classmethod
+    def load(cls, path: Path, dim: int, params: HnswParams, threads: int = 1) -> "HnswSearch":
+        import hnswlib
+
+        index = hnswlib.Index(space=params.space, dim=dim)
+        index.load_index(str(path))
+        return cls(index, params, threads)
+
+    @property
+    def dim(self) -> int:
+        return self.exact.dim
+
+    def __len__(self) -> int:
+        return len(self.exact)
+
+    def approximate(self, queries: np.ndarray) -> np.ndarray:
+        _, d2 = self.index.knn_query(np.ascontiguousarray(queries, dtype=np.float32), k=1)
+        return np.sqrt(np.maximum(d2[:, 0], 0.0)).astype(np.float32)
+
+    def distances(self, queries: np.ndarray) -> np.ndarray:
+        dist = self.approximate(queries)
+        if not self.params.exact_recheck:
+            return dist
+        order = np.argsort(-dist)
+        best, pos = -np.inf, 0
+        # Batches of a few patches keep the exact check a small GEMM instead of one pass per patch.
+        while pos < len(order) and dist[order[pos]] > best:
+            batch = order[pos:pos + self.RECHECK_BATCH]
+            dist[batch] = self.exact.distances(queries[batch])
+            best = max(best, float(dist[batch].max()))
+            pos += len(batch)
+        self.rechecked_last = pos
+        return dist

@@ -1,0 +1,62 @@
+"""Records that cross pipeline stages: a captured frame in, an inspection result out."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class Verdict(str, enum.Enum):
+    OK = "OK"        # inspected and within the threshold
+    NG = "NG"        # inspected and anomalous
+    FAULT = "FAULT"  # not inspected (bad image, internal error): treated as not-OK by every output
+
+
+@dataclass
+class Frame:
+    """One unit of work from a source. Exactly one of `encoded` (file bytes) or `image` (decoded array) is set."""
+
+    frame_id: int
+    source: str                       # file path, camera name or URL: where the frame came from
+    encoded: bytes | None = None
+    image: np.ndarray | None = None   # HxW or HxWxC uint8, as the camera delivered it (BGR for OpenCV)
+    captured_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class InspectionResult:
+    frame_id: int
+    source: str
+    verdict: Verdict
+    score: float | None               # raw image score (largest patch distance); None when not inspected
+    normalized_score: float | None    # 0.5 at the threshold, clipped to [0, 1]
+    threshold: float
+    timings_ms: dict[str, float]      # per pipeline stage, plus "total"
+    bundle_id: str
+    error: str | None = None          # why the frame was not inspected (verdict FAULT)
+    anomaly_map: np.ndarray | None = None  # image_size x image_size float32 (resize to `image` for overlays)
+    image: np.ndarray | None = None        # the decoded RGB frame (ROI applied): what was inspected
+    captured_at: float = 0.0
+    finished_at: float = field(default_factory=time.time)
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict is Verdict.OK
+
+    def to_record(self) -> dict:
+        """The JSON-serialisable form written to the result log and served to clients."""
+        return {
+            "time": self.finished_at,
+            "captured_at": self.captured_at,
+            "frame_id": self.frame_id,
+            "source": self.source,
+            "verdict": self.verdict.value,
+            "score": self.score,
+            "normalized_score": self.normalized_score,
+            "threshold": self.threshold,
+            "latency_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+            "bundle_id": self.bundle_id,
+            "error": self.error,
+        }

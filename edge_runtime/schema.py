@@ -1,0 +1,132 @@
+"""A small validator that turns YAML mappings into typed dataclasses, so errors name the file and the key.
+
+Why not pydantic: the device install stays at numpy/onnxruntime/opencv/hnswlib/pyyaml, and the station schema
+needs only dataclasses, Literal, Optional, lists and tagged unions chosen by a `type` key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: the message names the file and the dotted key."""
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if isinstance(tp, type):
+        return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}.get(tp.__name__, tp.__name__)
+    return str(tp)
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def convert(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against annotation `tp`; return it converted (mappings become dataclasses)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if _is_union(tp):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            if type(None) in get_args(tp):
+                return None
+            raise ConfigError(f"{where}: must not be empty")
+        tagged = [a for a in args if dataclasses.is_dataclass(a) and "type" in {f.name for f in dataclasses.fields(a)}]
+        if len(tagged) > 1:
+            return _tagged(value, tagged, where)
+        errors = []
+        for arg in args:
+            try:
+                return convert(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, *rest) = get_args(tp) or (Any,)
+        items = [convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        if origin is tuple:
+            if rest and rest[0] is not Ellipsis and len(items) != len(get_args(tp)):
+                raise ConfigError(f"{where}: expected {len(get_args(tp))} items, got {len(items)}")
+            return tuple(items)
+        return items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, val_tp = get_args(tp)
+        return {str(k): convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"schema type {tp!r} at {where} is not supported")  # a bug in the schema, not the file
+
+
+def _tagged(value: Any, choices: list, where: str) -> Any:
+    if not isinstance(value, dict) or "type" not in value:
+        raise ConfigError(f"{where}: expected a mapping with a 'type' key")
+    by_tag = {}
+    for cls in choices:
+        tag_field = next(f for f in dataclasses.fields(cls) if f.name == "type")
+        for tag in get_args(typing.get_type_hints(cls)["type"]) or (tag_field.default,):
+            by_tag[tag] = cls
+    cls = by_tag.get(value["type"])
+    if cls is None:
+        raise ConfigError(f"{where}.type: expected one of {', '.join(map(repr, by_tag))}, got {value['type']!r}")
+    return from_mapping(cls, value, where)
+
+
+def from_mapping(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys, missing required keys and wrong types are errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(map(str, data)) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}"
+        if name in data:
+            kwargs[name] = convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required key is missing")
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return obj

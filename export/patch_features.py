@@ -1,0 +1,52 @@
+"""The feature graph exported to ONNX: backbone taps -> locally aware patch features (PatchCore, sec. 3.1).
+
+Each tap is averaged over its 3x3 neighbourhood (local aggregation), the stride-16 map is bilinearly
+upsampled to the stride-8 grid, both are concatenated and optionally projected by a fixed random
+orthonormal matrix. Output: (1, grid_h * grid_w, dim), one row per patch, row-major over the grid.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from export.backbone import EfficientNetLiteTaps
+
+AGGREGATION = {
+    "neighbourhood": "3x3 average pool, stride 1, padding 1, count_include_pad=False, on each tap",
+    "upsample": "stride-16 tap bilinear (align_corners=False) to the stride-8 grid",
+    "combine": "concatenate channels [stride-8, stride-16]",
+}
+
+
+class PatchFeatures(nn.Module):
+    def __init__(self, backbone: str = "lite0", projection_dim: int | None = None, seed: int = 0):
+        super().__init__()
+        self.backbone = EfficientNetLiteTaps(backbone)
+        full_dim = sum(self.backbone.channels)
+        self.full_dim = full_dim
+        self.dim = projection_dim or full_dim
+        if projection_dim:
+            if projection_dim > full_dim:
+                raise ValueError(f"projection_dim {projection_dim} exceeds the feature dimension {full_dim}")
+            gen = torch.Generator().manual_seed(seed)
+            q, _ = torch.linalg.qr(torch.randn(full_dim, projection_dim, generator=gen))
+            self.register_buffer("projection", q.contiguous())
+        else:
+            self.projection = None
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f8, f16 = self.backbone(x)
+        f8 = F.avg_pool2d(f8, 3, stride=1, padding=1, count_include_pad=False)
+        f16 = F.avg_pool2d(f16, 3, stride=1, padding=1, count_include_pad=False)
+        f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
+        feats = torch.cat([f8, f16], dim=1)              # (1, D, h, w)
+        feats = feats.flatten(2).transpose(1, 2)         # (1, h*w, D)
+        if self.projection is not None:
+            feats = feats @ self.projection
+        return feats
+
+    def grid(self, image_size: int) -> tuple[int, int]:
+        g = -(-image_size // 8)
+        return g, g

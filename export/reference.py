@@ -1,0 +1,48 @@
+"""The torch reference path: torch features + exact nearest neighbour in torch. The yardstick for parity.
+
+It shares the bundle's FP32 memory bank and the runtime's scoring code (scores and heat map), so any
+difference from the deployed path comes from the extractor or the search alone.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edge_runtime import scoring
+from edge_runtime.bundle import Bundle
+from edge_runtime.nn_search import HnswSearch
+from edge_runtime.pipeline import Scored
+from edge_runtime.preprocess import preprocess
+from export.patch_features import PatchFeatures
+
+
+def model_for(bundle: Bundle) -> PatchFeatures:
+    m = bundle.manifest
+    proj = m["features"].get("projection") or {}
+    return PatchFeatures(m["backbone"]["name"], proj.get("dim"), proj.get("seed", 0))
+
+
+class ReferenceScorer:
+    def __init__(self, bundle: Bundle, threads: int = 2):
+        torch.set_num_threads(threads)
+        self.bundle = bundle
+        self.model = model_for(bundle)
+        variant = bundle.variant("fp32")
+        bank = HnswSearch.load(bundle.path(variant.index_file), bundle.dim, bundle.hnsw_params).exact.bank
+        self.bank = torch.from_numpy(bank)
+        self.prep = bundle.preprocessing
+        self.grid = bundle.grid
+        self.threshold = variant.threshold
+
+    @torch.no_grad()
+    def features(self, tensor: np.ndarray) -> torch.Tensor:
+        return self.model(torch.from_numpy(tensor))[0]
+
+    @torch.no_grad()
+    def score_tensor(self, tensor: np.ndarray) -> Scored:
+        feats = self.features(tensor)
+        patch = torch.cdist(feats.double(), self.bank.double()).min(dim=1).values.float().numpy()
+        return Scored(scoring.image_score(patch), patch, scoring.anomaly_map(patch, self.grid, self.prep.image_size))
+
+    def score_rgb(self, rgb: np.ndarray) -> Scored:
+        return self.score_tensor(preprocess(rgb, self.prep))
