@@ -72,23 +72,39 @@ def _bn(sd: dict, prefix: str) -> nn.BatchNorm2d:
     return bn
 
 
-def _conv(weight: torch.Tensor, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    # Symmetric padding (k//2): correct at any input size and exports cleanly; TF "SAME" padding would
-    # bake pad sizes into the ONNX graph (see shared/BACKBONES.md). Fit and runtime both use this graph.
+class SamePadConv(nn.Conv2d):
+    """TensorFlow "SAME" padding (asymmetric at stride 2), as the weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.kernel_size[0], self.stride[0]
+        pads = []
+        # int(): the exported graph has a fixed input size, so pads become constants ONNX can fold into Conv.
+        for size in (int(x.shape[-1]), int(x.shape[-2])):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, None, self.stride, 0, 1, self.groups)
+
+
+def _conv(weight: torch.Tensor, stride: int = 1, groups: int = 1, padding: str = "symmetric") -> nn.Conv2d:
+    # Symmetric padding (k//2) is correct at any input size; TF "SAME" pads are computed from the input size,
+    # which is fine here because the exported graph has a fixed input size. Fit and runtime share the graph.
     k = weight.shape[-1]
-    conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], k, stride=stride, padding=k // 2, groups=groups, bias=False)
+    if padding == "tf":
+        conv = SamePadConv(weight.shape[1] * groups, weight.shape[0], k, stride=stride, padding=0, groups=groups, bias=False)
+    else:
+        conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], k, stride=stride, padding=k // 2, groups=groups, bias=False)
     conv.weight.data.copy_(weight)
     return conv
 
 
 class MBConv(nn.Module):
-    def __init__(self, sd: dict, prefix: str, stride: int):
+    def __init__(self, sd: dict, prefix: str, stride: int, padding: str = "symmetric"):
         super().__init__()
         self.expand = None
         if prefix + "._expand_conv.weight" in sd:
             self.expand = nn.Sequential(_conv(sd[prefix + "._expand_conv.weight"]), _bn(sd, prefix + "._bn0"), nn.ReLU6())
         dw = sd[prefix + "._depthwise_conv.weight"]
-        self.depthwise = nn.Sequential(_conv(dw, stride, groups=dw.shape[0]), _bn(sd, prefix + "._bn1"), nn.ReLU6())
+        self.depthwise = nn.Sequential(_conv(dw, stride, groups=dw.shape[0], padding=padding), _bn(sd, prefix + "._bn1"), nn.ReLU6())
         pw = sd[prefix + "._project_conv.weight"]
         self.project = nn.Sequential(_conv(pw), _bn(sd, prefix + "._bn2"))
         c_in = sd[prefix + "._expand_conv.weight"].shape[1] if self.expand is not None else dw.shape[0]
@@ -103,11 +119,14 @@ class MBConv(nn.Module):
 class EfficientNetLiteTaps(nn.Module):
     """Stem + MBConv blocks up to the end of stage 5; returns the (stride 8, stride 16) feature maps."""
 
-    def __init__(self, name: str = "lite0"):
+    def __init__(self, name: str = "lite0", padding: str = "symmetric"):
         super().__init__()
+        if padding not in ("symmetric", "tf"):
+            raise ValueError(f"padding must be 'symmetric' or 'tf', got {padding!r}")
         sd = load_state_dict(name)
         self.name = name
-        self.stem = nn.Sequential(_conv(sd["_conv_stem.weight"], stride=2), _bn(sd, "_bn0"), nn.ReLU6())
+        self.padding = padding
+        self.stem = nn.Sequential(_conv(sd["_conv_stem.weight"], stride=2, padding=padding), _bn(sd, "_bn0"), nn.ReLU6())
         n_blocks = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("_blocks."))
         blocks, tap_after, stage, prev_out = [], [], -1, None
         for i in range(n_blocks):
@@ -120,7 +139,7 @@ class EfficientNetLiteTaps(nn.Module):
                 stage += 1
                 if stage > max(TAP_STAGES):
                     break
-            blocks.append(MBConv(sd, p, STAGE_STRIDES[stage] if first_of_stage else 1))
+            blocks.append(MBConv(sd, p, STAGE_STRIDES[stage] if first_of_stage else 1, padding))
             prev_out = out_ch
         else:
             tap_after.append(n_blocks - 1)

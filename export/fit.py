@@ -159,7 +159,7 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
         "software": software_versions(),
         "backbone": {"name": s.backbone, "weights_sha256": backbone_mod.BACKBONES[s.backbone].sha256,
                      "weights_package": backbone_mod.BACKBONES[s.backbone].package.replace("_", "-") + "==0.1.0",
-                     "padding": "symmetric (k//2), valid at any input size", "taps": list(model.backbone.tap_blocks),
+                     "padding": "TensorFlow SAME (asymmetric at stride 2), computed for the fixed input size", "taps": list(model.backbone.tap_blocks),
                      "tap_channels": list(model.backbone.channels), "tap_strides": [8, 16]},
         "preprocessing": prep.to_manifest(),
         "features": {"aggregation": AGGREGATION, "grid": list(grid), "dim": model.dim, "full_dim": model.full_dim,

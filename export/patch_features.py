@@ -13,16 +13,17 @@ import torch.nn.functional as F
 from export.backbone import EfficientNetLiteTaps
 
 AGGREGATION = {
-    "neighbourhood": "3x3 average pool, stride 1, padding 1, count_include_pad=False, on each tap",
+    "neighbourhood": "3x3 average pool, stride 1, zero padding 1, count_include_pad=True, on each tap",
     "upsample": "stride-16 tap bilinear (align_corners=False) to the stride-8 grid",
     "combine": "concatenate channels [stride-8, stride-16]",
 }
 
 
 class PatchFeatures(nn.Module):
-    def __init__(self, backbone: str = "lite0", projection_dim: int | None = None, seed: int = 0):
+    def __init__(self, backbone: str = "lite0", projection_dim: int | None = None, seed: int = 0,
+                 padding: str = "tf"):
         super().__init__()
-        self.backbone = EfficientNetLiteTaps(backbone)
+        self.backbone = EfficientNetLiteTaps(backbone, padding)
         full_dim = sum(self.backbone.channels)
         self.full_dim = full_dim
         self.dim = projection_dim or full_dim
@@ -38,8 +39,8 @@ class PatchFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f8, f16 = self.backbone(x)
-        f8 = F.avg_pool2d(f8, 3, stride=1, padding=1, count_include_pad=False)
-        f16 = F.avg_pool2d(f16, 3, stride=1, padding=1, count_include_pad=False)
+        f8 = F.avg_pool2d(f8, 3, stride=1, padding=1, count_include_pad=True)
+        f16 = F.avg_pool2d(f16, 3, stride=1, padding=1, count_include_pad=True)
         f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
         feats = torch.cat([f8, f16], dim=1)              # (1, D, h, w)
         feats = feats.flatten(2).transpose(1, 2)         # (1, h*w, D)

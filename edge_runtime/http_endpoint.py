@@ -1,0 +1,241 @@
+"""Local HTTP endpoint: GET /healthz, GET /metrics (Prometheus), POST /trigger (only when allowed).
+
+It reads station state through a provider callback returning `StationStatus`, so it never reaches into the daemon;
+the only state it can change is firing the software trigger.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Literal
+
+from edge_runtime.latency_stats import LatencyStats, escape_label
+from edge_runtime.records import Verdict
+
+log = logging.getLogger(__name__)
+
+# Requests to /trigger carry no meaningful body; refuse large ones rather than read them.
+_MAX_BODY = 4096
+
+
+@dataclass(kw_only=True)
+class HttpConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"          # loopback by default: only local tools (curl, node exporter, a proxy) reach it
+    port: int = 8088                 # 0 picks a free port (tests)
+    allow_trigger: bool = False      # POST /trigger fires the software trigger; off unless asked for
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be 0..65535, got {self.port}")
+        if not self.host:
+            raise ValueError("host: must not be empty")
+
+
+@dataclass
+class StationStatus:
+    """What the daemon tells the endpoint; built fresh for every request by the provider callback."""
+
+    state: Literal["ready", "not_ready", "fault"]
+    reason: str | None = None                 # why not ready / the fault
+    bundle_id: str | None = None
+    frames: int = 0                           # frames inspected or faulted since start
+    last_verdict: str | None = None
+    uptime_s: float = 0.0
+    verdicts: dict[str, int] = field(default_factory=dict)   # counts by Verdict value
+    faults: int = 0                           # FAULT results plus source/output faults
+    skipped: int = 0                          # files the source could not read
+    last_heartbeat_age_s: float | None = None # seconds since the inspection loop last went round
+    latency: LatencyStats | None = None
+    counters: dict[str, float] = field(default_factory=dict)  # further monotonic counters, exported as edge_<name>_total
+
+
+StatusProvider = Callable[[], StationStatus]
+
+
+def health_document(status: StationStatus) -> dict:
+    return {
+        "status": status.state,
+        "reason": status.reason,
+        "bundle_id": status.bundle_id,
+        "frames": status.frames,
+        "last_verdict": status.last_verdict,
+        "uptime_s": round(status.uptime_s, 3),
+    }
+
+
+def render_metrics(status: StationStatus) -> str:
+    """Prometheus text exposition format 0.0.4."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(f"{name}{labels} {_number(value)}")
+
+    # Every verdict appears, zero included, so rate() works from the first frame on.
+    verdicts = {v.value: 0 for v in Verdict}
+    verdicts.update(status.verdicts)
+    metric("edge_verdicts_total", "counter", "Inspection results by verdict.",
+           [(f'{{verdict="{escape_label(k)}"}}', v) for k, v in sorted(verdicts.items())])
+    metric("edge_frames_total", "counter", "Frames inspected or faulted.", [("", status.frames)])
+    metric("edge_faults_total", "counter", "Faults: frames not inspected plus source and output faults.", [("", status.faults)])
+    metric("edge_skipped_total", "counter", "Source files that could not be read and were skipped.", [("", status.skipped)])
+    for name, value in sorted(status.counters.items()):
+        metric(f"edge_{name}_total", "counter", f"Count of {name.replace('_', ' ')}.", [("", value)])
+    metric("edge_ready", "gauge", "1 when the station inspects, 0 otherwise.", [("", 1 if status.state == "ready" else 0)])
+    metric("edge_fault", "gauge", "1 while the station is in fault.", [("", 1 if status.state == "fault" else 0)])
+    metric("edge_uptime_seconds", "gauge", "Seconds since the daemon started.", [("", status.uptime_s)])
+    if status.last_heartbeat_age_s is not None:
+        metric("edge_last_heartbeat_age_seconds", "gauge", "Seconds since the inspection loop last went round.",
+               [("", status.last_heartbeat_age_s)])
+    if status.bundle_id is not None:
+        metric("edge_bundle_info", "gauge", "The model bundle in use.", [(f'{{bundle_id="{escape_label(status.bundle_id)}"}}', 1)])
+    if status.latency is not None:
+        lines.extend(status.latency.prometheus_lines())
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
+class HttpEndpoint:
+    """ThreadingHTTPServer in a daemon thread. `start()` binds (raises OSError if the port is taken), `port` is
+    the bound port, `stop()` shuts it down."""
+
+    def __init__(self, cfg: HttpConfig, status_provider: StatusProvider, fire_trigger: Callable[[], None] | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self._provider = status_provider
+        self._fire_trigger = fire_trigger
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        if cfg.allow_trigger and cfg.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("http: POST /trigger is allowed on %s: anyone who reaches this address can trigger captures", cfg.host)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("http endpoint is not started")
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        if self._server is not None:
+            return
+        handler = _make_handler(self)
+        server_cls = _IPv6Server if ":" in self.cfg.host else ThreadingHTTPServer
+        server = server_cls((self.cfg.host, self.cfg.port), handler)
+        server.daemon_threads = True
+        self._server = server
+        # A short poll interval makes stop() (and the daemon's shutdown) quick; the cost is a few wakeups a second.
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="http-endpoint", daemon=True)
+        self._thread.start()
+        log.info("http: serving /healthz and /metrics on %s:%d", self.cfg.host, self.port)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    # -- request handling, called from the server's threads -----------------------------------------------------
+
+    def _status(self) -> StationStatus | None:
+        try:
+            return self._provider()
+        except Exception:
+            log.exception("http: status provider failed")
+            return None
+
+    def handle_get(self, path: str) -> tuple[int, str, bytes]:
+        if path == "/healthz":
+            status = self._status()
+            if status is None:
+                doc = {"status": "fault", "reason": "station status unavailable (internal error)", "bundle_id": None,
+                       "frames": None, "last_verdict": None, "uptime_s": None}
+                return HTTPStatus.SERVICE_UNAVAILABLE, "application/json", json.dumps(doc).encode()
+            code = HTTPStatus.OK if status.state == "ready" else HTTPStatus.SERVICE_UNAVAILABLE
+            return code, "application/json", json.dumps(health_document(status)).encode()
+        if path == "/metrics":
+            status = self._status()
+            if status is None:
+                return HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", b"station status unavailable\n"
+            return HTTPStatus.OK, "text/plain; version=0.0.4; charset=utf-8", render_metrics(status).encode()
+        return HTTPStatus.NOT_FOUND, "application/json", json.dumps({"error": f"no such endpoint: {path}"}).encode()
+
+    def handle_post(self, path: str) -> tuple[int, str, bytes]:
+        if path != "/trigger":
+            return HTTPStatus.NOT_FOUND, "application/json", json.dumps({"error": f"no such endpoint: {path}"}).encode()
+        if not self.cfg.allow_trigger:
+            return HTTPStatus.FORBIDDEN, "application/json", json.dumps({"error": "trigger over HTTP is disabled (http.allow_trigger)"}).encode()
+        if self._fire_trigger is None:
+            return HTTPStatus.CONFLICT, "application/json", json.dumps({"error": "the station's trigger is not 'software'"}).encode()
+        self._fire_trigger()
+        return HTTPStatus.ACCEPTED, "application/json", json.dumps({"triggered": True}).encode()
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _make_handler(endpoint: HttpEndpoint) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "edge-runtime"
+        sys_version = ""
+
+        def _send(self, result: tuple[int, str, bytes]) -> None:
+            code, content_type, body = result
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _path(self) -> str:
+            return self.path.split("?", 1)[0]
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+            self._send(endpoint.handle_get(self._path()))
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._send(endpoint.handle_get(self._path()))
+
+        def do_POST(self) -> None:  # noqa: N802
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                self.close_connection = True
+                self._send((HTTPStatus.BAD_REQUEST, "application/json", b'{"error": "bad Content-Length"}'))
+                return
+            if length > _MAX_BODY:
+                self.close_connection = True
+                self._send((HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "application/json", b'{"error": "body too large"}'))
+                return
+            if length:
+                self.rfile.read(length)
+            self._send(endpoint.handle_post(self._path()))
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (signature from http.server)
+            log.debug("http: %s %s", self.address_string(), format % args)
+
+    return Handler

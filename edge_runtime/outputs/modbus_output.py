@@ -1,0 +1,277 @@
+"""Modbus TCP server output: the station publishes its state in registers and coils that PLCs poll.
+
+Register map (stable; addresses are 0-based protocol addresses, unit id from the config):
+
+    Coils (also mirrored as discrete inputs 0-3 for PLCs that only poll inputs)
+      0  OK      true only for a part that was inspected and passed
+      1  NG      the last part was inspected and is anomalous
+      2  READY   the station inspects
+      3  ERROR   a station fault is active or the last part was not inspected (FAULT)
+      4-15       reserved, read as false
+    Holding registers (also mirrored as input registers 0-15)
+      0    verdict of the last part: 0 none/fault, 1 OK, 2 NG
+      1-2  frame id of the last part, uint32, high word first (register 1); it changes with every part,
+           so a PLC latches a new verdict when it changes
+      3    raw score x 1000, clipped to 0..65535 (0 when not inspected)
+      4    normalised score x 1000 (500 at the threshold, 1000 max)
+      5    heartbeat counter, +1 per inspection-loop iteration, uint16, wraps
+      6    fault code bits: 1 = station fault (set_fault), 2 = the last part was not inspected (FAULT)
+      7-15 reserved, read as 0
+      16-31 PLC area: writable by clients only with `allow_writes: true`; the station never interprets it
+
+All station-owned addresses are read-only for clients: a write is answered with exception 1 (illegal function)
+while `allow_writes` is false, and with exception 2 (illegal address) outside the PLC area when it is true.
+Like the GPIO output, a FAULT result, set_fault() and set_ready(False) drop OK (coil 0 false, verdict 0).
+The server runs on its own asyncio loop in a background thread; client connects and disconnects never reach the
+inspection thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+from edge_runtime.outputs.base import Output, OutputError
+from edge_runtime.records import InspectionResult, Verdict
+
+STATION_REGISTERS = 16      # holding/input registers 0..15 and coils 0..15 belong to the station
+PLC_AREA_START = 16
+PLC_AREA_SIZE = 16
+
+COIL_OK, COIL_NG, COIL_READY, COIL_ERROR = 0, 1, 2, 3
+HR_VERDICT, HR_FRAME_HI, HR_FRAME_LO, HR_SCORE, HR_NORM, HR_HEARTBEAT, HR_FAULT = range(7)
+VERDICT_NONE, VERDICT_OK, VERDICT_NG = 0, 1, 2
+FAULT_STATION, FAULT_NOT_INSPECTED = 1, 2
+
+# Modbus function codes by what they touch (read / write).
+_READ_BITS = {1, 2}
+_WRITE_FUNCTIONS = {5, 6, 15, 16, 22, 23}
+_START_TIMEOUT_S = 10.0
+
+
+@dataclass(kw_only=True)
+class ModbusConfig:
+    type: Literal["modbus"] = "modbus"
+    host: str = "127.0.0.1"   # 0.0.0.0 to serve the plant network; the default keeps it local
+    port: int = 5020          # 502 needs CAP_NET_BIND_SERVICE
+    unit_id: int = 1          # 0 answers every unit id
+    allow_writes: bool = False  # true: clients may write the PLC area (holding registers 16-31), nothing else
+
+    def validate(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port: must be 1..65535, got {self.port}")
+        if not 0 <= self.unit_id <= 247:
+            raise ValueError(f"unit_id: must be 0..247, got {self.unit_id}")
+
+
+def _scaled(value: float | None, upper: int = 65535) -> int:
+    if value is None or not math.isfinite(value):
+        return 0
+    return int(min(max(round(value * 1000), 0), upper))
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why listening on host:port fails (pymodbus only logs it), or None if a plain bind works."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            probe.bind(address)
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
+class ModbusOutput(Output):
+    """A Modbus TCP server (pymodbus) serving the station state; see the module docstring for the map."""
+
+    def __init__(self, cfg: ModbusConfig) -> None:
+        self.cfg = cfg
+        self.name = f"modbus:{cfg.host}:{cfg.port}"
+        self._lock = threading.Lock()  # the inspection thread writes the state, the server loop reads it
+        self._coils = [False] * STATION_REGISTERS
+        self._registers = [0] * STATION_REGISTERS
+        self._station_fault = False
+        self._last_faulted = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server = None
+        self._plc_area: list[int] | None = None  # the live holding-register list of the server, for plc_registers()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        try:
+            from pymodbus.server import ModbusTcpServer  # noqa: F401 - fail early, with a clear message
+        except ImportError as exc:
+            raise OutputError(f"modbus {self.cfg.host}:{self.cfg.port}: pymodbus is not installed ({exc})") from exc
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=self._run_loop, args=(loop,), name=f"modbus-{self.cfg.port}", daemon=True)
+        thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._serve(), loop).result(_START_TIMEOUT_S)
+        except Exception as exc:  # listen failed (port in use, bad host) or the loop did not come up
+            self._stop_loop(loop, thread)
+            reason = _bind_problem(self.cfg.host, self.cfg.port) or str(exc)
+            raise OutputError(f"modbus {self.cfg.host}:{self.cfg.port}: cannot start server: {reason}") from exc
+        self._loop, self._thread = loop, thread
+
+    def close(self) -> None:
+        with self._lock:
+            self._coils = [False] * STATION_REGISTERS
+            self._registers[HR_VERDICT] = VERDICT_NONE
+        loop, thread, server = self._loop, self._thread, self._server
+        self._loop = self._thread = self._server = None
+        if loop is None or thread is None:
+            return
+        if server is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(_START_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - stopping the loop below closes the listener anyway
+                pass
+        self._stop_loop(loop, thread)
+
+    # -- Output ----------------------------------------------------------------------------------------------
+    def publish(self, result: InspectionResult) -> None:
+        inspected_ok = result.verdict is Verdict.OK
+        with self._lock:
+            self._last_faulted = result.verdict is Verdict.FAULT
+            self._coils[COIL_OK] = inspected_ok
+            self._coils[COIL_NG] = result.verdict is Verdict.NG
+            self._registers[HR_VERDICT] = {Verdict.OK: VERDICT_OK, Verdict.NG: VERDICT_NG}.get(result.verdict,
+                                                                                              VERDICT_NONE)
+            frame = result.frame_id & 0xFFFFFFFF
+            self._registers[HR_FRAME_HI] = frame >> 16
+            self._registers[HR_FRAME_LO] = frame & 0xFFFF
+            inspected = result.verdict is not Verdict.FAULT
+            self._registers[HR_SCORE] = _scaled(result.score) if inspected else 0
+            self._registers[HR_NORM] = _scaled(result.normalized_score) if inspected else 0
+            self._update_fault_locked()
+        self._check_running()
+
+    def set_ready(self, ready: bool) -> None:
+        with self._lock:
+            self._coils[COIL_READY] = bool(ready)
+            if not ready:
+                self._drop_ok_locked()
+
+    def set_fault(self, reason: str | None) -> None:
+        with self._lock:
+            self._station_fault = reason is not None
+            if reason is not None:
+                self._drop_ok_locked()
+            self._update_fault_locked()
+
+    def heartbeat(self) -> None:
+        with self._lock:
+            self._registers[HR_HEARTBEAT] = (self._registers[HR_HEARTBEAT] + 1) & 0xFFFF
+
+    # -- for the daemon and tests ----------------------------------------------------------------------------
+    def snapshot(self) -> tuple[list[bool], list[int]]:
+        """(coils 0-15, holding registers 0-15) as clients see them now."""
+        with self._lock:
+            return list(self._coils), list(self._registers)
+
+    def plc_registers(self) -> list[int]:
+        """Holding registers 16-31 as last written by a client (zeros unless allow_writes)."""
+        area = self._plc_area
+        return [0] * PLC_AREA_SIZE if area is None else list(area[PLC_AREA_START:PLC_AREA_START + PLC_AREA_SIZE])
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _drop_ok_locked(self) -> None:
+        self._coils[COIL_OK] = False
+        if self._registers[HR_VERDICT] == VERDICT_OK:
+            self._registers[HR_VERDICT] = VERDICT_NONE
+
+    def _update_fault_locked(self) -> None:
+        code = (FAULT_STATION if self._station_fault else 0) | (FAULT_NOT_INSPECTED if self._last_faulted else 0)
+        self._registers[HR_FAULT] = code
+        self._coils[COIL_ERROR] = code != 0
+
+    def _check_running(self) -> None:
+        thread = self._thread
+        if thread is None:
+            raise OutputError(f"modbus {self.cfg.host}:{self.cfg.port}: server is not running (start() not called)")
+        if not thread.is_alive():
+            raise OutputError(f"modbus {self.cfg.host}:{self.cfg.port}: server thread stopped; PLCs see stale data")
+
+    @staticmethod
+    def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    @staticmethod
+    def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+        async def _cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(_cancel_all(), loop).result(_START_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - best effort; the loop is stopped regardless
+            pass
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(_START_TIMEOUT_S)
+
+    async def _serve(self) -> None:
+        # pymodbus 3.16: a SimDevice with 4 separate blocks (coils, discrete inputs, holding, input registers)
+        # replaces the deprecated ModbusDeviceContext; the action hook serves our state and vets writes.
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        def bits(count: int) -> list:
+            return [SimData(0, count=count, values=False, datatype=DataType.BITS)]
+
+        def registers(count: int) -> list:
+            return [SimData(0, count=count, values=0, datatype=DataType.REGISTERS)]
+
+        devices = [SimDevice(id=self.cfg.unit_id, action=self._on_access,
+                             simdata=(bits(STATION_REGISTERS), bits(STATION_REGISTERS),
+                                      registers(PLC_AREA_START + PLC_AREA_SIZE), registers(STATION_REGISTERS)))]
+        if self.cfg.unit_id != 0:
+            # Unit id 0 in pymodbus catches every other id: answer those with "gateway target did not respond"
+            # instead of an internal error.
+            devices.append(SimDevice(id=0, action=self._on_unknown_unit, simdata=(bits(16), bits(16),
+                                                                                registers(1), registers(1))))
+        server = ModbusTcpServer(devices, address=(self.cfg.host, self.cfg.port))
+        await server.serve_forever(background=True)
+        self._server = server
+
+    async def _on_unknown_unit(self, func_code, start_address, address, count, current, set_values):
+        from pymodbus.constants import ExcCodes
+
+        return ExcCodes.GATEWAY_NO_RESPONSE
+
+    async def _on_access(self, func_code: int, start_address: int, address: int, count: int,
+                         current: list[int], set_values: list | None):
+        """pymodbus SimDevice action: runs on the server loop for every request, before it is answered."""
+        from pymodbus.constants import ExcCodes
+
+        if func_code in _WRITE_FUNCTIONS and set_values is not None:
+            if not self.cfg.allow_writes:
+                return ExcCodes.ILLEGAL_FUNCTION
+            is_register_write = func_code in {6, 16, 22, 23}
+            if not is_register_write or address < PLC_AREA_START or address + count > PLC_AREA_START + PLC_AREA_SIZE:
+                return ExcCodes.ILLEGAL_ADDRESS
+            self._plc_area = current
+            return None
+        with self._lock:
+            coils, regs = list(self._coils), list(self._registers)
+        if func_code in _READ_BITS or func_code in {5, 15}:
+            # Bit blocks are packed 16 coils per register, coil 0 in bit 0.
+            current[0] = sum(1 << i for i, on in enumerate(coils) if on)
+        else:
+            current[0:STATION_REGISTERS] = regs
+            if func_code in {3, 6, 16, 22, 23}:
+                self._plc_area = current
+        return None

@@ -1,0 +1,73 @@
+"""Bundle self-test on the device: integrity, golden-image scores, and HNSW recall against exact search."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.bundle import Bundle, BundleError
+from edge_runtime.pipeline import Pipeline
+from edge_runtime.preprocess import load_image, preprocess
+
+
+@dataclass
+class SelfTestReport:
+    ok: bool
+    checks: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def golden_check(bundle: Bundle, pipeline: Pipeline) -> list[str]:
+    """Failures (empty when every golden image reproduces its recorded score within tolerance)."""
+    variant = pipeline.variant
+    tol = float(variant.info.get("golden_tolerance", {}).get("relative", 1e-2))
+    failures = []
+    if not variant.golden:
+        failures.append(f"{bundle.root}: variant {variant.name} has no golden images to self-test")
+    for g in variant.golden:
+        got = pipeline.score_rgb(load_image(bundle.path(g["file"]))).score
+        want = float(g["score"])
+        if not abs(got - want) <= tol * max(abs(want), 1e-6):
+            failures.append(f"{bundle.path(g['file'])}: score {got:.5f} differs from the recorded {want:.5f} "
+                            f"(tolerance {tol:.0e} relative) on variant {variant.name}")
+    return failures
+
+
+def recall_check(bundle: Bundle, pipeline: Pipeline, min_recall: float = 0.9) -> tuple[float, str | None]:
+    """HNSW recall@1 of the golden images' patches against exact search (the image score is exact anyway)."""
+    hnsw = pipeline.search if pipeline.knn == "hnsw" else None
+    if hnsw is None:
+        return 1.0, None
+    hits = total = 0
+    for g in pipeline.variant.golden:
+        feats = pipeline.extractor(preprocess(load_image(bundle.path(g["file"])), pipeline.prep))
+        labels, _ = hnsw.index.knn_query(feats, k=1)
+        _, exact_idx = hnsw.exact.nearest(feats)
+        hits += int(np.sum(labels[:, 0] == exact_idx))
+        total += len(feats)
+    recall = hits / max(total, 1)
+    if recall < min_recall:
+        return recall, f"HNSW recall@1 {recall:.3f} is below {min_recall} (index corrupt or ef too small)"
+    return recall, None
+
+
+def run_self_test(bundle_dir: Path, precision: str | None = None, knn: str = "hnsw", threads: int = 2,
+                  providers: list[str] | None = None, public_key: bytes | None = None) -> SelfTestReport:
+    report = SelfTestReport(ok=False)
+    try:
+        bundle = Bundle.load(bundle_dir, public_key=public_key)
+        report.checks.append(f"integrity: {len(bundle.manifest['files'])} files match their sha256")
+        pipeline = Pipeline(bundle, precision=precision, knn=knn, threads=threads, providers=providers)
+        report.checks.append(f"loaded variant {pipeline.variant.name}, {len(pipeline.search)} bank vectors, knn {knn}")
+        report.failures += golden_check(bundle, pipeline)
+        if not report.failures:
+            report.checks.append(f"golden: {len(pipeline.variant.golden)} images reproduce their scores")
+        recall, problem = recall_check(bundle, pipeline)
+        report.checks.append(f"HNSW recall@1 on golden patches: {recall:.4f}")
+        if problem:
+            report.failures.append(problem)
+    except (BundleError, OSError, ValueError, RuntimeError) as exc:
+        report.failures.append(str(exc))
+    report.ok = not report.failures
+    return report

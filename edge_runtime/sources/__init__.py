@@ -1,0 +1,32 @@
+"""Frame sources: pick the adapter named by the station file's `source.type`."""
+from __future__ import annotations
+
+from typing import Union
+
+from edge_runtime.sources.base import FrameSource, SourceError
+from edge_runtime.sources.camera_source import CameraSource, CameraSourceConfig
+from edge_runtime.sources.fake_source import ScriptedSource, ScriptedSourceConfig
+from edge_runtime.sources.folder_source import FolderSource, FolderSourceConfig
+from edge_runtime.sources.video_source import VideoSource, VideoSourceConfig
+
+# A tagged union: edge_runtime.schema picks the dataclass by the mapping's `type` key.
+SourceConfig = Union[FolderSourceConfig, CameraSourceConfig, VideoSourceConfig, ScriptedSourceConfig]
+
+
+def build_source(cfg: SourceConfig, start_frame_id: int = 0) -> FrameSource:
+    """The source for `cfg`, numbering frames from `start_frame_id` (a restarted daemon passes its saved counter)."""
+    if isinstance(cfg, FolderSourceConfig):
+        return FolderSource(cfg, start_frame_id)
+    if isinstance(cfg, CameraSourceConfig):
+        return CameraSource(cfg, start_frame_id)
+    if isinstance(cfg, VideoSourceConfig):
+        return VideoSource(cfg, start_frame_id)
+    if isinstance(cfg, ScriptedSourceConfig):
+        return ScriptedSource(cfg, start_frame_id)
+    raise TypeError(f"no frame source for config {type(cfg).__name__}")
+
+
+__all__ = [
+    "CameraSource", "CameraSourceConfig", "FolderSource", "FolderSourceConfig", "FrameSource", "ScriptedSource",
+    "ScriptedSourceConfig", "SourceConfig", "SourceError", "VideoSource", "VideoSourceConfig", "build_source",
+]

@@ -1,0 +1,148 @@
+"""Video file or network stream source (rtsp://, http://...) through OpenCV's FFmpeg backend.
+
+A file ends (exhausted) or loops; a stream that stops delivering raises SourceError so the daemon reconnects.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import cv2
+
+from edge_runtime.records import Frame
+from edge_runtime.sources.base import FrameSource, SourceError
+from edge_runtime.sources.camera_source import BACKENDS, CaptureFactory, CaptureLike, check_image, open_capture
+
+log = logging.getLogger(__name__)
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_stream_url(path: str) -> bool:
+    return bool(_URL.match(path)) and not path.lower().startswith("file://")
+
+
+@dataclass(kw_only=True)
+class VideoSourceConfig:
+    type: Literal["video"] = "video"
+    path: str                                  # a video file, or a stream URL such as rtsp://camera/stream1
+    loop: bool = False                         # files only: start over at the end instead of being exhausted
+    backend: Literal["any", "ffmpeg", "gstreamer"] = "any"
+    open_timeout_s: float = 10.0               # streams, FFmpeg backend: give up connecting after this long
+    read_timeout_s: float = 5.0                # streams, FFmpeg backend: a stalled stream fails after this long
+    name: str | None = None
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError("path: must name a video file or stream URL")
+        if self.loop and is_stream_url(self.path):
+            raise ValueError("loop: applies only to video files, not stream URLs")
+        if self.open_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("open_timeout_s and read_timeout_s: must be > 0")
+
+
+class VideoSource(FrameSource):
+    def __init__(self, cfg: VideoSourceConfig, start_frame_id: int = 0, capture_factory: CaptureFactory | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.is_stream = is_stream_url(cfg.path)
+        self.name = cfg.name or (f"video:{cfg.path}" if not self.is_stream else f"stream:{_redact(cfg.path)}")
+        self._factory = capture_factory or open_capture
+        self._cap: CaptureLike | None = None
+        self._next_id = start_frame_id
+        self._exhausted = False
+        self._frames_since_open = 0
+
+    @property
+    def next_frame_id(self) -> int:
+        return self._next_id
+
+    def _params(self) -> list[int]:
+        # Only the FFmpeg backend understands these, and OpenCV refuses to open with parameters it does not know.
+        if self.is_stream and self.cfg.backend in ("any", "ffmpeg"):
+            return [
+                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.cfg.open_timeout_s * 1000),
+                cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.cfg.read_timeout_s * 1000),
+            ]
+        return []
+
+    def open(self) -> None:
+        self.close()
+        if not self.is_stream and not Path(self.cfg.path).is_file():
+            raise SourceError(f"{self.name}: no such video file")
+        backend = BACKENDS[self.cfg.backend]
+        if self.is_stream and self.cfg.backend == "any":
+            backend = cv2.CAP_FFMPEG  # so the timeouts above apply
+        try:
+            cap = self._factory(self.cfg.path, backend, self._params())
+        except Exception as exc:  # cv2.error for some malformed targets
+            raise SourceError(f"{self.name}: cannot open: {exc}") from exc
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"{self.name}: cannot open (unsupported codec, unreachable stream or not a video)")
+        self._cap = cap
+        self._exhausted = False
+        self._frames_since_open = 0
+
+    def read(self, timeout: float) -> Frame | None:
+        try:
+            return self._read(timeout)
+        except SourceError:
+            # Drop the broken capture so the next open()/read() reconnects from scratch.
+            self.close()
+            raise
+
+    def _read(self, timeout: float) -> Frame | None:
+        if self._exhausted:
+            return None
+        if self._cap is None:
+            self.open()
+        ok, image = self._read_once()
+        if not ok and not self.is_stream:
+            if not self.cfg.loop:
+                self._exhausted = True
+                self.close()
+                return None
+            if self._frames_since_open == 0:
+                raise SourceError(f"{self.name}: the file has no readable frames")
+            # Reopen rather than seek: seeking is unreliable for some containers and codecs.
+            self.open()
+            ok, image = self._read_once()
+            if not ok:
+                raise SourceError(f"{self.name}: the file has no readable frames")
+        if not ok:
+            raise SourceError(f"{self.name}: stream read failed (stream ended or stalled)")
+        frame = Frame(frame_id=self._next_id, source=self.name, image=check_image(image, self.name))
+        self._next_id += 1
+        self._frames_since_open += 1
+        return frame
+
+    def _read_once(self) -> tuple[bool, object]:
+        assert self._cap is not None
+        try:
+            ok, image = self._cap.read()
+        except Exception as exc:  # cv2.error from a broken stream
+            raise SourceError(f"{self.name}: read failed: {exc}") from exc
+        if ok and (image is None or getattr(image, "size", 0) == 0):
+            raise SourceError(f"{self.name}: empty frame")
+        return bool(ok), image
+
+    @property
+    def exhausted(self) -> bool:
+        return self._exhausted
+
+    def close(self) -> None:
+        if self._cap is not None:
+            cap, self._cap = self._cap, None
+            try:
+                cap.release()
+            except Exception as exc:
+                log.warning("%s: release failed: %s", self.name, exc)
+
+
+def _redact(url: str) -> str:
+    """Keep camera passwords out of logs, results and metrics: rtsp://user:secret@host -> rtsp://user:***@host."""
+    return re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", url)

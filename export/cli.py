@@ -1,0 +1,121 @@
+"""`edge-export`: fit a bundle on good images, evaluate any engine on a test set, verify a bundle, run the demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _fit(a: argparse.Namespace) -> int:
+    from edge_runtime.nn_search import HnswParams
+    from export.fit import FitSettings, fit
+
+    s = FitSettings(coreset_ratio=a.coreset_ratio, backbone=a.backbone, image_size=a.image_size, seed=a.seed,
+                    projection_dim=a.projection_dim, holdout_fraction=a.holdout, max_train=a.max_train,
+                    target_false_reject=a.target_frr, int8_target=a.int8_target,
+                    hnsw=HnswParams(M=a.hnsw_m, ef_construction=a.hnsw_ef_construction, ef_search=a.ef))
+    bundle = fit(Path(a.data_dir), Path(a.out), s, Path(a.calibration_defects) if a.calibration_defects else None,
+                 overwrite=a.overwrite)
+    print(f"bundle {bundle.bundle_id}: {a.out}")
+    for name in bundle.manifest["variants"]:
+        v = bundle.variant(name)
+        print(f"  {name}: threshold {v.threshold:.4f} ({v.info['threshold_info']['method']})")
+    return 0
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    from export.evaluate import evaluate
+
+    result = evaluate(Path(a.bundle), Path(a.data_dir), a.engine, a.knn, a.threads,
+                      Path(a.report) if a.report else None, a.ef)
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(result, indent=2))
+    pix = "n/a" if result["pixel_auroc"] is None else f"{result['pixel_auroc']:.4f}"
+    print(f"{a.engine}/{a.knn}: image AUROC {result['image_auroc']:.4f}, pixel AUROC {pix}, "
+          f"{result['n_good']} good / {result['n_defect']} defect, threshold {result['threshold']:.4f}: "
+          f"{result['false_rejects']} false rejects, {result['escapes']} escapes, "
+          f"{result['seconds_per_image'] * 1000:.1f} ms/image")
+    for d, v in result["per_defect"].items():
+        print(f"  {d}: {v:.4f}")
+    return 0
+
+
+def _verify(a: argparse.Namespace) -> int:
+    from edge_runtime.self_test import run_self_test
+
+    ok = True
+    for precision in ([a.precision] if a.precision else ["fp32", "int8"]):
+        report = run_self_test(Path(a.bundle), precision=precision, knn=a.knn)
+        for c in report.checks:
+            print(f"ok    [{precision}] {c}")
+        for f in report.failures:
+            print(f"FAIL  [{precision}] {f}", file=sys.stderr)
+        ok &= report.ok
+    return 0 if ok else 1
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from export.demo import run_demo
+
+    return run_demo(Path(a.workdir), fresh=a.fresh)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edge-export", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="fit PatchCore on DATA_DIR/train/good and write a bundle")
+    f.add_argument("data_dir")
+    f.add_argument("--out", required=True, help="bundle directory to write")
+    f.add_argument("--coreset-ratio", type=float, default=0.1)
+    f.add_argument("--backbone", choices=["lite0", "lite2"], default="lite0")
+    f.add_argument("--image-size", type=int, default=224)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--projection-dim", type=int, default=None, help="optional random projection of patch features")
+    f.add_argument("--holdout", type=float, default=0.1, help="fraction of good images kept out to calibrate")
+    f.add_argument("--max-train", type=int, default=None, help="few-shot: at most this many bank images")
+    f.add_argument("--target-frr", type=float, default=0.01, help="target false-reject rate (good-only calibration)")
+    f.add_argument("--calibration-defects", default=None, help="folder of defective images for the threshold")
+    f.add_argument("--int8-target", choices=["x86-avx2", "x86-vnni", "arm"], default="x86-avx2")
+    f.add_argument("--ef", type=int, default=32, help="HNSW ef at query time (stored in the manifest)")
+    f.add_argument("--hnsw-m", type=int, default=16)
+    f.add_argument("--hnsw-ef-construction", type=int, default=200)
+    f.add_argument("--overwrite", action="store_true")
+    f.set_defaults(func=_fit)
+
+    e = sub.add_parser("evaluate", help="score DATA_DIR/test/* with one engine; AUROC, errors at the threshold")
+    e.add_argument("bundle")
+    e.add_argument("data_dir")
+    e.add_argument("--json", required=True)
+    e.add_argument("--report", default=None, help="folder for the ROC plot and heat-map overlays")
+    e.add_argument("--engine", choices=["reference", "onnx-fp32", "onnx-int8"], default="onnx-int8")
+    e.add_argument("--knn", choices=["exact", "hnsw"], default="hnsw")
+    e.add_argument("--ef", type=int, default=None, help="override the manifest's HNSW ef")
+    e.add_argument("--threads", type=int, default=2)
+    e.set_defaults(func=_evaluate)
+
+    v = sub.add_parser("verify", help="check integrity and reproduce the golden scores")
+    v.add_argument("bundle")
+    v.add_argument("--precision", choices=["fp32", "int8"], default=None)
+    v.add_argument("--knn", choices=["exact", "hnsw"], default="hnsw")
+    v.set_defaults(func=_verify)
+
+    d = sub.add_parser("demo", help="generate the embedded data set, fit, export and run the daemon on sample frames")
+    d.add_argument("--workdir", default="demo_out")
+    d.add_argument("--fresh", action="store_true", help="refit even if a bundle exists")
+    d.set_defaults(func=_demo)
+
+    a = p.parse_args(argv)
+    from edge_runtime.bundle import BundleError
+    from export.dataset import DatasetError
+
+    try:
+        return a.func(a)
+    except (DatasetError, BundleError, FileExistsError, ValueError) as exc:
+        print(f"edge-export: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

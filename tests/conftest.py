@@ -1,0 +1,45 @@
+"""Shared fixtures: a small bundle fitted on the embedded synthetic data set, and the real data when present."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+BOTTLE = SHARED_DATA / "mvtec_ad" / "bottle"
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> Path:
+    from export.synthetic_parts import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("data") / "flange", n_train=40, n_test_good=8,
+                            n_test_defect_per_type=4, size=224, seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_bundle(synthetic_dataset, tmp_path_factory) -> Path:
+    """A complete bundle (fp32 + int8, HNSW, golden images) fitted on the synthetic flange, ~20 s once per run."""
+    from export.fit import FitSettings, fit
+
+    out = tmp_path_factory.mktemp("bundles") / "flange"
+    fit(synthetic_dataset, out, FitSettings(coreset_ratio=0.05, image_size=224, int8_calibration_images=16))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bottle_dir() -> Path:
+    if not BOTTLE.is_dir():
+        pytest.skip(f"real data not present at {BOTTLE} (tests that make accuracy claims need ../shared/data)")
+    return BOTTLE
+
+
+@pytest.fixture(scope="session")
+def bottle_bundle(bottle_dir, tmp_path_factory) -> Path:
+    """Bottle fitted at a 1% coreset (shared/SEARCH.md: image AUROC unchanged vs 10%), ~40 s once per run."""
+    from export.fit import FitSettings, fit
+
+    out = tmp_path_factory.mktemp("bundles") / "bottle"
+    fit(bottle_dir, out, FitSettings(coreset_ratio=0.01))
+    return out

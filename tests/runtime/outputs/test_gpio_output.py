@@ -1,0 +1,260 @@
+"""GpioOutput fail-safe behaviour with FakeGpioLines, and the real libgpiod path on a gpio-sim chip when available."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+import pytest
+
+from edge_runtime.outputs.base import OutputError
+from edge_runtime.outputs.gpio_output import FakeGpioLines, GpioConfig, GpioLine, GpioOutput
+from edge_runtime.records import InspectionResult, Verdict
+
+OK, NG, READY, ERROR, HB = 1, 2, 3, 4, 5
+
+
+def make_result(frame_id: int, verdict: Verdict) -> InspectionResult:
+    inspected = verdict is not Verdict.FAULT
+    return InspectionResult(
+        frame_id=frame_id, source="cam0", verdict=verdict, score=1.0 if inspected else None,
+        normalized_score=0.4 if inspected else None, threshold=2.0, timings_ms={}, bundle_id="b",
+        error=None if inspected else "camera timeout",
+    )
+
+
+def make_config(**overrides) -> GpioConfig:
+    cfg = dict(ok=GpioLine(offset=OK), ng=GpioLine(offset=NG), ready=GpioLine(offset=READY),
+               error=GpioLine(offset=ERROR, active_low=True), heartbeat=GpioLine(offset=HB))
+    cfg.update(overrides)
+    return GpioConfig(**cfg)
+
+
+@pytest.fixture
+def gpio():
+    lines = FakeGpioLines()
+    out = GpioOutput(make_config(), lines)
+    out.start()
+    yield out, lines
+    out.close()
+
+
+def test_start_requests_every_line_inactive_with_its_polarity(gpio):
+    out, lines = gpio
+    assert lines.events[0] == ("request", {OK: False, NG: False, READY: False, ERROR: True, HB: False})
+    assert all(value is False for value in lines.history[0].values()), "every line starts de-asserted"
+    assert lines.state == {OK: False, NG: False, READY: False, ERROR: False, HB: False}
+    assert lines.physical(ERROR) is True, "active-low ERROR idles high"
+
+
+def test_ok_only_after_an_inspected_ok_part(gpio):
+    out, lines = gpio
+    out.set_ready(True)
+    assert lines.state[OK] is False and lines.state[READY] is True
+    out.publish(make_result(1, Verdict.OK))
+    assert lines.state[OK] is True and lines.state[NG] is False
+    out.publish(make_result(2, Verdict.NG))
+    assert lines.state[OK] is False and lines.state[NG] is True, "an NG result clears OK"
+    # OK and NG are never asserted together at any recorded instant.
+    assert not any(snapshot.get(OK) and snapshot.get(NG) for snapshot in lines.history)
+
+
+def test_fault_result_is_not_ok_and_raises_error_until_a_part_is_inspected(gpio):
+    out, lines = gpio
+    out.set_ready(True)
+    out.publish(make_result(1, Verdict.OK))
+    out.publish(make_result(2, Verdict.FAULT))
+    assert lines.state[OK] is False and lines.state[NG] is False and lines.state[ERROR] is True
+    assert lines.physical(ERROR) is False, "active-low ERROR is driven low when asserted"
+    out.publish(make_result(3, Verdict.OK))
+    assert lines.state[OK] is True and lines.state[ERROR] is False
+
+
+def test_set_fault_drops_ok_and_asserts_error(gpio):
+    out, lines = gpio
+    out.set_ready(True)
+    out.publish(make_result(1, Verdict.OK))
+    out.set_fault("camera lost")
+    assert lines.state[ERROR] is True and lines.state[OK] is False
+    out.set_fault(None)
+    assert lines.state[ERROR] is False
+    assert lines.state[OK] is False, "clearing a fault does not resurrect the previous part's OK"
+
+
+def test_not_ready_drops_ok(gpio):
+    out, lines = gpio
+    out.set_ready(True)
+    out.publish(make_result(1, Verdict.OK))
+    out.set_ready(False)
+    assert lines.state[READY] is False and lines.state[OK] is False
+
+
+def test_close_drives_everything_inactive_then_releases(gpio):
+    out, lines = gpio
+    out.set_ready(True)
+    out.publish(make_result(1, Verdict.OK))
+    out.set_fault("x")
+    out.close()
+    assert lines.events[-1] == ("release",)
+    assert all(value is False for value in lines.history[-1].values())
+    assert not lines.requested
+    out.close()  # idempotent
+
+
+def test_heartbeat_toggles_its_line_only(gpio):
+    out, lines = gpio
+    seen = []
+    for _ in range(4):
+        out.heartbeat()
+        seen.append(lines.state[HB])
+        assert lines.events[-1][0] == "set" and set(lines.events[-1][1]) == {HB}
+    assert seen == [True, False, True, False]
+
+
+def test_heartbeat_without_a_line_is_a_no_op():
+    lines = FakeGpioLines()
+    out = GpioOutput(make_config(heartbeat=None), lines)
+    out.start()
+    before = list(lines.events)
+    out.heartbeat()
+    assert lines.events == before
+
+
+def test_pulse_mode_drops_ok_after_the_pulse():
+    lines = FakeGpioLines()
+    out = GpioOutput(make_config(pulse_ms=20), lines)
+    out.start()
+    out.set_ready(True)
+    out.publish(make_result(1, Verdict.OK))
+    assert lines.state[OK] is True
+    deadline = time.monotonic() + 5.0
+    while lines.state[OK] and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert lines.state[OK] is False, "the OK pulse must end on its own"
+    assert lines.state[READY] is True
+    out.close()
+
+
+def test_a_new_part_cancels_the_previous_pulse():
+    lines = FakeGpioLines()
+    out = GpioOutput(make_config(pulse_ms=60_000), lines)
+    out.start()
+    out.publish(make_result(1, Verdict.OK))
+    first_timer, first_generation = out._pulse_timer, out._pulse_generation
+    out.publish(make_result(2, Verdict.NG))
+    assert first_timer.finished.is_set(), "the first pulse timer is cancelled"
+    out._end_pulse(first_generation)  # a timer that fired just before it was cancelled must not touch part 2
+    assert lines.state[OK] is False and lines.state[NG] is True
+    out.close()
+    assert out._pulse_timer is None
+
+
+def test_hardware_errors_become_output_errors():
+    lines = FakeGpioLines()
+    lines.fail_with = OSError(16, "Device or resource busy")
+    out = GpioOutput(make_config(), lines)
+    with pytest.raises(OutputError, match="gpiochip0.*busy"):
+        out.start()
+    with pytest.raises(OutputError, match="not requested"):
+        out.publish(make_result(1, Verdict.OK))
+    out.start()
+    lines.fail_with = OSError(5, "Input/output error")
+    with pytest.raises(OutputError, match="Input/output error"):
+        out.publish(make_result(2, Verdict.OK))
+    out.close()
+
+
+def test_real_backend_reports_a_missing_chip_as_output_error(tmp_path):
+    chip = str(tmp_path / "gpiochip9")
+    out = GpioOutput(make_config(chip=chip))  # LibgpiodLines: imports gpiod and asks the kernel for the chip
+    with pytest.raises(OutputError, match="gpiochip9"):
+        out.start()
+    out.close()  # nothing was requested: closing must still be clean
+
+
+def test_config_rejects_shared_offsets_and_empty_configs():
+    with pytest.raises(ValueError, match="already used"):
+        make_config(ng=GpioLine(offset=OK)).validate()
+    with pytest.raises(ValueError, match="at least one"):
+        GpioConfig().validate()
+
+
+def test_publish_from_two_threads_keeps_ok_and_ng_exclusive():
+    lines = FakeGpioLines()
+    out = GpioOutput(make_config(), lines)
+    out.start()
+
+    def spam(verdict):
+        for i in range(200):
+            out.publish(make_result(i, verdict))
+
+    threads = [threading.Thread(target=spam, args=(v,)) for v in (Verdict.OK, Verdict.NG)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not any(snapshot.get(OK) and snapshot.get(NG) for snapshot in lines.history)
+    out.close()
+
+
+# -- the real libgpiod path on a simulated chip --------------------------------------------------------------
+
+GPIO_SIM = "/sys/kernel/config/gpio-sim"
+
+
+def _gpio_sim_unavailable() -> str | None:
+    if not os.path.isdir(GPIO_SIM):
+        return (f"{GPIO_SIM} does not exist: the gpio-sim kernel module is not loaded (modprobe gpio-sim) "
+                "or configfs is not mounted; the real libgpiod path needs a GPIO chip")
+    if not os.access(GPIO_SIM, os.W_OK):
+        return f"{GPIO_SIM} is not writable (run as root to create a simulated chip)"
+    return None
+
+
+@pytest.fixture
+def sim_chip():
+    """A live gpio-sim chip with 8 lines: yields (/dev path, function reading a line's output level)."""
+    reason = _gpio_sim_unavailable()
+    if reason:
+        pytest.skip(reason)
+    dev = os.path.join(GPIO_SIM, f"edge-test-{uuid.uuid4().hex[:8]}")
+    bank = os.path.join(dev, "bank0")
+    os.mkdir(dev)
+    os.mkdir(bank)
+    try:
+        with open(os.path.join(bank, "num_lines"), "w") as f:
+            f.write("8")
+        with open(os.path.join(dev, "live"), "w") as f:
+            f.write("1")
+        dev_name = open(os.path.join(dev, "dev_name")).read().strip()
+        chip_name = open(os.path.join(bank, "chip_name")).read().strip()
+
+        def level(offset: int) -> int:
+            path = f"/sys/devices/platform/{dev_name}/{chip_name}/sim_gpio{offset}/value"
+            return int(open(path).read().strip())
+
+        yield f"/dev/{chip_name}", level
+    finally:
+        if os.path.exists(os.path.join(dev, "live")):
+            with open(os.path.join(dev, "live"), "w") as f:
+                f.write("0")
+        os.rmdir(bank)
+        os.rmdir(dev)
+
+
+def test_real_libgpiod_lines_on_gpio_sim(sim_chip):
+    chip, level = sim_chip
+    out = GpioOutput(make_config(chip=chip))  # default: LibgpiodLines
+    out.start()
+    try:
+        assert (level(OK), level(NG), level(READY), level(ERROR)) == (0, 0, 0, 1)  # ERROR is active-low
+        out.set_ready(True)
+        out.publish(make_result(1, Verdict.OK))
+        assert (level(OK), level(NG), level(READY)) == (1, 0, 1)
+        out.publish(make_result(2, Verdict.FAULT))
+        assert (level(OK), level(ERROR)) == (0, 0)
+        out.heartbeat()
+        assert level(HB) == 1
+    finally:
+        out.close()

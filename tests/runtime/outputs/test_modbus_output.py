@@ -1,0 +1,184 @@
+"""ModbusOutput against a real pymodbus TCP client on 127.0.0.1: register map, read-only policy, clean shutdown."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+from pymodbus.client import ModbusTcpClient
+
+from edge_runtime.outputs.base import OutputError
+from edge_runtime.outputs.modbus_output import ModbusConfig, ModbusOutput
+from edge_runtime.records import InspectionResult, Verdict
+
+UNIT = 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_result(frame_id: int, verdict: Verdict, score: float | None = 1.2345,
+                norm: float | None = 0.25) -> InspectionResult:
+    return InspectionResult(frame_id=frame_id, source="cam0", verdict=verdict, score=score, normalized_score=norm,
+                            threshold=2.0, timings_ms={}, bundle_id="b")
+
+
+@pytest.fixture
+def server():
+    out = ModbusOutput(ModbusConfig(host="127.0.0.1", port=free_port(), unit_id=UNIT))
+    out.start()
+    yield out
+    out.close()
+
+
+@pytest.fixture
+def client(server):
+    c = ModbusTcpClient("127.0.0.1", port=server.cfg.port, timeout=3, retries=0)
+    assert c.connect()
+    yield c
+    c.close()
+
+
+def coils(client) -> list[bool]:
+    response = client.read_coils(0, count=4, device_id=UNIT)
+    assert not response.isError(), response
+    return response.bits[:4]
+
+
+def registers(client) -> list[int]:
+    response = client.read_holding_registers(0, count=7, device_id=UNIT)
+    assert not response.isError(), response
+    return response.registers
+
+
+def test_safe_state_before_any_part(client):
+    assert coils(client) == [False, False, False, False]
+    assert registers(client) == [0, 0, 0, 0, 0, 0, 0]
+
+
+def test_ok_ng_and_fault_results(server, client):
+    server.set_ready(True)
+    server.publish(make_result(0x12345, Verdict.OK, 1.2345, 0.25))
+    assert coils(client) == [True, False, True, False]
+    assert registers(client) == [1, 0x0001, 0x2345, 1234, 250, 0, 0]
+
+    server.publish(make_result(70000, Verdict.NG, 99.0, 1.0))
+    assert coils(client) == [False, True, True, False], "NG clears OK"
+    assert registers(client) == [2, 70000 >> 16, 70000 & 0xFFFF, 65535, 1000, 0, 0], "score is clipped"
+
+    server.publish(make_result(70001, Verdict.FAULT, None, None))
+    assert coils(client) == [False, False, True, True]
+    assert registers(client) == [0, 1, 70001 & 0xFFFF, 0, 0, 0, 2]
+
+    server.set_fault("camera lost")
+    assert registers(client)[6] == 3
+    server.publish(make_result(70002, Verdict.OK))
+    assert coils(client) == [True, False, True, True], "an inspected OK part is OK; ERROR stays with the fault"
+    server.set_fault(None)
+    assert coils(client)[3] is False and registers(client)[6] == 0
+
+
+def test_fault_and_not_ready_drop_ok(server, client):
+    server.set_ready(True)
+    server.publish(make_result(1, Verdict.OK))
+    server.set_fault("bundle reload failed")
+    c, r = coils(client), registers(client)
+    assert c[0] is False and c[3] is True and r[0] == 0 and r[6] == 1
+    server.set_fault(None)
+    server.publish(make_result(2, Verdict.OK))
+    server.set_ready(False)
+    c, r = coils(client), registers(client)
+    assert c[0] is False and c[2] is False and r[0] == 0
+
+
+def test_discrete_and_input_registers_mirror_the_state(server, client):
+    server.set_ready(True)
+    server.publish(make_result(5, Verdict.NG, 3.0, 0.75))
+    inputs = client.read_discrete_inputs(0, count=4, device_id=UNIT)
+    assert inputs.bits[:4] == coils(client)
+    input_regs = client.read_input_registers(0, count=7, device_id=UNIT)
+    assert input_regs.registers == registers(client)
+
+
+def test_heartbeat_counter_increments_and_wraps(server, client):
+    server.heartbeat()
+    server.heartbeat()
+    assert registers(client)[5] == 2
+    for _ in range(65534):
+        server.heartbeat()
+    assert registers(client)[5] == 0
+
+
+def test_client_writes_are_rejected_by_default(server, client):
+    server.publish(make_result(1, Verdict.NG))
+    for response in (client.write_register(0, 1, device_id=UNIT),
+                     client.write_registers(0, [1, 0, 0], device_id=UNIT),
+                     client.write_coil(0, True, device_id=UNIT),
+                     client.write_register(20, 7, device_id=UNIT)):
+        assert response.isError() and response.exception_code == 1  # illegal function
+    assert coils(client)[:2] == [False, True] and registers(client)[0] == 2
+
+
+def test_allow_writes_opens_only_the_plc_area():
+    out = ModbusOutput(ModbusConfig(host="127.0.0.1", port=free_port(), unit_id=UNIT, allow_writes=True))
+    out.start()
+    client = ModbusTcpClient("127.0.0.1", port=out.cfg.port, timeout=3, retries=0)
+    try:
+        assert client.connect()
+        out.publish(make_result(1, Verdict.NG))
+        for response in (client.write_register(0, 1, device_id=UNIT),      # verdict
+                         client.write_registers(14, [1, 2, 3], device_id=UNIT),  # straddles station/PLC area
+                         client.write_coil(0, True, device_id=UNIT)):
+            assert response.isError() and response.exception_code == 2  # illegal address
+        assert not client.write_registers(16, [11, 12], device_id=UNIT).isError()
+        assert out.plc_registers()[:3] == [11, 12, 0]
+        assert client.read_holding_registers(16, count=2, device_id=UNIT).registers == [11, 12]
+        assert registers(client)[0] == 2 and coils(client)[:2] == [False, True]
+    finally:
+        client.close()
+        out.close()
+
+
+def test_unknown_unit_id_gets_an_exception_not_data(server, client):
+    server.publish(make_result(1, Verdict.OK))
+    response = client.read_coils(0, count=4, device_id=UNIT + 1)
+    assert response.isError() and response.exception_code == 11  # gateway target failed to respond
+
+
+def test_client_disconnects_do_not_disturb_the_server(server):
+    server.publish(make_result(9, Verdict.NG))
+    # A client that drops mid-request (connects, sends half a frame, resets).
+    raw = socket.create_connection(("127.0.0.1", server.cfg.port))
+    raw.sendall(b"\x00\x01\x00\x00\x00\x06")
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    raw.close()
+    for _ in range(3):
+        c = ModbusTcpClient("127.0.0.1", port=server.cfg.port, timeout=3, retries=0)
+        assert c.connect()
+        assert registers(c)[0] == 2
+        c.close()
+    server.heartbeat()
+    server.publish(make_result(10, Verdict.OK))  # the daemon side never noticed
+
+
+def test_close_releases_the_port_and_start_reports_a_busy_port():
+    port = free_port()
+    out = ModbusOutput(ModbusConfig(host="127.0.0.1", port=port))
+    out.start()
+    second = ModbusOutput(ModbusConfig(host="127.0.0.1", port=port))
+    with pytest.raises(OutputError, match=f"{port}.*[Aa]ddress already in use"):
+        second.start()
+    out.close()
+    with socket.socket() as s:               # the listening socket is gone
+        s.bind(("127.0.0.1", port))
+    again = ModbusOutput(ModbusConfig(host="127.0.0.1", port=port))
+    again.start()
+    again.close()
+
+
+def test_publish_without_start_is_an_output_error():
+    out = ModbusOutput(ModbusConfig(port=free_port()))
+    with pytest.raises(OutputError, match="not running"):
+        out.publish(make_result(1, Verdict.OK))

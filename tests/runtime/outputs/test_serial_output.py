@@ -1,0 +1,184 @@
+"""SerialOutput over a real pseudo-terminal pair: the line protocol, the port vanishing and coming back."""
+from __future__ import annotations
+
+import os
+import select
+import tty
+
+import pytest
+
+from edge_runtime.outputs.base import OutputError
+from edge_runtime.outputs.serial_output import SerialConfig, SerialOutput, result_line
+from edge_runtime.records import InspectionResult, Verdict
+
+
+def make_result(frame_id: int, verdict: Verdict, score: float | None = 1.23456, norm: float | None = 0.4) -> InspectionResult:
+    return InspectionResult(frame_id=frame_id, source="cam0", verdict=verdict, score=score, normalized_score=norm,
+                            threshold=2.0, timings_ms={}, bundle_id="b")
+
+
+class Pty:
+    """The PLC end: the master side of a pty whose slave the output opens (through a symlink, like by-id names)."""
+
+    def __init__(self, link: str) -> None:
+        self.master, slave = os.openpty()
+        tty.setraw(self.master)
+        self.slave_name = os.ttyname(slave)
+        os.close(slave)  # the output opens the slave by name; the master keeps the pty alive
+        self.link = link
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(self.slave_name, link)
+        self._buffer = b""
+
+    def read_lines(self, count: int, timeout: float = 5.0) -> list[str]:
+        lines: list[str] = []
+        while len(lines) < count:
+            while b"\r\n" in self._buffer and len(lines) < count:
+                line, self._buffer = self._buffer.split(b"\r\n", 1)
+                lines.append(line.decode("ascii"))
+            if len(lines) == count:
+                break
+            ready, _, _ = select.select([self.master], [], [], timeout)
+            if not ready:
+                raise AssertionError(f"no line from the output within {timeout}s; got {lines!r}")
+            self._buffer += os.read(self.master, 4096)
+        return lines
+
+    def nothing_pending(self) -> bool:
+        ready, _, _ = select.select([self.master], [], [], 0.05)
+        return not ready and b"\r\n" not in self._buffer
+
+    def vanish(self) -> None:
+        self.close()                   # the adapter is unplugged: the slave's writes fail with EIO
+        os.unlink(self.link)           # and its device name disappears
+
+    def close(self) -> None:
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
+
+
+@pytest.fixture
+def link(tmp_path):
+    return str(tmp_path / "ttyPLC")
+
+
+@pytest.fixture
+def new_pty(link):
+    """Creates PLC ends pointed to by `link`; closes them after the test."""
+    made: list[Pty] = []
+
+    def make() -> Pty:
+        made.append(Pty(link))
+        return made[-1]
+
+    yield make
+    for pty_end in made:
+        pty_end.close()
+
+
+def make_output(link: str, **overrides) -> SerialOutput:
+    cfg = dict(port=link, baudrate=115200, timeout=1.0, reconnect_interval_s=0.0, heartbeat_interval_s=0.0)
+    cfg.update(overrides)
+    return SerialOutput(SerialConfig(**cfg))
+
+
+def test_protocol_lines(link, new_pty):
+    plc = new_pty()
+    out = make_output(link)
+    out.start()
+    assert plc.read_lines(2) == ["RDY 0", "ERR 0"], "on connect the station announces its (safe) state"
+    out.set_ready(True)
+    out.publish(make_result(7, Verdict.OK, 1.23456, 0.4))
+    out.publish(make_result(8, Verdict.NG, 12.5, 0.91234))
+    out.publish(make_result(9, Verdict.FAULT, None, None))
+    out.set_fault("camera\nlost: ü")
+    out.set_fault(None)
+    out.heartbeat()
+    out.heartbeat()
+    assert plc.read_lines(8) == [
+        "RDY 1",
+        "RES 7 OK 1.2346 0.400",
+        "RES 8 NG 12.5000 0.912",
+        "RES 9 FAULT - -",
+        "ERR 1 camera lost: ?",
+        "ERR 0",
+        "HB 1",
+        "HB 2",
+    ]
+    out.close()
+    assert plc.read_lines(1) == ["RDY 0"]
+
+
+def test_heartbeat_is_rate_limited(link, new_pty):
+    plc = new_pty()
+    out = make_output(link, heartbeat_interval_s=3600.0)
+    out.start()
+    plc.read_lines(2)
+    for _ in range(5):
+        out.heartbeat()
+    assert plc.read_lines(1) == ["HB 1"]
+    assert plc.nothing_pending()
+    out.close()
+
+
+def test_result_line_formats_non_finite_scores_as_dash():
+    assert result_line(make_result(3, Verdict.NG, float("nan"), float("inf"))) == "RES 3 NG - -"
+
+
+def test_port_vanishing_and_coming_back(link, new_pty):
+    plc = new_pty()
+    out = make_output(link)
+    out.start()
+    plc.read_lines(2)
+    out.set_ready(True)
+    out.publish(make_result(1, Verdict.OK))
+    assert plc.read_lines(2) == ["RDY 1", "RES 1 OK 1.2346 0.400"]
+
+    plc.vanish()
+    with pytest.raises(OutputError, match="write failed"):
+        out.publish(make_result(2, Verdict.OK))
+    assert not out.connected
+    # While gone: every result is reported as an error (the result log keeps them); state calls and heartbeats
+    # retry quietly and never raise anything but OutputError.
+    with pytest.raises(OutputError, match="disconnected.*frame 3"):
+        out.publish(make_result(3, Verdict.NG))
+    out.heartbeat()
+    out.set_fault("camera lost")
+    out.set_ready(False)
+
+    plc2 = new_pty()                          # replugged: the same name now points at a new device
+    out.heartbeat()                           # the reconnect happens on the next call
+    assert out.connected
+    assert plc2.read_lines(3) == ["RDY 0", "ERR 1 camera lost", "HB 1"], "state is replayed on reconnect"
+    out.set_fault(None)
+    out.set_ready(True)
+    out.publish(make_result(4, Verdict.OK))
+    assert plc2.read_lines(3) == ["ERR 0", "RDY 1", "RES 4 OK 1.2346 0.400"]
+    out.close()
+
+
+def test_reconnect_attempts_are_rate_limited(link, new_pty):
+    plc = new_pty()
+    out = make_output(link, reconnect_interval_s=3600.0)
+    out.start()
+    plc.read_lines(2)
+    plc.vanish()
+    with pytest.raises(OutputError):
+        out.publish(make_result(1, Verdict.OK))
+    new_pty()                                 # back, but the next attempt is not due yet
+    with pytest.raises(OutputError, match="disconnected"):
+        out.publish(make_result(2, Verdict.OK))
+    assert not out.connected
+    out.close()
+
+
+def test_start_without_port_raises_output_error_and_recovers(link, new_pty):
+    out = make_output(link)
+    with pytest.raises(OutputError, match="ttyPLC"):
+        out.start()
+    plc = new_pty()
+    out.publish(make_result(1, Verdict.NG, 3.0, 0.8))
+    assert plc.read_lines(3) == ["RDY 0", "ERR 0", "RES 1 NG 3.0000 0.800"]
+    out.close()

@@ -1,0 +1,188 @@
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime.schema import ConfigError, convert
+from edge_runtime.sources import CameraSource, CameraSourceConfig, SourceConfig, SourceError, build_source
+
+
+class FakeCapture:
+    """Behaves like a V4L2 capture whose driver keeps `buffered` old frames: grab() takes the oldest one."""
+
+    def __init__(self, frames=None, opened=True, clamp=None):
+        self.frames = list(frames if frames is not None else [])
+        self.opened = opened
+        self.props: dict[int, float] = {}
+        self.clamp = clamp or {}        # prop -> value the "driver" really applies
+        self.set_calls: list[int] = []
+        self.grabbed = None
+        self.grabs = 0
+        self.released = False
+
+    def isOpened(self):
+        return self.opened
+
+    def set(self, prop, value):
+        self.set_calls.append(prop)
+        self.props[prop] = self.clamp.get(prop, value)
+        return True
+
+    def get(self, prop):
+        return self.props.get(prop, 0.0)
+
+    def grab(self):
+        self.grabs += 1
+        if not self.frames:
+            return False
+        self.grabbed = self.frames.pop(0)
+        return True
+
+    def retrieve(self):
+        if self.grabbed is None:
+            return False, None
+        image, self.grabbed = self.grabbed, None
+        return True, image
+
+    def read(self):
+        return self.retrieve() if self.grab() else (False, None)
+
+    def release(self):
+        self.released = True
+
+
+def img(value: int) -> np.ndarray:
+    return np.full((4, 6, 3), value, np.uint8)
+
+
+def make(cap: FakeCapture, **cfg):
+    opened_with = []
+
+    def factory(target, api, params):
+        opened_with.append((target, api, params))
+        return cap
+
+    return CameraSource(CameraSourceConfig(**cfg), capture_factory=factory), opened_with
+
+
+def test_open_requests_format_size_rate_and_a_short_buffer():
+    cap = FakeCapture()
+    src, opened_with = make(cap, device="/dev/video2", backend="v4l2", width=640, height=480, fps=30, fourcc="MJPG")
+    src.open()
+    assert opened_with == [("/dev/video2", cv2.CAP_V4L2, [])]
+    # fourcc first: with V4L2 the pixel format decides which sizes are possible
+    assert cap.set_calls[0] == cv2.CAP_PROP_FOURCC
+    assert cap.props[cv2.CAP_PROP_FOURCC] == cv2.VideoWriter.fourcc(*"MJPG")
+    assert cap.props[cv2.CAP_PROP_FRAME_WIDTH] == 640
+    assert cap.props[cv2.CAP_PROP_FRAME_HEIGHT] == 480
+    assert cap.props[cv2.CAP_PROP_FPS] == 30
+    assert cap.props[cv2.CAP_PROP_BUFFERSIZE] == 1
+
+
+def test_driver_rounding_is_logged_not_fatal(caplog):
+    cap = FakeCapture(frames=[img(1)], clamp={cv2.CAP_PROP_FRAME_WIDTH: 1280.0})
+    src, _ = make(cap, device=0, width=1000)
+    src.open()
+    assert "camera reports 1280.0" in caplog.text
+    assert src.read(1.0).image.shape == (4, 6, 3)
+
+
+def test_free_run_reads_consecutive_frames_with_ids():
+    cap = FakeCapture(frames=[img(1), img(2), img(3)])
+    src = CameraSource(CameraSourceConfig(device=0), start_frame_id=100, capture_factory=lambda *a: cap)
+    src.open()
+    frames = [src.read(1.0) for _ in range(3)]
+    assert [int(f.image[0, 0, 0]) for f in frames] == [1, 2, 3]
+    assert [f.frame_id for f in frames] == [100, 101, 102]
+    assert frames[0].source == "camera:0" and frames[0].encoded is None
+
+
+def test_trigger_drains_the_stale_buffered_frame():
+    # Frame 1 sat in the driver buffer since before the trigger; frame 2 is exposed after it.
+    cap = FakeCapture(frames=[img(1), img(2), img(3)])
+    src, _ = make(cap, device=0, drain_frames=1)
+    src.open()
+    src.notify_trigger()
+    assert int(src.read(1.0).image[0, 0, 0]) == 2
+    assert int(src.read(1.0).image[0, 0, 0]) == 3  # drained only once per trigger
+
+
+def test_drain_depth_follows_config():
+    cap = FakeCapture(frames=[img(1), img(2), img(3), img(4)])
+    src, _ = make(cap, device=0, buffer_size=2, drain_frames=2)
+    src.open()
+    src.notify_trigger()
+    assert int(src.read(1.0).image[0, 0, 0]) == 3
+
+
+def test_cannot_open_raises_source_error_and_releases():
+    cap = FakeCapture(opened=False)
+    src, _ = make(cap, device=3)
+    with pytest.raises(SourceError, match="cannot open camera 3"):
+        src.open()
+    assert cap.released
+
+
+def test_grab_failure_raises_source_error():
+    cap = FakeCapture(frames=[img(1)])
+    src, _ = make(cap, device=0)
+    src.open()
+    src.read(1.0)
+    with pytest.raises(SourceError, match="grab failed"):
+        src.read(1.0)
+
+
+def test_read_after_failure_reopens_the_camera():
+    caps = [FakeCapture(frames=[img(1)]), FakeCapture(frames=[img(2)])]
+    first = caps[0]
+    src = CameraSource(CameraSourceConfig(device=0), capture_factory=lambda *a: caps.pop(0))
+    src.open()
+    src.read(1.0)
+    with pytest.raises(SourceError):
+        src.read(1.0)
+    assert first.released            # the broken handle is not reused
+    frame = src.read(1.0)            # the daemon's retry: a fresh capture
+    assert int(frame.image[0, 0, 0]) == 2 and frame.frame_id == 1
+
+
+def test_empty_frame_raises_source_error():
+    cap = FakeCapture(frames=[np.zeros((0, 0, 3), np.uint8)])
+    src, _ = make(cap, device=0)
+    src.open()
+    with pytest.raises(SourceError, match="empty frame"):
+        src.read(1.0)
+
+
+def test_cv2_exception_becomes_source_error():
+    cap = FakeCapture(frames=[img(1)])
+
+    def broken_grab():
+        raise cv2.error("driver died")
+
+    cap.grab = broken_grab
+    src, _ = make(cap, device=0)
+    src.open()
+    with pytest.raises(SourceError, match="driver died"):
+        src.read(1.0)
+
+
+def test_reopen_releases_previous_capture():
+    caps = [FakeCapture(frames=[img(1)]), FakeCapture(frames=[img(2)])]
+    src = CameraSource(CameraSourceConfig(device=0), capture_factory=lambda *a: caps.pop(0))
+    src.open()
+    first = src._cap
+    src.open()
+    assert first.released
+    assert int(src.read(1.0).image[0, 0, 0]) == 2
+    src.close()
+    assert src._cap is None
+
+
+def test_config_validation_and_build():
+    cfg = convert({"type": "camera", "device": "/dev/v4l/by-id/usb-cam", "fourcc": "YUYV"}, SourceConfig, "source")
+    assert isinstance(build_source(cfg), CameraSource)
+    with pytest.raises(ConfigError, match="fourcc"):
+        convert({"type": "camera", "fourcc": "MJPEG"}, SourceConfig, "source")
+    with pytest.raises(ConfigError, match="device"):
+        convert({"type": "camera", "device": "video0"}, SourceConfig, "source")
+    with pytest.raises(ConfigError, match="buffer_size"):
+        convert({"type": "camera", "buffer_size": 0}, SourceConfig, "source")

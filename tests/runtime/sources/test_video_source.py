@@ -1,0 +1,119 @@
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime.schema import ConfigError, convert
+from edge_runtime.sources import SourceConfig, SourceError, VideoSource, VideoSourceConfig, build_source
+from edge_runtime.sources.video_source import is_stream_url
+
+LEVELS = [0, 60, 120, 180, 240]
+
+
+@pytest.fixture
+def video(tmp_path):
+    """A real 5-frame MJPG .avi whose frames are flat grey levels, so frame order is checkable after compression."""
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10, (32, 24))
+    assert writer.isOpened()
+    for level in LEVELS:
+        writer.write(np.full((24, 32, 3), level, np.uint8))
+    writer.release()
+    return path
+
+
+def level(frame) -> int:
+    return int(round(float(frame.image.mean())))
+
+
+def test_file_plays_once_then_is_exhausted(video):
+    src = VideoSource(VideoSourceConfig(path=str(video)), start_frame_id=10)
+    src.open()
+    frames = []
+    while (f := src.read(1.0)) is not None:
+        frames.append(f)
+    assert len(frames) == 5
+    for frame, want in zip(frames, LEVELS):
+        assert abs(level(frame) - want) <= 3  # MJPG is lossy
+    assert [f.frame_id for f in frames] == list(range(10, 15))
+    assert frames[0].image.shape == (24, 32, 3) and frames[0].image.dtype == np.uint8
+    assert src.exhausted
+    assert src.read(1.0) is None
+
+
+def test_file_loops(video):
+    src = build_source(VideoSourceConfig(path=str(video), loop=True))
+    src.open()
+    frames = [src.read(1.0) for _ in range(12)]
+    assert all(f is not None for f in frames)
+    assert abs(level(frames[5]) - LEVELS[0]) <= 3 and abs(level(frames[11]) - LEVELS[1]) <= 3
+    assert frames[-1].frame_id == 11
+    assert not src.exhausted
+
+
+def test_missing_file_raises_source_error(tmp_path):
+    src = VideoSource(VideoSourceConfig(path=str(tmp_path / "none.avi")))
+    with pytest.raises(SourceError, match="no such video file"):
+        src.open()
+
+
+def test_not_a_video_raises_source_error(tmp_path):
+    bogus = tmp_path / "bogus.avi"
+    bogus.write_bytes(b"this is not a video container")
+    src = VideoSource(VideoSourceConfig(path=str(bogus)))
+    with pytest.raises(SourceError, match="cannot open"):
+        src.open()
+
+
+class StreamCapture:
+    def __init__(self, frames):
+        self.frames = list(frames)
+        self.released = False
+
+    def isOpened(self):
+        return True
+
+    def read(self):
+        return (True, self.frames.pop(0)) if self.frames else (False, None)
+
+    def release(self):
+        self.released = True
+
+
+def test_stream_failure_raises_and_uses_ffmpeg_timeouts():
+    calls = []
+    cap = StreamCapture([np.ones((2, 2, 3), np.uint8)])
+
+    def factory(target, api, params):
+        calls.append((target, api, params))
+        return cap
+
+    src = VideoSource(VideoSourceConfig(path="rtsp://user:pw@10.0.0.5/stream1", open_timeout_s=3, read_timeout_s=2),
+                      capture_factory=factory)
+    src.open()
+    assert calls == [("rtsp://user:pw@10.0.0.5/stream1", cv2.CAP_FFMPEG,
+                      [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 3000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 2000])]
+    assert src.read(1.0).frame_id == 0
+    with pytest.raises(SourceError, match="stream read failed") as err:
+        src.read(1.0)
+    assert "pw" not in str(err.value) and "pw" not in src.name  # credentials stay out of logs and results
+    assert not src.exhausted  # a stream is never "done": the daemon reconnects
+    assert cap.released
+    cap.frames = [np.full((2, 2, 3), 9, np.uint8)]
+    assert src.read(1.0).frame_id == 1  # the retry reconnected through the factory
+    assert len(calls) == 2
+
+
+def test_empty_stream_frame_raises():
+    src = VideoSource(VideoSourceConfig(path="http://cam/video"),
+                      capture_factory=lambda *a: StreamCapture([np.zeros((0,), np.uint8)]))
+    src.open()
+    with pytest.raises(SourceError, match="empty frame"):
+        src.read(1.0)
+
+
+def test_config_rules():
+    assert is_stream_url("rtsp://x/y") and not is_stream_url("/data/clip.avi")
+    cfg = convert({"type": "video", "path": "/data/clip.avi", "loop": True}, SourceConfig, "source")
+    assert isinstance(cfg, VideoSourceConfig) and cfg.loop
+    with pytest.raises(ConfigError, match="loop"):
+        convert({"type": "video", "path": "rtsp://cam/1", "loop": True}, SourceConfig, "source")

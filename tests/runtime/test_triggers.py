@@ -1,0 +1,119 @@
+import threading
+
+import pytest
+
+from edge_runtime.schema import ConfigError, convert
+from edge_runtime.triggers import (
+    FakeEdgeLine,
+    FreeRunTrigger,
+    GpioTrigger,
+    GpioTriggerConfig,
+    GpiodEdgeLine,
+    SoftwareTrigger,
+    SoftwareTriggerConfig,
+    TriggerConfig,
+    TriggerError,
+    build_trigger,
+)
+
+
+def test_free_run_always_captures():
+    trig = build_trigger(convert({"type": "free_run"}, TriggerConfig, "trigger"))
+    assert isinstance(trig, FreeRunTrigger) and trig.is_free_run
+    assert trig.wait(0.0) and trig.wait(0.0)
+
+
+def test_software_trigger_waits_until_fired():
+    trig = build_trigger(SoftwareTriggerConfig())
+    assert isinstance(trig, SoftwareTrigger) and not trig.is_free_run
+    assert trig.wait(0.0) is False
+    trig.fire()
+    assert trig.wait(0.0) is True
+    assert trig.wait(0.0) is False  # one fire, one capture
+
+
+def test_software_trigger_fired_from_another_thread():
+    trig = SoftwareTrigger()
+    started = threading.Event()
+
+    def fire_later():
+        started.wait()
+        trig.fire()
+
+    t = threading.Thread(target=fire_later)
+    t.start()
+    started.set()
+    assert trig.wait(10.0) is True  # wakes on fire(), long before the timeout
+    t.join()
+
+
+def test_software_trigger_coalesces_and_counts_overruns():
+    trig = SoftwareTrigger()
+    trig.fire()
+    trig.fire()
+    trig.fire()
+    assert trig.wait(0.0) is True
+    assert trig.wait(0.0) is False
+    assert trig.fired == 3 and trig.overruns == 2
+
+
+def test_serial_trg_line_fires():
+    trig = SoftwareTrigger()
+    assert trig.handle_line("  trg\r\n") is True
+    assert trig.handle_line("STATUS") is False
+    assert trig.wait(0.0) is True and trig.wait(0.0) is False
+
+
+def test_gpio_trigger_with_fake_line():
+    lines = []
+
+    def factory(cfg):
+        lines.append(FakeEdgeLine())
+        return lines[-1]
+
+    cfg = convert({"type": "gpio", "chip": "/dev/gpiochip1", "line": 17, "edge": "falling", "bias": "pull_up"},
+                  TriggerConfig, "trigger")
+    trig = build_trigger(cfg, line_factory=factory)
+    assert isinstance(trig, GpioTrigger)
+    trig.open()
+    assert trig.wait(0.0) is False
+    lines[0].push_edge()
+    assert trig.wait(0.0) is True
+    lines[0].push_edge(3)          # three parts while the loop was busy: one capture, two overruns
+    assert trig.wait(0.0) is True
+    assert trig.edges == 4 and trig.overruns == 2
+    trig.close()
+    assert lines[0].closed
+
+
+def test_gpio_edge_from_another_thread_wakes_wait():
+    line = FakeEdgeLine()
+    trig = GpioTrigger(GpioTriggerConfig(line=4), line_factory=lambda cfg: line)
+    t = threading.Thread(target=line.push_edge)
+    t.start()
+    assert trig.wait(10.0) is True
+    t.join()
+
+
+def test_gpio_os_error_while_waiting_becomes_trigger_error():
+    class Broken(FakeEdgeLine):
+        def wait_edges(self, timeout):
+            raise OSError("chip removed")
+
+    trig = GpioTrigger(GpioTriggerConfig(line=4), line_factory=lambda cfg: Broken())
+    with pytest.raises(TriggerError, match="chip removed"):
+        trig.wait(0.0)
+
+
+def test_real_gpiod_line_on_missing_chip_is_a_clear_trigger_error(tmp_path):
+    with pytest.raises(TriggerError, match="no-such-chip"):
+        GpiodEdgeLine(GpioTriggerConfig(chip=str(tmp_path / "no-such-chip"), line=0))
+
+
+def test_gpio_config_validation():
+    with pytest.raises(ConfigError, match=r"trigger\.line: required"):
+        convert({"type": "gpio"}, TriggerConfig, "trigger")
+    with pytest.raises(ConfigError, match="debounce_ms"):
+        convert({"type": "gpio", "line": 1, "debounce_ms": -1}, TriggerConfig, "trigger")
+    with pytest.raises(ConfigError, match="edge"):
+        convert({"type": "gpio", "line": 1, "edge": "up"}, TriggerConfig, "trigger")
