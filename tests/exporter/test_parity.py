@@ -1,0 +1,51 @@
+"""The same images through torch reference, ONNX FP32 and ONNX INT8: features and scores agree."""
+import numpy as np
+import pytest
+
+from edge_runtime.bundle import Bundle
+from edge_runtime.pipeline import Pipeline
+from edge_runtime.preprocess import load_image, preprocess
+from export.dataset import test_images as list_test_images
+from export.reference import ReferenceScorer
+
+
+@pytest.fixture(scope="module")
+def engines(small_bundle):
+    b = Bundle.load(small_bundle)
+    return b, ReferenceScorer(b), Pipeline(b, "fp32", "exact"), Pipeline(b, "int8", "hnsw")
+
+
+def test_torch_onnx_fp32_int8_parity(engines, synthetic_dataset):
+    b, ref, fp32, int8 = engines
+    items = list_test_images(synthetic_dataset)[::3]
+    sig = noise = 0.0
+    for it in items:
+        x = preprocess(load_image(it.path), b.preprocessing)
+        f_ref = ref.features(x).numpy()
+        f32 = fp32.extractor(x)
+        f8 = int8.extractor(x)
+        assert np.abs(f32 - f_ref).max() < 1e-3 * max(1.0, np.abs(f_ref).max())
+        sig += float(np.sum(f32.astype(np.float64) ** 2))
+        noise += float(np.sum((f8.astype(np.float64) - f32) ** 2))
+        s_ref, s32 = ref.score_tensor(x).score, fp32.score_tensor(x).score
+        assert abs(s_ref - s32) <= 1e-3 * s_ref
+    sqnr_db = 10 * np.log10(sig / noise)
+    assert sqnr_db > 15, f"INT8 features too noisy: SQNR {sqnr_db:.1f} dB"
+
+
+def test_int8_and_fp32_agree_on_the_verdicts(engines, synthetic_dataset):
+    b, _, fp32, int8 = engines
+    for it in list_test_images(synthetic_dataset):
+        rgb = load_image(it.path)
+        v32 = fp32.score_rgb(rgb).score >= fp32.threshold
+        v8 = int8.score_rgb(rgb).score >= int8.threshold
+        if it.is_defect:
+            assert v32 and v8, f"{it.path} escaped"
+
+
+def test_golden_scores_reproduce(small_bundle):
+    from edge_runtime.self_test import run_self_test
+
+    for precision in ("fp32", "int8"):
+        report = run_self_test(small_bundle, precision=precision)
+        assert report.ok, report.failures

@@ -1,0 +1,42 @@
+import numpy as np
+
+from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw
+
+
+def bank_and_queries(seed=0, n=4000, d=24, q=500):
+    rng = np.random.default_rng(seed)
+    bank = rng.normal(size=(n, d)).astype(np.float32)
+    queries = rng.normal(size=(q, d)).astype(np.float32) * 1.3
+    return bank, queries
+
+
+def test_exact_search_matches_brute_force_differences():
+    bank, queries = bank_and_queries()
+    d, idx = ExactSearch(bank, chunk=1000).nearest(queries)
+    brute = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1))
+    assert np.allclose(d, brute.min(1), rtol=1e-4, atol=1e-4)
+    assert np.array_equal(idx, brute.argmin(1))
+
+
+def test_hnsw_recheck_makes_the_image_score_exact_even_with_a_poor_index():
+    bank, queries = bank_and_queries(1)
+    # A deliberately weak graph (M=4, ef=2) so that approximate distances are often too large.
+    params = HnswParams(M=4, ef_construction=10, ef_search=2)
+    search = HnswSearch(build_hnsw(bank, params), params)
+    exact = ExactSearch(bank).distances(queries)
+    approx = search.approximate(queries)
+    assert np.all(approx >= exact - 1e-4)          # an approximate neighbour is an upper bound
+    assert approx.max() > exact.max() + 1e-3 or np.mean(approx > exact + 1e-4) > 0  # the index really is approximate
+    rechecked = search.distances(queries)
+    assert abs(rechecked.max() - exact.max()) < 1e-4
+    assert 0 < search.rechecked_last < len(queries)
+
+
+def test_hnsw_ef_is_set_on_every_load(tmp_path):
+    bank, queries = bank_and_queries(2)
+    params = HnswParams(ef_search=48)
+    path = tmp_path / "i.hnsw"
+    build_hnsw(bank, params).save_index(str(path))
+    loaded = HnswSearch.load(path, bank.shape[1], params)
+    assert loaded.index.ef == 48
+    assert len(loaded) == len(bank) and np.allclose(loaded.exact.bank, bank)
