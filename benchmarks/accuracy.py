@@ -76,6 +76,18 @@ def parity(bundle_dir: Path, data_dir: Path, n_images: int = 20) -> dict:
             "patches_rechecked_per_image_mean": float(np.mean(rechecked))}
 
 
+def mixed_extractor_auroc(bundle_dir: Path, data_dir: Path) -> dict:
+    """What building the bank from FP32 features but querying with INT8 ones would cost (the design question)."""
+    from export.metrics import auroc
+
+    bundle = Bundle.load(bundle_dir)
+    mixed = Pipeline(bundle, "int8", "exact")
+    mixed.search = Pipeline(bundle, "fp32", "exact").search
+    items = test_images(data_dir)
+    scores = [mixed.score_rgb(load_image(it.path)).score for it in items]
+    return {"bank": "fp32", "queries": "int8", "image_auroc": auroc([it.is_defect for it in items], scores)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data_dir")
@@ -123,6 +135,7 @@ def main() -> int:
               f"{r['escapes']}/{r['n_defect']} | {r['seconds_per_image'] * 1000:.1f} |", flush=True)
     if not a.no_parity:
         result["parity"] = parity(bundle_dir, data_dir)
+        result["parity"]["mixed_fp32_bank_int8_queries"] = mixed_extractor_auroc(bundle_dir, data_dir)
         print(json.dumps(result["parity"], indent=2))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

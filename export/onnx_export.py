@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -26,8 +27,11 @@ INT8_TARGETS: dict[str, dict] = {
 
 def export_fp32(model: PatchFeatures, image_size: int, path: Path) -> dict:
     dummy = torch.zeros(1, 3, image_size, image_size)
-    torch.onnx.export(model, (dummy,), str(path), opset_version=OPSET, dynamo=False,
-                      input_names=["image"], output_names=["patch_features"], do_constant_folding=True)
+    with warnings.catch_warnings():
+        # The tracer warns that pad sizes become constants: intended, the graph has a fixed input size.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (dummy,), str(path), opset_version=OPSET, dynamo=False,
+                          input_names=["image"], output_names=["patch_features"], do_constant_folding=True)
     constant_fold(path)
     folded = fold_pads_into_convs(path)
     return {"opset": OPSET, "input": {"name": "image", "shape": [1, 3, image_size, image_size], "dynamic": False},
@@ -86,6 +90,10 @@ def fold_pads_into_convs(path: Path) -> int:
         removed.append(pad)
     for n in removed:
         g.node.remove(n)
+    # Drop constants nothing reads any more (the pad sizes), so onnxruntime has nothing to warn about on device.
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return len(removed)

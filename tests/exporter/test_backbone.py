@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from export import backbone
+from export.backbone import EfficientNetLiteTaps
+from export.patch_features import PatchFeatures
+
+
+@pytest.mark.parametrize("name,taps,channels", [("lite0", (4, 10), (40, 112)), ("lite2", (6, 14), (48, 120))])
+def test_taps_match_the_published_layer_table(name, taps, channels):
+    m = EfficientNetLiteTaps(name)
+    assert m.tap_blocks == taps and m.channels == channels
+    with torch.no_grad():
+        f8, f16 = m(torch.zeros(1, 3, 224, 224))
+    assert f8.shape == (1, channels[0], 28, 28) and f16.shape == (1, channels[1], 14, 14)
+
+
+def test_weights_with_a_wrong_checksum_are_refused(monkeypatch):
+    spec = backbone.BACKBONES["lite0"]
+    monkeypatch.setitem(backbone.BACKBONES, "lite0", backbone.BackboneSpec(spec.name, spec.package, spec.locator, "0" * 64))
+    with pytest.raises(RuntimeError, match="refusing to load"):
+        backbone.load_state_dict("lite0")
+
+
+def test_tf_padding_differs_from_symmetric_and_features_are_finite():
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        tf = PatchFeatures("lite0", padding="tf")(x)
+        sym = PatchFeatures("lite0", padding="symmetric")(x)
+        proj = PatchFeatures("lite0", projection_dim=64)(x)
+    assert tf.shape == sym.shape == (1, 784, 152) and proj.shape == (1, 784, 64)
+    assert torch.isfinite(tf).all() and (tf - sym).abs().max() > 1e-2
