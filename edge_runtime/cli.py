@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,8 +18,11 @@ def _run(a: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"edge-runtime: invalid station file: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=getattr(logging, cfg.logging.level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Under systemd stderr goes to the journal, which stamps every line itself.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=getattr(logging, cfg.logging.level), stream=sys.stderr, format=fmt)
     return Station(cfg).run()
 
 

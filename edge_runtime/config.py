@@ -11,9 +11,10 @@ from typing import Literal
 import yaml
 
 from edge_runtime.http_endpoint import HttpConfig
-from edge_runtime.outputs import OutputConfig, ResultLogConfig
+from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
 from edge_runtime.schema import ConfigError, from_mapping
-from edge_runtime.sources import SourceConfig
+from edge_runtime.sources import FolderSourceConfig, SourceConfig, VideoSourceConfig
+from edge_runtime.sources.video_source import is_stream_url
 from edge_runtime.triggers import FreeRunTriggerConfig, TriggerConfig
 
 
@@ -79,29 +80,89 @@ class StationConfig:
     def validate(self) -> None:
         if self.roi is not None and (self.roi[2] <= 0 or self.roi[3] <= 0 or min(self.roi[:2]) < 0):
             raise ValueError(f"roi: expected x, y >= 0 and w, h > 0, got {list(self.roi)}")
+        if not self.bundle:
+            raise ValueError("bundle: must name the bundle directory")
         kinds = [o.type for o in self.outputs]
-        for kind in ("gpio", "modbus", "serial"):
-            if kinds.count(kind) > 1 and kind == "modbus":
-                raise ValueError("outputs: at most one modbus server per station")
+        if kinds.count("modbus") > 1:
+            raise ValueError("outputs: at most one modbus server per station")
+        logs = [o.path for o in self.outputs if isinstance(o, ResultLogConfig)]
+        if len(set(logs)) != len(logs):
+            raise ValueError("outputs: two result logs write the same file")
+
+
+# The root of error messages while validating; replaced by the file name (see load_station).
+_ROOT = "<station>"
+
+
+def _where(message: str, path: Path) -> str:
+    """'<station>.inference.threads: ...' -> '/etc/x/station.yaml: inference.threads: ...'."""
+    if message.startswith(_ROOT + "."):
+        message = message[len(_ROOT) + 1:]
+    elif message.startswith(_ROOT):
+        message = message[len(_ROOT):].lstrip(": ")
+    return f"{path}: {message}"
+
+
+def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
+    """Make the file system paths in `cfg` absolute against `base` (the station file's folder), in place.
+
+    Devices (/dev/...), camera indices and stream URLs are left alone. Raises ConfigError (rooted at the
+    station, see load_station) for a path the OS cannot represent, such as one with a NUL byte."""
+
+    def absolute(key: str, value: str) -> str:
+        try:
+            return str(resolve(base, value))
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"{_ROOT}.{key}: not a usable path {value!r} ({exc})") from None
+
+    cfg.bundle = absolute("bundle", cfg.bundle)
+    src = cfg.source
+    if isinstance(src, FolderSourceConfig):
+        src.path = absolute("source.path", src.path)
+    elif isinstance(src, VideoSourceConfig) and not is_stream_url(src.path):
+        src.path = absolute("source.path", src.path)
+    for i, out in enumerate(cfg.outputs):
+        if isinstance(out, ResultLogConfig):
+            out.path = absolute(f"outputs[{i}].path", out.path)
+        elif isinstance(out, NgImageStoreConfig):
+            out.dir = absolute(f"outputs[{i}].dir", out.dir)
+    if cfg.state_dir:
+        cfg.state_dir = absolute("state_dir", cfg.state_dir)
+    if cfg.security.bundle_public_key:
+        cfg.security.bundle_public_key = absolute("security.bundle_public_key", cfg.security.bundle_public_key)
+    return cfg
 
 
 def load_station(path: str | Path) -> StationConfig:
+    """Read and validate a station file; relative paths in it are made relative to the file's folder."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read station file ({exc.strerror})") from None
+        raise ConfigError(f"{path}: cannot read station file ({exc.strerror or exc})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    cfg = from_mapping(StationConfig, data, str(path))
-    base = path.resolve().parent
-    cfg.bundle = str((base / cfg.bundle).resolve()) if not Path(cfg.bundle).is_absolute() else cfg.bundle
-    return cfg
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # PyYAML's constructors raise these for well-formed but impossible values (a 13th month, deep nesting).
+        raise ConfigError(f"{path}: not a usable YAML document ({type(exc).__name__}: {exc})") from None
+    if data is None:
+        raise ConfigError(f"{path}: the station file is empty")
+    try:
+        cfg = from_mapping(StationConfig, data, _ROOT)
+    except ConfigError as exc:
+        raise ConfigError(_where(str(exc), path)) from None
+    try:
+        return resolve_paths(cfg, path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(_where(str(exc), path)) from None
 
 
 def resolve(base: Path, p: str) -> Path:
     """Relative paths in a station file are relative to the file, not to the daemon's working directory."""
+    # No expanduser(): "~" has no useful meaning for a service user, and an unknown ~user would raise.
     q = Path(p)
-    return q if q.is_absolute() else (base / q)
+    if "\0" in p:
+        raise ValueError("embedded NUL byte")
+    return q if q.is_absolute() else (base / q).resolve()

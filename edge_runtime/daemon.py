@@ -1,12 +1,14 @@
 """The inspection daemon: source -> Pipeline -> outputs, plus signals, watchdog, health and recovery.
 
 Fail-safe rules enforced here: outputs start in their safe state; READY is raised only while a verified
-bundle is loaded and frames arrive; every frame that is not inspected becomes a FAULT (never OK); the
-systemd watchdog is pinged from this loop, so a hung inference stops the pings and systemd restarts us.
+bundle is loaded and frames arrive; a triggered part that was not inspected gets a FAULT result (never OK or
+silence); the systemd watchdog is pinged from this loop, so a hung inference stops the pings and systemd
+restarts us.
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -28,6 +30,11 @@ from edge_runtime.triggers import SoftwareTrigger, Trigger, TriggerError, build_
 
 log = logging.getLogger("edge_runtime.daemon")
 
+# Name of the file in state_dir that keeps the next frame id across restarts.
+FRAME_COUNTER_FILE = "next_frame_id"
+# WATCHDOG=1 at most this often when systemd set no WatchdogSec (then the pings only show liveness in tests).
+DEFAULT_WATCHDOG_PERIOD_S = 1.0
+
 
 def load_public_key(path: str | None) -> bytes | None:
     if not path:
@@ -44,7 +51,7 @@ def load_pipeline(cfg: StationConfig) -> Pipeline:
     """Verify the bundle (checksums, optional signature), build the pipeline and reproduce the golden scores."""
     try:
         key = load_public_key(cfg.security.bundle_public_key)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         raise BundleError(f"security.bundle_public_key {cfg.security.bundle_public_key}: cannot read key ({exc})") from None
     bundle = Bundle.load(cfg.bundle, public_key=key)
     inf = cfg.inference
@@ -53,11 +60,13 @@ def load_pipeline(cfg: StationConfig) -> Pipeline:
                             providers=inf.providers, ef_search=inf.ef_search)
     except FeatureError as exc:
         raise BundleError(str(exc)) from None
-    if cfg.roi is not None:
-        pipeline.prep = type(pipeline.prep)(pipeline.prep.image_size, tuple(cfg.roi))
+    # Golden scores were recorded with the bundle's own preprocessing, so the self-test runs before the
+    # station's ROI override is applied.
     failures = golden_check(bundle, pipeline)
     if failures:
         raise BundleError("self-test failed: " + "; ".join(failures))
+    if cfg.roi is not None:
+        pipeline.prep = type(pipeline.prep)(pipeline.prep.image_size, tuple(cfg.roi))
     return pipeline
 
 
@@ -69,9 +78,12 @@ class Counters:
     output_errors: int = 0
     reloads: int = 0
     reload_failures: int = 0
+    missed_triggers: int = 0   # a trigger fired and no frame could be inspected for it (each also a FAULT result)
 
 
 class Station:
+    """One station: `run()` blocks until SIGTERM/SIGINT, `request_stop()` or an exhausted replay source."""
+
     def __init__(self, cfg: StationConfig, *, source: FrameSource | None = None, outputs: list[Output] | None = None,
                  trigger: Trigger | None = None):
         self.cfg = cfg
@@ -87,8 +99,14 @@ class Station:
         self._ready = False
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._reload_lock = threading.Lock()
+        self._reload_thread: threading.Thread | None = None
+        self._reload_outcome: tuple[Pipeline | None, str | None] | None = None  # set by the reload thread
+        self._next_frame_id = 0
         self._started = time.monotonic()
         self._last_heartbeat = time.monotonic()
+        self._watchdog_period = DEFAULT_WATCHDOG_PERIOD_S
+        self._last_watchdog = float("-inf")
         self._http: HttpEndpoint | None = None
 
     # ---- control (signal handlers and tests) ----------------------------------------------------------------
@@ -97,6 +115,11 @@ class Station:
 
     def request_reload(self) -> None:
         self._reload.set()
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP port (useful with port 0), or None when the endpoint is not running."""
+        return self._http.port if self._http is not None else None
 
     # ---- outputs ----------------------------------------------------------------------------------------------
     def _each_output(self, action: str, *args) -> None:
@@ -127,59 +150,127 @@ class Station:
     def status(self) -> StationStatus:
         state = "ready" if self._ready else ("fault" if self.fault_reason else "not_ready")
         c = self.counters
+        pipeline = self.pipeline
         return StationStatus(
             state=state, reason=self.fault_reason,
-            bundle_id=self.pipeline.bundle.bundle_id if self.pipeline else None, frames=c.frames,
+            bundle_id=pipeline.bundle.bundle_id if pipeline else None, frames=c.frames,
             last_verdict=self.last_verdict, uptime_s=time.monotonic() - self._started, verdicts=dict(self.verdicts),
             faults=c.faults + c.source_errors, skipped=getattr(self._source, "skipped", 0),
             last_heartbeat_age_s=time.monotonic() - self._last_heartbeat, latency=self.stats,
             counters={"source_errors": c.source_errors, "output_errors": c.output_errors, "reloads": c.reloads,
-                      "reload_failures": c.reload_failures})
+                      "reload_failures": c.reload_failures, "missed_triggers": c.missed_triggers,
+                      "trigger_overruns": getattr(self.trigger, "overruns", 0)})
 
     # ---- bundle ------------------------------------------------------------------------------------------------
     def _load(self) -> bool:
         try:
             self.pipeline = load_pipeline(self.cfg)
-        except (BundleError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever breaks the load, the station must stay up in FAULT
             self.pipeline = None
+            if not isinstance(exc, (BundleError, OSError)):
+                log.exception("loading bundle %s failed unexpectedly", self.cfg.bundle)
             self._set_state(False, f"bundle {self.cfg.bundle}: {exc}")
             return False
         log.info("bundle %s loaded: variant %s, knn %s, threshold %.4f", self.pipeline.bundle.bundle_id,
                  self.pipeline.variant.name, self.pipeline.knn, self.pipeline.threshold)
         return True
 
-    def _do_reload(self) -> None:
+    def _start_reload(self) -> None:
+        """SIGHUP: load and self-test the bundle in a background thread while the old one keeps inspecting.
+
+        Loading can take seconds on a small board; doing it here would stall the line and the watchdog pings."""
+        if self._reload_thread is not None and self._reload_thread.is_alive():
+            return  # the flag stays set: another reload follows the running one
         self._reload.clear()
         log.info("SIGHUP: reloading bundle %s", self.cfg.bundle)
+        systemd_notify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        self._reload_thread = threading.Thread(target=self._reload_worker, name="bundle-reload", daemon=True)
+        self._reload_thread.start()
+
+    def _reload_worker(self) -> None:
         try:
-            new = load_pipeline(self.cfg)
-        except (BundleError, OSError) as exc:
+            outcome: tuple[Pipeline | None, str | None] = (load_pipeline(self.cfg), None)
+        except Exception as exc:  # noqa: BLE001 - reported to the loop thread, which decides what to do
+            if not isinstance(exc, (BundleError, OSError)):
+                log.exception("reloading bundle %s failed unexpectedly", self.cfg.bundle)
+            outcome = (None, str(exc))
+        with self._reload_lock:
+            self._reload_outcome = outcome
+
+    def _apply_reload(self) -> None:
+        """Runs in the loop thread: swap pipelines between frames and drive the outputs from one thread only."""
+        with self._reload_lock:
+            outcome, self._reload_outcome = self._reload_outcome, None
+        if outcome is None:
+            return
+        new, error = outcome
+        if new is None:
             self.counters.reload_failures += 1
             if self.pipeline is not None:
                 # Keep inspecting with the verified old bundle rather than stopping the line.
-                log.error("reload refused, keeping bundle %s: %s", self.pipeline.bundle.bundle_id, exc)
+                log.error("reload refused, keeping bundle %s: %s", self.pipeline.bundle.bundle_id, error)
             else:
-                self._set_state(False, f"bundle {self.cfg.bundle}: {exc}")
+                self._set_state(False, f"bundle {self.cfg.bundle}: {error}")
+        else:
+            self.pipeline = new
+            self.counters.reloads += 1
+            log.info("reloaded: bundle %s, variant %s, threshold %.4f", new.bundle.bundle_id, new.variant.name,
+                     new.threshold)
+            if self.fault_reason and self.fault_reason.startswith("bundle"):
+                self._set_state(False, None)
+        systemd_notify.ready()  # ends the RELOADING state either way
+
+    # ---- frame ids ---------------------------------------------------------------------------------------------
+    def _start_frame_id(self) -> int:
+        """Continue after the newest id in the result log or the saved counter, so ids stay unique across restarts."""
+        start = 0
+        for o in self.cfg.outputs:
+            if isinstance(o, ResultLogConfig):
+                try:
+                    last = last_frame_id(o.path)
+                except OSError as exc:  # the result log itself reports this when it starts
+                    log.warning("result log %s unreadable (%s); frame ids may repeat", o.path, exc)
+                    continue
+                if last is not None:
+                    start = max(start, last + 1)
+        if self.cfg.state_dir:
+            path = Path(self.cfg.state_dir) / FRAME_COUNTER_FILE
+            try:
+                start = max(start, int(path.read_text().strip()))
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as exc:
+                log.warning("state %s unreadable (%s); frame ids continue from %d", path, exc, start)
+        return start
+
+    def _save_frame_counter(self) -> None:
+        if not self.cfg.state_dir:
             return
-        self.pipeline = new
-        self.counters.reloads += 1
-        log.info("reloaded: bundle %s, threshold %.4f", new.bundle.bundle_id, new.threshold)
-        if self.fault_reason and self.fault_reason.startswith("bundle"):
-            self._set_state(False, None)
+        folder = Path(self.cfg.state_dir)
+        tmp = folder / (FRAME_COUNTER_FILE + ".tmp")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(f"{self._next_frame_id}\n")
+            os.replace(tmp, folder / FRAME_COUNTER_FILE)  # atomic: a power cut leaves the old or the new value
+        except OSError as exc:
+            log.warning("cannot save the frame counter in %s: %s", folder, exc)
+
+    def _take_frame_id(self) -> int:
+        # The daemon numbers parts, not the source: a trigger that got no frame still consumes an id, so every
+        # result on the line (including its FAULT) has its own id for the PLC to latch.
+        frame_id = self._next_frame_id
+        self._next_frame_id += 1
+        return frame_id
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def _heartbeat(self) -> None:
-        self._last_heartbeat = time.monotonic()
+        now = time.monotonic()
+        self._last_heartbeat = now
         self._each_output("heartbeat")
-        systemd_notify.watchdog()
-
-    def _start_frame_id(self) -> int:
-        for o in self.cfg.outputs:
-            if isinstance(o, ResultLogConfig):
-                last = last_frame_id(o.path)
-                if last is not None:
-                    return last + 1
-        return 0
+        # Pinged from this thread only: if inference hangs, the pings stop and systemd restarts the service.
+        if now - self._last_watchdog >= self._watchdog_period:
+            self._last_watchdog = now
+            systemd_notify.watchdog()
 
     def _publish(self, result: InspectionResult) -> None:
         deadline = self.cfg.inference.deadline_ms
@@ -196,13 +287,35 @@ class Station:
             self.stats.add(result.timings_ms)
         self._each_output("publish", result)
 
+    def _publish_missed(self, pipeline: Pipeline, reason: str, started: float) -> None:
+        """A trigger fired (a part is there) and no frame could be inspected: the line gets a FAULT for it."""
+        self.counters.missed_triggers += 1
+        source = getattr(self._source, "name", "source")
+        self._publish(InspectionResult(
+            frame_id=self._take_frame_id(), source=source, verdict=Verdict.FAULT, score=None, normalized_score=None,
+            threshold=pipeline.threshold, timings_ms={"total": (time.perf_counter() - started) * 1000.0},
+            bundle_id=pipeline.bundle.bundle_id, error=f"triggered part not inspected: {reason}"))
+
     def run(self) -> int:
+        previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
-            signal.signal(signal.SIGINT, lambda *_: self.request_stop())
-            signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+            handlers = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop,
+                        signal.SIGHUP: self.request_reload}
+            for signum, action in handlers.items():
+                previous[signum] = signal.signal(signum, lambda *_, act=action: act())
+        try:
+            return self._run()
+        finally:
+            for signum, handler in previous.items():
+                # None: the old handler was not installed from Python; the default is the closest we can restore.
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def _run(self) -> int:
+        interval = systemd_notify.watchdog_interval()
+        # sd_watchdog_enabled(3) advises half the interval; a quarter leaves room for one slow frame.
+        self._watchdog_period = interval / 4 if interval else DEFAULT_WATCHDOG_PERIOD_S
+        # Outputs start in their safe state (not READY, no OK); fault_reason is already "starting" for /healthz.
         self._each_output("start")
-        self._set_state(False, "starting")
         if self.cfg.http.enabled:
             fire = self.trigger.fire if isinstance(self.trigger, SoftwareTrigger) else None
             self._http = HttpEndpoint(self.cfg.http, self.status, fire)
@@ -212,13 +325,14 @@ class Station:
             except OSError as exc:
                 log.error("http endpoint %s:%d not started: %s", self.cfg.http.host, self.cfg.http.port, exc)
                 self._http = None
-        t0 = time.monotonic()
-        self._load()
-        # READY=1 tells systemd that start-up (including the self-test) is over; whether we inspect is on the
-        # READY output line and /healthz. A bad bundle keeps us alive in a safe, explained FAULT state.
-        systemd_notify.ready()
-        log.info("start-up took %.2f s (%s)", time.monotonic() - t0, "ready" if self.pipeline else "FAULT")
         try:
+            self._next_frame_id = self._start_frame_id()
+            t0 = time.monotonic()
+            self._load()
+            # READY=1 tells systemd that start-up (including the self-test) is over; whether we inspect is on the
+            # READY output line and /healthz. A bad bundle keeps us alive in a safe, explained FAULT state.
+            systemd_notify.ready()
+            log.info("start-up took %.2f s (%s)", time.monotonic() - t0, "ready" if self.pipeline else "FAULT")
             return self._loop()
         finally:
             self._shutdown()
@@ -230,15 +344,18 @@ class Station:
         source_open = False
         next_stats = time.monotonic() + self.cfg.logging.stats_interval_s
         if self._source is None:
-            self._source = build_source(self.cfg.source, self._start_frame_id())
+            self._source = build_source(self.cfg.source, self._next_frame_id)
         while not self._stop.is_set():
             self._heartbeat()
             if self._reload.is_set():
-                self._do_reload()
+                self._start_reload()
+            self._apply_reload()
             if time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + self.cfg.logging.stats_interval_s
                 self._log_stats()
-            if self.pipeline is None:
+                self._save_frame_counter()
+            pipeline = self.pipeline
+            if pipeline is None:
                 self._stop.wait(rc_cfg.read_timeout_s)
                 continue
             if not source_open:
@@ -254,28 +371,44 @@ class Station:
                 except (SourceError, TriggerError, OSError) as exc:
                     self.counters.source_errors += 1
                     self._set_state(False, f"source: {exc}")
+                    self._close_source()
                     retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
                     continue
+            triggered = False
+            started = time.perf_counter()
             try:
                 if not self.trigger.wait(rc_cfg.read_timeout_s):
                     continue
+                if not self.trigger.is_free_run:
+                    triggered = True
+                    started = time.perf_counter()
+                    notify = getattr(self._source, "notify_trigger", None)
+                    if notify is not None:
+                        notify()  # a camera drops frames buffered before the trigger
                 frame = self._source.read(rc_cfg.read_timeout_s)
             except (SourceError, TriggerError, OSError) as exc:
                 # Camera lost: not-OK on the outputs, no verdict for anything, reopen with backoff.
                 self.counters.source_errors += 1
+                if triggered:
+                    self._publish_missed(pipeline, f"source: {exc}", started)
                 self._set_state(False, f"source: {exc}")
                 self._close_source()
                 source_open = False
                 retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
                 continue
             if frame is None:
-                if self._source.exhausted and rc_cfg.exit_when_exhausted:
-                    log.info("source exhausted after %d frames", self.counters.frames)
-                    break
+                if triggered:
+                    self._publish_missed(pipeline, f"no frame within {rc_cfg.read_timeout_s:g} s of the trigger", started)
+                if self._source.exhausted:
+                    if rc_cfg.exit_when_exhausted:
+                        log.info("source exhausted after %d frames", self.counters.frames)
+                        break
+                    self._stop.wait(rc_cfg.read_timeout_s)  # nothing more will come; do not spin
                 continue
             if not self._ready and self.fault_reason is None:
                 self._set_state(True, None)
-            self._publish(self.pipeline.inspect(frame))
+            frame.frame_id = self._take_frame_id()
+            self._publish(pipeline.inspect(frame))
         return 0
 
     def _log_stats(self) -> None:
@@ -286,10 +419,11 @@ class Station:
                      s["p50"], s["p95"], s["p99"], s["max"], s["count"], self.verdicts)
 
     def _close_source(self) -> None:
-        try:
-            self._source.close()
-        except Exception:
-            log.exception("closing the source failed")
+        if self._source is not None:
+            try:
+                self._source.close()
+            except Exception:
+                log.exception("closing the source failed")
         try:
             self.trigger.close()
         except Exception:
@@ -299,10 +433,11 @@ class Station:
         systemd_notify.stopping()
         self._ready = False
         self._each_output("set_ready", False)
-        if self._source is not None:
-            self._close_source()
+        self._close_source()
         self._each_output("close")  # every output returns to its safe state and flushes
         if self._http is not None:
             self._http.stop()
+            self._http = None
+        self._save_frame_counter()
         self._log_stats()
         log.info("stopped after %d frames (%s)", self.counters.frames, self.verdicts)

@@ -6,6 +6,7 @@ needs only dataclasses, Literal, Optional, lists and tagged unions chosen by a `
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -74,13 +75,19 @@ def convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 2**63 - 1:
+            raise ConfigError(f"{where}: expected a 64-bit integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -96,7 +103,8 @@ def _tagged(value: Any, choices: list, where: str) -> Any:
         tag_field = next(f for f in dataclasses.fields(cls) if f.name == "type")
         for tag in get_args(typing.get_type_hints(cls)["type"]) or (tag_field.default,):
             by_tag[tag] = cls
-    cls = by_tag.get(value["type"])
+    tag = value["type"]
+    cls = by_tag.get(tag) if isinstance(tag, str) else None
     if cls is None:
         raise ConfigError(f"{where}.type: expected one of {', '.join(map(repr, by_tag))}, got {value['type']!r}")
     return from_mapping(cls, value, where)

@@ -30,7 +30,7 @@ def notify(message: str) -> bool:
     if addr is None:
         return False
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
             sock.sendto(message.encode("utf-8"), addr)
         return True
     except OSError as exc:

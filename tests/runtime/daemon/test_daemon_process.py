@@ -1,0 +1,193 @@
+"""`edge-runtime run` as a real process: sd_notify on a real socket, SIGTERM leaves a complete log, SIGHUP with a
+corrupted bundle keeps inspecting with the old one."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.bundle import Bundle
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def daemon_command(station: Path) -> list[str]:
+    script = shutil.which("edge-runtime")
+    prefix = [script] if script else [sys.executable, "-m", "edge_runtime.cli"]
+    return prefix + ["run", "--config", str(station)]
+
+
+class Notifications:
+    """A real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET, read continuously like systemd does.
+
+    (A datagram socket nobody reads fills after net.unix.max_dgram_qlen messages, and then a blocking sendto in
+    the daemon would stall its loop.)"""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self._cond = threading.Condition()
+        self._seen = 0  # messages already offered to wait_for()
+        self._closed = False
+        self._reader = threading.Thread(target=self._read, name="notify-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._closed:
+            try:
+                msg = self.sock.recv(4096).decode()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self._cond:
+                self.messages.append(msg)
+                self._cond.notify_all()
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> str:
+        """The next message (after those already examined) that matches."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                while self._seen < len(self.messages):
+                    msg = self.messages[self._seen]
+                    self._seen += 1
+                    if predicate(msg):
+                        return msg
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"no matching notification; got {self.messages}"
+                self._cond.wait(remaining)
+
+    def close(self) -> None:
+        self._closed = True
+        self._reader.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def notifications(tmp_path):
+    n = Notifications(tmp_path / "notify.sock")
+    yield n
+    n.close()
+
+
+@pytest.fixture
+def spawn(notifications):
+    procs: list[subprocess.Popen] = []
+
+    def start(station: Path, **env: str) -> subprocess.Popen:
+        environment = dict(os.environ, NOTIFY_SOCKET=str(notifications.path), **env)
+        proc = subprocess.Popen(daemon_command(station), cwd=REPO, env=environment, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+
+
+def wait_for_lines(path: Path, count: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_bytes().count(b"\n") >= count):
+        assert proc.poll() is None, f"daemon exited early:\n{proc.stdout.read().decode()}"
+        assert time.monotonic() < deadline, f"{path} did not reach {count} lines"
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(30)
+    return rc, proc.stdout.read().decode()
+
+
+def metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def test_sigterm_flushes_a_complete_log_and_notifies_systemd(small_bundle, flange_test_folder, write_station,
+                                                              tmp_path, notifications, spawn, read_log, free_port):
+    port = free_port()
+    station = write_station(bundle=small_bundle, http={"port": port},
+                            source={"type": "folder", "path": str(flange_test_folder[0]), "loop": True},
+                            outputs=[{"type": "result_log", "path": "results.jsonl"}])
+    proc = spawn(station, WATCHDOG_USEC="400000")  # WatchdogSec=0.4: pings every 0.1 s
+    notifications.wait_for(lambda m: m == "READY=1")
+    health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())
+    assert health["status"] in ("ready", "fault")  # the source may still be opening
+    wait_for_lines(tmp_path / "results.jsonl", 5, proc)
+    notifications.wait_for(lambda m: m == "WATCHDOG=1")
+    rc, output = stop(proc)
+    assert rc == 0, output
+    notifications.wait_for(lambda m: m == "STOPPING=1", timeout=10)
+
+    records = read_log(tmp_path / "results.jsonl")  # every line complete, valid JSON
+    assert [r["frame_id"] for r in records] == list(range(len(records)))
+    assert all(r["verdict"] in ("OK", "NG") for r in records)
+    msgs = notifications.messages
+    ready = msgs.index("READY=1")
+    assert "WATCHDOG=1" not in msgs[:ready] and msgs[ready:].count("WATCHDOG=1") >= 1
+    assert msgs[-1] == "STOPPING=1"
+    assert f"stopped after {len(records)} frames" in output
+
+
+def test_sighup_with_a_corrupted_bundle_keeps_the_old_one(small_bundle, flange_test_folder, write_station, tmp_path,
+                                                          notifications, spawn, read_log, free_port):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    port = free_port()
+    station = write_station(bundle="bundle", http={"port": port},
+                            source={"type": "folder", "path": str(flange_test_folder[0]), "loop": True},
+                            outputs=[{"type": "result_log", "path": "results.jsonl"}])
+    proc = spawn(station)
+    notifications.wait_for(lambda m: m == "READY=1")
+    log_path = tmp_path / "results.jsonl"
+    wait_for_lines(log_path, 3, proc)
+
+    model = bundle / Bundle.load(bundle).variant().model_file
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    proc.send_signal(signal.SIGHUP)
+    notifications.wait_for(lambda m: m.startswith("RELOADING=1"))
+    notifications.wait_for(lambda m: m == "READY=1")  # the reload is over (refused)
+    n = log_path.read_bytes().count(b"\n")
+    wait_for_lines(log_path, n + 3, proc)
+    assert metric(port, "edge_reload_failures_total") == 1 and metric(port, "edge_reloads_total") == 0
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
+    rc, output = stop(proc)
+    assert rc == 0, output
+    assert "reload refused, keeping bundle" in output and "sha256" in output
+
+    records = read_log(log_path)
+    assert len({r["bundle_id"] for r in records}) == 1
+    assert all(r["verdict"] in ("OK", "NG") for r in records), "inspection went on with the old bundle"
+
+
+def test_invalid_station_file_exits_2_naming_file_and_key(small_bundle, write_station, spawn):
+    station = write_station(bundle=small_bundle, source={"type": "folder", "path": "imgs"},
+                            inference={"precision": "int4"})
+    proc = spawn(station)
+    assert proc.wait(60) == 2
+    output = proc.stdout.read().decode()
+    assert f"{station}: inference.precision: expected one of 'int8', 'fp32', got 'int4'" in output

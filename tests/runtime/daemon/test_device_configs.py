@@ -1,0 +1,130 @@
+"""The shipped device station files validate, and a broken station file is a ConfigError naming the file and key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edge_runtime.cli import main as cli_main
+from edge_runtime.config import load_station
+from edge_runtime.outputs import GpioConfig, ModbusConfig, NgImageStoreConfig, ResultLogConfig, SerialConfig
+from edge_runtime.schema import ConfigError
+from edge_runtime.sources import CameraSourceConfig, FolderSourceConfig, VideoSourceConfig
+
+DEVICE_CONFIGS = Path(__file__).resolve().parents[3] / "device_configs"
+BOARDS = ["jetson-orin-nano", "raspberry-pi-5", "x86-industrial-pc"]
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_device_config_is_a_valid_station_file(board, capsys):
+    path = DEVICE_CONFIGS / f"{board}.yaml"
+    cfg = load_station(path)
+    assert Path(cfg.bundle).is_absolute()
+    assert isinstance(cfg.source, CameraSourceConfig)
+    kinds = {type(o) for o in cfg.outputs}
+    assert ResultLogConfig in kinds and NgImageStoreConfig in kinds
+    assert cfg.inference.providers[-1] == "CPUExecutionProvider", "CPU last: it takes what the others cannot"
+    assert cfg.recovery.exit_when_exhausted is False, "a live camera station must not exit"
+    assert cli_main(["validate", str(path)]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_board_specific_choices():
+    jetson = load_station(DEVICE_CONFIGS / "jetson-orin-nano.yaml")
+    assert jetson.inference.precision == "fp32"
+    assert jetson.inference.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    pi = load_station(DEVICE_CONFIGS / "raspberry-pi-5.yaml")
+    assert pi.inference.precision == "int8" and pi.inference.threads == 4
+    pi_gpio = next(o for o in pi.outputs if isinstance(o, GpioConfig))
+    assert pi_gpio.chip == "/dev/gpiochip0" and {l.offset for l in pi_gpio.lines().values()} <= set(range(2, 28))
+    x86 = load_station(DEVICE_CONFIGS / "x86-industrial-pc.yaml")
+    assert x86.inference.precision == "int8"
+    assert not any(isinstance(o, GpioConfig) for o in x86.outputs)
+    assert any(isinstance(o, ModbusConfig) for o in x86.outputs) and any(isinstance(o, SerialConfig) for o in x86.outputs)
+
+
+def write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "station.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+BASE = {"bundle": "bundle", "source": {"type": "folder", "path": "images"}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"camera": {}}, "unknown key 'camera'"),
+    ({"inference": {"threads": "four"}}, "inference.threads: expected an integer, got 'four'"),
+    ({"inference": {"precision": "int4"}}, "inference.precision: expected one of 'int8', 'fp32', got 'int4'"),
+    ({"outputs": [{"type": "result_log", "path": "r.jsonl", "fsync": "sometimes"}]},
+     "outputs[0].fsync: expected one of 'always', 'never', got 'sometimes'"),
+    ({"outputs": [{"type": "relay"}]}, "outputs[0].type: expected one of"),
+    ({"source": {"type": "folder"}}, "source.path: required key is missing"),
+    ({"recovery": {"backoff_initial_s": 5, "backoff_max_s": 1}}, "recovery: need 0 < backoff_initial_s <= backoff_max_s"),
+    ({"bundle": None}, "bundle: expected a string, got None"),
+    ({"bundle": ""}, "bundle: must name the bundle directory"),
+])
+def test_invalid_station_file_names_file_and_key(tmp_path, change, message):
+    path = write(tmp_path, {**BASE, **change})
+    with pytest.raises(ConfigError) as err:
+        load_station(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+
+
+def test_missing_bundle_and_unreadable_files(tmp_path):
+    path = write(tmp_path, {"source": BASE["source"]})
+    with pytest.raises(ConfigError, match=rf"^{path}: bundle: required key is missing$"):
+        load_station(path)
+    with pytest.raises(ConfigError, match=r"the station file is empty"):
+        load_station(write(tmp_path, ""))
+    with pytest.raises(ConfigError, match=r"not valid YAML"):
+        load_station(write(tmp_path, "bundle: [unclosed"))
+    with pytest.raises(ConfigError, match=r"cannot read station file"):
+        load_station(tmp_path / "absent.yaml")
+
+
+def test_cli_validate_reports_the_error(tmp_path, capsys):
+    path = write(tmp_path, {**BASE, "inference": {"knn": "annoy"}})
+    assert cli_main(["validate", str(path)]) == 2
+    assert f"{path}: inference.knn: expected one of 'hnsw', 'exact', got 'annoy'" in capsys.readouterr().err
+
+
+def test_relative_paths_resolve_against_the_station_file(tmp_path, monkeypatch):
+    folder = tmp_path / "station"
+    folder.mkdir()
+    path = folder / "station.yaml"
+    path.write_text(yaml.safe_dump({
+        "bundle": "bundles/current",
+        "source": {"type": "folder", "path": "incoming"},
+        "outputs": [{"type": "result_log", "path": "logs/results.jsonl"}, {"type": "ng_images", "dir": "ng"}],
+        "state_dir": "state",
+        "security": {"bundle_public_key": "keys/release.pub"},
+    }))
+    monkeypatch.chdir(tmp_path)  # somewhere else: the daemon's working directory must not matter
+    cfg = load_station(Path("station") / "station.yaml")
+    assert cfg.bundle == str(folder / "bundles" / "current")
+    assert cfg.source.path == str(folder / "incoming")
+    assert cfg.outputs[0].path == str(folder / "logs" / "results.jsonl")
+    assert cfg.outputs[1].dir == str(folder / "ng")
+    assert cfg.state_dir == str(folder / "state")
+    assert cfg.security.bundle_public_key == str(folder / "keys" / "release.pub")
+
+
+def test_video_urls_and_absolute_paths_are_left_alone(tmp_path):
+    stream = load_station(write(tmp_path, {**BASE, "source": {"type": "video", "path": "rtsp://cam/stream1"}}))
+    assert isinstance(stream.source, VideoSourceConfig) and stream.source.path == "rtsp://cam/stream1"
+    video = load_station(write(tmp_path, {**BASE, "source": {"type": "video", "path": "clips/line.mp4"}}))
+    assert video.source.path == str(tmp_path / "clips" / "line.mp4")
+    absolute = load_station(write(tmp_path, {**BASE, "source": {"type": "folder", "path": "/srv/images"}}))
+    assert isinstance(absolute.source, FolderSourceConfig) and absolute.source.path == "/srv/images"
+
+
+def test_unusable_values_name_the_file(tmp_path):
+    path = write(tmp_path, 'bundle: b\nsource: {type: folder, path: "in\\0coming"}\n')
+    with pytest.raises(ConfigError, match=rf"^{path}: source.path: not a usable path"):
+        load_station(path)
+    path = write(tmp_path, "bundle: b\nsource: {type: folder, path: f}\nname: 2001-13-45\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: not a usable YAML document"):
+        load_station(path)

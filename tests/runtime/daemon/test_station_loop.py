@@ -1,0 +1,265 @@
+"""The daemon loop in-process on the synthetic bundle: replay, camera loss, bad bundle, reload, deadline, triggers."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.bundle import Bundle
+from edge_runtime.config import load_station
+from edge_runtime.daemon import FRAME_COUNTER_FILE, Station
+from edge_runtime.outputs import GpioConfig, GpioLine, GpioOutput, RecordingOutput
+from edge_runtime.outputs.gpio_output import FakeGpioLines
+from edge_runtime.records import Verdict
+from edge_runtime.sources import ScriptedSource, SourceError
+from edge_runtime.triggers import SoftwareTrigger
+
+SCRIPTED = {"type": "scripted"}
+FAST_RECOVERY = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "read_timeout_s": 0.2}
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def corrupt(bundle: Path) -> Path:
+    """Flip one byte of the default variant's model: the sha256 check must refuse the bundle."""
+    model = bundle / Bundle.load(bundle).variant().model_file
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    return model
+
+
+@pytest.fixture
+def bundle_copy(small_bundle, tmp_path) -> Path:
+    dest = tmp_path / "bundle"
+    shutil.copytree(small_bundle, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def part_images(flange_test_folder) -> dict[str, bytes]:
+    """Encoded PNGs of a few test parts, by copied file name."""
+    folder, index = flange_test_folder
+    names = sorted(index)
+    good = [n for n in names if n.startswith("good_")][:2]
+    bad = [n for n in names if not n.startswith("good_")][:2]
+    return {n: (folder / n).read_bytes() for n in good + bad}
+
+
+def test_replay_every_image_once_with_the_pipeline_verdict(small_bundle, synthetic_dataset, flange_test_folder,
+                                                          write_station, tmp_path, read_log):
+    from export.evaluate import evaluate
+
+    folder, index = flange_test_folder
+    log_path = tmp_path / "results.jsonl"
+    cfg = load_station(write_station(bundle=small_bundle, source={"type": "folder", "path": str(folder)},
+                                     outputs=[{"type": "result_log", "path": "results.jsonl"}]))
+    assert Station(cfg).run() == 0  # replay ends: exit_when_exhausted
+
+    records = read_log(log_path)
+    names = [Path(r["source"]).name for r in records]
+    assert sorted(names) == sorted(index), "every image exactly once"
+    assert [r["frame_id"] for r in records] == list(range(len(records)))
+
+    # The exporter's evaluation with the same engine and search is the reference for scores and verdicts.
+    expected = {row["file"]: row["score"] for row in evaluate(small_bundle, synthetic_dataset, "onnx-int8", "hnsw")["images"]}
+    for r in records:
+        want = expected[str(index[Path(r["source"]).name][0])]
+        assert r["score"] == pytest.approx(want, rel=1e-4)
+        assert r["verdict"] == ("NG" if r["score"] >= r["threshold"] else "OK")
+    assert {r["verdict"] for r in records} == {"OK", "NG"}
+
+
+def test_restart_continues_frame_ids_from_log_and_state(small_bundle, part_images, write_station, tmp_path, read_log):
+    path = write_station(bundle=small_bundle, source=SCRIPTED, state_dir="state",
+                         outputs=[{"type": "result_log", "path": "results.jsonl"}])
+    for _ in range(2):
+        assert Station(load_station(path), source=ScriptedSource(steps=list(part_images.values()))).run() == 0
+    ids = [r["frame_id"] for r in read_log(tmp_path / "results.jsonl")]
+    assert ids == list(range(2 * len(part_images)))
+    assert (tmp_path / "state" / FRAME_COUNTER_FILE).read_text().strip() == str(len(ids))
+
+    # Without the log the saved counter alone keeps ids unique.
+    (tmp_path / "results.jsonl").unlink()
+    rec = RecordingOutput()
+    Station(load_station(path), source=ScriptedSource(steps=list(part_images.values())[:1]), outputs=[rec]).run()
+    assert [r.frame_id for r in rec.results] == [len(ids)]
+
+
+def test_camera_loss_faults_then_inspection_resumes(small_bundle, part_images, write_station):
+    images = list(part_images.values())
+    source = ScriptedSource(steps=[images[0], images[1], SourceError("camera unplugged"), images[2], images[3]])
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, recovery=FAST_RECOVERY))
+    assert Station(cfg, source=source, outputs=[rec]).run() == 0
+
+    results = rec.results
+    assert [r.frame_id for r in results] == [0, 1, 2, 3], "no result for the lost frame, no id consumed"
+    assert all(r.verdict is not Verdict.FAULT for r in results)
+    assert source.open_calls == 2, "the source was reopened after the loss"
+
+    calls = [(m, a) for m, a in rec.calls if m in ("publish", "set_fault", "set_ready")]
+    lost = next(i for i, (m, a) in enumerate(calls) if m == "set_fault" and a and "camera unplugged" in a)
+    before, after = calls[:lost], calls[lost:]
+    assert [a.frame_id for m, a in before if m == "publish"] == [0, 1]
+    assert after[1] == ("set_ready", False), "READY drops with the fault"
+    cleared = after.index(("set_fault", None))
+    assert ("set_ready", True) in after[cleared:]
+    assert [a.frame_id for m, a in after[:cleared] if m == "publish"] == [], "nothing published while faulted"
+    assert rec.calls[-1] == ("close", None) and rec.ready is False
+
+
+def test_bad_bundle_start_stays_in_fault(bundle_copy, flange_test_folder, write_station, start_station):
+    corrupt(bundle_copy)
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=bundle_copy, source={"type": "folder", "path": str(flange_test_folder[0])},
+                                     http={"port": 0}, recovery=FAST_RECOVERY))
+    running = start_station(cfg, outputs=[rec])
+    station = running.station
+    wait_until(lambda: station.fault_reason and station.fault_reason.startswith("bundle"), what="bundle fault")
+    wait_until(lambda: rec.heartbeats >= 5, what="loop iterations")  # the loop keeps going (and pinging) in FAULT
+
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://127.0.0.1:{station.http_port}/healthz", timeout=5)
+    assert err.value.code == 503
+    health = json.loads(err.value.read())
+    assert health["status"] == "fault" and "sha256" in health["reason"]
+
+    assert True not in rec.calls_to("set_ready") and rec.results == []
+    assert "sha256" in rec.fault
+    assert running.stop() == 0
+    assert True not in rec.calls_to("set_ready") and rec.results == []
+
+
+def test_reload_of_a_repaired_bundle_clears_the_fault(small_bundle, bundle_copy, part_images, write_station,
+                                                      start_station):
+    model = corrupt(bundle_copy)
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=bundle_copy, source=SCRIPTED, recovery=FAST_RECOVERY))
+    running = start_station(cfg, source=ScriptedSource(steps=list(part_images.values())), outputs=[rec])
+    wait_until(lambda: running.station.fault_reason and "sha256" in running.station.fault_reason, what="bundle fault")
+    shutil.copyfile(small_bundle / model.name, model)
+    running.station.request_reload()
+    assert running.join() == 0, "after the reload it inspects the scripted frames and ends"
+    assert len(rec.results) == len(part_images) and running.station.counters.reloads == 1
+    assert rec.calls_to("set_fault")[-1] is None
+
+
+def test_reload_with_a_corrupted_bundle_keeps_the_old_one(bundle_copy, part_images, write_station, start_station):
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=bundle_copy, source=SCRIPTED, recovery=FAST_RECOVERY))
+    source = ScriptedSource(steps=list(part_images.values()), start_frame_id=0)
+    source.cfg.loop = True  # endless frames
+    running = start_station(cfg, source=source, outputs=[rec])
+    station = running.station
+    wait_until(lambda: len(rec.results) >= 2, what="first results")
+    old_id = station.pipeline.bundle.bundle_id
+    faults_before = len(rec.calls_to("set_fault"))
+
+    corrupt(bundle_copy)
+    station.request_reload()
+    wait_until(lambda: station.counters.reload_failures == 1, what="the reload to be refused")
+    n = len(rec.results)
+    wait_until(lambda: len(rec.results) >= n + 2, what="inspection after the refused reload")
+    assert running.stop() == 0
+
+    assert station.counters.reloads == 0
+    assert {r.bundle_id for r in rec.results} == {old_id}
+    assert all(r.verdict is not Verdict.FAULT for r in rec.results)
+    assert len(rec.calls_to("set_fault")) == faults_before, "a refused reload is not a station fault"
+    assert rec.calls_to("set_ready")[:-1][-1] is True, "READY stayed up until the stop"
+
+
+def test_deadline_turns_late_verdicts_into_faults(small_bundle, part_images, write_station):
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, inference={"deadline_ms": 0.001}))
+    Station(cfg, source=ScriptedSource(steps=list(part_images.values())), outputs=[rec]).run()
+    assert len(rec.results) == len(part_images)
+    for r in rec.results:
+        assert r.verdict is Verdict.FAULT and r.error.startswith("deadline exceeded")
+
+
+class TriggeredCamera(ScriptedSource):
+    """ScriptedSource that records, like a camera would need to, when the daemon announced a trigger."""
+
+    def __init__(self, steps):
+        super().__init__(steps=steps)
+        self.events: list[str] = []
+
+    def notify_trigger(self) -> None:
+        self.events.append("trigger")
+
+    def read(self, timeout):
+        self.events.append("read")
+        return super().read(timeout)
+
+
+def test_software_trigger_drains_and_faults_parts_it_could_not_inspect(small_bundle, part_images, write_station,
+                                                                       start_station):
+    images = list(part_images.values())
+    camera = TriggeredCamera([images[0], None, SourceError("camera gone"), images[1]])
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     recovery=FAST_RECOVERY))
+    running = start_station(cfg, source=camera, outputs=[rec])
+    trigger = running.station.trigger
+    assert isinstance(trigger, SoftwareTrigger)
+    wait_until(lambda: rec.ready, what="READY")
+    time.sleep(0.3)
+    assert rec.results == [] and camera.read_calls == 0, "no capture without a trigger"
+    for n in range(1, 5):
+        trigger.fire()
+        wait_until(lambda: len(rec.results) >= n, what=f"result {n}")
+    assert running.stop() == 0
+
+    results = rec.results
+    assert [r.frame_id for r in results] == [0, 1, 2, 3], "every triggered part has its own id"
+    assert results[0].verdict is not Verdict.FAULT and results[3].verdict is not Verdict.FAULT
+    assert results[1].verdict is Verdict.FAULT and "no frame within" in results[1].error
+    assert results[2].verdict is Verdict.FAULT and "camera gone" in results[2].error
+    assert camera.events[:2] == ["trigger", "read"] and camera.events.count("trigger") == camera.events.count("read") == 4
+
+
+def test_sigterm_drives_gpio_lines_inactive_and_releases_them(small_bundle, part_images, write_station):
+    """A real SIGTERM to this process while Station.run() owns the main thread, as under systemd."""
+    lines = FakeGpioLines()
+    gpio = GpioOutput(GpioConfig(ok=GpioLine(offset=1), ng=GpioLine(offset=2), ready=GpioLine(offset=3),
+                                 error=GpioLine(offset=4), heartbeat=GpioLine(offset=5)), lines=lines)
+    rec = RecordingOutput()
+    source = ScriptedSource(steps=list(part_images.values()))
+    source.cfg.loop = True
+    station = Station(load_station(write_station(bundle=small_bundle, source=SCRIPTED)), source=source,
+                      outputs=[gpio, rec])
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def terminate_after_results():
+        rec.wait_for("publish", 3, timeout=60)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_after_results)
+    killer.start()
+    assert station.run() == 0
+    killer.join()
+
+    assert signal.getsignal(signal.SIGTERM) is previous, "run() restores the signal handlers it replaced"
+    assert len(rec.results) >= 3 and rec.calls[-1] == ("close", None)
+    assert any(state[3] for state in lines.history), "READY was on while inspecting"
+    assert lines.events[-1] == ("release",)
+    assert lines.history[-1] == {1: False, 2: False, 3: False, 4: False, 5: False}, "every line inactive before release"
+    # OK was asserted only while the last published part was OK.
+    ok_parts = [r for r in rec.results if r.verdict is Verdict.OK]
+    assert any(state[1] for state in lines.history) == bool(ok_parts)
