@@ -96,6 +96,7 @@ def main() -> int:
     ap.add_argument("--max-train", type=int, default=None)
     ap.add_argument("--backbone", default="lite0")
     ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--int8-target", default="x86-avx2")
     ap.add_argument("--engines", default=",".join(ALL))
     ap.add_argument("--bundle", default=None, help="reuse a fitted bundle instead of fitting")
     ap.add_argument("--keep-bundle", default=None, help="write the bundle here instead of a temp dir")
@@ -110,13 +111,14 @@ def main() -> int:
     else:
         bundle_dir = Path(a.keep_bundle) if a.keep_bundle else Path(tmp.name) / "bundle"
         settings = FitSettings(coreset_ratio=a.coreset_ratio, backbone=a.backbone, image_size=a.image_size,
-                               max_train=a.max_train)
+                               max_train=a.max_train, int8_target=a.int8_target)
         t0 = time.time()
         fit(data_dir, bundle_dir, settings, overwrite=True)
         result["fit_seconds"] = time.time() - t0
         result["fit_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     m = Bundle.load(bundle_dir).manifest
     result["settings"] = m["fit"]["settings"]
+    result["int8_quantization"] = m["variants"]["int8"].get("quantization")
     result["coreset"] = m["coreset"]
     result["bank_images"] = len(m["fit"]["bank_images"])
     result["thresholds"] = {k: v["threshold"] for k, v in m["variants"].items()}

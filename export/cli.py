@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--max-train", type=int, default=None, help="few-shot: at most this many bank images")
     f.add_argument("--target-frr", type=float, default=0.01, help="target false-reject rate (good-only calibration)")
     f.add_argument("--calibration-defects", default=None, help="folder of defective images for the threshold")
-    f.add_argument("--int8-target", choices=["x86-avx2", "x86-avx2-reduce-range", "x86-vnni", "arm"], default="x86-avx2")
+    f.add_argument("--int8-target", choices=["x86-avx2", "x86-vnni", "arm"], default="x86-avx2")
     f.add_argument("--ef", type=int, default=32, help="HNSW ef at query time (stored in the manifest)")
     f.add_argument("--hnsw-m", type=int, default=16)
     f.add_argument("--hnsw-ef-construction", type=int, default=200)

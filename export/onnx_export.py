@@ -14,12 +14,13 @@ from export.patch_features import PatchFeatures
 OPSET = 17
 
 # onnxruntime static quantisation settings per deployment target (QDQ, per-channel weights, MinMax).
-# reduce_range (7-bit weights) is the usual advice for AVX2 without VNNI, where vpmaddubsw can saturate;
-# measured on this AVX2 machine it LOWERS the INT8 feature SQNR (14.2 dB vs 18.7 dB), so it stays off.
+# x86 without VNNI multiplies u8 x s8 with vpmaddubsw, whose 16-bit pair sums can saturate: reduce_range
+# (7-bit weights) rules that out, at a cost in precision (INT8 feature SQNR 14.2 dB vs 18.7 dB without it,
+# measured on an AVX512-VNNI machine where no saturation occurs). It is the default because it is correct
+# on every x86 CPU; pick x86-vnni (Ice Lake+/Zen 4+/AVX-VNNI) or arm for the more precise model.
 # ARM takes S8S8, onnxruntime's recommended default where no u8 x s8 instruction quirk applies.
 INT8_TARGETS: dict[str, dict] = {
-    "x86-avx2": {"activation": "QUInt8", "weight": "QInt8", "reduce_range": False, "per_channel": True},
-    "x86-avx2-reduce-range": {"activation": "QUInt8", "weight": "QInt8", "reduce_range": True, "per_channel": True},
+    "x86-avx2": {"activation": "QUInt8", "weight": "QInt8", "reduce_range": True, "per_channel": True},
     "x86-vnni": {"activation": "QUInt8", "weight": "QInt8", "reduce_range": False, "per_channel": True},
     "arm": {"activation": "QInt8", "weight": "QInt8", "reduce_range": False, "per_channel": True},
 }

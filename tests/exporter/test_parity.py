@@ -30,7 +30,7 @@ def test_torch_onnx_fp32_int8_parity(engines, synthetic_dataset):
         s_ref, s32 = ref.score_tensor(x).score, fp32.score_tensor(x).score
         assert abs(s_ref - s32) <= 1e-3 * s_ref
     sqnr_db = 10 * np.log10(sig / noise)
-    assert sqnr_db > 15, f"INT8 features too noisy: SQNR {sqnr_db:.1f} dB"
+    assert sqnr_db > 12, f"INT8 features too noisy: SQNR {sqnr_db:.1f} dB"
 
 
 def test_int8_and_fp32_agree_on_the_verdicts(engines, synthetic_dataset):
