@@ -13,7 +13,7 @@ def _fit(a: argparse.Namespace) -> int:
 
     s = FitSettings(coreset_ratio=a.coreset_ratio, backbone=a.backbone, image_size=a.image_size, seed=a.seed,
                     projection_dim=a.projection_dim, holdout_fraction=a.holdout, max_train=a.max_train,
-                    target_false_reject=a.target_frr, int8_target=a.int8_target,
+                    target_false_reject=a.target_frr, int8_target=a.int8_target, default_variant=a.default_variant,
                     hnsw=HnswParams(M=a.hnsw_m, ef_construction=a.hnsw_ef_construction, ef_search=a.ef))
     bundle = fit(Path(a.data_dir), Path(a.out), s, Path(a.calibration_defects) if a.calibration_defects else None,
                  overwrite=a.overwrite)
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--target-frr", type=float, default=0.01, help="target false-reject rate (good-only calibration)")
     f.add_argument("--calibration-defects", default=None, help="folder of defective images for the threshold")
     f.add_argument("--int8-target", choices=["x86-avx2", "x86-vnni", "arm"], default="x86-avx2")
+    f.add_argument("--default-variant", choices=["int8", "fp32"], default="int8",
+                   help="variant the device runs unless its station file says otherwise")
     f.add_argument("--ef", type=int, default=32, help="HNSW ef at query time (stored in the manifest)")
     f.add_argument("--hnsw-m", type=int, default=16)
     f.add_argument("--hnsw-ef-construction", type=int, default=200)

@@ -30,6 +30,7 @@ from export import backbone as backbone_mod
 from export.calibration import calibrate_threshold
 from export.coreset import greedy_coreset
 from export.dataset import list_images, train_images
+from export.metrics import auroc
 from export.onnx_export import export_fp32, quantize_int8
 from export.patch_features import AGGREGATION, PatchFeatures
 
@@ -87,6 +88,16 @@ def torch_features(model: PatchFeatures, paths: list[Path], prep: Preprocessing,
 
 def onnx_features(extractor: FeatureExtractor, paths: list[Path], prep: Preprocessing) -> np.ndarray:
     return np.concatenate([extractor(preprocess(load_image(p), prep)) for p in paths])
+
+
+def choose_default_variant(requested: str, separation: dict[str, float], tolerance: float = 0.005) -> tuple[str, str]:
+    """INT8 unless the user's calibration defects show it separating them worse than FP32 by more than `tolerance`."""
+    if requested == "int8" and separation and separation["int8"] < separation["fp32"] - tolerance:
+        return "fp32", (f"calibration AUROC int8 {separation['int8']:.4f} < fp32 {separation['fp32']:.4f} - {tolerance}: "
+                        "deploying FP32 rather than letting defects through")
+    if separation:
+        return requested, f"requested; calibration AUROC int8 {separation['int8']:.4f}, fp32 {separation['fp32']:.4f}"
+    return requested, "requested (no calibration defects to compare the variants on)"
 
 
 def software_versions() -> dict:
@@ -194,6 +205,7 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
         cv2.imwrite(str(out / name), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         golden_files.append(name)
     draft = Bundle(out, manifest)
+    separation = {}
     for name in banks:
         pipe = Pipeline(draft, precision=name, knn="exact", threads=2)
         good_scores = np.array([pipe.score_rgb(load_image(p)).score for p in holdout])
@@ -204,7 +216,13 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
         v["threshold_info"] = info
         v["golden"] = [{"file": g, "score": pipe.score_rgb(load_image(out / g)).score} for g in golden_files]
         v["golden_tolerance"] = {"relative": 1e-3 if name == "fp32" else 1e-2}
+        if len(defects):
+            separation[name] = auroc(np.r_[np.zeros(len(good_scores)), np.ones(len(defect_scores))],
+                                     np.r_[good_scores, defect_scores])
+            v["calibration_auroc"] = separation[name]
         log(f"{name}: threshold {threshold:.4f} ({info['method']})")
+    manifest["default_variant"], manifest["default_variant_reason"] = choose_default_variant(s.default_variant, separation)
+    log(f"default variant {manifest['default_variant']}: {manifest['default_variant_reason']}")
     manifest["fit"]["seconds"] = round(time.time() - t_fit, 1)
     write_manifest(out, manifest)
     bundle = Bundle.load(out)

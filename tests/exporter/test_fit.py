@@ -106,3 +106,12 @@ def test_threshold_with_calibration_defects_lets_none_through():
     assert info["calibration_escapes"] == 0 and info["calibration_false_reject_rate"] == 0.25
     t2, info2 = calibrate_threshold(good, np.array([]), 0.01)
     assert t2 > 3.0 and info2["calibration_false_reject_rate"] == 0.0
+
+
+def test_default_variant_falls_back_to_fp32_only_when_defects_say_so():
+    from export.fit import choose_default_variant
+
+    assert choose_default_variant("int8", {})[0] == "int8"
+    assert choose_default_variant("int8", {"int8": 0.996, "fp32": 1.0})[0] == "int8"
+    name, reason = choose_default_variant("int8", {"int8": 0.95, "fp32": 0.99})
+    assert name == "fp32" and "0.9500" in reason
