@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_runtime import scoring
-from edge_runtime.bundle import Bundle, BundleError
+from edge_runtime.bundle import Bundle, BundleError, check_index_file
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.nn_search import ExactSearch, HnswSearch
 from edge_runtime.preprocess import ImageError, crop_roi, decode_image, preprocess, resize_square, to_rgb, to_tensor
@@ -45,9 +45,11 @@ class Pipeline:
         if ef_search is not None:
             params = type(params)(**{**params.__dict__, "ef_search": ef_search})
         index_path = bundle.path(self.variant.index_file)
+        # Before hnswlib: it would load an index of another dimension without complaint and read garbage.
+        check_index_file(index_path, bundle.dim, self.variant.info.get("bank_size"))
         try:
             hnsw = HnswSearch.load(index_path, bundle.dim, params, threads)
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError, MemoryError) as exc:
             raise BundleError(f"{index_path}: hnswlib cannot load the index ({exc})") from None
         if len(hnsw) != self.variant.info.get("bank_size", len(hnsw)):
             raise BundleError(f"{index_path}: index holds {len(hnsw)} vectors, manifest says {self.variant.info['bank_size']}")

@@ -76,7 +76,7 @@ def convert(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 2**63 - 1:
-            raise ConfigError(f"{where}: expected a 64-bit integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer within 64 bits, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

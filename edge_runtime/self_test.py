@@ -26,7 +26,12 @@ def golden_check(bundle: Bundle, pipeline: Pipeline) -> list[str]:
     if not variant.golden:
         failures.append(f"{bundle.root}: variant {variant.name} has no golden images to self-test")
     for g in variant.golden:
-        got = pipeline.score_rgb(load_image(bundle.path(g["file"]))).score
+        try:
+            got = pipeline.score_rgb(load_image(bundle.path(g["file"]))).score
+        except Exception as exc:  # an unreadable image or a model that fails at run time: a failed check, not a crash
+            failures.append(f"{g['file']}: golden image cannot be scored on variant {variant.name} "
+                            f"({type(exc).__name__}: {exc})")
+            continue
         want = float(g["score"])
         if not abs(got - want) <= tol * max(abs(want), 1e-6):
             failures.append(f"{bundle.path(g['file'])}: score {got:.5f} differs from the recorded {want:.5f} "
@@ -69,5 +74,7 @@ def run_self_test(bundle_dir: Path, precision: str | None = None, knn: str = "hn
             report.failures.append(problem)
     except (BundleError, OSError, ValueError, RuntimeError) as exc:
         report.failures.append(str(exc))
+    except Exception as exc:  # e.g. onnxruntime's own exception types: the report must say so, not crash
+        report.failures.append(f"{bundle_dir}: self-test stopped by {type(exc).__name__}: {exc}")
     report.ok = not report.failures
     return report

@@ -55,6 +55,26 @@ def _verify(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _keygen(a: argparse.Namespace) -> int:
+    from export.signing import generate_keypair
+
+    private, public = generate_keypair(Path(a.dir))
+    print(f"private key (keep on the workstation): {private}\npublic key (security.bundle_public_key): {public}")
+    return 0
+
+
+def _sign(a: argparse.Namespace) -> int:
+    from export.signing import SigningError, sign_bundle
+
+    try:
+        sig = sign_bundle(Path(a.bundle), Path(a.key))
+    except SigningError as exc:
+        print(f"edge-export: sign: {exc}", file=sys.stderr)
+        return 1
+    print(f"signed: {sig}")
+    return 0
+
+
 def _demo(a: argparse.Namespace) -> int:
     from export.demo import run_demo
 
@@ -102,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--precision", choices=["fp32", "int8"], default=None)
     v.add_argument("--knn", choices=["exact", "hnsw"], default="hnsw")
     v.set_defaults(func=_verify)
+
+    k = sub.add_parser("keygen", help="create an ed25519 key pair for signing bundles")
+    k.add_argument("dir")
+    k.set_defaults(func=_keygen)
+
+    sg = sub.add_parser("sign", help="sign a verified bundle's manifest (writes manifest.sig)")
+    sg.add_argument("bundle")
+    sg.add_argument("--key", required=True, help="private key from edge-export keygen")
+    sg.set_defaults(func=_sign)
 
     d = sub.add_parser("demo", help="generate the embedded data set, fit, export and run the daemon on sample frames")
     d.add_argument("--workdir", default="demo_out")

@@ -1,0 +1,261 @@
+"""`edge-bench BUNDLE`: per-stage latency of the device pipeline on real encoded images, on this machine.
+
+It times exactly what the daemon runs (`Pipeline.inspect`, from encoded bytes to the decision) and reports the
+machine alongside the numbers, because a latency figure without the CPU, ISA and thread count is meaningless.
+Runtime modules only: no torch, so it runs on the device itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge_runtime.bundle import Bundle, BundleError
+from edge_runtime.features import FeatureError
+from edge_runtime.pipeline import Pipeline
+from edge_runtime.records import Frame, Verdict
+
+STAGES = ("decode", "preprocess", "features", "search", "scoring", "decision", "total")
+THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+# The ISA features that decide which onnxruntime / BLAS kernels run (INT8 dot products above all).
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+             "avx512_bf16", "amx_int8", "neon", "asimd", "asimddp", "i8mm", "sve")
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run or produced no valid measurement; the message says why."""
+
+
+# ---- the machine ---------------------------------------------------------------------------------------------
+def cpu_info(cpuinfo_text: str | None = None) -> dict:
+    """CPU model, core counts and the relevant ISA flags from /proc/cpuinfo (x86 'flags', ARM 'Features')."""
+    if cpuinfo_text is None:
+        try:
+            cpuinfo_text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo_text = ""
+    model, flags = None, set()
+    for line in cpuinfo_text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if model is None and key in ("model name", "hardware", "cpu model"):
+            model = value.strip()
+        elif key in ("flags", "features"):
+            flags.update(value.split())
+    if model is None:
+        try:  # ARM boards often name themselves only in the device tree
+            model = Path("/proc/device-tree/model").read_bytes().rstrip(b"\0").decode(errors="replace")
+        except OSError:
+            model = platform.processor() or platform.machine()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"model": model, "arch": platform.machine(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+            "isa": {f: (f in flags) for f in ISA_FLAGS}}
+
+
+def software_info() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import onnxruntime
+
+    try:
+        hnsw_version = version("hnswlib")
+    except PackageNotFoundError:
+        hnsw_version = None
+    return {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+            "opencv": cv2.__version__, "hnswlib": hnsw_version, "kernel": platform.release()}
+
+
+def memory_status() -> dict:
+    """Resident memory now (VmRSS) and its peak (VmHWM), in MiB; None where /proc is not available."""
+    out = {"vm_rss_mib": None, "vm_hwm_mib": None}
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            kib = float(value.split()[0])  # the kernel always reports these in kB
+            out["vm_rss_mib" if key == "VmRSS" else "vm_hwm_mib"] = round(kib / 1024.0, 2)
+    return out
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---- statistics ----------------------------------------------------------------------------------------------
+def summarize(values_ms: list[float] | np.ndarray) -> dict:
+    v = np.asarray(values_ms, dtype=np.float64)
+    if v.size == 0:
+        raise BenchError("no timings to summarise")
+    p50, p95, p99 = np.percentile(v, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(v.max()), "mean": float(v.mean()),
+            "count": int(v.size)}
+
+
+# ---- inputs --------------------------------------------------------------------------------------------------
+def load_images(bundle: Bundle, images_dir: Path | None, precision: str | None) -> list[tuple[str, bytes]]:
+    """(name, encoded bytes) of the benchmark images: every image file under `images_dir` (recursively, so an
+    MVTec-style test/ folder with good and defect sub-folders works as is), else the bundle's golden images."""
+    if images_dir is not None:
+        images_dir = Path(images_dir)
+        if not images_dir.is_dir():
+            raise BenchError(f"{images_dir}: image directory does not exist")
+        paths = sorted(p for p in images_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise BenchError(f"{images_dir}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    else:
+        paths = [bundle.path(g["file"]) for g in bundle.variant(precision).golden]
+        if not paths:
+            raise BenchError(f"{bundle.root}: the bundle has no golden images; pass --images DIR")
+    return [(str(p), p.read_bytes()) for p in paths]
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 200, warmup: int = 10,
+              threads: int = 2, precision: str | None = None, knn: str = "hnsw", ef: int | None = None,
+              providers: list[str] | None = None) -> dict:
+    """Inspect `frames` frames (images cycled) after `warmup` untimed ones; the full report as a plain dict."""
+    if frames < 1:
+        raise BenchError(f"--frames must be at least 1, got {frames}")
+    if warmup < 0:
+        raise BenchError(f"--warmup must be >= 0, got {warmup}")
+    mem_start = memory_status()
+    t0 = time.perf_counter()
+    bundle = Bundle.load(bundle_dir)
+    pipeline = Pipeline(bundle, precision=precision, knn=knn, threads=threads, providers=providers, ef_search=ef)
+    load_s = time.perf_counter() - t0
+    images = load_images(bundle, images_dir, precision)
+    mem_loaded = memory_status()
+
+    def inspect(i: int):
+        name, data = images[i % len(images)]
+        result = pipeline.inspect(Frame(frame_id=i, source=name, encoded=data))
+        if result.verdict is Verdict.FAULT:
+            # A faulted frame skips stages: timing it would flatter the pipeline. Stop and say why.
+            raise BenchError(f"{name}: frame faulted ({result.error}); the benchmark needs inspectable images")
+        return result
+
+    for i in range(warmup):
+        inspect(i)
+    per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
+    rechecked: list[int] = []
+    verdicts = {v.value: 0 for v in (Verdict.OK, Verdict.NG)}
+    hnsw = pipeline.search if knn == "hnsw" else None
+    loop_start = time.perf_counter()
+    for i in range(frames):
+        result = inspect(warmup + i)
+        for stage in STAGES:
+            per_stage[stage].append(result.timings_ms[stage])
+        verdicts[result.verdict.value] += 1
+        if hnsw is not None:
+            rechecked.append(hnsw.rechecked_last)
+    loop_s = time.perf_counter() - loop_start
+
+    variant = pipeline.variant
+    n_patches = bundle.grid[0] * bundle.grid[1]
+    return {
+        "bundle": {"path": str(bundle.root), "bundle_id": bundle.bundle_id, "variant": variant.name,
+                   "image_size": bundle.preprocessing.image_size, "grid": list(bundle.grid), "dim": bundle.dim,
+                   "patches_per_frame": n_patches, "bank_size": len(pipeline.search),
+                   "model_file": variant.model_file, "model_bytes": bundle.path(variant.model_file).stat().st_size,
+                   "index_file": variant.index_file, "index_bytes": bundle.path(variant.index_file).stat().st_size},
+        "settings": {"precision": variant.name, "knn": knn, "threads": threads,
+                     "providers": pipeline.extractor.session.get_providers(),
+                     "ef_search": pipeline.search.params.ef_search if hnsw is not None else None,
+                     "ef_search_manifest": bundle.hnsw_params.ef_search,
+                     "exact_recheck": pipeline.search.params.exact_recheck if hnsw is not None else None,
+                     "opencv_threads": cv2.getNumThreads(),
+                     # Thread pools that spin after work (OpenBLAS, OpenMP) change every stage's latency on 2 cores.
+                     "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+                     "frames": frames, "warmup": warmup, "images": len(images),
+                     "images_source": str(images_dir) if images_dir is not None else "bundle golden images"},
+        "stages_ms": {stage: summarize(values) for stage, values in per_stage.items()},
+        "throughput_fps": frames / loop_s if loop_s > 0 else None,
+        "rechecked_patches": ({**summarize(rechecked), "per_frame_of": n_patches} if rechecked else None),
+        "verdicts": verdicts,
+        "memory": {"before_load": mem_start, "after_load": mem_loaded, "after_run": memory_status()},
+        "load_seconds": load_s,
+        "machine": {"cpu": cpu_info(), "software": software_info(), "load_average": load_average(),
+                    "hostname": platform.node()},
+        "samples_ms": per_stage,
+    }
+
+
+def format_table(report: dict) -> str:
+    s, b = report["settings"], report["bundle"]
+    cpu = report["machine"]["cpu"]
+    isa = ", ".join(f for f, on in cpu["isa"].items() if on) or "none of the listed"
+    lines = [
+        f"bundle {b['bundle_id']} ({b['variant']}, {b['image_size']} px, {b['grid'][0]}x{b['grid'][1]} patches x "
+        f"{b['dim']}-d, bank {b['bank_size']})",
+        f"knn {s['knn']}" + (f" ef {s['ef_search']}" if s["ef_search"] is not None else "")
+        + f", threads {s['threads']} (OpenCV {s['opencv_threads']}"
+        + "".join(f", {k}={v}" for k, v in s["thread_env"].items()) + f"), {', '.join(s['providers'])}, {s['frames']} frames "
+        f"({s['images']} images cycled, {s['warmup']} warm-up)",
+        f"cpu {cpu['model']} ({cpu['usable_cpus']}/{cpu['logical_cpus']} cpus usable; {isa}); "
+        f"onnxruntime {report['machine']['software']['onnxruntime']}; load {report['machine']['load_average']}",
+        "",
+        f"{'stage':<11}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}{'mean ms':>9}",
+    ]
+    for stage in STAGES:
+        st = report["stages_ms"][stage]
+        lines.append(f"{stage:<11}{st['p50']:>9.2f}{st['p95']:>9.2f}{st['p99']:>9.2f}{st['max']:>9.2f}{st['mean']:>9.2f}")
+    mem = report["memory"]["after_run"]
+    lines += ["", f"throughput {report['throughput_fps']:.1f} frames/s",
+              f"memory VmRSS {mem['vm_rss_mib']} MiB, VmHWM {mem['vm_hwm_mib']} MiB",
+              f"model {b['model_file']} {b['model_bytes'] / 1e6:.2f} MB, index {b['index_file']} "
+              f"{b['index_bytes'] / 1e6:.2f} MB"]
+    if report["rechecked_patches"]:
+        r = report["rechecked_patches"]
+        lines.append(f"exactly re-checked patches per frame: mean {r['mean']:.1f}, max {r['max']:.0f} "
+                     f"of {r['per_frame_of']}")
+    v = report["verdicts"]
+    lines.append(f"verdicts: {v['OK']} OK, {v['NG']} NG")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edge-bench", description=__doc__.split("\n")[0])
+    p.add_argument("bundle", type=Path, help="model bundle directory")
+    p.add_argument("--images", type=Path, help="directory of encoded images, searched recursively, cycled (default: the golden images)")
+    p.add_argument("--frames", type=int, default=200, help="timed frames (default 200)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed frames first (default 10)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op and hnswlib threads (default 2)")
+    p.add_argument("--precision", choices=["int8", "fp32"], help="bundle variant (default: the bundle's default)")
+    p.add_argument("--knn", choices=["hnsw", "exact"], default="hnsw")
+    p.add_argument("--ef", type=int, help="HNSW ef_search (default: the manifest's)")
+    p.add_argument("--json", type=Path, dest="json_out", help="write the full report (with every sample) here")
+    a = p.parse_args(argv)
+    if a.ef is not None and a.ef < 1:
+        p.error("--ef must be a positive integer")
+    try:
+        report = run_bench(a.bundle, a.images, a.frames, a.warmup, a.threads, a.precision, a.knn, a.ef)
+    except (BenchError, BundleError, FeatureError, OSError, ValueError) as exc:
+        print(f"edge-bench: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    if a.json_out is not None:
+        a.json_out.parent.mkdir(parents=True, exist_ok=True)
+        a.json_out.write_text(json.dumps(report, indent=1))
+        print(f"\nJSON written to {a.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Bad frames: every image the pipeline cannot inspect becomes a FAULT naming the source, never OK, never a crash.
+
+Covers corrupt and truncated files of each accepted format, non-images, decompression bombs (refused from the
+header, memory stays bounded), odd arrays from camera SDKs, and a bounded fuzz of the decode path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_runtime.bundle import Bundle
+from edge_runtime.pipeline import Pipeline
+from edge_runtime.preprocess import MAX_PIXELS, ImageError, decode_image, to_rgb
+from edge_runtime.records import Frame, Verdict
+
+
+@pytest.fixture(scope="module")
+def pipeline(small_bundle) -> Pipeline:
+    return Pipeline(Bundle.load(small_bundle), threads=1)
+
+
+@pytest.fixture(scope="module")
+def part(small_bundle) -> np.ndarray:
+    """A good part as the camera delivers it (BGR uint8), from the bundle's golden images."""
+    bundle = Bundle.load(small_bundle)
+    return cv2.imread(str(bundle.path(bundle.variant().golden[0]["file"])), cv2.IMREAD_COLOR)
+
+
+def encode(image: np.ndarray, ext: str) -> bytes:
+    ok, buf = cv2.imencode(ext, image)
+    assert ok
+    return buf.tobytes()
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png(width: int, height: int, idat: bytes, depth: int = 8, colour: int = 2) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def declare_size(data: bytes, fmt: str, width: int, height: int) -> bytes:
+    """A valid file of `fmt` whose header now claims width x height (the pixel data is left as it was)."""
+    b = bytearray(data)
+    if fmt == ".png":
+        b[16:24] = struct.pack(">II", width, height)
+        b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])))
+    elif fmt == ".jpg":
+        pos = bytes(b).index(b"\xff\xc0")
+        b[pos + 5:pos + 9] = struct.pack(">HH", height, width)
+    elif fmt == ".bmp":
+        b[18:26] = struct.pack("<ii", width, height)
+    elif fmt == ".tiff":
+        end = "<" if b[:2] == b"II" else ">"
+        (ifd,) = struct.unpack(end + "I", b[4:8])
+        (count,) = struct.unpack(end + "H", b[ifd:ifd + 2])
+        for i in range(count):
+            at = ifd + 2 + 12 * i
+            tag = struct.unpack(end + "H", b[at:at + 2])[0]
+            if tag in (256, 257):
+                b[at + 2:at + 12] = struct.pack(end + "HII", 4, 1, width if tag == 256 else height)
+    return bytes(b)
+
+
+def assert_fault(result, source: str, *words: str) -> None:
+    assert result.verdict is Verdict.FAULT, result
+    assert result.score is None and result.normalized_score is None and not result.passed
+    assert source in result.error
+    for word in words:
+        assert word in result.error, result.error
+
+
+FORMATS = [".png", ".jpg", ".bmp", ".tiff"]
+
+
+# ---- encoded files ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ext", FORMATS)
+@pytest.mark.parametrize("keep", [0.5, 0.9, -1], ids=["half", "90pct", "last-byte-missing"])
+def test_truncated_file_is_a_fault(pipeline, part, ext, keep):
+    data = encode(part, ext)
+    cut = data[:-1] if keep == -1 else data[: int(len(data) * keep)]
+    source = f"cam0/part{ext}"
+    assert_fault(pipeline.inspect(Frame(frame_id=1, source=source, encoded=cut)), source)
+
+
+def test_truncated_jpeg_is_refused_even_where_libjpeg_would_fill_it_with_grey(part):
+    # OpenCV 4.x decodes a cut-off JPEG with grey rows and only warns; the missing end marker gives it away.
+    with pytest.raises(ImageError, match="no end-of-image marker"):
+        decode_image(encode(part, ".jpg")[:-2], "cam0/part.jpg")
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"", ("empty file",)),
+    (b"hello, this is a text file\n" * 10, ("not a PNG, JPEG, BMP or TIFF",)),
+    (np.random.default_rng(0).bytes(5000), ("not a PNG, JPEG, BMP or TIFF",)),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, ("corrupt image header",)),
+    (b"\xff\xd8\xff", ("corrupt image header",)),
+    (b"BM" + b"\x00" * 10, ("corrupt image header",)),
+    (b"II*\x00" + b"\xff" * 8, ("corrupt image header",)),
+], ids=["zero-bytes", "text", "random", "png-signature-only", "jpeg-soi-only", "bmp-stub", "tiff-stub"])
+def test_non_image_bytes_are_a_fault(pipeline, data, words):
+    assert_fault(pipeline.inspect(Frame(frame_id=2, source="folder/x.png", encoded=data)), "folder/x.png", *words)
+
+
+def test_formats_outside_the_accepted_four_are_refused_before_decoding(pipeline, part):
+    webp = encode(part, ".webp")
+    assert cv2.imdecode(np.frombuffer(webp, np.uint8), cv2.IMREAD_UNCHANGED) is not None   # OpenCV would decode it
+    assert_fault(pipeline.inspect(Frame(frame_id=3, source="cam/x.webp", encoded=webp)), "cam/x.webp", "RIFF")
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+def test_huge_declared_dimensions_are_refused_from_the_header(part, ext):
+    data = declare_size(encode(part[:32, :32], ext), ext, 100_000 if ext != ".jpg" else 60_000, 50_000)
+    with pytest.raises(ImageError) as err:
+        decode_image(data, f"bomb{ext}")
+    assert f"bomb{ext}" in str(err.value) and "refused before decoding" in str(err.value)
+
+
+def test_header_that_disagrees_with_the_pixels_is_a_fault(part):
+    data = declare_size(encode(part[:32, :32], ".bmp"), ".bmp", 64, 64)   # claims more rows than it holds
+    with pytest.raises(ImageError, match="bomb.bmp"):
+        decode_image(data, "bomb.bmp")
+
+
+def test_decompression_bomb_is_refused_with_bounded_memory(tmp_path):
+    """A 1.8 MB PNG that inflates to 7200x7200 RGBA 16-bit (415 MB; cv2.imdecode peaks near 840 MB RSS)."""
+    w = h = 7200
+    row = b"\x00" * (1 + w * 8)
+    deflate = zlib.compressobj(1)
+    idat = b"".join(deflate.compress(row) for _ in range(h)) + deflate.flush()
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png(w, h, idat, depth=16, colour=6))
+    assert w * h > MAX_PIXELS and bomb.stat().st_size < 4 * 1024 * 1024
+    # A fresh interpreter, so ru_maxrss reflects only this decode; OpenCV's own pixel limit is raised to its
+    # default so the header check is the only thing standing between the bomb and the allocation.
+    script = f"""
+import json, resource
+from edge_runtime.preprocess import ImageError, decode_image
+data = open({str(bomb)!r}, "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode_image(data, "bomb.png"); error = None
+except ImageError as exc:
+    error = str(exc)
+print(json.dumps({{"error": error, "growth_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before}}))
+"""
+    env = {**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": str(1 << 30)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["error"] and "refused before decoding" in report["error"]
+    assert report["growth_kb"] < 32 * 1024
+
+
+# ---- arrays from camera SDKs ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("make, words", [
+    (lambda p: np.dstack([p[:, :, 0], p[:, :, 1]]), ("unsupported shape",)),                 # 2 channels
+    (lambda p: np.dstack([p, p[:, :, :2]]), ("unsupported shape",)),                         # 5 channels
+    (lambda p: p[None], ("unsupported shape",)),                                              # 4-D batch
+    (lambda p: p.reshape(-1), ("unsupported shape",)),                                        # 1-D buffer
+    (lambda p: p[:4, :4], ("too small",)),                                                    # tiny
+    (lambda p: p[:0], ("empty frame",)),
+    (lambda p: p.astype(np.float32), ("unsupported pixel type float32",)),                   # 0..255 floats
+    (lambda p: np.full(p.shape, np.nan, np.float32), ("unsupported pixel type",)),
+    (lambda p: p.astype(np.int32), ("unsupported pixel type int32",)),
+    (lambda p: p > 128, ("unsupported pixel type bool",)),
+    (lambda p: p.tolist(), ("not an image array",)),
+    (lambda p: p.astype(object), ("unsupported pixel type object",)),
+], ids=["2ch", "5ch", "4d", "1d", "tiny", "empty", "float-0-255", "nan", "int32", "bool", "list", "object"])
+def test_unusable_arrays_are_a_fault(pipeline, part, make, words):
+    result = pipeline.inspect(Frame(frame_id=4, source="cam1", image=make(part)))
+    assert_fault(result, "cam1", *words)
+
+
+def test_frame_without_any_image_is_a_fault(pipeline):
+    assert_fault(pipeline.inspect(Frame(frame_id=5, source="cam2")), "cam2", "no image")
+
+
+def test_encoded_frame_of_the_wrong_type_is_a_fault(pipeline):
+    assert_fault(pipeline.inspect(Frame(frame_id=6, source="cam3", encoded="not bytes")), "cam3", "must be bytes")
+
+
+@pytest.mark.parametrize("convert", [
+    lambda p: p.astype(np.uint16) * 257,                       # 16-bit camera
+    lambda p: (p.astype(np.uint16) * 257).astype(">u2"),       # 16-bit, big-endian buffer
+    lambda p: (p / 255.0).astype(np.float32),                  # float in [0, 1]
+    lambda p: p[::-1, ::-1][::-1, ::-1],                       # negative-stride view
+    lambda p: np.asfortranarray(p),
+], ids=["uint16", "uint16-big-endian", "float01", "strided-view", "fortran"])
+def test_supported_variants_of_a_part_are_inspected_like_the_8_bit_original(pipeline, part, convert):
+    # Not faults: the manifest's decode contract scales 16-bit to 8-bit and accepts [0, 1] floats.
+    reference = pipeline.inspect(Frame(frame_id=7, source="cam", image=part))
+    assert reference.verdict is Verdict.OK
+    result = pipeline.inspect(Frame(frame_id=8, source="cam", image=convert(part)))
+    assert result.verdict is reference.verdict
+    assert result.score == pytest.approx(reference.score, rel=1e-3)
+
+
+def test_16_bit_png_file_is_inspected(pipeline, part):
+    data = encode(part.astype(np.uint16) * 257, ".png")
+    assert pipeline.inspect(Frame(frame_id=9, source="cam/16.png", encoded=data)).verdict is Verdict.OK
+
+
+def test_roi_outside_the_frame_is_a_fault(small_bundle, part):
+    pipeline = Pipeline(Bundle.load(small_bundle), threads=1)
+    pipeline.prep = type(pipeline.prep)(pipeline.prep.image_size, (0, 0, part.shape[1] + 1, 10))
+    assert_fault(pipeline.inspect(Frame(frame_id=10, source="cam4", image=part)), "cam4", "region of interest")
+
+
+# ---- fuzzing --------------------------------------------------------------------------------------------------
+_SEED_IMAGE = np.random.default_rng(1).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+SEEDS = [encode(_SEED_IMAGE, ext) for ext in FORMATS] + [encode(_SEED_IMAGE[:, :, 0], ".png")]
+
+
+@st.composite
+def mutated_images(draw) -> bytes:
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 6))):
+        op = draw(st.sampled_from(["set", "cut", "insert", "delete"]))
+        at = draw(st.integers(0, max(len(data) - 1, 0)))
+        if op == "set" and data:
+            data[at] = draw(st.integers(0, 255))
+        elif op == "cut":
+            del data[at:]
+        elif op == "insert":
+            data[at:at] = draw(st.binary(max_size=8))
+        else:
+            del data[at:at + draw(st.integers(1, 16))]
+    return bytes(data)
+
+
+ANY_BYTES = st.one_of(st.binary(max_size=256), mutated_images())
+
+
+@settings(max_examples=200, deadline=None)
+@given(ANY_BYTES)
+def test_decode_returns_rgb_or_raises_image_error_only(data):
+    try:
+        rgb = decode_image(data, "fuzz.png")
+    except ImageError as exc:
+        assert "fuzz.png" in str(exc)
+        return
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 and min(rgb.shape[:2]) >= 8
+
+
+@settings(max_examples=40, deadline=None)
+@given(ANY_BYTES)
+def test_inspect_never_raises_and_never_passes_an_undecodable_frame(pipeline, data):
+    result = pipeline.inspect(Frame(frame_id=11, source="fuzz.bin", encoded=data))
+    try:
+        decode_image(data, "fuzz.bin")
+        decodable = True
+    except ImageError:
+        decodable = False
+    if not decodable:
+        assert_fault(result, "fuzz.bin")
+    else:
+        assert result.verdict in (Verdict.OK, Verdict.NG) and result.score is not None
