@@ -16,9 +16,12 @@ import numpy as np
 class ExactSearch:
     """Brute force: d^2 = |q|^2 + |b|^2 - 2 q.b as one matrix product per bank chunk."""
 
-    def __init__(self, bank: np.ndarray, chunk: int = 16384):
+    def __init__(self, bank: np.ndarray, chunk: int = 2048):
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         self.bank_sq = np.einsum("ij,ij->i", self.bank, self.bank)
+        # -2 * bank, transposed once: each chunk is then one GEMM plus one in-place add. Chunks of 2048 bank
+        # vectors keep the 784 x chunk distance block in cache (40 ms -> 29 ms for 784 x 14739 x 152 here).
+        self._bank_m2t = np.ascontiguousarray(-2.0 * self.bank.T)
         self.chunk = chunk
 
     @property
@@ -35,8 +38,8 @@ class ExactSearch:
         best = np.full(q.shape[0], np.inf, dtype=np.float32)
         best_idx = np.zeros(q.shape[0], dtype=np.int64)
         for start in range(0, len(self), self.chunk):
-            b = self.bank[start:start + self.chunk]
-            d2 = self.bank_sq[start:start + self.chunk][None, :] - 2.0 * (q @ b.T)
+            d2 = q @ self._bank_m2t[:, start:start + self.chunk]
+            d2 += self.bank_sq[start:start + self.chunk]
             idx = np.argmin(d2, axis=1)
             val = d2[np.arange(q.shape[0]), idx]
             better = val < best
