@@ -75,8 +75,10 @@ def convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 2**63 - 1:
-            raise ConfigError(f"{where}: expected an integer within 64 bits, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if abs(value) > 2**63 - 1:
+            raise ConfigError(f"{where}: integer {value} is out of range")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
