@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -133,7 +134,11 @@ def test_sigterm_flushes_a_complete_log_and_notifies_systemd(small_bundle, flang
                             outputs=[{"type": "result_log", "path": "results.jsonl"}])
     proc = spawn(station, WATCHDOG_USEC="400000")  # WatchdogSec=0.4: pings every 0.1 s
     notifications.wait_for(lambda m: m == "READY=1")
-    health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())
+    try:
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())
+    except urllib.error.HTTPError as exc:  # 503 until the source is open: the body still says why
+        assert exc.code == 503
+        health = json.loads(exc.read())
     assert health["status"] in ("ready", "fault")  # the source may still be opening
     wait_for_lines(tmp_path / "results.jsonl", 5, proc)
     notifications.wait_for(lambda m: m == "WATCHDOG=1")
