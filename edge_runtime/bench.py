@@ -23,7 +23,8 @@ from edge_runtime.pipeline import Pipeline
 from edge_runtime.records import Frame, Verdict
 
 STAGES = ("decode", "preprocess", "features", "search", "scoring", "decision", "total")
-THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
+THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+              "OMP_WAIT_POLICY")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 # The ISA features that decide which onnxruntime / BLAS kernels run (INT8 dot products above all).
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
@@ -129,12 +130,18 @@ def load_images(bundle: Bundle, images_dir: Path | None, precision: str | None) 
 # ---- the run -------------------------------------------------------------------------------------------------
 def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 200, warmup: int = 10,
               threads: int = 2, precision: str | None = None, knn: str = "hnsw", ef: int | None = None,
-              providers: list[str] | None = None) -> dict:
-    """Inspect `frames` frames (images cycled) after `warmup` untimed ones; the full report as a plain dict."""
+              providers: list[str] | None = None, gap_ms: float = 0.0) -> dict:
+    """Inspect `frames` frames (images cycled) after `warmup` untimed ones; the full report as a plain dict.
+
+    gap_ms idles between frames like the spacing of parts on a line: thread pools that spin after their work
+    (onnxruntime, OpenBLAS) then go quiet before the next part, which back-to-back frames (0) never allow.
+    """
     if frames < 1:
         raise BenchError(f"--frames must be at least 1, got {frames}")
     if warmup < 0:
         raise BenchError(f"--warmup must be >= 0, got {warmup}")
+    if gap_ms < 0:
+        raise BenchError(f"--gap-ms must be >= 0, got {gap_ms}")
     mem_start = memory_status()
     t0 = time.perf_counter()
     bundle = Bundle.load(bundle_dir)
@@ -157,15 +164,20 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
     rechecked: list[int] = []
     verdicts = {v.value: 0 for v in (Verdict.OK, Verdict.NG)}
     hnsw = pipeline.search if knn == "hnsw" else None
+    idle_s = 0.0
     loop_start = time.perf_counter()
     for i in range(frames):
+        if gap_ms > 0:
+            t_idle = time.perf_counter()
+            time.sleep(gap_ms / 1000.0)
+            idle_s += time.perf_counter() - t_idle
         result = inspect(warmup + i)
         for stage in STAGES:
             per_stage[stage].append(result.timings_ms[stage])
         verdicts[result.verdict.value] += 1
         if hnsw is not None:
             rechecked.append(hnsw.rechecked_last)
-    loop_s = time.perf_counter() - loop_start
+    loop_s = time.perf_counter() - loop_start - idle_s   # throughput counts working time only
 
     variant = pipeline.variant
     n_patches = bundle.grid[0] * bundle.grid[1]
@@ -183,7 +195,7 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
                      "opencv_threads": cv2.getNumThreads(),
                      # Thread pools that spin after work (OpenBLAS, OpenMP) change every stage's latency on 2 cores.
                      "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
-                     "frames": frames, "warmup": warmup, "images": len(images),
+                     "frames": frames, "warmup": warmup, "gap_ms": gap_ms, "images": len(images),
                      "images_source": str(images_dir) if images_dir is not None else "bundle golden images"},
         "stages_ms": {stage: summarize(values) for stage, values in per_stage.items()},
         "throughput_fps": frames / loop_s if loop_s > 0 else None,
@@ -206,8 +218,10 @@ def format_table(report: dict) -> str:
         f"{b['dim']}-d, bank {b['bank_size']})",
         f"knn {s['knn']}" + (f" ef {s['ef_search']}" if s["ef_search"] is not None else "")
         + f", threads {s['threads']} (OpenCV {s['opencv_threads']}"
-        + "".join(f", {k}={v}" for k, v in s["thread_env"].items()) + f"), {', '.join(s['providers'])}, {s['frames']} frames "
-        f"({s['images']} images cycled, {s['warmup']} warm-up)",
+        + "".join(f", {k}={v}" for k, v in s["thread_env"].items())
+        + f"), {', '.join(s['providers'])}, {s['frames']} frames "
+        f"({s['images']} images cycled, {s['warmup']} warm-up"
+        + (f", {s['gap_ms']:g} ms idle between frames" if s["gap_ms"] else ", back to back") + ")",
         f"cpu {cpu['model']} ({cpu['usable_cpus']}/{cpu['logical_cpus']} cpus usable; {isa}); "
         f"onnxruntime {report['machine']['software']['onnxruntime']}; load {report['machine']['load_average']}",
         "",
@@ -215,7 +229,7 @@ def format_table(report: dict) -> str:
     ]
     for stage in STAGES:
         st = report["stages_ms"][stage]
-        lines.append(f"{stage:<11}{st['p50']:>9.2f}{st['p95']:>9.2f}{st['p99']:>9.2f}{st['max']:>9.2f}{st['mean']:>9.2f}")
+        lines.append(f"{stage:<11}" + "".join(f"{st[k]:>9.2f}" for k in ("p50", "p95", "p99", "max", "mean")))
     mem = report["memory"]["after_run"]
     lines += ["", f"throughput {report['throughput_fps']:.1f} frames/s",
               f"memory VmRSS {mem['vm_rss_mib']} MiB, VmHWM {mem['vm_hwm_mib']} MiB",
@@ -233,19 +247,23 @@ def format_table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edge-bench", description=__doc__.split("\n")[0])
     p.add_argument("bundle", type=Path, help="model bundle directory")
-    p.add_argument("--images", type=Path, help="directory of encoded images, searched recursively, cycled (default: the golden images)")
+    p.add_argument("--images", type=Path,
+                   help="directory of encoded images, searched recursively, cycled (default: the golden images)")
     p.add_argument("--frames", type=int, default=200, help="timed frames (default 200)")
     p.add_argument("--warmup", type=int, default=10, help="untimed frames first (default 10)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op and hnswlib threads (default 2)")
     p.add_argument("--precision", choices=["int8", "fp32"], help="bundle variant (default: the bundle's default)")
     p.add_argument("--knn", choices=["hnsw", "exact"], default="hnsw")
     p.add_argument("--ef", type=int, help="HNSW ef_search (default: the manifest's)")
+    p.add_argument("--gap-ms", type=float, default=0.0,
+                   help="idle time between frames, like part spacing on a line (default 0: back to back)")
     p.add_argument("--json", type=Path, dest="json_out", help="write the full report (with every sample) here")
     a = p.parse_args(argv)
     if a.ef is not None and a.ef < 1:
         p.error("--ef must be a positive integer")
     try:
-        report = run_bench(a.bundle, a.images, a.frames, a.warmup, a.threads, a.precision, a.knn, a.ef)
+        report = run_bench(a.bundle, a.images, a.frames, a.warmup, a.threads, a.precision, a.knn, a.ef,
+                           gap_ms=a.gap_ms)
     except (BenchError, BundleError, FeatureError, OSError, ValueError) as exc:
         print(f"edge-bench: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,159 @@
+"""What every benchmark script shares: the machine and its load during the run, Markdown tables, results files.
+
+A timing on a shared 2-core machine means little without how busy the machine was, so each script wraps its
+measurements in a `LoadMonitor` that reports the CPU time other processes took while it ran.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import resource
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.bench import THREAD_ENV, cpu_info, load_average, software_info
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def command_line() -> str:
+    """The command as a reader would type it from the repository root."""
+    script = Path(sys.argv[0])
+    try:
+        script = script.resolve().relative_to(Path(__file__).resolve().parents[1])
+    except ValueError:
+        pass
+    return "python " + " ".join(shlex.quote(a) for a in [str(script), *sys.argv[1:]])
+
+
+def _busy_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)   # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def _own_cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class LoadMonitor:
+    """CPU time used by OTHER processes while a benchmark ran: all-CPU busy time minus this process's (and its
+    waited-for children's). 0 means the machine was ours alone; 1.0 means another process kept one core busy."""
+
+    def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.jiffies0 = _busy_jiffies()
+        self.own0 = _own_cpu_seconds()
+        self.loadavg0 = load_average()
+
+    def stop(self) -> dict:
+        wall = time.perf_counter() - self.t0
+        j1 = _busy_jiffies()
+        own = _own_cpu_seconds() - self.own0
+        other = None
+        if self.jiffies0 is not None and j1 is not None and wall > 0:
+            busy_s = (j1[0] - self.jiffies0[0]) / os.sysconf("SC_CLK_TCK")
+            other = round(max(busy_s - own, 0.0) / wall, 2)
+        return {"wall_seconds": round(wall, 1), "own_cpu_cores": round(own / wall, 2) if wall > 0 else None,
+                "other_processes_cpu_cores": other, "loadavg_start": self.loadavg0, "loadavg_end": load_average()}
+
+
+def machine() -> dict:
+    import onnxruntime
+
+    threads = {k: os.environ.get(k) for k in THREAD_ENV}
+    return {"cpu": cpu_info(), "software": software_info(), "onnxruntime_providers": onnxruntime.get_available_providers(),
+            "thread_env": {k: v for k, v in threads.items() if v is not None}}
+
+
+def machine_line(m: dict) -> str:
+    cpu = m["cpu"]
+    isa = ", ".join(f for f, on in cpu["isa"].items() if on)
+    return (f"{cpu['model']}, {cpu['usable_cpus']} usable CPUs ({isa}); onnxruntime {m['software']['onnxruntime']}, "
+            f"numpy {m['software']['numpy']}, hnswlib {m['software']['hnswlib']}")
+
+
+def load_line(load: dict) -> str:
+    return (f"other processes used {load['other_processes_cpu_cores']} cores on average during the run "
+            f"(this run: {load['own_cpu_cores']} cores; loadavg {load['loadavg_start']} -> {load['loadavg_end']}; "
+            f"{load['wall_seconds']} s)")
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
+                return f"{v:.2e}"
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def median(values) -> float:
+    return float(np.median(np.asarray(values, dtype=np.float64)))
+
+
+def percentile(values, q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def write_results(name: str, title: str, body_md: str, data: dict, load: dict, m: dict | None = None) -> Path:
+    """results/NAME.json (everything) and results/NAME.md (the tables), both headed by command, machine and load."""
+    m = m or machine()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    cmd = command_line()
+    header = (f"# {title}\n\n`{cmd}`\n\n{when}; {machine_line(m)}\n\nLoad: {load_line(load)}\n\n")
+    md = header + body_md.rstrip() + "\n"
+    (RESULTS / f"{name}.md").write_text(md)
+    payload = {"command": cmd, "date": when, "machine": m, "load": load, **data}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=_jsonable))
+    print(md)
+    print(f"written: {RESULTS / name}.md and .json")
+    return RESULTS / f"{name}.md"
+
+
+def _jsonable(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+DEFAULT_BUNDLE = Path("/tmp/bench_bundles/bottle10")
+BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
+
+
+def ensure_bundle(bundle: Path, data: Path, coreset_ratio: float = 0.1, image_size: int = 224) -> Path:
+    """Fit the benchmark bundle once if it is not there yet (bottle, 10% coreset: ~2-3 min on 2 cores)."""
+    from edge_runtime.bundle import MANIFEST
+
+    if (bundle / MANIFEST).is_file():
+        return bundle
+    from export.fit import FitSettings, fit
+
+    print(f"fitting {bundle} from {data} (coreset {coreset_ratio:.0%}, {image_size} px)", file=sys.stderr)
+    fit(data, bundle, FitSettings(coreset_ratio=coreset_ratio, image_size=image_size), overwrite=True)
+    return bundle

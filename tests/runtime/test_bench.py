@@ -1,0 +1,111 @@
+"""edge-bench on a real (synthetic-data) bundle: report structure and internal consistency, never timing thresholds."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edge_runtime.bench import STAGES, BenchError, cpu_info, main, run_bench, summarize
+
+# Timer granularity and the few statements between laps: stage sums may exceed total by this much, no more.
+EPS_MS = 0.05
+
+
+def check_report(report: dict, frames: int) -> None:
+    assert set(report["stages_ms"]) == set(STAGES)
+    for stage in STAGES:
+        st = report["stages_ms"][stage]
+        assert st["count"] == frames
+        assert len(report["samples_ms"][stage]) == frames
+        assert 0 <= st["p50"] <= st["p95"] <= st["p99"] <= st["max"]
+        assert st["mean"] <= st["max"]
+    samples = report["samples_ms"]
+    for i in range(frames):
+        parts = sum(samples[s][i] for s in STAGES if s != "total")
+        assert parts <= samples["total"][i] * 1.05 + EPS_MS
+    assert report["throughput_fps"] > 0
+    assert sum(report["verdicts"].values()) == frames
+    b = report["bundle"]
+    assert b["model_bytes"] > 0 and b["index_bytes"] > 0 and b["bank_size"] > 0
+    assert b["patches_per_frame"] == b["grid"][0] * b["grid"][1]
+    mem = report["memory"]["after_run"]
+    assert mem["vm_rss_mib"] > 0 and mem["vm_hwm_mib"] >= mem["vm_rss_mib"]
+    m = report["machine"]
+    assert m["cpu"]["logical_cpus"] >= 1 and "avx2" in m["cpu"]["isa"] and "asimd" in m["cpu"]["isa"]
+    assert m["software"]["onnxruntime"]
+
+
+def test_main_writes_consistent_json(small_bundle, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main([str(small_bundle), "--frames", "5", "--warmup", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    check_report(report, 5)
+    s = report["settings"]
+    assert s["knn"] == "hnsw" and s["ef_search"] == s["ef_search_manifest"] and s["threads"] == 2
+    assert s["providers"] == ["CPUExecutionProvider"]
+    assert s["images_source"] == "bundle golden images"
+    r = report["rechecked_patches"]
+    # The re-check always verifies at least the top patch and never more patches than a frame has.
+    assert r["count"] == 5 and 1 <= r["mean"] <= r["per_frame_of"]
+    table = capsys.readouterr().out
+    for stage in STAGES:
+        assert stage in table
+    assert "frames/s" in table and "VmHWM" in table
+
+
+def test_exact_fp32_with_image_dir_and_ef(small_bundle, synthetic_dataset):
+    images = synthetic_dataset / "test"   # good/ and one folder per defect type: found recursively
+    report = run_bench(small_bundle, images_dir=images, frames=3, warmup=0, precision="fp32", knn="exact")
+    check_report(report, 3)
+    assert report["settings"]["precision"] == "fp32" and report["bundle"]["model_file"].endswith("fp32.onnx")
+    assert report["settings"]["ef_search"] is None and report["rechecked_patches"] is None
+    n_files = sum(len(list(d.glob("*.png"))) for d in images.iterdir())
+    assert n_files > len(list((images / "good").iterdir())) and report["settings"]["images"] == n_files
+    hnsw = run_bench(small_bundle, frames=2, warmup=0, ef=7, gap_ms=5)
+    check_report(hnsw, 2)
+    assert hnsw["settings"]["ef_search"] == 7 and hnsw["settings"]["gap_ms"] == 5
+
+
+def test_faulting_frames_stop_the_benchmark(small_bundle, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(BenchError, match="broken.png: frame faulted"):
+        run_bench(small_bundle, images_dir=tmp_path, frames=2, warmup=0)
+
+
+def test_invalid_settings_are_refused(small_bundle):
+    for kwargs, field in (({"frames": 0}, "--frames"), ({"warmup": -1}, "--warmup"), ({"gap_ms": -1}, "--gap-ms")):
+        with pytest.raises(BenchError, match=field):
+            run_bench(small_bundle, **kwargs)
+
+
+def test_cli_errors_exit_2(small_bundle, tmp_path, capsys):
+    assert main([str(tmp_path / "missing_bundle"), "--frames", "1"]) == 2
+    assert "bundle directory does not exist" in capsys.readouterr().err
+    assert main([str(small_bundle), "--images", str(tmp_path), "--frames", "1"]) == 2
+    assert "no image files" in capsys.readouterr().err
+
+
+def test_cpu_info_parses_x86_and_arm():
+    x86 = cpu_info("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse4_2 avx2 avx512f avx512_vnni\n")
+    assert x86["model"] == "Some CPU"
+    assert x86["isa"]["avx2"] and x86["isa"]["avx512_vnni"] and not x86["isa"]["avx_vnni"] and not x86["isa"]["asimd"]
+    arm = cpu_info("processor\t: 0\nFeatures\t: fp asimd evtstrm asimddp\nCPU part\t: 0xd0b\n")
+    assert arm["isa"]["asimd"] and arm["isa"]["asimddp"] and not arm["isa"]["avx2"]
+
+
+def test_summarize_percentiles():
+    s = summarize(list(range(1, 101)))
+    assert s["max"] == 100 and s["count"] == 100 and s["mean"] == pytest.approx(50.5)
+    assert s["p50"] == pytest.approx(50.5) and s["p99"] == pytest.approx(99.01)
+    with pytest.raises(BenchError):
+        summarize([])
+
+
+def test_bench_run_never_imports_torch(small_bundle):
+    # In a fresh interpreter: the whole benchmark (load, inspect, report) must work on a device without torch.
+    code = ("import sys; from edge_runtime.bench import main; "
+            f"rc = main([{str(small_bundle)!r}, '--frames', '1', '--warmup', '0']); "
+            "sys.exit(3 if 'torch' in sys.modules else rc)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
