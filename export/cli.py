@@ -42,17 +42,11 @@ def _evaluate(a: argparse.Namespace) -> int:
 
 
 def _verify(a: argparse.Namespace) -> int:
-    from edge_runtime.self_test import run_self_test
+    # The device's own check, on both variants: one implementation of what "a good bundle" means.
+    from edge_runtime.cli import main as runtime_main
 
-    ok = True
-    for precision in ([a.precision] if a.precision else ["fp32", "int8"]):
-        report = run_self_test(Path(a.bundle), precision=precision, knn=a.knn)
-        for c in report.checks:
-            print(f"ok    [{precision}] {c}")
-        for f in report.failures:
-            print(f"FAIL  [{precision}] {f}", file=sys.stderr)
-        ok &= report.ok
-    return 0 if ok else 1
+    precisions = [a.precision] if a.precision else ["fp32", "int8"]
+    return runtime_main(["check", a.bundle, "--knn", a.knn, *[x for p in precisions for x in ("--precision", p)]])
 
 
 def _keygen(a: argparse.Namespace) -> int:
