@@ -21,7 +21,7 @@ from edge_runtime.config import StationConfig
 from edge_runtime.features import FeatureError
 from edge_runtime.http_endpoint import HttpEndpoint, StationStatus
 from edge_runtime.latency_stats import LatencyStats
-from edge_runtime.outputs import Output, OutputError, ResultLogConfig, build_output, last_frame_id
+from edge_runtime.outputs import Output, OutputError, ResultLogConfig, SerialOutput, build_output, last_frame_id
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.records import InspectionResult, Verdict
 from edge_runtime.self_test import golden_check
@@ -89,6 +89,11 @@ class Station:
         self.cfg = cfg
         self.outputs = outputs if outputs is not None else [build_output(o) for o in cfg.outputs]
         self.trigger = trigger if trigger is not None else build_trigger(cfg.trigger)
+        if isinstance(self.trigger, SoftwareTrigger):
+            # A PLC on the serial line may send "TRG" to capture one part.
+            for out in self.outputs:
+                if isinstance(out, SerialOutput) and out.cfg.accept_trigger:
+                    out.on_line = self.trigger.handle_line
         self._source = source
         self.pipeline: Pipeline | None = None
         self.stats = LatencyStats(cfg.logging.stats_window)

@@ -11,15 +11,18 @@ Line protocol (ASCII, fields separated by one space, every line ends with CR LF)
     ERR 0                                         the fault cleared
     HB <n>                                        heartbeat, n counts 0..65535 and wraps
 
+From the PLC (only with `accept_trigger: true` and a `software` trigger): `TRG` captures and inspects one part.
+
 Only RES <id> OK means a pass: a PLC that misses a line, reads FAULT or times out must treat the part as not-OK.
 After the port comes back (USB-serial unplugged and replugged), RDY and ERR are sent again so the PLC resyncs.
 """
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 from edge_runtime.outputs.base import Output, OutputError
 from edge_runtime.records import InspectionResult
@@ -35,6 +38,7 @@ class SerialConfig:
     timeout: float = 1.0                # write timeout in seconds: a stalled port raises instead of blocking
     reconnect_interval_s: float = 2.0   # at most one reopen attempt per interval while the port is gone
     heartbeat_interval_s: float = 1.0   # HB lines at most this often (heartbeat() is called every loop)
+    accept_trigger: bool = False        # a "TRG" line from the PLC fires the station's software trigger
 
     def validate(self) -> None:
         if not self.port:
@@ -68,8 +72,10 @@ def result_line(result: InspectionResult) -> str:
 class SerialOutput(Output):
     """Writes the line protocol to a serial port; reconnects on its own when the port comes back."""
 
-    def __init__(self, cfg: SerialConfig) -> None:
+    def __init__(self, cfg: SerialConfig, on_line: Callable[[str], object] | None = None) -> None:
         self.cfg = cfg
+        # Lines received from the PLC go here (the daemon passes SoftwareTrigger.handle_line for "TRG").
+        self.on_line = on_line
         self.name = f"serial:{cfg.port}"
         self._serial = None                  # serial.Serial while connected
         self._serial_errors: tuple[type[BaseException], ...] = (OSError,)
@@ -164,6 +170,9 @@ class SerialOutput(Output):
             return False
         self._serial = port
         self._open_error = "not connected"
+        if self.on_line is not None:
+            threading.Thread(target=self._read_lines, args=(port,), name=f"serial-rx:{self.cfg.port}",
+                             daemon=True).start()
         try:
             # Resync the PLC: it may have missed state changes while the port was gone.
             self._write_line(f"RDY {int(self._ready)}")
@@ -185,6 +194,17 @@ class SerialOutput(Output):
             self._disconnect()
             self._last_attempt = time.monotonic()
             raise OutputError(f"serial {self.cfg.port}: write failed, port marked disconnected: {exc}") from exc
+
+    def _read_lines(self, port) -> None:
+        """Receiver thread for one connection: it ends when the port is closed, replaced or vanishes."""
+        while self._serial is port:
+            try:
+                raw = port.readline()  # returns after cfg.timeout with b"" when the PLC is quiet
+            except Exception:  # noqa: BLE001 - a vanished port fails in driver-specific ways; the writer reconnects
+                return
+            line = raw.decode("ascii", "replace").strip()
+            if line and self.on_line is not None:
+                self.on_line(line)
 
     def _disconnect(self) -> None:
         port, self._serial = self._serial, None

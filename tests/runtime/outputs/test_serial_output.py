@@ -182,3 +182,35 @@ def test_start_without_port_raises_output_error_and_recovers(link, new_pty):
     out.publish(make_result(1, Verdict.NG, 3.0, 0.8))
     assert plc.read_lines(3) == ["RDY 0", "ERR 0", "RES 1 NG 3.0000 0.800"]
     out.close()
+
+
+def test_trg_line_from_the_plc_fires_the_software_trigger(link, new_pty):
+    from edge_runtime.triggers import SoftwareTrigger
+
+    plc = new_pty()
+    trigger = SoftwareTrigger()
+    out = make_output(link, timeout=0.2)
+    out.on_line = trigger.handle_line
+    out.start()
+    try:
+        plc.read_lines(2)                           # RDY 0, ERR 0 on connect
+        assert not trigger.wait(0.3)                # nothing fires by itself
+        os.write(plc.master, b"hello\r\nTRG\r\n")   # unknown lines are ignored, TRG fires
+        assert trigger.wait(3.0)
+        assert not trigger.wait(0.3)                # one TRG, one capture
+    finally:
+        out.close()
+
+
+def test_station_wires_accept_trigger_serial_outputs_to_the_software_trigger(link, new_pty, tmp_path):
+    from edge_runtime.config import StationConfig
+    from edge_runtime.daemon import Station
+    from edge_runtime.schema import from_mapping
+
+    cfg = from_mapping(StationConfig, {"bundle": str(tmp_path), "source": {"type": "folder", "path": str(tmp_path)},
+                                       "trigger": {"type": "software"},
+                                       "outputs": [{"type": "serial", "port": link, "accept_trigger": True},
+                                                   {"type": "serial", "port": link + "2"}]}, "station.yaml")
+    station = Station(cfg)
+    assert station.outputs[0].on_line == station.trigger.handle_line
+    assert station.outputs[1].on_line is None
