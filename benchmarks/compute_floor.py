@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import BOTTLE, DEFAULT_BUNDLE, LoadMonitor, ensure_bundle, md_table, median, write_results  # noqa: E402
+from bench_report import BOTTLE, DEFAULT_BUNDLE, LoadMonitor, ensure_bundle, md_table, write_results  # noqa: E402
 
 from edge_runtime.bench import run_bench  # noqa: E402
 from edge_runtime.bundle import Bundle  # noqa: E402

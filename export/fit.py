@@ -101,7 +101,6 @@ def choose_default_variant(requested: str, separation: dict[str, float], toleran
 
 
 def software_versions() -> dict:
-    import hnswlib  # noqa: F401
     import onnx
     import onnxruntime
     from importlib.metadata import version

@@ -1,6 +1,7 @@
 """Shared fixtures: a small bundle fitted on the embedded synthetic data set, and the real data when present."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,15 @@ def bottle_bundle(bottle_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "bottle"
     fit(bottle_dir, out, FitSettings(coreset_ratio=0.01))
     return out
+
+
+@pytest.fixture
+def notify_socket(tmp_path, monkeypatch):
+    """A real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET."""
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(30)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    yield sock
+    sock.close()

@@ -2,32 +2,19 @@ import os
 import socket
 import uuid
 
-import pytest
 
 from edge_runtime import systemd_notify
 
 
-@pytest.fixture
-def listener(tmp_path, monkeypatch):
-    """A real AF_UNIX datagram socket standing in for systemd's notify socket."""
-    path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.settimeout(5)
-    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-    yield sock
-    sock.close()
-
-
-def test_ready_watchdog_stopping_status_arrive(listener):
+def test_ready_watchdog_stopping_status_arrive(notify_socket):
     assert systemd_notify.ready() is True
-    assert listener.recv(4096) == b"READY=1"
+    assert notify_socket.recv(4096) == b"READY=1"
     assert systemd_notify.watchdog() is True
-    assert listener.recv(4096) == b"WATCHDOG=1"
+    assert notify_socket.recv(4096) == b"WATCHDOG=1"
     assert systemd_notify.status("inspecting\nbundle abc") is True
-    assert listener.recv(4096) == b"STATUS=inspecting bundle abc"  # one line: a newline would start a new key
+    assert notify_socket.recv(4096) == b"STATUS=inspecting bundle abc"  # one line: a newline would start a new key
     assert systemd_notify.stopping() is True
-    assert listener.recv(4096) == b"STOPPING=1"
+    assert notify_socket.recv(4096) == b"STOPPING=1"
 
 
 def test_abstract_socket(monkeypatch):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import select
-import socket
 import time
 import tty
 
@@ -117,17 +116,6 @@ def test_modbus_client_reads_the_station_state(small_bundle, part_images, write_
     probe = ModbusTcpClient("127.0.0.1", port=port, timeout=1, retries=0)
     assert not probe.connect(), "the server is gone after the stop"
     probe.close()
-
-
-@pytest.fixture
-def notify_socket(tmp_path, monkeypatch):
-    path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.settimeout(30)
-    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-    yield sock
-    sock.close()
 
 
 def test_sd_notify_ready_after_self_test_watchdog_from_loop_stopping_at_end(small_bundle, part_images, write_station,

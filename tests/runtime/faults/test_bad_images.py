@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from edge_runtime.bundle import Bundle
 from edge_runtime.pipeline import Pipeline
-from edge_runtime.preprocess import MAX_PIXELS, ImageError, decode_image, to_rgb
+from edge_runtime.preprocess import MAX_PIXELS, ImageError, decode_image
 from edge_runtime.records import Frame, Verdict
 
 
