@@ -11,6 +11,7 @@ import numpy as np
 class Verdict(str, enum.Enum):
     OK = "OK"        # inspected and within the threshold
     NG = "NG"        # inspected and anomalous
+    REVIEW = "REVIEW"  # inspected, score in the bundle's review band: a person re-checks it; never a pass
     FAULT = "FAULT"  # not inspected (bad image, internal error): treated as not-OK by every output
 
 
@@ -39,6 +40,7 @@ class InspectionResult:
     anomaly_map: np.ndarray | None = None  # image_size x image_size float32 (resize to `image` for overlays)
     image: np.ndarray | None = None        # the decoded RGB frame (ROI applied): what was inspected
     captured_at: float = 0.0
+    review_threshold: float | None = None  # lower edge of the review band (REVIEW when it <= score < threshold)
     finished_at: float = field(default_factory=time.time)
 
     @property
@@ -56,6 +58,7 @@ class InspectionResult:
             "score": self.score,
             "normalized_score": self.normalized_score,
             "threshold": self.threshold,
+            "review_threshold": self.review_threshold,
             "latency_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
             "bundle_id": self.bundle_id,
             "error": self.error,
