@@ -14,7 +14,8 @@ from edge_runtime import scoring
 from edge_runtime.bundle import Bundle, BundleError, check_index_file
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.nn_search import HnswSearch
-from edge_runtime.preprocess import ImageError, crop_roi, decode_image, preprocess, resize_square, to_rgb, to_tensor
+from edge_runtime.decode import ImageError, decode_image, to_rgb
+from edge_runtime.preprocess import crop_roi, preprocess, resize_square, to_tensor
 from edge_runtime.records import Frame, InspectionResult, Verdict
 
 

@@ -8,7 +8,8 @@ import numpy as np
 
 from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.pipeline import Pipeline
-from edge_runtime.preprocess import load_image, preprocess
+from edge_runtime.decode import load_image
+from edge_runtime.preprocess import preprocess
 
 
 @dataclass

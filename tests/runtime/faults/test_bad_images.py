@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from edge_runtime.bundle import Bundle
 from edge_runtime.pipeline import Pipeline
-from edge_runtime.preprocess import MAX_PIXELS, ImageError, decode_image
+from edge_runtime.decode import MAX_PIXELS, ImageError, decode_image
 from edge_runtime.records import Frame, Verdict
 
 
@@ -147,7 +147,7 @@ def test_decompression_bomb_is_refused_with_bounded_memory(tmp_path):
     # default so the header check is the only thing standing between the bomb and the allocation.
     script = f"""
 import json, resource
-from edge_runtime.preprocess import ImageError, decode_image
+from edge_runtime.decode import ImageError, decode_image
 data = open({str(bomb)!r}, "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
