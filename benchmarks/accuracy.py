@@ -49,7 +49,7 @@ def parity(bundle_dir: Path, data_dir: Path, n_images: int = 20) -> dict:
     worst_no_recheck = 0.0
     rechecked = []
     for it in items:
-        x = preprocess(load_image(it.path), bundle.preprocessing)
+        x = preprocess(load_image(it.path), bundle.geometry)[0]
         f_ref = ref.features(x).numpy()
         f32 = fp32.extractor(x)
         f8 = int8.extractor(x)
@@ -95,7 +95,15 @@ def main() -> int:
     ap.add_argument("--coreset-ratio", type=float, default=0.1)
     ap.add_argument("--max-train", type=int, default=None)
     ap.add_argument("--backbone", default="lite0")
-    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--input-size", default=None, help="WxH model input (default: fit's choice)")
+    ap.add_argument("--pixels", type=int, default=None, help="model pixels per tile (default: fit's)")
+    ap.add_argument("--scale", type=float, default=None, help="tiling scale (default: one tile)")
+    ap.add_argument("--size-policy", default=None)
+    ap.add_argument("--aggregation", type=int, default=3)
+    ap.add_argument("--cross-fit-folds", type=int, default=5)
+    ap.add_argument("--review-frr", type=float, default=None)
+    ap.add_argument("--calibration-per-type", type=int, default=0,
+                    help="take this many images of each test defect type as calibration defects (left out of evaluation)")
     ap.add_argument("--int8-target", default="x86-avx2")
     ap.add_argument("--engines", default=",".join(ALL))
     ap.add_argument("--bundle", default=None, help="reuse a fitted bundle instead of fitting")
@@ -110,10 +118,22 @@ def main() -> int:
         bundle_dir = Path(a.bundle)
     else:
         bundle_dir = Path(a.keep_bundle) if a.keep_bundle else Path(tmp.name) / "bundle"
-        settings = FitSettings(coreset_ratio=a.coreset_ratio, backbone=a.backbone, image_size=a.image_size,
-                               max_train=a.max_train, int8_target=a.int8_target)
+        extra = {k: v for k, v in {"pixels": a.pixels, "scale": a.scale, "size_policy": a.size_policy,
+                                     "review_false_reject": a.review_frr}.items() if v is not None}
+        if a.input_size:
+            extra["input_size"] = tuple(int(v) for v in a.input_size.split("x"))
+        settings = FitSettings(coreset_ratio=a.coreset_ratio, backbone=a.backbone, max_train=a.max_train,
+                               int8_target=a.int8_target, aggregation_size=a.aggregation,
+                               cross_fit_folds=a.cross_fit_folds, **extra)
+        calib = None
+        if a.calibration_per_type:
+            calib = Path(tmp.name) / "calibration"
+            calib.mkdir()
+            for it in [t for d in sorted({t.label for t in test_images(data_dir) if t.is_defect})
+                       for t in [u for u in test_images(data_dir) if u.label == d][:a.calibration_per_type]]:
+                (calib / f"{it.label}__{it.path.name}").symlink_to(it.path.resolve())
         t0 = time.time()
-        fit(data_dir, bundle_dir, settings, overwrite=True)
+        fit(data_dir, bundle_dir, settings, calibration_defects=calib, overwrite=True)
         result["fit_seconds"] = time.time() - t0
         result["fit_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     m = Bundle.load(bundle_dir).manifest
@@ -122,6 +142,9 @@ def main() -> int:
     result["coreset"] = m["coreset"]
     result["bank_images"] = len(m["fit"]["bank_images"])
     result["thresholds"] = {k: v["threshold"] for k, v in m["variants"].items()}
+    result["review_thresholds"] = {k: v.get("review_threshold") for k, v in m["variants"].items()}
+    result["threshold_info"] = {k: v["threshold_info"] for k, v in m["variants"].items()}
+    result["geometry"] = m["geometry"]
     sizes = {k: v["bytes"] for k, v in m["files"].items()}
     result["sizes_bytes"] = {"bundle_total": sum(sizes.values()) + (bundle_dir / "manifest.yaml").stat().st_size, **sizes}
     result["evaluations"] = {}

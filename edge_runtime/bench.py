@@ -22,7 +22,7 @@ from edge_runtime.features import FeatureError
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.records import Frame, Verdict
 
-STAGES = ("decode", "preprocess", "features", "search", "scoring", "decision", "total")
+STAGES = ("decode", "geometry", "preprocess", "features", "search", "scoring", "decision", "total")
 THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
               "OMP_WAIT_POLICY")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -162,7 +162,7 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
         inspect(i)
     per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
     rechecked: list[int] = []
-    verdicts = {v.value: 0 for v in (Verdict.OK, Verdict.NG)}
+    verdicts = {v.value: 0 for v in (Verdict.OK, Verdict.REVIEW, Verdict.NG)}
     hnsw = pipeline.search if knn == "hnsw" else None
     idle_s = 0.0
     loop_start = time.perf_counter()
@@ -180,10 +180,12 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
     loop_s = time.perf_counter() - loop_start - idle_s   # throughput counts working time only
 
     variant = pipeline.variant
-    n_patches = bundle.grid[0] * bundle.grid[1]
+    geom = pipeline.geometry
+    n_patches = bundle.grid[0] * bundle.grid[1] * geom.n_tiles
     return {
         "bundle": {"path": str(bundle.root), "bundle_id": bundle.bundle_id, "variant": variant.name,
-                   "image_size": bundle.preprocessing.image_size, "grid": list(bundle.grid), "dim": bundle.dim,
+                   "input_size": list(geom.input_size), "canvas_size": list(geom.canvas_size),
+                   "tiles": geom.n_tiles, "grid": list(bundle.grid), "dim": bundle.dim,
                    "patches_per_frame": n_patches, "bank_size": len(pipeline.search),
                    "model_file": variant.model_file, "model_bytes": bundle.path(variant.model_file).stat().st_size,
                    "index_file": variant.index_file, "index_bytes": bundle.path(variant.index_file).stat().st_size},
@@ -214,7 +216,8 @@ def format_table(report: dict) -> str:
     cpu = report["machine"]["cpu"]
     isa = ", ".join(f for f, on in cpu["isa"].items() if on) or "none of the listed"
     lines = [
-        f"bundle {b['bundle_id']} ({b['variant']}, {b['image_size']} px, {b['grid'][0]}x{b['grid'][1]} patches x "
+        f"bundle {b['bundle_id']} ({b['variant']}, input {b['input_size'][0]}x{b['input_size'][1]}, {b['tiles']} tile(s) "
+        f"on a {b['canvas_size'][0]}x{b['canvas_size'][1]} canvas, {b['grid'][0]}x{b['grid'][1]} patches per tile x "
         f"{b['dim']}-d, bank {b['bank_size']})",
         f"knn {s['knn']}" + (f" ef {s['ef_search']}" if s["ef_search"] is not None else "")
         + f", threads {s['threads']} (OpenCV {s['opencv_threads']}"
@@ -240,7 +243,7 @@ def format_table(report: dict) -> str:
         lines.append(f"exactly re-checked patches per frame: mean {r['mean']:.1f}, max {r['max']:.0f} "
                      f"of {r['per_frame_of']}")
     v = report["verdicts"]
-    lines.append(f"verdicts: {v['OK']} OK, {v['NG']} NG")
+    lines.append(f"verdicts: {v['OK']} OK, {v['REVIEW']} REVIEW, {v['NG']} NG")
     return "\n".join(lines)
 
 

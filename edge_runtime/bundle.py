@@ -17,9 +17,10 @@ from typing import Any
 import yaml
 
 from edge_runtime.nn_search import HnswParams
-from edge_runtime.preprocess import Preprocessing
+from edge_runtime.geometry import Geometry
 
-SCHEMA_VERSION = 1
+# 2: input geometry (non-square input, tiles, size policy) replaced the square image_size; review band.
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.yaml"
 SIGNATURE = "manifest.sig"
 # A manifest is a few kB; refusing anything this large keeps a hostile file from exhausting memory in the parser.
@@ -116,6 +117,12 @@ class Variant:
     info: dict
 
     @property
+    def review_threshold(self) -> float | None:
+        """Lower edge of the review band (REVIEW when review_threshold <= score < threshold); None: no band."""
+        r = self.info.get("review_threshold")
+        return None if r is None else float(r)
+
+    @property
     def golden(self) -> list[dict]:
         return self.info.get("golden", [])
 
@@ -148,8 +155,9 @@ class Bundle:
             raise BundleError(f"{mpath}: manifest is not a mapping")
         version = manifest.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise BundleError(f"{mpath}: schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})")
-        for key in ("bundle_id", "preprocessing", "features", "score", "index", "variants", "default_variant", "files"):
+            raise BundleError(f"{mpath}: schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION}; "
+                              "refit the bundle with this release's edge-export)")
+        for key in ("bundle_id", "geometry", "features", "score", "index", "variants", "default_variant", "files"):
             if key not in manifest:
                 raise BundleError(f"{mpath}: required key {key!r} is missing")
         bundle = cls(root, manifest)
@@ -212,16 +220,17 @@ class Bundle:
         if not isinstance(files, dict):
             raise BundleError(f"{where}: 'files' must map each bundle file to its sha256")
         listed = set(files)
-        prep, feats, index = section("preprocessing"), section("features"), section("index")
-        if not _positive_int(prep.get("image_size")):
-            raise BundleError(f"{where}: preprocessing.image_size must be a positive integer, got {prep.get('image_size')!r}")
-        roi = prep.get("roi")
-        if roi is not None and not (isinstance(roi, list) and len(roi) == 4 and all(isinstance(v, int) and not isinstance(v, bool) for v in roi)
-                                    and roi[0] >= 0 and roi[1] >= 0 and roi[2] > 0 and roi[3] > 0):
-            raise BundleError(f"{where}: preprocessing.roi must be null or [x, y, w, h] integers (w, h > 0), got {roi!r}")
+        geom, feats, index = section("geometry"), section("features"), section("index")
+        try:
+            geometry = Geometry.from_manifest(geom)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BundleError(f"{where}: geometry is invalid ({type(exc).__name__}: {exc})") from None
         grid = feats.get("grid")
         if not (isinstance(grid, list) and len(grid) == 2 and all(_positive_int(g) for g in grid)):
             raise BundleError(f"{where}: features.grid must be [rows, cols] positive integers, got {grid!r}")
+        if tuple(grid) != geometry.grid():
+            raise BundleError(f"{where}: features.grid {grid} does not match geometry.input_size "
+                              f"{list(geometry.input_size)} (expected {list(geometry.grid())})")
         dim = feats.get("dim")
         if not _positive_int(dim):
             raise BundleError(f"{where}: features.dim must be a positive integer, got {dim!r}")
@@ -251,6 +260,10 @@ class Bundle:
             # inf would pass every part; NaN or <= 0 would reject every part or make decisions meaningless.
             if not (_finite_number(v["threshold"]) and v["threshold"] > 0):
                 raise BundleError(f"{where}: variants.{name}.threshold must be a positive finite number, got {v['threshold']!r}")
+            review = v.get("review_threshold")
+            if review is not None and not (_finite_number(review) and 0 < review < v["threshold"]):
+                raise BundleError(f"{where}: variants.{name}.review_threshold must be null or a number in "
+                                  f"(0, threshold {v['threshold']!r}), got {review!r}")
             if "bank_size" in v and not _positive_int(v["bank_size"]):
                 raise BundleError(f"{where}: variants.{name}.bank_size must be a positive integer, got {v['bank_size']!r}")
             golden = v.get("golden", [])
@@ -271,9 +284,8 @@ class Bundle:
         return str(self.manifest["bundle_id"])
 
     @property
-    def preprocessing(self) -> Preprocessing:
-        p = self.manifest["preprocessing"]
-        return Preprocessing(image_size=int(p["image_size"]), roi=tuple(p["roi"]) if p.get("roi") else None)
+    def geometry(self) -> Geometry:
+        return Geometry.from_manifest(self.manifest["geometry"])
 
     @property
     def grid(self) -> tuple[int, int]:

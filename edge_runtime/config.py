@@ -26,12 +26,15 @@ class InferenceConfig:
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     ef_search: int | None = None                      # None: the bundle's value
     deadline_ms: float | None = None                  # a verdict later than this is FAULT (the part has moved on)
+    review_threshold: float | None = None             # None: the bundle's review band (if any); raw image score
 
     def validate(self) -> None:
         if self.threads < 1:
             raise ValueError(f"inference.threads: must be >= 1, got {self.threads}")
         if self.ef_search is not None and self.ef_search < 1:
             raise ValueError(f"inference.ef_search: must be >= 1, got {self.ef_search}")
+        if self.review_threshold is not None and not self.review_threshold > 0:
+            raise ValueError(f"inference.review_threshold: must be > 0, got {self.review_threshold}")
         if self.deadline_ms is not None and self.deadline_ms <= 0:
             raise ValueError(f"inference.deadline_ms: must be > 0, got {self.deadline_ms}")
 
@@ -67,6 +70,8 @@ class StationConfig:
     name: str = "station"
     bundle: str                                        # bundle directory (relative paths: to the station file)
     roi: tuple[int, int, int, int] | None = None       # x, y, w, h crop of the frame; overrides the bundle's
+    # A frame (or ROI) whose size differs from the bundle's: refuse (FAULT), resize or letterbox. None: the bundle's.
+    size_policy: Literal["refuse", "resize", "letterbox"] | None = None
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     source: SourceConfig
     trigger: TriggerConfig = field(default_factory=FreeRunTriggerConfig)

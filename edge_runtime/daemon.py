@@ -57,7 +57,7 @@ def load_pipeline(cfg: StationConfig) -> Pipeline:
     inf = cfg.inference
     try:
         pipeline = Pipeline(bundle, precision=inf.precision, knn=inf.knn, threads=inf.threads,
-                            providers=inf.providers, ef_search=inf.ef_search)
+                            providers=inf.providers, ef_search=inf.ef_search, review_threshold=inf.review_threshold)
     except FeatureError as exc:
         raise BundleError(str(exc)) from None
     # Golden scores were recorded with the bundle's own preprocessing, so the self-test runs before the
@@ -65,8 +65,7 @@ def load_pipeline(cfg: StationConfig) -> Pipeline:
     failures = golden_check(bundle, pipeline)
     if failures:
         raise BundleError("self-test failed: " + "; ".join(failures))
-    if cfg.roi is not None:
-        pipeline.prep = type(pipeline.prep)(pipeline.prep.image_size, tuple(cfg.roi))
+    pipeline.apply_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)
     return pipeline
 
 

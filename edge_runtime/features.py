@@ -32,21 +32,28 @@ def make_session(model_path: Path, threads: int = 2, providers: list[str] | None
 
 
 class FeatureExtractor:
-    """(1,3,S,S) float32 -> (grid_h * grid_w, dim) float32 patch features."""
+    """(n_tiles, 3, H, W) float32 -> (n_tiles * grid_h * grid_w, dim) float32 patch features, tile-major.
 
-    def __init__(self, model_path: Path, expected: tuple[int, int, int], threads: int = 2,
+    All tiles of a frame go through one session run: one batch, one set of kernel launches.
+    """
+
+    def __init__(self, model_path: Path, expected: tuple[int, int, tuple[int, int], int], threads: int = 2,
                  providers: list[str] | None = None):
         self.session = make_session(model_path, threads, providers)
         self.input_name = self.session.get_inputs()[0].name
         self.model_path = model_path
+        n_patches, dim, (width, height), n_tiles = expected
+        self.dim = dim
         out_shape = self.session.get_outputs()[0].shape
-        n_patches, dim, size = expected
         if len(out_shape) != 3 or out_shape[1:] != [n_patches, dim]:
             raise FeatureError(f"{model_path}: model output shape {out_shape} does not match the manifest "
-                               f"(1, {n_patches}, {dim})")
+                               f"(tiles, {n_patches}, {dim})")
         in_shape = self.session.get_inputs()[0].shape
-        if in_shape[2:] != [size, size]:
-            raise FeatureError(f"{model_path}: model input {in_shape} does not match image_size {size}")
+        if len(in_shape) != 4 or in_shape[2:] != [height, width]:
+            raise FeatureError(f"{model_path}: model input {in_shape} does not match the manifest's input_size "
+                               f"{width}x{height} (W x H)")
+        if isinstance(in_shape[0], int) and in_shape[0] != n_tiles:
+            raise FeatureError(f"{model_path}: model takes a fixed batch of {in_shape[0]}, the geometry has {n_tiles} tiles")
 
     def __call__(self, tensor: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: tensor})[0][0]
+        return self.session.run(None, {self.input_name: tensor})[0].reshape(-1, self.dim)

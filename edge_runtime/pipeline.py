@@ -1,7 +1,9 @@
-"""The device data path, in order: decode -> preprocess -> features -> search -> scores + heat map -> decision.
+"""The device data path, in order: decode -> geometry -> preprocess -> features -> search -> scores -> decision.
 
 `Pipeline.inspect(frame)` is the whole inspection of one part. It never raises for a bad frame: anything that
 stops a frame from being inspected becomes a FAULT result with the reason, never an OK.
+Evaluation, calibration and the self-test call the same stage functions (`score_rgb`, `score_canvas`), so there
+is one implementation of what a score is.
 """
 from __future__ import annotations
 
@@ -12,36 +14,59 @@ import numpy as np
 
 from edge_runtime import scoring
 from edge_runtime.bundle import Bundle, BundleError, check_index_file
-from edge_runtime.features import FeatureExtractor
-from edge_runtime.nn_search import HnswSearch
 from edge_runtime.decode import ImageError, decode_image, to_rgb
-from edge_runtime.preprocess import crop_roi, preprocess, resize_square, to_tensor
+from edge_runtime.features import FeatureExtractor
+from edge_runtime.geometry import Placement, crop_roi, cut_tiles, to_canvas
+from edge_runtime.nn_search import HnswSearch
+from edge_runtime.preprocess import preprocess, to_tensor
 from edge_runtime.records import Frame, InspectionResult, Verdict
 
 
 @dataclass(frozen=True)
 class Scored:
     score: float
-    patch_scores: np.ndarray   # (grid_h * grid_w,)
-    anomaly_map: np.ndarray    # image_size x image_size
+    patch_scores: np.ndarray   # (n_tiles * grid_h * grid_w,)
+    anomaly_map: np.ndarray    # region h x w (or canvas h x w for score_canvas)
 
 
-def decide(score: float, threshold: float) -> Verdict:
-    # NaN compares false with everything: it must land on NG, never OK.
-    return Verdict.OK if score < threshold else Verdict.NG
+def score_frame(score_tiles, geometry, rgb: np.ndarray, name: str = "<frame>") -> Scored:
+    """The one scoring path for a decoded frame: geometry -> tensor -> `score_tiles` -> image score + heat map.
+
+    `score_tiles` maps (n_tiles, 3, H, W) float32 to per-patch scores; the deployed pipeline and the torch
+    reference plug in their own, everything else is shared.
+    """
+    tensor, place, region_hw = preprocess(rgb, geometry, name)
+    patch_scores = score_tiles(tensor)
+    return Scored(scoring.image_score(patch_scores), patch_scores,
+                  scoring.anomaly_map(patch_scores, geometry, place, region_hw))
+
+
+def decide(score: float, threshold: float, review_threshold: float | None = None) -> Verdict:
+    return scoring.decide(score, threshold, review_threshold)
 
 
 class Pipeline:
+    """One bundle variant, ready to inspect: ONNX session + search + thresholds.
+
+    Raises BundleError (or FeatureError) when the bundle's model or index cannot be used on this device.
+    `geometry_overrides` carries the station file's ROI / size policy (the tiling itself is the bundle's).
+    """
+
     def __init__(self, bundle: Bundle, precision: str | None = None, knn: str = "hnsw", threads: int = 2,
-                 providers: list[str] | None = None, ef_search: int | None = None):
+                 providers: list[str] | None = None, ef_search: int | None = None,
+                 review_threshold: float | None = None):
         self.bundle = bundle
         self.variant = bundle.variant(precision)
-        self.prep = bundle.preprocessing
+        self.geometry = bundle.geometry
         self.grid = bundle.grid
         self.threshold = self.variant.threshold
-        n_patches = self.grid[0] * self.grid[1]
+        self.review_threshold = review_threshold if review_threshold is not None else self.variant.review_threshold
+        if self.review_threshold is not None and not 0 < self.review_threshold < self.threshold:
+            raise BundleError(f"review_threshold {self.review_threshold} must lie in (0, threshold {self.threshold})")
+        g = self.geometry
         self.extractor = FeatureExtractor(bundle.path(self.variant.model_file),
-                                          (n_patches, bundle.dim, self.prep.image_size), threads, providers)
+                                          (self.grid[0] * self.grid[1], bundle.dim, g.input_size, g.n_tiles),
+                                          threads, providers)
         params = bundle.hnsw_params
         if ef_search is not None:
             params = type(params)(**{**params.__dict__, "ef_search": ef_search})
@@ -62,14 +87,23 @@ class Pipeline:
             raise ValueError(f"knn must be 'hnsw' or 'exact', got {knn!r}")
         self.knn = knn
 
-    # ---- the stages, callable one by one (evaluation and benchmarks use them directly) ----------------------
-    def score_tensor(self, tensor: np.ndarray) -> Scored:
-        patch_scores = self.search.distances(self.extractor(tensor))
-        return Scored(scoring.image_score(patch_scores), patch_scores,
-                      scoring.anomaly_map(patch_scores, self.grid, self.prep.image_size))
+    def apply_overrides(self, roi: tuple[int, int, int, int] | None = None, size_policy: str | None = None) -> None:
+        """The station file's ROI (same size as the bundle's region) and size policy."""
+        self.geometry = self.geometry.with_overrides(roi, size_policy)
 
-    def score_rgb(self, rgb: np.ndarray) -> Scored:
-        return self.score_tensor(preprocess(rgb, self.prep))
+    # ---- the stages, callable one by one (evaluation, calibration and the self-test use them) ----------------
+    def score_tiles(self, tensor: np.ndarray) -> np.ndarray:
+        """(n_tiles, 3, H, W) -> per-patch scores (n_tiles * rows * cols,)."""
+        return self.search.distances(self.extractor(tensor))
+
+    def score_canvas(self, canvas: np.ndarray) -> Scored:
+        """A canvas-sized RGB image (what the golden self-test stores) -> score and canvas heat map."""
+        patch_scores = self.score_tiles(to_tensor(cut_tiles(canvas, self.geometry)))
+        return Scored(scoring.image_score(patch_scores), patch_scores,
+                      scoring.anomaly_map(patch_scores, self.geometry))
+
+    def score_rgb(self, rgb: np.ndarray, name: str = "<frame>") -> Scored:
+        return score_frame(self.score_tiles, self.geometry, rgb, name)
 
     # ---- one part, timed ------------------------------------------------------------------------------------
     def inspect(self, frame: Frame) -> InspectionResult:
@@ -82,7 +116,7 @@ class Pipeline:
             timings[stage] = (now - t) * 1000.0
             t = now
 
-        rgb = None
+        region = None
         try:
             if frame.encoded is not None:
                 rgb = decode_image(frame.encoded, frame.source)
@@ -91,17 +125,20 @@ class Pipeline:
             else:
                 raise ImageError(f"{frame.source}: frame carries no image")
             lap("decode")
-            rgb = crop_roi(rgb, self.prep.roi, frame.source)
-            tensor = to_tensor(resize_square(rgb, self.prep.image_size))
+            region = crop_roi(rgb, self.geometry.roi, frame.source)
+            canvas, place = to_canvas(region, self.geometry, frame.source)
+            tiles = cut_tiles(canvas, self.geometry)
+            lap("geometry")
+            tensor = to_tensor(tiles)
             lap("preprocess")
             feats = self.extractor(tensor)
             lap("features")
             patch_scores = self.search.distances(feats)
             lap("search")
             score = scoring.image_score(patch_scores)
-            heat = scoring.anomaly_map(patch_scores, self.grid, self.prep.image_size)
+            heat = scoring.anomaly_map(patch_scores, self.geometry, place, region.shape[:2])
             lap("scoring")
-            verdict = decide(score, self.threshold)
+            verdict = scoring.decide(score, self.threshold, self.review_threshold)
             norm = scoring.normalized_score(score, self.threshold)
             lap("decision")
             error = None
@@ -112,5 +149,8 @@ class Pipeline:
         timings["total"] = (time.perf_counter() - t_start) * 1000.0
         return InspectionResult(frame_id=frame.frame_id, source=frame.source, verdict=verdict, score=score,
                                 normalized_score=norm, threshold=self.threshold, timings_ms=timings,
-                                bundle_id=self.bundle.bundle_id, error=error, anomaly_map=heat, image=rgb,
-                                captured_at=frame.captured_at)
+                                bundle_id=self.bundle.bundle_id, error=error, anomaly_map=heat, image=region,
+                                captured_at=frame.captured_at, review_threshold=self.review_threshold)
+
+
+__all__ = ["Pipeline", "Scored", "decide", "score_frame", "Placement"]

@@ -37,7 +37,7 @@ class InspectionResult:
     timings_ms: dict[str, float]      # per pipeline stage, plus "total"
     bundle_id: str
     error: str | None = None          # why the frame was not inspected (verdict FAULT)
-    anomaly_map: np.ndarray | None = None  # image_size x image_size float32 (resize to `image` for overlays)
+    anomaly_map: np.ndarray | None = None  # float32, the same height x width as `image`: overlays line up
     image: np.ndarray | None = None        # the decoded RGB frame (ROI applied): what was inspected
     captured_at: float = 0.0
     review_threshold: float | None = None  # lower edge of the review band (REVIEW when it <= score < threshold)

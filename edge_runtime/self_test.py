@@ -47,7 +47,7 @@ def recall_check(bundle: Bundle, pipeline: Pipeline, min_recall: float = 0.9) ->
         return 1.0, None
     hits = total = 0
     for g in pipeline.variant.golden:
-        feats = pipeline.extractor(preprocess(load_image(bundle.path(g["file"])), pipeline.prep))
+        feats = pipeline.extractor(preprocess(load_image(bundle.path(g["file"])), pipeline.geometry)[0])
         labels, _ = hnsw.index.knn_query(feats, k=1)
         _, exact_idx = hnsw.exact.nearest(feats)
         hits += int(np.sum(labels[:, 0] == exact_idx))

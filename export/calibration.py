@@ -1,10 +1,30 @@
-"""OK/NG threshold calibration from held-out good images and, when given, a few defective ones."""
+"""The operating point: OK / REVIEW / NG thresholds from every good image, with an honest false-reject estimate.
+
+Input: one cross-fitted score per good training image (scored against a bank built without it, so the scores
+are what a new good part would get) and, optionally, scores of a few calibration defects.
+
+- The tail of the good scores is modelled by peaks over a threshold: the top ~20% of scores, less their
+  smallest, follow a generalised Pareto distribution (fitted by probability-weighted moments, Hosking & Wallis
+  1987). An image score is a maximum over patches, the setting in which that tail model holds, and it lets a
+  target false-reject rate below 1/n be reached without pretending the sample maximum is the 1/n quantile.
+- The threshold is the modelled (1 - target) quantile, never below the bank's own scores.
+- With calibration defects: when the lowest defect already scores above it, the threshold stays and the margin
+  (lowest defect / threshold - 1) is reported; otherwise the threshold drops to `defect_margin` below the lowest
+  defect (the zero-escape point), and the false-reject rate that costs is reported.
+- Uncertainty: a bootstrap interval of the modelled false-reject rate at the chosen threshold, and the empirical
+  cross-fitted rate with its Wilson interval.
+"""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
+XI_BOUNDS = (-0.5, 0.5)   # beyond these, 20-60 exceedances cannot tell a shape apart from noise
+
 
 def score_stats(scores: np.ndarray) -> dict | None:
+    scores = np.asarray(scores, dtype=np.float64)
     if len(scores) == 0:
         return None
     q = np.percentile(scores, [50, 95, 99])
@@ -12,35 +32,141 @@ def score_stats(scores: np.ndarray) -> dict | None:
             "p50": float(q[0]), "p95": float(q[1]), "p99": float(q[2]), "max": float(scores.max())}
 
 
-def calibrate_threshold(good: np.ndarray, defects: np.ndarray, target_false_reject: float = 0.01) -> tuple[float, dict]:
-    """Threshold (NG when score >= threshold) and a record of how it was chosen.
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial rate k / n (sensible at k = 0, unlike the normal approximation)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
-    Good images only: the (1 - target) quantile of held-out good scores, taken as the next observed score at
-    or above it, so with n images the false-reject rate cannot be estimated below 1/(n+1).
-    With defects: the operating point that lets no calibration defect through at the lowest false-reject
-    rate, i.e. anywhere in (largest good score below the smallest defect score, smallest defect score];
-    we take the middle of that interval so neither side sits on the edge.
+
+class TailModel:
+    """Empirical body + generalised Pareto tail of a score sample; P(score >= t) and its inverse."""
+
+    def __init__(self, scores: np.ndarray, tail_fraction: float = 0.2, min_exceedances: int = 10):
+        s = np.sort(np.asarray(scores, dtype=np.float64))
+        if len(s) < 2:
+            raise ValueError("the tail model needs at least 2 good scores")
+        self.scores = s
+        n = len(s)
+        k = min(n - 1, max(min_exceedances, int(round(tail_fraction * n))))
+        self.u = float(s[n - k - 1])               # the tail starts above the (k+1)-th largest score
+        self.zeta = k / n                          # P(score > u)
+        y = s[n - k:] - self.u
+        self.xi, self.sigma = _gpd_pwm(y)
+
+    def survival(self, t: float) -> float:
+        """Modelled P(score >= t) for a good part."""
+        if t <= self.u:
+            return float(np.mean(self.scores >= t))
+        z = t - self.u
+        if abs(self.xi) < 1e-9:
+            tail = math.exp(-z / self.sigma)
+        else:
+            base = 1 + self.xi * z / self.sigma
+            tail = 0.0 if base <= 0 else base ** (-1 / self.xi)
+        return self.zeta * tail
+
+    def quantile(self, rate: float) -> float:
+        """Score t with modelled P(score >= t) = rate."""
+        if rate >= self.zeta:
+            return float(np.quantile(self.scores, 1 - rate, method="higher"))
+        r = rate / self.zeta
+        if abs(self.xi) < 1e-9:
+            return self.u - self.sigma * math.log(r)
+        if self.xi < 0:  # bounded tail: never beyond its end point
+            r = max(r, 1e-12)
+        return self.u + self.sigma / self.xi * (r ** (-self.xi) - 1)
+
+    def to_dict(self) -> dict:
+        return {"model": "generalised Pareto above u (probability-weighted moments)", "u": self.u,
+                "exceedance_fraction": self.zeta, "xi": self.xi, "sigma": self.sigma, "n": int(len(self.scores))}
+
+
+def _gpd_pwm(y: np.ndarray) -> tuple[float, float]:
+    """(xi, sigma) of a generalised Pareto sample y >= 0 by probability-weighted moments, xi clamped."""
+    y = np.sort(y)
+    n = len(y)
+    a0 = float(y.mean())
+    if n < 2 or a0 <= 0:
+        return 0.0, max(a0, 1e-9)
+    a1 = float(np.sum((n - np.arange(1, n + 1)) / (n - 1) * y) / n)
+    kappa = a0 / (a0 - 2 * a1) - 2 if a0 != 2 * a1 else 0.0
+    xi = float(np.clip(-kappa, *XI_BOUNDS))
+    # sigma from the mean of a GPD, E[y] = sigma / (1 - xi), consistent with the clamped shape
+    return xi, max(a0 * (1 - xi), 1e-9)
+
+
+def false_reject_interval(scores: np.ndarray, threshold: float, n_boot: int = 400, seed: int = 0) -> dict:
+    """Modelled and empirical false-reject rate at `threshold`, each with a 95% interval."""
+    scores = np.asarray(scores, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_boot):
+        boot.append(TailModel(rng.choice(scores, len(scores), replace=True)).survival(threshold))
+    k = int(np.sum(scores >= threshold))
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"modelled": TailModel(scores).survival(threshold), "modelled_ci95": [float(lo), float(hi)],
+            "empirical": k / len(scores), "empirical_count": k, "n": int(len(scores)),
+            "empirical_ci95": list(wilson_interval(k, len(scores)))}
+
+
+def _above(value: float) -> float:
+    """The smallest float32 above `value`: NG is score >= threshold, so a score equal to `value` passes."""
+    return float(np.nextafter(np.float32(value), np.float32(np.inf)))
+
+
+def operating_point(good: np.ndarray, defects: np.ndarray | None = None, target_false_reject: float = 0.005,
+                    review_false_reject: float | None = None, bank_scores: np.ndarray | None = None,
+                    defect_margin: float = 0.05, seed: int = 0) -> tuple[float, float | None, dict]:
+    """(threshold, review_threshold or None, a record of how they were chosen and what they are expected to do).
+
+    good: cross-fitted scores of good images; defects: calibration defect scores; bank_scores: scores of images
+    whose patches are in the shipped bank, scored against it (the threshold is never at or below them).
     """
-    good = np.sort(np.asarray(good, dtype=np.float64))
-    defects = np.asarray(defects, dtype=np.float64)
-    if len(good) == 0:
-        raise ValueError("threshold calibration needs at least one held-out good image")
+    good = np.asarray(good, dtype=np.float64)
+    defects = np.asarray(defects if defects is not None else [], dtype=np.float64)
+    if len(good) < 2:
+        raise ValueError("the operating point needs at least 2 cross-fitted good scores")
+    if not 0 < target_false_reject < 1:
+        raise ValueError(f"target false-reject rate must be in (0, 1), got {target_false_reject}")
+    tail = TailModel(good)
+    t_frr = tail.quantile(target_false_reject)
     info: dict = {"target_false_reject": target_false_reject, "good_scores": score_stats(good),
-                  "defect_scores": score_stats(defects)}
-    if len(defects) == 0:
-        q = float(np.quantile(good, 1.0 - target_false_reject, method="higher"))
-        # Nudge just above the quantile score so that image itself passes (NG is score >= threshold).
-        threshold = float(np.nextafter(np.float32(q), np.float32(np.inf)))
-        info.update(method=f"good-only: {1 - target_false_reject:.3f} quantile of {len(good)} held-out good scores",
-                    min_estimable_false_reject=1.0 / (len(good) + 1))
-    else:
-        lowest_defect = float(defects.min())
-        below = good[good < lowest_defect]
-        upper = lowest_defect
-        lower = float(below.max()) if len(below) else 0.0
-        threshold = 0.5 * (lower + upper)
-        info.update(method="no calibration defect passes, lowest false-reject rate (midpoint of the feasible interval)",
-                    feasible_interval=[lower, upper])
-    info["calibration_false_reject_rate"] = float(np.mean(good >= threshold))
-    info["calibration_escapes"] = int(np.sum(defects < threshold)) if len(defects) else 0
-    return threshold, info
+                  "defect_scores": score_stats(defects), "tail": tail.to_dict(),
+                  "threshold_at_target": t_frr}
+    threshold = t_frr
+    method = (f"good-only: modelled {1 - target_false_reject:.4f} quantile of {len(good)} cross-fitted good scores")
+    if len(defects):
+        d_min = float(defects.min())
+        if t_frr < d_min:
+            method += "; every calibration defect scores above it"
+        else:
+            threshold = d_min * (1 - defect_margin)
+            method = (f"zero-escape: {defect_margin:.0%} below the lowest of {len(defects)} calibration defects "
+                      f"(the {1 - target_false_reject:.4f} good quantile {t_frr:.4f} would let defects through)")
+        info["lowest_defect"] = d_min
+        info["defect_margin"] = d_min / threshold - 1
+        info["calibration_escapes"] = int(np.sum(defects < threshold))
+    if bank_scores is not None and len(bank_scores):
+        floor = float(np.max(bank_scores))
+        info["bank_scores_max"] = floor
+        if threshold <= floor:
+            threshold = floor
+            method += f"; raised to the highest score of an image in the bank ({floor:.4f})"
+    threshold = _above(threshold)
+    review = None
+    if review_false_reject is not None:
+        r = tail.quantile(review_false_reject)
+        if r < threshold:
+            review = float(r)
+            info["review_band"] = {"target_review_rate": review_false_reject, "review_threshold": review,
+                                   "expected_review_or_ng": false_reject_interval(good, review, seed=seed)}
+        else:
+            info["review_band"] = {"target_review_rate": review_false_reject, "review_threshold": None,
+                                   "note": f"the {review_false_reject} quantile {r:.4f} is not below the threshold"}
+    info["method"] = method
+    info["expected_false_reject"] = false_reject_interval(good, threshold, seed=seed)
+    return threshold, review, info

@@ -1,8 +1,12 @@
 """Greedy k-center coreset selection (PatchCore, sec. 3.2) on randomly projected features.
 
-Distances are computed in a 128-d Johnson-Lindenstrauss projection (as in the paper). Each iteration costs
-one pass over the projected bank: |x - c|^2 via one matrix-vector product and a running minimum, all in
-torch float32 so both cores work. Memory: the projected bank (N x 128 x 4 B) plus two N-vectors.
+Distances are computed in a 128-d Johnson-Lindenstrauss projection (as in the paper). A greedy iteration is one
+pass over the candidates (|x - c|^2 by one matrix-vector product and a running minimum), so selecting k of N
+costs k * N * d: at a 10% coreset that grows with N^2 (714 magnetic-tile images: 560k patches, 56k iterations,
+~16 TB of memory traffic). Large banks are therefore split into random chunks of at most `chunk_patches`
+candidates that each keep the same fraction by greedy selection: the cost drops by N / chunk_patches, a chunk's
+projected data stays in the last-level cache, and the union still covers every patch within the largest
+per-chunk radius (each chunk is covered by its own centres).
 """
 from __future__ import annotations
 
@@ -12,43 +16,77 @@ import time
 import numpy as np
 import torch
 
+# 32k patches x 128 dims x 4 B = 16 MB: fits the L3 of the x86 and Arm boards we target, measured 10x faster per
+# iteration than streaming a 287 MB bank from DRAM.
+CHUNK_PATCHES = 32768
+
 
 def greedy_coreset(features: np.ndarray, n_select: int, projection_dim: int = 128, seed: int = 0,
-                   progress: bool = True, chunk: int = 262144, threads: int = 1) -> np.ndarray:
-    """Indices of `n_select` rows of `features` chosen by greedy k-center (farthest point) selection.
+                   progress: bool = True, chunk_patches: int | None = CHUNK_PATCHES, threads: int = 1) -> np.ndarray:
+    """Indices (sorted) of `n_select` rows of `features` chosen by greedy k-center (farthest point) selection.
 
+    `chunk_patches=None` runs one global greedy pass (the paper's exact procedure, quadratic in the bank size).
     One thread by default: each iteration is one memory-bound pass, and thousands of tiny parallel regions
     collapse when the cores are shared (measured under load: 30 ms/it on 1 thread vs 107 ms/it on 2).
     """
+    n = len(features)
+    if n_select < 1:
+        raise ValueError("coreset must keep at least one vector")
+    if n_select >= n:
+        return np.arange(n)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _greedy(features, n_select, projection_dim, seed, progress, chunk)
+        gen = torch.Generator().manual_seed(seed)
+        x = _project(features, projection_dim, gen)
+        if not chunk_patches or n <= chunk_patches:
+            return np.sort(_greedy(x, n_select, gen, progress, 0, n_select))
+        chunks = np.array_split(np.random.default_rng(seed).permutation(n), -(-n // chunk_patches))
+        quota = _apportion(n_select, [len(c) for c in chunks])
+        picked, done = [], 0
+        for idx, k in zip(chunks, quota):
+            sub = x[torch.from_numpy(np.sort(idx))]
+            picked.append(np.sort(idx)[_greedy(sub, k, gen, progress, done, n_select)])
+            done += k
+        return np.sort(np.concatenate(picked))
     finally:
         torch.set_num_threads(previous)
 
 
-def _greedy(features: np.ndarray, n_select: int, projection_dim: int, seed: int, progress: bool,
-            chunk: int) -> np.ndarray:
-    n, d = features.shape
+def _project(features: np.ndarray, projection_dim: int | None, gen: torch.Generator, chunk: int = 262144) -> torch.Tensor:
+    feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    n, d = feats.shape
+    if not projection_dim or projection_dim >= d:
+        return feats.clone()
+    proj = torch.randn(d, projection_dim, generator=gen) / np.sqrt(projection_dim)
+    # Chunked so a 700-image bank is never materialised twice at full dimension.
+    x = torch.empty(n, projection_dim)
+    for s in range(0, n, chunk):
+        x[s:s + chunk] = feats[s:s + chunk] @ proj
+    return x
+
+
+def _apportion(total: int, sizes: list[int]) -> list[int]:
+    """Split `total` over chunks in proportion to their sizes (largest remainder), each at least 1."""
+    n = sum(sizes)
+    exact = [total * s / n for s in sizes]
+    quota = [max(1, int(e)) for e in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: exact[i] - int(exact[i]), reverse=True):
+        if sum(quota) >= total:
+            break
+        quota[i] += 1
+    while sum(quota) > total:  # the max(1, .) floor can overshoot when there are more chunks than picks
+        quota[quota.index(max(quota))] -= 1
+    return [min(q, s) for q, s in zip(quota, sizes)]
+
+
+def _greedy(x: torch.Tensor, n_select: int, gen: torch.Generator, progress: bool, done: int, total: int) -> np.ndarray:
+    n = x.shape[0]
     if n_select >= n:
         return np.arange(n)
-    if n_select < 1:
-        raise ValueError("coreset must keep at least one vector")
-    gen = torch.Generator().manual_seed(seed)
-    feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    if projection_dim and projection_dim < d:
-        proj = torch.randn(d, projection_dim, generator=gen) / np.sqrt(projection_dim)
-        # Chunked so a 700-image bank is never materialised twice at full dimension.
-        x = torch.empty(n, projection_dim)
-        for s in range(0, n, chunk):
-            x[s:s + chunk] = feats[s:s + chunk] @ proj
-    else:
-        x = feats.clone()
     sq = (x * x).sum(1)
     # Column-major (d x n): a row-vector times this matrix streams memory twice as fast as x @ c here.
     xt = x.T.contiguous()
-    del x
     min_d = torch.full((n,), float("inf"))
     selected = np.empty(n_select, dtype=np.int64)
     current = int(torch.randint(n, (1,), generator=gen))
@@ -60,10 +98,10 @@ def _greedy(features: np.ndarray, n_select: int, projection_dim: int, seed: int,
             d2 = sq - 2.0 * (c @ xt) + sq[current]
             torch.minimum(min_d, d2, out=min_d)
             current = int(torch.argmax(min_d))
-            if progress and (time.time() - last > 5 or it == n_select - 1):
+            if progress and (time.time() - last > 5 or done + it == total - 1):
                 last = time.time()
                 rate = (it + 1) / max(last - t0, 1e-9)
-                print(f"\rcoreset {it + 1}/{n_select} ({rate:.0f} it/s)", end="" if it < n_select - 1 else "\n",
+                print(f"\rcoreset {done + it + 1}/{total} ({rate:.0f} it/s)", end="" if done + it < total - 1 else "\n",
                       file=sys.stderr, flush=True)
     return selected
 

@@ -35,7 +35,7 @@ def run_demo(workdir: Path, fresh: bool = False) -> int:
             for src in sorted((data / "test" / kind).glob("*.png"))[:2]:
                 shutil.copy(src, calib / f"{kind}_{src.name}")
         print(f"[demo] fitting PatchCore and exporting the bundle to {bundle}")
-        fit(data, bundle, FitSettings(coreset_ratio=0.1, holdout_fraction=0.15), calibration_defects=calib,
+        fit(data, bundle, FitSettings(coreset_ratio=0.1), calibration_defects=calib,
             overwrite=True)
     frames = workdir / "frames"
     write_sample_frames(frames, n_good=6, n_defect=6, seed=1)

@@ -9,8 +9,9 @@ import cv2
 import numpy as np
 
 from edge_runtime.bundle import Bundle
-from edge_runtime.pipeline import Pipeline
-from edge_runtime.preprocess import load_image
+from edge_runtime.decode import load_image
+from edge_runtime.pipeline import Pipeline, decide
+from export.calibration import wilson_interval
 from export.dataset import has_masks, test_images
 from export.metrics import auroc, roc_curve
 
@@ -29,50 +30,89 @@ def make_scorer(bundle: Bundle, engine: str, knn: str, threads: int = 2, ef_sear
     return Pipeline(bundle, precision=engine.split("-")[1], knn=knn, threads=threads, ef_search=ef_search)
 
 
-def load_mask(path: Path | None, size: int) -> np.ndarray:
+def load_mask(path: Path | None, shape: tuple[int, int], roi: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Ground truth at the inspected region's resolution (the heat map's), False where the part is good."""
     if path is None:
-        return np.zeros((size, size), dtype=bool)
+        return np.zeros(shape, dtype=bool)
     m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if m is None:
         raise ValueError(f"{path}: cannot read ground-truth mask")
-    return cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) > 127
+    if roi is not None:
+        x, y, w, h = roi
+        m = m[y:y + h, x:x + w]
+    if m.shape != tuple(shape):
+        m = cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return m > 127
+
+
+def rate(k: int, n: int) -> dict:
+    lo, hi = wilson_interval(k, n)
+    return {"count": int(k), "n": int(n), "rate": k / n if n else None, "ci95": [lo, hi]}
+
+
+def operating_point_report(labels: list[str], scores: np.ndarray, threshold: float, review: float | None) -> dict:
+    """What the shipped thresholds do on a labelled set: false rejects, escapes, reviews, with 95% intervals."""
+    verdicts = np.array([decide(float(x), threshold, review).value for x in scores])
+    labels = np.array(labels)
+    good = labels == "good"
+    out = {"threshold": threshold, "review_threshold": review,
+           "good": {"n": int(good.sum()), "false_rejects": rate(int(np.sum(verdicts[good] == "NG")), int(good.sum())),
+                    "review": rate(int(np.sum(verdicts[good] == "REVIEW")), int(good.sum()))},
+           "defects": {}}
+    for d in ["all", *sorted(set(labels[~good]))]:
+        sel = ~good if d == "all" else labels == d
+        n = int(sel.sum())
+        out["defects"][d] = {"n": n, "escapes": rate(int(np.sum(verdicts[sel] == "OK")), n),
+                             "review": rate(int(np.sum(verdicts[sel] == "REVIEW")), n),
+                             "ng": rate(int(np.sum(verdicts[sel] == "NG")), n)}
+    return out
 
 
 def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: str = "hnsw", threads: int = 2,
-             report_dir: Path | None = None, ef_search: int | None = None) -> dict:
+             report_dir: Path | None = None, ef_search: int | None = None, size_policy: str | None = None) -> dict:
     bundle = Bundle.load(bundle_dir)
     scorer = make_scorer(bundle, engine, knn, threads, ef_search)
-    items = test_images(data_dir)
-    size = bundle.preprocessing.image_size
+    if size_policy:
+        scorer.geometry = scorer.geometry.with_overrides(size_policy=size_policy)
+    # Defects the threshold was calibrated on would flatter the escape rate: leave them out, and say so.
+    used = {Path(p).resolve() for p in bundle.manifest.get("fit", {}).get("calibration_defects", [])}
+    all_items = test_images(data_dir)
+    items = [it for it in all_items if it.path.resolve() not in used]
+    roi = scorer.geometry.roi
     with_masks = has_masks(items)
     scores, maps_max, rows = [], [], []
     pix_scores, pix_labels = [], []
     t0 = time.perf_counter()
     for it in items:
-        result = scorer.score_rgb(load_image(it.path))
+        result = scorer.score_rgb(load_image(it.path), str(it.path))
         scores.append(result.score)
         rows.append({"file": str(it.path), "label": it.label, "score": result.score})
         if with_masks:
             # Pixel AUROC on a 4x-subsampled grid of the map: same ranking, a sixteenth of the memory.
             pix_scores.append(result.anomaly_map[::4, ::4].ravel())
-            pix_labels.append(load_mask(it.mask, size)[::4, ::4].ravel())
+            pix_labels.append(load_mask(it.mask, result.anomaly_map.shape, roi)[::4, ::4].ravel())
         if report_dir is not None:
             maps_max.append(result.anomaly_map)
     seconds = (time.perf_counter() - t0) / len(items)
     scores = np.array(scores)
     labels = np.array([it.is_defect for it in items])
     threshold = scorer.threshold
+    review = getattr(scorer, "review_threshold", None)
     per_defect = {}
     for d in sorted({it.label for it in items if it.is_defect}):
         sel = np.array([it.label in ("good", d) for it in items])
         per_defect[d] = auroc(labels[sel], scores[sel])
+    op = operating_point_report([it.label for it in items], scores, threshold, review)
     result = {
         "bundle": str(bundle_dir), "bundle_id": bundle.bundle_id, "data_dir": str(data_dir), "engine": engine, "knn": knn,
+        "geometry": bundle.manifest["geometry"],
         "image_auroc": auroc(labels, scores),
         "pixel_auroc": auroc(np.concatenate(pix_labels), np.concatenate(pix_scores)) if with_masks else None,
         "n_good": int((~labels).sum()), "n_defect": int(labels.sum()), "per_defect": per_defect,
-        "seconds_per_image": seconds, "threshold": threshold,
-        "false_rejects": int(np.sum(scores[~labels] >= threshold)), "escapes": int(np.sum(scores[labels] < threshold)),
+        "excluded_calibration_defects": len(all_items) - len(items),
+        "seconds_per_image": seconds, "threshold": threshold, "review_threshold": review,
+        "false_rejects": op["good"]["false_rejects"]["count"], "escapes": op["defects"]["all"]["escapes"]["count"],
+        "operating_point": op,
         "images": rows,
     }
     if report_dir is not None:

@@ -1,14 +1,16 @@
 """Fit PatchCore on good images and write the deployable bundle.
 
-Steps: torch patch features of the good images -> greedy coreset (indices) -> ONNX FP32 -> ONNX INT8 ->
-per variant (fp32, int8): memory bank = that extractor's features of the coreset patches -> HNSW index ->
-threshold calibrated on held-out good images (and optional defects) by the runtime's own Pipeline -> golden
-images with expected scores -> manifest with checksums.
+Steps: geometry from the training images (aspect kept, optional tiling) -> torch patch features of every good
+image -> greedy coreset (indices) -> ONNX FP32 -> ONNX INT8 -> per variant (fp32, int8): memory bank = that
+extractor's features of the coreset patches -> HNSW index -> k-fold cross-fitted scores of every good image ->
+operating point (tail model, optional review band, calibration defects scored by the runtime's own Pipeline)
+-> golden images with expected scores -> manifest with checksums.
 """
 from __future__ import annotations
 
 import datetime as dt
 import platform
+import resource
 import shutil
 import sys
 import time
@@ -23,29 +25,42 @@ import edge_runtime
 from edge_runtime import scoring
 from edge_runtime.bundle import SCHEMA_VERSION, Bundle, write_manifest
 from edge_runtime.features import FeatureExtractor
-from edge_runtime.nn_search import HnswParams, build_hnsw
+from edge_runtime.decode import declared_size, load_image
+from edge_runtime.geometry import STRIDE, Geometry, default_input_size, plan_tiles, round_to_stride
+from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw
 from edge_runtime.pipeline import Pipeline
-from edge_runtime.preprocess import Preprocessing, load_image, preprocess
+from edge_runtime.preprocess import NORMALIZATION, preprocess
 from export import backbone as backbone_mod
-from export.calibration import calibrate_threshold
-from export.coreset import greedy_coreset
+from export.calibration import operating_point
+from export.coreset import CHUNK_PATCHES, greedy_coreset
 from export.dataset import list_images, train_images
 from export.metrics import auroc
 from export.onnx_export import export_fp32, quantize_int8
-from export.patch_features import AGGREGATION, PatchFeatures
+
+# Model pixels per tile by default (about 256 x 256): see benchmarks/results/accuracy_levers.md.
+DEFAULT_PIXELS = 256 * 256
+from export.patch_features import PatchFeatures, aggregation
 
 
 @dataclass
 class FitSettings:
     coreset_ratio: float = 0.1
     backbone: str = "lite0"
-    image_size: int = 224
+    input_size: tuple[int, int] | None = None  # model input (W, H); None: from the images' aspect and `pixels`
+    pixels: int = DEFAULT_PIXELS               # model input pixels per tile when input_size is not given
+    scale: float | None = None                 # tiling: canvas pixels per frame pixel; None: one tile per frame
+    tile_overlap: int | None = None            # pixels shared by neighbouring tiles; None: 1/8 of the tile
+    roi: tuple[int, int, int, int] | None = None
+    size_policy: str | None = None             # None: refuse other sizes when the images share one, else resize
+    aggregation_size: int = 3                  # PatchCore's local neighbourhood p (3x3 average of each tap)
     seed: int = 0
     projection_dim: int | None = None      # None keeps the full concatenated dimension
     coreset_projection_dim: int = 128      # JL projection used only to pick the coreset
-    holdout_fraction: float = 0.1          # good images kept out of the bank to calibrate the threshold
+    cross_fit_folds: int = 5               # k-fold scores of every good image for the threshold (0: skip, AUROC runs)
     max_train: int | None = None           # few-shot: at most this many images in the bank
-    target_false_reject: float = 0.01
+    target_false_reject: float = 0.005
+    review_false_reject: float | None = None  # lower edge of a review band at this modelled good-part rate
+    defect_margin: float = 0.05            # the threshold sits at least this fraction below the lowest defect
     int8_target: str = "x86-avx2"
     int8_calibration_images: int = 64
     hnsw: HnswParams = field(default_factory=HnswParams)
@@ -58,36 +73,124 @@ def log(msg: str) -> None:
     print(f"[fit] {msg}", file=sys.stderr, flush=True)
 
 
-def split_train(images: list[Path], s: FitSettings) -> tuple[list[Path], list[Path]]:
-    """Deterministic shuffle, then held-out calibration images first and bank images after them."""
-    order = np.random.default_rng(s.seed).permutation(len(images))
-    shuffled = [images[i] for i in order]
-    n_hold = max(1, int(round(s.holdout_fraction * len(images)))) if s.holdout_fraction > 0 else 0
-    n_hold = min(n_hold, len(images) - 1)
-    holdout, bank = shuffled[:n_hold], shuffled[n_hold:]
-    if s.max_train is not None:
-        bank = bank[:s.max_train]
-    return sorted(bank), sorted(holdout)
+def image_sizes(paths: list[Path]) -> list[tuple[int, int]]:
+    """(W, H) of each image from its header alone (no decoding)."""
+    sizes = []
+    for p in paths:
+        with open(p, "rb") as fh:
+            head = fh.read(1 << 16)
+        try:
+            _, w, h = declared_size(head)
+        except Exception:
+            h, w = load_image(p).shape[:2]  # a header beyond the first 64 kB: decode this one
+        sizes.append((int(w), int(h)))
+    return sizes
+
+
+def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
+    """The bundle's geometry for these training images, and the reasons for each choice (for the manifest)."""
+    sizes = image_sizes(paths)
+    if s.roi is not None:
+        x, y, w, h = s.roi
+        bad = [p.name for p, (W, H) in zip(paths, sizes) if x + w > W or y + h > H]
+        if bad:
+            raise ValueError(f"--roi {list(s.roi)} lies outside {len(bad)} training images (first: {bad[0]})")
+        sizes = [(w, h)] * len(paths)
+    same = len(set(sizes)) == 1
+    aspect = float(np.median([w / h for w, h in sizes]))
+    notes = []
+    if s.scale is None:
+        if s.input_size:
+            input_size = tuple(s.input_size)
+            notes.append(f"input {input_size[0]}x{input_size[1]} as requested")
+        else:
+            input_size = default_input_size(aspect, s.pixels)
+            rw, rh = sizes[0]
+            if same and rw * rh < input_size[0] * input_size[1]:  # never upsample a small part beyond its pixels
+                input_size = (round_to_stride(rw), round_to_stride(rh))
+            notes.append(f"input {input_size[0]}x{input_size[1]}: aspect {aspect:.3f} (median W/H of the training "
+                         f"images) kept at about {s.pixels} model pixels")
+        canvas, tiles = input_size, ((0, 0),)
+    else:
+        if not same:
+            raise ValueError("tiling (--scale) needs training images (or ROIs) of one size; these vary "
+                             f"({len(set(sizes))} sizes, e.g. {sorted(set(sizes))[:3]})")
+        rw, rh = sizes[0]
+        canvas = (max(32, round(rw * s.scale)), max(32, round(rh * s.scale)))
+        tw, th = s.input_size or default_input_size(1.0, s.pixels)
+        tw = min(tw, max(32, canvas[0] // STRIDE * STRIDE))
+        th = min(th, max(32, canvas[1] // STRIDE * STRIDE))
+        canvas = (max(canvas[0], tw), max(canvas[1], th))
+        input_size = (tw, th)
+        overlap = s.tile_overlap if s.tile_overlap is not None else max(16, min(tw, th) // 8 // 8 * 8)
+        if not 0 <= overlap < min(tw, th):
+            raise ValueError(f"tile overlap {overlap} must be in [0, {min(tw, th)})")
+        tiles = plan_tiles(canvas, input_size, overlap)
+        notes.append(f"{len(tiles)} tiles of {tw}x{th} (overlap >= {overlap} px) on a {canvas[0]}x{canvas[1]} canvas "
+                     f"(scale {s.scale} of the {rw}x{rh} region)")
+    policy = s.size_policy or ("refuse" if same else "resize")
+    if same:
+        notes.append(f"all training images are {sizes[0][0]}x{sizes[0][1]}: other sizes are {policy}d"
+                     if policy != "refuse" else
+                     f"all training images are {sizes[0][0]}x{sizes[0][1]}: a frame of another size is a FAULT")
+    else:
+        notes.append(f"training images vary in size ({len(set(sizes))} sizes): every frame is {policy}d to the "
+                     "canvas, as the bank was fitted")
+    geom = Geometry(input_size=tuple(input_size), canvas_size=tuple(canvas), tiles=tuple(tiles),
+                    region_size=sizes[0] if same else None, roi=tuple(s.roi) if s.roi else None, size_policy=policy)
+    return geom, {"training_sizes": sorted({f"{w}x{h}" for w, h in sizes})[:20], "median_aspect": aspect,
+                  "scale": s.scale, "notes": notes}
+
+
+def tensors(path: Path, geom: Geometry) -> np.ndarray:
+    return preprocess(load_image(path), geom, str(path))[0]
 
 
 @torch.no_grad()
-def torch_features(model: PatchFeatures, paths: list[Path], prep: Preprocessing, batch: int = 8,
+def torch_features(model: PatchFeatures, paths: list[Path], geom: Geometry, batch: int = 8,
                    label: str = "features") -> np.ndarray:
-    """(len(paths) * n_patches, dim) float32, image-major."""
-    n_patches = model.grid(prep.image_size)[0] * model.grid(prep.image_size)[1]
-    out = np.empty((len(paths) * n_patches, model.dim), dtype=np.float32)
+    """(len(paths) * patches_per_image, dim) float32, image-major, tile-major within an image."""
+    per_image = geom.n_tiles * geom.grid()[0] * geom.grid()[1]
+    out = np.empty((len(paths) * per_image, model.dim), dtype=np.float32)
     t0 = time.time()
     for s in range(0, len(paths), batch):
-        x = np.concatenate([preprocess(load_image(p), prep) for p in paths[s:s + batch]])
+        x = np.concatenate([tensors(p, geom) for p in paths[s:s + batch]])
         f = model(torch.from_numpy(x)).numpy()
-        out[s * n_patches:(s + len(f)) * n_patches] = f.reshape(-1, model.dim)
+        out[s * per_image:s * per_image + f.shape[0] * f.shape[1]] = f.reshape(-1, model.dim)
         if time.time() - t0 > 5 and (s // batch) % 10 == 0:
             log(f"{label}: {min(s + batch, len(paths))}/{len(paths)} images")
     return out
 
 
-def onnx_features(extractor: FeatureExtractor, paths: list[Path], prep: Preprocessing) -> np.ndarray:
-    return np.concatenate([extractor(preprocess(load_image(p), prep)) for p in paths])
+def onnx_features(extractor: FeatureExtractor, paths: list[Path], geom: Geometry) -> np.ndarray:
+    return np.concatenate([extractor(tensors(p, geom)) for p in paths])
+
+
+def nearest_search(bank: np.ndarray, n_queries: int, seed: int = 0):
+    """Exact search where one pass is cheap, else HNSW with the exact re-check (image scores stay exact)."""
+    if n_queries * len(bank) * bank.shape[1] <= 3e11:
+        return ExactSearch(bank)
+    params = HnswParams(ef_construction=64, ef_search=32)
+    return HnswSearch(build_hnsw(bank, params, seed), params, threads=2)
+
+
+def cross_fit_scores(feats: dict[str, np.ndarray], n_images: int, per_image: int, s: FitSettings) -> dict[str, np.ndarray]:
+    """Per variant, every good image's score against a bank built (coreset and all) without its fold."""
+    folds = min(s.cross_fit_folds, n_images)
+    fold_of = np.random.default_rng(s.seed + 1).permutation(n_images) % folds
+    scores = {name: np.empty(n_images) for name in feats}
+    for f in range(folds):
+        t0 = time.time()
+        held = np.nonzero(fold_of == f)[0]
+        rows = np.nonzero(np.repeat(fold_of != f, per_image))[0]
+        n_sel = max(1, int(round(s.coreset_ratio * len(rows))))
+        sel = rows[greedy_coreset(feats["fp32"][rows], n_sel, s.coreset_projection_dim, s.seed + f, progress=False)]
+        for name, x in feats.items():
+            search = nearest_search(x[sel], len(held) * per_image, s.seed)
+            for i in held:
+                scores[name][i] = float(search.distances(x[i * per_image:(i + 1) * per_image]).max())
+        log(f"cross-fit fold {f + 1}/{folds}: {len(held)} images scored against a bank of {n_sel} in {time.time() - t0:.1f} s")
+    return scores
 
 
 def choose_default_variant(requested: str, separation: dict[str, float], tolerance: float = 0.005) -> tuple[str, str]:
@@ -116,7 +219,9 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
     t_fit = time.time()
     out = Path(out)
     images = train_images(data_dir)
-    bank_images, holdout = split_train(images, s)
+    if s.max_train is not None:  # few-shot: a seeded subset
+        order = np.random.default_rng(s.seed).permutation(len(images))[:s.max_train]
+        images = sorted(images[i] for i in order)
     defects = list_images(calibration_defects) if calibration_defects else []
     if calibration_defects and not defects:
         raise ValueError(f"{calibration_defects}: no images found for threshold calibration")
@@ -124,17 +229,17 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
         if not overwrite and any(out.iterdir()):
             raise FileExistsError(f"{out}: exists and is not empty (use --overwrite)")
         shutil.rmtree(out)
+    geom, geom_info = plan_geometry(images, s)
     out.mkdir(parents=True)
-    prep = Preprocessing(s.image_size)
     torch.manual_seed(s.seed)
-    model = PatchFeatures(s.backbone, s.projection_dim, s.seed)
-    grid = model.grid(s.image_size)
-    n_patches = grid[0] * grid[1]
-    log(f"{len(bank_images)} bank images, {len(holdout)} held-out good, {len(defects)} calibration defects; "
-        f"{s.backbone} {s.image_size}px -> {grid[0]}x{grid[1]} patches x {model.dim}-d")
+    model = PatchFeatures(s.backbone, s.projection_dim, s.seed, aggregation_size=s.aggregation_size)
+    grid = geom.grid()
+    per_image = geom.n_tiles * grid[0] * grid[1]
+    log(f"{len(images)} good images, {len(defects)} calibration defects; {s.backbone}; " + "; ".join(geom_info["notes"]))
+    log(f"{per_image} patches x {model.dim}-d per image")
 
     t0 = time.time()
-    feats = torch_features(model, bank_images, prep, s.batch_size, "bank features")
+    feats = torch_features(model, images, geom, s.batch_size, "bank features")
     t_feat = time.time() - t0
     n_select = max(1, int(round(s.coreset_ratio * len(feats))))
     t0 = time.time()
@@ -142,25 +247,40 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
     t_coreset = time.time() - t0
     log(f"coreset {n_select}/{len(feats)} patches in {t_coreset:.1f} s")
 
-    onnx_info = export_fp32(model, s.image_size, out / "features_fp32.onnx")
-    calib = [preprocess(load_image(p), prep) for p in bank_images[:s.int8_calibration_images]]
+    onnx_info = export_fp32(model, geom.input_size, out / "features_fp32.onnx")
+    calib, n_calib_tiles = [], 0
+    for p in images[:s.int8_calibration_images]:
+        if n_calib_tiles >= 4 * s.int8_calibration_images:  # tiled bundles: enough tiles from fewer images
+            break
+        calib.append(tensors(p, geom))
+        n_calib_tiles += geom.n_tiles
     quant_info = quantize_int8(out / "features_fp32.onnx", out / "features_int8.onnx", calib, s.int8_target)
     log(f"ONNX FP32 and INT8 ({s.int8_target}) written")
 
-    banks = {"fp32": feats[selected]}
-    del feats
-    int8 = FeatureExtractor(out / "features_int8.onnx", (n_patches, model.dim, s.image_size), threads=2)
+    int8 = FeatureExtractor(out / "features_int8.onnx", (grid[0] * grid[1], model.dim, geom.input_size, geom.n_tiles),
+                            threads=2)
     # The INT8 bank holds the INT8 extractor's features of the same coreset patches: a bank built from
     # FP32 features but queried with INT8 ones loses ~5 points of image AUROC (shared/BACKBONES.md).
-    img_idx, patch_idx = np.divmod(selected, n_patches)
-    int8_rows = np.empty((len(selected), model.dim), dtype=np.float32)
-    for i in np.unique(img_idx):
-        rows = np.nonzero(img_idx == i)[0]
-        int8_rows[rows] = int8(preprocess(load_image(bank_images[i]), prep))[patch_idx[rows]]
-    banks["int8"] = int8_rows
+    all_feats = {"fp32": feats}
+    if s.cross_fit_folds:
+        t0 = time.time()
+        all_feats["int8"] = onnx_features(int8, images, geom)
+        log(f"INT8 features of every image for cross-fitting in {time.time() - t0:.1f} s")
+        banks = {"fp32": feats[selected], "int8": all_feats["int8"][selected]}
+    else:
+        img_idx, patch_idx = np.divmod(selected, per_image)
+        int8_rows = np.empty((len(selected), model.dim), dtype=np.float32)
+        for i in np.unique(img_idx):
+            rows = np.nonzero(img_idx == i)[0]
+            int8_rows[rows] = int8(tensors(images[i], geom))[patch_idx[rows]]
+        banks = {"fp32": feats[selected], "int8": int8_rows}
     models = {"fp32": "features_fp32.onnx", "int8": "features_int8.onnx"}
     for name, bank in banks.items():
         build_hnsw(bank, s.hnsw, s.seed).save_index(str(out / f"index_{name}.hnsw"))
+    t0 = time.time()
+    crossfit = cross_fit_scores(all_feats, len(images), per_image, s) if s.cross_fit_folds else {}
+    t_cross = time.time() - t0
+    del feats, all_feats
 
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -171,59 +291,72 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
                      "weights_package": backbone_mod.BACKBONES[s.backbone].package.replace("_", "-") + "==0.1.0",
                      "padding": "TensorFlow SAME (asymmetric at stride 2), computed for the fixed input size", "taps": list(model.backbone.tap_blocks),
                      "tap_channels": list(model.backbone.channels), "tap_strides": [8, 16]},
-        "preprocessing": prep.to_manifest(),
-        "features": {"aggregation": AGGREGATION, "grid": list(grid), "dim": model.dim, "full_dim": model.full_dim,
+        "geometry": {**geom.to_manifest(), "chosen": geom_info},
+        "preprocessing": NORMALIZATION,
+        "features": {"aggregation": aggregation(s.aggregation_size), "grid": list(grid), "dim": model.dim,
+                     "full_dim": model.full_dim,
                      "projection": {"dim": s.projection_dim, "seed": s.seed, "kind": "random orthonormal (QR)"}
                      if s.projection_dim else None, "onnx": onnx_info},
         "score": {**scoring.SCORE_DEFINITION, "distance": "l2", "k": 1},
-        "coreset": {"method": "greedy k-center", "ratio": s.coreset_ratio, "projection_dim": s.coreset_projection_dim,
-                    "seed": s.seed, "n_bank_images": len(bank_images), "n_patches": len(bank_images) * n_patches,
+        "coreset": {"method": f"greedy k-center in random chunks of <= {CHUNK_PATCHES} patches",
+                    "ratio": s.coreset_ratio, "projection_dim": s.coreset_projection_dim,
+                    "seed": s.seed, "n_bank_images": len(images), "n_patches": len(images) * per_image,
                     "n_selected": int(n_select), "seconds": round(t_coreset, 2)},
         "index": {"library": "hnswlib", "dim": model.dim, **asdict(s.hnsw),
                   "note": "ef is not stored by hnswlib; the runtime sets ef_search on every load"},
         "variants": {name: {"model": models[name], "index": f"index_{name}.hnsw", "bank_size": int(len(banks[name])),
                             "threshold": 1.0} for name in banks},
         "default_variant": s.default_variant,
-        "fit": {"data_dir": str(data_dir), "settings": {k: v for k, v in asdict(s).items() if k != "hnsw"},
-                "bank_images": [p.name for p in bank_images], "holdout_images": [p.name for p in holdout],
-                "calibration_defects": [str(p) for p in defects], "feature_seconds": round(t_feat, 2)},
+        "fit": {"data_dir": str(data_dir),
+                "settings": {k: v for k, v in asdict(s).items() if k != "hnsw"},
+                "bank_images": [p.name for p in images], "calibration_defects": [str(p) for p in defects],
+                "feature_seconds": round(t_feat, 2), "cross_fit_seconds": round(t_cross, 2)},
         "files": {},
     }
     manifest["variants"]["int8"]["quantization"] = quant_info
 
-    # Calibrate each variant with the runtime's own pipeline (the deployed scoring code).
+    # Golden images: the frames as they arrive (full size, so the self-test runs decode and geometry too).
     (out / "golden").mkdir()
-    golden_src = holdout[: max(1, s.n_golden - min(2, len(defects)))] + defects[: min(2, len(defects))]
+    n_good = max(1, s.n_golden - min(2, len(defects)))
+    golden_src = [images[i] for i in np.linspace(0, len(images) - 1, n_good).round().astype(int)] + defects[:min(2, len(defects))]
     golden_files = []
-    for i, src in enumerate(golden_src):
-        rgb = load_image(src)
-        scale = 512 / max(rgb.shape[:2])
-        if scale < 1:  # keep golden images small; the stored file is what the self-test decodes
-            rgb = cv2.resize(rgb, (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+    for i, src in enumerate(dict.fromkeys(golden_src)):
         name = f"golden/{i:02d}_{'defect' if src in defects else 'good'}.png"
-        cv2.imwrite(str(out / name), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out / name), cv2.cvtColor(load_image(src), cv2.COLOR_RGB2BGR))
         golden_files.append(name)
     draft = Bundle(out, manifest)
     separation = {}
+    bank_sample = images[:: max(1, len(images) // 32)]
     for name in banks:
-        pipe = Pipeline(draft, precision=name, knn="exact", threads=2)
-        good_scores = np.array([pipe.score_rgb(load_image(p)).score for p in holdout])
-        defect_scores = np.array([pipe.score_rgb(load_image(p)).score for p in defects])
-        threshold, info = calibrate_threshold(good_scores, defect_scores, s.target_false_reject)
+        pipe = Pipeline(draft, precision=name, knn="hnsw", threads=2)
+        defect_scores = np.array([pipe.score_rgb(load_image(p), str(p)).score for p in defects])
+        bank_scores = np.array([pipe.score_rgb(load_image(p), str(p)).score for p in bank_sample])
+        good_scores = crossfit.get(name, bank_scores)
+        threshold, review, info = operating_point(good_scores, defect_scores, s.target_false_reject,
+                                                  s.review_false_reject, bank_scores, s.defect_margin, s.seed)
+        if not crossfit:
+            info["method"] += " (NO cross-fitting: in-bank scores, for accuracy runs only)"
         v = manifest["variants"][name]
         v["threshold"] = threshold
+        v["review_threshold"] = review
         v["threshold_info"] = info
-        v["golden"] = [{"file": g, "score": pipe.score_rgb(load_image(out / g)).score} for g in golden_files]
+        v["cross_fit_scores"] = {p.name: round(float(x), 5) for p, x in zip(images, good_scores)} if crossfit else None
+        v["golden"] = [{"file": g, "score": pipe.score_rgb(load_image(out / g), g).score} for g in golden_files]
         v["golden_tolerance"] = {"relative": 1e-3 if name == "fp32" else 1e-2}
         if len(defects):
             separation[name] = auroc(np.r_[np.zeros(len(good_scores)), np.ones(len(defect_scores))],
                                      np.r_[good_scores, defect_scores])
             v["calibration_auroc"] = separation[name]
-        log(f"{name}: threshold {threshold:.4f} ({info['method']})")
+        frr = info["expected_false_reject"]
+        log(f"{name}: threshold {threshold:.4f} ({info['method']}); expected false rejects {frr['modelled']:.2%} "
+            f"(95% CI {frr['modelled_ci95'][0]:.2%}-{frr['modelled_ci95'][1]:.2%}; cross-fitted "
+            f"{frr['empirical_count']}/{frr['n']})" + (f"; review band from {review:.4f}" if review else ""))
     manifest["default_variant"], manifest["default_variant_reason"] = choose_default_variant(s.default_variant, separation)
     log(f"default variant {manifest['default_variant']}: {manifest['default_variant_reason']}")
     manifest["fit"]["seconds"] = round(time.time() - t_fit, 1)
+    manifest["fit"]["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     write_manifest(out, manifest)
     bundle = Bundle.load(out)
-    log(f"bundle {bundle.bundle_id} written to {out} in {time.time() - t_fit:.1f} s")
+    log(f"bundle {bundle.bundle_id} written to {out} in {time.time() - t_fit:.1f} s "
+        f"(peak resident {manifest['fit']['peak_rss_mib']} MiB)")
     return bundle

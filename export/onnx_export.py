@@ -26,17 +26,22 @@ INT8_TARGETS: dict[str, dict] = {
 }
 
 
-def export_fp32(model: PatchFeatures, image_size: int, path: Path) -> dict:
-    dummy = torch.zeros(1, 3, image_size, image_size)
+def export_fp32(model: PatchFeatures, input_size: tuple[int, int], path: Path) -> dict:
+    """Fixed H x W (TF pads are baked in at trace time), dynamic batch: all tiles of a frame in one run."""
+    width, height = input_size
+    dummy = torch.zeros(2, 3, height, width)
     with warnings.catch_warnings():
         # The tracer warns that pad sizes become constants: intended, the graph has a fixed input size.
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (dummy,), str(path), opset_version=OPSET, dynamo=False,
-                          input_names=["image"], output_names=["patch_features"], do_constant_folding=True)
+                          input_names=["image"], output_names=["patch_features"], do_constant_folding=True,
+                          dynamic_axes={"image": {0: "tiles"}, "patch_features": {0: "tiles"}})
     constant_fold(path)
     folded = fold_pads_into_convs(path)
-    return {"opset": OPSET, "input": {"name": "image", "shape": [1, 3, image_size, image_size], "dynamic": False},
-            "output": {"name": "patch_features", "shape": [1, model.grid(image_size)[0] * model.grid(image_size)[1], model.dim]},
+    rows, cols = model.grid(input_size)
+    pin_output_shape(path, rows * cols, model.dim)
+    return {"opset": OPSET, "input": {"name": "image", "shape": ["tiles", 3, height, width], "dynamic": "batch only"},
+            "output": {"name": "patch_features", "shape": ["tiles", rows * cols, model.dim]},
             "exporter": f"torch.onnx.export legacy (dynamo=False), torch {torch.__version__}",
             "pads_folded_into_conv": folded}
 
@@ -98,6 +103,21 @@ def fold_pads_into_convs(path: Path) -> int:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return len(removed)
+
+
+def pin_output_shape(path: Path, n_patches: int, dim: int) -> None:
+    """Write the static patch and feature dimensions into the output's type: with a dynamic batch the tracer
+    leaves them symbolic, and the device checks them against the manifest before running anything."""
+    import onnx
+
+    model = onnx.load(str(path))
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    dims[0].dim_param = "tiles"
+    for d, value in zip(dims[1:], (n_patches, dim)):
+        d.ClearField("dim_param")
+        d.dim_value = value
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, calibration: Iterable[np.ndarray], target: str = "x86-avx2") -> dict:

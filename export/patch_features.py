@@ -2,7 +2,7 @@
 
 Each tap is averaged over its 3x3 neighbourhood (local aggregation), the stride-16 map is bilinearly
 upsampled to the stride-8 grid, both are concatenated and optionally projected by a fixed random
-orthonormal matrix. Output: (1, grid_h * grid_w, dim), one row per patch, row-major over the grid.
+orthonormal matrix. Output: (n_tiles, grid_h * grid_w, dim), one row per patch, row-major over the grid.
 """
 from __future__ import annotations
 
@@ -12,17 +12,23 @@ import torch.nn.functional as F
 
 from export.backbone import EfficientNetLiteTaps
 
-AGGREGATION = {
-    "neighbourhood": "3x3 average pool, stride 1, zero padding 1, count_include_pad=True, on each tap",
-    "upsample": "stride-16 tap bilinear (align_corners=False) to the stride-8 grid",
-    "combine": "concatenate channels [stride-8, stride-16]",
-}
+def aggregation(size: int = 3) -> dict:
+    """The manifest's record of the local aggregation (PatchCore's neighbourhood size p)."""
+    return {
+        "neighbourhood": f"{size}x{size} average pool, stride 1, zero padding {size // 2}, count_include_pad=True, on each tap",
+        "size": size,
+        "upsample": "stride-16 tap bilinear (align_corners=False) to the stride-8 grid",
+        "combine": "concatenate channels [stride-8, stride-16]",
+    }
 
 
 class PatchFeatures(nn.Module):
     def __init__(self, backbone: str = "lite0", projection_dim: int | None = None, seed: int = 0,
-                 padding: str = "tf"):
+                 padding: str = "tf", aggregation_size: int = 3):
         super().__init__()
+        if aggregation_size < 1 or aggregation_size % 2 == 0:
+            raise ValueError(f"aggregation size must be an odd number >= 1, got {aggregation_size}")
+        self.aggregation_size = aggregation_size
         self.backbone = EfficientNetLiteTaps(backbone, padding)
         full_dim = sum(self.backbone.channels)
         self.full_dim = full_dim
@@ -39,15 +45,18 @@ class PatchFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f8, f16 = self.backbone(x)
-        f8 = F.avg_pool2d(f8, 3, stride=1, padding=1, count_include_pad=True)
-        f16 = F.avg_pool2d(f16, 3, stride=1, padding=1, count_include_pad=True)
+        p = self.aggregation_size
+        if p > 1:
+            f8 = F.avg_pool2d(f8, p, stride=1, padding=p // 2, count_include_pad=True)
+            f16 = F.avg_pool2d(f16, p, stride=1, padding=p // 2, count_include_pad=True)
         f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
-        feats = torch.cat([f8, f16], dim=1)              # (1, D, h, w)
-        feats = feats.flatten(2).transpose(1, 2)         # (1, h*w, D)
+        feats = torch.cat([f8, f16], dim=1)              # (n, D, h, w)
+        feats = feats.flatten(2).transpose(1, 2)         # (n, h*w, D)
         if self.projection is not None:
             feats = feats @ self.projection
         return feats
 
-    def grid(self, image_size: int) -> tuple[int, int]:
-        g = -(-image_size // 8)
-        return g, g
+    @staticmethod
+    def grid(input_size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, cols) of the stride-8 patch grid for a (W, H) input (TF SAME padding rounds up)."""
+        return -(-input_size[1] // 8), -(-input_size[0] // 8)

@@ -8,18 +8,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edge_runtime import scoring
 from edge_runtime.bundle import Bundle
 from edge_runtime.nn_search import HnswSearch
-from edge_runtime.pipeline import Scored
-from edge_runtime.preprocess import preprocess
+from edge_runtime.pipeline import Scored, score_frame
 from export.patch_features import PatchFeatures
 
 
 def model_for(bundle: Bundle) -> PatchFeatures:
     m = bundle.manifest
     proj = m["features"].get("projection") or {}
-    return PatchFeatures(m["backbone"]["name"], proj.get("dim"), proj.get("seed", 0))
+    return PatchFeatures(m["backbone"]["name"], proj.get("dim"), proj.get("seed", 0),
+                         aggregation_size=int(m["features"]["aggregation"].get("size", 3)))
 
 
 class ReferenceScorer:
@@ -30,19 +29,18 @@ class ReferenceScorer:
         variant = bundle.variant("fp32")
         bank = HnswSearch.load(bundle.path(variant.index_file), bundle.dim, bundle.hnsw_params).exact.bank
         self.bank = torch.from_numpy(bank)
-        self.prep = bundle.preprocessing
-        self.grid = bundle.grid
+        self.geometry = bundle.geometry
         self.threshold = variant.threshold
+        self.review_threshold = variant.review_threshold
 
     @torch.no_grad()
     def features(self, tensor: np.ndarray) -> torch.Tensor:
-        return self.model(torch.from_numpy(tensor))[0]
+        return self.model(torch.from_numpy(tensor)).reshape(-1, self.model.dim)
 
     @torch.no_grad()
-    def score_tensor(self, tensor: np.ndarray) -> Scored:
+    def score_tiles(self, tensor: np.ndarray) -> np.ndarray:
         feats = self.features(tensor)
-        patch = torch.cdist(feats.double(), self.bank.double()).min(dim=1).values.float().numpy()
-        return Scored(scoring.image_score(patch), patch, scoring.anomaly_map(patch, self.grid, self.prep.image_size))
+        return torch.cdist(feats.double(), self.bank.double()).min(dim=1).values.float().numpy()
 
-    def score_rgb(self, rgb: np.ndarray) -> Scored:
-        return self.score_tensor(preprocess(rgb, self.prep))
+    def score_rgb(self, rgb: np.ndarray, name: str = "<frame>") -> Scored:
+        return score_frame(self.score_tiles, self.geometry, rgb, name)

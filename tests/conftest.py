@@ -25,7 +25,7 @@ def small_bundle(synthetic_dataset, tmp_path_factory) -> Path:
     from export.fit import FitSettings, fit
 
     out = tmp_path_factory.mktemp("bundles") / "flange"
-    fit(synthetic_dataset, out, FitSettings(coreset_ratio=0.05, image_size=224, int8_calibration_images=16))
+    fit(synthetic_dataset, out, FitSettings(coreset_ratio=0.05, int8_calibration_images=16))
     return out
 
 

@@ -9,7 +9,7 @@ import yaml
 
 from edge_runtime.bundle import Bundle
 from edge_runtime.pipeline import Pipeline
-from edge_runtime.preprocess import load_image
+from edge_runtime.preprocess import ImageError, load_image
 from export.cli import main as export_main
 from export.dataset import DatasetError, train_images
 from export.evaluate import evaluate
@@ -30,10 +30,16 @@ def test_bundle_manifest_pins_the_score(small_bundle):
     m = yaml.safe_load((small_bundle / "manifest.yaml").read_text())
     assert m["features"]["dim"] == 152 and m["features"]["grid"] == [28, 28]
     assert m["score"]["k"] == 1 and m["score"]["distance"] == "l2"
-    assert m["preprocessing"]["image_size"] == 224
+    assert m["geometry"]["input_size"] == [224, 224] and m["geometry"]["region_size"] == [224, 224]
+    assert m["geometry"]["size_policy"] == "refuse" and m["geometry"]["tiles"] == [[0, 0]]
     assert set(m["variants"]) == {"fp32", "int8"}
     for v in m["variants"].values():
-        assert v["threshold"] > 0 and v["golden"] and v["threshold_info"]["good_scores"]["n"] >= 1
+        assert v["threshold"] > 0 and v["golden"] and v["threshold_info"]["good_scores"]["n"] == 40
+        # every good image was scored against a bank built without it, and the threshold respects the bank's own
+        assert len(v["cross_fit_scores"]) == 40
+        assert v["threshold"] > v["threshold_info"]["bank_scores_max"]
+        frr = v["threshold_info"]["expected_false_reject"]
+        assert 0 <= frr["modelled_ci95"][0] <= frr["modelled"] <= frr["modelled_ci95"][1] <= 1
         assert v["model"] in m["files"] and v["index"] in m["files"]
     assert m["index"]["ef_search"] >= 1 and m["backbone"]["weights_sha256"]
     for name in ("manifest.yaml",):
@@ -56,10 +62,16 @@ def test_grayscale_and_odd_sized_inputs(small_bundle, synthetic_dataset, tmp_pat
     rgb = load_image(src)
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     odd = cv2.resize(rgb, (301, 187))
-    for img, path in ((gray, tmp_path / "gray.png"), (cv2.cvtColor(odd, cv2.COLOR_RGB2BGR), tmp_path / "odd.jpg")):
-        cv2.imwrite(str(path), img)
-        s = pipe.score_rgb(load_image(path))
-        assert np.isfinite(s.score) and s.anomaly_map.shape == (224, 224)
+    cv2.imwrite(str(tmp_path / "gray.png"), gray)
+    s = pipe.score_rgb(load_image(tmp_path / "gray.png"))
+    assert np.isfinite(s.score) and s.anomaly_map.shape == (224, 224)
+    # The bundle was fitted on 224x224 frames: another size is refused unless the station relaxes the policy.
+    cv2.imwrite(str(tmp_path / "odd.jpg"), cv2.cvtColor(odd, cv2.COLOR_RGB2BGR))
+    with pytest.raises(ImageError, match=r"odd\.jpg: frame is 301x187 but the bundle was fitted on 224x224"):
+        pipe.score_rgb(load_image(tmp_path / "odd.jpg"), str(tmp_path / "odd.jpg"))
+    pipe.apply_overrides(size_policy="letterbox")
+    s = pipe.score_rgb(load_image(tmp_path / "odd.jpg"))
+    assert np.isfinite(s.score) and s.anomaly_map.shape == (187, 301)
     # A grayscale data set (like magnetic_tile) fits too.
     gray_set = tmp_path / "grayset"
     for sub in ("train/good",):
@@ -68,7 +80,13 @@ def test_grayscale_and_odd_sized_inputs(small_bundle, synthetic_dataset, tmp_pat
         g = cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2GRAY)
         cv2.imwrite(str(gray_set / "train" / "good" / f"{i}.jpg"), cv2.resize(g, (150 + 7 * i, 230)))
     assert export_main(["fit", str(gray_set), "--out", str(tmp_path / "gb"), "--coreset-ratio", "0.2"]) == 0
-    assert Bundle.load(tmp_path / "gb").variant("int8").threshold > 0
+    gb = Bundle.load(tmp_path / "gb")
+    assert gb.variant("int8").threshold > 0
+    # Varied sizes: no size is refused, every frame is resampled to the canvas as the bank was; aspect kept
+    # from the median of the training images (about 0.75 here), not squashed to a square.
+    g = gb.geometry
+    assert g.region_size is None and g.size_policy == "resize"
+    assert g.input_size[0] < g.input_size[1]
 
 
 def test_evaluate_cli_writes_the_promised_json(small_bundle, synthetic_dataset, tmp_path):
@@ -94,18 +112,6 @@ def test_verify_cli_detects_a_modified_file(small_bundle, tmp_path, capsys):
     (copy / "index_int8.hnsw").write_bytes(bytes(data))
     assert export_main(["verify", str(copy)]) == 1
     assert "index_int8.hnsw" in capsys.readouterr().err
-
-
-def test_threshold_with_calibration_defects_lets_none_through():
-    from export.calibration import calibrate_threshold
-
-    good = np.array([1.0, 1.2, 1.4, 3.0])
-    bad = np.array([2.0, 5.0, 6.0])
-    t, info = calibrate_threshold(good, bad)
-    assert np.all(bad >= t) and t > 1.4
-    assert info["calibration_escapes"] == 0 and info["calibration_false_reject_rate"] == 0.25
-    t2, info2 = calibrate_threshold(good, np.array([]), 0.01)
-    assert t2 > 3.0 and info2["calibration_false_reject_rate"] == 0.0
 
 
 def test_default_variant_falls_back_to_fp32_only_when_defects_say_so():

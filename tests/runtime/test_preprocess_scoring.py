@@ -4,7 +4,8 @@ import pytest
 
 from edge_runtime import scoring
 from edge_runtime.pipeline import decide
-from edge_runtime.preprocess import ImageError, Preprocessing, decode_image, preprocess, to_rgb
+from edge_runtime.geometry import Geometry
+from edge_runtime.preprocess import ImageError, decode_image, preprocess, to_rgb
 from edge_runtime.records import Verdict
 
 
@@ -19,8 +20,8 @@ def test_any_channel_count_becomes_rgb(shape):
     img = np.random.default_rng(0).integers(0, 255, size=shape, dtype=np.uint8)
     rgb = decode_image(png(img), "x.png")
     assert rgb.shape == (37, 53, 3) and rgb.dtype == np.uint8
-    x = preprocess(rgb, Preprocessing(64))
-    assert x.shape == (1, 3, 64, 64) and x.dtype == np.float32
+    x, _, region_hw = preprocess(rgb, Geometry((64, 48), (64, 48), ((0, 0),), size_policy="resize"))
+    assert x.shape == (1, 3, 48, 64) and x.dtype == np.float32 and region_hw == (37, 53)
 
 
 def test_sixteen_bit_and_bgr_order():
@@ -47,7 +48,7 @@ def test_score_definition():
     patch = np.zeros(28 * 28, np.float32)
     patch[28 * 10 + 5] = 7.0
     assert scoring.image_score(patch) == 7.0
-    m = scoring.anomaly_map(patch, (28, 28), 224)
+    m = scoring.anomaly_map(patch, Geometry((224, 224), (224, 224), ((0, 0),)))
     assert m.shape == (224, 224)
     y, x = np.unravel_index(np.argmax(m), m.shape)
     assert abs(y - (10.5 * 8)) <= 8 and abs(x - (5.5 * 8)) <= 8   # the hot spot stays where the patch is
@@ -57,5 +58,14 @@ def test_score_definition():
 
 def test_decision_is_fail_safe_on_nan():
     assert decide(float("nan"), 1.0) is Verdict.NG
+    assert decide(float("nan"), 1.0, 0.5) is Verdict.NG
     assert decide(0.99, 1.0) is Verdict.OK
+
+
+def test_review_band_is_never_ok():
+    assert decide(0.49, 1.0, 0.5) is Verdict.OK
+    assert decide(0.5, 1.0, 0.5) is Verdict.REVIEW
+    assert decide(0.99, 1.0, 0.5) is Verdict.REVIEW
+    assert decide(1.0, 1.0, 0.5) is Verdict.NG
+    assert decide(float("inf"), 1.0, 0.5) is Verdict.NG
     assert decide(1.0, 1.0) is Verdict.NG

@@ -215,7 +215,7 @@ def test_16_bit_png_file_is_inspected(pipeline, part):
 
 def test_roi_outside_the_frame_is_a_fault(small_bundle, part):
     pipeline = Pipeline(Bundle.load(small_bundle), threads=1)
-    pipeline.prep = type(pipeline.prep)(pipeline.prep.image_size, (0, 0, part.shape[1] + 1, 10))
+    pipeline.apply_overrides(roi=(0, 0, part.shape[1] + 1, 10))
     assert_fault(pipeline.inspect(Frame(frame_id=10, source="cam4", image=part)), "cam4", "region of interest")
 
 

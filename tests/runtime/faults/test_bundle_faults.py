@@ -254,7 +254,7 @@ def test_garbage_model_with_a_valid_checksum_is_refused(editor):
         load_pipeline(station(editor.root))
 
 
-def _model_that_fails_at_run_time(path: Path, n_patches: int, dim: int, size: int) -> None:
+def _model_that_fails_at_run_time(path: Path, n_patches: int, dim: int, width: int, height: int) -> None:
     """A valid graph with the manifest's input and output shapes whose Reshape cannot succeed on any input."""
     import onnx
     from onnx import TensorProto, helper
@@ -262,7 +262,7 @@ def _model_that_fails_at_run_time(path: Path, n_patches: int, dim: int, size: in
     shape = helper.make_tensor("shape", TensorProto.INT64, [3], [1, n_patches, dim])
     graph = helper.make_graph(
         [helper.make_node("Reshape", ["image", "shape"], ["patch_features"])], "broken",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, height, width])],
         [helper.make_tensor_value_info("patch_features", TensorProto.FLOAT, [1, n_patches, dim])],
         initializer=[shape])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -272,8 +272,8 @@ def _model_that_fails_at_run_time(path: Path, n_patches: int, dim: int, size: in
 
 def test_model_that_loads_but_cannot_run_faults_every_part(editor):
     bundle = Bundle.load(editor.root)
-    (rows, cols), size = bundle.grid, bundle.preprocessing.image_size
-    _model_that_fails_at_run_time(editor.root / MODEL, rows * cols, bundle.dim, size)
+    (rows, cols), (width, height) = bundle.grid, bundle.geometry.input_size
+    _model_that_fails_at_run_time(editor.root / MODEL, rows * cols, bundle.dim, width, height)
     editor.repin(MODEL)
     pipeline = Pipeline(Bundle.load(editor.root), threads=1)   # shapes agree, so it loads
     result = pipeline.inspect(Frame(frame_id=1, source="cam", encoded=(editor.root / GOLDEN).read_bytes()))
@@ -317,7 +317,9 @@ def test_models_swapped_between_variants(editor):
 
 # ---- the manifest as hostile input ----------------------------------------------------------------------------
 _MUTABLE = [
-    ("schema_version",), ("preprocessing",), ("preprocessing", "image_size"), ("preprocessing", "roi"),
+    ("schema_version",), ("geometry",), ("geometry", "input_size"), ("geometry", "roi"), ("geometry", "tiles"),
+    ("geometry", "canvas_size"), ("geometry", "region_size"), ("geometry", "size_policy"),
+    ("variants", "int8", "review_threshold"),
     ("features",), ("features", "grid"), ("features", "dim"), ("index",), ("index", "dim"), ("index", "space"),
     ("index", "M"), ("index", "ef_search"), ("variants",), ("variants", "int8"), ("variants", "int8", "model"),
     ("variants", "int8", "index"), ("variants", "int8", "threshold"), ("variants", "int8", "bank_size"),
@@ -353,7 +355,7 @@ def test_any_manifest_value_is_refused_cleanly_or_usable(bundle_copy, where, val
         except BundleError as exc:
             assert str(bundle_copy) in str(exc)
             return
-        bundle.preprocessing, bundle.grid, bundle.dim, bundle.hnsw_params, bundle.bundle_id
+        bundle.geometry, bundle.grid, bundle.dim, bundle.hnsw_params, bundle.bundle_id
         variant = bundle.variant()
         assert variant.threshold > 0 and math.isfinite(variant.threshold)
         for g in variant.golden:

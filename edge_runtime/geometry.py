@@ -1,0 +1,186 @@
+"""Geometry: which pixels of a frame the model sees, and where each patch score lands back on the frame.
+
+frame -> region (the ROI, or the whole frame) -> size check (the bundle's size policy) -> canvas (the region
+scaled to the pixel density the bank was fitted at) -> tiles (model inputs covering the canvas, overlapping) ...
+patch scores -> stitched canvas heat map -> heat map at the region's own resolution.
+
+Everything here is pinned in the bundle manifest (`geometry`), so fitting and inspection cut identical tiles.
+A new user's non-square parts keep their aspect ratio (no squashing to a square), and frames larger than the
+model input can be inspected at full detail by tiling instead of being shrunk until thin defects vanish.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import cv2
+import numpy as np
+
+from edge_runtime.decode import ImageError
+
+SIZE_POLICIES = ("refuse", "resize", "letterbox")
+INTERPOLATION = "INTER_AREA"         # region -> canvas; pinned for fit and runtime alike
+PAD_VALUE = 127                      # letterbox fill: 0 after the network's (x - 127) / 128 normalisation
+STRIDE = 16                          # input sizes are multiples of the deepest tap's stride
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the region sits on the canvas: x, y, w, h in canvas pixels (the whole canvas unless letterboxed)."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The bundle's input geometry (all sizes are (width, height) in pixels)."""
+
+    input_size: tuple[int, int]                    # one model input (a tile)
+    canvas_size: tuple[int, int]                   # the region resampled to the fitted pixel density
+    tiles: tuple[tuple[int, int], ...]             # top-left corners of the tiles on the canvas
+    region_size: tuple[int, int] | None = None     # the size the region must have; None: any size (resampled)
+    roi: tuple[int, int, int, int] | None = None   # x, y, w, h crop of the frame; None: the whole frame
+    size_policy: str = "refuse"                    # region of another size: refuse (FAULT), resize or letterbox
+
+    def __post_init__(self) -> None:
+        if self.size_policy not in SIZE_POLICIES:
+            raise ValueError(f"size_policy must be one of {', '.join(SIZE_POLICIES)}, got {self.size_policy!r}")
+        (tw, th), (cw, ch) = self.input_size, self.canvas_size
+        if not self.tiles:
+            raise ValueError("geometry needs at least one tile")
+        for x, y in self.tiles:
+            if x < 0 or y < 0 or x + tw > cw or y + th > ch:
+                raise ValueError(f"tile at ({x}, {y}) of {tw}x{th} lies outside the {cw}x{ch} canvas")
+        if not covers(self.tiles, self.input_size, self.canvas_size):
+            raise ValueError(f"tiles {list(self.tiles)} of {tw}x{th} do not cover the {cw}x{ch} canvas")
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.tiles)
+
+    def grid(self, stride: int = 8) -> tuple[int, int]:
+        """Patch grid of one tile (rows, cols) at the stride-8 tap (TF SAME padding: ceil)."""
+        return -(-self.input_size[1] // stride), -(-self.input_size[0] // stride)
+
+    def with_overrides(self, roi: tuple[int, int, int, int] | None = None, size_policy: str | None = None) -> "Geometry":
+        """The station file may move the ROI (same size) or relax the size policy; it cannot change the tiling."""
+        return replace(self, roi=tuple(roi) if roi is not None else self.roi, size_policy=size_policy or self.size_policy)
+
+    def to_manifest(self) -> dict:
+        return {
+            "input_size": list(self.input_size), "canvas_size": list(self.canvas_size),
+            "tiles": [list(t) for t in self.tiles],
+            "region_size": list(self.region_size) if self.region_size else None,
+            "roi": list(self.roi) if self.roi else None, "size_policy": self.size_policy,
+            "interpolation": f"cv2.{INTERPOLATION} (region -> canvas)", "pad_value": PAD_VALUE,
+            "stitch": "per tile: patch grid -> cv2.resize INTER_LINEAR to the tile; overlaps: maximum",
+        }
+
+    @classmethod
+    def from_manifest(cls, g: dict) -> "Geometry":
+        """Raises ValueError/TypeError/KeyError for a malformed section (the bundle reader names the file)."""
+        pair = lambda v: (int(v[0]), int(v[1])) if v is not None else None  # noqa: E731
+        return cls(input_size=pair(g["input_size"]), canvas_size=pair(g["canvas_size"]),
+                   tiles=tuple(pair(t) for t in g["tiles"]), region_size=pair(g.get("region_size")),
+                   roi=tuple(int(v) for v in g["roi"]) if g.get("roi") else None,
+                   size_policy=g.get("size_policy", "refuse"))
+
+
+# ---- planning (the exporter chooses; the manifest pins) --------------------------------------------------------
+def round_to_stride(v: float, stride: int = STRIDE, minimum: int = 32) -> int:
+    return max(minimum, int(round(v / stride)) * stride)
+
+
+def default_input_size(aspect: float, pixels: int) -> tuple[int, int]:
+    """(W, H) with W / H close to `aspect` and about `pixels` pixels, multiples of the stride."""
+    return round_to_stride(math.sqrt(pixels * aspect)), round_to_stride(math.sqrt(pixels / aspect))
+
+
+def tile_offsets(length: int, tile: int, overlap: int) -> list[int]:
+    """Evenly spaced tile starts covering [0, length) with at least `overlap` pixels shared by neighbours."""
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def plan_tiles(canvas_size: tuple[int, int], input_size: tuple[int, int], overlap: int) -> tuple[tuple[int, int], ...]:
+    xs = tile_offsets(canvas_size[0], input_size[0], overlap)
+    ys = tile_offsets(canvas_size[1], input_size[1], overlap)
+    return tuple((x, y) for y in ys for x in xs)
+
+
+def covers(tiles, input_size: tuple[int, int], canvas_size: tuple[int, int]) -> bool:
+    mask = np.zeros((canvas_size[1], canvas_size[0]), dtype=bool)
+    for x, y in tiles:
+        mask[y:y + input_size[1], x:x + input_size[0]] = True
+    return bool(mask.all())
+
+
+# ---- the stage ----------------------------------------------------------------------------------------------------
+def crop_roi(rgb: np.ndarray, roi: tuple[int, int, int, int] | None, name: str = "<frame>") -> np.ndarray:
+    if roi is None:
+        return rgb
+    x, y, w, h = roi
+    H, W = rgb.shape[:2]
+    if x + w > W or y + h > H:
+        raise ImageError(f"{name}: region of interest {list(roi)} lies outside the {W}x{H} frame")
+    return rgb[y:y + h, x:x + w]
+
+
+def to_canvas(region: np.ndarray, geom: Geometry, name: str = "<frame>") -> tuple[np.ndarray, Placement]:
+    """The region resampled onto the canvas, and where it landed. Raises ImageError under the `refuse` policy."""
+    h, w = region.shape[:2]
+    cw, ch = geom.canvas_size
+    policy = geom.size_policy
+    if geom.region_size is not None and (w, h) != geom.region_size:
+        if policy == "refuse":
+            rw, rh = geom.region_size
+            what = "region of interest" if geom.roi else "frame"
+            raise ImageError(f"{name}: {what} is {w}x{h} but the bundle was fitted on {rw}x{rh} "
+                             "(geometry.size_policy is 'refuse'; set size_policy: resize or letterbox in the "
+                             "station file to accept other sizes)")
+    elif geom.region_size is not None or policy == "refuse":
+        policy = "resize"  # the expected size (or any size, for a bundle fitted on varied sizes): plain resampling
+    interp = getattr(cv2, INTERPOLATION)
+    if policy == "letterbox":
+        f = min(cw / w, ch / h)
+        pw, ph = max(1, round(w * f)), max(1, round(h * f))
+        place = Placement((cw - pw) // 2, (ch - ph) // 2, pw, ph)
+        canvas = np.full((ch, cw, 3), PAD_VALUE, dtype=np.uint8)
+        canvas[place.y:place.y + ph, place.x:place.x + pw] = cv2.resize(region, (pw, ph), interpolation=interp)
+        return canvas, place
+    if (w, h) == (cw, ch):
+        return np.ascontiguousarray(region), Placement(0, 0, cw, ch)
+    return cv2.resize(region, (cw, ch), interpolation=interp), Placement(0, 0, cw, ch)
+
+
+def cut_tiles(canvas: np.ndarray, geom: Geometry) -> np.ndarray:
+    """(n_tiles, H, W, 3) uint8 views stacked into one array, in the manifest's tile order."""
+    tw, th = geom.input_size
+    if geom.n_tiles == 1 and canvas.shape[:2] == (th, tw):
+        return canvas[None]
+    return np.stack([canvas[y:y + th, x:x + tw] for x, y in geom.tiles])
+
+
+def stitch(tile_maps: np.ndarray, geom: Geometry) -> np.ndarray:
+    """(n_tiles, th, tw) per-tile maps -> (canvas_h, canvas_w) map, overlaps take the maximum."""
+    if geom.n_tiles == 1 and geom.canvas_size == geom.input_size:
+        return tile_maps[0]
+    tw, th = geom.input_size
+    out = np.zeros((geom.canvas_size[1], geom.canvas_size[0]), dtype=np.float32)
+    for (x, y), m in zip(geom.tiles, tile_maps):
+        np.maximum(out[y:y + th, x:x + tw], m, out=out[y:y + th, x:x + tw])
+    return out
+
+
+def to_region(canvas_map: np.ndarray, place: Placement, region_hw: tuple[int, int]) -> np.ndarray:
+    """Canvas heat map -> the region's own resolution, so an overlay lines up with the inspected pixels."""
+    m = canvas_map[place.y:place.y + place.h, place.x:place.x + place.w]
+    h, w = region_hw
+    if m.shape == (h, w):
+        return m
+    return cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)

@@ -1,0 +1,84 @@
+"""The operating point: tail model, threshold at a target false-reject rate, defects and the review band."""
+import numpy as np
+import pytest
+
+from export.calibration import TailModel, operating_point, wilson_interval
+
+
+def gumbel(n, seed=0):
+    return np.random.default_rng(seed).gumbel(10.0, 1.0, size=n)
+
+
+def test_tail_model_recovers_known_quantiles_beyond_the_sample():
+    # Image scores are maxima over patches: a Gumbel sample is the textbook case. With 300 scores the 0.1%
+    # quantile lies beyond the data; the model must land near the true one, not at the sample maximum.
+    true = lambda q: 10.0 - np.log(-np.log(1 - q))  # noqa: E731
+    errors = []
+    for seed in range(20):
+        x = gumbel(300, seed)
+        errors.append(TailModel(x).quantile(0.001) - true(0.001))
+    assert abs(np.median(errors)) < 0.6            # ~ a tenth of the distance from the median to that quantile
+    assert np.median([TailModel(gumbel(300, s)).quantile(0.001) > gumbel(300, s).max() for s in range(20)]) >= 0.5
+
+
+def test_survival_and_quantile_are_inverse():
+    tm = TailModel(gumbel(200))
+    for q in (0.1, 0.05, 0.01, 0.001):   # inside the modelled tail (the top 20%)
+        assert tm.survival(tm.quantile(q)) == pytest.approx(q, rel=1e-6)
+
+
+def test_threshold_meets_target_and_reports_an_interval():
+    good = gumbel(400, 3)
+    t, review, info = operating_point(good, target_false_reject=0.01)
+    assert review is None
+    frr = info["expected_false_reject"]
+    assert frr["modelled"] == pytest.approx(0.01, rel=0.05)
+    lo, hi = frr["modelled_ci95"]
+    assert lo < 0.01 < hi and hi < 0.05
+    assert frr["empirical_count"] <= 8                 # about 4 of 400 expected at 1%
+
+
+def test_threshold_is_never_below_the_banks_own_scores():
+    good = gumbel(100)
+    bank = np.array([5.0, 30.0])                      # an image of the bank scoring above every cross-fitted one
+    t, _, info = operating_point(good, bank_scores=bank)
+    assert t > 30.0 and "raised to the highest score of an image in the bank" in info["method"]
+    t2, _, _ = operating_point(good, bank_scores=np.array([1.0]))
+    assert t2 > 1.0
+
+
+def test_defects_above_the_good_threshold_keep_it_and_report_the_margin():
+    good = gumbel(200)
+    t0, _, _ = operating_point(good)
+    t, _, info = operating_point(good, defects=np.array([30.0, 40.0]))
+    assert t == t0 and info["defect_margin"] == pytest.approx(30.0 / t - 1) and info["calibration_escapes"] == 0
+
+
+def test_a_low_defect_pulls_the_threshold_to_the_zero_escape_point():
+    good = gumbel(200)
+    defects = np.array([12.0, 25.0])                  # 12 is inside the good tail
+    t, _, info = operating_point(good, defects=defects, defect_margin=0.05)
+    assert t == pytest.approx(12.0 * 0.95, rel=1e-6) and info["calibration_escapes"] == 0
+    assert np.all(defects >= t) and "zero-escape" in info["method"]
+    assert info["expected_false_reject"]["modelled"] > 0.05   # the price is stated, not hidden
+
+
+def test_review_band_sits_below_the_threshold():
+    good = gumbel(300)
+    t, review, info = operating_point(good, target_false_reject=0.005, review_false_reject=0.05)
+    assert review is not None and review < t
+    assert info["review_band"]["expected_review_or_ng"]["modelled"] == pytest.approx(0.05, rel=0.05)
+
+
+def test_wilson_interval_is_sane_at_zero():
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and 0.1 < hi < 0.2
+    lo, hi = wilson_interval(10, 20)
+    assert lo < 0.5 < hi
+
+
+def test_refuses_impossible_inputs():
+    with pytest.raises(ValueError, match="at least 2"):
+        operating_point(np.array([1.0]))
+    with pytest.raises(ValueError, match="target false-reject"):
+        operating_point(gumbel(10), target_false_reject=0)

@@ -1,0 +1,57 @@
+"""Tiled bundles end to end: tiles cover the frame, a defect on a seam is found, the heat map lines up."""
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime.bundle import Bundle
+from edge_runtime.pipeline import Pipeline
+from edge_runtime.preprocess import load_image
+from edge_runtime.records import Frame, Verdict
+
+
+@pytest.fixture(scope="module")
+def tiled_bundle(synthetic_dataset, tmp_path_factory):
+    from export.fit import FitSettings, fit
+
+    out = tmp_path_factory.mktemp("bundles") / "tiled"
+    # 224 px frames, 128 px tiles at scale 1: a 2 x 2 grid whose tiles overlap in x, y in [96, 128).
+    fit(synthetic_dataset, out, FitSettings(coreset_ratio=0.05, scale=1.0, input_size=(128, 128),
+                                           int8_calibration_images=16, cross_fit_folds=3))
+    return out
+
+
+def test_tiled_geometry_is_pinned(tiled_bundle):
+    g = Bundle.load(tiled_bundle).geometry
+    assert g.input_size == (128, 128) and g.canvas_size == (224, 224)
+    assert g.tiles == ((0, 0), (96, 0), (0, 96), (96, 96))
+
+
+def test_a_defect_on_a_tile_seam_is_found_and_the_heat_map_peaks_on_it(tiled_bundle, synthetic_dataset):
+    pipe = Pipeline(Bundle.load(tiled_bundle), "int8", "hnsw")
+    good = load_image(sorted((synthetic_dataset / "test" / "good").glob("*.png"))[0])
+    ok = pipe.inspect(Frame(frame_id=1, source="good", image=cv2.cvtColor(good, cv2.COLOR_RGB2BGR)))
+    assert ok.verdict is Verdict.OK
+    scratched = good.copy()
+    # A dark scratch on the metal ring, across the right edge of the first tile (x = 128) inside the overlap.
+    cv2.line(scratched, (110, 31), (136, 33), (20, 20, 20), 3)
+    ng = pipe.inspect(Frame(frame_id=2, source="seam", image=cv2.cvtColor(scratched, cv2.COLOR_RGB2BGR)))
+    assert ng.verdict is Verdict.NG and ng.score > 1.3 * ok.score
+    assert ng.anomaly_map.shape == good.shape[:2] == ng.image.shape[:2]
+    y, x = np.unravel_index(np.argmax(ng.anomaly_map), ng.anomaly_map.shape)
+    assert abs(x - 123) <= 16 and abs(y - 32) <= 16
+
+
+def test_every_tile_is_scored(tiled_bundle, synthetic_dataset):
+    pipe = Pipeline(Bundle.load(tiled_bundle), "fp32", "exact")
+    s = pipe.score_rgb(load_image(sorted((synthetic_dataset / "test" / "good").glob("*.png"))[0]))
+    rows, cols = pipe.geometry.grid()
+    assert s.patch_scores.shape == (4 * rows * cols,) and np.all(np.isfinite(s.patch_scores))
+
+
+def test_a_frame_of_the_wrong_size_is_a_fault_with_a_message(small_bundle, synthetic_dataset):
+    pipe = Pipeline(Bundle.load(small_bundle), threads=1)
+    frame = cv2.resize(cv2.imread(str(sorted((synthetic_dataset / "test" / "good").glob("*.png"))[0])), (320, 240))
+    r = pipe.inspect(Frame(frame_id=3, source="cam0", image=frame))
+    assert r.verdict is Verdict.FAULT and "cam0: frame is 320x240 but the bundle was fitted on 224x224" in r.error
+    pipe.apply_overrides(size_policy="resize")
+    assert pipe.inspect(Frame(frame_id=4, source="cam0", image=frame)).verdict is not Verdict.FAULT
