@@ -29,7 +29,7 @@ from edge_runtime.preprocess import Preprocessing, load_image, preprocess
 from export import backbone as backbone_mod
 from export.calibration import calibrate_threshold
 from export.coreset import greedy_coreset
-from export.dataset import list_images, train_images
+from export.dataset import calibration_images, train_images
 from export.metrics import auroc
 from export.onnx_export import export_fp32, quantize_int8
 from export.patch_features import AGGREGATION, PatchFeatures
@@ -117,9 +117,7 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
     out = Path(out)
     images = train_images(data_dir)
     bank_images, holdout = split_train(images, s)
-    defects = list_images(calibration_defects) if calibration_defects else []
-    if calibration_defects and not defects:
-        raise ValueError(f"{calibration_defects}: no images found for threshold calibration")
+    defects = calibration_images(calibration_defects) if calibration_defects else []
     if out.exists():
         if not overwrite and any(out.iterdir()):
             raise FileExistsError(f"{out}: exists and is not empty (use --overwrite)")
