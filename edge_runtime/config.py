@@ -19,7 +19,7 @@ from edge_runtime.triggers import FreeRunTriggerConfig, TriggerConfig
 
 
 # What the station runs on. `edge-export fit --station` reads it to pick the bundle's INT8 target
-# (export/devices.py maps each name); the runtime itself does not depend on it.
+# (edge_runtime/station_init.py DEVICE_INT8_TARGET maps each name); the runtime itself does not depend on it.
 Device = Literal["x86", "x86-vnni", "pi4", "pi5", "jetson-orin", "arm64"]
 
 

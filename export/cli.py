@@ -31,7 +31,7 @@ def _fit(a: argparse.Namespace) -> int:
 def _resolve_int8_target(a: argparse.Namespace) -> tuple[str, str]:
     """(INT8 target, why): --int8-target if given, else the device named by --device or the --station file,
     else x86-avx2 (correct on every x86 CPU). Raises ValueError for a station file without a usable device."""
-    from export.devices import int8_target_for
+    from edge_runtime.station_init import int8_target_for
 
     if a.device and a.station:
         raise ValueError("--device and --station both name the device; give one")
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--hnsw-ef-construction", type=int, default=200,
                    help="HNSW build-time search width (default: 200); higher builds a better index, slower")
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (default: off, refuse)")
-    # The device the bundle is for picks the INT8 target (export/devices.py).
-    from export.devices import DEVICE_INT8_TARGET
+    # The device the bundle is for picks the INT8 target (edge_runtime/station_init.py DEVICE_INT8_TARGET).
+    from edge_runtime.station_init import DEVICE_INT8_TARGET
 
     mapping = ", ".join(f"{d}->{t}" for d, t in DEVICE_INT8_TARGET.items())
     f.add_argument("--device", choices=list(DEVICE_INT8_TARGET), default=None,

@@ -13,7 +13,7 @@ from edge_runtime.config import Device
 from export.cli import _resolve_int8_target, main as export_main
 from export.dataset import (DatasetError, calibration_defects_by_type, calibration_images, describe_training_data,
                             evaluation_images, train_images)
-from export.devices import DEVICE_INT8_TARGET, int8_target_for
+from edge_runtime.station_init import DEVICE_INT8_TARGET, int8_target_for
 
 
 def _images(folder: Path, n: int, prefix: str = "img", ext: str = ".png") -> list[Path]:
