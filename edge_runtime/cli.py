@@ -65,7 +65,8 @@ def _init(a: argparse.Namespace) -> int:
     from edge_runtime.station_init import InitError, write_station
 
     try:
-        warnings = write_station(Path(a.bundle), a.source, a.output or [], a.device, Path(a.out), a.name, a.force)
+        warnings = write_station(Path(a.bundle), a.source, a.output or [], a.device, Path(a.out), a.name, a.force,
+                                 a.http_port)
     except InitError as exc:
         print(f"edge-runtime: init: {exc}", file=sys.stderr)
         return 2
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="what the station runs on: sets threads and GPIO lines and warns when the bundle was "
                         "quantised for another CPU (default: none, generic x86 values)")
     i.add_argument("--name", default="station", help="station name in logs and /healthz (default: station)")
+    i.add_argument("--http-port", type=int, default=8088,
+                   help="health/metrics port (default: 8088); 0 picks a free one, for a trial run beside a "
+                        "running station")
     i.add_argument("--out", required=True, help="station file to write (required)")
     i.add_argument("--force", action="store_true", help="replace an existing --out (default: off, refuse)")
     i.set_defaults(func=_init)

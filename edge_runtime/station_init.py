@@ -116,7 +116,7 @@ def _bundle_summary(bundle: Path) -> tuple[str, str | None]:
 
 
 def render_station(bundle: Path, source: str, outputs: list[str], device: str | None, station_path: Path,
-                   name: str = "station") -> tuple[str, list[str]]:
+                   name: str = "station", http_port: int = 8088) -> tuple[str, list[str]]:
     """The station file text and warnings for the user. Raises InitError for a bad source, output or bundle."""
     bundle, station_dir = Path(bundle), Path(station_path).resolve().parent
     kind, value = parse_source(source)
@@ -256,7 +256,7 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
         "http:                      # GET /healthz (200 only while inspecting) and /metrics (Prometheus)",
         "  enabled: true            # (default: true)",
         "  host: 127.0.0.1          # loopback: only local tools reach it (default: 127.0.0.1)",
-        "  port: 8088               # (default: 8088)",
+        f"  port: {http_port:<18} # 0 picks a free port (default: 8088)",
         "",
         "logging:",
         "  level: INFO              # DEBUG | INFO | WARNING | ERROR (default: INFO)",
@@ -281,7 +281,7 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
 
 
 def write_station(bundle: Path, source: str, outputs: list[str], device: str | None, out: Path,
-                  name: str = "station", force: bool = False) -> list[str]:
+                  name: str = "station", force: bool = False, http_port: int = 8088) -> list[str]:
     """Write the station file and check it with the daemon's own loader; returns warnings for the user.
 
     Raises InitError for bad arguments, an existing file without `force`, or (a bug) a file that does not load."""
@@ -291,7 +291,9 @@ def write_station(bundle: Path, source: str, outputs: list[str], device: str | N
     out = Path(out)
     if out.exists() and not force:
         raise InitError(f"{out}: exists (use --force to replace it)")
-    text, warnings = render_station(bundle, source, outputs, device, out, name)
+    if not 0 <= http_port <= 65535:
+        raise InitError(f"--http-port {http_port}: expected 0..65535")
+    text, warnings = render_station(bundle, source, outputs, device, out, name, http_port)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     try:
