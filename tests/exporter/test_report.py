@@ -44,7 +44,7 @@ def open_in_chromium(page: Path, screenshot: Path | None = None) -> dict:
         urls = [m["params"]["request"]["url"] for m in requests if m["method"] == "Network.requestWillBeSent"]
         if screenshot is not None:
             height = driver.execute_script("return document.documentElement.scrollHeight;")
-            driver.set_window_size(1300, min(int(height) + 40, 8000))
+            driver.set_window_size(1300, min(int(height) + 200, 8000))   # window > viewport by the frame
             driver.save_screenshot(str(screenshot))
     finally:
         driver.quit()
