@@ -251,16 +251,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edge-bench", description=__doc__.split("\n")[0])
     p.add_argument("bundle", type=Path, help="model bundle directory")
     p.add_argument("--images", type=Path,
-                   help="directory of encoded images, searched recursively, cycled (default: the golden images)")
-    p.add_argument("--frames", type=int, default=200, help="timed frames (default 200)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed frames first (default 10)")
-    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op and hnswlib threads (default 2)")
+                   help="directory of encoded images, searched recursively, cycled (default: the bundle's golden "
+                        "images); use your own parts for realistic decode cost")
+    p.add_argument("--frames", type=int, default=200,
+                   help="timed frames (default: 200); more for stable tail percentiles")
+    p.add_argument("--warmup", type=int, default=10, help="untimed frames first (default: 10)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="onnxruntime intra-op and hnswlib threads (default: 2); set to the station's "
+                        "inference.threads")
     p.add_argument("--precision", choices=["int8", "fp32"], help="bundle variant (default: the bundle's default)")
-    p.add_argument("--knn", choices=["hnsw", "exact"], default="hnsw")
+    p.add_argument("--knn", choices=["hnsw", "exact"], default="hnsw",
+                   help="nearest-neighbour search (default: hnsw, as the daemon runs); exact to see its cost")
     p.add_argument("--ef", type=int, help="HNSW ef_search (default: the manifest's)")
     p.add_argument("--gap-ms", type=float, default=0.0,
-                   help="idle time between frames, like part spacing on a line (default 0: back to back)")
-    p.add_argument("--json", type=Path, dest="json_out", help="write the full report (with every sample) here")
+                   help="idle time between frames, like part spacing on a line (default: 0.0, back to back); "
+                        "set it to see cold-cache latency")
+    p.add_argument("--json", type=Path, dest="json_out",
+                   help="write the full report (with every sample) here (default: none, table only)")
     a = p.parse_args(argv)
     if a.ef is not None and a.ef < 1:
         p.error("--ef must be a positive integer")

@@ -1,4 +1,4 @@
-"""`edge-runtime run --config STATION.yaml` (the daemon) and `edge-runtime check BUNDLE` (device self-test)."""
+"""`edge-runtime`: run the inspection daemon, check a bundle, validate or write a station file, list cameras."""
 from __future__ import annotations
 
 import argparse
@@ -54,21 +54,71 @@ def _validate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cameras(a: argparse.Namespace) -> int:
+    from edge_runtime.cameras import format_cameras, list_cameras
+
+    print(format_cameras(list_cameras(Path(a.dev), Path(a.sysfs)), Path(a.dev)))
+    return 0
+
+
+def _init(a: argparse.Namespace) -> int:
+    from edge_runtime.station_init import InitError, write_station
+
+    try:
+        warnings = write_station(Path(a.bundle), a.source, a.output or [], a.device, Path(a.out), a.name, a.force,
+                                 a.http_port)
+    except InitError as exc:
+        print(f"edge-runtime: init: {exc}", file=sys.stderr)
+        return 2
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"wrote {a.out} (valid; check again after editing with: edge-runtime validate {a.out})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from edge_runtime.station_init import DEVICE_INT8_TARGET, OUTPUT_KINDS
+
     p = argparse.ArgumentParser(prog="edge-runtime", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the inspection daemon")
-    r.add_argument("--config", required=True, help="station YAML file")
+    r.add_argument("--config", required=True, help="station YAML file (required; write one with edge-runtime init)")
     r.set_defaults(func=_run)
     c = sub.add_parser("check", help="verify a bundle: integrity, golden scores, index recall; non-zero on failure")
-    c.add_argument("bundle")
-    c.add_argument("--precision", action="append", choices=["int8", "fp32"], help="variant(s); default: the bundle's")
-    c.add_argument("--knn", choices=["hnsw", "exact"], default="hnsw")
-    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("bundle", help="bundle directory to check")
+    c.add_argument("--precision", action="append", choices=["int8", "fp32"],
+                   help="variant to check, repeatable (default: the bundle's default variant)")
+    c.add_argument("--knn", choices=["hnsw", "exact"], default="hnsw",
+                   help="search used for the golden scores (default: hnsw, as the daemon runs)")
+    c.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")
     c.set_defaults(func=_check)
     v = sub.add_parser("validate", help="validate a station file and exit")
-    v.add_argument("config")
+    v.add_argument("config", help="station YAML file to check; errors name the file and the key")
     v.set_defaults(func=_validate)
+    cam = sub.add_parser("cameras", help="list V4L2 cameras with their formats and frame sizes")
+    cam.add_argument("--dev", default="/dev", help="device folder holding video* nodes (default: /dev)")
+    cam.add_argument("--sysfs", default="/sys/class/video4linux",
+                     help="sysfs folder with the device names (default: /sys/class/video4linux)")
+    cam.set_defaults(func=_cameras)
+    i = sub.add_parser("init", help="write a commented station file for a bundle, a source and outputs",
+                       description="Write a complete, commented station file that edge-runtime validate accepts "
+                                   "as written; edit the values the comments point at.")
+    i.add_argument("--bundle", required=True, help="bundle directory from edge-export fit (required)")
+    i.add_argument("--source", required=True,
+                   help="camera:INDEX|/dev/videoN (see edge-runtime cameras), folder:PATH (images) or "
+                        "video:PATH|rtsp://URL (required)")
+    i.add_argument("--output", action="extend", nargs="+", choices=list(OUTPUT_KINDS), default=None,
+                   help="outputs, one or more, repeatable (default: result_log)")
+    i.add_argument("--device", choices=list(DEVICE_INT8_TARGET), default=None,
+                   help="what the station runs on: sets threads and GPIO lines and warns when the bundle was "
+                        "quantised for another CPU (default: none, generic x86 values)")
+    i.add_argument("--name", default="station", help="station name in logs and /healthz (default: station)")
+    i.add_argument("--http-port", type=int, default=8088,
+                   help="health/metrics port (default: 8088); 0 picks a free one, for a trial run beside a "
+                        "running station")
+    i.add_argument("--out", required=True, help="station file to write (required)")
+    i.add_argument("--force", action="store_true", help="replace an existing --out (default: off, refuse)")
+    i.set_defaults(func=_init)
     a = p.parse_args(argv)
     return a.func(a)
 

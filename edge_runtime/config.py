@@ -18,6 +18,11 @@ from edge_runtime.sources.video_source import is_stream_url
 from edge_runtime.triggers import FreeRunTriggerConfig, TriggerConfig
 
 
+# What the station runs on. `edge-export fit --station` reads it to pick the bundle's INT8 target
+# (edge_runtime/station_init.py DEVICE_INT8_TARGET maps each name); the runtime itself does not depend on it.
+Device = Literal["x86", "x86-vnni", "pi4", "pi5", "jetson-orin", "arm64"]
+
+
 @dataclass(kw_only=True)
 class InferenceConfig:
     precision: Literal["int8", "fp32"] | None = None  # None: the bundle's default variant
@@ -68,6 +73,7 @@ class SecurityConfig:
 @dataclass(kw_only=True)
 class StationConfig:
     name: str = "station"
+    device: Device | None = None                       # informs `edge-export fit --station` (INT8 target)
     bundle: str                                        # bundle directory (relative paths: to the station file)
     roi: tuple[int, int, int, int] | None = None       # x, y, w, h crop of the frame; overrides the bundle's
     # A frame (or ROI) whose size differs from the bundle's: refuse (FAULT), resize or letterbox. None: the bundle's.

@@ -29,8 +29,13 @@ def _roi(text: str) -> tuple[int, int, int, int]:
 
 def _fit(a: argparse.Namespace) -> int:
     from edge_runtime.nn_search import HnswParams
+    from export.dataset import describe_training_data
     from export.fit import FitSettings, fit
 
+    defects = Path(a.calibration_defects) if a.calibration_defects else None
+    print(describe_training_data(Path(a.data_dir), defects), flush=True)
+    a.int8_target, why = _resolve_int8_target(a)
+    print(f"INT8 target {a.int8_target} ({why})", flush=True)
     s = FitSettings(coreset_ratio=a.coreset_ratio, backbone=a.backbone, input_size=a.input_size, pixels=a.pixels,
                     scale=a.scale, tile_overlap=a.tile_overlap, roi=a.roi, size_policy=a.size_policy,
                     aggregation_size=a.aggregation, seed=a.seed, projection_dim=a.projection_dim,
@@ -38,8 +43,7 @@ def _fit(a: argparse.Namespace) -> int:
                     review_false_reject=a.review_frr, defect_margin=a.defect_margin, int8_target=a.int8_target,
                     default_variant=a.default_variant,
                     hnsw=HnswParams(M=a.hnsw_m, ef_construction=a.hnsw_ef_construction, ef_search=a.ef))
-    bundle = fit(Path(a.data_dir), Path(a.out), s, Path(a.calibration_defects) if a.calibration_defects else None,
-                 overwrite=a.overwrite)
+    bundle = fit(Path(a.data_dir), Path(a.out), s, defects, overwrite=a.overwrite)
     g = bundle.geometry
     print(f"bundle {bundle.bundle_id}: {a.out}")
     print(f"  geometry: input {g.input_size[0]}x{g.input_size[1]}, {g.n_tiles} tile(s) on a "
@@ -55,6 +59,35 @@ def _fit(a: argparse.Namespace) -> int:
               f"{frr['empirical_count']}/{frr['n']}"
               + (f"; lowest calibration defect {info['defect_margin']:+.1%} from it" if "defect_margin" in info else ""))
     return 0
+
+
+def _resolve_int8_target(a: argparse.Namespace) -> tuple[str, str]:
+    """(INT8 target, why): --int8-target if given, else the device named by --device or the --station file,
+    else x86-avx2 (correct on every x86 CPU). Raises ValueError for a station file without a usable device."""
+    from edge_runtime.station_init import int8_target_for
+
+    if a.device and a.station:
+        raise ValueError("--device and --station both name the device; give one")
+    device, source = a.device, "--device"
+    if a.station:
+        from edge_runtime.config import load_station
+        from edge_runtime.schema import ConfigError
+
+        try:
+            device = load_station(a.station).device
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if device is None:
+            raise ValueError(f"{a.station}: no 'device:' key (pi5, jetson-orin, x86, ...); add one or pass --device")
+        source = a.station
+    if a.int8_target:
+        if device and int8_target_for(device) != a.int8_target:
+            return a.int8_target, (f"--int8-target overrides {int8_target_for(device)} for device {device} "
+                                   f"from {source}")
+        return a.int8_target, "--int8-target"
+    if device:
+        return int8_target_for(device), f"device {device} from {source}"
+    return "x86-avx2", "default: no --device/--station; correct on every x86 CPU, pass --device for ARM or VNNI"
 
 
 def _evaluate(a: argparse.Namespace) -> int:
@@ -123,14 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edge-export", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("fit", help="fit PatchCore on DATA_DIR/train/good and write a bundle")
-    f.add_argument("data_dir")
-    f.add_argument("--out", required=True, help="bundle directory to write")
+    f = sub.add_parser("fit", help="fit PatchCore on a folder of good images and write a bundle",
+                       description="Fit PatchCore on good images and write a checksummed bundle. DATA_DIR is a flat "
+                                   "folder of good images or the benchmark layout DATA_DIR/train/good/.")
+    f.add_argument("data_dir", help="flat folder of good images, or a benchmark folder with train/good/ inside")
+    f.add_argument("--out", required=True, help="bundle directory to write (required; must be empty or absent "
+                                                "unless --overwrite)")
     f.add_argument("--coreset-ratio", type=float, default=0.1,
-                   help="fraction of patch features kept in the memory bank (default: 0.1); 0.01 fits and searches "
-                        "10x faster and often loses little: measure with evaluate")
+                   help="fraction of good patches kept in the memory bank (default: 0.1); 0.01 gives a 10x smaller "
+                        "bank and a faster fit, at the same image AUROC on bottle (shared/SEARCH.md)")
     f.add_argument("--backbone", choices=["lite0", "lite2"], default="lite0",
-                   help="EfficientNet-Lite feature extractor (default: lite0); lite2 is ~1.5x slower and finer")
+                   help="feature extractor (default: lite0); lite2 for hard, subtle defects (+3 AUROC points on thin cracks "
+                        "in shared/BACKBONES.md) at about 1.5x the inference time")
     f.add_argument("--input-size", type=_size, default=None, metavar="WxH",
                    help="model input (one tile) in pixels, multiples of 16 (default: chosen from the training "
                         "images: their median aspect ratio kept at about --pixels pixels)")
@@ -154,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--cross-fit-folds", type=int, default=5,
                    help="k-fold cross-fitting that scores every good image against a bank built without it, "
                         "for the threshold (default: 5; 0 skips it: for accuracy experiments only)")
-    f.add_argument("--max-train", type=int, default=None, help="few-shot: at most this many good images (default: all)")
     f.add_argument("--target-frr", type=float, default=0.005,
                    help="target false-reject rate of good parts; the threshold is the modelled quantile of the "
                         "cross-fitted good scores (default: 0.005)")
@@ -164,47 +200,72 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--defect-margin", type=float, default=0.05,
                    help="with --calibration-defects: the threshold sits at least this fraction below the lowest "
                         "defect when the good-only threshold would let one through (default: 0.05)")
-    f.add_argument("--calibration-defects", default=None, help="folder of defective images for the threshold")
-    f.add_argument("--int8-target", choices=["x86-avx2", "x86-vnni", "arm"], default="x86-avx2")
+    f.add_argument("--max-train", type=int, default=None,
+                   help="few-shot: at most this many bank images (default: no limit, all of them)")
+    f.add_argument("--calibration-defects", default=None,
+                   help="defect images for the threshold: a flat folder or one subfolder per defect type "
+                        "(default: none, threshold from good images only); a few per type are enough")
+    f.add_argument("--int8-target", choices=["x86-avx2", "x86-vnni", "arm"], default=None,
+                   help="INT8 quantisation settings, overriding --device/--station (default: from --device or "
+                        "--station, else x86-avx2, which is correct on every x86 CPU)")
     f.add_argument("--default-variant", choices=["int8", "fp32"], default="int8",
-                   help="variant the device runs unless its station file says otherwise")
-    f.add_argument("--ef", type=int, default=32, help="HNSW ef at query time (stored in the manifest)")
-    f.add_argument("--hnsw-m", type=int, default=16)
-    f.add_argument("--hnsw-ef-construction", type=int, default=200)
-    f.add_argument("--overwrite", action="store_true")
+                   help="variant the device runs unless its station file says otherwise (default: int8); fp32 "
+                        "when a GPU runs the model or INT8 loses accuracy on your parts")
+    f.add_argument("--ef", type=int, default=32,
+                   help="HNSW ef at query time, stored in the manifest (default: 32); higher is slower and "
+                        "closer to exact (the image score is re-checked exactly either way)")
+    f.add_argument("--hnsw-m", type=int, default=16,
+                   help="HNSW links per node (default: 16); raise (e.g. 32) if edge-runtime check reports low recall")
+    f.add_argument("--hnsw-ef-construction", type=int, default=200,
+                   help="HNSW build-time search width (default: 200); higher builds a better index, slower")
+    f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (default: off, refuse)")
+    # The device the bundle is for picks the INT8 target (edge_runtime/station_init.py DEVICE_INT8_TARGET).
+    from edge_runtime.station_init import DEVICE_INT8_TARGET
+
+    mapping = ", ".join(f"{d}->{t}" for d, t in DEVICE_INT8_TARGET.items())
+    f.add_argument("--device", choices=list(DEVICE_INT8_TARGET), default=None,
+                   help=f"device the bundle will run on; picks the INT8 target ({mapping}) (default: none)")
+    f.add_argument("--station", default=None,
+                   help="station file whose 'device:' key picks the INT8 target like --device (default: none)")
     f.set_defaults(func=_fit)
 
     e = sub.add_parser("evaluate", help="score DATA_DIR/test/* with one engine; AUROC, errors at the threshold")
-    e.add_argument("bundle")
-    e.add_argument("data_dir")
-    e.add_argument("--json", required=True)
-    e.add_argument("--report", default=None, help="folder for the ROC plot and heat-map overlays")
-    e.add_argument("--engine", choices=["reference", "onnx-fp32", "onnx-int8"], default="onnx-int8")
-    e.add_argument("--knn", choices=["exact", "hnsw"], default="hnsw")
-    e.add_argument("--ef", type=int, default=None, help="override the manifest's HNSW ef")
-    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("bundle", help="bundle directory from edge-export fit")
+    e.add_argument("data_dir", help="folder with test/good/ and test/<defect type>/ (optional ground_truth/)")
+    e.add_argument("--json", required=True, help="file to write the metrics and per-image scores to (required)")
+    e.add_argument("--report", default=None,
+                   help="write a self-contained HTML report to this folder (report.html) (default: none)")
+    e.add_argument("--engine", choices=["reference", "onnx-fp32", "onnx-int8"], default="onnx-int8",
+                   help="what scores the images (default: onnx-int8, what the device runs); reference is the torch "
+                        "model, to check the export")
+    e.add_argument("--knn", choices=["exact", "hnsw"], default="hnsw",
+                   help="nearest-neighbour search (default: hnsw, as on the device); exact to rule out the index")
+    e.add_argument("--ef", type=int, default=None, help="override the manifest's HNSW ef (default: the manifest's)")
+    e.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")
     e.add_argument("--size-policy", choices=["refuse", "resize", "letterbox"], default=None,
                    help="override the bundle's size policy for test images of another size (default: the bundle's)")
     e.set_defaults(func=_evaluate)
 
     v = sub.add_parser("verify", help="check integrity and reproduce the golden scores")
-    v.add_argument("bundle")
-    v.add_argument("--precision", choices=["fp32", "int8"], default=None)
-    v.add_argument("--knn", choices=["exact", "hnsw"], default="hnsw")
+    v.add_argument("bundle", help="bundle directory to check")
+    v.add_argument("--precision", choices=["fp32", "int8"], default=None,
+                   help="check one variant only (default: both fp32 and int8)")
+    v.add_argument("--knn", choices=["exact", "hnsw"], default="hnsw",
+                   help="search used for the golden scores (default: hnsw, as on the device)")
     v.set_defaults(func=_verify)
 
     k = sub.add_parser("keygen", help="create an ed25519 key pair for signing bundles")
-    k.add_argument("dir")
+    k.add_argument("dir", help="folder to write the private and public key to")
     k.set_defaults(func=_keygen)
 
     sg = sub.add_parser("sign", help="sign a verified bundle's manifest (writes manifest.sig)")
-    sg.add_argument("bundle")
-    sg.add_argument("--key", required=True, help="private key from edge-export keygen")
+    sg.add_argument("bundle", help="bundle directory to sign")
+    sg.add_argument("--key", required=True, help="private key from edge-export keygen (required)")
     sg.set_defaults(func=_sign)
 
     d = sub.add_parser("demo", help="generate the embedded data set, fit, export and run the daemon on sample frames")
-    d.add_argument("--workdir", default="demo_out")
-    d.add_argument("--fresh", action="store_true", help="refit even if a bundle exists")
+    d.add_argument("--workdir", default="demo_out", help="folder for the data, bundle and results (default: demo_out)")
+    d.add_argument("--fresh", action="store_true", help="refit even if a bundle exists (default: off, reuse it)")
     d.set_defaults(func=_demo)
 
     a = p.parse_args(argv)

@@ -1,12 +1,24 @@
-"""The MVTec-AD folder layout that fitting and evaluation read, with errors that say what was expected."""
+"""Where fitting and evaluation find their images, with errors that say what was expected.
+
+Good images for fitting come from either layout:
+  - a flat folder of good images (what a user has): every image in it, not its subfolders;
+  - the benchmark (MVTec AD) layout: DATA_DIR/train/good/* (DATA_DIR/test is left for evaluation).
+Calibration defects come from a flat folder of defect images or a folder with one subfolder per defect type.
+Evaluation reads DATA_DIR/test/<good|defect type>/* (optional ground_truth masks) or two flat folders.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-LAYOUT = ("DATA_DIR/train/good/*.png|jpg (good images to fit on), DATA_DIR/test/<good|defect type>/*, "
-          "optional DATA_DIR/ground_truth/<defect type>/<stem>_mask.png")
+LAYOUT = ("a flat folder of good images (DATA_DIR/*.png|jpg), or the benchmark layout DATA_DIR/train/good/*.png|jpg "
+          "(good images to fit on) with DATA_DIR/test/<good|defect type>/* and optional "
+          "DATA_DIR/ground_truth/<defect type>/<stem>_mask.png for evaluation")
+DEFECT_LAYOUT = "a flat folder of defect images, or one subfolder per defect type (DEFECTS/<type>/*.png|jpg)"
+# How fitting uses the good images; one place, so the line `edge-export fit` prints says what fit.py does.
+GOOD_USAGE = "all used for the bank and for cross-fitting the threshold"
+UNTYPED = "defect"   # the type of calibration defects that sit directly in the folder, not in a type subfolder
 
 
 class DatasetError(ValueError):
@@ -14,20 +26,81 @@ class DatasetError(ValueError):
 
 
 def list_images(folder: Path) -> list[Path]:
+    """The image files directly in `folder` (not in subfolders), sorted by name."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def train_images(data_dir: Path) -> list[Path]:
+def _subfolders_with_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and list_images(p))
+
+
+def training_layout(data_dir: Path) -> tuple[str, Path]:
+    """('benchmark' | 'flat', the folder holding the good images). Raises DatasetError naming what was expected."""
     data_dir = Path(data_dir)
-    good = data_dir / "train" / "good"
     if not data_dir.is_dir():
         raise DatasetError(f"{data_dir}: data directory does not exist")
-    if not good.is_dir():
-        raise DatasetError(f"{good}: missing. Expected layout: {LAYOUT}")
+    good = data_dir / "train" / "good"
+    if good.is_dir():
+        return "benchmark", good
+    if list_images(data_dir):
+        return "flat", data_dir
+    hint = ""
+    subs = _subfolders_with_images(data_dir)
+    if subs:
+        names = ", ".join(p.name for p in subs[:5])
+        hint = f" (images found only in subfolders: {names}; point at the folder of good images itself)"
+    raise DatasetError(f"{good}: missing. Expected layout: {LAYOUT}{hint}")
+
+
+def train_images(data_dir: Path) -> list[Path]:
+    """The good images to fit on, for either layout (flat folder or DATA_DIR/train/good).
+
+    Raises DatasetError when the folder is missing, has neither layout, or holds fewer than 2 images."""
+    _, good = training_layout(data_dir)
     images = list_images(good)
     if len(images) < 2:
         raise DatasetError(f"{good}: found {len(images)} images; at least 2 good images are needed to fit and calibrate")
     return images
+
+
+def calibration_defects_by_type(folder: Path) -> dict[str, list[Path]]:
+    """Defect images for threshold calibration by type: images directly in `folder` are of type 'defect',
+    each subfolder with images is one type. Raises DatasetError for a missing/empty folder or a 'good' subfolder
+    (a calibration defect that is a good part would pull the threshold below good parts)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: calibration defects folder does not exist. Expected {DEFECT_LAYOUT}")
+    found: dict[str, list[Path]] = {}
+    if list_images(folder):
+        found[UNTYPED] = list_images(folder)
+    for sub in _subfolders_with_images(folder):
+        if sub.name == "good":
+            raise DatasetError(f"{sub}: a 'good' folder among the calibration defects; give only defective parts "
+                               f"({DEFECT_LAYOUT})")
+        found.setdefault(sub.name, []).extend(list_images(sub))
+    if not found:
+        raise DatasetError(f"{folder}: no images found for threshold calibration. Expected {DEFECT_LAYOUT}")
+    return found
+
+
+def calibration_images(folder: Path) -> list[Path]:
+    """All calibration defect images (flat folder or one subfolder per type), in a stable order."""
+    return [p for paths in calibration_defects_by_type(folder).values() for p in paths]
+
+
+def describe_training_data(data_dir: Path, calibration_defects: Path | None = None) -> str:
+    """One line for the user: what was found where and how fitting uses it. Raises DatasetError like train_images."""
+    layout, good = training_layout(data_dir)
+    n_good = len(train_images(data_dir))
+    where = "flat folder" if layout == "flat" else f"benchmark layout; {Path(data_dir) / 'test'} is left for evaluate"
+    line = f"found {n_good} good images in {good} ({where}): {GOOD_USAGE}"
+    if calibration_defects is None:
+        return line + "; no calibration defects (threshold from good images only)"
+    by_type = calibration_defects_by_type(calibration_defects)
+    n = sum(len(v) for v in by_type.values())
+    types = (f"{len(by_type)} type{'s' if len(by_type) != 1 else ''}" if list(by_type) != [UNTYPED]
+             else "one untyped folder")
+    return line + f"; {n} defect image{'s' if n != 1 else ''} in {types} for calibration"
 
 
 @dataclass(frozen=True)
@@ -45,7 +118,8 @@ def test_images(data_dir: Path) -> list[TestImage]:
     data_dir = Path(data_dir)
     test = data_dir / "test"
     if not test.is_dir():
-        raise DatasetError(f"{test}: missing. Expected layout: {LAYOUT}")
+        raise DatasetError(f"{test}: missing. Expected DATA_DIR/test/<good|defect type>/* "
+                           "(good parts in test/good, defects in one folder per type)")
     gt = data_dir / "ground_truth"
     out = []
     for sub in sorted(p for p in test.iterdir() if p.is_dir()):
@@ -58,6 +132,22 @@ def test_images(data_dir: Path) -> list[TestImage]:
     labels = {t.label for t in out}
     if "good" not in labels or len(labels) < 2:
         raise DatasetError(f"{test}: needs a 'good' folder and at least one defect folder with images (found {sorted(labels)})")
+    return out
+
+
+def evaluation_images(good: Path, defects: Path) -> list[TestImage]:
+    """Evaluation images from two folders: `good` (flat) and `defects` (flat, or one subfolder per type).
+
+    No masks (no pixel AUROC). Raises DatasetError for a missing or empty folder."""
+    good = Path(good)
+    if not good.is_dir():
+        raise DatasetError(f"{good}: folder of good images to evaluate does not exist")
+    goods = list_images(good)
+    if not goods:
+        raise DatasetError(f"{good}: no images (expected good parts directly in this folder)")
+    out = [TestImage(p, "good", None) for p in goods]
+    for kind, paths in calibration_defects_by_type(defects).items():
+        out.extend(TestImage(p, kind, None) for p in paths)
     return out
 
 

@@ -1,7 +1,6 @@
 """Evaluate a bundle on an MVTec-style test set with one engine and search back-end; optional visual report."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -128,32 +127,9 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, threshold: float) -> np.ndarray:
     return cv2.addWeighted(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), 0.55, color, 0.45, 0)
 
 
-def write_report(out: Path, items, scores, labels, maps, threshold, result) -> None:
-    import matplotlib
+def write_report(out: Path, items, scores, labels, maps, threshold, result) -> Path:
+    """One self-contained HTML file, out/report.html (export/report.py); returns its path."""
+    from export.report import write_html_report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    fpr, tpr = roc_curve(labels, scores)
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot(fpr, tpr)
-    ax[0].plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax[0].set(xlabel="false positive rate", ylabel="true positive rate",
-              title=f"image ROC, AUROC {result['image_auroc']:.4f}")
-    ax[1].hist([scores[~labels], scores[labels]], bins=30, label=["good", "defect"], stacked=False)
-    ax[1].axvline(threshold, color="r", label=f"threshold {threshold:.3f}")
-    ax[1].set(xlabel="image score", title="score distribution")
-    ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=100)
-    plt.close(fig)
-    # The images a person should look at: the highest-scored good ones and the lowest-scored defects.
-    good_idx = [i for i in np.argsort(-scores) if not labels[i]][:6]
-    defect_idx = [i for i in np.argsort(scores) if labels[i]][:6]
-    for tag, idx in (("good_highest", good_idx), ("defect_lowest", defect_idx)):
-        for rank, i in enumerate(idx):
-            img = overlay(load_image(items[i].path), maps[i], threshold)
-            name = f"{tag}_{rank}_{items[i].label}_{items[i].path.stem}_{scores[i]:.3f}.png"
-            cv2.imwrite(str(out / name), img)
-    (out / "summary.json").write_text(json.dumps({k: v for k, v in result.items() if k != "images"}, indent=2))
+    manifest = Bundle.load(Path(result["bundle"]), verify=False).manifest
+    return write_html_report(Path(out), result, items, scores, labels, maps, threshold, manifest)

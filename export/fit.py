@@ -33,13 +33,13 @@ from edge_runtime.preprocess import NORMALIZATION, preprocess
 from export import backbone as backbone_mod
 from export.calibration import operating_point
 from export.coreset import CHUNK_PATCHES, greedy_coreset
-from export.dataset import list_images, train_images
+from export.dataset import calibration_images, train_images
 from export.metrics import auroc
 from export.onnx_export import export_fp32, quantize_int8
+from export.patch_features import PatchFeatures, aggregation
 
 # Model pixels per tile by default (about 256 x 256): see benchmarks/results/accuracy_levers.md.
 DEFAULT_PIXELS = 256 * 256
-from export.patch_features import PatchFeatures, aggregation
 
 
 @dataclass
@@ -222,9 +222,7 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
     if s.max_train is not None:  # few-shot: a seeded subset
         order = np.random.default_rng(s.seed).permutation(len(images))[:s.max_train]
         images = sorted(images[i] for i in order)
-    defects = list_images(calibration_defects) if calibration_defects else []
-    if calibration_defects and not defects:
-        raise ValueError(f"{calibration_defects}: no images found for threshold calibration")
+    defects = calibration_images(calibration_defects) if calibration_defects else []
     if out.exists():
         if not overwrite and any(out.iterdir()):
             raise FileExistsError(f"{out}: exists and is not empty (use --overwrite)")

@@ -99,8 +99,9 @@ def test_evaluate_cli_writes_the_promised_json(small_bundle, synthetic_dataset, 
                 "threshold", "false_rejects", "escapes"):
         assert key in r
     assert r["n_good"] == 8 and r["n_defect"] == 20
-    assert (tmp_path / "rep" / "roc.png").stat().st_size > 1000
-    assert len(list((tmp_path / "rep").glob("defect_lowest_*.png"))) == 6
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert f"{r['image_auroc']:.4f}" in page and page.count('class="overlay"') == 12   # 6 good + 6 defects
+    assert list((tmp_path / "rep").iterdir()) == [tmp_path / "rep" / "report.html"]      # one file, nothing loose
 
 
 def test_verify_cli_detects_a_modified_file(small_bundle, tmp_path, capsys):

@@ -1,0 +1,134 @@
+"""Where fitting finds its images: a flat folder or the benchmark layout; calibration defects flat or by type;
+the one line `edge-export fit` prints; the device -> INT8 target choice."""
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime.config import Device
+from export.cli import _resolve_int8_target, main as export_main
+from export.dataset import (DatasetError, calibration_defects_by_type, calibration_images, describe_training_data,
+                            evaluation_images, train_images)
+from edge_runtime.station_init import DEVICE_INT8_TARGET, int8_target_for
+
+
+def _images(folder: Path, n: int, prefix: str = "img", ext: str = ".png") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = folder / f"{prefix}_{i:03d}{ext}"
+        cv2.imwrite(str(p), np.full((8, 8, 3), i, np.uint8))
+        out.append(p)
+    return out
+
+
+def test_flat_folder_of_good_images_is_used_whole(tmp_path):
+    made = _images(tmp_path / "good_parts", 5, ext=".jpg")
+    (tmp_path / "good_parts" / "notes.txt").write_text("not an image")
+    _images(tmp_path / "good_parts" / "old", 3)            # subfolders are not part of a flat folder
+    assert train_images(tmp_path / "good_parts") == made
+    line = describe_training_data(tmp_path / "good_parts", None)
+    assert line.startswith(f"found 5 good images in {tmp_path / 'good_parts'} (flat folder): ")
+    assert "no calibration defects" in line and "\n" not in line
+
+
+def test_benchmark_layout_reads_train_good_only(tmp_path):
+    made = _images(tmp_path / "train" / "good", 4)
+    _images(tmp_path / "test" / "good", 2)
+    _images(tmp_path, 3, prefix="stray")                   # the benchmark layout wins over stray top-level files
+    assert train_images(tmp_path) == made
+    line = describe_training_data(tmp_path, None)
+    assert f"found 4 good images in {tmp_path / 'train' / 'good'} (benchmark layout" in line
+
+
+def test_folder_with_images_only_in_subfolders_names_them(tmp_path):
+    _images(tmp_path / "parts" / "good", 3)
+    with pytest.raises(DatasetError, match=r"train/good: missing\. Expected layout: a flat folder.*subfolders: good"):
+        train_images(tmp_path / "parts")
+    with pytest.raises(DatasetError, match="does not exist"):
+        train_images(tmp_path / "nope")
+    _images(tmp_path / "one", 1)
+    with pytest.raises(DatasetError, match="found 1 images; at least 2"):
+        train_images(tmp_path / "one")
+
+
+def test_calibration_defects_flat_or_by_type(tmp_path):
+    flat = _images(tmp_path / "bad", 3)
+    assert calibration_images(tmp_path / "bad") == flat
+    assert list(calibration_defects_by_type(tmp_path / "bad")) == ["defect"]
+    typed = tmp_path / "typed"
+    for kind, n in (("scratch", 2), ("dent", 1), ("stain", 4)):
+        _images(typed / kind, n, prefix=kind)
+    by_type = calibration_defects_by_type(typed)
+    assert {k: len(v) for k, v in by_type.items()} == {"dent": 1, "scratch": 2, "stain": 4}
+    assert len(calibration_images(typed)) == 7
+    _images(tmp_path / "good_parts", 6)
+    line = describe_training_data(tmp_path / "good_parts", typed)
+    assert line.endswith("; 7 defect images in 3 types for calibration")
+    assert describe_training_data(tmp_path / "good_parts", tmp_path / "bad").endswith(
+        "; 3 defect images in one untyped folder for calibration")
+
+
+def test_calibration_defects_refuse_good_folder_and_empty(tmp_path):
+    _images(tmp_path / "mvtec_test" / "good", 2)
+    _images(tmp_path / "mvtec_test" / "crack", 2)
+    with pytest.raises(DatasetError, match=r"mvtec_test/good: a 'good' folder among the calibration defects"):
+        calibration_images(tmp_path / "mvtec_test")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="empty: no images found for threshold calibration"):
+        calibration_images(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="calibration defects folder does not exist"):
+        calibration_images(tmp_path / "missing")
+
+
+def test_evaluation_images_from_two_flat_folders(tmp_path):
+    good = _images(tmp_path / "g", 3)
+    _images(tmp_path / "d" / "crack", 2)
+    items = evaluation_images(tmp_path / "g", tmp_path / "d")
+    assert [i.path for i in items[:3]] == good and {i.label for i in items[3:]} == {"crack"}
+    assert all(i.mask is None for i in items)
+
+
+def test_fit_cli_refuses_a_bad_layout_with_the_reason(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert export_main(["fit", str(tmp_path / "empty"), "--out", str(tmp_path / "b")]) == 2
+    assert "train/good: missing. Expected layout: a flat folder of good images" in capsys.readouterr().err
+
+
+def test_device_names_match_the_station_schema():
+    assert set(DEVICE_INT8_TARGET) == set(typing.get_args(Device))
+    from export.onnx_export import INT8_TARGETS
+
+    assert set(DEVICE_INT8_TARGET.values()) <= set(INT8_TARGETS)
+    with pytest.raises(ValueError, match="unknown device 'pi9'; known: x86"):
+        int8_target_for("pi9")
+
+
+class _Args:
+    def __init__(self, device=None, station=None, int8_target=None):
+        self.device, self.station, self.int8_target = device, station, int8_target
+
+
+def test_int8_target_follows_the_device_the_station_or_the_override(tmp_path):
+    target, why = _resolve_int8_target(_Args())
+    assert target == "x86-avx2" and why.startswith("default: no --device/--station")
+    assert _resolve_int8_target(_Args(device="pi5"))[0] == "arm"
+    assert _resolve_int8_target(_Args(device="x86-vnni"))[0] == "x86-vnni"
+    station = tmp_path / "station.yaml"
+    station.write_text("device: jetson-orin\nbundle: b\nsource: {type: folder, path: imgs}\n")
+    target, why = _resolve_int8_target(_Args(station=str(station)))
+    assert target == "arm" and why == f"device jetson-orin from {station}"
+    target, why = _resolve_int8_target(_Args(station=str(station), int8_target="x86-avx2"))
+    assert target == "x86-avx2" and "overrides arm" in why
+    station.write_text("bundle: b\nsource: {type: folder, path: imgs}\n")
+    with pytest.raises(ValueError, match="no 'device:' key"):
+        _resolve_int8_target(_Args(station=str(station)))
+    station.write_text("device: pi9\nbundle: b\nsource: {type: folder, path: imgs}\n")
+    with pytest.raises(ValueError, match=r"station.yaml: device: expected one of 'x86'"):
+        _resolve_int8_target(_Args(station=str(station)))
+    with pytest.raises(ValueError, match="give one"):
+        _resolve_int8_target(_Args(device="pi5", station=str(station)))
