@@ -110,8 +110,9 @@ def _bundle_summary(bundle: Path) -> tuple[str, str | None]:
     settings = (m.get("fit") or {}).get("settings") or {}
     target = settings.get("int8_target")
     backbone = (m.get("backbone") or {}).get("name", "?")
-    size = (m.get("preprocessing") or {}).get("image_size", "?")
-    return (f"bundle {m.get('bundle_id', '?')}: {backbone}, {size} px, default variant "
+    geom = m.get("geometry") or {}
+    size = "x".join(str(v) for v in geom.get("input_size") or ["?"])
+    return (f"bundle {m.get('bundle_id', '?')}: {backbone}, input {size} px, default variant "
             f"{m.get('default_variant', '?')}, INT8 target {target or '?'}"), target
 
 

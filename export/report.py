@@ -165,11 +165,11 @@ def manifest_settings(manifest: dict, variant: str) -> list[tuple[str, str]]:
             node = node[k]
         return node
 
-    prep = get("preprocessing", default={}) or {}
-    if "input_width" in prep and "input_height" in prep:
-        size = f"{prep['input_width']} x {prep['input_height']} px"
-    elif "image_size" in prep:
-        size = f"{prep['image_size']} x {prep['image_size']} px"
+    geom = get("geometry", default={}) or {}
+    if isinstance(geom.get("input_size"), list) and len(geom["input_size"]) == 2:
+        w, h = geom["input_size"]
+        tiles = len(geom.get("tiles") or [[0, 0]])
+        size = f"{w} x {h} px" + (f", {tiles} tiles" if tiles > 1 else "") + f", size policy {geom.get('size_policy', '?')}"
     else:
         size = "n/a"
     v = get("variants", variant, default={}) or {}

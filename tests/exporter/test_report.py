@@ -70,7 +70,7 @@ def _fake_eval(tmp_path: Path, review: float | None):
               "engine": "onnx-int8", "knn": "hnsw", "image_auroc": 0.9286, "pixel_auroc": None,
               "threshold": 1.0, "review_threshold": review, "per_defect": {"crack": 0.9333, "dent": 1.0},
               "images": [{"file": str(it.path), "label": it.label, "score": float(s)} for it, s in zip(items, scores)]}
-    manifest = {"bundle_id": "feedc0de1234", "backbone": {"name": "lite0"}, "preprocessing": {"image_size": 224},
+    manifest = {"bundle_id": "feedc0de1234", "backbone": {"name": "lite0"}, "geometry": {"input_size": [224, 224], "tiles": [[0, 0]], "size_policy": "refuse"},
                 "coreset": {"ratio": 0.01, "n_bank_images": 188}, "default_variant": "int8",
                 "variants": {"int8": {"bank_size": 1474, "threshold": 1.0,
                                       "threshold_info": {"method": "defect-aware: midpoint"}}},
@@ -116,7 +116,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     text = seen["text"]
     for needle in ("Inspection report: bundle feedc0de1234", "image AUROC\n0.9286", "threshold\n1",
                    "review from\n0.9", "good rejected (NG)\n2 / 5", "good to review\n1",
-                   "defects passed (OK)\n0 / 5", "lite0", "224 x 224 px", "0.01", "1474",
+                   "defects passed (OK)\n0 / 5", "lite0", "224 x 224 px, size policy refuse", "0.01", "1474",
                    "defect-aware: midpoint", "arm"):
         assert needle in text, needle
     # The verdict table at the shipped operating point (threshold 1.0, review from 0.9).

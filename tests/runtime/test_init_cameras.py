@@ -135,7 +135,7 @@ def _bundle(tmp_path: Path, int8_target: str = "arm") -> Path:
     b = tmp_path / "bundle"
     b.mkdir(exist_ok=True)
     (b / "manifest.yaml").write_text(yaml.safe_dump({
-        "bundle_id": "0123abcd", "backbone": {"name": "lite0"}, "preprocessing": {"image_size": 224},
+        "bundle_id": "0123abcd", "backbone": {"name": "lite0"}, "geometry": {"input_size": [224, 224], "tiles": [[0, 0]], "size_policy": "refuse"},
         "default_variant": "int8", "fit": {"settings": {"int8_target": int8_target}}}))
     return b
 
