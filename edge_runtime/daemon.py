@@ -65,6 +65,7 @@ def load_pipeline(cfg: StationConfig) -> Pipeline:
     failures = golden_check(bundle, pipeline)
     if failures:
         raise BundleError("self-test failed: " + "; ".join(failures))
+    bundle.release()  # onnxruntime and hnswlib hold their own copies of the verified bytes now
     if cfg.roi is not None:
         pipeline.prep = type(pipeline.prep)(pipeline.prep.image_size, tuple(cfg.roi))
     return pipeline

@@ -40,16 +40,20 @@ class Pipeline:
         self.grid = bundle.grid
         self.threshold = self.variant.threshold
         n_patches = self.grid[0] * self.grid[1]
-        self.extractor = FeatureExtractor(bundle.path(self.variant.model_file),
-                                          (n_patches, bundle.dim, self.prep.image_size), threads, providers)
+        # The verified bytes, not the paths: a file replaced on disk after the check is never loaded.
+        model_name = bundle.path(self.variant.model_file)
+        self.extractor = FeatureExtractor(bundle.read_verified(self.variant.model_file),
+                                          (n_patches, bundle.dim, self.prep.image_size), threads, providers,
+                                          name=model_name)
         params = bundle.hnsw_params
         if ef_search is not None:
             params = type(params)(**{**params.__dict__, "ef_search": ef_search})
         index_path = bundle.path(self.variant.index_file)
+        index_bytes = bundle.read_verified(self.variant.index_file)
         # Before hnswlib: it would load an index of another dimension without complaint and read garbage.
-        check_index_file(index_path, bundle.dim, self.variant.info.get("bank_size"))
+        check_index_file(index_bytes, bundle.dim, self.variant.info.get("bank_size"), name=index_path)
         try:
-            hnsw = HnswSearch.load(index_path, bundle.dim, params, threads)
+            hnsw = HnswSearch.load(index_bytes, bundle.dim, params, threads)
         except (RuntimeError, ValueError, MemoryError) as exc:
             raise BundleError(f"{index_path}: hnswlib cannot load the index ({exc})") from None
         if len(hnsw) != self.variant.info.get("bank_size", len(hnsw)):
