@@ -300,6 +300,12 @@ class Bundle:
         files = m["files"]
         if not isinstance(files, dict):
             raise BundleError(f"{where}: 'files' must map each bundle file to its sha256")
+        # Optional (older bundles lack them): release order and the product the bundle inspects.
+        if "bundle_version" in m and not (isinstance(m["bundle_version"], int) and not isinstance(m["bundle_version"], bool)
+                                          and 0 <= m["bundle_version"] < 2**63):
+            raise BundleError(f"{where}: bundle_version must be a non-negative integer, got {short_repr(m['bundle_version'])}")
+        if "product" in m and not (isinstance(m["product"], str) and m["product"].strip()):
+            raise BundleError(f"{where}: product must be a non-empty string, got {short_repr(m['product'])}")
         listed = set(files)
         prep, feats, index = section("preprocessing"), section("features"), section("index")
         if not _positive_int(prep.get("image_size")):
@@ -358,6 +364,16 @@ class Bundle:
     @property
     def bundle_id(self) -> str:
         return str(self.manifest["bundle_id"])
+
+    @property
+    def bundle_version(self) -> int | None:
+        """Monotonic release number (the exporter's --bundle-version), or None for an older bundle."""
+        return self.manifest.get("bundle_version")
+
+    @property
+    def product(self) -> str | None:
+        """Name of the product the bundle was fitted for (the exporter's --product), or None for an older bundle."""
+        return self.manifest.get("product")
 
     @property
     def preprocessing(self) -> Preprocessing:

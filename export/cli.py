@@ -14,7 +14,8 @@ def _fit(a: argparse.Namespace) -> int:
     s = FitSettings(coreset_ratio=a.coreset_ratio, backbone=a.backbone, image_size=a.image_size, seed=a.seed,
                     projection_dim=a.projection_dim, holdout_fraction=a.holdout, max_train=a.max_train,
                     target_false_reject=a.target_frr, int8_target=a.int8_target, default_variant=a.default_variant,
-                    hnsw=HnswParams(M=a.hnsw_m, ef_construction=a.hnsw_ef_construction, ef_search=a.ef))
+                    hnsw=HnswParams(M=a.hnsw_m, ef_construction=a.hnsw_ef_construction, ef_search=a.ef),
+                    product=a.product, bundle_version=a.bundle_version)
     bundle = fit(Path(a.data_dir), Path(a.out), s, Path(a.calibration_defects) if a.calibration_defects else None,
                  overwrite=a.overwrite)
     print(f"bundle {bundle.bundle_id}: {a.out}")
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--hnsw-m", type=int, default=16)
     f.add_argument("--hnsw-ef-construction", type=int, default=200)
     f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--product", default=None, help="product name stored in the manifest; stations with "
+                   "security.product refuse other products (default: the name of DATA_DIR)")
+    f.add_argument("--bundle-version", type=int, default=None, help="monotonic integer release number; stations "
+                   "refuse a lower one than they have loaded (default: UTC seconds since the epoch at fit time)")
     f.set_defaults(func=_fit)
 
     e = sub.add_parser("evaluate", help="score DATA_DIR/test/* with one engine; AUROC, errors at the threshold")
