@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -18,6 +20,7 @@ import yaml
 
 from edge_runtime.nn_search import HnswParams
 from edge_runtime.geometry import Geometry
+from edge_runtime.safe_yaml import YamlRefused, clip, load_strict, short_repr
 
 # 2: input geometry (non-square input, tiles, size policy) replaced the square image_size; review band.
 SCHEMA_VERSION = 2
@@ -30,7 +33,10 @@ HNSW_SPACES = ("l2", "ip", "cosine")
 
 
 class BundleError(RuntimeError):
-    """The bundle cannot be used; the message names the file and the cause."""
+    """The bundle cannot be used; the message names the file and the cause (bounded in length)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(clip(str(message)))
 
 
 def sha256_file(path: Path) -> str:
@@ -48,17 +54,59 @@ def safe_member(root: Path, rel: str) -> Path:
     that resolve outside the bundle, so a bundle can never make the device read or verify a file elsewhere.
     """
     if not isinstance(rel, str):
-        raise BundleError(f"{root / MANIFEST}: file path {rel!r} is not a string")
+        raise BundleError(f"{root / MANIFEST}: file path {short_repr(rel)} is not a string")
     p = PurePosixPath(rel)
     if p.is_absolute() or ".." in p.parts or not p.parts or "\\" in rel or "\0" in rel:
-        raise BundleError(f"{root / MANIFEST}: file path {rel!r} is not a plain relative path inside the bundle")
+        raise BundleError(f"{root / MANIFEST}: file path {short_repr(rel)} is not a plain relative path inside the bundle")
     try:
         full = (root / p).resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
-        raise BundleError(f"{root / MANIFEST}: file path {rel!r} cannot be resolved ({exc})") from None
+        raise BundleError(f"{root / MANIFEST}: file path {short_repr(rel)} cannot be resolved ({exc})") from None
     if not full.is_relative_to(root.resolve()):
-        raise BundleError(f"{root / MANIFEST}: file path {rel!r} resolves outside the bundle ({full})")
+        raise BundleError(f"{root / MANIFEST}: file path {short_repr(rel)} resolves outside the bundle ({full})")
     return full
+
+
+def _read_regular(path: Path, limit: int | None, what: str) -> bytes:
+    """All bytes of regular file `path` (one open, no FIFO or device), refusing more than `limit` bytes."""
+    try:
+        # O_NONBLOCK: opening a FIFO planted in the bundle must not block the daemon; it is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise BundleError(f"{path}: {what} is missing") from None
+        raise BundleError(f"{path}: cannot open {what} ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise BundleError(f"{path}: {what} is not a regular file")
+        if limit is not None and st.st_size > limit:
+            raise BundleError(f"{path}: {what} is {st.st_size} bytes, over the {limit} bytes expected")
+        try:
+            data = fh.read() if limit is None else fh.read(limit + 1)
+        except OSError as exc:
+            raise BundleError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    if limit is not None and len(data) > limit:  # grew after fstat
+        raise BundleError(f"{path}: {what} is over the {limit} bytes expected")
+    return data
+
+
+def verify_manifest_signature(root: Path, raw: bytes, public_key: bytes) -> None:
+    """Check manifest.sig (ed25519) over the raw manifest bytes; raises BundleError. Runs before any parsing."""
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    except ImportError:
+        raise BundleError("a bundle public key is configured but the 'cryptography' package is not installed") from None
+    sig_path = root / SIGNATURE
+    if not sig_path.is_file():
+        raise BundleError(f"{sig_path}: signature is missing and a public key is configured")
+    safe_member(root, SIGNATURE)
+    signature = _read_regular(sig_path, 1024, "signature")
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, raw)
+    except (InvalidSignature, ValueError):
+        raise BundleError(f"{sig_path}: ed25519 signature does not verify against the configured key") from None
 
 
 def _finite_number(value: Any) -> bool:
@@ -75,19 +123,26 @@ def _positive_int(value: Any) -> bool:
 _HNSW_HEADER = struct.Struct("<QQQQQQiIQQQdQ")
 
 
-def check_index_file(path: Path, dim: int, count: int | None = None) -> None:
+def check_index_file(source: Path | bytes, dim: int, count: int | None = None, name: str | Path | None = None) -> None:
     """Refuse an HNSW index whose header disagrees with the manifest, before hnswlib reads it.
 
-    hnswlib itself trusts the dimension it is given: an index saved with another dim loads "successfully" and
-    then reads vectors across element boundaries (garbage scores, or a read past the buffer). The vector size
-    is recoverable from the header (label_offset - offsetData = dim * 4 bytes), so check it here.
+    `source` is the index file or its bytes (the verified bytes the device then loads); `name` names it in
+    errors. hnswlib itself trusts the dimension it is given: an index saved with another dim loads
+    "successfully" and then reads vectors across element boundaries (garbage scores, or a read past the
+    buffer). The vector size is recoverable from the header (label_offset - offsetData = dim * 4 bytes), so
+    check it here. Raises BundleError.
     """
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(_HNSW_HEADER.size)
-            size = fh.seek(0, 2)
-    except OSError as exc:
-        raise BundleError(f"{path}: cannot read the index ({exc.strerror or exc})") from None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        path = name or "<index bytes>"
+        head, size = bytes(source[:_HNSW_HEADER.size]), len(source)
+    else:
+        path = name or source
+        try:
+            with open(source, "rb") as fh:
+                head = fh.read(_HNSW_HEADER.size)
+                size = fh.seek(0, 2)
+        except OSError as exc:
+            raise BundleError(f"{path}: cannot read the index ({exc.strerror or exc})") from None
     if len(head) < _HNSW_HEADER.size:
         raise BundleError(f"{path}: index is {size} bytes, too short for an hnswlib header (truncated or not an index)")
     (offset_level0, max_elements, count_in_file, per_element, label_offset, offset_data,
@@ -129,24 +184,40 @@ class Variant:
 
 class Bundle:
     def __init__(self, root: Path, manifest: dict):
+        """A bundle in memory. Use `Bundle.load` on the device; direct construction is the exporter's draft."""
         self.root = Path(root)
         self.manifest = manifest
+        self._pinned = False                     # set by load(): every file read must match the manifest
+        self._verified: dict[str, bytes] = {}    # rel path -> the verified bytes handed to the consumers
 
     # ---- reading -------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, root: str | Path, verify: bool = True, public_key: bytes | None = None) -> "Bundle":
-        root = Path(root)
+        """Read, authenticate and check a bundle directory.
+
+        The directory is resolved once, here; every later read is relative to that resolved path. With
+        `public_key`, the ed25519 signature is checked over the raw manifest bytes BEFORE they are parsed, so an
+        unsigned manifest never reaches the YAML parser. With `verify`, every listed file is read once, hashed,
+        and its bytes kept for `read_verified` (what the consumers load is what was hashed).
+        Raises BundleError naming the file and the cause.
+        """
+        try:
+            root = Path(root).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise BundleError(f"{short_repr(str(root))}: bundle directory cannot be resolved ({exc})") from None
         mpath = root / MANIFEST
         if not root.is_dir():
             raise BundleError(f"{root}: bundle directory does not exist")
         if not mpath.is_file():
             raise BundleError(f"{mpath}: manifest is missing")
         safe_member(root, MANIFEST)  # a manifest symlinked from elsewhere is not this bundle's manifest
-        if mpath.stat().st_size > MAX_MANIFEST_BYTES:
-            raise BundleError(f"{mpath}: manifest is {mpath.stat().st_size} bytes, over the {MAX_MANIFEST_BYTES} limit")
-        raw = mpath.read_bytes()
+        raw = _read_regular(mpath, MAX_MANIFEST_BYTES, "manifest")
+        if public_key is not None:
+            verify_manifest_signature(root, raw, public_key)
         try:
-            manifest = yaml.safe_load(raw)
+            manifest = load_strict(raw, str(mpath))
+        except YamlRefused as exc:
+            raise BundleError(str(exc)) from None
         except yaml.YAMLError as exc:
             raise BundleError(f"{mpath}: manifest is not valid YAML ({exc})") from None
         except (ValueError, RecursionError) as exc:  # e.g. an impossible date, or nesting deeper than the parser
@@ -155,56 +226,73 @@ class Bundle:
             raise BundleError(f"{mpath}: manifest is not a mapping")
         version = manifest.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise BundleError(f"{mpath}: schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION}; "
-                              "refit the bundle with this release's edge-export)")
+            raise BundleError(f"{mpath}: schema_version {short_repr(version)} is not supported "
+                              f"(this runtime reads {SCHEMA_VERSION}; refit the bundle with this release's edge-export)")
         for key in ("bundle_id", "geometry", "features", "score", "index", "variants", "default_variant", "files"):
             if key not in manifest:
-                raise BundleError(f"{mpath}: required key {key!r} is missing")
+                raise BundleError(f"{mpath}: required key {short_repr(key)} is missing")
         bundle = cls(root, manifest)
-        if public_key is not None:
-            bundle.verify_signature(public_key, raw)
+        bundle._pinned = True
         if verify:
             bundle.verify_files()
         bundle._check_consistency()
         return bundle
 
+    def _file_meta(self, rel: str) -> dict:
+        files = self.manifest.get("files")
+        meta = files.get(rel) if isinstance(files, dict) else None
+        if not isinstance(meta, dict) or not _SHA256.match(str(meta.get("sha256"))) \
+                or not isinstance(meta.get("bytes"), int) or isinstance(meta.get("bytes"), bool) or meta["bytes"] < 0:
+            raise BundleError(f"{self.root / MANIFEST}: files.{short_repr(rel)} must be {{sha256: <64 hex>, bytes: <int>}}, "
+                              f"got {short_repr(meta)}")
+        return meta
+
+    def read_verified(self, rel: str) -> bytes:
+        """The bytes of bundle file `rel`, read once and checked against the manifest's size and sha256.
+
+        The same bytes object is returned on every call until `release()`, so the model onnxruntime parses, the
+        index hnswlib loads and the golden images the self-test decodes are exactly the bytes that were hashed:
+        replacing a file on disk after the check changes nothing. A file the manifest does not list is refused,
+        except in a draft bundle the exporter builds in memory (not made by `load`) before it writes the
+        checksums. Raises BundleError naming the file.
+        """
+        cached = self._verified.get(rel)
+        if cached is not None:
+            return cached
+        path = safe_member(self.root, rel)
+        files = self.manifest.get("files")
+        if not self._pinned and not (isinstance(files, dict) and rel in files):
+            data = _read_regular(path, None, "file")
+        else:
+            meta = self._file_meta(rel)
+            data = _read_regular(path, meta["bytes"], "file listed in the manifest")
+            if len(data) != meta["bytes"]:
+                raise BundleError(f"{path}: size {len(data)} bytes, manifest says {meta['bytes']} (truncated or replaced)")
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != meta["sha256"]:
+                raise BundleError(f"{path}: sha256 {actual} does not match the manifest ({meta['sha256']}): "
+                                  "file was modified")
+        self._verified[rel] = data
+        return data
+
+    def release(self) -> None:
+        """Drop the verified bytes kept for the consumers (they hold their own copies once loaded)."""
+        self._verified.clear()
+
     def verify_files(self) -> None:
+        """Read and check every file the manifest lists (size and sha256); keeps the bytes for read_verified."""
         files = self.manifest["files"]
         if not isinstance(files, dict) or not files:
             raise BundleError(f"{self.root / MANIFEST}: 'files' must list every bundle file with its sha256")
-        for rel, meta in files.items():
-            path = safe_member(self.root, rel)
-            if not isinstance(meta, dict) or not _SHA256.match(str(meta.get("sha256"))) \
-                    or not isinstance(meta.get("bytes"), int) or isinstance(meta.get("bytes"), bool):
-                raise BundleError(f"{self.root / MANIFEST}: files.{rel} must be {{sha256: <64 hex>, bytes: <int>}}, "
-                                  f"got {meta!r}")
-            if not path.exists():
-                raise BundleError(f"{path}: file listed in the manifest is missing")
-            if not path.is_file():  # a FIFO or device would block or never end when hashed
-                raise BundleError(f"{path}: listed in the manifest but is not a regular file")
-            size = path.stat().st_size
-            if size != meta.get("bytes"):
-                raise BundleError(f"{path}: size {size} bytes, manifest says {meta.get('bytes')} (truncated or replaced)")
-            actual = sha256_file(path)
-            if actual != meta.get("sha256"):
-                raise BundleError(f"{path}: sha256 {actual} does not match the manifest ({meta.get('sha256')}): file was modified")
+        self._verified.clear()  # re-read everything: a second verification must look at the disk again
+        for rel in files:
+            self.read_verified(rel)
 
     def verify_signature(self, public_key: bytes, raw: bytes | None = None) -> None:
         """ed25519 signature of manifest.yaml (which pins every other file by sha256)."""
-        try:
-            from cryptography.exceptions import InvalidSignature
-            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-        except ImportError:
-            raise BundleError("a bundle public key is configured but the 'cryptography' package is not installed") from None
-        sig_path = self.root / SIGNATURE
-        if not sig_path.is_file():
-            raise BundleError(f"{sig_path}: signature is missing and a public key is configured")
-        safe_member(self.root, SIGNATURE)
-        raw = raw if raw is not None else (self.root / MANIFEST).read_bytes()
-        try:
-            Ed25519PublicKey.from_public_bytes(public_key).verify(sig_path.read_bytes(), raw)
-        except (InvalidSignature, ValueError):
-            raise BundleError(f"{sig_path}: ed25519 signature does not verify against the configured key") from None
+        if raw is None:
+            raw = _read_regular(self.root / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
+        verify_manifest_signature(self.root, raw, public_key)
 
     def _check_consistency(self) -> None:
         """Types and cross-references of the manifest, so a bad manifest fails here with its key, not later."""
@@ -213,12 +301,18 @@ class Bundle:
 
         def section(key: str) -> dict:
             if not isinstance(m[key], dict):
-                raise BundleError(f"{where}: {key!r} must be a mapping, got {type(m[key]).__name__}")
+                raise BundleError(f"{where}: {short_repr(key)} must be a mapping, got {type(m[key]).__name__}")
             return m[key]
 
         files = m["files"]
         if not isinstance(files, dict):
             raise BundleError(f"{where}: 'files' must map each bundle file to its sha256")
+        # Optional (older bundles lack them): release order and the product the bundle inspects.
+        if "bundle_version" in m and not (isinstance(m["bundle_version"], int) and not isinstance(m["bundle_version"], bool)
+                                          and 0 <= m["bundle_version"] < 2**63):
+            raise BundleError(f"{where}: bundle_version must be a non-negative integer, got {short_repr(m['bundle_version'])}")
+        if "product" in m and not (isinstance(m["product"], str) and m["product"].strip()):
+            raise BundleError(f"{where}: product must be a non-empty string, got {short_repr(m['product'])}")
         listed = set(files)
         geom, feats, index = section("geometry"), section("features"), section("index")
         try:
@@ -227,25 +321,25 @@ class Bundle:
             raise BundleError(f"{where}: geometry is invalid ({type(exc).__name__}: {exc})") from None
         grid = feats.get("grid")
         if not (isinstance(grid, list) and len(grid) == 2 and all(_positive_int(g) for g in grid)):
-            raise BundleError(f"{where}: features.grid must be [rows, cols] positive integers, got {grid!r}")
+            raise BundleError(f"{where}: features.grid must be [rows, cols] positive integers, got {short_repr(grid)}")
         if tuple(grid) != geometry.grid():
             raise BundleError(f"{where}: features.grid {grid} does not match geometry.input_size "
                               f"{list(geometry.input_size)} (expected {list(geometry.grid())})")
         dim = feats.get("dim")
         if not _positive_int(dim):
-            raise BundleError(f"{where}: features.dim must be a positive integer, got {dim!r}")
+            raise BundleError(f"{where}: features.dim must be a positive integer, got {short_repr(dim)}")
         if index.get("dim") != dim:
             raise BundleError(f"{where}: index.dim {index.get('dim')} does not match features.dim {dim}")
         if index.get("space") not in HNSW_SPACES:
-            raise BundleError(f"{where}: index.space must be one of {', '.join(HNSW_SPACES)}, got {index.get('space')!r}")
+            raise BundleError(f"{where}: index.space must be one of {', '.join(HNSW_SPACES)}, got {short_repr(index.get('space'))}")
         for key in ("M", "ef_construction", "ef_search"):
             if not _positive_int(index.get(key)):
-                raise BundleError(f"{where}: index.{key} must be a positive integer, got {index.get(key)!r}")
+                raise BundleError(f"{where}: index.{key} must be a positive integer, got {short_repr(index.get(key))}")
         variants = section("variants")
         if not variants:
             raise BundleError(f"{where}: 'variants' is empty")
         if not isinstance(m["default_variant"], str) or m["default_variant"] not in variants:
-            raise BundleError(f"{where}: default_variant {m['default_variant']!r} is not one of {sorted(map(str, variants))}")
+            raise BundleError(f"{where}: default_variant {short_repr(m['default_variant'])} is not one of {sorted(map(str, variants))}")
         for name, v in variants.items():
             if not isinstance(v, dict):
                 raise BundleError(f"{where}: variants.{name} must be a mapping")
@@ -256,27 +350,27 @@ class Bundle:
             # folder (not listed) are never opened, so an extra file cannot change what is inspected.
             for key in ("model", "index"):
                 if not isinstance(v[key], str) or v[key] not in listed:
-                    raise BundleError(f"{where}: variants.{name}.{key} {v[key]!r} is not covered by 'files' checksums")
+                    raise BundleError(f"{where}: variants.{name}.{key} {short_repr(v[key])} is not covered by 'files' checksums")
             # inf would pass every part; NaN or <= 0 would reject every part or make decisions meaningless.
             if not (_finite_number(v["threshold"]) and v["threshold"] > 0):
-                raise BundleError(f"{where}: variants.{name}.threshold must be a positive finite number, got {v['threshold']!r}")
+                raise BundleError(f"{where}: variants.{name}.threshold must be a positive finite number, got {short_repr(v['threshold'])}")
             review = v.get("review_threshold")
             if review is not None and not (_finite_number(review) and 0 < review < v["threshold"]):
                 raise BundleError(f"{where}: variants.{name}.review_threshold must be null or a number in "
-                                  f"(0, threshold {v['threshold']!r}), got {review!r}")
+                                  f"(0, threshold {v['threshold']!r}), got {short_repr(review)}")
             if "bank_size" in v and not _positive_int(v["bank_size"]):
-                raise BundleError(f"{where}: variants.{name}.bank_size must be a positive integer, got {v['bank_size']!r}")
+                raise BundleError(f"{where}: variants.{name}.bank_size must be a positive integer, got {short_repr(v['bank_size'])}")
             golden = v.get("golden", [])
             if not isinstance(golden, list):
                 raise BundleError(f"{where}: variants.{name}.golden must be a list")
             for i, g in enumerate(golden):
                 if not (isinstance(g, dict) and isinstance(g.get("file"), str) and _finite_number(g.get("score"))):
-                    raise BundleError(f"{where}: variants.{name}.golden[{i}] must be {{file: <path>, score: <number>}}, got {g!r}")
+                    raise BundleError(f"{where}: variants.{name}.golden[{i}] must be {{file: <path>, score: <number>}}, got {short_repr(g)}")
                 if g["file"] not in listed:
-                    raise BundleError(f"{where}: variants.{name}.golden[{i}] {g['file']!r} is not covered by 'files' checksums")
+                    raise BundleError(f"{where}: variants.{name}.golden[{i}] {short_repr(g['file'])} is not covered by 'files' checksums")
             tol = v.get("golden_tolerance", {})
             if not (isinstance(tol, dict) and _finite_number(tol.get("relative", 1e-2)) and tol.get("relative", 1e-2) >= 0):
-                raise BundleError(f"{where}: variants.{name}.golden_tolerance must be {{relative: <number >= 0>}}, got {tol!r}")
+                raise BundleError(f"{where}: variants.{name}.golden_tolerance must be {{relative: <number >= 0>}}, got {short_repr(tol)}")
 
     # ---- accessors -----------------------------------------------------------------------------------------
     @property
@@ -286,6 +380,16 @@ class Bundle:
     @property
     def geometry(self) -> Geometry:
         return Geometry.from_manifest(self.manifest["geometry"])
+
+    @property
+    def bundle_version(self) -> int | None:
+        """Monotonic release number (the exporter's --bundle-version), or None for an older bundle."""
+        return self.manifest.get("bundle_version")
+
+    @property
+    def product(self) -> str | None:
+        """Name of the product the bundle was fitted for (the exporter's --product), or None for an older bundle."""
+        return self.manifest.get("product")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -305,7 +409,7 @@ class Bundle:
     def variant(self, name: str | None = None) -> Variant:
         name = name or self.manifest["default_variant"]
         if name not in self.manifest["variants"]:
-            raise BundleError(f"{self.root / MANIFEST}: no variant {name!r} (have {sorted(self.manifest['variants'])})")
+            raise BundleError(f"{self.root / MANIFEST}: no variant {short_repr(name)} (have {sorted(self.manifest['variants'])})")
         v = self.manifest["variants"][name]
         return Variant(name=name, model_file=v["model"], index_file=v["index"], threshold=float(v["threshold"]), info=v)
 

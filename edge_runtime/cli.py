@@ -41,14 +41,45 @@ def _check(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def build_station_objects(cfg) -> list[str]:
+    """Construct what `run` constructs from `cfg`, without opening any device, socket, file or bundle.
+
+    Returns what was built (for the report). Raises ConfigError with the key when a constructor refuses a
+    value the schema let through, so that `validate` never passes a file on which `run` would then fail.
+    """
+    from edge_runtime.daemon import Station, load_public_key
+    from edge_runtime.http_endpoint import HttpEndpoint
+    from edge_runtime.schema import ConfigError
+    from edge_runtime.sources import build_source
+
+    steps = [
+        ("outputs, trigger, logging", lambda: Station(cfg)),          # Station() builds these first in run
+        ("source", lambda: build_source(cfg.source, 0)),
+        ("http", lambda: HttpEndpoint(cfg.http, lambda: None) if cfg.http.enabled else None),
+        ("security.bundle_public_key", lambda: load_public_key(cfg.security.bundle_public_key)),
+    ]
+    built = []
+    for key, build in steps:
+        try:
+            build()
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a constructor raises, run would fail the same way
+            raise ConfigError(f"{key}: {type(exc).__name__}: {exc}") from None
+        built.append(key)
+    return built
+
+
 def _validate(a: argparse.Namespace) -> int:
     from edge_runtime.config import load_station
     from edge_runtime.schema import ConfigError
 
     try:
-        load_station(a.config)
+        cfg = load_station(a.config)
+        build_station_objects(cfg)
     except ConfigError as exc:
-        print(f"invalid: {exc}", file=sys.stderr)
+        msg = str(exc)
+        print(f"invalid: {msg if msg.startswith(str(a.config)) else f'{a.config}: {msg}'}", file=sys.stderr)
         return 2
     print(f"{a.config}: valid")
     return 0
@@ -92,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="search used for the golden scores (default: hnsw, as the daemon runs)")
     c.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")
     c.set_defaults(func=_check)
-    v = sub.add_parser("validate", help="validate a station file and exit")
+    v = sub.add_parser("validate", help="validate a station file (schema, and every object run builds, without "
+                                        "opening devices or the bundle); exit 0 valid, 2 invalid")
     v.add_argument("config", help="station YAML file to check; errors name the file and the key")
     v.set_defaults(func=_validate)
     cam = sub.add_parser("cameras", help="list V4L2 cameras with their formats and frame sizes")

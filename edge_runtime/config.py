@@ -12,6 +12,7 @@ import yaml
 
 from edge_runtime.http_endpoint import HttpConfig
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
+from edge_runtime.safe_yaml import YamlRefused, load_strict
 from edge_runtime.schema import ConfigError, from_mapping
 from edge_runtime.sources import FolderSourceConfig, SourceConfig, VideoSourceConfig
 from edge_runtime.sources.video_source import is_stream_url
@@ -35,13 +36,15 @@ class InferenceConfig:
 
     def validate(self) -> None:
         if self.threads < 1:
-            raise ValueError(f"inference.threads: must be >= 1, got {self.threads}")
+            raise ValueError(f"threads: must be >= 1, got {self.threads}")
         if self.ef_search is not None and self.ef_search < 1:
-            raise ValueError(f"inference.ef_search: must be >= 1, got {self.ef_search}")
+            raise ValueError(f"ef_search: must be >= 1, got {self.ef_search}")
         if self.review_threshold is not None and not self.review_threshold > 0:
-            raise ValueError(f"inference.review_threshold: must be > 0, got {self.review_threshold}")
+            raise ValueError(f"review_threshold: must be > 0, got {self.review_threshold}")
         if self.deadline_ms is not None and self.deadline_ms <= 0:
-            raise ValueError(f"inference.deadline_ms: must be > 0, got {self.deadline_ms}")
+            raise ValueError(f"deadline_ms: must be > 0, got {self.deadline_ms}")
+        if not self.providers:
+            raise ValueError("providers: must list at least one onnxruntime execution provider")
 
 
 @dataclass(kw_only=True)
@@ -49,6 +52,12 @@ class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     stats_interval_s: float = 60.0     # how often per-stage latency percentiles are logged
     stats_window: int = 1000           # frames in the sliding window of the percentiles
+
+    def validate(self) -> None:
+        if self.stats_interval_s <= 0:
+            raise ValueError(f"stats_interval_s: must be > 0, got {self.stats_interval_s}")
+        if self.stats_window < 1:
+            raise ValueError(f"stats_window: must be >= 1, got {self.stats_window}")
 
 
 @dataclass(kw_only=True)
@@ -60,14 +69,21 @@ class RecoveryConfig:
 
     def validate(self) -> None:
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:
-            raise ValueError("recovery: need 0 < backoff_initial_s <= backoff_max_s")
+            raise ValueError(f"need 0 < backoff_initial_s <= backoff_max_s, got "
+                             f"{self.backoff_initial_s} and {self.backoff_max_s}")
         if self.read_timeout_s <= 0:
-            raise ValueError("recovery.read_timeout_s: must be > 0")
+            raise ValueError(f"read_timeout_s: must be > 0, got {self.read_timeout_s}")
 
 
 @dataclass(kw_only=True)
 class SecurityConfig:
     bundle_public_key: str | None = None   # path to a raw 32-byte or PEM ed25519 public key; manifest.sig must verify
+    product: str | None = None             # when set, the bundle's manifest 'product' must be exactly this
+    allow_downgrade: bool = False          # false: refuse a bundle_version lower than the highest one loaded
+
+    def validate(self) -> None:
+        if self.product is not None and not self.product.strip():
+            raise ValueError("product: must not be empty (leave it out to accept any product)")
 
 
 @dataclass(kw_only=True)
@@ -144,15 +160,32 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
     return cfg
 
 
+# A station file is a few kB; anything this large is not one (and must not reach the parser).
+MAX_STATION_BYTES = 1024 * 1024
+
+
 def load_station(path: str | Path) -> StationConfig:
-    """Read and validate a station file; relative paths in it are made relative to the file's folder."""
+    """Read and validate a station file; relative paths in it are made relative to the file's folder.
+
+    Refused with a ConfigError naming the file: unreadable, over MAX_STATION_BYTES, not UTF-8, invalid YAML,
+    YAML anchors/aliases/merge keys, a key repeated in any mapping (with its line), and any schema error.
+    """
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_STATION_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read station file ({exc.strerror or exc})") from None
+    if len(raw) > MAX_STATION_BYTES:
+        raise ConfigError(f"{path}: station file is over {MAX_STATION_BYTES} bytes")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: station file is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from None
+    try:
+        data = load_strict(text, str(path))
+    except YamlRefused as exc:
+        raise ConfigError(str(exc)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:

@@ -7,6 +7,7 @@ restarts us.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -18,7 +19,8 @@ from pathlib import Path
 from edge_runtime import systemd_notify
 from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.config import StationConfig
-from edge_runtime.features import FeatureError
+from edge_runtime.bundle_policy import check_admission, record_loaded
+from edge_runtime.features import FeatureError, make_session
 from edge_runtime.http_endpoint import HttpEndpoint, StationStatus
 from edge_runtime.latency_stats import LatencyStats
 from edge_runtime.outputs import Output, OutputError, ResultLogConfig, SerialOutput, build_output, last_frame_id
@@ -47,16 +49,28 @@ def load_public_key(path: str | None) -> bytes | None:
     return load_pem_public_key(raw).public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def load_pipeline(cfg: StationConfig) -> Pipeline:
-    """Verify the bundle (checksums, optional signature), build the pipeline and reproduce the golden scores."""
+def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_threads: int | None = None) -> Pipeline:
+    """Verify the bundle (checksums, optional signature), check product and version, build the pipeline and
+    reproduce the golden scores. Raises BundleError with the reason.
+
+    `current`: the bundle in service (a reload never goes below its version unless downgrades are allowed).
+    `load_threads`: threads for loading and the self-test (a reload runs beside the inspection loop and must
+    not take its cores); the pipeline returned always runs with `inference.threads`.
+    """
     try:
         key = load_public_key(cfg.security.bundle_public_key)
     except (OSError, ValueError, ImportError) as exc:
         raise BundleError(f"security.bundle_public_key {cfg.security.bundle_public_key}: cannot read key ({exc})") from None
     bundle = Bundle.load(cfg.bundle, public_key=key)
+    sec = cfg.security
+    if current is None and not sec.allow_downgrade and not cfg.state_dir:
+        log.warning("security.allow_downgrade is false but no state_dir is set: an older bundle_version is refused "
+                    "on reload, not across restarts")
+    check_admission(bundle, sec.product, sec.allow_downgrade, cfg.state_dir, current)
     inf = cfg.inference
+    threads = min(load_threads, inf.threads) if load_threads else inf.threads
     try:
-        pipeline = Pipeline(bundle, precision=inf.precision, knn=inf.knn, threads=inf.threads,
+        pipeline = Pipeline(bundle, precision=inf.precision, knn=inf.knn, threads=threads,
                             providers=inf.providers, ef_search=inf.ef_search, review_threshold=inf.review_threshold)
     except FeatureError as exc:
         raise BundleError(str(exc)) from None
@@ -65,8 +79,42 @@ def load_pipeline(cfg: StationConfig) -> Pipeline:
     failures = golden_check(bundle, pipeline)
     if failures:
         raise BundleError("self-test failed: " + "; ".join(failures))
+    if threads != inf.threads:
+        # Same verified model bytes, now with the configured threads; built, not run, so it costs no cores.
+        variant = pipeline.variant
+        try:
+            pipeline.extractor.session = make_session(bundle.read_verified(variant.model_file), inf.threads,
+                                                      inf.providers, bundle.path(variant.model_file))
+        except FeatureError as exc:
+            raise BundleError(str(exc)) from None
+        index = getattr(pipeline.search, "index", None)
+        if index is not None:
+            index.set_num_threads(inf.threads)
+    bundle.release()  # onnxruntime and hnswlib hold their own copies of the verified bytes now
+    record_loaded(bundle, cfg.state_dir)
     pipeline.apply_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)
     return pipeline
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc malloc_trim), after a reload dropped the old pipeline.
+
+    onnxruntime and hnswlib free a whole pipeline's worth of buffers at once; glibc keeps most of it mapped in
+    its arenas, so without this the resident size climbs reload after reload (benchmarks/reload_memory.py).
+    No-op where glibc is not the C library.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+            _malloc_trim.argtypes, _malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 @dataclass
@@ -106,6 +154,7 @@ class Station:
         self._reload_lock = threading.Lock()
         self._reload_thread: threading.Thread | None = None
         self._reload_outcome: tuple[Pipeline | None, str | None] | None = None  # set by the reload thread
+        self._trim_pending = False     # a reload dropped the old pipeline: release its heap on the next iteration
         self._next_frame_id = 0
         self._started = time.monotonic()
         self._last_heartbeat = time.monotonic()
@@ -192,8 +241,11 @@ class Station:
         self._reload_thread.start()
 
     def _reload_worker(self) -> None:
+        current = self.pipeline
         try:
-            outcome: tuple[Pipeline | None, str | None] = (load_pipeline(self.cfg), None)
+            # One thread while loading and self-testing: the inspection loop keeps its cores.
+            outcome: tuple[Pipeline | None, str | None] = (
+                load_pipeline(self.cfg, current.bundle if current is not None else None, load_threads=1), None)
         except Exception as exc:  # noqa: BLE001 - reported to the loop thread, which decides what to do
             if not isinstance(exc, (BundleError, OSError)):
                 log.exception("reloading bundle %s failed unexpectedly", self.cfg.bundle)
@@ -203,6 +255,10 @@ class Station:
 
     def _apply_reload(self) -> None:
         """Runs in the loop thread: swap pipelines between frames and drive the outputs from one thread only."""
+        if self._trim_pending:
+            # The old pipeline is gone by now (the loop took the new one): hand its memory back to the OS.
+            self._trim_pending = False
+            release_freed_memory()
         with self._reload_lock:
             outcome, self._reload_outcome = self._reload_outcome, None
         if outcome is None:
@@ -218,6 +274,8 @@ class Station:
         else:
             self.pipeline = new
             self.counters.reloads += 1
+            # The loop still holds the old pipeline until its next iteration: trim after that (see above).
+            self._trim_pending = True
             log.info("reloaded: bundle %s, variant %s, threshold %.4f", new.bundle.bundle_id, new.variant.name,
                      new.threshold)
             if self.fault_reason and self.fault_reason.startswith("bundle"):

@@ -11,7 +11,10 @@ class FeatureError(RuntimeError):
     """The ONNX model cannot be loaded or run on this device."""
 
 
-def make_session(model_path: Path, threads: int = 2, providers: list[str] | None = None) -> ort.InferenceSession:
+def make_session(model: Path | bytes, threads: int = 2, providers: list[str] | None = None,
+                 name: str | Path | None = None) -> ort.InferenceSession:
+    """An onnxruntime session for `model` (a path, or the model's verified bytes); `name` names it in errors."""
+    model_path = name or (model if not isinstance(model, (bytes, bytearray)) else "<model bytes>")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -26,7 +29,9 @@ def make_session(model_path: Path, threads: int = 2, providers: list[str] | None
     if missing:
         raise FeatureError(f"onnxruntime here has no {', '.join(missing)} (available: {', '.join(available)})")
     try:
-        return ort.InferenceSession(str(model_path), sess_options=opts, providers=wanted)
+        # Bytes are parsed from memory: what runs is what the bundle check hashed, whatever is on disk now.
+        source = bytes(model) if isinstance(model, (bytes, bytearray)) else str(model)
+        return ort.InferenceSession(source, sess_options=opts, providers=wanted)
     except Exception as exc:  # onnxruntime raises its own exception types for invalid or unsupported graphs
         raise FeatureError(f"{model_path}: onnxruntime cannot load the model ({exc})") from None
 
@@ -37,9 +42,11 @@ class FeatureExtractor:
     All tiles of a frame go through one session run: one batch, one set of kernel launches.
     """
 
-    def __init__(self, model_path: Path, expected: tuple[int, int, tuple[int, int], int], threads: int = 2,
-                 providers: list[str] | None = None):
-        self.session = make_session(model_path, threads, providers)
+    def __init__(self, model: Path | bytes, expected: tuple[int, int, tuple[int, int], int], threads: int = 2,
+                 providers: list[str] | None = None, name: str | Path | None = None):
+        """`model`: the ONNX file, or its bytes (the bundle's verified copy); `name` names it in errors."""
+        model_path = name or (model if not isinstance(model, (bytes, bytearray)) else "<model bytes>")
+        self.session = make_session(model, threads, providers, model_path)
         self.input_name = self.session.get_inputs()[0].name
         self.model_path = model_path
         n_patches, dim, (width, height), n_tiles = expected

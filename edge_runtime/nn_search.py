@@ -7,10 +7,52 @@ shared/SEARCH.md: recall 99.7% alone still flips good parts to NG).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def private_copy(data: bytes, name: str) -> Iterator[str]:
+    """A path whose file holds exactly `data` and that nobody else can change while it exists.
+
+    Linux: a sealed memfd (no writes, no resizing, seals locked) named by /proc/self/fd/N; no file system entry
+    exists at all. Elsewhere (or if memfd is unavailable): a 0600 file in a fresh 0700 temporary folder of
+    this user, removed on exit. For loaders such as hnswlib that take only a path.
+    """
+    fd = -1
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        try:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError:
+            fd = -1
+    if fd >= 0:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    folder = tempfile.mkdtemp(prefix="edge-runtime-")  # mode 0700, owned by this user
+    try:
+        path = os.path.join(folder, name)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+            fh.write(data)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class ExactSearch:
@@ -86,11 +128,20 @@ class HnswSearch:
         self.rechecked_last = 0
 
     @classmethod
-    def load(cls, path: Path, dim: int, params: HnswParams, threads: int = 1) -> "HnswSearch":
+    def load(cls, source: Path | bytes, dim: int, params: HnswParams, threads: int = 1) -> "HnswSearch":
+        """Load a saved index from a file or from its bytes (the bundle's verified copy).
+
+        hnswlib reads only from a path, so bytes are handed over as an immutable private copy (see
+        `private_copy`): nobody can swap them between the check and the load.
+        """
         import hnswlib
 
         index = hnswlib.Index(space=params.space, dim=dim)
-        index.load_index(str(path))
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            with private_copy(bytes(source), "index.hnsw") as path:
+                index.load_index(path)
+        else:
+            index.load_index(str(source))
         return cls(index, params, threads)
 
     @property

@@ -64,17 +64,19 @@ class Pipeline:
         if self.review_threshold is not None and not 0 < self.review_threshold < self.threshold:
             raise BundleError(f"review_threshold {self.review_threshold} must lie in (0, threshold {self.threshold})")
         g = self.geometry
-        self.extractor = FeatureExtractor(bundle.path(self.variant.model_file),
+        # The verified bytes, not the paths: a file replaced on disk after the check is never loaded.
+        self.extractor = FeatureExtractor(bundle.read_verified(self.variant.model_file),
                                           (self.grid[0] * self.grid[1], bundle.dim, g.input_size, g.n_tiles),
-                                          threads, providers)
+                                          threads, providers, name=bundle.path(self.variant.model_file))
         params = bundle.hnsw_params
         if ef_search is not None:
             params = type(params)(**{**params.__dict__, "ef_search": ef_search})
         index_path = bundle.path(self.variant.index_file)
+        index_bytes = bundle.read_verified(self.variant.index_file)
         # Before hnswlib: it would load an index of another dimension without complaint and read garbage.
-        check_index_file(index_path, bundle.dim, self.variant.info.get("bank_size"))
+        check_index_file(index_bytes, bundle.dim, self.variant.info.get("bank_size"), name=index_path)
         try:
-            hnsw = HnswSearch.load(index_path, bundle.dim, params, threads)
+            hnsw = HnswSearch.load(index_bytes, bundle.dim, params, threads)
         except (RuntimeError, ValueError, MemoryError) as exc:
             raise BundleError(f"{index_path}: hnswlib cannot load the index ({exc})") from None
         if len(hnsw) != self.variant.info.get("bank_size", len(hnsw)):

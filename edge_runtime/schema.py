@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
+from edge_runtime.safe_yaml import clip, short_repr
+
 
 class ConfigError(ValueError):
-    """Invalid configuration: the message names the file and the dotted key."""
+    """Invalid configuration: the message names the file and the dotted key (bounded in length)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(clip(str(message)))
 
 
 def _type_name(tp: Any) -> str:
@@ -48,14 +54,14 @@ def convert(value: Any, tp: Any, where: str) -> Any:
                 return convert(value, arg, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {short_repr(value)}")
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {short_repr(value)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {short_repr(value)}")
         (item_tp, *rest) = get_args(tp) or (Any,)
         items = [convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         if origin is tuple:
@@ -65,34 +71,34 @@ def convert(value: Any, tp: Any, where: str) -> Any:
         return items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {short_repr(value)}")
         _, val_tp = get_args(tp)
         return {str(k): convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return from_mapping(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {short_repr(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {short_repr(value)}")
         if abs(value) > 2**63 - 1:
             raise ConfigError(f"{where}: integer {value} is out of range")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {short_repr(value)}")
         try:
             number = float(value)
         except OverflowError:
             number = math.inf
         if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{where}: expected a finite number, got {short_repr(value)}")
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {short_repr(value)}")
         return value
     raise TypeError(f"schema type {tp!r} at {where} is not supported")  # a bug in the schema, not the file
 
@@ -108,7 +114,7 @@ def _tagged(value: Any, choices: list, where: str) -> Any:
     tag = value["type"]
     cls = by_tag.get(tag) if isinstance(tag, str) else None
     if cls is None:
-        raise ConfigError(f"{where}.type: expected one of {', '.join(map(repr, by_tag))}, got {value['type']!r}")
+        raise ConfigError(f"{where}.type: expected one of {', '.join(map(repr, by_tag))}, got {short_repr(value['type'])}")
     return from_mapping(cls, value, where)
 
 
@@ -117,12 +123,12 @@ def from_mapping(cls: type, data: Any, where: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {short_repr(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(fields))})")
+        raise ConfigError(f"{where}: unknown key {short_repr(unknown[0])} (allowed: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, f in fields.items():
         key = f"{where}.{name}"
@@ -138,5 +144,20 @@ def from_mapping(cls: type, data: Any, where: str) -> Any:
         except ConfigError:
             raise
         except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            raise ConfigError(_nested(where, str(exc), fields)) from None
     return obj
+
+
+def _nested(where: str, message: str, fields: dict) -> str:
+    """Join a validate() message to its key path once.
+
+    'threads: ...' raised at '<station>.inference' becomes '<station>.inference.threads: ...'; a message
+    spelled from the section itself ('inference.threads: ...' or 'inference: ...') is not prefixed twice.
+    """
+    section = where.rsplit(".", 1)[-1]
+    if message.startswith(section + ".") or message.startswith(section + ":"):
+        message = message[len(section) + 1:].lstrip()
+    first = message.split(":", 1)[0]
+    if ":" in message and " " not in first and re.split(r"[.\[]", first)[0] in fields:
+        return f"{where}.{message}"
+    return f"{where}: {message}"

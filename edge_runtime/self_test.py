@@ -8,7 +8,7 @@ import numpy as np
 
 from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.pipeline import Pipeline
-from edge_runtime.decode import load_image
+from edge_runtime.decode import decode_image
 from edge_runtime.preprocess import preprocess
 
 
@@ -17,6 +17,11 @@ class SelfTestReport:
     ok: bool
     checks: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+
+
+def golden_image(bundle: Bundle, rel: str) -> np.ndarray:
+    """A golden image decoded from the bundle's verified bytes (never re-read from a path after the check)."""
+    return decode_image(bundle.read_verified(rel), str(bundle.path(rel)))
 
 
 def golden_check(bundle: Bundle, pipeline: Pipeline) -> list[str]:
@@ -28,7 +33,7 @@ def golden_check(bundle: Bundle, pipeline: Pipeline) -> list[str]:
         failures.append(f"{bundle.root}: variant {variant.name} has no golden images to self-test")
     for g in variant.golden:
         try:
-            got = pipeline.score_rgb(load_image(bundle.path(g["file"]))).score
+            got = pipeline.score_rgb(golden_image(bundle, g["file"])).score
         except Exception as exc:  # an unreadable image or a model that fails at run time: a failed check, not a crash
             failures.append(f"{g['file']}: golden image cannot be scored on variant {variant.name} "
                             f"({type(exc).__name__}: {exc})")
@@ -47,7 +52,7 @@ def recall_check(bundle: Bundle, pipeline: Pipeline, min_recall: float = 0.9) ->
         return 1.0, None
     hits = total = 0
     for g in pipeline.variant.golden:
-        feats = pipeline.extractor(preprocess(load_image(bundle.path(g["file"])), pipeline.geometry)[0])
+        feats = pipeline.extractor(preprocess(golden_image(bundle, g["file"]), pipeline.geometry)[0])
         labels, _ = hnsw.index.knn_query(feats, k=1)
         _, exact_idx = hnsw.exact.nearest(feats)
         hits += int(np.sum(labels[:, 0] == exact_idx))

@@ -41,7 +41,7 @@ def _fit(a: argparse.Namespace) -> int:
                     aggregation_size=a.aggregation, seed=a.seed, projection_dim=a.projection_dim,
                     cross_fit_folds=a.cross_fit_folds, max_train=a.max_train, target_false_reject=a.target_frr,
                     review_false_reject=a.review_frr, defect_margin=a.defect_margin, int8_target=a.int8_target,
-                    default_variant=a.default_variant,
+                    default_variant=a.default_variant, product=a.product, bundle_version=a.bundle_version,
                     hnsw=HnswParams(M=a.hnsw_m, ef_construction=a.hnsw_ef_construction, ef_search=a.ef))
     bundle = fit(Path(a.data_dir), Path(a.out), s, defects, overwrite=a.overwrite)
     g = bundle.geometry
@@ -227,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"device the bundle will run on; picks the INT8 target ({mapping}) (default: none)")
     f.add_argument("--station", default=None,
                    help="station file whose 'device:' key picks the INT8 target like --device (default: none)")
+    f.add_argument("--product", default=None, help="product name stored in the manifest; stations with "
+                   "security.product refuse other products (default: the name of DATA_DIR)")
+    f.add_argument("--bundle-version", type=int, default=None, help="monotonic integer release number; stations "
+                   "refuse a lower one than they have loaded (default: UTC seconds since the epoch at fit time)")
     f.set_defaults(func=_fit)
 
     e = sub.add_parser("evaluate", help="score DATA_DIR/test/* with one engine; AUROC, errors at the threshold")

@@ -12,7 +12,7 @@ from edge_runtime.decode import load_image
 from edge_runtime.pipeline import Pipeline, decide
 from export.calibration import wilson_interval
 from export.dataset import has_masks, test_images
-from export.metrics import auroc, roc_curve
+from export.metrics import auroc
 
 ENGINES = ("reference", "onnx-fp32", "onnx-int8")
 

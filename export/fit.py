@@ -67,6 +67,8 @@ class FitSettings:
     n_golden: int = 4
     default_variant: str = "int8"
     batch_size: int = 8
+    product: str | None = None             # manifest 'product'; None: the data folder's name
+    bundle_version: int | None = None      # manifest 'bundle_version' (monotonic); None: UTC seconds at fit time
 
 
 def log(msg: str) -> None:
@@ -284,6 +286,8 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
         "schema_version": SCHEMA_VERSION,
         "bundle_id": None,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "product": s.product or Path(data_dir).resolve().name,
+        "bundle_version": s.bundle_version if s.bundle_version is not None else int(time.time()),
         "software": software_versions(),
         "backbone": {"name": s.backbone, "weights_sha256": backbone_mod.BACKBONES[s.backbone].sha256,
                      "weights_package": backbone_mod.BACKBONES[s.backbone].package.replace("_", "-") + "==0.1.0",

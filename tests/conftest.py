@@ -1,6 +1,12 @@
-"""Shared fixtures: a small bundle fitted on the embedded synthetic data set, and the real data when present."""
+"""Shared fixtures: a small bundle fitted on the embedded synthetic data set, and the real data when present.
+
+Without the exporter (a device install: no torch), `small_bundle` is the committed tests/fixtures/device_bundle
+and tests marked `exporter` are skipped with the reason; see README "Testing on a device".
+"""
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import socket
 from pathlib import Path
 
@@ -9,6 +15,38 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 BOTTLE = SHARED_DATA / "mvtec_ad" / "bottle"
+DEVICE_BUNDLE = REPO / "tests" / "fixtures" / "device_bundle"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # hidden by tests/fixtures/no_torch, or a broken install
+        return False
+
+
+HAVE_EXPORTER = _installed("torch") and _installed("onnx")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "exporter: needs the exporter (torch, onnx); skipped on a device install")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if HAVE_EXPORTER:
+        return
+    skip = pytest.mark.skip(reason="needs the exporter (torch, onnx), absent on this device install: run on a workstation")
+    for item in items:
+        if "exporter" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device_bundle(tmp_path_factory) -> Path:
+    """A private copy of the committed device-test bundle (INT8 only, 64 px; tests/fixtures/make_device_bundle.py)."""
+    dst = tmp_path_factory.mktemp("device") / "device_bundle"
+    shutil.copytree(DEVICE_BUNDLE, dst)
+    return dst
 
 
 @pytest.fixture(scope="session")
@@ -20,12 +58,16 @@ def synthetic_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_bundle(synthetic_dataset, tmp_path_factory) -> Path:
-    """A complete bundle (fp32 + int8, HNSW, golden images) fitted on the synthetic flange, ~20 s once per run."""
+def small_bundle(request, tmp_path_factory) -> Path:
+    """A complete bundle (fp32 + int8, HNSW, golden images) fitted on the synthetic flange, ~20 s once per run.
+
+    Without the exporter: the committed device bundle (int8 only) instead."""
+    if not HAVE_EXPORTER:
+        return request.getfixturevalue("device_bundle")
     from export.fit import FitSettings, fit
 
     out = tmp_path_factory.mktemp("bundles") / "flange"
-    fit(synthetic_dataset, out, FitSettings(coreset_ratio=0.05, int8_calibration_images=16))
+    fit(request.getfixturevalue("synthetic_dataset"), out, FitSettings(coreset_ratio=0.05, int8_calibration_images=16))
     return out
 
 

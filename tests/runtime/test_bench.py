@@ -55,6 +55,7 @@ def test_main_writes_consistent_json(small_bundle, tmp_path, capsys):
     assert "frames/s" in table and "VmHWM" in table
 
 
+@pytest.mark.exporter  # the FP32 variant: only in the exporter-fitted bundle
 def test_exact_fp32_with_image_dir_and_ef(small_bundle, synthetic_dataset):
     images = synthetic_dataset / "test"   # good/ and one folder per defect type: found recursively
     report = run_bench(small_bundle, images_dir=images, frames=3, warmup=0, precision="fp32", knn="exact")

@@ -8,7 +8,7 @@ import pytest
 from edge_runtime.config import load_station
 from edge_runtime.daemon import Station
 
-pytestmark = pytest.mark.realdata
+pytestmark = [pytest.mark.realdata, pytest.mark.exporter]  # fits the bottle bundle
 
 
 def test_bottle_replay_matches_the_exporter_evaluation(bottle_bundle, bottle_dir, write_station, tmp_path, read_log,

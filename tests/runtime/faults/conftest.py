@@ -10,6 +10,13 @@ import yaml
 from edge_runtime.bundle import MANIFEST, sha256_file
 
 
+class NoAliasDumper(yaml.SafeDumper):
+    """Writes a shared object twice instead of as an anchor and alias (the runtime refuses YAML aliases)."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
 class BundleEditor:
     """Edits a bundle copy the way an attacker or a broken copy would: files, manifest, and re-pinned checksums."""
 
@@ -20,7 +27,7 @@ class BundleEditor:
         return yaml.safe_load((self.root / MANIFEST).read_text())
 
     def save(self, manifest: dict) -> None:
-        (self.root / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))
+        (self.root / MANIFEST).write_text(yaml.dump(manifest, Dumper=NoAliasDumper, sort_keys=False))
 
     def repin(self, rel: str) -> None:
         """Record `rel`'s current sha256 and size in the manifest, so only checks other than the checksum can catch it."""

@@ -270,6 +270,7 @@ def _model_that_fails_at_run_time(path: Path, n_patches: int, dim: int, width: i
     onnx.save(model, str(path))
 
 
+@pytest.mark.exporter  # builds an ONNX graph with the onnx package
 def test_model_that_loads_but_cannot_run_faults_every_part(editor):
     bundle = Bundle.load(editor.root)
     (rows, cols), (width, height) = bundle.grid, bundle.geometry.input_size
@@ -307,6 +308,7 @@ def test_golden_image_replaced_by_a_damaged_part(editor):
     assert GOLDEN in failures and "differs from the recorded" in failures
 
 
+@pytest.mark.exporter  # needs the FP32 variant, which the device fixture bundle leaves out
 def test_models_swapped_between_variants(editor):
     # Same shapes, valid checksums: only the golden scores show that int8 now runs the fp32 graph.
     shutil.copy(editor.root / "features_fp32.onnx", editor.root / MODEL)

@@ -1,0 +1,106 @@
+"""Which authentic bundles a station accepts: the right product, and never an older release (rollback).
+
+A signature proves who made a bundle, not that it is the newest one or that it is meant for this line. The
+manifest carries `product` and a monotonic `bundle_version` (edge-export fit --product/--bundle-version); the
+station file says which product it inspects (`security.product`) and whether older releases may be loaded
+(`security.allow_downgrade`, default false). The highest version loaded is kept in `state_dir`, so a restart
+does not forget it.
+
+Older bundles (no `product`/`bundle_version` in the manifest) are refused only when the station names a product,
+or when this station has loaded a versioned bundle before and downgrades are not allowed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from edge_runtime.bundle import Bundle, BundleError
+from edge_runtime.safe_yaml import short_repr
+
+# In state_dir: {"bundle_version": N, "bundle_id": ..., "product": ...} of the highest version loaded.
+VERSION_STATE_FILE = "bundle_version.json"
+
+
+def recorded_version(state_dir: str | None) -> int | None:
+    """Highest bundle_version recorded in `state_dir`, None when nothing was recorded.
+
+    Raises BundleError when the record exists but cannot be read: without it a rollback could not be
+    detected, so the station stays in FAULT until a person repairs or deliberately removes the file.
+    """
+    if not state_dir:
+        return None
+    path = Path(state_dir) / VERSION_STATE_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read the recorded bundle version ({exc.strerror or exc})") from None
+    try:
+        version = json.loads(raw[:4096])["bundle_version"]
+    except (ValueError, KeyError, TypeError):
+        version = None
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise BundleError(f"{path}: the recorded bundle version is unreadable ({short_repr(raw[:200])}); "
+                          "repair or remove the file deliberately to accept any version")
+    return version
+
+
+def check_admission(bundle: Bundle, product: str | None, allow_downgrade: bool, state_dir: str | None,
+                    current: Bundle | None = None) -> None:
+    """Refuse (BundleError naming both values) a bundle for another product, or older than what was loaded.
+
+    `current` is the bundle in service (a reload must not go below it even without a state_dir).
+    """
+    where = bundle.root
+    if product is not None and bundle.product != product:
+        have = "has no product (older bundle format)" if bundle.product is None else f"is for product {short_repr(bundle.product)}"
+        raise BundleError(f"{where}: bundle {have}; this station inspects security.product {short_repr(product)}")
+    if allow_downgrade:
+        return
+    floor, source = recorded_version(state_dir), Path(state_dir or ".") / VERSION_STATE_FILE
+    if current is not None and current.bundle_version is not None and (floor is None or current.bundle_version > floor):
+        floor, source = current.bundle_version, f"bundle {current.bundle_id} in service"
+    if floor is None:
+        return
+    version = bundle.bundle_version
+    if version is None:
+        raise BundleError(f"{where}: bundle has no bundle_version (older bundle format) but this station has loaded "
+                          f"bundle_version {floor} ({source}); set security.allow_downgrade: true to roll back")
+    if version < floor:
+        raise BundleError(f"{where}: bundle_version {version} is lower than {floor}, the highest this station has "
+                          f"loaded ({source}); set security.allow_downgrade: true to roll back deliberately")
+
+
+def record_loaded(bundle: Bundle, state_dir: str | None) -> None:
+    """Persist the bundle's version in `state_dir` if it is the highest so far (atomic, fsync'd file and folder).
+
+    Raises BundleError when it cannot be written: a station that cannot remember its floor would accept a
+    rollback after the next restart.
+    """
+    version = bundle.bundle_version
+    if not state_dir or version is None:
+        return
+    if (recorded_version(state_dir) or -1) >= version:
+        return
+    folder = Path(state_dir)
+    path = folder / VERSION_STATE_FILE
+    tmp = folder / (VERSION_STATE_FILE + ".tmp")
+    record = json.dumps({"bundle_version": version, "bundle_id": bundle.bundle_id, "product": bundle.product})
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, (record + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # a power cut leaves the old record or the new one, never a torn one
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot record bundle_version {version} ({exc.strerror or exc})") from None

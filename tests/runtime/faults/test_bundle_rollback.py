@@ -1,0 +1,136 @@
+"""Rollback and product binding: a genuine but older bundle, or one for another product, is refused."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.bundle import Bundle, BundleError
+from edge_runtime.bundle_policy import VERSION_STATE_FILE
+from edge_runtime.config import StationConfig
+from edge_runtime.daemon import load_pipeline
+from edge_runtime.schema import from_mapping
+
+
+def station(root: Path, state_dir: Path | None = None, **security) -> StationConfig:
+    data = {"bundle": str(root), "source": {"type": "scripted"}, "security": security}
+    if state_dir is not None:
+        data["state_dir"] = str(state_dir)
+    return from_mapping(StationConfig, data, "test")
+
+
+def release(editor, version: int | None, product: str | None = "flange") -> None:
+    m = editor.manifest()
+    for key, value in (("bundle_version", version), ("product", product)):
+        if value is None:
+            m.pop(key, None)
+        else:
+            m[key] = value
+    editor.save(m)
+
+
+def test_exporter_records_product_and_version(small_bundle):
+    bundle = Bundle.load(small_bundle)
+    assert isinstance(bundle.bundle_version, int) and bundle.bundle_version > 0
+    assert isinstance(bundle.product, str) and bundle.product
+
+
+def test_older_version_is_refused_at_start_and_after_restart(editor, tmp_path):
+    state = tmp_path / "state"
+    release(editor, 5)
+    assert load_pipeline(station(editor.root, state)).bundle.bundle_version == 5
+    record = json.loads((state / VERSION_STATE_FILE).read_text())
+    assert record["bundle_version"] == 5 and record["product"] == "flange"
+    release(editor, 4)                                          # the old release, checksums intact
+    with pytest.raises(BundleError, match=r"bundle_version 4 is lower than 5, the highest this station has loaded"):
+        load_pipeline(station(editor.root, state))              # a fresh process reads the floor from state_dir
+    release(editor, 6)
+    assert load_pipeline(station(editor.root, state)).bundle.bundle_version == 6
+    assert json.loads((state / VERSION_STATE_FILE).read_text())["bundle_version"] == 6
+
+
+def test_signed_older_bundle_is_refused(editor, tmp_path):
+    pytest.importorskip("cryptography")
+    from export.signing import generate_keypair, sign_bundle
+
+    private, public = generate_keypair(tmp_path / "keys")
+    state = tmp_path / "state"
+    release(editor, 7)
+    sign_bundle(editor.root, private)
+    load_pipeline(station(editor.root, state, bundle_public_key=str(public)))
+    release(editor, 3)
+    sign_bundle(editor.root, private)                          # genuinely signed by the same key
+    with pytest.raises(BundleError, match=r"bundle_version 3 is lower than 7"):
+        load_pipeline(station(editor.root, state, bundle_public_key=str(public)))
+
+
+def test_reload_never_goes_below_the_bundle_in_service_even_without_state(editor):
+    release(editor, 9)
+    current = load_pipeline(station(editor.root)).bundle
+    release(editor, 8)
+    with pytest.raises(BundleError, match=r"bundle_version 8 is lower than 9, .*in service"):
+        load_pipeline(station(editor.root), current)
+
+
+def test_allow_downgrade_accepts_an_older_release(editor, tmp_path):
+    state = tmp_path / "state"
+    release(editor, 5)
+    load_pipeline(station(editor.root, state))
+    release(editor, 2)
+    assert load_pipeline(station(editor.root, state, allow_downgrade=True)).bundle.bundle_version == 2
+    # The record keeps the highest version loaded.
+    assert json.loads((state / VERSION_STATE_FILE).read_text())["bundle_version"] == 5
+
+
+def test_bundle_for_another_product_is_refused(editor):
+    release(editor, 5, product="bracket")
+    with pytest.raises(BundleError, match=r"bundle is for product 'bracket'; this station inspects security.product 'flange'"):
+        load_pipeline(station(editor.root, product="flange"))
+    release(editor, 5, product="flange")
+    assert load_pipeline(station(editor.root, product="flange")).bundle.product == "flange"
+
+
+def test_older_bundle_format_is_accepted_only_where_nothing_asks_for_more(editor, tmp_path):
+    release(editor, None, product=None)
+    assert load_pipeline(station(editor.root)).bundle.bundle_version is None
+    with pytest.raises(BundleError, match="bundle has no product"):
+        load_pipeline(station(editor.root, product="flange"))
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / VERSION_STATE_FILE).write_text(json.dumps({"bundle_version": 5}))
+    with pytest.raises(BundleError, match=r"bundle has no bundle_version .* has loaded bundle_version 5"):
+        load_pipeline(station(editor.root, state))
+
+
+def test_unreadable_version_record_is_refused_not_ignored(editor, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / VERSION_STATE_FILE).write_text("{torn")
+    release(editor, 5)
+    with pytest.raises(BundleError, match=rf"{VERSION_STATE_FILE}: the recorded bundle version is unreadable"):
+        load_pipeline(station(editor.root, state))
+
+
+@pytest.mark.parametrize("key, value", [("bundle_version", -1), ("bundle_version", "5"), ("bundle_version", True),
+                                        ("product", ""), ("product", 5)])
+def test_bad_version_or_product_in_manifest_is_refused(editor, key, value):
+    m = editor.manifest()
+    m[key] = value
+    editor.save(m)
+    with pytest.raises(BundleError, match=rf"manifest.yaml: {key} must be"):
+        Bundle.load(editor.root)
+
+
+def test_daemon_refuses_a_rollback_on_reload_and_keeps_inspecting(editor, tmp_path):
+    """SIGHUP with an older release in place: the station keeps the verified newer bundle."""
+    from edge_runtime.daemon import Station
+
+    release(editor, 5)
+    cfg = station(editor.root, tmp_path / "state")
+    st = Station(cfg, outputs=[])
+    assert st._load() and st.pipeline.bundle.bundle_version == 5
+    release(editor, 4)
+    st._reload_worker()
+    st._apply_reload()
+    assert st.pipeline.bundle.bundle_version == 5 and st.counters.reload_failures == 1

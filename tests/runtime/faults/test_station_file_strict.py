@@ -1,0 +1,112 @@
+"""`edge-runtime validate` passes only station files that `run` can build; the station file parser is strict."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edge_runtime.cli import main
+from edge_runtime.config import load_station
+from edge_runtime.schema import ConfigError
+
+REPO = Path(__file__).resolve().parents[3]
+BASE = {"bundle": "bundle", "source": {"type": "folder", "path": "images"}, "http": {"enabled": False}}
+
+
+def write(tmp_path: Path, data: dict | str, name: str = "station.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def validate(path: Path, capsys) -> tuple[int, str]:
+    rc = main(["validate", str(path)])
+    captured = capsys.readouterr()
+    return rc, captured.err + captured.out
+
+
+@pytest.mark.parametrize("logging, message", [
+    ({"stats_window": 0}, "logging.stats_window: must be >= 1, got 0"),
+    ({"stats_interval_s": -1}, "logging.stats_interval_s: must be > 0, got -1.0"),
+    ({"stats_interval_s": 0}, "logging.stats_interval_s: must be > 0, got 0.0"),
+])
+def test_logging_values_run_cannot_use_are_invalid(tmp_path, capsys, logging, message):
+    rc, out = validate(write(tmp_path, {**BASE, "logging": logging}), capsys)
+    assert rc == 2
+    assert f"{tmp_path / 'station.yaml'}: {message}" in out
+
+
+def test_validate_builds_what_run_builds(tmp_path, capsys):
+    """A key file that is not a key passes the schema; run would fail on it, so validate must too."""
+    (tmp_path / "key.pub").write_bytes(b"not a key")
+    rc, out = validate(write(tmp_path, {**BASE, "security": {"bundle_public_key": "key.pub"}}), capsys)
+    assert rc == 2
+    assert "security.bundle_public_key" in out and str(tmp_path / "station.yaml") in out
+
+
+def test_valid_file_still_validates(tmp_path, capsys):
+    rc, out = validate(write(tmp_path, {**BASE, "logging": {"stats_window": 1, "stats_interval_s": 0.5}}), capsys)
+    assert rc == 0 and out.strip().endswith(": valid")
+
+
+def test_appended_duplicate_section_is_refused_with_line(tmp_path, capsys):
+    text = yaml.safe_dump({**BASE, "http": {"enabled": False}}, sort_keys=False)
+    text += "http: {host: 0.0.0.0, allow_trigger: true}\n"
+    path = write(tmp_path, text)
+    line = text.splitlines().index("http: {host: 0.0.0.0, allow_trigger: true}") + 1
+    rc, out = validate(path, capsys)
+    assert rc == 2
+    assert f"{path}: line {line}: duplicate key 'http'" in out
+
+
+def test_nested_duplicate_key_is_refused(tmp_path):
+    path = write(tmp_path, "bundle: b\nsource: {type: folder, path: x}\ninference:\n  threads: 2\n  threads: 8\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: line 5: duplicate key 'threads' \(first at line 4\)"):
+        load_station(path)
+
+
+def test_yaml_aliases_are_refused_in_station_files(tmp_path):
+    path = write(tmp_path, "bundle: &b bundle\nsource: {type: folder, path: *b}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: line 1: YAML anchor &b is not allowed"):
+        load_station(path)
+
+
+def test_non_utf8_station_file_is_exit_2_naming_the_file(tmp_path):
+    path = tmp_path / "station.yaml"
+    path.write_bytes(b"bundle: b\nname: caf\xe9\nsource: {type: folder, path: x}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    for command in (["validate", str(path)], ["run", "--config", str(path)]):
+        out = subprocess.run([sys.executable, "-m", "edge_runtime.cli", *command], capture_output=True, text=True,
+                             timeout=120, env=env)
+        assert out.returncode == 2, out.stderr
+        assert f"{path}: station file is not UTF-8 text" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"inference": {"threads": 0}}, "inference.threads: must be >= 1, got 0"),
+    ({"inference": {"deadline_ms": -5}}, "inference.deadline_ms: must be > 0, got -5.0"),
+    ({"http": {"port": 70000}}, "http.port: must be 0..65535, got 70000"),
+    ({"recovery": {"read_timeout_s": 0}}, "recovery.read_timeout_s: must be > 0, got 0.0"),
+])
+def test_nested_errors_name_the_key_path_once(tmp_path, change, message):
+    path = write(tmp_path, {**BASE, **change})
+    with pytest.raises(ConfigError) as err:
+        load_station(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_hostile_value_cannot_make_a_huge_error_message(tmp_path):
+    path = write(tmp_path, {**BASE, "inference": {"precision": "x" * 900_000}})
+    with pytest.raises(ConfigError) as err:
+        load_station(path)
+    assert len(str(err.value)) < 2500 and "inference.precision: expected one of 'int8', 'fp32'" in str(err.value)
+
+
+def test_oversized_station_file_is_refused_before_parsing(tmp_path):
+    path = write(tmp_path, "# " + "x" * (2 * 1024 * 1024) + "\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: station file is over \d+ bytes"):
+        load_station(path)

@@ -1,0 +1,51 @@
+"""The committed device-test bundle is current and usable with the device install alone (no torch)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from edge_runtime.bundle import Bundle
+from edge_runtime.self_test import run_self_test
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures"
+GENERATOR = FIXTURES / "make_device_bundle.py"
+BUNDLE = FIXTURES / "device_bundle"
+REGENERATE = f"stale fixture: run `python {GENERATOR.relative_to(REPO)}` on a workstation and commit the result"
+
+
+def _generator_parameters() -> dict:
+    spec = importlib.util.spec_from_file_location("make_device_bundle", GENERATOR)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imports no exporter code at module level
+    return module.PARAMETERS
+
+
+def test_committed_bundle_is_current_with_its_generator():
+    bundle = Bundle.load(BUNDLE)                      # schema, checksums, consistency: the current format
+    fixture = bundle.manifest.get("fixture", {})
+    assert fixture.get("parameters") == _generator_parameters(), REGENERATE
+    assert bundle.product == fixture["parameters"]["product"]
+    assert bundle.bundle_version == fixture["parameters"]["bundle_version"]
+    assert sorted(bundle.manifest["variants"]) == sorted(fixture["parameters"]["variants"])
+    report = run_self_test(BUNDLE, threads=1)
+    assert report.ok, f"{REGENERATE}: {report.failures}"
+
+
+def test_committed_bundle_is_small():
+    size = sum(p.stat().st_size for p in BUNDLE.rglob("*") if p.is_file())
+    assert size < 2_000_000, f"{BUNDLE}: {size} bytes"
+
+
+def test_device_path_needs_no_exporter_package():
+    """`edge-runtime check` on the fixture bundle in a Python where torch and onnx cannot be imported."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FIXTURES / "no_torch"), str(REPO)])}
+    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env, timeout=60)
+    assert probe.returncode != 0 and "hidden by tests/fixtures/no_torch" in probe.stderr
+    out = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "check", str(BUNDLE), "--threads", "1"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "golden: " in out.stdout and "reproduce their scores" in out.stdout
