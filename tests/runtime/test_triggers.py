@@ -20,16 +20,16 @@ from edge_runtime.triggers import (
 def test_free_run_always_captures():
     trig = build_trigger(convert({"type": "free_run"}, TriggerConfig, "trigger"))
     assert isinstance(trig, FreeRunTrigger) and trig.is_free_run
-    assert trig.wait(0.0) and trig.wait(0.0)
+    assert trig.wait(0.0) is not None and trig.wait(0.0) is not None
 
 
 def test_software_trigger_waits_until_fired():
     trig = build_trigger(SoftwareTriggerConfig())
     assert isinstance(trig, SoftwareTrigger) and not trig.is_free_run
-    assert trig.wait(0.0) is False
+    assert trig.wait(0.0) is None
     trig.fire()
-    assert trig.wait(0.0) is True
-    assert trig.wait(0.0) is False  # one fire, one capture
+    assert trig.wait(0.0) is not None
+    assert trig.wait(0.0) is None  # one fire, one capture
 
 
 def test_software_trigger_fired_from_another_thread():
@@ -43,7 +43,7 @@ def test_software_trigger_fired_from_another_thread():
     t = threading.Thread(target=fire_later)
     t.start()
     started.set()
-    assert trig.wait(10.0) is True  # wakes on fire(), long before the timeout
+    assert trig.wait(10.0) is not None  # wakes on fire(), long before the timeout
     t.join()
 
 
@@ -52,8 +52,8 @@ def test_software_trigger_coalesces_and_counts_overruns():
     trig.fire()
     trig.fire()
     trig.fire()
-    assert trig.wait(0.0) is True
-    assert trig.wait(0.0) is False
+    assert trig.wait(0.0) is not None
+    assert trig.wait(0.0) is None
     assert trig.fired == 3 and trig.overruns == 2
 
 
@@ -61,7 +61,7 @@ def test_serial_trg_line_fires():
     trig = SoftwareTrigger()
     assert trig.handle_line("  trg\r\n") is True
     assert trig.handle_line("STATUS") is False
-    assert trig.wait(0.0) is True and trig.wait(0.0) is False
+    assert trig.wait(0.0) is not None and trig.wait(0.0) is None
 
 
 def test_gpio_trigger_with_fake_line():
@@ -76,11 +76,11 @@ def test_gpio_trigger_with_fake_line():
     trig = build_trigger(cfg, line_factory=factory)
     assert isinstance(trig, GpioTrigger)
     trig.open()
-    assert trig.wait(0.0) is False
+    assert trig.wait(0.0) is None
     lines[0].push_edge()
-    assert trig.wait(0.0) is True
+    assert trig.wait(0.0) is not None
     lines[0].push_edge(3)          # three parts while the loop was busy: one capture, two overruns
-    assert trig.wait(0.0) is True
+    assert trig.wait(0.0) is not None
     assert trig.edges == 4 and trig.overruns == 2
     trig.close()
     assert lines[0].closed
@@ -91,7 +91,7 @@ def test_gpio_edge_from_another_thread_wakes_wait():
     trig = GpioTrigger(GpioTriggerConfig(line=4), line_factory=lambda cfg: line)
     t = threading.Thread(target=line.push_edge)
     t.start()
-    assert trig.wait(10.0) is True
+    assert trig.wait(10.0) is not None
     t.join()
 
 
