@@ -162,7 +162,7 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
         inspect(i)
     per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
     rechecked: list[int] = []
-    verdicts = {v.value: 0 for v in (Verdict.OK, Verdict.NG)}
+    verdicts = {v.value: 0 for v in (Verdict.OK, Verdict.NG, Verdict.REVIEW)}  # REVIEW: in the review band
     hnsw = pipeline.search if knn == "hnsw" else None
     idle_s = 0.0
     loop_start = time.perf_counter()
@@ -240,7 +240,7 @@ def format_table(report: dict) -> str:
         lines.append(f"exactly re-checked patches per frame: mean {r['mean']:.1f}, max {r['max']:.0f} "
                      f"of {r['per_frame_of']}")
     v = report["verdicts"]
-    lines.append(f"verdicts: {v['OK']} OK, {v['NG']} NG")
+    lines.append(f"verdicts: {v['OK']} OK, {v.get('REVIEW', 0)} REVIEW, {v['NG']} NG")
     return "\n".join(lines)
 
 
