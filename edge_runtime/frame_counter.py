@@ -46,9 +46,11 @@ class FrameCounter:
             saved = int(self.path.read_text().strip())
         except FileNotFoundError:
             saved = 0
-        except (OSError, ValueError) as exc:
-            raise FrameCounterError(f"frame counter {self.path}: unreadable ({exc}); remove it only if no id "
-                                    f"above the result log's last one was sent") from None
+        except OSError as exc:
+            raise FrameCounterError(f"frame counter {self.path}: cannot read ({exc.strerror or exc})") from None
+        except ValueError:
+            raise FrameCounterError(f"frame counter {self.path}: expected one integer; remove the file only if "
+                                    f"no id above the result log's last one was sent") from None
         self._next = max(self._next, saved)
         self._reserve(self._next + self.block)
 
