@@ -117,3 +117,43 @@ def test_gpio_config_validation():
         convert({"type": "gpio", "line": 1, "debounce_ms": -1}, TriggerConfig, "trigger")
     with pytest.raises(ConfigError, match="edge"):
         convert({"type": "gpio", "line": 1, "edge": "up"}, TriggerConfig, "trigger")
+
+
+def test_software_trigger_events_carry_their_time_and_the_triggers_folded_into_them():
+    import time
+
+    trig = SoftwareTrigger()
+    before = time.monotonic()
+    trig.fire()
+    trig.fire()
+    trig.fire(at=before + 100.0)
+    event = trig.wait(0.0)
+    assert event.at == before + 100.0, "the newest trigger is the part in front of the camera"
+    assert event.missed == 2, "the two earlier parts are reported, to be answered FAULT"
+    assert trig.wait(0.0) is None and trig.drain() == []
+    trig.fire(at=before)
+    assert event.age_ms(before + 100.25) == pytest.approx(250.0)
+    assert [e.at for e in trig.drain()] == [before]
+
+
+def test_triggers_expire_by_default_and_max_age_is_validated():
+    assert build_trigger(SoftwareTriggerConfig()).max_age_ms == 250.0
+    assert build_trigger(convert({"type": "software", "max_age_ms": 80}, TriggerConfig, "trigger")).max_age_ms == 80
+    assert FreeRunTrigger().max_age_ms is None
+    with pytest.raises(ConfigError, match=r"max_age_ms: must be > 0"):
+        convert({"type": "software", "max_age_ms": 0}, TriggerConfig, "trigger")
+    with pytest.raises(ConfigError, match=r"max_age_ms"):
+        convert({"type": "gpio", "line": 1, "max_age_ms": -5}, TriggerConfig, "trigger")
+
+
+def test_gpio_trigger_uses_the_edge_timestamp_and_drains_only_an_open_line():
+    line = FakeEdgeLine()
+    trig = GpioTrigger(GpioTriggerConfig(line=4, max_age_ms=100), line_factory=lambda cfg: line)
+    assert trig.drain() == [], "a closed line keeps no edges"
+    trig.open()
+    line.push_edge(at=10.0)
+    line.push_edge(at=10.5)
+    event = trig.wait(0.0)
+    assert (event.at, event.missed) == (10.5, 1) and trig.max_age_ms == 100
+    line.push_edge(at=11.0)
+    assert [e.at for e in trig.drain()] == [11.0]
