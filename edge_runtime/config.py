@@ -4,6 +4,7 @@ Loaded once at start-up; an unknown key, a wrong type or a bad value is a Config
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -102,7 +103,9 @@ class StationConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
-    state_dir: str | None = None                       # where the frame counter survives restarts
+    # Where the frame counter survives restarts (ids are never reused). Unset: $STATE_DIRECTORY (systemd's
+    # StateDirectory=, /var/lib/edge-runtime with the shipped unit), else "state" next to the station file.
+    state_dir: str | None = None
 
     def validate(self) -> None:
         if self.roi is not None and (self.roi[2] <= 0 or self.roi[3] <= 0 or min(self.roi[:2]) < 0):
@@ -153,8 +156,9 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
             out.path = absolute(f"outputs[{i}].path", out.path)
         elif isinstance(out, NgImageStoreConfig):
             out.dir = absolute(f"outputs[{i}].dir", out.dir)
-    if cfg.state_dir:
-        cfg.state_dir = absolute("state_dir", cfg.state_dir)
+    if not cfg.state_dir:
+        cfg.state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "state"
+    cfg.state_dir = absolute("state_dir", cfg.state_dir)
     if cfg.security.bundle_public_key:
         cfg.security.bundle_public_key = absolute("security.bundle_public_key", cfg.security.bundle_public_key)
     return cfg

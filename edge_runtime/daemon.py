@@ -1,19 +1,26 @@
-"""The inspection daemon: source -> Pipeline -> outputs, plus signals, watchdog, health and recovery.
+"""The inspection daemon: source -> Pipeline -> output bus, plus signals, watchdog, health and recovery.
 
-Fail-safe rules enforced here: outputs start in their safe state; READY is raised only while a verified
-bundle is loaded and frames arrive; a triggered part that was not inspected gets a FAULT result (never OK or
-silence); the systemd watchdog is pinged from this loop, so a hung inference stops the pings and systemd
-restarts us.
+The station loop is small; its jobs live in named places: the output bus (edge_runtime/output_bus.py: record
+first, then the line, then the images; one failure policy; slow outputs on workers), the frame counter
+(edge_runtime/frame_counter.py: ids never reused), the triggers (edge_runtime/triggers.py: timestamped,
+expiring events).
+
+Fail-safe rules enforced here: outputs start in their safe state; READY is raised only while a verified bundle is
+loaded and frames arrive; every trigger is a part and gets exactly one answer: its verdict, or a FAULT result when
+it cannot be served (no frame, camera lost, station in fault or backoff, trigger older than max_age_ms, folded
+into a newer trigger); the verdict is withdrawn on the line outputs (begin_part) before the next part is captured;
+a part whose record cannot be written is FAULT; the systemd watchdog is pinged from this loop, so a hung inference
+stops the pings and systemd restarts us.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
-import os
+import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_runtime import systemd_notify
@@ -21,21 +28,25 @@ from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.config import StationConfig
 from edge_runtime.bundle_policy import check_admission, record_loaded
 from edge_runtime.features import FeatureError, make_session
+from edge_runtime.frame_counter import FRAME_COUNTER_FILE, FrameCounter, FrameCounterError
 from edge_runtime.http_endpoint import HttpEndpoint, StationStatus
 from edge_runtime.latency_stats import LatencyStats
-from edge_runtime.outputs import Output, OutputError, ResultLogConfig, SerialOutput, build_output, last_frame_id
+from edge_runtime.output_bus import BusCounters, OutputBus, RecordFailure
+from edge_runtime.outputs import Output, ResultLogConfig, SerialOutput, build_output, last_frame_id
 from edge_runtime.pipeline import Pipeline
-from edge_runtime.records import InspectionResult, Verdict
+from edge_runtime.records import Frame, InspectionResult, Verdict
 from edge_runtime.self_test import golden_check
 from edge_runtime.sources import FrameSource, SourceError, build_source
-from edge_runtime.triggers import SoftwareTrigger, Trigger, TriggerError, build_trigger
+from edge_runtime.triggers import SoftwareTrigger, Trigger, TriggerError, TriggerEvent, build_trigger
 
 log = logging.getLogger("edge_runtime.daemon")
 
-# Name of the file in state_dir that keeps the next frame id across restarts.
-FRAME_COUNTER_FILE = "next_frame_id"
+__all__ = ["FRAME_COUNTER_FILE", "Station", "load_pipeline"]
 # WATCHDOG=1 at most this often when systemd set no WatchdogSec (then the pings only show liveness in tests).
 DEFAULT_WATCHDOG_PERIOD_S = 1.0
+# At most this many FAULT answers for triggers folded into one (the rest are counted and logged).
+MAX_MISSED_ANSWERS = 16
+SERIAL_ACK_COMMAND = "ACK"
 
 
 def load_public_key(path: str | None) -> bytes | None:
@@ -122,10 +133,15 @@ class Counters:
     frames: int = 0
     faults: int = 0
     source_errors: int = 0
-    output_errors: int = 0
     reloads: int = 0
     reload_failures: int = 0
     missed_triggers: int = 0   # a trigger fired and no frame could be inspected for it (each also a FAULT result)
+    expired_triggers: int = 0  # of those: older than max_age_ms when the loop reached them
+    bus: BusCounters = field(default_factory=BusCounters, repr=False)  # the output bus's own counters
+
+    @property
+    def output_errors(self) -> int:
+        return self.bus.errors
 
 
 class Station:
@@ -135,27 +151,31 @@ class Station:
                  trigger: Trigger | None = None):
         self.cfg = cfg
         self.outputs = outputs if outputs is not None else [build_output(o) for o in cfg.outputs]
+        deadline = cfg.inference.deadline_ms
+        self.bus = OutputBus(self.outputs, late_after_s=deadline / 1000.0 if deadline else 0.5)
         self.trigger = trigger if trigger is not None else build_trigger(cfg.trigger)
-        if isinstance(self.trigger, SoftwareTrigger):
-            # A PLC on the serial line may send "TRG" to capture one part.
-            for out in self.outputs:
-                if isinstance(out, SerialOutput) and out.cfg.accept_trigger:
-                    out.on_line = self.trigger.handle_line
+        for out in self.outputs:
+            # A PLC on the serial line may send "TRG" (capture one part) and "ACK" (withdraw the verdict).
+            if isinstance(out, SerialOutput) and out.cfg.accept_trigger:
+                out.on_line = self._on_serial_line
         self._source = source
         self.pipeline: Pipeline | None = None
         self.stats = LatencyStats(cfg.logging.stats_window)
-        self.counters = Counters()
+        self.counters = Counters(bus=self.bus.counters)
         self.verdicts = {v.value: 0 for v in Verdict}
         self.fault_reason: str | None = "starting"
         self.last_verdict: str | None = None
         self._ready = False
+        self._halted: str | None = None       # set: the station stays in FAULT and inspects nothing until restart
+        self._record_fault: str | None = None  # the last part could not be recorded (on_record_failure: fault)
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._reopen = threading.Event()
         self._reload_lock = threading.Lock()
         self._reload_thread: threading.Thread | None = None
         self._reload_outcome: tuple[Pipeline | None, str | None] | None = None  # set by the reload thread
         self._trim_pending = False     # a reload dropped the old pipeline: release its heap on the next iteration
-        self._next_frame_id = 0
+        self.frame_ids = FrameCounter(None)
         self._started = time.monotonic()
         self._last_heartbeat = time.monotonic()
         self._watchdog_period = DEFAULT_WATCHDOG_PERIOD_S
@@ -169,50 +189,63 @@ class Station:
     def request_reload(self) -> None:
         self._reload.set()
 
+    def request_reopen(self) -> None:
+        """SIGUSR1: reopen log files (after an external rotation), from the loop thread."""
+        self._reopen.set()
+
     @property
     def http_port(self) -> int | None:
         """The bound HTTP port (useful with port 0), or None when the endpoint is not running."""
         return self._http.port if self._http is not None else None
 
-    # ---- outputs ----------------------------------------------------------------------------------------------
-    def _each_output(self, action: str, *args) -> None:
-        for out in self.outputs:
-            try:
-                getattr(out, action)(*args)
-            except OutputError as exc:
-                self.counters.output_errors += 1
-                log.error("output %s: %s failed: %s", out.name, action, exc)
-            except Exception:  # one broken adapter must not stop the others or the inspection
-                self.counters.output_errors += 1
-                log.exception("output %s: %s raised", out.name, action)
+    def _on_serial_line(self, line: str) -> bool:
+        """A line from the PLC on the serial port (receiver thread): TRG fires the trigger, ACK acknowledges."""
+        command = line.strip().upper()
+        if command == SERIAL_ACK_COMMAND:
+            self.bus.acknowledge()
+            return True
+        if isinstance(self.trigger, SoftwareTrigger):
+            # Fired even while the station cannot inspect: the loop answers it with a FAULT result at once.
+            return self.trigger.handle_line(line)
+        return False
 
+    # ---- state -------------------------------------------------------------------------------------------------
     def _set_state(self, ready: bool, fault: str | None) -> None:
+        if self._halted:
+            ready, fault = False, self._halted  # only a restart clears a halt
         if fault != self.fault_reason:
             if fault:
                 log.error("FAULT: %s", fault)
             elif self.fault_reason:
                 log.info("fault cleared (%s)", self.fault_reason)
-            self._each_output("set_fault", fault)
+            self.bus.set_fault(fault)
             self.fault_reason = fault
             systemd_notify.status(f"fault: {fault}" if fault else "inspecting")
         if ready != self._ready:
-            self._each_output("set_ready", ready)
+            self.bus.set_ready(ready)
             self._ready = ready
+
+    def _halt(self, reason: str) -> None:
+        if self._halted is None:
+            self._halted = f"halted: {reason}"
+            self._set_state(False, self._halted)
 
     # ---- status for /healthz and /metrics ----------------------------------------------------------------------
     def status(self) -> StationStatus:
-        state = "ready" if self._ready else ("fault" if self.fault_reason else "not_ready")
+        # A fault wins over READY: a station that cannot record its parts is not healthy even while it runs.
+        state = "fault" if self.fault_reason else ("ready" if self._ready else "not_ready")
         c = self.counters
         pipeline = self.pipeline
+        counters = {"source_errors": c.source_errors, "reloads": c.reloads, "reload_failures": c.reload_failures,
+                    "missed_triggers": c.missed_triggers, "expired_triggers": c.expired_triggers,
+                    "trigger_overruns": getattr(self.trigger, "overruns", 0)}
+        counters.update(self.bus.output_counters())
         return StationStatus(
             state=state, reason=self.fault_reason,
             bundle_id=pipeline.bundle.bundle_id if pipeline else None, frames=c.frames,
             last_verdict=self.last_verdict, uptime_s=time.monotonic() - self._started, verdicts=dict(self.verdicts),
             faults=c.faults + c.source_errors, skipped=getattr(self._source, "skipped", 0),
-            last_heartbeat_age_s=time.monotonic() - self._last_heartbeat, latency=self.stats,
-            counters={"source_errors": c.source_errors, "output_errors": c.output_errors, "reloads": c.reloads,
-                      "reload_failures": c.reload_failures, "missed_triggers": c.missed_triggers,
-                      "trigger_overruns": getattr(self.trigger, "overruns", 0)})
+            last_heartbeat_age_s=time.monotonic() - self._last_heartbeat, latency=self.stats, counters=counters)
 
     # ---- bundle ------------------------------------------------------------------------------------------------
     def _load(self) -> bool:
@@ -283,62 +316,46 @@ class Station:
         systemd_notify.ready()  # ends the RELOADING state either way
 
     # ---- frame ids ---------------------------------------------------------------------------------------------
-    def _start_frame_id(self) -> int:
-        """Continue after the newest id in the result log or the saved counter, so ids stay unique across restarts."""
+    def _open_frame_counter(self) -> None:
+        """Continue after the newest id in the result log and the saved counter, so ids are never reused."""
         start = 0
         for o in self.cfg.outputs:
             if isinstance(o, ResultLogConfig):
                 try:
                     last = last_frame_id(o.path)
                 except OSError as exc:  # the result log itself reports this when it starts
-                    log.warning("result log %s unreadable (%s); frame ids may repeat", o.path, exc)
+                    log.warning("result log %s unreadable (%s)", o.path, exc)
                     continue
                 if last is not None:
                     start = max(start, last + 1)
-        if self.cfg.state_dir:
-            path = Path(self.cfg.state_dir) / FRAME_COUNTER_FILE
-            try:
-                start = max(start, int(path.read_text().strip()))
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError) as exc:
-                log.warning("state %s unreadable (%s); frame ids continue from %d", path, exc, start)
-        return start
-
-    def _save_frame_counter(self) -> None:
-        if not self.cfg.state_dir:
-            return
-        folder = Path(self.cfg.state_dir)
-        tmp = folder / (FRAME_COUNTER_FILE + ".tmp")
+        self.frame_ids = FrameCounter(self.cfg.state_dir, start_at=start)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(f"{self._next_frame_id}\n")
-            os.replace(tmp, folder / FRAME_COUNTER_FILE)  # atomic: a power cut leaves the old or the new value
-        except OSError as exc:
-            log.warning("cannot save the frame counter in %s: %s", folder, exc)
+            self.frame_ids.open()
+        except FrameCounterError as exc:
+            self._halt(str(exc))
 
     def _take_frame_id(self) -> int:
         # The daemon numbers parts, not the source: a trigger that got no frame still consumes an id, so every
         # result on the line (including its FAULT) has its own id for the PLC to latch.
-        frame_id = self._next_frame_id
-        self._next_frame_id += 1
-        return frame_id
+        try:
+            return self.frame_ids.take()
+        except FrameCounterError as exc:
+            self._halt(str(exc))   # this part still gets its FAULT answer, with an id from memory
+            return self.frame_ids.take_unpersisted()
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def _heartbeat(self) -> None:
         now = time.monotonic()
         self._last_heartbeat = now
-        self._each_output("heartbeat")
+        self.bus.heartbeat()
         # Pinged from this thread only: if inference hangs, the pings stop and systemd restarts the service.
         if now - self._last_watchdog >= self._watchdog_period:
             self._last_watchdog = now
             systemd_notify.watchdog()
 
-    def _publish(self, result: InspectionResult) -> None:
-        deadline = self.cfg.inference.deadline_ms
-        if deadline is not None and result.verdict is not Verdict.FAULT and result.timings_ms["total"] > deadline:
-            # A verdict after the part has left the station is not a verdict for that part.
-            result.verdict, result.error = Verdict.FAULT, f"deadline exceeded: {result.timings_ms['total']:.1f} ms > {deadline} ms"
+    def _publish(self, result: InspectionResult, started: float | None) -> None:
+        """One part's answer through the output bus: record, then line, then images."""
+        failure = self.bus.publish(result, started=started, deadline_ms=self.cfg.inference.deadline_ms)
         self.counters.frames += 1
         self.verdicts[result.verdict.value] += 1
         self.last_verdict = result.verdict.value
@@ -347,22 +364,69 @@ class Station:
             log.warning("frame %d %s: FAULT: %s", result.frame_id, result.source, result.error)
         else:
             self.stats.add(result.timings_ms)
-        self._each_output("publish", result)
+        if failure is not None:
+            self._record_failed(failure)
+        elif self._record_fault is not None and self.fault_reason == self._record_fault:
+            self._record_fault = None
+            self._set_state(self._ready, None)  # the record works again
 
-    def _publish_missed(self, pipeline: Pipeline, reason: str, started: float) -> None:
-        """A trigger fired (a part is there) and no frame could be inspected: the line gets a FAULT for it."""
+    def _record_failed(self, failure: RecordFailure) -> None:
+        reason = f"record: {failure.output}: {failure.reason}"
+        if failure.halt:
+            self._halt(reason)
+        else:
+            self._record_fault = reason
+            self._set_state(self._ready, reason)
+
+    def _answer_fault(self, reason: str, started: float, frame_id: int | None = None) -> None:
+        """A trigger fired (a part is there) and it cannot be inspected: the line gets a FAULT result for it."""
         self.counters.missed_triggers += 1
-        source = getattr(self._source, "name", "source")
+        if frame_id is None:
+            frame_id = self._take_frame_id()
+            self.bus.begin_part(frame_id)
+        pipeline = self.pipeline
         self._publish(InspectionResult(
-            frame_id=self._take_frame_id(), source=source, verdict=Verdict.FAULT, score=None, normalized_score=None,
-            threshold=pipeline.threshold, timings_ms={"total": (time.perf_counter() - started) * 1000.0},
-            bundle_id=pipeline.bundle.bundle_id, error=f"triggered part not inspected: {reason}"))
+            frame_id=frame_id, source=getattr(self._source, "name", "source"), verdict=Verdict.FAULT, score=None,
+            normalized_score=None, threshold=pipeline.threshold if pipeline else math.nan,
+            timings_ms={"total": (time.monotonic() - started) * 1000.0},
+            bundle_id=pipeline.bundle.bundle_id if pipeline else "none", error=f"triggered part not inspected: {reason}"),
+            started)
+
+    def _refuse_triggers(self, reason: str, timeout: float) -> None:
+        """While the station cannot inspect, wait up to `timeout` s and answer every trigger that arrives at once
+        with FAULT, instead of serving it late when the station is back."""
+        if isinstance(self.trigger, SoftwareTrigger):
+            event = self.trigger.wait(timeout)   # wakes on a fire: the answer goes out at once
+            events = [] if event is None else [event]
+        else:
+            events = self.trigger.drain()
+            self._stop.wait(timeout)
+        for event in events:
+            for _ in range(min(event.missed, MAX_MISSED_ANSWERS) + 1):
+                self._answer_fault(f"station not ready ({reason})", event.at)
+
+    def _answer_missed(self, event: TriggerEvent) -> None:
+        for _ in range(min(event.missed, MAX_MISSED_ANSWERS)):
+            self._answer_fault("trigger overrun: a newer trigger arrived before this one was served", event.at)
+        if event.missed > MAX_MISSED_ANSWERS:
+            self.counters.missed_triggers += event.missed - MAX_MISSED_ANSWERS
+            log.error("%d more triggers folded into one were not answered individually", event.missed - MAX_MISSED_ANSWERS)
+
+    def _expired(self, event: TriggerEvent) -> bool:
+        max_age = self.trigger.max_age_ms
+        age = event.age_ms()
+        if max_age is None or age <= max_age:
+            return False
+        self.counters.expired_triggers += 1
+        self._answer_fault(f"trigger expired: {age:.0f} ms old when the loop reached it > max_age_ms {max_age:g}",
+                           event.at)
+        return True
 
     def run(self) -> int:
         previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
             handlers = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop,
-                        signal.SIGHUP: self.request_reload}
+                        signal.SIGHUP: self.request_reload, signal.SIGUSR1: self.request_reopen}
             for signum, action in handlers.items():
                 previous[signum] = signal.signal(signum, lambda *_, act=action: act())
         try:
@@ -377,7 +441,7 @@ class Station:
         # sd_watchdog_enabled(3) advises half the interval; a quarter leaves room for one slow frame.
         self._watchdog_period = interval / 4 if interval else DEFAULT_WATCHDOG_PERIOD_S
         # Outputs start in their safe state (not READY, no OK); fault_reason is already "starting" for /healthz.
-        self._each_output("start")
+        self.bus.start()
         if self.cfg.http.enabled:
             fire = self.trigger.fire if isinstance(self.trigger, SoftwareTrigger) else None
             self._http = HttpEndpoint(self.cfg.http, self.status, fire)
@@ -388,7 +452,7 @@ class Station:
                 log.error("http endpoint %s:%d not started: %s", self.cfg.http.host, self.cfg.http.port, exc)
                 self._http = None
         try:
-            self._next_frame_id = self._start_frame_id()
+            self._open_frame_counter()
             t0 = time.monotonic()
             self._load()
             # READY=1 tells systemd that start-up (including the self-test) is over; whether we inspect is on the
@@ -399,6 +463,20 @@ class Station:
         finally:
             self._shutdown()
 
+    def _housekeeping(self, next_stats: float) -> float:
+        self._heartbeat()
+        if self._reload.is_set():
+            self._start_reload()
+        self._apply_reload()
+        if self._reopen.is_set():
+            self._reopen.clear()
+            log.info("SIGUSR1: reopening log files")
+            self.bus.reopen()
+        if time.monotonic() >= next_stats:
+            next_stats = time.monotonic() + self.cfg.logging.stats_interval_s
+            self._log_stats()
+        return next_stats
+
     def _loop(self) -> int:
         rc_cfg = self.cfg.recovery
         backoff = rc_cfg.backoff_initial_s
@@ -406,72 +484,89 @@ class Station:
         source_open = False
         next_stats = time.monotonic() + self.cfg.logging.stats_interval_s
         if self._source is None:
-            self._source = build_source(self.cfg.source, self._next_frame_id)
+            self._source = build_source(self.cfg.source, self.frame_ids.next_id)
         while not self._stop.is_set():
-            self._heartbeat()
-            if self._reload.is_set():
-                self._start_reload()
-            self._apply_reload()
-            if time.monotonic() >= next_stats:
-                next_stats = time.monotonic() + self.cfg.logging.stats_interval_s
-                self._log_stats()
-                self._save_frame_counter()
+            next_stats = self._housekeeping(next_stats)
             pipeline = self.pipeline
-            if pipeline is None:
-                self._stop.wait(rc_cfg.read_timeout_s)
+            if pipeline is None or self._halted:
+                self._refuse_triggers(self.fault_reason or "no bundle", rc_cfg.read_timeout_s)
                 continue
             if not source_open:
                 if time.monotonic() < retry_at:
-                    self._stop.wait(min(rc_cfg.read_timeout_s, retry_at - time.monotonic()))
+                    self._refuse_triggers(self.fault_reason or "source reopening",
+                                          min(rc_cfg.read_timeout_s, max(0.0, retry_at - time.monotonic())))
                     continue
                 try:
                     self._source.open()
                     self.trigger.open()
                     source_open = True
                     backoff = rc_cfg.backoff_initial_s
-                    self._set_state(True, None)
+                    self._set_state(True, self._record_fault)
                 except (SourceError, TriggerError, OSError) as exc:
                     self.counters.source_errors += 1
                     self._set_state(False, f"source: {exc}")
                     self._close_source()
                     retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
                     continue
-            triggered = False
-            started = time.perf_counter()
             try:
-                if not self.trigger.wait(rc_cfg.read_timeout_s):
-                    continue
-                if not self.trigger.is_free_run:
-                    triggered = True
-                    started = time.perf_counter()
-                    notify = getattr(self._source, "notify_trigger", None)
-                    if notify is not None:
-                        notify()  # a camera drops frames buffered before the trigger
-                frame = self._source.read(rc_cfg.read_timeout_s)
+                outcome = self._serve_one(pipeline)
             except (SourceError, TriggerError, OSError) as exc:
                 # Camera lost: not-OK on the outputs, no verdict for anything, reopen with backoff.
                 self.counters.source_errors += 1
-                if triggered:
-                    self._publish_missed(pipeline, f"source: {exc}", started)
                 self._set_state(False, f"source: {exc}")
                 self._close_source()
                 source_open = False
                 retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
                 continue
-            if frame is None:
-                if triggered:
-                    self._publish_missed(pipeline, f"no frame within {rc_cfg.read_timeout_s:g} s of the trigger", started)
-                if self._source.exhausted:
-                    if rc_cfg.exit_when_exhausted:
-                        log.info("source exhausted after %d frames", self.counters.frames)
-                        break
-                    self._stop.wait(rc_cfg.read_timeout_s)  # nothing more will come; do not spin
-                continue
-            if not self._ready and self.fault_reason is None:
-                self._set_state(True, None)
-            frame.frame_id = self._take_frame_id()
-            self._publish(pipeline.inspect(frame))
+            if outcome == "exhausted":
+                if rc_cfg.exit_when_exhausted:
+                    log.info("source exhausted after %d frames", self.counters.frames)
+                    break
+                self._stop.wait(rc_cfg.read_timeout_s)  # nothing more will come; do not spin
         return 0
+
+    def _serve_one(self, pipeline: Pipeline) -> str:
+        """Wait for one trigger (or free-run frame) and answer it. Returns "idle", "served" or "exhausted".
+
+        Raises SourceError/TriggerError/OSError when the camera or trigger input is lost (after answering a
+        triggered part with FAULT)."""
+        timeout = self.cfg.recovery.read_timeout_s
+        event = self.trigger.wait(timeout)
+        if event is None:
+            return "idle"
+        if self.trigger.is_free_run:
+            frame = self._source.read(timeout)
+            if frame is None:
+                return "exhausted" if self._source.exhausted else "idle"
+            frame_id = self._take_frame_id()
+            self.bus.begin_part(frame_id)
+            # The deadline runs from capture: the frame's wall-clock stamp mapped onto the monotonic clock.
+            started = time.monotonic() - max(0.0, time.time() - frame.captured_at)
+            return self._inspect(pipeline, frame, frame_id, started)
+        self._answer_missed(event)
+        if self._expired(event):
+            return "served"
+        frame_id = self._take_frame_id()
+        self.bus.begin_part(frame_id)   # the previous verdict is withdrawn before this part is captured
+        notify = getattr(self._source, "notify_trigger", None)
+        if notify is not None:
+            notify()  # a camera drops frames buffered before the trigger
+        try:
+            frame = self._source.read(timeout)
+        except (SourceError, TriggerError, OSError) as exc:
+            self._answer_fault(f"source: {exc}", event.at, frame_id)
+            raise
+        if frame is None:
+            self._answer_fault(f"no frame within {timeout:g} s of the trigger", event.at, frame_id)
+            return "exhausted" if self._source.exhausted else "served"
+        return self._inspect(pipeline, frame, frame_id, event.at)
+
+    def _inspect(self, pipeline: Pipeline, frame: Frame, frame_id: int, started: float) -> str:
+        if not self._ready and self.fault_reason is None:
+            self._set_state(True, None)
+        frame.frame_id = frame_id
+        self._publish(pipeline.inspect(frame), started)
+        return "served"
 
     def _log_stats(self) -> None:
         summary = self.stats.summary()
@@ -494,12 +589,12 @@ class Station:
     def _shutdown(self) -> None:
         systemd_notify.stopping()
         self._ready = False
-        self._each_output("set_ready", False)
+        self.bus.set_ready(False)
         self._close_source()
-        self._each_output("close")  # every output returns to its safe state and flushes
+        self.bus.close()  # every output returns to its safe state and flushes
         if self._http is not None:
             self._http.stop()
             self._http = None
-        self._save_frame_counter()
+        self.frame_ids.close()
         self._log_stats()
         log.info("stopped after %d frames (%s)", self.counters.frames, self.verdicts)

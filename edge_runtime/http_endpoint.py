@@ -186,6 +186,12 @@ class HttpEndpoint:
             return HTTPStatus.FORBIDDEN, "application/json", json.dumps({"error": "trigger over HTTP is disabled (http.allow_trigger)"}).encode()
         if self._fire_trigger is None:
             return HTTPStatus.CONFLICT, "application/json", json.dumps({"error": "the station's trigger is not 'software'"}).encode()
+        status = self._status()
+        if status is None or status.state != "ready":
+            # A trigger the station cannot serve now would only be answered FAULT: say so to the caller instead.
+            reason = "station status unavailable" if status is None else f"station {status.state}: {status.reason}"
+            doc = {"triggered": False, "error": f"not ready, part not captured ({reason[:200]})"}
+            return HTTPStatus.SERVICE_UNAVAILABLE, "application/json", json.dumps(doc).encode()
         self._fire_trigger()
         return HTTPStatus.ACCEPTED, "application/json", json.dumps({"triggered": True}).encode()
 

@@ -1,13 +1,21 @@
-"""Trigger modes: when the daemon captures. One interface, `Trigger.wait(timeout) -> bool` (True = capture now).
+"""Trigger modes: when the daemon captures. One interface, `Trigger.wait(timeout) -> TriggerEvent | None`.
 
 free_run: always. software: `fire()` from POST /trigger or a serial `TRG` line. gpio: an edge on an input line
 (libgpiod v2, imported only when a station uses it).
+
+Every trigger is a part in front of the camera, so every trigger gets an answer. A TriggerEvent carries when the
+trigger arrived (time.monotonic(); the kernel's edge timestamp for GPIO) and how many earlier triggers were folded
+into it because the loop was busy (`missed`). The station answers each missed one with a FAULT result, a trigger
+older than `max_age_ms` when the loop gets to it with a FAULT result (the part has moved on: capturing now would
+inspect the wrong part), and triggers that arrive while it cannot inspect (fault, backoff, no bundle) with
+FAULT results at once (`drain()`), never with a late capture.
 """
 from __future__ import annotations
 
 import abc
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Literal, Protocol, Union
@@ -15,6 +23,7 @@ from typing import Callable, Literal, Protocol, Union
 log = logging.getLogger(__name__)
 
 SERIAL_TRIGGER_COMMAND = "TRG"
+DEFAULT_MAX_AGE_MS = 250.0   # a trigger the loop reaches later than this is answered FAULT instead of captured
 
 
 class TriggerError(RuntimeError):
@@ -32,6 +41,11 @@ class FreeRunTriggerConfig:
 @dataclass(kw_only=True)
 class SoftwareTriggerConfig:
     type: Literal["software"] = "software"
+    max_age_ms: float = DEFAULT_MAX_AGE_MS    # older when the loop reaches it: FAULT for that part, no capture
+
+    def validate(self) -> None:
+        if self.max_age_ms <= 0:
+            raise ValueError(f"max_age_ms: must be > 0, got {self.max_age_ms}")
 
 
 @dataclass(kw_only=True)
@@ -44,8 +58,11 @@ class GpioTriggerConfig:
     active_low: bool = False
     debounce_ms: float = 0.0                   # kernel debounce, for mechanical switches
     consumer: str = "edge-runtime-trigger"
+    max_age_ms: float = DEFAULT_MAX_AGE_MS    # older when the loop reaches it: FAULT for that part, no capture
 
     def validate(self) -> None:
+        if self.max_age_ms <= 0:
+            raise ValueError(f"max_age_ms: must be > 0, got {self.max_age_ms}")
         if isinstance(self.line, int) and self.line < 0:
             raise ValueError(f"line: offset must be >= 0, got {self.line}")
         if isinstance(self.line, str) and not self.line:
@@ -60,17 +77,34 @@ TriggerConfig = Union[FreeRunTriggerConfig, SoftwareTriggerConfig, GpioTriggerCo
 # -- triggers --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TriggerEvent:
+    """One trigger to serve: `at` is when it arrived (time.monotonic() seconds), `missed` how many earlier
+    triggers were folded into it (parts that get no capture of their own: the station answers them FAULT)."""
+
+    at: float
+    missed: int = 0
+
+    def age_ms(self, now: float | None = None) -> float:
+        return ((time.monotonic() if now is None else now) - self.at) * 1000.0
+
+
 class Trigger(abc.ABC):
     name: str = "trigger"
     # Triggers that arrived while one was already waiting to be served: those parts were not captured separately.
     overruns: int = 0
+    max_age_ms: float | None = None   # None: triggers do not expire (free run)
 
     def open(self) -> None:
         """Acquire the input; raise TriggerError if it is not there."""
 
     @abc.abstractmethod
-    def wait(self, timeout: float) -> bool:
-        """True when a capture should happen now; False when nothing fired within `timeout` seconds."""
+    def wait(self, timeout: float) -> TriggerEvent | None:
+        """The trigger to serve now, or None when nothing fired within `timeout` seconds."""
+
+    def drain(self) -> list[TriggerEvent]:
+        """Triggers waiting now, without blocking (the station answers them FAULT while it cannot inspect)."""
+        return []
 
     @property
     def is_free_run(self) -> bool:
@@ -84,8 +118,8 @@ class Trigger(abc.ABC):
 class FreeRunTrigger(Trigger):
     name = "free_run"
 
-    def wait(self, timeout: float) -> bool:
-        return True
+    def wait(self, timeout: float) -> TriggerEvent | None:
+        return TriggerEvent(at=time.monotonic())
 
     @property
     def is_free_run(self) -> bool:
@@ -100,18 +134,22 @@ class SoftwareTrigger(Trigger):
 
     name = "software"
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: SoftwareTriggerConfig | None = None) -> None:
+        self.max_age_ms = (cfg or SoftwareTriggerConfig()).max_age_ms
         self._cond = threading.Condition()
-        self._pending = False
+        self._pending: float | None = None   # arrival time of the newest unserved fire
+        self._missed = 0
         self.fired = 0
         self.overruns = 0
 
-    def fire(self) -> None:
+    def fire(self, at: float | None = None) -> None:
+        """A part is there now (`at`: its time.monotonic(), default now)."""
         with self._cond:
             self.fired += 1
-            if self._pending:
+            if self._pending is not None:
                 self.overruns += 1
-            self._pending = True
+                self._missed += 1
+            self._pending = time.monotonic() if at is None else at
             self._cond.notify_all()
 
     def handle_line(self, line: str) -> bool:
@@ -121,21 +159,27 @@ class SoftwareTrigger(Trigger):
             return True
         return False
 
-    def wait(self, timeout: float) -> bool:
+    def wait(self, timeout: float) -> TriggerEvent | None:
         with self._cond:
-            if not self._pending:
-                self._cond.wait_for(lambda: self._pending, timeout=max(0.0, timeout))
-            if self._pending:
-                self._pending = False
-                return True
-            return False
+            if self._pending is None:
+                self._cond.wait_for(lambda: self._pending is not None, timeout=max(0.0, timeout))
+            if self._pending is None:
+                return None
+            event = TriggerEvent(at=self._pending, missed=self._missed)
+            self._pending, self._missed = None, 0
+            return event
+
+    def drain(self) -> list[TriggerEvent]:
+        event = self.wait(0.0)
+        return [] if event is None else [event]
 
 
 class EdgeLine(Protocol):
     """The narrow slice of a GPIO input the trigger needs; `GpiodEdgeLine` is the real one."""
 
-    def wait_edges(self, timeout: float) -> int:
-        """Block up to `timeout` s; return the number of edges that arrived (0 on timeout) and consume them."""
+    def wait_edges(self, timeout: float) -> list[float]:
+        """Block up to `timeout` s; return the time.monotonic() of each edge that arrived (none on timeout),
+        oldest first, and consume them."""
         ...
 
     def close(self) -> None: ...
@@ -162,10 +206,11 @@ class GpiodEdgeLine:
         except Exception as exc:  # OSError for a missing chip or busy line, ValueError for an unknown line name
             raise TriggerError(f"gpio trigger: cannot request line {cfg.line!r} on {cfg.chip}: {exc}") from exc
 
-    def wait_edges(self, timeout: float) -> int:
+    def wait_edges(self, timeout: float) -> list[float]:
         if not self._request.wait_edge_events(timedelta(seconds=max(0.0, timeout))):
-            return 0
-        return len(self._request.read_edge_events())
+            return []
+        # libgpiod v2 stamps events with CLOCK_MONOTONIC by default: the same clock as time.monotonic().
+        return [event.timestamp_ns / 1e9 for event in self._request.read_edge_events()]
 
     def close(self) -> None:
         self._request.release()
@@ -176,18 +221,18 @@ class FakeEdgeLine:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._edges = 0
+        self._edges: list[float] = []
         self.closed = False
 
-    def push_edge(self, count: int = 1) -> None:
+    def push_edge(self, count: int = 1, at: float | None = None) -> None:
         with self._cond:
-            self._edges += count
+            self._edges += [time.monotonic() if at is None else at] * count
             self._cond.notify_all()
 
-    def wait_edges(self, timeout: float) -> int:
+    def wait_edges(self, timeout: float) -> list[float]:
         with self._cond:
-            self._cond.wait_for(lambda: self._edges > 0, timeout=max(0.0, timeout))
-            edges, self._edges = self._edges, 0
+            self._cond.wait_for(lambda: bool(self._edges), timeout=max(0.0, timeout))
+            edges, self._edges = self._edges, []
             return edges
 
     def close(self) -> None:
@@ -207,6 +252,7 @@ class GpioTrigger(Trigger):
         self.cfg = cfg
         self._factory: EdgeLineFactory = line_factory or GpiodEdgeLine
         self._line: EdgeLine | None = None
+        self.max_age_ms = cfg.max_age_ms
         self.edges = 0
         self.overruns = 0
 
@@ -214,19 +260,29 @@ class GpioTrigger(Trigger):
         self.close()
         self._line = self._factory(self.cfg)
 
-    def wait(self, timeout: float) -> bool:
+    def wait(self, timeout: float) -> TriggerEvent | None:
         if self._line is None:
             self.open()
         assert self._line is not None
         try:
-            count = self._line.wait_edges(timeout)
+            edges = self._line.wait_edges(timeout)
         except OSError as exc:
             raise TriggerError(f"gpio trigger: waiting for an edge on {self.cfg.chip} line {self.cfg.line!r} failed: {exc}") from exc
-        if count <= 0:
-            return False
-        self.edges += count
-        self.overruns += count - 1
-        return True
+        if not edges:
+            return None
+        self.edges += len(edges)
+        self.overruns += len(edges) - 1
+        # The newest edge is the part in front of the camera now; the earlier ones were missed.
+        return TriggerEvent(at=edges[-1], missed=len(edges) - 1)
+
+    def drain(self) -> list[TriggerEvent]:
+        if self._line is None:
+            return []  # not requested: the kernel keeps no edges for us
+        try:
+            event = self.wait(0.0)
+        except TriggerError:
+            return []
+        return [] if event is None else [event]
 
     def close(self) -> None:
         if self._line is not None:
@@ -241,7 +297,7 @@ def build_trigger(cfg: TriggerConfig, line_factory: EdgeLineFactory | None = Non
     if isinstance(cfg, FreeRunTriggerConfig):
         return FreeRunTrigger()
     if isinstance(cfg, SoftwareTriggerConfig):
-        return SoftwareTrigger()
+        return SoftwareTrigger(cfg)
     if isinstance(cfg, GpioTriggerConfig):
         return GpioTrigger(cfg, line_factory)
     raise TypeError(f"no trigger for config {type(cfg).__name__}")

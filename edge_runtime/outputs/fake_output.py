@@ -13,12 +13,14 @@ from edge_runtime.records import InspectionResult
 class RecordingOutputConfig:
     type: Literal["recording"] = "recording"
     name: str = "recording"
-    # Methods that raise OutputError instead of recording: "start", "publish", "set_ready", "set_fault",
-    # "heartbeat", "close". Lets daemon tests check that a failing output does not stop inspection.
+    # Methods that raise OutputError instead of recording: "start", "begin_part", "publish", "acknowledge",
+    # "set_ready", "set_fault", "heartbeat", "reopen", "close". Lets daemon tests check that a failing output does
+    # not stop inspection.
     fail_on: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        allowed = {"start", "publish", "set_ready", "set_fault", "heartbeat", "close"}
+        allowed = {"start", "begin_part", "publish", "acknowledge", "set_ready", "set_fault", "heartbeat", "reopen",
+                   "close"}
         unknown = sorted(set(self.fail_on) - allowed)
         if unknown:
             raise ValueError(f"fail_on: unknown method {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
@@ -45,8 +47,17 @@ class RecordingOutput(Output):
     def start(self) -> None:
         self._record("start")
 
+    def begin_part(self, frame_id: int) -> None:
+        self._record("begin_part", frame_id)
+
     def publish(self, result: InspectionResult) -> None:
         self._record("publish", result)
+
+    def acknowledge(self) -> None:
+        self._record("acknowledge")
+
+    def reopen(self) -> None:
+        self._record("reopen")
 
     def set_ready(self, ready: bool) -> None:
         self._record("set_ready", bool(ready))

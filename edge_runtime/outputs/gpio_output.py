@@ -1,21 +1,54 @@
-"""GPIO output lines (OK / NG / READY / ERROR / heartbeat) through the Linux GPIO character device, libgpiod v2.
+"""GPIO output lines through the Linux GPIO character device, libgpiod v2: a per-part handshake with the PLC.
 
-Fail-safe wiring: every line is driven INACTIVE when requested, and OK is the energised state that is asserted only
-for a part that was inspected and passed. A FAULT result, set_fault(), set_ready(False) and close() all drop OK.
-close() drives every line inactive before releasing it. When the process dies, the kernel releases the lines and
-they return to the driver's default state, which is usually an input (de-energised) but is driver-specific (some
-SoC drivers keep the last level). A station that must survive a crashed or hung process therefore also wires the OK
-relay through a watchdog fed by the `heartbeat` line: when the loop stops, the heartbeat stops toggling and OK drops.
+Lines (each optional): OK, NG, REVIEW (verdict lines), BUSY, RESULT_VALID (handshake), READY, ERROR, heartbeat
+(outputs), and ACK (an input from the PLC).
+
+Every part gets its own signal, whichever mode is used. Timing (pulse mode, the default, `pulse_ms: 200`):
+
+    trigger / frame   _|‾|____________________________________|‾|_________
+    BUSY              __|‾‾‾‾‾‾‾‾‾‾‾‾‾|________________________|‾‾‾‾‾‾‾‾‾‾
+    OK | NG | REVIEW  ________________|‾‾‾‾‾ pulse_ms ‾‾‾|_______________
+    RESULT_VALID      _________________|‾‾‾ pulse_ms ‾‾‾|________________
+                        ^ begin_part    ^ publish        ^ pulse ends (or ACK, or the next part's begin_part)
+
+- begin_part (a trigger fired, or a free-run frame is about to be inspected) drops RESULT_VALID first, then
+  OK/NG/REVIEW, and asserts BUSY: the previous part's verdict never stands while the next part is captured.
+- publish sets the verdict lines and drops BUSY in one write, then asserts RESULT_VALID in a second write, so a
+  PLC that latches OK/NG on the rising edge of RESULT_VALID reads settled lines.
+- Pulse mode (`pulse_ms > 0`): RESULT_VALID and the verdict line drop after pulse_ms (RESULT_VALID first).
+  Level mode (`pulse_ms: 0`): they hold until the PLC acknowledges (ACK input rising edge, or a serial `ACK`
+  line when the station has a serial output with accept_trigger), until the next part's begin_part, or until
+  READY drops / a fault. Without a RESULT_VALID or BUSY line a PLC sampling levels in level mode still sees
+  OK fall at every begin_part; wire RESULT_VALID (or use pulse mode) so it knows when to sample.
+
+Verdicts: OK is asserted only for an inspected good part. NG for an anomalous one. REVIEW (score in the review
+band: a person re-checks the part) asserts the REVIEW line and NEVER OK; it also asserts NG when `review_as_ng`
+is true, and by default (`review_as_ng` unset) exactly when no REVIEW line is configured, so a PLC wired only to
+OK/NG rejects it. FAULT (not inspected) asserts no verdict line and raises ERROR until the next part.
+
+Fail-safe wiring: every line is driven INACTIVE when requested, and OK is the energised state. A FAULT result,
+set_fault(), set_ready(False) and close() all drop OK. close() drives every line inactive before releasing it.
+When the process dies, the kernel releases the lines and they return to the driver's default state, which is
+usually an input (de-energised) but is driver-specific (some SoC drivers keep the last level). A station that must
+survive a crashed or hung process therefore also wires the OK relay through a watchdog fed by the `heartbeat`
+line: when the loop stops, the heartbeat stops toggling and OK drops.
 """
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal, Protocol
 
 from edge_runtime.outputs.base import Output, OutputError
 from edge_runtime.records import InspectionResult, Verdict
+
+log = logging.getLogger(__name__)
+
+VERDICT_ROLES = ("ok", "ng", "review")
+OUTPUT_ROLES = ("ok", "ng", "review", "busy", "result_valid", "ready", "error", "heartbeat")
 
 
 @dataclass(kw_only=True)
@@ -34,23 +67,31 @@ class GpioConfig:
     chip: str = "/dev/gpiochip0"
     ok: GpioLine | None = None
     ng: GpioLine | None = None
+    review: GpioLine | None = None        # score in the review band: a person re-checks the part (never OK)
+    busy: GpioLine | None = None          # asserted from the trigger (begin_part) until the verdict is set
+    result_valid: GpioLine | None = None  # asserted after the verdict lines settled; the PLC latches on its edge
     ready: GpioLine | None = None
     error: GpioLine | None = None
-    heartbeat: GpioLine | None = None  # toggled on every heartbeat() call, to feed an external watchdog
-    pulse_ms: int = 0                  # 0: OK/NG hold their level until the next part; >0: pulse for this long
-    consumer: str = "patchcore-edge"   # shown by `gpioinfo` as the owner of the lines
+    heartbeat: GpioLine | None = None     # toggled on every heartbeat() call, to feed an external watchdog
+    ack: GpioLine | None = None           # INPUT: a rising (asserted) edge from the PLC withdraws the verdict
+    pulse_ms: int = 200                   # >0: verdict + RESULT_VALID pulse this long; 0: hold until ACK/next part
+    review_as_ng: bool | None = None      # REVIEW also asserts NG; unset: only when no review line is configured
+    consumer: str = "patchcore-edge"      # shown by `gpioinfo` as the owner of the lines
 
     def lines(self) -> dict[str, GpioLine]:
-        """The configured lines by role."""
-        roles = {"ok": self.ok, "ng": self.ng, "ready": self.ready, "error": self.error, "heartbeat": self.heartbeat}
+        """The configured output lines by role."""
+        roles = {role: getattr(self, role) for role in OUTPUT_ROLES}
         return {role: line for role, line in roles.items() if line is not None}
+
+    def review_drives_ng(self) -> bool:
+        return self.review is None if self.review_as_ng is None else self.review_as_ng
 
     def validate(self) -> None:
         lines = self.lines()
         if not lines:
-            raise ValueError("configure at least one of ok, ng, ready, error, heartbeat")
+            raise ValueError("configure at least one of " + ", ".join(OUTPUT_ROLES))
         seen: dict[int, str] = {}
-        for role, line in lines.items():
+        for role, line in [*lines.items(), *([("ack", self.ack)] if self.ack else [])]:
             if line.offset in seen:
                 raise ValueError(f"{role}.offset: line {line.offset} is already used by {seen[line.offset]}")
             seen[line.offset] = role
@@ -69,8 +110,11 @@ class GpioLines(Protocol):
     def set_values(self, values: Mapping[int, bool]) -> None:
         """Drive the given lines (offset -> asserted)."""
 
+    def watch(self, offset: int, active_low: bool, on_assert: Callable[[], None]) -> None:
+        """Claim one input line and call `on_assert` (from another thread) on every edge to asserted."""
+
     def release(self) -> None:
-        """Give the lines back to the kernel."""
+        """Give the lines back to the kernel (outputs and the watched input)."""
 
 
 class LibgpiodLines:
@@ -80,6 +124,9 @@ class LibgpiodLines:
         self.chip = chip
         self.consumer = consumer
         self._request = None
+        self._input = None          # the ACK input's request
+        self._watcher: threading.Thread | None = None
+        self._stop = threading.Event()
         self._value = None  # gpiod.line.Value, bound on request()
         self._gpiod_errors: tuple[type[BaseException], ...] = ()
 
@@ -105,13 +152,43 @@ class LibgpiodLines:
         except self._gpiod_errors as exc:
             raise OSError(f"GPIO request on {self.chip}: {exc}") from exc
 
+    def watch(self, offset: int, active_low: bool, on_assert: Callable[[], None]) -> None:
+        import gpiod
+        from gpiod.line import Direction, Edge
+
+        settings = gpiod.LineSettings(direction=Direction.INPUT, edge_detection=Edge.RISING, active_low=active_low,
+                                      debounce_period=timedelta(milliseconds=2))
+        self._input = gpiod.request_lines(self.chip, consumer=self.consumer + "-ack", config={offset: settings})
+        self._stop.clear()
+        request = self._input
+
+        def run() -> None:
+            while not self._stop.is_set():
+                try:
+                    if request.wait_edge_events(timedelta(seconds=0.2)):
+                        request.read_edge_events()
+                        on_assert()
+                except Exception:  # noqa: BLE001 - a released request ends the watcher; anything else is logged
+                    if not self._stop.is_set():
+                        log.exception("GPIO %s: ACK input watcher failed; ACK is ignored until restart", self.chip)
+                    return
+
+        self._watcher = threading.Thread(target=run, name=f"gpio-ack:{self.chip}", daemon=True)
+        self._watcher.start()
+
     def release(self) -> None:
+        self._stop.set()
         request, self._request = self._request, None
-        if request is not None:
-            try:
-                request.release()
-            except self._gpiod_errors as exc:
-                raise OSError(f"GPIO request on {self.chip}: {exc}") from exc
+        inp, self._input = self._input, None
+        if self._watcher is not None:
+            self._watcher.join(1.0)
+            self._watcher = None
+        for req in (inp, request):
+            if req is not None:
+                try:
+                    req.release()
+                except self._gpiod_errors as exc:
+                    raise OSError(f"GPIO request on {self.chip}: {exc}") from exc
 
 
 class FakeGpioLines:
@@ -124,6 +201,7 @@ class FakeGpioLines:
         self.history: list[dict[int, bool]] = []    # full state after every request/set
         self.requested = False
         self.fail_with: Exception | None = None     # raised by the next request/set_values, then cleared
+        self.watched: dict[int, Callable[[], None]] = {}
 
     def _maybe_fail(self) -> None:
         if self.fail_with is not None:
@@ -149,9 +227,17 @@ class FakeGpioLines:
         self.events.append(("set", dict(values)))
         self.history.append(dict(self.state))
 
+    def watch(self, offset: int, active_low: bool, on_assert: Callable[[], None]) -> None:
+        self.watched[offset] = on_assert
+
+    def press(self, offset: int) -> None:
+        """The PLC asserts the watched input `offset` (an edge to asserted)."""
+        self.watched[offset]()
+
     def release(self) -> None:
         self.requested = False
         self.state = {}
+        self.watched = {}
         self.events.append(("release",))
 
     def physical(self, offset: int) -> bool:
@@ -160,22 +246,21 @@ class FakeGpioLines:
 
 
 class GpioOutput(Output):
-    """Drives OK/NG/READY/ERROR/heartbeat lines; OK is asserted only for an inspected OK part."""
+    """Drives the verdict, handshake, READY/ERROR and heartbeat lines; see the module docstring for the timing."""
 
     def __init__(self, cfg: GpioConfig, lines: GpioLines | None = None) -> None:
         self.cfg = cfg
         self.name = f"gpio:{cfg.chip}"
         self._lines: GpioLines = lines if lines is not None else LibgpiodLines(cfg.chip, cfg.consumer)
         self._offsets = {role: line.offset for role, line in cfg.lines().items()}
-        self._lock = threading.Lock()  # publish() and the pulse timer both drive lines
+        self._lock = threading.Lock()  # the loop, the pulse timer and the ACK watcher all drive lines
         self._requested = False
-        self._ok = self._ng = False
-        self._ready = False
+        self._state = {role: False for role in OUTPUT_ROLES}
         self._fault_reason: str | None = None
         self._last_result_faulted = False
-        self._heartbeat = False
         self._pulse_generation = 0
         self._pulse_timer: threading.Timer | None = None
+        self.acks = 0  # ACK edges seen from the PLC
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -184,16 +269,18 @@ class GpioOutput(Output):
                 return
             try:
                 self._lines.request({line.offset: line.active_low for line in self.cfg.lines().values()})
+                if self.cfg.ack is not None:
+                    self._lines.watch(self.cfg.ack.offset, self.cfg.ack.active_low, self.acknowledge)
             except (OSError, ValueError) as exc:  # gpiod raises OSError (no chip, busy line) or ValueError (offset)
                 raise OutputError(f"GPIO {self.cfg.chip}: cannot request lines {sorted(self._offsets.values())}: {exc}") from exc
             self._requested = True
-            self._ok = self._ng = self._ready = self._heartbeat = False
+            self._state = {role: False for role in OUTPUT_ROLES}
             self._drive_locked()
 
     def close(self) -> None:
         with self._lock:
             self._cancel_pulse_locked()
-            self._ok = self._ng = self._ready = self._heartbeat = False
+            self._state = {role: False for role in OUTPUT_ROLES}
             self._fault_reason = None
             self._last_result_faulted = False
             if not self._requested:
@@ -212,54 +299,90 @@ class GpioOutput(Output):
             raise OutputError("; ".join(errors))
 
     # -- Output ----------------------------------------------------------------------------------------------
+    def begin_part(self, frame_id: int) -> None:
+        with self._lock:
+            self._withdraw_locked()
+            self._last_result_faulted = False
+            self._state["busy"] = True
+            self._drive_locked(only=("busy", "error"))
+
     def publish(self, result: InspectionResult) -> None:
+        v = result.verdict
         with self._lock:
             self._cancel_pulse_locked()
+            if self._state["result_valid"]:
+                self._state["result_valid"] = False  # never show RESULT_VALID while the verdict lines change
+                self._drive_locked(only=("result_valid",))
             # OK only for a part that was inspected and passed; anything else leaves OK de-energised.
-            self._ok = result.verdict is Verdict.OK
-            self._ng = result.verdict is Verdict.NG
-            self._last_result_faulted = result.verdict is Verdict.FAULT
-            self._drive_locked()
-            if self.cfg.pulse_ms > 0 and (self._ok or self._ng):
+            self._state["ok"] = v is Verdict.OK
+            self._state["review"] = v is Verdict.REVIEW
+            self._state["ng"] = v is Verdict.NG or (v is Verdict.REVIEW and self.cfg.review_drives_ng())
+            self._state["busy"] = False
+            self._last_result_faulted = v is Verdict.FAULT
+            self._drive_locked(only=(*VERDICT_ROLES, "busy", "error"))
+            self._state["result_valid"] = True
+            self._drive_locked(only=("result_valid",))
+            if self.cfg.pulse_ms > 0:
                 self._pulse_generation += 1
                 timer = threading.Timer(self.cfg.pulse_ms / 1000.0, self._end_pulse, args=(self._pulse_generation,))
                 timer.daemon = True
                 self._pulse_timer = timer
                 timer.start()
 
+    def acknowledge(self) -> None:
+        with self._lock:
+            self.acks += 1
+            if self._requested:
+                self._withdraw_locked()
+
     def set_ready(self, ready: bool) -> None:
         with self._lock:
-            self._ready = bool(ready)
-            if not self._ready:
+            self._state["ready"] = bool(ready)
+            if not ready:
                 # A station that stopped inspecting must not leave the previous part's OK standing for the next.
-                self._cancel_pulse_locked()
-                self._ok = False
+                self._withdraw_locked()
+                self._state["busy"] = False
             self._drive_locked()
 
     def set_fault(self, reason: str | None) -> None:
         with self._lock:
             self._fault_reason = reason
             if reason is not None:
-                self._cancel_pulse_locked()
-                self._ok = False
+                self._withdraw_locked()
             self._drive_locked()
 
     def heartbeat(self) -> None:
         if "heartbeat" not in self._offsets:
             return
         with self._lock:
-            self._heartbeat = not self._heartbeat
+            self._state["heartbeat"] = not self._state["heartbeat"]
             self._drive_locked(only=("heartbeat",))
 
+    @property
+    def state(self) -> dict[str, bool]:
+        """Logical state by role (for tests and diagnostics)."""
+        with self._lock:
+            return {**self._state, "error": self._error_locked()}
+
     # -- internals -------------------------------------------------------------------------------------------
+    def _withdraw_locked(self) -> None:
+        """Drop RESULT_VALID, then the verdict lines (two writes: the PLC never sees valid with changing lines)."""
+        self._cancel_pulse_locked()
+        if self._state["result_valid"]:
+            self._state["result_valid"] = False
+            self._drive_locked(only=("result_valid",))
+        if any(self._state[r] for r in VERDICT_ROLES):
+            for role in VERDICT_ROLES:
+                self._state[role] = False
+            self._drive_locked(only=VERDICT_ROLES)
+
     def _end_pulse(self, generation: int) -> None:
         with self._lock:
             if generation != self._pulse_generation or not self._requested:
                 return  # a newer part or close() took over the lines
             self._pulse_timer = None
-            self._ok = self._ng = False
             try:
-                self._drive_locked(only=("ok", "ng"))
+                self._withdraw_locked()
             except OutputError:
                 pass  # nothing to report to from a timer thread; the next publish() raises the same fault
 
@@ -269,19 +392,13 @@ class GpioOutput(Output):
             self._pulse_timer.cancel()
             self._pulse_timer = None
 
-    def _desired(self) -> dict[str, bool]:
-        return {
-            "ok": self._ok,
-            "ng": self._ng,
-            "ready": self._ready,
-            "error": self._fault_reason is not None or self._last_result_faulted,
-            "heartbeat": self._heartbeat,
-        }
+    def _error_locked(self) -> bool:
+        return self._fault_reason is not None or self._last_result_faulted
 
     def _drive_locked(self, only: tuple[str, ...] | None = None) -> None:
         if not self._requested:
             raise OutputError(f"GPIO {self.cfg.chip}: lines are not requested (start() failed or was not called)")
-        desired = self._desired()
+        desired = {**self._state, "error": self._error_locked()}
         values = {offset: desired[role] for role, offset in self._offsets.items() if only is None or role in only}
         if not values:
             return

@@ -7,11 +7,13 @@ Register map (stable; addresses are 0-based protocol addresses, unit id from the
       1  NG      the last part was inspected and is anomalous
       2  READY   the station inspects
       3  ERROR   a station fault is active or the last part was not inspected (FAULT)
-      4-15       reserved, read as false
+      4  REVIEW  the last part scored in the review band: a person re-checks it (never OK)
+      5  BUSY    a part was triggered and its verdict is not out yet (OK/NG/REVIEW are false meanwhile)
+      6-15       reserved, read as false
     Holding registers (also mirrored as input registers 0-15)
-      0    verdict of the last part: 0 none/fault, 1 OK, 2 NG
+      0    verdict of the last part: 0 none/fault/busy/acknowledged, 1 OK, 2 NG, 3 REVIEW (never a pass)
       1-2  frame id of the last part, uint32, high word first (register 1); it changes with every part,
-           so a PLC latches a new verdict when it changes
+           together with register 0 (one update), so a PLC latches a new verdict when it changes
       3    raw score x 1000, clipped to 0..65535 (0 when not inspected)
       4    normalised score x 1000 (500 at the threshold, 1000 max)
       5    heartbeat counter, +1 per inspection-loop iteration, uint16, wraps
@@ -21,7 +23,9 @@ Register map (stable; addresses are 0-based protocol addresses, unit id from the
 
 All station-owned addresses are read-only for clients: a write is answered with exception 1 (illegal function)
 while `allow_writes` is false, and with exception 2 (illegal address) outside the PLC area when it is true.
-Like the GPIO output, a FAULT result, set_fault() and set_ready(False) drop OK (coil 0 false, verdict 0).
+Per part: begin_part (the trigger) clears OK/NG/REVIEW and verdict register 0 and sets BUSY; publish sets the
+verdict, frame id and scores at once and clears BUSY; an ACK from the PLC (GPIO or serial) clears the verdict
+again. Like the GPIO output, a FAULT result, set_fault() and set_ready(False) drop OK (coil 0 false, verdict 0).
 The server runs on its own asyncio loop in a background thread; client connects and disconnects never reach the
 inspection thread.
 """
@@ -41,9 +45,9 @@ STATION_REGISTERS = 16      # holding/input registers 0..15 and coils 0..15 belo
 PLC_AREA_START = 16
 PLC_AREA_SIZE = 16
 
-COIL_OK, COIL_NG, COIL_READY, COIL_ERROR = 0, 1, 2, 3
+COIL_OK, COIL_NG, COIL_READY, COIL_ERROR, COIL_REVIEW, COIL_BUSY = 0, 1, 2, 3, 4, 5
 HR_VERDICT, HR_FRAME_HI, HR_FRAME_LO, HR_SCORE, HR_NORM, HR_HEARTBEAT, HR_FAULT = range(7)
-VERDICT_NONE, VERDICT_OK, VERDICT_NG = 0, 1, 2
+VERDICT_NONE, VERDICT_OK, VERDICT_NG, VERDICT_REVIEW = 0, 1, 2, 3
 FAULT_STATION, FAULT_NOT_INSPECTED = 1, 2
 
 # Modbus function codes by what they touch (read / write).
@@ -143,8 +147,10 @@ class ModbusOutput(Output):
             self._last_faulted = result.verdict is Verdict.FAULT
             self._coils[COIL_OK] = inspected_ok
             self._coils[COIL_NG] = result.verdict is Verdict.NG
-            self._registers[HR_VERDICT] = {Verdict.OK: VERDICT_OK, Verdict.NG: VERDICT_NG}.get(result.verdict,
-                                                                                              VERDICT_NONE)
+            self._coils[COIL_REVIEW] = result.verdict is Verdict.REVIEW
+            self._coils[COIL_BUSY] = False
+            self._registers[HR_VERDICT] = {Verdict.OK: VERDICT_OK, Verdict.NG: VERDICT_NG,
+                                           Verdict.REVIEW: VERDICT_REVIEW}.get(result.verdict, VERDICT_NONE)
             frame = result.frame_id & 0xFFFFFFFF
             self._registers[HR_FRAME_HI] = frame >> 16
             self._registers[HR_FRAME_LO] = frame & 0xFFFF
@@ -154,11 +160,23 @@ class ModbusOutput(Output):
             self._update_fault_locked()
         self._check_running()
 
+    def begin_part(self, frame_id: int) -> None:
+        with self._lock:
+            self._withdraw_locked()
+            self._last_faulted = False
+            self._coils[COIL_BUSY] = True
+            self._update_fault_locked()
+
+    def acknowledge(self) -> None:
+        with self._lock:
+            self._withdraw_locked()
+
     def set_ready(self, ready: bool) -> None:
         with self._lock:
             self._coils[COIL_READY] = bool(ready)
             if not ready:
                 self._drop_ok_locked()
+                self._coils[COIL_BUSY] = False
 
     def set_fault(self, reason: str | None) -> None:
         with self._lock:
@@ -183,6 +201,10 @@ class ModbusOutput(Output):
         return [0] * PLC_AREA_SIZE if area is None else list(area[PLC_AREA_START:PLC_AREA_START + PLC_AREA_SIZE])
 
     # -- internals -------------------------------------------------------------------------------------------
+    def _withdraw_locked(self) -> None:
+        self._coils[COIL_OK] = self._coils[COIL_NG] = self._coils[COIL_REVIEW] = False
+        self._registers[HR_VERDICT] = VERDICT_NONE
+
     def _drop_ok_locked(self) -> None:
         self._coils[COIL_OK] = False
         if self._registers[HR_VERDICT] == VERDICT_OK:

@@ -1,12 +1,17 @@
-"""Keeps the frames of rejected (NG) and not-inspected (FAULT) parts, with heat-map overlays, in a bounded folder.
+"""Keeps the frames of rejected (NG), to-be-reviewed (REVIEW) and not-inspected (FAULT) parts, with heat-map
+overlays, in a bounded folder.
 
-Operators review these to tune the threshold; the folder never grows past max_files / max_bytes (oldest go first),
-so it cannot fill the device's disk. Only files this store wrote (its own name pattern) are ever deleted.
+Operators review these to tune the threshold (and the person at the re-check station looks at REVIEW parts); the
+folder never grows past max_files / max_bytes (oldest go first), and before each image the store makes sure the
+file system keeps `min_free_mb` free (deleting its own oldest images, else not saving), so it cannot fill the
+device's disk, which the result log shares. Only files this store wrote (its own name pattern) are ever deleted.
+It is a `slow` record output: the output bus writes it from a worker thread after the line outputs.
 """
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -19,7 +24,7 @@ from edge_runtime.outputs.base import Output, OutputError
 from edge_runtime.records import InspectionResult, Verdict
 
 # <UTC time>_f<frame id>_<verdict>_<source stem>[_overlay].<ext>; the stem is reduced to [A-Za-z0-9-].
-_OWN_FILE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z_f\d+_(NG|FAULT)_[A-Za-z0-9-]*(_overlay)?\.(jpg|png)$")
+_OWN_FILE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z_f\d+_(NG|REVIEW|FAULT)_[A-Za-z0-9-]*(_overlay)?\.(jpg|png)$")
 # JET maps 0.875 to pure red: the threshold lands there, so red means "at or above threshold".
 _THRESHOLD_LEVEL = 224
 
@@ -31,6 +36,8 @@ class NgImageStoreConfig:
     max_files: int = 2000             # images and overlays each count as one file
     max_bytes: int = 1024 * 1024 * 1024
     save_faults: bool = True          # also keep frames that could not be inspected (when they were decoded)
+    save_review: bool = True          # also keep REVIEW frames (score in the review band) for the re-check
+    min_free_mb: float = 256.0        # leave at least this much free on the file system (the result log needs it)
     format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = 90
     overlay_alpha: float = 0.5        # weight of the heat map in the overlay
@@ -40,6 +47,8 @@ class NgImageStoreConfig:
             raise ValueError("dir: must not be empty")
         if self.max_files < 2:
             raise ValueError(f"max_files: must be at least 2 (an image and its overlay), got {self.max_files}")
+        if self.min_free_mb < 0:
+            raise ValueError(f"min_free_mb: must be 0 or more, got {self.min_free_mb}")
         if self.max_bytes <= 0:
             raise ValueError(f"max_bytes: must be positive, got {self.max_bytes}")
         if not 1 <= self.jpeg_quality <= 100:
@@ -87,7 +96,10 @@ def heat_overlay(image_bgr: np.ndarray, anomaly_map: np.ndarray, threshold: floa
 
 
 class NgImageStore(Output):
-    """Saves NG/FAULT frames and overlays; deletes its own oldest files to stay within the configured bounds."""
+    """Saves NG/REVIEW/FAULT frames and overlays; deletes its own oldest files to stay within the bounds."""
+
+    role = "record"
+    slow = True
 
     def __init__(self, cfg: NgImageStoreConfig) -> None:
         self.cfg = cfg
@@ -95,6 +107,7 @@ class NgImageStore(Output):
         self._files: deque[tuple[str, int]] = deque()  # (name, bytes), oldest first
         self._total_bytes = 0
         self._started = False
+        self.refused_low_space = 0   # images not saved to keep min_free_mb free
 
     def start(self) -> None:
         try:
@@ -117,6 +130,8 @@ class NgImageStore(Output):
         if result.verdict is Verdict.OK:
             return
         if result.verdict is Verdict.FAULT and not self.cfg.save_faults:
+            return
+        if result.verdict is Verdict.REVIEW and not self.cfg.save_review:
             return
         if result.image is None:
             return  # a FAULT before decoding has no pixels to keep; the result log has the reason
@@ -146,6 +161,7 @@ class NgImageStore(Output):
         if not ok:
             raise OutputError(f"NG image store: frame {frame_id}: cannot encode {name}")
         path = os.path.join(self.cfg.dir, name)
+        self._make_room(len(data), path)
         tmp = path + ".part"
         try:
             # Written under a temporary name and renamed, so a reader never sees half an image.
@@ -163,6 +179,29 @@ class NgImageStore(Output):
             self._total_bytes = sum(size for _, size in self._files)
         self._files.append((name, len(data)))
         self._total_bytes += len(data)
+
+    def _free_bytes(self) -> int:
+        return shutil.disk_usage(self.cfg.dir).free
+
+    def _make_room(self, size: int, path: str) -> None:
+        """Keep min_free_mb free after writing `size` bytes: delete own oldest images, else refuse this one."""
+        floor = int(self.cfg.min_free_mb * 1024 * 1024)
+        try:
+            free = self._free_bytes()
+            while free - size < floor and self._files:
+                name, old_size = self._files.popleft()
+                self._total_bytes -= old_size
+                try:
+                    os.unlink(os.path.join(self.cfg.dir, name))
+                except FileNotFoundError:
+                    pass
+                free = self._free_bytes()
+        except OSError as exc:
+            raise OutputError(f"NG image store: cannot check free space for {path}: {exc.strerror or exc}") from exc
+        if free - size < floor:
+            self.refused_low_space += 1
+            raise OutputError(f"NG image store: {path} not saved: {free / 2**20:.0f} MiB free on the file system, "
+                              f"min_free_mb is {self.cfg.min_free_mb:g}")
 
     def _enforce_bounds(self) -> None:
         while self._files and (len(self._files) > self.cfg.max_files or self._total_bytes > self.cfg.max_bytes):

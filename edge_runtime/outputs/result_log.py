@@ -2,6 +2,15 @@
 
 Each record is written with one unbuffered append and, by default, fsync'd before publish() returns, so a
 record the daemon was told is written survives a power cut. The log rotates by size (log -> log.1 -> log.2 ...).
+
+It is the station's critical record: the output bus writes it BEFORE any line output is driven for the part, and
+a part whose record cannot be written (disk full, I/O error) is not OK: it goes to the line as FAULT
+(`on_record_failure: fault`, the default), or the station also stops inspecting until it is restarted
+(`on_record_failure: halt`). Either way /healthz reports the failure.
+
+External rotation (logrotate's rename + create): before every append the log compares the open file's
+(device, inode) with what the path names now, and reopens the path when they differ or the path is gone, so
+no record goes into a renamed or deleted file. SIGUSR1 makes the daemon reopen it too (systemd/INSTALL.md).
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ class ResultLogConfig:
     max_bytes: int = 50 * 1024 * 1024   # rotate before a record would take the log past this size
     backups: int = 5                    # rotated files kept (log.1 .. log.N); 0 deletes the log on rotation
     fsync: Literal["always", "never"] = "always"  # "never" trades durability for SD-card wear
+    on_record_failure: Literal["fault", "halt"] = "fault"  # a part that cannot be recorded is FAULT; halt also stops
 
     def validate(self) -> None:
         if not self.path:
@@ -65,6 +75,9 @@ def _fsync_dir(path: str) -> None:
 class ResultLog(Output):
     """Append-only JSON-lines log with size rotation; raises OutputError (naming the path) when it cannot write."""
 
+    role = "record"
+    critical_record = True
+
     def __init__(self, cfg: ResultLogConfig) -> None:
         self.cfg = cfg
         self.path = cfg.path
@@ -73,6 +86,7 @@ class ResultLog(Output):
         self._inode: tuple[int, int] | None = None  # (st_dev, st_ino) of the file _good_size refers to
         self._good_size = 0        # bytes of the current file that hold only acknowledged records
         self._failed = False       # the last write failed: the file may end in a torn, unacknowledged record
+        self.reopened = 0          # external rotations detected
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -84,10 +98,21 @@ class ResultLog(Output):
     def close(self) -> None:
         self._close_fd()
 
+    def reopen(self) -> None:
+        """Close and reopen the path (SIGUSR1 after an external rotation); the next append goes to the new file."""
+        self._close_fd()
+        try:
+            self._open()
+        except OSError as exc:
+            raise OutputError(f"result log {self.path}: cannot reopen: {exc.strerror or exc}") from exc
+
     # -- Output ----------------------------------------------------------------------------------------------
     def publish(self, result: InspectionResult) -> None:
         line = encode_record(result)
         try:
+            if self._fd is not None and self._replaced():
+                self._close_fd()  # rotated away by logrotate (or deleted): write to what the path names now
+                self.reopened += 1
             if self._fd is None:
                 self._open()
             if self._good_size > 0 and self._good_size + len(line) > self.cfg.max_bytes:
@@ -102,6 +127,14 @@ class ResultLog(Output):
             raise OutputError(f"result log {self.path}: frame {result.frame_id} not logged: {reason}") from exc
 
     # -- internals -------------------------------------------------------------------------------------------
+    def _replaced(self) -> bool:
+        """True when the path no longer names the open file (renamed, deleted or replaced by someone else)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (st.st_dev, st.st_ino) != self._inode
+
     def _open(self) -> None:
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)

@@ -2,7 +2,9 @@
 
 Line protocol (ASCII, fields separated by one space, every line ends with CR LF):
 
-    RES <frame_id> <OK|NG|FAULT> <score> <norm>   one inspected (or not inspected) part
+    RES <frame_id> <OK|NG|REVIEW|FAULT> <score> <norm>
+                                                  one inspected (or not inspected) part; REVIEW: the score is
+                                                  in the review band, a person re-checks the part (not a pass)
                                                   score: raw image score, 4 decimals ("12.3457");
                                                   norm: normalised score, 3 decimals, 0.500 at the threshold;
                                                   either is "-" when the part was not inspected (FAULT)
@@ -11,13 +13,24 @@ Line protocol (ASCII, fields separated by one space, every line ends with CR LF)
     ERR 0                                         the fault cleared
     HB <n>                                        heartbeat, n counts 0..65535 and wraps
 
-From the PLC (only with `accept_trigger: true` and a `software` trigger): `TRG` captures and inspects one part.
+From the PLC (only with `accept_trigger: true`): `TRG` captures and inspects one part (with a `software`
+trigger); `ACK` acknowledges the last verdict, which withdraws it on the handshake outputs (GPIO level mode,
+Modbus). Received bytes are buffered across reads and split at CR or LF, so a command split by a read timeout
+still arrives whole; bytes that are not printable ASCII are discarded (and logged, escaped), so noise on the
+line before a command does not hide it; a line that is not a command is logged and ignored; a line longer than
+128 bytes without CR/LF is discarded up to the next line end. A failing read reopens the port (and its reader);
+an exception in the handler is logged and counted, and the reader goes on.
+
+Writes happen on the output bus's worker thread for this output (it is `slow`), with `timeout` as the write
+timeout: a PLC that stops reading never stalls the inspection loop; what could not be written is counted
+(edge_output_dropped_total, edge_output_late_total) and logged.
 
 Only RES <id> OK means a pass: a PLC that misses a line, reads FAULT or times out must treat the part as not-OK.
 After the port comes back (USB-serial unplugged and replugged), RDY and ERR are sent again so the PLC resyncs.
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -27,7 +40,44 @@ from typing import Callable, Literal
 from edge_runtime.outputs.base import Output, OutputError
 from edge_runtime.records import InspectionResult
 
+log = logging.getLogger(__name__)
+
 _REASON_MAX = 64
+_RX_LINE_MAX = 128      # longest line accepted from the PLC
+_LOG_BYTES_MAX = 64     # discarded bytes shown in a log message
+
+
+def escape_bytes(data: bytes, limit: int = _LOG_BYTES_MAX) -> str:
+    """Bytes as printable ASCII for a log line (\\xNN escapes), cut at `limit` bytes with the total noted."""
+    shown = data[:limit].decode("ascii", "backslashreplace")
+    shown = "".join(ch if 32 <= ord(ch) < 127 else f"\\x{ord(ch):02x}" for ch in shown)
+    return shown + (f"...({len(data)} bytes)" if len(data) > limit else "")
+
+
+def split_received(buffer: bytearray) -> tuple[list[str], list[bytes]]:
+    """Take complete lines out of `buffer` (in place): (command lines as text, discarded bytes for the log).
+
+    A line ends at CR or LF. Within a line, bytes that are not printable ASCII are discarded. A partial line
+    stays in the buffer for the next read unless it is longer than _RX_LINE_MAX, then it is discarded."""
+    lines: list[str] = []
+    discarded: list[bytes] = []
+    while True:
+        ends = [i for i in (buffer.find(b"\r"), buffer.find(b"\n")) if i >= 0]
+        if not ends:
+            break
+        end = min(ends)
+        raw = bytes(buffer[:end])
+        del buffer[:end + 1]
+        kept = bytes(b for b in raw if 32 <= b < 127)
+        if len(kept) != len(raw):
+            discarded.append(bytes(b for b in raw if not 32 <= b < 127))
+        text = kept.decode("ascii").strip()
+        if text:
+            lines.append(text)
+    if len(buffer) > _RX_LINE_MAX:
+        discarded.append(bytes(buffer))
+        buffer.clear()
+    return lines, discarded
 
 
 @dataclass(kw_only=True)
@@ -38,7 +88,7 @@ class SerialConfig:
     timeout: float = 1.0                # write timeout in seconds: a stalled port raises instead of blocking
     reconnect_interval_s: float = 2.0   # at most one reopen attempt per interval while the port is gone
     heartbeat_interval_s: float = 1.0   # HB lines at most this often (heartbeat() is called every loop)
-    accept_trigger: bool = False        # a "TRG" line from the PLC fires the station's software trigger
+    accept_trigger: bool = False        # read lines from the PLC: "TRG" fires the software trigger, "ACK" acks
 
     def validate(self) -> None:
         if not self.port:
@@ -72,6 +122,8 @@ def result_line(result: InspectionResult) -> str:
 class SerialOutput(Output):
     """Writes the line protocol to a serial port; reconnects on its own when the port comes back."""
 
+    slow = True  # a stalled port blocks for up to `timeout`: the output bus drives it from a worker thread
+
     def __init__(self, cfg: SerialConfig, on_line: Callable[[str], object] | None = None) -> None:
         self.cfg = cfg
         # Lines received from the PLC go here (the daemon passes SoftwareTrigger.handle_line for "TRG").
@@ -86,6 +138,9 @@ class SerialOutput(Output):
         self._last_heartbeat: float | None = None
         self._closed = False
         self._open_error = "not opened"  # why the port is not connected, for error messages
+        self._lock = threading.RLock()       # the writer and the receiver both may drop a vanished port
+        self.rx_errors = 0                   # receive failures and handler exceptions (each logged)
+        self.rx_discarded_bytes = 0          # noise and unknown lines from the PLC (each logged)
 
     @property
     def connected(self) -> bool:
@@ -195,16 +250,53 @@ class SerialOutput(Output):
             self._last_attempt = time.monotonic()
             raise OutputError(f"serial {self.cfg.port}: write failed, port marked disconnected: {exc}") from exc
 
+    def counters(self) -> dict[str, int]:
+        """Monotonic counters for /metrics."""
+        return {"serial_rx_errors": self.rx_errors, "serial_rx_discarded_bytes": self.rx_discarded_bytes}
+
     def _read_lines(self, port) -> None:
-        """Receiver thread for one connection: it ends when the port is closed, replaced or vanishes."""
+        """Receiver thread for one connection: it ends when the port is closed, replaced or vanishes.
+
+        A failing read drops the port (the next heartbeat reopens it, which starts a new receiver); any other
+        exception is logged and counted and the receiver goes on with an empty buffer."""
+        buffer = bytearray()
         while self._serial is port:
             try:
-                raw = port.readline()  # returns after cfg.timeout with b"" when the PLC is quiet
-            except Exception:  # noqa: BLE001 - a vanished port fails in driver-specific ways; the writer reconnects
-                return
-            line = raw.decode("ascii", "replace").strip()
-            if line and self.on_line is not None:
-                self.on_line(line)
+                try:
+                    # read() returns what arrived, or b"" after cfg.timeout when the PLC is quiet
+                    chunk = port.read(max(1, getattr(port, "in_waiting", 0) or 0))
+                except Exception as exc:  # noqa: BLE001 - a vanished port fails in driver-specific ways
+                    if self._serial is port:
+                        self.rx_errors += 1
+                        log.error("serial %s: receive failed, reopening the port: %s", self.cfg.port, exc)
+                        self._drop(port, f"receive failed: {exc}")
+                    return
+                if not chunk:
+                    continue
+                buffer += chunk
+                lines, discarded = split_received(buffer)
+                for junk in discarded:
+                    self.rx_discarded_bytes += len(junk)
+                    log.warning("serial %s: discarded %d byte(s) from the PLC: %s", self.cfg.port, len(junk),
+                                escape_bytes(junk))
+                for line in lines:
+                    handled = self.on_line(line) if self.on_line is not None else False
+                    if not handled:
+                        self.rx_discarded_bytes += len(line)
+                        log.warning("serial %s: ignored unknown line from the PLC: %s", self.cfg.port,
+                                    escape_bytes(line.encode("ascii")))
+            except Exception:  # noqa: BLE001 - a bug in a handler must not silently end the receiver
+                self.rx_errors += 1
+                buffer.clear()
+                log.exception("serial %s: receiving from the PLC failed; the receiver continues", self.cfg.port)
+
+    def _drop(self, port, reason: str) -> None:
+        """Forget `port` if it is still the current one (the receiver saw it fail)."""
+        with self._lock:
+            if self._serial is port:
+                self._open_error = reason
+                self._disconnect()
+                self._last_attempt = time.monotonic()
 
     def _disconnect(self) -> None:
         port, self._serial = self._serial, None

@@ -110,3 +110,22 @@ def test_bench_run_never_imports_torch(small_bundle):
             f"rc = main([{str(small_bundle)!r}, '--frames', '1', '--warmup', '0']); "
             "sys.exit(3 if 'torch' in sys.modules else rc)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_review_verdicts_are_counted(small_bundle, monkeypatch):
+    """A bundle with a review band yields REVIEW parts; the bench counts them instead of failing on them."""
+    from edge_runtime import bench
+    from edge_runtime.records import Verdict
+
+    real_inspect = bench.Pipeline.inspect
+
+    def inspect_with_band(self, frame):
+        result = real_inspect(self, frame)
+        if frame.frame_id % 2:
+            result.verdict = Verdict.REVIEW   # stands in for a score in the band until fit writes one
+        return result
+
+    monkeypatch.setattr(bench.Pipeline, "inspect", inspect_with_band)
+    report = run_bench(small_bundle, frames=6, warmup=1)
+    assert report["verdicts"]["REVIEW"] == 3 and sum(report["verdicts"].values()) == 6
+    assert "3 REVIEW" in bench.format_table(report)

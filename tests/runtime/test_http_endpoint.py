@@ -135,15 +135,26 @@ def test_trigger_forbidden_unless_allowed(serve):
     ep = serve(trigger=trig)  # allow_trigger defaults to false
     code, _, _ = request(ep, "/trigger", method="POST", data=b"")
     assert code == 403
-    assert trig.wait(0.0) is False
+    assert trig.wait(0.0) is None
 
 
-def test_trigger_fires_when_allowed(serve):
+def test_trigger_fires_when_allowed(serve, station):
+    station.status = StationStatus(state="ready")
     trig = SoftwareTrigger()
     ep = serve(trigger=trig, allow_trigger=True)
     code, _, body = request(ep, "/trigger", method="POST", data=b"{}")
     assert code == 202 and json.loads(body) == {"triggered": True}
-    assert trig.wait(0.0) is True
+    assert trig.wait(0.0) is not None
+
+
+def test_trigger_is_503_and_not_fired_while_the_station_is_not_ready(serve, station):
+    trig = SoftwareTrigger()
+    ep = serve(trigger=trig, allow_trigger=True)
+    for state, reason in (("not_ready", "loading bundle"), ("fault", "source: camera unplugged")):
+        station.status = StationStatus(state=state, reason=reason)
+        code, _, body = request(ep, "/trigger", method="POST", data=b"")
+        assert code == 503 and json.loads(body)["triggered"] is False and reason in json.loads(body)["error"]
+    assert trig.wait(0.0) is None and trig.fired == 0, "a trigger the station cannot serve is not queued"
 
 
 def test_trigger_allowed_but_station_not_software_triggered(serve):
@@ -159,7 +170,7 @@ def test_unknown_paths_and_methods(serve):
     assert request(ep, "/healthz", method="POST", data=b"")[0] == 404
     assert request(ep, "/trigger")[0] == 404           # GET does not fire
     assert request(ep, "/trigger", method="DELETE")[0] == 501
-    assert trig.wait(0.0) is False
+    assert trig.wait(0.0) is None
 
 
 def test_port_is_exposed_and_stop_frees_it(station):

@@ -20,16 +20,16 @@ from edge_runtime.triggers import (
 def test_free_run_always_captures():
     trig = build_trigger(convert({"type": "free_run"}, TriggerConfig, "trigger"))
     assert isinstance(trig, FreeRunTrigger) and trig.is_free_run
-    assert trig.wait(0.0) and trig.wait(0.0)
+    assert trig.wait(0.0) is not None and trig.wait(0.0) is not None
 
 
 def test_software_trigger_waits_until_fired():
     trig = build_trigger(SoftwareTriggerConfig())
     assert isinstance(trig, SoftwareTrigger) and not trig.is_free_run
-    assert trig.wait(0.0) is False
+    assert trig.wait(0.0) is None
     trig.fire()
-    assert trig.wait(0.0) is True
-    assert trig.wait(0.0) is False  # one fire, one capture
+    assert trig.wait(0.0) is not None
+    assert trig.wait(0.0) is None  # one fire, one capture
 
 
 def test_software_trigger_fired_from_another_thread():
@@ -43,7 +43,7 @@ def test_software_trigger_fired_from_another_thread():
     t = threading.Thread(target=fire_later)
     t.start()
     started.set()
-    assert trig.wait(10.0) is True  # wakes on fire(), long before the timeout
+    assert trig.wait(10.0) is not None  # wakes on fire(), long before the timeout
     t.join()
 
 
@@ -52,8 +52,8 @@ def test_software_trigger_coalesces_and_counts_overruns():
     trig.fire()
     trig.fire()
     trig.fire()
-    assert trig.wait(0.0) is True
-    assert trig.wait(0.0) is False
+    assert trig.wait(0.0) is not None
+    assert trig.wait(0.0) is None
     assert trig.fired == 3 and trig.overruns == 2
 
 
@@ -61,7 +61,7 @@ def test_serial_trg_line_fires():
     trig = SoftwareTrigger()
     assert trig.handle_line("  trg\r\n") is True
     assert trig.handle_line("STATUS") is False
-    assert trig.wait(0.0) is True and trig.wait(0.0) is False
+    assert trig.wait(0.0) is not None and trig.wait(0.0) is None
 
 
 def test_gpio_trigger_with_fake_line():
@@ -76,11 +76,11 @@ def test_gpio_trigger_with_fake_line():
     trig = build_trigger(cfg, line_factory=factory)
     assert isinstance(trig, GpioTrigger)
     trig.open()
-    assert trig.wait(0.0) is False
+    assert trig.wait(0.0) is None
     lines[0].push_edge()
-    assert trig.wait(0.0) is True
+    assert trig.wait(0.0) is not None
     lines[0].push_edge(3)          # three parts while the loop was busy: one capture, two overruns
-    assert trig.wait(0.0) is True
+    assert trig.wait(0.0) is not None
     assert trig.edges == 4 and trig.overruns == 2
     trig.close()
     assert lines[0].closed
@@ -91,7 +91,7 @@ def test_gpio_edge_from_another_thread_wakes_wait():
     trig = GpioTrigger(GpioTriggerConfig(line=4), line_factory=lambda cfg: line)
     t = threading.Thread(target=line.push_edge)
     t.start()
-    assert trig.wait(10.0) is True
+    assert trig.wait(10.0) is not None
     t.join()
 
 
@@ -117,3 +117,43 @@ def test_gpio_config_validation():
         convert({"type": "gpio", "line": 1, "debounce_ms": -1}, TriggerConfig, "trigger")
     with pytest.raises(ConfigError, match="edge"):
         convert({"type": "gpio", "line": 1, "edge": "up"}, TriggerConfig, "trigger")
+
+
+def test_software_trigger_events_carry_their_time_and_the_triggers_folded_into_them():
+    import time
+
+    trig = SoftwareTrigger()
+    before = time.monotonic()
+    trig.fire()
+    trig.fire()
+    trig.fire(at=before + 100.0)
+    event = trig.wait(0.0)
+    assert event.at == before + 100.0, "the newest trigger is the part in front of the camera"
+    assert event.missed == 2, "the two earlier parts are reported, to be answered FAULT"
+    assert trig.wait(0.0) is None and trig.drain() == []
+    trig.fire(at=before)
+    assert event.age_ms(before + 100.25) == pytest.approx(250.0)
+    assert [e.at for e in trig.drain()] == [before]
+
+
+def test_triggers_expire_by_default_and_max_age_is_validated():
+    assert build_trigger(SoftwareTriggerConfig()).max_age_ms == 250.0
+    assert build_trigger(convert({"type": "software", "max_age_ms": 80}, TriggerConfig, "trigger")).max_age_ms == 80
+    assert FreeRunTrigger().max_age_ms is None
+    with pytest.raises(ConfigError, match=r"max_age_ms: must be > 0"):
+        convert({"type": "software", "max_age_ms": 0}, TriggerConfig, "trigger")
+    with pytest.raises(ConfigError, match=r"max_age_ms"):
+        convert({"type": "gpio", "line": 1, "max_age_ms": -5}, TriggerConfig, "trigger")
+
+
+def test_gpio_trigger_uses_the_edge_timestamp_and_drains_only_an_open_line():
+    line = FakeEdgeLine()
+    trig = GpioTrigger(GpioTriggerConfig(line=4, max_age_ms=100), line_factory=lambda cfg: line)
+    assert trig.drain() == [], "a closed line keeps no edges"
+    trig.open()
+    line.push_edge(at=10.0)
+    line.push_edge(at=10.5)
+    event = trig.wait(0.0)
+    assert (event.at, event.missed) == (10.5, 1) and trig.max_age_ms == 100
+    line.push_edge(at=11.0)
+    assert [e.at for e in trig.drain()] == [11.0]

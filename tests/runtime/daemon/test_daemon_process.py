@@ -196,3 +196,79 @@ def test_invalid_station_file_exits_2_naming_file_and_key(small_bundle, write_st
     assert proc.wait(60) == 2
     output = proc.stdout.read().decode()
     assert f"{station}: inference.precision: expected one of 'int8', 'fp32', got 'int4'" in output
+
+
+class PlcPty:
+    """The PLC end of a pty the daemon's serial output writes RES lines to; survives the daemon being killed."""
+
+    def __init__(self) -> None:
+        import tty
+
+        self.master, self._slave = os.openpty()   # keeping the slave open: no EIO while no daemon holds it
+        tty.setraw(self.master)
+        tty.setraw(self._slave)
+        self.port = os.ttyname(self._slave)
+        self._buffer = b""
+        self.lines: list[str] = []
+
+    def read_until(self, done, timeout: float = 60.0) -> None:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while not done(self.lines):
+            assert time.monotonic() < deadline, f"PLC saw only {self.lines[-5:]}"
+            ready, _, _ = select.select([self.master], [], [], 0.2)
+            if ready:
+                self._buffer += os.read(self.master, 65536)
+                *complete, self._buffer = self._buffer.split(b"\r\n")
+                self.lines += [c.decode("ascii", "replace") for c in complete]
+
+    def res_ids(self) -> list[int]:
+        return [int(line.split()[1]) for line in self.lines if line.startswith("RES ")]
+
+    def close(self) -> None:
+        os.close(self.master)
+        os.close(self._slave)
+
+
+def test_frame_ids_are_never_reused_across_kill_9_without_a_result_log(small_bundle, flange_test_folder,
+                                                                         write_station, tmp_path, spawn):
+    plc = PlcPty()
+    try:
+        # No result log and no state_dir in the file: the default state folder keeps the counter.
+        station = write_station(source={"type": "folder", "path": str(flange_test_folder[0]), "loop": True},
+                                bundle=small_bundle, recovery={"exit_when_exhausted": False},
+                                outputs=[{"type": "serial", "port": plc.port, "heartbeat_interval_s": 60}])
+        seen = 0
+        for _ in range(3):
+            proc = spawn(station)
+            plc.read_until(lambda lines: sum(line.startswith("RES ") for line in lines) >= seen + 5)
+            proc.kill()                             # kill -9: no clean shutdown, no counter save
+            proc.wait(30)
+            seen = len(plc.res_ids())
+        ids = plc.res_ids()
+        assert len(ids) == len(set(ids)), f"ids sent twice after a crash: {sorted(i for i in set(ids) if ids.count(i) > 1)}"
+        assert (tmp_path / "state" / "next_frame_id").exists()
+    finally:
+        plc.close()
+
+
+def test_sigusr1_reopens_the_result_log_after_logrotate(small_bundle, flange_test_folder, write_station, tmp_path,
+                                                       notifications, spawn, read_log):
+    station = write_station(bundle=small_bundle, source={"type": "folder", "path": str(flange_test_folder[0]),
+                                                         "loop": True},
+                            recovery={"exit_when_exhausted": False},
+                            outputs=[{"type": "result_log", "path": "results.jsonl"}])
+    proc = spawn(station)
+    log_path = tmp_path / "results.jsonl"
+    wait_for_lines(log_path, 3, proc)
+    os.rename(log_path, tmp_path / "results.jsonl.1")         # logrotate: rename, create, then postrotate
+    log_path.touch()
+    proc.send_signal(signal.SIGUSR1)
+    wait_for_lines(log_path, 3, proc)                         # the daemon lives on and writes the new file
+    rc, output = stop(proc)
+    assert rc == 0, output
+    old, new = read_log(tmp_path / "results.jsonl.1"), read_log(log_path)
+    ids = [r["frame_id"] for r in old + new]
+    assert ids == list(range(len(ids))), "every record in exactly one of the two files, in order"
+    assert "SIGUSR1: reopening log files" in output

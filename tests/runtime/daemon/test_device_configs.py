@@ -128,3 +128,18 @@ def test_unusable_values_name_the_file(tmp_path):
     path = write(tmp_path, "bundle: b\nsource: {type: folder, path: f}\nname: 2001-13-45\n")
     with pytest.raises(ConfigError, match=rf"^{path}: not a usable YAML document"):
         load_station(path)
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_shipped_gpio_gives_every_part_its_own_signal(board):
+    """Level mode without a RESULT_VALID strobe lets a PLC sampling levels take part N's OK for part N+1."""
+    cfg = load_station(DEVICE_CONFIGS / f"{board}.yaml")
+    for gpio in (o for o in cfg.outputs if isinstance(o, GpioConfig)):
+        assert gpio.pulse_ms > 0 or gpio.result_valid is not None, f"{board}: no per-part edge"
+        assert gpio.review is not None or gpio.review_drives_ng(), f"{board}: REVIEW would show on no line"
+    text = (DEVICE_CONFIGS / f"{board}.yaml").read_text()
+    assert "pulse_ms: 0 " not in text and "latches on the frame's OK/NG edge" not in text
+    for log in (o for o in cfg.outputs if isinstance(o, ResultLogConfig)):
+        assert log.on_record_failure in ("fault", "halt")
+    for store in (o for o in cfg.outputs if isinstance(o, NgImageStoreConfig)):
+        assert store.min_free_mb > 0

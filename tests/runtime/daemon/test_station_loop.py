@@ -222,6 +222,7 @@ def test_software_trigger_drains_and_faults_parts_it_could_not_inspect(small_bun
     time.sleep(0.3)
     assert rec.results == [] and camera.read_calls == 0, "no capture without a trigger"
     for n in range(1, 5):
+        wait_until(lambda: running.station.status().state == "ready", what="READY before the next part")
         trigger.fire()
         wait_until(lambda: len(rec.results) >= n, what=f"result {n}")
     assert running.stop() == 0

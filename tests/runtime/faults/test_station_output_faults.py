@@ -101,24 +101,18 @@ def test_result_log_disk_full_mid_run_loses_only_the_frames_it_reported(small_bu
     full_for = {5, 6, 7}          # frame ids published while the disk is full
     real_write = os.write
 
-    class DiskFullWindow(Output):
-        """Placed before the log: switches the simulated full disk on and off by frame id."""
-
-        name = "disk-full-window"
-        current = -1
-
-        def publish(self, result) -> None:
-            DiskFullWindow.current = result.frame_id
-
     def write(fd, data):
-        if fd == log._fd and DiskFullWindow.current in full_for:
+        if fd == log._fd and json.loads(bytes(data))["frame_id"] in full_for:
             real_write(fd, bytes(data[:7]))         # part of the record lands, as on a real full disk
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", write)
-    station = run_station(small_bundle, frames, [DiskFullWindow(), log, healthy])
-    check_results(healthy.results, expect)
+    station = run_station(small_bundle, frames, [log, healthy])
+    # A part whose record could not be written is FAULT on the line (never OK): the PLC gets nothing the log lacks.
+    check_results(healthy.results, [Verdict.FAULT if i in full_for else want for i, want in enumerate(expect)])
+    assert all("not recorded" in r.error or expect[r.frame_id] is Verdict.FAULT
+               for r in healthy.results if r.frame_id in full_for)
     lines = path.read_text().splitlines()
     records = [json.loads(line) for line in lines]          # every line parses: the torn records were cut off
     assert [r["frame_id"] for r in records] == [i for i in range(len(frames)) if i not in full_for]

@@ -13,6 +13,7 @@ from edge_runtime.outputs.gpio_output import FakeGpioLines, GpioConfig, GpioLine
 from edge_runtime.records import InspectionResult, Verdict
 
 OK, NG, READY, ERROR, HB = 1, 2, 3, 4, 5
+REVIEW, BUSY, VALID, ACK = 6, 7, 8, 9
 
 
 def make_result(frame_id: int, verdict: Verdict) -> InspectionResult:
@@ -26,7 +27,7 @@ def make_result(frame_id: int, verdict: Verdict) -> InspectionResult:
 
 def make_config(**overrides) -> GpioConfig:
     cfg = dict(ok=GpioLine(offset=OK), ng=GpioLine(offset=NG), ready=GpioLine(offset=READY),
-               error=GpioLine(offset=ERROR, active_low=True), heartbeat=GpioLine(offset=HB))
+               error=GpioLine(offset=ERROR, active_low=True), heartbeat=GpioLine(offset=HB), pulse_ms=0)
     cfg.update(overrides)
     return GpioConfig(**cfg)
 
@@ -195,6 +196,95 @@ def test_publish_from_two_threads_keeps_ok_and_ng_exclusive():
     for t in threads:
         t.join()
     assert not any(snapshot.get(OK) and snapshot.get(NG) for snapshot in lines.history)
+    out.close()
+
+
+# -- per-part handshake ---------------------------------------------------------------------------------------
+
+
+def handshake_output(**overrides) -> tuple[GpioOutput, FakeGpioLines]:
+    lines = FakeGpioLines()
+    cfg = dict(review=GpioLine(offset=REVIEW), busy=GpioLine(offset=BUSY), result_valid=GpioLine(offset=VALID))
+    cfg.update(overrides)
+    out = GpioOutput(make_config(**cfg), lines)
+    out.start()
+    out.set_ready(True)
+    return out, lines
+
+
+def test_level_mode_gives_every_part_its_own_edge_and_withdraws_ok_while_the_next_is_captured():
+    out, lines = handshake_output(pulse_ms=0)
+    for frame_id in range(3):               # three OK parts in a row
+        out.begin_part(frame_id)
+        assert lines.state[OK] is False and lines.state[VALID] is False and lines.state[BUSY] is True, \
+            "while the next part is captured no verdict stands"
+        out.publish(make_result(frame_id, Verdict.OK))
+        assert lines.state[OK] is True and lines.state[VALID] is True and lines.state[BUSY] is False
+    ok_levels = [snapshot[OK] for snapshot in lines.history]
+    rising_edges = sum(1 for a, b in zip(ok_levels, ok_levels[1:]) if not a and b)
+    assert rising_edges == 3, "one OK edge per part"
+    for snapshot in lines.history:
+        if snapshot[VALID]:
+            assert not snapshot[BUSY] and sum(snapshot[r] for r in (OK, NG, REVIEW)) == 1, \
+                "RESULT_VALID only ever shows one settled verdict, never BUSY"
+    out.close()
+
+
+def test_result_valid_rises_after_the_verdict_lines_and_falls_before_them():
+    out, lines = handshake_output(pulse_ms=0)
+    out.begin_part(1)
+    out.publish(make_result(1, Verdict.NG))
+    out.begin_part(2)
+    sets = [e[1] for e in lines.events if e[0] == "set" and (VALID in e[1] or NG in e[1])]
+    rise = next(i for i, v in enumerate(sets) if v.get(VALID) is True)
+    fall = next(i for i, v in enumerate(sets) if i > rise and v.get(VALID) is False)
+    assert sets[rise - 1].get(NG) is True and NG not in sets[rise], "verdict first, then RESULT_VALID"
+    assert NG not in sets[fall] and sets[fall + 1].get(NG) is False, "RESULT_VALID drops first, then the verdict"
+    out.close()
+
+
+def test_ack_input_from_the_plc_withdraws_the_verdict():
+    out, lines = handshake_output(pulse_ms=0, ack=GpioLine(offset=ACK))
+    assert ACK in lines.watched and ACK not in lines.state, "ACK is an input, not driven"
+    out.begin_part(1)
+    out.publish(make_result(1, Verdict.OK))
+    assert lines.state[OK] and lines.state[VALID]
+    lines.press(ACK)
+    assert lines.state[OK] is False and lines.state[VALID] is False and out.acks == 1
+    assert lines.state[READY] is True
+    out.close()
+
+
+def test_pulse_mode_is_the_default_and_the_strobe_ends_with_the_pulse():
+    assert GpioConfig().pulse_ms > 0, "pulse mode by default: no verdict level outlives its part"
+    out, lines = handshake_output(pulse_ms=20)
+    out.begin_part(1)
+    out.publish(make_result(1, Verdict.OK))
+    deadline = time.monotonic() + 5.0
+    while (lines.state[OK] or lines.state[VALID]) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert lines.state[OK] is False and lines.state[VALID] is False
+    out.close()
+
+
+@pytest.mark.parametrize("config, review, ng", [
+    ({}, True, False),                                   # a REVIEW line: REVIEW only
+    ({"review_as_ng": True}, True, True),                # and NG too when asked
+    ({"review": None}, None, True),                      # no REVIEW line: NG, so an OK/NG-only PLC rejects it
+    ({"review": None, "review_as_ng": False}, None, False),
+])
+def test_review_never_drives_ok(config, review, ng):
+    out, lines = handshake_output(pulse_ms=0, **config)
+    out.begin_part(1)
+    out.publish(make_result(1, Verdict.OK))
+    out.begin_part(2)
+    out.publish(make_result(2, Verdict.REVIEW))
+    assert lines.state[OK] is False and lines.state[NG] is ng
+    if review is not None:
+        assert lines.state[REVIEW] is True
+    assert lines.state[VALID] is True
+    after = lines.history[[i for i, e in enumerate(lines.events) if e[0] == "set" and e[1].get(BUSY) is True][-1]:]
+    assert not any(snapshot[OK] for snapshot in after), "OK is never asserted for the REVIEW part"
     out.close()
 
 

@@ -93,6 +93,38 @@ def test_fault_and_not_ready_drop_ok(server, client):
     assert c[0] is False and c[2] is False and r[0] == 0
 
 
+def all_coils(client) -> list[bool]:
+    response = client.read_coils(0, count=6, device_id=UNIT)
+    assert not response.isError(), response
+    return response.bits[:6]
+
+
+def test_review_is_its_own_coil_and_verdict_3_never_ok(server, client):
+    server.set_ready(True)
+    server.begin_part(1)
+    server.publish(make_result(1, Verdict.OK))
+    server.begin_part(2)
+    server.publish(make_result(2, Verdict.REVIEW, 1.9, 0.475))
+    ok, ng, ready, error, review, busy = all_coils(client)
+    assert (ok, ng, review, busy) == (False, False, True, False), "REVIEW: its own coil, never OK"
+    assert registers(client)[:5] == [3, 0, 2, 1900, 475]
+
+
+def test_begin_part_withdraws_the_verdict_and_shows_busy_until_the_new_one(server, client):
+    server.set_ready(True)
+    server.begin_part(1)
+    server.publish(make_result(1, Verdict.OK))
+    assert all_coils(client)[0] is True
+    server.begin_part(2)
+    ok, ng, ready, error, review, busy = all_coils(client)
+    assert (ok, ng, review, busy, ready) == (False, False, False, True, True)
+    assert registers(client)[:3] == [0, 0, 1], "verdict withdrawn; the frame id changes only with the new verdict"
+    server.publish(make_result(2, Verdict.OK))
+    assert all_coils(client)[5] is False and registers(client)[:3] == [1, 0, 2]
+    server.acknowledge()
+    assert all_coils(client)[0] is False and registers(client)[0] == 0, "an ACK withdraws the verdict"
+
+
 def test_discrete_and_input_registers_mirror_the_state(server, client):
     server.set_ready(True)
     server.publish(make_result(5, Verdict.NG, 3.0, 0.75))

@@ -164,3 +164,43 @@ def test_bad_config_is_rejected():
         NgImageStoreConfig(dir="x", max_files=1).validate()
     with pytest.raises(ValueError, match="jpeg_quality"):
         NgImageStoreConfig(dir="x", jpeg_quality=0).validate()
+
+
+def test_review_frames_are_kept_for_the_recheck(tmp_path):
+    s = store(tmp_path)
+    s.publish(make_result(3, Verdict.REVIEW))
+    names = files(tmp_path)
+    assert len(names) == 2 and all("_f3_REVIEW_" in n for n in names)
+    s2 = store(tmp_path)                                # its own files are recognised after a restart
+    assert len(s2._files) == 2
+    s3 = store(tmp_path, dir=str(tmp_path / "other"), save_review=False)
+    s3.publish(make_result(4, Verdict.REVIEW))
+    assert os.listdir(tmp_path / "other") == []
+
+
+def test_free_space_floor_deletes_own_oldest_then_refuses(tmp_path, monkeypatch):
+    """The store never takes the file system below min_free_mb, whatever its own limits allow."""
+    import edge_runtime.outputs.ng_image_store as module
+
+    floor = int(9.99 * 2**20)
+    capacity = {"bytes": floor + 10 * 2**20}            # a small file system: what is free = capacity - our files
+
+    def used() -> int:
+        return sum(os.path.getsize(tmp_path / "ng" / n) for n in os.listdir(tmp_path / "ng"))
+
+    class Usage:
+        def __init__(self, path):
+            self.free = capacity["bytes"] - used()
+
+    monkeypatch.setattr(module.shutil, "disk_usage", Usage)
+    s = store(tmp_path, min_free_mb=9.99, max_files=1000)
+    s.publish(make_result(1, Verdict.NG))
+    assert len(files(tmp_path)) == 2
+    capacity["bytes"] = used() + floor + 10              # the floor is almost reached: a new image needs room
+    s.publish(make_result(2, Verdict.NG))
+    assert not any("_f1_" in n for n in files(tmp_path)), "its own oldest images went to make room"
+    assert any("_f2_" in n for n in files(tmp_path))
+    capacity["bytes"] = 5 * 2**20                        # someone else filled the disk: nothing of ours can help
+    with pytest.raises(OutputError, match=r"not saved: .* MiB free .*min_free_mb is 9.99"):
+        s.publish(make_result(3, Verdict.NG))
+    assert not any("_f3_" in n for n in files(tmp_path)) and s.refused_low_space == 1

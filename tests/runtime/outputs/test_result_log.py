@@ -198,3 +198,55 @@ def test_config_validation():
         ResultLogConfig(path="x", max_bytes=10).validate()
     with pytest.raises(ValueError, match="backups"):
         ResultLogConfig(path="x", backups=-1).validate()
+
+
+def test_review_record_carries_its_verdict_and_the_review_threshold(tmp_path):
+    log = ResultLog(ResultLogConfig(path=str(tmp_path / "r.jsonl")))
+    log.start()
+    result = make_result(4, Verdict.REVIEW, score=1.9)
+    result.review_threshold = 1.5
+    log.publish(result)
+    log.close()
+    (record,) = read_records(tmp_path / "r.jsonl")
+    assert record["verdict"] == "REVIEW" and record["review_threshold"] == 1.5 and record["threshold"] == 2.0
+
+
+def test_external_rotation_rename_and_create_is_detected_on_the_next_write(tmp_path):
+    """logrotate without copytruncate: rename the live file, create a new empty one, never tell the writer."""
+    path = tmp_path / "results.jsonl"
+    log = ResultLog(ResultLogConfig(path=str(path)))
+    log.start()
+    log.publish(make_result(1))
+    os.rename(path, tmp_path / "results.jsonl.1")
+    path.touch()
+    log.publish(make_result(2))
+    log.publish(make_result(3))
+    os.rename(path, tmp_path / "results.jsonl.2")      # rotated again, this time no new file is created
+    log.publish(make_result(4))
+    log.close()
+    assert [r["frame_id"] for r in read_records(tmp_path / "results.jsonl.1")] == [1]
+    assert [r["frame_id"] for r in read_records(tmp_path / "results.jsonl.2")] == [2, 3]
+    assert [r["frame_id"] for r in read_records(path)] == [4], "no record went into a renamed file"
+    assert log.reopened == 2
+
+
+def test_reopen_on_request_switches_to_the_new_file(tmp_path):
+    path = tmp_path / "results.jsonl"
+    log = ResultLog(ResultLogConfig(path=str(path)))
+    log.start()
+    log.publish(make_result(1))
+    os.rename(path, tmp_path / "old.jsonl")
+    log.reopen()                                       # SIGUSR1 from logrotate's postrotate
+    assert path.exists(), "reopen creates the new file at once"
+    log.publish(make_result(2))
+    log.close()
+    assert [r["frame_id"] for r in read_records(path)] == [2]
+
+
+def test_a_real_enospc_from_the_kernel_is_an_output_error_naming_the_frame():
+    """/dev/full answers every write with ENOSPC: the disk-full path without filling a disk."""
+    log = ResultLog(ResultLogConfig(path="/dev/full", fsync="never"))
+    log.start()
+    with pytest.raises(OutputError, match=r"/dev/full: frame 9 not logged: disk full"):
+        log.publish(make_result(9))
+    log.close()

@@ -1,8 +1,10 @@
 """SerialOutput over a real pseudo-terminal pair: the line protocol, the port vanishing and coming back."""
 from __future__ import annotations
 
+import logging
 import os
 import select
+import time
 import tty
 
 import pytest
@@ -78,10 +80,10 @@ def new_pty(link):
         pty_end.close()
 
 
-def make_output(link: str, **overrides) -> SerialOutput:
+def make_output(link: str, on_line=None, **overrides) -> SerialOutput:
     cfg = dict(port=link, baudrate=115200, timeout=1.0, reconnect_interval_s=0.0, heartbeat_interval_s=0.0)
     cfg.update(overrides)
-    return SerialOutput(SerialConfig(**cfg))
+    return SerialOutput(SerialConfig(**cfg), on_line=on_line)
 
 
 def test_protocol_lines(link, new_pty):
@@ -212,5 +214,107 @@ def test_station_wires_accept_trigger_serial_outputs_to_the_software_trigger(lin
                                        "outputs": [{"type": "serial", "port": link, "accept_trigger": True},
                                                    {"type": "serial", "port": link + "2"}]}, "station.yaml")
     station = Station(cfg)
-    assert station.outputs[0].on_line == station.trigger.handle_line
     assert station.outputs[1].on_line is None
+    assert station.outputs[0].on_line("trg") is True and station.trigger.wait(0.0) is not None
+    assert station.outputs[0].on_line("HELLO") is False and station.trigger.wait(0.0) is None
+
+
+def test_review_verdict_is_its_own_token_never_ok(link, new_pty):
+    plc = new_pty()
+    out = make_output(link)
+    out.start()
+    plc.read_lines(2)
+    out.publish(make_result(7, Verdict.REVIEW, 1.9, 0.475))
+    (line,) = plc.read_lines(1)
+    assert line == "RES 7 REVIEW 1.9000 0.475" and " OK " not in line
+    out.close()
+
+
+class TriggerCounter:
+    """The PLC-command handler the daemon installs, reduced to counting TRG lines (and refusing the rest)."""
+
+    def __init__(self, fail_first: bool = False) -> None:
+        self.trg = 0
+        self.lines: list[str] = []
+        self.fail_first = fail_first
+
+    def __call__(self, line: str) -> bool:
+        self.lines.append(line)
+        if self.fail_first:
+            self.fail_first = False
+            raise RuntimeError("bug in the handler")
+        if line == "TRG":
+            self.trg += 1
+            return True
+        return False
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_trg_after_noise_and_split_by_a_read_timeout_still_fires(link, new_pty, caplog):
+    plc = new_pty()
+    handler = TriggerCounter()
+    out = make_output(link, timeout=0.05, on_line=handler)
+    out.start()
+    try:
+        plc.read_lines(2)
+        with caplog.at_level(logging.WARNING, logger="edge_runtime.outputs.serial_output"):
+            os.write(plc.master, b"\x00\xffTRG\r\n")            # line noise before the command
+            assert wait_for(lambda: handler.trg == 1), handler.lines
+            os.write(plc.master, b"TR")                          # split: the reader times out in between
+            time.sleep(0.3)
+            assert handler.trg == 1
+            os.write(plc.master, b"G\r\n")
+            assert wait_for(lambda: handler.trg == 2), handler.lines
+            os.write(plc.master, b"x" * 300 + b"\nTRG\n")        # an overlong line is dropped, the next one counts
+            assert wait_for(lambda: handler.trg == 3), handler.lines
+        assert "\\x00\\xff" in caplog.text, "discarded noise is logged, escaped"
+        assert all(len(r.getMessage()) < 400 for r in caplog.records), "log lines are bounded"
+        assert out.rx_discarded_bytes >= 2 + 128
+    finally:
+        out.close()
+
+
+def test_an_exception_in_the_handler_is_reported_and_the_reader_goes_on(link, new_pty, caplog):
+    plc = new_pty()
+    handler = TriggerCounter(fail_first=True)
+    out = make_output(link, timeout=0.05, on_line=handler)
+    out.start()
+    try:
+        plc.read_lines(2)
+        with caplog.at_level(logging.ERROR, logger="edge_runtime.outputs.serial_output"):
+            os.write(plc.master, b"TRG\r\n")
+            assert wait_for(lambda: out.rx_errors == 1)
+            os.write(plc.master, b"TRG\r\n")
+            assert wait_for(lambda: handler.trg == 1), "the receiver survived the exception"
+        assert "bug in the handler" in caplog.text
+        assert out.counters()["serial_rx_errors"] == 1
+    finally:
+        out.close()
+
+
+def test_a_failing_read_reopens_the_port_with_a_new_reader(link, new_pty):
+    plc = new_pty()
+    handler = TriggerCounter()
+    out = make_output(link, timeout=0.05, on_line=handler, reconnect_interval_s=0.0)
+    out.start()
+    plc.read_lines(2)
+    first = out._serial
+
+    def broken_read(size=1):
+        raise OSError(5, "Input/output error")
+
+    first.read = broken_read
+    assert wait_for(lambda: out.rx_errors == 1 and not out.connected), "the failure is reported"
+    out.heartbeat()                                   # the loop's next call reopens the port
+    assert out.connected and out._serial is not first
+    os.write(plc.master, b"TRG\r\n")
+    assert wait_for(lambda: handler.trg == 1), "a new reader serves the reopened port"
+    out.close()

@@ -1,0 +1,275 @@
+"""The output bus: the one place that decides in which order a part's outputs are driven and what a failure means.
+
+For one part, `publish()` runs, in the inspection loop's thread:
+
+    1. deadline   time since the trigger (or since capture, in free run) > inference.deadline_ms -> FAULT
+    2. record     the critical records (the result log: append + fsync). A part whose record cannot be written
+                  is FAULT on every line output, never OK; the bus reports it (RecordFailure) and the station
+                  faults or halts (`on_record_failure`). The PLC therefore never gets a verdict the log lacks.
+    3. deadline   checked again after the record: if writing it took the part past its deadline, the lines get
+                  FAULT and a superseding FAULT record with the same frame id is appended (the later one wins).
+    4. lines      line outputs (GPIO, Modbus, serial): the PLC's verdict
+    5. records    the other records (NG image store), after the lines, off the critical path
+
+Both orderings asked of a line station hold: what the PLC sees is on record (2 before 4), and nothing slow sits
+between the verdict and the PLC: the only disk write before the lines is the one append+fsync of the result log,
+and the deadline covers it (3).
+
+Slow outputs (`Output.slow`: serial, the NG image store) get a worker thread each with a bounded queue, so a PLC
+that stops reading the serial line or a slow disk never stalls the loop. When a queue is full the oldest queued
+call is dropped (for a RES line the PLC then sees no verdict for that part, which it must treat as not-OK);
+drops, late deliveries (a verdict delivered more than `late_after_s` after it was queued) and errors are counted
+(edge_output_dropped_total, edge_output_late_total, edge_output_errors_total) and logged.
+
+Failure policy, the same for every output: an OutputError or any other exception from one output is logged and
+counted, and never stops the other outputs or the inspection; only the critical record changes the verdict.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from edge_runtime.outputs.base import Output, OutputError
+from edge_runtime.records import InspectionResult, Verdict
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_SIZE = 64
+DEFAULT_LATE_AFTER_S = 0.5
+_CLOSE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class RecordFailure:
+    """The critical record of a part could not be written."""
+
+    output: str
+    reason: str
+    halt: bool           # the output asks the station to stop inspecting (on_record_failure: halt)
+
+
+@dataclass
+class BusCounters:
+    errors: int = 0      # calls that raised
+    dropped: int = 0     # calls dropped from a full worker queue
+    late: int = 0        # verdicts delivered by a worker later than late_after_s after they were queued
+    record_failures: int = 0
+
+
+class _Worker:
+    """Runs one slow output's calls in order on its own thread; the queue is bounded, the oldest call goes first."""
+
+    def __init__(self, bus: "OutputBus", output: Output, maxsize: int) -> None:
+        self.bus = bus
+        self.output = output
+        self.maxsize = maxsize
+        self._queue: collections.deque[tuple[str, tuple, float]] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"output:{output.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, method: str, args: tuple) -> None:
+        with self._cond:
+            if self._closing:
+                return
+            if method != "close" and len(self._queue) >= self.maxsize:
+                dropped, dropped_args, _ = self._queue.popleft()
+                self.bus._dropped(self.output, dropped, dropped_args)
+            self._queue.append((method, args, time.monotonic()))
+            if method == "close":
+                self._closing = True
+            self._cond.notify()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._queue))
+                method, args, queued = self._queue.popleft()
+            self.bus._call(self.output, method, *args)
+            if method == "publish" and time.monotonic() - queued > self.bus.late_after_s:
+                self.bus._late(self.output, args[0], time.monotonic() - queued)
+            if method == "close":
+                return
+
+
+class OutputBus:
+    """Drives a station's outputs in the order above. Methods are called from the inspection loop, except
+    acknowledge(), which the serial receiver or an HTTP thread may call."""
+
+    def __init__(self, outputs: list[Output], *, queue_size: int = DEFAULT_QUEUE_SIZE,
+                 late_after_s: float = DEFAULT_LATE_AFTER_S) -> None:
+        self.outputs = list(outputs)
+        self.critical = [o for o in self.outputs if o.critical_record]
+        self.lines = [o for o in self.outputs if not o.critical_record and o.role == "line"]
+        self.records = [o for o in self.outputs if not o.critical_record and o.role != "line"]
+        self.queue_size = queue_size
+        self.late_after_s = late_after_s
+        self.counters = BusCounters()
+        self._lock = threading.Lock()      # counters are bumped from worker threads
+        self._workers: dict[int, _Worker] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every output (in the caller's thread, so start-up errors are reported in order), then the workers."""
+        for out in self._ordered():
+            self._call(out, "start")
+        for out in self._ordered():
+            if out.slow and id(out) not in self._workers:
+                self._workers[id(out)] = _Worker(self, out, self.queue_size)
+
+    def close(self) -> None:
+        """Every output back to its safe state: queued calls are delivered first (bounded wait), then close()."""
+        workers, self._workers = self._workers, {}
+        for out in self._ordered():
+            worker = workers.get(id(out))
+            if worker is None:
+                self._call(out, "close")
+            else:
+                worker.submit("close", ())
+        for worker in workers.values():
+            if not worker.join(_CLOSE_TIMEOUT_S):
+                log.error("output %s did not close within %.0f s (stalled device)", worker.output.name,
+                          _CLOSE_TIMEOUT_S)
+
+    # -- one part ----------------------------------------------------------------------------------------------
+    def begin_part(self, frame_id: int) -> None:
+        """A trigger fired / inspection of `frame_id` starts: line outputs withdraw the last verdict, show BUSY."""
+        for out in self.lines:
+            self._dispatch(out, "begin_part", frame_id)
+
+    def publish(self, result: InspectionResult, *, started: float | None = None,
+                deadline_ms: float | None = None) -> RecordFailure | None:
+        """Record the part, then tell the line, then the other records; see the module docstring.
+
+        `started`: time.monotonic() of the trigger (or capture). The result is changed in place when it becomes
+        FAULT (deadline, record failure); returns the record failure, if any."""
+        if started is not None:
+            result.timings_ms["since_trigger"] = (time.monotonic() - started) * 1000.0
+        self._check_deadline(result, started, deadline_ms)
+        failure = None
+        for out in self.critical:
+            try:
+                out.publish(result)
+            except Exception as exc:  # noqa: BLE001 - whatever broke the record, the part is not OK
+                failure = self._record_failed(out, result, exc)
+        if failure is None and self._check_deadline(result, started, deadline_ms):
+            for out in self.critical:  # the superseding record: the line gets FAULT, so must the log
+                self._call(out, "publish", result)
+        for out in self.lines:
+            self._dispatch(out, "publish", result)
+        for out in self.records:
+            self._dispatch(out, "publish", result)
+        return failure
+
+    def acknowledge(self) -> None:
+        for out in self.lines:
+            self._dispatch(out, "acknowledge")
+
+    # -- station state ---------------------------------------------------------------------------------------
+    def set_ready(self, ready: bool) -> None:
+        self._each("set_ready", ready)
+
+    def set_fault(self, reason: str | None) -> None:
+        self._each("set_fault", reason)
+
+    def heartbeat(self) -> None:
+        self._each("heartbeat")
+
+    def reopen(self) -> None:
+        self._each("reopen")
+
+    def output_counters(self) -> dict[str, float]:
+        """The bus's counters plus those outputs export (`counters()`), summed by name, for /metrics."""
+        with self._lock:
+            c = self.counters
+            totals: dict[str, float] = {"output_errors": c.errors, "output_dropped": c.dropped,
+                                        "output_late": c.late, "record_failures": c.record_failures}
+        for out in self.outputs:
+            extra = getattr(out, "counters", None)
+            if callable(extra):
+                for name, value in extra().items():
+                    totals[name] = totals.get(name, 0) + value
+        return totals
+
+    def pending(self) -> int:
+        """Calls queued on the workers (tests and diagnostics)."""
+        return sum(w.pending() for w in list(self._workers.values()))
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _ordered(self) -> list[Output]:
+        return [*self.critical, *self.lines, *self.records]
+
+    def _each(self, method: str, *args: Any) -> None:
+        for out in self._ordered():
+            self._dispatch(out, method, *args)
+
+    def _dispatch(self, out: Output, method: str, *args: Any) -> None:
+        worker = self._workers.get(id(out))
+        if worker is not None:
+            worker.submit(method, args)
+        else:
+            self._call(out, method, *args)
+
+    def _call(self, out: Output, method: str, *args: Any) -> None:
+        try:
+            getattr(out, method)(*args)
+        except OutputError as exc:
+            self._count("errors")
+            log.error("output %s: %s failed: %s", out.name, method, exc)
+        except Exception:  # noqa: BLE001 - one broken adapter must not stop the others or the inspection
+            self._count("errors")
+            log.exception("output %s: %s raised", out.name, method)
+
+    def _check_deadline(self, result: InspectionResult, started: float | None, deadline_ms: float | None) -> bool:
+        """Turn a late verdict into FAULT; True when it did."""
+        if started is None or deadline_ms is None or result.verdict is Verdict.FAULT:
+            return False
+        elapsed = (time.monotonic() - started) * 1000.0
+        if elapsed <= deadline_ms:
+            return False
+        # A verdict after the part has left the station is not a verdict for that part.
+        result.verdict = Verdict.FAULT
+        result.error = f"deadline exceeded: {elapsed:.1f} ms from trigger to output > {deadline_ms:g} ms"
+        return True
+
+    def _record_failed(self, out: Output, result: InspectionResult, exc: Exception) -> RecordFailure:
+        self._count("errors")
+        self._count("record_failures")
+        reason = str(exc)[:300] if isinstance(exc, OutputError) else f"{type(exc).__name__}: {str(exc)[:300]}"
+        log.error("output %s: part %d not recorded, FAULT on the line: %s", out.name, result.frame_id, reason)
+        if result.verdict is not Verdict.FAULT or not result.error:
+            result.error = f"not recorded: {reason}"
+        result.verdict = Verdict.FAULT
+        halt = getattr(getattr(out, "cfg", None), "on_record_failure", "fault") == "halt"
+        return RecordFailure(output=out.name, reason=reason, halt=halt)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self.counters, name, getattr(self.counters, name) + n)
+
+    def _dropped(self, out: Output, method: str, args: tuple) -> None:
+        self._count("dropped")
+        if method == "publish":
+            log.warning("output %s: stalled, part %d not delivered (queue of %d full)", out.name, args[0].frame_id,
+                        self.queue_size)
+        elif method != "heartbeat":
+            log.warning("output %s: stalled, %s dropped (queue of %d full)", out.name, method, self.queue_size)
+
+    def _late(self, out: Output, result: InspectionResult, delay_s: float) -> None:
+        self._count("late")
+        log.warning("output %s: part %d delivered %.0f ms after its verdict", out.name, result.frame_id,
+                    delay_s * 1000.0)
+

@@ -1,0 +1,299 @@
+"""The verdict the PLC sees is per part, on time and recorded: the station loop with real outputs where possible."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import threading
+import time
+import tty
+import urllib.error
+import urllib.request
+
+import pytest
+from pymodbus.client import ModbusTcpClient
+
+from edge_runtime.config import load_station
+from edge_runtime.daemon import Station
+from edge_runtime.outputs import GpioConfig, GpioLine, GpioOutput, RecordingOutput, build_output
+from edge_runtime.outputs.gpio_output import FakeGpioLines
+from edge_runtime.records import Verdict
+from edge_runtime.sources import ScriptedSource, SourceError
+
+SCRIPTED = {"type": "scripted"}
+FAST_RECOVERY = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "read_timeout_s": 0.2}
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def images(flange_test_folder) -> list[bytes]:
+    folder, index = flange_test_folder
+    names = sorted(index)
+    return [(folder / n).read_bytes() for n in [n for n in names if n.startswith("good_")][:2] + names[:2]]
+
+
+def looping(steps) -> ScriptedSource:
+    source = ScriptedSource(steps=list(steps))
+    source.cfg.loop = True
+    return source
+
+
+def publishes_follow_their_begin_part(calls) -> bool:
+    """Every publish(frame N) comes right after begin_part(N), with no other part's publish in between."""
+    pending = None
+    for method, arg in calls:
+        if method == "begin_part":
+            pending = arg
+        elif method == "publish":
+            if arg.frame_id != pending:
+                return False
+            pending = None
+    return True
+
+
+def test_every_part_is_announced_to_the_outputs_before_it_is_inspected(small_bundle, images, write_station):
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED))
+    Station(cfg, source=ScriptedSource(steps=images), outputs=[rec]).run()
+    assert [r.frame_id for r in rec.results] == list(range(len(images)))
+    assert rec.calls_to("begin_part") == list(range(len(images)))
+    assert publishes_follow_their_begin_part(rec.calls)
+
+
+def test_level_mode_gpio_drops_ok_between_consecutive_ok_parts_in_the_real_loop(small_bundle, images, write_station):
+    from edge_runtime.bundle import Bundle
+
+    bundle = Bundle.load(small_bundle)
+    good = [bundle.path(bundle.variant().golden[0]["file"]).read_bytes()] * 3   # three OK parts in a row
+    lines = FakeGpioLines()
+    gpio = GpioOutput(GpioConfig(ok=GpioLine(offset=1), ng=GpioLine(offset=2), ready=GpioLine(offset=3),
+                                 result_valid=GpioLine(offset=4), pulse_ms=0), lines)
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED))
+    Station(cfg, source=ScriptedSource(steps=good), outputs=[gpio, rec]).run()
+    assert [r.verdict for r in rec.results] == [Verdict.OK] * 3
+    ok = [state[1] for state in lines.history if state]
+    assert sum(1 for a, b in zip(ok, ok[1:]) if not a and b) == 3, "OK rises once per part: a PLC sees each one"
+
+
+class TriggeredCamera(ScriptedSource):
+    """A camera in trigger mode: optionally slow to deliver the frame (exposure, transfer)."""
+
+    def __init__(self, steps, read_delay_s: float = 0.0, open_errors=()):
+        super().__init__(steps=list(steps))
+        self._open_errors = list(open_errors)
+        self.read_delay_s = read_delay_s
+
+    def notify_trigger(self) -> None:
+        pass
+
+    def read(self, timeout):
+        if self.read_delay_s:
+            time.sleep(self.read_delay_s)
+        return super().read(timeout)
+
+
+def test_a_trigger_fired_during_backoff_is_answered_fault_at_once_never_served_late(small_bundle, images,
+                                                                                    write_station, start_station):
+    camera = TriggeredCamera(images, open_errors=[SourceError("camera away")] * 3)
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     recovery={"backoff_initial_s": 0.5, "backoff_max_s": 1.0,
+                                               "read_timeout_s": 0.2}))
+    running = start_station(cfg, source=camera, outputs=[rec])
+    station = running.station
+    wait_until(lambda: station.fault_reason and "camera away" in station.fault_reason, what="camera fault")
+    station.trigger.fire()
+    wait_until(lambda: len(rec.results) == 1, what="the answer to the trigger")
+    (answer,) = rec.results
+    assert answer.verdict is Verdict.FAULT and "station not ready" in answer.error and "camera away" in answer.error
+    wait_until(lambda: station.status().state == "ready", what="the camera back")
+    station.trigger.fire()
+    wait_until(lambda: len(rec.results) == 2, what="the next part")
+    assert running.stop() == 0
+    assert rec.results[1].verdict is not Verdict.FAULT, "the new trigger is inspected"
+    assert len(rec.results) == 2, "the old trigger was not served again after the recovery"
+
+
+def test_a_trigger_older_than_max_age_is_fault_and_not_captured(small_bundle, images, write_station, start_station):
+    camera = TriggeredCamera(images)
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED,
+                                     trigger={"type": "software", "max_age_ms": 250}, recovery=FAST_RECOVERY))
+    running = start_station(cfg, source=camera, outputs=[rec])
+    wait_until(lambda: running.station.status().state == "ready", what="READY")
+    running.station.trigger.fire(at=time.monotonic() - 1.0)   # a part that went by a second ago
+    wait_until(lambda: len(rec.results) == 1, what="the answer")
+    assert running.stop() == 0
+    (answer,) = rec.results
+    assert answer.verdict is Verdict.FAULT and "trigger expired" in answer.error and "max_age_ms 250" in answer.error
+    assert camera.read_calls == 0, "nothing captured for a part that is gone"
+    assert running.station.counters.expired_triggers == 1
+
+
+def test_deadline_runs_from_the_trigger_including_a_slow_capture(small_bundle, images, write_station,
+                                                                 start_station):
+    camera = TriggeredCamera(images, read_delay_s=0.3)   # the frame arrives 300 ms after the trigger
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     inference={"deadline_ms": 200}, recovery={"read_timeout_s": 1.0}))
+    running = start_station(cfg, source=camera, outputs=[rec])
+    wait_until(lambda: running.station.status().state == "ready", what="READY")
+    running.station.trigger.fire()
+    wait_until(lambda: len(rec.results) == 1, what="the result")
+    assert running.stop() == 0
+    (result,) = rec.results
+    assert result.verdict is Verdict.FAULT and "from trigger to output" in result.error
+    assert result.score is not None, "it was inspected, but too late for the part"
+
+
+def test_post_trigger_is_503_while_the_station_cannot_inspect(bundle_copy, write_station, start_station):
+    from edge_runtime.bundle import Bundle
+
+    model = bundle_copy / Bundle.load(bundle_copy).variant().model_file
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF                 # the sha256 check refuses the bundle
+    model.write_bytes(bytes(data))
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=bundle_copy, source=SCRIPTED, trigger={"type": "software"},
+                                     http={"port": 0, "allow_trigger": True}, recovery=FAST_RECOVERY))
+    running = start_station(cfg, source=TriggeredCamera([]), outputs=[rec])
+    station = running.station
+    wait_until(lambda: station.fault_reason and "sha256" in station.fault_reason, what="bundle fault")
+    req = urllib.request.Request(f"http://127.0.0.1:{station.http_port}/trigger", method="POST", data=b"")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=5)
+    assert err.value.code == 503 and "sha256" in json.loads(err.value.read())["error"]
+    assert station.trigger.fired == 0
+    station.trigger.fire()                      # a serial TRG in the same state: answered FAULT at once
+    wait_until(lambda: len(rec.results) == 1, what="the FAULT answer")
+    assert rec.results[0].verdict is Verdict.FAULT and "station not ready" in rec.results[0].error
+    assert running.stop() == 0
+
+
+@pytest.fixture
+def bundle_copy(small_bundle, tmp_path):
+    import shutil
+
+    dest = tmp_path / "bundle"
+    shutil.copytree(small_bundle, dest)
+    return dest
+
+
+def test_disk_full_result_log_makes_every_part_fault_and_health_says_so(small_bundle, images, write_station,
+                                                                        start_station):
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, http={"port": 0},
+                                     outputs=[{"type": "result_log", "path": "/dev/full", "fsync": "never"}]))
+    running = start_station(cfg, source=looping(images[:1]), outputs=[build_output(cfg.outputs[0]), rec])
+    station = running.station
+    wait_until(lambda: len(rec.results) >= 5, what="parts")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://127.0.0.1:{station.http_port}/healthz", timeout=5)
+    assert err.value.code == 503
+    health = json.loads(err.value.read())
+    assert health["status"] == "fault" and "record" in health["reason"] and "disk full" in health["reason"]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{station.http_port}/metrics", timeout=5).read().decode()
+    assert "edge_record_failures_total" in metrics
+    assert running.stop() == 0
+    assert rec.results and all(r.verdict is Verdict.FAULT and "not recorded" in r.error for r in rec.results), \
+        "the PLC got no verdict the log lacks"
+
+
+def test_on_record_failure_halt_stops_inspecting(small_bundle, images, write_station, start_station):
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, recovery=FAST_RECOVERY,
+                                     trigger={"type": "software"},
+                                     outputs=[{"type": "result_log", "path": "/dev/full", "fsync": "never",
+                                               "on_record_failure": "halt"}]))
+    camera = TriggeredCamera(images)
+    running = start_station(cfg, source=camera, outputs=[build_output(cfg.outputs[0]), rec])
+    station = running.station
+    wait_until(lambda: station.status().state == "ready", what="READY")
+    station.trigger.fire()
+    wait_until(lambda: station.fault_reason and station.fault_reason.startswith("halted"), what="halt")
+    reads = camera.read_calls
+    station.trigger.fire()
+    wait_until(lambda: len(rec.results) == 2, what="the answer to the next trigger")
+    assert running.stop() == 0
+    assert [r.verdict for r in rec.results] == [Verdict.FAULT, Verdict.FAULT]
+    assert "station not ready (halted: record" in rec.results[1].error and camera.read_calls == reads
+    assert rec.ready is False and "halted" in rec.fault
+
+
+class ReviewStation(Station):
+    """Every inspected part scores in the review band (stands in for a bundle whose band holds these parts)."""
+
+    def _load(self) -> bool:
+        loaded = super()._load()
+        if loaded:
+            inspect = self.pipeline.inspect
+
+            def inspect_in_band(frame):
+                result = inspect(frame)
+                if result.verdict is not Verdict.FAULT:
+                    result.verdict, result.review_threshold = Verdict.REVIEW, result.score * 0.5
+                return result
+
+            self.pipeline.inspect = inspect_in_band
+        return loaded
+
+
+def test_review_never_drives_an_ok_output_on_any_adapter(small_bundle, images, write_station, tmp_path, free_port):
+    master, slave = os.openpty()
+    tty.setraw(master)
+    port = free_port()
+    lines = FakeGpioLines()
+    try:
+        cfg = load_station(write_station(
+            bundle=small_bundle, source=SCRIPTED, http={"port": 0},
+            outputs=[{"type": "result_log", "path": "results.jsonl"},
+                     {"type": "serial", "port": os.ttyname(slave), "heartbeat_interval_s": 60},
+                     {"type": "modbus", "host": "127.0.0.1", "port": port},
+                     {"type": "ng_images", "dir": "ng", "min_free_mb": 0}]))
+        gpio = GpioOutput(GpioConfig(ok=GpioLine(offset=1), ng=GpioLine(offset=2), pulse_ms=0), lines)
+        rec = RecordingOutput()
+        station = ReviewStation(cfg, source=looping(images[:2]),
+                                outputs=[build_output(o) for o in cfg.outputs] + [gpio, rec])
+        thread = threading.Thread(target=station.run, daemon=True)
+        thread.start()
+        wait_until(lambda: len(rec.results) >= 4, what="parts")
+        client = ModbusTcpClient("127.0.0.1", port=port, timeout=3, retries=0)
+        assert client.connect()
+        regs = client.read_holding_registers(0, count=1, device_id=1).registers
+        bits = client.read_coils(0, count=6, device_id=1).bits
+        client.close()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{station.http_port}/metrics", timeout=5).read().decode()
+        station.request_stop()
+        thread.join(30)
+        serial_text = b""
+        while True:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if not ready:
+                break
+            serial_text += os.read(master, 65536)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+    n = len(rec.results)
+    assert all(r.verdict is Verdict.REVIEW for r in rec.results)
+    assert not any(state.get(1) for state in lines.history), "GPIO OK never asserted"
+    assert any(state.get(2) for state in lines.history), "without a REVIEW line, REVIEW shows on NG"
+    assert regs[0] in (0, 3) and bits[0] is False, "Modbus: verdict 3 (or withdrawn while busy), OK coil false"
+    res = [line.split() for line in serial_text.decode().split("\r\n") if line.startswith("RES ")]
+    assert res and all(fields[2] == "REVIEW" for fields in res), "serial RES carries REVIEW, never OK"
+    records = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(records) == n and all(r["verdict"] == "REVIEW" and r["review_threshold"] for r in records)
+    assert any("_REVIEW_" in name for name in os.listdir(tmp_path / "ng")), "REVIEW frames kept for the re-check"
+    review_count = re.search(r'^edge_verdicts_total\{verdict="REVIEW"\} (\d+)$', metrics, re.M)
+    assert review_count and 1 <= int(review_count.group(1)) <= n, "/metrics counts REVIEW"
+    assert 'edge_verdicts_total{verdict="OK"} 0' in metrics

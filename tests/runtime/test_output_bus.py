@@ -1,0 +1,213 @@
+"""OutputBus: record before line before images, one failure policy, slow outputs on bounded workers."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import tty
+
+import pytest
+
+from edge_runtime.output_bus import OutputBus
+from edge_runtime.outputs import RecordingOutput, RecordingOutputConfig, ResultLog, ResultLogConfig
+from edge_runtime.outputs.base import OutputError
+from edge_runtime.outputs.serial_output import SerialConfig, SerialOutput
+from edge_runtime.records import InspectionResult, Verdict
+
+
+def make_result(frame_id: int, verdict: Verdict = Verdict.OK) -> InspectionResult:
+    return InspectionResult(frame_id=frame_id, source="cam0", verdict=verdict, score=1.0, normalized_score=0.25,
+                            threshold=2.0, timings_ms={"total": 5.0}, bundle_id="b")
+
+
+class Journal:
+    """One ordered list of (output, method, frame id) across outputs, as the line would see it."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str, object]] = []
+        self.lock = threading.Lock()
+
+    def add(self, name: str, method: str, arg: object) -> None:
+        with self.lock:
+            self.entries.append((name, method, getattr(arg, "frame_id", arg)))
+
+
+def journaled(cls_name: str, journal: Journal, *, role: str = "line", critical: bool = False, slow: bool = False,
+              fail_on: tuple[str, ...] = ()) -> RecordingOutput:
+    kind = type(cls_name, (RecordingOutput,), {"role": role, "critical_record": critical, "slow": slow})
+    out = kind(RecordingOutputConfig(name=cls_name, fail_on=list(fail_on)))
+    original = out._record
+
+    def record(method, arg=None):
+        journal.add(cls_name, method, arg)
+        original(method, arg)
+
+    out._record = record
+    return out
+
+
+def test_record_first_then_line_outputs_then_other_records():
+    journal = Journal()
+    images = journaled("images", journal, role="record")
+    gpio = journaled("gpio", journal)
+    log = journaled("log", journal, role="record", critical=True)
+    bus = OutputBus([images, gpio, log])          # configured in any order
+    bus.start()
+    bus.begin_part(7)
+    bus.publish(make_result(7))
+    bus.close()
+    published = [name for name, method, _ in journal.entries if method == "publish"]
+    assert published == ["log", "gpio", "images"]
+    assert [name for name, method, _ in journal.entries if method == "begin_part"] == ["gpio"], \
+        "begin_part is for line outputs"
+
+
+def test_a_part_that_cannot_be_recorded_is_fault_on_the_line_never_ok(tmp_path):
+    line = RecordingOutput()
+    log = ResultLog(ResultLogConfig(path="/dev/full", fsync="never", on_record_failure="halt"))  # real ENOSPC
+    bus = OutputBus([line, log])
+    bus.start()
+    result = make_result(3, Verdict.OK)
+    failure = bus.publish(result)
+    assert failure is not None and failure.halt and "disk full" in failure.reason
+    (seen,) = line.results
+    assert seen.verdict is Verdict.FAULT and seen.error.startswith("not recorded: ")
+    assert bus.counters.record_failures == 1
+    bus.close()
+
+
+def test_deadline_runs_from_the_trigger_not_from_inspection():
+    line = RecordingOutput()
+    bus = OutputBus([line])
+    result = make_result(1, Verdict.OK)                 # inspection itself took 5 ms ...
+    bus.publish(result, started=time.monotonic() - 0.434, deadline_ms=200)   # ... but the trigger was 434 ms ago
+    assert line.results[0].verdict is Verdict.FAULT
+    assert "from trigger to output" in result.error and result.timings_ms["since_trigger"] >= 434
+    on_time = make_result(2, Verdict.OK)
+    bus.publish(on_time, started=time.monotonic(), deadline_ms=60_000)
+    assert line.results[1].verdict is Verdict.OK
+
+
+def test_a_record_that_pushes_the_part_past_its_deadline_is_superseded(tmp_path):
+
+    class SlowLog(ResultLog):
+        def publish(self, result):
+            super().publish(result)
+            time.sleep(0.05)                            # the fsync of a tired SD card
+
+    line = RecordingOutput()
+    log = SlowLog(ResultLogConfig(path=str(tmp_path / "r.jsonl")))
+    bus = OutputBus([line, log])
+    bus.start()
+    bus.publish(make_result(1), started=time.monotonic(), deadline_ms=20)
+    bus.close()
+    records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["frame_id"], r["verdict"]) for r in records] == [(1, "OK"), (1, "FAULT")], "the later record wins"
+    assert line.results[0].verdict is Verdict.FAULT
+
+
+class Stalled(RecordingOutput):
+    """A line output that blocks in publish until released, like a serial port the PLC stopped reading."""
+
+    slow = True
+
+    def __init__(self) -> None:
+        super().__init__(RecordingOutputConfig(name="stalled"))
+        self.release = threading.Event()
+        self.threads: set[str] = set()
+
+    def publish(self, result):
+        self.threads.add(threading.current_thread().name)
+        self.release.wait(30)
+        super().publish(result)
+
+
+def test_a_stalled_output_never_blocks_the_loop_and_drops_are_counted():
+    stalled, fast = Stalled(), RecordingOutput()
+    bus = OutputBus([stalled, fast], queue_size=4, late_after_s=0.0)
+    bus.start()
+    for i in range(10):
+        bus.begin_part(i)
+        bus.publish(make_result(i))                 # returns although the stalled output has not finished one
+    assert [r.frame_id for r in fast.results] == list(range(10)), "the other outputs got every part"
+    assert stalled.results == [] and threading.current_thread().name not in stalled.threads
+    assert bus.counters.dropped >= 10 + 10 - 4 - 2, "the bounded queue dropped the oldest calls"
+    stalled.release.set()
+    bus.close()
+    assert bus.counters.late >= 1 and stalled.closed
+    assert stalled.results[-1].frame_id == 9, "the newest verdict survives the drops"
+    assert bus.output_counters()["output_dropped"] == bus.counters.dropped
+
+
+def test_errors_from_any_output_are_counted_and_do_not_stop_the_others():
+    journal = Journal()
+    broken = journaled("broken", journal, fail_on=("begin_part", "publish", "heartbeat"))
+    other = journaled("other", journal)
+    bus = OutputBus([broken, other])
+    bus.begin_part(1)
+    bus.publish(make_result(1))
+    bus.heartbeat()
+    assert [m for n, m, _ in journal.entries if n == "other"] == ["begin_part", "publish", "heartbeat"]
+    assert bus.counters.errors == 3
+
+
+def test_acknowledge_reaches_line_outputs_only():
+    journal = Journal()
+    gpio, images = journaled("gpio", journal), journaled("images", journal, role="record")
+    bus = OutputBus([gpio, images])
+    bus.acknowledge()
+    assert journal.entries == [("gpio", "acknowledge", None)]
+
+
+def test_serial_writes_happen_on_the_worker_never_in_the_loop_thread(tmp_path):
+    """A real pty whose PLC end never reads: the port's buffer fills and writes time out, on the worker."""
+    master, slave = os.openpty()
+    tty.setraw(master)
+    name = os.ttyname(slave)
+    os.close(slave)
+    serial_out = SerialOutput(SerialConfig(port=name, timeout=0.05, reconnect_interval_s=3600))
+    writers: set[str] = set()
+    original = serial_out.publish
+
+    def publish(result):
+        writers.add(threading.current_thread().name)
+        return original(result)
+
+    serial_out.publish = publish
+    fast = RecordingOutput()
+    bus = OutputBus([serial_out, fast], queue_size=8)
+    try:
+        bus.start()
+        for i in range(3000):                       # ~100 kB of RES lines into a pty nobody reads
+            bus.publish(make_result(i))
+        assert len(fast.results) == 3000
+        bus.close()
+    finally:
+        os.close(master)
+    assert writers == {f"output:{serial_out.name}"}, "RES lines are written by the worker, never by the loop"
+    assert bus.counters.dropped + bus.counters.errors > 0, "what could not be written was counted"
+
+
+def test_output_error_from_a_worker_is_counted():
+    class Failing(RecordingOutput):
+        slow = True
+
+        def publish(self, result):
+            raise OutputError("port gone")
+
+    bus = OutputBus([Failing()])
+    bus.start()
+    bus.publish(make_result(1))
+    bus.close()
+    assert bus.counters.errors == 1
+
+
+@pytest.mark.parametrize("verdict", [Verdict.REVIEW, Verdict.NG, Verdict.FAULT])
+def test_the_bus_never_turns_a_non_ok_verdict_into_ok(verdict, tmp_path):
+    line = RecordingOutput()
+    bus = OutputBus([line, ResultLog(ResultLogConfig(path=str(tmp_path / "r.jsonl")))])
+    bus.start()
+    bus.publish(make_result(1, verdict), started=time.monotonic(), deadline_ms=60_000)
+    bus.close()
+    assert line.results[0].verdict is verdict
