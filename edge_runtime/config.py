@@ -10,6 +10,7 @@ from typing import Literal
 
 import yaml
 
+from edge_runtime.decode import DecodeConfig
 from edge_runtime.http_endpoint import HttpConfig
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
 from edge_runtime.schema import ConfigError, from_mapping
@@ -68,6 +69,7 @@ class StationConfig:
     bundle: str                                        # bundle directory (relative paths: to the station file)
     roi: tuple[int, int, int, int] | None = None       # x, y, w, h crop of the frame; overrides the bundle's
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     source: SourceConfig
     trigger: TriggerConfig = field(default_factory=FreeRunTriggerConfig)
     outputs: list[OutputConfig] = field(default_factory=lambda: [ResultLogConfig(path="results.jsonl")])

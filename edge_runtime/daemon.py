@@ -67,6 +67,7 @@ def load_pipeline(cfg: StationConfig) -> Pipeline:
         raise BundleError("self-test failed: " + "; ".join(failures))
     if cfg.roi is not None:
         pipeline.prep = type(pipeline.prep)(pipeline.prep.image_size, tuple(cfg.roi))
+    pipeline.decode_limits = cfg.decode
     return pipeline
 
 
@@ -110,6 +111,7 @@ class Station:
         self._next_frame_id = 0
         self._started = time.monotonic()
         self._last_heartbeat = time.monotonic()
+        self._inspecting_since: float | None = None  # set while a frame is in Pipeline.inspect (health: stalled)
         self._watchdog_period = DEFAULT_WATCHDOG_PERIOD_S
         self._last_watchdog = float("-inf")
         self._http: HttpEndpoint | None = None
@@ -162,9 +164,20 @@ class Station:
             last_verdict=self.last_verdict, uptime_s=time.monotonic() - self._started, verdicts=dict(self.verdicts),
             faults=c.faults + c.source_errors, skipped=getattr(self._source, "skipped", 0),
             last_heartbeat_age_s=time.monotonic() - self._last_heartbeat, latency=self.stats,
+            busy_s=self._busy_s(), stall_after_s=self._stall_after_s(),
             counters={"source_errors": c.source_errors, "output_errors": c.output_errors, "reloads": c.reloads,
                       "reload_failures": c.reload_failures, "missed_triggers": c.missed_triggers,
                       "trigger_overruns": getattr(self.trigger, "overruns", 0)})
+
+    def _busy_s(self) -> float | None:
+        since = self._inspecting_since
+        return None if since is None else time.monotonic() - since
+
+    def _stall_after_s(self) -> float:
+        if self.cfg.http.stall_after_s is not None:
+            return self.cfg.http.stall_after_s
+        deadline_ms = self.cfg.inference.deadline_ms
+        return max(2.0, 5 * deadline_ms / 1000.0) if deadline_ms else 2.0
 
     # ---- bundle ------------------------------------------------------------------------------------------------
     def _load(self) -> bool:
@@ -413,7 +426,12 @@ class Station:
             if not self._ready and self.fault_reason is None:
                 self._set_state(True, None)
             frame.frame_id = self._take_frame_id()
-            self._publish(pipeline.inspect(frame))
+            self._inspecting_since = time.monotonic()
+            try:
+                result = pipeline.inspect(frame)
+            finally:
+                self._inspecting_since = None
+            self._publish(result)
         return 0
 
     def _log_stats(self) -> None:

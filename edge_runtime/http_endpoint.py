@@ -29,12 +29,16 @@ class HttpConfig:
     host: str = "127.0.0.1"          # loopback by default: only local tools (curl, node exporter, a proxy) reach it
     port: int = 8088                 # 0 picks a free port (tests)
     allow_trigger: bool = False      # POST /trigger fires the software trigger; off unless asked for
+    stall_after_s: float | None = None  # /healthz says 503 "stalled" when one frame is in inspection longer;
+                                        # None: 5 x inference.deadline_ms, at least 2 s
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be 0..65535, got {self.port}")
         if not self.host:
             raise ValueError("host: must not be empty")
+        if self.stall_after_s is not None and self.stall_after_s <= 0:
+            raise ValueError(f"stall_after_s: must be > 0, got {self.stall_after_s}")
 
 
 @dataclass
@@ -51,6 +55,8 @@ class StationStatus:
     faults: int = 0                           # FAULT results plus source/output faults
     skipped: int = 0                          # files the source could not read
     last_heartbeat_age_s: float | None = None # seconds since the inspection loop last went round
+    busy_s: float | None = None               # seconds the frame now in inspection has taken so far; None: idle
+    stall_after_s: float = 2.0                # a frame in inspection longer than this: the station is stalled
     latency: LatencyStats | None = None
     counters: dict[str, float] = field(default_factory=dict)  # further monotonic counters, exported as edge_<name>_total
 
@@ -58,10 +64,21 @@ class StationStatus:
 StatusProvider = Callable[[], StationStatus]
 
 
+def stalled_reason(status: StationStatus) -> str | None:
+    """Why the station is not making progress (a frame stuck in inspection), or None.
+
+    "ready" only means something while frames come out: a decode that runs for a minute must not be
+    reported healthy while the line waits for a verdict."""
+    if status.busy_s is not None and status.busy_s > status.stall_after_s:
+        return f"inspection stalled: the current frame has been in inspection for {status.busy_s:.1f} s (limit {status.stall_after_s:g} s)"
+    return None
+
+
 def health_document(status: StationStatus) -> dict:
+    stalled = stalled_reason(status)
     return {
-        "status": status.state,
-        "reason": status.reason,
+        "status": "stalled" if stalled else status.state,
+        "reason": stalled or status.reason,
         "bundle_id": status.bundle_id,
         "frames": status.frames,
         "last_verdict": status.last_verdict,
@@ -92,6 +109,10 @@ def render_metrics(status: StationStatus) -> str:
     metric("edge_ready", "gauge", "1 when the station inspects, 0 otherwise.", [("", 1 if status.state == "ready" else 0)])
     metric("edge_fault", "gauge", "1 while the station is in fault.", [("", 1 if status.state == "fault" else 0)])
     metric("edge_uptime_seconds", "gauge", "Seconds since the daemon started.", [("", status.uptime_s)])
+    metric("edge_stalled", "gauge", "1 while a frame has been in inspection longer than the stall limit.",
+           [("", 1 if stalled_reason(status) else 0)])
+    metric("edge_inspection_busy_seconds", "gauge", "Seconds the frame now in inspection has taken (0 when idle).",
+           [("", status.busy_s or 0.0)])
     if status.last_heartbeat_age_s is not None:
         metric("edge_last_heartbeat_age_seconds", "gauge", "Seconds since the inspection loop last went round.",
                [("", status.last_heartbeat_age_s)])
@@ -170,7 +191,8 @@ class HttpEndpoint:
                 doc = {"status": "fault", "reason": "station status unavailable (internal error)", "bundle_id": None,
                        "frames": None, "last_verdict": None, "uptime_s": None}
                 return HTTPStatus.SERVICE_UNAVAILABLE, "application/json", json.dumps(doc).encode()
-            code = HTTPStatus.OK if status.state == "ready" else HTTPStatus.SERVICE_UNAVAILABLE
+            healthy = status.state == "ready" and stalled_reason(status) is None
+            code = HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE
             return code, "application/json", json.dumps(health_document(status)).encode()
         if path == "/metrics":
             status = self._status()

@@ -14,7 +14,7 @@ from edge_runtime import scoring
 from edge_runtime.bundle import Bundle, BundleError, check_index_file
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.nn_search import HnswSearch
-from edge_runtime.decode import ImageError, decode_image, to_rgb
+from edge_runtime.decode import DecodeConfig, ImageError, decode_image, to_rgb
 from edge_runtime.preprocess import crop_roi, preprocess, resize_square, to_tensor
 from edge_runtime.records import Frame, InspectionResult, Verdict
 
@@ -35,6 +35,7 @@ class Pipeline:
     def __init__(self, bundle: Bundle, precision: str | None = None, knn: str = "hnsw", threads: int = 2,
                  providers: list[str] | None = None, ef_search: int | None = None):
         self.bundle = bundle
+        self.decode_limits = DecodeConfig()  # the station file's `decode:` section replaces it (daemon)
         self.variant = bundle.variant(precision)
         self.prep = bundle.preprocessing
         self.grid = bundle.grid
@@ -85,7 +86,7 @@ class Pipeline:
         rgb = None
         try:
             if frame.encoded is not None:
-                rgb = decode_image(frame.encoded, frame.source)
+                rgb = decode_image(frame.encoded, frame.source, self.decode_limits)
             elif frame.image is not None:
                 rgb = to_rgb(frame.image, frame.source)
             else:
