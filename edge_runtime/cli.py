@@ -46,10 +46,12 @@ def _validate(a: argparse.Namespace) -> int:
     from edge_runtime.schema import ConfigError
 
     try:
-        load_station(a.config)
+        cfg = load_station(a.config)
     except ConfigError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
         return 2
+    for warning in cfg.http.warnings():
+        print(f"warning: {a.config}: {warning}", file=sys.stderr)
     print(f"{a.config}: valid")
     return 0
 
