@@ -121,6 +121,8 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
     src = cfg.source
     if isinstance(src, FolderSourceConfig):
         src.path = absolute("source.path", src.path)
+        if src.journal:
+            src.journal = absolute("source.journal", src.journal)
     elif isinstance(src, VideoSourceConfig) and not is_stream_url(src.path):
         src.path = absolute("source.path", src.path)
     for i, out in enumerate(cfg.outputs):

@@ -13,10 +13,12 @@ from edge_runtime.sources.video_source import VideoSource, VideoSourceConfig
 SourceConfig = Union[FolderSourceConfig, CameraSourceConfig, VideoSourceConfig, ScriptedSourceConfig]
 
 
-def build_source(cfg: SourceConfig, start_frame_id: int = 0) -> FrameSource:
-    """The source for `cfg`, numbering frames from `start_frame_id` (a restarted daemon passes its saved counter)."""
+def build_source(cfg: SourceConfig, start_frame_id: int = 0, state_dir: str | None = None) -> FrameSource:
+    """The source for `cfg`, numbering frames from `start_frame_id` (a restarted daemon passes its saved counter).
+
+    `state_dir` (the station's) is where a watched folder keeps its journal of consumed files."""
     if isinstance(cfg, FolderSourceConfig):
-        return FolderSource(cfg, start_frame_id)
+        return FolderSource(cfg, start_frame_id, state_dir=state_dir)
     if isinstance(cfg, CameraSourceConfig):
         return CameraSource(cfg, start_frame_id)
     if isinstance(cfg, VideoSourceConfig):
