@@ -362,7 +362,9 @@ class Station:
         source_open = False
         next_stats = time.monotonic() + self.cfg.logging.stats_interval_s
         if self._source is None:
-            self._source = build_source(self.cfg.source, self._next_frame_id, state_dir=self.cfg.state_dir)
+            self._source = build_source(
+                self.cfg.source, self._next_frame_id, state_dir=self.cfg.state_dir,
+                result_logs=[o.path for o in self.cfg.outputs if isinstance(o, ResultLogConfig)])
         while not self._stop.is_set():
             self._heartbeat()
             if self._reload.is_set():

@@ -292,6 +292,24 @@ def _journal_line(key: tuple[str, int, int]) -> str:
     return json.dumps({"name": key[0], "size": key[1], "mtime_ns": key[2]}) + "\n"
 
 
+def last_record(result_log: str, tail: int = 256 * 1024) -> tuple[str, float] | None:
+    """(source, captured_at) of the newest parseable record in a result log (JSON lines), or None."""
+    try:
+        with open(result_log, "rb") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, end - tail))
+            lines = fh.read().split(b"\n")
+    except OSError:
+        return None
+    for raw in reversed(lines):
+        try:
+            record = json.loads(raw)
+            return str(record["source"]), float(record["captured_at"])
+        except (ValueError, KeyError, TypeError):
+            continue  # torn last line, or not a record
+    return None
+
+
 def default_journal_path(state_dir: str, folder: str) -> Path:
     """<state_dir>/folder-<hash of the folder path>.journal: one journal per watched folder."""
     digest = hashlib.sha256(os.fsencode(os.path.abspath(folder))).hexdigest()[:16]
@@ -305,10 +323,13 @@ class FolderSource(FrameSource):
         start_frame_id: int = 0,
         *,
         state_dir: str | None = None,
+        result_logs: list[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
-        """`sleep` is for tests with a fake `clock`: when given, the source never blocks on inotify but sleeps
+        """`state_dir`: where the journal lives by default. `result_logs`: the station's result logs; at start the
+        newest record tells whether the part in flight at a crash was recorded (then it is not inspected again).
+        `sleep` is for tests with a fake `clock`: when given, the source never blocks on inotify but sleeps
         with it and then reads pending events without waiting."""
         cfg.validate()
         self.cfg = cfg
@@ -326,6 +347,7 @@ class FolderSource(FrameSource):
         journal_path = Path(cfg.journal) if cfg.journal else (
             default_journal_path(state_dir, cfg.path) if state_dir and cfg.mode == "watch" else None)
         self._journal = Journal(journal_path)
+        self._result_logs = list(result_logs or [])
         self._started = False                          # the journal is loaded and compacted once per process
         self._known: dict[str, int] = {}               # names seen in the folder -> inode, so listings stat only news
         self._candidates: dict[str, tuple[_Signature | None, float]] = {}  # name -> (last signature, first seen)
@@ -441,11 +463,32 @@ class FolderSource(FrameSource):
             else:
                 self._candidates.setdefault(name, (None, self._clock()))
         if first_start:
+            self._adopt_recorded(entries)
             self._journal.compact(set(entries))
             self._started = True
         self._dir_mtime = self._folder_mtime()
         self._last_rescan = self._clock()
         self._last_check = None
+
+    def _adopt_recorded(self, entries: dict[str, int]) -> None:
+        """A crash between writing a part's record and acknowledging it leaves that part (only the newest record
+        can be in this state) unacknowledged: find it by the result log's newest record and acknowledge it."""
+        assert self._root is not None
+        for result_log in self._result_logs:
+            newest = last_record(result_log)
+            if newest is None:
+                continue
+            source, captured_at = newest
+            for name in entries:
+                if escape_name(str(self._root / name)) != source:
+                    continue
+                sig = self._signature(name)
+                # The same version: not rewritten after it was read (mtime not after the capture, 1 s slack).
+                if sig is not None and sig[1] / 1e9 <= captured_at + 1.0 and (name, sig[0], sig[1]) not in self._journal.done:
+                    self._journal.done.add((name, sig[0], sig[1]))
+                    log.info("folder source %s: %s was recorded before the restart; not inspected again",
+                             escape_name(self.cfg.path), escape_name(name))
+                    self._candidates.pop(name, None)
 
     def _wait_watch(self, remaining: float) -> None:
         """Wait for events (inotify) or the next poll, at most `remaining` seconds; collect candidates."""

@@ -399,3 +399,21 @@ def test_file_name_with_a_newline_cannot_forge_a_log_or_journal_line(tmp_path, c
         src.open()
         src.read(1.0)
     assert "link\\nFAULT.png" in caplog.text and "link\nFAULT" not in caplog.text
+
+
+def test_part_recorded_but_not_acknowledged_at_a_crash_is_not_inspected_again(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    results = tmp_path / "results.jsonl"
+    cfg = FolderSourceConfig(path=str(folder), mode="watch", poll_interval_s=0.1, journal=str(tmp_path / "j.jsonl"))
+    clock = FakeClock()
+    first = FolderSource(cfg, result_logs=[str(results)], clock=clock, sleep=clock.sleep)
+    first.open()
+    write(folder / "a.png", png(b"A"))
+    frame = first.read(1.0)
+    # The daemon wrote the record (fsync'd), then died before asking for the next frame.
+    results.write_text(json.dumps({"frame_id": 0, "source": frame.source, "captured_at": frame.captured_at,
+                                   "verdict": "OK"}) + "\n")
+    second = FolderSource(cfg, result_logs=[str(results)], clock=clock, sleep=clock.sleep)
+    second.open()
+    assert second.read(1.0) is None
