@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from edge_runtime.records import Frame
-from edge_runtime.sources.base import FrameSource, SourceError
+from edge_runtime.sources.base import FrameSource, SourceError, escape_name
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class CameraSource(FrameSource):
     def __init__(self, cfg: CameraSourceConfig, start_frame_id: int = 0, capture_factory: CaptureFactory | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.name = cfg.name or f"camera:{cfg.device}"
+        self.name = escape_name(cfg.name or f"camera:{cfg.device}")
         self._factory = capture_factory or open_capture
         self._cap: CaptureLike | None = None
         self._worker: CaptureWorker | None = None
