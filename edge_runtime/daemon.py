@@ -428,12 +428,13 @@ class Station:
             if not self._ready and self.fault_reason is None:
                 self._set_state(True, None)
             frame.frame_id = self._take_frame_id()
+            # From here until its outputs are driven the frame is "in inspection": /healthz reports a stall when
+            # this takes longer than http.stall_after_s (a hostile file in decode, an output that blocks).
             self._inspecting_since = time.monotonic()
             try:
-                result = pipeline.inspect(frame)
+                self._publish(pipeline.inspect(frame))
             finally:
                 self._inspecting_since = None
-            self._publish(result)
         return 0
 
     def _log_stats(self) -> None:
