@@ -81,6 +81,8 @@ def _validate(a: argparse.Namespace) -> int:
         msg = str(exc)
         print(f"invalid: {msg if msg.startswith(str(a.config)) else f'{a.config}: {msg}'}", file=sys.stderr)
         return 2
+    for warning in cfg.http.warnings():
+        print(f"warning: {a.config}: {warning}", file=sys.stderr)
     print(f"{a.config}: valid")
     return 0
 

@@ -11,6 +11,7 @@ from typing import Literal
 
 import yaml
 
+from edge_runtime.decode import DecodeConfig
 from edge_runtime.http_endpoint import HttpConfig
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
 from edge_runtime.safe_yaml import YamlRefused, load_strict
@@ -96,6 +97,7 @@ class StationConfig:
     # A frame (or ROI) whose size differs from the bundle's: refuse (FAULT), resize or letterbox. None: the bundle's.
     size_policy: Literal["refuse", "resize", "letterbox"] | None = None
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     source: SourceConfig
     trigger: TriggerConfig = field(default_factory=FreeRunTriggerConfig)
     outputs: list[OutputConfig] = field(default_factory=lambda: [ResultLogConfig(path="results.jsonl")])
@@ -149,6 +151,8 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
     src = cfg.source
     if isinstance(src, FolderSourceConfig):
         src.path = absolute("source.path", src.path)
+        if src.journal:
+            src.journal = absolute("source.journal", src.journal)
     elif isinstance(src, VideoSourceConfig) and not is_stream_url(src.path):
         src.path = absolute("source.path", src.path)
     for i, out in enumerate(cfg.outputs):

@@ -104,6 +104,7 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
     bundle.release()  # onnxruntime and hnswlib hold their own copies of the verified bytes now
     record_loaded(bundle, cfg.state_dir)
     pipeline.apply_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)
+    pipeline.decode_limits = cfg.decode
     return pipeline
 
 
@@ -178,6 +179,7 @@ class Station:
         self.frame_ids = FrameCounter(None)
         self._started = time.monotonic()
         self._last_heartbeat = time.monotonic()
+        self._inspecting_since: float | None = None  # set while a frame is in Pipeline.inspect (health: stalled)
         self._watchdog_period = DEFAULT_WATCHDOG_PERIOD_S
         self._last_watchdog = float("-inf")
         self._http: HttpEndpoint | None = None
@@ -245,7 +247,18 @@ class Station:
             bundle_id=pipeline.bundle.bundle_id if pipeline else None, frames=c.frames,
             last_verdict=self.last_verdict, uptime_s=time.monotonic() - self._started, verdicts=dict(self.verdicts),
             faults=c.faults + c.source_errors, skipped=getattr(self._source, "skipped", 0),
-            last_heartbeat_age_s=time.monotonic() - self._last_heartbeat, latency=self.stats, counters=counters)
+            last_heartbeat_age_s=time.monotonic() - self._last_heartbeat, latency=self.stats, counters=counters,
+            busy_s=self._busy_s(), stall_after_s=self._stall_after_s())
+
+    def _busy_s(self) -> float | None:
+        since = self._inspecting_since
+        return None if since is None else time.monotonic() - since
+
+    def _stall_after_s(self) -> float:
+        if self.cfg.http.stall_after_s is not None:
+            return self.cfg.http.stall_after_s
+        deadline_ms = self.cfg.inference.deadline_ms
+        return max(2.0, 5 * deadline_ms / 1000.0) if deadline_ms else 2.0
 
     # ---- bundle ------------------------------------------------------------------------------------------------
     def _load(self) -> bool:
@@ -484,7 +497,9 @@ class Station:
         source_open = False
         next_stats = time.monotonic() + self.cfg.logging.stats_interval_s
         if self._source is None:
-            self._source = build_source(self.cfg.source, self.frame_ids.next_id)
+            self._source = build_source(
+                self.cfg.source, self.frame_ids.next_id, state_dir=self.cfg.state_dir,
+                result_logs=[o.path for o in self.cfg.outputs if isinstance(o, ResultLogConfig)])
         while not self._stop.is_set():
             next_stats = self._housekeeping(next_stats)
             pipeline = self.pipeline
@@ -565,7 +580,13 @@ class Station:
         if not self._ready and self.fault_reason is None:
             self._set_state(True, None)
         frame.frame_id = frame_id
-        self._publish(pipeline.inspect(frame), started)
+        # From here until its outputs are driven the frame is "in inspection": /healthz reports a stall when
+        # this takes longer than http.stall_after_s (a hostile file in decode, an output that blocks).
+        self._inspecting_since = time.monotonic()
+        try:
+            self._publish(pipeline.inspect(frame), started)
+        finally:
+            self._inspecting_since = None
         return "served"
 
     def _log_stats(self) -> None:

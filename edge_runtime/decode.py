@@ -6,7 +6,9 @@ network's input is `preprocess`'s job.
 from __future__ import annotations
 
 import os
+import re
 import struct
+from dataclasses import dataclass
 
 # Refuse decompression bombs before they exhaust a small board's memory.
 MAX_PIXELS = 50_000_000
@@ -25,6 +27,34 @@ ENCODED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 
 class ImageError(ValueError):
     """The frame cannot be inspected (corrupt, empty, wrong shape): reported as FAULT with this reason."""
+
+
+@dataclass(kw_only=True)
+class DecodeConfig:
+    """Station file `decode:` section: what a frame may cost before any decoder runs.
+
+    Decode time grows with the work the file asks for, not with its pixel count alone: a progressive JPEG
+    can repeat its scans thousands of times (each one a pass over every block), so the header walk counts
+    them and refuses files that ask for more than `max_jpeg_scans`. `max_bytes_per_pixel` bounds the file
+    size against the declared pixels (8 = uncompressed 16-bit RGBA; real files are far below), plus a fixed
+    `metadata_allowance_bytes` for EXIF/ICC blocks on small images.
+    """
+
+    accept_multipage: bool = False         # multi-page TIFF / animated PNG: inspect the first page (true) or FAULT
+    max_jpeg_scans: int = 64               # progressive JPEGs normally have ~10 scans, baseline ones 1
+    max_bytes_per_pixel: float = 8.0
+    metadata_allowance_bytes: int = 1 << 20
+
+    def validate(self) -> None:
+        if not 1 <= self.max_jpeg_scans <= 10_000:
+            raise ValueError(f"max_jpeg_scans: must be 1..10000, got {self.max_jpeg_scans}")
+        if not 0 < self.max_bytes_per_pixel <= 64:
+            raise ValueError(f"max_bytes_per_pixel: must be > 0 and <= 64, got {self.max_bytes_per_pixel}")
+        if not 0 <= self.metadata_allowance_bytes <= 64 << 20:
+            raise ValueError(f"metadata_allowance_bytes: must be 0..{64 << 20}, got {self.metadata_allowance_bytes}")
+
+
+DEFAULT_LIMITS = DecodeConfig()
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -96,6 +126,73 @@ def _tiff_size(data: bytes) -> tuple[int, int]:
     return tags[256], tags[257]
 
 
+def tiff_page_count(data: bytes, limit: int = 2) -> int:
+    """Pages (IFDs) in a TIFF file, counted up to `limit` by following the next-IFD offsets."""
+    end = "<" if data[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(end + "I", data[4:8])
+    pages, seen = 0, set()
+    while ifd and pages < limit and ifd not in seen and ifd + 2 <= len(data):
+        seen.add(ifd)
+        pages += 1
+        (count,) = struct.unpack(end + "H", data[ifd:ifd + 2])
+        link = ifd + 2 + 12 * count
+        if link + 4 > len(data):
+            break
+        (ifd,) = struct.unpack(end + "I", data[link:link + 4])
+    return pages
+
+
+def png_is_animated(data: bytes) -> bool:
+    """True when an acTL chunk (APNG animation control) comes before the image data."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"acTL":
+            return True
+        if kind in (b"IDAT", b"IEND"):
+            return False  # acTL must precede IDAT (APNG spec); after it, it is not an animation
+        pos += 12 + length
+    return False
+
+
+# The next marker in entropy-coded data: 0xFF (after any fill bytes) followed by neither a stuffed 0x00 nor RSTn.
+_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+
+
+def jpeg_scan_count(data: bytes, limit: int) -> int:
+    """Start-of-scan (SOS) segments in a JPEG, counted by walking its segments; stops counting past `limit`.
+
+    Raises ValueError for a segment structure that cannot be walked."""
+    pos, scans = 2, 0
+    while pos + 2 <= len(data):
+        if data[pos] != 0xFF:
+            raise ValueError(f"JPEG marker expected at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:
+            break
+        if marker in (0x01, *range(0xD0, 0xD8)):
+            pos += 2
+            continue
+        if pos + 4 > len(data):
+            break
+        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if length < 2:
+            raise ValueError(f"JPEG segment with length {length} at byte {pos}")
+        pos += 2 + length
+        if marker == 0xDA:
+            scans += 1
+            if scans > limit:
+                break
+            found = _NEXT_MARKER.search(data, pos)
+            if found is None:
+                break
+            pos = found.end() - 2  # at the 0xFF of the marker byte pair
+    return scans
+
+
 def declared_size(data: bytes) -> tuple[str, int, int]:
     """(format, width, height) as the file's header declares them, read without decoding anything.
 
@@ -112,12 +209,15 @@ def declared_size(data: bytes) -> tuple[str, int, int]:
     raise ValueError(f"not a {', '.join(ENCODED_FORMATS[:-1])} or {ENCODED_FORMATS[-1]} file (starts with {bytes(data[:8])!r})")
 
 
-def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+def decode_image(data: bytes, name: str = "<bytes>", limits: DecodeConfig | None = None) -> np.ndarray:
     """Encoded image file -> HxWx3 uint8 RGB. Raises ImageError naming `name` and the reason.
 
-    The header is checked before OpenCV sees the bytes: a file that declares more than MAX_PIXELS (a
-    decompression bomb: a few kB of PNG can inflate to GBs) is refused without allocating the image.
+    The header is checked before OpenCV sees the bytes, so the decode cost is bounded by `limits`
+    (DEFAULT_LIMITS when None): a file that declares more than MAX_PIXELS (a decompression bomb: a few kB of
+    PNG can inflate to GBs), is larger than its pixels justify, has more JPEG scans than allowed, or holds
+    several pages/frames (unless accepted; then only the first is decoded) is refused without decoding.
     """
+    limits = limits or DEFAULT_LIMITS
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageError(f"{name}: encoded frame must be bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -136,6 +236,7 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
         # libjpeg (OpenCV 4.x) decodes a cut-off JPEG "successfully", filling the missing rows with grey:
         # a part that was never fully seen must not be inspected.
         raise ImageError(f"{name}: JPEG has no end-of-image marker (truncated file)")
+    _check_cost(data, fmt, width, height, name, limits)
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
@@ -147,6 +248,28 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
         # The decoder must not have produced something other than what the header declared.
         raise ImageError(f"{name}: decoded {image.shape[1]}x{image.shape[0]} but the {fmt} header declares {width}x{height}")
     return to_rgb(image, name, assume_bgr=True)
+
+
+def _check_cost(data: bytes, fmt: str, width: int, height: int, name: str, limits: DecodeConfig) -> None:
+    """Refuse files whose decoding would cost more than their pixel count justifies (see DecodeConfig)."""
+    allowed = limits.max_bytes_per_pixel * width * height + limits.metadata_allowance_bytes
+    if len(data) > allowed:
+        raise ImageError(f"{name}: {fmt} file of {len(data)} bytes for {width}x{height} pixels is over the "
+                         f"{limits.max_bytes_per_pixel:g} bytes/pixel limit (decode.max_bytes_per_pixel)")
+    try:
+        if fmt == "JPEG":
+            scans = jpeg_scan_count(data, limits.max_jpeg_scans)
+            if scans > limits.max_jpeg_scans:
+                raise ImageError(f"{name}: JPEG has more than {limits.max_jpeg_scans} scans "
+                                 "(decode.max_jpeg_scans; progressive files normally have about 10)")
+        elif fmt == "TIFF" and not limits.accept_multipage and tiff_page_count(data) > 1:
+            raise ImageError(f"{name}: multi-page TIFF refused (decode.accept_multipage: false)")
+        elif fmt == "PNG" and not limits.accept_multipage and png_is_animated(data):
+            raise ImageError(f"{name}: animated PNG (acTL chunk) refused (decode.accept_multipage: false)")
+    except (ValueError, struct.error) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"{name}: corrupt {fmt} structure ({exc})") from None
 
 
 def to_rgb(image: np.ndarray, name: str = "<frame>", assume_bgr: bool = True) -> np.ndarray:

@@ -5,6 +5,7 @@ the only state it can change is firing the software trigger.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import socket
@@ -21,6 +22,12 @@ log = logging.getLogger(__name__)
 
 # Requests to /trigger carry no meaningful body; refuse large ones rather than read them.
 _MAX_BODY = 4096
+# Host names every request may use besides IP literals and the configured host.
+_LOOPBACK_NAMES = ("localhost", "localhost.")
+# Sent, without reading the request, to a connection over http.max_connections, then the socket is closed.
+_BUSY_BODY = b'{"error": "too many connections, try again"}'
+_BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: "
+                  + str(len(_BUSY_BODY)).encode() + b"\r\nConnection: close\r\n\r\n" + _BUSY_BODY)
 
 
 @dataclass(kw_only=True)
@@ -29,12 +36,73 @@ class HttpConfig:
     host: str = "127.0.0.1"          # loopback by default: only local tools (curl, node exporter, a proxy) reach it
     port: int = 8088                 # 0 picks a free port (tests)
     allow_trigger: bool = False      # POST /trigger fires the software trigger; off unless asked for
+    stall_after_s: float | None = None  # /healthz says 503 "stalled" when one frame is in inspection longer;
+                                        # None: 5 x inference.deadline_ms, at least 2 s
+    max_connections: int = 16        # concurrent connections (a thread each); more get a quick 503 and are closed
+    idle_timeout_s: float = 5.0      # a connection that sends nothing for this long is closed
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names accepted besides IP literals, localhost
+                                     # and `host` (a name that is not listed is refused: DNS rebinding)
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be 0..65535, got {self.port}")
         if not self.host:
             raise ValueError("host: must not be empty")
+        if self.stall_after_s is not None and self.stall_after_s <= 0:
+            raise ValueError(f"stall_after_s: must be > 0, got {self.stall_after_s}")
+        if not 1 <= self.max_connections <= 1024:
+            raise ValueError(f"max_connections: must be 1..1024, got {self.max_connections}")
+        if not 0 < self.idle_timeout_s <= 300:
+            raise ValueError(f"idle_timeout_s: must be > 0 and <= 300, got {self.idle_timeout_s}")
+        for i, name in enumerate(self.allowed_hosts):
+            if not name or any(c in name for c in "/:@ "):
+                raise ValueError(f"allowed_hosts[{i}]: expected a bare host name, got {name!r}")
+
+    def warnings(self) -> list[str]:
+        """What an operator should know about this configuration (logged at start, printed by validate)."""
+        if not self.enabled or _is_loopback(self.host):
+            return []
+        found = [f"http.host {self.host}: the endpoint has no authentication; anyone who reaches this address "
+                 "reads /healthz and /metrics"]
+        if self.allow_trigger:
+            found.append(f"http.host {self.host}: POST /trigger is allowed (http.allow_trigger): anyone who "
+                         "reaches this address can trigger captures")
+        return found
+
+    def host_allowed(self, host_header: str | None) -> bool:
+        """True for a Host header naming this endpoint: an IP literal, localhost, `host` or `allowed_hosts`.
+
+        A browser tricked by DNS rebinding sends the attacker's name here, so names are checked; IP literals
+        cannot be rebound. A request without Host (HTTP/1.0 tools) passes."""
+        if host_header is None:
+            return True
+        name = _strip_port(host_header.strip()).lower()
+        if not name:
+            return False
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            pass
+        return name in _LOOPBACK_NAMES or name == self.host.lower() or name in (h.lower() for h in self.allowed_hosts)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _strip_port(host: str) -> str:
+    """'name:8088' -> 'name', '[::1]:8088' -> '::1'; a bare IPv6 address stays whole."""
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else ""
+    if host.count(":") == 1:
+        return host.split(":", 1)[0]
+    return host
 
 
 @dataclass
@@ -51,6 +119,8 @@ class StationStatus:
     faults: int = 0                           # FAULT results plus source/output faults
     skipped: int = 0                          # files the source could not read
     last_heartbeat_age_s: float | None = None # seconds since the inspection loop last went round
+    busy_s: float | None = None               # seconds the frame now in inspection has taken so far; None: idle
+    stall_after_s: float = 2.0                # a frame in inspection longer than this: the station is stalled
     latency: LatencyStats | None = None
     counters: dict[str, float] = field(default_factory=dict)  # further monotonic counters, exported as edge_<name>_total
 
@@ -58,10 +128,21 @@ class StationStatus:
 StatusProvider = Callable[[], StationStatus]
 
 
+def stalled_reason(status: StationStatus) -> str | None:
+    """Why the station is not making progress (a frame stuck in inspection), or None.
+
+    "ready" only means something while frames come out: a decode that runs for a minute must not be
+    reported healthy while the line waits for a verdict."""
+    if status.busy_s is not None and status.busy_s > status.stall_after_s:
+        return f"inspection stalled: the current frame has been in inspection for {status.busy_s:.1f} s (limit {status.stall_after_s:g} s)"
+    return None
+
+
 def health_document(status: StationStatus) -> dict:
+    stalled = stalled_reason(status)
     return {
-        "status": status.state,
-        "reason": status.reason,
+        "status": "stalled" if stalled else status.state,
+        "reason": stalled or status.reason,
         "bundle_id": status.bundle_id,
         "frames": status.frames,
         "last_verdict": status.last_verdict,
@@ -92,6 +173,10 @@ def render_metrics(status: StationStatus) -> str:
     metric("edge_ready", "gauge", "1 when the station inspects, 0 otherwise.", [("", 1 if status.state == "ready" else 0)])
     metric("edge_fault", "gauge", "1 while the station is in fault.", [("", 1 if status.state == "fault" else 0)])
     metric("edge_uptime_seconds", "gauge", "Seconds since the daemon started.", [("", status.uptime_s)])
+    metric("edge_stalled", "gauge", "1 while a frame has been in inspection longer than the stall limit.",
+           [("", 1 if stalled_reason(status) else 0)])
+    metric("edge_inspection_busy_seconds", "gauge", "Seconds the frame now in inspection has taken (0 when idle).",
+           [("", status.busy_s or 0.0)])
     if status.last_heartbeat_age_s is not None:
         metric("edge_last_heartbeat_age_seconds", "gauge", "Seconds since the inspection loop last went round.",
                [("", status.last_heartbeat_age_s)])
@@ -119,10 +204,20 @@ class HttpEndpoint:
         self.cfg = cfg
         self._provider = status_provider
         self._fire_trigger = fire_trigger
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _BoundedServer | None = None
         self._thread: threading.Thread | None = None
-        if cfg.allow_trigger and cfg.host not in ("127.0.0.1", "::1", "localhost"):
-            log.warning("http: POST /trigger is allowed on %s: anyone who reaches this address can trigger captures", cfg.host)
+        for warning in cfg.warnings():
+            log.warning("%s", warning)
+
+    @property
+    def active_connections(self) -> int:
+        """Connections being served now (each holds a thread and a file descriptor)."""
+        return self._server.active if self._server is not None else 0
+
+    @property
+    def rejected_connections(self) -> int:
+        """Connections turned away since start because max_connections were open."""
+        return self._server.rejected if self._server is not None else 0
 
     @property
     def port(self) -> int:
@@ -134,9 +229,9 @@ class HttpEndpoint:
         if self._server is not None:
             return
         handler = _make_handler(self)
-        server_cls = _IPv6Server if ":" in self.cfg.host else ThreadingHTTPServer
-        server = server_cls((self.cfg.host, self.cfg.port), handler)
-        server.daemon_threads = True
+        handler.timeout = self.cfg.idle_timeout_s  # socket timeout per connection (StreamRequestHandler.setup)
+        server_cls = _IPv6Server if ":" in self.cfg.host else _BoundedServer
+        server = server_cls((self.cfg.host, self.cfg.port), handler, max_connections=self.cfg.max_connections)
         self._server = server
         # A short poll interval makes stop() (and the daemon's shutdown) quick; the cost is a few wakeups a second.
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -156,6 +251,17 @@ class HttpEndpoint:
 
     # -- request handling, called from the server's threads -----------------------------------------------------
 
+    def refuse_cross_site(self, method: str, path: str, host: str | None, origin: str | None) -> tuple[int, str, bytes] | None:
+        """A 403 for a request to a state-changing or metrics endpoint that a web page elsewhere could have sent
+        (foreign Origin) or that arrived under a foreign host name (DNS rebinding); None when it may proceed."""
+        if method != "POST" and path != "/metrics":
+            return None
+        if not self.cfg.host_allowed(host):
+            return _error(HTTPStatus.FORBIDDEN, f"Host {_clip(host)!r} is not a name of this station (http.allowed_hosts)")
+        if origin is not None and (host is None or origin.strip().lower() not in (f"http://{host.strip().lower()}",)):
+            return _error(HTTPStatus.FORBIDDEN, f"cross-site request refused (Origin {_clip(origin)!r})")
+        return None
+
     def _status(self) -> StationStatus | None:
         try:
             return self._provider()
@@ -170,7 +276,8 @@ class HttpEndpoint:
                 doc = {"status": "fault", "reason": "station status unavailable (internal error)", "bundle_id": None,
                        "frames": None, "last_verdict": None, "uptime_s": None}
                 return HTTPStatus.SERVICE_UNAVAILABLE, "application/json", json.dumps(doc).encode()
-            code = HTTPStatus.OK if status.state == "ready" else HTTPStatus.SERVICE_UNAVAILABLE
+            healthy = status.state == "ready" and stalled_reason(status) is None
+            code = HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE
             return code, "application/json", json.dumps(health_document(status)).encode()
         if path == "/metrics":
             status = self._status()
@@ -196,7 +303,64 @@ class HttpEndpoint:
         return HTTPStatus.ACCEPTED, "application/json", json.dumps({"triggered": True}).encode()
 
 
-class _IPv6Server(ThreadingHTTPServer):
+def _clip(text: str | None, limit: int = 80) -> str | None:
+    return text if text is None or len(text) <= limit else text[:limit] + "..."
+
+
+def _error(code: int, message: str) -> tuple[int, str, bytes]:
+    return code, "application/json", json.dumps({"error": message}).encode()
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with at most `max_connections` connections in service (a thread and an fd each).
+
+    Beyond that a connection gets a fixed 503 without its request being read and is closed at once, so a
+    flood of idle sockets costs one accept each instead of a thread each; idle ones time out (handler
+    timeout) and free their slot."""
+
+    daemon_threads = True
+    request_queue_size = 64  # listen backlog: a burst of connects is accepted and answered, not left in SYN
+
+    def __init__(self, address, handler, *, max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._count_lock = threading.Lock()
+        self.active = 0
+        self.rejected = 0
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            with self._count_lock:
+                self.rejected += 1
+            try:
+                request.settimeout(0.2)
+                request.sendall(_BUSY_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        with self._count_lock:
+            self.active += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # the thread did not start: give the slot back
+            self._release()
+            self.shutdown_request(request)
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._count_lock:
+            self.active -= 1
+        self._slots.release()
+
+
+class _IPv6Server(_BoundedServer):
     address_family = socket.AF_INET6
 
 
@@ -218,13 +382,26 @@ def _make_handler(endpoint: HttpEndpoint) -> type[BaseHTTPRequestHandler]:
         def _path(self) -> str:
             return self.path.split("?", 1)[0]
 
+        def _refused(self) -> bool:
+            refusal = endpoint.refuse_cross_site(self.command, self._path(), self.headers.get("Host"),
+                                                 self.headers.get("Origin"))
+            if refusal is not None:
+                self.close_connection = True
+                self._send(refusal)
+                return True
+            return False
+
         def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-            self._send(endpoint.handle_get(self._path()))
+            if not self._refused():
+                self._send(endpoint.handle_get(self._path()))
 
         def do_HEAD(self) -> None:  # noqa: N802
-            self._send(endpoint.handle_get(self._path()))
+            if not self._refused():
+                self._send(endpoint.handle_get(self._path()))
 
         def do_POST(self) -> None:  # noqa: N802
+            if self._refused():
+                return
             try:
                 length = int(self.headers.get("Content-Length") or 0)
             except ValueError:

@@ -14,7 +14,7 @@ import numpy as np
 
 from edge_runtime import scoring
 from edge_runtime.bundle import Bundle, BundleError, check_index_file
-from edge_runtime.decode import ImageError, decode_image, to_rgb
+from edge_runtime.decode import DecodeConfig, ImageError, decode_image, to_rgb
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.geometry import Placement, crop_roi, cut_tiles, to_canvas
 from edge_runtime.nn_search import HnswSearch
@@ -56,6 +56,7 @@ class Pipeline:
                  providers: list[str] | None = None, ef_search: int | None = None,
                  review_threshold: float | None = None):
         self.bundle = bundle
+        self.decode_limits = DecodeConfig()  # the station file's `decode:` section replaces it (daemon)
         self.variant = bundle.variant(precision)
         self.geometry = bundle.geometry
         self.grid = bundle.grid
@@ -121,7 +122,7 @@ class Pipeline:
         region = None
         try:
             if frame.encoded is not None:
-                rgb = decode_image(frame.encoded, frame.source)
+                rgb = decode_image(frame.encoded, frame.source, self.decode_limits)
             elif frame.image is not None:
                 rgb = to_rgb(frame.image, frame.source)
             else:

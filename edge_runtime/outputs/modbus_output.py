@@ -63,12 +63,18 @@ class ModbusConfig:
     port: int = 5020          # 502 needs CAP_NET_BIND_SERVICE
     unit_id: int = 1          # 0 answers every unit id
     allow_writes: bool = False  # true: clients may write the PLC area (holding registers 16-31), nothing else
+    max_connections: int = 8    # more clients are disconnected at once; connected PLCs keep their connection
+    idle_timeout_s: float = 60.0  # a client that sends nothing for this long is disconnected
 
     def validate(self) -> None:
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port: must be 1..65535, got {self.port}")
         if not 0 <= self.unit_id <= 247:
             raise ValueError(f"unit_id: must be 0..247, got {self.unit_id}")
+        if not 1 <= self.max_connections <= 256:
+            raise ValueError(f"max_connections: must be 1..256, got {self.max_connections}")
+        if not 0 < self.idle_timeout_s <= 3600:
+            raise ValueError(f"idle_timeout_s: must be > 0 and <= 3600, got {self.idle_timeout_s}")
 
 
 def _scaled(value: float | None, upper: int = 65535) -> int:
@@ -265,9 +271,16 @@ class ModbusOutput(Output):
             # instead of an internal error.
             devices.append(SimDevice(id=0, action=self._on_unknown_unit, simdata=(bits(16), bits(16),
                                                                                 registers(1), registers(1))))
-        server = ModbusTcpServer(devices, address=(self.cfg.host, self.cfg.port))
+        server = _bounded_server_class()(devices, address=(self.cfg.host, self.cfg.port),
+                                         max_connections=self.cfg.max_connections,
+                                         idle_timeout_s=self.cfg.idle_timeout_s)
         await server.serve_forever(background=True)
         self._server = server
+
+    def connection_count(self) -> int:
+        """Client connections the server holds now (bounded by max_connections)."""
+        server = self._server
+        return len(server.active_connections) if server is not None else 0
 
     async def _on_unknown_unit(self, func_code, start_address, address, count, current, set_values):
         from pymodbus.constants import ExcCodes
@@ -297,3 +310,61 @@ class ModbusOutput(Output):
             if func_code in {3, 6, 16, 22, 23}:
                 self._plc_area = current
         return None
+
+
+def _bounded_server_class():
+    """ModbusTcpServer with bounded connections and idle time (pymodbus 3.16 has neither option).
+
+    Each connection costs a file descriptor; unbounded, a flood of idle clients exhausts the daemon's
+    descriptors and the camera or result log fails next. Over `max_connections` a new client is closed at once,
+    so PLCs already connected (and polling) keep their connection through a flood; a client silent for
+    `idle_timeout_s` is closed by a sweep on the server loop, which frees slots held by stale or idle sockets."""
+    from pymodbus.server import ModbusTcpServer
+    from pymodbus.server.requesthandler import ServerRequestHandler
+
+    class _Handler(ServerRequestHandler):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            self.last_activity = asyncio.get_running_loop().time()
+
+        def connection_made(self, transport) -> None:
+            server = self.server
+            if len(server.active_connections) > server.max_connections:
+                server.rejected += 1
+                server.active_connections.pop(self.unique_id, None)
+                transport.close()
+                return
+            self.last_activity = asyncio.get_running_loop().time()
+            super().connection_made(transport)
+            server.start_sweeper()
+
+        def data_received(self, data: bytes) -> None:
+            self.last_activity = asyncio.get_running_loop().time()
+            super().data_received(data)
+
+    class _BoundedServer(ModbusTcpServer):
+        def __init__(self, *args, max_connections: int, idle_timeout_s: float, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.max_connections = max_connections
+            self.idle_timeout_s = idle_timeout_s
+            self.rejected = 0
+            self._sweeper: asyncio.Task | None = None
+
+        def callback_new_connection(self):
+            return _Handler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
+
+        def start_sweeper(self) -> None:
+            if self._sweeper is None or self._sweeper.done():
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+        async def _sweep(self) -> None:
+            # Runs while clients are connected; checks a few times per idle period.
+            period = min(1.0, self.idle_timeout_s / 4)
+            while self.active_connections:
+                await asyncio.sleep(period)
+                cutoff = asyncio.get_running_loop().time() - self.idle_timeout_s
+                for handler in list(self.active_connections.values()):
+                    if handler.last_activity < cutoff:
+                        handler.close()
+
+    return _BoundedServer

@@ -13,10 +13,14 @@ from edge_runtime.sources.video_source import VideoSource, VideoSourceConfig
 SourceConfig = Union[FolderSourceConfig, CameraSourceConfig, VideoSourceConfig, ScriptedSourceConfig]
 
 
-def build_source(cfg: SourceConfig, start_frame_id: int = 0) -> FrameSource:
-    """The source for `cfg`, numbering frames from `start_frame_id` (a restarted daemon passes its saved counter)."""
+def build_source(cfg: SourceConfig, start_frame_id: int = 0, state_dir: str | None = None,
+                 result_logs: list[str] | None = None) -> FrameSource:
+    """The source for `cfg`, numbering frames from `start_frame_id` (a restarted daemon passes its saved counter).
+
+    `state_dir` (the station's) is where a watched folder keeps its journal of consumed files; `result_logs`
+    (the station's) tell it whether the part in flight at a crash was recorded."""
     if isinstance(cfg, FolderSourceConfig):
-        return FolderSource(cfg, start_frame_id)
+        return FolderSource(cfg, start_frame_id, state_dir=state_dir, result_logs=result_logs)
     if isinstance(cfg, CameraSourceConfig):
         return CameraSource(cfg, start_frame_id)
     if isinstance(cfg, VideoSourceConfig):

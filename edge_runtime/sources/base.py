@@ -6,6 +6,17 @@ import abc
 from edge_runtime.records import Frame
 
 
+def escape_name(name: str, limit: int = 512) -> str:
+    """A source name (file name, path, URL) safe for one line of a log or a line-oriented file.
+
+    Control characters (a newline would forge a journal line), other non-printable characters, undecodable
+    bytes (surrogate escapes) and backslashes are written as Python-style escapes, so the result is one line
+    and unambiguous; names longer than `limit` characters are cut with a marker."""
+    out = "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                  for c in name)
+    return out if len(out) <= limit else out[:limit] + f"...[{len(out) - limit} more]"
+
+
 class SourceError(RuntimeError):
     """The source cannot deliver (camera gone, stream closed): the daemon faults and retries with backoff."""
 

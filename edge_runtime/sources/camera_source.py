@@ -1,10 +1,16 @@
 """Live camera source through OpenCV (V4L2 on Linux): one decoded BGR frame per read, never a stale one after a trigger.
 
-cv2.VideoCapture sits behind `CaptureFactory` so tests can hand in a fake capture object.
+cv2.VideoCapture sits behind `CaptureFactory` so tests can hand in a fake capture object. Every driver call
+(open, grab, retrieve, release) runs in the capture's own worker thread and is waited for at most
+`read_timeout_ms` / `open_timeout_ms`: OpenCV's V4L2 backend waits 10 s for a frame, as long as the unit's
+watchdog, so a stalled camera would get the daemon killed instead of the designed FAULT and backoff. A call
+that overruns raises SourceError; the handle is abandoned and released by its worker once the driver returns.
 """
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol
 
@@ -12,7 +18,7 @@ import cv2
 import numpy as np
 
 from edge_runtime.records import Frame
-from edge_runtime.sources.base import FrameSource, SourceError
+from edge_runtime.sources.base import FrameSource, SourceError, escape_name
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,9 @@ class CameraSourceConfig:
     fourcc: str | None = None              # e.g. "MJPG" or "YUYV"
     buffer_size: int = 1                   # CAP_PROP_BUFFERSIZE: keep the driver queue short so frames are fresh
     drain_frames: int = 1                  # buffered frames discarded after a trigger before the real capture
+    read_timeout_ms: int = 2000            # a frame (drain included) not delivered within this is a stalled camera:
+                                           # SourceError -> FAULT and reopen with backoff (below the 10 s watchdog)
+    open_timeout_ms: int = 5000            # opening and configuring the device
     name: str | None = None
 
     def validate(self) -> None:
@@ -79,6 +88,64 @@ class CameraSourceConfig:
             raise ValueError(f"buffer_size: must be >= 1, got {self.buffer_size}")
         if self.drain_frames < 0:
             raise ValueError(f"drain_frames: must be >= 0, got {self.drain_frames}")
+        # Both stay below the unit's WatchdogSec=10 so a stall is reported, not killed.
+        if not 1 <= self.read_timeout_ms <= 8000:
+            raise ValueError(f"read_timeout_ms: must be 1..8000, got {self.read_timeout_ms}")
+        if not 1 <= self.open_timeout_ms <= 8000:
+            raise ValueError(f"open_timeout_ms: must be 1..8000, got {self.open_timeout_ms}")
+
+
+# Handles whose worker is still blocked in the driver after a timeout; no new handle is opened beyond this many.
+MAX_STUCK_WORKERS = 2
+
+
+class CaptureWorker:
+    """One thread that makes every call on one capture handle, so the caller can stop waiting for a stalled one.
+
+    `call(fn, timeout_s, what)` returns fn()'s result or raises what fn raised; after `timeout_s` it raises
+    SourceError and the worker is abandoned: it finishes the blocked call, runs the cleanup given to
+    `abandon()` (releasing the handle) and exits."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.abandoned = False
+        self.blocked = False   # a call overran its timeout and may still be inside the driver
+        self.thread = threading.Thread(target=self._serve, name=f"capture-{name}", daemon=True)
+        self.thread.start()
+
+    def call(self, fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
+        if self.abandoned:
+            raise SourceError(f"{self.name}: capture handle was abandoned after a stalled call")
+        done = threading.Event()
+        box: dict[str, Any] = {}
+        self._requests.put((fn, done, box))
+        if not done.wait(timeout_s):
+            self.blocked = True
+            raise SourceError(f"{self.name}: {what} did not return within {timeout_s * 1000:.0f} ms (camera stalled)")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def abandon(self, cleanup: Callable[[], None] | None = None) -> None:
+        """Stop using this worker: it runs `cleanup` after whatever call it is blocked in, then exits."""
+        self.abandoned = True
+        if cleanup is not None:
+            self._requests.put((cleanup, threading.Event(), {}))
+        self._requests.put(None)
+
+    def _serve(self) -> None:
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            fn, done, box = item
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # handed to the caller, who decides
+                box["error"] = exc
+            finally:
+                done.set()
 
 
 class CameraSource(FrameSource):
@@ -88,9 +155,11 @@ class CameraSource(FrameSource):
     def __init__(self, cfg: CameraSourceConfig, start_frame_id: int = 0, capture_factory: CaptureFactory | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.name = cfg.name or f"camera:{cfg.device}"
+        self.name = escape_name(cfg.name or f"camera:{cfg.device}")
         self._factory = capture_factory or open_capture
         self._cap: CaptureLike | None = None
+        self._worker: CaptureWorker | None = None
+        self._stuck: list[CaptureWorker] = []     # abandoned workers, until their blocked call returns
         self._next_id = start_frame_id
         self._drain_pending = False
 
@@ -98,8 +167,30 @@ class CameraSource(FrameSource):
     def next_frame_id(self) -> int:
         return self._next_id
 
+    @property
+    def stuck_calls(self) -> int:
+        """Driver calls that overran their timeout and have not returned yet."""
+        self._stuck = [w for w in self._stuck if w.thread.is_alive()]
+        return len(self._stuck)
+
     def open(self) -> None:
         self.close()
+        if self.stuck_calls >= MAX_STUCK_WORKERS:
+            raise SourceError(f"{self.name}: {self.stuck_calls} earlier camera calls are still blocked in the driver; "
+                              "not opening another handle")
+        worker = CaptureWorker(self.name)
+        opened: list[CaptureLike] = []
+        try:
+            worker.call(lambda: self._open_in_worker(opened), self.cfg.open_timeout_ms / 1000.0, "opening the camera")
+        except BaseException:
+            # Release whatever the driver hands back, whenever it does.
+            worker.abandon(lambda: [c.release() for c in opened])
+            self._stuck.append(worker)
+            raise
+        self._cap, self._worker = opened[0], worker
+        self._drain_pending = False
+
+    def _open_in_worker(self, opened: list[CaptureLike]) -> None:
         cfg = self.cfg
         try:
             cap = self._factory(cfg.device, BACKENDS[cfg.backend], [])
@@ -108,6 +199,7 @@ class CameraSource(FrameSource):
         if not cap.isOpened():
             cap.release()
             raise SourceError(f"{self.name}: cannot open camera {cfg.device!r}")
+        opened.append(cap)
         # FOURCC before the size: with V4L2 the pixel format decides which sizes exist.
         requests: list[tuple[str, int, float]] = []
         if cfg.fourcc:
@@ -125,22 +217,20 @@ class CameraSource(FrameSource):
             if not accepted or actual != value:
                 # Not fatal: many drivers round sizes/rates. The log says what the station really runs at.
                 log.warning("%s: requested %s=%s, camera reports %s", self.name, key, value, actual)
-        self._cap = cap
-        self._drain_pending = False
 
     def notify_trigger(self) -> None:
         """The trigger just fired: the next read must show the part as it is now, not a buffered frame."""
         self._drain_pending = True
 
     def read(self, timeout: float) -> Frame | None:
-        # `timeout` is not enforceable through cv2.VideoCapture; a camera that stops delivering fails grab()
-        # after the driver's own timeout, which raises SourceError below.
+        # The daemon's `timeout` is how long to wait for a trigger; a camera read is bounded by read_timeout_ms.
         if self._cap is None:
             self.open()
-        cap = self._cap
-        assert cap is not None
+        cap, worker = self._cap, self._worker
+        assert cap is not None and worker is not None
         try:
-            image = self._grab_and_retrieve(cap)
+            image = worker.call(lambda: self._grab_and_retrieve(cap), self.cfg.read_timeout_ms / 1000.0,
+                                "reading a frame")
             image = check_image(image, self.name)
         except SourceError:
             # Drop the broken capture so the next open()/read() starts from a fresh device handle.
@@ -169,9 +259,21 @@ class CameraSource(FrameSource):
         return image
 
     def close(self) -> None:
-        if self._cap is not None:
-            cap, self._cap = self._cap, None
+        cap, worker = self._cap, self._worker
+        self._cap = self._worker = None
+        if cap is None or worker is None:
+            return
+
+        def release() -> None:
             try:
                 cap.release()
             except Exception as exc:  # releasing a vanished device must not mask the original fault
                 log.warning("%s: release failed: %s", self.name, exc)
+
+        # Released by the worker, after any call still blocked in the driver; waited for only briefly.
+        worker.abandon(release)
+        if not worker.blocked:
+            worker.thread.join(self.cfg.read_timeout_ms / 1000.0)
+        if worker.thread.is_alive():
+            self._stuck.append(worker)
+            log.warning("%s: camera handle still blocked in the driver; it is released when the call returns", self.name)

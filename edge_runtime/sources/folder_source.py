@@ -1,12 +1,48 @@
 """Image folder source: replays a folder of saved images, or watches one that a camera PC writes into.
 
 It hands over file bytes only; decoding happens in the pipeline, so a corrupt file becomes a FAULT result.
+
+Watch mode, the convention for camera software (also in README.md):
+
+1. Write each image under a temporary name and rename it into place when it is complete: `name.png.tmp`,
+   `name.tmp`, `name.part` or a dotfile `.name.png`. Temporary names are never read (wrong extension, or
+   hidden). A rename within one file system is atomic, so the station sees either nothing or the whole file.
+2. Writing in place also works, more slowly: a file is handed over only when it looks complete (PNG ends with
+   its IEND chunk, JPEG with its EOI marker, BMP has the size its header declares, TIFF's first directory lies
+   inside the file) and its size and modification time did not change over one `poll_interval_s`. A file that
+   stays incomplete for `incomplete_timeout_s` is handed over anyway, so a broken part becomes a FAULT record
+   instead of silence.
+3. One image per part, one name per image. A name whose content changes later (a camera PC overwriting
+   `last.png`) is a new part.
+
+How the folder is watched: on Linux with inotify (IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE; ctypes on libc, no
+dependency), so an idle folder of 20,000 old files costs nothing between parts. Elsewhere, or with
+`watch_method: poll`, the folder's own modification time is checked every `poll_interval_s` and the folder is
+listed only when it changed (and every `rescan_interval_s` as a safety net); only new or replaced entries
+are stat'ed. The poll method sees new names and renamed-into-place files; an in-place overwrite of a name
+already handed over is seen by inotify only.
+
+Exactly once across restarts: the names handed over are acknowledged in a journal (JSON lines, fsync'd) when
+the daemon asks for the next frame or closes the source, i.e. after that part's result was published. A
+restarted daemon skips what the journal holds and inspects everything else, including parts written while it
+was down or while the folder was unavailable. The journal lives in the station's `state_dir` (or `journal:`);
+without either, consumed files are remembered in memory only (logged at open). A part whose record was written
+but whose acknowledgement was not (killed in between, a window of a few milliseconds) is inspected again
+after the restart: a part is never lost, and at most the one in flight is inspected twice.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
 import logging
 import os
+import select
 import stat
+import struct
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -14,16 +50,23 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from edge_runtime.records import Frame
-from edge_runtime.sources.base import FrameSource, SourceError
+from edge_runtime.sources.base import FrameSource, SourceError, escape_name
 
 log = logging.getLogger(__name__)
 
 # The formats the decode stage (cv2.imdecode) reads; anything else in the folder is ignored.
 SUPPORTED_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")
+# Names a writer uses while the file is not complete: never read (see the module docstring).
+TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", "~")
 
 
 def _normalise_extension(ext: str) -> str:
     return ext.strip().lower().lstrip(".")
+
+
+def is_temporary_name(name: str) -> bool:
+    """True for names a writer uses before renaming into place: dotfiles and the TEMPORARY_SUFFIXES."""
+    return name.startswith(".") or name.lower().endswith(TEMPORARY_SUFFIXES)
 
 
 @dataclass(kw_only=True)
@@ -33,8 +76,14 @@ class FolderSourceConfig:
     mode: Literal["replay", "watch"] = "replay"
     extensions: list[str] = field(default_factory=lambda: list(SUPPORTED_EXTENSIONS))
     loop: bool = False                          # replay only: start over after the last file
-    poll_interval_s: float = 0.2                # watch only: time between directory scans
-    process_existing: bool = False              # watch only: also inspect files already there at open()
+    poll_interval_s: float = 0.2                # watch only: how often files being written are checked again
+    process_existing: bool = False              # watch only: on the very first start (no journal yet), also
+                                                # inspect files already there; later starts always inspect what
+                                                # the journal does not hold
+    watch_method: Literal["auto", "inotify", "poll"] = "auto"  # auto: inotify where the platform has it
+    rescan_interval_s: float = 10.0             # poll method: list the folder at least this often
+    incomplete_timeout_s: float = 10.0          # a file that stays incomplete this long is handed over (FAULT)
+    journal: str | None = None                  # watch only: acknowledged files; default: in the station's state_dir
     name: str | None = None
 
     def validate(self) -> None:
@@ -49,10 +98,222 @@ class FolderSourceConfig:
             raise ValueError("loop: applies only to mode 'replay'")
         if self.poll_interval_s <= 0:
             raise ValueError("poll_interval_s: must be > 0")
+        if self.rescan_interval_s < self.poll_interval_s:
+            raise ValueError(f"rescan_interval_s: must be >= poll_interval_s ({self.poll_interval_s}), got {self.rescan_interval_s}")
+        if self.incomplete_timeout_s <= 0:
+            raise ValueError(f"incomplete_timeout_s: must be > 0, got {self.incomplete_timeout_s}")
+        if self.journal is not None and self.mode != "watch":
+            raise ValueError("journal: applies only to mode 'watch'")
 
 
-# (size, mtime_ns): a file is ready when this is unchanged across two polls, so half-written files wait.
-_Signature = tuple[int, int]
+# (size, mtime_ns, inode): what identifies one version of one file.
+_Signature = tuple[int, int, int]
+
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def looks_complete(path: Path, size: int) -> bool:
+    """True when the file's bytes end the way a finished image of its format ends (see the module docstring).
+
+    Formats it cannot judge are treated as complete; the stability check still applies to them."""
+    ext = path.suffix.lower()
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+            if ext == ".png":
+                fh.seek(max(0, size - len(_PNG_END)))
+                return fh.read(len(_PNG_END)) == _PNG_END
+            if ext in (".jpg", ".jpeg"):
+                fh.seek(max(0, size - 64))
+                return fh.read(64).rstrip(b"\x00").endswith(b"\xff\xd9")
+            if ext == ".bmp":
+                return len(head) >= 6 and struct.unpack("<I", head[2:6])[0] == size
+            if ext in (".tif", ".tiff") and len(head) >= 8 and head[:4] in (b"II*\x00", b"MM\x00*"):
+                end = "<" if head[:2] == b"II" else ">"
+                (ifd,) = struct.unpack(end + "I", head[4:8])
+                if ifd + 2 > size:
+                    return False
+                fh.seek(ifd)
+                (count,) = struct.unpack(end + "H", fh.read(2))
+                return ifd + 2 + 12 * count + 4 <= size
+    except (OSError, struct.error):
+        return False
+    return True
+
+
+# ---- inotify (Linux), through ctypes -----------------------------------------------------------------------
+
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_UNMOUNT = 0x00002000
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+IN_ONLYDIR = 0x01000000
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = getattr(os, "O_CLOEXEC", 0o2000000)
+_EVENT = struct.Struct("iIII")
+
+
+class InotifyWatch:
+    """One inotify watch on a folder: names that were closed after writing or moved in.
+
+    `events()` returns (names, overflowed); raises SourceError when the folder itself went away."""
+
+    def __init__(self, folder: Path) -> None:
+        libc = _libc()
+        if libc is None:
+            raise OSError(errno.ENOSYS, "inotify is not available on this platform")
+        fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        # IN_CREATE too: symlinks and hard links made in the folder produce no close-write.
+        mask = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+        if libc.inotify_add_watch(fd, os.fsencode(folder), mask) < 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(err, f"inotify_add_watch {folder}: {os.strerror(err)}")
+        self.fd = fd
+        self.folder = folder
+
+    def wait(self, timeout: float) -> bool:
+        """Block until an event is pending or `timeout` seconds passed; True if one is pending."""
+        ready, _, _ = select.select([self.fd], [], [], max(0.0, timeout))
+        return bool(ready)
+
+    def events(self) -> tuple[list[str], bool]:
+        names: list[str] = []
+        overflowed = False
+        while True:
+            try:
+                buf = os.read(self.fd, 64 * 1024)
+            except BlockingIOError:
+                return names, overflowed
+            pos = 0
+            while pos + _EVENT.size <= len(buf):
+                _, mask, _, length = _EVENT.unpack_from(buf, pos)
+                raw = buf[pos + _EVENT.size: pos + _EVENT.size + length].rstrip(b"\x00")
+                pos += _EVENT.size + length
+                if mask & IN_Q_OVERFLOW:
+                    overflowed = True
+                elif mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED):
+                    raise SourceError(f"folder source {escape_name(str(self.folder))}: the folder was removed, moved or unmounted")
+                elif raw:
+                    names.append(os.fsdecode(raw))
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.inotify_init1.argtypes = [ctypes.c_int]
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+# ---- the journal of acknowledged files ---------------------------------------------------------------------
+
+class Journal:
+    """Append-only JSON lines {"name", "size", "mtime_ns"}: files whose result was published. fsync'd per line."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.done: set[tuple[str, int, int]] = set()
+        self.existed = False
+        self._fd: int | None = None
+
+    def load(self) -> None:
+        if self.path is None or self._fd is not None:
+            return
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="surrogateescape")
+            self.existed = True
+        except FileNotFoundError:
+            text = ""
+        except OSError as exc:
+            raise SourceError(f"folder journal {escape_name(str(self.path))}: cannot read: {exc}") from exc
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                entry = json.loads(line)
+                self.done.add((entry["name"], int(entry["size"]), int(entry["mtime_ns"])))
+            except (ValueError, KeyError, TypeError):
+                # A line cut by a power loss: the file it named is inspected again, never skipped by mistake.
+                log.warning("folder journal %s: line %d unreadable, ignored", escape_name(str(self.path)), number)
+
+    def compact(self, present: set[str]) -> None:
+        """Rewrite the journal with the entries of files still in the folder (atomic), then open it for appends."""
+        if self.path is None:
+            return
+        self.done = {key for key in self.done if key[0] in present}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
+                for key in sorted(self.done):
+                    fh.write(_journal_line(key))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SourceError(f"folder journal {escape_name(str(self.path))}: cannot write: {exc}") from exc
+        self.existed = True
+
+    def add(self, key: tuple[str, int, int]) -> None:
+        self.done.add(key)
+        if self._fd is None:
+            return
+        try:
+            os.write(self._fd, _journal_line(key).encode("utf-8", "surrogateescape"))
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise SourceError(f"folder journal {escape_name(str(self.path))}: cannot append: {exc}") from exc
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def _journal_line(key: tuple[str, int, int]) -> str:
+    # json.dumps escapes control characters: a name with a newline stays on its line.
+    return json.dumps({"name": key[0], "size": key[1], "mtime_ns": key[2]}) + "\n"
+
+
+def last_record(result_log: str, tail: int = 256 * 1024) -> tuple[str, float] | None:
+    """(source, captured_at) of the newest parseable record in a result log (JSON lines), or None."""
+    try:
+        with open(result_log, "rb") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, end - tail))
+            lines = fh.read().split(b"\n")
+    except OSError:
+        return None
+    for raw in reversed(lines):
+        try:
+            record = json.loads(raw)
+            return str(record["source"]), float(record["captured_at"])
+        except (ValueError, KeyError, TypeError):
+            continue  # torn last line, or not a record
+    return None
+
+
+def default_journal_path(state_dir: str, folder: str) -> Path:
+    """<state_dir>/folder-<hash of the folder path>.journal: one journal per watched folder."""
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(folder))).hexdigest()[:16]
+    return Path(state_dir) / f"folder-{digest}.journal"
 
 
 class FolderSource(FrameSource):
@@ -61,12 +322,18 @@ class FolderSource(FrameSource):
         cfg: FolderSourceConfig,
         start_frame_id: int = 0,
         *,
+        state_dir: str | None = None,
+        result_logs: list[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
+        """`state_dir`: where the journal lives by default. `result_logs`: the station's result logs; at start the
+        newest record tells whether the part in flight at a crash was recorded (then it is not inspected again).
+        `sleep` is for tests with a fake `clock`: when given, the source never blocks on inotify but sleeps
+        with it and then reads pending events without waiting."""
         cfg.validate()
         self.cfg = cfg
-        self.name = cfg.name or f"folder:{cfg.path}"
+        self.name = escape_name(cfg.name or f"folder:{cfg.path}")
         self.skipped = 0                        # files that could not be read or resolve outside the folder
         self._next_id = start_frame_id
         self._extensions = {"." + _normalise_extension(e) for e in cfg.extensions}
@@ -77,43 +344,59 @@ class FolderSource(FrameSource):
         self._replay_done = False
         self._frames_this_pass = 0
         # watch mode state
-        self._pending: dict[Path, _Signature] = {}    # seen once with this signature, waiting for a second poll
-        self._delivered: dict[Path, _Signature] = {}  # read (or skipped) with this signature
-        self._last_poll: float | None = None
-        self._rejected: set[Path] = set()             # resolve outside the folder; counted once
+        journal_path = Path(cfg.journal) if cfg.journal else (
+            default_journal_path(state_dir, cfg.path) if state_dir and cfg.mode == "watch" else None)
+        self._journal = Journal(journal_path)
+        self._result_logs = list(result_logs or [])
+        self._started = False                          # the journal is loaded and compacted once per process
+        self._known: dict[str, int] = {}               # names seen in the folder -> inode, so listings stat only news
+        self._candidates: dict[str, tuple[_Signature | None, float]] = {}  # name -> (last signature, first seen)
+        self._in_flight: tuple[str, int, int] | None = None  # handed over, acknowledged at the next read/close
+        self._watch: InotifyWatch | None = None
+        self._dir_mtime: int | None = None
+        self._last_check: float | None = None
+        self._last_rescan = float("-inf")
+        self._rejected: set[str] = set()               # resolve outside the folder; counted once
+        # What the watch cost, for tests and diagnostics.
+        self.listings = 0
+        self.stats = 0
 
     @property
     def next_frame_id(self) -> int:
         return self._next_id
 
+    @property
+    def watch_method(self) -> str | None:
+        """'inotify' or 'poll' while watching, None otherwise."""
+        if self._root is None or self.cfg.mode != "watch":
+            return None
+        return "inotify" if self._watch is not None else "poll"
+
     # -- FrameSource -----------------------------------------------------------------------------------------
 
     def open(self) -> None:
+        self.close()
         root = Path(self.cfg.path)
         try:
             resolved = root.resolve(strict=True)
         except OSError as exc:
-            raise SourceError(f"folder source {self.cfg.path}: cannot open folder: {exc}") from exc
+            raise SourceError(f"folder source {escape_name(self.cfg.path)}: cannot open folder: {exc}") from exc
         if not resolved.is_dir():
-            raise SourceError(f"folder source {self.cfg.path}: not a folder")
+            raise SourceError(f"folder source {escape_name(self.cfg.path)}: not a folder")
         self._root = resolved
-        self._queue.clear()
-        self._pending.clear()
-        self._delivered.clear()
         self._replay_done = False
         self._frames_this_pass = 0
-        self._last_poll = None
         self._rejected.clear()
         if self.cfg.mode == "replay":
             self._queue.extend(self._list_files())
             if not self._queue:
-                log.warning("folder source %s: no %s files to replay", self.cfg.path, "/".join(sorted(self._extensions)))
-        elif not self.cfg.process_existing:
-            # Files already there were written before we started; treat them as delivered unless they change.
-            for path, sig in self._scan().items():
-                self._delivered[path] = sig
+                log.warning("folder source %s: no %s files to replay", escape_name(self.cfg.path),
+                            "/".join(sorted(self._extensions)))
+            return
+        self._open_watch()
 
     def read(self, timeout: float) -> Frame | None:
+        self._acknowledge()
         if self._root is None:
             self.open()
         deadline = self._clock() + max(0.0, timeout)
@@ -126,19 +409,204 @@ class FolderSource(FrameSource):
             remaining = deadline - self._clock()
             if remaining <= 0:
                 return None
-            wait = remaining if self.cfg.mode == "replay" else self._until_next_poll()
-            self._sleep(max(0.0, min(wait, remaining)))
+            if self.cfg.mode == "replay":
+                self._pause(remaining)
+            else:
+                self._wait_watch(remaining)
 
     @property
     def exhausted(self) -> bool:
         return self.cfg.mode == "replay" and self._replay_done and not self._queue
 
     def close(self) -> None:
-        self._root = None
-        self._queue.clear()
-        self._pending.clear()
+        try:
+            self._acknowledge()
+        finally:
+            self._root = None
+            self._queue.clear()
+            self._candidates.clear()
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
 
-    # -- internals -------------------------------------------------------------------------------------------
+    # -- watch mode ------------------------------------------------------------------------------------------
+
+    def _open_watch(self) -> None:
+        assert self._root is not None
+        if self.cfg.watch_method in ("auto", "inotify"):
+            try:
+                self._watch = InotifyWatch(self._root)
+            except OSError as exc:
+                if self.cfg.watch_method == "inotify":
+                    raise SourceError(f"folder source {escape_name(self.cfg.path)}: cannot watch with inotify: {exc}") from exc
+                log.info("folder source %s: inotify unavailable (%s); polling every %g s",
+                         escape_name(self.cfg.path), exc, self.cfg.poll_interval_s)
+        # The watch is set up before listing, so nothing written in between is missed.
+        entries = self._list_entries()
+        first_start = not self._started
+        baseline = False
+        if first_start:
+            self._journal.load()
+            if self._journal.path is None:
+                log.warning("folder source %s: no state_dir or journal configured: files consumed are remembered "
+                            "until the daemon stops, and parts written while it is down are not inspected",
+                            escape_name(self.cfg.path))
+            # Files there before the very first start are not parts (unless process_existing): journal them.
+            baseline = not self.cfg.process_existing and not self._journal.existed
+        self._known = {}
+        for name, inode in entries.items():
+            self._known[name] = inode
+            if baseline:
+                sig = self._signature(name)
+                if sig is not None:
+                    self._journal.done.add((name, sig[0], sig[1]))
+            else:
+                self._candidates.setdefault(name, (None, self._clock()))
+        if first_start:
+            self._adopt_recorded(entries)
+            self._journal.compact(set(entries))
+            self._started = True
+        self._dir_mtime = self._folder_mtime()
+        self._last_rescan = self._clock()
+        self._last_check = None
+
+    def _adopt_recorded(self, entries: dict[str, int]) -> None:
+        """A crash between writing a part's record and acknowledging it leaves that part (only the newest record
+        can be in this state) unacknowledged: find it by the result log's newest record and acknowledge it."""
+        assert self._root is not None
+        for result_log in self._result_logs:
+            newest = last_record(result_log)
+            if newest is None:
+                continue
+            source, captured_at = newest
+            for name in entries:
+                if escape_name(str(self._root / name)) != source:
+                    continue
+                sig = self._signature(name)
+                # The same version: not rewritten after it was read (mtime not after the capture, 1 s slack).
+                if sig is not None and sig[1] / 1e9 <= captured_at + 1.0 and (name, sig[0], sig[1]) not in self._journal.done:
+                    self._journal.done.add((name, sig[0], sig[1]))
+                    log.info("folder source %s: %s was recorded before the restart; not inspected again",
+                             escape_name(self.cfg.path), escape_name(name))
+                    self._candidates.pop(name, None)
+
+    def _wait_watch(self, remaining: float) -> None:
+        """Wait for events (inotify) or the next poll, at most `remaining` seconds; collect candidates."""
+        interval = self.cfg.poll_interval_s
+        until_check = 0.0 if self._last_check is None else self._last_check + interval - self._clock()
+        if self._watch is not None and not self._candidates and self._sleep is None:
+            wait = remaining  # nothing being written: sleep until an event, however long
+        else:
+            wait = min(remaining, max(0.0, until_check))
+        if self._watch is not None:
+            if self._sleep is None:
+                self._watch.wait(wait)
+            else:
+                self._sleep(wait)
+            names, overflowed = self._watch.events()
+            if overflowed:
+                log.warning("folder source %s: inotify queue overflowed; listing the folder", escape_name(self.cfg.path))
+                self._rescan()
+            now = self._clock()
+            for name in names:
+                if self._wanted(name):
+                    self._candidates.setdefault(name, (None, now))
+        else:
+            self._pause(wait)
+            self._poll_folder()
+
+    def _pause(self, seconds: float) -> None:
+        (self._sleep or time.sleep)(max(0.0, seconds))
+
+    def _poll_folder(self) -> None:
+        """Poll method: list the folder when its mtime changed or the rescan interval passed."""
+        now = self._clock()
+        if self._last_check is not None and now - self._last_check < self.cfg.poll_interval_s - 1e-6:
+            return
+        mtime = self._folder_mtime()
+        if mtime != self._dir_mtime or now - self._last_rescan >= self.cfg.rescan_interval_s:
+            self._dir_mtime = mtime
+            self._rescan()
+
+    def _rescan(self) -> None:
+        entries = self._list_entries()
+        now = self._clock()
+        self._last_rescan = now
+        for name, inode in entries.items():
+            if self._known.get(name) != inode:  # new, or replaced by a rename into place
+                self._candidates.setdefault(name, (None, now))
+        self._known = entries
+
+    def _check_candidates(self) -> None:
+        """Every poll_interval_s: hand over candidates that are complete and unchanged since the last check."""
+        now = self._clock()
+        if self._last_check is not None and now - self._last_check < self.cfg.poll_interval_s - 1e-6:
+            return
+        self._last_check = now
+        ready: list[tuple[int, str]] = []
+        for name, (previous, first_seen) in list(self._candidates.items()):
+            sig = self._signature(name)
+            if sig is None:
+                del self._candidates[name]  # gone, not a regular file, or outside the folder
+                continue
+            if (name, sig[0], sig[1]) in self._journal.done:
+                del self._candidates[name]
+                continue
+            path = self._root / name
+            stable = previous == sig and sig[0] > 0
+            if stable and (looks_complete(path, sig[0]) or now - first_seen >= self.cfg.incomplete_timeout_s):
+                if not looks_complete(path, sig[0]):
+                    log.warning("folder source %s: %s still incomplete after %g s; handing it over to be faulted",
+                                escape_name(self.cfg.path), escape_name(name), self.cfg.incomplete_timeout_s)
+                del self._candidates[name]
+                ready.append((sig[1], name))
+            else:
+                self._candidates[name] = (sig, first_seen)
+        # Oldest first, so frames follow the order the camera PC wrote them in.
+        self._queue.extend(self._root / name for _, name in sorted(ready))
+
+    def _signature(self, name: str) -> _Signature | None:
+        assert self._root is not None
+        path = self._root / name
+        self.stats += 1
+        try:
+            st = os.stat(path)  # follows symlinks: the signature is the target's
+            is_link = os.path.islink(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if is_link and not self._inside(path):
+            return None
+        return st.st_size, st.st_mtime_ns, st.st_ino
+
+    def _acknowledge(self) -> None:
+        """The daemon came back for more (or closes): the frame handed over last has its result published."""
+        if self._in_flight is not None:
+            key, self._in_flight = self._in_flight, None
+            self._journal.add(key)
+
+    def _folder_mtime(self) -> int | None:
+        assert self._root is not None
+        try:
+            return os.stat(self._root).st_mtime_ns
+        except OSError as exc:
+            raise SourceError(f"folder source {escape_name(self.cfg.path)}: folder unavailable: {exc}") from exc
+
+    # -- shared ----------------------------------------------------------------------------------------------
+
+    def _wanted(self, name: str) -> bool:
+        return not is_temporary_name(name) and os.path.splitext(name)[1].lower() in self._extensions
+
+    def _list_entries(self) -> dict[str, int]:
+        """Wanted names in the folder -> inode (from the directory listing itself: no stat per file)."""
+        assert self._root is not None
+        self.listings += 1
+        try:
+            with os.scandir(self._root) as it:
+                return {e.name: e.inode() for e in it if self._wanted(e.name)}
+        except OSError as exc:
+            raise SourceError(f"folder source {escape_name(self.cfg.path)}: cannot list folder: {exc}") from exc
 
     def _next_frame(self) -> Frame | None:
         while True:
@@ -146,8 +614,10 @@ class FolderSource(FrameSource):
                 if self.cfg.mode == "replay":
                     if not self._refill_replay():
                         return None
-                elif not self._poll_watch():
-                    return None
+                else:
+                    self._check_candidates()
+                    if not self._queue:
+                        return None
             path = self._queue.popleft()
             frame = self._read_file(path)
             if frame is not None:
@@ -163,68 +633,25 @@ class FolderSource(FrameSource):
                 self._queue.extend(files)
                 return True
             # Without this a folder of unreadable files would spin here forever.
-            log.warning("folder source %s: no readable files left to loop over", self.cfg.path)
+            log.warning("folder source %s: no readable files left to loop over", escape_name(self.cfg.path))
         self._replay_done = True
         return False
 
-    def _until_next_poll(self) -> float:
-        if self._last_poll is None:
-            return 0.0
-        return self._last_poll + self.cfg.poll_interval_s - self._clock()
-
-    def _poll_watch(self) -> bool:
-        """Scan when a poll is due; queue files whose signature matched the previous poll. True if any queued."""
-        now = self._clock()
-        # The tolerance keeps float rounding from postponing a poll by a whole interval.
-        if self._last_poll is not None and now - self._last_poll < self.cfg.poll_interval_s - 1e-6:
-            return False
-        self._last_poll = now
-        current = self._scan()
-        # Forget files that went away, so the bookkeeping stays as large as the folder, not its history.
-        for gone in set(self._delivered) - set(current):
-            del self._delivered[gone]
-        ready: list[tuple[int, str, Path]] = []
-        next_pending: dict[Path, _Signature] = {}
-        for path, sig in current.items():
-            if self._delivered.get(path) == sig:
-                continue
-            # An empty file is usually one the writer has just created: wait for content.
-            if sig[0] > 0 and self._pending.get(path) == sig:
-                ready.append((sig[1], path.name, path))
-                self._delivered[path] = sig
-            else:
-                next_pending[path] = sig
-        self._pending = next_pending
-        # Oldest first, so frames follow the order the camera PC wrote them in.
-        self._queue.extend(p for _, _, p in sorted(ready))
-        return bool(self._queue)
-
-    def _scan(self) -> dict[Path, _Signature]:
-        """Regular files inside the folder with a wanted extension, and their signatures."""
+    def _list_files(self) -> list[Path]:
+        """Replay: regular files with a wanted extension inside the folder, sorted by name."""
         assert self._root is not None
-        try:
-            entries = list(os.scandir(self._root))
-        except OSError as exc:
-            raise SourceError(f"folder source {self.cfg.path}: cannot list folder: {exc}") from exc
-        found: dict[Path, _Signature] = {}
-        for entry in entries:
-            if os.path.splitext(entry.name)[1].lower() not in self._extensions:
-                continue
-            path = self._root / entry.name
+        files = []
+        for name in sorted(self._list_entries()):
+            path = self._root / name
             try:
-                st = entry.stat()  # follows symlinks: the signature is the target's
+                if not stat.S_ISREG(os.stat(path).st_mode):
+                    continue
             except OSError:
                 continue  # vanished or a dangling link: nothing to inspect
-            if not stat.S_ISREG(st.st_mode):
+            if os.path.islink(path) and not self._inside(path):
                 continue
-            # A plain entry of the resolved folder is inside it; only links need resolving (cheap on big folders).
-            if entry.is_symlink() and not self._inside(path):
-                continue
-            found[path] = (st.st_size, st.st_mtime_ns)
-        return found
-
-    def _list_files(self) -> list[Path]:
-        return sorted(self._scan(), key=lambda p: p.name)
+            files.append(path)
+        return files
 
     def _inside(self, path: Path) -> bool:
         """True when `path` (after resolving symlinks) lies inside the folder; counts and logs the ones that do not."""
@@ -235,11 +662,12 @@ class FolderSource(FrameSource):
             return True  # vanished since the scan: the read reports it
         if resolved.is_relative_to(self._root):
             return True
-        if path not in self._rejected:
+        if path.name not in self._rejected:
             # Once per file, not on every poll or replay pass.
-            self._rejected.add(path)
+            self._rejected.add(path.name)
             self.skipped += 1
-            log.warning("folder source %s: skipping %s: it resolves to %s, outside the folder", self.cfg.path, path.name, resolved)
+            log.warning("folder source %s: skipping %s: it resolves to %s, outside the folder",
+                        escape_name(self.cfg.path), escape_name(path.name), escape_name(str(resolved)))
         return False
 
     def _read_file(self, path: Path) -> Frame | None:
@@ -247,13 +675,19 @@ class FolderSource(FrameSource):
         try:
             resolved = path.resolve(strict=True)
             if not resolved.is_relative_to(self._root):
-                raise PermissionError(f"resolves to {resolved}, outside the folder")
-            data = resolved.read_bytes()
+                raise PermissionError(f"resolves to {escape_name(str(resolved))}, outside the folder")
+            with open(resolved, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                data = fh.read()
         except OSError as exc:
             self.skipped += 1
-            log.warning("folder source %s: skipping %s: %s", self.cfg.path, path.name, exc)
+            log.warning("folder source %s: skipping %s: %s", escape_name(self.cfg.path), escape_name(path.name), exc)
             return None
-        frame = Frame(frame_id=self._next_id, source=str(path), encoded=data)
+        if self.cfg.mode == "watch":
+            # The version read is the one acknowledged: a later rewrite is a new part.
+            self._in_flight = (path.name, st.st_size, st.st_mtime_ns)
+        # The name travels into logs, records and error messages: escaped once, here.
+        frame = Frame(frame_id=self._next_id, source=escape_name(str(path)), encoded=data)
         self._next_id += 1
         self._frames_this_pass += 1
         return frame

@@ -1,6 +1,11 @@
 """Video file or network stream source (rtsp://, http://...) through OpenCV's FFmpeg backend.
 
 A file ends (exhausted) or loops; a stream that stops delivering raises SourceError so the daemon reconnects.
+
+A frame of a file that the decoder cannot decode (OpenCV returns no image, then continues with the next frame)
+is delivered as a frame without an image, which the pipeline reports as FAULT for that frame, unless the station
+file accepts damaged frames (`accept_damaged_frames: true`: skipped, counted and logged). Without this a damaged
+frame looked like the end of the file and every later part went uninspected, unreported.
 """
 from __future__ import annotations
 
@@ -13,10 +18,13 @@ from typing import Literal
 import cv2
 
 from edge_runtime.records import Frame
-from edge_runtime.sources.base import FrameSource, SourceError
+from edge_runtime.sources.base import FrameSource, SourceError, escape_name
 from edge_runtime.sources.camera_source import BACKENDS, CaptureFactory, CaptureLike, check_image, open_capture
 
 log = logging.getLogger(__name__)
+
+# Failed reads in a row after which a file is taken to have ended (a damaged run this long ends it, logged).
+MAX_DAMAGED_RUN = 30
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -33,6 +41,7 @@ class VideoSourceConfig:
     backend: Literal["any", "ffmpeg", "gstreamer"] = "any"
     open_timeout_s: float = 10.0               # streams, FFmpeg backend: give up connecting after this long
     read_timeout_s: float = 5.0                # streams, FFmpeg backend: a stalled stream fails after this long
+    accept_damaged_frames: bool = False        # files: skip frames the decoder cannot decode instead of FAULT each
     name: str | None = None
 
     def validate(self) -> None:
@@ -49,12 +58,15 @@ class VideoSource(FrameSource):
         cfg.validate()
         self.cfg = cfg
         self.is_stream = is_stream_url(cfg.path)
-        self.name = cfg.name or (f"video:{cfg.path}" if not self.is_stream else f"stream:{_redact(cfg.path)}")
+        self.name = escape_name(cfg.name or (f"video:{cfg.path}" if not self.is_stream else f"stream:{_redact(cfg.path)}"))
         self._factory = capture_factory or open_capture
         self._cap: CaptureLike | None = None
         self._next_id = start_frame_id
         self._exhausted = False
         self._frames_since_open = 0
+        self._frames_read = 0                  # position in the file, damaged frames included
+        self._pending: list[Frame] = []        # read ahead while telling a damaged frame from the end of the file
+        self.damaged_frames = 0
 
     @property
     def next_frame_id(self) -> int:
@@ -86,6 +98,8 @@ class VideoSource(FrameSource):
         self._cap = cap
         self._exhausted = False
         self._frames_since_open = 0
+        self._frames_read = 0
+        self._pending.clear()
 
     def read(self, timeout: float) -> Frame | None:
         try:
@@ -96,11 +110,22 @@ class VideoSource(FrameSource):
             raise
 
     def _read(self, timeout: float) -> Frame | None:
+        if self._pending:
+            return self._pending.pop(0)
         if self._exhausted:
             return None
         if self._cap is None:
             self.open()
         ok, image = self._read_once()
+        if not ok and not self.is_stream:
+            # One failed read is a damaged frame if a later one succeeds, the end of the file otherwise.
+            damaged = 1
+            while damaged < MAX_DAMAGED_RUN:
+                ok, image = self._read_once()
+                if ok:
+                    return self._after_damage(damaged, image)
+                damaged += 1
+            self._frames_read += damaged
         if not ok and not self.is_stream:
             if not self.cfg.loop:
                 self._exhausted = True
@@ -115,10 +140,30 @@ class VideoSource(FrameSource):
                 raise SourceError(f"{self.name}: the file has no readable frames")
         if not ok:
             raise SourceError(f"{self.name}: stream read failed (stream ended or stalled)")
+        return self._frame(image)
+
+    def _frame(self, image: object) -> Frame:
         frame = Frame(frame_id=self._next_id, source=self.name, image=check_image(image, self.name))
         self._next_id += 1
         self._frames_since_open += 1
+        self._frames_read += 1
         return frame
+
+    def _after_damage(self, damaged: int, image: object) -> Frame:
+        """`damaged` frames could not be decoded before `image`: FAULT each (or skip them when accepted)."""
+        first = self._frames_read
+        self._frames_read += damaged
+        self.damaged_frames += damaged
+        if self.cfg.accept_damaged_frames:
+            log.warning("%s: skipped %d damaged frame(s) at frame %d (accept_damaged_frames)", self.name, damaged, first)
+            return self._frame(image)
+        # No image: the pipeline reports each as FAULT, with the frame number in its source.
+        for k in range(damaged):
+            self._pending.append(Frame(frame_id=self._next_id, source=f"{self.name} frame {first + k} (damaged: "
+                                                                          "the decoder returned no image)"))
+            self._next_id += 1
+        self._pending.append(self._frame(image))
+        return self._pending.pop(0)
 
     def _read_once(self) -> tuple[bool, object]:
         assert self._cap is not None

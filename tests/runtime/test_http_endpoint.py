@@ -1,9 +1,16 @@
+import http.client
 import json
+import logging
+import os
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 
+from edge_runtime import cli
 from edge_runtime.http_endpoint import HttpConfig, HttpEndpoint, StationStatus
 from edge_runtime.latency_stats import LatencyStats
 from edge_runtime.schema import ConfigError, from_mapping
@@ -196,3 +203,101 @@ def test_config():
         from_mapping(HttpConfig, {"port": 70000}, "http")
     with pytest.raises(ConfigError, match="unknown key 'type'"):
         from_mapping(HttpConfig, {"type": "http"}, "http")
+
+
+# ---- bounded connections ---------------------------------------------------------------------------------------
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_flood_of_idle_connections_is_bounded_and_health_still_answers(serve, station):
+    station.status = StationStatus(state="ready", bundle_id="b", uptime_s=1.0)
+    ep = serve(max_connections=8, idle_timeout_s=0.5)
+    threads_before, fds_before = threading.active_count(), _open_fds()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(300):  # bounded: 300 idle clients that connect and never send a request
+            s = socket.create_connection(("127.0.0.1", ep.port), timeout=5)
+            idle.append(s)
+        # The server holds at most max_connections of them (a thread and an fd each); the rest were turned away.
+        assert ep.active_connections <= 8
+        assert threading.active_count() - threads_before <= 8 + 1
+        # Client side: 300 fds in this process; server side: at most 8 more (plus a few for the interpreter).
+        assert _open_fds() - fds_before <= 300 + 8 + 4
+        # A turned-away client reads a 503, not a hang.
+        last = idle[-1]
+        assert last.recv(200).startswith(b"HTTP/1.1 503")
+        # The idle ones time out and free their slots, so health answers while all 300 sockets are still open.
+        deadline = time.monotonic() + 30
+        while True:
+            code, _, body = request(ep, "/healthz")
+            if code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert code == 200 and json.loads(body)["status"] == "ready"
+        assert ep.rejected_connections > 0
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_connection_limits_are_validated():
+    with pytest.raises(ConfigError, match="http: max_connections: must be 1..1024, got 0"):
+        from_mapping(HttpConfig, {"max_connections": 0}, "http")
+    with pytest.raises(ConfigError, match="http: idle_timeout_s: must be > 0"):
+        from_mapping(HttpConfig, {"idle_timeout_s": 0}, "http")
+
+
+# ---- Origin / Host (cross-site requests, DNS rebinding) --------------------------------------------------------
+
+def raw_request(endpoint: HttpEndpoint, path: str, method: str = "GET", headers: dict | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", endpoint.port, timeout=10)
+    try:
+        conn.request(method, path, body=b"" if method == "POST" else None, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_cross_site_origin_cannot_fire_the_trigger(serve):
+    trig = SoftwareTrigger()
+    ep = serve(trigger=trig, allow_trigger=True)
+    here = f"127.0.0.1:{ep.port}"
+    code, body = raw_request(ep, "/trigger", "POST", {"Host": here, "Origin": "http://evil.example"})
+    assert code == 403 and b"cross-site request refused" in body
+    code, _ = raw_request(ep, "/trigger", "POST", {"Host": here, "Origin": "null"})
+    assert code == 403
+    assert trig.wait(0.0) is False
+    # Same origin, or no Origin at all (curl, a PLC gateway), still works.
+    assert raw_request(ep, "/trigger", "POST", {"Host": here, "Origin": f"http://{here}"})[0] == 202
+    assert raw_request(ep, "/trigger", "POST", {"Host": here})[0] == 202
+
+
+def test_foreign_host_name_is_refused_on_trigger_and_metrics(serve):
+    trig = SoftwareTrigger()
+    ep = serve(trigger=trig, allow_trigger=True, allowed_hosts=["station-7.plant.lan"])
+    # DNS rebinding: the attacker's name resolved to 127.0.0.1, the browser sends the attacker's Host.
+    for path, method in (("/trigger", "POST"), ("/metrics", "GET")):
+        code, body = raw_request(ep, path, method, {"Host": f"rebind.evil.example:{ep.port}"})
+        assert code == 403 and b"is not a name of this station" in body
+    assert trig.wait(0.0) is False
+    for host in (f"127.0.0.1:{ep.port}", f"localhost:{ep.port}", f"[::1]:{ep.port}", "10.0.0.5",
+                 f"STATION-7.plant.lan:{ep.port}"):
+        assert raw_request(ep, "/metrics", "GET", {"Host": host})[0] == 200, host
+    # Health is for probes and stays open.
+    assert raw_request(ep, "/healthz", "GET", {"Host": "anything.example"})[0] == 503
+
+
+def test_listening_beyond_loopback_without_authentication_warns(station, caplog, tmp_path, capsys):
+    assert HttpConfig(host="127.0.0.1").warnings() == []
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.http_endpoint"):
+        HttpEndpoint(HttpConfig(host="0.0.0.0", port=0, allow_trigger=True), station)
+    text = caplog.text
+    assert "http.host 0.0.0.0: the endpoint has no authentication" in text
+    assert "POST /trigger is allowed" in text
+    station_file = tmp_path / "station.yaml"
+    station_file.write_text("bundle: b\nsource: {type: folder, path: x}\nhttp: {host: 0.0.0.0}\n")
+    assert cli.main(["validate", str(station_file)]) == 0
+    assert "warning: " in capsys.readouterr().err

@@ -186,3 +186,71 @@ def test_config_validation_and_build():
         convert({"type": "camera", "device": "video0"}, SourceConfig, "source")
     with pytest.raises(ConfigError, match="buffer_size"):
         convert({"type": "camera", "buffer_size": 0}, SourceConfig, "source")
+
+
+# ---- stalled cameras -----------------------------------------------------------------------------------------
+
+import threading  # noqa: E402
+
+
+class StallingCapture(FakeCapture):
+    """A capture whose grab() blocks, as V4L2 does for 10 s when the camera stops delivering."""
+
+    def __init__(self, frames=None):
+        super().__init__(frames)
+        self.stall = threading.Event()     # set: grab() blocks until `unblock` is set
+        self.unblock = threading.Event()
+        self.release_event = threading.Event()
+
+    def grab(self):
+        if self.stall.is_set():
+            self.unblock.wait(30)
+            return False
+        return super().grab()
+
+    def release(self):
+        super().release()
+        self.release_event.set()
+
+
+def test_stalled_grab_becomes_a_source_error_within_read_timeout_and_the_handle_is_released_later():
+    first, second = StallingCapture([img(1)]), StallingCapture([img(2)])
+    caps = [first, second]
+    src = CameraSource(CameraSourceConfig(read_timeout_ms=200), capture_factory=lambda *a: caps.pop(0))
+    assert src.read(1.0).image[0, 0, 0] == 1
+    first.stall.set()
+    with pytest.raises(SourceError, match=r"camera:0: reading a frame did not return within 200 ms \(camera stalled\)"):
+        src.read(1.0)
+    # The handle is not released under the driver's feet while grab() is still blocked ...
+    assert not first.released and src.stuck_calls == 1
+    # ... the next read opens a fresh handle and the line goes on ...
+    assert src.read(1.0).image[0, 0, 0] == 2
+    # ... and the stalled one is released as soon as the driver lets go.
+    first.unblock.set()
+    assert first.release_event.wait(10)
+    src.close()
+    assert second.released
+
+
+def test_stalled_open_becomes_a_source_error_and_stuck_handles_are_bounded():
+    gate = threading.Event()
+
+    def hanging_factory(target, api, params):
+        gate.wait(30)
+        return FakeCapture([img(3)])
+
+    src = CameraSource(CameraSourceConfig(open_timeout_ms=100), capture_factory=hanging_factory)
+    try:
+        for _ in range(2):
+            with pytest.raises(SourceError, match="opening the camera did not return within 100 ms"):
+                src.open()
+        # Two handles are still blocked in the driver: no third is opened on top of them.
+        with pytest.raises(SourceError, match="2 earlier camera calls are still blocked in the driver"):
+            src.open()
+    finally:
+        gate.set()
+
+
+def test_read_timeout_is_validated_below_the_watchdog():
+    with pytest.raises(ConfigError, match="read_timeout_ms: must be 1..8000, got 10000"):
+        convert({"type": "camera", "read_timeout_ms": 10000}, SourceConfig, "source")

@@ -1,4 +1,7 @@
+import json
+import logging
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,14 @@ class FakeClock:
 
     def sleep(self, seconds: float) -> None:
         self.now += seconds
+
+
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def png(body: bytes) -> bytes:
+    """Bytes that end like a finished PNG (the watch hands over only complete-looking images)."""
+    return b"\x89PNG\r\n\x1a\n" + body + PNG_END
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -124,8 +135,8 @@ def test_missing_folder_raises_source_error(tmp_path):
         src.open()
 
 
-def test_watch_reads_new_file_only_after_size_is_stable(tmp_path):
-    write(tmp_path / "old.png", b"OLD")  # there before the daemon started: not inspected
+def test_watch_reads_new_file_only_when_complete_and_stable(tmp_path):
+    write(tmp_path / "old.png", png(b"OLD"))  # there before the daemon started: not inspected
     clock = FakeClock()
     src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.125),
                        start_frame_id=7, clock=clock, sleep=clock.sleep)
@@ -133,18 +144,13 @@ def test_watch_reads_new_file_only_after_size_is_stable(tmp_path):
     assert src.read(0.0) is None
 
     partial = tmp_path / "part.png"
-    write(partial, b"first half ")
-    clock.sleep(0.125)
-    assert src.read(0.0) is None        # first sighting
+    write(partial, b"\x89PNG\r\n\x1a\nfirst half ")
+    assert src.read(0.5) is None        # stable for four polls, but no IEND: the writer only paused
     with partial.open("ab") as f:
-        f.write(b"second half")         # still being written at the next poll
-    clock.sleep(0.125)
-    assert src.read(0.0) is None        # size changed: not stable yet
+        f.write(b"second half" + PNG_END)
     clock.sleep(0.0625)
-    assert src.read(0.0) is None        # no poll before poll_interval_s has passed
-    clock.sleep(0.0625)
-    frame = src.read(0.0)               # unchanged across two polls: complete
-    assert frame.encoded == b"first half second half"
+    frame = src.read(1.0)
+    assert frame.encoded == png(b"first half second half")
     assert frame.frame_id == 7
     assert src.read(1.0) is None        # delivered once, and nothing else arrives
     assert not src.exhausted            # a watched folder never runs out
@@ -157,35 +163,35 @@ def test_watch_waits_for_empty_files_to_get_content(tmp_path):
     src.open()
     (tmp_path / "new.png").touch()
     assert src.read(1.0) is None        # ten polls of a 0-byte file: the writer has only created it
-    write(tmp_path / "new.png", b"DATA")
-    assert src.read(1.0).encoded == b"DATA"
+    write(tmp_path / "new.png", png(b"DATA"))
+    assert src.read(1.0).encoded == png(b"DATA")
 
 
 def test_watch_process_existing_and_rewritten_file(tmp_path):
-    write(tmp_path / "old.png", b"OLD")
+    write(tmp_path / "old.png", png(b"OLD"))
     clock = FakeClock()
     src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.125, process_existing=True),
                        clock=clock, sleep=clock.sleep)
     src.open()
-    assert src.read(1.0).encoded == b"OLD"
+    assert src.read(1.0).encoded == png(b"OLD")
     # A camera PC that overwrites one file name per part: each new content is a new frame.
-    write(tmp_path / "old.png", b"NEWER CONTENT")
-    assert src.read(1.0).encoded == b"NEWER CONTENT"
+    write(tmp_path / "old.png", png(b"NEWER CONTENT"))
+    assert src.read(1.0).encoded == png(b"NEWER CONTENT")
     assert src.read(1.0) is None
 
 
 def test_watch_skips_symlink_from_outside_once(tmp_path):
     watched = tmp_path / "watched"
     watched.mkdir()
-    outside = write(tmp_path / "outside.png", b"OUTSIDE")
+    outside = write(tmp_path / "outside.png", png(b"OUTSIDE"))
     clock = FakeClock()
     src = FolderSource(FolderSourceConfig(path=str(watched), mode="watch", poll_interval_s=0.125),
                        clock=clock, sleep=clock.sleep)
     src.open()
     (watched / "evil.png").symlink_to(outside)
-    write(watched / "good.png", b"GOOD")
+    write(watched / "good.png", png(b"GOOD"))
     frames = [src.read(1.0), src.read(1.0)]
-    assert frames[0].encoded == b"GOOD"
+    assert frames[0].encoded == png(b"GOOD")
     assert frames[1] is None
     assert src.skipped == 1             # counted once, not on every poll
 
@@ -199,7 +205,7 @@ def test_watch_picks_up_files_written_while_running(tmp_path):
     def writer() -> None:
         for i, name in enumerate(names):
             tmp = tmp_path / (name + ".part")       # not an image extension: never picked up
-            tmp.write_bytes(bytes([i]) * 1000)
+            tmp.write_bytes(png(bytes([i]) * 1000))
             tmp.rename(tmp_path / name)             # the usual atomic hand-over
 
     t = threading.Thread(target=writer)
@@ -213,7 +219,7 @@ def test_watch_picks_up_files_written_while_running(tmp_path):
             break
     t.join()
     assert sorted(Path(f.source).name for f in got) == names
-    assert all(f.encoded == bytes([int(Path(f.source).stem[-3:])]) * 1000 for f in got)
+    assert all(f.encoded == png(bytes([int(Path(f.source).stem[-3:])]) * 1000) for f in got)
     assert [f.frame_id for f in got] == list(range(len(names)))
 
 
@@ -228,3 +234,186 @@ def test_config_from_mapping_and_build_source(tmp_path):
         convert({"type": "folder", "path": "x", "extensions": ["gif"]}, SourceConfig, "source")
     with pytest.raises(ConfigError, match=r"source\.path: required"):
         convert({"type": "folder"}, SourceConfig, "source")
+
+
+# ---- bounded idle cost -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["inotify", "poll"])
+def test_idle_watch_of_a_big_folder_does_no_per_poll_work(tmp_path, method):
+    for i in range(3000):  # old parts; the issue saw 20,000 cost a whole core, every poll stat'ing every file
+        (tmp_path / f"old_{i:05d}.png").write_bytes(png(b"x"))
+    clock = FakeClock()
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.1, watch_method=method),
+                       clock=clock, sleep=clock.sleep)
+    src.open()
+    assert src.watch_method == method
+    listings, stats = src.listings, src.stats
+    for _ in range(20):
+        assert src.read(1.0) is None    # 200 poll intervals of an idle folder
+    # inotify: the folder is not listed again; poll: only by the 10 s safety rescan (a listing, no stats).
+    assert src.listings - listings <= (0 if method == "inotify" else 2)
+    assert src.stats == stats           # no file was stat'ed
+    write(tmp_path / "new.png", png(b"NEW"))
+    assert src.read(2.0).encoded == png(b"NEW")
+    assert src.stats - stats <= 4       # only the new file is looked at
+
+
+# ---- complete files only ---------------------------------------------------------------------------------------
+
+def test_temporary_names_are_never_read_and_the_renamed_file_is_read_once(tmp_path):
+    clock = FakeClock()
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.1),
+                       clock=clock, sleep=clock.sleep)
+    src.open()
+    for tmp_name in (".part1.png", "part1.png.tmp", "part1.png.part", "part1.png~"):
+        write(tmp_path / tmp_name, png(b"P1"))
+    assert src.read(1.0) is None
+    (tmp_path / "part1.png.tmp").rename(tmp_path / "part1.png")
+    assert src.read(1.0).encoded == png(b"P1")
+    assert src.read(1.0) is None
+
+
+def test_slow_writer_gets_exactly_one_verdict(tmp_path):
+    """Real threads and clock: a writer that pauses 0.3 s between chunks (once produced four verdicts)."""
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.05))
+    src.open()
+    content = png(bytes(range(256)) * 40)
+    chunks = [content[i:i + len(content) // 4 + 1] for i in range(0, len(content), len(content) // 4 + 1)]
+
+    def writer() -> None:
+        with open(tmp_path / "slow.png", "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                fh.flush()
+                time.sleep(0.3)
+
+    def preallocating_writer() -> None:
+        # Created at full size (zeros), then filled in two halves: once got NG, then OK.
+        with open(tmp_path / "prealloc.png", "wb") as fh:
+            fh.truncate(len(content))
+            fh.flush()
+            time.sleep(0.3)
+            fh.write(content[: len(content) // 2])
+            fh.flush()
+            time.sleep(0.3)
+            fh.write(content[len(content) // 2:])
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=preallocating_writer)]
+    for t in threads:
+        t.start()
+    got = []
+    end = time.monotonic() + 10
+    while time.monotonic() < end and (any(t.is_alive() for t in threads) or len(got) < 2):
+        frame = src.read(0.2)
+        if frame is not None:
+            got.append(frame)
+    for t in threads:
+        t.join()
+    while (frame := src.read(0.5)) is not None:  # anything else that would still come
+        got.append(frame)
+    assert sorted(Path(f.source).name for f in got) == ["prealloc.png", "slow.png"]
+    assert all(f.encoded == content for f in got)
+
+
+def test_file_that_never_completes_is_handed_over_after_the_timeout_to_be_faulted(tmp_path):
+    clock = FakeClock()
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.1,
+                                          incomplete_timeout_s=2.0), clock=clock, sleep=clock.sleep)
+    src.open()
+    write(tmp_path / "cut.png", b"\x89PNG\r\n\x1a\nno end")
+    assert src.read(1.0) is None
+    assert src.read(2.0).encoded == b"\x89PNG\r\n\x1a\nno end"  # silence would be worse than a FAULT
+
+
+# ---- exactly once across restarts --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("process_existing", [False, True])
+def test_journal_makes_each_part_inspected_once_across_restarts(tmp_path, process_existing):
+    folder, state = tmp_path / "in", tmp_path / "state"
+    folder.mkdir()
+    write(folder / "history.png", png(b"H"))
+    cfg = FolderSourceConfig(path=str(folder), mode="watch", poll_interval_s=0.1, process_existing=process_existing)
+
+    def run(expect_frames: int) -> list[str]:
+        clock = FakeClock()
+        src = FolderSource(cfg, state_dir=str(state), clock=clock, sleep=clock.sleep)
+        src.open()
+        names = []
+        for _ in range(expect_frames + 1):
+            frame = src.read(1.0)
+            if frame is not None:
+                names.append(Path(frame.source).name)
+        src.close()
+        return names
+
+    assert run(1) == (["history.png"] if process_existing else [])
+    write(folder / "a.png", png(b"A"))
+    assert run(1) == ["a.png"]
+    # Written while the daemon was down: inspected after the restart, and the history is not inspected again.
+    write(folder / "b.png", png(b"B"))
+    write(folder / "c.png", png(b"C"))
+    assert sorted(run(2)) == ["b.png", "c.png"]
+    assert run(0) == []
+
+
+def test_part_in_flight_when_killed_is_inspected_again_never_lost(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cfg = FolderSourceConfig(path=str(folder), mode="watch", poll_interval_s=0.1, journal=str(tmp_path / "j.jsonl"))
+    clock = FakeClock()
+    first = FolderSource(cfg, clock=clock, sleep=clock.sleep)
+    first.open()
+    write(folder / "a.png", png(b"A"))
+    write(folder / "b.png", png(b"B"))
+    got = [Path(first.read(1.0).source).name, Path(first.read(1.0).source).name]
+    assert sorted(got) == ["a.png", "b.png"]
+    # "kill -9": no further read and no close, so the second part's result was never acknowledged.
+    second = FolderSource(cfg, clock=clock, sleep=clock.sleep)
+    second.open()
+    assert Path(second.read(1.0).source).name == got[1]
+    assert second.read(1.0) is None
+
+
+# ---- names are escaped -------------------------------------------------------------------------------------------
+
+def test_file_name_with_a_newline_cannot_forge_a_log_or_journal_line(tmp_path, caplog):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    journal = tmp_path / "j.jsonl"
+    clock = FakeClock()
+    src = FolderSource(FolderSourceConfig(path=str(folder), mode="watch", poll_interval_s=0.1, journal=str(journal)),
+                       clock=clock, sleep=clock.sleep)
+    src.open()
+    evil = "x.png\nfrom edge_runtime.daemon: frame 9 OK\x1b[2K.png"
+    write(folder / evil, png(b"E"))
+    frame = src.read(1.0)
+    assert "\n" not in frame.source and "\x1b" not in frame.source
+    assert frame.source.endswith("x.png\\nfrom edge_runtime.daemon: frame 9 OK\\x1b[2K.png")
+    assert frame.encoded == png(b"E")
+    src.close()
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["name"] == evil
+    # A name outside the folder that is logged is escaped too.
+    (folder / "link\nFAULT.png").symlink_to(tmp_path / "j.jsonl")
+    with caplog.at_level(logging.WARNING):
+        src.open()
+        src.read(1.0)
+    assert "link\\nFAULT.png" in caplog.text and "link\nFAULT" not in caplog.text
+
+
+def test_part_recorded_but_not_acknowledged_at_a_crash_is_not_inspected_again(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    results = tmp_path / "results.jsonl"
+    cfg = FolderSourceConfig(path=str(folder), mode="watch", poll_interval_s=0.1, journal=str(tmp_path / "j.jsonl"))
+    clock = FakeClock()
+    first = FolderSource(cfg, result_logs=[str(results)], clock=clock, sleep=clock.sleep)
+    first.open()
+    write(folder / "a.png", png(b"A"))
+    frame = first.read(1.0)
+    # The daemon wrote the record (fsync'd), then died before asking for the next frame.
+    results.write_text(json.dumps({"frame_id": 0, "source": frame.source, "captured_at": frame.captured_at,
+                                   "verdict": "OK"}) + "\n")
+    second = FolderSource(cfg, result_logs=[str(results)], clock=clock, sleep=clock.sleep)
+    second.open()
+    assert second.read(1.0) is None

@@ -117,3 +117,43 @@ def test_config_rules():
     assert isinstance(cfg, VideoSourceConfig) and cfg.loop
     with pytest.raises(ConfigError, match="loop"):
         convert({"type": "video", "path": "rtsp://cam/1", "loop": True}, SourceConfig, "source")
+
+
+def damage_frame(path, index: int) -> None:
+    """Zero the index-th JPEG of an MJPG .avi (up to its EOI) so FFmpeg cannot decode that frame."""
+    data = bytearray(path.read_bytes())
+    starts = [i for i in range(len(data) - 2) if data[i:i + 3] == b"\xff\xd8\xff"]
+    end = data.index(b"\xff\xd9", starts[index]) + 2
+    data[starts[index]:end] = b"\x00" * (end - starts[index])
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_frame_in_a_file_is_a_fault_not_the_end_of_the_file(video, small_bundle):
+    from edge_runtime.bundle import Bundle
+    from edge_runtime.pipeline import Pipeline
+    from edge_runtime.records import Verdict
+
+    damage_frame(video, 2)
+    src = VideoSource(VideoSourceConfig(path=str(video)))
+    src.open()
+    frames = []
+    while (f := src.read(1.0)) is not None:
+        frames.append(f)
+    # Before: the damaged frame ended the file and frames 3 and 4 were never inspected nor reported.
+    assert len(frames) == 5 and [f.frame_id for f in frames] == list(range(5))
+    assert frames[2].image is None and "frame 2 (damaged" in frames[2].source
+    assert [abs(level(frames[i]) - LEVELS[i]) <= 3 for i in (0, 1, 3, 4)] == [True] * 4
+    assert src.damaged_frames == 1
+    result = Pipeline(Bundle.load(small_bundle), threads=1).inspect(frames[2])
+    assert result.verdict is Verdict.FAULT and "damaged" in result.error
+
+
+def test_damaged_frames_are_skipped_when_the_station_accepts_them(video):
+    damage_frame(video, 2)
+    src = VideoSource(VideoSourceConfig(path=str(video), accept_damaged_frames=True))
+    src.open()
+    frames = []
+    while (f := src.read(1.0)) is not None:
+        frames.append(f)
+    assert [abs(level(f) - want) <= 3 for f, want in zip(frames, [0, 60, 180, 240])] == [True] * 4
+    assert len(frames) == 4 and src.damaged_frames == 1

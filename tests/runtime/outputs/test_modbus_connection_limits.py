@@ -1,0 +1,97 @@
+"""The Modbus TCP server bounds its connections and their idle time: a flood of idle sockets from the plant
+network cannot exhaust the daemon's file descriptors, and a polling PLC keeps being served through it."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+from pymodbus.client import ModbusTcpClient
+
+from edge_runtime.outputs.modbus_output import ModbusConfig, ModbusOutput
+from edge_runtime.records import InspectionResult, Verdict
+from edge_runtime.schema import ConfigError, from_mapping
+
+UNIT = 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def wait_until(predicate, what: str, limit_s: float = 20.0) -> None:
+    end = time.monotonic() + limit_s
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def server():
+    out = ModbusOutput(ModbusConfig(host="127.0.0.1", port=free_port(), unit_id=UNIT, max_connections=8,
+                                    idle_timeout_s=1.0))
+    out.start()
+    yield out
+    out.close()
+
+
+def test_flood_of_idle_connections_keeps_the_server_bounded_and_the_plc_served(server):
+    plc = ModbusTcpClient("127.0.0.1", port=server.cfg.port, timeout=3, retries=0)
+    assert plc.connect()
+    server.publish(InspectionResult(frame_id=7, source="cam", verdict=Verdict.NG, score=1.0, normalized_score=0.6,
+                                    threshold=1.0, timings_ms={}, bundle_id="b"))
+    fds_before = open_fds()
+    idle: list[socket.socket] = []
+    try:
+        for i in range(300):  # bounded: 300 clients that connect and never send a request
+            idle.append(socket.create_connection(("127.0.0.1", server.cfg.port), timeout=5))
+            if i % 50 == 0:
+                # The PLC, connected before the flood, keeps polling through it.
+                assert plc.read_holding_registers(0, count=3, device_id=UNIT).registers == [2, 0, 7]
+        wait_until(lambda: server.connection_count() <= 8, "the server to shed connections over the limit")
+        # Client side holds 300 sockets in this process; the server side at most 8 (plus a few for the runtime).
+        wait_until(lambda: open_fds() - fds_before <= 300 + 8 + 4, "server-side sockets to be closed")
+        assert plc.read_holding_registers(0, count=3, device_id=UNIT).registers == [2, 0, 7]
+    finally:
+        for s in idle:
+            s.close()
+        plc.close()
+
+
+def test_idle_client_is_disconnected_after_idle_timeout(server):
+    raw = socket.create_connection(("127.0.0.1", server.cfg.port), timeout=10)
+    try:
+        wait_until(lambda: server.connection_count() == 1, "the connection to register")
+        # Silent for longer than idle_timeout_s (1 s): the server closes it, the client reads EOF.
+        assert raw.recv(10) == b""
+        wait_until(lambda: server.connection_count() == 0, "the server to forget the connection")
+    finally:
+        raw.close()
+
+
+def test_limits_are_validated():
+    with pytest.raises(ConfigError, match="modbus: max_connections: must be 1..256, got 0"):
+        from_mapping(ModbusConfig, {"max_connections": 0}, "modbus")
+    with pytest.raises(ConfigError, match="modbus: idle_timeout_s: must be > 0"):
+        from_mapping(ModbusConfig, {"idle_timeout_s": -1}, "modbus")
+
+
+def test_the_unit_sets_a_descriptor_limit_above_what_the_bounded_listeners_can_hold():
+    from pathlib import Path
+
+    from edge_runtime.http_endpoint import HttpConfig
+
+    unit = (Path(__file__).parents[3] / "systemd" / "edge-runtime.service").read_text()
+    limits = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("LimitNOFILE=")]
+    assert len(limits) == 1, "LimitNOFILE must be set once, deliberately"
+    nofile = int(limits[0])
+    listeners = HttpConfig().max_connections + ModbusConfig().max_connections
+    assert listeners + 256 <= nofile <= 65536
