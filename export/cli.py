@@ -27,6 +27,23 @@ def _roi(text: str) -> tuple[int, int, int, int]:
     return x, y, w, h
 
 
+def _print_bundle(bundle, where) -> None:
+    g = bundle.geometry
+    print(f"bundle {bundle.bundle_id}: {where}")
+    print(f"  geometry: input {g.input_size[0]}x{g.input_size[1]}, {g.n_tiles} tile(s) on a "
+          f"{g.canvas_size[0]}x{g.canvas_size[1]} canvas, size policy {g.size_policy}")
+    for name in bundle.manifest["variants"]:
+        v = bundle.variant(name)
+        info = v.info["threshold_info"]
+        frr = info["expected_false_reject"]
+        band = f", REVIEW from {v.review_threshold:.4f}" if v.review_threshold else ""
+        print(f"  {name}: threshold {v.threshold:.4f}{band} ({info['method']})")
+        print(f"    expected false rejects {frr['modelled']:.2%} (95% CI {frr['modelled_ci95'][0]:.2%}-"
+              f"{frr['modelled_ci95'][1]:.2%}); cross-fitted good images at or above it: "
+              f"{frr['empirical_count']}/{frr['n']}"
+              + (f"; lowest calibration defect {info['defect_margin']:+.1%} from it" if "defect_margin" in info else ""))
+
+
 def _fit(a: argparse.Namespace) -> int:
     from edge_runtime.nn_search import HnswParams
     from export.dataset import describe_training_data
@@ -44,20 +61,7 @@ def _fit(a: argparse.Namespace) -> int:
                     default_variant=a.default_variant, product=a.product, bundle_version=a.bundle_version,
                     hnsw=HnswParams(M=a.hnsw_m, ef_construction=a.hnsw_ef_construction, ef_search=a.ef))
     bundle = fit(Path(a.data_dir), Path(a.out), s, defects, overwrite=a.overwrite)
-    g = bundle.geometry
-    print(f"bundle {bundle.bundle_id}: {a.out}")
-    print(f"  geometry: input {g.input_size[0]}x{g.input_size[1]}, {g.n_tiles} tile(s) on a "
-          f"{g.canvas_size[0]}x{g.canvas_size[1]} canvas, size policy {g.size_policy}")
-    for name in bundle.manifest["variants"]:
-        v = bundle.variant(name)
-        info = v.info["threshold_info"]
-        frr = info["expected_false_reject"]
-        band = f", REVIEW from {v.review_threshold:.4f}" if v.review_threshold else ""
-        print(f"  {name}: threshold {v.threshold:.4f}{band} ({info['method']})")
-        print(f"    expected false rejects {frr['modelled']:.2%} (95% CI {frr['modelled_ci95'][0]:.2%}-"
-              f"{frr['modelled_ci95'][1]:.2%}); cross-fitted good images at or above it: "
-              f"{frr['empirical_count']}/{frr['n']}"
-              + (f"; lowest calibration defect {info['defect_margin']:+.1%} from it" if "defect_margin" in info else ""))
+    _print_bundle(bundle, a.out)
     return 0
 
 
@@ -88,6 +92,15 @@ def _resolve_int8_target(a: argparse.Namespace) -> tuple[str, str]:
     if device:
         return int8_target_for(device), f"device {device} from {source}"
     return "x86-avx2", "default: no --device/--station; correct on every x86 CPU, pass --device for ARM or VNNI"
+
+
+def _recalibrate(a: argparse.Namespace) -> int:
+    from export.recalibrate import recalibrate
+
+    bundle = recalibrate(Path(a.bundle), Path(a.out), Path(a.calibration_defects) if a.calibration_defects else None,
+                         a.target_frr, a.review_frr, a.defect_margin, a.overwrite)
+    _print_bundle(bundle, a.out)
+    return 0
 
 
 def _evaluate(a: argparse.Namespace) -> int:
@@ -232,6 +245,23 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--bundle-version", type=int, default=None, help="monotonic integer release number; stations "
                    "refuse a lower one than they have loaded (default: UTC seconds since the epoch at fit time)")
     f.set_defaults(func=_fit)
+
+    rc = sub.add_parser("recalibrate", help="new thresholds for a bundle without refitting (defects, target, review band)",
+                        description="Recompute a bundle's operating point from its cross-fitted good scores and new "
+                                    "calibration defects, target false-reject rate or review band; writes a new "
+                                    "bundle and leaves the original as it is.")
+    rc.add_argument("bundle", help="bundle directory from edge-export fit (fitted with cross-fitting)")
+    rc.add_argument("--out", required=True, help="new bundle directory (required)")
+    rc.add_argument("--calibration-defects", default=None,
+                    help="defect images: a flat folder or one subfolder per type (default: none)")
+    rc.add_argument("--target-frr", type=float, default=None,
+                    help="target false-reject rate (default: the bundle's fit setting)")
+    rc.add_argument("--review-frr", type=float, default=None,
+                    help="lower edge of a REVIEW band at this good-part rate (default: the bundle's fit setting)")
+    rc.add_argument("--defect-margin", type=float, default=None,
+                    help="threshold at least this fraction below the lowest defect (default: the bundle's setting)")
+    rc.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (default: off, refuse)")
+    rc.set_defaults(func=_recalibrate)
 
     e = sub.add_parser("evaluate", help="score DATA_DIR/test/* with one engine; AUROC, errors at the threshold")
     e.add_argument("bundle", help="bundle directory from edge-export fit")

@@ -195,6 +195,26 @@ def cross_fit_scores(feats: dict[str, np.ndarray], n_images: int, per_image: int
     return scores
 
 
+def set_operating_point(v: dict, name: str, good_scores: np.ndarray, defect_scores: np.ndarray,
+                        bank_scores: np.ndarray | None, target_false_reject: float, review_false_reject: float | None,
+                        defect_margin: float, seed: int = 0, cross_fitted: bool = True) -> float | None:
+    """Thresholds of one variant into its manifest entry `v`; returns the calibration AUROC when defects exist."""
+    threshold, review, info = operating_point(good_scores, defect_scores, target_false_reject, review_false_reject,
+                                              bank_scores, defect_margin, seed)
+    if not cross_fitted:
+        info["method"] += " (NO cross-fitting: in-bank scores, for accuracy runs only)"
+    v["threshold"], v["review_threshold"], v["threshold_info"] = threshold, review, info
+    separation = None
+    if len(defect_scores):
+        separation = auroc(np.r_[np.zeros(len(good_scores)), np.ones(len(defect_scores))], np.r_[good_scores, defect_scores])
+        v["calibration_auroc"] = separation
+    frr = info["expected_false_reject"]
+    log(f"{name}: threshold {threshold:.4f} ({info['method']}); expected false rejects {frr['modelled']:.2%} "
+        f"(95% CI {frr['modelled_ci95'][0]:.2%}-{frr['modelled_ci95'][1]:.2%}; cross-fitted "
+        f"{frr['empirical_count']}/{frr['n']})" + (f"; review band from {review:.4f}" if review else ""))
+    return separation
+
+
 def choose_default_variant(requested: str, separation: dict[str, float], tolerance: float = 0.005) -> tuple[str, str]:
     """INT8 unless the user's calibration defects show it separating them worse than FP32 by more than `tolerance`."""
     if requested == "int8" and separation and separation["int8"] < separation["fp32"] - tolerance:
@@ -334,25 +354,14 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
         defect_scores = np.array([pipe.score_rgb(load_image(p), str(p)).score for p in defects])
         bank_scores = np.array([pipe.score_rgb(load_image(p), str(p)).score for p in bank_sample])
         good_scores = crossfit.get(name, bank_scores)
-        threshold, review, info = operating_point(good_scores, defect_scores, s.target_false_reject,
-                                                  s.review_false_reject, bank_scores, s.defect_margin, s.seed)
-        if not crossfit:
-            info["method"] += " (NO cross-fitting: in-bank scores, for accuracy runs only)"
         v = manifest["variants"][name]
-        v["threshold"] = threshold
-        v["review_threshold"] = review
-        v["threshold_info"] = info
+        sep = set_operating_point(v, name, good_scores, defect_scores, bank_scores, s.target_false_reject,
+                                  s.review_false_reject, s.defect_margin, s.seed, cross_fitted=bool(crossfit))
+        if sep is not None:
+            separation[name] = sep
         v["cross_fit_scores"] = {p.name: round(float(x), 5) for p, x in zip(images, good_scores)} if crossfit else None
         v["golden"] = [{"file": g, "score": pipe.score_rgb(load_image(out / g), g).score} for g in golden_files]
         v["golden_tolerance"] = {"relative": 1e-3 if name == "fp32" else 1e-2}
-        if len(defects):
-            separation[name] = auroc(np.r_[np.zeros(len(good_scores)), np.ones(len(defect_scores))],
-                                     np.r_[good_scores, defect_scores])
-            v["calibration_auroc"] = separation[name]
-        frr = info["expected_false_reject"]
-        log(f"{name}: threshold {threshold:.4f} ({info['method']}); expected false rejects {frr['modelled']:.2%} "
-            f"(95% CI {frr['modelled_ci95'][0]:.2%}-{frr['modelled_ci95'][1]:.2%}; cross-fitted "
-            f"{frr['empirical_count']}/{frr['n']})" + (f"; review band from {review:.4f}" if review else ""))
     manifest["default_variant"], manifest["default_variant_reason"] = choose_default_variant(s.default_variant, separation)
     log(f"default variant {manifest['default_variant']}: {manifest['default_variant_reason']}")
     manifest["fit"]["seconds"] = round(time.time() - t_fit, 1)

@@ -82,3 +82,32 @@ def test_refuses_impossible_inputs():
         operating_point(np.array([1.0]))
     with pytest.raises(ValueError, match="target false-reject"):
         operating_point(gumbel(10), target_false_reject=0)
+
+
+def test_recalibrate_moves_the_threshold_without_refitting(small_bundle, synthetic_dataset, tmp_path):
+    """New calibration defects, a review band: a new bundle, same bank and models, the original untouched."""
+    import yaml
+
+    from edge_runtime.bundle import Bundle
+    from export.cli import main as export_main
+
+    before = (small_bundle / "manifest.yaml").read_bytes()
+    defects = tmp_path / "defects"
+    defects.mkdir()
+    for kind in ("scratch", "stain"):
+        for p in sorted((synthetic_dataset / "test" / kind).glob("*.png"))[:2]:
+            (defects / f"{kind}_{p.name}").write_bytes(p.read_bytes())
+    out = tmp_path / "recal"
+    assert export_main(["recalibrate", str(small_bundle), "--out", str(out), "--calibration-defects", str(defects),
+                        "--review-frr", "0.1"]) == 0
+    assert (small_bundle / "manifest.yaml").read_bytes() == before
+    old, new = Bundle.load(small_bundle), Bundle.load(out)
+    assert new.bundle_id != old.bundle_id and new.manifest["fit"]["recalibrated_from"] == old.bundle_id
+    assert new.manifest["bundle_version"] > old.manifest["bundle_version"]
+    for name in ("fp32", "int8"):
+        v_old, v_new = old.variant(name), new.variant(name)
+        assert v_new.info["index"] == v_old.info["index"] and v_new.info["bank_size"] == v_old.info["bank_size"]
+        assert v_new.review_threshold is not None and v_new.review_threshold < v_new.threshold
+        assert v_new.info["threshold_info"]["calibration_escapes"] == 0
+        assert v_new.info["threshold_info"]["defect_scores"]["n"] == 4
+    assert yaml.safe_load((out / "manifest.yaml").read_text())["files"] == old.manifest["files"]

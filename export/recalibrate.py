@@ -1,0 +1,76 @@
+"""Re-derive a bundle's operating point without refitting: new calibration defects, target or review band.
+
+The bank, the models and the cross-fitted good scores stay; the defects are scored by the runtime's own
+pipeline, and the thresholds come from the same `operating_point` as in `fit`. The result is a new bundle
+(new id, higher bundle_version, checksums rewritten); the original is never modified.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, write_manifest
+from edge_runtime.decode import load_image
+from edge_runtime.pipeline import Pipeline
+from export.dataset import calibration_images
+from export.fit import choose_default_variant, log, set_operating_point
+
+
+def recalibrate(bundle_dir: Path, out: Path, calibration_defects: Path | None = None,
+                target_false_reject: float | None = None, review_false_reject: float | None = None,
+                defect_margin: float | None = None, overwrite: bool = False) -> Bundle:
+    """Write `out`: `bundle_dir` with thresholds recomputed. Options left None keep the bundle's fit settings.
+
+    Raises BundleError for a bundle fitted without cross-fitting (no good scores to model) and
+    FileExistsError for a non-empty `out` without `overwrite`.
+    """
+    src = Bundle.load(bundle_dir)
+    m = copy.deepcopy(src.manifest)
+    settings = m.get("fit", {}).get("settings", {})
+    target = target_false_reject if target_false_reject is not None else settings.get("target_false_reject", 0.005)
+    review = review_false_reject if review_false_reject is not None else settings.get("review_false_reject")
+    margin = defect_margin if defect_margin is not None else settings.get("defect_margin", 0.05)
+    for name, v in m["variants"].items():
+        if not v.get("cross_fit_scores"):
+            raise BundleError(f"{Path(bundle_dir) / MANIFEST}: variant {name} has no cross-fitted good scores "
+                              "(fitted with --cross-fit-folds 0): refit instead")
+    out = Path(out)
+    if out.resolve() == Path(bundle_dir).resolve():
+        raise ValueError("--out must differ from the bundle: the original is kept for rollback")
+    if out.exists():
+        if not overwrite and any(out.iterdir()):
+            raise FileExistsError(f"{out}: exists and is not empty (use --overwrite)")
+        shutil.rmtree(out)
+    shutil.copytree(bundle_dir, out, ignore=shutil.ignore_patterns(MANIFEST, SIGNATURE))
+    (out / MANIFEST).write_bytes((Path(bundle_dir) / MANIFEST).read_bytes())
+    draft = Bundle.load(out)
+    defects = calibration_images(calibration_defects) if calibration_defects else []
+    separation = {}
+    for name, v in m["variants"].items():
+        pipe = Pipeline(draft, precision=name, knn="hnsw", threads=2)
+        defect_scores = np.array([pipe.score_rgb(load_image(p), str(p)).score for p in defects])
+        good = np.array(list(v["cross_fit_scores"].values()), dtype=np.float64)
+        bank_max = v.get("threshold_info", {}).get("bank_scores_max")
+        sep = set_operating_point(v, name, good, defect_scores, np.array([bank_max]) if bank_max else None,
+                                  target, review, margin)
+        if sep is not None:
+            separation[name] = sep
+    requested = settings.get("default_variant", m["default_variant"])
+    m["default_variant"], m["default_variant_reason"] = choose_default_variant(requested, separation)
+    m["fit"] = {**m.get("fit", {}), "calibration_defects": [str(p) for p in defects],
+                "settings": {**settings, "target_false_reject": target, "review_false_reject": review,
+                             "defect_margin": margin},
+                "recalibrated_from": src.bundle_id}
+    m["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    m["bundle_id"] = None
+    if isinstance(m.get("bundle_version"), int):  # a recalibrated bundle is a newer release of the same product
+        m["bundle_version"] = max(m["bundle_version"] + 1, int(time.time()))
+    write_manifest(out, m)
+    bundle = Bundle.load(out)
+    log(f"bundle {bundle.bundle_id} (recalibrated from {src.bundle_id}) written to {out}")
+    return bundle
