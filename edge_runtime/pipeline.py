@@ -2,8 +2,8 @@
 
 `Pipeline.inspect(frame)` is the whole inspection of one part. It never raises for a bad frame: anything that
 stops a frame from being inspected becomes a FAULT result with the reason, never an OK.
-Evaluation, calibration and the self-test call the same stage functions (`score_rgb`, `score_canvas`), so there
-is one implementation of what a score is.
+Evaluation, calibration, the self-test and the torch reference call the same stage functions (`score_frame`,
+`Pipeline.score_rgb`), so there is one implementation of what a score is.
 """
 from __future__ import annotations
 
@@ -16,17 +16,18 @@ from edge_runtime import scoring
 from edge_runtime.bundle import Bundle, BundleError, check_index_file
 from edge_runtime.decode import DecodeConfig, ImageError, decode_image, to_rgb
 from edge_runtime.features import FeatureExtractor
-from edge_runtime.geometry import Placement, crop_roi, cut_tiles, to_canvas
+from edge_runtime.geometry import crop_roi, cut_tiles, to_canvas
 from edge_runtime.nn_search import HnswSearch
 from edge_runtime.preprocess import preprocess, to_tensor
 from edge_runtime.records import Frame, InspectionResult, Verdict
+from edge_runtime.scoring import decide  # noqa: F401  (the decision stage, re-exported with the pipeline)
 
 
 @dataclass(frozen=True)
 class Scored:
     score: float
     patch_scores: np.ndarray   # (n_tiles * grid_h * grid_w,)
-    anomaly_map: np.ndarray    # region h x w (or canvas h x w for score_canvas)
+    anomaly_map: np.ndarray    # float32, the inspected region's own h x w
 
 
 def score_frame(score_tiles, geometry, rgb: np.ndarray, name: str = "<frame>") -> Scored:
@@ -39,10 +40,6 @@ def score_frame(score_tiles, geometry, rgb: np.ndarray, name: str = "<frame>") -
     patch_scores = score_tiles(tensor)
     return Scored(scoring.image_score(patch_scores), patch_scores,
                   scoring.anomaly_map(patch_scores, geometry, place, region_hw))
-
-
-def decide(score: float, threshold: float, review_threshold: float | None = None) -> Verdict:
-    return scoring.decide(score, threshold, review_threshold)
 
 
 class Pipeline:
@@ -99,12 +96,6 @@ class Pipeline:
         """(n_tiles, 3, H, W) -> per-patch scores (n_tiles * rows * cols,)."""
         return self.search.distances(self.extractor(tensor))
 
-    def score_canvas(self, canvas: np.ndarray) -> Scored:
-        """A canvas-sized RGB image (what the golden self-test stores) -> score and canvas heat map."""
-        patch_scores = self.score_tiles(to_tensor(cut_tiles(canvas, self.geometry)))
-        return Scored(scoring.image_score(patch_scores), patch_scores,
-                      scoring.anomaly_map(patch_scores, self.geometry))
-
     def score_rgb(self, rgb: np.ndarray, name: str = "<frame>") -> Scored:
         return score_frame(self.score_tiles, self.geometry, rgb, name)
 
@@ -156,4 +147,4 @@ class Pipeline:
                                 captured_at=frame.captured_at, review_threshold=self.review_threshold)
 
 
-__all__ = ["Pipeline", "Scored", "decide", "score_frame", "Placement"]
+__all__ = ["Pipeline", "Scored", "decide", "score_frame"]
