@@ -266,5 +266,8 @@ def test_inspect_never_raises_and_never_passes_an_undecodable_frame(pipeline, da
         decodable = False
     if not decodable:
         assert_fault(result, "fuzz.bin")
+    elif result.verdict is Verdict.FAULT:
+        # A decodable image of another size than the bundle's frames: refused by the size policy, with its reason.
+        assert "but the bundle was fitted on" in result.error and result.score is None
     else:
         assert result.verdict in (Verdict.OK, Verdict.NG) and result.score is not None

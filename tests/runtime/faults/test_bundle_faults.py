@@ -113,7 +113,7 @@ def test_extra_files_are_ignored_and_never_loaded(bundle_copy, editor):
 
 
 # ---- manifest -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [1, 3, "2", None])
 def test_manifest_of_another_schema_version_is_refused(editor, version):
     m = editor.manifest()
     m["schema_version"] = version
