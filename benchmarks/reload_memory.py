@@ -43,8 +43,9 @@ def child(bundle: str, reloads: int, threads: int, trim: bool) -> dict:
     cfg = from_mapping(StationConfig, {"bundle": bundle, "source": {"type": "scripted"},
                                        "inference": {"threads": threads}}, "bench")
     pipeline = load_pipeline(cfg)
-    frame = np.zeros((1, 3, *([pipeline.prep.image_size] * 2)), dtype=np.float32)
-    pipeline.score_tensor(frame)
+    w, h = pipeline.geometry.input_size
+    frame = np.zeros((pipeline.geometry.n_tiles, 3, h, w), dtype=np.float32)
+    pipeline.score_tiles(frame)
     rss = [rss_mib()]
     seconds = []
     for _ in range(reloads):
@@ -58,7 +59,7 @@ def child(bundle: str, reloads: int, threads: int, trim: bool) -> dict:
         pipeline = box.pop()                 # the old one is dropped here, as in Station._apply_reload
         if trim:
             release_freed_memory()
-        pipeline.score_tensor(frame)         # the station inspects between reloads
+        pipeline.score_tiles(frame)         # the station inspects between reloads
         rss.append(rss_mib())
     return {"rss_mib": [round(r, 1) for r in rss], "reload_s_median": round(sorted(seconds)[len(seconds) // 2], 3)}
 

@@ -159,7 +159,7 @@ def test_animated_png_is_refused_unless_accepted_then_only_the_first_frame_is_de
 def test_decode_section_of_the_station_file_is_validated():
     cfg = from_mapping(DecodeConfig, {"accept_multipage": True, "max_jpeg_scans": 32}, "decode")
     assert cfg.accept_multipage and cfg.max_jpeg_scans == 32
-    with pytest.raises(ConfigError, match="decode: max_jpeg_scans: must be 1..10000, got 0"):
+    with pytest.raises(ConfigError, match="decode.max_jpeg_scans: must be 1..10000, got 0"):
         from_mapping(DecodeConfig, {"max_jpeg_scans": 0}, "decode")
 
 

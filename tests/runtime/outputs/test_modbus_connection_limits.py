@@ -78,9 +78,9 @@ def test_idle_client_is_disconnected_after_idle_timeout(server):
 
 
 def test_limits_are_validated():
-    with pytest.raises(ConfigError, match="modbus: max_connections: must be 1..256, got 0"):
+    with pytest.raises(ConfigError, match="modbus.max_connections: must be 1..256, got 0"):
         from_mapping(ModbusConfig, {"max_connections": 0}, "modbus")
-    with pytest.raises(ConfigError, match="modbus: idle_timeout_s: must be > 0"):
+    with pytest.raises(ConfigError, match="modbus.idle_timeout_s: must be > 0"):
         from_mapping(ModbusConfig, {"idle_timeout_s": -1}, "modbus")
 
 
