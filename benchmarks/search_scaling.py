@@ -236,11 +236,11 @@ def main() -> int:
     rows_a = []
     for key, r in part_a.items():
         for ef, h in r["hnsw"].items():
-            rows_a.append([f"{r['fraction']:.0%} ({r['bank_size']})", r["exact_ms_median"],
+            rows_a.append([f"{100 * r['fraction']:g}% ({r['bank_size']})", r["exact_ms_median"],
                            f"{ef}{' (manifest)' if ef == ef0 else ''}", h["search_ms_median"], h["search_ms_p95"],
                            h["approx_only_ms_median"], h["rechecked_mean"], h["rechecked_max"], h["recall_at_1"],
                            h["max_rel_image_error_without_recheck"], h["max_rel_image_error_with_recheck"]])
-    rows_build = [[f"{r['fraction']:.0%}", r["selection"], r["bank_size"], r["hnsw_build_s"], r["index_bytes"] / 1e6,
+    rows_build = [[f"{100 * r['fraction']:g}%", r["selection"], r["bank_size"], r["hnsw_build_s"], r["index_bytes"] / 1e6,
                    r["bank_bytes"] / 1e6] for r in part_a.values()]
     rows_b = [[s, f"{r['grid'][0]}x{r['grid'][1]} = {r['patches']}", r["extractor"]["fp32"]["median_ms"],
                r["extractor"]["int8"]["median_ms"], r["search"]["bank_size"], r["search"]["exact_ms_median"],
