@@ -159,9 +159,9 @@ BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / 
 
 def parse_size(text: str) -> tuple[int, int]:
     """'224' -> (224, 224); '320x224' -> (320, 224): a model input as (W, H)."""
-    w, _, h = text.lower().partition("x")
+    w, sep, h = text.lower().partition("x")
     try:
-        size = (int(w), int(h or w))
+        size = (int(w), int(h if sep else w))
     except ValueError:
         raise ValueError(f"input size must be N or WxH (e.g. 224 or 320x224), got {text!r}") from None
     if min(size) < 32:
