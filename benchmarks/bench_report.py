@@ -116,20 +116,31 @@ def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
-def write_results(name: str, title: str, body_md: str, data: dict, load: dict, m: dict | None = None) -> Path:
-    """results/NAME.json (everything) and results/NAME.md (the tables), both headed by command, machine and load."""
+def add_results_option(p) -> None:
+    """--results-dir: where write_results puts NAME.json / NAME.md (quick trial runs keep the committed ones)."""
+    p.add_argument("--results-dir", type=Path, default=RESULTS,
+                   help=f"directory for the NAME.json / NAME.md results (default {RESULTS.relative_to(RESULTS.parents[1])})")
+
+
+def write_results(name: str, title: str, body_md: str, data: dict, load: dict, m: dict | None = None,
+                  out_dir: Path | None = None) -> Path:
+    """OUT_DIR/NAME.json (everything) and OUT_DIR/NAME.md (the tables), both headed by command, machine and load.
+
+    out_dir defaults to benchmarks/results.
+    """
     m = m or machine()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     cmd = command_line()
     header = (f"# {title}\n\n`{cmd}`\n\n{when}; {machine_line(m)}\n\nLoad: {load_line(load)}\n\n")
     md = header + body_md.rstrip() + "\n"
-    (RESULTS / f"{name}.md").write_text(md)
+    (out_dir / f"{name}.md").write_text(md)
     payload = {"command": cmd, "date": when, "machine": m, "load": load, **data}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=_jsonable))
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1, default=_jsonable))
     print(md)
-    print(f"written: {RESULTS / name}.md and .json")
-    return RESULTS / f"{name}.md"
+    print(f"written: {out_dir / name}.md and .json")
+    return out_dir / f"{name}.md"
 
 
 def _jsonable(o):
@@ -146,14 +157,50 @@ DEFAULT_BUNDLE = Path("/tmp/bench_bundles/bottle10")
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 
 
-def ensure_bundle(bundle: Path, data: Path, coreset_ratio: float = 0.1, image_size: int = 224) -> Path:
-    """Fit the benchmark bundle once if it is not there yet (bottle, 10% coreset: ~2-3 min on 2 cores)."""
-    from edge_runtime.bundle import MANIFEST
+def parse_size(text: str) -> tuple[int, int]:
+    """'224' -> (224, 224); '320x224' -> (320, 224): a model input as (W, H)."""
+    w, sep, h = text.lower().partition("x")
+    try:
+        size = (int(w), int(h if sep else w))
+    except ValueError:
+        raise ValueError(f"input size must be N or WxH (e.g. 224 or 320x224), got {text!r}") from None
+    if min(size) < 32:
+        raise ValueError(f"input size {text!r}: both sides must be at least 32 px")
+    return size
 
-    if (bundle / MANIFEST).is_file():
-        return bundle
+
+def geometry_text(geom) -> str:
+    """'input 256x256, 1 tile' or 'input 224x224, 4 tiles on a 384x384 canvas': what replaced '224 px'."""
+    (w, h), (cw, ch) = geom.input_size, geom.canvas_size
+    text = f"input {w}x{h}, {geom.n_tiles} tile{'s' if geom.n_tiles != 1 else ''}"
+    return text + (f" on a {cw}x{ch} canvas" if (cw, ch) != (w, h) or geom.n_tiles != 1 else "")
+
+
+def ensure_bundle(bundle: Path, data: Path, coreset_ratio: float = 0.1, input_size: tuple[int, int] | None = None,
+                  scale: float | None = None, cross_fit_folds: int | None = None) -> Path:
+    """Fit the benchmark bundle once if it is not there yet, or if it was written by an older schema.
+
+    input_size None: the exporter's default (aspect kept, about 256 x 256 model pixels); scale: tiling (see
+    export.fit.FitSettings); cross_fit_folds None: the exporter's default. Bottle at 10%: a few minutes on 2 cores.
+    """
+    from edge_runtime.bundle import MANIFEST, SCHEMA_VERSION
+
+    manifest = bundle / MANIFEST
+    if manifest.is_file():
+        import yaml
+
+        found = (yaml.safe_load(manifest.read_text()) or {}).get("schema_version")
+        if found == SCHEMA_VERSION:
+            return bundle
+        print(f"{manifest}: schema_version {found}, this runtime reads {SCHEMA_VERSION}: fitting it again",
+              file=sys.stderr)
     from export.fit import FitSettings, fit
 
-    print(f"fitting {bundle} from {data} (coreset {coreset_ratio:.0%}, {image_size} px)", file=sys.stderr)
-    fit(data, bundle, FitSettings(coreset_ratio=coreset_ratio, image_size=image_size), overwrite=True)
+    settings = FitSettings(coreset_ratio=coreset_ratio, input_size=input_size, scale=scale)
+    if cross_fit_folds is not None:
+        settings.cross_fit_folds = cross_fit_folds
+    what = f"{input_size[0]}x{input_size[1]}" if input_size else "default input size"
+    print(f"fitting {bundle} from {data} (coreset {coreset_ratio:.0%}, {what}"
+          + (f", scale {scale}" if scale is not None else "") + ")", file=sys.stderr)
+    fit(data, bundle, settings, overwrite=True)
     return bundle

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import BOTTLE, DEFAULT_BUNDLE, LoadMonitor, ensure_bundle, md_table, write_results  # noqa: E402
+from bench_report import (BOTTLE, DEFAULT_BUNDLE, LoadMonitor, add_results_option, ensure_bundle,  # noqa: E402
+                          geometry_text, md_table, write_results)
 
 from edge_runtime.bench import run_bench  # noqa: E402
 from edge_runtime.bundle import Bundle  # noqa: E402
@@ -39,12 +40,17 @@ def conv_kind(group: int, kernel: tuple[int, ...]) -> str:
     return "pointwise 1x1" if all(k == 1 for k in kernel) else "full (stem)"
 
 
-def graph_macs(model_path: Path) -> dict:
-    """Multiply-adds per frame by convolution kind, from the FP32 ONNX graph."""
+def graph_macs(model_path: Path, n_tiles: int = 1) -> dict:
+    """Multiply-adds per frame (all `n_tiles` tiles of it) by convolution kind, from the FP32 ONNX graph."""
     import onnx
     from onnx import numpy_helper, shape_inference
 
-    model = shape_inference.infer_shapes(onnx.load(str(model_path)))
+    model = onnx.load(str(model_path))
+    # The graph's batch axis is dynamic (one row per tile): pin it to the frame's tile count, or shape inference
+    # leaves every activation shape symbolic and no convolution can be counted.
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = n_tiles
+    model = shape_inference.infer_shapes(model)
     g = model.graph
     shapes = {}
     for vi in list(g.value_info) + list(g.output) + list(g.input):
@@ -205,33 +211,37 @@ def next_steps(analysis: dict, profiles: dict, work: dict, peak: dict) -> list[s
                f"the MACs; the pointwise convolutions already run at "
                f"{2 * work['macs']['pointwise 1x1'] / i8.get('pointwise 1x1', 1e9) / 1e6:.0f} GOP/s of a "
                f"{peak['ort_int8_matmulinteger_1024']['gops']:.0f} GOP/s GEMM peak.")
-    fixed = [a["stage_p50_ms"]["decode"] + a["stage_p50_ms"]["preprocess"] for a in analysis.values()]
-    out.append(f"- Decode (PNG) and preprocess cost at least {min(fixed):.1f} ms per frame whatever the engine: a camera "
+    fixed = [sum(a["stage_p50_ms"][s] for s in ("decode", "geometry", "preprocess")) for a in analysis.values()]
+    out.append(f"- Decode (PNG), geometry and preprocess cost at least {min(fixed):.1f} ms per frame whatever the engine: a camera "
                "delivering raw frames skips the decode stage entirely.")
     return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
-    p.add_argument("--data", type=Path, default=BOTTLE)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--frames", type=int, default=83)
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE,
+                   help=f"bottle bundle, fitted there if missing (default {DEFAULT_BUNDLE})")
+    p.add_argument("--data", type=Path, default=BOTTLE, help=f"MVTec-style category folder (default {BOTTLE})")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime, hnswlib and BLAS threads (default 2)")
+    p.add_argument("--frames", type=int, default=83, help="timed frames per engine (default 83)")
+    p.add_argument("--profile-runs", type=int, default=40, help="extractor runs under the profiler per model (default 40)")
+    add_results_option(p)
     a = p.parse_args()
     ensure_bundle(a.bundle, a.data)
     bundle = Bundle.load(a.bundle)
-    n_patches, dim = bundle.grid[0] * bundle.grid[1], bundle.dim
+    geom = bundle.geometry
+    n_patches, dim = bundle.grid[0] * bundle.grid[1] * geom.n_tiles, bundle.dim   # per frame, all tiles
     params = bundle.hnsw_params
 
     monitor = LoadMonitor()
-    work = graph_macs(bundle.path(bundle.variant("fp32").model_file))
+    work = graph_macs(bundle.path(bundle.variant("fp32").model_file), geom.n_tiles)
     bank_size = int(bundle.variant("fp32").info["bank_size"])
     # Profiles first, in a process where no pool is spinning yet (after a numpy GEMM an OpenBLAS worker keeps a
     # core busy for ~0.1 s; see runtime_knobs.py): the extractor's own speed, nothing else running.
-    tensors = [preprocess(load_image(pth), bundle.preprocessing) for pth in sorted((a.data / "test" / "good").glob("*.png"))[:8]]
+    tensors = [preprocess(load_image(pth), geom, str(pth))[0] for pth in sorted((a.data / "test" / "good").glob("*.png"))[:8]]
     profiles = {}
     for prec in ("fp32", "int8"):
-        profiles[prec] = op_profile(bundle.path(bundle.variant(prec).model_file), tensors, a.threads, 40)
+        profiles[prec] = op_profile(bundle.path(bundle.variant(prec).model_file), tensors, a.threads, a.profile_runs)
         time.sleep(0.3)
     peak = gemm_rates(a.threads, bank_size, n_patches, dim)
     runs = {}
@@ -262,7 +272,7 @@ def main() -> int:
         analysis[key] = {"stage_p50_ms": st, "features_gops": feat_rate, "features_pct_of_peak": 100 * feat_rate / feat_peak,
                          "search_macs": search_macs, "search_macs_note": search_note, "search_gflops": search_rate,
                          "search_pct_of_gemm": 100 * search_rate / search_peak}
-        rows.append([key, st["decode"], st["preprocess"], st["features"], f"{feat_rate:.1f} ({100 * feat_rate / feat_peak:.0f}%)",
+        rows.append([key, st["decode"], st["geometry"], st["preprocess"], st["features"], f"{feat_rate:.1f} ({100 * feat_rate / feat_peak:.0f}%)",
                      st["search"], f"{search_macs / 1e6:.0f}", f"{search_rate:.1f} ({100 * search_rate / search_peak:.0f}%)",
                      st["scoring"], st["total"]])
 
@@ -278,7 +288,7 @@ def main() -> int:
                               f"{2 * kind_macs / ms / 1e6:.1f}" if kind_macs else "-"])
     op_rows = [[prec, ", ".join(f"{op} {ms:.2f}" for op, ms in list(prof["ms_per_frame_by_op"].items())[:8])]
                for prec, prof in profiles.items()]
-    body = [f"Bundle {bundle.bundle_id}: lite0 {bundle.preprocessing.image_size} px, {n_patches} patches x {dim}-d, "
+    body = [f"Bundle {bundle.bundle_id}: lite0 {geometry_text(geom)}, {n_patches} patches per frame x {dim}-d, "
             f"bank {bank_size}, HNSW M={params.M} ef={params.ef_search}; {a.threads} threads; stage times are medians "
             f"over {a.frames} bottle test frames (edge_runtime.bench.run_bench).",
             "", "## Work per frame (feature graph)", "",
@@ -287,7 +297,7 @@ def main() -> int:
             "", "## Measured peak rates on this machine", "",
             md_table(["kernel", "GFLOP/s (GOP/s for int8)", "best ms", "median ms"], peak_rows),
             "", "## Stages against the peak", "",
-            md_table(["engine", "decode ms", "preprocess ms", "features ms", "features GOP/s (% of peak)", "search ms",
+            md_table(["engine", "decode ms", "geometry ms", "preprocess ms", "features ms", "features GOP/s (% of peak)", "search ms",
                       "search M MACs", "search GFLOP/s (% of same-shape sgemm)", "scoring ms", "total ms"], rows),
             f"\nFeature peak: {fp32_peak:.0f} GFLOP/s FP32 (best of numpy / onnxruntime 1024^3), {int8_peak:.0f} GOP/s INT8 "
             f"(onnxruntime MatMulInteger 1024^3). Search peak: numpy sgemm at the exact-search shape, {search_peak:.0f} GFLOP/s. "
@@ -298,7 +308,8 @@ def main() -> int:
     body += ["", "## What would cut time next (from the figures above)", "", *next_steps(analysis, profiles, work, peak)]
     write_results("compute_floor", "Compute floor: work per frame vs measured peak", "\n".join(body),
                   {"bundle": str(a.bundle), "bundle_id": bundle.bundle_id, "threads": a.threads, "work": work,
-                   "peak": peak, "runs": runs, "analysis": analysis, "profiles": profiles}, load)
+                   "peak": peak, "runs": runs, "analysis": analysis, "profiles": profiles,
+                   "geometry": geom.to_manifest()}, load, out_dir=a.results_dir)
     return 0
 
 

@@ -9,7 +9,7 @@ loop, with a real AF_UNIX socket as NOTIFY_SOCKET. Measured from outside, from /
   memory      VmRSS at READY (bundle loaded, nothing inspected yet), VmRSS and VmHWM after --frames inspected
               frames (steady state), and the same for a station whose bundle is missing (the runtime alone)
   stop        SIGTERM -> exit (finishes the frame in hand, flushes the log)
-Per-frame latency comes from the result log (decode of a 900x900 PNG included).
+Per-frame latency comes from the result log (decode of the PNG included).
 Writes benchmarks/results/daemon_footprint.{json,md}. Without --bundle it fits (once) the 10% coreset bottle
 bundle the other benchmarks share.
 """
@@ -32,7 +32,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import BOTTLE, DEFAULT_BUNDLE, LoadMonitor, ensure_bundle, md_table, median, percentile, write_results  # noqa: E402
+from bench_report import (BOTTLE, DEFAULT_BUNDLE, LoadMonitor, add_results_option, ensure_bundle,  # noqa: E402
+                          geometry_text, md_table, median, percentile, write_results)
 
 # (label, precision, knn); None precision: a station whose bundle is missing, so the daemon idles in FAULT.
 SETTINGS = (("INT8 + hnsw", "int8", "hnsw"), ("FP32 + exact", "fp32", "exact"), ("no bundle (FAULT)", None, None))
@@ -147,11 +148,12 @@ def one_run(workdir: Path, images: Path, bundle: Path, precision: str | None, kn
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bundle", type=Path, default=None, help=f"default: {DEFAULT_BUNDLE} (fitted if missing)")
-    p.add_argument("--data", type=Path, default=BOTTLE)
-    p.add_argument("--runs", type=int, default=3, help="fresh daemon processes per setting")
-    p.add_argument("--frames", type=int, default=40, help="frames inspected before the steady-state reading")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bundle", type=Path, default=None, help=f"bundle directory (default {DEFAULT_BUNDLE}, fitted if missing)")
+    p.add_argument("--data", type=Path, default=BOTTLE, help=f"MVTec-style category folder (default {BOTTLE})")
+    p.add_argument("--runs", type=int, default=3, help="fresh daemon processes per setting (default 3)")
+    p.add_argument("--frames", type=int, default=40, help="frames inspected before the steady-state reading (default 40)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime and hnswlib threads (default 2)")
+    add_results_option(p)
     a = p.parse_args()
     bundle = ensure_bundle(a.bundle or DEFAULT_BUNDLE, a.data)
     manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
@@ -188,16 +190,23 @@ def main() -> int:
     headers = ["setting", "model+index MiB", "start -> READY s", "bundle load s", "RSS at READY MiB",
                "RSS steady MiB", "VmHWM MiB", "features ms p50", "search ms p50", "frame ms p50", "frame ms p95",
                "SIGTERM -> exit s"]
+    from edge_runtime.decode import load_image
+    from edge_runtime.geometry import Geometry
+
     bank = manifest["variants"]["int8"].get("bank_size")
-    body = (f"Bundle {manifest['bundle_id']} ({bundle}; bottle, {manifest['preprocessing']['image_size']} px, bank "
+    geom = Geometry.from_manifest(manifest["geometry"])
+    tests = sorted((a.data / "test").rglob("*.png"))
+    frame_h, frame_w = load_image(tests[0]).shape[:2]
+    body = (f"Bundle {manifest['bundle_id']} ({bundle}; bottle, {geometry_text(geom)}, bank "
             f"{bank} vectors x {manifest['features']['dim']}-d). Medians over {a.runs} fresh `edge-runtime run` "
-            f"processes per setting, {a.threads} threads, steady state after {a.frames} frames of the 83 bottle test "
-            f"PNGs (900x900, decoded every frame). 'bundle load' is the daemon's own start-up line (verify + "
+            f"processes per setting, {a.threads} threads, steady state after {a.frames} frames of the {len(tests)} "
+            f"bottle test PNGs ({frame_w}x{frame_h}, decoded every frame). 'bundle load' is the daemon's own start-up line (verify + "
             f"session + index + golden self-test); the rest of start -> READY is interpreter start and imports.\n\n"
             + md_table(headers, rows))
     write_results("daemon_footprint", "Daemon footprint: memory and start-up", body,
                   {"bundle": str(bundle), "bundle_id": manifest["bundle_id"], "runs": a.runs, "frames": a.frames,
-                   "threads": a.threads, "table": {"headers": headers, "rows": rows}, "raw": results}, load)
+                   "threads": a.threads, "table": {"headers": headers, "rows": rows}, "raw": results}, load,
+                  out_dir=a.results_dir)
     return 0
 
 

@@ -21,9 +21,10 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import BOTTLE, DEFAULT_BUNDLE, LoadMonitor, ensure_bundle, md_table, median, percentile, write_results  # noqa: E402
+from bench_report import (BOTTLE, DEFAULT_BUNDLE, LoadMonitor, add_results_option, ensure_bundle,  # noqa: E402
+                          geometry_text, md_table, median, percentile, write_results)
 
-STAGES = ("decode", "preprocess", "features", "search", "scoring", "decision", "total")
+STAGES = ("decode", "geometry", "preprocess", "features", "search", "scoring", "decision", "total")
 
 # name -> (environment, onnxruntime spins, OpenCV threads (None: its default), hnswlib threads (None: --threads), what)
 SETTINGS = {
@@ -74,9 +75,11 @@ def spin_probe(a: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     bank = rng.standard_normal((int(bundle.variant(a.precision).info["bank_size"]), bundle.dim), dtype=np.float32)
     rows8 = rng.standard_normal((8, bundle.dim), dtype=np.float32)
-    rows_all = rng.standard_normal((bundle.grid[0] * bundle.grid[1], bundle.dim), dtype=np.float32)
+    geom = bundle.geometry
+    rows_all = rng.standard_normal((bundle.grid[0] * bundle.grid[1] * geom.n_tiles, bundle.dim), dtype=np.float32)
     session = make_session(bundle.path(bundle.variant(a.precision).model_file), a.threads)
-    x = np.zeros((1, 3, bundle.preprocessing.image_size, bundle.preprocessing.image_size), dtype=np.float32)
+    width, height = geom.input_size
+    x = np.zeros((geom.n_tiles, 3, height, width), dtype=np.float32)   # one frame: every tile in one run
     name = session.get_inputs()[0].name
     print(json.dumps({
         "onnxruntime features run": idle_cpu_after(lambda: session.run(None, {name: x})),
@@ -110,7 +113,7 @@ def worker(a: argparse.Namespace) -> None:
         cv2.setNumThreads(cv_threads)
     if hnsw_threads is not None and a.knn == "hnsw":
         pipe.search.index.set_num_threads(hnsw_threads)
-    images = [(str(f), f.read_bytes()) for f in sorted((a.data / "test").rglob("*.png"))]
+    images = [(str(f), f.read_bytes()) for f in sorted((a.data / "test").rglob("*.png"))][:a.images]
     for name, data in images[:5]:
         pipe.inspect(Frame(0, name, data))
     out = {s: [] for s in STAGES}
@@ -127,12 +130,16 @@ def worker(a: argparse.Namespace) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
-    p.add_argument("--data", type=Path, default=BOTTLE)
-    p.add_argument("--precision", default="int8", choices=["int8", "fp32"])
-    p.add_argument("--knn", default="hnsw", choices=["hnsw", "exact"])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE,
+                   help=f"bottle bundle, fitted there if missing (default {DEFAULT_BUNDLE})")
+    p.add_argument("--data", type=Path, default=BOTTLE, help=f"MVTec-style category folder (default {BOTTLE})")
+    p.add_argument("--precision", default="int8", choices=["int8", "fp32"], help="bundle variant (default int8)")
+    p.add_argument("--knn", default="hnsw", choices=["hnsw", "exact"], help="search (default hnsw)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime and hnswlib threads (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="passes over the test images per setting (default 3)")
+    p.add_argument("--images", type=int, default=None,
+                   help="use only the first N test images per pass (default: all of them; small N for a quick trial)")
+    add_results_option(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spin-probe", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -159,6 +166,8 @@ def main() -> int:
             env = {**os.environ, **SETTINGS[n][0]}
             cmd = [sys.executable, __file__, "--bundle", str(a.bundle), "--data", str(a.data), "--precision",
                    a.precision, "--knn", a.knn, "--threads", str(a.threads), "--worker", n]
+            if a.images is not None:
+                cmd += ["--images", str(a.images)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"setting {n!r} failed:\n{proc.stderr[-3000:]}")
@@ -178,8 +187,12 @@ def main() -> int:
                    "total_median_vs_deployed": base / median(timings[n]["total"]),
                    "frames": len(timings[n]["total"]),
                    "scores_identical": scores[n] == scores["as deployed"]} for n in names}
+    from edge_runtime.bundle import Bundle
+
+    n_images = len(timings["as deployed"]["total"]) // a.rounds
     body = [f"{a.precision.upper()} + {a.knn}, {a.threads} threads (onnxruntime intra-op; hnswlib unless set), "
-            f"bundle {a.bundle}; OpenCV's default pool here: {cv_default} threads. {a.rounds} rounds x 83 bottle test "
+            f"bundle {a.bundle} ({geometry_text(Bundle.load(a.bundle).geometry)}); OpenCV's default pool here: "
+            f"{cv_default} threads. {a.rounds} rounds x {n_images} bottle test "
             "images per setting, each setting in its own process, order rotated per round.", "",
             md_table(["setting", "what", *[f"{s} ms" for s in STAGES], "total p95 ms", "median total vs deployed",
                       "same scores"],
@@ -193,7 +206,7 @@ def main() -> int:
     write_results(name, f"Thread settings on 2 cores: per-stage effect, {a.precision.upper()} + {a.knn}", "\n".join(body),
                   {"bundle": str(a.bundle), "precision": a.precision, "knn": a.knn, "threads": a.threads,
                    "rounds": a.rounds, "opencv_default_threads": cv_default, "settings": summary,
-                   "spin_after_work": spin}, load)
+                   "spin_after_work": spin}, load, out_dir=a.results_dir)
     return 0
 
 

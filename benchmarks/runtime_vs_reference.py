@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import (BOTTLE, DEFAULT_BUNDLE, LoadMonitor, ensure_bundle, md_table, median,  # noqa: E402
-                          percentile, write_results)
+from bench_report import (BOTTLE, DEFAULT_BUNDLE, LoadMonitor, add_results_option, ensure_bundle,  # noqa: E402
+                          geometry_text, md_table, median, percentile, write_results)
 
 from edge_runtime import scoring  # noqa: E402
 from edge_runtime.bundle import Bundle  # noqa: E402
 from edge_runtime.pipeline import Pipeline, decide  # noqa: E402
-from edge_runtime.preprocess import decode_image, preprocess  # noqa: E402
+from edge_runtime.geometry import crop_roi, cut_tiles, to_canvas  # noqa: E402
+from edge_runtime.preprocess import decode_image, to_tensor  # noqa: E402
 from edge_runtime.records import Frame, Verdict  # noqa: E402
 from export.dataset import test_images  # noqa: E402
 from export.metrics import auroc  # noqa: E402
@@ -37,11 +38,11 @@ from export.reference import ReferenceScorer  # noqa: E402
 RUNTIME_ENGINES = (("int8", "hnsw"), ("fp32", "hnsw"), ("fp32", "exact"), ("int8", "exact"))
 REFERENCE = "torch reference (cdist f64)"
 REFERENCE_F32 = "torch reference, cdist f32"
-STAGES = ("decode", "preprocess", "features", "search", "scoring", "decision")
+STAGES = ("decode", "geometry", "preprocess", "features", "search", "scoring", "decision")
 
 
 class ReferenceEngine:
-    """ReferenceScorer.score_tensor split into the runtime's stages so both are timed the same way."""
+    """ReferenceScorer.score_tiles split into the runtime's stages so both are timed the same way."""
 
     def __init__(self, scorer: ReferenceScorer, search_dtype: torch.dtype):
         self.scorer = scorer
@@ -61,17 +62,21 @@ class ReferenceEngine:
 
         rgb = decode_image(data, name)
         lap("decode")
-        tensor = preprocess(rgb, s.prep, name)
+        region = crop_roi(rgb, s.geometry.roi, name)
+        canvas, place = to_canvas(region, s.geometry, name)
+        tiles = cut_tiles(canvas, s.geometry)
+        lap("geometry")
+        tensor = to_tensor(tiles)
         lap("preprocess")
         feats = s.features(tensor)
         lap("features")
-        # As ReferenceScorer.score_tensor (bank converted per call, as there); float32 for the second row.
+        # As ReferenceScorer.score_tiles (bank converted per call, as there); float32 for the second row.
         patch = torch.cdist(feats.to(self.dtype), s.bank.to(self.dtype)).min(dim=1).values.float().numpy()
         lap("search")
         score = scoring.image_score(patch)
-        scoring.anomaly_map(patch, s.grid, s.prep.image_size)
+        scoring.anomaly_map(patch, s.geometry, place, region.shape[:2])
         lap("scoring")
-        decide(score, s.threshold)
+        decide(score, s.threshold, s.review_threshold)
         scoring.normalized_score(score, s.threshold)
         lap("decision")
         timings["total"] = (time.perf_counter() - t0) * 1000.0
@@ -91,17 +96,21 @@ class RuntimeEngine:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="bottle bundle (fitted here if missing)")
-    p.add_argument("--data", type=Path, default=BOTTLE)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE,
+                   help=f"bottle bundle, fitted there if missing (default {DEFAULT_BUNDLE})")
+    p.add_argument("--data", type=Path, default=BOTTLE, help=f"MVTec-style category folder (default {BOTTLE})")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime, hnswlib and torch threads (default 2)")
     p.add_argument("--passes", type=int, default=2, help="passes over the test images (default 2)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed frames per engine first")
-    p.add_argument("--settle-ms", type=float, default=150.0, help="idle time before each engine's frame")
+    p.add_argument("--warmup", type=int, default=3, help="untimed frames per engine first (default 3)")
+    p.add_argument("--settle-ms", type=float, default=150.0, help="idle time before each engine's frame (default 150)")
+    p.add_argument("--every", type=int, default=1,
+                   help="use every Nth test image (default 1: all; e.g. 10 for a quick trial)")
+    add_results_option(p)
     a = p.parse_args()
     ensure_bundle(a.bundle, a.data)
     torch.set_num_threads(a.threads)
     bundle = Bundle.load(a.bundle)
-    items = test_images(a.data)
+    items = test_images(a.data)[::a.every]
     images = [(str(it.path), it.path.read_bytes()) for it in items]
     labels = np.array([it.is_defect for it in items])
 
@@ -167,7 +176,7 @@ def main() -> int:
              f"{s['speedup_vs_reference_f32']:.2f}x", 1000.0 / s["mean_ms"]] for e, s in summary.items()]
     body = [f"Bottle test set ({len(images)} images: {int((~labels).sum())} good, {int(labels.sum())} defective) x "
             f"{a.passes} passes = {len(ref_tot)} paired frames per engine; bundle {bundle.bundle_id} "
-            f"({bundle.preprocessing.image_size} px, {bundle.grid[0]}x{bundle.grid[1]} patches x {bundle.dim}-d, "
+            f"({geometry_text(bundle.geometry)}, {bundle.grid[0]}x{bundle.grid[1]} patches per tile x {bundle.dim}-d, "
             f"bank {len(scorer.bank)} = {bundle.manifest['coreset']['ratio']:.0%} coreset), {a.threads} threads "
             f"(onnxruntime intra-op, hnswlib, torch). Every frame goes from encoded PNG bytes to the decision.",
             "", f"## Latency per frame (paired; random engine order per frame; {a.settle_ms:g} ms idle before each)", "",
@@ -188,7 +197,7 @@ def main() -> int:
                    "settle_ms": a.settle_ms,
                    "images": [n for n, _ in images], "engines": summary,
                    "image_scores_pass1": {e: scores[e] for e in names},
-                   "totals_ms": totals}, load)
+                   "totals_ms": totals}, load, out_dir=a.results_dir)
     return 0
 
 

@@ -7,7 +7,8 @@ good parts, defective parts and deliberately corrupt files until --frames result
 JSON-lines result log, the NG image store and a counting output that watches every result. Reported:
   memory      VmRSS after warm-up (--warmup frames) and at the end, sampled every --sample-every frames
   descriptors open file descriptors (/proc/self/fd) after warm-up and at the end
-  latency     pipeline total (decode .. decision) of inspected frames among the first and the last 1000 frames
+  latency     pipeline total (decode .. decision) of inspected frames among the first and the last --window
+              frames (1000 by default)
   records     result-log records (all rotated files) == frames published; every corrupt file's record FAULT
   fail-safe   OK verdicts given to a corrupt file (must be 0)
 Without --bundle it fits the small synthetic flange bundle (as tests/conftest.py does, ~20 s) and replays its
@@ -74,7 +75,7 @@ def fit_synthetic_bundle(work: Path) -> tuple[Path, list[Path]]:
         "from export.fit import FitSettings, fit\n"
         "from export.synthetic_parts import generate_dataset\n"
         "d = generate_dataset(Path(sys.argv[1]), n_train=40, n_test_good=8, n_test_defect_per_type=4, size=224, seed=0)\n"
-        "fit(d, Path(sys.argv[2]), FitSettings(coreset_ratio=0.05, image_size=224, int8_calibration_images=16),"
+        "fit(d, Path(sys.argv[2]), FitSettings(coreset_ratio=0.05, input_size=(224, 224), int8_calibration_images=16),"
         " overwrite=True)\n")
     subprocess.run([sys.executable, "-c", script, str(data), str(bundle), str(ROOT)], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -108,15 +109,15 @@ class SoakMonitor(Output):
 
     name = "soak-monitor"
 
-    def __init__(self, frames: int, warmup: int, sample_every: int) -> None:
-        self.frames, self.warmup, self.sample_every = frames, warmup, sample_every
+    def __init__(self, frames: int, warmup: int, sample_every: int, window: int = 1000) -> None:
+        self.frames, self.warmup, self.sample_every, self.window = frames, warmup, sample_every, window
         self.station: Station | None = None
         self.count = 0
         self.verdicts = {v.value: 0 for v in Verdict}
-        # (verdict, pipeline total ms) of the first and the last 1000 frames only: a list of every frame would
+        # (verdict, pipeline total ms) of the first and the last `window` frames only: a list of every frame would
         # itself grow by ~1.5 MB over 20k frames and be mistaken for a leak in the daemon.
         self.latency_first: list[tuple[str, float]] = []
-        self.latency_last: deque[tuple[str, float]] = deque(maxlen=1000)
+        self.latency_last: deque[tuple[str, float]] = deque(maxlen=window)
         self.corrupt_seen = 0
         self.corrupt_not_fault: list[dict] = []
         self.samples: list[dict] = []
@@ -131,7 +132,7 @@ class SoakMonitor(Output):
         self.count += 1
         self.verdicts[result.verdict.value] += 1
         entry = (result.verdict.value, result.timings_ms["total"])
-        if len(self.latency_first) < 1000:
+        if len(self.latency_first) < self.window:
             self.latency_first.append(entry)
         self.latency_last.append(entry)
         if Path(result.source).name.startswith(CORRUPT_PREFIX):
@@ -166,18 +167,22 @@ def read_log(path: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--frames", type=int, default=20_000)
+    ap.add_argument("--frames", type=int, default=20_000, help="results to publish before stopping (default 20000)")
     ap.add_argument("--bundle", type=Path, help="bundle directory (default: fit the small synthetic one)")
     ap.add_argument("--images", type=Path, help="folder of part images to replay (default: the bundle's golden "
                                                 "images, or the synthetic test split)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=1000)
-    ap.add_argument("--sample-every", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime and hnswlib threads (default 2)")
+    ap.add_argument("--warmup", type=int, default=1000, help="frames before the memory/fd baseline (default 1000)")
+    ap.add_argument("--sample-every", type=int, default=1000, help="memory/fd sample interval in frames (default 1000)")
+    ap.add_argument("--window", type=int, default=1000,
+                    help="latency of the first and of the last N frames is compared (default 1000; small for a quick trial)")
     ap.add_argument("--workdir", type=Path, help="keep the run's files here (default: a temporary folder)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak.json",
+                    help="JSON report (default benchmarks/results/soak.json)")
     args = ap.parse_args(argv)
-    if args.frames < 2 * 1000 or args.warmup >= args.frames:
-        ap.error("--frames must be >= 2000 (first and last 1000 are compared) and larger than --warmup")
+    if args.window < 1 or args.frames < 2 * args.window or args.warmup >= args.frames:
+        ap.error(f"--frames must be >= 2 x --window ({2 * args.window}: the first and last --window frames are "
+                 "compared) and larger than --warmup; --window must be >= 1")
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="soak_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "logging": {"stats_interval_s": 60.0},
         "recovery": {"exit_when_exhausted": True},
     }, "soak")
-    monitor = SoakMonitor(args.frames, args.warmup, args.sample_every)
+    monitor = SoakMonitor(args.frames, args.warmup, args.sample_every, args.window)
     station = Station(cfg, outputs=[build_output(o) for o in cfg.outputs] + [monitor])
     monitor.station = station
 
@@ -255,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                     "growth": round((end["rss_kb"] - warm["rss_kb"]) / 1024, 1),
                     "max_sampled": round(max(s["rss_kb"] for s in monitor.samples) / 1024, 1)},
         "open_fds": {"after_warmup": warm["fds"], "end": end["fds"]},
-        "latency_ms_inspected": {"first_1000": percentiles(first), "last_1000": percentiles(last)},
+        "latency_ms_inspected": {f"first_{args.window}": percentiles(first), f"last_{args.window}": percentiles(last)},
         "result_log": {"records": len(records), "equals_frames_published": len(records) == monitor.count,
                        "frame_ids_unique_and_consecutive": [r["frame_id"] for r in records] == list(range(records[0]["frame_id"], records[0]["frame_id"] + len(records))) if records else False},
         "corrupt_files": {"names": sorted(corrupt), "frames": monitor.corrupt_seen,
@@ -278,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         ("VmRSS after warm-up -> end", f"{report['rss_mib']['after_warmup']} -> {report['rss_mib']['end']} MiB "
                                        f"(growth {report['rss_mib']['growth']:+} MiB, max {report['rss_mib']['max_sampled']})"),
         ("open fds after warm-up -> end", f"{warm['fds']} -> {end['fds']}"),
-        ("latency first 1000 p50/p95/p99/max", "/".join(f"{report['latency_ms_inspected']['first_1000'].get(k, 0):.1f}" for k in ("p50", "p95", "p99", "max")) + " ms"),
-        ("latency last 1000 p50/p95/p99/max", "/".join(f"{report['latency_ms_inspected']['last_1000'].get(k, 0):.1f}" for k in ("p50", "p95", "p99", "max")) + " ms"),
+        (f"latency first {args.window} p50/p95/p99/max", "/".join(f"{report['latency_ms_inspected'][f'first_{args.window}'].get(k, 0):.1f}" for k in ("p50", "p95", "p99", "max")) + " ms"),
+        (f"latency last {args.window} p50/p95/p99/max", "/".join(f"{report['latency_ms_inspected'][f'last_{args.window}'].get(k, 0):.1f}" for k in ("p50", "p95", "p99", "max")) + " ms"),
         ("result-log records == published", f"{len(records)} == {monitor.count}: {report['result_log']['equals_frames_published']}"),
         ("frame ids consecutive in the log", str(report["result_log"]["frame_ids_unique_and_consecutive"])),
         ("corrupt-file frames (all FAULT?)", f"{monitor.corrupt_seen}, not FAULT: {len(monitor.corrupt_not_fault)} "

@@ -19,31 +19,38 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import BOTTLE, DEFAULT_BUNDLE, LoadMonitor, ensure_bundle, md_table, write_results  # noqa: E402
+from bench_report import (BOTTLE, DEFAULT_BUNDLE, LoadMonitor, add_results_option, ensure_bundle,  # noqa: E402
+                          md_table, write_results)
 
 from edge_runtime.bench import STAGES  # noqa: E402
 
 # (precision, knn, idle ms between frames): back to back, then the two main settings as parts spaced on a line.
-SETTINGS = (("int8", "hnsw", 0), ("fp32", "exact", 0), ("fp32", "hnsw", 0), ("int8", "exact", 0),
-            ("int8", "hnsw", 150), ("fp32", "exact", 150))
+SETTINGS = (("int8", "hnsw", False), ("fp32", "exact", False), ("fp32", "hnsw", False), ("int8", "exact", False),
+            ("int8", "hnsw", True), ("fp32", "exact", True))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
-    p.add_argument("--data", type=Path, default=BOTTLE)
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE,
+                   help=f"bottle bundle, fitted there if missing (default {DEFAULT_BUNDLE})")
+    p.add_argument("--data", type=Path, default=BOTTLE, help=f"MVTec-style category folder (default {BOTTLE})")
     p.add_argument("--frames", type=int, default=249, help="timed frames per setting (3 passes over 83 images)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime and hnswlib threads (default 2)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed frames per setting first (default 10)")
+    p.add_argument("--gap-ms", type=int, default=150,
+                   help="idle ms between frames for the spaced-parts settings (default 150)")
+    add_results_option(p)
     a = p.parse_args()
     ensure_bundle(a.bundle, a.data)
     monitor = LoadMonitor()
     reports, loads = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for prec, knn, gap in SETTINGS:
+        for prec, knn, spaced in SETTINGS:
+            gap = a.gap_ms if spaced else 0
             key = f"{prec.upper()} + {knn}" + (f", {gap} ms between frames" if gap else ", back to back")
             out = Path(tmp) / f"{prec}_{knn}_{gap}.json"
             cmd = [sys.executable, "-m", "edge_runtime.bench", str(a.bundle), "--images", str(a.data / "test"),
-                   "--frames", str(a.frames), "--warmup", "10", "--threads", str(a.threads), "--precision", prec,
+                   "--frames", str(a.frames), "--warmup", str(a.warmup), "--threads", str(a.threads), "--precision", prec,
                    "--knn", knn, "--gap-ms", str(gap), "--json", str(out)]
             one = LoadMonitor()
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -59,9 +66,12 @@ def main() -> int:
 
     b = next(iter(reports.values()))["bundle"]
     size = reports[next(iter(reports))]["settings"]["images"]
-    body = [f"Bundle {b['bundle_id']} (bottle, {b['image_size']} px, {b['grid'][0]}x{b['grid'][1]} patches x "
-            f"{b['dim']}-d, bank {b['bank_size']}); the {size} bottle test images (PNG) decoded from bytes every "
-            f"frame; {a.frames} timed frames per setting after 10 warm-up; {a.threads} threads.", ""]
+    tiles = f"{b['tiles']} tile{'s' if b['tiles'] != 1 else ''}" + (
+        f" on a {b['canvas_size'][0]}x{b['canvas_size'][1]} canvas" if b["tiles"] != 1 else "")
+    body = [f"Bundle {b['bundle_id']} (bottle, input {b['input_size'][0]}x{b['input_size'][1]}, {tiles}, "
+            f"{b['grid'][0]}x{b['grid'][1]} patches per tile x {b['dim']}-d, bank {b['bank_size']}); the {size} bottle "
+            f"test images (PNG) decoded from bytes every frame; {a.frames} timed frames per setting after {a.warmup} "
+            f"warm-up; {a.threads} threads.", ""]
     for key, r in reports.items():
         st = r["stages_ms"]
         rows = [[s, st[s]["p50"], st[s]["p95"], st[s]["p99"], st[s]["max"], st[s]["mean"]] for s in STAGES]
@@ -80,7 +90,8 @@ def main() -> int:
                       [[k, *[r["stages_ms"][s]["p50"] for s in STAGES], r["throughput_fps"],
                         r["memory"]["after_run"]["vm_hwm_mib"]] for k, r in reports.items()])]
     write_results("stage_latency", "Per-stage latency (edge-bench), bottle", "\n".join(body),
-                  {"bundle": str(a.bundle), "settings": reports, "setting_loads": loads}, load)
+                  {"bundle": str(a.bundle), "settings": reports, "setting_loads": loads}, load,
+                  out_dir=a.results_dir)
     return 0
 
 

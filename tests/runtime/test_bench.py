@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from edge_runtime.bench import STAGES, BenchError, cpu_info, main, run_bench, summarize
+from edge_runtime.bench import STAGES, BenchError, cpu_info, format_table, main, run_bench, summarize
 
 # Timer granularity and the few statements between laps: stage sums may exceed total by this much, no more.
 EPS_MS = 0.05
@@ -29,7 +29,8 @@ def check_report(report: dict, frames: int) -> None:
     assert sum(report["verdicts"].values()) == frames
     b = report["bundle"]
     assert b["model_bytes"] > 0 and b["index_bytes"] > 0 and b["bank_size"] > 0
-    assert b["patches_per_frame"] == b["grid"][0] * b["grid"][1]
+    assert b["patches_per_frame"] == b["grid"][0] * b["grid"][1] * b["tiles"]
+    assert b["grid"] == [-(-b["input_size"][1] // 8), -(-b["input_size"][0] // 8)]   # rows from H, cols from W
     mem = report["memory"]["after_run"]
     assert mem["vm_rss_mib"] > 0 and mem["vm_hwm_mib"] >= mem["vm_rss_mib"]
     m = report["machine"]
@@ -67,6 +68,28 @@ def test_exact_fp32_with_image_dir_and_ef(small_bundle, synthetic_dataset):
     hnsw = run_bench(small_bundle, frames=2, warmup=0, ef=7, gap_ms=5)
     check_report(hnsw, 2)
     assert hnsw["settings"]["ef_search"] == 7 and hnsw["settings"]["gap_ms"] == 5
+
+
+@pytest.fixture(scope="module")
+def tiled_bundle(synthetic_dataset, tmp_path_factory):
+    """The synthetic flange (224x224 frames) at full detail in 2x2 tiles of 128x128; small and quick to fit."""
+    from export.fit import FitSettings, fit
+
+    out = tmp_path_factory.mktemp("bundles") / "flange_tiled"
+    fit(synthetic_dataset, out, FitSettings(coreset_ratio=0.05, input_size=(128, 128), scale=1.0,
+                                            cross_fit_folds=0, int8_calibration_images=8))
+    return out
+
+
+def test_tiled_bundle_reports_tiles_and_patches_per_frame(tiled_bundle, synthetic_dataset):
+    report = run_bench(tiled_bundle, images_dir=synthetic_dataset / "test", frames=3, warmup=1)
+    check_report(report, 3)
+    b = report["bundle"]
+    assert b["tiles"] == 4 and b["input_size"] == [128, 128] and b["canvas_size"] == [224, 224]
+    assert b["grid"] == [16, 16] and b["patches_per_frame"] == 4 * 16 * 16
+    # Re-checked patches are counted over every tile of the frame, never beyond it.
+    assert 1 <= report["rechecked_patches"]["max"] <= 4 * 16 * 16
+    assert "input 128x128, 4 tile(s) on a 224x224 canvas" in format_table(report)
 
 
 def test_faulting_frames_stop_the_benchmark(small_bundle, tmp_path):
@@ -129,3 +152,23 @@ def test_review_verdicts_are_counted(small_bundle, monkeypatch):
     report = run_bench(small_bundle, frames=6, warmup=1)
     assert report["verdicts"]["REVIEW"] == 3 and sum(report["verdicts"].values()) == 6
     assert "3 REVIEW" in bench.format_table(report)
+
+
+def test_benchmark_helpers_parse_sizes_and_name_the_geometry():
+    # benchmarks/ is not a package: the scripts put their folder on sys.path, as done here.
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        from bench_report import geometry_text, parse_size
+    finally:
+        sys.path.pop(0)
+    from edge_runtime.geometry import Geometry
+
+    assert parse_size("224") == (224, 224) and parse_size("320x224") == (320, 224) and parse_size("448X320") == (448, 320)
+    for bad in ("abc", "224x", "16x224"):
+        with pytest.raises(ValueError, match="input size"):
+            parse_size(bad)
+    assert geometry_text(Geometry((256, 256), (256, 256), ((0, 0),))) == "input 256x256, 1 tile"
+    tiled = Geometry((224, 224), (384, 384), ((0, 0), (160, 0), (0, 160), (160, 160)))
+    assert geometry_text(tiled) == "input 224x224, 4 tiles on a 384x384 canvas"
