@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from edge_runtime.geometry import DEFAULT_PIXELS
+
 
 def _size(text: str) -> tuple[int, int]:
     try:
@@ -183,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                         "in shared/BACKBONES.md) at about 1.5x the inference time")
     f.add_argument("--input-size", type=_size, default=None, metavar="WxH",
                    help="model input (one tile) in pixels, multiples of 16 (default: chosen from the training "
-                        "images: their median aspect ratio kept at about --pixels pixels)")
-    f.add_argument("--pixels", type=int, default=256 * 256,
-                   help="model pixels per tile when --input-size is not given (default: 65536, about 256x256)")
+                        "images: their median aspect ratio and size, at most --pixels pixels)")
+    f.add_argument("--pixels", type=int, default=DEFAULT_PIXELS,
+                   help=f"most model pixels per tile when --input-size is not given: the training images' median "
+                        f"size up to this (default: {DEFAULT_PIXELS}, 384x384); lower it for speed, or tile with --scale")
     f.add_argument("--scale", type=float, default=None,
                    help="tile the frame: canvas pixels per frame pixel, e.g. 0.5 for a 2448x2048 camera and thin "
                         "defects (default: none, the whole frame is one model input)")

@@ -26,7 +26,7 @@ from edge_runtime import scoring
 from edge_runtime.bundle import SCHEMA_VERSION, Bundle, write_manifest
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.decode import declared_size, load_image
-from edge_runtime.geometry import STRIDE, Geometry, default_input_size, plan_tiles, round_to_stride
+from edge_runtime.geometry import DEFAULT_PIXELS, STRIDE, Geometry, default_input_size, plan_tiles
 from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.preprocess import NORMALIZATION, preprocess
@@ -37,9 +37,6 @@ from export.dataset import calibration_images, train_images
 from export.metrics import auroc
 from export.onnx_export import export_fp32, quantize_int8
 from export.patch_features import PatchFeatures, aggregation
-
-# Model pixels per tile by default (about 256 x 256): see benchmarks/results/accuracy_levers.md.
-DEFAULT_PIXELS = 256 * 256
 
 
 @dataclass
@@ -106,12 +103,13 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
             input_size = tuple(s.input_size)
             notes.append(f"input {input_size[0]}x{input_size[1]} as requested")
         else:
-            input_size = default_input_size(aspect, s.pixels)
-            rw, rh = sizes[0]
-            if same and rw * rh < input_size[0] * input_size[1]:  # never upsample a small part beyond its pixels
-                input_size = (round_to_stride(rw), round_to_stride(rh))
+            # The images' own pixel density up to the budget: resolution is what finds thin defects (pixel
+            # AUROC on bottle 0.981 at 224, 0.983 at 256, 0.985 at 320, 0.986 at its native 384), and upsampling
+            # beyond the images' own size adds cost, not detail.
+            budget = min(s.pixels, int(np.median([w * h for w, h in sizes])))
+            input_size = default_input_size(aspect, budget)
             notes.append(f"input {input_size[0]}x{input_size[1]}: aspect {aspect:.3f} (median W/H of the training "
-                         f"images) kept at about {s.pixels} model pixels")
+                         f"images) kept at about {budget} model pixels (the images' median size, at most {s.pixels})")
         canvas, tiles = input_size, ((0, 0),)
     else:
         if not same:

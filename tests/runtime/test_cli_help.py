@@ -82,7 +82,7 @@ def test_every_subcommand_is_walked(monkeypatch):
     assert subs == {"run", "check", "validate", "cameras", "init"}
     parser = _capture_parser(export_cli.main, monkeypatch)
     subs = {where.split()[1] for where, _ in _walk(parser, "edge-export") if len(where.split()) > 1}
-    assert subs == {"fit", "evaluate", "verify", "keygen", "sign", "demo"}
+    assert subs == {"fit", "recalibrate", "evaluate", "verify", "keygen", "sign", "demo"}
 
 
 def test_the_helper_catches_a_missing_default(monkeypatch):
