@@ -23,7 +23,7 @@ import torch
 
 import edge_runtime
 from edge_runtime import scoring
-from edge_runtime.bundle import SCHEMA_VERSION, Bundle, write_manifest
+from edge_runtime.bundle import SCHEMA_VERSION, Bundle, sha256_file, write_manifest
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.decode import declared_size, load_image
 from edge_runtime.geometry import DEFAULT_PIXELS, STRIDE, Geometry, default_input_size, plan_tiles
@@ -330,6 +330,7 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
         "fit": {"data_dir": str(data_dir),
                 "settings": {k: v for k, v in asdict(s).items() if k != "hnsw"},
                 "bank_images": [p.name for p in images], "calibration_defects": [str(p) for p in defects],
+                "calibration_defect_sha256": [sha256_file(p) for p in defects],
                 "feature_seconds": round(t_feat, 2), "cross_fit_seconds": round(t_cross, 2)},
         "files": {},
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, write_manifest
+from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, sha256_file, write_manifest
 from edge_runtime.decode import load_image
 from edge_runtime.pipeline import Pipeline
 from export.dataset import calibration_images
@@ -63,6 +63,7 @@ def recalibrate(bundle_dir: Path, out: Path, calibration_defects: Path | None = 
     requested = settings.get("default_variant", m["default_variant"])
     m["default_variant"], m["default_variant_reason"] = choose_default_variant(requested, separation)
     m["fit"] = {**m.get("fit", {}), "calibration_defects": [str(p) for p in defects],
+                "calibration_defect_sha256": [sha256_file(p) for p in defects],
                 "settings": {**settings, "target_false_reject": target, "review_false_reject": review,
                              "defect_margin": margin},
                 "recalibrated_from": src.bundle_id}
