@@ -148,8 +148,6 @@ def operating_point(good: np.ndarray, defects: np.ndarray | None = None, target_
             method = (f"zero-escape: {defect_margin:.0%} below the lowest of {len(defects)} calibration defects "
                       f"(the {1 - target_false_reject:.4f} good quantile {t_frr:.4f} would let defects through)")
         info["lowest_defect"] = d_min
-        info["defect_margin"] = d_min / threshold - 1
-        info["calibration_escapes"] = int(np.sum(defects < threshold))
     if bank_scores is not None and len(bank_scores):
         floor = float(np.max(bank_scores))
         info["bank_scores_max"] = floor
@@ -157,6 +155,9 @@ def operating_point(good: np.ndarray, defects: np.ndarray | None = None, target_
             threshold = floor
             method += f"; raised to the highest score of an image in the bank ({floor:.4f})"
     threshold = _above(threshold)
+    if len(defects):  # after every adjustment: what the shipped threshold does to the calibration defects
+        info["defect_margin"] = float(defects.min()) / threshold - 1
+        info["calibration_escapes"] = int(np.sum(defects < threshold))
     review = None
     if review_false_reject is not None:
         r = tail.quantile(review_false_reject)

@@ -117,3 +117,9 @@ def test_recalibrate_moves_the_threshold_without_refitting(small_bundle, synthet
 
     r = evaluate(out, synthetic_dataset, "onnx-int8", "hnsw")
     assert r["excluded_calibration_defects"] == 4 and r["n_defect"] == 20 - 4
+
+
+def test_escapes_are_counted_after_the_bank_floor_raises_the_threshold():
+    good = gumbel(200)
+    t, _, info = operating_point(good, defects=np.array([12.0, 25.0]), bank_scores=np.array([13.0]))
+    assert t > 13.0 and info["calibration_escapes"] == 1 and info["defect_margin"] < 0
