@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                         "images: their median aspect ratio and size, at most --pixels pixels)")
     f.add_argument("--pixels", type=int, default=DEFAULT_PIXELS,
                    help=f"most model pixels per tile when --input-size is not given: the training images' median "
-                        f"size up to this (default: {DEFAULT_PIXELS}, 384x384); lower it for speed, or tile with --scale")
+                        f"size up to this (default: {DEFAULT_PIXELS}, 256x256); raise it for sharper heat maps, or tile "
+                        f"with --scale for thin defects on large frames")
     f.add_argument("--scale", type=float, default=None,
                    help="tile the frame: canvas pixels per frame pixel, e.g. 0.5 for a 2448x2048 camera and thin "
                         "defects (default: none, the whole frame is one model input)")

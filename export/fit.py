@@ -103,9 +103,8 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
             input_size = tuple(s.input_size)
             notes.append(f"input {input_size[0]}x{input_size[1]} as requested")
         else:
-            # The images' own pixel density up to the budget: resolution is what finds thin defects (pixel
-            # AUROC on bottle 0.981 at 224, 0.983 at 256, 0.985 at 320, 0.986 at its native 384), and upsampling
-            # beyond the images' own size adds cost, not detail.
+            # The images' own pixel density up to the budget (geometry.DEFAULT_PIXELS says why that budget):
+            # upsampling beyond the images' own size adds cost, not detail.
             budget = min(s.pixels, int(np.median([w * h for w, h in sizes])))
             input_size = default_input_size(aspect, budget)
             notes.append(f"input {input_size[0]}x{input_size[1]}: aspect {aspect:.3f} (median W/H of the training "
