@@ -68,29 +68,51 @@ def _png_size(data: bytes) -> tuple[int, int]:
 _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
+# The next marker in entropy-coded data: 0xFF (after any fill bytes) followed by neither a stuffed 0x00 nor RSTn.
+_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+
+
+def _jpeg_segments(data: bytes):
+    """(marker, byte position) of each JPEG segment that has a length, in file order; the entropy-coded data after
+    a start of scan is skipped to the next marker. Ends at EOI or the end of the data.
+
+    Raises ValueError for a structure that cannot be walked (the one walker for size and scan count)."""
     pos = 2
-    while pos + 4 <= len(data):
+    while pos + 2 <= len(data):
         if data[pos] != 0xFF:
             raise ValueError(f"JPEG marker expected at byte {pos}")
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
+        if marker == 0xD9:  # end of image
+            return
         if marker in (0x01, *range(0xD0, 0xD8)):  # stand-alone markers (TEM, RSTn): no length
             pos += 2
             continue
-        if marker in (0xD9, 0xDA):
-            break  # end of image or start of scan before any frame header
+        if pos + 4 > len(data):
+            return
         length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
         if length < 2:
             raise ValueError(f"JPEG segment with length {length} at byte {pos}")
+        yield marker, pos
+        pos += 2 + length
+        if marker == 0xDA:
+            found = _NEXT_MARKER.search(data, pos)
+            if found is None:
+                return
+            pos = found.end() - 2  # at the 0xFF of the marker byte pair
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    for marker, pos in _jpeg_segments(data):
+        if marker == 0xDA:
+            break  # start of scan before any frame header
         if marker in _SOF_MARKERS:
             if pos + 9 > len(data):
                 break
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
             return width, height
-        pos += 2 + length
     raise ValueError("JPEG without a frame header (SOF) before the image data")
 
 
@@ -155,41 +177,16 @@ def png_is_animated(data: bytes) -> bool:
     return False
 
 
-# The next marker in entropy-coded data: 0xFF (after any fill bytes) followed by neither a stuffed 0x00 nor RSTn.
-_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
-
-
 def jpeg_scan_count(data: bytes, limit: int) -> int:
     """Start-of-scan (SOS) segments in a JPEG, counted by walking its segments; stops counting past `limit`.
 
     Raises ValueError for a segment structure that cannot be walked."""
-    pos, scans = 2, 0
-    while pos + 2 <= len(data):
-        if data[pos] != 0xFF:
-            raise ValueError(f"JPEG marker expected at byte {pos}")
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0xD9:
-            break
-        if marker in (0x01, *range(0xD0, 0xD8)):
-            pos += 2
-            continue
-        if pos + 4 > len(data):
-            break
-        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
-        if length < 2:
-            raise ValueError(f"JPEG segment with length {length} at byte {pos}")
-        pos += 2 + length
+    scans = 0
+    for marker, _ in _jpeg_segments(data):
         if marker == 0xDA:
             scans += 1
             if scans > limit:
                 break
-            found = _NEXT_MARKER.search(data, pos)
-            if found is None:
-                break
-            pos = found.end() - 2  # at the 0xFF of the marker byte pair
     return scans
 
 
