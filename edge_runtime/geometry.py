@@ -16,12 +16,13 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from edge_runtime.decode import ImageError
+from edge_runtime.decode import MAX_PIXELS, ImageError
 
 SIZE_POLICIES = ("refuse", "resize", "letterbox")
 INTERPOLATION = "INTER_AREA"         # region -> canvas; pinned for fit and runtime alike
 PAD_VALUE = 127                      # letterbox fill: 0 after the network's (x - 127) / 128 normalisation
 STRIDE = 16                          # input sizes are multiples of the deepest tap's stride
+MAX_TILES = 1024                     # bounds what a manifest can make the device allocate
 # Most model pixels per tile that fit chooses by default (256 x 256): the images' own size up to this.
 # benchmarks/results/accuracy_levers.md: on bottle more pixels sharpen the heat map (pixel AUROC 0.983 at 256, 0.986
 # at the native 384) but narrow the image-level gap between the best-scored defect and the worst good part (+11% at
@@ -54,8 +55,12 @@ class Geometry:
         if self.size_policy not in SIZE_POLICIES:
             raise ValueError(f"size_policy must be one of {', '.join(SIZE_POLICIES)}, got {self.size_policy!r}")
         (tw, th), (cw, ch) = self.input_size, self.canvas_size
-        if not self.tiles:
-            raise ValueError("geometry needs at least one tile")
+        if min(tw, th) < 1 or tw > cw or th > ch:
+            raise ValueError(f"input {tw}x{th} must be positive and fit the {cw}x{ch} canvas")
+        if cw * ch > MAX_PIXELS:
+            raise ValueError(f"canvas {cw}x{ch} exceeds the {MAX_PIXELS} pixel limit")
+        if not self.tiles or len(self.tiles) > MAX_TILES:
+            raise ValueError(f"geometry needs 1 to {MAX_TILES} tiles, got {len(self.tiles)}")
         for x, y in self.tiles:
             if x < 0 or y < 0 or x + tw > cw or y + th > ch:
                 raise ValueError(f"tile at ({x}, {y}) of {tw}x{th} lies outside the {cw}x{ch} canvas")

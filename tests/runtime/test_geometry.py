@@ -23,11 +23,11 @@ def test_tile_offsets_cover_with_the_promised_overlap(length, tile, overlap):
 
 
 @settings(max_examples=50, deadline=None)
-@given(w=st.integers(64, 1500), h=st.integers(64, 1500))
+@given(w=st.integers(128, 2500), h=st.integers(96, 2500))
 def test_planned_tiles_cover_the_whole_canvas(w, h):
-    tiles = plan_tiles((w, h), (64, 48), 16)
-    assert covers(tiles, (64, 48), (w, h))
-    Geometry((64, 48), (w, h), tiles)                                # validates (raises if not)
+    tiles = plan_tiles((w, h), (128, 96), 16)
+    assert covers(tiles, (128, 96), (w, h))
+    Geometry((128, 96), (w, h), tiles)                               # validates (raises if not)
 
 
 def test_geometry_refuses_tiles_that_leave_gaps():
@@ -84,3 +84,12 @@ def test_tiled_heat_map_puts_a_hot_patch_where_its_tile_is():
     assert heat.shape == (128, 224)
     y, x = np.unravel_index(np.argmax(heat), heat.shape)
     assert abs(x - 2 * (48 + 6.5 * 8)) <= 12 and abs(y - 2 * (3.5 * 8)) <= 12
+
+
+def test_a_manifest_cannot_make_the_device_allocate_without_bound():
+    with pytest.raises(ValueError, match="pixel limit"):
+        Geometry((64, 64), (2**20, 2**20), ((0, 0),))
+    with pytest.raises(ValueError, match="tiles"):
+        Geometry((8, 8), (64, 64), tuple((x, y) for x in range(0, 57) for y in range(0, 57)))
+    with pytest.raises(ValueError, match="fit the"):
+        Geometry((128, 64), (64, 64), ((0, 0),))
