@@ -128,13 +128,14 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
         notes.append(f"{len(tiles)} tiles of {tw}x{th} (overlap >= {overlap} px) on a {canvas[0]}x{canvas[1]} canvas "
                      f"(scale {s.scale} of the {rw}x{rh} region)")
     policy = s.size_policy or ("refuse" if same else "resize")
+    done = {"resize": "resized", "letterbox": "letterboxed"}
     if same:
-        notes.append(f"all training images are {sizes[0][0]}x{sizes[0][1]}: other sizes are {policy}d"
+        notes.append(f"all training images are {sizes[0][0]}x{sizes[0][1]}: other sizes are {done[policy]}"
                      if policy != "refuse" else
                      f"all training images are {sizes[0][0]}x{sizes[0][1]}: a frame of another size is a FAULT")
     else:
-        notes.append(f"training images vary in size ({len(set(sizes))} sizes): every frame is {policy}d to the "
-                     "canvas, as the bank was fitted")
+        notes.append(f"training images vary in size ({len(set(sizes))} sizes): every frame is "
+                     f"{done.get(policy, 'resized')} to the canvas, as the bank was fitted")
     geom = Geometry(input_size=tuple(input_size), canvas_size=tuple(canvas), tiles=tuple(tiles),
                     region_size=sizes[0] if same else None, roi=tuple(s.roi) if s.roi else None, size_policy=policy)
     return geom, {"training_sizes": sorted({f"{w}x{h}" for w, h in sizes})[:20], "median_aspect": aspect,
