@@ -81,6 +81,7 @@ def tiled_bundle(synthetic_dataset, tmp_path_factory):
     return out
 
 
+@pytest.mark.exporter  # fits a tiled bundle with the exporter
 def test_tiled_bundle_reports_tiles_and_patches_per_frame(tiled_bundle, synthetic_dataset):
     report = run_bench(tiled_bundle, images_dir=synthetic_dataset / "test", frames=3, warmup=1)
     check_report(report, 3)
