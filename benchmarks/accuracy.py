@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from edge_runtime.bundle import Bundle  # noqa: E402
 from edge_runtime.pipeline import Pipeline  # noqa: E402
-from edge_runtime.preprocess import load_image, preprocess  # noqa: E402
+from edge_runtime.decode import load_image  # noqa: E402
+from edge_runtime.preprocess import preprocess  # noqa: E402
 from export.dataset import test_images  # noqa: E402
 from export.evaluate import evaluate  # noqa: E402
 from export.fit import FitSettings, fit  # noqa: E402

@@ -57,7 +57,8 @@ def reweighted_auroc(bundle_dir: Path, data_dir: Path) -> dict:
     """Image AUROC with the paper's re-weighting s = (1 - softmax over the b neighbours of m*) * s*, deployed path."""
     from edge_runtime.bundle import Bundle
     from edge_runtime.pipeline import Pipeline
-    from edge_runtime.preprocess import load_image, preprocess
+    from edge_runtime.decode import load_image
+    from edge_runtime.preprocess import preprocess
     from export.dataset import test_images
     from export.metrics import auroc
 

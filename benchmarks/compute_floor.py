@@ -30,7 +30,8 @@ from bench_report import (BOTTLE, DEFAULT_BUNDLE, LoadMonitor, add_results_optio
 from edge_runtime.bench import run_bench  # noqa: E402
 from edge_runtime.bundle import Bundle  # noqa: E402
 from edge_runtime.features import make_session  # noqa: E402
-from edge_runtime.preprocess import load_image, preprocess  # noqa: E402
+from edge_runtime.decode import load_image  # noqa: E402
+from edge_runtime.preprocess import preprocess  # noqa: E402
 
 
 # ---- work per frame -------------------------------------------------------------------------------------------

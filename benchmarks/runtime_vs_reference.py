@@ -29,7 +29,8 @@ from edge_runtime import scoring  # noqa: E402
 from edge_runtime.bundle import Bundle  # noqa: E402
 from edge_runtime.pipeline import Pipeline, decide  # noqa: E402
 from edge_runtime.geometry import crop_roi, cut_tiles, to_canvas  # noqa: E402
-from edge_runtime.preprocess import decode_image, to_tensor  # noqa: E402
+from edge_runtime.decode import decode_image  # noqa: E402
+from edge_runtime.preprocess import to_tensor  # noqa: E402
 from edge_runtime.records import Frame, Verdict  # noqa: E402
 from export.dataset import test_images  # noqa: E402
 from export.metrics import auroc  # noqa: E402

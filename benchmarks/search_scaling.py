@@ -36,7 +36,8 @@ from edge_runtime.bundle import Bundle  # noqa: E402
 from edge_runtime.features import FeatureExtractor  # noqa: E402
 from edge_runtime.nn_search import ExactSearch, HnswSearch, build_hnsw  # noqa: E402
 from edge_runtime.geometry import Geometry  # noqa: E402
-from edge_runtime.preprocess import load_image, preprocess  # noqa: E402
+from edge_runtime.decode import load_image  # noqa: E402
+from edge_runtime.preprocess import preprocess  # noqa: E402
 from export.dataset import test_images  # noqa: E402
 
 EFS = (16, 32, 64)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_runtime.decode import MAX_PIXELS, ImageError, decode_image, load_image, to_rgb  # noqa: F401  (re-exported)
 from edge_runtime.geometry import Geometry, Placement, crop_roi, cut_tiles, to_canvas
 
 NORMALIZATION = {"normalize": "(rgb - 127) / 128, float32 (EfficientNet-Lite's native input)",

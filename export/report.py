@@ -127,7 +127,7 @@ def histogram_svg(good: np.ndarray, defect: np.ndarray, threshold: float, review
 
 def overlay_png(image_path: Path, amap: np.ndarray, threshold: float) -> bytes:
     """The heat map over the image (export.evaluate.overlay), at most OVERLAY_SIDE px, PNG-encoded."""
-    from edge_runtime.preprocess import load_image
+    from edge_runtime.decode import load_image
     from export.evaluate import overlay
 
     bgr = overlay(load_image(image_path), amap, threshold)

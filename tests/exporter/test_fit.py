@@ -9,7 +9,7 @@ import yaml
 
 from edge_runtime.bundle import Bundle
 from edge_runtime.pipeline import Pipeline
-from edge_runtime.preprocess import ImageError, load_image
+from edge_runtime.decode import ImageError, load_image
 from export.cli import main as export_main
 from export.dataset import DatasetError, train_images
 from export.evaluate import evaluate

@@ -4,7 +4,8 @@ import pytest
 
 from edge_runtime.bundle import Bundle
 from edge_runtime.pipeline import Pipeline
-from edge_runtime.preprocess import load_image, preprocess
+from edge_runtime.decode import load_image
+from edge_runtime.preprocess import preprocess
 from export.dataset import test_images as list_test_images
 from export.reference import ReferenceScorer
 

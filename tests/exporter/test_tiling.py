@@ -5,7 +5,7 @@ import pytest
 
 from edge_runtime.bundle import Bundle
 from edge_runtime.pipeline import Pipeline
-from edge_runtime.preprocess import load_image
+from edge_runtime.decode import load_image
 from edge_runtime.records import Frame, Verdict
 
 

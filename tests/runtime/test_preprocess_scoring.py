@@ -5,7 +5,8 @@ import pytest
 from edge_runtime import scoring
 from edge_runtime.pipeline import decide
 from edge_runtime.geometry import Geometry
-from edge_runtime.preprocess import ImageError, decode_image, preprocess, to_rgb
+from edge_runtime.decode import ImageError, decode_image, to_rgb
+from edge_runtime.preprocess import preprocess
 from edge_runtime.records import Verdict
 
 
