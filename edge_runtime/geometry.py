@@ -145,18 +145,18 @@ def to_canvas(region: np.ndarray, geom: Geometry, name: str = "<frame>") -> tupl
     """The region resampled onto the canvas, and where it landed. Raises ImageError under the `refuse` policy."""
     h, w = region.shape[:2]
     cw, ch = geom.canvas_size
-    policy = geom.size_policy
-    if geom.region_size is not None and (w, h) != geom.region_size:
-        if policy == "refuse":
-            rw, rh = geom.region_size
-            what = "region of interest" if geom.roi else "frame"
-            raise ImageError(f"{name}: {what} is {w}x{h} but the bundle was fitted on {rw}x{rh} "
-                             "(geometry.size_policy is 'refuse'; set size_policy: resize or letterbox in the "
-                             "station file to accept other sizes)")
-    elif geom.region_size is not None or policy == "refuse":
-        policy = "resize"  # the expected size (or any size, for a bundle fitted on varied sizes): plain resampling
+    mismatch = geom.region_size is not None and (w, h) != geom.region_size
+    if mismatch and geom.size_policy == "refuse":
+        rw, rh = geom.region_size
+        what = "region of interest" if geom.roi else "frame"
+        raise ImageError(f"{name}: {what} is {w}x{h} but the bundle was fitted on {rw}x{rh} "
+                         "(geometry.size_policy is 'refuse'; set size_policy: resize or letterbox in the "
+                         "station file to accept other sizes)")
+    # A region of the fitted size is resampled as in fitting; letterboxing applies to other sizes, or to every
+    # frame of a bundle fitted on images of varied sizes.
+    letterbox = geom.size_policy == "letterbox" and (mismatch or geom.region_size is None)
     interp = getattr(cv2, INTERPOLATION)
-    if policy == "letterbox":
+    if letterbox:
         f = min(cw / w, ch / h)
         pw, ph = max(1, round(w * f)), max(1, round(h * f))
         place = Placement((cw - pw) // 2, (ch - ph) // 2, pw, ph)

@@ -99,16 +99,19 @@ def _gpd_pwm(y: np.ndarray) -> tuple[float, float]:
     return xi, max(a0 * (1 - xi), 1e-9)
 
 
-def false_reject_interval(scores: np.ndarray, threshold: float, n_boot: int = 400, seed: int = 0) -> dict:
-    """Modelled and empirical false-reject rate at `threshold`, each with a 95% interval."""
+def false_reject_interval(scores: np.ndarray, threshold: float, n_boot: int = 400, seed: int = 0,
+                          tail: TailModel | None = None) -> dict:
+    """Modelled and empirical false-reject rate at `threshold`, each with a 95% interval (`tail`: the model of
+    `scores` when the caller has it already)."""
     scores = np.asarray(scores, dtype=np.float64)
+    tail = tail or TailModel(scores)
     rng = np.random.default_rng(seed)
     boot = []
     for _ in range(n_boot):
         boot.append(TailModel(rng.choice(scores, len(scores), replace=True)).survival(threshold))
     k = int(np.sum(scores >= threshold))
     lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"modelled": TailModel(scores).survival(threshold), "modelled_ci95": [float(lo), float(hi)],
+    return {"modelled": tail.survival(threshold), "modelled_ci95": [float(lo), float(hi)],
             "empirical": k / len(scores), "empirical_count": k, "n": int(len(scores)),
             "empirical_ci95": list(wilson_interval(k, len(scores)))}
 
@@ -164,10 +167,10 @@ def operating_point(good: np.ndarray, defects: np.ndarray | None = None, target_
         if r < threshold:
             review = float(r)
             info["review_band"] = {"target_review_rate": review_false_reject, "review_threshold": review,
-                                   "expected_review_or_ng": false_reject_interval(good, review, seed=seed)}
+                                   "expected_review_or_ng": false_reject_interval(good, review, seed=seed, tail=tail)}
         else:
             info["review_band"] = {"target_review_rate": review_false_reject, "review_threshold": None,
                                    "note": f"the {review_false_reject} quantile {r:.4f} is not below the threshold"}
     info["method"] = method
-    info["expected_false_reject"] = false_reject_interval(good, threshold, seed=seed)
+    info["expected_false_reject"] = false_reject_interval(good, threshold, seed=seed, tail=tail)
     return threshold, review, info
