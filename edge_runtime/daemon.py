@@ -1,440 +1,134 @@
-"""The inspection daemon: source -> Pipeline -> output bus, plus signals, watchdog, health and recovery.
+"""The inspection daemon: N inspection lines (edge_runtime/line.py, one per camera) plus what they share.
 
-The station loop is small; its jobs live in named places: the output bus (edge_runtime/output_bus.py: record
-first, then the line, then the images; one failure policy; slow outputs on workers), the frame counter
-(edge_runtime/frame_counter.py: ids never reused), the triggers (edge_runtime/triggers.py: timestamped,
-expiring events).
-
-Fail-safe rules enforced here: outputs start in their safe state; READY is raised only while a verified bundle is
-loaded and frames arrive; every trigger is a part and gets exactly one answer: its verdict, or a FAULT result when
-it cannot be served (no frame, camera lost, station in fault or backoff, trigger older than max_age_ms, folded
-into a newer trigger); the verdict is withdrawn on the line outputs (begin_part) before the next part is captured;
-a part whose record cannot be written is FAULT; the systemd watchdog is pinged from this loop, so a hung inference
-stops the pings and systemd restarts us.
+Shared here: signals (SIGTERM/SIGINT stop, SIGHUP reloads every line's bundle, SIGUSR1 reopens log files), the
+systemd notifications (READY=1 once every line has loaded and self-tested its bundle; WATCHDOG=1 only while
+every line's loop goes round, so one hung inference stops the pings and systemd restarts us) and the HTTP
+endpoint (/healthz, /metrics, POST /trigger). Each line keeps its own source, pipeline, output bus, frame
+counter, trigger, stats and state.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
-import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from edge_runtime import systemd_notify
-from edge_runtime.bundle import Bundle, BundleError
+from edge_runtime.bundle_loader import load_pipeline, load_public_key, release_freed_memory
 from edge_runtime.config import StationConfig
-from edge_runtime.bundle_policy import check_admission, record_loaded
-from edge_runtime.features import FeatureError, make_session
-from edge_runtime.frame_counter import FRAME_COUNTER_FILE, FrameCounter, FrameCounterError
+from edge_runtime.frame_counter import FRAME_COUNTER_FILE
 from edge_runtime.http_endpoint import HttpEndpoint, StationStatus
-from edge_runtime.latency_stats import LatencyStats
-from edge_runtime.output_bus import BusCounters, OutputBus, RecordFailure
-from edge_runtime.outputs import Output, ResultLogConfig, SerialOutput, build_output, last_frame_id
-from edge_runtime.pipeline import Pipeline
-from edge_runtime.records import Frame, InspectionResult, Verdict
-from edge_runtime.self_test import golden_check
-from edge_runtime.sources import FrameSource, SourceError, build_source
-from edge_runtime.triggers import SoftwareTrigger, Trigger, TriggerError, TriggerEvent, build_trigger
+from edge_runtime.line import MAX_MISSED_ANSWERS, SERIAL_ACK_COMMAND, Counters, Line
+from edge_runtime.outputs import Output
+from edge_runtime.sources import FrameSource
+from edge_runtime.station_state import LineState, StationState
+from edge_runtime.triggers import SoftwareTrigger, Trigger
 
 log = logging.getLogger("edge_runtime.daemon")
 
-__all__ = ["FRAME_COUNTER_FILE", "Station", "load_pipeline"]
+__all__ = ["FRAME_COUNTER_FILE", "Counters", "Line", "LineState", "Station", "StationState", "load_pipeline",
+           "load_public_key", "release_freed_memory", "MAX_MISSED_ANSWERS", "SERIAL_ACK_COMMAND"]
 # WATCHDOG=1 at most this often when systemd set no WatchdogSec (then the pings only show liveness in tests).
 DEFAULT_WATCHDOG_PERIOD_S = 1.0
-# At most this many FAULT answers for triggers folded into one (the rest are counted and logged).
-MAX_MISSED_ANSWERS = 16
-SERIAL_ACK_COMMAND = "ACK"
-
-
-def load_public_key(path: str | None) -> bytes | None:
-    if not path:
-        return None
-    raw = Path(path).read_bytes()
-    if len(raw) == 32:
-        return raw
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
-
-    return load_pem_public_key(raw).public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
-def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_threads: int | None = None) -> Pipeline:
-    """Verify the bundle (checksums, optional signature), check product and version, build the pipeline and
-    reproduce the golden scores. Raises BundleError with the reason.
-
-    `current`: the bundle in service (a reload never goes below its version unless downgrades are allowed).
-    `load_threads`: threads for loading and the self-test (a reload runs beside the inspection loop and must
-    not take its cores); the pipeline returned always runs with `inference.threads`.
-    """
-    try:
-        key = load_public_key(cfg.security.bundle_public_key)
-    except (OSError, ValueError, ImportError) as exc:
-        raise BundleError(f"security.bundle_public_key {cfg.security.bundle_public_key}: cannot read key ({exc})") from None
-    bundle = Bundle.load(cfg.bundle, public_key=key)
-    sec = cfg.security
-    if current is None and not sec.allow_downgrade and not cfg.state_dir:
-        log.warning("security.allow_downgrade is false but no state_dir is set: an older bundle_version is refused "
-                    "on reload, not across restarts")
-    check_admission(bundle, sec.product, sec.allow_downgrade, cfg.state_dir, current)
-    inf = cfg.inference
-    threads = min(load_threads, inf.threads) if load_threads else inf.threads
-    try:
-        pipeline = Pipeline(bundle, precision=inf.precision, knn=inf.knn, threads=threads,
-                            providers=inf.providers, ef_search=inf.ef_search, review_threshold=inf.review_threshold)
-    except FeatureError as exc:
-        raise BundleError(str(exc)) from None
-    # Golden scores were recorded with the bundle's own preprocessing, so the self-test runs before the
-    # station's ROI override is applied.
-    failures = golden_check(bundle, pipeline)
-    if failures:
-        raise BundleError("self-test failed: " + "; ".join(failures))
-    if threads != inf.threads:
-        # Same verified model bytes, now with the configured threads; built, not run, so it costs no cores.
-        variant = pipeline.variant
-        try:
-            pipeline.extractor.session = make_session(bundle.read_verified(variant.model_file), inf.threads,
-                                                      inf.providers, bundle.path(variant.model_file))
-        except FeatureError as exc:
-            raise BundleError(str(exc)) from None
-        index = getattr(pipeline.search, "index", None)
-        if index is not None:
-            index.set_num_threads(inf.threads)
-    bundle.release()  # onnxruntime and hnswlib hold their own copies of the verified bytes now
-    record_loaded(bundle, cfg.state_dir)
-    pipeline.apply_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)
-    pipeline.decode_limits = cfg.decode
-    return pipeline
-
-
-def release_freed_memory() -> None:
-    """Return freed heap pages to the OS (glibc malloc_trim), after a reload dropped the old pipeline.
-
-    onnxruntime and hnswlib free a whole pipeline's worth of buffers at once; glibc keeps most of it mapped in
-    its arenas, so without this the resident size climbs reload after reload (benchmarks/reload_memory.py).
-    No-op where glibc is not the C library.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-            _malloc_trim.argtypes, _malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
-
-
-@dataclass
-class Counters:
-    frames: int = 0
-    faults: int = 0
-    source_errors: int = 0
-    reloads: int = 0
-    reload_failures: int = 0
-    missed_triggers: int = 0   # a trigger fired and no frame could be inspected for it (each also a FAULT result)
-    expired_triggers: int = 0  # of those: older than max_age_ms when the loop reached them
-    bus: BusCounters = field(default_factory=BusCounters, repr=False)  # the output bus's own counters
-
-    @property
-    def output_errors(self) -> int:
-        return self.bus.errors
 
 
 class Station:
-    """One station: `run()` blocks until SIGTERM/SIGINT, `request_stop()` or an exhausted replay source."""
+    """The daemon: `run()` blocks until SIGTERM/SIGINT, `request_stop()` or every line's replay source ended.
+
+    `source`, `outputs`, `trigger` (tests, benchmarks) replace what the station file would build for its line.
+    With one line, the line's attributes (pipeline, counters, trigger, fault_reason, ...) read through the
+    Station as before the split, so code written against the single-line Station keeps working.
+    """
 
     def __init__(self, cfg: StationConfig, *, source: FrameSource | None = None, outputs: list[Output] | None = None,
                  trigger: Trigger | None = None):
         self.cfg = cfg
-        self.outputs = outputs if outputs is not None else [build_output(o) for o in cfg.outputs]
-        deadline = cfg.inference.deadline_ms
-        self.bus = OutputBus(self.outputs, late_after_s=deadline / 1000.0 if deadline else 0.5)
-        self.trigger = trigger if trigger is not None else build_trigger(cfg.trigger)
-        for out in self.outputs:
-            # A PLC on the serial line may send "TRG" (capture one part) and "ACK" (withdraw the verdict).
-            if isinstance(out, SerialOutput) and out.cfg.accept_trigger:
-                out.on_line = self._on_serial_line
-        self._source = source
-        self.pipeline: Pipeline | None = None
-        self.stats = LatencyStats(cfg.logging.stats_window)
-        self.counters = Counters(bus=self.bus.counters)
-        self.verdicts = {v.value: 0 for v in Verdict}
-        self.fault_reason: str | None = "starting"
-        self.last_verdict: str | None = None
-        self._ready = False
-        self._halted: str | None = None       # set: the station stays in FAULT and inspects nothing until restart
-        self._record_fault: str | None = None  # the last part could not be recorded (on_record_failure: fault)
+        self.lines: list[Line] = self._build_lines(cfg, source=source, outputs=outputs, trigger=trigger)
+        if len(self.lines) == 1:
+            # A subclass (or a test) that overrides Station._load still decides how the single line loads.
+            self.lines[0].load_hook = self._load
         self._stop = threading.Event()
-        self._reload = threading.Event()
-        self._reopen = threading.Event()
-        self._reload_lock = threading.Lock()
-        self._reload_thread: threading.Thread | None = None
-        self._reload_outcome: tuple[Pipeline | None, str | None] | None = None  # set by the reload thread
-        self._trim_pending = False     # a reload dropped the old pipeline: release its heap on the next iteration
-        self.frame_ids = FrameCounter(None)
         self._started = time.monotonic()
-        self._last_heartbeat = time.monotonic()
-        self._inspecting_since: float | None = None  # set while a frame is in Pipeline.inspect (health: stalled)
         self._watchdog_period = DEFAULT_WATCHDOG_PERIOD_S
         self._last_watchdog = float("-inf")
+        self._beat_lock = threading.Lock()
+        self._beaten: set[int] = set()          # lines (by index) that went round since the last ping
+        self._running: set[int] = set()         # lines whose loop still runs
         self._http: HttpEndpoint | None = None
+
+    def _build_lines(self, cfg: StationConfig, **overrides) -> list[Line]:
+        return [Line(cfg, on_heartbeat=self._beat, **overrides)]
+
+    # ---- the single line, read through the station (compatibility with the one-camera Station) -------------------
+    @property
+    def line(self) -> Line:
+        return self.lines[0]
+
+    def __getattr__(self, name: str):
+        # Only reached for names the Station itself lacks (pipeline, counters, trigger, fault_reason, bus, ...).
+        if name.startswith("__") or name == "lines":
+            raise AttributeError(name)
+        return getattr(self.lines[0], name)
+
+    def _load(self) -> bool:
+        return self.lines[0]._load()
+
+    def _reload_worker(self) -> None:
+        self.lines[0]._reload_worker()
+
+    def _apply_reload(self) -> None:
+        self.lines[0]._apply_reload()
 
     # ---- control (signal handlers and tests) ----------------------------------------------------------------
     def request_stop(self) -> None:
         self._stop.set()
+        for line in self.lines:
+            line.request_stop()
 
     def request_reload(self) -> None:
-        self._reload.set()
+        for line in self.lines:
+            line.request_reload()
 
     def request_reopen(self) -> None:
-        """SIGUSR1: reopen log files (after an external rotation), from the loop thread."""
-        self._reopen.set()
+        """SIGUSR1: reopen log files (after an external rotation), from each line's thread."""
+        for line in self.lines:
+            line.request_reopen()
 
     @property
     def http_port(self) -> int | None:
         """The bound HTTP port (useful with port 0), or None when the endpoint is not running."""
         return self._http.port if self._http is not None else None
 
-    def _on_serial_line(self, line: str) -> bool:
-        """A line from the PLC on the serial port (receiver thread): TRG fires the trigger, ACK acknowledges."""
-        command = line.strip().upper()
-        if command == SERIAL_ACK_COMMAND:
-            self.bus.acknowledge()
-            return True
-        if isinstance(self.trigger, SoftwareTrigger):
-            # Fired even while the station cannot inspect: the loop answers it with a FAULT result at once.
-            return self.trigger.handle_line(line)
-        return False
-
-    # ---- state -------------------------------------------------------------------------------------------------
-    def _set_state(self, ready: bool, fault: str | None) -> None:
-        if self._halted:
-            ready, fault = False, self._halted  # only a restart clears a halt
-        if fault != self.fault_reason:
-            if fault:
-                log.error("FAULT: %s", fault)
-            elif self.fault_reason:
-                log.info("fault cleared (%s)", self.fault_reason)
-            self.bus.set_fault(fault)
-            self.fault_reason = fault
-            systemd_notify.status(f"fault: {fault}" if fault else "inspecting")
-        if ready != self._ready:
-            self.bus.set_ready(ready)
-            self._ready = ready
-
-    def _halt(self, reason: str) -> None:
-        if self._halted is None:
-            self._halted = f"halted: {reason}"
-            self._set_state(False, self._halted)
-
     # ---- status for /healthz and /metrics ----------------------------------------------------------------------
     def status(self) -> StationStatus:
-        # A fault wins over READY: a station that cannot record its parts is not healthy even while it runs.
-        state = "fault" if self.fault_reason else ("ready" if self._ready else "not_ready")
-        c = self.counters
-        pipeline = self.pipeline
-        counters = {"source_errors": c.source_errors, "reloads": c.reloads, "reload_failures": c.reload_failures,
-                    "missed_triggers": c.missed_triggers, "expired_triggers": c.expired_triggers,
-                    "trigger_overruns": getattr(self.trigger, "overruns", 0)}
-        counters.update(self.bus.output_counters())
-        return StationStatus(
-            state=state, reason=self.fault_reason,
-            bundle_id=pipeline.bundle.bundle_id if pipeline else None, frames=c.frames,
-            last_verdict=self.last_verdict, uptime_s=time.monotonic() - self._started, verdicts=dict(self.verdicts),
-            faults=c.faults + c.source_errors, skipped=getattr(self._source, "skipped", 0),
-            last_heartbeat_age_s=time.monotonic() - self._last_heartbeat, latency=self.stats, counters=counters,
-            busy_s=self._busy_s(), stall_after_s=self._stall_after_s())
+        status = self.lines[0].status()
+        status.uptime_s = time.monotonic() - self._started
+        return status
 
-    def _busy_s(self) -> float | None:
-        since = self._inspecting_since
-        return None if since is None else time.monotonic() - since
+    @property
+    def state(self) -> LineState:
+        """The station's state: its line's (the worst of its lines' once there are several)."""
+        return self.lines[0].state
 
-    def _stall_after_s(self) -> float:
-        if self.cfg.http.stall_after_s is not None:
-            return self.cfg.http.stall_after_s
-        deadline_ms = self.cfg.inference.deadline_ms
-        return max(2.0, 5 * deadline_ms / 1000.0) if deadline_ms else 2.0
-
-    # ---- bundle ------------------------------------------------------------------------------------------------
-    def _load(self) -> bool:
-        try:
-            self.pipeline = load_pipeline(self.cfg)
-        except Exception as exc:  # noqa: BLE001 - whatever breaks the load, the station must stay up in FAULT
-            self.pipeline = None
-            if not isinstance(exc, (BundleError, OSError)):
-                log.exception("loading bundle %s failed unexpectedly", self.cfg.bundle)
-            self._set_state(False, f"bundle {self.cfg.bundle}: {exc}")
-            return False
-        log.info("bundle %s loaded: variant %s, knn %s, threshold %.4f", self.pipeline.bundle.bundle_id,
-                 self.pipeline.variant.name, self.pipeline.knn, self.pipeline.threshold)
-        return True
-
-    def _start_reload(self) -> None:
-        """SIGHUP: load and self-test the bundle in a background thread while the old one keeps inspecting.
-
-        Loading can take seconds on a small board; doing it here would stall the line and the watchdog pings."""
-        if self._reload_thread is not None and self._reload_thread.is_alive():
-            return  # the flag stays set: another reload follows the running one
-        self._reload.clear()
-        log.info("SIGHUP: reloading bundle %s", self.cfg.bundle)
-        systemd_notify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
-        self._reload_thread = threading.Thread(target=self._reload_worker, name="bundle-reload", daemon=True)
-        self._reload_thread.start()
-
-    def _reload_worker(self) -> None:
-        current = self.pipeline
-        try:
-            # One thread while loading and self-testing: the inspection loop keeps its cores.
-            outcome: tuple[Pipeline | None, str | None] = (
-                load_pipeline(self.cfg, current.bundle if current is not None else None, load_threads=1), None)
-        except Exception as exc:  # noqa: BLE001 - reported to the loop thread, which decides what to do
-            if not isinstance(exc, (BundleError, OSError)):
-                log.exception("reloading bundle %s failed unexpectedly", self.cfg.bundle)
-            outcome = (None, str(exc))
-        with self._reload_lock:
-            self._reload_outcome = outcome
-
-    def _apply_reload(self) -> None:
-        """Runs in the loop thread: swap pipelines between frames and drive the outputs from one thread only."""
-        if self._trim_pending:
-            # The old pipeline is gone by now (the loop took the new one): hand its memory back to the OS.
-            self._trim_pending = False
-            release_freed_memory()
-        with self._reload_lock:
-            outcome, self._reload_outcome = self._reload_outcome, None
-        if outcome is None:
-            return
-        new, error = outcome
-        if new is None:
-            self.counters.reload_failures += 1
-            if self.pipeline is not None:
-                # Keep inspecting with the verified old bundle rather than stopping the line.
-                log.error("reload refused, keeping bundle %s: %s", self.pipeline.bundle.bundle_id, error)
-            else:
-                self._set_state(False, f"bundle {self.cfg.bundle}: {error}")
-        else:
-            self.pipeline = new
-            self.counters.reloads += 1
-            # The loop still holds the old pipeline until its next iteration: trim after that (see above).
-            self._trim_pending = True
-            log.info("reloaded: bundle %s, variant %s, threshold %.4f", new.bundle.bundle_id, new.variant.name,
-                     new.threshold)
-            if self.fault_reason and self.fault_reason.startswith("bundle"):
-                self._set_state(False, None)
-        systemd_notify.ready()  # ends the RELOADING state either way
-
-    # ---- frame ids ---------------------------------------------------------------------------------------------
-    def _open_frame_counter(self) -> None:
-        """Continue after the newest id in the result log and the saved counter, so ids are never reused."""
-        start = 0
-        for o in self.cfg.outputs:
-            if isinstance(o, ResultLogConfig):
-                try:
-                    last = last_frame_id(o.path)
-                except OSError as exc:  # the result log itself reports this when it starts
-                    log.warning("result log %s unreadable (%s)", o.path, exc)
-                    continue
-                if last is not None:
-                    start = max(start, last + 1)
-        self.frame_ids = FrameCounter(self.cfg.state_dir, start_at=start)
-        try:
-            self.frame_ids.open()
-        except FrameCounterError as exc:
-            self._halt(str(exc))
-
-    def _take_frame_id(self) -> int:
-        # The daemon numbers parts, not the source: a trigger that got no frame still consumes an id, so every
-        # result on the line (including its FAULT) has its own id for the PLC to latch.
-        try:
-            return self.frame_ids.take()
-        except FrameCounterError as exc:
-            self._halt(str(exc))   # this part still gets its FAULT answer, with an id from memory
-            return self.frame_ids.take_unpersisted()
-
-    # ---- the loop ----------------------------------------------------------------------------------------------
-    def _heartbeat(self) -> None:
-        now = time.monotonic()
-        self._last_heartbeat = now
-        self.bus.heartbeat()
-        # Pinged from this thread only: if inference hangs, the pings stop and systemd restarts the service.
-        if now - self._last_watchdog >= self._watchdog_period:
+    # ---- watchdog ------------------------------------------------------------------------------------------------
+    def _beat(self, line: Line) -> None:
+        """A line's loop went round (called from that line's thread). Ping once every running line has."""
+        with self._beat_lock:
+            self._beaten.add(self.lines.index(line))
+            if not self._running <= self._beaten:
+                return
+            now = time.monotonic()
+            if now - self._last_watchdog < self._watchdog_period:
+                return
             self._last_watchdog = now
-            systemd_notify.watchdog()
+            self._beaten.clear()
+        systemd_notify.watchdog()
 
-    def _publish(self, result: InspectionResult, started: float | None) -> None:
-        """One part's answer through the output bus: record, then line, then images."""
-        failure = self.bus.publish(result, started=started, deadline_ms=self.cfg.inference.deadline_ms)
-        self.counters.frames += 1
-        self.verdicts[result.verdict.value] += 1
-        self.last_verdict = result.verdict.value
-        if result.verdict is Verdict.FAULT:
-            self.counters.faults += 1
-            log.warning("frame %d %s: FAULT: %s", result.frame_id, result.source, result.error)
-        else:
-            self.stats.add(result.timings_ms)
-        if failure is not None:
-            self._record_failed(failure)
-        elif self._record_fault is not None and self.fault_reason == self._record_fault:
-            self._record_fault = None
-            self._set_state(self._ready, None)  # the record works again
+    def _line_ended(self, line: Line) -> None:
+        with self._beat_lock:
+            self._running.discard(self.lines.index(line))
 
-    def _record_failed(self, failure: RecordFailure) -> None:
-        reason = f"record: {failure.output}: {failure.reason}"
-        if failure.halt:
-            self._halt(reason)
-        else:
-            self._record_fault = reason
-            self._set_state(self._ready, reason)
-
-    def _answer_fault(self, reason: str, started: float, frame_id: int | None = None) -> None:
-        """A trigger fired (a part is there) and it cannot be inspected: the line gets a FAULT result for it."""
-        self.counters.missed_triggers += 1
-        if frame_id is None:
-            frame_id = self._take_frame_id()
-            self.bus.begin_part(frame_id)
-        pipeline = self.pipeline
-        self._publish(InspectionResult(
-            frame_id=frame_id, source=getattr(self._source, "name", "source"), verdict=Verdict.FAULT, score=None,
-            normalized_score=None, threshold=pipeline.threshold if pipeline else math.nan,
-            timings_ms={"total": (time.monotonic() - started) * 1000.0},
-            bundle_id=pipeline.bundle.bundle_id if pipeline else "none", error=f"triggered part not inspected: {reason}"),
-            started)
-
-    def _refuse_triggers(self, reason: str, timeout: float) -> None:
-        """While the station cannot inspect, wait up to `timeout` s and answer every trigger that arrives at once
-        with FAULT, instead of serving it late when the station is back."""
-        if isinstance(self.trigger, SoftwareTrigger):
-            event = self.trigger.wait(timeout)   # wakes on a fire: the answer goes out at once
-            events = [] if event is None else [event]
-        else:
-            events = self.trigger.drain()
-            self._stop.wait(timeout)
-        for event in events:
-            for _ in range(min(event.missed, MAX_MISSED_ANSWERS) + 1):
-                self._answer_fault(f"station not ready ({reason})", event.at)
-
-    def _answer_missed(self, event: TriggerEvent) -> None:
-        for _ in range(min(event.missed, MAX_MISSED_ANSWERS)):
-            self._answer_fault("trigger overrun: a newer trigger arrived before this one was served", event.at)
-        if event.missed > MAX_MISSED_ANSWERS:
-            self.counters.missed_triggers += event.missed - MAX_MISSED_ANSWERS
-            log.error("%d more triggers folded into one were not answered individually", event.missed - MAX_MISSED_ANSWERS)
-
-    def _expired(self, event: TriggerEvent) -> bool:
-        max_age = self.trigger.max_age_ms
-        age = event.age_ms()
-        if max_age is None or age <= max_age:
-            return False
-        self.counters.expired_triggers += 1
-        self._answer_fault(f"trigger expired: {age:.0f} ms old when the loop reached it > max_age_ms {max_age:g}",
-                           event.at)
-        return True
-
+    # ---- run -----------------------------------------------------------------------------------------------------
     def run(self) -> int:
         previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
@@ -449,173 +143,75 @@ class Station:
                 # None: the old handler was not installed from Python; the default is the closest we can restore.
                 signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
+    def _fire_trigger(self):
+        trigger = self.lines[0].trigger
+        return trigger.fire if isinstance(trigger, SoftwareTrigger) else None
+
+    def _make_http(self) -> HttpEndpoint:
+        return HttpEndpoint(self.cfg.http, self.status, self._fire_trigger())
+
     def _run(self) -> int:
         interval = systemd_notify.watchdog_interval()
         # sd_watchdog_enabled(3) advises half the interval; a quarter leaves room for one slow frame.
         self._watchdog_period = interval / 4 if interval else DEFAULT_WATCHDOG_PERIOD_S
-        # Outputs start in their safe state (not READY, no OK); fault_reason is already "starting" for /healthz.
-        self.bus.start()
-        if self.cfg.http.enabled:
-            fire = self.trigger.fire if isinstance(self.trigger, SoftwareTrigger) else None
-            self._http = HttpEndpoint(self.cfg.http, self.status, fire)
-            try:
-                self._http.start()
-                log.info("http endpoint on %s:%d", self.cfg.http.host, self._http.port)
-            except OSError as exc:
-                log.error("http endpoint %s:%d not started: %s", self.cfg.http.host, self.cfg.http.port, exc)
-                self._http = None
         try:
-            self._open_frame_counter()
+            # Outputs start in their safe state (not READY, no OK); fault_reason is already "starting" for /healthz.
+            for line in self.lines:
+                line.start_outputs()
+            if self.cfg.http.enabled:
+                self._http = self._make_http()
+                try:
+                    self._http.start()
+                    log.info("http endpoint on %s:%d", self.cfg.http.host, self._http.port)
+                except OSError as exc:
+                    log.error("http endpoint %s:%d not started: %s", self.cfg.http.host, self.cfg.http.port, exc)
+                    self._http = None
             t0 = time.monotonic()
-            self._load()
-            # READY=1 tells systemd that start-up (including the self-test) is over; whether we inspect is on the
-            # READY output line and /healthz. A bad bundle keeps us alive in a safe, explained FAULT state.
+            for line in self.lines:
+                line.start()
+            # READY=1 tells systemd that start-up (including the self-tests) is over; whether we inspect is on the
+            # READY output lines and /healthz. A bad bundle keeps a line alive in a safe, explained FAULT state.
             systemd_notify.ready()
-            log.info("start-up took %.2f s (%s)", time.monotonic() - t0, "ready" if self.pipeline else "FAULT")
-            return self._loop()
+            if len(self.lines) > 1:
+                log.info("start-up of %d lines took %.2f s", len(self.lines), time.monotonic() - t0)
+            return self._run_lines()
         finally:
             self._shutdown()
 
-    def _housekeeping(self, next_stats: float) -> float:
-        self._heartbeat()
-        if self._reload.is_set():
-            self._start_reload()
-        self._apply_reload()
-        if self._reopen.is_set():
-            self._reopen.clear()
-            log.info("SIGUSR1: reopening log files")
-            self.bus.reopen()
-        if time.monotonic() >= next_stats:
-            next_stats = time.monotonic() + self.cfg.logging.stats_interval_s
-            self._log_stats()
-        return next_stats
-
-    def _loop(self) -> int:
-        rc_cfg = self.cfg.recovery
-        backoff = rc_cfg.backoff_initial_s
-        retry_at = 0.0
-        source_open = False
-        next_stats = time.monotonic() + self.cfg.logging.stats_interval_s
-        if self._source is None:
-            self._source = build_source(
-                self.cfg.source, self.frame_ids.next_id, state_dir=self.cfg.state_dir,
-                result_logs=[o.path for o in self.cfg.outputs if isinstance(o, ResultLogConfig)])
-        while not self._stop.is_set():
-            next_stats = self._housekeeping(next_stats)
-            pipeline = self.pipeline
-            if pipeline is None or self._halted:
-                self._refuse_triggers(self.fault_reason or "no bundle", rc_cfg.read_timeout_s)
-                continue
-            if not source_open:
-                if time.monotonic() < retry_at:
-                    self._refuse_triggers(self.fault_reason or "source reopening",
-                                          min(rc_cfg.read_timeout_s, max(0.0, retry_at - time.monotonic())))
-                    continue
-                try:
-                    self._source.open()
-                    self.trigger.open()
-                    source_open = True
-                    backoff = rc_cfg.backoff_initial_s
-                    self._set_state(True, self._record_fault)
-                except (SourceError, TriggerError, OSError) as exc:
-                    self.counters.source_errors += 1
-                    self._set_state(False, f"source: {exc}")
-                    self._close_source()
-                    retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
-                    continue
+    def _run_lines(self) -> int:
+        self._running = set(range(len(self.lines)))
+        if len(self.lines) == 1:
             try:
-                outcome = self._serve_one(pipeline)
-            except (SourceError, TriggerError, OSError) as exc:
-                # Camera lost: not-OK on the outputs, no verdict for anything, reopen with backoff.
-                self.counters.source_errors += 1
-                self._set_state(False, f"source: {exc}")
-                self._close_source()
-                source_open = False
-                retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
-                continue
-            if outcome == "exhausted":
-                if rc_cfg.exit_when_exhausted:
-                    log.info("source exhausted after %d frames", self.counters.frames)
-                    break
-                self._stop.wait(rc_cfg.read_timeout_s)  # nothing more will come; do not spin
+                return self.lines[0].loop()   # the one line runs in the caller's thread, as it always did
+            finally:
+                self._line_ended(self.lines[0])
+        errors: list[BaseException] = []
+
+        def run_line(line: Line) -> None:
+            try:
+                line.loop()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the daemon's thread below
+                log.exception("line %s stopped on an unexpected error", line.name)
+                errors.append(exc)
+                self.request_stop()
+            finally:
+                self._line_ended(line)
+
+        threads = [threading.Thread(target=run_line, args=(line,), name=f"line:{line.name}", daemon=True)
+                   for line in self.lines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)   # short joins: the main thread stays free to run signal handlers
+        if errors:
+            raise errors[0]
         return 0
-
-    def _serve_one(self, pipeline: Pipeline) -> str:
-        """Wait for one trigger (or free-run frame) and answer it. Returns "idle", "served" or "exhausted".
-
-        Raises SourceError/TriggerError/OSError when the camera or trigger input is lost (after answering a
-        triggered part with FAULT)."""
-        timeout = self.cfg.recovery.read_timeout_s
-        event = self.trigger.wait(timeout)
-        if event is None:
-            return "idle"
-        if self.trigger.is_free_run:
-            frame = self._source.read(timeout)
-            if frame is None:
-                return "exhausted" if self._source.exhausted else "idle"
-            frame_id = self._take_frame_id()
-            self.bus.begin_part(frame_id)
-            # The deadline runs from capture: the frame's wall-clock stamp mapped onto the monotonic clock.
-            started = time.monotonic() - max(0.0, time.time() - frame.captured_at)
-            return self._inspect(pipeline, frame, frame_id, started)
-        self._answer_missed(event)
-        if self._expired(event):
-            return "served"
-        frame_id = self._take_frame_id()
-        self.bus.begin_part(frame_id)   # the previous verdict is withdrawn before this part is captured
-        notify = getattr(self._source, "notify_trigger", None)
-        if notify is not None:
-            notify()  # a camera drops frames buffered before the trigger
-        try:
-            frame = self._source.read(timeout)
-        except (SourceError, TriggerError, OSError) as exc:
-            self._answer_fault(f"source: {exc}", event.at, frame_id)
-            raise
-        if frame is None:
-            self._answer_fault(f"no frame within {timeout:g} s of the trigger", event.at, frame_id)
-            return "exhausted" if self._source.exhausted else "served"
-        return self._inspect(pipeline, frame, frame_id, event.at)
-
-    def _inspect(self, pipeline: Pipeline, frame: Frame, frame_id: int, started: float) -> str:
-        if not self._ready and self.fault_reason is None:
-            self._set_state(True, None)
-        frame.frame_id = frame_id
-        # From here until its outputs are driven the frame is "in inspection": /healthz reports a stall when
-        # this takes longer than http.stall_after_s (a hostile file in decode, an output that blocks).
-        self._inspecting_since = time.monotonic()
-        try:
-            self._publish(pipeline.inspect(frame), started)
-        finally:
-            self._inspecting_since = None
-        return "served"
-
-    def _log_stats(self) -> None:
-        summary = self.stats.summary()
-        if summary.get("total"):
-            s = summary["total"]
-            log.info("latency total ms p50 %.1f p95 %.1f p99 %.1f max %.1f over %d frames; verdicts %s",
-                     s["p50"], s["p95"], s["p99"], s["max"], s["count"], self.verdicts)
-
-    def _close_source(self) -> None:
-        if self._source is not None:
-            try:
-                self._source.close()
-            except Exception:
-                log.exception("closing the source failed")
-        try:
-            self.trigger.close()
-        except Exception:
-            log.exception("closing the trigger failed")
 
     def _shutdown(self) -> None:
         systemd_notify.stopping()
-        self._ready = False
-        self.bus.set_ready(False)
-        self._close_source()
-        self.bus.close()  # every output returns to its safe state and flushes
+        for line in self.lines:
+            line.shutdown()
         if self._http is not None:
             self._http.stop()
             self._http = None
-        self.frame_ids.close()
-        self._log_stats()
-        log.info("stopped after %d frames (%s)", self.counters.frames, self.verdicts)

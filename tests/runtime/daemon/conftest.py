@@ -128,3 +128,13 @@ def start_station() -> Callable[..., RunningStation]:
         if r.alive:
             r.station.request_stop()
             r._thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def part_images_bytes(flange_test_folder) -> list[bytes]:
+    """Encoded PNGs of two good and two defective test parts."""
+    folder, index = flange_test_folder
+    names = sorted(index)
+    good = [n for n in names if n.startswith("good_")][:2]
+    bad = [n for n in names if not n.startswith("good_")][:2]
+    return [(folder / n).read_bytes() for n in good + bad]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime import daemon
+from edge_runtime import bundle_loader, daemon
 from edge_runtime.config import StationConfig
 from edge_runtime.daemon import Station, load_pipeline
 from edge_runtime.schema import from_mapping
@@ -29,13 +29,13 @@ def threads_of(pipeline) -> tuple[int, int | None]:
 def self_test_threads(monkeypatch) -> list[tuple[int, int | None]]:
     """Records the threads the pipeline had while its golden self-test ran."""
     seen: list[tuple[int, int | None]] = []
-    real = daemon.golden_check
+    real = bundle_loader.golden_check
 
     def recording(bundle, pipeline):
         seen.append(threads_of(pipeline))
         return real(bundle, pipeline)
 
-    monkeypatch.setattr(daemon, "golden_check", recording)
+    monkeypatch.setattr(bundle_loader, "golden_check", recording)
     return seen
 
 
@@ -61,7 +61,7 @@ def test_station_reload_thread_uses_one_thread(bundle_copy, self_test_threads):
 
 def test_old_pipeline_memory_is_released_after_the_swap(bundle_copy, monkeypatch):
     trims = []
-    monkeypatch.setattr(daemon, "release_freed_memory", lambda: trims.append(1))
+    monkeypatch.setattr(bundle_loader, "release_freed_memory", lambda: trims.append(1))
     st = Station(station(bundle_copy, threads=1), outputs=[])
     assert st._load()
     st._reload_worker()

@@ -1,0 +1,102 @@
+"""Loading a bundle into a pipeline: verify (checksums, signature, product, version), build, self-test.
+
+Shared by every line of the daemon and by reloads; `release_freed_memory` hands a dropped pipeline's heap back.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+from edge_runtime.bundle import Bundle, BundleError
+from edge_runtime.bundle_policy import check_admission, record_loaded
+from edge_runtime.config import StationConfig
+from edge_runtime.features import FeatureError, make_session
+from edge_runtime.pipeline import Pipeline
+from edge_runtime.self_test import golden_check
+
+log = logging.getLogger("edge_runtime.daemon")
+
+__all__ = ["load_pipeline", "load_public_key", "release_freed_memory"]
+
+
+def load_public_key(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    raw = Path(path).read_bytes()
+    if len(raw) == 32:
+        return raw
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
+
+    return load_pem_public_key(raw).public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_threads: int | None = None) -> Pipeline:
+    """Verify the bundle (checksums, optional signature), check product and version, build the pipeline and
+    reproduce the golden scores. Raises BundleError with the reason.
+
+    `current`: the bundle in service (a reload never goes below its version unless downgrades are allowed).
+    `load_threads`: threads for loading and the self-test (a reload runs beside the inspection loop and must
+    not take its cores); the pipeline returned always runs with `inference.threads`.
+    """
+    try:
+        key = load_public_key(cfg.security.bundle_public_key)
+    except (OSError, ValueError, ImportError) as exc:
+        raise BundleError(f"security.bundle_public_key {cfg.security.bundle_public_key}: cannot read key ({exc})") from None
+    bundle = Bundle.load(cfg.bundle, public_key=key)
+    sec = cfg.security
+    if current is None and not sec.allow_downgrade and not cfg.state_dir:
+        log.warning("security.allow_downgrade is false but no state_dir is set: an older bundle_version is refused "
+                    "on reload, not across restarts")
+    check_admission(bundle, sec.product, sec.allow_downgrade, cfg.state_dir, current)
+    inf = cfg.inference
+    threads = min(load_threads, inf.threads) if load_threads else inf.threads
+    try:
+        pipeline = Pipeline(bundle, precision=inf.precision, knn=inf.knn, threads=threads,
+                            providers=inf.providers, ef_search=inf.ef_search, review_threshold=inf.review_threshold)
+    except FeatureError as exc:
+        raise BundleError(str(exc)) from None
+    # Golden scores were recorded with the bundle's own preprocessing, so the self-test runs before the
+    # station's ROI override is applied.
+    failures = golden_check(bundle, pipeline)
+    if failures:
+        raise BundleError("self-test failed: " + "; ".join(failures))
+    if threads != inf.threads:
+        # Same verified model bytes, now with the configured threads; built, not run, so it costs no cores.
+        variant = pipeline.variant
+        try:
+            pipeline.extractor.session = make_session(bundle.read_verified(variant.model_file), inf.threads,
+                                                      inf.providers, bundle.path(variant.model_file))
+        except FeatureError as exc:
+            raise BundleError(str(exc)) from None
+        index = getattr(pipeline.search, "index", None)
+        if index is not None:
+            index.set_num_threads(inf.threads)
+    bundle.release()  # onnxruntime and hnswlib hold their own copies of the verified bytes now
+    record_loaded(bundle, cfg.state_dir)
+    pipeline.apply_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)
+    pipeline.decode_limits = cfg.decode
+    return pipeline
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc malloc_trim), after a reload dropped the old pipeline.
+
+    onnxruntime and hnswlib free a whole pipeline's worth of buffers at once; glibc keeps most of it mapped in
+    its arenas, so without this the resident size climbs reload after reload (benchmarks/reload_memory.py).
+    No-op where glibc is not the C library.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+            _malloc_trim.argtypes, _malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+

@@ -1,0 +1,520 @@
+"""One inspection line: a camera's source -> Pipeline -> output bus, with its own frame counter, trigger, stats and state.
+
+The daemon (edge_runtime/daemon.py) holds one Line per camera plus the shared listeners (HTTP, signals, watchdog).
+A line's jobs live in named places: the output bus (edge_runtime/output_bus.py: record first, then the line,
+then the images; one failure policy; slow outputs on workers), the frame counter (edge_runtime/frame_counter.py:
+ids never reused), the triggers (edge_runtime/triggers.py: timestamped, expiring events).
+
+Fail-safe rules enforced here: outputs start in their safe state; READY is raised only while a verified bundle is
+loaded and frames arrive; every trigger is a part and gets exactly one answer: its verdict, or a FAULT result when
+it cannot be served (no frame, camera lost, line in fault or backoff, trigger older than max_age_ms, folded
+into a newer trigger); the verdict is withdrawn on the line outputs (begin_part) before the next part is captured;
+a part whose record cannot be written is FAULT; the line's loop reports each round to the daemon, which pings the
+systemd watchdog only while every line goes round, so a hung inference stops the pings and systemd restarts us.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from edge_runtime import bundle_loader, systemd_notify
+from edge_runtime.bundle import BundleError
+from edge_runtime.config import StationConfig
+from edge_runtime.frame_counter import FrameCounter, FrameCounterError
+from edge_runtime.http_endpoint import StationStatus
+from edge_runtime.latency_stats import LatencyStats
+from edge_runtime.output_bus import BusCounters, OutputBus, RecordFailure
+from edge_runtime.outputs import Output, ResultLogConfig, SerialOutput, build_output, last_frame_id
+from edge_runtime.pipeline import Pipeline
+from edge_runtime.records import Frame, InspectionResult, Verdict
+from edge_runtime.sources import FrameSource, SourceError, build_source
+from edge_runtime.station_state import LineState
+from edge_runtime.triggers import SoftwareTrigger, Trigger, TriggerError, TriggerEvent, build_trigger
+
+log = logging.getLogger("edge_runtime.daemon")
+
+__all__ = ["Counters", "Line", "MAX_MISSED_ANSWERS", "SERIAL_ACK_COMMAND"]
+# At most this many FAULT answers for triggers folded into one (the rest are counted and logged).
+MAX_MISSED_ANSWERS = 16
+SERIAL_ACK_COMMAND = "ACK"
+
+
+@dataclass
+class Counters:
+    frames: int = 0
+    faults: int = 0
+    source_errors: int = 0
+    reloads: int = 0
+    reload_failures: int = 0
+    missed_triggers: int = 0   # a trigger fired and no frame could be inspected for it (each also a FAULT result)
+    expired_triggers: int = 0  # of those: older than max_age_ms when the loop reached them
+    bus: BusCounters = field(default_factory=BusCounters, repr=False)  # the output bus's own counters
+
+    @property
+    def output_errors(self) -> int:
+        return self.bus.errors
+
+
+class Line:
+    """One camera's inspection line. The daemon calls `start()` (frame counter, bundle), then `loop()` (blocks
+    until `request_stop()` or an exhausted replay source; one thread per line), then `shutdown()`.
+
+    `name`: the line's label in logs and metrics (None: a single-line station, logs as before).
+    `on_heartbeat(line)`: called each time the loop goes round (the daemon's watchdog).
+    `load_hook`: replaces `_load` at start (the single-line Station routes it through its own `_load`).
+    """
+
+    def __init__(self, cfg: StationConfig, *, source: FrameSource | None = None, outputs: list[Output] | None = None,
+                 trigger: Trigger | None = None, name: str | None = None,
+                 on_heartbeat: Callable[["Line"], None] | None = None):
+        self.cfg = cfg
+        self.name = name
+        self.on_heartbeat = on_heartbeat
+        self.load_hook: Callable[[], bool] | None = None
+        self.outputs = outputs if outputs is not None else [build_output(o) for o in cfg.outputs]
+        deadline = cfg.inference.deadline_ms
+        self.bus = OutputBus(self.outputs, late_after_s=deadline / 1000.0 if deadline else 0.5)
+        self.trigger = trigger if trigger is not None else build_trigger(cfg.trigger)
+        for out in self.outputs:
+            # A PLC on the serial line may send "TRG" (capture one part) and "ACK" (withdraw the verdict).
+            if isinstance(out, SerialOutput) and out.cfg.accept_trigger:
+                out.on_line = self._on_serial_line
+        self._source = source
+        self.pipeline: Pipeline | None = None
+        self.stats = LatencyStats(cfg.logging.stats_window)
+        self.counters = Counters(bus=self.bus.counters)
+        self.verdicts = {v.value: 0 for v in Verdict}
+        self.fault_reason: str | None = "starting"
+        self.last_verdict: str | None = None
+        self._ready = False
+        self._halted: str | None = None       # set: the station stays in FAULT and inspects nothing until restart
+        self._record_fault: str | None = None  # the last part could not be recorded (on_record_failure: fault)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._reopen = threading.Event()
+        self._reload_lock = threading.Lock()
+        self._reload_thread: threading.Thread | None = None
+        self._reload_outcome: tuple[Pipeline | None, str | None] | None = None  # set by the reload thread
+        self._trim_pending = False     # a reload dropped the old pipeline: release its heap on the next iteration
+        self.frame_ids = FrameCounter(None)
+        self._started = time.monotonic()
+        self._last_heartbeat = time.monotonic()
+        self._inspecting_since: float | None = None  # set while a frame is in Pipeline.inspect (health: stalled)
+
+    # ---- control (signal handlers and tests) ----------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def request_reopen(self) -> None:
+        """SIGUSR1: reopen log files (after an external rotation), from the loop thread."""
+        self._reopen.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def state(self) -> LineState:
+        """The line's state as an enum (see edge_runtime/station_state.py)."""
+        return LineState.of(stopping=self._stop.is_set(), fault_reason=self.fault_reason, ready=self._ready,
+                            busy=self._inspecting_since is not None, loaded=self.pipeline is not None)
+
+    def _tag(self, text: str) -> str:
+        return f"line {self.name}: {text}" if self.name else text
+
+    def _on_serial_line(self, line: str) -> bool:
+        """A line from the PLC on the serial port (receiver thread): TRG fires the trigger, ACK acknowledges."""
+        command = line.strip().upper()
+        if command == SERIAL_ACK_COMMAND:
+            self.bus.acknowledge()
+            return True
+        if isinstance(self.trigger, SoftwareTrigger):
+            # Fired even while the station cannot inspect: the loop answers it with a FAULT result at once.
+            return self.trigger.handle_line(line)
+        return False
+
+    # ---- state -------------------------------------------------------------------------------------------------
+    def _set_state(self, ready: bool, fault: str | None) -> None:
+        if self._halted:
+            ready, fault = False, self._halted  # only a restart clears a halt
+        if fault != self.fault_reason:
+            if fault:
+                log.error(self._tag("FAULT: %s"), fault)
+            elif self.fault_reason:
+                log.info(self._tag("fault cleared (%s)"), self.fault_reason)
+            self.bus.set_fault(fault)
+            self.fault_reason = fault
+            systemd_notify.status(self._tag(f"fault: {fault}" if fault else "inspecting"))
+        if ready != self._ready:
+            self.bus.set_ready(ready)
+            self._ready = ready
+
+    def _halt(self, reason: str) -> None:
+        if self._halted is None:
+            self._halted = f"halted: {reason}"
+            self._set_state(False, self._halted)
+
+    # ---- status for /healthz and /metrics ----------------------------------------------------------------------
+    def status(self) -> StationStatus:
+        # A fault wins over READY: a station that cannot record its parts is not healthy even while it runs.
+        state = "fault" if self.fault_reason else ("ready" if self._ready else "not_ready")
+        c = self.counters
+        pipeline = self.pipeline
+        counters = {"source_errors": c.source_errors, "reloads": c.reloads, "reload_failures": c.reload_failures,
+                    "missed_triggers": c.missed_triggers, "expired_triggers": c.expired_triggers,
+                    "trigger_overruns": getattr(self.trigger, "overruns", 0)}
+        counters.update(self.bus.output_counters())
+        return StationStatus(
+            state=state, reason=self.fault_reason,
+            bundle_id=pipeline.bundle.bundle_id if pipeline else None, frames=c.frames,
+            last_verdict=self.last_verdict, uptime_s=time.monotonic() - self._started, verdicts=dict(self.verdicts),
+            faults=c.faults + c.source_errors, skipped=getattr(self._source, "skipped", 0),
+            last_heartbeat_age_s=time.monotonic() - self._last_heartbeat, latency=self.stats, counters=counters,
+            busy_s=self._busy_s(), stall_after_s=self._stall_after_s())
+
+    def _busy_s(self) -> float | None:
+        since = self._inspecting_since
+        return None if since is None else time.monotonic() - since
+
+    def _stall_after_s(self) -> float:
+        if self.cfg.http.stall_after_s is not None:
+            return self.cfg.http.stall_after_s
+        deadline_ms = self.cfg.inference.deadline_ms
+        return max(2.0, 5 * deadline_ms / 1000.0) if deadline_ms else 2.0
+
+    # ---- bundle ------------------------------------------------------------------------------------------------
+    def _load(self) -> bool:
+        try:
+            self.pipeline = bundle_loader.load_pipeline(self.cfg)
+        except Exception as exc:  # noqa: BLE001 - whatever breaks the load, the station must stay up in FAULT
+            self.pipeline = None
+            if not isinstance(exc, (BundleError, OSError)):
+                log.exception("loading bundle %s failed unexpectedly", self.cfg.bundle)
+            self._set_state(False, f"bundle {self.cfg.bundle}: {exc}")
+            return False
+        log.info("bundle %s loaded: variant %s, knn %s, threshold %.4f", self.pipeline.bundle.bundle_id,
+                 self.pipeline.variant.name, self.pipeline.knn, self.pipeline.threshold)
+        return True
+
+    def _start_reload(self) -> None:
+        """SIGHUP: load and self-test the bundle in a background thread while the old one keeps inspecting.
+
+        Loading can take seconds on a small board; doing it here would stall the line and the watchdog pings."""
+        if self._reload_thread is not None and self._reload_thread.is_alive():
+            return  # the flag stays set: another reload follows the running one
+        self._reload.clear()
+        log.info("SIGHUP: reloading bundle %s", self.cfg.bundle)
+        systemd_notify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        self._reload_thread = threading.Thread(target=self._reload_worker, name="bundle-reload", daemon=True)
+        self._reload_thread.start()
+
+    def _reload_worker(self) -> None:
+        current = self.pipeline
+        try:
+            # One thread while loading and self-testing: the inspection loop keeps its cores.
+            outcome: tuple[Pipeline | None, str | None] = (
+                bundle_loader.load_pipeline(self.cfg, current.bundle if current is not None else None, load_threads=1), None)
+        except Exception as exc:  # noqa: BLE001 - reported to the loop thread, which decides what to do
+            if not isinstance(exc, (BundleError, OSError)):
+                log.exception("reloading bundle %s failed unexpectedly", self.cfg.bundle)
+            outcome = (None, str(exc))
+        with self._reload_lock:
+            self._reload_outcome = outcome
+
+    def _apply_reload(self) -> None:
+        """Runs in the loop thread: swap pipelines between frames and drive the outputs from one thread only."""
+        if self._trim_pending:
+            # The old pipeline is gone by now (the loop took the new one): hand its memory back to the OS.
+            self._trim_pending = False
+            bundle_loader.release_freed_memory()
+        with self._reload_lock:
+            outcome, self._reload_outcome = self._reload_outcome, None
+        if outcome is None:
+            return
+        new, error = outcome
+        if new is None:
+            self.counters.reload_failures += 1
+            if self.pipeline is not None:
+                # Keep inspecting with the verified old bundle rather than stopping the line.
+                log.error("reload refused, keeping bundle %s: %s", self.pipeline.bundle.bundle_id, error)
+            else:
+                self._set_state(False, f"bundle {self.cfg.bundle}: {error}")
+        else:
+            self.pipeline = new
+            self.counters.reloads += 1
+            # The loop still holds the old pipeline until its next iteration: trim after that (see above).
+            self._trim_pending = True
+            log.info("reloaded: bundle %s, variant %s, threshold %.4f", new.bundle.bundle_id, new.variant.name,
+                     new.threshold)
+            if self.fault_reason and self.fault_reason.startswith("bundle"):
+                self._set_state(False, None)
+        systemd_notify.ready()  # ends the RELOADING state either way
+
+    # ---- frame ids ---------------------------------------------------------------------------------------------
+    def _open_frame_counter(self) -> None:
+        """Continue after the newest id in the result log and the saved counter, so ids are never reused."""
+        start = 0
+        for o in self.cfg.outputs:
+            if isinstance(o, ResultLogConfig):
+                try:
+                    last = last_frame_id(o.path)
+                except OSError as exc:  # the result log itself reports this when it starts
+                    log.warning("result log %s unreadable (%s)", o.path, exc)
+                    continue
+                if last is not None:
+                    start = max(start, last + 1)
+        self.frame_ids = FrameCounter(self.cfg.state_dir, start_at=start)
+        try:
+            self.frame_ids.open()
+        except FrameCounterError as exc:
+            self._halt(str(exc))
+
+    def _take_frame_id(self) -> int:
+        # The daemon numbers parts, not the source: a trigger that got no frame still consumes an id, so every
+        # result on the line (including its FAULT) has its own id for the PLC to latch.
+        try:
+            return self.frame_ids.take()
+        except FrameCounterError as exc:
+            self._halt(str(exc))   # this part still gets its FAULT answer, with an id from memory
+            return self.frame_ids.take_unpersisted()
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        self._last_heartbeat = now
+        self.bus.heartbeat()
+        # The daemon pings the watchdog only once every line has gone round: if inference hangs, the pings stop
+        # and systemd restarts the service.
+        if self.on_heartbeat is not None:
+            self.on_heartbeat(self)
+
+    def _publish(self, result: InspectionResult, started: float | None) -> None:
+        """One part's answer through the output bus: record, then line, then images."""
+        failure = self.bus.publish(result, started=started, deadline_ms=self.cfg.inference.deadline_ms)
+        self.counters.frames += 1
+        self.verdicts[result.verdict.value] += 1
+        self.last_verdict = result.verdict.value
+        if result.verdict is Verdict.FAULT:
+            self.counters.faults += 1
+            log.warning("frame %d %s: FAULT: %s", result.frame_id, result.source, result.error)
+        else:
+            self.stats.add(result.timings_ms)
+        if failure is not None:
+            self._record_failed(failure)
+        elif self._record_fault is not None and self.fault_reason == self._record_fault:
+            self._record_fault = None
+            self._set_state(self._ready, None)  # the record works again
+
+    def _record_failed(self, failure: RecordFailure) -> None:
+        reason = f"record: {failure.output}: {failure.reason}"
+        if failure.halt:
+            self._halt(reason)
+        else:
+            self._record_fault = reason
+            self._set_state(self._ready, reason)
+
+    def _answer_fault(self, reason: str, started: float, frame_id: int | None = None) -> None:
+        """A trigger fired (a part is there) and it cannot be inspected: the line gets a FAULT result for it."""
+        self.counters.missed_triggers += 1
+        if frame_id is None:
+            frame_id = self._take_frame_id()
+            self.bus.begin_part(frame_id)
+        pipeline = self.pipeline
+        self._publish(InspectionResult(
+            frame_id=frame_id, source=getattr(self._source, "name", "source"), verdict=Verdict.FAULT, score=None,
+            normalized_score=None, threshold=pipeline.threshold if pipeline else math.nan,
+            timings_ms={"total": (time.monotonic() - started) * 1000.0},
+            bundle_id=pipeline.bundle.bundle_id if pipeline else "none", error=f"triggered part not inspected: {reason}"),
+            started)
+
+    def _refuse_triggers(self, reason: str, timeout: float) -> None:
+        """While the station cannot inspect, wait up to `timeout` s and answer every trigger that arrives at once
+        with FAULT, instead of serving it late when the station is back."""
+        if isinstance(self.trigger, SoftwareTrigger):
+            event = self.trigger.wait(timeout)   # wakes on a fire: the answer goes out at once
+            events = [] if event is None else [event]
+        else:
+            events = self.trigger.drain()
+            self._stop.wait(timeout)
+        for event in events:
+            for _ in range(min(event.missed, MAX_MISSED_ANSWERS) + 1):
+                self._answer_fault(f"station not ready ({reason})", event.at)
+
+    def _answer_missed(self, event: TriggerEvent) -> None:
+        for _ in range(min(event.missed, MAX_MISSED_ANSWERS)):
+            self._answer_fault("trigger overrun: a newer trigger arrived before this one was served", event.at)
+        if event.missed > MAX_MISSED_ANSWERS:
+            self.counters.missed_triggers += event.missed - MAX_MISSED_ANSWERS
+            log.error("%d more triggers folded into one were not answered individually", event.missed - MAX_MISSED_ANSWERS)
+
+    def _expired(self, event: TriggerEvent) -> bool:
+        max_age = self.trigger.max_age_ms
+        age = event.age_ms()
+        if max_age is None or age <= max_age:
+            return False
+        self.counters.expired_triggers += 1
+        self._answer_fault(f"trigger expired: {age:.0f} ms old when the loop reached it > max_age_ms {max_age:g}",
+                           event.at)
+        return True
+
+    def start_outputs(self) -> None:
+        """Every output started in its safe state (not READY, no OK); called once, before `start()`."""
+        self.bus.start()
+
+    def start(self) -> None:
+        """Frame counter opened, bundle loaded and self-tested. A bad bundle leaves the line alive in an explained
+        FAULT state."""
+        self._open_frame_counter()
+        t0 = time.monotonic()
+        (self.load_hook or self._load)()
+        log.info(self._tag("start-up took %.2f s (%s)"), time.monotonic() - t0, "ready" if self.pipeline else "FAULT")
+
+    def _housekeeping(self, next_stats: float) -> float:
+        self._heartbeat()
+        if self._reload.is_set():
+            self._start_reload()
+        self._apply_reload()
+        if self._reopen.is_set():
+            self._reopen.clear()
+            log.info("SIGUSR1: reopening log files")
+            self.bus.reopen()
+        if time.monotonic() >= next_stats:
+            next_stats = time.monotonic() + self.cfg.logging.stats_interval_s
+            self._log_stats()
+        return next_stats
+
+    def loop(self) -> int:
+        """Inspect until stopped or the replay source is exhausted (exit_when_exhausted). Returns 0."""
+        rc_cfg = self.cfg.recovery
+        backoff = rc_cfg.backoff_initial_s
+        retry_at = 0.0
+        source_open = False
+        next_stats = time.monotonic() + self.cfg.logging.stats_interval_s
+        if self._source is None:
+            self._source = build_source(
+                self.cfg.source, self.frame_ids.next_id, state_dir=self.cfg.state_dir,
+                result_logs=[o.path for o in self.cfg.outputs if isinstance(o, ResultLogConfig)])
+        while not self._stop.is_set():
+            next_stats = self._housekeeping(next_stats)
+            pipeline = self.pipeline
+            if pipeline is None or self._halted:
+                self._refuse_triggers(self.fault_reason or "no bundle", rc_cfg.read_timeout_s)
+                continue
+            if not source_open:
+                if time.monotonic() < retry_at:
+                    self._refuse_triggers(self.fault_reason or "source reopening",
+                                          min(rc_cfg.read_timeout_s, max(0.0, retry_at - time.monotonic())))
+                    continue
+                try:
+                    self._source.open()
+                    self.trigger.open()
+                    source_open = True
+                    backoff = rc_cfg.backoff_initial_s
+                    self._set_state(True, self._record_fault)
+                except (SourceError, TriggerError, OSError) as exc:
+                    self.counters.source_errors += 1
+                    self._set_state(False, f"source: {exc}")
+                    self._close_source()
+                    retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
+                    continue
+            try:
+                outcome = self._serve_one(pipeline)
+            except (SourceError, TriggerError, OSError) as exc:
+                # Camera lost: not-OK on the outputs, no verdict for anything, reopen with backoff.
+                self.counters.source_errors += 1
+                self._set_state(False, f"source: {exc}")
+                self._close_source()
+                source_open = False
+                retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
+                continue
+            if outcome == "exhausted":
+                if rc_cfg.exit_when_exhausted:
+                    log.info("source exhausted after %d frames", self.counters.frames)
+                    break
+                self._stop.wait(rc_cfg.read_timeout_s)  # nothing more will come; do not spin
+        return 0
+
+    def _serve_one(self, pipeline: Pipeline) -> str:
+        """Wait for one trigger (or free-run frame) and answer it. Returns "idle", "served" or "exhausted".
+
+        Raises SourceError/TriggerError/OSError when the camera or trigger input is lost (after answering a
+        triggered part with FAULT)."""
+        timeout = self.cfg.recovery.read_timeout_s
+        event = self.trigger.wait(timeout)
+        if event is None:
+            return "idle"
+        if self.trigger.is_free_run:
+            frame = self._source.read(timeout)
+            if frame is None:
+                return "exhausted" if self._source.exhausted else "idle"
+            frame_id = self._take_frame_id()
+            self.bus.begin_part(frame_id)
+            # The deadline runs from capture: the frame's wall-clock stamp mapped onto the monotonic clock.
+            started = time.monotonic() - max(0.0, time.time() - frame.captured_at)
+            return self._inspect(pipeline, frame, frame_id, started)
+        self._answer_missed(event)
+        if self._expired(event):
+            return "served"
+        frame_id = self._take_frame_id()
+        self.bus.begin_part(frame_id)   # the previous verdict is withdrawn before this part is captured
+        notify = getattr(self._source, "notify_trigger", None)
+        if notify is not None:
+            notify()  # a camera drops frames buffered before the trigger
+        try:
+            frame = self._source.read(timeout)
+        except (SourceError, TriggerError, OSError) as exc:
+            self._answer_fault(f"source: {exc}", event.at, frame_id)
+            raise
+        if frame is None:
+            self._answer_fault(f"no frame within {timeout:g} s of the trigger", event.at, frame_id)
+            return "exhausted" if self._source.exhausted else "served"
+        return self._inspect(pipeline, frame, frame_id, event.at)
+
+    def _inspect(self, pipeline: Pipeline, frame: Frame, frame_id: int, started: float) -> str:
+        if not self._ready and self.fault_reason is None:
+            self._set_state(True, None)
+        frame.frame_id = frame_id
+        # From here until its outputs are driven the frame is "in inspection": /healthz reports a stall when
+        # this takes longer than http.stall_after_s (a hostile file in decode, an output that blocks).
+        self._inspecting_since = time.monotonic()
+        try:
+            self._publish(pipeline.inspect(frame), started)
+        finally:
+            self._inspecting_since = None
+        return "served"
+
+    def _log_stats(self) -> None:
+        summary = self.stats.summary()
+        if summary.get("total"):
+            s = summary["total"]
+            log.info("latency total ms p50 %.1f p95 %.1f p99 %.1f max %.1f over %d frames; verdicts %s",
+                     s["p50"], s["p95"], s["p99"], s["max"], s["count"], self.verdicts)
+
+    def _close_source(self) -> None:
+        if self._source is not None:
+            try:
+                self._source.close()
+            except Exception:
+                log.exception("closing the source failed")
+        try:
+            self.trigger.close()
+        except Exception:
+            log.exception("closing the trigger failed")
+
+    def shutdown(self) -> None:
+        """Every output back to its safe state and flushed; source closed; counter saved."""
+        self._stop.set()
+        self._ready = False
+        self.bus.set_ready(False)
+        self._close_source()
+        self.bus.close()  # every output returns to its safe state and flushes
+        self.frame_ids.close()
+        self._log_stats()
+        log.info(self._tag("stopped after %d frames (%s)"), self.counters.frames, self.verdicts)
