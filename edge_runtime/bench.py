@@ -266,11 +266,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gap-ms", type=float, default=0.0,
                    help="idle time between frames, like part spacing on a line (default: 0.0, back to back); "
                         "set it to see cold-cache latency")
+    p.add_argument("--sustained-fps", type=float, default=None,
+                   help="sustained mode (default: off, back-to-back latency): the station loop itself fed by a "
+                        "camera-paced source at this many frames per second (images from --images); reports frames "
+                        "offered, inspected, dropped, throughput and latency percentiles")
+    p.add_argument("--duration-s", type=float, default=30.0,
+                   help="sustained mode: seconds of frames the paced source produces (default: 30.0)")
+    p.add_argument("--lines", type=int, default=1,
+                   help="sustained mode: inspection lines in one daemon, each with its own paced source (default: 1)")
+    p.add_argument("--no-capture-thread", action="store_true",
+                   help="sustained mode: read the source between inspections instead of on a capture thread "
+                        "(default: off, i.e. a capture thread with a one-slot queue, as the daemon runs)")
     p.add_argument("--json", type=Path, dest="json_out",
                    help="write the full report (with every sample) here (default: none, table only)")
     a = p.parse_args(argv)
     if a.ef is not None and a.ef < 1:
         p.error("--ef must be a positive integer")
+    if a.sustained_fps is not None:
+        return _sustained(p, a)
     try:
         report = run_bench(a.bundle, a.images, a.frames, a.warmup, a.threads, a.precision, a.knn, a.ef,
                            gap_ms=a.gap_ms)
@@ -278,6 +291,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-bench: {exc}", file=sys.stderr)
         return 2
     print(format_table(report))
+    if a.json_out is not None:
+        a.json_out.parent.mkdir(parents=True, exist_ok=True)
+        a.json_out.write_text(json.dumps(report, indent=1))
+        print(f"\nJSON written to {a.json_out}")
+    return 0
+
+
+def _sustained(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
+    from edge_runtime.bench_sustained import format_sustained, run_sustained
+
+    if a.sustained_fps <= 0 or a.duration_s <= 0 or a.lines < 1:
+        p.error("--sustained-fps and --duration-s must be > 0, --lines >= 1")
+    if a.images is None:
+        p.error("--sustained-fps needs --images DIR (the frames the paced source replays)")
+    try:
+        report = run_sustained(a.bundle, a.images, fps=a.sustained_fps, duration_s=a.duration_s, threads=a.threads,
+                               precision=a.precision, knn=a.knn, capture_thread=not a.no_capture_thread,
+                               lines=a.lines)
+    except (BenchError, BundleError, FeatureError, OSError, ValueError) as exc:
+        print(f"edge-bench: {exc}", file=sys.stderr)
+        return 2
+    print(format_sustained(report))
     if a.json_out is not None:
         a.json_out.parent.mkdir(parents=True, exist_ok=True)
         a.json_out.write_text(json.dumps(report, indent=1))

@@ -49,12 +49,13 @@ def build_station_objects(cfg) -> list[str]:
     """
     from edge_runtime.daemon import Station, load_public_key
     from edge_runtime.http_endpoint import HttpEndpoint
+    from edge_runtime.lines_config import line_station_configs
     from edge_runtime.schema import ConfigError
     from edge_runtime.sources import build_source
 
     steps = [
         ("outputs, trigger, logging", lambda: Station(cfg)),          # Station() builds these first in run
-        ("source", lambda: build_source(cfg.source, 0)),
+        ("source", lambda: [build_source(c.source, 0) for _, c in line_station_configs(cfg)]),
         ("http", lambda: HttpEndpoint(cfg.http, lambda: None) if cfg.http.enabled else None),
         ("security.bundle_public_key", lambda: load_public_key(cfg.security.bundle_public_key)),
     ]

@@ -13,10 +13,12 @@ import yaml
 
 from edge_runtime.decode import DecodeConfig
 from edge_runtime.http_endpoint import HttpConfig
+from edge_runtime.lines_config import LineConfig, resolve_line_paths, validate_lines
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
 from edge_runtime.safe_yaml import YamlRefused, load_strict
 from edge_runtime.schema import ConfigError, from_mapping
-from edge_runtime.sources import FolderSourceConfig, SourceConfig, VideoSourceConfig
+from edge_runtime.capture_queue import CaptureConfig
+from edge_runtime.sources import FolderSourceConfig, PacedSourceConfig, SourceConfig, VideoSourceConfig
 from edge_runtime.sources.video_source import is_stream_url
 from edge_runtime.triggers import FreeRunTriggerConfig, TriggerConfig
 
@@ -92,14 +94,17 @@ class SecurityConfig:
 class StationConfig:
     name: str = "station"
     device: Device | None = None                       # informs `edge-export fit --station` (INT8 target)
-    bundle: str                                        # bundle directory (relative paths: to the station file)
+    # Bundle directory (relative paths: to the station file); required unless every line of `lines:` names its
+    # own. Typed `str` with a None default on purpose: an explicit `bundle: null` is still "expected a string".
+    bundle: str = None  # type: ignore[assignment]
     roi: tuple[int, int, int, int] | None = None       # x, y, w, h crop of the frame; overrides the bundle's
     # A frame (or ROI) whose size differs from the bundle's: refuse (FAULT), resize or letterbox. None: the bundle's.
     size_policy: Literal["refuse", "resize", "letterbox"] | None = None
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-    source: SourceConfig
+    source: SourceConfig = None  # type: ignore[assignment]  # required unless the station has `lines:`
     trigger: TriggerConfig = field(default_factory=FreeRunTriggerConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)  # capture thread (edge_runtime/capture_queue.py)
     outputs: list[OutputConfig] = field(default_factory=lambda: [ResultLogConfig(path="results.jsonl")])
     http: HttpConfig = field(default_factory=HttpConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -108,11 +113,22 @@ class StationConfig:
     # Where the frame counter survives restarts (ids are never reused). Unset: $STATE_DIRECTORY (systemd's
     # StateDirectory=, /var/lib/edge-runtime with the shipped unit), else "state" next to the station file.
     state_dir: str | None = None
+    lines: list[LineConfig] = field(default_factory=list)  # several cameras in one daemon (edge_runtime/lines_config.py)
 
     def validate(self) -> None:
+        if self.lines:
+            validate_lines(self.lines)
+            if self.bundle is None and any(ln.bundle is None for ln in self.lines):
+                missing = next(i for i, ln in enumerate(self.lines) if ln.bundle is None)
+                raise ValueError(f"lines[{missing}].bundle: required when the station names no bundle")
+        else:
+            if self.bundle is None:
+                raise ValueError("bundle: required key is missing")
+            if self.source is None:
+                raise ValueError("source: required key is missing")
         if self.roi is not None and (self.roi[2] <= 0 or self.roi[3] <= 0 or min(self.roi[:2]) < 0):
             raise ValueError(f"roi: expected x, y >= 0 and w, h > 0, got {list(self.roi)}")
-        if not self.bundle:
+        if self.bundle is not None and not self.bundle:
             raise ValueError("bundle: must name the bundle directory")
         kinds = [o.type for o in self.outputs]
         if kinds.count("modbus") > 1:
@@ -147,13 +163,17 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
         except (ValueError, OSError) as exc:
             raise ConfigError(f"{_ROOT}.{key}: not a usable path {value!r} ({exc})") from None
 
-    cfg.bundle = absolute("bundle", cfg.bundle)
+    if cfg.bundle is not None:
+        cfg.bundle = absolute("bundle", cfg.bundle)
+    resolve_line_paths(cfg.lines, absolute)
     src = cfg.source
     if isinstance(src, FolderSourceConfig):
         src.path = absolute("source.path", src.path)
         if src.journal:
             src.journal = absolute("source.journal", src.journal)
     elif isinstance(src, VideoSourceConfig) and not is_stream_url(src.path):
+        src.path = absolute("source.path", src.path)
+    elif isinstance(src, PacedSourceConfig):
         src.path = absolute("source.path", src.path)
     for i, out in enumerate(cfg.outputs):
         if isinstance(out, ResultLogConfig):

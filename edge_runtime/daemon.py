@@ -18,6 +18,8 @@ from edge_runtime.bundle_loader import load_pipeline, load_public_key, release_f
 from edge_runtime.config import StationConfig
 from edge_runtime.frame_counter import FRAME_COUNTER_FILE
 from edge_runtime.http_endpoint import HttpEndpoint, StationStatus
+from edge_runtime.lines_config import line_station_configs
+from edge_runtime.lines_http import LinesHttpEndpoint, aggregate_status
 from edge_runtime.line import MAX_MISSED_ANSWERS, SERIAL_ACK_COMMAND, Counters, Line
 from edge_runtime.outputs import Output
 from edge_runtime.sources import FrameSource
@@ -57,7 +59,13 @@ class Station:
         self._http: HttpEndpoint | None = None
 
     def _build_lines(self, cfg: StationConfig, **overrides) -> list[Line]:
-        return [Line(cfg, on_heartbeat=self._beat, **overrides)]
+        configs = line_station_configs(cfg)
+        if len(configs) == 1:
+            name, line_cfg = configs[0]
+            return [Line(line_cfg, name=name, on_heartbeat=self._beat, **overrides)]
+        if any(v is not None for v in overrides.values()):
+            raise ValueError("source, outputs and trigger overrides apply to a single-line station only")
+        return [Line(line_cfg, name=name, on_heartbeat=self._beat) for name, line_cfg in configs]
 
     # ---- the single line, read through the station (compatibility with the one-camera Station) -------------------
     @property
@@ -101,14 +109,35 @@ class Station:
 
     # ---- status for /healthz and /metrics ----------------------------------------------------------------------
     def status(self) -> StationStatus:
+        """The station's status: its line's, or every line's together (ready only while all are)."""
+        if len(self.lines) > 1:
+            return aggregate_status(self.line_statuses(), time.monotonic() - self._started)
         status = self.lines[0].status()
         status.uptime_s = time.monotonic() - self._started
         return status
 
+    def line_statuses(self) -> dict[str, StationStatus]:
+        return {line.name or "line": line.status() for line in self.lines}
+
+    def line_by_name(self, name: str) -> Line | None:
+        return next((line for line in self.lines if line.name == name), None)
+
+    def _fire_line(self, name: str) -> bool:
+        line = self.line_by_name(name)
+        if line is None or not isinstance(line.trigger, SoftwareTrigger):
+            return False
+        line.trigger.fire()
+        return True
+
     @property
     def state(self) -> LineState:
-        """The station's state: its line's (the worst of its lines' once there are several)."""
-        return self.lines[0].state
+        """The station's state: its line's; with several lines the first line in fault, else the first not ready."""
+        states = [line.state for line in self.lines]
+        for wanted in (StationState.FAULT, StationState.STOPPING, StationState.STARTING, StationState.BUSY):
+            found = next((s for s in states if s.state is wanted), None)
+            if found is not None:
+                return found
+        return states[0]
 
     # ---- watchdog ------------------------------------------------------------------------------------------------
     def _beat(self, line: Line) -> None:
@@ -148,6 +177,8 @@ class Station:
         return trigger.fire if isinstance(trigger, SoftwareTrigger) else None
 
     def _make_http(self) -> HttpEndpoint:
+        if len(self.lines) > 1:
+            return LinesHttpEndpoint(self.cfg.http, self.line_statuses, self.status, self._fire_line)
         return HttpEndpoint(self.cfg.http, self.status, self._fire_trigger())
 
     def _run(self) -> int:

@@ -23,6 +23,7 @@ from typing import Callable
 
 from edge_runtime import bundle_loader, systemd_notify
 from edge_runtime.bundle import BundleError
+from edge_runtime.capture_queue import wrap_source
 from edge_runtime.config import StationConfig
 from edge_runtime.frame_counter import FrameCounter, FrameCounterError
 from edge_runtime.http_endpoint import StationStatus
@@ -101,6 +102,7 @@ class Line:
         self._reload_outcome: tuple[Pipeline | None, str | None] | None = None  # set by the reload thread
         self._trim_pending = False     # a reload dropped the old pipeline: release its heap on the next iteration
         self.frame_ids = FrameCounter(None)
+        self._dropped_since_stats = 0
         self._started = time.monotonic()
         self._last_heartbeat = time.monotonic()
         self._inspecting_since: float | None = None  # set while a frame is in Pipeline.inspect (health: stalled)
@@ -169,7 +171,8 @@ class Line:
         pipeline = self.pipeline
         counters = {"source_errors": c.source_errors, "reloads": c.reloads, "reload_failures": c.reload_failures,
                     "missed_triggers": c.missed_triggers, "expired_triggers": c.expired_triggers,
-                    "trigger_overruns": getattr(self.trigger, "overruns", 0)}
+                    "trigger_overruns": getattr(self.trigger, "overruns", 0),
+                    "dropped_frames": self.dropped_frames}
         counters.update(self.bus.output_counters())
         return StationStatus(
             state=state, reason=self.fault_reason,
@@ -401,6 +404,8 @@ class Line:
             self._source = build_source(
                 self.cfg.source, self.frame_ids.next_id, state_dir=self.cfg.state_dir,
                 result_logs=[o.path for o in self.cfg.outputs if isinstance(o, ResultLogConfig)])
+        # A free-running live source gets a capture thread: capture overlaps inspection, drops are counted.
+        self._source = wrap_source(self._source, self.cfg.capture, self.trigger.is_free_run)
         while not self._stop.is_set():
             next_stats = self._housekeeping(next_stats)
             pipeline = self.pipeline
@@ -454,6 +459,7 @@ class Line:
             frame = self._source.read(timeout)
             if frame is None:
                 return "exhausted" if self._source.exhausted else "idle"
+            self._count_dropped()
             frame_id = self._take_frame_id()
             self.bus.begin_part(frame_id)
             # The deadline runs from capture: the frame's wall-clock stamp mapped onto the monotonic clock.
@@ -490,12 +496,34 @@ class Line:
             self._inspecting_since = None
         return "served"
 
+    @property
+    def dropped_frames(self) -> int:
+        """Frames a free-running source produced that were never inspected: replaced in the capture queue while
+        the line was busy, or missed by the source itself (edge_dropped_frames_total)."""
+        src = self._source
+        dropped = getattr(src, "dropped", None)
+        return int(dropped if dropped is not None else getattr(src, "missed", 0) or 0)
+
+    def _count_dropped(self) -> None:
+        take = getattr(self._source, "take_dropped", None)
+        n = take() if take is not None else 0
+        if n:
+            self._dropped_since_stats += n
+            # Per part at debug level (the frame before this part); totals at warning level with the stats.
+            log.debug(self._tag("%d frame(s) dropped before frame %d (source faster than inspection)"), n,
+                      self.frame_ids.next_id)
+
     def _log_stats(self) -> None:
         summary = self.stats.summary()
         if summary.get("total"):
             s = summary["total"]
-            log.info("latency total ms p50 %.1f p95 %.1f p99 %.1f max %.1f over %d frames; verdicts %s",
-                     s["p50"], s["p95"], s["p99"], s["max"], s["count"], self.verdicts)
+            log.info(self._tag("latency total ms p50 %.1f p95 %.1f p99 %.1f max %.1f over %d frames; verdicts %s; "
+                               "dropped frames %d"),
+                     s["p50"], s["p95"], s["p99"], s["max"], s["count"], self.verdicts, self.dropped_frames)
+        if self._dropped_since_stats:
+            log.warning(self._tag("%d frame(s) dropped since the last report (%d in all): the source delivers "
+                                  "faster than the line inspects"), self._dropped_since_stats, self.dropped_frames)
+            self._dropped_since_stats = 0
 
     def _close_source(self) -> None:
         if self._source is not None:

@@ -7,10 +7,11 @@ from edge_runtime.sources.base import FrameSource, SourceError
 from edge_runtime.sources.camera_source import CameraSource, CameraSourceConfig
 from edge_runtime.sources.fake_source import ScriptedSource, ScriptedSourceConfig
 from edge_runtime.sources.folder_source import FolderSource, FolderSourceConfig
+from edge_runtime.sources.paced_source import PacedSource, PacedSourceConfig
 from edge_runtime.sources.video_source import VideoSource, VideoSourceConfig
 
 # A tagged union: edge_runtime.schema picks the dataclass by the mapping's `type` key.
-SourceConfig = Union[FolderSourceConfig, CameraSourceConfig, VideoSourceConfig, ScriptedSourceConfig]
+SourceConfig = Union[FolderSourceConfig, CameraSourceConfig, VideoSourceConfig, ScriptedSourceConfig, PacedSourceConfig]
 
 
 def build_source(cfg: SourceConfig, start_frame_id: int = 0, state_dir: str | None = None,
@@ -27,10 +28,13 @@ def build_source(cfg: SourceConfig, start_frame_id: int = 0, state_dir: str | No
         return VideoSource(cfg, start_frame_id)
     if isinstance(cfg, ScriptedSourceConfig):
         return ScriptedSource(cfg, start_frame_id)
+    if isinstance(cfg, PacedSourceConfig):
+        return PacedSource(cfg, start_frame_id)
     raise TypeError(f"no frame source for config {type(cfg).__name__}")
 
 
 __all__ = [
-    "CameraSource", "CameraSourceConfig", "FolderSource", "FolderSourceConfig", "FrameSource", "ScriptedSource",
+    "CameraSource", "CameraSourceConfig", "FolderSource", "FolderSourceConfig", "FrameSource", "PacedSource",
+    "PacedSourceConfig", "ScriptedSource",
     "ScriptedSourceConfig", "SourceConfig", "SourceError", "VideoSource", "VideoSourceConfig", "build_source",
 ]

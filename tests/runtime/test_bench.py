@@ -173,3 +173,25 @@ def test_benchmark_helpers_parse_sizes_and_name_the_geometry():
     assert geometry_text(Geometry((256, 256), (256, 256), ((0, 0),))) == "input 256x256, 1 tile"
     tiled = Geometry((224, 224), (384, 384), ((0, 0), (160, 0), (0, 160), (160, 160)))
     assert geometry_text(tiled) == "input 224x224, 4 tiles on a 384x384 canvas"
+
+
+def test_sustained_mode_accounts_for_every_offered_frame(small_bundle, synthetic_dataset, tmp_path):
+    """`edge-bench --sustained-fps`: the real station loop fed by a paced source; offered = inspected + dropped
+    (+ faults), per line, and the JSON has what the README table shows."""
+    out = tmp_path / "sustained.json"
+    rc = main([str(small_bundle), "--images", str(synthetic_dataset / "test"), "--sustained-fps", "200",
+               "--duration-s", "0.5", "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["mode"] == "sustained" and report["capture_thread"] is True
+    (line,) = report["per_line"]
+    assert line["offered"] == 100
+    assert line["inspected"] + line["faults"] + line["dropped"] == line["offered"] == line["accounted"]
+    assert line["inspected"] > 0 and line["pipeline_ms"]["p50"] <= line["pipeline_ms"]["p99"]
+    assert line["capture_to_verdict_ms"]["count"] == line["inspected"]
+
+
+def test_sustained_mode_needs_images(small_bundle, capsys):
+    with pytest.raises(SystemExit):
+        main([str(small_bundle), "--sustained-fps", "60"])
+    assert "--images" in capsys.readouterr().err

@@ -1,0 +1,165 @@
+"""A capture thread with a one-slot queue in front of a free-running source, so capture overlaps inspection.
+
+The thread reads the source continuously; the line takes the newest frame. With `when_full: drop` (live cameras
+and streams) a frame the line did not take before the next one arrived is replaced, and every such frame is
+counted (`dropped`): a free-running camera gets each frame inspected or its loss reported. With `wait` (replayed
+folders and files) the thread waits for the slot instead, so a replay loses nothing. Source errors raised in
+the thread reach the line at its next read, in order, so a lost camera still faults the line (not-OK outputs).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+from edge_runtime.records import Frame
+from edge_runtime.sources.base import FrameSource, SourceError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CaptureConfig", "CaptureQueue", "is_live", "wrap_source"]
+
+
+@dataclass(kw_only=True)
+class CaptureConfig:
+    """Station-file `capture:` section (or per line): how frames get from a free-running source to inspection."""
+
+    # auto: a capture thread for live sources (camera, stream, paced replay) in free-run mode; on: for every
+    # free-running source; off: the line reads the source itself between inspections (capture does not overlap).
+    # A triggered line never gets one: the frame read after the trigger is the part's frame.
+    thread: Literal["auto", "on", "off"] = "auto"
+    # What the thread does when the line has not taken the previous frame yet. auto: drop for live sources
+    # (the newest frame wins, each replaced frame counted as dropped), wait for replays (nothing is lost).
+    when_full: Literal["auto", "drop", "wait"] = "auto"
+
+    def validate(self) -> None:
+        pass  # both fields are Literals: the schema has checked them
+
+
+def is_live(source: FrameSource) -> bool:
+    """A source whose frames come at their own pace whether or not anyone reads them (a camera, a stream)."""
+    live = getattr(source, "live", None)
+    if live is not None:
+        return bool(live)
+    from edge_runtime.sources.camera_source import CameraSource
+    from edge_runtime.sources.video_source import VideoSource
+
+    return isinstance(source, CameraSource) or (isinstance(source, VideoSource) and source.is_stream)
+
+
+def wrap_source(source: FrameSource, cfg: CaptureConfig, free_run: bool) -> FrameSource:
+    """The source behind a capture thread when `cfg` asks for one, else the source itself."""
+    if not free_run or cfg.thread == "off" or isinstance(source, CaptureQueue):
+        return source
+    live = is_live(source)
+    if cfg.thread == "auto" and not live:
+        return source
+    drop = cfg.when_full == "drop" or (cfg.when_full == "auto" and live)
+    return CaptureQueue(source, drop=drop)
+
+
+class CaptureQueue(FrameSource):
+    """`source` read by its own thread into a one-slot queue. Same interface as a FrameSource.
+
+    `dropped`: frames replaced in the slot before the line took them (drop mode), plus what the source itself
+    reports as missed (`missed`, e.g. a paced replay that ticked while nobody read). `take_dropped()` returns
+    the count since its last call (the line logs it against the next part)."""
+
+    def __init__(self, source: FrameSource, *, drop: bool, read_timeout_s: float = 0.5) -> None:
+        self.source = source
+        self.drop = drop
+        self.name = source.name
+        self._read_timeout_s = read_timeout_s
+        self._cond = threading.Condition()
+        self._slot: Frame | None = None
+        self._error: BaseException | None = None
+        self._done = False                   # the thread has stopped (error, exhausted, or close)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._queue_dropped = 0
+        self._reported = 0
+        self.captured = 0                    # frames the thread got from the source
+
+    # passthrough for what the line reads from its source (skipped files, next_frame_id, read_calls, ...)
+    def __getattr__(self, name: str):
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    @property
+    def dropped(self) -> int:
+        return self._queue_dropped + int(getattr(self.source, "missed", 0) or 0)
+
+    def take_dropped(self) -> int:
+        total = self.dropped
+        new, self._reported = total - self._reported, total
+        return new
+
+    def open(self) -> None:
+        self.source.open()
+        with self._cond:
+            self._slot, self._error, self._done = None, None, False
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"capture:{self.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                frame = self.source.read(self._read_timeout_s)
+                if frame is None:
+                    if self.source.exhausted:
+                        return
+                    continue
+                with self._cond:
+                    self.captured += 1
+                    if self._slot is not None:
+                        if self.drop:
+                            self._queue_dropped += 1   # the newest frame wins; the replaced one is counted
+                        else:
+                            self._cond.wait_for(lambda: self._slot is None or self._stop.is_set())
+                            if self._stop.is_set():
+                                return
+                    self._slot = frame
+                    self._cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to the line, which faults and reopens
+            with self._cond:
+                self._error = exc
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def read(self, timeout: float) -> Frame | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._slot is not None or self._done, timeout)
+            frame, self._slot = self._slot, None
+            if frame is not None:
+                self._cond.notify_all()       # a waiting replay thread may put the next one
+                return frame
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            if self._done and not self.source.exhausted and not self._stop.is_set():
+                raise SourceError(f"{self.name}: capture thread stopped")
+            return None
+
+    @property
+    def exhausted(self) -> bool:
+        with self._cond:
+            return self._done and self._slot is None and self._error is None and self.source.exhausted
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            # The thread is at most one source read away from seeing the stop (read timeout bounds it).
+            thread.join(self._read_timeout_s + 5.0)
+            if thread.is_alive():
+                log.error("%s: capture thread did not stop within %.1f s", self.name, self._read_timeout_s + 5.0)
+        with self._cond:
+            self._slot = None
+        self.source.close()

@@ -1,0 +1,115 @@
+"""The station file's `lines:` section: several cameras in one daemon, each line with its own source, bundle (or
+recipe set), trigger and outputs; everything a line does not set comes from the station's top level.
+
+Cores are shared deliberately: in a multi-line station `inference.threads` is the whole inference budget and each
+line gets `inference.threads // len(lines)` onnxruntime intra-op (and hnswlib) threads, at least 1, unless the
+line sets `threads:` itself. A station file without `lines:` is one line, exactly as before.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+from edge_runtime.capture_queue import CaptureConfig
+from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
+from edge_runtime.sources import FolderSourceConfig, PacedSourceConfig, SourceConfig, VideoSourceConfig
+from edge_runtime.sources.video_source import is_stream_url
+from edge_runtime.triggers import TriggerConfig
+
+__all__ = ["LineConfig", "line_station_configs", "resolve_line_paths", "validate_lines"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+
+
+@dataclass(kw_only=True)
+class LineConfig:
+    name: str                                          # label in logs and metrics (line="..."), state folder name
+    source: SourceConfig
+    bundle: str | None = None                          # None: the station's bundle
+    trigger: TriggerConfig | None = None               # None: the station's trigger
+    outputs: list[OutputConfig] | None = None          # None: a result log results-<name>.jsonl
+    capture: CaptureConfig | None = None               # None: the station's capture section
+    roi: tuple[int, int, int, int] | None = None       # None: the station's roi
+    size_policy: Literal["refuse", "resize", "letterbox"] | None = None
+    threads: int | None = None                         # None: inference.threads // number of lines (at least 1)
+
+    def validate(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"name: expected 1-32 letters, digits, '_', '.', '-' (starting with a letter or "
+                             f"digit), got {self.name!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads: must be >= 1, got {self.threads}")
+        if self.bundle is not None and not self.bundle:
+            raise ValueError("bundle: must name the bundle directory (leave it out for the station's)")
+
+
+def validate_lines(lines: list[LineConfig]) -> None:
+    """Checks across lines (called from StationConfig.validate): unique names, no file or port written twice."""
+    names = [ln.name for ln in lines]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"lines: two lines are named {name!r}")
+    logs: list[str] = []
+    ports: list[int] = []
+    for i, ln in enumerate(lines):
+        outputs = ln.outputs or []
+        if sum(1 for o in outputs if o.type == "modbus") > 1:
+            raise ValueError(f"lines[{i}].outputs: at most one modbus server per line")
+        logs += [o.path for o in outputs if isinstance(o, ResultLogConfig)]
+        ports += [o.port for o in outputs if o.type == "modbus"]
+    for path in logs:
+        if logs.count(path) > 1:
+            raise ValueError(f"lines: two lines write the same result log {path!r}")
+    for port in ports:
+        if ports.count(port) > 1:
+            raise ValueError(f"lines: two lines serve Modbus on the same port {port}")
+
+
+def resolve_line_paths(lines: list[LineConfig], absolute: Callable[[str, str], str]) -> None:
+    """Make each line's file paths absolute (config.resolve_paths does the station's)."""
+    for i, ln in enumerate(lines):
+        key = f"lines[{i}]"
+        if ln.bundle:
+            ln.bundle = absolute(f"{key}.bundle", ln.bundle)
+        src = ln.source
+        if isinstance(src, FolderSourceConfig):
+            src.path = absolute(f"{key}.source.path", src.path)
+            if src.journal:
+                src.journal = absolute(f"{key}.source.journal", src.journal)
+        elif isinstance(src, (VideoSourceConfig, PacedSourceConfig)) and not is_stream_url(src.path):
+            src.path = absolute(f"{key}.source.path", src.path)
+        if ln.outputs is None:   # the default: a result log of its own, next to the station file
+            ln.outputs = [ResultLogConfig(path=absolute(f"{key}.outputs", f"results-{ln.name}.jsonl"))]
+        for j, out in enumerate(ln.outputs):
+            if isinstance(out, ResultLogConfig):
+                out.path = absolute(f"{key}.outputs[{j}].path", out.path)
+            elif isinstance(out, NgImageStoreConfig):
+                out.dir = absolute(f"{key}.outputs[{j}].dir", out.dir)
+
+
+def line_station_configs(cfg) -> list[tuple[str | None, object]]:
+    """(line name, the StationConfig that line runs) for every line of `cfg`; [(None, cfg)] without `lines:`.
+
+    Each line's config is the station's with the line's own keys applied; its state (frame counter, watch-folder
+    journal, highest bundle version) lives in <state_dir>/lines/<name>, so lines never share an id or a file."""
+    lines: list[LineConfig] = getattr(cfg, "lines", None) or []
+    if not lines:
+        return [(None, cfg)]
+    share = max(1, cfg.inference.threads // len(lines))
+    out = []
+    for ln in lines:
+        outputs = ln.outputs
+        if outputs is None:   # not resolved against a station file (built in code)
+            outputs = [ResultLogConfig(path=f"results-{ln.name}.jsonl")]
+        state_dir = os.path.join(cfg.state_dir, "lines", ln.name) if cfg.state_dir else None
+        line_cfg = dataclasses.replace(
+            cfg, name=f"{cfg.name}/{ln.name}", bundle=ln.bundle or cfg.bundle, source=ln.source,
+            trigger=ln.trigger or cfg.trigger, outputs=outputs, capture=ln.capture or cfg.capture,
+            roi=ln.roi if ln.roi is not None else cfg.roi, size_policy=ln.size_policy or cfg.size_policy,
+            inference=dataclasses.replace(cfg.inference, threads=ln.threads or share),
+            state_dir=state_dir, lines=[])
+        out.append((ln.name, line_cfg))
+    return out

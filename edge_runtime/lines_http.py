@@ -1,0 +1,116 @@
+"""One HTTP endpoint for every line of a multi-line daemon: /healthz per line and overall, /metrics with a
+`line` label on every sample, POST /trigger/<line> for a line with a software trigger.
+
+A single-line station keeps the plain endpoint (edge_runtime/http_endpoint.py), unlabelled, as before.
+"""
+from __future__ import annotations
+
+import json
+import re
+from http import HTTPStatus
+from typing import Callable
+
+from edge_runtime.http_endpoint import (HttpConfig, HttpEndpoint, StationStatus, health_document, render_metrics,
+                                        stalled_reason)
+from edge_runtime.latency_stats import escape_label
+
+__all__ = ["LinesHttpEndpoint", "aggregate_status", "render_lines_metrics"]
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (.*)$")
+
+
+def aggregate_status(statuses: dict[str, StationStatus], uptime_s: float) -> StationStatus:
+    """The station as a whole: ready only while every line is; a fault of any line is the station's fault."""
+    states = [s.state for s in statuses.values()]
+    state = "fault" if "fault" in states else ("ready" if all(x == "ready" for x in states) else "not_ready")
+    reasons = [f"line {n}: {s.reason}" for n, s in statuses.items() if s.reason]
+    verdicts: dict[str, int] = {}
+    counters: dict[str, float] = {}
+    for s in statuses.values():
+        for k, v in s.verdicts.items():
+            verdicts[k] = verdicts.get(k, 0) + v
+        for k, v in s.counters.items():
+            counters[k] = counters.get(k, 0) + v
+    busy = [s.busy_s for s in statuses.values() if s.busy_s is not None]
+    stalled = [n for n, s in statuses.items() if stalled_reason(s)]
+    ages = [s.last_heartbeat_age_s for s in statuses.values() if s.last_heartbeat_age_s is not None]
+    return StationStatus(
+        state=state, reason="; ".join(reasons) or None,
+        bundle_id=",".join(sorted({s.bundle_id for s in statuses.values() if s.bundle_id})) or None,
+        frames=sum(s.frames for s in statuses.values()),
+        last_verdict=None, uptime_s=uptime_s, verdicts=verdicts,
+        faults=sum(s.faults for s in statuses.values()), skipped=sum(s.skipped for s in statuses.values()),
+        last_heartbeat_age_s=max(ages) if ages else None,
+        busy_s=max(busy) if stalled or busy else None,
+        stall_after_s=min((statuses[n].stall_after_s for n in stalled), default=max(
+            (s.stall_after_s for s in statuses.values()), default=2.0)),
+        counters=counters)
+
+
+def render_lines_metrics(statuses: dict[str, StationStatus]) -> str:
+    """Every line's metrics in one exposition, `line="<name>"` on each sample, each family's samples together."""
+    families: dict[str, list[str]] = {}
+    order: list[str] = []
+    for name, status in statuses.items():
+        label = f'line="{escape_label(name)}"'
+        family = None
+        for text in render_metrics(status).splitlines():
+            if text.startswith("# HELP ") or text.startswith("# TYPE "):
+                family = text.split()[2]
+                if family not in families:
+                    families[family] = []
+                    order.append(family)
+                if not any(h == text for h in families[family] if h.startswith("#")):
+                    families[family].insert(sum(1 for h in families[family] if h.startswith("#")), text)
+                continue
+            m = _SAMPLE.match(text)
+            if m is None or family is None:
+                continue
+            metric, labels, value = m.groups()
+            families[family].append(f"{metric}{{{label}{',' + labels if labels else ''}}} {value}")
+    return "\n".join(line for f in order for line in families[f]) + "\n"
+
+
+class LinesHttpEndpoint(HttpEndpoint):
+    """The endpoint of a multi-line daemon. `line_statuses()` -> {line name: StationStatus};
+    `fire(name)` fires that line's software trigger and returns False when it has none."""
+
+    def __init__(self, cfg: HttpConfig, line_statuses: Callable[[], dict[str, StationStatus]],
+                 overall: Callable[[], StationStatus], fire: Callable[[str], bool]) -> None:
+        super().__init__(cfg, overall, None)
+        self._line_statuses = line_statuses
+        self._fire_line = fire
+
+    def handle_get(self, path: str) -> tuple[int, str, bytes]:
+        if path not in ("/healthz", "/metrics"):
+            return super().handle_get(path)
+        try:
+            statuses = self._line_statuses()
+            overall = self._provider()
+        except Exception:  # noqa: BLE001 - the status must never take the endpoint down
+            return super().handle_get(path)   # answers 503 / 500 with the reason
+        if path == "/metrics":
+            return HTTPStatus.OK, "text/plain; version=0.0.4; charset=utf-8", render_lines_metrics(statuses).encode()
+        doc = health_document(overall)
+        doc["lines"] = {name: health_document(s) for name, s in statuses.items()}
+        healthy = overall.state == "ready" and not any(stalled_reason(s) for s in statuses.values())
+        return (HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE), "application/json", json.dumps(doc).encode()
+
+    def handle_post(self, path: str) -> tuple[int, str, bytes]:
+        if not path.startswith("/trigger"):
+            return super().handle_post(path)
+        if not self.cfg.allow_trigger:
+            return super().handle_post("/trigger")    # 403: disabled
+        name = path[len("/trigger/"):] if path.startswith("/trigger/") else ""
+        statuses = self._line_statuses()
+        if name not in statuses:
+            doc = {"error": f"POST /trigger/<line> with one of: {', '.join(statuses)}"}
+            return HTTPStatus.NOT_FOUND, "application/json", json.dumps(doc).encode()
+        status = statuses[name]
+        if status.state != "ready":
+            doc = {"triggered": False, "error": f"line {name} not ready, part not captured ({(status.reason or status.state)[:200]})"}
+            return HTTPStatus.SERVICE_UNAVAILABLE, "application/json", json.dumps(doc).encode()
+        if not self._fire_line(name):
+            doc = {"error": f"line {name}'s trigger is not 'software'"}
+            return HTTPStatus.CONFLICT, "application/json", json.dumps(doc).encode()
+        return HTTPStatus.ACCEPTED, "application/json", json.dumps({"triggered": True, "line": name}).encode()

@@ -1,0 +1,101 @@
+"""Several cameras in one daemon: `lines:` in the station file, each line with its own source, bundle and outputs;
+threads shared by rule; one HTTP endpoint labels every metric with its line; a single-line file is unchanged."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from edge_runtime.config import load_station
+from edge_runtime.daemon import Station
+from edge_runtime.schema import ConfigError
+
+
+def two_line_station(write_station, small_bundle, folder, tmp_path, **more):
+    other = tmp_path / "bundle_b"
+    shutil.copytree(small_bundle, other)
+    return write_station(
+        bundle=small_bundle, inference={"threads": 2}, **more,
+        lines=[{"name": "left", "source": {"type": "folder", "path": str(folder)}},
+               {"name": "right", "bundle": str(other), "threads": 2,
+                "source": {"type": "paced", "path": str(folder), "fps": 50, "frames": 10},
+                "outputs": [{"type": "result_log", "path": "right.jsonl"}]}])
+
+
+def test_two_lines_each_inspect_their_own_source_into_their_own_log(small_bundle, flange_test_folder, write_station,
+                                                                     tmp_path, read_log):
+    folder, index = flange_test_folder
+    cfg = load_station(two_line_station(write_station, small_bundle, folder, tmp_path))
+    left, right = cfg.lines
+    assert left.outputs[0].path == str(tmp_path / "results-left.jsonl"), "a line's default log is its own"
+    station = Station(cfg)
+    assert [ln.name for ln in station.lines] == ["left", "right"]
+    # inference.threads is the budget: 2 // 2 lines = 1 each, unless the line sets its own.
+    assert [ln.cfg.inference.threads for ln in station.lines] == [1, 2]
+    assert station.lines[0].cfg.state_dir != station.lines[1].cfg.state_dir
+    assert station.run() == 0                       # both replays end: the daemon ends
+    left_log, right_log = read_log(tmp_path / "results-left.jsonl"), read_log(tmp_path / "right.jsonl")
+    assert len(left_log) == len(index)
+    assert 0 < len(right_log) <= 10 and len(right_log) + station.lines[1].dropped_frames == 10
+    assert {r["source"] for r in left_log} <= {str(folder / n) for n in index}
+    # Frame ids are per line, never reused within one.
+    for log in (left_log, right_log):
+        ids = [r["frame_id"] for r in log]
+        assert ids == sorted(set(ids))
+
+
+def test_one_endpoint_labels_every_line(small_bundle, flange_test_folder, write_station, tmp_path, free_port,
+                                        start_station):
+    folder, _ = flange_test_folder
+    port = free_port()
+    path = write_station(
+        bundle=small_bundle, http={"port": port, "allow_trigger": True},
+        lines=[{"name": "a", "source": {"type": "paced", "path": str(folder), "fps": 20}},
+               {"name": "b", "source": {"type": "paced", "path": str(folder), "fps": 20},
+                "trigger": {"type": "software"}}])
+    running = start_station(path)
+    station = running.station
+    deadline = time.monotonic() + 60
+    while station.lines[0].counters.frames < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    req = urllib.request.Request(f"{base}/trigger/b", method="POST")
+    assert json.loads(urllib.request.urlopen(req, timeout=5).read()) == {"triggered": True, "line": "b"}
+    while station.lines[1].counters.frames < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(urllib.request.Request(f"{base}/trigger/a", method="POST"), timeout=5)
+    assert err.value.code == 409                   # line a runs free: no software trigger to fire
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(urllib.request.Request(f"{base}/trigger/zz", method="POST"), timeout=5)
+    assert err.value.code == 404
+    metrics = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    health = json.loads(urllib.request.urlopen(f"{base}/healthz", timeout=5).read())
+    running.stop()
+    frames = {m.group(1): int(m.group(2)) for m in re.finditer(r'^edge_frames_total\{line="(\w+)"\} (\d+)$', metrics, re.M)}
+    assert set(frames) == {"a", "b"} and frames["a"] >= 2 and frames["b"] == 1
+    assert metrics.count("# TYPE edge_frames_total counter") == 1, "one family, samples of both lines"
+    assert re.search(r'^edge_dropped_frames_total\{line="a"\} \d+$', metrics, re.M)
+    assert re.search(r'^edge_ready\{line="b"\} 1$', metrics, re.M)
+    assert health["status"] == "ready" and set(health["lines"]) == {"a", "b"}
+
+
+def test_lines_errors_name_the_key(write_station, small_bundle, tmp_path):
+    with pytest.raises(ConfigError, match=r"lines: two lines are named 'a'"):
+        load_station(write_station(bundle=small_bundle, lines=[{"name": "a", "source": {"type": "scripted"}}, {"name": "a", "source": {"type": "scripted"}}]))
+    with pytest.raises(ConfigError, match=r"lines\[0\]\.name: expected 1-32 letters"):
+        load_station(write_station(bundle=small_bundle, lines=[{"name": "a b", "source": {"type": "scripted"}}]))
+    with pytest.raises(ConfigError, match=r"lines\[1\]\.bundle: required when the station names no bundle"):
+        load_station(write_station(lines=[{"name": "a", "source": {"type": "scripted"}, "bundle": str(small_bundle)},
+                                          {"name": "b", "source": {"type": "scripted"}}]))
+    with pytest.raises(ConfigError, match=r"lines: two lines write the same result log"):
+        load_station(write_station(bundle=small_bundle, lines=[
+            {"name": "a", "source": {"type": "scripted"}, "outputs": [{"type": "result_log", "path": "x.jsonl"}]},
+            {"name": "b", "source": {"type": "scripted"}, "outputs": [{"type": "result_log", "path": "x.jsonl"}]}]))
+    with pytest.raises(ConfigError, match=r"source: required key is missing"):
+        load_station(write_station(bundle=small_bundle))

@@ -1,0 +1,82 @@
+"""A free-running line fed by a camera-paced source: capture runs on its own thread, every frame the source
+produced is either inspected or counted as dropped (stats, /metrics), and a lost camera still faults the line."""
+from __future__ import annotations
+
+import re
+
+from edge_runtime.capture_queue import CaptureQueue
+from edge_runtime.config import load_station
+from edge_runtime.daemon import Station
+from edge_runtime.http_endpoint import render_metrics
+from edge_runtime.outputs import RecordingOutput
+from edge_runtime.records import Verdict
+from edge_runtime.sources import PacedSource, PacedSourceConfig
+
+
+def test_paced_camera_every_frame_inspected_or_counted(small_bundle, flange_test_folder, write_station):
+    folder, _ = flange_test_folder
+    frames = 120
+    # 400 fps is far faster than this machine inspects: drops must happen, and each must be counted.
+    cfg = load_station(write_station(bundle=small_bundle,
+                                     source={"type": "paced", "path": str(folder), "fps": 400, "frames": frames}))
+    rec = RecordingOutput()
+    station = Station(cfg, outputs=[rec])
+    assert station.run() == 0                      # the paced source ends after `frames` ticks
+    assert isinstance(station.line._source, CaptureQueue), "a live source gets a capture thread by default"
+    inspected = len(rec.results)
+    dropped = station.line.dropped_frames
+    assert dropped > 0 and inspected + dropped == frames
+    assert all(r.verdict is not Verdict.FAULT for r in rec.results)
+    metrics = render_metrics(station.status())
+    assert re.search(rf"^edge_dropped_frames_total {dropped}$", metrics, re.M)
+    assert re.search(rf"^edge_frames_total {inspected}$", metrics, re.M)
+
+
+def test_paced_source_without_capture_thread_counts_what_it_missed(small_bundle, flange_test_folder, write_station):
+    folder, _ = flange_test_folder
+    cfg = load_station(write_station(bundle=small_bundle, capture={"thread": "off"},
+                                     source={"type": "paced", "path": str(folder), "fps": 400, "frames": 60}))
+    rec = RecordingOutput()
+    station = Station(cfg, outputs=[rec])
+    assert station.run() == 0
+    assert not isinstance(station.line._source, CaptureQueue)
+    assert station.line.dropped_frames > 0 and len(rec.results) + station.line.dropped_frames == 60
+
+
+def test_paced_source_file_errors_name_the_key(write_station, small_bundle, tmp_path):
+    import pytest
+
+    from edge_runtime.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"source\.fps: must be > 0"):
+        load_station(write_station(bundle=small_bundle, source={"type": "paced", "path": ".", "fps": 0}))
+    src = PacedSource(PacedSourceConfig(path=str(tmp_path / "nothing")))
+    from edge_runtime.sources import SourceError
+
+    with pytest.raises(SourceError, match="neither an image folder"):
+        src.open()
+
+
+def test_lost_camera_behind_the_capture_thread_faults_the_line(small_bundle, write_station, part_images_bytes):
+    from edge_runtime.sources import ScriptedSource, SourceError
+
+    class LiveScripted(ScriptedSource):
+        live = True
+
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source={"type": "scripted"}, capture={"when_full": "wait"},
+                                     recovery={"read_timeout_s": 0.1, "backoff_initial_s": 5, "backoff_max_s": 5}))
+    station = Station(cfg, source=LiveScripted(steps=part_images_bytes[:2] + [SourceError("camera unplugged")]),
+                      outputs=[rec])
+    beat = station.line.on_heartbeat
+
+    def stop_on_fault(line):
+        beat(line)
+        if line.fault_reason and "camera unplugged" in line.fault_reason:
+            station.request_stop()
+
+    station.line.on_heartbeat = stop_on_fault
+    station.run()
+    assert [r.verdict is not Verdict.FAULT for r in rec.results] == [True, True]
+    assert "camera unplugged" in station.fault_reason and rec.ready is False
+    assert station.counters.source_errors >= 1
