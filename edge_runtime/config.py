@@ -165,6 +165,11 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
     cfg.state_dir = absolute("state_dir", cfg.state_dir)
     if cfg.security.bundle_public_key:
         cfg.security.bundle_public_key = absolute("security.bundle_public_key", cfg.security.bundle_public_key)
+    for i, out in enumerate(cfg.outputs):
+        # Outputs with files of their own (MQTT: TLS files, password, outbox) resolve them; the state dir is known.
+        hook = getattr(out, "resolve_paths", None)
+        if hook is not None:
+            hook(absolute, f"outputs[{i}]", cfg.state_dir)
     return cfg
 
 

@@ -34,6 +34,7 @@ from edge_runtime.latency_stats import LatencyStats
 from edge_runtime.output_bus import BusCounters, OutputBus, RecordFailure
 from edge_runtime.outputs import Output, ResultLogConfig, SerialOutput, build_output, last_frame_id
 from edge_runtime.pipeline import Pipeline
+from edge_runtime.plant_report import station_summary
 from edge_runtime.records import Frame, InspectionResult, Verdict
 from edge_runtime.self_test import golden_check
 from edge_runtime.sources import FrameSource, SourceError, build_source
@@ -159,6 +160,8 @@ class Station:
             # A PLC on the serial line may send "TRG" (capture one part) and "ACK" (withdraw the verdict).
             if isinstance(out, SerialOutput) and out.cfg.accept_trigger:
                 out.on_line = self._on_serial_line
+            if hasattr(out, "bind_state"):   # MQTT: the retained state message carries bundle and counters
+                out.bind_state(self.plant_state)
         self._source = source
         self.pipeline: Pipeline | None = None
         self.stats = LatencyStats(cfg.logging.stats_window)
@@ -249,6 +252,11 @@ class Station:
             faults=c.faults + c.source_errors, skipped=getattr(self._source, "skipped", 0),
             last_heartbeat_age_s=time.monotonic() - self._last_heartbeat, latency=self.stats, counters=counters,
             busy_s=self._busy_s(), stall_after_s=self._stall_after_s())
+
+    def plant_state(self) -> dict:
+        """The station's state for the plant (MQTT state message, OPC UA): edge_runtime/plant_report.py."""
+        pipeline = self.pipeline
+        return station_summary(self.cfg.name, self.status(), pipeline.bundle.bundle_version if pipeline else None)
 
     def _busy_s(self) -> float | None:
         since = self._inspecting_since
