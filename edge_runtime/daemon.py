@@ -160,8 +160,10 @@ class Station:
             # A PLC on the serial line may send "TRG" (capture one part) and "ACK" (withdraw the verdict).
             if isinstance(out, SerialOutput) and out.cfg.accept_trigger:
                 out.on_line = self._on_serial_line
-            if hasattr(out, "bind_state"):   # MQTT: the retained state message carries bundle and counters
+            if hasattr(out, "bind_state"):   # MQTT, OPC UA: state, bundle and counters for the plant
                 out.bind_state(self.plant_state)
+            if hasattr(out, "bind_trigger") and isinstance(self.trigger, SoftwareTrigger):
+                out.bind_trigger(self.trigger.fire)   # OPC UA StartSingleJob, like POST /trigger
         self._source = source
         self.pipeline: Pipeline | None = None
         self.stats = LatencyStats(cfg.logging.stats_window)
