@@ -14,6 +14,7 @@ import yaml
 from edge_runtime.decode import DecodeConfig
 from edge_runtime.http_endpoint import HttpConfig
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
+from edge_runtime.rollout import RolloutConfig
 from edge_runtime.safe_yaml import YamlRefused, load_strict
 from edge_runtime.schema import ConfigError, from_mapping
 from edge_runtime.sources import FolderSourceConfig, SourceConfig, VideoSourceConfig
@@ -105,6 +106,7 @@ class StationConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)   # signed rollout: edge_runtime/rollout.py
     # Where the frame counter survives restarts (ids are never reused). Unset: $STATE_DIRECTORY (systemd's
     # StateDirectory=, /var/lib/edge-runtime with the shipped unit), else "state" next to the station file.
     state_dir: str | None = None
@@ -170,6 +172,7 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
         hook = getattr(out, "resolve_paths", None)
         if hook is not None:
             hook(absolute, f"outputs[{i}]", cfg.state_dir)
+    cfg.rollout.resolve_paths(absolute, "rollout", cfg.state_dir)
     return cfg
 
 

@@ -155,6 +155,7 @@ class MqttOutput(Output):
         self._writer: threading.Thread | None = None
         self._writer_stop = False
         self.pending_dropped = 0
+        self._last_bundle_id: str | None = None
         self.outbox_errors = 0
 
     # -- wiring (the daemon) -----------------------------------------------------------------------------------
@@ -191,6 +192,9 @@ class MqttOutput(Output):
         if self.outbox is None:
             raise OutputError(f"{self.name}: not started")
         payload = encode_record(result).rstrip(b"\n")
+        if result.bundle_id != self._last_bundle_id:   # a switch or rollback: say so in the state at once
+            self._last_bundle_id = result.bundle_id
+            self._state_changed()
         with self._pending_cond:
             if len(self._pending) >= self.cfg.outbox_max_records:   # the disk itself is stuck: bound the memory
                 self._pending.popleft()
