@@ -15,6 +15,7 @@ from edge_runtime.decode import DecodeConfig
 from edge_runtime.http_endpoint import HttpConfig
 from edge_runtime.lines_config import LineConfig, resolve_line_paths, validate_lines
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
+from edge_runtime.rollout import RolloutConfig
 from edge_runtime.safe_yaml import YamlRefused, load_strict
 from edge_runtime.schema import ConfigError, from_mapping
 from edge_runtime.capture_queue import CaptureConfig
@@ -110,6 +111,7 @@ class StationConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)   # signed rollout: edge_runtime/rollout.py
     # Where the frame counter survives restarts (ids are never reused). Unset: $STATE_DIRECTORY (systemd's
     # StateDirectory=, /var/lib/edge-runtime with the shipped unit), else "state" next to the station file.
     state_dir: str | None = None
@@ -185,6 +187,12 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
     cfg.state_dir = absolute("state_dir", cfg.state_dir)
     if cfg.security.bundle_public_key:
         cfg.security.bundle_public_key = absolute("security.bundle_public_key", cfg.security.bundle_public_key)
+    for i, out in enumerate(cfg.outputs):
+        # Outputs with files of their own (MQTT: TLS files, password, outbox) resolve them; the state dir is known.
+        hook = getattr(out, "resolve_paths", None)
+        if hook is not None:
+            hook(absolute, f"outputs[{i}]", cfg.state_dir)
+    cfg.rollout.resolve_paths(absolute, "rollout", cfg.state_dir)
     return cfg
 
 

@@ -123,6 +123,8 @@ class StationStatus:
     stall_after_s: float = 2.0                # a frame in inspection longer than this: the station is stalled
     latency: LatencyStats | None = None
     counters: dict[str, float] = field(default_factory=dict)  # further monotonic counters, exported as edge_<name>_total
+    bundle_version: int | None = None         # the manifest's bundle_version of the bundle in service
+    rollout: dict | None = None               # signed rollout status (edge_runtime/rollout.py), when enabled
 
 
 StatusProvider = Callable[[], StationStatus]
@@ -144,6 +146,9 @@ def health_document(status: StationStatus) -> dict:
         "status": "stalled" if stalled else status.state,
         "reason": stalled or status.reason,
         "bundle_id": status.bundle_id,
+        # Only when known (a versioned bundle is loaded; rollout is enabled), so older readers see the same keys.
+        **({"bundle_version": status.bundle_version} if status.bundle_version is not None else {}),
+        **({"rollout": status.rollout} if status.rollout is not None else {}),
         "frames": status.frames,
         "last_verdict": status.last_verdict,
         "uptime_s": round(status.uptime_s, 3),

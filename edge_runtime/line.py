@@ -14,6 +14,7 @@ systemd watchdog only while every line goes round, so a hung inference stops the
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -31,7 +32,9 @@ from edge_runtime.latency_stats import LatencyStats
 from edge_runtime.output_bus import BusCounters, OutputBus, RecordFailure
 from edge_runtime.outputs import Output, ResultLogConfig, SerialOutput, build_output, last_frame_id
 from edge_runtime.pipeline import Pipeline
+from edge_runtime.plant_report import station_summary
 from edge_runtime.records import Frame, InspectionResult, Verdict
+from edge_runtime.rollout import RolloutManager
 from edge_runtime.sources import FrameSource, SourceError, build_source
 from edge_runtime.station_state import LineState
 from edge_runtime.triggers import SoftwareTrigger, Trigger, TriggerError, TriggerEvent, build_trigger
@@ -77,6 +80,12 @@ class Line:
         self.on_heartbeat = on_heartbeat
         self.load_hook: Callable[[], bool] | None = None
         self.outputs = outputs if outputs is not None else [build_output(o) for o in cfg.outputs]
+        self.rollout: RolloutManager | None = None
+        if cfg.rollout.enabled:   # a sink of records too: it watches the first parts of a new bundle
+            self.rollout = RolloutManager(cfg.rollout, cfg.state_dir or "state", load=self._load_offered,
+                                          install=self.install_pipeline, current=lambda: self.pipeline,
+                                          set_bundle_path=lambda path: setattr(self.cfg, "bundle", path))
+            self.outputs = [*self.outputs, self.rollout]
         deadline = cfg.inference.deadline_ms
         self.bus = OutputBus(self.outputs, late_after_s=deadline / 1000.0 if deadline else 0.5)
         self.trigger = trigger if trigger is not None else build_trigger(cfg.trigger)
@@ -84,6 +93,12 @@ class Line:
             # A PLC on the serial line may send "TRG" (capture one part) and "ACK" (withdraw the verdict).
             if isinstance(out, SerialOutput) and out.cfg.accept_trigger:
                 out.on_line = self._on_serial_line
+            if hasattr(out, "bind_state"):   # MQTT, OPC UA: state, bundle and counters for the plant
+                out.bind_state(self.plant_state)
+            if hasattr(out, "bind_trigger") and isinstance(self.trigger, SoftwareTrigger):
+                out.bind_trigger(self.trigger.fire)   # OPC UA StartSingleJob, like POST /trigger
+            if hasattr(out, "bind_commands") and self.rollout is not None:
+                out.bind_commands(self.rollout.on_command)   # MQTT <prefix>/cmd/rollout
         self._source = source
         self.pipeline: Pipeline | None = None
         self.stats = LatencyStats(cfg.logging.stats_window)
@@ -180,7 +195,23 @@ class Line:
             last_verdict=self.last_verdict, uptime_s=time.monotonic() - self._started, verdicts=dict(self.verdicts),
             faults=c.faults + c.source_errors, skipped=getattr(self._source, "skipped", 0),
             last_heartbeat_age_s=time.monotonic() - self._last_heartbeat, latency=self.stats, counters=counters,
-            busy_s=self._busy_s(), stall_after_s=self._stall_after_s())
+            busy_s=self._busy_s(), stall_after_s=self._stall_after_s(),
+            bundle_version=pipeline.bundle.bundle_version if pipeline else None,
+            rollout=self.rollout.report() if self.rollout is not None else None)
+
+    def plant_state(self) -> dict:
+        """The line's state for the plant (MQTT state message, OPC UA): edge_runtime/plant_report.py."""
+        return station_summary(self.cfg.name, self.status())
+
+    def install_pipeline(self, pipeline: Pipeline) -> None:
+        """Swap in a verified pipeline between two frames (signed rollout), through the reload path."""
+        with self._reload_lock:
+            self._reload_outcome = (pipeline, None)
+
+    def _load_offered(self, path: str, current: Pipeline | None) -> Pipeline:
+        """A rollout's candidate through the same verification as a reload, on one thread beside the loop."""
+        return bundle_loader.load_pipeline(dataclasses.replace(self.cfg, bundle=path),
+                                           current.bundle if current else None, load_threads=1)
 
     def _busy_s(self) -> float | None:
         since = self._inspecting_since
@@ -376,6 +407,8 @@ class Line:
         FAULT state."""
         self._open_frame_counter()
         t0 = time.monotonic()
+        if self.rollout is not None:   # the rolled-out bundle, or the previous one after a crash in probation
+            self.cfg.bundle = self.rollout.startup_bundle(self.cfg.bundle)
         (self.load_hook or self._load)()
         log.info(self._tag("start-up took %.2f s (%s)"), time.monotonic() - t0, "ready" if self.pipeline else "FAULT")
 

@@ -1,0 +1,24 @@
+"""What a station tells the plant (MQTT state message, OPC UA variables): one summary of its StationStatus."""
+from __future__ import annotations
+
+from typing import Any
+
+from edge_runtime.http_endpoint import StationStatus
+
+
+def station_summary(name: str, status: StationStatus) -> dict[str, Any]:
+    """JSON-ready summary: station name, state and reason, bundle in service, part counters and verdict counts."""
+    return {
+        "station": name,
+        "state": status.state,
+        "reason": status.reason,
+        "bundle_id": status.bundle_id,
+        "bundle_version": status.bundle_version,
+        "frames": status.frames,
+        "verdicts": dict(status.verdicts),
+        "last_verdict": status.last_verdict,
+        "faults": status.faults,
+        "uptime_s": round(status.uptime_s, 1),
+        "counters": dict(status.counters),
+        **({"rollout": status.rollout} if status.rollout is not None else {}),
+    }

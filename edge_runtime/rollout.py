@@ -1,0 +1,358 @@
+"""Signed rollout: a bundle offered to the station is staged, verified, switched to, watched, and rolled back.
+
+Offers come from an MQTT command (`<prefix>/cmd/rollout`, payload `{"bundle": "/path/to/bundle"}`) or from a
+watched folder (a bundle folder renamed into `rollout.watch_dir`). For each offer, on the rollout thread:
+
+    stage     copy the folder into `staging_dir` (the offered location may change or vanish afterwards)
+    verify    the daemon's own load path on the staged copy: checksums, ed25519 signature
+              (security.bundle_public_key), product and version admission, golden-image self-test. A failure
+              rejects the offer; the station never switches and keeps inspecting with its bundle.
+    switch    the verified pipeline is swapped in between two frames (the SIGHUP reload path); the previous
+              pipeline stays loaded, its folder and version record are kept for a rollback
+    probation the first `probation_parts` parts on the new bundle: `probation_max_faults` FAULTs among them roll
+              back at once to the previous pipeline (and its bundle_version record); otherwise it is committed
+    restart   rollout.json in state_dir holds the active folder; a daemon that stopped during a probation
+              restarts on the previous bundle (the new one may be why it stopped)
+
+Every step is logged (logger edge_runtime.rollout) and reported in the state (MQTT state, /healthz `rollout`).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from edge_runtime.bundle import MANIFEST
+from edge_runtime.bundle_policy import VERSION_STATE_FILE
+from edge_runtime.outputs.base import Output
+from edge_runtime.records import InspectionResult, Verdict
+
+log = logging.getLogger("edge_runtime.rollout")
+
+ROLLOUT_STATE_FILE = "rollout.json"
+_HISTORY = 20
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    enabled: bool = False
+    watch_dir: str | None = None       # bundle folders renamed into here are offered (once each); None: MQTT only
+    staging_dir: str | None = None     # where offered bundles are copied; None: <state_dir>/bundles
+    poll_interval_s: float = 2.0       # how often watch_dir is listed
+    probation_parts: int = 20          # the first parts on a new bundle that decide whether it stays
+    probation_max_faults: int = 3      # this many FAULT results among them roll back to the previous bundle
+
+    def validate(self) -> None:
+        if self.poll_interval_s <= 0:
+            raise ValueError(f"poll_interval_s: must be > 0, got {self.poll_interval_s}")
+        if self.probation_parts < 1:
+            raise ValueError(f"probation_parts: must be >= 1, got {self.probation_parts}")
+        if not 1 <= self.probation_max_faults <= self.probation_parts:
+            raise ValueError(f"probation_max_faults: must be 1..probation_parts ({self.probation_parts}), "
+                             f"got {self.probation_max_faults}")
+
+    def resolve_paths(self, absolute: Callable[[str, str], str], where: str, state_dir: str) -> None:
+        if self.watch_dir:
+            self.watch_dir = absolute(f"{where}.watch_dir", self.watch_dir)
+        self.staging_dir = absolute(f"{where}.staging_dir", self.staging_dir) if self.staging_dir else \
+            os.path.join(state_dir, "bundles")
+
+
+class RolloutError(RuntimeError):
+    """An offer that cannot be taken (not a bundle folder, busy, already running)."""
+
+
+class RolloutManager(Output):
+    """The rollout thread plus a sink of records (it watches the parts of a new bundle on probation).
+
+    `load(path, current)` builds and self-tests a pipeline from a bundle folder (raises on any failure);
+    `install(pipeline)` hands it to the inspection loop; `current()` returns the pipeline in service.
+    """
+
+    name = "rollout"
+    role = "record"
+
+    def __init__(self, cfg: RolloutConfig, state_dir: str, *, load: Callable[[str, Any], Any],
+                 install: Callable[[Any], None], current: Callable[[], Any],
+                 set_bundle_path: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.state_dir = Path(state_dir)
+        self._load, self._install, self._current, self._set_bundle_path = load, install, current, set_bundle_path
+        self._offers: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.status = "idle"               # idle | staging | probation | committed | rolled_back | rejected
+        self.detail: str | None = None
+        self.history: collections.deque[dict] = collections.deque(maxlen=_HISTORY)
+        self._previous: Any = None         # the pipeline to roll back to during a probation
+        self._previous_path: str | None = None
+        self._previous_version_record: bytes | None = None
+        self._candidate_id: str | None = None
+        self._parts = 0
+        self._faults: list[str] = []
+        self._state = self._read_state()
+
+    # -- state file ----------------------------------------------------------------------------------------
+    def _read_state(self) -> dict:
+        try:
+            return json.loads((self.state_dir / ROLLOUT_STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_state(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / ROLLOUT_STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._state, indent=1))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def startup_bundle(self, configured: str) -> str:
+        """The bundle folder to start with: the rolled-out one, or the previous one after a crash in probation."""
+        active, previous = self._state.get("active"), self._state.get("previous")
+        if self._state.get("status") == "probation" and previous and Path(previous).is_dir():
+            log.error("rollout: the daemon stopped while bundle %s was on probation: starting on the previous bundle "
+                      "%s", active, previous)
+            self._restore_version_record(self._state.get("previous_version_record"))
+            self._state.update(active=previous, status="rolled_back",
+                               rejected=[*self._state.get("rejected", []), self._state.get("candidate_id")])
+            self._write_state()
+            self.status, self.detail = "rolled_back", "daemon stopped during probation"
+            return previous
+        if active and Path(active).is_dir():
+            return active
+        return configured
+
+    # -- Output --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._offers.put(None)
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+
+    def publish(self, result: InspectionResult) -> None:
+        """Count the parts of a bundle on probation; enough FAULTs queue a rollback (done on the rollout thread)."""
+        with self._lock:
+            if self.status != "probation" or result.bundle_id != self._candidate_id:
+                return
+            self._parts += 1
+            if result.verdict is Verdict.FAULT:
+                self._faults.append(f"frame {result.frame_id}: {result.error}")
+            if len(self._faults) == self.cfg.probation_max_faults:
+                self._offers.put(("rollback", None))
+            elif self._parts == self.cfg.probation_parts and len(self._faults) < self.cfg.probation_max_faults:
+                self._offers.put(("commit", None))
+
+    def counters(self) -> dict[str, float]:
+        return {"rollouts": self._state.get("rollouts", 0), "rollbacks": self._state.get("rollbacks", 0)}
+
+    # -- offers --------------------------------------------------------------------------------------------
+    def offer(self, location: str, origin: str) -> None:
+        """Queue a bundle folder for rollout (any thread)."""
+        self._offers.put(("offer", (location, origin)))
+
+    def on_command(self, topic: str, payload: bytes) -> None:
+        """MQTT `<prefix>/cmd/rollout` with {"bundle": "/path"}: offer it."""
+        if topic != "rollout":
+            return
+        try:
+            doc = json.loads(payload)
+            location = doc["bundle"]
+            if not isinstance(location, str) or not location:
+                raise ValueError("'bundle' must be a non-empty string")
+        except (ValueError, KeyError, TypeError) as exc:
+            self._event("rejected", f"mqtt command: expected {{\"bundle\": \"/path\"}}, got {payload[:200]!r} ({exc})")
+            return
+        self.offer(location, "mqtt")
+
+    def report(self) -> dict[str, Any]:
+        """For the MQTT state and /healthz."""
+        with self._lock:
+            doc: dict[str, Any] = {"status": self.status, "detail": self.detail}
+            if self.status == "probation":
+                doc["probation"] = {"parts": self._parts, "faults": len(self._faults),
+                                    "of": self.cfg.probation_parts, "max_faults": self.cfg.probation_max_faults}
+            if self.history:
+                doc["last"] = self.history[-1]
+            return doc
+
+    # -- the rollout thread --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_poll = 0.0
+        while not self._stop.is_set():
+            if self.cfg.watch_dir and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + self.cfg.poll_interval_s
+                self._poll_watch_dir()
+            try:
+                item = self._offers.get(timeout=min(self.cfg.poll_interval_s, 1.0))
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            kind, arg = item
+            try:
+                if kind == "offer":
+                    self._take_offer(*arg)
+                elif kind == "rollback":
+                    self._rollback()
+                elif kind == "commit":
+                    self._commit()
+            except Exception as exc:  # noqa: BLE001 - a rollout failure must never stop the station
+                log.exception("rollout: %s failed", kind)
+                self._event("rejected", f"{kind}: internal error: {exc}")
+
+    def _poll_watch_dir(self) -> None:
+        folder = Path(self.cfg.watch_dir)
+        try:
+            entries = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                             and not p.name.endswith((".tmp", ".part")))
+        except OSError:
+            return
+        seen = set(self._state.get("seen", []))
+        for entry in entries:
+            if entry.name not in seen and (entry / MANIFEST).is_file():
+                self._state["seen"] = [*self._state.get("seen", []), entry.name][-1000:]
+                self._write_state()
+                self._take_offer(str(entry), "watch_dir")
+
+    def _take_offer(self, location: str, origin: str) -> None:
+        src = Path(location)
+        if self.status in ("staging", "probation"):
+            self._event("rejected", f"{location} ({origin}): another rollout is in progress ({self.status})")
+            return
+        if not (src / MANIFEST).is_file():
+            self._event("rejected", f"{location} ({origin}): not a bundle folder (no {MANIFEST})")
+            return
+        self._set_status("staging", f"{location} ({origin})")
+        log.info("rollout: offer %s from %s: staging", location, origin)
+        staging = Path(self.cfg.staging_dir)
+        staging.mkdir(parents=True, exist_ok=True)
+        dest = staging / f"{src.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{int(time.time() * 1000) % 1000}"
+        tmp = dest.with_name(dest.name + ".tmp")
+        try:
+            shutil.copytree(src, tmp, symlinks=False)
+            os.replace(tmp, dest)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._event("rejected", f"{location}: cannot stage into {staging}: {exc}")
+            return
+        current = self._current()
+        version_record = self._version_record()
+        try:
+            pipeline = self._load(str(dest), current)
+        except Exception as exc:  # noqa: BLE001 - BundleError, OSError ...: the offer is refused, nothing changes
+            shutil.rmtree(dest, ignore_errors=True)
+            self._event("rejected", f"{location}: verification failed, staying on "
+                        f"{current.bundle.bundle_id if current else 'no bundle'}: {exc}")
+            return
+        new = pipeline.bundle
+        if new.bundle_id in self._state.get("rejected", []):
+            shutil.rmtree(dest, ignore_errors=True)
+            self._restore_version_record(version_record)
+            self._event("rejected", f"{location}: bundle {new.bundle_id} was rolled back before; not again")
+            return
+        if current is not None and new.bundle_id == current.bundle.bundle_id:
+            shutil.rmtree(dest, ignore_errors=True)
+            self._event("rejected", f"{location}: bundle {new.bundle_id} is already in service")
+            return
+        with self._lock:
+            self._previous, self._previous_version_record = current, version_record
+            self._previous_path = self._state.get("active") or (str(current.bundle.root) if current else None)
+            self._candidate_id, self._parts, self._faults = new.bundle_id, 0, []
+            self.status = "probation"
+            self.detail = (f"bundle {new.bundle_id} (version {new.bundle_version}) from {location}; previous "
+                           f"{current.bundle.bundle_id if current else 'none'}")
+        self._state.update(active=str(dest), previous=self._previous_path, status="probation",
+                           candidate_id=new.bundle_id, rollouts=self._state.get("rollouts", 0) + 1,
+                           previous_version_record=version_record.decode() if version_record else None)
+        self._write_state()
+        self._set_bundle_path(str(dest))
+        self._install(pipeline)
+        log.warning("rollout: switched to bundle %s (version %s) from %s; probation: %d FAULT in the first %d parts "
+                    "roll back to %s", new.bundle_id, new.bundle_version, location, self.cfg.probation_max_faults,
+                    self.cfg.probation_parts, current.bundle.bundle_id if current else "none")
+        self._record("switched", self.detail)
+
+    def _rollback(self) -> None:
+        with self._lock:
+            if self.status != "probation":
+                return
+            previous, faults, parts = self._previous, list(self._faults), self._parts
+            candidate = self._candidate_id
+        reason = f"{len(faults)} of the first {parts} parts on bundle {candidate} were FAULT (first: {faults[0]})"
+        if previous is None:
+            self._event("rolled_back", f"{reason}; no previous bundle to return to", status_only=True)
+            return
+        self._install(previous)
+        self._set_bundle_path(self._previous_path or str(previous.bundle.root))
+        self._restore_version_record(self._previous_version_record)
+        log.error("rollout: rolling back to bundle %s (version %s): %s", previous.bundle.bundle_id,
+                  previous.bundle.bundle_version, reason)
+        self._state.update(active=self._previous_path, status="rolled_back",
+                           rejected=[*self._state.get("rejected", []), candidate][-100:],
+                           rollbacks=self._state.get("rollbacks", 0) + 1)
+        self._write_state()
+        with self._lock:
+            self._previous = None
+        self._event("rolled_back", reason)
+
+    def _commit(self) -> None:
+        with self._lock:
+            if self.status != "probation":
+                return
+            parts, faults, candidate = self._parts, len(self._faults), self._candidate_id
+            self._previous = None   # its memory goes back once the loop dropped it too
+        self._state.update(status="committed", previous=None, previous_version_record=None)
+        self._write_state()
+        log.info("rollout: bundle %s committed after %d parts (%d FAULT)", candidate, parts, faults)
+        self._event("committed", f"bundle {candidate}: {parts} parts, {faults} FAULT")
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _version_record(self) -> bytes | None:
+        try:
+            return (self.state_dir / VERSION_STATE_FILE).read_bytes()
+        except OSError:
+            return None
+
+    def _restore_version_record(self, record: bytes | str | None) -> None:
+        """A rollback returns the downgrade floor to the previous bundle's version (our decision, not a downgrade)."""
+        path = self.state_dir / VERSION_STATE_FILE
+        if record is None:
+            path.unlink(missing_ok=True)
+            return
+        data = record.encode() if isinstance(record, str) else record
+        tmp = path.with_suffix(".rollback.tmp")
+        tmp.write_bytes(data)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def _set_status(self, status: str, detail: str | None) -> None:
+        with self._lock:
+            self.status, self.detail = status, detail
+
+    def _record(self, what: str, detail: str | None) -> None:
+        self.history.append({"event": what, "detail": detail, "time": time.time()})
+
+    def _event(self, status: str, detail: str, status_only: bool = False) -> None:
+        if status == "rejected":
+            log.error("rollout: offer rejected: %s", detail)
+        elif not status_only and status not in ("rolled_back", "committed"):
+            log.info("rollout: %s: %s", status, detail)
+        self._set_status(status, detail)
+        self._record(status, detail)

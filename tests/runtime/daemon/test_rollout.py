@@ -1,0 +1,203 @@
+"""Signed rollout in the running daemon: a bad bundle (signed, self-test passes, every line part FAULT) is switched
+to and rolled back automatically, with its log; a bundle whose self-test fails or whose signature is missing is
+never switched to; a good one offered over MQTT is committed; the running version is in /healthz and MQTT state."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+import cv2
+import pytest
+import yaml
+
+from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, write_manifest
+from edge_runtime.bundle_policy import VERSION_STATE_FILE
+from edge_runtime.config import load_station
+from edge_runtime.rollout import ROLLOUT_STATE_FILE
+
+signing = pytest.importorskip("export.signing", reason="bundle signing needs the 'cryptography' package (extra sign)")
+
+REPO = Path(__file__).resolve().parents[3]
+_spec = importlib.util.spec_from_file_location("mosquitto_broker", REPO / "tests" / "fixtures" / "mosquitto_broker.py")
+mb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mb)
+
+
+def variant_of(src: Path, dest: Path, key_dir: Path, *, version: int, size_policy: str,
+               break_golden: bool = False, sign: bool = True) -> Path:
+    """A re-manifested, re-signed copy of the device bundle with another version and size policy.
+
+    size_policy 'refuse' makes a bundle that passes its golden self-test (golden images are the bundle's own
+    size) yet faults every line frame of another size: a bundle fitted for another camera resolution."""
+    shutil.copytree(src, dest)
+    (dest / SIGNATURE).unlink(missing_ok=True)
+    manifest = yaml.safe_load((dest / MANIFEST).read_text())
+    manifest["bundle_version"] = version
+    manifest["geometry"]["size_policy"] = size_policy
+    if break_golden:
+        for variant in manifest["variants"].values():
+            for g in variant["golden"]:
+                g["score"] = float(g["score"]) * 3 + 5
+    manifest["bundle_id"] = None
+    (dest / MANIFEST).unlink()
+    write_manifest(dest, manifest)
+    if sign:
+        signing.sign_bundle(dest, key_dir / signing.PRIVATE_KEY_FILE)
+    return dest
+
+
+@pytest.fixture
+def plant(device_bundle, tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    signing.generate_keypair(keys)
+    offers = tmp_path / "offers"
+    offers.mkdir()
+    work = tmp_path / "bundles"
+    work.mkdir()
+    good = variant_of(device_bundle, work / "flange-v1", keys, version=1, size_policy="resize")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, g in enumerate(sorted((device_bundle / "golden").glob("*.png"))):
+        # The line's camera gives 256 x 256 frames; v1 resizes them to its 224 x 224 region.
+        cv2.imwrite(str(images / f"part_{i}.png"), cv2.resize(cv2.imread(str(g)), (256, 256)))
+    return {"keys": keys, "offers": offers, "work": work, "good": good, "images": images, "src": device_bundle}
+
+
+def station_file(tmp_path: Path, plant: dict, free_port, **extra) -> Path:
+    doc = {"name": "s7", "bundle": str(plant["good"]), "state_dir": str(tmp_path / "state"),
+           "source": {"type": "folder", "path": str(plant["images"]), "loop": True},
+           "outputs": [{"type": "result_log", "path": str(tmp_path / "results.jsonl")}],
+           "security": {"bundle_public_key": str(plant["keys"] / signing.PUBLIC_KEY_FILE), "product": "flange"},
+           "rollout": {"enabled": True, "watch_dir": str(plant["offers"]), "poll_interval_s": 0.2,
+                       "probation_parts": 10, "probation_max_faults": 3},
+           "http": {"enabled": True, "port": free_port()}, **extra}
+    path = tmp_path / "station.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def offer_by_folder(plant: dict, bundle: Path) -> None:
+    """What a central place does: copy under a temporary name, then rename into the watched folder."""
+    tmp = plant["offers"] / (bundle.name + ".tmp")
+    shutil.copytree(bundle, tmp)
+    os.replace(tmp, plant["offers"] / bundle.name)
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def healthz(port: int) -> dict:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as err:   # 503 while not ready: the body is still the health document
+        return json.loads(err.read())
+
+
+def records(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines() if line]
+
+
+def test_bad_bundle_is_switched_to_then_rolled_back_with_its_log(plant, tmp_path, free_port, start_station, caplog):
+    caplog.set_level(logging.INFO, logger="edge_runtime.rollout")
+    cfg = load_station(station_file(tmp_path, plant, free_port))
+    running = start_station(cfg)
+    station = running.station
+    wait_until(lambda: station.counters.frames >= 5, what="parts on v1")
+    v1 = station.pipeline.bundle.bundle_id
+    assert healthz(station.http_port)["bundle_version"] == 1
+    bad = variant_of(plant["src"], plant["work"] / "flange-v2", plant["keys"], version=2, size_policy="refuse")
+    offer_by_folder(plant, bad)
+    wait_until(lambda: station.rollout.status == "rolled_back", what="rollback")
+    v2 = Bundle.load(bad).bundle_id
+    wait_until(lambda: any(r["bundle_id"] == v1 for r in records(tmp_path)[-3:]), what="parts on v1 again")
+    health = healthz(station.http_port)
+    assert health["bundle_id"] == v1 and health["bundle_version"] == 1
+    assert health["rollout"]["status"] == "rolled_back" and "FAULT" in health["rollout"]["detail"]
+    running.stop()
+
+    on_v2 = [r for r in records(tmp_path) if r["bundle_id"] == v2]
+    assert 3 <= len(on_v2) and all(r["verdict"] == "FAULT" for r in on_v2)   # never OK on the bad bundle
+    assert "size" in on_v2[0]["error"]
+    log_text = "\n".join(r.getMessage() for r in caplog.records if r.name == "edge_runtime.rollout")
+    assert f"switched to bundle {v2} (version 2)" in log_text
+    assert f"rolling back to bundle {v1} (version 1): 3 of the first" in log_text
+    state = json.loads((tmp_path / "state" / ROLLOUT_STATE_FILE).read_text())
+    assert state["status"] == "rolled_back" and v2 in state["rejected"] and state["rollbacks"] == 1
+    # The downgrade floor is back at v1, so a restart loads v1 again rather than refusing it.
+    assert json.loads((tmp_path / "state" / VERSION_STATE_FILE).read_text())["bundle_version"] == 1
+    print("\n--- rollback log ---\n" + log_text)
+
+    again = start_station(load_station(station_file(tmp_path, plant, free_port)))
+    wait_until(lambda: again.station.pipeline is not None, what="restart")
+    assert again.station.pipeline.bundle.bundle_id == v1
+    again.stop()
+
+
+def test_failed_self_test_or_missing_signature_never_switches(plant, tmp_path, free_port, start_station, caplog):
+    caplog.set_level(logging.INFO, logger="edge_runtime.rollout")
+    running = start_station(load_station(station_file(tmp_path, plant, free_port)))
+    station = running.station
+    wait_until(lambda: station.counters.frames >= 3, what="parts on v1")
+    v1 = station.pipeline.bundle.bundle_id
+    golden = variant_of(plant["src"], plant["work"] / "flange-v3", plant["keys"], version=3, size_policy="resize",
+                        break_golden=True)
+    offer_by_folder(plant, golden)
+    wait_until(lambda: station.rollout.status == "rejected", what="rejection (self-test)")
+    assert "self-test failed" in station.rollout.detail
+    unsigned = variant_of(plant["src"], plant["work"] / "flange-v4", plant["keys"], version=4, size_policy="resize",
+                          sign=False)
+    station.rollout.history.clear()
+    offer_by_folder(plant, unsigned)
+    wait_until(lambda: station.rollout.history, what="rejection (signature)")
+    assert station.rollout.status == "rejected" and "sig" in station.rollout.detail
+    time.sleep(0.5)
+    running.stop()
+    assert {r["bundle_id"] for r in records(tmp_path)} == {v1}       # not one part on either
+    assert json.loads((tmp_path / "state" / VERSION_STATE_FILE).read_text())["bundle_version"] == 1
+
+
+def test_good_bundle_offered_over_mqtt_is_committed_and_reported(plant, tmp_path, free_port, start_station):
+    broker = mb.Broker(tmp_path / "broker").start()
+    prefix = "acme/p1/l3/s7"
+    sub = mb.Subscriber(broker.port, [f"{prefix}/state"], persistent=False)
+    try:
+        path = station_file(tmp_path, plant, free_port, outputs=[
+            {"type": "result_log", "path": str(tmp_path / "results.jsonl")},
+            {"type": "mqtt", "host": "127.0.0.1", "port": broker.port, "topic_prefix": prefix,
+             "reconnect_min_s": 0.1}])
+        running = start_station(load_station(path))
+        station = running.station
+        wait_until(lambda: station.counters.frames >= 3, what="parts on v1")
+        good2 = variant_of(plant["src"], plant["work"] / "flange-v5", plant["keys"], version=5, size_policy="resize")
+        wait_until(lambda: station.outputs[1]._connected, what="mqtt connected")
+        cmd = mb.Subscriber(broker.port, [], client_id="central", persistent=False)
+        cmd.client.publish(f"{prefix}/cmd/rollout", json.dumps({"bundle": str(good2)}), qos=1).wait_for_publish(10)
+        cmd.close()
+        wait_until(lambda: station.rollout.status == "committed", what="commit")
+        v5 = Bundle.load(good2).bundle_id
+        assert station.pipeline.bundle.bundle_id == v5
+        assert healthz(station.http_port)["bundle_version"] == 5
+        assert sub.wait_for(lambda s: any(json.loads(p).get("bundle_version") == 5
+                                          for p in s.payloads(f"{prefix}/state")), timeout=30)
+        running.stop()
+        on_v5 = [r for r in records(tmp_path) if r["bundle_id"] == v5]
+        assert len(on_v5) >= 10 and all(r["verdict"] != "FAULT" for r in on_v5)
+    finally:
+        sub.close()
+        broker.stop()

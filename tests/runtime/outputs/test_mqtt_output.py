@@ -1,0 +1,258 @@
+"""MqttOutput against a real Mosquitto broker started on a free port: records in order, retained state, last will,
+store-and-forward across a broker that hangs, is killed and restarts, a bounded outbox and the station schema."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.config import load_station
+from edge_runtime.output_bus import OutputBus
+from edge_runtime.outputs import MqttConfig, MqttOutput, build_output
+from edge_runtime.outputs.result_log import encode_record
+from edge_runtime.records import InspectionResult, Verdict
+from edge_runtime.schema import ConfigError
+
+REPO = Path(__file__).resolve().parents[3]
+_spec = importlib.util.spec_from_file_location("mosquitto_broker", REPO / "tests" / "fixtures" / "mosquitto_broker.py")
+mb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mb)
+
+PREFIX = "acme/plant1/line3/station7"
+RESULT, STATE = f"{PREFIX}/result", f"{PREFIX}/state"
+
+
+def make_result(frame_id: int, verdict: Verdict = Verdict.OK) -> InspectionResult:
+    return InspectionResult(frame_id=frame_id, source="cam0", verdict=verdict, score=1.5 + frame_id / 1000,
+                            normalized_score=0.3, threshold=2.0, timings_ms={"total": 12.5}, bundle_id="b1",
+                            captured_at=time.time())
+
+
+def make_output(tmp_path: Path, port: int, **kw) -> MqttOutput:
+    cfg = MqttConfig(host="127.0.0.1", port=port, topic_prefix=PREFIX, outbox=str(tmp_path / "outbox.sqlite"),
+                     reconnect_min_s=0.1, reconnect_max_s=0.5, state_interval_s=60.0, **kw)
+    cfg.validate()
+    return MqttOutput(cfg)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = mb.Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+def frame_ids(sub) -> list[int]:
+    return [r["frame_id"] for r in sub.records(RESULT)]
+
+
+def test_records_are_the_result_log_lines_in_order_and_state_is_retained(tmp_path, broker):
+    sub = mb.Subscriber(broker.port, [RESULT, STATE], persistent=False)
+    out = make_output(tmp_path, broker.port)
+    out.bind_state(lambda: {"bundle_id": "b1", "frames": 3})
+    out.start()
+    try:
+        out.set_ready(True)
+        out.set_fault(None)
+        results = [make_result(i, Verdict.OK if i % 3 else Verdict.NG) for i in range(30)]
+        for r in results:
+            out.publish(r)
+        assert sub.wait_for(lambda s: len(s.payloads(RESULT)) >= 30)
+        assert sub.payloads(RESULT) == [encode_record(r).rstrip(b"\n") for r in results]
+        assert sub.wait_for(lambda s: out.outbox is not None and len(out.outbox) == 0)
+        assert out.counters()["mqtt_published"] == 30
+        assert sub.wait_for(lambda s: any(json.loads(p).get("state") == "ready" for p in s.payloads(STATE)))
+    finally:
+        out.close()
+        sub.close()
+    # A late subscriber gets the retained state at once: the clean stop said offline.
+    late = mb.Subscriber(broker.port, [STATE], client_id="late", persistent=False)
+    try:
+        assert late.wait_for(lambda s: s.payloads(STATE))
+        topic, payload, _, retained = late.messages[0]
+        assert retained and json.loads(payload)["online"] is False
+    finally:
+        late.close()
+
+
+def test_last_will_marks_a_killed_station_offline(tmp_path, broker):
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from edge_runtime.outputs import MqttConfig, MqttOutput
+        out = MqttOutput(MqttConfig(host="127.0.0.1", port={broker.port}, topic_prefix={PREFIX!r},
+                                    outbox={str(tmp_path / 'child.sqlite')!r}))
+        out.start(); out.set_fault(None); out.set_ready(True)
+        print("started", flush=True)
+        time.sleep(120)
+    """)
+    sub = mb.Subscriber(broker.port, [STATE], persistent=False)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "started"
+        assert sub.wait_for(lambda s: any(json.loads(p).get("state") == "ready" for p in s.payloads(STATE)))
+        child.kill()   # no clean disconnect: only the broker can say the station is gone
+        child.wait(10)
+        assert sub.wait_for(lambda s: json.loads(s.payloads(STATE)[-1]) .get("state") == "offline")
+        assert json.loads(sub.payloads(STATE)[-1])["online"] is False
+    finally:
+        child.kill()
+        sub.close()
+
+
+def test_broker_hung_killed_and_restarted_mid_run_loses_nothing(tmp_path):
+    broker = mb.Broker(tmp_path / "broker").start()
+    sub = mb.Subscriber(broker.port, [RESULT], client_id="plant-historian", persistent=True)
+    broker.save()   # the historian's persistent session survives the crash below
+    out = make_output(tmp_path, broker.port)
+    out.start()
+    total = 600
+    produced = threading.Event()
+    max_queued = 0
+
+    def produce():
+        for i in range(total):
+            out.publish(make_result(i))
+            time.sleep(0.004)
+        produced.set()
+
+    producer = threading.Thread(target=produce)
+    try:
+        producer.start()
+        assert sub.wait_for(lambda s: len(s.payloads(RESULT)) >= 100)
+        broker.pause()      # hung: the station's records stay unacknowledged, then queue on disk
+        seen = len(sub.payloads(RESULT))
+        time.sleep(0.5)     # what the broker had sent before it hung has arrived now
+        assert len(sub.payloads(RESULT)) >= seen
+        broker.kill()       # crash
+        while not produced.is_set() and out.queued() < 150:
+            max_queued = max(max_queued, out.queued())
+            time.sleep(0.02)
+        max_queued = max(max_queued, out.queued())
+        broker.start()      # same port, same persistence file
+        producer.join(60)
+        assert sub.wait_for(lambda s: len(set(frame_ids(s))) >= total, timeout=60), \
+            f"got {len(set(frame_ids(sub)))} of {total}; broker log: {broker.log_tail()}"
+        kept, duplicates, out_of_order = mb.dedupe_in_order(frame_ids(sub))
+        assert kept == list(range(total))          # every record, in order
+        assert out_of_order == 0
+        assert duplicates <= out.cfg.max_inflight  # at most the unacknowledged window is sent twice
+        assert max_queued > 0                      # records did wait on disk while the broker was gone
+        assert out.counters()["mqtt_reconnects"] >= 1 and out.counters()["mqtt_outbox_dropped"] == 0
+        assert sub.wait_for(lambda s: out.queued() == 0)
+    finally:
+        out.close()
+        sub.close()
+        broker.stop()
+
+
+def test_full_outbox_drops_the_oldest_counts_it_and_delivers_the_rest_in_order(tmp_path):
+    port = mb.free_port()   # nothing listens yet: the broker is down
+    out = make_output(tmp_path, port, outbox_max_records=10)
+    out.start()
+    try:
+        for i in range(25):
+            out.publish(make_result(i))
+        assert out.wait_committed(10)
+        assert len(out.outbox) == 10 and out.queued() == 10
+        assert out.counters()["mqtt_outbox_dropped"] == 15
+        assert out.state_message()["outbox"]["dropped"] == 15
+        broker = mb.Broker(tmp_path / "broker", port=port).start()
+        try:
+            sub = mb.Subscriber(port, [RESULT], persistent=False)
+            # Records published before the subscriber came are not for it; wait for the outbox to drain instead.
+            assert sub.wait_for(lambda s: len(out.outbox) == 0, timeout=30)
+            sub.close()
+        finally:
+            broker.stop()
+        assert out.counters()["mqtt_published"] == 10
+    finally:
+        out.close()
+
+
+def test_outbox_survives_a_restart_of_the_station(tmp_path):
+    port = mb.free_port()
+    out = make_output(tmp_path, port, close_timeout_s=0.1)
+    out.start()
+    for i in range(40):
+        out.publish(make_result(i))
+    out.close()   # broker down all along: the 40 records stay on disk
+    broker = mb.Broker(tmp_path / "broker", port=port).start()
+    sub = mb.Subscriber(port, [RESULT], persistent=False)
+    again = make_output(tmp_path, port)
+    again.start()
+    try:
+        again.publish(make_result(40))
+        assert sub.wait_for(lambda s: len(frame_ids(s)) >= 41)
+        assert frame_ids(sub) == list(range(41))
+    finally:
+        again.close()
+        sub.close()
+        broker.stop()
+
+
+def test_a_hung_broker_never_blocks_the_output_bus(tmp_path, broker):
+    out = make_output(tmp_path, broker.port)
+    bus = OutputBus([out])
+    bus.start()
+    try:
+        assert mb.Subscriber(broker.port, [RESULT], persistent=False).wait_for(lambda s: out._connected)
+        broker.pause()
+        for i in range(200):
+            bus.publish(make_result(i))   # returns: the record goes to the worker, then to the disk outbox
+        deadline = time.monotonic() + 30
+        while bus.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert bus.pending() == 0 and bus.counters.dropped == 0 and bus.counters.errors == 0
+        assert out.wait_committed(10) and len(out.outbox) >= 200 - out.cfg.max_inflight
+    finally:
+        broker.stop()   # resumes (SIGCONT) and stops it
+        bus.close()
+
+
+def write_station(tmp_path: Path, outputs: str) -> Path:
+    path = tmp_path / "station.yaml"
+    path.write_text(textwrap.dedent("""
+        bundle: bundle
+        source: {type: folder, path: images}
+        outputs:
+    """) + textwrap.indent(textwrap.dedent(outputs), "  "))
+    return path
+
+
+def test_station_file_mqtt_section_resolves_paths_and_defaults(tmp_path):
+    cfg = load_station(write_station(tmp_path, """
+        - type: mqtt
+          host: broker.plant.local
+          topic_prefix: acme/plant1/line3/station7
+          username: station7
+          password_file: secrets/mqtt.pw
+          tls_ca: certs/ca.pem
+    """))
+    mqtt = cfg.outputs[0]
+    assert isinstance(mqtt, MqttConfig) and mqtt.qos == 1 and mqtt.port == 1883
+    assert mqtt.password_file == str(tmp_path / "secrets" / "mqtt.pw")
+    assert mqtt.tls_ca == str(tmp_path / "certs" / "ca.pem")
+    assert mqtt.outbox == str(Path(cfg.state_dir) / "mqtt-outbox.sqlite")
+    assert mqtt.effective_client_id == "edge-acme-plant1-line3-station7"
+    assert isinstance(build_output(mqtt), MqttOutput)
+
+
+@pytest.mark.parametrize("body, key, expected", [
+    ("host: b\ntopic_prefix: a/+/c", "outputs[0]", "must not contain '+'"),
+    ("host: b\ntopic_prefix: /a", "outputs[0].topic_prefix", "no leading or trailing"),
+    ("host: b\ntopic_prefix: a\nqos: 2", "outputs[0].qos", "expected one of 0, 1, got 2"),
+    ("host: b\ntopic_prefix: a\ntls_cert: c.pem", "outputs[0].tls_cert", "tls_cert and tls_key go together"),
+    ("topic_prefix: a", "outputs[0].host", "required key is missing"),
+])
+def test_station_file_mqtt_errors_name_the_key(tmp_path, body, key, expected):
+    with pytest.raises(ConfigError) as err:
+        load_station(write_station(tmp_path, "- type: mqtt\n" + textwrap.indent(body, "  ") + "\n"))
+    assert key in str(err.value) and expected in str(err.value)
