@@ -109,6 +109,25 @@ def _init(a: argparse.Namespace) -> int:
     return 0
 
 
+def _hash_password(a: argparse.Namespace) -> int:
+    import getpass
+
+    from edge_runtime.operator_page.auth import hash_password
+
+    password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+    if not password:
+        print("edge-runtime hash-password: empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
+def _adapt(a: argparse.Namespace) -> int:
+    from edge_runtime.adapt_cli import run_adapt
+
+    return run_adapt(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     from edge_runtime.station_init import DEVICE_INT8_TARGET, OUTPUT_KINDS
 
@@ -153,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--out", required=True, help="station file to write (required)")
     i.add_argument("--force", action="store_true", help="replace an existing --out (default: off, refuse)")
     i.set_defaults(func=_init)
+    from edge_runtime.adapt_cli import add_adapt_parser
+
+    add_adapt_parser(sub, _adapt)
+    hp = sub.add_parser("hash-password", help="print a scrypt hash for page.users[].password_hash (reads the "
+                                              "password from stdin, or asks for it on a terminal)")
+    hp.set_defaults(func=_hash_password)
     a = p.parse_args(argv)
     return a.func(a)
 

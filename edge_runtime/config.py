@@ -13,6 +13,7 @@ import yaml
 
 from edge_runtime.decode import DecodeConfig
 from edge_runtime.http_endpoint import HttpConfig
+from edge_runtime.operator_page.config import PageConfig
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
 from edge_runtime.safe_yaml import YamlRefused, load_strict
 from edge_runtime.schema import ConfigError, from_mapping
@@ -102,6 +103,7 @@ class StationConfig:
     trigger: TriggerConfig = field(default_factory=FreeRunTriggerConfig)
     outputs: list[OutputConfig] = field(default_factory=lambda: [ResultLogConfig(path="results.jsonl")])
     http: HttpConfig = field(default_factory=HttpConfig)
+    page: PageConfig = field(default_factory=PageConfig)   # the operator's page (edge_runtime/operator_page)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -165,6 +167,8 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
     cfg.state_dir = absolute("state_dir", cfg.state_dir)
     if cfg.security.bundle_public_key:
         cfg.security.bundle_public_key = absolute("security.bundle_public_key", cfg.security.bundle_public_key)
+    if cfg.page.station_signing_key:
+        cfg.page.station_signing_key = absolute("page.station_signing_key", cfg.page.station_signing_key)
     return cfg
 
 

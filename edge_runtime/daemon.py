@@ -27,6 +27,7 @@ from edge_runtime import systemd_notify
 from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.config import StationConfig
 from edge_runtime.bundle_policy import check_admission, record_loaded
+from edge_runtime.bundle_versions import load_station_bundle
 from edge_runtime.features import FeatureError, make_session
 from edge_runtime.frame_counter import FRAME_COUNTER_FILE, FrameCounter, FrameCounterError
 from edge_runtime.http_endpoint import HttpEndpoint, StationStatus
@@ -72,7 +73,7 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
         key = load_public_key(cfg.security.bundle_public_key)
     except (OSError, ValueError, ImportError) as exc:
         raise BundleError(f"security.bundle_public_key {cfg.security.bundle_public_key}: cannot read key ({exc})") from None
-    bundle = Bundle.load(cfg.bundle, public_key=key)
+    bundle = load_station_bundle(cfg, key)  # the active device-made version (page / adapt), else cfg.bundle
     sec = cfg.security
     if current is None and not sec.allow_downgrade and not cfg.state_dir:
         log.warning("security.allow_downgrade is false but no state_dir is set: an older bundle_version is refused "
@@ -152,6 +153,9 @@ class Station:
                  trigger: Trigger | None = None):
         self.cfg = cfg
         self.outputs = outputs if outputs is not None else [build_output(o) for o in cfg.outputs]
+        from edge_runtime.operator_page.server import maybe_page
+
+        self.page = maybe_page(self)  # its sink joins self.outputs: the page reads the same result stream
         deadline = cfg.inference.deadline_ms
         self.bus = OutputBus(self.outputs, late_after_s=deadline / 1000.0 if deadline else 0.5)
         self.trigger = trigger if trigger is not None else build_trigger(cfg.trigger)
@@ -464,6 +468,12 @@ class Station:
             except OSError as exc:
                 log.error("http endpoint %s:%d not started: %s", self.cfg.http.host, self.cfg.http.port, exc)
                 self._http = None
+        if self.page is not None:
+            try:
+                self.page.start()
+                log.info("operator page on http://%s:%d/", self.cfg.page.host, self.page.port)
+            except Exception as exc:  # noqa: BLE001 - the line keeps inspecting without its page
+                log.error("operator page not started: %s", exc)
         try:
             self._open_frame_counter()
             t0 = time.monotonic()
@@ -616,6 +626,8 @@ class Station:
         if self._http is not None:
             self._http.stop()
             self._http = None
+        if self.page is not None:
+            self.page.stop()
         self.frame_ids.close()
         self._log_stats()
         log.info("stopped after %d frames (%s)", self.counters.frames, self.verdicts)
