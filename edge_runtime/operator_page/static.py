@@ -3,11 +3,12 @@
 CSS = """
 body{font-family:system-ui,sans-serif;margin:0;background:#111;color:#eee}
 nav{padding:8px 12px;background:#222}nav a{color:#9cf;margin-right:14px}.who{float:right}
-main{padding:12px}.live{display:flex;gap:16px;flex-wrap:wrap}.view img{max-width:640px;width:100%;border:1px solid #444}
-.verdict{font-size:96px;font-weight:800;text-align:center;border-radius:8px;padding:8px 24px;min-width:300px}
+main{padding:12px}a{color:#9cf}.live{display:flex;gap:16px}.view{flex:0 0 600px}.side{flex:1 1 400px;min-width:0}
+.view img{width:100%;border:1px solid #444}.status{table-layout:fixed;width:100%}.status td{word-break:break-all}
+.verdict{font-size:96px;font-weight:800;text-align:center;border-radius:8px;padding:8px 24px}
 .v-OK{background:#1b5e20}.v-NG{background:#b71c1c}.v-REVIEW{background:#e65100}.v-FAULT{background:#4a148c}.v--{background:#333}
 .verdict-s{padding:2px 10px;border-radius:4px}.score{font-size:22px;margin:8px 0}
-canvas{background:#1a1a1a;border:1px solid #333;display:block;margin:6px 0}
+canvas{background:#1a1a1a;border:1px solid #333;display:block;margin:6px 0;max-width:100%}
 .status td{padding:2px 8px;border-bottom:1px solid #333;font-size:14px}
 .grid{display:flex;flex-wrap:wrap;gap:8px}.card{display:flex;flex-direction:column;color:#eee;text-decoration:none;
 padding:4px;border-radius:4px;font-size:13px}.card img{width:160px}
