@@ -14,9 +14,9 @@ def add_adapt_parser(sub, func) -> None:
                                    "rises; a defect that would fall under it lowers it. BUNDLE is left unchanged.")
     d.add_argument("bundle", help="the bundle to start from (left unchanged: roll back by loading it again)")
     d.add_argument("--good", nargs="+", default=[], metavar="IMAGE",
-                   help="good parts to learn, e.g. false rejects (default: none)")
+                   help="good parts to learn, e.g. false rejects (default: [], none)")
     d.add_argument("--defect", nargs="+", default=[], metavar="IMAGE",
-                   help="defective parts to store as calibration defects; they must stay NG (default: none)")
+                   help="defective parts to store as calibration defects; they must stay NG (default: [], none)")
     d.add_argument("--out", required=True, help="folder of the new bundle version (required; must not exist or be empty)")
     d.add_argument("--who", default=None, help="name recorded in the audit log (default: None, the login user)")
     d.add_argument("--audit-log", default=None,
