@@ -49,6 +49,22 @@ def poll_client(port: int, stop: threading.Event) -> None:
     side.close()
 
 
+def page_thread_cpu_ms() -> float:
+    """CPU time (user + system) used so far by the page's threads: uvicorn's and its output-bus worker's."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for t in threading.enumerate():
+        if t.name in ("operator-page", "output:operator_page") and t.native_id:
+            try:
+                fields = open(f"/proc/self/task/{t.native_id}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) * 1000.0 / tick
+    return total
+
+
 def run_once(bundle: Path, images: Path, mode: str, frames: int, threads: int, work: Path) -> list[float]:
     from edge_runtime.config import load_station
     from edge_runtime.daemon import Station
@@ -88,8 +104,12 @@ def run_once(bundle: Path, images: Path, mode: str, frames: int, threads: int, w
         viewer = subprocess.Popen([sys.executable, __file__, "--viewer", str(station.page.port)])
     start_frames = station.counters.frames
     warmup = 10
+    while station.counters.frames < start_frames + warmup:
+        time.sleep(0.05)
+    cpu0, n0 = page_thread_cpu_ms(), station.counters.frames
     while station.counters.frames < start_frames + warmup + frames:
         time.sleep(0.05)
+    cpu_per_part = (page_thread_cpu_ms() - cpu0) / max(1, station.counters.frames - n0)
     station.request_stop()
     runner.join(60)
     viewer_stop.set()
@@ -103,7 +123,7 @@ def run_once(bundle: Path, images: Path, mode: str, frames: int, threads: int, w
     records = [json.loads(x) for x in (folder / "results.jsonl").read_text().splitlines()]
     totals = [r["latency_ms"]["total"] for r in records if r["verdict"] != "FAULT"][warmup:warmup + frames]
     shutil.rmtree(folder, ignore_errors=True)
-    return totals
+    return totals, cpu_per_part
 
 
 def main(argv=None) -> int:
@@ -124,25 +144,31 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     results: dict[str, list[float]] = {m: [] for m in a.modes}
     per_round: dict[str, list[float]] = {m: [] for m in a.modes}
+    page_cpu: dict[str, list[float]] = {m: [] for m in a.modes}
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(a.rounds):
             for mode in a.modes:
-                totals = run_once(a.bundle, a.images, mode, a.frames, a.threads, Path(tmp))
+                totals, cpu = run_once(a.bundle, a.images, mode, a.frames, a.threads, Path(tmp))
                 results[mode] += totals
                 per_round[mode].append(statistics.median(totals))
-                print(f"round {rnd + 1} {mode:<14} p50 {statistics.median(totals):7.2f} ms over {len(totals)} frames",
-                      flush=True)
+                page_cpu[mode].append(cpu)
+                print(f"round {rnd + 1} {mode:<14} p50 {statistics.median(totals):7.2f} ms over {len(totals)} frames; "
+                      f"page threads {cpu:.2f} ms CPU per part", flush=True)
     base = statistics.median(results[a.modes[0]])
     table = {}
-    print(f"\n{'mode':<16}{'p50 ms':>9}{'p95 ms':>9}{'vs off':>9}  per-round p50")
+    print(f"\n{'mode':<16}{'p50 ms':>9}{'p95 ms':>9}{'vs off':>9}{'page CPU':>10}  per-round p50")
     for m, v in results.items():
         p50, p95 = statistics.median(v), statistics.quantiles(v, n=20)[18]
         table[m] = {"p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "frames": len(v),
-                    "p50_vs_page_off": round(p50 / base - 1, 4), "per_round_p50_ms": [round(x, 2) for x in per_round[m]]}
-        print(f"{m:<16}{p50:9.2f}{p95:9.2f}{100 * (p50 / base - 1):8.1f}%  {', '.join(f'{x:.1f}' for x in per_round[m])}")
+                    "p50_vs_page_off": round(p50 / base - 1, 4), "per_round_p50_ms": [round(x, 2) for x in per_round[m]],
+                    "page_threads_cpu_ms_per_part": round(statistics.median(page_cpu[m]), 2)}
+        print(f"{m:<16}{p50:9.2f}{p95:9.2f}{100 * (p50 / base - 1):8.1f}%{statistics.median(page_cpu[m]):8.2f}ms  "
+              f"{', '.join(f'{x:.1f}' for x in per_round[m])}")
     doc = {"bundle": str(a.bundle), "images": str(a.images), "frames_per_run": a.frames, "rounds": a.rounds,
            "threads": a.threads, "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
-           "note": "per-part total latency (decode -> decision) from the result log; modes interleaved per round",
+           "note": "per-part total latency (decode -> decision) from the result log; modes interleaved per round; "
+                   "page CPU: user+system time of the page's threads (uvicorn, output-bus worker) per part",
+           "loadavg_at_end": open("/proc/loadavg").read().split()[:3],
            "modes": table}
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(doc, indent=2) + "\n")

@@ -49,6 +49,9 @@ def status_document(status: StationStatus, history: PartHistory) -> dict:
             "latency_ms": {k: {"p50": round(v["p50"], 2), "p95": round(v["p95"], 2)} for k, v in lat.items()
                            if isinstance(v, dict) and "p50" in v},
             "health": {"last_heartbeat_age_s": status.last_heartbeat_age_s, "faults": status.faults,
+                       "last_fault": history.last_fault,
+                       # A bundle in service has passed its golden self-test: the daemon loads none that fails it.
+                       "self_test": "passed at load" if status.bundle_id else "no bundle in service",
                        "outputs": outputs, "counters": status.counters}}
 
 

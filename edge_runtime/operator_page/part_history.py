@@ -56,6 +56,7 @@ class PartHistory(Output):
         self.seq = 0
         self.shift_started = time.time()
         self.shift_counts: dict[str, int] = {"OK": 0, "NG": 0, "REVIEW": 0, "FAULT": 0}
+        self.last_fault: dict | None = None
 
     def publish(self, result: InspectionResult) -> None:
         record = result.to_record()
@@ -79,6 +80,8 @@ class PartHistory(Output):
                 if i >= self.keep_frames:
                     p.frame = None
             self.shift_counts[record["verdict"]] = self.shift_counts.get(record["verdict"], 0) + 1
+            if record["verdict"] == "FAULT":
+                self.last_fault = {"time": record["time"], "frame_id": record["frame_id"], "error": record["error"]}
             self.seq += 1
 
     def new_shift(self) -> None:

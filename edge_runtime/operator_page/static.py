@@ -67,10 +67,11 @@ function showStatus(st){
   const t = document.getElementById('status'); if(!t || !st) return;
   const sh = st.shift, y = sh.yield===null ? '-' : (100*sh.yield).toFixed(1)+' %';
   const lat = Object.entries(st.latency_ms).map(([k,v])=>k+' '+v.p50.toFixed(1)).join(', ');
-  const rows = [['state', st.state + (st.reason? ' ('+st.reason+')':'')], ['bundle', st.bundle_id],
+  const lf = st.health.last_fault;
+  const rows = [['state', st.state + (st.reason? ' ('+st.reason+')':'')], ['bundle', st.bundle_id + ' (self-test ' + st.health.self_test + ')'],
     ['shift', Object.entries(sh.counts).map(([k,v])=>k+' '+v).join(', ')], ['yield', y],
     ['rate', st.rate_per_min+' parts/min'], ['latency p50 ms', lat],
-    ['faults', st.health.faults], ['outputs', JSON.stringify(st.health.outputs)]];
+    ['faults', st.health.faults + (lf ? '; last: part '+lf.frame_id+': '+lf.error : '')], ['outputs', JSON.stringify(st.health.outputs)]];
   t.innerHTML = rows.map(r=>'<tr><td>'+esc(r[0])+'</td><td>'+esc(r[1])+'</td></tr>').join('');
 }
 function showLatest(p){

@@ -112,6 +112,13 @@ def test_unauthenticated_cross_site_and_role_checks(page_station):
     assert part["verdict"] == "NG"
     assert c.request("GET", "/")[0] == 200 and c.request("GET", "/history?verdict=NG")[0] == 200
     assert c.request("GET", f"/img/{part['frame_id']}/overlay.jpg")[0] == 200
+    broken = Path(folder).parent / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    faulted = feed(folder, broken, "broken.png", c)
+    assert faulted["verdict"] == "FAULT"
+    health = c.get_json("/api/status")["health"]
+    assert health["last_fault"]["frame_id"] == faulted["frame_id"] and "broken.png" in health["last_fault"]["error"]
+    assert [p["frame_id"] for p in c.get_json("/api/parts?verdict=FAULT")] == [faulted["frame_id"]]
 
     status, body = c.post("/api/feedback/good/preview", {"frame_id": part["frame_id"]})
     assert status == 401, body                                           # no session: refused
