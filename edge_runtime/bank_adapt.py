@@ -400,7 +400,6 @@ def verify_lineage(bundle: Bundle, workstation_key: bytes, station_key: bytes) -
     ancestor's, the bank no smaller and no threshold higher. So a station key can teach the bank good parts and
     tighten thresholds, never swap a model or loosen the station.
     """
-    from edge_runtime.bundle import verify_manifest_signature
     from edge_runtime.safe_yaml import load_strict
 
     bundle.verify_signature(station_key)
@@ -421,7 +420,6 @@ def verify_lineage(bundle: Bundle, workstation_key: bytes, station_key: bytes) -
     except (InvalidSignature, ValueError):
         raise BundleError(f"{bundle.path(rel + '.sig')}: the ancestor's signature does not verify against the "
                           "workstation key") from None
-    _ = verify_manifest_signature  # same primitive as Bundle.load; kept imported for readers following the chain
     parent = load_strict(raw, rel + ".yaml")
     files, pfiles = bundle.manifest["files"], parent.get("files", {})
     for name, v in bundle.manifest["variants"].items():

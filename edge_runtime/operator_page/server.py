@@ -9,7 +9,6 @@ import asyncio
 import logging
 import threading
 import time
-from pathlib import Path
 
 from edge_runtime.bundle import Bundle
 from edge_runtime.bundle_versions import VersionStore
