@@ -57,6 +57,7 @@ def build_station_objects(cfg) -> list[str]:
         ("source", lambda: build_source(cfg.source, 0)),
         ("http", lambda: HttpEndpoint(cfg.http, lambda: None) if cfg.http.enabled else None),
         ("security.bundle_public_key", lambda: load_public_key(cfg.security.bundle_public_key)),
+        ("page", lambda: _page_ready(cfg)),
     ]
     built = []
     for key, build in steps:
@@ -68,6 +69,23 @@ def build_station_objects(cfg) -> list[str]:
             raise ConfigError(f"{key}: {type(exc).__name__}: {exc}") from None
         built.append(key)
     return built
+
+
+def _page_ready(cfg) -> None:
+    """With page.enabled, the optional extra must be installed and the station key readable (as run needs)."""
+    if not cfg.page.enabled:
+        return
+    import importlib
+
+    for module in ("starlette", "uvicorn"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise ImportError(f"page.enabled needs {module}: pip install 'patchcore-edge[page]'") from None
+    if cfg.page.station_signing_key:
+        from edge_runtime.bundle_versions import station_public_key
+
+        station_public_key(cfg.page.station_signing_key)
 
 
 def _validate(a: argparse.Namespace) -> int:
