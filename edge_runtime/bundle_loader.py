@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from edge_runtime.bundle import Bundle, BundleError
+from edge_runtime.bundle_versions import load_station_bundle
 from edge_runtime.bundle_policy import check_admission, record_loaded
 from edge_runtime.config import StationConfig
 from edge_runtime.features import FeatureError, make_session
@@ -43,7 +44,7 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
         key = load_public_key(cfg.security.bundle_public_key)
     except (OSError, ValueError, ImportError) as exc:
         raise BundleError(f"security.bundle_public_key {cfg.security.bundle_public_key}: cannot read key ({exc})") from None
-    bundle = Bundle.load(cfg.bundle, public_key=key)
+    bundle = load_station_bundle(cfg, key)  # the active device-made version (page / adapt), else cfg.bundle
     sec = cfg.security
     if current is None and not sec.allow_downgrade and not cfg.state_dir:
         log.warning("security.allow_downgrade is false but no state_dir is set: an older bundle_version is refused "

@@ -58,6 +58,7 @@ def build_station_objects(cfg) -> list[str]:
         ("source", lambda: [build_source(c.source, 0) for _, c in line_station_configs(cfg)]),
         ("http", lambda: HttpEndpoint(cfg.http, lambda: None) if cfg.http.enabled else None),
         ("security.bundle_public_key", lambda: load_public_key(cfg.security.bundle_public_key)),
+        ("page", lambda: _page_ready(cfg)),
     ]
     built = []
     for key, build in steps:
@@ -69,6 +70,23 @@ def build_station_objects(cfg) -> list[str]:
             raise ConfigError(f"{key}: {type(exc).__name__}: {exc}") from None
         built.append(key)
     return built
+
+
+def _page_ready(cfg) -> None:
+    """With page.enabled, the optional extra must be installed and the station key readable (as run needs)."""
+    if not cfg.page.enabled:
+        return
+    import importlib
+
+    for module in ("starlette", "uvicorn"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise ImportError(f"page.enabled needs {module}: pip install 'patchcore-edge[page]'") from None
+    if cfg.page.station_signing_key:
+        from edge_runtime.bundle_versions import station_public_key
+
+        station_public_key(cfg.page.station_signing_key)
 
 
 def _validate(a: argparse.Namespace) -> int:
@@ -108,6 +126,25 @@ def _init(a: argparse.Namespace) -> int:
         print(f"warning: {w}", file=sys.stderr)
     print(f"wrote {a.out} (valid; check again after editing with: edge-runtime validate {a.out})")
     return 0
+
+
+def _hash_password(a: argparse.Namespace) -> int:
+    import getpass
+
+    from edge_runtime.operator_page.auth import hash_password
+
+    password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+    if not password:
+        print("edge-runtime hash-password: empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
+def _adapt(a: argparse.Namespace) -> int:
+    from edge_runtime.adapt_cli import run_adapt
+
+    return run_adapt(a)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--out", required=True, help="station file to write (required)")
     i.add_argument("--force", action="store_true", help="replace an existing --out (default: off, refuse)")
     i.set_defaults(func=_init)
+    from edge_runtime.adapt_cli import add_adapt_parser
+
+    add_adapt_parser(sub, _adapt)
+    hp = sub.add_parser("hash-password", help="print a scrypt hash for page.users[].password_hash (reads the "
+                                              "password from stdin, or asks for it on a terminal)")
+    hp.set_defaults(func=_hash_password)
     a = p.parse_args(argv)
     return a.func(a)
 

@@ -14,6 +14,7 @@ import yaml
 from edge_runtime.decode import DecodeConfig
 from edge_runtime.http_endpoint import HttpConfig
 from edge_runtime.lines_config import LineConfig, resolve_line_paths, validate_lines
+from edge_runtime.operator_page.config import PageConfig
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
 from edge_runtime.rollout import RolloutConfig
 from edge_runtime.safe_yaml import YamlRefused, load_strict
@@ -108,6 +109,7 @@ class StationConfig:
     capture: CaptureConfig = field(default_factory=CaptureConfig)  # capture thread (edge_runtime/capture_queue.py)
     outputs: list[OutputConfig] = field(default_factory=lambda: [ResultLogConfig(path="results.jsonl")])
     http: HttpConfig = field(default_factory=HttpConfig)
+    page: PageConfig = field(default_factory=PageConfig)   # the operator's page (edge_runtime/operator_page)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -193,6 +195,8 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
         if hook is not None:
             hook(absolute, f"outputs[{i}]", cfg.state_dir)
     cfg.rollout.resolve_paths(absolute, "rollout", cfg.state_dir)
+    if cfg.page.station_signing_key:
+        cfg.page.station_signing_key = absolute("page.station_signing_key", cfg.page.station_signing_key)
     return cfg
 
 

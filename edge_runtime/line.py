@@ -86,6 +86,9 @@ class Line:
                                           install=self.install_pipeline, current=lambda: self.pipeline,
                                           set_bundle_path=lambda path: setattr(self.cfg, "bundle", path))
             self.outputs = [*self.outputs, self.rollout]
+        from edge_runtime.operator_page.server import maybe_page
+
+        self.page = maybe_page(self)  # its sink joins self.outputs: the page reads the same result stream
         deadline = cfg.inference.deadline_ms
         self.bus = OutputBus(self.outputs, late_after_s=deadline / 1000.0 if deadline else 0.5)
         self.trigger = trigger if trigger is not None else build_trigger(cfg.trigger)
@@ -401,6 +404,12 @@ class Line:
     def start_outputs(self) -> None:
         """Every output started in its safe state (not READY, no OK); called once, before `start()`."""
         self.bus.start()
+        if self.page is not None:
+            try:
+                self.page.start()
+                log.info(self._tag("operator page on http://%s:%d/"), self.cfg.page.host, self.page.port)
+            except Exception as exc:  # noqa: BLE001 - the line keeps inspecting without its page
+                log.error(self._tag("operator page not started: %s"), exc)
 
     def start(self) -> None:
         """Frame counter opened, bundle loaded and self-tested. A bad bundle leaves the line alive in an explained
@@ -575,6 +584,8 @@ class Line:
         self._ready = False
         self.bus.set_ready(False)
         self._close_source()
+        if self.page is not None:
+            self.page.stop()
         self.bus.close()  # every output returns to its safe state and flushes
         self.frame_ids.close()
         self._log_stats()

@@ -79,7 +79,7 @@ def test_every_option_has_help_that_states_its_default(command, monkeypatch):
 def test_every_subcommand_is_walked(monkeypatch):
     parser = _capture_parser(runtime_cli.main, monkeypatch)
     subs = {where.split()[1] for where, _ in _walk(parser, "edge-runtime") if len(where.split()) > 1}
-    assert subs == {"run", "check", "validate", "cameras", "init"}
+    assert subs == {"run", "check", "validate", "cameras", "init", "adapt"}
     parser = _capture_parser(export_cli.main, monkeypatch)
     subs = {where.split()[1] for where, _ in _walk(parser, "edge-export") if len(where.split()) > 1}
     assert subs == {"fit", "recalibrate", "evaluate", "verify", "keygen", "sign", "demo"}

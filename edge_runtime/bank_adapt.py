@@ -1,0 +1,460 @@
+"""Learning from the line on the device, without torch: good parts' patch features join the memory bank of a new
+bundle version; defects found downstream are stored with it and can only tighten the threshold.
+
+`prepare()` computes everything in memory (new bank vectors per variant, every given and stored image scored
+before and after, the new thresholds), so a person can see the effect before `Adaptation.write()` makes it a
+bundle: same manifest format, sha256 checksums, HNSW index and exact bank both extended (the runtime's exact
+bank is the index's own vectors), golden scores re-recorded, parent chain in `lineage`.
+
+Why the threshold cannot silently loosen: adding bank vectors only lowers every distance, so every score can
+only fall. The threshold itself is never raised; the cross-fitted good scores in the manifest stay valid upper
+bounds of the good parts' scores (the expected false-reject rate stays a conservative estimate). What can get
+worse is the defects' margin, so every stored and given defect is re-scored: if one would fall below the
+threshold, the threshold is lowered to keep it NG with the bundle's defect margin (fit's `defect_margin`), and
+the new expected false-reject rate on the cross-fitted good scores is reported. A learned image that would
+then still not be OK is a conflict (good and bad look alike): `write()` refuses it.
+
+Signatures (see `sign_version` and `verify_lineage`): a device cannot sign with the workstation's key. A version
+made from a signed parent must be signed with a station-local ed25519 key and carries the parent's manifest
+and signature in `lineage/`, so a station trusting both keys can check that it descends from a workstation-
+signed bundle with the same models, a bank that only grew and a threshold that never rose.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import getpass
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, sha256_file, write_manifest
+from edge_runtime.decode import decode_image
+from edge_runtime.nn_search import ExactSearch
+from edge_runtime.pipeline import Pipeline
+from edge_runtime.preprocess import preprocess
+from edge_runtime import scoring
+from edge_runtime.self_test import golden_check, golden_image
+
+# Manifest key of what was learned / stored on the device, and the folders for the images inside the bundle.
+FEEDBACK_KEY = "feedback"
+LEARNED_DIR = "feedback/learned"
+DEFECTS_DIR = "feedback/defects"
+LINEAGE_DIR = "lineage"
+DEFAULT_DEFECT_MARGIN = 0.05
+AUDIT_FILE = "bundle_audit.jsonl"
+
+
+class AdaptError(RuntimeError):
+    """The adaptation cannot be made or written; the message names the image or the bundle."""
+
+
+@dataclass
+class ImageScores:
+    """One image scored by a variant before and after the change."""
+
+    name: str
+    kind: str                  # "learn" (a good part to learn), "defect" (given now) or "stored-defect"
+    before: float
+    after: float
+    verdict_before: str
+    verdict_after: str
+
+
+@dataclass
+class VariantChange:
+    variant: str
+    bank_before: int
+    bank_after: int
+    threshold_before: float
+    threshold_after: float
+    review_before: float | None
+    review_after: float | None
+    coverage_radius: float      # learned patches are added until every patch of a learned image is this close
+    expected_false_reject: dict  # empirical rate on the cross-fitted good scores at the new threshold
+    images: list[ImageScores] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    new_vectors: np.ndarray | None = field(default=None, repr=False)
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d.pop("new_vectors")
+        return d
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _safe_name(name: str, digest: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).name)[-60:].lstrip(".-") or "image"
+    if not re.search(r"\.(png|jpe?g|bmp|tiff?)$", stem, re.I):
+        stem += ".png"
+    return f"{digest[:12]}_{stem}"
+
+
+@dataclass
+class InputImage:
+    """An image given to learn or to store as a defect: its name, encoded bytes and decoded RGB."""
+
+    name: str
+    data: bytes
+    rgb: np.ndarray
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "InputImage":
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise AdaptError(f"{path}: cannot read the image ({exc.strerror or exc})") from None
+        return cls.from_bytes(str(path), data)
+
+    @classmethod
+    def from_bytes(cls, name: str, data: bytes) -> "InputImage":
+        from edge_runtime.decode import ImageError
+
+        try:
+            return cls(name, data, decode_image(data, name))
+        except ImageError as exc:
+            raise AdaptError(str(exc)) from None
+
+    @classmethod
+    def from_rgb(cls, name: str, rgb: np.ndarray) -> "InputImage":
+        """A frame the station inspected (its decoded region), stored losslessly as PNG."""
+        import cv2
+
+        bgr = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
+        ok, png = cv2.imencode(".png", bgr)
+        if not ok:
+            raise AdaptError(f"{name}: cannot encode the frame as PNG")
+        return cls(name if name.lower().endswith(".png") else name + ".png", png.tobytes(), rgb)
+
+
+def stored_defects(bundle: Bundle) -> list[dict]:
+    """The calibration defects stored in the bundle by earlier device-made versions ({file, sha256, ...})."""
+    return list(bundle.manifest.get(FEEDBACK_KEY, {}).get("defects", []))
+
+
+def _greedy_cover(bank: ExactSearch, feats: np.ndarray, radius: float) -> np.ndarray:
+    """Indices of the rows of `feats` to add so every row lies within `radius` of the bank (greedy k-centre).
+
+    The same rule the exporter's coreset follows: always add the patch farthest from everything kept, so a few
+    vectors cover a whole image and the bank grows only where the new parts differ from what it knows.
+    """
+    dist = bank.distances(feats).astype(np.float64)
+    chosen: list[int] = []
+    f64 = feats.astype(np.float64)
+    while dist.size and dist.max() > radius:
+        i = int(np.argmax(dist))
+        chosen.append(i)
+        d_new = np.sqrt(np.maximum(((f64 - f64[i]) ** 2).sum(axis=1), 0.0))
+        np.minimum(dist, d_new, out=dist)
+    return np.asarray(chosen, dtype=np.int64)
+
+
+class Adaptation:
+    """A prepared change of one bundle: call `write(out)` to make it a bundle version."""
+
+    def __init__(self, parent: Bundle, learn: list[InputImage], defects: list[InputImage],
+                 changes: dict[str, VariantChange], seconds: float):
+        self.parent = parent
+        self.learn = learn
+        self.defects = defects
+        self.changes = changes
+        self.seconds = seconds
+
+    @property
+    def conflicts(self) -> list[str]:
+        return [c for ch in self.changes.values() for c in ch.conflicts]
+
+    def summary(self) -> dict:
+        return {"parent": {"bundle_id": self.parent.bundle_id, "bundle_version": self.parent.bundle_version},
+                "learn": [i.name for i in self.learn], "defects": [i.name for i in self.defects],
+                "seconds": round(self.seconds, 3),
+                "variants": {k: v.summary() for k, v in self.changes.items()}, "conflicts": self.conflicts}
+
+    def write(self, out: str | Path, *, who: str | None = None, signing_key: str | Path | None = None,
+              audit_log: str | Path | None = None, action: str = "adapt", overwrite: bool = False) -> Bundle:
+        """Write the new version to `out` and return it, loaded and self-tested. The parent is never modified.
+
+        Raises AdaptError for a conflict, an existing `out`, a signed parent without `signing_key`, or a new
+        version that does not load or reproduce its golden scores.
+        """
+        if self.conflicts:
+            raise AdaptError("not written: " + "; ".join(self.conflicts))
+        parent, src = self.parent, self.parent.root
+        out = Path(out)
+        signed_parent = (src / SIGNATURE).is_file()
+        if signed_parent and signing_key is None:
+            raise AdaptError(f"{src / SIGNATURE}: the parent bundle is signed; a device-made version must be signed "
+                             "with a station key (--signing-key) so a station that requires signatures can verify it")
+        if out.resolve() == src.resolve():
+            raise AdaptError("--out must differ from the bundle: the parent version is kept for rollback")
+        if out.exists():
+            if not overwrite and any(out.iterdir()):
+                raise AdaptError(f"{out}: exists and is not empty")
+            shutil.rmtree(out)
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Copy only what the parent's manifest pins: an unlisted file in the parent folder never enters a version.
+        for rel in parent.manifest["files"]:
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(parent.read_verified(rel))
+        m = copy.deepcopy(parent.manifest)
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        who = who or _user()
+        fb = m.setdefault(FEEDBACK_KEY, {"learned": [], "defects": []})
+        fb.setdefault("learned", [])
+        fb.setdefault("defects", [])
+        for kind, images, folder in (("learned", self.learn, LEARNED_DIR), ("defects", self.defects, DEFECTS_DIR)):
+            for img in images:
+                digest = _digest(img.data)
+                rel = f"{folder}/{_safe_name(img.name, digest)}"
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(img.data)
+                fb[kind].append({"file": rel, "sha256": digest, "source": img.name[-200:], "added": now, "by": who})
+        for name, ch in self.changes.items():
+            v = m["variants"][name]
+            index_rel = v["index"]
+            _write_extended_index(parent, name, ch.new_vectors, tmp / index_rel)
+            v["bank_size"] = ch.bank_after
+            v["threshold"] = ch.threshold_after
+            v["review_threshold"] = ch.review_after
+            v.setdefault("threshold_info", {})["device_adaptations"] = (
+                v.get("threshold_info", {}).get("device_adaptations", []) + [{
+                    "at": now, "learned": len(self.learn), "defects": len(self.defects),
+                    "bank_before": ch.bank_before, "bank_after": ch.bank_after,
+                    "threshold_before": ch.threshold_before, "threshold_after": ch.threshold_after,
+                    "coverage_radius": ch.coverage_radius, "expected_false_reject": ch.expected_false_reject}])
+        # The nearest workstation-signed ancestor's manifest and signature travel with every descendant (they
+        # are files of a device-made parent already), so verify_lineage can always reach it.
+        workstation_signed = signed_parent and "made_on_device" not in parent.manifest
+        if workstation_signed:
+            (tmp / LINEAGE_DIR).mkdir(exist_ok=True)
+            (tmp / LINEAGE_DIR / f"{parent.bundle_id}.manifest.yaml").write_bytes((src / MANIFEST).read_bytes())
+            (tmp / LINEAGE_DIR / f"{parent.bundle_id}.manifest.sig").write_bytes((src / SIGNATURE).read_bytes())
+        m["lineage"] = list(m.get("lineage", [])) + [{
+            "bundle_id": parent.bundle_id, "bundle_version": parent.bundle_version,
+            "manifest_sha256": sha256_file(src / MANIFEST), "signed": signed_parent,
+            "workstation_signed": workstation_signed}]
+        m["made_on_device"] = {"action": action, "at": now, "by": who, "parent": parent.bundle_id}
+        m["created"] = now
+        m["bundle_id"] = None
+        if isinstance(m.get("bundle_version"), int):
+            m["bundle_version"] = max(m["bundle_version"] + 1, int(time.time()))
+        m.pop("files", None)
+        # Golden scores move with the bank (they can only fall): record them from the new index, then checksum.
+        write_manifest(tmp, m)
+        draft = Bundle.load(tmp)
+        for name in m["variants"]:
+            pipe = Pipeline(draft, precision=name, knn="hnsw", threads=2)
+            for g in m["variants"][name].get("golden", []):
+                g["score"] = pipe.score_rgb(golden_image(draft, g["file"]), g["file"]).score
+        m["bundle_id"] = None
+        m.pop("files", None)
+        write_manifest(tmp, m)
+        if signing_key is not None:
+            sign_version(tmp, signing_key)
+        os.replace(tmp, out)
+        bundle = Bundle.load(out)
+        for name in bundle.manifest["variants"]:
+            failures = golden_check(bundle, Pipeline(bundle, precision=name, knn="hnsw", threads=2))
+            if failures:
+                raise AdaptError(f"{out}: the new version fails its self-test: {'; '.join(failures)}")
+        bundle.release()
+        if audit_log is not None:
+            append_audit(audit_log, {
+                "time": now, "who": who, "action": action,
+                "before": {"bundle_id": parent.bundle_id, "bundle_version": parent.bundle_version, "path": str(src)},
+                "after": {"bundle_id": bundle.bundle_id, "bundle_version": bundle.bundle_version, "path": str(out)},
+                "learned": [i.name for i in self.learn], "defects": [i.name for i in self.defects],
+                "thresholds": {k: [c.threshold_before, c.threshold_after] for k, c in self.changes.items()},
+                "bank": {k: [c.bank_before, c.bank_after] for k, c in self.changes.items()}})
+        return bundle
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
+def _write_extended_index(parent: Bundle, variant: str, new: np.ndarray | None, path: Path) -> None:
+    """The parent's HNSW index with `new` vectors appended (labels continue), saved with max_elements == count."""
+    from edge_runtime.nn_search import HnswSearch
+
+    v = parent.variant(variant)
+    hnsw = HnswSearch.load(parent.read_verified(v.index_file), parent.dim, parent.hnsw_params, threads=2)
+    n = len(hnsw)
+    if new is not None and len(new):
+        hnsw.index.resize_index(n + len(new))
+        hnsw.index.add_items(np.ascontiguousarray(new, dtype=np.float32), np.arange(n, n + len(new)))
+    path.unlink(missing_ok=True)
+    hnsw.index.save_index(str(path))
+
+
+def _image_features(pipe: Pipeline, img: InputImage) -> np.ndarray:
+    tensor, _, _ = preprocess(img.rgb, pipe.geometry, img.name)
+    return pipe.extractor(tensor)
+
+
+def prepare(bundle: Bundle | str | Path, learn: list[InputImage], defects: list[InputImage] | None = None,
+            *, coverage_radius: float | None = None, defect_margin: float | None = None,
+            threads: int = 2) -> Adaptation:
+    """Plan a new version of `bundle` that knows `learn` as good and keeps `defects` (and stored ones) NG.
+
+    `coverage_radius`: learned patches are added until each lies this close to the bank (default: the median
+    cross-fitted good score, i.e. a learned part then scores like a typical good part; 0.8 x threshold when the
+    bundle has no cross-fitted scores). Raises AdaptError / BundleError.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.load(bundle)
+    defects = list(defects or [])
+    if not learn and not defects:
+        raise AdaptError("nothing to do: give at least one good image to learn or one defect to store")
+    stored = []
+    for d in stored_defects(bundle):
+        stored.append(InputImage.from_bytes(d["file"], bundle.read_verified(d["file"])))
+    margin = defect_margin if defect_margin is not None else float(
+        bundle.manifest.get("fit", {}).get("settings", {}).get("defect_margin", DEFAULT_DEFECT_MARGIN))
+    changes = {}
+    for name in bundle.manifest["variants"]:
+        pipe = Pipeline(bundle, precision=name, knn="hnsw", threads=threads)
+        v = pipe.variant
+        bank = pipe.search.exact
+        threshold, review = pipe.threshold, pipe.variant.review_threshold
+        cross = np.array(list((v.info.get("cross_fit_scores") or {}).values()), dtype=np.float64)
+        radius = coverage_radius
+        if radius is None:
+            radius = float(np.median(cross)) if cross.size else 0.8 * threshold
+        radius = min(radius, 0.95 * (review if review is not None else threshold))
+        feats = {id(img): _image_features(pipe, img) for img in [*learn, *defects, *stored]}
+        new = np.zeros((0, bank.dim), dtype=np.float32)
+        if learn:
+            all_learn = np.concatenate([feats[id(i)] for i in learn])
+            new = all_learn[_greedy_cover(bank, all_learn, radius)]
+        after_bank = ExactSearch(np.concatenate([bank.bank, new])) if len(new) else bank
+        rows = []
+        for kind, imgs in (("learn", learn), ("defect", defects), ("stored-defect", stored)):
+            for img in imgs:
+                f = feats[id(img)]
+                before = scoring.image_score(bank.distances(f))
+                after = scoring.image_score(after_bank.distances(f))
+                rows.append((kind, img.name, before, after))
+        # The threshold never rises; a defect that would slip under it pulls it down (with the fit's margin).
+        new_threshold = threshold
+        defect_after = [a for k, _, _, a in rows if k != "learn"]
+        if defect_after and min(defect_after) < threshold * (1 + margin):
+            new_threshold = min(threshold, min(defect_after) / (1 + margin))
+        new_review = None if review is None else review * new_threshold / threshold
+        images = [ImageScores(n, k, b, a, scoring.decide(b, threshold, review).value,
+                              scoring.decide(a, new_threshold, new_review).value) for k, n, b, a in rows]
+        conflicts = [f"{name}: learned image {i.name} would score {i.after:.3f}, not OK at the threshold "
+                     f"{new_threshold:.3f} that keeps the stored defects NG" for i in images
+                     if i.kind == "learn" and i.verdict_after != "OK"]
+        frr = {"n": int(cross.size)}
+        if cross.size:
+            k = int((cross >= new_threshold).sum())
+            frr.update(count=k, rate=k / cross.size,
+                       note="cross-fitted good scores against the parent bank: upper bounds after learning")
+        changes[name] = VariantChange(name, len(bank), len(bank) + len(new), threshold, new_threshold, review,
+                                      new_review, radius, frr, images, conflicts, new)
+    return Adaptation(bundle, list(learn), defects, changes, time.perf_counter() - t0)
+
+
+# ---- signatures and lineage ------------------------------------------------------------------------------------
+def sign_version(bundle_dir: str | Path, private_key_pem: str | Path) -> None:
+    """manifest.sig over the version's manifest with a station-local ed25519 key (PKCS#8 PEM, unencrypted)."""
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    except ImportError:
+        raise AdaptError("signing a device-made version needs the 'cryptography' package") from None
+    path = Path(private_key_pem)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise AdaptError(f"{path}: cannot load an unencrypted PEM ed25519 private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise AdaptError(f"{path}: is a {type(key).__name__}; versions are signed with ed25519 keys")
+    root = Path(bundle_dir)
+    (root / SIGNATURE).write_bytes(key.sign((root / MANIFEST).read_bytes()))
+
+
+def verify_lineage(bundle: Bundle, workstation_key: bytes, station_key: bytes) -> None:
+    """Check a device-made version for a station that requires signatures. Raises BundleError.
+
+    The version's manifest must verify against the station key, and its nearest workstation-signed ancestor
+    (manifest + signature kept in lineage/) against the workstation key; models must be byte-identical to that
+    ancestor's, the bank no smaller and no threshold higher. So a station key can teach the bank good parts and
+    tighten thresholds, never swap a model or loosen the station.
+    """
+    from edge_runtime.safe_yaml import load_strict
+
+    bundle.verify_signature(station_key)
+    signed = [e for e in bundle.manifest.get("lineage", []) if isinstance(e, dict) and e.get("workstation_signed")]
+    if not signed:
+        raise BundleError(f"{bundle.root / MANIFEST}: no workstation-signed ancestor recorded in 'lineage'")
+    anc = signed[-1]
+    rel = f"{LINEAGE_DIR}/{anc['bundle_id']}.manifest"
+    raw = bundle.read_verified(rel + ".yaml")
+    sig = bundle.read_verified(rel + ".sig")
+    if _digest(raw) != anc.get("manifest_sha256"):
+        raise BundleError(f"{bundle.path(rel + '.yaml')}: does not match the lineage's manifest_sha256")
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        Ed25519PublicKey.from_public_bytes(workstation_key).verify(sig, raw)
+    except (InvalidSignature, ValueError):
+        raise BundleError(f"{bundle.path(rel + '.sig')}: the ancestor's signature does not verify against the "
+                          "workstation key") from None
+    parent = load_strict(raw, rel + ".yaml")
+    files, pfiles = bundle.manifest["files"], parent.get("files", {})
+    for name, v in bundle.manifest["variants"].items():
+        pv = parent.get("variants", {}).get(name)
+        if pv is None:
+            raise BundleError(f"{bundle.root / MANIFEST}: variant {name} is not in the signed ancestor")
+        if files.get(v["model"], {}).get("sha256") != pfiles.get(pv["model"], {}).get("sha256"):
+            raise BundleError(f"{bundle.root / MANIFEST}: variant {name} model differs from the signed ancestor's")
+        if float(v["threshold"]) > float(pv["threshold"]) or int(v.get("bank_size", 0)) < int(pv.get("bank_size", 0)):
+            raise BundleError(f"{bundle.root / MANIFEST}: variant {name} raised the threshold or shrank the bank "
+                              "relative to the signed ancestor")
+
+
+# ---- audit -----------------------------------------------------------------------------------------------------
+def append_audit(path: str | Path, entry: dict) -> None:
+    """One JSON line per change, appended and fsync'd (who, when, what, versions before and after)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, (json.dumps(entry, default=float) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_audit(path: str | Path, limit: int = 200) -> list[dict]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines[-limit:]:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

@@ -1,0 +1,166 @@
+"""Feedback from the line, on the station: learn a false reject, store an escape, recalibrate, roll back.
+
+Every change becomes a bundle version (edge_runtime.bank_adapt) in the station's VersionStore, is made active and
+loaded through the daemon's own reload path (verification, self-test, atomic swap), and is written to the audit
+log. Changes are prepared first (`preview_*`) so the person sees their effect before anything is applied.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edge_runtime.bank_adapt import AdaptError, Adaptation, InputImage, prepare, read_audit
+from edge_runtime.bundle import Bundle
+from edge_runtime.bundle_versions import VersionStore
+from edge_runtime.operator_page.part_history import PartHistory
+
+PLAN_TTL_S = 600.0
+PENDING_DEFECTS = "feedback_defects"
+
+
+class FeedbackError(RuntimeError):
+    """The request cannot be served; the message is shown to the person."""
+
+
+class Feedback:
+    """`current_bundle()` returns the bundle in service; `reload()` asks the daemon to load the active version and
+    returns once it is in service (or raises)."""
+
+    def __init__(self, store: VersionStore, history: PartHistory, current_bundle: Callable[[], Bundle | None],
+                 reload: Callable[[str], None], threads: int = 1):
+        self.store = store
+        self.history = history
+        self.current_bundle = current_bundle
+        self.reload = reload
+        self.threads = threads
+        self._plans: dict[str, tuple[float, str, Adaptation, list[int]]] = {}
+        self._lock = threading.Lock()   # one change at a time
+        self.pending_dir = store.state_dir / PENDING_DEFECTS
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _bundle(self) -> Bundle:
+        b = self.current_bundle()
+        if b is None:
+            raise FeedbackError("no bundle is in service")
+        return Bundle.load(b.root)
+
+    def _frame_image(self, frame_id: int) -> InputImage:
+        part = self.history.get(frame_id)
+        if part is None:
+            raise FeedbackError(f"part {frame_id} is no longer in the history")
+        if part.frame is None:
+            raise FeedbackError(f"the frame of part {frame_id} is no longer kept (page.keep_frames)")
+        return InputImage.from_rgb(f"frame{frame_id}_{Path(part.record.get('source') or '').name}", part.frame)
+
+    def _keep(self, who: str, plan: Adaptation, frames: list[int]) -> str:
+        now = time.time()
+        with self._lock:
+            for k in [k for k, v in self._plans.items() if now - v[0] > PLAN_TTL_S]:
+                del self._plans[k]
+            pid = secrets.token_urlsafe(12)
+            self._plans[pid] = (now, who, plan, frames)
+        return pid
+
+    def _apply(self, plan_id: str, who: str, action: str) -> dict:
+        with self._lock:
+            entry = self._plans.pop(plan_id, None)
+            if entry is None:
+                raise FeedbackError("this preview has expired or was applied already; preview again")
+            _, _, plan, frames = entry
+            current = self.current_bundle()
+            if current is None or current.bundle_id != plan.parent.bundle_id:
+                raise FeedbackError("the bundle in service changed since the preview; preview again")
+            folder = self.store.new_folder()
+            try:
+                new = plan.write(folder, who=who, signing_key=self.store.signing_key, audit_log=self.store.audit_log,
+                                 action=action)
+            except AdaptError as exc:
+                raise FeedbackError(str(exc)) from None
+            previous = self.store.active_dir()
+            self.store.activate(folder)
+            try:
+                self.reload(new.bundle_id)
+            except Exception as exc:
+                self.store.activate(None if previous == self.store.base else previous)
+                raise FeedbackError(f"the new version was not taken into service ({exc}); kept the previous one") from None
+        for f in frames:
+            self.history.mark(f, f"{action} by {who}: version {new.bundle_version}")
+        return {"bundle_id": new.bundle_id, "bundle_version": new.bundle_version, "folder": folder.name}
+
+    # ---- this NG part is good ----------------------------------------------------------------------------------
+    def preview_good(self, frame_id: int, who: str) -> dict:
+        img = self._frame_image(frame_id)
+        try:
+            plan = prepare(self._bundle(), [img], [], threads=self.threads)
+        except AdaptError as exc:
+            raise FeedbackError(str(exc)) from None
+        return {"plan": self._keep(who, plan, [frame_id]), **plan.summary()}
+
+    def apply(self, plan_id: str, who: str, action: str) -> dict:
+        return self._apply(plan_id, who, action)
+
+    # ---- this OK part was bad ------------------------------------------------------------------------------------
+    def mark_bad(self, frame_id: int, who: str) -> dict:
+        img = self._frame_image(frame_id)
+        self.pending_dir.mkdir(parents=True, exist_ok=True)
+        path = self.pending_dir / f"{int(time.time())}_{frame_id}.png"
+        path.write_bytes(img.data)
+        self.history.mark(frame_id, f"marked bad by {who}")
+        from edge_runtime.bank_adapt import append_audit
+
+        append_audit(self.store.audit_log, {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "who": who,
+                                            "action": "mark-defect", "frame_id": frame_id, "file": str(path)})
+        return {"stored": path.name, "pending": len(self.pending_defects())}
+
+    def pending_defects(self) -> list[Path]:
+        return sorted(self.pending_dir.glob("*.png")) if self.pending_dir.is_dir() else []
+
+    def preview_recalibrate(self, who: str) -> dict:
+        defects = [InputImage.from_file(p) for p in self.pending_defects()]
+        if not defects:
+            raise FeedbackError("no stored defects to recalibrate with: mark an escaped part as bad first")
+        try:
+            plan = prepare(self._bundle(), [], defects, threads=self.threads)
+        except AdaptError as exc:
+            raise FeedbackError(str(exc)) from None
+        # The bank does not change, so the recent parts keep their scores: only the threshold moves.
+        ch = next(iter(plan.changes.values()))
+        recent = [r for r in self.history.records() if r.get("score") is not None]
+        changed = [{"frame_id": r["frame_id"], "score": r["score"], "verdict": r["verdict"],
+                    "verdict_after": "NG" if r["score"] >= ch.threshold_after else r["verdict"]} for r in recent]
+        summary = plan.summary()
+        summary["recent"] = {"parts": len(recent),
+                             "newly_rejected": [c for c in changed if c["verdict_after"] != c["verdict"]]}
+        return {"plan": self._keep(who, plan, []), **summary}
+
+    def apply_recalibrate(self, plan_id: str, who: str) -> dict:
+        out = self._apply(plan_id, who, "recalibrate")
+        for p in self.pending_defects():
+            p.unlink()
+        return out
+
+    # ---- versions --------------------------------------------------------------------------------------------------
+    def versions(self) -> list[dict]:
+        return self.store.versions()
+
+    def rollback(self, name: str, who: str) -> dict:
+        with self._lock:
+            try:
+                folder = self.store.rollback(name, self.current_bundle(), who)
+            except AdaptError as exc:
+                raise FeedbackError(str(exc)) from None
+            previous = self.store.active_dir()
+            self.store.activate(folder)
+            new = Bundle.load(folder, verify=False)
+            try:
+                self.reload(new.bundle_id)
+            except Exception as exc:
+                self.store.activate(None if previous == self.store.base else previous)
+                raise FeedbackError(f"the rolled-back version was not taken into service ({exc})") from None
+        return {"bundle_id": new.bundle_id, "bundle_version": new.bundle_version, "folder": folder.name}
+
+    def audit(self, limit: int = 50) -> list[dict[str, Any]]:
+        return list(reversed(read_audit(self.store.audit_log, limit)))

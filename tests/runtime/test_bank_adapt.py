@@ -1,0 +1,143 @@
+"""Learning on the device (edge_runtime.bank_adapt, `edge-runtime adapt`) on the committed device bundle, no torch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+from edge_runtime.bank_adapt import AdaptError, InputImage, prepare, verify_lineage
+from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, sha256_file
+from edge_runtime.decode import load_image
+from edge_runtime.pipeline import Pipeline
+
+REPO = Path(__file__).resolve().parents[2]
+NO_TORCH = REPO / "tests" / "fixtures" / "no_torch"
+
+
+@pytest.fixture(scope="module")
+def images(device_bundle, tmp_path_factory) -> dict[str, Path]:
+    """A good part with a painted mark the bundle has never seen (a false reject) and a scratched part (a defect)."""
+    folder = tmp_path_factory.mktemp("adapt_images")
+    good = cv2.imread(str(device_bundle / "golden" / "00_good.png"))
+    marked = good.copy()
+    cv2.circle(marked, (60, 80), 12, (0, 0, 255), -1)
+    scratched = good.copy()
+    cv2.line(scratched, (120, 30), (180, 160), (255, 255, 255), 5)
+    out = {"false_reject": folder / "marked.png", "defect": folder / "scratched.png",
+           "good": device_bundle / "golden" / "01_good.png"}
+    cv2.imwrite(str(out["false_reject"]), marked)
+    cv2.imwrite(str(out["defect"]), scratched)
+    return out
+
+
+def score(bundle_dir: Path, image: Path) -> tuple[float, float]:
+    pipe = Pipeline(Bundle.load(bundle_dir), threads=1)
+    return pipe.score_rgb(load_image(image)).score, pipe.threshold
+
+
+def test_learned_false_reject_scores_ok_defect_stays_ng(device_bundle, images, tmp_path):
+    parent_manifest = sha256_file(device_bundle / MANIFEST)
+    before_fr, thr = score(device_bundle, images["false_reject"])
+    before_defect, _ = score(device_bundle, images["defect"])
+    assert before_fr >= thr and before_defect >= thr, "the fixture images must start as NG"
+
+    plan = prepare(device_bundle, [InputImage.from_file(images["false_reject"])],
+                   [InputImage.from_file(images["defect"])], threads=1)
+    ch = plan.changes["int8"]
+    assert ch.bank_after > ch.bank_before and ch.threshold_after <= ch.threshold_before
+    new = plan.write(tmp_path / "v2", who="tester", audit_log=tmp_path / "audit.jsonl")
+
+    after_fr, new_thr = score(new.root, images["false_reject"])
+    after_defect, _ = score(new.root, images["defect"])
+    assert after_fr < new_thr <= thr, "the learned part is OK now and the threshold did not rise"
+    assert after_defect >= new_thr
+    assert after_fr == pytest.approx(ch.images[0].after, rel=1e-5), "the preview shows what the version does"
+    assert new.manifest["variants"]["int8"]["bank_size"] == ch.bank_after
+    assert new.bundle_version > Bundle.load(device_bundle).bundle_version
+    assert [d["source"] for d in new.manifest["feedback"]["defects"]] == [str(images["defect"])]
+    assert new.manifest["lineage"][-1]["bundle_id"] == Bundle.load(device_bundle).bundle_id
+    assert sha256_file(device_bundle / MANIFEST) == parent_manifest, "the parent version is never modified"
+    audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert audit[-1]["who"] == "tester" and audit[-1]["after"]["bundle_id"] == new.bundle_id
+    assert audit[-1]["before"]["bundle_id"] == Bundle.load(device_bundle).bundle_id
+
+
+def test_stored_defect_is_rescored_and_a_conflicting_good_is_refused(device_bundle, images, tmp_path):
+    v2 = prepare(device_bundle, [], [InputImage.from_file(images["defect"])], threads=1).write(tmp_path / "v2")
+    plan = prepare(v2.root, [InputImage.from_file(images["good"])], [], threads=1)
+    stored = [i for i in plan.changes["int8"].images if i.kind == "stored-defect"]
+    assert len(stored) == 1 and stored[0].verdict_after == "NG"
+    # Calling the stored defect itself good: it cannot be OK while it stays NG as a defect.
+    bad = prepare(v2.root, [InputImage.from_file(images["defect"])], [], threads=1)
+    assert bad.conflicts
+    with pytest.raises(AdaptError, match="not written"):
+        bad.write(tmp_path / "v3")
+    assert not (tmp_path / "v3").exists()
+
+
+def test_tampered_version_is_refused(device_bundle, images, tmp_path):
+    new = prepare(device_bundle, [InputImage.from_file(images["false_reject"])], [], threads=1).write(tmp_path / "v2")
+    index = new.root / new.manifest["variants"]["int8"]["index"]
+    data = bytearray(index.read_bytes())
+    data[-100] ^= 0xFF
+    index.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256 .* does not match"):
+        Bundle.load(new.root)
+
+
+def _keypair(folder: Path, name: str):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    pem = folder / f"{name}.pem"
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    return key, key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw), pem
+
+
+def test_signed_parent_needs_a_station_key_and_the_chain_verifies(device_bundle, images, tmp_path):
+    import shutil
+
+    parent = tmp_path / "signed"
+    shutil.copytree(device_bundle, parent)
+    ws_key, ws_pub, _ = _keypair(tmp_path, "workstation")
+    _, st_pub, st_pem = _keypair(tmp_path, "station")
+    (parent / SIGNATURE).write_bytes(ws_key.sign((parent / MANIFEST).read_bytes()))
+    plan = prepare(Bundle.load(parent, public_key=ws_pub), [InputImage.from_file(images["false_reject"])], [], threads=1)
+    with pytest.raises(AdaptError, match="signed with a station key"):
+        plan.write(tmp_path / "unsigned")
+    v2 = plan.write(tmp_path / "v2", signing_key=st_pem)
+    verify_lineage(Bundle.load(v2.root, public_key=st_pub), ws_pub, st_pub)
+    with pytest.raises(BundleError, match="signature"):
+        Bundle.load(v2.root, public_key=ws_pub)     # the workstation key alone does not vouch for it
+    # A grandchild still reaches the workstation-signed ancestor through lineage/.
+    v3 = prepare(Bundle.load(v2.root, public_key=st_pub), [InputImage.from_file(images["good"])], [],
+                 threads=1).write(tmp_path / "v3", signing_key=st_pem)
+    verify_lineage(Bundle.load(v3.root, public_key=st_pub), ws_pub, st_pub)
+    # Raising the threshold in the manifest breaks the station signature.
+    m = (v3.root / MANIFEST).read_text().replace("threshold: 23.5", "threshold: 99.5", 1)
+    (v3.root / MANIFEST).write_text(m)
+    with pytest.raises(BundleError, match="signature does not verify"):
+        Bundle.load(v3.root, public_key=st_pub)
+
+
+def test_cli_adapt_without_torch(device_bundle, images, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(NO_TORCH), str(REPO)])}
+    out = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "adapt", str(device_bundle),
+                          "--good", str(images["false_reject"]), "--defect", str(images["defect"]),
+                          "--out", str(tmp_path / "v2"), "--who", "cli-test", "--threads", "1"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "threshold 23.5001 -> 23.5001" in out.stdout
+    lines = {line.split()[-1]: line for line in out.stdout.splitlines() if line.startswith("[int8] ") and ".png" in line}
+    assert "NG     ->" in lines[str(images["false_reject"])] and lines[str(images["false_reject"])].split()[-2] == "OK"
+    assert lines[str(images["defect"])].split()[-2] == "NG"
+    audit = json.loads((tmp_path / "bundle_audit.jsonl").read_text().splitlines()[-1])
+    assert audit["who"] == "cli-test"
+    assert Bundle.load(tmp_path / "v2").manifest["made_on_device"]["action"] == "adapt"
