@@ -40,3 +40,43 @@ def test_hnsw_ef_is_set_on_every_load(tmp_path):
     loaded = HnswSearch.load(path, bank.shape[1], params)
     assert loaded.index.ef == 48
     assert len(loaded) == len(bank) and np.allclose(loaded.exact.bank, bank)
+
+
+def anisotropic_bank(seed=3, n=6000, d=64, q=40):
+    """Variance falling off along the axes, like real patch features: the prefix bound then prunes."""
+    rng = np.random.default_rng(seed)
+    scales = np.geomspace(4.0, 0.05, d).astype(np.float32)
+    rot, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    bank = (rng.normal(size=(n, d)).astype(np.float32) * scales) @ rot.astype(np.float32)
+    queries = (rng.normal(size=(q, d)).astype(np.float32) * scales * 1.2) @ rot.astype(np.float32)
+    return bank, queries
+
+
+def test_pruned_search_is_the_brute_force_answer_for_any_valid_bound():
+    bank, queries = anisotropic_bank()
+    search = ExactSearch(bank)
+    brute = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1))
+    true_d, true_i = brute.min(1), brute.argmin(1)
+    rng = np.random.default_rng(0)
+    for upper in (brute[np.arange(len(queries)), rng.integers(0, len(bank), len(queries))],  # a random vector's
+                  true_d,                                                                   # the tightest bound
+                  np.full(len(queries), np.inf)):                                           # no bound at all
+        d, i = search.nearest_within(queries, upper)
+        assert np.allclose(d, true_d, rtol=1e-5, atol=1e-5)
+        assert np.array_equal(i, true_i)
+
+
+def test_pruned_search_reads_only_part_of_a_structured_bank():
+    bank, queries = anisotropic_bank()
+    search = ExactSearch(bank)
+    true_d, _ = search.nearest(queries)
+    search.nearest_within(queries, true_d * 1.01)
+    assert search.candidates_last < 0.5 * len(bank) * len(queries)
+
+
+def test_pruned_search_falls_back_to_the_whole_bank_when_the_bound_is_wrong():
+    bank, queries = anisotropic_bank(4)
+    search = ExactSearch(bank)
+    true_d, true_i = search.nearest(queries)
+    d, i = search.nearest_within(queries, np.zeros(len(queries)))   # not a bound: nothing passes the filter
+    assert np.array_equal(i, true_i) and np.allclose(d, true_d, rtol=1e-5, atol=1e-5)
