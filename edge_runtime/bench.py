@@ -273,8 +273,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="onnxruntime intra-op and hnswlib threads (default: 2); set to the station's "
                         "inference.threads")
     p.add_argument("--precision", choices=["int8", "fp32"], help="bundle variant (default: the bundle's default)")
-    p.add_argument("--knn", choices=["hnsw", "exact"], default="hnsw",
-                   help="nearest-neighbour search (default: hnsw, as the daemon runs); exact to see its cost")
+    p.add_argument("--knn", choices=["hnsw", "exact", "onnx"], default="hnsw",
+                   help="nearest-neighbour search (default: hnsw, as the daemon runs); exact (numpy BLAS) or onnx "
+                        "(exact, as an onnxruntime graph on --providers) to see their cost")
+    p.add_argument("--providers", default="CPUExecutionProvider",
+                   help="onnxruntime execution providers, comma-separated, in priority order (default: "
+                        "CPUExecutionProvider); e.g. CUDAExecutionProvider,CPUExecutionProvider on a Jetson")
     p.add_argument("--ef", type=int, help="HNSW ef_search (default: the manifest's)")
     p.add_argument("--gap-ms", type=float, default=0.0,
                    help="idle time between frames, like part spacing on a line (default: 0.0, back to back); "
@@ -289,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--ef must be a positive integer")
     try:
         report = run_bench(a.bundle, a.images, a.frames, a.warmup, a.threads, a.precision, a.knn, a.ef,
+                           providers=[x.strip() for x in a.providers.split(",") if x.strip()],
                            gap_ms=a.gap_ms, raw=a.raw)
     except (BenchError, BundleError, FeatureError, OSError, ValueError) as exc:
         print(f"edge-bench: {exc}", file=sys.stderr)

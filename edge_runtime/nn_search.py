@@ -1,4 +1,5 @@
-"""Nearest-neighbour search of patch features against the memory bank: exact (BLAS) or HNSW (hnswlib).
+"""Nearest-neighbour search of patch features against the memory bank: exact (BLAS or an onnxruntime graph)
+or HNSW (hnswlib).
 
 Both return per-patch L2 distances. HNSW neighbours are real bank vectors, so an approximate distance is an
 upper bound of the exact one; `HnswSearch` therefore re-checks patches in descending order of approximate
@@ -150,6 +151,70 @@ class ExactSearch:
             dist[i], idx[i] = np.sqrt(d2[k]), cand[k]
             self.candidates_last += len(cand)
         return dist, idx
+
+
+class OnnxExactSearch:
+    """Exact search as an onnxruntime graph built on the device from the verified bank (`knn: onnx`).
+
+    The same brute force as `ExactSearch` (d^2 = |q|^2 + |b|^2 - 2 q.b, minimum per query), but run by
+    onnxruntime on the station's execution providers: on a Jetson the CUDA provider computes it on the GPU, which
+    idles otherwise; on a CPU it is no faster than `ExactSearch` (measured in benchmarks/search_floor.py). The
+    bank is split into chunks so that the distance block of each stays small on a CPU.
+    """
+
+    CHUNK = 4096
+
+    def __init__(self, bank: np.ndarray, threads: int = 2, providers: list[str] | None = None):
+        from edge_runtime.features import FeatureError, make_session
+
+        try:  # only this mode needs it: the graph is built here from the verified bank, never shipped
+            import onnx
+            from onnx import TensorProto, helper, numpy_helper
+        except ImportError:
+            raise FeatureError("knn: onnx needs the onnx package: pip install 'patchcore-edge[onnx-search]'") from None
+
+        self.exact = ExactSearch(bank)
+        bank = self.exact.bank
+        n, d = bank.shape
+        nodes, inits, outputs = [], [], []
+        for c, start in enumerate(range(0, n, self.CHUNK)):
+            block = bank[start:start + self.CHUNK]
+            inits += [numpy_helper.from_array(np.ascontiguousarray(-2.0 * block.T), f"bank_m2t_{c}"),
+                      numpy_helper.from_array(self.exact.bank_sq[start:start + self.CHUNK], f"bank_sq_{c}")]
+            nodes += [helper.make_node("MatMul", ["q", f"bank_m2t_{c}"], [f"dot_{c}"]),
+                      helper.make_node("Add", [f"dot_{c}", f"bank_sq_{c}"], [f"d2_{c}"]),
+                      helper.make_node("ReduceMin", [f"d2_{c}"], [f"min_{c}"], axes=[1], keepdims=1),
+                      helper.make_node("ArgMin", [f"d2_{c}"], [f"arg_{c}"], axis=1, keepdims=1)]
+            outputs += [f"min_{c}", f"arg_{c}"]
+        nodes += [helper.make_node("Concat", [o for o in outputs if o.startswith("min_")], ["mins"], axis=1),
+                  helper.make_node("Concat", [o for o in outputs if o.startswith("arg_")], ["args"], axis=1)]
+        graph = helper.make_graph(
+            nodes, "exact_search", [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["n", d])],
+            [helper.make_tensor_value_info("mins", TensorProto.FLOAT, ["n", None]),
+             helper.make_tensor_value_info("args", TensorProto.INT64, ["n", None])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = min(model.ir_version, 9)   # onnxruntime builds older than onnx's newest IR
+        onnx.checker.check_model(model)
+        self.session = make_session(model.SerializeToString(), threads, providers, name="<exact search graph>")
+        self.chunk_starts = np.arange(0, n, self.CHUNK)
+
+    @property
+    def dim(self) -> int:
+        return self.exact.dim
+
+    def __len__(self) -> int:
+        return len(self.exact)
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        mins, args = self.session.run(None, {"q": q})
+        best_chunk = np.argmin(mins, axis=1)
+        rows = np.arange(len(q))
+        d2 = mins[rows, best_chunk] + np.einsum("ij,ij->i", q, q)
+        return np.sqrt(np.maximum(d2, 0.0)), args[rows, best_chunk] + self.chunk_starts[best_chunk]
+
+    def distances(self, queries: np.ndarray) -> np.ndarray:
+        return self.nearest(queries)[0]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw
 
@@ -80,3 +81,31 @@ def test_pruned_search_falls_back_to_the_whole_bank_when_the_bound_is_wrong():
     true_d, true_i = search.nearest(queries)
     d, i = search.nearest_within(queries, np.zeros(len(queries)))   # not a bound: nothing passes the filter
     assert np.array_equal(i, true_i) and np.allclose(d, true_d, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.exporter  # builds its graph with the onnx package (the `onnx-search` extra)
+def test_onnx_graph_search_matches_exact_search_across_chunks(monkeypatch):
+    from edge_runtime.nn_search import OnnxExactSearch
+
+    bank, queries = bank_and_queries(5, n=2500)
+    monkeypatch.setattr(OnnxExactSearch, "CHUNK", 1000)   # three chunks, the last one short
+    d, idx = OnnxExactSearch(bank, threads=1).nearest(queries)
+    want_d, want_idx = ExactSearch(bank).nearest(queries)
+    assert np.allclose(d, want_d, rtol=1e-4, atol=1e-4)
+    assert np.mean(idx == want_idx) > 0.999   # ties in float32 may pick either of two equal vectors
+
+
+@pytest.mark.exporter  # the onnx package builds the search graph
+def test_pipeline_onnx_search_scores_like_exact_search(small_bundle):
+    from edge_runtime.bundle import Bundle
+    from edge_runtime.pipeline import Pipeline
+    from edge_runtime.self_test import golden_image
+
+    bundle = Bundle.load(small_bundle)
+    exact, graph = Pipeline(bundle, knn="exact"), Pipeline(bundle, knn="onnx")
+    assert graph.knn == "onnx" and len(graph.search) == len(exact.search)
+    for g in exact.variant.golden:
+        rgb = golden_image(bundle, g["file"])
+        a, b = exact.score_rgb(rgb), graph.score_rgb(rgb)
+        assert abs(a.score - b.score) <= 1e-4 * a.score
+        assert np.allclose(a.patch_scores, b.patch_scores, rtol=1e-4, atol=1e-4)
