@@ -130,8 +130,11 @@ def load_images(bundle: Bundle, images_dir: Path | None, precision: str | None) 
 # ---- the run -------------------------------------------------------------------------------------------------
 def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 200, warmup: int = 10,
               threads: int = 2, precision: str | None = None, knn: str = "hnsw", ef: int | None = None,
-              providers: list[str] | None = None, gap_ms: float = 0.0) -> dict:
+              providers: list[str] | None = None, gap_ms: float = 0.0, raw: bool = False) -> dict:
     """Inspect `frames` frames (images cycled) after `warmup` untimed ones; the full report as a plain dict.
+
+    raw=True feeds each image as a camera would: an 8-bit BGR array decoded once before the run, so the
+    "decode" stage is only validation and colour order, not PNG/JPEG decompression.
 
     gap_ms idles between frames like the spacing of parts on a line: thread pools that spin after their work
     (onnxruntime, OpenBLAS) then go quiet before the next part, which back-to-back frames (0) never allow.
@@ -148,11 +151,20 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
     pipeline = Pipeline(bundle, precision=precision, knn=knn, threads=threads, providers=providers, ef_search=ef)
     load_s = time.perf_counter() - t0
     images = load_images(bundle, images_dir, precision)
+    if raw:
+        arrays = []
+        for name, data in images:
+            array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            if array is None:
+                raise BenchError(f"{name}: OpenCV cannot decode this image for --raw")
+            arrays.append(array)
     mem_loaded = memory_status()
 
     def inspect(i: int):
         name, data = images[i % len(images)]
-        result = pipeline.inspect(Frame(frame_id=i, source=name, encoded=data))
+        frame = (Frame(frame_id=i, source=name, image=arrays[i % len(images)]) if raw
+                 else Frame(frame_id=i, source=name, encoded=data))
+        result = pipeline.inspect(frame)
         if result.verdict is Verdict.FAULT:
             # A faulted frame skips stages: timing it would flatter the pipeline. Stop and say why.
             raise BenchError(f"{name}: frame faulted ({result.error}); the benchmark needs inspectable images")
@@ -198,6 +210,7 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
                      # Thread pools that spin after work (OpenBLAS, OpenMP) change every stage's latency on 2 cores.
                      "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
                      "frames": frames, "warmup": warmup, "gap_ms": gap_ms, "images": len(images),
+                     "input": "raw BGR arrays (camera frames)" if raw else "encoded files",
                      "images_source": str(images_dir) if images_dir is not None else "bundle golden images"},
         "stages_ms": {stage: summarize(values) for stage, values in per_stage.items()},
         "throughput_fps": frames / loop_s if loop_s > 0 else None,
@@ -224,7 +237,7 @@ def format_table(report: dict) -> str:
         + "".join(f", {k}={v}" for k, v in s["thread_env"].items())
         + f"), {', '.join(s['providers'])}, {s['frames']} frames "
         f"({s['images']} images cycled, {s['warmup']} warm-up"
-        + (f", {s['gap_ms']:g} ms idle between frames" if s["gap_ms"] else ", back to back") + ")",
+        + (f", {s['gap_ms']:g} ms idle between frames" if s["gap_ms"] else ", back to back") + f"); {s['input']}",
         f"cpu {cpu['model']} ({cpu['usable_cpus']}/{cpu['logical_cpus']} cpus usable; {isa}); "
         f"onnxruntime {report['machine']['software']['onnxruntime']}; load {report['machine']['load_average']}",
         "",
@@ -260,8 +273,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="onnxruntime intra-op and hnswlib threads (default: 2); set to the station's "
                         "inference.threads")
     p.add_argument("--precision", choices=["int8", "fp32"], help="bundle variant (default: the bundle's default)")
-    p.add_argument("--knn", choices=["hnsw", "exact"], default="hnsw",
-                   help="nearest-neighbour search (default: hnsw, as the daemon runs); exact to see its cost")
+    p.add_argument("--knn", choices=["hnsw", "exact", "onnx"], default="hnsw",
+                   help="nearest-neighbour search (default: hnsw, as the daemon runs); exact (numpy BLAS) or onnx "
+                        "(exact, as an onnxruntime graph on --providers) to see their cost")
+    p.add_argument("--providers", default="CPUExecutionProvider",
+                   help="onnxruntime execution providers, comma-separated, in priority order (default: "
+                        "CPUExecutionProvider); e.g. CUDAExecutionProvider,CPUExecutionProvider on a Jetson")
     p.add_argument("--ef", type=int, help="HNSW ef_search (default: the manifest's)")
     p.add_argument("--gap-ms", type=float, default=0.0,
                    help="idle time between frames, like part spacing on a line (default: 0.0, back to back); "
@@ -277,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-capture-thread", action="store_true",
                    help="sustained mode: read the source between inspections instead of on a capture thread "
                         "(default: off, i.e. a capture thread with a one-slot queue, as the daemon runs)")
+    p.add_argument("--raw", action="store_true",
+                   help="feed decoded 8-bit BGR arrays, as a camera delivers them, instead of encoded files "
+                        "(default: off, encoded files, so decode cost is included)")
     p.add_argument("--json", type=Path, dest="json_out",
                    help="write the full report (with every sample) here (default: none, table only)")
     a = p.parse_args(argv)
@@ -286,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sustained(p, a)
     try:
         report = run_bench(a.bundle, a.images, a.frames, a.warmup, a.threads, a.precision, a.knn, a.ef,
-                           gap_ms=a.gap_ms)
+                           providers=[x.strip() for x in a.providers.split(",") if x.strip()],
+                           gap_ms=a.gap_ms, raw=a.raw)
     except (BenchError, BundleError, FeatureError, OSError, ValueError) as exc:
         print(f"edge-bench: {exc}", file=sys.stderr)
         return 2

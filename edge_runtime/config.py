@@ -33,7 +33,7 @@ Device = Literal["x86", "x86-vnni", "pi4", "pi5", "jetson-orin", "arm64"]
 @dataclass(kw_only=True)
 class InferenceConfig:
     precision: Literal["int8", "fp32"] | None = None  # None: the bundle's default variant
-    knn: Literal["hnsw", "exact"] = "hnsw"
+    knn: Literal["hnsw", "exact", "onnx"] = "hnsw"   # onnx: exact search on the providers (CUDA on a Jetson)
     threads: int = 2
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     ef_search: int | None = None                      # None: the bundle's value

@@ -1,4 +1,5 @@
-"""Nearest-neighbour search of patch features against the memory bank: exact (BLAS) or HNSW (hnswlib).
+"""Nearest-neighbour search of patch features against the memory bank: exact (BLAS or an onnxruntime graph)
+or HNSW (hnswlib).
 
 Both return per-patch L2 distances. HNSW neighbours are real bank vectors, so an approximate distance is an
 upper bound of the exact one; `HnswSearch` therefore re-checks patches in descending order of approximate
@@ -56,15 +57,41 @@ def private_copy(data: bytes, name: str) -> Iterator[str]:
 
 
 class ExactSearch:
-    """Brute force: d^2 = |q|^2 + |b|^2 - 2 q.b as one matrix product per bank chunk."""
+    """Brute force: d^2 = |q|^2 + |b|^2 - 2 q.b as one matrix product per bank chunk, plus a pruned exact
+    search for a few queries (`nearest_within`), which is what the HNSW re-check calls.
 
-    def __init__(self, bank: np.ndarray, chunk: int = 2048):
+    The pruning: the bank is also kept in its principal axes (PCA of the bank, computed at load). A squared
+    distance over the first `prefix_dims` of those axes is a sum over a subset of the coordinates of the full
+    squared distance (rotation preserves L2), so it is a LOWER bound of the full one. Given an upper bound for a
+    query (the distance to any real bank vector, e.g. its HNSW neighbour), only bank vectors whose lower bound is
+    below it can be nearer; on the bottle bank 48 of 152 axes hold 97% of the variance and ~4% of the bank
+    survives (benchmarks/search_floor.py). The surviving vectors are then measured in full, in the ORIGINAL coordinates, so the result is
+    the brute-force answer, not an approximation.
+    """
+
+    PREFIX_DIMS = 48
+    # Generous slack on the lower bound for float32 rounding of the expanded form (|a|^2 + |b|^2 - 2ab):
+    # a larger slack only keeps a few more candidates, never drops the true neighbour.
+    BOUND_SLACK = 1e-3
+
+    def __init__(self, bank: np.ndarray, chunk: int = 2048, prefix_dims: int | None = None):
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         self.bank_sq = np.einsum("ij,ij->i", self.bank, self.bank)
-        # -2 * bank, transposed once: each chunk is then one GEMM plus one in-place add. Chunks of 2048 bank
-        # vectors keep the 784 x chunk distance block in cache (40 ms -> 29 ms for 784 x 14739 x 152 here).
-        self._bank_m2t = np.ascontiguousarray(-2.0 * self.bank.T)
         self.chunk = chunk
+        n, d = self.bank.shape
+        m = min(prefix_dims or self.PREFIX_DIMS, d)
+        # Principal axes of the bank (float64 for a stable eigendecomposition of a d x d matrix; cheap).
+        self._mean = self.bank.mean(axis=0, dtype=np.float64).astype(np.float32)
+        if n > 1:
+            centred = (self.bank - self._mean).astype(np.float64)
+            _, vecs = np.linalg.eigh(centred.T @ centred)
+            axes = np.ascontiguousarray(vecs[:, ::-1][:, :m], dtype=np.float32)   # largest variance first
+        else:
+            axes = np.eye(d, m, dtype=np.float32)
+        self._axes = axes
+        self._prefix = np.ascontiguousarray((self.bank - self._mean) @ axes)     # (n, m): a third of the bank
+        self._prefix_sq = np.einsum("ij,ij->i", self._prefix, self._prefix)
+        self.candidates_last = 0
 
     @property
     def dim(self) -> int:
@@ -79,11 +106,15 @@ class ExactSearch:
         q_sq = np.einsum("ij,ij->i", q, q)
         best = np.full(q.shape[0], np.inf, dtype=np.float32)
         best_idx = np.zeros(q.shape[0], dtype=np.int64)
+        rows = np.arange(q.shape[0])
         for start in range(0, len(self), self.chunk):
-            d2 = q @ self._bank_m2t[:, start:start + self.chunk]
+            block = self.bank[start:start + self.chunk]
+            # Chunks of 2048 bank vectors keep the queries x chunk distance block in cache.
+            d2 = q @ block.T
+            d2 *= -2.0
             d2 += self.bank_sq[start:start + self.chunk]
             idx = np.argmin(d2, axis=1)
-            val = d2[np.arange(q.shape[0]), idx]
+            val = d2[rows, idx]
             better = val < best
             best[better] = val[better]
             best_idx[better] = idx[better] + start
@@ -92,6 +123,98 @@ class ExactSearch:
     def distances(self, queries: np.ndarray) -> np.ndarray:
         return self.nearest(queries)[0]
 
+    def nearest_within(self, queries: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact (distances, indices) for a few queries, each with an upper bound of its nearest distance.
+
+        `upper[i]` must be >= the true nearest distance of query i (any bank vector's distance is; inf is
+        allowed and means "no bound"). Cost: one small GEMM over the bank's 32-axis prefix, then full distances
+        for the bank vectors the lower bound cannot exclude.
+        """
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        qp = (q - self._mean) @ self._axes
+        lower2 = self._prefix @ qp.T                                     # (n, b)
+        lower2 *= -2.0
+        lower2 += self._prefix_sq[:, None]
+        lower2 += np.einsum("ij,ij->i", qp, qp)[None, :]
+        up = np.asarray(upper, dtype=np.float64)
+        limit = up * up * (1.0 + self.BOUND_SLACK) + self.BOUND_SLACK
+        dist = np.empty(len(q), dtype=np.float32)
+        idx = np.empty(len(q), dtype=np.int64)
+        self.candidates_last = 0
+        for i in range(len(q)):
+            cand = np.flatnonzero(lower2[:, i] <= limit[i]) if np.isfinite(limit[i]) else np.arange(len(self))
+            if len(cand) == 0:   # only when `upper` was not a valid bound: fall back to the whole bank
+                cand = np.arange(len(self))
+            diff = self.bank[cand] - q[i]
+            d2 = np.einsum("ij,ij->i", diff, diff)
+            k = int(np.argmin(d2))
+            dist[i], idx[i] = np.sqrt(d2[k]), cand[k]
+            self.candidates_last += len(cand)
+        return dist, idx
+
+
+class OnnxExactSearch:
+    """Exact search as an onnxruntime graph built on the device from the verified bank (`knn: onnx`).
+
+    The same brute force as `ExactSearch` (d^2 = |q|^2 + |b|^2 - 2 q.b, minimum per query), but run by
+    onnxruntime on the station's execution providers: on a Jetson the CUDA provider computes it on the GPU, which
+    idles otherwise; on a CPU it is no faster than `ExactSearch` (measured in benchmarks/search_floor.py). The
+    bank is split into chunks so that the distance block of each stays small on a CPU.
+    """
+
+    CHUNK = 4096
+
+    def __init__(self, bank: np.ndarray, threads: int = 2, providers: list[str] | None = None):
+        from edge_runtime.features import FeatureError, make_session
+
+        try:  # only this mode needs it: the graph is built here from the verified bank, never shipped
+            import onnx
+            from onnx import TensorProto, helper, numpy_helper
+        except ImportError:
+            raise FeatureError("knn: onnx needs the onnx package: pip install 'patchcore-edge[onnx-search]'") from None
+
+        self.exact = ExactSearch(bank)
+        bank = self.exact.bank
+        n, d = bank.shape
+        nodes, inits, outputs = [], [], []
+        for c, start in enumerate(range(0, n, self.CHUNK)):
+            block = bank[start:start + self.CHUNK]
+            inits += [numpy_helper.from_array(np.ascontiguousarray(-2.0 * block.T), f"bank_m2t_{c}"),
+                      numpy_helper.from_array(self.exact.bank_sq[start:start + self.CHUNK], f"bank_sq_{c}")]
+            nodes += [helper.make_node("MatMul", ["q", f"bank_m2t_{c}"], [f"dot_{c}"]),
+                      helper.make_node("Add", [f"dot_{c}", f"bank_sq_{c}"], [f"d2_{c}"]),
+                      helper.make_node("ReduceMin", [f"d2_{c}"], [f"min_{c}"], axes=[1], keepdims=1),
+                      helper.make_node("ArgMin", [f"d2_{c}"], [f"arg_{c}"], axis=1, keepdims=1)]
+            outputs += [f"min_{c}", f"arg_{c}"]
+        nodes += [helper.make_node("Concat", [o for o in outputs if o.startswith("min_")], ["mins"], axis=1),
+                  helper.make_node("Concat", [o for o in outputs if o.startswith("arg_")], ["args"], axis=1)]
+        graph = helper.make_graph(
+            nodes, "exact_search", [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["n", d])],
+            [helper.make_tensor_value_info("mins", TensorProto.FLOAT, ["n", None]),
+             helper.make_tensor_value_info("args", TensorProto.INT64, ["n", None])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = min(model.ir_version, 9)   # onnxruntime builds older than onnx's newest IR
+        onnx.checker.check_model(model)
+        self.session = make_session(model.SerializeToString(), threads, providers, name="<exact search graph>")
+        self.chunk_starts = np.arange(0, n, self.CHUNK)
+
+    @property
+    def dim(self) -> int:
+        return self.exact.dim
+
+    def __len__(self) -> int:
+        return len(self.exact)
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        mins, args = self.session.run(None, {"q": q})
+        best_chunk = np.argmin(mins, axis=1)
+        rows = np.arange(len(q))
+        d2 = mins[rows, best_chunk] + np.einsum("ij,ij->i", q, q)
+        return np.sqrt(np.maximum(d2, 0.0)), args[rows, best_chunk] + self.chunk_starts[best_chunk]
+
+    def distances(self, queries: np.ndarray) -> np.ndarray:
+        return self.nearest(queries)[0]
 
 
 @dataclass(frozen=True)
@@ -111,6 +234,24 @@ def build_hnsw(bank: np.ndarray, params: HnswParams, seed: int = 0, threads: int
     index.set_num_threads(threads if threads > 0 else 2)
     index.add_items(np.ascontiguousarray(bank, dtype=np.float32), np.arange(bank.shape[0]))
     return index
+
+
+_BLAS = None
+
+
+def single_threaded_blas():
+    """A context in which numpy's BLAS runs on one thread.
+
+    The re-check's GEMMs are tiny (8 queries); OpenBLAS still wakes all its threads for them, and on a 2-core
+    station that costs 3x (3.4 -> 10.4 ms CPU per batch of 8, measured while the machine was busy). threadpoolctl
+    is the maintained way to change BLAS threading at run time, whichever BLAS numpy was built with.
+    """
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 class HnswSearch:
@@ -161,11 +302,14 @@ class HnswSearch:
             return dist
         order = np.argsort(-dist)
         best, pos = -np.inf, 0
-        # Batches of a few patches keep the exact check a small GEMM instead of one pass per patch.
-        while pos < len(order) and dist[order[pos]] > best:
-            batch = order[pos:pos + self.RECHECK_BATCH]
-            dist[batch] = self.exact.distances(queries[batch])
-            best = max(best, float(dist[batch].max()))
-            pos += len(batch)
+        # Batches of a few patches: each batch is one small GEMM over the bank's prefix plus the candidates.
+        # Each approximate distance is the distance to a real bank vector, so it is the upper bound the
+        # pruned exact search needs; the loop stops when no unchecked patch can beat the best exact one.
+        with single_threaded_blas():
+            while pos < len(order) and dist[order[pos]] > best:
+                batch = order[pos:pos + self.RECHECK_BATCH]
+                dist[batch] = self.exact.nearest_within(queries[batch], dist[batch])[0]
+                best = max(best, float(dist[batch].max()))
+                pos += len(batch)
         self.rechecked_last = pos
         return dist

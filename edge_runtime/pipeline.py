@@ -15,9 +15,9 @@ import numpy as np
 from edge_runtime import scoring
 from edge_runtime.bundle import Bundle, BundleError, check_index_file
 from edge_runtime.decode import DecodeConfig, ImageError, decode_image, to_rgb
-from edge_runtime.features import FeatureExtractor
+from edge_runtime.features import FeatureError, FeatureExtractor
 from edge_runtime.geometry import crop_roi, cut_tiles, to_canvas
-from edge_runtime.nn_search import HnswSearch
+from edge_runtime.nn_search import HnswSearch, OnnxExactSearch
 from edge_runtime.preprocess import preprocess, to_tensor
 from edge_runtime.records import Frame, InspectionResult, Verdict
 from edge_runtime.scoring import decide  # noqa: F401  (the decision stage, re-exported with the pipeline)
@@ -83,8 +83,13 @@ class Pipeline:
             self.search = hnsw
         elif knn == "exact":
             self.search = hnsw.exact
+        elif knn == "onnx":
+            try:
+                self.search = OnnxExactSearch(hnsw.exact.bank, threads, providers)
+            except FeatureError as exc:
+                raise BundleError(f"{index_path}: exact search graph cannot run here ({exc})") from None
         else:
-            raise ValueError(f"knn must be 'hnsw' or 'exact', got {knn!r}")
+            raise ValueError(f"knn must be 'hnsw', 'exact' or 'onnx', got {knn!r}")
         self.knn = knn
 
     def apply_overrides(self, roi: tuple[int, int, int, int] | None = None, size_policy: str | None = None) -> None:

@@ -70,6 +70,14 @@ def test_exact_fp32_with_image_dir_and_ef(small_bundle, synthetic_dataset):
     assert hnsw["settings"]["ef_search"] == 7 and hnsw["settings"]["gap_ms"] == 5
 
 
+def test_raw_frames_skip_decoding_but_give_the_same_verdicts(small_bundle):
+    encoded = run_bench(small_bundle, frames=4, warmup=0)
+    raw = run_bench(small_bundle, frames=4, warmup=0, raw=True)
+    check_report(raw, 4)
+    assert raw["settings"]["input"].startswith("raw") and encoded["settings"]["input"] == "encoded files"
+    assert raw["verdicts"] == encoded["verdicts"]
+
+
 @pytest.fixture(scope="module")
 def tiled_bundle(synthetic_dataset, tmp_path_factory):
     """The synthetic flange (224x224 frames) at full detail in 2x2 tiles of 128x128; small and quick to fit."""

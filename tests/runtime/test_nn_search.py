@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw
 
@@ -40,3 +41,71 @@ def test_hnsw_ef_is_set_on_every_load(tmp_path):
     loaded = HnswSearch.load(path, bank.shape[1], params)
     assert loaded.index.ef == 48
     assert len(loaded) == len(bank) and np.allclose(loaded.exact.bank, bank)
+
+
+def anisotropic_bank(seed=3, n=6000, d=64, q=40):
+    """Variance falling off along the axes, like real patch features: the prefix bound then prunes."""
+    rng = np.random.default_rng(seed)
+    scales = np.geomspace(4.0, 0.05, d).astype(np.float32)
+    rot, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    bank = (rng.normal(size=(n, d)).astype(np.float32) * scales) @ rot.astype(np.float32)
+    queries = (rng.normal(size=(q, d)).astype(np.float32) * scales * 1.2) @ rot.astype(np.float32)
+    return bank, queries
+
+
+def test_pruned_search_is_the_brute_force_answer_for_any_valid_bound():
+    bank, queries = anisotropic_bank()
+    search = ExactSearch(bank)
+    brute = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1))
+    true_d, true_i = brute.min(1), brute.argmin(1)
+    rng = np.random.default_rng(0)
+    for upper in (brute[np.arange(len(queries)), rng.integers(0, len(bank), len(queries))],  # a random vector's
+                  true_d,                                                                   # the tightest bound
+                  np.full(len(queries), np.inf)):                                           # no bound at all
+        d, i = search.nearest_within(queries, upper)
+        assert np.allclose(d, true_d, rtol=1e-5, atol=1e-5)
+        assert np.array_equal(i, true_i)
+
+
+def test_pruned_search_reads_only_part_of_a_structured_bank():
+    bank, queries = anisotropic_bank()
+    search = ExactSearch(bank)
+    true_d, _ = search.nearest(queries)
+    search.nearest_within(queries, true_d * 1.01)
+    assert search.candidates_last < 0.5 * len(bank) * len(queries)
+
+
+def test_pruned_search_falls_back_to_the_whole_bank_when_the_bound_is_wrong():
+    bank, queries = anisotropic_bank(4)
+    search = ExactSearch(bank)
+    true_d, true_i = search.nearest(queries)
+    d, i = search.nearest_within(queries, np.zeros(len(queries)))   # not a bound: nothing passes the filter
+    assert np.array_equal(i, true_i) and np.allclose(d, true_d, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.exporter  # builds its graph with the onnx package (the `onnx-search` extra)
+def test_onnx_graph_search_matches_exact_search_across_chunks(monkeypatch):
+    from edge_runtime.nn_search import OnnxExactSearch
+
+    bank, queries = bank_and_queries(5, n=2500)
+    monkeypatch.setattr(OnnxExactSearch, "CHUNK", 1000)   # three chunks, the last one short
+    d, idx = OnnxExactSearch(bank, threads=1).nearest(queries)
+    want_d, want_idx = ExactSearch(bank).nearest(queries)
+    assert np.allclose(d, want_d, rtol=1e-4, atol=1e-4)
+    assert np.mean(idx == want_idx) > 0.999   # ties in float32 may pick either of two equal vectors
+
+
+@pytest.mark.exporter  # the onnx package builds the search graph
+def test_pipeline_onnx_search_scores_like_exact_search(small_bundle):
+    from edge_runtime.bundle import Bundle
+    from edge_runtime.pipeline import Pipeline
+    from edge_runtime.self_test import golden_image
+
+    bundle = Bundle.load(small_bundle)
+    exact, graph = Pipeline(bundle, knn="exact"), Pipeline(bundle, knn="onnx")
+    assert graph.knn == "onnx" and len(graph.search) == len(exact.search)
+    for g in exact.variant.golden:
+        rgb = golden_image(bundle, g["file"])
+        a, b = exact.score_rgb(rgb), graph.score_rgb(rgb)
+        assert abs(a.score - b.score) <= 1e-4 * a.score
+        assert np.allclose(a.patch_scores, b.patch_scores, rtol=1e-4, atol=1e-4)

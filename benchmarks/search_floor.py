@@ -1,0 +1,160 @@
+"""Where the search stage's floor is on this machine: every way we can find each patch's nearest bank vector, on
+the same real patch features, in one run.
+
+    python benchmarks/search_floor.py BUNDLE --images ../shared/data/mvtec_ad/bottle/test
+
+For one bundle (its bank, its ONNX extractor) and the patch features of real test frames it times:
+- HNSW (hnswlib, the deployed path) at several ef, alone and with the exact re-check of the image score;
+- exact brute force in numpy (BLAS sgemm) and as an onnxruntime graph (`knn: onnx`);
+- the brute-force floor in INT8: onnxruntime MatMulInteger of the queries against the bank with only a ReduceMax
+  after it (no distances, no argmin: a lower bound of any INT8 brute-force search);
+and per engine: wall p50/p99, CPU ms per frame (less sensitive to other load), recall@1 and the mean amount by
+which per-patch distances exceed the exact ones (what the heat map sees). Writes JSON to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edge_runtime.bench import cpu_info, load_average, software_info  # noqa: E402
+from edge_runtime.bundle import Bundle  # noqa: E402
+from edge_runtime.decode import decode_image  # noqa: E402
+from edge_runtime.pipeline import Pipeline  # noqa: E402
+from edge_runtime.preprocess import preprocess  # noqa: E402
+
+
+def int8_floor_session(bank: np.ndarray, threads: int):
+    """Queries (dynamic uint8) x bank (int8, per-tensor) with a ReduceMax: the cheapest INT8 brute force."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    scale = float(np.abs(bank).max()) / 127.0
+    b8 = np.clip(np.round(bank / scale), -127, 127).astype(np.int8)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["q"], ["qq", "qs", "qz"]),
+             helper.make_node("MatMulInteger", ["qq", "bank", "qz"], ["dots"]),
+             helper.make_node("ReduceMax", ["dots"], ["best"], axes=[1], keepdims=0)]
+    graph = helper.make_graph(nodes, "int8_floor", [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["n", bank.shape[1]])],
+                              [helper.make_tensor_value_info("best", TensorProto.INT32, ["n"])],
+                              [numpy_helper.from_array(np.ascontiguousarray(b8.T), "bank")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def timed(fn, feats: list[np.ndarray], rounds: int) -> tuple[dict, list]:
+    wall, cpu, outs = [], [], []
+    for _ in range(rounds):
+        outs = []
+        for q in feats:
+            c0, w0 = time.process_time(), time.perf_counter()
+            outs.append(fn(q))
+            wall.append((time.perf_counter() - w0) * 1000)
+            cpu.append((time.process_time() - c0) * 1000)
+    return {"wall_p50_ms": float(np.percentile(wall, 50)), "wall_p99_ms": float(np.percentile(wall, 99)),
+            "cpu_p50_ms": float(np.percentile(cpu, 50))}, outs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("bundle", type=Path, help="bundle directory")
+    ap.add_argument("--images", type=Path, required=True, help="folder of test images, searched recursively")
+    ap.add_argument("--frames", type=int, default=24, help="frames (images) to use (default: 24)")
+    ap.add_argument("--rounds", type=int, default=2, help="timed passes over the frames (default: 2)")
+    ap.add_argument("--threads", type=int, default=2, help="threads for every engine (default: 2)")
+    ap.add_argument("--efs", default="8,16,32", help="HNSW ef values (default: 8,16,32)")
+    ap.add_argument("--name", default=None, help="result name suffix (default: the bundle folder's name)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="JSON folder")
+    a = ap.parse_args(argv)
+
+    load_before = load_average()
+    bundle = Bundle.load(a.bundle)
+    pipe = Pipeline(bundle, knn="hnsw", threads=a.threads)
+    paths = sorted(p for p in a.images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    paths = paths[:: max(1, len(paths) // a.frames)][: a.frames]
+    feats = []
+    for p in paths:
+        tensor, _, _ = preprocess(decode_image(p.read_bytes(), str(p), pipe.decode_limits), pipe.geometry, str(p))
+        feats.append(pipe.extractor(tensor))
+    hnsw = pipe.search
+    exact = hnsw.exact
+    truth = [exact.nearest(q) for q in feats]
+    results: dict[str, dict] = {}
+
+    def quality(dists: list[np.ndarray], labels: list[np.ndarray] | None = None) -> dict:
+        over = np.concatenate([d / t[0] - 1.0 for d, t in zip(dists, truth)])
+        img_err = max(abs(float(d.max()) - float(t[0].max())) for d, t in zip(dists, truth))
+        q = {"mean_patch_overestimate": float(over.mean()), "worst_image_score_error": img_err}
+        if labels is not None:
+            q["recall_at_1"] = float(np.mean(np.concatenate([lab == t[1] for lab, t in zip(labels, truth)])))
+        return q
+
+    stats, out = timed(exact.nearest, feats, a.rounds)
+    results["exact numpy sgemm"] = {**stats, **quality([o[0] for o in out], [o[1] for o in out])}
+    try:
+        from edge_runtime.nn_search import OnnxExactSearch
+
+        graph = OnnxExactSearch(exact.bank, a.threads)
+        stats, out = timed(graph.nearest, feats, a.rounds)
+        results["exact onnxruntime graph (knn: onnx)"] = {**stats, **quality([o[0] for o in out], [o[1] for o in out])}
+        floor = int8_floor_session(exact.bank, a.threads)
+        stats, _ = timed(lambda q: floor.run(None, {"q": q}), feats, a.rounds)
+        results["int8 brute-force floor (MatMulInteger + ReduceMax only)"] = stats
+    except ImportError as exc:
+        print(f"onnx engines skipped: {exc}", file=sys.stderr)
+    for ef in [int(x) for x in a.efs.split(",")]:
+        hnsw.index.set_ef(ef)
+        stats, out = timed(hnsw.index.knn_query, feats, a.rounds)
+        labels = [o[0][:, 0] for o in out]
+        approx = [np.sqrt(np.maximum(o[1][:, 0], 0)) for o in out]
+        results[f"hnsw ef={ef}, approximate only"] = {**stats, **quality(approx, labels)}
+        rechecked = []
+
+        def with_recheck(q):
+            d = hnsw.distances(q)
+            rechecked.append(hnsw.rechecked_last)
+            return d
+        stats, out = timed(with_recheck, feats, a.rounds)
+        results[f"hnsw ef={ef} + exact re-check (deployed)"] = {
+            **stats, **quality(out), "rechecked_patches_mean": float(np.mean(rechecked))}
+    hnsw.index.set_ef(hnsw.params.ef_search)
+
+    n_q, (n_b, dim) = feats[0].shape[0], exact.bank.shape
+    report = {
+        "bundle": {"path": str(a.bundle), "bundle_id": bundle.bundle_id, "queries_per_frame": n_q, "bank": n_b,
+                   "dim": dim, "brute_force_macs_per_frame": n_q * n_b * dim,
+                   "manifest_ef": bundle.hnsw_params.ef_search},
+        "frames": len(feats), "rounds": a.rounds, "threads": a.threads, "engines": results,
+        "machine": {"cpu": cpu_info(), "software": software_info(), "load_before": load_before,
+                    "load_after": load_average(), "pid_cpu_count": os.cpu_count()},
+    }
+    name = a.name or a.bundle.name
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"search_floor_{name}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"bundle {bundle.bundle_id}: {n_q} patches x {dim}-d against a bank of {n_b} "
+          f"({n_q * n_b * dim / 1e9:.2f} G multiply-adds brute force); {len(feats)} frames x {a.rounds}; "
+          f"{a.threads} threads; load {load_before} -> {report['machine']['load_after']}")
+    print(f"{'engine':<58}{'wall p50':>9}{'p99':>8}{'cpu p50':>9}{'recall':>8}{'over %':>8}{'img err':>9}")
+    for eng, r in results.items():
+        rec = f"{r['recall_at_1']:.4f}" if "recall_at_1" in r else "-"
+        over = f"{100 * r['mean_patch_overestimate']:.2f}" if "mean_patch_overestimate" in r else "-"
+        err = f"{r['worst_image_score_error']:.1e}" if "worst_image_score_error" in r else "-"
+        print(f"{eng:<58}{r['wall_p50_ms']:>9.2f}{r['wall_p99_ms']:>8.2f}{r['cpu_p50_ms']:>9.2f}{rec:>8}{over:>8}{err:>9}")
+    print(f"JSON written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
