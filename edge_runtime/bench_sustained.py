@@ -71,7 +71,6 @@ def run_sustained(bundle_dir: Path, images: Path, fps: float = 60.0, duration_s:
     from edge_runtime.bench import cpu_info, load_average, memory_status, software_info
     from edge_runtime.config import resolve_paths
     from edge_runtime.daemon import Station
-    from edge_runtime.outputs import build_output
 
     frames = max(1, int(round(fps * duration_s)))
     load_before = load_average()
