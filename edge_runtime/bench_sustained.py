@@ -71,7 +71,6 @@ def run_sustained(bundle_dir: Path, images: Path, fps: float = 60.0, duration_s:
     from edge_runtime.bench import cpu_info, load_average, memory_status, software_info
     from edge_runtime.config import resolve_paths
     from edge_runtime.daemon import Station
-    from edge_runtime.outputs import build_output
 
     frames = max(1, int(round(fps * duration_s)))
     load_before = load_average()
@@ -98,7 +97,7 @@ def run_sustained(bundle_dir: Path, images: Path, fps: float = 60.0, duration_s:
             src = getattr(ln._source, "source", ln._source)
             active = (rows[-1][3] - rows[0][3]) if len(rows) > 1 else None
             per_line.append({
-                "line": ln.name or "line0", "offered": frames, "delivered_by_source": getattr(src, "delivered", None),
+                "line": ln.name or "line0", "threads": ln.cfg.inference.threads, "offered": frames, "delivered_by_source": getattr(src, "delivered", None),
                 "inspected": len(inspected), "faults": len(rows) - len(inspected),
                 "dropped": ln.dropped_frames, "accounted": len(rows) + ln.dropped_frames,
                 "throughput_fps": (len(rows) - 1) / active if active else None,
@@ -108,7 +107,7 @@ def run_sustained(bundle_dir: Path, images: Path, fps: float = 60.0, duration_s:
             })
     return {
         "mode": "sustained", "bundle": str(bundle_dir), "images": str(images), "fps": fps, "duration_s": duration_s,
-        "lines": lines, "threads_per_line": threads, "capture_thread": capture_thread, "knn": knn,
+        "lines": lines, "station_threads": threads, "capture_thread": capture_thread, "knn": knn,
         "precision": precision, "wall_s": wall, "per_line": per_line,
         "total_inspected": sum(p["inspected"] for p in per_line),
         "total_dropped": sum(p["dropped"] for p in per_line),
@@ -120,7 +119,8 @@ def run_sustained(bundle_dir: Path, images: Path, fps: float = 60.0, duration_s:
 def format_sustained(report: dict) -> str:
     cpu = report["machine"]["cpu"]
     out = [f"sustained: {report['lines']} line(s) x {report['fps']:g} fps for {report['duration_s']:g} s, "
-           f"{report['threads_per_line']} thread(s) per line, capture thread "
+           f"inference.threads {report['station_threads']} "
+           f"({', '.join(str(p['threads']) for p in report['per_line'])} per line), capture thread "
            f"{'on' if report['capture_thread'] else 'off'}; cpu {cpu['model']} ({cpu['usable_cpus']} usable); "
            f"load before {report['machine']['load_average_before']}, after {report['machine']['load_average_after']}",
            "",

@@ -15,6 +15,7 @@ from edge_runtime.decode import DecodeConfig
 from edge_runtime.http_endpoint import HttpConfig
 from edge_runtime.lines_config import LineConfig, resolve_line_paths, validate_lines
 from edge_runtime.operator_page.config import PageConfig
+from edge_runtime.recipes import RecipesConfig, resolve_recipe_paths
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
 from edge_runtime.rollout import RolloutConfig
 from edge_runtime.safe_yaml import YamlRefused, load_strict
@@ -118,15 +119,17 @@ class StationConfig:
     # StateDirectory=, /var/lib/edge-runtime with the shipped unit), else "state" next to the station file.
     state_dir: str | None = None
     lines: list[LineConfig] = field(default_factory=list)  # several cameras in one daemon (edge_runtime/lines_config.py)
+    recipes: RecipesConfig | None = None  # one bundle per product, chosen by the controller (edge_runtime/recipes.py)
 
     def validate(self) -> None:
         if self.lines:
             validate_lines(self.lines)
-            if self.bundle is None and any(ln.bundle is None for ln in self.lines):
-                missing = next(i for i, ln in enumerate(self.lines) if ln.bundle is None)
+            if self.bundle is None and self.recipes is None and any(ln.bundle is None and ln.recipes is None
+                                                                    for ln in self.lines):
+                missing = next(i for i, ln in enumerate(self.lines) if ln.bundle is None and ln.recipes is None)
                 raise ValueError(f"lines[{missing}].bundle: required when the station names no bundle")
         else:
-            if self.bundle is None:
+            if self.bundle is None and self.recipes is None:
                 raise ValueError("bundle: required key is missing")
             if self.source is None:
                 raise ValueError("source: required key is missing")
@@ -134,6 +137,8 @@ class StationConfig:
             raise ValueError(f"roi: expected x, y >= 0 and w, h > 0, got {list(self.roi)}")
         if self.bundle is not None and not self.bundle:
             raise ValueError("bundle: must name the bundle directory")
+        if self.bundle is not None and self.recipes is not None:
+            raise ValueError("recipes: a station with recipes names its bundles there; leave out 'bundle'")
         kinds = [o.type for o in self.outputs]
         if kinds.count("modbus") > 1:
             raise ValueError("outputs: at most one modbus server per station")
@@ -169,6 +174,9 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
 
     if cfg.bundle is not None:
         cfg.bundle = absolute("bundle", cfg.bundle)
+    resolve_recipe_paths(cfg.recipes, "recipes", absolute)
+    if cfg.recipes is not None:
+        cfg.bundle = cfg.recipes.initial_recipe().bundle   # what the line loads first
     resolve_line_paths(cfg.lines, absolute)
     src = cfg.source
     if isinstance(src, FolderSourceConfig):

@@ -19,7 +19,7 @@ from edge_runtime.config import StationConfig
 from edge_runtime.frame_counter import FRAME_COUNTER_FILE
 from edge_runtime.http_endpoint import HttpEndpoint, StationStatus
 from edge_runtime.lines_config import line_station_configs
-from edge_runtime.lines_http import LinesHttpEndpoint, aggregate_status
+from edge_runtime.lines_http import LinesHttpEndpoint, RecipeHttpEndpoint, aggregate_status
 from edge_runtime.line import MAX_MISSED_ANSWERS, SERIAL_ACK_COMMAND, Counters, Line
 from edge_runtime.outputs import Output
 from edge_runtime.sources import FrameSource
@@ -176,9 +176,16 @@ class Station:
         trigger = self.lines[0].trigger
         return trigger.fire if isinstance(trigger, SoftwareTrigger) else None
 
+    def recipe_switchers(self) -> dict:
+        """{line name ("line" for a single line): RecipeSwitcher} of the lines that have recipes."""
+        return {line.name or "line": line.recipes for line in self.lines if line.recipes is not None}
+
     def _make_http(self) -> HttpEndpoint:
         if len(self.lines) > 1:
-            return LinesHttpEndpoint(self.cfg.http, self.line_statuses, self.status, self._fire_line)
+            return LinesHttpEndpoint(self.cfg.http, self.line_statuses, self.status, self._fire_line,
+                                     self.recipe_switchers)
+        if self.lines[0].recipes is not None:
+            return RecipeHttpEndpoint(self.cfg.http, self.status, self._fire_trigger(), self.recipe_switchers)
         return HttpEndpoint(self.cfg.http, self.status, self._fire_trigger())
 
     def _run(self) -> int:

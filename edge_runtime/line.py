@@ -33,6 +33,7 @@ from edge_runtime.output_bus import BusCounters, OutputBus, RecordFailure
 from edge_runtime.outputs import Output, ResultLogConfig, SerialOutput, build_output, last_frame_id
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.plant_report import station_summary
+from edge_runtime.recipes import RecipeSwitcher
 from edge_runtime.records import Frame, InspectionResult, Verdict
 from edge_runtime.rollout import RolloutManager
 from edge_runtime.sources import FrameSource, SourceError, build_source
@@ -104,6 +105,8 @@ class Line:
                 out.bind_commands(self.rollout.on_command)   # MQTT <prefix>/cmd/rollout
         self._source = source
         self.pipeline: Pipeline | None = None
+        # Several bundles, one per product, selected by the line controller (edge_runtime/recipes.py).
+        self.recipes = RecipeSwitcher(self, cfg.recipes) if getattr(cfg, "recipes", None) else None
         self.stats = LatencyStats(cfg.logging.stats_window)
         self.counters = Counters(bus=self.bus.counters)
         self.verdicts = {v.value: 0 for v in Verdict}
@@ -152,6 +155,8 @@ class Line:
     def _on_serial_line(self, line: str) -> bool:
         """A line from the PLC on the serial port (receiver thread): TRG fires the trigger, ACK acknowledges."""
         command = line.strip().upper()
+        if self.recipes is not None and self.recipes.on_serial(line):
+            return True
         if command == SERIAL_ACK_COMMAND:
             self.bus.acknowledge()
             return True
@@ -192,6 +197,8 @@ class Line:
                     "trigger_overruns": getattr(self.trigger, "overruns", 0),
                     "dropped_frames": self.dropped_frames}
         counters.update(self.bus.output_counters())
+        if self.recipes is not None:
+            counters.update(self.recipes.counters())
         return StationStatus(
             state=state, reason=self.fault_reason,
             bundle_id=pipeline.bundle.bundle_id if pipeline else None, frames=c.frames,
@@ -229,7 +236,8 @@ class Line:
     # ---- bundle ------------------------------------------------------------------------------------------------
     def _load(self) -> bool:
         try:
-            self.pipeline = bundle_loader.load_pipeline(self.cfg)
+            self.pipeline = (self.recipes.load_initial() if self.recipes is not None
+                             else bundle_loader.load_pipeline(self.cfg))
         except Exception as exc:  # noqa: BLE001 - whatever breaks the load, the station must stay up in FAULT
             self.pipeline = None
             if not isinstance(exc, (BundleError, OSError)):
@@ -423,6 +431,12 @@ class Line:
 
     def _housekeeping(self, next_stats: float) -> float:
         self._heartbeat()
+        if self.recipes is not None:
+            if self._reload.is_set():
+                # SIGHUP with recipes: the active recipe again from disk, verified like any switch.
+                self._reload.clear()
+                self.recipes.request(self.recipes.active.name, "SIGHUP", force=True)
+            self.recipes.poll()
         if self._reload.is_set():
             self._start_reload()
         self._apply_reload()
@@ -451,7 +465,8 @@ class Line:
         while not self._stop.is_set():
             next_stats = self._housekeeping(next_stats)
             pipeline = self.pipeline
-            if pipeline is None or self._halted:
+            if pipeline is None or self._halted or (self.recipes is not None and self.recipes.status != "ok"):
+                # No bundle, halted, or a recipe switch running or failed: every trigger gets FAULT at once.
                 self._refuse_triggers(self.fault_reason or "no bundle", rc_cfg.read_timeout_s)
                 continue
             if not source_open:
@@ -506,9 +521,17 @@ class Line:
             self.bus.begin_part(frame_id)
             # The deadline runs from capture: the frame's wall-clock stamp mapped onto the monotonic clock.
             started = time.monotonic() - max(0.0, time.time() - frame.captured_at)
+            stale = self.recipes.stale(captured_wall=frame.captured_at) if self.recipes is not None else None
+            if stale:
+                self._answer_fault(stale, started, frame_id)
+                return "served"
             return self._inspect(pipeline, frame, frame_id, started)
         self._answer_missed(event)
         if self._expired(event):
+            return "served"
+        stale = self.recipes.stale(triggered_mono=event.at) if self.recipes is not None else None
+        if stale:
+            self._answer_fault(stale, event.at)
             return "served"
         frame_id = self._take_frame_id()
         self.bus.begin_part(frame_id)   # the previous verdict is withdrawn before this part is captured

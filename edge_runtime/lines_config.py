@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 from edge_runtime.capture_queue import CaptureConfig
+from edge_runtime.recipes import RecipesConfig, resolve_recipe_paths
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
 from edge_runtime.sources import FolderSourceConfig, PacedSourceConfig, SourceConfig, VideoSourceConfig
 from edge_runtime.sources.video_source import is_stream_url
@@ -35,8 +36,11 @@ class LineConfig:
     roi: tuple[int, int, int, int] | None = None       # None: the station's roi
     size_policy: Literal["refuse", "resize", "letterbox"] | None = None
     threads: int | None = None                         # None: inference.threads // number of lines (at least 1)
+    recipes: RecipesConfig | None = None               # this line's products (edge_runtime/recipes.py)
 
     def validate(self) -> None:
+        if self.bundle is not None and self.recipes is not None:
+            raise ValueError("recipes: a line with recipes names its bundles there; leave out 'bundle'")
         if not _NAME.match(self.name):
             raise ValueError(f"name: expected 1-32 letters, digits, '_', '.', '-' (starting with a letter or "
                              f"digit), got {self.name!r}")
@@ -74,6 +78,7 @@ def resolve_line_paths(lines: list[LineConfig], absolute: Callable[[str, str], s
         key = f"lines[{i}]"
         if ln.bundle:
             ln.bundle = absolute(f"{key}.bundle", ln.bundle)
+        resolve_recipe_paths(ln.recipes, key, absolute)
         src = ln.source
         if isinstance(src, FolderSourceConfig):
             src.path = absolute(f"{key}.source.path", src.path)
@@ -105,8 +110,10 @@ def line_station_configs(cfg) -> list[tuple[str | None, object]]:
         if outputs is None:   # not resolved against a station file (built in code)
             outputs = [ResultLogConfig(path=f"results-{ln.name}.jsonl")]
         state_dir = os.path.join(cfg.state_dir, "lines", ln.name) if cfg.state_dir else None
+        recipes = ln.recipes if ln.recipes is not None else (cfg.recipes if ln.bundle is None else None)
+        bundle = recipes.initial_recipe().bundle if recipes is not None else (ln.bundle or cfg.bundle)
         line_cfg = dataclasses.replace(
-            cfg, name=f"{cfg.name}/{ln.name}", bundle=ln.bundle or cfg.bundle, source=ln.source,
+            cfg, name=f"{cfg.name}/{ln.name}", bundle=bundle, recipes=recipes, source=ln.source,
             trigger=ln.trigger or cfg.trigger, outputs=outputs, capture=ln.capture or cfg.capture,
             roi=ln.roi if ln.roi is not None else cfg.roi, size_policy=ln.size_policy or cfg.size_policy,
             inference=dataclasses.replace(cfg.inference, threads=ln.threads or share),

@@ -1,7 +1,8 @@
 """One HTTP endpoint for every line of a multi-line daemon: /healthz per line and overall, /metrics with a
-`line` label on every sample, POST /trigger/<line> for a line with a software trigger.
+`line` label on every sample, POST /trigger/<line> for a line with a software trigger; and the recipe
+endpoints: GET /recipe, POST /recipe/<name> (one line) or /recipe/<line>/<name> (several lines).
 
-A single-line station keeps the plain endpoint (edge_runtime/http_endpoint.py), unlabelled, as before.
+A single-line station without recipes keeps the plain endpoint (edge_runtime/http_endpoint.py), as before.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from edge_runtime.http_endpoint import (HttpConfig, HttpEndpoint, StationStatus,
                                         stalled_reason)
 from edge_runtime.latency_stats import escape_label
 
-__all__ = ["LinesHttpEndpoint", "aggregate_status", "render_lines_metrics"]
+__all__ = ["LinesHttpEndpoint", "RecipeHttpEndpoint", "aggregate_status", "render_lines_metrics"]
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (.*)$")
 
@@ -71,13 +72,55 @@ def render_lines_metrics(statuses: dict[str, StationStatus]) -> str:
     return "\n".join(line for f in order for line in families[f]) + "\n"
 
 
-class LinesHttpEndpoint(HttpEndpoint):
+def _json(code: int, doc: dict) -> tuple[int, str, bytes]:
+    return code, "application/json", json.dumps(doc).encode()
+
+
+class RecipeHttpEndpoint(HttpEndpoint):
+    """The station endpoint plus GET /recipe and POST /recipe/[<line>/]<name>. `switchers()` -> {line name or
+    "line": RecipeSwitcher}; POST is refused unless that line's `recipes.allow_http` is true."""
+
+    def __init__(self, cfg: HttpConfig, status_provider: Callable[[], StationStatus],
+                 fire_trigger: Callable[[], None] | None, switchers: Callable[[], dict]) -> None:
+        super().__init__(cfg, status_provider, fire_trigger)
+        self._switchers = switchers
+
+    def handle_get(self, path: str) -> tuple[int, str, bytes]:
+        if path == "/recipe":
+            return _json(HTTPStatus.OK, {name: sw.describe() for name, sw in self._switchers().items()})
+        return super().handle_get(path)
+
+    def handle_post(self, path: str) -> tuple[int, str, bytes]:
+        if not path.startswith("/recipe/"):
+            return super().handle_post(path)
+        switchers = self._switchers()
+        parts = path[len("/recipe/"):].split("/")
+        if len(parts) == 1 and len(switchers) == 1:
+            line, recipe = next(iter(switchers)), parts[0]
+        elif len(parts) == 2:
+            line, recipe = parts
+        else:
+            return _json(HTTPStatus.NOT_FOUND, {"error": "POST /recipe/<name>, or /recipe/<line>/<name> with several lines"})
+        switcher = switchers.get(line)
+        if switcher is None:
+            return _json(HTTPStatus.NOT_FOUND, {"error": f"no line {line[:40]!r} with recipes (lines: {', '.join(switchers)})"})
+        if not switcher.cfg.allow_http:
+            return _json(HTTPStatus.FORBIDDEN, {"error": "recipe selection over HTTP is disabled (recipes.allow_http)"})
+        accepted, message = switcher.request(recipe, "http")
+        if not accepted:
+            return _json(HTTPStatus.NOT_FOUND, {"accepted": False, "error": message})
+        # Accepted, not done: the switch is verified on the line; GET /recipe shows when it is active (or failed).
+        return _json(HTTPStatus.ACCEPTED, {"accepted": True, "line": line, "recipe": recipe, "message": message})
+
+
+class LinesHttpEndpoint(RecipeHttpEndpoint):
     """The endpoint of a multi-line daemon. `line_statuses()` -> {line name: StationStatus};
     `fire(name)` fires that line's software trigger and returns False when it has none."""
 
     def __init__(self, cfg: HttpConfig, line_statuses: Callable[[], dict[str, StationStatus]],
-                 overall: Callable[[], StationStatus], fire: Callable[[str], bool]) -> None:
-        super().__init__(cfg, overall, None)
+                 overall: Callable[[], StationStatus], fire: Callable[[str], bool],
+                 switchers: Callable[[], dict] | None = None) -> None:
+        super().__init__(cfg, overall, None, switchers or dict)
         self._line_statuses = line_statuses
         self._fire_line = fire
 

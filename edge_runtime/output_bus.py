@@ -191,6 +191,12 @@ class OutputBus:
     def reopen(self) -> None:
         self._each("reopen")
 
+    def notify(self, method: str, *args: Any) -> None:
+        """Call `method` on every output that has it (an optional event such as recipe_changed), in bus order."""
+        for out in self._ordered():
+            if callable(getattr(out, method, None)):
+                self._dispatch(out, method, *args)
+
     def output_counters(self) -> dict[str, float]:
         """The bus's counters plus those outputs export (`counters()`), summed by name, for /metrics."""
         with self._lock:

@@ -18,7 +18,9 @@ Register map (stable; addresses are 0-based protocol addresses, unit id from the
       4    normalised score x 1000 (500 at the threshold, 1000 max)
       5    heartbeat counter, +1 per inspection-loop iteration, uint16, wraps
       6    fault code bits: 1 = station fault (set_fault), 2 = the last part was not inspected (FAULT)
-      7-15 reserved, read as 0
+      7    recipe: number of the active recipe (or of the one being switched to / that failed), 0 none
+      8    recipe status: 0 none, 1 switching (the line is in FAULT meanwhile), 2 verified and active, 3 failed
+      9-15 reserved, read as 0
       16-31 PLC area: writable by clients only with `allow_writes: true`; the station never interprets it
 
 All station-owned addresses are read-only for clients: a write is answered with exception 1 (illegal function)
@@ -46,7 +48,7 @@ PLC_AREA_START = 16
 PLC_AREA_SIZE = 16
 
 COIL_OK, COIL_NG, COIL_READY, COIL_ERROR, COIL_REVIEW, COIL_BUSY = 0, 1, 2, 3, 4, 5
-HR_VERDICT, HR_FRAME_HI, HR_FRAME_LO, HR_SCORE, HR_NORM, HR_HEARTBEAT, HR_FAULT = range(7)
+HR_VERDICT, HR_FRAME_HI, HR_FRAME_LO, HR_SCORE, HR_NORM, HR_HEARTBEAT, HR_FAULT, HR_RECIPE, HR_RECIPE_STATUS = range(9)
 VERDICT_NONE, VERDICT_OK, VERDICT_NG, VERDICT_REVIEW = 0, 1, 2, 3
 FAULT_STATION, FAULT_NOT_INSPECTED = 1, 2
 
@@ -196,6 +198,15 @@ class ModbusOutput(Output):
             self._registers[HR_HEARTBEAT] = (self._registers[HR_HEARTBEAT] + 1) & 0xFFFF
 
     # -- for the daemon and tests ----------------------------------------------------------------------------
+    def recipe_changed(self, number: int, name: str, status: str, ms: float | None, error: str | None) -> None:
+        """Registers 7-8: the recipe and where its switch stands (edge_runtime/recipes.py RECIPE_STATUS)."""
+        from edge_runtime.recipes import RECIPE_STATUS
+
+        with self._lock:
+            if number or status != "failed":   # an unknown number keeps showing the recipe in service
+                self._registers[HR_RECIPE] = number & 0xFFFF
+            self._registers[HR_RECIPE_STATUS] = RECIPE_STATUS.get(status, 0)
+
     def snapshot(self) -> tuple[list[bool], list[int]]:
         """(coils 0-15, holding registers 0-15) as clients see them now."""
         with self._lock:

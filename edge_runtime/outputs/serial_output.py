@@ -12,9 +12,11 @@ Line protocol (ASCII, fields separated by one space, every line ends with CR LF)
     ERR 1 <reason>                                a station fault; reason is printable ASCII, at most 64 chars
     ERR 0                                         the fault cleared
     HB <n>                                        heartbeat, n counts 0..65535 and wraps
+    RCP <number> <name> <BUSY|OK|ERR> [ms|reason] recipe switch acknowledged: BUSY when it starts, OK <ms> when
+                                                  verified and active, ERR <reason> when refused or failed
 
 From the PLC (only with `accept_trigger: true`): `TRG` captures and inspects one part (with a `software`
-trigger); `ACK` acknowledges the last verdict, which withdraws it on the handshake outputs (GPIO level mode,
+trigger); `RCP <number|name>` selects a recipe (station file `recipes:`); `ACK` acknowledges the last verdict, which withdraws it on the handshake outputs (GPIO level mode,
 Modbus). Received bytes are buffered across reads and split at CR or LF, so a command split by a read timeout
 still arrives whole; bytes that are not printable ASCII are discarded (and logged, escaped), so noise on the
 line before a command does not hide it; a line that is not a command is logged and ignored; a line longer than
@@ -193,6 +195,14 @@ class SerialOutput(Output):
         self._write_line(f"HB {self._heartbeats}")
 
     # -- internals -------------------------------------------------------------------------------------------
+    def recipe_changed(self, number: int, name: str, status: str, ms: float | None, error: str | None) -> None:
+        """A recipe switch started (BUSY), finished (OK <ms>) or failed (ERR <reason>); see edge_runtime/recipes.py."""
+        word = {"switching": "BUSY", "ok": "OK", "failed": "ERR"}.get(status)
+        if word is None:
+            return
+        tail = f" {_ascii_reason(error)}" if error else (f" {ms:.0f}" if ms is not None else "")
+        self._write_line(f"RCP {number} {_ascii_reason(name)} {word}{tail}")
+
     def _fault_line(self) -> str:
         return "ERR 0" if self._fault is None else f"ERR 1 {self._fault}"
 

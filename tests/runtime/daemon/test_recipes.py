@@ -1,0 +1,223 @@
+"""Recipes: a line holds one bundle per product; the controller selects one over HTTP, serial or a Modbus register;
+the switch is verified, logged, acknowledged and timed; a part arriving mid-switch is FAULT, never OK, and no
+part is inspected with the wrong recipe; a failed switch keeps the line in FAULT."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from edge_runtime import bundle_loader
+from edge_runtime.config import load_station
+from edge_runtime.outputs import RecordingOutput
+from edge_runtime.outputs.serial_output import SerialConfig, SerialOutput
+from edge_runtime.records import Verdict
+from edge_runtime.schema import ConfigError
+from edge_runtime.sources import ScriptedSource
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class RecipeRecorder(RecordingOutput):
+    """A RecordingOutput that also records recipe acknowledgements (number, name, status, ms, error)."""
+
+    def recipe_changed(self, number, name, status, ms, error) -> None:
+        self._record("recipe_changed", (number, name, status, ms, error))
+
+
+def product_bundle(src: Path, dest: Path, bundle_id: str) -> Path:
+    """A copy of `src` that reads as another product's bundle (its own bundle_id)."""
+    shutil.copytree(src, dest)
+    manifest = dest / "manifest.yaml"
+    manifest.write_text(re.sub(r"^bundle_id: .*$", f"bundle_id: {bundle_id}", manifest.read_text(), count=1,
+                               flags=re.M))
+    return dest
+
+
+@pytest.fixture
+def two_products(small_bundle, tmp_path) -> tuple[Path, Path]:
+    return (product_bundle(small_bundle, tmp_path / "cap_a", "aaaaaaaaaaaaaaaa"),
+            product_bundle(small_bundle, tmp_path / "cap_b", "bbbbbbbbbbbbbbbb"))
+
+
+def recipe_station(write_station, bundles, free_port=None, **recipes):
+    a, b = bundles
+    http = {"port": free_port()} if free_port else {"enabled": False}
+    return load_station(write_station(
+        source={"type": "scripted"}, trigger={"type": "software"}, http=http,
+        recovery={"read_timeout_s": 0.1},
+        recipes={"recipes": [{"name": "cap-a", "number": 1, "bundle": str(a)},
+                             {"name": "cap-b", "number": 2, "bundle": str(b)}], **recipes}))
+
+
+def fire_and_wait(station, rec, n=1):
+    before = len(rec.results)
+    for _ in range(n):
+        station.trigger.fire()
+        wait_until(lambda: len(rec.results) > before, what="a result")
+        before = len(rec.results)
+    return rec.results[-1]
+
+
+def test_switch_over_http_is_verified_acknowledged_and_timed(two_products, write_station, part_images_bytes,
+                                                             free_port, start_station):
+    cfg = recipe_station(write_station, two_products, free_port, allow_http=True)
+    rec = RecipeRecorder()
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec])
+    station = running.station
+    wait_until(lambda: station.line.recipes is not None and station.line.recipes.status == "ok" and rec.ready,
+               what="ready")
+    assert fire_and_wait(station, rec).bundle_id == "aaaaaaaaaaaaaaaa"
+    base = f"http://127.0.0.1:{station.http_port}"
+    req = urllib.request.Request(f"{base}/recipe/cap-b", method="POST")
+    answer = json.loads(urllib.request.urlopen(req, timeout=5).read())
+    assert answer["accepted"] is True
+    wait_until(lambda: station.line.recipes.active.name == "cap-b", what="the switch")
+    doc = json.loads(urllib.request.urlopen(f"{base}/recipe", timeout=5).read())["line"]
+    assert doc["active"] == "cap-b" and doc["status"] == "ok" and doc["last_switch_ms"] > 0
+    result = fire_and_wait(station, rec)
+    assert result.bundle_id == "bbbbbbbbbbbbbbbb" and result.verdict is not Verdict.FAULT
+    with pytest.raises(urllib.error.HTTPError) as err:    # an unknown recipe is refused, naming the known ones
+        urllib.request.urlopen(urllib.request.Request(f"{base}/recipe/cap-z", method="POST"), timeout=5)
+    assert err.value.code == 404 and "1=cap-a, 2=cap-b" in err.value.read().decode()
+    wait_until(lambda: any(c[2] == "failed" for c in rec.calls_to("recipe_changed")), what="the refusal's ack")
+    running.stop()
+    acks = rec.calls_to("recipe_changed")
+    assert acks[0][:3] == (1, "cap-a", "ok")                          # start-up: the initial recipe, verified
+    assert [a[2] for a in acks[1:3]] == ["switching", "ok"] and acks[2][:2] == (2, "cap-b") and acks[2][3] > 0
+    assert acks[-1][2] == "failed" and "unknown recipe" in acks[-1][4]
+    assert station.status().counters["recipe_switches"] == 1
+
+
+def test_part_arriving_mid_switch_is_fault_never_inspected(two_products, write_station, part_images_bytes,
+                                                           start_station, monkeypatch):
+    release = threading.Event()
+    real = bundle_loader.golden_check
+
+    def slow_check(bundle, pipeline):
+        release.wait(30)                 # the switch's self-test holds until the test has fired its part
+        return real(bundle, pipeline)
+
+    cfg = recipe_station(write_station, two_products)
+    rec = RecipeRecorder()
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec])
+    station = running.station
+    wait_until(lambda: rec.ready, what="ready")
+    monkeypatch.setattr(bundle_loader, "golden_check", slow_check)
+    reads = source.read_calls
+    station.line._on_serial_line("RCP 2")           # the controller selects product 2 on the serial line
+    wait_until(lambda: station.line.recipes.busy, what="the switch to start")
+    before = len(rec.results)
+    station.trigger.fire()                          # a part arrives while the switch runs
+    wait_until(lambda: len(rec.results) > before, what="its answer")
+    mid = rec.results[-1]
+    assert mid.verdict is Verdict.FAULT and "recipe" in mid.error and source.read_calls == reads
+    assert rec.ready is False and station.state.fault_kind == "recipe"
+    release.set()
+    wait_until(lambda: station.line.recipes.status == "ok" and station.line.recipes.active.name == "cap-b",
+               what="the switch")
+    after = fire_and_wait(station, rec)
+    running.stop()
+    assert after.bundle_id == "bbbbbbbbbbbbbbbb" and after.verdict is not Verdict.FAULT
+    # Every inspected part carries the bundle of the recipe in service when it was triggered; none is OK mid-switch.
+    assert [r.bundle_id for r in rec.results if r.verdict is not Verdict.FAULT] == ["bbbbbbbbbbbbbbbb"]
+
+
+def test_failed_switch_keeps_the_line_in_fault_until_a_good_one(two_products, write_station, part_images_bytes,
+                                                                start_station):
+    a, b = two_products
+    cfg = recipe_station(write_station, two_products, preload=False)
+    model = next(p for p in b.iterdir() if p.suffix == ".onnx")
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF                    # product b's bundle is corrupt on disk
+    model.write_bytes(bytes(data))
+    rec = RecipeRecorder()
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec])
+    station = running.station
+    wait_until(lambda: rec.ready, what="ready")
+    accepted, _ = station.line.recipes.request("cap-b", "test")
+    assert accepted
+    wait_until(lambda: station.line.recipes.status == "failed", what="the switch to fail")
+    refused = fire_and_wait(station, rec)
+    assert refused.verdict is Verdict.FAULT and "switch to cap-b failed" in refused.error
+    assert rec.ready is False and station.fault_reason.startswith("recipe: switch to cap-b failed")
+    assert station.state.fault_kind == "recipe"
+    station.line.recipes.request(1, "test")         # back to product a: verified, the line inspects again
+    wait_until(lambda: station.line.recipes.status == "ok", what="the switch back")
+    assert fire_and_wait(station, rec).bundle_id == "aaaaaaaaaaaaaaaa"
+    running.stop()
+    failed = [c for c in rec.calls_to("recipe_changed") if c[2] == "failed"]
+    assert failed and failed[0][:2] == (2, "cap-b") and failed[0][4]
+
+
+def test_modbus_register_selects_and_registers_acknowledge(two_products, write_station, part_images_bytes,
+                                                           free_port, start_station):
+    from pymodbus.client import ModbusTcpClient
+
+    port = free_port()
+    a, b = two_products
+    cfg = load_station(write_station(
+        source={"type": "scripted"}, recovery={"read_timeout_s": 0.1},
+        outputs=[{"type": "modbus", "port": port, "allow_writes": True}],
+        recipes={"modbus_register": 16, "recipes": [{"name": "cap-a", "number": 1, "bundle": str(a)},
+                                                    {"name": "cap-b", "number": 2, "bundle": str(b)}]}))
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source)
+    station = running.station
+    wait_until(lambda: station.counters.frames >= 1, what="inspection")
+    client = ModbusTcpClient("127.0.0.1", port=port, timeout=3, retries=0)
+    assert client.connect()
+    try:
+        assert client.read_holding_registers(7, count=2, device_id=1).registers == [1, 2]   # cap-a, verified
+        assert not client.write_register(16, 2, device_id=1).isError()                     # the PLC asks for 2
+        wait_until(lambda: station.line.recipes.active.name == "cap-b" and station.line.recipes.status == "ok",
+                   what="the switch")
+        wait_until(lambda: client.read_holding_registers(7, count=2, device_id=1).registers == [2, 2],
+                   what="the acknowledgement in registers 7-8")
+    finally:
+        client.close()
+    frames = station.counters.frames
+    wait_until(lambda: station.counters.frames > frames + 1, what="inspection with cap-b")
+    running.stop()
+    assert station.pipeline.bundle.bundle_id == "bbbbbbbbbbbbbbbb"
+
+
+def test_serial_acknowledgement_lines():
+    out = SerialOutput(SerialConfig(port="/dev/null"))
+    written: list[str] = []
+    out._write_line = written.append
+    out.recipe_changed(2, "cap-b", "switching", None, None)
+    out.recipe_changed(2, "cap-b", "ok", 812.4, None)
+    out.recipe_changed(0, "-", "failed", None, "unknown recipe '9'\r\n")
+    assert written == ["RCP 2 cap-b BUSY", "RCP 2 cap-b OK 812", "RCP 0 - ERR unknown recipe '9'"]
+
+
+def test_recipe_errors_name_the_key(write_station, small_bundle):
+    src = {"type": "scripted"}
+    with pytest.raises(ConfigError, match=r"station.yaml: recipes: two recipes have number 1"):
+        load_station(write_station(source=src, recipes={"recipes": [{"name": "a", "number": 1, "bundle": "x"},
+                                                                    {"name": "b", "number": 1, "bundle": "y"}]}))
+    with pytest.raises(ConfigError, match=r"leave out 'bundle'"):
+        load_station(write_station(bundle=small_bundle, source={"type": "scripted"},
+                                   recipes={"recipes": [{"name": "a", "number": 1, "bundle": "x"}]}))
+    with pytest.raises(ConfigError, match=r"modbus_register: must be in the PLC area 16\.\.31"):
+        load_station(write_station(source={"type": "scripted"}, recipes={
+            "modbus_register": 3, "recipes": [{"name": "a", "number": 1, "bundle": "x"}]}))
