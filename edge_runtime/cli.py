@@ -102,6 +102,9 @@ def _validate(a: argparse.Namespace) -> int:
         return 2
     for warning in cfg.http.warnings():
         print(f"warning: {a.config}: {warning}", file=sys.stderr)
+    for i, out in enumerate(cfg.outputs):   # outputs that listen or send credentials (opcua, mqtt)
+        for warning in getattr(out, "warnings", lambda: [])():
+            print(f"warning: {a.config}: outputs[{i}].{warning}", file=sys.stderr)
     print(f"{a.config}: valid")
     return 0
 

@@ -303,6 +303,7 @@ class RolloutManager(Output):
         self._restore_version_record(self._previous_version_record)
         log.error("rollout: rolling back to bundle %s (version %s): %s", previous.bundle.bundle_id,
                   previous.bundle.bundle_version, reason)
+        self._prune_staging(keep={self._previous_path})
         self._state.update(active=self._previous_path, status="rolled_back",
                            rejected=[*self._state.get("rejected", []), candidate][-100:],
                            rollbacks=self._state.get("rollbacks", 0) + 1)
@@ -317,12 +318,26 @@ class RolloutManager(Output):
                 return
             parts, faults, candidate = self._parts, len(self._faults), self._candidate_id
             self._previous = None   # its memory goes back once the loop dropped it too
+        # Keep the committed bundle and the one before it (a manual way back); older staged copies go.
+        self._prune_staging(keep={self._state.get("active"), self._state.get("previous")})
         self._state.update(status="committed", previous=None, previous_version_record=None)
         self._write_state()
         log.info("rollout: bundle %s committed after %d parts (%d FAULT)", candidate, parts, faults)
         self._event("committed", f"bundle {candidate}: {parts} parts, {faults} FAULT")
 
     # -- helpers -------------------------------------------------------------------------------------------
+    def _prune_staging(self, keep: set) -> None:
+        """Delete staged bundle copies not in `keep`; only inside staging_dir, never the station's own bundle."""
+        staging = Path(self.cfg.staging_dir)
+        keep_resolved = {str(Path(k).resolve()) for k in keep if k}
+        try:
+            entries = list(staging.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            if entry.is_dir() and str(entry.resolve()) not in keep_resolved:
+                shutil.rmtree(entry, ignore_errors=True)
+
     def _version_record(self) -> bytes | None:
         try:
             return (self.state_dir / VERSION_STATE_FILE).read_bytes()

@@ -109,6 +109,14 @@ class MqttConfig:
         if not self.outbox:
             self.outbox = os.path.join(state_dir, "mqtt-outbox.sqlite")
 
+    def warnings(self) -> list[str]:
+        if self.tls_ca is None and self.host not in ("127.0.0.1", "::1", "localhost"):
+            if self.username:
+                return [f"tls_ca: not set: the password for {self.username!r} crosses the network to {self.host} "
+                        "in clear text"]
+            return [f"tls_ca: not set: results go to {self.host} unencrypted and the broker is not authenticated"]
+        return []
+
     @property
     def effective_client_id(self) -> str:
         return self.client_id or "edge-" + self.topic_prefix.replace("/", "-")
@@ -174,6 +182,12 @@ class MqttOutput(Output):
         except ImportError as exc:
             raise OutputError(f"{self.name}: paho-mqtt is not installed (pip install 'patchcore-edge[io]')") from exc
         assert self.cfg.outbox, "resolve_paths() sets the outbox path"
+        for key in ("tls_ca", "tls_cert", "tls_key", "password_file"):
+            path = getattr(self.cfg, key)
+            if path and not os.access(path, os.R_OK):   # say it once, naming the key, not on every reconnect
+                raise OutputError(f"{self.name}: {key} {path}: cannot read it")
+        for warning in self.cfg.warnings():
+            log.warning("%s: %s", self.name, warning)
         try:
             self.outbox = Outbox(self.cfg.outbox, self.cfg.outbox_max_records, fsync=self.cfg.outbox_fsync)
         except Exception as exc:  # sqlite3.Error, OSError

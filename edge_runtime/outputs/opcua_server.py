@@ -55,6 +55,18 @@ class OpcUaConfig:
             raise ValueError(f"state_interval_s: must be > 0, got {self.state_interval_s}")
 
 
+    def warnings(self) -> list[str]:
+        """What `edge-runtime validate` and the start-up log say about an exposed server."""
+        if self.host in ("127.0.0.1", "::1", "localhost"):
+            return []
+        found = [f"host {self.host}: the OPC UA server has no user authentication or encryption (security policy "
+                 "None): anyone who reaches this address reads the station's results"]
+        if self.allow_trigger:
+            found.append(f"allow_trigger: StartSingleJob is allowed on {self.host}: anyone who reaches it can "
+                         "trigger captures")
+        return found
+
+
 class OpcUaServer(Output):
     role = "record"
 
@@ -88,6 +100,8 @@ class OpcUaServer(Output):
             import asyncua  # noqa: F401
         except ImportError as exc:
             raise OutputError(f"{self.name}: asyncua is not installed (pip install 'patchcore-edge[opcua]')") from exc
+        for warning in self.cfg.warnings():
+            log.warning("%s: %s", self.name, warning)
         self._thread = threading.Thread(target=self._thread_main, name="opcua-server", daemon=True)
         self._thread.start()
         if not self._started.wait(30):

@@ -141,6 +141,7 @@ def test_bad_bundle_is_switched_to_then_rolled_back_with_its_log(plant, tmp_path
     assert state["status"] == "rolled_back" and v2 in state["rejected"] and state["rollbacks"] == 1
     # The downgrade floor is back at v1, so a restart loads v1 again rather than refusing it.
     assert json.loads((tmp_path / "state" / VERSION_STATE_FILE).read_text())["bundle_version"] == 1
+    assert list((tmp_path / "state" / "bundles").iterdir()) == []   # the rolled-back copy is gone
     print("\n--- rollback log ---\n" + log_text)
 
     again = start_station(load_station(station_file(tmp_path, plant, free_port)))
@@ -196,8 +197,51 @@ def test_good_bundle_offered_over_mqtt_is_committed_and_reported(plant, tmp_path
         assert sub.wait_for(lambda s: any(json.loads(p).get("bundle_version") == 5
                                           for p in s.payloads(f"{prefix}/state")), timeout=30)
         running.stop()
+        staged = list((tmp_path / "state" / "bundles").iterdir())
+        assert len(staged) == 1 and Bundle.load(staged[0]).bundle_id == v5
         on_v5 = [r for r in records(tmp_path) if r["bundle_id"] == v5]
         assert len(on_v5) >= 10 and all(r["verdict"] != "FAULT" for r in on_v5)
     finally:
         sub.close()
         broker.stop()
+
+
+def test_a_daemon_that_stopped_during_probation_restarts_on_the_previous_bundle(tmp_path):
+    from edge_runtime.rollout import RolloutConfig, RolloutManager
+
+    state = tmp_path / "state"
+    state.mkdir()
+    previous, candidate = tmp_path / "v1", tmp_path / "v2"
+    previous.mkdir()
+    candidate.mkdir()
+    (state / VERSION_STATE_FILE).write_text('{"bundle_version": 2}\n')
+    (state / ROLLOUT_STATE_FILE).write_text(json.dumps({
+        "active": str(candidate), "previous": str(previous), "status": "probation", "candidate_id": "c2",
+        "previous_version_record": '{"bundle_version": 1}\n'}))
+    cfg = RolloutConfig(enabled=True, staging_dir=str(state / "bundles"))
+    manager = RolloutManager(cfg, str(state), load=None, install=None, current=lambda: None,
+                             set_bundle_path=lambda p: None)
+    assert manager.startup_bundle(str(tmp_path / "configured")) == str(previous)
+    assert manager.report()["status"] == "rolled_back"
+    assert json.loads((state / VERSION_STATE_FILE).read_text())["bundle_version"] == 1
+    saved = json.loads((state / ROLLOUT_STATE_FILE).read_text())
+    assert saved["status"] == "rolled_back" and saved["active"] == str(previous) and "c2" in saved["rejected"]
+    # The next start takes the active (previous) folder without rolling back again.
+    again = RolloutManager(cfg, str(state), load=None, install=None, current=lambda: None,
+                           set_bundle_path=lambda p: None)
+    assert again.startup_bundle(str(tmp_path / "configured")) == str(previous)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({"probation_parts": 0}, "rollout.probation_parts: must be >= 1"),
+    ({"probation_parts": 5, "probation_max_faults": 6}, "rollout.probation_max_faults: must be 1..probation_parts"),
+])
+def test_rollout_section_errors_name_the_key(tmp_path, body, expected):
+    from edge_runtime.schema import ConfigError
+
+    path = tmp_path / "station.yaml"
+    path.write_text(yaml.safe_dump({"bundle": "b", "source": {"type": "folder", "path": "i"},
+                                    "rollout": {"enabled": True, **body}}))
+    with pytest.raises(ConfigError) as err:
+        load_station(path)
+    assert expected in str(err.value)

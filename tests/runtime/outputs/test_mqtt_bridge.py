@@ -38,9 +38,9 @@ def test_line_broker_bridged_to_plant_broker_carries_results_state_and_commands(
         while not out._connected and time.monotonic() < deadline:
             time.sleep(0.05)
         # The bridge announces itself on the plant broker (retained notification) once connected and subscribed.
-        bridge = mb.Subscriber(plant.port, ["$SYS/broker/connection/plant-uplink/state"], client_id="watch",
+        bridge = mb.Subscriber(plant.port, ["$SYS/broker/connection/line3-bridge/state"], client_id="watch",
                                persistent=False)
-        assert bridge.wait_for(lambda s: b"1" in s.payloads("$SYS/broker/connection/plant-uplink/state")), \
+        assert bridge.wait_for(lambda s: b"1" in s.payloads("$SYS/broker/connection/line3-bridge/state")), \
             line.log_tail()
         bridge.close()
         for i in range(20):

@@ -15,7 +15,7 @@ import pytest
 
 from edge_runtime.config import load_station
 from edge_runtime.output_bus import OutputBus
-from edge_runtime.outputs import MqttConfig, MqttOutput, build_output
+from edge_runtime.outputs import MqttConfig, MqttOutput, OutputError, build_output
 from edge_runtime.outputs.result_log import encode_record
 from edge_runtime.records import InspectionResult, Verdict
 from edge_runtime.schema import ConfigError
@@ -256,3 +256,23 @@ def test_station_file_mqtt_errors_name_the_key(tmp_path, body, key, expected):
     with pytest.raises(ConfigError) as err:
         load_station(write_station(tmp_path, "- type: mqtt\n" + textwrap.indent(body, "  ") + "\n"))
     assert key in str(err.value) and expected in str(err.value)
+
+
+def test_validate_warns_about_a_password_in_clear_and_start_names_an_unreadable_file(tmp_path, capsys):
+    from edge_runtime import cli
+
+    (tmp_path / "images").mkdir()
+    station = write_station(tmp_path, """
+        - type: mqtt
+          host: broker.plant.local
+          topic_prefix: acme/s7
+          username: station7
+          password_file: missing.pw
+    """)
+    assert cli.main(["validate", str(station)]) == 0
+    err = capsys.readouterr().err
+    assert "outputs[0].tls_ca: not set: the password for 'station7' crosses the network" in err
+    out = build_output(load_station(station).outputs[0])
+    with pytest.raises(OutputError) as exc:
+        out.start()
+    assert f"password_file {tmp_path / 'missing.pw'}: cannot read it" in str(exc.value)

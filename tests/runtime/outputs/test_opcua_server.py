@@ -122,3 +122,9 @@ def test_single_job_is_refused_unless_allowed():
 def test_default_config_is_loopback_and_trigger_off():
     cfg = OpcUaConfig()
     assert (cfg.host, cfg.port, cfg.allow_trigger) == ("127.0.0.1", 4840, False)
+
+
+def test_an_exposed_server_is_warned_about():
+    assert OpcUaConfig().warnings() == []
+    found = OpcUaConfig(host="0.0.0.0", allow_trigger=True).warnings()
+    assert "no user authentication or encryption" in found[0] and found[1].startswith("allow_trigger:")
