@@ -53,6 +53,10 @@ class Feedback:
             raise FeedbackError(f"part {frame_id} is no longer in the history")
         if part.frame is None:
             raise FeedbackError(f"the frame of part {frame_id} is no longer kept (page.keep_frames)")
+        current = self.current_bundle()
+        if current is not None and current.geometry.roi is not None:
+            # The page keeps the inspected region, already cropped; the bundle's own ROI would crop it again.
+            raise FeedbackError("this bundle crops its own ROI: give the full camera frame to `edge-runtime adapt`")
         return InputImage.from_rgb(f"frame{frame_id}_{Path(part.record.get('source') or '').name}", part.frame)
 
     def _keep(self, who: str, plan: Adaptation, frames: list[int]) -> str:
@@ -93,8 +97,9 @@ class Feedback:
     # ---- this NG part is good ----------------------------------------------------------------------------------
     def preview_good(self, frame_id: int, who: str) -> dict:
         img = self._frame_image(frame_id)
+        bundle = self._bundle()
         try:
-            plan = prepare(self._bundle(), [img], [], threads=self.threads)
+            plan = prepare(bundle, [img], [], threads=self.threads)
         except AdaptError as exc:
             raise FeedbackError(str(exc)) from None
         return {"plan": self._keep(who, plan, [frame_id]), **plan.summary()}
