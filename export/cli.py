@@ -58,7 +58,7 @@ def _fit(a: argparse.Namespace) -> int:
     s = FitSettings(coreset_ratio=a.coreset_ratio, backbone=a.backbone, input_size=a.input_size, pixels=a.pixels,
                     scale=a.scale, tile_overlap=a.tile_overlap, roi=a.roi, size_policy=a.size_policy,
                     aggregation_size=a.aggregation, seed=a.seed, projection_dim=a.projection_dim,
-                    cross_fit_folds=a.cross_fit_folds, max_train=a.max_train, target_false_reject=a.target_frr,
+                    cross_fit_folds=a.cross_fit_folds, cross_fit_method=a.cross_fit_method, max_train=a.max_train, target_false_reject=a.target_frr,
                     review_false_reject=a.review_frr, defect_margin=a.defect_margin, int8_target=a.int8_target,
                     default_variant=a.default_variant, product=a.product, bundle_version=a.bundle_version,
                     hnsw=HnswParams(M=a.hnsw_m, ef_construction=a.hnsw_ef_construction, ef_search=a.ef))
@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--cross-fit-folds", type=int, default=5,
                    help="k-fold cross-fitting that scores every good image against a bank built without it, "
                         "for the threshold (default: 5; 0 skips it: for accuracy experiments only)")
+    f.add_argument("--cross-fit-method", choices=["bank-minus-fold", "refit"], default="bank-minus-fold",
+                   help="how each fold's bank is made (default: bank-minus-fold: the shipped coreset less the fold's "
+                        "own vectors, searched in the shipped HNSW index with an exact re-check, no coreset re-run; "
+                        "refit: a new coreset per fold on the other folds' images, ~k times the coreset cost)")
     f.add_argument("--target-frr", type=float, default=0.005,
                    help="target false-reject rate of good parts; the threshold is the modelled quantile of the "
                         "cross-fitted good scores (default: 0.005)")

@@ -1,10 +1,11 @@
 """Fit PatchCore on good images and write the deployable bundle.
 
-Steps: geometry from the training images (aspect kept, optional tiling) -> torch patch features of every good
-image -> greedy coreset (indices) -> ONNX FP32 -> ONNX INT8 -> per variant (fp32, int8): memory bank = that
-extractor's features of the coreset patches -> HNSW index -> k-fold cross-fitted scores of every good image ->
-operating point (tail model, optional review band, calibration defects scored by the runtime's own Pipeline)
--> golden images with expected scores -> manifest with checksums.
+Steps: geometry from the training images (aspect kept, optional tiling) -> ONNX FP32 -> ONNX INT8 -> both
+graphs' patch features of every good image (each decoded once) -> greedy coreset (indices, on the FP32 features)
+-> per variant (fp32, int8): memory bank = that extractor's features of the coreset patches -> HNSW index ->
+k-fold cross-fitted scores of every good image (export.crossfit) -> operating point (tail model, optional review
+band, calibration defects scored by the runtime's own Pipeline) -> golden images with expected scores -> manifest
+with checksums.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hn
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.preprocess import NORMALIZATION, preprocess
 from export import backbone as backbone_mod
+from export import crossfit
 from export.calibration import operating_point
 from export.coreset import CHUNK_PATCHES, greedy_coreset
 from export.dataset import calibration_images, train_images
@@ -54,6 +56,7 @@ class FitSettings:
     projection_dim: int | None = None      # None keeps the full concatenated dimension
     coreset_projection_dim: int = 128      # JL projection used only to pick the coreset
     cross_fit_folds: int = 5               # k-fold scores of every good image for the threshold (0: skip, AUROC runs)
+    cross_fit_method: str = "bank-minus-fold"  # export.crossfit.METHODS: how each fold's bank is made
     max_train: int | None = None           # few-shot: at most this many images in the bank
     target_false_reject: float = 0.005
     review_false_reject: float | None = None  # lower edge of a review band at this modelled good-part rate
@@ -66,6 +69,21 @@ class FitSettings:
     batch_size: int = 8
     product: str | None = None             # manifest 'product'; None: the data folder's name
     bundle_version: int | None = None      # manifest 'bundle_version' (monotonic); None: UTC seconds at fit time
+
+
+class StageClock:
+    """Wall and CPU seconds (all threads) of each fit stage since the previous mark, for the manifest: on shared
+    cores the CPU time is the figure that does not depend on what else runs."""
+
+    def __init__(self):
+        self.stages: dict[str, dict[str, float]] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def mark(self, name: str) -> float:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.stages[name] = {"wall_s": round(wall - self._wall, 2), "cpu_s": round(cpu - self._cpu, 2)}
+        self._wall, self._cpu = wall, cpu
+        return self.stages[name]["wall_s"]
 
 
 def log(msg: str) -> None:
@@ -146,61 +164,59 @@ def tensors(path: Path, geom: Geometry) -> np.ndarray:
     return preprocess(load_image(path), geom, str(path))[0]
 
 
-@torch.no_grad()
-def torch_features(model: PatchFeatures, paths: list[Path], geom: Geometry, batch: int = 8,
-                   label: str = "features") -> np.ndarray:
-    """(len(paths) * patches_per_image, dim) float32, image-major, tile-major within an image."""
+def onnx_features(extractors: dict[str, FeatureExtractor], paths: list[Path], geom: Geometry,
+                  label: str = "features") -> dict[str, np.ndarray]:
+    """Per extractor, (len(paths) * patches_per_image, dim) float32 features, image-major; each image decoded once."""
     per_image = geom.n_tiles * geom.grid()[0] * geom.grid()[1]
-    out = np.empty((len(paths) * per_image, model.dim), dtype=np.float32)
-    t0 = time.time()
-    for s in range(0, len(paths), batch):
-        x = np.concatenate([tensors(p, geom) for p in paths[s:s + batch]])
-        f = model(torch.from_numpy(x)).numpy()
-        out[s * per_image:s * per_image + f.shape[0] * f.shape[1]] = f.reshape(-1, model.dim)
-        if time.time() - t0 > 5 and (s // batch) % 10 == 0:
-            log(f"{label}: {min(s + batch, len(paths))}/{len(paths)} images")
+    out = {name: np.empty((len(paths) * per_image, ex.dim), dtype=np.float32) for name, ex in extractors.items()}
+    t0 = last = time.time()
+    for i, p in enumerate(paths):
+        x = tensors(p, geom)
+        for name, ex in extractors.items():
+            out[name][i * per_image:(i + 1) * per_image] = ex(x)
+        if time.time() - last > 10:
+            last = time.time()
+            log(f"{label}: {i + 1}/{len(paths)} images ({(i + 1) / (last - t0):.1f} images/s)")
     return out
 
 
-def onnx_features(extractor: FeatureExtractor, paths: list[Path], geom: Geometry) -> np.ndarray:
-    return np.concatenate([extractor(tensors(p, geom)) for p in paths])
-
-
-def nearest_search(bank: np.ndarray, n_queries: int, seed: int = 0):
-    """Exact search where one pass is cheap, else HNSW with the exact re-check (image scores stay exact)."""
-    if n_queries * len(bank) * bank.shape[1] <= 3e11:
-        return ExactSearch(bank)
-    params = HnswParams(ef_construction=64, ef_search=32)
-    return HnswSearch(build_hnsw(bank, params, seed), params, threads=2)
-
-
-def cross_fit_scores(feats: dict[str, np.ndarray], n_images: int, per_image: int, s: FitSettings) -> dict[str, np.ndarray]:
-    """Per variant, every good image's score against a bank built (coreset and all) without its fold."""
+def cross_fit_scores(feats: dict[str, np.ndarray], indexes: dict, selected: np.ndarray, n_images: int, per_image: int,
+                     s: FitSettings) -> tuple[dict[str, np.ndarray], dict]:
+    """Per variant, every good image's score against a bank without its fold (export.crossfit says how), and the
+    record of how that was done for the manifest."""
+    if s.cross_fit_method not in crossfit.METHODS:
+        raise ValueError(f"cross-fit method {s.cross_fit_method!r}: expected one of {', '.join(crossfit.METHODS)}")
     folds = min(s.cross_fit_folds, n_images)
-    fold_of = np.random.default_rng(s.seed + 1).permutation(n_images) % folds
-    scores = {name: np.empty(n_images) for name in feats}
-    for f in range(folds):
-        t0 = time.time()
-        held = np.nonzero(fold_of == f)[0]
-        rows = np.nonzero(np.repeat(fold_of != f, per_image))[0]
-        n_sel = max(1, int(round(s.coreset_ratio * len(rows))))
-        sel = rows[greedy_coreset(feats["fp32"][rows], n_sel, s.coreset_projection_dim, s.seed + f, progress=False)]
-        for name, x in feats.items():
-            search = nearest_search(x[sel], len(held) * per_image, s.seed)
-            for i in held:
-                scores[name][i] = float(search.distances(x[i * per_image:(i + 1) * per_image]).max())
-        log(f"cross-fit fold {f + 1}/{folds}: {len(held)} images scored against a bank of {n_sel} in {time.time() - t0:.1f} s")
-    return scores
+    fold_of = crossfit.fold_assignment(n_images, folds, s.seed)
+    record = {"method": s.cross_fit_method, "folds": folds, "fold_seed": s.seed + 1}
+    if s.cross_fit_method == "refit":
+        scores = crossfit.refit_scores(feats, feats["fp32"], per_image, fold_of, s.coreset_ratio,
+                                       s.coreset_projection_dim, s.seed, log)
+        record["bank"] = "per fold: greedy coreset re-run on the other folds' images; exact image scores"
+        return scores, record
+    scores = {}
+    for name, x in feats.items():
+        scores[name], stats = crossfit.bank_minus_fold_scores(x, selected, indexes[name], per_image, fold_of,
+                                                              threads=2, log=log)
+        record[f"{name}_rechecked_patches_per_image"] = round(stats["rechecked_patches_per_image"], 1)
+    record["search"] = f"HNSW ef {crossfit.CROSS_FIT_EF} (fold vectors marked deleted) + exact re-check of the image score"
+    record["bank"] = ("per fold: the shipped coreset less the vectors from the fold's own images (no coreset re-run; "
+                      "conservative: no other image's patch fills their place); held-out images searched in the "
+                      "shipped HNSW index with those vectors marked deleted, image scores exact by re-check")
+    return scores, record
 
 
 def set_operating_point(v: dict, name: str, good_scores: np.ndarray, defect_scores: np.ndarray,
                         bank_scores: np.ndarray | None, target_false_reject: float, review_false_reject: float | None,
-                        defect_margin: float, seed: int = 0, cross_fitted: bool = True) -> float | None:
+                        defect_margin: float, seed: int = 0, cross_fitted: bool = True,
+                        cross_fit_method: str | None = None) -> float | None:
     """Thresholds of one variant into its manifest entry `v`; returns the calibration AUROC when defects exist."""
     threshold, review, info = operating_point(good_scores, defect_scores, target_false_reject, review_false_reject,
                                               bank_scores, defect_margin, seed)
     if not cross_fitted:
         info["method"] += " (NO cross-fitting: in-bank scores, for accuracy runs only)"
+    elif cross_fit_method:
+        info["cross_fit_method"] = cross_fit_method  # export.crossfit: how each fold's bank was made
     v["threshold"], v["review_threshold"], v["threshold_info"] = threshold, review, info
     separation = None
     if len(defect_scores):
@@ -237,6 +253,7 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
         overwrite: bool = False) -> Bundle:
     s = settings or FitSettings()
     t_fit = time.time()
+    clock = StageClock()
     out = Path(out)
     images = train_images(data_dir)
     if s.max_train is not None:  # few-shot: a seeded subset
@@ -256,16 +273,11 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
     log(f"{len(images)} good images, {len(defects)} calibration defects; {s.backbone}; " + "; ".join(geom_info["notes"]))
     log(f"{per_image} patches x {model.dim}-d per image")
 
-    t0 = time.time()
-    feats = torch_features(model, images, geom, s.batch_size, "bank features")
-    t_feat = time.time() - t0
-    n_select = max(1, int(round(s.coreset_ratio * len(feats))))
-    t0 = time.time()
-    selected = greedy_coreset(feats, n_select, s.coreset_projection_dim, s.seed)
-    t_coreset = time.time() - t0
-    log(f"coreset {n_select}/{len(feats)} patches in {t_coreset:.1f} s")
-
+    # The exported graphs compute every feature: the FP32 ONNX graph is the one the fp32 variant runs (torch's
+    # output differs by ~5e-5 of 18) and runs ~30x faster than torch eager here; each image is decoded once for both.
+    clock.mark("setup")
     onnx_info = export_fp32(model, geom.input_size, out / "features_fp32.onnx")
+    clock.mark("onnx_export")
     calib, n_calib_tiles = [], 0
     for p in images[:s.int8_calibration_images]:
         if n_calib_tiles >= 4 * s.int8_calibration_images:  # tiled bundles: enough tiles from fewer images
@@ -273,23 +285,36 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
         calib.append(tensors(p, geom))
         n_calib_tiles += geom.n_tiles
     quant_info = quantize_int8(out / "features_fp32.onnx", out / "features_int8.onnx", calib, s.int8_target)
-    log(f"ONNX FP32 and INT8 ({s.int8_target}) written")
-
-    int8 = FeatureExtractor(out / "features_int8.onnx", (grid[0] * grid[1], model.dim, geom.input_size, geom.n_tiles),
-                            threads=2)
+    del calib
+    log(f"ONNX FP32 and INT8 ({s.int8_target}) written (quantisation {clock.mark('int8_quantisation'):.1f} s)")
+    models = {"fp32": "features_fp32.onnx", "int8": "features_int8.onnx"}
+    expected = (grid[0] * grid[1], model.dim, geom.input_size, geom.n_tiles)
+    extractors = {name: FeatureExtractor(out / f, expected, threads=2) for name, f in models.items()}
     # The INT8 bank holds the INT8 extractor's features of the same coreset patches: a bank built from
     # FP32 features but queried with INT8 ones loses ~5 points of image AUROC (shared/BACKBONES.md).
-    t0 = time.time()
-    all_feats = {"fp32": feats, "int8": onnx_features(int8, images, geom)}
-    log(f"INT8 features of every image in {time.time() - t0:.1f} s")
+    all_feats = onnx_features(extractors, images, geom, "fp32 + int8 features")
+    del extractors
+    t_feat = clock.mark("features")
+    log(f"FP32 and INT8 features of {len(images)} images in {t_feat:.1f} s")
+    n_select = max(1, int(round(s.coreset_ratio * len(all_feats["fp32"]))))
+    selected = greedy_coreset(all_feats["fp32"], n_select, s.coreset_projection_dim, s.seed)
+    t_coreset = clock.mark("coreset")
+    log(f"coreset {n_select}/{len(all_feats['fp32'])} patches in {t_coreset:.1f} s")
     banks = {name: x[selected] for name, x in all_feats.items()}
-    models = {"fp32": "features_fp32.onnx", "int8": "features_int8.onnx"}
+    indexes = {}
     for name, bank in banks.items():
-        build_hnsw(bank, s.hnsw, s.seed).save_index(str(out / f"index_{name}.hnsw"))
-    t0 = time.time()
-    crossfit = cross_fit_scores(all_feats, len(images), per_image, s) if s.cross_fit_folds else {}
-    t_cross = time.time() - t0
-    del feats, all_feats
+        indexes[name] = build_hnsw(bank, s.hnsw, s.seed)
+        indexes[name].save_index(str(out / f"index_{name}.hnsw"))
+    t_index = clock.mark("hnsw_build")
+    log(f"HNSW indexes built in {t_index:.1f} s")
+    crossfit_record = None
+    crossfit_scores = {}
+    if s.cross_fit_folds:
+        crossfit_scores, crossfit_record = cross_fit_scores(all_feats, indexes, selected, len(images), per_image, s)
+    t_cross = clock.mark("cross_fit")
+    if crossfit_record:
+        crossfit_record["seconds"] = round(t_cross, 2)
+    del all_feats, indexes
 
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -322,7 +347,8 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
                 "settings": {k: v for k, v in asdict(s).items() if k != "hnsw"},
                 "bank_images": [p.name for p in images], "calibration_defects": [str(p) for p in defects],
                 "calibration_defect_sha256": [sha256_file(p) for p in defects],
-                "feature_seconds": round(t_feat, 2), "cross_fit_seconds": round(t_cross, 2)},
+                "feature_seconds": round(t_feat, 2), "index_seconds": round(t_index, 2),
+                "cross_fit_seconds": round(t_cross, 2), "cross_fit": crossfit_record},
         "files": {},
     }
     manifest["variants"]["int8"]["quantization"] = quant_info
@@ -343,17 +369,22 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
         pipe = Pipeline(draft, precision=name, knn="hnsw", threads=2)
         defect_scores = np.array([pipe.score_rgb(load_image(p), str(p)).score for p in defects])
         bank_scores = np.array([pipe.score_rgb(load_image(p), str(p)).score for p in bank_sample])
-        good_scores = crossfit.get(name, bank_scores)
+        good_scores = crossfit_scores.get(name, bank_scores)
         v = manifest["variants"][name]
         sep = set_operating_point(v, name, good_scores, defect_scores, bank_scores, s.target_false_reject,
-                                  s.review_false_reject, s.defect_margin, s.seed, cross_fitted=bool(crossfit))
+                                  s.review_false_reject, s.defect_margin, s.seed, cross_fitted=bool(crossfit_scores),
+                                  cross_fit_method=crossfit_record["method"] if crossfit_record else None)
         if sep is not None:
             separation[name] = sep
-        v["cross_fit_scores"] = {p.name: round(float(x), 5) for p, x in zip(images, good_scores)} if crossfit else None
+        v["cross_fit_scores"] = ({p.name: round(float(x), 5) for p, x in zip(images, good_scores)}
+                                 if crossfit_scores else None)
         v["golden"] = [{"file": g, "score": pipe.score_rgb(load_image(out / g), g).score} for g in golden_files]
         v["golden_tolerance"] = {"relative": 1e-3 if name == "fp32" else 1e-2}
     manifest["default_variant"], manifest["default_variant_reason"] = choose_default_variant(s.default_variant, separation)
     log(f"default variant {manifest['default_variant']}: {manifest['default_variant_reason']}")
+    clock.mark("operating_point_golden_manifest")
+    manifest["fit"]["stages"] = clock.stages
+    manifest["fit"]["cpu_seconds"] = round(sum(v["cpu_s"] for v in clock.stages.values()), 1)
     manifest["fit"]["seconds"] = round(time.time() - t_fit, 1)
     manifest["fit"]["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     write_manifest(out, manifest)

@@ -56,8 +56,10 @@ def recalibrate(bundle_dir: Path, out: Path, calibration_defects: Path | None = 
         defect_scores = np.array([pipe.score_rgb(load_image(p), str(p)).score for p in defects])
         good = np.array(list(v["cross_fit_scores"].values()), dtype=np.float64)
         bank_max = v.get("threshold_info", {}).get("bank_scores_max")
+        # Bundles from before fit.cross_fit was recorded re-ran the coreset per fold.
+        method = (m.get("fit", {}).get("cross_fit") or {}).get("method", "refit")
         sep = set_operating_point(v, name, good, defect_scores, np.array([bank_max]) if bank_max else None,
-                                  target, review, margin)
+                                  target, review, margin, cross_fit_method=method)
         if sep is not None:
             separation[name] = sep
     requested = settings.get("default_variant", m["default_variant"])

@@ -42,3 +42,11 @@ def test_coreset_edge_sizes():
     assert len(greedy_coreset(x, 10_000, progress=False)) == len(x)
     with pytest.raises(ValueError):
         greedy_coreset(x, 0, progress=False)
+
+
+def test_chunked_selection_does_not_depend_on_the_worker_count():
+    # Chunks run in parallel threads; each chunk's random start is drawn up front, so the result is the same.
+    x = clustered(n=3000)
+    one = greedy_coreset(x, 150, projection_dim=16, seed=2, progress=False, chunk_patches=700, workers=1)
+    two = greedy_coreset(x, 150, projection_dim=16, seed=2, progress=False, chunk_patches=700, workers=2)
+    assert len(one) == 150 and np.array_equal(one, two)

@@ -37,11 +37,14 @@ def test_bundle_manifest_pins_the_score(small_bundle):
         assert v["threshold"] > 0 and v["golden"] and v["threshold_info"]["good_scores"]["n"] == 40
         # every good image was scored against a bank built without it, and the threshold respects the bank's own
         assert len(v["cross_fit_scores"]) == 40
+        assert v["threshold_info"]["cross_fit_method"] == "bank-minus-fold"
         assert v["threshold"] > v["threshold_info"]["bank_scores_max"]
         frr = v["threshold_info"]["expected_false_reject"]
         assert 0 <= frr["modelled_ci95"][0] <= frr["modelled"] <= frr["modelled_ci95"][1] <= 1
         assert v["model"] in m["files"] and v["index"] in m["files"]
     assert m["index"]["ef_search"] >= 1 and m["backbone"]["weights_sha256"]
+    assert m["fit"]["cross_fit"]["method"] == "bank-minus-fold" and m["fit"]["cross_fit"]["folds"] == 5
+    assert set(m["fit"]["stages"]) >= {"features", "coreset", "hnsw_build", "cross_fit"}
     for name in ("manifest.yaml",):
         assert name not in m["files"]
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())

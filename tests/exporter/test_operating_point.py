@@ -110,6 +110,9 @@ def test_recalibrate_moves_the_threshold_without_refitting(small_bundle, synthet
         assert v_new.review_threshold is not None and v_new.review_threshold < v_new.threshold
         assert v_new.info["threshold_info"]["calibration_escapes"] == 0
         assert v_new.info["threshold_info"]["defect_scores"]["n"] == 4
+        # how the good scores were cross-fitted stays on record through a recalibration
+        assert v_new.info["threshold_info"]["cross_fit_method"] == v_old.info["threshold_info"]["cross_fit_method"] \
+            == new.manifest["fit"]["cross_fit"]["method"] == "bank-minus-fold"
     assert yaml.safe_load((out / "manifest.yaml").read_text())["files"] == old.manifest["files"]
     # The defects used for the threshold are copies of test images: evaluate finds them by content and leaves
     # them out, so escapes are never counted on the images the threshold was set on.
