@@ -211,7 +211,7 @@ class Adaptation:
             dst.write_bytes(parent.read_verified(rel))
         m = copy.deepcopy(parent.manifest)
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        who = who or _user()
+        who = who or login_user()
         fb = m.setdefault(FEEDBACK_KEY, {"learned": [], "defects": []})
         fb.setdefault("learned", [])
         fb.setdefault("defects", [])
@@ -282,7 +282,7 @@ class Adaptation:
         return bundle
 
 
-def _user() -> str:
+def login_user() -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError):

@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from edge_runtime.bank_adapt import LINEAGE_DIR, AdaptError, append_audit, sign_version, _user
+from edge_runtime.bank_adapt import LINEAGE_DIR, AdaptError, append_audit, sign_version, login_user
 from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class VersionStore:
             (tmp / LINEAGE_DIR / f"{target.bundle_id}.manifest.yaml").write_bytes((target.root / MANIFEST).read_bytes())
             (tmp / LINEAGE_DIR / f"{target.bundle_id}.manifest.sig").write_bytes((target.root / SIGNATURE).read_bytes())
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        who = who or _user()
+        who = who or login_user()
         m["lineage"] = list(m.get("lineage", [])) + [{
             "bundle_id": target.bundle_id, "bundle_version": target.bundle_version,
             "manifest_sha256": sha256_file(target.root / MANIFEST), "signed": signed,

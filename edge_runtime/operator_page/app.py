@@ -132,6 +132,8 @@ def build_app(cfg: PageConfig, history: PartHistory, status: Callable[[], Statio
         score = f"{last['score']:.3f}" if last and last.get("score") is not None else "-"
         thr = f"{last['threshold']:.3f}" if last and last.get("threshold") is not None else "-"
         img = f'/img/{last["frame_id"]}/overlay.jpg' if last else ""
+        shift = ('<button id="newshift">start a new shift</button>'
+                 if s is not None and role_allows(s.role, "operator") else "")
         body = f"""<main class="live">
 <section class="view"><img id="overlay" alt="latest part with heat map" src="{img}">
 <div id="partlink">{f'<a href="/part/{last["frame_id"]}">part {last["frame_id"]}</a>' if last else 'no part yet'}</div></section>
@@ -139,7 +141,7 @@ def build_app(cfg: PageConfig, history: PartHistory, status: Callable[[], Statio
 <div class="score">score <b id="score">{score}</b> / threshold <b id="threshold">{thr}</b></div>
 <canvas id="trend" width="520" height="180" data-points="0"></canvas>
 <canvas id="hist" width="520" height="140" data-points="0"></canvas>
-<table id="status" class="status"></table></section></main>"""
+<table id="status" class="status"></table>{shift}</section></main>"""
         return _page("Live", body, s, sessions.writable, s.csrf if s else "")
 
     async def history_page(request: Request) -> Response:

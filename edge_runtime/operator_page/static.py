@@ -96,6 +96,9 @@ if(document.getElementById('trend')){
   });
 }
 
+const ns = document.getElementById('newshift');
+if(ns) ns.onclick = () => { if(confirm('Reset the shift counters?')) post('/api/shift').catch(e=>alert(e.message)); };
+
 // ---- feedback dialogs ------------------------------------------------------------------------------------------
 const dlg = document.getElementById('dlg'), body = document.getElementById('dlgbody'), applyB = document.getElementById('apply');
 let pending = null;

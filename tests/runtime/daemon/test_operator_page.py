@@ -131,6 +131,9 @@ def test_unauthenticated_cross_site_and_role_checks(page_station):
     assert status == 403 and "CSRF" in body["error"]
     status, body = c.post("/api/rollback", {"name": "base"})
     assert status == 403 and "engineer" in body["error"]                # operators cannot roll back
+    assert c.get_json("/api/status")["shift"]["counts"]["NG"] == 1
+    assert c.post("/api/shift", {})[0] == 200                            # a new shift: counters from zero
+    assert c.get_json("/api/status")["shift"]["counts"]["NG"] == 0
     bad_host = c.request("GET", "/api/status", headers={"Host": "attacker.example"})
     assert bad_host[0] == 403                                            # DNS rebinding
     viewer = Client(port)
