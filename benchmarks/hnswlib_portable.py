@@ -159,11 +159,19 @@ def main(argv=None) -> int:
 
     children = {}
     for name, b in builds.items():
+        # Loading the bundle's own index first: a build that cannot read it is reported, not timed.
         env = {**os.environ, "PYTHONPATH": b["site"], "OMP_NUM_THREADS": "1"}
+        check = subprocess.run([sys.executable, "-c", "import hnswlib, sys; i = hnswlib.Index(space='l2', dim=int(sys.argv[2]));"
+                                " i.load_index(sys.argv[1]); print(i.get_current_count())", info["index_file"],
+                                str(info["dim"])], env=env, capture_output=True, text=True)
+        if check.returncode != 0:
+            b["error"] = (check.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"{name}: cannot load {info['index_file']}: {b['error']}", file=sys.stderr)
+            continue
         children[name] = subprocess.Popen(
             [sys.executable, "-c", CHILD, info["index_file"], str(info["dim"]), str(info["ef"]), str(a.threads),
              str(qpath), "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    ms = {name: [] for name in builds}
+    ms = {name: [] for name in children}
     sums = {}
     for _ in range(a.rounds):
         for name, child in children.items():       # round-robin: drifting load hits every build alike
@@ -180,6 +188,10 @@ def main(argv=None) -> int:
     ref = float(np.median(ms["native"])) if "native" in ms else None
     rows = []
     for name, b in builds.items():
+        if name not in ms:
+            rows.append([name, b["build_seconds"], b.get("build_cpu_seconds"), b["zmm_instructions"], None, None,
+                         None, "cannot load the index: " + b["error"]])
+            continue
         v = np.asarray(ms[name])
         med = float(np.median(v))
         b.update({"search_median_ms": med, "search_p90_ms": float(np.percentile(v, 90)),
