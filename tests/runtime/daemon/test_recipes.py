@@ -221,3 +221,51 @@ def test_recipe_errors_name_the_key(write_station, small_bundle):
     with pytest.raises(ConfigError, match=r"modbus_register: must be in the PLC area 16\.\.31"):
         load_station(write_station(source={"type": "scripted"}, recipes={
             "modbus_register": 3, "recipes": [{"name": "a", "number": 1, "bundle": "x"}]}))
+
+
+def test_serial_rcp_switches_and_is_acknowledged_on_the_wire(two_products, write_station, part_images_bytes,
+                                                              start_station):
+    import os
+    import select
+    import tty
+
+    master, slave = os.openpty()
+    tty.setraw(master)
+    a, b = two_products
+    received = b""
+
+    def read_until(text: str, timeout: float = 60.0) -> str:
+        nonlocal received
+        deadline = time.monotonic() + timeout
+        while text.encode() not in received:
+            assert time.monotonic() < deadline, f"no {text!r} on the serial line; got {received[-400:]!r}"
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                received += os.read(master, 65536)
+        return received.decode(errors="replace")
+
+    try:
+        cfg = load_station(write_station(
+            source={"type": "scripted"}, trigger={"type": "software"}, recovery={"read_timeout_s": 0.1},
+            outputs=[{"type": "result_log", "path": "results.jsonl"},
+                     {"type": "serial", "port": os.ttyname(slave), "accept_trigger": True, "heartbeat_interval_s": 60}],
+            recipes={"recipes": [{"name": "cap-a", "number": 1, "bundle": str(a)},
+                                 {"name": "cap-b", "number": 2, "bundle": str(b)}]}))
+        source = ScriptedSource(steps=part_images_bytes)
+        source.cfg.loop = True
+        running = start_station(cfg, source=source)
+        station = running.station
+        read_until("RCP 1 cap-a OK")                  # start-up: the initial recipe, verified
+        read_until("RDY 1")
+        os.write(master, b"RCP 2\r\n")                # the PLC selects product 2
+        text = read_until("RCP 2 cap-b OK")
+        assert text.index("RCP 2 cap-b BUSY") < text.index("RCP 2 cap-b OK")
+        os.write(master, b"TRG\r\n")
+        read_until("RES ")
+        running.stop()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert station.line.recipes.active.name == "cap-b"
+    records = [json.loads(x) for x in Path(cfg.outputs[0].path).read_text().splitlines()]
+    assert records and all(r["bundle_id"] == "bbbbbbbbbbbbbbbb" for r in records)
