@@ -52,6 +52,16 @@ DEFAULT_DEFECT_MARGIN = 0.05
 AUDIT_FILE = "bundle_audit.jsonl"
 
 
+def copy_verified(bundle: Bundle, dest: Path) -> None:
+    """Write the verified bytes of every file the manifest pins into `dest` (a staging folder).
+
+    Only pinned files: an unlisted file in the source folder never enters a version."""
+    for rel in bundle.manifest["files"]:
+        dst = dest / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(bundle.read_verified(rel))
+
+
 class AdaptError(RuntimeError):
     """The adaptation cannot be made or written; the message names the image or the bundle."""
 
@@ -204,11 +214,7 @@ class Adaptation:
             shutil.rmtree(out)
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        # Copy only what the parent's manifest pins: an unlisted file in the parent folder never enters a version.
-        for rel in parent.manifest["files"]:
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(parent.read_verified(rel))
+        copy_verified(parent, tmp)
         m = copy.deepcopy(parent.manifest)
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         who = who or login_user()

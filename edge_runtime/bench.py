@@ -311,11 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, BundleError, FeatureError, OSError, ValueError) as exc:
         print(f"edge-bench: {exc}", file=sys.stderr)
         return 2
-    print(format_table(report))
-    if a.json_out is not None:
-        a.json_out.parent.mkdir(parents=True, exist_ok=True)
-        a.json_out.write_text(json.dumps(report, indent=1))
-        print(f"\nJSON written to {a.json_out}")
+    return _emit(format_table(report), report, a.json_out)
+
+
+def _emit(table: str, report: dict, json_out: Path | None) -> int:
+    """Print the table, keep the full report as JSON when asked; exit status 0."""
+    print(table)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1))
+        print(f"\nJSON written to {json_out}")
     return 0
 
 
@@ -333,12 +338,7 @@ def _sustained(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     except (BenchError, BundleError, FeatureError, OSError, ValueError) as exc:
         print(f"edge-bench: {exc}", file=sys.stderr)
         return 2
-    print(format_sustained(report))
-    if a.json_out is not None:
-        a.json_out.parent.mkdir(parents=True, exist_ok=True)
-        a.json_out.write_text(json.dumps(report, indent=1))
-        print(f"\nJSON written to {a.json_out}")
-    return 0
+    return _emit(format_sustained(report), report, a.json_out)
 
 
 if __name__ == "__main__":

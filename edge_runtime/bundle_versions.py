@@ -20,7 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
-from edge_runtime.bank_adapt import LINEAGE_DIR, AdaptError, append_audit, sign_version, login_user
+from edge_runtime.bank_adapt import (LINEAGE_DIR, AdaptError, append_audit, copy_verified, login_user,
+                                     sign_version)
 from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
@@ -129,10 +130,7 @@ class VersionStore:
         out = self.new_folder()
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        for rel in target.manifest["files"]:
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(target.read_verified(rel))
+        copy_verified(target, tmp)
         m = copy.deepcopy(target.manifest)
         signed = (target.root / SIGNATURE).is_file()
         if signed and self.signing_key is None:
