@@ -21,6 +21,7 @@ from edge_runtime.http_endpoint import HttpEndpoint, StationStatus
 from edge_runtime.lines_config import line_station_configs
 from edge_runtime.lines_http import LinesHttpEndpoint, RecipeHttpEndpoint, aggregate_status
 from edge_runtime.line import MAX_MISSED_ANSWERS, SERIAL_ACK_COMMAND, Counters, Line
+from edge_runtime.operator_page.server import maybe_page
 from edge_runtime.outputs import Output
 from edge_runtime.sources import FrameSource
 from edge_runtime.station_state import LineState, StationState
@@ -45,7 +46,11 @@ class Station:
     def __init__(self, cfg: StationConfig, *, source: FrameSource | None = None, outputs: list[Output] | None = None,
                  trigger: Trigger | None = None):
         self.cfg = cfg
+        # One operator page for every line (page.enabled): each line's bus gets the page's sink for that line.
+        self.page = maybe_page(cfg, [ln.name for ln in getattr(cfg, "lines", None) or []] or [None])
         self.lines: list[Line] = self._build_lines(cfg, source=source, outputs=outputs, trigger=trigger)
+        if self.page is not None:
+            self.page.attach(self.lines)
         if len(self.lines) == 1:
             # A subclass (or a test) that overrides Station._load still decides how the single line loads.
             self.lines[0].load_hook = self._load
@@ -62,10 +67,14 @@ class Station:
         configs = line_station_configs(cfg)
         if len(configs) == 1:
             name, line_cfg = configs[0]
-            return [Line(line_cfg, name=name, on_heartbeat=self._beat, **overrides)]
+            return [Line(line_cfg, name=name, on_heartbeat=self._beat, sinks=self._page_sinks(name), **overrides)]
         if any(v is not None for v in overrides.values()):
             raise ValueError("source, outputs and trigger overrides apply to a single-line station only")
-        return [Line(line_cfg, name=name, on_heartbeat=self._beat) for name, line_cfg in configs]
+        return [Line(line_cfg, name=name, on_heartbeat=self._beat, sinks=self._page_sinks(name))
+                for name, line_cfg in configs]
+
+    def _page_sinks(self, name: str | None) -> list[Output]:
+        return self.page.sinks(name) if self.page is not None else []
 
     # ---- the single line, read through the station (compatibility with the one-camera Station) -------------------
     @property
@@ -196,6 +205,8 @@ class Station:
             # Outputs start in their safe state (not READY, no OK); fault_reason is already "starting" for /healthz.
             for line in self.lines:
                 line.start_outputs()
+            if self.page is not None:
+                self.page.start_logged()
             if self.cfg.http.enabled:
                 self._http = self._make_http()
                 try:
@@ -248,6 +259,8 @@ class Station:
 
     def _shutdown(self) -> None:
         systemd_notify.stopping()
+        if self.page is not None:
+            self.page.stop()
         for line in self.lines:
             line.shutdown()
         if self._http is not None:

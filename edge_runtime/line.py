@@ -71,11 +71,12 @@ class Line:
     `name`: the line's label in logs and metrics (None: a single-line station, logs as before).
     `on_heartbeat(line)`: called each time the loop goes round (the daemon's watchdog).
     `load_hook`: replaces `_load` at start (the single-line Station routes it through its own `_load`).
+    `sinks`: outputs added after the configured ones (the station's operator page: this line's part history).
     """
 
     def __init__(self, cfg: StationConfig, *, source: FrameSource | None = None, outputs: list[Output] | None = None,
                  trigger: Trigger | None = None, name: str | None = None,
-                 on_heartbeat: Callable[["Line"], None] | None = None):
+                 on_heartbeat: Callable[["Line"], None] | None = None, sinks: list[Output] | None = None):
         self.cfg = cfg
         self.name = name
         self.on_heartbeat = on_heartbeat
@@ -87,9 +88,8 @@ class Line:
                                           install=self.install_pipeline, current=lambda: self.pipeline,
                                           set_bundle_path=lambda path: setattr(self.cfg, "bundle", path))
             self.outputs = [*self.outputs, self.rollout]
-        from edge_runtime.operator_page.server import maybe_page
-
-        self.page = maybe_page(self)  # its sink joins self.outputs: the page reads the same result stream
+        if sinks:   # the station's operator page: it reads the same result stream as the line's outputs
+            self.outputs = [*self.outputs, *sinks]
         deadline = cfg.inference.deadline_ms
         self.bus = OutputBus(self.outputs, late_after_s=deadline / 1000.0 if deadline else 0.5)
         self.trigger = trigger if trigger is not None else build_trigger(cfg.trigger)
@@ -412,12 +412,6 @@ class Line:
     def start_outputs(self) -> None:
         """Every output started in its safe state (not READY, no OK); called once, before `start()`."""
         self.bus.start()
-        if self.page is not None:
-            try:
-                self.page.start()
-                log.info(self._tag("operator page on http://%s:%d/"), self.cfg.page.host, self.page.port)
-            except Exception as exc:  # noqa: BLE001 - the line keeps inspecting without its page
-                log.error(self._tag("operator page not started: %s"), exc)
 
     def start(self) -> None:
         """Frame counter opened, bundle loaded and self-tested. A bad bundle leaves the line alive in an explained
@@ -607,8 +601,6 @@ class Line:
         self._ready = False
         self.bus.set_ready(False)
         self._close_source()
-        if self.page is not None:
-            self.page.stop()
         self.bus.close()  # every output returns to its safe state and flushes
         self.frame_ids.close()
         self._log_stats()

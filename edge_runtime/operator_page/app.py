@@ -1,5 +1,8 @@
 """The page's routes (starlette): server-rendered HTML, a little plain JavaScript, JSON and server-sent events.
 
+One page for every line of the station: `/lines` lists them (and is `/` with several lines); each line's live
+view, history, parts, versions and feedback live under `/line/<name>/`; a single-line station also serves them
+at `/`, `/history`, ... as before. A line name in a URL is looked up among the station's lines (404 otherwise).
 Read-only routes need no login. Every POST passes three checks before it does anything: a Host this page answers
 to (DNS rebinding), an Origin (or Referer) equal to the page's own origin (cross-site requests), and, except for
 the login itself, a session whose role allows the action plus the session's CSRF token in X-CSRF-Token.
@@ -22,31 +25,40 @@ from starlette.routing import Route
 from edge_runtime.http_endpoint import HttpConfig, StationStatus
 from edge_runtime.operator_page.auth import SESSION_COOKIE, Session, Sessions, role_allows
 from edge_runtime.operator_page.config import PageConfig
-from edge_runtime.operator_page.feedback import Feedback, FeedbackError
+from edge_runtime.operator_page.feedback import FeedbackError
 from edge_runtime.operator_page.part_history import PartHistory
+from edge_runtime.operator_page.server import LineView
 from edge_runtime.operator_page.static import CSS, JS
 
 _MAX_BODY = 16 * 1024
-UPDATE_PERIOD_S = 0.5    # live-view push period (see events())
+UPDATE_PERIOD_S = 0.5    # live-view push period (see events()): per page, whatever the number of lines
+STATUS_PERIOD_S = 1.0    # the viewed line's status document, at most this often
+OVERVIEW_PERIOD_S = 2.0  # every line's summary (state, last verdict, yield, rate), at most this often
 
 
-def status_document(status: StationStatus, history: PartHistory) -> dict:
-    """Counters, yield, rate, per-stage latency and health, for the page (JSON)."""
-    lat = status.latency.summary() if status.latency is not None else {}
+def shift_figures(history: PartHistory) -> tuple[dict, float | None, float]:
+    """(counts this shift, yield or None, parts per minute over the last 50 parts) of one line's history."""
     counts = dict(history.shift_counts)
     inspected = counts.get("OK", 0) + counts.get("NG", 0) + counts.get("REVIEW", 0)
-    shift_s = max(1e-9, time.time() - history.shift_started)
     recs = history.records(limit=50)
     rate = 0.0
     if len(recs) >= 2:
         span = recs[0]["time"] - recs[-1]["time"]
         rate = 60.0 * (len(recs) - 1) / span if span > 0 else 0.0
+    return counts, (counts.get("OK", 0) / inspected) if inspected else None, round(rate, 1)
+
+
+def status_document(status: StationStatus, history: PartHistory) -> dict:
+    """Counters, yield, rate, per-stage latency and health of one line, for the page (JSON)."""
+    lat = status.latency.summary() if status.latency is not None else {}
+    counts, yield_, rate = shift_figures(history)
+    shift_s = max(1e-9, time.time() - history.shift_started)
     outputs = {k: v for k, v in status.counters.items() if k.startswith("output")}
     return {"state": status.state, "reason": status.reason, "bundle_id": status.bundle_id, "frames": status.frames,
             "uptime_s": round(status.uptime_s, 1), "verdicts_since_start": status.verdicts,
             "shift": {"started": history.shift_started, "seconds": round(shift_s), "counts": counts,
-                      "yield": (counts.get("OK", 0) / inspected) if inspected else None},
-            "rate_per_min": round(rate, 1),
+                      "yield": yield_},
+            "rate_per_min": rate,
             "latency_ms": {k: {"p50": round(v["p50"], 2), "p95": round(v["p95"], 2)} for k, v in lat.items()
                            if isinstance(v, dict) and "p50" in v},
             "health": {"last_heartbeat_age_s": status.last_heartbeat_age_s, "faults": status.faults,
@@ -56,19 +68,48 @@ def status_document(status: StationStatus, history: PartHistory) -> dict:
                        "outputs": outputs, "counters": status.counters}}
 
 
-def _page(title: str, body: str, session: Session | None, writable: bool, csrf: str = "") -> HTMLResponse:
-    who = (f'{html.escape(session.user)} ({session.role}) <button id="logout">log out</button>' if session
-           else ('<a href="/login">log in</a>' if writable else "read-only (no users configured)"))
-    return HTMLResponse(f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<meta name="csrf" content="{html.escape(csrf)}"><style>{CSS}</style></head><body>
-<nav><a href="/">Live</a> <a href="/history">History</a> <a href="/versions">Versions</a> <span class="who">{who}</span></nav>
-{body}<script>{JS}</script></body></html>""")
+def overview_document(views: dict[str, LineView]) -> list[dict]:
+    """Every line in a few fields (state, last verdict, yield, rate): the overview and the line selector."""
+    out = []
+    for name, v in views.items():
+        st = v.status()
+        counts, yield_, rate = shift_figures(v.history)
+        last = v.history.latest()
+        out.append({"name": name, "url": f"/line/{name}/", "state": st.state, "reason": st.reason,
+                    "last_verdict": st.last_verdict, "last_frame_id": last["frame_id"] if last else None,
+                    "yield": yield_, "rate_per_min": rate, "counts": counts, "frames": st.frames,
+                    "bundle_id": st.bundle_id})
+    return out
 
 
-def build_app(cfg: PageConfig, history: PartHistory, status: Callable[[], StationStatus],
-              feedback: Feedback | None, stopping: Callable[[], bool] = lambda: False) -> Starlette:
+class LiveFeed:
+    """What one open live view is sent each UPDATE_PERIOD_S: the viewed line's newest part when there is a new one,
+    its status at most every STATUS_PERIOD_S, and (several lines) every line's summary at most every
+    OVERVIEW_PERIOD_S. Never the other lines' parts: a page costs the station the same with 1 line or 8."""
+
+    def __init__(self, view: LineView, overview: Callable[[], list[dict]] | None):
+        self.view, self.overview = view, overview
+        self.seen = -1
+        self.last_status = self.last_overview = float("-inf")
+
+    def next(self, now: float) -> dict:
+        doc: dict[str, Any] = {}
+        history = self.view.history
+        if history.seq != self.seen:
+            self.seen, doc["latest"] = history.seq, history.latest()
+        if now - self.last_status >= STATUS_PERIOD_S:
+            self.last_status, doc["status"] = now, status_document(self.view.status(), history)
+        if self.overview is not None and now - self.last_overview >= OVERVIEW_PERIOD_S:
+            self.last_overview, doc["lines"] = now, self.overview()
+        return doc
+
+
+def build_app(cfg: PageConfig, views: dict[str, LineView], stopping: Callable[[], bool] = lambda: False) -> Starlette:
+    """`views`: the station's lines by URL name (one entry for a single-line station)."""
     sessions = Sessions(cfg.users, cfg.session_timeout_s)
     hosts = HttpConfig(enabled=True, host=cfg.host, port=cfg.port, allowed_hosts=list(cfg.allowed_hosts))
+    single = next(iter(views.values())) if len(views) == 1 else None
+    several = len(views) > 1
 
     def session_of(request: Request) -> Session | None:
         return sessions.get(request.cookies.get(SESSION_COOKIE))
@@ -123,53 +164,104 @@ def build_app(cfg: PageConfig, history: PartHistory, status: Callable[[], Statio
             return refused(403, "Host is not this station's page")
         return None
 
+    def page(title: str, body: str, s: Session | None, base: str = "", current: LineView | None = None) -> HTMLResponse:
+        who = (f'{html.escape(s.user)} ({s.role}) <button id="logout">log out</button>' if s
+               else ('<a href="/login">log in</a>' if sessions.writable else "read-only (no users configured)"))
+        lines = ""
+        if several:
+            options = "".join(f'<option value="{html.escape(n)}"{" selected" if current is v else ""}>{html.escape(n)}'
+                              f'</option>' for n, v in views.items())
+            choose = "" if current else '<option value="" selected>choose a line</option>'
+            lines = (f'<a href="/lines">All lines</a> <select id="lineselect" aria-label="line">'
+                     f'{choose}{options}</select> ')
+        links = (f'<a href="{base}/">Live</a> <a href="{base}/history">History</a> <a href="{base}/versions">Versions</a> '
+                 if current is not None else "")
+        name = f" - {current.title}" if current is not None and current.title else ""
+        return HTMLResponse(f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title + name)}</title>
+<meta name="csrf" content="{html.escape(s.csrf if s else "")}"><meta name="base" content="{html.escape(base)}">
+<style>{CSS}</style></head><body>
+<nav>{lines}{links}<span class="who">{who}</span></nav>
+{body}<script>{JS}</script></body></html>""")
+
+    def per_line(handler: Callable[[Request, LineView, str], Any]):
+        """The route for one line: /line/<name>/... (404 for a name that is not one of the station's lines), and
+        the same path without the prefix on a single-line station."""
+        async def endpoint(request: Request) -> Response:
+            if (bad := host_ok(request)) is not None:
+                return bad
+            name = request.path_params.get("line")
+            view, base = (single, "") if name is None else (views.get(name), f"/line/{name}")
+            if view is None:
+                return refused(404, f"this station has no line {name[:40]!r} (its lines: {', '.join(views)})")
+            return await handler(request, view, base)
+        return endpoint
+
     # ---- read-only pages -----------------------------------------------------------------------------------
-    async def live(request: Request) -> Response:
+    async def overview(request: Request) -> Response:
         if (bad := host_ok(request)) is not None:
             return bad
         s = session_of(request)
-        last = history.latest()
+        rows = []
+        for d in await run_in_threadpool(overview_document, views):
+            yld = "-" if d["yield"] is None else f"{100 * d['yield']:.1f} %"
+            verdict = d["last_verdict"] or "-"
+            rows.append(f'<tr data-line="{html.escape(d["name"])}"><td><a href="{html.escape(d["url"])}">'
+                        f'{html.escape(d["name"])}</a></td><td class="state">{html.escape(d["state"])}'
+                        f'{(" (" + html.escape(d["reason"]) + ")") if d["reason"] else ""}</td>'
+                        f'<td><span class="verdict-s v-{verdict}">{verdict}</span></td><td>{yld}</td>'
+                        f'<td>{d["rate_per_min"]} /min</td><td>{d["frames"]}</td>'
+                        f'<td>{html.escape(str(d["bundle_id"]))}</td></tr>')
+        body = (f'<main><h2>Lines</h2><table id="overview" class="versions"><tr><th>line</th><th>state</th>'
+                f'<th>last verdict</th><th>yield</th><th>rate</th><th>frames</th><th>bundle</th></tr>'
+                f'{"".join(rows)}</table></main>')
+        return page("Lines", body, s)
+
+    async def api_lines(request: Request) -> Response:
+        if (bad := host_ok(request)) is not None:
+            return bad
+        return JSONResponse(await run_in_threadpool(overview_document, views))
+
+    async def live(request: Request, v: LineView, base: str) -> Response:
+        s = session_of(request)
+        last = v.history.latest()
         verdict = last["verdict"] if last else "-"
         score = f"{last['score']:.3f}" if last and last.get("score") is not None else "-"
         thr = f"{last['threshold']:.3f}" if last and last.get("threshold") is not None else "-"
-        img = f'/img/{last["frame_id"]}/overlay.jpg' if last else ""
+        img = f'{base}/img/{last["frame_id"]}/overlay.jpg' if last else ""
         shift = ('<button id="newshift">start a new shift</button>'
                  if s is not None and role_allows(s.role, "operator") else "")
+        heading = f'<h2 id="linename">{html.escape(v.title)}</h2>' if v.title else ""
         body = f"""<main class="live">
-<section class="view"><img id="overlay" alt="latest part with heat map" src="{img}">
-<div id="partlink">{f'<a href="/part/{last["frame_id"]}">part {last["frame_id"]}</a>' if last else 'no part yet'}</div></section>
+<section class="view">{heading}<img id="overlay" alt="latest part with heat map" src="{img}">
+<div id="partlink">{f'<a href="{base}/part/{last["frame_id"]}">part {last["frame_id"]}</a>' if last else 'no part yet'}</div></section>
 <section class="side"><div id="verdict" class="verdict v-{verdict}">{verdict}</div>
 <div class="score">score <b id="score">{score}</b> / threshold <b id="threshold">{thr}</b></div>
 <canvas id="trend" width="520" height="180" data-points="0"></canvas>
 <canvas id="hist" width="520" height="140" data-points="0"></canvas>
 <table id="status" class="status"></table>{shift}</section></main>"""
-        return _page("Live", body, s, sessions.writable, s.csrf if s else "")
+        return page("Live", body, s, base, v)
 
-    async def history_page(request: Request) -> Response:
-        if (bad := host_ok(request)) is not None:
-            return bad
+    async def history_page(request: Request, v: LineView, base: str) -> Response:
         s = session_of(request)
         verdict = request.query_params.get("verdict") or None
         if verdict not in (None, "OK", "NG", "REVIEW", "FAULT"):
             return refused(400, "verdict must be OK, NG, REVIEW or FAULT")
         rows = []
-        for r in history.records(verdict):
+        for r in v.history.records(verdict):
             sc = "-" if r.get("score") is None else f"{r['score']:.3f}"
             when = time.strftime("%H:%M:%S", time.localtime(r["time"]))
-            rows.append(f'<a class="card v-{r["verdict"]}" href="/part/{r["frame_id"]}"><img loading="lazy" '
-                        f'src="/img/{r["frame_id"]}/thumb.jpg" alt=""><span>#{r["frame_id"]} {r["verdict"]} {sc}'
+            rows.append(f'<a class="card v-{r["verdict"]}" href="{base}/part/{r["frame_id"]}"><img loading="lazy" '
+                        f'src="{base}/img/{r["frame_id"]}/thumb.jpg" alt=""><span>#{r["frame_id"]} {r["verdict"]} {sc}'
                         f'<br>{when}</span></a>')
-        filters = " ".join(f'<a class="filter{" on" if verdict == v else ""}" href="/history{("?verdict=" + v) if v else ""}">'
-                           f'{v or "all"}</a>' for v in (None, "OK", "NG", "REVIEW", "FAULT"))
+        filters = " ".join(f'<a class="filter{" on" if verdict == f else ""}" href="{base}/history{("?verdict=" + f) if f else ""}">'
+                           f'{f or "all"}</a>' for f in (None, "OK", "NG", "REVIEW", "FAULT"))
         body = f'<main><div class="filters">{filters}</div><div id="history" class="grid">{"".join(rows) or "no parts"}</div></main>'
-        return _page("History", body, s, sessions.writable, s.csrf if s else "")
+        return page("History", body, s, base, v)
 
-    async def part_page(request: Request) -> Response:
-        if (bad := host_ok(request)) is not None:
-            return bad
+    async def part_page(request: Request, v: LineView, base: str) -> Response:
         s = session_of(request)
         fid = request.path_params["frame_id"]
-        part = history.get(fid)
+        part = v.history.get(fid)
         if part is None:
             return HTMLResponse("part not in the history", status_code=404)
         r = part.record
@@ -180,82 +272,70 @@ def build_app(cfg: PageConfig, history: PartHistory, status: Callable[[], Statio
                 buttons += f'<button id="good" data-frame="{fid}">This part is good</button>'
             if r["verdict"] == "OK":
                 buttons += f'<button id="bad" data-frame="{fid}">This part was bad</button>'
+            if buttons and v.feedback is None:
+                buttons = f'<p class="err">{html.escape(v.no_feedback or "")}</p>'
         sc = "-" if r.get("score") is None else f"{r['score']:.3f}"
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in part.feedback)
         body = f"""<main><h2>Part {fid} <span class="verdict-s v-{r['verdict']}">{r['verdict']}</span></h2>
 <p>score {sc} / threshold {r['threshold']:.3f}; source {html.escape(str(r.get('source')))}; bundle {html.escape(str(r['bundle_id']))}
 {('; ' + html.escape(r['error'])) if r.get('error') else ''}</p>
 <div class="actions">{buttons}</div><ul id="notes">{notes}</ul>
-<img class="full" id="full" src="/img/{fid}/overlay.jpg" alt="overlay full size">
+<img class="full" id="full" src="{base}/img/{fid}/overlay.jpg" alt="overlay full size">
 <dialog id="dlg"><div id="dlgbody"></div><div class="dlgbtns"><button id="apply" disabled>Apply</button>
 <button id="cancel">Cancel</button></div></dialog></main>"""
-        return _page(f"Part {fid}", body, s, sessions.writable, s.csrf if s else "")
+        return page(f"Part {fid}", body, s, base, v)
 
-    async def versions_page(request: Request) -> Response:
-        if (bad := host_ok(request)) is not None:
-            return bad
+    async def versions_page(request: Request, v: LineView, base: str) -> Response:
         s = session_of(request)
+        feedback = v.feedback
         if feedback is None:
-            return _page("Versions", "<main>no state_dir: versions are not kept</main>", s, sessions.writable)
+            return page("Versions", f'<main><p id="nofeedback">versions are not kept here: {html.escape(v.no_feedback or "")}'
+                                    f'</p></main>', s, base, v)
         vs = await run_in_threadpool(feedback.versions)
         eng = s is not None and role_allows(s.role, "engineer")
         rows = []
-        for v in vs:
-            name = html.escape(v["name"])
-            last = "active" if v.get("active") else (
+        for ver in vs:
+            name = html.escape(ver["name"])
+            last = "active" if ver.get("active") else (
                 f'<button class="rollback" data-name="{name}">roll back to this</button>' if eng else "")
-            cells = [name, v.get("bundle_version"), v.get("bundle_id"), v.get("action"), v.get("by") or "",
-                     json.dumps(v.get("bank")), json.dumps(v.get("threshold"))]
-            rows.append(f'<tr class="{"active" if v.get("active") else ""}">'
+            cells = [name, ver.get("bundle_version"), ver.get("bundle_id"), ver.get("action"), ver.get("by") or "",
+                     json.dumps(ver.get("bank")), json.dumps(ver.get("threshold"))]
+            rows.append(f'<tr class="{"active" if ver.get("active") else ""}">'
                         + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + f"<td>{last}</td></tr>")
-        rows = "".join(rows)
         audit = "".join(f"<li>{html.escape(json.dumps(a))}</li>" for a in await run_in_threadpool(feedback.audit))
         pending = len(feedback.pending_defects())
         recal = (f'<p>{pending} stored defect(s) waiting. <button id="recal">Recalibrate from stored defects</button></p>'
                  if eng and pending else f"<p>{pending} stored defect(s) waiting.</p>")
         body = (f'<main><h2>Bundle versions</h2><table class="versions"><tr><th>name</th><th>version</th><th>id</th>'
-                f'<th>made by</th><th>who</th><th>bank</th><th>threshold</th><th></th></tr>{rows}</table>{recal}'
+                f'<th>made by</th><th>who</th><th>bank</th><th>threshold</th><th></th></tr>{"".join(rows)}</table>{recal}'
                 f'<dialog id="dlg"><div id="dlgbody"></div><div class="dlgbtns"><button id="apply" disabled>Apply</button>'
                 f'<button id="cancel">Cancel</button></div></dialog><h3>Audit log</h3><ul class="audit">{audit}</ul></main>')
-        return _page("Versions", body, s, sessions.writable, s.csrf if s else "")
+        return page("Versions", body, s, base, v)
 
-    async def image(request: Request) -> Response:
-        if (bad := host_ok(request)) is not None:
-            return bad
-        part = history.get(request.path_params["frame_id"])
+    async def image(request: Request, v: LineView, base: str) -> Response:
+        part = v.history.get(request.path_params["frame_id"])
         kind = request.path_params["kind"]
         data = None if part is None else {"overlay": part.overlay_jpg, "thumb": part.thumb_jpg}.get(kind)
         if data is None:
             return Response(status_code=404)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    async def api_status(request: Request) -> Response:
-        if (bad := host_ok(request)) is not None:
-            return bad
-        return JSONResponse(status_document(status(), history))
+    async def api_status(request: Request, v: LineView, base: str) -> Response:
+        return JSONResponse(status_document(v.status(), v.history))
 
-    async def api_parts(request: Request) -> Response:
-        if (bad := host_ok(request)) is not None:
-            return bad
+    async def api_parts(request: Request, v: LineView, base: str) -> Response:
         verdict = request.query_params.get("verdict") or None
-        return JSONResponse(history.records(verdict, limit=int(request.query_params.get("limit", history.history))))
+        return JSONResponse(v.history.records(verdict, limit=int(request.query_params.get("limit", v.history.history))))
 
-    async def events(request: Request) -> Response:
-        if (bad := host_ok(request)) is not None:
-            return bad
+    async def events(request: Request, v: LineView, base: str) -> Response:
+        feed = LiveFeed(v, (lambda: overview_document(views)) if several else None)
 
         async def stream():
-            seen, last_status = -1, 0.0
             yield "retry: 2000\n\n"
             while not stopping() and not await request.is_disconnected():
-                now = time.monotonic()
                 # A new part goes out at once; the status (percentiles over the latency window) at most once a
                 # second, so a viewer costs the station the same at 2 parts/s or 20.
-                doc = {}
-                if history.seq != seen:
-                    seen, doc["latest"] = history.seq, history.latest()
-                if now - last_status >= 1.0:
-                    last_status, doc["status"] = now, status_document(status(), history)
+                doc = feed.next(time.monotonic())
                 if doc:
                     yield f"data: {json.dumps(doc)}\n\n"
                 # At most 2 views a second (the newest part wins), as fast as a person reads: a browser on the
@@ -274,7 +354,7 @@ def build_app(cfg: PageConfig, history: PartHistory, status: Callable[[], Statio
                 '<label>name <input name="name" id="name" autocomplete="username"></label> '
                 '<label>password <input name="password" id="password" type="password" autocomplete="current-password">'
                 '</label> <button id="login" type="submit">log in</button></form></main>')
-        return _page("Log in", body, None, sessions.writable)
+        return page("Log in", body, None)
 
     async def login(request: Request) -> Response:
         bad = cross_site(request)
@@ -305,17 +385,17 @@ def build_app(cfg: PageConfig, history: PartHistory, status: Callable[[], Statio
         resp.delete_cookie(SESSION_COOKIE)
         return resp
 
-    # ---- changes -------------------------------------------------------------------------------------------------
-    def action(role: str, work: Callable[[Session, dict], Any]):
-        async def endpoint(request: Request) -> Response:
+    # ---- changes (one line's) -------------------------------------------------------------------------------------
+    def action(role: str, work: Callable[[LineView, Session, dict], Any], needs_feedback: bool = True):
+        async def endpoint(request: Request, v: LineView, base: str) -> Response:
             s, bad = await guarded(request, role)
             if bad is not None:
                 return bad
-            if feedback is None:
-                return refused(409, "feedback needs a state_dir for the bundle versions")
+            if needs_feedback and v.feedback is None:
+                return refused(409, v.no_feedback or "feedback is not available on this line")
             try:
                 data = await body_json(request)
-                return JSONResponse(await run_in_threadpool(work, s, data))
+                return JSONResponse(await run_in_threadpool(work, v, s, data))
             except FeedbackError as exc:
                 return refused(409, str(exc))
             except (KeyError, TypeError, ValueError) as exc:
@@ -325,24 +405,31 @@ def build_app(cfg: PageConfig, history: PartHistory, status: Callable[[], Statio
     def _fid(d: dict) -> int:
         return int(d["frame_id"])
 
-    routes = [
-        Route("/", live), Route("/history", history_page), Route("/part/{frame_id:int}", part_page),
-        Route("/versions", versions_page), Route("/img/{frame_id:int}/{kind}.jpg", image),
-        Route("/api/status", api_status), Route("/api/parts", api_parts), Route("/events", events),
-        Route("/login", login_form, methods=["GET"]), Route("/login", login, methods=["POST"]),
-        Route("/logout", logout, methods=["POST"]),
-        Route("/api/shift", action("operator", lambda s, d: (history.new_shift(), {"ok": True})[1]), methods=["POST"]),
-        Route("/api/feedback/good/preview", action("operator", lambda s, d: feedback.preview_good(_fid(d), s.user)),
-              methods=["POST"]),
-        Route("/api/feedback/good/apply", action("operator", lambda s, d: feedback.apply(str(d["plan"]), s.user, "learn-good")),
-              methods=["POST"]),
-        Route("/api/feedback/bad", action("operator", lambda s, d: feedback.mark_bad(_fid(d), s.user)), methods=["POST"]),
-        Route("/api/recalibrate/preview", action("engineer", lambda s, d: feedback.preview_recalibrate(s.user)),
-              methods=["POST"]),
-        Route("/api/recalibrate/apply", action("engineer", lambda s, d: feedback.apply_recalibrate(str(d["plan"]), s.user)),
-              methods=["POST"]),
-        Route("/api/rollback", action("engineer", lambda s, d: feedback.rollback(str(d["name"]), s.user)), methods=["POST"]),
+    line_routes = [
+        ("/", live, ["GET"]), ("/history", history_page, ["GET"]), ("/part/{frame_id:int}", part_page, ["GET"]),
+        ("/versions", versions_page, ["GET"]), ("/img/{frame_id:int}/{kind}.jpg", image, ["GET"]),
+        ("/api/status", api_status, ["GET"]), ("/api/parts", api_parts, ["GET"]), ("/events", events, ["GET"]),
+        ("/api/shift", action("operator", lambda v, s, d: (v.history.new_shift(), {"ok": True})[1],
+                              needs_feedback=False), ["POST"]),
+        ("/api/feedback/good/preview", action("operator", lambda v, s, d: v.feedback.preview_good(_fid(d), s.user)),
+         ["POST"]),
+        ("/api/feedback/good/apply",
+         action("operator", lambda v, s, d: v.feedback.apply(str(d["plan"]), s.user, "learn-good")), ["POST"]),
+        ("/api/feedback/bad", action("operator", lambda v, s, d: v.feedback.mark_bad(_fid(d), s.user)), ["POST"]),
+        ("/api/recalibrate/preview", action("engineer", lambda v, s, d: v.feedback.preview_recalibrate(s.user)),
+         ["POST"]),
+        ("/api/recalibrate/apply",
+         action("engineer", lambda v, s, d: v.feedback.apply_recalibrate(str(d["plan"]), s.user)), ["POST"]),
+        ("/api/rollback", action("engineer", lambda v, s, d: v.feedback.rollback(str(d["name"]), s.user)), ["POST"]),
     ]
+    routes = [Route("/lines", overview), Route("/api/lines", api_lines),
+              Route("/login", login_form, methods=["GET"]), Route("/login", login, methods=["POST"]),
+              Route("/logout", logout, methods=["POST"])]
+    routes += [Route("/line/{line}" + path, per_line(handler), methods=methods) for path, handler, methods in line_routes]
+    if single is not None:   # a single-line station: its line at the URLs it always had
+        routes += [Route(path, per_line(handler), methods=methods) for path, handler, methods in line_routes]
+    else:
+        routes.append(Route("/", overview))
     return SecurityHeaders(Starlette(routes=routes))
 
 

@@ -1,7 +1,9 @@
-"""The page in the daemon: its sink on the output bus, its feedback service, and uvicorn on a thread of its own.
+"""The station's page in the daemon: one uvicorn server for every line, each line with its own sink on its own
+output bus, its own part history and its own feedback service (its own bundle versions).
 
-The daemon calls `attach(station)` (the sink joins the outputs), `start()` after the bus starts and `stop()` at
-shutdown. The page reads the station only through `status()`, `pipeline` and `request_reload()`.
+The station builds it before its lines (`maybe_page(cfg, names)`), hands each line its sink (`sinks(name)`),
+then `attach(lines)`, `start()` after the buses start and `stop()` at shutdown. The page reads each line only
+through its `status()`, `pipeline`, `counters` and `request_reload()`.
 """
 from __future__ import annotations
 
@@ -9,51 +11,80 @@ import asyncio
 import logging
 import threading
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 from edge_runtime.bundle import Bundle
 from edge_runtime.bundle_versions import VersionStore
+from edge_runtime.http_endpoint import StationStatus
 from edge_runtime.operator_page.config import PageConfig
 from edge_runtime.operator_page.feedback import Feedback
 from edge_runtime.operator_page.part_history import PartHistory
 
 log = logging.getLogger(__name__)
 RELOAD_TIMEOUT_S = 180.0
+SINGLE_LINE = "line"   # the URL name of a station without `lines:` (as in /healthz and /recipe)
+
+NO_STATE_DIR = "feedback needs a state_dir for the bundle versions"
+
+
+def recipes_refusal(name: str) -> str:
+    return (f"line {name} switches recipes: learning from the page is refused there, because each recipe's bundle "
+            "keeps its own versions (state_dir/recipes/<recipe>) and a version learned on one product must not "
+            "follow the line to another; use `edge-runtime adapt` on that recipe's bundle")
+
+
+@dataclass
+class LineView:
+    """One line as the page sees it."""
+    name: str                                  # the URL name: /line/<name>/...
+    title: str                                 # shown in the page's title and navigation
+    history: PartHistory
+    status: Callable[[], StationStatus]
+    feedback: Feedback | None
+    no_feedback: str | None = None             # why `feedback` is None (shown on refusal)
 
 
 class OperatorPage:
-    def __init__(self, cfg: PageConfig, station) -> None:
+    def __init__(self, cfg: PageConfig, names: list[str | None]) -> None:
         self.cfg = cfg
-        self.station = station
-        self.history = PartHistory(cfg.history, cfg.keep_frames, cfg.view_px, cfg.thumbnail_px)
-        sc = station.cfg
-        self.feedback = None
-        if sc.state_dir:
-            store = VersionStore(sc.bundle, sc.state_dir, cfg.station_signing_key)
-            self.feedback = Feedback(store, self.history, self._current_bundle, self._reload,
-                                     threads=1)  # one thread: learning must not take the inspection loop's cores
+        self.histories = {n or SINGLE_LINE: PartHistory(cfg.history, cfg.keep_frames, cfg.view_px, cfg.thumbnail_px)
+                          for n in names}
+        self.views: dict[str, LineView] = {}
         self._server = None
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.port: int | None = None
 
-    # ---- what the page reads / asks of the station ------------------------------------------------------------
-    def _current_bundle(self) -> Bundle | None:
-        p = self.station.pipeline
-        return p.bundle if p is not None else None
+    def sinks(self, name: str | None) -> list:
+        """The outputs the page adds to line `name`'s bus: its part history (the records the result log gets)."""
+        return [self.histories[name or SINGLE_LINE]]
 
-    def _reload(self, bundle_id: str) -> None:
-        """Ask the daemon to reload (its own verified path) and wait until `bundle_id` is in service."""
-        failures = self.station.counters.reload_failures
-        self.station.request_reload()
-        deadline = time.monotonic() + RELOAD_TIMEOUT_S
-        while time.monotonic() < deadline:
-            p = self.station.pipeline
-            if p is not None and p.bundle.bundle_id == bundle_id:
-                return
-            if self.station.counters.reload_failures > failures:
-                raise RuntimeError("the daemon refused the new version (see its log); the previous one stays in service")
-            time.sleep(0.05)
-        raise RuntimeError(f"the new version was not in service within {RELOAD_TIMEOUT_S:.0f} s")
+    @property
+    def history(self) -> PartHistory:
+        """The first line's history (a single-line station's only one)."""
+        return next(iter(self.histories.values()))
+
+    @property
+    def feedback(self) -> Feedback | None:
+        return next(iter(self.views.values())).feedback if self.views else None
+
+    def attach(self, lines) -> None:
+        """One view per line: its history, its status and its feedback on its own bundle versions."""
+        for line in lines:
+            name = line.name or SINGLE_LINE
+            history = self.histories[name]
+            feedback, why = None, None
+            if line.recipes is not None:
+                why = recipes_refusal(name)
+            elif not line.cfg.state_dir:
+                why = NO_STATE_DIR
+            else:
+                # The line's own state_dir (state_dir/lines/<name> with `lines:`): its versions, pointer and audit.
+                store = VersionStore(line.cfg.bundle, line.cfg.state_dir, self.cfg.station_signing_key)
+                feedback = Feedback(store, history, _current_bundle(line), _reload(line),
+                                    threads=1)  # one thread: learning must not take the inspection loops' cores
+            self.views[name] = LineView(name, line.name or "", history, line.status, feedback, why)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -61,7 +92,7 @@ class OperatorPage:
 
         from edge_runtime.operator_page.app import build_app
 
-        app = build_app(self.cfg, self.history, self.station.status, self.feedback, lambda: self._stopping)
+        app = build_app(self.cfg, self.views, lambda: self._stopping)
         config = uvicorn.Config(app, host=self.cfg.host, port=self.cfg.port, log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=2, ws="none")
         self._server = uvicorn.Server(config)
@@ -87,6 +118,15 @@ class OperatorPage:
         sock = self._server.servers[0].sockets[0]
         self.port = sock.getsockname()[1]
 
+    def start_logged(self) -> None:
+        """start(), logging the address or why not: the station keeps inspecting without its page."""
+        try:
+            self.start()
+            log.info("operator page on http://%s:%d/ (%d line%s)", self.cfg.host, self.port, len(self.views),
+                     "" if len(self.views) == 1 else "s")
+        except Exception as exc:  # noqa: BLE001 - the lines keep inspecting without their page
+            log.error("operator page not started: %s", exc)
+
     def stop(self) -> None:
         self._stopping = True
         if self._server is not None:
@@ -96,13 +136,34 @@ class OperatorPage:
         self._server = self._thread = None
 
 
-def maybe_page(station):
-    """The station's OperatorPage when `page.enabled`, else None. Its sink is appended to `station.outputs`."""
-    cfg = getattr(station.cfg, "page", None)
-    if cfg is None or not cfg.enabled:
+# ---- what the page reads / asks of one line ------------------------------------------------------------------------
+def _current_bundle(line) -> Callable[[], Bundle | None]:
+    def current() -> Bundle | None:
+        p = line.pipeline
+        return p.bundle if p is not None else None
+    return current
+
+
+def _reload(line) -> Callable[[str], None]:
+    def reload(bundle_id: str) -> None:
+        """Ask the line to reload (its own verified path) and wait until `bundle_id` is in service there."""
+        failures = line.counters.reload_failures
+        line.request_reload()
+        deadline = time.monotonic() + RELOAD_TIMEOUT_S
+        while time.monotonic() < deadline:
+            p = line.pipeline
+            if p is not None and p.bundle.bundle_id == bundle_id:
+                return
+            if line.counters.reload_failures > failures:
+                raise RuntimeError("the daemon refused the new version (see its log); the previous one stays in service")
+            time.sleep(0.05)
+        raise RuntimeError(f"the new version was not in service within {RELOAD_TIMEOUT_S:.0f} s")
+    return reload
+
+
+def maybe_page(cfg, names: list[str | None]) -> OperatorPage | None:
+    """The station's OperatorPage when `page.enabled`, else None; `names`: its lines' names (None: one line)."""
+    page_cfg = getattr(cfg, "page", None)
+    if page_cfg is None or not page_cfg.enabled:
         return None
-    page = OperatorPage(cfg, station)
-    station.outputs.append(page.history)
-    return page
-
-
+    return OperatorPage(page_cfg, names)

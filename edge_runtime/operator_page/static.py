@@ -22,6 +22,7 @@ dialog{background:#222;color:#eee;border:1px solid #666;max-width:900px}dialog t
 JS = r"""
 (function(){
 const csrf = document.querySelector('meta[name=csrf]').content;
+const B = document.querySelector('meta[name=base]').content;   // '/line/<name>', or '' (single line at /)
 async function post(url, data){
   const r = await fetch(url, {method:'POST', credentials:'same-origin',
     headers:{'Content-Type':'application/json','X-CSRF-Token':csrf}, body:JSON.stringify(data||{})});
@@ -33,6 +34,26 @@ const esc = s => String(s).replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':
 const f3 = x => (x===null||x===undefined) ? '-' : Number(x).toFixed(3);
 const lo = document.getElementById('logout');
 if(lo) lo.onclick = () => post('/logout').then(()=>location.href='/');
+
+// ---- lines: the selector in the navigation, and the overview table ------------------------------------------
+const sel = document.getElementById('lineselect');
+if(sel) sel.onchange = () => { if(sel.value) location.href = '/line/'+encodeURIComponent(sel.value)+'/'; };
+const pct = y => (y===null||y===undefined) ? '-' : (100*y).toFixed(1)+' %';
+function showLines(lines){
+  if(!lines) return;
+  if(sel) lines.forEach(l => { const o = Array.from(sel.options).find(o=>o.value===l.name);
+    if(o) o.textContent = l.name+' - '+l.state+' - '+(l.last_verdict||'-'); });
+  const t = document.getElementById('overview'); if(!t) return;
+  t.querySelectorAll('tr[data-line]').forEach(tr => tr.remove());
+  lines.forEach(l => { const tr = t.insertRow(); tr.dataset.line = l.name; const v = l.last_verdict||'-';
+    tr.innerHTML = '<td><a href="'+esc(l.url)+'">'+esc(l.name)+'</a></td><td class="state">'+esc(l.state)+(l.reason?' ('+esc(l.reason)+')':'')+
+      '</td><td><span class="verdict-s v-'+esc(v)+'">'+esc(v)+'</span></td><td>'+pct(l.yield)+'</td><td>'+l.rate_per_min+' /min</td><td>'+
+      l.frames+'</td><td>'+esc(l.bundle_id)+'</td>'; });
+}
+if(document.getElementById('overview')){
+  const poll = () => fetch('/api/lines').then(r=>r.json()).then(showLines).catch(()=>{}).finally(()=>setTimeout(poll, 2000));
+  setTimeout(poll, 2000);
+}
 
 // ---- live view -------------------------------------------------------------------------------------------
 let scores = [], threshold = null, lastId = null;
@@ -80,24 +101,24 @@ function showLatest(p){
   const v = document.getElementById('verdict'); v.textContent = p.verdict; v.className = 'verdict v-'+p.verdict;
   document.getElementById('score').textContent = f3(p.score);
   document.getElementById('threshold').textContent = f3(p.threshold);
-  document.getElementById('overlay').src = '/img/'+p.frame_id+'/overlay.jpg';
-  document.getElementById('partlink').innerHTML = '<a href="/part/'+p.frame_id+'">part '+p.frame_id+'</a>';
+  document.getElementById('overlay').src = B+'/img/'+p.frame_id+'/overlay.jpg';
+  document.getElementById('partlink').innerHTML = '<a href="'+B+'/part/'+p.frame_id+'">part '+p.frame_id+'</a>';
   threshold = p.threshold;
   if(p.score!==null && !scores.some(s=>s[0]===p.frame_id)){ scores.push([p.frame_id, p.score]); if(scores.length>200) scores.shift(); }
   drawTrend(); drawHist();
 }
 if(document.getElementById('trend')){
-  fetch('/api/parts?limit=200').then(r=>r.json()).then(parts=>{
+  fetch(B+'/api/parts?limit=200').then(r=>r.json()).then(parts=>{
     parts.reverse().forEach(p=>{ if(p.score!==null) scores.push([p.frame_id,p.score]); threshold = p.threshold; });
     if(parts.length) lastId = parts[parts.length-1].frame_id;
     drawTrend(); drawHist();
-    const es = new EventSource('/events');
-    es.onmessage = e => { const d = JSON.parse(e.data); showLatest(d.latest); showStatus(d.status); };
+    const es = new EventSource(B+'/events');
+    es.onmessage = e => { const d = JSON.parse(e.data); showLatest(d.latest); showStatus(d.status); showLines(d.lines); };
   });
 }
 
 const ns = document.getElementById('newshift');
-if(ns) ns.onclick = () => { if(confirm('Reset the shift counters?')) post('/api/shift').catch(e=>alert(e.message)); };
+if(ns) ns.onclick = () => { if(confirm('Reset the shift counters?')) post(B+'/api/shift').catch(e=>alert(e.message)); };
 
 // ---- feedback dialogs ------------------------------------------------------------------------------------------
 const dlg = document.getElementById('dlg'), body = document.getElementById('dlgbody'), applyB = document.getElementById('apply');
@@ -132,16 +153,16 @@ if(applyB) applyB.onclick = () => {
 };
 const cancel = document.getElementById('cancel'); if(cancel) cancel.onclick = () => dlg.close();
 const good = document.getElementById('good');
-if(good) good.onclick = () => openPreview('This part is good: learn it', post('/api/feedback/good/preview', {frame_id: +good.dataset.frame}), '/api/feedback/good/apply');
+if(good) good.onclick = () => openPreview('This part is good: learn it', post(B+'/api/feedback/good/preview', {frame_id: +good.dataset.frame}), B+'/api/feedback/good/apply');
 const bad = document.getElementById('bad');
-if(bad) bad.onclick = () => post('/api/feedback/bad', {frame_id: +bad.dataset.frame}).then(r=>{
+if(bad) bad.onclick = () => post(B+'/api/feedback/bad', {frame_id: +bad.dataset.frame}).then(r=>{
   document.getElementById('notes').innerHTML += '<li>stored as a calibration defect ('+r.pending+' waiting for recalibration on the Versions page)</li>'; bad.disabled = true;
 }).catch(e=>alert(e.message));
 const recal = document.getElementById('recal');
-if(recal) recal.onclick = () => openPreview('Recalibrate from stored defects', post('/api/recalibrate/preview'), '/api/recalibrate/apply');
+if(recal) recal.onclick = () => openPreview('Recalibrate from stored defects', post(B+'/api/recalibrate/preview'), B+'/api/recalibrate/apply');
 document.querySelectorAll('button.rollback').forEach(b => b.onclick = () => {
   if(!confirm('Roll back to '+b.dataset.name+'? It is re-issued as a new version.')) return;
-  post('/api/rollback', {name: b.dataset.name}).then(()=>location.reload()).catch(e=>alert(e.message));
+  post(B+'/api/rollback', {name: b.dataset.name}).then(()=>location.reload()).catch(e=>alert(e.message));
 });
 })();
 """
