@@ -199,3 +199,208 @@ def test_feedback_learns_at_once_persists_across_restart_and_rolls_back(page_sta
     audit = (Path(folder).parent / "state" / "bundle_audit.jsonl").read_text().splitlines()
     assert [json.loads(x)["action"] for x in audit] == ["learn-good", "mark-defect", "rollback"]
     assert json.loads(audit[0])["who"] == "otto" and json.loads(audit[-1])["who"] == "erin"
+
+
+# ---- one page for every line of a station (`lines:`) -------------------------------------------------------------
+def first_event(port: int, path: str, timeout: float = 30.0) -> dict:
+    """The first data event of a live view's server-sent stream."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request("GET", path)
+    r = conn.getresponse()
+    assert r.status == 200 and r.getheader("content-type").startswith("text/event-stream")
+    try:
+        while True:
+            line = r.readline().decode()
+            if line.startswith("data: "):
+                return json.loads(line[6:])
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def two_line_page(device_bundle, tmp_path, write_station, free_port, start_station):
+    """Two lines on ONE base bundle (the case where sharing a version would show), each watching its own folder,
+    one page; returns (running station, {line: folder}, port, images)."""
+    base = tmp_path / "bundle"
+    shutil.copytree(device_bundle, base)
+    good = cv2.imread(str(base / "golden" / "00_good.png"))
+    marked = good.copy()
+    cv2.circle(marked, (60, 80), 12, (0, 0, 255), -1)
+    images = {"marked": tmp_path / "marked.png", "good": tmp_path / "good.png"}
+    cv2.imwrite(str(images["marked"]), marked)
+    cv2.imwrite(str(images["good"]), good)
+    folders = {}
+    for name in ("a", "b"):
+        folders[name] = tmp_path / f"in_{name}"
+        folders[name].mkdir()
+    port = free_port()
+    users = [{"name": n, "role": r, "password_hash": HASHES[n]} for n, r in
+             (("vera", "viewer"), ("otto", "operator"), ("erin", "engineer"))]
+    path = write_station(bundle=base, state_dir="state", inference={"threads": 2},
+                         lines=[{"name": n, "source": {"type": "folder", "path": str(f), "mode": "watch"}}
+                                for n, f in folders.items()],
+                         page={"enabled": True, "port": port, "users": users})
+    return start_station(path), folders, port, images
+
+
+def feed_line(folder: Path, image: Path, name: str, client: Client, line: str) -> dict:
+    shutil.copyfile(image, folder / (name + ".tmp"))
+    (folder / (name + ".tmp")).rename(folder / name)
+    return wait_for(lambda: next((p for p in client.get_json(f"/line/{line}/api/parts") if p["source"].endswith(name)),
+                                 None))
+
+
+def test_one_page_serves_every_line_each_with_its_own_parts(two_line_page):
+    running, folders, port, images = two_line_page
+    page = running.station.page
+    assert list(page.views) == ["a", "b"]
+    for line in running.station.lines:   # each line's own bus carries that line's history, and no other's
+        assert [o for o in line.bus.outputs if o in page.histories.values()] == [page.histories[line.name]]
+    c = Client(port)
+    wait_for(lambda: {d["name"]: d["state"] for d in c.get_json("/api/lines")} == {"a": "ready", "b": "ready"})
+    ng = feed_line(folders["a"], images["marked"], "a1.png", c, "a")
+    ok = feed_line(folders["b"], images["good"], "b1.png", c, "b")
+    assert (ng["verdict"], ok["verdict"]) == ("NG", "OK")
+    # Each line's history holds its own parts only (frame ids are per line: both lines may have a part 1).
+    assert [p["source"] for p in c.get_json("/line/a/api/parts")] == [str(folders["a"] / "a1.png")]
+    assert [p["source"] for p in c.get_json("/line/b/api/parts")] == [str(folders["b"] / "b1.png")]
+
+    # The overview (/ with several lines) lists both, with their state, last verdict, yield and link.
+    status, overview = c.request("GET", "/")
+    text = overview.decode()
+    assert status == 200 and 'id="overview"' in text
+    assert 'href="/line/a/"' in text and 'href="/line/b/"' in text
+    lines = {d["name"]: d for d in c.get_json("/api/lines")}
+    assert (lines["a"]["last_verdict"], lines["b"]["last_verdict"]) == ("NG", "OK")
+    assert (lines["a"]["yield"], lines["b"]["yield"]) == (0.0, 1.0)
+    assert c.request("GET", "/lines")[0] == 200
+
+    # Each line's live view shows its own verdict and links into its own parts.
+    _, live_a = c.request("GET", "/line/a/")
+    _, live_b = c.request("GET", "/line/b/")
+    assert 'class="verdict v-NG"' in live_a.decode() and f'href="/line/a/part/{ng["frame_id"]}"' in live_a.decode()
+    assert 'class="verdict v-OK"' in live_b.decode() and f'href="/line/b/part/{ok["frame_id"]}"' in live_b.decode()
+    assert '<meta name="base" content="/line/a">' in live_a.decode()
+    assert c.request("GET", f"/line/a/img/{ng['frame_id']}/overlay.jpg")[0] == 200
+    assert c.request("GET", "/line/b/history?verdict=OK")[0] == 200
+    # The live stream of line a: a's newest part and status, and every line's summary (not b's parts).
+    event = first_event(port, "/line/a/events")
+    assert event["latest"]["source"] == str(folders["a"] / "a1.png") and event["status"]["shift"]["counts"]["NG"] == 1
+    assert [d["name"] for d in event["lines"]] == ["a", "b"] and "latest" not in event["lines"][1]
+    assert c.get_json("/line/b/api/status")["shift"]["counts"] == {"OK": 1, "NG": 0, "REVIEW": 0, "FAULT": 0}
+
+    # A name that is not one of the station's lines: 404, whatever it looks like; no single-line URLs here.
+    for path in ("/line/zz/", "/line/zz/api/status", "/line/..%2Fa/api/parts", "/line/a%00/api/parts",
+                 "/line/%2E%2E/versions", "/history", "/api/status", f"/part/{ng['frame_id']}"):
+        assert c.request("GET", path)[0] == 404, path
+
+
+def test_learning_on_one_line_leaves_the_other_lines_bundle_and_every_post_is_checked(two_line_page, tmp_path):
+    running, folders, port, images = two_line_page
+    c = Client(port)
+    wait_for(lambda: {d["name"]: d["state"] for d in c.get_json("/api/lines")} == {"a": "ready", "b": "ready"})
+    b_bundle = c.get_json("/line/b/api/status")["bundle_id"]
+    assert c.get_json("/line/a/api/status")["bundle_id"] == b_bundle     # one base bundle for both lines
+    rejected = feed_line(folders["a"], images["marked"], "a1.png", c, "a")
+    assert rejected["verdict"] == "NG"
+    assert feed_line(folders["b"], images["marked"], "b1.png", c, "b")["verdict"] == "NG"
+    preview_a = "/line/a/api/feedback/good/preview"
+    frame = {"frame_id": rejected["frame_id"]}
+
+    # Every POST on a line's routes: session, Origin, CSRF, role and Host; an unknown line is 404.
+    assert c.post(preview_a, frame)[0] == 401
+    c.login("otto")
+    status, body = c.post(preview_a, frame, origin="http://evil.example")
+    assert status == 403 and "cross-site" in body["error"]
+    status, body = c.post(preview_a, frame, origin=None)
+    assert status == 403 and "Origin" in body["error"]
+    status, body = c.post(preview_a, frame, csrf=False)
+    assert status == 403 and "CSRF" in body["error"]
+    status, body = c.post("/line/a/api/rollback", {"name": "base"})
+    assert status == 403 and "engineer" in body["error"]
+    status, _ = c.request("POST", preview_a, json.dumps(frame).encode(),
+                          {"Host": "attacker.example", "Origin": "http://attacker.example", "X-CSRF-Token": c.csrf,
+                           "Content-Type": "application/json"})
+    assert status == 403
+    assert c.post("/line/zz/api/feedback/good/preview", frame)[0] == 404
+    status, _ = c.request("POST", "/api/feedback/good/preview", json.dumps(frame).encode(),
+                          {"Origin": c.origin, "X-CSRF-Token": c.csrf, "Content-Type": "application/json"})
+    assert status == 404                                               # no line at / on a station with several
+    viewer = Client(port)
+    viewer.login("vera")
+    status, body = viewer.post(preview_a, frame)
+    assert status == 403 and "viewer" in body["error"]
+    state = tmp_path / "state"
+    assert not (state / "lines" / "a" / "bundles").exists(), "nothing was changed"
+
+    # "This part is good" on line a: a new version on line a; line b keeps its bundle and still rejects the part.
+    status, preview = c.post(preview_a, frame)
+    assert status == 200, preview
+    status, applied = c.post("/line/a/api/feedback/good/apply", {"plan": preview["plan"]})
+    assert status == 200, applied
+    assert c.get_json("/line/a/api/status")["bundle_id"] == applied["bundle_id"] != b_bundle
+    assert c.get_json("/line/b/api/status")["bundle_id"] == b_bundle
+    assert feed_line(folders["a"], images["marked"], "a2.png", c, "a")["verdict"] == "OK"
+    again_b = feed_line(folders["b"], images["marked"], "b2.png", c, "b")
+    assert again_b["verdict"] == "NG" and again_b["bundle_id"] == b_bundle
+    assert (state / "lines" / "a" / "bundles" / "active.json").exists()
+    assert not (state / "lines" / "b" / "bundles").exists() and not (state / "bundles").exists()
+    audit = (state / "lines" / "a" / "bundle_audit.jsonl").read_text().splitlines()
+    assert [json.loads(x)["action"] for x in audit] == ["learn-good"]
+    _, versions_b = c.request("GET", "/line/b/versions")
+    assert b"learn-good" not in versions_b
+    # Shift counters are per line too.
+    assert c.post("/line/b/api/shift", {})[0] == 200
+    assert c.get_json("/line/b/api/status")["shift"]["counts"]["NG"] == 0
+    assert c.get_json("/line/a/api/status")["shift"]["counts"]["NG"] == 1
+
+
+def test_learning_is_refused_with_a_reason_on_a_line_with_recipes(device_bundle, tmp_path, write_station, free_port,
+                                                                   start_station):
+    (tmp_path / "in").mkdir()
+    port = free_port()
+    users = [{"name": "otto", "role": "operator", "password_hash": HASHES["otto"]}]
+    start_station(write_station(source={"type": "folder", "path": "in", "mode": "watch"}, state_dir="state",
+                                recipes={"recipes": [{"name": "cap-a", "number": 1, "bundle": str(device_bundle)}]},
+                                page={"enabled": True, "port": port, "users": users}))
+    c = Client(port)
+    wait_for(lambda: c.get_json("/api/status")["state"] == "ready")
+    part = feed(tmp_path / "in", Path(device_bundle) / "golden" / "00_good.png", "a.png", c)
+    c.login("otto")
+    for path, data in (("/api/feedback/good/preview", {"frame_id": part["frame_id"]}),
+                       ("/line/line/api/feedback/bad", {"frame_id": part["frame_id"]})):
+        status, body = c.post(path, data)
+        assert status == 409 and "recipes" in body["error"] and "edge-runtime adapt" in body["error"], body
+    _, versions = c.request("GET", "/versions")
+    assert b'id="nofeedback"' in versions and b"recipe" in versions
+    assert not (tmp_path / "state" / "bundles").exists() and not (tmp_path / "state" / "recipes" / "cap-a" / "bundles").exists()
+
+
+def test_a_live_view_is_sent_its_own_line_at_the_page_rate_whatever_the_number_of_lines():
+    """The push cap holds per page: each tick (UPDATE_PERIOD_S) sends the viewed line's new part at once, its status
+    at most every STATUS_PERIOD_S and the summary of all lines at most every OVERVIEW_PERIOD_S; other lines' parts
+    never. (Logical clock: no timing assert.)"""
+    from edge_runtime.http_endpoint import StationStatus
+    from edge_runtime.operator_page.app import OVERVIEW_PERIOD_S, STATUS_PERIOD_S, UPDATE_PERIOD_S, LiveFeed
+    from edge_runtime.operator_page.part_history import PartHistory
+    from edge_runtime.operator_page.server import LineView
+
+    def status() -> StationStatus:
+        return StationStatus(state="ready", reason=None, bundle_id="x", frames=0, last_verdict=None, uptime_s=1.0,
+                             verdicts={}, faults=0, skipped=0, last_heartbeat_age_s=0.0, latency=None, counters={})
+
+    views = {n: LineView(n, n, PartHistory(), status, None, "none") for n in ("a", "b", "c")}
+    overview_calls = []
+    feed_a = LiveFeed(views["a"], lambda: overview_calls.append(1) or ["summary"])
+    ticks = [feed_a.next(i * UPDATE_PERIOD_S) for i in range(int(4 * OVERVIEW_PERIOD_S / UPDATE_PERIOD_S))]
+    assert set(ticks[0]) == {"latest", "status", "lines"}
+    summaries = len(overview_calls)
+    views["b"].history.seq += 5                         # parts on another line: nothing more for a's viewer
+    later = [feed_a.next(100 + i * UPDATE_PERIOD_S) for i in range(8)]
+    assert all("latest" not in t for t in ticks[1:] + later[1:])
+    span = len(ticks) * UPDATE_PERIOD_S
+    assert sum("status" in t for t in ticks) == span / STATUS_PERIOD_S
+    assert sum("lines" in t for t in ticks) == span / OVERVIEW_PERIOD_S == summaries   # built only when sent
+    views["a"].history.seq += 1
+    assert "latest" in feed_a.next(200)
+    assert set(LiveFeed(views["a"], None).next(0)) == {"latest", "status"}   # a single line: no summary
