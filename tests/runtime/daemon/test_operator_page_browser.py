@@ -22,7 +22,6 @@ from edge_runtime.decode import load_image  # noqa: E402
 from edge_runtime.operator_page.auth import hash_password  # noqa: E402
 from edge_runtime.pipeline import Pipeline  # noqa: E402
 
-pytestmark = [pytest.mark.realdata, pytest.mark.exporter]  # fits the bottle bundle
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -47,12 +46,26 @@ def strict_copy(bundle: Path, bottle_dir: Path, out: Path) -> tuple[Path, Path, 
     return out, goods[0][1], [goods[-1][1], goods[-2][1], *defects]
 
 
+def chromium():
+    """Headless Chromium (the Debian binary) under selenium."""
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail("headless Chromium is needed: apt-get install -y chromium chromium-driver (.ci/run does this)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,950"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
 def feed(folder: Path, image: Path, name: str) -> None:
     shutil.copyfile(image, folder / (name + ".tmp"))
     (folder / (name + ".tmp")).rename(folder / name)
 
 
-def part_id(port: int, name: str, timeout: float = 60.0) -> int:
+def part_id(port: int, name: str, timeout: float = 60.0, line: str = "") -> int:
     """Frame id of the part whose source file is `name`, once the page has it."""
     import json
     import urllib.request
@@ -60,7 +73,7 @@ def part_id(port: int, name: str, timeout: float = 60.0) -> int:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/parts", timeout=10) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{line}/api/parts", timeout=10) as r:
                 for p in json.load(r):
                     if p["source"].endswith("/" + name):
                         return p["frame_id"]
@@ -70,12 +83,10 @@ def part_id(port: int, name: str, timeout: float = 60.0) -> int:
     raise AssertionError(f"{name} was not inspected")
 
 
+@pytest.mark.realdata
+@pytest.mark.exporter   # fits the bottle bundle
 def test_false_reject_learned_from_the_page_in_chromium(request, bottle_dir, tmp_path, write_station,
                                                          free_port, start_station):
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.fail("headless Chromium is needed: apt-get install -y chromium chromium-driver (.ci/run does this)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -96,11 +107,7 @@ def test_false_reject_learned_from_the_page_in_chromium(request, bottle_dir, tmp
     for s in shots:
         s.mkdir(parents=True, exist_ok=True)
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,950"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver = chromium()
     wait = WebDriverWait(driver, 60)
 
     def shot(name: str) -> None:
@@ -155,5 +162,69 @@ def test_false_reject_learned_from_the_page_in_chromium(request, bottle_dir, tmp
         wait.until(lambda d: d.find_element(By.ID, "partlink").text == f"part {again}")  # live update (SSE)
         wait.until(lambda d: d.find_element(By.ID, "verdict").text == "OK")
         shot("live_view_after_learning.png")
+    finally:
+        driver.quit()
+
+
+def test_one_page_for_two_lines_in_chromium(device_bundle, tmp_path, write_station, free_port, start_station):
+    """The overview lists both lines with their last verdict; a line's live view shows that line's parts only and
+    follows them live; the selector goes to the other line. Device bundle: no exporter, no real data."""
+    import cv2
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    good = tmp_path / "good.png"
+    shutil.copyfile(device_bundle / "golden" / "00_good.png", good)
+    marked = tmp_path / "marked.png"
+    img = cv2.imread(str(good))
+    cv2.circle(img, (60, 80), 12, (0, 0, 255), -1)
+    cv2.imwrite(str(marked), img)
+    folders = {n: tmp_path / f"in_{n}" for n in ("left", "right")}
+    for f in folders.values():
+        f.mkdir()
+    port = free_port()
+    start_station(write_station(bundle=device_bundle, state_dir="state", inference={"threads": 2},
+                                lines=[{"name": n, "source": {"type": "folder", "path": str(f), "mode": "watch",
+                                                                    "process_existing": True}}
+                                       for n, f in folders.items()],
+                                page={"enabled": True, "port": port}))
+    feed(folders["left"], marked, "l1.png")
+    feed(folders["right"], good, "r1.png")
+    left1 = part_id(port, "l1.png", line="/line/left")
+    part_id(port, "r1.png", line="/line/right")
+    driver = chromium()
+    wait = WebDriverWait(driver, 60)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        driver.get(base + "/")
+        rows = {r.get_attribute("data-line"): r.text for r in driver.find_elements(By.CSS_SELECTOR, "#overview tr[data-line]")}
+        assert set(rows) == {"left", "right"} and "NG" in rows["left"] and "OK" in rows["right"], rows
+        feed(folders["right"], marked, "r2.png")
+        part_id(port, "r2.png", line="/line/right")
+        # The overview refreshes itself (every OVERVIEW_PERIOD_S): right's last verdict is now NG.
+        wait.until(lambda d: "NG" in d.find_element(By.CSS_SELECTOR, '#overview tr[data-line="right"]').text)
+        driver.find_element(By.CSS_SELECTOR, '#overview a[href="/line/left/"]').click()
+
+        wait.until(lambda d: d.find_element(By.ID, "partlink").text == f"part {left1}")
+        assert driver.find_element(By.ID, "verdict").text == "NG"
+        wait.until(lambda d: d.execute_script("return document.getElementById('overlay').naturalWidth") > 0)
+        wait.until(lambda d: "yield" in d.find_element(By.ID, "status").text)
+        assert int(driver.find_element(By.ID, "trend").get_attribute("data-points")) == 1
+        # A part on the left line comes in live; one on the right line does not touch this view.
+        feed(folders["right"], good, "r3.png")
+        right3 = part_id(port, "r3.png", line="/line/right")
+        feed(folders["left"], good, "l2.png")
+        left2 = part_id(port, "l2.png", line="/line/left")
+        wait.until(lambda d: d.find_element(By.ID, "partlink").text == f"part {left2}")
+        wait.until(lambda d: d.find_element(By.ID, "verdict").text == "OK")
+        wait.until(lambda d: int(d.find_element(By.ID, "trend").get_attribute("data-points")) == 2)
+        assert driver.find_element(By.CSS_SELECTOR, "#partlink a").get_attribute("href") == f"{base}/line/left/part/{left2}"
+        # The selector, kept current by the live stream, goes to the other line.
+        wait.until(lambda d: "right - ready - OK" in d.find_element(By.ID, "lineselect").text)
+        Select(driver.find_element(By.ID, "lineselect")).select_by_value("right")
+        wait.until(lambda d: d.current_url == f"{base}/line/right/")
+        wait.until(lambda d: int(d.find_element(By.ID, "trend").get_attribute("data-points")) == 3)
+        wait.until(lambda d: d.find_element(By.ID, "partlink").text == f"part {right3}")
+        assert driver.find_element(By.ID, "verdict").text == "OK"
     finally:
         driver.quit()
