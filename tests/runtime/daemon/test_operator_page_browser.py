@@ -195,6 +195,13 @@ def test_one_page_for_two_lines_in_chromium(device_bundle, tmp_path, write_stati
     driver = chromium()
     wait = WebDriverWait(driver, 60)
     base = f"http://127.0.0.1:{port}"
+    shots = [tmp_path / "shots"] + ([Path(os.environ["EDGE_PAGE_SCREENSHOTS"])] if os.environ.get("EDGE_PAGE_SCREENSHOTS") else [])
+
+    def shot(name: str) -> None:
+        for s in shots:
+            s.mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(s / name))
+
     try:
         driver.get(base + "/")
         rows = {r.get_attribute("data-line"): r.text for r in driver.find_elements(By.CSS_SELECTOR, "#overview tr[data-line]")}
@@ -203,6 +210,7 @@ def test_one_page_for_two_lines_in_chromium(device_bundle, tmp_path, write_stati
         part_id(port, "r2.png", line="/line/right")
         # The overview refreshes itself (every OVERVIEW_PERIOD_S): right's last verdict is now NG.
         wait.until(lambda d: "NG" in d.find_element(By.CSS_SELECTOR, '#overview tr[data-line="right"]').text)
+        shot("lines_overview.png")
         driver.find_element(By.CSS_SELECTOR, '#overview a[href="/line/left/"]').click()
 
         wait.until(lambda d: d.find_element(By.ID, "partlink").text == f"part {left1}")
@@ -221,6 +229,7 @@ def test_one_page_for_two_lines_in_chromium(device_bundle, tmp_path, write_stati
         assert driver.find_element(By.CSS_SELECTOR, "#partlink a").get_attribute("href") == f"{base}/line/left/part/{left2}"
         # The selector, kept current by the live stream, goes to the other line.
         wait.until(lambda d: "right - ready - OK" in d.find_element(By.ID, "lineselect").text)
+        shot("line_live_view.png")
         Select(driver.find_element(By.ID, "lineselect")).select_by_value("right")
         wait.until(lambda d: d.current_url == f"{base}/line/right/")
         wait.until(lambda d: int(d.find_element(By.ID, "trend").get_attribute("data-points")) == 3)
