@@ -306,7 +306,8 @@ def build_app(cfg: PageConfig, views: dict[str, LineView], stopping: Callable[[]
         pending = len(feedback.pending_defects())
         recal = (f'<p>{pending} stored defect(s) waiting. <button id="recal">Recalibrate from stored defects</button></p>'
                  if eng and pending else f"<p>{pending} stored defect(s) waiting.</p>")
-        body = (f'<main><h2>Bundle versions</h2><table class="versions"><tr><th>name</th><th>version</th><th>id</th>'
+        of = f" of recipe {html.escape(feedback.recipe)}" if hasattr(feedback, "recipe") else ""
+        body = (f'<main><h2>Bundle versions{of}</h2><table class="versions"><tr><th>name</th><th>version</th><th>id</th>'
                 f'<th>made by</th><th>who</th><th>bank</th><th>threshold</th><th></th></tr>{"".join(rows)}</table>{recal}'
                 f'<dialog id="dlg"><div id="dlgbody"></div><div class="dlgbtns"><button id="apply" disabled>Apply</button>'
                 f'<button id="cancel">Cancel</button></div></dialog><h3>Audit log</h3><ul class="audit">{audit}</ul></main>')

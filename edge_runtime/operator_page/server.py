@@ -20,18 +20,13 @@ from edge_runtime.http_endpoint import StationStatus
 from edge_runtime.operator_page.config import PageConfig
 from edge_runtime.operator_page.feedback import Feedback
 from edge_runtime.operator_page.part_history import PartHistory
+from edge_runtime.operator_page.recipe_feedback import RecipeFeedback
 
 log = logging.getLogger(__name__)
 RELOAD_TIMEOUT_S = 180.0
 SINGLE_LINE = "line"   # the URL name of a station without `lines:` (as in /healthz and /recipe)
 
 NO_STATE_DIR = "feedback needs a state_dir for the bundle versions"
-
-
-def recipes_refusal(name: str) -> str:
-    return (f"line {name} switches recipes: learning from the page is refused there, because each recipe's bundle "
-            "keeps its own versions (state_dir/recipes/<recipe>) and a version learned on one product must not "
-            "follow the line to another; use `edge-runtime adapt` on that recipe's bundle")
 
 
 @dataclass
@@ -41,7 +36,7 @@ class LineView:
     title: str                                 # shown in the page's title and navigation
     history: PartHistory
     status: Callable[[], StationStatus]
-    feedback: Feedback | None
+    feedback: Feedback | RecipeFeedback | None
     no_feedback: str | None = None             # why `feedback` is None (shown on refusal)
 
 
@@ -75,10 +70,11 @@ class OperatorPage:
             name = line.name or SINGLE_LINE
             history = self.histories[name]
             feedback, why = None, None
-            if line.recipes is not None:
-                why = recipes_refusal(name)
-            elif not line.cfg.state_dir:
+            if not line.cfg.state_dir:
                 why = NO_STATE_DIR
+            elif line.recipes is not None:
+                # The active recipe's own versions (state_dir/recipes/<recipe>), never another recipe's.
+                feedback = RecipeFeedback(line, history, self.cfg.station_signing_key)
             else:
                 # The line's own state_dir (state_dir/lines/<name> with `lines:`): its versions, pointer and audit.
                 store = VersionStore(line.cfg.bundle, line.cfg.state_dir, self.cfg.station_signing_key)

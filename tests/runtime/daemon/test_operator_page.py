@@ -355,25 +355,81 @@ def test_learning_on_one_line_leaves_the_other_lines_bundle_and_every_post_is_ch
     assert c.get_json("/line/a/api/status")["shift"]["counts"]["NG"] == 1
 
 
-def test_learning_is_refused_with_a_reason_on_a_line_with_recipes(device_bundle, tmp_path, write_station, free_port,
-                                                                   start_station):
-    (tmp_path / "in").mkdir()
+def test_learning_on_a_line_with_recipes_changes_the_active_recipes_bundle_only(device_bundle, tmp_path,
+                                                                                write_station, free_port,
+                                                                                start_station, monkeypatch):
+    import re
+
+    from edge_runtime import bundle_loader
+    from edge_runtime.bundle import BundleError
+
+    bundles = {}
+    for name, bid in (("cap-a", "aaaaaaaaaaaaaaaa"), ("cap-b", "bbbbbbbbbbbbbbbb")):
+        bundles[name] = tmp_path / name
+        shutil.copytree(device_bundle, bundles[name])
+        manifest = bundles[name] / "manifest.yaml"
+        manifest.write_text(re.sub(r"^bundle_id: .*$", f"bundle_id: {bid}", manifest.read_text(), count=1, flags=re.M))
+    good = cv2.imread(str(device_bundle / "golden" / "00_good.png"))
+    cv2.circle(good, (60, 80), 12, (0, 0, 255), -1)
+    marked = tmp_path / "marked.png"
+    cv2.imwrite(str(marked), good)
+    folder = tmp_path / "in"
+    folder.mkdir()
     port = free_port()
-    users = [{"name": "otto", "role": "operator", "password_hash": HASHES["otto"]}]
-    start_station(write_station(source={"type": "folder", "path": "in", "mode": "watch"}, state_dir="state",
-                                recipes={"recipes": [{"name": "cap-a", "number": 1, "bundle": str(device_bundle)}]},
-                                page={"enabled": True, "port": port, "users": users}))
+    users = [{"name": n, "role": r, "password_hash": HASHES[n]} for n, r in (("otto", "operator"), ("erin", "engineer"))]
+    running = start_station(write_station(
+        source={"type": "folder", "path": "in", "mode": "watch"}, state_dir="state",
+        recipes={"recipes": [{"name": n, "number": i + 1, "bundle": str(b)} for i, (n, b) in enumerate(bundles.items())]},
+        page={"enabled": True, "port": port, "users": users}))
+    switcher = running.station.line.recipes
     c = Client(port)
     wait_for(lambda: c.get_json("/api/status")["state"] == "ready")
-    part = feed(tmp_path / "in", Path(device_bundle) / "golden" / "00_good.png", "a.png", c)
+    first = feed(folder, marked, "a1.png", c)
+    assert (first["verdict"], first["bundle_id"]) == ("NG", "aaaaaaaaaaaaaaaa")
     c.login("otto")
-    for path, data in (("/api/feedback/good/preview", {"frame_id": part["frame_id"]}),
-                       ("/line/line/api/feedback/bad", {"frame_id": part["frame_id"]})):
-        status, body = c.post(path, data)
-        assert status == 409 and "recipes" in body["error"] and "edge-runtime adapt" in body["error"], body
+    # A new version the line refuses: the previous one goes back into service (a failed switch would keep the
+    # line in FAULT).
+    real_load = bundle_loader.load_pipeline
+
+    def refuse_device_versions(cfg, *args, **kwargs):
+        if cfg.state_dir and (Path(cfg.state_dir) / "bundles" / "active.json").exists():
+            raise BundleError("refused by the test")
+        return real_load(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(bundle_loader, "load_pipeline", refuse_device_versions)
+    status, preview = c.post("/api/feedback/good/preview", {"frame_id": first["frame_id"]})
+    assert status == 200, preview
+    status, body = c.post("/api/feedback/good/apply", {"plan": preview["plan"]})
+    assert status == 409 and "kept the previous one" in body["error"], body
+    wait_for(lambda: switcher.status == "ok" and c.get_json("/api/status")["state"] == "ready")
+    assert c.get_json("/api/status")["bundle_id"] == "aaaaaaaaaaaaaaaa"
+    monkeypatch.setattr(bundle_loader, "load_pipeline", real_load)
+
+    status, preview = c.post("/api/feedback/good/preview", {"frame_id": first["frame_id"]})
+    assert status == 200, preview
+    status, applied = c.post("/api/feedback/good/apply", {"plan": preview["plan"]})
+    assert status == 200, applied
+    assert c.get_json("/api/status")["bundle_id"] == applied["bundle_id"] and switcher.status == "ok"
+    assert feed(folder, marked, "a2.png", c)["verdict"] == "OK"
+    state = tmp_path / "state" / "recipes"
+    assert (state / "cap-a" / "bundles" / "active.json").exists()
+    audit = (state / "cap-a" / "bundle_audit.jsonl").read_text().splitlines()
+    assert [json.loads(x)["action"] for x in audit] == ["learn-good", "learn-good"]   # the refused one, then this
+
+    # The other product: its bundle is untouched, and a part of cap-a is not learned into it.
+    switcher.request("cap-b", "test")
+    wait_for(lambda: c.get_json("/api/status")["bundle_id"] == "bbbbbbbbbbbbbbbb" and switcher.status == "ok")
+    other = feed(folder, marked, "b1.png", c)
+    assert (other["verdict"], other["bundle_id"]) == ("NG", "bbbbbbbbbbbbbbbb")
+    status, body = c.post("/api/feedback/good/preview", {"frame_id": first["frame_id"]})
+    assert status == 409 and "its own recipe" in body["error"], body
     _, versions = c.request("GET", "/versions")
-    assert b'id="nofeedback"' in versions and b"recipe" in versions
-    assert not (tmp_path / "state" / "bundles").exists() and not (tmp_path / "state" / "recipes" / "cap-a" / "bundles").exists()
+    assert b"recipe cap-b" in versions and b"learn-good" not in versions
+    assert not (state / "cap-b" / "bundles").exists()
+    # Back to cap-a: the learned version is the one that loads.
+    switcher.request("cap-a", "test")
+    wait_for(lambda: c.get_json("/api/status")["bundle_id"] == applied["bundle_id"] and switcher.status == "ok")
+    assert feed(folder, marked, "a3.png", c)["verdict"] == "OK"
 
 
 def test_a_live_view_is_sent_its_own_line_at_the_page_rate_whatever_the_number_of_lines():
