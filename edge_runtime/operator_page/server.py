@@ -3,7 +3,7 @@ output bus, its own part history and its own feedback service (its own bundle ve
 
 The station builds it before its lines (`maybe_page(cfg, names)`), hands each line its sink (`sinks(name)`),
 then `attach(lines)`, `start()` after the buses start and `stop()` at shutdown. The page reads each line only
-through its `status()`, `pipeline`, `counters` and `request_reload()`.
+through its `status()`, `pipeline`, `counters` and `request_reload()` (with recipes, also its `recipes` switcher).
 """
 from __future__ import annotations
 

@@ -281,6 +281,7 @@ def test_one_page_serves_every_line_each_with_its_own_parts(two_line_page):
     assert 'class="verdict v-NG"' in live_a.decode() and f'href="/line/a/part/{ng["frame_id"]}"' in live_a.decode()
     assert 'class="verdict v-OK"' in live_b.decode() and f'href="/line/b/part/{ok["frame_id"]}"' in live_b.decode()
     assert '<meta name="base" content="/line/a">' in live_a.decode()
+    assert c.request("GET", "/line/a")[0] == 307                      # to /line/a/
     assert c.request("GET", f"/line/a/img/{ng['frame_id']}/overlay.jpg")[0] == 200
     assert c.request("GET", "/line/b/history?verdict=OK")[0] == 200
     # The live stream of line a: a's newest part and status, and every line's summary (not b's parts).
