@@ -60,6 +60,14 @@ def chromium():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
+def patient(driver):
+    """A 60 s wait that also retries an element the page replaced meanwhile (a redirect, a live update)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
+
+
 def feed(folder: Path, image: Path, name: str) -> None:
     shutil.copyfile(image, folder / (name + ".tmp"))
     (folder / (name + ".tmp")).rename(folder / name)
@@ -88,7 +96,6 @@ def part_id(port: int, name: str, timeout: float = 60.0, line: str = "") -> int:
 def test_false_reject_learned_from_the_page_in_chromium(request, bottle_dir, tmp_path, write_station,
                                                          free_port, start_station):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     # $EDGE_PAGE_BOTTLE_BUNDLE: a bottle bundle already fitted with `edge-export fit` (screenshots of the default one)
     source = Path(os.environ.get("EDGE_PAGE_BOTTLE_BUNDLE") or request.getfixturevalue("bottle_bundle"))
@@ -108,7 +115,7 @@ def test_false_reject_learned_from_the_page_in_chromium(request, bottle_dir, tmp
         s.mkdir(parents=True, exist_ok=True)
 
     driver = chromium()
-    wait = WebDriverWait(driver, 60)
+    wait = patient(driver)
 
     def shot(name: str) -> None:
         for s in shots:
@@ -171,7 +178,7 @@ def test_one_page_for_two_lines_in_chromium(device_bundle, tmp_path, write_stati
     follows them live; the selector goes to the other line. Device bundle: no exporter, no real data."""
     import cv2
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import Select
 
     good = tmp_path / "good.png"
     shutil.copyfile(device_bundle / "golden" / "00_good.png", good)
@@ -193,7 +200,7 @@ def test_one_page_for_two_lines_in_chromium(device_bundle, tmp_path, write_stati
     left1 = part_id(port, "l1.png", line="/line/left")
     part_id(port, "r1.png", line="/line/right")
     driver = chromium()
-    wait = WebDriverWait(driver, 60)
+    wait = patient(driver)
     base = f"http://127.0.0.1:{port}"
     shots = [tmp_path / "shots"] + ([Path(os.environ["EDGE_PAGE_SCREENSHOTS"])] if os.environ.get("EDGE_PAGE_SCREENSHOTS") else [])
 
