@@ -17,6 +17,7 @@ from edge_runtime.lines_config import LineConfig, resolve_line_paths, validate_l
 from edge_runtime.operator_page.config import PageConfig
 from edge_runtime.recipes import RecipesConfig, resolve_recipe_paths
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
+from edge_runtime.outputs.mqtt_station import StationMqttConfig, validate_station_mqtt
 from edge_runtime.rollout import RolloutConfig
 from edge_runtime.safe_yaml import YamlRefused, load_strict
 from edge_runtime.schema import ConfigError, from_mapping
@@ -120,8 +121,10 @@ class StationConfig:
     state_dir: str | None = None
     lines: list[LineConfig] = field(default_factory=list)  # several cameras in one daemon (edge_runtime/lines_config.py)
     recipes: RecipesConfig | None = None  # one bundle per product, chosen by the controller (edge_runtime/recipes.py)
+    mqtt: StationMqttConfig | None = None  # with `lines:`: one MQTT connection for every line (outputs/mqtt_station.py)
 
     def validate(self) -> None:
+        validate_station_mqtt(self.mqtt, self.outputs, self.lines)
         if self.lines:
             validate_lines(self.lines)
             if self.bundle is None and self.recipes is None and any(ln.bundle is None and ln.recipes is None
@@ -203,6 +206,8 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
         if hook is not None:
             hook(absolute, f"outputs[{i}]", cfg.state_dir)
     cfg.rollout.resolve_paths(absolute, "rollout", cfg.state_dir)
+    if cfg.mqtt is not None:
+        cfg.mqtt.resolve_paths(absolute, "mqtt", cfg.state_dir)
     if cfg.page.station_signing_key:
         cfg.page.station_signing_key = absolute("page.station_signing_key", cfg.page.station_signing_key)
     return cfg
