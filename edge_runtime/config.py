@@ -200,11 +200,17 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
     cfg.state_dir = absolute("state_dir", cfg.state_dir)
     if cfg.security.bundle_public_key:
         cfg.security.bundle_public_key = absolute("security.bundle_public_key", cfg.security.bundle_public_key)
-    for i, out in enumerate(cfg.outputs):
-        # Outputs with files of their own (MQTT: TLS files, password, outbox) resolve them; the state dir is known.
+    # Outputs with files of their own (MQTT: TLS files, password, outbox; OPC UA: certificate, key) resolve them
+    # once the state dir is known; a ValueError from the hook names the key under the output's.
+    located = [(f"outputs[{i}]", out) for i, out in enumerate(cfg.outputs)]
+    located += [(f"lines[{i}].outputs[{j}]", out) for i, ln in enumerate(cfg.lines) for j, out in enumerate(ln.outputs or [])]
+    for where, out in located:
         hook = getattr(out, "resolve_paths", None)
         if hook is not None:
-            hook(absolute, f"outputs[{i}]", cfg.state_dir)
+            try:
+                hook(absolute, where, cfg.state_dir)
+            except ValueError as exc:
+                raise ConfigError(f"{_ROOT}.{where}.{exc}") from None
     cfg.rollout.resolve_paths(absolute, "rollout", cfg.state_dir)
     if cfg.mqtt is not None:
         cfg.mqtt.resolve_paths(absolute, "mqtt", cfg.state_dir)
