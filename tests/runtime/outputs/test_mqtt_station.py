@@ -179,3 +179,14 @@ def test_station_file_mqtt_conflicts_name_the_key(tmp_path, body, key, expected)
     with pytest.raises(ConfigError) as err:
         load_station(write_station(tmp_path, body))
     assert key in str(err.value) and expected in str(err.value), str(err.value)
+
+
+def test_validate_warns_about_the_shared_connection_in_clear(tmp_path, capsys):
+    from edge_runtime import cli
+
+    (tmp_path / "bundle").mkdir()
+    station = write_station(tmp_path, LINES + """
+    mqtt: {host: broker.plant.local, topic_prefix: acme/s9, username: s9}
+    """)
+    cli.main(["validate", str(station)])
+    assert "mqtt.tls_ca: not set: the password for 's9' crosses the network" in capsys.readouterr().err
