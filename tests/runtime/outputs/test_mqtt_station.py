@@ -190,3 +190,22 @@ def test_validate_warns_about_the_shared_connection_in_clear(tmp_path, capsys):
     """)
     cli.main(["validate", str(station)])
     assert "mqtt.tls_ca: not set: the password for 's9' crosses the network" in capsys.readouterr().err
+
+
+def test_an_outbox_from_before_the_line_tags_is_migrated_in_place(tmp_path):
+    import sqlite3
+
+    from edge_runtime.outputs.mqtt_outbox import Outbox
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, queued_at REAL NOT NULL, "
+               "payload BLOB NOT NULL)")
+    db.execute("INSERT INTO outbox (payload, queued_at) VALUES (?, ?)", (b'{"frame_id": 1}', 1.0))
+    db.commit()
+    db.close()
+    box = Outbox(str(path), 10)
+    box.append(b'{"frame_id": 2}', 2.0, "left")
+    assert [(p, line) for _s, _t, p, line in box.peek(0, 10)] == [(b'{"frame_id": 1}', ""),
+                                                                    (b'{"frame_id": 2}', "left")]
+    box.close()
