@@ -362,7 +362,7 @@ class MqttOutput(Output):
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.effective_client_id,
                              protocol=mqtt.MQTTv311, clean_session=True)
         # Only what the window holds: paho's own queue would resend from memory on reconnect, out of our order.
-        client.max_inflight_messages_set(cfg.max_inflight + 4)  # + state messages
+        client.max_inflight_messages_set(cfg.max_inflight + 2 + 2 * self._state_topics())  # + state messages
         will_topic, will_payload = self._will()
         client.will_set(will_topic, will_payload, qos=1, retain=True)
         if cfg.username:
@@ -449,6 +449,7 @@ class MqttOutput(Output):
         last_sent = 0                     # seq of the last record handed to this connection
         next_state = 0.0
         stopping_at: float | None = None
+        goodbye: list = []                # the offline state messages of a clean stop (paho MessageInfo)
         self._state_dirty.set()           # birth: the retained state says online as soon as we are connected
         session = self._session
         while self._connected:
@@ -464,8 +465,10 @@ class MqttOutput(Output):
             if self._stop.is_set():
                 if stopping_at is None:
                     stopping_at = time.monotonic()
-                    self._publish_state(client, online=False)   # a clean disconnect sends no last will
-                if (not inflight and not self.outbox.peek(last_sent, 1)) or \
+                    # A clean disconnect sends no last will: the offline states must be out (acknowledged)
+                    # before it, or the broker keeps the last "ready"/"not_ready" of each state topic.
+                    goodbye = self._publish_state(client, online=False)
+                if (not inflight and not self.outbox.peek(last_sent, 1) and all(m.is_published() for m in goodbye)) or \
                         time.monotonic() - stopping_at > cfg.close_timeout_s:
                     return
             now = time.monotonic()
@@ -487,9 +490,14 @@ class MqttOutput(Output):
         self._note_error("connection lost" + (f" ({len(inflight)} records unacknowledged, resent on reconnect)"
                                               if inflight else ""))
 
-    def _publish_state(self, client, online: bool = True) -> None:
+    def _publish_state(self, client, online: bool = True) -> list:
+        """Publish the retained state; returns paho's MessageInfo of each message."""
         payload = json.dumps(self.state_message(online), separators=(",", ":"), default=str)
-        client.publish(self.state_topic, payload, qos=1, retain=True)
+        return [client.publish(self.state_topic, payload, qos=1, retain=True)]
+
+    def _state_topics(self) -> int:
+        """Retained state messages one _publish_state() sends (room for them beside the records in flight)."""
+        return 1
 
     def _teardown(self, client) -> None:
         self._connected = False

@@ -251,12 +251,16 @@ class StationMqtt(MqttOutput):
                              "oldest_age_s": None if oldest is None else round(time.time() - oldest, 3)}
         return msg
 
-    def _publish_state(self, client, online: bool = True) -> None:
+    def _publish_state(self, client, online: bool = True) -> list:
         # Lines first, node last: a consumer that sees the node online has every line's current state already.
+        sent = []
         for adapter in self.lines.values():
             payload = json.dumps(adapter.state_message(online and adapter.open), separators=(",", ":"), default=str)
-            client.publish(adapter.state_topic, payload, qos=1, retain=True)
-        super()._publish_state(client, online)
+            sent.append(client.publish(adapter.state_topic, payload, qos=1, retain=True))
+        return sent + super()._publish_state(client, online)
+
+    def _state_topics(self) -> int:
+        return len(self.lines) + 1
 
     def _subscriptions(self) -> list[str]:
         if any(a.accepts_commands() for a in self.lines.values()):

@@ -82,3 +82,29 @@ def test_two_lines_share_one_connection_and_lose_nothing_across_a_broker_kill(
     finally:
         sub.close()
         broker.stop()
+
+
+def test_a_trigger_command_reaches_the_line_it_names(small_bundle, flange_test_folder, write_station, tmp_path,
+                                                     start_station):
+    folder, _ = flange_test_folder
+    broker = mb.Broker(tmp_path / "broker").start()
+    sub = mb.Subscriber(broker.port, [f"{PREFIX}/+/result", f"{PREFIX}/+/state"], persistent=False)
+    path = write_station(
+        bundle=small_bundle,
+        mqtt={"host": "127.0.0.1", "port": broker.port, "topic_prefix": PREFIX, "allow_trigger": True},
+        lines=[{"name": name, "trigger": {"type": "software"},
+                "source": {"type": "paced", "path": str(folder), "fps": 20}} for name in ("left", "right")])
+    running = start_station(load_station(path))
+    try:
+        assert sub.wait_for(lambda s: all(s.payloads(f"{PREFIX}/{n}/state") and json.loads(
+            s.payloads(f"{PREFIX}/{n}/state")[-1])["state"] == "ready" for n in ("left", "right")), timeout=60)
+        for _ in range(2):
+            sub.client.publish(f"{PREFIX}/right/cmd/trigger", b"", qos=1)
+        assert sub.wait_for(lambda s: len(s.payloads(f"{PREFIX}/right/result")) >= 2, timeout=60)
+        time.sleep(0.5)
+        assert sub.payloads(f"{PREFIX}/left/result") == [], "the command named the right line only"
+        assert running.station.lines[0].counters.frames == 0 and running.station.lines[1].counters.frames >= 2
+    finally:
+        running.stop()
+        sub.close()
+        broker.stop()
