@@ -78,8 +78,15 @@ def test_last_will_says_the_node_and_so_every_line_is_offline(tmp_path, broker):
 
 
 def test_commands_reach_the_line_they_name(tmp_path, broker):
-    station = make_station(tmp_path, broker.port, allow_trigger=True)
-    fired, rollout = [], []
+    station = make_station(tmp_path, broker.port, allow_trigger=True, allow_recipe=True)
+    fired, rollout, recipes = [], [], []
+
+    class Switcher:   # the RecipeSwitcher's request(), as the HTTP endpoint calls it
+        def request(self, key, origin):
+            recipes.append((key, origin))
+            return True, "switching"
+
+    station.adapter("right").bind_recipes(Switcher())
     station.adapter("left").bind_trigger(lambda: fired.append("left"))
     station.adapter("right").bind_trigger(lambda: fired.append("right"))
     station.adapter("right").bind_commands(lambda topic, payload: rollout.append((topic, payload)))
@@ -92,10 +99,12 @@ def test_commands_reach_the_line_they_name(tmp_path, broker):
         ctl.client.publish(f"{PREFIX}/right/cmd/trigger", b"", qos=1)
         ctl.client.publish(f"{PREFIX}/right/cmd/rollout", b'{"bundle": "/b/v7"}', qos=1)
         ctl.client.publish(f"{PREFIX}/left/cmd/recipe", b"2", qos=1)      # no recipes on left: refused, counted
+        ctl.client.publish(f"{PREFIX}/right/cmd/recipe", b"2", qos=1)     # a number selects by number
         ctl.client.publish(f"{PREFIX}/nosuchline/cmd/trigger", b"", qos=1)
         assert ctl.wait_for(lambda s: fired and rollout and station.adapter("left").commands_refused == 1)
         time.sleep(0.3)
         assert fired == ["right"] and rollout == [("rollout", b'{"bundle": "/b/v7"}')]
+        assert recipes == [(2, "mqtt")]
         assert station.adapter("left").counters()["mqtt_commands_refused"] == 1
     finally:
         ctl.close()
