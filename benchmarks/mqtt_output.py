@@ -1,6 +1,7 @@
 """MQTT output: store-and-forward through a broker outage in the real daemon loop, throughput, cost to inspection.
 
     python benchmarks/mqtt_output.py --bundle BUNDLE [--copies 3] [--rounds 2] [--records 3000]
+    python benchmarks/mqtt_output.py --two-lines [--records 3000]
 
 Needs Debian's `mosquitto` (started here on a free 127.0.0.1 port, as the tests do) and paho-mqtt. Three parts:
   outage      the daemon (Station: folder replay of the bottle test images x --copies -> pipeline -> result log +
@@ -14,6 +15,12 @@ Needs Debian's `mosquitto` (started here on a free 127.0.0.1 port, as the tests 
   throughput  MqttOutput alone: --records records published back to back until all are acknowledged (live), and
               a backlog of --records queued while the broker is down, drained after it starts (timed from the reconnect).
 Writes benchmarks/results/mqtt_output.json and .md.
+
+--two-lines (no bundle): the station's shared connection (edge_runtime/outputs/mqtt_station.py), two lines'
+adapters fed by two producer threads at once, --records per line, against one line on its own connection with the
+same total and two lines on two connections (the layout before the shared one); records/s until all are
+acknowledged, CPU of this process per record, and per line: in order and complete at a subscriber.
+Writes benchmarks/results/mqtt_two_lines.json and .md.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from bench_report import BOTTLE, LoadMonitor, add_results_option, md_table, medi
 from edge_runtime.config import load_station  # noqa: E402
 from edge_runtime.daemon import Station  # noqa: E402
 from edge_runtime.outputs import MqttConfig, MqttOutput  # noqa: E402
+from edge_runtime.outputs.mqtt_station import StationMqtt, StationMqttConfig  # noqa: E402
 from edge_runtime.records import InspectionResult, Verdict  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,16 +212,96 @@ def throughput(work: Path, n: int) -> dict:
     return rows
 
 
+def _bench_result(i: int) -> InspectionResult:
+    return InspectionResult(frame_id=i, source="bench", verdict=Verdict.OK, score=12.3, normalized_score=0.3,
+                            threshold=24.5, timings_ms={"decode": 1.0, "features": 20.0, "total": 30.0},
+                            bundle_id="b", captured_at=time.time())
+
+
+def two_lines(work: Path, n: int) -> dict:
+    """Records/s and CPU per record: 2 lines on the station's one connection vs 1 line vs 2 lines x 2 connections."""
+    rows = {}
+    for layout in ("1 line, 1 connection", "2 lines, 1 shared connection", "2 lines, 2 connections"):
+        broker = mb.Broker(work / f"broker-2l-{len(rows)}").start()
+        sub = mb.Subscriber(broker.port, [f"{PREFIX}/#"], client_id="historian", persistent=False)
+        common = dict(host="127.0.0.1", port=broker.port, reconnect_min_s=0.1, reconnect_max_s=0.2)
+        shared = None
+        if layout.startswith("1 line"):
+            outs = [MqttOutput(MqttConfig(topic_prefix=PREFIX, outbox=str(work / "2l-single.sqlite"), **common))]
+            sinks, topics, per_sink = outs, [RESULT], 2 * n
+            owners = outs
+        elif "shared" in layout:
+            shared = StationMqtt(StationMqttConfig(topic_prefix=PREFIX, outbox=str(work / "2l-shared.sqlite"),
+                                                   **common), ["left", "right"])
+            sinks = [shared.adapter("left"), shared.adapter("right")]
+            topics, per_sink, owners = [f"{PREFIX}/left/result", f"{PREFIX}/right/result"], n, [shared]
+        else:   # what a station did before the shared connection: one MqttOutput (client, outbox) per line
+            sinks = [MqttOutput(MqttConfig(topic_prefix=f"{PREFIX}/{name}", outbox=str(work / f"2l-{name}.sqlite"),
+                                           **common)) for name in ("left", "right")]
+            topics, per_sink, owners = [f"{PREFIX}/left/result", f"{PREFIX}/right/result"], n, sinks
+        for out in sinks:
+            out.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not all(o._connected for o in owners) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            total = per_sink * len(sinks)
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            producers = [threading.Thread(target=lambda o=o: [o.publish(_bench_result(i)) for i in range(per_sink)])
+                         for o in sinks]
+            for t in producers:
+                t.start()
+            for t in producers:
+                t.join()
+            while sum(o.published for o in owners) < total:
+                time.sleep(0.002)
+            wall = time.perf_counter() - t0
+            cpu_us = (time.process_time() - cpu0) / total * 1e6
+            complete = sub.wait_for(lambda s: all(len(s.payloads(t)) >= per_sink for t in topics), timeout=60)
+            in_order = complete and all(mb.dedupe_in_order([r["frame_id"] for r in sub.records(t)])[0]
+                                        == list(range(per_sink)) for t in topics)
+            connections = len(owners)
+        finally:
+            for out in sinks:
+                out.close()
+            sub.close()
+            broker.stop()
+        rows[layout] = {"lines": len(topics), "connections": connections, "records": total,
+                        "records_per_s": total / wall, "cpu_per_record_us": cpu_us, "in_order_per_line": in_order}
+    return rows
+
+
+def main_two_lines(args) -> int:
+    load = LoadMonitor()
+    with tempfile.TemporaryDirectory(prefix="mqtt_bench_2l_") as tmp:
+        rows = two_lines(Path(tmp), args.records)
+    load_info = load.stop()
+    body = (f"QoS 1, local Mosquitto, outbox fsync on; {args.records} records per line from one producer thread "
+            "per line (the single line gets both lines' total); timed until the broker acknowledged every record.\n\n")
+    body += md_table(["layout", "connections", "records", "records/s", "CPU per record us", "in order per line"],
+                     [[k, v["connections"], v["records"], v["records_per_s"], v["cpu_per_record_us"],
+                       v["in_order_per_line"]] for k, v in rows.items()])
+    write_results("mqtt_two_lines", "MQTT: two lines on the station's one connection", body,
+                  {"layouts": rows, "records_per_line": args.records}, load_info, out_dir=args.results_dir)
+    return 0 if all(v["in_order_per_line"] for v in rows.values()) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bundle", type=Path, required=True, help="bundle directory (required; e.g. edge-export fit "
-                   "of bottle with the defaults)")
+    p.add_argument("--bundle", type=Path, default=None, help="bundle directory (required unless --two-lines; "
+                   "default none; e.g. edge-export fit of bottle with the defaults)")
+    p.add_argument("--two-lines", action="store_true", help="only the shared-connection benchmark of two lines "
+                   "(no bundle needed; default off)")
     p.add_argument("--data", type=Path, default=BOTTLE, help=f"MVTec-style category folder (default {BOTTLE})")
     p.add_argument("--copies", type=int, default=3, help="each test image this many times per run (default 3)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved runs with and without MQTT (default 2)")
     p.add_argument("--records", type=int, default=3000, help="records for the throughput part (default 3000)")
     add_results_option(p)
     args = p.parse_args(argv)
+    if args.two_lines:
+        return main_two_lines(args)
+    if args.bundle is None:
+        p.error("--bundle is required (unless --two-lines)")
     load = LoadMonitor()
     with tempfile.TemporaryDirectory(prefix="mqtt_bench_") as tmp:
         work = Path(tmp)

@@ -102,9 +102,13 @@ def _validate(a: argparse.Namespace) -> int:
         return 2
     for warning in cfg.http.warnings():
         print(f"warning: {a.config}: {warning}", file=sys.stderr)
-    for i, out in enumerate(cfg.outputs):   # outputs that listen or send credentials (opcua, mqtt)
+    # Outputs that listen or send credentials (opcua, mqtt), the lines' too, and the station's shared MQTT.
+    located = [(f"outputs[{i}]", out) for i, out in enumerate(cfg.outputs)]
+    located += [(f"lines[{i}].outputs[{j}]", out) for i, ln in enumerate(cfg.lines) for j, out in enumerate(ln.outputs or [])]
+    located += [("mqtt", cfg.mqtt)] if cfg.mqtt is not None else []
+    for where, out in located:
         for warning in getattr(out, "warnings", lambda: [])():
-            print(f"warning: {a.config}: outputs[{i}].{warning}", file=sys.stderr)
+            print(f"warning: {a.config}: {where}.{warning}", file=sys.stderr)
     print(f"{a.config}: valid")
     return 0
 

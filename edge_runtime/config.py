@@ -17,6 +17,7 @@ from edge_runtime.lines_config import LineConfig, resolve_line_paths, validate_l
 from edge_runtime.operator_page.config import PageConfig
 from edge_runtime.recipes import RecipesConfig, resolve_recipe_paths
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
+from edge_runtime.outputs.mqtt_station import StationMqttConfig, validate_station_mqtt
 from edge_runtime.rollout import RolloutConfig
 from edge_runtime.safe_yaml import YamlRefused, load_strict
 from edge_runtime.schema import ConfigError, from_mapping
@@ -120,8 +121,10 @@ class StationConfig:
     state_dir: str | None = None
     lines: list[LineConfig] = field(default_factory=list)  # several cameras in one daemon (edge_runtime/lines_config.py)
     recipes: RecipesConfig | None = None  # one bundle per product, chosen by the controller (edge_runtime/recipes.py)
+    mqtt: StationMqttConfig | None = None  # with `lines:`: one MQTT connection for every line (outputs/mqtt_station.py)
 
     def validate(self) -> None:
+        validate_station_mqtt(self.mqtt, self.outputs, self.lines)
         if self.lines:
             validate_lines(self.lines)
             if self.bundle is None and self.recipes is None and any(ln.bundle is None and ln.recipes is None
@@ -197,12 +200,20 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
     cfg.state_dir = absolute("state_dir", cfg.state_dir)
     if cfg.security.bundle_public_key:
         cfg.security.bundle_public_key = absolute("security.bundle_public_key", cfg.security.bundle_public_key)
-    for i, out in enumerate(cfg.outputs):
-        # Outputs with files of their own (MQTT: TLS files, password, outbox) resolve them; the state dir is known.
+    # Outputs with files of their own (MQTT: TLS files, password, outbox; OPC UA: certificate, key) resolve them
+    # once the state dir is known; a ValueError from the hook names the key under the output's.
+    located = [(f"outputs[{i}]", out) for i, out in enumerate(cfg.outputs)]
+    located += [(f"lines[{i}].outputs[{j}]", out) for i, ln in enumerate(cfg.lines) for j, out in enumerate(ln.outputs or [])]
+    for where, out in located:
         hook = getattr(out, "resolve_paths", None)
         if hook is not None:
-            hook(absolute, f"outputs[{i}]", cfg.state_dir)
+            try:
+                hook(absolute, where, cfg.state_dir)
+            except ValueError as exc:
+                raise ConfigError(f"{_ROOT}.{where}.{exc}") from None
     cfg.rollout.resolve_paths(absolute, "rollout", cfg.state_dir)
+    if cfg.mqtt is not None:
+        cfg.mqtt.resolve_paths(absolute, "mqtt", cfg.state_dir)
     if cfg.page.station_signing_key:
         cfg.page.station_signing_key = absolute("page.station_signing_key", cfg.page.station_signing_key)
     return cfg

@@ -22,7 +22,8 @@ from edge_runtime.lines_config import line_station_configs
 from edge_runtime.lines_http import LinesHttpEndpoint, RecipeHttpEndpoint, aggregate_status
 from edge_runtime.line import MAX_MISSED_ANSWERS, SERIAL_ACK_COMMAND, Counters, Line
 from edge_runtime.operator_page.server import maybe_page
-from edge_runtime.outputs import Output
+from edge_runtime.outputs import Output, build_output
+from edge_runtime.outputs.mqtt_station import bind_line, build_station_mqtt
 from edge_runtime.sources import FrameSource
 from edge_runtime.station_state import LineState, StationState
 from edge_runtime.triggers import SoftwareTrigger, Trigger
@@ -65,13 +66,20 @@ class Station:
 
     def _build_lines(self, cfg: StationConfig, **overrides) -> list[Line]:
         configs = line_station_configs(cfg)
+        self.mqtt = None
         if len(configs) == 1:
             name, line_cfg = configs[0]
             return [Line(line_cfg, name=name, on_heartbeat=self._beat, sinks=self._page_sinks(name), **overrides)]
         if any(v is not None for v in overrides.values()):
             raise ValueError("source, outputs and trigger overrides apply to a single-line station only")
-        return [Line(line_cfg, name=name, on_heartbeat=self._beat, sinks=self._page_sinks(name))
-                for name, line_cfg in configs]
+        # `mqtt:` with lines: one connection, each line's bus gets its adapter (edge_runtime/outputs/mqtt_station.py).
+        self.mqtt = build_station_mqtt(cfg, [name for name, _ in configs])
+        lines = [Line(line_cfg, name=name, on_heartbeat=self._beat, sinks=self._page_sinks(name),
+                      outputs=None if self.mqtt is None else
+                      [*map(build_output, line_cfg.outputs), self.mqtt.adapter(name)]) for name, line_cfg in configs]
+        for line in lines:
+            bind_line(self.mqtt, line)
+        return lines
 
     def _page_sinks(self, name: str | None) -> list[Output]:
         return self.page.sinks(name) if self.page is not None else []

@@ -5,13 +5,15 @@ acknowledged records from the front, a drop of the oldest when full and crash re
 our own framing, torn-tail repair, an acknowledgement cursor file and compaction; sqlite gives all of it with a
 transaction per operation, and the sequence (an AUTOINCREMENT rowid) is never reused, even after deletes.
 WAL journal: an insert (the bus worker) never waits for a reader (the sender) and vice versa.
+Each record is tagged with its line ('' for a single-line station), so one outbox keeps the records of every line
+of a station in one order (edge_runtime/outputs/mqtt_station.py).
 """
 from __future__ import annotations
 
 import os
 import sqlite3
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -19,13 +21,14 @@ class OutboxCounters:
     appended: int = 0
     acknowledged: int = 0
     dropped: int = 0        # oldest records removed because the outbox was full: lost for the broker
+    dropped_by_line: dict[str, int] = field(default_factory=dict)   # the same, per line tag
 
 
 class Outbox:
     """A bounded FIFO of byte payloads in one sqlite file; safe to use from several threads.
 
-    append() never blocks on the network; when `max_records` are queued it drops the oldest (counted).
-    peek(after, n) returns the next records in order; ack(seqs) deletes delivered ones.
+    append() never blocks on the network; when `max_records` are queued it drops the oldest (counted, per line).
+    peek(after, n) returns the next records in order, with their line tag; ack(seqs) deletes delivered ones.
     """
 
     def __init__(self, path: str, max_records: int, *, fsync: bool = True) -> None:
@@ -41,48 +44,57 @@ class Outbox:
         # of the daemon and may lose the last appends on a power cut (the result log still has them).
         self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
-                         "queued_at REAL NOT NULL, payload BLOB NOT NULL)")
+                         "queued_at REAL NOT NULL, payload BLOB NOT NULL, line TEXT NOT NULL DEFAULT '')")
+        columns = [row[1] for row in self._db.execute("PRAGMA table_info(outbox)")]
+        if "line" not in columns:   # an outbox written before records were tagged: all of its records are untagged
+            self._db.execute("ALTER TABLE outbox ADD COLUMN line TEXT NOT NULL DEFAULT ''")
         self._size = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
 
     def __len__(self) -> int:
         return self._size
 
-    def append(self, payload: bytes, queued_at: float) -> int:
+    def append(self, payload: bytes, queued_at: float, line: str = "") -> int:
         """Queue one record; returns how many of the oldest were dropped to make room (0 normally)."""
-        return self.append_many([(payload, queued_at)])
+        return self.append_many([(payload, queued_at, line)])
 
-    def append_many(self, records: list[tuple[bytes, float]]) -> int:
-        """Queue records (payload, queued_at) in one transaction, one fsync (group commit); returns drops."""
+    def append_many(self, records: list[tuple[bytes, float] | tuple[bytes, float, str]]) -> int:
+        """Queue records (payload, queued_at[, line]) in one transaction, one fsync (group commit); returns drops."""
         if not records:
             return 0
+        rows = [(r[0], r[1], r[2] if len(r) > 2 else "") for r in records]
         with self._lock:
             dropped = from_queue = 0
+            lost: list[str] = []
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                excess = self._size + len(records) - self.max_records
+                excess = self._size + len(rows) - self.max_records
                 if excess > 0:
                     # Oldest first: those already queued, then (a burst larger than the outbox) the new ones.
                     from_queue = min(excess, self._size)
-                    self._db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)",
-                                     (from_queue,))
-                    records = records[excess - from_queue:]
+                    lost = [row[0] for row in self._db.execute(
+                        "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?) RETURNING line",
+                        (from_queue,)).fetchall()]
+                    lost += [r[2] for r in rows[:excess - from_queue]]
+                    rows = rows[excess - from_queue:]
                     dropped = excess
-                self._db.executemany("INSERT INTO outbox (payload, queued_at) VALUES (?, ?)", records)
+                self._db.executemany("INSERT INTO outbox (payload, queued_at, line) VALUES (?, ?, ?)", rows)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._size += len(records) - from_queue
-            self.counters.appended += len(records)
+            self._size += len(rows) - from_queue
+            self.counters.appended += len(rows)
             self.counters.dropped += dropped
+            for line in lost:
+                self.counters.dropped_by_line[line] = self.counters.dropped_by_line.get(line, 0) + 1
             return dropped
 
-    def peek(self, after: int, limit: int) -> list[tuple[int, float, bytes]]:
-        """Up to `limit` queued records with seq > `after`, oldest first: (seq, queued_at, payload)."""
+    def peek(self, after: int, limit: int) -> list[tuple[int, float, bytes, str]]:
+        """Up to `limit` queued records with seq > `after`, oldest first: (seq, queued_at, payload, line)."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, queued_at, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-                                    (after, limit)).fetchall()
-        return [(int(s), float(t), bytes(p)) for s, t, p in rows]
+            rows = self._db.execute("SELECT seq, queued_at, payload, line FROM outbox WHERE seq > ? ORDER BY seq "
+                                    "LIMIT ?", (after, limit)).fetchall()
+        return [(int(s), float(t), bytes(p), str(ln)) for s, t, p, ln in rows]
 
     def ack(self, seqs: list[int]) -> int:
         """Delete delivered records (a seq already dropped is ignored); returns how many were deleted."""

@@ -158,7 +158,8 @@ class MqttOutput(Output):
         self.connections = 0
         self.last_error: str | None = None
         self._drop_logged_at = 0.0
-        self._pending: collections.deque[tuple[bytes, float]] = collections.deque()   # not yet committed
+        # (payload, queued_at, line tag), not yet committed; the tag is '' here, a line's name in StationMqtt.
+        self._pending: collections.deque[tuple[bytes, float, str]] = collections.deque()
         self._pending_cond = threading.Condition()
         self._writer: threading.Thread | None = None
         self._writer_stop = False
@@ -205,16 +206,22 @@ class MqttOutput(Output):
         """Hand the record to the outbox writer (group commit: one fsync for all records waiting); returns at once."""
         if self.outbox is None:
             raise OutputError(f"{self.name}: not started")
-        payload = encode_record(result).rstrip(b"\n")
         if result.bundle_id != self._last_bundle_id:   # a switch or rollback: say so in the state at once
             self._last_bundle_id = result.bundle_id
             self._state_changed()
+        self._enqueue(result, "")
+
+    def _enqueue(self, result: InspectionResult, line: str) -> None:
+        """Hand one record, tagged with its line, to the outbox writer."""
+        if self.outbox is None:
+            raise OutputError(f"{self.name}: not started")
+        payload = encode_record(result).rstrip(b"\n")
         with self._pending_cond:
             if len(self._pending) >= self.cfg.outbox_max_records:   # the disk itself is stuck: bound the memory
                 self._pending.popleft()
                 self.pending_dropped += 1
                 self._log_drop()
-            self._pending.append((payload, time.time()))
+            self._pending.append((payload, time.time(), line))
             self._pending_cond.notify()
 
     def _log_drop(self) -> None:
@@ -355,8 +362,9 @@ class MqttOutput(Output):
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.effective_client_id,
                              protocol=mqtt.MQTTv311, clean_session=True)
         # Only what the window holds: paho's own queue would resend from memory on reconnect, out of our order.
-        client.max_inflight_messages_set(cfg.max_inflight + 4)  # + state messages
-        client.will_set(self.state_topic, json.dumps(self.state_message(online=False)), qos=1, retain=True)
+        client.max_inflight_messages_set(cfg.max_inflight + 2 + 2 * self._state_topics())  # + state messages
+        will_topic, will_payload = self._will()
+        client.will_set(will_topic, will_payload, qos=1, retain=True)
         if cfg.username:
             password = None
             if cfg.password_file:
@@ -382,12 +390,10 @@ class MqttOutput(Output):
             self._wake.set()
 
         def on_message(_c, _u, msg):
-            handler = self._command_handler
-            if handler is not None and msg.topic.startswith(self.cmd_topic + "/"):
-                try:
-                    handler(msg.topic[len(self.cmd_topic) + 1:], bytes(msg.payload))
-                except Exception:  # noqa: BLE001
-                    log.exception("%s: command %s failed", self.name, msg.topic)
+            try:
+                self._on_command(msg.topic, bytes(msg.payload))
+            except Exception:  # noqa: BLE001
+                log.exception("%s: command %s failed", self.name, msg.topic)
 
         client.on_connect, client.on_disconnect = on_connect, on_disconnect
         client.on_publish, client.on_message = on_publish, on_message
@@ -411,18 +417,39 @@ class MqttOutput(Output):
             log.info("%s: connected (after: %s); %d records queued", self.name, self.last_error,
                      len(self.outbox) if self.outbox else 0)
         self.last_error = None
-        if self._command_handler is not None:
-            client.subscribe(self.cmd_topic + "/#", qos=1)
+        for topic in self._subscriptions():
+            client.subscribe(topic, qos=1)
         return client
+
+    # -- what a subclass (the station's shared connection, mqtt_station.py) changes ---------------------------
+    def _will(self) -> tuple[str, str]:
+        """The last will (topic, payload): the broker publishes it, retained, when the connection dies."""
+        return self.state_topic, json.dumps(self.state_message(online=False))
+
+    def _subscriptions(self) -> list[str]:
+        return [self.cmd_topic + "/#"] if self._command_handler is not None else []
+
+    def _on_command(self, topic: str, payload: bytes) -> None:
+        """A message on a subscribed topic (paho's network thread: be quick)."""
+        handler = self._command_handler
+        if handler is not None and topic.startswith(self.cmd_topic + "/"):
+            handler(topic[len(self.cmd_topic) + 1:], payload)
+
+    def _result_topic(self, line: str) -> str:
+        return self.result_topic
+
+    def _acknowledged(self, lines: list[str]) -> None:
+        """Records of these lines (one tag per record) were acknowledged by the broker."""
 
     def _serve(self, client) -> None:
         """Publish from the outbox while connected: a window of max_inflight records, deleted on their PUBACK."""
         assert self.outbox is not None
         cfg = self.cfg
-        inflight: dict[int, int] = {}     # mid -> seq
+        inflight: dict[int, tuple[int, str]] = {}     # mid -> (seq, line)
         last_sent = 0                     # seq of the last record handed to this connection
         next_state = 0.0
         stopping_at: float | None = None
+        goodbye: list = []                # the offline state messages of a clean stop (paho MessageInfo)
         self._state_dirty.set()           # birth: the retained state says online as soon as we are connected
         session = self._session
         while self._connected:
@@ -433,12 +460,15 @@ class MqttOutput(Output):
                 if s == session and mid in inflight:
                     acked.append(inflight.pop(mid))
             if acked:
-                self.published += self.outbox.ack(acked)
+                self.published += self.outbox.ack([seq for seq, _line in acked])
+                self._acknowledged([line for _seq, line in acked])
             if self._stop.is_set():
                 if stopping_at is None:
                     stopping_at = time.monotonic()
-                    self._publish_state(client, online=False)   # a clean disconnect sends no last will
-                if (not inflight and not self.outbox.peek(last_sent, 1)) or \
+                    # A clean disconnect sends no last will: the offline states must be out (acknowledged)
+                    # before it, or the broker keeps the last "ready"/"not_ready" of each state topic.
+                    goodbye = self._publish_state(client, online=False)
+                if (not inflight and not self.outbox.peek(last_sent, 1) and all(m.is_published() for m in goodbye)) or \
                         time.monotonic() - stopping_at > cfg.close_timeout_s:
                     return
             now = time.monotonic()
@@ -449,20 +479,25 @@ class MqttOutput(Output):
                 next_state = now + cfg.state_interval_s
             room = cfg.max_inflight - len(inflight)
             if room > 0:
-                for seq, _queued, payload in self.outbox.peek(last_sent, room):
-                    info = client.publish(self.result_topic, payload, qos=cfg.qos)
+                for seq, _queued, payload, line in self.outbox.peek(last_sent, room):
+                    info = client.publish(self._result_topic(line), payload, qos=cfg.qos)
                     if info.rc != 0:   # the connection went away under us: republish from the outbox later
                         self._connected = False
                         break
-                    inflight[info.mid] = seq
+                    inflight[info.mid] = (seq, line)
                     last_sent = seq
             self._wake.wait(0.5)
         self._note_error("connection lost" + (f" ({len(inflight)} records unacknowledged, resent on reconnect)"
                                               if inflight else ""))
 
-    def _publish_state(self, client, online: bool = True) -> None:
+    def _publish_state(self, client, online: bool = True) -> list:
+        """Publish the retained state; returns paho's MessageInfo of each message."""
         payload = json.dumps(self.state_message(online), separators=(",", ":"), default=str)
-        client.publish(self.state_topic, payload, qos=1, retain=True)
+        return [client.publish(self.state_topic, payload, qos=1, retain=True)]
+
+    def _state_topics(self) -> int:
+        """Retained state messages one _publish_state() sends (room for them beside the records in flight)."""
+        return 1
 
     def _teardown(self, client) -> None:
         self._connected = False

@@ -18,6 +18,12 @@ borrows the concepts of OPC 40100 (Machine Vision), not its full information mod
 
 The server runs its own asyncio loop on a thread; publish() only schedules the update on it (never blocks).
 asyncua is imported only when the server starts.
+
+Security (off by default, as before): `security_policy` None (a closed cell network only), Basic256Sha256_Sign or
+Basic256Sha256_SignAndEncrypt with the server's `certificate` and `private_key` (files checked at config load);
+`trusted_clients` (a folder of client certificates) refuses any other client certificate; `users` (name +
+scrypt `password_hash` from `edge-runtime hash-password`) turns anonymous access off and needs a signing policy,
+so a password never crosses the network in clear text.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ import asyncio
 import datetime as dt
 import logging
 import threading
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from edge_runtime.outputs.base import Output, OutputError
@@ -38,13 +45,34 @@ NAMESPACE_URI = "urn:patchcore-edge:vision-system"
 VISION_STATE = {"ready": "Operational", "not_ready": "Preoperational", "fault": "Error"}
 
 
+SecurityPolicyName = Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]
+
+
+@dataclass(kw_only=True)
+class OpcUaUser:
+    name: str
+    password_hash: str               # scrypt$N$r$p$<salt>$<hash> from `edge-runtime hash-password`; never the password
+
+    def validate(self) -> None:
+        from edge_runtime.operator_page.auth import parse_hash
+
+        if not self.name or len(self.name) > 64:
+            raise ValueError(f"name: expected 1-64 characters, got {self.name!r}")
+        parse_hash(self.password_hash)   # ValueError names password_hash and the expected form
+
+
 @dataclass(kw_only=True)
 class OpcUaConfig:
     type: Literal["opcua"] = "opcua"
-    host: str = "127.0.0.1"          # loopback by default: the server has no user authentication or encryption
+    host: str = "127.0.0.1"          # loopback by default (policy None: no encryption, anonymous access)
     port: int = 4840                 # 0 picks a free port (tests)
     allow_trigger: bool = False      # StartSingleJob fires the software trigger; off unless asked for
     state_interval_s: float = 1.0    # counters and bundle refreshed at least this often
+    security_policy: SecurityPolicyName = "None"   # None: a closed cell network only
+    certificate: str | None = None   # the server's application certificate (DER or PEM); needed unless policy None
+    private_key: str | None = None   # its private key (PEM or DER, unencrypted); keep it readable by the daemon only
+    trusted_clients: str | None = None   # folder of client certificates: any other client certificate is refused
+    users: list[OpcUaUser] = field(default_factory=list)   # none: anonymous access; some: only these users
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -53,14 +81,53 @@ class OpcUaConfig:
             raise ValueError("host: must not be empty")
         if self.state_interval_s <= 0:
             raise ValueError(f"state_interval_s: must be > 0, got {self.state_interval_s}")
+        if self.security_policy == "None":
+            for key in ("certificate", "private_key", "trusted_clients"):
+                if getattr(self, key):
+                    raise ValueError(f"{key}: only used with security_policy Basic256Sha256_Sign or "
+                                     f"Basic256Sha256_SignAndEncrypt (security_policy is None)")
+            if self.users:
+                raise ValueError("users: need security_policy Basic256Sha256_Sign or Basic256Sha256_SignAndEncrypt: "
+                                 "with policy None the passwords would cross the network in clear text")
+        else:
+            for key in ("certificate", "private_key"):
+                if not getattr(self, key):
+                    raise ValueError(f"{key}: required with security_policy {self.security_policy}")
+        names = [u.name for u in self.users]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"users: two users are named {name!r}")
 
+    def resolve_paths(self, absolute: Callable[[str, str], str], where: str, state_dir: str) -> None:
+        """Paths relative to the station file; each file must be there and readable now (at config load), so a
+        wrong path is reported with its key, not as a TLS error at the first client."""
+        for key in ("certificate", "private_key", "trusted_clients"):
+            value = getattr(self, key)
+            if not value:
+                continue
+            path = absolute(f"{where}.{key}", value)
+            setattr(self, key, path)
+            if key == "trusted_clients":
+                if not os.path.isdir(path):
+                    raise ValueError(f"{key}: {path}: not a folder (of trusted client certificates)")
+            elif not os.path.isfile(path):
+                raise ValueError(f"{key}: {path}: no such file")
+            elif not os.access(path, os.R_OK):
+                raise ValueError(f"{key}: {path}: not readable by this user")
 
     def warnings(self) -> list[str]:
         """What `edge-runtime validate` and the start-up log say about an exposed server."""
         if self.host in ("127.0.0.1", "::1", "localhost"):
             return []
-        found = [f"host {self.host}: the OPC UA server has no user authentication or encryption (security policy "
-                 "None): anyone who reaches this address reads the station's results"]
+        if self.security_policy == "None":
+            found = [f"host {self.host}: the OPC UA server has no user authentication or encryption (security policy "
+                     "None): anyone who reaches this address reads the station's results; use it on a closed cell "
+                     "network only"]
+        elif not self.users and not self.trusted_clients:
+            found = [f"host {self.host}: security_policy {self.security_policy} without users or trusted_clients: "
+                     "the channel is protected, but any client with any certificate reads the station's results"]
+        else:
+            found = []
         if self.allow_trigger:
             found.append(f"allow_trigger: StartSingleJob is allowed on {self.host}: anyone who reaches it can "
                          "trigger captures")
@@ -171,7 +238,7 @@ class OpcUaServer(Output):
         await server.init()
         server.set_endpoint(f"opc.tcp://{self.cfg.host}:{self.cfg.port}/patchcore-edge/")
         server.set_server_name("patchcore-edge vision system")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        await self._secure(server, ua)
         idx = await server.register_namespace(NAMESPACE_URI)
         vs = await server.nodes.objects.add_object(idx, "VisionSystem")
 
@@ -224,6 +291,41 @@ class OpcUaServer(Output):
                     await asyncio.wait_for(self._stopping.wait(), self.cfg.state_interval_s)
                 except asyncio.TimeoutError:
                     pass
+
+    async def _secure(self, server, ua) -> None:
+        """Security policy, certificate and key, trusted clients and users (see the module docstring)."""
+        cfg = self.cfg
+        policy = {"None": ua.SecurityPolicyType.NoSecurity,
+                  "Basic256Sha256_Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
+                  "Basic256Sha256_SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt}
+        server.set_security_policy([policy[cfg.security_policy]])
+        if cfg.security_policy != "None":
+            try:
+                await server.load_certificate(cfg.certificate)
+            except Exception as exc:  # noqa: BLE001 - reported by start() with the key
+                raise OutputError(f"certificate {cfg.certificate}: cannot load it: {exc}") from exc
+            try:
+                await server.load_private_key(cfg.private_key)
+            except Exception as exc:  # noqa: BLE001
+                raise OutputError(f"private_key {cfg.private_key}: cannot load it: {exc}") from exc
+        if cfg.trusted_clients:
+            from pathlib import Path
+
+            from asyncua.crypto.truststore import TrustStore
+            from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+
+            store = TrustStore([Path(cfg.trusted_clients)], [])
+            await store.load()
+            # Trust: the certificate is one of the folder's (or signed by one); its dates; not the URI check (a
+            # self-signed client certificate names its own application URI, which we do not configure).
+            options = CertificateValidatorOptions.TRUSTED | CertificateValidatorOptions.TIME_RANGE
+            server.set_certificate_validator(CertificateValidator(options, store))
+        # asyncua always accepts a secure channel with policy None (the spec wants discovery, GetEndpoints, on
+        # it) and, without a check of ours, then activates a session on it too, whatever policy the server
+        # demands: a client that skips the endpoint check would read everything in clear. Our user manager
+        # refuses to activate a session on a channel without the client's certificate, i.e. with policy None.
+        server.iserver.user_manager = _SessionGate(cfg.users, require_secure_channel=cfg.security_policy != "None")
+        server.set_identity_tokens([ua.UserNameIdentityToken] if cfg.users else [ua.AnonymousIdentityToken])
 
     def _bound_port(self, server) -> int:
         if self.cfg.port:
@@ -289,3 +391,34 @@ class OpcUaServer(Output):
         event.Severity = 100 if result.passed else 500
         await self._event.trigger(message=f"frame {result.frame_id}: {result.verdict.value}")
         self.events_emitted += 1
+
+
+class _SessionGate:
+    """asyncua user manager, asked when a session is activated: refused on a channel without the client's
+    certificate (policy None) when the server demands a signing policy; with `users`, only a configured user whose
+    password matches its scrypt hash (edge_runtime/operator_page/auth.py); otherwise anonymous read access."""
+
+    def __init__(self, users: list[OpcUaUser], *, require_secure_channel: bool) -> None:
+        self._hashes = {u.name: u.password_hash for u in users}
+        self._require_secure_channel = require_secure_channel
+
+    def get_user(self, iserver, username=None, password=None, certificate=None):
+        from asyncua.crypto.permission_rules import User, UserRole
+
+        from edge_runtime.operator_page.auth import check_password
+
+        if self._require_secure_channel and not certificate:   # asyncua passes b"" for a None channel
+            log.warning("OPC UA: session refused: its secure channel has security policy None (no client "
+                        "certificate); this server demands a signing policy")
+            return None
+        if not self._hashes:
+            return User(role=UserRole.User)
+        stored = self._hashes.get(username or "")
+        if stored is None or password is None:
+            return None
+        if isinstance(password, bytes):
+            password = password.decode("utf-8", "replace")
+        if not check_password(password, stored):
+            log.warning("OPC UA: user %r refused: wrong password", username[:64])
+            return None
+        return User(role=UserRole.User, name=username)

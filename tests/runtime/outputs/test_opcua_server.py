@@ -128,3 +128,166 @@ def test_an_exposed_server_is_warned_about():
     assert OpcUaConfig().warnings() == []
     found = OpcUaConfig(host="0.0.0.0", allow_trigger=True).warnings()
     assert "no user authentication or encryption" in found[0] and found[1].startswith("allow_trigger:")
+
+
+# ---- security: policies, certificates, trusted clients, users --------------------------------------------------
+
+def _make_cert(folder, name: str, uri: str):
+    """A throwaway self-signed application certificate and key, made at test time (never committed)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    from asyncua.crypto.cert_gen import (dump_private_key_as_pem, generate_private_key,
+                                         generate_self_signed_app_certificate)
+
+    key = generate_private_key()
+    cert = generate_self_signed_app_certificate(
+        key, name, {"organizationName": "patchcore-edge tests"},
+        [x509.UniformResourceIdentifier(uri), x509.DNSName("localhost")],
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], days=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.der").write_bytes(cert.public_bytes(Encoding.DER))
+    (folder / f"{name}.pem").write_bytes(dump_private_key_as_pem(key))
+    return folder / f"{name}.der", folder / f"{name}.pem"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pki")
+    server = _make_cert(root / "server", "station", "urn:freeopcua:python:server")
+    client = _make_cert(root / "client", "scada", "urn:freeopcua:client")
+    stranger = _make_cert(root / "stranger", "stranger", "urn:freeopcua:client")
+    trusted = root / "trusted"
+    trusted.mkdir()
+    (trusted / "scada.der").write_bytes(client[0].read_bytes())
+    return {"server": server, "client": client, "stranger": stranger, "trusted": trusted}
+
+
+def secure_server(pki, policy: str, **kw) -> OpcUaServer:
+    cfg = OpcUaConfig(port=0, state_interval_s=0.2, security_policy=policy, certificate=str(pki["server"][0]),
+                      private_key=str(pki["server"][1]), **kw)
+    cfg.validate()
+    out = OpcUaServer(cfg)
+    out.start()
+    out.set_fault(None)
+    out.set_ready(True)
+    out.publish(make_result(41, Verdict.NG))
+    return out
+
+
+async def read_frame_id(port: int, cert=None, mode=None, user: tuple[str, str] | None = None) -> int:
+    from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+
+    client = Client(f"opc.tcp://127.0.0.1:{port}/patchcore-edge/", timeout=5)
+    if cert is not None:
+        await client.set_security(SecurityPolicyBasic256Sha256, str(cert[0]), str(cert[1]), mode=mode)
+    if user is not None:
+        client.set_user(user[0])
+        client.set_password(user[1])
+    async with client:
+        node = await browse(client, "VisionSystem", "LastResult", "FrameId")
+        return await wait_value(node, 41)
+
+
+@pytest.mark.parametrize("policy, mode", [("Basic256Sha256_SignAndEncrypt", ua.MessageSecurityMode.SignAndEncrypt),
+                                          ("Basic256Sha256_Sign", ua.MessageSecurityMode.Sign)])
+def test_a_client_with_the_policy_reads_and_a_policy_none_client_is_refused(pki, policy, mode):
+    out = secure_server(pki, policy)
+    try:
+        assert asyncio.run(read_frame_id(out.port, pki["client"], mode)) == 41
+        with pytest.raises(ua.UaError, match="No matching endpoints"):   # the server offers no None endpoint
+            asyncio.run(read_frame_id(out.port))
+    finally:
+        out.close()
+
+
+def test_the_server_itself_refuses_a_session_on_a_policy_none_channel(pki, monkeypatch):
+    """A client that skips the endpoint check (asyncua's client does it, a hostile one need not) opens a None
+    channel, which the spec keeps open for discovery; the server must still refuse it a session."""
+    out = secure_server(pki, "Basic256Sha256_SignAndEncrypt")
+    monkeypatch.setattr(Client, "find_endpoint", staticmethod(lambda endpoints, mode, uri: endpoints[0]))
+    try:
+        with pytest.raises(ua.UaStatusCodeError) as err:
+            asyncio.run(read_frame_id(out.port))
+        assert err.value.code == ua.StatusCodes.BadUserAccessDenied
+    finally:
+        out.close()
+
+
+def test_trusted_clients_refuse_any_other_certificate(pki):
+    out = secure_server(pki, "Basic256Sha256_SignAndEncrypt", trusted_clients=str(pki["trusted"]))
+    try:
+        assert asyncio.run(read_frame_id(out.port, pki["client"], ua.MessageSecurityMode.SignAndEncrypt)) == 41
+        with pytest.raises(ua.UaStatusCodeError) as err:
+            asyncio.run(read_frame_id(out.port, pki["stranger"], ua.MessageSecurityMode.SignAndEncrypt))
+        assert err.value.code == ua.StatusCodes.BadCertificateUntrusted
+    finally:
+        out.close()
+
+
+def test_users_need_their_password_and_anonymous_is_refused(pki):
+    from edge_runtime.operator_page.auth import hash_password
+    from edge_runtime.outputs.opcua_server import OpcUaUser
+
+    users = [OpcUaUser(name="scada", password_hash=hash_password("s3cret-plant", n=2 ** 10))]
+    out = secure_server(pki, "Basic256Sha256_SignAndEncrypt", users=users)
+    mode = ua.MessageSecurityMode.SignAndEncrypt
+    try:
+        assert asyncio.run(read_frame_id(out.port, pki["client"], mode, user=("scada", "s3cret-plant"))) == 41
+        for wrong in (("scada", "guess"), ("nobody", "s3cret-plant")):
+            with pytest.raises(ua.UaStatusCodeError) as err:
+                asyncio.run(read_frame_id(out.port, pki["client"], mode, user=wrong))
+            assert err.value.code == ua.StatusCodes.BadUserAccessDenied
+        with pytest.raises(ua.UaStatusCodeError) as err:   # anonymous
+            asyncio.run(read_frame_id(out.port, pki["client"], mode))
+        assert err.value.code == ua.StatusCodes.BadIdentityTokenRejected
+    finally:
+        out.close()
+
+
+def _station(tmp_path, opcua: str):
+    import textwrap
+
+    path = tmp_path / "station.yaml"
+    path.write_text("bundle: bundle\nsource: {type: folder, path: images}\noutputs:\n  - type: opcua\n"
+                    + textwrap.indent(textwrap.dedent(opcua), "    "))
+    return path
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("security_policy: Basic256Sha256_Sign\nprivate_key: k.pem\ncertificate: c.der\n",
+     "outputs[0].certificate: {tmp}/c.der: no such file"),
+    ("security_policy: Basic256Sha256_Sign\ncertificate: {cert}\n",
+     "outputs[0].private_key: required with security_policy Basic256Sha256_Sign"),
+    ("certificate: {cert}\n", "outputs[0].certificate: only used with security_policy"),
+    ("security_policy: Basic256Sha256\n", "outputs[0].security_policy"),
+    ("users: [{{name: a, password_hash: '{hash}'}}]\n", "outputs[0].users: need security_policy"),
+    ("security_policy: Basic256Sha256_Sign\ncertificate: {cert}\nprivate_key: {key}\n"
+     "users: [{{name: a, password_hash: plain-text}}]\n", "outputs[0].users[0].password_hash"),
+    ("security_policy: Basic256Sha256_Sign\ncertificate: {cert}\nprivate_key: {key}\ntrusted_clients: {cert}\n",
+     "outputs[0].trusted_clients: {cert}: not a folder"),
+])
+def test_station_file_opcua_security_errors_name_the_key(tmp_path, pki, body, expected):
+    from edge_runtime.config import load_station
+    from edge_runtime.schema import ConfigError
+
+    from edge_runtime.operator_page.auth import hash_password
+
+    fill = {"tmp": tmp_path, "cert": pki["server"][0], "key": pki["server"][1], "hash": hash_password("x", n=2 ** 10)}
+    with pytest.raises(ConfigError) as err:
+        load_station(_station(tmp_path, body.format(**fill)))
+    assert expected.format(**fill) in str(err.value), str(err.value)
+
+
+def test_station_file_opcua_security_resolves_paths(tmp_path, pki):
+    import shutil
+
+    from edge_runtime.config import load_station
+
+    shutil.copy(pki["server"][0], tmp_path / "station.der")
+    shutil.copy(pki["server"][1], tmp_path / "station.pem")
+    cfg = load_station(_station(tmp_path, "security_policy: Basic256Sha256_SignAndEncrypt\n"
+                                          "certificate: station.der\nprivate_key: station.pem\n"))
+    opc = cfg.outputs[0]
+    assert opc.certificate == str(tmp_path / "station.der") and opc.private_key == str(tmp_path / "station.pem")
+    assert OpcUaConfig().security_policy == "None" and OpcUaConfig().users == []
