@@ -52,7 +52,7 @@ class FitSettings:
     roi: tuple[int, int, int, int] | None = None
     size_policy: str | None = None             # None: refuse other sizes when the images share one, else resize
     aggregation_size: int = 3                  # PatchCore's local neighbourhood p (3x3 average of each tap)
-    input_norm: str = "imagenet"               # patch_features.INPUT_NORMS: the network's input statistics
+    input_norm: str = "native"                 # patch_features.INPUT_NORMS: the network's input statistics
     seed: int = 0
     projection_dim: int | None = None      # None keeps the full concatenated dimension
     coreset_projection_dim: int = 128      # JL projection used only to pick the coreset
