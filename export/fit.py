@@ -38,7 +38,7 @@ from export.coreset import CHUNK_PATCHES, greedy_coreset
 from export.dataset import calibration_images, train_images
 from export.metrics import auroc
 from export.onnx_export import export_fp32, quantize_int8
-from export.patch_features import PatchFeatures, aggregation
+from export.patch_features import PatchFeatures, aggregation, input_norm
 
 
 @dataclass
@@ -52,6 +52,7 @@ class FitSettings:
     roi: tuple[int, int, int, int] | None = None
     size_policy: str | None = None             # None: refuse other sizes when the images share one, else resize
     aggregation_size: int = 3                  # PatchCore's local neighbourhood p (3x3 average of each tap)
+    input_norm: str = "native"                 # patch_features.INPUT_NORMS: the network's input statistics
     seed: int = 0
     projection_dim: int | None = None      # None keeps the full concatenated dimension
     coreset_projection_dim: int = 128      # JL projection used only to pick the coreset
@@ -267,7 +268,8 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
     geom, geom_info = plan_geometry(images, s)
     out.mkdir(parents=True)
     torch.manual_seed(s.seed)
-    model = PatchFeatures(s.backbone, s.projection_dim, s.seed, aggregation_size=s.aggregation_size)
+    model = PatchFeatures(s.backbone, s.projection_dim, s.seed, aggregation_size=s.aggregation_size,
+                          input_norm=s.input_norm)
     grid = geom.grid()
     per_image = geom.n_tiles * grid[0] * grid[1]
     log(f"{len(images)} good images, {len(defects)} calibration defects; {s.backbone}; " + "; ".join(geom_info["notes"]))
@@ -329,7 +331,8 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
                      "tap_channels": list(model.backbone.channels), "tap_strides": [8, 16]},
         "geometry": {**geom.to_manifest(), "chosen": geom_info},
         "preprocessing": NORMALIZATION,
-        "features": {"aggregation": aggregation(s.aggregation_size), "grid": list(grid), "dim": model.dim,
+        "features": {"input_norm": input_norm(s.input_norm),
+                     "aggregation": aggregation(s.aggregation_size), "grid": list(grid), "dim": model.dim,
                      "full_dim": model.full_dim,
                      "projection": {"dim": s.projection_dim, "seed": s.seed, "kind": "random orthonormal (QR)"}
                      if s.projection_dim else None, "onnx": onnx_info},

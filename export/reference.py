@@ -17,8 +17,10 @@ from export.patch_features import PatchFeatures
 def model_for(bundle: Bundle) -> PatchFeatures:
     m = bundle.manifest
     proj = m["features"].get("projection") or {}
+    # Bundles from before the in-graph input map record none: their network saw (rgb - 127) / 128 directly.
+    norm = (m["features"].get("input_norm") or {}).get("name", "native")
     return PatchFeatures(m["backbone"]["name"], proj.get("dim"), proj.get("seed", 0),
-                         aggregation_size=int(m["features"]["aggregation"].get("size", 3)))
+                         aggregation_size=int(m["features"]["aggregation"].get("size", 3)), input_norm=norm)
 
 
 class ReferenceScorer:

@@ -30,3 +30,21 @@ def test_tf_padding_differs_from_symmetric_and_features_are_finite():
         proj = PatchFeatures("lite0", projection_dim=64)(x)
     assert tf.shape == sym.shape == (1, 784, 152) and proj.shape == (1, 784, 64)
     assert torch.isfinite(tf).all() and (tf - sym).abs().max() > 1e-2
+
+
+def test_imagenet_input_map_in_the_graph_equals_feeding_imagenet_statistics():
+    """The runtime's tensor is (rgb - 127) / 128 for every bundle; the in-graph map must turn it into exactly
+    (rgb / 255 - mean) / std, or the fit and the device would see different pixels."""
+    from export.patch_features import IMAGENET_MEAN, IMAGENET_STD, input_norm
+
+    rgb = torch.randint(0, 256, (2, 3, 64, 48)).float()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        mapped = PatchFeatures("lite0", input_norm="imagenet")((rgb - 127) / 128)
+        direct = PatchFeatures("lite0")((rgb / 255 - mean) / std)
+        native = PatchFeatures("lite0")((rgb - 127) / 128)
+    assert (mapped - direct).abs().max() < 1e-4 * direct.abs().max()
+    assert (mapped - native).abs().max() > 1e-1          # the map is not a no-op
+    assert input_norm("imagenet")["mean"] == list(IMAGENET_MEAN)
+    with pytest.raises(ValueError, match="input normalisation"):
+        PatchFeatures("lite0", input_norm="bgr")

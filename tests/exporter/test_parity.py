@@ -50,3 +50,30 @@ def test_golden_scores_reproduce(small_bundle):
     for precision in ("fp32", "int8"):
         report = run_self_test(small_bundle, precision=precision)
         assert report.ok, report.failures
+
+
+def test_imagenet_input_map_parity_and_manifest(synthetic_dataset, tmp_path):
+    """A bundle fitted with --input-norm imagenet: the map is in the ONNX graphs (the device tensor is unchanged),
+    the manifest records it, and torch reference, ONNX FP32 and INT8 agree on the same images."""
+    import yaml
+
+    from export.fit import FitSettings, fit
+
+    out = tmp_path / "imagenet"
+    fit(synthetic_dataset, out, FitSettings(coreset_ratio=0.05, int8_calibration_images=8, cross_fit_folds=0,
+                                            input_norm="imagenet"))
+    m = yaml.safe_load((out / "manifest.yaml").read_text())
+    assert m["features"]["input_norm"]["name"] == "imagenet"
+    b = Bundle.load(out)
+    ref, fp32, int8 = ReferenceScorer(b), Pipeline(b, "fp32", "exact"), Pipeline(b, "int8", "hnsw")
+    assert ref.model.input_norm == "imagenet"
+    for it in list_test_images(synthetic_dataset)[::4]:
+        x = preprocess(load_image(it.path), b.geometry)[0]
+        f_ref = ref.features(x).numpy()
+        assert np.abs(fp32.extractor(x) - f_ref).max() < 1e-3 * max(1.0, np.abs(f_ref).max())
+        s_ref = ref.score_tiles(x).max()
+        assert abs(s_ref - fp32.score_tiles(x).max()) <= 1e-3 * s_ref
+        assert int8.score_rgb(load_image(it.path)).score > 0
+    from edge_runtime.self_test import run_self_test
+
+    assert run_self_test(out, precision="int8").ok

@@ -1,0 +1,160 @@
+"""Feature-level screen of input levers on magnetic tile and bottle: torch FP32 features, the project's coreset,
+hnswlib (ef 64) for magnetic tile and exact search for bottle. A screen, not the deployed path: it changes
+what the fit cannot express yet (rotation, native scale, input contrast, taps) and shows which lever is worth a
+fit option; a lever that wins here is then measured through fit + the deployed INT8 path (accuracy_levers.py).
+
+    python benchmarks/feature_levers.py                         # every row not yet in the JSON
+    python benchmarks/feature_levers.py --only tile/            # rows whose name starts with this
+    python benchmarks/feature_levers.py --table                 # print the table from the JSON
+
+Results: benchmarks/results/feature_levers.{json,md}. Each magnetic-tile row takes 2-15 min on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATA = ROOT.parent / "shared" / "data"
+TILE = DATA / "magnetic_tile" / "magnetic_tile"
+BOTTLE = DATA / "mvtec_ad" / "bottle"
+OUT = ROOT / "benchmarks" / "results" / "feature_levers"
+IMAGENET = (np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32))
+
+# name -> (data, settings, what changes). Settings: canvas (W, H); prep: resize | rotate (landscape frames
+# turned upright, then resized) | native (no resampling: the network runs on each image's own size);
+# norm: native ((rgb - 127) / 128) | imagenet | gain g ((rgb - 127) * g / 128); backbone; ratio.
+ROWS: dict[str, tuple[Path, dict, str]] = {
+    "tile/base": (TILE, {}, "240 x 272 resize, native statistics, lite0, 10% (the fit default)"),
+    "tile/208x232": (TILE, {"canvas": (208, 232)}, "fewer pixels, 208 x 232"),
+    "tile/176x200": (TILE, {"canvas": (176, 200)}, "fewer pixels, 176 x 200"),
+    "tile/rotate": (TILE, {"prep": "rotate"}, "landscape frames turned upright before the resize"),
+    "tile/native-scale": (TILE, {"prep": "native"}, "no resampling: each image at its own size"),
+    "tile/imagenet": (TILE, {"norm": "imagenet"}, "ImageNet input statistics (2.2x contrast)"),
+    "tile/gain-1.5": (TILE, {"norm": 1.5}, "contrast x1.5"),
+    "tile/gain-0.5": (TILE, {"norm": 0.5}, "contrast x0.5"),
+    "tile/lite2": (TILE, {"backbone": "lite2"}, "lite2 backbone"),
+    "tile/coreset-25": (TILE, {"canvas": (208, 232), "ratio": 0.25}, "25% coreset (vs tile/208x232)"),
+    "bottle/base": (BOTTLE, {"canvas": (256, 256), "exact": True, "pixel": True}, "256 x 256, native statistics (the fit default)"),
+    "bottle/imagenet": (BOTTLE, {"canvas": (256, 256), "exact": True, "pixel": True, "norm": "imagenet"}, "ImageNet input statistics"),
+    "bottle/320": (BOTTLE, {"canvas": (320, 320), "exact": True, "pixel": True}, "320 x 320"),
+}
+
+
+def to_input(img: np.ndarray, s: dict) -> np.ndarray:
+    if s.get("prep") == "rotate" and img.shape[1] > img.shape[0]:
+        img = np.ascontiguousarray(np.rot90(img))
+    if s.get("prep") != "native":
+        img = cv2.resize(img, s.get("canvas", (240, 272)), interpolation=cv2.INTER_AREA)
+    norm = s.get("norm", "native")
+    x = img.astype(np.float32)
+    if norm == "imagenet":
+        x = (x / 255 - IMAGENET[0]) / IMAGENET[1]
+    else:
+        x = (x - 127) * float(1.0 if norm == "native" else norm) / 128
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def images(data: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    train = sorted(p for p in (data / "train" / "good").iterdir() if p.is_file())
+    tests = [(p, d.name) for d in sorted((data / "test").iterdir()) for p in sorted(d.iterdir()) if p.is_file()]
+    return train, tests
+
+
+def run_row(name: str) -> dict:
+    import hnswlib
+    import torch
+
+    from export.coreset import greedy_coreset
+    from export.metrics import auroc
+    from export.patch_features import PatchFeatures
+
+    data, s, _ = ROWS[name]
+    torch.set_num_threads(2)
+    model = PatchFeatures(s.get("backbone", "lite0"))
+    load = lambda p: cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)   # gray -> 3 equal channels
+
+    def feats(p: Path) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(to_input(load(p), s)))[0].numpy()
+
+    train, tests = images(data)
+    t0 = time.perf_counter()
+    bank_all = np.concatenate([feats(p) for p in train])
+    bank = np.ascontiguousarray(bank_all[greedy_coreset(bank_all, int(len(bank_all) * s.get("ratio", 0.1)), progress=False)])
+    t1 = time.perf_counter()
+    if s.get("exact"):
+        tb = torch.from_numpy(bank)
+        nearest = lambda q: torch.cdist(torch.from_numpy(q), tb).min(1).values.numpy()
+    else:
+        index = hnswlib.Index("l2", bank.shape[1])
+        index.init_index(len(bank), M=16, ef_construction=100)
+        index.add_items(bank)
+        index.set_ef(64)
+        nearest = lambda q: np.sqrt(index.knn_query(q, k=1)[1][:, 0])
+    scores, pix_s, pix_l = [], [], []
+    for p, kind in tests:
+        d = nearest(feats(p))
+        scores.append(d.max())
+        if s.get("pixel"):   # the runtime's heat map: grid -> canvas (linear), Gaussian sigma 4, -> image size
+            w, h = s["canvas"]
+            grid = d.reshape(-(-h // 8), -(-w // 8)).astype(np.float32)
+            heat = cv2.GaussianBlur(cv2.resize(grid, (w, h), interpolation=cv2.INTER_LINEAR), (33, 33), 4.0,
+                                    borderType=cv2.BORDER_REFLECT)
+            mask_path = data / "ground_truth" / kind / f"{p.stem}_mask.png"
+            mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE) > 127 if kind != "good" else None
+            size = mask.shape[::-1] if mask is not None else cv2.imread(str(p)).shape[1::-1]
+            pix_s.append(cv2.resize(heat, size, interpolation=cv2.INTER_LINEAR).ravel()[::4])
+            pix_l.append((mask if mask is not None else np.zeros(size[::-1], bool)).ravel()[::4])
+    scores = np.array(scores)
+    kinds = np.array([k for _, k in tests])
+    good = kinds == "good"
+    per_type = {k: round(auroc(np.r_[np.zeros(good.sum()), np.ones((kinds == k).sum())],
+                               np.r_[scores[good], scores[kinds == k]]), 4) for k in sorted(set(kinds) - {"good"})}
+    pixel = round(auroc(np.concatenate(pix_l), np.concatenate(pix_s)), 4) if pix_s else None
+    return {"image_auroc": round(auroc(~good, scores), 4), "pixel_auroc": pixel, "per_type": per_type, "bank": len(bank),
+            "train_patches": len(bank_all), "seconds": round(time.perf_counter() - t0, 1),
+            "fit_seconds": round(t1 - t0, 1)}
+
+
+def table(results: dict) -> str:
+    lines = ["| row | change | image AUROC | pixel AUROC | per defect type | bank |", "|---|---|---|---|---|---|"]
+    for name, (_, _, what) in ROWS.items():
+        if name in results:
+            r = results[name]
+            per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_type"].items())
+            pix = f"{r['pixel_auroc']:.4f}" if r.get("pixel_auroc") is not None else ""
+            lines.append(f"| {name} | {what} | {r['image_auroc']:.4f} | {pix} | {per} | {r['bank']} |")
+    return "\n".join(lines) + ("\n\nFP32 torch features, 10% coreset unless said; magnetic tile searched with hnswlib ef 64, "
+                               "bottle exactly. Same-setting repeats differ by up to ~0.006 (coreset chunks, HNSW).\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="run only rows whose name starts with this (default: all)")
+    ap.add_argument("--table", action="store_true", help="print the table from the JSON and exit (default: off)")
+    a = ap.parse_args()
+    path = OUT.with_suffix(".json")
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if not a.table:
+        for name in ROWS:
+            if name.startswith(a.only) and name not in results:
+                print(f"row {name}", flush=True)
+                results[name] = run_row(name)
+                path.write_text(json.dumps(results, indent=1))
+    text = table(results)
+    OUT.with_suffix(".md").write_text("# Feature-level levers (benchmarks/feature_levers.py)\n\n" + text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
