@@ -166,6 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _versions(modules) -> dict:
+    out = {}
+    for m in modules:
+        try:
+            out[m] = __import__(m).__version__
+        except (ImportError, AttributeError):
+            out[m] = None
+    return out
+
+
 def compare_candidates(a, bundle, pipe, feats, paths, load_before) -> int:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import search_candidates as sc
@@ -236,6 +246,7 @@ def compare_candidates(a, bundle, pipe, feats, paths, load_before) -> int:
               "frames": len(feats), "rounds": a.rounds, "threads": a.threads, "engines": results,
               "exact_patch_distance_mean": float(np.mean(np.concatenate(ref))),
               "exact_image_score_range": [float(min(r.max() for r in ref)), float(max(r.max() for r in ref))],
+              "candidate_software": _versions(("usearch", "faiss")),
               "machine": {"cpu": cpu_info(), "software": software_info(), "load_before": load_before,
                           "load_after": load_average(), "avx512_vnni": "avx512_vnni" in Path("/proc/cpuinfo").read_text()
                           if Path("/proc/cpuinfo").exists() else None}}
