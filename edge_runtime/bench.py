@@ -187,8 +187,8 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
         for stage in STAGES:
             per_stage[stage].append(result.timings_ms[stage])
         verdicts[result.verdict.value] += 1
-        if hnsw is not None:
-            rechecked.append(hnsw.rechecked_last)
+        if hnsw is not None or knn == "ivf":   # both re-check the image score exactly
+            rechecked.append(pipeline.search.rechecked_last)
     loop_s = time.perf_counter() - loop_start - idle_s   # throughput counts working time only
 
     variant = pipeline.variant
