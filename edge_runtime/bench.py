@@ -187,8 +187,8 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
         for stage in STAGES:
             per_stage[stage].append(result.timings_ms[stage])
         verdicts[result.verdict.value] += 1
-        if hnsw is not None:
-            rechecked.append(hnsw.rechecked_last)
+        if hnsw is not None or knn == "ivf":   # both re-check the image score exactly
+            rechecked.append(pipeline.search.rechecked_last)
     loop_s = time.perf_counter() - loop_start - idle_s   # throughput counts working time only
 
     variant = pipeline.variant
@@ -273,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="onnxruntime intra-op and hnswlib threads (default: 2); set to the station's "
                         "inference.threads")
     p.add_argument("--precision", choices=["int8", "fp32"], help="bundle variant (default: the bundle's default)")
-    p.add_argument("--knn", choices=["hnsw", "exact", "onnx"], default="hnsw",
+    p.add_argument("--knn", choices=["hnsw", "exact", "onnx", "ivf"], default="hnsw",
                    help="nearest-neighbour search (default: hnsw, as the daemon runs); exact (numpy BLAS) or onnx "
-                        "(exact, as an onnxruntime graph on --providers) to see their cost")
+                        "(exact, as an onnxruntime graph on --providers) to see their cost; ivf (faiss IVF built "
+                        "on the device from the bank, then the same exact re-check of the image score)")
     p.add_argument("--providers", default="CPUExecutionProvider",
                    help="onnxruntime execution providers, comma-separated, in priority order (default: "
                         "CPUExecutionProvider); e.g. CUDAExecutionProvider,CPUExecutionProvider on a Jetson")

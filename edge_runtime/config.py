@@ -35,10 +35,11 @@ Device = Literal["x86", "x86-vnni", "pi4", "pi5", "jetson-orin", "arm64"]
 @dataclass(kw_only=True)
 class InferenceConfig:
     precision: Literal["int8", "fp32"] | None = None  # None: the bundle's default variant
-    knn: Literal["hnsw", "exact", "onnx"] = "hnsw"   # onnx: exact search on the providers (CUDA on a Jetson)
+    knn: Literal["hnsw", "exact", "onnx", "ivf"] = "hnsw"   # onnx: exact search on the providers (CUDA on a Jetson); ivf: faiss
     threads: int = 2
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     ef_search: int | None = None                      # None: the bundle's value
+    ivf_nprobe: int = 2                               # knn: ivf cells scanned per patch: 1 faster, 2 closer heat map
     deadline_ms: float | None = None                  # a verdict later than this is FAULT (the part has moved on)
     review_threshold: float | None = None             # None: the bundle's review band (if any); raw image score
 
@@ -47,6 +48,8 @@ class InferenceConfig:
             raise ValueError(f"threads: must be >= 1, got {self.threads}")
         if self.ef_search is not None and self.ef_search < 1:
             raise ValueError(f"ef_search: must be >= 1, got {self.ef_search}")
+        if self.ivf_nprobe < 1:
+            raise ValueError(f"ivf_nprobe: must be >= 1, got {self.ivf_nprobe}")
         if self.review_threshold is not None and not self.review_threshold > 0:
             raise ValueError(f"review_threshold: must be > 0, got {self.review_threshold}")
         if self.deadline_ms is not None and self.deadline_ms <= 0:

@@ -17,7 +17,7 @@ from edge_runtime.bundle import Bundle, BundleError, check_index_file
 from edge_runtime.decode import DecodeConfig, ImageError, decode_image, to_rgb
 from edge_runtime.features import FeatureError, FeatureExtractor
 from edge_runtime.geometry import crop_roi, cut_tiles, to_canvas
-from edge_runtime.nn_search import HnswSearch, OnnxExactSearch
+from edge_runtime.nn_search import HnswSearch, IvfSearch, OnnxExactSearch
 from edge_runtime.preprocess import preprocess, to_tensor
 from edge_runtime.records import Frame, InspectionResult, Verdict
 from edge_runtime.scoring import decide  # noqa: F401  (the decision stage, re-exported with the pipeline)
@@ -51,7 +51,7 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, precision: str | None = None, knn: str = "hnsw", threads: int = 2,
                  providers: list[str] | None = None, ef_search: int | None = None,
-                 review_threshold: float | None = None):
+                 review_threshold: float | None = None, ivf_nprobe: int | None = None):
         self.bundle = bundle
         self.decode_limits = DecodeConfig()  # the station file's `decode:` section replaces it (daemon)
         self.variant = bundle.variant(precision)
@@ -88,8 +88,14 @@ class Pipeline:
                 self.search = OnnxExactSearch(hnsw.exact.bank, threads, providers)
             except FeatureError as exc:
                 raise BundleError(f"{index_path}: exact search graph cannot run here ({exc})") from None
+        elif knn == "ivf":
+            # Built here from the verified bank (never shipped); one faiss thread, see IvfSearch.
+            try:
+                self.search = IvfSearch(hnsw.exact.bank, nprobe=ivf_nprobe)
+            except ImportError as exc:
+                raise BundleError(f"{index_path}: ivf search cannot run here ({exc})") from None
         else:
-            raise ValueError(f"knn must be 'hnsw', 'exact' or 'onnx', got {knn!r}")
+            raise ValueError(f"knn must be 'hnsw', 'exact', 'onnx' or 'ivf', got {knn!r}")
         self.knn = knn
 
     def apply_overrides(self, roi: tuple[int, int, int, int] | None = None, size_policy: str | None = None) -> None:

@@ -154,11 +154,13 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
         "inference:",
         "  precision: null          # int8 | fp32; null: the bundle's default variant (default: null)",
         "  knn: hnsw                # hnsw (fast; the image score is re-checked exactly) | exact | onnx (exact, on "
-        "the providers: CUDA on a Jetson) (default: hnsw)",
+        "the providers: CUDA on a Jetson) | ivf (faiss, built on the device; image score re-checked exactly) "
+        "(default: hnsw)",
         f"  threads: {profile.threads}               # onnxruntime + search threads; one per physical core "
         "(default: 2)",
         "  providers: [CPUExecutionProvider]   # onnxruntime providers in priority order (default: CPU only)",
         "  ef_search: null          # HNSW search width; null: the bundle's value (default: null)",
+        "  ivf_nprobe: 2            # knn: ivf cells scanned per patch: 1 faster, 2 closer heat map (default: 2)",
         "  deadline_ms: null        # a verdict later than this is FAULT (the part has moved on); "
         "null: no deadline (default: null)",
         "",
