@@ -273,6 +273,9 @@ def main(argv=None) -> int:
                    help="where the fitted anomalib ONNX models are cached (default /tmp/peer_anomalib)")
     p.add_argument("--backbone", default="lite0", help="our backbone, for both engines (default lite0)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of every engine (default 2)")
+    p.add_argument("--knn", nargs="+", choices=("hnsw", "ivf", "exact", "onnx"), default=["hnsw"],
+                   help="our search engines, each timed as its own engine in the same interleaved run "
+                        "(default hnsw; ivf needs the ivf-search extra)")
     p.add_argument("--passes", type=int, default=2, help="passes over the test set (default 2)")
     p.add_argument("--settle-ms", type=float, default=100.0, help="idle time before each engine's frame (default 100)")
     p.add_argument("--quiet-cores", type=float, default=0.3,
@@ -325,17 +328,20 @@ def main(argv=None) -> int:
     info: dict[str, dict] = {}
     for ratio, path in bundles:
         bundle = Bundle.load(path)
-        pipe = Pipeline(bundle, threads=a.threads)
+        for knn in a.knn:
+            pipe = Pipeline(bundle, knn=knn, threads=a.threads)
+            ours = f"ours {ratio:.0%}" + ("" if a.knn == ["hnsw"] else f" {knn}")
+            engines[ours] = OursEngine(pipe)
+            info[ours] = {"bundle": str(path), "bundle_id": bundle.bundle_id, "precision": pipe.variant.name,
+                          "knn": pipe.knn, "bank_size": pipe.variant.info.get("bank_size"),
+                          "input_wh": list(pipe.geometry.input_size), "ratio": ratio}
         (w, h) = pipe.geometry.input_size
         frame = cv2.imread(str(items[0].path), cv2.IMREAD_COLOR)
         meta = ensure_anomalib(a, ratio, (h, w), frame.shape[:2])
-        ours = f"ours {ratio:.0%}"
         peer = f"anomalib ONNX {ratio:.0%}"
-        engines[ours] = OursEngine(pipe)
         engines[peer] = AnomalibOnnxEngine(meta["onnx"], a.threads)
-        info[ours] = {"bundle": str(path), "bundle_id": bundle.bundle_id, "precision": pipe.variant.name, "knn": pipe.knn,
-                      "bank_size": pipe.variant.info.get("bank_size"), "input_wh": [w, h]}
-        info[peer] = {"onnx": meta["onnx"], "bank_size": meta["bank"][0], "dim": meta["bank"][1],
+        info[peer] = {"ratio": ratio}
+        info[peer] |= {"onnx": meta["onnx"], "bank_size": meta["bank"][0], "dim": meta["bank"][1],
                       "fit_seconds": meta["seconds"], "anomalib": meta["anomalib"], "torch": meta["torch"],
                       "num_neighbors": meta["num_neighbors"], "coreset_sampler": meta["coreset_sampler"], "input_wh": [meta["input_hw"][1], meta["input_hw"][0]]}
     assert "torch" not in sys.modules, "the timing process must not import torch"
@@ -389,7 +395,9 @@ def main(argv=None) -> int:
     rows, table = [], {}
     for e, m in variants:
         k = f"{e} [{m}]"
-        ours_k = f"ours {e.split()[-1]} [{m}]"
+        # the first of our engines at the same bank ratio is the yardstick ("x ours")
+        ours_e = next(x for x in engines if x.startswith("ours") and info[x]["ratio"] == info[e]["ratio"])
+        ours_k = f"{ours_e} [{m}]"
         st_all, st_q = stats(times[k]), stats(quiet_times[k])
         use = st_q if basis == "quiet" else st_all
         ref = stats(quiet_times[ours_k]) if basis == "quiet" else stats(times[ours_k])

@@ -14,6 +14,7 @@ Writes benchmarks/results/runtime_vs_reference.{json,md}.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ from export.metrics import auroc  # noqa: E402
 from export.reference import ReferenceScorer  # noqa: E402
 
 RUNTIME_ENGINES = (("int8", "hnsw"), ("fp32", "hnsw"), ("fp32", "exact"), ("int8", "exact"))
+if importlib.util.find_spec("faiss") is not None:   # knn: ivf needs the ivf-search extra
+    RUNTIME_ENGINES += (("int8", "ivf"),)
 REFERENCE = "torch reference (cdist f64)"
 REFERENCE_F32 = "torch reference, cdist f32"
 STAGES = ("decode", "geometry", "preprocess", "features", "search", "scoring", "decision")
