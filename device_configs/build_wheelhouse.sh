@@ -39,7 +39,7 @@ echo "== hnswlib $HNSWLIB_VERSION from source ($ISA, $(uname -m)); needs g++ and
 echo "== binary wheels of everything else the device runs (no torch: the 'export' extra is never installed there)"
 "$PY" -m pip wheel --no-deps "$REPO" -w "$OUT"
 "$PY" -m pip download --only-binary=:all: -d "$OUT" \
-    'numpy>=1.24' 'onnxruntime>=1.17' 'opencv-python-headless>=4.8' 'pyyaml>=6.0' \
+    'numpy>=1.24' 'onnxruntime>=1.17' 'faiss-cpu>=1.8' 'threadpoolctl>=3.1' 'opencv-python-headless>=4.8' 'pyyaml>=6.0' \
     'pyserial>=3.5,<4' 'pymodbus>=3.16,<3.17' 'gpiod>=2.2,<3' 'cryptography>=41'
 
 echo "== wheelhouse $OUT ready; on the device:"

@@ -273,10 +273,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="onnxruntime intra-op and hnswlib threads (default: 2); set to the station's "
                         "inference.threads")
     p.add_argument("--precision", choices=["int8", "fp32"], help="bundle variant (default: the bundle's default)")
-    p.add_argument("--knn", choices=["hnsw", "exact", "onnx", "ivf"], default="hnsw",
-                   help="nearest-neighbour search (default: hnsw, as the daemon runs); exact (numpy BLAS) or onnx "
-                        "(exact, as an onnxruntime graph on --providers) to see their cost; ivf (faiss IVF built "
-                        "on the device from the bank, then the same exact re-check of the image score)")
+    p.add_argument("--knn", choices=["hnsw", "exact", "onnx", "ivf"], default="ivf",
+                   help="nearest-neighbour search (default: ivf, the daemon's default: faiss IVF built on the "
+                        "device from the bank, then the exact re-check of the image score); hnsw (hnswlib + the "
+                        "same re-check); exact (numpy BLAS) or onnx (exact, as an onnxruntime graph on "
+                        "--providers) to see their cost")
     p.add_argument("--providers", default="CPUExecutionProvider",
                    help="onnxruntime execution providers, comma-separated, in priority order (default: "
                         "CPUExecutionProvider); e.g. CUDAExecutionProvider,CPUExecutionProvider on a Jetson")
