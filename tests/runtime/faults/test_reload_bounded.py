@@ -13,9 +13,10 @@ from edge_runtime.daemon import Station, load_pipeline
 from edge_runtime.schema import from_mapping
 
 
-def station(root: Path, threads: int = 2) -> StationConfig:
+def station(root: Path, threads: int = 2, knn: str = "hnsw") -> StationConfig:
+    # hnsw: the search whose thread count is configurable (knn: ivf runs faiss on one thread always)
     return from_mapping(StationConfig, {"bundle": str(root), "source": {"type": "scripted"},
-                                        "inference": {"threads": threads}}, "test")
+                                        "inference": {"threads": threads, "knn": knn}}, "test")
 
 
 def threads_of(pipeline) -> tuple[int, int | None]:
@@ -75,3 +76,12 @@ def test_old_pipeline_memory_is_released_after_the_swap(bundle_copy, monkeypatch
 
 def test_release_freed_memory_runs_here():
     daemon.release_freed_memory()   # glibc malloc_trim, or a no-op elsewhere: never raises
+
+
+def test_reload_with_the_default_ivf_search_serves_the_same_scores(bundle_copy, self_test_threads):
+    reference = load_pipeline(station(bundle_copy, threads=2, knn="ivf"))
+    reloaded = load_pipeline(station(bundle_copy, threads=2, knn="ivf"), reference.bundle, load_threads=1)
+    assert self_test_threads[-1][0] == 1 and reloaded.extractor.session.get_session_options().intra_op_num_threads == 2
+    w, h = reference.geometry.input_size
+    tensor = np.random.default_rng(0).random((reference.geometry.n_tiles, 3, h, w), dtype=np.float32)
+    assert reloaded.score_tiles(tensor).max() == pytest.approx(reference.score_tiles(tensor).max(), rel=1e-5)
