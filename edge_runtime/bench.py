@@ -130,7 +130,8 @@ def load_images(bundle: Bundle, images_dir: Path | None, precision: str | None) 
 # ---- the run -------------------------------------------------------------------------------------------------
 def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 200, warmup: int = 10,
               threads: int = 2, precision: str | None = None, knn: str = "hnsw", ef: int | None = None,
-              providers: list[str] | None = None, gap_ms: float = 0.0, raw: bool = False) -> dict:
+              providers: list[str] | None = None, gap_ms: float = 0.0, raw: bool = False,
+              ivf_nprobe: int | None = None) -> dict:
     """Inspect `frames` frames (images cycled) after `warmup` untimed ones; the full report as a plain dict.
 
     raw=True feeds each image as a camera would: an 8-bit BGR array decoded once before the run, so the
@@ -148,7 +149,8 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
     mem_start = memory_status()
     t0 = time.perf_counter()
     bundle = Bundle.load(bundle_dir)
-    pipeline = Pipeline(bundle, precision=precision, knn=knn, threads=threads, providers=providers, ef_search=ef)
+    pipeline = Pipeline(bundle, precision=precision, knn=knn, threads=threads, providers=providers, ef_search=ef,
+                        ivf_nprobe=ivf_nprobe)
     load_s = time.perf_counter() - t0
     images = load_images(bundle, images_dir, precision)
     if raw:
@@ -205,6 +207,7 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
                      "providers": pipeline.extractor.session.get_providers(),
                      "ef_search": pipeline.search.params.ef_search if hnsw is not None else None,
                      "ef_search_manifest": bundle.hnsw_params.ef_search,
+                     "ivf_nprobe": getattr(pipeline.search, "nprobe", None) if knn == "ivf" else None,
                      "exact_recheck": pipeline.search.params.exact_recheck if hnsw is not None else None,
                      "opencv_threads": cv2.getNumThreads(),
                      # Thread pools that spin after work (OpenBLAS, OpenMP) change every stage's latency on 2 cores.
@@ -282,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="onnxruntime execution providers, comma-separated, in priority order (default: "
                         "CPUExecutionProvider); e.g. CUDAExecutionProvider,CPUExecutionProvider on a Jetson")
     p.add_argument("--ef", type=int, help="HNSW ef_search (default: the manifest's)")
+    p.add_argument("--ivf-nprobe", type=int, default=None,
+                   help="knn ivf: cells scanned per patch (default: the station default, 2); 1 is faster, the image "
+                        "score stays exact either way")
     p.add_argument("--gap-ms", type=float, default=0.0,
                    help="idle time between frames, like part spacing on a line (default: 0.0, back to back); "
                         "set it to see cold-cache latency")
@@ -304,12 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.ef is not None and a.ef < 1:
         p.error("--ef must be a positive integer")
+    if a.ivf_nprobe is not None and a.ivf_nprobe < 1:
+        p.error("--ivf-nprobe must be a positive integer")
     if a.sustained_fps is not None:
         return _sustained(p, a)
     try:
         report = run_bench(a.bundle, a.images, a.frames, a.warmup, a.threads, a.precision, a.knn, a.ef,
                            providers=[x.strip() for x in a.providers.split(",") if x.strip()],
-                           gap_ms=a.gap_ms, raw=a.raw)
+                           gap_ms=a.gap_ms, raw=a.raw, ivf_nprobe=a.ivf_nprobe)
     except (BenchError, BundleError, FeatureError, OSError, ValueError) as exc:
         print(f"edge-bench: {exc}", file=sys.stderr)
         return 2
