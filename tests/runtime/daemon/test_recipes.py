@@ -501,3 +501,20 @@ def test_gpio_recipe_config_errors_name_the_key(write_station, two_products, gpi
     with pytest.raises(ConfigError) as err:
         recipe_station(write_station, two_products, gpio=gpio)
     assert expected in str(err.value), str(err.value)
+
+
+def test_gpio_select_lines_that_cannot_be_claimed_fault_the_line(two_products, write_station, part_images_bytes,
+                                                                 start_station, tmp_path):
+    """The real libgpiod adapter on a chip that is not there: the line stays alive, in FAULT, saying why."""
+    gpio = {**GPIO_SELECT, "chip": str(tmp_path / "no-gpiochip")}
+    cfg = recipe_station(write_station, two_products, gpio=gpio)
+    rec = RecipeRecorder()
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec])
+    station = running.station
+    wait_until(lambda: station.fault_reason is not None and "gpio select lines" in station.fault_reason,
+               what="the FAULT")
+    assert f"strobe 6 on {tmp_path / 'no-gpiochip'}" in station.fault_reason and rec.ready is False
+    assert fire_and_wait(station, rec).verdict is Verdict.FAULT
+    running.stop()
