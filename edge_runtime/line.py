@@ -107,6 +107,9 @@ class Line:
         self.pipeline: Pipeline | None = None
         # Several bundles, one per product, selected by the line controller (edge_runtime/recipes.py).
         self.recipes = RecipeSwitcher(self, cfg.recipes) if getattr(cfg, "recipes", None) else None
+        for out in self.outputs if self.recipes is not None else []:
+            if hasattr(out, "bind_recipes"):   # OPC UA PrepareRecipe, MQTT cmd/recipe: select through the switcher
+                out.bind_recipes(self.recipes)
         self.stats = LatencyStats(cfg.logging.stats_window)
         self.counters = Counters(bus=self.bus.counters)
         self.verdicts = {v.value: 0 for v in Verdict}
@@ -421,6 +424,8 @@ class Line:
         if self.rollout is not None:   # the rolled-out bundle, or the previous one after a crash in probation
             self.cfg.bundle = self.rollout.startup_bundle(self.cfg.bundle)
         (self.load_hook or self._load)()
+        if self.recipes is not None:
+            self.recipes.open_inputs()   # GPIO recipe select lines, once the initial recipe is in
         log.info(self._tag("start-up took %.2f s (%s)"), time.monotonic() - t0, "ready" if self.pipeline else "FAULT")
 
     def _housekeeping(self, next_stats: float) -> float:
@@ -601,6 +606,8 @@ class Line:
         self._ready = False
         self.bus.set_ready(False)
         self._close_source()
+        if self.recipes is not None:
+            self.recipes.close_inputs()
         self.bus.close()  # every output returns to its safe state and flushes
         self.frame_ids.close()
         self._log_stats()

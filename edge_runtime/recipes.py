@@ -2,7 +2,9 @@
 
 Selection: a Modbus holding register in the PLC area (`modbus_register`, with the modbus output's
 `allow_writes: true`), a serial line `RCP <number|name>` (serial output with `accept_trigger: true`), or
-POST /recipe/<name> (`allow_http: true`). Every switch is verified before the line inspects with it: a recipe
+POST /recipe/<name> (`allow_http: true`), MQTT `<prefix>/<line>/cmd/recipe` (`allow_recipe`), or the OPC UA method
+VisionSystem/PrepareRecipe (opcua output `allow_recipe: true`; it answers once the switch is over), or GPIO select
+lines plus a strobe (`gpio:`, edge_runtime/recipe_gpio.py; a number that is no recipe puts the line in FAULT). Every switch is verified before the line inspects with it: a recipe
 not loaded yet is loaded from disk (checksums, signature, product, version floor, golden self-test), one loaded
 before is self-tested again on its golden images. It is logged, acknowledged on the outputs that can show it
 (serial `RCP <number> <name> OK <ms>` / `ERR <reason>`, Modbus holding registers 7-8) and timed.
@@ -20,8 +22,11 @@ import os
 import re
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
+
+from edge_runtime.recipe_gpio import RecipeGpioConfig, RecipeGpioSelector
 
 if TYPE_CHECKING:
     from edge_runtime.line import Line
@@ -59,6 +64,7 @@ class RecipesConfig:
     modbus_register: int | None = None  # holding register 16..31 (the PLC area) the controller writes a number to
     allow_http: bool = False            # POST /recipe/<name> switches (off: the endpoint refuses)
     preload: bool = True                # load and self-test every recipe at start: a switch is a self-test + swap
+    gpio: RecipeGpioConfig | None = None  # select lines + strobe from the PLC (edge_runtime/recipe_gpio.py)
 
     def validate(self) -> None:
         if not self.recipes:
@@ -72,6 +78,12 @@ class RecipesConfig:
             raise ValueError(f"initial: expected one of {', '.join(r.name for r in self.recipes)}, got {self.initial!r}")
         if self.modbus_register is not None and not 16 <= self.modbus_register <= 31:
             raise ValueError(f"modbus_register: must be in the PLC area 16..31, got {self.modbus_register}")
+        if self.gpio is not None:
+            largest = self.gpio.largest_number()
+            for r in self.recipes:
+                if r.number > largest:
+                    raise ValueError(f"gpio.select: {len(self.gpio.select)} select lines encode numbers up to "
+                                     f"{largest}, but recipe {r.name} has number {r.number}")
 
     def initial_recipe(self) -> RecipeConfig:
         return next((r for r in self.recipes if r.name == self.initial), self.recipes[0])
@@ -106,13 +118,19 @@ class RecipeSwitcher:
         self.switches = 0
         self.switch_failures = 0
         self._pipelines: dict[str, "Pipeline"] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()   # submit() holds it around request()
         self._pending: tuple[RecipeConfig, str, bool] | None = None   # (recipe, origin, force reload)
         self._outcome: tuple[RecipeConfig, "Pipeline | None", str | None, float] | None = None
+        # Callers that wait for the outcome (OPC UA PrepareRecipe): those of the pending request, those of the
+        # running switch. Each gets (ok, message) once that switch is over, or refused if another request wins.
+        self._pending_waiters: list[Future] = []
+        self._running_waiters: list[Future] = []
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
         self._last_register = 0
         self._refusals: list[str] = []
+        self._invalid: str | None = None   # the newest request named no recipe and must fault the line (GPIO)
+        self.gpio = RecipeGpioSelector(self, cfg.gpio) if cfg.gpio is not None else None
         # Parts triggered (monotonic) or captured (wall clock) before these instants are FAULT.
         self.guard_mono = float("-inf")
         self.guard_wall = float("-inf")
@@ -148,19 +166,47 @@ class RecipeSwitcher:
         return pipeline
 
     # ---- requests (any thread) ----------------------------------------------------------------------------
-    def request(self, key: str | int, origin: str, force: bool = False) -> tuple[bool, str]:
-        """Ask for recipe `key` (name or number). Returns (accepted, message); the switch runs on the line."""
+    def request(self, key: str | int, origin: str, force: bool = False,
+                fault_if_unknown: bool = False) -> tuple[bool, str]:
+        """Ask for recipe `key` (name or number). Returns (accepted, message); the switch runs on the line.
+        An unknown recipe is refused and changes nothing, unless `fault_if_unknown` (a controller that cannot read
+        a refusal, GPIO): then the line goes to FAULT until a switch succeeds, like a failed switch."""
         recipe = self.cfg.find(key)
         if recipe is None:
             message = f"unknown recipe {str(key)[:40]!r} (known: {', '.join(f'{r.number}={r.name}' for r in self.cfg.recipes)})"
             log.error("%s: recipe request from %s refused: %s", self._who(), origin, message)
             with self._lock:   # acknowledged from the line's thread, like every output call
                 self._refusals.append(message)
+                if fault_if_unknown:   # the newest request wins: a queued switch is dropped
+                    self._invalid = f"{origin}: {message}"
+                    self._pending = None
+                    superseded, self._pending_waiters = self._pending_waiters, []
+                else:
+                    superseded = []
+            for waiter in superseded:
+                _resolve(waiter, "superseded", f"superseded by an unknown recipe from {origin}")
             return False, message
         with self._lock:
+            self._invalid = None
             self._pending = (recipe, origin, force)
+            superseded, self._pending_waiters = self._pending_waiters, []
+        for waiter in superseded:   # the controller changed its mind before that switch started
+            _resolve(waiter, "superseded", f"superseded by a request for {recipe.name} from {origin}")
         log.info("%s: recipe %s (%d) requested by %s", self._who(), recipe.name, recipe.number, origin)
         return True, f"switching to {recipe.name}"
+
+    def submit(self, key: str | int, origin: str, fault_if_unknown: bool = False) -> Future:
+        """Ask for recipe `key` and get a Future of (outcome, message), resolved when the switch is over. outcome:
+        "ok" (verified and active), "unknown" (no such recipe: refused, nothing changes), "failed" (the line stays
+        in FAULT, see above) or "superseded" (another request came before this one started)."""
+        waiter: Future = Future()
+        with self._lock:   # one lock with the request: a poll() in between cannot start it without this waiter
+            accepted, message = self.request(key, origin, fault_if_unknown=fault_if_unknown)
+            if accepted:
+                self._pending_waiters.append(waiter)
+        if not accepted:
+            _resolve(waiter, "unknown", message)
+        return waiter
 
     def on_serial(self, line: str) -> bool:
         words = line.strip().split()
@@ -183,12 +229,42 @@ class RecipeSwitcher:
             pending = None
             if self._thread is None and outcome is None and self._pending is not None:
                 pending, self._pending = self._pending, None
+                self._running_waiters, self._pending_waiters = self._pending_waiters, []
         for message in refusals:
             self._acknowledge("failed", None, None, message)
         if outcome is not None:
             self._finish(*outcome)
         elif pending is not None:
             self._start(*pending)
+        with self._lock:
+            invalid = self._invalid if self._thread is None and self._pending is None else None
+            self._invalid = None if invalid else self._invalid
+        if invalid:
+            # The controller asked for a product we do not have: the old recipe must not go on passing parts.
+            self.switch_failures += 1
+            self.status = "failed"
+            self.guard_mono, self.guard_wall = time.monotonic(), time.time()
+            self.line._set_state(False, f"recipe: {invalid}")
+
+    # ---- GPIO select lines (edge_runtime/recipe_gpio.py) --------------------------------------------------
+    def open_inputs(self) -> None:
+        """Claim the GPIO select lines, if configured; lines that cannot be claimed put the line in FAULT."""
+        if self.gpio is None:
+            return
+        try:
+            self.gpio.open()
+        except Exception as exc:  # noqa: BLE001 - OSError/ValueError from gpiod, ImportError without it
+            message = (f"recipe: gpio select lines {self.cfg.gpio.select} / strobe {self.cfg.gpio.strobe} on "
+                       f"{self.cfg.gpio.chip}: {exc}")
+            self.status = "failed"
+            self.line._set_state(False, message)
+
+    def close_inputs(self) -> None:
+        if self.gpio is not None:
+            try:
+                self.gpio.close()
+            except Exception as exc:  # noqa: BLE001 - stopping anyway
+                log.warning("%s: releasing the recipe GPIO lines failed: %s", self._who(), exc)
 
     def _poll_register(self) -> None:
         if self.cfg.modbus_register is None:
@@ -234,6 +310,18 @@ class RecipeSwitcher:
             self._outcome = (*outcome, (time.monotonic() - self._t0) * 1000.0)
 
     def _finish(self, recipe: RecipeConfig, pipeline: "Pipeline | None", error: str | None, ms: float) -> None:
+        try:
+            self._apply(recipe, pipeline, error, ms)
+        finally:
+            with self._lock:
+                waiters, self._running_waiters = self._running_waiters, []
+            for waiter in waiters:   # after the line's state and outputs show the outcome
+                if pipeline is None:
+                    _resolve(waiter, "failed", f"switch to {recipe.name} failed: {error}")
+                else:
+                    _resolve(waiter, "ok", f"{recipe.name} active in {ms:.0f} ms")
+
+    def _apply(self, recipe: RecipeConfig, pipeline: "Pipeline | None", error: str | None, ms: float) -> None:
         self._thread = None
         self.switching_to = None
         # Whatever was triggered or captured until now may be a part of either product: FAULT, never inspected.
@@ -281,3 +369,11 @@ class RecipeSwitcher:
                 "last_switch_ms": self.last_switch_ms,
                 "recipes": [{"name": r.name, "number": r.number, "loaded": r.name in self._pipelines}
                             for r in self.cfg.recipes]}
+
+
+def _resolve(waiter: Future, outcome: str, message: str) -> None:
+    if not waiter.done():   # a waiter that gave up (timeout) may have cancelled it
+        try:
+            waiter.set_result((outcome, message))
+        except Exception:  # noqa: BLE001 - cancelled meanwhile: nobody is waiting any more
+            pass

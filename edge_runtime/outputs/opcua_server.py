@@ -8,11 +8,21 @@ borrows the concepts of OPC 40100 (Machine Vision), not its full information mod
       VisionSystemState  String               (40100 state machine: Operational / Preoperational / Error)
       StationState, Reason  String            ready / not_ready / fault, and why
       ActiveRecipe/BundleId, BundleVersion    (40100 RecipeManagement: the bundle is the station's recipe)
+      ActiveRecipe/ExternalId, Number, SwitchStatus   with recipes: the product's recipe name and number, and
+                                              where its last switch stands (ok / switching / failed)
       LastResult/FrameId, Verdict, IsPass, Score, NormalizedScore, BundleId, ResultTime, Error
                                               (40100 ResultManagement / ResultType: ResultId, ResultState)
       Counters/Frames, OK, NG, REVIEW, FAULT
       StartSingleJob() -> Accepted            (40100 StartSingleJob: one inspection; only with a software trigger
                                                and `allow_trigger: true`; BadInvalidState when not ready)
+      PrepareRecipe(ExternalId: String) -> IsCompleted: Boolean, Error: Int32, Message: String
+                                              (40100 RecipeManagement PrepareRecipe, with the external id as a
+                                               plain string: a recipe name or number of station `recipes:`).
+                                               Only with `allow_recipe: true` (otherwise the method is absent).
+                                               It returns when the switch is over: Error 0 verified and active;
+                                               -1 unknown recipe (refused, nothing changes); -2 switch failed (the
+                                               line stays in FAULT); -3 no outcome within recipe_timeout_s;
+                                               -4 superseded by a later request. (40100: < 0 application errors.)
       event ResultReadyEventType {FrameId, Verdict, Score, NormalizedScore, BundleId, IsPass}
                                               (40100 ResultReadyEventType), emitted by VisionSystem per part
 
@@ -45,6 +55,9 @@ NAMESPACE_URI = "urn:patchcore-edge:vision-system"
 VISION_STATE = {"ready": "Operational", "not_ready": "Preoperational", "fault": "Error"}
 
 
+# PrepareRecipe's Error output (40100: 0 OK, < 0 application-specific) for RecipeSwitcher.submit()'s outcomes.
+RECIPE_ERRORS = {"ok": 0, "unknown": -1, "failed": -2, "timeout": -3, "superseded": -4}
+
 SecurityPolicyName = Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]
 
 
@@ -73,6 +86,8 @@ class OpcUaConfig:
     private_key: str | None = None   # its private key (PEM or DER, unencrypted); keep it readable by the daemon only
     trusted_clients: str | None = None   # folder of client certificates: any other client certificate is refused
     users: list[OpcUaUser] = field(default_factory=list)   # none: anonymous access; some: only these users
+    allow_recipe: bool = False       # PrepareRecipe selects the line's recipe; off (the method is absent) unless asked
+    recipe_timeout_s: float = 300.0  # PrepareRecipe answers Error -3 if the switch is not over by then
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -81,6 +96,8 @@ class OpcUaConfig:
             raise ValueError("host: must not be empty")
         if self.state_interval_s <= 0:
             raise ValueError(f"state_interval_s: must be > 0, got {self.state_interval_s}")
+        if not 0 < self.recipe_timeout_s <= 3600:
+            raise ValueError(f"recipe_timeout_s: must be > 0 and <= 3600 s, got {self.recipe_timeout_s}")
         if self.security_policy == "None":
             for key in ("certificate", "private_key", "trusted_clients"):
                 if getattr(self, key):
@@ -131,6 +148,9 @@ class OpcUaConfig:
         if self.allow_trigger:
             found.append(f"allow_trigger: StartSingleJob is allowed on {self.host}: anyone who reaches it can "
                          "trigger captures")
+        if self.allow_recipe and not self.users:
+            found.append(f"allow_recipe: PrepareRecipe is allowed on {self.host} without users: anyone who reaches "
+                         "it can change the line's product")
         return found
 
 
@@ -143,6 +163,7 @@ class OpcUaServer(Output):
         self.port: int | None = None          # the bound port once started
         self._state_provider: Callable[[], dict[str, Any]] | None = None
         self._fire: Callable[[], None] | None = None
+        self._recipes = None                   # the line's RecipeSwitcher (edge_runtime/recipes.py), when it has one
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -151,6 +172,7 @@ class OpcUaServer(Output):
         self._ready = False
         self._fault: str | None = "starting"
         self.jobs_started = 0
+        self.recipe_calls = 0
         self.events_emitted = 0
 
     # -- wiring (the daemon) -----------------------------------------------------------------------------------
@@ -160,6 +182,10 @@ class OpcUaServer(Output):
     def bind_trigger(self, fire: Callable[[], None]) -> None:
         """The station's software trigger (StartSingleJob fires it when allow_trigger is set)."""
         self._fire = fire
+
+    def bind_recipes(self, switcher) -> None:
+        """The line's RecipeSwitcher: PrepareRecipe selects through it when `allow_recipe` is set."""
+        self._recipes = switcher
 
     # -- Output ------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -200,7 +226,14 @@ class OpcUaServer(Output):
             self._thread = None
 
     def counters(self) -> dict[str, float]:
-        return {"opcua_events": self.events_emitted, "opcua_jobs_started": self.jobs_started}
+        counters = {"opcua_events": self.events_emitted, "opcua_jobs_started": self.jobs_started}
+        if self.cfg.allow_recipe:   # only where the method exists
+            counters["opcua_recipe_calls"] = self.recipe_calls
+        return counters
+
+    def recipe_changed(self, number: int, name: str, status: str, ms: float | None, error: str | None) -> None:
+        """The line's recipe acknowledgement (edge_runtime/recipes.py): ActiveRecipe/ExternalId, Number, SwitchStatus."""
+        self._schedule(self._on_recipe, number, name, status)
 
     # -- the server thread -------------------------------------------------------------------------------------
     def _schedule(self, coro_fn, *args) -> None:
@@ -254,6 +287,9 @@ class OpcUaServer(Output):
         recipe = await vs.add_object(idx, "ActiveRecipe")
         self._vars["BundleId"] = await var(recipe, "BundleId", "", S)
         self._vars["BundleVersion"] = await var(recipe, "BundleVersion", -1, I64)
+        self._vars["ExternalId"] = await var(recipe, "ExternalId", "", S)
+        self._vars["Number"] = await var(recipe, "Number", 0, I64)
+        self._vars["SwitchStatus"] = await var(recipe, "SwitchStatus", "none", S)
         last = await vs.add_object(idx, "LastResult")
         self._last = {
             "FrameId": (await var(last, "FrameId", -1, I64), I64),
@@ -277,6 +313,8 @@ class OpcUaServer(Output):
             return ua.StatusCode(refused) if refused is not None else [ua.Variant(True, B)]
 
         await vs.add_method(idx, "StartSingleJob", start_single_job, [], [B])
+        if self.cfg.allow_recipe:
+            await self._add_prepare_recipe(vs, idx, ua)
         etype = await server.create_custom_event_type(
             idx, "ResultReadyEventType", ua.ObjectIds.BaseEventType,
             [("FrameId", I64), ("Verdict", S), ("IsPass", B), ("Score", D), ("NormalizedScore", D), ("BundleId", S)])
@@ -327,6 +365,52 @@ class OpcUaServer(Output):
         server.iserver.user_manager = _SessionGate(cfg.users, require_secure_channel=cfg.security_policy != "None")
         server.set_identity_tokens([ua.UserNameIdentityToken] if cfg.users else [ua.AnonymousIdentityToken])
 
+    async def _add_prepare_recipe(self, vs, idx, ua) -> None:
+        def arg(name: str, vtype, text: str):
+            a = ua.Argument()
+            a.Name, a.DataType, a.ValueRank = name, ua.NodeId(vtype.value), -1
+            a.Description = ua.LocalizedText(text)
+            return a
+
+        V = ua.VariantType
+
+        async def prepare_recipe(parent, external_id):
+            value = external_id.Value if isinstance(external_id, ua.Variant) else external_id
+            outcome = await self._prepare_recipe(ua, "" if value is None else str(value))
+            if isinstance(outcome, int):
+                return ua.StatusCode(outcome)
+            error, message = outcome
+            return [ua.Variant(error == 0, V.Boolean), ua.Variant(error, V.Int32), ua.Variant(message, V.String)]
+
+        await vs.add_method(
+            idx, "PrepareRecipe", prepare_recipe,
+            [arg("ExternalId", V.String, "the recipe's name or number (station file recipes:)")],
+            [arg("IsCompleted", V.Boolean, "true: the recipe is verified and active"),
+             arg("Error", V.Int32, "0 OK; -1 unknown recipe; -2 switch failed (line in FAULT); -3 timeout; "
+                                   "-4 superseded"),
+             arg("Message", V.String, "what happened, in words")])
+
+    async def _prepare_recipe(self, ua, key: str) -> tuple[int, str] | int:
+        """Select recipe `key` and wait (on the server's loop, not blocking it) until the switch is over.
+        Returns (Error, Message), or a status code when the call cannot be served at all."""
+        switcher = self._recipes
+        if switcher is None:
+            return ua.StatusCodes.BadNotSupported   # this line has no recipes
+        self.recipe_calls += 1
+        waiter = switcher.submit(key[:64], "opcua")
+        try:
+            outcome, message = await asyncio.wait_for(asyncio.wrap_future(waiter), self.cfg.recipe_timeout_s)
+        except asyncio.TimeoutError:
+            outcome, message = "timeout", f"the switch to {key[:64]!r} was not over within {self.cfg.recipe_timeout_s} s"
+        # ActiveRecipe shows the outcome before the caller reads it (the line's acknowledgement, recipe_changed,
+        # may reach us later through the output bus's worker: it writes the same values).
+        recipe = switcher.cfg.find(key[:64]) if outcome in ("ok", "failed") else None
+        if recipe is not None:
+            await self._on_recipe(recipe.number, recipe.name, outcome)
+        else:
+            await self._refresh_state()
+        return RECIPE_ERRORS[outcome], message
+
     def _bound_port(self, server) -> int:
         if self.cfg.port:
             return self.cfg.port
@@ -372,6 +456,17 @@ class OpcUaServer(Output):
             await self._counters["Frames"].write_value(ua.Variant(int(summary.get("frames", 0)), I64))
             for v in Verdict:
                 await self._counters[v.value].write_value(ua.Variant(int(verdicts.get(v.value, 0)), I64))
+
+    async def _on_recipe(self, number: int, name: str, status: str) -> None:
+        ua = getattr(self, "_ua", None)
+        if ua is None:
+            return
+        S, _D, I64, _B = self._types
+        if number or status != "failed":   # a refused unknown number keeps showing the recipe in service
+            await self._vars["ExternalId"].write_value(ua.Variant(name, S))
+            await self._vars["Number"].write_value(ua.Variant(int(number), I64))
+            await self._vars["SwitchStatus"].write_value(ua.Variant(status, S))
+        await self._refresh_state()
 
     async def _on_result(self, result: InspectionResult) -> None:
         ua = self._ua

@@ -269,3 +269,252 @@ def test_serial_rcp_switches_and_is_acknowledged_on_the_wire(two_products, write
     assert station.line.recipes.active.name == "cap-b"
     records = [json.loads(x) for x in Path(cfg.outputs[0].path).read_text().splitlines()]
     assert records and all(r["bundle_id"] == "bbbbbbbbbbbbbbbb" for r in records)
+
+
+# ---- OPC UA: VisionSystem/PrepareRecipe (40100 RecipeManagement), answered once the switch is over -------------
+
+def _opcua_recipe_station(two_products, write_station, part_images_bytes, start_station, **recipes):
+    from edge_runtime.outputs import OpcUaConfig, OpcUaServer
+
+    cfg = recipe_station(write_station, two_products, **recipes)
+    rec = RecipeRecorder()
+    server = OpcUaServer(OpcUaConfig(port=0, allow_recipe=True, state_interval_s=0.2, recipe_timeout_s=120))
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec, server])
+    wait_until(lambda: rec.ready and server.port is not None, what="ready")
+    return running, rec, server
+
+
+async def _call_prepare_recipe(port: int, external_id: str, state: str) -> tuple[list, dict]:
+    """PrepareRecipe's outputs, then ActiveRecipe's variables read right after it, and StationState once it is
+    `state` (the line's state reaches the server through the output bus, maybe a moment after the answer)."""
+    import asyncio
+
+    from asyncua import Client
+
+    from edge_runtime.outputs.opcua_server import NAMESPACE_URI
+
+    async with Client(f"opc.tcp://127.0.0.1:{port}/patchcore-edge/", timeout=120) as client:
+        idx = await client.get_namespace_index(NAMESPACE_URI)
+        vs = await client.nodes.objects.get_child([f"{idx}:VisionSystem"])
+        outputs = await vs.call_method(f"{idx}:PrepareRecipe", external_id)
+        seen = {}
+        for path in ("ActiveRecipe/BundleId", "ActiveRecipe/ExternalId", "ActiveRecipe/Number",
+                     "ActiveRecipe/SwitchStatus"):
+            node = await vs.get_child([f"{idx}:{p}" for p in path.split("/")])
+            seen[path] = await node.read_value()
+        node = await vs.get_child([f"{idx}:StationState"])
+        deadline = time.monotonic() + 10
+        while await node.read_value() != state and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        seen["StationState"] = await node.read_value()
+        return outputs, seen
+
+
+def test_opcua_prepare_recipe_switches_and_answers_when_active(two_products, write_station, part_images_bytes,
+                                                                start_station):
+    import asyncio
+
+    running, rec, server = _opcua_recipe_station(two_products, write_station, part_images_bytes, start_station)
+    station = running.station
+    assert fire_and_wait(station, rec).bundle_id == "aaaaaaaaaaaaaaaa"
+    outputs, seen = asyncio.run(_call_prepare_recipe(server.port, "cap-b", "ready"))
+    # The call returned only once the switch was over: the line already runs b, and the variables show it.
+    assert outputs[:2] == [True, 0] and outputs[2].startswith("cap-b active in")
+    assert station.line.recipes.active.name == "cap-b" and station.line.recipes.status == "ok"
+    assert seen == {"ActiveRecipe/BundleId": "bbbbbbbbbbbbbbbb", "ActiveRecipe/ExternalId": "cap-b",
+                    "ActiveRecipe/Number": 2, "ActiveRecipe/SwitchStatus": "ok", "StationState": "ready"}
+    result = fire_and_wait(station, rec)
+    assert result.bundle_id == "bbbbbbbbbbbbbbbb" and result.verdict is not Verdict.FAULT
+    # An unknown recipe: Error -1 naming the known ones; recipes.py refuses it and nothing changes (b stays).
+    outputs, seen = asyncio.run(_call_prepare_recipe(server.port, "cap-z", "ready"))
+    assert outputs[:2] == [False, -1] and "unknown recipe 'cap-z'" in outputs[2] and "1=cap-a, 2=cap-b" in outputs[2]
+    assert seen["ActiveRecipe/BundleId"] == "bbbbbbbbbbbbbbbb" and seen["ActiveRecipe/ExternalId"] == "cap-b"
+    assert station.line.recipes.active.name == "cap-b" and station.line.recipes.status == "ok"
+    assert fire_and_wait(station, rec).bundle_id == "bbbbbbbbbbbbbbbb"
+    running.stop()
+    assert server.counters()["opcua_recipe_calls"] == 2
+
+
+def test_opcua_prepare_recipe_failed_switch_answers_error_and_line_stays_fault(two_products, write_station,
+                                                                               part_images_bytes, start_station):
+    import asyncio
+
+    a, b = two_products
+    model = next(p for p in b.iterdir() if p.suffix == ".onnx")
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF                    # product b's bundle is corrupt on disk
+    model.write_bytes(bytes(data))
+    running, rec, server = _opcua_recipe_station(two_products, write_station, part_images_bytes, start_station,
+                                                 preload=False)
+    station = running.station
+    outputs, seen = asyncio.run(_call_prepare_recipe(server.port, "2", "fault"))   # by number, like the Modbus register
+    assert outputs[:2] == [False, -2] and outputs[2].startswith("switch to cap-b failed")
+    assert seen["StationState"] == "fault" and seen["ActiveRecipe/SwitchStatus"] == "failed"
+    assert station.state.fault_kind == "recipe" and rec.ready is False
+    refused = fire_and_wait(station, rec)
+    assert refused.verdict is Verdict.FAULT and "switch to cap-b failed" in refused.error
+    outputs, seen = asyncio.run(_call_prepare_recipe(server.port, "cap-a", "ready"))   # back to a: verified, inspecting
+    assert outputs[:2] == [True, 0] and seen["StationState"] == "ready"
+    assert fire_and_wait(station, rec).bundle_id == "aaaaaaaaaaaaaaaa"
+    running.stop()
+
+
+# ---- GPIO: binary-coded select lines + STROBE, acknowledged on an ACK output line ------------------------------
+
+class FakeRecipeLines:
+    """RecipeLines test double (edge_runtime/recipe_gpio.py): the test plays the PLC with `select(number)`."""
+
+    def __init__(self) -> None:
+        self.cfg = None
+        self.inputs: dict[int, bool] = {}
+        self.ack_history: list[bool] = []
+        self.on_strobe = None
+        self.released = False
+
+    def request(self, cfg) -> None:
+        self.cfg = cfg
+        self.inputs = {o: False for o in cfg.select}
+        self.ack_history.append(False)
+
+    def watch_strobe(self, on_strobe) -> None:
+        self.on_strobe = on_strobe
+
+    def read(self, offsets):
+        return [self.inputs[o] for o in offsets]
+
+    def set_ack(self, asserted: bool) -> None:
+        self.ack_history.append(asserted)
+
+    @property
+    def ack(self) -> bool:
+        return self.ack_history[-1]
+
+    def release(self) -> None:
+        self.released = True
+        self.ack_history.append(False)
+
+    def select(self, number: int) -> None:
+        """The PLC sets the select lines (bit 0 = select[0]), then pulses STROBE."""
+        for i, offset in enumerate(self.cfg.select):
+            self.inputs[offset] = bool(number >> i & 1)
+        self.on_strobe()
+
+
+GPIO_SELECT = {"chip": "/dev/gpiochip0", "select": [4, 5], "strobe": 6, "ack": 7, "debounce_ms": 5}
+
+
+@pytest.fixture
+def fake_recipe_lines(monkeypatch) -> FakeRecipeLines:
+    from edge_runtime import recipe_gpio
+
+    lines = FakeRecipeLines()
+    monkeypatch.setattr(recipe_gpio, "LibgpiodRecipeLines", lambda: lines)
+    return lines
+
+
+def _gpio_station(two_products, write_station, part_images_bytes, start_station):
+    cfg = recipe_station(write_station, two_products, gpio=dict(GPIO_SELECT))
+    rec = RecipeRecorder()
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec])
+    wait_until(lambda: rec.ready, what="ready")
+    return running, rec
+
+
+def test_gpio_select_lines_choose_recipe_2_and_ack_rises(two_products, write_station, part_images_bytes,
+                                                         start_station, fake_recipe_lines):
+    running, rec = _gpio_station(two_products, write_station, part_images_bytes, start_station)
+    station = running.station
+    wait_until(lambda: fake_recipe_lines.on_strobe is not None, what="the strobe watched")
+    assert fire_and_wait(station, rec).bundle_id == "aaaaaaaaaaaaaaaa"
+    fake_recipe_lines.select(2)                     # select lines 4=0, 5=1, then STROBE
+    wait_until(lambda: fake_recipe_lines.ack, what="ACK")
+    assert station.line.recipes.active.name == "cap-b" and station.line.recipes.status == "ok" and rec.ready
+    result = fire_and_wait(station, rec)
+    assert result.bundle_id == "bbbbbbbbbbbbbbbb" and result.verdict is not Verdict.FAULT
+    running.stop()
+    assert fake_recipe_lines.released and fake_recipe_lines.ack is False      # released with ACK low
+    assert [a[:3] for a in rec.calls_to("recipe_changed")[1:3]] == [(2, "cap-b", "switching"), (2, "cap-b", "ok")]
+
+
+def test_gpio_strobe_while_a_switch_runs_newest_wins(two_products, write_station, part_images_bytes,
+                                                     start_station, fake_recipe_lines, monkeypatch):
+    release = threading.Event()
+    real = bundle_loader.golden_check
+
+    def slow_check(bundle, pipeline):
+        release.wait(30)                 # the first switch's self-test holds until the second strobe came
+        return real(bundle, pipeline)
+
+    running, rec = _gpio_station(two_products, write_station, part_images_bytes, start_station)
+    station = running.station
+    wait_until(lambda: fake_recipe_lines.on_strobe is not None, what="the strobe watched")
+    monkeypatch.setattr(bundle_loader, "golden_check", slow_check)
+    fake_recipe_lines.select(2)
+    wait_until(lambda: station.line.recipes.busy, what="the switch to cap-b to start")
+    fake_recipe_lines.select(1)                     # the PLC changes its mind while cap-b is being verified
+    release.set()
+    wait_until(lambda: fake_recipe_lines.ack, what="ACK")
+    assert station.line.recipes.active.name == "cap-a" and station.line.recipes.status == "ok"
+    # ACK rose once, for the switch the last strobe asked for, never for the superseded cap-b.
+    assert fake_recipe_lines.ack_history.count(True) == 1
+    assert [a[:3] for a in rec.calls_to("recipe_changed")[1:]] == [
+        (2, "cap-b", "switching"), (2, "cap-b", "ok"), (1, "cap-a", "switching"), (1, "cap-a", "ok")]
+    assert fire_and_wait(station, rec).bundle_id == "aaaaaaaaaaaaaaaa"
+    running.stop()
+
+
+def test_gpio_number_that_is_no_recipe_faults_the_line_naming_it(two_products, write_station, part_images_bytes,
+                                                                 start_station, fake_recipe_lines):
+    running, rec = _gpio_station(two_products, write_station, part_images_bytes, start_station)
+    station = running.station
+    wait_until(lambda: fake_recipe_lines.on_strobe is not None, what="the strobe watched")
+    fake_recipe_lines.select(3)                     # both select lines: number 3, no such recipe
+    wait_until(lambda: station.line.recipes.status == "failed", what="the FAULT")
+    assert rec.ready is False and station.state.fault_kind == "recipe"
+    assert "select lines read 3" in station.fault_reason and "unknown recipe '3'" in station.fault_reason
+    refused = fire_and_wait(station, rec)
+    assert refused.verdict is Verdict.FAULT and "unknown recipe '3'" in refused.error
+    assert fake_recipe_lines.ack is False
+    fake_recipe_lines.select(1)                     # a valid number clears it: verified, ACK, inspecting again
+    wait_until(lambda: fake_recipe_lines.ack, what="ACK")
+    assert station.line.recipes.status == "ok" and rec.ready
+    assert fire_and_wait(station, rec).bundle_id == "aaaaaaaaaaaaaaaa"
+    running.stop()
+
+
+@pytest.mark.parametrize("gpio, expected", [
+    ({"select": [], "strobe": 6}, "recipes.gpio.select: expected 1..16 line offsets (bit 0 first), got 0"),
+    ({"select": [4, 5], "strobe": 5}, "recipes.gpio.strobe: line 5 is already used by select[1]"),
+    ({"select": [4, -1], "strobe": 6}, "recipes.gpio.select[1]: line offset must be 0 or more, got -1"),
+    ({"select": [4, 5], "strobe": 6, "ack": 4}, "recipes.gpio.ack: line 4 is already used by select[0]"),
+    ({"select": [4, 5], "strobe": 6, "debounce_ms": -1}, "recipes.gpio.debounce_ms: must be 0..1000, got -1"),
+    ({"select": [4], "strobe": 6}, "recipes.gpio.select: 1 select lines encode numbers up to 1, but recipe cap-b "
+                                   "has number 2"),
+    ({"select": [4, 5], "strobe": 6, "active_low": "yes"}, "recipes.gpio.active_low"),
+    ({"select": [4, 5]}, "recipes.gpio.strobe"),
+])
+def test_gpio_recipe_config_errors_name_the_key(write_station, two_products, gpio, expected):
+    with pytest.raises(ConfigError) as err:
+        recipe_station(write_station, two_products, gpio=gpio)
+    assert expected in str(err.value), str(err.value)
+
+
+def test_gpio_select_lines_that_cannot_be_claimed_fault_the_line(two_products, write_station, part_images_bytes,
+                                                                 start_station, tmp_path):
+    """The real libgpiod adapter on a chip that is not there: the line stays alive, in FAULT, saying why."""
+    gpio = {**GPIO_SELECT, "chip": str(tmp_path / "no-gpiochip")}
+    cfg = recipe_station(write_station, two_products, gpio=gpio)
+    rec = RecipeRecorder()
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec])
+    station = running.station
+    wait_until(lambda: station.fault_reason is not None and "gpio select lines" in station.fault_reason,
+               what="the FAULT")
+    assert f"strobe 6 on {tmp_path / 'no-gpiochip'}" in station.fault_reason and rec.ready is False
+    assert fire_and_wait(station, rec).verdict is Verdict.FAULT
+    running.stop()

@@ -291,3 +291,126 @@ def test_station_file_opcua_security_resolves_paths(tmp_path, pki):
     opc = cfg.outputs[0]
     assert opc.certificate == str(tmp_path / "station.der") and opc.private_key == str(tmp_path / "station.pem")
     assert OpcUaConfig().security_policy == "None" and OpcUaConfig().users == []
+
+
+# ---- PrepareRecipe (40100 RecipeManagement): off unless allow_recipe; with users, an authenticated session only ----
+
+class FakeRecipes:
+    """The RecipeSwitcher interface PrepareRecipe uses: submit() -> Future of (outcome, message), and cfg.find()."""
+
+    def __init__(self, outcome: str = "ok", delay_s: float = 0.3) -> None:
+        from edge_runtime.recipes import RecipeConfig, RecipesConfig
+
+        self.cfg = RecipesConfig(recipes=[RecipeConfig(name="cap-a", number=1, bundle="a"),
+                                          RecipeConfig(name="cap-b", number=2, bundle="b")])
+        self.outcome, self.delay_s, self.asked = outcome, delay_s, []
+
+    def submit(self, key, origin):
+        import threading
+        from concurrent.futures import Future
+
+        waiter = Future()
+        self.asked.append((key, origin, time.monotonic()))
+        if self.delay_s is not None:   # None: the switch never ends (the server's timeout answers)
+            threading.Timer(self.delay_s, waiter.set_result, args=((self.outcome, f"{key}: {self.outcome}"),)).start()
+        return waiter
+
+
+async def call_prepare_recipe(port: int, key: str, cert=None, user=None):
+    from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+
+    client = Client(f"opc.tcp://127.0.0.1:{port}/patchcore-edge/", timeout=30)
+    if cert is not None:
+        await client.set_security(SecurityPolicyBasic256Sha256, str(cert[0]), str(cert[1]),
+                                  mode=ua.MessageSecurityMode.SignAndEncrypt)
+    if user is not None:
+        client.set_user(user[0])
+        client.set_password(user[1])
+    async with client:
+        vs = await browse(client, "VisionSystem")
+        t0 = time.monotonic()
+        outputs = await vs.call_method(f"{vs.nodeid.NamespaceIndex}:PrepareRecipe", key)
+        name = await (await browse(client, "VisionSystem", "ActiveRecipe", "ExternalId")).read_value()
+        return outputs, name, t0
+
+
+def test_prepare_recipe_is_absent_unless_allowed():
+    out = OpcUaServer(OpcUaConfig(port=0))
+    out.bind_recipes(FakeRecipes())
+    out.start()
+    try:
+        async def call():
+            async with Client(f"opc.tcp://127.0.0.1:{out.port}/patchcore-edge/") as client:
+                vs = await browse(client, "VisionSystem")
+                with pytest.raises(ua.UaStatusCodeError) as err:
+                    await vs.get_child([f"{vs.nodeid.NamespaceIndex}:PrepareRecipe"])
+                return err.value.code
+
+        assert asyncio.run(call()) == ua.StatusCodes.BadNoMatch
+        assert OpcUaConfig().allow_recipe is False
+    finally:
+        out.close()
+
+
+def test_prepare_recipe_answers_after_the_switch_and_times_out():
+    recipes = FakeRecipes(delay_s=0.5)
+    out = OpcUaServer(OpcUaConfig(port=0, allow_recipe=True, recipe_timeout_s=0.5))
+    out.bind_recipes(recipes)
+    out.start()
+    try:
+        outputs, name, t0 = asyncio.run(call_prepare_recipe(out.port, "cap-b"))
+        assert outputs == [True, 0, "cap-b: ok"] and name == "cap-b"
+        assert recipes.asked[0][:2] == ("cap-b", "opcua")
+        recipes.delay_s = None                        # a switch that never ends: Error -3, not a hung call
+        outputs, name, _ = asyncio.run(call_prepare_recipe(out.port, "cap-a"))
+        assert outputs[:2] == [False, -3] and "not over within 0.5 s" in outputs[2] and name == "cap-b"
+    finally:
+        out.close()
+
+
+def test_prepare_recipe_without_recipes_is_not_supported():
+    out = OpcUaServer(OpcUaConfig(port=0, allow_recipe=True))
+    out.start()
+    try:
+        with pytest.raises(ua.UaStatusCodeError) as err:
+            asyncio.run(call_prepare_recipe(out.port, "cap-b"))
+        assert err.value.code == ua.StatusCodes.BadNotSupported
+    finally:
+        out.close()
+
+
+def test_prepare_recipe_with_users_needs_an_authenticated_session(pki):
+    from edge_runtime.operator_page.auth import hash_password
+    from edge_runtime.outputs.opcua_server import OpcUaUser
+
+    users = [OpcUaUser(name="scada", password_hash=hash_password("s3cret-plant", n=2 ** 10))]
+    recipes = FakeRecipes(delay_s=0.1)
+    out = secure_server(pki, "Basic256Sha256_SignAndEncrypt", users=users, allow_recipe=True)
+    out.bind_recipes(recipes)
+    try:
+        outputs, name, _ = asyncio.run(call_prepare_recipe(out.port, "2", pki["client"], ("scada", "s3cret-plant")))
+        assert outputs[:2] == [True, 0] and name == "cap-b"
+        for who in (None, ("scada", "guess")):        # anonymous, wrong password: no session, so no call
+            with pytest.raises(ua.UaStatusCodeError):
+                asyncio.run(call_prepare_recipe(out.port, "cap-a", pki["client"], who))
+        assert [a[0] for a in recipes.asked] == ["2"]
+    finally:
+        out.close()
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("allow_recipe: 'yes'\n", "outputs[0].allow_recipe"),
+    ("allow_recipe: true\nrecipe_timeout_s: 0\n", "outputs[0].recipe_timeout_s: must be > 0 and <= 3600 s, got 0"),
+])
+def test_station_file_opcua_recipe_errors_name_the_key(tmp_path, body, expected):
+    from edge_runtime.config import load_station
+    from edge_runtime.schema import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_station(_station(tmp_path, body))
+    assert expected in str(err.value), str(err.value)
+
+
+def test_an_exposed_server_allowing_recipes_without_users_is_warned_about():
+    found = OpcUaConfig(host="0.0.0.0", allow_recipe=True).warnings()
+    assert any(w.startswith("allow_recipe: PrepareRecipe is allowed on 0.0.0.0 without users") for w in found)
