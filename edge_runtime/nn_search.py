@@ -223,8 +223,8 @@ class IvfSearch:
 
     faiss assigns each query to its `nprobe` nearest k-means cells and scans only their vectors; its neighbour is a
     real bank vector, whose distance (recomputed here in the re-check's own float32 kernel, see `upper_bounds`) is
-    an upper bound. On the bottle 10% bank this stage is 2-3x faster than hnswlib + re-check at identical image
-    scores (benchmarks/results/search_floor_bottle10_candidates.md). faiss runs on one thread by default: its
+    an upper bound. On the bottle 10% bank this stage is 1.6x faster than hnswlib + re-check on a quiet 2-core x86
+    (2-3x on a busy one) at identical image scores (benchmarks/results/search_floor_bottle10_candidates.md). faiss runs on one thread by default: its
     OpenMP threads spin, and on a busy 2-core station two lose to one (measured in the same benchmark).
     """
 
@@ -233,15 +233,17 @@ class IvfSearch:
     POINTS_PER_CELL = 16   # fewer cells on a smaller bank; faiss's own advice is 39, but 128 cells on 2,140 vectors
                            # measured fastest on the 1% bottle bank at exact image scores
 
-    def __init__(self, bank: np.ndarray, threads: int = 1, nlist: int | None = None, nprobe: int | None = None,
-                 seed: int = 0):
-        try:  # only this mode needs it
+    def __init__(self, bank: "np.ndarray | ExactSearch", threads: int = 1, nlist: int | None = None,
+                 nprobe: int | None = None, seed: int = 0):
+        try:  # a core dependency, imported only by this mode
             import faiss
         except ImportError:
-            raise ImportError("knn: ivf needs faiss: pip install 'patchcore-edge[ivf-search]'") from None
+            raise ImportError("knn: ivf needs faiss, a dependency of patchcore-edge: pip install 'faiss-cpu>=1.8' "
+                              "(or use knn: hnsw)") from None
         self._faiss = faiss
         # `ivf`, not `index`: the bundle loader re-threads any `search.index` as an hnswlib index.
-        self.exact = ExactSearch(bank)
+        # An ExactSearch already built on the bank (the pipeline's) is reused: its principal axes cost a load each.
+        self.exact = bank if isinstance(bank, ExactSearch) else ExactSearch(bank)
         bank = self.exact.bank
         n, d = bank.shape
         # Fewer cells on a small bank (k-means needs points per cell); one cell for a bank of one vector.

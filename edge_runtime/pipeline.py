@@ -91,7 +91,7 @@ class Pipeline:
         elif knn == "ivf":
             # Built here from the verified bank (never shipped); one faiss thread, see IvfSearch.
             try:
-                self.search = IvfSearch(hnsw.exact.bank, nprobe=ivf_nprobe)
+                self.search = IvfSearch(hnsw.exact, nprobe=ivf_nprobe)
             except ImportError as exc:
                 raise BundleError(f"{index_path}: ivf search cannot run here ({exc})") from None
         else:
