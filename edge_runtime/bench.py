@@ -276,17 +276,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="onnxruntime intra-op and hnswlib threads (default: 2); set to the station's "
                         "inference.threads")
     p.add_argument("--precision", choices=["int8", "fp32"], help="bundle variant (default: the bundle's default)")
-    p.add_argument("--knn", choices=["hnsw", "exact", "onnx", "ivf"], default="ivf",
-                   help="nearest-neighbour search (default: ivf, the daemon's default: faiss IVF built on the "
-                        "device from the bank, then the exact re-check of the image score); hnsw (hnswlib + the "
-                        "same re-check); exact (numpy BLAS) or onnx (exact, as an onnxruntime graph on "
-                        "--providers) to see their cost")
+    p.add_argument("--knn", choices=["hnsw", "exact", "onnx", "ivf"], default="hnsw",
+                   help="nearest-neighbour search (default: hnsw, as the daemon runs); ivf (faiss IVF built on the "
+                        "device from the bank, then the same exact re-check of the image score); exact (numpy "
+                        "BLAS) or onnx (exact, as an onnxruntime graph on --providers) to see their cost")
     p.add_argument("--providers", default="CPUExecutionProvider",
                    help="onnxruntime execution providers, comma-separated, in priority order (default: "
                         "CPUExecutionProvider); e.g. CUDAExecutionProvider,CPUExecutionProvider on a Jetson")
     p.add_argument("--ef", type=int, help="HNSW ef_search (default: the manifest's)")
     p.add_argument("--ivf-nprobe", type=int, default=None,
-                   help="knn ivf: cells scanned per patch (default: the station default, 2); 1 is faster, the image "
+                   help="knn ivf: cells scanned per patch (default: inference.ivf_nprobe's default, 2); 1 is faster, the image "
                         "score stays exact either way")
     p.add_argument("--gap-ms", type=float, default=0.0,
                    help="idle time between frames, like part spacing on a line (default: 0.0, back to back); "

@@ -166,10 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("bundle", help="bundle directory to check")
     c.add_argument("--precision", action="append", choices=["int8", "fp32"],
                    help="variant to check, repeatable (default: the bundle's default variant)")
-    c.add_argument("--knn", choices=["hnsw", "exact", "onnx", "ivf"], default="ivf",
-                   help="search used for the golden scores (default: ivf, the daemon's default: faiss IVF built "
-                        "from the bank + exact re-check); hnsw: hnswlib + the same re-check; onnx: exact search "
-                        "as an onnxruntime graph")
+    c.add_argument("--knn", choices=["hnsw", "exact", "onnx", "ivf"], default="hnsw",
+                   help="search used for the golden scores (default: hnsw, as the daemon runs); onnx: exact "
+                        "search as an onnxruntime graph; ivf: faiss IVF built from the bank + exact re-check")
     c.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")
     c.set_defaults(func=_check)
     v = sub.add_parser("validate", help="validate a station file (schema, and every object run builds, without "

@@ -35,9 +35,7 @@ Device = Literal["x86", "x86-vnni", "pi4", "pi5", "jetson-orin", "arm64"]
 @dataclass(kw_only=True)
 class InferenceConfig:
     precision: Literal["int8", "fp32"] | None = None  # None: the bundle's default variant
-    # ivf (faiss IVF + exact re-check) is the fastest measured CPU search; hnsw the same guarantee via hnswlib;
-    # onnx: exact search on the providers (CUDA on a Jetson); exact: brute force.
-    knn: Literal["hnsw", "exact", "onnx", "ivf"] = "ivf"
+    knn: Literal["hnsw", "exact", "onnx", "ivf"] = "hnsw"   # onnx: exact search on the providers (CUDA on a Jetson); ivf: faiss
     threads: int = 2
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     ef_search: int | None = None                      # None: the bundle's value

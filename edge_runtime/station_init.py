@@ -153,8 +153,9 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
         "",
         "inference:",
         "  precision: null          # int8 | fp32; null: the bundle's default variant (default: null)",
-        "  knn: ivf                 # ivf (faiss IVF built on the device; the image score is re-checked exactly) | "
-        "hnsw (hnswlib, same re-check) | exact | onnx (exact, on the providers: CUDA on a Jetson) (default: ivf)",
+        "  knn: hnsw                # hnsw (fast; the image score is re-checked exactly) | exact | onnx (exact, on "
+        "the providers: CUDA on a Jetson) | ivf (faiss, built on the device; image score re-checked exactly) "
+        "(default: hnsw)",
         f"  threads: {profile.threads}               # onnxruntime + search threads; one per physical core "
         "(default: 2)",
         "  providers: [CPUExecutionProvider]   # onnxruntime providers in priority order (default: CPU only)",

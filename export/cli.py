@@ -286,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--engine", choices=["reference", "onnx-fp32", "onnx-int8"], default="onnx-int8",
                    help="what scores the images (default: onnx-int8, what the device runs); reference is the torch "
                         "model, to check the export")
-    e.add_argument("--knn", choices=["exact", "hnsw", "ivf"], default="ivf",
-                   help="nearest-neighbour search (default: ivf, as the device runs by default: faiss IVF + exact "
-                        "re-check of the image score); hnsw: hnswlib + the same re-check; exact to rule out the index")
+    e.add_argument("--knn", choices=["exact", "hnsw", "ivf"], default="hnsw",
+                   help="nearest-neighbour search (default: hnsw, as on the device); exact to rule out the index; "
+                        "ivf = the faiss IVF search of a station with knn: ivf")
     e.add_argument("--ef", type=int, default=None, help="override the manifest's HNSW ef (default: the manifest's)")
     e.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")
     e.add_argument("--size-policy", choices=["refuse", "resize", "letterbox"], default=None,
@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("bundle", help="bundle directory to check")
     v.add_argument("--precision", choices=["fp32", "int8"], default=None,
                    help="check one variant only (default: both fp32 and int8)")
-    v.add_argument("--knn", choices=["exact", "hnsw", "ivf"], default="ivf",
-                   help="search used for the golden scores (default: ivf, as the device runs by default)")
+    v.add_argument("--knn", choices=["exact", "hnsw"], default="hnsw",
+                   help="search used for the golden scores (default: hnsw, as on the device)")
     v.set_defaults(func=_verify)
 
     k = sub.add_parser("keygen", help="create an ed25519 key pair for signing bundles")

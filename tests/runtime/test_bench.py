@@ -44,7 +44,7 @@ def test_main_writes_consistent_json(small_bundle, tmp_path, capsys):
     report = json.loads(out.read_text())
     check_report(report, 5)
     s = report["settings"]
-    assert s["knn"] == "ivf" and s["threads"] == 2      # the CLI's default is the daemon's default search
+    assert s["knn"] == "hnsw" and s["ef_search"] == s["ef_search_manifest"] and s["threads"] == 2
     assert s["providers"] == ["CPUExecutionProvider"]
     assert s["images_source"] == "bundle golden images"
     r = report["rechecked_patches"]
