@@ -126,6 +126,18 @@ CommandHandler = Callable[[str, bytes], None]   # (sub-topic after <prefix>/cmd/
 StateProvider = Callable[[], dict[str, Any]]
 
 
+def online_state(ready: bool, fault: str | None, provider: StateProvider | None, name: str) -> dict[str, Any]:
+    """The retained state message while online: ready / not_ready / fault, plus what the state provider adds."""
+    state = "fault" if fault else ("ready" if ready else "not_ready")
+    msg: dict[str, Any] = {"online": True, "state": state, "reason": fault, "time": time.time()}
+    if provider is not None:
+        try:
+            msg.update(provider())
+        except Exception:  # noqa: BLE001 - a broken provider must not stop the sender
+            log.exception("%s: state provider failed", name)
+    return msg
+
+
 class MqttOutput(Output):
     """Publishes records and state to a broker; see the module docstring. Never raises from publish() for a
     broker problem (records wait in the outbox); raises OutputError only when the outbox itself cannot be written."""
@@ -309,13 +321,7 @@ class MqttOutput(Output):
     def state_message(self, online: bool = True) -> dict[str, Any]:
         if not online:
             return {"online": False, "state": "offline", "time": time.time()}
-        state = "fault" if self._fault else ("ready" if self._ready else "not_ready")
-        msg: dict[str, Any] = {"online": True, "state": state, "reason": self._fault, "time": time.time()}
-        if self._state_provider is not None:
-            try:
-                msg.update(self._state_provider())
-            except Exception:  # noqa: BLE001 - a broken provider must not stop the sender
-                log.exception("%s: state provider failed", self.name)
+        msg = online_state(self._ready, self._fault, self._state_provider, self.name)
         if self.outbox is not None:
             oldest = self.outbox.oldest_queued_at()
             msg["outbox"] = {"queued": self.queued(), "dropped": self.dropped,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from edge_runtime.outputs.base import Output, OutputError
-from edge_runtime.outputs.mqtt_output import CommandHandler, MqttConfig, MqttOutput, StateProvider
+from edge_runtime.outputs.mqtt_output import CommandHandler, MqttConfig, MqttOutput, StateProvider, online_state
 from edge_runtime.records import InspectionResult
 
 log = logging.getLogger(__name__)
@@ -151,13 +151,7 @@ class LineMqtt(Output):
     def state_message(self, online: bool) -> dict[str, Any]:
         if not online:
             return {"online": False, "state": "offline", "line": self.line, "time": time.time()}
-        state = "fault" if self.fault else ("ready" if self.ready else "not_ready")
-        msg: dict[str, Any] = {"online": True, "state": state, "reason": self.fault, "time": time.time()}
-        if self._state_provider is not None:
-            try:
-                msg.update(self._state_provider())
-            except Exception:  # noqa: BLE001 - a broken provider must not stop the sender
-                log.exception("%s: state provider failed", self.name)
+        msg = online_state(self.ready, self.fault, self._state_provider, self.name)
         msg["line"] = self.line
         return msg
 
