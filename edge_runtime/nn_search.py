@@ -217,7 +217,34 @@ class OnnxExactSearch:
         return self.nearest(queries)[0]
 
 
-class IvfSearch:
+class RecheckedSearch:
+    """An approximate search over `self.exact`'s bank (subclasses give `approximate`: distances to real bank
+    vectors, hence upper bounds) whose image score `exact_image_recheck` makes exact."""
+
+    exact: ExactSearch
+    recheck = True
+    rechecked_last = 0
+
+    @property
+    def dim(self) -> int:
+        return self.exact.dim
+
+    def __len__(self) -> int:
+        return len(self.exact)
+
+    def approximate(self, queries: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def distances(self, queries: np.ndarray) -> np.ndarray:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        dist = self.approximate(q)
+        if not self.recheck:
+            return dist
+        dist, self.rechecked_last = exact_image_recheck(self.exact, q, dist)
+        return dist
+
+
+class IvfSearch(RecheckedSearch):
     """`knn: ivf`: a faiss inverted-file index (IndexIVFFlat) built on the device from the verified bank, then
     the same exact re-check as `HnswSearch`, so the IMAGE score is the exact one.
 
@@ -260,13 +287,6 @@ class IvfSearch:
         self.ivf.nprobe = self.nprobe
         self.rechecked_last = 0
 
-    @property
-    def dim(self) -> int:
-        return self.exact.dim
-
-    def __len__(self) -> int:
-        return len(self.exact)
-
     def approximate(self, queries: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         self._faiss.omp_set_num_threads(self.threads)   # process-wide in faiss: another index may have changed it
@@ -274,11 +294,6 @@ class IvfSearch:
         # -1: the probed cells were empty. Any real bank vector gives a valid upper bound; the re-check does the rest.
         labels[labels < 0] = 0
         return upper_bounds(self.exact.bank, q, labels)
-
-    def distances(self, queries: np.ndarray) -> np.ndarray:
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        dist, self.rechecked_last = exact_image_recheck(self.exact, q, self.approximate(q))
-        return dist
 
 
 @dataclass(frozen=True)
@@ -318,7 +333,7 @@ def single_threaded_blas():
     return _BLAS.limit(limits=1, user_api="blas")
 
 
-class HnswSearch:
+class HnswSearch(RecheckedSearch):
     RECHECK_BATCH = 8
 
     def __init__(self, index, params: HnswParams, threads: int = 1):
@@ -350,22 +365,12 @@ class HnswSearch:
         return cls(index, params, threads)
 
     @property
-    def dim(self) -> int:
-        return self.exact.dim
-
-    def __len__(self) -> int:
-        return len(self.exact)
+    def recheck(self) -> bool:
+        return self.params.exact_recheck
 
     def approximate(self, queries: np.ndarray) -> np.ndarray:
         _, d2 = self.index.knn_query(np.ascontiguousarray(queries, dtype=np.float32), k=1)
         return np.sqrt(np.maximum(d2[:, 0], 0.0)).astype(np.float32)
-
-    def distances(self, queries: np.ndarray) -> np.ndarray:
-        dist = self.approximate(queries)
-        if not self.params.exact_recheck:
-            return dist
-        dist, self.rechecked_last = exact_image_recheck(self.exact, queries, dist)
-        return dist
 
 
 def upper_bounds(bank: np.ndarray, queries: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -75,6 +75,17 @@ def wait_for(predicate, timeout: float = 30.0):
     raise AssertionError("timed out")
 
 
+def part_images(bundle: Path, tmp_path: Path) -> dict[str, Path]:
+    """The bundle's good golden image and a copy with a red disc on it (a defect)."""
+    good = cv2.imread(str(bundle / "golden" / "00_good.png"))
+    marked = good.copy()
+    cv2.circle(marked, (60, 80), 12, (0, 0, 255), -1)
+    images = {"marked": tmp_path / "marked.png", "good": tmp_path / "good.png"}
+    cv2.imwrite(str(images["marked"]), marked)
+    cv2.imwrite(str(images["good"]), good)
+    return images
+
+
 @pytest.fixture
 def page_station(device_bundle, tmp_path, write_station, free_port, start_station):
     """A daemon on a watched folder with the page on; returns (start(), folder, port, images)."""
@@ -82,12 +93,7 @@ def page_station(device_bundle, tmp_path, write_station, free_port, start_statio
     shutil.copytree(device_bundle, base)
     folder = tmp_path / "in"
     folder.mkdir()
-    good = cv2.imread(str(base / "golden" / "00_good.png"))
-    marked = good.copy()
-    cv2.circle(marked, (60, 80), 12, (0, 0, 255), -1)
-    images = {"marked": tmp_path / "marked.png", "good": tmp_path / "good.png"}
-    cv2.imwrite(str(images["marked"]), marked)
-    cv2.imwrite(str(images["good"]), good)
+    images = part_images(base, tmp_path)
     port = free_port()
     users = [{"name": n, "role": r, "password_hash": HASHES[n]} for n, r in
              (("vera", "viewer"), ("otto", "operator"), ("erin", "engineer"))]
@@ -223,12 +229,7 @@ def two_line_page(device_bundle, tmp_path, write_station, free_port, start_stati
     one page; returns (running station, {line: folder}, port, images)."""
     base = tmp_path / "bundle"
     shutil.copytree(device_bundle, base)
-    good = cv2.imread(str(base / "golden" / "00_good.png"))
-    marked = good.copy()
-    cv2.circle(marked, (60, 80), 12, (0, 0, 255), -1)
-    images = {"marked": tmp_path / "marked.png", "good": tmp_path / "good.png"}
-    cv2.imwrite(str(images["marked"]), marked)
-    cv2.imwrite(str(images["good"]), good)
+    images = part_images(base, tmp_path)
     folders = {}
     for name in ("a", "b"):
         folders[name] = tmp_path / f"in_{name}"
