@@ -109,3 +109,39 @@ def test_pipeline_onnx_search_scores_like_exact_search(small_bundle):
         a, b = exact.score_rgb(rgb), graph.score_rgb(rgb)
         assert abs(a.score - b.score) <= 1e-4 * a.score
         assert np.allclose(a.patch_scores, b.patch_scores, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_recheck_gives_the_exact_image_score_for_any_valid_upper_bounds(seed):
+    """Loose, uneven bounds (as a poor index gives): the image score is still the exact maximum, every patch keeps
+    a value between its exact distance and its bound, and the patches it measured carry their exact distance."""
+    from edge_runtime.nn_search import exact_image_recheck
+
+    bank, queries = anisotropic_bank(seed=seed, q=300)
+    search = ExactSearch(bank)
+    exact = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1)).min(1)
+    rng = np.random.default_rng(seed)
+    # Some bounds tight, some up to 60% loose; near-ties at the top when seed is even.
+    upper = exact * np.where(rng.random(len(exact)) < 0.5, 1.0, 1.0 + 0.6 * rng.random(len(exact)))
+    if seed % 2 == 0:
+        top = np.argsort(-exact)[:5]
+        upper[top] = exact[top].max() * (1.0 + 1e-3 * np.arange(5))
+    dist, measured = exact_image_recheck(search, queries, upper.astype(np.float32))
+    assert abs(dist.max() - exact.max()) < 1e-4
+    assert np.all(dist >= exact - 1e-4) and np.all(dist <= upper + 1e-4)
+    assert 1 <= measured < len(queries)
+    moved = np.abs(dist - upper.astype(np.float32)) > 1e-6
+    assert np.allclose(dist[moved], exact[moved], atol=1e-4)
+
+
+def test_nearest_below_is_exact_within_its_limit_and_empty_beyond():
+    bank, queries = anisotropic_bank(seed=9, q=20)
+    search = ExactSearch(bank)
+    brute = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1))
+    lower2 = search.prefix_lower(queries)
+    for i, q in enumerate(queries):
+        d_true = brute[i].min()
+        d, k = search.nearest_below(q, lower2[i], d_true * 1.05)
+        assert abs(d - d_true) < 1e-4 and k == brute[i].argmin()
+        d, k = search.nearest_below(q, lower2[i], d_true * 0.9)     # nothing that near: (inf, -1), or farther
+        assert k == -1 or d > d_true * 0.9
