@@ -59,9 +59,9 @@ def parity(bundle_dir: Path, data_dir: Path, n_images: int = 20) -> dict:
         sig += float(np.sum(f32.astype(np.float64) ** 2))
         noise += float(np.sum((f8.astype(np.float64) - f32) ** 2))
         for pipe, feats in ((fp32, f32), (int8, f8)):
-            labels, _ = pipe.search.index.knn_query(feats, k=1)
+            labels = pipe.search.labels(feats)
             exact_d, exact_idx = pipe.search.exact.nearest(feats)
-            hits += int(np.sum(labels[:, 0] == exact_idx))
+            hits += int(np.sum(labels == exact_idx))
             total += len(feats)
             approx = pipe.search.approximate(feats)
             worst_no_recheck = max(worst_no_recheck, float(approx.max() / exact_d.max() - 1))

@@ -111,8 +111,8 @@ def worker(a: argparse.Namespace) -> None:
                                                       providers=["CPUExecutionProvider"])
     if cv_threads is not None:
         cv2.setNumThreads(cv_threads)
-    if hnsw_threads is not None and a.knn == "hnsw":
-        pipe.search.index.set_num_threads(hnsw_threads)
+    if hnsw_threads is not None and a.knn in ("hnsw", "hnswlib"):
+        pipe.search.set_threads(hnsw_threads)
     images = [(str(f), f.read_bytes()) for f in sorted((a.data / "test").rglob("*.png"))][:a.images]
     for name, data in images[:5]:
         pipe.inspect(Frame(0, name, data))

@@ -177,7 +177,7 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
     per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
     rechecked: list[int] = []
     verdicts = {v.value: 0 for v in (Verdict.OK, Verdict.REVIEW, Verdict.NG)}
-    hnsw = pipeline.search if knn == "hnsw" else None
+    hnsw = pipeline.search if pipeline.knn in ("hnsw", "hnswlib") else None
     idle_s = 0.0
     loop_start = time.perf_counter()
     for i in range(frames):
@@ -203,7 +203,8 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
                    "patches_per_frame": n_patches, "bank_size": len(pipeline.search),
                    "model_file": variant.model_file, "model_bytes": bundle.path(variant.model_file).stat().st_size,
                    "index_file": variant.index_file, "index_bytes": bundle.path(variant.index_file).stat().st_size},
-        "settings": {"precision": variant.name, "knn": knn, "threads": threads,
+        "settings": {"precision": variant.name, "knn": knn, "search_engine": type(pipeline.search).__name__,
+                     "threads": threads,
                      "providers": pipeline.extractor.session.get_providers(),
                      "ef_search": pipeline.search.params.ef_search if hnsw is not None else None,
                      "ef_search_manifest": bundle.hnsw_params.ef_search,
@@ -273,11 +274,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed frames (default: 200); more for stable tail percentiles")
     p.add_argument("--warmup", type=int, default=10, help="untimed frames first (default: 10)")
     p.add_argument("--threads", type=int, default=2,
-                   help="onnxruntime intra-op and hnswlib threads (default: 2); set to the station's "
+                   help="onnxruntime intra-op and HNSW search threads (default: 2); set to the station's "
                         "inference.threads")
     p.add_argument("--precision", choices=["int8", "fp32"], help="bundle variant (default: the bundle's default)")
-    p.add_argument("--knn", choices=["hnsw", "exact", "onnx", "ivf"], default="hnsw",
-                   help="nearest-neighbour search (default: hnsw, as the daemon runs); ivf (faiss IVF built on the "
+    p.add_argument("--knn", choices=["hnsw", "hnswlib", "exact", "onnx", "ivf"], default="hnsw",
+                   help="nearest-neighbour search (default: hnsw, the bundle's HNSW graph searched by faiss, as the "
+                        "daemon runs); hnswlib (the same graph searched by hnswlib); ivf (faiss IVF built on the "
                         "device from the bank, then the same exact re-check of the image score); exact (numpy "
                         "BLAS) or onnx (exact, as an onnxruntime graph on --providers) to see their cost")
     p.add_argument("--providers", default="CPUExecutionProvider",

@@ -71,10 +71,10 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
                                                       inf.providers, bundle.path(variant.model_file))
         except FeatureError as exc:
             raise BundleError(str(exc)) from None
-        index = getattr(pipeline.search, "index", None)
-        if index is not None:
-            index.set_num_threads(inf.threads)
-    bundle.release()  # onnxruntime and hnswlib hold their own copies of the verified bytes now
+        set_threads = getattr(pipeline.search, "set_threads", None)
+        if set_threads is not None:
+            set_threads(inf.threads)
+    bundle.release()  # onnxruntime and the search hold their own copies of the verified bytes now
     record_loaded(bundle, cfg.state_dir)
     pipeline.apply_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)
     pipeline.decode_limits = cfg.decode

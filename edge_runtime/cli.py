@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("bundle", help="bundle directory to check")
     c.add_argument("--precision", action="append", choices=["int8", "fp32"],
                    help="variant to check, repeatable (default: the bundle's default variant)")
-    c.add_argument("--knn", choices=["hnsw", "exact", "onnx", "ivf"], default="hnsw",
-                   help="search used for the golden scores (default: hnsw, as the daemon runs); onnx: exact "
+    c.add_argument("--knn", choices=["hnsw", "hnswlib", "exact", "onnx", "ivf"], default="hnsw",
+                   help="search used for the golden scores (default: hnsw, the bundle's HNSW graph searched by "
+                        "faiss, as the daemon runs); hnswlib: the same graph searched by hnswlib; onnx: exact "
                         "search as an onnxruntime graph; ivf: faiss IVF built from the bank + exact re-check")
     c.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")
     c.set_defaults(func=_check)

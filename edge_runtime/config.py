@@ -35,7 +35,9 @@ Device = Literal["x86", "x86-vnni", "pi4", "pi5", "jetson-orin", "arm64"]
 @dataclass(kw_only=True)
 class InferenceConfig:
     precision: Literal["int8", "fp32"] | None = None  # None: the bundle's default variant
-    knn: Literal["hnsw", "exact", "onnx", "ivf"] = "hnsw"   # onnx: exact search on the providers (CUDA on a Jetson); ivf: faiss
+    # hnsw: the bundle's graph searched by faiss; hnswlib: the same graph in hnswlib (slower, two bank copies);
+    # onnx: exact search on the providers (CUDA on a Jetson); ivf: faiss inverted file built on the device
+    knn: Literal["hnsw", "hnswlib", "exact", "onnx", "ivf"] = "hnsw"
     threads: int = 2
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     ef_search: int | None = None                      # None: the bundle's value

@@ -1,8 +1,9 @@
 """Nearest-neighbour search of patch features against the memory bank: exact (BLAS or an onnxruntime graph),
-HNSW (hnswlib) or IVF (faiss, built on the device).
+HNSW (the bundle's graph, searched by faiss in edge_runtime.hnsw_graph or by hnswlib here) or IVF (faiss, built
+on the device).
 
-Both return per-patch L2 distances. HNSW neighbours are real bank vectors, so an approximate distance is an
-upper bound of the exact one; `HnswSearch` therefore re-checks patches in descending order of approximate
+All return per-patch L2 distances. Approximate neighbours are real bank vectors, so an approximate distance is an
+upper bound of the exact one; `exact_image_recheck` therefore re-checks patches in descending order of approximate
 distance until no unchecked patch can beat the best exact one, which makes the IMAGE score exact (see
 shared/SEARCH.md: recall 99.7% alone still flips good parts to NG).
 """
@@ -17,6 +18,19 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+
+def import_faiss(mode: str):
+    """faiss, with its OpenMP threads told to sleep when idle (set before libgomp starts, i.e. before the first
+    import): by default they spin after every search and take a 2-core station's cores from the re-check and
+    the next frame's features (hnswlib 10.1 -> 14.7 ms beside spinning faiss threads, measured)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:  # a core dependency, imported only by the modes that use it
+        import faiss
+    except ImportError:
+        raise ImportError(f"{mode} needs faiss, a dependency of patchcore-edge: pip install 'faiss-cpu>=1.8' "
+                          "(or use knn: hnswlib)") from None
+    return faiss
 
 
 @contextlib.contextmanager
@@ -278,13 +292,8 @@ class IvfSearch(RecheckedSearch):
 
     def __init__(self, bank: "np.ndarray | ExactSearch", threads: int = 1, nlist: int | None = None,
                  nprobe: int | None = None, seed: int = 0):
-        try:  # a core dependency, imported only by this mode
-            import faiss
-        except ImportError:
-            raise ImportError("knn: ivf needs faiss, a dependency of patchcore-edge: pip install 'faiss-cpu>=1.8' "
-                              "(or use knn: hnsw)") from None
+        faiss = import_faiss("knn: ivf")
         self._faiss = faiss
-        # `ivf`, not `index`: the bundle loader re-threads any `search.index` as an hnswlib index.
         # An ExactSearch already built on the bank (the pipeline's) is reused: its principal axes cost a load each.
         self.exact = bank if isinstance(bank, ExactSearch) else ExactSearch(bank)
         bank = self.exact.bank
@@ -383,6 +392,17 @@ class HnswSearch(RecheckedSearch):
     @property
     def recheck(self) -> bool:
         return self.params.exact_recheck
+
+    @property
+    def threads(self) -> int:
+        return self.index.num_threads
+
+    def set_threads(self, threads: int) -> None:
+        self.index.set_num_threads(threads)
+
+    def labels(self, queries: np.ndarray) -> np.ndarray:
+        """Bank row of each query's approximate nearest neighbour."""
+        return self.index.knn_query(np.ascontiguousarray(queries, dtype=np.float32), k=1)[0][:, 0].astype(np.int64)
 
     def approximate(self, queries: np.ndarray) -> np.ndarray:
         _, d2 = self.index.knn_query(np.ascontiguousarray(queries, dtype=np.float32), k=1)

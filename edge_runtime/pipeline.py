@@ -7,6 +7,7 @@ Evaluation, calibration, the self-test and the torch reference call the same sta
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -17,10 +18,13 @@ from edge_runtime.bundle import Bundle, BundleError, check_index_file
 from edge_runtime.decode import DecodeConfig, ImageError, decode_image, to_rgb
 from edge_runtime.features import FeatureError, FeatureExtractor
 from edge_runtime.geometry import crop_roi, cut_tiles, to_canvas
-from edge_runtime.nn_search import HnswSearch, IvfSearch, OnnxExactSearch
+from edge_runtime.hnsw_graph import FaissHnswSearch, GraphError, read_hnsw_graph
+from edge_runtime.nn_search import ExactSearch, HnswSearch, IvfSearch, OnnxExactSearch
 from edge_runtime.preprocess import preprocess, to_tensor
 from edge_runtime.records import Frame, InspectionResult, Verdict
 from edge_runtime.scoring import decide  # noqa: F401  (the decision stage, re-exported with the pipeline)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,29 +77,41 @@ class Pipeline:
         index_bytes = bundle.read_verified(self.variant.index_file)
         # Before hnswlib: it would load an index of another dimension without complaint and read garbage.
         check_index_file(index_bytes, bundle.dim, self.variant.info.get("bank_size"), name=index_path)
-        try:
-            hnsw = HnswSearch.load(index_bytes, bundle.dim, params, threads)
-        except (RuntimeError, ValueError, MemoryError) as exc:
-            raise BundleError(f"{index_path}: hnswlib cannot load the index ({exc})") from None
-        if len(hnsw) != self.variant.info.get("bank_size", len(hnsw)):
-            raise BundleError(f"{index_path}: index holds {len(hnsw)} vectors, manifest says {self.variant.info['bank_size']}")
-        if knn == "hnsw":
-            self.search = hnsw
-        elif knn == "exact":
-            self.search = hnsw.exact
-        elif knn == "onnx":
+        if knn == "hnswlib":
             try:
-                self.search = OnnxExactSearch(hnsw.exact.bank, threads, providers)
-            except FeatureError as exc:
-                raise BundleError(f"{index_path}: exact search graph cannot run here ({exc})") from None
-        elif knn == "ivf":
-            # Built here from the verified bank (never shipped); one faiss thread, see IvfSearch.
-            try:
-                self.search = IvfSearch(hnsw.exact, nprobe=ivf_nprobe)
-            except ImportError as exc:
-                raise BundleError(f"{index_path}: ivf search cannot run here ({exc})") from None
+                self.search = HnswSearch.load(index_bytes, bundle.dim, params, threads)
+            except (RuntimeError, ValueError, MemoryError) as exc:
+                raise BundleError(f"{index_path}: hnswlib cannot load the index ({exc})") from None
         else:
-            raise ValueError(f"knn must be 'hnsw', 'exact', 'onnx' or 'ivf', got {knn!r}")
+            try:
+                graph = read_hnsw_graph(index_bytes, bundle.dim)
+            except GraphError as exc:
+                raise BundleError(f"{index_path}: not a usable HNSW index ({exc})") from None
+            if knn == "hnsw":
+                try:
+                    self.search = FaissHnswSearch(graph, params, threads)
+                except ImportError as exc:   # faiss is a core dependency; without it, the same graph in hnswlib
+                    log.warning("%s: %s; searching the graph with hnswlib instead", index_path, exc)
+                    knn = "hnswlib"
+                    self.search = HnswSearch.load(index_bytes, bundle.dim, params, threads)
+            elif knn == "exact":
+                self.search = ExactSearch(graph.vectors)
+            elif knn == "onnx":
+                try:
+                    self.search = OnnxExactSearch(graph.vectors, threads, providers)
+                except FeatureError as exc:
+                    raise BundleError(f"{index_path}: exact search graph cannot run here ({exc})") from None
+            elif knn == "ivf":
+                # Built here from the verified bank (never shipped); one faiss thread, see IvfSearch.
+                try:
+                    self.search = IvfSearch(graph.vectors, nprobe=ivf_nprobe)
+                except ImportError as exc:
+                    raise BundleError(f"{index_path}: ivf search cannot run here ({exc})") from None
+            else:
+                raise ValueError(f"knn must be 'hnsw', 'hnswlib', 'exact', 'onnx' or 'ivf', got {knn!r}")
+            del graph   # its vectors now live in the search (faiss's storage, or the exact search's copy)
+        if len(self.search) != self.variant.info.get("bank_size", len(self.search)):
+            raise BundleError(f"{index_path}: index holds {len(self.search)} vectors, manifest says {self.variant.info['bank_size']}")
         self.knn = knn
 
     def apply_overrides(self, roi: tuple[int, int, int, int] | None = None, size_policy: str | None = None) -> None:

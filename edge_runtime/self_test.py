@@ -47,15 +47,15 @@ def golden_check(bundle: Bundle, pipeline: Pipeline) -> list[str]:
 
 def recall_check(bundle: Bundle, pipeline: Pipeline, min_recall: float = 0.9) -> tuple[float, str | None]:
     """HNSW recall@1 of the golden images' patches against exact search (the image score is exact anyway)."""
-    hnsw = pipeline.search if pipeline.knn == "hnsw" else None
+    hnsw = pipeline.search if pipeline.knn in ("hnsw", "hnswlib") else None
     if hnsw is None:
         return 1.0, None
     hits = total = 0
     for g in pipeline.variant.golden:
         feats = pipeline.extractor(preprocess(golden_image(bundle, g["file"]), pipeline.geometry)[0])
-        labels, _ = hnsw.index.knn_query(feats, k=1)
+        labels = hnsw.labels(feats)
         _, exact_idx = hnsw.exact.nearest(feats)
-        hits += int(np.sum(labels[:, 0] == exact_idx))
+        hits += int(np.sum(labels == exact_idx))
         total += len(feats)
     recall = hits / max(total, 1)
     if recall < min_recall:

@@ -286,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--engine", choices=["reference", "onnx-fp32", "onnx-int8"], default="onnx-int8",
                    help="what scores the images (default: onnx-int8, what the device runs); reference is the torch "
                         "model, to check the export")
-    e.add_argument("--knn", choices=["exact", "hnsw", "ivf"], default="hnsw",
-                   help="nearest-neighbour search (default: hnsw, as on the device); exact to rule out the index; "
+    e.add_argument("--knn", choices=["exact", "hnsw", "hnswlib", "ivf"], default="hnsw",
+                   help="nearest-neighbour search (default: hnsw, the bundle's graph searched by faiss as on the "
+                        "device; hnswlib: the same graph in hnswlib); exact to rule out the index; "
                         "ivf = the faiss IVF search of a station with knn: ivf")
     e.add_argument("--ef", type=int, default=None, help="override the manifest's HNSW ef (default: the manifest's)")
     e.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")

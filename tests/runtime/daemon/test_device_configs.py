@@ -88,7 +88,7 @@ def test_missing_bundle_and_unreadable_files(tmp_path):
 def test_cli_validate_reports_the_error(tmp_path, capsys):
     path = write(tmp_path, {**BASE, "inference": {"knn": "annoy"}})
     assert cli_main(["validate", str(path)]) == 2
-    assert f"{path}: inference.knn: expected one of 'hnsw', 'exact', 'onnx', 'ivf', got 'annoy'" in capsys.readouterr().err
+    assert f"{path}: inference.knn: expected one of 'hnsw', 'hnswlib', 'exact', 'onnx', 'ivf', got 'annoy'" in capsys.readouterr().err
 
 
 def test_relative_paths_resolve_against_the_station_file(tmp_path, monkeypatch):

@@ -20,10 +20,9 @@ def station(root: Path, threads: int = 2, knn: str = "hnsw") -> StationConfig:
 
 
 def threads_of(pipeline) -> tuple[int, int | None]:
-    """(onnxruntime intra-op threads, hnswlib threads) of a pipeline."""
+    """(onnxruntime intra-op threads, search threads) of a pipeline."""
     intra = pipeline.extractor.session.get_session_options().intra_op_num_threads
-    index = getattr(pipeline.search, "index", None)
-    return intra, (index.num_threads if index is not None else None)
+    return intra, getattr(pipeline.search, "threads", None)
 
 
 @pytest.fixture

@@ -1,0 +1,102 @@
+"""`knn: hnsw`: the bundle's hnswlib graph, read by our parser and searched by faiss."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import faiss  # noqa: F401 - a core dependency: a device install without it is broken, not skipped
+from edge_runtime.hnsw_graph import _HEADER, FaissHnswSearch, GraphError, read_hnsw_graph
+from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw
+
+
+def saved_index(tmp_path: Path, n=3000, d=32, seed=0, threads=2):
+    """A bank and its hnswlib index bytes; added on 2 threads, so internal ids are NOT the labels."""
+    rng = np.random.default_rng(seed)
+    scales = np.geomspace(3.0, 0.1, d).astype(np.float32)
+    bank = (rng.normal(size=(n, d)) * scales).astype(np.float32)
+    params = HnswParams(M=16, ef_construction=100, ef_search=32)
+    path = tmp_path / "i.hnsw"
+    build_hnsw(bank, params, threads=threads).save_index(str(path))
+    queries = (bank[rng.integers(0, n, 400)] + rng.normal(scale=0.3, size=(400, d)) * scales).astype(np.float32)
+    return bank, path.read_bytes(), params, queries
+
+
+def test_graph_is_read_in_label_order_and_searched_like_hnswlib(tmp_path):
+    bank, raw, params, queries = saved_index(tmp_path)
+    graph = read_hnsw_graph(raw, bank.shape[1])
+    assert np.array_equal(graph.vectors, bank)                 # row i is bank vector i, whatever the insert order
+    ours = FaissHnswSearch(graph, params, threads=2)
+    theirs = HnswSearch.load(raw, bank.shape[1], params, threads=2)
+    same = np.mean(ours.labels(queries) == theirs.labels(queries))
+    assert same > 0.98                                         # same graph, same greedy search (ties may differ)
+    exact = ExactSearch(bank).nearest_within(queries, np.full(len(queries), np.inf))[0]
+    assert ours.distances(queries).max() == exact.max()        # the re-check keeps the image score exact
+    assert np.all(ours.approximate(queries) >= exact)          # real bank vectors: upper bounds
+
+
+def test_the_bank_is_held_once_in_faiss_storage(tmp_path):
+    bank, raw, params, _ = saved_index(tmp_path, n=500)
+    search = FaissHnswSearch.load(raw, bank.shape[1], params)
+    view = search.exact.bank
+    assert not view.flags.owndata and not view.flags.writeable  # a view of faiss's storage, not a copy
+    storage = faiss.downcast_index(search.graph.storage)
+    assert view.__array_interface__["data"][0] == int(storage.get_xb())
+    assert np.array_equal(view, bank)
+
+
+def _patched(raw: bytes, offset: int, fmt: str, value) -> bytes:
+    b = bytearray(raw)
+    struct.pack_into(fmt, b, offset, value)
+    return bytes(b)
+
+
+def test_corrupt_graphs_are_refused_with_the_reason(tmp_path):
+    bank, raw, params, _ = saved_index(tmp_path, n=400, d=8)
+    (_, _, n, per, label_off, data_off, *_rest) = _HEADER.unpack_from(raw, 0)
+    first = _HEADER.size                                       # element 0 of the level-0 block
+    cases = {
+        "outside the bank": _patched(raw, first + 4, "<i", n + 5),            # its first level-0 link
+        "labels are not the bank rows": _patched(raw, first + label_off, "<Q", 1 if
+                                                 struct.unpack_from("<Q", raw, first + label_off)[0] != 1 else 2),
+        "truncated": raw[:len(raw) - 10] if len(raw) > _HEADER.size + n * per + 10 else raw[:_HEADER.size + 5],
+        "longer than maxM0": _patched(raw, first, "<I", 1000),
+        "entry point": _patched(raw, 52, "<I", n + 1),                       # enterpoint_node (after 6 Q + i)
+        "NaN": _patched(raw, first + data_off, "<f", float("nan")),
+        "marked deleted": _patched(raw, first + 2, "<B", 1),                  # hnswlib's DELETE_MARK byte
+    }
+    for reason, data in cases.items():
+        with pytest.raises(GraphError, match=reason):
+            read_hnsw_graph(data, bank.shape[1])
+    with pytest.raises(GraphError, match="element layout"):
+        read_hnsw_graph(raw, bank.shape[1] + 1)                # another dimension than the manifest's
+
+
+def test_pipeline_default_search_is_the_faiss_engine_and_matches_hnswlib(small_bundle):
+    from edge_runtime.bundle import Bundle
+    from edge_runtime.pipeline import Pipeline
+
+    ours = Pipeline(Bundle.load(small_bundle), knn="hnsw", threads=2)
+    theirs = Pipeline(Bundle.load(small_bundle), knn="hnswlib", threads=2)
+    assert isinstance(ours.search, FaissHnswSearch) and isinstance(theirs.search, HnswSearch)
+    assert np.array_equal(ours.search.exact.bank, theirs.search.exact.bank)
+    w, h = ours.geometry.input_size
+    tensor = np.random.default_rng(1).random((ours.geometry.n_tiles, 3, h, w), dtype=np.float32)
+    a, b = ours.score_tiles(tensor), theirs.score_tiles(tensor)
+    assert a.max() == b.max()
+    assert np.mean(np.isclose(a, b, rtol=1e-5)) > 0.98
+
+
+def test_without_faiss_the_default_search_falls_back_to_hnswlib(small_bundle, monkeypatch, caplog):
+    import sys
+
+    from edge_runtime.bundle import Bundle
+    from edge_runtime.pipeline import Pipeline
+
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with caplog.at_level("WARNING"):
+        pipe = Pipeline(Bundle.load(small_bundle), knn="hnsw", threads=2)
+    assert pipe.knn == "hnswlib" and isinstance(pipe.search, HnswSearch)
+    assert "faiss" in caplog.text and "hnswlib instead" in caplog.text
