@@ -123,22 +123,25 @@ def main(argv: list[str] | None = None) -> int:
         results["int8 brute-force floor (MatMulInteger + ReduceMax only)"] = stats
     except ImportError as exc:
         print(f"onnx engines skipped: {exc}", file=sys.stderr)
-    for ef in [int(x) for x in a.efs.split(",")]:
-        hnsw.index.set_ef(ef)
-        stats, out = timed(hnsw.index.knn_query, feats, a.rounds)
-        labels = [o[0][:, 0] for o in out]
-        approx = [np.sqrt(np.maximum(o[1][:, 0], 0)) for o in out]
-        results[f"hnsw ef={ef}, approximate only"] = {**stats, **quality(approx, labels)}
-        rechecked = []
+    # The bundle's graph in both engines: faiss (knn: hnsw, deployed) and hnswlib (knn: hnswlib).
+    graphs = {"hnsw (graph in faiss, deployed)": hnsw,
+              "hnswlib": Pipeline(bundle, knn="hnswlib", threads=a.threads).search}
+    for engine, search in graphs.items():
+        for ef in [int(x) for x in a.efs.split(",")]:
+            search.set_ef(ef)
+            stats, approx = timed(search.approximate, feats, a.rounds)
+            labels = [search.labels(q) for q in feats]
+            results[f"{engine} ef={ef}, approximate only"] = {**stats, **quality(approx, labels)}
+            rechecked = []
 
-        def with_recheck(q):
-            d = hnsw.distances(q)
-            rechecked.append(hnsw.rechecked_last)
-            return d
-        stats, out = timed(with_recheck, feats, a.rounds)
-        results[f"hnsw ef={ef} + exact re-check (deployed)"] = {
-            **stats, **quality(out), "rechecked_patches_mean": float(np.mean(rechecked))}
-    hnsw.index.set_ef(hnsw.params.ef_search)
+            def with_recheck(q, search=search):
+                d = search.distances(q)
+                rechecked.append(search.rechecked_last)
+                return d
+            stats, out = timed(with_recheck, feats, a.rounds)
+            results[f"{engine} ef={ef} + exact re-check"] = {
+                **stats, **quality(out), "rechecked_patches_mean": float(np.mean(rechecked))}
+        search.set_ef(search.params.ef_search)
 
     n_q, (n_b, dim) = feats[0].shape[0], exact.bank.shape
     report = {
@@ -192,17 +195,19 @@ def compare_candidates(a, bundle, pipe, feats, paths, load_before) -> int:
     engines: dict[str, tuple] = {}
     info: dict[str, dict] = {}
     build = sc.hnswlib_build(exact.bank, hnsw.params, a.threads)
-    engines["hnswlib M=%d ef=%d + re-check (deployed)" % (hnsw.params.M, hnsw.params.ef_search)] = (
+    index_bytes = len(bundle.read_verified(pipe.variant.index_file))
+    engines["HNSW graph in faiss M=%d ef=%d + re-check (deployed)" % (hnsw.params.M, hnsw.params.ef_search)] = (
         lambda q: (hnsw.distances(q), hnsw.rechecked_last, None))
-    info[next(iter(engines))] = {"build_s_on_2_threads": build, "index_bytes": len(bundle.read_verified(pipe.variant.index_file))}
-    def hnsw_one_thread(q):   # hnswlib's own threads, like faiss's, may lose on a busy 2-core box
-        hnsw.index.set_num_threads(1)
-        try:
-            return hnsw.index.knn_query(q, k=1)[0][:, 0].astype(np.int64)
-        finally:
-            hnsw.index.set_num_threads(a.threads)
-    cands = [sc.Candidate(f"hnswlib M={hnsw.params.M} ef={hnsw.params.ef_search} threads=1", build,
-                          info[next(iter(engines))]["index_bytes"], hnsw_one_thread)]
+    info[next(iter(engines))] = {"build_s_on_2_threads": build, "index_bytes": index_bytes}
+    hnswlib = Pipeline(bundle, knn="hnswlib", threads=a.threads).search   # the same graph, searched by hnswlib
+
+    def hnswlib_threads(th):
+        def labels(q):   # hnswlib's own threads, like faiss's, may lose on a busy 2-core box
+            hnswlib.set_threads(th)
+            return hnswlib.labels(q)
+        return labels
+    cands = [sc.Candidate(f"hnswlib (same graph) M={hnsw.params.M} ef={hnsw.params.ef_search} threads={th}", build,
+                          index_bytes, hnswlib_threads(th)) for th in sorted({a.threads, 1})]
     for kind, make in (("usearch", lambda: sc.usearch_candidates(exact.bank, a.threads, hnsw.params.ef_search)),
                        ("faiss", lambda: sc.faiss_candidates(exact.bank, a.threads))):
         if kind in wanted:

@@ -161,6 +161,9 @@ class FaissHnswSearch(RecheckedSearch):
     def set_threads(self, threads: int) -> None:
         self.threads = threads
 
+    def set_ef(self, ef: int) -> None:
+        self.graph.hnsw.efSearch = ef
+
     def labels(self, queries: np.ndarray) -> np.ndarray:
         """Bank row of each query's approximate nearest neighbour."""
         self._faiss.omp_set_num_threads(self.threads)   # process-wide in faiss: another index may have changed it

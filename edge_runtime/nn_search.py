@@ -400,6 +400,9 @@ class HnswSearch(RecheckedSearch):
     def set_threads(self, threads: int) -> None:
         self.index.set_num_threads(threads)
 
+    def set_ef(self, ef: int) -> None:
+        self.index.set_ef(ef)
+
     def labels(self, queries: np.ndarray) -> np.ndarray:
         """Bank row of each query's approximate nearest neighbour."""
         return self.index.knn_query(np.ascontiguousarray(queries, dtype=np.float32), k=1)[0][:, 0].astype(np.int64)
