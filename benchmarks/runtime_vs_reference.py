@@ -103,7 +103,7 @@ def main() -> int:
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE,
                    help=f"bottle bundle, fitted there if missing (default {DEFAULT_BUNDLE})")
     p.add_argument("--data", type=Path, default=BOTTLE, help=f"MVTec-style category folder (default {BOTTLE})")
-    p.add_argument("--threads", type=int, default=2, help="onnxruntime, hnswlib and torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime, HNSW search and torch threads (default 2)")
     p.add_argument("--passes", type=int, default=2, help="passes over the test images (default 2)")
     p.add_argument("--warmup", type=int, default=3, help="untimed frames per engine first (default 3)")
     p.add_argument("--settle-ms", type=float, default=150.0, help="idle time before each engine's frame (default 150)")
@@ -182,7 +182,7 @@ def main() -> int:
             f"{a.passes} passes = {len(ref_tot)} paired frames per engine; bundle {bundle.bundle_id} "
             f"({geometry_text(bundle.geometry)}, {bundle.grid[0]}x{bundle.grid[1]} patches per tile x {bundle.dim}-d, "
             f"bank {len(scorer.bank)} = {bundle.manifest['coreset']['ratio']:.0%} coreset), {a.threads} threads "
-            f"(onnxruntime intra-op, hnswlib, torch). Every frame goes from encoded PNG bytes to the decision.",
+            f"(onnxruntime intra-op, HNSW search, torch). Every frame goes from encoded PNG bytes to the decision.",
             "", f"## Latency per frame (paired; random engine order per frame; {a.settle_ms:g} ms idle before each)", "",
             md_table(["engine", "median ms", "p95 ms", "mean ms", "speed-up vs reference (median of paired ratios)",
                       "speed-up vs reference with f32 cdist", "frames/s (1/mean)"], rows),
