@@ -2,15 +2,19 @@
 # Build a wheelhouse for the device install, so a station installs with no compiler and no network:
 #   pip install --no-index --find-links WHEELHOUSE 'patchcore-edge[io]'
 #
-# hnswlib 0.8.0 ships as source only, and its setup.py compiles with -march=native: a wheel built on one CPU can
-# die with SIGILL (illegal instruction) on an older one, and every device would need a C++ compiler. Its setup.py
-# drops -march=native when HNSWLIB_NO_NATIVE is set; CFLAGS then picks the instruction-set floor. Every other
-# runtime dependency has binary wheels for x86_64 and aarch64 (Python 3.10-3.12); they are downloaded as they are.
+# Every runtime dependency has binary wheels for x86_64 and aarch64 (Python 3.10-3.12); they are downloaded as
+# they are, and nothing is compiled: the device searches the bundle's HNSW graph with faiss-cpu (wheels with run-time
+# SIMD dispatch), not hnswlib.
+#
+# Only a station that sets `inference.knn: hnswlib` needs hnswlib (WITH_HNSWLIB=1). hnswlib 0.8.0 ships as source
+# only, and its setup.py compiles with -march=native: a wheel built on one CPU can die with SIGILL (illegal
+# instruction) on an older one. Its setup.py drops -march=native when HNSWLIB_NO_NATIVE is set; CFLAGS then picks
+# the instruction-set floor (ISA below).
 #
 # Usage (run it on a machine of the TARGET architecture, e.g. once on one Pi, or under qemu/`docker buildx`):
-#   device_configs/build_wheelhouse.sh [OUT_DIR] [ISA]
+#   [WITH_HNSWLIB=1] device_configs/build_wheelhouse.sh [OUT_DIR] [ISA]
 #     OUT_DIR  default ./wheelhouse
-#     ISA      portable (default): the architecture's baseline (x86-64 = SSE2; aarch64 = armv8-a, which includes
+#     ISA      (WITH_HNSWLIB=1 only) portable (default): the architecture's baseline (x86-64 = SSE2; aarch64 = armv8-a, which includes
 #                                  NEON): runs on every CPU of that architecture (Pi 4, Pi 5, Jetson, any PC)
 #              x86-64-v3:          AVX2 + FMA floor (every Intel since Haswell 2013, AMD since Excavator/Zen):
 #                                  hnswlib's AVX distance kernels, SIGILL on Atom/Celeron parts without AVX2
@@ -32,9 +36,11 @@ case "$ISA" in
 esac
 mkdir -p "$OUT"
 
-echo "== hnswlib $HNSWLIB_VERSION from source ($ISA, $(uname -m)); needs g++ and the Python headers here only"
-# --no-binary hnswlib: never reuse a wheel from pip's cache (it may have been built with -march=native).
-"$PY" -m pip wheel --no-deps --no-cache-dir --no-binary hnswlib "hnswlib==$HNSWLIB_VERSION" -w "$OUT"
+if [ "${WITH_HNSWLIB:-0}" = 1 ]; then
+  echo "== hnswlib $HNSWLIB_VERSION from source ($ISA, $(uname -m)); needs g++ and the Python headers here only"
+  # --no-binary hnswlib: never reuse a wheel from pip's cache (it may have been built with -march=native).
+  "$PY" -m pip wheel --no-deps --no-cache-dir --no-binary hnswlib "hnswlib==$HNSWLIB_VERSION" -w "$OUT"
+fi
 
 echo "== binary wheels of everything else the device runs (no torch: the 'export' extra is never installed there)"
 "$PY" -m pip wheel --no-deps "$REPO" -w "$OUT"

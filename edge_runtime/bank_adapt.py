@@ -296,17 +296,21 @@ def login_user() -> str:
 
 
 def _write_extended_index(parent: Bundle, variant: str, new: np.ndarray | None, path: Path) -> None:
-    """The parent's HNSW index with `new` vectors appended (labels continue), saved with max_elements == count."""
-    from edge_runtime.nn_search import HnswSearch
+    """The parent's HNSW index with `new` vectors appended (labels continue), in hnswlib's file format.
+
+    faiss inserts them into the parent's own graph (same M, the manifest's ef_construction), one thread so the
+    result is reproducible; the device needs no hnswlib for it (edge_runtime.hnsw_graph)."""
+    from edge_runtime.hnsw_graph import FaissHnswSearch, graph_of, write_hnsw_graph
 
     v = parent.variant(variant)
-    hnsw = HnswSearch.load(parent.read_verified(v.index_file), parent.dim, parent.hnsw_params, threads=2)
-    n = len(hnsw)
+    params = parent.hnsw_params
+    search = FaissHnswSearch.load(parent.read_verified(v.index_file), parent.dim, params, threads=1)
     if new is not None and len(new):
-        hnsw.index.resize_index(n + len(new))
-        hnsw.index.add_items(np.ascontiguousarray(new, dtype=np.float32), np.arange(n, n + len(new)))
+        search.graph.hnsw.efConstruction = params.ef_construction
+        search.set_threads(1)
+        search.add(np.ascontiguousarray(new, dtype=np.float32))
     path.unlink(missing_ok=True)
-    hnsw.index.save_index(str(path))
+    path.write_bytes(write_hnsw_graph(graph_of(search.graph), params.ef_construction))
 
 
 def _image_features(pipe: Pipeline, img: InputImage) -> np.ndarray:

@@ -142,13 +142,18 @@ class FaissHnswSearch(RecheckedSearch):
         index.ntotal = n
         h.efSearch = params.ef_search
         self.graph = index
-        # The bank, read in place from faiss's storage: the one copy in memory (kept alive by self.graph).
-        storage = faiss.downcast_index(index.storage)
-        bank = faiss.rev_swig_ptr(storage.get_xb(), n * dim).reshape(n, dim)
-        bank.flags.writeable = False
-        self.exact = ExactSearch(bank)
+        self._attach_bank()
         self.threads = threads
         self.rechecked_last = 0
+
+    def _attach_bank(self) -> None:
+        """The exact search over the bank, read in place from faiss's storage: the one copy in memory (kept
+        alive by self.graph; re-attached after `add`, which may move it)."""
+        n, dim = self.graph.ntotal, self.graph.d
+        storage = self._faiss.downcast_index(self.graph.storage)
+        bank = self._faiss.rev_swig_ptr(storage.get_xb(), n * dim).reshape(n, dim)
+        bank.flags.writeable = False
+        self.exact = ExactSearch(bank)
 
     @classmethod
     def load(cls, raw: bytes, dim: int, params: HnswParams, threads: int = 1) -> "FaissHnswSearch":
@@ -164,6 +169,12 @@ class FaissHnswSearch(RecheckedSearch):
     def set_ef(self, ef: int) -> None:
         self.graph.hnsw.efSearch = ef
 
+    def add(self, vectors: np.ndarray) -> None:
+        """Insert bank vectors (rows len(self)..) into the graph; the exact search is rebuilt on the new storage."""
+        self._faiss.omp_set_num_threads(self.threads)
+        self.graph.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self._attach_bank()
+
     def labels(self, queries: np.ndarray) -> np.ndarray:
         """Bank row of each query's approximate nearest neighbour."""
         self._faiss.omp_set_num_threads(self.threads)   # process-wide in faiss: another index may have changed it
@@ -173,3 +184,50 @@ class FaissHnswSearch(RecheckedSearch):
         q = np.ascontiguousarray(queries, dtype=np.float32)
         # Distances recomputed in the re-check's own float32 kernel: faiss rounds its own differently.
         return upper_bounds(self.exact.bank, q, self.labels(q))
+
+
+def graph_of(index) -> HnswGraph:
+    """The graph of a faiss IndexHNSWFlat whose storage row i is bank vector i (as `FaissHnswSearch` holds it)."""
+    import faiss
+
+    h = index.hnsw
+    n, dim = index.ntotal, index.d
+    storage = faiss.downcast_index(index.storage)
+    vectors = faiss.rev_swig_ptr(storage.get_xb(), n * dim).reshape(n, dim).copy()
+    return HnswGraph(vectors, faiss.vector_to_array(h.levels).astype(np.int32),
+                     faiss.vector_to_array(h.offsets).astype(np.uint64),
+                     faiss.vector_to_array(h.neighbors).astype(np.int32), int(h.entry_point), int(h.max_level),
+                     int(h.nb_neighbors(1)), int(h.nb_neighbors(0)))
+
+
+def write_hnsw_graph(graph: HnswGraph, ef_construction: int) -> bytes:
+    """The graph in hnswlib's saved-index format (labels = rows), so that any reader of the bundle (ours, hnswlib,
+    `check_index_file`) takes it as the exporter's own. The inverse of `read_hnsw_graph`."""
+    n, dim = graph.vectors.shape
+    m, max_m0 = graph.m, graph.max_m0
+    links0_bytes = 4 + 4 * max_m0
+    per = links0_bytes + 4 * dim + 8
+    head = _HEADER.pack(0, n, n, per, links0_bytes + 4 * dim, links0_bytes, graph.max_level, graph.entry,
+                        m, max_m0, m, 1.0 / np.log(m), ef_construction)
+    start = graph.offsets[:-1].astype(np.int64)
+    slots0 = graph.neighbors[(start[:, None] + np.arange(max_m0)[None, :])]          # (n, max_m0), -1 = empty
+    level0 = np.zeros((n, per), dtype=np.uint8)
+    count0 = (slots0 >= 0).sum(1).astype("<u4")
+    # Valid links first, in their order (faiss ends a list at its first -1; hnswlib reads `count` entries).
+    packed0 = np.where(np.arange(max_m0)[None, :] < count0[:, None],
+                       np.take_along_axis(slots0, np.argsort(slots0 < 0, axis=1, kind="stable"), 1), 0)
+    level0[:, :4] = count0[:, None].view(np.uint8)
+    level0[:, 4:links0_bytes] = packed0.astype("<i4").view(np.uint8)
+    level0[:, links0_bytes:links0_bytes + 4 * dim] = np.ascontiguousarray(graph.vectors, dtype="<f4").view(np.uint8)
+    level0[:, links0_bytes + 4 * dim:] = np.arange(n, dtype="<u8")[:, None].view(np.uint8)
+    parts = [head, level0.tobytes()]
+    block = 4 + 4 * m
+    for i in range(n):
+        upper = int(graph.levels[i]) - 1
+        parts.append(struct.pack("<I", upper * block))
+        for lev in range(1, upper + 1):
+            s = int(start[i]) + max_m0 + (lev - 1) * m
+            links = graph.neighbors[s:s + m]
+            links = links[links >= 0]
+            parts.append(struct.pack("<I", len(links)) + links.astype("<u4").tobytes() + b"\0" * (4 * (m - len(links))))
+    return b"".join(parts)

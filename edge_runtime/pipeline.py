@@ -80,6 +80,9 @@ class Pipeline:
         if knn == "hnswlib":
             try:
                 self.search = HnswSearch.load(index_bytes, bundle.dim, params, threads)
+            except ImportError:
+                raise BundleError(f"{index_path}: knn: hnswlib needs hnswlib: pip install "
+                                  "'patchcore-edge[hnswlib]' (or use knn: hnsw, the same graph in faiss)") from None
             except (RuntimeError, ValueError, MemoryError) as exc:
                 raise BundleError(f"{index_path}: hnswlib cannot load the index ({exc})") from None
         else:
@@ -91,9 +94,12 @@ class Pipeline:
                 try:
                     self.search = FaissHnswSearch(graph, params, threads)
                 except ImportError as exc:   # faiss is a core dependency; without it, the same graph in hnswlib
+                    try:
+                        self.search = HnswSearch.load(index_bytes, bundle.dim, params, threads)
+                    except ImportError:
+                        raise BundleError(f"{index_path}: {exc}; hnswlib (the fallback) is not installed either")
                     log.warning("%s: %s; searching the graph with hnswlib instead", index_path, exc)
                     knn = "hnswlib"
-                    self.search = HnswSearch.load(index_bytes, bundle.dim, params, threads)
             elif knn == "exact":
                 self.search = ExactSearch(graph.vectors)
             elif knn == "onnx":

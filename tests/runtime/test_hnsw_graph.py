@@ -100,3 +100,43 @@ def test_without_faiss_the_default_search_falls_back_to_hnswlib(small_bundle, mo
         pipe = Pipeline(Bundle.load(small_bundle), knn="hnsw", threads=2)
     assert pipe.knn == "hnswlib" and isinstance(pipe.search, HnswSearch)
     assert "faiss" in caplog.text and "hnswlib instead" in caplog.text
+
+
+def test_a_device_without_hnswlib_runs_the_default_search(small_bundle, monkeypatch):
+    """hnswlib is the exporter's and an optional engine; the device path never imports it."""
+    import sys
+
+    from edge_runtime.bundle import Bundle, BundleError
+    from edge_runtime.pipeline import Pipeline
+
+    monkeypatch.setitem(sys.modules, "hnswlib", None)
+    pipe = Pipeline(Bundle.load(small_bundle), knn="hnsw", threads=2)
+    w, h = pipe.geometry.input_size
+    tensor = np.random.default_rng(2).random((pipe.geometry.n_tiles, 3, h, w), dtype=np.float32)
+    assert np.isfinite(pipe.score_tiles(tensor)).all()
+    with pytest.raises(BundleError, match=r"patchcore-edge\[hnswlib\].*knn: hnsw"):
+        Pipeline(Bundle.load(small_bundle), knn="hnswlib", threads=2)
+
+
+def test_written_graph_round_trips_and_loads_in_hnswlib(tmp_path):
+    """What page learning writes (faiss graph -> hnswlib's format) reads back identically, passes the bundle's
+    header check and searches the same in hnswlib."""
+    from edge_runtime.bundle import check_index_file
+    from edge_runtime.hnsw_graph import graph_of, write_hnsw_graph
+
+    bank, raw, params, queries = saved_index(tmp_path, n=2000, d=16)
+    search = FaissHnswSearch.load(raw, 16, params)
+    rng = np.random.default_rng(5)
+    new = rng.normal(size=(50, 16)).astype(np.float32)
+    search.add(new)                                            # what learning does: insert into the shipped graph
+    assert len(search) == 2050 and np.array_equal(search.exact.bank[2000:], new)
+    written = write_hnsw_graph(graph_of(search.graph), params.ef_construction)
+    check_index_file(written, 16, 2050)
+    again = read_hnsw_graph(written, 16)
+    mine = graph_of(search.graph)
+    for field in ("vectors", "levels", "offsets", "neighbors"):
+        assert np.array_equal(getattr(again, field), getattr(mine, field)), field
+    theirs = HnswSearch.load(written, 16, params, threads=2)
+    both = np.vstack([queries, new + 0.01])
+    assert np.mean(theirs.labels(both) == FaissHnswSearch(again, params).labels(both)) > 0.98
+    assert np.all(theirs.labels(new) == np.arange(2000, 2050))  # the new vectors are found, under their own rows
