@@ -30,7 +30,8 @@ OUT = ROOT / "benchmarks" / "results" / "feature_levers"
 IMAGENET = (np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32))
 
 # name -> (data, settings, what changes). Settings: canvas (W, H); prep: resize | rotate (landscape frames
-# turned upright, then resized) | native (no resampling: the network runs on each image's own size);
+# turned upright, then resized) | native (no resampling: the network runs on each image's own size) | letterbox
+# (aspect kept, padded with 127 to the canvas); taps: zero-based stage indices (export.backbone.TAP_STAGES);
 # norm: native ((rgb - 127) / 128) | imagenet | gain g ((rgb - 127) * g / 128); backbone; ratio.
 ROWS: dict[str, tuple[Path, dict, str]] = {
     "tile/base": (TILE, {}, "240 x 272 resize, native statistics, lite0, 10% (the fit default)"),
@@ -43,6 +44,9 @@ ROWS: dict[str, tuple[Path, dict, str]] = {
     "tile/gain-0.5": (TILE, {"norm": 0.5}, "contrast x0.5"),
     "tile/lite2": (TILE, {"backbone": "lite2"}, "lite2 backbone"),
     "tile/coreset-25": (TILE, {"canvas": (208, 232), "ratio": 0.25}, "25% coreset (vs tile/208x232)"),
+    "tile/letterbox": (TILE, {"prep": "letterbox"}, "aspect kept, padded to 240 x 272 (grey 127)"),
+    "tile/taps-2+5": (TILE, {"taps": (2, 5)}, "taps stage 2 + stage 5 (stride 8 + 32, 40 + 192 ch) instead of 2 + 4"),
+    "tile/taps-2+3": (TILE, {"taps": (2, 3)}, "taps stage 2 + stage 3 (stride 8 + 16, 40 + 80 ch) instead of 2 + 4"),
     "bottle/base": (BOTTLE, {"canvas": (256, 256), "exact": True, "pixel": True}, "256 x 256, native statistics (the fit default)"),
     "bottle/imagenet": (BOTTLE, {"canvas": (256, 256), "exact": True, "pixel": True, "norm": "imagenet"}, "ImageNet input statistics"),
     "bottle/320": (BOTTLE, {"canvas": (320, 320), "exact": True, "pixel": True}, "320 x 320"),
@@ -52,7 +56,15 @@ ROWS: dict[str, tuple[Path, dict, str]] = {
 def to_input(img: np.ndarray, s: dict) -> np.ndarray:
     if s.get("prep") == "rotate" and img.shape[1] > img.shape[0]:
         img = np.ascontiguousarray(np.rot90(img))
-    if s.get("prep") != "native":
+    if s.get("prep") == "letterbox":
+        (w, h), (ih, iw) = s.get("canvas", (240, 272)), img.shape[:2]
+        scale = min(w / iw, h / ih)
+        nw, nh = max(1, round(iw * scale)), max(1, round(ih * scale))
+        canvas = np.full((h, w, 3), 127, np.uint8)
+        y0, x0 = (h - nh) // 2, (w - nw) // 2
+        canvas[y0:y0 + nh, x0:x0 + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+        img = canvas
+    elif s.get("prep") != "native":
         img = cv2.resize(img, s.get("canvas", (240, 272)), interpolation=cv2.INTER_AREA)
     norm = s.get("norm", "native")
     x = img.astype(np.float32)
@@ -77,9 +89,16 @@ def run_row(name: str) -> dict:
     from export.metrics import auroc
     from export.patch_features import PatchFeatures
 
+    import export.backbone as backbone
+
     data, s, _ = ROWS[name]
     torch.set_num_threads(2)
-    model = PatchFeatures(s.get("backbone", "lite0"))
+    taps = backbone.TAP_STAGES
+    backbone.TAP_STAGES = tuple(s.get("taps", taps))   # read when the network is built
+    try:
+        model = PatchFeatures(s.get("backbone", "lite0"))
+    finally:
+        backbone.TAP_STAGES = taps
     load = lambda p: cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)   # gray -> 3 equal channels
 
     def feats(p: Path) -> np.ndarray:

@@ -93,6 +93,8 @@ class Pipeline:
             if knn == "hnsw":
                 try:
                     self.search = FaissHnswSearch(graph, params, threads)
+                except GraphError as exc:
+                    raise BundleError(f"{index_path}: not a usable HNSW index ({exc})") from None
                 except ImportError as exc:   # faiss is a core dependency; without it, the same graph in hnswlib
                     try:
                         self.search = HnswSearch.load(index_bytes, bundle.dim, params, threads)
