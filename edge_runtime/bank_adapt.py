@@ -300,7 +300,7 @@ def _write_extended_index(parent: Bundle, variant: str, new: np.ndarray | None, 
 
     faiss inserts them into the parent's own graph (same M, the manifest's ef_construction), one thread so the
     result is reproducible; the device needs no hnswlib for it (edge_runtime.hnsw_graph)."""
-    from edge_runtime.hnsw_graph import FaissHnswSearch, graph_of, write_hnsw_graph
+    from edge_runtime.hnsw_graph import FaissHnswSearch, write_hnsw_graph
 
     v = parent.variant(variant)
     params = parent.hnsw_params
@@ -310,7 +310,7 @@ def _write_extended_index(parent: Bundle, variant: str, new: np.ndarray | None, 
         search.set_threads(1)
         search.add(np.ascontiguousarray(new, dtype=np.float32))
     path.unlink(missing_ok=True)
-    path.write_bytes(write_hnsw_graph(graph_of(search.graph), params.ef_construction))
+    path.write_bytes(write_hnsw_graph(search.graph_arrays(), params.ef_construction))
 
 
 def _image_features(pipe: Pipeline, img: InputImage) -> np.ndarray:

@@ -59,12 +59,12 @@ def read_hnsw_graph(raw: bytes, dim: int) -> HnswGraph:
         raise GraphError("truncated (level-0 block)")
     level0 = np.frombuffer(raw, dtype=np.uint8, count=n * per, offset=pos).reshape(n, per)
     pos += n * per
-    head0 = level0[:, :4].copy().view("<u4")[:, 0]
+    head0 = level0[:, :4].view("<u4")[:, 0]          # views into `raw`: no copy of the bank here
     count0 = head0 & 0xFFFF
     if np.any(head0 & 0x10000):   # hnswlib's DELETE_MARK (third byte): never returned by hnswlib, faiss would
         raise GraphError("vectors marked deleted; the exporter never ships them")
-    links0 = level0[:, 4:data_off].copy().view("<i4")
-    labels = level0[:, label_off:].copy().view("<u8")[:, 0]
+    links0 = level0[:, 4:data_off].view("<i4")
+    labels = level0[:, label_off:].view("<u8")[:, 0]
     if np.any(count0 > max_m0):
         raise GraphError("a level-0 neighbour list is longer than maxM0")
     if np.any(labels >= n) or np.any(np.bincount(labels.astype(np.int64), minlength=n) != 1):
@@ -115,7 +115,7 @@ def read_hnsw_graph(raw: bytes, dim: int) -> HnswGraph:
         s = start[labels[i]] + max_m0
         mapped = np.where(links >= 0, labels[np.maximum(links, 0)], -1)
         neighbors[s:s + links.size] = mapped.ravel()
-    vectors = np.ascontiguousarray(level0[:, data_off:label_off].copy().view("<f4")[order])
+    vectors = level0[:, data_off:label_off].view("<f4")[order]     # the one copy, in label order
     if not np.all(np.isfinite(vectors)):
         raise GraphError("the bank holds NaN or infinite values")
     return HnswGraph(vectors, lev + 1, offsets, neighbors, int(labels[entry]), int(max_level), int(m), int(max_m0))
@@ -175,6 +175,14 @@ class FaissHnswSearch(RecheckedSearch):
         self.graph.add(np.ascontiguousarray(vectors, dtype=np.float32))
         self._attach_bank()
 
+    def graph_arrays(self) -> HnswGraph:
+        """The graph as it stands (after `add`), for `write_hnsw_graph`; the vectors are the storage itself."""
+        h, faiss = self.graph.hnsw, self._faiss
+        return HnswGraph(self.exact.bank, faiss.vector_to_array(h.levels).astype(np.int32),
+                         faiss.vector_to_array(h.offsets).astype(np.uint64),
+                         faiss.vector_to_array(h.neighbors).astype(np.int32), int(h.entry_point), int(h.max_level),
+                         int(h.nb_neighbors(1)), int(h.nb_neighbors(0)))
+
     def labels(self, queries: np.ndarray) -> np.ndarray:
         """Bank row of each query's approximate nearest neighbour."""
         self._faiss.omp_set_num_threads(self.threads)   # process-wide in faiss: another index may have changed it
@@ -184,20 +192,6 @@ class FaissHnswSearch(RecheckedSearch):
         q = np.ascontiguousarray(queries, dtype=np.float32)
         # Distances recomputed in the re-check's own float32 kernel: faiss rounds its own differently.
         return upper_bounds(self.exact.bank, q, self.labels(q))
-
-
-def graph_of(index) -> HnswGraph:
-    """The graph of a faiss IndexHNSWFlat whose storage row i is bank vector i (as `FaissHnswSearch` holds it)."""
-    import faiss
-
-    h = index.hnsw
-    n, dim = index.ntotal, index.d
-    storage = faiss.downcast_index(index.storage)
-    vectors = faiss.rev_swig_ptr(storage.get_xb(), n * dim).reshape(n, dim).copy()
-    return HnswGraph(vectors, faiss.vector_to_array(h.levels).astype(np.int32),
-                     faiss.vector_to_array(h.offsets).astype(np.uint64),
-                     faiss.vector_to_array(h.neighbors).astype(np.int32), int(h.entry_point), int(h.max_level),
-                     int(h.nb_neighbors(1)), int(h.nb_neighbors(0)))
 
 
 def write_hnsw_graph(graph: HnswGraph, ef_construction: int) -> bytes:

@@ -122,7 +122,7 @@ def test_written_graph_round_trips_and_loads_in_hnswlib(tmp_path):
     """What page learning writes (faiss graph -> hnswlib's format) reads back identically, passes the bundle's
     header check and searches the same in hnswlib."""
     from edge_runtime.bundle import check_index_file
-    from edge_runtime.hnsw_graph import graph_of, write_hnsw_graph
+    from edge_runtime.hnsw_graph import write_hnsw_graph
 
     bank, raw, params, queries = saved_index(tmp_path, n=2000, d=16)
     search = FaissHnswSearch.load(raw, 16, params)
@@ -130,10 +130,10 @@ def test_written_graph_round_trips_and_loads_in_hnswlib(tmp_path):
     new = rng.normal(size=(50, 16)).astype(np.float32)
     search.add(new)                                            # what learning does: insert into the shipped graph
     assert len(search) == 2050 and np.array_equal(search.exact.bank[2000:], new)
-    written = write_hnsw_graph(graph_of(search.graph), params.ef_construction)
+    written = write_hnsw_graph(search.graph_arrays(), params.ef_construction)
     check_index_file(written, 16, 2050)
     again = read_hnsw_graph(written, 16)
-    mine = graph_of(search.graph)
+    mine = search.graph_arrays()
     for field in ("vectors", "levels", "offsets", "neighbors"):
         assert np.array_equal(getattr(again, field), getattr(mine, field)), field
     theirs = HnswSearch.load(written, 16, params, threads=2)
