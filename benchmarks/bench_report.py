@@ -84,7 +84,7 @@ def machine_line(m: dict) -> str:
     cpu = m["cpu"]
     isa = ", ".join(f for f, on in cpu["isa"].items() if on)
     return (f"{cpu['model']}, {cpu['usable_cpus']} usable CPUs ({isa}); onnxruntime {m['software']['onnxruntime']}, "
-            f"numpy {m['software']['numpy']}, hnswlib {m['software']['hnswlib']}")
+            f"numpy {m['software']['numpy']}, faiss {m['software'].get('faiss')}, hnswlib {m['software']['hnswlib']}")
 
 
 def load_line(load: dict) -> str:

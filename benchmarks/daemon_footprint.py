@@ -152,7 +152,7 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=BOTTLE, help=f"MVTec-style category folder (default {BOTTLE})")
     p.add_argument("--runs", type=int, default=3, help="fresh daemon processes per setting (default 3)")
     p.add_argument("--frames", type=int, default=40, help="frames inspected before the steady-state reading (default 40)")
-    p.add_argument("--threads", type=int, default=2, help="onnxruntime and hnswlib threads (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime and HNSW search threads (default 2)")
     add_results_option(p)
     a = p.parse_args()
     bundle = ensure_bundle(a.bundle or DEFAULT_BUNDLE, a.data)

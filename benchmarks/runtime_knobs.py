@@ -26,7 +26,7 @@ from bench_report import (BOTTLE, DEFAULT_BUNDLE, LoadMonitor, add_results_optio
 
 STAGES = ("decode", "geometry", "preprocess", "features", "search", "scoring", "decision", "total")
 
-# name -> (environment, onnxruntime spins, OpenCV threads (None: its default), hnswlib threads (None: --threads), what)
+# name -> (environment, onnxruntime spins, OpenCV threads (None: its default), HNSW search threads (None: --threads), what)
 SETTINGS = {
     "as deployed": ({}, True, None, None, "edge_runtime defaults"),
     "onnxruntime no spin": ({}, False, None, None, "session config session.intra_op.allow_spinning = 0"),
@@ -134,8 +134,8 @@ def main() -> int:
                    help=f"bottle bundle, fitted there if missing (default {DEFAULT_BUNDLE})")
     p.add_argument("--data", type=Path, default=BOTTLE, help=f"MVTec-style category folder (default {BOTTLE})")
     p.add_argument("--precision", default="int8", choices=["int8", "fp32"], help="bundle variant (default int8)")
-    p.add_argument("--knn", default="hnsw", choices=["hnsw", "exact"], help="search (default hnsw)")
-    p.add_argument("--threads", type=int, default=2, help="onnxruntime and hnswlib threads (default 2)")
+    p.add_argument("--knn", default="hnsw", choices=["hnsw", "hnswlib", "exact"], help="search (default hnsw)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime and HNSW search threads (default 2)")
     p.add_argument("--rounds", type=int, default=3, help="passes over the test images per setting (default 3)")
     p.add_argument("--images", type=int, default=None,
                    help="use only the first N test images per pass (default: all of them; small N for a quick trial)")

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", type=Path, help="bundle directory (default: fit the small synthetic one)")
     ap.add_argument("--images", type=Path, help="folder of part images to replay (default: the bundle's golden "
                                                 "images, or the synthetic test split)")
-    ap.add_argument("--threads", type=int, default=2, help="onnxruntime and hnswlib threads (default 2)")
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime and HNSW search threads (default 2)")
     ap.add_argument("--warmup", type=int, default=1000, help="frames before the memory/fd baseline (default 1000)")
     ap.add_argument("--sample-every", type=int, default=1000, help="memory/fd sample interval in frames (default 1000)")
     ap.add_argument("--window", type=int, default=1000,

@@ -35,7 +35,7 @@ def main() -> int:
                    help=f"bottle bundle, fitted there if missing (default {DEFAULT_BUNDLE})")
     p.add_argument("--data", type=Path, default=BOTTLE, help=f"MVTec-style category folder (default {BOTTLE})")
     p.add_argument("--frames", type=int, default=249, help="timed frames per setting (3 passes over 83 images)")
-    p.add_argument("--threads", type=int, default=2, help="onnxruntime and hnswlib threads (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime and HNSW search threads (default 2)")
     p.add_argument("--warmup", type=int, default=10, help="untimed frames per setting first (default 10)")
     p.add_argument("--gap-ms", type=int, default=150,
                    help="idle ms between frames for the spaced-parts settings (default 150)")

@@ -69,12 +69,14 @@ def software_info() -> dict:
 
     import onnxruntime
 
-    try:
-        hnsw_version = version("hnswlib")
-    except PackageNotFoundError:
-        hnsw_version = None
+    def installed(dist: str) -> str | None:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
     return {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
-            "opencv": cv2.__version__, "hnswlib": hnsw_version, "kernel": platform.release()}
+            "opencv": cv2.__version__, "faiss": installed("faiss-cpu"), "hnswlib": installed("hnswlib"),
+            "kernel": platform.release()}
 
 
 def memory_status() -> dict:

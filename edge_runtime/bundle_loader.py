@@ -84,7 +84,7 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
 def release_freed_memory() -> None:
     """Return freed heap pages to the OS (glibc malloc_trim), after a reload dropped the old pipeline.
 
-    onnxruntime and hnswlib free a whole pipeline's worth of buffers at once; glibc keeps most of it mapped in
+    onnxruntime and the search free a whole pipeline's worth of buffers at once; glibc keeps most of it mapped in
     its arenas, so without this the resident size climbs reload after reload (benchmarks/reload_memory.py).
     No-op where glibc is not the C library.
     """

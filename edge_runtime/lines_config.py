@@ -2,7 +2,7 @@
 recipe set), trigger and outputs; everything a line does not set comes from the station's top level.
 
 Cores are shared deliberately: in a multi-line station `inference.threads` is the whole inference budget and each
-line gets `inference.threads // len(lines)` onnxruntime intra-op (and hnswlib) threads, at least 1, unless the
+line gets `inference.threads // len(lines)` onnxruntime intra-op (and HNSW search) threads, at least 1, unless the
 line sets `threads:` itself. A station file without `lines:` is one line, exactly as before.
 """
 from __future__ import annotations
