@@ -46,6 +46,49 @@ def score_frame(score_tiles, geometry, rgb: np.ndarray, name: str = "<frame>") -
                   scoring.anomaly_map(patch_scores, geometry, place, region_hw))
 
 
+def open_search(knn: str, index_bytes: bytes, dim: int, params, threads: int, providers: list[str] | None,
+                ivf_nprobe: int | None, index_path) -> tuple[object, str]:
+    """The search stage over the bundle's verified index bytes: (search, the engine actually used).
+
+    hnsw: the bundle's graph in faiss (edge_runtime.hnsw_graph), falling back to hnswlib where faiss is missing;
+    hnswlib: the same graph in hnswlib; exact / onnx / ivf: built on the device from the graph's vectors.
+    Raises BundleError naming the index file."""
+    def in_hnswlib(missing: str) -> HnswSearch:
+        try:
+            return HnswSearch.load(index_bytes, dim, params, threads)
+        except ImportError:
+            raise BundleError(f"{index_path}: {missing}") from None
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise BundleError(f"{index_path}: hnswlib cannot load the index ({exc})") from None
+
+    if knn == "hnswlib":
+        return in_hnswlib("knn: hnswlib needs hnswlib: pip install 'patchcore-edge[hnswlib]' (or use knn: hnsw, "
+                          "the same graph in faiss)"), knn
+    if knn not in ("hnsw", "exact", "onnx", "ivf"):
+        raise ValueError(f"knn must be 'hnsw', 'hnswlib', 'exact', 'onnx' or 'ivf', got {knn!r}")
+    try:
+        graph = read_hnsw_graph(index_bytes, dim)
+        if knn == "hnsw":
+            return FaissHnswSearch(graph, params, threads), knn
+    except GraphError as exc:
+        raise BundleError(f"{index_path}: not a usable HNSW index ({exc})") from None
+    except ImportError as exc:   # faiss is a core dependency; without it, the same graph in hnswlib
+        search = in_hnswlib(f"{exc}; hnswlib (the fallback) is not installed either")
+        log.warning("%s: %s; searching the graph with hnswlib instead", index_path, exc)
+        return search, "hnswlib"
+    if knn == "exact":
+        return ExactSearch(graph.vectors), knn
+    if knn == "onnx":
+        try:
+            return OnnxExactSearch(graph.vectors, threads, providers), knn
+        except FeatureError as exc:
+            raise BundleError(f"{index_path}: exact search graph cannot run here ({exc})") from None
+    try:  # ivf: built here from the verified bank (never shipped); one faiss thread, see IvfSearch
+        return IvfSearch(graph.vectors, nprobe=ivf_nprobe), knn
+    except ImportError as exc:
+        raise BundleError(f"{index_path}: ivf search cannot run here ({exc})") from None
+
+
 class Pipeline:
     """One bundle variant, ready to inspect: ONNX session + search + thresholds.
 
@@ -75,49 +118,9 @@ class Pipeline:
             params = type(params)(**{**params.__dict__, "ef_search": ef_search})
         index_path = bundle.path(self.variant.index_file)
         index_bytes = bundle.read_verified(self.variant.index_file)
-        # Before hnswlib: it would load an index of another dimension without complaint and read garbage.
+        # Before any reader: hnswlib would load an index of another dimension without complaint and read garbage.
         check_index_file(index_bytes, bundle.dim, self.variant.info.get("bank_size"), name=index_path)
-        if knn == "hnswlib":
-            try:
-                self.search = HnswSearch.load(index_bytes, bundle.dim, params, threads)
-            except ImportError:
-                raise BundleError(f"{index_path}: knn: hnswlib needs hnswlib: pip install "
-                                  "'patchcore-edge[hnswlib]' (or use knn: hnsw, the same graph in faiss)") from None
-            except (RuntimeError, ValueError, MemoryError) as exc:
-                raise BundleError(f"{index_path}: hnswlib cannot load the index ({exc})") from None
-        else:
-            try:
-                graph = read_hnsw_graph(index_bytes, bundle.dim)
-            except GraphError as exc:
-                raise BundleError(f"{index_path}: not a usable HNSW index ({exc})") from None
-            if knn == "hnsw":
-                try:
-                    self.search = FaissHnswSearch(graph, params, threads)
-                except GraphError as exc:
-                    raise BundleError(f"{index_path}: not a usable HNSW index ({exc})") from None
-                except ImportError as exc:   # faiss is a core dependency; without it, the same graph in hnswlib
-                    try:
-                        self.search = HnswSearch.load(index_bytes, bundle.dim, params, threads)
-                    except ImportError:
-                        raise BundleError(f"{index_path}: {exc}; hnswlib (the fallback) is not installed either")
-                    log.warning("%s: %s; searching the graph with hnswlib instead", index_path, exc)
-                    knn = "hnswlib"
-            elif knn == "exact":
-                self.search = ExactSearch(graph.vectors)
-            elif knn == "onnx":
-                try:
-                    self.search = OnnxExactSearch(graph.vectors, threads, providers)
-                except FeatureError as exc:
-                    raise BundleError(f"{index_path}: exact search graph cannot run here ({exc})") from None
-            elif knn == "ivf":
-                # Built here from the verified bank (never shipped); one faiss thread, see IvfSearch.
-                try:
-                    self.search = IvfSearch(graph.vectors, nprobe=ivf_nprobe)
-                except ImportError as exc:
-                    raise BundleError(f"{index_path}: ivf search cannot run here ({exc})") from None
-            else:
-                raise ValueError(f"knn must be 'hnsw', 'hnswlib', 'exact', 'onnx' or 'ivf', got {knn!r}")
-            del graph   # its vectors now live in the search (faiss's storage, or the exact search's copy)
+        self.search, knn = open_search(knn, index_bytes, bundle.dim, params, threads, providers, ivf_nprobe, index_path)
         if len(self.search) != self.variant.info.get("bank_size", len(self.search)):
             raise BundleError(f"{index_path}: index holds {len(self.search)} vectors, manifest says {self.variant.info['bank_size']}")
         self.knn = knn

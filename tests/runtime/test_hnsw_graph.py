@@ -140,3 +140,15 @@ def test_written_graph_round_trips_and_loads_in_hnswlib(tmp_path):
     both = np.vstack([queries, new + 0.01])
     assert np.mean(theirs.labels(both) == FaissHnswSearch(again, params).labels(both)) > 0.98
     assert np.all(theirs.labels(new) == np.arange(2000, 2050))  # the new vectors are found, under their own rows
+
+
+def test_without_faiss_or_hnswlib_the_bundle_error_names_both(small_bundle, monkeypatch):
+    import sys
+
+    from edge_runtime.bundle import Bundle, BundleError
+    from edge_runtime.pipeline import Pipeline
+
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    monkeypatch.setitem(sys.modules, "hnswlib", None)
+    with pytest.raises(BundleError, match=r"index.*faiss-cpu.*hnswlib \(the fallback\) is not installed either"):
+        Pipeline(Bundle.load(small_bundle), knn="hnsw", threads=2)
