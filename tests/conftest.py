@@ -98,3 +98,19 @@ def notify_socket(tmp_path, monkeypatch):
     monkeypatch.setenv("NOTIFY_SOCKET", str(path))
     yield sock
     sock.close()
+
+
+@pytest.fixture(scope="session")
+def anisotropic():
+    """Factory of (bank, queries) whose variance falls off along rotated axes, like real patch features (so that
+    the re-check's principal-axis bound prunes): anisotropic(seed, n, d, q, query_scale)."""
+    import numpy as np
+
+    def make(seed: int = 3, n: int = 6000, d: int = 64, q: int = 40, query_scale: float = 1.2):
+        rng = np.random.default_rng(seed)
+        scales = np.geomspace(4.0, 0.05, d).astype(np.float32)
+        rot, _ = np.linalg.qr(rng.normal(size=(d, d)))
+        bank = (rng.normal(size=(n, d)).astype(np.float32) * scales) @ rot.astype(np.float32)
+        queries = (rng.normal(size=(q, d)).astype(np.float32) * scales * query_scale) @ rot.astype(np.float32)
+        return bank, queries
+    return make

@@ -16,19 +16,9 @@ def exact_reference(bank: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return ExactSearch(bank).nearest_within(queries, np.full(len(queries), np.inf))[0]
 
 
-def anisotropic(seed: int, n: int, d: int = 48, q: int = 400):
-    """Variance falling off along the axes, like real patch features."""
-    rng = np.random.default_rng(seed)
-    scales = np.geomspace(4.0, 0.05, d).astype(np.float32)
-    rot, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    bank = (rng.normal(size=(n, d)).astype(np.float32) * scales) @ rot.astype(np.float32)
-    queries = (rng.normal(size=(q, d)).astype(np.float32) * scales * 1.3) @ rot.astype(np.float32)
-    return bank, queries
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_image_score_is_exact_even_when_the_index_misses_neighbours(seed):
-    bank, queries = anisotropic(seed, 6000)
+def test_image_score_is_exact_even_when_the_index_misses_neighbours(seed, anisotropic):
+    bank, queries = anisotropic(seed, 6000, d=48, q=400, query_scale=1.3)
     search = IvfSearch(bank, nlist=128, nprobe=1)       # many small cells, one probed: a deliberately poor index
     ref = exact_reference(bank, queries)
     approx = search.approximate(queries)
@@ -60,15 +50,15 @@ def test_bank_of_one_vector():
     assert dist.max() == exact_reference(bank, queries).max()
 
 
-def test_small_bank_gets_fewer_cells_than_points():
-    bank, queries = anisotropic(7, 200, d=16, q=50)
+def test_small_bank_gets_fewer_cells_than_points(anisotropic):
+    bank, queries = anisotropic(7, 200, d=16, q=50, query_scale=1.3)
     search = IvfSearch(bank)
     assert search.nlist == 200 // IvfSearch.POINTS_PER_CELL
     assert search.distances(queries).max() == exact_reference(bank, queries).max()
 
 
-def test_an_empty_probed_cell_still_gives_the_exact_image_score(monkeypatch):
-    bank, queries = anisotropic(8, 3000, q=100)
+def test_an_empty_probed_cell_still_gives_the_exact_image_score(monkeypatch, anisotropic):
+    bank, queries = anisotropic(8, 3000, d=48, q=100, query_scale=1.3)
     search = IvfSearch(bank, nlist=32, nprobe=1)
     real = search.ivf.search
 

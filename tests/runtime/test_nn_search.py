@@ -43,18 +43,8 @@ def test_hnsw_ef_is_set_on_every_load(tmp_path):
     assert len(loaded) == len(bank) and np.allclose(loaded.exact.bank, bank)
 
 
-def anisotropic_bank(seed=3, n=6000, d=64, q=40):
-    """Variance falling off along the axes, like real patch features: the prefix bound then prunes."""
-    rng = np.random.default_rng(seed)
-    scales = np.geomspace(4.0, 0.05, d).astype(np.float32)
-    rot, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    bank = (rng.normal(size=(n, d)).astype(np.float32) * scales) @ rot.astype(np.float32)
-    queries = (rng.normal(size=(q, d)).astype(np.float32) * scales * 1.2) @ rot.astype(np.float32)
-    return bank, queries
-
-
-def test_pruned_search_is_the_brute_force_answer_for_any_valid_bound():
-    bank, queries = anisotropic_bank()
+def test_pruned_search_is_the_brute_force_answer_for_any_valid_bound(anisotropic):
+    bank, queries = anisotropic()
     search = ExactSearch(bank)
     brute = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1))
     true_d, true_i = brute.min(1), brute.argmin(1)
@@ -67,16 +57,16 @@ def test_pruned_search_is_the_brute_force_answer_for_any_valid_bound():
         assert np.array_equal(i, true_i)
 
 
-def test_pruned_search_reads_only_part_of_a_structured_bank():
-    bank, queries = anisotropic_bank()
+def test_pruned_search_reads_only_part_of_a_structured_bank(anisotropic):
+    bank, queries = anisotropic()
     search = ExactSearch(bank)
     true_d, _ = search.nearest(queries)
     search.nearest_within(queries, true_d * 1.01)
     assert search.candidates_last < 0.5 * len(bank) * len(queries)
 
 
-def test_pruned_search_falls_back_to_the_whole_bank_when_the_bound_is_wrong():
-    bank, queries = anisotropic_bank(4)
+def test_pruned_search_falls_back_to_the_whole_bank_when_the_bound_is_wrong(anisotropic):
+    bank, queries = anisotropic(4)
     search = ExactSearch(bank)
     true_d, true_i = search.nearest(queries)
     d, i = search.nearest_within(queries, np.zeros(len(queries)))   # not a bound: nothing passes the filter
@@ -112,12 +102,12 @@ def test_pipeline_onnx_search_scores_like_exact_search(small_bundle):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_recheck_gives_the_exact_image_score_for_any_valid_upper_bounds(seed):
+def test_recheck_gives_the_exact_image_score_for_any_valid_upper_bounds(seed, anisotropic):
     """Loose, uneven bounds (as a poor index gives): the image score is still the exact maximum, every patch keeps
     a value between its exact distance and its bound, and the patches it measured carry their exact distance."""
     from edge_runtime.nn_search import exact_image_recheck
 
-    bank, queries = anisotropic_bank(seed=seed, q=300)
+    bank, queries = anisotropic(seed=seed, q=300)
     search = ExactSearch(bank)
     exact = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1)).min(1)
     rng = np.random.default_rng(seed)
@@ -134,8 +124,8 @@ def test_recheck_gives_the_exact_image_score_for_any_valid_upper_bounds(seed):
     assert np.allclose(dist[moved], exact[moved], atol=1e-4)
 
 
-def test_nearest_below_is_exact_within_its_limit_and_empty_beyond():
-    bank, queries = anisotropic_bank(seed=9, q=20)
+def test_nearest_below_is_exact_within_its_limit_and_empty_beyond(anisotropic):
+    bank, queries = anisotropic(seed=9, q=20)
     search = ExactSearch(bank)
     brute = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1))
     lower2 = search.prefix_lower(queries)
