@@ -290,12 +290,11 @@ class IvfSearch(RecheckedSearch):
     POINTS_PER_CELL = 16   # fewer cells on a smaller bank; faiss's own advice is 39, but 128 cells on 2,140 vectors
                            # measured fastest on the 1% bottle bank at exact image scores
 
-    def __init__(self, bank: "np.ndarray | ExactSearch", threads: int = 1, nlist: int | None = None,
+    def __init__(self, bank: np.ndarray, threads: int = 1, nlist: int | None = None,
                  nprobe: int | None = None, seed: int = 0):
         faiss = import_faiss("knn: ivf")
         self._faiss = faiss
-        # An ExactSearch already built on the bank (the pipeline's) is reused: its principal axes cost a load each.
-        self.exact = bank if isinstance(bank, ExactSearch) else ExactSearch(bank)
+        self.exact = ExactSearch(bank)
         bank = self.exact.bank
         n, d = bank.shape
         # Fewer cells on a small bank (k-means needs points per cell); one cell for a bank of one vector.
@@ -359,8 +358,6 @@ def single_threaded_blas():
 
 
 class HnswSearch(RecheckedSearch):
-    RECHECK_BATCH = 8
-
     def __init__(self, index, params: HnswParams, threads: int = 1):
         self.index = index
         self.params = params
@@ -414,14 +411,18 @@ class HnswSearch(RecheckedSearch):
 
 def upper_bounds(bank: np.ndarray, queries: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Distance of each query to the bank vector `labels[i]`, in the same float32 kernel as
-    `ExactSearch.nearest_within`, so it can never fall below the exact distance that kernel finds (an index's
+    `ExactSearch.nearest_below`, so it can never fall below the exact distance that kernel finds (an index's
     own distances may be rounded differently, or quantised)."""
     diff = bank[labels] - queries
     return np.sqrt(np.einsum("ij,ij->i", diff, diff))
 
 
+# Patches whose prefix bounds one small GEMM computes at a time in the re-check.
+RECHECK_BATCH = 8
+
+
 def exact_image_recheck(exact: ExactSearch, queries: np.ndarray, upper: np.ndarray,
-                        batch: int = HnswSearch.RECHECK_BATCH) -> tuple[np.ndarray, int]:
+                        batch: int = RECHECK_BATCH) -> tuple[np.ndarray, int]:
     """(per-patch distances whose maximum is the exact image score, patches measured exactly).
 
     `upper[i]` must be the distance of patch i to some real bank vector (an upper bound of its nearest one).
