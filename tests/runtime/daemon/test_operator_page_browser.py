@@ -60,12 +60,31 @@ def chromium():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
-def patient(driver):
-    """A 60 s wait that also retries an element the page replaced meanwhile (a redirect, a live update)."""
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
+class patient:
+    """A 60 s wait that also retries an element the page replaced meanwhile (a redirect, a live update).
 
-    return WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
+    Chromedriver reports a node swapped out between its lookup and its read in two ways: as a stale element,
+    or, while a navigation is under way, as a generic inspector error "Node with given id does not belong to
+    the document" (seen in CI after the login redirect). Both mean "look again"; any other error still fails."""
+
+    def __init__(self, driver):
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self._wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,
+                                                                   NoSuchElementException))
+
+    def until(self, condition):
+        from selenium.common.exceptions import WebDriverException
+
+        def retried(driver):
+            try:
+                return condition(driver)
+            except WebDriverException as e:
+                if "does not belong to the document" in str(e):
+                    return False
+                raise
+        return self._wait.until(retried)
 
 
 def feed(folder: Path, image: Path, name: str) -> None:
