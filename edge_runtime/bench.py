@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.features import FeatureError
+from edge_runtime.nn_search import device_blas
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.records import Frame, Verdict
 
@@ -174,25 +175,26 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
             raise BenchError(f"{name}: frame faulted ({result.error}); the benchmark needs inspectable images")
         return result
 
-    for i in range(warmup):
-        inspect(i)
-    per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
-    rechecked: list[int] = []
-    verdicts = {v.value: 0 for v in (Verdict.OK, Verdict.REVIEW, Verdict.NG)}
-    hnsw = pipeline.search if pipeline.knn in ("hnsw", "hnswlib") else None
-    idle_s = 0.0
-    loop_start = time.perf_counter()
-    for i in range(frames):
-        if gap_ms > 0:
-            t_idle = time.perf_counter()
-            time.sleep(gap_ms / 1000.0)
-            idle_s += time.perf_counter() - t_idle
-        result = inspect(warmup + i)
-        for stage in STAGES:
-            per_stage[stage].append(result.timings_ms[stage])
-        verdicts[result.verdict.value] += 1
-        if hnsw is not None or knn == "ivf":   # both re-check the image score exactly
-            rechecked.append(pipeline.search.rechecked_last)
+    with device_blas(pipeline.knn):   # as the daemon runs: BLAS on one thread (edge_runtime.nn_search)
+        for i in range(warmup):
+            inspect(i)
+        per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
+        rechecked: list[int] = []
+        verdicts = {v.value: 0 for v in (Verdict.OK, Verdict.REVIEW, Verdict.NG)}
+        hnsw = pipeline.search if pipeline.knn in ("hnsw", "hnswlib") else None
+        idle_s = 0.0
+        loop_start = time.perf_counter()
+        for i in range(frames):
+            if gap_ms > 0:
+                t_idle = time.perf_counter()
+                time.sleep(gap_ms / 1000.0)
+                idle_s += time.perf_counter() - t_idle
+            result = inspect(warmup + i)
+            for stage in STAGES:
+                per_stage[stage].append(result.timings_ms[stage])
+            verdicts[result.verdict.value] += 1
+            if hnsw is not None or knn == "ivf":   # both re-check the image score exactly
+                rechecked.append(pipeline.search.rechecked_last)
     loop_s = time.perf_counter() - loop_start - idle_s   # throughput counts working time only
 
     variant = pipeline.variant
@@ -302,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="sustained mode: seconds of frames the paced source produces (default: 30.0)")
     p.add_argument("--lines", type=int, default=1,
                    help="sustained mode: inspection lines in one daemon, each with its own paced source (default: 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="sustained mode: inference.workers, frames each line inspects at once, sharing --threads "
+                        "(default: 1)")
     p.add_argument("--no-capture-thread", action="store_true",
                    help="sustained mode: read the source between inspections instead of on a capture thread "
                         "(default: off, i.e. a capture thread with a one-slot queue, as the daemon runs)")
@@ -340,14 +345,14 @@ def _emit(table: str, report: dict, json_out: Path | None) -> int:
 def _sustained(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     from edge_runtime.bench_sustained import format_sustained, run_sustained
 
-    if a.sustained_fps <= 0 or a.duration_s <= 0 or a.lines < 1:
-        p.error("--sustained-fps and --duration-s must be > 0, --lines >= 1")
+    if a.sustained_fps <= 0 or a.duration_s <= 0 or a.lines < 1 or not 1 <= a.workers <= 8:
+        p.error("--sustained-fps and --duration-s must be > 0, --lines >= 1, --workers 1-8")
     if a.images is None:
         p.error("--sustained-fps needs --images DIR (the frames the paced source replays)")
     try:
         report = run_sustained(a.bundle, a.images, fps=a.sustained_fps, duration_s=a.duration_s, threads=a.threads,
                                precision=a.precision, knn=a.knn, capture_thread=not a.no_capture_thread,
-                               lines=a.lines)
+                               lines=a.lines, workers=a.workers)
     except (BenchError, BundleError, FeatureError, OSError, ValueError) as exc:
         print(f"edge-bench: {exc}", file=sys.stderr)
         return 2

@@ -48,9 +48,9 @@ def _percentiles(values: list[float]) -> dict | None:
 
 
 def station_mapping(bundle_dir: Path, images: Path, fps: float, frames: int, threads: int, state_dir: Path,
-                    precision: str | None, knn: str, capture_thread: bool, lines: int) -> dict:
+                    precision: str | None, knn: str, capture_thread: bool, lines: int, workers: int = 1) -> dict:
     """The station file the benchmark runs (one line, or `lines` lines each with its own paced source)."""
-    inference = {"threads": threads, "knn": knn, **({"precision": precision} if precision else {})}
+    inference = {"threads": threads, "knn": knn, "workers": workers, **({"precision": precision} if precision else {})}
 
     def line(i: int) -> dict:
         return {"source": {"type": "paced", "path": str(images), "fps": fps, "frames": frames, "name": f"camera{i}"},
@@ -66,7 +66,7 @@ def station_mapping(bundle_dir: Path, images: Path, fps: float, frames: int, thr
 
 def run_sustained(bundle_dir: Path, images: Path, fps: float = 60.0, duration_s: float = 30.0, threads: int = 2,
                   precision: str | None = None, knn: str = "hnsw", capture_thread: bool = True,
-                  lines: int = 1) -> dict:
+                  lines: int = 1, workers: int = 1) -> dict:
     """Run the station on `lines` paced sources at `fps` for `duration_s`; the report as a plain dict."""
     from edge_runtime.bench import cpu_info, load_average, memory_status, software_info
     from edge_runtime.config import resolve_paths
@@ -77,7 +77,7 @@ def run_sustained(bundle_dir: Path, images: Path, fps: float = 60.0, duration_s:
     with tempfile.TemporaryDirectory(prefix="edge-sustained-") as tmp:
         state = Path(tmp)
         mapping = station_mapping(Path(bundle_dir).resolve(), Path(images).resolve(), fps, frames, threads, state,
-                                  precision, knn, capture_thread, lines)
+                                  precision, knn, capture_thread, lines, workers)
         cfg = resolve_paths(from_mapping(StationConfig, mapping, "<bench>"), state)
         station = Station(cfg)
         sinks = []
@@ -97,7 +97,8 @@ def run_sustained(bundle_dir: Path, images: Path, fps: float = 60.0, duration_s:
             src = getattr(ln._source, "source", ln._source)
             active = (rows[-1][3] - rows[0][3]) if len(rows) > 1 else None
             per_line.append({
-                "line": ln.name or "line0", "threads": ln.cfg.inference.threads, "offered": frames, "delivered_by_source": getattr(src, "delivered", None),
+                "line": ln.name or "line0", "threads": ln.cfg.inference.threads,
+                "workers": ln.cfg.inference.workers, "threads_per_frame": ln.cfg.inference.frame_threads, "offered": frames, "delivered_by_source": getattr(src, "delivered", None),
                 "inspected": len(inspected), "faults": len(rows) - len(inspected),
                 "dropped": ln.dropped_frames, "accounted": len(rows) + ln.dropped_frames,
                 "throughput_fps": (len(rows) - 1) / active if active else None,
@@ -107,7 +108,7 @@ def run_sustained(bundle_dir: Path, images: Path, fps: float = 60.0, duration_s:
             })
     return {
         "mode": "sustained", "bundle": str(bundle_dir), "images": str(images), "fps": fps, "duration_s": duration_s,
-        "lines": lines, "station_threads": threads, "capture_thread": capture_thread, "knn": knn,
+        "lines": lines, "station_threads": threads, "workers": workers, "capture_thread": capture_thread, "knn": knn,
         "precision": precision, "wall_s": wall, "per_line": per_line,
         "total_inspected": sum(p["inspected"] for p in per_line),
         "total_dropped": sum(p["dropped"] for p in per_line),
@@ -120,7 +121,8 @@ def format_sustained(report: dict) -> str:
     cpu = report["machine"]["cpu"]
     out = [f"sustained: {report['lines']} line(s) x {report['fps']:g} fps for {report['duration_s']:g} s, "
            f"inference.threads {report['station_threads']} "
-           f"({', '.join(str(p['threads']) for p in report['per_line'])} per line), capture thread "
+           f"({', '.join(str(p['threads']) for p in report['per_line'])} per line), workers "
+           f"{report.get('workers', 1)} per line, capture thread "
            f"{'on' if report['capture_thread'] else 'off'}; cpu {cpu['model']} ({cpu['usable_cpus']} usable); "
            f"load before {report['machine']['load_average_before']}, after {report['machine']['load_average_after']}",
            "",

@@ -38,7 +38,7 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
 
     `current`: the bundle in service (a reload never goes below its version unless downgrades are allowed).
     `load_threads`: threads for loading and the self-test (a reload runs beside the inspection loop and must
-    not take its cores); the pipeline returned always runs with `inference.threads`.
+    not take its cores); the pipeline returned always runs with `inference.frame_threads` (threads // workers).
     """
     try:
         key = load_public_key(cfg.security.bundle_public_key)
@@ -51,7 +51,8 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
                     "on reload, not across restarts")
     check_admission(bundle, sec.product, sec.allow_downgrade, cfg.state_dir, current)
     inf = cfg.inference
-    threads = min(load_threads, inf.threads) if load_threads else inf.threads
+    run_threads = inf.frame_threads
+    threads = min(load_threads, run_threads) if load_threads else run_threads
     try:
         pipeline = Pipeline(bundle, precision=inf.precision, knn=inf.knn, threads=threads,
                             providers=inf.providers, ef_search=inf.ef_search, review_threshold=inf.review_threshold,
@@ -63,17 +64,17 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
     failures = golden_check(bundle, pipeline)
     if failures:
         raise BundleError("self-test failed: " + "; ".join(failures))
-    if threads != inf.threads:
+    if threads != run_threads:
         # Same verified model bytes, now with the configured threads; built, not run, so it costs no cores.
         variant = pipeline.variant
         try:
-            pipeline.extractor.session = make_session(bundle.read_verified(variant.model_file), inf.threads,
+            pipeline.extractor.session = make_session(bundle.read_verified(variant.model_file), run_threads,
                                                       inf.providers, bundle.path(variant.model_file))
         except FeatureError as exc:
             raise BundleError(str(exc)) from None
         set_threads = getattr(pipeline.search, "set_threads", None)
         if set_threads is not None:
-            set_threads(inf.threads)
+            set_threads(run_threads)
     bundle.release()  # onnxruntime and the search hold their own copies of the verified bytes now
     record_loaded(bundle, cfg.state_dir)
     pipeline.apply_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)

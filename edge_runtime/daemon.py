@@ -20,6 +20,7 @@ from edge_runtime.frame_counter import FRAME_COUNTER_FILE
 from edge_runtime.http_endpoint import HttpEndpoint, StationStatus
 from edge_runtime.lines_config import line_station_configs
 from edge_runtime.lines_http import LinesHttpEndpoint, RecipeHttpEndpoint, aggregate_status
+from edge_runtime.nn_search import device_blas
 from edge_runtime.line import MAX_MISSED_ANSWERS, SERIAL_ACK_COMMAND, Counters, Line
 from edge_runtime.operator_page.server import maybe_page
 from edge_runtime.outputs import Output, build_output
@@ -206,6 +207,10 @@ class Station:
         return HttpEndpoint(self.cfg.http, self.status, self._fire_trigger())
 
     def _run(self) -> int:
+        with device_blas(self.cfg.inference.knn):
+            return self._run_pinned()
+
+    def _run_pinned(self) -> int:
         interval = systemd_notify.watchdog_interval()
         # sd_watchdog_enabled(3) advises half the interval; a quarter leaves room for one slow frame.
         self._watchdog_period = interval / 4 if interval else DEFAULT_WATCHDOG_PERIOD_S

@@ -28,6 +28,7 @@ from edge_runtime.capture_queue import wrap_source
 from edge_runtime.config import StationConfig
 from edge_runtime.frame_counter import FrameCounter, FrameCounterError
 from edge_runtime.http_endpoint import StationStatus
+from edge_runtime.inflight import Finished, InFlight
 from edge_runtime.latency_stats import LatencyStats
 from edge_runtime.output_bus import BusCounters, OutputBus, RecordFailure
 from edge_runtime.outputs import Output, ResultLogConfig, SerialOutput, build_output, last_frame_id
@@ -45,6 +46,9 @@ log = logging.getLogger("edge_runtime.daemon")
 __all__ = ["Counters", "Line", "MAX_MISSED_ANSWERS", "SERIAL_ACK_COMMAND"]
 # At most this many FAULT answers for triggers folded into one (the rest are counted and logged).
 MAX_MISSED_ANSWERS = 16
+# With frames in flight (inference.workers > 1) the loop reads the next frame this long at a time, so that a
+# finished frame's verdict goes out within this much of the inspection's end.
+INFLIGHT_POLL_S = 0.002
 SERIAL_ACK_COMMAND = "ACK"
 
 
@@ -130,6 +134,7 @@ class Line:
         self._started = time.monotonic()
         self._last_heartbeat = time.monotonic()
         self._inspecting_since: float | None = None  # set while a frame is in Pipeline.inspect (health: stalled)
+        self._inflight: InFlight | None = None       # free run with inference.workers > 1 (edge_runtime/inflight.py)
 
     # ---- control (signal handlers and tests) ----------------------------------------------------------------
     def request_stop(self) -> None:
@@ -461,10 +466,16 @@ class Line:
                 result_logs=[o.path for o in self.cfg.outputs if isinstance(o, ResultLogConfig)])
         # A free-running live source gets a capture thread: capture overlaps inspection, drops are counted.
         self._source = wrap_source(self._source, self.cfg.capture, self.trigger.is_free_run)
+        workers = self.cfg.inference.workers
+        if workers > 1 and self.trigger.is_free_run:
+            self._inflight = InFlight(workers, self.name or "line")
+        elif workers > 1:
+            log.info(self._tag("inference.workers %d: a triggered line inspects one part at a time"), workers)
         while not self._stop.is_set():
             next_stats = self._housekeeping(next_stats)
             pipeline = self.pipeline
             if pipeline is None or self._halted or (self.recipes is not None and self.recipes.status != "ok"):
+                self._drain_inflight()   # frames captured before this: their answers first, in order
                 # No bundle, halted, or a recipe switch running or failed: every trigger gets FAULT at once.
                 self._refuse_triggers(self.fault_reason or "no bundle", rc_cfg.read_timeout_s)
                 continue
@@ -489,6 +500,7 @@ class Line:
                 outcome = self._serve_one(pipeline)
             except (SourceError, TriggerError, OSError) as exc:
                 # Camera lost: not-OK on the outputs, no verdict for anything, reopen with backoff.
+                self._drain_inflight()   # frames captured before the loss were good frames: answered first
                 self.counters.source_errors += 1
                 self._set_state(False, f"source: {exc}")
                 self._close_source()
@@ -500,6 +512,7 @@ class Line:
                     log.info("source exhausted after %d frames", self.counters.frames)
                     break
                 self._stop.wait(rc_cfg.read_timeout_s)  # nothing more will come; do not spin
+        self._drain_inflight()
         return 0
 
     def _serve_one(self, pipeline: Pipeline) -> str:
@@ -511,6 +524,8 @@ class Line:
         event = self.trigger.wait(timeout)
         if event is None:
             return "idle"
+        if self.trigger.is_free_run and self._inflight is not None:
+            return self._serve_in_flight(pipeline)
         if self.trigger.is_free_run:
             frame = self._source.read(timeout)
             if frame is None:
@@ -560,6 +575,54 @@ class Line:
             self._inspecting_since = None
         return "served"
 
+    # ---- free run with several frames in flight (inference.workers > 1) ----------------------------------------
+    def _serve_in_flight(self, pipeline: Pipeline) -> str:
+        """Publish what has finished, then hand the next frame to a free worker (or wait for the oldest)."""
+        inflight = self._inflight
+        self._publish_finished(inflight.finished())
+        if inflight.full:
+            # Wait without a timeout, like one worker does: a hung inspection stops the loop and the heartbeat.
+            self._publish_finished(inflight.finished(wait_oldest=True))
+            return "served"
+        frame = self._source.read(INFLIGHT_POLL_S if len(inflight) else self.cfg.recovery.read_timeout_s)
+        if frame is None:
+            if self._source.exhausted:
+                self._drain_inflight()
+                return "exhausted"
+            return "served" if len(inflight) else "idle"
+        self._count_dropped()
+        frame_id = self._take_frame_id()
+        started = time.monotonic() - max(0.0, time.time() - frame.captured_at)
+        stale = self.recipes.stale(captured_wall=frame.captured_at) if self.recipes is not None else None
+        if stale:
+            self._drain_inflight()
+            self.bus.begin_part(frame_id)
+            self._answer_fault(stale, started, frame_id)
+            return "served"
+        if not self._ready and self.fault_reason is None:
+            self._set_state(True, None)
+        frame.frame_id = frame_id
+        inflight.submit(pipeline, frame, frame_id, started)
+        self._inspecting_since = inflight.oldest_since
+        return "served"
+
+    def _publish_finished(self, done: list[Finished]) -> None:
+        """Answers of finished frames, in capture order. The outputs see begin_part and the verdict of each part
+        back to back (the previous verdict stays up while the next frames are inspected)."""
+        for f in done:
+            result = f.result
+            if self._halted and result.verdict is not Verdict.FAULT:
+                # Inspected before the halt, answered after it: a halted line drives no OK/NG/REVIEW.
+                result = dataclasses.replace(result, verdict=Verdict.FAULT,
+                                             error=f"{self._halted} before this part's verdict went out")
+            self.bus.begin_part(f.frame_id)
+            self._publish(result, f.started)
+        self._inspecting_since = self._inflight.oldest_since if self._inflight is not None else None
+
+    def _drain_inflight(self) -> None:
+        if self._inflight is not None and len(self._inflight):
+            self._publish_finished(self._inflight.drain())
+
     @property
     def dropped_frames(self) -> int:
         """Frames a free-running source produced that were never inspected: replaced in the capture queue while
@@ -605,6 +668,9 @@ class Line:
         self._stop.set()
         self._ready = False
         self.bus.set_ready(False)
+        if self._inflight is not None:
+            self._drain_inflight()   # a no-op after loop(): it drained on the way out
+            self._inflight.close()
         self._close_source()
         if self.recipes is not None:
             self.recipes.close_inputs()

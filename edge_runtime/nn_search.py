@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -339,22 +340,52 @@ def build_hnsw(bank: np.ndarray, params: HnswParams, seed: int = 0, threads: int
     return index
 
 
-_BLAS = None
+_BLAS_LOCK = threading.Lock()
+_BLAS: dict = {"controller": None, "limiter": None, "users": 0}
 
 
-def single_threaded_blas():
+@contextlib.contextmanager
+def single_threaded_blas(rescan: bool = False) -> Iterator[None]:
     """A context in which numpy's BLAS runs on one thread.
 
     The re-check's GEMMs are tiny (8 queries); OpenBLAS still wakes all its threads for them, and on a 2-core
     station that costs 3x (3.4 -> 10.4 ms CPU per batch of 8, measured while the machine was busy). threadpoolctl
     is the maintained way to change BLAS threading at run time, whichever BLAS numpy was built with.
+    The limit is process-wide, so it is counted: with several inspection workers (inference.workers) it is set
+    by the first one in and restored by the last one out, never by one worker under another's feet.
+    `rescan`: look for BLAS libraries loaded since the first use (faiss and OpenCV bring their own OpenBLAS).
     """
-    global _BLAS
-    if _BLAS is None:
-        from threadpoolctl import ThreadpoolController
+    with _BLAS_LOCK:
+        if _BLAS["users"] == 0:
+            if _BLAS["controller"] is None or rescan:
+                from threadpoolctl import ThreadpoolController
 
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
+                _BLAS["controller"] = ThreadpoolController()
+            _BLAS["limiter"] = _BLAS["controller"].limit(limits=1, user_api="blas")
+        _BLAS["users"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS["users"] -= 1
+            if _BLAS["users"] == 0:
+                _BLAS["limiter"].restore_original_limits()
+                _BLAS["limiter"] = None
+
+
+def device_blas(knn: str) -> contextlib.AbstractContextManager:
+    """BLAS on one thread for as long as a device process inspects (the daemon's run, edge-bench's timed loop).
+
+    The re-check limits BLAS to one thread around its small GEMMs; when it hands the second thread back after
+    each frame, OpenBLAS wakes that thread, which then spins for a while and burns a core (measured: a 1-thread
+    pipeline used 44.8 ms CPU for a 22.6 ms frame; 22.8 ms pinned). Held for the whole run, the re-check's own
+    limit never lets go. knn: exact is left alone: its brute-force GEMM is BLAS and uses the threads.
+    faiss is loaded first so that its own OpenBLAS (IVF's coarse step) is limited too."""
+    if knn == "exact":
+        return contextlib.nullcontext()
+    with contextlib.suppress(ImportError):
+        import_faiss("the search")
+    return single_threaded_blas(rescan=True)
 
 
 class HnswSearch(RecheckedSearch):
