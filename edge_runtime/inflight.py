@@ -4,7 +4,7 @@ Two threads on one frame do not run twice as fast as one (stages and the re-chec
 frames in flight, each on one core, inspect 1.3x the frames per second on a 2-core x86 (bottle: 90 vs 70
 frames/s, benchmarks/README.md "Frames in flight"), at a longer time per frame. The line's loop stays the only thread that
 drives the outputs: it submits frames here and publishes what comes back strictly in the order the frames were
-captured, so the outputs see the same begin_part / publish sequence as with one worker. At most `workers` frames
+captured, so the outputs see the same begin_part / publish sequence as with one worker (edge_runtime/line.py). At most `workers` frames
 are in flight; when all are, the loop waits on the oldest, so a hung inspection still stops the loop (and with
 it the watchdog pings) after `workers` frames, as it does with one.
 """
@@ -54,6 +54,12 @@ class InFlight:
     @property
     def full(self) -> bool:
         return len(self._jobs) >= self.workers
+
+    @property
+    def oldest_id(self) -> int | None:
+        """Frame id of the oldest frame in flight (the next to be answered)."""
+        jobs = self._jobs
+        return jobs[0].frame_id if jobs else None
 
     @property
     def oldest_since(self) -> float | None:

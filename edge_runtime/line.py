@@ -135,6 +135,7 @@ class Line:
         self._last_heartbeat = time.monotonic()
         self._inspecting_since: float | None = None  # set while a frame is in Pipeline.inspect (health: stalled)
         self._inflight: InFlight | None = None       # free run with inference.workers > 1 (edge_runtime/inflight.py)
+        self._begun: int | None = None               # with frames in flight: the part the outputs were told began
 
     # ---- control (signal handlers and tests) ----------------------------------------------------------------
     def request_stop(self) -> None:
@@ -603,21 +604,33 @@ class Line:
             self._set_state(True, None)
         frame.frame_id = frame_id
         inflight.submit(pipeline, frame, frame_id, started)
-        self._inspecting_since = inflight.oldest_since
+        self._begin_oldest()
         return "served"
 
+    def _begin_oldest(self) -> None:
+        """The outputs hear begin_part for the oldest frame in flight, i.e. right after the previous verdict went
+        out (or when a frame enters an empty queue): the verdict is withdrawn while the next part is inspected,
+        exactly as with one worker, and every part's begin_part comes before its verdict and after the last one."""
+        inflight = self._inflight
+        head = inflight.oldest_id if inflight is not None else None
+        if head is not None and head != self._begun:
+            self.bus.begin_part(head)
+            self._begun = head
+        self._inspecting_since = inflight.oldest_since if inflight is not None else None
+
     def _publish_finished(self, done: list[Finished]) -> None:
-        """Answers of finished frames, in capture order. The outputs see begin_part and the verdict of each part
-        back to back (the previous verdict stays up while the next frames are inspected)."""
+        """Answers of finished frames, in capture order, then begin_part for the next one in flight."""
         for f in done:
             result = f.result
             if self._halted and result.verdict is not Verdict.FAULT:
                 # Inspected before the halt, answered after it: a halted line drives no OK/NG/REVIEW.
                 result = dataclasses.replace(result, verdict=Verdict.FAULT,
                                              error=f"{self._halted} before this part's verdict went out")
-            self.bus.begin_part(f.frame_id)
+            if self._begun != f.frame_id:   # a later frame of the same batch: its begin_part follows the last verdict
+                self.bus.begin_part(f.frame_id)
+            self._begun = None
             self._publish(result, f.started)
-        self._inspecting_since = self._inflight.oldest_since if self._inflight is not None else None
+        self._begin_oldest()
 
     def _drain_inflight(self) -> None:
         if self._inflight is not None and len(self._inflight):
