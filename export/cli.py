@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from edge_runtime.geometry import DEFAULT_PIXELS
+from edge_runtime.nn_search import HnswParams
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -47,7 +48,6 @@ def _print_bundle(bundle, where) -> None:
 
 
 def _fit(a: argparse.Namespace) -> int:
-    from edge_runtime.nn_search import HnswParams
     from export.dataset import describe_training_data
     from export.fit import FitSettings, fit
 
@@ -238,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--default-variant", choices=["int8", "fp32"], default="int8",
                    help="variant the device runs unless its station file says otherwise (default: int8); fp32 "
                         "when a GPU runs the model or INT8 loses accuracy on your parts")
-    f.add_argument("--ef", type=int, default=32,
-                   help="HNSW ef at query time, stored in the manifest (default: 32); higher is slower and "
-                        "closer to exact (the image score is re-checked exactly either way)")
+    f.add_argument("--ef", type=int, default=HnswParams.ef_search,
+                   help=f"HNSW ef at query time, stored in the manifest (default: {HnswParams.ef_search}); higher is "
+                        "slower and closer to exact for the heat map (the image score is re-checked exactly either "
+                        "way); a station overrides it with inference.ef_search")
     f.add_argument("--hnsw-m", type=int, default=16,
                    help="HNSW links per node (default: 16); raise (e.g. 32) if edge-runtime check reports low recall")
     f.add_argument("--hnsw-ef-construction", type=int, default=200,
