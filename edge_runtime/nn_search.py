@@ -104,8 +104,11 @@ class ExactSearch:
         else:
             axes = np.eye(d, m, dtype=np.float32)
         self._axes = axes
-        self._prefix = np.ascontiguousarray((self.bank - self._mean) @ axes)     # (n, m): a third of the bank
-        self._prefix_sq = np.einsum("ij,ij->i", self._prefix, self._prefix)
+        prefix = (self.bank - self._mean) @ axes                                 # (n, m): a third of the bank
+        self._prefix_sq = np.einsum("ij,ij->i", prefix, prefix)
+        # Held as (m, n): queries @ it is one row-major GEMM, 2x faster for a batch of 8 than against the
+        # transposed (n, m) view (0.35 vs 0.75 ms on the bottle bank, one BLAS thread).
+        self._prefix_t = np.ascontiguousarray(prefix.T)
         self.candidates_last = 0
 
     @property
@@ -142,7 +145,7 @@ class ExactSearch:
         """(b, n) squared prefix distances of each query to every bank vector: lower bounds of the full ones (up to
         float32 rounding, which `BOUND_SLACK` covers). One small GEMM over the bank's prefix, one row per query."""
         qp = (np.ascontiguousarray(queries, dtype=np.float32) - self._mean) @ self._axes
-        lower2 = qp @ self._prefix.T
+        lower2 = qp @ self._prefix_t
         lower2 *= -2.0
         lower2 += self._prefix_sq
         lower2 += np.einsum("ij,ij->i", qp, qp)[:, None]
