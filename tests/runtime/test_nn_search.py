@@ -135,3 +135,38 @@ def test_nearest_below_is_exact_within_its_limit_and_empty_beyond(anisotropic):
         assert abs(d - d_true) < 1e-4 and k == brute[i].argmin()
         d, k = search.nearest_below(q, lower2[i], d_true * 0.9)     # nothing that near: (inf, -1), or farther
         assert k == -1 or d > d_true * 0.9
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dense_path_returns_the_difference_kernels_own_nearest(seed, anisotropic):
+    """A defect-like patch (far from every bank vector) leaves most of the bank as candidates: the nearest is then
+    found by one expanded-form pass over the bank and measured in the difference kernel. It must be bit for bit
+    the answer of the difference kernel over the whole bank, ties and near-ties included."""
+    bank, queries = anisotropic(seed=seed, q=12, query_scale=4.0)
+    bank = np.concatenate([bank, bank[:50] + np.float32(1e-7), bank[:50]])   # exact and near duplicates
+    search = ExactSearch(bank)
+    lower2 = search.prefix_lower(queries)
+    for i, q in enumerate(queries):
+        diff = bank - q
+        d2 = np.einsum("ij,ij->i", diff, diff)
+        best = float(np.sqrt(d2.min()))
+        for limit in (np.inf, best * 3.0):
+            search.candidates_last = 0
+            d, k = search.nearest_below(q, lower2[i], limit)
+            assert search.candidates_last > ExactSearch.DENSE_SHARE * len(bank)   # the dense path ran
+            assert d == best and d2[k] == d2.min(), (seed, i, limit)
+
+
+def test_dense_path_survives_the_expanded_forms_cancellation():
+    """Far from the origin |b|^2 - 2 q.b loses the digits that tell near rows apart (float32 ulp of |c|^2 ~ 0.5 here,
+    row-to-row differences ~0.1): the expanded pass may only shortlist, the difference kernel must decide."""
+    rng = np.random.default_rng(11)
+    centre = rng.normal(size=64).astype(np.float32) * 300.0
+    bank = centre + rng.normal(size=(3000, 64)).astype(np.float32) * 0.05
+    search = ExactSearch(bank)
+    for _ in range(20):
+        q = (centre + rng.normal(size=64).astype(np.float32) * 0.05).astype(np.float32)
+        diff = bank - q
+        d2 = np.einsum("ij,ij->i", diff, diff)
+        d, k = search.nearest_below(q, search.prefix_lower(q[None])[0], np.inf)
+        assert k == int(np.argmin(d2)) and d == float(np.sqrt(d2.min()))
