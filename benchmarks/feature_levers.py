@@ -47,6 +47,12 @@ ROWS: dict[str, tuple[Path, dict, str]] = {
     "tile/letterbox": (TILE, {"prep": "letterbox"}, "aspect kept, padded to 240 x 272 (grey 127)"),
     "tile/taps-2+5": (TILE, {"taps": (2, 5)}, "taps stage 2 + stage 5 (stride 8 + 32, 40 + 192 ch) instead of 2 + 4"),
     "tile/taps-2+3": (TILE, {"taps": (2, 3)}, "taps stage 2 + stage 3 (stride 8 + 16, 40 + 80 ch) instead of 2 + 4"),
+    # The three best single levers together (fourth session): do they add up?
+    "tile/208x232+gain-0.5": (TILE, {"canvas": (208, 232), "norm": 0.5}, "208 x 232 and contrast x0.5"),
+    "tile/208x232+gain-0.5+taps-2+5": (TILE, {"canvas": (208, 232), "norm": 0.5, "taps": (2, 5)},
+                                       "208 x 232, contrast x0.5, taps 2 + 5"),
+    "tile/208x232+gain-0.5+lite2": (TILE, {"canvas": (208, 232), "norm": 0.5, "backbone": "lite2"},
+                                    "208 x 232, contrast x0.5, lite2"),
     "bottle/base": (BOTTLE, {"canvas": (256, 256), "exact": True, "pixel": True}, "256 x 256, native statistics (the fit default)"),
     "bottle/imagenet": (BOTTLE, {"canvas": (256, 256), "exact": True, "pixel": True, "norm": "imagenet"}, "ImageNet input statistics"),
     "bottle/320": (BOTTLE, {"canvas": (320, 320), "exact": True, "pixel": True}, "320 x 320"),

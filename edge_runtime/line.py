@@ -525,7 +525,7 @@ class Line:
         event = self.trigger.wait(timeout)
         if event is None:
             return "idle"
-        if self.trigger.is_free_run and self._inflight is not None:
+        if self._inflight is not None:   # free run with inference.workers > 1
             return self._serve_in_flight(pipeline)
         if self.trigger.is_free_run:
             frame = self._source.read(timeout)

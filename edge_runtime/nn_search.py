@@ -408,11 +408,10 @@ def device_blas(knn: str) -> contextlib.AbstractContextManager:
     each frame, OpenBLAS wakes that thread, which then spins for a while and burns a core (measured: a 1-thread
     pipeline used 44.8 ms CPU for a 22.6 ms frame; 22.8 ms pinned). Held for the whole run, the re-check's own
     limit never lets go. knn: exact is left alone: its brute-force GEMM is BLAS and uses the threads.
-    faiss is loaded first so that its own OpenBLAS (IVF's coarse step) is limited too."""
+    Rescanned: numpy's and OpenCV's OpenBLAS (pthreads) are the ones that spin; faiss's is an OpenMP build whose
+    idle threads sleep (`import_faiss`)."""
     if knn == "exact":
         return contextlib.nullcontext()
-    with contextlib.suppress(ImportError):
-        import_faiss("the search")
     return single_threaded_blas(rescan=True)
 
 
