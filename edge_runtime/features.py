@@ -20,9 +20,12 @@ def make_session(model: Path | bytes, threads: int = 2, providers: list[str] | N
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle intra-op threads otherwise spin ~40 ms after each run and steal a core from the search stage:
-    # on 2 cores INT8 + HNSW went from 32.9 to 16.4 ms per frame without spinning (benchmarks/runtime_knobs.py).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Intra-op threads spin while a run lasts (the 33 convolutions hand work to each other without a sleep and
+    # wake-up between them: INT8 features 3.4-3.65 -> 2.8-3.0 ms) and stop when it ends: left spinning ~40 ms
+    # after each run they stole a core from the search stage (INT8 + HNSW 32.9 vs 16.4 ms per frame,
+    # benchmarks/runtime_knobs.py). benchmarks/ort_spinning.py compares the settings.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     available = ort.get_available_providers()
     wanted = providers or ["CPUExecutionProvider"]
     missing = [p for p in wanted if p not in available]
