@@ -40,8 +40,8 @@ class InferenceConfig:
     knn: Literal["hnsw", "hnswlib", "exact", "onnx", "ivf"] = "hnsw"
     threads: int = 2   # the line's cores for inference, shared by its workers
     # Frames a free-running line inspects at once, each on threads // workers cores (edge_runtime/inflight.py):
-    # 2 with threads 2 inspects 1.3x the frames per second of 1 (bottle, 2-core x86: 90 vs 70 frames/s) at a
-    # longer time per frame (21 vs 13 ms). A triggered line inspects one part at a time.
+    # 2 with threads 2 inspects 1.25x the frames per second of 1 (bottle, 2-core x86: 113-123 vs 92-97) at a
+    # longer time per frame (15-17 vs 10 ms). A triggered line inspects one part at a time.
     workers: int = 1
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     ef_search: int | None = None                      # None: the bundle's value

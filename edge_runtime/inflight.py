@@ -1,11 +1,11 @@
 """Frames of a free-running line inspected by several worker threads at once, answered in frame order.
 
 Two threads on one frame do not run twice as fast as one (stages and the re-check are partly serial); two
-frames in flight, each on one core, inspect 1.3x the frames per second on a 2-core x86 (bottle: 90 vs 70
-frames/s, benchmarks/README.md "Frames in flight"), at a longer time per frame. The line's loop stays the only thread that
-drives the outputs: it submits frames here and publishes what comes back strictly in the order the frames were
-captured, so the outputs see the same begin_part / publish sequence as with one worker (edge_runtime/line.py). At most `workers` frames
-are in flight; when all are, the loop waits on the oldest, so a hung inspection still stops the loop (and with
+frames in flight, each on one core, inspect 1.25x the frames per second on a 2-core x86 (bottle: 113-123 vs
+92-97 frames/s, benchmarks/README.md "Frames in flight"), at a longer time per frame. The line's loop stays the
+only thread that drives the outputs: it submits frames here and publishes what comes back strictly in the order
+the frames were captured, so the outputs see the same begin_part / publish sequence as with one worker
+(edge_runtime/line.py). At most `workers` frames are in flight; when all are, the loop waits on the oldest, so a hung inspection still stops the loop (and with
 it the watchdog pings) after `workers` frames, as it does with one.
 """
 from __future__ import annotations
