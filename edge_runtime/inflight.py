@@ -5,8 +5,8 @@ frames in flight, each on one core, inspect 1.25x the frames per second on a 2-c
 92-97 frames/s, benchmarks/README.md "Frames in flight"), at a longer time per frame. The line's loop stays the
 only thread that drives the outputs: it submits frames here and publishes what comes back strictly in the order
 the frames were captured, so the outputs see the same begin_part / publish sequence as with one worker
-(edge_runtime/line.py). At most `workers` frames are in flight; when all are, the loop waits on the oldest, so a hung inspection still stops the loop (and with
-it the watchdog pings) after `workers` frames, as it does with one.
+(edge_runtime/line.py). At most `workers` frames are in flight; when all are, the loop waits on the oldest, so
+a hung inspection still stops the loop (and with it the watchdog pings) after `workers` frames, as with one.
 """
 from __future__ import annotations
 
