@@ -120,6 +120,9 @@ class Line:
         self.fault_reason: str | None = "starting"
         self.last_verdict: str | None = None
         self._ready = False
+        # (ready, fault reason) as one value for /healthz and state(), written once per change: the HTTP thread
+        # must never see the fault cleared before READY is up ("not_ready" in passing, seen in CI).
+        self._health: tuple[bool, str | None] = (False, "starting")
         self._halted: str | None = None       # set: the station stays in FAULT and inspects nothing until restart
         self._record_fault: str | None = None  # the last part could not be recorded (on_record_failure: fault)
         self._stop = threading.Event()
@@ -155,7 +158,8 @@ class Line:
     @property
     def state(self) -> LineState:
         """The line's state as an enum (see edge_runtime/station_state.py)."""
-        return LineState.of(stopping=self._stop.is_set(), fault_reason=self.fault_reason, ready=self._ready,
+        ready, reason = self._health
+        return LineState.of(stopping=self._stop.is_set(), fault_reason=reason, ready=ready,
                             busy=self._inspecting_since is not None, loaded=self.pipeline is not None)
 
     def _tag(self, text: str) -> str:
@@ -189,6 +193,7 @@ class Line:
         if ready != self._ready:
             self.bus.set_ready(ready)
             self._ready = ready
+        self._health = (self._ready, self.fault_reason)
 
     def _halt(self, reason: str) -> None:
         if self._halted is None:
@@ -198,7 +203,8 @@ class Line:
     # ---- status for /healthz and /metrics ----------------------------------------------------------------------
     def status(self) -> StationStatus:
         # A fault wins over READY: a station that cannot record its parts is not healthy even while it runs.
-        state = "fault" if self.fault_reason else ("ready" if self._ready else "not_ready")
+        ready, reason = self._health
+        state = "fault" if reason else ("ready" if ready else "not_ready")
         c = self.counters
         pipeline = self.pipeline
         counters = {"source_errors": c.source_errors, "reloads": c.reloads, "reload_failures": c.reload_failures,
@@ -209,7 +215,7 @@ class Line:
         if self.recipes is not None:
             counters.update(self.recipes.counters())
         return StationStatus(
-            state=state, reason=self.fault_reason,
+            state=state, reason=reason,
             bundle_id=pipeline.bundle.bundle_id if pipeline else None, frames=c.frames,
             last_verdict=self.last_verdict, uptime_s=time.monotonic() - self._started, verdicts=dict(self.verdicts),
             faults=c.faults + c.source_errors, skipped=getattr(self._source, "skipped", 0),
@@ -680,6 +686,7 @@ class Line:
         """Every output back to its safe state and flushed; source closed; counter saved."""
         self._stop.set()
         self._ready = False
+        self._health = (False, self.fault_reason)
         self.bus.set_ready(False)
         if self._inflight is not None:
             self._drain_inflight()   # a no-op after loop(): it drained on the way out

@@ -264,3 +264,25 @@ def test_sigterm_drives_gpio_lines_inactive_and_releases_them(small_bundle, part
     # OK was asserted only while the last published part was OK.
     ok_parts = [r for r in rec.results if r.verdict is Verdict.OK]
     assert any(state[1] for state in lines.history) == bool(ok_parts)
+
+
+def test_healthz_never_reads_no_fault_and_not_ready_while_the_line_comes_up(small_bundle, part_images_bytes,
+                                                                           write_station):
+    """/healthz runs on its own thread: while the line clears "starting" and raises READY (outputs are driven in
+    between), it must read the state before or after, never "not_ready" in passing (a CI failure)."""
+    seen: list[str] = []
+
+    class Probe(RecordingOutput):
+        station: Station | None = None
+
+        def set_ready(self, ready: bool) -> None:
+            if ready and self.station is not None:
+                seen.append(self.station.status().state)   # what /healthz answers at this very moment
+            super().set_ready(ready)
+
+    probe = Probe()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, recovery=FAST_RECOVERY))
+    station = Station(cfg, source=ScriptedSource(steps=part_images_bytes[:2]), outputs=[probe])
+    probe.station = station
+    assert station.run() == 0
+    assert seen and "not_ready" not in seen, seen
