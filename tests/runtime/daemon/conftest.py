@@ -5,6 +5,7 @@ import json
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +26,38 @@ def _read_log(path: Path) -> list[dict]:
     lines = path.read_bytes().split(b"\n")
     assert lines[-1] == b"", f"{path} does not end with a complete line"
     return [json.loads(line) for line in lines[:-1]]
+
+
+def _wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _stop_on_fault(station: Station, text: str) -> None:
+    """Stop `station` at the first loop round that finds its line in a fault naming `text`."""
+    beat = station.line.on_heartbeat
+
+    def stop_on_fault(line):
+        beat(line)
+        if line.fault_reason and text in line.fault_reason:
+            station.request_stop()
+
+    station.line.on_heartbeat = stop_on_fault
+
+
+@pytest.fixture
+def wait_until() -> Callable[..., None]:
+    """wait_until(predicate, timeout=30, what=...): poll until true, else fail naming `what`."""
+    return _wait_until
+
+
+@pytest.fixture
+def stop_on_fault() -> Callable[[Station, str], None]:
+    """stop_on_fault(station, text): the station stops itself once its line faults with `text` in the reason."""
+    return _stop_on_fault
 
 
 @pytest.fixture

@@ -23,14 +23,6 @@ class LiveScripted(ScriptedSource):
     live = True   # a camera: the line puts it behind a capture thread in free run
 
 
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def answers(rec: RecordingOutput) -> list[tuple[int, str, float | None]]:
     """(frame id counted from the run's first, verdict, score); a second run continues the saved id counter."""
     first = rec.results[0].frame_id if rec.results else 0
@@ -115,7 +107,7 @@ def test_a_hung_frame_is_never_overtaken_and_stops_the_heartbeat(small_bundle, w
     assert len(rec.results) == 8 and all(r.verdict is not Verdict.FAULT for r in rec.results)
 
 
-def test_a_halt_turns_answers_still_in_flight_into_fault(small_bundle, write_station, part_images_bytes):
+def test_a_halt_turns_answers_still_in_flight_into_fault(small_bundle, write_station, part_images_bytes, wait_until):
     good = part_images_bytes[:2] * 4
     rec = RecordingOutput()
     cfg = load_station(write_station(bundle=small_bundle, source={"type": "scripted"}, capture=WAIT,
@@ -136,21 +128,14 @@ def test_a_halt_turns_answers_still_in_flight_into_fault(small_bundle, write_sta
 
 
 def test_frames_in_flight_are_answered_before_a_lost_camera_faults_the_line(small_bundle, write_station,
-                                                                           part_images_bytes):
+                                                                           part_images_bytes, stop_on_fault):
     rec = RecordingOutput()
     cfg = load_station(write_station(bundle=small_bundle, source={"type": "scripted"}, capture=WAIT,
                                      inference={"threads": 2, "workers": 2},
                                      recovery={"read_timeout_s": 0.1, "backoff_initial_s": 5, "backoff_max_s": 5}))
     station = Station(cfg, source=LiveScripted(steps=part_images_bytes[:3] + [SourceError("camera unplugged")]),
                       outputs=[rec])
-    beat = station.line.on_heartbeat
-
-    def stop_on_fault(line):
-        beat(line)
-        if line.fault_reason and "camera unplugged" in line.fault_reason:
-            station.request_stop()
-
-    station.line.on_heartbeat = stop_on_fault
+    stop_on_fault(station, "camera unplugged")
     station.run()
     assert [r.verdict is not Verdict.FAULT for r in rec.results] == [True, True, True]
     fault_at = next(i for i, (name, arg) in enumerate(rec.calls) if name == "set_fault" and arg
@@ -159,7 +144,8 @@ def test_frames_in_flight_are_answered_before_a_lost_camera_faults_the_line(smal
     assert last_publish < fault_at, "a verdict went out after the line had faulted"
 
 
-def test_workers_are_checked_and_a_triggered_line_keeps_one(small_bundle, write_station, part_images_bytes):
+def test_workers_are_checked_and_a_triggered_line_keeps_one(small_bundle, write_station, part_images_bytes,
+                                                            wait_until):
     with pytest.raises(ConfigError, match=r"inference\.workers: must be 1-8"):
         load_station(write_station(bundle=small_bundle, source={"type": "scripted"}, inference={"workers": 0}))
     cfg = load_station(write_station(bundle=small_bundle, source={"type": "scripted"}, trigger={"type": "software"},

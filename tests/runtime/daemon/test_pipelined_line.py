@@ -57,7 +57,8 @@ def test_paced_source_file_errors_name_the_key(write_station, small_bundle, tmp_
         src.open()
 
 
-def test_lost_camera_behind_the_capture_thread_faults_the_line(small_bundle, write_station, part_images_bytes):
+def test_lost_camera_behind_the_capture_thread_faults_the_line(small_bundle, write_station, part_images_bytes,
+                                                               stop_on_fault):
     from edge_runtime.sources import ScriptedSource, SourceError
 
     class LiveScripted(ScriptedSource):
@@ -68,14 +69,7 @@ def test_lost_camera_behind_the_capture_thread_faults_the_line(small_bundle, wri
                                      recovery={"read_timeout_s": 0.1, "backoff_initial_s": 5, "backoff_max_s": 5}))
     station = Station(cfg, source=LiveScripted(steps=part_images_bytes[:2] + [SourceError("camera unplugged")]),
                       outputs=[rec])
-    beat = station.line.on_heartbeat
-
-    def stop_on_fault(line):
-        beat(line)
-        if line.fault_reason and "camera unplugged" in line.fault_reason:
-            station.request_stop()
-
-    station.line.on_heartbeat = stop_on_fault
+    stop_on_fault(station, "camera unplugged")
     station.run()
     assert [r.verdict is not Verdict.FAULT for r in rec.results] == [True, True]
     assert "camera unplugged" in station.fault_reason and rec.ready is False
