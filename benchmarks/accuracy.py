@@ -95,7 +95,7 @@ def main() -> int:
     ap.add_argument("--name", required=True)
     ap.add_argument("--coreset-ratio", type=float, default=0.1)
     ap.add_argument("--max-train", type=int, default=None)
-    ap.add_argument("--backbone", default="lite0")
+    ap.add_argument("--backbone", default="auto", help="lite0, lite2 or auto (default: auto, as fit)")
     ap.add_argument("--input-size", default=None, help="WxH model input (default: fit's choice)")
     ap.add_argument("--pixels", type=int, default=None, help="model pixels per tile (default: fit's)")
     ap.add_argument("--scale", type=float, default=None, help="tiling scale (default: one tile)")

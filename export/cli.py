@@ -180,9 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--coreset-ratio", type=float, default=0.1,
                    help="fraction of good patches kept in the memory bank (default: 0.1); 0.01 gives a 10x smaller "
                         "bank and a faster fit, at the same image AUROC on bottle (shared/SEARCH.md)")
-    f.add_argument("--backbone", choices=["lite0", "lite2"], default="lite0",
-                   help="feature extractor (default: lite0); lite2 for hard, subtle defects (+3 AUROC points on thin cracks "
-                        "in shared/BACKBONES.md) at about 1.5x the inference time")
+    f.add_argument("--backbone", choices=["auto", "lite0", "lite2"], default="auto",
+                   help="feature extractor (default: auto: with --calibration-defects, lite0 and lite2 are both fitted "
+                        "and the one whose cross-fitted good scores separate your defects better is kept, lite0 on a "
+                        "tie, so the fit takes twice as long; without defects lite0). lite2: +3 AUROC points on thin "
+                        "cracks in shared/BACKBONES.md, about 1.5x the inference time")
     f.add_argument("--input-size", type=_size, default=None, metavar="WxH",
                    help="model input (one tile) in pixels, multiples of 16 (default: chosen from the training "
                         "images: their median aspect ratio and size, at most --pixels pixels)")

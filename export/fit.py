@@ -15,16 +15,17 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import yaml
 
 import edge_runtime
 from edge_runtime import scoring
-from edge_runtime.bundle import SCHEMA_VERSION, Bundle, sha256_file, write_manifest
+from edge_runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256_file, write_manifest
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.decode import declared_size, load_image
 from edge_runtime.geometry import DEFAULT_PIXELS, STRIDE, Geometry, default_input_size, plan_tiles
@@ -44,7 +45,9 @@ from export.patch_features import PatchFeatures, aggregation, input_norm
 @dataclass
 class FitSettings:
     coreset_ratio: float = 0.1
-    backbone: str = "lite0"
+    # auto: with calibration defects, fit each of BACKBONE_CANDIDATES and keep the one that separates them best
+    # (fit_auto_backbone); without defects, lite0.
+    backbone: str = "auto"
     input_size: tuple[int, int] | None = None  # model input (W, H); None: from the images' aspect and `pixels`
     pixels: int = DEFAULT_PIXELS               # model input pixels per tile when input_size is not given
     scale: float | None = None                 # tiling: canvas pixels per frame pixel; None: one tile per frame
@@ -250,9 +253,72 @@ def software_versions() -> dict:
             "opencv": cv2.__version__, "hnswlib": version("hnswlib")}
 
 
+# Fastest first: on a tie the first is kept. lite2 costs ~1.5x the inference time of lite0 and gained 3 image-AUROC
+# points on thin cracks in portrait parts (shared/BACKBONES.md); on bottle and magnetic tile the two are level.
+BACKBONE_CANDIDATES = ("lite0", "lite2")
+# A candidate replaces an earlier one only when its calibration AUROC is higher by more than this.
+BACKBONE_TOLERANCE = 0.005
+
+
 def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibration_defects: Path | None = None,
         overwrite: bool = False) -> Bundle:
+    """Fit a bundle into `out`. `settings.backbone == "auto"` picks the backbone (fit_auto_backbone)."""
     s = settings or FitSettings()
+    if s.backbone == "auto":
+        return fit_auto_backbone(data_dir, out, s, calibration_defects, overwrite)
+    return _fit(data_dir, out, s, calibration_defects, overwrite)
+
+
+def choose_backbone(separation: dict[str, float | None]) -> tuple[str, str]:
+    """(backbone, reason) from each candidate's calibration AUROC, candidates in BACKBONE_CANDIDATES order."""
+    first = chosen = next(iter(separation))
+    for name, auc in separation.items():
+        if auc is not None and auc > (separation[chosen] or 0.0) + BACKBONE_TOLERANCE:
+            chosen = name
+    listed = ", ".join(f"{n} {a:.4f}" for n, a in separation.items() if a is not None)
+    why = (f"the fastest; no other is better by more than {BACKBONE_TOLERANCE}" if chosen == first
+           else f"better by more than {BACKBONE_TOLERANCE}")
+    return chosen, f"calibration AUROC (cross-fitted good vs calibration defects) {listed}: {chosen} ({why})"
+
+
+def fit_auto_backbone(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | None = None,
+                      overwrite: bool = False) -> Bundle:
+    """The backbone chosen by the user's own defects: every candidate is fitted beside `out` and the one whose
+    cross-fitted good scores separate the calibration defects best is kept (the faster one on a tie); the fit
+    takes that many times as long. Without calibration defects there is nothing to compare on: lite0."""
+    out = Path(out)
+    if not calibration_defects or not calibration_images(calibration_defects):
+        log("backbone auto: lite0 (no calibration defects to compare the backbones on)")
+        return _fit(data_dir, out, replace(s, backbone=BACKBONE_CANDIDATES[0]), calibration_defects, overwrite)
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty (use --overwrite)")
+    trials: dict[str, Bundle] = {}
+    try:
+        for name in BACKBONE_CANDIDATES:
+            log(f"backbone auto: fitting {name} ({len(trials) + 1} of {len(BACKBONE_CANDIDATES)})")
+            trials[name] = _fit(data_dir, out.parent / f".{out.name}.{name}.trial", replace(s, backbone=name),
+                                calibration_defects, overwrite=True)
+        separation = {name: b.manifest["variants"][b.manifest["default_variant"]].get("calibration_auroc")
+                      for name, b in trials.items()}
+        chosen, reason = choose_backbone(separation)
+        log(f"backbone auto: {reason}")
+        if out.exists():
+            shutil.rmtree(out)
+        trials.pop(chosen).root.rename(out)
+    finally:
+        for b in trials.values():
+            shutil.rmtree(b.root, ignore_errors=True)
+    manifest = yaml.safe_load((out / MANIFEST).read_text())
+    manifest["fit"]["backbone_choice"] = {"candidates": separation, "chosen": chosen, "reason": reason}
+    manifest["bundle_id"] = None   # a new manifest: a new id
+    write_manifest(out, manifest)
+    bundle = Bundle.load(out)
+    log(f"bundle {bundle.bundle_id} ({chosen}) written to {out}")
+    return bundle
+
+
+def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | None = None,
+         overwrite: bool = False) -> Bundle:
     t_fit = time.time()
     clock = StageClock()
     out = Path(out)

@@ -125,3 +125,43 @@ def test_default_variant_falls_back_to_fp32_only_when_defects_say_so():
     assert choose_default_variant("int8", {"int8": 0.996, "fp32": 1.0})[0] == "int8"
     name, reason = choose_default_variant("int8", {"int8": 0.95, "fp32": 0.99})
     assert name == "fp32" and "0.9500" in reason
+
+
+def test_backbone_choice_keeps_the_faster_one_unless_another_separates_defects_better():
+    from export.fit import BACKBONE_TOLERANCE, choose_backbone
+
+    assert choose_backbone({"lite0": 1.0, "lite2": 1.0})[0] == "lite0"
+    assert choose_backbone({"lite0": 0.95, "lite2": 0.95 + BACKBONE_TOLERANCE / 2})[0] == "lite0"
+    name, reason = choose_backbone({"lite0": 0.90, "lite2": 0.93})
+    assert name == "lite2" and "lite0 0.9000" in reason and "lite2 0.9300" in reason
+    assert choose_backbone({"lite0": 0.97, "lite2": None})[0] == "lite0"
+
+
+def test_auto_backbone_fits_each_candidate_on_the_users_defects_and_keeps_one(synthetic_dataset, tmp_path, capsys):
+    """With calibration defects both backbones are fitted; one verified bundle is left, recording why."""
+    from export.fit import BACKBONE_CANDIDATES, FitSettings, choose_backbone, fit
+
+    defects = tmp_path / "defects"
+    for kind in ("scratch", "dent"):
+        (defects / kind).mkdir(parents=True)
+        for p in sorted((synthetic_dataset / "test" / kind).glob("*.png"))[:2]:
+            shutil.copy(p, defects / kind / p.name)
+    out = tmp_path / "bundle"
+    bundle = fit(synthetic_dataset / "train" / "good", out, FitSettings(coreset_ratio=0.05, int8_calibration_images=8,
+                                                                         cross_fit_folds=3),
+                 calibration_defects=defects)
+    choice = bundle.manifest["fit"]["backbone_choice"]
+    assert set(choice["candidates"]) == set(BACKBONE_CANDIDATES)
+    assert all(0.0 <= a <= 1.0 for a in choice["candidates"].values())
+    assert choice["chosen"] == choose_backbone(choice["candidates"])[0] == bundle.manifest["backbone"]["name"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "defects"]   # no trial left behind
+    assert Bundle.load(out).bundle_id == bundle.bundle_id   # checksums and id hold after the choice was recorded
+    assert "backbone auto:" in capsys.readouterr().err
+
+
+def test_auto_backbone_without_defects_is_lite0_in_one_fit(synthetic_dataset, tmp_path):
+    from export.fit import FitSettings, fit
+
+    bundle = fit(synthetic_dataset / "train" / "good", tmp_path / "b",
+                 FitSettings(coreset_ratio=0.02, int8_calibration_images=8, cross_fit_folds=0, max_train=12))
+    assert bundle.manifest["backbone"]["name"] == "lite0" and "backbone_choice" not in bundle.manifest["fit"]
