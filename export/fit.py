@@ -292,22 +292,21 @@ def fit_auto_backbone(data_dir: Path, out: Path, s: FitSettings, calibration_def
         return _fit(data_dir, out, replace(s, backbone=BACKBONE_CANDIDATES[0]), calibration_defects, overwrite)
     if out.exists() and not overwrite and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty (use --overwrite)")
-    trials: dict[str, Bundle] = {}
+    paths = {name: out.parent / f".{out.name}.{name}.trial" for name in BACKBONE_CANDIDATES}
     try:
-        for name in BACKBONE_CANDIDATES:
-            log(f"backbone auto: fitting {name} ({len(trials) + 1} of {len(BACKBONE_CANDIDATES)})")
-            trials[name] = _fit(data_dir, out.parent / f".{out.name}.{name}.trial", replace(s, backbone=name),
-                                calibration_defects, overwrite=True)
-        separation = {name: b.manifest["variants"][b.manifest["default_variant"]].get("calibration_auroc")
-                      for name, b in trials.items()}
+        separation = {}
+        for i, (name, path) in enumerate(paths.items()):
+            log(f"backbone auto: fitting {name} ({i + 1} of {len(paths)})")
+            b = _fit(data_dir, path, replace(s, backbone=name), calibration_defects, overwrite=True)
+            separation[name] = b.manifest["variants"][b.manifest["default_variant"]].get("calibration_auroc")
         chosen, reason = choose_backbone(separation)
         log(f"backbone auto: {reason}")
         if out.exists():
             shutil.rmtree(out)
-        trials.pop(chosen).root.rename(out)
-    finally:
-        for b in trials.values():
-            shutil.rmtree(b.root, ignore_errors=True)
+        paths.pop(chosen).rename(out)
+    finally:   # the other trials, and whatever a failed fit left
+        for path in paths.values():
+            shutil.rmtree(path, ignore_errors=True)
     manifest = yaml.safe_load((out / MANIFEST).read_text())
     manifest["fit"]["backbone_choice"] = {"candidates": separation, "chosen": chosen, "reason": reason}
     manifest["bundle_id"] = None   # a new manifest: a new id
