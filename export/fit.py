@@ -293,6 +293,7 @@ def fit_auto_backbone(data_dir: Path, out: Path, s: FitSettings, calibration_def
     if out.exists() and not overwrite and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty (use --overwrite)")
     paths = {name: out.parent / f".{out.name}.{name}.trial" for name in BACKBONE_CANDIDATES}
+    t0 = time.time()
     try:
         separation = {}
         for i, (name, path) in enumerate(paths.items()):
@@ -308,7 +309,8 @@ def fit_auto_backbone(data_dir: Path, out: Path, s: FitSettings, calibration_def
         for path in paths.values():
             shutil.rmtree(path, ignore_errors=True)
     manifest = yaml.safe_load((out / MANIFEST).read_text())
-    manifest["fit"]["backbone_choice"] = {"candidates": separation, "chosen": chosen, "reason": reason}
+    manifest["fit"]["backbone_choice"] = {"candidates": separation, "chosen": chosen, "reason": reason,
+                                          "seconds_all_candidates": round(time.time() - t0, 1)}
     manifest["bundle_id"] = None   # a new manifest: a new id
     write_manifest(out, manifest)
     bundle = Bundle.load(out)

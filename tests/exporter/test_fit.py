@@ -151,7 +151,7 @@ def test_auto_backbone_fits_each_candidate_on_the_users_defects_and_keeps_one(sy
                                                                          cross_fit_folds=3),
                  calibration_defects=defects)
     choice = bundle.manifest["fit"]["backbone_choice"]
-    assert set(choice["candidates"]) == set(BACKBONE_CANDIDATES)
+    assert set(choice["candidates"]) == set(BACKBONE_CANDIDATES) and choice["seconds_all_candidates"] > 0
     assert all(0.0 <= a <= 1.0 for a in choice["candidates"].values())
     assert choice["chosen"] == choose_backbone(choice["candidates"])[0] == bundle.manifest["backbone"]["name"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "defects"]   # no trial left behind
