@@ -154,7 +154,8 @@ class RolloutManager(Output):
             if result.verdict is Verdict.FAULT:
                 self._faults.append(f"frame {result.frame_id}: {result.error}")
             if len(self._faults) == self.cfg.probation_max_faults:
-                self._offers.put(("rollback", None))
+                # What tripped it, as of now: parts keep coming until the rollout thread swaps the bundle back.
+                self._offers.put(("rollback", (list(self._faults), self._parts)))
             elif self._parts == self.cfg.probation_parts and len(self._faults) < self.cfg.probation_max_faults:
                 self._offers.put(("commit", None))
 
@@ -209,7 +210,7 @@ class RolloutManager(Output):
                 if kind == "offer":
                     self._take_offer(*arg)
                 elif kind == "rollback":
-                    self._rollback()
+                    self._rollback(*arg)
                 elif kind == "commit":
                     self._commit()
             except Exception as exc:  # noqa: BLE001 - a rollout failure must never stop the station
@@ -288,12 +289,12 @@ class RolloutManager(Output):
                     self.cfg.probation_parts, current.bundle.bundle_id if current else "none")
         self._record("switched", self.detail)
 
-    def _rollback(self) -> None:
+    def _rollback(self, faults: list[str], parts: int) -> None:
+        """Back to the previous bundle; `faults` of the first `parts` parts on probation tripped it."""
         with self._lock:
             if self.status != "probation":
                 return
-            previous, faults, parts = self._previous, list(self._faults), self._parts
-            candidate = self._candidate_id
+            previous, candidate = self._previous, self._candidate_id
         reason = f"{len(faults)} of the first {parts} parts on bundle {candidate} were FAULT (first: {faults[0]})"
         if previous is None:
             self._event("rolled_back", f"{reason}; no previous bundle to return to", status_only=True)
