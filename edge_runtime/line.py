@@ -537,12 +537,8 @@ class Line:
             frame = self._source.read(timeout)
             if frame is None:
                 return "exhausted" if self._source.exhausted else "idle"
-            self._count_dropped()
-            frame_id = self._take_frame_id()
+            frame_id, started, stale = self._admit(frame)
             self.bus.begin_part(frame_id)
-            # The deadline runs from capture: the frame's wall-clock stamp mapped onto the monotonic clock.
-            started = time.monotonic() - max(0.0, time.time() - frame.captured_at)
-            stale = self.recipes.stale(captured_wall=frame.captured_at) if self.recipes is not None else None
             if stale:
                 self._answer_fault(stale, started, frame_id)
                 return "served"
@@ -568,6 +564,15 @@ class Line:
             self._answer_fault(f"no frame within {timeout:g} s of the trigger", event.at, frame_id)
             return "exhausted" if self._source.exhausted else "served"
         return self._inspect(pipeline, frame, frame_id, event.at)
+
+    def _admit(self, frame: Frame) -> tuple[int, float, str | None]:
+        """A free-running frame read: drops before it counted, its id, its start (the deadline runs from capture:
+        the frame's wall-clock stamp mapped onto the monotonic clock), and why it must be FAULT (recipe switch)."""
+        self._count_dropped()
+        frame_id = self._take_frame_id()
+        started = time.monotonic() - max(0.0, time.time() - frame.captured_at)
+        stale = self.recipes.stale(captured_wall=frame.captured_at) if self.recipes is not None else None
+        return frame_id, started, stale
 
     def _inspect(self, pipeline: Pipeline, frame: Frame, frame_id: int, started: float) -> str:
         if not self._ready and self.fault_reason is None:
@@ -597,10 +602,7 @@ class Line:
                 self._drain_inflight()
                 return "exhausted"
             return "served" if len(inflight) else "idle"
-        self._count_dropped()
-        frame_id = self._take_frame_id()
-        started = time.monotonic() - max(0.0, time.time() - frame.captured_at)
-        stale = self.recipes.stale(captured_wall=frame.captured_at) if self.recipes is not None else None
+        frame_id, started, stale = self._admit(frame)
         if stale:
             self._drain_inflight()
             self.bus.begin_part(frame_id)
