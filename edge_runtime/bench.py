@@ -134,7 +134,7 @@ def load_images(bundle: Bundle, images_dir: Path | None, precision: str | None) 
 def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 200, warmup: int = 10,
               threads: int = 2, precision: str | None = None, knn: str = "hnsw", ef: int | None = None,
               providers: list[str] | None = None, gap_ms: float = 0.0, raw: bool = False,
-              ivf_nprobe: int | None = None) -> dict:
+              ivf_nprobe: int | None = None, seed_step: int | None = None, ef_seeded: int | None = None) -> dict:
     """Inspect `frames` frames (images cycled) after `warmup` untimed ones; the full report as a plain dict.
 
     raw=True feeds each image as a camera would: an 8-bit BGR array decoded once before the run, so the
@@ -153,7 +153,7 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
     t0 = time.perf_counter()
     bundle = Bundle.load(bundle_dir)
     pipeline = Pipeline(bundle, precision=precision, knn=knn, threads=threads, providers=providers, ef_search=ef,
-                        ivf_nprobe=ivf_nprobe)
+                        ivf_nprobe=ivf_nprobe, seed_step=seed_step, ef_seeded=ef_seeded)
     load_s = time.perf_counter() - t0
     images = load_images(bundle, images_dir, precision)
     if raw:
@@ -212,6 +212,9 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
                      "providers": pipeline.extractor.session.get_providers(),
                      "ef_search": pipeline.search.params.ef_search if hnsw is not None else None,
                      "ef_search_manifest": bundle.hnsw_params.ef_search,
+                     # The seeded walk runs on the faiss engine only (knn: hnsw); 0 = every patch from the top.
+                     "seed_step": pipeline.search.params.seed_step if knn == "hnsw" else None,
+                     "ef_seeded": pipeline.search.params.ef_seeded if knn == "hnsw" else None,
                      "ivf_nprobe": getattr(pipeline.search, "nprobe", None) if knn == "ivf" else None,
                      "exact_recheck": pipeline.search.params.exact_recheck if hnsw is not None else None,
                      "opencv_threads": cv2.getNumThreads(),
@@ -241,6 +244,7 @@ def format_table(report: dict) -> str:
         f"on a {b['canvas_size'][0]}x{b['canvas_size'][1]} canvas, {b['grid'][0]}x{b['grid'][1]} patches per tile x "
         f"{b['dim']}-d, bank {b['bank_size']})",
         f"knn {s['knn']}" + (f" ef {s['ef_search']}" if s["ef_search"] is not None else "")
+        + (f", seeded walk step {s['seed_step']} ef {s['ef_seeded']}" if s.get("seed_step") else "")
         + f", threads {s['threads']} (OpenCV {s['opencv_threads']}"
         + "".join(f", {k}={v}" for k, v in s["thread_env"].items())
         + f"), {', '.join(s['providers'])}, {s['frames']} frames "
@@ -290,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="onnxruntime execution providers, comma-separated, in priority order (default: "
                         "CPUExecutionProvider); e.g. CUDAExecutionProvider,CPUExecutionProvider on a Jetson")
     p.add_argument("--ef", type=int, help="HNSW ef_search (default: the manifest's)")
+    p.add_argument("--seed-step", type=int, default=None,
+                   help="knn hnsw: seeded-walk step (every Nth patch row and column walks the graph from the top, "
+                        "the rest start from their neighbours'); 0: every patch from the top (default: the manifest's)")
+    p.add_argument("--ef-seeded", type=int, default=None,
+                   help="knn hnsw: search width of a seeded patch (default: the manifest's)")
     p.add_argument("--ivf-nprobe", type=int, default=None,
                    help="knn ivf: cells scanned per patch (default: inference.ivf_nprobe's default, 2); 1 is faster, the image "
                         "score stays exact either way")
@@ -318,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.ef is not None and a.ef < 1:
         p.error("--ef must be a positive integer")
+    if a.seed_step is not None and (a.seed_step < 0 or a.seed_step == 1):
+        p.error("--seed-step must be 0 (off) or >= 2")
+    if a.ef_seeded is not None and a.ef_seeded < 1:
+        p.error("--ef-seeded must be a positive integer")
     if a.ivf_nprobe is not None and a.ivf_nprobe < 1:
         p.error("--ivf-nprobe must be a positive integer")
     if a.sustained_fps is not None:
@@ -325,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run_bench(a.bundle, a.images, a.frames, a.warmup, a.threads, a.precision, a.knn, a.ef,
                            providers=[x.strip() for x in a.providers.split(",") if x.strip()],
-                           gap_ms=a.gap_ms, raw=a.raw, ivf_nprobe=a.ivf_nprobe)
+                           gap_ms=a.gap_ms, raw=a.raw, ivf_nprobe=a.ivf_nprobe, seed_step=a.seed_step,
+                           ef_seeded=a.ef_seeded)
     except (BenchError, BundleError, FeatureError, OSError, ValueError) as exc:
         print(f"edge-bench: {exc}", file=sys.stderr)
         return 2

@@ -335,6 +335,15 @@ class Bundle:
         for key in ("M", "ef_construction", "ef_search"):
             if not _positive_int(index.get(key)):
                 raise BundleError(f"{where}: index.{key} must be a positive integer, got {short_repr(index.get(key))}")
+        # The seeded walk (absent in bundles made before it: every patch walks from the top).
+        for key in ("seed_step", "ef_seeded"):
+            value = index.get(key, 0)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise BundleError(f"{where}: index.{key} must be a non-negative integer, got {short_repr(index[key])}")
+        if index.get("seed_step", 0) == 1:
+            raise BundleError(f"{where}: index.seed_step must be 0 (off) or >= 2, got 1")
+        if index.get("seed_step", 0) and not index.get("ef_seeded"):
+            raise BundleError(f"{where}: index.ef_seeded must be a positive integer when index.seed_step is set")
         variants = section("variants")
         if not variants:
             raise BundleError(f"{where}: 'variants' is empty")
@@ -404,7 +413,8 @@ class Bundle:
     def hnsw_params(self) -> HnswParams:
         i = self.manifest["index"]
         return HnswParams(space=i["space"], M=int(i["M"]), ef_construction=int(i["ef_construction"]),
-                          ef_search=int(i["ef_search"]), exact_recheck=bool(i.get("exact_recheck", True)))
+                          ef_search=int(i["ef_search"]), exact_recheck=bool(i.get("exact_recheck", True)),
+                          seed_step=int(i.get("seed_step", 0)), ef_seeded=int(i.get("ef_seeded", 0)))
 
     def variant(self, name: str | None = None) -> Variant:
         name = name or self.manifest["default_variant"]

@@ -145,12 +145,15 @@ class FaissHnswSearch(RecheckedSearch):
         self._attach_bank()
         self.threads = threads
         self.rechecked_last = 0
+        self.grid: tuple[int, int] | None = None
+        self._plans: dict[int, SeedPlan | None] = {}
 
     def _attach_bank(self) -> None:
         """The exact search over the bank, read in place from faiss's storage: the one copy in memory (kept
         alive by self.graph; re-attached after `add`, which may move it)."""
         n, dim = self.graph.ntotal, self.graph.d
         storage = self._faiss.downcast_index(self.graph.storage)
+        self._flat = storage
         bank = self._faiss.rev_swig_ptr(storage.get_xb(), n * dim).reshape(n, dim)
         bank.flags.writeable = False
         self.exact = ExactSearch(bank)
@@ -183,15 +186,96 @@ class FaissHnswSearch(RecheckedSearch):
                          faiss.vector_to_array(h.neighbors).astype(np.int32), int(h.entry_point), int(h.max_level),
                          int(h.nb_neighbors(1)), int(h.nb_neighbors(0)))
 
+    def set_grid(self, rows: int, cols: int) -> None:
+        """The patch grid of one tile (the bundle's features.grid): queries are then read as whole tiles of
+        rows x cols patches, row-major, and searched with the seeded walk (HnswParams.seed_step)."""
+        self.grid = (int(rows), int(cols))
+        self._plans = {}
+
+    def _plan(self, n_queries: int) -> "SeedPlan | None":
+        if self.grid is None or self.params.seed_step < 2:
+            return None
+        if n_queries not in self._plans:
+            self._plans[n_queries] = seed_plan(self.grid, n_queries, self.params.seed_step)
+        return self._plans[n_queries]
+
     def labels(self, queries: np.ndarray) -> np.ndarray:
         """Bank row of each query's approximate nearest neighbour."""
         self._faiss.omp_set_num_threads(self.threads)   # process-wide in faiss: another index may have changed it
-        return self.graph.search(np.ascontiguousarray(queries, dtype=np.float32), 1)[1][:, 0].astype(np.int64)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        plan = self._plan(len(q))
+        if plan is None:
+            return self.graph.search(q, 1)[1][:, 0].astype(np.int64)
+        faiss = self._faiss
+        out = np.empty(len(q), dtype=np.int64)
+        walked = self.graph.search(np.ascontiguousarray(q[plan.walked]), 1)[1][:, 0]
+        out[plan.walked] = walked
+        seeds = np.ascontiguousarray(walked[plan.seeds])                      # (m, 4) bank rows, int64
+        rest = np.ascontiguousarray(q[plan.seeded])
+        m, k = seeds.shape
+        # The seeds enter the search with their true distances (faiss takes them as found results).
+        seed_d = np.empty((m, k), dtype=np.float32)
+        self._flat.compute_distance_subset(m, faiss.swig_ptr(rest), k, faiss.swig_ptr(seed_d),
+                                                   faiss.swig_ptr(seeds))
+        seeds32 = seeds.astype(np.int32)
+        found_d = np.empty((m, 1), dtype=np.float32)
+        found = np.empty((m, 1), dtype=np.int64)
+        # Per call, not on the index: several inspection workers may search the same graph at once.
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = max(self.params.ef_seeded, 1)
+        # search_type 2: one search per patch with all its seeds in the queue.
+        self.graph.search_level_0(m, faiss.swig_ptr(rest), 1, faiss.swig_ptr(seeds32), faiss.swig_ptr(seed_d),
+                                  faiss.swig_ptr(found_d), faiss.swig_ptr(found), k, 2, params)
+        out[plan.seeded] = found[:, 0]
+        if np.any(out < 0):   # never for a connected graph; any real bank row is still a valid upper bound
+            out[out < 0] = 0
+        return out
 
     def approximate(self, queries: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         # Distances recomputed in the re-check's own float32 kernel: faiss rounds its own differently.
         return upper_bounds(self.exact.bank, q, self.labels(q))
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """Which patches walk the graph from the top and where the others start (`seed_plan`)."""
+
+    walked: np.ndarray    # (w,) query rows searched from the top
+    seeded: np.ndarray    # (m,) the other query rows
+    seeds: np.ndarray     # (m, 4) for each seeded row: positions IN `walked` of the walked patches around it
+
+
+def seed_plan(grid: tuple[int, int], n_queries: int, step: int) -> SeedPlan | None:
+    """The seeded walk's layout for queries that are whole tiles of grid = (rows, cols) patches, row-major.
+
+    Walked rows and columns: every `step`-th one plus the last, so that every other patch lies inside a cell
+    of four walked patches (its seeds: the cell's corners). None (every patch walks from the top) when the
+    queries are not whole tiles or a tile is too small for the walked patches to be a minority."""
+    rows, cols = grid
+    per_tile = rows * cols
+    if step < 2 or per_tile < 1 or n_queries % per_tile or min(rows, cols) < 2 * step:
+        return None
+    tiles = n_queries // per_tile
+
+    def lines(n: int) -> np.ndarray:
+        return np.union1d(np.arange(0, n, step), [n - 1])
+
+    wr, wc = lines(rows), lines(cols)
+    r, c = np.divmod(np.arange(per_tile), cols)
+    walked_mask = np.isin(r, wr) & np.isin(c, wc)
+    walked, seeded = np.flatnonzero(walked_mask), np.flatnonzero(~walked_mask)
+    pos = np.full(per_tile, -1, dtype=np.int64)
+    pos[walked] = np.arange(len(walked))
+    # The walked lines on either side of each seeded patch (equal when it lies on a walked line).
+    r0 = wr[np.searchsorted(wr, r[seeded], side="right") - 1]
+    r1 = wr[np.searchsorted(wr, r[seeded], side="left")]
+    c0 = wc[np.searchsorted(wc, c[seeded], side="right") - 1]
+    c1 = wc[np.searchsorted(wc, c[seeded], side="left")]
+    seeds = np.stack([pos[r0 * cols + c0], pos[r0 * cols + c1], pos[r1 * cols + c0], pos[r1 * cols + c1]], 1)
+    tile = np.arange(tiles)[:, None]
+    return SeedPlan(walked=(tile * per_tile + walked).ravel(), seeded=(tile * per_tile + seeded).ravel(),
+                    seeds=(tile[:, :, None] * len(walked) + seeds[None]).reshape(-1, 4))
 
 
 def write_hnsw_graph(graph: HnswGraph, ef_construction: int) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -98,7 +98,8 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, precision: str | None = None, knn: str = "hnsw", threads: int = 2,
                  providers: list[str] | None = None, ef_search: int | None = None,
-                 review_threshold: float | None = None, ivf_nprobe: int | None = None):
+                 review_threshold: float | None = None, ivf_nprobe: int | None = None,
+                 seed_step: int | None = None, ef_seeded: int | None = None):
         self.bundle = bundle
         self.decode_limits = DecodeConfig()  # the station file's `decode:` section replaces it (daemon)
         self.variant = bundle.variant(precision)
@@ -114,8 +115,10 @@ class Pipeline:
                                           (self.grid[0] * self.grid[1], bundle.dim, g.input_size, g.n_tiles),
                                           threads, providers, name=bundle.path(self.variant.model_file))
         params = bundle.hnsw_params
-        if ef_search is not None:
-            params = type(params)(**{**params.__dict__, "ef_search": ef_search})
+        overrides = {k: v for k, v in (("ef_search", ef_search), ("seed_step", seed_step), ("ef_seeded", ef_seeded))
+                     if v is not None}
+        if overrides:   # benchmarks and evaluation only; a station takes the bundle's (but for ef_search)
+            params = replace(params, **overrides)
         index_path = bundle.path(self.variant.index_file)
         index_bytes = bundle.read_verified(self.variant.index_file)
         # Before any reader: hnswlib would load an index of another dimension without complaint and read garbage.
@@ -123,6 +126,8 @@ class Pipeline:
         self.search, knn = open_search(knn, index_bytes, bundle.dim, params, threads, providers, ivf_nprobe, index_path)
         if len(self.search) != self.variant.info.get("bank_size", len(self.search)):
             raise BundleError(f"{index_path}: index holds {len(self.search)} vectors, manifest says {self.variant.info['bank_size']}")
+        if hasattr(self.search, "set_grid"):   # the seeded walk reads queries as tiles of this patch grid
+            self.search.set_grid(*self.grid)
         self.knn = knn
 
     def apply_overrides(self, roi: tuple[int, int, int, int] | None = None, size_policy: str | None = None) -> None:

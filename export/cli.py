@@ -61,7 +61,8 @@ def _fit(a: argparse.Namespace) -> int:
                     cross_fit_folds=a.cross_fit_folds, cross_fit_method=a.cross_fit_method, max_train=a.max_train, target_false_reject=a.target_frr,
                     review_false_reject=a.review_frr, defect_margin=a.defect_margin, int8_target=a.int8_target,
                     default_variant=a.default_variant, product=a.product, bundle_version=a.bundle_version,
-                    hnsw=HnswParams(M=a.hnsw_m, ef_construction=a.hnsw_ef_construction, ef_search=a.ef))
+                    hnsw=HnswParams(M=a.hnsw_m, ef_construction=a.hnsw_ef_construction, ef_search=a.ef,
+                                    seed_step=a.seed_step, ef_seeded=a.ef_seeded))
     bundle = fit(Path(a.data_dir), Path(a.out), s, defects, overwrite=a.overwrite)
     _print_bundle(bundle, a.out)
     return 0
@@ -105,11 +106,25 @@ def _recalibrate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _seed_step(text: str) -> int:
+    value = int(text)
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or >= 2, got {text}")
+    return value
+
+
 def _evaluate(a: argparse.Namespace) -> int:
     from export.evaluate import evaluate
 
     result = evaluate(Path(a.bundle), Path(a.data_dir), a.engine, a.knn, a.threads,
-                      Path(a.report) if a.report else None, a.ef, a.size_policy)
+                      Path(a.report) if a.report else None, a.ef, a.size_policy, a.seed_step, a.ef_seeded)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=2))
     pix = "n/a" if result["pixel_auroc"] is None else f"{result['pixel_auroc']:.4f}"
@@ -244,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"HNSW ef at query time, stored in the manifest (default: {HnswParams.ef_search}); higher is "
                         "slower and closer to exact for the heat map (the image score is re-checked exactly either "
                         "way); a station overrides it with inference.ef_search")
+    f.add_argument("--seed-step", type=_seed_step, default=HnswParams.seed_step,
+                   help=f"seeded walk, stored in the manifest (default: {HnswParams.seed_step}): every Nth patch row "
+                        "and column (and the last) walks the HNSW graph from the top, every other patch searches its "
+                        "bottom level from the neighbours of the walked patches around it; faster and closer to exact "
+                        "on real parts; 0: every patch walks from the top")
+    f.add_argument("--ef-seeded", type=_positive, default=HnswParams.ef_seeded,
+                   help=f"search width of a seeded patch, stored in the manifest (default: {HnswParams.ef_seeded})")
     f.add_argument("--hnsw-m", type=int, default=16,
                    help="HNSW links per node (default: 16); raise (e.g. 32) if edge-runtime check reports low recall")
     f.add_argument("--hnsw-ef-construction", type=int, default=200,
@@ -294,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
                         "device; hnswlib: the same graph in hnswlib); exact to rule out the index; "
                         "ivf = the faiss IVF search of a station with knn: ivf")
     e.add_argument("--ef", type=int, default=None, help="override the manifest's HNSW ef (default: the manifest's)")
+    e.add_argument("--seed-step", type=_seed_step, default=None,
+                   help="override the manifest's seeded-walk step; 0: every patch walks from the top (default: the "
+                        "manifest's)")
+    e.add_argument("--ef-seeded", type=_positive, default=None,
+                   help="override the manifest's search width of a seeded patch (default: the manifest's)")
     e.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")
     e.add_argument("--size-policy", choices=["refuse", "resize", "letterbox"], default=None,
                    help="override the bundle's size policy for test images of another size (default: the bundle's)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -17,7 +18,8 @@ from export.metrics import auroc
 ENGINES = ("reference", "onnx-fp32", "onnx-int8")
 
 
-def make_scorer(bundle: Bundle, engine: str, knn: str, threads: int = 2, ef_search: int | None = None):
+def make_scorer(bundle: Bundle, engine: str, knn: str, threads: int = 2, ef_search: int | None = None,
+                seed_step: int | None = None, ef_seeded: int | None = None):
     if engine == "reference":
         from export.reference import ReferenceScorer
 
@@ -26,7 +28,8 @@ def make_scorer(bundle: Bundle, engine: str, knn: str, threads: int = 2, ef_sear
         return ReferenceScorer(bundle, threads)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    return Pipeline(bundle, precision=engine.split("-")[1], knn=knn, threads=threads, ef_search=ef_search)
+    return Pipeline(bundle, precision=engine.split("-")[1], knn=knn, threads=threads, ef_search=ef_search,
+                    seed_step=seed_step, ef_seeded=ef_seeded)
 
 
 def load_mask(path: Path | None, shape: tuple[int, int], roi: tuple[int, int, int, int] | None = None) -> np.ndarray:
@@ -68,9 +71,10 @@ def operating_point_report(labels: list[str], scores: np.ndarray, threshold: flo
 
 
 def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: str = "hnsw", threads: int = 2,
-             report_dir: Path | None = None, ef_search: int | None = None, size_policy: str | None = None) -> dict:
+             report_dir: Path | None = None, ef_search: int | None = None, size_policy: str | None = None,
+             seed_step: int | None = None, ef_seeded: int | None = None) -> dict:
     bundle = Bundle.load(bundle_dir)
-    scorer = make_scorer(bundle, engine, knn, threads, ef_search)
+    scorer = make_scorer(bundle, engine, knn, threads, ef_search, seed_step, ef_seeded)
     if size_policy:
         scorer.geometry = scorer.geometry.with_overrides(size_policy=size_policy)
     # Defects the threshold was calibrated on would flatter the escape rate: leave them out, and say so.
@@ -105,6 +109,7 @@ def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: s
     op = operating_point_report([it.label for it in items], scores, threshold, review)
     result = {
         "bundle": str(bundle_dir), "bundle_id": bundle.bundle_id, "data_dir": str(data_dir), "engine": engine, "knn": knn,
+        "search": asdict(scorer.search.params) if hasattr(getattr(scorer, "search", None), "params") else None,
         "geometry": bundle.manifest["geometry"],
         "image_auroc": auroc(labels, scores),
         "pixel_auroc": auroc(np.concatenate(pix_labels), np.concatenate(pix_scores)) if with_masks else None,

@@ -181,7 +181,9 @@ def manifest_settings(manifest: dict, variant: str) -> list[tuple[str, str]]:
             (f"threshold ({variant})", _fmt(v["threshold"]) if "threshold" in v else "n/a"),
             ("threshold method", method), ("default variant", get("default_variant")),
             ("INT8 target", get("fit", "settings", "int8_target")), ("HNSW M / ef", f"{get('index', 'M')} / "
-                                                                    f"{get('index', 'ef_search')}")]
+                                                                    f"{get('index', 'ef_search')}"),
+            ("seeded walk (step / ef)", f"{get('index', 'seed_step')} / {get('index', 'ef_seeded')}"
+             if get("index", "seed_step", default=0) else "off")]
     return [(k, str(val)) for k, val in rows]
 
 

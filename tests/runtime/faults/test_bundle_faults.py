@@ -323,7 +323,7 @@ _MUTABLE = [
     ("geometry", "canvas_size"), ("geometry", "region_size"), ("geometry", "size_policy"),
     ("variants", "int8", "review_threshold"),
     ("features",), ("features", "grid"), ("features", "dim"), ("index",), ("index", "dim"), ("index", "space"),
-    ("index", "M"), ("index", "ef_search"), ("variants",), ("variants", "int8"), ("variants", "int8", "model"),
+    ("index", "M"), ("index", "ef_search"), ("index", "seed_step"), ("index", "ef_seeded"), ("variants",), ("variants", "int8"), ("variants", "int8", "model"),
     ("variants", "int8", "index"), ("variants", "int8", "threshold"), ("variants", "int8", "bank_size"),
     ("variants", "int8", "golden"), ("variants", "int8", "golden", 0), ("variants", "int8", "golden", 0, "file"),
     ("variants", "int8", "golden", 0, "score"), ("variants", "int8", "golden_tolerance"), ("default_variant",),
