@@ -8,6 +8,12 @@ on bottle's 21k bank and 1.5x on magnetic tile's 73k (benchmarks/search_floor.py
 ONE copy of the bank in memory: the exact re-check reads it in place (hnswlib keeps its own copy, which numpy
 cannot see, so the hnswlib engine holds the bank twice).
 
+The seeded walk (`seed_plan`, `FaissHnswSearch.labels`; HnswParams.seed_step / ef_seeded, pinned in the manifest):
+with the patch grid known, only every seed_step-th patch row and column walks the graph from the top; the others
+search its bottom level from the neighbours found for the four walked patches around them (faiss
+search_level_0). Neighbouring patches have neighbouring bank vectors: about 1.6x faster on bottle with per-patch
+distances closer to exact (benchmarks/seeded_walk.py).
+
 The file is parsed here, not by hnswlib, so every field is checked before faiss sees it: a link that points
 outside the bank or a label that is not a row of the bank would make a search read past its buffers.
 """
