@@ -2,8 +2,12 @@
 when it ends (edge_runtime.features.make_session now). Each setting runs `edge-bench`'s loop in a fresh process
 (raw frames, back to back), alternating, and the CPU the process burns in the 300 ms after one extractor run is
 probed (threads left spinning). Writes benchmarks/results/ort_spinning.json.
+With --gap-ms the frames come with idle time between them, like parts on a triggered line: the settings then differ
+in how the FIRST run after an idle spell goes (the p90 of the features stage shows it; --name keeps the results
+of several gaps apart).
 
     python benchmarks/ort_spinning.py --bundle /work/bundles/bottle --images ../shared/data/mvtec_ad/bottle/test
+    python benchmarks/ort_spinning.py --bundle B --images DIR --gap-ms 50 --name ort_spinning_gap50
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ SETTINGS = {
 }
 
 
-def child(bundle: str, images: str, frames: int, threads: int, setting: str) -> dict:
+def child(bundle: str, images: str, frames: int, threads: int, setting: str, gap_ms: float = 0.0) -> dict:
     """One setting in this process: make_session with the setting's config entries, then the bench loop."""
     import resource
     import time
@@ -41,7 +45,7 @@ def child(bundle: str, images: str, frames: int, threads: int, setting: str) -> 
         return original(self, key, value)
 
     ort.SessionOptions.add_session_config_entry = add_entry
-    report = run_bench(Path(bundle), Path(images), frames=frames, warmup=10, threads=threads, raw=True)
+    report = run_bench(Path(bundle), Path(images), frames=frames, warmup=10, threads=threads, raw=True, gap_ms=gap_ms)
     session = features.make_session(Path(bundle) / "features_int8.onnx", threads) if (Path(bundle) / "features_int8.onnx").exists() else None
     idle = None
     if session is not None:
@@ -56,7 +60,11 @@ def child(bundle: str, images: str, frames: int, threads: int, setting: str) -> 
         cpu = lambda r: r.ru_utime + r.ru_stime
         idle = {"run_cpu_ms": (cpu(mid) - cpu(before)) * 1000, "idle_300ms_cpu_ms": (cpu(after) - cpu(mid)) * 1000}
     st = report["stages_ms"]
-    return {"setting": setting, "config": entries, "stages_p50_ms": {k: v["p50"] for k, v in st.items()},
+    features = np.array(report["samples_ms"]["features"])
+    return {"setting": setting, "config": entries, "gap_ms": gap_ms,
+            "stages_p50_ms": {k: v["p50"] for k, v in st.items()},
+            "features_p90_ms": float(np.percentile(features, 90)),
+            "features_share_over_2x_p50": float(np.mean(features > 2 * np.median(features))),
             "total_ms": st["total"], "idle_after_run": idle, "load_average": report["machine"]["load_average"],
             "cpu": report["machine"]["cpu"]["model"]}
 
@@ -68,27 +76,31 @@ def main() -> int:
     p.add_argument("--frames", type=int, default=166, help="timed frames per run (default: 166)")
     p.add_argument("--threads", type=int, default=2, help="inference threads (default: 2)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
+    p.add_argument("--gap-ms", type=float, default=0.0,
+                   help="idle ms between frames, like part spacing on a triggered line (default: 0.0, back to back)")
+    p.add_argument("--name", default="ort_spinning", help="results file name (default: ort_spinning)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.bundle, a.images, a.frames, a.threads, a.child)))
+        print(json.dumps(child(a.bundle, a.images, a.frames, a.threads, a.child, a.gap_ms)))
         return 0
     runs = []
     for r in range(a.rounds):
         for setting in SETTINGS:
             out = subprocess.run([sys.executable, __file__, "--bundle", a.bundle, "--images", a.images, "--frames",
-                                  str(a.frames), "--threads", str(a.threads), "--child", setting],
+                                  str(a.frames), "--threads", str(a.threads), "--gap-ms", str(a.gap_ms),
+                                  "--child", setting],
                                  capture_output=True, text=True, check=True)
             run = json.loads(out.stdout.strip().splitlines()[-1])
             run["round"] = r
             runs.append(run)
             t, s, idle = run["total_ms"], run["stages_p50_ms"], run["idle_after_run"] or {}
-            print(f"round {r} {setting:46s} features {s['features']:.2f} search {s['search']:.2f} total p50 "
-                  f"{t['p50']:.2f} p99 {t['p99']:.2f} ms; CPU in the 300 ms after a run "
+            print(f"round {r} {setting:46s} features {s['features']:.2f} (p90 {run['features_p90_ms']:.2f}) search "
+                  f"{s['search']:.2f} total p50 {t['p50']:.2f} p99 {t['p99']:.2f} ms; CPU in the 300 ms after a run "
                   f"{idle.get('idle_300ms_cpu_ms', float('nan')):.1f} ms")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ort_spinning.json").write_text(json.dumps(runs, indent=1))
-    print(f"written: {RESULTS / 'ort_spinning.json'}")
+    (RESULTS / f"{a.name}.json").write_text(json.dumps(runs, indent=1))
+    print(f"written: {RESULTS / (a.name + '.json')}")
     return 0
 
 
