@@ -204,3 +204,19 @@ def ensure_bundle(bundle: Path, data: Path, coreset_ratio: float = 0.1, input_si
           + (f", scale {scale}" if scale is not None else "") + ")", file=sys.stderr)
     fit(data, bundle, settings, overwrite=True)
     return bundle
+
+
+def patch_features(pipe, images: Path, frames: int) -> tuple[list[Path], list[np.ndarray]]:
+    """(image paths, their patch features): `frames` images spread over the folder (searched recursively),
+    decoded, preprocessed with the bundle's geometry and run through the pipeline's extractor; what the search
+    benchmarks feed every engine alike."""
+    from edge_runtime.decode import decode_image
+    from edge_runtime.preprocess import preprocess
+
+    paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    paths = paths[:: max(1, len(paths) // frames)][:frames]
+    feats = []
+    for p in paths:
+        tensor, _, _ = preprocess(decode_image(p.read_bytes(), str(p), pipe.decode_limits), pipe.geometry, str(p))
+        feats.append(pipe.extractor(tensor))
+    return paths, feats

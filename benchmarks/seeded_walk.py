@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge_runtime.bench import cpu_info, load_average, software_info  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_report import patch_features  # noqa: E402
 from edge_runtime.bundle import Bundle  # noqa: E402
-from edge_runtime.decode import decode_image  # noqa: E402
 from edge_runtime.nn_search import device_blas, upper_bounds  # noqa: E402
 from edge_runtime.pipeline import Pipeline  # noqa: E402
-from edge_runtime.preprocess import preprocess  # noqa: E402
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
@@ -60,12 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     bundle = Bundle.load(a.bundle)
     pipe = Pipeline(bundle, knn="hnsw", threads=a.threads)
-    paths = sorted(p for p in a.images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
-    paths = paths[:: max(1, len(paths) // a.frames)][: a.frames]
-    feats = []
-    for p in paths:
-        tensor, _, _ = preprocess(decode_image(p.read_bytes(), str(p), pipe.decode_limits), pipe.geometry, str(p))
-        feats.append(pipe.extractor(tensor))
+    paths, feats = patch_features(pipe, a.images, a.frames)
     search = pipe.search
     exact = search.exact
     truth = []
