@@ -221,8 +221,7 @@ class FaissHnswSearch(RecheckedSearch):
         m, k = seeds.shape
         # The seeds enter the search with their true distances (faiss takes them as found results).
         seed_d = np.empty((m, k), dtype=np.float32)
-        self._flat.compute_distance_subset(m, faiss.swig_ptr(rest), k, faiss.swig_ptr(seed_d),
-                                                   faiss.swig_ptr(seeds))
+        self._flat.compute_distance_subset(m, faiss.swig_ptr(rest), k, faiss.swig_ptr(seed_d), faiss.swig_ptr(seeds))
         seeds32 = seeds.astype(np.int32)
         found_d = np.empty((m, 1), dtype=np.float32)
         found = np.empty((m, 1), dtype=np.int64)
