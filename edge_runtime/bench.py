@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.features import FeatureError
-from edge_runtime.nn_search import device_blas
+from edge_runtime.nn_search import EF_MAX, device_blas
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.records import Frame, Verdict
 
@@ -325,12 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, dest="json_out",
                    help="write the full report (with every sample) here (default: none, table only)")
     a = p.parse_args(argv)
-    if a.ef is not None and a.ef < 1:
-        p.error("--ef must be a positive integer")
+    if a.ef is not None and not 1 <= a.ef <= EF_MAX:
+        p.error(f"--ef must be 1-{EF_MAX}")
     if a.seed_step is not None and (a.seed_step < 0 or a.seed_step == 1):
         p.error("--seed-step must be 0 (off) or >= 2")
-    if a.ef_seeded is not None and a.ef_seeded < 1:
-        p.error("--ef-seeded must be a positive integer")
+    if a.ef_seeded is not None and not 1 <= a.ef_seeded <= EF_MAX:
+        p.error(f"--ef-seeded must be 1-{EF_MAX}")
     if a.ivf_nprobe is not None and a.ivf_nprobe < 1:
         p.error("--ivf-nprobe must be a positive integer")
     if a.sustained_fps is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from edge_runtime.nn_search import HnswParams
+from edge_runtime.nn_search import EF_MAX, HnswParams
 from edge_runtime.geometry import Geometry
 from edge_runtime.safe_yaml import YamlRefused, clip, load_strict, short_repr
 
@@ -340,6 +340,9 @@ class Bundle:
             value = index.get(key, 0)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
                 raise BundleError(f"{where}: index.{key} must be a non-negative integer, got {short_repr(index[key])}")
+        for key in ("ef_search", "ef_seeded"):
+            if index.get(key, 0) > EF_MAX:
+                raise BundleError(f"{where}: index.{key} {index[key]} is above {EF_MAX}, the widest search the runtime runs")
         if index.get("seed_step", 0) == 1:
             raise BundleError(f"{where}: index.seed_step must be 0 (off) or >= 2, got 1")
         if index.get("seed_step", 0) and not index.get("ef_seeded"):

@@ -13,6 +13,7 @@ import yaml
 
 from edge_runtime.decode import DecodeConfig
 from edge_runtime.http_endpoint import HttpConfig
+from edge_runtime.nn_search import EF_MAX
 from edge_runtime.lines_config import LineConfig, resolve_line_paths, validate_lines
 from edge_runtime.operator_page.config import PageConfig
 from edge_runtime.recipes import RecipesConfig, resolve_recipe_paths
@@ -54,8 +55,8 @@ class InferenceConfig:
             raise ValueError(f"threads: must be >= 1, got {self.threads}")
         if not 1 <= self.workers <= 8:
             raise ValueError(f"workers: must be 1-8, got {self.workers}")
-        if self.ef_search is not None and self.ef_search < 1:
-            raise ValueError(f"ef_search: must be >= 1, got {self.ef_search}")
+        if self.ef_search is not None and not 1 <= self.ef_search <= EF_MAX:
+            raise ValueError(f"ef_search: must be 1-{EF_MAX}, got {self.ef_search}")
         if self.ivf_nprobe < 1:
             raise ValueError(f"ivf_nprobe: must be >= 1, got {self.ivf_nprobe}")
         if self.review_threshold is not None and not self.review_threshold > 0:

@@ -347,6 +347,11 @@ class IvfSearch(RecheckedSearch):
         return upper_bounds(self.exact.bank, q, labels)
 
 
+# The widest search a manifest or station may ask for: faiss holds ef in a C int (a larger value raised
+# OverflowError at load or on every frame), and beyond a few thousand a frame takes seconds, not milliseconds.
+EF_MAX = 4096
+
+
 @dataclass(frozen=True)
 class HnswParams:
     space: str = "l2"

@@ -106,10 +106,12 @@ def _recalibrate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
+def _ef(text: str) -> int:
+    from edge_runtime.nn_search import EF_MAX
+
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    if not 1 <= value <= EF_MAX:
+        raise argparse.ArgumentTypeError(f"must be 1-{EF_MAX}, got {text}")
     return value
 
 
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--default-variant", choices=["int8", "fp32"], default="int8",
                    help="variant the device runs unless its station file says otherwise (default: int8); fp32 "
                         "when a GPU runs the model or INT8 loses accuracy on your parts")
-    f.add_argument("--ef", type=int, default=HnswParams.ef_search,
+    f.add_argument("--ef", type=_ef, default=HnswParams.ef_search,
                    help=f"HNSW ef at query time, stored in the manifest (default: {HnswParams.ef_search}); higher is "
                         "slower and closer to exact for the heat map (the image score is re-checked exactly either "
                         "way); a station overrides it with inference.ef_search")
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                         "and column (and the last) walks the HNSW graph from the top, every other patch searches its "
                         "bottom level from the neighbours of the walked patches around it; faster and closer to exact "
                         "on real parts; 0: every patch walks from the top")
-    f.add_argument("--ef-seeded", type=_positive, default=HnswParams.ef_seeded,
+    f.add_argument("--ef-seeded", type=_ef, default=HnswParams.ef_seeded,
                    help=f"search width of a seeded patch, stored in the manifest (default: {HnswParams.ef_seeded})")
     f.add_argument("--hnsw-m", type=int, default=16,
                    help="HNSW links per node (default: 16); raise (e.g. 32) if edge-runtime check reports low recall")
@@ -315,11 +317,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="nearest-neighbour search (default: hnsw, the bundle's graph searched by faiss as on the "
                         "device; hnswlib: the same graph in hnswlib); exact to rule out the index; "
                         "ivf = the faiss IVF search of a station with knn: ivf")
-    e.add_argument("--ef", type=int, default=None, help="override the manifest's HNSW ef (default: the manifest's)")
+    e.add_argument("--ef", type=_ef, default=None, help="override the manifest's HNSW ef (default: the manifest's)")
     e.add_argument("--seed-step", type=_seed_step, default=None,
                    help="override the manifest's seeded-walk step; 0: every patch walks from the top (default: the "
                         "manifest's)")
-    e.add_argument("--ef-seeded", type=_positive, default=None,
+    e.add_argument("--ef-seeded", type=_ef, default=None,
                    help="override the manifest's search width of a seeded patch (default: the manifest's)")
     e.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")
     e.add_argument("--size-policy", choices=["refuse", "resize", "letterbox"], default=None,

@@ -21,7 +21,11 @@ def _edit_index(bundle_dir: Path, **values) -> None:
 
 @pytest.mark.parametrize("values,field", [({"seed_step": 1}, "seed_step"), ({"seed_step": -4}, "seed_step"),
                                           ({"seed_step": True}, "seed_step"), ({"ef_seeded": "4"}, "ef_seeded"),
-                                          ({"seed_step": 4, "ef_seeded": 0}, "ef_seeded")])
+                                          ({"seed_step": 4, "ef_seeded": 0}, "ef_seeded"),
+                                          # wider than faiss's C int (OverflowError at load or on every frame)
+                                          ({"ef_search": 2**40}, "ef_search"),
+                                          ({"seed_step": 4, "ef_seeded": 2**40}, "ef_seeded"),
+                                          ({"ef_search": 4097}, "ef_search")])
 def test_an_invalid_seeded_walk_in_the_manifest_is_refused_naming_the_field(bundle_copy, values, field):
     _edit_index(bundle_copy, **values)
     with pytest.raises(BundleError, match=rf"index\.{field}"):
@@ -32,3 +36,4 @@ def test_a_bundle_made_before_the_seeded_walk_walks_every_patch_from_the_top(bun
     _edit_index(bundle_copy, seed_step=None, ef_seeded=None)
     params = Bundle.load(bundle_copy, verify=False).hnsw_params
     assert params.seed_step == 0 and params.ef_seeded == 0
+
