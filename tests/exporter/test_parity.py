@@ -77,3 +77,27 @@ def test_imagenet_input_map_parity_and_manifest(synthetic_dataset, tmp_path):
     from edge_runtime.self_test import run_self_test
 
     assert run_self_test(out, precision="int8").ok
+
+
+def test_int8_graph_quantises_the_backbone_and_keeps_the_head_float(small_bundle):
+    """The convolutions run in INT8; the 3x3 aggregation, upsampling and layout after the taps stay float
+    (QLinearAveragePool was the slowest op per node of the INT8 run): no QuantizeLinear after any head node."""
+    import onnx
+
+    from export.onnx_export import FLOAT_HEAD_OPS
+
+    b = Bundle.load(small_bundle)
+    graph = onnx.load(str(b.path(b.variant("int8").model_file))).graph
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    head = [n for n in graph.node if n.op_type in FLOAT_HEAD_OPS]
+    assert any(n.op_type == "AveragePool" for n in head)
+    for node in head:
+        for out in node.output:
+            assert "QuantizeLinear" not in consumers.get(out, []), f"{node.name} ({node.op_type}) is quantised"
+    convs_fed_by_dq = [n for n in graph.node if n.op_type == "Conv"
+                       and any(i in {d.output[0] for d in graph.node if d.op_type == "DequantizeLinear"} for i in n.input)]
+    assert convs_fed_by_dq, "the backbone's convolutions are not quantised"
+    assert b.manifest["variants"]["int8"]["quantization"]["float_head_ops"] == list(FLOAT_HEAD_OPS)
