@@ -215,6 +215,9 @@ class FaissHnswSearch(RecheckedSearch):
         faiss = self._faiss
         out = np.empty(len(q), dtype=np.int64)
         walked = self.graph.search(np.ascontiguousarray(q[plan.walked]), 1)[1][:, 0]
+        # -1 (nothing found: never for a connected graph) would be read as a row by the seed distances below;
+        # any real row is a valid seed and, for the re-check, a valid upper bound.
+        walked[walked < 0] = 0
         out[plan.walked] = walked
         seeds = np.ascontiguousarray(walked[plan.seeds])                      # (m, 4) bank rows, int64
         rest = np.ascontiguousarray(q[plan.seeded])
@@ -231,9 +234,7 @@ class FaissHnswSearch(RecheckedSearch):
         # search_type 2: one search per patch with all its seeds in the queue.
         self.graph.search_level_0(m, faiss.swig_ptr(rest), 1, faiss.swig_ptr(seeds32), faiss.swig_ptr(seed_d),
                                   faiss.swig_ptr(found_d), faiss.swig_ptr(found), k, 2, params)
-        out[plan.seeded] = found[:, 0]
-        if np.any(out < 0):   # never for a connected graph; any real bank row is still a valid upper bound
-            out[out < 0] = 0
+        out[plan.seeded] = np.maximum(found[:, 0], 0)
         return out
 
     def approximate(self, queries: np.ndarray) -> np.ndarray:

@@ -138,3 +138,21 @@ def test_the_self_test_passes_the_bundle_search_and_fails_a_useless_one(small_bu
     monkeypatch.setattr(pipe.search, "labels", lambda q: np.zeros(len(q), dtype=np.int64))   # every patch -> row 0
     recall, problem = recall_check(bundle, pipe)
     assert problem is not None and "recall@1" in problem and recall < 0.9
+
+
+def test_a_walk_that_finds_nothing_still_seeds_real_rows(graph_and_parts, monkeypatch):
+    """faiss answers -1 when a search finds nothing; a -1 seed would be read as a bank row (out of bounds)."""
+    graph, bank, queries, grid = graph_and_parts
+    search = FaissHnswSearch(graph, HnswParams(M=8, ef_search=8, seed_step=4, ef_seeded=2), threads=1)
+    search.set_grid(*grid)
+    real = search.graph.search
+
+    def lost(x, k, *args, **kwargs):
+        d, i = real(x, k, *args, **kwargs)
+        i[::3] = -1
+        return d, i
+    monkeypatch.setattr(search.graph, "search", lost)
+    labels = search.labels(queries)
+    assert labels.min() >= 0 and labels.max() < len(bank)
+    truth, _ = ExactSearch(bank).nearest(queries)
+    assert search.distances(queries).max() == pytest.approx(truth.max(), rel=1e-6)   # still exact
