@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,7 +47,7 @@ def smooth_part(rng, rows, cols, d, scale=1.0):
 
 
 @pytest.fixture(scope="module")
-def graph_and_parts():
+def graph_and_parts(tmp_path_factory):
     rng = np.random.default_rng(3)
     rows, cols, d = 24, 20, 24
     base = smooth_part(rng, rows, cols, d)
@@ -56,7 +55,7 @@ def graph_and_parts():
     bank = np.concatenate([base + 0.15 * smooth_part(rng, rows, cols, d) + rng.normal(scale=0.05, size=base.shape)
                            for _ in range(30)]).astype(np.float32)
     index = build_hnsw(bank, HnswParams(M=8, ef_construction=64), threads=2)
-    path = Path(__import__("tempfile").mkdtemp()) / "i.hnsw"
+    path = tmp_path_factory.mktemp("graph") / "i.hnsw"
     index.save_index(str(path))
     graph = read_hnsw_graph(path.read_bytes(), d)
     parts = [(base + 0.15 * smooth_part(rng, rows, cols, d) + rng.normal(scale=0.05, size=base.shape)).astype(np.float32)
