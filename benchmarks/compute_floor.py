@@ -267,8 +267,13 @@ def main() -> int:
             search_note = "exact"
         else:
             re = r["rechecked_patches"]["mean"]
-            search_macs = n_patches * params.ef_search * 2 * params.M * dim + re * r["bank_size"] * dim
-            search_note = f"estimate (ef {params.ef_search} x 2M per query + {re:.0f} re-checked x bank)"
+            # The seeded walk (HnswParams.seed_step): ~1 patch in step^2 walks from the top at ef_search, the
+            # rest search the bottom level at ef_seeded.
+            walked = n_patches / params.seed_step ** 2 if params.seed_step else n_patches
+            widths = walked * params.ef_search + (n_patches - walked) * params.ef_seeded
+            search_macs = widths * 2 * params.M * dim + re * r["bank_size"] * dim
+            search_note = (f"estimate (ef {params.ef_search}" + (f" / seeded {params.ef_seeded}, step {params.seed_step}"
+                           if params.seed_step else "") + f" x 2M per query + {re:.0f} re-checked x bank)")
         search_rate = 2 * search_macs / st["search"] / 1e6
         analysis[key] = {"stage_p50_ms": st, "features_gops": feat_rate, "features_pct_of_peak": 100 * feat_rate / feat_peak,
                          "search_macs": search_macs, "search_macs_note": search_note, "search_gflops": search_rate,
