@@ -369,7 +369,8 @@ class HnswParams:
     # per-patch distances CLOSER to exact (mean excess 2.0% -> 0.06%: a walk from the top sometimes ends in a far
     # local minimum; four seeds rarely all do); magnetic tile 10% 9.66 -> 5.68 ms (p99 21 -> 14) at 0.32% excess.
     # Pixel AUROC (edge-export evaluate --seed-step 0): bottle 0.9830 -> 0.9831, magnetic tile 0.8215 -> 0.8208.
-    # ef_seeded 4 / 6 are faster (bottle 2.91 / 3.21 ms) but cost magnetic tile 0.0025 / 0.0016 of pixel AUROC.
+    # ef_seeded 4 / 6 are faster (bottle 2.91 / 3.21 ms) but cost magnetic tile 0.0025 / 0.0016 of pixel AUROC:
+    # fit chooses the width per bundle (export.fit.choose_ef_seeded); 8 is what it falls back to.
     # 0: every patch walks from the top (bundles made before it, whose manifests do not name it). The image score
     # is exact either way (re-check).
     seed_step: int = 4

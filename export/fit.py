@@ -29,7 +29,7 @@ from edge_runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256_file, w
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.decode import declared_size, load_image
 from edge_runtime.geometry import DEFAULT_PIXELS, STRIDE, Geometry, default_input_size, plan_tiles
-from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw
+from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw, upper_bounds
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.preprocess import NORMALIZATION, preprocess
 from export import backbone as backbone_mod
@@ -68,6 +68,8 @@ class FitSettings:
     int8_target: str = "x86-avx2"
     int8_calibration_images: int = 64
     hnsw: HnswParams = field(default_factory=HnswParams)
+    # The seeded walk's width chosen on the user's own patches (choose_ef_seeded); False keeps hnsw.ef_seeded.
+    choose_ef_seeded: bool = True
     n_golden: int = 4
     default_variant: str = "int8"
     batch_size: int = 8
@@ -260,6 +262,44 @@ BACKBONE_CANDIDATES = ("lite0", "lite2")
 BACKBONE_TOLERANCE = 0.005
 
 
+# Seeded-walk widths tried by fit, cheapest first; the last is HnswParams' default.
+EF_SEEDED_CANDIDATES = (4, 6, 8)
+
+
+def choose_ef_seeded(excess: dict, default: int) -> tuple[int, str]:
+    """(ef_seeded, reason): the cheapest candidate whose mean per-patch excess over the exact distance is no
+    larger than the walk from the top's (`excess["top"]`), so the heat map is never coarser than without the
+    seeded walk; `default` when none is."""
+    for ef in EF_SEEDED_CANDIDATES:
+        if excess[ef] <= excess["top"]:
+            return ef, (f"the cheapest width at least as close to exact as walking every patch from the top "
+                        f"({100 * excess[ef]:.3f}% vs {100 * excess['top']:.3f}% mean excess)")
+    return default, (f"no width as close to exact as walking every patch from the top ({100 * excess['top']:.3f}%); "
+                     f"the default {default} ({100 * excess[default]:.3f}%)")
+
+
+def seeded_walk_excess(pipe: Pipeline, rgbs: list[np.ndarray]) -> dict:
+    """Mean relative excess over the exact nearest distance of the patches of `rgbs` (training images: patches in
+    the bank itself, at distance 0, are left out) for the walk from the top ("top") and each candidate width."""
+    search = pipe.search
+    params = search.params
+    feats = [pipe.extractor(preprocess(rgb, pipe.geometry)[0]) for rgb in rgbs]
+    # Exact distances in the kernel `approximate` measures in (the expanded-form GEMM of `nearest` errs most
+    # exactly where training patches sit: close to the bank).
+    exact = [search.exact.nearest_within(q, upper_bounds(search.exact.bank, q, search.exact.nearest(q)[1]))[0]
+             for q in feats]
+    out = {}
+    for key, changes in [("top", {"seed_step": 0}), *[(ef, {"ef_seeded": ef}) for ef in EF_SEEDED_CANDIDATES]]:
+        search.params = replace(params, **changes)
+        ratios = []
+        for q, d in zip(feats, exact):
+            keep = d > 0          # a patch that is itself in the bank has nothing to be close to
+            ratios.append(search.approximate(q)[keep] / d[keep] - 1.0)
+        out[key] = float(np.mean(np.concatenate(ratios))) if ratios else 0.0
+    search.params = params
+    return out
+
+
 def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibration_defects: Path | None = None,
         overwrite: bool = False) -> Bundle:
     """Fit a bundle into `out`. `settings.backbone == "auto"` picks the backbone (fit_auto_backbone)."""
@@ -435,6 +475,16 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     draft = Bundle(out, manifest)
     separation = {}
     bank_sample = images[:: max(1, len(images) // 32)]
+    if s.choose_ef_seeded and s.hnsw.seed_step:
+        # Only the heat map depends on it (the image score is exact either way), so the thresholds below do not.
+        pipe = Pipeline(draft, precision=s.default_variant if s.default_variant in banks else None, knn="hnsw",
+                        threads=2)
+        excess = seeded_walk_excess(pipe, [load_image(p) for p in bank_sample[:8]])
+        ef, why = choose_ef_seeded(excess, s.hnsw.ef_seeded)
+        manifest["index"]["ef_seeded"] = ef
+        manifest["fit"]["ef_seeded_choice"] = {"chosen": ef, "reason": why, "images": min(8, len(bank_sample)),
+                                               "mean_excess": {str(k): round(v, 6) for k, v in excess.items()}}
+        log(f"seeded walk: ef_seeded {ef}: {why}")
     for name in banks:
         pipe = Pipeline(draft, precision=name, knn="hnsw", threads=2)
         defect_scores = np.array([pipe.score_rgb(load_image(p), str(p)).score for p in defects])

@@ -137,6 +137,26 @@ def test_backbone_choice_keeps_the_faster_one_unless_another_separates_defects_b
     assert choose_backbone({"lite0": 0.97, "lite2": None})[0] == "lite0"
 
 
+def test_seeded_width_is_the_cheapest_no_coarser_than_walking_from_the_top():
+    from export.fit import EF_SEEDED_CANDIDATES, choose_ef_seeded
+
+    assert choose_ef_seeded({"top": 0.02, 4: 0.0017, 6: 0.0008, 8: 0.0006}, 8)[0] == 4          # bottle-like
+    assert choose_ef_seeded({"top": 0.0015, 4: 0.008, 6: 0.0048, 8: 0.0032}, 8)[0] == 8        # tile-like: none
+    assert choose_ef_seeded({"top": 0.005, 4: 0.008, 6: 0.005, 8: 0.003}, 8)[0] == 6            # a tie counts
+    assert EF_SEEDED_CANDIDATES == tuple(sorted(EF_SEEDED_CANDIDATES))                            # cheapest first
+
+
+def test_fit_records_the_seeded_width_it_chose_and_the_runtime_uses_it(small_bundle):
+    from export.fit import EF_SEEDED_CANDIDATES, choose_ef_seeded
+
+    b = Bundle.load(small_bundle)
+    choice = b.manifest["fit"]["ef_seeded_choice"]
+    excess = {("top" if k == "top" else int(k)): v for k, v in choice["mean_excess"].items()}
+    assert set(excess) == {"top", *EF_SEEDED_CANDIDATES} and all(v >= 0 for v in excess.values())
+    assert choice["chosen"] == choose_ef_seeded(excess, 8)[0] == b.manifest["index"]["ef_seeded"]
+    assert Pipeline(b).search.params.ef_seeded == choice["chosen"]
+
+
 def test_auto_backbone_fits_each_candidate_on_the_users_defects_and_keeps_one(synthetic_dataset, tmp_path, capsys):
     """With calibration defects both backbones are fitted; one verified bundle is left, recording why."""
     from export.fit import BACKBONE_CANDIDATES, FitSettings, choose_backbone, fit
