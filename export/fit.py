@@ -274,8 +274,9 @@ def choose_ef_seeded(excess: dict, default: int) -> tuple[int, str]:
         if excess[ef] <= excess["top"]:
             return ef, (f"the cheapest width at least as close to exact as walking every patch from the top "
                         f"({100 * excess[ef]:.3f}% vs {100 * excess['top']:.3f}% mean excess)")
+    measured = f" ({100 * excess[default]:.3f}%)" if default in excess else ""
     return default, (f"no width as close to exact as walking every patch from the top ({100 * excess['top']:.3f}%); "
-                     f"the default {default} ({100 * excess[default]:.3f}%)")
+                     f"the default {default}{measured}")
 
 
 def seeded_walk_excess(pipe: Pipeline, rgbs: list[np.ndarray]) -> dict:
@@ -295,7 +296,8 @@ def seeded_walk_excess(pipe: Pipeline, rgbs: list[np.ndarray]) -> dict:
         for q, d in zip(feats, exact):
             keep = d > 0          # a patch that is itself in the bank has nothing to be close to
             ratios.append(search.approximate(q)[keep] / d[keep] - 1.0)
-        out[key] = float(np.mean(np.concatenate(ratios))) if ratios else 0.0
+        ratios = np.concatenate(ratios) if ratios else np.zeros(0)
+        out[key] = float(ratios.mean()) if ratios.size else 0.0
     search.params = params
     return out
 

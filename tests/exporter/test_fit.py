@@ -144,6 +144,7 @@ def test_seeded_width_is_the_cheapest_no_coarser_than_walking_from_the_top():
     assert choose_ef_seeded({"top": 0.0015, 4: 0.008, 6: 0.0048, 8: 0.0032}, 8)[0] == 8        # tile-like: none
     assert choose_ef_seeded({"top": 0.005, 4: 0.008, 6: 0.005, 8: 0.003}, 8)[0] == 6            # a tie counts
     assert EF_SEEDED_CANDIDATES == tuple(sorted(EF_SEEDED_CANDIDATES))                            # cheapest first
+    assert choose_ef_seeded({"top": 0.0, 4: 0.1, 6: 0.1, 8: 0.1}, 10)[0] == 10                  # a user's own default
 
 
 def test_fit_records_the_seeded_width_it_chose_and_the_runtime_uses_it(small_bundle):
