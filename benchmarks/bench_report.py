@@ -220,3 +220,14 @@ def patch_features(pipe, images: Path, frames: int) -> tuple[list[Path], list[np
         tensor, _, _ = preprocess(decode_image(p.read_bytes(), str(p), pipe.decode_limits), pipe.geometry, str(p))
         feats.append(pipe.extractor(tensor))
     return paths, feats
+
+
+def bundle_features(bundle_dir: Path, images: Path, frames: int, threads: int):
+    """(bundle, its deployed pipeline, image paths, their patch features) for the search benchmarks."""
+    from edge_runtime.bundle import Bundle
+    from edge_runtime.pipeline import Pipeline
+
+    bundle = Bundle.load(bundle_dir)
+    pipe = Pipeline(bundle, knn="hnsw", threads=threads)
+    paths, feats = patch_features(pipe, images, frames)
+    return bundle, pipe, paths, feats

@@ -32,8 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from edge_runtime.bench import cpu_info, load_average, software_info  # noqa: E402
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_report import patch_features  # noqa: E402
-from edge_runtime.bundle import Bundle  # noqa: E402
+from bench_report import bundle_features  # noqa: E402
 from edge_runtime.pipeline import Pipeline  # noqa: E402
 from edge_runtime.nn_search import upper_bounds  # noqa: E402
 
@@ -87,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     load_before = load_average()
-    bundle = Bundle.load(a.bundle)
-    pipe = Pipeline(bundle, knn="hnsw", threads=a.threads)
-    paths, feats = patch_features(pipe, a.images, a.frames)
+    bundle, pipe, paths, feats = bundle_features(a.bundle, a.images, a.frames, a.threads)
     hnsw = pipe.search
     exact = hnsw.exact
     truth = [exact.nearest(q) for q in feats]

@@ -27,10 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from edge_runtime.bench import cpu_info, load_average, software_info  # noqa: E402
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_report import patch_features  # noqa: E402
-from edge_runtime.bundle import Bundle  # noqa: E402
+from bench_report import bundle_features  # noqa: E402
 from edge_runtime.nn_search import device_blas, upper_bounds  # noqa: E402
-from edge_runtime.pipeline import Pipeline  # noqa: E402
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
@@ -58,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     load_before = load_average()
-    bundle = Bundle.load(a.bundle)
-    pipe = Pipeline(bundle, knn="hnsw", threads=a.threads)
-    paths, feats = patch_features(pipe, a.images, a.frames)
+    bundle, pipe, _, feats = bundle_features(a.bundle, a.images, a.frames, a.threads)
     search = pipe.search
     exact = search.exact
     truth = []
@@ -77,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
             for f, q in enumerate(feats):
                 for name, (step, ef) in zip(names, a.configs):
                     search.params = replace(manifest_params, seed_step=step, ef_seeded=ef)
-                    search._plans = {}      # the plan depends on the step; building it is not part of a frame
-                    search._plan(len(q))
                     c0, w0 = time.process_time(), time.perf_counter()
                     dist = search.distances(q)
                     wall[name].append((time.perf_counter() - w0) * 1000)

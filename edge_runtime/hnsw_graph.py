@@ -152,7 +152,7 @@ class FaissHnswSearch(RecheckedSearch):
         self.threads = threads
         self.rechecked_last = 0
         self.grid: tuple[int, int] | None = None
-        self._plans: dict[int, SeedPlan | None] = {}
+        self._plans: dict[tuple[int, int], SeedPlan | None] = {}   # by (queries, step): params may be replaced
 
     def _attach_bank(self) -> None:
         """The exact search over the bank, read in place from faiss's storage: the one copy in memory (kept
@@ -199,11 +199,13 @@ class FaissHnswSearch(RecheckedSearch):
         self._plans = {}
 
     def _plan(self, n_queries: int) -> "SeedPlan | None":
-        if self.grid is None or self.params.seed_step < 2:
+        step = self.params.seed_step
+        if self.grid is None or step < 2:
             return None
-        if n_queries not in self._plans:
-            self._plans[n_queries] = seed_plan(self.grid, n_queries, self.params.seed_step)
-        return self._plans[n_queries]
+        key = (n_queries, step)
+        if key not in self._plans:
+            self._plans[key] = seed_plan(self.grid, n_queries, step)
+        return self._plans[key]
 
     def labels(self, queries: np.ndarray) -> np.ndarray:
         """Bank row of each query's approximate nearest neighbour."""
