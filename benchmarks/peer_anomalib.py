@@ -217,6 +217,7 @@ class OursEngine:
         r = self.pipeline.inspect(frame)
         if r.verdict is Verdict.FAULT:
             raise RuntimeError(f"{name}: our pipeline faulted: {r.error}")
+        r.anomaly_map   # made after the verdict, on first read; anomalib's graph makes its map too: count ours
         return float(r.score)
 
 

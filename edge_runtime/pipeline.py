@@ -7,6 +7,7 @@ Evaluation, calibration, the self-test and the torch reference call the same sta
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -173,7 +174,8 @@ class Pipeline:
             patch_scores = self.search.distances(feats)
             lap("search")
             score = scoring.image_score(patch_scores)
-            heat = scoring.anomaly_map(patch_scores, self.geometry, place, region.shape[:2])
+            # Made on first read, after the verdict has gone to the line (InspectionResult.anomaly_map).
+            heat = functools.partial(scoring.anomaly_map, patch_scores, self.geometry, place, region.shape[:2])
             lap("scoring")
             verdict = scoring.decide(score, self.threshold, self.review_threshold)
             norm = scoring.normalized_score(score, self.threshold)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import enum
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -37,7 +39,9 @@ class InspectionResult:
     timings_ms: dict[str, float]      # per pipeline stage, plus "total"
     bundle_id: str
     error: str | None = None          # why the frame was not inspected (verdict FAULT)
-    anomaly_map: np.ndarray | None = None  # float32, the same height x width as `image`: overlays line up
+    # float32, the same height x width as `image`: overlays line up. May be given as a zero-argument callable
+    # that makes it: it is then made on first read, in the reader's thread (see the property below).
+    anomaly_map: np.ndarray | Callable[[], np.ndarray] | None = None
     image: np.ndarray | None = None        # the decoded RGB frame (ROI applied): what was inspected
     captured_at: float = 0.0
     review_threshold: float | None = None  # lower edge of the review band (REVIEW when it <= score < threshold)
@@ -63,3 +67,27 @@ class InspectionResult:
             "bundle_id": self.bundle_id,
             "error": self.error,
         }
+
+
+def _read_anomaly_map(self: InspectionResult) -> np.ndarray | None:
+    value = self.__dict__.get("_anomaly_map")
+    if callable(value):
+        with self.__dict__["_anomaly_map_lock"]:
+            value = self.__dict__["_anomaly_map"]
+            if callable(value):   # not made yet by another reader
+                value = value()
+                self.__dict__["_anomaly_map"] = value
+    return value
+
+
+def _write_anomaly_map(self: InspectionResult, value) -> None:
+    if callable(value):
+        self.__dict__["_anomaly_map_lock"] = threading.Lock()
+    self.__dict__["_anomaly_map"] = value
+
+
+# The heat map is deferred: the verdict (and the PLC) does not wait for it. It is made once, by whichever reader
+# comes first (the NG image store's worker, the operator page, evaluation), and never for a part nobody looks at.
+# A property set after the dataclass is built, so the field stays an ordinary constructor argument.
+InspectionResult.anomaly_map = property(_read_anomaly_map, _write_anomaly_map,
+                                        doc="The heat map (float32, image-sized), made on first read when deferred.")

@@ -25,6 +25,9 @@ def check_report(report: dict, frames: int) -> None:
     for i in range(frames):
         parts = sum(samples[s][i] for s in STAGES if s != "total")
         assert parts <= samples["total"][i] * 1.05 + EPS_MS
+    # The heat map is made after the verdict: timed on its own, outside `total`, and added in the second figure.
+    assert report["heat_map_ms"]["count"] == frames and report["heat_map_ms"]["p50"] > 0
+    assert report["total_with_heat_map_ms"]["max"] >= report["stages_ms"]["total"]["max"]
     assert report["throughput_fps"] > 0
     assert sum(report["verdicts"].values()) == frames
     b = report["bundle"]

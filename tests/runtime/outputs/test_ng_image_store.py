@@ -61,6 +61,22 @@ def test_ng_keeps_frame_and_overlay_named_by_frame_and_verdict(tmp_path):
     assert tuple(saved[0, 0]) == (0, 0, 255), "RGB red must be saved as red (BGR on disk)"
 
 
+def test_a_deferred_heat_map_is_made_for_the_overlay_and_skipped_for_ok_parts(tmp_path):
+    made = []
+
+    def deferred(frame_id, verdict):
+        r = make_result(frame_id, verdict)
+        amap = r.anomaly_map
+        r.anomaly_map = lambda: made.append(frame_id) or amap   # as the pipeline hands it over: made on first read
+        return r
+
+    s = store(tmp_path)
+    s.publish(deferred(1, Verdict.OK))
+    s.publish(deferred(2, Verdict.NG))
+    assert made == [2]                                  # an OK part nobody looks at never pays for its map
+    assert len([n for n in files(tmp_path) if "_overlay" in n]) == 1
+
+
 def test_fault_frames_are_kept_only_when_decoded_and_enabled(tmp_path):
     s = store(tmp_path)
     s.publish(make_result(1, Verdict.FAULT, with_image=False))       # never decoded: nothing to keep
