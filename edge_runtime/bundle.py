@@ -23,7 +23,10 @@ from edge_runtime.geometry import Geometry
 from edge_runtime.safe_yaml import YamlRefused, clip, load_strict, short_repr
 
 # 2: input geometry (non-square input, tiles, size policy) replaced the square image_size; review band.
-SCHEMA_VERSION = 2
+# 3: geometry.resample (region -> canvas) may be "halve-area": a runtime that reads only 2 would resample such a
+#    bundle's frames differently from its fit, so it must refuse it, and does.
+SCHEMA_VERSION = 3                      # what the exporter writes
+READABLE_SCHEMA_VERSIONS = (2, 3)       # what this runtime reads
 MANIFEST = "manifest.yaml"
 SIGNATURE = "manifest.sig"
 # A manifest is a few kB; refusing anything this large keeps a hostile file from exhausting memory in the parser.
@@ -225,9 +228,10 @@ class Bundle:
         if not isinstance(manifest, dict):
             raise BundleError(f"{mpath}: manifest is not a mapping")
         version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BundleError(f"{mpath}: schema_version {short_repr(version)} is not supported "
-                              f"(this runtime reads {SCHEMA_VERSION}; refit the bundle with this release's edge-export)")
+        if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
+            raise BundleError(f"{mpath}: schema_version {short_repr(version)} is not supported (this runtime reads "
+                              f"{' and '.join(map(str, READABLE_SCHEMA_VERSIONS))}; refit the bundle with this "
+                              "release's edge-export)")
         for key in ("bundle_id", "geometry", "features", "score", "index", "variants", "default_variant", "files"):
             if key not in manifest:
                 raise BundleError(f"{mpath}: required key {short_repr(key)} is missing")
@@ -319,6 +323,9 @@ class Bundle:
             geometry = Geometry.from_manifest(geom)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleError(f"{where}: geometry is invalid ({type(exc).__name__}: {exc})") from None
+        if geometry.resample != "area" and m.get("schema_version") == 2:
+            raise BundleError(f"{where}: geometry.resample {geometry.resample!r} needs schema_version 3 (a runtime "
+                              "that reads only 2 would resample the frames differently from the fit)")
         grid = feats.get("grid")
         if not (isinstance(grid, list) and len(grid) == 2 and all(_positive_int(g) for g in grid)):
             raise BundleError(f"{where}: features.grid must be [rows, cols] positive integers, got {short_repr(grid)}")

@@ -19,7 +19,14 @@ import numpy as np
 from edge_runtime.decode import MAX_PIXELS, ImageError
 
 SIZE_POLICIES = ("refuse", "resize", "letterbox")
-INTERPOLATION = "INTER_AREA"         # region -> canvas; pinned for fit and runtime alike
+INTERPOLATION = "INTER_AREA"         # region -> canvas (the last step of either resample method)
+# region -> canvas, pinned per bundle (geometry.resample): "area" is one cv2.INTER_AREA resize (bundles of schema 2);
+# "halve-area" first halves the region (2 x 2 box averages) while it is at least four times the canvas on both
+# axes, then INTER_AREA. Both average every pixel (no aliasing of thin defects); OpenCV's INTER_AREA at a
+# non-integer ratio is slow on camera frames (a 5 MP frame to a 256-px canvas: ~8x slower than halve-area,
+# benchmarks/results/resize_cost.md), and when the region is under four times the canvas the two are identical.
+RESAMPLE_METHODS = ("area", "halve-area")
+DEFAULT_RESAMPLE = "halve-area"      # what `edge-export fit` pins in new bundles
 PAD_VALUE = 127                      # letterbox fill: 0 after the network's (x - 127) / 128 normalisation
 STRIDE = 16                          # input sizes are multiples of the deepest tap's stride
 MAX_TILES = 1024                     # bounds what a manifest can make the device allocate
@@ -50,10 +57,13 @@ class Geometry:
     region_size: tuple[int, int] | None = None     # the size the region must have; None: any size (resampled)
     roi: tuple[int, int, int, int] | None = None   # x, y, w, h crop of the frame; None: the whole frame
     size_policy: str = "refuse"                    # region of another size: refuse (FAULT), resize or letterbox
+    resample: str = "area"                         # region -> canvas (RESAMPLE_METHODS); manifests without it: area
 
     def __post_init__(self) -> None:
         if self.size_policy not in SIZE_POLICIES:
             raise ValueError(f"size_policy must be one of {', '.join(SIZE_POLICIES)}, got {self.size_policy!r}")
+        if self.resample not in RESAMPLE_METHODS:
+            raise ValueError(f"resample must be one of {', '.join(RESAMPLE_METHODS)}, got {self.resample!r}")
         (tw, th), (cw, ch) = self.input_size, self.canvas_size
         if min(tw, th) < 1 or tw > cw or th > ch:
             raise ValueError(f"input {tw}x{th} must be positive and fit the {cw}x{ch} canvas")
@@ -85,7 +95,11 @@ class Geometry:
             "tiles": [list(t) for t in self.tiles],
             "region_size": list(self.region_size) if self.region_size else None,
             "roi": list(self.roi) if self.roi else None, "size_policy": self.size_policy,
-            "interpolation": f"cv2.{INTERPOLATION} (region -> canvas)", "pad_value": PAD_VALUE,
+            "resample": self.resample,
+            "interpolation": ("2 x 2 box halvings (cv2.INTER_LINEAR at exactly half size; an odd last row/column "
+                              "replicated) while the region is >= 4x the canvas on both axes, "
+                              "then " if self.resample == "halve-area" else "") + f"cv2.{INTERPOLATION} (region -> canvas)",
+            "pad_value": PAD_VALUE,
             "stitch": "per tile: patch grid -> cv2.resize INTER_LINEAR to the tile; overlaps: maximum",
         }
 
@@ -96,7 +110,7 @@ class Geometry:
         return cls(input_size=pair(g["input_size"]), canvas_size=pair(g["canvas_size"]),
                    tiles=tuple(pair(t) for t in g["tiles"]), region_size=pair(g.get("region_size")),
                    roi=tuple(int(v) for v in g["roi"]) if g.get("roi") else None,
-                   size_policy=g.get("size_policy", "refuse"))
+                   size_policy=g.get("size_policy", "refuse"), resample=g.get("resample", "area"))
 
 
 # ---- planning (the exporter chooses; the manifest pins) --------------------------------------------------------
@@ -131,6 +145,37 @@ def covers(tiles, input_size: tuple[int, int], canvas_size: tuple[int, int]) -> 
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------------
+def _halve(image: np.ndarray) -> np.ndarray:
+    """The 2 x 2 box average; an odd last row or column is averaged with itself (replicated edge)."""
+    h, w = image.shape[:2]
+    eh, ew = h - h % 2, w - w % 2
+    # INTER_LINEAR at exactly half size samples midway between each pixel pair: the box. At any other ratio it
+    # would sample (and alias), hence the even part here and the odd edge below.
+    out = cv2.resize(image[:eh, :ew], (ew // 2, eh // 2), interpolation=cv2.INTER_LINEAR)
+    if w % 2:
+        col = image[:eh, w - 1:].astype(np.uint16)
+        out = np.concatenate([out, ((col[0::2] + col[1::2] + 1) // 2).astype(np.uint8)], axis=1)
+    if h % 2:
+        row = image[h - 1:].astype(np.uint16)
+        pairs = (row[:, 0:ew:2] + row[:, 1:ew:2] + 1) // 2
+        out = np.concatenate([out, np.concatenate([pairs, row[:, ew:]], axis=1).astype(np.uint8)], axis=0)
+    return out
+
+
+def resample(image: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
+    """`image` resampled to size = (w, h) by a RESAMPLE_METHODS method (see there)."""
+    w, h = size
+    if method == "halve-area":
+        # Halving stops while the region is still >= 2x the canvas, so that the exact area average does the last
+        # 2-4x: closer to one INTER_AREA (1-2 grey levels apart on textured frames, benchmarks/results/resize_cost.md)
+        # than halving down to under 2x (3-6), at the same cost.
+        while image.shape[1] >= 4 * w and image.shape[0] >= 4 * h:
+            image = _halve(image)
+    elif method != "area":
+        raise ValueError(f"resample must be one of {', '.join(RESAMPLE_METHODS)}, got {method!r}")
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+
+
 def crop_roi(rgb: np.ndarray, roi: tuple[int, int, int, int] | None, name: str = "<frame>") -> np.ndarray:
     if roi is None:
         return rgb
@@ -155,17 +200,16 @@ def to_canvas(region: np.ndarray, geom: Geometry, name: str = "<frame>") -> tupl
     # A region of the fitted size is resampled as in fitting; letterboxing applies to other sizes, or to every
     # frame of a bundle fitted on images of varied sizes.
     letterbox = geom.size_policy == "letterbox" and (mismatch or geom.region_size is None)
-    interp = getattr(cv2, INTERPOLATION)
     if letterbox:
         f = min(cw / w, ch / h)
         pw, ph = max(1, round(w * f)), max(1, round(h * f))
         place = Placement((cw - pw) // 2, (ch - ph) // 2, pw, ph)
         canvas = np.full((ch, cw, 3), PAD_VALUE, dtype=np.uint8)
-        canvas[place.y:place.y + ph, place.x:place.x + pw] = cv2.resize(region, (pw, ph), interpolation=interp)
+        canvas[place.y:place.y + ph, place.x:place.x + pw] = resample(region, (pw, ph), geom.resample)
         return canvas, place
     if (w, h) == (cw, ch):
         return np.ascontiguousarray(region), Placement(0, 0, cw, ch)
-    return cv2.resize(region, (cw, ch), interpolation=interp), Placement(0, 0, cw, ch)
+    return resample(region, (cw, ch), geom.resample), Placement(0, 0, cw, ch)
 
 
 def cut_tiles(canvas: np.ndarray, geom: Geometry) -> np.ndarray:

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from edge_runtime.geometry import DEFAULT_PIXELS
+from edge_runtime.geometry import DEFAULT_PIXELS, DEFAULT_RESAMPLE, RESAMPLE_METHODS
 from edge_runtime.nn_search import HnswParams
 
 
@@ -34,7 +34,7 @@ def _print_bundle(bundle, where) -> None:
     g = bundle.geometry
     print(f"bundle {bundle.bundle_id}: {where}")
     print(f"  geometry: input {g.input_size[0]}x{g.input_size[1]}, {g.n_tiles} tile(s) on a "
-          f"{g.canvas_size[0]}x{g.canvas_size[1]} canvas, size policy {g.size_policy}")
+          f"{g.canvas_size[0]}x{g.canvas_size[1]} canvas, size policy {g.size_policy}, resample {g.resample}")
     for name in bundle.manifest["variants"]:
         v = bundle.variant(name)
         info = v.info["threshold_info"]
@@ -56,7 +56,7 @@ def _fit(a: argparse.Namespace) -> int:
     a.int8_target, why = _resolve_int8_target(a)
     print(f"INT8 target {a.int8_target} ({why})", flush=True)
     s = FitSettings(coreset_ratio=a.coreset_ratio, backbone=a.backbone, input_size=a.input_size, pixels=a.pixels,
-                    scale=a.scale, tile_overlap=a.tile_overlap, roi=a.roi, size_policy=a.size_policy,
+                    scale=a.scale, tile_overlap=a.tile_overlap, roi=a.roi, size_policy=a.size_policy, resample=a.resample,
                     aggregation_size=a.aggregation, input_norm=a.input_norm, seed=a.seed, projection_dim=a.projection_dim,
                     cross_fit_folds=a.cross_fit_folds, cross_fit_method=a.cross_fit_method, max_train=a.max_train, target_false_reject=a.target_frr,
                     review_false_reject=a.review_frr, defect_margin=a.defect_margin, int8_target=a.int8_target,
@@ -225,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--size-policy", choices=["refuse", "resize", "letterbox"], default=None,
                    help="a frame whose size differs from the training images: FAULT (refuse), resize or letterbox "
                         "(default: refuse when the training images share one size, else resize)")
+    f.add_argument("--resample", choices=RESAMPLE_METHODS, default=DEFAULT_RESAMPLE,
+                   help=f"frame region -> model canvas, pinned in the bundle (default: {DEFAULT_RESAMPLE}): area = one "
+                        "OpenCV INTER_AREA resize; halve-area = 2 x 2 box halvings while the region is at least four "
+                        "times the canvas, then INTER_AREA: the same anti-aliasing, 4-10x faster on camera frames of "
+                        "1-12 MP, identical when the region is under four times the canvas")
     f.add_argument("--aggregation", type=int, default=3,
                    help="local neighbourhood of each patch feature, odd (default: 3, the paper's)")
     f.add_argument("--input-norm", choices=["native", "imagenet"], default="native",

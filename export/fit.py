@@ -28,7 +28,7 @@ from edge_runtime import scoring
 from edge_runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256_file, write_manifest
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.decode import declared_size, load_image
-from edge_runtime.geometry import DEFAULT_PIXELS, STRIDE, Geometry, default_input_size, plan_tiles
+from edge_runtime.geometry import DEFAULT_PIXELS, DEFAULT_RESAMPLE, STRIDE, Geometry, default_input_size, plan_tiles
 from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw, upper_bounds
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.preprocess import NORMALIZATION, preprocess
@@ -54,6 +54,7 @@ class FitSettings:
     tile_overlap: int | None = None            # pixels shared by neighbouring tiles; None: 1/8 of the tile
     roi: tuple[int, int, int, int] | None = None
     size_policy: str | None = None             # None: refuse other sizes when the images share one, else resize
+    resample: str = DEFAULT_RESAMPLE           # region -> canvas (edge_runtime.geometry.RESAMPLE_METHODS)
     aggregation_size: int = 3                  # PatchCore's local neighbourhood p (3x3 average of each tap)
     input_norm: str = "native"                 # patch_features.INPUT_NORMS: the network's input statistics
     seed: int = 0
@@ -161,7 +162,8 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
         notes.append(f"training images vary in size ({len(set(sizes))} sizes): every frame is "
                      f"{done.get(policy, 'resized')} to the canvas, as the bank was fitted")
     geom = Geometry(input_size=tuple(input_size), canvas_size=tuple(canvas), tiles=tuple(tiles),
-                    region_size=sizes[0] if same else None, roi=tuple(s.roi) if s.roi else None, size_policy=policy)
+                    region_size=sizes[0] if same else None, roi=tuple(s.roi) if s.roi else None, size_policy=policy,
+                    resample=s.resample)
     return geom, {"training_sizes": sorted({f"{w}x{h}" for w, h in sizes})[:20], "median_aspect": aspect,
                   "scale": s.scale, "notes": notes}
 

@@ -1,4 +1,5 @@
 """Geometry: tiles cover the region, sizes are checked by policy, heat maps land where the pixels were."""
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -6,8 +7,8 @@ from hypothesis import strategies as st
 
 from edge_runtime import scoring
 from edge_runtime.decode import ImageError
-from edge_runtime.geometry import (Geometry, covers, default_input_size, plan_tiles, stitch, tile_offsets, to_canvas,
-                                   to_region)
+from edge_runtime.geometry import (Geometry, covers, default_input_size, plan_tiles, resample, stitch, tile_offsets,
+                                   to_canvas, to_region)
 
 
 @settings(max_examples=200, deadline=None)
@@ -93,3 +94,67 @@ def test_a_manifest_cannot_make_the_device_allocate_without_bound():
         Geometry((8, 8), (64, 64), tuple((x, y) for x in range(0, 57) for y in range(0, 57)))
     with pytest.raises(ValueError, match="fit the"):
         Geometry((128, 64), (64, 64), ((0, 0),))
+
+
+# ---- resampling the region onto the canvas --------------------------------------------------------------------
+def _part(w: int, h: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (0, 0), 3)
+    cv2.line(img, (w // 5, h // 3), (4 * w // 5, h // 3 + 7), (255, 255, 255), 1)   # a 1-px scratch
+    return img
+
+
+@pytest.mark.parametrize("src, dst", [((384, 384), (256, 256)), ((500, 300), (272, 240)), ((300, 500), (256, 256)),
+                                      ((200, 150), (256, 256)), ((640, 480), (256, 192)), ((1000, 2000), (256, 512))])
+def test_halve_area_is_area_when_the_region_is_under_four_times_the_canvas(src, dst):
+    img = _part(*src)
+    np.testing.assert_array_equal(resample(img, dst, "halve-area"), cv2.resize(img, dst, interpolation=cv2.INTER_AREA))
+
+
+@pytest.mark.parametrize("src, dst", [((2448, 2048), (320, 272)), ((1280, 1024), (320, 256)), ((1920, 1080), (448, 256))])
+def test_halve_area_averages_every_pixel_like_area_on_camera_frames(src, dst):
+    img = _part(*src)
+    a = cv2.resize(img, dst, interpolation=cv2.INTER_AREA).astype(np.float32)
+    b = resample(img, dst, "halve-area").astype(np.float32)
+    assert b.shape == a.shape
+    assert np.abs(a - b).mean() < 1.0          # the same picture, within a grey level on average
+    # One-pixel stripes: an averaging resample gives flat grey; picking pixels (INTER_NEAREST) aliases them.
+    stripes = np.zeros((src[1], src[0], 3), np.uint8)
+    stripes[:, ::2] = 255
+    flat = resample(stripes, dst, "halve-area").astype(np.float32)
+    assert np.abs(flat - 127.5).max() < 16
+    aliased = cv2.resize(stripes, dst, interpolation=cv2.INTER_NEAREST).astype(np.float32)
+    assert np.abs(aliased - 127.5).max() > 100   # the check above can fail
+
+
+def test_an_odd_sized_region_keeps_its_last_row_and_column():
+    """Odd sizes halve with the last pixel row/column replicated: no pixel is dropped, no stripe aliases."""
+    img = np.full((777, 999, 3), 100, np.uint8)
+    img[:, -1] = 255                           # only the last column and row are bright
+    img[-1, :] = 255
+    out = resample(img, (240, 192), "halve-area").astype(np.float32)
+    assert out[:-1, -1].min() > 100 and out[-1, :-1].min() > 100     # they reach the canvas edge
+    assert np.abs(out[:-2, :-2] - 100).max() == 0                     # and nothing else
+    stripes = np.zeros((777, 999, 3), np.uint8)
+    stripes[:, ::2] = 255
+    flat = resample(stripes, (240, 192), "halve-area").astype(np.float32)
+    assert np.abs(flat[:, :-1] - 127.5).max() < 16
+
+
+def test_a_thin_scratch_survives_halve_area_as_it_survives_area():
+    img = np.full((2048, 2448, 3), 100, np.uint8)
+    img[1000, 600:1800] = 255                  # 1 px wide, 7.6x over the canvas: a tenth of its contrast is left
+    for method in ("area", "halve-area"):
+        out = resample(img, (320, 272), method).astype(np.float32)
+        row = int(np.argmax(out[..., 0].max(1)))
+        assert abs(row - 1000 * 272 / 2048) <= 1 and out[row, 80:230, 0].min() > 105, method
+
+
+def test_geometry_pins_its_resample_method_and_reads_old_manifests_as_area():
+    g = Geometry(input_size=(64, 64), canvas_size=(64, 64), tiles=((0, 0),), resample="halve-area")
+    assert Geometry.from_manifest(g.to_manifest()).resample == "halve-area"
+    old = g.to_manifest()
+    old.pop("resample")
+    assert Geometry.from_manifest(old).resample == "area"
+    with pytest.raises(ValueError, match="resample"):
+        Geometry(input_size=(64, 64), canvas_size=(64, 64), tiles=((0, 0),), resample="nearest")

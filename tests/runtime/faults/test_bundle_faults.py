@@ -113,7 +113,7 @@ def test_extra_files_are_ignored_and_never_loaded(bundle_copy, editor):
 
 
 # ---- manifest -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("version", [1, 3, "2", None])
+@pytest.mark.parametrize("version", [1, 4, "2", "3", None, True])
 def test_manifest_of_another_schema_version_is_refused(editor, version):
     m = editor.manifest()
     m["schema_version"] = version
@@ -317,10 +317,31 @@ def test_models_swapped_between_variants(editor):
     assert "differs from the recorded" in failures and "variant int8" in failures
 
 
+@pytest.mark.parametrize("value", ["bicubic", "", 3, None])
+def test_an_unknown_resample_method_is_refused_by_name(editor, value):
+    m = editor.manifest()
+    m["geometry"]["resample"] = value
+    editor.save(m)
+    msg = refusal(editor.root)
+    assert MANIFEST in msg and "geometry is invalid" in msg and "resample" in msg
+
+
+def test_halve_area_in_a_schema_2_manifest_is_refused(editor):
+    """A runtime that reads only schema 2 ignores geometry.resample: such a bundle must say 3, so that it refuses."""
+    m = editor.manifest()
+    m["schema_version"], m["geometry"]["resample"] = 2, "halve-area"
+    editor.save(m)
+    msg = refusal(editor.root)
+    assert "geometry.resample 'halve-area' needs schema_version 3" in msg
+    m["geometry"].pop("resample")      # a schema-2 bundle as the previous release wrote it: one INTER_AREA resize
+    editor.save(m)
+    assert Bundle.load(editor.root).geometry.resample == "area"
+
+
 # ---- the manifest as hostile input ----------------------------------------------------------------------------
 _MUTABLE = [
     ("schema_version",), ("geometry",), ("geometry", "input_size"), ("geometry", "roi"), ("geometry", "tiles"),
-    ("geometry", "canvas_size"), ("geometry", "region_size"), ("geometry", "size_policy"),
+    ("geometry", "canvas_size"), ("geometry", "region_size"), ("geometry", "size_policy"), ("geometry", "resample"),
     ("variants", "int8", "review_threshold"),
     ("features",), ("features", "grid"), ("features", "dim"), ("index",), ("index", "dim"), ("index", "space"),
     ("index", "M"), ("index", "ef_search"), ("index", "seed_step"), ("index", "ef_seeded"), ("variants",), ("variants", "int8"), ("variants", "int8", "model"),
