@@ -1,8 +1,9 @@
-"""Cost of the geometry stage's pinned resample (cv2.resize INTER_AREA, edge_runtime.geometry.INTERPOLATION) for
-camera frames of common sizes down to a ~256-px-wide model input, against INTER_LINEAR and the BGR -> RGB
-conversion, on this machine's OpenCV threads. The bottle frames (384 x 384) cost ~0.5 ms; a 5 MP frame costs
-~20x that, more than the rest of the pipeline: where a station's latency goes once frames come from a real camera.
-Writes benchmarks/results/resize_cost.json.
+"""Cost of the geometry stage's resample (region -> canvas, `edge_runtime.geometry.resample`) for camera frames of
+common sizes down to a ~256-px-wide model input: "area" (one cv2.INTER_AREA resize: bundles of schema 2) against
+"halve-area" (2 x 2 box halvings, then INTER_AREA: the fit default since schema 3), with INTER_LINEAR (aliasing,
+never used: the floor of any resample) and the BGR -> RGB conversion for scale, on this machine's OpenCV threads.
+Also how far the two methods' pixels lie apart (mean / max absolute difference, grey levels) on a textured frame.
+Writes benchmarks/results/resize_cost.json and .md.
 
     python benchmarks/resize_cost.py
 """
@@ -17,42 +18,73 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
-FRAMES = [(384, 384), (640, 480), (1280, 1024), (1920, 1200), (2448, 2048)]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from edge_runtime.bench import cpu_info, load_average  # noqa: E402
+from edge_runtime.geometry import resample  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+FRAMES = [(384, 384), (640, 480), (1280, 1024), (1920, 1080), (1920, 1200), (2448, 2048), (4096, 3000)]
 
 
-def median_ms(fn, n: int) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
+def median_ms(fns: list, n: int) -> list[float]:
+    """Median ms of each call, the calls taken in turn n times (the same load for all)."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1000.0)
+    times = [[] for _ in fns]
+    for _ in range(n):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [float(np.median(t) * 1000.0) for t in times]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", type=int, default=256, help="model input width; height keeps the aspect (default: 256)")
-    p.add_argument("--repeats", type=int, default=30, help="timed calls per case (default: 30)")
+    p.add_argument("--repeats", type=int, default=60, help="timed calls per case, interleaved (default: 60)")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     rows = []
+    load_before = load_average()
     print(f"OpenCV {cv2.__version__}, {cv2.getNumThreads()} threads")
-    print(f"{'frame':>12} {'input':>10} {'INTER_AREA ms':>14} {'INTER_LINEAR ms':>16} {'BGR->RGB ms':>12}")
+    head = f"| frame | canvas | area ms | halve-area ms | speed-up | INTER_LINEAR ms | BGR->RGB ms | diff mean / max |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    print(head)
     for w, h in FRAMES:
-        # A smooth image with texture, not noise: resampling cost does not depend on content, but keep it real-ish.
-        base = cv2.resize(rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8), (w, h))
+        # Texture at several scales (not noise): what a part's surface gives the resample to average.
+        base = sum(cv2.resize(rng.integers(0, 255, (h // s + 1, w // s + 1, 3), dtype=np.uint8), (w, h),
+                              interpolation=cv2.INTER_CUBIC).astype(np.float32) for s in (2, 8, 32)) / 3
+        base = np.clip(base, 0, 255).astype(np.uint8)
         th = max(8, int(round(a.width * h / w / 8)) * 8)
-        area = median_ms(lambda: cv2.resize(base, (a.width, th), interpolation=cv2.INTER_AREA), a.repeats)
-        linear = median_ms(lambda: cv2.resize(base, (a.width, th), interpolation=cv2.INTER_LINEAR), a.repeats)
-        rgb = median_ms(lambda: cv2.cvtColor(base, cv2.COLOR_BGR2RGB), a.repeats)
-        rows.append({"frame": [w, h], "input": [a.width, th], "inter_area_ms": area, "inter_linear_ms": linear,
-                     "bgr_to_rgb_ms": rgb})
-        print(f"{w:>6}x{h:<5} {a.width:>5}x{th:<4} {area:>14.2f} {linear:>16.2f} {rgb:>12.2f}")
+        size = (a.width, th)
+        area, halve, linear, rgb = median_ms([lambda: resample(base, size, "area"),
+                                              lambda: resample(base, size, "halve-area"),
+                                              lambda: cv2.resize(base, size, interpolation=cv2.INTER_LINEAR),
+                                              lambda: cv2.cvtColor(base, cv2.COLOR_BGR2RGB)], a.repeats)
+        d = np.abs(resample(base, size, "area").astype(np.int16) - resample(base, size, "halve-area"))
+        rows.append({"frame": [w, h], "input": list(size), "area_ms": area, "halve_area_ms": halve,
+                     "inter_linear_ms": linear, "bgr_to_rgb_ms": rgb, "diff_mean": float(d.mean()),
+                     "diff_max": int(d.max())})
+        line = (f"| {w} x {h} | {size[0]} x {size[1]} | {area:.2f} | {halve:.2f} | {area / halve:.1f}x | {linear:.2f} "
+                f"| {rgb:.2f} | {d.mean():.2f} / {d.max()} |")
+        lines.append(line)
+        print(line)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "resize_cost.json"
-    out.write_text(json.dumps({"opencv": cv2.__version__, "threads": cv2.getNumThreads(), "rows": rows}, indent=1))
+    meta = {"opencv": cv2.__version__, "threads": cv2.getNumThreads(), "cpu": cpu_info(),
+            "load_average": [load_before, load_average()], "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    cpu = meta["cpu"]
+    (RESULTS / "resize_cost.md").write_text(
+        "# Geometry stage: region -> canvas resample\n\n`python benchmarks/resize_cost.py`\n\n"
+        f"{meta['date']}; {cpu['model']}, {cpu['usable_cpus']} usable CPUs; OpenCV {cv2.__version__}, "
+        f"{meta['threads']} threads; load {meta['load_average']}\n\n" + "\n".join(lines) + "\n\n"
+        "area = one cv2.INTER_AREA resize (schema-2 bundles); halve-area = 2 x 2 box halvings while the frame is at "
+        "least twice the canvas on both axes, then INTER_AREA (the fit default since schema 3; identical to area "
+        "below 2x). INTER_LINEAR aliases thin defects at these ratios and is not used: the floor of any resample. "
+        "diff: grey levels between the two methods' canvases on a textured frame.\n")
     print(f"written: {out}")
     return 0
 
