@@ -281,6 +281,9 @@ class RecheckedSearch:
     exact: ExactSearch
     recheck = True
     rechecked_last = 0
+    # `approximate`'s distances come from this kernel (0) or from one whose float32 rounding may differ by this
+    # much (relative): the re-check widens them by it (exact_image_recheck's `slack`).
+    bound_slack = 0.0
 
     @property
     def dim(self) -> int:
@@ -297,7 +300,7 @@ class RecheckedSearch:
         dist = self.approximate(q)
         if not self.recheck:
             return dist
-        dist, self.rechecked_last = exact_image_recheck(self.exact, q, dist)
+        dist, self.rechecked_last = exact_image_recheck(self.exact, q, dist, slack=self.bound_slack)
         return dist
 
 
@@ -499,10 +502,13 @@ RECHECK_BATCH = 8
 
 
 def exact_image_recheck(exact: ExactSearch, queries: np.ndarray, upper: np.ndarray,
-                        batch: int = RECHECK_BATCH) -> tuple[np.ndarray, int]:
+                        batch: int = RECHECK_BATCH, slack: float = 0.0) -> tuple[np.ndarray, int]:
     """(per-patch distances whose maximum is the exact image score, patches measured exactly).
 
-    `upper[i]` must be the distance of patch i to some real bank vector (an upper bound of its nearest one).
+    `upper[i]` must be the distance of patch i to some real bank vector (an upper bound of its nearest one), in
+    this kernel or, with `slack`, in another float32 kernel whose rounding differs from this one's by at most
+    `slack` (relative): upper * (1 + slack) is then the bound, and the distances of patches left unmeasured are
+    returned as given.
     Patches are taken in descending order of that bound until no unchecked bound exceeds the best exact
     distance so far. The prefix bounds are computed for a batch of them at once (one small GEMM), the patches
     are then settled one by one: a patch is first searched only within the best exact distance so far (few
@@ -511,24 +517,27 @@ def exact_image_recheck(exact: ExactSearch, queries: np.ndarray, upper: np.ndarr
     (benchmarks/search_floor.py reports the re-check's share).
     """
     dist = np.array(upper, dtype=np.float32)
-    order = np.argsort(-dist)
+    bound = dist * np.float32(1.0 + slack) if slack else dist   # measured patches get their exact value in both
+    order = np.argsort(-bound)
     best, pos, measured = -np.inf, 0, 0
     exact.candidates_last = 0
     with single_threaded_blas():
-        while pos < len(order) and dist[order[pos]] > best:
+        while pos < len(order) and bound[order[pos]] > best:
             chunk = order[pos:pos + (batch if measured else 1)]   # the top patch alone first: it often settles it
-            chunk = chunk[dist[chunk] > best]                     # bounds are sorted: a prefix of the chunk
+            chunk = chunk[bound[chunk] > best]                    # bounds are sorted: a prefix of the chunk
             pos += len(chunk)
             lower2 = exact.prefix_lower(queries[chunk])
             for j, i in enumerate(chunk):
-                if dist[i] <= best:       # an earlier patch of this chunk already beat its bound
+                if bound[i] <= best:      # an earlier patch of this chunk already beat its bound
                     continue
                 measured += 1
                 d = exact.nearest_below(queries[i], lower2[j], best)[0] if best > -np.inf else np.inf
                 if d > best:              # nothing within `best`: this patch is the new maximum, measure it in full
-                    d, k = exact.nearest_below(queries[i], lower2[j], float(dist[i]))
+                    d, k = exact.nearest_below(queries[i], lower2[j], float(bound[i]))
                     if k < 0:             # `upper` was not a valid bound (never for a real bank vector's distance)
                         d = exact.nearest_below(queries[i], lower2[j], np.inf)[0]
                     best = d
                 dist[i] = d
+                if slack:
+                    bound[i] = d
     return dist, measured

@@ -34,7 +34,9 @@ def test_graph_is_read_in_label_order_and_searched_like_hnswlib(tmp_path):
     assert same > 0.98                                         # same graph, same greedy search (ties may differ)
     exact = ExactSearch(bank).nearest_within(queries, np.full(len(queries), np.inf))[0]
     assert ours.distances(queries).max() == exact.max()        # the re-check keeps the image score exact
-    assert np.all(ours.approximate(queries) >= exact)          # real bank vectors: upper bounds
+    # Real bank vectors' distances in faiss's float32 kernel: upper bounds once widened by its rounding slack.
+    approx = ours.approximate(queries)
+    assert np.all(approx * (1 + ours.bound_slack) >= exact) and np.all(approx >= exact * (1 - 1e-6))
 
 
 def test_the_bank_is_held_once_in_faiss_storage(tmp_path):

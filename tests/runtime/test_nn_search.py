@@ -124,6 +124,25 @@ def test_recheck_gives_the_exact_image_score_for_any_valid_upper_bounds(seed, an
     assert np.allclose(dist[moved], exact[moved], atol=1e-4)
 
 
+def test_recheck_slack_covers_bounds_from_a_kernel_that_rounds_lower():
+    """Bounds from another float32 kernel (faiss's) may sit a rounding unit below this kernel's distance to the same
+    vector: the patch that is truly the maximum must still be measured. Without slack it is skipped."""
+    from edge_runtime.nn_search import exact_image_recheck
+
+    d = 16
+    bank = np.zeros((3, d), np.float32)
+    bank[1, 0], bank[2, 0] = -50.0, -60.0                       # far rows: the origin is everyone's nearest
+    queries = np.zeros((2, d), np.float32)
+    queries[0, 1], queries[1, 2] = 10.0, 10.001                 # true image score: patch 1, 10.001
+    upper = np.array([10.0, 10.001 * (1 - 2e-4)], np.float32)   # patch 1's bound rounded under patch 0's
+    search = ExactSearch(bank)
+    wrong, _ = exact_image_recheck(search, queries, upper)      # patch 0 measured first; 1 looks settled
+    assert wrong.max() == np.float32(10.0)                      # (the test can fail: this is what slack fixes)
+    right, measured = exact_image_recheck(search, queries, upper, slack=3e-4)
+    assert right.max() == np.float32(10.001) and measured == 2
+    assert right[0] == np.float32(10.0)
+
+
 def test_nearest_below_is_exact_within_its_limit_and_empty_beyond(anisotropic):
     bank, queries = anisotropic(seed=9, q=20)
     search = ExactSearch(bank)
