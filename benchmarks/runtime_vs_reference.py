@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -30,7 +31,7 @@ from edge_runtime import scoring  # noqa: E402
 from edge_runtime.bundle import Bundle  # noqa: E402
 from edge_runtime.pipeline import Pipeline, decide  # noqa: E402
 from edge_runtime.geometry import crop_roi, cut_tiles, to_canvas  # noqa: E402
-from edge_runtime.decode import decode_image  # noqa: E402
+from edge_runtime.decode import decode_image, to_rgb  # noqa: E402
 from edge_runtime.preprocess import to_tensor  # noqa: E402
 from edge_runtime.records import Frame, Verdict  # noqa: E402
 from export.dataset import test_images  # noqa: E402
@@ -53,7 +54,7 @@ class ReferenceEngine:
         self.dtype = search_dtype
 
     @torch.no_grad()
-    def inspect(self, name: str, data: bytes) -> tuple[float, dict]:
+    def inspect(self, name: str, data: bytes | np.ndarray) -> tuple[float, dict]:
         s = self.scorer
         timings = {}
         t0 = t = time.perf_counter()
@@ -64,7 +65,7 @@ class ReferenceEngine:
             timings[stage] = (now - t) * 1000.0
             t = now
 
-        rgb = decode_image(data, name)
+        rgb = decode_image(data, name) if isinstance(data, bytes) else to_rgb(data, name)   # as the runtime does
         lap("decode")
         region = crop_roi(rgb, s.geometry.roi, name)
         canvas, place = to_canvas(region, s.geometry, name)
@@ -91,8 +92,10 @@ class RuntimeEngine:
     def __init__(self, pipeline: Pipeline):
         self.pipeline = pipeline
 
-    def inspect(self, name: str, data: bytes) -> tuple[float, dict]:
-        result = self.pipeline.inspect(Frame(frame_id=0, source=name, encoded=data))
+    def inspect(self, name: str, data: bytes | np.ndarray) -> tuple[float, dict]:
+        frame = (Frame(frame_id=0, source=name, encoded=data) if isinstance(data, bytes)
+                 else Frame(frame_id=0, source=name, image=data))
+        result = self.pipeline.inspect(frame)
         if result.verdict is Verdict.FAULT:
             raise RuntimeError(f"{name}: runtime faulted: {result.error}")
         # The runtime makes its heat map after the verdict (on first read); the reference makes one in `scoring`,
@@ -117,6 +120,9 @@ def main() -> int:
     p.add_argument("--settle-ms", type=float, default=150.0, help="idle time before each engine's frame (default 150)")
     p.add_argument("--every", type=int, default=1,
                    help="use every Nth test image (default 1: all; e.g. 10 for a quick trial)")
+    p.add_argument("--raw", action="store_true",
+                   help="feed every engine decoded BGR arrays, as a camera delivers them (default: off, encoded PNG "
+                        "bytes, decoded by each engine); results go to runtime_vs_reference_raw")
     add_results_option(p)
     a = p.parse_args()
     ensure_bundle(a.bundle, a.data)
@@ -124,6 +130,8 @@ def main() -> int:
     bundle = Bundle.load(a.bundle)
     items = test_images(a.data)[::a.every]
     images = [(str(it.path), it.path.read_bytes()) for it in items]
+    if a.raw:   # decoded once here, outside every timed region
+        images = [(n, cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR)) for n, d in images]
     labels = np.array([it.is_defect for it in items])
 
     scorer = ReferenceScorer(bundle, a.threads)
@@ -135,7 +143,7 @@ def main() -> int:
 
     # Warm-up, and a check that the split reference reproduces ReferenceScorer's own score.
     for name, data in images[:a.warmup]:
-        want = scorer.score_rgb(decode_image(data, name)).score
+        want = scorer.score_rgb(decode_image(data, name) if isinstance(data, bytes) else to_rgb(data, name)).score
         for e in names:
             got, _ = engines[e].inspect(name, data)
             if e == REFERENCE and got != want:
@@ -190,7 +198,8 @@ def main() -> int:
             f"{a.passes} passes = {len(ref_tot)} paired frames per engine; bundle {bundle.bundle_id} "
             f"({geometry_text(bundle.geometry)}, {bundle.grid[0]}x{bundle.grid[1]} patches per tile x {bundle.dim}-d, "
             f"bank {len(scorer.bank)} = {bundle.manifest['coreset']['ratio']:.0%} coreset), {a.threads} threads "
-            f"(onnxruntime intra-op, HNSW search, torch). Every frame goes from encoded PNG bytes to the decision.",
+            f"(onnxruntime intra-op, HNSW search, torch). Every frame goes from "
+            + ("a decoded BGR array (a camera frame)" if a.raw else "encoded PNG bytes") + " to the decision.",
             "", f"## Latency per frame (paired; random engine order per frame; {a.settle_ms:g} ms idle before each)", "",
             md_table(["engine", "median ms", "p95 ms", "mean ms", "speed-up vs reference (median of paired ratios)",
                       "speed-up vs reference with f32 cdist", "frames/s (1/mean)"], rows),
@@ -204,9 +213,10 @@ def main() -> int:
             "", "INT8 engines score with their own INT8 bank and threshold (shared/BACKBONES.md), so their distance "
             "to the FP32 reference is the quantisation error, not a search error; HNSW with exact re-check must "
             "match its exact twin (0 or float rounding)."]
-    write_results("runtime_vs_reference", "Runtime vs torch reference, bottle", "\n".join(body),
+    write_results("runtime_vs_reference" + ("_raw" if a.raw else ""),
+                  "Runtime vs torch reference, bottle" + (", raw frames" if a.raw else ""), "\n".join(body),
                   {"bundle": str(a.bundle), "bundle_id": bundle.bundle_id, "threads": a.threads, "passes": a.passes,
-                   "settle_ms": a.settle_ms,
+                   "settle_ms": a.settle_ms, "input": "raw BGR arrays" if a.raw else "encoded PNG bytes",
                    "images": [n for n, _ in images], "engines": summary,
                    "image_scores_pass1": {e: scores[e] for e in names},
                    "totals_ms": totals}, load, out_dir=a.results_dir)
