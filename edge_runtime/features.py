@@ -43,6 +43,10 @@ class FeatureExtractor:
     """(n_tiles, 3, H, W) float32 -> (n_tiles * grid_h * grid_w, dim) float32 patch features, tile-major.
 
     All tiles of a frame go through one session run: one batch, one set of kernel launches.
+    A model whose input is uint8 (`takes_pixels`: the INT8 graph of bundles from this release) takes the tiles'
+    RGB pixels, (n_tiles, H, W, 3) uint8, as they are; given the float tensor instead, it maps it back to those
+    pixels exactly (rgb = x * 128 + 127: the tensor is `preprocess.to_tensor`'s), so every caller gets the same
+    features whichever it passes.
     """
 
     def __init__(self, model: Path | bytes, expected: tuple[int, int, tuple[int, int], int], threads: int = 2,
@@ -58,12 +62,22 @@ class FeatureExtractor:
         if len(out_shape) != 3 or out_shape[1:] != [n_patches, dim]:
             raise FeatureError(f"{model_path}: model output shape {out_shape} does not match the manifest "
                                f"(tiles, {n_patches}, {dim})")
-        in_shape = self.session.get_inputs()[0].shape
-        if len(in_shape) != 4 or in_shape[2:] != [height, width]:
+        inp = self.session.get_inputs()[0]
+        in_shape = inp.shape
+        self.takes_pixels = inp.type == "tensor(uint8)"
+        if inp.type not in ("tensor(uint8)", "tensor(float)"):
+            raise FeatureError(f"{model_path}: model input is {inp.type}, not float32 or uint8")
+        spatial = in_shape[1:3] if self.takes_pixels else in_shape[2:]
+        channels = in_shape[3] if self.takes_pixels else in_shape[1]
+        if len(in_shape) != 4 or spatial != [height, width] or channels != 3:
+            layout = "(tiles, H, W, 3) uint8" if self.takes_pixels else "(tiles, 3, H, W) float32"
             raise FeatureError(f"{model_path}: model input {in_shape} does not match the manifest's input_size "
-                               f"{width}x{height} (W x H)")
+                               f"{width}x{height} (W x H) as {layout}")
         if isinstance(in_shape[0], int) and in_shape[0] != n_tiles:
             raise FeatureError(f"{model_path}: model takes a fixed batch of {in_shape[0]}, the geometry has {n_tiles} tiles")
 
     def __call__(self, tensor: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: tensor})[0].reshape(-1, self.dim)
+        if self.takes_pixels and tensor.dtype != np.uint8:
+            tensor = np.rint(tensor * np.float32(128.0) + np.float32(127.0)).clip(0, 255).astype(np.uint8)
+            tensor = tensor.transpose(0, 2, 3, 1)
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(tensor)})[0].reshape(-1, self.dim)

@@ -167,7 +167,8 @@ class Pipeline:
             canvas, place = to_canvas(region, self.geometry, frame.source)
             tiles = cut_tiles(canvas, self.geometry)
             lap("geometry")
-            tensor = to_tensor(tiles)
+            # An INT8 graph that takes the pixels needs no float tensor (FeatureExtractor.takes_pixels).
+            tensor = tiles if self.extractor.takes_pixels else to_tensor(tiles)
             lap("preprocess")
             feats = self.extractor(tensor)
             lap("features")

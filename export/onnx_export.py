@@ -127,7 +127,18 @@ def pin_output_shape(path: Path, n_patches: int, dim: int) -> None:
 FLOAT_HEAD_OPS = ("AveragePool", "Resize", "Concat", "Transpose", "Reshape", "Flatten", "MatMul")
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calibration: Iterable[np.ndarray], target: str = "x86-avx2") -> dict:
+# The device tensor is (rgb - 127) / 128 (edge_runtime.preprocess), so an unsigned 8-bit input quantised with
+# scale 1/128 and zero point 127 IS the pixel value: lossless, where a calibrated scale (e.g. 0.0069, zero point
+# 111) rounds the input. The INT8 graph then takes the frame's uint8 pixels as they are, NHWC, and the station skips
+# the float tensor: preprocess + features 3.03 -> 2.71 ms p50 on bottle (256 x 256, 2 threads), features
+# bit-identical to the same graph fed the float tensor.
+UINT8_INPUT = {"scale": 1.0 / 128.0, "zero_point": 127}
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calibration: Iterable[np.ndarray], target: str = "x86-avx2",
+                  uint8_input: bool = True) -> dict:
+    """The static INT8 (QDQ) graph of `fp32_path`. `uint8_input` (targets with unsigned activations): the graph
+    takes uint8 RGB pixels, NHWC (`UINT8_INPUT`, `take_uint8_pixels`); otherwise the float tensor, NCHW."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quant_pre_process, quantize_static)
@@ -136,6 +147,10 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: Iterable[np.ndar
         raise ValueError(f"unknown INT8 target {target!r}; choose one of {sorted(INT8_TARGETS)}")
     settings = INT8_TARGETS[target]
     tensors = list(calibration)
+    uint8_input = uint8_input and settings["activation"] == "QUInt8"   # a signed input cannot hold 0..255
+    overrides = ({"TensorQuantOverrides": {"image": [{"scale": np.array(UINT8_INPUT["scale"], np.float32),
+                                                      "zero_point": np.array(UINT8_INPUT["zero_point"], np.uint8)}]}}
+                 if uint8_input else {})
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -152,6 +167,42 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: Iterable[np.ndar
                         per_channel=settings["per_channel"], reduce_range=settings["reduce_range"],
                         activation_type=getattr(QuantType, settings["activation"]),
                         weight_type=getattr(QuantType, settings["weight"]),
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head)
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head, extra_options=overrides)
+    if uint8_input:
+        uint8_input = take_uint8_pixels(out_path)
     return {"target": target, "format": "QDQ", "calibration": "MinMax", "calibration_images": len(tensors),
-            "float_head_ops": list(FLOAT_HEAD_OPS), **settings}
+            "float_head_ops": list(FLOAT_HEAD_OPS), **settings,
+            "input": ("uint8 RGB pixels, NHWC (the input quantised at scale 1/128, zero point 127: exactly the "
+                      "pixel values)" if uint8_input else "float32 (rgb - 127) / 128, NCHW")}
+
+
+def take_uint8_pixels(path: Path) -> bool:
+    """Make the quantised graph's input the uint8 pixels themselves: the QuantizeLinear of the float input (at
+    `UINT8_INPUT`, checked here) is replaced by a uint8 NHWC input and a Transpose to NCHW. False (graph left as
+    it is) when the input feeds anything but one QuantizeLinear (e.g. a float input map the quantiser left float)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    inp = g.input[0]
+    users = [n for n in g.node if inp.name in n.input]
+    if len(users) != 1 or users[0].op_type != "QuantizeLinear":
+        return False
+    quant = users[0]
+    init = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    scale, zero = init.get(quant.input[1]), init.get(quant.input[2])
+    if (scale is None or zero is None or float(scale) != UINT8_INPUT["scale"] or zero.dtype != np.uint8
+            or int(zero) != UINT8_INPUT["zero_point"]):
+        raise ValueError(f"{path}: input quantised at scale {scale}, zero point {zero}, not {UINT8_INPUT}")
+    dims = inp.type.tensor_type.shape.dim
+    batch = dims[0].dim_param or dims[0].dim_value
+    height, width = dims[2].dim_value, dims[3].dim_value
+    g.node.remove(quant)
+    g.input.remove(inp)
+    g.input.insert(0, helper.make_tensor_value_info(inp.name, TensorProto.UINT8, [batch, height, width, 3]))
+    g.node.insert(0, helper.make_node("Transpose", [inp.name], [quant.output[0]], perm=[0, 3, 1, 2],
+                                      name="pixels_nhwc_to_nchw"))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return True

@@ -101,3 +101,36 @@ def test_int8_graph_quantises_the_backbone_and_keeps_the_head_float(small_bundle
                        and any(i in {d.output[0] for d in graph.node if d.op_type == "DequantizeLinear"} for i in n.input)]
     assert convs_fed_by_dq, "the backbone's convolutions are not quantised"
     assert b.manifest["variants"]["int8"]["quantization"]["float_head_ops"] == list(FLOAT_HEAD_OPS)
+
+
+def test_int8_graph_takes_the_pixels_and_scores_as_the_float_tensor_does(small_bundle, synthetic_dataset):
+    """The INT8 graph's input is the tiles' uint8 RGB pixels, NHWC (input quantised at 1/128, zero point 127):
+    fed the pixels or the float tensor it gives bit-identical features, and the station's path (pixels) scores a
+    frame exactly as the evaluation path (float tensor) does."""
+    import cv2
+    import onnx
+
+    from edge_runtime.features import FeatureExtractor
+    from edge_runtime.records import Frame
+
+    b = Bundle.load(small_bundle)
+    variant = b.variant("int8")
+    graph = onnx.load(str(b.path(variant.model_file))).graph
+    inp = graph.input[0]
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_value for d in inp.type.tensor_type.shape.dim][1:] == [*b.geometry.input_size[::-1], 3]
+    assert not [n for n in graph.node if n.op_type == "QuantizeLinear" and inp.name in n.input]
+    assert variant.info["quantization"]["input"].startswith("uint8 RGB pixels, NHWC")
+    pipe = Pipeline(b, "int8", "hnsw", threads=1)
+    assert pipe.extractor.takes_pixels and not Pipeline(b, "fp32", "exact", threads=1).extractor.takes_pixels
+    for it in list_test_images(synthetic_dataset)[::5]:
+        rgb = load_image(it.path)
+        x = preprocess(rgb, b.geometry)[0]
+        pixels = np.rint(x * 128 + 127).astype(np.uint8).transpose(0, 2, 3, 1)
+        assert np.array_equal(pixels.transpose(0, 3, 1, 2), (x * 128 + 127).astype(np.uint8))   # exact inverse
+        assert np.array_equal(pipe.extractor(x), pipe.extractor(pixels))
+        frame = Frame(frame_id=1, source=str(it.path), image=cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        assert pipe.inspect(frame).score == pipe.score_rgb(rgb).score
+    with pytest.raises(Exception, match="does not match the manifest's input_size"):
+        w, h = b.geometry.input_size
+        FeatureExtractor(b.read_verified(variant.model_file), (b.grid[0] * b.grid[1], b.dim, (w + 16, h), 1))
