@@ -50,7 +50,7 @@ def child(bundle: str, images: str, frames: int, threads: int, setting: str, gap
     idle = None
     if session is not None:
         shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]
-        x = np.zeros(shape, np.float32)
+        x = np.zeros(shape, np.uint8 if features.takes_pixels(session) else np.float32)
         session.run(None, {session.get_inputs()[0].name: x})
         before = resource.getrusage(resource.RUSAGE_SELF)
         session.run(None, {session.get_inputs()[0].name: x})

@@ -64,7 +64,7 @@ class FeatureExtractor:
                                f"(tiles, {n_patches}, {dim})")
         inp = self.session.get_inputs()[0]
         in_shape = inp.shape
-        self.takes_pixels = inp.type == "tensor(uint8)"
+        self.takes_pixels = takes_pixels(self.session)
         if inp.type not in ("tensor(uint8)", "tensor(float)"):
             raise FeatureError(f"{model_path}: model input is {inp.type}, not float32 or uint8")
         spatial = in_shape[1:3] if self.takes_pixels else in_shape[2:]
@@ -77,7 +77,18 @@ class FeatureExtractor:
             raise FeatureError(f"{model_path}: model takes a fixed batch of {in_shape[0]}, the geometry has {n_tiles} tiles")
 
     def __call__(self, tensor: np.ndarray) -> np.ndarray:
-        if self.takes_pixels and tensor.dtype != np.uint8:
-            tensor = np.rint(tensor * np.float32(128.0) + np.float32(127.0)).clip(0, 255).astype(np.uint8)
-            tensor = tensor.transpose(0, 2, 3, 1)
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(tensor)})[0].reshape(-1, self.dim)
+        return self.session.run(None, {self.input_name: model_input(tensor, self.takes_pixels)})[0].reshape(-1, self.dim)
+
+
+def takes_pixels(session: ort.InferenceSession) -> bool:
+    """Whether the model's input is the tiles' uint8 RGB pixels (NHWC) rather than the float tensor (NCHW)."""
+    return session.get_inputs()[0].type == "tensor(uint8)"
+
+
+def model_input(tensor: np.ndarray, pixels: bool) -> np.ndarray:
+    """What a model takes, from the float tensor (n, 3, H, W) or the uint8 pixels (n, H, W, 3): the pixels are
+    rgb = x * 128 + 127 exactly (`preprocess.to_tensor` is its inverse)."""
+    if pixels and tensor.dtype != np.uint8:
+        tensor = np.rint(tensor * np.float32(128.0) + np.float32(127.0)).clip(0, 255).astype(np.uint8)
+        tensor = tensor.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(tensor)
