@@ -186,3 +186,16 @@ def test_auto_backbone_without_defects_is_lite0_in_one_fit(synthetic_dataset, tm
     bundle = fit(synthetic_dataset / "train" / "good", tmp_path / "b",
                  FitSettings(coreset_ratio=0.02, int8_calibration_images=8, cross_fit_folds=0, max_train=12))
     assert bundle.manifest["backbone"]["name"] == "lite0" and "backbone_choice" not in bundle.manifest["fit"]
+
+
+def test_the_same_images_and_settings_give_the_same_graphs(synthetic_dataset, tmp_path):
+    """Each variant's HNSW graph is built on one thread (both variants at once): a refit reproduces it byte for
+    byte, so two bundles of one product differ only where their data or settings do."""
+    from export.fit import FitSettings, fit
+
+    settings = FitSettings(coreset_ratio=0.05, input_size=(96, 96), int8_calibration_images=8, cross_fit_folds=0)
+    a, b = tmp_path / "a", tmp_path / "b"
+    fit(synthetic_dataset, a, settings)
+    fit(synthetic_dataset, b, settings)
+    for name in ("index_fp32.hnsw", "index_int8.hnsw"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
