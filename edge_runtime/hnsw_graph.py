@@ -130,6 +130,11 @@ def read_hnsw_graph(raw: bytes, dim: int) -> HnswGraph:
 class FaissHnswSearch(RecheckedSearch):
     """The bundle's HNSW graph in a faiss IndexHNSWFlat; the same exact re-check as every approximate search."""
 
+    # `approximate` returns faiss's own distances. faiss's L2 (fvec_L2sqr) and the re-check's kernel both sum d
+    # squared float32 differences; each errs by at most ~(d + 2) units of rounding, relative. 1e-4 covers both
+    # for any d up to ~800 (152-d: 2e-5 needed).
+    bound_slack = 1e-4
+
     def __init__(self, graph: HnswGraph, params: HnswParams, threads: int = 1):
         faiss = import_faiss("knn: hnsw")
         self._faiss = faiss
@@ -249,10 +254,6 @@ class FaissHnswSearch(RecheckedSearch):
         out[plan.seeded] = np.maximum(found[:, 0], 0)
         out_d2[plan.seeded] = np.where(found[:, 0] < 0, np.inf, found_d[:, 0])
         return out, out_d2
-
-    # faiss's L2 (fvec_L2sqr) and the re-check's kernel both sum d squared float32 differences; each errs by at
-    # most ~(d + 2) units of rounding, relative. 1e-4 covers both for any d up to ~800 (152-d: 2e-5 needed).
-    bound_slack = 1e-4
 
     def approximate(self, queries: np.ndarray) -> np.ndarray:
         # faiss's own distances to the rows it found (not recomputed: 0.19 ms of a 2.8 ms search on bottle);
