@@ -110,7 +110,7 @@ def test_int8_graph_takes_the_pixels_and_scores_as_the_float_tensor_does(small_b
     import cv2
     import onnx
 
-    from edge_runtime.features import FeatureExtractor
+    from edge_runtime.features import FeatureError, FeatureExtractor
     from edge_runtime.records import Frame
 
     b = Bundle.load(small_bundle)
@@ -131,6 +131,6 @@ def test_int8_graph_takes_the_pixels_and_scores_as_the_float_tensor_does(small_b
         assert np.array_equal(pipe.extractor(x), pipe.extractor(pixels))
         frame = Frame(frame_id=1, source=str(it.path), image=cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         assert pipe.inspect(frame).score == pipe.score_rgb(rgb).score
-    with pytest.raises(Exception, match="does not match the manifest's input_size"):
+    with pytest.raises(FeatureError, match="does not match the manifest's input_size"):
         w, h = b.geometry.input_size
         FeatureExtractor(b.read_verified(variant.model_file), (b.grid[0] * b.grid[1], b.dim, (w + 16, h), 1))
