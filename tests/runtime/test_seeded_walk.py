@@ -77,6 +77,27 @@ def test_seeded_walk_finds_near_exact_neighbours_and_keeps_the_image_score_exact
     assert seeded.distances(queries).max() == pytest.approx(truth.max(), rel=1e-6)   # re-checked image score
 
 
+def test_tightening_before_the_recheck_only_lowers_bounds_and_spares_it_work(graph_and_parts, monkeypatch):
+    """A 'defect' (patches far from the bank): the candidates for the maximum are re-walked from the top; their
+    bounds only fall (still real bank vectors' distances), the image score stays exact, and the exact re-check
+    measures no more patches than without the tightening."""
+    graph, bank, queries, grid = graph_and_parts
+    q = queries.copy()
+    q[30:36] += 0.8                                       # six patches of one tile pushed away from every good part
+    truth, _ = ExactSearch(bank).nearest(q)
+    search = FaissHnswSearch(graph, HnswParams(M=8, ef_search=8, seed_step=4, ef_seeded=2), threads=2)
+    search.set_grid(*grid)
+    tightened = search.approximate(q)
+    scores = search.distances(q)
+    measured = search.rechecked_last
+    monkeypatch.setattr(FaissHnswSearch, "_tighten", lambda self, queries, dist: dist)
+    loose = search.approximate(q)
+    assert np.all(tightened <= loose) and np.all(tightened >= truth - 1e-4)
+    assert scores.max() == pytest.approx(truth.max(), rel=1e-6)
+    search.distances(q)
+    assert measured <= search.rechecked_last
+
+
 def test_seeds_from_the_wrong_patches_would_be_far_worse(graph_and_parts, monkeypatch):
     """The test above can fail: the same search seeded from unrelated walked patches misses by far more."""
     graph, bank, queries, grid = graph_and_parts
