@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--ef-seeded", type=_ef_or_auto, default="auto",
                    help="search width of a seeded patch, stored in the manifest (default: auto: the cheapest of "
                         "4, 6, 8 whose patches of up to 8 training images are as close to exact as walking every "
-                        f"patch from the top, else {HnswParams.ef_seeded}; the image score is exact either way)")
+                        "patch from the top, or within 0.2%% of exact on average, else "
+                        f"{HnswParams.ef_seeded}; the image score is exact either way)")
     f.add_argument("--hnsw-m", type=int, default=16,
                    help="HNSW links per node (default: 16); raise (e.g. 32) if edge-runtime check reports low recall")
     f.add_argument("--hnsw-ef-construction", type=int, default=200,

@@ -137,12 +137,18 @@ def test_backbone_choice_keeps_the_faster_one_unless_another_separates_defects_b
     assert choose_backbone({"lite0": 0.97, "lite2": None})[0] == "lite0"
 
 
-def test_seeded_width_is_the_cheapest_no_coarser_than_walking_from_the_top():
+def test_seeded_width_is_the_cheapest_within_the_walk_from_the_top_or_the_tolerance():
     from export.fit import EF_SEEDED_CANDIDATES, choose_ef_seeded
 
     assert choose_ef_seeded({"top": 0.02, 4: 0.0017, 6: 0.0008, 8: 0.0006}, 8)[0] == 4          # bottle-like
     assert choose_ef_seeded({"top": 0.0015, 4: 0.008, 6: 0.0048, 8: 0.0032}, 8)[0] == 8        # tile-like: none
     assert choose_ef_seeded({"top": 0.005, 4: 0.008, 6: 0.005, 8: 0.003}, 8)[0] == 6            # a tie counts
+    # A small bank: the walk from the top is all but exact; a width within the tolerance is still taken ...
+    assert choose_ef_seeded({"top": 0.0, 4: 0.0015, 6: 0.0003, 8: 0.00003}, 8)[0] == 4
+    assert choose_ef_seeded({"top": 0.0, 4: 0.003, 6: 0.002, 8: 0.0001}, 8)[0] == 6
+    # ... and none outside it (magnetic tile's 6: 0.26%, which costs it pixel AUROC)
+    assert choose_ef_seeded({"top": 0.0, 4: 0.004, 6: 0.0026, 8: 0.0021}, 8)[0] == 8
+    assert "no width" in choose_ef_seeded({"top": 0.0, 4: 0.004, 6: 0.0026, 8: 0.0021}, 8)[1]
     assert EF_SEEDED_CANDIDATES == tuple(sorted(EF_SEEDED_CANDIDATES))                            # cheapest first
     assert choose_ef_seeded({"top": 0.0, 4: 0.1, 6: 0.1, 8: 0.1}, 10)[0] == 10                  # a user's own default
 
