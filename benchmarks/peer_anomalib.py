@@ -14,8 +14,10 @@ scores and bias the AUROC; it is a handful of element-wise ops. Each anomalib mo
 a child process and cached in --work-dir; the timing process never imports torch.
 
 Each test frame is inspected by every engine x input mode (PNG bytes, raw uint8 frame) in a random order, with an
-idle --settle-ms before each, so drifting load hits all engines alike. A frame counts as quiet when other processes
-used < --quiet-cores CPU cores while its engines ran. Writes benchmarks/results/peer_anomalib.{json,md}.
+idle --settle-ms before each, so drifting load hits all engines alike (as on a triggered line); with --burst N each
+engine instead inspects N frames back to back after --warm-ms of untimed inspections (steady state, as on a busy
+station), engines in random order per burst. A frame counts as quiet when other processes
+used < --quiet-cores CPU cores while its engines ran. Writes benchmarks/results/NAME.{json,md} (--name).
 Ours is built through the public Pipeline/Bundle API only: the run measures whatever the current pipeline is.
 """
 from __future__ import annotations
@@ -278,7 +280,18 @@ def main(argv=None) -> int:
                    help="our search engines, each timed as its own engine in the same interleaved run "
                         "(default hnsw; ivf needs the ivf-search extra)")
     p.add_argument("--passes", type=int, default=2, help="passes over the test set (default 2)")
-    p.add_argument("--settle-ms", type=float, default=100.0, help="idle time before each engine's frame (default 100)")
+    p.add_argument("--settle-ms", type=float, default=100.0,
+                   help="idle time before each engine's frame, or before each burst (default 100)")
+    p.add_argument("--burst", type=int, default=1,
+                   help="frames each engine inspects back to back, after untimed warm-up frames (--warm-ms), before "
+                        "the next engine takes over (default 1: every frame after --settle-ms idle and no warm-up, "
+                        "as on a triggered line; 8: steady state, as on a busy station)")
+    p.add_argument("--warm-ms", type=float, default=150.0,
+                   help="with --burst > 1: untimed inspections by the engine, for at least this long (and at least "
+                        "one), before its timed burst: the CPU at full speed for every engine alike (default 150; "
+                        "this VM takes ~50 ms of work to come back to speed after 100 ms idle)")
+    p.add_argument("--name", default="peer_anomalib",
+                   help="results file name, NAME.json / NAME.md (default peer_anomalib)")
     p.add_argument("--quiet-cores", type=float, default=0.3,
                    help="a frame is quiet when other processes used fewer CPU cores than this while it ran "
                         "(default 0.3)")
@@ -363,25 +376,34 @@ def main(argv=None) -> int:
     scores: dict[str, list[float]] = {e: [] for e in engines}
     other_cores = []
     load = LoadMonitor()
+    burst = max(1, a.burst)
     for pass_no in range(a.passes):
-        for name, label, data, raw in frames:
+        for start in range(0, len(frames), burst):
+            group = frames[start:start + burst]
             order = variants[:]
             rng.shuffle(order)
             mon = LoadMonitor()
             this = {}
             for e, m in order:
                 time.sleep(a.settle_ms / 1000.0)
-                t0 = time.perf_counter()
-                s = engines[e].inspect(name, data if m == "png" else raw)
-                this[f"{e} [{m}]"] = (time.perf_counter() - t0) * 1000.0
-                if pass_no == 0 and m == "png":
-                    scores[e].append(s)
+                if burst > 1:   # steady state: the engine has been inspecting for a while, as on a busy station
+                    t_warm = time.perf_counter() + a.warm_ms / 1000.0
+                    while True:
+                        engines[e].inspect(group[0][0], group[0][2] if m == "png" else group[0][3])
+                        if time.perf_counter() >= t_warm:
+                            break
+                for name, label, data, raw in group:
+                    t0 = time.perf_counter()
+                    s = engines[e].inspect(name, data if m == "png" else raw)
+                    this.setdefault(f"{e} [{m}]", []).append((time.perf_counter() - t0) * 1000.0)
+                    if pass_no == 0 and m == "png":
+                        scores[e].append(s)
             other = mon.stop()["other_processes_cpu_cores"]
-            other_cores.append(other)
+            other_cores.extend([other] * len(group))
             for k, v in this.items():
-                times[k].append(v)
+                times[k].extend(v)
                 if other is not None and other < a.quiet_cores:
-                    quiet_times[k].append(v)
+                    quiet_times[k].extend(v)
     load = load.stop()
 
     labels = np.array([0 if lab == "good" else 1 for _, lab, _, _ in frames])
@@ -410,7 +432,10 @@ def main(argv=None) -> int:
                "x ours (median)", "image AUROC"]
     body = "\n".join([
         f"bottle test set, {len(frames)} frames x {a.passes} passes, {a.threads} threads per engine, "
-        f"random engine order per frame, {a.settle_ms:g} ms idle before each; quiet frames: {n_quiet} of "
+        + (f"random engine order per frame, {a.settle_ms:g} ms idle before each" if burst == 1 else
+         f"bursts of {burst} frames back to back per engine after {a.warm_ms:g} ms of untimed warm-up inspections "
+         "(steady state), random "
+         f"engine order per burst, {a.settle_ms:g} ms idle before each burst") + f"; quiet frames: {n_quiet} of "
         f"{len(other_cores)} (other processes < {a.quiet_cores} cores); the table uses {basis} frames. Input png = encoded bytes to score, "
         "raw = decoded uint8 BGR frame to score.", "",
         md_table(headers, rows), "",
@@ -420,11 +445,11 @@ def main(argv=None) -> int:
         "on a bundle from `edge-export fit` with its defaults (deployed variant and search).",
     ])
     data = {"engines": table, "frames": len(frames), "passes": a.passes, "threads": a.threads,
-            "settle_ms": a.settle_ms, "quiet_cores": a.quiet_cores, "quiet_frames": n_quiet, "table_basis": basis,
+            "settle_ms": a.settle_ms, "burst": burst, "warm_ms": a.warm_ms if burst > 1 else 0, "quiet_cores": a.quiet_cores, "quiet_frames": n_quiet, "table_basis": basis,
             "other_cores_per_frame": other_cores,
             "cpu_has_avx512_vnni": "avx512_vnni" in Path("/proc/cpuinfo").read_text().split(),
             "loadavg": os.getloadavg()}
-    write_results("peer_anomalib", "Ours vs anomalib PatchCore (ONNX), matched bank sizes", body, data, load,
+    write_results(a.name, "Ours vs anomalib PatchCore (ONNX), matched bank sizes", body, data, load,
                   out_dir=a.results_dir)
     return 0
 
