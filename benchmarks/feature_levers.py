@@ -33,7 +33,8 @@ IMAGENET = (np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224,
 # turned upright, then resized) | native (no resampling: the network runs on each image's own size) | letterbox
 # (aspect kept, padded with 127 to the canvas); taps: zero-based stage indices (export.backbone.TAP_STAGES);
 # norm: native ((rgb - 127) / 128) | imagenet | gain g ((rgb - 127) * g / 128); backbone; ratio; score: max (the
-# pinned image score) | avg3 (max of the 3 x 3-averaged patch grid).
+# pinned image score) | avg3 (max of the 3 x 3-averaged patch grid); wide: depthwise | expand (the tap blocks' inner,
+# expanded activations instead of their outputs); project: random orthonormal projection to this many dims.
 ROWS: dict[str, tuple[Path, dict, str]] = {
     "tile/base": (TILE, {}, "240 x 272 resize, native statistics, lite0, 10% (the fit default)"),
     "tile/208x232": (TILE, {"canvas": (208, 232)}, "fewer pixels, 208 x 232"),
@@ -58,6 +59,13 @@ ROWS: dict[str, tuple[Path, dict, str]] = {
     # than coherent defects). Not the pinned score: measured to see whether a new score definition would pay.
     "tile/score-avg3": (TILE, {"score": "avg3"}, "image score: max of the 3 x 3-averaged patch grid"),
     "tile/208x232+score-avg3": (TILE, {"canvas": (208, 232), "score": "avg3"}, "208 x 232 and the 3 x 3-averaged max"),
+    # Seventh session: the wide activations inside the tap blocks (PatchCore's WideResNet features are 1,536-d; ours
+    # are the 152-d linear bottlenecks), randomly projected to 256-d as the paper projects to 1,024.
+    "tile/wide-depthwise": (TILE, {"wide": "depthwise", "project": 256},
+                            "tap blocks' depthwise outputs (240 + 672 ch, after ReLU6) instead of their block outputs, "
+                            "random projection to 256-d"),
+    "tile/wide-expand": (TILE, {"wide": "expand", "project": 256},
+                         "tap blocks' expansion outputs (240 + 672 ch, after ReLU6), random projection to 256-d"),
     "bottle/base": (BOTTLE, {"canvas": (256, 256), "exact": True, "pixel": True}, "256 x 256, native statistics (the fit default)"),
     "bottle/imagenet": (BOTTLE, {"canvas": (256, 256), "exact": True, "pixel": True, "norm": "imagenet"}, "ImageNet input statistics"),
     "bottle/320": (BOTTLE, {"canvas": (320, 320), "exact": True, "pixel": True}, "320 x 320"),
@@ -92,6 +100,30 @@ def images(data: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     return train, tests
 
 
+def wide_features(model, x, s: dict):
+    """PatchCore's aggregation (3 x 3 mean, stride-16 map upsampled, concatenated) over the tap blocks' inner
+    activations (`s["wide"]`: the depthwise or the expansion stage's ReLU6 output), projected to s["project"] dims."""
+    import torch
+    import torch.nn.functional as F
+
+    bb = model.backbone
+    caught = []
+    hooks = [getattr(bb.blocks[i], s["wide"]).register_forward_hook(lambda _m, _i, out: caught.append(out))
+             for i in bb.tap_blocks]
+    try:
+        bb(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    f8, f16 = (F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=True) for f in caught)
+    f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
+    f = torch.cat([f8, f16], 1).flatten(2).transpose(1, 2)
+    if s.get("project"):
+        q, _ = torch.linalg.qr(torch.randn(f.shape[-1], s["project"], generator=torch.Generator().manual_seed(0)))
+        f = f @ q
+    return f
+
+
 def run_row(name: str) -> dict:
     import hnswlib
     import torch
@@ -114,7 +146,8 @@ def run_row(name: str) -> dict:
 
     def feats(p: Path) -> np.ndarray:
         with torch.no_grad():
-            return model(torch.from_numpy(to_input(load(p), s)))[0].numpy()
+            x = torch.from_numpy(to_input(load(p), s))
+            return (wide_features(model, x, s) if s.get("wide") else model(x))[0].numpy()
 
     train, tests = images(data)
     t0 = time.perf_counter()
