@@ -12,6 +12,7 @@ Results: benchmarks/results/feature_levers.{json,md}. Each magnetic-tile row tak
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -118,10 +119,16 @@ def wide_features(model, x, s: dict):
     f8, f16 = (F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=True) for f in caught)
     f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
     f = torch.cat([f8, f16], 1).flatten(2).transpose(1, 2)
-    if s.get("project"):
-        q, _ = torch.linalg.qr(torch.randn(f.shape[-1], s["project"], generator=torch.Generator().manual_seed(0)))
-        f = f @ q
-    return f
+    return f @ _projection(f.shape[-1], s["project"]) if s.get("project") else f
+
+
+@functools.lru_cache(maxsize=None)
+def _projection(dim: int, out: int):
+    """A fixed random orthonormal (dim, out) matrix, made once per shape (seed 0, as export.patch_features)."""
+    import torch
+
+    q, _ = torch.linalg.qr(torch.randn(dim, out, generator=torch.Generator().manual_seed(0)))
+    return q
 
 
 def run_row(name: str) -> dict:
