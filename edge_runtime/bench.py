@@ -25,7 +25,7 @@ from edge_runtime.records import Frame, Verdict
 
 STAGES = ("decode", "geometry", "preprocess", "features", "search", "scoring", "decision", "total")
 THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-              "OMP_WAIT_POLICY")
+              "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 # The ISA features that decide which onnxruntime / BLAS kernels run (INT8 dot products above all).
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",

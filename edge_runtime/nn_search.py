@@ -21,11 +21,21 @@ from typing import Iterator
 import numpy as np
 
 
+FAISS_SPINCOUNT = 10_000   # libgomp spin iterations before an idle faiss thread sleeps (import_faiss)
+
+
 def import_faiss(mode: str):
     """faiss, with its OpenMP threads told to sleep when idle (set before libgomp starts, i.e. before the first
     import): by default they spin after every search and take a 2-core station's cores from the re-check and
-    the next frame's features (hnswlib 10.1 -> 14.7 ms beside spinning faiss threads, measured)."""
+    the next frame's features (hnswlib 10.1 -> 14.7 ms beside spinning faiss threads, measured).
+
+    Not at once, though: a short spin (libgomp's GOMP_SPINCOUNT, which overrides the passive policy's zero)
+    bridges the gaps between the search stage's back-to-back parallel regions (walk from the top, seeded walk,
+    tightening) but not the ~3 ms of the next frame's features. edge-bench, bottle 10%, raw frames, alternating
+    (benchmarks/README.md): search p50 3.24-3.37 -> 2.86-2.99 ms at 10,000, features unchanged; 200,000 took the
+    features stage's cores (p50 2.7 -> 3.2 ms, p99 2.9 -> 7.4). A value the environment already has is kept."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("GOMP_SPINCOUNT", str(FAISS_SPINCOUNT))
     try:  # a core dependency, imported only by the modes that use it
         import faiss
     except ImportError:

@@ -189,3 +189,23 @@ def test_dense_path_survives_the_expanded_forms_cancellation():
         d2 = np.einsum("ij,ij->i", diff, diff)
         d, k = search.nearest_below(q, search.prefix_lower(q[None])[0], np.inf)
         assert k == int(np.argmin(d2)) and d == float(np.sqrt(d2.min()))
+
+
+@pytest.mark.parametrize("given", [None, "5"])
+def test_faiss_threads_spin_briefly_then_sleep_unless_the_environment_says_otherwise(given):
+    """libgomp reads its wait settings once, when faiss is first imported: import_faiss sets them first, and a
+    station's own values (systemd Environment=) win."""
+    import os
+    import subprocess
+    import sys
+
+    from edge_runtime.nn_search import FAISS_SPINCOUNT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    code = ("import os, sys; from edge_runtime.nn_search import import_faiss; "
+            "assert 'faiss' not in sys.modules; import_faiss('test'); "
+            "print(os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["PASSIVE", given or str(FAISS_SPINCOUNT)]
