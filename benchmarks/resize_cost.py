@@ -1,7 +1,9 @@
 """Cost of the geometry stage's resample (region -> canvas, `edge_runtime.geometry.resample`) for camera frames of
 common sizes down to a ~256-px-wide model input: "area" (one cv2.INTER_AREA resize: bundles of schema 2) against
 "halve-area" (2 x 2 box halvings, then INTER_AREA: the fit default since schema 3), with INTER_LINEAR (aliasing,
-never used: the floor of any resample) and the BGR -> RGB conversion for scale, on this machine's OpenCV threads.
+never used: the floor of any resample) and the BGR -> RGB conversion for scale, on this machine's OpenCV threads;
+and "area" against one plain cv2.resize INTER_AREA call (OpenCV runs it on one thread for a small canvas; the
+geometry stage splits it over two where that is bit-exact, `geometry._area`), with a check that the pixels agree.
 Also how far the two methods' pixels lie apart (mean / max absolute difference, grey levels) on a textured frame.
 Writes benchmarks/results/resize_cost.json and .md.
 
@@ -24,7 +26,7 @@ from edge_runtime.bench import cpu_info, load_average  # noqa: E402
 from edge_runtime.geometry import resample  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-FRAMES = [(384, 384), (640, 480), (1280, 1024), (1920, 1080), (1920, 1200), (2448, 2048), (4096, 3000)]
+FRAMES = [(384, 384), (640, 480), (900, 900), (1280, 1024), (1920, 1080), (1920, 1200), (2448, 2048), (4096, 3000)]
 
 
 def median_ms(fns: list, n: int) -> list[float]:
@@ -49,8 +51,9 @@ def main() -> int:
     rows = []
     load_before = load_average()
     print(f"OpenCV {cv2.__version__}, {cv2.getNumThreads()} threads")
-    head = f"| frame | canvas | area ms | halve-area ms | speed-up | INTER_LINEAR ms | BGR->RGB ms | diff mean / max |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = ("| frame | canvas | area ms | one INTER_AREA call ms | identical | halve-area ms | speed-up | "
+            "INTER_LINEAR ms | BGR->RGB ms | diff mean / max |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     print(head)
     for w, h in FRAMES:
         # Texture at several scales (not noise): what a part's surface gives the resample to average.
@@ -59,15 +62,19 @@ def main() -> int:
         base = np.clip(base, 0, 255).astype(np.uint8)
         th = max(8, int(round(a.width * h / w / 8)) * 8)
         size = (a.width, th)
-        area, halve, linear, rgb = median_ms([lambda: resample(base, size, "area"),
+        area, single, halve, linear, rgb = median_ms([lambda: resample(base, size, "area"),
+                                              lambda: cv2.resize(base, size, interpolation=cv2.INTER_AREA),
                                               lambda: resample(base, size, "halve-area"),
                                               lambda: cv2.resize(base, size, interpolation=cv2.INTER_LINEAR),
                                               lambda: cv2.cvtColor(base, cv2.COLOR_BGR2RGB)], a.repeats)
         d = np.abs(resample(base, size, "area").astype(np.int16) - resample(base, size, "halve-area"))
-        rows.append({"frame": [w, h], "input": list(size), "area_ms": area, "halve_area_ms": halve,
+        same = bool(np.array_equal(resample(base, size, "area"), cv2.resize(base, size, interpolation=cv2.INTER_AREA)))
+        rows.append({"frame": [w, h], "input": list(size), "area_ms": area, "one_inter_area_call_ms": single,
+                     "identical": same, "halve_area_ms": halve,
                      "inter_linear_ms": linear, "bgr_to_rgb_ms": rgb, "diff_mean": float(d.mean()),
                      "diff_max": int(d.max())})
-        line = (f"| {w} x {h} | {size[0]} x {size[1]} | {area:.2f} | {halve:.2f} | {area / halve:.1f}x | {linear:.2f} "
+        line = (f"| {w} x {h} | {size[0]} x {size[1]} | {area:.2f} | {single:.2f} | {'yes' if same else 'NO'} | "
+                f"{halve:.2f} | {area / halve:.1f}x | {linear:.2f} "
                 f"| {rgb:.2f} | {d.mean():.2f} / {d.max()} |")
         lines.append(line)
         print(line)
@@ -84,7 +91,9 @@ def main() -> int:
         "area = one cv2.INTER_AREA resize (schema-2 bundles); halve-area = 2 x 2 box halvings while the frame is at "
         "least twice the canvas on both axes, then INTER_AREA (the fit default since schema 3; identical to area "
         "below 2x). INTER_LINEAR aliases thin defects at these ratios and is not used: the floor of any resample. "
-        "diff: grey levels between the two methods' canvases on a textured frame.\n")
+        "diff: grey levels between the two methods' canvases on a textured frame. one INTER_AREA call: what area "
+        "cost before the geometry stage split it over two threads, rows or columns (where OpenCV's scale is the exact ratio: "
+        "geometry._split_at); identical: area's canvas equals that call's, pixel for pixel.\n")
     print(f"written: {out}")
     return 0
 
