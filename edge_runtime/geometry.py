@@ -11,15 +11,12 @@ model input can be inspected at full detail by tiling instead of being shrunk un
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from fractions import Fraction
 
 import cv2
 import numpy as np
 
+from edge_runtime.area_resize import inter_area
 from edge_runtime.decode import MAX_PIXELS, ImageError
 
 SIZE_POLICIES = ("refuse", "resize", "letterbox")
@@ -166,68 +163,6 @@ def _halve(image: np.ndarray) -> np.ndarray:
     return out
 
 
-# OpenCV runs INTER_AREA at a non-integer ratio on one thread when the output is small (one stripe per 64k output
-# pixels): a 384 x 384 frame to a 256 x 256 canvas took 0.59 ms, 900 x 900 2.8 ms, while the other core idled
-# (the features and search stages have not started). `_area` resizes the top and bottom rows on two threads.
-# Bit-identical to one cv2.resize: the bottom part starts at an input row where an output row starts exactly
-# (k * in_h / out_h an integer) and OpenCV's scale is the exact ratio (a dyadic fraction), so the area weights it
-# computes from (dx * scale) in double precision are the same numbers (_split_at). Where the rows cannot be split so,
-# the columns may be (the same argument). Measured (interleaved): 384 -> 256 0.59 -> 0.40 ms,
-# 900 -> 256 2.77 -> 1.49, 1280 x 1024 -> 320 x 256 1.55 -> 0.93, 800 x 600 -> 256 x 192 2.38 -> 0.90.
-SPLIT_MIN_PIXELS = 1 << 17           # smaller inputs resize in well under the hand-off's cost
-_helper: ThreadPoolExecutor | None = None
-_helper_lock = threading.Lock()
-
-
-def _forget_helper() -> None:
-    """A forked child has no helper thread, only the parent's executor object: it must make its own."""
-    global _helper, _helper_lock
-    _helper, _helper_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_helper)
-
-
-def _split_at(n_in: int, n_out: int) -> int | None:
-    """The output row (or column) near the middle whose first input row is an exact integer, when the split is
-    bit-exact; None otherwise. Exact when OpenCV's own scale, 1 / (n_out / n_in) in double precision, IS the ratio:
-    then every row's dx * scale is exact, and the second part's (dx - k) * scale is the whole's minus k * scale."""
-    ratio = Fraction(n_in, n_out)
-    if ratio < 1 or Fraction(1.0 / (n_out / n_in)) != ratio:
-        return None
-    step = ratio.denominator                  # output rows between exact input-row boundaries
-    k = step * round(n_out / 2 / step)
-    return k if 0 < k < n_out else None
-
-
-def _area(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """cv2.resize(image, size, INTER_AREA): top and bottom (else left and right) parts on two threads where that
-    is exact and pays (_split_at, SPLIT_MIN_PIXELS)."""
-    global _helper
-    w, h = size
-    in_h, in_w = image.shape[:2]
-    single = in_h * in_w < SPLIT_MIN_PIXELS or in_h < h or in_w < w or cv2.getNumThreads() < 2
-    k = None if single else _split_at(in_h, h)
-    kc = None if single or k is not None else _split_at(in_w, w)
-    if k is None and kc is None:
-        return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    with _helper_lock:
-        if _helper is None:
-            _helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geometry")
-    out = np.empty((h, w) + image.shape[2:], dtype=image.dtype)
-    if k is not None:
-        r = k * in_h // h
-        second = _helper.submit(cv2.resize, image[r:], (w, h - k), None, 0, 0, cv2.INTER_AREA)
-        out[:k] = cv2.resize(image[:r], (w, k), interpolation=cv2.INTER_AREA)
-        out[k:] = second.result()
-    else:
-        c = kc * in_w // w
-        second = _helper.submit(cv2.resize, image[:, c:], (w - kc, h), None, 0, 0, cv2.INTER_AREA)
-        out[:, :kc] = cv2.resize(image[:, :c], (kc, h), interpolation=cv2.INTER_AREA)
-        out[:, kc:] = second.result()
-    return out
-
-
 def resample(image: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
     """`image` resampled to size = (w, h) by a RESAMPLE_METHODS method (see there)."""
     w, h = size
@@ -239,7 +174,7 @@ def resample(image: np.ndarray, size: tuple[int, int], method: str) -> np.ndarra
             image = _halve(image)
     elif method != "area":
         raise ValueError(f"resample must be one of {', '.join(RESAMPLE_METHODS)}, got {method!r}")
-    return _area(image, (w, h))
+    return inter_area(image, (w, h))
 
 
 def crop_roi(rgb: np.ndarray, roi: tuple[int, int, int, int] | None, name: str = "<frame>") -> np.ndarray:
