@@ -45,6 +45,13 @@ def aggregation(size: int = 3) -> dict:
     }
 
 
+def _linear_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) weights of 1-D linear interpolation, align_corners=False, exactly as F.interpolate computes
+    them (each column: the interpolation of a unit impulse)."""
+    eye = torch.eye(n_in).unsqueeze(0)                                          # (1, n_in channels, n_in)
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
+
+
 class PatchFeatures(nn.Module):
     def __init__(self, backbone: str = "lite0", projection_dim: int | None = None, seed: int = 0,
                  padding: str = "tf", aggregation_size: int = 3, input_norm: str = "native"):
@@ -84,9 +91,16 @@ class PatchFeatures(nn.Module):
         if p > 1:
             f8 = F.avg_pool2d(f8, p, stride=1, padding=p // 2, count_include_pad=True)
             f16 = F.avg_pool2d(f16, p, stride=1, padding=p // 2, count_include_pad=True)
-        f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
+        # Bilinear (align_corners=False) upsampling as two small matrix products, rows then columns: the same
+        # weights as F.interpolate, but ONNX MatMuls instead of a Resize, and the grid sizes constants of the
+        # fixed-size graph instead of Shape/Gather arithmetic: 0.04 vs 0.12 ms for the bottle grid in onnxruntime.
+        rows = _linear_matrix(int(f16.shape[-2]), int(f8.shape[-2]))     # (h8, h16)
+        cols = _linear_matrix(int(f16.shape[-1]), int(f8.shape[-1]))     # (w8, w16)
+        f16 = rows @ f16 @ cols.T
         feats = torch.cat([f8, f16], dim=1)              # (n, D, h, w)
-        feats = feats.flatten(2).transpose(1, 2)         # (n, h*w, D)
+        # Sizes as constants (the graph's size is fixed; only the batch is free): no Shape arithmetic in ONNX.
+        feats = feats.reshape(-1, int(feats.shape[1]), int(feats.shape[2]) * int(feats.shape[3])).transpose(1, 2)
+        # (n, h*w, D)
         if self.projection is not None:
             feats = feats @ self.projection
         return feats
