@@ -75,6 +75,7 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
         set_threads = getattr(pipeline.search, "set_threads", None)
         if set_threads is not None:
             set_threads(run_threads)
+        pipeline.threads = run_threads
     bundle.release()  # onnxruntime and the search hold their own copies of the verified bytes now
     record_loaded(bundle, cfg.state_dir)
     pipeline.apply_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)

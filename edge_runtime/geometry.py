@@ -163,8 +163,9 @@ def _halve(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def resample(image: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
-    """`image` resampled to size = (w, h) by a RESAMPLE_METHODS method (see there)."""
+def resample(image: np.ndarray, size: tuple[int, int], method: str, threads: int = 2) -> np.ndarray:
+    """`image` resampled to size = (w, h) by a RESAMPLE_METHODS method (see there); `threads`: the caller's thread
+    budget (area_resize.inter_area uses a second thread only when it is >= 2)."""
     w, h = size
     if method == "halve-area":
         # Halving stops while the region is still >= 2x the canvas, so that the exact area average does the last
@@ -174,7 +175,7 @@ def resample(image: np.ndarray, size: tuple[int, int], method: str) -> np.ndarra
             image = _halve(image)
     elif method != "area":
         raise ValueError(f"resample must be one of {', '.join(RESAMPLE_METHODS)}, got {method!r}")
-    return inter_area(image, (w, h))
+    return inter_area(image, (w, h), threads)
 
 
 def crop_roi(rgb: np.ndarray, roi: tuple[int, int, int, int] | None, name: str = "<frame>") -> np.ndarray:
@@ -187,8 +188,10 @@ def crop_roi(rgb: np.ndarray, roi: tuple[int, int, int, int] | None, name: str =
     return rgb[y:y + h, x:x + w]
 
 
-def to_canvas(region: np.ndarray, geom: Geometry, name: str = "<frame>") -> tuple[np.ndarray, Placement]:
-    """The region resampled onto the canvas, and where it landed. Raises ImageError under the `refuse` policy."""
+def to_canvas(region: np.ndarray, geom: Geometry, name: str = "<frame>",
+              threads: int = 2) -> tuple[np.ndarray, Placement]:
+    """The region resampled onto the canvas, and where it landed. Raises ImageError under the `refuse` policy.
+    `threads`: the inspection's thread budget (`resample`)."""
     h, w = region.shape[:2]
     cw, ch = geom.canvas_size
     mismatch = geom.region_size is not None and (w, h) != geom.region_size
@@ -206,11 +209,11 @@ def to_canvas(region: np.ndarray, geom: Geometry, name: str = "<frame>") -> tupl
         pw, ph = max(1, round(w * f)), max(1, round(h * f))
         place = Placement((cw - pw) // 2, (ch - ph) // 2, pw, ph)
         canvas = np.full((ch, cw, 3), PAD_VALUE, dtype=np.uint8)
-        canvas[place.y:place.y + ph, place.x:place.x + pw] = resample(region, (pw, ph), geom.resample)
+        canvas[place.y:place.y + ph, place.x:place.x + pw] = resample(region, (pw, ph), geom.resample, threads)
         return canvas, place
     if (w, h) == (cw, ch):
         return np.ascontiguousarray(region), Placement(0, 0, cw, ch)
-    return resample(region, (cw, ch), geom.resample), Placement(0, 0, cw, ch)
+    return resample(region, (cw, ch), geom.resample, threads), Placement(0, 0, cw, ch)
 
 
 def cut_tiles(canvas: np.ndarray, geom: Geometry) -> np.ndarray:

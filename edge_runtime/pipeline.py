@@ -102,6 +102,7 @@ class Pipeline:
                  review_threshold: float | None = None, ivf_nprobe: int | None = None,
                  seed_step: int | None = None, ef_seeded: int | None = None):
         self.bundle = bundle
+        self.threads = threads          # this inspection's cores: onnxruntime, the search, the geometry's resample
         self.decode_limits = DecodeConfig()  # the station file's `decode:` section replaces it (daemon)
         self.variant = bundle.variant(precision)
         self.geometry = bundle.geometry
@@ -164,7 +165,7 @@ class Pipeline:
                 raise ImageError(f"{frame.source}: frame carries no image")
             lap("decode")
             region = crop_roi(rgb, self.geometry.roi, frame.source)
-            canvas, place = to_canvas(region, self.geometry, frame.source)
+            canvas, place = to_canvas(region, self.geometry, frame.source, self.threads)
             tiles = cut_tiles(canvas, self.geometry)
             lap("geometry")
             # An INT8 graph that takes the pixels needs no float tensor (FeatureExtractor.takes_pixels).

@@ -72,3 +72,38 @@ def test_area_resample_keeps_its_helper_thread_off_the_callers_cpu():
     assert np.array_equal(out, cv2.resize(image, (256, 256), interpolation=cv2.INTER_AREA))
     if len(allowed) > 1:                           # with one CPU there is nowhere else to go
         assert cpu not in helper_cpus and helper_cpus <= allowed
+
+
+def test_area_resample_stays_on_the_callers_thread_when_its_budget_is_one(monkeypatch):
+    """An inspection worker of a line with inference.workers > 1 runs on one thread: no helper for it."""
+    class NoHelper:
+        def submit(self, *args, **kwargs):
+            raise AssertionError("the helper thread was used")
+
+    image = np.random.default_rng(5).integers(0, 256, (384, 384, 3), dtype=np.uint8)
+    expected = cv2.resize(image, (256, 256), interpolation=cv2.INTER_AREA)
+    monkeypatch.setattr(area_resize, "_helper", NoHelper())
+    monkeypatch.setattr(area_resize, "_place_helper", lambda: None)
+    assert np.array_equal(inter_area(image, (256, 256), threads=1), expected)
+    with pytest.raises(AssertionError, match="helper thread was used"):   # with two, it is (the check can fail)
+        inter_area(image, (256, 256), threads=2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pipeline_resamples_within_its_own_thread_budget(device_bundle, monkeypatch, threads):
+    """Pipeline.inspect hands its thread count (a worker's inference.frame_threads) to the geometry's resample."""
+    from edge_runtime import geometry
+    from edge_runtime.bundle import Bundle
+    from edge_runtime.pipeline import Pipeline
+    from edge_runtime.records import Frame, Verdict
+
+    seen = []
+    real = geometry.resample
+    monkeypatch.setattr(geometry, "resample",
+                        lambda img, size, method, threads=2: seen.append(threads) or real(img, size, method, threads))
+    pipe = Pipeline(Bundle.load(device_bundle), threads=threads)
+    pipe.apply_overrides(size_policy="resize")              # a frame larger than the bundle's: resampled
+    frame = np.random.default_rng(6).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    result = pipe.inspect(Frame(frame_id=1, source="cam", image=frame))
+    assert result.verdict is not Verdict.FAULT, result.error
+    assert seen == [threads]
