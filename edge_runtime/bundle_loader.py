@@ -12,7 +12,7 @@ from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.bundle_versions import load_station_bundle
 from edge_runtime.bundle_policy import check_admission, record_loaded
 from edge_runtime.config import StationConfig
-from edge_runtime.features import FeatureError, make_session
+from edge_runtime.features import FeatureError
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.self_test import golden_check
 
@@ -66,16 +66,10 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
         raise BundleError("self-test failed: " + "; ".join(failures))
     if threads != run_threads:
         # Same verified model bytes, now with the configured threads; built, not run, so it costs no cores.
-        variant = pipeline.variant
         try:
-            pipeline.extractor.session = make_session(bundle.read_verified(variant.model_file), run_threads,
-                                                      inf.providers, bundle.path(variant.model_file))
+            pipeline.set_threads(run_threads, inf.providers)
         except FeatureError as exc:
             raise BundleError(str(exc)) from None
-        set_threads = getattr(pipeline.search, "set_threads", None)
-        if set_threads is not None:
-            set_threads(run_threads)
-        pipeline.threads = run_threads
     bundle.release()  # onnxruntime and the search hold their own copies of the verified bytes now
     record_loaded(bundle, cfg.state_dir)
     pipeline.apply_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)

@@ -17,7 +17,7 @@ import numpy as np
 from edge_runtime import scoring
 from edge_runtime.bundle import Bundle, BundleError, check_index_file
 from edge_runtime.decode import DecodeConfig, ImageError, decode_image, to_rgb
-from edge_runtime.features import FeatureError, FeatureExtractor
+from edge_runtime.features import FeatureError, FeatureExtractor, make_session
 from edge_runtime.geometry import crop_roi, cut_tiles, to_canvas
 from edge_runtime.hnsw_graph import FaissHnswSearch, GraphError, read_hnsw_graph
 from edge_runtime.nn_search import ExactSearch, HnswSearch, IvfSearch, OnnxExactSearch
@@ -131,6 +131,17 @@ class Pipeline:
         if hasattr(self.search, "set_grid"):   # the seeded walk reads queries as tiles of this patch grid
             self.search.set_grid(*self.grid)
         self.knn = knn
+
+    def set_threads(self, threads: int, providers: list[str] | None = None) -> None:
+        """Run on `threads` cores from now on: a new onnxruntime session from the same verified model bytes (built,
+        not run), the search's threads, the geometry's resample. Raises FeatureError."""
+        model = self.variant.model_file
+        self.extractor.session = make_session(self.bundle.read_verified(model), threads, providers,
+                                              self.bundle.path(model))
+        set_search_threads = getattr(self.search, "set_threads", None)
+        if set_search_threads is not None:
+            set_search_threads(threads)
+        self.threads = threads
 
     def apply_overrides(self, roi: tuple[int, int, int, int] | None = None, size_policy: str | None = None) -> None:
         """The station file's ROI (same size as the bundle's region) and size policy."""
