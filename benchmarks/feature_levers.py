@@ -67,6 +67,16 @@ ROWS: dict[str, tuple[Path, dict, str]] = {
                             "random projection to 256-d"),
     "tile/wide-expand": (TILE, {"wide": "expand", "project": 256},
                          "tap blocks' expansion outputs (240 + 672 ch, after ReLU6), random projection to 256-d"),
+    # Eighth session: nuisance the bank need not learn. Magnetic-tile images differ in brightness (mean grey 55-98
+    # over the training set) and contrast (std 14-28); whitening weighs feature directions by how little good
+    # parts vary along them (a Mahalanobis nearest neighbour); flipped copies of the good images widen the bank.
+    "tile/intensity-mean": (TILE, {"intensity": "mean"}, "each image's mean grey moved to 68 (the set's median)"),
+    "tile/intensity-std": (TILE, {"intensity": "std"}, "each image's mean and contrast moved to 68 and 20 (the set's medians)"),
+    "tile/whiten-0.1": (TILE, {"whiten": 0.1}, "features whitened by the good patches' covariance (shrinkage 0.1)"),
+    "tile/whiten-0.01": (TILE, {"whiten": 0.01}, "features whitened by the good patches' covariance (shrinkage 0.01)"),
+    "tile/augment-flip": (TILE, {"augment": "flip"}, "bank from the good images and their left-right and up-down flips"),
+    "tile/ensemble-lite0+lite2": (TILE, {"ensemble": ("lite0", "lite2")},
+                                  "lite0 and lite2 patch features side by side (152 + 168 = 320-d; the paper's ensemble)"),
     "bottle/base": (BOTTLE, {"canvas": (256, 256), "exact": True, "pixel": True}, "256 x 256, native statistics (the fit default)"),
     "bottle/imagenet": (BOTTLE, {"canvas": (256, 256), "exact": True, "pixel": True, "norm": "imagenet"}, "ImageNet input statistics"),
     "bottle/320": (BOTTLE, {"canvas": (320, 320), "exact": True, "pixel": True}, "320 x 320"),
@@ -88,6 +98,8 @@ def to_input(img: np.ndarray, s: dict) -> np.ndarray:
         img = cv2.resize(img, s.get("canvas", (240, 272)), interpolation=cv2.INTER_AREA)
     norm = s.get("norm", "native")
     x = img.astype(np.float32)
+    if s.get("intensity"):   # per-image brightness (and contrast) to the training set's medians
+        x = x - x.mean() + 68 if s["intensity"] == "mean" else (x - x.mean()) * (20 / max(float(x.std()), 1.0)) + 68
     if norm == "imagenet":
         x = (x / 255 - IMAGENET[0]) / IMAGENET[1]
     else:
@@ -146,19 +158,43 @@ def run_row(name: str) -> dict:
     taps = backbone.TAP_STAGES
     backbone.TAP_STAGES = tuple(s.get("taps", taps))   # read when the network is built
     try:
-        model = PatchFeatures(s.get("backbone", "lite0"))
+        model = PatchFeatures(s.get("ensemble", (s.get("backbone", "lite0"),))[0])
     finally:
         backbone.TAP_STAGES = taps
     load = lambda p: cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)   # gray -> 3 equal channels
 
+    others = [PatchFeatures(b) for b in s.get("ensemble", ())[1:]]
+
     def feats(p: Path) -> np.ndarray:
         with torch.no_grad():
             x = torch.from_numpy(to_input(load(p), s))
+            if others:
+                return torch.cat([model(x)[0]] + [o(x)[0] for o in others], 1).numpy()
             return (wide_features(model, x, s) if s.get("wide") else model(x))[0].numpy()
+
+    def train_feats(p: Path) -> list[np.ndarray]:
+        if s.get("augment") != "flip":
+            return [feats(p)]
+        img = load(p)
+        out = []
+        for f in (None, 1, 0):   # as is, left-right, up-down
+            with torch.no_grad():
+                x = torch.from_numpy(to_input(img if f is None else np.ascontiguousarray(cv2.flip(img, f)), s))
+                out.append(model(x)[0].numpy())
+        return out
 
     train, tests = images(data)
     t0 = time.perf_counter()
-    bank_all = np.concatenate([feats(p) for p in train])
+    bank_all = np.concatenate([f for p in train for f in train_feats(p)])
+    if s.get("whiten"):   # Mahalanobis: x -> (x - mean) C^-1/2 with C shrunk towards its mean eigenvalue
+        mean = bank_all.mean(0)
+        cov = np.cov((bank_all[::7] - mean).T).astype(np.float64)
+        cov = (1 - s["whiten"]) * cov + s["whiten"] * np.trace(cov) / len(cov) * np.eye(len(cov))
+        vals, vecs = np.linalg.eigh(cov)
+        white = (vecs / np.sqrt(vals)).astype(np.float32)
+        feats_raw = feats
+        feats = lambda p: (feats_raw(p) - mean) @ white
+        bank_all = (bank_all - mean) @ white
     bank = np.ascontiguousarray(bank_all[greedy_coreset(bank_all, int(len(bank_all) * s.get("ratio", 0.1)), progress=False)])
     t1 = time.perf_counter()
     if s.get("exact"):
