@@ -19,6 +19,7 @@ from edge_runtime.bundle import Bundle, BundleError, check_index_file
 from edge_runtime.decode import DecodeConfig, ImageError, decode_image, to_rgb
 from edge_runtime.features import FeatureError, FeatureExtractor, make_session
 from edge_runtime.geometry import crop_roi, cut_tiles, to_canvas
+from edge_runtime.int8_kernels import check_quantization
 from edge_runtime.hnsw_graph import FaissHnswSearch, GraphError, read_hnsw_graph
 from edge_runtime.nn_search import ExactSearch, HnswSearch, IvfSearch, OnnxExactSearch
 from edge_runtime.preprocess import preprocess, to_tensor
@@ -112,6 +113,9 @@ class Pipeline:
         if self.review_threshold is not None and not 0 < self.review_threshold < self.threshold:
             raise BundleError(f"review_threshold {self.review_threshold} must lie in (0, threshold {self.threshold})")
         g = self.geometry
+        # Before the model: an INT8 model this machine would compute differently (an x86 CPU without VNNI and a
+        # model with full 8-bit weights) scores every part against a bank of other features. FeatureError.
+        check_quantization(self.variant.info.get("quantization"), providers, str(bundle.path(self.variant.model_file)))
         # The verified bytes, not the paths: a file replaced on disk after the check is never loaded.
         self.extractor = FeatureExtractor(bundle.read_verified(self.variant.model_file),
                                           (self.grid[0] * self.grid[1], bundle.dim, g.input_size, g.n_tiles),

@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: none, threshold from good images only); a few per type are enough")
     f.add_argument("--int8-target", choices=["x86-avx2", "x86-vnni", "arm"], default=None,
                    help="INT8 quantisation settings, overriding --device/--station (default: from --device or "
-                        "--station, else x86-avx2, which is correct on every x86 CPU)")
+                        "--station, else x86-avx2, which is exact on every x86 CPU); x86-vnni (8-bit weights) is "
+                        "computed differently by an x86 CPU without VNNI, and a station on one refuses it")
     f.add_argument("--default-variant", choices=["int8", "fp32"], default="int8",
                    help="variant the device runs unless its station file says otherwise (default: int8); fp32 "
                         "when a GPU runs the model or INT8 loses accuracy on your parts")
@@ -366,11 +367,12 @@ def main(argv: list[str] | None = None) -> int:
 
     a = p.parse_args(argv)
     from edge_runtime.bundle import BundleError
+    from edge_runtime.features import FeatureError
     from export.dataset import DatasetError
 
     try:
         return a.func(a)
-    except (DatasetError, BundleError, FileExistsError, ValueError) as exc:
+    except (DatasetError, BundleError, FeatureError, FileExistsError, ValueError) as exc:
         print(f"edge-export: error: {exc}", file=sys.stderr)
         return 2
 

@@ -28,6 +28,7 @@ import edge_runtime
 from edge_runtime import scoring
 from edge_runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256_file, write_manifest
 from edge_runtime.features import FeatureExtractor
+from edge_runtime.int8_kernels import check_quantization
 from edge_runtime.decode import declared_size, load_image
 from edge_runtime.geometry import DEFAULT_PIXELS, DEFAULT_RESAMPLE, STRIDE, Geometry, default_input_size, plan_tiles
 from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw, upper_bounds
@@ -39,7 +40,7 @@ from export.calibration import operating_point
 from export.coreset import CHUNK_PATCHES, greedy_coreset
 from export.dataset import calibration_images, train_images
 from export.metrics import auroc
-from export.onnx_export import export_fp32, quantize_int8
+from export.onnx_export import INT8_TARGETS, export_fp32, quantize_int8
 from export.patch_features import PatchFeatures, aggregation, input_norm
 
 
@@ -316,6 +317,11 @@ def fit(data_dir: Path, out: Path, settings: FitSettings | None = None, calibrat
         overwrite: bool = False) -> Bundle:
     """Fit a bundle into `out`. `settings.backbone == "auto"` picks the backbone (fit_auto_backbone)."""
     s = settings or FitSettings()
+    # The bank, threshold and golden scores come from the INT8 features computed HERE: a machine that cannot
+    # compute the target's integers exactly would make a bundle that no device agrees with.
+    check_quantization({**INT8_TARGETS.get(s.int8_target, {}), "target": s.int8_target}, None, f"INT8 target {s.int8_target}",
+                       advice="Fit on a CPU with VNNI (or an ARM board), or use --int8-target x86-avx2 (exact on every "
+                              "x86 CPU)")
     if s.backbone == "auto":
         return fit_auto_backbone(data_dir, out, s, calibration_defects, overwrite)
     return _fit(data_dir, out, s, calibration_defects, overwrite)

@@ -1,0 +1,156 @@
+"""The INT8 exactness check: an INT8 model this machine would compute differently from the fitting machine is
+refused (by the station at load and by the exporter before a fit), never run against a bank of other features.
+
+The other kind of CPU (x86 without VNNI) is run for real under qemu's user-mode emulator with its Haswell model
+(AVX2, no AVX-512, no VNNI): onnxruntime there picks its saturating AVX2 u8 x s8 kernel.
+"""
+from __future__ import annotations
+
+import base64
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edge_runtime import int8_kernels
+from edge_runtime.bundle import MANIFEST, Bundle, write_manifest
+from edge_runtime.features import FeatureError
+from edge_runtime.int8_kernels import PROBES, check_quantization, exact_products
+from edge_runtime.pipeline import Pipeline
+
+REPO = Path(__file__).resolve().parents[2]
+# The quantisation each INT8 target writes into a manifest (export/onnx_export.py INT8_TARGETS).
+TARGETS = {
+    "x86-avx2": {"target": "x86-avx2", "activation": "QUInt8", "weight": "QInt8", "reduce_range": True},
+    "x86-vnni": {"target": "x86-vnni", "activation": "QUInt8", "weight": "QInt8", "reduce_range": False},
+    "arm": {"target": "arm", "activation": "QInt8", "weight": "QInt8", "reduce_range": False},
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _emulated(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run python code on an emulated Haswell (no AVX-512, no VNNI)."""
+    if platform.machine() != "x86_64" or shutil.which("qemu-x86_64") is None:
+        pytest.skip("needs an x86-64 host with qemu-user (apt-get install -y qemu-user; .ci/run installs it)")
+    return subprocess.run(["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", code, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.exporter
+def test_shipped_probe_models_are_the_ones_build_probe_makes():
+    for activation in ("QUInt8", "QInt8"):
+        assert base64.b64decode(PROBES[activation]) == int8_kernels.build_probe(activation), (
+            "PROBES is stale: paste the output of "
+            "python -c 'from edge_runtime.int8_kernels import probes_literal; print(probes_literal())'")
+
+
+def test_products_that_cannot_saturate_are_exact_here():
+    # 7-bit weights keep every u8 x s8 pair sum under 32767, and s8 x s8 is exact on x86 and ARM alike.
+    assert exact_products("QUInt8", 63)
+    assert exact_products("QInt8", 127)
+    assert exact_products("QInt8", 63)
+    for target in ("x86-avx2", "arm"):
+        check_quantization(TARGETS[target], None, "m.onnx")
+
+
+def test_full_range_u8_products_are_exact_exactly_where_the_cpu_has_vnni():
+    flags = _cpu_flags()
+    result = exact_products("QUInt8", 127)
+    if platform.machine() != "x86_64":
+        assert result                                   # ARM's dot-product kernels do not saturate
+    elif "avx512_vnni" in flags:
+        assert result
+    elif "avx_vnni" not in flags:
+        assert not result                               # vpmaddubsw: saturating pair sums
+        with pytest.raises(FeatureError, match="x86-vnni"):
+            check_quantization(TARGETS["x86-vnni"], None, "m.onnx")
+
+
+def test_unknown_activation_type_is_a_clear_error():
+    with pytest.raises(FeatureError, match="QUInt4"):
+        exact_products("QUInt4", 127)
+    check_quantization(None, None, "m.onnx")            # older manifests: nothing to check (the golden test still is)
+    check_quantization({"target": "x86-avx2"}, None, "m.onnx")
+
+
+def test_on_a_cpu_without_vnni_only_the_full_range_u8_target_is_refused():
+    code = ("import json; from edge_runtime.int8_kernels import check_quantization, exact_products\n"
+            "from edge_runtime.features import FeatureError\n"
+            "import sys; targets = json.loads(sys.argv[1]); out = {}\n"
+            "for name, q in targets.items():\n"
+            "    try:\n"
+            "        check_quantization(q, None, name + '.onnx'); out[name] = 'ok'\n"
+            "    except FeatureError as exc:\n"
+            "        out[name] = str(exc)\n"
+            "print(json.dumps(out))")
+    import json
+
+    proc = _emulated(code, json.dumps(TARGETS))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["x86-avx2"] == "ok" and out["arm"] == "ok"
+    assert out["x86-vnni"].startswith("x86-vnni.onnx: INT8 model quantised for x86-vnni")
+    assert "edge-export fit --device x86" in out["x86-vnni"] and "inference.precision: fp32" in out["x86-vnni"]
+
+
+def _as_target(src: Path, dst: Path, target: str) -> Path:
+    """A copy of a bundle whose manifest says its INT8 model was quantised for `target` (a new bundle id)."""
+    shutil.copytree(src, dst)
+    manifest = yaml.safe_load((dst / MANIFEST).read_text())
+    manifest["variants"]["int8"]["quantization"].update(TARGETS[target])
+    manifest["bundle_id"] = None
+    write_manifest(dst, manifest)
+    return dst
+
+
+def test_station_check_refuses_a_vnni_bundle_on_a_cpu_without_vnni(device_bundle, tmp_path):
+    vnni = _as_target(device_bundle, tmp_path / "vnni", "x86-vnni")
+    Bundle.load(vnni)                                   # a valid bundle: only the CPU is wrong for it
+    code = "import sys; from edge_runtime.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = _emulated(code, "check", str(vnni))
+    assert proc.returncode != 0
+    assert f"{vnni}/features_int8.onnx: INT8 model quantised for x86-vnni" in proc.stdout + proc.stderr
+
+
+def test_pipeline_refuses_an_int8_model_this_machine_computes_differently(small_bundle, monkeypatch):
+    Pipeline(Bundle.load(small_bundle), precision="int8")          # exact here: loads
+    monkeypatch.setattr(int8_kernels, "exact_products", lambda *a, **k: False)
+    with pytest.raises(FeatureError, match=r"features_int8\.onnx: INT8 model quantised for x86-avx2"):
+        Pipeline(Bundle.load(small_bundle), precision="int8")
+
+
+def test_station_loader_turns_the_refusal_into_a_bundle_error(device_bundle, monkeypatch):
+    from edge_runtime.bundle import BundleError
+    from edge_runtime.bundle_loader import load_pipeline
+    from edge_runtime.config import StationConfig
+    from edge_runtime.schema import from_mapping
+
+    cfg = from_mapping(StationConfig, {"bundle": str(device_bundle), "source": {"type": "scripted"}}, "test")
+    assert load_pipeline(cfg).bundle.bundle_id                     # exact here: the station loads it
+    monkeypatch.setattr(int8_kernels, "exact_products", lambda *a, **k: False)
+    with pytest.raises(BundleError, match="INT8 model quantised for"):
+        load_pipeline(cfg)
+
+
+@pytest.mark.exporter
+def test_fit_refuses_a_target_this_machine_cannot_compute_before_any_work(synthetic_dataset, tmp_path, monkeypatch):
+    from export.fit import FitSettings, fit
+
+    monkeypatch.setattr(int8_kernels, "exact_products", lambda a, w, *rest: w == 63)   # an x86 CPU without VNNI
+    out = tmp_path / "b"
+    with pytest.raises(FeatureError, match="Fit on a CPU with VNNI .* --int8-target x86-avx2"):
+        fit(synthetic_dataset, out, FitSettings(int8_target="x86-vnni", coreset_ratio=0.05))
+    assert not out.exists()
+
