@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.features import FeatureError
+from edge_runtime.int8_kernels import capability as int8_capability
 from edge_runtime.nn_search import EF_MAX, device_blas
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.records import Frame, Verdict
@@ -238,8 +239,8 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
         "verdicts": verdicts,
         "memory": {"before_load": mem_start, "after_load": mem_loaded, "after_run": memory_status()},
         "load_seconds": load_s,
-        "machine": {"cpu": cpu_info(), "software": software_info(), "load_average": load_average(),
-                    "hostname": platform.node()},
+        "machine": {"cpu": cpu_info(), "int8": int8_capability(providers), "software": software_info(),
+                    "load_average": load_average(), "hostname": platform.node()},
         "samples_ms": per_stage,
     }
 
@@ -261,6 +262,7 @@ def format_table(report: dict) -> str:
         + (f", {s['gap_ms']:g} ms idle between frames" if s["gap_ms"] else ", back to back") + f"); {s['input']}",
         f"cpu {cpu['model']} ({cpu['usable_cpus']}/{cpu['logical_cpus']} cpus usable; {isa}); "
         f"onnxruntime {report['machine']['software']['onnxruntime']}; load {report['machine']['load_average']}",
+        f"int8 kernels: {report['machine'].get('int8', '?')}",
         "",
         f"{'stage':<11}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}{'mean ms':>9}",
     ]

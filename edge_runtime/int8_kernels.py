@@ -141,6 +141,21 @@ def exact_products(activation: str, weight_max: int, providers: tuple[str, ...] 
     return bool(np.all(got == np.float32(scale * np.round(CHANNELS * top * weight_max / scale))))
 
 
+def capability(providers: list[str] | None = None) -> str:
+    """One line for reports (edge-bench, edge-runtime check): which INT8 targets this machine computes exactly."""
+    wanted = tuple(providers or ["CPUExecutionProvider"])
+    try:
+        full = all(exact_products(a, 127, wanted) for a in ("QUInt8", "QInt8"))
+        seven = all(exact_products(a, 63, wanted) for a in ("QUInt8", "QInt8"))
+    except FeatureError as exc:
+        return f"INT8 probe failed ({exc})"
+    if full:
+        return "8-bit products exact (x86-avx2, x86-vnni and arm bundles all run here)"
+    if seven:
+        return "8-bit products saturate, 7-bit exact (no VNNI: only x86-avx2 bundles run here)"
+    return "INT8 products inexact even with 7-bit weights: run the FP32 variant"
+
+
 DEVICE_ADVICE = ("Refit for this device (edge-export fit --device x86: the x86-avx2 target, exact on every x86 CPU) "
                  "or run the FP32 variant (inference.precision: fp32)")
 

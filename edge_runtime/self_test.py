@@ -9,6 +9,7 @@ import numpy as np
 from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.decode import decode_image
+from edge_runtime.int8_kernels import capability as int8_capability
 from edge_runtime.nn_search import upper_bounds
 from edge_runtime.preprocess import preprocess
 
@@ -76,6 +77,10 @@ def run_self_test(bundle_dir: Path, precision: str | None = None, knn: str = "hn
         report.checks.append(f"integrity: {len(bundle.manifest['files'])} files match their sha256")
         pipeline = Pipeline(bundle, precision=precision, knn=knn, threads=threads, providers=providers)
         report.checks.append(f"loaded variant {pipeline.variant.name}, {len(pipeline.search)} bank vectors, knn {knn}")
+        quant = pipeline.variant.info.get("quantization") or {}
+        if "activation" in quant:   # refused above if this machine computes it differently
+            report.checks.append(f"INT8 {quant.get('target', '?')} model computed exactly here; this machine: "
+                                 f"{int8_capability(providers)}")
         report.failures += golden_check(bundle, pipeline)
         if not report.failures:
             report.checks.append(f"golden: {len(pipeline.variant.golden)} images reproduce their scores")

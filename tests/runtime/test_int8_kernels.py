@@ -7,6 +7,7 @@ The other kind of CPU (x86 without VNNI) is run for real under qemu's user-mode 
 from __future__ import annotations
 
 import base64
+import os
 import platform
 import shutil
 import subprocess
@@ -103,6 +104,35 @@ def test_on_a_cpu_without_vnni_only_the_7_bit_target_is_accepted():
     assert out["x86-vnni"].startswith("x86-vnni.onnx: INT8 model quantised for x86-vnni (u8 x s8, 8-bit weights)")
     assert out["arm"].startswith("arm.onnx: INT8 model quantised for arm (s8 x s8, 8-bit weights)")
     assert "edge-export fit --device x86" in out["x86-vnni"] and "inference.precision: fp32" in out["x86-vnni"]
+
+
+def _masked(tmp_path: Path) -> dict:
+    """Environment for a subprocess that sees this CPU without AVX-512, VNNI and AMX (CPUID masked:
+    benchmarks/cpuid_mask/mask_cpuid.c), so that onnxruntime, numpy and faiss take their AVX2 kernels at native
+    speed (qemu's emulation crashes in numpy's AVX2 sort, so the whole pipeline runs this way)."""
+    if platform.machine() != "x86_64" or shutil.which("gcc") is None or "cpuid_fault" not in _cpu_flags():
+        pytest.skip("needs an x86-64 CPU with CPUID faulting and gcc for the CPUID mask (the qemu tests cover the "
+                    "probe on other machines)")
+    so = tmp_path / "mask_cpuid.so"
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(so), str(REPO / "benchmarks" / "cpuid_mask" /
+                                                                        "mask_cpuid.c")], check=True)
+    env = {**os.environ, "LD_PRELOAD": str(so), "PYTHONPATH": str(REPO)}
+    seen = subprocess.run([sys.executable, "-c", "from numpy._core._multiarray_umath import __cpu_features__ as f; "
+                           "print(bool(f['AVX512F']), bool(f['AVX2']))"], env=env, capture_output=True, text=True)
+    assert seen.stdout.split() == ["False", "True"], seen.stderr[-2000:]
+    return env
+
+
+def test_default_bundle_runs_and_a_vnni_one_is_refused_with_avx2_only_kernels(device_bundle, tmp_path):
+    env = _masked(tmp_path)
+    check = [sys.executable, "-m", "edge_runtime.cli", "check"]
+    ok = subprocess.run([*check, str(device_bundle)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "golden: " in ok.stdout and "7-bit exact (no VNNI: only x86-avx2 bundles run here)" in ok.stdout
+    vnni = _as_target(device_bundle, tmp_path / "vnni", "x86-vnni")
+    bad = subprocess.run([*check, str(vnni)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert f"{vnni}/features_int8.onnx: INT8 model quantised for x86-vnni" in bad.stdout + bad.stderr
 
 
 def _as_target(src: Path, dst: Path, target: str) -> Path:
