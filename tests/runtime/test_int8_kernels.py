@@ -1,8 +1,9 @@
 """The INT8 exactness check: an INT8 model this machine would compute differently from the fitting machine is
 refused (by the station at load and by the exporter before a fit), never run against a bank of other features.
 
-The other kind of CPU (x86 without VNNI) is run for real under qemu's user-mode emulator with its Haswell model
-(AVX2, no AVX-512, no VNNI): onnxruntime there picks its saturating AVX2 u8 x s8 kernel.
+The other kind of CPU (x86 without VNNI) is run for real: under qemu's user-mode emulator with its Haswell model
+(AVX2, no AVX-512, no VNNI), and on this CPU with CPUID masked (the whole station check at native speed). Its
+onnxruntime picks the saturating AVX2 kernels there.
 """
 from __future__ import annotations
 
@@ -47,6 +48,16 @@ def _emulated(code: str, *args: str) -> subprocess.CompletedProcess:
         pytest.skip("needs an x86-64 host with qemu-user (apt-get install -y qemu-user; .ci/run installs it)")
     return subprocess.run(["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", code, *args], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.exporter
+def test_targets_here_are_the_exporters():
+    from export.onnx_export import INT8_TARGETS
+
+    for name, q in TARGETS.items():
+        assert {k: INT8_TARGETS[name][k] for k in ("activation", "weight", "reduce_range")} == \
+            {k: q[k] for k in ("activation", "weight", "reduce_range")}
+    assert set(TARGETS) == set(INT8_TARGETS)
 
 
 @pytest.mark.exporter
