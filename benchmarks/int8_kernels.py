@@ -98,8 +98,8 @@ def run_bundle(label: str, bundle_dir: Path, images: list[Path], prefix: list[st
                      "defects_passed": int((scores[~good] < pipe.threshold).sum()), "defects": int((~good).sum()),
                      "score_median_good": round(float(np.median(scores[good])), 3),
                      "score_median_defect": round(float(np.median(scores[~good])), 3)}
-    print(f"{label}: features off by {out['relative_l2_feature_diff']:.2e} (relative L2) emulated; "
-          f"AUROC here {out['here']['image_auroc']}, emulated {out['emulated']['image_auroc']}", flush=True)
+    print(f"{label}: features off by {out['relative_l2_feature_diff']:.2e} (relative L2) with the other kernels; "
+          f"AUROC here {out['here']['image_auroc']}, there {out['emulated']['image_auroc']}", flush=True)
     return out
 
 
