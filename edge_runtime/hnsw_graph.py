@@ -244,9 +244,7 @@ class FaissHnswSearch(RecheckedSearch):
             return np.maximum(rows[:, 0], 0).astype(np.int64), np.where(rows[:, 0] < 0, np.inf, d2[:, 0])
         out = np.empty(len(q), dtype=np.int64)
         out_d2 = np.empty(len(q), dtype=np.float32)
-        # The walked patches at the width of a walk from the top (the graph's efSearch: ef_search, or set_ef's).
-        walked, walked_d2 = self._locate(np.ascontiguousarray(q[plan.walked]), plan.lattice,
-                                         int(self.graph.hnsw.efSearch))
+        walked, walked_d2 = self._locate(np.ascontiguousarray(q[plan.walked]), plan.lattice, self.params.ef_search)
         out[plan.walked] = walked
         out_d2[plan.walked] = walked_d2
         out[plan.seeded], out_d2[plan.seeded] = self._from_seeds(np.ascontiguousarray(q[plan.seeded]),
