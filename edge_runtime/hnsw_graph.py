@@ -9,11 +9,10 @@ ONE copy of the bank in memory: the exact re-check reads it in place (hnswlib ke
 cannot see, so the hnswlib engine holds the bank twice).
 
 The seeded walk (`seed_plan`, `FaissHnswSearch.labels`; HnswParams.seed_step / ef_seeded, pinned in the manifest):
-with the patch grid known, only every seed_step-th patch row and column is walked (of those, every other line
-from the top, the rest from their neighbours: LATTICE_STEP); the others search the graph's bottom level from the
-neighbours found for the four walked patches around them (faiss search_level_0). Neighbouring patches have
-neighbouring bank vectors: about 1.6x faster on bottle with per-patch distances closer to exact
-(benchmarks/seeded_walk.py).
+with the patch grid known, only every seed_step-th patch row and column walks the graph from the top; the others
+search its bottom level from the neighbours found for the four walked patches around them (faiss
+search_level_0). Neighbouring patches have neighbouring bank vectors: about 1.6x faster on bottle with per-patch
+distances closer to exact (benchmarks/seeded_walk.py).
 
 The file is parsed here, not by hnswlib, so every field is checked before faiss sees it: a link that points
 outside the bank or a label that is not a row of the bank would make a search read past its buffers.
@@ -232,29 +231,23 @@ class FaissHnswSearch(RecheckedSearch):
         which faiss found nothing gets row 0 at distance inf (the re-check then measures it in full)."""
         self._faiss.omp_set_num_threads(self.threads)   # process-wide in faiss: another index may have changed it
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        return self._locate(q, self._plan(len(q)), self.params.ef_seeded)
-
-    def _locate(self, q: np.ndarray, plan: "SeedPlan | None", ef_seeded: int) -> tuple[np.ndarray, np.ndarray]:
-        """`_search` for queries laid out as `plan` says: its walked patches located first (through their own
-        plan, `plan.lattice`, at ef_search), then the seeded ones from them at `ef_seeded`."""
+        plan = self._plan(len(q))
         if plan is None:
             d2, rows = self.graph.search(q, 1)
-            # -1 (nothing found: never for a connected graph) would be read as a row by the seed distances; any
-            # real row is a valid seed, and inf makes the re-check measure the patch in full.
             return np.maximum(rows[:, 0], 0).astype(np.int64), np.where(rows[:, 0] < 0, np.inf, d2[:, 0])
+        faiss = self._faiss
         out = np.empty(len(q), dtype=np.int64)
         out_d2 = np.empty(len(q), dtype=np.float32)
-        walked, walked_d2 = self._locate(np.ascontiguousarray(q[plan.walked]), plan.lattice, self.params.ef_search)
+        walked_d2, walked = self.graph.search(np.ascontiguousarray(q[plan.walked]), 1)
+        walked, walked_d2 = walked[:, 0], walked_d2[:, 0]
+        # -1 (nothing found: never for a connected graph) would be read as a row by the seed distances below;
+        # any real row is a valid seed.
+        walked_d2[walked < 0] = np.inf
+        walked[walked < 0] = 0
         out[plan.walked] = walked
         out_d2[plan.walked] = walked_d2
-        out[plan.seeded], out_d2[plan.seeded] = self._from_seeds(np.ascontiguousarray(q[plan.seeded]),
-                                                                 np.ascontiguousarray(walked[plan.seeds]), ef_seeded)
-        return out, out_d2
-
-    def _from_seeds(self, rest: np.ndarray, seeds: np.ndarray, ef: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, squared distances) for queries searched on the bottom level only, from their seeds (bank rows,
-        (m, k) int64) at width `ef`; row 0 at inf where nothing was found."""
-        faiss = self._faiss
+        seeds = np.ascontiguousarray(walked[plan.seeds])                      # (m, 4) bank rows, int64
+        rest = np.ascontiguousarray(q[plan.seeded])
         m, k = seeds.shape
         # The seeds enter the search with their true distances (faiss takes them as found results).
         seed_d = np.empty((m, k), dtype=np.float32)
@@ -264,11 +257,13 @@ class FaissHnswSearch(RecheckedSearch):
         found = np.empty((m, 1), dtype=np.int64)
         # Per call, not on the index: several inspection workers may search the same graph at once.
         params = faiss.SearchParametersHNSW()
-        params.efSearch = max(ef, 1)
+        params.efSearch = max(self.params.ef_seeded, 1)
         # search_type 2: one search per patch with all its seeds in the queue.
         self.graph.search_level_0(m, faiss.swig_ptr(rest), 1, faiss.swig_ptr(seeds32), faiss.swig_ptr(seed_d),
                                   faiss.swig_ptr(found_d), faiss.swig_ptr(found), k, 2, params)
-        return np.maximum(found[:, 0], 0), np.where(found[:, 0] < 0, np.inf, found_d[:, 0])
+        out[plan.seeded] = np.maximum(found[:, 0], 0)
+        out_d2[plan.seeded] = np.where(found[:, 0] < 0, np.inf, found_d[:, 0])
+        return out, out_d2
 
     def approximate(self, queries: np.ndarray) -> np.ndarray:
         # faiss's own distances to the rows it found (not recomputed: 0.19 ms of a 2.8 ms search on bottle);
@@ -292,33 +287,21 @@ class FaissHnswSearch(RecheckedSearch):
         return dist
 
 
-# The walked patches themselves: every LATTICE_STEP-th walked line walks from the top, the others search the
-# bottom level from those at ef_search. A walk from the top sometimes ends in a far local minimum (the walked
-# patches' mean excess over exact: 4.7% on bottle); seeded from their neighbours they miss by 0.03%, and on a large
-# bank they are found faster: magnetic tile 10% (72,828 vectors) search p50 9.32 -> 8.61 ms, p99 15.3 -> 13.7,
-# bottle 10% unchanged (3.40 / 3.45 ms), per-patch excess unchanged (interleaved per frame, 3 rounds; eighth session).
-LATTICE_STEP = 2
-
-
 @dataclass(frozen=True)
 class SeedPlan:
     """Which patches walk the graph from the top and where the others start (`seed_plan`)."""
 
-    walked: np.ndarray    # (w,) query rows walked: from the top, or through `lattice`
+    walked: np.ndarray    # (w,) query rows searched from the top
     seeded: np.ndarray    # (m,) the other query rows
     seeds: np.ndarray     # (m, 4) for each seeded row: positions IN `walked` of the walked patches around it
-    # The walked patches' own plan (positions in `walked`, a grid of walked lines): only every other walked line
-    # then walks from the top and the rest of them start from those. None: every walked patch walks from the top.
-    lattice: "SeedPlan | None" = None
 
 
-def seed_plan(grid: tuple[int, int], n_queries: int, step: int, lattice: bool = True) -> SeedPlan | None:
+def seed_plan(grid: tuple[int, int], n_queries: int, step: int) -> SeedPlan | None:
     """The seeded walk's layout for queries that are whole tiles of grid = (rows, cols) patches, row-major.
 
     Walked rows and columns: every `step`-th one plus the last, so that every other patch lies inside a cell
     of four walked patches (its seeds: the cell's corners). None (every patch walks from the top) when the
-    queries are not whole tiles or a tile is too small for the walked patches to be a minority.
-    `lattice`: the walked patches get a plan of their own (every other walked line, LATTICE_STEP), one level deep."""
+    queries are not whole tiles or a tile is too small for the walked patches to be a minority."""
     rows, cols = grid
     per_tile = rows * cols
     if step < 2 or per_tile < 1 or n_queries % per_tile or min(rows, cols) < 2 * step:
@@ -341,10 +324,8 @@ def seed_plan(grid: tuple[int, int], n_queries: int, step: int, lattice: bool = 
     c1 = wc[np.searchsorted(wc, c[seeded], side="left")]
     seeds = np.stack([pos[r0 * cols + c0], pos[r0 * cols + c1], pos[r1 * cols + c0], pos[r1 * cols + c1]], 1)
     tile = np.arange(tiles)[:, None]
-    # The walked patches of each tile are, in order, a row-major grid of the walked lines: a plan of their own.
-    inner = seed_plan((len(wr), len(wc)), tiles * len(walked), LATTICE_STEP, lattice=False) if lattice else None
     return SeedPlan(walked=(tile * per_tile + walked).ravel(), seeded=(tile * per_tile + seeded).ravel(),
-                    seeds=(tile[:, :, None] * len(walked) + seeds[None]).reshape(-1, 4), lattice=inner)
+                    seeds=(tile[:, :, None] * len(walked) + seeds[None]).reshape(-1, 4))
 
 
 def write_hnsw_graph(graph: HnswGraph, ef_construction: int) -> bytes:

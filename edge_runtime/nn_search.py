@@ -375,8 +375,7 @@ class HnswParams:
     ef_search: int = 16
     exact_recheck: bool = True
     # The seeded walk (knn: hnsw, edge_runtime/hnsw_graph.py): every `seed_step`-th patch row and column (and
-    # the last) is walked at ef_search (every other of those lines from the top, the rest from them:
-    # hnsw_graph.LATTICE_STEP); every other patch searches only the bottom level,
+    # the last) walks the graph from the top at ef_search; every other patch searches only the bottom level,
     # starting from the neighbours found for the four walked patches around it, at `ef_seeded`. Neighbouring
     # patches of a part have near neighbours in the bank, so the search starts next to the answer.
     # Measured (benchmarks/seeded_walk.py, fresh fits, 2-core Xeon): bottle 10% search 5.56 -> 3.42 ms p50 with

@@ -31,32 +31,6 @@ def test_every_patch_is_walked_or_seeded_from_the_cell_around_it(grid, tiles, st
     assert len(plan.walked) < len(plan.seeded)
 
 
-@pytest.mark.parametrize("grid,tiles", [((32, 32), 1), ((34, 30), 2), ((30, 34), 1)])
-def test_the_walked_patches_have_a_plan_of_their_own(grid, tiles):
-    """Of the walked lines, every other one (and the last) walks from the top; the rest start from those."""
-    rows, cols = grid
-    plan = seed_plan(grid, tiles * rows * cols, 4)
-    lat = plan.lattice
-    assert lat is not None and lat.lattice is None                        # one level deep
-    positions = np.concatenate([lat.walked, lat.seeded])
-    assert np.array_equal(np.sort(positions), np.arange(len(plan.walked)))   # each walked patch exactly once
-    tile, rest = np.divmod(plan.walked, rows * cols)
-    r, c = np.divmod(rest, cols)
-    lines_r, lines_c = np.unique(r), np.unique(c)                         # the walked lines
-    top_r, top_c = r[lat.walked], c[lat.walked]
-    assert set(top_r) == set(lines_r[::2]) | {lines_r[-1]} and set(top_c) == set(lines_c[::2]) | {lines_c[-1]}
-    for j in range(4):                                                     # seeds: same tile, the lattice cell
-        seed = lat.walked[lat.seeds[:, j]]
-        assert np.all(tile[seed] == tile[lat.seeded])
-        assert np.all(np.abs(r[seed] - r[lat.seeded]) <= 8) and np.all(np.abs(c[seed] - c[lat.seeded]) <= 8)
-    assert len(lat.walked) < len(lat.seeded)
-
-
-def test_a_lattice_too_small_for_its_own_plan_is_walked_from_the_top():
-    plan = seed_plan((8, 40), 8 * 40, 4)                                   # walked rows 0, 4, 7: three lines
-    assert plan is not None and plan.lattice is None
-
-
 @pytest.mark.parametrize("grid,n,step", [((32, 32), 1000, 4), ((5, 40), 200, 4), ((32, 32), 1024, 0),
                                          ((32, 32), 1024, 1)])
 def test_no_plan_where_the_queries_are_not_whole_tiles_or_a_tile_is_too_small(grid, n, step):
@@ -122,24 +96,6 @@ def test_tightening_before_the_recheck_only_lowers_bounds_and_spares_it_work(gra
     assert scores.max() == pytest.approx(truth.max(), rel=1e-6)
     search.distances(q)
     assert measured <= search.rechecked_last
-
-
-def test_only_the_lattice_walks_from_the_top(graph_and_parts, monkeypatch):
-    graph, bank, queries, grid = graph_and_parts
-    search = FaissHnswSearch(graph, HnswParams(M=8, ef_search=8, seed_step=4, ef_seeded=2), threads=1)
-    search.set_grid(*grid)
-    plan = search._plan(len(queries))
-    real, from_top = search.graph.search, []
-
-    def counted(x, k, *args, **kwargs):
-        from_top.append(len(x))
-        return real(x, k, *args, **kwargs)
-    monkeypatch.setattr(search.graph, "search", counted)
-    search.labels(queries)
-    assert from_top == [len(plan.lattice.walked)] and len(plan.lattice.walked) < len(plan.walked) / 2
-    truth, _ = ExactSearch(bank).nearest(queries)
-    walked = search.approximate(queries)[plan.walked]
-    assert np.mean(walked / truth[plan.walked] - 1) < 0.01                 # the lattice's patches found, too
 
 
 def test_seeds_from_the_wrong_patches_would_be_far_worse(graph_and_parts, monkeypatch):
