@@ -98,7 +98,12 @@ def test_pipeline_onnx_search_scores_like_exact_search(small_bundle):
         rgb = golden_image(bundle, g["file"])
         a, b = exact.score_rgb(rgb), graph.score_rgb(rgb)
         assert abs(a.score - b.score) <= 1e-4 * a.score
-        assert np.allclose(a.patch_scores, b.patch_scores, rtol=1e-4, atol=1e-4)
+        # Both compute |q|^2 + |b|^2 - 2 q.b in float32, each within ~8 d units of rounding of |q|^2 + |b|^2
+        # (ExactSearch.EXPANDED_ULPS_PER_DIM); near zero (a golden patch that is a bank vector) the square root
+        # magnifies that, and how far depends on the CPU's GEMM kernels (AVX2-only kernels: 0.02 apart).
+        norms = 2.0 * float(exact.search.bank_sq.max())
+        tol = 2 * exact.search.EXPANDED_ULPS_PER_DIM * exact.search.dim * float(np.finfo(np.float32).eps) * norms
+        assert np.all(np.abs(a.patch_scores ** 2 - b.patch_scores ** 2) <= 1e-4 * a.patch_scores ** 2 + tol)
 
 
 @pytest.mark.parametrize("seed", range(6))
