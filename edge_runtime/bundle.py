@@ -237,6 +237,7 @@ class Bundle:
                 raise BundleError(f"{mpath}: required key {short_repr(key)} is missing")
         bundle = cls(root, manifest)
         bundle._pinned = True
+        bundle._check_identity()
         if verify:
             bundle.verify_files()
         bundle._check_consistency()
@@ -297,6 +298,22 @@ class Bundle:
         if raw is None:
             raw = _read_regular(self.root / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
         verify_manifest_signature(self.root, raw, public_key)
+
+    def _check_identity(self) -> None:
+        """The bundle id is the hash of the manifest's content (write_manifest): a manifest edited after export
+        (a threshold raised, a file's checksum swapped) no longer matches the id it claims, so it cannot pass as
+        the bundle that was verified and recorded under that id. Someone who also recomputes the id gets a new id,
+        which the records show; only a signature (security.bundle_public_key) makes a manifest unforgeable."""
+        stated = self.manifest["bundle_id"]
+        try:
+            actual = content_id(self.manifest)
+        except (TypeError, ValueError, RecursionError) as exc:   # a value JSON cannot hold (a date, binary)
+            raise BundleError(f"{self.root / MANIFEST}: content cannot be hashed to check bundle_id "
+                              f"({type(exc).__name__}: {str(exc)[:120]})") from None
+        if str(stated) != actual:
+            raise BundleError(f"{self.root / MANIFEST}: content does not match bundle_id {short_repr(stated)} "
+                              f"(its hash is {actual}): the manifest was edited after export; re-export or "
+                              "recalibrate the bundle with edge-export instead of editing it")
 
     def _check_consistency(self) -> None:
         """Types and cross-references of the manifest, so a bad manifest fails here with its key, not later."""
@@ -443,6 +460,12 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else list(o)))
 
 
+def content_id(manifest: dict) -> str:
+    """The bundle id: sha256 of the manifest's content (every key but `created` and `bundle_id`), 16 hex digits."""
+    content = _plain({k: v for k, v in manifest.items() if k not in ("created", "bundle_id")})
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def write_manifest(root: Path, manifest: dict) -> dict:
     """Checksum every file under root (except the manifest and its signature) into manifest['files'], then write it."""
     root = Path(root)
@@ -453,9 +476,7 @@ def write_manifest(root: Path, manifest: dict) -> dict:
             continue
         files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     manifest = dict(manifest, files=files)
-    ident = hashlib.sha256(json.dumps(_plain({k: v for k, v in manifest.items() if k not in ("created", "bundle_id")}),
-                                      sort_keys=True).encode()).hexdigest()
-    manifest["bundle_id"] = manifest.get("bundle_id") or ident[:16]
+    manifest["bundle_id"] = content_id(manifest)
     manifest = _plain(manifest)
     (root / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False, width=120))
     return manifest

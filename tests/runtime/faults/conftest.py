@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge_runtime.bundle import MANIFEST, sha256_file
+from edge_runtime.bundle import MANIFEST, content_id, sha256_file
 
 
 class NoAliasDumper(yaml.SafeDumper):
@@ -26,7 +26,11 @@ class BundleEditor:
     def manifest(self) -> dict:
         return yaml.safe_load((self.root / MANIFEST).read_text())
 
-    def save(self, manifest: dict) -> None:
+    def save(self, manifest: dict, reid: bool = True) -> None:
+        """Write the manifest; `reid` (default): with its bundle_id recomputed from the edited content, as an
+        attacker who knows the format would, so that checks other than the id's can catch the edit."""
+        if reid:
+            manifest = dict(manifest, bundle_id=content_id(manifest))
         (self.root / MANIFEST).write_text(yaml.dump(manifest, Dumper=NoAliasDumper, sort_keys=False))
 
     def repin(self, rel: str) -> None:

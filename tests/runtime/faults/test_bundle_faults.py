@@ -54,6 +54,18 @@ def flip_byte(path: Path) -> None:
 
 
 # ---- file integrity -----------------------------------------------------------------------------------------
+# ---- the manifest's own integrity ---------------------------------------------------------------------------
+def test_manifest_edited_after_export_is_refused_and_a_recomputed_id_is_a_new_bundle(bundle_copy, editor):
+    original = Bundle.load(bundle_copy).bundle_id
+    m = editor.manifest()
+    m["variants"]["int8"]["threshold"] *= 10            # every defect would pass
+    editor.save(m, reid=False)                           # the id still claims the exported bundle
+    msg = refusal(bundle_copy)
+    assert "content does not match bundle_id" in msg and original in msg and "edited after export" in msg
+    editor.save(m)                                       # an editor who also recomputes the id...
+    assert Bundle.load(bundle_copy).bundle_id != original   # ...makes another bundle, and records say so
+
+
 @pytest.mark.parametrize("rel", [MODEL, INDEX, GOLDEN])
 def test_one_flipped_byte_is_refused(bundle_copy, rel):
     flip_byte(bundle_copy / rel)
