@@ -4,6 +4,7 @@ Loaded once at start-up; an unknown key, a wrong type or a bad value is a Config
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,15 @@ from edge_runtime.sources.video_source import is_stream_url
 from edge_runtime.triggers import FreeRunTriggerConfig, TriggerConfig
 
 
+# 2 s: far longer than an inspection takes (tens of ms on the 2-core x86 measured here, 9 tiles included), short
+# enough that a stalled inspection does not answer a part triggered seconds later. A line sets its controller's timeout (device_configs/: 300-1000).
+DEFAULT_DEADLINE_MS = 2000.0
+
+# Why a station (or a line) without a result log is refused: the bus writes a part's record before any line
+# output is told the verdict (output_bus.py), so without one an OK would reach the controller with no record.
+NO_RECORD = ("every part is recorded before the line outputs are told its verdict, so a station without one could "
+             "pass a part that no record shows; add {type: result_log, path: results.jsonl}")
+
 # What the station runs on. `edge-export fit --station` reads it to pick the bundle's INT8 target
 # (edge_runtime/station_init.py DEVICE_INT8_TARGET maps each name); the runtime itself does not depend on it.
 Device = Literal["x86", "x86-vnni", "pi4", "pi5", "jetson-orin", "arm64"]
@@ -47,7 +57,10 @@ class InferenceConfig:
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     ef_search: int | None = None                      # None: the bundle's value
     ivf_nprobe: int = 2                               # knn: ivf cells scanned per patch: 1 faster, 2 closer heat map
-    deadline_ms: float | None = None                  # a verdict later than this is FAULT (the part has moved on)
+    # A verdict later than this after the trigger (free run: after capture) is FAULT, and one a stalled serial port
+    # still holds then is never sent: set it to the controller's own timeout. Always on: a station with no
+    # deadline would hand a stalled inspection's OK to whichever part the controller is waiting for by then.
+    deadline_ms: float = DEFAULT_DEADLINE_MS
     review_threshold: float | None = None             # None: the bundle's review band (if any); raw image score
 
     def validate(self) -> None:
@@ -61,8 +74,9 @@ class InferenceConfig:
             raise ValueError(f"ivf_nprobe: must be >= 1, got {self.ivf_nprobe}")
         if self.review_threshold is not None and not self.review_threshold > 0:
             raise ValueError(f"review_threshold: must be > 0, got {self.review_threshold}")
-        if self.deadline_ms is not None and self.deadline_ms <= 0:
-            raise ValueError(f"deadline_ms: must be > 0, got {self.deadline_ms}")
+        if not (isinstance(self.deadline_ms, (int, float)) and 0 < self.deadline_ms < math.inf):
+            raise ValueError(f"deadline_ms: must be a number of milliseconds > 0 (the controller's timeout), "
+                             f"got {self.deadline_ms!r}")
         if not self.providers:
             raise ValueError("providers: must list at least one onnxruntime execution provider")
 
@@ -165,6 +179,8 @@ class StationConfig:
         logs = [o.path for o in self.outputs if isinstance(o, ResultLogConfig)]
         if len(set(logs)) != len(logs):
             raise ValueError("outputs: two result logs write the same file")
+        if not self.lines and not logs:
+            raise ValueError(f"outputs: no result_log: {NO_RECORD}")
 
 
 # The root of error messages while validating; replaced by the file name (see load_station).

@@ -60,6 +60,10 @@ def validate_lines(lines: list[LineConfig]) -> None:
     ports: list[int] = []
     for i, ln in enumerate(lines):
         outputs = ln.outputs or []
+        if ln.outputs is not None and not any(isinstance(o, ResultLogConfig) for o in outputs):
+            raise ValueError(f"lines[{i}].outputs: no result_log: every part is recorded before the line outputs "
+                             "are told its verdict, so a line without one could pass a part that no record shows; "
+                             "add {type: result_log, path: results-<line>.jsonl}, or leave outputs out for that default")
         if sum(1 for o in outputs if o.type == "modbus") > 1:
             raise ValueError(f"lines[{i}].outputs: at most one modbus server per line")
         logs += [o.path for o in outputs if isinstance(o, ResultLogConfig)]

@@ -19,7 +19,9 @@ Slow outputs (`Output.slow`: serial, the NG image store) get a worker thread eac
 that stops reading the serial line or a slow disk never stalls the loop. When a queue is full the oldest queued
 call is dropped (for a RES line the PLC then sees no verdict for that part, which it must treat as not-OK);
 drops, late deliveries (a verdict delivered more than `late_after_s` after it was queued) and errors are counted
-(edge_output_dropped_total, edge_output_late_total, edge_output_errors_total) and logged.
+(edge_output_dropped_total, edge_output_late_total, edge_output_errors_total) and logged. A line output's verdict
+still queued when its part's deadline (inference.deadline_ms from the trigger) has passed is never sent
+(edge_output_expired_total): the controller has timed out on that part and could take it for the next one's.
 
 Failure policy, the same for every output: an OutputError or any other exception from one output is logged and
 counted, and never stops the other outputs or the inspection; only the critical record changes the verdict.
@@ -57,6 +59,7 @@ class BusCounters:
     errors: int = 0      # calls that raised
     dropped: int = 0     # calls dropped from a full worker queue
     late: int = 0        # verdicts delivered by a worker later than late_after_s after they were queued
+    expired: int = 0     # verdicts a worker never sent: the part's deadline passed while they were queued
     record_failures: int = 0
 
 
@@ -73,14 +76,15 @@ class _Worker:
         self._thread = threading.Thread(target=self._run, name=f"output:{output.name}", daemon=True)
         self._thread.start()
 
-    def submit(self, method: str, args: tuple) -> None:
+    def submit(self, method: str, args: tuple, expires: float | None = None) -> None:
+        """Queue one call; `expires` (time.monotonic()): a verdict not delivered by then is never delivered."""
         with self._cond:
             if self._closing:
                 return
             if method != "close" and len(self._queue) >= self.maxsize:
-                dropped, dropped_args, _ = self._queue.popleft()
+                dropped, dropped_args, _, _ = self._queue.popleft()
                 self.bus._dropped(self.output, dropped, dropped_args)
-            self._queue.append((method, args, time.monotonic()))
+            self._queue.append((method, args, time.monotonic(), expires))
             if method == "close":
                 self._closing = True
             self._cond.notify()
@@ -97,7 +101,12 @@ class _Worker:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._queue))
-                method, args, queued = self._queue.popleft()
+                method, args, queued, expires = self._queue.popleft()
+            if expires is not None and time.monotonic() > expires:
+                # The controller's wait for this part is over (it has rejected it, and may have triggered the next):
+                # a verdict sent now would be read as the answer to a later part.
+                self.bus._expired(self.output, args[0], time.monotonic() - queued)
+                continue
             self.bus._call(self.output, method, *args)
             if method == "publish" and time.monotonic() - queued > self.bus.late_after_s:
                 self.bus._late(self.output, args[0], time.monotonic() - queued)
@@ -168,11 +177,26 @@ class OutputBus:
         if failure is None and self._check_deadline(result, started, deadline_ms):
             for out in self.critical:  # the superseding record: the line gets FAULT, so must the log
                 self._call(out, "publish", result)
+        # A line output on a worker (serial) gets the deadline as an expiry: a verdict still queued when the
+        # controller has stopped waiting for it is dropped, never sent late (the bus checked the deadline above,
+        # but a stalled port can hold the line for longer).
+        expires = started + deadline_ms / 1000.0 if started is not None and deadline_ms is not None else None
         for out in self.lines:
-            self._dispatch(out, "publish", result)
+            self._dispatch(out, "publish", result, expires=expires)
         for out in self.records:
             self._dispatch(out, "publish", result)
         return failure
+
+    def probe_records(self) -> str | None:
+        """Why a critical record could not be written now (its `probe()`), or None when all could."""
+        for out in self.critical:
+            probe = getattr(out, "probe", None)
+            if callable(probe):
+                try:
+                    probe()
+                except Exception as exc:  # noqa: BLE001 - any failure means: still not writable
+                    return str(exc)[:300]
+        return None
 
     def acknowledge(self) -> None:
         for out in self.lines:
@@ -202,7 +226,8 @@ class OutputBus:
         with self._lock:
             c = self.counters
             totals: dict[str, float] = {"output_errors": c.errors, "output_dropped": c.dropped,
-                                        "output_late": c.late, "record_failures": c.record_failures}
+                                        "output_late": c.late, "output_expired": c.expired,
+                                        "record_failures": c.record_failures}
         for out in self.outputs:
             extra = getattr(out, "counters", None)
             if callable(extra):
@@ -222,10 +247,10 @@ class OutputBus:
         for out in self._ordered():
             self._dispatch(out, method, *args)
 
-    def _dispatch(self, out: Output, method: str, *args: Any) -> None:
+    def _dispatch(self, out: Output, method: str, *args: Any, expires: float | None = None) -> None:
         worker = self._workers.get(id(out))
         if worker is not None:
-            worker.submit(method, args)
+            worker.submit(method, args, expires)
         else:
             self._call(out, method, *args)
 
@@ -273,6 +298,12 @@ class OutputBus:
                         self.queue_size)
         elif method != "heartbeat":
             log.warning("output %s: stalled, %s dropped (queue of %d full)", out.name, method, self.queue_size)
+
+    def _expired(self, out: Output, result: InspectionResult, delay_s: float) -> None:
+        self._count("expired")
+        log.error("output %s: part %d %s not sent: its deadline passed %.0f ms after it was queued (the port was "
+                  "stalled); the controller has timed out on it", out.name, result.frame_id, result.verdict.value,
+                  delay_s * 1000.0)
 
     def _late(self, out: Output, result: InspectionResult, delay_s: float) -> None:
         self._count("late")

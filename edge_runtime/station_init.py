@@ -161,8 +161,8 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
         "  providers: [CPUExecutionProvider]   # onnxruntime providers in priority order (default: CPU only)",
         "  ef_search: null          # HNSW search width; null: the bundle's value (default: null)",
         "  ivf_nprobe: 2            # knn: ivf cells scanned per patch: 1 faster, 2 closer heat map (default: 2)",
-        "  deadline_ms: null        # a verdict later than this is FAULT (the part has moved on); "
-        "null: no deadline (default: null)",
+        "  deadline_ms: 2000        # a verdict later than this after the trigger is FAULT and never sent late; "
+        "set your controller's timeout (default: 2000)",
         "",
     ]
     if kind == "camera":

@@ -18,6 +18,7 @@ import errno
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ class ResultLogConfig:
     type: Literal["result_log"] = "result_log"
     path: str
     max_bytes: int = 50 * 1024 * 1024   # rotate before a record would take the log past this size
-    backups: int = 5                    # rotated files kept (log.1 .. log.N); 0 deletes the log on rotation
+    backups: int = 5                    # rotated files kept (log.1 .. log.N), at least 1
     fsync: Literal["always", "never"] = "always"  # "never" trades durability for SD-card wear
     on_record_failure: Literal["fault", "halt"] = "fault"  # a part that cannot be recorded is FAULT; halt also stops
 
@@ -42,8 +43,9 @@ class ResultLogConfig:
             raise ValueError("path: must not be empty")
         if self.max_bytes < 1024:
             raise ValueError(f"max_bytes: must be at least 1024, got {self.max_bytes}")
-        if self.backups < 0:
-            raise ValueError(f"backups: must be 0 or more, got {self.backups}")
+        if self.backups < 1:
+            # 0 would delete the whole log at each rotation: the records of the parts just passed with it
+            raise ValueError(f"backups: must be at least 1 (0 would delete every record at rotation), got {self.backups}")
 
 
 def _finite(value: Any) -> Any:
@@ -70,6 +72,9 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_PROBE_FREE_BYTES = 64 * 1024   # room for a few hundred records before the probe calls the disk usable again
 
 
 class ResultLog(Output):
@@ -125,6 +130,24 @@ class ResultLog(Output):
             if exc.errno == errno.ENOSPC:
                 reason = f"disk full: {reason}"
             raise OutputError(f"result log {self.path}: frame {result.frame_id} not logged: {reason}") from exc
+
+    def probe(self) -> None:
+        """Raise OutputError unless a record could be written now (the file opens, its disk has room), without
+        writing one: the station uses it to leave a record fault when the disk is fixed, with no part to spend."""
+        try:
+            if self._fd is None or self._replaced():
+                self._close_fd()
+                self._open()
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+                raise OSError(errno.EIO, "not a regular file: only the next record can tell")
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            if st.f_bavail * st.f_frsize < _PROBE_FREE_BYTES:
+                raise OSError(errno.ENOSPC, "disk full")
+            if self.cfg.fsync == "always":
+                os.fsync(self._fd)
+        except OSError as exc:
+            self._close_fd()
+            raise OutputError(f"result log {self.path}: still cannot write: {exc.strerror or exc}") from exc
 
     # -- internals -------------------------------------------------------------------------------------------
     def _replaced(self) -> bool:
@@ -184,14 +207,11 @@ class ResultLog(Output):
 
     def _rotate(self) -> None:
         self._close_fd()
-        if self.cfg.backups == 0:
-            os.unlink(self.path)
-        else:
-            for n in range(self.cfg.backups - 1, 0, -1):
-                older = f"{self.path}.{n}"
-                if os.path.exists(older):
-                    os.replace(older, f"{self.path}.{n + 1}")
-            os.replace(self.path, f"{self.path}.1")
+        for n in range(self.cfg.backups - 1, 0, -1):
+            older = f"{self.path}.{n}"
+            if os.path.exists(older):
+                os.replace(older, f"{self.path}.{n + 1}")
+        os.replace(self.path, f"{self.path}.1")
         if self.cfg.fsync == "always":
             _fsync_dir(self.path)
         self._open()

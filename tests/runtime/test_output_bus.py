@@ -140,6 +140,26 @@ def test_a_stalled_output_never_blocks_the_loop_and_drops_are_counted():
     assert bus.output_counters()["output_dropped"] == bus.counters.dropped
 
 
+def test_a_verdict_queued_past_its_deadline_is_never_sent_late():
+    """A stalled serial port holds part 1's OK past the controller's timeout; by then the controller may have
+    triggered part 2. The OK must not reach the port after the deadline; part 2's own verdict still does."""
+    stalled, fast = Stalled(), RecordingOutput()
+    bus = OutputBus([stalled, fast], late_after_s=10.0)
+    bus.start()
+    bus.begin_part(0)
+    bus.publish(make_result(0), started=time.monotonic(), deadline_ms=5000)   # being written when the port stalls
+    bus.begin_part(1)
+    bus.publish(make_result(1, Verdict.OK), started=time.monotonic(), deadline_ms=100)
+    time.sleep(0.3)                                   # part 1's deadline passes while the port is stalled
+    bus.begin_part(2)
+    bus.publish(make_result(2, Verdict.NG), started=time.monotonic(), deadline_ms=5000)
+    stalled.release.set()
+    bus.close()
+    assert [r.frame_id for r in stalled.results] == [0, 2], "part 1's OK was sent after its deadline"
+    assert [r.frame_id for r in fast.results] == [0, 1, 2]
+    assert bus.counters.expired == 1 and bus.output_counters()["output_expired"] == 1
+
+
 def test_errors_from_any_output_are_counted_and_do_not_stop_the_others():
     journal = Journal()
     broken = journaled("broken", journal, fail_on=("begin_part", "publish", "heartbeat"))

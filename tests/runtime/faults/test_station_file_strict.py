@@ -88,7 +88,7 @@ def test_non_utf8_station_file_is_exit_2_naming_the_file(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"inference": {"threads": 0}}, "inference.threads: must be >= 1, got 0"),
-    ({"inference": {"deadline_ms": -5}}, "inference.deadline_ms: must be > 0, got -5.0"),
+    ({"inference": {"deadline_ms": -5}}, "inference.deadline_ms: must be a number of milliseconds > 0 (the controller's timeout), got -5.0"),
     ({"http": {"port": 70000}}, "http.port: must be 0..65535, got 70000"),
     ({"recovery": {"read_timeout_s": 0}}, "recovery.read_timeout_s: must be > 0, got 0.0"),
 ])
@@ -110,3 +110,21 @@ def test_oversized_station_file_is_refused_before_parsing(tmp_path):
     path = write(tmp_path, "# " + "x" * (2 * 1024 * 1024) + "\n")
     with pytest.raises(ConfigError, match=rf"^{path}: station file is over \d+ bytes"):
         load_station(path)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"outputs": [{"type": "gpio", "ok": {"offset": 1}, "ng": {"offset": 2}}]}, "outputs: no result_log"),
+    ({"lines": [{"name": "a", "source": {"type": "folder", "path": "images"},
+                 "outputs": [{"type": "serial", "port": "/dev/ttyUSB0"}]}]},
+     "lines[0].outputs: no result_log"),
+    ({"inference": {"deadline_ms": None}}, "inference.deadline_ms"),
+    ({"outputs": [{"type": "result_log", "path": "r.jsonl", "backups": 0}]}, "backups: must be at least 1"),
+])
+def test_a_station_that_could_pass_a_part_without_record_or_deadline_is_invalid(tmp_path, capsys, section, message):
+    rc, out = validate(write(tmp_path, {**BASE, **section}), capsys)
+    assert rc == 2 and message in out, out
+
+
+def test_the_deadline_is_on_by_default(tmp_path):
+    cfg = load_station(write(tmp_path, BASE))
+    assert cfg.inference.deadline_ms == 2000
