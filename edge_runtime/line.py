@@ -95,7 +95,7 @@ class Line:
         if sinks:   # the station's operator page: it reads the same result stream as the line's outputs
             self.outputs = [*self.outputs, *sinks]
         deadline = cfg.inference.deadline_ms
-        self.bus = OutputBus(self.outputs, late_after_s=deadline / 1000.0 if deadline else 0.5)
+        self.bus = OutputBus(self.outputs, late_after_s=deadline / 1000.0)
         self.trigger = trigger if trigger is not None else build_trigger(cfg.trigger)
         for out in self.outputs:
             # A PLC on the serial line may send "TRG" (capture one part) and "ACK" (withdraw the verdict).
@@ -125,6 +125,8 @@ class Line:
         self._health: tuple[bool, str | None] = (False, "starting")
         self._halted: str | None = None       # set: the station stays in FAULT and inspects nothing until restart
         self._record_fault: str | None = None  # the last part could not be recorded (on_record_failure: fault)
+        self._source_fault: str | None = None  # the camera / trigger input is lost and not yet reopened
+        self._next_record_probe = 0.0
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._reopen = threading.Event()
@@ -195,6 +197,12 @@ class Line:
             self._ready = ready
         self._health = (self._ready, self.fault_reason)
 
+    def _resume(self) -> None:
+        """Inspecting again after a condition cleared (a recipe switch, a reload, a record), unless another one
+        still holds the line: a lost camera or an unwritable record keeps READY down whatever else cleared."""
+        fault = self._source_fault or self._record_fault
+        self._set_state(fault is None, fault)
+
     def _halt(self, reason: str) -> None:
         if self._halted is None:
             self._halted = f"halted: {reason}"
@@ -246,7 +254,7 @@ class Line:
         if self.cfg.http.stall_after_s is not None:
             return self.cfg.http.stall_after_s
         deadline_ms = self.cfg.inference.deadline_ms
-        return max(2.0, 5 * deadline_ms / 1000.0) if deadline_ms else 2.0
+        return max(2.0, 5 * deadline_ms / 1000.0)
 
     # ---- bundle ------------------------------------------------------------------------------------------------
     def _load(self) -> bool:
@@ -314,7 +322,9 @@ class Line:
             log.info("reloaded: bundle %s, variant %s, threshold %.4f", new.bundle.bundle_id, new.variant.name,
                      new.threshold)
             if self.fault_reason and self.fault_reason.startswith("bundle"):
-                self._set_state(False, None)
+                # READY comes back when the source opens or the next part is inspected; a lost camera or a
+                # failing record stays the fault meanwhile.
+                self._set_state(False, self._source_fault or self._record_fault)
         systemd_notify.ready()  # ends the RELOADING state either way
 
     # ---- frame ids ---------------------------------------------------------------------------------------------
@@ -368,17 +378,19 @@ class Line:
             self.stats.add(result.timings_ms)
         if failure is not None:
             self._record_failed(failure)
-        elif self._record_fault is not None and self.fault_reason == self._record_fault:
+        elif self._record_fault is not None:
             self._record_fault = None
-            self._set_state(self._ready, None)  # the record works again
+            self._resume()                      # the record works again
 
     def _record_failed(self, failure: RecordFailure) -> None:
         reason = f"record: {failure.output}: {failure.reason}"
         if failure.halt:
             self._halt(reason)
         else:
+            # Every part is FAULT until a record can be written again: READY down, so the controller does not
+            # feed the station parts it can only reject (the loop still answers any trigger, and probes the log).
             self._record_fault = reason
-            self._set_state(self._ready, reason)
+            self._set_state(False, reason)
 
     def _answer_fault(self, reason: str, started: float, frame_id: int | None = None) -> None:
         """A trigger fired (a part is there) and it cannot be inspected: the line gets a FAULT result for it."""
@@ -455,6 +467,13 @@ class Line:
             self._reopen.clear()
             log.info("SIGUSR1: reopening log files")
             self.bus.reopen()
+        if self._record_fault is not None and time.monotonic() >= self._next_record_probe:
+            # READY is down, so parts may not come to prove the disk fixed: ask the log itself, once a second.
+            self._next_record_probe = time.monotonic() + 1.0
+            if self.bus.probe_records() is None:
+                log.info(self._tag("record writable again (%s)"), self._record_fault)
+                self._record_fault = None
+                self._resume()
         if time.monotonic() >= next_stats:
             next_stats = time.monotonic() + self.cfg.logging.stats_interval_s
             self._log_stats()
@@ -496,10 +515,12 @@ class Line:
                     self.trigger.open()
                     source_open = True
                     backoff = rc_cfg.backoff_initial_s
-                    self._set_state(True, self._record_fault)
+                    self._source_fault = None
+                    self._resume()
                 except (SourceError, TriggerError, OSError) as exc:
                     self.counters.source_errors += 1
-                    self._set_state(False, f"source: {exc}")
+                    self._source_fault = f"source: {exc}"
+                    self._set_state(False, self._source_fault)
                     self._close_source()
                     retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
                     continue
@@ -509,7 +530,8 @@ class Line:
                 # Camera lost: not-OK on the outputs, no verdict for anything, reopen with backoff.
                 self._drain_inflight()   # frames captured before the loss were good frames: answered first
                 self.counters.source_errors += 1
-                self._set_state(False, f"source: {exc}")
+                self._source_fault = f"source: {exc}"
+                self._set_state(False, self._source_fault)
                 self._close_source()
                 source_open = False
                 retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)

@@ -341,7 +341,7 @@ class RecipeSwitcher:
         self.status = "ok"
         log.info("%s: recipe %s -> %s (bundle %s) verified and active in %.1f ms", self._who(), previous.name,
                  recipe.name, pipeline.bundle.bundle_id, ms)
-        self.line._set_state(True, self.line._record_fault)
+        self.line._resume()   # READY again, unless the camera is still lost or the record still failing
         self._acknowledge("ok", recipe, ms, None)
 
     def stale(self, triggered_mono: float | None = None, captured_wall: float | None = None) -> str | None:

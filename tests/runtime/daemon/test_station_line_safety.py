@@ -229,6 +229,49 @@ def test_on_record_failure_halt_stops_inspecting(small_bundle, images, write_sta
     assert rec.ready is False and "halted" in rec.fault
 
 
+def test_a_failing_record_takes_ready_down_until_the_log_can_be_written_again(small_bundle, images, write_station,
+                                                                              start_station, tmp_path):
+    log_path = tmp_path / "records" / "results.jsonl"
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, recovery=FAST_RECOVERY,
+                                     trigger={"type": "software"},
+                                     outputs=[{"type": "result_log", "path": str(log_path)}]))
+    running = start_station(cfg, source=TriggeredCamera(images), outputs=[build_output(cfg.outputs[0]), rec])
+    station = running.station
+    wait_until(lambda: station.status().state == "ready", what="READY")
+    log_path.unlink()
+    log_path.mkdir()                                   # the record path is now a directory: no record can be written
+    station.trigger.fire()
+    wait_until(lambda: len(rec.results) == 1, what="the first part")
+    wait_until(lambda: rec.ready is False, what="READY down")
+    assert rec.results[0].verdict is Verdict.FAULT and "not recorded" in rec.results[0].error
+    assert station.status().state == "fault" and "record" in station.fault_reason
+    time.sleep(1.5)                                    # the station probes the log once a second: still broken
+    assert rec.ready is False
+    log_path.rmdir()                                   # the operator fixes it; no part needs to come for READY
+    wait_until(lambda: rec.ready is True and station.fault_reason is None, what="READY back")
+    station.trigger.fire()
+    wait_until(lambda: len(rec.results) == 2, what="the next part")
+    assert running.stop() == 0
+    assert rec.results[1].verdict is not Verdict.FAULT
+    assert [json.loads(line)["frame_id"] for line in log_path.read_text().splitlines()] == [rec.results[1].frame_id]
+
+
+def test_a_recipe_switch_does_not_raise_ready_while_the_camera_is_lost(small_bundle, images, write_station,
+                                                                       start_station):
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     recovery={"backoff_initial_s": 5.0, "backoff_max_s": 5.0, "read_timeout_s": 0.1}))
+    camera = TriggeredCamera(images, open_errors=[SourceError("camera away")] * 50)
+    running = start_station(cfg, source=camera, outputs=[rec])
+    station = running.station
+    wait_until(lambda: station.fault_reason and "camera away" in station.fault_reason, what="camera fault")
+    station._resume()                                  # what a recipe switch (or any cleared condition) calls
+    assert station.fault_reason and "camera away" in station.fault_reason
+    assert rec.ready is not True and station.status().state == "fault"
+    assert running.stop() == 0
+
+
 class ReviewStation(Station):
     """Every inspected part scores in the review band (stands in for a bundle whose band holds these parts)."""
 
