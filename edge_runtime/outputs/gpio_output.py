@@ -256,6 +256,9 @@ class GpioOutput(Output):
         self._lock = threading.Lock()  # the loop, the pulse timer and the ACK watcher all drive lines
         self._requested = False
         self._state = {role: False for role in OUTPUT_ROLES}
+        # A write failed: the pins may not show _state (a verdict the station withdrew may still stand), so the
+        # next write sets every line, not only the ones that changed, until one succeeds.
+        self._unsure = False
         self._fault_reason: str | None = None
         self._last_result_faulted = False
         self._pulse_generation = 0
@@ -301,10 +304,19 @@ class GpioOutput(Output):
     # -- Output ----------------------------------------------------------------------------------------------
     def begin_part(self, frame_id: int) -> None:
         with self._lock:
-            self._withdraw_locked()
-            self._last_result_faulted = False
-            self._state["busy"] = True
-            self._drive_locked(only=("busy", "error"))
+            try:
+                self._begin_locked()
+            except OutputError as exc:
+                # The last part's OK may still stand while this part is inspected: try once more at once (a
+                # transient EIO), writing every line; a second failure is the bus's error to count and log.
+                log.error("%s: withdrawing the last verdict failed, retrying: %s", self.name, exc)
+                self._begin_locked()
+
+    def _begin_locked(self) -> None:
+        self._withdraw_locked()
+        self._last_result_faulted = False
+        self._state["busy"] = True
+        self._drive_locked(only=("busy", "error"))
 
     def publish(self, result: InspectionResult) -> None:
         v = result.verdict
@@ -368,10 +380,10 @@ class GpioOutput(Output):
     def _withdraw_locked(self) -> None:
         """Drop RESULT_VALID, then the verdict lines (two writes: the PLC never sees valid with changing lines)."""
         self._cancel_pulse_locked()
-        if self._state["result_valid"]:
+        if self._state["result_valid"] or self._unsure:
             self._state["result_valid"] = False
             self._drive_locked(only=("result_valid",))
-        if any(self._state[r] for r in VERDICT_ROLES):
+        if any(self._state[r] for r in VERDICT_ROLES) or self._unsure:
             for role in VERDICT_ROLES:
                 self._state[role] = False
             self._drive_locked(only=VERDICT_ROLES)
@@ -399,10 +411,14 @@ class GpioOutput(Output):
         if not self._requested:
             raise OutputError(f"GPIO {self.cfg.chip}: lines are not requested (start() failed or was not called)")
         desired = {**self._state, "error": self._error_locked()}
+        if self._unsure:
+            only = None
         values = {offset: desired[role] for role, offset in self._offsets.items() if only is None or role in only}
         if not values:
             return
         try:
             self._lines.set_values(values)
         except (OSError, ValueError) as exc:
+            self._unsure = True
             raise OutputError(f"GPIO {self.cfg.chip}: cannot set lines {values}: {exc}") from exc
+        self._unsure = False

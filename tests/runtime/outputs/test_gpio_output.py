@@ -348,3 +348,37 @@ def test_real_libgpiod_lines_on_gpio_sim(sim_chip):
         assert level(HB) == 1
     finally:
         out.close()
+
+
+def failing_writes(lines: FakeGpioLines, n: int) -> None:
+    """The next `n` set_values calls fail with EIO (a flaky GPIO expander, a brown-out on the bus)."""
+    original, left = lines.set_values, [n]
+
+    def set_values(values):
+        if left[0] > 0:
+            left[0] -= 1
+            raise OSError(5, "Input/output error")
+        original(values)
+    lines.set_values = set_values
+
+
+def test_a_failed_write_while_withdrawing_an_ok_never_leaves_it_standing_for_the_next_part():
+    out, lines = handshake_output(pulse_ms=0)
+    out.begin_part(0)
+    out.publish(make_result(0, Verdict.OK))
+    assert lines.state[OK] and lines.state[VALID]
+    failing_writes(lines, 1)                       # the write that drops RESULT_VALID fails once: retried at once
+    out.begin_part(1)
+    assert not lines.state[OK] and not lines.state[VALID] and lines.state[BUSY], \
+        "the last part's OK stands while the next part is inspected"
+    out.publish(make_result(1, Verdict.NG))
+    assert lines.state[NG] and lines.state[VALID] and not lines.state[OK]
+    failing_writes(lines, 2)                       # fails twice: the bus gets the error...
+    with pytest.raises(OutputError):
+        out.begin_part(2)
+    out.publish(make_result(2, Verdict.NG))        # ...and the next write sets every line, not only the changed ones
+    assert lines.state[NG] and lines.state[VALID] and not lines.state[BUSY] and not lines.state[OK]
+    for snapshot in lines.history:
+        if snapshot[VALID]:
+            assert sum(snapshot[r] for r in (OK, NG, REVIEW)) == 1
+    out.close()
