@@ -162,6 +162,7 @@ class CameraSource(FrameSource):
         self._stuck: list[CaptureWorker] = []     # abandoned workers, until their blocked call returns
         self._next_id = start_frame_id
         self._drain_pending = False
+        self._queued = self.cfg.buffer_size   # frames the driver says it queues (read back at open)
 
     @property
     def next_frame_id(self) -> int:
@@ -217,6 +218,14 @@ class CameraSource(FrameSource):
             if not accepted or actual != value:
                 # Not fatal: many drivers round sizes/rates. The log says what the station really runs at.
                 log.warning("%s: requested %s=%s, camera reports %s", self.name, key, value, actual)
+        # A driver that keeps more buffers than asked (V4L2 often queues 4) holds that many frames taken before a
+        # trigger: the drain after a trigger covers every one it reports, so the part is never judged on an
+        # older frame. (A driver that hides its queue needs drain_frames set to its depth.)
+        reported = cap.get(cv2.CAP_PROP_BUFFERSIZE)
+        self._queued = int(reported) if isinstance(reported, (int, float)) and 1 <= reported <= 64 else cfg.buffer_size
+        if max(cfg.drain_frames, self._queued) > cfg.drain_frames:
+            log.warning("%s: the driver queues %d frames: draining %d after each trigger (drain_frames: %d)",
+                        self.name, self._queued, self._queued, cfg.drain_frames)
 
     def notify_trigger(self) -> None:
         """The trigger just fired: the next read must show the part as it is now, not a buffered frame."""
@@ -244,7 +253,7 @@ class CameraSource(FrameSource):
         try:
             if self._drain_pending:
                 self._drain_pending = False
-                for _ in range(self.cfg.drain_frames):
+                for _ in range(max(self.cfg.drain_frames, self._queued)):
                     if not cap.grab():
                         raise SourceError(f"{self.name}: grab failed while draining stale frames")
             if not cap.grab():

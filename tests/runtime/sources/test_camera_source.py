@@ -114,6 +114,19 @@ def test_drain_depth_follows_config():
     assert int(src.read(1.0).image[0, 0, 0]) == 3
 
 
+def test_a_driver_that_keeps_more_buffers_than_asked_is_drained_to_its_depth(caplog):
+    """buffer_size 1 asked, the driver keeps 4 (and says so): the four frames taken before the trigger are all
+    discarded, so the part is judged on a frame exposed after it, not on the previous part."""
+    import cv2
+
+    cap = FakeCapture(frames=[img(1), img(2), img(3), img(4), img(5)], clamp={cv2.CAP_PROP_BUFFERSIZE: 4.0})
+    src, _ = make(cap, device=0, buffer_size=1, drain_frames=1)
+    src.open()
+    src.notify_trigger()
+    assert int(src.read(1.0).image[0, 0, 0]) == 5
+    assert "queues 4 frames: draining 4 after each trigger" in caplog.text
+
+
 def test_cannot_open_raises_source_error_and_releases():
     cap = FakeCapture(opened=False)
     src, _ = make(cap, device=3)
