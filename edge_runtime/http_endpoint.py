@@ -37,7 +37,7 @@ class HttpConfig:
     port: int = 8088                 # 0 picks a free port (tests)
     allow_trigger: bool = False      # POST /trigger fires the software trigger; off unless asked for
     stall_after_s: float | None = None  # /healthz says 503 "stalled" when one frame is in inspection longer;
-                                        # None: 5 x inference.deadline_ms, at least 2 s
+                                        # None: inference.deadline_ms, at least 2 s
     max_connections: int = 16        # concurrent connections (a thread each); more get a quick 503 and are closed
     idle_timeout_s: float = 5.0      # a connection that sends nothing for this long is closed
     allowed_hosts: list[str] = field(default_factory=list)  # Host names accepted besides IP literals, localhost

@@ -254,7 +254,7 @@ class Line:
         if self.cfg.http.stall_after_s is not None:
             return self.cfg.http.stall_after_s
         deadline_ms = self.cfg.inference.deadline_ms
-        return max(2.0, 5 * deadline_ms / 1000.0)
+        return max(2.0, deadline_ms / 1000.0)   # past the deadline the part is FAULT anyway
 
     # ---- bundle ------------------------------------------------------------------------------------------------
     def _load(self) -> bool:
