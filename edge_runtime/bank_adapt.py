@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, sha256_file, write_manifest
+from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, clear_output_dir, sha256_file, write_manifest
 from edge_runtime.decode import decode_image
 from edge_runtime.nn_search import ExactSearch
 from edge_runtime.pipeline import Pipeline
@@ -208,10 +208,10 @@ class Adaptation:
                              "with a station key (--signing-key) so a station that requires signatures can verify it")
         if out.resolve() == src.resolve():
             raise AdaptError("--out must differ from the bundle: the parent version is kept for rollback")
-        if out.exists():
-            if not overwrite and any(out.iterdir()):
-                raise AdaptError(f"{out}: exists and is not empty")
-            shutil.rmtree(out)
+        try:
+            clear_output_dir(out, overwrite, {"bundle": src})
+        except FileExistsError as exc:
+            raise AdaptError(str(exc)) from None
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         copy_verified(parent, tmp)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
 import struct
 from dataclasses import dataclass
@@ -458,6 +459,36 @@ class Bundle:
 def _plain(obj: Any) -> Any:
     """Round-trip through JSON so numpy scalars and tuples become plain YAML types."""
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else list(o)))
+
+
+def clear_output_dir(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> None:
+    """Make `out` ready for a new bundle: refuse a folder that is, holds or lies inside one of `inputs`
+    (name -> folder the command reads: training images, calibration defects, the source bundle), refuse a
+    non-empty one without `overwrite`, and with it delete only a folder that holds a bundle (its manifest.yaml).
+    Raises FileExistsError; a user's photos or project folder are never deleted by a mistyped --out."""
+    target = Path(out).resolve()
+    for what, folder in inputs.items():
+        if folder is None:
+            continue
+        src = Path(folder).resolve()
+        if target == src or target in src.parents:
+            raise FileExistsError(f"--out {out} is or contains the {what} ({folder}): writing the bundle there "
+                                  "would delete it; choose a new folder")
+        if src in target.parents:
+            raise FileExistsError(f"--out {out} lies inside the {what} ({folder}): its images would be read as "
+                                  "input next time; choose a folder outside it")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder")
+    if not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty (use --overwrite to replace a bundle there)")
+    if not (target / MANIFEST).is_file():
+        raise FileExistsError(f"{out}: --overwrite replaces a bundle, and this folder holds none ({MANIFEST} is "
+                              "missing): delete it yourself if it is really to go")
+    shutil.rmtree(target)
 
 
 def content_id(manifest: dict) -> str:

@@ -26,7 +26,7 @@ import yaml
 
 import edge_runtime
 from edge_runtime import scoring
-from edge_runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256_file, write_manifest
+from edge_runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, clear_output_dir, sha256_file, write_manifest
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.int8_kernels import check_quantization
 from edge_runtime.decode import declared_size, load_image
@@ -348,8 +348,8 @@ def fit_auto_backbone(data_dir: Path, out: Path, s: FitSettings, calibration_def
     if not calibration_defects or not calibration_images(calibration_defects):
         log("backbone auto: lite0 (no calibration defects to compare the backbones on)")
         return _fit(data_dir, out, replace(s, backbone=BACKBONE_CANDIDATES[0]), calibration_defects, overwrite)
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists and is not empty (use --overwrite)")
+    inputs = {"training folder": data_dir, "calibration folder": calibration_defects}
+    clear_output_dir(out, overwrite, inputs)
     paths = {name: out.parent / f".{out.name}.{name}.trial" for name in BACKBONE_CANDIDATES}
     t0 = time.time()
     try:
@@ -360,8 +360,9 @@ def fit_auto_backbone(data_dir: Path, out: Path, s: FitSettings, calibration_def
             separation[name] = b.manifest["variants"][b.manifest["default_variant"]].get("calibration_auroc")
         chosen, reason = choose_backbone(separation)
         log(f"backbone auto: {reason}")
+        clear_output_dir(out, True, inputs)
         if out.exists():
-            shutil.rmtree(out)
+            out.rmdir()
         paths.pop(chosen).rename(out)
     finally:   # the other trials, and whatever a failed fit left
         for path in paths.values():
@@ -386,10 +387,7 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
         order = np.random.default_rng(s.seed).permutation(len(images))[:s.max_train]
         images = sorted(images[i] for i in order)
     defects = calibration_images(calibration_defects) if calibration_defects else []
-    if out.exists():
-        if not overwrite and any(out.iterdir()):
-            raise FileExistsError(f"{out}: exists and is not empty (use --overwrite)")
-        shutil.rmtree(out)
+    clear_output_dir(out, overwrite, {"training folder": data_dir, "calibration folder": calibration_defects})
     geom, geom_info = plan_geometry(images, s)
     out.mkdir(parents=True)
     torch.manual_seed(s.seed)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, sha256_file, write_manifest
+from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, clear_output_dir, sha256_file, write_manifest
 from edge_runtime.decode import load_image
 from edge_runtime.pipeline import Pipeline
 from export.dataset import calibration_images
@@ -42,10 +42,7 @@ def recalibrate(bundle_dir: Path, out: Path, calibration_defects: Path | None = 
     out = Path(out)
     if out.resolve() == Path(bundle_dir).resolve():
         raise ValueError("--out must differ from the bundle: the original is kept for rollback")
-    if out.exists():
-        if not overwrite and any(out.iterdir()):
-            raise FileExistsError(f"{out}: exists and is not empty (use --overwrite)")
-        shutil.rmtree(out)
+    clear_output_dir(out, overwrite, {"bundle": Path(bundle_dir)})
     shutil.copytree(bundle_dir, out, ignore=shutil.ignore_patterns(MANIFEST, SIGNATURE))
     (out / MANIFEST).write_bytes((Path(bundle_dir) / MANIFEST).read_bytes())
     draft = Bundle.load(out)

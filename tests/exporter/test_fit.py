@@ -26,6 +26,25 @@ def test_wrong_layout_is_a_clear_error(tmp_path, capsys):
         train_images(tmp_path)
 
 
+def test_a_mistyped_out_never_deletes_the_users_images_or_folders(tmp_path, capsys):
+    """--out the training folder, a folder above it or inside it, or --overwrite on a folder that holds no
+    bundle: refused before anything is written or deleted, naming the folder."""
+    good = tmp_path / "project" / "good"
+    good.mkdir(parents=True)
+    for i in range(4):
+        cv2.imwrite(str(good / f"{i}.png"), np.full((64, 64, 3), 40 * i, np.uint8))
+    (tmp_path / "project" / "notes.txt").write_text("line 7 setup")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "photo.png").write_bytes(b"x")
+    cases = [(good, "is or contains the training folder"), (tmp_path / "project", "is or contains the training folder"),
+             (good / "bundle", "lies inside the training folder"), (tmp_path / "mine", "holds none")]
+    for out, message in cases:
+        assert export_main(["fit", str(good), "--out", str(out), "--overwrite"]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in good.iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
+    assert (tmp_path / "project" / "notes.txt").exists() and (tmp_path / "mine" / "photo.png").exists()
+
+
 def test_bundle_manifest_pins_the_score(small_bundle):
     m = yaml.safe_load((small_bundle / "manifest.yaml").read_text())
     assert m["features"]["dim"] == 152 and m["features"]["grid"] == [28, 28]
