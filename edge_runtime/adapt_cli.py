@@ -36,12 +36,14 @@ def add_adapt_parser(sub, func) -> None:
 def run_adapt(a: argparse.Namespace) -> int:
     from edge_runtime.bank_adapt import AUDIT_FILE, AdaptError, InputImage, prepare
     from edge_runtime.bundle import BundleError
+    from edge_runtime.decode import ImageError
+    from edge_runtime.features import FeatureError
 
     try:
         learn = [InputImage.from_file(p) for p in a.good]
         defects = [InputImage.from_file(p) for p in a.defect]
         plan = prepare(a.bundle, learn, defects, coverage_radius=a.coverage_radius, threads=a.threads)
-    except (AdaptError, BundleError) as exc:
+    except (AdaptError, BundleError, ImageError, FeatureError) as exc:   # an image of another size, a bad model
         print(f"edge-runtime adapt: {exc}", file=sys.stderr)
         return 2
     for name, ch in plan.changes.items():

@@ -141,3 +141,14 @@ def test_cli_adapt_without_torch(device_bundle, images, tmp_path):
     audit = json.loads((tmp_path / "bundle_audit.jsonl").read_text().splitlines()[-1])
     assert audit["who"] == "cli-test"
     assert Bundle.load(tmp_path / "v2").manifest["made_on_device"]["action"] == "adapt"
+
+
+def test_cli_adapt_names_an_image_of_another_size_without_a_traceback(device_bundle, tmp_path, capsys):
+    from edge_runtime.cli import main
+
+    big = tmp_path / "bigger.png"
+    cv2.imwrite(str(big), cv2.resize(cv2.imread(str(device_bundle / "golden" / "00_good.png")), (400, 300)))
+    assert main(["adapt", str(device_bundle), "--good", str(big), "--out", str(tmp_path / "v2"), "--dry-run",
+                 "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-runtime adapt: ") and "400x300" in err and "Traceback" not in err
