@@ -21,6 +21,10 @@ import math
 import numpy as np
 
 XI_BOUNDS = (-0.5, 0.5)   # beyond these, 20-60 exceedances cannot tell a shape apart from noise
+# Below this many good scores the tail model rests on fewer than ten exceedances (TailModel's minimum): its
+# threshold is an extrapolation the data cannot check, so the reported interval takes the assumption-free
+# binomial one as its upper end and the fit says so.
+MIN_GOOD_FOR_TAIL = 30
 
 
 def score_stats(scores: np.ndarray) -> dict | None:
@@ -111,6 +115,8 @@ def false_reject_interval(scores: np.ndarray, threshold: float, n_boot: int = 40
         boot.append(TailModel(rng.choice(scores, len(scores), replace=True)).survival(threshold))
     k = int(np.sum(scores >= threshold))
     lo, hi = np.percentile(boot, [2.5, 97.5])
+    if len(scores) < MIN_GOOD_FOR_TAIL:   # a bootstrap of a handful of scores is as narrow as it is wrong
+        hi = max(float(hi), wilson_interval(k, len(scores))[1])
     return {"modelled": tail.survival(threshold), "modelled_ci95": [float(lo), float(hi)],
             "empirical": k / len(scores), "empirical_count": k, "n": int(len(scores)),
             "empirical_ci95": list(wilson_interval(k, len(scores)))}
@@ -173,4 +179,17 @@ def operating_point(good: np.ndarray, defects: np.ndarray | None = None, target_
                                    "note": f"the {review_false_reject} quantile {r:.4f} is not below the threshold"}
     info["method"] = method
     info["expected_false_reject"] = false_reject_interval(good, threshold, seed=seed, tail=tail)
+    warnings = []
+    if len(good) < MIN_GOOD_FOR_TAIL:
+        warnings.append(f"only {len(good)} good images: the threshold is extrapolated from too few scores to check "
+                        f"it ({threshold / float(good.max()):.2f}x the highest good score); the false-reject "
+                        f"interval is the binomial one, and without calibration defects nothing shows how many "
+                        f"defects it passes: fit on at least {MIN_GOOD_FOR_TAIL} (a few hundred for a stable tail) "
+                        "or give --calibration-defects")
+    spread = float(good.max() - good.min())
+    if len(good) > 1 and spread <= 1e-6 * max(1.0, float(abs(good.max()))):
+        warnings.append("every good image scores the same: the images are copies of one another, so they say "
+                        "nothing about how good parts vary; fit on different parts")
+    if warnings:
+        info["warnings"] = warnings
     return threshold, review, info

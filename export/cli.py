@@ -30,6 +30,27 @@ def _roi(text: str) -> tuple[int, int, int, int]:
     return x, y, w, h
 
 
+def _number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False, also: tuple = ()):
+    """An argparse type: a `kind` number within [low, high] (open ends where said), or one of `also`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if value in also:
+            return value
+        ok = value == value and (low is None or (value > low if low_open else value >= low)) \
+            and (high is None or (value < high if high_open else value <= high))
+        if not ok:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+            extra = "".join(f" or {a}" for a in also)
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(x for x in (lo, hi) if x)}{extra}, got {text}")
+        return value
+    return parse
+
+
 def _print_bundle(bundle, where) -> None:
     g = bundle.geometry
     print(f"bundle {bundle.bundle_id}: {where}")
@@ -45,6 +66,8 @@ def _print_bundle(bundle, where) -> None:
               f"{frr['modelled_ci95'][1]:.2%}); cross-fitted good images at or above it: "
               f"{frr['empirical_count']}/{frr['n']}"
               + (f"; lowest calibration defect {info['defect_margin']:+.1%} from it" if "defect_margin" in info else ""))
+        for warning in info.get("warnings", []):
+            print(f"    WARNING: {warning}")
 
 
 def _fit(a: argparse.Namespace) -> int:
@@ -200,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("data_dir", help="flat folder of good images, or a benchmark folder with train/good/ inside")
     f.add_argument("--out", required=True, help="bundle directory to write (required; must be empty or absent "
                                                 "unless --overwrite)")
-    f.add_argument("--coreset-ratio", type=float, default=0.1,
+    f.add_argument("--coreset-ratio", type=_number(float, 0, 1, low_open=True), default=0.1,
                    help="fraction of good patches kept in the memory bank (default: 0.1); 0.01 gives a 10x smaller "
                         "bank and a faster fit, at the same image AUROC on bottle (shared/SEARCH.md)")
     f.add_argument("--backbone", choices=["auto", "lite0", "lite2"], default="auto",
@@ -211,14 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--input-size", type=_size, default=None, metavar="WxH",
                    help="model input (one tile) in pixels, multiples of 16 (default: chosen from the training "
                         "images: their median aspect ratio and size, at most --pixels pixels)")
-    f.add_argument("--pixels", type=int, default=DEFAULT_PIXELS,
+    f.add_argument("--pixels", type=_number(int, 32 * 32), default=DEFAULT_PIXELS,
                    help=f"most model pixels per tile when --input-size is not given: the training images' median "
                         f"size up to this (default: {DEFAULT_PIXELS}, 256x256); raise it for sharper heat maps, or tile "
                         f"with --scale for thin defects on large frames")
-    f.add_argument("--scale", type=float, default=None,
+    f.add_argument("--scale", type=_number(float, 0, 4, low_open=True), default=None,
                    help="tile the frame: canvas pixels per frame pixel, e.g. 0.5 for a 2448x2048 camera and thin "
                         "defects (default: none, the whole frame is one model input)")
-    f.add_argument("--tile-overlap", type=int, default=None,
+    f.add_argument("--tile-overlap", type=_number(int, 0), default=None,
                    help="pixels shared by neighbouring tiles (default: 1/8 of the tile, at least 16)")
     f.add_argument("--roi", type=_roi, default=None, metavar="X,Y,W,H",
                    help="inspect only this rectangle of every frame (default: the whole frame)")
@@ -230,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                         "OpenCV INTER_AREA resize; halve-area = 2 x 2 box halvings while the region is at least four "
                         "times the canvas, then INTER_AREA: the same anti-aliasing, 4-10x faster on camera frames of "
                         "1-12 MP, identical when the region is under four times the canvas")
-    f.add_argument("--aggregation", type=int, default=3,
+    f.add_argument("--aggregation", type=_number(int, 1, 15), default=3,
                    help="local neighbourhood of each patch feature, odd (default: 3, the paper's)")
     f.add_argument("--input-norm", choices=["native", "imagenet"], default="native",
                    help="input statistics the network sees, mapped inside the ONNX graph: native = (rgb - 127) / "
@@ -239,25 +262,25 @@ def main(argv: list[str] | None = None) -> int:
                         "pixel AUROC 0.983 -> 0.987 but drops magnetic tile image AUROC 0.959 -> 0.906: compare "
                         "both with `evaluate` on your calibration defects (default: native)")
     f.add_argument("--seed", type=int, default=0, help="random seed of coreset, projection and folds (default: 0)")
-    f.add_argument("--projection-dim", type=int, default=None,
+    f.add_argument("--projection-dim", type=_number(int, 1), default=None,
                    help="random projection of patch features to fewer dimensions (default: none)")
-    f.add_argument("--cross-fit-folds", type=int, default=5,
+    f.add_argument("--cross-fit-folds", type=_number(int, 2, 50, also=(0,)), default=5,
                    help="k-fold cross-fitting that scores every good image against a bank built without it, "
                         "for the threshold (default: 5; 0 skips it: for accuracy experiments only)")
     f.add_argument("--cross-fit-method", choices=["bank-minus-fold", "refit"], default="bank-minus-fold",
                    help="how each fold's bank is made (default: bank-minus-fold: the shipped coreset less the fold's "
                         "own vectors, searched in the shipped HNSW index with an exact re-check, no coreset re-run; "
                         "refit: a new coreset per fold on the other folds' images, ~k times the coreset cost)")
-    f.add_argument("--target-frr", type=float, default=0.005,
+    f.add_argument("--target-frr", type=_number(float, 0, 0.5, low_open=True), default=0.005,
                    help="target false-reject rate of good parts; the threshold is the modelled quantile of the "
                         "cross-fitted good scores (default: 0.005)")
-    f.add_argument("--review-frr", type=float, default=None,
+    f.add_argument("--review-frr", type=_number(float, 0, 1, low_open=True, high_open=True), default=None,
                    help="add a REVIEW band whose lower edge sends about this fraction of good parts to a person "
                         "(default: no band)")
-    f.add_argument("--defect-margin", type=float, default=0.05,
+    f.add_argument("--defect-margin", type=_number(float, 0, 1, high_open=True), default=0.05,
                    help="with --calibration-defects: the threshold sits at least this fraction below the lowest "
                         "defect when the good-only threshold would let one through (default: 0.05)")
-    f.add_argument("--max-train", type=int, default=None,
+    f.add_argument("--max-train", type=_number(int, 2), default=None,
                    help="few-shot: at most this many bank images (default: no limit, all of them)")
     f.add_argument("--calibration-defects", default=None,
                    help="defect images for the threshold: a flat folder or one subfolder per defect type "
@@ -283,9 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                         "4, 6, 8 whose patches of up to 8 training images are as close to exact as walking every "
                         "patch from the top, or within 0.2%% of exact on average, else "
                         f"{HnswParams.ef_seeded}; the image score is exact either way)")
-    f.add_argument("--hnsw-m", type=int, default=16,
+    f.add_argument("--hnsw-m", type=_number(int, 2, 256), default=16,
                    help="HNSW links per node (default: 16); raise (e.g. 32) if edge-runtime check reports low recall")
-    f.add_argument("--hnsw-ef-construction", type=int, default=200,
+    f.add_argument("--hnsw-ef-construction", type=_number(int, 1, 4096), default=200,
                    help="HNSW build-time search width (default: 200); higher builds a better index, slower")
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (default: off, refuse)")
     # The device the bundle is for picks the INT8 target (edge_runtime/station_init.py DEVICE_INT8_TARGET).
@@ -310,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--out", required=True, help="new bundle directory (required)")
     rc.add_argument("--calibration-defects", default=None,
                     help="defect images: a flat folder or one subfolder per type (default: none)")
-    rc.add_argument("--target-frr", type=float, default=None,
+    rc.add_argument("--target-frr", type=_number(float, 0, 0.5, low_open=True), default=None,
                     help="target false-reject rate (default: the bundle's fit setting)")
-    rc.add_argument("--review-frr", type=float, default=None,
+    rc.add_argument("--review-frr", type=_number(float, 0, 1, low_open=True, high_open=True), default=None,
                     help="lower edge of a REVIEW band at this good-part rate (default: the bundle's fit setting)")
-    rc.add_argument("--defect-margin", type=float, default=None,
+    rc.add_argument("--defect-margin", type=_number(float, 0, 1, high_open=True), default=None,
                     help="threshold at least this fraction below the lowest defect (default: the bundle's setting)")
     rc.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (default: off, refuse)")
     rc.set_defaults(func=_recalibrate)

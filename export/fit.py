@@ -236,6 +236,8 @@ def set_operating_point(v: dict, name: str, good_scores: np.ndarray, defect_scor
     log(f"{name}: threshold {threshold:.4f} ({info['method']}); expected false rejects {frr['modelled']:.2%} "
         f"(95% CI {frr['modelled_ci95'][0]:.2%}-{frr['modelled_ci95'][1]:.2%}; cross-fitted "
         f"{frr['empirical_count']}/{frr['n']})" + (f"; review band from {review:.4f}" if review else ""))
+    for warning in info.get("warnings", []):
+        log(f"{name}: WARNING: {warning}")
     return separation
 
 

@@ -126,3 +126,17 @@ def test_escapes_are_counted_after_the_bank_floor_raises_the_threshold():
     good = gumbel(200)
     t, _, info = operating_point(good, defects=np.array([12.0, 25.0]), bank_scores=np.array([13.0]))
     assert t > 13.0 and info["calibration_escapes"] == 1 and info["defect_margin"] < 0
+
+
+def test_a_handful_of_good_images_gets_an_honest_interval_and_a_warning():
+    # Five good scores cannot show a 0.5% tail: the interval must be wide and the fit must say why.
+    small = operating_point(gumbel(5, 1))[2]
+    hi = small["expected_false_reject"]["modelled_ci95"][1]
+    assert hi >= wilson_interval(0, 5)[1] > 0.3, "a bootstrap of 5 scores claimed a narrow interval"
+    assert any("only 5 good images" in w for w in small["warnings"])
+    assert "warnings" not in operating_point(gumbel(300, 1))[2]
+
+
+def test_copies_of_one_image_are_called_out():
+    info = operating_point(np.full(20, 12.5))[2]
+    assert any("copies of one another" in w for w in info["warnings"])
