@@ -26,8 +26,28 @@ class DatasetError(ValueError):
 
 
 def list_images(folder: Path) -> list[Path]:
-    """The image files directly in `folder` (not in subfolders), sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The image files directly in `folder` (not in subfolders), sorted by name. Hidden names (".x.png", the
+    "._x.png" metadata files macOS leaves on shared drives) are not images of parts, as the runtime's folder
+    source also skips them."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def unique_images(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """(paths without byte-identical repeats, [(repeat, the first copy)]). A copied good image adds nothing to
+    the bank and makes the cross-fitted scores look tighter than good parts are (its twin is in the bank)."""
+    import hashlib
+
+    first: dict[str, Path] = {}
+    kept, repeats = [], []
+    for p in paths:
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        if digest in first:
+            repeats.append((p, first[digest]))
+        else:
+            first[digest] = p
+            kept.append(p)
+    return kept, repeats
 
 
 def _subfolders_with_images(folder: Path) -> list[Path]:
@@ -57,7 +77,7 @@ def train_images(data_dir: Path) -> list[Path]:
 
     Raises DatasetError when the folder is missing, has neither layout, or holds fewer than 2 images."""
     _, good = training_layout(data_dir)
-    images = list_images(good)
+    images, _ = unique_images(list_images(good))
     if len(images) < 2:
         raise DatasetError(f"{good}: found {len(images)} images; at least 2 good images are needed to fit and calibrate")
     return images
@@ -94,6 +114,17 @@ def describe_training_data(data_dir: Path, calibration_defects: Path | None = No
     n_good = len(train_images(data_dir))
     where = "flat folder" if layout == "flat" else f"benchmark layout; {Path(data_dir) / 'test'} is left for evaluate"
     line = f"found {n_good} good images in {good} ({where}): {GOOD_USAGE}"
+    _, repeats = unique_images(list_images(good))
+    if repeats:
+        shown = ", ".join(f"{a.name} = {b.name}" for a, b in repeats[:3])
+        line += f"; {len(repeats)} byte-identical cop{'ies' if len(repeats) > 1 else 'y'} left out ({shown})"
+    skipped = [p for p in good.iterdir() if p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if skipped:
+        line += f"; {len(skipped)} hidden file{'s' if len(skipped) > 1 else ''} left out ({skipped[0].name})"
+    subs = [p for p in _subfolders_with_images(good) if p.name not in ("train", "test", "ground_truth")]
+    if subs:
+        line += (f"; images in subfolders are not used ({', '.join(f'{p.name}/: {len(list_images(p))}' for p in subs[:3])}"
+                 f"{', ...' if len(subs) > 3 else ''}): point at each folder, or move them up")
     if calibration_defects is None:
         return line + "; no calibration defects (threshold from good images only)"
     by_type = calibration_defects_by_type(calibration_defects)

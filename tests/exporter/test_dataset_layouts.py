@@ -132,3 +132,16 @@ def test_int8_target_follows_the_device_the_station_or_the_override(tmp_path):
         _resolve_int8_target(_Args(station=str(station)))
     with pytest.raises(ValueError, match="give one"):
         _resolve_int8_target(_Args(device="pi5", station=str(station)))
+
+
+def test_copies_hidden_files_and_subfolders_are_left_out_and_said(tmp_path):
+    made = _images(tmp_path / "good", 4)
+    (tmp_path / "good" / "img_000_copy.png").write_bytes(made[0].read_bytes())   # a copy made by hand
+    (tmp_path / "good" / "._img_001.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata")  # not an image at all
+    _images(tmp_path / "good" / "batch2", 3)
+    assert train_images(tmp_path / "good") == made
+    line = describe_training_data(tmp_path / "good", None)
+    assert line.startswith("found 4 good images")
+    assert "1 byte-identical copy left out (img_000_copy.png = img_000.png)" in line
+    assert "1 hidden file left out (._img_001.png)" in line
+    assert "batch2/: 3" in line
