@@ -104,6 +104,36 @@ def _jpeg_segments(data: bytes):
             pos = found.end() - 2  # at the 0xFF of the marker byte pair
 
 
+def _jpeg_end(data: bytes) -> int | None:
+    """The byte just past the image's end-of-image marker (EOI), found by walking the segments (an EOI inside a
+    segment, e.g. of the EXIF thumbnail, is not the image's), or None when the data ends first (truncated).
+    Bytes after it are a trailer that some cameras and phones append (motion photos, vendor data), not image."""
+    pos = 2
+    while pos + 2 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+        elif marker == 0xD9:
+            return pos + 2
+        elif marker in (0x01, *range(0xD0, 0xD8)):
+            pos += 2
+        elif pos + 4 > len(data):
+            return None
+        else:
+            length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+            if length < 2:
+                return None
+            pos += 2 + length
+            if marker == 0xDA:
+                found = _NEXT_MARKER.search(data, pos)
+                if found is None:
+                    return None
+                pos = found.end() - 2
+    return None
+
+
 def _jpeg_size(data: bytes) -> tuple[int, int]:
     for marker, pos in _jpeg_segments(data):
         if marker == 0xDA:
@@ -229,10 +259,13 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: DecodeConfig | None
     if width * height > MAX_PIXELS:
         raise ImageError(f"{name}: {fmt} header declares {width}x{height}, over the {MAX_PIXELS} pixel limit "
                          "(refused before decoding)")
-    if fmt == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        # libjpeg (OpenCV 4.x) decodes a cut-off JPEG "successfully", filling the missing rows with grey:
-        # a part that was never fully seen must not be inspected.
-        raise ImageError(f"{name}: JPEG has no end-of-image marker (truncated file)")
+    if fmt == "JPEG":
+        end = _jpeg_end(data)
+        if end is None:
+            # libjpeg (OpenCV 4.x) decodes a cut-off JPEG "successfully", filling the missing rows with grey:
+            # a part that was never fully seen must not be inspected.
+            raise ImageError(f"{name}: JPEG has no end-of-image marker (truncated file)")
+        data = data[:end]   # a trailer after the image (motion photo, vendor data) is neither decoded nor costed
     _check_cost(data, fmt, width, height, name, limits)
     buf = np.frombuffer(data, dtype=np.uint8)
     try:

@@ -101,6 +101,22 @@ def test_truncated_jpeg_is_refused_even_where_libjpeg_would_fill_it_with_grey(pa
         decode_image(encode(part, ".jpg")[:-2], "cam0/part.jpg")
 
 
+@pytest.mark.parametrize("trailer", [b"\x00" * 16, b"MotionPhoto_Data" + bytes(range(256)) * 40, b"\xff\xd8\xff\xe0junk"])
+def test_a_complete_jpeg_with_bytes_after_its_end_marker_decodes_as_without_them(part, trailer):
+    """Phones and some cameras append data after the image (motion photos, vendor trailers): the image is whole."""
+    data = encode(part, ".jpg")
+    assert np.array_equal(decode_image(data + trailer, "cam0/part.jpg"), decode_image(data, "cam0/part.jpg"))
+
+
+def test_an_end_marker_inside_a_segment_does_not_make_a_cut_jpeg_whole(part):
+    # An EXIF-style segment holding "\xff\xd9" (a thumbnail's end) right after the header, then the image cut.
+    data = encode(part, ".jpg")
+    app1 = b"\xff\xe1" + (2 + 6).to_bytes(2, "big") + b"ab\xff\xd9cd"
+    cut = data[:2] + app1 + data[2:len(data) // 2]
+    with pytest.raises(ImageError, match="no end-of-image marker"):
+        decode_image(cut, "cam0/part.jpg")
+
+
 @pytest.mark.parametrize("data, words", [
     (b"", ("empty file",)),
     (b"hello, this is a text file\n" * 10, ("not a PNG, JPEG, BMP or TIFF",)),
