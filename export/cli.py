@@ -159,6 +159,8 @@ def _evaluate(a: argparse.Namespace) -> int:
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=2))
     pix = "n/a" if result["pixel_auroc"] is None else f"{result['pixel_auroc']:.4f}"
+    if result.get("pixel_auroc_note"):
+        pix += f" ({result['pixel_auroc_note']})"
     print(f"{a.engine}/{a.knn}: image AUROC {result['image_auroc']:.4f}, pixel AUROC {pix}, "
           f"{result['n_good']} good / {result['n_defect']} defect, threshold {result['threshold']:.4f}: "
           f"{result['false_rejects']} false rejects, {result['escapes']} escapes, "

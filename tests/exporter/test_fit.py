@@ -126,6 +126,22 @@ def test_evaluate_cli_writes_the_promised_json(small_bundle, synthetic_dataset, 
     assert list((tmp_path / "rep").iterdir()) == [tmp_path / "rep" / "report.html"]      # one file, nothing loose
 
 
+def test_evaluate_scores_pixels_only_where_a_mask_says_where_the_defect_is(small_bundle, synthetic_dataset, tmp_path):
+    data = tmp_path / "set"
+    shutil.copytree(synthetic_dataset, data)
+    full = evaluate(small_bundle, data)
+    masks = sorted((data / "ground_truth").rglob("*_mask.png"))
+    missing = masks[:3]
+    for m in missing:
+        m.unlink()
+    partial = evaluate(small_bundle, data)
+    assert partial["pixel_auroc_note"].startswith(f"over {full['n_defect'] - 3} of {full['n_defect']} defect images: 3 have no")
+    assert full["pixel_auroc_note"] is None and partial["pixel_auroc"] is not None
+    cv2.imwrite(str(masks[3]), np.zeros((10, 12), np.uint8))        # a mask of another size: an error naming it
+    with pytest.raises(ValueError, match=f"{masks[3].name}: ground-truth mask is 12x10"):
+        evaluate(small_bundle, data)
+
+
 def test_verify_cli_detects_a_modified_file(small_bundle, tmp_path, capsys):
     assert export_main(["verify", str(small_bundle)]) == 0
     copy = tmp_path / "b"
