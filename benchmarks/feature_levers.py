@@ -75,6 +75,9 @@ ROWS: dict[str, tuple[Path, dict, str]] = {
     "tile/whiten-0.1": (TILE, {"whiten": 0.1}, "features whitened by the good patches' covariance (shrinkage 0.1)"),
     "tile/whiten-0.01": (TILE, {"whiten": 0.01}, "features whitened by the good patches' covariance (shrinkage 0.01)"),
     "tile/augment-flip": (TILE, {"augment": "flip"}, "bank from the good images and their left-right and up-down flips"),
+    "tile/denoise-1pct": (TILE, {"denoise": 0.01}, "bank without the 1% of good patches farthest from every other "
+                          "good image's patches (SoftPatch-style bank cleaning), then the coreset"),
+    "tile/denoise-5pct": (TILE, {"denoise": 0.05}, "the same, without the farthest 5%"),
     "tile/ensemble-lite0+lite2": (TILE, {"ensemble": ("lite0", "lite2")},
                                   "lite0 and lite2 patch features side by side (152 + 168 = 320-d; the paper's ensemble)"),
     "bottle/base": (BOTTLE, {"canvas": (256, 256), "exact": True, "pixel": True}, "256 x 256, native statistics (the fit default)"),
@@ -185,7 +188,9 @@ def run_row(name: str) -> dict:
 
     train, tests = images(data)
     t0 = time.perf_counter()
-    bank_all = np.concatenate([f for p in train for f in train_feats(p)])
+    per_image = [np.concatenate(train_feats(p)) for p in train]
+    bank_all = np.concatenate(per_image)
+    owner = np.repeat(np.arange(len(per_image)), [len(f) for f in per_image])
     if s.get("whiten"):   # Mahalanobis: x -> (x - mean) C^-1/2 with C shrunk towards its mean eigenvalue
         mean = bank_all.mean(0)
         cov = np.cov((bank_all[::7] - mean).T).astype(np.float64)
@@ -195,7 +200,22 @@ def run_row(name: str) -> dict:
         feats_raw = feats
         feats = lambda p: (feats_raw(p) - mean) @ white
         bank_all = (bank_all - mean) @ white
-    bank = np.ascontiguousarray(bank_all[greedy_coreset(bank_all, int(len(bank_all) * s.get("ratio", 0.1)), progress=False)])
+    n_bank = int(len(bank_all) * s.get("ratio", 0.1))
+    if s.get("denoise"):
+        # Each good patch's distance to the nearest bank patch of ANOTHER image (a first coreset bank, hnswlib k=32):
+        # a patch no other good image resembles is a blemish or an artifact, which the farthest-point coreset would
+        # otherwise keep first. The farthest `denoise` fraction is dropped before the coreset is drawn.
+        first = greedy_coreset(bank_all, n_bank, progress=False)
+        idx = hnswlib.Index("l2", bank_all.shape[1])
+        idx.init_index(len(first), M=16, ef_construction=100)
+        idx.add_items(bank_all[first], np.arange(len(first)))
+        idx.set_ef(64)
+        labels, d2 = idx.knn_query(bank_all, k=32)
+        other = owner[first][labels] != owner[:, None]
+        cross = np.where(other.any(1), d2[np.arange(len(d2)), other.argmax(1)], np.inf)
+        keep = cross <= np.quantile(cross[np.isfinite(cross)], 1 - s["denoise"])
+        bank_all = bank_all[keep]
+    bank = np.ascontiguousarray(bank_all[greedy_coreset(bank_all, n_bank, progress=False)])
     t1 = time.perf_counter()
     if s.get("exact"):
         tb = torch.from_numpy(bank)
