@@ -10,6 +10,7 @@ with checksums.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import platform
 import resource
 import shutil
@@ -113,6 +114,9 @@ def image_sizes(paths: list[Path]) -> list[tuple[int, int]]:
     return sizes
 
 
+LARGE_FRAME_SHRINK = 4.0   # beyond this linear shrink of a frame to one model input, fit warns and suggests tiles
+
+
 def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
     """The bundle's geometry for these training images, and the reasons for each choice (for the manifest)."""
     sizes = image_sizes(paths)
@@ -137,6 +141,16 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
             notes.append(f"input {input_size[0]}x{input_size[1]}: aspect {aspect:.3f} (median W/H of the training "
                          f"images) kept at about {budget} model pixels (the images' median size, at most {s.pixels})")
         canvas, tiles = input_size, ((0, 0),)
+        shrink = math.sqrt(float(np.median([w * h for w, h in sizes])) / (canvas[0] * canvas[1]))
+        if shrink > LARGE_FRAME_SHRINK:
+            # One model input for a camera-size frame: a patch (8 model px) covers 8 x shrink frame pixels, so a
+            # defect narrower than that is averaged away (an 80 px spot on a 5000 x 4000 frame passed, measured).
+            w, h = (int(np.median([v[i] for v in sizes])) for i in (0, 1))
+            ways = ", ".join(f"--scale {sc} gives about {math.ceil(w * sc / (canvas[0] * 7 / 8)) * math.ceil(h * sc / (canvas[1] * 7 / 8))} tiles"
+                             for sc in (0.5, 0.25) if w * sc >= canvas[0] or h * sc >= canvas[1])
+            notes.append(f"WARNING: the frames ({w}x{h}) are shrunk {shrink:.0f}x to one model input: one patch is "
+                         f"about {8 * shrink:.0f} frame pixels wide and smaller defects are averaged away; tile the "
+                         f"frame for thin or small defects ({ways or '--scale'}), at that many times the inspection time")
     else:
         if not same:
             raise ValueError("tiling (--scale) needs training images (or ROIs) of one size; these vary "

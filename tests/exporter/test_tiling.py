@@ -55,3 +55,18 @@ def test_a_frame_of_the_wrong_size_is_a_fault_with_a_message(small_bundle, synth
     assert r.verdict is Verdict.FAULT and "cam0: frame is 320x240 but the bundle was fitted on 224x224" in r.error
     pipe.apply_overrides(size_policy="resize")
     assert pipe.inspect(Frame(frame_id=4, source="cam0", image=frame)).verdict is not Verdict.FAULT
+
+
+def test_a_camera_size_frame_shrunk_to_one_input_is_warned_about_with_the_tiles_that_would_keep_it(tmp_path):
+    from export.fit import FitSettings, plan_geometry
+
+    paths = []
+    for i, (w, h) in enumerate([(2448, 2048)] * 3):
+        p = tmp_path / f"{i}.png"
+        cv2.imwrite(str(p), np.zeros((h, w, 3), np.uint8))
+        paths.append(p)
+    geom, info = plan_geometry(paths, FitSettings())
+    warning = next(n for n in info["notes"] if n.startswith("WARNING"))
+    assert geom.n_tiles == 1 and "shrunk 9x" in warning and "--scale 0.5 gives about" in warning
+    small = plan_geometry(paths[:1], FitSettings(scale=0.25))[1]["notes"]
+    assert not any(n.startswith("WARNING") for n in small)
