@@ -117,6 +117,25 @@ def image_sizes(paths: list[Path]) -> list[tuple[int, int]]:
 LARGE_FRAME_SHRINK = 4.0   # beyond this linear shrink of a frame to one model input, fit warns and suggests tiles
 
 
+def narrow_16bit_warning(paths: list[Path], sample: int = 8) -> str | None:
+    """A warning when 16-bit training images hold fewer significant bits (12-bit sensor data in a 16-bit file):
+    the station keeps the top 8 of 16 bits (decode.to_rgb), as a camera's 16-bit frames are full range, so these
+    images reach the model as values 0-15, nearly black. Checked on a few images, sampled across the set."""
+    picks = paths[:: max(1, len(paths) // sample)][:sample]
+    highest = 0
+    for p in picks:
+        img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+        if img is None or img.dtype != np.uint16:
+            return None
+        highest = max(highest, int(img.max()))
+    if not picks or highest >= 1 << 14:
+        return None
+    bits = max(highest, 1).bit_length()
+    return (f"WARNING: the 16-bit training images use about {bits} bits (highest value {highest} of 65535): the "
+            f"station keeps the top 8 of 16 bits, so they reach the model as 0-{highest >> 8}, nearly black; save "
+            f"the images (and have the camera send frames) as 8-bit, e.g. value >> {bits - 8}, or full-range 16-bit")
+
+
 def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
     """The bundle's geometry for these training images, and the reasons for each choice (for the manifest)."""
     sizes = image_sizes(paths)
@@ -405,6 +424,9 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     defects = calibration_images(calibration_defects) if calibration_defects else []
     clear_output_dir(out, overwrite, {"training folder": data_dir, "calibration folder": calibration_defects})
     geom, geom_info = plan_geometry(images, s)
+    narrow = narrow_16bit_warning(images)
+    if narrow:
+        geom_info["notes"].append(narrow)
     out.mkdir(parents=True)
     torch.manual_seed(s.seed)
     model = PatchFeatures(s.backbone, s.projection_dim, s.seed, aggregation_size=s.aggregation_size,

@@ -70,3 +70,21 @@ def test_a_camera_size_frame_shrunk_to_one_input_is_warned_about_with_the_tiles_
     assert geom.n_tiles == 1 and "shrunk 9x" in warning and "--scale 0.5 gives about" in warning
     small = plan_geometry(paths[:1], FitSettings(scale=0.25))[1]["notes"]
     assert not any(n.startswith("WARNING") for n in small)
+
+
+def test_twelve_bit_data_in_sixteen_bit_files_is_warned_about(tmp_path):
+    from export.fit import narrow_16bit_warning
+
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        cv2.imwrite(str(p), np.random.default_rng(i).integers(0, 4096, (40, 50), dtype=np.uint16))
+        paths.append(p)
+    warning = narrow_16bit_warning(paths)
+    assert warning and "about 12 bits" in warning and "0-15" in warning
+    full = tmp_path / "full.png"
+    cv2.imwrite(str(full), np.random.default_rng(9).integers(0, 65536, (40, 50), dtype=np.uint16))
+    assert narrow_16bit_warning([full]) is None
+    eight = tmp_path / "eight.png"
+    cv2.imwrite(str(eight), np.zeros((40, 50), np.uint8))
+    assert narrow_16bit_warning([eight]) is None
