@@ -4,6 +4,7 @@ Loaded once at start-up; an unknown key, a wrong type or a bad value is a Config
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -28,15 +29,18 @@ from edge_runtime.sources import FolderSourceConfig, PacedSourceConfig, SourceCo
 from edge_runtime.sources.video_source import is_stream_url
 from edge_runtime.triggers import FreeRunTriggerConfig, TriggerConfig
 
+log = logging.getLogger(__name__)
+
 
 # 2 s: far longer than an inspection takes (tens of ms on the 2-core x86 measured here, 9 tiles included), short
-# enough that a stalled inspection does not answer a part triggered seconds later. A line sets its controller's timeout (device_configs/: 300-1000).
+# enough that a stalled inspection does not answer a part triggered seconds later. A line sets its controller's
+# timeout (device_configs/: 300-1000 ms).
 DEFAULT_DEADLINE_MS = 2000.0
 
-# Why a station (or a line) without a result log is refused: the bus writes a part's record before any line
-# output is told the verdict (output_bus.py), so without one an OK would reach the controller with no record.
-NO_RECORD = ("every part is recorded before the line outputs are told its verdict, so a station without one could "
-             "pass a part that no record shows; add {type: result_log, path: results.jsonl}")
+# A station file whose outputs name no result_log gets one (results.jsonl next to the station file; a line's:
+# results-<line>.jsonl): the bus writes a part's record before any line output is told the verdict
+# (output_bus.py), so without one an OK would reach the controller with no record of it.
+DEFAULT_RESULT_LOG = "results.jsonl"
 
 # What the station runs on. `edge-export fit --station` reads it to pick the bundle's INT8 target
 # (edge_runtime/station_init.py DEVICE_INT8_TARGET maps each name); the runtime itself does not depend on it.
@@ -179,8 +183,6 @@ class StationConfig:
         logs = [o.path for o in self.outputs if isinstance(o, ResultLogConfig)]
         if len(set(logs)) != len(logs):
             raise ValueError("outputs: two result logs write the same file")
-        if not self.lines and not logs:
-            raise ValueError(f"outputs: no result_log: {NO_RECORD}")
 
 
 # The root of error messages while validating; replaced by the file name (see load_station).
@@ -223,6 +225,9 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
         src.path = absolute("source.path", src.path)
     elif isinstance(src, PacedSourceConfig):
         src.path = absolute("source.path", src.path)
+    if not cfg.lines and not any(isinstance(o, ResultLogConfig) for o in cfg.outputs):
+        cfg.outputs.append(ResultLogConfig(path=DEFAULT_RESULT_LOG))
+        log.info("outputs name no result_log: every part is recorded in %s", absolute("outputs", DEFAULT_RESULT_LOG))
     for i, out in enumerate(cfg.outputs):
         if isinstance(out, ResultLogConfig):
             out.path = absolute(f"outputs[{i}].path", out.path)

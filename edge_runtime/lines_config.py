@@ -60,10 +60,6 @@ def validate_lines(lines: list[LineConfig]) -> None:
     ports: list[int] = []
     for i, ln in enumerate(lines):
         outputs = ln.outputs or []
-        if ln.outputs is not None and not any(isinstance(o, ResultLogConfig) for o in outputs):
-            raise ValueError(f"lines[{i}].outputs: no result_log: every part is recorded before the line outputs "
-                             "are told its verdict, so a line without one could pass a part that no record shows; "
-                             "add {type: result_log, path: results-<line>.jsonl}, or leave outputs out for that default")
         if sum(1 for o in outputs if o.type == "modbus") > 1:
             raise ValueError(f"lines[{i}].outputs: at most one modbus server per line")
         logs += [o.path for o in outputs if isinstance(o, ResultLogConfig)]
@@ -92,6 +88,9 @@ def resolve_line_paths(lines: list[LineConfig], absolute: Callable[[str, str], s
             src.path = absolute(f"{key}.source.path", src.path)
         if ln.outputs is None:   # the default: a result log of its own, next to the station file
             ln.outputs = [ResultLogConfig(path=absolute(f"{key}.outputs", f"results-{ln.name}.jsonl"))]
+        elif not any(isinstance(o, ResultLogConfig) for o in ln.outputs):
+            # Outputs without a record: the same log is added, so no verdict reaches the line unrecorded.
+            ln.outputs.append(ResultLogConfig(path=absolute(f"{key}.outputs", f"results-{ln.name}.jsonl")))
         for j, out in enumerate(ln.outputs):
             if isinstance(out, ResultLogConfig):
                 out.path = absolute(f"{key}.outputs[{j}].path", out.path)

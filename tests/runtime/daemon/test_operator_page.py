@@ -360,17 +360,19 @@ def test_learning_on_one_line_leaves_the_other_lines_bundle_and_every_post_is_ch
 def test_learning_on_a_line_with_recipes_changes_the_active_recipes_bundle_only(device_bundle, tmp_path,
                                                                                 write_station, free_port,
                                                                                 start_station, monkeypatch):
-    import re
+    import yaml
 
     from edge_runtime import bundle_loader
-    from edge_runtime.bundle import BundleError
+    from edge_runtime.bundle import MANIFEST, BundleError, content_id
 
-    bundles = {}
-    for name, bid in (("cap-a", "aaaaaaaaaaaaaaaa"), ("cap-b", "bbbbbbbbbbbbbbbb")):
+    bundles, ids = {}, {}
+    for name in ("cap-a", "cap-b"):   # one bundle per product: the manifest names it, so the ids differ
         bundles[name] = tmp_path / name
         shutil.copytree(device_bundle, bundles[name])
-        manifest = bundles[name] / "manifest.yaml"
-        manifest.write_text(re.sub(r"^bundle_id: .*$", f"bundle_id: {bid}", manifest.read_text(), count=1, flags=re.M))
+        manifest = yaml.safe_load((bundles[name] / MANIFEST).read_text())
+        manifest["product"] = name
+        manifest["bundle_id"] = ids[name] = content_id(manifest)
+        (bundles[name] / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))
     good = cv2.imread(str(device_bundle / "golden" / "00_good.png"))
     cv2.circle(good, (60, 80), 12, (0, 0, 255), -1)
     marked = tmp_path / "marked.png"
@@ -387,7 +389,7 @@ def test_learning_on_a_line_with_recipes_changes_the_active_recipes_bundle_only(
     c = Client(port)
     wait_for(lambda: c.get_json("/api/status")["state"] == "ready")
     first = feed(folder, marked, "a1.png", c)
-    assert (first["verdict"], first["bundle_id"]) == ("NG", "aaaaaaaaaaaaaaaa")
+    assert (first["verdict"], first["bundle_id"]) == ("NG", ids["cap-a"])
     c.login("otto")
     # A new version the line refuses: the previous one goes back into service (a failed switch would keep the
     # line in FAULT).
@@ -404,7 +406,7 @@ def test_learning_on_a_line_with_recipes_changes_the_active_recipes_bundle_only(
     status, body = c.post("/api/feedback/good/apply", {"plan": preview["plan"]})
     assert status == 409 and "kept the previous one" in body["error"], body
     wait_for(lambda: switcher.status == "ok" and c.get_json("/api/status")["state"] == "ready")
-    assert c.get_json("/api/status")["bundle_id"] == "aaaaaaaaaaaaaaaa"
+    assert c.get_json("/api/status")["bundle_id"] == ids["cap-a"]
     monkeypatch.setattr(bundle_loader, "load_pipeline", real_load)
 
     status, preview = c.post("/api/feedback/good/preview", {"frame_id": first["frame_id"]})
@@ -420,9 +422,9 @@ def test_learning_on_a_line_with_recipes_changes_the_active_recipes_bundle_only(
 
     # The other product: its bundle is untouched, and a part of cap-a is not learned into it.
     switcher.request("cap-b", "test")
-    wait_for(lambda: c.get_json("/api/status")["bundle_id"] == "bbbbbbbbbbbbbbbb" and switcher.status == "ok")
+    wait_for(lambda: c.get_json("/api/status")["bundle_id"] == ids["cap-b"] and switcher.status == "ok")
     other = feed(folder, marked, "b1.png", c)
-    assert (other["verdict"], other["bundle_id"]) == ("NG", "bbbbbbbbbbbbbbbb")
+    assert (other["verdict"], other["bundle_id"]) == ("NG", ids["cap-b"])
     status, body = c.post("/api/feedback/good/preview", {"frame_id": first["frame_id"]})
     assert status == 409 and "its own recipe" in body["error"], body
     _, versions = c.request("GET", "/versions")

@@ -4,7 +4,6 @@ part is inspected with the wrong recipe; a failed switch keeps the line in FAULT
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import threading
 import time
@@ -12,8 +11,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from edge_runtime import bundle_loader
+from edge_runtime.bundle import MANIFEST, content_id
 from edge_runtime.config import load_station
 from edge_runtime.outputs import RecordingOutput
 from edge_runtime.outputs.serial_output import SerialConfig, SerialOutput
@@ -36,19 +37,24 @@ class RecipeRecorder(RecordingOutput):
         self._record("recipe_changed", (number, name, status, ms, error))
 
 
-def product_bundle(src: Path, dest: Path, bundle_id: str) -> Path:
-    """A copy of `src` that reads as another product's bundle (its own bundle_id)."""
+# bundle id of each product's copy (made by product_bundle; content-derived, so known only once made)
+IDS: dict[str, str] = {}
+
+
+def product_bundle(src: Path, dest: Path, product: str) -> Path:
+    """A copy of `src` that is another product's bundle: its manifest names the product, so its id differs."""
     shutil.copytree(src, dest)
-    manifest = dest / "manifest.yaml"
-    manifest.write_text(re.sub(r"^bundle_id: .*$", f"bundle_id: {bundle_id}", manifest.read_text(), count=1,
-                               flags=re.M))
+    manifest = yaml.safe_load((dest / MANIFEST).read_text())
+    manifest["product"] = product
+    manifest["bundle_id"] = IDS[product] = content_id(manifest)
+    (dest / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))
     return dest
 
 
 @pytest.fixture
 def two_products(small_bundle, tmp_path) -> tuple[Path, Path]:
-    return (product_bundle(small_bundle, tmp_path / "cap_a", "aaaaaaaaaaaaaaaa"),
-            product_bundle(small_bundle, tmp_path / "cap_b", "bbbbbbbbbbbbbbbb"))
+    return (product_bundle(small_bundle, tmp_path / "cap_a", "cap-a"),
+            product_bundle(small_bundle, tmp_path / "cap_b", "cap-b"))
 
 
 def recipe_station(write_station, bundles, free_port=None, **recipes):
@@ -80,7 +86,7 @@ def test_switch_over_http_is_verified_acknowledged_and_timed(two_products, write
     station = running.station
     wait_until(lambda: station.line.recipes is not None and station.line.recipes.status == "ok" and rec.ready,
                what="ready")
-    assert fire_and_wait(station, rec).bundle_id == "aaaaaaaaaaaaaaaa"
+    assert fire_and_wait(station, rec).bundle_id == IDS["cap-a"]
     base = f"http://127.0.0.1:{station.http_port}"
     req = urllib.request.Request(f"{base}/recipe/cap-b", method="POST")
     answer = json.loads(urllib.request.urlopen(req, timeout=5).read())
@@ -89,7 +95,7 @@ def test_switch_over_http_is_verified_acknowledged_and_timed(two_products, write
     doc = json.loads(urllib.request.urlopen(f"{base}/recipe", timeout=5).read())["line"]
     assert doc["active"] == "cap-b" and doc["status"] == "ok" and doc["last_switch_ms"] > 0
     result = fire_and_wait(station, rec)
-    assert result.bundle_id == "bbbbbbbbbbbbbbbb" and result.verdict is not Verdict.FAULT
+    assert result.bundle_id == IDS["cap-b"] and result.verdict is not Verdict.FAULT
     with pytest.raises(urllib.error.HTTPError) as err:    # an unknown recipe is refused, naming the known ones
         urllib.request.urlopen(urllib.request.Request(f"{base}/recipe/cap-z", method="POST"), timeout=5)
     assert err.value.code == 404 and "1=cap-a, 2=cap-b" in err.value.read().decode()
@@ -133,9 +139,9 @@ def test_part_arriving_mid_switch_is_fault_never_inspected(two_products, write_s
                what="the switch")
     after = fire_and_wait(station, rec)
     running.stop()
-    assert after.bundle_id == "bbbbbbbbbbbbbbbb" and after.verdict is not Verdict.FAULT
+    assert after.bundle_id == IDS["cap-b"] and after.verdict is not Verdict.FAULT
     # Every inspected part carries the bundle of the recipe in service when it was triggered; none is OK mid-switch.
-    assert [r.bundle_id for r in rec.results if r.verdict is not Verdict.FAULT] == ["bbbbbbbbbbbbbbbb"]
+    assert [r.bundle_id for r in rec.results if r.verdict is not Verdict.FAULT] == [IDS["cap-b"]]
 
 
 def test_failed_switch_keeps_the_line_in_fault_until_a_good_one(two_products, write_station, part_images_bytes,
@@ -161,7 +167,7 @@ def test_failed_switch_keeps_the_line_in_fault_until_a_good_one(two_products, wr
     assert station.state.fault_kind == "recipe"
     station.line.recipes.request(1, "test")         # back to product a: verified, the line inspects again
     wait_until(lambda: station.line.recipes.status == "ok", what="the switch back")
-    assert fire_and_wait(station, rec).bundle_id == "aaaaaaaaaaaaaaaa"
+    assert fire_and_wait(station, rec).bundle_id == IDS["cap-a"]
     running.stop()
     failed = [c for c in rec.calls_to("recipe_changed") if c[2] == "failed"]
     assert failed and failed[0][:2] == (2, "cap-b") and failed[0][4]
@@ -197,7 +203,7 @@ def test_modbus_register_selects_and_registers_acknowledge(two_products, write_s
     frames = station.counters.frames
     wait_until(lambda: station.counters.frames > frames + 1, what="inspection with cap-b")
     running.stop()
-    assert station.pipeline.bundle.bundle_id == "bbbbbbbbbbbbbbbb"
+    assert station.pipeline.bundle.bundle_id == IDS["cap-b"]
 
 
 def test_serial_acknowledgement_lines():
@@ -268,7 +274,7 @@ def test_serial_rcp_switches_and_is_acknowledged_on_the_wire(two_products, write
         os.close(slave)
     assert station.line.recipes.active.name == "cap-b"
     records = [json.loads(x) for x in Path(cfg.outputs[0].path).read_text().splitlines()]
-    assert records and all(r["bundle_id"] == "bbbbbbbbbbbbbbbb" for r in records)
+    assert records and all(r["bundle_id"] == IDS["cap-b"] for r in records)
 
 
 # ---- OPC UA: VisionSystem/PrepareRecipe (40100 RecipeManagement), answered once the switch is over -------------
@@ -318,21 +324,21 @@ def test_opcua_prepare_recipe_switches_and_answers_when_active(two_products, wri
 
     running, rec, server = _opcua_recipe_station(two_products, write_station, part_images_bytes, start_station)
     station = running.station
-    assert fire_and_wait(station, rec).bundle_id == "aaaaaaaaaaaaaaaa"
+    assert fire_and_wait(station, rec).bundle_id == IDS["cap-a"]
     outputs, seen = asyncio.run(_call_prepare_recipe(server.port, "cap-b", "ready"))
     # The call returned only once the switch was over: the line already runs b, and the variables show it.
     assert outputs[:2] == [True, 0] and outputs[2].startswith("cap-b active in")
     assert station.line.recipes.active.name == "cap-b" and station.line.recipes.status == "ok"
-    assert seen == {"ActiveRecipe/BundleId": "bbbbbbbbbbbbbbbb", "ActiveRecipe/ExternalId": "cap-b",
+    assert seen == {"ActiveRecipe/BundleId": IDS["cap-b"], "ActiveRecipe/ExternalId": "cap-b",
                     "ActiveRecipe/Number": 2, "ActiveRecipe/SwitchStatus": "ok", "StationState": "ready"}
     result = fire_and_wait(station, rec)
-    assert result.bundle_id == "bbbbbbbbbbbbbbbb" and result.verdict is not Verdict.FAULT
+    assert result.bundle_id == IDS["cap-b"] and result.verdict is not Verdict.FAULT
     # An unknown recipe: Error -1 naming the known ones; recipes.py refuses it and nothing changes (b stays).
     outputs, seen = asyncio.run(_call_prepare_recipe(server.port, "cap-z", "ready"))
     assert outputs[:2] == [False, -1] and "unknown recipe 'cap-z'" in outputs[2] and "1=cap-a, 2=cap-b" in outputs[2]
-    assert seen["ActiveRecipe/BundleId"] == "bbbbbbbbbbbbbbbb" and seen["ActiveRecipe/ExternalId"] == "cap-b"
+    assert seen["ActiveRecipe/BundleId"] == IDS["cap-b"] and seen["ActiveRecipe/ExternalId"] == "cap-b"
     assert station.line.recipes.active.name == "cap-b" and station.line.recipes.status == "ok"
-    assert fire_and_wait(station, rec).bundle_id == "bbbbbbbbbbbbbbbb"
+    assert fire_and_wait(station, rec).bundle_id == IDS["cap-b"]
     running.stop()
     assert server.counters()["opcua_recipe_calls"] == 2
 
@@ -357,7 +363,7 @@ def test_opcua_prepare_recipe_failed_switch_answers_error_and_line_stays_fault(t
     assert refused.verdict is Verdict.FAULT and "switch to cap-b failed" in refused.error
     outputs, seen = asyncio.run(_call_prepare_recipe(server.port, "cap-a", "ready"))   # back to a: verified, inspecting
     assert outputs[:2] == [True, 0] and seen["StationState"] == "ready"
-    assert fire_and_wait(station, rec).bundle_id == "aaaaaaaaaaaaaaaa"
+    assert fire_and_wait(station, rec).bundle_id == IDS["cap-a"]
     running.stop()
 
 
@@ -429,12 +435,12 @@ def test_gpio_select_lines_choose_recipe_2_and_ack_rises(two_products, write_sta
     running, rec = _gpio_station(two_products, write_station, part_images_bytes, start_station)
     station = running.station
     wait_until(lambda: fake_recipe_lines.on_strobe is not None, what="the strobe watched")
-    assert fire_and_wait(station, rec).bundle_id == "aaaaaaaaaaaaaaaa"
+    assert fire_and_wait(station, rec).bundle_id == IDS["cap-a"]
     fake_recipe_lines.select(2)                     # select lines 4=0, 5=1, then STROBE
     wait_until(lambda: fake_recipe_lines.ack, what="ACK")
     assert station.line.recipes.active.name == "cap-b" and station.line.recipes.status == "ok" and rec.ready
     result = fire_and_wait(station, rec)
-    assert result.bundle_id == "bbbbbbbbbbbbbbbb" and result.verdict is not Verdict.FAULT
+    assert result.bundle_id == IDS["cap-b"] and result.verdict is not Verdict.FAULT
     running.stop()
     assert fake_recipe_lines.released and fake_recipe_lines.ack is False      # released with ACK low
     assert [a[:3] for a in rec.calls_to("recipe_changed")[1:3]] == [(2, "cap-b", "switching"), (2, "cap-b", "ok")]
@@ -463,7 +469,7 @@ def test_gpio_strobe_while_a_switch_runs_newest_wins(two_products, write_station
     assert fake_recipe_lines.ack_history.count(True) == 1
     assert [a[:3] for a in rec.calls_to("recipe_changed")[1:]] == [
         (2, "cap-b", "switching"), (2, "cap-b", "ok"), (1, "cap-a", "switching"), (1, "cap-a", "ok")]
-    assert fire_and_wait(station, rec).bundle_id == "aaaaaaaaaaaaaaaa"
+    assert fire_and_wait(station, rec).bundle_id == IDS["cap-a"]
     running.stop()
 
 
@@ -482,7 +488,7 @@ def test_gpio_number_that_is_no_recipe_faults_the_line_naming_it(two_products, w
     fake_recipe_lines.select(1)                     # a valid number clears it: verified, ACK, inspecting again
     wait_until(lambda: fake_recipe_lines.ack, what="ACK")
     assert station.line.recipes.status == "ok" and rec.ready
-    assert fire_and_wait(station, rec).bundle_id == "aaaaaaaaaaaaaaaa"
+    assert fire_and_wait(station, rec).bundle_id == IDS["cap-a"]
     running.stop()
 
 

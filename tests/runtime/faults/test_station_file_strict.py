@@ -112,11 +112,16 @@ def test_oversized_station_file_is_refused_before_parsing(tmp_path):
         load_station(path)
 
 
+def test_outputs_without_a_result_log_get_one_so_no_verdict_goes_unrecorded(tmp_path):
+    cfg = load_station(write(tmp_path, {**BASE, "outputs": [{"type": "gpio", "ok": {"offset": 1}, "ng": {"offset": 2}}]}))
+    assert [o.type for o in cfg.outputs] == ["gpio", "result_log"] and cfg.outputs[1].path == str(tmp_path / "results.jsonl")
+    lines = load_station(write(tmp_path, {**BASE, "lines": [{"name": "a", "source": {"type": "folder", "path": "images"},
+                                                               "outputs": [{"type": "serial", "port": "/dev/ttyUSB0"}]}]}))
+    assert [(o.type, getattr(o, "path", None)) for o in lines.lines[0].outputs] == [
+        ("serial", None), ("result_log", str(tmp_path / "results-a.jsonl"))]
+
+
 @pytest.mark.parametrize("section, message", [
-    ({"outputs": [{"type": "gpio", "ok": {"offset": 1}, "ng": {"offset": 2}}]}, "outputs: no result_log"),
-    ({"lines": [{"name": "a", "source": {"type": "folder", "path": "images"},
-                 "outputs": [{"type": "serial", "port": "/dev/ttyUSB0"}]}]},
-     "lines[0].outputs: no result_log"),
     ({"inference": {"deadline_ms": None}}, "inference.deadline_ms"),
     ({"outputs": [{"type": "result_log", "path": "r.jsonl", "backups": 0}]}, "backups: must be at least 1"),
 ])
