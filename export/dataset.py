@@ -66,9 +66,14 @@ def training_layout(data_dir: Path) -> tuple[str, Path]:
         return "flat", data_dir
     hint = ""
     subs = _subfolders_with_images(data_dir)
+    others = sorted({p.suffix.lower() for p in data_dir.iterdir() if p.is_file() and p.suffix
+                     and p.suffix.lower() not in IMAGE_EXTENSIONS and not p.name.startswith(".")})
     if subs:
         names = ", ".join(p.name for p in subs[:5])
         hint = f" (images found only in subfolders: {names}; point at the folder of good images itself)"
+    elif others:
+        hint = (f" (found only files of other types: {', '.join(others[:6])}; the formats read are "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS))}: convert them, e.g. to PNG)")
     raise DatasetError(f"{good}: missing. Expected layout: {LAYOUT}{hint}")
 
 

@@ -145,3 +145,11 @@ def test_copies_hidden_files_and_subfolders_are_left_out_and_said(tmp_path):
     assert "1 byte-identical copy left out (img_000_copy.png = img_000.png)" in line
     assert "1 hidden file left out (._img_001.png)" in line
     assert "batch2/: 3" in line
+
+
+def test_a_folder_of_unsupported_image_types_names_them(tmp_path):
+    (tmp_path / "parts").mkdir()
+    for name in ("a.webp", "b.webp", "c.jp2"):
+        (tmp_path / "parts" / name).write_bytes(b"x")
+    with pytest.raises(DatasetError, match=r"found only files of other types: \.jp2, \.webp; the formats read are"):
+        train_images(tmp_path / "parts")
