@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="camera:INDEX|/dev/videoN (see edge-runtime cameras), folder:PATH (images) or "
                         "video:PATH|rtsp://URL (required)")
     i.add_argument("--output", action="extend", nargs="+", choices=list(OUTPUT_KINDS), default=None,
-                   help="outputs, one or more, repeatable (default: result_log)")
+                   help="outputs, one or more, repeatable; a result_log is always written, first (default: "
+                        "result_log)")
     i.add_argument("--device", choices=list(DEVICE_INT8_TARGET), default=None,
                    help="what the station runs on: sets threads and GPIO lines and warns when the bundle was "
                         "quantised for another CPU (default: none, generic x86 values)")

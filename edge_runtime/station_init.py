@@ -127,6 +127,8 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
         raise InitError(f"--output {unknown[0]!r}: expected one of {', '.join(OUTPUT_KINDS)}")
     if len(set(outputs)) != len(outputs):
         raise InitError(f"--output: each kind at most once, got {outputs}")
+    if "result_log" not in outputs:   # every part is recorded before a line output hears its verdict
+        outputs.insert(0, "result_log")
     if device is not None and device not in DEVICE_INT8_TARGET:
         raise InitError(f"--device {device!r}: expected one of {', '.join(DEVICE_INT8_TARGET)}")
     summary, fitted_target = _bundle_summary(bundle)
