@@ -458,7 +458,7 @@ class Line:
             if self._reload.is_set():
                 # SIGHUP with recipes: the active recipe again from disk, verified like any switch.
                 self._reload.clear()
-                self.recipes.request(self.recipes.active.name, "SIGHUP", force=True)
+                self.recipes.reload_latest("SIGHUP")
             self.recipes.poll()
         if self._reload.is_set():
             self._start_reload()

@@ -195,6 +195,19 @@ class RecipeSwitcher:
         log.info("%s: recipe %s (%d) requested by %s", self._who(), recipe.name, recipe.number, origin)
         return True, f"switching to {recipe.name}"
 
+    def reload_latest(self, origin: str) -> None:
+        """SIGHUP: the recipe the controller asked for last, from disk again: the pending request if one waits
+        (made a forced reload), else the one being switched to, else the active one. Reloading the active recipe
+        instead would undo a switch the controller asked for and was acknowledged."""
+        with self._lock:
+            if self._pending is not None:
+                recipe, first_origin, _ = self._pending
+                self._pending = (recipe, first_origin, True)
+                log.info("%s: %s: the requested recipe %s will be read from disk", self._who(), origin, recipe.name)
+                return
+            target = self.switching_to or self.active
+        self.request(target.name, origin, force=True)
+
     def submit(self, key: str | int, origin: str, fault_if_unknown: bool = False) -> Future:
         """Ask for recipe `key` and get a Future of (outcome, message), resolved when the switch is over. outcome:
         "ok" (verified and active), "unknown" (no such recipe: refused, nothing changes), "failed" (the line stays

@@ -524,3 +524,28 @@ def test_gpio_select_lines_that_cannot_be_claimed_fault_the_line(two_products, w
     assert f"strobe 6 on {tmp_path / 'no-gpiochip'}" in station.fault_reason and rec.ready is False
     assert fire_and_wait(station, rec).verdict is Verdict.FAULT
     running.stop()
+
+
+@pytest.mark.parametrize("when", ["pending", "running"])
+def test_a_reload_signal_during_a_requested_switch_keeps_the_requested_recipe(two_products, write_station,
+                                                                              part_images_bytes, start_station, when):
+    """SIGHUP re-reads the recipe the controller asked for last; re-reading the active one would undo an
+    acknowledged switch and leave the line READY on the other product."""
+    cfg = recipe_station(write_station, two_products)
+    rec = RecipeRecorder()
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec])
+    station = running.station
+    switcher = station.line.recipes
+    wait_until(lambda: switcher is not None and switcher.status == "ok" and rec.ready, what="ready")
+    switcher.request("cap-b", "plc")
+    if when == "running":
+        wait_until(lambda: switcher.switching_to is not None, what="the switch running")
+    station.request_reload()
+    wait_until(lambda: switcher.active.name == "cap-b" and switcher.status == "ok" and not switcher.busy,
+               what="cap-b active")
+    time.sleep(1.0)                                          # any queued reload has run by now
+    assert switcher.active.name == "cap-b" and switcher.status == "ok"
+    assert fire_and_wait(station, rec).bundle_id == IDS["cap-b"]
+    assert running.stop() == 0
