@@ -133,6 +133,7 @@ class Line:
         self._reload_lock = threading.Lock()
         self._reload_thread: threading.Thread | None = None
         self._reload_outcome: tuple[Pipeline | None, str | None] | None = None  # set by the reload thread
+        self._install_generation = 0   # rollout installs so far: a reload begun before the last one is stale
         self._trim_pending = False     # a reload dropped the old pipeline: release its heap on the next iteration
         self.frame_ids = FrameCounter(None)
         self._dropped_since_stats = 0
@@ -239,6 +240,8 @@ class Line:
     def install_pipeline(self, pipeline: Pipeline) -> None:
         """Swap in a verified pipeline between two frames (signed rollout), through the reload path."""
         with self._reload_lock:
+            # A reload (SIGHUP) started before this read the bundle path as it was: its outcome is stale now.
+            self._install_generation += 1
             self._reload_outcome = (pipeline, None)
 
     def _load_offered(self, path: str, current: Pipeline | None) -> Pipeline:
@@ -285,6 +288,8 @@ class Line:
 
     def _reload_worker(self) -> None:
         current = self.pipeline
+        with self._reload_lock:
+            generation = self._install_generation
         try:
             # One thread while loading and self-testing: the inspection loop keeps its cores.
             outcome: tuple[Pipeline | None, str | None] = (
@@ -294,6 +299,12 @@ class Line:
                 log.exception("reloading bundle %s failed unexpectedly", self.cfg.bundle)
             outcome = (None, str(exc))
         with self._reload_lock:
+            if generation != self._install_generation:
+                # A rollout installed a newer bundle while this reload ran: applying this one would put the
+                # older bundle back in service. The reload runs again on what the station names now.
+                log.info("reload superseded by a rollout install; reloading again")
+                self._reload.set()
+                return
             self._reload_outcome = outcome
 
     def _apply_reload(self) -> None:

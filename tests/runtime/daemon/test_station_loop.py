@@ -184,6 +184,56 @@ def test_reload_with_a_corrupted_bundle_keeps_the_old_one(bundle_copy, part_imag
     assert rec.calls_to("set_ready")[:-1][-1] is True, "READY stayed up until the stop"
 
 
+def test_a_reload_begun_before_a_rollout_install_never_puts_the_older_bundle_back(small_bundle, part_images,
+                                                                                  write_station, start_station,
+                                                                                  tmp_path, monkeypatch):
+    """SIGHUP's reload reads the bundle path when it starts; a signed rollout installs a newer bundle (and moves
+    the path) while it runs: the reload's outcome is stale and must not be applied over the rollout's."""
+    import dataclasses
+
+    import yaml
+
+    from edge_runtime import bundle_loader
+    from edge_runtime.bundle import MANIFEST, content_id
+    from edge_runtime.pipeline import Pipeline
+
+    newer = tmp_path / "newer"
+    shutil.copytree(small_bundle, newer)
+    m = yaml.safe_load((newer / MANIFEST).read_text())
+    m["product"] = "newer"
+    m["bundle_id"] = content_id(m)
+    (newer / MANIFEST).write_text(yaml.safe_dump(m, sort_keys=False))
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, recovery=FAST_RECOVERY))
+    source = ScriptedSource(steps=list(part_images.values()), start_frame_id=0)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec])
+    station = running.station
+    wait_until(lambda: len(rec.results) >= 2, what="first results")
+    old_id = station.pipeline.bundle.bundle_id
+    started, release, real = threading.Event(), threading.Event(), bundle_loader.load_pipeline
+
+    def slow_load(c, *args, **kwargs):
+        c = dataclasses.replace(c)           # the path as it is now: what a load reads first
+        started.set()
+        release.wait(30)                     # the reload is still verifying when the rollout installs
+        return real(c, *args, **kwargs)
+    monkeypatch.setattr(bundle_loader, "load_pipeline", slow_load)
+    station.request_reload()
+    assert started.wait(30)
+    monkeypatch.setattr(bundle_loader, "load_pipeline", real)
+    station.cfg.bundle = str(newer)          # what the rollout does before it installs
+    station.line.install_pipeline(Pipeline(Bundle.load(newer), threads=1))
+    wait_until(lambda: station.pipeline.bundle.bundle_id == m["bundle_id"], what="the rollout's bundle")
+    release.set()
+    time.sleep(2.0)                          # the stale reload has finished by now (and a fresh one run)
+    n = len(rec.results)
+    wait_until(lambda: len(rec.results) >= n + 2, what="more parts")
+    assert running.stop() == 0
+    assert station.pipeline.bundle.bundle_id == m["bundle_id"] != old_id
+    assert {r.bundle_id for r in rec.results[n:]} == {m["bundle_id"]}
+
+
 def test_deadline_turns_late_verdicts_into_faults(small_bundle, part_images, write_station):
     rec = RecordingOutput()
     cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, inference={"deadline_ms": 0.001}))
