@@ -177,6 +177,11 @@ class StationConfig:
             raise ValueError("bundle: must name the bundle directory")
         if self.bundle is not None and self.recipes is not None:
             raise ValueError("recipes: a station with recipes names its bundles there; leave out 'bundle'")
+        if self.rollout.enabled and (self.recipes is not None or any(ln.recipes for ln in self.lines)):
+            # A rollout replaces the line's one bundle; with recipes it would put one product's bundle in service
+            # while another recipe is active (and skip that recipe's product and version checks).
+            raise ValueError("rollout.enabled: not with recipes: update a recipe's bundle folder and send SIGHUP "
+                             "(the recipe in service is re-read and verified), or run one line per product")
         kinds = [o.type for o in self.outputs]
         if kinds.count("modbus") > 1:
             raise ValueError("outputs: at most one modbus server per station")
