@@ -126,6 +126,7 @@ class Line:
         self._halted: str | None = None       # set: the station stays in FAULT and inspects nothing until restart
         self._record_fault: str | None = None  # the last part could not be recorded (on_record_failure: fault)
         self._source_fault: str | None = None  # the camera / trigger input is lost and not yet reopened
+        self._output_fault: str | None = None  # a line output failed to show a verdict or state (bus)
         self._next_record_probe = 0.0
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -201,8 +202,21 @@ class Line:
     def _resume(self) -> None:
         """Inspecting again after a condition cleared (a recipe switch, a reload, a record), unless another one
         still holds the line: a lost camera or an unwritable record keeps READY down whatever else cleared."""
-        fault = self._source_fault or self._record_fault
+        fault = self._source_fault or self._record_fault or self._output_fault
         self._set_state(fault is None, fault)
+
+    def _check_outputs(self) -> None:
+        """READY down and FAULT while a line output cannot be driven (the others say so); back when it can."""
+        failure = self.bus.line_output_fault()
+        if failure is not None:
+            reason = f"output {failure}"
+            if reason != self._output_fault:
+                self._output_fault = reason
+                self._set_state(False, reason)
+        elif self._output_fault is not None:
+            log.info(self._tag("line outputs work again (%s)"), self._output_fault)
+            self._output_fault = None
+            self._resume()
 
     def _halt(self, reason: str) -> None:
         if self._halted is None:
@@ -392,6 +406,7 @@ class Line:
         elif self._record_fault is not None:
             self._record_fault = None
             self._resume()                      # the record works again
+        self._check_outputs()
 
     def _record_failed(self, failure: RecordFailure) -> None:
         reason = f"record: {failure.output}: {failure.reason}"
@@ -465,6 +480,7 @@ class Line:
 
     def _housekeeping(self, next_stats: float) -> float:
         self._heartbeat()
+        self._check_outputs()       # a slow output's worker may have failed (or recovered) since the last part
         if self.recipes is not None:
             if self._reload.is_set():
                 # SIGHUP with recipes: the active recipe again from disk, verified like any switch.

@@ -41,6 +41,9 @@ from edge_runtime.records import InspectionResult, Verdict
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE = 64
+# Calls that set what a line output shows the controller; one that fails leaves it unknown (heartbeat and
+# acknowledge are not among them: a missed toggle or ACK is caught by the controller's own watchdog/timeout).
+_STATE_METHODS = frozenset({"begin_part", "publish", "set_ready", "set_fault"})
 DEFAULT_LATE_AFTER_S = 0.5
 _CLOSE_TIMEOUT_S = 5.0
 
@@ -129,6 +132,9 @@ class OutputBus:
         self.counters = BusCounters()
         self._lock = threading.Lock()      # counters are bumped from worker threads
         self._workers: dict[int, _Worker] = {}
+        # Line outputs whose last verdict or state call failed: what they show the controller is unknown (a dead
+        # GPIO chip can leave the last OK standing), so the line is in FAULT until a later call succeeds.
+        self._line_failures: dict[int, str] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -260,9 +266,28 @@ class OutputBus:
         except OutputError as exc:
             self._count("errors")
             log.error("output %s: %s failed: %s", out.name, method, exc)
-        except Exception:  # noqa: BLE001 - one broken adapter must not stop the others or the inspection
+            self._line_call(out, method, f"{out.name}: {method} failed: {str(exc)[:200]}")
+        except Exception as exc:  # noqa: BLE001 - one broken adapter must not stop the others or the inspection
             self._count("errors")
             log.exception("output %s: %s raised", out.name, method)
+            self._line_call(out, method, f"{out.name}: {method} raised {type(exc).__name__}: {str(exc)[:200]}")
+        else:
+            self._line_call(out, method, None)
+
+    def _line_call(self, out: Output, method: str, failure: str | None) -> None:
+        if method not in _STATE_METHODS or not any(o is out for o in self.lines):
+            return
+        with self._lock:
+            if failure is None:
+                self._line_failures.pop(id(out), None)
+            else:
+                self._line_failures[id(out)] = failure
+
+    def line_output_fault(self) -> str | None:
+        """Why a line output may be showing the controller something else than the station means (its last
+        verdict or state call failed), or None."""
+        with self._lock:
+            return next(iter(self._line_failures.values()), None)
 
     def _check_deadline(self, result: InspectionResult, started: float | None, deadline_ms: float | None) -> bool:
         """Turn a late verdict into FAULT; True when it did."""

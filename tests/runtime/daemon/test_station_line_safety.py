@@ -272,6 +272,39 @@ def test_a_recipe_switch_does_not_raise_ready_while_the_camera_is_lost(small_bun
     assert running.stop() == 0
 
 
+def test_a_gpio_chip_that_stops_taking_writes_faults_the_line_on_the_other_outputs(small_bundle, images,
+                                                                                    write_station, start_station):
+    """A dead GPIO expander may leave the last OK on its pins: the station cannot withdraw it, so every other
+    output says FAULT with READY down until the chip takes writes again."""
+    lines = FakeGpioLines()
+    dead = threading.Event()
+    original = lines.set_values
+
+    def set_values(values):
+        if dead.is_set():
+            raise OSError(5, "Input/output error")
+        original(values)
+    lines.set_values = set_values
+    gpio = GpioOutput(GpioConfig(ok=GpioLine(offset=1), ng=GpioLine(offset=2), ready=GpioLine(offset=3),
+                                 pulse_ms=0), lines)
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, recovery=FAST_RECOVERY,
+                                     trigger={"type": "software"}))
+    running = start_station(cfg, source=TriggeredCamera(images), outputs=[gpio, rec])
+    station = running.station
+    wait_until(lambda: station.status().state == "ready" and rec.ready, what="READY")
+    dead.set()
+    station.trigger.fire()
+    wait_until(lambda: len(rec.results) == 1, what="the part")
+    wait_until(lambda: rec.ready is False, what="READY down on the other outputs")
+    assert station.status().state == "fault" and "output gpio" in station.fault_reason
+    dead.clear()                                   # the chip is back: the next state write succeeds
+    station.trigger.fire()
+    wait_until(lambda: len(rec.results) == 2, what="the next part")
+    wait_until(lambda: rec.ready is True and station.fault_reason is None, what="READY back")
+    assert running.stop() == 0
+
+
 class ReviewStation(Station):
     """Every inspected part scores in the review band (stands in for a bundle whose band holds these parts)."""
 
