@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -36,6 +37,10 @@ from edge_runtime.outputs.base import Output
 from edge_runtime.records import InspectionResult, Verdict
 
 log = logging.getLogger("edge_runtime.rollout")
+# Staged copies live apart from <state_dir>/bundles, where the device keeps the versions it makes itself
+# (bundle_versions.py): pruning one folder must never reach the other.
+STAGING_DIR = "rollout"
+_STAGED = re.compile(r"-\d{8}T\d{6}-\d+-\d{1,3}$")
 
 ROLLOUT_STATE_FILE = "rollout.json"
 _HISTORY = 20
@@ -45,7 +50,7 @@ _HISTORY = 20
 class RolloutConfig:
     enabled: bool = False
     watch_dir: str | None = None       # bundle folders renamed into here are offered (once each); None: MQTT only
-    staging_dir: str | None = None     # where offered bundles are copied; None: <state_dir>/bundles
+    staging_dir: str | None = None     # where offered bundles are copied; None: <state_dir>/rollout
     poll_interval_s: float = 2.0       # how often watch_dir is listed
     probation_parts: int = 20          # the first parts on a new bundle that decide whether it stays
     probation_max_faults: int = 3      # this many FAULT results among them roll back to the previous bundle
@@ -63,7 +68,7 @@ class RolloutConfig:
         if self.watch_dir:
             self.watch_dir = absolute(f"{where}.watch_dir", self.watch_dir)
         self.staging_dir = absolute(f"{where}.staging_dir", self.staging_dir) if self.staging_dir else \
-            os.path.join(state_dir, "bundles")
+            os.path.join(state_dir, STAGING_DIR)
 
 
 class RolloutError(RuntimeError):
@@ -336,7 +341,9 @@ class RolloutManager(Output):
         except OSError:
             return
         for entry in entries:
-            if entry.is_dir() and str(entry.resolve()) not in keep_resolved:
+            # Only copies this manager staged (their names end in -<time>-<pid>-<ms>): a staging_dir set to a
+            # folder that holds other bundles (device-made versions, a manual copy) loses nothing else.
+            if entry.is_dir() and _STAGED.search(entry.name) and str(entry.resolve()) not in keep_resolved:
                 shutil.rmtree(entry, ignore_errors=True)
 
     def _version_record(self) -> bytes | None:

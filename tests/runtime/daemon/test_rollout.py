@@ -141,7 +141,7 @@ def test_bad_bundle_is_switched_to_then_rolled_back_with_its_log(plant, tmp_path
     assert state["status"] == "rolled_back" and v2 in state["rejected"] and state["rollbacks"] == 1
     # The downgrade floor is back at v1, so a restart loads v1 again rather than refusing it.
     assert json.loads((tmp_path / "state" / VERSION_STATE_FILE).read_text())["bundle_version"] == 1
-    assert list((tmp_path / "state" / "bundles").iterdir()) == []   # the rolled-back copy is gone
+    assert list((tmp_path / "state" / "rollout").iterdir()) == []   # the rolled-back copy is gone
     print("\n--- rollback log ---\n" + log_text)
 
     again = start_station(load_station(station_file(tmp_path, plant, free_port)))
@@ -197,7 +197,7 @@ def test_good_bundle_offered_over_mqtt_is_committed_and_reported(plant, tmp_path
         assert sub.wait_for(lambda s: any(json.loads(p).get("bundle_version") == 5
                                           for p in s.payloads(f"{prefix}/state")), timeout=30)
         running.stop()
-        staged = list((tmp_path / "state" / "bundles").iterdir())
+        staged = list((tmp_path / "state" / "rollout").iterdir())
         assert len(staged) == 1 and Bundle.load(staged[0]).bundle_id == v5
         on_v5 = [r for r in records(tmp_path) if r["bundle_id"] == v5]
         assert len(on_v5) >= 10 and all(r["verdict"] != "FAULT" for r in on_v5)
@@ -245,3 +245,23 @@ def test_rollout_section_errors_name_the_key(tmp_path, body, expected):
     with pytest.raises(ConfigError) as err:
         load_station(path)
     assert expected in str(err.value)
+
+
+def test_pruning_staged_copies_never_touches_other_bundles_in_the_folder(tmp_path):
+    """Device-made versions live in <state_dir>/bundles; a staging_dir pointed there (or shared with a manual
+    copy) must lose only the copies the rollout staged itself."""
+    from edge_runtime.rollout import STAGING_DIR, RolloutConfig, RolloutManager
+
+    state = tmp_path / "state"
+    folder = state / "bundles"
+    staged_old, staged_keep, device_made = (folder / "flange-20261130T101500-4242-17", folder / "flange-20261201T080000-4242-3",
+                                            folder / "v0007")
+    for d in (staged_old, staged_keep, device_made):
+        d.mkdir(parents=True)
+    manager = RolloutManager(RolloutConfig(enabled=True, staging_dir=str(folder)), str(state), load=None, install=None,
+                             current=lambda: None, set_bundle_path=lambda p: None)
+    manager._prune_staging(keep={str(staged_keep)})
+    assert sorted(p.name for p in folder.iterdir()) == sorted([staged_keep.name, device_made.name])
+    default = RolloutConfig(enabled=True)
+    default.resolve_paths(lambda key, value: value, "rollout", str(state))
+    assert default.staging_dir == str(state / STAGING_DIR) != str(folder)
