@@ -280,8 +280,8 @@ class OutputBus:
         with self._lock:
             if failure is None:
                 self._line_failures.pop(id(out), None)
-            else:
-                self._line_failures[id(out)] = failure
+            else:   # the first failure names the fault until a call succeeds (a stable reason, no churn)
+                self._line_failures.setdefault(id(out), failure)
 
     def line_output_fault(self) -> str | None:
         """Why a line output may be showing the controller something else than the station means (its last
