@@ -126,6 +126,7 @@ class OutputBus:
         self.outputs = list(outputs)
         self.critical = [o for o in self.outputs if o.critical_record]
         self.lines = [o for o in self.outputs if not o.critical_record and o.role == "line"]
+        self._line_ids = {id(o) for o in self.lines}
         self.records = [o for o in self.outputs if not o.critical_record and o.role != "line"]
         self.queue_size = queue_size
         self.late_after_s = late_after_s
@@ -275,7 +276,7 @@ class OutputBus:
             self._line_call(out, method, None)
 
     def _line_call(self, out: Output, method: str, failure: str | None) -> None:
-        if method not in _STATE_METHODS or not any(o is out for o in self.lines):
+        if method not in _STATE_METHODS or id(out) not in self._line_ids:
             return
         with self._lock:
             if failure is None:

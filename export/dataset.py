@@ -36,12 +36,19 @@ def list_images(folder: Path) -> list[Path]:
 def unique_images(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
     """(paths without byte-identical repeats, [(repeat, the first copy)]). A copied good image adds nothing to
     the bank and makes the cross-fitted scores look tighter than good parts are (its twin is in the bank)."""
+    import collections
     import hashlib
 
-    first: dict[str, Path] = {}
+    # Only files that share their size with another can be copies: the rest are never read here.
+    sizes = collections.Counter(p.stat().st_size for p in paths)
+    first: dict[tuple[int, str], Path] = {}
     kept, repeats = [], []
     for p in paths:
-        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        size = p.stat().st_size
+        if sizes[size] == 1:
+            kept.append(p)
+            continue
+        digest = (size, hashlib.sha256(p.read_bytes()).hexdigest())
         if digest in first:
             repeats.append((p, first[digest]))
         else:
