@@ -483,7 +483,7 @@ class Line:
         self._check_outputs()       # a slow output's worker may have failed (or recovered) since the last part
         if self.recipes is not None:
             if self._reload.is_set():
-                # SIGHUP with recipes: the active recipe again from disk, verified like any switch.
+                # SIGHUP with recipes: the recipe asked for last, again from disk, verified like any switch.
                 self._reload.clear()
                 self.recipes.reload_latest("SIGHUP")
             self.recipes.poll()

@@ -24,7 +24,9 @@ still queued when its part's deadline (inference.deadline_ms from the trigger) h
 (edge_output_expired_total): the controller has timed out on that part and could take it for the next one's.
 
 Failure policy, the same for every output: an OutputError or any other exception from one output is logged and
-counted, and never stops the other outputs or the inspection; only the critical record changes the verdict.
+counted, and never stops the other outputs or the inspection; only the critical record changes the verdict. A
+line output whose last verdict or state call failed may still show the controller the previous part's OK, so
+the line reads `line_output_fault()` and stays in FAULT, READY down on the other outputs, until a call succeeds.
 """
 from __future__ import annotations
 
@@ -41,11 +43,11 @@ from edge_runtime.records import InspectionResult, Verdict
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE = 64
+DEFAULT_LATE_AFTER_S = 0.5
+_CLOSE_TIMEOUT_S = 5.0
 # Calls that set what a line output shows the controller; one that fails leaves it unknown (heartbeat and
 # acknowledge are not among them: a missed toggle or ACK is caught by the controller's own watchdog/timeout).
 _STATE_METHODS = frozenset({"begin_part", "publish", "set_ready", "set_fault"})
-DEFAULT_LATE_AFTER_S = 0.5
-_CLOSE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
