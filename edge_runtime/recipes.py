@@ -120,6 +120,7 @@ class RecipeSwitcher:
         self._pipelines: dict[str, "Pipeline"] = {}
         self._lock = threading.RLock()   # submit() holds it around request()
         self._pending: tuple[RecipeConfig, str, bool] | None = None   # (recipe, origin, force reload)
+        self._requested_at: tuple[float, float] | None = None   # (monotonic, wall) of a request not yet switched
         self._outcome: tuple[RecipeConfig, "Pipeline | None", str | None, float] | None = None
         # Callers that wait for the outcome (OPC UA PrepareRecipe): those of the pending request, those of the
         # running switch. Each gets (ok, message) once that switch is over, or refused if another request wins.
@@ -189,6 +190,10 @@ class RecipeSwitcher:
         with self._lock:
             self._invalid = None
             self._pending = (recipe, origin, force)
+            # From now on a part may be the new product: FAULT until the switch is over (see stale()), even before
+            # the loop starts the switch.
+            if self._requested_at is None:
+                self._requested_at = (time.monotonic(), time.time())
             superseded, self._pending_waiters = self._pending_waiters, []
         for waiter in superseded:   # the controller changed its mind before that switch started
             _resolve(waiter, "superseded", f"superseded by a request for {recipe.name} from {origin}")
@@ -257,6 +262,9 @@ class RecipeSwitcher:
             self.switch_failures += 1
             self.status = "failed"
             self.guard_mono, self.guard_wall = time.monotonic(), time.time()
+            with self._lock:
+                if self._pending is None:
+                    self._requested_at = None
             self.line._set_state(False, f"recipe: {invalid}")
 
     # ---- GPIO select lines (edge_runtime/recipe_gpio.py) --------------------------------------------------
@@ -339,6 +347,9 @@ class RecipeSwitcher:
         self.switching_to = None
         # Whatever was triggered or captured until now may be a part of either product: FAULT, never inspected.
         self.guard_mono, self.guard_wall = time.monotonic(), time.time()
+        with self._lock:
+            if self._pending is None:   # a request that came in meanwhile keeps its parts FAULT until it is done
+                self._requested_at = None
         self.last_switch_ms = ms
         if pipeline is None:
             self.switch_failures += 1
@@ -358,7 +369,12 @@ class RecipeSwitcher:
         self._acknowledge("ok", recipe, ms, None)
 
     def stale(self, triggered_mono: float | None = None, captured_wall: float | None = None) -> str | None:
-        """Why a part must be FAULT because it arrived before the last switch ended, or None."""
+        """Why a part must be FAULT because it arrived before the last switch ended, or after a switch was
+        requested and before it started (it may be the new product), or None."""
+        requested = self._requested_at
+        if requested is not None and ((triggered_mono is not None and triggered_mono >= requested[0])
+                                      or (captured_wall is not None and captured_wall >= requested[1])):
+            return "part triggered after a recipe switch was requested"
         if triggered_mono is not None and triggered_mono < self.guard_mono:
             return "part triggered during a recipe switch"
         if captured_wall is not None and captured_wall < self.guard_wall:

@@ -549,3 +549,27 @@ def test_a_reload_signal_during_a_requested_switch_keeps_the_requested_recipe(tw
     assert switcher.active.name == "cap-b" and switcher.status == "ok"
     assert fire_and_wait(station, rec).bundle_id == IDS["cap-b"]
     assert running.stop() == 0
+
+
+def test_a_part_triggered_right_after_a_recipe_request_is_fault_not_the_old_recipes_ok(two_products, write_station,
+                                                                                       part_images_bytes,
+                                                                                       start_station):
+    """The controller asks for product b and triggers at once: the part may be b; the old recipe must not pass it,
+    whether or not the loop has started the switch yet."""
+    cfg = recipe_station(write_station, two_products)
+    rec = RecipeRecorder()
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec])
+    station = running.station
+    switcher = station.line.recipes
+    wait_until(lambda: switcher is not None and switcher.status == "ok" and rec.ready, what="ready")
+    assert switcher.stale(triggered_mono=time.monotonic()) is None
+    switcher.request("cap-b", "plc")
+    assert switcher.stale(triggered_mono=time.monotonic()) == "part triggered after a recipe switch was requested"
+    result = fire_and_wait(station, rec)
+    assert result.verdict is Verdict.FAULT, result      # never the old recipe's verdict
+    wait_until(lambda: switcher.active.name == "cap-b" and switcher.status == "ok", what="cap-b active")
+    assert switcher.stale(triggered_mono=time.monotonic()) is None
+    assert fire_and_wait(station, rec).bundle_id == IDS["cap-b"]
+    assert running.stop() == 0
