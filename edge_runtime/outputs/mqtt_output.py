@@ -167,6 +167,7 @@ class MqttOutput(Output):
         self._thread: threading.Thread | None = None
         self.published = 0            # records acknowledged by the broker
         self.reconnects = 0           # connections made after the first
+        self.ignored_retained = 0     # retained commands the broker replayed, not acted on
         self.connections = 0
         self.last_error: str | None = None
         self._drop_logged_at = 0.0
@@ -315,7 +316,8 @@ class MqttOutput(Output):
 
     def counters(self) -> dict[str, float]:
         return {"mqtt_published": self.published, "mqtt_reconnects": self.reconnects,
-                "mqtt_outbox_dropped": self.dropped, "mqtt_outbox_errors": self.outbox_errors}
+                "mqtt_outbox_dropped": self.dropped, "mqtt_outbox_errors": self.outbox_errors,
+                "mqtt_retained_commands_ignored": self.ignored_retained}
 
     # -- what the state message says ---------------------------------------------------------------------------
     def state_message(self, online: bool = True) -> dict[str, Any]:
@@ -396,6 +398,13 @@ class MqttOutput(Output):
             self._wake.set()
 
         def on_message(_c, _u, msg):
+            if msg.retain:
+                # A retained command is the broker replaying an old order on every (re)connect: a trigger, a
+                # recipe or a rollout nobody asked for now. Commands count only when sent live.
+                self.ignored_retained += 1
+                log.warning("%s: retained command on %s ignored (commands are acted on only when sent live; clear "
+                            "it with an empty retained message)", self.name, msg.topic)
+                return
             try:
                 self._on_command(msg.topic, bytes(msg.payload))
             except Exception:  # noqa: BLE001

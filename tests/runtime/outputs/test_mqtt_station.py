@@ -112,6 +112,31 @@ def test_commands_reach_the_line_they_name(tmp_path, broker):
             station.adapter(name).close()
 
 
+def test_a_retained_command_is_never_acted_on_only_a_live_one(tmp_path, broker):
+    """A controller (or a mistaken tool) that published cmd/trigger retained would have the broker replay it on
+    every reconnect of the station: a trigger nobody sent now. Only live commands count."""
+    ctl = mb.Subscriber(broker.port, [], client_id="controller", persistent=False)
+    # (a non-empty payload: an empty retained message is MQTT's way of deleting the retained one)
+    ctl.client.publish(f"{PREFIX}/right/cmd/trigger", b"go", qos=1, retain=True).wait_for_publish(10)
+    station = make_station(tmp_path, broker.port, allow_trigger=True)
+    fired = []
+    station.adapter("right").bind_trigger(lambda: fired.append("right"))
+    for name in ("left", "right"):
+        station.adapter(name).start()
+    try:
+        assert ctl.wait_for(lambda s: station._connected)
+        assert ctl.wait_for(lambda s: station.ignored_retained == 1), "the broker's replay was not seen"
+        assert fired == []
+        ctl.client.publish(f"{PREFIX}/right/cmd/trigger", b"", qos=1)
+        assert ctl.wait_for(lambda s: fired == ["right"])
+        assert station.counters()["mqtt_retained_commands_ignored"] == 1
+    finally:
+        ctl.client.publish(f"{PREFIX}/right/cmd/trigger", b"", qos=1, retain=True)   # clears the retained one
+        ctl.close()
+        for name in ("left", "right"):
+            station.adapter(name).close()
+
+
 def test_full_outbox_drops_the_oldest_of_any_line_counted_per_line(tmp_path):
     port = mb.free_port()   # the broker is down
     station = make_station(tmp_path, port, outbox_max_records=10)
