@@ -172,6 +172,8 @@ class Pipeline:
 
         region = None
         try:
+            if frame.unreadable is not None:
+                raise ImageError(f"{frame.source}: {frame.unreadable}")
             if frame.encoded is not None:
                 rgb = decode_image(frame.encoded, frame.source, self.decode_limits)
             elif frame.image is not None:

@@ -26,6 +26,9 @@ class Frame:
     encoded: bytes | None = None
     image: np.ndarray | None = None   # HxW or HxWxC uint8, as the camera delivered it (BGR for OpenCV)
     captured_at: float = field(default_factory=time.time)
+    # Set instead of encoded/image when the source found a part it could not read (permissions, I/O error, a file
+    # too large to read): the pipeline answers it FAULT with this reason, so the part is on record, not skipped.
+    unreadable: str | None = None
 
 
 @dataclass

@@ -49,10 +49,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
+from edge_runtime.decode import DEFAULT_LIMITS, MAX_PIXELS
 from edge_runtime.records import Frame
 from edge_runtime.sources.base import FrameSource, SourceError, escape_name
 
 log = logging.getLogger(__name__)
+
+# The largest file the decoder accepts with the default limits (MAX_PIXELS at max_bytes_per_pixel, plus the
+# metadata allowance): anything larger is refused from its size, before it is read into memory.
+MAX_FILE_BYTES = int(MAX_PIXELS * DEFAULT_LIMITS.max_bytes_per_pixel) + DEFAULT_LIMITS.metadata_allowance_bytes
 
 # The formats the decode stage (cv2.imdecode) reads; anything else in the folder is ignored.
 SUPPORTED_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")
@@ -553,7 +558,9 @@ class FolderSource(FrameSource):
                 del self._candidates[name]
                 continue
             path = self._root / name
-            stable = previous == sig and sig[0] > 0
+            # An empty file may still be being written; one that stays empty past the timeout is a part with no
+            # image (FAULT "empty file"), never a candidate forever.
+            stable = previous == sig and (sig[0] > 0 or now - first_seen >= self.cfg.incomplete_timeout_s)
             if stable and (looks_complete(path, sig[0]) or now - first_seen >= self.cfg.incomplete_timeout_s):
                 if not looks_complete(path, sig[0]):
                     log.warning("folder source %s: %s still incomplete after %g s; handing it over to be faulted",
@@ -674,20 +681,40 @@ class FolderSource(FrameSource):
         # Check again right before reading: the link may have been swapped since the scan.
         try:
             resolved = path.resolve(strict=True)
+        except OSError as exc:   # gone since the scan (deleted, renamed): no part to answer for
+            self.skipped += 1
+            log.warning("folder source %s: skipping %s: %s", escape_name(self.cfg.path), escape_name(path.name), exc)
+            return None
+        unreadable = None
+        data = b""
+        st = None
+        try:
             if not resolved.is_relative_to(self._root):
                 raise PermissionError(f"resolves to {escape_name(str(resolved))}, outside the folder")
             with open(resolved, "rb") as fh:
                 st = os.fstat(fh.fileno())
-                data = fh.read()
+                if st.st_size > MAX_FILE_BYTES:   # refused before reading: a multi-GB file would stall the loop
+                    unreadable = (f"file of {st.st_size} bytes is over the {MAX_FILE_BYTES} byte limit of a frame "
+                                  f"({MAX_PIXELS} pixels at {DEFAULT_LIMITS.max_bytes_per_pixel:g} bytes each)")
+                else:
+                    data = fh.read()
         except OSError as exc:
-            self.skipped += 1
-            log.warning("folder source %s: skipping %s: %s", escape_name(self.cfg.path), escape_name(path.name), exc)
-            return None
+            # A part the camera PC wrote and the station cannot read (permissions, I/O error, no file descriptors
+            # left) is still a part: answered FAULT and recorded, never skipped in silence.
+            unreadable = f"cannot be read: {exc.strerror or exc}"
+            log.warning("folder source %s: %s %s", escape_name(self.cfg.path), escape_name(path.name), unreadable)
         if self.cfg.mode == "watch":
-            # The version read is the one acknowledged: a later rewrite is a new part.
-            self._in_flight = (path.name, st.st_size, st.st_mtime_ns)
+            if st is None:   # not opened: its signature from the path, so the FAULT is acknowledged like a read
+                try:
+                    st = os.stat(resolved)
+                except OSError:
+                    st = None
+            if st is not None:
+                # The version read is the one acknowledged: a later rewrite is a new part.
+                self._in_flight = (path.name, st.st_size, st.st_mtime_ns)
         # The name travels into logs, records and error messages: escaped once, here.
-        frame = Frame(frame_id=self._next_id, source=escape_name(str(path)), encoded=data)
+        frame = (Frame(frame_id=self._next_id, source=escape_name(str(path)), unreadable=unreadable)
+                 if unreadable is not None else Frame(frame_id=self._next_id, source=escape_name(str(path)), encoded=data))
         self._next_id += 1
         self._frames_this_pass += 1
         return frame

@@ -287,3 +287,8 @@ def test_inspect_never_raises_and_never_passes_an_undecodable_frame(pipeline, da
         assert "but the bundle was fitted on" in result.error and result.score is None
     else:
         assert result.verdict in (Verdict.OK, Verdict.NG) and result.score is not None
+
+
+def test_a_part_its_source_could_not_read_is_a_fault_naming_why(pipeline):
+    result = pipeline.inspect(Frame(frame_id=3, source="in/part7.png", unreadable="cannot be read: Input/output error"))
+    assert_fault(result, "in/part7.png", "cannot be read", "Input/output error")

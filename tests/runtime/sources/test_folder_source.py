@@ -417,3 +417,51 @@ def test_part_recorded_but_not_acknowledged_at_a_crash_is_not_inspected_again(tm
     second = FolderSource(cfg, result_logs=[str(results)], clock=clock, sleep=clock.sleep)
     second.open()
     assert second.read(1.0) is None
+
+
+def test_a_part_that_cannot_be_read_is_a_frame_to_fault_not_a_silent_skip(tmp_path, monkeypatch):
+    """EIO, EACCES, no file descriptors left: the camera PC delivered a part; it must reach the record as FAULT."""
+    import builtins
+
+    import edge_runtime.sources.folder_source as folder_source
+
+    write(tmp_path / "a.png", b"A")
+    write(tmp_path / "b.png", b"B")
+    real_open = builtins.open
+
+    def failing_open(path, *args, **kwargs):
+        if Path(path).name == "b.png":
+            raise OSError(5, "Input/output error")
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(folder_source, "open", failing_open, raising=False)
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path)))
+    src.open()
+    frames = drain(src)
+    assert [f.frame_id for f in frames] == [0, 1]
+    assert frames[0].encoded == b"A" and frames[1].encoded is None
+    assert frames[1].unreadable == "cannot be read: Input/output error"
+
+
+def test_a_file_larger_than_any_frame_is_refused_from_its_size_without_reading_it(tmp_path):
+    from edge_runtime.sources.folder_source import MAX_FILE_BYTES
+
+    with open(tmp_path / "huge.png", "wb") as fh:   # sparse: no disk used, but reading it would take GBs of RAM
+        fh.write(b"\x89PNG\r\n\x1a\n")
+        fh.truncate(MAX_FILE_BYTES + 1)
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path)))
+    src.open()
+    (frame,) = drain(src)
+    assert frame.encoded is None and "over the" in frame.unreadable and str(MAX_FILE_BYTES + 1) in frame.unreadable
+
+
+def test_watch_hands_over_a_file_that_stays_empty_so_it_is_faulted_once(tmp_path):
+    clock = FakeClock()
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.125,
+                                          incomplete_timeout_s=1.0), clock=clock, sleep=clock.sleep)
+    src.open()
+    (tmp_path / "empty.png").touch()
+    frame = None
+    for _ in range(20):
+        frame = frame or src.read(0.25)
+    assert frame is not None and frame.encoded == b"", "a part that stays empty was never handed over"
+    assert src.read(1.0) is None                         # once, not again at every poll (read() journals it)
