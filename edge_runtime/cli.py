@@ -23,7 +23,13 @@ def _run(a: argparse.Namespace) -> int:
     if not os.environ.get("JOURNAL_STREAM"):
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=getattr(logging, cfg.logging.level), stream=sys.stderr, format=fmt)
-    return Station(cfg).run()
+    from edge_runtime.daemon import StateDirBusy
+
+    try:
+        return Station(cfg).run()
+    except StateDirBusy as exc:
+        print(f"edge-runtime: {exc}", file=sys.stderr)
+        return 2
 
 
 def _check(a: argparse.Namespace) -> int:

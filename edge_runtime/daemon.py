@@ -8,7 +8,9 @@ counter, trigger, stats and state.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import signal
 import threading
 import time
@@ -35,6 +37,33 @@ __all__ = ["FRAME_COUNTER_FILE", "Counters", "Line", "LineState", "Station", "St
            "load_public_key", "release_freed_memory", "MAX_MISSED_ANSWERS", "SERIAL_ACK_COMMAND"]
 # WATCHDOG=1 at most this often when systemd set no WatchdogSec (then the pings only show liveness in tests).
 DEFAULT_WATCHDOG_PERIOD_S = 1.0
+STATE_LOCK_FILE = "edge-runtime.lock"
+
+
+class StateDirBusy(RuntimeError):
+    """Another daemon holds the station's state_dir."""
+
+
+def lock_state_dir(state_dir: str | None) -> int | None:
+    """An exclusive lock on <state_dir>/edge-runtime.lock, held until the process exits or the fd is closed.
+
+    Two daemons on one state_dir would inspect every part twice into the same result log and hand out frame ids
+    from one counter both think is theirs (an id could repeat). Raises StateDirBusy naming the holder's pid."""
+    if not state_dir:
+        return None
+    os.makedirs(state_dir, exist_ok=True)
+    path = os.path.join(state_dir, STATE_LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StateDirBusy(f"state_dir {state_dir} is in use by another edge-runtime (pid {holder}); give each "
+                           "station its own state_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Station:
@@ -64,6 +93,7 @@ class Station:
         self._beaten: set[int] = set()          # lines (by index) that went round since the last ping
         self._running: set[int] = set()         # lines whose loop still runs
         self._http: HttpEndpoint | None = None
+        self._state_lock: int | None = None    # fd holding <state_dir>/edge-runtime.lock while running
 
     def _build_lines(self, cfg: StationConfig, **overrides) -> list[Line]:
         configs = line_station_configs(cfg)
@@ -211,6 +241,7 @@ class Station:
             return self._run_pinned()
 
     def _run_pinned(self) -> int:
+        self._state_lock = lock_state_dir(self.cfg.state_dir)   # before any output or file is touched
         interval = systemd_notify.watchdog_interval()
         # sd_watchdog_enabled(3) advises half the interval; a quarter leaves room for one slow frame.
         self._watchdog_period = interval / 4 if interval else DEFAULT_WATCHDOG_PERIOD_S
@@ -279,3 +310,6 @@ class Station:
         if self._http is not None:
             self._http.stop()
             self._http = None
+        lock, self._state_lock = self._state_lock, None
+        if lock is not None:
+            os.close(lock)

@@ -336,3 +336,22 @@ def test_healthz_never_reads_no_fault_and_not_ready_while_the_line_comes_up(smal
     probe.station = station
     assert station.run() == 0
     assert seen and "not_ready" not in seen, seen
+
+
+def test_a_second_daemon_on_the_same_state_dir_refuses_to_start(small_bundle, part_images, write_station,
+                                                                  start_station, tmp_path, capsys):
+    """Two daemons on one state_dir would inspect each part twice into one log and share a frame counter."""
+    from edge_runtime.cli import main as runtime_main
+
+    path = write_station(bundle=small_bundle, source={"type": "folder", "path": str(tmp_path / "in"), "mode": "watch"},
+                         state_dir=str(tmp_path / "state"))
+    (tmp_path / "in").mkdir()
+    running = start_station(path)
+    wait_until(lambda: running.station.status().state == "ready", what="the first daemon")
+    assert runtime_main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"state_dir {tmp_path / 'state'} is in use by another edge-runtime (pid {os.getpid()})" in err
+    assert running.stop() == 0
+    second = start_station(path)                      # the lock goes with the first daemon
+    wait_until(lambda: second.station.status().state == "ready", what="a daemon after the first stopped")
+    assert second.stop() == 0
