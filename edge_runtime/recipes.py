@@ -298,7 +298,9 @@ class RecipeSwitcher:
             if value != self._last_register:
                 self._last_register = value
                 if value:
-                    self.request(value, f"modbus register {self.cfg.modbus_register}")
+                    # A PLC writing a number it means can read no refusal: an unknown one faults the line (as the
+                    # GPIO select lines do) instead of the old recipe passing the new product.
+                    self.request(value, f"modbus register {self.cfg.modbus_register}", fault_if_unknown=True)
             return
 
     def _start(self, recipe: RecipeConfig, origin: str, force: bool) -> None:

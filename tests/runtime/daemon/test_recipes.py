@@ -198,12 +198,20 @@ def test_modbus_register_selects_and_registers_acknowledge(two_products, write_s
                    what="the switch")
         wait_until(lambda: client.read_holding_registers(7, count=2, device_id=1).registers == [2, 2],
                    what="the acknowledgement in registers 7-8")
+        frames = station.counters.frames
+        wait_until(lambda: station.counters.frames > frames + 1, what="inspection with cap-b")
+        # A number the station has no recipe for: the PLC cannot read a refusal, so the line faults (READY
+        # down) instead of cap-b going on passing what may be product 7; a known number brings it back.
+        assert not client.write_register(16, 7, device_id=1).isError()
+        wait_until(lambda: station.fault_reason and "unknown recipe '7'" in station.fault_reason, what="the fault")
+        assert station.status().state == "fault"
+        assert not client.write_register(16, 1, device_id=1).isError()
+        wait_until(lambda: station.line.recipes.active.name == "cap-a" and station.fault_reason is None,
+                   what="a known recipe again")
     finally:
         client.close()
-    frames = station.counters.frames
-    wait_until(lambda: station.counters.frames > frames + 1, what="inspection with cap-b")
     running.stop()
-    assert station.pipeline.bundle.bundle_id == IDS["cap-b"]
+    assert station.pipeline.bundle.bundle_id == IDS["cap-a"]
 
 
 def test_serial_acknowledgement_lines():
