@@ -29,8 +29,10 @@ from edge_runtime.operator_page.feedback import FeedbackError
 from edge_runtime.operator_page.part_history import PartHistory
 from edge_runtime.operator_page.server import LineView
 from edge_runtime.operator_page.static import CSS, JS
+from edge_runtime.records import Verdict
 
 _MAX_BODY = 16 * 1024
+VERDICT_NAMES = tuple(v.value for v in Verdict)
 UPDATE_PERIOD_S = 0.5    # live-view push period (see events()): per page, whatever the number of lines
 STATUS_PERIOD_S = 1.0    # the viewed line's status document, at most this often
 OVERVIEW_PERIOD_S = 2.0  # every line's summary (state, last verdict, yield, rate), at most this often
@@ -147,9 +149,23 @@ def build_app(cfg: PageConfig, views: dict[str, LineView], stopping: Callable[[]
             return None, refused(403, f"{s.user} is {s.role}; this needs {role}")
         return s, None
 
+    async def capped_body(request: Request) -> bytes | None:
+        """The request body, or None when it is over _MAX_BODY: read in chunks and dropped at the cap, so an
+        unauthenticated client cannot make the station buffer a body of any size."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > _MAX_BODY:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > _MAX_BODY:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def body_json(request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > _MAX_BODY:
+        raw = await capped_body(request)
+        if raw is None:
             raise FeedbackError("request body too large")
         try:
             data = json.loads(raw or b"{}")
@@ -326,7 +342,12 @@ def build_app(cfg: PageConfig, views: dict[str, LineView], stopping: Callable[[]
 
     async def api_parts(request: Request, v: LineView, base: str) -> Response:
         verdict = request.query_params.get("verdict") or None
-        return JSONResponse(v.history.records(verdict, limit=int(request.query_params.get("limit", v.history.history))))
+        if verdict is not None and verdict not in VERDICT_NAMES:
+            return refused(400, f"verdict: expected one of {', '.join(VERDICT_NAMES)}, got {verdict[:20]!r}")
+        text = request.query_params.get("limit", str(v.history.history))
+        if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 100_000):
+            return refused(400, f"limit: expected a whole number 1-100000, got {text[:20]!r}")
+        return JSONResponse(v.history.records(verdict, limit=int(text)))
 
     async def events(request: Request, v: LineView, base: str) -> Response:
         feed = LiveFeed(v, (lambda: overview_document(views)) if several else None)
@@ -363,8 +384,8 @@ def build_app(cfg: PageConfig, views: dict[str, LineView], stopping: Callable[[]
             return bad
         if not sessions.writable:
             return refused(403, "the page is read-only: no users are configured in the station file")
-        raw = await request.body()
-        if len(raw) > _MAX_BODY:
+        raw = await capped_body(request)
+        if raw is None:
             return refused(413, "request body too large")
         from urllib.parse import parse_qs
 

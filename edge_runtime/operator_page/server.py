@@ -24,6 +24,7 @@ from edge_runtime.operator_page.recipe_feedback import RecipeFeedback
 
 log = logging.getLogger(__name__)
 RELOAD_TIMEOUT_S = 180.0
+PAGE_MAX_CONNECTIONS = 64   # operators' browsers (each holds one live-update stream); more get 503 at once
 SINGLE_LINE = "line"   # the URL name of a station without `lines:` (as in /healthz and /recipe)
 
 NO_STATE_DIR = "feedback needs a state_dir for the bundle versions"
@@ -89,8 +90,11 @@ class OperatorPage:
         from edge_runtime.operator_page.app import build_app
 
         app = build_app(self.cfg, self.views, lambda: self._stopping)
+        # limit_concurrency: past it uvicorn answers 503 at once instead of holding more connections, so a flood of
+        # clients cannot take every file descriptor the station needs for its parts and records.
         config = uvicorn.Config(app, host=self.cfg.host, port=self.cfg.port, log_level="warning", access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=2, ws="none")
+                                lifespan="off", timeout_graceful_shutdown=2, ws="none",
+                                limit_concurrency=PAGE_MAX_CONNECTIONS, timeout_keep_alive=5)
         self._server = uvicorn.Server(config)
         started = threading.Event()
         error: list[BaseException] = []

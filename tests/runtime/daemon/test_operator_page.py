@@ -125,6 +125,13 @@ def test_unauthenticated_cross_site_and_role_checks(page_station):
     health = c.get_json("/api/status")["health"]
     assert health["last_fault"]["frame_id"] == faulted["frame_id"] and "broken.png" in health["last_fault"]["error"]
     assert [p["frame_id"] for p in c.get_json("/api/parts?verdict=FAULT")] == [faulted["frame_id"]]
+    for query in ("limit=abc", "limit=-1", "limit=0", "verdict=XX"):          # a 400 naming the field, no 500
+        status, raw = c.request("GET", f"/api/parts?{query}")[:2]
+        assert status == 400 and query.split("=")[0].encode() in raw, (query, status, raw)
+    # An unauthenticated body of any size is refused from its declared size, never buffered.
+    status = c.request("POST", "/login", b"x" * (64 * 1024),
+                       {"Content-Type": "application/x-www-form-urlencoded", "Origin": f"http://127.0.0.1:{port}"})[0]
+    assert status == 413
 
     status, body = c.post("/api/feedback/good/preview", {"frame_id": part["frame_id"]})
     assert status == 401, body                                           # no session: refused
