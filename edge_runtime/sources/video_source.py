@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -39,7 +40,9 @@ class VideoSourceConfig:
     path: str                                  # a video file, or a stream URL such as rtsp://camera/stream1
     loop: bool = False                         # files only: start over at the end instead of being exhausted
     backend: Literal["any", "ffmpeg", "gstreamer"] = "any"
-    open_timeout_s: float = 10.0               # streams, FFmpeg backend: give up connecting after this long
+    # streams, FFmpeg backend: give up connecting after this long. The call blocks the line's loop, so both stay
+    # well below the unit's 10 s watchdog (a hung camera is a FAULT and a reopen, not a killed daemon).
+    open_timeout_s: float = 5.0
     read_timeout_s: float = 5.0                # streams, FFmpeg backend: a stalled stream fails after this long
     accept_damaged_frames: bool = False        # files: skip frames the decoder cannot decode instead of FAULT each
     name: str | None = None
@@ -49,8 +52,9 @@ class VideoSourceConfig:
             raise ValueError("path: must name a video file or stream URL")
         if self.loop and is_stream_url(self.path):
             raise ValueError("loop: applies only to video files, not stream URLs")
-        if self.open_timeout_s <= 0 or self.read_timeout_s <= 0:
-            raise ValueError("open_timeout_s and read_timeout_s: must be > 0")
+        for key in ("open_timeout_s", "read_timeout_s"):
+            if not 0 < getattr(self, key) <= 8:
+                raise ValueError(f"{key}: must be > 0 and <= 8 (below the 10 s watchdog), got {getattr(self, key)}")
 
 
 class VideoSource(FrameSource):
@@ -88,12 +92,16 @@ class VideoSource(FrameSource):
         backend = BACKENDS[self.cfg.backend]
         if self.is_stream and self.cfg.backend == "any":
             backend = cv2.CAP_FFMPEG  # so the timeouts above apply
+        t0 = time.monotonic()
         try:
             cap = self._factory(self.cfg.path, backend, self._params())
         except Exception as exc:  # cv2.error for some malformed targets
             raise SourceError(f"{self.name}: cannot open: {exc}") from exc
         if not cap.isOpened():
             cap.release()
+            if self.is_stream and time.monotonic() - t0 >= 0.9 * self.cfg.open_timeout_s:
+                raise SourceError(f"{self.name}: no answer within open_timeout_s {self.cfg.open_timeout_s:g} s "
+                                  "(camera unreachable or not streaming)")
             raise SourceError(f"{self.name}: cannot open (unsupported codec, unreachable stream or not a video)")
         self._cap = cap
         self._exhausted = False

@@ -1,3 +1,5 @@
+import time
+
 import cv2
 import numpy as np
 import pytest
@@ -117,6 +119,24 @@ def test_config_rules():
     assert isinstance(cfg, VideoSourceConfig) and cfg.loop
     with pytest.raises(ConfigError, match="loop"):
         convert({"type": "video", "path": "rtsp://cam/1", "loop": True}, SourceConfig, "source")
+    # The blocking open/read of a stream stays below the unit's 10 s watchdog, by default and when set.
+    assert VideoSourceConfig(path="rtsp://cam/1").open_timeout_s < 10
+    with pytest.raises(ConfigError, match=r"open_timeout_s: must be > 0 and <= 8 \(below the 10 s watchdog\), got 10"):
+        convert({"type": "video", "path": "rtsp://cam/1", "open_timeout_s": 10}, SourceConfig, "source")
+
+
+def test_a_stream_that_never_answers_says_it_timed_out():
+    class Hung(StreamCapture):
+        def isOpened(self):
+            return False
+
+    def slow_factory(*_):
+        time.sleep(0.12)                      # the open blocked for its whole timeout
+        return Hung([])
+
+    src = VideoSource(VideoSourceConfig(path="rtsp://10.0.0.9/s", open_timeout_s=0.1), capture_factory=slow_factory)
+    with pytest.raises(SourceError, match="no answer within open_timeout_s 0.1 s"):
+        src.open()
 
 
 def damage_frame(path, index: int) -> None:
