@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from edge_runtime.bundle import MANIFEST
+from edge_runtime.bundle import (MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE, BundleError, _read_regular, safe_member)
+from edge_runtime.safe_yaml import load_strict
 from edge_runtime.bundle_policy import VERSION_STATE_FILE
 from edge_runtime.outputs.base import Output
 from edge_runtime.records import InspectionResult, Verdict
@@ -40,10 +41,46 @@ log = logging.getLogger("edge_runtime.rollout")
 # Staged copies live apart from <state_dir>/bundles, where the device keeps the versions it makes itself
 # (bundle_versions.py): pruning one folder must never reach the other.
 STAGING_DIR = "rollout"
+MAX_STAGED_BYTES = 4 << 30   # a bundle is tens of MB (a 10% magnetic-tile bank: ~50 MB); far more is not one
 _STAGED = re.compile(r"-\d{8}T\d{6}-\d+-\d{1,3}$")
 
 ROLLOUT_STATE_FILE = "rollout.json"
 _HISTORY = 20
+
+
+def stage_listed_files(src: Path, dest: Path) -> None:
+    """Copy an offered bundle into `dest`: its manifest, its signature and the files the manifest lists, nothing
+    else (the offer is not verified yet: a folder holding a symlink to / or a large file must not make the station
+    copy gigabytes). Refuses symlinks, paths outside the folder and offers over MAX_STAGED_BYTES by their declared
+    sizes, before copying; each file is copied no further than its declared size, plus one byte for the check
+    that follows to see the difference. Raises BundleError or OSError."""
+    src = Path(src)
+    raw = _read_regular(src / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
+    try:
+        manifest = load_strict(raw, str(src / MANIFEST))
+    except Exception as exc:  # noqa: BLE001 - YAML refused or unreadable: the offer is refused, named
+        raise BundleError(f"{src / MANIFEST}: not a readable manifest ({type(exc).__name__}: {str(exc)[:200]})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{src / MANIFEST}: 'files' must list every bundle file")
+    sizes = {rel: meta.get("bytes") if isinstance(meta, dict) else None for rel, meta in files.items()}
+    if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in sizes.values()):
+        raise BundleError(f"{src / MANIFEST}: every listed file needs its size in bytes")
+    if sum(sizes.values()) > MAX_STAGED_BYTES:
+        raise BundleError(f"{src}: the listed files hold {sum(sizes.values())} bytes, over the {MAX_STAGED_BYTES} "
+                          "byte limit of a bundle")
+    dest.mkdir(parents=True)
+    for rel in (MANIFEST, SIGNATURE, *files):
+        path = src / rel if rel in (MANIFEST, SIGNATURE) else safe_member(src, rel)
+        if rel == SIGNATURE and not os.path.lexists(path):
+            continue
+        if os.path.islink(src / rel) or not path.is_file():
+            raise BundleError(f"{src}: {rel!r} is a symlink or not a regular file")
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        limit = MAX_MANIFEST_BYTES if rel in (MANIFEST, SIGNATURE) else sizes[rel] + 1
+        with open(path, "rb") as fin, open(target, "wb") as fout:
+            fout.write(fin.read(limit))
 
 
 @dataclass(kw_only=True)
@@ -251,9 +288,9 @@ class RolloutManager(Output):
         dest = staging / f"{src.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{int(time.time() * 1000) % 1000}"
         tmp = dest.with_name(dest.name + ".tmp")
         try:
-            shutil.copytree(src, tmp, symlinks=False)
+            stage_listed_files(src, tmp)
             os.replace(tmp, dest)
-        except OSError as exc:
+        except (OSError, BundleError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             self._event("rejected", f"{location}: cannot stage into {staging}: {exc}")
             return

@@ -265,3 +265,24 @@ def test_pruning_staged_copies_never_touches_other_bundles_in_the_folder(tmp_pat
     default = RolloutConfig(enabled=True)
     default.resolve_paths(lambda key, value: value, "rollout", str(state))
     assert default.staging_dir == str(state / STAGING_DIR) != str(folder)
+
+
+def test_staging_an_offer_copies_only_the_files_its_manifest_lists_and_refuses_links(tmp_path, device_bundle):
+    """The offer is not verified yet: a symlink to / or gigabytes beside the bundle must not be copied."""
+    from edge_runtime.bundle import BundleError
+    from edge_runtime.rollout import stage_listed_files
+
+    offer = tmp_path / "offer"
+    shutil.copytree(device_bundle, offer)
+    (offer / "junk.bin").write_bytes(b"x" * 1000)
+    (offer / "everything").symlink_to("/")
+    stage_listed_files(offer, tmp_path / "staged")
+    listed = set(Bundle.load(offer).manifest["files"]) | {"manifest.yaml"}
+    copied = {p.relative_to(tmp_path / "staged").as_posix() for p in (tmp_path / "staged").rglob("*") if p.is_file()}
+    assert copied == listed
+    Bundle.load(tmp_path / "staged")                  # what was copied is the whole bundle
+    model = next(rel for rel in listed if rel.endswith(".onnx"))
+    (offer / model).unlink()
+    (offer / model).symlink_to("/etc/hostname")
+    with pytest.raises(BundleError, match="resolves outside the bundle|symlink"):
+        stage_listed_files(offer, tmp_path / "staged2")
