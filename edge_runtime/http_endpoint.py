@@ -10,6 +10,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,7 +40,7 @@ class HttpConfig:
     stall_after_s: float | None = None  # /healthz says 503 "stalled" when one frame is in inspection longer;
                                         # None: inference.deadline_ms, at least 2 s
     max_connections: int = 16        # concurrent connections (a thread each); more get a quick 503 and are closed
-    idle_timeout_s: float = 5.0      # a connection that sends nothing for this long is closed
+    idle_timeout_s: float = 5.0      # a connection whose request is not read and answered within this is closed
     allowed_hosts: list[str] = field(default_factory=list)  # Host names accepted besides IP literals, localhost
                                      # and `host` (a name that is not listed is refused: DNS rebinding)
 
@@ -236,7 +237,8 @@ class HttpEndpoint:
         handler = _make_handler(self)
         handler.timeout = self.cfg.idle_timeout_s  # socket timeout per connection (StreamRequestHandler.setup)
         server_cls = _IPv6Server if ":" in self.cfg.host else _BoundedServer
-        server = server_cls((self.cfg.host, self.cfg.port), handler, max_connections=self.cfg.max_connections)
+        server = server_cls((self.cfg.host, self.cfg.port), handler, max_connections=self.cfg.max_connections,
+                            deadline_s=self.cfg.idle_timeout_s)
         self._server = server
         # A short poll interval makes stop() (and the daemon's shutdown) quick; the cost is a few wakeups a second.
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -326,12 +328,33 @@ class _BoundedServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64  # listen backlog: a burst of connects is accepted and answered, not left in SYN
 
-    def __init__(self, address, handler, *, max_connections: int) -> None:
+    def __init__(self, address, handler, *, max_connections: int, deadline_s: float) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)
         self._count_lock = threading.Lock()
         self.active = 0
         self.rejected = 0
+        # The handler's socket timeout bounds one recv; a client sending a byte every few seconds (slowloris)
+        # would hold its slot forever. One reaper shuts every connection older than deadline_s.
+        self._deadline_s = deadline_s
+        self._opened: dict[socket.socket, float] = {}
+        self._closed = threading.Event()
         super().__init__(address, handler)
+        threading.Thread(target=self._reap, name="http-reaper", daemon=True).start()
+
+    def _reap(self) -> None:
+        while not self._closed.wait(min(0.5, self._deadline_s / 4)):
+            now = time.monotonic()
+            with self._count_lock:
+                late = [s for s, t0 in self._opened.items() if now - t0 > self._deadline_s]
+            for sock in late:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def server_close(self) -> None:
+        self._closed.set()
+        super().server_close()
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):
@@ -346,9 +369,12 @@ class _BoundedServer(ThreadingHTTPServer):
             return
         with self._count_lock:
             self.active += 1
+            self._opened[request] = time.monotonic()
         try:
             super().process_request(request, client_address)
         except BaseException:  # the thread did not start: give the slot back
+            with self._count_lock:
+                self._opened.pop(request, None)
             self._release()
             self.shutdown_request(request)
             raise
@@ -357,6 +383,8 @@ class _BoundedServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._count_lock:
+                self._opened.pop(request, None)
             self._release()
 
     def _release(self) -> None:
@@ -373,6 +401,7 @@ def _make_handler(endpoint: HttpEndpoint) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "edge-runtime"
         sys_version = ""
+
 
         def _send(self, result: tuple[int, str, bytes]) -> None:
             code, content_type, body = result

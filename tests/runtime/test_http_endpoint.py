@@ -242,6 +242,38 @@ def test_flood_of_idle_connections_is_bounded_and_health_still_answers(serve, st
             s.close()
 
 
+def test_clients_dripping_their_request_byte_by_byte_cannot_hold_the_endpoint(serve, station):
+    """Slowloris: one header byte every 0.3 s never trips a per-recv timeout; the whole exchange has a deadline."""
+    station.status = StationStatus(state="ready", bundle_id="b", uptime_s=1.0)
+    ep = serve(max_connections=2, idle_timeout_s=1.0)
+    stop = threading.Event()
+
+    def drip() -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", ep.port), timeout=5) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\n")
+                while not stop.is_set():
+                    s.sendall(b"X")
+                    time.sleep(0.3)
+        except OSError:
+            pass   # the server shut the socket: what this test wants
+
+    drippers = [threading.Thread(target=drip, daemon=True) for _ in range(2)]
+    for t in drippers:
+        t.start()
+    try:
+        time.sleep(0.5)                              # both slots are taken by the drippers
+        deadline = time.monotonic() + 10
+        while True:
+            code = request(ep, "/healthz")[0]
+            if code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert code == 200, "slow clients held every slot past the deadline"
+    finally:
+        stop.set()
+
+
 def test_connection_limits_are_validated():
     with pytest.raises(ConfigError, match="http.max_connections: must be 1..1024, got 0"):
         from_mapping(HttpConfig, {"max_connections": 0}, "http")
