@@ -109,6 +109,23 @@ def feed(folder: Path, image: Path, name: str, client: Client) -> dict:
     return wait_for(lambda: next((p for p in client.get_json("/api/parts") if p["source"].endswith(name)), None))
 
 
+def test_a_client_guessing_passwords_is_refused_before_it_costs_more_scrypt(page_station):
+    """Each check is a deliberately costly scrypt on the station's cores: past a few wrong passwords within the
+    window a client gets 429 at once, whatever it sends, the right password included."""
+    from edge_runtime.operator_page.app import LOGIN_FAILURES_ALLOWED
+
+    start, folder, port, images = page_station
+    start()
+    guesser = Client(port)
+    wait_for(lambda: guesser.get_json("/api/status")["state"] == "ready")
+    form = {"Origin": f"http://127.0.0.1:{port}", "Content-Type": "application/x-www-form-urlencoded"}
+    codes = [guesser.request("POST", "/login", f"name=otto&password=guess{i}".encode(), form)[0]
+             for i in range(LOGIN_FAILURES_ALLOWED)]
+    assert codes == [303] * LOGIN_FAILURES_ALLOWED
+    status, raw = guesser.request("POST", "/login", f"name=otto&password={PASSWORDS['otto']}".encode(), form)
+    assert status == 429 and b"too many failed logins" in raw
+
+
 def test_unauthenticated_cross_site_and_role_checks(page_station):
     start, folder, port, images = page_station
     start()
