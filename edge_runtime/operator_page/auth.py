@@ -12,13 +12,14 @@ from edge_runtime.operator_page.config import ROLES, PageUser
 
 # scrypt cost: 2^14 x 8 x 1 takes ~50 ms and 16 MiB on a Pi-class CPU, per login only.
 _N, _R, _P = 2 ** 14, 8, 1
+_MAXMEM = 64 * 1024 * 1024   # what one login's scrypt may use
 SESSION_COOKIE = "edge_page_session"
 
 
 def hash_password(password: str, *, n: int = _N, r: int = _R, p: int = _P) -> str:
     """'scrypt$N$r$p$<salt hex>$<hash hex>' for the station file's page.users[].password_hash."""
     salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=32)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=32)
     return f"scrypt${n}${r}${p}${salt.hex()}${digest.hex()}"
 
 
@@ -34,12 +35,17 @@ def parse_hash(text: str) -> tuple[int, int, int, bytes, bytes]:
     except ValueError:
         raise ValueError("password_hash: expected scrypt$N$r$p$<salt hex>$<hash hex> from `edge-runtime "
                          f"hash-password`, got {text[:20]!r}...") from None
+    need = 128 * r * p + 128 * r * (n + 2)   # OpenSSL's scrypt memory: B (p blocks) + V (N + 2 blocks)
+    if need > _MAXMEM:
+        # Such a hash validates as text but fails every login with "memory limit exceeded" (a 500).
+        raise ValueError(f"password_hash: scrypt N={n}, r={r} needs {need >> 20} MiB per login, over the "
+                         f"{_MAXMEM >> 20} MiB a login may use; make the hash with `edge-runtime hash-password`")
     return n, r, p, salt, digest
 
 
 def check_password(password: str, stored: str) -> bool:
     n, r, p, salt, digest = parse_hash(stored)
-    got = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=len(digest))
+    got = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=len(digest))
     return hmac.compare_digest(got, digest)
 
 

@@ -34,6 +34,10 @@ def test_a_plain_password_in_the_station_file_is_refused(tmp_path):
         load_station(station(tmp_path, {"users": [{"name": "a", "role": "operator", "password_hash": "hunter2"}]}))
     with pytest.raises(ConfigError, match=r"page.users\[0\].role"):
         load_station(station(tmp_path, {"users": [{"name": "a", "role": "admin", "password_hash": hash_password("x")}]}))
+    # Well-formed but too costly: every login would fail with "memory limit exceeded" (a 500), so it is refused here.
+    costly = "scrypt$65536$8$1$" + "00" * 16 + "$" + "00" * 32
+    with pytest.raises(ConfigError, match=r"page.users\[0\].*N=65536, r=8 needs 64 MiB per login"):
+        load_station(station(tmp_path, {"users": [{"name": "a", "role": "operator", "password_hash": costly}]}))
 
 
 def test_hash_password_command_round_trip():
