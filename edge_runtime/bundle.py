@@ -71,7 +71,7 @@ def safe_member(root: Path, rel: str) -> Path:
     return full
 
 
-def _read_regular(path: Path, limit: int | None, what: str) -> bytes:
+def read_regular(path: Path, limit: int | None, what: str) -> bytes:
     """All bytes of regular file `path` (one open, no FIFO or device), refusing more than `limit` bytes."""
     try:
         # O_NONBLOCK: opening a FIFO planted in the bundle must not block the daemon; it is refused below.
@@ -106,7 +106,7 @@ def verify_manifest_signature(root: Path, raw: bytes, public_key: bytes) -> None
     if not sig_path.is_file():
         raise BundleError(f"{sig_path}: signature is missing and a public key is configured")
     safe_member(root, SIGNATURE)
-    signature = _read_regular(sig_path, 1024, "signature")
+    signature = read_regular(sig_path, 1024, "signature")
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, raw)
     except (InvalidSignature, ValueError):
@@ -215,7 +215,7 @@ class Bundle:
         if not mpath.is_file():
             raise BundleError(f"{mpath}: manifest is missing")
         safe_member(root, MANIFEST)  # a manifest symlinked from elsewhere is not this bundle's manifest
-        raw = _read_regular(mpath, MAX_MANIFEST_BYTES, "manifest")
+        raw = read_regular(mpath, MAX_MANIFEST_BYTES, "manifest")
         if public_key is not None:
             verify_manifest_signature(root, raw, public_key)
         try:
@@ -268,10 +268,10 @@ class Bundle:
         path = safe_member(self.root, rel)
         files = self.manifest.get("files")
         if not self._pinned and not (isinstance(files, dict) and rel in files):
-            data = _read_regular(path, None, "file")
+            data = read_regular(path, None, "file")
         else:
             meta = self._file_meta(rel)
-            data = _read_regular(path, meta["bytes"], "file listed in the manifest")
+            data = read_regular(path, meta["bytes"], "file listed in the manifest")
             if len(data) != meta["bytes"]:
                 raise BundleError(f"{path}: size {len(data)} bytes, manifest says {meta['bytes']} (truncated or replaced)")
             actual = hashlib.sha256(data).hexdigest()
@@ -297,7 +297,7 @@ class Bundle:
     def verify_signature(self, public_key: bytes, raw: bytes | None = None) -> None:
         """ed25519 signature of manifest.yaml (which pins every other file by sha256)."""
         if raw is None:
-            raw = _read_regular(self.root / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
+            raw = read_regular(self.root / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
         verify_manifest_signature(self.root, raw, public_key)
 
     def _check_identity(self) -> None:

@@ -8,7 +8,7 @@ import ctypes
 import logging
 from pathlib import Path
 
-from edge_runtime.bundle import Bundle, BundleError
+from edge_runtime.bundle import Bundle, BundleError, read_regular
 from edge_runtime.bundle_versions import load_station_bundle
 from edge_runtime.bundle_policy import check_admission, record_loaded
 from edge_runtime.config import StationConfig
@@ -21,10 +21,14 @@ log = logging.getLogger("edge_runtime.daemon")
 __all__ = ["load_pipeline", "load_public_key", "release_freed_memory"]
 
 
+# A raw ed25519 key is 32 bytes and a PEM one about 100: far more is not a key (and /dev/zero would never end).
+KEY_FILE_MAX_BYTES = 64 * 1024
+
+
 def load_public_key(path: str | None) -> bytes | None:
     if not path:
         return None
-    raw = Path(path).read_bytes()
+    raw = read_regular(Path(path), KEY_FILE_MAX_BYTES, "public key")
     if len(raw) == 32:
         return raw
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key

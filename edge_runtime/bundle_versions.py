@@ -22,7 +22,7 @@ from pathlib import Path
 
 from edge_runtime.bank_adapt import (LINEAGE_DIR, AdaptError, append_audit, copy_verified, login_user,
                                      sign_version)
-from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, sha256_file, write_manifest
+from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, read_regular, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,14 @@ def station_public_key(private_pem: str | Path) -> bytes:
     """Raw ed25519 public key of the station-local signing key (page.station_signing_key)."""
     from cryptography.hazmat.primitives import serialization
 
-    key = serialization.load_pem_private_key(Path(private_pem).read_bytes(), password=None)
+    from edge_runtime.bundle_loader import KEY_FILE_MAX_BYTES
+
+    raw = read_regular(Path(private_pem), KEY_FILE_MAX_BYTES, "page.station_signing_key")
+    try:
+        key = serialization.load_pem_private_key(raw, password=None)
+    except (ValueError, TypeError) as exc:
+        raise BundleError(f"{private_pem}: page.station_signing_key is not an unencrypted PEM private key "
+                          f"({str(exc)[:120]})") from None
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from edge_runtime.bundle import (MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE, BundleError, _read_regular, safe_member)
+from edge_runtime.bundle import MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE, BundleError, read_regular, safe_member
 from edge_runtime.safe_yaml import load_strict
 from edge_runtime.bundle_policy import VERSION_STATE_FILE
 from edge_runtime.outputs.base import Output
@@ -55,7 +55,7 @@ def stage_listed_files(src: Path, dest: Path) -> None:
     sizes, before copying; each file is copied no further than its declared size, plus one byte for the check
     that follows to see the difference. Raises BundleError or OSError."""
     src = Path(src)
-    raw = _read_regular(src / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
+    raw = read_regular(src / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
     try:
         manifest = load_strict(raw, str(src / MANIFEST))
     except Exception as exc:  # noqa: BLE001 - YAML refused or unreadable: the offer is refused, named

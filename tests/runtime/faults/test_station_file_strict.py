@@ -136,3 +136,8 @@ def test_a_station_that_could_pass_a_part_without_record_or_deadline_is_invalid(
 def test_the_deadline_is_on_by_default(tmp_path):
     cfg = load_station(write(tmp_path, BASE))
     assert cfg.inference.deadline_ms == 2000
+
+
+def test_a_key_path_that_is_a_device_is_refused_at_once_not_read_forever(tmp_path, capsys):
+    rc, out = validate(write(tmp_path, {**BASE, "security": {"bundle_public_key": "/dev/zero"}}), capsys)
+    assert rc == 2 and "security.bundle_public_key" in out and "/dev/zero: public key is not a regular file" in out
