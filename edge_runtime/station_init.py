@@ -78,8 +78,11 @@ def parse_source(spec: str) -> tuple[str, str | int]:
     kind, sep, value = spec.partition(":")
     if not sep or kind not in SOURCE_KINDS or not value:
         raise InitError(f"--source {spec!r}: expected camera:INDEX|DEVICE, folder:PATH or video:PATH|URL")
-    if kind == "camera" and value.isdigit():
-        return kind, int(value)
+    if kind == "camera" and value.lstrip("-").isdigit():
+        index = int(value)
+        if not 0 <= index <= 255:   # V4L2 numbers /dev/videoN 0-255
+            raise InitError(f"--source {spec!r}: a camera index is 0-255 (see `edge-runtime cameras`)")
+        return kind, index
     return kind, value
 
 

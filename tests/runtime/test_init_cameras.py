@@ -239,3 +239,6 @@ def test_parse_source():
     assert parse_source("camera:2") == ("camera", 2)
     assert parse_source("camera:/dev/video2") == ("camera", "/dev/video2")
     assert parse_source("video:rtsp://h/s") == ("video", "rtsp://h/s")
+    for bad in ("camera:-1", "camera:99999"):   # named as the --source it is, not as an invalid generated file
+        with pytest.raises(InitError, match=f"--source '{bad}': a camera index is 0-255"):
+            parse_source(bad)
