@@ -204,7 +204,8 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
             f"  path: {_q(_station_relative(str(value), station_dir))}   # video file or rtsp:// URL (required)",
             "  loop: false              # files: start over at the end (default: false)",
             "  backend: any             # any | ffmpeg | gstreamer (default: any)",
-            "  open_timeout_s: 10.0     # streams: give up connecting after this long (default: 10)",
+            "  open_timeout_s: 5.0      # streams: give up connecting after this long, at most 8 (below the 10 s "
+            "watchdog) (default: 5)",
             "  read_timeout_s: 5.0      # streams: a stalled stream fails after this long (default: 5)",
         ]
     L += [
