@@ -534,19 +534,24 @@ def test_gpio_select_lines_that_cannot_be_claimed_fault_the_line(two_products, w
     running.stop()
 
 
+def started_on_cap_a(two_products, write_station, part_images_bytes, start_station):
+    """A triggered recipe station on looping parts, READY on cap-a: (running, recorder, switcher)."""
+    rec = RecipeRecorder()
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(recipe_station(write_station, two_products), source=source, outputs=[rec])
+    switcher = running.station.line.recipes
+    wait_until(lambda: switcher is not None and switcher.status == "ok" and rec.ready, what="ready")
+    return running, rec, switcher
+
+
 @pytest.mark.parametrize("when", ["pending", "running"])
 def test_a_reload_signal_during_a_requested_switch_keeps_the_requested_recipe(two_products, write_station,
                                                                               part_images_bytes, start_station, when):
     """SIGHUP re-reads the recipe the controller asked for last; re-reading the active one would undo an
     acknowledged switch and leave the line READY on the other product."""
-    cfg = recipe_station(write_station, two_products)
-    rec = RecipeRecorder()
-    source = ScriptedSource(steps=part_images_bytes)
-    source.cfg.loop = True
-    running = start_station(cfg, source=source, outputs=[rec])
+    running, rec, switcher = started_on_cap_a(two_products, write_station, part_images_bytes, start_station)
     station = running.station
-    switcher = station.line.recipes
-    wait_until(lambda: switcher is not None and switcher.status == "ok" and rec.ready, what="ready")
     switcher.request("cap-b", "plc")
     if when == "running":
         wait_until(lambda: switcher.switching_to is not None, what="the switch running")
@@ -564,14 +569,8 @@ def test_a_part_triggered_right_after_a_recipe_request_is_fault_not_the_old_reci
                                                                                        start_station):
     """The controller asks for product b and triggers at once: the part may be b; the old recipe must not pass it,
     whether or not the loop has started the switch yet."""
-    cfg = recipe_station(write_station, two_products)
-    rec = RecipeRecorder()
-    source = ScriptedSource(steps=part_images_bytes)
-    source.cfg.loop = True
-    running = start_station(cfg, source=source, outputs=[rec])
+    running, rec, switcher = started_on_cap_a(two_products, write_station, part_images_bytes, start_station)
     station = running.station
-    switcher = station.line.recipes
-    wait_until(lambda: switcher is not None and switcher.status == "ok" and rec.ready, what="ready")
     assert switcher.stale(triggered_mono=time.monotonic()) is None
     switcher.request("cap-b", "plc")
     assert switcher.stale(triggered_mono=time.monotonic()) == "part triggered after a recipe switch was requested"
