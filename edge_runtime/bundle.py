@@ -462,10 +462,14 @@ def _plain(obj: Any) -> Any:
 
 
 def clear_output_dir(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> None:
-    """Make `out` ready for a new bundle: refuse a folder that is, holds or lies inside one of `inputs`
-    (name -> folder the command reads: training images, calibration defects, the source bundle), refuse a
-    non-empty one without `overwrite`, and with it delete only a folder that holds a bundle (its manifest.yaml).
+    """Make `out` ready for a new bundle: refuse a symlink, and a folder that is or holds one of `inputs` (name ->
+    folder the command reads: training images, calibration defects, the source bundle), refuse a non-empty one
+    without `overwrite`, and with it delete only a folder that holds a bundle (its manifest.yaml).
     Raises FileExistsError; a user's photos or project folder are never deleted by a mistyped --out."""
+    if os.path.islink(out):
+        # A `current -> v3` link (the layout the docs use): deleting would remove v3, not the link.
+        raise FileExistsError(f"--out {out} is a symlink (to {os.readlink(out)}): give a new folder, then point the "
+                              "link at it")
     target = Path(out).resolve()
     for what, folder in inputs.items():
         if folder is None:
@@ -474,9 +478,6 @@ def clear_output_dir(out: Path, overwrite: bool, inputs: dict[str, Path | None])
         if target == src or target in src.parents:
             raise FileExistsError(f"--out {out} is or contains the {what} ({folder}): writing the bundle there "
                                   "would delete it; choose a new folder")
-        if src in target.parents:
-            raise FileExistsError(f"--out {out} lies inside the {what} ({folder}): its images would be read as "
-                                  "input next time; choose a folder outside it")
     if not target.exists():
         return
     if not target.is_dir():

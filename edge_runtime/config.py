@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 # timeout (device_configs/: 300-1000 ms).
 DEFAULT_DEADLINE_MS = 2000.0
 
-# A station file whose outputs name no result_log gets one (results.jsonl next to the station file; a line's:
-# results-<line>.jsonl): the bus writes a part's record before any line output is told the verdict
+# A station file whose outputs name no result_log gets one (<state_dir>/results.jsonl; a line's:
+# <state_dir>/lines/<line>/results.jsonl): the bus writes a part's record before any line output is told the verdict
 # (output_bus.py), so without one an OK would reach the controller with no record of it.
 DEFAULT_RESULT_LOG = "results.jsonl"
 
@@ -64,7 +64,7 @@ class InferenceConfig:
     # A verdict later than this after the trigger (free run: after capture) is FAULT, and one a stalled serial port
     # still holds then is never sent: set it to the controller's own timeout. Always on: a station with no
     # deadline would hand a stalled inspection's OK to whichever part the controller is waiting for by then.
-    deadline_ms: float = DEFAULT_DEADLINE_MS
+    deadline_ms: float | None = DEFAULT_DEADLINE_MS   # null (station files from before 0.9): the default
     review_threshold: float | None = None             # None: the bundle's review band (if any); raw image score
 
     def validate(self) -> None:
@@ -78,6 +78,11 @@ class InferenceConfig:
             raise ValueError(f"ivf_nprobe: must be >= 1, got {self.ivf_nprobe}")
         if self.review_threshold is not None and not self.review_threshold > 0:
             raise ValueError(f"review_threshold: must be > 0, got {self.review_threshold}")
+        if self.deadline_ms is None:
+            # `edge-runtime init` used to write `deadline_ms: null` for "no deadline"; there is none such now.
+            log.warning("inference.deadline_ms: null no longer means no deadline: using %g ms (set your "
+                        "controller's timeout)", DEFAULT_DEADLINE_MS)
+            self.deadline_ms = DEFAULT_DEADLINE_MS
         if not (isinstance(self.deadline_ms, (int, float)) and 0 < self.deadline_ms < math.inf):
             raise ValueError(f"deadline_ms: must be a number of milliseconds > 0 (the controller's timeout), "
                              f"got {self.deadline_ms!r}")
@@ -230,9 +235,6 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
         src.path = absolute("source.path", src.path)
     elif isinstance(src, PacedSourceConfig):
         src.path = absolute("source.path", src.path)
-    if not cfg.lines and not any(isinstance(o, ResultLogConfig) for o in cfg.outputs):
-        cfg.outputs.append(ResultLogConfig(path=DEFAULT_RESULT_LOG))
-        log.info("outputs name no result_log: every part is recorded in %s", absolute("outputs", DEFAULT_RESULT_LOG))
     for i, out in enumerate(cfg.outputs):
         if isinstance(out, ResultLogConfig):
             out.path = absolute(f"outputs[{i}].path", out.path)
@@ -241,6 +243,14 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
     if not cfg.state_dir:
         cfg.state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "state"
     cfg.state_dir = absolute("state_dir", cfg.state_dir)
+    # Outputs that name no result log get one in the state dir, which the service may write (the station file's
+    # folder is read-only under the shipped unit); a line's in its own state folder.
+    if not cfg.lines and not any(isinstance(o, ResultLogConfig) for o in cfg.outputs):
+        cfg.outputs.append(ResultLogConfig(path=os.path.join(cfg.state_dir, DEFAULT_RESULT_LOG)))
+        log.info("outputs name no result_log: every part is recorded in %s", cfg.outputs[-1].path)
+    for ln in cfg.lines:
+        if ln.outputs is not None and not any(isinstance(o, ResultLogConfig) for o in ln.outputs):
+            ln.outputs.append(ResultLogConfig(path=os.path.join(cfg.state_dir, "lines", ln.name, DEFAULT_RESULT_LOG)))
     if cfg.security.bundle_public_key:
         cfg.security.bundle_public_key = absolute("security.bundle_public_key", cfg.security.bundle_public_key)
     # Outputs with files of their own (MQTT: TLS files, password, outbox; OPC UA: certificate, key) resolve them

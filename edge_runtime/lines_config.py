@@ -88,9 +88,7 @@ def resolve_line_paths(lines: list[LineConfig], absolute: Callable[[str, str], s
             src.path = absolute(f"{key}.source.path", src.path)
         if ln.outputs is None:   # the default: a result log of its own, next to the station file
             ln.outputs = [ResultLogConfig(path=absolute(f"{key}.outputs", f"results-{ln.name}.jsonl"))]
-        elif not any(isinstance(o, ResultLogConfig) for o in ln.outputs):
-            # Outputs without a record: the same log is added, so no verdict reaches the line unrecorded.
-            ln.outputs.append(ResultLogConfig(path=absolute(f"{key}.outputs", f"results-{ln.name}.jsonl")))
+
         for j, out in enumerate(ln.outputs):
             if isinstance(out, ResultLogConfig):
                 out.path = absolute(f"{key}.outputs[{j}].path", out.path)

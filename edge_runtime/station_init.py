@@ -204,8 +204,8 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
             f"  path: {_q(_station_relative(str(value), station_dir))}   # video file or rtsp:// URL (required)",
             "  loop: false              # files: start over at the end (default: false)",
             "  backend: any             # any | ffmpeg | gstreamer (default: any)",
-            "  open_timeout_s: 5.0      # streams: give up connecting after this long, at most 8 (below the 10 s "
-            "watchdog) (default: 5)",
+            "  open_timeout_s: 5.0      # streams: give up connecting after this long; above 8 (the 10 s watchdog) "
+            "is capped (default: 5)",
             "  read_timeout_s: 5.0      # streams: a stalled stream fails after this long (default: 5)",
         ]
     L += [
@@ -279,8 +279,8 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
         f"  exit_when_exhausted: {'false' if live else 'true'}   # a replayed folder or file that ends stops the "
         "daemon (default: true; false for live sources)",
         "",
-        "state_dir: null            # where the frame counter survives restarts; e.g. /var/lib/edge-runtime "
-        "(default: null, not kept)",
+        "state_dir: null            # frame counter, bundle version, journals, lock (one daemon per state_dir); "
+        "null: $STATE_DIRECTORY under systemd (/var/lib/edge-runtime), else ./state beside this file (default: null)",
         "",
         "security:",
         "  bundle_public_key: null  # ed25519 public key; only bundles signed with `edge-export sign` load "

@@ -34,6 +34,9 @@ def is_stream_url(path: str) -> bool:
     return bool(_URL.match(path)) and not path.lower().startswith("file://")
 
 
+STREAM_TIMEOUT_MAX_S = 8.0   # a stream's blocking open/read stays below the unit's 10 s watchdog
+
+
 @dataclass(kw_only=True)
 class VideoSourceConfig:
     type: Literal["video"] = "video"
@@ -53,8 +56,14 @@ class VideoSourceConfig:
         if self.loop and is_stream_url(self.path):
             raise ValueError("loop: applies only to video files, not stream URLs")
         for key in ("open_timeout_s", "read_timeout_s"):
-            if not 0 < getattr(self, key) <= 8:
-                raise ValueError(f"{key}: must be > 0 and <= 8 (below the 10 s watchdog), got {getattr(self, key)}")
+            value = getattr(self, key)
+            if not value > 0:
+                raise ValueError(f"{key}: must be > 0, got {value}")
+            if value > STREAM_TIMEOUT_MAX_S and is_stream_url(self.path):
+                # Station files from before this limit (init wrote open_timeout_s: 10.0) still load: capped.
+                log.warning("source.%s: %g s is above %g s (the unit's 10 s watchdog would kill a daemon blocked "
+                            "that long): using %g s", key, value, STREAM_TIMEOUT_MAX_S, STREAM_TIMEOUT_MAX_S)
+                setattr(self, key, STREAM_TIMEOUT_MAX_S)
 
 
 class VideoSource(FrameSource):

@@ -36,13 +36,17 @@ def test_a_mistyped_out_never_deletes_the_users_images_or_folders(tmp_path, caps
     (tmp_path / "project" / "notes.txt").write_text("line 7 setup")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "photo.png").write_bytes(b"x")
+    (tmp_path / "first").mkdir()
+    (tmp_path / "first" / "manifest.yaml").write_text("bundle_id: x\n")
+    (tmp_path / "current").symlink_to(tmp_path / "first")        # current -> first, as the docs lay bundles out
     cases = [(good, "is or contains the training folder"), (tmp_path / "project", "is or contains the training folder"),
-             (good / "bundle", "lies inside the training folder"), (tmp_path / "mine", "holds none")]
+             (tmp_path / "mine", "holds none"), (tmp_path / "current", "is a symlink")]
     for out, message in cases:
         assert export_main(["fit", str(good), "--out", str(out), "--overwrite"]) == 2
         assert message in capsys.readouterr().err
     assert sorted(p.name for p in good.iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
     assert (tmp_path / "project" / "notes.txt").exists() and (tmp_path / "mine" / "photo.png").exists()
+    assert (tmp_path / "first" / "manifest.yaml").exists(), "the bundle behind the link was deleted"
 
 
 def test_bundle_manifest_pins_the_score(small_bundle):

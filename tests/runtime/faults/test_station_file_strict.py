@@ -113,16 +113,17 @@ def test_oversized_station_file_is_refused_before_parsing(tmp_path):
 
 
 def test_outputs_without_a_result_log_get_one_so_no_verdict_goes_unrecorded(tmp_path):
+    # In the state dir: the service may write there (the station file's folder is read-only under the unit).
     cfg = load_station(write(tmp_path, {**BASE, "outputs": [{"type": "gpio", "ok": {"offset": 1}, "ng": {"offset": 2}}]}))
-    assert [o.type for o in cfg.outputs] == ["gpio", "result_log"] and cfg.outputs[1].path == str(tmp_path / "results.jsonl")
+    assert [o.type for o in cfg.outputs] == ["gpio", "result_log"]
+    assert cfg.outputs[1].path == str(tmp_path / "state" / "results.jsonl")
     lines = load_station(write(tmp_path, {**BASE, "lines": [{"name": "a", "source": {"type": "folder", "path": "images"},
                                                                "outputs": [{"type": "serial", "port": "/dev/ttyUSB0"}]}]}))
     assert [(o.type, getattr(o, "path", None)) for o in lines.lines[0].outputs] == [
-        ("serial", None), ("result_log", str(tmp_path / "results-a.jsonl"))]
+        ("serial", None), ("result_log", str(tmp_path / "state" / "lines" / "a" / "results.jsonl"))]
 
 
 @pytest.mark.parametrize("section, message", [
-    ({"inference": {"deadline_ms": None}}, "inference.deadline_ms"),
     ({"recipes": {"recipes": [{"name": "a", "number": 1, "bundle": "a"}]}, "rollout": {"enabled": True}},
      "rollout.enabled: not with recipes"),
     ({"outputs": [{"type": "result_log", "path": "r.jsonl", "backups": 0}]}, "backups: must be at least 1"),
@@ -133,9 +134,12 @@ def test_a_station_that_could_pass_a_part_without_record_or_deadline_is_invalid(
     assert rc == 2 and message in out, out
 
 
-def test_the_deadline_is_on_by_default(tmp_path):
+def test_the_deadline_is_on_by_default_and_an_old_null_means_the_default(tmp_path, caplog):
     cfg = load_station(write(tmp_path, BASE))
     assert cfg.inference.deadline_ms == 2000
+    # `edge-runtime init` wrote `deadline_ms: null` ("no deadline") before there was a default: such files load.
+    old = load_station(write(tmp_path, {**BASE, "inference": {"deadline_ms": None}}))
+    assert old.inference.deadline_ms == 2000 and "null no longer means no deadline" in caplog.text
 
 
 def test_a_key_path_that_is_a_device_is_refused_at_once_not_read_forever(tmp_path, capsys):
