@@ -66,9 +66,10 @@ def stage_listed_files(src: Path, dest: Path) -> None:
     sizes = {rel: meta.get("bytes") if isinstance(meta, dict) else None for rel, meta in files.items()}
     if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in sizes.values()):
         raise BundleError(f"{src / MANIFEST}: every listed file needs its size in bytes")
-    if sum(sizes.values()) > MAX_STAGED_BYTES:
-        raise BundleError(f"{src}: the listed files hold {sum(sizes.values())} bytes, over the {MAX_STAGED_BYTES} "
-                          "byte limit of a bundle")
+    total = sum(sizes.values())
+    if total > MAX_STAGED_BYTES:
+        raise BundleError(f"{src}: the listed files hold {total} bytes, over the {MAX_STAGED_BYTES} byte limit of a "
+                          "bundle")
     dest.mkdir(parents=True)
     for rel in (MANIFEST, SIGNATURE, *files):
         path = src / rel if rel in (MANIFEST, SIGNATURE) else safe_member(src, rel)

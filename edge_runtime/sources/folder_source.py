@@ -708,13 +708,13 @@ class FolderSource(FrameSource):
                 try:
                     st = os.stat(resolved)
                 except OSError:
-                    st = None
+                    pass
             if st is not None:
                 # The version read is the one acknowledged: a later rewrite is a new part.
                 self._in_flight = (path.name, st.st_size, st.st_mtime_ns)
         # The name travels into logs, records and error messages: escaped once, here.
-        frame = (Frame(frame_id=self._next_id, source=escape_name(str(path)), unreadable=unreadable)
-                 if unreadable is not None else Frame(frame_id=self._next_id, source=escape_name(str(path)), encoded=data))
+        frame = Frame(frame_id=self._next_id, source=escape_name(str(path)),
+                      encoded=None if unreadable is not None else data, unreadable=unreadable)
         self._next_id += 1
         self._frames_this_pass += 1
         return frame
