@@ -1,7 +1,7 @@
 """Geometry: which pixels of a frame the model sees, and where each patch score lands back on the frame.
 
-frame -> region (the ROI, or the whole frame) -> size check (the bundle's size policy) -> canvas (the region
-scaled to the pixel density the bank was fitted at) -> tiles (model inputs covering the canvas, overlapping) ...
+frame -> region (the ROI, or the whole frame) -> colour (the bundle's pin: grey or colour) -> size check (the
+bundle's size policy) -> canvas (the region scaled to the pixel density the bank was fitted at) -> tiles (model inputs covering the canvas, overlapping) ...
 patch scores -> stitched canvas heat map -> heat map at the region's own resolution.
 
 Everything here is pinned in the bundle manifest (`geometry`), so fitting and inspection cut identical tiles.
@@ -20,6 +20,9 @@ from edge_runtime.area_resize import inter_area
 from edge_runtime.decode import MAX_PIXELS, ImageError
 
 SIZE_POLICIES = ("refuse", "resize", "letterbox")
+# geometry.colour, pinned by fit from the training images: "grey" when every one is R = G = B (a mono camera),
+# else "colour"; None (bundles before it): frames are taken as they come. See `match_colour`.
+COLOURS = ("grey", "colour")
 INTERPOLATION = "INTER_AREA"         # region -> canvas (the last step of either resample method)
 # region -> canvas, pinned per bundle (geometry.resample): "area" is one cv2.INTER_AREA resize (bundles of schema 2);
 # "halve-area" first halves the region (2 x 2 box averages) while it is at least four times the canvas on both
@@ -59,8 +62,11 @@ class Geometry:
     roi: tuple[int, int, int, int] | None = None   # x, y, w, h crop of the frame; None: the whole frame
     size_policy: str = "refuse"                    # region of another size: refuse (FAULT), resize or letterbox
     resample: str = "area"                         # region -> canvas (RESAMPLE_METHODS); manifests without it: area
+    colour: str | None = None                      # COLOURS: what the bank was fitted on; None: not pinned
 
     def __post_init__(self) -> None:
+        if self.colour is not None and self.colour not in COLOURS:
+            raise ValueError(f"colour must be one of {', '.join(COLOURS)} (or absent), got {self.colour!r}")
         if self.size_policy not in SIZE_POLICIES:
             raise ValueError(f"size_policy must be one of {', '.join(SIZE_POLICIES)}, got {self.size_policy!r}")
         if self.resample not in RESAMPLE_METHODS:
@@ -102,6 +108,8 @@ class Geometry:
                               "then " if self.resample == "halve-area" else "") + f"cv2.{INTERPOLATION} (region -> canvas)",
             "pad_value": PAD_VALUE,
             "stitch": "per tile: patch grid -> cv2.resize INTER_LINEAR to the tile; overlaps: maximum",
+            "colour": self.colour,
+            "colour_rule": COLOUR_RULES[self.colour],
         }
 
     @classmethod
@@ -111,7 +119,8 @@ class Geometry:
         return cls(input_size=pair(g["input_size"]), canvas_size=pair(g["canvas_size"]),
                    tiles=tuple(pair(t) for t in g["tiles"]), region_size=pair(g.get("region_size")),
                    roi=tuple(int(v) for v in g["roi"]) if g.get("roi") else None,
-                   size_policy=g.get("size_policy", "refuse"), resample=g.get("resample", "area"))
+                   size_policy=g.get("size_policy", "refuse"), resample=g.get("resample", "area"),
+                   colour=g.get("colour"))
 
 
 # ---- planning (the exporter chooses; the manifest pins) --------------------------------------------------------
@@ -190,8 +199,14 @@ def crop_roi(rgb: np.ndarray, roi: tuple[int, int, int, int] | None, name: str =
 
 def to_canvas(region: np.ndarray, geom: Geometry, name: str = "<frame>",
               threads: int = 2) -> tuple[np.ndarray, Placement]:
-    """The region resampled onto the canvas, and where it landed. Raises ImageError under the `refuse` policy.
-    `threads`: the inspection's thread budget (`resample`)."""
+    """The region resampled onto the canvas (H x W x 3; a grey H x W region's one channel copied to all three),
+    and where it landed. Raises ImageError under the `refuse` policy. `threads`: the inspection's thread budget
+    (`resample`)."""
+    canvas, place = _to_canvas(region, geom, name, threads)
+    return (cv2.cvtColor(canvas, cv2.COLOR_GRAY2RGB) if canvas.ndim == 2 else canvas), place
+
+
+def _to_canvas(region: np.ndarray, geom: Geometry, name: str, threads: int) -> tuple[np.ndarray, Placement]:
     h, w = region.shape[:2]
     cw, ch = geom.canvas_size
     mismatch = geom.region_size is not None and (w, h) != geom.region_size
@@ -208,12 +223,48 @@ def to_canvas(region: np.ndarray, geom: Geometry, name: str = "<frame>",
         f = min(cw / w, ch / h)
         pw, ph = max(1, round(w * f)), max(1, round(h * f))
         place = Placement((cw - pw) // 2, (ch - ph) // 2, pw, ph)
-        canvas = np.full((ch, cw, 3), PAD_VALUE, dtype=np.uint8)
+        canvas = np.full((ch, cw) + region.shape[2:], PAD_VALUE, dtype=np.uint8)
         canvas[place.y:place.y + ph, place.x:place.x + pw] = resample(region, (pw, ph), geom.resample, threads)
         return canvas, place
     if (w, h) == (cw, ch):
         return np.ascontiguousarray(region), Placement(0, 0, cw, ch)
     return resample(region, (cw, ch), geom.resample, threads), Placement(0, 0, cw, ch)
+
+
+COLOUR_RULES = {
+    None: "not pinned: frames are taken as they come",
+    "grey": ("the region is converted to grey (cv2 RGB2GRAY luma) before it is resampled, and the canvas's three "
+             "channels are copies of it: a frame reaches the model exactly as a grey file of it would"),
+    "colour": "a region with R = G = B in every pixel is a FAULT (a mono camera or pixel format: no colour to inspect)",
+}
+
+
+def is_grey(image: np.ndarray) -> bool:
+    """R = G = B in every pixel. Every 16th row first: a colour frame answers there (~10 us on 256 x 256)."""
+    for part in (image[8::16], image):
+        px = part.reshape(-1, 3)
+        if not (np.array_equal(px[:, 0], px[:, 1]) and np.array_equal(px[:, 0], px[:, 2])):
+            return False
+    return True
+
+
+def match_colour(region: np.ndarray, geom: Geometry, name: str = "<frame>") -> np.ndarray:
+    """The region as the bundle's colour pin (geometry.colour) takes it; raises ImageError when it cannot.
+
+    A grey bundle inspects brightness only: the region becomes one grey channel (H x W), which to_canvas
+    resamples (a third of the work) and copies to the three channels; OpenCV resamples each channel alike, so a
+    colour camera's frame is inspected exactly as a grey file of it would be, and a grey frame as before.
+    A colour bundle cannot inspect a frame without colour: its bank holds colours that such a frame never
+    matches, and a defect that shows only in colour would be invisible, so the part is a FAULT with the reason
+    rather than an NG that hides a wrongly set camera."""
+    if geom.colour == "grey":
+        return cv2.cvtColor(region, cv2.COLOR_RGB2GRAY)
+    if geom.colour == "colour" and is_grey(region):
+        what = "region of interest" if geom.roi else "frame"
+        raise ImageError(f"{name}: the {what} has no colour (R = G = B in every pixel: a mono camera or grey pixel "
+                         "format, or a black or saturated frame) but the bundle was fitted on colour images "
+                         "(geometry.colour); set the camera to a colour format, or fit a bundle on its grey frames")
+    return region
 
 
 def cut_tiles(canvas: np.ndarray, geom: Geometry) -> np.ndarray:

@@ -55,7 +55,11 @@ def _print_bundle(bundle, where) -> None:
     g = bundle.geometry
     print(f"bundle {bundle.bundle_id}: {where}")
     print(f"  geometry: input {g.input_size[0]}x{g.input_size[1]}, {g.n_tiles} tile(s) on a "
-          f"{g.canvas_size[0]}x{g.canvas_size[1]} canvas, size policy {g.size_policy}, resample {g.resample}")
+          f"{g.canvas_size[0]}x{g.canvas_size[1]} canvas, size policy {g.size_policy}, resample {g.resample}, "
+          f"colour {g.colour or 'not pinned'}")
+    for note in bundle.manifest["geometry"].get("chosen", {}).get("notes", []):
+        if note.startswith("WARNING"):
+            print(f"    {note}")
     for name in bundle.manifest["variants"]:
         v = bundle.variant(name)
         info = v.info["threshold_info"]

@@ -203,18 +203,37 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
                   "scale": s.scale, "notes": notes}
 
 
+def pin_colour(geom: Geometry, paths: list[Path], grey: list[bool]) -> tuple[Geometry, str]:
+    """geometry.colour from what the model saw of each training image (edge_runtime.geometry.match_colour says what
+    the station does with it), and the note fit prints: grey only when every image is grey (a mono camera)."""
+    n_grey = sum(grey)
+    if n_grey == len(grey):
+        return replace(geom, colour="grey"), ("grey images: the station converts colour frames to grey, as the "
+                                              "bank was fitted")
+    note = "colour images: a frame without colour (R = G = B) is a FAULT"
+    if n_grey:
+        first = next(p.name for p, g in zip(paths, grey) if g)
+        note = (f"WARNING: {n_grey} of {len(grey)} training images are grey (R = G = B; first: {first}) and the "
+                f"rest colour: the bundle takes colour frames, and a grey frame is a FAULT; fit on one camera's "
+                f"images")
+    return replace(geom, colour="colour"), note
+
+
 def tensors(path: Path, geom: Geometry) -> np.ndarray:
     return preprocess(load_image(path), geom, str(path))[0]
 
 
 def onnx_features(extractors: dict[str, FeatureExtractor], paths: list[Path], geom: Geometry,
-                  label: str = "features") -> dict[str, np.ndarray]:
-    """Per extractor, (len(paths) * patches_per_image, dim) float32 features, image-major; each image decoded once."""
+                  label: str = "features", grey: list[bool] | None = None) -> dict[str, np.ndarray]:
+    """Per extractor, (len(paths) * patches_per_image, dim) float32 features, image-major; each image decoded once.
+    `grey`, if given, receives per image whether the model saw R = G = B everywhere (the colour pin's input)."""
     per_image = geom.n_tiles * geom.grid()[0] * geom.grid()[1]
     out = {name: np.empty((len(paths) * per_image, ex.dim), dtype=np.float32) for name, ex in extractors.items()}
     t0 = last = time.time()
     for i, p in enumerate(paths):
         x = tensors(p, geom)
+        if grey is not None:   # the normalisation treats the channels alike, so equal pixels stay equal
+            grey.append(bool(np.array_equal(x[:, 0], x[:, 1]) and np.array_equal(x[:, 0], x[:, 2])))
         for name, ex in extractors.items():
             out[name][i * per_image:(i + 1) * per_image] = ex(x)
         if time.time() - last > 10:
@@ -455,8 +474,12 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     extractors = {name: FeatureExtractor(out / f, expected, threads=2) for name, f in models.items()}
     # The INT8 bank holds the INT8 extractor's features of the same coreset patches: a bank built from
     # FP32 features but queried with INT8 ones loses ~5 points of image AUROC (shared/BACKBONES.md).
-    all_feats = onnx_features(extractors, images, geom, "fp32 + int8 features")
+    grey: list[bool] = []
+    all_feats = onnx_features(extractors, images, geom, "fp32 + int8 features", grey)
     del extractors
+    geom, colour_note = pin_colour(geom, images, grey)
+    geom_info["notes"].append(colour_note)
+    log(colour_note)
     t_feat = clock.mark("features")
     log(f"FP32 and INT8 features of {len(images)} images in {t_feat:.1f} s")
     n_select = max(1, int(round(s.coreset_ratio * len(all_feats["fp32"]))))

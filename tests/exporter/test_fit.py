@@ -89,8 +89,10 @@ def test_grayscale_and_odd_sized_inputs(small_bundle, synthetic_dataset, tmp_pat
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     odd = cv2.resize(rgb, (301, 187))
     cv2.imwrite(str(tmp_path / "gray.png"), gray)
-    s = pipe.score_rgb(load_image(tmp_path / "gray.png"))
-    assert np.isfinite(s.score) and s.anomaly_map.shape == (224, 224)
+    # Fitted on colour images: a grey frame cannot show what the bank holds (geometry.colour).
+    assert pipe.geometry.colour == "colour"
+    with pytest.raises(ImageError, match=r"gray\.png: the frame has no colour"):
+        pipe.score_rgb(load_image(tmp_path / "gray.png"), str(tmp_path / "gray.png"))
     # The bundle was fitted on 224x224 frames: another size is refused unless the station relaxes the policy.
     cv2.imwrite(str(tmp_path / "odd.jpg"), cv2.cvtColor(odd, cv2.COLOR_RGB2BGR))
     with pytest.raises(ImageError, match=r"odd\.jpg: frame is 301x187 but the bundle was fitted on 224x224"):
@@ -113,6 +115,10 @@ def test_grayscale_and_odd_sized_inputs(small_bundle, synthetic_dataset, tmp_pat
     g = gb.geometry
     assert g.region_size is None and g.size_policy == "resize"
     assert g.input_size[0] < g.input_size[1]
+    # Fitted on grey images: a colour camera's frame is inspected as its grey version.
+    assert g.colour == "grey"
+    grey_pipe = Pipeline(gb, "fp32", "exact")
+    assert grey_pipe.score_rgb(rgb).score == grey_pipe.score_rgb(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)).score
 
 
 def test_evaluate_cli_writes_the_promised_json(small_bundle, synthetic_dataset, tmp_path):
@@ -244,3 +250,17 @@ def test_the_same_images_and_settings_give_the_same_graphs(synthetic_dataset, tm
     fit(synthetic_dataset, b, settings)
     for name in ("index_fp32.hnsw", "index_int8.hnsw"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_colour_is_pinned_grey_only_when_every_training_image_is_grey(tmp_path):
+    from pathlib import Path
+    from edge_runtime.geometry import Geometry
+    from export.fit import pin_colour
+    g = Geometry((64, 64), (64, 64), ((0, 0),))
+    paths = [Path(f"{i}.png") for i in range(4)]
+    geom, note = pin_colour(g, paths, [True] * 4)
+    assert geom.colour == "grey" and not note.startswith("WARNING")
+    geom, note = pin_colour(g, paths, [False] * 4)
+    assert geom.colour == "colour" and not note.startswith("WARNING")
+    geom, note = pin_colour(g, paths, [False, True, False, True])
+    assert geom.colour == "colour" and note.startswith("WARNING: 2 of 4 training images are grey") and "1.png" in note

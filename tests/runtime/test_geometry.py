@@ -159,3 +159,32 @@ def test_geometry_pins_its_resample_method_and_reads_old_manifests_as_area():
     with pytest.raises(ValueError, match="resample"):
         Geometry(input_size=(64, 64), canvas_size=(64, 64), tiles=((0, 0),), resample="nearest")
 
+
+
+def test_is_grey_looks_at_every_pixel_not_only_its_sample_rows():
+    from edge_runtime.geometry import is_grey
+    canvas = np.repeat(region(64, 48)[:, :, :1], 3, axis=2)
+    assert is_grey(canvas)
+    canvas[3, 5, 2] ^= 1                                   # row 3: outside the every-16th-row sample
+    assert not is_grey(canvas)
+
+
+def test_colour_pin_survives_the_manifest():
+    g = Geometry((64, 32), (64, 32), ((0, 0),), colour="grey")
+    m = g.to_manifest()
+    assert m["colour"] == "grey" and "RGB2GRAY" in m["colour_rule"]
+    assert Geometry.from_manifest(m) == g
+    del m["colour"]
+    assert Geometry.from_manifest(m).colour is None        # bundles from before the pin
+
+
+def test_a_grey_bundle_letterboxes_the_grey_region_onto_a_three_channel_canvas():
+    from edge_runtime.geometry import match_colour
+    g = Geometry((64, 64), (64, 64), ((0, 0),), region_size=(200, 200), size_policy="letterbox", colour="grey")
+    img = region(200, 100)
+    canvas, place = to_canvas(match_colour(img, g), g)
+    assert canvas.shape == (64, 64, 3) and (place.w, place.h) == (64, 32)
+    assert (canvas[0] == 127).all() and (canvas[..., 0] == canvas[..., 2]).all()
+    inside = canvas[place.y:place.y + place.h, place.x:place.x + place.w, 0]
+    expect = cv2.resize(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), (64, 32), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(inside, expect)

@@ -292,3 +292,51 @@ def test_inspect_never_raises_and_never_passes_an_undecodable_frame(pipeline, da
 def test_a_part_its_source_could_not_read_is_a_fault_naming_why(pipeline):
     result = pipeline.inspect(Frame(frame_id=3, source="in/part7.png", unreadable="cannot be read: Input/output error"))
     assert_fault(result, "in/part7.png", "cannot be read", "Input/output error")
+
+
+# ---- colour: what the bank was fitted on (geometry.colour) -----------------------------------------------------
+def pinned(editor, colour: str | None) -> Pipeline:
+    m = editor.manifest()
+    m["geometry"]["colour"] = colour
+    editor.save(m)
+    return Pipeline(Bundle.load(editor.root), threads=1)
+
+
+def grey_bgr(part: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(cv2.cvtColor(part, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: cv2.cvtColor(p, cv2.COLOR_BGR2GRAY),                                 # a mono camera: H x W
+    lambda p: cv2.cvtColor(p, cv2.COLOR_BGR2GRAY)[:, :, None],                     # H x W x 1
+    grey_bgr,                                                                      # a grey pixel format as BGR
+    lambda p: encode(cv2.cvtColor(p, cv2.COLOR_BGR2GRAY), ".png"),                 # a grey file
+    lambda p: np.zeros_like(p),                                                    # lights off: black
+], ids=["2d", "1ch", "bgr-grey", "grey-png", "black"])
+def test_a_frame_without_colour_is_a_fault_for_a_colour_bundle(editor, part, make):
+    pipe = pinned(editor, "colour")
+    frame = make(part)
+    kind = {"encoded": frame} if isinstance(frame, bytes) else {"image": frame}
+    assert_fault(pipe.inspect(Frame(frame_id=11, source="mono0", **kind)), "mono0", "no colour", "geometry.colour")
+    assert pipe.inspect(Frame(frame_id=12, source="mono0", image=part)).verdict is Verdict.OK
+
+
+def test_a_colour_frame_is_inspected_as_its_grey_version_by_a_grey_bundle(editor, part):
+    pipe = pinned(editor, "grey")
+    as_grey = pipe.inspect(Frame(frame_id=13, source="cam", image=grey_bgr(part)))
+    assert as_grey.verdict is not Verdict.FAULT
+    in_colour = pipe.inspect(Frame(frame_id=14, source="cam", image=part))
+    assert in_colour.score == as_grey.score                 # exactly: the conversion is the one a grey file gets
+    mono = pipe.inspect(Frame(frame_id=15, source="cam", image=cv2.cvtColor(part, cv2.COLOR_BGR2GRAY)))
+    assert mono.score == as_grey.score
+    # Not pinned (bundles before the pin): the colour frame reaches the model as it is.
+    assert pinned(editor, None).inspect(Frame(frame_id=16, source="cam", image=part)).score != as_grey.score
+
+
+def test_a_colour_pin_the_runtime_does_not_know_refuses_the_bundle(editor):
+    from edge_runtime.bundle import BundleError
+    m = editor.manifest()
+    m["geometry"]["colour"] = "infrared"
+    editor.save(m)
+    with pytest.raises(BundleError, match="colour must be one of grey, colour"):
+        Bundle.load(editor.root)
