@@ -35,14 +35,15 @@ def add_adapt_parser(sub, func) -> None:
 
 def run_adapt(a: argparse.Namespace) -> int:
     from edge_runtime.bank_adapt import AUDIT_FILE, AdaptError, InputImage, prepare
-    from edge_runtime.bundle import BundleError
+    from edge_runtime.bundle import Bundle, BundleError
     from edge_runtime.decode import ImageError
     from edge_runtime.features import FeatureError
 
     try:
-        learn = [InputImage.from_file(p) for p in a.good]
-        defects = [InputImage.from_file(p) for p in a.defect]
-        plan = prepare(a.bundle, learn, defects, coverage_radius=a.coverage_radius, threads=a.threads)
+        bundle = Bundle.load(a.bundle)
+        learn = [InputImage.from_file(p, bundle.shift_16bit) for p in a.good]
+        defects = [InputImage.from_file(p, bundle.shift_16bit) for p in a.defect]
+        plan = prepare(bundle, learn, defects, coverage_radius=a.coverage_radius, threads=a.threads)
     except (AdaptError, BundleError, ImageError, FeatureError) as exc:   # an image of another size, a bad model
         print(f"edge-runtime adapt: {exc}", file=sys.stderr)
         return 2

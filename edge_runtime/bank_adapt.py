@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, clear_output_dir, sha256_file, write_manifest
-from edge_runtime.decode import decode_image
+from edge_runtime.decode import SHIFT_16BIT, decode_image
 from edge_runtime.nn_search import ExactSearch
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.preprocess import preprocess
@@ -119,20 +119,21 @@ class InputImage:
     rgb: np.ndarray
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "InputImage":
+    def from_file(cls, path: str | Path, shift_16bit: int = SHIFT_16BIT) -> "InputImage":
+        """`shift_16bit`: the bundle's (Bundle.shift_16bit), so a 16-bit file reads as the bundle's frames do."""
         path = Path(path)
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise AdaptError(f"{path}: cannot read the image ({exc.strerror or exc})") from None
-        return cls.from_bytes(str(path), data)
+        return cls.from_bytes(str(path), data, shift_16bit)
 
     @classmethod
-    def from_bytes(cls, name: str, data: bytes) -> "InputImage":
+    def from_bytes(cls, name: str, data: bytes, shift_16bit: int = SHIFT_16BIT) -> "InputImage":
         from edge_runtime.decode import ImageError
 
         try:
-            return cls(name, data, decode_image(data, name))
+            return cls(name, data, decode_image(data, name, shift_16bit=shift_16bit))
         except ImageError as exc:
             raise AdaptError(str(exc)) from None
 
@@ -335,7 +336,7 @@ def prepare(bundle: Bundle | str | Path, learn: list[InputImage], defects: list[
         raise AdaptError("nothing to do: give at least one good image to learn or one defect to store")
     stored = []
     for d in stored_defects(bundle):
-        stored.append(InputImage.from_bytes(d["file"], bundle.read_verified(d["file"])))
+        stored.append(InputImage.from_bytes(d["file"], bundle.read_verified(d["file"]), bundle.shift_16bit))
     margin = defect_margin if defect_margin is not None else float(
         bundle.manifest.get("fit", {}).get("settings", {}).get("defect_margin", DEFAULT_DEFECT_MARGIN))
     changes = {}

@@ -20,14 +20,18 @@ from typing import Any
 import yaml
 
 from edge_runtime.nn_search import EF_MAX, HnswParams
+from edge_runtime.decode import SHIFT_16BIT
 from edge_runtime.geometry import Geometry
 from edge_runtime.safe_yaml import YamlRefused, clip, load_strict, short_repr
 
 # 2: input geometry (non-square input, tiles, size policy) replaced the square image_size; review band.
 # 3: geometry.resample (region -> canvas) may be "halve-area": a runtime that reads only 2 would resample such a
 #    bundle's frames differently from its fit, so it must refuse it, and does.
+# 4: preprocessing.shift_16bit other than 8 (16-bit frames of narrower data): a runtime that reads only 3 would
+#    take their top byte, nearly black, so fit writes 4 for such bundles only, and 3 otherwise.
 SCHEMA_VERSION = 3                      # what the exporter writes
-READABLE_SCHEMA_VERSIONS = (2, 3)       # what this runtime reads
+SCHEMA_VERSION_SHIFT_16BIT = 4          # ... for a bundle whose shift_16bit is not 8
+READABLE_SCHEMA_VERSIONS = (2, 3, 4)    # what this runtime reads
 MANIFEST = "manifest.yaml"
 SIGNATURE = "manifest.sig"
 # A manifest is a few kB; refusing anything this large keeps a hostile file from exhausting memory in the parser.
@@ -336,6 +340,13 @@ class Bundle:
         if "product" in m and not (isinstance(m["product"], str) and m["product"].strip()):
             raise BundleError(f"{where}: product must be a non-empty string, got {short_repr(m['product'])}")
         listed = set(files)
+        pre = m.get("preprocessing") or {}
+        shift = pre.get("shift_16bit", SHIFT_16BIT) if isinstance(pre, dict) else None
+        if not (isinstance(shift, int) and not isinstance(shift, bool) and 0 <= shift <= SHIFT_16BIT):
+            raise BundleError(f"{where}: preprocessing.shift_16bit must be an integer from 0 to 8, got {short_repr(shift)}")
+        if shift != SHIFT_16BIT and m.get("schema_version", 0) < SCHEMA_VERSION_SHIFT_16BIT:
+            raise BundleError(f"{where}: preprocessing.shift_16bit {shift} needs schema_version "
+                              f"{SCHEMA_VERSION_SHIFT_16BIT} (a runtime that reads only 3 would take the top byte)")
         geom, feats, index = section("geometry"), section("features"), section("index")
         try:
             geometry = Geometry.from_manifest(geom)
@@ -417,6 +428,11 @@ class Bundle:
     @property
     def geometry(self) -> Geometry:
         return Geometry.from_manifest(self.manifest["geometry"])
+
+    @property
+    def shift_16bit(self) -> int:
+        """16-bit pixels reach the model as min(v >> this, 255) (edge_runtime.decode.to_rgb); 8 unless pinned."""
+        return int((self.manifest.get("preprocessing") or {}).get("shift_16bit", SHIFT_16BIT))
 
     @property
     def bundle_version(self) -> int | None:

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 # Refuse decompression bombs before they exhaust a small board's memory.
 MAX_PIXELS = 50_000_000
+# 16-bit pixels -> 8-bit: v >> SHIFT_16BIT (the top byte, right for a camera's full-range 16-bit frames). A bundle
+# fitted on narrower data (12-bit sensor values in 16-bit files) pins a smaller shift, clipped at 255
+# (preprocessing.shift_16bit; export/fit.py sixteen_bit_shift).
+SHIFT_16BIT = 8
 # OpenCV's own decoder limit (default 2**30 pixels) is read when cv2 loads; lower it to ours as a second fence
 # behind declared_size(). It only takes effect if nothing imported cv2 first, hence no reliance on it.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
@@ -236,7 +240,8 @@ def declared_size(data: bytes) -> tuple[str, int, int]:
     raise ValueError(f"not a {', '.join(ENCODED_FORMATS[:-1])} or {ENCODED_FORMATS[-1]} file (starts with {bytes(data[:8])!r})")
 
 
-def decode_image(data: bytes, name: str = "<bytes>", limits: DecodeConfig | None = None) -> np.ndarray:
+def decode_image(data: bytes, name: str = "<bytes>", limits: DecodeConfig | None = None,
+                 shift_16bit: int = SHIFT_16BIT) -> np.ndarray:
     """Encoded image file -> HxWx3 uint8 RGB. Raises ImageError naming `name` and the reason.
 
     The header is checked before OpenCV sees the bytes, so the decode cost is bounded by `limits`
@@ -277,7 +282,7 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: DecodeConfig | None
     if image.shape[:2] != (height, width):
         # The decoder must not have produced something other than what the header declared.
         raise ImageError(f"{name}: decoded {image.shape[1]}x{image.shape[0]} but the {fmt} header declares {width}x{height}")
-    return to_rgb(image, name, assume_bgr=True)
+    return to_rgb(image, name, assume_bgr=True, shift_16bit=shift_16bit)
 
 
 def _check_cost(data: bytes, fmt: str, width: int, height: int, name: str, limits: DecodeConfig) -> None:
@@ -302,8 +307,10 @@ def _check_cost(data: bytes, fmt: str, width: int, height: int, name: str, limit
         raise ImageError(f"{name}: corrupt {fmt} structure ({exc})") from None
 
 
-def to_rgb(image: np.ndarray, name: str = "<frame>", assume_bgr: bool = True) -> np.ndarray:
-    """Any camera/file array (gray, BGR, BGRA, 16-bit) -> HxWx3 uint8 RGB, or ImageError."""
+def to_rgb(image: np.ndarray, name: str = "<frame>", assume_bgr: bool = True,
+           shift_16bit: int = SHIFT_16BIT) -> np.ndarray:
+    """Any camera/file array (gray, BGR, BGRA, 16-bit) -> HxWx3 uint8 RGB, or ImageError. 16-bit pixels become
+    min(v >> shift_16bit, 255): the bundle's pin (preprocessing.shift_16bit; 8, the top byte, by default)."""
     if not isinstance(image, np.ndarray):
         raise ImageError(f"{name}: frame is a {type(image).__name__}, not an image array")
     if image.size == 0:
@@ -318,7 +325,10 @@ def to_rgb(image: np.ndarray, name: str = "<frame>", assume_bgr: bool = True) ->
     if image.dtype.byteorder == (">" if np.little_endian else "<"):  # e.g. big-endian 16-bit from a file reader
         image = image.astype(image.dtype.newbyteorder("="))
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+        image = image >> shift_16bit
+        if shift_16bit < 8:
+            np.minimum(image, 255, out=image)
+        image = image.astype(np.uint8)
     elif image.dtype != np.uint8:
         if image.dtype.kind == "f" and np.isfinite(image).all() and image.max() <= 1.0 and image.min() >= 0.0:
             image = np.round(image * 255).astype(np.uint8)
@@ -335,7 +345,7 @@ def to_rgb(image: np.ndarray, name: str = "<frame>", assume_bgr: bool = True) ->
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if assume_bgr else np.ascontiguousarray(image)
 
 
-def load_image(path) -> np.ndarray:
+def load_image(path, shift_16bit: int = SHIFT_16BIT) -> np.ndarray:
     """Read an image file to RGB uint8 (used by the exporter and tools; the daemon decodes frame bytes)."""
     with open(path, "rb") as fh:
-        return decode_image(fh.read(), str(path))
+        return decode_image(fh.read(), str(path), shift_16bit=shift_16bit)

@@ -240,7 +240,7 @@ COLOUR_RULES = {
 
 
 def is_grey(image: np.ndarray) -> bool:
-    """R = G = B in every pixel. Every 16th row first: a colour frame answers there (~10 us on 256 x 256)."""
+    """R = G = B in every pixel. Every 16th row first: a colour frame almost always answers there."""
     for part in (image[8::16], image):
         px = part.reshape(-1, 3)
         if not (np.array_equal(px[:, 0], px[:, 1]) and np.array_equal(px[:, 0], px[:, 2])):
@@ -252,7 +252,7 @@ def match_colour(region: np.ndarray, geom: Geometry, name: str = "<frame>") -> n
     """The region as the bundle's colour pin (geometry.colour) takes it; raises ImageError when it cannot.
 
     A grey bundle inspects brightness only: the region becomes one grey channel (H x W), which to_canvas
-    resamples (a third of the work) and copies to the three channels; OpenCV resamples each channel alike, so a
+    resamples (one channel instead of three) and copies to the three channels; OpenCV resamples each channel alike, so a
     colour camera's frame is inspected exactly as a grey file of it would be, and a grey frame as before.
     A colour bundle cannot inspect a frame without colour: its bank holds colours that such a frame never
     matches, and a defect that shows only in colour would be invisible, so the part is a FAULT with the reason

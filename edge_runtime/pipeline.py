@@ -16,7 +16,7 @@ import numpy as np
 
 from edge_runtime import scoring
 from edge_runtime.bundle import Bundle, BundleError, check_index_file
-from edge_runtime.decode import DecodeConfig, ImageError, decode_image, to_rgb
+from edge_runtime.decode import DecodeConfig, ImageError, decode_image, load_image, to_rgb
 from edge_runtime.features import FeatureError, FeatureExtractor, make_session
 from edge_runtime.geometry import crop_roi, cut_tiles, match_colour, to_canvas
 from edge_runtime.int8_kernels import check_quantization
@@ -156,6 +156,10 @@ class Pipeline:
         """(n_tiles, 3, H, W) -> per-patch scores (n_tiles * rows * cols,)."""
         return self.search.distances(self.extractor(tensor))
 
+    def load_image(self, path) -> np.ndarray:
+        """An image file decoded as this bundle's frames are (its 16-bit pin): for evaluation and calibration."""
+        return load_image(path, self.bundle.shift_16bit)
+
     def score_rgb(self, rgb: np.ndarray, name: str = "<frame>") -> Scored:
         return score_frame(self.score_tiles, self.geometry, rgb, name)
 
@@ -175,9 +179,9 @@ class Pipeline:
             if frame.unreadable is not None:
                 raise ImageError(f"{frame.source}: {frame.unreadable}")
             if frame.encoded is not None:
-                rgb = decode_image(frame.encoded, frame.source, self.decode_limits)
+                rgb = decode_image(frame.encoded, frame.source, self.decode_limits, self.bundle.shift_16bit)
             elif frame.image is not None:
-                rgb = to_rgb(frame.image, frame.source)
+                rgb = to_rgb(frame.image, frame.source, shift_16bit=self.bundle.shift_16bit)
             else:
                 raise ImageError(f"{frame.source}: frame carries no image")
             lap("decode")

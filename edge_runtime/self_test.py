@@ -23,7 +23,7 @@ class SelfTestReport:
 
 def golden_image(bundle: Bundle, rel: str) -> np.ndarray:
     """A golden image decoded from the bundle's verified bytes (never re-read from a path after the check)."""
-    return decode_image(bundle.read_verified(rel), str(bundle.path(rel)))
+    return decode_image(bundle.read_verified(rel), str(bundle.path(rel)), shift_16bit=bundle.shift_16bit)
 
 
 def golden_check(bundle: Bundle, pipeline: Pipeline) -> list[str]:

@@ -105,7 +105,7 @@ def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: s
     pix_scores, pix_labels = [], []
     t0 = time.perf_counter()
     for it in items:
-        result = scorer.score_rgb(load_image(it.path), str(it.path))
+        result = scorer.score_rgb(load_image(it.path, bundle.shift_16bit), str(it.path))
         scores.append(result.score)
         rows.append({"file": str(it.path), "label": it.label, "score": result.score})
         if with_masks and not (it.is_defect and it.mask is None):

@@ -27,10 +27,10 @@ import yaml
 
 import edge_runtime
 from edge_runtime import scoring
-from edge_runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, clear_output_dir, sha256_file, write_manifest
+from edge_runtime.bundle import MANIFEST, SCHEMA_VERSION, SCHEMA_VERSION_SHIFT_16BIT, Bundle, clear_output_dir, sha256_file, write_manifest
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.int8_kernels import check_quantization
-from edge_runtime.decode import declared_size, load_image
+from edge_runtime.decode import SHIFT_16BIT, declared_size, load_image
 from edge_runtime.geometry import DEFAULT_PIXELS, DEFAULT_RESAMPLE, STRIDE, Geometry, default_input_size, plan_tiles
 from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw, upper_bounds
 from edge_runtime.pipeline import Pipeline
@@ -117,23 +117,28 @@ def image_sizes(paths: list[Path]) -> list[tuple[int, int]]:
 LARGE_FRAME_SHRINK = 4.0   # beyond this linear shrink of a frame to one model input, fit warns and suggests tiles
 
 
-def narrow_16bit_warning(paths: list[Path], sample: int = 8) -> str | None:
-    """A warning when 16-bit training images hold fewer significant bits (12-bit sensor data in a 16-bit file):
-    the station keeps the top 8 of 16 bits (decode.to_rgb), as a camera's 16-bit frames are full range, so these
-    images reach the model as values 0-15, nearly black. Checked on a few images, sampled across the set."""
+def sixteen_bit_shift(paths: list[Path], sample: int = 32) -> tuple[int, str | None]:
+    """preprocessing.shift_16bit for these training images, and a note when it is not the default 8.
+
+    The station turns 16-bit pixels into min(v >> shift, 255) (decode.to_rgb). A camera's full-range 16-bit
+    frames want the top byte (8); 12-bit sensor values in 16-bit files (0-4095) would reach the model as 0-15,
+    nearly black, so the shift is pinned to the data's significant bits (4 for 12-bit): fit and station then
+    see the same 8 bits. From the brightest of up to `sample` images spread over the set (a brighter frame later
+    saturates at 255, which a defect check sees, rather than wrapping)."""
     picks = paths[:: max(1, len(paths) // sample)][:sample]
     highest = 0
     for p in picks:
         img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
         if img is None or img.dtype != np.uint16:
-            return None
+            return SHIFT_16BIT, None
         highest = max(highest, int(img.max()))
-    if not picks or highest >= 1 << 14:
-        return None
     bits = max(highest, 1).bit_length()
-    return (f"WARNING: the 16-bit training images use about {bits} bits (highest value {highest} of 65535): the "
-            f"station keeps the top 8 of 16 bits, so they reach the model as 0-{highest >> 8}, nearly black; save "
-            f"the images (and have the camera send frames) as 8-bit, e.g. value >> {bits - 8}, or full-range 16-bit")
+    if not picks or bits >= 16:
+        return SHIFT_16BIT, None
+    shift = max(0, bits - 8)
+    return shift, (f"16-bit training images with about {bits} significant bits (highest value {highest} of 65535): "
+                   f"16-bit pixels are read as min(v >> {shift}, 255), here and on the station "
+                   f"(preprocessing.shift_16bit); frames from the camera must carry the same {bits}-bit values")
 
 
 def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
@@ -219,19 +224,20 @@ def pin_colour(geom: Geometry, paths: list[Path], grey: list[bool]) -> tuple[Geo
     return replace(geom, colour="colour"), note
 
 
-def tensors(path: Path, geom: Geometry) -> np.ndarray:
-    return preprocess(load_image(path), geom, str(path))[0]
+def tensors(path: Path, geom: Geometry, shift_16bit: int = SHIFT_16BIT) -> np.ndarray:
+    return preprocess(load_image(path, shift_16bit), geom, str(path))[0]
 
 
 def onnx_features(extractors: dict[str, FeatureExtractor], paths: list[Path], geom: Geometry,
-                  label: str = "features", grey: list[bool] | None = None) -> dict[str, np.ndarray]:
+                  label: str = "features", grey: list[bool] | None = None,
+                  shift_16bit: int = SHIFT_16BIT) -> dict[str, np.ndarray]:
     """Per extractor, (len(paths) * patches_per_image, dim) float32 features, image-major; each image decoded once.
     `grey`, if given, receives per image whether the model saw R = G = B everywhere (the colour pin's input)."""
     per_image = geom.n_tiles * geom.grid()[0] * geom.grid()[1]
     out = {name: np.empty((len(paths) * per_image, ex.dim), dtype=np.float32) for name, ex in extractors.items()}
     t0 = last = time.time()
     for i, p in enumerate(paths):
-        x = tensors(p, geom)
+        x = tensors(p, geom, shift_16bit)
         if grey is not None:   # the normalisation treats the channels alike, so equal pixels stay equal
             grey.append(bool(np.array_equal(x[:, 0], x[:, 1]) and np.array_equal(x[:, 0], x[:, 2])))
         for name, ex in extractors.items():
@@ -443,7 +449,7 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     defects = calibration_images(calibration_defects) if calibration_defects else []
     clear_output_dir(out, overwrite, {"training folder": data_dir, "calibration folder": calibration_defects})
     geom, geom_info = plan_geometry(images, s)
-    narrow = narrow_16bit_warning(images)
+    shift_16bit, narrow = sixteen_bit_shift(images)
     if narrow:
         geom_info["notes"].append(narrow)
     out.mkdir(parents=True)
@@ -464,7 +470,7 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     for p in images[:s.int8_calibration_images]:
         if n_calib_tiles >= 4 * s.int8_calibration_images:  # tiled bundles: enough tiles from fewer images
             break
-        calib.append(tensors(p, geom))
+        calib.append(tensors(p, geom, shift_16bit))
         n_calib_tiles += geom.n_tiles
     quant_info = quantize_int8(out / "features_fp32.onnx", out / "features_int8.onnx", calib, s.int8_target)
     del calib
@@ -475,7 +481,7 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     # The INT8 bank holds the INT8 extractor's features of the same coreset patches: a bank built from
     # FP32 features but queried with INT8 ones loses ~5 points of image AUROC (shared/BACKBONES.md).
     grey: list[bool] = []
-    all_feats = onnx_features(extractors, images, geom, "fp32 + int8 features", grey)
+    all_feats = onnx_features(extractors, images, geom, "fp32 + int8 features", grey, shift_16bit)
     del extractors
     geom, colour_note = pin_colour(geom, images, grey)
     geom_info["notes"].append(colour_note)
@@ -507,7 +513,7 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     del all_feats, indexes
 
     manifest = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION if shift_16bit == SHIFT_16BIT else SCHEMA_VERSION_SHIFT_16BIT,
         "bundle_id": None,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "product": s.product or Path(data_dir).resolve().name,
@@ -518,7 +524,8 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
                      "padding": "TensorFlow SAME (asymmetric at stride 2), computed for the fixed input size", "taps": list(model.backbone.tap_blocks),
                      "tap_channels": list(model.backbone.channels), "tap_strides": [8, 16]},
         "geometry": {**geom.to_manifest(), "chosen": geom_info},
-        "preprocessing": NORMALIZATION,
+        "preprocessing": {**NORMALIZATION, "shift_16bit": shift_16bit,
+                          "from_16_bit": f"min(v >> {shift_16bit}, 255) for 16-bit pixels; 8-bit pixels as they are"},
         "features": {"input_norm": input_norm(s.input_norm),
                      "aggregation": aggregation(s.aggregation_size), "grid": list(grid), "dim": model.dim,
                      "full_dim": model.full_dim,
@@ -551,7 +558,7 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     golden_files = []
     for i, src in enumerate(dict.fromkeys(golden_src)):
         name = f"golden/{i:02d}_{'defect' if src in defects else 'good'}.png"
-        cv2.imwrite(str(out / name), cv2.cvtColor(load_image(src), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out / name), cv2.cvtColor(load_image(src, shift_16bit), cv2.COLOR_RGB2BGR))
         golden_files.append(name)
     draft = Bundle(out, manifest)
     separation = {}
@@ -560,7 +567,7 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
         # Only the heat map depends on it (the image score is exact either way), so the thresholds below do not.
         pipe = Pipeline(draft, precision=s.default_variant if s.default_variant in banks else None, knn="hnsw",
                         threads=2)
-        excess = seeded_walk_excess(pipe, [load_image(p) for p in bank_sample[:8]])
+        excess = seeded_walk_excess(pipe, [pipe.load_image(p) for p in bank_sample[:8]])
         ef, why = choose_ef_seeded(excess, s.hnsw.ef_seeded)
         manifest["index"]["ef_seeded"] = ef
         manifest["fit"]["ef_seeded_choice"] = {"chosen": ef, "reason": why, "images": min(8, len(bank_sample)),
@@ -568,8 +575,8 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
         log(f"seeded walk: ef_seeded {ef}: {why}")
     for name in banks:
         pipe = Pipeline(draft, precision=name, knn="hnsw", threads=2)
-        defect_scores = np.array([pipe.score_rgb(load_image(p), str(p)).score for p in defects])
-        bank_scores = np.array([pipe.score_rgb(load_image(p), str(p)).score for p in bank_sample])
+        defect_scores = np.array([pipe.score_rgb(pipe.load_image(p), str(p)).score for p in defects])
+        bank_scores = np.array([pipe.score_rgb(pipe.load_image(p), str(p)).score for p in bank_sample])
         good_scores = crossfit_scores.get(name, bank_scores)
         v = manifest["variants"][name]
         sep = set_operating_point(v, name, good_scores, defect_scores, bank_scores, s.target_false_reject,
@@ -579,7 +586,7 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
             separation[name] = sep
         v["cross_fit_scores"] = ({p.name: round(float(x), 5) for p, x in zip(images, good_scores)}
                                  if crossfit_scores else None)
-        v["golden"] = [{"file": g, "score": pipe.score_rgb(load_image(out / g), g).score} for g in golden_files]
+        v["golden"] = [{"file": g, "score": pipe.score_rgb(pipe.load_image(out / g), g).score} for g in golden_files]
         v["golden_tolerance"] = {"relative": 1e-3 if name == "fp32" else 1e-2}
     manifest["default_variant"], manifest["default_variant_reason"] = choose_default_variant(s.default_variant, separation)
     log(f"default variant {manifest['default_variant']}: {manifest['default_variant_reason']}")

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, clear_output_dir, sha256_file, write_manifest
-from edge_runtime.decode import load_image
 from edge_runtime.pipeline import Pipeline
 from export.dataset import calibration_images
 from export.fit import choose_default_variant, log, set_operating_point
@@ -50,7 +49,7 @@ def recalibrate(bundle_dir: Path, out: Path, calibration_defects: Path | None = 
     separation = {}
     for name, v in m["variants"].items():
         pipe = Pipeline(draft, precision=name, knn="hnsw", threads=2)
-        defect_scores = np.array([pipe.score_rgb(load_image(p), str(p)).score for p in defects])
+        defect_scores = np.array([pipe.score_rgb(pipe.load_image(p), str(p)).score for p in defects])
         good = np.array(list(v["cross_fit_scores"].values()), dtype=np.float64)
         bank_max = v.get("threshold_info", {}).get("bank_scores_max")
         # Bundles from before fit.cross_fit was recorded re-ran the coreset per fold.

@@ -264,3 +264,26 @@ def test_colour_is_pinned_grey_only_when_every_training_image_is_grey(tmp_path):
     assert geom.colour == "colour" and not note.startswith("WARNING")
     geom, note = pin_colour(g, paths, [False, True, False, True])
     assert geom.colour == "colour" and note.startswith("WARNING: 2 of 4 training images are grey") and "1.png" in note
+
+
+def test_a_bundle_fitted_on_12_bit_data_reads_12_bit_frames_as_fit_did(synthetic_dataset, tmp_path):
+    from edge_runtime.decode import to_rgb
+    from edge_runtime.records import Frame
+    data = tmp_path / "twelve" / "train" / "good"
+    data.mkdir(parents=True)
+    for i, p in enumerate(sorted((synthetic_dataset / "train" / "good").glob("*.png"))[:8]):
+        cv2.imwrite(str(data / f"{i}.png"), cv2.imread(str(p)).astype(np.uint16) * 16)   # 0-4080: 12-bit values
+    assert export_main(["fit", str(data.parent.parent), "--out", str(tmp_path / "b12"), "--coreset-ratio", "0.2"]) == 0
+    bundle = Bundle.load(tmp_path / "b12")
+    assert bundle.shift_16bit == 4 and bundle.manifest["preprocessing"]["shift_16bit"] == 4
+    assert bundle.manifest["schema_version"] == 4      # a runtime that reads only 3 refuses it
+    pipe = Pipeline(bundle, "fp32", "exact")
+    part = cv2.imread(str(sorted((synthetic_dataset / "test" / "good").glob("*.png"))[0]))
+    as_8 = pipe.inspect(Frame(frame_id=1, source="cam", image=part))
+    as_12 = pipe.inspect(Frame(frame_id=2, source="cam", image=part.astype(np.uint16) * 16))
+    assert as_8.verdict.value == "OK" and as_12.score == as_8.score
+    ok, png16 = cv2.imencode(".png", part.astype(np.uint16) * 16)
+    assert pipe.inspect(Frame(frame_id=3, source="cam", encoded=png16.tobytes())).score == as_8.score
+    # What the top byte (the default) would have made of these frames: nearly black.
+    assert to_rgb(part.astype(np.uint16) * 16).max() <= 15
+    assert "WARNING" not in " ".join(bundle.manifest["geometry"]["chosen"]["notes"])

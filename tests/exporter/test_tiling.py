@@ -72,19 +72,20 @@ def test_a_camera_size_frame_shrunk_to_one_input_is_warned_about_with_the_tiles_
     assert not any(n.startswith("WARNING") for n in small)
 
 
-def test_twelve_bit_data_in_sixteen_bit_files_is_warned_about(tmp_path):
-    from export.fit import narrow_16bit_warning
+def test_sixteen_bit_data_pins_the_shift_its_significant_bits_need(tmp_path):
+    from export.fit import sixteen_bit_shift
 
     paths = []
     for i in range(3):
         p = tmp_path / f"{i}.png"
         cv2.imwrite(str(p), np.random.default_rng(i).integers(0, 4096, (40, 50), dtype=np.uint16))
         paths.append(p)
-    warning = narrow_16bit_warning(paths)
-    assert warning and "about 12 bits" in warning and "0-15" in warning
+    shift, note = sixteen_bit_shift(paths)
+    assert shift == 4 and "about 12 significant bits" in note and "min(v >> 4, 255)" in note
     full = tmp_path / "full.png"
     cv2.imwrite(str(full), np.random.default_rng(9).integers(0, 65536, (40, 50), dtype=np.uint16))
-    assert narrow_16bit_warning([full]) is None
+    assert sixteen_bit_shift([full]) == (8, None)
     eight = tmp_path / "eight.png"
     cv2.imwrite(str(eight), np.zeros((40, 50), np.uint8))
-    assert narrow_16bit_warning([eight]) is None
+    assert sixteen_bit_shift([eight]) == (8, None)
+    assert sixteen_bit_shift([paths[0], eight]) == (8, None)      # not all 16-bit: the default

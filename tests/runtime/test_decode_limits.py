@@ -188,10 +188,10 @@ def test_healthz_says_stalled_while_a_frame_hangs_in_decode(small_bundle, tmp_pa
     entered = threading.Event()
     real_decode = pipeline_module.decode_image
 
-    def slow_decode(data, name, limits=None):
+    def slow_decode(data, name, limits=None, *more, **kw):
         entered.set()
         release.wait(60)  # a decoder grinding through a hostile file
-        return real_decode(data, name, limits)
+        return real_decode(data, name, limits, *more, **kw)
 
     monkeypatch.setattr(pipeline_module, "decode_image", slow_decode)
     ok, png = cv2.imencode(".png", _part(128))

@@ -125,13 +125,34 @@ def test_extra_files_are_ignored_and_never_loaded(bundle_copy, editor):
 
 
 # ---- manifest -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("version", [1, 4, "2", "3", None, True])
+@pytest.mark.parametrize("version", [1, 5, "2", "3", None, True])
 def test_manifest_of_another_schema_version_is_refused(editor, version):
     m = editor.manifest()
     m["schema_version"] = version
     editor.save(m)
     msg = refusal(editor.root)
     assert MANIFEST in msg and "schema_version" in msg and "not supported" in msg
+
+
+@pytest.mark.parametrize("shift", [9, -1, "4", True, 4.0, None])
+def test_a_16_bit_shift_outside_0_to_8_is_refused(editor, shift):
+    m = editor.manifest()
+    m.setdefault("preprocessing", {})["shift_16bit"] = shift
+    m["schema_version"] = 4
+    editor.save(m)
+    with pytest.raises(BundleError, match="preprocessing.shift_16bit must be an integer from 0 to 8"):
+        Bundle.load(editor.root)
+
+
+def test_a_pinned_16_bit_shift_is_how_16_bit_frames_are_read(editor):
+    m = editor.manifest()
+    m.setdefault("preprocessing", {})["shift_16bit"] = 4
+    editor.save(m)
+    with pytest.raises(BundleError, match="shift_16bit 4 needs schema_version 4"):
+        Bundle.load(editor.root)                   # what a runtime reading only schema 3 would misread
+    m["schema_version"] = 4
+    editor.save(m)
+    assert Bundle.load(editor.root).shift_16bit == 4
 
 
 @pytest.mark.parametrize("text, cause", [
