@@ -325,10 +325,15 @@ def to_rgb(image: np.ndarray, name: str = "<frame>", assume_bgr: bool = True,
     if image.dtype.byteorder == (">" if np.little_endian else "<"):  # e.g. big-endian 16-bit from a file reader
         image = image.astype(image.dtype.newbyteorder("="))
     if image.dtype == np.uint16:
-        image = image >> shift_16bit
+        raw, image = image, image >> shift_16bit
         if shift_16bit < 8:
             np.minimum(image, 255, out=image)
         image = image.astype(np.uint8)
+        if not image.any() and raw.any():   # e.g. 8-bit values in a 16-bit buffer: not a black part
+            raise ImageError(f"{name}: 16-bit frame whose highest value is {int(raw.max())}: read as v >> "
+                             f"{shift_16bit} (the bundle's preprocessing.shift_16bit) every pixel is 0; the camera "
+                             "sends fewer significant bits than the bundle was fitted on (send 8-bit frames, or "
+                             "fit on frames of this bit depth)")
     elif image.dtype != np.uint8:
         if image.dtype.kind == "f" and np.isfinite(image).all() and image.max() <= 1.0 and image.min() >= 0.0:
             image = np.round(image * 255).astype(np.uint8)

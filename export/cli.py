@@ -165,7 +165,8 @@ def _evaluate(a: argparse.Namespace) -> int:
     pix = "n/a" if result["pixel_auroc"] is None else f"{result['pixel_auroc']:.4f}"
     if result.get("pixel_auroc_note"):
         pix += f" ({result['pixel_auroc_note']})"
-    print(f"{a.engine}/{a.knn}: image AUROC {result['image_auroc']:.4f}, pixel AUROC {pix}, "
+    img = "n/a" if result["image_auroc"] is None else f"{result['image_auroc']:.4f}"
+    print(f"{a.engine}/{a.knn}: image AUROC {img}, pixel AUROC {pix}, "
           f"{result['n_good']} good / {result['n_defect']} defect, threshold {result['threshold']:.4f}: "
           f"{result['false_rejects']} false rejects, {result['escapes']} escapes, "
           f"{result['seconds_per_image'] * 1000:.1f} ms/image")
@@ -178,10 +179,14 @@ def _evaluate(a: argparse.Namespace) -> int:
           + (f" (REVIEW from {op['review_threshold']:.4f})" if op["review_threshold"] else "")
           + f": good rejected {pct(op['good']['false_rejects'])}, good to review {pct(op['good']['review'])}")
     for d, row in op["defects"].items():
-        auc = "" if d == "all" else f"AUROC {result['per_defect'][d]:.4f}, "
+        auc = "" if d == "all" or result["per_defect"][d] is None else f"AUROC {result['per_defect'][d]:.4f}, "
         print(f"  {d:>14}: {auc}escapes {pct(row['escapes'])}, review {pct(row['review'])}")
     if result["excluded_calibration_defects"]:
         print(f"  ({result['excluded_calibration_defects']} calibration defects used by fit left out)")
+    if result["faults"]:
+        f = result["faults"]
+        print(f"  WARNING: {len(f)} image(s) could not be inspected: FAULT on the station (counted as rejected "
+              f"above, left out of the AUROCs); the first: {f[0]['error']}")
     return 0
 
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from edge_runtime.bundle import Bundle, sha256_file
-from edge_runtime.decode import load_image
+from edge_runtime.decode import ImageError, load_image
 from edge_runtime.pipeline import Pipeline, decide
 from export.calibration import wilson_interval
 from export.dataset import has_masks, test_images
@@ -104,8 +104,18 @@ def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: s
     scores, maps_max, rows = [], [], []
     pix_scores, pix_labels = [], []
     t0 = time.perf_counter()
+    faults = []
     for it in items:
-        result = scorer.score_rgb(load_image(it.path, bundle.shift_16bit), str(it.path))
+        try:
+            result = scorer.score_rgb(load_image(it.path, bundle.shift_16bit), str(it.path))
+        except ImageError as exc:
+            # What the station would FAULT (another size under `refuse`, a grey frame for a colour bundle, a
+            # corrupt file): rejected there, never passed, so NG in the operating point; no score, so left out of
+            # the AUROCs; listed, so it is seen.
+            faults.append({"file": str(it.path), "label": it.label, "error": str(exc)})
+            scores.append(np.inf)
+            rows.append({"file": str(it.path), "label": it.label, "score": None, "fault": str(exc)})
+            continue
         scores.append(result.score)
         rows.append({"file": str(it.path), "label": it.label, "score": result.score})
         if with_masks and not (it.is_defect and it.mask is None):
@@ -117,18 +127,21 @@ def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: s
     seconds = (time.perf_counter() - t0) / len(items)
     scores = np.array(scores)
     labels = np.array([it.is_defect for it in items])
+    inspected = np.isfinite(scores)
+    if not inspected.any():
+        raise ImageError(f"none of the {len(items)} test images could be inspected; the first: {faults[0]['error']}")
     threshold = scorer.threshold
     review = getattr(scorer, "review_threshold", None)
     per_defect = {}
     for d in sorted({it.label for it in items if it.is_defect}):
-        sel = np.array([it.label in ("good", d) for it in items])
-        per_defect[d] = auroc(labels[sel], scores[sel])
+        sel = np.array([it.label in ("good", d) for it in items]) & inspected
+        per_defect[d] = auroc(labels[sel], scores[sel]) if len(set(labels[sel])) == 2 else None
     op = operating_point_report([it.label for it in items], scores, threshold, review)
     result = {
         "bundle": str(bundle_dir), "bundle_id": bundle.bundle_id, "data_dir": str(data_dir), "engine": engine, "knn": knn,
         "search": asdict(scorer.search.params) if hasattr(getattr(scorer, "search", None), "params") else None,
         "geometry": bundle.manifest["geometry"],
-        "image_auroc": auroc(labels, scores),
+        "image_auroc": auroc(labels[inspected], scores[inspected]) if len(set(labels[inspected])) == 2 else None,
         "pixel_auroc": auroc(np.concatenate(pix_labels), np.concatenate(pix_scores)) if with_masks else None,
         "pixel_auroc_note": pixel_note(data_dir, items, with_masks, no_mask),
         "n_good": int((~labels).sum()), "n_defect": int(labels.sum()), "per_defect": per_defect,
@@ -136,10 +149,13 @@ def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: s
         "seconds_per_image": seconds, "threshold": threshold, "review_threshold": review,
         "false_rejects": op["good"]["false_rejects"]["count"], "escapes": op["defects"]["all"]["escapes"]["count"],
         "operating_point": op,
+        "faults": faults,
         "images": rows,
     }
     if report_dir is not None:
-        write_report(Path(report_dir), items, scores, labels, maps_max, threshold, result)
+        keep = np.flatnonzero(inspected)
+        write_report(Path(report_dir), [items[i] for i in keep], scores[keep], labels[keep], maps_max, threshold,
+                     result)
     return result
 
 

@@ -208,20 +208,27 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
                   "scale": s.scale, "notes": notes}
 
 
-def pin_colour(geom: Geometry, paths: list[Path], grey: list[bool]) -> tuple[Geometry, str]:
+def pin_colour(geom: Geometry, paths: list[Path], grey: list[bool]) -> tuple[Geometry, list[int], str]:
     """geometry.colour from what the model saw of each training image (edge_runtime.geometry.match_colour says what
-    the station does with it), and the note fit prints: grey only when every image is grey (a mono camera)."""
-    n_grey = sum(grey)
-    if n_grey == len(grey):
-        return replace(geom, colour="grey"), ("grey images: the station converts colour frames to grey, as the "
-                                              "bank was fitted")
-    note = "colour images: a frame without colour (R = G = B) is a FAULT"
-    if n_grey:
-        first = next(p.name for p, g in zip(paths, grey) if g)
-        note = (f"WARNING: {n_grey} of {len(grey)} training images are grey (R = G = B; first: {first}) and the "
-                f"rest colour: the bundle takes colour frames, and a grey frame is a FAULT; fit on one camera's "
-                f"images")
-    return replace(geom, colour="colour"), note
+    the station does with it), the images that do not match it (by index), and the note fit prints.
+
+    One camera gives one kind. A set that mixes them (stray files: a tinted JPEG on a mono line, a few images
+    converted to grey) follows the majority: grey when at least half are grey, the colour ones then converted as
+    the station converts frames; else colour, with the grey ones left out of the bank (a colour bundle faults a
+    grey frame, its own training images included)."""
+    n_grey, n = sum(grey), len(grey)
+    colour = "grey" if 2 * n_grey >= n else "colour"
+    odd = [i for i, g in enumerate(grey) if g != (colour == "grey")]
+    if not odd:
+        return replace(geom, colour=colour), odd, (
+            "grey images: the station converts colour frames to grey, as the bank was fitted" if colour == "grey"
+            else "colour images: a frame without colour (R = G = B) is a FAULT")
+    kind = "in colour" if colour == "grey" else "grey (R = G = B)"
+    done = ("converted to grey as the station converts frames" if colour == "grey"
+            else "left out of the bank; a grey frame is a FAULT")
+    return replace(geom, colour=colour), odd, (
+        f"WARNING: {len(odd)} of {n} training images are {kind} (first: {paths[odd[0]].name}), the rest "
+        f"{colour}: fitted as {colour}, the most of them, with those {done}; fit on one camera's images")
 
 
 def tensors(path: Path, geom: Geometry, shift_16bit: int = SHIFT_16BIT) -> np.ndarray:
@@ -350,12 +357,12 @@ def choose_ef_seeded(excess: dict, default: int) -> tuple[int, str]:
                      f"{100 * excess['top']:.3f}%); the default {default}{measured}")
 
 
-def seeded_walk_excess(pipe: Pipeline, rgbs: list[np.ndarray]) -> dict:
-    """Mean relative excess over the exact nearest distance of the patches of `rgbs` (training images: patches in
+def seeded_walk_excess(pipe: Pipeline, paths: list[Path]) -> dict:
+    """Mean relative excess over the exact nearest distance of the patches of `paths` (training images: patches in
     the bank itself, at distance 0, are left out) for the walk from the top ("top") and each candidate width."""
     search = pipe.search
     params = search.params
-    feats = [pipe.extractor(preprocess(rgb, pipe.geometry)[0]) for rgb in rgbs]
+    feats = [pipe.extractor(preprocess(pipe.load_image(p), pipe.geometry, str(p))[0]) for p in paths]
     # Exact distances in the kernel `approximate` measures in (the expanded-form GEMM of `nearest` errs most
     # exactly where training patches sit: close to the bank).
     exact = [search.exact.nearest_within(q, upper_bounds(search.exact.bank, q, search.exact.nearest(q)[1]))[0]
@@ -453,6 +460,17 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     if narrow:
         geom_info["notes"].append(narrow)
     out.mkdir(parents=True)
+    try:
+        return _fit_into(out, data_dir, s, images, defects, geom, geom_info, shift_16bit, clock, t_fit)
+    except BaseException:
+        # This fit made the folder; half-written (no manifest) it would be refused by the next --overwrite.
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], defects: list[Path], geom: Geometry,
+              geom_info: dict, shift_16bit: int, clock: StageClock, t_fit: float) -> Bundle:
+    """The fit proper, into the new folder `out` (removed by _fit if this fails)."""
     torch.manual_seed(s.seed)
     model = PatchFeatures(s.backbone, s.projection_dim, s.seed, aggregation_size=s.aggregation_size,
                           input_norm=s.input_norm)
@@ -482,10 +500,20 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     # FP32 features but queried with INT8 ones loses ~5 points of image AUROC (shared/BACKBONES.md).
     grey: list[bool] = []
     all_feats = onnx_features(extractors, images, geom, "fp32 + int8 features", grey, shift_16bit)
-    del extractors
-    geom, colour_note = pin_colour(geom, images, grey)
+    geom, odd, colour_note = pin_colour(geom, images, grey)
     geom_info["notes"].append(colour_note)
     log(colour_note)
+    if odd and geom.colour == "grey":      # the colour strays as the station will see them
+        again = onnx_features(extractors, [images[i] for i in odd], geom, "colour images as grey", None, shift_16bit)
+        for name, x in all_feats.items():
+            for k, i in enumerate(odd):
+                x[i * per_image:(i + 1) * per_image] = again[name][k * per_image:(k + 1) * per_image]
+    elif odd:                              # the grey strays: out of the bank
+        keep = np.ones(len(images), dtype=bool)
+        keep[odd] = False
+        all_feats = {name: x[np.repeat(keep, per_image)] for name, x in all_feats.items()}
+        images = [p for p, k in zip(images, keep) if k]
+    del extractors
     t_feat = clock.mark("features")
     log(f"FP32 and INT8 features of {len(images)} images in {t_feat:.1f} s")
     n_select = max(1, int(round(s.coreset_ratio * len(all_feats["fp32"]))))
@@ -567,7 +595,7 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
         # Only the heat map depends on it (the image score is exact either way), so the thresholds below do not.
         pipe = Pipeline(draft, precision=s.default_variant if s.default_variant in banks else None, knn="hnsw",
                         threads=2)
-        excess = seeded_walk_excess(pipe, [pipe.load_image(p) for p in bank_sample[:8]])
+        excess = seeded_walk_excess(pipe, bank_sample[:8])
         ef, why = choose_ef_seeded(excess, s.hnsw.ef_seeded)
         manifest["index"]["ef_seeded"] = ef
         manifest["fit"]["ef_seeded_choice"] = {"chosen": ef, "reason": why, "images": min(8, len(bank_sample)),

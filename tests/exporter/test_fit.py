@@ -1,6 +1,7 @@
 """Fitting on the embedded data: layout errors, odd inputs, and that defects outscore good parts."""
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -252,18 +253,38 @@ def test_the_same_images_and_settings_give_the_same_graphs(synthetic_dataset, tm
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def test_colour_is_pinned_grey_only_when_every_training_image_is_grey(tmp_path):
-    from pathlib import Path
+def test_colour_is_pinned_by_the_training_images_and_strays_follow_the_majority():
     from edge_runtime.geometry import Geometry
     from export.fit import pin_colour
     g = Geometry((64, 64), (64, 64), ((0, 0),))
     paths = [Path(f"{i}.png") for i in range(4)]
-    geom, note = pin_colour(g, paths, [True] * 4)
-    assert geom.colour == "grey" and not note.startswith("WARNING")
-    geom, note = pin_colour(g, paths, [False] * 4)
-    assert geom.colour == "colour" and not note.startswith("WARNING")
-    geom, note = pin_colour(g, paths, [False, True, False, True])
-    assert geom.colour == "colour" and note.startswith("WARNING: 2 of 4 training images are grey") and "1.png" in note
+    geom, odd, note = pin_colour(g, paths, [True] * 4)
+    assert geom.colour == "grey" and odd == [] and not note.startswith("WARNING")
+    geom, odd, note = pin_colour(g, paths, [False] * 4)
+    assert geom.colour == "colour" and odd == [] and not note.startswith("WARNING")
+    geom, odd, note = pin_colour(g, paths, [False, True, False, False])
+    assert geom.colour == "colour" and odd == [1]
+    assert note.startswith("WARNING: 1 of 4 training images are grey") and "1.png" in note and "left out" in note
+    geom, odd, note = pin_colour(g, paths, [True, False, True, False])      # a tie: grey loses no image
+    assert geom.colour == "grey" and odd == [1, 3] and "in colour (first: 1.png)" in note and "converted" in note
+
+
+def test_a_mixed_training_set_fits_and_a_failed_fit_leaves_nothing_behind(synthetic_dataset, tmp_path):
+    data = tmp_path / "mixed" / "train" / "good"
+    data.mkdir(parents=True)
+    for i, p in enumerate(sorted((synthetic_dataset / "train" / "good").glob("*.png"))[:9]):
+        img = cv2.imread(str(p))
+        cv2.imwrite(str(data / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if i % 3 == 1 else img)
+    assert export_main(["fit", str(data.parent.parent), "--out", str(tmp_path / "mb"), "--coreset-ratio", "0.2"]) == 0
+    m = Bundle.load(tmp_path / "mb").manifest
+    assert m["geometry"]["colour"] == "colour"
+    assert m["fit"]["bank_images"] == [f"{i}.png" for i in range(9) if i % 3 != 1]       # the grey strays left out
+    assert any(n.startswith("WARNING: 3 of 9 training images are grey") for n in m["geometry"]["chosen"]["notes"])
+    # A fit that fails half-way removes the folder it made, so a rerun needs no manual clean-up.
+    whole = (data / "0.png").read_bytes()
+    (data / "9.png").write_bytes(whole[:len(whole) // 2])      # its header reads, its pixels fail to decode later
+    assert export_main(["fit", str(data.parent.parent), "--out", str(tmp_path / "failed")]) != 0
+    assert not (tmp_path / "failed").exists()
 
 
 def test_a_bundle_fitted_on_12_bit_data_reads_12_bit_frames_as_fit_did(synthetic_dataset, tmp_path):
@@ -287,3 +308,21 @@ def test_a_bundle_fitted_on_12_bit_data_reads_12_bit_frames_as_fit_did(synthetic
     # What the top byte (the default) would have made of these frames: nearly black.
     assert to_rgb(part.astype(np.uint16) * 16).max() <= 15
     assert "WARNING" not in " ".join(bundle.manifest["geometry"]["chosen"]["notes"])
+
+
+def test_evaluate_counts_images_the_station_would_fault_as_rejected_and_lists_them(small_bundle, synthetic_dataset,
+                                                                                    tmp_path):
+    data = tmp_path / "set"
+    shutil.copytree(synthetic_dataset / "test", data / "test")
+    good = sorted((data / "test" / "good").glob("*.png"))[0]
+    cv2.imwrite(str(good), cv2.cvtColor(cv2.imread(str(good)), cv2.COLOR_BGR2GRAY))      # no colour: FAULT
+    scratch = sorted((data / "test" / "scratch").glob("*.png"))[0]
+    cv2.imwrite(str(scratch), cv2.resize(cv2.imread(str(scratch)), (200, 150)))        # another size: FAULT
+    r = evaluate(small_bundle, data, "onnx-int8", "hnsw")
+    assert sorted(Path(f["file"]).name for f in r["faults"]) == sorted([good.name, scratch.name])
+    assert any("no colour" in f["error"] for f in r["faults"]) and any("200x150" in f["error"] for f in r["faults"])
+    assert r["image_auroc"] == 1.0                                   # over the images that were inspected
+    op = r["operating_point"]
+    assert op["good"]["false_rejects"]["count"] >= 1                  # the faulted good part is not passed
+    assert op["defects"]["scratch"]["escapes"]["count"] == 0
+    assert {row["file"]: row["score"] for row in r["images"]}[str(good)] is None

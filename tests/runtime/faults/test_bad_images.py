@@ -340,3 +340,8 @@ def test_a_colour_pin_the_runtime_does_not_know_refuses_the_bundle(editor):
     editor.save(m)
     with pytest.raises(BundleError, match="colour must be one of grey, colour"):
         Bundle.load(editor.root)
+
+
+def test_a_16_bit_frame_that_reads_as_all_zero_is_a_fault_naming_the_bit_depth(pipeline, part):
+    result = pipeline.inspect(Frame(frame_id=17, source="cam16", image=part.astype(np.uint16)))   # 8-bit values
+    assert_fault(result, "cam16", "16-bit frame whose highest value is", "preprocessing.shift_16bit")
