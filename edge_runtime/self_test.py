@@ -26,6 +26,18 @@ def golden_image(bundle: Bundle, rel: str) -> np.ndarray:
     return decode_image(bundle.read_verified(rel), str(bundle.path(rel)), shift_16bit=bundle.shift_16bit)
 
 
+def frames_taken(bundle: Bundle) -> str:
+    """What frames the station takes (the manifest's geometry, colour and 16-bit pins), for the operator."""
+    g = bundle.geometry
+    size = (f"{g.region_size[0]}x{g.region_size[1]} (size policy {g.size_policy})" if g.region_size
+            else f"any size (resampled to {g.canvas_size[0]}x{g.canvas_size[1]})")
+    colour = {"grey": "grey (colour frames converted)", "colour": "colour (a frame without colour is a FAULT)",
+              None: "as they come (colour not pinned)"}[g.colour]
+    roi = f", region of interest {list(g.roi)}" if g.roi else ""
+    return (f"frames: {size}{roi}, {colour}, 16-bit pixels read as v >> {bundle.shift_16bit}; "
+            f"{g.n_tiles} tile(s) of {g.input_size[0]}x{g.input_size[1]}")
+
+
 def golden_check(bundle: Bundle, pipeline: Pipeline) -> list[str]:
     """Failures (empty when every golden image reproduces its recorded score within tolerance)."""
     variant = pipeline.variant
@@ -82,6 +94,7 @@ def run_self_test(bundle_dir: Path, precision: str | None = None, knn: str = "hn
         report.checks.append(f"integrity: {len(bundle.manifest['files'])} files match their sha256")
         pipeline = Pipeline(bundle, precision=precision, knn=knn, threads=threads, providers=providers)
         report.checks.append(f"loaded variant {pipeline.variant.name}, {len(pipeline.search)} bank vectors, knn {knn}")
+        report.checks.append(frames_taken(bundle))
         quant = pipeline.variant.info.get("quantization") or {}
         if "activation" in quant:   # refused above if this machine computes it differently
             report.checks.append(f"INT8 {quant.get('target', '?')} model computed exactly here; this machine: "

@@ -49,3 +49,6 @@ def test_device_path_needs_no_exporter_package():
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "golden: " in out.stdout and "reproduce their scores" in out.stdout
+    # What frames the station takes, from the manifest (this fixture predates the colour pin).
+    assert "frames: 224x224 (size policy refuse), as they come (colour not pinned), 16-bit pixels read as v >> 8" \
+        in out.stdout, out.stdout
