@@ -223,12 +223,13 @@ def pin_colour(geom: Geometry, paths: list[Path], grey: list[bool]) -> tuple[Geo
         return replace(geom, colour=colour), odd, (
             "grey images: the station converts colour frames to grey, as the bank was fitted" if colour == "grey"
             else "colour images: a frame without colour (R = G = B) is a FAULT")
-    kind = "in colour" if colour == "grey" else "grey (R = G = B)"
+    kind = "in colour (" if colour == "grey" else "grey (R = G = B; "
     done = ("converted to grey as the station converts frames" if colour == "grey"
             else "left out of the bank; a grey frame is a FAULT")
     return replace(geom, colour=colour), odd, (
-        f"WARNING: {len(odd)} of {n} training images are {kind} (first: {paths[odd[0]].name}), the rest "
-        f"{colour}: fitted as {colour}, the most of them, with those {done}; fit on one camera's images")
+        f"WARNING: {len(odd)} of {n} training images {'is' if len(odd) == 1 else 'are'} {kind}first: "
+        f"{paths[odd[0]].name}), the rest {colour}: fitted as {colour}, the most of them, with "
+        f"{'that one' if len(odd) == 1 else 'those'} {done}; fit on one camera's images")
 
 
 def tensors(path: Path, geom: Geometry, shift_16bit: int = SHIFT_16BIT) -> np.ndarray:

@@ -264,9 +264,11 @@ def test_colour_is_pinned_by_the_training_images_and_strays_follow_the_majority(
     assert geom.colour == "colour" and odd == [] and not note.startswith("WARNING")
     geom, odd, note = pin_colour(g, paths, [False, True, False, False])
     assert geom.colour == "colour" and odd == [1]
-    assert note.startswith("WARNING: 1 of 4 training images are grey") and "1.png" in note and "left out" in note
+    assert note.startswith("WARNING: 1 of 4 training images is grey (R = G = B; first: 1.png), the rest colour")
+    assert "that one left out of the bank" in note
     geom, odd, note = pin_colour(g, paths, [True, False, True, False])      # a tie: grey loses no image
-    assert geom.colour == "grey" and odd == [1, 3] and "in colour (first: 1.png)" in note and "converted" in note
+    assert geom.colour == "grey" and odd == [1, 3] and "2 of 4 training images are in colour (first: 1.png)" in note
+    assert "those converted to grey" in note
 
 
 def test_a_mixed_training_set_fits_and_a_failed_fit_leaves_nothing_behind(synthetic_dataset, tmp_path):
