@@ -2,7 +2,8 @@
 common sizes down to a ~256-px-wide model input: "area" (one cv2.INTER_AREA resize: bundles of schema 2) against
 "halve-area" (2 x 2 box halvings, then INTER_AREA: the fit default since schema 3), with INTER_LINEAR (aliasing,
 never used: the floor of any resample) and the BGR -> RGB conversion for scale, on this machine's OpenCV threads;
-and "area" against one plain cv2.resize INTER_AREA call (OpenCV runs it on one thread for a small canvas; the
+the colour pin's cost (a colour bundle's check, a grey bundle's one-channel resample); and "area" against one
+plain cv2.resize INTER_AREA call (OpenCV runs it on one thread for a small canvas; the
 geometry stage splits it over two where that is bit-exact, `geometry._area`), with a check that the pixels agree.
 Also how far the two methods' pixels lie apart (mean / max absolute difference, grey levels) on a textured frame.
 Writes benchmarks/results/resize_cost.json and .md.
@@ -23,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from edge_runtime.bench import cpu_info, load_average  # noqa: E402
-from edge_runtime.geometry import resample  # noqa: E402
+from edge_runtime.geometry import Geometry, match_colour, resample, to_canvas  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 FRAMES = [(384, 384), (640, 480), (900, 900), (1280, 1024), (1920, 1080), (1920, 1200), (2448, 2048), (4096, 3000)]
@@ -52,8 +53,8 @@ def main() -> int:
     load_before = load_average()
     print(f"OpenCV {cv2.__version__}, {cv2.getNumThreads()} threads")
     head = ("| frame | canvas | area ms | one INTER_AREA call ms | identical | halve-area ms | speed-up | "
-            "INTER_LINEAR ms | BGR->RGB ms | diff mean / max |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+            "INTER_LINEAR ms | BGR->RGB ms | diff mean / max | colour check ms | grey bundle ms |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print(head)
     for w, h in FRAMES:
         # Texture at several scales (not noise): what a part's surface gives the resample to average.
@@ -62,20 +63,24 @@ def main() -> int:
         base = np.clip(base, 0, 255).astype(np.uint8)
         th = max(8, int(round(a.width * h / w / 8)) * 8)
         size = (a.width, th)
-        area, single, halve, linear, rgb = median_ms([lambda: resample(base, size, "area"),
+        as_colour = Geometry(size, size, ((0, 0),), resample="halve-area", colour="colour")
+        as_grey = Geometry(size, size, ((0, 0),), resample="halve-area", colour="grey")
+        area, single, halve, linear, rgb, check, grey = median_ms([lambda: resample(base, size, "area"),
                                               lambda: cv2.resize(base, size, interpolation=cv2.INTER_AREA),
                                               lambda: resample(base, size, "halve-area"),
                                               lambda: cv2.resize(base, size, interpolation=cv2.INTER_LINEAR),
-                                              lambda: cv2.cvtColor(base, cv2.COLOR_BGR2RGB)], a.repeats)
+                                              lambda: cv2.cvtColor(base, cv2.COLOR_BGR2RGB),
+                                              lambda: match_colour(base, as_colour),
+                                              lambda: to_canvas(match_colour(base, as_grey), as_grey)], a.repeats)
         d = np.abs(resample(base, size, "area").astype(np.int16) - resample(base, size, "halve-area"))
         same = bool(np.array_equal(resample(base, size, "area"), cv2.resize(base, size, interpolation=cv2.INTER_AREA)))
         rows.append({"frame": [w, h], "input": list(size), "area_ms": area, "one_inter_area_call_ms": single,
                      "identical": same, "halve_area_ms": halve,
                      "inter_linear_ms": linear, "bgr_to_rgb_ms": rgb, "diff_mean": float(d.mean()),
-                     "diff_max": int(d.max())})
+                     "diff_max": int(d.max()), "colour_check_ms": check, "grey_bundle_ms": grey})
         line = (f"| {w} x {h} | {size[0]} x {size[1]} | {area:.2f} | {single:.2f} | {'yes' if same else 'NO'} | "
                 f"{halve:.2f} | {area / halve:.1f}x | {linear:.2f} "
-                f"| {rgb:.2f} | {d.mean():.2f} / {d.max()} |")
+                f"| {rgb:.2f} | {d.mean():.2f} / {d.max()} | {check:.3f} | {grey:.2f} |")
         lines.append(line)
         print(line)
     RESULTS.mkdir(exist_ok=True)
@@ -93,7 +98,10 @@ def main() -> int:
         "below 2x). INTER_LINEAR aliases thin defects at these ratios and is not used: the floor of any resample. "
         "diff: grey levels between the two methods' canvases on a textured frame. one INTER_AREA call: what area "
         "cost before the geometry stage split it over two threads, rows or columns (where OpenCV's scale is the exact ratio: "
-        "geometry._split_at); identical: area's canvas equals that call's, pixel for pixel.\n")
+        "geometry._split_at); identical: area's canvas equals that call's, pixel for pixel. colour check: what a "
+        "colour bundle adds per frame (geometry.match_colour: is the region grey? its middle row, then 8 rows, first); grey "
+        "bundle: luma, then halve-area on one channel, copied to three (geometry.colour grey), against the "
+        "halve-area column's three channels.\n")
     print(f"written: {out}")
     return 0
 
