@@ -478,10 +478,17 @@ def _plain(obj: Any) -> Any:
 
 
 def clear_output_dir(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> None:
-    """Make `out` ready for a new bundle: refuse a symlink, and a folder that is or holds one of `inputs` (name ->
-    folder the command reads: training images, calibration defects, the source bundle), refuse a non-empty one
-    without `overwrite`, and with it delete only a folder that holds a bundle (its manifest.yaml).
-    Raises FileExistsError; a user's photos or project folder are never deleted by a mistyped --out."""
+    """Make `out` ready for a new bundle (check_output_dir), deleting the bundle it holds when `overwrite`."""
+    if check_output_dir(out, overwrite, inputs):
+        shutil.rmtree(Path(out).resolve())
+
+
+def check_output_dir(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> bool:
+    """Whether `out` can take a new bundle: refuse a symlink, and a folder that is or holds one of `inputs` (name
+    -> folder the command reads: training images, calibration defects, the source bundle), refuse a non-empty one
+    without `overwrite`, and with it accept only a folder that holds a bundle (its manifest.yaml). True when a
+    bundle there is to be replaced. Raises FileExistsError; a user's photos or project folder are never deleted
+    by a mistyped --out."""
     if os.path.islink(out):
         # A `current -> v3` link (the layout the docs use): deleting would remove v3, not the link.
         raise FileExistsError(f"--out {out} is a symlink (to {os.readlink(out)}): give a new folder, then point the "
@@ -495,17 +502,17 @@ def clear_output_dir(out: Path, overwrite: bool, inputs: dict[str, Path | None])
             raise FileExistsError(f"--out {out} is or contains the {what} ({folder}): writing the bundle there "
                                   "would delete it; choose a new folder")
     if not target.exists():
-        return
+        return False
     if not target.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
     if not any(target.iterdir()):
-        return
+        return False
     if not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty (use --overwrite to replace a bundle there)")
     if not (target / MANIFEST).is_file():
         raise FileExistsError(f"{out}: --overwrite replaces a bundle, and this folder holds none ({MANIFEST} is "
                               "missing): delete it yourself if it is really to go")
-    shutil.rmtree(target)
+    return True
 
 
 def content_id(manifest: dict) -> str:

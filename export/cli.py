@@ -321,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="HNSW links per node (default: 16); raise (e.g. 32) if edge-runtime check reports low recall")
     f.add_argument("--hnsw-ef-construction", type=_number(int, 1, 4096), default=200,
                    help="HNSW build-time search width (default: 200); higher builds a better index, slower")
-    f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (default: off, refuse)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace the bundle in a non-empty --out once the new one is complete; a folder without a "
+                        "bundle is never deleted (default: off, refuse)")
     # The device the bundle is for picks the INT8 target (edge_runtime/station_init.py DEVICE_INT8_TARGET).
     from edge_runtime.station_init import DEVICE_INT8_TARGET
 

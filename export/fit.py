@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 import platform
 import resource
 import shutil
@@ -27,7 +28,8 @@ import yaml
 
 import edge_runtime
 from edge_runtime import scoring
-from edge_runtime.bundle import MANIFEST, SCHEMA_VERSION, SCHEMA_VERSION_SHIFT_16BIT, Bundle, clear_output_dir, sha256_file, write_manifest
+from edge_runtime.bundle import (MANIFEST, SCHEMA_VERSION, SCHEMA_VERSION_SHIFT_16BIT, Bundle, check_output_dir,
+                                 clear_output_dir, sha256_file, write_manifest)
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.int8_kernels import check_quantization
 from edge_runtime.decode import SHIFT_16BIT, declared_size, load_image
@@ -417,7 +419,7 @@ def fit_auto_backbone(data_dir: Path, out: Path, s: FitSettings, calibration_def
         log("backbone auto: lite0 (no calibration defects to compare the backbones on)")
         return _fit(data_dir, out, replace(s, backbone=BACKBONE_CANDIDATES[0]), calibration_defects, overwrite)
     inputs = {"training folder": data_dir, "calibration folder": calibration_defects}
-    clear_output_dir(out, overwrite, inputs)
+    check_output_dir(out, overwrite, inputs)   # the bundle there is replaced only once a candidate is chosen
     paths = {name: out.parent / f".{out.name}.{name}.trial" for name in BACKBONE_CANDIDATES}
     t0 = time.time()
     try:
@@ -428,7 +430,7 @@ def fit_auto_backbone(data_dir: Path, out: Path, s: FitSettings, calibration_def
             separation[name] = b.manifest["variants"][b.manifest["default_variant"]].get("calibration_auroc")
         chosen, reason = choose_backbone(separation)
         log(f"backbone auto: {reason}")
-        clear_output_dir(out, True, inputs)
+        clear_output_dir(out, overwrite, inputs)
         if out.exists():
             out.rmdir()
         paths.pop(chosen).rename(out)
@@ -455,23 +457,34 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
         order = np.random.default_rng(s.seed).permutation(len(images))[:s.max_train]
         images = sorted(images[i] for i in order)
     defects = calibration_images(calibration_defects) if calibration_defects else []
-    clear_output_dir(out, overwrite, {"training folder": data_dir, "calibration folder": calibration_defects})
+    inputs = {"training folder": data_dir, "calibration folder": calibration_defects}
+    check_output_dir(out, overwrite, inputs)
     geom, geom_info = plan_geometry(images, s)
     shift_16bit, narrow = sixteen_bit_shift(images)
     if narrow:
         geom_info["notes"].append(narrow)
-    out.mkdir(parents=True)
+    # Written beside `out` and moved there only when complete: a fit that fails (or is stopped) leaves the bundle
+    # --overwrite would have replaced as it was, and no half-written folder that the next --overwrite refuses.
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    stage.mkdir(parents=True)
     try:
-        return _fit_into(out, data_dir, s, images, defects, geom, geom_info, shift_16bit, clock, t_fit)
+        _fit_into(stage, data_dir, s, images, defects, geom, geom_info, shift_16bit, clock, t_fit)
+        clear_output_dir(out, overwrite, inputs)    # checked again: minutes have passed
+        if out.exists():
+            out.rmdir()                             # empty
+        stage.rename(out)
     except BaseException:
-        # This fit made the folder; half-written (no manifest) it would be refused by the next --overwrite.
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
         raise
+    bundle = Bundle.load(out)
+    log(f"bundle {bundle.bundle_id} written to {out} in {time.time() - t_fit:.1f} s "
+        f"(peak resident {bundle.manifest['fit']['peak_rss_mib']} MiB)")
+    return bundle
 
 
 def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], defects: list[Path], geom: Geometry,
-              geom_info: dict, shift_16bit: int, clock: StageClock, t_fit: float) -> Bundle:
-    """The fit proper, into the new folder `out` (removed by _fit if this fails)."""
+              geom_info: dict, shift_16bit: int, clock: StageClock, t_fit: float) -> None:
+    """The fit proper, into the new folder `out` (_fit's staging folder)."""
     torch.manual_seed(s.seed)
     model = PatchFeatures(s.backbone, s.projection_dim, s.seed, aggregation_size=s.aggregation_size,
                           input_norm=s.input_norm)
@@ -625,7 +638,3 @@ def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], def
     manifest["fit"]["seconds"] = round(time.time() - t_fit, 1)
     manifest["fit"]["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     write_manifest(out, manifest)
-    bundle = Bundle.load(out)
-    log(f"bundle {bundle.bundle_id} written to {out} in {time.time() - t_fit:.1f} s "
-        f"(peak resident {manifest['fit']['peak_rss_mib']} MiB)")
-    return bundle

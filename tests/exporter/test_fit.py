@@ -287,6 +287,11 @@ def test_a_mixed_training_set_fits_and_a_failed_fit_leaves_nothing_behind(synthe
     (data / "9.png").write_bytes(whole[:len(whole) // 2])      # its header reads, its pixels fail to decode later
     assert export_main(["fit", str(data.parent.parent), "--out", str(tmp_path / "failed")]) != 0
     assert not (tmp_path / "failed").exists()
+    # ... and one that was to replace a bundle leaves that bundle as it was.
+    before = Bundle.load(tmp_path / "mb").bundle_id
+    assert export_main(["fit", str(data.parent.parent), "--out", str(tmp_path / "mb"), "--overwrite"]) != 0
+    assert Bundle.load(tmp_path / "mb").bundle_id == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mb", "mixed"]       # no staging folder left
 
 
 def test_a_bundle_fitted_on_12_bit_data_reads_12_bit_frames_as_fit_did(synthetic_dataset, tmp_path):
