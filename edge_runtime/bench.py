@@ -160,7 +160,9 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
     if raw:
         arrays = []
         for name, data in images:
-            array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            # As the camera's driver hands it over: grey stays one channel, 16-bit stays 16-bit (the bundle's
+            # preprocessing.shift_16bit applies in the pipeline, as to a camera's frames).
+            array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
             if array is None:
                 raise BenchError(f"{name}: OpenCV cannot decode this image for --raw")
             arrays.append(array)

@@ -340,8 +340,10 @@ class Bundle:
         if "product" in m and not (isinstance(m["product"], str) and m["product"].strip()):
             raise BundleError(f"{where}: product must be a non-empty string, got {short_repr(m['product'])}")
         listed = set(files)
-        pre = m.get("preprocessing") or {}
-        shift = pre.get("shift_16bit", SHIFT_16BIT) if isinstance(pre, dict) else None
+        pre = m.get("preprocessing", {})
+        if not isinstance(pre, dict):
+            raise BundleError(f"{where}: preprocessing must be a mapping, got {short_repr(pre)}")
+        shift = pre.get("shift_16bit", SHIFT_16BIT)
         if not (isinstance(shift, int) and not isinstance(shift, bool) and 0 <= shift <= SHIFT_16BIT):
             raise BundleError(f"{where}: preprocessing.shift_16bit must be an integer from 0 to 8, got {short_repr(shift)}")
         if shift != SHIFT_16BIT and m.get("schema_version", 0) < SCHEMA_VERSION_SHIFT_16BIT:
@@ -432,7 +434,7 @@ class Bundle:
     @property
     def shift_16bit(self) -> int:
         """16-bit pixels reach the model as min(v >> this, 255) (edge_runtime.decode.to_rgb); 8 unless pinned."""
-        return int((self.manifest.get("preprocessing") or {}).get("shift_16bit", SHIFT_16BIT))
+        return int(self.manifest.get("preprocessing", {}).get("shift_16bit", SHIFT_16BIT))
 
     @property
     def bundle_version(self) -> int | None:

@@ -74,7 +74,9 @@ class PacedSource(FrameSource):
                 if self.cfg.encoded:
                     self._images.append((str(p), data))
                 else:
-                    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+                    # As the camera's driver hands it over: grey stays one channel, 16-bit stays 16-bit (the bundle's
+                    # preprocessing.shift_16bit applies in the pipeline, as to a camera's frames).
+                    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
                     if image is None:
                         raise SourceError(f"{self.name}: {p}: not a decodable image")
                     self._images.append((str(p), image))

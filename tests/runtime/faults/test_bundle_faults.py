@@ -134,6 +134,15 @@ def test_manifest_of_another_schema_version_is_refused(editor, version):
     assert MANIFEST in msg and "schema_version" in msg and "not supported" in msg
 
 
+@pytest.mark.parametrize("preprocessing", [[], "x", None, 4])
+def test_a_preprocessing_section_that_is_not_a_mapping_is_refused(editor, preprocessing):
+    m = editor.manifest()
+    m["preprocessing"] = preprocessing
+    editor.save(m)
+    with pytest.raises(BundleError, match="preprocessing must be a mapping"):
+        Bundle.load(editor.root)
+
+
 @pytest.mark.parametrize("shift", [9, -1, "4", True, 4.0, None])
 def test_a_16_bit_shift_outside_0_to_8_is_refused(editor, shift):
     m = editor.manifest()
