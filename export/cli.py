@@ -169,6 +169,7 @@ def _evaluate(a: argparse.Namespace) -> int:
     print(f"{a.engine}/{a.knn}: image AUROC {img}, pixel AUROC {pix}, "
           f"{result['n_good']} good / {result['n_defect']} defect, threshold {result['threshold']:.4f}: "
           f"{result['false_rejects']} false rejects, {result['escapes']} escapes, "
+          + (f"{len(result['faults'])} FAULT (could not be inspected), " if result["faults"] else "") +
           f"{result['seconds_per_image'] * 1000:.1f} ms/image")
     op = result["operating_point"]
 
@@ -177,10 +178,12 @@ def _evaluate(a: argparse.Namespace) -> int:
 
     print(f"  at the shipped threshold {op['threshold']:.4f}"
           + (f" (REVIEW from {op['review_threshold']:.4f})" if op["review_threshold"] else "")
-          + f": good rejected {pct(op['good']['false_rejects'])}, good to review {pct(op['good']['review'])}")
+          + f": good rejected {pct(op['good']['false_rejects'])}, good to review {pct(op['good']['review'])}"
+          + (f", of them FAULT {pct(op['good']['fault'])}" if op["good"]["fault"]["count"] else ""))
     for d, row in op["defects"].items():
         auc = "" if d == "all" or result["per_defect"][d] is None else f"AUROC {result['per_defect'][d]:.4f}, "
-        print(f"  {d:>14}: {auc}escapes {pct(row['escapes'])}, review {pct(row['review'])}")
+        fault = f", FAULT {pct(row['fault'])}" if row["fault"]["count"] else ""
+        print(f"  {d:>14}: {auc}escapes {pct(row['escapes'])}, review {pct(row['review'])}{fault}")
     if result["excluded_calibration_defects"]:
         print(f"  ({result['excluded_calibration_defects']} calibration defects used by fit left out)")
     if result["faults"]:

@@ -67,20 +67,25 @@ def rate(k: int, n: int) -> dict:
 
 
 def operating_point_report(labels: list[str], scores: np.ndarray, threshold: float, review: float | None) -> dict:
-    """What the shipped thresholds do on a labelled set: false rejects, escapes, reviews, with 95% intervals."""
-    verdicts = np.array([decide(float(x), threshold, review).value for x in scores])
+    """What the shipped thresholds do on a labelled set: false rejects, escapes, reviews, with 95% intervals.
+    A score of None is an image the station would FAULT: rejected (a good one counts as a false reject), never an
+    escape, and counted apart (`fault`) so that a set whose defects all faulted does not read as caught."""
+    verdicts = np.array(["FAULT" if x is None else decide(float(x), threshold, review).value for x in scores])
     labels = np.array(labels)
     good = labels == "good"
+    n_good = int(good.sum())
     out = {"threshold": threshold, "review_threshold": review,
-           "good": {"n": int(good.sum()), "false_rejects": rate(int(np.sum(verdicts[good] == "NG")), int(good.sum())),
-                    "review": rate(int(np.sum(verdicts[good] == "REVIEW")), int(good.sum()))},
+           "good": {"n": n_good, "false_rejects": rate(int(np.isin(verdicts[good], ("NG", "FAULT")).sum()), n_good),
+                    "review": rate(int(np.sum(verdicts[good] == "REVIEW")), n_good),
+                    "fault": rate(int(np.sum(verdicts[good] == "FAULT")), n_good)},
            "defects": {}}
     for d in ["all", *sorted(set(labels[~good]))]:
         sel = ~good if d == "all" else labels == d
         n = int(sel.sum())
         out["defects"][d] = {"n": n, "escapes": rate(int(np.sum(verdicts[sel] == "OK")), n),
                              "review": rate(int(np.sum(verdicts[sel] == "REVIEW")), n),
-                             "ng": rate(int(np.sum(verdicts[sel] == "NG")), n)}
+                             "ng": rate(int(np.sum(verdicts[sel] == "NG")), n),
+                             "fault": rate(int(np.sum(verdicts[sel] == "FAULT")), n)}
     return out
 
 
@@ -136,7 +141,8 @@ def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: s
     for d in sorted({it.label for it in items if it.is_defect}):
         sel = np.array([it.label in ("good", d) for it in items]) & inspected
         per_defect[d] = auroc(labels[sel], scores[sel]) if len(set(labels[sel])) == 2 else None
-    op = operating_point_report([it.label for it in items], scores, threshold, review)
+    op = operating_point_report([it.label for it in items], [x if np.isfinite(x) else None for x in scores],
+                                threshold, review)
     result = {
         "bundle": str(bundle_dir), "bundle_id": bundle.bundle_id, "data_dir": str(data_dir), "engine": engine, "knn": knn,
         "search": asdict(scorer.search.params) if hasattr(getattr(scorer, "search", None), "params") else None,

@@ -119,28 +119,49 @@ def image_sizes(paths: list[Path]) -> list[tuple[int, int]]:
 LARGE_FRAME_SHRINK = 4.0   # beyond this linear shrink of a frame to one model input, fit warns and suggests tiles
 
 
-def sixteen_bit_shift(paths: list[Path], sample: int = 32) -> tuple[int, str | None]:
-    """preprocessing.shift_16bit for these training images, and a note when it is not the default 8.
+def is_16_bit(path: Path) -> bool:
+    """Whether the file holds 16-bit pixels: from a PNG's header; a TIFF is decoded; JPEG and BMP are 8-bit."""
+    with open(path, "rb") as fh:
+        head = fh.read(32)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) > 24:
+        return head[24] == 16              # IHDR bit depth
+    if head[:2] in (b"II", b"MM"):
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        return img is not None and img.dtype == np.uint16
+    return False
+
+
+def sixteen_bit_shift(paths: list[Path], sample: int = 32) -> tuple[int, list[str]]:
+    """preprocessing.shift_16bit for these training images, and the notes fit prints: when it is not the default
+    8, and (a warning) when the set mixes 8- and 16-bit files.
 
     The station turns 16-bit pixels into min(v >> shift, 255) (decode.to_rgb). A camera's full-range 16-bit
     frames want the top byte (8); 12-bit sensor values in 16-bit files (0-4095) would reach the model as 0-15,
     nearly black, so the shift is pinned to the data's significant bits (4 for 12-bit): fit and station then
-    see the same 8 bits. From the brightest of up to `sample` images spread over the set (a brighter frame later
-    saturates at 255, which a defect check sees, rather than wrapping)."""
-    picks = paths[:: max(1, len(paths) // sample)][:sample]
-    highest = 0
-    for p in picks:
-        img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
-        if img is None or img.dtype != np.uint16:
-            return SHIFT_16BIT, None
-        highest = max(highest, int(img.max()))
+    see the same 8 bits. From the brightest of up to `sample` of the 16-bit images, spread over the set (a
+    brighter frame later saturates at 255, which a defect check sees, rather than wrapping); 8-bit files are read
+    as they are whatever the shift, so they do not decide it (one stray 8-bit file must not make a 12-bit set's
+    frames nearly black)."""
+    wide = [p for p in paths if is_16_bit(p)]
+    if not wide:
+        return SHIFT_16BIT, []
+    picks = wide[:: max(1, len(wide) // sample)][:sample]
+    highest = max(int(img.max()) for img in (cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in picks)
+                  if img is not None)
     bits = max(highest, 1).bit_length()
-    if not picks or bits >= 16:
-        return SHIFT_16BIT, None
-    shift = max(0, bits - 8)
-    return shift, (f"16-bit training images with about {bits} significant bits (highest value {highest} of 65535): "
-                   f"16-bit pixels are read as min(v >> {shift}, 255), here and on the station "
-                   f"(preprocessing.shift_16bit); frames from the camera must carry the same {bits}-bit values")
+    shift = max(0, bits - 8) if bits < 16 else SHIFT_16BIT
+    notes = []
+    if shift != SHIFT_16BIT:
+        notes.append(f"16-bit training images with about {bits} significant bits (highest value {highest} of 65535): "
+                     f"16-bit pixels are read as min(v >> {shift}, 255), here and on the station "
+                     f"(preprocessing.shift_16bit); frames from the camera must carry the same {bits}-bit values")
+    if len(wide) < len(paths):
+        first = next(p.name for p in paths if p not in set(wide))
+        notes.append(f"WARNING: {len(paths) - len(wide)} of {len(paths)} training images are 8-bit (first: {first}) "
+                     f"and the rest 16-bit: 8-bit files are read as they are, 16-bit ones as min(v >> {shift}, 255), "
+                     f"so the two show a part at the same brightness only if the 8-bit ones were made that way; fit "
+                     f"on one camera's images")
+    return shift, notes
 
 
 def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
@@ -420,22 +441,26 @@ def fit_auto_backbone(data_dir: Path, out: Path, s: FitSettings, calibration_def
         return _fit(data_dir, out, replace(s, backbone=BACKBONE_CANDIDATES[0]), calibration_defects, overwrite)
     inputs = {"training folder": data_dir, "calibration folder": calibration_defects}
     check_output_dir(out, overwrite, inputs)   # the bundle there is replaced only once a candidate is chosen
-    paths = {name: out.parent / f".{out.name}.{name}.trial" for name in BACKBONE_CANDIDATES}
+    # Named for this process, and only the ones this run made are removed: a folder of that name that was there
+    # before (or another fit's) is refused by _fit, never deleted.
+    paths = {name: out.parent / f".{out.name}.{name}.trial-{os.getpid()}" for name in BACKBONE_CANDIDATES}
+    made: dict[str, Path] = {}
     t0 = time.time()
     try:
         separation = {}
         for i, (name, path) in enumerate(paths.items()):
             log(f"backbone auto: fitting {name} ({i + 1} of {len(paths)})")
-            b = _fit(data_dir, path, replace(s, backbone=name), calibration_defects, overwrite=True)
+            b = _fit(data_dir, path, replace(s, backbone=name), calibration_defects, overwrite=False)
+            made[name] = path
             separation[name] = b.manifest["variants"][b.manifest["default_variant"]].get("calibration_auroc")
         chosen, reason = choose_backbone(separation)
         log(f"backbone auto: {reason}")
         clear_output_dir(out, overwrite, inputs)
         if out.exists():
             out.rmdir()
-        paths.pop(chosen).rename(out)
-    finally:   # the other trials, and whatever a failed fit left
-        for path in paths.values():
+        made.pop(chosen).rename(out)
+    finally:   # the other trials this run made (a failed one removed its own)
+        for path in made.values():
             shutil.rmtree(path, ignore_errors=True)
     manifest = yaml.safe_load((out / MANIFEST).read_text())
     manifest["fit"]["backbone_choice"] = {"candidates": separation, "chosen": chosen, "reason": reason,
@@ -460,9 +485,8 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     inputs = {"training folder": data_dir, "calibration folder": calibration_defects}
     check_output_dir(out, overwrite, inputs)
     geom, geom_info = plan_geometry(images, s)
-    shift_16bit, narrow = sixteen_bit_shift(images)
-    if narrow:
-        geom_info["notes"].append(narrow)
+    shift_16bit, depth_notes = sixteen_bit_shift(images)
+    geom_info["notes"] += depth_notes
     # Written beside `out` and moved there only when complete: a fit that fails (or is stopped) leaves the bundle
     # --overwrite would have replaced as it was, and no half-written folder that the next --overwrite refuses.
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -600,7 +624,10 @@ def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], def
     golden_files = []
     for i, src in enumerate(dict.fromkeys(golden_src)):
         name = f"golden/{i:02d}_{'defect' if src in defects else 'good'}.png"
-        cv2.imwrite(str(out / name), cv2.cvtColor(load_image(src, shift_16bit), cv2.COLOR_RGB2BGR))
+        if is_16_bit(src):   # as it arrives: the self-test then reads it through preprocessing.shift_16bit too
+            cv2.imwrite(str(out / name), cv2.imread(str(src), cv2.IMREAD_UNCHANGED))
+        else:
+            cv2.imwrite(str(out / name), cv2.cvtColor(load_image(src, shift_16bit), cv2.COLOR_RGB2BGR))
         golden_files.append(name)
     draft = Bundle(out, manifest)
     separation = {}

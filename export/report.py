@@ -230,6 +230,11 @@ def build_html(result: dict, item_paths: Sequence[Path], item_labels: Sequence[s
            '<div class="key" id="key-numbers">' + "".join(f'<div>{_esc(k)}<b>{_esc(v)}</b></div>' for k, v in key)
            + "</div>"]
 
+    faults = result.get("faults") or []
+    if faults:
+        out.append(f'<p class="ng" id="faults">{len(faults)} image(s) could not be inspected (FAULT on the station: '
+                   f'rejected, never passed), not in the tables and charts below; the first: '
+                   f'{_esc(faults[0]["error"])}</p>')
     out.append("<h2>Verdicts at the shipped threshold</h2>")
     out.append('<p class="muted">NG: score &ge; threshold. REVIEW: score in the review band (a person re-checks '
                "the part; never a pass). OK: below the band.</p>")
@@ -244,13 +249,15 @@ def build_html(result: dict, item_paths: Sequence[Path], item_labels: Sequence[s
     out.append("</table>")
 
     out.append("<h2>Separation</h2><div class='charts'>")
-    out.append(_svg_img(roc_svg(is_defect, scores, auroc), "ROC curve", 340, 340))
+    if auroc is not None:   # None: every good or every defect image faulted
+        out.append(_svg_img(roc_svg(is_defect, scores, auroc), "ROC curve", 340, 340))
     out.append(_svg_img(histogram_svg(scores[~is_defect], scores[is_defect], threshold, review),
                         "score histogram with threshold and review band", 560, 340))
     out.append("</div>")
     if result.get("per_defect"):
         out.append('<table><tr><th class="l">defect type</th><th>AUROC vs good</th></tr>' + "".join(
-            f'<tr><td class="l">{_esc(k)}</td><td>{v:.4f}</td></tr>' for k, v in result["per_defect"].items())
+            f'<tr><td class="l">{_esc(k)}</td><td>{"n/a" if v is None else f"{v:.4f}"}</td></tr>'
+            for k, v in result["per_defect"].items())
                    + "</table>")
 
     order = np.argsort(-scores)

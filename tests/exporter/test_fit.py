@@ -220,16 +220,31 @@ def test_auto_backbone_fits_each_candidate_on_the_users_defects_and_keeps_one(sy
         for p in sorted((synthetic_dataset / "test" / kind).glob("*.png"))[:2]:
             shutil.copy(p, defects / kind / p.name)
     out = tmp_path / "bundle"
+    decoy = tmp_path / ".bundle.lite0.trial" / "photos" / "keep.jpg"   # the user's, named like an old trial folder
+    decoy.parent.mkdir(parents=True)
+    decoy.write_bytes(b"mine")
     bundle = fit(synthetic_dataset / "train" / "good", out, FitSettings(coreset_ratio=0.05, int8_calibration_images=8,
                                                                          cross_fit_folds=3),
                  calibration_defects=defects)
+    assert decoy.read_bytes() == b"mine"
+    decoy.parent.parent.rename(tmp_path / "decoy")
     choice = bundle.manifest["fit"]["backbone_choice"]
     assert set(choice["candidates"]) == set(BACKBONE_CANDIDATES) and choice["seconds_all_candidates"] > 0
     assert all(0.0 <= a <= 1.0 for a in choice["candidates"].values())
     assert choice["chosen"] == choose_backbone(choice["candidates"])[0] == bundle.manifest["backbone"]["name"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "defects"]   # no trial left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "decoy", "defects"]   # no trial left behind
     assert Bundle.load(out).bundle_id == bundle.bundle_id   # checksums and id hold after the choice was recorded
     assert "backbone auto:" in capsys.readouterr().err
+    # Without overwrite the bundle stays; a folder in the way of this run's trial is refused, never deleted.
+    with pytest.raises(FileExistsError, match="use --overwrite"):
+        fit(synthetic_dataset / "train" / "good", out, FitSettings(), calibration_defects=defects)
+    import os
+    blocker = tmp_path / f".bundle.lite0.trial-{os.getpid()}" / "keep.jpg"
+    blocker.parent.mkdir()
+    blocker.write_bytes(b"mine")
+    with pytest.raises(FileExistsError):
+        fit(synthetic_dataset / "train" / "good", out, FitSettings(), calibration_defects=defects, overwrite=True)
+    assert blocker.read_bytes() == b"mine" and Bundle.load(out).bundle_id == bundle.bundle_id
 
 
 def test_auto_backbone_without_defects_is_lite0_in_one_fit(synthetic_dataset, tmp_path):
@@ -277,6 +292,7 @@ def test_a_mixed_training_set_fits_and_a_failed_fit_leaves_nothing_behind(synthe
     for i, p in enumerate(sorted((synthetic_dataset / "train" / "good").glob("*.png"))[:9]):
         img = cv2.imread(str(p))
         cv2.imwrite(str(data / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if i % 3 == 1 else img)
+    (tmp_path / "mb").mkdir()                                 # an empty folder is a fine --out
     assert export_main(["fit", str(data.parent.parent), "--out", str(tmp_path / "mb"), "--coreset-ratio", "0.2"]) == 0
     m = Bundle.load(tmp_path / "mb").manifest
     assert m["geometry"]["colour"] == "colour"
@@ -315,6 +331,19 @@ def test_a_bundle_fitted_on_12_bit_data_reads_12_bit_frames_as_fit_did(synthetic
     # What the top byte (the default) would have made of these frames: nearly black.
     assert to_rgb(part.astype(np.uint16) * 16).max() <= 15
     assert "WARNING" not in " ".join(bundle.manifest["geometry"]["chosen"]["notes"])
+    # The golden images are the 16-bit files as they arrive, so the self-test reads them through the pin: a
+    # manifest whose shift was changed (and its id recomputed) no longer reproduces their scores.
+    golden = bundle.path(bundle.variant().golden[0]["file"])
+    assert cv2.imread(str(golden), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    from edge_runtime.bundle import MANIFEST, content_id
+    from edge_runtime.self_test import run_self_test
+    assert run_self_test(tmp_path / "b12").ok
+    m = yaml.safe_load((tmp_path / "b12" / MANIFEST).read_text())
+    m["preprocessing"]["shift_16bit"] = 8
+    m["bundle_id"] = content_id(m)
+    (tmp_path / "b12" / MANIFEST).write_text(yaml.safe_dump(m, sort_keys=False))
+    report = run_self_test(tmp_path / "b12")
+    assert not report.ok and any("golden" in f for f in report.failures), report
 
 
 def test_evaluate_counts_images_the_station_would_fault_as_rejected_and_lists_them(small_bundle, synthetic_dataset,
@@ -323,13 +352,18 @@ def test_evaluate_counts_images_the_station_would_fault_as_rejected_and_lists_th
     shutil.copytree(synthetic_dataset / "test", data / "test")
     good = sorted((data / "test" / "good").glob("*.png"))[0]
     cv2.imwrite(str(good), cv2.cvtColor(cv2.imread(str(good)), cv2.COLOR_BGR2GRAY))      # no colour: FAULT
-    scratch = sorted((data / "test" / "scratch").glob("*.png"))[0]
-    cv2.imwrite(str(scratch), cv2.resize(cv2.imread(str(scratch)), (200, 150)))        # another size: FAULT
-    r = evaluate(small_bundle, data, "onnx-int8", "hnsw")
-    assert sorted(Path(f["file"]).name for f in r["faults"]) == sorted([good.name, scratch.name])
+    scratches = sorted((data / "test" / "scratch").glob("*.png"))
+    for scratch in scratches:                                                          # another size: FAULT
+        cv2.imwrite(str(scratch), cv2.resize(cv2.imread(str(scratch)), (200, 150)))
+    r = evaluate(small_bundle, data, "onnx-int8", "hnsw", report_dir=tmp_path / "report")
+    assert sorted(Path(f["file"]).name for f in r["faults"]) == sorted([good.name] + [p.name for p in scratches])
     assert any("no colour" in f["error"] for f in r["faults"]) and any("200x150" in f["error"] for f in r["faults"])
     assert r["image_auroc"] == 1.0                                   # over the images that were inspected
+    assert r["per_defect"]["scratch"] is None                        # none of them was
     op = r["operating_point"]
-    assert op["good"]["false_rejects"]["count"] >= 1                  # the faulted good part is not passed
-    assert op["defects"]["scratch"]["escapes"]["count"] == 0
+    assert op["good"]["false_rejects"]["count"] >= 1 and op["good"]["fault"]["count"] == 1   # faulted: not passed
+    # Not escapes, and not caught either: counted apart, so the row cannot read as every scratch found.
+    row = op["defects"]["scratch"]
+    assert row["escapes"]["count"] == 0 and row["ng"]["count"] == 0 and row["fault"]["count"] == len(scratches)
     assert {row["file"]: row["score"] for row in r["images"]}[str(good)] is None
+    assert "could not be inspected" in (tmp_path / "report" / "report.html").read_text()

@@ -80,12 +80,16 @@ def test_sixteen_bit_data_pins_the_shift_its_significant_bits_need(tmp_path):
         p = tmp_path / f"{i}.png"
         cv2.imwrite(str(p), np.random.default_rng(i).integers(0, 4096, (40, 50), dtype=np.uint16))
         paths.append(p)
-    shift, note = sixteen_bit_shift(paths)
+    shift, [note] = sixteen_bit_shift(paths)
     assert shift == 4 and "about 12 significant bits" in note and "min(v >> 4, 255)" in note
     full = tmp_path / "full.png"
     cv2.imwrite(str(full), np.random.default_rng(9).integers(0, 65536, (40, 50), dtype=np.uint16))
-    assert sixteen_bit_shift([full]) == (8, None)
+    assert sixteen_bit_shift([full]) == (8, [])
     eight = tmp_path / "eight.png"
     cv2.imwrite(str(eight), np.zeros((40, 50), np.uint8))
-    assert sixteen_bit_shift([eight]) == (8, None)
-    assert sixteen_bit_shift([paths[0], eight]) == (8, None)      # not all 16-bit: the default
+    assert sixteen_bit_shift([eight]) == (8, [])
+    # One stray 8-bit file does not decide: the 16-bit ones keep their depth, and the mix is called out.
+    shift, notes = sixteen_bit_shift([paths[0], eight, paths[1]])
+    assert shift == 4 and notes[1].startswith("WARNING: 1 of 3 training images are 8-bit (first: eight.png)")
+    shift, [note] = sixteen_bit_shift([full, eight])
+    assert shift == 8 and note.startswith("WARNING: 1 of 2 training images are 8-bit")
