@@ -1,8 +1,9 @@
 """Geometry: which pixels of a frame the model sees, and where each patch score lands back on the frame.
 
 frame -> region (the ROI, or the whole frame) -> colour (the bundle's pin: grey or colour) -> size check (the
-bundle's size policy) -> canvas (the region scaled to the pixel density the bank was fitted at) -> tiles (model inputs covering the canvas, overlapping) ...
-patch scores -> stitched canvas heat map -> heat map at the region's own resolution.
+bundle's size policy) -> canvas (the region scaled to the pixel density the bank was fitted at) -> tiles (model
+inputs covering the canvas, overlapping) ... patch scores -> stitched canvas heat map -> heat map at the region's
+own resolution.
 
 Everything here is pinned in the bundle manifest (`geometry`), so fitting and inspection cut identical tiles.
 A new user's non-square parts keep their aspect ratio (no squashing to a square), and frames larger than the
@@ -23,6 +24,12 @@ SIZE_POLICIES = ("refuse", "resize", "letterbox")
 # geometry.colour, pinned by fit from the training images: "grey" when every one is R = G = B (a mono camera),
 # else "colour"; None (bundles before it): frames are taken as they come. See `match_colour`.
 COLOURS = ("grey", "colour")
+COLOUR_RULES = {
+    None: "not pinned: frames are taken as they come",
+    "grey": ("the region is converted to grey (cv2 RGB2GRAY luma) before it is resampled, and the canvas's three "
+             "channels are copies of it: a frame reaches the model exactly as a grey file of it would"),
+    "colour": "a region with R = G = B in every pixel is a FAULT (a mono camera or pixel format: no colour to inspect)",
+}
 INTERPOLATION = "INTER_AREA"         # region -> canvas (the last step of either resample method)
 # region -> canvas, pinned per bundle (geometry.resample): "area" is one cv2.INTER_AREA resize (bundles of schema 2);
 # "halve-area" first halves the region (2 x 2 box averages) while it is at least four times the canvas on both
@@ -231,14 +238,6 @@ def _to_canvas(region: np.ndarray, geom: Geometry, name: str, threads: int) -> t
     return resample(region, (cw, ch), geom.resample, threads), Placement(0, 0, cw, ch)
 
 
-COLOUR_RULES = {
-    None: "not pinned: frames are taken as they come",
-    "grey": ("the region is converted to grey (cv2 RGB2GRAY luma) before it is resampled, and the canvas's three "
-             "channels are copies of it: a frame reaches the model exactly as a grey file of it would"),
-    "colour": "a region with R = G = B in every pixel is a FAULT (a mono camera or pixel format: no colour to inspect)",
-}
-
-
 def is_grey(image: np.ndarray) -> bool:
     """R = G = B in every pixel. The middle row, then 8 rows spread over the frame first: a colour frame almost
     always answers there, in a few microseconds at any size (benchmarks/results/resize_cost.md); every pixel is
@@ -255,8 +254,9 @@ def match_colour(region: np.ndarray, geom: Geometry, name: str = "<frame>") -> n
     """The region as the bundle's colour pin (geometry.colour) takes it; raises ImageError when it cannot.
 
     A grey bundle inspects brightness only: the region becomes one grey channel (H x W), which to_canvas
-    resamples (one channel instead of three) and copies to the three channels; OpenCV resamples each channel alike, so a
-    colour camera's frame is inspected exactly as a grey file of it would be, and a grey frame as before.
+    resamples (one channel instead of three) and copies to the three channels; OpenCV resamples each channel
+    alike, so a colour camera's frame is inspected exactly as a grey file of it would be, and a grey frame as
+    before.
     A colour bundle cannot inspect a frame without colour: its bank holds colours that such a frame never
     matches, and a defect that shows only in colour would be invisible, so the part is a FAULT with the reason
     rather than an NG that hides a wrongly set camera."""

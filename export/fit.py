@@ -146,8 +146,9 @@ def sixteen_bit_shift(paths: list[Path], sample: int = 32) -> tuple[int, list[st
     if not wide:
         return SHIFT_16BIT, []
     picks = wide[:: max(1, len(wide) // sample)][:sample]
-    highest = max(int(img.max()) for img in (cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in picks)
-                  if img is not None)
+    # None decodable: the top byte, and the feature pass names the file that cannot be read.
+    highest = max((int(img.max()) for img in (cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in picks)
+                   if img is not None), default=(1 << 16) - 1)
     bits = max(highest, 1).bit_length()
     shift = max(0, bits - 8) if bits < 16 else SHIFT_16BIT
     notes = []
