@@ -115,8 +115,8 @@ def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: s
             result = scorer.score_rgb(load_image(it.path, bundle.shift_16bit), str(it.path))
         except ImageError as exc:
             # What the station would FAULT (another size under `refuse`, a grey frame for a colour bundle, a
-            # corrupt file): rejected there, never passed, so NG in the operating point; no score, so left out of
-            # the AUROCs; listed, so it is seen.
+            # corrupt file): rejected there, never passed, so a FAULT in the operating point; no score, so left
+            # out of the AUROCs (inf marks it until then); listed, so it is seen.
             faults.append({"file": str(it.path), "label": it.label, "error": str(exc)})
             scores.append(np.inf)
             rows.append({"file": str(it.path), "label": it.label, "score": None, "fault": str(exc)})
