@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, clear_output_dir, sha256_file, write_manifest
+from edge_runtime.bundle import (MANIFEST, SIGNATURE, Bundle, BundleError, check_output_dir, install_bundle, sha256_file,
+                                 staging_dir, write_manifest)
 from edge_runtime.decode import SHIFT_16BIT, decode_image
 from edge_runtime.nn_search import ExactSearch
 from edge_runtime.pipeline import Pipeline
@@ -209,16 +210,43 @@ class Adaptation:
                              "with a station key (--signing-key) so a station that requires signatures can verify it")
         if out.resolve() == src.resolve():
             raise AdaptError("--out must differ from the bundle: the parent version is kept for rollback")
+        inputs = {"bundle": src}
         try:
-            clear_output_dir(out, overwrite, {"bundle": src})
+            check_output_dir(out, overwrite, inputs)
         except FileExistsError as exc:
             raise AdaptError(str(exc)) from None
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Written beside `out` and moved there only when complete and self-tested; a failure leaves `out` as it was
+        # and no half-made version behind (staging_dir: never a folder of the user's).
+        tmp = staging_dir(out)
+        try:
+            self._write_into(tmp, out, now=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                             who=who or login_user(), signing_key=signing_key, action=action,
+                             signed_parent=signed_parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            install_bundle(tmp, out, overwrite, inputs)
+        except OSError as exc:
+            raise AdaptError(str(exc)) from None
+        bundle = Bundle.load(out)
+        bundle.release()
+        if audit_log is not None:
+            append_audit(audit_log, {
+                "time": bundle.manifest["created"], "who": bundle.manifest["made_on_device"]["by"], "action": action,
+                "before": {"bundle_id": parent.bundle_id, "bundle_version": parent.bundle_version, "path": str(src)},
+                "after": {"bundle_id": bundle.bundle_id, "bundle_version": bundle.bundle_version, "path": str(out)},
+                "learned": [i.name for i in self.learn], "defects": [i.name for i in self.defects],
+                "thresholds": {k: [c.threshold_before, c.threshold_after] for k, c in self.changes.items()},
+                "bank": {k: [c.bank_before, c.bank_after] for k, c in self.changes.items()}})
+        return bundle
+
+    def _write_into(self, tmp: Path, out: Path, *, now: str, who: str, signing_key: str | Path | None, action: str,
+                    signed_parent: bool) -> None:
+        """The new version, written and self-tested in the staging folder `tmp` (`out`: for messages)."""
+        parent, src = self.parent, self.parent.root
         copy_verified(parent, tmp)
         m = copy.deepcopy(parent.manifest)
-        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        who = who or login_user()
         fb = m.setdefault(FEEDBACK_KEY, {"learned": [], "defects": []})
         fb.setdefault("learned", [])
         fb.setdefault("defects", [])
@@ -271,22 +299,12 @@ class Adaptation:
         write_manifest(tmp, m)
         if signing_key is not None:
             sign_version(tmp, signing_key)
-        os.replace(tmp, out)
-        bundle = Bundle.load(out)
+        bundle = Bundle.load(tmp)
         for name in bundle.manifest["variants"]:
             failures = golden_check(bundle, Pipeline(bundle, precision=name, knn="hnsw", threads=2))
             if failures:
                 raise AdaptError(f"{out}: the new version fails its self-test: {'; '.join(failures)}")
         bundle.release()
-        if audit_log is not None:
-            append_audit(audit_log, {
-                "time": now, "who": who, "action": action,
-                "before": {"bundle_id": parent.bundle_id, "bundle_version": parent.bundle_version, "path": str(src)},
-                "after": {"bundle_id": bundle.bundle_id, "bundle_version": bundle.bundle_version, "path": str(out)},
-                "learned": [i.name for i in self.learn], "defects": [i.name for i in self.defects],
-                "thresholds": {k: [c.threshold_before, c.threshold_after] for k, c in self.changes.items()},
-                "bank": {k: [c.bank_before, c.bank_after] for k, c in self.changes.items()}})
-        return bundle
 
 
 def login_user() -> str:

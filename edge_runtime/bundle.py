@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import stat
 import struct
@@ -485,6 +486,41 @@ def clear_output_dir(out: Path, overwrite: bool, inputs: dict[str, Path | None])
         shutil.rmtree(Path(out).resolve())
 
 
+def staging_dir(out: Path) -> Path:
+    """A new, empty folder beside `out` to write a bundle in before `install_bundle` moves it there: hidden,
+    named for this process plus a random part (a killed run's leftover never blocks the next), and on the same
+    file system, so the move is a rename."""
+    target = Path(out).resolve()
+    stage = target.parent / f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(3)}"
+    stage.mkdir(parents=True)
+    return stage
+
+
+def install_bundle(stage: Path, out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> None:
+    """Move the complete bundle in `stage` to `out`. `out` is checked again (check_output_dir: minutes may have
+    passed); a bundle there is moved aside and deleted only once the new one is in place, so nothing is lost if
+    the move fails (a mount point cannot be renamed). Raises FileExistsError or OSError naming `stage`, which is
+    then kept: the new bundle is complete."""
+    target = Path(out).resolve()
+    old = None
+    try:
+        replacing = check_output_dir(out, overwrite, inputs)
+        if replacing:
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(3)}"
+            os.rename(target, old)
+        elif target.exists():
+            target.rmdir()                      # empty
+        os.rename(stage, target)
+    except OSError as exc:
+        if old is not None and not target.exists():
+            os.rename(old, target)
+        kind = FileExistsError if isinstance(exc, FileExistsError) else OSError
+        raise kind(f"{out} was not replaced ({exc.strerror or exc}); the new bundle is complete in {stage}: "
+                   "move it there yourself") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def check_output_dir(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> bool:
     """Whether `out` can take a new bundle: refuse a symlink, and a folder that is or holds one of `inputs` (name
     -> folder the command reads: training images, calibration defects, the source bundle), refuse a non-empty one
@@ -496,6 +532,10 @@ def check_output_dir(out: Path, overwrite: bool, inputs: dict[str, Path | None])
         raise FileExistsError(f"--out {out} is a symlink (to {os.readlink(out)}): give a new folder, then point the "
                               "link at it")
     target = Path(out).resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        # Replacing it would pull the folder from under the shell (and `.` has no name to stage a bundle beside).
+        raise FileExistsError(f"--out {out} is or contains the current folder: give the path of a new folder")
     for what, folder in inputs.items():
         if folder is None:
             continue

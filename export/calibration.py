@@ -183,9 +183,11 @@ def operating_point(good: np.ndarray, defects: np.ndarray | None = None, target_
     if len(good) < MIN_GOOD_FOR_TAIL:
         warnings.append(f"only {len(good)} good images: the threshold is extrapolated from too few scores to check "
                         f"it ({threshold / float(good.max()):.2f}x the highest good score); the false-reject "
-                        f"interval is the binomial one, and without calibration defects nothing shows how many "
-                        f"defects it passes: fit on at least {MIN_GOOD_FOR_TAIL} (a few hundred for a stable tail) "
-                        "or give --calibration-defects")
+                        f"interval is the binomial one"
+                        + (f": fit on at least {MIN_GOOD_FOR_TAIL} (a few hundred for a stable tail)" if len(defects)
+                           else ", and without calibration defects nothing shows how many defects it passes: fit on "
+                                f"at least {MIN_GOOD_FOR_TAIL} (a few hundred for a stable tail) or give "
+                                "--calibration-defects"))
     spread = float(good.max() - good.min())
     if len(good) > 1 and spread <= 1e-6 * max(1.0, float(abs(good.max()))):
         warnings.append("every good image scores the same: the images are copies of one another, so they say "

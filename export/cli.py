@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from edge_runtime.geometry import DEFAULT_PIXELS, DEFAULT_RESAMPLE, RESAMPLE_METHODS
@@ -401,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
 
     d = sub.add_parser("demo", help="generate the embedded data set, fit, export and run the daemon on sample frames")
     d.add_argument("--workdir", default="demo_out", help="folder for the data, bundle and results (default: demo_out)")
-    d.add_argument("--fresh", action="store_true", help="refit even if a bundle exists (default: off, reuse it)")
+    d.add_argument("--fresh", action="store_true",
+                   help="delete the demo folder and start over, refitting (default: off, reuse its bundle); "
+                        "refused if the folder holds anything the demo did not write")
     d.set_defaults(func=_demo)
 
     a = p.parse_args(argv)
@@ -409,11 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     from edge_runtime.features import FeatureError
     from export.dataset import DatasetError
 
+    # A stopped fit (kill, systemd, a container runtime) unwinds like Ctrl-C, so its staging folder is removed.
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM)) if main_thread else None
     try:
         return a.func(a)
-    except (DatasetError, BundleError, FeatureError, FileExistsError, ValueError) as exc:
+    except (DatasetError, BundleError, FeatureError, OSError, ValueError) as exc:   # OSError: a read-only disk
         print(f"edge-export: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

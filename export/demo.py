@@ -19,11 +19,19 @@ from export.fit import FitSettings, fit
 from export.synthetic_parts import DEFECT_TYPES, generate_dataset, write_sample_frames
 
 
+# What the demo writes in its folder: --fresh deletes the folder only when it holds nothing else.
+DEMO_ENTRIES = {"bundle", "calibration_defects", "data", "frames", "ng_images", "results.jsonl", "state", "station.yaml"}
+
+
 def run_demo(workdir: Path, fresh: bool = False) -> int:
     workdir = workdir.resolve()
     data = workdir / "data" / "flange"
     bundle = workdir / "bundle"
     if fresh and workdir.exists():
+        other = sorted(p.name for p in workdir.iterdir() if p.name not in DEMO_ENTRIES)
+        if other:
+            raise FileExistsError(f"--fresh deletes a demo folder, and {workdir} holds other things too (first: "
+                                  f"{other[0]}): pick another --workdir or remove them yourself")
         shutil.rmtree(workdir)
     if not (data / "train").is_dir():
         print(f"[demo] generating the embedded data set in {data}")

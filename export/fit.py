@@ -29,10 +29,10 @@ import yaml
 import edge_runtime
 from edge_runtime import scoring
 from edge_runtime.bundle import (MANIFEST, SCHEMA_VERSION, SCHEMA_VERSION_SHIFT_16BIT, Bundle, check_output_dir,
-                                 clear_output_dir, sha256_file, write_manifest)
+                                 install_bundle, sha256_file, staging_dir, write_manifest)
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.int8_kernels import check_quantization
-from edge_runtime.decode import SHIFT_16BIT, declared_size, load_image
+from edge_runtime.decode import SHIFT_16BIT, ImageError, declared_size, load_image
 from edge_runtime.geometry import DEFAULT_PIXELS, DEFAULT_RESAMPLE, STRIDE, Geometry, default_input_size, plan_tiles
 from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw, upper_bounds
 from edge_runtime.pipeline import Pipeline
@@ -146,12 +146,21 @@ def sixteen_bit_shift(paths: list[Path], sample: int = 32) -> tuple[int, list[st
     if not wide:
         return SHIFT_16BIT, []
     picks = wide[:: max(1, len(wide) // sample)][:sample]
+    tops = {p: int(img.max()) for p, img in ((p, cv2.imread(str(p), cv2.IMREAD_UNCHANGED)) for p in picks)
+            if img is not None}
+    # A file two or more bits above the typical one is other data (a full-range file among 12-bit ones), not a
+    # bright part: it must not set the shift that makes every other frame nearly black. Within a bit, it is.
+    typical = int(np.median([max(v, 1).bit_length() for v in tops.values()])) if tops else 16
+    strays = [p for p, v in tops.items() if max(v, 1).bit_length() > typical + 1]
     # None decodable: the top byte, and the feature pass names the file that cannot be read.
-    highest = max((int(img.max()) for img in (cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in picks)
-                   if img is not None), default=(1 << 16) - 1)
+    highest = max((v for p, v in tops.items() if p not in strays), default=(1 << 16) - 1)
     bits = max(highest, 1).bit_length()
     shift = max(0, bits - 8) if bits < 16 else SHIFT_16BIT
     notes = []
+    if strays:
+        notes.append(f"WARNING: {len(strays)} of {len(tops)} sampled 16-bit training images hold values far above the "
+                     f"others' (first: {strays[0].name}, highest {tops[strays[0]]}, against about {typical} bits): "
+                     f"read like the rest, as min(v >> {shift}, 255), they saturate; fit on one camera's images")
     if shift != SHIFT_16BIT:
         notes.append(f"16-bit training images with about {bits} significant bits (highest value {highest} of 65535): "
                      f"16-bit pixels are read as min(v >> {shift}, 255), here and on the station "
@@ -382,6 +391,16 @@ def choose_ef_seeded(excess: dict, default: int) -> tuple[int, str]:
                      f"{100 * excess['top']:.3f}%); the default {default}{measured}")
 
 
+def calibration_score(pipe: Pipeline, path: Path) -> float:
+    """A calibration defect's score, as the station would inspect it; ValueError naming the image (not the
+    camera) when the station would fault it: it then says nothing about where defects score."""
+    try:
+        return pipe.score_rgb(pipe.load_image(path), str(path)).score
+    except ImageError as exc:
+        raise ValueError(f"calibration defect {path} cannot be inspected like the training images ({exc}); "
+                         "give defects from the same camera and set-up, or leave this one out") from None
+
+
 def seeded_walk_excess(pipe: Pipeline, paths: list[Path]) -> dict:
     """Mean relative excess over the exact nearest distance of the patches of `paths` (training images: patches in
     the bank itself, at distance 0, are left out) for the walk from the top ("top") and each candidate width."""
@@ -442,26 +461,27 @@ def fit_auto_backbone(data_dir: Path, out: Path, s: FitSettings, calibration_def
         return _fit(data_dir, out, replace(s, backbone=BACKBONE_CANDIDATES[0]), calibration_defects, overwrite)
     inputs = {"training folder": data_dir, "calibration folder": calibration_defects}
     check_output_dir(out, overwrite, inputs)   # the bundle there is replaced only once a candidate is chosen
-    # Named for this process, and only the ones this run made are removed: a folder of that name that was there
-    # before (or another fit's) is refused by _fit, never deleted.
-    paths = {name: out.parent / f".{out.name}.{name}.trial-{os.getpid()}" for name in BACKBONE_CANDIDATES}
-    made: dict[str, Path] = {}
+    # Each candidate in its own new folder inside one staging folder (staging_dir: never another run's or the
+    # user's); the chosen one is installed, the staging folder removed in any case.
+    stage = staging_dir(out)
     t0 = time.time()
+    kept = None
     try:
-        separation = {}
-        for i, (name, path) in enumerate(paths.items()):
-            log(f"backbone auto: fitting {name} ({i + 1} of {len(paths)})")
-            b = _fit(data_dir, path, replace(s, backbone=name), calibration_defects, overwrite=False)
-            made[name] = path
+        separation, made = {}, {}
+        for i, name in enumerate(BACKBONE_CANDIDATES):
+            log(f"backbone auto: fitting {name} ({i + 1} of {len(BACKBONE_CANDIDATES)})")
+            made[name] = stage / name
+            b = _fit(data_dir, made[name], replace(s, backbone=name), calibration_defects, overwrite=False)
             separation[name] = b.manifest["variants"][b.manifest["default_variant"]].get("calibration_auroc")
         chosen, reason = choose_backbone(separation)
         log(f"backbone auto: {reason}")
-        clear_output_dir(out, overwrite, inputs)
-        if out.exists():
-            out.rmdir()
-        made.pop(chosen).rename(out)
-    finally:   # the other trials this run made (a failed one removed its own)
-        for path in made.values():
+        try:
+            install_bundle(made[chosen], out, overwrite, inputs)
+        except OSError:
+            kept = made[chosen]   # complete, and named in the error for the user to move
+            raise
+    finally:
+        for path in ([stage] if kept is None else [p for p in made.values() if p != kept]):
             shutil.rmtree(path, ignore_errors=True)
     manifest = yaml.safe_load((out / MANIFEST).read_text())
     manifest["fit"]["backbone_choice"] = {"candidates": separation, "chosen": chosen, "reason": reason,
@@ -486,21 +506,24 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     inputs = {"training folder": data_dir, "calibration folder": calibration_defects}
     check_output_dir(out, overwrite, inputs)
     geom, geom_info = plan_geometry(images, s)
+    if defects and geom.region_size and geom.size_policy == "refuse":   # before the work, not after it
+        odd = [(p, wh) for p, wh in zip(defects, image_sizes(defects)) if wh != geom.region_size]
+        if odd and not s.roi:
+            (p, (w, h)), (rw, rh) = odd[0], geom.region_size
+            raise ValueError(f"calibration defect {p} is {w}x{h}, the training images {rw}x{rh}: the station would "
+                             f"refuse such a frame; give defects from the same camera ({len(odd)} of {len(defects)} "
+                             "differ)")
     shift_16bit, depth_notes = sixteen_bit_shift(images)
     geom_info["notes"] += depth_notes
     # Written beside `out` and moved there only when complete: a fit that fails (or is stopped) leaves the bundle
     # --overwrite would have replaced as it was, and no half-written folder that the next --overwrite refuses.
-    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
-    stage.mkdir(parents=True)
+    stage = staging_dir(out)
     try:
         _fit_into(stage, data_dir, s, images, defects, geom, geom_info, shift_16bit, clock, t_fit)
-        clear_output_dir(out, overwrite, inputs)    # checked again: minutes have passed
-        if out.exists():
-            out.rmdir()                             # empty
-        stage.rename(out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    install_bundle(stage, out, overwrite, inputs)
     bundle = Bundle.load(out)
     log(f"bundle {bundle.bundle_id} written to {out} in {time.time() - t_fit:.1f} s "
         f"(peak resident {bundle.manifest['fit']['peak_rss_mib']} MiB)")
@@ -645,7 +668,7 @@ def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], def
         log(f"seeded walk: ef_seeded {ef}: {why}")
     for name in banks:
         pipe = Pipeline(draft, precision=name, knn="hnsw", threads=2)
-        defect_scores = np.array([pipe.score_rgb(pipe.load_image(p), str(p)).score for p in defects])
+        defect_scores = np.array([calibration_score(pipe, p) for p in defects])
         bank_scores = np.array([pipe.score_rgb(pipe.load_image(p), str(p)).score for p in bank_sample])
         good_scores = crossfit_scores.get(name, bank_scores)
         v = manifest["variants"][name]

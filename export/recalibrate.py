@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, clear_output_dir, sha256_file, write_manifest
+from edge_runtime.bundle import (MANIFEST, SIGNATURE, Bundle, BundleError, check_output_dir, install_bundle, sha256_file,
+                                 staging_dir, write_manifest)
 from edge_runtime.pipeline import Pipeline
 from export.dataset import calibration_images
-from export.fit import choose_default_variant, log, set_operating_point
+from export.fit import calibration_score, choose_default_variant, log, set_operating_point
 
 
 def recalibrate(bundle_dir: Path, out: Path, calibration_defects: Path | None = None,
@@ -41,15 +42,33 @@ def recalibrate(bundle_dir: Path, out: Path, calibration_defects: Path | None = 
     out = Path(out)
     if out.resolve() == Path(bundle_dir).resolve():
         raise ValueError("--out must differ from the bundle: the original is kept for rollback")
-    clear_output_dir(out, overwrite, {"bundle": Path(bundle_dir)})
-    shutil.copytree(bundle_dir, out, ignore=shutil.ignore_patterns(MANIFEST, SIGNATURE))
+    inputs = {"bundle": Path(bundle_dir)}
+    check_output_dir(out, overwrite, inputs)
+    # Written beside `out` and moved there only when complete (as fit): a recalibration that fails (an image
+    # it cannot read) leaves `out` as it was, never a copy of the source that looks recalibrated.
+    stage = staging_dir(out)
+    try:
+        _recalibrate_into(stage, src, m, bundle_dir, calibration_defects, settings, target, review, margin)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    install_bundle(stage, out, overwrite, inputs)
+    bundle = Bundle.load(out)
+    log(f"bundle {bundle.bundle_id} (recalibrated from {src.bundle_id}) written to {out}")
+    return bundle
+
+
+def _recalibrate_into(out: Path, src: Bundle, m: dict, bundle_dir: Path, calibration_defects: Path | None,
+                      settings: dict, target: float, review: float | None, margin: float) -> None:
+    """The recalibration proper, into the new (staging) folder `out`."""
+    shutil.copytree(bundle_dir, out, ignore=shutil.ignore_patterns(MANIFEST, SIGNATURE), dirs_exist_ok=True)
     (out / MANIFEST).write_bytes((Path(bundle_dir) / MANIFEST).read_bytes())
     draft = Bundle.load(out)
     defects = calibration_images(calibration_defects) if calibration_defects else []
     separation = {}
     for name, v in m["variants"].items():
         pipe = Pipeline(draft, precision=name, knn="hnsw", threads=2)
-        defect_scores = np.array([pipe.score_rgb(pipe.load_image(p), str(p)).score for p in defects])
+        defect_scores = np.array([calibration_score(pipe, p) for p in defects])
         good = np.array(list(v["cross_fit_scores"].values()), dtype=np.float64)
         bank_max = v.get("threshold_info", {}).get("bank_scores_max")
         # Bundles from before fit.cross_fit was recorded re-ran the coreset per fold.
@@ -70,6 +89,3 @@ def recalibrate(bundle_dir: Path, out: Path, calibration_defects: Path | None = 
     if isinstance(m.get("bundle_version"), int):  # a recalibrated bundle is a newer release of the same product
         m["bundle_version"] = max(m["bundle_version"] + 1, int(time.time()))
     write_manifest(out, m)
-    bundle = Bundle.load(out)
-    log(f"bundle {bundle.bundle_id} (recalibrated from {src.bundle_id}) written to {out}")
-    return bundle

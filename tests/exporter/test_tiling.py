@@ -93,3 +93,7 @@ def test_sixteen_bit_data_pins_the_shift_its_significant_bits_need(tmp_path):
     assert shift == 4 and notes[1].startswith("WARNING: 1 of 3 training images are 8-bit (first: eight.png)")
     shift, [note] = sixteen_bit_shift([full, eight])
     assert shift == 8 and note.startswith("WARNING: 1 of 2 training images are 8-bit")
+    # Nor does one full-range file among 12-bit ones: it is called out, and saturates.
+    shift, notes = sixteen_bit_shift([paths[0], full, paths[1], paths[2]])
+    assert shift == 4 and any(n.startswith("WARNING: 1 of 4 sampled 16-bit training images hold values far above")
+                              and "full.png" in n for n in notes)
