@@ -480,12 +480,6 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else list(o)))
 
 
-def clear_output_dir(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> None:
-    """Make `out` ready for a new bundle (check_output_dir), deleting the bundle it holds when `overwrite`."""
-    if check_output_dir(out, overwrite, inputs):
-        shutil.rmtree(Path(out).resolve())
-
-
 def staging_dir(out: Path) -> Path:
     """A new, empty folder beside `out` to write a bundle in before `install_bundle` moves it there: hidden,
     named for this process plus a random part (a killed run's leftover never blocks the next), and on the same
