@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import os
 import platform
 import resource
 import shutil
@@ -506,9 +505,9 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     inputs = {"training folder": data_dir, "calibration folder": calibration_defects}
     check_output_dir(out, overwrite, inputs)
     geom, geom_info = plan_geometry(images, s)
-    if defects and geom.region_size and geom.size_policy == "refuse":   # before the work, not after it
+    if defects and geom.region_size and geom.size_policy == "refuse" and not s.roi:   # before the work
         odd = [(p, wh) for p, wh in zip(defects, image_sizes(defects)) if wh != geom.region_size]
-        if odd and not s.roi:
+        if odd:
             (p, (w, h)), (rw, rh) = odd[0], geom.region_size
             raise ValueError(f"calibration defect {p} is {w}x{h}, the training images {rw}x{rh}: the station would "
                              f"refuse such a frame; give defects from the same camera ({len(odd)} of {len(defects)} "
