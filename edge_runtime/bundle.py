@@ -490,6 +490,15 @@ def staging_dir(out: Path) -> Path:
     return stage
 
 
+def stale_staging(out: Path, own: Path | None = None) -> list[Path]:
+    """Staging folders of `out` that another run left (a run killed outright cannot remove its own; one killed
+    while installing leaves the bundle it replaced as `.<name>.old-...`): for the caller to name, never deleted
+    here, since a run on another machine sharing the folder may still be writing one."""
+    target = Path(out).resolve()
+    return sorted(p for pattern in (f".{target.name}.partial-*", f".{target.name}.old-*")
+                  for p in target.parent.glob(pattern) if p != own)
+
+
 def install_bundle(stage: Path, out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> None:
     """Move the complete bundle in `stage` to `out`. `out` is checked again (check_output_dir: minutes may have
     passed); a bundle there is moved aside and deleted only once the new one is in place, so nothing is lost if

@@ -122,3 +122,17 @@ def test_a_stopped_fit_leaves_no_staging_folder(synthetic_dataset, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 128 + signal.SIGTERM
     assert leftovers(tmp_path) == [] and not (tmp_path / "b").exists()
+
+
+def test_a_fit_names_what_a_run_killed_outright_left_and_deletes_none_of_it(synthetic_dataset, tmp_path, capsys):
+    data = tmp_path / "good"
+    data.mkdir()
+    for p in sorted((synthetic_dataset / "train" / "good").glob("*.png"))[:4]:
+        shutil.copy(p, data / p.name)
+    whole = next(data.iterdir()).read_bytes()
+    (data / "zz_cut.png").write_bytes(whole[:len(whole) // 2])   # the fit stops early, after staging
+    left = tmp_path / ".b.partial-1-abcdef"                   # SIGKILL leaves what no handler can remove
+    left.mkdir()
+    assert export_main(["fit", str(data), "--out", str(tmp_path / "b")]) == 2
+    assert f"WARNING: {left} was left by a run that was stopped outright" in capsys.readouterr().err
+    assert left.is_dir() and leftovers(tmp_path) == [left.name]
