@@ -28,15 +28,14 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import (MANIFEST, SIGNATURE, Bundle, BundleError, check_output_dir, install_bundle, sha256_file,
-                                 staging_dir, write_manifest)
+from edge_runtime.bundle import (MANIFEST, SIGNATURE, Bundle, BundleError, check_output_dir, sha256_file, staged_bundle,
+                                 write_manifest)
 from edge_runtime.decode import SHIFT_16BIT, decode_image
 from edge_runtime.nn_search import ExactSearch
 from edge_runtime.pipeline import Pipeline
@@ -216,18 +215,13 @@ class Adaptation:
         except FileExistsError as exc:
             raise AdaptError(str(exc)) from None
         # Written beside `out` and moved there only when complete and self-tested; a failure leaves `out` as it was
-        # and no half-made version behind (staging_dir: never a folder of the user's).
-        tmp = staging_dir(out)
+        # and no half-made version behind (staged_bundle: never a folder of the user's).
         try:
-            self._write_into(tmp, out, now=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                             who=who or login_user(), signing_key=signing_key, action=action,
-                             signed_parent=signed_parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        try:
-            install_bundle(tmp, out, overwrite, inputs)
-        except OSError as exc:
+            with staged_bundle(out, overwrite, inputs) as tmp:
+                self._write_into(tmp, out, now=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                 who=who or login_user(), signing_key=signing_key, action=action,
+                                 signed_parent=signed_parent)
+        except OSError as exc:   # install_bundle's, naming where the complete version is; or a disk error
             raise AdaptError(str(exc)) from None
         bundle = Bundle.load(out)
         bundle.release()

@@ -5,6 +5,7 @@ records everything needed to reproduce a score and the sha256 of every other fil
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -497,6 +498,19 @@ def stale_staging(out: Path, own: Path | None = None) -> list[Path]:
     target = Path(out).resolve()
     return sorted(p for pattern in (f".{target.name}.partial-*", f".{target.name}.old-*")
                   for p in target.parent.glob(pattern) if p != own)
+
+
+@contextlib.contextmanager
+def staged_bundle(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> Iterator[Path]:
+    """A staging folder to write a new bundle in (staging_dir): removed if the block raises (or is stopped),
+    installed at `out` when it completes (install_bundle). How fit, recalibrate and adapt write a bundle."""
+    stage = staging_dir(out)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    install_bundle(stage, out, overwrite, inputs)
 
 
 def install_bundle(stage: Path, out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> None:

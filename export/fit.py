@@ -28,7 +28,8 @@ import yaml
 import edge_runtime
 from edge_runtime import scoring
 from edge_runtime.bundle import (MANIFEST, SCHEMA_VERSION, SCHEMA_VERSION_SHIFT_16BIT, Bundle, check_output_dir,
-                                 install_bundle, sha256_file, stale_staging, staging_dir, write_manifest)
+                                 install_bundle, sha256_file, stale_staging, staged_bundle, staging_dir,
+                                 write_manifest)
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.int8_kernels import check_quantization
 from edge_runtime.decode import SHIFT_16BIT, ImageError, declared_size, load_image
@@ -516,16 +517,12 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     geom_info["notes"] += depth_notes
     # Written beside `out` and moved there only when complete: a fit that fails (or is stopped) leaves the bundle
     # --overwrite would have replaced as it was, and no half-written folder that the next --overwrite refuses.
-    stage = staging_dir(out)
-    for other in stale_staging(out, stage):
-        log(f"WARNING: {other} was left by a run that was stopped outright (or is another fit's, still running): "
-            "delete it once no fit is writing it (a .old- folder holds the bundle that run was replacing)")
-    try:
+    with staged_bundle(out, overwrite, inputs) as stage:
+        for other in stale_staging(out, stage):
+            log(f"WARNING: {other} was left by a run that was stopped outright (or is another fit's, still "
+                "running): delete it once no fit is writing it (a .old- folder holds the bundle that run was "
+                "replacing)")
         _fit_into(stage, data_dir, s, images, defects, geom, geom_info, shift_16bit, clock, t_fit)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    install_bundle(stage, out, overwrite, inputs)
     bundle = Bundle.load(out)
     log(f"bundle {bundle.bundle_id} written to {out} in {time.time() - t_fit:.1f} s "
         f"(peak resident {bundle.manifest['fit']['peak_rss_mib']} MiB)")

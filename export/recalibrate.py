@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import (MANIFEST, SIGNATURE, Bundle, BundleError, check_output_dir, install_bundle, sha256_file,
-                                 staging_dir, write_manifest)
+from edge_runtime.bundle import (MANIFEST, SIGNATURE, Bundle, BundleError, check_output_dir, sha256_file, staged_bundle,
+                                 write_manifest)
 from edge_runtime.pipeline import Pipeline
 from export.dataset import calibration_images
 from export.fit import calibration_score, choose_default_variant, log, set_operating_point
@@ -46,13 +46,8 @@ def recalibrate(bundle_dir: Path, out: Path, calibration_defects: Path | None = 
     check_output_dir(out, overwrite, inputs)
     # Written beside `out` and moved there only when complete (as fit): a recalibration that fails (an image
     # it cannot read) leaves `out` as it was, never a copy of the source that looks recalibrated.
-    stage = staging_dir(out)
-    try:
+    with staged_bundle(out, overwrite, inputs) as stage:
         _recalibrate_into(stage, src, m, bundle_dir, calibration_defects, settings, target, review, margin)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    install_bundle(stage, out, overwrite, inputs)
     bundle = Bundle.load(out)
     log(f"bundle {bundle.bundle_id} (recalibrated from {src.bundle_id}) written to {out}")
     return bundle
