@@ -11,7 +11,8 @@ are what a new good part would get) and, optionally, scores of a few calibration
 - With calibration defects: when the lowest defect already scores above it, the threshold stays and the margin
   (lowest defect / threshold - 1) is reported; otherwise the threshold drops to `defect_margin` below the lowest
   defect (the zero-escape point), and the false-reject rate that costs is reported.
-- Uncertainty: a bootstrap interval of the modelled false-reject rate at the chosen threshold, and the empirical
+- Uncertainty: a bootstrap interval of the modelled false-reject rate at the chosen threshold (widened by the
+  spread of the thresholds the resamples themselves choose, when the good scores chose it), and the empirical
   cross-fitted rate with its Wilson interval.
 """
 from __future__ import annotations
@@ -104,17 +105,30 @@ def _gpd_pwm(y: np.ndarray) -> tuple[float, float]:
 
 
 def false_reject_interval(scores: np.ndarray, threshold: float, n_boot: int = 400, seed: int = 0,
-                          tail: TailModel | None = None) -> dict:
+                          tail: TailModel | None = None, chosen_at: float | None = None) -> dict:
     """Modelled and empirical false-reject rate at `threshold`, each with a 95% interval (`tail`: the model of
-    `scores` when the caller has it already)."""
+    `scores` when the caller has it already).
+
+    `chosen_at`: the threshold is these scores' own modelled quantile at this rate, so the rate it really gives
+    varies with the sample that chose it, not only with the model's fit at a fixed point. The interval then also
+    holds the bootstrap's answer to that: each resample chooses its threshold the same way, and the original
+    model says what rate that threshold gives (the sample standing in for the truth). On simulated scores
+    (Gumbel, lognormal, normal; 60 and 209 good images, target 0.5%) the fixed-point interval alone held the true
+    rate in 80-91% of draws."""
     scores = np.asarray(scores, dtype=np.float64)
     tail = tail or TailModel(scores)
     rng = np.random.default_rng(seed)
-    boot = []
+    boot, chosen = [], []
     for _ in range(n_boot):
-        boot.append(TailModel(rng.choice(scores, len(scores), replace=True)).survival(threshold))
+        model = TailModel(rng.choice(scores, len(scores), replace=True))
+        boot.append(model.survival(threshold))
+        if chosen_at is not None:
+            chosen.append(tail.survival(model.quantile(chosen_at)))
     k = int(np.sum(scores >= threshold))
     lo, hi = np.percentile(boot, [2.5, 97.5])
+    if chosen:
+        c_lo, c_hi = np.percentile(chosen, [2.5, 97.5])
+        lo, hi = min(lo, c_lo), max(hi, c_hi)
     if len(scores) < MIN_GOOD_FOR_TAIL:   # a bootstrap of a handful of scores is as narrow as it is wrong
         hi = max(float(hi), wilson_interval(k, len(scores))[1])
     return {"modelled": tail.survival(threshold), "modelled_ci95": [float(lo), float(hi)],
@@ -173,12 +187,17 @@ def operating_point(good: np.ndarray, defects: np.ndarray | None = None, target_
         if r < threshold:
             review = float(r)
             info["review_band"] = {"target_review_rate": review_false_reject, "review_threshold": review,
-                                   "expected_review_or_ng": false_reject_interval(good, review, seed=seed, tail=tail)}
+                                   "expected_review_or_ng": false_reject_interval(good, review, seed=seed, tail=tail,
+                                                                                 chosen_at=review_false_reject)}
         else:
-            info["review_band"] = {"target_review_rate": review_false_reject, "review_threshold": None,
-                                   "note": f"the {review_false_reject} quantile {r:.4f} is not below the threshold"}
+            note = (f"no REVIEW band: the good parts' modelled {1 - review_false_reject:.4f} quantile {r:.4f} (review "
+                    f"rate {review_false_reject:.2%}) is not below the threshold {threshold:.4f}"
+                    + (" (the zero-escape point)" if len(defects) and threshold < t_frr else "")
+                    + ": ask for a larger review rate, or no band")
+            info["review_band"] = {"target_review_rate": review_false_reject, "review_threshold": None, "note": note}
     info["method"] = method
-    info["expected_false_reject"] = false_reject_interval(good, threshold, seed=seed, tail=tail)
+    chosen_at = target_false_reject if threshold == _above(t_frr) else None   # not moved by defects or the bank
+    info["expected_false_reject"] = false_reject_interval(good, threshold, seed=seed, tail=tail, chosen_at=chosen_at)
     warnings = []
     if len(good) < MIN_GOOD_FOR_TAIL:
         warnings.append(f"only {len(good)} good images: the threshold is extrapolated from too few scores to check "
@@ -188,6 +207,8 @@ def operating_point(good: np.ndarray, defects: np.ndarray | None = None, target_
                            else ", and without calibration defects nothing shows how many defects it passes: fit on "
                                 f"at least {MIN_GOOD_FOR_TAIL} (a few hundred for a stable tail) or give "
                                 "--calibration-defects"))
+    if review_false_reject is not None and review is None:
+        warnings.append(info["review_band"]["note"])
     spread = float(good.max() - good.min())
     if len(good) > 1 and spread <= 1e-6 * max(1.0, float(abs(good.max()))):
         warnings.append("every good image scores the same: the images are copies of one another, so they say "

@@ -140,3 +140,28 @@ def test_a_handful_of_good_images_gets_an_honest_interval_and_a_warning():
 def test_copies_of_one_image_are_called_out():
     info = operating_point(np.full(20, 12.5))[2]
     assert any("copies of one another" in w for w in info["warnings"])
+
+
+def test_a_review_band_that_cannot_be_made_says_so():
+    good = np.random.default_rng(3).gumbel(20, 2, 200)
+    _, review, info = operating_point(good, np.array([21.0]), review_false_reject=0.05)   # zero-escape at ~20
+    assert review is None
+    assert any(w.startswith("no REVIEW band") and "(the zero-escape point)" in w for w in info["warnings"])
+
+
+def test_the_false_reject_interval_covers_the_true_rate_of_a_threshold_the_sample_chose():
+    """The threshold is the sample's own modelled quantile, so the rate it gives varies with the sample: the
+    interval must hold that too. 60 draws of 60 good scores from known laws (fixed seeds): the fixed-point
+    bootstrap alone held the true rate in 80-87% of draws (probe, 100 draws each); at least 90% here."""
+    import math
+
+    laws = {"gumbel": (lambda rng: rng.gumbel(20, 2, 60), lambda t: 1 - math.exp(-math.exp(-(t - 20) / 2))),
+            "normal": (lambda rng: rng.normal(20, 2, 60), lambda t: 0.5 * math.erfc((t - 20) / (2 * math.sqrt(2))))}
+    for name, (draw, survival) in laws.items():
+        rng = np.random.default_rng(1)
+        held = 0
+        for r in range(60):
+            t, _, info = operating_point(draw(rng), target_false_reject=0.005, seed=r)
+            lo, hi = info["expected_false_reject"]["modelled_ci95"]
+            held += lo <= survival(t) <= hi
+        assert held >= 54, (name, held)
