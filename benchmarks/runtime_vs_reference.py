@@ -30,7 +30,7 @@ from bench_report import (BOTTLE, DEFAULT_BUNDLE, LoadMonitor, add_results_optio
 from edge_runtime import scoring  # noqa: E402
 from edge_runtime.bundle import Bundle  # noqa: E402
 from edge_runtime.pipeline import Pipeline, decide  # noqa: E402
-from edge_runtime.geometry import crop_roi, cut_tiles, match_colour, to_canvas  # noqa: E402
+from edge_runtime.geometry import cut_tiles, match_colour, region_of, to_canvas  # noqa: E402
 from edge_runtime.decode import decode_image, to_rgb  # noqa: E402
 from edge_runtime.preprocess import to_tensor  # noqa: E402
 from edge_runtime.records import Frame, Verdict  # noqa: E402
@@ -67,7 +67,7 @@ class ReferenceEngine:
 
         rgb = decode_image(data, name) if isinstance(data, bytes) else to_rgb(data, name)   # as the runtime does
         lap("decode")
-        region = crop_roi(rgb, s.geometry.roi, name)
+        region = region_of(rgb, s.geometry, name)
         canvas, place = to_canvas(match_colour(region, s.geometry, name), s.geometry, name)
         tiles = cut_tiles(canvas, s.geometry)
         lap("geometry")

@@ -49,6 +49,12 @@ class BundleError(RuntimeError):
         super().__init__(clip(str(message)))
 
 
+class StationMismatch(BundleError):
+    """The bundle is sound but the station file asks what it cannot do (an ROI or size policy that would fault
+    every frame or show the model what it was not fitted on, a review threshold above the threshold); the message
+    names the station file's key."""
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -8,7 +8,7 @@ import ctypes
 import logging
 from pathlib import Path
 
-from edge_runtime.bundle import Bundle, BundleError, read_regular
+from edge_runtime.bundle import Bundle, BundleError, StationMismatch, read_regular
 from edge_runtime.bundle_versions import load_station_bundle
 from edge_runtime.bundle_policy import check_admission, record_loaded
 from edge_runtime.config import StationConfig
@@ -54,6 +54,7 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
         log.warning("security.allow_downgrade is false but no state_dir is set: an older bundle_version is refused "
                     "on reload, not across restarts")
     check_admission(bundle, sec.product, sec.allow_downgrade, cfg.state_dir, current)
+    check_station_against(cfg, bundle)
     inf = cfg.inference
     run_threads = inf.frame_threads
     threads = min(load_threads, run_threads) if load_threads else run_threads
@@ -79,6 +80,22 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
     pipeline.apply_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)
     pipeline.decode_limits = cfg.decode
     return pipeline
+
+
+def check_station_against(cfg: StationConfig, bundle: Bundle) -> None:
+    """What the station file overrides must suit the bundle: its ROI and size policy (Geometry.with_overrides) and
+    its review threshold. Raises StationMismatch naming the key; `edge-runtime validate` runs the same check."""
+    try:
+        bundle.geometry.with_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)
+    except ValueError as exc:
+        raise StationMismatch(f"station file {exc}") from None
+    review = cfg.inference.review_threshold
+    if review is not None:
+        variant = bundle.variant(cfg.inference.precision)
+        if not 0 < review < variant.threshold:
+            raise StationMismatch(f"station file inference.review_threshold: {review} must lie between 0 and the "
+                                  f"bundle's {variant.name} threshold {variant.threshold:.4f} (REVIEW is the band "
+                                  "just below it)")
 
 
 def release_freed_memory() -> None:

@@ -78,6 +78,35 @@ def build_station_objects(cfg) -> list[str]:
     return built
 
 
+def check_against_bundles(cfg) -> list[str]:
+    """The station file's ROI, size policy and review threshold against each line's bundle manifest (read, not
+    verified: run verifies). Raises ConfigError for a key the bundle cannot take (every frame would be a FAULT);
+    returns notes for bundles that cannot be read here (validate may run away from the station)."""
+    from edge_runtime.bundle import Bundle, BundleError, StationMismatch
+    from edge_runtime.bundle_loader import check_station_against
+    from edge_runtime.lines_config import line_station_configs
+    from edge_runtime.schema import ConfigError
+
+    notes = []
+    for name, c in line_station_configs(cfg):
+        where = f"lines[{name}]: " if name else ""
+        if getattr(c, "bundle", None) is None:
+            continue
+        try:
+            bundle = Bundle.load(c.bundle, verify=False)
+        except (BundleError, OSError) as exc:
+            notes.append(f"{where}bundle {c.bundle} not read here ({exc}): roi, size_policy and "
+                         "inference.review_threshold not checked against it")
+            continue
+        try:
+            check_station_against(c, bundle)
+        except StationMismatch as exc:
+            raise ConfigError(f"{where}{exc} (bundle {c.bundle})") from None
+        except BundleError as exc:
+            notes.append(f"{where}bundle {c.bundle}: {exc}")
+    return notes
+
+
 def _page_ready(cfg) -> None:
     """With page.enabled, the optional extra must be installed and the station key readable (as run needs)."""
     if not cfg.page.enabled:
@@ -106,6 +135,11 @@ def _validate(a: argparse.Namespace) -> int:
         msg = str(exc)
         print(f"invalid: {msg if msg.startswith(str(a.config)) else f'{a.config}: {msg}'}", file=sys.stderr)
         return 2
+    try:
+        notes = check_against_bundles(cfg)
+    except ConfigError as exc:
+        print(f"invalid: {a.config}: {exc}", file=sys.stderr)
+        return 2
     for warning in cfg.http.warnings():
         print(f"warning: {a.config}: {warning}", file=sys.stderr)
     # Outputs that listen or send credentials (opcua, mqtt), the lines' too, and the station's shared MQTT.
@@ -115,6 +149,8 @@ def _validate(a: argparse.Namespace) -> int:
     for where, out in located:
         for warning in getattr(out, "warnings", lambda: [])():
             print(f"warning: {a.config}: {where}.{warning}", file=sys.stderr)
+    for note in notes:    # not a fault of the file: validate may run away from the station's bundle
+        print(f"note: {a.config}: {note}")
     print(f"{a.config}: valid")
     return 0
 

@@ -70,6 +70,8 @@ class Geometry:
     size_policy: str = "refuse"                    # region of another size: refuse (FAULT), resize or letterbox
     resample: str = "area"                         # region -> canvas (RESAMPLE_METHODS); manifests without it: area
     colour: str | None = None                      # COLOURS: what the bank was fitted on; None: not pinned
+    frame_size: tuple[int, int] | None = None      # with an ROI: the frame size the training images shared; None:
+                                                   # no ROI (region_size is the frame's) or frames of varied sizes
 
     def __post_init__(self) -> None:
         if self.colour is not None and self.colour not in COLOURS:
@@ -100,8 +102,27 @@ class Geometry:
         return -(-self.input_size[1] // stride), -(-self.input_size[0] // stride)
 
     def with_overrides(self, roi: tuple[int, int, int, int] | None = None, size_policy: str | None = None) -> "Geometry":
-        """The station file may move the ROI (same size) or relax the size policy; it cannot change the tiling."""
-        return replace(self, roi=tuple(roi) if roi is not None else self.roi, size_policy=size_policy or self.size_policy)
+        """The station file may move the ROI (same size) or relax the size policy; it cannot change the tiling.
+
+        Raises ValueError, naming the station file's field, for an override that would make every frame a FAULT
+        or show the model what it was not fitted on (a caller with a station file reports it as such)."""
+        policy = size_policy or self.size_policy
+        if self.region_size is None and policy != self.size_policy:
+            # Fitted on images of varied sizes, each resized (or letterboxed) onto the canvas: that transform IS the
+            # fit; the other one shows the model squashed frames or grey bars it never saw (letterbox on magnetic
+            # tile: 213 of 238 good parts rejected). There is no fitted size for `refuse` to check.
+            raise ValueError(f"size_policy: {policy!r}, but this bundle was fitted on images of varied sizes, each "
+                             f"{'letterboxed' if self.size_policy == 'letterbox' else 'resized'} onto its canvas: "
+                             f"frames must be too (leave size_policy out, or set {self.size_policy!r})")
+        if roi is not None and self.region_size is not None and policy == "refuse":
+            w, h = int(roi[2]), int(roi[3])
+            if (w, h) != self.region_size:
+                rw, rh = self.region_size
+                what = "region of interest" if self.roi else "whole frame"
+                raise ValueError(f"roi: {w}x{h}, but the bundle was fitted on a {rw}x{rh} {what} and its size "
+                                 f"policy is 'refuse', so every frame would be a FAULT: give an ROI of {rw}x{rh} "
+                                 "(its position may move)")
+        return replace(self, roi=tuple(roi) if roi is not None else self.roi, size_policy=policy)
 
     def to_manifest(self) -> dict:
         return {
@@ -117,6 +138,7 @@ class Geometry:
             "stitch": "per tile: patch grid -> cv2.resize INTER_LINEAR to the tile; overlaps: maximum",
             "colour": self.colour,
             "colour_rule": COLOUR_RULES[self.colour],
+            "frame_size": list(self.frame_size) if self.frame_size else None,
         }
 
     @classmethod
@@ -127,7 +149,7 @@ class Geometry:
                    tiles=tuple(pair(t) for t in g["tiles"]), region_size=pair(g.get("region_size")),
                    roi=tuple(int(v) for v in g["roi"]) if g.get("roi") else None,
                    size_policy=g.get("size_policy", "refuse"), resample=g.get("resample", "area"),
-                   colour=g.get("colour"))
+                   colour=g.get("colour"), frame_size=pair(g.get("frame_size")))
 
 
 # ---- planning (the exporter chooses; the manifest pins) --------------------------------------------------------
@@ -135,9 +157,23 @@ def round_to_stride(v: float, stride: int = STRIDE, minimum: int = 32) -> int:
     return max(minimum, int(round(v / stride)) * stride)
 
 
+ASPECT_TOLERANCE = 0.05   # default input: W / H within 5% of the images' aspect, else a better pair is sought
+
+
 def default_input_size(aspect: float, pixels: int) -> tuple[int, int]:
-    """(W, H) with W / H close to `aspect` and about `pixels` pixels, multiples of the stride."""
-    return round_to_stride(math.sqrt(pixels * aspect)), round_to_stride(math.sqrt(pixels / aspect))
+    """(W, H) with W / H close to `aspect` and about `pixels` pixels, multiples of the stride.
+
+    Rounding each side to the stride on its own bends thin strips (600 x 40 -> 608 x 32: 27% off), and a bent
+    canvas puts letterbox bars on frames of the training aspect. When it is more than ASPECT_TOLERANCE off, the pair
+    nearest the aspect with 0.5-1.5x the pixels is taken instead (ties: nearest the pixel budget)."""
+    w, h = round_to_stride(math.sqrt(pixels * aspect)), round_to_stride(math.sqrt(pixels / aspect))
+    off = lambda w, h: abs(math.log(w / h / aspect))  # noqa: E731
+    if off(w, h) <= ASPECT_TOLERANCE:
+        return w, h
+    sides = range(32, 32 + STRIDE * 512, STRIDE)
+    pairs = {(round_to_stride(v * aspect), v) for v in sides} | {(v, round_to_stride(v / aspect)) for v in sides}
+    pairs = [p for p in pairs if 0.5 <= p[0] * p[1] / pixels <= 1.5] or [(w, h)]
+    return min(pairs, key=lambda p: (round(off(*p), 3), abs(math.log(p[0] * p[1] / pixels))))
 
 
 def tile_offsets(length: int, tile: int, overlap: int) -> list[int]:
@@ -194,6 +230,19 @@ def resample(image: np.ndarray, size: tuple[int, int], method: str, threads: int
     return inter_area(image, (w, h), threads)
 
 
+def region_of(rgb: np.ndarray, geom: Geometry, name: str = "<frame>") -> np.ndarray:
+    """The frame's region (its ROI, or the whole frame). Under the `refuse` policy a frame whose size differs from
+    the training frames' (`frame_size`, pinned with an ROI) is an ImageError: the same ROI on another camera's
+    frame would cut another part of the scene."""
+    if geom.frame_size is not None and geom.size_policy == "refuse" and geom.roi is not None:
+        H, W = rgb.shape[:2]
+        if (W, H) != geom.frame_size:
+            fw, fh = geom.frame_size
+            raise ImageError(f"{name}: frame is {W}x{H} but the bundle was fitted on {fw}x{fh} frames (ROI "
+                             f"{list(geom.roi)}; geometry.size_policy is 'refuse')")
+    return crop_roi(rgb, geom.roi, name)
+
+
 def crop_roi(rgb: np.ndarray, roi: tuple[int, int, int, int] | None, name: str = "<frame>") -> np.ndarray:
     if roi is None:
         return rgb
@@ -227,8 +276,18 @@ def _to_canvas(region: np.ndarray, geom: Geometry, name: str, threads: int) -> t
     # frame of a bundle fitted on images of varied sizes.
     letterbox = geom.size_policy == "letterbox" and (mismatch or geom.region_size is None)
     if letterbox:
-        f = min(cw / w, ch / h)
-        pw, ph = max(1, round(w * f)), max(1, round(h * f))
+        if geom.region_size is not None:
+            # Into the fitted region's aspect, then onto the canvas as fit resampled that region: a frame of the
+            # training images' aspect (at any size) covers the whole canvas as they did. The canvas only
+            # approximates their aspect (multiples of 16), and bars the model never saw score as defects (a
+            # 2x-size frame of a 150 x 384 strip bundle got 13 grey rows: every good part NG).
+            rw, rh = geom.region_size
+            f = min(rw / w, rh / h)
+            pw, ph = round(w * f * cw / rw), round(h * f * ch / rh)
+        else:
+            f = min(cw / w, ch / h)
+            pw, ph = round(w * f), round(h * f)
+        pw, ph = min(cw, max(1, pw)), min(ch, max(1, ph))
         place = Placement((cw - pw) // 2, (ch - ph) // 2, pw, ph)
         canvas = np.full((ch, cw) + region.shape[2:], PAD_VALUE, dtype=np.uint8)
         canvas[place.y:place.y + ph, place.x:place.x + pw] = resample(region, (pw, ph), geom.resample, threads)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from edge_runtime import bundle_loader, systemd_notify
-from edge_runtime.bundle import BundleError
+from edge_runtime.bundle import BundleError, StationMismatch
 from edge_runtime.capture_queue import wrap_source
 from edge_runtime.config import StationConfig
 from edge_runtime.frame_counter import FrameCounter, FrameCounterError
@@ -133,7 +133,7 @@ class Line:
         self._reopen = threading.Event()
         self._reload_lock = threading.Lock()
         self._reload_thread: threading.Thread | None = None
-        self._reload_outcome: tuple[Pipeline | None, str | None] | None = None  # set by the reload thread
+        self._reload_outcome: tuple[Pipeline | None, Exception | str | None] | None = None  # set by the reload thread
         self._install_generation = 0   # rollout installs so far: a reload begun before the last one is stale
         self._trim_pending = False     # a reload dropped the old pipeline: release its heap on the next iteration
         self.frame_ids = FrameCounter(None)
@@ -274,6 +274,12 @@ class Line:
         return max(2.0, deadline_ms / 1000.0)   # past the deadline the part is FAULT anyway
 
     # ---- bundle ------------------------------------------------------------------------------------------------
+    def _load_failure(self, error) -> str:
+        """The FAULT reason: a station-file key that does not suit the bundle is the station file's fault."""
+        if isinstance(error, StationMismatch):
+            return f"{error} (bundle {self.cfg.bundle})"
+        return f"bundle {self.cfg.bundle}: {error}"
+
     def _load(self) -> bool:
         try:
             self.pipeline = (self.recipes.load_initial() if self.recipes is not None
@@ -282,7 +288,7 @@ class Line:
             self.pipeline = None
             if not isinstance(exc, (BundleError, OSError)):
                 log.exception("loading bundle %s failed unexpectedly", self.cfg.bundle)
-            self._set_state(False, f"bundle {self.cfg.bundle}: {exc}")
+            self._set_state(False, self._load_failure(exc))
             return False
         log.info("bundle %s loaded: variant %s, knn %s, threshold %.4f", self.pipeline.bundle.bundle_id,
                  self.pipeline.variant.name, self.pipeline.knn, self.pipeline.threshold)
@@ -306,12 +312,12 @@ class Line:
             generation = self._install_generation
         try:
             # One thread while loading and self-testing: the inspection loop keeps its cores.
-            outcome: tuple[Pipeline | None, str | None] = (
+            outcome: tuple[Pipeline | None, Exception | str | None] = (
                 bundle_loader.load_pipeline(self.cfg, current.bundle if current is not None else None, load_threads=1), None)
         except Exception as exc:  # noqa: BLE001 - reported to the loop thread, which decides what to do
             if not isinstance(exc, (BundleError, OSError)):
                 log.exception("reloading bundle %s failed unexpectedly", self.cfg.bundle)
-            outcome = (None, str(exc))
+            outcome = (None, exc)
         with self._reload_lock:
             if generation != self._install_generation:
                 # A rollout installed a newer bundle while this reload ran: applying this one would put the
@@ -338,7 +344,7 @@ class Line:
                 # Keep inspecting with the verified old bundle rather than stopping the line.
                 log.error("reload refused, keeping bundle %s: %s", self.pipeline.bundle.bundle_id, error)
             else:
-                self._set_state(False, f"bundle {self.cfg.bundle}: {error}")
+                self._set_state(False, self._load_failure(error))
         else:
             self.pipeline = new
             self.counters.reloads += 1

@@ -18,7 +18,7 @@ from edge_runtime import scoring
 from edge_runtime.bundle import Bundle, BundleError, check_index_file
 from edge_runtime.decode import DecodeConfig, ImageError, decode_image, load_image, to_rgb
 from edge_runtime.features import FeatureError, FeatureExtractor, make_session
-from edge_runtime.geometry import crop_roi, cut_tiles, match_colour, to_canvas
+from edge_runtime.geometry import cut_tiles, match_colour, region_of, to_canvas
 from edge_runtime.int8_kernels import check_quantization
 from edge_runtime.hnsw_graph import FaissHnswSearch, GraphError, read_hnsw_graph
 from edge_runtime.nn_search import ExactSearch, HnswSearch, IvfSearch, OnnxExactSearch
@@ -185,7 +185,7 @@ class Pipeline:
             else:
                 raise ImageError(f"{frame.source}: frame carries no image")
             lap("decode")
-            region = crop_roi(rgb, self.geometry.roi, frame.source)
+            region = region_of(rgb, self.geometry, frame.source)
             canvas, place = to_canvas(match_colour(region, self.geometry, frame.source), self.geometry,
                                       frame.source, self.threads)
             tiles = cut_tiles(canvas, self.geometry)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_runtime.geometry import Geometry, Placement, crop_roi, cut_tiles, match_colour, to_canvas
+from edge_runtime.geometry import Geometry, Placement, cut_tiles, match_colour, region_of, to_canvas
 
 NORMALIZATION = {"normalize": "(rgb - 127) / 128, float32 (EfficientNet-Lite's native input)",
                  "layout": "NCHW, one batch row per tile"}
@@ -28,6 +28,6 @@ def to_tensor(tiles: np.ndarray) -> np.ndarray:
 
 def preprocess(rgb: np.ndarray, geom: Geometry, name: str = "<frame>") -> tuple[np.ndarray, Placement, tuple[int, int]]:
     """RGB frame -> (tile tensor, where the region sits on the canvas, the region's (h, w)). Raises ImageError."""
-    region = crop_roi(rgb, geom.roi, name)
+    region = region_of(rgb, geom, name)
     canvas, place = to_canvas(match_colour(region, geom, name), geom, name)
     return to_tensor(cut_tiles(canvas, geom)), place, region.shape[:2]

@@ -155,6 +155,10 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
         f"{station_path.name}` picks the INT8 target from it (default: null)",
         f"bundle: {_q(_station_relative(str(bundle), station_dir))}   # the bundle folder from `edge-export fit` "
         "(required)",
+        "roi: null                  # [x, y, w, h] in frame pixels: moves the bundle's region of interest (same w x h "
+        "as fitted); null: the bundle's (default: null)",
+        "size_policy: null          # a frame or ROI of another size than fitted: refuse (FAULT) | resize | letterbox; "
+        "null: the bundle's (default: null)",
         "",
         "inference:",
         "  precision: null          # int8 | fp32; null: the bundle's default variant (default: null)",
@@ -166,6 +170,8 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
         "  providers: [CPUExecutionProvider]   # onnxruntime providers in priority order (default: CPU only)",
         "  ef_search: null          # HNSW search width; null: the bundle's value (default: null)",
         "  ivf_nprobe: 2            # knn: ivf cells scanned per patch: 1 faster, 2 closer heat map (default: 2)",
+        "  review_threshold: null   # score from which a part is REVIEW (below the threshold, never OK); null: the "
+        "bundle's band, if any (default: null)",
         "  deadline_ms: 2000        # a verdict later than this after the trigger is FAULT and never sent late; "
         "set your controller's timeout (default: 2000)",
         "",

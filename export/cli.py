@@ -81,7 +81,7 @@ def _fit(a: argparse.Namespace) -> int:
     from export.fit import FitSettings, fit
 
     defects = Path(a.calibration_defects) if a.calibration_defects else None
-    print(describe_training_data(Path(a.data_dir), defects), flush=True)
+    print(describe_training_data(Path(a.data_dir), defects, a.max_train), flush=True)
     a.int8_target, why = _resolve_int8_target(a)
     print(f"INT8 target {a.int8_target} ({why})", flush=True)
     s = FitSettings(coreset_ratio=a.coreset_ratio, backbone=a.backbone, input_size=a.input_size, pixels=a.pixels,

@@ -120,12 +120,15 @@ def calibration_images(folder: Path) -> list[Path]:
     return [p for paths in calibration_defects_by_type(folder).values() for p in paths]
 
 
-def describe_training_data(data_dir: Path, calibration_defects: Path | None = None) -> str:
+def describe_training_data(data_dir: Path, calibration_defects: Path | None = None,
+                           max_train: int | None = None) -> str:
     """One line for the user: what was found where and how fitting uses it. Raises DatasetError like train_images."""
     layout, good = training_layout(data_dir)
     n_good = len(train_images(data_dir))
     where = "flat folder" if layout == "flat" else f"benchmark layout; {Path(data_dir) / 'test'} is left for evaluate"
-    line = f"found {n_good} good images in {good} ({where}): {GOOD_USAGE}"
+    usage = (GOOD_USAGE if max_train is None or max_train >= n_good else
+             f"{max_train} of them (--max-train, a seeded choice) {GOOD_USAGE.removeprefix('all ')}")
+    line = f"found {n_good} good images in {good} ({where}): {usage}"
     _, repeats = unique_images(list_images(good))
     if repeats:
         shown = ", ".join(f"{a.name} = {b.name}" for a, b in repeats[:3])

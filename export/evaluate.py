@@ -146,7 +146,10 @@ def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: s
     result = {
         "bundle": str(bundle_dir), "bundle_id": bundle.bundle_id, "data_dir": str(data_dir), "engine": engine, "knn": knn,
         "search": asdict(scorer.search.params) if hasattr(getattr(scorer, "search", None), "params") else None,
-        "geometry": bundle.manifest["geometry"],
+        # What was evaluated: the bundle's geometry, with the --size-policy override if one was given.
+        "geometry": ({**bundle.manifest["geometry"], "size_policy": size_policy,
+                      "bundle_size_policy": bundle.manifest["geometry"].get("size_policy")}
+                     if size_policy else bundle.manifest["geometry"]),
         "image_auroc": auroc(labels[inspected], scores[inspected]) if len(set(labels[inspected])) == 2 else None,
         "pixel_auroc": auroc(np.concatenate(pix_labels), np.concatenate(pix_scores)) if with_masks else None,
         "pixel_auroc_note": pixel_note(data_dir, items, with_masks, no_mask),
@@ -165,12 +168,20 @@ def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: s
     return result
 
 
-def overlay(rgb: np.ndarray, amap: np.ndarray, threshold: float) -> np.ndarray:
-    """Heat map over the image; full red at twice the threshold, so red-ish means above threshold."""
-    heat = cv2.resize(amap, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+def overlay(rgb: np.ndarray, amap: np.ndarray, threshold: float,
+            roi: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Heat map over the image; full red at twice the threshold, so red-ish means above threshold. `amap` covers
+    the region: the ROI (outlined; the frame around it is shown as it is) or the whole frame."""
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    x, y, w, h = roi if roi is not None else (0, 0, rgb.shape[1], rgb.shape[0])
+    heat = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
     heat8 = np.clip(heat / (2 * threshold) * 255, 0, 255).astype(np.uint8)
     color = cv2.applyColorMap(heat8, cv2.COLORMAP_JET)
-    return cv2.addWeighted(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), 0.55, color, 0.45, 0)
+    out = bgr.copy()
+    out[y:y + h, x:x + w] = cv2.addWeighted(bgr[y:y + h, x:x + w], 0.55, color, 0.45, 0)
+    if roi is not None:
+        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), (255, 255, 255), max(1, min(rgb.shape[:2]) // 200))
+    return out
 
 
 def write_report(out: Path, items, scores, labels, maps, threshold, result) -> Path:

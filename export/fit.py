@@ -177,6 +177,7 @@ def sixteen_bit_shift(paths: list[Path], sample: int = 32) -> tuple[int, list[st
 def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
     """The bundle's geometry for these training images, and the reasons for each choice (for the manifest)."""
     sizes = image_sizes(paths)
+    frames = sorted(set(sizes))      # the frames' own sizes (sizes becomes the regions' with an ROI)
     if s.roi is not None:
         x, y, w, h = s.roi
         bad = [p.name for p, (W, H) in zip(paths, sizes) if x + w > W or y + h > H]
@@ -195,8 +196,10 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
             # upsampling beyond the images' own size adds cost, not detail.
             budget = min(s.pixels, int(np.median([w * h for w, h in sizes])))
             input_size = default_input_size(aspect, budget)
-            notes.append(f"input {input_size[0]}x{input_size[1]}: aspect {aspect:.3f} (median W/H of the training "
-                         f"images) kept at about {budget} model pixels (the images' median size, at most {s.pixels})")
+            notes.append(f"input {input_size[0]}x{input_size[1]} (W/H {input_size[0] / input_size[1]:.3f}, "
+                         f"{input_size[0] / input_size[1] / aspect - 1:+.1%} from the training images' median "
+                         f"{aspect:.3f}: sides are multiples of {STRIDE}) at about {budget} model pixels (the "
+                         f"images' median size, at most {s.pixels})")
         canvas, tiles = input_size, ((0, 0),)
         shrink = math.sqrt(float(np.median([w * h for w, h in sizes])) / (canvas[0] * canvas[1]))
         if shrink > LARGE_FRAME_SHRINK:
@@ -227,17 +230,23 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
                      f"(scale {s.scale} of the {rw}x{rh} region)")
     policy = s.size_policy or ("refuse" if same else "resize")
     done = {"resize": "resized", "letterbox": "letterboxed"}
+    frame_size = frames[0] if s.roi is not None and len(frames) == 1 else None
     if same:
-        notes.append(f"all training images are {sizes[0][0]}x{sizes[0][1]}: other sizes are {done[policy]}"
-                     if policy != "refuse" else
-                     f"all training images are {sizes[0][0]}x{sizes[0][1]}: a frame of another size is a FAULT")
+        what = (f"all training images are {frames[0][0]}x{frames[0][1]}" if len(frames) == 1 else
+                f"the training images vary in size ({len(frames)} sizes)")
+        if s.roi is not None:
+            what += f", their ROI {sizes[0][0]}x{sizes[0][1]} at ({s.roi[0]}, {s.roi[1]})"
+        notes.append(f"{what}: other sizes are {done[policy]}" if policy != "refuse" else
+                     f"{what}: a frame{' or ROI' if s.roi is not None else ''} of another size is a FAULT")
     else:
         notes.append(f"training images vary in size ({len(set(sizes))} sizes): every frame is "
                      f"{done.get(policy, 'resized')} to the canvas, as the bank was fitted")
     geom = Geometry(input_size=tuple(input_size), canvas_size=tuple(canvas), tiles=tuple(tiles),
                     region_size=sizes[0] if same else None, roi=tuple(s.roi) if s.roi else None, size_policy=policy,
-                    resample=s.resample)
-    return geom, {"training_sizes": sorted({f"{w}x{h}" for w, h in sizes})[:20], "median_aspect": aspect,
+                    resample=s.resample, frame_size=frame_size)
+    return geom, {"training_sizes": [f"{w}x{h}" for w, h in frames][:20],
+                  **({"training_roi_size": f"{sizes[0][0]}x{sizes[0][1]}"} if s.roi is not None else {}),
+                  "median_aspect": aspect,
                   "scale": s.scale, "notes": notes}
 
 
@@ -506,10 +515,11 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     inputs = {"training folder": data_dir, "calibration folder": calibration_defects}
     check_output_dir(out, overwrite, inputs)
     geom, geom_info = plan_geometry(images, s)
-    if defects and geom.region_size and geom.size_policy == "refuse" and not s.roi:   # before the work
-        odd = [(p, wh) for p, wh in zip(defects, image_sizes(defects)) if wh != geom.region_size]
+    fitted = geom.frame_size if s.roi else geom.region_size    # the frame size the station will accept
+    if defects and fitted and geom.size_policy == "refuse":   # before the work
+        odd = [(p, wh) for p, wh in zip(defects, image_sizes(defects)) if wh != fitted]
         if odd:
-            (p, (w, h)), (rw, rh) = odd[0], geom.region_size
+            (p, (w, h)), (rw, rh) = odd[0], fitted
             raise ValueError(f"calibration defect {p} is {w}x{h}, the training images {rw}x{rh}: the station would "
                              f"refuse such a frame; give defects from the same camera ({len(odd)} of {len(defects)} "
                              "differ)")

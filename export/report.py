@@ -125,13 +125,14 @@ def histogram_svg(good: np.ndarray, defect: np.ndarray, threshold: float, review
     return "".join(parts)
 
 
-def overlay_png(image_path: Path, amap: np.ndarray, threshold: float, shift_16bit: int = 8) -> bytes:
-    """The heat map over the image (export.evaluate.overlay), at most OVERLAY_SIDE px, PNG-encoded; a 16-bit image
-    read as the bundle reads it (preprocessing.shift_16bit)."""
+def overlay_png(image_path: Path, amap: np.ndarray, threshold: float, shift_16bit: int = 8,
+                roi: tuple[int, int, int, int] | None = None) -> bytes:
+    """The heat map over the image (export.evaluate.overlay; `amap` covers the ROI if there is one), at most
+    OVERLAY_SIDE px, PNG-encoded; a 16-bit image read as the bundle reads it (preprocessing.shift_16bit)."""
     from edge_runtime.decode import load_image
     from export.evaluate import overlay
 
-    bgr = overlay(load_image(image_path, shift_16bit), amap, threshold)
+    bgr = overlay(load_image(image_path, shift_16bit), amap, threshold, roi)
     scale = OVERLAY_SIDE / max(bgr.shape[:2])
     if scale < 1:
         bgr = cv2.resize(bgr, (round(bgr.shape[1] * scale), round(bgr.shape[0] * scale)), interpolation=cv2.INTER_AREA)
@@ -262,6 +263,7 @@ def build_html(result: dict, item_paths: Sequence[Path], item_labels: Sequence[s
 
     order = np.argsort(-scores)
     shift_16bit = (manifest.get("preprocessing") or {}).get("shift_16bit", 8)   # read as the bundle reads frames
+    roi = (manifest.get("geometry") or {}).get("roi")                            # where each region's map lies
     groups = (("Good parts with the highest scores (closest to a false reject)",
                [i for i in order if not is_defect[i]][:N_OVERLAYS], "good-overlays"),
               ("Defects with the lowest scores (closest to an escape)",
@@ -273,7 +275,8 @@ def build_html(result: dict, item_paths: Sequence[Path], item_labels: Sequence[s
         for i in idx:
             v = verdict_of(float(scores[i]), threshold, review)
             cls = {"NG": "ng", "REVIEW": "rv", "OK": "ok"}[v]
-            uri = _data_uri("image/png", overlay_png(Path(item_paths[i]), maps[i], threshold, shift_16bit))
+            uri = _data_uri("image/png", overlay_png(Path(item_paths[i]), maps[i], threshold, shift_16bit,
+                                                       tuple(roi) if roi else None))
             out.append(f'<figure><img class="overlay" src="{uri}" alt="{_esc(Path(item_paths[i]).name)}">'
                        f"<figcaption>{_esc(item_labels[i])} / {_esc(Path(item_paths[i]).name)}<br>score "
                        f'{_fmt(float(scores[i]))} <span class="{cls}">{v}</span></figcaption></figure>')

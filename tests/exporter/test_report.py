@@ -137,3 +137,20 @@ def test_evaluate_report_from_a_real_bundle_renders(small_bundle, synthetic_data
     seen = open_in_chromium(tmp_path / "rep" / "report.html", tmp_path / "rep.png")
     assert len(seen["images"]) == 14 and all(c and w > 0 for _, c, w, _ in seen["images"])
     assert f"image AUROC\n{r['image_auroc']:.4f}" in seen["text"] and r["bundle_id"] in seen["text"]
+
+
+def test_an_roi_heat_map_is_drawn_on_its_roi_not_stretched_over_the_frame():
+    import numpy as np
+
+    from export.evaluate import overlay
+
+    rgb = np.full((100, 300, 3), 90, np.uint8)
+    amap = np.zeros((60, 50), np.float32)
+    amap[30, 25] = 100.0                                      # hot in the middle of the ROI
+    out = overlay(rgb, amap, threshold=1.0, roi=(200, 20, 50, 60))
+    assert out.shape == (100, 300, 3)
+    assert (out[:, :190] == 90).all()                         # left of the ROI: the frame as it is
+    hot = np.unravel_index(np.argmax(out[..., 2].astype(int) - out[..., 0]), out.shape[:2])
+    assert 200 <= hot[1] < 250 and 20 <= hot[0] < 80          # the red lies inside the ROI
+    whole = overlay(rgb[20:80, 200:250].copy(), amap, threshold=1.0)
+    assert np.array_equal(out[21:79, 201:249], whole[1:59, 1:49])   # inside: as a map of the ROI alone

@@ -97,3 +97,19 @@ def test_sixteen_bit_data_pins_the_shift_its_significant_bits_need(tmp_path):
     shift, notes = sixteen_bit_shift([paths[0], full, paths[1], paths[2]])
     assert shift == 4 and any(n.startswith("WARNING: 1 of 4 sampled 16-bit training images hold values far above")
                               and "full.png" in n for n in notes)
+
+
+def test_an_roi_fit_pins_the_training_frame_size_and_says_what_it_checks(tmp_path):
+    from export.fit import FitSettings, plan_geometry
+
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        cv2.imwrite(str(p), np.zeros((384, 960, 3), np.uint8))
+        paths.append(p)
+    geom, info = plan_geometry(paths, FitSettings(roi=(288, 0, 384, 384)))
+    assert geom.frame_size == (960, 384) and geom.region_size == (384, 384)
+    assert info["training_sizes"] == ["960x384"] and info["training_roi_size"] == "384x384"
+    note = next(n for n in info["notes"] if n.startswith("all training images"))
+    assert "960x384, their ROI 384x384 at (288, 0): a frame or ROI of another size is a FAULT" in note
+    assert plan_geometry(paths, FitSettings())[0].frame_size is None   # no ROI: region_size is the frame's

@@ -188,3 +188,50 @@ def test_a_grey_bundle_letterboxes_the_grey_region_onto_a_three_channel_canvas()
     inside = canvas[place.y:place.y + place.h, place.x:place.x + place.w, 0]
     expect = cv2.resize(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), (64, 32), interpolation=cv2.INTER_AREA)
     assert np.array_equal(inside, expect)
+
+
+def test_letterbox_gives_a_frame_of_the_training_aspect_the_whole_canvas_as_fit_did():
+    """The canvas only approximates the training aspect (sides are multiples of 16); a frame of that aspect at
+    another size must land on the whole canvas, as the training images did, not get bars the model never saw."""
+    g = Geometry((144, 384), (144, 384), ((0, 0),), region_size=(150, 384), size_policy="letterbox")
+    frame = region(300, 768)                                     # the training strip at twice the size
+    canvas, place = to_canvas(frame, g)
+    assert (place.x, place.y, place.w, place.h) == (0, 0, 144, 384)
+    assert np.array_equal(canvas, resample(frame, (144, 384), g.resample))
+    _, place = to_canvas(region(300, 700), g)                    # another aspect: bars, in the fitted frame's terms
+    assert (place.x, place.y, place.w, place.h) == (0, 17, 144, 350)          # 700 x 0.5, centred
+
+
+def test_a_bundle_fitted_on_varied_sizes_keeps_its_own_size_policy():
+    """Such a bundle resized (or letterboxed) every training image onto its canvas: the other transform shows the
+    model squashed frames or bars it never saw (magnetic tile letterboxed: 213 of 238 good parts rejected)."""
+    g = Geometry((64, 64), (64, 64), ((0, 0),), region_size=None, size_policy="resize")
+    for policy in ("letterbox", "refuse"):
+        with pytest.raises(ValueError, match=rf"size_policy: '{policy}', but this bundle was fitted on images of "
+                                             "varied sizes, each resized"):
+            g.with_overrides(size_policy=policy)
+    assert g.with_overrides(size_policy="resize").size_policy == "resize"
+    boxed = Geometry((64, 64), (64, 64), ((0, 0),), region_size=None, size_policy="letterbox")
+    with pytest.raises(ValueError, match="each letterboxed"):
+        boxed.with_overrides(size_policy="resize")
+
+
+def test_an_roi_bundle_refuses_frames_of_another_size_than_its_training_frames():
+    """With an ROI the region always has the fitted size, so the frame's own size is what shows another camera or
+    mode; it is pinned (geometry.frame_size) and checked under `refuse`."""
+    from edge_runtime.geometry import region_of
+    g = Geometry((64, 64), (64, 64), ((0, 0),), region_size=(100, 100), roi=(50, 0, 100, 100), frame_size=(300, 120))
+    g = Geometry.from_manifest(g.to_manifest())
+    assert g.frame_size == (300, 120)
+    assert region_of(region(300, 120), g).shape == (100, 100, 3)
+    with pytest.raises(ImageError, match=r"cam1: frame is 600x240 but the bundle was fitted on 300x120 frames"):
+        region_of(region(600, 240), g, "cam1")
+    assert region_of(region(600, 240), g.with_overrides(size_policy="resize")).shape == (100, 100, 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(aspect=st.floats(1 / 16, 16), pixels=st.integers(20_000, 65_536))
+def test_default_input_stays_within_five_percent_of_the_aspect(aspect, pixels):
+    w, h = default_input_size(aspect, pixels)
+    assert w % 16 == 0 and h % 16 == 0 and min(w, h) >= 32
+    assert abs(np.log(w / h / aspect)) <= 0.05 + 1e-9 and 0.5 <= w * h / pixels <= 1.5

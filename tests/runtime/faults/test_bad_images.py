@@ -231,8 +231,19 @@ def test_16_bit_png_file_is_inspected(pipeline, part):
 
 def test_roi_outside_the_frame_is_a_fault(small_bundle, part):
     pipeline = Pipeline(Bundle.load(small_bundle), threads=1)
-    pipeline.apply_overrides(roi=(0, 0, part.shape[1] + 1, 10))
+    pipeline.apply_overrides(roi=(1, 0, part.shape[1], part.shape[0]))   # the fitted size, moved 1 px too far
     assert_fault(pipeline.inspect(Frame(frame_id=10, source="cam4", image=part)), "cam4", "region of interest")
+
+
+def test_station_roi_of_another_size_is_refused_at_load(small_bundle, part):
+    """Under `refuse`, an ROI that is not the fitted size would FAULT every frame: refused when applied, naming the
+    station file's key and the size it must have."""
+    pipeline = Pipeline(Bundle.load(small_bundle), threads=1)
+    h, w = part.shape[:2]
+    with pytest.raises(ValueError, match=rf"roi: {w + 1}x10, but the bundle was fitted on a {w}x{h} whole frame"):
+        pipeline.apply_overrides(roi=(0, 0, w + 1, 10))
+    pipeline.apply_overrides(roi=(0, 0, w + 1, 10), size_policy="resize")   # resampled: the user's choice
+    assert pipeline.geometry.roi == (0, 0, w + 1, 10)
 
 
 # ---- fuzzing --------------------------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""What the station file overrides (ROI, size policy, review threshold) must suit its bundle: refused by
+`validate` and at load, naming the station file's key, instead of a station that starts and faults every part."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edge_runtime.bundle import Bundle, StationMismatch
+from edge_runtime.bundle_loader import check_station_against, load_pipeline
+from edge_runtime.cli import main as runtime_main
+from edge_runtime.config import load_station
+
+
+def station(tmp_path: Path, bundle: Path, **keys) -> Path:
+    out = tmp_path / "station.yaml"
+    (tmp_path / "frames").mkdir(exist_ok=True)
+    assert runtime_main(["init", "--bundle", str(bundle), "--source", f"folder:{tmp_path / 'frames'}",
+                         "--out", str(out), "--force"]) == 0
+    doc = yaml.safe_load(out.read_text())
+    for key, value in keys.items():
+        if "." in key:
+            section, name = key.split(".")
+            doc[section][name] = value
+        else:
+            doc[key] = value
+    out.write_text(yaml.safe_dump(doc))
+    return out
+
+
+def test_init_writes_the_override_keys_and_validate_checks_them_against_the_bundle(small_bundle, tmp_path, capsys):
+    out = station(tmp_path, small_bundle)
+    assert {"roi", "size_policy"} <= set(yaml.safe_load(out.read_text()))
+    assert "review_threshold" in yaml.safe_load(out.read_text())["inference"]
+    assert runtime_main(["validate", str(out)]) == 0
+    assert "not checked" not in capsys.readouterr().out          # the bundle was read and checked
+
+
+def test_an_roi_of_another_size_is_invalid_under_refuse(small_bundle, tmp_path, capsys):
+    w, h = Bundle.load(small_bundle).geometry.region_size
+    out = station(tmp_path, small_bundle, roi=[0, 0, w - 16, h])
+    capsys.readouterr()
+    assert runtime_main(["validate", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"roi: {w - 16}x{h}, but the bundle was fitted on a {w}x{h} whole frame" in err and "every frame" in err
+    with pytest.raises(StationMismatch, match=r"^station file roi:"):
+        load_pipeline(load_station(out))
+    # resampling the ROI is the user's explicit choice: accepted
+    check_station_against(load_station(station(tmp_path, small_bundle, roi=[0, 0, w - 16, h], size_policy="resize")),
+                          Bundle.load(small_bundle, verify=False))
+
+
+def test_a_review_threshold_above_the_threshold_names_the_station_file(small_bundle, tmp_path, capsys):
+    threshold = Bundle.load(small_bundle).variant().threshold
+    out = station(tmp_path, small_bundle, **{"inference.review_threshold": threshold * 2})
+    capsys.readouterr()
+    assert runtime_main(["validate", str(out)]) == 2
+    assert "station file inference.review_threshold" in capsys.readouterr().err
+
+
+def test_a_station_at_fault_for_its_file_says_so(small_bundle, tmp_path):
+    from edge_runtime.line import Line
+
+    w, h = Bundle.load(small_bundle).geometry.region_size
+    cfg = load_station(station(tmp_path, small_bundle, roi=[0, 0, w, h - 16]))
+    line = Line.__new__(Line)
+    line.cfg = cfg
+    reason = line._load_failure(StationMismatch("station file roi: x"))
+    assert reason.startswith("station file roi: x (bundle ")
+    assert line._load_failure(RuntimeError("sha256 mismatch")).startswith(f"bundle {cfg.bundle}: ")
