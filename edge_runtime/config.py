@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -284,7 +285,12 @@ def load_station(path: str | Path) -> StationConfig:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
+        # O_NONBLOCK: opening a named pipe must not wait for a writer (validate hung on one); a FIFO or device is
+        # then refused by its type, and regular files read as usual.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise ConfigError(f"{path}: station file is not a regular file")
             raw = fh.read(MAX_STATION_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read station file ({exc.strerror or exc})") from None

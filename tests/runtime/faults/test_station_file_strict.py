@@ -145,3 +145,16 @@ def test_the_deadline_is_on_by_default_and_an_old_null_means_the_default(tmp_pat
 def test_a_key_path_that_is_a_device_is_refused_at_once_not_read_forever(tmp_path, capsys):
     rc, out = validate(write(tmp_path, {**BASE, "security": {"bundle_public_key": "/dev/zero"}}), capsys)
     assert rc == 2 and "security.bundle_public_key" in out and "/dev/zero: public key is not a regular file" in out
+
+
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path, capsys):
+    import threading
+
+    fifo = tmp_path / "station.yaml"
+    os.mkfifo(fifo)
+    rc = []
+    t = threading.Thread(target=lambda: rc.append(main(["validate", str(fifo)])), daemon=True)
+    t.start()
+    t.join(10)
+    assert rc == [2], "validate returned (refused) instead of waiting on the pipe"
+    assert "not a regular file" in capsys.readouterr().err
