@@ -38,6 +38,7 @@ __all__ = ["FRAME_COUNTER_FILE", "Counters", "Line", "LineState", "Station", "St
 # WATCHDOG=1 at most this often when systemd set no WatchdogSec (then the pings only show liveness in tests).
 DEFAULT_WATCHDOG_PERIOD_S = 1.0
 STATE_LOCK_FILE = "edge-runtime.lock"
+STATE_LOCK_CHECK_S = 1.0     # how often the running daemon checks that its state_dir lock is still in place
 
 
 class StateDirBusy(RuntimeError):
@@ -94,6 +95,7 @@ class Station:
         self._running: set[int] = set()         # lines whose loop still runs
         self._http: HttpEndpoint | None = None
         self._state_lock: int | None = None    # fd holding <state_dir>/edge-runtime.lock while running
+        self._next_lock_check = 0.0            # _keep_state_lock: next time the lock is checked (monotonic)
 
     def _build_lines(self, cfg: StationConfig, **overrides) -> list[Line]:
         configs = line_station_configs(cfg)
@@ -188,8 +190,37 @@ class Station:
         return states[0]
 
     # ---- watchdog ------------------------------------------------------------------------------------------------
+    def _keep_state_lock(self) -> None:
+        """The state_dir lock must stay where another daemon looks for it: a state_dir deleted (or its lock file)
+        while running let a second daemon start on the same station and reuse frame ids. Re-taken at once; if
+        another daemon got there first, this one stops (a dead process reads not-OK; the other keeps the line)."""
+        fd, state_dir = self._state_lock, self.cfg.state_dir
+        if fd is None or not state_dir:
+            return
+        path = os.path.join(state_dir, STATE_LOCK_FILE)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return
+        except OSError:
+            pass
+        log.error("state_dir lock %s was removed while running: taking it again", path)
+        try:
+            self._state_lock = lock_state_dir(state_dir)
+        except (StateDirBusy, OSError) as exc:
+            log.error("stopping: %s", exc)
+            self.request_stop()
+            return
+        finally:
+            if self._state_lock != fd:
+                os.close(fd)
+
     def _beat(self, line: Line) -> None:
         """A line's loop went round (called from that line's thread). Ping once every running line has."""
+        now = time.monotonic()
+        if now >= self._next_lock_check:
+            with self._beat_lock:
+                self._next_lock_check = now + STATE_LOCK_CHECK_S
+                self._keep_state_lock()
         with self._beat_lock:
             self._beaten.add(self.lines.index(line))
             if not self._running <= self._beaten:

@@ -250,7 +250,7 @@ class TriggeredCamera(ScriptedSource):
         super().__init__(steps=steps)
         self.events: list[str] = []
 
-    def notify_trigger(self) -> None:
+    def notify_trigger(self, at_wall=None) -> None:
         self.events.append("trigger")
 
     def read(self, timeout):
@@ -355,3 +355,24 @@ def test_a_second_daemon_on_the_same_state_dir_refuses_to_start(small_bundle, pa
     second = start_station(path)                      # the lock goes with the first daemon
     wait_until(lambda: second.station.status().state == "ready", what="a daemon after the first stopped")
     assert second.stop() == 0
+
+
+def test_a_state_dir_deleted_while_running_is_locked_again_so_a_second_daemon_still_refuses(
+        small_bundle, write_station, start_station, tmp_path, capsys):
+    """An operator's cleanup deleted the state_dir (and its lock) of a running daemon: a second daemon then started
+    on the same station and handed out frame ids the first had used. The running one takes its lock again."""
+    import shutil
+
+    from edge_runtime.cli import main as runtime_main
+
+    (tmp_path / "in").mkdir()
+    path = write_station(bundle=small_bundle, source={"type": "folder", "path": str(tmp_path / "in"), "mode": "watch"},
+                         state_dir=str(tmp_path / "state"))
+    running = start_station(path)
+    wait_until(lambda: running.station.status().state == "ready", what="the first daemon")
+    shutil.rmtree(tmp_path / "state")
+    wait_until(lambda: (tmp_path / "state" / "edge-runtime.lock").exists(), what="the lock taken again")
+    assert runtime_main(["run", "--config", str(path)]) == 2
+    assert "is in use by another edge-runtime" in capsys.readouterr().err
+    assert running.station.status().state == "ready"
+    assert running.stop() == 0
