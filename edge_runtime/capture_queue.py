@@ -32,6 +32,10 @@ class CaptureConfig:
     # What the thread does when the line has not taken the previous frame yet. auto: drop for live sources
     # (the newest frame wins, each replaced frame counted as dropped), wait for replays (nothing is lost).
     when_full: Literal["auto", "drop", "wait"] = "auto"
+    # true: every frame is a part (a camera hardware-triggered by a photo-eye), so each frame dropped before
+    # inspection is answered FAULT with its own id and record, in capture order; false: frames of a free-running
+    # camera are samples, and drops are counted (edge_dropped_frames_total).
+    every_frame_is_a_part: bool = False
 
     def validate(self) -> None:
         pass  # both fields are Literals: the schema has checked them

@@ -122,6 +122,7 @@ class StationStatus:
     last_heartbeat_age_s: float | None = None # seconds since the inspection loop last went round
     busy_s: float | None = None               # seconds the frame now in inspection has taken so far; None: idle
     stall_after_s: float = 2.0                # a frame in inspection longer than this: the station is stalled
+    loop_stall_after_s: float | None = None   # the loop not round for longer than this: stalled (None: not started)
     latency: LatencyStats | None = None
     counters: dict[str, float] = field(default_factory=dict)  # further monotonic counters, exported as edge_<name>_total
     bundle_version: int | None = None         # the manifest's bundle_version of the bundle in service
@@ -138,6 +139,11 @@ def stalled_reason(status: StationStatus) -> str | None:
     reported healthy while the line waits for a verdict."""
     if status.busy_s is not None and status.busy_s > status.stall_after_s:
         return f"inspection stalled: the current frame has been in inspection for {status.busy_s:.1f} s (limit {status.stall_after_s:g} s)"
+    # Stuck anywhere else (a source read that blocks: a FIFO or a hung network share; an fsync; an output call):
+    # the loop stops going round, and with it every answer to the line.
+    age, limit = status.last_heartbeat_age_s, status.loop_stall_after_s
+    if age is not None and limit is not None and age > limit:
+        return f"inspection loop stalled: last went round {age:.1f} s ago (limit {limit:g} s)"
     return None
 
 

@@ -140,6 +140,7 @@ class Line:
         self._dropped_since_stats = 0
         self._started = time.monotonic()
         self._last_heartbeat = time.monotonic()
+        self._loop_running = False             # the loop has gone round once (before: loading, not stalled)
         self._inspecting_since: float | None = None  # set while a frame is in Pipeline.inspect (health: stalled)
         self._inflight: InFlight | None = None       # free run with inference.workers > 1 (edge_runtime/inflight.py)
         self._begun: int | None = None               # with frames in flight: the part the outputs were told began
@@ -244,6 +245,7 @@ class Line:
             faults=c.faults + c.source_errors, skipped=getattr(self._source, "skipped", 0),
             last_heartbeat_age_s=time.monotonic() - self._last_heartbeat, latency=self.stats, counters=counters,
             busy_s=self._busy_s(), stall_after_s=self._stall_after_s(),
+            loop_stall_after_s=self._loop_stall_after_s() if self._loop_running else None,
             bundle_version=pipeline.bundle.bundle_version if pipeline else None,
             rollout=self.rollout.report() if self.rollout is not None else None)
 
@@ -274,6 +276,11 @@ class Line:
         return max(2.0, deadline_ms / 1000.0)   # past the deadline the part is FAULT anyway
 
     # ---- bundle ------------------------------------------------------------------------------------------------
+    def _loop_stall_after_s(self) -> float:
+        """Longest healthy gap between two rounds of the loop: a wait for the trigger and one for the frame (each
+        up to recovery.read_timeout_s), an inspection up to the stall limit, and a second of slack."""
+        return 2 * self.cfg.recovery.read_timeout_s + self._stall_after_s() + 1.0
+
     def _load_failure(self, error) -> str:
         """The FAULT reason: a station-file key that does not suit the bundle is the station file's fault."""
         if isinstance(error, StationMismatch):
@@ -390,6 +397,7 @@ class Line:
     def _heartbeat(self) -> None:
         now = time.monotonic()
         self._last_heartbeat = now
+        self._loop_running = True
         self.bus.heartbeat()
         # The daemon pings the watchdog only once every line has gone round: if inference hangs, the pings stop
         # and systemd restarts the service.
@@ -398,6 +406,11 @@ class Line:
 
     def _publish(self, result: InspectionResult, started: float | None) -> None:
         """One part's answer through the output bus: record, then line, then images."""
+        if self._halted and result.verdict is not Verdict.FAULT:
+            # A halted line drives no OK/NG/REVIEW, not even for the part whose id reservation halted it (inspected
+            # on an id from memory) or one inspected before the halt and answered after it.
+            result = dataclasses.replace(result, verdict=Verdict.FAULT,
+                                         error=f"{self._halted} before this part's verdict went out")
         failure = self.bus.publish(result, started=started, deadline_ms=self.cfg.inference.deadline_ms)
         self.counters.frames += 1
         self.verdicts[result.verdict.value] += 1
@@ -469,8 +482,13 @@ class Line:
         return True
 
     def start_outputs(self) -> None:
-        """Every output started in its safe state (not READY, no OK); called once, before `start()`."""
-        self.bus.start()
+        """Every output started in its safe state (not READY, no OK); called once, before `start()`. A record that
+        did not start holds READY down (FAULT) until it can be written (probed as after a failed record)."""
+        failure = self.bus.start()
+        if failure is not None:
+            self._record_fault = f"record: {failure}"
+            self._set_state(False, self._record_fault)
+        self._check_outputs()
 
     def start(self) -> None:
         """Frame counter opened, bundle loaded and self-tested. A bad bundle leaves the line alive in an explained
@@ -609,7 +627,8 @@ class Line:
         self.bus.begin_part(frame_id)   # the previous verdict is withdrawn before this part is captured
         notify = getattr(self._source, "notify_trigger", None)
         if notify is not None:
-            notify()  # a camera drops frames buffered before the trigger
+            # A camera drops frames buffered before the trigger; a watch folder, files written before it.
+            notify(at_wall=time.time() - (time.monotonic() - event.at))
         try:
             frame = self._source.read(timeout)
         except (SourceError, TriggerError, OSError) as exc:
@@ -621,9 +640,18 @@ class Line:
         return self._inspect(pipeline, frame, frame_id, event.at)
 
     def _admit(self, frame: Frame) -> tuple[int, float, str | None]:
-        """A free-running frame read: drops before it counted, its id, its start (the deadline runs from capture:
-        the frame's wall-clock stamp mapped onto the monotonic clock), and why it must be FAULT (recipe switch)."""
-        self._count_dropped()
+        """A free-running frame read: drops before it counted (and, when every frame is a part, answered FAULT
+        first, in order), its id, its start (the deadline runs from capture: the frame's wall-clock stamp mapped
+        onto the monotonic clock), and why it must be FAULT (recipe switch)."""
+        dropped = self._count_dropped()
+        if dropped and self.cfg.capture.every_frame_is_a_part:
+            self._drain_inflight()   # the frames in flight were captured before the dropped ones
+            for _ in range(min(dropped, MAX_MISSED_ANSWERS)):
+                self._answer_fault("frame dropped before inspection (the line was busy): a part not inspected",
+                                   time.monotonic())
+            if dropped > MAX_MISSED_ANSWERS:
+                log.error(self._tag("%d more dropped frames were not answered individually"),
+                          dropped - MAX_MISSED_ANSWERS)
         frame_id = self._take_frame_id()
         started = time.monotonic() - max(0.0, time.time() - frame.captured_at)
         stale = self.recipes.stale(captured_wall=frame.captured_at) if self.recipes is not None else None
@@ -684,11 +712,7 @@ class Line:
     def _publish_finished(self, done: list[Finished]) -> None:
         """Answers of finished frames, in capture order, then begin_part for the next one in flight."""
         for f in done:
-            result = f.result
-            if self._halted and result.verdict is not Verdict.FAULT:
-                # Inspected before the halt, answered after it: a halted line drives no OK/NG/REVIEW.
-                result = dataclasses.replace(result, verdict=Verdict.FAULT,
-                                             error=f"{self._halted} before this part's verdict went out")
+            result = f.result       # _publish makes it FAULT if the line halted while it was in flight
             if self._begun != f.frame_id:   # a later frame of the same batch: its begin_part follows the last verdict
                 self.bus.begin_part(f.frame_id)
             self._begun = None
@@ -707,7 +731,7 @@ class Line:
         dropped = getattr(src, "dropped", None)
         return int(dropped if dropped is not None else getattr(src, "missed", 0) or 0)
 
-    def _count_dropped(self) -> None:
+    def _count_dropped(self) -> int:
         take = getattr(self._source, "take_dropped", None)
         n = take() if take is not None else 0
         if n:
@@ -715,6 +739,7 @@ class Line:
             # Per part at debug level (the frame before this part); totals at warning level with the stats.
             log.debug(self._tag("%d frame(s) dropped before frame %d (source faster than inspection)"), n,
                       self.frame_ids.next_id)
+        return n
 
     def _log_stats(self) -> None:
         summary = self.stats.summary()

@@ -35,13 +35,17 @@ def aggregate_status(statuses: dict[str, StationStatus], uptime_s: float) -> Sta
     busy = [s.busy_s for s in statuses.values() if s.busy_s is not None]
     stalled = [n for n, s in statuses.items() if stalled_reason(s)]
     ages = [s.last_heartbeat_age_s for s in statuses.values() if s.last_heartbeat_age_s is not None]
+    # A line whose loop stopped going round: the station's heartbeat age and limit are that line's.
+    stuck = [s for s in statuses.values() if s.loop_stall_after_s is not None and s.last_heartbeat_age_s is not None
+             and s.last_heartbeat_age_s > s.loop_stall_after_s]
     return StationStatus(
         state=state, reason="; ".join(reasons) or None,
         bundle_id=",".join(sorted({s.bundle_id for s in statuses.values() if s.bundle_id})) or None,
         frames=sum(s.frames for s in statuses.values()),
         last_verdict=None, uptime_s=uptime_s, verdicts=verdicts,
         faults=sum(s.faults for s in statuses.values()), skipped=sum(s.skipped for s in statuses.values()),
-        last_heartbeat_age_s=max(ages) if ages else None,
+        last_heartbeat_age_s=stuck[0].last_heartbeat_age_s if stuck else (max(ages) if ages else None),
+        loop_stall_after_s=stuck[0].loop_stall_after_s if stuck else None,
         busy_s=max(busy) if stalled or busy else None,
         stall_after_s=min((statuses[n].stall_after_s for n in stalled), default=max(
             (s.stall_after_s for s in statuses.values()), default=2.0)),

@@ -5,7 +5,8 @@ For one part, `publish()` runs, in the inspection loop's thread:
     1. deadline   time since the trigger (or since capture, in free run) > inference.deadline_ms -> FAULT
     2. record     the critical records (the result log: append + fsync). A part whose record cannot be written
                   is FAULT on every line output, never OK; the bus reports it (RecordFailure) and the station
-                  faults or halts (`on_record_failure`). The PLC therefore never gets a verdict the log lacks.
+                  faults or halts (`on_record_failure`). The PLC therefore never gets a verdict the log lacks,
+                  and a log written before the one that failed gets a superseding FAULT record (all agree).
     3. deadline   checked again after the record: if writing it took the part past its deadline, the lines get
                   FAULT and a superseding FAULT record with the same frame id is appended (the later one wins).
     4. lines      line outputs (GPIO, Modbus, serial): the PLC's verdict
@@ -47,7 +48,7 @@ DEFAULT_LATE_AFTER_S = 0.5
 _CLOSE_TIMEOUT_S = 5.0
 # Calls that set what a line output shows the controller; one that fails leaves it unknown (heartbeat and
 # acknowledge are not among them: a missed toggle or ACK is caught by the controller's own watchdog/timeout).
-_STATE_METHODS = frozenset({"begin_part", "publish", "set_ready", "set_fault"})
+_STATE_METHODS = frozenset({"start", "begin_part", "publish", "set_ready", "set_fault"})
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,19 @@ class OutputBus:
         self._line_failures: dict[int, str] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start every output (in the caller's thread, so start-up errors are reported in order), then the workers."""
+    def start(self) -> str | None:
+        """Start every output (in the caller's thread, so start-up errors are reported in order), then the workers.
+        Returns why a critical record did not start (the station must not raise READY on a log it cannot write);
+        a line output that did not start is a line-output fault (line_output_fault) until a state call succeeds."""
+        record_failure = None
         for out in self._ordered():
-            self._call(out, "start")
+            failure = self._call(out, "start")
+            if failure is not None and out.critical_record and record_failure is None:
+                record_failure = failure
         for out in self._ordered():
             if out.slow and id(out) not in self._workers:
                 self._workers[id(out)] = _Worker(self, out, self.queue_size)
+        return record_failure
 
     def close(self) -> None:
         """Every output back to its safe state: queued calls are delivered first (bounded wait), then close()."""
@@ -178,12 +185,22 @@ class OutputBus:
             result.timings_ms["since_trigger"] = (time.monotonic() - started) * 1000.0
         self._check_deadline(result, started, deadline_ms)
         failure = None
+        recorded = []
         for out in self.critical:
+            before = result.verdict
             try:
                 out.publish(result)
             except Exception as exc:  # noqa: BLE001 - whatever broke the record, the part is not OK
                 failure = self._record_failed(out, result, exc)
-        if failure is None and self._check_deadline(result, started, deadline_ms):
+            else:
+                recorded.append((out, before))
+        if failure is not None:
+            # The logs written before the failing one hold the verdict the line will not get: they get the
+            # superseding FAULT record too, so every log agrees with the line.
+            for out, verdict in recorded:
+                if verdict is not Verdict.FAULT:
+                    self._call(out, "publish", result)
+        elif self._check_deadline(result, started, deadline_ms):
             for out in self.critical:  # the superseding record: the line gets FAULT, so must the log
                 self._call(out, "publish", result)
         # A line output on a worker (serial) gets the deadline as an expiry: a verdict still queued when the
@@ -263,19 +280,22 @@ class OutputBus:
         else:
             self._call(out, method, *args)
 
-    def _call(self, out: Output, method: str, *args: Any) -> None:
+    def _call(self, out: Output, method: str, *args: Any) -> str | None:
+        """Call `method` on `out`; a failure is logged, counted and returned (None: it worked)."""
         try:
             getattr(out, method)(*args)
         except OutputError as exc:
             self._count("errors")
             log.error("output %s: %s failed: %s", out.name, method, exc)
-            self._line_call(out, method, f"{out.name}: {method} failed: {str(exc)[:200]}")
+            failure = f"{out.name}: {method} failed: {str(exc)[:200]}"
         except Exception as exc:  # noqa: BLE001 - one broken adapter must not stop the others or the inspection
             self._count("errors")
             log.exception("output %s: %s raised", out.name, method)
-            self._line_call(out, method, f"{out.name}: {method} raised {type(exc).__name__}: {str(exc)[:200]}")
+            failure = f"{out.name}: {method} raised {type(exc).__name__}: {str(exc)[:200]}"
         else:
-            self._line_call(out, method, None)
+            failure = None
+        self._line_call(out, method, failure)
+        return failure
 
     def _line_call(self, out: Output, method: str, failure: str | None) -> None:
         if method not in _STATE_METHODS or id(out) not in self._line_ids:

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge_runtime.http_endpoint import StationStatus
+from edge_runtime.http_endpoint import StationStatus, stalled_reason
 
 
 def station_summary(name: str, status: StationStatus) -> dict[str, Any]:
     """JSON-ready summary: station name, state and reason, bundle in service, part counters and verdict counts."""
+    stalled = stalled_reason(status)   # MQTT and OPC UA must not report "ready" while the loop is stuck
     return {
         "station": name,
-        "state": status.state,
-        "reason": status.reason,
+        "state": "stalled" if stalled else status.state,
+        "reason": stalled or status.reason,
         "bundle_id": status.bundle_id,
         "bundle_version": status.bundle_version,
         "frames": status.frames,

@@ -174,6 +174,7 @@ class ModbusOutput(Output):
             self._last_faulted = False
             self._coils[COIL_BUSY] = True
             self._update_fault_locked()
+        self._check_running()
 
     def acknowledge(self) -> None:
         with self._lock:
@@ -185,6 +186,7 @@ class ModbusOutput(Output):
             if not ready:
                 self._drop_ok_locked()
                 self._coils[COIL_BUSY] = False
+        self._check_running()   # a server that never listened (port taken) tells the PLC nothing: a failure
 
     def set_fault(self, reason: str | None) -> None:
         with self._lock:
@@ -192,6 +194,7 @@ class ModbusOutput(Output):
             if reason is not None:
                 self._drop_ok_locked()
             self._update_fault_locked()
+        self._check_running()
 
     def heartbeat(self) -> None:
         with self._lock:

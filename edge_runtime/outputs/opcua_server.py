@@ -442,11 +442,14 @@ class OpcUaServer(Output):
             except Exception:  # noqa: BLE001
                 log.exception("%s: state provider failed", self.name)
         state = "fault" if self._fault else ("ready" if self._ready else "not_ready")
+        reason = self._fault or ""
+        if summary.get("state") == "stalled":   # the loop is stuck: no part will be answered (plant_report)
+            state, reason = "fault", str(summary.get("reason") or "stalled")
         await self._vars["StationState"].write_value(ua.Variant(state, S))
         starting = self._fault == "starting"   # the daemon's state before its first bundle load is over
         await self._vars["VisionSystemState"].write_value(
             ua.Variant("Preoperational" if starting else VISION_STATE[state], S))
-        await self._vars["Reason"].write_value(ua.Variant(self._fault or "", S))
+        await self._vars["Reason"].write_value(ua.Variant(reason, S))
         if summary.get("bundle_id"):
             await self._vars["BundleId"].write_value(ua.Variant(str(summary["bundle_id"]), S))
         if summary.get("bundle_version") is not None:

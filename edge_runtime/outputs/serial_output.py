@@ -174,14 +174,18 @@ class SerialOutput(Output):
         self._ready = bool(ready)
         # While the port is gone the state is kept and replayed on reconnect, so nothing is lost for the PLC
         # (a reconnect made here has already sent the new state).
+        # Still raised while disconnected: the PLC has not been told, and the bus must keep the line in FAULT
+        # (READY shown elsewhere flapping back on a no-op success was a probe finding).
         was_connected = self.connected
-        if self._connect(force=False) and was_connected:
+        self._ensure_connected(f"RDY {int(self._ready)} kept for the reconnect")
+        if was_connected:
             self._write_line(f"RDY {int(self._ready)}")
 
     def set_fault(self, reason: str | None) -> None:
         self._fault = None if reason is None else _ascii_reason(reason)
         was_connected = self.connected
-        if self._connect(force=False) and was_connected:
+        self._ensure_connected("ERR state kept for the reconnect")
+        if was_connected:
             self._write_line(self._fault_line())
 
     def heartbeat(self) -> None:

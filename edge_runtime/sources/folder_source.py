@@ -340,6 +340,7 @@ class FolderSource(FrameSource):
         self.cfg = cfg
         self.name = escape_name(cfg.name or f"folder:{cfg.path}")
         self.skipped = 0                        # files that could not be read or resolve outside the folder
+        self.stale = 0                          # watch + trigger: files written before the trigger, left out
         self._next_id = start_frame_id
         self._extensions = {"." + _normalise_extension(e) for e in cfg.extensions}
         self._clock = clock
@@ -422,6 +423,42 @@ class FolderSource(FrameSource):
     @property
     def exhausted(self) -> bool:
         return self.cfg.mode == "replay" and self._replay_done and not self._queue
+
+    def notify_trigger(self, at_wall: float | None = None) -> None:
+        """Watch mode on a triggered line: the trigger fired at `at_wall` (time.time(); default now), so this part's
+        image is a file written from then on. A file already there and not yet inspected was written before it: an
+        earlier part's late image (its trigger answered FAULT for want of a frame) or one no trigger asked for, and
+        inspecting it now would give this part another part's verdict. Such files are left out: journalled as
+        handled, counted in `stale`, logged. Written-before is the file's mtime against the trigger time (the
+        station's clock: a share the camera PC writes to on the station keeps its clock)."""
+        if self.cfg.mode != "watch" or self._root is None:
+            return
+        self._acknowledge()
+        cutoff_ns = int((time.time() if at_wall is None else at_wall) * 1e9)
+        if self._watch is not None:
+            self._watch.events()          # what they announce is in the listing below
+        entries = self._list_entries()
+        pending = ({p.name for p in self._queue} | set(self._candidates)
+                   | {name for name, inode in entries.items() if self._known.get(name) != inode})
+        self._known = entries
+        self._queue.clear()
+        now = self._clock()
+        keep, stale = {}, []
+        for name in sorted(pending):
+            sig = self._signature(name)
+            if sig is None or (name, sig[0], sig[1]) in self._journal.done:
+                continue
+            if sig[1] < cutoff_ns:
+                stale.append(name)
+                self._journal.add((name, sig[0], sig[1]))
+            else:
+                keep[name] = (None, now)   # written since the trigger: this part's image, checked as usual
+        self._candidates = keep
+        if stale:
+            self.stale += len(stale)
+            log.warning("folder source %s: %d file(s) written before the trigger left out (first: %s): an earlier "
+                        "part's late image is never this part's", escape_name(self.cfg.path), len(stale),
+                        escape_name(stale[0]))
 
     def close(self) -> None:
         try:

@@ -77,6 +77,23 @@ def test_a_part_that_cannot_be_recorded_is_fault_on_the_line_never_ok(tmp_path):
     bus.close()
 
 
+def test_a_log_written_before_one_that_failed_gets_the_superseding_fault(tmp_path):
+    """Two result logs, the second on a full disk: the line gets FAULT, and so must the first log, which had
+    already recorded the part as OK (the later record of a frame id wins)."""
+    import json
+
+    first = ResultLog(ResultLogConfig(path=str(tmp_path / "a.jsonl"), fsync="never"))
+    full = ResultLog(ResultLogConfig(path="/dev/full", fsync="never"))
+    line = RecordingOutput()
+    bus = OutputBus([first, full, line])
+    bus.start()
+    assert bus.publish(make_result(5, Verdict.OK)) is not None
+    records = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [(r["frame_id"], r["verdict"]) for r in records] == [(5, "OK"), (5, "FAULT")]
+    assert line.results[0].verdict is Verdict.FAULT
+    bus.close()
+
+
 def test_deadline_runs_from_the_trigger_not_from_inspection():
     line = RecordingOutput()
     bus = OutputBus([line])

@@ -92,7 +92,7 @@ class TriggeredCamera(ScriptedSource):
         self._open_errors = list(open_errors)
         self.read_delay_s = read_delay_s
 
-    def notify_trigger(self) -> None:
+    def notify_trigger(self, at_wall=None) -> None:
         pass
 
     def read(self, timeout):
@@ -373,3 +373,175 @@ def test_review_never_drives_an_ok_output_on_any_adapter(small_bundle, images, w
     review_count = re.search(r'^edge_verdicts_total\{verdict="REVIEW"\} (\d+)$', metrics, re.M)
     assert review_count and 1 <= int(review_count.group(1)) <= n, "/metrics counts REVIEW"
     assert 'edge_verdicts_total{verdict="OK"} 0' in metrics
+
+
+def test_a_watch_folder_file_written_before_the_trigger_is_never_the_next_parts_image(small_bundle, flange_test_folder,
+                                                                                       write_station, start_station,
+                                                                                       tmp_path):
+    """Triggered line, watch folder: part A's image arrives after its trigger timed out (A: FAULT). Part B's trigger
+    must not take A's late file as B's image; B gets the file written after its own trigger."""
+    folder, index = flange_test_folder
+    good = next(n for n in sorted(index) if n.startswith("good_"))
+    bad = next(n for n in sorted(index) if not n.startswith("good_"))
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, trigger={"type": "software"},
+                                     source={"type": "folder", "path": str(watch), "mode": "watch",
+                                             "poll_interval_s": 0.05},
+                                     recovery={"read_timeout_s": 0.5}))
+    running = start_station(cfg, outputs=[rec])
+    station = running.station
+    wait_until(lambda: station.status().state == "ready", what="READY")
+    station.trigger.fire()                                               # part A: no image in time
+    wait_until(lambda: len(rec.results) == 1, what="part A's answer")
+    (watch / "partA.png").write_bytes((folder / good).read_bytes())     # A's image, late
+    time.sleep(0.2)
+    station.trigger.fire()                                               # part B
+    time.sleep(0.1)
+    (watch / "partB.png").write_bytes((folder / bad).read_bytes())      # B's image, after B's trigger
+    wait_until(lambda: len(rec.results) == 2, what="part B's answer")
+    assert running.stop() == 0
+    a, b = rec.results
+    assert a.verdict is Verdict.FAULT and "no frame within" in a.error
+    assert b.source.endswith("partB.png"), f"part B was answered from {b.source}"
+    assert b.verdict is Verdict.NG
+    assert station.lines[0]._source.stale == 1                        # A's late file, left out and counted
+
+
+def test_the_part_whose_id_could_not_be_reserved_is_fault_never_ok(small_bundle, images, write_station,
+                                                                  start_station, tmp_path):
+    """The frame counter cannot save its next block (state_dir full): the line halts, and the part that hit it is
+    answered FAULT on an id from memory, not inspected and answered OK or NG."""
+    from edge_runtime.frame_counter import FrameCounterError
+
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     state_dir=str(tmp_path / "state"), recovery=FAST_RECOVERY))
+    running = start_station(cfg, source=TriggeredCamera(images), outputs=[rec])
+    line = running.station.lines[0]
+    wait_until(lambda: running.station.status().state == "ready", what="READY")
+
+    def full(*_):
+        raise FrameCounterError("frame counter state/next_frame_id: cannot reserve ids (No space left on device)")
+
+    line.frame_ids.take = full
+    running.station.trigger.fire()
+    wait_until(lambda: len(rec.results) == 1, what="the part's answer")
+    assert running.stop() == 0
+    (answer,) = rec.results
+    assert answer.verdict is Verdict.FAULT and "halted" in answer.error and "cannot reserve ids" in answer.error
+
+
+def test_an_output_that_cannot_start_keeps_the_station_out_of_ready(small_bundle, images, write_station, tmp_path,
+                                                                     start_station):
+    """A Modbus server whose port is taken never listens (the PLC polls nothing), and a result log that cannot be
+    opened records nothing: neither may leave the station READY, before any part or after one (READY had come up
+    until the first part, and a Modbus server that never started stayed "ready" for good)."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    (tmp_path / "a_file").write_text("not a folder")
+    try:
+        for outputs, why in (([{"type": "result_log", "path": "results.jsonl"},
+                               {"type": "modbus", "host": "127.0.0.1", "port": port}], "modbus"),
+                             ([{"type": "result_log", "path": str(tmp_path / "a_file" / "results.jsonl")}],
+                              "result log")):
+            rec = RecordingOutput()
+            cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                             outputs=outputs, recovery=FAST_RECOVERY))
+            running = start_station(cfg, source=TriggeredCamera(images), outputs=[build_output(o) for o in cfg.outputs]
+                                    + [rec])
+            station = running.station
+            wait_until(lambda: station.status().state == "fault", what=f"FAULT for the {why} that did not start")
+            time.sleep(0.5)                                            # a few loop rounds: no flapping back
+            assert station.status().state == "fault" and why in station.status().reason
+            assert True not in rec.calls_to("set_ready"), "READY never raised"
+            station.trigger.fire()
+            wait_until(lambda: len(rec.results) == 1, what="the part's answer")
+            if why == "result log":      # unrecorded: FAULT; a dead Modbus server: the others get the real verdict
+                assert rec.results[0].verdict is Verdict.FAULT
+            time.sleep(0.3)
+            assert station.status().state == "fault" and True not in rec.calls_to("set_ready")
+            assert running.stop() == 0
+    finally:
+        taken.close()
+
+
+class HangingSource(ScriptedSource):
+    """A source whose read blocks past its timeout (a FIFO, a hung network share), until released."""
+
+    def __init__(self, steps):
+        super().__init__(steps=list(steps))
+        self.cfg.loop = True
+        self.hang = threading.Event()
+        self.release = threading.Event()
+
+    def read(self, timeout):
+        if self.hang.is_set():
+            self.release.wait(60)
+        return super().read(timeout)
+
+
+def test_a_loop_stuck_outside_the_inspection_is_reported_stalled_everywhere(small_bundle, images, write_station,
+                                                                           start_station):
+    """/healthz, and the plant state MQTT and OPC UA publish, say "stalled" when the loop stops going round
+    wherever it hangs, not only inside an inspection (a blocking source read was reported ready)."""
+    from edge_runtime.http_endpoint import stalled_reason
+
+    source = HangingSource(images)
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, recovery=FAST_RECOVERY,
+                                     http={"enabled": False, "stall_after_s": 0.5}))
+    running = start_station(cfg, source=source, outputs=[rec])
+    station = running.station
+    line = station.lines[0]
+    wait_until(lambda: len(rec.results) >= 2, what="parts")
+    assert stalled_reason(line.status()) is None
+    source.hang.set()
+    limit = 2 * 0.2 + 0.5 + 1.0
+    wait_until(lambda: stalled_reason(line.status()) is not None, timeout=limit + 10, what="stalled")
+    assert "inspection loop stalled" in stalled_reason(line.status())
+    assert line.status().last_heartbeat_age_s > limit
+    plant = line.plant_state()
+    assert plant["state"] == "stalled" and "inspection loop stalled" in plant["reason"]
+    source.release.set()
+    wait_until(lambda: stalled_reason(line.status()) is None, what="going round again")
+    assert running.stop() == 0
+
+
+class DroppingCamera(ScriptedSource):
+    """A free-running camera whose capture dropped two frames before its third frame (the line was busy)."""
+
+    def __init__(self, steps):
+        super().__init__(steps=list(steps))
+        self.reads = 0
+
+    def read(self, timeout):
+        self.reads += 1
+        return super().read(timeout)
+
+    def take_dropped(self) -> int:
+        return 2 if self.reads == 3 else 0
+
+
+@pytest.mark.parametrize("every_frame_is_a_part", [True, False])
+def test_dropped_frames_of_a_hardware_triggered_camera_are_parts_answered_fault(
+        small_bundle, images, write_station, start_station, every_frame_is_a_part):
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, recovery=FAST_RECOVERY,
+                                     capture={"every_frame_is_a_part": every_frame_is_a_part}))
+    running = start_station(cfg, source=DroppingCamera(images[:4]), outputs=[rec])
+    wait_until(lambda: len(rec.results) >= (6 if every_frame_is_a_part else 4), what="the parts")
+    assert running.stop() == 0
+    ids = [r.frame_id for r in rec.results]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)          # one id each, in capture order
+    verdicts = [r.verdict for r in rec.results]
+    if every_frame_is_a_part:                                        # frames 1, 2, [2 dropped], 3, 4
+        assert verdicts[2:4] == [Verdict.FAULT, Verdict.FAULT] and "frame dropped" in rec.results[2].error
+        assert Verdict.FAULT not in verdicts[:2] + verdicts[4:6]
+    else:
+        assert Verdict.FAULT not in verdicts[:4]

@@ -142,13 +142,16 @@ def test_port_vanishing_and_coming_back(link, new_pty):
     with pytest.raises(OutputError, match="write failed"):
         out.publish(make_result(2, Verdict.OK))
     assert not out.connected
-    # While gone: every result is reported as an error (the result log keeps them); state calls and heartbeats
-    # retry quietly and never raise anything but OutputError.
+    # While gone: every result and state call is reported as an error (the result log keeps the results; the
+    # state is kept and replayed on reconnect), so the station stays in FAULT: a state call that "worked" while
+    # nothing reached the PLC had let READY flap back on the other outputs. Heartbeats retry quietly.
     with pytest.raises(OutputError, match="disconnected.*frame 3"):
         out.publish(make_result(3, Verdict.NG))
     out.heartbeat()
-    out.set_fault("camera lost")
-    out.set_ready(False)
+    with pytest.raises(OutputError, match="disconnected, ERR state kept for the reconnect"):
+        out.set_fault("camera lost")
+    with pytest.raises(OutputError, match="disconnected, RDY 0 kept for the reconnect"):
+        out.set_ready(False)
 
     plc2 = new_pty()                          # replugged: the same name now points at a new device
     out.heartbeat()                           # the reconnect happens on the next call
