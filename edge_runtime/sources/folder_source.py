@@ -65,6 +65,9 @@ SUPPORTED_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")
 TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", "~")
 
 
+FUTURE_MTIME_S = 1.0   # watch + trigger: a file dated further ahead than this has a writer clock that cannot be trusted
+
+
 def _normalise_extension(ext: str) -> str:
     return ext.strip().lower().lstrip(".")
 
@@ -430,11 +433,14 @@ class FolderSource(FrameSource):
         earlier part's late image (its trigger answered FAULT for want of a frame) or one no trigger asked for, and
         inspecting it now would give this part another part's verdict. Such files are left out: journalled as
         handled, counted in `stale`, logged. Written-before is the file's mtime against the trigger time (the
-        station's clock: a share the camera PC writes to on the station keeps its clock)."""
+        station's clock: a share the camera PC writes to on the station keeps its clock). A writer whose clock runs
+        ahead would make an old file look new, so a file dated more than FUTURE_MTIME_S ahead of the station's
+        clock is left out too, with a warning to sync the clocks: a FAULT, never another part's verdict."""
         if self.cfg.mode != "watch" or self._root is None:
             return
         self._acknowledge()
         cutoff_ns = int((time.time() if at_wall is None else at_wall) * 1e9)
+        future_ns = time.time_ns() + int(FUTURE_MTIME_S * 1e9)
         if self._watch is not None:
             self._watch.events()          # what they announce is in the listing below
         entries = self._list_entries()
@@ -443,22 +449,31 @@ class FolderSource(FrameSource):
         self._known = entries
         self._queue.clear()
         now = self._clock()
-        keep, stale = {}, []
+        keep, stale, ahead = {}, [], []
         for name in sorted(pending):
             sig = self._signature(name)
             if sig is None or (name, sig[0], sig[1]) in self._journal.done:
                 continue
-            if sig[1] < cutoff_ns:
-                stale.append(name)
+            if sig[1] < cutoff_ns or sig[1] > future_ns:
+                (stale if sig[1] < cutoff_ns else ahead).append((name, sig[1]))
                 self._journal.add((name, sig[0], sig[1]))
             else:
                 keep[name] = (None, now)   # written since the trigger: this part's image, checked as usual
         self._candidates = keep
+        where = escape_name(self.cfg.path)
         if stale:
             self.stale += len(stale)
-            log.warning("folder source %s: %d file(s) written before the trigger left out (first: %s): an earlier "
-                        "part's late image is never this part's", escape_name(self.cfg.path), len(stale),
-                        escape_name(stale[0]))
+            name, mtime = stale[0]
+            log.warning("folder source %s: %d file(s) written before the trigger left out (first: %s, dated %.1f s "
+                        "before it): an earlier part's late image is never this part's (a writer that keeps old "
+                        "timestamps, or whose clock is behind, needs its clock synced)", where, len(stale),
+                        escape_name(name), (cutoff_ns - mtime) / 1e9)
+        if ahead:
+            self.stale += len(ahead)
+            name, mtime = ahead[0]
+            log.error("folder source %s: %d file(s) dated in the future left out (first: %s, %.1f s ahead of this "
+                      "clock): the writer's clock runs ahead, so its files cannot be told from older ones; sync "
+                      "the clocks (NTP)", where, len(ahead), escape_name(name), (mtime - time.time_ns()) / 1e9)
 
     def close(self) -> None:
         try:

@@ -465,3 +465,30 @@ def test_watch_hands_over_a_file_that_stays_empty_so_it_is_faulted_once(tmp_path
         frame = frame or src.read(0.25)
     assert frame is not None and frame.encoded == b"", "a part that stays empty was never handed over"
     assert src.read(1.0) is None                         # once, not again at every poll (read() journals it)
+
+
+def test_watch_on_a_triggered_line_leaves_out_files_from_before_the_trigger_or_from_a_clock_ahead(tmp_path):
+    """notify_trigger: a file there and not inspected, dated before the trigger (an earlier part's late image),
+    or dated more than FUTURE_MTIME_S ahead of this clock (a writer whose clock runs ahead: old cannot be told
+    from new), is left out; a file written after the trigger is the part's."""
+    import os
+
+    clock = FakeClock()
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.125),
+                       clock=clock, sleep=clock.sleep)
+    src.open()
+    assert src.read(0.0) is None
+    now = time.time()
+    late = write(tmp_path / "late.png", png(b"LATE"))
+    os.utime(late, (now - 2.0, now - 2.0))                      # written before the trigger
+    ahead = write(tmp_path / "ahead.png", png(b"AHEAD"))
+    os.utime(ahead, (now + 30.0, now + 30.0))                   # the writer's clock is 30 s fast
+    src.notify_trigger(at_wall=now - 1.0)
+    assert src.stale == 2
+    assert src.read(0.5) is None                                # neither is this part's image
+    write(tmp_path / "part.png", png(b"PART"))                  # written after the trigger
+    clock.sleep(0.0625)
+    frame = src.read(1.0)
+    assert frame is not None and frame.encoded == png(b"PART")
+    src.notify_trigger(at_wall=time.time())                     # the next trigger: nothing left over
+    assert src.stale == 2
