@@ -75,8 +75,14 @@ class FrameCounter:
         try:
             self._write(self._next)
         except OSError as exc:
-            log.warning("frame counter %s: cannot save on stop (%s); the next start skips to %d", self.path, exc,
-                        self._reserved)
+            if self._next > self._reserved:   # take_unpersisted answered parts past the saved mark
+                log.error("frame counter %s: cannot save on stop (%s); ids %d-%d answered FAULT parts without being "
+                          "saved: the next start continues after the result log's last id, or from %d if no log "
+                          "holds them (those ids would then repeat)", self.path, exc, self._reserved, self._next - 1,
+                          self._reserved)
+            else:
+                log.warning("frame counter %s: cannot save on stop (%s); the next start skips to %d", self.path, exc,
+                            self._reserved)
 
     def _reserve(self, mark: int) -> None:
         try:
