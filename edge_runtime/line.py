@@ -46,6 +46,7 @@ log = logging.getLogger("edge_runtime.daemon")
 __all__ = ["Counters", "Line", "MAX_MISSED_ANSWERS", "SERIAL_ACK_COMMAND"]
 # At most this many FAULT answers for triggers folded into one (the rest are counted and logged).
 MAX_MISSED_ANSWERS = 16
+OUTPUT_RETRY_S = 1.0   # a failed line output is told the station's state again this often (it may be back)
 # With frames in flight (inference.workers > 1) the loop reads the next frame this long at a time, so that a
 # finished frame's verdict goes out within this much of the inspection's end.
 INFLIGHT_POLL_S = 0.002
@@ -141,6 +142,7 @@ class Line:
         self._started = time.monotonic()
         self._last_heartbeat = time.monotonic()
         self._loop_running = False             # the loop has gone round once (before: loading, not stalled)
+        self._next_output_retry = 0.0          # _check_outputs: next retry of a failed line output (monotonic)
         self._inspecting_since: float | None = None  # set while a frame is in Pipeline.inspect (health: stalled)
         self._inflight: InFlight | None = None       # free run with inference.workers > 1 (edge_runtime/inflight.py)
         self._begun: int | None = None               # with frames in flight: the part the outputs were told began
@@ -208,6 +210,10 @@ class Line:
 
     def _check_outputs(self) -> None:
         """READY down and FAULT while a line output cannot be driven (the others say so); back when it can."""
+        now = time.monotonic()
+        if self._output_fault is not None and now >= self._next_output_retry:
+            self._next_output_retry = now + OUTPUT_RETRY_S
+            self.bus.retry_failed_lines(self._ready, self.fault_reason)
         failure = self.bus.line_output_fault()
         if failure is not None:
             reason = f"output {failure}"

@@ -306,6 +306,16 @@ class OutputBus:
             else:   # the first failure names the fault until a call succeeds (a stable reason, no churn)
                 self._line_failures.setdefault(id(out), failure)
 
+    def retry_failed_lines(self, ready: bool, fault: str | None) -> None:
+        """Tell the line outputs whose last state call failed the station's state again: one that works again
+        (a serial port plugged back) clears its failure without waiting for a part, which a line that is not READY
+        may never get (its HTTP trigger answers 503)."""
+        with self._lock:
+            failed = [o for o in self.lines if id(o) in self._line_failures]
+        for out in failed:
+            self._dispatch(out, "set_fault", fault)
+            self._dispatch(out, "set_ready", ready)
+
     def line_output_fault(self) -> str | None:
         """Why a line output may be showing the controller something else than the station means (its last
         verdict or state call failed), or None."""

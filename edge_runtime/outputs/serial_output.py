@@ -170,6 +170,11 @@ class SerialOutput(Output):
         self._ensure_connected(f"result for frame {result.frame_id} not sent")
         self._write_line(result_line(result))
 
+    def begin_part(self, frame_id: int) -> None:
+        # Nothing to send (the RES line is the answer), but the bus must hear that the PLC cannot be told about
+        # this part: a silent success here cleared the port's failure on every part and READY flapped back.
+        self._ensure_connected(f"part {frame_id} begun with no line to the PLC")
+
     def set_ready(self, ready: bool) -> None:
         self._ready = bool(ready)
         # While the port is gone the state is kept and replayed on reconnect, so nothing is lost for the PLC

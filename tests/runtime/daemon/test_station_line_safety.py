@@ -545,3 +545,50 @@ def test_dropped_frames_of_a_hardware_triggered_camera_are_parts_answered_fault(
         assert Verdict.FAULT not in verdicts[:2] + verdicts[4:6]
     else:
         assert Verdict.FAULT not in verdicts[:4]
+
+
+def test_a_serial_port_that_vanishes_holds_the_line_in_fault_until_it_is_back(small_bundle, images, write_station,
+                                                                              start_station, tmp_path):
+    """No READY flapping while the port is gone (begin_part and state calls that reach nothing are failures), and
+    the line comes back by itself when the port does, with no part needed (a line that is not READY gets none
+    from an HTTP trigger)."""
+    link = str(tmp_path / "ttyPLC")
+
+    def plug() -> int:
+        master, slave = os.openpty()
+        tty.setraw(master)
+        name = os.ttyname(slave)
+        os.close(slave)
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(name, link)
+        return master
+
+    master = plug()
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     outputs=[{"type": "result_log", "path": "results.jsonl"},
+                                              {"type": "serial", "port": link, "reconnect_interval_s": 0.2,
+                                               "heartbeat_interval_s": 60}],
+                                     recovery=FAST_RECOVERY))
+    running = start_station(cfg, source=TriggeredCamera(images), outputs=[build_output(o) for o in cfg.outputs] + [rec])
+    station = running.station
+    try:
+        wait_until(lambda: station.status().state == "ready", what="READY")
+        os.close(master)                                              # unplugged
+        master = None
+        os.unlink(link)
+        station.trigger.fire()                                        # a part: its RES cannot be sent
+        wait_until(lambda: station.status().state == "fault", what="FAULT for the lost port")
+        readies = len(rec.calls_to("set_ready"))
+        for _ in range(3):
+            station.trigger.fire()
+            time.sleep(0.3)
+        assert station.status().state == "fault" and "serial" in station.status().reason
+        assert True not in rec.calls_to("set_ready")[readies:], "READY never came back while the port was gone"
+        master = plug()                                               # plugged back
+        wait_until(lambda: station.status().state == "ready", timeout=10, what="READY again without a part")
+    finally:
+        assert running.stop() == 0
+        if master is not None:
+            os.close(master)
