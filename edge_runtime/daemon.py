@@ -95,7 +95,8 @@ class Station:
         self._running: set[int] = set()         # lines whose loop still runs
         self._http: HttpEndpoint | None = None
         self._state_lock: int | None = None    # fd holding <state_dir>/edge-runtime.lock while running
-        self._next_lock_check = 0.0            # _keep_state_lock: next time the lock is checked (monotonic)
+        self._lock_lost = False                 # another daemon took the state_dir: run() exits 1
+        self._lock_watch_stop = threading.Event()
 
     def _build_lines(self, cfg: StationConfig, **overrides) -> list[Line]:
         configs = line_station_configs(cfg)
@@ -207,20 +208,21 @@ class Station:
         try:
             self._state_lock = lock_state_dir(state_dir)
         except (StateDirBusy, OSError) as exc:
-            log.error("stopping: %s", exc)
+            log.error("stopping (exit 1): %s", exc)
+            self._lock_lost = True
             self.request_stop()
             return
         finally:
             if self._state_lock != fd:
                 os.close(fd)
 
+    def _watch_state_lock(self) -> None:
+        """Its own thread: every STATE_LOCK_CHECK_S, whatever the lines are waiting on."""
+        while not self._lock_watch_stop.wait(STATE_LOCK_CHECK_S):
+            self._keep_state_lock()
+
     def _beat(self, line: Line) -> None:
         """A line's loop went round (called from that line's thread). Ping once every running line has."""
-        now = time.monotonic()
-        if now >= self._next_lock_check:
-            with self._beat_lock:
-                self._next_lock_check = now + STATE_LOCK_CHECK_S
-                self._keep_state_lock()
         with self._beat_lock:
             self._beaten.add(self.lines.index(line))
             if not self._running <= self._beaten:
@@ -269,10 +271,13 @@ class Station:
 
     def _run(self) -> int:
         with device_blas(self.cfg.inference.knn):
-            return self._run_pinned()
+            rc = self._run_pinned()
+        return 1 if self._lock_lost else rc   # a failure for systemd (Restart=on-failure), not a clean stop
 
     def _run_pinned(self) -> int:
         self._state_lock = lock_state_dir(self.cfg.state_dir)   # before any output or file is touched
+        if self._state_lock is not None:
+            threading.Thread(target=self._watch_state_lock, name="state-lock", daemon=True).start()
         interval = systemd_notify.watchdog_interval()
         # sd_watchdog_enabled(3) advises half the interval; a quarter leaves room for one slow frame.
         self._watchdog_period = interval / 4 if interval else DEFAULT_WATCHDOG_PERIOD_S
@@ -341,6 +346,7 @@ class Station:
         if self._http is not None:
             self._http.stop()
             self._http = None
+        self._lock_watch_stop.set()
         lock, self._state_lock = self._state_lock, None
         if lock is not None:
             os.close(lock)

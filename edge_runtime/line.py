@@ -240,7 +240,8 @@ class Line:
         counters = {"source_errors": c.source_errors, "reloads": c.reloads, "reload_failures": c.reload_failures,
                     "missed_triggers": c.missed_triggers, "expired_triggers": c.expired_triggers,
                     "trigger_overruns": getattr(self.trigger, "overruns", 0),
-                    "dropped_frames": self.dropped_frames}
+                    "dropped_frames": self.dropped_frames,
+                    "stale_files": getattr(self._source, "stale", 0)}   # watch + trigger: files left out
         counters.update(self.bus.output_counters())
         if self.recipes is not None:
             counters.update(self.recipes.counters())
@@ -284,8 +285,13 @@ class Line:
     # ---- bundle ------------------------------------------------------------------------------------------------
     def _loop_stall_after_s(self) -> float:
         """Longest healthy gap between two rounds of the loop: a wait for the trigger and one for the frame (each
-        up to recovery.read_timeout_s), an inspection up to the stall limit, and a second of slack."""
-        return 2 * self.cfg.recovery.read_timeout_s + self._stall_after_s() + 1.0
+        up to recovery.read_timeout_s), an inspection up to the stall limit, the source's own longest blocking
+        call (a stream's open_timeout_s, a camera's open_timeout_ms: a slow reopen is not a stall), and a second
+        of slack."""
+        src = getattr(self.cfg, "source", None)
+        own = max([getattr(src, k, None) or 0 for k in ("open_timeout_s", "read_timeout_s")]
+                  + [(getattr(src, k, None) or 0) / 1000 for k in ("open_timeout_ms", "read_timeout_ms")])
+        return 2 * self.cfg.recovery.read_timeout_s + self._stall_after_s() + own + 1.0
 
     def _load_failure(self, error) -> str:
         """The FAULT reason: a station-file key that does not suit the bundle is the station file's fault."""
@@ -651,13 +657,12 @@ class Line:
         onto the monotonic clock), and why it must be FAULT (recipe switch)."""
         dropped = self._count_dropped()
         if dropped and self.cfg.capture.every_frame_is_a_part:
+            # Every one gets its id and record, however many (each is a part the controller counts): a FAULT
+            # answer costs a record, not an inspection.
             self._drain_inflight()   # the frames in flight were captured before the dropped ones
-            for _ in range(min(dropped, MAX_MISSED_ANSWERS)):
-                self._answer_fault("frame dropped before inspection (the line was busy): a part not inspected",
-                                   time.monotonic())
-            if dropped > MAX_MISSED_ANSWERS:
-                log.error(self._tag("%d more dropped frames were not answered individually"),
-                          dropped - MAX_MISSED_ANSWERS)
+            for _ in range(dropped):
+                self._answer_fault("frame dropped before inspection (the line was busy or not ready): a part not "
+                                   "inspected", time.monotonic())
         frame_id = self._take_frame_id()
         started = time.monotonic() - max(0.0, time.time() - frame.captured_at)
         stale = self.recipes.stale(captured_wall=frame.captured_at) if self.recipes is not None else None

@@ -92,6 +92,11 @@ class FolderSourceConfig:
     rescan_interval_s: float = 10.0             # poll method: list the folder at least this often
     incomplete_timeout_s: float = 10.0          # a file that stays incomplete this long is handed over (FAULT)
     journal: str | None = None                  # watch only: acknowledged files; default: in the station's state_dir
+    # watch + a trigger: when the camera PC writes a part's image. after_trigger: the trigger comes first (the
+    # PLC fires camera and station together), so a file already there is an earlier part's late image and is
+    # left out. before_trigger: the camera PC writes the image, then triggers; the newest file written before the
+    # trigger is the part's, older ones left out. Either way a file is never another part's verdict.
+    image_arrives: Literal["after_trigger", "before_trigger"] = "after_trigger"
     name: str | None = None
 
     def validate(self) -> None:
@@ -344,6 +349,7 @@ class FolderSource(FrameSource):
         self.name = escape_name(cfg.name or f"folder:{cfg.path}")
         self.skipped = 0                        # files that could not be read or resolve outside the folder
         self.stale = 0                          # watch + trigger: files written before the trigger, left out
+        self._stale_inodes: set[int] = set()    # left out at the last trigger: still out if written on after it
         self._next_id = start_frame_id
         self._extensions = {"." + _normalise_extension(e) for e in cfg.extensions}
         self._clock = clock
@@ -428,52 +434,75 @@ class FolderSource(FrameSource):
         return self.cfg.mode == "replay" and self._replay_done and not self._queue
 
     def notify_trigger(self, at_wall: float | None = None) -> None:
-        """Watch mode on a triggered line: the trigger fired at `at_wall` (time.time(); default now), so this part's
-        image is a file written from then on. A file already there and not yet inspected was written before it: an
-        earlier part's late image (its trigger answered FAULT for want of a frame) or one no trigger asked for, and
-        inspecting it now would give this part another part's verdict. Such files are left out: journalled as
-        handled, counted in `stale`, logged. Written-before is the file's mtime against the trigger time (the
-        station's clock: a share the camera PC writes to on the station keeps its clock). A writer whose clock runs
-        ahead would make an old file look new, so a file dated more than FUTURE_MTIME_S ahead of the station's
-        clock is left out too, with a warning to sync the clocks: a FAULT, never another part's verdict."""
+        """Watch mode on a triggered line: the trigger fired at `at_wall` (time.time(); default now). Which files
+        already there (not yet inspected) may be this part's image depends on `image_arrives` (see the config);
+        the others are left out: journalled as handled, counted in `stale`, logged. A file's time is its ctime,
+        which the file system sets when the file appears or changes (a writer cannot set it, and copies that keep
+        old timestamps do not fool it), on the station's clock for a local share. A file dated more than
+        FUTURE_MTIME_S ahead of this clock (a file server whose clock runs fast) is left out with an error.
+        After the trigger, a file left out stays out while it is still being written (same inode)."""
         if self.cfg.mode != "watch" or self._root is None:
             return
         self._acknowledge()
         cutoff_ns = int((time.time() if at_wall is None else at_wall) * 1e9)
         future_ns = time.time_ns() + int(FUTURE_MTIME_S * 1e9)
+        pending = {p.name for p in self._queue} | set(self._candidates)
         if self._watch is not None:
-            self._watch.events()          # what they announce is in the listing below
-        entries = self._list_entries()
-        pending = ({p.name for p in self._queue} | set(self._candidates)
-                   | {name for name, inode in entries.items() if self._known.get(name) != inode})
-        self._known = entries
+            names, overflowed = self._watch.events()   # what arrived since the last look: no listing needed
+            pending |= {n for n in names if self._wanted(n)}
+            if overflowed:
+                self._rescan()
+                pending |= set(self._candidates)
+        else:
+            entries = self._list_entries()
+            pending |= {name for name, inode in entries.items() if self._known.get(name) != inode}
+            self._known = entries
         self._queue.clear()
+        self._stale_inodes = set()
         now = self._clock()
-        keep, stale, ahead = {}, [], []
+        before, ahead, keep = [], [], {}
         for name in sorted(pending):
             sig = self._signature(name)
             if sig is None or (name, sig[0], sig[1]) in self._journal.done:
                 continue
-            if sig[1] < cutoff_ns or sig[1] > future_ns:
-                (stale if sig[1] < cutoff_ns else ahead).append((name, sig[1]))
-                self._journal.add((name, sig[0], sig[1]))
+            changed = self._ctime_ns(name)
+            if changed is None:
+                continue
+            if changed > future_ns:
+                ahead.append((changed, name, sig))
+            elif changed < cutoff_ns:
+                before.append((changed, name, sig))
             else:
                 keep[name] = (None, now)   # written since the trigger: this part's image, checked as usual
+        if self.cfg.image_arrives == "before_trigger" and before:
+            _, name, _ = max(before)       # the newest written before the trigger is this part's
+            before.remove(max(before))
+            keep[name] = (None, now)
         self._candidates = keep
+        for _, name, sig in before + ahead:
+            self._journal.add((name, sig[0], sig[1]))
+            self._stale_inodes.add(sig[2])
         where = escape_name(self.cfg.path)
-        if stale:
-            self.stale += len(stale)
-            name, mtime = stale[0]
-            log.warning("folder source %s: %d file(s) written before the trigger left out (first: %s, dated %.1f s "
-                        "before it): an earlier part's late image is never this part's (a writer that keeps old "
-                        "timestamps, or whose clock is behind, needs its clock synced)", where, len(stale),
-                        escape_name(name), (cutoff_ns - mtime) / 1e9)
+        if before:
+            self.stale += len(before)
+            changed, name, _ = max(before)
+            hint = ("older than the newest, which is this part's" if self.cfg.image_arrives == "before_trigger" else
+                    "an earlier part's late image is never this part's; if the camera PC writes the image before it "
+                    "triggers, set source.image_arrives: before_trigger")
+            log.warning("folder source %s: %d file(s) written before the trigger left out (newest: %s, %.2f s "
+                        "before it): %s", where, len(before), escape_name(name), (cutoff_ns - changed) / 1e9, hint)
         if ahead:
             self.stale += len(ahead)
-            name, mtime = ahead[0]
+            changed, name, _ = ahead[0]
             log.error("folder source %s: %d file(s) dated in the future left out (first: %s, %.1f s ahead of this "
-                      "clock): the writer's clock runs ahead, so its files cannot be told from older ones; sync "
-                      "the clocks (NTP)", where, len(ahead), escape_name(name), (mtime - time.time_ns()) / 1e9)
+                      "clock): the file server's clock runs ahead, so its files cannot be told from older ones; "
+                      "sync the clocks (NTP)", where, len(ahead), escape_name(name), (changed - time.time_ns()) / 1e9)
+
+    def _ctime_ns(self, name: str) -> int | None:
+        try:
+            return os.stat(self._root / name).st_ctime_ns
+        except OSError:
+            return None
 
     def close(self) -> None:
         try:
@@ -608,6 +637,11 @@ class FolderSource(FrameSource):
                 continue
             if (name, sig[0], sig[1]) in self._journal.done:
                 del self._candidates[name]
+                continue
+            if sig[2] in self._stale_inodes:
+                # Left out at the trigger and written on since (no temp file + rename): still that earlier file.
+                del self._candidates[name]
+                self._journal.add((name, sig[0], sig[1]))
                 continue
             path = self._root / name
             # An empty file may still be being written; one that stays empty past the timeout is a part with no

@@ -406,7 +406,7 @@ def test_a_watch_folder_file_written_before_the_trigger_is_never_the_next_parts_
     assert a.verdict is Verdict.FAULT and "no frame within" in a.error
     assert b.source.endswith("partB.png"), f"part B was answered from {b.source}"
     assert b.verdict is Verdict.NG
-    assert station.lines[0]._source.stale == 1                        # A's late file, left out and counted
+    assert station.status().counters["stale_files"] == 1              # A's late file, left out and counted
 
 
 def test_the_part_whose_id_could_not_be_reserved_is_fault_never_ok(small_bundle, images, write_station,

@@ -376,3 +376,23 @@ def test_a_state_dir_deleted_while_running_is_locked_again_so_a_second_daemon_st
     assert "is in use by another edge-runtime" in capsys.readouterr().err
     assert running.station.status().state == "ready"
     assert running.stop() == 0
+
+
+def test_a_daemon_that_lost_its_state_dir_to_another_stops_with_a_failure(small_bundle, write_station, start_station,
+                                                                          tmp_path):
+    """The lock file was deleted and another daemon took a new one before this one could: this one stops with
+    exit 1 (a failure for systemd's Restart=on-failure), never runs on beside it."""
+    from edge_runtime.daemon import STATE_LOCK_FILE, lock_state_dir
+
+    (tmp_path / "in").mkdir()
+    path = write_station(bundle=small_bundle, source={"type": "folder", "path": str(tmp_path / "in"), "mode": "watch"},
+                         state_dir=str(tmp_path / "state"))
+    running = start_station(path)
+    wait_until(lambda: running.station.status().state == "ready", what="the daemon")
+    (tmp_path / "state" / STATE_LOCK_FILE).unlink()
+    other = lock_state_dir(str(tmp_path / "state"))                   # the other daemon, first to the new lock
+    try:
+        running._thread.join(15)
+        assert not running.alive and running.exit_code == 1
+    finally:
+        os.close(other)
