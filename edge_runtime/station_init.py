@@ -202,6 +202,9 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
             "  loop: false              # replay: start over after the last file (default: false)",
             "  poll_interval_s: 0.2     # watch: time between folder scans (default: 0.2)",
             "  process_existing: false  # watch: also inspect files already there at start (default: false)",
+            "  image_arrives: after_trigger   # watch + trigger: after_trigger (files there at the trigger are left out) "
+            "| before_trigger (the camera PC writes, then triggers: the newest one is the part's) (default: "
+            "after_trigger)",
         ]
     else:
         L += [
