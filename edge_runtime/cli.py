@@ -89,21 +89,25 @@ def check_against_bundles(cfg) -> list[str]:
 
     notes = []
     for name, c in line_station_configs(cfg):
-        where = f"lines[{name}]: " if name else ""
-        if getattr(c, "bundle", None) is None:
-            continue
-        try:
-            bundle = Bundle.load(c.bundle, verify=False)
-        except (BundleError, OSError) as exc:
-            notes.append(f"{where}bundle {c.bundle} not read here ({exc}): roi, size_policy and "
-                         "inference.review_threshold not checked against it")
-            continue
-        try:
-            check_station_against(c, bundle)
-        except StationMismatch as exc:
-            raise ConfigError(f"{where}{exc} (bundle {c.bundle})") from None
-        except BundleError as exc:
-            notes.append(f"{where}bundle {c.bundle}: {exc}")
+        line = f"lines[{name}]: " if name else ""
+        recipes = getattr(getattr(c, "recipes", None), "recipes", None) or []
+        # Every bundle the line may run: its own and each recipe's (a switch to one that does not suit the station
+        # file would leave the line in FAULT).
+        targets = [(line, c.bundle)] if getattr(c, "bundle", None) else []
+        targets += [(f"{line}recipe {r.name}: ", r.bundle) for r in recipes if r.bundle and r.bundle != c.bundle]
+        for where, path in targets:
+            try:
+                bundle = Bundle.load(path, verify=False)
+            except (BundleError, OSError) as exc:
+                notes.append(f"{where}bundle {path} not read here ({exc}): roi, size_policy and "
+                             "inference.review_threshold not checked against it")
+                continue
+            try:
+                check_station_against(c, bundle)
+            except StationMismatch as exc:
+                raise ConfigError(f"{where}{exc} (bundle {path})") from None
+            except BundleError as exc:
+                notes.append(f"{where}bundle {path}: {exc}")
     return notes
 
 

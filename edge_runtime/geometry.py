@@ -114,6 +114,12 @@ class Geometry:
             raise ValueError(f"size_policy: {policy!r}, but this bundle was fitted on images of varied sizes, each "
                              f"{'letterboxed' if self.size_policy == 'letterbox' else 'resized'} onto its canvas: "
                              f"frames must be too (leave size_policy out, or set {self.size_policy!r})")
+        if roi is not None and self.frame_size is not None:
+            x, y, w, h = (int(v) for v in roi)
+            fw, fh = self.frame_size
+            if x + w > fw or y + h > fh:
+                raise ValueError(f"roi: {[x, y, w, h]} lies outside the {fw}x{fh} frames the bundle was fitted on: "
+                                 "every frame would be a FAULT")
         if roi is not None and self.region_size is not None and policy == "refuse":
             w, h = int(roi[2]), int(roi[3])
             if (w, h) != self.region_size:
@@ -280,10 +286,15 @@ def _to_canvas(region: np.ndarray, geom: Geometry, name: str, threads: int) -> t
             # Into the fitted region's aspect, then onto the canvas as fit resampled that region: a frame of the
             # training images' aspect (at any size) covers the whole canvas as they did. The canvas only
             # approximates their aspect (multiples of 16), and bars the model never saw score as defects (a
-            # 2x-size frame of a 150 x 384 strip bundle got 13 grey rows: every good part NG).
+            # 2x-size frame of a 150 x 384 strip bundle got 13 grey rows: every good part NG). Within
+            # ASPECT_TOLERANCE of it (a row or column short, 1080 padded to 1088) the frame is stretched, as fit
+            # itself bends the aspect up to that much: a 1-px bar alone rejected every good part.
             rw, rh = geom.region_size
-            f = min(rw / w, rh / h)
-            pw, ph = round(w * f * cw / rw), round(h * f * ch / rh)
+            if abs(math.log((w / h) / (rw / rh))) <= ASPECT_TOLERANCE:
+                pw, ph = cw, ch
+            else:
+                f = min(rw / w, rh / h)
+                pw, ph = round(w * f * cw / rw), round(h * f * ch / rh)
         else:
             f = min(cw / w, ch / h)
             pw, ph = round(w * f), round(h * f)

@@ -33,7 +33,8 @@ from edge_runtime.bundle import (MANIFEST, SCHEMA_VERSION, SCHEMA_VERSION_SHIFT_
 from edge_runtime.features import FeatureExtractor
 from edge_runtime.int8_kernels import check_quantization
 from edge_runtime.decode import SHIFT_16BIT, ImageError, declared_size, load_image
-from edge_runtime.geometry import DEFAULT_PIXELS, DEFAULT_RESAMPLE, STRIDE, Geometry, default_input_size, plan_tiles
+from edge_runtime.geometry import (ASPECT_TOLERANCE, DEFAULT_PIXELS, DEFAULT_RESAMPLE, STRIDE, Geometry,
+                                   default_input_size, plan_tiles)
 from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw, upper_bounds
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.preprocess import NORMALIZATION, preprocess
@@ -200,6 +201,10 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
                          f"{input_size[0] / input_size[1] / aspect - 1:+.1%} from the training images' median "
                          f"{aspect:.3f}: sides are multiples of {STRIDE}) at about {budget} model pixels (the "
                          f"images' median size, at most {s.pixels})")
+            if abs(math.log(input_size[0] / input_size[1] / aspect)) > ASPECT_TOLERANCE:
+                notes.append(f"WARNING: the input bends the images' aspect by more than {ASPECT_TOLERANCE:.0%} (a "
+                             f"side of at least 32 px within 1.5x the pixel budget cannot do better): give "
+                             f"--input-size, crop with --roi, or tile with --scale")
         canvas, tiles = input_size, ((0, 0),)
         shrink = math.sqrt(float(np.median([w * h for w, h in sizes])) / (canvas[0] * canvas[1]))
         if shrink > LARGE_FRAME_SHRINK:
@@ -236,8 +241,14 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
                 f"the training images vary in size ({len(frames)} sizes)")
         if s.roi is not None:
             what += f", their ROI {sizes[0][0]}x{sizes[0][1]} at ({s.roi[0]}, {s.roi[1]})"
-        notes.append(f"{what}: other sizes are {done[policy]}" if policy != "refuse" else
-                     f"{what}: a frame{' or ROI' if s.roi is not None else ''} of another size is a FAULT")
+        if policy != "refuse":
+            notes.append(f"{what}: other sizes are {done[policy]}")
+        elif s.roi is not None and len(frames) > 1:
+            # No one frame size to pin (geometry.frame_size): frames of any size are cut at the ROI.
+            notes.append(f"{what}: frames of any size are cut at the ROI (it must lie inside them); the ROI has the "
+                         "fitted size, so nothing else is checked: fit on one camera's frames to pin their size")
+        else:
+            notes.append(f"{what}: a frame{' or ROI' if s.roi is not None else ''} of another size is a FAULT")
     else:
         notes.append(f"training images vary in size ({len(set(sizes))} sizes): every frame is "
                      f"{done.get(policy, 'resized')} to the canvas, as the bank was fitted")

@@ -172,6 +172,8 @@ def manifest_settings(manifest: dict, variant: str) -> list[tuple[str, str]]:
         w, h = geom["input_size"]
         tiles = len(geom.get("tiles") or [[0, 0]])
         size = f"{w} x {h} px" + (f", {tiles} tiles" if tiles > 1 else "") + f", size policy {geom.get('size_policy', '?')}"
+        if geom.get("bundle_size_policy"):
+            size += f" (evaluated with --size-policy; the bundle's is {geom['bundle_size_policy']})"
     else:
         size = "n/a"
     v = get("variants", variant, default={}) or {}
@@ -285,7 +287,9 @@ def build_html(result: dict, item_paths: Sequence[Path], item_labels: Sequence[s
 
     out.append("<h2>Bundle settings</h2><table id='settings'>" + "".join(
         f'<tr><th class="l">{_esc(k)}</th><td class="l">{_esc(v)}</td></tr>'
-        for k, v in manifest_settings(manifest, variant)) + "</table>")
+        # The geometry evaluated (result["geometry"] carries an --size-policy override), not only the bundle's.
+        for k, v in manifest_settings({**manifest, "geometry": result.get("geometry") or manifest.get("geometry")},
+                                      variant)) + "</table>")
     out.append("</body></html>")
     return "\n".join(out)
 

@@ -154,3 +154,16 @@ def test_an_roi_heat_map_is_drawn_on_its_roi_not_stretched_over_the_frame():
     assert 200 <= hot[1] < 250 and 20 <= hot[0] < 80          # the red lies inside the ROI
     whole = overlay(rgb[20:80, 200:250].copy(), amap, threshold=1.0)
     assert np.array_equal(out[21:79, 201:249], whole[1:59, 1:49])   # inside: as a map of the ROI alone
+
+
+def test_a_size_policy_override_is_what_the_report_and_json_say_was_evaluated(small_bundle, synthetic_dataset,
+                                                                              tmp_path):
+    from export.cli import main as export_main
+
+    rc = export_main(["evaluate", str(small_bundle), str(synthetic_dataset), "--json", str(tmp_path / "r.json"),
+                      "--report", str(tmp_path / "rep"), "--size-policy", "resize"])
+    assert rc == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["geometry"]["size_policy"] == "resize" and r["geometry"]["bundle_size_policy"] == "refuse"
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "size policy resize (evaluated with --size-policy; the bundle&#x27;s is refuse)" in html   # escaped

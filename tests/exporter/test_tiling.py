@@ -113,3 +113,17 @@ def test_an_roi_fit_pins_the_training_frame_size_and_says_what_it_checks(tmp_pat
     note = next(n for n in info["notes"] if n.startswith("all training images"))
     assert "960x384, their ROI 384x384 at (288, 0): a frame or ROI of another size is a FAULT" in note
     assert plan_geometry(paths, FitSettings())[0].frame_size is None   # no ROI: region_size is the frame's
+
+
+def test_an_roi_fit_on_frames_of_varied_sizes_says_what_it_does_not_check(tmp_path):
+    from export.fit import FitSettings, plan_geometry
+
+    paths = []
+    for i, w in enumerate((384, 480, 384)):
+        p = tmp_path / f"{i}.png"
+        cv2.imwrite(str(p), np.zeros((384, w, 3), np.uint8))
+        paths.append(p)
+    geom, info = plan_geometry(paths, FitSettings(roi=(0, 0, 384, 384)))
+    assert geom.frame_size is None
+    note = next(n for n in info["notes"] if n.startswith("the training images vary"))
+    assert "frames of any size are cut at the ROI" in note and "is a FAULT" not in note

@@ -235,3 +235,20 @@ def test_default_input_stays_within_five_percent_of_the_aspect(aspect, pixels):
     w, h = default_input_size(aspect, pixels)
     assert w % 16 == 0 and h % 16 == 0 and min(w, h) >= 32
     assert abs(np.log(w / h / aspect)) <= 0.05 + 1e-9 and 0.5 <= w * h / pixels <= 1.5
+
+
+def test_letterbox_stretches_a_frame_within_five_percent_of_the_training_aspect():
+    """A frame a column short (or 1080 padded to 1088) is stretched as fit stretched the training images: a 1-px
+    bar alone had rejected every good part."""
+    g = Geometry((144, 384), (144, 384), ((0, 0),), region_size=(150, 384), size_policy="letterbox")
+    _, place = to_canvas(region(149, 384), g)
+    assert (place.x, place.y, place.w, place.h) == (0, 0, 144, 384)
+    _, place = to_canvas(region(140, 384), g)                    # 7% narrower: bars, as documented
+    assert place.w < 144 and place.x > 0
+
+
+def test_a_station_roi_outside_the_pinned_frame_is_refused():
+    g = Geometry((64, 64), (64, 64), ((0, 0),), region_size=(100, 100), roi=(50, 0, 100, 100), frame_size=(300, 120))
+    with pytest.raises(ValueError, match=r"roi: \[250, 0, 100, 100\] lies outside the 300x120 frames"):
+        g.with_overrides(roi=(250, 0, 100, 100))
+    assert g.with_overrides(roi=(200, 20, 100, 100)).roi == (200, 20, 100, 100)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge_runtime.bundle import Bundle, StationMismatch
+from edge_runtime.bundle import Bundle, StationMismatch, write_manifest
 from edge_runtime.bundle_loader import check_station_against, load_pipeline
 from edge_runtime.cli import main as runtime_main
 from edge_runtime.config import load_station
@@ -69,3 +69,24 @@ def test_a_station_at_fault_for_its_file_says_so(small_bundle, tmp_path):
     reason = line._load_failure(StationMismatch("station file roi: x"))
     assert reason.startswith("station file roi: x (bundle ")
     assert line._load_failure(RuntimeError("sha256 mismatch")).startswith(f"bundle {cfg.bundle}: ")
+
+
+def test_validate_checks_every_recipe_bundle_not_only_the_first(small_bundle, tmp_path, capsys):
+    """A recipe whose bundle cannot take the station file's size_policy would fault the line at its switch."""
+    import shutil
+
+    varied = tmp_path / "varied"
+    shutil.copytree(small_bundle, varied)
+    manifest = yaml.safe_load((varied / "manifest.yaml").read_text())
+    manifest["geometry"].update(region_size=None, size_policy="resize")   # as a fit on images of varied sizes
+    write_manifest(varied, manifest)
+    out = station(tmp_path, small_bundle, size_policy="letterbox",
+                  recipes={"recipes": [{"name": "a", "number": 1, "bundle": str(small_bundle)},
+                                       {"name": "b", "number": 2, "bundle": str(varied)}]})
+    doc = yaml.safe_load(out.read_text())
+    del doc["bundle"]                                                     # a station with recipes names them there
+    out.write_text(yaml.safe_dump(doc))
+    capsys.readouterr()
+    assert runtime_main(["validate", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "recipe b: station file size_policy: 'letterbox'" in err and str(varied) in err
