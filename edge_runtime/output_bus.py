@@ -139,6 +139,7 @@ class OutputBus:
         # Line outputs whose last verdict or state call failed: what they show the controller is unknown (a dead
         # GPIO chip can leave the last OK standing), so the line is in FAULT until a later call succeeds.
         self._line_failures: dict[int, str] = {}
+        self._logged: dict[int, float] = {}   # _log_failure: when an output's failure was last logged at ERROR
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> str | None:
@@ -286,16 +287,30 @@ class OutputBus:
             getattr(out, method)(*args)
         except OutputError as exc:
             self._count("errors")
-            log.error("output %s: %s failed: %s", out.name, method, exc)
             failure = f"{out.name}: {method} failed: {str(exc)[:200]}"
+            self._log_failure(out, failure)
         except Exception as exc:  # noqa: BLE001 - one broken adapter must not stop the others or the inspection
             self._count("errors")
             log.exception("output %s: %s raised", out.name, method)
             failure = f"{out.name}: {method} raised {type(exc).__name__}: {str(exc)[:200]}"
         else:
             failure = None
+            if self._logged.pop(id(out), None) is not None:
+                log.info("output %s: %s works again", out.name, method)
         self._line_call(out, method, failure)
         return failure
+
+    def _log_failure(self, out: Output, failure: str) -> None:
+        """An output that keeps failing (a port gone, a server that never started: retried every second and on
+        every part) is logged at ERROR once a minute, the rest at DEBUG; every failure is still counted, and the
+        line's FAULT reason names the first."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._logged.get(id(out))
+            repeat = last is not None and now - last < 60.0
+            if not repeat:
+                self._logged[id(out)] = now
+        (log.debug if repeat else log.error)("output %s", failure)
 
     def _line_call(self, out: Output, method: str, failure: str | None) -> None:
         if method not in _STATE_METHODS or id(out) not in self._line_ids:

@@ -248,3 +248,23 @@ def test_the_bus_never_turns_a_non_ok_verdict_into_ok(verdict, tmp_path):
     bus.publish(make_result(1, verdict), started=time.monotonic(), deadline_ms=60_000)
     bus.close()
     assert line.results[0].verdict is verdict
+
+
+def test_an_output_failing_the_same_way_is_logged_once_not_on_every_retry(caplog):
+    """A port that is gone is retried every second and on every part: one ERROR line (then one a minute), every
+    failure still counted, and a line when it works again."""
+    import logging
+
+    out = RecordingOutput()
+    out.fail_on = {"set_ready", "set_fault"}
+    bus = OutputBus([out])
+    with caplog.at_level(logging.DEBUG, logger="edge_runtime.output_bus"):
+        for _ in range(5):
+            bus.set_ready(True)
+            bus.set_fault("x")
+        out.fail_on = set()
+        bus.set_ready(True)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "set_ready failed" in errors[0].getMessage()
+    assert bus.counters.errors == 10
+    assert any("works again" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
