@@ -134,7 +134,7 @@ class Line:
         self._reopen = threading.Event()
         self._reload_lock = threading.Lock()
         self._reload_thread: threading.Thread | None = None
-        self._reload_outcome: tuple[Pipeline | None, Exception | str | None] | None = None  # set by the reload thread
+        self._reload_outcome: tuple[Pipeline | None, Exception | None] | None = None  # set by the reload thread
         self._install_generation = 0   # rollout installs so far: a reload begun before the last one is stale
         self._trim_pending = False     # a reload dropped the old pipeline: release its heap on the next iteration
         self.frame_ids = FrameCounter(None)
@@ -282,7 +282,6 @@ class Line:
         deadline_ms = self.cfg.inference.deadline_ms
         return max(2.0, deadline_ms / 1000.0)   # past the deadline the part is FAULT anyway
 
-    # ---- bundle ------------------------------------------------------------------------------------------------
     def _loop_stall_after_s(self) -> float:
         """Longest healthy gap between two rounds of the loop: a wait for the trigger and one for the frame (each
         up to recovery.read_timeout_s), an inspection up to the stall limit, the source's own longest blocking
@@ -293,6 +292,7 @@ class Line:
                   + [(getattr(src, k, None) or 0) / 1000 for k in ("open_timeout_ms", "read_timeout_ms")])
         return 2 * self.cfg.recovery.read_timeout_s + self._stall_after_s() + own + 1.0
 
+    # ---- bundle ------------------------------------------------------------------------------------------------
     def _load_failure(self, error) -> str:
         """The FAULT reason: a station-file key that does not suit the bundle is the station file's fault."""
         if isinstance(error, StationMismatch):
@@ -331,7 +331,7 @@ class Line:
             generation = self._install_generation
         try:
             # One thread while loading and self-testing: the inspection loop keeps its cores.
-            outcome: tuple[Pipeline | None, Exception | str | None] = (
+            outcome: tuple[Pipeline | None, Exception | None] = (
                 bundle_loader.load_pipeline(self.cfg, current.bundle if current is not None else None, load_threads=1), None)
         except Exception as exc:  # noqa: BLE001 - reported to the loop thread, which decides what to do
             if not isinstance(exc, (BundleError, OSError)):
@@ -723,11 +723,10 @@ class Line:
     def _publish_finished(self, done: list[Finished]) -> None:
         """Answers of finished frames, in capture order, then begin_part for the next one in flight."""
         for f in done:
-            result = f.result       # _publish makes it FAULT if the line halted while it was in flight
             if self._begun != f.frame_id:   # a later frame of the same batch: its begin_part follows the last verdict
                 self.bus.begin_part(f.frame_id)
             self._begun = None
-            self._publish(result, f.started)
+            self._publish(f.result, f.started)   # FAULT if the line halted while it was in flight (_publish)
         self._begin_oldest()
 
     def _drain_inflight(self) -> None:

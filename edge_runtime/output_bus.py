@@ -295,7 +295,8 @@ class OutputBus:
             failure = f"{out.name}: {method} raised {type(exc).__name__}: {str(exc)[:200]}"
         else:
             failure = None
-            if self._logged.pop(id(out), None) is not None:
+            # A state call that works shows the output back (a heartbeat may "work" by doing nothing while gone).
+            if method in _STATE_METHODS and self._logged.pop(id(out), None) is not None:
                 log.info("output %s: %s works again", out.name, method)
         self._line_call(out, method, failure)
         return failure
