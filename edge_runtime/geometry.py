@@ -114,7 +114,7 @@ class Geometry:
             raise ValueError(f"size_policy: {policy!r}, but this bundle was fitted on images of varied sizes, each "
                              f"{'letterboxed' if self.size_policy == 'letterbox' else 'resized'} onto its canvas: "
                              f"frames must be too (leave size_policy out, or set {self.size_policy!r})")
-        if roi is not None and self.frame_size is not None:
+        if roi is not None and self.frame_size is not None and policy == "refuse":   # only frames of that size come
             x, y, w, h = (int(v) for v in roi)
             fw, fh = self.frame_size
             if x + w > fw or y + h > fh:
