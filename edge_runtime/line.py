@@ -640,7 +640,7 @@ class Line:
         notify = getattr(self._source, "notify_trigger", None)
         if notify is not None:
             # A camera drops frames buffered before the trigger; a watch folder, files written before it.
-            notify(at_wall=time.time() - (time.monotonic() - event.at))
+            notify(at_wall=time.time() - (time.monotonic() - event.at), at=event.at)
         try:
             frame = self._source.read(timeout)
         except (SourceError, TriggerError, OSError) as exc:

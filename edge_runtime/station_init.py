@@ -205,6 +205,7 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
             "  image_arrives: after_trigger   # watch + trigger: after_trigger (files there at the trigger are left out) "
             "| before_trigger (the camera PC writes, then triggers: the newest one is the part's) (default: "
             "after_trigger)",
+            "  image_max_age_s: 2.0     # before_trigger: the part's image is at most this old at the trigger (default: 2.0)",
         ]
     else:
         L += [

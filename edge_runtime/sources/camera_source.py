@@ -227,7 +227,7 @@ class CameraSource(FrameSource):
             log.warning("%s: the driver queues %d frames: draining %d after each trigger (drain_frames: %d)",
                         self.name, self._queued, self._queued, cfg.drain_frames)
 
-    def notify_trigger(self, at_wall: float | None = None) -> None:
+    def notify_trigger(self, at_wall: float | None = None, at: float | None = None) -> None:
         """The trigger just fired: the next read must show the part as it is now, not a buffered frame."""
         self._drain_pending = True
 

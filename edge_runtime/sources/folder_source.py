@@ -97,6 +97,7 @@ class FolderSourceConfig:
     # left out. before_trigger: the camera PC writes the image, then triggers; the newest file written before the
     # trigger is the part's, older ones left out. Either way a file is never another part's verdict.
     image_arrives: Literal["after_trigger", "before_trigger"] = "after_trigger"
+    image_max_age_s: float = 2.0                # before_trigger: the part's image is at most this old at the trigger
     name: str | None = None
 
     def validate(self) -> None:
@@ -117,6 +118,8 @@ class FolderSourceConfig:
             raise ValueError(f"incomplete_timeout_s: must be > 0, got {self.incomplete_timeout_s}")
         if self.journal is not None and self.mode != "watch":
             raise ValueError("journal: applies only to mode 'watch'")
+        if not self.image_max_age_s > 0:
+            raise ValueError(f"image_max_age_s: must be > 0, got {self.image_max_age_s}")
 
 
 # (size, mtime_ns, inode): what identifies one version of one file.
@@ -349,7 +352,10 @@ class FolderSource(FrameSource):
         self.name = escape_name(cfg.name or f"folder:{cfg.path}")
         self.skipped = 0                        # files that could not be read or resolve outside the folder
         self.stale = 0                          # watch + trigger: files written before the trigger, left out
-        self._stale_inodes: set[int] = set()    # left out at the last trigger: still out if written on after it
+        self._stale_files: set[tuple[str, int]] = set()  # (name, inode) left out at the last trigger: still out
+                                                         # while written on after it
+        self._seen: dict[str, float] = {}       # queued names -> when first seen (clock): seen before a trigger = old
+        self._hold_from_ns: int | None = None   # before_trigger: files changed from then on wait for the next trigger
         self._next_id = start_frame_id
         self._extensions = {"." + _normalise_extension(e) for e in cfg.extensions}
         self._clock = clock
@@ -433,20 +439,25 @@ class FolderSource(FrameSource):
     def exhausted(self) -> bool:
         return self.cfg.mode == "replay" and self._replay_done and not self._queue
 
-    def notify_trigger(self, at_wall: float | None = None) -> None:
-        """Watch mode on a triggered line: the trigger fired at `at_wall` (time.time(); default now). Which files
-        already there (not yet inspected) may be this part's image depends on `image_arrives` (see the config);
-        the others are left out: journalled as handled, counted in `stale`, logged. A file's time is its ctime,
-        which the file system sets when the file appears or changes (a writer cannot set it, and copies that keep
-        old timestamps do not fool it), on the station's clock for a local share. A file dated more than
-        FUTURE_MTIME_S ahead of this clock (a file server whose clock runs fast) is left out with an error.
-        After the trigger, a file left out stays out while it is still being written (same inode)."""
+    def notify_trigger(self, at_wall: float | None = None, at: float | None = None) -> None:
+        """Watch mode on a triggered line: the trigger fired at `at_wall` (time.time()) / `at` (this source's clock,
+        time.monotonic(); both default to now). Which files not yet inspected may be this part's image depends on
+        `image_arrives` (see the config); the others are left out: journalled as handled, counted in `stale`,
+        logged, never another part's verdict.
+
+        A file is from before the trigger when this source saw it before the trigger (while still being written,
+        say), else by its ctime, which the file system sets when the file appears or changes (a writer cannot set
+        it; copies that keep old timestamps do not fool it). A file dated more than FUTURE_MTIME_S ahead of this
+        clock (a file server whose clock runs fast) is left out with an error. A file left out stays out while
+        it is still being written after the trigger (same name and inode)."""
         if self.cfg.mode != "watch" or self._root is None:
             return
         self._acknowledge()
         cutoff_ns = int((time.time() if at_wall is None else at_wall) * 1e9)
+        cutoff = self._clock() if at is None else at
         future_ns = time.time_ns() + int(FUTURE_MTIME_S * 1e9)
-        pending = {p.name for p in self._queue} | set(self._candidates)
+        seen = {**self._seen, **{name: first for name, (_, first) in self._candidates.items()}}
+        pending = set(seen)
         if self._watch is not None:
             names, overflowed = self._watch.events()   # what arrived since the last look: no listing needed
             pending |= {n for n in names if self._wanted(n)}
@@ -458,7 +469,9 @@ class FolderSource(FrameSource):
             pending |= {name for name, inode in entries.items() if self._known.get(name) != inode}
             self._known = entries
         self._queue.clear()
-        self._stale_inodes = set()
+        self._seen.clear()
+        self._stale_files = set()
+        self._hold_from_ns = cutoff_ns if self.cfg.image_arrives == "before_trigger" else None
         now = self._clock()
         before, ahead, keep = [], [], {}
         for name in sorted(pending):
@@ -470,26 +483,30 @@ class FolderSource(FrameSource):
                 continue
             if changed > future_ns:
                 ahead.append((changed, name, sig))
-            elif changed < cutoff_ns:
+            elif changed < cutoff_ns or seen.get(name, cutoff) < cutoff:
                 before.append((changed, name, sig))
+            elif self.cfg.image_arrives == "after_trigger":
+                keep[name] = (None, now)   # appeared since the trigger: this part's image, checked as usual
             else:
-                keep[name] = (None, now)   # written since the trigger: this part's image, checked as usual
+                keep[name] = (None, now)   # before_trigger: held back (_hold_from_ns) for the next trigger
         if self.cfg.image_arrives == "before_trigger" and before:
-            _, name, _ = max(before)       # the newest written before the trigger is this part's
-            before.remove(max(before))
-            keep[name] = (None, now)
+            newest = max(before)
+            if cutoff_ns - newest[0] <= self.cfg.image_max_age_s * 1e9:   # the camera PC wrote it, then triggered
+                before.remove(newest)
+                keep[newest[1]] = (None, now)
         self._candidates = keep
         for _, name, sig in before + ahead:
             self._journal.add((name, sig[0], sig[1]))
-            self._stale_inodes.add(sig[2])
+            self._stale_files.add((name, sig[2]))
         where = escape_name(self.cfg.path)
         if before:
             self.stale += len(before)
             changed, name, _ = max(before)
-            hint = ("older than the newest, which is this part's" if self.cfg.image_arrives == "before_trigger" else
+            hint = (f"not the newest within image_max_age_s {self.cfg.image_max_age_s:g} s of the trigger"
+                    if self.cfg.image_arrives == "before_trigger" else
                     "an earlier part's late image is never this part's; if the camera PC writes the image before it "
                     "triggers, set source.image_arrives: before_trigger")
-            log.warning("folder source %s: %d file(s) written before the trigger left out (newest: %s, %.2f s "
+            log.warning("folder source %s: %d file(s) from before the trigger left out (newest: %s, %.2f s "
                         "before it): %s", where, len(before), escape_name(name), (cutoff_ns - changed) / 1e9, hint)
         if ahead:
             self.stale += len(ahead)
@@ -638,11 +655,17 @@ class FolderSource(FrameSource):
             if (name, sig[0], sig[1]) in self._journal.done:
                 del self._candidates[name]
                 continue
-            if sig[2] in self._stale_inodes:
-                # Left out at the trigger and written on since (no temp file + rename): still that earlier file.
+            if (name, sig[2]) in self._stale_files:
+                # Left out at the trigger and written on since (no temp file + rename): still that earlier file (a
+                # camera that rewrites one name in place for each part loses the next part too: FAULT, logged).
                 del self._candidates[name]
                 self._journal.add((name, sig[0], sig[1]))
+                self.stale += 1
+                log.warning("folder source %s: %s, left out at the trigger, was written on after it: still left out",
+                            escape_name(self.cfg.path), escape_name(name))
                 continue
+            if self._hold_from_ns is not None and (self._ctime_ns(name) or 0) >= self._hold_from_ns:
+                continue   # before_trigger: written after this part's trigger, so the next part's image
             path = self._root / name
             # An empty file may still be being written; one that stays empty past the timeout is a part with no
             # image (FAULT "empty file"), never a candidate forever.
@@ -653,6 +676,7 @@ class FolderSource(FrameSource):
                                 escape_name(self.cfg.path), escape_name(name), self.cfg.incomplete_timeout_s)
                 del self._candidates[name]
                 ready.append((sig[1], name))
+                self._seen[name] = first_seen
             else:
                 self._candidates[name] = (sig, first_seen)
         # Oldest first, so frames follow the order the camera PC wrote them in.
@@ -712,6 +736,7 @@ class FolderSource(FrameSource):
                     if not self._queue:
                         return None
             path = self._queue.popleft()
+            self._seen.pop(path.name, None)
             frame = self._read_file(path)
             if frame is not None:
                 return frame

@@ -92,7 +92,7 @@ class TriggeredCamera(ScriptedSource):
         self._open_errors = list(open_errors)
         self.read_delay_s = read_delay_s
 
-    def notify_trigger(self, at_wall=None) -> None:
+    def notify_trigger(self, at_wall=None, at=None) -> None:
         pass
 
     def read(self, timeout):

@@ -250,7 +250,7 @@ class TriggeredCamera(ScriptedSource):
         super().__init__(steps=steps)
         self.events: list[str] = []
 
-    def notify_trigger(self, at_wall=None) -> None:
+    def notify_trigger(self, at_wall=None, at=None) -> None:
         self.events.append("trigger")
 
     def read(self, timeout):

@@ -489,13 +489,14 @@ def test_watch_on_a_triggered_line_leaves_out_files_from_before_the_trigger(tmp_
     with late.open("ab") as f:                                           # A's image finished after B's trigger
         f.write(b"rest" + PNG_END)
     assert src.read(0.5) is None, "the late file is not B's, however long its write"
+    assert src.stale == 2                                                # and its finished version is counted
     old = write(tmp_path / "part.png", png(b"PART"))                     # B's image, copied keeping an old mtime
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     clock.sleep(0.0625)
     frame = src.read(1.0)
     assert frame is not None and frame.encoded == png(b"PART")
     src.notify_trigger(at_wall=time.time() + 0.01)                        # C's trigger: nothing left over
-    assert src.stale == 1
+    assert src.stale == 2
 
 
 def test_watch_leaves_out_files_dated_ahead_of_the_station_clock(tmp_path, monkeypatch):
@@ -524,3 +525,34 @@ def test_watch_before_trigger_takes_the_newest_file_written_before_the_trigger(t
     frame = src.read(1.0)
     assert frame is not None and frame.encoded == png(b"NEWEST")
     assert src.read(0.3) is None
+
+
+def test_a_file_seen_while_still_being_written_before_the_trigger_is_not_the_parts(tmp_path):
+    """The late image was first seen (half-written) before the trigger and finished after it: its ctime is after
+    the trigger, but this source saw it before, so it is not this part's (probe: a broken part answered OK)."""
+    src, clock = watch(tmp_path)
+    write(tmp_path / "a.png", b"\x89PNG\r\n\x1a\nhalf ")                   # A's image, being written
+    assert src.read(0.3) is None                                        # seen, not complete
+    trigger_at = clock()                                                # B's trigger fires now
+    with (tmp_path / "a.png").open("ab") as f:
+        f.write(b"rest" + PNG_END)                                      # finished after B's trigger
+    src.notify_trigger(at_wall=time.time() - 0.5, at=trigger_at)
+    assert src.read(0.5) is None and src.stale >= 1
+
+
+def test_before_trigger_leaves_out_an_old_newest_file_and_holds_later_ones_for_the_next_trigger(tmp_path):
+    import os
+
+    src, clock = watch(tmp_path, image_arrives="before_trigger", image_max_age_s=2.0)
+    old = write(tmp_path / "old.png", png(b"OLD"))                      # a part whose trigger was lost, 20 s ago
+    src.notify_trigger(at_wall=time.time() + 20)
+    assert src.stale == 1 and src.read(0.3) is None                     # too old to be this part's
+    src.notify_trigger(at_wall=time.time())                             # the next trigger, no image yet
+    write(tmp_path / "next.png", png(b"NEXT"))                          # written after it: the next part's
+    clock.sleep(0.0625)
+    assert src.read(0.5) is None
+    src.notify_trigger(at_wall=time.time() + 0.01)                       # its own trigger
+    clock.sleep(0.0625)
+    frame = src.read(1.0)
+    assert frame is not None and frame.encoded == png(b"NEXT")
+    assert os.path.exists(old)
