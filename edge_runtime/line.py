@@ -476,6 +476,24 @@ class Line:
             for _ in range(min(event.missed, MAX_MISSED_ANSWERS) + 1):
                 self._answer_fault(f"station not ready ({reason})", event.at)
 
+    def _fault_frames(self, reason: str, timeout: float) -> None:
+        """Free run where every frame is a part, while the line cannot inspect: each frame read (and each one the
+        capture dropped) is answered FAULT as it comes, for up to `timeout` s. A lost source is left to the
+        regular path, which reopens it."""
+        deadline = time.monotonic() + timeout
+        while not self._stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            try:
+                frame = self._source.read(remaining)
+            except (SourceError, TriggerError, OSError):
+                return
+            if frame is None:
+                return
+            for _ in range(self._count_dropped()):
+                self._answer_fault(f"frame dropped while the station could not inspect ({reason})", time.monotonic())
+            frame_id = self._take_frame_id()
+            self.bus.begin_part(frame_id)
+            self._answer_fault(f"station not ready ({reason})", time.monotonic(), frame_id)
+
     def _answer_missed(self, event: TriggerEvent) -> None:
         for _ in range(min(event.missed, MAX_MISSED_ANSWERS)):
             self._answer_fault("trigger overrun: a newer trigger arrived before this one was served", event.at)
@@ -565,8 +583,12 @@ class Line:
             pipeline = self.pipeline
             if pipeline is None or self._halted or (self.recipes is not None and self.recipes.status != "ok"):
                 self._drain_inflight()   # frames captured before this: their answers first, in order
-                # No bundle, halted, or a recipe switch running or failed: every trigger gets FAULT at once.
-                self._refuse_triggers(self.fault_reason or "no bundle", rc_cfg.read_timeout_s)
+                # No bundle, halted, or a recipe switch running or failed: every trigger gets FAULT at once, and
+                # so does every frame where each is a part (not a burst of late answers when the line is back).
+                if source_open and self.trigger.is_free_run and self.cfg.capture.every_frame_is_a_part:
+                    self._fault_frames(self.fault_reason or "no bundle", rc_cfg.read_timeout_s)
+                else:
+                    self._refuse_triggers(self.fault_reason or "no bundle", rc_cfg.read_timeout_s)
                 continue
             if not source_open:
                 if time.monotonic() < retry_at:

@@ -140,6 +140,7 @@ class OutputBus:
         # GPIO chip can leave the last OK standing), so the line is in FAULT until a later call succeeds.
         self._line_failures: dict[int, str] = {}
         self._logged: dict[int, float] = {}   # _log_failure: when an output's failure was last logged at ERROR
+        self._start_failed: set[int] = set()  # line outputs whose start() failed: retried before their state calls
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> str | None:
@@ -151,6 +152,8 @@ class OutputBus:
             failure = self._call(out, "start")
             if failure is not None and out.critical_record and record_failure is None:
                 record_failure = failure
+            if failure is not None and id(out) in self._line_ids:
+                self._start_failed.add(id(out))   # retried by retry_failed_lines (a port freed later)
         for out in self._ordered():
             if out.slow and id(out) not in self._workers:
                 self._workers[id(out)] = _Worker(self, out, self.queue_size)
@@ -329,6 +332,10 @@ class OutputBus:
         with self._lock:
             failed = [o for o in self.lines if id(o) in self._line_failures]
         for out in failed:
+            if id(out) in self._start_failed:
+                if self._call(out, "start") is not None:
+                    continue
+                self._start_failed.discard(id(out))
             self._dispatch(out, "set_fault", fault)
             self._dispatch(out, "set_ready", ready)
 

@@ -113,6 +113,7 @@ class ModbusOutput(Output):
         self._thread: threading.Thread | None = None
         self._server = None
         self._plc_area: list[int] | None = None  # the live holding-register list of the server, for plc_registers()
+        self._start_error: str | None = None     # why the last start() failed (the state calls' errors name it)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -130,8 +131,10 @@ class ModbusOutput(Output):
         except Exception as exc:  # listen failed (port in use, bad host) or the loop did not come up
             self._stop_loop(loop, thread)
             reason = _bind_problem(self.cfg.host, self.cfg.port) or str(exc)
+            self._start_error = reason
             raise OutputError(f"modbus {self.cfg.host}:{self.cfg.port}: cannot start server: {reason}") from exc
         self._loop, self._thread = loop, thread
+        self._start_error = None
 
     def close(self) -> None:
         with self._lock:
@@ -238,7 +241,8 @@ class ModbusOutput(Output):
     def _check_running(self) -> None:
         thread = self._thread
         if thread is None:
-            raise OutputError(f"modbus {self.cfg.host}:{self.cfg.port}: server is not running (start() not called)")
+            why = f"its start failed: {self._start_error}" if self._start_error else "not started"
+            raise OutputError(f"modbus {self.cfg.host}:{self.cfg.port}: server is not running ({why})")
         if not thread.is_alive():
             raise OutputError(f"modbus {self.cfg.host}:{self.cfg.port}: server thread stopped; PLCs see stale data")
 

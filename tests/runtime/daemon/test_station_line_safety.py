@@ -592,3 +592,51 @@ def test_a_serial_port_that_vanishes_holds_the_line_in_fault_until_it_is_back(sm
         assert running.stop() == 0
         if master is not None:
             os.close(master)
+
+
+def test_where_every_frame_is_a_part_a_line_that_cannot_inspect_answers_each_frame_fault_as_it_comes(
+        small_bundle, images, write_station, start_station):
+    """Halted (or a failed recipe switch): the frames still come, each a part; each gets its FAULT with its own id
+    as it comes, not a burst of late answers when the line is back (or none while it is halted)."""
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, recovery=FAST_RECOVERY,
+                                     capture={"every_frame_is_a_part": True}))
+    running = start_station(cfg, source=looping(images), outputs=[rec])
+    line = running.station.lines[0]
+    wait_until(lambda: len(rec.results) >= 2, what="parts")
+    line._halt("test: halted")
+    n = len(rec.results)
+    wait_until(lambda: len(rec.results) >= n + 5, what="frames answered while halted")
+    assert running.stop() == 0
+    after = rec.results[n + 1:]
+    assert all(r.verdict is Verdict.FAULT and "station not ready (halted: test: halted)" in r.error for r in after)
+    ids = [r.frame_id for r in rec.results]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def test_a_modbus_server_whose_port_is_freed_later_starts_and_the_line_comes_back(small_bundle, images,
+                                                                                  write_station, start_station):
+    import socket
+
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     outputs=[{"type": "result_log", "path": "results.jsonl"},
+                                              {"type": "modbus", "host": "127.0.0.1", "port": port}],
+                                     recovery=FAST_RECOVERY))
+    running = start_station(cfg, source=TriggeredCamera(images), outputs=[build_output(o) for o in cfg.outputs])
+    station = running.station
+    try:
+        wait_until(lambda: "modbus" in (station.status().reason or ""), what="FAULT: the port is taken")
+        time.sleep(1.5)                                                 # retried: still taken, still FAULT
+        assert station.status().state == "fault" and "modbus" in station.status().reason
+    finally:
+        taken.close()
+    wait_until(lambda: station.status().state == "ready", timeout=15, what="READY once the server could start")
+    client = ModbusTcpClient("127.0.0.1", port=port, timeout=3, retries=0)
+    assert client.connect()
+    client.close()
+    assert running.stop() == 0
