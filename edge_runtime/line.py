@@ -24,7 +24,7 @@ from typing import Callable
 
 from edge_runtime import bundle_loader, systemd_notify
 from edge_runtime.bundle import BundleError, StationMismatch
-from edge_runtime.capture_queue import wrap_source
+from edge_runtime.capture_queue import is_live, wrap_source
 from edge_runtime.config import StationConfig
 from edge_runtime.frame_counter import FrameCounter, FrameCounterError
 from edge_runtime.http_endpoint import StationStatus
@@ -460,7 +460,7 @@ class Line:
             frame_id=frame_id, source=getattr(self._source, "name", "source"), verdict=Verdict.FAULT, score=None,
             normalized_score=None, threshold=pipeline.threshold if pipeline else math.nan,
             timings_ms={"total": (time.monotonic() - started) * 1000.0},
-            bundle_id=pipeline.bundle.bundle_id if pipeline else "none", error=f"triggered part not inspected: {reason}"),
+            bundle_id=pipeline.bundle.bundle_id if pipeline else "none", error=f"{'part' if self.trigger.is_free_run else 'triggered part'} not inspected: {reason}"),
             started)
 
     def _refuse_triggers(self, reason: str, timeout: float) -> None:
@@ -585,7 +585,9 @@ class Line:
                 self._drain_inflight()   # frames captured before this: their answers first, in order
                 # No bundle, halted, or a recipe switch running or failed: every trigger gets FAULT at once, and
                 # so does every frame where each is a part (not a burst of late answers when the line is back).
-                if source_open and self.trigger.is_free_run and self.cfg.capture.every_frame_is_a_part:
+                if (source_open and self.trigger.is_free_run and self.cfg.capture.every_frame_is_a_part
+                        and is_live(getattr(self._source, "source", self._source))):
+                    # A live camera's frames go by (each a part); a watch folder's files wait for the line.
                     self._fault_frames(self.fault_reason or "no bundle", rc_cfg.read_timeout_s)
                 else:
                     self._refuse_triggers(self.fault_reason or "no bundle", rc_cfg.read_timeout_s)

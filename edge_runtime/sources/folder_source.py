@@ -66,6 +66,7 @@ TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", "~")
 
 
 FUTURE_MTIME_S = 1.0   # watch + trigger: a file dated further ahead than this has a writer clock that cannot be trusted
+BEFORE_TRIGGER_GRACE_S = 0.5   # before_trigger with no file before the trigger: one landing this soon after is its
 
 
 def _normalise_extension(ext: str) -> str:
@@ -488,12 +489,16 @@ class FolderSource(FrameSource):
             elif self.cfg.image_arrives == "after_trigger":
                 keep[name] = (None, now)   # appeared since the trigger: this part's image, checked as usual
             else:
-                keep[name] = (None, now)   # before_trigger: held back (_hold_from_ns) for the next trigger
-        if self.cfg.image_arrives == "before_trigger" and before:
-            newest = max(before)
-            if cutoff_ns - newest[0] <= self.cfg.image_max_age_s * 1e9:   # the camera PC wrote it, then triggered
-                before.remove(newest)
+                keep[name] = (None, now)   # before_trigger: this part's within the grace, else the next one's
+        if self.cfg.image_arrives == "before_trigger":
+            newest = max(before) if before else None
+            if newest is not None and cutoff_ns - newest[0] <= self.cfg.image_max_age_s * 1e9:
+                before.remove(newest)              # the camera PC wrote it, then triggered: this part's
                 keep[newest[1]] = (None, now)
+            else:
+                # Nothing written before: a trigger that overtook its file (another network path) gets the file
+                # that lands within the grace; later ones wait for the next trigger.
+                self._hold_from_ns = cutoff_ns + int(BEFORE_TRIGGER_GRACE_S * 1e9)
         self._candidates = keep
         for _, name, sig in before + ahead:
             self._journal.add((name, sig[0], sig[1]))
@@ -506,8 +511,9 @@ class FolderSource(FrameSource):
                     if self.cfg.image_arrives == "before_trigger" else
                     "an earlier part's late image is never this part's; if the camera PC writes the image before it "
                     "triggers, set source.image_arrives: before_trigger")
-            log.warning("folder source %s: %d file(s) from before the trigger left out (newest: %s, %.2f s "
-                        "before it): %s", where, len(before), escape_name(name), (cutoff_ns - changed) / 1e9, hint)
+            log.warning("folder source %s: %d file(s) from before the trigger left out (newest: %s, last changed "
+                        "%.2f s before it): %s", where, len(before), escape_name(name),
+                        max(0, cutoff_ns - changed) / 1e9, hint)
         if ahead:
             self.stale += len(ahead)
             changed, name, _ = ahead[0]
@@ -659,8 +665,7 @@ class FolderSource(FrameSource):
                 # Left out at the trigger and written on since (no temp file + rename): still that earlier file (a
                 # camera that rewrites one name in place for each part loses the next part too: FAULT, logged).
                 del self._candidates[name]
-                self._journal.add((name, sig[0], sig[1]))
-                self.stale += 1
+                self._journal.add((name, sig[0], sig[1]))   # counted once, when it was left out
                 log.warning("folder source %s: %s, left out at the trigger, was written on after it: still left out",
                             escape_name(self.cfg.path), escape_name(name))
                 continue

@@ -489,14 +489,14 @@ def test_watch_on_a_triggered_line_leaves_out_files_from_before_the_trigger(tmp_
     with late.open("ab") as f:                                           # A's image finished after B's trigger
         f.write(b"rest" + PNG_END)
     assert src.read(0.5) is None, "the late file is not B's, however long its write"
-    assert src.stale == 2                                                # and its finished version is counted
+    assert src.stale == 1                                                # counted once, when it was left out
     old = write(tmp_path / "part.png", png(b"PART"))                     # B's image, copied keeping an old mtime
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     clock.sleep(0.0625)
     frame = src.read(1.0)
     assert frame is not None and frame.encoded == png(b"PART")
     src.notify_trigger(at_wall=time.time() + 0.01)                        # C's trigger: nothing left over
-    assert src.stale == 2
+    assert src.stale == 1
 
 
 def test_watch_leaves_out_files_dated_ahead_of_the_station_clock(tmp_path, monkeypatch):
@@ -547,8 +547,8 @@ def test_before_trigger_leaves_out_an_old_newest_file_and_holds_later_ones_for_t
     old = write(tmp_path / "old.png", png(b"OLD"))                      # a part whose trigger was lost, 20 s ago
     src.notify_trigger(at_wall=time.time() + 20)
     assert src.stale == 1 and src.read(0.3) is None                     # too old to be this part's
-    src.notify_trigger(at_wall=time.time())                             # the next trigger, no image yet
-    write(tmp_path / "next.png", png(b"NEXT"))                          # written after it: the next part's
+    src.notify_trigger(at_wall=time.time() - 1.0)                       # the next trigger, 1 s ago, no image yet
+    write(tmp_path / "next.png", png(b"NEXT"))                          # written past the grace: the next part's
     clock.sleep(0.0625)
     assert src.read(0.5) is None
     src.notify_trigger(at_wall=time.time() + 0.01)                       # its own trigger
@@ -556,3 +556,16 @@ def test_before_trigger_leaves_out_an_old_newest_file_and_holds_later_ones_for_t
     frame = src.read(1.0)
     assert frame is not None and frame.encoded == png(b"NEXT")
     assert os.path.exists(old)
+
+
+def test_before_trigger_takes_a_file_that_lands_just_after_a_trigger_that_overtook_it(tmp_path):
+    """The camera PC's trigger can overtake its file on another network path: with nothing written before the
+    trigger, a file landing within BEFORE_TRIGGER_GRACE_S is this part's (else every part got the previous one's)."""
+    src, clock = watch(tmp_path, image_arrives="before_trigger")
+    for part in (b"A", b"B"):
+        src.notify_trigger(at_wall=time.time() - 0.02)                  # the trigger, 20 ms before its file
+        write(tmp_path / f"{part.decode()}.png", png(part))
+        clock.sleep(0.0625)
+        frame = src.read(1.0)
+        assert frame is not None and frame.encoded == png(part)
+    assert src.stale == 0
