@@ -486,10 +486,10 @@ class FolderSource(FrameSource):
                 ahead.append((changed, name, sig))
             elif changed < cutoff_ns or seen.get(name, cutoff) < cutoff:
                 before.append((changed, name, sig))
-            elif self.cfg.image_arrives == "after_trigger":
-                keep[name] = (None, now)   # appeared since the trigger: this part's image, checked as usual
             else:
-                keep[name] = (None, now)   # before_trigger: this part's within the grace, else the next one's
+                # Appeared since the trigger: after_trigger, this part's image (checked as usual); before_trigger,
+                # this part's within the grace, else held for the next one (_hold_from_ns).
+                keep[name] = (None, now)
         if self.cfg.image_arrives == "before_trigger":
             newest = max(before) if before else None
             if newest is not None and cutoff_ns - newest[0] <= self.cfg.image_max_age_s * 1e9:
