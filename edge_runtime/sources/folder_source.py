@@ -69,6 +69,33 @@ FUTURE_MTIME_S = 1.0   # watch + trigger: a file dated further ahead than this h
 BEFORE_TRIGGER_GRACE_S = 0.5   # before_trigger with no file before the trigger: one landing this soon after is its
 
 
+_STATX_BTIME = 0x800
+_statx = None   # libc's statx, looked up once (None: not looked up yet; False: not available)
+
+
+def _birth_time_ns(path: Path) -> int | None:
+    """A file's birth time from statx(2) (glibc >= 2.28, Linux >= 4.11) when the file system records it, else
+    None. struct statx: stx_mask at offset 0, stx_btime {tv_sec int64, tv_nsec uint32} at offset 80."""
+    global _statx
+    if _statx is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _statx = libc.statx
+            _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+            _statx.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            _statx = False
+    if _statx is False:
+        return None
+    buf = ctypes.create_string_buffer(256)
+    if _statx(-100, os.fsencode(path), 0, _STATX_BTIME, buf) != 0:   # -100: AT_FDCWD
+        return None
+    if not struct.unpack_from("I", buf, 0)[0] & _STATX_BTIME:
+        return None
+    sec, nsec = struct.unpack_from("qI", buf, 80)
+    return sec * 1_000_000_000 + nsec
+
+
 def _normalise_extension(ext: str) -> str:
     return ext.strip().lower().lstrip(".")
 
@@ -447,8 +474,8 @@ class FolderSource(FrameSource):
         logged, never another part's verdict.
 
         A file is from before the trigger when this source saw it before the trigger (while still being written,
-        say), else by its ctime, which the file system sets when the file appears or changes (a writer cannot set
-        it; copies that keep old timestamps do not fool it). A file dated more than FUTURE_MTIME_S ahead of this
+        say), else by when it appeared (_appeared_ns: its birth time, else its ctime), which the file system sets
+        (a writer cannot set it; copies that keep old timestamps do not fool it). A file dated more than FUTURE_MTIME_S ahead of this
         clock (a file server whose clock runs fast) is left out with an error. A file left out stays out while
         it is still being written after the trigger (same name and inode)."""
         if self.cfg.mode != "watch" or self._root is None:
@@ -479,7 +506,7 @@ class FolderSource(FrameSource):
             sig = self._signature(name)
             if sig is None or (name, sig[0], sig[1]) in self._journal.done:
                 continue
-            changed = self._ctime_ns(name)
+            changed = self._appeared_ns(name)
             if changed is None:
                 continue
             if changed > future_ns:
@@ -521,9 +548,16 @@ class FolderSource(FrameSource):
                       "clock): the file server's clock runs ahead, so its files cannot be told from older ones; "
                       "sync the clocks (NTP)", where, len(ahead), escape_name(name), (changed - time.time_ns()) / 1e9)
 
-    def _ctime_ns(self, name: str) -> int | None:
+    def _appeared_ns(self, name: str) -> int | None:
+        """When the file appeared: its birth time where the file system keeps one (statx: ext4, xfs, btrfs,
+        tmpfs), so a file created before the trigger and still written after it is still from before; else its
+        ctime (last change). Both are set by the file system, never by the writer."""
+        path = self._root / name
+        born = _birth_time_ns(path)
+        if born is not None:
+            return born
         try:
-            return os.stat(self._root / name).st_ctime_ns
+            return os.stat(path).st_ctime_ns
         except OSError:
             return None
 
@@ -669,7 +703,7 @@ class FolderSource(FrameSource):
                 log.warning("folder source %s: %s, left out at the trigger, was written on after it: still left out",
                             escape_name(self.cfg.path), escape_name(name))
                 continue
-            if self._hold_from_ns is not None and (self._ctime_ns(name) or 0) >= self._hold_from_ns:
+            if self._hold_from_ns is not None and (self._appeared_ns(name) or 0) >= self._hold_from_ns:
                 continue   # before_trigger: written after this part's trigger, so the next part's image
             path = self._root / name
             # An empty file may still be being written; one that stays empty past the timeout is a part with no

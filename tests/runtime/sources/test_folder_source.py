@@ -569,3 +569,22 @@ def test_before_trigger_takes_a_file_that_lands_just_after_a_trigger_that_overto
         frame = src.read(1.0)
         assert frame is not None and frame.encoded == png(part)
     assert src.stale == 0
+
+
+def test_a_late_image_never_seen_and_still_written_past_the_trigger_is_from_before_it(tmp_path):
+    """The line was busy, so the source never saw the late image appear before the trigger, and its in-place write
+    went on past it (its ctime is after the trigger). Where the file system keeps a birth time it still dates the
+    file before the trigger (probe: a broken part answered OK from it, 4 of 4 runs)."""
+    from edge_runtime.sources.folder_source import _birth_time_ns
+
+    src, clock = watch(tmp_path)
+    late = write(tmp_path / "late.png", b"\x89PNG\r\n\x1a\nhalf ")          # created before the trigger
+    if _birth_time_ns(late) is None:
+        pytest.skip(f"{tmp_path}: this file system keeps no birth time (statx); ctime is all there is")
+    time.sleep(0.05)
+    trigger = time.time()
+    time.sleep(0.05)
+    with late.open("ab") as f:                                          # still written after it
+        f.write(b"rest" + PNG_END)
+    src.notify_trigger(at_wall=trigger)
+    assert src.stale == 1 and src.read(0.5) is None
