@@ -206,15 +206,14 @@ class Station:
             pass
         log.error("state_dir lock %s was removed while running: taking it again", path)
         try:
-            self._state_lock = lock_state_dir(state_dir)
+            new = lock_state_dir(state_dir)
         except (StateDirBusy, OSError) as exc:
             log.error("stopping (exit 1): %s", exc)
             self._lock_lost = True
             self.request_stop()
             return
-        finally:
-            if self._state_lock != fd:
-                os.close(fd)
+        self._state_lock = new
+        os.close(fd)   # the lock on the deleted file guarded nothing any more
 
     def _watch_state_lock(self) -> None:
         """Its own thread: every STATE_LOCK_CHECK_S, whatever the lines are waiting on."""

@@ -456,11 +456,12 @@ class Line:
             frame_id = self._take_frame_id()
             self.bus.begin_part(frame_id)
         pipeline = self.pipeline
+        what = "part" if self.trigger.is_free_run else "triggered part"
         self._publish(InspectionResult(
             frame_id=frame_id, source=getattr(self._source, "name", "source"), verdict=Verdict.FAULT, score=None,
             normalized_score=None, threshold=pipeline.threshold if pipeline else math.nan,
             timings_ms={"total": (time.monotonic() - started) * 1000.0},
-            bundle_id=pipeline.bundle.bundle_id if pipeline else "none", error=f"{'part' if self.trigger.is_free_run else 'triggered part'} not inspected: {reason}"),
+            bundle_id=pipeline.bundle.bundle_id if pipeline else "none", error=f"{what} not inspected: {reason}"),
             started)
 
     def _refuse_triggers(self, reason: str, timeout: float) -> None:

@@ -383,7 +383,7 @@ class FolderSource(FrameSource):
         self._stale_files: set[tuple[str, int]] = set()  # (name, inode) left out at the last trigger: still out
                                                          # while written on after it
         self._seen: dict[str, float] = {}       # queued names -> when first seen (clock): seen before a trigger = old
-        self._hold_from_ns: int | None = None   # before_trigger: files changed from then on wait for the next trigger
+        self._hold_from_ns: int | None = None   # before_trigger: files appearing from then on wait for the next trigger
         self._next_id = start_frame_id
         self._extensions = {"." + _normalise_extension(e) for e in cfg.extensions}
         self._clock = clock
@@ -475,9 +475,9 @@ class FolderSource(FrameSource):
 
         A file is from before the trigger when this source saw it before the trigger (while still being written,
         say), else by when it appeared (_appeared_ns: its birth time, else its ctime), which the file system sets
-        (a writer cannot set it; copies that keep old timestamps do not fool it). A file dated more than FUTURE_MTIME_S ahead of this
-        clock (a file server whose clock runs fast) is left out with an error. A file left out stays out while
-        it is still being written after the trigger (same name and inode)."""
+        (a writer cannot set it; copies that keep old timestamps do not fool it). A file dated more than
+        FUTURE_MTIME_S ahead of this clock (a file server whose clock runs fast) is left out with an error. A file
+        left out stays out while it is still being written after the trigger (same name and inode)."""
         if self.cfg.mode != "watch" or self._root is None:
             return
         self._acknowledge()
@@ -506,13 +506,13 @@ class FolderSource(FrameSource):
             sig = self._signature(name)
             if sig is None or (name, sig[0], sig[1]) in self._journal.done:
                 continue
-            changed = self._appeared_ns(name)
-            if changed is None:
+            appeared = self._appeared_ns(name)
+            if appeared is None:
                 continue
-            if changed > future_ns:
-                ahead.append((changed, name, sig))
-            elif changed < cutoff_ns or seen.get(name, cutoff) < cutoff:
-                before.append((changed, name, sig))
+            if appeared > future_ns:
+                ahead.append((appeared, name, sig))
+            elif appeared < cutoff_ns or seen.get(name, cutoff) < cutoff:
+                before.append((appeared, name, sig))
             else:
                 # Appeared since the trigger: after_trigger, this part's image (checked as usual); before_trigger,
                 # this part's within the grace, else held for the next one (_hold_from_ns).
@@ -533,20 +533,20 @@ class FolderSource(FrameSource):
         where = escape_name(self.cfg.path)
         if before:
             self.stale += len(before)
-            changed, name, _ = max(before)
+            appeared, name, _ = max(before)
             hint = (f"not the newest within image_max_age_s {self.cfg.image_max_age_s:g} s of the trigger"
                     if self.cfg.image_arrives == "before_trigger" else
                     "an earlier part's late image is never this part's; if the camera PC writes the image before it "
                     "triggers, set source.image_arrives: before_trigger")
-            log.warning("folder source %s: %d file(s) from before the trigger left out (newest: %s, last changed "
+            log.warning("folder source %s: %d file(s) from before the trigger left out (newest: %s, appeared "
                         "%.2f s before it): %s", where, len(before), escape_name(name),
-                        max(0, cutoff_ns - changed) / 1e9, hint)
+                        max(0, cutoff_ns - appeared) / 1e9, hint)
         if ahead:
             self.stale += len(ahead)
-            changed, name, _ = ahead[0]
+            appeared, name, _ = ahead[0]
             log.error("folder source %s: %d file(s) dated in the future left out (first: %s, %.1f s ahead of this "
                       "clock): the file server's clock runs ahead, so its files cannot be told from older ones; "
-                      "sync the clocks (NTP)", where, len(ahead), escape_name(name), (changed - time.time_ns()) / 1e9)
+                      "sync the clocks (NTP)", where, len(ahead), escape_name(name), (appeared - time.time_ns()) / 1e9)
 
     def _appeared_ns(self, name: str) -> int | None:
         """When the file appeared: its birth time where the file system keeps one (statx: ext4, xfs, btrfs,
