@@ -39,7 +39,10 @@ def measure(bundle: Path, work: Path, switches: int, preload: bool, threads: int
     other = work / "b"
     if not other.exists():
         second_product(bundle, other)
-    mapping = {"source": {"type": "scripted", "steps": [], "loop": False}, "trigger": {"type": "software"},
+    # An empty watched folder: a line that waits for parts while its recipe switches.
+    (work / "incoming").mkdir(exist_ok=True)
+    mapping = {"source": {"type": "folder", "path": str(work / "incoming"), "mode": "watch"},
+               "trigger": {"type": "software"},
                "http": {"enabled": False}, "state_dir": str(work / f"state-{preload}"),
                "inference": {"threads": threads}, "recovery": {"read_timeout_s": 0.05, "exit_when_exhausted": False},
                "outputs": [], "recipes": {"preload": preload, "recipes": [

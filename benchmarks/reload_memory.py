@@ -40,7 +40,8 @@ def child(bundle: str, reloads: int, threads: int, trim: bool) -> dict:
     from edge_runtime.daemon import load_pipeline, release_freed_memory
     from edge_runtime.schema import from_mapping
 
-    cfg = from_mapping(StationConfig, {"bundle": bundle, "source": {"type": "scripted"},
+    # The source is never opened: load_pipeline only needs a valid station.
+    cfg = from_mapping(StationConfig, {"bundle": bundle, "source": {"type": "folder", "path": bundle},
                                        "inference": {"threads": threads}}, "bench")
     pipeline = load_pipeline(cfg)
     w, h = pipeline.geometry.input_size

@@ -12,6 +12,7 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
+from edge_runtime.registry import registry_of
 from edge_runtime.safe_yaml import clip, short_repr
 
 
@@ -39,6 +40,11 @@ def convert(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    registry = registry_of(tp)
+    if registry is not None:     # a source or output: the adapters registered when the file is read
+        if value is None:
+            raise ConfigError(f"{where}: must not be empty")
+        return _tagged(value, list(registry.configs()), where)
     if _is_union(tp):
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None:
@@ -124,7 +130,7 @@ def from_mapping(cls: type, data: Any, where: str) -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {short_repr(data)}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)   # extras: a registry's annotation (convert)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import doubles  # noqa: F401  # registers the test doubles (type: scripted / recording) with the adapter registries
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 BOTTLE = SHARED_DATA / "mvtec_ad" / "bottle"

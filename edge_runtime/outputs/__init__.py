@@ -5,44 +5,29 @@ when an output of that kind starts.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Any
 
-from edge_runtime.outputs.base import Output, OutputError
-from edge_runtime.outputs.fake_output import RecordingOutput, RecordingOutputConfig
-from edge_runtime.outputs.gpio_output import GpioConfig, GpioLine, GpioOutput
-from edge_runtime.outputs.modbus_output import ModbusConfig, ModbusOutput
-from edge_runtime.outputs.mqtt_output import MqttConfig, MqttOutput
-from edge_runtime.outputs.ng_image_store import NgImageStore, NgImageStoreConfig
-from edge_runtime.outputs.opcua_server import OpcUaConfig, OpcUaServer
+# Each import registers its output with OUTPUTS (edge_runtime.registry); the order is the one error messages list.
+from edge_runtime.outputs.base import OUTPUTS, Output, OutputError
 from edge_runtime.outputs.result_log import ResultLog, ResultLogConfig, last_frame_id
+from edge_runtime.outputs.gpio_output import GpioConfig, GpioLine, GpioOutput
 from edge_runtime.outputs.serial_output import SerialConfig, SerialOutput
+from edge_runtime.outputs.modbus_output import ModbusConfig, ModbusOutput
+from edge_runtime.outputs.ng_image_store import NgImageStore, NgImageStoreConfig
+from edge_runtime.outputs.mqtt_output import MqttConfig, MqttOutput
+from edge_runtime.outputs.opcua_server import OpcUaConfig, OpcUaServer
 
-# A tagged union for edge_runtime.schema: the `type` key of each mapping picks the dataclass.
-OutputConfig = Union[ResultLogConfig, GpioConfig, SerialConfig, ModbusConfig, NgImageStoreConfig,
-                     RecordingOutputConfig, MqttConfig, OpcUaConfig]
-
-OUTPUT_CLASSES: dict[type, type[Output]] = {
-    ResultLogConfig: ResultLog,
-    GpioConfig: GpioOutput,
-    SerialConfig: SerialOutput,
-    ModbusConfig: ModbusOutput,
-    NgImageStoreConfig: NgImageStore,
-    RecordingOutputConfig: RecordingOutput,
-    MqttConfig: MqttOutput,
-    OpcUaConfig: OpcUaServer,
-}
+# The station file's `outputs:` items: a tagged union of the registered configs, chosen by the `type` key.
+OutputConfig: Any = OUTPUTS.annotation
 
 
-def build_output(cfg: OutputConfig) -> Output:
+def build_output(cfg: Any) -> Output:
     """The Output for one config dataclass (not started: the daemon calls start())."""
-    cls = OUTPUT_CLASSES.get(type(cfg))
-    if cls is None:
-        raise TypeError(f"no output is registered for config {type(cfg).__name__}")
-    return cls(cfg)
+    return OUTPUTS.build(cfg)
 
 
 __all__ = [
-    "GpioConfig", "GpioLine", "GpioOutput", "ModbusConfig", "ModbusOutput", "MqttConfig", "MqttOutput", "NgImageStore", "NgImageStoreConfig", "OpcUaConfig", "OpcUaServer",
-    "OUTPUT_CLASSES", "Output", "OutputConfig", "OutputError", "RecordingOutput", "RecordingOutputConfig",
-    "ResultLog", "ResultLogConfig", "SerialConfig", "SerialOutput", "build_output", "last_frame_id",
+    "GpioConfig", "GpioLine", "GpioOutput", "ModbusConfig", "ModbusOutput", "MqttConfig", "MqttOutput", "NgImageStore",
+    "NgImageStoreConfig", "OpcUaConfig", "OpcUaServer", "OUTPUTS", "Output", "OutputConfig", "OutputError", "ResultLog",
+    "ResultLogConfig", "SerialConfig", "SerialOutput", "build_output", "last_frame_id",
 ]

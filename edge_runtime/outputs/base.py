@@ -21,6 +21,10 @@ import abc
 from typing import ClassVar, Literal
 
 from edge_runtime.records import InspectionResult
+from edge_runtime.registry import Registry
+
+# The outputs a station file can name (`outputs: [{type: ...}]`): each output module registers its class.
+OUTPUTS = Registry("output")
 
 
 class OutputError(RuntimeError):

@@ -40,7 +40,7 @@ import threading
 from dataclasses import dataclass
 from typing import Literal
 
-from edge_runtime.outputs.base import Output, OutputError
+from edge_runtime.outputs.base import OUTPUTS, Output, OutputError
 from edge_runtime.records import InspectionResult, Verdict
 
 STATION_REGISTERS = 16      # holding/input registers 0..15 and coils 0..15 belong to the station
@@ -98,6 +98,7 @@ def _bind_problem(host: str, port: int) -> str | None:
     return None
 
 
+@OUTPUTS.register(ModbusConfig)
 class ModbusOutput(Output):
     """A Modbus TCP server (pymodbus) serving the station state; see the module docstring for the map."""
 

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from edge_runtime.outputs.base import Output, OutputError
+from edge_runtime.outputs.base import OUTPUTS, Output, OutputError
 from edge_runtime.outputs.mqtt_outbox import Outbox
 from edge_runtime.outputs.result_log import encode_record
 from edge_runtime.records import InspectionResult
@@ -138,6 +138,7 @@ def online_state(ready: bool, fault: str | None, provider: StateProvider | None,
     return msg
 
 
+@OUTPUTS.register(MqttConfig)
 class MqttOutput(Output):
     """Publishes records and state to a broker; see the module docstring. Never raises from publish() for a
     broker problem (records wait in the outbox); raises OutputError only when the outbox itself cannot be written."""

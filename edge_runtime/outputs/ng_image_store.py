@@ -20,7 +20,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from edge_runtime.outputs.base import Output, OutputError
+from edge_runtime.outputs.base import OUTPUTS, Output, OutputError
 from edge_runtime.records import InspectionResult, Verdict
 
 # <UTC time>_f<frame id>_<verdict>_<source stem>[_overlay].<ext>; the stem is reduced to [A-Za-z0-9-].
@@ -95,6 +95,7 @@ def heat_overlay(image_bgr: np.ndarray, anomaly_map: np.ndarray, threshold: floa
     return cv2.addWeighted(image_bgr, 1.0 - alpha, heat, alpha, 0.0)
 
 
+@OUTPUTS.register(NgImageStoreConfig)
 class NgImageStore(Output):
     """Saves NG/REVIEW/FAULT frames and overlays; deletes its own oldest files to stay within the bounds."""
 

@@ -45,7 +45,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from edge_runtime.outputs.base import Output, OutputError
+from edge_runtime.outputs.base import OUTPUTS, Output, OutputError
 from edge_runtime.records import InspectionResult, Verdict
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ class OpcUaConfig:
         return found
 
 
+@OUTPUTS.register(OpcUaConfig)
 class OpcUaServer(Output):
     role = "record"
 

@@ -22,7 +22,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from edge_runtime.outputs.base import Output, OutputError
+from edge_runtime.outputs.base import OUTPUTS, Output, OutputError
 from edge_runtime.records import InspectionResult
 
 # How far back from the end last_frame_id() looks for a complete record before giving up on a file.
@@ -77,6 +77,7 @@ def _fsync_dir(path: str) -> None:
 _PROBE_FREE_BYTES = 64 * 1024   # room for a few hundred records before the probe calls the disk usable again
 
 
+@OUTPUTS.register(ResultLogConfig)
 class ResultLog(Output):
     """Append-only JSON-lines log with size rotation; raises OutputError (naming the path) when it cannot write."""
 

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from edge_runtime.outputs.base import Output, OutputError
+from edge_runtime.outputs.base import OUTPUTS, Output, OutputError
 from edge_runtime.records import InspectionResult
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ def result_line(result: InspectionResult) -> str:
             f"{_number(result.score, 4)} {_number(result.normalized_score, 3)}")
 
 
+@OUTPUTS.register(SerialConfig)
 class SerialOutput(Output):
     """Writes the line protocol to a serial port; reconnects on its own when the port comes back."""
 

@@ -1,40 +1,32 @@
 """Frame sources: pick the adapter named by the station file's `source.type`."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Any
 
-from edge_runtime.sources.base import FrameSource, SourceError
-from edge_runtime.sources.camera_source import CameraSource, CameraSourceConfig
-from edge_runtime.sources.fake_source import ScriptedSource, ScriptedSourceConfig
+# Each import registers its source with SOURCES (edge_runtime.registry); the order is the one error messages list.
+from edge_runtime.sources.base import SOURCES, FrameSource, SourceError
 from edge_runtime.sources.folder_source import FolderSource, FolderSourceConfig
-from edge_runtime.sources.paced_source import PacedSource, PacedSourceConfig
+from edge_runtime.sources.camera_source import CameraSource, CameraSourceConfig
 from edge_runtime.sources.video_source import VideoSource, VideoSourceConfig
+from edge_runtime.sources.paced_source import PacedSource, PacedSourceConfig
 
-# A tagged union: edge_runtime.schema picks the dataclass by the mapping's `type` key.
-SourceConfig = Union[FolderSourceConfig, CameraSourceConfig, VideoSourceConfig, ScriptedSourceConfig, PacedSourceConfig]
+# The station file's `source:`: a tagged union of the registered configs, chosen by the `type` key.
+SourceConfig: Any = SOURCES.annotation
 
 
-def build_source(cfg: SourceConfig, start_frame_id: int = 0, state_dir: str | None = None,
+def build_source(cfg: Any, start_frame_id: int = 0, state_dir: str | None = None,
                  result_logs: list[str] | None = None) -> FrameSource:
     """The source for `cfg`, numbering frames from `start_frame_id` (a restarted daemon passes its saved counter).
 
     `state_dir` (the station's) is where a watched folder keeps its journal of consumed files; `result_logs`
-    (the station's) tell it whether the part in flight at a crash was recorded."""
+    (the station's) tell it whether the part in flight at a crash was recorded. Only the folder source keeps
+    state across restarts, so only it is given them."""
     if isinstance(cfg, FolderSourceConfig):
         return FolderSource(cfg, start_frame_id, state_dir=state_dir, result_logs=result_logs)
-    if isinstance(cfg, CameraSourceConfig):
-        return CameraSource(cfg, start_frame_id)
-    if isinstance(cfg, VideoSourceConfig):
-        return VideoSource(cfg, start_frame_id)
-    if isinstance(cfg, ScriptedSourceConfig):
-        return ScriptedSource(cfg, start_frame_id)
-    if isinstance(cfg, PacedSourceConfig):
-        return PacedSource(cfg, start_frame_id)
-    raise TypeError(f"no frame source for config {type(cfg).__name__}")
+    return SOURCES.build(cfg, start_frame_id)
 
 
 __all__ = [
     "CameraSource", "CameraSourceConfig", "FolderSource", "FolderSourceConfig", "FrameSource", "PacedSource",
-    "PacedSourceConfig", "ScriptedSource",
-    "ScriptedSourceConfig", "SourceConfig", "SourceError", "VideoSource", "VideoSourceConfig", "build_source",
+    "PacedSourceConfig", "SOURCES", "SourceConfig", "SourceError", "VideoSource", "VideoSourceConfig", "build_source",
 ]

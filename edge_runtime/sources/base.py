@@ -4,6 +4,10 @@ from __future__ import annotations
 import abc
 
 from edge_runtime.records import Frame
+from edge_runtime.registry import Registry
+
+# The frame sources a station file can name (`source: {type: ...}`): each source module registers its class.
+SOURCES = Registry("source")
 
 
 def escape_name(name: str, limit: int = 512) -> str:

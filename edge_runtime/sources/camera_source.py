@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from edge_runtime.records import Frame
-from edge_runtime.sources.base import FrameSource, SourceError, escape_name
+from edge_runtime.sources.base import SOURCES, FrameSource, SourceError, escape_name
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class CaptureWorker:
                 done.set()
 
 
+@SOURCES.register(CameraSourceConfig)
 class CameraSource(FrameSource):
     """Free-running reads return the newest frame the driver holds. For triggered capture the daemon calls
     `notify_trigger()` once the trigger fires; the next read then discards what was buffered before it."""

@@ -51,7 +51,7 @@ from typing import Callable, Literal
 
 from edge_runtime.decode import DEFAULT_LIMITS, MAX_PIXELS
 from edge_runtime.records import Frame
-from edge_runtime.sources.base import FrameSource, SourceError, escape_name
+from edge_runtime.sources.base import SOURCES, FrameSource, SourceError, escape_name
 
 log = logging.getLogger(__name__)
 
@@ -360,6 +360,7 @@ def default_journal_path(state_dir: str, folder: str) -> Path:
     return Path(state_dir) / f"folder-{digest}.journal"
 
 
+@SOURCES.register(FolderSourceConfig)
 class FolderSource(FrameSource):
     def __init__(
         self,

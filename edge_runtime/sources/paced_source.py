@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from edge_runtime.records import Frame
-from edge_runtime.sources.base import FrameSource, SourceError, escape_name
+from edge_runtime.sources.base import SOURCES, FrameSource, SourceError, escape_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -38,6 +38,7 @@ class PacedSourceConfig:
             raise ValueError(f"frames: must be >= 1, got {self.frames}")
 
 
+@SOURCES.register(PacedSourceConfig)
 class PacedSource(FrameSource):
     live = True   # frames come at the source's pace: the line's capture thread drops (and counts) what it misses
 

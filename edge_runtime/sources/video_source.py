@@ -19,7 +19,7 @@ from typing import Literal
 import cv2
 
 from edge_runtime.records import Frame
-from edge_runtime.sources.base import FrameSource, SourceError, escape_name
+from edge_runtime.sources.base import SOURCES, FrameSource, SourceError, escape_name
 from edge_runtime.sources.camera_source import BACKENDS, CaptureFactory, CaptureLike, check_image, open_capture
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class VideoSourceConfig:
                 setattr(self, key, STREAM_TIMEOUT_MAX_S)
 
 
+@SOURCES.register(VideoSourceConfig)
 class VideoSource(FrameSource):
     def __init__(self, cfg: VideoSourceConfig, start_frame_id: int = 0, capture_factory: CaptureFactory | None = None) -> None:
         cfg.validate()

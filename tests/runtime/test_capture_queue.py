@@ -10,7 +10,8 @@ import pytest
 
 from edge_runtime.capture_queue import CaptureConfig, CaptureQueue, wrap_source
 from edge_runtime.records import Frame
-from edge_runtime.sources import ScriptedSource, SourceError
+from edge_runtime.sources import SourceError
+from doubles import ScriptedSource
 from edge_runtime.sources.base import FrameSource
 
 

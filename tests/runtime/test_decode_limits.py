@@ -25,8 +25,8 @@ from edge_runtime.decode import DecodeConfig, ImageError, decode_image, jpeg_sca
 from edge_runtime.http_endpoint import HttpConfig
 from edge_runtime.outputs import ResultLogConfig
 from edge_runtime.schema import ConfigError, from_mapping
-from edge_runtime.sources import ScriptedSource
-from edge_runtime.sources.fake_source import ScriptedSourceConfig
+from doubles import ScriptedSource
+from doubles import ScriptedSourceConfig
 
 
 def _part(size: int = 512) -> np.ndarray:

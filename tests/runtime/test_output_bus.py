@@ -10,7 +10,8 @@ import tty
 import pytest
 
 from edge_runtime.output_bus import OutputBus
-from edge_runtime.outputs import RecordingOutput, RecordingOutputConfig, ResultLog, ResultLogConfig
+from edge_runtime.outputs import ResultLog, ResultLogConfig
+from doubles import RecordingOutput, RecordingOutputConfig
 from edge_runtime.outputs.base import OutputError
 from edge_runtime.outputs.serial_output import SerialConfig, SerialOutput
 from edge_runtime.records import InspectionResult, Verdict

@@ -11,10 +11,12 @@ import pytest
 from edge_runtime.config import load_station
 from edge_runtime.daemon import Station
 from edge_runtime.inflight import InFlight
-from edge_runtime.outputs import RecordingOutput, build_output
+from edge_runtime.outputs import build_output
+from doubles import RecordingOutput
 from edge_runtime.records import Verdict
 from edge_runtime.schema import ConfigError
-from edge_runtime.sources import ScriptedSource, SourceError
+from edge_runtime.sources import SourceError
+from doubles import ScriptedSource
 
 WAIT = {"when_full": "wait"}   # the capture thread never replaces a frame: every frame is inspected
 

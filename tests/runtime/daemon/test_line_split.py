@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from edge_runtime.config import load_station
 from edge_runtime.daemon import Line, Station, StationState
-from edge_runtime.outputs import RecordingOutput
-from edge_runtime.sources import ScriptedSource, SourceError
+from doubles import RecordingOutput
+from edge_runtime.sources import SourceError
+from doubles import ScriptedSource
 from edge_runtime.station_state import LineState
 
 SCRIPTED = {"type": "scripted"}

@@ -8,7 +8,7 @@ from edge_runtime.capture_queue import CaptureQueue
 from edge_runtime.config import load_station
 from edge_runtime.daemon import Station
 from edge_runtime.http_endpoint import render_metrics
-from edge_runtime.outputs import RecordingOutput
+from doubles import RecordingOutput
 from edge_runtime.records import Verdict
 from edge_runtime.sources import PacedSource, PacedSourceConfig
 
@@ -59,7 +59,8 @@ def test_paced_source_file_errors_name_the_key(write_station, small_bundle, tmp_
 
 def test_lost_camera_behind_the_capture_thread_faults_the_line(small_bundle, write_station, part_images_bytes,
                                                                stop_on_fault):
-    from edge_runtime.sources import ScriptedSource, SourceError
+    from edge_runtime.sources import SourceError
+    from doubles import ScriptedSource
 
     class LiveScripted(ScriptedSource):
         live = True

@@ -16,11 +16,11 @@ import yaml
 from edge_runtime import bundle_loader
 from edge_runtime.bundle import MANIFEST, content_id
 from edge_runtime.config import load_station
-from edge_runtime.outputs import RecordingOutput
+from doubles import RecordingOutput
 from edge_runtime.outputs.serial_output import SerialConfig, SerialOutput
 from edge_runtime.records import Verdict
 from edge_runtime.schema import ConfigError
-from edge_runtime.sources import ScriptedSource
+from doubles import ScriptedSource
 
 
 def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:

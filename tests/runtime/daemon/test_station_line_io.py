@@ -11,9 +11,10 @@ import pytest
 from pymodbus.client import ModbusTcpClient
 
 from edge_runtime.config import load_station
-from edge_runtime.outputs import RecordingOutput, build_output
+from edge_runtime.outputs import build_output
+from doubles import RecordingOutput
 from edge_runtime.records import Verdict
-from edge_runtime.sources import ScriptedSource
+from doubles import ScriptedSource
 
 SCRIPTED = {"type": "scripted"}
 UNIT = 1

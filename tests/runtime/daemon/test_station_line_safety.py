@@ -16,10 +16,12 @@ from pymodbus.client import ModbusTcpClient
 
 from edge_runtime.config import load_station
 from edge_runtime.daemon import Station
-from edge_runtime.outputs import GpioConfig, GpioLine, GpioOutput, RecordingOutput, build_output
-from edge_runtime.outputs.gpio_output import FakeGpioLines
+from edge_runtime.outputs import GpioConfig, GpioLine, GpioOutput, build_output
+from doubles import RecordingOutput
+from doubles import FakeGpioLines
 from edge_runtime.records import Verdict
-from edge_runtime.sources import ScriptedSource, SourceError
+from edge_runtime.sources import SourceError
+from doubles import ScriptedSource
 
 SCRIPTED = {"type": "scripted"}
 FAST_RECOVERY = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "read_timeout_s": 0.2}

@@ -16,10 +16,12 @@ import pytest
 from edge_runtime.bundle import Bundle
 from edge_runtime.config import load_station
 from edge_runtime.daemon import FRAME_COUNTER_FILE, Station
-from edge_runtime.outputs import GpioConfig, GpioLine, GpioOutput, RecordingOutput
-from edge_runtime.outputs.gpio_output import FakeGpioLines
+from edge_runtime.outputs import GpioConfig, GpioLine, GpioOutput
+from doubles import RecordingOutput
+from doubles import FakeGpioLines
 from edge_runtime.records import Verdict
-from edge_runtime.sources import ScriptedSource, SourceError
+from edge_runtime.sources import SourceError
+from doubles import ScriptedSource
 from edge_runtime.triggers import SoftwareTrigger
 
 SCRIPTED = {"type": "scripted"}

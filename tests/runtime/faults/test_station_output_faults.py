@@ -16,10 +16,11 @@ import pytest
 from edge_runtime.bundle import Bundle
 from edge_runtime.config import StationConfig
 from edge_runtime.daemon import Station
-from edge_runtime.outputs import Output, RecordingOutput, RecordingOutputConfig, ResultLog, ResultLogConfig
+from edge_runtime.outputs import Output, ResultLog, ResultLogConfig
+from doubles import RecordingOutput, RecordingOutputConfig
 from edge_runtime.records import Verdict
 from edge_runtime.schema import from_mapping
-from edge_runtime.sources import ScriptedSource
+from doubles import ScriptedSource
 
 EVERY_METHOD = ["start", "publish", "set_ready", "set_fault", "heartbeat", "close"]
 

@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from edge_runtime.outputs.base import OutputError
-from edge_runtime.outputs.gpio_output import FakeGpioLines, GpioConfig, GpioLine, GpioOutput
+from edge_runtime.outputs.gpio_output import GpioConfig, GpioLine, GpioOutput
+from doubles import FakeGpioLines
 from edge_runtime.records import InspectionResult, Verdict
 
 OK, NG, READY, ERROR, HB = 1, 2, 3, 4, 5

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from edge_runtime.records import Frame
-from edge_runtime.sources import ScriptedSource, ScriptedSourceConfig, SourceError, build_source
+from edge_runtime.sources import SourceError, build_source
+from doubles import ScriptedSource, ScriptedSourceConfig
 
 
 def test_plays_steps_in_order_then_exhausted():

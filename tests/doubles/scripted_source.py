@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edge_runtime.records import Frame
-from edge_runtime.sources.base import FrameSource
+from edge_runtime.sources.base import SOURCES, FrameSource
 
 
 def _is_exception(step: Any) -> bool:
@@ -43,6 +43,7 @@ class ScriptedSourceConfig:
             raise ValueError("loop: needs at least one step")
 
 
+@SOURCES.register(ScriptedSourceConfig)
 class ScriptedSource(FrameSource):
     def __init__(self, cfg: ScriptedSourceConfig | None = None, start_frame_id: int = 0, *, steps: list[Any] | None = None) -> None:
         cfg = cfg or ScriptedSourceConfig(steps=list(steps or []))

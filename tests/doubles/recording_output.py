@@ -5,7 +5,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from edge_runtime.outputs.base import Output, OutputError
+from edge_runtime.outputs.base import OUTPUTS, Output, OutputError
 from edge_runtime.records import InspectionResult
 
 
@@ -26,6 +26,7 @@ class RecordingOutputConfig:
             raise ValueError(f"fail_on: unknown method {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
 
 
+@OUTPUTS.register(RecordingOutputConfig)
 class RecordingOutput(Output):
     """Records (method, argument) for every call in order; thread-safe so a daemon thread can drive it."""
 
