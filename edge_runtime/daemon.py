@@ -100,14 +100,14 @@ class Station:
 
     def _build_lines(self, cfg: StationConfig, **overrides) -> list[Line]:
         configs = line_station_configs(cfg)
-        self.mqtt = None
-        if len(configs) == 1:
+        # `mqtt:` with lines: one connection, each line's bus gets its adapter (edge_runtime/outputs/mqtt_station.py);
+        # `lines:` with one line keeps it too (it had been dropped without a word: no results on the broker).
+        self.mqtt = build_station_mqtt(cfg, [name for name, _ in configs])
+        if len(configs) == 1 and self.mqtt is None:
             name, line_cfg = configs[0]
             return [Line(line_cfg, name=name, on_heartbeat=self._beat, sinks=self._page_sinks(name), **overrides)]
         if any(v is not None for v in overrides.values()):
-            raise ValueError("source, outputs and trigger overrides apply to a single-line station only")
-        # `mqtt:` with lines: one connection, each line's bus gets its adapter (edge_runtime/outputs/mqtt_station.py).
-        self.mqtt = build_station_mqtt(cfg, [name for name, _ in configs])
+            raise ValueError("source, outputs and trigger overrides apply to a station without `lines:` only")
         lines = [Line(line_cfg, name=name, on_heartbeat=self._beat, sinks=self._page_sinks(name),
                       outputs=None if self.mqtt is None else
                       [*map(build_output, line_cfg.outputs), self.mqtt.adapter(name)]) for name, line_cfg in configs]

@@ -108,3 +108,26 @@ def test_a_trigger_command_reaches_the_line_it_names(small_bundle, flange_test_f
         running.stop()
         sub.close()
         broker.stop()
+
+
+def test_lines_with_one_line_keep_the_station_mqtt_section(small_bundle, flange_test_folder, write_station, tmp_path,
+                                                           start_station, read_log):
+    """`lines:` holding one line had returned before the station's MQTT connection was built: no result reached
+    the broker while validate said valid and /healthz ready."""
+    folder, _ = flange_test_folder
+    broker = mb.Broker(tmp_path / "broker").start()
+    sub = mb.Subscriber(broker.port, [f"{PREFIX}/+/result", f"{PREFIX}/state"], persistent=False)
+    path = write_station(
+        bundle=small_bundle, mqtt={"host": "127.0.0.1", "port": broker.port, "topic_prefix": PREFIX},
+        lines=[{"name": "only", "source": {"type": "paced", "path": str(folder), "fps": 15, "frames": 6}}])
+    running = start_station(load_station(path))
+    try:
+        assert isinstance(running.station.mqtt, StationMqtt)
+        assert running.join(120) == 0
+        logged = [r["frame_id"] for r in read_log(tmp_path / "results-only.jsonl")]
+        assert len(logged) == 6
+        assert sub.wait_for(lambda s: [r["frame_id"] for r in s.records(f"{PREFIX}/only/result")] == logged, timeout=30)
+        assert json.loads(sub.payloads(f"{PREFIX}/state")[-1])["lines"] == ["only"]
+    finally:
+        sub.close()
+        broker.stop()
