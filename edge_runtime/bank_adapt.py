@@ -41,6 +41,7 @@ from edge_runtime.nn_search import ExactSearch
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.preprocess import preprocess
 from edge_runtime import scoring
+from edge_runtime.safe_yaml import short_repr
 from edge_runtime.self_test import golden_check, golden_image
 
 # Manifest key of what was learned / stored on the device, and the folders for the images inside the bundle.
@@ -415,13 +416,19 @@ def sign_version(bundle_dir: str | Path, private_key_pem: str | Path) -> None:
     (root / SIGNATURE).write_bytes(key.sign((root / MANIFEST).read_bytes()))
 
 
-def verify_lineage(bundle: Bundle, workstation_key: bytes, station_key: bytes) -> None:
+# What a device-made version inherits unchanged from its signed ancestor: how a frame becomes patch scores.
+PINNED_SECTIONS = ("geometry", "preprocessing", "features", "score", "product")
+
+
+def verify_lineage(bundle: Bundle, workstation_key: bytes, station_key: bytes, base: Bundle | None = None) -> None:
     """Check a device-made version for a station that requires signatures. Raises BundleError.
 
     The version's manifest must verify against the station key, and its nearest workstation-signed ancestor
-    (manifest + signature kept in lineage/) against the workstation key; models must be byte-identical to that
-    ancestor's, the bank no smaller and no threshold higher. So a station key can teach the bank good parts and
-    tighten thresholds, never swap a model or loosen the station.
+    (manifest + signature kept in lineage/) against the workstation key; with `base` (the station file's bundle)
+    that ancestor must be it, so the station key cannot bring back a release the workstation has replaced. Models
+    must be byte-identical to that ancestor's, geometry, preprocessing, features, score and product the same, the
+    bank no smaller and no threshold higher. So a station key can teach the bank good parts and tighten thresholds,
+    never swap a model, move the region inspected or loosen the station.
     """
     from edge_runtime.safe_yaml import load_strict
 
@@ -430,6 +437,9 @@ def verify_lineage(bundle: Bundle, workstation_key: bytes, station_key: bytes) -
     if not signed:
         raise BundleError(f"{bundle.root / MANIFEST}: no workstation-signed ancestor recorded in 'lineage'")
     anc = signed[-1]
+    if base is not None and anc.get("bundle_id") != base.bundle_id:
+        raise BundleError(f"{bundle.root / MANIFEST}: made from the signed release {short_repr(anc.get('bundle_id'))}, "
+                          f"not from the station's bundle {base.bundle_id} ({base.root})")
     rel = f"{LINEAGE_DIR}/{anc['bundle_id']}.manifest"
     raw = bundle.read_verified(rel + ".yaml")
     sig = bundle.read_verified(rel + ".sig")
@@ -444,6 +454,10 @@ def verify_lineage(bundle: Bundle, workstation_key: bytes, station_key: bytes) -
         raise BundleError(f"{bundle.path(rel + '.sig')}: the ancestor's signature does not verify against the "
                           "workstation key") from None
     parent = load_strict(raw, rel + ".yaml")
+    for key in PINNED_SECTIONS:
+        if bundle.manifest.get(key) != parent.get(key):
+            raise BundleError(f"{bundle.root / MANIFEST}: {key} differs from the signed ancestor's (a station key "
+                              "may extend the bank and tighten thresholds, nothing else)")
     files, pfiles = bundle.manifest["files"], parent.get("files", {})
     for name, v in bundle.manifest["variants"].items():
         pv = parent.get("variants", {}).get(name)

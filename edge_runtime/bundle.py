@@ -204,6 +204,7 @@ class Bundle:
         self.root = Path(root)
         self.manifest = manifest
         self._pinned = False                     # set by load(): every file read must match the manifest
+        self.base_release: int | None = None     # a device-made version's base bundle_version (release_version)
         self._verified: dict[str, bytes] = {}    # rel path -> the verified bytes handed to the consumers
 
     # ---- reading -------------------------------------------------------------------------------------------
@@ -448,6 +449,20 @@ class Bundle:
     def bundle_version(self) -> int | None:
         """Monotonic release number (the exporter's --bundle-version), or None for an older bundle."""
         return self.manifest.get("bundle_version")
+
+    @property
+    def release_version(self) -> int | None:
+        """The workstation release this bundle stands for, what the downgrade floor compares: its bundle_version,
+        or for a version made on the station (learning, adapt, rollback) the bundle_version of the station's base
+        bundle it descends from, set where that descent is checked (bundle_versions.load_station_bundle). A device
+        version's own number is a timestamp: as a floor it would refuse every later numbered release."""
+        return self.base_release if self.base_release is not None else self.bundle_version
+
+    def descends_from(self, bundle_id: str) -> bool:
+        """`bundle_id` is this bundle or one of the ancestors its manifest records (`lineage`)."""
+        lineage = self.manifest.get("lineage")
+        return self.bundle_id == bundle_id or (isinstance(lineage, list) and any(
+            isinstance(e, dict) and e.get("bundle_id") == bundle_id for e in lineage))
 
     @property
     def product(self) -> str | None:

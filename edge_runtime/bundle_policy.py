@@ -6,6 +6,9 @@ station file says which product it inspects (`security.product`) and whether old
 (`security.allow_downgrade`, default false). The highest version loaded is kept in `state_dir`, so a restart
 does not forget it.
 
+Versions made on the station (learning, adapt, rollback) stand for the release of the base bundle they descend
+from (Bundle.release_version): they never raise the floor above the workstation's numbering.
+
 Older bundles (no `product`/`bundle_version` in the manifest) are refused only when the station names a product,
 or when this station has loaded a versioned bundle before and downgrades are not allowed.
 """
@@ -60,11 +63,12 @@ def check_admission(bundle: Bundle, product: str | None, allow_downgrade: bool, 
     if allow_downgrade:
         return
     floor, source = recorded_version(state_dir), Path(state_dir or ".") / VERSION_STATE_FILE
-    if current is not None and current.bundle_version is not None and (floor is None or current.bundle_version > floor):
-        floor, source = current.bundle_version, f"bundle {current.bundle_id} in service"
+    serving = current.release_version if current is not None else None
+    if serving is not None and (floor is None or serving > floor):
+        floor, source = serving, f"bundle {current.bundle_id} in service"
     if floor is None:
         return
-    version = bundle.bundle_version
+    version = bundle.release_version
     if version is None:
         raise BundleError(f"{where}: bundle has no bundle_version (older bundle format) but this station has loaded "
                           f"bundle_version {floor} ({source}); set security.allow_downgrade: true to roll back")
@@ -79,7 +83,7 @@ def record_loaded(bundle: Bundle, state_dir: str | None) -> None:
     Raises BundleError when it cannot be written: a station that cannot remember its floor would accept a
     rollback after the next restart.
     """
-    version = bundle.bundle_version
+    version = bundle.release_version
     if not state_dir or version is None:
         return
     if (recorded_version(state_dir) or -1) >= version:

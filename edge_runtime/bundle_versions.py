@@ -99,6 +99,7 @@ class VersionStore:
     def versions(self) -> list[dict]:
         """Every version (base first, then device-made ones, oldest first) with id, version, what made it."""
         active = self.active_dir().resolve()
+        base_id = self.base_id()
         found = []
         folders = [self.base] + sorted(p for p in self.root.glob("v*") if p.is_dir() and not p.name.endswith(".partial")) \
             if self.root.is_dir() else [self.base]
@@ -109,13 +110,24 @@ class VersionStore:
                 found.append({"name": folder.name, "path": str(folder), "error": str(exc)})
                 continue
             made = m.get("made_on_device") or {}
+            lineage = m.get("lineage") if isinstance(m.get("lineage"), list) else []
+            other_base = folder != self.base and base_id is not None and m.get("bundle_id") != base_id and \
+                not any(isinstance(e, dict) and e.get("bundle_id") == base_id for e in lineage)
             found.append({"name": "base" if folder == self.base else folder.name, "path": str(folder),
+                          "other_base": other_base,
                           "bundle_id": m.get("bundle_id"), "bundle_version": m.get("bundle_version"),
                           "created": m.get("created"), "action": made.get("action", "workstation"),
                           "by": made.get("by"), "active": folder.resolve() == active,
                           "bank": {k: v.get("bank_size") for k, v in m.get("variants", {}).items()},
                           "threshold": {k: v.get("threshold") for k, v in m.get("variants", {}).items()}})
         return found
+
+    def base_id(self) -> str | None:
+        """The bundle id of the station file's bundle, None when it cannot be read."""
+        try:
+            return Bundle.load(self.base, verify=False).bundle_id
+        except BundleError:
+            return None
 
     def folder_of(self, name: str) -> Path:
         if name == "base":
@@ -127,6 +139,12 @@ class VersionStore:
     def rollback(self, name: str, current: Bundle | None, who: str | None = None) -> Path:
         """Re-issue version `name` as a new, higher version and return its folder (not yet activated)."""
         target = Bundle.load(self.folder_of(name))
+        base_id = self.base_id()
+        if base_id is None:
+            raise AdaptError(f"{self.base}: the station file's bundle cannot be read; nothing can be rolled back to")
+        if not target.descends_from(base_id):
+            raise AdaptError(f"version {name!r} was made from an earlier bundle than the station file's ({base_id}, "
+                             f"{self.base}); it cannot come back while that release is in the station file")
         out = self.new_folder()
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -197,18 +215,29 @@ def load_station_bundle(cfg, workstation_key: bytes | None) -> Bundle:
     otherwise it is refused (BundleError) and the station stays in FAULT or keeps the bundle in service.
     """
     folder = active_bundle_dir(cfg.bundle, cfg.state_dir)
-    if workstation_key is None or folder == Path(cfg.bundle):
+    if folder == Path(cfg.bundle):
         return Bundle.load(folder, public_key=workstation_key)
-    from edge_runtime.bank_adapt import verify_lineage
+    # A device-made version stands in for the station file's bundle only if it was made from it: one learned on,
+    # or re-issued from, a release that has since been replaced must not bring that release back.
+    base = Bundle.load(cfg.bundle, verify=False, public_key=workstation_key)
+    if workstation_key is None:
+        bundle = Bundle.load(folder)
+    else:
+        from edge_runtime.bank_adapt import verify_lineage
 
-    key_path = getattr(getattr(cfg, "page", None), "station_signing_key", None)
-    if not key_path:
-        raise BundleError(f"{folder}: a device-made version, but this station requires signatures and no "
-                          "page.station_signing_key is configured to verify it")
-    try:
-        station_key = station_public_key(key_path)
-    except (OSError, ValueError, TypeError, ImportError) as exc:
-        raise BundleError(f"page.station_signing_key {key_path}: cannot read the key ({exc})") from None
-    bundle = Bundle.load(folder, public_key=station_key)
-    verify_lineage(bundle, workstation_key, station_key)
+        key_path = getattr(getattr(cfg, "page", None), "station_signing_key", None)
+        if not key_path:
+            raise BundleError(f"{folder}: a device-made version, but this station requires signatures and no "
+                              "page.station_signing_key is configured to verify it")
+        try:
+            station_key = station_public_key(key_path)
+        except (OSError, ValueError, TypeError, ImportError) as exc:
+            raise BundleError(f"page.station_signing_key {key_path}: cannot read the key ({exc})") from None
+        bundle = Bundle.load(folder, public_key=station_key)
+        verify_lineage(bundle, workstation_key, station_key, base)
+    if not bundle.descends_from(base.bundle_id):
+        raise BundleError(f"{folder}: this device-made version was not made from the station's bundle "
+                          f"{base.bundle_id} ({cfg.bundle}) but from an earlier one; roll back or learn again on "
+                          "the bundle in the station file")
+    bundle.base_release = base.bundle_version
     return bundle

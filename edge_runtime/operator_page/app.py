@@ -340,7 +340,7 @@ def build_app(cfg: PageConfig, views: dict[str, LineView], stopping: Callable[[]
         rows = []
         for ver in vs:
             name = html.escape(ver["name"])
-            last = "active" if ver.get("active") else (
+            last = "active" if ver.get("active") else "made from an earlier release" if ver.get("other_base") else (
                 f'<button class="rollback" data-name="{name}">roll back to this</button>' if eng else "")
             cells = [name, ver.get("bundle_version"), ver.get("bundle_id"), ver.get("action"), ver.get("by") or "",
                      json.dumps(ver.get("bank")), json.dumps(ver.get("threshold"))]

@@ -152,3 +152,40 @@ def test_cli_adapt_names_an_image_of_another_size_without_a_traceback(device_bun
                  "--threads", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("edge-runtime adapt: ") and "400x300" in err and "Traceback" not in err
+
+
+def test_station_key_cannot_bring_back_a_replaced_release_or_move_the_region(device_bundle, images, tmp_path):
+    """A version the station key made from another signed release than the station's bundle, or with the region
+    inspected moved, is refused: the key may extend the bank and tighten thresholds, nothing else."""
+    import shutil
+
+    import yaml
+
+    from edge_runtime.bank_adapt import sign_version
+    from edge_runtime.bundle import write_manifest
+
+    ws_key, ws_pub, _ = _keypair(tmp_path, "workstation")
+    _, st_pub, st_pem = _keypair(tmp_path, "station")
+    releases = {}
+    for version in (50, 100):
+        root = tmp_path / f"release{version}"
+        shutil.copytree(device_bundle, root)
+        m = yaml.safe_load((root / MANIFEST).read_text())
+        m["bundle_version"] = version
+        write_manifest(root, m)
+        (root / SIGNATURE).write_bytes(ws_key.sign((root / MANIFEST).read_bytes()))
+        releases[version] = Bundle.load(root, public_key=ws_pub)
+    plan = prepare(releases[50], [InputImage.from_file(images["good"])], [], threads=1)
+    old = Bundle.load(plan.write(tmp_path / "from50", signing_key=st_pem).root, public_key=st_pub)
+    verify_lineage(old, ws_pub, st_pub)                       # a genuine chain, of the old release
+    with pytest.raises(BundleError, match=f"not from the station's bundle {releases[100].bundle_id}"):
+        verify_lineage(old, ws_pub, st_pub, releases[100])
+    plan = prepare(releases[100], [InputImage.from_file(images["good"])], [], threads=1)
+    moved = plan.write(tmp_path / "from100", signing_key=st_pem).root
+    verify_lineage(Bundle.load(moved, public_key=st_pub), ws_pub, st_pub, releases[100])
+    m = yaml.safe_load((moved / MANIFEST).read_text())
+    m["geometry"]["roi"] = [10, 10, 40, 40]
+    write_manifest(moved, m)
+    sign_version(moved, st_pem)
+    with pytest.raises(BundleError, match="geometry differs from the signed ancestor's"):
+        verify_lineage(Bundle.load(moved, public_key=st_pub), ws_pub, st_pub, releases[100])

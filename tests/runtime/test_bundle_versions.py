@@ -82,3 +82,50 @@ def test_a_new_base_bundle_overrides_the_device_versions(station, device_bundle)
     manifest = Path(cfg.bundle) / "manifest.yaml"
     manifest.write_text(manifest.read_text().replace("bundle_version: 1", "bundle_version: 2"))  # a new release
     assert store.active_dir() == Path(cfg.bundle)
+
+
+def _new_release(cfg, version: int) -> None:
+    """The workstation delivers a new release into the station file's bundle folder."""
+    from edge_runtime.bundle import write_manifest
+
+    root = Path(cfg.bundle)
+    m = yaml.safe_load((root / "manifest.yaml").read_text())
+    m["bundle_version"] = version
+    write_manifest(root, m)
+
+
+def test_a_version_learned_on_a_replaced_release_cannot_come_back(station):
+    """The page offered versions learned on an earlier release; rolling back re-issued one above the floor and
+    it ran under the new release's name (a bad threshold came back)."""
+    from edge_runtime.bank_adapt import AdaptError
+
+    cfg, image = station
+    store = VersionStore(cfg.bundle, cfg.state_dir)
+    learned = _learn(cfg, store, image)
+    _new_release(cfg, 2)
+    assert load_pipeline(cfg).bundle.bundle_version == 2      # the new release wins over the learned version
+    old = next(v for v in store.versions() if v["name"] == Path(learned.root).name)
+    assert old["other_base"] is True and not any(v["other_base"] for v in store.versions() if v["name"] == "base")
+    with pytest.raises(AdaptError, match="made from an earlier bundle"):
+        store.rollback(old["name"], load_pipeline(cfg).bundle, who="tester")
+    store.activate(Path(learned.root))                         # active.json written for the new base by hand
+    with pytest.raises(BundleError, match="was not made from the station's bundle"):
+        load_pipeline(cfg)
+
+
+def test_learning_on_the_station_does_not_lock_out_the_next_numbered_release(station):
+    """A device-made version's own number is a timestamp; as the downgrade floor it refused every later release."""
+    from edge_runtime.bundle_policy import recorded_version
+
+    cfg, image = station
+    store = VersionStore(cfg.bundle, cfg.state_dir)
+    learned = _learn(cfg, store, image)
+    running = load_pipeline(cfg)
+    assert running.bundle.bundle_id == learned.bundle_id and learned.bundle_version > 10**9
+    assert recorded_version(cfg.state_dir) == 1                # the release it was learned on
+    _new_release(cfg, 2)
+    assert load_pipeline(cfg, current=running.bundle).bundle.bundle_version == 2
+    assert recorded_version(cfg.state_dir) == 2
+    _new_release(cfg, 1)                                       # downgrade protection still holds for releases
+    with pytest.raises(BundleError, match="lower than 2"):
+        load_pipeline(cfg)
