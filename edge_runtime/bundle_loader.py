@@ -18,7 +18,7 @@ from edge_runtime.self_test import golden_check
 
 log = logging.getLogger("edge_runtime.daemon")
 
-__all__ = ["load_pipeline", "load_public_key", "release_freed_memory"]
+__all__ = ["bundle_on_disk", "load_pipeline", "load_public_key", "release_freed_memory"]
 
 
 # A raw ed25519 key is 32 bytes and a PEM one about 100: far more is not a key (and /dev/zero would never end).
@@ -80,6 +80,20 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
     pipeline.apply_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)
     pipeline.decode_limits = cfg.decode
     return pipeline
+
+
+def bundle_on_disk(cfg: StationConfig) -> str:
+    """The id of the bundle a load of `cfg` would take now, verified as a load verifies it (checksums of every
+    file, signatures, descent); raises BundleError. A preloaded recipe is switched to only while this is still the
+    id of the copy in memory: a new version installed in the recipe's folder is loaded instead, a damaged one
+    fails the switch."""
+    try:
+        key = load_public_key(cfg.security.bundle_public_key)
+    except (OSError, ValueError, ImportError) as exc:
+        raise BundleError(f"security.bundle_public_key {cfg.security.bundle_public_key}: cannot read key ({exc})") from None
+    bundle = load_station_bundle(cfg, key)
+    bundle.release()
+    return bundle.bundle_id
 
 
 def check_station_against(cfg: StationConfig, bundle: Bundle) -> None:

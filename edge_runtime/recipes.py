@@ -318,8 +318,15 @@ class RecipeSwitcher:
         from edge_runtime import bundle_loader
 
         try:
+            if cached is not None and bundle_loader.bundle_on_disk(self.recipe_cfg(recipe)) != cached.bundle.bundle_id:
+                # A new version was installed in the recipe's folder since it was preloaded: that one, from disk.
+                log.info("%s: recipe %s: the bundle on disk changed since it was preloaded; loading it",
+                         self._who(), recipe.name)
+                self._pipelines.pop(recipe.name, None)
+                cached = None
             if cached is not None:
-                # Loaded and verified before: prove the model in memory still reproduces its golden scores.
+                # Loaded and verified before, and still what is on disk: prove the model in memory still
+                # reproduces its golden scores.
                 failures = bundle_loader.golden_check(cached.bundle, cached)
                 if failures:
                     self._pipelines.pop(recipe.name, None)

@@ -173,6 +173,41 @@ def test_failed_switch_keeps_the_line_in_fault_until_a_good_one(two_products, wr
     assert failed and failed[0][:2] == (2, "cap-b") and failed[0][4]
 
 
+def test_a_preloaded_recipe_is_switched_to_as_its_folder_is_now(two_products, write_station, part_images_bytes,
+                                                                  start_station):
+    """A preloaded recipe's copy in memory had been switched to after its folder changed: a new version installed
+    there kept the old one in service, a damaged folder was reported 'verified and active'."""
+    a, b = two_products
+    cfg = recipe_station(write_station, two_products)       # preload: true, the default
+    rec = RecipeRecorder()
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec])
+    station = running.station
+    wait_until(lambda: rec.ready and station.line.recipes.status == "ok", what="ready")
+    preloaded = station.line.recipes._pipelines["cap-b"].bundle.bundle_id
+    manifest = yaml.safe_load((b / MANIFEST).read_text())  # the engineer installs cap-b v2 in its folder
+    manifest["bundle_version"] = int(manifest.get("bundle_version") or 0) + 1
+    manifest["bundle_id"] = new_id = content_id(manifest)
+    (b / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))
+    station.line.recipes.request("cap-b", "test")
+    wait_until(lambda: station.line.recipes.active.name == "cap-b" and station.line.recipes.status == "ok",
+               what="the switch")
+    assert new_id != preloaded and fire_and_wait(station, rec).bundle_id == new_id
+    station.line.recipes.request("cap-a", "test")
+    wait_until(lambda: station.line.recipes.active.name == "cap-a" and station.line.recipes.status == "ok",
+               what="the switch back")
+    model = next(p for p in b.iterdir() if p.suffix == ".onnx")
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF                             # now cap-b's folder is damaged
+    model.write_bytes(bytes(data))
+    station.line.recipes.request("cap-b", "test")
+    wait_until(lambda: station.line.recipes.status == "failed", what="the switch to fail")
+    refused = fire_and_wait(station, rec)
+    running.stop()
+    assert refused.verdict is Verdict.FAULT and "does not match the manifest" in station.fault_reason
+
+
 def test_modbus_register_selects_and_registers_acknowledge(two_products, write_station, part_images_bytes,
                                                            free_port, start_station):
     from pymodbus.client import ModbusTcpClient
