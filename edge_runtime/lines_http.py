@@ -111,8 +111,9 @@ class RecipeHttpEndpoint(HttpEndpoint):
         if not switcher.cfg.allow_http:
             return _json(HTTPStatus.FORBIDDEN, {"error": "recipe selection over HTTP is disabled (recipes.allow_http)"})
         accepted, message = switcher.request(recipe, "http")
-        if not accepted:
-            return _json(HTTPStatus.NOT_FOUND, {"accepted": False, "error": message})
+        if not accepted:   # 404: no such recipe; 409: the PLC selects this line's recipe, and another one
+            status = HTTPStatus.NOT_FOUND if switcher.cfg.find(recipe) is None else HTTPStatus.CONFLICT
+            return _json(status, {"accepted": False, "error": message})
         # Accepted, not done: the switch is verified on the line; GET /recipe shows when it is active (or failed).
         return _json(HTTPStatus.ACCEPTED, {"accepted": True, "line": line, "recipe": recipe, "message": message})
 

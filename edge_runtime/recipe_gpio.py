@@ -182,7 +182,7 @@ class RecipeGpioSelector:
             generation = self._generation
             self.lines.set_ack(False)
         origin = f"gpio strobe (select lines read {number})"
-        waiter = self.switcher.submit(number, origin, fault_if_unknown=True)
+        waiter = self.switcher.submit(number, origin, fault_if_unknown=True, from_plc=True)
         waiter.add_done_callback(lambda f: self._outcome(generation, f))
 
     def _outcome(self, generation: int, waiter) -> None:

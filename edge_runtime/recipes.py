@@ -131,6 +131,10 @@ class RecipeSwitcher:
         self._last_register = 0
         self._refusals: list[str] = []
         self._invalid: str | None = None   # the newest request named no recipe and must fault the line (GPIO)
+        # A Modbus register or GPIO select lines hold the PLC's choice as a level: while the PLC has chosen, the
+        # line runs that recipe, and another source (HTTP, MQTT, OPC UA, serial) is refused unless it names the
+        # same one; otherwise it would leave the line on a product other than the one the PLC's register shows.
+        self.plc_choice: tuple[str, RecipeConfig | None] | None = None   # (what the PLC asked for, that recipe)
         self.gpio = RecipeGpioSelector(self, cfg.gpio) if cfg.gpio is not None else None
         # Parts triggered (monotonic) or captured (wall clock) before these instants are FAULT.
         self.guard_mono = float("-inf")
@@ -168,11 +172,24 @@ class RecipeSwitcher:
 
     # ---- requests (any thread) ----------------------------------------------------------------------------
     def request(self, key: str | int, origin: str, force: bool = False,
-                fault_if_unknown: bool = False) -> tuple[bool, str]:
+                fault_if_unknown: bool = False, from_plc: bool = False) -> tuple[bool, str]:
         """Ask for recipe `key` (name or number). Returns (accepted, message); the switch runs on the line.
         An unknown recipe is refused and changes nothing, unless `fault_if_unknown` (a controller that cannot read
-        a refusal, GPIO): then the line goes to FAULT until a switch succeeds, like a failed switch."""
+        a refusal, GPIO): then the line goes to FAULT until a switch succeeds, like a failed switch.
+        `from_plc`: the request comes from the line's Modbus register or GPIO select lines (see plc_choice)."""
         recipe = self.cfg.find(key)
+        with self._lock:
+            if from_plc:
+                self.plc_choice = (str(key)[:40], recipe)
+            chosen = self.plc_choice
+        if not from_plc and chosen is not None and recipe is not chosen[1]:
+            asked = f"{chosen[1].number}={chosen[1].name}" if chosen[1] is not None else f"{chosen[0]!r}, no recipe"
+            message = (f"the PLC selects this line's recipe ({self._plc_name()} asks for {asked}); "
+                       f"{origin} may only name that one")
+            log.error("%s: recipe request from %s for %s refused: %s", self._who(), origin, str(key)[:40], message)
+            with self._lock:
+                self._refusals.append(message)
+            return False, message
         if recipe is None:
             message = f"unknown recipe {str(key)[:40]!r} (known: {', '.join(f'{r.number}={r.name}' for r in self.cfg.recipes)})"
             log.error("%s: recipe request from %s refused: %s", self._who(), origin, message)
@@ -210,21 +227,27 @@ class RecipeSwitcher:
                 self._pending = (recipe, first_origin, True)
                 log.info("%s: %s: the requested recipe %s will be read from disk", self._who(), origin, recipe.name)
                 return
-            target = self.switching_to or self.active
+            plc = self.plc_choice[1] if self.plc_choice is not None else None
+            target = plc or self.switching_to or self.active
         self.request(target.name, origin, force=True)
 
-    def submit(self, key: str | int, origin: str, fault_if_unknown: bool = False) -> Future:
+    def submit(self, key: str | int, origin: str, fault_if_unknown: bool = False, from_plc: bool = False) -> Future:
         """Ask for recipe `key` and get a Future of (outcome, message), resolved when the switch is over. outcome:
-        "ok" (verified and active), "unknown" (no such recipe: refused, nothing changes), "failed" (the line stays
-        in FAULT, see above) or "superseded" (another request came before this one started)."""
+        "ok" (verified and active), "unknown" (no such recipe: refused, nothing changes), "refused" (the PLC
+        selects this line's recipe, and it is another one), "failed" (the line stays in FAULT, see above) or
+        "superseded" (another request came before this one started)."""
         waiter: Future = Future()
         with self._lock:   # one lock with the request: a poll() in between cannot start it without this waiter
-            accepted, message = self.request(key, origin, fault_if_unknown=fault_if_unknown)
+            accepted, message = self.request(key, origin, fault_if_unknown=fault_if_unknown, from_plc=from_plc)
             if accepted:
                 self._pending_waiters.append(waiter)
         if not accepted:
-            _resolve(waiter, "unknown", message)
+            _resolve(waiter, "unknown" if self.cfg.find(key) is None else "refused", message)
         return waiter
+
+    def _plc_name(self) -> str:
+        return f"Modbus register {self.cfg.modbus_register}" if self.cfg.modbus_register is not None else \
+            "the GPIO select lines"
 
     def on_serial(self, line: str) -> bool:
         words = line.strip().split()
@@ -300,7 +323,8 @@ class RecipeSwitcher:
                 if value:
                     # A PLC writing a number it means can read no refusal: an unknown one faults the line (as the
                     # GPIO select lines do) instead of the old recipe passing the new product.
-                    self.request(value, f"modbus register {self.cfg.modbus_register}", fault_if_unknown=True)
+                    self.request(value, f"modbus register {self.cfg.modbus_register}", fault_if_unknown=True,
+                                 from_plc=True)
             return
 
     def _start(self, recipe: RecipeConfig, origin: str, force: bool) -> None:

@@ -56,7 +56,7 @@ VISION_STATE = {"ready": "Operational", "not_ready": "Preoperational", "fault": 
 
 
 # PrepareRecipe's Error output (40100: 0 OK, < 0 application-specific) for RecipeSwitcher.submit()'s outcomes.
-RECIPE_ERRORS = {"ok": 0, "unknown": -1, "failed": -2, "timeout": -3, "superseded": -4}
+RECIPE_ERRORS = {"ok": 0, "unknown": -1, "failed": -2, "timeout": -3, "superseded": -4, "refused": -5}
 
 SecurityPolicyName = Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]
 

@@ -249,6 +249,58 @@ def test_modbus_register_selects_and_registers_acknowledge(two_products, write_s
     assert station.pipeline.bundle.bundle_id == IDS["cap-a"]
 
 
+def test_while_the_plc_selects_the_recipe_other_sources_may_only_name_that_one(two_products, write_station,
+                                                                              part_images_bytes, free_port,
+                                                                              start_station):
+    """The PLC's Modbus register asked for 2; an HTTP request had put the line back on cap-a while the register
+    still read 2 (and could clear the FAULT of an unknown number the PLC asked for)."""
+    from pymodbus.client import ModbusTcpClient
+
+    port, http_port = free_port(), free_port()
+    a, b = two_products
+    cfg = load_station(write_station(
+        source={"type": "scripted"}, recovery={"read_timeout_s": 0.1}, http={"port": http_port},
+        outputs=[{"type": "modbus", "port": port, "allow_writes": True}],
+        recipes={"modbus_register": 16, "allow_http": True,
+                 "recipes": [{"name": "cap-a", "number": 1, "bundle": str(a)},
+                             {"name": "cap-b", "number": 2, "bundle": str(b)}]}))
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source)
+    station = running.station
+    switcher = station.line.recipes
+    base = f"http://127.0.0.1:{http_port}"
+
+    def post(name):
+        try:
+            return urllib.request.urlopen(urllib.request.Request(f"{base}/recipe/{name}", method="POST"), timeout=5).status, ""
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    wait_until(lambda: station.counters.frames >= 1, what="inspection")
+    assert post("cap-b")[0] == 202                       # before the PLC has chosen, HTTP may switch
+    wait_until(lambda: switcher.active.name == "cap-b" and switcher.status == "ok", what="the HTTP switch")
+    client = ModbusTcpClient("127.0.0.1", port=port, timeout=3, retries=0)
+    assert client.connect()
+    try:
+        assert not client.write_register(16, 1, device_id=1).isError()                     # the PLC asks for 1
+        wait_until(lambda: switcher.active.name == "cap-a" and switcher.status == "ok", what="the PLC's switch")
+        code, body = post("cap-b")
+        assert code == 409 and "Modbus register 16 asks for 1=cap-a" in body
+        assert post("cap-a")[0] == 202                   # naming the PLC's own choice is fine
+        assert switcher.submit("cap-b", "opcua").result(5) == ("refused", switcher._refusals[-1])
+        assert not client.write_register(16, 7, device_id=1).isError()                     # no such recipe
+        wait_until(lambda: station.fault_reason and "unknown recipe '7'" in station.fault_reason, what="the fault")
+        code, body = post("cap-a")
+        assert code == 409 and "asks for '7', no recipe" in body
+        time.sleep(0.3)
+        assert station.status().state == "fault", "only the PLC can clear its own unknown number"
+        assert client.read_holding_registers(7, count=2, device_id=1).registers[1] == 3       # failed
+    finally:
+        client.close()
+    running.stop()
+
+
 def test_serial_acknowledgement_lines():
     out = SerialOutput(SerialConfig(port="/dev/null"))
     written: list[str] = []
