@@ -25,7 +25,7 @@ from starlette.routing import Route
 from edge_runtime.http_endpoint import HttpConfig, StationStatus
 from edge_runtime.operator_page.auth import SESSION_COOKIE, Session, Sessions, role_allows
 from edge_runtime.operator_page.config import PageConfig
-from edge_runtime.operator_page.feedback import FeedbackError
+from edge_runtime.operator_page.feedback import FeedbackError, check_learnable
 from edge_runtime.operator_page.part_history import PartHistory
 from edge_runtime.operator_page.server import LineView
 from edge_runtime.operator_page.static import CSS, JS
@@ -158,7 +158,8 @@ def build_app(cfg: PageConfig, views: dict[str, LineView], stopping: Callable[[]
             origin = f"{parts.scheme}://{parts.netloc}"
         if origin is None or origin == "null":
             return refused(403, "cross-site check: the request has no Origin")
-        if urlsplit(origin).netloc != host:
+        parts = urlsplit(origin)
+        if parts.netloc != host or parts.scheme != request.url.scheme:
             return refused(403, f"cross-site request refused (Origin {origin} is not this page)")
         return None
 
@@ -470,8 +471,8 @@ def build_app(cfg: PageConfig, views: dict[str, LineView], stopping: Callable[[]
         ("/api/status", api_status, ["GET"]), ("/api/parts", api_parts, ["GET"]), ("/events", events, ["GET"]),
         ("/api/shift", action("operator", lambda v, s, d: (v.history.new_shift(), {"ok": True})[1],
                               needs_feedback=False), ["POST"]),
-        ("/api/feedback/good/preview", action("operator", lambda v, s, d: v.feedback.preview_good(_fid(d), s.user)),
-         ["POST"]),
+        ("/api/feedback/good/preview", action("operator", lambda v, s, d: v.feedback.preview_good(
+            *check_learnable(v.history, _fid(d), s.role, cfg.operator_learn_max), s.user)), ["POST"]),
         ("/api/feedback/good/apply",
          action("operator", lambda v, s, d: v.feedback.apply(str(d["plan"]), s.user, "learn-good")), ["POST"]),
         ("/api/feedback/bad", action("operator", lambda v, s, d: v.feedback.mark_bad(_fid(d), s.user)), ["POST"]),

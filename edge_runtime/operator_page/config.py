@@ -36,6 +36,9 @@ class PageConfig:
     users: list[PageUser] = field(default_factory=list)  # none: the page is read-only
     session_timeout_s: float = 8 * 3600.0
     station_signing_key: str | None = None  # ed25519 private key (PEM) signing device-made versions; see bank_adapt
+    # An operator may teach as good a part scoring up to this many times the threshold (a false reject lies near
+    # it; a part far above it is more likely a defect): an engineer confirms the rest. 0: engineers only.
+    operator_learn_max: float = 1.25
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -50,6 +53,8 @@ class PageConfig:
         names = [u.name for u in self.users]
         if len(set(names)) != len(names):
             raise ValueError("users: a name appears twice")
+        if not 0 <= self.operator_learn_max <= 100:
+            raise ValueError(f"operator_learn_max: must be 0..100 (times the threshold), got {self.operator_learn_max}")
         if self.session_timeout_s <= 0:
             raise ValueError(f"session_timeout_s: must be > 0, got {self.session_timeout_s}")
 

@@ -25,6 +25,27 @@ class FeedbackError(RuntimeError):
     """The request cannot be served; the message is shown to the person."""
 
 
+def check_learnable(history: PartHistory, frame_id: int, role: str, operator_max: float) -> tuple[int]:
+    """(frame_id,) when `role` may teach part `frame_id` as good; else FeedbackError with the reason.
+
+    Only a part the station rejected or sent to review has anything to teach. A false reject scores near the
+    threshold; a part far above it is more likely a defect, and teaching it would hide that defect and others like
+    it (a probe taught parts at twice the threshold and an untaught defect then passed), so an operator may teach
+    parts up to `operator_max` times the threshold (page.operator_learn_max) and an engineer confirms the rest."""
+    part = history.get(frame_id)
+    if part is None:
+        raise FeedbackError(f"part {frame_id} is no longer in the history")
+    verdict, score, threshold = part.record.get("verdict"), part.record.get("score"), part.record.get("threshold")
+    if verdict not in ("NG", "REVIEW") or score is None or not threshold:
+        raise FeedbackError(f"part {frame_id} was {verdict}: only a rejected (NG) or REVIEW part can be taught as good")
+    ratio = float(score) / float(threshold)
+    if role == "operator" and ratio > operator_max:
+        raise FeedbackError(f"part {frame_id} scored {float(score):.2f}, {ratio:.2f} x the threshold "
+                            f"{float(threshold):.2f}; an operator may teach parts up to {operator_max:g} x "
+                            "(page.operator_learn_max): an engineer must confirm that this one is good")
+    return (frame_id,)
+
+
 class Feedback:
     """`current_bundle()` returns the bundle in service; `reload()` asks the daemon to load the active version and
     returns once it is in service (or raises)."""

@@ -17,6 +17,9 @@ from edge_runtime.operator_page.auth import hash_password  # noqa: E402
 
 PASSWORDS = {"vera": "view-pw", "otto": "operate-pw", "erin": "engineer-pw"}
 HASHES = {name: hash_password(pw, n=2 ** 10) for name, pw in PASSWORDS.items()}  # cheap cost: tests only
+# The tests' marked part scores about 1.5 x the threshold: these stations let an operator teach it (the default,
+# 1.25, leaves it to an engineer; see test_only_rejected_parts_are_taught_...).
+OPERATOR_TEACHES_MARKED = {"operator_learn_max": 2.0}
 
 
 class Client:
@@ -99,7 +102,7 @@ def page_station(device_bundle, tmp_path, write_station, free_port, start_statio
              (("vera", "viewer"), ("otto", "operator"), ("erin", "engineer"))]
     path = write_station(bundle=base, source={"type": "folder", "path": "in", "mode": "watch"}, state_dir="state",
                          inference={"threads": 1}, outputs=[{"type": "result_log", "path": "results.jsonl"}],
-                         page={"enabled": True, "port": port, "users": users})
+                         page={"enabled": True, "port": port, "users": users, **OPERATOR_TEACHES_MARKED})
     return (lambda: start_station(path)), folder, port, images
 
 
@@ -155,6 +158,9 @@ def test_unauthenticated_cross_site_and_role_checks(page_station):
     c.login("otto")
     status, body = c.post("/api/feedback/good/preview", {"frame_id": part["frame_id"]}, origin="http://evil.example")
     assert status == 403 and "cross-site" in body["error"]               # a logged-in browser on another site
+    status, body = c.post("/api/feedback/good/preview", {"frame_id": part["frame_id"]},
+                          origin=f"https://127.0.0.1:{port}")
+    assert status == 403 and "cross-site" in body["error"]               # same host and port, another scheme
     status, body = c.post("/api/feedback/good/preview", {"frame_id": part["frame_id"]}, origin=None)
     assert status == 403 and "Origin" in body["error"]
     status, body = c.post("/api/feedback/good/preview", {"frame_id": part["frame_id"]}, csrf=False)
@@ -231,6 +237,36 @@ def test_feedback_learns_at_once_persists_across_restart_and_rolls_back(page_sta
     assert json.loads(audit[0])["who"] == "otto" and json.loads(audit[-1])["who"] == "erin"
 
 
+def test_only_rejected_parts_are_taught_and_far_above_the_threshold_only_by_an_engineer(
+        device_bundle, tmp_path, write_station, free_port, start_station):
+    """An operator had taught defects scoring twice the threshold as good (an untaught defect then passed) and
+    could teach parts that were already OK."""
+    base = tmp_path / "bundle"
+    shutil.copytree(device_bundle, base)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    images = part_images(base, tmp_path)
+    port = free_port()
+    users = [{"name": n, "role": r, "password_hash": HASHES[n]} for n, r in (("otto", "operator"), ("erin", "engineer"))]
+    start_station(write_station(bundle=base, source={"type": "folder", "path": "in", "mode": "watch"},
+                                state_dir="state", inference={"threads": 1},
+                                page={"enabled": True, "port": port, "users": users, "operator_learn_max": 1.0}))
+    c = Client(port)
+    wait_for(lambda: c.get_json("/api/status")["state"] == "ready")
+    ok = feed(folder, images["good"], "ok.png", c)
+    rejected = feed(folder, images["marked"], "ng.png", c)
+    assert ok["verdict"] == "OK" and rejected["verdict"] == "NG" and rejected["score"] > rejected["threshold"]
+    c.login("otto")
+    status, body = c.post("/api/feedback/good/preview", {"frame_id": ok["frame_id"]})
+    assert status == 409 and "only a rejected (NG) or REVIEW part" in body["error"], body
+    status, body = c.post("/api/feedback/good/preview", {"frame_id": rejected["frame_id"]})
+    assert status == 409 and "an engineer must confirm" in body["error"] and "x the threshold" in body["error"], body
+    engineer = Client(port)
+    engineer.login("erin")
+    status, body = engineer.post("/api/feedback/good/preview", {"frame_id": rejected["frame_id"]})
+    assert status == 200 and body["variants"]["int8"]["images"][0]["verdict_after"] == "OK", body
+
+
 # ---- one page for every line of a station (`lines:`) -------------------------------------------------------------
 def first_event(port: int, path: str, timeout: float = 30.0) -> dict:
     """The first data event of a live view's server-sent stream."""
@@ -264,7 +300,7 @@ def two_line_page(device_bundle, tmp_path, write_station, free_port, start_stati
     path = write_station(bundle=base, state_dir="state", inference={"threads": 2},
                          lines=[{"name": n, "source": {"type": "folder", "path": str(f), "mode": "watch"}}
                                 for n, f in folders.items()],
-                         page={"enabled": True, "port": port, "users": users})
+                         page={"enabled": True, "port": port, "users": users, **OPERATOR_TEACHES_MARKED})
     return start_station(path), folders, port, images
 
 
@@ -408,7 +444,7 @@ def test_learning_on_a_line_with_recipes_changes_the_active_recipes_bundle_only(
     running = start_station(write_station(
         source={"type": "folder", "path": "in", "mode": "watch"}, state_dir="state",
         recipes={"recipes": [{"name": n, "number": i + 1, "bundle": str(b)} for i, (n, b) in enumerate(bundles.items())]},
-        page={"enabled": True, "port": port, "users": users}))
+        page={"enabled": True, "port": port, "users": users, **OPERATOR_TEACHES_MARKED}))
     switcher = running.station.line.recipes
     c = Client(port)
     wait_for(lambda: c.get_json("/api/status")["state"] == "ready")
