@@ -97,6 +97,9 @@ class Station:
         self._state_lock: int | None = None    # fd holding <state_dir>/edge-runtime.lock while running
         self._lock_lost = False                 # another daemon took the state_dir: run() exits 1
         self._lock_watch_stop = threading.Event()
+        # The watcher and shutdown both use the lock's fd: one at a time, so the watcher never checks (and never
+        # closes) an fd number shutdown has already closed and the process may have reused for another file.
+        self._state_lock_guard = threading.Lock()
 
     def _build_lines(self, cfg: StationConfig, **overrides) -> list[Line]:
         configs = line_station_configs(cfg)
@@ -195,6 +198,11 @@ class Station:
         """The state_dir lock must stay where another daemon looks for it: a state_dir deleted (or its lock file)
         while running let a second daemon start on the same station and reuse frame ids. Re-taken at once; if
         another daemon got there first, this one stops (a dead process reads not-OK; the other keeps the line)."""
+        with self._state_lock_guard:
+            if not self._lock_watch_stop.is_set():
+                self._check_state_lock()
+
+    def _check_state_lock(self) -> None:
         fd, state_dir = self._state_lock, self.cfg.state_dir
         if fd is None or not state_dir:
             return
@@ -346,6 +354,7 @@ class Station:
             self._http.stop()
             self._http = None
         self._lock_watch_stop.set()
-        lock, self._state_lock = self._state_lock, None
+        with self._state_lock_guard:
+            lock, self._state_lock = self._state_lock, None
         if lock is not None:
             os.close(lock)
