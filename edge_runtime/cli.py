@@ -79,35 +79,53 @@ def build_station_objects(cfg) -> list[str]:
 
 
 def check_against_bundles(cfg) -> list[str]:
-    """The station file's ROI, size policy and review threshold against each line's bundle manifest (read, not
-    verified: run verifies). Raises ConfigError for a key the bundle cannot take (every frame would be a FAULT);
-    returns notes for bundles that cannot be read here (validate may run away from the station)."""
+    """Every bundle each line may run (its own, each recipe's), checked as the daemon's load checks it except for
+    building the model: the active version's descent, every file's checksum, the signature
+    (security.bundle_public_key), product and version floor (state_dir), and the station file's ROI, size policy
+    and review threshold. Raises ConfigError naming the line, recipe and bundle for one the daemon would refuse;
+    returns notes for bundles or keys that are not here (validate may run away from the station)."""
     from edge_runtime.bundle import Bundle, BundleError, StationMismatch
-    from edge_runtime.bundle_loader import check_station_against
+    from edge_runtime.bundle_loader import check_station_against, load_public_key
+    from edge_runtime.bundle_policy import check_admission
+    from edge_runtime.bundle_versions import load_station_bundle
     from edge_runtime.lines_config import line_station_configs
+    from edge_runtime.recipes import recipe_station_config
     from edge_runtime.schema import ConfigError
 
     notes = []
     for name, c in line_station_configs(cfg):
         line = f"lines[{name}]: " if name else ""
         recipes = getattr(getattr(c, "recipes", None), "recipes", None) or []
-        # Every bundle the line may run: its own and each recipe's (a switch to one that does not suit the station
-        # file would leave the line in FAULT).
-        targets = [(line, c.bundle)] if getattr(c, "bundle", None) else []
-        targets += [(f"{line}recipe {r.name}: ", r.bundle) for r in recipes if r.bundle and r.bundle != c.bundle]
-        for where, path in targets:
+        # Every bundle the line may run: its own and each recipe's (a switch to one the daemon refuses, or that
+        # does not suit the station file, would leave the line in FAULT).
+        targets = [(f"{line}recipe {r.name}: ", recipe_station_config(c, r)) for r in recipes] if recipes else \
+            ([(line, c)] if getattr(c, "bundle", None) else [])
+        for where, target in targets:
+            path = target.bundle
             try:
-                bundle = Bundle.load(path, verify=False)
-            except (BundleError, OSError) as exc:
-                notes.append(f"{where}bundle {path} not read here ({exc}): roi, size_policy and "
-                             "inference.review_threshold not checked against it")
+                Bundle.load(path, verify=False)
+            except (BundleError, OSError) as exc:   # no bundle here (yet): validate may run away from the station
+                notes.append(f"{where}bundle {path} not read here ({exc}): not checked against the station file; "
+                             "the daemon refuses it unless a readable bundle is there when it starts")
                 continue
             try:
-                check_station_against(c, bundle)
+                key = load_public_key(target.security.bundle_public_key)
+            except (OSError, ValueError, ImportError) as exc:
+                notes.append(f"{where}security.bundle_public_key {target.security.bundle_public_key} not read here "
+                             f"({exc}): bundle {path} not checked")
+                continue
+            bundle = None
+            try:
+                bundle = load_station_bundle(target, key)
+                check_admission(bundle, target.security.product, target.security.allow_downgrade, target.state_dir)
+                check_station_against(target, bundle)
             except StationMismatch as exc:
                 raise ConfigError(f"{where}{exc} (bundle {path})") from None
             except BundleError as exc:
-                notes.append(f"{where}bundle {path}: {exc}")
+                raise ConfigError(f"{where}the daemon would refuse bundle {path}: {exc}") from None
+            finally:
+                if bundle is not None:
+                    bundle.release()   # the verified bytes: validate only checks them
     return notes
 
 
@@ -218,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
                         "search as an onnxruntime graph; ivf: faiss IVF built from the bank + exact re-check")
     c.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")
     c.set_defaults(func=_check)
-    v = sub.add_parser("validate", help="validate a station file (schema, and every object run builds, without "
-                                        "opening devices or the bundle); exit 0 valid, 2 invalid")
+    v = sub.add_parser("validate", help="validate a station file: schema, every object run builds (without "
+                                        "opening devices), and each bundle the lines may run (recipes included) "
+                                        "checked as the daemon's load checks it except for the model: checksums, "
+                                        "signature, product, version floor, ROI and size policy; exit 0 valid, "
+                                        "2 invalid")
     v.add_argument("config", help="station YAML file to check; errors name the file and the key")
     v.set_defaults(func=_validate)
     cam = sub.add_parser("cameras", help="list V4L2 cameras with their formats and frame sizes")

@@ -104,6 +104,14 @@ def resolve_recipe_paths(recipes: RecipesConfig | None, key: str, absolute: Call
         r.bundle = absolute(f"{key}.recipes[{i}].bundle", r.bundle)
 
 
+def recipe_station_config(base, recipe: RecipeConfig):
+    """The line's config `base` with the recipe's bundle and product; its own version floor and device-made
+    versions (state_dir/recipes/<name>)."""
+    security = dataclasses.replace(base.security, product=recipe.product or base.security.product)
+    state = os.path.join(base.state_dir, "recipes", recipe.name) if base.state_dir else None
+    return dataclasses.replace(base, bundle=recipe.bundle, security=security, state_dir=state)
+
+
 class RecipeSwitcher:
     """The recipes of one line. Requests come from any thread; the line's loop starts and applies switches
     (`poll()` from its housekeeping), so the pipeline is swapped between parts, never during one."""
@@ -142,11 +150,7 @@ class RecipeSwitcher:
 
     # ---- configuration of one recipe ----------------------------------------------------------------------
     def recipe_cfg(self, recipe: RecipeConfig):
-        """The line's config with the recipe's bundle; its own version floor (state_dir/recipes/<name>)."""
-        base = self.line.cfg
-        security = dataclasses.replace(base.security, product=recipe.product or base.security.product)
-        state = os.path.join(base.state_dir, "recipes", recipe.name) if base.state_dir else None
-        return dataclasses.replace(base, bundle=recipe.bundle, security=security, state_dir=state)
+        return recipe_station_config(self.line.cfg, recipe)
 
     def load(self, recipe: RecipeConfig, load_threads: int | None = None) -> "Pipeline":
         from edge_runtime import bundle_loader

@@ -90,3 +90,44 @@ def test_validate_checks_every_recipe_bundle_not_only_the_first(small_bundle, tm
     assert runtime_main(["validate", str(out)]) == 2
     err = capsys.readouterr().err
     assert "recipe b: station file size_policy: 'letterbox'" in err and str(varied) in err
+
+
+@pytest.mark.parametrize("case", ["damaged", "unsigned", "product", "older", "recipe-product"])
+def test_validate_refuses_what_the_daemon_would_refuse(small_bundle, tmp_path, capsys, case):
+    """validate had said valid for a bundle with a broken signature, another product or a version below the floor,
+    and the daemon then started in FAULT."""
+    import json
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(small_bundle, bundle)
+    keys: dict = {}
+    expected = {"damaged": "does not match the manifest", "unsigned": "signature", "product": "security.product",
+                "older": "lower than", "recipe-product": "recipe second: the daemon would refuse"}[case]
+    if case == "damaged":
+        model = next(bundle.glob("*.onnx"))
+        model.write_bytes(model.read_bytes()[:-1] + b"\0")
+    elif case == "unsigned":
+        from export.signing import generate_keypair
+
+        _, public = generate_keypair(tmp_path / "keys")
+        keys["security"] = {"bundle_public_key": str(public)}
+    elif case == "product":
+        keys["security"] = {"product": "another-part"}
+    elif case == "older":
+        state = tmp_path / "state"
+        state.mkdir()
+        version = yaml.safe_load((bundle / "manifest.yaml").read_text())["bundle_version"]
+        (state / "bundle_version.json").write_text(json.dumps({"bundle_version": version + 1}))
+        keys["state_dir"] = str(state)
+    out = station(tmp_path, bundle, **keys)
+    if case == "recipe-product":
+        doc = yaml.safe_load(out.read_text())
+        del doc["bundle"]
+        doc["recipes"] = {"recipes": [{"name": "first", "number": 1, "bundle": str(bundle)},
+                                      {"name": "second", "number": 2, "bundle": str(bundle), "product": "other"}]}
+        out.write_text(yaml.safe_dump(doc))
+    capsys.readouterr()
+    assert runtime_main(["validate", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(bundle) in err, err
