@@ -41,7 +41,8 @@ DEFAULT_RESAMPLE = "halve-area"      # what `edge-export fit` pins in new bundle
 PAD_VALUE = 127                      # letterbox fill: 0 after the network's (x - 127) / 128 normalisation
 STRIDE = 16                          # input sizes are multiples of the deepest tap's stride
 MAX_TILES = 1024                     # bounds what a manifest can make the device allocate
-# Most model pixels per tile that fit chooses by default (256 x 256): the images' own size up to this.
+# Model pixels per tile that fit chooses by default (256 x 256), for images of any size: larger ones are shrunk,
+# smaller ones upsampled (a 100 x 100 bottle at its own 96 x 96 passed 5 of 63 defects, at 256 x 256 none).
 # benchmarks/results/accuracy_levers.md: on bottle more pixels sharpen the heat map (pixel AUROC 0.983 at 256, 0.986
 # at the native 384) but narrow the image-level gap between the best-scored defect and the worst good part (+11% at
 # 256, +2% at 384: one defect escapes the 0.5% threshold at 384, none at 256), and cost 2.25x the compute.

@@ -89,6 +89,7 @@ def _fit(a: argparse.Namespace) -> int:
                     aggregation_size=a.aggregation, input_norm=a.input_norm, seed=a.seed, projection_dim=a.projection_dim,
                     cross_fit_folds=a.cross_fit_folds, cross_fit_method=a.cross_fit_method, max_train=a.max_train, target_false_reject=a.target_frr,
                     review_false_reject=a.review_frr, defect_margin=a.defect_margin, int8_target=a.int8_target,
+                    keep_score_outliers=a.keep_score_outliers,
                     default_variant=a.default_variant, product=a.product, bundle_version=a.bundle_version,
                     hnsw=HnswParams(M=a.hnsw_m, ef_construction=a.hnsw_ef_construction, ef_search=a.ef,
                                     seed_step=a.seed_step,
@@ -188,6 +189,8 @@ def _evaluate(a: argparse.Namespace) -> int:
         print(f"  {d:>14}: {auc}escapes {pct(row['escapes'])}, review {pct(row['review'])}{fault}")
     if result["excluded_calibration_defects"]:
         print(f"  ({result['excluded_calibration_defects']} calibration defects used by fit left out)")
+    if result.get("false_reject_warning"):
+        print(f"  WARNING: {result['false_reject_warning']}")
     if result["faults"]:
         f = result["faults"]
         print(f"  WARNING: {len(f)} image(s) could not be inspected: FAULT on the station (counted as rejected "
@@ -249,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                         "cracks in shared/BACKBONES.md, about 1.5x the inference time")
     f.add_argument("--input-size", type=_size, default=None, metavar="WxH",
                    help="model input (one tile) in pixels, multiples of 16 (default: chosen from the training "
-                        "images: their median aspect ratio and size, at most --pixels pixels)")
+                        "images: their median aspect ratio at about --pixels pixels)")
     f.add_argument("--pixels", type=_number(int, 32 * 32), default=DEFAULT_PIXELS,
-                   help=f"most model pixels per tile when --input-size is not given: the training images' median "
-                        f"size up to this (default: {DEFAULT_PIXELS}, 256x256); raise it for sharper heat maps, or tile "
-                        f"with --scale for thin defects on large frames")
+                   help=f"model pixels per tile when --input-size is not given, whatever the images' size: larger "
+                        f"images are shrunk to it, smaller ones upsampled (default: {DEFAULT_PIXELS}, 256x256); raise "
+                        f"it for sharper heat maps, or tile with --scale for thin defects on large frames")
     f.add_argument("--scale", type=_number(float, 0, 4, low_open=True), default=None,
                    help="tile the frame: canvas pixels per frame pixel, e.g. 0.5 for a 2448x2048 camera and thin "
                         "defects (default: none, the whole frame is one model input)")
@@ -293,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--review-frr", type=_number(float, 0, 1, low_open=True, high_open=True), default=None,
                    help="add a REVIEW band whose lower edge sends about this fraction of good parts to a person "
                         "(default: no band)")
+    f.add_argument("--keep-score-outliers", action="store_true",
+                   help="keep good images whose cross-fitted scores stand far above the others (robust z > 12 and "
+                        "> 1.25 x the threshold the rest give: a defect or another product slipped in?) in the "
+                        "threshold (default: off: they are left out of it and named; they stay in the bank)")
     f.add_argument("--defect-margin", type=_number(float, 0, 1, high_open=True), default=0.05,
                    help="with --calibration-defects: the threshold sits at least this fraction below the lowest "
                         "defect when the good-only threshold would let one through (default: 0.05)")

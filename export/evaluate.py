@@ -89,6 +89,22 @@ def operating_point_report(labels: list[str], scores: np.ndarray, threshold: flo
     return out
 
 
+def false_reject_warning(observed: dict, expected: dict | None) -> str | None:
+    """A message when the good test images are rejected far more often than fit expected (its 95% interval and
+    this one's do not meet): the test images differ from the training images, or these do not cover how good
+    parts vary, and the threshold should not be trusted until someone has looked at the rejected ones."""
+    if not expected or not observed["n"] or expected.get("modelled_ci95") is None:
+        return None
+    hi = float(expected["modelled_ci95"][1])
+    if observed["ci95"][0] <= hi:
+        return None
+    return (f"good images rejected {observed['count']}/{observed['n']} ({observed['rate']:.1%}, 95% CI "
+            f"{observed['ci95'][0]:.1%}-{observed['ci95'][1]:.1%}) where fit expected {expected['modelled']:.2%} "
+            f"(95% CI up to {hi:.2%}): these good images differ from the training images (camera, lighting, "
+            "compression, orientation, another product?) or the training images do not cover how good parts vary; "
+            "look at the rejected good images before trusting the threshold")
+
+
 def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: str = "hnsw", threads: int = 2,
              report_dir: Path | None = None, ef_search: int | None = None, size_policy: str | None = None,
              seed_step: int | None = None, ef_seeded: int | None = None) -> dict:
@@ -143,6 +159,8 @@ def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: s
         per_defect[d] = auroc(labels[sel], scores[sel]) if len(set(labels[sel])) == 2 else None
     op = operating_point_report([it.label for it in items], [x if np.isfinite(x) else None for x in scores],
                                 threshold, review)
+    expected = bundle.manifest["variants"].get("fp32" if engine.endswith("fp32") else "int8", {}).get(
+        "threshold_info", {}).get("expected_false_reject")
     result = {
         "bundle": str(bundle_dir), "bundle_id": bundle.bundle_id, "data_dir": str(data_dir), "engine": engine, "knn": knn,
         "search": asdict(scorer.search.params) if hasattr(getattr(scorer, "search", None), "params") else None,
@@ -158,6 +176,8 @@ def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: s
         "seconds_per_image": seconds, "threshold": threshold, "review_threshold": review,
         "false_rejects": op["good"]["false_rejects"]["count"], "escapes": op["defects"]["all"]["escapes"]["count"],
         "operating_point": op,
+        "expected_false_reject": expected,
+        "false_reject_warning": false_reject_warning(op["good"]["false_rejects"], expected),
         "faults": faults,
         "images": rows,
     }

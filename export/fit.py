@@ -40,7 +40,7 @@ from edge_runtime.pipeline import Pipeline
 from edge_runtime.preprocess import NORMALIZATION, preprocess
 from export import backbone as backbone_mod
 from export import crossfit
-from export.calibration import operating_point
+from export.calibration import OUTLIER_RATIO, OUTLIER_Z, operating_point, score_outliers
 from export.coreset import CHUNK_PATCHES, greedy_coreset
 from export.dataset import calibration_images, train_images
 from export.metrics import auroc
@@ -71,6 +71,9 @@ class FitSettings:
     max_train: int | None = None           # few-shot: at most this many images in the bank
     target_false_reject: float = 0.005
     review_false_reject: float | None = None  # lower edge of a review band at this modelled good-part rate
+    # Good images whose cross-fitted scores stand out (calibration.score_outliers: a defect slipped in?) are left
+    # out of the threshold and named; True keeps them in.
+    keep_score_outliers: bool = False
     defect_margin: float = 0.05            # the threshold sits at least this fraction below the lowest defect
     int8_target: str = "x86-avx2"
     int8_calibration_images: int = 64
@@ -193,14 +196,18 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
             input_size = tuple(s.input_size)
             notes.append(f"input {input_size[0]}x{input_size[1]} as requested")
         else:
-            # The images' own pixel density up to the budget (geometry.DEFAULT_PIXELS says why that budget):
-            # upsampling beyond the images' own size adds cost, not detail.
-            budget = min(s.pixels, int(np.median([w * h for w, h in sizes])))
+            # The pixel budget whatever the images' size (geometry.DEFAULT_PIXELS says why that budget). Smaller
+            # images are upsampled to it: a patch is 8 model pixels and the ImageNet features see structures of
+            # tens of pixels, so a 100 x 100 bottle kept at 96 x 96 passed 5 of 63 defects (pixel AUROC 0.959),
+            # upsampled to 256 x 256 none (0.983).
+            budget = s.pixels
+            median_px = int(np.median([w * h for w, h in sizes]))
             input_size = default_input_size(aspect, budget)
             notes.append(f"input {input_size[0]}x{input_size[1]} (W/H {input_size[0] / input_size[1]:.3f}, "
                          f"{input_size[0] / input_size[1] / aspect - 1:+.1%} from the training images' median "
-                         f"{aspect:.3f}: sides are multiples of {STRIDE}) at about {budget} model pixels (the "
-                         f"images' median size, at most {s.pixels})")
+                         f"{aspect:.3f}: sides are multiples of {STRIDE}) at about {budget} model pixels"
+                         + (f" (the images' median size {median_px} px is upsampled {math.sqrt(budget / median_px):.1f}x)"
+                            if median_px < budget else ""))
             if abs(math.log(input_size[0] / input_size[1] / aspect)) > ASPECT_TOLERANCE:
                 notes.append(f"WARNING: the input bends the images' aspect by more than {ASPECT_TOLERANCE:.0%} (a "
                              f"side of at least 32 px within 1.5x the pixel budget cannot do better): give "
@@ -620,6 +627,21 @@ def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], def
     t_cross = clock.mark("cross_fit")
     if crossfit_record:
         crossfit_record["seconds"] = round(t_cross, 2)
+    outliers = np.zeros(len(images), dtype=bool)
+    for scores in crossfit_scores.values():
+        outliers |= score_outliers(scores, s.target_false_reject)
+    if outliers.any():
+        # 6 defects slipped among bottle's 209 good images had raised the threshold 24.2 -> 45.2 and let 34 of 57
+        # defects through, silently: the threshold is set without them unless asked, and they are named.
+        worst = max(crossfit_scores.values(), key=lambda x: float(np.max(x)))
+        named = ", ".join(f"{images[i].name} ({float(worst[i]):.1f})" for i in np.flatnonzero(outliers)[:10])
+        log(f"WARNING: {int(outliers.sum())} of {len(images)} good images score far above the others in "
+            f"cross-fitting (robust z > {OUTLIER_Z:g} and > {OUTLIER_RATIO:g} x the threshold the rest give; median "
+            f"{float(np.median(worst)):.1f}): {named}{' ...' if outliers.sum() > 10 else ''}. They look like defects "
+            "or another product among the good images: "
+            + ("kept in the threshold (--keep-score-outliers). " if s.keep_score_outliers else
+               "the threshold is set without them (--keep-score-outliers keeps them). ")
+            + "They are still in the bank: look at them, remove any that is not a good part and fit again.")
     del all_feats, indexes
 
     manifest = {
@@ -656,7 +678,11 @@ def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], def
                 "bank_images": [p.name for p in images], "calibration_defects": [str(p) for p in defects],
                 "calibration_defect_sha256": [sha256_file(p) for p in defects],
                 "feature_seconds": round(t_feat, 2), "index_seconds": round(t_index, 2),
-                "cross_fit_seconds": round(t_cross, 2), "cross_fit": crossfit_record},
+                "cross_fit_seconds": round(t_cross, 2), "cross_fit": crossfit_record,
+                "score_outliers": {"images": [images[i].name for i in np.flatnonzero(outliers)],
+                                   "rule": f"robust z > {OUTLIER_Z:g} and > {OUTLIER_RATIO:g} x the threshold the "
+                                           "other good images give (export.calibration.score_outliers)",
+                                   "in_threshold": bool(s.keep_score_outliers)}},
         "files": {},
     }
     manifest["variants"]["int8"]["quantization"] = quant_info
@@ -692,7 +718,8 @@ def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], def
         bank_scores = np.array([pipe.score_rgb(pipe.load_image(p), str(p)).score for p in bank_sample])
         good_scores = crossfit_scores.get(name, bank_scores)
         v = manifest["variants"][name]
-        sep = set_operating_point(v, name, good_scores, defect_scores, bank_scores, s.target_false_reject,
+        used = good_scores[~outliers] if crossfit_scores and not s.keep_score_outliers else good_scores
+        sep = set_operating_point(v, name, used, defect_scores, bank_scores, s.target_false_reject,
                                   s.review_false_reject, s.defect_margin, s.seed, cross_fitted=bool(crossfit_scores),
                                   cross_fit_method=crossfit_record["method"] if crossfit_record else None)
         if sep is not None:

@@ -52,9 +52,10 @@ def test_a_mistyped_out_never_deletes_the_users_images_or_folders(tmp_path, caps
 
 def test_bundle_manifest_pins_the_score(small_bundle):
     m = yaml.safe_load((small_bundle / "manifest.yaml").read_text())
-    assert m["features"]["dim"] == 152 and m["features"]["grid"] == [28, 28]
+    assert m["features"]["dim"] == 152 and m["features"]["grid"] == [32, 32]
     assert m["score"]["k"] == 1 and m["score"]["distance"] == "l2"
-    assert m["geometry"]["input_size"] == [224, 224] and m["geometry"]["region_size"] == [224, 224]
+    # 224 x 224 frames are upsampled to the default 256 x 256 model pixels (geometry.DEFAULT_PIXELS).
+    assert m["geometry"]["input_size"] == [256, 256] and m["geometry"]["region_size"] == [224, 224]
     assert m["geometry"]["size_policy"] == "refuse" and m["geometry"]["tiles"] == [[0, 0]]
     assert set(m["variants"]) == {"fp32", "int8"}
     for v in m["variants"].values():

@@ -84,6 +84,32 @@ def test_refuses_impossible_inputs():
         operating_point(gumbel(10), target_false_reject=0)
 
 
+def test_score_outliers_flag_slipped_defects_not_a_heavy_good_tail():
+    """Defects slipped among the good images stand out of the cross-fitted scores; a good set's own long tail
+    (generalised-Pareto-like, as on magnetic tile) does not."""
+    from export.calibration import score_outliers
+
+    rng = np.random.default_rng(4)
+    for seed in range(20):
+        good = 17 + rng.gumbel(0, 1.0, size=300)          # a long right tail, no outlier
+        assert not score_outliers(good, 0.005).any(), seed
+    good = 17 + rng.normal(0, 1.2, size=209)
+    slipped = np.r_[good, [33.6, 38.0, 41.2, 45.0, 49.9, 53.3]]
+    mask = score_outliers(slipped, 0.005)
+    assert mask.sum() == 6 and mask[-6:].all()
+    assert not score_outliers(good[:20], 0.005).any(), "too few images to tell"
+
+
+def test_evaluate_warns_when_good_images_are_rejected_far_beyond_the_expectation():
+    from export.evaluate import false_reject_warning, rate
+
+    expected = {"modelled": 0.005, "modelled_ci95": [0.0, 0.0186]}
+    assert false_reject_warning(rate(1, 20), expected) is None
+    message = false_reject_warning(rate(17, 20), expected)
+    assert message and "17/20" in message and "differ from the training images" in message
+    assert false_reject_warning(rate(17, 20), None) is None
+
+
 def test_recalibrate_moves_the_threshold_without_refitting(small_bundle, synthetic_dataset, tmp_path):
     """New calibration defects, a review band: a new bundle, same bank and models, the original untouched."""
     import yaml
