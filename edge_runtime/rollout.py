@@ -19,6 +19,7 @@ Every step is logged (logger edge_runtime.rollout) and reported in the state (MQ
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import os
@@ -84,10 +85,22 @@ def stage_listed_files(src: Path, dest: Path) -> None:
             fout.write(fin.read(limit))
 
 
+def offer_fingerprint(folder: Path) -> str:
+    """What an offered folder holds, cheaply: its files' names, sizes and modification times (hashed)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        h.update(f"{path.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 @dataclass(kw_only=True)
 class RolloutConfig:
     enabled: bool = False
-    watch_dir: str | None = None       # bundle folders renamed into here are offered (once each); None: MQTT only
+    watch_dir: str | None = None       # bundle folders renamed into here are offered (once per content); None: MQTT only
     staging_dir: str | None = None     # where offered bundles are copied; None: <state_dir>/rollout
     poll_interval_s: float = 2.0       # how often watch_dir is listed
     probation_parts: int = 20          # the first parts on a new bundle that decide whether it stays
@@ -269,10 +282,16 @@ class RolloutManager(Output):
             return
         seen = set(self._state.get("seen", []))
         for entry in entries:
-            if entry.name not in seen and (entry / MANIFEST).is_file():
-                self._state["seen"] = [*self._state.get("seen", []), entry.name][-1000:]
-                self._write_state()
-                self._take_offer(str(entry), "watch_dir")
+            if not (entry / MANIFEST).is_file():
+                continue
+            # Offered once per content: a folder copied in place (not renamed in whole) can be seen half-written
+            # and rejected; once its files change it is offered again. An offer while another rollout runs waits.
+            key = f"{entry.name}:{offer_fingerprint(entry)}"
+            if key in seen or self.status in ("staging", "probation"):
+                continue
+            self._state["seen"] = [*self._state.get("seen", []), key][-1000:]
+            self._write_state()
+            self._take_offer(str(entry), "watch_dir")
 
     def _take_offer(self, location: str, origin: str) -> None:
         src = Path(location)

@@ -173,6 +173,26 @@ def test_failed_self_test_or_missing_signature_never_switches(plant, tmp_path, f
     assert json.loads((tmp_path / "state" / VERSION_STATE_FILE).read_text())["bundle_version"] == 1
 
 
+def test_an_offer_copied_in_place_is_taken_once_complete(plant, tmp_path, free_port, start_station):
+    """A bundle copied straight into watch_dir (not renamed in whole) was seen half-written, rejected, and never
+    offered again once the copy was complete."""
+    running = start_station(load_station(station_file(tmp_path, plant, free_port)))
+    station = running.station
+    wait_until(lambda: station.counters.frames >= 3, what="parts on v1")
+    v5 = variant_of(plant["src"], plant["work"] / "flange-v5", plant["keys"], version=5, size_policy="resize")
+    dest = plant["offers"] / v5.name
+    dest.mkdir()
+    for name in (MANIFEST, SIGNATURE):                      # the copy has only begun
+        shutil.copy2(v5 / name, dest / name)
+    wait_until(lambda: station.rollout.status == "rejected", what="the half-written offer's rejection")
+    for path in sorted(v5.rglob("*")):
+        if path.is_file() and path.name not in (MANIFEST, SIGNATURE):
+            (dest / path.relative_to(v5)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest / path.relative_to(v5))
+    wait_until(lambda: station.pipeline.bundle.bundle_version == 5, what="the complete offer in service")
+    running.stop()
+
+
 def test_good_bundle_offered_over_mqtt_is_committed_and_reported(plant, tmp_path, free_port, start_station):
     broker = mb.Broker(tmp_path / "broker").start()
     prefix = "acme/p1/l3/s7"
