@@ -110,9 +110,7 @@ class VersionStore:
                 found.append({"name": folder.name, "path": str(folder), "error": str(exc)})
                 continue
             made = m.get("made_on_device") or {}
-            lineage = m.get("lineage") if isinstance(m.get("lineage"), list) else []
-            other_base = folder != self.base and base_id is not None and m.get("bundle_id") != base_id and \
-                not any(isinstance(e, dict) and e.get("bundle_id") == base_id for e in lineage)
+            other_base = folder != self.base and base_id is not None and not Bundle(folder, m).descends_from(base_id)
             found.append({"name": "base" if folder == self.base else folder.name, "path": str(folder),
                           "other_base": other_base,
                           "bundle_id": m.get("bundle_id"), "bundle_version": m.get("bundle_version"),
