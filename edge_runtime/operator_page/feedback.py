@@ -25,8 +25,8 @@ class FeedbackError(RuntimeError):
     """The request cannot be served; the message is shown to the person."""
 
 
-def check_learnable(history: PartHistory, frame_id: int, role: str, operator_max: float) -> tuple[int]:
-    """(frame_id,) when `role` may teach part `frame_id` as good; else FeedbackError with the reason.
+def check_learnable(history: PartHistory, frame_id: int, role: str, operator_max: float) -> int:
+    """`frame_id` when `role` may teach that part as good; else FeedbackError with the reason.
 
     Only a part the station rejected or sent to review has anything to teach. A false reject scores near the
     threshold; a part far above it is more likely a defect, and teaching it would hide that defect and others like
@@ -43,7 +43,7 @@ def check_learnable(history: PartHistory, frame_id: int, role: str, operator_max
         raise FeedbackError(f"part {frame_id} scored {float(score):.2f}, {ratio:.2f} x the threshold "
                             f"{float(threshold):.2f}; an operator may teach parts up to {operator_max:g} x "
                             "(page.operator_learn_max): an engineer must confirm that this one is good")
-    return (frame_id,)
+    return frame_id
 
 
 class Feedback:
