@@ -437,14 +437,16 @@ def verify_lineage(bundle: Bundle, workstation_key: bytes, station_key: bytes, b
     if not signed:
         raise BundleError(f"{bundle.root / MANIFEST}: no workstation-signed ancestor recorded in 'lineage'")
     anc = signed[-1]
-    if base is not None and anc.get("bundle_id") != base.bundle_id:
-        raise BundleError(f"{bundle.root / MANIFEST}: made from the signed release {short_repr(anc.get('bundle_id'))}, "
-                          f"not from the station's bundle {base.bundle_id} ({base.root})")
     rel = f"{LINEAGE_DIR}/{anc['bundle_id']}.manifest"
     raw = bundle.read_verified(rel + ".yaml")
     sig = bundle.read_verified(rel + ".sig")
     if _digest(raw) != anc.get("manifest_sha256"):
         raise BundleError(f"{bundle.path(rel + '.yaml')}: does not match the lineage's manifest_sha256")
+    # The ancestor's manifest must be the station's bundle's, byte for byte: its id in the lineage is only a label
+    # the station key signed (a version made from a revoked release, relabelled, had passed a check of the id).
+    if base is not None and _digest(raw) != sha256_file(base.root / MANIFEST):
+        raise BundleError(f"{bundle.root / MANIFEST}: made from the signed release {short_repr(anc.get('bundle_id'))}, "
+                          f"not from the station's bundle {base.bundle_id} ({base.root}): its manifest differs")
     try:
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey

@@ -453,10 +453,18 @@ class Bundle:
     @property
     def release_version(self) -> int | None:
         """The workstation release this bundle stands for, what the downgrade floor compares: its bundle_version,
-        or for a version made on the station (learning, adapt, rollback) the bundle_version of the station's base
-        bundle it descends from, set where that descent is checked (bundle_versions.load_station_bundle). A device
-        version's own number is a timestamp: as a floor it would refuse every later numbered release."""
-        return self.base_release if self.base_release is not None else self.bundle_version
+        or for a version made from another bundle (learning, adapt, rollback: `made_on_device`) the release it
+        descends from: the station's base bundle's where that descent was checked (base_release, set by
+        bundle_versions.load_station_bundle), else the first ancestor its lineage records. A device-made version's
+        own number is a timestamp: as a floor it would refuse every later numbered release, and one made from a
+        revoked release would pass a floor set by its successor."""
+        if self.base_release is not None:
+            return self.base_release
+        lineage = self.manifest.get("lineage")
+        if "made_on_device" in self.manifest and isinstance(lineage, list) and lineage \
+                and isinstance(lineage[0], dict) and _positive_int(lineage[0].get("bundle_version")):
+            return int(lineage[0]["bundle_version"])
+        return self.bundle_version
 
     def descends_from(self, bundle_id: str) -> bool:
         """`bundle_id` is this bundle or one of the ancestors its manifest records (`lineage`)."""

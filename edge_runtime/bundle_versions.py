@@ -237,5 +237,5 @@ def load_station_bundle(cfg, workstation_key: bytes | None) -> Bundle:
         raise BundleError(f"{folder}: this device-made version was not made from the station's bundle "
                           f"{base.bundle_id} ({cfg.bundle}) but from an earlier one; roll back or learn again on "
                           "the bundle in the station file")
-    bundle.base_release = base.bundle_version
+    bundle.base_release = base.release_version
     return bundle

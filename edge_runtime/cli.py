@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -90,6 +91,7 @@ def check_against_bundles(cfg) -> list[str]:
     from edge_runtime.bundle_versions import load_station_bundle
     from edge_runtime.lines_config import line_station_configs
     from edge_runtime.recipes import recipe_station_config
+    from edge_runtime.rollout import planned_start_bundle
     from edge_runtime.schema import ConfigError
 
     notes = []
@@ -101,6 +103,12 @@ def check_against_bundles(cfg) -> list[str]:
         targets = [(f"{line}recipe {r.name}: ", recipe_station_config(c, r)) for r in recipes] if recipes else \
             ([(line, c)] if getattr(c, "bundle", None) else [])
         for where, target in targets:
+            if getattr(target.rollout, "enabled", False):   # the daemon starts on the bundle its rollout put there
+                target = dataclasses.replace(target, bundle=planned_start_bundle(target.state_dir, target.bundle))
+            if target.state_dir and os.path.isdir(target.state_dir) and not os.access(target.state_dir, os.R_OK | os.X_OK):
+                notes.append(f"{where}state_dir {target.state_dir} is not readable here: the version floor and "
+                             "device-made versions not checked (the daemon's user reads them)")
+                target = dataclasses.replace(target, state_dir=None)
             path = target.bundle
             try:
                 Bundle.load(path, verify=False)

@@ -529,6 +529,8 @@ class Line:
         if self.rollout is not None:   # the rolled-out bundle, or the previous one after a crash in probation
             self.cfg.bundle = self.rollout.startup_bundle(self.cfg.bundle)
         (self.load_hook or self._load)()
+        if self.rollout is not None:
+            self.rollout.line_loaded()
         if self.recipes is not None:
             self.recipes.open_inputs()   # GPIO recipe select lines, once the initial recipe is in
         log.info(self._tag("start-up took %.2f s (%s)"), time.monotonic() - t0, "ready" if self.pipeline else "FAULT")

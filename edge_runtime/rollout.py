@@ -49,13 +49,8 @@ ROLLOUT_STATE_FILE = "rollout.json"
 _HISTORY = 20
 
 
-def stage_listed_files(src: Path, dest: Path) -> None:
-    """Copy an offered bundle into `dest`: its manifest, its signature and the files the manifest lists, nothing
-    else (the offer is not verified yet: a folder holding a symlink to / or a large file must not make the station
-    copy gigabytes). Refuses symlinks, paths outside the folder and offers over MAX_STAGED_BYTES by their declared
-    sizes, before copying; each file is copied no further than its declared size, plus one byte for the check
-    that follows to see the difference. Raises BundleError or OSError."""
-    src = Path(src)
+def listed_files(src: Path) -> tuple[bytes, dict]:
+    """An offered folder's raw manifest and the files it lists (its `files` mapping); raises BundleError/OSError."""
     raw = read_regular(src / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
     try:
         manifest = load_strict(raw, str(src / MANIFEST))
@@ -64,6 +59,17 @@ def stage_listed_files(src: Path, dest: Path) -> None:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{src / MANIFEST}: 'files' must list every bundle file")
+    return raw, files
+
+
+def stage_listed_files(src: Path, dest: Path) -> None:
+    """Copy an offered bundle into `dest`: its manifest, its signature and the files the manifest lists, nothing
+    else (the offer is not verified yet: a folder holding a symlink to / or a large file must not make the station
+    copy gigabytes). Refuses symlinks, paths outside the folder and offers over MAX_STAGED_BYTES by their declared
+    sizes, before copying; each file is copied no further than its declared size, plus one byte for the check
+    that follows to see the difference. Raises BundleError or OSError."""
+    src = Path(src)
+    _, files = listed_files(src)
     sizes = {rel: meta.get("bytes") if isinstance(meta, dict) else None for rel, meta in files.items()}
     if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in sizes.values()):
         raise BundleError(f"{src / MANIFEST}: every listed file needs its size in bytes")
@@ -86,15 +92,47 @@ def stage_listed_files(src: Path, dest: Path) -> None:
 
 
 def offer_fingerprint(folder: Path) -> str:
-    """What an offered folder holds, cheaply: its files' names, sizes and modification times (hashed)."""
+    """What an offered folder holds, cheaply: the manifest's bytes and the size and modification time of its
+    signature and each file it lists (hashed). Files the manifest does not list are never staged: they do not
+    count. A manifest that cannot be read yet counts as its bytes (or their absence)."""
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    try:
+        raw, files = listed_files(folder)
+    except (BundleError, OSError) as exc:
+        h.update(str(exc).encode())
+        files = {}
+    else:
+        h.update(raw)
+    for rel in sorted([SIGNATURE, *map(str, files)]):
         try:
-            st = path.stat()
-        except OSError:
-            continue
-        h.update(f"{path.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            st = (folder / rel).stat()
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except (OSError, ValueError):
+            h.update(f"{rel}\0missing\n".encode())
     return h.hexdigest()[:16]
+
+
+def start_bundle(state: dict, configured: str) -> str:
+    """The bundle folder a line starts with, from its rollout state (ROLLOUT_STATE_FILE): the rolled-out one if it
+    is there, else the station file's. (A crash in probation is undone by RolloutManager.startup_bundle first.)"""
+    active = state.get("active")
+    return active if active and Path(active).is_dir() else configured
+
+
+def planned_start_bundle(state_dir: str | None, configured: str) -> str:
+    """Read-only, for `validate`: the folder the daemon will start a line with (rollout.enabled)."""
+    if not state_dir:
+        return configured
+    try:
+        state = json.loads((Path(state_dir) / ROLLOUT_STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return configured
+    if not isinstance(state, dict):
+        return configured
+    previous = state.get("previous")
+    if state.get("status") == "probation" and previous and Path(previous).is_dir():
+        return previous
+    return start_bundle(state, configured)
 
 
 @dataclass(kw_only=True)
@@ -156,6 +194,9 @@ class RolloutManager(Output):
         self._parts = 0
         self._faults: list[str] = []
         self._state = self._read_state()
+        # Offers wait for the line's start-up load: one taken before it would have no previous bundle to roll
+        # back to (a restart after a crash in probation had kept the faulty offer in service).
+        self._line_loaded = threading.Event()
 
     # -- state file ----------------------------------------------------------------------------------------
     def _read_state(self) -> dict:
@@ -185,9 +226,7 @@ class RolloutManager(Output):
             self._write_state()
             self.status, self.detail = "rolled_back", "daemon stopped during probation"
             return previous
-        if active and Path(active).is_dir():
-            return active
-        return configured
+        return start_bundle(self._state, configured)
 
     # -- Output --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -249,8 +288,15 @@ class RolloutManager(Output):
             return doc
 
     # -- the rollout thread --------------------------------------------------------------------------------
+    def line_loaded(self) -> None:
+        """The line's start-up load is over (in service or FAULT): offers may be taken from now on."""
+        self._line_loaded.set()
+
     def _run(self) -> None:
         next_poll = 0.0
+        while not self._line_loaded.wait(0.2):
+            if self._stop.is_set():
+                return
         while not self._stop.is_set():
             if self.cfg.watch_dir and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + self.cfg.poll_interval_s
@@ -301,6 +347,7 @@ class RolloutManager(Output):
         if not (src / MANIFEST).is_file():
             self._event("rejected", f"{location} ({origin}): not a bundle folder (no {MANIFEST})")
             return
+        previous_status = (self.status, self.detail)
         self._set_status("staging", f"{location} ({origin})")
         log.info("rollout: offer %s from %s: staging", location, origin)
         staging = Path(self.cfg.staging_dir)
@@ -330,8 +377,11 @@ class RolloutManager(Output):
             self._event("rejected", f"{location}: bundle {new.bundle_id} was rolled back before; not again")
             return
         if current is not None and new.bundle_id == current.bundle.bundle_id:
+            # Offered again (a touched folder, a repeated command): nothing to do, and the last outcome stands.
             shutil.rmtree(dest, ignore_errors=True)
-            self._event("rejected", f"{location}: bundle {new.bundle_id} is already in service")
+            log.info("rollout: %s: bundle %s is already in service", location, new.bundle_id)
+            with self._lock:
+                self.status, self.detail = previous_status
             return
         with self._lock:
             self._previous, self._previous_version_record = current, version_record

@@ -180,6 +180,22 @@ def test_station_key_cannot_bring_back_a_replaced_release_or_move_the_region(dev
     verify_lineage(old, ws_pub, st_pub)                       # a genuine chain, of the old release
     with pytest.raises(BundleError, match=f"not from the station's bundle {releases[100].bundle_id}"):
         verify_lineage(old, ws_pub, st_pub, releases[100])
+    assert old.release_version == 50, "a version made from v50 stands for release 50, not its timestamp"
+    # Relabelled: the lineage names the station's release and its manifest file is renamed, re-signed with the
+    # station key; the ancestor's bytes are still the revoked release's.
+    relabel = tmp_path / "relabelled"
+    shutil.copytree(old.root, relabel)
+    m = yaml.safe_load((relabel / MANIFEST).read_text())
+    old_id, new_id = releases[50].bundle_id, releases[100].bundle_id
+    for ext in ("yaml", "sig"):
+        (relabel / "lineage" / f"{old_id}.manifest.{ext}").rename(relabel / "lineage" / f"{new_id}.manifest.{ext}")
+    for entry in m["lineage"]:
+        if entry["bundle_id"] == old_id:
+            entry["bundle_id"] = new_id
+    write_manifest(relabel, m)
+    sign_version(relabel, st_pem)
+    with pytest.raises(BundleError, match="its manifest differs"):
+        verify_lineage(Bundle.load(relabel, public_key=st_pub), ws_pub, st_pub, releases[100])
     plan = prepare(releases[100], [InputImage.from_file(images["good"])], [], threads=1)
     moved = plan.write(tmp_path / "from100", signing_key=st_pem).root
     verify_lineage(Bundle.load(moved, public_key=st_pub), ws_pub, st_pub, releases[100])

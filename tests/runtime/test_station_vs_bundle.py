@@ -131,3 +131,29 @@ def test_validate_refuses_what_the_daemon_would_refuse(small_bundle, tmp_path, c
     assert runtime_main(["validate", str(out)]) == 2
     err = capsys.readouterr().err
     assert expected in err and str(bundle) in err, err
+
+
+def test_validate_checks_the_bundle_a_committed_rollout_put_in_service(small_bundle, tmp_path, capsys):
+    """After a rollout committed v2 the station file still names v1, below the floor; the daemon starts on v2, and
+    validate had called the healthy station invalid (advising allow_downgrade: true)."""
+    import json
+    import shutil
+
+    from edge_runtime.rollout import ROLLOUT_STATE_FILE
+
+    v1 = tmp_path / "v1"
+    shutil.copytree(small_bundle, v1)
+    v2 = tmp_path / "state" / "rollout" / "v2"
+    shutil.copytree(small_bundle, v2)
+    manifest = yaml.safe_load((v2 / "manifest.yaml").read_text())
+    manifest["bundle_version"] += 1
+    write_manifest(v2, manifest)
+    state = tmp_path / "state"
+    (state / "bundle_version.json").write_text(json.dumps({"bundle_version": manifest["bundle_version"]}))
+    (state / ROLLOUT_STATE_FILE).write_text(json.dumps({"active": str(v2), "status": "committed"}))
+    out = station(tmp_path, v1, state_dir=str(state), rollout={"enabled": True})
+    capsys.readouterr()
+    assert runtime_main(["validate", str(out)]) == 0, capsys.readouterr().err
+    (state / ROLLOUT_STATE_FILE).unlink()                      # without the rollout's record: v1 is below the floor
+    assert runtime_main(["validate", str(out)]) == 2
+    assert "lower than" in capsys.readouterr().err

@@ -306,3 +306,33 @@ def test_staging_an_offer_copies_only_the_files_its_manifest_lists_and_refuses_l
     (offer / model).symlink_to("/etc/hostname")
     with pytest.raises(BundleError, match="resolves outside the bundle|symlink"):
         stage_listed_files(offer, tmp_path / "staged2")
+
+
+def test_offers_wait_for_the_lines_start_up_load_and_a_touched_offer_is_not_taken_again(tmp_path, device_bundle):
+    """An offer taken before the line had loaded had nothing to roll back to (a restart after a crash in
+    probation kept the faulty offer); a file added beside a taken offer made it verify and self-test again and
+    again, and turned the reported status to 'rejected'."""
+    from edge_runtime.rollout import RolloutConfig, RolloutManager, offer_fingerprint
+
+    offers = tmp_path / "offers"
+    offers.mkdir()
+    taken = []
+    manager = RolloutManager(RolloutConfig(enabled=True, watch_dir=str(offers), poll_interval_s=0.05,
+                                           staging_dir=str(tmp_path / "staging")),
+                             str(tmp_path / "state"), load=None, install=None, current=lambda: None,
+                             set_bundle_path=lambda p: None)
+    manager._take_offer = lambda location, origin: taken.append(location)
+    shutil.copytree(device_bundle, offers / "v2")
+    manager.start()
+    try:
+        time.sleep(0.5)
+        assert taken == [], "no offer before the line's start-up load"
+        manager.line_loaded()
+        wait_until(lambda: taken, timeout=10, what="the offer")
+        before = offer_fingerprint(offers / "v2")
+        (offers / "v2" / "notes.txt").write_text("not listed in the manifest")
+        assert offer_fingerprint(offers / "v2") == before
+        time.sleep(0.5)
+        assert taken == [str(offers / "v2")]
+    finally:
+        manager.close()
