@@ -34,12 +34,20 @@ def _run(a: argparse.Namespace) -> int:
 
 
 def _check(a: argparse.Namespace) -> int:
+    from edge_runtime.bundle_loader import load_public_key
     from edge_runtime.self_test import run_self_test
 
+    try:
+        key = load_public_key(a.public_key)
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"FAIL  --public-key {a.public_key}: cannot read the key ({exc})", file=sys.stderr)
+        return 1
     ok = True
     for precision in a.precision or [None]:
-        report = run_self_test(Path(a.bundle), precision=precision, knn=a.knn, threads=a.threads)
+        report = run_self_test(Path(a.bundle), precision=precision, knn=a.knn, threads=a.threads, public_key=key)
         tag = precision or "default"
+        if key is not None and report.checks:
+            print(f"ok    [{tag}] signature: manifest signed by the key in {a.public_key}")
         for c in report.checks:
             print(f"ok    [{tag}] {c}")
         for f in report.failures:
@@ -243,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                         "faiss, as the daemon runs); hnswlib: the same graph searched by hnswlib; onnx: exact "
                         "search as an onnxruntime graph; ivf: faiss IVF built from the bank + exact re-check")
     c.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")
+    c.add_argument("--public-key", default=None, metavar="PATH",
+                   help="ed25519 public key (a station's security.bundle_public_key): the manifest's signature must "
+                        "verify against it (default: none, the signature is not checked; `validate` checks a "
+                        "station's bundles with its key, product and version floor)")
     c.set_defaults(func=_check)
     v = sub.add_parser("validate", help="validate a station file: schema, every object run builds (without "
                                         "opening devices), and each bundle the lines may run (recipes included) "

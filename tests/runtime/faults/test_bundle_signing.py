@@ -97,3 +97,16 @@ def test_unusable_private_key_is_named(tmp_path, bundle_copy):
     bad.write_text("not a key")
     with pytest.raises(SigningError, match=str(bad)):
         sign_bundle(bundle_copy, bad)
+
+
+def test_check_verifies_the_signature_with_the_stations_key(bundle_copy, keys, tmp_path, capsys):
+    """`check` had no way to take the station's key: it passed a bundle whose signature the daemon refused."""
+    from edge_runtime.cli import main as runtime_main
+
+    private, public = keys
+    sign_bundle(bundle_copy, private)
+    assert runtime_main(["check", str(bundle_copy), "--public-key", str(public)]) == 0
+    assert "signature: manifest signed by the key" in capsys.readouterr().out
+    _, other = generate_keypair(tmp_path / "other")
+    assert runtime_main(["check", str(bundle_copy), "--public-key", str(other)]) == 1
+    assert "does not verify" in capsys.readouterr().err
