@@ -472,14 +472,14 @@ def build_app(cfg: PageConfig, views: dict[str, LineView], stopping: Callable[[]
         ("/api/shift", action("operator", lambda v, s, d: (v.history.new_shift(), {"ok": True})[1],
                               needs_feedback=False), ["POST"]),
         ("/api/feedback/good/preview", action("operator", lambda v, s, d: v.feedback.preview_good(
-            check_learnable(v.history, _fid(d), s.role, cfg.operator_learn_max), s.user)), ["POST"]),
+            _fid(d), s.user, check_learnable(v.history, _fid(d), s.role, cfg.operator_learn_max))), ["POST"]),
         ("/api/feedback/good/apply",
-         action("operator", lambda v, s, d: v.feedback.apply(str(d["plan"]), s.user, "learn-good")), ["POST"]),
+         action("operator", lambda v, s, d: v.feedback.apply(str(d["plan"]), s.user, "learn-good", s.role)), ["POST"]),
         ("/api/feedback/bad", action("operator", lambda v, s, d: v.feedback.mark_bad(_fid(d), s.user)), ["POST"]),
         ("/api/recalibrate/preview", action("engineer", lambda v, s, d: v.feedback.preview_recalibrate(s.user)),
          ["POST"]),
         ("/api/recalibrate/apply",
-         action("engineer", lambda v, s, d: v.feedback.apply_recalibrate(str(d["plan"]), s.user)), ["POST"]),
+         action("engineer", lambda v, s, d: v.feedback.apply_recalibrate(str(d["plan"]), s.user, s.role)), ["POST"]),
         ("/api/rollback", action("engineer", lambda v, s, d: v.feedback.rollback(str(d["name"]), s.user)), ["POST"]),
     ]
     routes = [Route("/lines", overview), Route("/api/lines", api_lines),

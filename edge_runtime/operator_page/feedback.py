@@ -15,6 +15,7 @@ from typing import Any, Callable
 from edge_runtime.bank_adapt import AdaptError, Adaptation, InputImage, prepare, read_audit
 from edge_runtime.bundle import Bundle
 from edge_runtime.bundle_versions import VersionStore
+from edge_runtime.operator_page.auth import role_allows
 from edge_runtime.operator_page.part_history import PartHistory
 
 PLAN_TTL_S = 600.0
@@ -25,8 +26,9 @@ class FeedbackError(RuntimeError):
     """The request cannot be served; the message is shown to the person."""
 
 
-def check_learnable(history: PartHistory, frame_id: int, role: str, operator_max: float) -> int:
-    """`frame_id` when `role` may teach that part as good; else FeedbackError with the reason.
+def check_learnable(history: PartHistory, frame_id: int, role: str, operator_max: float) -> str:
+    """The role a preview of teaching part `frame_id` as good needs to be applied ("operator" or "engineer"), when
+    `role` may preview it; else FeedbackError with the reason.
 
     Only a part the station rejected or sent to review has anything to teach. A false reject scores near the
     threshold; a part far above it is more likely a defect, and teaching it would hide that defect and others like
@@ -39,11 +41,12 @@ def check_learnable(history: PartHistory, frame_id: int, role: str, operator_max
     if verdict not in ("NG", "REVIEW") or score is None or not threshold:
         raise FeedbackError(f"part {frame_id} was {verdict}: only a rejected (NG) or REVIEW part can be taught as good")
     ratio = float(score) / float(threshold)
-    if role == "operator" and ratio > operator_max:
+    needs = "operator" if ratio <= operator_max else "engineer"
+    if not role_allows(role, needs):
         raise FeedbackError(f"part {frame_id} scored {float(score):.2f}, {ratio:.2f} x the threshold "
                             f"{float(threshold):.2f}; an operator may teach parts up to {operator_max:g} x "
                             "(page.operator_learn_max): an engineer must confirm that this one is good")
-    return frame_id
+    return needs
 
 
 class Feedback:
@@ -80,21 +83,29 @@ class Feedback:
             raise FeedbackError("this bundle crops its own ROI: give the full camera frame to `edge-runtime adapt`")
         return InputImage.from_rgb(f"frame{frame_id}_{Path(part.record.get('source') or '').name}", part.frame)
 
-    def _keep(self, who: str, plan: Adaptation, frames: list[int]) -> str:
+    def _keep(self, who: str, plan: Adaptation, frames: list[int], action: str, needs: str) -> str:
+        """A preview kept for `PLAN_TTL_S`, to be applied once, as `action`, by a person whose role `needs` allows."""
         now = time.time()
         with self._lock:
             for k in [k for k, v in self._plans.items() if now - v[0] > PLAN_TTL_S]:
                 del self._plans[k]
             pid = secrets.token_urlsafe(12)
-            self._plans[pid] = (now, who, plan, frames)
+            self._plans[pid] = (now, who, plan, frames, action, needs)
         return pid
 
-    def _apply(self, plan_id: str, who: str, action: str) -> dict:
+    def _apply(self, plan_id: str, who: str, action: str, role: str) -> dict:
         with self._lock:
-            entry = self._plans.pop(plan_id, None)
+            entry = self._plans.get(plan_id)
             if entry is None:
                 raise FeedbackError("this preview has expired or was applied already; preview again")
-            _, _, plan, frames = entry
+            # The plan says what it is and who may apply it: an operator had applied an engineer's preview of a
+            # part far above the threshold, and a Recalibrate plan through the learn endpoint.
+            _, _, plan, frames, kind, needs = entry
+            if kind != action:
+                raise FeedbackError(f"this preview is a {kind}, not a {action}")
+            if not role_allows(role, needs):
+                raise FeedbackError(f"this preview needs the {needs} role to be applied; {who} is {role}")
+            del self._plans[plan_id]
             current = self.current_bundle()
             if current is None or current.bundle_id != plan.parent.bundle_id:
                 raise FeedbackError("the bundle in service changed since the preview; preview again")
@@ -116,17 +127,18 @@ class Feedback:
         return {"bundle_id": new.bundle_id, "bundle_version": new.bundle_version, "folder": folder.name}
 
     # ---- this NG part is good ----------------------------------------------------------------------------------
-    def preview_good(self, frame_id: int, who: str) -> dict:
+    def preview_good(self, frame_id: int, who: str, needs: str = "engineer") -> dict:
+        """`needs`: the role that may apply it (check_learnable)."""
         img = self._frame_image(frame_id)
         bundle = self._bundle()
         try:
             plan = prepare(bundle, [img], [], threads=self.threads)
         except AdaptError as exc:
             raise FeedbackError(str(exc)) from None
-        return {"plan": self._keep(who, plan, [frame_id]), **plan.summary()}
+        return {"plan": self._keep(who, plan, [frame_id], "learn-good", needs), **plan.summary()}
 
-    def apply(self, plan_id: str, who: str, action: str) -> dict:
-        return self._apply(plan_id, who, action)
+    def apply(self, plan_id: str, who: str, action: str, role: str) -> dict:
+        return self._apply(plan_id, who, action, role)
 
     # ---- this OK part was bad ------------------------------------------------------------------------------------
     def mark_bad(self, frame_id: int, who: str) -> dict:
@@ -160,10 +172,10 @@ class Feedback:
         summary = plan.summary()
         summary["recent"] = {"parts": len(recent),
                              "newly_rejected": [c for c in changed if c["verdict_after"] != c["verdict"]]}
-        return {"plan": self._keep(who, plan, []), **summary}
+        return {"plan": self._keep(who, plan, [], "recalibrate", "engineer"), **summary}
 
-    def apply_recalibrate(self, plan_id: str, who: str) -> dict:
-        out = self._apply(plan_id, who, "recalibrate")
+    def apply_recalibrate(self, plan_id: str, who: str, role: str) -> dict:
+        out = self._apply(plan_id, who, "recalibrate", role)
         for p in self.pending_defects():
             p.unlink()
         return out

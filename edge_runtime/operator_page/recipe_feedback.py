@@ -92,14 +92,14 @@ class RecipeFeedback:
                                 f"recipe {self.line.recipes.active.name}'s versions: learn a part under its own recipe")
 
     # ---- Feedback's interface ----------------------------------------------------------------------------------
-    def preview_good(self, frame_id: int, who: str) -> dict:
+    def preview_good(self, frame_id: int, who: str, needs: str = "engineer") -> dict:
         fb = self._feedback()
         self._own_part(fb, frame_id)
-        return fb.preview_good(frame_id, who)
+        return fb.preview_good(frame_id, who, needs)
 
-    def apply(self, plan_id: str, who: str, action: str) -> dict:
+    def apply(self, plan_id: str, who: str, action: str, role: str) -> dict:
         fb = self._feedback()
-        return self._restore(fb, fb.apply, plan_id, who, action)
+        return self._restore(fb, fb.apply, plan_id, who, action, role)
 
     def mark_bad(self, frame_id: int, who: str) -> dict:
         fb = self._feedback()
@@ -112,9 +112,9 @@ class RecipeFeedback:
     def preview_recalibrate(self, who: str) -> dict:
         return self._feedback().preview_recalibrate(who)
 
-    def apply_recalibrate(self, plan_id: str, who: str) -> dict:
+    def apply_recalibrate(self, plan_id: str, who: str, role: str) -> dict:
         fb = self._feedback()
-        return self._restore(fb, fb.apply_recalibrate, plan_id, who)
+        return self._restore(fb, fb.apply_recalibrate, plan_id, who, role)
 
     def versions(self) -> list[dict]:
         return self._feedback(changing=False).versions()

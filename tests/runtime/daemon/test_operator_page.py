@@ -265,6 +265,20 @@ def test_only_rejected_parts_are_taught_and_far_above_the_threshold_only_by_an_e
     engineer.login("erin")
     status, body = engineer.post("/api/feedback/good/preview", {"frame_id": rejected["frame_id"]})
     assert status == 200 and body["variants"]["int8"]["images"][0]["verdict_after"] == "OK", body
+    # The engineer's preview cannot be applied by the operator (a plan id seen on a shared screen)...
+    status, refused = c.post("/api/feedback/good/apply", {"plan": body["plan"]})
+    assert status == 409 and "needs the engineer role" in refused["error"], refused
+    # ...nor a stored-defect recalibration through the learn endpoint.
+    marked = feed(folder, images["good"], "escape.png", c)
+    assert c.post("/api/feedback/bad", {"frame_id": marked["frame_id"]})[0] == 200
+    status, recal = engineer.post("/api/recalibrate/preview", {})
+    assert status == 200, recal
+    status, refused = c.post("/api/feedback/good/apply", {"plan": recal["plan"]})
+    assert status == 409 and "is a recalibrate, not a learn-good" in refused["error"], refused
+    status, applied = engineer.post("/api/feedback/good/apply", {"plan": body["plan"]})
+    assert status == 200, applied
+    audit = [json.loads(x) for x in (folder.parent / "state" / "bundle_audit.jsonl").read_text().splitlines()]
+    assert [(a["action"], a["who"]) for a in audit if a["action"] != "mark-defect"] == [("learn-good", "erin")]
 
 
 # ---- one page for every line of a station (`lines:`) -------------------------------------------------------------
