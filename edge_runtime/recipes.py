@@ -180,7 +180,14 @@ class RecipeSwitcher:
         """Ask for recipe `key` (name or number). Returns (accepted, message); the switch runs on the line.
         An unknown recipe is refused and changes nothing, unless `fault_if_unknown` (a controller that cannot read
         a refusal, GPIO): then the line goes to FAULT until a switch succeeds, like a failed switch.
-        `from_plc`: the request comes from the line's Modbus register or GPIO select lines (see plc_choice)."""
+        `from_plc`: the request comes from the line's Modbus register or GPIO select lines (see plc_choice).
+        Another source naming the recipe already active (and no switch under way) changes nothing: each switch
+        holds parts FAULT, and repeating the PLC's own recipe over HTTP had faulted 15 of 98 parts."""
+        return self._request(key, origin, force, fault_if_unknown, from_plc)[:2]
+
+    def _request(self, key: str | int, origin: str, force: bool, fault_if_unknown: bool,
+                 from_plc: bool) -> tuple[bool, str, bool]:
+        """request(), plus whether a switch was queued."""
         recipe = self.cfg.find(key)
         with self._lock:
             if from_plc:
@@ -190,10 +197,10 @@ class RecipeSwitcher:
             asked = f"{chosen[1].number}={chosen[1].name}" if chosen[1] is not None else f"{chosen[0]!r}, no recipe"
             message = (f"the PLC selects this line's recipe ({self._plc_name()} asks for {asked}); "
                        f"{origin} may only name that one")
+            # Answered to the requester only: the PLC's acknowledgement (Modbus register 8, serial, GPIO ACK) keeps
+            # showing its own switch, which stands (it had read 'failed' after every refusal).
             log.error("%s: recipe request from %s for %s refused: %s", self._who(), origin, str(key)[:40], message)
-            with self._lock:
-                self._refusals.append(message)
-            return False, message
+            return False, message, False
         if recipe is None:
             message = f"unknown recipe {str(key)[:40]!r} (known: {', '.join(f'{r.number}={r.name}' for r in self.cfg.recipes)})"
             log.error("%s: recipe request from %s refused: %s", self._who(), origin, message)
@@ -207,8 +214,11 @@ class RecipeSwitcher:
                     superseded = []
             for waiter in superseded:
                 _resolve(waiter, "superseded", f"superseded by an unknown recipe from {origin}")
-            return False, message
+            return False, message, False
         with self._lock:
+            if not (from_plc or force) and recipe is self.active and self.status == "ok" \
+                    and self._pending is None and self.switching_to is None and self._invalid is None:
+                return True, f"{recipe.name} is already active", False
             self._invalid = None
             self._pending = (recipe, origin, force)
             # From now on a part may be the new product: FAULT until the switch is over (see stale()), even before
@@ -219,7 +229,7 @@ class RecipeSwitcher:
         for waiter in superseded:   # the controller changed its mind before that switch started
             _resolve(waiter, "superseded", f"superseded by a request for {recipe.name} from {origin}")
         log.info("%s: recipe %s (%d) requested by %s", self._who(), recipe.name, recipe.number, origin)
-        return True, f"switching to {recipe.name}"
+        return True, f"switching to {recipe.name}", True
 
     def reload_latest(self, origin: str) -> None:
         """SIGHUP: the recipe the controller asked for last, from disk again: the pending request if one waits
@@ -242,11 +252,13 @@ class RecipeSwitcher:
         "superseded" (another request came before this one started)."""
         waiter: Future = Future()
         with self._lock:   # one lock with the request: a poll() in between cannot start it without this waiter
-            accepted, message = self.request(key, origin, fault_if_unknown=fault_if_unknown, from_plc=from_plc)
-            if accepted:
+            accepted, message, queued = self._request(key, origin, False, fault_if_unknown, from_plc)
+            if queued:
                 self._pending_waiters.append(waiter)
         if not accepted:
             _resolve(waiter, "unknown" if self.cfg.find(key) is None else "refused", message)
+        elif not queued:
+            _resolve(waiter, "ok", message)
         return waiter
 
     def _plc_name(self) -> str:

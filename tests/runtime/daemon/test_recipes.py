@@ -287,8 +287,15 @@ def test_while_the_plc_selects_the_recipe_other_sources_may_only_name_that_one(t
         wait_until(lambda: switcher.active.name == "cap-a" and switcher.status == "ok", what="the PLC's switch")
         code, body = post("cap-b")
         assert code == 409 and "Modbus register 16 asks for 1=cap-a" in body
-        assert post("cap-a")[0] == 202                   # naming the PLC's own choice is fine
-        assert switcher.submit("cap-b", "opcua").result(5) == ("refused", switcher._refusals[-1])
+        switches = switcher.switches
+        for _ in range(3):                               # naming the PLC's own choice is fine, and changes nothing
+            assert post("cap-a")[0] == 202
+        outcome, message = switcher.submit("cap-a", "opcua").result(5)
+        assert (outcome, message) == ("ok", "cap-a is already active") and switcher.switches == switches
+        outcome, message = switcher.submit("cap-b", "opcua").result(5)
+        assert outcome == "refused" and "Modbus register 16 asks for 1=cap-a" in message
+        time.sleep(0.3)                                  # the PLC's acknowledgement still shows its switch as done
+        assert client.read_holding_registers(7, count=2, device_id=1).registers == [1, 2]
         assert not client.write_register(16, 7, device_id=1).isError()                     # no such recipe
         wait_until(lambda: station.fault_reason and "unknown recipe '7'" in station.fault_reason, what="the fault")
         code, body = post("cap-a")
