@@ -17,6 +17,7 @@ for another product, so the old recipe must not go on passing parts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -37,6 +38,9 @@ log = logging.getLogger("edge_runtime.recipes")
 __all__ = ["RecipeConfig", "RecipesConfig", "RecipeSwitcher", "RECIPE_STATUS"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+# In the line's state_dir: the recipe active and the PLC's last choice, resumed after a restart.
+SELECTION_FILE = "recipe_selected.json"
+
 # Modbus holding register 8 (and the serial word): where the last switch stands.
 RECIPE_STATUS = {"none": 0, "switching": 1, "ok": 2, "failed": 3}
 
@@ -143,10 +147,59 @@ class RecipeSwitcher:
         # line runs that recipe, and another source (HTTP, MQTT, OPC UA, serial) is refused unless it names the
         # same one; otherwise it would leave the line on a product other than the one the PLC's register shows.
         self.plc_choice: tuple[str, RecipeConfig | None] | None = None   # (what the PLC asked for, that recipe)
+        self._resume_selection()
         self.gpio = RecipeGpioSelector(self, cfg.gpio) if cfg.gpio is not None else None
         # Parts triggered (monotonic) or captured (wall clock) before these instants are FAULT.
         self.guard_mono = float("-inf")
         self.guard_wall = float("-inf")
+
+    # ---- the selection across restarts ------------------------------------------------------------------------
+    def _selection_file(self) -> str | None:
+        state_dir = getattr(self.line.cfg, "state_dir", None)
+        return os.path.join(state_dir, SELECTION_FILE) if state_dir else None
+
+    def _resume_selection(self) -> None:
+        """A restarted line resumes the recipe it ran and the PLC's last choice: starting on `initial` instead
+        would inspect another product until the PLC writes its number again (its register reads 0 after a
+        restart, and a PLC that writes it only at changeover never does)."""
+        path = self._selection_file()
+        if not path:
+            return
+        try:
+            with open(path, encoding="utf-8") as fh:
+                doc = json.loads(fh.read(4096))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.error("%s: %s unreadable (%s): starting on the initial recipe %s", self._who(), path, exc,
+                      self.active.name)
+            return
+        recipe = self.cfg.find(doc.get("active", "")) if isinstance(doc, dict) else None
+        if recipe is None:
+            return
+        if recipe is not self.active:
+            log.warning("%s: resuming recipe %s, active before the restart (%s)", self._who(), recipe.name, path)
+        self.active = recipe
+        plc = doc.get("plc")
+        if isinstance(plc, str):
+            self.plc_choice = (plc, self.cfg.find(plc))
+
+    def _save_selection(self) -> None:
+        path = self._selection_file()
+        if not path:
+            return
+        with self._lock:
+            doc = {"active": self.active.name, "plc": self.plc_choice[0] if self.plc_choice else None}
+        tmp = path + ".tmp"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(doc))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:   # the line runs on; after a restart it would start on `initial`
+            log.error("%s: cannot record the recipe selection in %s: %s", self._who(), path, exc)
 
     # ---- configuration of one recipe ----------------------------------------------------------------------
     def recipe_cfg(self, recipe: RecipeConfig):
@@ -190,9 +243,12 @@ class RecipeSwitcher:
         """request(), plus whether a switch was queued."""
         recipe = self.cfg.find(key)
         with self._lock:
+            changed = from_plc and (self.plc_choice is None or self.plc_choice[0] != str(key)[:40])
             if from_plc:
                 self.plc_choice = (str(key)[:40], recipe)
             chosen = self.plc_choice
+        if changed:
+            self._save_selection()
         if not from_plc and chosen is not None and recipe is not chosen[1]:
             asked = f"{chosen[1].number}={chosen[1].name}" if chosen[1] is not None else f"{chosen[0]!r}, no recipe"
             message = (f"the PLC selects this line's recipe ({self._plc_name()} asks for {asked}); "
@@ -412,6 +468,7 @@ class RecipeSwitcher:
         self.active = recipe
         self.switches += 1
         self.status = "ok"
+        self._save_selection()
         log.info("%s: recipe %s -> %s (bundle %s) verified and active in %.1f ms", self._who(), previous.name,
                  recipe.name, pipeline.bundle.bundle_id, ms)
         self.line._resume()   # READY again, unless the camera is still lost or the record still failing

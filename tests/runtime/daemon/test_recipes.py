@@ -308,6 +308,51 @@ def test_while_the_plc_selects_the_recipe_other_sources_may_only_name_that_one(t
     running.stop()
 
 
+def test_a_restarted_line_resumes_its_recipe_and_the_plcs_choice(two_products, write_station, part_images_bytes,
+                                                                   free_port, start_station):
+    """After a restart the line came back on the initial recipe while the PLC had chosen cap-b (its register then
+    reads 0, and a PLC that writes it only at changeover never does again); HTTP could choose freely again."""
+    from pymodbus.client import ModbusTcpClient
+
+    port, http_port = free_port(), free_port()
+    a, b = two_products
+
+    def start():
+        cfg = load_station(write_station(
+            source={"type": "scripted"}, recovery={"read_timeout_s": 0.1}, http={"port": http_port},
+            state_dir="state", outputs=[{"type": "modbus", "port": port, "allow_writes": True}],
+            recipes={"modbus_register": 16, "allow_http": True,
+                     "recipes": [{"name": "cap-a", "number": 1, "bundle": str(a)},
+                                 {"name": "cap-b", "number": 2, "bundle": str(b)}]}))
+        source = ScriptedSource(steps=part_images_bytes)
+        source.cfg.loop = True
+        return start_station(cfg, source=source)
+
+    running = start()
+    switcher = running.station.line.recipes
+    wait_until(lambda: running.station.counters.frames >= 1, what="inspection")
+    client = ModbusTcpClient("127.0.0.1", port=port, timeout=3, retries=0)
+    assert client.connect()
+    try:
+        assert not client.write_register(16, 2, device_id=1).isError()
+        wait_until(lambda: switcher.active.name == "cap-b" and switcher.status == "ok", what="the PLC's switch")
+    finally:
+        client.close()
+    running.stop()
+
+    again = start()
+    switcher = again.station.line.recipes
+    wait_until(lambda: again.station.counters.frames >= 1, what="inspection after the restart")
+    assert switcher.active.name == "cap-b" and again.station.pipeline.bundle.bundle_id == IDS["cap-b"]
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{http_port}/recipe/cap-a", method="POST"),
+                               timeout=5)
+        raise AssertionError("HTTP switched away from the PLC's choice after a restart")
+    except urllib.error.HTTPError as err:
+        assert err.code == 409
+    again.stop()
+
+
 def test_serial_acknowledgement_lines():
     out = SerialOutput(SerialConfig(port="/dev/null"))
     written: list[str] = []
