@@ -92,6 +92,10 @@ def part_images(bundle: Path, tmp_path: Path) -> dict[str, Path]:
 @pytest.fixture
 def page_station(device_bundle, tmp_path, write_station, free_port, start_station):
     """A daemon on a watched folder with the page on; returns (start(), folder, port, images)."""
+    return page_station_with(device_bundle, tmp_path, write_station, free_port, start_station, OPERATOR_TEACHES_MARKED)
+
+
+def page_station_with(device_bundle, tmp_path, write_station, free_port, start_station, page_keys: dict):
     base = tmp_path / "bundle"
     shutil.copytree(device_bundle, base)
     folder = tmp_path / "in"
@@ -102,7 +106,7 @@ def page_station(device_bundle, tmp_path, write_station, free_port, start_statio
              (("vera", "viewer"), ("otto", "operator"), ("erin", "engineer"))]
     path = write_station(bundle=base, source={"type": "folder", "path": "in", "mode": "watch"}, state_dir="state",
                          inference={"threads": 1}, outputs=[{"type": "result_log", "path": "results.jsonl"}],
-                         page={"enabled": True, "port": port, "users": users, **OPERATOR_TEACHES_MARKED})
+                         page={"enabled": True, "port": port, "users": users, **page_keys})
     return (lambda: start_station(path)), folder, port, images
 
 
@@ -241,16 +245,9 @@ def test_only_rejected_parts_are_taught_and_far_above_the_threshold_only_by_an_e
         device_bundle, tmp_path, write_station, free_port, start_station):
     """An operator had taught defects scoring twice the threshold as good (an untaught defect then passed) and
     could teach parts that were already OK."""
-    base = tmp_path / "bundle"
-    shutil.copytree(device_bundle, base)
-    folder = tmp_path / "in"
-    folder.mkdir()
-    images = part_images(base, tmp_path)
-    port = free_port()
-    users = [{"name": n, "role": r, "password_hash": HASHES[n]} for n, r in (("otto", "operator"), ("erin", "engineer"))]
-    start_station(write_station(bundle=base, source={"type": "folder", "path": "in", "mode": "watch"},
-                                state_dir="state", inference={"threads": 1},
-                                page={"enabled": True, "port": port, "users": users, "operator_learn_max": 1.0}))
+    start, folder, port, images = page_station_with(device_bundle, tmp_path, write_station, free_port, start_station,
+                                                    {"operator_learn_max": 1.0})
+    start()
     c = Client(port)
     wait_for(lambda: c.get_json("/api/status")["state"] == "ready")
     ok = feed(folder, images["good"], "ok.png", c)
