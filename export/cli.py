@@ -74,6 +74,13 @@ def _print_bundle(bundle, where) -> None:
               + (f"; lowest calibration defect {info['defect_margin']:+.1%} from it" if "defect_margin" in info else ""))
         for warning in info.get("warnings", []):
             print(f"    WARNING: {warning}")
+    outliers = (bundle.manifest.get("fit", {}).get("score_outliers") or {}).get("images") or []
+    if outliers:
+        kept = bundle.manifest["fit"]["score_outliers"].get("in_threshold")
+        print(f"  WARNING: {len(outliers)} good image(s) score far above the others ("
+              + ", ".join(outliers[:5]) + (" ..." if len(outliers) > 5 else "")
+              + f"): {'kept in' if kept else 'left out of'} the threshold, still in the bank; look at them, remove "
+              "any that is not a good part and fit again")
 
 
 def _fit(a: argparse.Namespace) -> int:

@@ -636,7 +636,8 @@ def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], def
         worst = max(crossfit_scores.values(), key=lambda x: float(np.max(x)))
         named = ", ".join(f"{images[i].name} ({float(worst[i]):.1f})" for i in np.flatnonzero(outliers)[:10])
         log(f"WARNING: {int(outliers.sum())} of {len(images)} good images score far above the others in "
-            f"cross-fitting (robust z > {OUTLIER_Z:g} and > {OUTLIER_RATIO:g} x the threshold the rest give; median "
+            f"cross-fitting (robust z > {OUTLIER_Z:g} and > {OUTLIER_RATIO:g} x the threshold the core of the scores "
+            f"gives; median "
             f"{float(np.median(worst)):.1f}): {named}{' ...' if outliers.sum() > 10 else ''}. They look like defects "
             "or another product among the good images: "
             + ("kept in the threshold (--keep-score-outliers). " if s.keep_score_outliers else
@@ -681,7 +682,8 @@ def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], def
                 "cross_fit_seconds": round(t_cross, 2), "cross_fit": crossfit_record,
                 "score_outliers": {"images": [images[i].name for i in np.flatnonzero(outliers)],
                                    "rule": f"robust z > {OUTLIER_Z:g} and > {OUTLIER_RATIO:g} x the threshold the "
-                                           "other good images give (export.calibration.score_outliers)",
+                                           "core of the scores gives, repeated on what is left "
+                                           "(export.calibration.score_outliers)",
                                    "in_threshold": bool(s.keep_score_outliers)}},
         "files": {},
     }
