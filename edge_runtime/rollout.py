@@ -91,18 +91,27 @@ def stage_listed_files(src: Path, dest: Path) -> None:
             fout.write(fin.read(limit))
 
 
-def offer_fingerprint(folder: Path) -> str:
+def offer_fingerprint(folder: Path, parsed: dict | None = None) -> str:
     """What an offered folder holds, cheaply: the manifest's bytes and the size and modification time of its
     signature and each file it lists (hashed). Files the manifest does not list are never staged: they do not
-    count. A manifest that cannot be read yet counts as its bytes (or their absence)."""
+    count. A manifest that cannot be read yet counts as its bytes (or their absence). `parsed`: a cache of
+    manifests already read (by path, size, mtime), so a poll of watch_dir stats files but parses no YAML again."""
     h = hashlib.sha256()
     try:
-        raw, files = listed_files(folder)
+        st = (folder / MANIFEST).stat()
+        key = (str(folder), st.st_size, st.st_mtime_ns, st.st_ino)
+        if parsed is not None and key in parsed:
+            digest, files = parsed[key]
+        else:
+            raw, files = listed_files(folder)
+            digest = hashlib.sha256(raw).digest()
+            if parsed is not None:
+                if len(parsed) > 1000:   # old offers' entries: a bound, not a policy
+                    parsed.clear()
+                parsed[key] = (digest, files)
     except (BundleError, OSError) as exc:
-        h.update(str(exc).encode())
-        files = {}
-    else:
-        h.update(raw)
+        digest, files = str(exc).encode(), {}
+    h.update(digest)
     for rel in sorted([SIGNATURE, *map(str, files)]):
         try:
             st = (folder / rel).stat()
@@ -197,6 +206,7 @@ class RolloutManager(Output):
         # Offers wait for the line's start-up load: one taken before it would have no previous bundle to roll
         # back to (a restart after a crash in probation had kept the faulty offer in service).
         self._line_loaded = threading.Event()
+        self._manifests: dict = {}   # offer_fingerprint's cache of the manifests in watch_dir
 
     # -- state file ----------------------------------------------------------------------------------------
     def _read_state(self) -> dict:
@@ -332,7 +342,7 @@ class RolloutManager(Output):
                 continue
             # Offered once per content: a folder copied in place (not renamed in whole) can be seen half-written
             # and rejected; once its files change it is offered again. An offer while another rollout runs waits.
-            key = f"{entry.name}:{offer_fingerprint(entry)}"
+            key = f"{entry.name}:{offer_fingerprint(entry, self._manifests)}"
             if key in seen or self.status in ("staging", "probation"):
                 continue
             self._state["seen"] = [*self._state.get("seen", []), key][-1000:]
