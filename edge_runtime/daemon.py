@@ -272,9 +272,10 @@ class Station:
         if len(self.lines) > 1:
             return LinesHttpEndpoint(self.cfg.http, self.line_statuses, self.status, self._fire_line,
                                      self.recipe_switchers)
+        name = self.lines[0].name   # `lines:` with one line: POST /trigger/<name> as well
         if self.lines[0].recipes is not None:
-            return RecipeHttpEndpoint(self.cfg.http, self.status, self._fire_trigger(), self.recipe_switchers)
-        return HttpEndpoint(self.cfg.http, self.status, self._fire_trigger())
+            return RecipeHttpEndpoint(self.cfg.http, self.status, self._fire_trigger(), self.recipe_switchers, name)
+        return HttpEndpoint(self.cfg.http, self.status, self._fire_trigger(), name)
 
     def _run(self) -> int:
         with device_blas(self.cfg.inference.knn):

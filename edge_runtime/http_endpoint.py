@@ -211,11 +211,15 @@ class HttpEndpoint:
     """ThreadingHTTPServer in a daemon thread. `start()` binds (raises OSError if the port is taken), `port` is
     the bound port, `stop()` shuts it down."""
 
-    def __init__(self, cfg: HttpConfig, status_provider: StatusProvider, fire_trigger: Callable[[], None] | None = None) -> None:
+    def __init__(self, cfg: HttpConfig, status_provider: StatusProvider, fire_trigger: Callable[[], None] | None = None,
+                 line_name: str | None = None) -> None:
+        """`line_name`: the one line of a station file with `lines:`, whose trigger is also POST /trigger/<name>
+        (the path a station with several lines takes)."""
         cfg.validate()
         self.cfg = cfg
         self._provider = status_provider
         self._fire_trigger = fire_trigger
+        self._line_name = line_name
         self._server: _BoundedServer | None = None
         self._thread: threading.Thread | None = None
         for warning in cfg.warnings():
@@ -300,6 +304,8 @@ class HttpEndpoint:
         return HTTPStatus.NOT_FOUND, "application/json", json.dumps({"error": f"no such endpoint: {path}"}).encode()
 
     def handle_post(self, path: str) -> tuple[int, str, bytes]:
+        if self._line_name and path == f"/trigger/{self._line_name}":
+            path = "/trigger"
         if path != "/trigger":
             return HTTPStatus.NOT_FOUND, "application/json", json.dumps({"error": f"no such endpoint: {path}"}).encode()
         if not self.cfg.allow_trigger:

@@ -85,8 +85,9 @@ class RecipeHttpEndpoint(HttpEndpoint):
     "line": RecipeSwitcher}; POST is refused unless that line's `recipes.allow_http` is true."""
 
     def __init__(self, cfg: HttpConfig, status_provider: Callable[[], StationStatus],
-                 fire_trigger: Callable[[], None] | None, switchers: Callable[[], dict]) -> None:
-        super().__init__(cfg, status_provider, fire_trigger)
+                 fire_trigger: Callable[[], None] | None, switchers: Callable[[], dict],
+                 line_name: str | None = None) -> None:
+        super().__init__(cfg, status_provider, fire_trigger, line_name)
         self._switchers = switchers
 
     def handle_get(self, path: str) -> tuple[int, str, bytes]:

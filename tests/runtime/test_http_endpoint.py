@@ -154,6 +154,21 @@ def test_trigger_fires_when_allowed(serve, station):
     assert trig.wait(0.0) is not None
 
 
+def test_a_station_whose_lines_holds_one_line_takes_its_trigger_by_name_too(station):
+    """POST /trigger/<line> (the path of a station with several lines) had been 404 for `lines:` with one line."""
+    station.status = StationStatus(state="ready")
+    trig = SoftwareTrigger()
+    ep = HttpEndpoint(HttpConfig(port=0, allow_trigger=True), station, fire_trigger=trig.fire, line_name="left")
+    ep.start()
+    try:
+        assert request(ep, "/trigger/right", method="POST", data=b"")[0] == 404
+        assert trig.wait(0.0) is None
+        code, _, body = request(ep, "/trigger/left", method="POST", data=b"")
+        assert code == 202 and json.loads(body) == {"triggered": True} and trig.wait(0.0) is not None
+    finally:
+        ep.stop()
+
+
 def test_trigger_is_503_and_not_fired_while_the_station_is_not_ready(serve, station):
     trig = SoftwareTrigger()
     ep = serve(trigger=trig, allow_trigger=True)
