@@ -58,6 +58,11 @@ _WRITE_FUNCTIONS = {5, 6, 15, 16, 22, 23}
 _START_TIMEOUT_S = 10.0
 
 
+# A connection silent this long gives its slot to a new client when the server is full (a polling PLC reads every
+# few hundred ms; the idle sweep's own limit is idle_timeout_s).
+EVICT_IDLE_S = 5.0
+
+
 @dataclass(kw_only=True)
 class ModbusConfig:
     type: Literal["modbus"] = "modbus"
@@ -337,7 +342,9 @@ def _bounded_server_class():
     Each connection costs a file descriptor; unbounded, a flood of idle clients exhausts the daemon's
     descriptors and the camera or result log fails next. Over `max_connections` a new client is closed at once,
     so PLCs already connected (and polling) keep their connection through a flood; a client silent for
-    `idle_timeout_s` is closed by a sweep on the server loop, which frees slots held by stale or idle sockets."""
+    `idle_timeout_s` is closed by a sweep on the server loop, which frees slots held by stale or idle sockets.
+    When full, a newcomer takes the slot of the connection silent the longest if that one has been silent for
+    EVICT_IDLE_S, so a PLC reconnecting after a cable fault is not locked out by a flood of idle sockets."""
     from pymodbus.server import ModbusTcpServer
     from pymodbus.server.requesthandler import ServerRequestHandler
 
@@ -349,10 +356,20 @@ def _bounded_server_class():
         def connection_made(self, transport) -> None:
             server = self.server
             if len(server.active_connections) > server.max_connections:
-                server.rejected += 1
-                server.active_connections.pop(self.unique_id, None)
-                transport.close()
-                return
+                # Full: the connection silent the longest makes room if it has been silent for evict_idle_s (a
+                # polling PLC never is); else the newcomer is refused. Thirty idle sockets had locked a PLC that
+                # reconnected out for up to idle_timeout_s.
+                now = asyncio.get_running_loop().time()
+                others = [h for h in server.active_connections.values() if h is not self]
+                idlest = min(others, key=lambda h: h.last_activity, default=None)
+                if idlest is not None and now - idlest.last_activity >= server.evict_idle_s:
+                    server.evicted += 1
+                    idlest.close()
+                else:
+                    server.rejected += 1
+                    server.active_connections.pop(self.unique_id, None)
+                    transport.close()
+                    return
             self.last_activity = asyncio.get_running_loop().time()
             super().connection_made(transport)
             server.start_sweeper()
@@ -366,7 +383,9 @@ def _bounded_server_class():
             super().__init__(*args, **kwargs)
             self.max_connections = max_connections
             self.idle_timeout_s = idle_timeout_s
+            self.evict_idle_s = min(EVICT_IDLE_S, idle_timeout_s)
             self.rejected = 0
+            self.evicted = 0
             self._sweeper: asyncio.Task | None = None
 
         def callback_new_connection(self):

@@ -66,6 +66,34 @@ def test_flood_of_idle_connections_keeps_the_server_bounded_and_the_plc_served(s
         plc.close()
 
 
+def test_a_plc_reconnecting_into_a_full_server_takes_an_idle_sockets_slot():
+    """Idle sockets filling every slot had locked a PLC that reconnected out until the idle sweep (up to
+    idle_timeout_s, 60 s by default)."""
+    out = ModbusOutput(ModbusConfig(host="127.0.0.1", port=free_port(), unit_id=UNIT, max_connections=8,
+                                    idle_timeout_s=60.0))
+    out.start()
+    idle: list[socket.socket] = []
+    try:
+        out._server.evict_idle_s = 0.3              # 5 s in service; short here
+        for _ in range(8):
+            idle.append(socket.create_connection(("127.0.0.1", out.cfg.port), timeout=5))
+        wait_until(lambda: out.connection_count() == 8, "the slots to fill")
+        refused = socket.create_connection(("127.0.0.1", out.cfg.port), timeout=5)
+        assert refused.recv(10) == b"", "every slot was used less than 0.3 s ago: the newcomer is closed at once"
+        refused.close()
+        assert out._server.rejected == 1
+        time.sleep(0.5)
+        plc = ModbusTcpClient("127.0.0.1", port=out.cfg.port, timeout=3, retries=0)
+        assert plc.connect()
+        assert not plc.read_holding_registers(0, count=1, device_id=UNIT).isError()
+        assert out._server.evicted == 1 and out.connection_count() <= 8
+        plc.close()
+    finally:
+        for s in idle:
+            s.close()
+        out.close()
+
+
 def test_idle_client_is_disconnected_after_idle_timeout(server):
     raw = socket.create_connection(("127.0.0.1", server.cfg.port), timeout=10)
     try:
