@@ -174,15 +174,26 @@ class RecipeSwitcher:
             log.error("%s: %s unreadable (%s): starting on the initial recipe %s", self._who(), path, exc,
                       self.active.name)
             return
-        recipe = self.cfg.find(doc.get("active", "")) if isinstance(doc, dict) else None
+        if not isinstance(doc, dict):
+            return
+        recipe = self.cfg.find(doc.get("active", "")) if isinstance(doc.get("active"), str) else None
+        plc = doc.get("plc")
+        if isinstance(plc, str):
+            # The PLC's choice decides, not the recipe that was active: its switch may have failed or not run
+            # before the stop (a line back on the old recipe had passed parts of the product the PLC chose).
+            self.plc_choice = (plc, self.cfg.find(plc))
+            recipe = self.plc_choice[1]
+            if recipe is None:   # a number that is no recipe: FAULT until the PLC writes a known one
+                self._invalid = f"the PLC asked for {plc!r} before the restart: no such recipe"
+                self._requested_at = (time.monotonic(), time.time())
+                log.error("%s: %s", self._who(), self._invalid)
+                return
         if recipe is None:
             return
         if recipe is not self.active:
-            log.warning("%s: resuming recipe %s, active before the restart (%s)", self._who(), recipe.name, path)
+            log.warning("%s: resuming recipe %s, %s before the restart (%s)", self._who(), recipe.name,
+                        "the PLC's choice" if isinstance(plc, str) else "active", path)
         self.active = recipe
-        plc = doc.get("plc")
-        if isinstance(plc, str):
-            self.plc_choice = (plc, self.cfg.find(plc))
 
     def _save_selection(self) -> None:
         path = self._selection_file()

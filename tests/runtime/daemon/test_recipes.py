@@ -352,6 +352,23 @@ def test_a_restarted_line_resumes_its_recipe_and_the_plcs_choice(two_products, w
         assert err.code == 409
     again.stop()
 
+    # The PLC asked for a number that is no recipe, then the station restarted: the saved choice decides, so the
+    # line stays in FAULT rather than resuming cap-b (a switch that failed or never ran had been resumed as OK).
+    (tmp_path_of(again) / "recipe_selected.json").write_text('{"active": "cap-b", "plc": "9"}')
+    third = start()
+    wait_until(lambda: third.station.fault_reason and "'9'" in third.station.fault_reason, what="the FAULT")
+    assert third.station.status().state == "fault"
+    third.stop()
+    (tmp_path_of(again) / "recipe_selected.json").write_text('{"active": "cap-b", "plc": "1"}')
+    fourth = start()
+    wait_until(lambda: fourth.station.counters.frames >= 1, what="inspection")
+    assert fourth.station.line.recipes.active.name == "cap-a" and fourth.station.pipeline.bundle.bundle_id == IDS["cap-a"]
+    fourth.stop()
+
+
+def tmp_path_of(running) -> Path:
+    return Path(running.station.cfg.state_dir)
+
 
 def test_serial_acknowledgement_lines():
     out = SerialOutput(SerialConfig(port="/dev/null"))
