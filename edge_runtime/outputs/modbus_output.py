@@ -58,9 +58,9 @@ _WRITE_FUNCTIONS = {5, 6, 15, 16, 22, 23}
 _START_TIMEOUT_S = 10.0
 
 
-# A connection silent this long gives its slot to a new client when the server is full (a polling PLC reads every
-# few hundred ms; the idle sweep's own limit is idle_timeout_s).
-EVICT_IDLE_S = 5.0
+# When the server is full, a connection silent for this share of idle_timeout_s gives its slot to a new client
+# (30 s of the default 60: a PLC polling every few seconds keeps its slot; 5 s had evicted one polling every 6 s).
+EVICT_IDLE_SHARE = 0.5
 
 
 @dataclass(kw_only=True)
@@ -344,7 +344,8 @@ def _bounded_server_class():
     so PLCs already connected (and polling) keep their connection through a flood; a client silent for
     `idle_timeout_s` is closed by a sweep on the server loop, which frees slots held by stale or idle sockets.
     When full, a newcomer takes the slot of the connection silent the longest if that one has been silent for
-    EVICT_IDLE_S, so a PLC reconnecting after a cable fault is not locked out by a flood of idle sockets."""
+    half of idle_timeout_s, so a PLC reconnecting after a cable fault waits at most that long, not the full idle
+    timeout, behind a flood of idle sockets."""
     from pymodbus.server import ModbusTcpServer
     from pymodbus.server.requesthandler import ServerRequestHandler
 
@@ -356,8 +357,8 @@ def _bounded_server_class():
         def connection_made(self, transport) -> None:
             server = self.server
             if len(server.active_connections) > server.max_connections:
-                # Full: the connection silent the longest makes room if it has been silent for evict_idle_s (a
-                # polling PLC never is); else the newcomer is refused. Thirty idle sockets had locked a PLC that
+                # Full: the connection silent the longest makes room if it has been silent for evict_idle_s (half
+                # the idle timeout); else the newcomer is refused. Thirty idle sockets had locked a PLC that
                 # reconnected out for up to idle_timeout_s.
                 now = asyncio.get_running_loop().time()
                 others = [h for h in server.active_connections.values() if h is not self]
@@ -383,7 +384,7 @@ def _bounded_server_class():
             super().__init__(*args, **kwargs)
             self.max_connections = max_connections
             self.idle_timeout_s = idle_timeout_s
-            self.evict_idle_s = min(EVICT_IDLE_S, idle_timeout_s)
+            self.evict_idle_s = EVICT_IDLE_SHARE * idle_timeout_s
             self.rejected = 0
             self.evicted = 0
             self._sweeper: asyncio.Task | None = None

@@ -74,7 +74,7 @@ def test_a_plc_reconnecting_into_a_full_server_takes_an_idle_sockets_slot():
     out.start()
     idle: list[socket.socket] = []
     try:
-        out._server.evict_idle_s = 0.3              # 5 s in service; short here
+        out._server.evict_idle_s = 0.3              # half the idle timeout in service (30 s); short here
         for _ in range(8):
             idle.append(socket.create_connection(("127.0.0.1", out.cfg.port), timeout=5))
         wait_until(lambda: out.connection_count() == 8, "the slots to fill")
