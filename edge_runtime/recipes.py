@@ -159,7 +159,7 @@ class RecipeSwitcher:
         return os.path.join(state_dir, SELECTION_FILE) if state_dir else None
 
     def _resume_selection(self) -> None:
-        """A restarted line resumes the recipe it ran and the PLC's last choice: starting on `initial` instead
+        """A restarted line resumes the PLC's last choice, else the recipe it ran: starting on `initial` instead
         would inspect another product until the PLC writes its number again (its register reads 0 after a
         restart, and a PLC that writes it only at changeover never does)."""
         path = self._selection_file()
