@@ -345,10 +345,10 @@ def cross_fit_scores(feats: dict[str, np.ndarray], indexes: dict, selected: np.n
 def set_operating_point(v: dict, name: str, good_scores: np.ndarray, defect_scores: np.ndarray,
                         bank_scores: np.ndarray | None, target_false_reject: float, review_false_reject: float | None,
                         defect_margin: float, seed: int = 0, cross_fitted: bool = True,
-                        cross_fit_method: str | None = None) -> float | None:
+                        cross_fit_method: str | None = None, names: list[str] | None = None) -> float | None:
     """Thresholds of one variant into its manifest entry `v`; returns the calibration AUROC when defects exist."""
     threshold, review, info = operating_point(good_scores, defect_scores, target_false_reject, review_false_reject,
-                                              bank_scores, defect_margin, seed)
+                                              bank_scores, defect_margin, seed, names=names)
     if not cross_fitted:
         info["method"] += " (NO cross-fitting: in-bank scores, for accuracy runs only)"
     elif cross_fit_method:
@@ -720,10 +720,12 @@ def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], def
         bank_scores = np.array([pipe.score_rgb(pipe.load_image(p), str(p)).score for p in bank_sample])
         good_scores = crossfit_scores.get(name, bank_scores)
         v = manifest["variants"][name]
-        used = good_scores[~outliers] if crossfit_scores and not s.keep_score_outliers else good_scores
-        sep = set_operating_point(v, name, used, defect_scores, bank_scores, s.target_false_reject,
+        used_mask = ~outliers if crossfit_scores and not s.keep_score_outliers else np.ones(len(good_scores), bool)
+        sep = set_operating_point(v, name, good_scores[used_mask], defect_scores, bank_scores, s.target_false_reject,
                                   s.review_false_reject, s.defect_margin, s.seed, cross_fitted=bool(crossfit_scores),
-                                  cross_fit_method=crossfit_record["method"] if crossfit_record else None)
+                                  cross_fit_method=crossfit_record["method"] if crossfit_record else None,
+                                  names=([p.name for p, u in zip(images, used_mask) if u]
+                                         if len(good_scores) == len(images) else None))
         if sep is not None:
             separation[name] = sep
         v["cross_fit_scores"] = ({p.name: round(float(x), 5) for p, x in zip(images, good_scores)}

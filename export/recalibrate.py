@@ -17,6 +17,7 @@ import numpy as np
 from edge_runtime.bundle import (MANIFEST, SIGNATURE, Bundle, BundleError, check_output_dir, sha256_file, staged_bundle,
                                  write_manifest)
 from edge_runtime.pipeline import Pipeline
+from export.calibration import score_outliers
 from export.dataset import calibration_images
 from export.fit import calibration_score, choose_default_variant, log, set_operating_point
 
@@ -53,6 +54,27 @@ def recalibrate(bundle_dir: Path, out: Path, calibration_defects: Path | None = 
     return bundle
 
 
+def left_out_outliers(m: dict, cross_fit_scores: dict, target: float) -> tuple[list[str], np.ndarray]:
+    """(names, scores) of the good images the threshold is set from: without the score outliers fit left out
+    (fit.score_outliers), as fit did, unless it kept them (--keep-score-outliers). Re-including them had put a
+    slipped defect's score back into the tail (bottle, 6 slipped: threshold 24.2 -> 45.2, 34 of 57 defects passed).
+    Bundles from before the rule was recorded get it applied here."""
+    names = list(cross_fit_scores)
+    scores = np.array([cross_fit_scores[n] for n in names], dtype=np.float64)
+    recorded = (m.get("fit") or {}).get("score_outliers")
+    if recorded is None:
+        keep = ~score_outliers(scores, target)
+    elif recorded.get("in_threshold"):
+        keep = np.ones(len(names), dtype=bool)
+    else:
+        left = set(recorded.get("images") or [])
+        keep = np.array([n not in left for n in names], dtype=bool)
+    if not keep.all():
+        log(f"{int((~keep).sum())} good images left out of the threshold as in fit (score outliers): "
+            + ", ".join(n for n, k in zip(names, keep) if not k))
+    return [n for n, k in zip(names, keep) if k], scores[keep]
+
+
 def _recalibrate_into(out: Path, src: Bundle, m: dict, bundle_dir: Path, calibration_defects: Path | None,
                       settings: dict, target: float, review: float | None, margin: float) -> None:
     """The recalibration proper, into the new (staging) folder `out`."""
@@ -64,12 +86,12 @@ def _recalibrate_into(out: Path, src: Bundle, m: dict, bundle_dir: Path, calibra
     for name, v in m["variants"].items():
         pipe = Pipeline(draft, precision=name, knn="hnsw", threads=2)
         defect_scores = np.array([calibration_score(pipe, p) for p in defects])
-        good = np.array(list(v["cross_fit_scores"].values()), dtype=np.float64)
+        names, good = left_out_outliers(m, v["cross_fit_scores"], target)
         bank_max = v.get("threshold_info", {}).get("bank_scores_max")
         # Bundles from before fit.cross_fit was recorded re-ran the coreset per fold.
         method = (m.get("fit", {}).get("cross_fit") or {}).get("method", "refit")
         sep = set_operating_point(v, name, good, defect_scores, np.array([bank_max]) if bank_max else None,
-                                  target, review, margin, cross_fit_method=method)
+                                  target, review, margin, cross_fit_method=method, names=names)
         if sep is not None:
             separation[name] = sep
     requested = settings.get("default_variant", m["default_variant"])
