@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from edge_runtime.bench import run_bench
 from edge_runtime.bench_sustained import format_sustained, run_sustained
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_report import add_results_option  # noqa: E402
 
 
 def main() -> int:
@@ -33,8 +35,10 @@ def main() -> int:
     p.add_argument("--saturate-fps", type=float, default=100.0,
                    help="workers part: a rate above what the line inspects (default: 100)")
     p.add_argument("--rounds", type=int, default=2, help="workers part: alternating rounds (default: 2)")
+    add_results_option(p)
     a = p.parse_args()
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS = a.results_dir
+    RESULTS.mkdir(parents=True, exist_ok=True)
     # The machine's speed in this window: back-to-back latency of the same bundle (the sustained figures read
     # against it; on a shared machine the load changes run to run).
     ref = run_bench(a.bundle, a.images, frames=40, warmup=5, threads=a.threads)
