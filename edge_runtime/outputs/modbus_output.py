@@ -34,14 +34,18 @@ inspection thread.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import math
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from edge_runtime.outputs.base import OUTPUTS, Output, OutputError
 from edge_runtime.records import InspectionResult, Verdict
+
+log = logging.getLogger(__name__)
 
 STATION_REGISTERS = 16      # holding/input registers 0..15 and coils 0..15 belong to the station
 PLC_AREA_START = 16
@@ -72,6 +76,10 @@ class ModbusConfig:
     allow_writes: bool = False  # true: clients may write the PLC area (holding registers 16-31), nothing else
     max_connections: int = 8    # more clients are disconnected at once; connected PLCs keep their connection
     idle_timeout_s: float = 60.0  # a client that sends nothing for this long is disconnected
+    # Addresses or networks ("10.0.0.5", "10.0.0.0/24") that may connect; others are closed at once and take no
+    # slot. Empty: any address (firewall the port then): otherwise a client polling every few seconds from
+    # anywhere can hold slots a reconnecting PLC needs.
+    allowed_clients: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -82,6 +90,18 @@ class ModbusConfig:
             raise ValueError(f"max_connections: must be 1..256, got {self.max_connections}")
         if not 0 < self.idle_timeout_s <= 3600:
             raise ValueError(f"idle_timeout_s: must be > 0 and <= 3600, got {self.idle_timeout_s}")
+        self.client_networks()
+
+    def client_networks(self) -> list:
+        """allowed_clients parsed; a ValueError names the entry that is no address or network."""
+        networks = []
+        for i, entry in enumerate(self.allowed_clients):
+            try:
+                networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
+            except ValueError:
+                raise ValueError(f"allowed_clients[{i}]: {entry!r} is not an IP address or network "
+                                 "(e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+        return networks
 
 
 def _scaled(value: float | None, upper: int = 65535) -> int:
@@ -297,7 +317,8 @@ class ModbusOutput(Output):
                                                                                 registers(1), registers(1))))
         server = _bounded_server_class()(devices, address=(self.cfg.host, self.cfg.port),
                                          max_connections=self.cfg.max_connections,
-                                         idle_timeout_s=self.cfg.idle_timeout_s)
+                                         idle_timeout_s=self.cfg.idle_timeout_s,
+                                         allowed=self.cfg.client_networks())
         await server.serve_forever(background=True)
         self._server = server
 
@@ -356,6 +377,11 @@ def _bounded_server_class():
 
         def connection_made(self, transport) -> None:
             server = self.server
+            if not server.admits(transport.get_extra_info("peername")):
+                server.refused_unlisted += 1
+                server.active_connections.pop(self.unique_id, None)
+                transport.close()
+                return
             if len(server.active_connections) > server.max_connections:
                 # Full: the connection silent the longest makes room if it has been silent for evict_idle_s (half
                 # the idle timeout); else the newcomer is refused. Thirty idle sockets had locked a PLC that
@@ -380,14 +406,36 @@ def _bounded_server_class():
             super().data_received(data)
 
     class _BoundedServer(ModbusTcpServer):
-        def __init__(self, *args, max_connections: int, idle_timeout_s: float, **kwargs) -> None:
+        def __init__(self, *args, max_connections: int, idle_timeout_s: float, allowed: list, **kwargs) -> None:
             super().__init__(*args, **kwargs)
+            self.allowed = allowed
+            self.refused_unlisted = 0
+            self._reported: set[str] = set()
             self.max_connections = max_connections
             self.idle_timeout_s = idle_timeout_s
             self.evict_idle_s = EVICT_IDLE_SHARE * idle_timeout_s
             self.rejected = 0
             self.evicted = 0
             self._sweeper: asyncio.Task | None = None
+
+        def admits(self, peername) -> bool:
+            """Whether a client at `peername` may connect (allowed_clients); the first refusal per address is
+            logged, so a misconfigured list shows, and a flood does not fill the log."""
+            if not self.allowed:
+                return True
+            host = peername[0] if peername else ""
+            try:
+                ip = ipaddress.ip_address(host.split("%")[0])
+            except ValueError:
+                ip = None
+            if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped          # an IPv4 PLC on a dual-stack socket
+            if ip is not None and any(ip in net for net in self.allowed):
+                return True
+            if host not in self._reported and len(self._reported) < 64:
+                self._reported.add(host)
+                log.warning("modbus: refused a connection from %s: not in allowed_clients", host or "unknown")
+            return False
 
         def callback_new_connection(self):
             return _Handler(self, self.trace_packet, self.trace_pdu, self.trace_connect)

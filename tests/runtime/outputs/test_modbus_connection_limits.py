@@ -123,3 +123,37 @@ def test_the_unit_sets_a_descriptor_limit_above_what_the_bounded_listeners_can_h
     nofile = int(limits[0])
     listeners = HttpConfig().max_connections + ModbusConfig().max_connections
     assert listeners + 256 <= nofile <= 65536
+
+
+def test_allowed_clients_keeps_other_addresses_out_of_the_slots():
+    """With allowed_clients, a client from another address is closed at once and holds no slot: a flood that
+    polls every few seconds from elsewhere can no longer lock a reconnecting PLC out."""
+    out = ModbusOutput(ModbusConfig(host="127.0.0.1", port=free_port(), unit_id=UNIT, max_connections=2,
+                                    idle_timeout_s=60.0, allowed_clients=["127.0.0.1"]))
+    out.start()
+    strangers: list[socket.socket] = []
+    try:
+        for _ in range(5):   # from 127.0.0.2 (any 127/8 address is this machine's loopback)
+            s = socket.create_connection(("127.0.0.1", out.cfg.port), timeout=5, source_address=("127.0.0.2", 0))
+            strangers.append(s)
+        for s in strangers:   # closed by the server: the read sees end of stream
+            s.settimeout(5)
+            assert s.recv(1) == b""
+        assert out.connection_count() == 0 and out._server.refused_unlisted == 5
+        plc = ModbusTcpClient("127.0.0.1", port=out.cfg.port, timeout=3, retries=0)
+        assert plc.connect()
+        out.publish(InspectionResult(frame_id=3, source="cam", verdict=Verdict.OK, score=0.5, normalized_score=0.3,
+                                     threshold=1.0, timings_ms={}, bundle_id="b"))
+        assert plc.read_holding_registers(0, count=3, device_id=UNIT).registers == [1, 0, 3]
+        plc.close()
+    finally:
+        for s in strangers:
+            s.close()
+        out.close()
+
+
+def test_allowed_clients_entries_are_checked_when_the_station_file_is_read():
+    cfg = from_mapping(ModbusConfig, {"allowed_clients": ["10.0.0.5", "10.1.0.0/16", "fd00::/8"]}, "station.yaml")
+    assert [str(n) for n in cfg.client_networks()] == ["10.0.0.5/32", "10.1.0.0/16", "fd00::/8"]
+    with pytest.raises(ConfigError, match=r"allowed_clients\[1\]: 'plc-1' is not an IP address or network"):
+        from_mapping(ModbusConfig, {"allowed_clients": ["10.0.0.5", "plc-1"]}, "station.yaml")
