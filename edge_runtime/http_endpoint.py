@@ -16,6 +16,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Literal
 
+from edge_runtime.client_filter import ClientFilter, parse_networks
 from edge_runtime.latency_stats import LatencyStats, escape_label
 from edge_runtime.records import Verdict
 
@@ -43,6 +44,9 @@ class HttpConfig:
     idle_timeout_s: float = 5.0      # a connection whose request is not read and answered within this is closed
     allowed_hosts: list[str] = field(default_factory=list)  # Host names accepted besides IP literals, localhost
                                      # and `host` (a name that is not listed is refused: DNS rebinding)
+    # Client addresses or networks that may connect ("10.0.0.7", "10.0.0.0/24"); others are closed before they take
+    # a connection slot (a flood from elsewhere cannot turn /healthz to 503). Empty: any address.
+    allowed_clients: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -58,6 +62,7 @@ class HttpConfig:
         for i, name in enumerate(self.allowed_hosts):
             if not name or any(c in name for c in "/:@ "):
                 raise ValueError(f"allowed_hosts[{i}]: expected a bare host name, got {name!r}")
+        parse_networks(self.allowed_clients)
 
     def warnings(self) -> list[str]:
         """What an operator should know about this configuration (logged at start, printed by validate)."""
@@ -248,7 +253,8 @@ class HttpEndpoint:
         handler.timeout = self.cfg.idle_timeout_s  # socket timeout per connection (StreamRequestHandler.setup)
         server_cls = _IPv6Server if ":" in self.cfg.host else _BoundedServer
         server = server_cls((self.cfg.host, self.cfg.port), handler, max_connections=self.cfg.max_connections,
-                            deadline_s=self.cfg.idle_timeout_s)
+                            deadline_s=self.cfg.idle_timeout_s,
+                            clients=ClientFilter(parse_networks(self.cfg.allowed_clients), "http"))
         self._server = server
         # A short poll interval makes stop() (and the daemon's shutdown) quick; the cost is a few wakeups a second.
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -340,7 +346,9 @@ class _BoundedServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64  # listen backlog: a burst of connects is accepted and answered, not left in SYN
 
-    def __init__(self, address, handler, *, max_connections: int, deadline_s: float) -> None:
+    def __init__(self, address, handler, *, max_connections: int, deadline_s: float,
+                 clients: ClientFilter | None = None) -> None:
+        self.clients = clients or ClientFilter([], "http")
         self._slots = threading.BoundedSemaphore(max_connections)
         self._count_lock = threading.Lock()
         self.active = 0
@@ -367,6 +375,10 @@ class _BoundedServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         self._closed.set()
         super().server_close()
+
+    def verify_request(self, request, client_address) -> bool:
+        # socketserver closes a request this refuses before process_request: it takes no slot and no thread.
+        return self.clients.admits(client_address[0] if client_address else None)
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):

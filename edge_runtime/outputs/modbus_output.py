@@ -34,18 +34,15 @@ inspection thread.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import logging
 import math
 import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
+from edge_runtime.client_filter import ClientFilter, parse_networks
 from edge_runtime.outputs.base import OUTPUTS, Output, OutputError
 from edge_runtime.records import InspectionResult, Verdict
-
-log = logging.getLogger(__name__)
 
 STATION_REGISTERS = 16      # holding/input registers 0..15 and coils 0..15 belong to the station
 PLC_AREA_START = 16
@@ -93,15 +90,8 @@ class ModbusConfig:
         self.client_networks()
 
     def client_networks(self) -> list:
-        """allowed_clients parsed; a ValueError names the entry that is no address or network."""
-        networks = []
-        for i, entry in enumerate(self.allowed_clients):
-            try:
-                networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
-            except ValueError:
-                raise ValueError(f"allowed_clients[{i}]: {entry!r} is not an IP address or network "
-                                 "(e.g. 10.0.0.5 or 10.0.0.0/24)") from None
-        return networks
+        """allowed_clients parsed (edge_runtime.client_filter)."""
+        return parse_networks(self.allowed_clients)
 
 
 def _scaled(value: float | None, upper: int = 65535) -> int:
@@ -318,7 +308,7 @@ class ModbusOutput(Output):
         server = _bounded_server_class()(devices, address=(self.cfg.host, self.cfg.port),
                                          max_connections=self.cfg.max_connections,
                                          idle_timeout_s=self.cfg.idle_timeout_s,
-                                         allowed=self.cfg.client_networks())
+                                         clients=ClientFilter(self.cfg.client_networks(), "modbus"))
         await server.serve_forever(background=True)
         self._server = server
 
@@ -377,8 +367,8 @@ def _bounded_server_class():
 
         def connection_made(self, transport) -> None:
             server = self.server
-            if not server.admits(transport.get_extra_info("peername")):
-                server.refused_unlisted += 1
+            peer = transport.get_extra_info("peername")
+            if not server.clients.admits(peer[0] if peer else None):
                 server.active_connections.pop(self.unique_id, None)
                 transport.close()
                 return
@@ -406,36 +396,16 @@ def _bounded_server_class():
             super().data_received(data)
 
     class _BoundedServer(ModbusTcpServer):
-        def __init__(self, *args, max_connections: int, idle_timeout_s: float, allowed: list, **kwargs) -> None:
+        def __init__(self, *args, max_connections: int, idle_timeout_s: float, clients: ClientFilter,
+                     **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            self.allowed = allowed
-            self.refused_unlisted = 0
-            self._reported: set[str] = set()
+            self.clients = clients
             self.max_connections = max_connections
             self.idle_timeout_s = idle_timeout_s
             self.evict_idle_s = EVICT_IDLE_SHARE * idle_timeout_s
             self.rejected = 0
             self.evicted = 0
             self._sweeper: asyncio.Task | None = None
-
-        def admits(self, peername) -> bool:
-            """Whether a client at `peername` may connect (allowed_clients); the first refusal per address is
-            logged, so a misconfigured list shows, and a flood does not fill the log."""
-            if not self.allowed:
-                return True
-            host = peername[0] if peername else ""
-            try:
-                ip = ipaddress.ip_address(host.split("%")[0])
-            except ValueError:
-                ip = None
-            if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped          # an IPv4 PLC on a dual-stack socket
-            if ip is not None and any(ip in net for net in self.allowed):
-                return True
-            if host not in self._reported and len(self._reported) < 64:
-                self._reported.add(host)
-                log.warning("modbus: refused a connection from %s: not in allowed_clients", host or "unknown")
-            return False
 
         def callback_new_connection(self):
             return _Handler(self, self.trace_packet, self.trace_pdu, self.trace_connect)

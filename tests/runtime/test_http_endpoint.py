@@ -289,6 +289,32 @@ def test_clients_dripping_their_request_byte_by_byte_cannot_hold_the_endpoint(se
         stop.set()
 
 
+def test_clients_from_unlisted_addresses_take_no_slot_and_health_answers_at_once(serve, station):
+    """A slow-client flood had kept /healthz at 503; with allowed_clients the flood's sockets (from another
+    address) are closed before they take a slot, so the listed monitor is answered at once, mid-flood."""
+    station.status = StationStatus(state="ready", bundle_id="b", uptime_s=1.0)
+    ep = serve(max_connections=2, idle_timeout_s=30.0, allowed_clients=["127.0.0.1"])
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(20):   # from 127.0.0.2 (any 127/8 address is this machine's loopback)
+            flood.append(socket.create_connection(("127.0.0.1", ep.port), timeout=5, source_address=("127.0.0.2", 0)))
+        for s in flood:
+            assert s.recv(200) == b""        # closed unanswered: no 503, no slot, no thread
+        code, _, body = request(ep, "/healthz")
+        assert code == 200 and json.loads(body)["status"] == "ready"
+        assert ep.rejected_connections == 0       # no client was turned away for want of a slot
+        assert ep._server.clients.refused == 20
+    finally:
+        for s in flood:
+            s.close()
+
+
+def test_allowed_clients_are_validated():
+    assert from_mapping(HttpConfig, {"allowed_clients": ["10.0.0.7", "10.0.0.0/24"]}, "http").allowed_clients
+    with pytest.raises(ConfigError, match=r"http.allowed_clients\[0\]: 'monitor' is not an IP address or network"):
+        from_mapping(HttpConfig, {"allowed_clients": ["monitor"]}, "http")
+
+
 def test_connection_limits_are_validated():
     with pytest.raises(ConfigError, match="http.max_connections: must be 1..1024, got 0"):
         from_mapping(HttpConfig, {"max_connections": 0}, "http")

@@ -139,7 +139,7 @@ def test_allowed_clients_keeps_other_addresses_out_of_the_slots():
         for s in strangers:   # closed by the server: the read sees end of stream
             s.settimeout(5)
             assert s.recv(1) == b""
-        assert out.connection_count() == 0 and out._server.refused_unlisted == 5
+        assert out.connection_count() == 0 and out._server.clients.refused == 5
         plc = ModbusTcpClient("127.0.0.1", port=out.cfg.port, timeout=3, retries=0)
         assert plc.connect()
         out.publish(InspectionResult(frame_id=3, source="cam", verdict=Verdict.OK, score=0.5, normalized_score=0.3,
