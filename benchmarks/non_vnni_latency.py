@@ -108,7 +108,7 @@ def main() -> int:
                         + [f"{median([x[s]['p50'] for x in rs]):.2f}" for s in STAGES]
                         + [f"{median([x['total']['p99'] for x in rs]):.2f}"])
     body = md_table(["bundle, variant", "kernels", *(f"{s} p50" for s in STAGES), "total p99"], rows)
-    body += (f"\n\nMedians over {a.rounds} alternating `edge-bench --raw` runs of {a.frames} frames per bundle and kind, "
+    body += (f"\n\nMedians over {a.rounds}{' alternating' if len(envs) > 1 else ''} `edge-bench --raw` runs of {a.frames} frames per bundle and kind, "
              "2 threads. What each process saw (numpy's CPUID view, the INT8 probe): "
              f"{json.dumps(seen)}. "
              + ("Same cores: the kernels differ, the chip does not.\n" if "vnni" in envs else

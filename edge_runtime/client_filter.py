@@ -7,19 +7,32 @@ import logging
 
 log = logging.getLogger(__name__)
 
-MAX_REPORTED = 64   # refused addresses logged once each, up to this many: a misconfigured list shows, a flood does not
+MAX_REPORTED = 64   # refused addresses logged once each, up to this many (then one line says so): a misconfigured
+                    # list shows, a scan does not fill the log
 
 
 def parse_networks(entries: list[str]) -> list:
     """`entries` as ip_network objects; a ValueError names the entry (`allowed_clients[i]`) that is neither an
-    address nor a network."""
+    address nor a network, or an address with a prefix (10.0.0.5/24: the address or the network was meant, and
+    taking the network silently would admit 255 more hosts). IPv4-mapped IPv6 entries (::ffff:10.0.0.5) are
+    taken as the IPv4 ones, as clients are compared."""
     networks = []
     for i, entry in enumerate(entries):
+        text = str(entry).strip()
         try:
-            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
+            net = ipaddress.ip_network(text, strict=True)
         except ValueError:
-            raise ValueError(f"allowed_clients[{i}]: {entry!r} is not an IP address or network "
-                             "(e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+            try:
+                loose = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ValueError(f"allowed_clients[{i}]: {entry!r} is not an IP address or network "
+                                 "(e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+            raise ValueError(f"allowed_clients[{i}]: {entry!r} names an address with a prefix: write "
+                             f"{text.split('/')[0]} for that host or {loose} for the network") from None
+        mapped = net.network_address.ipv4_mapped if net.version == 6 else None
+        if mapped is not None and net.prefixlen >= 96:
+            net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+        networks.append(net)
     return networks
 
 
@@ -45,7 +58,12 @@ class ClientFilter:
         if ip is not None and any(ip in net for net in self.networks):
             return True
         self.refused += 1
-        if host not in self._reported and len(self._reported) < MAX_REPORTED:
-            self._reported.add(host)
-            log.warning("%s: refused a connection from %s: not in allowed_clients", self.server, host or "unknown")
+        if host not in self._reported:
+            if len(self._reported) < MAX_REPORTED:
+                self._reported.add(host)
+                log.warning("%s: refused a connection from %s: not in allowed_clients", self.server, host or "unknown")
+            elif len(self._reported) == MAX_REPORTED:
+                self._reported.add("")   # said once: the set stops growing here
+                log.warning("%s: more than %d addresses refused (a scan?): further ones are counted, not logged; "
+                            "a PLC missing from allowed_clients may be among them", self.server, MAX_REPORTED)
         return False

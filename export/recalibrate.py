@@ -69,9 +69,6 @@ def left_out_outliers(m: dict, cross_fit_scores: dict, target: float) -> tuple[l
     else:
         left = set(recorded.get("images") or [])
         keep = np.array([n not in left for n in names], dtype=bool)
-    if not keep.all():
-        log(f"{int((~keep).sum())} good images left out of the threshold as in fit (score outliers): "
-            + ", ".join(n for n, k in zip(names, keep) if not k))
     return [n for n, k in zip(names, keep) if k], scores[keep]
 
 
@@ -87,6 +84,10 @@ def _recalibrate_into(out: Path, src: Bundle, m: dict, bundle_dir: Path, calibra
         pipe = Pipeline(draft, precision=name, knn="hnsw", threads=2)
         defect_scores = np.array([calibration_score(pipe, p) for p in defects])
         names, good = left_out_outliers(m, v["cross_fit_scores"], target)
+        kept = set(names)
+        left = [n for n in v["cross_fit_scores"] if n not in kept]
+        if left and name == next(iter(m["variants"])):   # the same images for every variant: said once
+            log(f"{len(left)} good images left out of the threshold as in fit (score outliers): {', '.join(left)}")
         bank_max = v.get("threshold_info", {}).get("bank_scores_max")
         # Bundles from before fit.cross_fit was recorded re-ran the coreset per fold.
         method = (m.get("fit", {}).get("cross_fit") or {}).get("method", "refit")

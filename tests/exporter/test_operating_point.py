@@ -214,16 +214,18 @@ def test_a_threshold_resting_on_one_good_image_is_called_out_by_name():
     good = 22 + rng.normal(0, 1.2, size=150)
     names = [f"img{i:03d}.png" for i in range(len(good))]
     clean = operating_point(good, names=names)[2]
-    assert "warnings" not in clean and clean["top_image_influence"]["ratio"] < INFLUENCE_WARN
+    assert "warnings" not in clean and clean["top_image_influence"]["drop"] < INFLUENCE_WARN
     mad = 1.4826 * np.median(np.abs(good - np.median(good)))
     odd = np.r_[good, np.median(good) + 11 * mad]                  # under the outlier cut (z 12)
     assert not score_outliers(odd, 0.005).any()
     t, _, info = operating_point(odd, names=[*names, "odd.png"])
     influence = info["top_image_influence"]
-    assert influence["image"] == "odd.png" and influence["ratio"] > INFLUENCE_WARN
+    assert influence["image"] == "odd.png" and influence["drop"] > INFLUENCE_WARN
+    assert influence["drop"] == pytest.approx(1 - influence["threshold_without_it"] / t)
     assert influence["threshold_without_it"] == pytest.approx(operating_point(good)[0], rel=1e-6)
     warning = next(w for w in info["warnings"] if "rests on one image" in w)
     assert "(odd.png)" in warning and f"{influence['threshold_without_it']:.4f}" in warning
+    assert f"({influence['drop']:.1%} lower" in warning
     # Not for thresholds set by calibration defects, and not below 100 images (those get their own warning).
     assert "top_image_influence" not in operating_point(odd, defects=np.array([24.0]))[2]
     assert "top_image_influence" not in operating_point(odd[-80:])[2]
