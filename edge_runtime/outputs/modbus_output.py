@@ -34,6 +34,7 @@ inspection thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import socket
 import threading
@@ -43,6 +44,8 @@ from typing import Literal
 from edge_runtime.client_filter import ClientFilter, parse_networks
 from edge_runtime.outputs.base import OUTPUTS, Output, OutputError
 from edge_runtime.records import InspectionResult, Verdict
+
+log = logging.getLogger(__name__)
 
 STATION_REGISTERS = 16      # holding/input registers 0..15 and coils 0..15 belong to the station
 PLC_AREA_START = 16
@@ -93,6 +96,20 @@ class ModbusConfig:
         """allowed_clients parsed (edge_runtime.client_filter)."""
         return parse_networks(self.allowed_clients)
 
+    def warnings(self) -> list[str]:
+        """What `edge-runtime validate` and the start-up log say about a server on the plant network."""
+        found = []
+        if self.host in ("::", "[::]"):
+            # asyncio makes every IPv6 listening socket IPv6-only: "::" is not dual-stack here.
+            found.append("host ::: the Modbus server then takes IPv6 clients only; an IPv4 PLC cannot connect (use "
+                         "0.0.0.0 for IPv4)")
+        if self.host not in ("127.0.0.1", "::1", "localhost") and not self.allowed_clients:
+            found.append(f"host {self.host} without allowed_clients: any client that reaches this address reads the "
+                         "results" + (" and writes the PLC area" if self.allow_writes else "")
+                         + " and can hold connection slots a reconnecting PLC needs; list the PLCs in "
+                           "allowed_clients, or firewall the port")
+        return found
+
 
 def _scaled(value: float | None, upper: int = 65535) -> int:
     if value is None or not math.isfinite(value):
@@ -139,6 +156,8 @@ class ModbusOutput(Output):
             from pymodbus.server import ModbusTcpServer  # noqa: F401 - fail early, with a clear message
         except ImportError as exc:
             raise OutputError(f"modbus {self.cfg.host}:{self.cfg.port}: pymodbus is not installed ({exc})") from exc
+        for warning in self.cfg.warnings():
+            log.warning("modbus %s:%d: %s", self.cfg.host, self.cfg.port, warning)
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=self._run_loop, args=(loop,), name=f"modbus-{self.cfg.port}", daemon=True)
         thread.start()

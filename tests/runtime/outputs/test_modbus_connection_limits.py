@@ -6,7 +6,10 @@ import os
 import socket
 import time
 
+from pathlib import Path
+
 import pytest
+import yaml
 from pymodbus.client import ModbusTcpClient
 
 from edge_runtime.outputs.modbus_output import ModbusConfig, ModbusOutput
@@ -157,3 +160,27 @@ def test_allowed_clients_entries_are_checked_when_the_station_file_is_read():
     assert [str(n) for n in cfg.client_networks()] == ["10.0.0.5/32", "10.1.0.0/16", "fd00::/8"]
     with pytest.raises(ConfigError, match=r"allowed_clients\[1\]: 'plc-1' is not an IP address or network"):
         from_mapping(ModbusConfig, {"allowed_clients": ["10.0.0.5", "plc-1"]}, "station.yaml")
+
+
+def test_validate_warns_about_an_open_modbus_server_and_an_ipv6_only_wildcard(tmp_path, capsys):
+    from edge_runtime.cli import main as cli_main
+
+    def station(modbus: dict) -> Path:
+        path = tmp_path / "station.yaml"
+        frames = tmp_path / "frames"
+        frames.mkdir(exist_ok=True)
+        path.write_text(yaml.safe_dump({"bundle": str(tmp_path / "no-bundle-here"),
+                                        "source": {"type": "folder", "path": str(frames)},
+                                        "outputs": [{"type": "modbus", **modbus}]}))
+        return path
+
+    assert cli_main(["validate", str(station({"host": "0.0.0.0", "allow_writes": True}))]) == 0
+    err = capsys.readouterr().err
+    assert "outputs[0].host 0.0.0.0 without allowed_clients: any client that reaches this address reads the " \
+           "results and writes the PLC area" in err
+    assert cli_main(["validate", str(station({"host": "::", "allowed_clients": ["fd00::/8"]}))]) == 0
+    err = capsys.readouterr().err
+    assert "an IPv4 PLC cannot connect (use 0.0.0.0 for IPv4)" in err and "without allowed_clients" not in err
+    assert cli_main(["validate", str(station({"host": "0.0.0.0", "allowed_clients": ["10.0.0.5"]}))]) == 0
+    assert "modbus" not in capsys.readouterr().err
+    assert ModbusConfig().warnings() == []                      # loopback, the default
