@@ -1,5 +1,6 @@
 """Which network clients a station server (Modbus TCP, the HTTP endpoint) admits: `allowed_clients`, addresses
-or networks. One parser and one test for both, so a station file means the same thing in each section."""
+or networks. One parser and one test for both, so a station file means the same thing in each section; and
+whether a server's own `host` keeps it on this machine (`is_loopback`, for the servers' warnings)."""
 from __future__ import annotations
 
 import ipaddress
@@ -7,8 +8,19 @@ import logging
 
 log = logging.getLogger(__name__)
 
+LOOPBACK_NAMES = ("localhost", "localhost.")
 MAX_REPORTED = 64   # refused addresses logged once each, up to this many (then one line says so): a misconfigured
                     # list shows, a scan does not fill the log
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost or a loopback address (127.0.0.0/8, ::1): a server listening there is off the network."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_networks(entries: list[str]) -> list:

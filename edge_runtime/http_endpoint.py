@@ -16,7 +16,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Literal
 
-from edge_runtime.client_filter import ClientFilter, parse_networks
+from edge_runtime.client_filter import LOOPBACK_NAMES, ClientFilter, is_loopback, parse_networks
 from edge_runtime.latency_stats import LatencyStats, escape_label
 from edge_runtime.records import Verdict
 
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 # Requests to /trigger carry no meaningful body; refuse large ones rather than read them.
 _MAX_BODY = 4096
 # Host names every request may use besides IP literals and the configured host.
-_LOOPBACK_NAMES = ("localhost", "localhost.")
 # Sent, without reading the request, to a connection over http.max_connections, then the socket is closed.
 _BUSY_BODY = b'{"error": "too many connections, try again"}'
 _BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: "
@@ -66,7 +65,7 @@ class HttpConfig:
 
     def warnings(self) -> list[str]:
         """What an operator should know about this configuration (logged at start, printed by validate)."""
-        if not self.enabled or _is_loopback(self.host):
+        if not self.enabled or is_loopback(self.host):
             return []
         found = [f"http.host {self.host}: the endpoint has no authentication; anyone who reaches this address "
                  "reads /healthz and /metrics"]
@@ -90,16 +89,7 @@ class HttpConfig:
             return True
         except ValueError:
             pass
-        return name in _LOOPBACK_NAMES or name == self.host.lower() or name in (h.lower() for h in self.allowed_hosts)
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        return name in LOOPBACK_NAMES or name == self.host.lower() or name in (h.lower() for h in self.allowed_hosts)
 
 
 def _strip_port(host: str) -> str:

@@ -1,9 +1,10 @@
 """The station file's `page:` section: where the operator's page listens, who may change what, what it keeps."""
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
+
+from edge_runtime.client_filter import is_loopback
 
 ROLES = ("viewer", "operator", "engineer")
 
@@ -43,7 +44,7 @@ class PageConfig:
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be 0..65535, got {self.port}")
-        if not self.lan and not _is_loopback(self.host):
+        if not self.lan and not is_loopback(self.host):
             raise ValueError(f"host: {self.host} is not loopback; set page.lan: true to serve the page on the LAN")
         if self.history < 1 or self.keep_frames < 0 or self.keep_frames > self.history:
             raise ValueError(f"history/keep_frames: need history >= 1 and 0 <= keep_frames <= history, "
@@ -57,12 +58,3 @@ class PageConfig:
             raise ValueError(f"operator_learn_max: must be 0..100 (times the threshold), got {self.operator_learn_max}")
         if self.session_timeout_s <= 0:
             raise ValueError(f"session_timeout_s: must be > 0, got {self.session_timeout_s}")
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

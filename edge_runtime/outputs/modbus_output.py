@@ -41,7 +41,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
-from edge_runtime.client_filter import ClientFilter, parse_networks
+from edge_runtime.client_filter import ClientFilter, is_loopback, parse_networks
 from edge_runtime.outputs.base import OUTPUTS, Output, OutputError
 from edge_runtime.records import InspectionResult, Verdict
 
@@ -103,7 +103,7 @@ class ModbusConfig:
             # asyncio makes every IPv6 listening socket IPv6-only: "::" is not dual-stack here.
             found.append("host ::: the Modbus server then takes IPv6 clients only; an IPv4 PLC cannot connect (use "
                          "0.0.0.0 for IPv4)")
-        if self.host not in ("127.0.0.1", "::1", "localhost") and not self.allowed_clients:
+        if not is_loopback(self.host) and not self.allowed_clients:
             found.append(f"host {self.host} without allowed_clients: any client that reaches this address reads the "
                          "results" + (" and writes the PLC area" if self.allow_writes else "")
                          + " and can hold connection slots a reconnecting PLC needs; list the PLCs in "
