@@ -449,8 +449,10 @@ class Line:
             self._record_fault = reason
             self._set_state(False, reason)
 
-    def _answer_fault(self, reason: str, started: float, frame_id: int | None = None) -> None:
-        """A trigger fired (a part is there) and it cannot be inspected: the line gets a FAULT result for it."""
+    def _answer_fault(self, reason: str, started: float, frame_id: int | None = None,
+                      frame: Frame | None = None) -> None:
+        """A trigger fired (a part is there) and it cannot be inspected: the line gets a FAULT result for it. With
+        the frame that was read for it, the record names its file or camera and capture time (the audit trail)."""
         self.counters.missed_triggers += 1
         if frame_id is None:
             frame_id = self._take_frame_id()
@@ -458,10 +460,12 @@ class Line:
         pipeline = self.pipeline
         what = "part" if self.trigger.is_free_run else "triggered part"
         self._publish(InspectionResult(
-            frame_id=frame_id, source=getattr(self._source, "name", "source"), verdict=Verdict.FAULT, score=None,
+            frame_id=frame_id, source=frame.source if frame is not None else getattr(self._source, "name", "source"),
+            verdict=Verdict.FAULT, score=None,
             normalized_score=None, threshold=pipeline.threshold if pipeline else math.nan,
             timings_ms={"total": (time.monotonic() - started) * 1000.0},
-            bundle_id=pipeline.bundle.bundle_id if pipeline else "none", error=f"{what} not inspected: {reason}"),
+            bundle_id=pipeline.bundle.bundle_id if pipeline else "none", error=f"{what} not inspected: {reason}",
+            captured_at=frame.captured_at if frame is not None else 0.0),
             started)
 
     def _refuse_triggers(self, reason: str, timeout: float) -> None:
@@ -493,7 +497,7 @@ class Line:
                 self._answer_fault(f"frame dropped while the station could not inspect ({reason})", time.monotonic())
             frame_id = self._take_frame_id()
             self.bus.begin_part(frame_id)
-            self._answer_fault(f"station not ready ({reason})", time.monotonic(), frame_id)
+            self._answer_fault(f"station not ready ({reason})", time.monotonic(), frame_id, frame)
 
     def _answer_missed(self, event: TriggerEvent) -> None:
         for _ in range(min(event.missed, MAX_MISSED_ANSWERS)):
@@ -652,7 +656,7 @@ class Line:
             frame_id, started, stale = self._admit(frame)
             self.bus.begin_part(frame_id)
             if stale:
-                self._answer_fault(stale, started, frame_id)
+                self._answer_fault(stale, started, frame_id, frame)
                 return "served"
             return self._inspect(pipeline, frame, frame_id, started)
         self._answer_missed(event)
@@ -676,6 +680,11 @@ class Line:
         if frame is None:
             self._answer_fault(f"no frame within {timeout:g} s of the trigger", event.at, frame_id)
             return "exhausted" if self._source.exhausted else "served"
+        # before_trigger: the image may have been written before a switch the trigger came after.
+        stale = self.recipes.stale(arrived_wall=frame.arrived_at) if self.recipes is not None else None
+        if stale:
+            self._answer_fault(stale, event.at, frame_id, frame)
+            return "served"
         return self._inspect(pipeline, frame, frame_id, event.at)
 
     def _admit(self, frame: Frame) -> tuple[int, float, str | None]:
@@ -692,7 +701,8 @@ class Line:
                                    "inspected", time.monotonic())
         frame_id = self._take_frame_id()
         started = time.monotonic() - max(0.0, time.time() - frame.captured_at)
-        stale = self.recipes.stale(captured_wall=frame.captured_at) if self.recipes is not None else None
+        stale = (self.recipes.stale(captured_wall=frame.captured_at, arrived_wall=frame.arrived_at)
+                 if self.recipes is not None else None)
         return frame_id, started, stale
 
     def _inspect(self, pipeline: Pipeline, frame: Frame, frame_id: int, started: float) -> str:
@@ -727,7 +737,7 @@ class Line:
         if stale:
             self._drain_inflight()
             self.bus.begin_part(frame_id)
-            self._answer_fault(stale, started, frame_id)
+            self._answer_fault(stale, started, frame_id, frame)
             return "served"
         if not self._ready and self.fault_reason is None:
             self._set_state(True, None)

@@ -485,9 +485,15 @@ class RecipeSwitcher:
         self.line._resume()   # READY again, unless the camera is still lost or the record still failing
         self._acknowledge("ok", recipe, ms, None)
 
-    def stale(self, triggered_mono: float | None = None, captured_wall: float | None = None) -> str | None:
+    def stale(self, triggered_mono: float | None = None, captured_wall: float | None = None,
+              arrived_wall: float | None = None) -> str | None:
         """Why a part must be FAULT because it arrived before the last switch ended, or after a switch was
-        requested and before it started (it may be the new product), or None."""
+        requested and before it started (it may be the new product), or None.
+
+        `arrived_wall` is when the part's image came into being where the source knows it (a watch folder's file:
+        when it appeared): an image that was there before the switch ended is from before it, however late it is
+        read. The request rule reads the hand-over time (`captured_wall`), the later of the two, so that an early
+        file date never lets a part through while a request waits."""
         requested = self._requested_at
         if requested is not None and ((triggered_mono is not None and triggered_mono >= requested[0])
                                       or (captured_wall is not None and captured_wall >= requested[1])):
@@ -496,6 +502,9 @@ class RecipeSwitcher:
             return "part triggered during a recipe switch"
         if captured_wall is not None and captured_wall < self.guard_wall:
             return "frame captured during a recipe switch"
+        if arrived_wall is not None and arrived_wall < self.guard_wall:
+            return (f"image arrived {self.guard_wall - arrived_wall:.2f} s before the last recipe switch ended: it may "
+                    "be the previous product's")
         return None
 
     # ---- report -------------------------------------------------------------------------------------------

@@ -26,6 +26,10 @@ class Frame:
     encoded: bytes | None = None
     image: np.ndarray | None = None   # HxW or HxWxC uint8, as the camera delivered it (BGR for OpenCV)
     captured_at: float = field(default_factory=time.time)
+    # When the part's image came into being, where the source knows it earlier than it handed the frame over (a
+    # watch folder: when the file appeared, wall clock). A recipe switch faults images that arrived before it ended
+    # even when they are read after it (a backlog in the folder is the old product's).
+    arrived_at: float | None = None
     # Set instead of encoded/image when the source found a part it could not read (permissions, I/O error, a file
     # too large to read): the pipeline answers it FAULT with this reason, so the part is on record, not skipped.
     unreadable: str | None = None

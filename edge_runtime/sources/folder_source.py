@@ -776,10 +776,23 @@ class FolderSource(FrameSource):
                     if not self._queue:
                         return None
             path = self._queue.popleft()
-            self._seen.pop(path.name, None)
+            first_seen = self._seen.pop(path.name, None)
             frame = self._read_file(path)
             if frame is not None:
+                if self.cfg.mode == "watch":
+                    frame.arrived_at = self._arrived_wall(path.name, first_seen)
                 return frame
+
+    def _arrived_wall(self, name: str, first_seen: float | None) -> float | None:
+        """When the file arrived (wall clock): the earlier of when this source first saw it and when it appeared
+        (birth time, else ctime). A recipe switch faults files that arrived before it ended (Recipes.stale)."""
+        times = []
+        if first_seen is not None:
+            times.append(time.time() - max(0.0, self._clock() - first_seen))
+        appeared = self._appeared_ns(name)
+        if appeared is not None:
+            times.append(appeared / 1e9)
+        return min(times) if times else None
 
     def _refill_replay(self) -> bool:
         if self._replay_done:

@@ -736,3 +736,86 @@ def test_a_part_triggered_right_after_a_recipe_request_is_fault_not_the_old_reci
     assert switcher.stale(triggered_mono=time.monotonic()) is None
     assert fire_and_wait(station, rec).bundle_id == IDS["cap-b"]
     assert running.stop() == 0
+
+
+def watch_recipe_station(write_station, bundles, tmp_path, trigger, **source):
+    a, b = bundles
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cfg = load_station(write_station(
+        source={"type": "folder", "mode": "watch", "path": str(folder), "poll_interval_s": 0.05, **source},
+        trigger=trigger, recovery={"read_timeout_s": 0.1},
+        recipes={"recipes": [{"name": "cap-a", "number": 1, "bundle": str(a)},
+                             {"name": "cap-b", "number": 2, "bundle": str(b)}]}))
+    return cfg, folder
+
+
+def drop(folder: Path, name: str, data: bytes) -> Path:
+    """A camera PC's write: a temporary name, renamed into place."""
+    tmp = folder / f".{name}.part"
+    tmp.write_bytes(data)
+    tmp.rename(folder / name)
+    return folder / name
+
+
+def test_watch_folder_backlog_from_before_a_switch_is_fault_not_the_new_recipes_verdict(
+        two_products, write_station, part_images_bytes, start_station, monkeypatch, tmp_path):
+    """Images that were in the folder before the switch ended are the previous product's, even when the line reads
+    them after it (a backlog; images written while the switch ran): FAULT, each record naming its file. An image
+    written after the switch is inspected with the new recipe."""
+    release = threading.Event()
+    real = bundle_loader.golden_check
+    cfg, folder = watch_recipe_station(write_station, two_products, tmp_path, {"type": "free_run"})
+    rec = RecipeRecorder()
+    running = start_station(cfg, outputs=[rec])
+    switcher = running.station.line.recipes
+    wait_until(lambda: switcher is not None and switcher.status == "ok" and rec.ready, what="ready")
+    drop(folder, "first.png", part_images_bytes[0])
+    wait_until(lambda: len(rec.results) == 1, what="the first part")
+    assert rec.results[0].bundle_id == IDS["cap-a"] and rec.results[0].verdict is not Verdict.FAULT
+
+    monkeypatch.setattr(bundle_loader, "golden_check", lambda bundle, pipeline: (release.wait(30), real(bundle, pipeline))[1])
+    switcher.request("cap-b", "plc")
+    wait_until(lambda: switcher.switching_to is not None, what="the switch to start")
+    backlog = [drop(folder, f"old_{i}.png", part_images_bytes[i % 2]) for i in range(3)]
+    time.sleep(0.3)                       # the line would have read them by now if it were inspecting
+    release.set()
+    wait_until(lambda: switcher.status == "ok" and switcher.active.name == "cap-b", what="cap-b active")
+    wait_until(lambda: len(rec.results) >= 4, what="the backlog's answers")
+    time.sleep(0.05)
+    drop(folder, "new.png", part_images_bytes[0])
+    wait_until(lambda: any(r.source.endswith("new.png") for r in rec.results), what="the new part")
+    running.stop()
+    by_file = {Path(r.source).name: r for r in rec.results}
+    for path in backlog:
+        r = by_file[path.name]                       # the record names the file: the audit trail
+        assert r.verdict is Verdict.FAULT and "recipe switch" in r.error, r
+        assert r.captured_at > 0
+    assert by_file["new.png"].bundle_id == IDS["cap-b"] and by_file["new.png"].verdict is not Verdict.FAULT
+    inspected = [r for r in rec.results if r.verdict is not Verdict.FAULT]
+    assert [Path(r.source).name for r in inspected] == ["first.png", "new.png"]
+
+
+def test_before_trigger_image_written_before_a_switch_is_fault_at_the_next_trigger(
+        two_products, write_station, part_images_bytes, start_station, tmp_path):
+    """image_arrives: before_trigger takes a file written before the trigger; one written before a recipe switch
+    the trigger came after is the previous product's part: FAULT, never the new recipe's verdict."""
+    cfg, folder = watch_recipe_station(write_station, two_products, tmp_path, {"type": "software"},
+                                       image_arrives="before_trigger", image_max_age_s=30.0)
+    rec = RecipeRecorder()
+    running = start_station(cfg, outputs=[rec])
+    station = running.station
+    switcher = station.line.recipes
+    wait_until(lambda: switcher is not None and switcher.status == "ok" and rec.ready, what="ready")
+    drop(folder, "before.png", part_images_bytes[0])
+    time.sleep(0.05)
+    switcher.request("cap-b", "plc")
+    wait_until(lambda: switcher.status == "ok" and switcher.active.name == "cap-b" and rec.ready, what="cap-b active")
+    result = fire_and_wait(station, rec)
+    assert result.verdict is Verdict.FAULT and "recipe switch" in result.error, result
+    assert Path(result.source).name == "before.png"
+    drop(folder, "after.png", part_images_bytes[0])
+    result = fire_and_wait(station, rec)
+    running.stop()
+    assert Path(result.source).name == "after.png" and result.bundle_id == IDS["cap-b"]
+    assert result.verdict is not Verdict.FAULT
