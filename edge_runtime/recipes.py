@@ -141,6 +141,7 @@ class RecipeSwitcher:
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
         self._last_register = 0
+        self._register_unchanged_at: tuple[float, float] | None = None   # last read of the register (mono, wall)
         self._refusals: list[str] = []
         self._invalid: str | None = None   # the newest request named no recipe and must fault the line (GPIO)
         # A Modbus register or GPIO select lines hold the PLC's choice as a level: while the PLC has chosen, the
@@ -240,17 +241,29 @@ class RecipeSwitcher:
 
     # ---- requests (any thread) ----------------------------------------------------------------------------
     def request(self, key: str | int, origin: str, force: bool = False,
-                fault_if_unknown: bool = False, from_plc: bool = False) -> tuple[bool, str]:
+                fault_if_unknown: bool = False, from_plc: bool = False,
+                since: tuple[float, float] | None = None) -> tuple[bool, str]:
         """Ask for recipe `key` (name or number). Returns (accepted, message); the switch runs on the line.
         An unknown recipe is refused and changes nothing, unless `fault_if_unknown` (a controller that cannot read
         a refusal, GPIO): then the line goes to FAULT until a switch succeeds, like a failed switch.
         `from_plc`: the request comes from the line's Modbus register or GPIO select lines (see plc_choice).
         Another source naming the recipe already active (and no switch under way) changes nothing: each switch
-        holds parts FAULT, and repeating the PLC's own recipe over HTTP had faulted 15 of 98 parts."""
-        return self._request(key, origin, force, fault_if_unknown, from_plc)[:2]
+        holds parts FAULT, and repeating the PLC's own recipe over HTTP had faulted 15 of 98 parts.
+        `since` (monotonic, wall): the request may have been made as early as this (a register read late); parts
+        triggered or captured from then on are FAULT (stale())."""
+        return self._request(key, origin, force, fault_if_unknown, from_plc, since)[:2]
+
+    def _mark_requested(self, since: tuple[float, float] | None) -> None:
+        """From `since` (default now) a part may be the new product: FAULT until the switch is over (stale()).
+        Called with the lock held."""
+        at = since or (time.monotonic(), time.time())
+        if self._requested_at is None:
+            self._requested_at = at
+        else:
+            self._requested_at = (min(self._requested_at[0], at[0]), min(self._requested_at[1], at[1]))
 
     def _request(self, key: str | int, origin: str, force: bool, fault_if_unknown: bool,
-                 from_plc: bool) -> tuple[bool, str, bool]:
+                 from_plc: bool, since: tuple[float, float] | None = None) -> tuple[bool, str, bool]:
         """request(), plus whether a switch was queued."""
         recipe = self.cfg.find(key)
         with self._lock:
@@ -276,6 +289,7 @@ class RecipeSwitcher:
                 if fault_if_unknown:   # the newest request wins: a queued switch is dropped
                     self._invalid = f"{origin}: {message}"
                     self._pending = None
+                    self._mark_requested(since)   # the old recipe must not pass what follows
                     superseded, self._pending_waiters = self._pending_waiters, []
                 else:
                     superseded = []
@@ -290,8 +304,7 @@ class RecipeSwitcher:
             self._pending = (recipe, origin, force)
             # From now on a part may be the new product: FAULT until the switch is over (see stale()), even before
             # the loop starts the switch.
-            if self._requested_at is None:
-                self._requested_at = (time.monotonic(), time.time())
+            self._mark_requested(since)
             superseded, self._pending_waiters = self._pending_waiters, []
         for waiter in superseded:   # the controller changed its mind before that switch started
             _resolve(waiter, "superseded", f"superseded by a request for {recipe.name} from {origin}")
@@ -400,14 +413,17 @@ class RecipeSwitcher:
             regs = getattr(out, "plc_registers", None)
             if regs is None:
                 continue
+            before = (time.monotonic(), time.time())
             value = regs()[self.cfg.modbus_register - 16]
             if value != self._last_register:
                 self._last_register = value
                 if value:
                     # A PLC writing a number it means can read no refusal: an unknown one faults the line (as the
-                    # GPIO select lines do) instead of the old recipe passing the new product.
+                    # GPIO select lines do) instead of the old recipe passing the new product. The PLC wrote it at
+                    # some time after the last read that still showed the old value: parts from then on are FAULT.
                     self.request(value, f"modbus register {self.cfg.modbus_register}", fault_if_unknown=True,
-                                 from_plc=True)
+                                 from_plc=True, since=self._register_unchanged_at or before)
+            self._register_unchanged_at = before
             return
 
     def _start(self, recipe: RecipeConfig, origin: str, force: bool) -> None:
@@ -493,7 +509,11 @@ class RecipeSwitcher:
         `arrived_wall` is when the part's image came into being where the source knows it (a watch folder's file:
         when it appeared): an image that was there before the switch ended is from before it, however late it is
         read. The request rule reads the hand-over time (`captured_wall`), the later of the two, so that an early
-        file date never lets a part through while a request waits."""
+        file date never lets a part through while a request waits.
+
+        The Modbus register is read again first: a PLC writes the recipe and triggers the part at once, and the
+        loop may wake on the trigger before its housekeeping has read the register."""
+        self._poll_register()
         requested = self._requested_at
         if requested is not None and ((triggered_mono is not None and triggered_mono >= requested[0])
                                       or (captured_wall is not None and captured_wall >= requested[1])):

@@ -819,3 +819,50 @@ def test_before_trigger_image_written_before_a_switch_is_fault_at_the_next_trigg
     running.stop()
     assert Path(result.source).name == "after.png" and result.bundle_id == IDS["cap-b"]
     assert result.verdict is not Verdict.FAULT
+
+
+def test_a_plc_writing_the_recipe_register_and_triggering_at_once_gets_fault_not_the_old_recipes_verdict(
+        two_products, write_station, part_images_bytes, free_port, start_station, tmp_path):
+    """The loop wakes on the trigger before its housekeeping has read the register: the register is read again
+    when the part is admitted, and the request dates from the last read that still showed the old number."""
+    from pymodbus.client import ModbusTcpClient
+
+    port = free_port()
+    a, b = two_products
+    log_path = tmp_path / "results.jsonl"
+    cfg = load_station(write_station(
+        source={"type": "scripted"}, trigger={"type": "software"}, recovery={"read_timeout_s": 5.0},
+        outputs=[{"type": "modbus", "port": port, "allow_writes": True},
+                 {"type": "result_log", "path": str(log_path)}],
+        recipes={"modbus_register": 16, "recipes": [{"name": "cap-a", "number": 1, "bundle": str(a)},
+                                                    {"name": "cap-b", "number": 2, "bundle": str(b)}]}))
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source)
+    station = running.station
+    switcher = station.line.recipes
+
+    def records() -> list[dict]:
+        return [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+
+    def fire() -> dict:
+        before = len(records())
+        station.trigger.fire()
+        wait_until(lambda: len(records()) > before, what="a result")
+        return records()[-1]
+
+    wait_until(lambda: switcher is not None and switcher.status == "ok" and station.status().state == "ready", what="ready")
+    client = ModbusTcpClient("127.0.0.1", port=port, timeout=3, retries=0)
+    assert client.connect()
+    try:
+        for number, name in ((2, "cap-b"), (1, "cap-a"), (2, "cap-b")):
+            assert fire()["bundle_id"] == IDS[switcher.active.name]
+            time.sleep(0.2)                                   # the loop is back waiting for a trigger
+            assert not client.write_register(16, number, device_id=1).isError()
+            result = fire()                                   # at once, as a PLC that does not wait for the ack
+            assert result["verdict"] == "FAULT" or result["bundle_id"] == IDS[name], result
+            wait_until(lambda: switcher.active.name == name and switcher.status == "ok" and station.status().state == "ready",
+                       what=f"{name} active")
+    finally:
+        client.close()
+    running.stop()
