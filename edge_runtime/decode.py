@@ -211,6 +211,56 @@ def png_is_animated(data: bytes) -> bool:
     return False
 
 
+ORIENTATIONS = {2: "mirrored left-right", 3: "turned 180 degrees", 4: "mirrored top-bottom",
+                5: "mirrored and turned 90 degrees", 6: "turned 90 degrees clockwise", 7: "mirrored and turned 270 degrees",
+                8: "turned 90 degrees anticlockwise"}
+
+
+def _tiff_orientation(block: bytes) -> int:
+    """The Orientation tag (274) of the first IFD of a TIFF structure (a TIFF file, a JPEG's Exif block, a PNG's
+    eXIf chunk); 1 (as stored) when there is none."""
+    if len(block) < 8 or block[:2] not in (b"II", b"MM"):
+        return 1
+    end = "<" if block[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(end + "I", block[4:8])
+    if ifd + 2 > len(block):
+        return 1
+    (count,) = struct.unpack(end + "H", block[ifd:ifd + 2])
+    for i in range(min(count, 1024)):
+        entry = ifd + 2 + 12 * i
+        if entry + 12 > len(block):
+            break
+        tag, kind = struct.unpack(end + "HH", block[entry:entry + 4])
+        if tag == 274 and kind == 3:   # SHORT, stored in the first two bytes of the value field
+            return struct.unpack(end + "H", block[entry + 8:entry + 10])[0]
+    return 1
+
+
+def exif_orientation(data: bytes, fmt: str) -> int:
+    """The EXIF orientation a viewer applies to this file (1: shown as stored). JPEG (APP1 Exif), TIFF and PNG
+    (eXIf chunk); other formats carry none. Raises ValueError for a structure that cannot be walked."""
+    if fmt == "TIFF":
+        return _tiff_orientation(data)
+    if fmt == "JPEG":
+        for marker, pos in _jpeg_segments(data):
+            if marker == 0xDA:
+                break
+            if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\0\0":
+                length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+                return _tiff_orientation(data[pos + 10:pos + 2 + length])
+        return 1
+    if fmt == "PNG":
+        pos = 8
+        while pos + 8 <= len(data):
+            length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+            if kind == b"eXIf":
+                return _tiff_orientation(data[pos + 8:pos + 8 + length])
+            if kind in (b"IDAT", b"IEND"):
+                return 1
+            pos += 12 + length
+    return 1
+
+
 def jpeg_scan_count(data: bytes, limit: int) -> int:
     """Start-of-scan (SOS) segments in a JPEG, counted by walking its segments; stops counting past `limit`.
 
@@ -272,6 +322,18 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: DecodeConfig | None
             raise ImageError(f"{name}: JPEG has no end-of-image marker (truncated file)")
         data = data[:end]   # a trailer after the image (motion photo, vendor data) is neither decoded nor costed
     _check_cost(data, fmt, width, height, name, limits)
+    try:
+        orientation = exif_orientation(data, fmt)
+    except (ValueError, struct.error) as exc:
+        raise ImageError(f"{name}: unsupported or corrupt {fmt} structure ({exc})") from None
+    if orientation != 1:
+        # A viewer (and a mask drawn in one) shows the file turned; fit and the station read the pixels as stored,
+        # so the part's shape and a defect's place would differ from what the user sees: refused, never guessed.
+        what = ORIENTATIONS.get(orientation, f"unknown value {orientation}")
+        raise ImageError(f"{name}: {fmt} carries an EXIF orientation tag ({orientation}: {what} for display); images "
+                         "are read as stored, so what a viewer shows is not what would be inspected: save the image "
+                         "upright without the tag (e.g. exiftran -ai, mogrify -auto-orient) or set the camera to write "
+                         "no rotation")
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)

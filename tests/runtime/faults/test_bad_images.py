@@ -356,3 +356,56 @@ def test_a_colour_pin_the_runtime_does_not_know_refuses_the_bundle(editor):
 def test_a_16_bit_frame_that_reads_as_all_zero_is_a_fault_naming_the_bit_depth(pipeline, part):
     result = pipeline.inspect(Frame(frame_id=17, source="cam16", image=part.astype(np.uint16)))   # 8-bit values
     assert_fault(result, "cam16", "16-bit frame whose highest value is", "preprocessing.shift_16bit")
+
+
+def _exif_block(orientation: int, big_endian: bool = False) -> bytes:
+    """A TIFF structure with one IFD holding Orientation (274, SHORT), as cameras and phones write into Exif."""
+    end = ">" if big_endian else "<"
+    return ((b"MM" if big_endian else b"II") + struct.pack(end + "HI", 42, 8) + struct.pack(end + "H", 1)
+            + struct.pack(end + "HHIHH", 274, 3, 1, orientation, 0) + struct.pack(end + "I", 0))
+
+
+def _jpeg_with_orientation(jpeg: bytes, orientation: int, big_endian: bool = False) -> bytes:
+    payload = b"Exif\0\0" + _exif_block(orientation, big_endian)
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def _png_with_orientation(png: bytes, orientation: int) -> bytes:
+    body = _exif_block(orientation)
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    return png[:33] + chunk + png[33:]   # after the signature and IHDR, before IDAT
+
+
+def _tiff_with_orientation(tiff: bytes, orientation: int) -> bytes:
+    """cv2's TIFF with a new first IFD appended: its entries plus Orientation (values outside the IFD still valid)."""
+    assert tiff[:2] == b"II"
+    (ifd,) = struct.unpack("<I", tiff[4:8])
+    (count,) = struct.unpack("<H", tiff[ifd:ifd + 2])
+    entries = [tiff[ifd + 2 + 12 * i: ifd + 14 + 12 * i] for i in range(count)]
+    entries = [e for e in entries if struct.unpack("<H", e[:2])[0] != 274]
+    entries.append(struct.pack("<HHIHH", 274, 3, 1, orientation, 0))
+    entries.sort(key=lambda e: struct.unpack("<H", e[:2])[0])
+    new_ifd = len(tiff) + (len(tiff) % 2)
+    out = bytearray(tiff + b"\0" * (new_ifd - len(tiff)))
+    out[4:8] = struct.pack("<I", new_ifd)
+    out += struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "jpeg-big-endian", "png", "tiff"])
+def test_an_exif_orientation_tag_is_refused_naming_the_file_and_the_turn(pipeline, part, fmt):
+    """A viewer shows such a file turned, and a mask drawn there lies turned too; reading the pixels as stored would
+    inspect another geometry than the user sees (a probe: 3x the passed defects, no message). Orientation 1 (as
+    stored) is inspected like no tag."""
+    make = {"jpeg": lambda o: _jpeg_with_orientation(encode(part, ".jpg"), o),
+            "jpeg-big-endian": lambda o: _jpeg_with_orientation(encode(part, ".jpg"), o, big_endian=True),
+            "png": lambda o: _png_with_orientation(encode(part, ".png"), o),
+            "tiff": lambda o: _tiff_with_orientation(encode(part, ".tiff"), o)}[fmt]
+    plain = decode_image(make(1), "upright")
+    assert plain.shape[:2] == part.shape[:2]
+    with pytest.raises(ImageError, match=r"turned\.jpg.*EXIF orientation tag \(6: turned 90 degrees clockwise"):
+        decode_image(make(6), "turned.jpg")
+    result = pipeline.inspect(Frame(frame_id=1, source="cam/part_7.jpg", encoded=make(3)))
+    assert result.verdict is Verdict.FAULT and "cam/part_7.jpg" in result.error and "180 degrees" in result.error
+    ok = pipeline.inspect(Frame(frame_id=2, source="upright", encoded=make(1)))
+    assert ok.verdict is not Verdict.FAULT, ok.error
