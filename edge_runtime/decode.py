@@ -369,6 +369,12 @@ def _check_cost(data: bytes, fmt: str, width: int, height: int, name: str, limit
         raise ImageError(f"{name}: corrupt {fmt} structure ({exc})") from None
 
 
+# A 16-bit frame whose brightest pixel reads below this after the bundle's shift carries at least 3 significant bits
+# fewer than the bundle was fitted on (12-bit values read as the top byte: 0-15): its scores mean nothing, so it is
+# a FAULT, never scored. An 8-bit frame has no bit depth to get wrong and is scored as it is.
+MIN_TOP_16BIT = 32
+
+
 def to_rgb(image: np.ndarray, name: str = "<frame>", assume_bgr: bool = True,
            shift_16bit: int = SHIFT_16BIT) -> np.ndarray:
     """Any camera/file array (gray, BGR, BGRA, 16-bit) -> HxWx3 uint8 RGB, or ImageError. 16-bit pixels become
@@ -391,11 +397,12 @@ def to_rgb(image: np.ndarray, name: str = "<frame>", assume_bgr: bool = True,
         if shift_16bit < 8:
             np.minimum(image, 255, out=image)
         image = image.astype(np.uint8)
-        if not image.any() and raw.any():   # e.g. 8-bit values in a 16-bit buffer: not a black part
+        top = int(image.max())
+        if top < MIN_TOP_16BIT and raw.any():   # e.g. 12-bit values read as the top byte: 0-15, not a dark part
             raise ImageError(f"{name}: 16-bit frame whose highest value is {int(raw.max())}: read as v >> "
-                             f"{shift_16bit} (the bundle's preprocessing.shift_16bit) every pixel is 0; the camera "
-                             "sends fewer significant bits than the bundle was fitted on (send 8-bit frames, or "
-                             "fit on frames of this bit depth)")
+                             f"{shift_16bit} (the bundle's preprocessing.shift_16bit) its brightest pixel is {top} "
+                             f"of 255 (under {MIN_TOP_16BIT}); the camera sends fewer significant bits than the bundle "
+                             "was fitted on (send 8-bit frames, or fit on frames of this bit depth)")
     elif image.dtype != np.uint8:
         if image.dtype.kind == "f" and np.isfinite(image).all() and image.max() <= 1.0 and image.min() >= 0.0:
             image = np.round(image * 255).astype(np.uint8)

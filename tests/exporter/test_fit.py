@@ -306,7 +306,7 @@ def test_a_mixed_training_set_fits_and_a_failed_fit_leaves_nothing_behind(synthe
 
 
 def test_a_bundle_fitted_on_12_bit_data_reads_12_bit_frames_as_fit_did(synthetic_dataset, tmp_path):
-    from edge_runtime.decode import to_rgb
+    from edge_runtime.decode import ImageError, to_rgb
     from edge_runtime.records import Frame
     data = tmp_path / "twelve" / "train" / "good"
     data.mkdir(parents=True)
@@ -323,8 +323,9 @@ def test_a_bundle_fitted_on_12_bit_data_reads_12_bit_frames_as_fit_did(synthetic
     assert as_8.verdict.value == "OK" and as_12.score == as_8.score
     ok, png16 = cv2.imencode(".png", part.astype(np.uint16) * 16)
     assert pipe.inspect(Frame(frame_id=3, source="cam", encoded=png16.tobytes())).score == as_8.score
-    # What the top byte (the default) would have made of these frames: nearly black.
-    assert to_rgb(part.astype(np.uint16) * 16).max() <= 15
+    # What the top byte (the default) would make of these frames: nearly black (0-15), refused as such.
+    with pytest.raises(ImageError, match="brightest pixel is 15 of 255"):
+        to_rgb(part.astype(np.uint16) * 16)
     assert "WARNING" not in " ".join(bundle.manifest["geometry"]["chosen"]["notes"])
     # The golden images are the 16-bit files as they arrive, so the self-test reads them through the pin: a
     # manifest whose shift was changed (and its id recomputed) no longer reproduces their scores.

@@ -358,6 +358,18 @@ def test_a_16_bit_frame_that_reads_as_all_zero_is_a_fault_naming_the_bit_depth(p
     assert_fault(result, "cam16", "16-bit frame whose highest value is", "preprocessing.shift_16bit")
 
 
+@pytest.mark.parametrize("bits", [10, 12])
+def test_a_16_bit_frame_of_fewer_significant_bits_than_the_bundle_is_a_fault_not_a_score(pipeline, part, bits):
+    """12-bit values read as the top byte are 0-15: a near-black image that scored NG 47 for a good part (a probe),
+    meaningless either way. 14-bit values (brightest 63 of 255) and full range are still scored."""
+    low = (part.astype(np.uint16) << (bits - 8))
+    result = pipeline.inspect(Frame(frame_id=18, source=f"cam{bits}", image=low))
+    assert_fault(result, f"cam{bits}", "16-bit frame whose highest value is", "fewer significant bits")
+    for ok_bits in (14, 16):
+        scored = pipeline.inspect(Frame(frame_id=19, source="cam", image=part.astype(np.uint16) << (ok_bits - 8)))
+        assert scored.verdict is not Verdict.FAULT, scored.error
+
+
 def _exif_block(orientation: int, big_endian: bool = False) -> bytes:
     """A TIFF structure with one IFD holding Orientation (274, SHORT), as cameras and phones write into Exif."""
     end = ">" if big_endian else "<"
