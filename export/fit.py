@@ -178,6 +178,46 @@ def sixteen_bit_shift(paths: list[Path], sample: int = 32) -> tuple[int, list[st
     return shift, notes
 
 
+def tile_plan(region: tuple[int, int], scale: float, s: FitSettings):
+    """(canvas, tile input size, overlap, tile origins) for a region of this size at `scale` (--scale)."""
+    rw, rh = region
+    canvas = (max(32, round(rw * scale)), max(32, round(rh * scale)))
+    tw, th = s.input_size or default_input_size(1.0, s.pixels)
+    tw = min(tw, max(32, canvas[0] // STRIDE * STRIDE))
+    th = min(th, max(32, canvas[1] // STRIDE * STRIDE))
+    canvas = (max(canvas[0], tw), max(canvas[1], th))
+    overlap = s.tile_overlap if s.tile_overlap is not None else max(16, min(tw, th) // 8 // 8 * 8)
+    if not 0 <= overlap < min(tw, th):
+        raise ValueError(f"tile overlap {overlap} must be in [0, {min(tw, th)})")
+    return canvas, (tw, th), overlap, plan_tiles(canvas, (tw, th), overlap)
+
+
+SIZE_STRAY_SHARE = 0.10   # at most this share of the training images in other sizes than the rest: strays
+
+
+def drop_size_strays(paths: list[Path], s: FitSettings) -> tuple[list[Path], str | None]:
+    """Training images in another size than nearly all the others (at most SIZE_STRAY_SHARE of them): left out,
+    with a warning naming them, so the bundle keeps refusing frames of another size. Otherwise one stray file (a
+    copy from another camera, a resized export) silently turned the size policy from refuse into resize for every
+    frame, and a wrong camera's frames were scored instead of faulted. Kept when --size-policy asks for resizing
+    or letterboxing, or an ROI is given (frames of any size are cut at it)."""
+    if s.size_policy in ("resize", "letterbox") or s.roi is not None or len(paths) < 2:
+        return paths, None
+    sizes = image_sizes(paths)
+    counts: dict[tuple[int, int], int] = {}
+    for wh in sizes:
+        counts[wh] = counts.get(wh, 0) + 1
+    main, n = max(counts.items(), key=lambda kv: kv[1])
+    odd = [p for p, wh in zip(paths, sizes) if wh != main]
+    if not odd or len(odd) > SIZE_STRAY_SHARE * len(paths):
+        return paths, None
+    first = next((p, wh) for p, wh in zip(paths, sizes) if wh != main)
+    return [p for p, wh in zip(paths, sizes) if wh == main], (
+        f"WARNING: {len(odd)} of {len(paths)} training images {'is' if len(odd) == 1 else 'are'} not "
+        f"{main[0]}x{main[1]} like the rest (first: {first[0].name}, {first[1][0]}x{first[1][1]}): left out of the "
+        "bank, and a frame of another size is a FAULT; fit on one camera's images (--size-policy resize keeps them)")
+
+
 def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
     """The bundle's geometry for these training images, and the reasons for each choice (for the manifest)."""
     sizes = image_sizes(paths)
@@ -218,7 +258,7 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
             # One model input for a camera-size frame: a patch (8 model px) covers 8 x shrink frame pixels, so a
             # defect narrower than that is averaged away (an 80 px spot on a 5000 x 4000 frame passed, measured).
             w, h = (int(np.median([v[i] for v in sizes])) for i in (0, 1))
-            ways = ", ".join(f"--scale {sc} gives about {math.ceil(w * sc / (canvas[0] * 7 / 8)) * math.ceil(h * sc / (canvas[1] * 7 / 8))} tiles"
+            ways = ", ".join(f"--scale {sc} gives {len(tile_plan((w, h), sc, s)[3])} tiles"
                              for sc in (0.5, 0.25) if w * sc >= canvas[0] or h * sc >= canvas[1])
             notes.append(f"WARNING: the frames ({w}x{h}) are shrunk {shrink:.0f}x to one model input: one patch is "
                          f"about {8 * shrink:.0f} frame pixels wide and smaller defects are averaged away; tile the "
@@ -228,16 +268,8 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
             raise ValueError("tiling (--scale) needs training images (or ROIs) of one size; these vary "
                              f"({len(set(sizes))} sizes, e.g. {sorted(set(sizes))[:3]})")
         rw, rh = sizes[0]
-        canvas = (max(32, round(rw * s.scale)), max(32, round(rh * s.scale)))
-        tw, th = s.input_size or default_input_size(1.0, s.pixels)
-        tw = min(tw, max(32, canvas[0] // STRIDE * STRIDE))
-        th = min(th, max(32, canvas[1] // STRIDE * STRIDE))
-        canvas = (max(canvas[0], tw), max(canvas[1], th))
-        input_size = (tw, th)
-        overlap = s.tile_overlap if s.tile_overlap is not None else max(16, min(tw, th) // 8 // 8 * 8)
-        if not 0 <= overlap < min(tw, th):
-            raise ValueError(f"tile overlap {overlap} must be in [0, {min(tw, th)})")
-        tiles = plan_tiles(canvas, input_size, overlap)
+        canvas, input_size, overlap, tiles = tile_plan((rw, rh), s.scale, s)
+        tw, th = input_size
         notes.append(f"{len(tiles)} tiles of {tw}x{th} (overlap >= {overlap} px) on a {canvas[0]}x{canvas[1]} canvas "
                      f"(scale {s.scale} of the {rw}x{rh} region)")
     policy = s.size_policy or ("refuse" if same else "resize")
@@ -532,7 +564,10 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     defects = calibration_images(calibration_defects) if calibration_defects else []
     inputs = {"training folder": data_dir, "calibration folder": calibration_defects}
     check_output_dir(out, overwrite, inputs)
+    images, stray_note = drop_size_strays(images, s)
     geom, geom_info = plan_geometry(images, s)
+    if stray_note:
+        geom_info["notes"].append(stray_note)
     fitted = geom.frame_size if s.roi else geom.region_size    # the frame size the station will accept
     if defects and fitted and geom.size_policy == "refuse":   # before the work
         odd = [(p, wh) for p, wh in zip(defects, image_sizes(defects)) if wh != fitted]

@@ -67,7 +67,12 @@ def test_a_camera_size_frame_shrunk_to_one_input_is_warned_about_with_the_tiles_
         paths.append(p)
     geom, info = plan_geometry(paths, FitSettings())
     warning = next(n for n in info["notes"] if n.startswith("WARNING"))
-    assert geom.n_tiles == 1 and "shrunk 9x" in warning and "--scale 0.5 gives about" in warning
+    assert geom.n_tiles == 1 and "shrunk 9x" in warning
+    # The counts it promises are the ones --scale then makes (it had divided by the one-input canvas: "about 6"
+    # for what became 10 tiles).
+    for sc in (0.5, 0.25):
+        made = plan_geometry(paths, FitSettings(scale=sc))[0].n_tiles
+        assert f"--scale {sc} gives {made} tiles" in warning
     small = plan_geometry(paths[:1], FitSettings(scale=0.25))[1]["notes"]
     assert not any(n.startswith("WARNING") for n in small)
 
@@ -127,3 +132,27 @@ def test_an_roi_fit_on_frames_of_varied_sizes_says_what_it_does_not_check(tmp_pa
     assert geom.frame_size is None
     note = next(n for n in info["notes"] if n.startswith("the training images vary"))
     assert "frames of any size are cut at the ROI" in note and "is a FAULT" not in note
+
+
+def test_a_few_training_images_of_another_size_are_left_out_and_the_size_stays_pinned(tmp_path):
+    """One stray file (another camera, a resized export) among one camera's images had silently turned the size
+    policy from refuse into resize: then a wrong camera's frames are scored instead of faulted."""
+    from export.fit import FitSettings, drop_size_strays, plan_geometry
+
+    paths = []
+    for i in range(20):
+        p = tmp_path / f"{i:02d}.png"
+        w, h = (900, 900) if i == 7 else (384, 384)
+        cv2.imwrite(str(p), np.zeros((h, w, 3), np.uint8))
+        paths.append(p)
+    kept, note = drop_size_strays(paths, FitSettings())
+    assert len(kept) == 19 and paths[7] not in kept
+    assert note.startswith("WARNING: 1 of 20 training images is not 384x384") and "07.png, 900x900" in note
+    geom = plan_geometry(kept, FitSettings())[0]
+    assert geom.size_policy == "refuse" and geom.region_size == (384, 384)
+    # Asked to resize, or too many to be strays (two cameras): all kept, resized as before.
+    assert drop_size_strays(paths, FitSettings(size_policy="resize")) == (paths, None)
+    for i in (3, 11, 15):
+        cv2.imwrite(str(paths[i]), np.zeros((900, 900, 3), np.uint8))
+    assert drop_size_strays(paths, FitSettings()) == (paths, None)
+    assert plan_geometry(paths, FitSettings())[0].size_policy == "resize"
