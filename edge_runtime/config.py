@@ -17,7 +17,8 @@ import yaml
 from edge_runtime.decode import DecodeConfig
 from edge_runtime.http_endpoint import HttpConfig
 from edge_runtime.nn_search import EF_MAX
-from edge_runtime.lines_config import LineConfig, resolve_line_paths, validate_lines
+from edge_runtime.lines_config import (LineConfig, check_gpio_claims, gpio_claims, resolve_line_paths,
+                                       validate_lines)
 from edge_runtime.operator_page.config import PageConfig
 from edge_runtime.recipes import RecipesConfig, resolve_recipe_paths
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
@@ -194,6 +195,8 @@ class StationConfig:
         logs = [o.path for o in self.outputs if isinstance(o, ResultLogConfig)]
         if len(set(logs)) != len(logs):
             raise ValueError("outputs: two result logs write the same file")
+        if not self.lines:
+            check_gpio_claims(gpio_claims("", self.outputs, self.trigger, self.recipes))
 
 
 # The root of error messages while validating; replaced by the file name (see load_station).

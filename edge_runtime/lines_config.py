@@ -50,6 +50,38 @@ class LineConfig:
             raise ValueError("bundle: must name the bundle directory (leave it out for the station's)")
 
 
+def gpio_claims(prefix: str, outputs, trigger, recipes) -> list[tuple[str, int, str]]:
+    """(chip, offset, where) of every GPIO line these sections claim: output lines, a trigger input, recipe
+    select / strobe / ack lines. Line names (a trigger may name its line) are left to libgpiod."""
+    from edge_runtime.outputs.gpio_output import GpioConfig
+
+    claims = []
+    for j, out in enumerate(outputs or []):
+        if isinstance(out, GpioConfig):
+            roles = [*out.lines().items(), *([("ack", out.ack)] if out.ack else [])]
+            claims += [(out.chip, line.offset, f"{prefix}outputs[{j}].{role}") for role, line in roles]
+    if getattr(trigger, "type", None) == "gpio" and isinstance(trigger.line, int):
+        claims.append((trigger.chip, trigger.line, f"{prefix}trigger.line"))
+    gpio = getattr(recipes, "gpio", None)
+    if gpio is not None:
+        claims += [(gpio.chip, o, f"{prefix}recipes.gpio.select[{k}]") for k, o in enumerate(gpio.select)]
+        claims.append((gpio.chip, gpio.strobe, f"{prefix}recipes.gpio.strobe"))
+        if gpio.ack is not None:
+            claims.append((gpio.chip, gpio.ack, f"{prefix}recipes.gpio.ack"))
+    return claims
+
+
+def check_gpio_claims(claims: list[tuple[str, int, str]]) -> None:
+    """One GPIO line, one role: the same offset as OK in one output and NG in another would drive a pass on the
+    fail wire (each output checks only its own lines)."""
+    seen: dict[tuple[str, int], str] = {}
+    for chip, offset, where in claims:
+        key = (os.path.realpath(chip) if chip.startswith("/") else chip, offset)
+        if key in seen:
+            raise ValueError(f"{where}: GPIO line {offset} on {chip} is already used by {seen[key]}")
+        seen[key] = where
+
+
 def validate_lines(lines: list[LineConfig]) -> None:
     """Checks across lines (called from StationConfig.validate): unique names, no file or port written twice."""
     names = [ln.name for ln in lines]
@@ -70,6 +102,8 @@ def validate_lines(lines: list[LineConfig]) -> None:
     for port in ports:
         if ports.count(port) > 1:
             raise ValueError(f"lines: two lines serve Modbus on the same port {port}")
+    check_gpio_claims([c for i, ln in enumerate(lines)
+                       for c in gpio_claims(f"lines[{i}].", ln.outputs, ln.trigger, ln.recipes)])
 
 
 def resolve_line_paths(lines: list[LineConfig], absolute: Callable[[str, str], str]) -> None:

@@ -158,3 +158,26 @@ def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path, capsys):
     t.join(10)
     assert rc == [2], "validate returned (refused) instead of waiting on the pipe"
     assert "not a regular file" in capsys.readouterr().err
+
+
+def test_one_gpio_line_in_two_roles_is_refused_naming_both(tmp_path):
+    """Each output checks only its own lines: OK on line 5 in one output and NG on line 5 in another would drive a
+    pass on the fail wire. Across outputs, the trigger, recipe select lines and lines, one line has one role."""
+    crossed = {**BASE, "outputs": [{"type": "gpio", "ok": {"offset": 5}, "ng": {"offset": 6}},
+                                   {"type": "gpio", "ok": {"offset": 6}, "ng": {"offset": 5}}]}
+    with pytest.raises(ConfigError, match=r"outputs\[1\]\.ok: GPIO line 6 on /dev/gpiochip0 is already used by "
+                                          r"outputs\[0\]\.ng"):
+        load_station(write(tmp_path, crossed))
+    trigger = {**BASE, "trigger": {"type": "gpio", "line": 6},
+               "outputs": [{"type": "gpio", "ok": {"offset": 5}, "ng": {"offset": 6}}]}
+    with pytest.raises(ConfigError, match=r"trigger\.line: GPIO line 6 .* already used by outputs\[0\]\.ng"):
+        load_station(write(tmp_path, trigger))
+    other_chip = {**BASE, "outputs": [{"type": "gpio", "ok": {"offset": 5}, "ng": {"offset": 6}},
+                                      {"type": "gpio", "chip": "/dev/gpiochip1", "ok": {"offset": 6}, "ng": {"offset": 5}}]}
+    assert len(load_station(write(tmp_path, other_chip)).outputs) == 3     # another chip's line 5 is another wire
+    lines = {"bundle": "bundle", "http": {"enabled": False},
+             "lines": [{"name": n, "source": {"type": "folder", "path": n},
+                        "outputs": [{"type": "gpio", "ok": {"offset": a}, "ng": {"offset": b}}]}
+                       for n, a, b in (("left", 5, 6), ("right", 6, 7))]}
+    with pytest.raises(ConfigError, match=r"lines\[1\]\.outputs\[0\]\.ok: GPIO line 6 .* used by lines\[0\]\.outputs\[0\]\.ng"):
+        load_station(write(tmp_path, lines))
