@@ -73,6 +73,14 @@ _STATX_BTIME = 0x800
 _statx = None   # libc's statx, looked up once (None: not looked up yet; False: not available)
 
 
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
 def _birth_time_ns(path: Path) -> int | None:
     """A file's birth time from statx(2) (glibc >= 2.28, Linux >= 4.11) when the file system records it, else
     None. struct statx: stx_mask at offset 0, stx_btime {tv_sec int64, tv_nsec uint32} at offset 80."""
@@ -407,6 +415,7 @@ class FolderSource(FrameSource):
         self._last_check: float | None = None
         self._last_rescan = float("-inf")
         self._rejected: set[str] = set()               # resolve outside the folder; counted once
+        self._not_files: set[str] = set()              # FIFOs, sockets, devices under image names; logged once
         # What the watch cost, for tests and diagnostics.
         self.listings = 0
         self.stats = 0
@@ -732,6 +741,12 @@ class FolderSource(FrameSource):
         except OSError:
             return None
         if not stat.S_ISREG(st.st_mode):
+            if name not in self._not_files and not stat.S_ISDIR(st.st_mode):
+                # A FIFO, socket or device under an image name is no part, but not a silent skip either.
+                self._not_files.add(name)
+                self.skipped += 1
+                log.warning("folder source %s: %s is not a regular file (%s): left out, no part inspected",
+                            escape_name(self.cfg.path), escape_name(name), _file_kind(st.st_mode))
             return None
         if is_link and not self._inside(path):
             return None

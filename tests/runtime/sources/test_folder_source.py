@@ -196,6 +196,24 @@ def test_watch_skips_symlink_from_outside_once(tmp_path):
     assert src.skipped == 1             # counted once, not on every poll
 
 
+def test_watch_names_a_named_pipe_under_an_image_name_once_and_does_not_hang(tmp_path, caplog):
+    """A FIFO called part.png is no part; it is left out, logged once and counted, and opening it never blocks."""
+    import os
+
+    clock = FakeClock()
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.125),
+                       clock=clock, sleep=clock.sleep)
+    src.open()
+    os.mkfifo(tmp_path / "fifo.png")
+    write(tmp_path / "good.png", png(b"GOOD"))
+    with caplog.at_level(logging.WARNING):
+        frames = [src.read(1.0), src.read(1.0), src.read(1.0)]
+    assert frames[0].encoded == png(b"GOOD") and frames[1:] == [None, None]
+    assert src.skipped == 1
+    said = [r.getMessage() for r in caplog.records if "fifo.png" in r.getMessage()]
+    assert len(said) == 1 and "not a regular file (a named pipe)" in said[0]
+
+
 def test_watch_picks_up_files_written_while_running(tmp_path):
     """Real threads and clock: a writer creates files in chunks while the source polls."""
     src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.02))
