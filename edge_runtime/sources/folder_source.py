@@ -73,6 +73,9 @@ _STATX_BTIME = 0x800
 _statx = None   # libc's statx, looked up once (None: not looked up yet; False: not available)
 
 
+REWRITE_WARN_S = 30.0   # the same file handed over again within this: warned about (_note_rewrite)
+
+
 def _file_kind(mode: int) -> str:
     for test, kind in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device")):
@@ -416,6 +419,7 @@ class FolderSource(FrameSource):
         self._last_rescan = float("-inf")
         self._rejected: set[str] = set()               # resolve outside the folder; counted once
         self._not_files: set[str] = set()              # FIFOs, sockets, devices under image names; logged once
+        self._handed: dict[str, tuple[int, float]] = {}  # name -> (inode, clock) of its last hand-over
         # What the watch cost, for tests and diagnostics.
         self.listings = 0
         self.stats = 0
@@ -726,10 +730,26 @@ class FolderSource(FrameSource):
                 del self._candidates[name]
                 ready.append((sig[1], name))
                 self._seen[name] = first_seen
+                self._note_rewrite(name, sig, now)
             else:
                 self._candidates[name] = (sig, first_seen)
         # Oldest first, so frames follow the order the camera PC wrote them in.
         self._queue.extend(self._root / name for _, name in sorted(ready))
+
+    def _note_rewrite(self, name: str, sig: _Signature, now: float) -> None:
+        """Warn when the same file (name and inode) is handed over again soon after: a new part to the line, but
+        more likely a camera that fills a file of its final size slowly (preallocated), read before it was done,
+        which gives one part two verdicts. The warning says how to write images so that cannot happen."""
+        last = self._handed.get(name)
+        if last is not None and last[0] == sig[2] and now - last[1] < REWRITE_WARN_S:
+            log.warning("folder source %s: %s was written again %.1f s after it was handed over (same file): inspected "
+                        "again as a new part; if the camera writes slowly into a file of its final size, the first "
+                        "read was of an unfinished image: write each image to a temporary name and rename it into "
+                        "place", escape_name(self.cfg.path), escape_name(name), now - last[1])
+        self._handed[name] = (sig[2], now)
+        if len(self._handed) > 4096:   # bounded: only recent hand-overs matter
+            for key in [k for k, (_, t) in self._handed.items() if now - t >= REWRITE_WARN_S]:
+                del self._handed[key]
 
     def _signature(self, name: str) -> _Signature | None:
         assert self._root is not None

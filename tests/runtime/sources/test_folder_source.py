@@ -214,6 +214,32 @@ def test_watch_names_a_named_pipe_under_an_image_name_once_and_does_not_hang(tmp
     assert len(said) == 1 and "not a regular file (a named pipe)" in said[0]
 
 
+def test_watch_warns_when_the_same_file_is_handed_over_again_soon_after(tmp_path, caplog):
+    """A camera that fills a preallocated file slowly is read before it is done, then again when done: two verdicts
+    for one part (a probe). The second hand-over is a new part, as for a camera that rewrites one name per part, but
+    it is called out with the fix; a new file under the same name (a rename into place) is not."""
+    import os
+
+    clock = FakeClock()
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.125),
+                       clock=clock, sleep=clock.sleep)
+    src.open()
+    path = write(tmp_path / "part.png", png(b"FIRST"))
+    assert src.read(1.0).encoded == png(b"FIRST")
+    with caplog.at_level(logging.WARNING):
+        with open(path, "r+b") as fh:                       # the same inode, written again
+            fh.write(png(b"AGAIN"))
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 10_000_000))
+        assert src.read(1.0).encoded == png(b"AGAIN")
+        said = [r.getMessage() for r in caplog.records if "part.png" in r.getMessage()]
+        assert len(said) == 1 and "written again" in said[0] and "temporary name" in said[0]
+        caplog.clear()
+        tmp = write(tmp_path / ".part.tmp", png(b"RENAMED"))   # a new file renamed into place: a new part, no word
+        os.rename(tmp, path)
+        assert src.read(1.0).encoded == png(b"RENAMED")
+        assert not [r for r in caplog.records if "written again" in r.getMessage()]
+
+
 def test_watch_picks_up_files_written_while_running(tmp_path):
     """Real threads and clock: a writer creates files in chunks while the source polls."""
     src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.02))
