@@ -239,6 +239,20 @@ def _demo(a: argparse.Namespace) -> int:
     return run_demo(Path(a.workdir), fresh=a.fresh)
 
 
+def _attach_dash_values(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """`--roi -10,0,100,100` as `--roi=-10,0,100,100`: argparse takes a value that starts with '-' (and is not a
+    plain negative number) for an option and answers 'expected one argument', not the option's own message."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in options and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edge-export", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -422,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                         "refused if the folder holds anything the demo did not write")
     d.set_defaults(func=_demo)
 
-    a = p.parse_args(argv)
+    a = p.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else list(argv), ("--roi",)))
     from edge_runtime.bundle import BundleError
     from edge_runtime.features import FeatureError
     from export.dataset import DatasetError

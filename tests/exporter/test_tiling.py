@@ -156,3 +156,12 @@ def test_a_few_training_images_of_another_size_are_left_out_and_the_size_stays_p
         cv2.imwrite(str(paths[i]), np.zeros((900, 900, 3), np.uint8))
     assert drop_size_strays(paths, FitSettings()) == (paths, None)
     assert plan_geometry(paths, FitSettings())[0].size_policy == "resize"
+
+
+def test_a_negative_roi_gets_the_roi_message_not_argparse_s(tmp_path, capsys):
+    from export.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", str(tmp_path), "--out", str(tmp_path / "b"), "--roi", "-10,0,100,100"])
+    assert stop.value.code == 2
+    assert "argument --roi: ROI -10,0,100,100: need x, y >= 0" in capsys.readouterr().err
