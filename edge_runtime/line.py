@@ -91,7 +91,8 @@ class Line:
         if cfg.rollout.enabled:   # a sink of records too: it watches the first parts of a new bundle
             self.rollout = RolloutManager(cfg.rollout, cfg.state_dir or "state", load=self._load_offered,
                                           install=self.install_pipeline, current=lambda: self.pipeline,
-                                          set_bundle_path=lambda path: setattr(self.cfg, "bundle", path))
+                                          set_bundle_path=lambda path: setattr(self.cfg, "bundle", path),
+                                          withdraw=self.withdraw_pipeline)
             self.outputs = [*self.outputs, self.rollout]
         if sinks:   # the station's operator page: it reads the same result stream as the line's outputs
             self.outputs = [*self.outputs, *sinks]
@@ -267,6 +268,13 @@ class Line:
             self._install_generation += 1
             self._reload_outcome = (pipeline, None)
 
+    def withdraw_pipeline(self, reason: str) -> None:
+        """Take the bundle out of service between two frames: the line is FAULT (READY down) until a verified bundle
+        is installed or reloaded. A rollout's candidate that failed probation with nothing to return to."""
+        with self._reload_lock:
+            self._install_generation += 1
+            self._reload_outcome = ("withdraw", reason)
+
     def _load_offered(self, path: str, current: Pipeline | None) -> Pipeline:
         """A rollout's candidate through the same verification as a reload, on one thread beside the loop."""
         return bundle_loader.load_pipeline(dataclasses.replace(self.cfg, bundle=path),
@@ -357,7 +365,12 @@ class Line:
         if outcome is None:
             return
         new, error = outcome
-        if new is None:
+        if new == "withdraw":
+            self.pipeline = None
+            self._trim_pending = True
+            log.error("bundle withdrawn: %s", error)
+            self._set_state(False, f"bundle: {error}")
+        elif new is None:
             self.counters.reload_failures += 1
             if self.pipeline is not None:
                 # Keep inspecting with the verified old bundle rather than stopping the line.

@@ -185,10 +185,12 @@ class RolloutManager(Output):
 
     def __init__(self, cfg: RolloutConfig, state_dir: str, *, load: Callable[[str, Any], Any],
                  install: Callable[[Any], None], current: Callable[[], Any],
-                 set_bundle_path: Callable[[str], None]) -> None:
+                 set_bundle_path: Callable[[str], None], withdraw: Callable[[str], None]) -> None:
         self.cfg = cfg
         self.state_dir = Path(state_dir)
         self._load, self._install, self._current, self._set_bundle_path = load, install, current, set_bundle_path
+        self._withdraw = withdraw          # takes the line's bundle out of service: FAULT until a verified one
+        self._configured: str | None = None   # the station file's bundle (startup_bundle)
         self._offers: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -225,17 +227,26 @@ class RolloutManager(Output):
         os.replace(tmp, path)
 
     def startup_bundle(self, configured: str) -> str:
-        """The bundle folder to start with: the rolled-out one, or the previous one after a crash in probation."""
+        """The bundle folder to start with: the rolled-out one, or the previous one after a crash in probation.
+
+        A bundle on probation when the daemon stopped is never started again (it may be why it stopped): the
+        previous one if its folder is there, else the station file's, which faults the line if it cannot be
+        loaded, never the candidate served as if it had passed."""
+        self._configured = configured
         active, previous = self._state.get("active"), self._state.get("previous")
-        if self._state.get("status") == "probation" and previous and Path(previous).is_dir():
-            log.error("rollout: the daemon stopped while bundle %s was on probation: starting on the previous bundle "
-                      "%s", active, previous)
+        if self._state.get("status") == "probation":
+            back = previous if previous and Path(previous).is_dir() else configured
+            log.error("rollout: the daemon stopped while bundle %s was on probation: starting on %s%s", active,
+                      "the previous bundle " if back == previous else "the station file's bundle ", back)
+            if back != previous:
+                log.error("rollout: the bundle before the probation (%s) is %s", previous,
+                          "not there" if previous else "none: the station had no bundle in service")
             self._restore_version_record(self._state.get("previous_version_record"))
-            self._state.update(active=previous, status="rolled_back",
-                               rejected=[*self._state.get("rejected", []), self._state.get("candidate_id")])
+            self._state.update(active=previous if back == previous else None, status="rolled_back",
+                               rejected=[*self._state.get("rejected", []), self._state.get("candidate_id")][-100:])
             self._write_state()
             self.status, self.detail = "rolled_back", "daemon stopped during probation"
-            return previous
+            return back
         return start_bundle(self._state, configured)
 
     # -- Output --------------------------------------------------------------------------------------------
@@ -419,10 +430,22 @@ class RolloutManager(Output):
             previous, candidate = self._previous, self._candidate_id
         reason = f"{len(faults)} of the first {parts} parts on bundle {candidate} were FAULT (first: {faults[0]})"
         if previous is None:
-            self._event("rolled_back", f"{reason}; no previous bundle to return to", status_only=True)
+            # Nothing verified to return to (the station had no bundle in service): the candidate goes out of
+            # service all the same, the line FAULT until a verified bundle comes, and it is never taken again.
+            self._set_bundle_path(self._previous_path or self._configured or "")
+            self._withdraw(f"bundle {candidate} failed its probation ({reason}) and there is no previous bundle")
+            self._restore_version_record(self._previous_version_record)
+            log.error("rollout: bundle %s out of service, no previous bundle to return to: %s", candidate, reason)
+            self._prune_staging(keep=set())
+            self._state.update(active=self._previous_path, status="rolled_back",
+                               rejected=[*self._state.get("rejected", []), candidate][-100:],
+                               rollbacks=self._state.get("rollbacks", 0) + 1)
+            self._write_state()
+            self._event("rolled_back", f"{reason}; no previous bundle to return to: the line is FAULT")
             return
-        self._install(previous)
+        # The path first: a reload that reads it after the install must find the previous bundle, not the candidate.
         self._set_bundle_path(self._previous_path or str(previous.bundle.root))
+        self._install(previous)
         self._restore_version_record(self._previous_version_record)
         log.error("rollout: rolling back to bundle %s (version %s): %s", previous.bundle.bundle_id,
                   previous.bundle.bundle_version, reason)

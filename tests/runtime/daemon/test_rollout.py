@@ -240,7 +240,7 @@ def test_a_daemon_that_stopped_during_probation_restarts_on_the_previous_bundle(
         "previous_version_record": '{"bundle_version": 1}\n'}))
     cfg = RolloutConfig(enabled=True, staging_dir=str(state / "bundles"))
     manager = RolloutManager(cfg, str(state), load=None, install=None, current=lambda: None,
-                             set_bundle_path=lambda p: None)
+                             set_bundle_path=lambda p: None, withdraw=lambda reason: None)
     assert manager.startup_bundle(str(tmp_path / "configured")) == str(previous)
     assert manager.report()["status"] == "rolled_back"
     assert json.loads((state / VERSION_STATE_FILE).read_text())["bundle_version"] == 1
@@ -248,7 +248,7 @@ def test_a_daemon_that_stopped_during_probation_restarts_on_the_previous_bundle(
     assert saved["status"] == "rolled_back" and saved["active"] == str(previous) and "c2" in saved["rejected"]
     # The next start takes the active (previous) folder without rolling back again.
     again = RolloutManager(cfg, str(state), load=None, install=None, current=lambda: None,
-                           set_bundle_path=lambda p: None)
+                           set_bundle_path=lambda p: None, withdraw=lambda reason: None)
     assert again.startup_bundle(str(tmp_path / "configured")) == str(previous)
 
 
@@ -279,7 +279,7 @@ def test_pruning_staged_copies_never_touches_other_bundles_in_the_folder(tmp_pat
     for d in (staged_old, staged_keep, device_made):
         d.mkdir(parents=True)
     manager = RolloutManager(RolloutConfig(enabled=True, staging_dir=str(folder)), str(state), load=None, install=None,
-                             current=lambda: None, set_bundle_path=lambda p: None)
+                             current=lambda: None, set_bundle_path=lambda p: None, withdraw=lambda reason: None)
     manager._prune_staging(keep={str(staged_keep)})
     assert sorted(p.name for p in folder.iterdir()) == sorted([staged_keep.name, device_made.name])
     default = RolloutConfig(enabled=True)
@@ -320,7 +320,7 @@ def test_offers_wait_for_the_lines_start_up_load_and_a_touched_offer_is_not_take
     manager = RolloutManager(RolloutConfig(enabled=True, watch_dir=str(offers), poll_interval_s=0.05,
                                            staging_dir=str(tmp_path / "staging")),
                              str(tmp_path / "state"), load=None, install=None, current=lambda: None,
-                             set_bundle_path=lambda p: None)
+                             set_bundle_path=lambda p: None, withdraw=lambda reason: None)
     manager._take_offer = lambda location, origin: taken.append(location)
     shutil.copytree(device_bundle, offers / "v2")
     manager.start()
@@ -336,3 +336,68 @@ def test_offers_wait_for_the_lines_start_up_load_and_a_touched_offer_is_not_take
         assert taken == [str(offers / "v2")]
     finally:
         manager.close()
+
+
+def test_a_candidate_that_fails_probation_with_no_previous_bundle_goes_out_of_service(plant, tmp_path, free_port,
+                                                                                       start_station):
+    """A station whose own bundle did not load is repaired by a rollout; the candidate then fails its probation. With
+    nothing to return to it must still stop giving verdicts: the line FAULT (READY down), the candidate rejected,
+    and a restart must not bring it back (it had kept passing parts as 'rolled_back', then served after a restart)."""
+    frames = plant["images"]
+    for i, g in enumerate(sorted((plant["src"] / "golden").glob("*.png"))):
+        shutil.copy(g, frames / f"native_{i}.png")   # the candidate's own size: inspected, OK or NG
+    path = station_file(tmp_path, plant, free_port, bundle=str(tmp_path / "missing_bundle"))
+    running = start_station(load_station(path))
+    station = running.station
+    wait_until(lambda: station.rollout._line_loaded.is_set(), what="the start-up load (FAULT: no bundle)")
+    assert station.pipeline is None
+    bad = variant_of(plant["src"], plant["work"] / "flange-v2", plant["keys"], version=2, size_policy="refuse")
+    v2 = Bundle.load(bad).bundle_id
+    offer_by_folder(plant, bad)
+    wait_until(lambda: station.rollout.status == "rolled_back", what="probation to fail")
+    wait_until(lambda: station.pipeline is None, what="the candidate out of service")
+    seen = len(records(tmp_path))
+    health = healthz(station.http_port)
+    assert health["status"] == "fault" and health["rollout"]["status"] == "rolled_back"
+    assert "the line is FAULT" in health["rollout"]["detail"]
+    assert station.status().state == "fault" and "failed its probation" in station.fault_reason
+    time.sleep(1.0)
+    after = records(tmp_path)[seen:]
+    assert all(r["verdict"] != "OK" for r in after), after
+    running.stop()
+    state = json.loads((tmp_path / "state" / ROLLOUT_STATE_FILE).read_text())
+    assert state["status"] == "rolled_back" and v2 in state["rejected"] and not state.get("active")
+    again = start_station(load_station(path))
+    wait_until(lambda: again.station.rollout._line_loaded.is_set(), what="restart")
+    assert again.station.pipeline is None            # the station file's (missing) bundle: FAULT, not the candidate
+    again.stop()
+
+
+@pytest.mark.parametrize("previous_there", [False, True])
+def test_a_crash_during_probation_never_restarts_on_the_candidate(tmp_path, previous_there):
+    """The README's promise: a daemon that stops during a probation restarts on the previous bundle; with that
+    folder gone (an unmounted share) or none at all, on the station file's bundle, which faults if it cannot be
+    loaded. The candidate had been served as if committed, no probation, no word."""
+    from edge_runtime.rollout import RolloutConfig, RolloutManager
+
+    state = tmp_path / "state"
+    state.mkdir()
+    previous, candidate, configured = tmp_path / "v1", tmp_path / "v2", tmp_path / "configured"
+    candidate.mkdir()
+    if previous_there:
+        previous.mkdir()
+    (state / ROLLOUT_STATE_FILE).write_text(json.dumps({
+        "active": str(candidate), "previous": str(previous), "status": "probation", "candidate_id": "c2",
+        "previous_version_record": None}))
+    manager = RolloutManager(RolloutConfig(enabled=True, staging_dir=str(state / "bundles")), str(state), load=None,
+                             install=None, current=lambda: None, set_bundle_path=lambda p: None,
+                             withdraw=lambda reason: None)
+    start = manager.startup_bundle(str(configured))
+    assert start == (str(previous) if previous_there else str(configured))
+    saved = json.loads((state / ROLLOUT_STATE_FILE).read_text())
+    assert saved["status"] == "rolled_back" and "c2" in saved["rejected"]
+    assert saved["active"] == (str(previous) if previous_there else None)
+    again = RolloutManager(RolloutConfig(enabled=True, staging_dir=str(state / "bundles")), str(state), load=None,
+                           install=None, current=lambda: None, set_bundle_path=lambda p: None,
+                           withdraw=lambda reason: None)
+    assert again.startup_bundle(str(configured)) == start    # and the next start does not bring the candidate back
