@@ -439,8 +439,12 @@ class MqttOutput(Output):
 
     # -- what a subclass (the station's shared connection, mqtt_station.py) changes ---------------------------
     def _will(self) -> tuple[str, str]:
-        """The last will (topic, payload): the broker publishes it, retained, when the connection dies."""
-        return self.state_topic, json.dumps(self.state_message(online=False))
+        """The last will (topic, payload): the broker publishes it, retained, when the connection dies. It is
+        written at connect, so it cannot say when the station died: it says when it connected (`connected_at`),
+        never a `time` a consumer would read as 'offline since'."""
+        msg = self.state_message(online=False)
+        msg["connected_at"] = msg.pop("time", time.time())
+        return self.state_topic, json.dumps(msg)
 
     def _subscriptions(self) -> list[str]:
         return [self.cmd_topic + "/#"] if self._command_handler is not None else []

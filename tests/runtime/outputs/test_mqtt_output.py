@@ -101,7 +101,10 @@ def test_last_will_marks_a_killed_station_offline(tmp_path, broker):
         child.kill()   # no clean disconnect: only the broker can say the station is gone
         child.wait(10)
         assert sub.wait_for(lambda s: json.loads(s.payloads(STATE)[-1]) .get("state") == "offline")
-        assert json.loads(sub.payloads(STATE)[-1])["online"] is False
+        will = json.loads(sub.payloads(STATE)[-1])
+        assert will["online"] is False
+        # Written at connect: it says so, and has no 'time' to be read as the moment the station died.
+        assert "time" not in will and will["connected_at"] < time.time()
     finally:
         child.kill()
         sub.close()
