@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import logging
 import os
 import re
@@ -148,11 +149,12 @@ class RecipeSwitcher:
         # line runs that recipe, and another source (HTTP, MQTT, OPC UA, serial) is refused unless it names the
         # same one; otherwise it would leave the line on a product other than the one the PLC's register shows.
         self.plc_choice: tuple[str, RecipeConfig | None] | None = None   # (what the PLC asked for, that recipe)
-        self._resume_selection()
-        self.gpio = RecipeGpioSelector(self, cfg.gpio) if cfg.gpio is not None else None
+        self._requested_name: str | None = None   # the newest accepted request (saved: resumed after a restart)
         # Parts triggered (monotonic) or captured (wall clock) before these instants are FAULT.
         self.guard_mono = float("-inf")
         self.guard_wall = float("-inf")
+        self._resume_selection()
+        self.gpio = RecipeGpioSelector(self, cfg.gpio) if cfg.gpio is not None else None
 
     # ---- the selection across restarts ------------------------------------------------------------------------
     def _selection_file(self) -> str | None:
@@ -177,7 +179,18 @@ class RecipeSwitcher:
             return
         if not isinstance(doc, dict):
             return
-        recipe = self.cfg.find(doc.get("active", "")) if isinstance(doc.get("active"), str) else None
+        guard = doc.get("guard_wall")
+        if isinstance(guard, (int, float)) and math.isfinite(guard):
+            # Images that arrived before the last switch ended are still the previous product's after a restart
+            # (a backlog in a watch folder): the guard survives it, or the resumed recipe would pass them.
+            self.guard_wall = float(guard)
+        saved_active = self.cfg.find(doc.get("active", "")) if isinstance(doc.get("active"), str) else None
+        recipe = saved_active
+        requested = doc.get("requested")
+        if isinstance(requested, str) and self.cfg.find(requested) is not None:
+            # The controller's newest request (HTTP, serial, MQTT, OPC UA) stands, switched or not before the stop.
+            recipe = self.cfg.find(requested)
+            self._requested_name = requested
         plc = doc.get("plc")
         if isinstance(plc, str):
             # The PLC's choice decides, not the recipe that was active: its switch may have failed or not run
@@ -191,9 +204,14 @@ class RecipeSwitcher:
                 return
         if recipe is None:
             return
+        if recipe is not saved_active:
+            # A switch was requested and had not ended before the stop: the start-up load is that switch, and
+            # whatever arrived before it may be either product.
+            self.guard_wall = max(self.guard_wall, time.time())
         if recipe is not self.active:
             log.warning("%s: resuming recipe %s, %s before the restart (%s)", self._who(), recipe.name,
-                        "the PLC's choice" if isinstance(plc, str) else "active", path)
+                        "the PLC's choice" if isinstance(plc, str) else
+                        "active" if recipe is saved_active else "requested", path)
         self.active = recipe
 
     def _save_selection(self) -> None:
@@ -201,7 +219,9 @@ class RecipeSwitcher:
         if not path:
             return
         with self._lock:
-            doc = {"active": self.active.name, "plc": self.plc_choice[0] if self.plc_choice else None}
+            doc = {"active": self.active.name, "plc": self.plc_choice[0] if self.plc_choice else None,
+                   "requested": self._requested_name,
+                   "guard_wall": self.guard_wall if math.isfinite(self.guard_wall) else None}
         tmp = path + ".tmp"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -236,6 +256,7 @@ class RecipeSwitcher:
                     except Exception as exc:  # noqa: BLE001 - reported now, and again if the recipe is selected
                         log.error("%s: recipe %s (%s) not preloaded: %s", self._who(), r.name, r.bundle, exc)
         self.status = "ok"
+        self._save_selection()   # the recipe in service and its guard, for the next restart
         self._acknowledge("ok", self.active, None, None)
         return pipeline
 
@@ -305,9 +326,11 @@ class RecipeSwitcher:
             # From now on a part may be the new product: FAULT until the switch is over (see stale()), even before
             # the loop starts the switch.
             self._mark_requested(since)
+            self._requested_name = recipe.name
             superseded, self._pending_waiters = self._pending_waiters, []
         for waiter in superseded:   # the controller changed its mind before that switch started
             _resolve(waiter, "superseded", f"superseded by a request for {recipe.name} from {origin}")
+        self._save_selection()   # a restart before the switch ends resumes this request, not the old recipe
         log.info("%s: recipe %s (%d) requested by %s", self._who(), recipe.name, recipe.number, origin)
         return True, f"switching to {recipe.name}", True
 

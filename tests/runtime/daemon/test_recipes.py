@@ -866,3 +866,56 @@ def test_a_plc_writing_the_recipe_register_and_triggering_at_once_gets_fault_not
     finally:
         client.close()
     running.stop()
+
+
+def test_a_restart_keeps_the_switch_guard_and_a_pending_request(two_products, write_station, part_images_bytes,
+                                                                 start_station, monkeypatch, tmp_path):
+    """The guard (when the last switch ended) and the newest request survive a restart: a backlog that arrived
+    before a switch, still queued at the stop, is FAULT after the restart, not the resumed recipe's verdict (a probe:
+    580 queued files passed OK by the recipe asked for after they arrived, once the daemon had restarted)."""
+    release = threading.Event()
+    real = bundle_loader.golden_check
+    cfg, folder = watch_recipe_station(write_station, two_products, tmp_path, {"type": "free_run"})
+    cfg.state_dir = str(tmp_path / "state")
+    rec = RecipeRecorder()
+    running = start_station(cfg, outputs=[rec])
+    switcher = running.station.line.recipes
+    wait_until(lambda: switcher is not None and switcher.status == "ok" and rec.ready, what="ready")
+    monkeypatch.setattr(bundle_loader, "golden_check", lambda bundle, pipeline: (release.wait(30), real(bundle, pipeline))[1])
+    switcher.request("cap-b", "http")
+    wait_until(lambda: switcher.switching_to is not None, what="the switch to start")
+    backlog = [drop(folder, f"old_{i}.png", part_images_bytes[i % 2]) for i in range(3)]
+    running.station.request_stop()          # stopped while the switch runs: cap-b requested, cap-a still active
+    release.set()
+    running.join()
+    monkeypatch.setattr(bundle_loader, "golden_check", real)
+
+    cfg2, _ = load_station(write_station(
+        source={"type": "folder", "mode": "watch", "path": str(folder), "poll_interval_s": 0.05},
+        trigger={"type": "free_run"}, recovery={"read_timeout_s": 0.1}, state_dir=str(tmp_path / "state"),
+        recipes={"recipes": [{"name": "cap-a", "number": 1, "bundle": str(two_products[0])},
+                             {"name": "cap-b", "number": 2, "bundle": str(two_products[1])}]})), None
+    rec2 = RecipeRecorder()
+    again = start_station(cfg2, outputs=[rec2])
+    switcher2 = again.station.line.recipes
+    wait_until(lambda: len(rec2.results) >= 3, what="the backlog's answers")
+    assert switcher2.active.name == "cap-b"            # the request stands across the restart
+    by_file = {Path(r.source).name: r for r in rec2.results}
+    assert all(by_file[p.name].verdict is Verdict.FAULT for p in backlog), rec2.results
+    time.sleep(0.05)
+    drop(folder, "new.png", part_images_bytes[0])
+    wait_until(lambda: any(r.source.endswith("new.png") for r in rec2.results), what="the new part")
+    again.stop()
+    new = next(r for r in rec2.results if r.source.endswith("new.png"))
+    assert new.verdict is not Verdict.FAULT and new.bundle_id == IDS["cap-b"]
+    # A switch that ended before the stop: its end is saved and restored, so what arrived before it stays FAULT.
+    saved = json.loads((tmp_path / "state" / "recipe_selected.json").read_text())
+    assert saved["active"] == "cap-b" and saved["guard_wall"] is not None
+    third = start_station(cfg2, outputs=[RecipeRecorder()])
+    wait_until(lambda: third.station.line.recipes is not None and third.station.line.recipes.status == "ok",
+               what="third start")
+    guard = third.station.line.recipes.guard_wall
+    assert guard == saved["guard_wall"]
+    assert third.station.line.recipes.stale(arrived_wall=guard - 1.0) is not None
+    assert third.station.line.recipes.stale(arrived_wall=guard + 1.0) is None
+    third.stop()
