@@ -240,9 +240,11 @@ def test_flood_of_idle_connections_is_bounded_and_health_still_answers(serve, st
         assert threading.active_count() - threads_before <= 8 + 1
         # Client side: 300 fds in this process; server side: at most 8 more (plus a few for the interpreter).
         assert _open_fds() - fds_before <= 300 + 8 + 4
-        # A turned-away client reads a 503, not a hang.
-        last = idle[-1]
-        assert last.recv(200).startswith(b"HTTP/1.1 503")
+        # A turned-away client reads a 503, not a hang. Which ones were turned away depends on how fast the 300
+        # connections came (a slot frees after idle_timeout_s): the ones right after the first 8 were, on any machine.
+        answers = [s.recv(200) for s in idle[8:40]]
+        assert any(a.startswith(b"HTTP/1.1 503") for a in answers), answers[:3]
+        assert all(a.startswith(b"HTTP/1.1 503") or a == b"" for a in answers), answers
         # The idle ones time out and free their slots, so health answers while all 300 sockets are still open.
         deadline = time.monotonic() + 30
         while True:
