@@ -143,6 +143,7 @@ class RecipeSwitcher:
         self._t0 = 0.0
         self._last_register = 0
         self._register_unchanged_at: tuple[float, float] | None = None   # last read of the register (mono, wall)
+        self._write_seq = 0   # the Modbus server's PLC-area writes taken so far (ModbusOutput.plc_writes)
         self._refusals: list[str] = []
         self._invalid: str | None = None   # the newest request named no recipe and must fault the line (GPIO)
         # A Modbus register or GPIO select lines hold the PLC's choice as a level: while the PLC has chosen, the
@@ -436,6 +437,17 @@ class RecipeSwitcher:
             regs = getattr(out, "plc_registers", None)
             if regs is None:
                 continue
+            register = self.cfg.modbus_register
+            writes = getattr(out, "plc_writes", None)
+            for seq, mono, wall, address, values in (writes(self._write_seq) if writes is not None else []):
+                # Each write in order, dated when the server took it: a number written and reset between two
+                # reads (one part of another product on a mixed line) still faults the parts from then on.
+                self._write_seq = seq
+                if address <= register < address + len(values) and values[register - address] != self._last_register:
+                    self._last_register = values[register - address]
+                    if self._last_register:
+                        self.request(self._last_register, f"modbus register {register}", fault_if_unknown=True,
+                                     from_plc=True, since=(mono, wall))
             before = (time.monotonic(), time.time())
             value = regs()[self.cfg.modbus_register - 16]
             if value != self._last_register:

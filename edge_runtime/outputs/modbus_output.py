@@ -34,10 +34,12 @@ inspection thread.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 STATION_REGISTERS = 16      # holding/input registers 0..15 and coils 0..15 belong to the station
 PLC_AREA_START = 16
 PLC_AREA_SIZE = 16
+PLC_WRITE_LOG = 256   # PLC-area writes kept for plc_writes (a few per part at most)
 
 COIL_OK, COIL_NG, COIL_READY, COIL_ERROR, COIL_REVIEW, COIL_BUSY = 0, 1, 2, 3, 4, 5
 HR_VERDICT, HR_FRAME_HI, HR_FRAME_LO, HR_SCORE, HR_NORM, HR_HEARTBEAT, HR_FAULT, HR_RECIPE, HR_RECIPE_STATUS = range(9)
@@ -146,6 +149,10 @@ class ModbusOutput(Output):
         self._thread: threading.Thread | None = None
         self._server = None
         self._plc_area: list[int] | None = None  # the live holding-register list of the server, for plc_registers()
+        # Every write to the PLC area, timed, so a value the PLC wrote and undid between two reads of the line is
+        # still seen (plc_writes): a recipe number written for one part and reset at once must fault that part.
+        self._plc_writes: collections.deque = collections.deque(maxlen=PLC_WRITE_LOG)
+        self._plc_write_seq = 0
         self._start_error: str | None = None     # why the last start() failed (the state calls' errors name it)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -253,6 +260,12 @@ class ModbusOutput(Output):
         with self._lock:
             return list(self._coils), list(self._registers)
 
+    def plc_writes(self, after: int) -> list[tuple[int, float, float, int, list[int]]]:
+        """(sequence, monotonic, wall, address, values) of each PLC-area write with a sequence number above
+        `after`, oldest first (the newest PLC_WRITE_LOG are kept)."""
+        with self._lock:
+            return [w for w in self._plc_writes if w[0] > after]
+
     def plc_registers(self) -> list[int]:
         """Holding registers 16-31 as last written by a client (zeros unless allow_writes)."""
         area = self._plc_area
@@ -353,6 +366,11 @@ class ModbusOutput(Output):
             if not is_register_write or address < PLC_AREA_START or address + count > PLC_AREA_START + PLC_AREA_SIZE:
                 return ExcCodes.ILLEGAL_ADDRESS
             self._plc_area = current
+            if func_code in (6, 16):   # plain writes: their values are what the PLC asked for, in order
+                with self._lock:
+                    self._plc_write_seq += 1
+                    self._plc_writes.append((self._plc_write_seq, time.monotonic(), time.time(), address,
+                                             [int(v) for v in set_values[:count]]))
             return None
         with self._lock:
             coils, regs = list(self._coils), list(self._registers)

@@ -919,3 +919,59 @@ def test_a_restart_keeps_the_switch_guard_and_a_pending_request(two_products, wr
     assert third.station.line.recipes.stale(arrived_wall=guard - 1.0) is not None
     assert third.station.line.recipes.stale(arrived_wall=guard + 1.0) is None
     third.stop()
+
+
+def test_a_recipe_number_written_and_reset_between_two_reads_still_faults_the_part(
+        two_products, write_station, part_images_bytes, free_port, start_station, tmp_path):
+    """On a mixed line the PLC writes each part's product: 2 for one part, 1 again at once. The loop reads the
+    register between parts and would see 1 both times; the server's timed write log shows the 2, so the part that
+    came after it is FAULT, never recipe 1's verdict (a probe: OK from recipe 1 with 50 ms between the writes)."""
+    from pymodbus.client import ModbusTcpClient
+
+    port = free_port()
+    a, b = two_products
+    log_path = tmp_path / "results.jsonl"
+    cfg = load_station(write_station(
+        source={"type": "scripted"}, trigger={"type": "software"}, recovery={"read_timeout_s": 5.0},
+        outputs=[{"type": "modbus", "port": port, "allow_writes": True},
+                 {"type": "result_log", "path": str(log_path)}],
+        recipes={"modbus_register": 16, "recipes": [{"name": "cap-a", "number": 1, "bundle": str(a)},
+                                                    {"name": "cap-b", "number": 2, "bundle": str(b)}]}))
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source)
+    station = running.station
+    switcher = station.line.recipes
+
+    def records() -> list[dict]:
+        return [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+
+    def fire() -> dict:
+        before = len(records())
+        station.trigger.fire()
+        wait_until(lambda: len(records()) > before, what="a result")
+        return records()[-1]
+
+    wait_until(lambda: switcher is not None and switcher.status == "ok" and station.status().state == "ready",
+               what="ready")
+    client = ModbusTcpClient("127.0.0.1", port=port, timeout=3, retries=0)
+    assert client.connect()
+    try:
+        assert not client.write_register(16, 1, device_id=1).isError()   # the PLC's level: recipe 1
+        fire()                                     # FAULT: a request from the PLC re-verifies recipe 1 first
+        wait_until(lambda: switcher.switches >= 1 and switcher.status == "ok"
+                   and station.status().state == "ready", what="recipe 1 verified")
+        first = fire()
+        assert first["verdict"] != "FAULT" and first["bundle_id"] == IDS["cap-a"], first
+        time.sleep(0.2)                                                   # the loop waits for the next trigger
+        assert not client.write_register(16, 2, device_id=1).isError()   # product 2 for one part ...
+        assert not client.write_register(16, 1, device_id=1).isError()   # ... and back, before the loop looked
+        result = fire()
+        assert result["verdict"] == "FAULT" and "recipe switch" in result["error"], result
+        wait_until(lambda: switcher.active.name == "cap-a" and switcher.status == "ok"
+                   and station.status().state == "ready", what="recipe 1 again")
+        again = fire()
+        assert again["verdict"] != "FAULT" and again["bundle_id"] == IDS["cap-a"], again
+    finally:
+        client.close()
+    running.stop()
