@@ -420,6 +420,7 @@ class FolderSource(FrameSource):
         self._rejected: set[str] = set()               # resolve outside the folder; counted once
         self._not_files: set[str] = set()              # FIFOs, sockets, devices under image names; logged once
         self._handed: dict[str, tuple[int, float]] = {}  # name -> (inode, clock) of its last hand-over
+        self._rewritten_since: dict[str, float] = {}     # name -> clock of the hand-over before an in-place rewrite
         # What the watch cost, for tests and diagnostics.
         self.listings = 0
         self.stats = 0
@@ -741,6 +742,11 @@ class FolderSource(FrameSource):
         more likely a camera that fills a file of its final size slowly (preallocated), read before it was done,
         which gives one part two verdicts. The warning says how to write images so that cannot happen."""
         last = self._handed.get(name)
+        if last is not None and last[0] == sig[2]:
+            # Written again in place: this version came after the last hand-over, whatever the inode's birth time.
+            self._rewritten_since[name] = last[1]
+        else:
+            self._rewritten_since.pop(name, None)
         if last is not None and last[0] == sig[2] and now - last[1] < REWRITE_WARN_S:
             log.warning("folder source %s: %s was written again %.1f s after it was handed over (same file): inspected "
                         "again as a new part; if the camera writes slowly into a file of its final size, the first "
@@ -750,6 +756,7 @@ class FolderSource(FrameSource):
         if len(self._handed) > 4096:   # bounded: only recent hand-overs matter
             for key in [k for k, (_, t) in self._handed.items() if now - t >= REWRITE_WARN_S]:
                 del self._handed[key]
+                self._rewritten_since.pop(key, None)
 
     def _signature(self, name: str) -> _Signature | None:
         assert self._root is not None
@@ -822,11 +829,21 @@ class FolderSource(FrameSource):
         """When the file arrived (wall clock): the earlier of when this source first saw it and when it appeared
         (birth time, else ctime). A recipe switch faults files that arrived before it ended (Recipes.stale)."""
         times = []
+        to_wall = lambda t: time.time() - max(0.0, self._clock() - t)   # noqa: E731 - this source's clock -> wall
         if first_seen is not None:
-            times.append(time.time() - max(0.0, self._clock() - first_seen))
-        appeared = self._appeared_ns(name)
-        if appeared is not None:
-            times.append(appeared / 1e9)
+            times.append(to_wall(first_seen))
+        if self._rewritten_since.pop(name, None) is not None:
+            # Written again in place: the inode keeps its first birth time, so this version is dated by its last
+            # write (mtime) instead (else every part of a camera that rewrites one file would be FAULT after the
+            # first switch). When that write began is not known: write images to new names where switches happen.
+            try:
+                times.append(os.stat(self._root / name).st_mtime_ns / 1e9)
+            except OSError:
+                pass
+        else:
+            appeared = self._appeared_ns(name)
+            if appeared is not None:
+                times.append(appeared / 1e9)
         return min(times) if times else None
 
     def _refill_replay(self) -> bool:

@@ -975,3 +975,30 @@ def test_a_recipe_number_written_and_reset_between_two_reads_still_faults_the_pa
     finally:
         client.close()
     running.stop()
+
+
+def test_a_camera_that_rewrites_one_file_in_place_is_inspected_after_a_switch(two_products, write_station,
+                                                                              part_images_bytes, start_station,
+                                                                              tmp_path):
+    """The same file written again keeps its first birth time; its new version is from after its last hand-over,
+    so a switch before that does not fault it (a probe: every part FAULT for good after the first switch)."""
+    import os
+
+    cfg, folder = watch_recipe_station(write_station, two_products, tmp_path, {"type": "free_run"})
+    rec = RecipeRecorder()
+    running = start_station(cfg, outputs=[rec])
+    switcher = running.station.line.recipes
+    wait_until(lambda: switcher is not None and switcher.status == "ok" and rec.ready, what="ready")
+    path = drop(folder, "cam.png", part_images_bytes[0])
+    wait_until(lambda: len(rec.results) == 1, what="the first part")
+    switcher.request("cap-b", "plc")
+    wait_until(lambda: switcher.status == "ok" and switcher.active.name == "cap-b" and rec.ready, what="cap-b")
+    time.sleep(0.1)
+    with open(path, "r+b") as fh:               # the same inode, the next part's image
+        fh.write(part_images_bytes[1])
+        fh.truncate()
+    os.utime(path)
+    wait_until(lambda: len(rec.results) == 2, what="the rewritten part")
+    running.stop()
+    second = rec.results[1]
+    assert second.verdict is not Verdict.FAULT and second.bundle_id == IDS["cap-b"], second.error
