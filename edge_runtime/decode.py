@@ -231,8 +231,13 @@ def _tiff_orientation(block: bytes) -> int:
         if entry + 12 > len(block):
             break
         tag, kind = struct.unpack(end + "HH", block[entry:entry + 4])
-        if tag == 274 and kind == 3:   # SHORT, stored in the first two bytes of the value field
-            return struct.unpack(end + "H", block[entry + 8:entry + 10])[0]
+        if tag == 274 and kind == 3:   # SHORT (the standard), in the first two bytes of the value field
+            value = struct.unpack(end + "H", block[entry + 8:entry + 10])[0]
+        elif tag == 274 and kind == 4:   # LONG: off the standard, but viewers apply it
+            value = struct.unpack(end + "I", block[entry + 8:entry + 12])[0]
+        else:
+            continue
+        return value or 1   # 0 is no orientation at all: viewers show the file as stored
     return 1
 
 
@@ -250,12 +255,12 @@ def exif_orientation(data: bytes, fmt: str) -> int:
                 return _tiff_orientation(data[pos + 10:pos + 2 + length])
         return 1
     if fmt == "PNG":
-        pos = 8
+        pos = 8   # every chunk: viewers honour an eXIf chunk after the image data too
         while pos + 8 <= len(data):
             length, kind = struct.unpack(">I4s", data[pos:pos + 8])
             if kind == b"eXIf":
                 return _tiff_orientation(data[pos + 8:pos + 8 + length])
-            if kind in (b"IDAT", b"IEND"):
+            if kind == b"IEND":
                 return 1
             pos += 12 + length
     return 1

@@ -370,11 +370,14 @@ def test_a_16_bit_frame_of_fewer_significant_bits_than_the_bundle_is_a_fault_not
         assert scored.verdict is not Verdict.FAULT, scored.error
 
 
-def _exif_block(orientation: int, big_endian: bool = False) -> bytes:
-    """A TIFF structure with one IFD holding Orientation (274, SHORT), as cameras and phones write into Exif."""
+def _exif_block(orientation: int, big_endian: bool = False, long: bool = False) -> bytes:
+    """A TIFF structure with one IFD holding Orientation (274, SHORT; LONG off the standard), as cameras and phones
+    write into Exif."""
     end = ">" if big_endian else "<"
+    entry = (struct.pack(end + "HHII", 274, 4, 1, orientation) if long
+             else struct.pack(end + "HHIHH", 274, 3, 1, orientation, 0))
     return ((b"MM" if big_endian else b"II") + struct.pack(end + "HI", 42, 8) + struct.pack(end + "H", 1)
-            + struct.pack(end + "HHIHH", 274, 3, 1, orientation, 0) + struct.pack(end + "I", 0))
+            + entry + struct.pack(end + "I", 0))
 
 
 def _jpeg_with_orientation(jpeg: bytes, orientation: int, big_endian: bool = False) -> bytes:
@@ -421,3 +424,19 @@ def test_an_exif_orientation_tag_is_refused_naming_the_file_and_the_turn(pipelin
     assert result.verdict is Verdict.FAULT and "cam/part_7.jpg" in result.error and "180 degrees" in result.error
     ok = pipeline.inspect(Frame(frame_id=2, source="upright", encoded=make(1)))
     assert ok.verdict is not Verdict.FAULT, ok.error
+
+
+def test_exif_orientation_forms_viewers_apply_are_refused_too_and_0_reads_as_stored(part):
+    """A LONG orientation and a PNG eXIf chunk after the image data are turned by viewers (Pillow's exif_transpose
+    too), so they are refused like the standard form; 0 is no orientation, shown as stored, and decodes."""
+    jpeg, png = encode(part, ".jpg"), encode(part, ".png")
+    long_jpeg = jpeg[:2] + b"\xff\xe1" + struct.pack(">H", 2 + 6 + len(_exif_block(6, long=True))) + b"Exif\0\0" \
+        + _exif_block(6, long=True) + jpeg[2:]
+    with pytest.raises(ImageError, match="EXIF orientation tag \\(6"):
+        decode_image(long_jpeg, "long.jpg")
+    body = _exif_block(8)
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    iend = png.rindex(b"IEND") - 4
+    with pytest.raises(ImageError, match="EXIF orientation tag \\(8"):
+        decode_image(png[:iend] + chunk + png[iend:], "late.png")
+    assert decode_image(_jpeg_with_orientation(jpeg, 0), "zero.jpg").shape[:2] == part.shape[:2]
