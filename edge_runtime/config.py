@@ -168,7 +168,12 @@ class StationConfig:
     def validate(self) -> None:
         validate_station_mqtt(self.mqtt, self.outputs, self.lines)
         if self.lines:
-            validate_lines(self.lines)
+            validate_lines(self.lines, self.trigger, self.recipes)
+            for j, out in enumerate(self.outputs):
+                # Each line drives its own outputs (line_station_configs): one listed here would drive nothing.
+                if out.type not in ("result_log", "mqtt"):
+                    raise ValueError(f"outputs[{j}]: with `lines:` each line lists its own outputs; this {out.type} "
+                                     "output would drive nothing: move it into the line's `outputs:`")
             if self.bundle is None and self.recipes is None and any(ln.bundle is None and ln.recipes is None
                                                                     for ln in self.lines):
                 missing = next(i for i, ln in enumerate(self.lines) if ln.bundle is None and ln.recipes is None)

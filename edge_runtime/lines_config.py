@@ -76,14 +76,16 @@ def check_gpio_claims(claims: list[tuple[str, int, str]]) -> None:
     fail wire (each output checks only its own lines)."""
     seen: dict[tuple[str, int], str] = {}
     for chip, offset, where in claims:
-        key = (os.path.realpath(chip) if chip.startswith("/") else chip, offset)
+        # libgpiod takes a chip by path or by name under /dev: one key for both spellings.
+        key = (os.path.realpath(chip if chip.startswith("/") else os.path.join("/dev", chip)), offset)
         if key in seen:
             raise ValueError(f"{where}: GPIO line {offset} on {chip} is already used by {seen[key]}")
         seen[key] = where
 
 
-def validate_lines(lines: list[LineConfig]) -> None:
-    """Checks across lines (called from StationConfig.validate): unique names, no file or port written twice."""
+def validate_lines(lines: list[LineConfig], trigger=None, recipes=None) -> None:
+    """Checks across lines (called from StationConfig.validate): unique names, no file, port or GPIO line used
+    twice. `trigger` and `recipes` are the station's, which a line without its own runs with."""
     names = [ln.name for ln in lines]
     for name in names:
         if names.count(name) > 1:
@@ -102,8 +104,16 @@ def validate_lines(lines: list[LineConfig]) -> None:
     for port in ports:
         if ports.count(port) > 1:
             raise ValueError(f"lines: two lines serve Modbus on the same port {port}")
-    check_gpio_claims([c for i, ln in enumerate(lines)
-                       for c in gpio_claims(f"lines[{i}].", ln.outputs, ln.trigger, ln.recipes)])
+    claims = []
+    for i, ln in enumerate(lines):
+        # What the line runs with (line_station_configs): its own trigger and recipes, else the station's.
+        own = ln.recipes if ln.recipes is not None else (recipes if ln.bundle is None else None)
+        claims += gpio_claims(f"lines[{i}].", ln.outputs, None, None)
+        claims += gpio_claims(f"lines[{i}]." if ln.trigger else f"lines[{i}] (the station's) ", None,
+                              ln.trigger or trigger, None)
+        claims += gpio_claims(f"lines[{i}]." if ln.recipes is not None else f"lines[{i}] (the station's) ", None,
+                              None, own)
+    check_gpio_claims(claims)
 
 
 def resolve_line_paths(lines: list[LineConfig], absolute: Callable[[str, str], str]) -> None:

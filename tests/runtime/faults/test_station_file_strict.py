@@ -181,3 +181,23 @@ def test_one_gpio_line_in_two_roles_is_refused_naming_both(tmp_path):
                        for n, a, b in (("left", 5, 6), ("right", 6, 7))]}
     with pytest.raises(ConfigError, match=r"lines\[1\]\.outputs\[0\]\.ok: GPIO line 6 .* used by lines\[0\]\.outputs\[0\]\.ng"):
         load_station(write(tmp_path, lines))
+
+
+def test_gpio_lines_a_line_inherits_and_chip_names_count_too(tmp_path):
+    """A line without its own trigger or recipes runs with the station's: their GPIO lines are claimed by it too;
+    'gpiochip0' is /dev/gpiochip0. Top-level outputs beside `lines:` would drive nothing: refused, not ignored."""
+    inherited = {"bundle": "bundle", "http": {"enabled": False}, "trigger": {"type": "gpio", "line": 5},
+                 "lines": [{"name": "l1", "source": {"type": "folder", "path": "x"},
+                            "outputs": [{"type": "gpio", "ok": {"offset": 7}, "ng": {"offset": 5}}]}]}
+    with pytest.raises(ConfigError, match=r"lines\[0\] \(the station's\) trigger\.line: GPIO line 5 .* used by "
+                                          r"lines\[0\]\.outputs\[0\]\.ng"):
+        load_station(write(tmp_path, inherited))
+    named = {**BASE, "outputs": [{"type": "gpio", "ok": {"offset": 5}, "ng": {"offset": 6}},
+                                 {"type": "gpio", "chip": "gpiochip0", "ok": {"offset": 7}, "ng": {"offset": 5}}]}
+    with pytest.raises(ConfigError, match=r"outputs\[1\]\.ng: GPIO line 5 on gpiochip0 is already used by outputs\[0\]\.ok"):
+        load_station(write(tmp_path, named))
+    top = {"bundle": "bundle", "http": {"enabled": False},
+           "outputs": [{"type": "gpio", "ok": {"offset": 5}, "ng": {"offset": 6}}],
+           "lines": [{"name": "l1", "source": {"type": "folder", "path": "x"}}]}
+    with pytest.raises(ConfigError, match=r"outputs\[0\]: with `lines:` each line lists its own outputs; this gpio"):
+        load_station(write(tmp_path, top))
