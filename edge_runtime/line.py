@@ -714,8 +714,8 @@ class Line:
                                    "inspected", time.monotonic())
         frame_id = self._take_frame_id()
         started = time.monotonic() - max(0.0, time.time() - frame.captured_at)
-        stale = (self.recipes.stale(captured_wall=frame.captured_at, arrived_wall=frame.arrived_at)
-                 if self.recipes is not None else None)
+        stale = (self.recipes.stale(captured_wall=frame.captured_at, arrived_wall=frame.arrived_at,
+                                    captured_mono=started) if self.recipes is not None else None)
         return frame_id, started, stale
 
     def _inspect(self, pipeline: Pipeline, frame: Frame, frame_id: int, started: float) -> str:

@@ -537,7 +537,7 @@ class RecipeSwitcher:
         self._acknowledge("ok", recipe, ms, None)
 
     def stale(self, triggered_mono: float | None = None, captured_wall: float | None = None,
-              arrived_wall: float | None = None) -> str | None:
+              arrived_wall: float | None = None, captured_mono: float | None = None) -> str | None:
         """Why a part must be FAULT because it arrived before the last switch ended, or after a switch was
         requested and before it started (it may be the new product), or None.
 
@@ -550,7 +550,10 @@ class RecipeSwitcher:
         loop may wake on the trigger before its housekeeping has read the register."""
         self._poll_register()
         requested = self._requested_at
+        # The capture is compared on both clocks: a wall clock stepped back (NTP at boot) must not date a frame
+        # from after the request before it.
         if requested is not None and ((triggered_mono is not None and triggered_mono >= requested[0])
+                                      or (captured_mono is not None and captured_mono >= requested[0])
                                       or (captured_wall is not None and captured_wall >= requested[1])):
             return "part triggered after a recipe switch was requested"
         if triggered_mono is not None and triggered_mono < self.guard_mono:

@@ -1002,3 +1002,15 @@ def test_a_camera_that_rewrites_one_file_in_place_is_inspected_after_a_switch(tw
     running.stop()
     second = rec.results[1]
     assert second.verdict is not Verdict.FAULT and second.bundle_id == IDS["cap-b"], second.error
+
+
+def test_a_wall_clock_stepped_back_does_not_date_a_frame_before_the_request(two_products, write_station,
+                                                                            part_images_bytes, start_station):
+    """NTP stepping the wall clock back while a switch waits: the frame's capture is also compared on the monotonic
+    clock, so it is still after the request (a probe: a 10 s step back let the old recipe inspect)."""
+    running, rec, switcher = started_on_cap_a(two_products, write_station, part_images_bytes, start_station)
+    switcher.request("cap-b", "plc")
+    now_mono, now_wall = time.monotonic(), time.time()
+    assert switcher.stale(captured_wall=now_wall - 10.0, captured_mono=now_mono) is not None
+    assert switcher.stale(captured_wall=now_wall - 10.0) is None     # the wall clock alone is fooled
+    running.stop()
