@@ -366,11 +366,13 @@ class ModbusOutput(Output):
             if not is_register_write or address < PLC_AREA_START or address + count > PLC_AREA_START + PLC_AREA_SIZE:
                 return ExcCodes.ILLEGAL_ADDRESS
             self._plc_area = current
-            if func_code in (6, 16):   # plain writes: their values are what the PLC asked for, in order
+            values = [int(v) for v in set_values[:count]]
+            # Plain writes that change something (a PLC that writes its whole area every cycle would otherwise
+            # push a change out of the bounded log before the line reads it): the values it asked for, in order.
+            if func_code in (6, 16) and values != [int(v) for v in current[address:address + count]]:
                 with self._lock:
                     self._plc_write_seq += 1
-                    self._plc_writes.append((self._plc_write_seq, time.monotonic(), time.time(), address,
-                                             [int(v) for v in set_values[:count]]))
+                    self._plc_writes.append((self._plc_write_seq, time.monotonic(), time.time(), address, values))
             return None
         with self._lock:
             coils, regs = list(self._coils), list(self._registers)

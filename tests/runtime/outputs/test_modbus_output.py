@@ -214,3 +214,27 @@ def test_publish_without_start_is_an_output_error():
     out = ModbusOutput(ModbusConfig(port=free_port()))
     with pytest.raises(OutputError, match="not running"):
         out.publish(make_result(1, Verdict.OK))
+
+
+def test_plc_area_writes_that_change_a_value_are_logged_in_order_with_their_time():
+    """The recipe register's history between two reads of the line (ModbusOutput.plc_writes): a change survives a
+    PLC that rewrites the same values every cycle (those are not logged, so the bounded log keeps the change)."""
+    import time as _time
+
+    out = ModbusOutput(ModbusConfig(host="127.0.0.1", port=free_port(), unit_id=UNIT, allow_writes=True))
+    out.start()
+    client = ModbusTcpClient("127.0.0.1", port=out.cfg.port, timeout=3, retries=0)
+    try:
+        assert client.connect()
+        t0 = _time.time()
+        assert not client.write_register(16, 2, device_id=UNIT).isError()
+        assert not client.write_registers(16, [1, 7], device_id=UNIT).isError()
+        for _ in range(300):   # a PLC writing its area every cycle, unchanged
+            assert not client.write_registers(16, [1, 7], device_id=UNIT).isError()
+        writes = out.plc_writes(0)
+        assert [(w[3], w[4]) for w in writes] == [(16, [2]), (16, [1, 7])]
+        assert writes[0][0] < writes[1][0] and t0 <= writes[0][2] <= writes[1][2] <= _time.time()
+        assert out.plc_writes(writes[0][0]) == writes[1:]
+    finally:
+        client.close()
+        out.close()
