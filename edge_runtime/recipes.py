@@ -439,7 +439,17 @@ class RecipeSwitcher:
                 continue
             register = self.cfg.modbus_register
             writes = getattr(out, "plc_writes", None)
-            for seq, mono, wall, address, values in (writes(self._write_seq) if writes is not None else []):
+            taken = writes(self._write_seq) if writes is not None else []
+            lost_since = None
+            if taken and taken[0][0] > self._write_seq + 1:
+                # Changes fell out of the server's bounded log since the last read: one may have been a recipe
+                # number. The PLC's present choice is verified again, and parts from the last read on are FAULT.
+                log.warning("%s: %d PLC-area writes were not seen (more changes between two reads than the log "
+                            "keeps): re-verifying recipe register %d", self._who(), taken[0][0] - self._write_seq - 1,
+                            register)
+                lost_since = self._register_unchanged_at or (time.monotonic(), time.time())
+                self._last_register = -1   # the present value is requested again
+            for seq, mono, wall, address, values in taken:
                 # Each write in order, dated when the server took it: a number written and reset between two
                 # reads (one part of another product on a mixed line) still faults the parts from then on.
                 self._write_seq = seq
@@ -447,9 +457,13 @@ class RecipeSwitcher:
                     self._last_register = values[register - address]
                     if self._last_register:
                         self.request(self._last_register, f"modbus register {register}", fault_if_unknown=True,
-                                     from_plc=True, since=(mono, wall))
+                                     from_plc=True, since=lost_since or (mono, wall))
+                        lost_since = None
             before = (time.monotonic(), time.time())
             value = regs()[self.cfg.modbus_register - 16]
+            if lost_since is not None and value:
+                self._last_register = -1
+                self._register_unchanged_at = lost_since
             if value != self._last_register:
                 self._last_register = value
                 if value:

@@ -921,12 +921,18 @@ def test_a_restart_keeps_the_switch_guard_and_a_pending_request(two_products, wr
     third.stop()
 
 
+@pytest.mark.parametrize("log_size, others", [(256, 0), (2, 3)])
 def test_a_recipe_number_written_and_reset_between_two_reads_still_faults_the_part(
-        two_products, write_station, part_images_bytes, free_port, start_station, tmp_path):
+        two_products, write_station, part_images_bytes, free_port, start_station, tmp_path, monkeypatch,
+        log_size, others):
     """On a mixed line the PLC writes each part's product: 2 for one part, 1 again at once. The loop reads the
     register between parts and would see 1 both times; the server's timed write log shows the 2, so the part that
-    came after it is FAULT, never recipe 1's verdict (a probe: OK from recipe 1 with 50 ms between the writes)."""
+    came after it is FAULT, never recipe 1's verdict (a probe: OK from recipe 1 with 50 ms between the writes).
+    More changes than the log keeps: the present choice is verified again, parts from the last read FAULT."""
     from pymodbus.client import ModbusTcpClient
+    from edge_runtime.outputs import modbus_output
+
+    monkeypatch.setattr(modbus_output, "PLC_WRITE_LOG", log_size)
 
     port = free_port()
     a, b = two_products
@@ -966,6 +972,8 @@ def test_a_recipe_number_written_and_reset_between_two_reads_still_faults_the_pa
         time.sleep(0.2)                                                   # the loop waits for the next trigger
         assert not client.write_register(16, 2, device_id=1).isError()   # product 2 for one part ...
         assert not client.write_register(16, 1, device_id=1).isError()   # ... and back, before the loop looked
+        for k in range(others):   # then other PLC-area changes push those two out of a short log
+            assert not client.write_register(17, k + 1, device_id=1).isError()
         result = fire()
         assert result["verdict"] == "FAULT" and "recipe switch" in result["error"], result
         wait_until(lambda: switcher.active.name == "cap-a" and switcher.status == "ok"
