@@ -367,9 +367,10 @@ class ModbusOutput(Output):
                 return ExcCodes.ILLEGAL_ADDRESS
             self._plc_area = current
             values = [int(v) for v in set_values[:count]]
-            # Plain writes that change something (a PLC that writes its whole area every cycle would otherwise
-            # push a change out of the bounded log before the line reads it): the values it asked for, in order.
-            if func_code in (6, 16) and values != [int(v) for v in current[address:address + count]]:
+            # Writes that change something (a PLC that writes its whole area every cycle would otherwise push a
+            # change out of the bounded log before the line reads it), whatever the function: pymodbus hands the
+            # final values here for a mask write (22) and the write half of read/write multiple (23) too.
+            if values != [int(v) for v in current[address:address + count]]:
                 with self._lock:
                     self._plc_write_seq += 1
                     self._plc_writes.append((self._plc_write_seq, time.monotonic(), time.time(), address, values))

@@ -231,8 +231,12 @@ def test_plc_area_writes_that_change_a_value_are_logged_in_order_with_their_time
         assert not client.write_registers(16, [1, 7], device_id=UNIT).isError()
         for _ in range(300):   # a PLC writing its area every cycle, unchanged
             assert not client.write_registers(16, [1, 7], device_id=UNIT).isError()
+        # Function 23 (read/write multiple: many PLC drivers' cyclic exchange) and 22 (mask write) too.
+        assert not client.readwrite_registers(read_address=0, read_count=4, write_address=16, values=[3],
+                                              device_id=UNIT).isError()
+        assert not client.mask_write_register(address=16, and_mask=0x0000, or_mask=0x0004, device_id=UNIT).isError()
         writes = out.plc_writes(0)
-        assert [(w[3], w[4]) for w in writes] == [(16, [2]), (16, [1, 7])]
+        assert [(w[3], w[4]) for w in writes] == [(16, [2]), (16, [1, 7]), (16, [3]), (16, [4])]
         assert writes[0][0] < writes[1][0] and t0 <= writes[0][2] <= writes[1][2] <= _time.time()
         assert out.plc_writes(writes[0][0]) == writes[1:]
     finally:
