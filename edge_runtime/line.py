@@ -92,7 +92,7 @@ class Line:
             self.rollout = RolloutManager(cfg.rollout, cfg.state_dir or "state", load=self._load_offered,
                                           install=self.install_pipeline, current=lambda: self.pipeline,
                                           set_bundle_path=lambda path: setattr(self.cfg, "bundle", path),
-                                          withdraw=self.withdraw_pipeline)
+                                          withdraw=self.withdraw_pipeline, condemn=self.condemn_bundle)
             self.outputs = [*self.outputs, self.rollout]
         if sinks:   # the station's operator page: it reads the same result stream as the line's outputs
             self.outputs = [*self.outputs, *sinks]
@@ -111,6 +111,7 @@ class Line:
                 out.bind_commands(self.rollout.on_command)   # MQTT <prefix>/cmd/rollout
         self._source = source
         self.pipeline: Pipeline | None = None
+        self._condemned: dict[str, str] = {}   # bundle id -> why none of its verdicts may go out (condemn_bundle)
         # Several bundles, one per product, selected by the line controller (edge_runtime/recipes.py).
         self.recipes = RecipeSwitcher(self, cfg.recipes) if getattr(cfg, "recipes", None) else None
         for out in self.outputs if self.recipes is not None else []:
@@ -267,6 +268,11 @@ class Line:
             # A reload (SIGHUP) started before this read the bundle path as it was: its outcome is stale now.
             self._install_generation += 1
             self._reload_outcome = (pipeline, None)
+
+    def condemn_bundle(self, bundle_id: str, reason: str) -> None:
+        """No verdict from this bundle is published from now on (any thread): a part inspected on it but not yet
+        answered is FAULT. A rollout's candidate that failed its probation, before the loop swaps it out."""
+        self._condemned[bundle_id] = reason
 
     def withdraw_pipeline(self, reason: str) -> None:
         """Take the bundle out of service between two frames: the line is FAULT (READY down) until a verified bundle
@@ -431,6 +437,13 @@ class Line:
 
     def _publish(self, result: InspectionResult, started: float | None) -> None:
         """One part's answer through the output bus: record, then line, then images."""
+        condemned = self._condemned.get(result.bundle_id)
+        if condemned is not None and result.verdict is not Verdict.FAULT:
+            # Inspected on a bundle condemned meanwhile (failed its probation): frames in flight or admitted
+            # before the loop swapped it out get no verdict from it.
+            result = dataclasses.replace(result, verdict=Verdict.FAULT,
+                                         error=f"bundle {result.bundle_id} {condemned} before this part's verdict "
+                                               "went out")
         if self._halted and result.verdict is not Verdict.FAULT:
             # A halted line drives no OK/NG/REVIEW, not even for the part whose id reservation halted it (inspected
             # on an id from memory) or one inspected before the halt and answered after it.

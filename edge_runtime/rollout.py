@@ -185,11 +185,13 @@ class RolloutManager(Output):
 
     def __init__(self, cfg: RolloutConfig, state_dir: str, *, load: Callable[[str, Any], Any],
                  install: Callable[[Any], None], current: Callable[[], Any],
-                 set_bundle_path: Callable[[str], None], withdraw: Callable[[str], None]) -> None:
+                 set_bundle_path: Callable[[str], None], withdraw: Callable[[str], None],
+                 condemn: Callable[[str, str], None] | None = None) -> None:
         self.cfg = cfg
         self.state_dir = Path(state_dir)
         self._load, self._install, self._current, self._set_bundle_path = load, install, current, set_bundle_path
         self._withdraw = withdraw          # takes the line's bundle out of service: FAULT until a verified one
+        self._condemn = condemn or (lambda bundle_id, reason: None)   # no verdict of that bundle goes out
         self._configured: str | None = None   # the station file's bundle (startup_bundle)
         self._offers: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -429,6 +431,9 @@ class RolloutManager(Output):
                 return
             previous, candidate = self._previous, self._candidate_id
         reason = f"{len(faults)} of the first {parts} parts on bundle {candidate} were FAULT (first: {faults[0]})"
+        # At once, before the swap: parts in flight on the candidate, or admitted before the loop swaps it out,
+        # get FAULT, not its verdict.
+        self._condemn(candidate, "failed its probation")
         if previous is None:
             # Nothing verified to return to (the station had no bundle in service): the candidate goes out of
             # service all the same, the line FAULT until a verified bundle comes, and it is never taken again.

@@ -401,3 +401,21 @@ def test_a_crash_during_probation_never_restarts_on_the_candidate(tmp_path, prev
                            install=None, current=lambda: None, set_bundle_path=lambda p: None,
                            withdraw=lambda reason: None)
     assert again.startup_bundle(str(configured)) == start    # and the next start does not bring the candidate back
+
+
+def test_a_condemned_bundle_gives_no_verdict_even_for_parts_already_inspected_on_it(plant, tmp_path, free_port,
+                                                                                     start_station):
+    """The rollout thread condemns a candidate the moment its probation fails; the loop swaps it out between two
+    frames, so a part in flight or admitted meanwhile was inspected on it: that part is FAULT, never its OK (a
+    probe: OK together with ERR on the PLC, 120 ms after the verdict)."""
+    running = start_station(load_station(station_file(tmp_path, plant, free_port)))
+    station = running.station
+    wait_until(lambda: station.counters.frames >= 3, what="parts")
+    v1 = station.pipeline.bundle.bundle_id
+    assert any(r["verdict"] != "FAULT" for r in records(tmp_path))
+    seen = len(records(tmp_path))
+    station.line.condemn_bundle(v1, "failed its probation")    # the pipeline itself stays installed
+    wait_until(lambda: len(records(tmp_path)) >= seen + 3, what="more parts")
+    running.stop()
+    after = records(tmp_path)[seen:]
+    assert after and all(r["verdict"] == "FAULT" and f"bundle {v1} failed its probation" in r["error"] for r in after)
