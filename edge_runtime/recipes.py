@@ -144,6 +144,8 @@ class RecipeSwitcher:
         self._last_register = 0
         self._register_unchanged_at: tuple[float, float] | None = None   # last read of the register (mono, wall)
         self._write_seq = 0   # the Modbus server's PLC-area writes taken so far (ModbusOutput.plc_writes)
+        self._unsaved: str | None = None   # why the selection could not be recorded (parts FAULT meanwhile)
+        self._unsaved_fault = False        # READY dropped for it
         self._refusals: list[str] = []
         self._invalid: str | None = None   # the newest request named no recipe and must fault the line (GPIO)
         # A Modbus register or GPIO select lines hold the PLC's choice as a level: while the PLC has chosen, the
@@ -175,10 +177,16 @@ class RecipeSwitcher:
         except FileNotFoundError:
             return
         except (OSError, ValueError) as exc:
-            log.error("%s: %s unreadable (%s): starting on the initial recipe %s", self._who(), path, exc,
-                      self.active.name)
-            return
+            doc = exc
         if not isinstance(doc, dict):
+            # Which product the line was on is unknown: the initial recipe could pass another product's parts
+            # (the PLC's register reads 0 after a restart). FAULT until a request names the recipe.
+            why = doc if isinstance(doc, Exception) else f"not a JSON object: {type(doc).__name__}"
+            self._invalid = (f"{path} unreadable ({why}): which recipe was in service is unknown; name it (the "
+                             f"PLC's register, HTTP, serial, MQTT or OPC UA) to go on")
+            self._requested_at = (time.monotonic(), time.time())
+            self.guard_wall = max(self.guard_wall, time.time())
+            log.error("%s: %s", self._who(), self._invalid)
             return
         guard = doc.get("guard_wall")
         if isinstance(guard, (int, float)) and math.isfinite(guard):
@@ -231,8 +239,15 @@ class RecipeSwitcher:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-        except OSError as exc:   # the line runs on; after a restart it would start on `initial`
-            log.error("%s: cannot record the recipe selection in %s: %s", self._who(), path, exc)
+            _fsync_dir(os.path.dirname(path))   # the rename itself survives a power loss
+            self._unsaved = None
+        except OSError as exc:
+            # Not recorded, a restart would resume the product before it: every part FAULT until a save works
+            # (stale(); retried and READY dropped from poll()).
+            if self._unsaved is None:
+                log.error("%s: cannot record the recipe selection in %s: %s: parts are FAULT until it can be "
+                          "recorded", self._who(), path, exc)
+            self._unsaved = f"{path}: {exc.strerror or exc}"
 
     # ---- configuration of one recipe ----------------------------------------------------------------------
     def recipe_cfg(self, recipe: RecipeConfig):
@@ -383,6 +398,15 @@ class RecipeSwitcher:
 
     def poll(self) -> None:
         """From the line's housekeeping: read the Modbus request, start a pending switch, apply a finished one."""
+        if self._unsaved is not None:
+            self._save_selection()   # retried: a disk freed, a mount back
+            if self._unsaved is not None and not self._unsaved_fault:
+                self._resume_line()
+        if self._unsaved is None and self._unsaved_fault:
+            log.info("%s: recipe selection recorded again", self._who())
+            if self.status == "ok" and self._thread is None and self._invalid is None:
+                self._resume_line()
+            self._unsaved_fault = False
         self._poll_register()
         with self._lock:
             refusals, self._refusals = self._refusals, []
@@ -547,8 +571,17 @@ class RecipeSwitcher:
         self._save_selection()
         log.info("%s: recipe %s -> %s (bundle %s) verified and active in %.1f ms", self._who(), previous.name,
                  recipe.name, pipeline.bundle.bundle_id, ms)
-        self.line._resume()   # READY again, unless the camera is still lost or the record still failing
+        self._resume_line()   # READY again, unless the camera is still lost or the record still failing
         self._acknowledge("ok", recipe, ms, None)
+
+    def _resume_line(self) -> None:
+        """READY again after a switch, unless the selection could not be recorded (then FAULT, see poll())."""
+        if self._unsaved is not None:
+            self._unsaved_fault = True
+            self.line._set_state(False, f"recipe: selection not recorded ({self._unsaved}): a restart could resume "
+                                        "the wrong product")
+        else:
+            self.line._resume()
 
     def stale(self, triggered_mono: float | None = None, captured_wall: float | None = None,
               arrived_wall: float | None = None, captured_mono: float | None = None) -> str | None:
@@ -563,6 +596,8 @@ class RecipeSwitcher:
         The Modbus register is read again first: a PLC writes the recipe and triggers the part at once, and the
         loop may wake on the trigger before its housekeeping has read the register."""
         self._poll_register()
+        if self._unsaved is not None:
+            return f"recipe selection not recorded ({self._unsaved}): a restart could resume the wrong product"
         requested = self._requested_at
         # The capture is compared on both clocks: a wall clock stepped back (NTP at boot) must not date a frame
         # from after the request before it.
@@ -596,6 +631,19 @@ class RecipeSwitcher:
                 "last_switch_ms": self.last_switch_ms,
                 "recipes": [{"name": r.name, "number": r.number, "loaded": r.name in self._pipelines}
                             for r in self.cfg.recipes]}
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _resolve(waiter: Future, outcome: str, message: str) -> None:

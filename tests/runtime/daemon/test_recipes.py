@@ -1023,3 +1023,53 @@ def test_a_wall_clock_stepped_back_does_not_date_a_frame_before_the_request(two_
     assert switcher.stale(captured_wall=now_wall - 10.0, captured_mono=now_mono) is not None
     assert switcher.stale(captured_wall=now_wall - 10.0) is None     # the wall clock alone is fooled
     running.stop()
+
+
+def test_a_selection_that_cannot_be_recorded_faults_parts_until_it_can(two_products, write_station,
+                                                                       part_images_bytes, start_station, tmp_path):
+    """Unrecorded, a restart would resume the product before the switch and pass the new product's parts (a probe:
+    OK from recipe a after a restart whose last save had failed). FAULT and READY down until a save works."""
+    state = tmp_path / "state"
+    cfg = recipe_station(write_station, two_products)
+    cfg.state_dir = str(state)
+    rec = RecipeRecorder()
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec])
+    station, switcher = running.station, running.station.line.recipes
+    wait_until(lambda: switcher.status == "ok" and rec.ready, what="ready")
+    (state / "recipe_selected.json.tmp").mkdir()         # the save fails (as a full or read-only disk would)
+    switcher.request("cap-b", "plc")
+    wait_until(lambda: switcher.active.name == "cap-b" and not switcher.busy, what="the switch")
+    wait_until(lambda: not rec.ready and "selection not recorded" in (station.fault_reason or ""), what="FAULT")
+    part = fire_and_wait(station, rec)
+    assert part.verdict is Verdict.FAULT and "selection not recorded" in part.error
+    (state / "recipe_selected.json.tmp").rmdir()
+    wait_until(lambda: rec.ready, what="READY once it is recorded")
+    assert json.loads((state / "recipe_selected.json").read_text())["active"] == "cap-b"
+    after = fire_and_wait(station, rec)
+    running.stop()
+    assert after.verdict is not Verdict.FAULT and after.bundle_id == IDS["cap-b"]
+
+
+def test_an_unreadable_selection_file_faults_the_line_until_a_recipe_is_named(two_products, write_station,
+                                                                              part_images_bytes, start_station,
+                                                                              tmp_path):
+    """Which product the line was on is unknown: starting on `initial` had passed the other product's parts."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "recipe_selected.json").write_text('{"active": "cap-b", "plc": "2", "requ')
+    cfg = recipe_station(write_station, two_products)
+    cfg.state_dir = str(state)
+    rec = RecipeRecorder()
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec])
+    station, switcher = running.station, running.station.line.recipes
+    wait_until(lambda: "unreadable" in (station.fault_reason or ""), what="FAULT naming the file")
+    assert not rec.ready and fire_and_wait(station, rec).verdict is Verdict.FAULT
+    switcher.request("cap-b", "http")
+    wait_until(lambda: switcher.active.name == "cap-b" and switcher.status == "ok" and rec.ready, what="cap-b")
+    after = fire_and_wait(station, rec)
+    running.stop()
+    assert after.verdict is not Verdict.FAULT and after.bundle_id == IDS["cap-b"]
