@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from edge_runtime.recipe_gpio import RecipeGpioConfig, RecipeGpioSelector
+from edge_runtime.outputs.result_log import fsync_dir
 
 if TYPE_CHECKING:
     from edge_runtime.line import Line
@@ -239,7 +240,7 @@ class RecipeSwitcher:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-            _fsync_dir(os.path.dirname(path))   # the rename itself survives a power loss
+            fsync_dir(path)   # the rename itself survives a power loss
             self._unsaved = None
         except OSError as exc:
             # Not recorded, a restart would resume the product before it: every part FAULT until a save works
@@ -631,19 +632,6 @@ class RecipeSwitcher:
                 "last_switch_ms": self.last_switch_ms,
                 "recipes": [{"name": r.name, "number": r.number, "loaded": r.name in self._pipelines}
                             for r in self.cfg.recipes]}
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _resolve(waiter: Future, outcome: str, message: str) -> None:

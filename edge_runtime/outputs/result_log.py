@@ -65,7 +65,7 @@ def encode_record(result: InspectionResult) -> bytes:
     return text.encode("ascii") + b"\n"
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     """Make a create or rename in `path`'s directory durable (the file's own fsync does not cover its name)."""
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
@@ -180,7 +180,7 @@ class ResultLog(Output):
                 self._write_all(fd, b"\n")
                 size += 1
             if not existed and self.cfg.fsync == "always":
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
         except BaseException:
             os.close(fd)
             raise
@@ -214,7 +214,7 @@ class ResultLog(Output):
                 os.replace(older, f"{self.path}.{n + 1}")
         os.replace(self.path, f"{self.path}.1")
         if self.cfg.fsync == "always":
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         self._open()
 
     def _close_fd(self) -> None:
