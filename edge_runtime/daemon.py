@@ -42,7 +42,7 @@ STATE_LOCK_CHECK_S = 1.0     # how often the running daemon checks that its stat
 
 
 class StateDirBusy(RuntimeError):
-    """Another daemon holds the station's state_dir."""
+    """The station's state_dir is held by another daemon, or cannot be used at all (read-only, not ours)."""
 
 
 def lock_state_dir(state_dir: str | None) -> int | None:
@@ -52,9 +52,13 @@ def lock_state_dir(state_dir: str | None) -> int | None:
     from one counter both think is theirs (an id could repeat). Raises StateDirBusy naming the holder's pid."""
     if not state_dir:
         return None
-    os.makedirs(state_dir, exist_ok=True)
     path = os.path.join(state_dir, STATE_LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        os.makedirs(state_dir, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:   # read-only, full, or not ours: a clear exit, not a traceback
+        raise StateDirBusy(f"state_dir {state_dir} cannot be used ({path}: {exc.strerror or exc}): the station keeps "
+                           "its frame counter, journals and recipe selection there; give it a writable folder") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -272,7 +272,10 @@ class RolloutManager(Output):
             if result.verdict is Verdict.FAULT:
                 self._faults.append(f"frame {result.frame_id}: {result.error}")
             if len(self._faults) == self.cfg.probation_max_faults:
-                # What tripped it, as of now: parts keep coming until the rollout thread swaps the bundle back.
+                # Condemned here, at once: parts keep coming until the rollout thread swaps the bundle back, and a
+                # busy rollout thread (a slow watch_dir scan, an fsync) had let 29 more of its verdicts out.
+                self._condemn(result.bundle_id, "failed its probation")
+                # What tripped it, as of now.
                 self._offers.put(("rollback", (list(self._faults), self._parts)))
             elif self._parts == self.cfg.probation_parts and len(self._faults) < self.cfg.probation_max_faults:
                 self._offers.put(("commit", None))

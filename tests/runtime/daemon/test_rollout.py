@@ -419,3 +419,30 @@ def test_a_condemned_bundle_gives_no_verdict_even_for_parts_already_inspected_on
     running.stop()
     after = records(tmp_path)[seen:]
     assert after and all(r["verdict"] == "FAULT" and f"bundle {v1} failed its probation" in r["error"] for r in after)
+
+
+def test_the_candidate_is_condemned_by_the_fault_that_fails_its_probation_not_later(tmp_path):
+    """On the publishing thread, before the rollback is queued: a rollout thread busy elsewhere (a slow watch_dir
+    scan, an fsync) had let 29 more verdicts of a failed candidate out (a probe)."""
+    from edge_runtime.records import InspectionResult, Verdict
+    from edge_runtime.rollout import RolloutConfig, RolloutManager
+
+    condemned = []
+    manager = RolloutManager(RolloutConfig(enabled=True, staging_dir=str(tmp_path / "s"), probation_max_faults=3),
+                             str(tmp_path / "state"), load=None, install=None, current=lambda: None,
+                             set_bundle_path=lambda p: None, withdraw=lambda reason: None,
+                             condemn=lambda bundle_id, reason: condemned.append((bundle_id, reason)))
+    manager.status, manager._candidate_id = "probation", "cand"      # as _take_offer leaves it; no thread runs
+    for i in range(3):
+        assert condemned == []
+        manager.publish(InspectionResult(frame_id=i, source="cam", verdict=Verdict.FAULT, score=None,
+                                         normalized_score=None, threshold=1.0, timings_ms={}, bundle_id="cand",
+                                         error="size"))
+    assert condemned == [("cand", "failed its probation")]
+
+
+def test_a_state_dir_that_cannot_be_used_is_a_clear_error_not_a_traceback(tmp_path):
+    from edge_runtime.daemon import StateDirBusy, lock_state_dir
+
+    with pytest.raises(StateDirBusy, match=r"state_dir /proc/edge-runtime-state cannot be used .*give it a writable"):
+        lock_state_dir("/proc/edge-runtime-state")
