@@ -207,7 +207,8 @@ class Line:
     def _resume(self) -> None:
         """Inspecting again after a condition cleared (a recipe switch, a reload, a record), unless another one
         still holds the line: a lost camera or an unwritable record keeps READY down whatever else cleared."""
-        fault = self._source_fault or self._record_fault or self._output_fault
+        fault = (self._source_fault or self._record_fault or self._output_fault
+                 or (self.recipes.hold_reason() if self.recipes is not None else None))
         self._set_state(fault is None, fault)
 
     def _check_outputs(self) -> None:

@@ -16,6 +16,7 @@ for another product, so the old recipe must not go on passing parts.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -42,6 +43,7 @@ __all__ = ["RecipeConfig", "RecipesConfig", "RecipeSwitcher", "RECIPE_STATUS"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 # In the line's state_dir: the recipe active and the PLC's last choice, resumed after a restart.
 SELECTION_FILE = "recipe_selected.json"
+UNSAVED_SUFFIX = ".unsaved"   # the selection file set aside when a newer one could not be written
 
 # Modbus holding register 8 (and the serial word): where the last switch stands.
 RECIPE_STATUS = {"none": 0, "switching": 1, "ok": 2, "failed": 3}
@@ -146,6 +148,7 @@ class RecipeSwitcher:
         self._register_unchanged_at: tuple[float, float] | None = None   # last read of the register (mono, wall)
         self._write_seq = 0   # the Modbus server's PLC-area writes taken so far (ModbusOutput.plc_writes)
         self._unsaved: str | None = None   # why the selection could not be recorded (parts FAULT meanwhile)
+        self._unknown = False              # after a restart, which recipe was in service is unknown (not saved)
         self._unsaved_fault = False        # READY dropped for it
         self._refusals: list[str] = []
         self._invalid: str | None = None   # the newest request named no recipe and must fault the line (GPIO)
@@ -176,18 +179,14 @@ class RecipeSwitcher:
             with open(path, encoding="utf-8") as fh:
                 doc = json.loads(fh.read(4096))
         except FileNotFoundError:
+            if os.path.exists(path + UNSAVED_SUFFIX):
+                self._selection_unknown(path, "the selection was not recorded before the restart")
             return
         except (OSError, ValueError) as exc:
             doc = exc
         if not isinstance(doc, dict):
-            # Which product the line was on is unknown: the initial recipe could pass another product's parts
-            # (the PLC's register reads 0 after a restart). FAULT until a request names the recipe.
             why = doc if isinstance(doc, Exception) else f"not a JSON object: {type(doc).__name__}"
-            self._invalid = (f"{path} unreadable ({why}): which recipe was in service is unknown; name it (the "
-                             f"PLC's register, HTTP, serial, MQTT or OPC UA) to go on")
-            self._requested_at = (time.monotonic(), time.time())
-            self.guard_wall = max(self.guard_wall, time.time())
-            log.error("%s: %s", self._who(), self._invalid)
+            self._selection_unknown(path, f"unreadable ({why})")
             return
         guard = doc.get("guard_wall")
         if isinstance(guard, (int, float)) and math.isfinite(guard):
@@ -213,6 +212,8 @@ class RecipeSwitcher:
                 log.error("%s: %s", self._who(), self._invalid)
                 return
         if recipe is None:
+            # Names no recipe of this station file (one renamed since, a number): which product is unknown.
+            self._selection_unknown(path, f"names no recipe of this line ({json.dumps(doc)[:120]})")
             return
         if recipe is not saved_active:
             # A switch was requested and had not ended before the stop: the start-up load is that switch, and
@@ -224,9 +225,20 @@ class RecipeSwitcher:
                         "active" if recipe is saved_active else "requested", path)
         self.active = recipe
 
+    def _selection_unknown(self, path: str, why: str) -> None:
+        """Which product the line was on is unknown after a restart: the initial recipe could pass another
+        product's parts (the PLC's register reads 0 after a restart). FAULT until a request names the recipe, and
+        the file is left as it is until then, so another restart does not take a guess for the truth."""
+        self._unknown = True
+        self._invalid = (f"{path}: {why}: which recipe was in service is unknown; name it (the PLC's register, "
+                         f"HTTP, serial, MQTT or OPC UA) to go on")
+        self._requested_at = (time.monotonic(), time.time())
+        self.guard_wall = max(self.guard_wall, time.time())
+        log.error("%s: %s", self._who(), self._invalid)
+
     def _save_selection(self) -> None:
         path = self._selection_file()
-        if not path:
+        if not path or self._unknown:
             return
         with self._lock:
             doc = {"active": self.active.name, "plc": self.plc_choice[0] if self.plc_choice else None,
@@ -242,12 +254,23 @@ class RecipeSwitcher:
             os.replace(tmp, path)
             fsync_dir(path)   # the rename itself survives a power loss
             self._unsaved = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + UNSAVED_SUFFIX)
         except OSError as exc:
             # Not recorded, a restart would resume the product before it: every part FAULT until a save works
-            # (stale(); retried and READY dropped from poll()).
+            # (stale(); retried and READY dropped from poll()), and the old file is set aside (a rename needs no
+            # space on a full disk), so that a restart meanwhile knows it does not know.
             if self._unsaved is None:
                 log.error("%s: cannot record the recipe selection in %s: %s: parts are FAULT until it can be "
                           "recorded", self._who(), path, exc)
+                try:
+                    if os.path.exists(path):
+                        os.replace(path, path + UNSAVED_SUFFIX)
+                    else:
+                        open(path + UNSAVED_SUFFIX, "a").close()
+                except OSError as mark:
+                    log.error("%s: cannot mark %s as out of date either (%s): a restart would resume it",
+                              self._who(), path, mark)
             self._unsaved = f"{path}: {exc.strerror or exc}"
 
     # ---- configuration of one recipe ----------------------------------------------------------------------
@@ -344,6 +367,7 @@ class RecipeSwitcher:
             # the loop starts the switch.
             self._mark_requested(since)
             self._requested_name = recipe.name
+            self._unknown = False   # named now: it is saved again from here
             superseded, self._pending_waiters = self._pending_waiters, []
         for waiter in superseded:   # the controller changed its mind before that switch started
             _resolve(waiter, "superseded", f"superseded by a request for {recipe.name} from {origin}")
@@ -489,6 +513,15 @@ class RecipeSwitcher:
             if lost_since is not None and value:
                 self._last_register = -1
                 self._register_unchanged_at = lost_since
+            elif lost_since is not None:
+                # The lost changes may have held a changeover the PLC has cleared again (it reads 0 now): which
+                # product is unknown. FAULT from the last read until the PLC writes its number again.
+                with self._lock:
+                    self._mark_requested(lost_since)
+                    self._invalid = (f"modbus register {register}: changes were lost between two reads and it "
+                                     "reads 0 now: write the recipe number again")
+                    self._pending = None
+                self._last_register = 0
             if value != self._last_register:
                 self._last_register = value
                 if value:
@@ -574,6 +607,16 @@ class RecipeSwitcher:
                  recipe.name, pipeline.bundle.bundle_id, ms)
         self._resume_line()   # READY again, unless the camera is still lost or the record still failing
         self._acknowledge("ok", recipe, ms, None)
+
+    def hold_reason(self) -> str | None:
+        """Why the line must stay FAULT for its recipe whatever else cleared (Line._resume), or None."""
+        if self._unsaved is not None:
+            return (f"recipe: selection not recorded ({self._unsaved}): a restart could resume the wrong "
+                    "product")
+        if self.status in ("switching", "failed") or self._invalid is not None or self._thread is not None:
+            current = self.line.fault_reason
+            return current if current and current.startswith("recipe:") else f"recipe: {self._invalid or self.status}"
+        return None
 
     def _resume_line(self) -> None:
         """READY again after a switch, unless the selection could not be recorded (then FAULT, see poll())."""
