@@ -822,51 +822,67 @@ def test_before_trigger_image_written_before_a_switch_is_fault_at_the_next_trigg
     assert result.verdict is not Verdict.FAULT
 
 
+class ModbusRecipeLine:
+    """A triggered recipe line selected by Modbus register 16 (allow_writes), with a result log to read the verdicts
+    from and a PLC client on its port: what the register-race tests drive."""
+
+    def __init__(self, two_products, write_station, part_images_bytes, free_port, start_station, tmp_path):
+        from pymodbus.client import ModbusTcpClient
+
+        port = free_port()
+        a, b = two_products
+        self.log_path = tmp_path / "results.jsonl"
+        cfg = load_station(write_station(
+            source={"type": "scripted"}, trigger={"type": "software"}, recovery={"read_timeout_s": 5.0},
+            outputs=[{"type": "modbus", "port": port, "allow_writes": True},
+                     {"type": "result_log", "path": str(self.log_path)}],
+            recipes={"modbus_register": 16, "recipes": [{"name": "cap-a", "number": 1, "bundle": str(a)},
+                                                        {"name": "cap-b", "number": 2, "bundle": str(b)}]}))
+        source = ScriptedSource(steps=part_images_bytes)
+        source.cfg.loop = True
+        self.running = start_station(cfg, source=source)
+        self.station = self.running.station
+        self.switcher = self.station.line.recipes
+        wait_until(lambda: self.switcher is not None and self.switcher.status == "ok" and self.ready(), what="ready")
+        self.client = ModbusTcpClient("127.0.0.1", port=port, timeout=3, retries=0)
+        assert self.client.connect()
+
+    def ready(self) -> bool:
+        return self.station.status().state == "ready"
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines()] if self.log_path.exists() else []
+
+    def fire(self) -> dict:
+        before = len(self.records())
+        self.station.trigger.fire()
+        wait_until(lambda: len(self.records()) > before, what="a result")
+        return self.records()[-1]
+
+    def write(self, register: int, value: int) -> None:
+        assert not self.client.write_register(register, value, device_id=1).isError()
+
+    def stop(self) -> None:
+        self.client.close()
+        self.running.stop()
+
+
 def test_a_plc_writing_the_recipe_register_and_triggering_at_once_gets_fault_not_the_old_recipes_verdict(
         two_products, write_station, part_images_bytes, free_port, start_station, tmp_path):
     """The loop wakes on the trigger before its housekeeping has read the register: the register is read again
     when the part is admitted, and the request dates from the last read that still showed the old number."""
-    from pymodbus.client import ModbusTcpClient
-
-    port = free_port()
-    a, b = two_products
-    log_path = tmp_path / "results.jsonl"
-    cfg = load_station(write_station(
-        source={"type": "scripted"}, trigger={"type": "software"}, recovery={"read_timeout_s": 5.0},
-        outputs=[{"type": "modbus", "port": port, "allow_writes": True},
-                 {"type": "result_log", "path": str(log_path)}],
-        recipes={"modbus_register": 16, "recipes": [{"name": "cap-a", "number": 1, "bundle": str(a)},
-                                                    {"name": "cap-b", "number": 2, "bundle": str(b)}]}))
-    source = ScriptedSource(steps=part_images_bytes)
-    source.cfg.loop = True
-    running = start_station(cfg, source=source)
-    station = running.station
-    switcher = station.line.recipes
-
-    def records() -> list[dict]:
-        return [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
-
-    def fire() -> dict:
-        before = len(records())
-        station.trigger.fire()
-        wait_until(lambda: len(records()) > before, what="a result")
-        return records()[-1]
-
-    wait_until(lambda: switcher is not None and switcher.status == "ok" and station.status().state == "ready", what="ready")
-    client = ModbusTcpClient("127.0.0.1", port=port, timeout=3, retries=0)
-    assert client.connect()
+    line = ModbusRecipeLine(two_products, write_station, part_images_bytes, free_port, start_station, tmp_path)
     try:
         for number, name in ((2, "cap-b"), (1, "cap-a"), (2, "cap-b")):
-            assert fire()["bundle_id"] == IDS[switcher.active.name]
+            assert line.fire()["bundle_id"] == IDS[line.switcher.active.name]
             time.sleep(0.2)                                   # the loop is back waiting for a trigger
-            assert not client.write_register(16, number, device_id=1).isError()
-            result = fire()                                   # at once, as a PLC that does not wait for the ack
+            line.write(16, number)
+            result = line.fire()                              # at once, as a PLC that does not wait for the ack
             assert result["verdict"] == "FAULT" or result["bundle_id"] == IDS[name], result
-            wait_until(lambda: switcher.active.name == name and switcher.status == "ok" and station.status().state == "ready",
+            wait_until(lambda: line.switcher.active.name == name and line.switcher.status == "ok" and line.ready(),
                        what=f"{name} active")
     finally:
-        client.close()
-    running.stop()
+        line.stop()
 
 
 def test_a_restart_keeps_the_switch_guard_and_a_pending_request(two_products, write_station, part_images_bytes,
@@ -930,64 +946,35 @@ def test_a_recipe_number_written_and_reset_between_two_reads_still_faults_the_pa
     register between parts and would see 1 both times; the server's timed write log shows the 2, so the part that
     came after it is FAULT, never recipe 1's verdict (a probe: OK from recipe 1 with 50 ms between the writes).
     More changes than the log keeps: the present choice is verified again, parts from the last read FAULT."""
-    from pymodbus.client import ModbusTcpClient
     from edge_runtime.outputs import modbus_output
 
     monkeypatch.setattr(modbus_output, "PLC_WRITE_LOG", log_size)
-
-    port = free_port()
-    a, b = two_products
-    log_path = tmp_path / "results.jsonl"
-    cfg = load_station(write_station(
-        source={"type": "scripted"}, trigger={"type": "software"}, recovery={"read_timeout_s": 5.0},
-        outputs=[{"type": "modbus", "port": port, "allow_writes": True},
-                 {"type": "result_log", "path": str(log_path)}],
-        recipes={"modbus_register": 16, "recipes": [{"name": "cap-a", "number": 1, "bundle": str(a)},
-                                                    {"name": "cap-b", "number": 2, "bundle": str(b)}]}))
-    source = ScriptedSource(steps=part_images_bytes)
-    source.cfg.loop = True
-    running = start_station(cfg, source=source)
-    station = running.station
-    switcher = station.line.recipes
-
-    def records() -> list[dict]:
-        return [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
-
-    def fire() -> dict:
-        before = len(records())
-        station.trigger.fire()
-        wait_until(lambda: len(records()) > before, what="a result")
-        return records()[-1]
-
-    wait_until(lambda: switcher is not None and switcher.status == "ok" and station.status().state == "ready",
-               what="ready")
-    client = ModbusTcpClient("127.0.0.1", port=port, timeout=3, retries=0)
-    assert client.connect()
+    line = ModbusRecipeLine(two_products, write_station, part_images_bytes, free_port, start_station, tmp_path)
+    switcher = line.switcher
     try:
-        assert not client.write_register(16, 1, device_id=1).isError()   # the PLC's level: recipe 1
-        fire()                                     # FAULT: a request from the PLC re-verifies recipe 1 first
-        wait_until(lambda: switcher.switches >= 1 and switcher.status == "ok"
-                   and station.status().state == "ready", what="recipe 1 verified")
-        first = fire()
+        line.write(16, 1)                          # the PLC's level: recipe 1
+        line.fire()                                # FAULT: a request from the PLC re-verifies recipe 1 first
+        wait_until(lambda: switcher.switches >= 1 and switcher.status == "ok" and line.ready(),
+                   what="recipe 1 verified")
+        first = line.fire()
         assert first["verdict"] != "FAULT" and first["bundle_id"] == IDS["cap-a"], first
-        time.sleep(0.2)                                                   # the loop waits for the next trigger
-        assert not client.write_register(16, 2, device_id=1).isError()   # product 2 for one part ...
-        assert not client.write_register(16, reset, device_id=1).isError()   # ... back (or cleared to 0)
-        for k in range(others):   # then other PLC-area changes push those two out of a short log
-            assert not client.write_register(17, k + 1, device_id=1).isError()
-        result = fire()
+        time.sleep(0.2)                            # the loop waits for the next trigger
+        line.write(16, 2)                          # product 2 for one part ...
+        line.write(16, reset)                      # ... back (or cleared to 0), before the loop looked
+        for k in range(others):                    # then other PLC-area changes push those two out of a short log
+            line.write(17, k + 1)
+        result = line.fire()
         assert result["verdict"] == "FAULT" and "recipe" in result["error"], result
         if reset == 0:   # the lost changes held a changeover the PLC cleared: FAULT until it writes its number
-            wait_until(lambda: "changes were lost" in (station.fault_reason or ""), what="FAULT")
-            assert fire()["verdict"] == "FAULT"
-            assert not client.write_register(16, 1, device_id=1).isError()
-        wait_until(lambda: switcher.active.name == "cap-a" and switcher.status == "ok"
-                   and station.status().state == "ready", what="recipe 1 again")
-        again = fire()
+            wait_until(lambda: "changes were lost" in (line.station.fault_reason or ""), what="FAULT")
+            assert line.fire()["verdict"] == "FAULT"
+            line.write(16, 1)
+        wait_until(lambda: switcher.active.name == "cap-a" and switcher.status == "ok" and line.ready(),
+                   what="recipe 1 again")
+        again = line.fire()
         assert again["verdict"] != "FAULT" and again["bundle_id"] == IDS["cap-a"], again
     finally:
-        client.close()
-    running.stop()
+        line.stop()
 
 
 def test_a_camera_that_rewrites_one_file_in_place_is_inspected_after_a_switch(two_products, write_station,
