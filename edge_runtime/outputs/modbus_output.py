@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 STATION_REGISTERS = 16      # holding/input registers 0..15 and coils 0..15 belong to the station
 PLC_AREA_START = 16
 PLC_AREA_SIZE = 16
-PLC_WRITE_LOG = 256   # PLC-area writes kept for plc_writes (a few per part at most)
+PLC_WRITE_LOG = 256   # PLC-area changes kept for plc_writes (the line reads them at least once a round)
 
 COIL_OK, COIL_NG, COIL_READY, COIL_ERROR, COIL_REVIEW, COIL_BUSY = 0, 1, 2, 3, 4, 5
 HR_VERDICT, HR_FRAME_HI, HR_FRAME_LO, HR_SCORE, HR_NORM, HR_HEARTBEAT, HR_FAULT, HR_RECIPE, HR_RECIPE_STATUS = range(9)

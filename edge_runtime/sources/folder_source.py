@@ -420,7 +420,7 @@ class FolderSource(FrameSource):
         self._rejected: set[str] = set()               # resolve outside the folder; counted once
         self._not_files: set[str] = set()              # FIFOs, sockets, devices under image names; logged once
         self._handed: dict[str, tuple[int, float]] = {}  # name -> (inode, clock) of its last hand-over
-        self._rewritten_since: dict[str, float] = {}     # name -> clock of the hand-over before an in-place rewrite
+        self._rewritten: set[str] = set()                # handed over again in place (same inode) since last read
         # What the watch cost, for tests and diagnostics.
         self.listings = 0
         self.stats = 0
@@ -743,10 +743,9 @@ class FolderSource(FrameSource):
         which gives one part two verdicts. The warning says how to write images so that cannot happen."""
         last = self._handed.get(name)
         if last is not None and last[0] == sig[2]:
-            # Written again in place: this version came after the last hand-over, whatever the inode's birth time.
-            self._rewritten_since[name] = last[1]
+            self._rewritten.add(name)   # written again in place: dated by its mtime, not its birth (_arrived_wall)
         else:
-            self._rewritten_since.pop(name, None)
+            self._rewritten.discard(name)
         if last is not None and last[0] == sig[2] and now - last[1] < REWRITE_WARN_S:
             log.warning("folder source %s: %s was written again %.1f s after it was handed over (same file): inspected "
                         "again as a new part; if the camera writes slowly into a file of its final size, the first "
@@ -756,7 +755,7 @@ class FolderSource(FrameSource):
         if len(self._handed) > 4096:   # bounded: only recent hand-overs matter
             for key in [k for k, (_, t) in self._handed.items() if now - t >= REWRITE_WARN_S]:
                 del self._handed[key]
-                self._rewritten_since.pop(key, None)
+                self._rewritten.discard(key)
 
     def _signature(self, name: str) -> _Signature | None:
         assert self._root is not None
@@ -829,10 +828,10 @@ class FolderSource(FrameSource):
         """When the file arrived (wall clock): the earlier of when this source first saw it and when it appeared
         (birth time, else ctime). A recipe switch faults files that arrived before it ended (Recipes.stale)."""
         times = []
-        to_wall = lambda t: time.time() - max(0.0, self._clock() - t)   # noqa: E731 - this source's clock -> wall
-        if first_seen is not None:
-            times.append(to_wall(first_seen))
-        if self._rewritten_since.pop(name, None) is not None:
+        if first_seen is not None:   # this source's clock -> wall clock
+            times.append(time.time() - max(0.0, self._clock() - first_seen))
+        if name in self._rewritten:
+            self._rewritten.discard(name)
             # Written again in place: the inode keeps its first birth time, so this version is dated by its last
             # write (mtime) instead (else every part of a camera that rewrites one file would be FAULT after the
             # first switch). When that write began is not known: write images to new names where switches happen.
