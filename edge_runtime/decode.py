@@ -198,16 +198,25 @@ def tiff_page_count(data: bytes, limit: int = 2) -> int:
     return pages
 
 
-def png_is_animated(data: bytes) -> bool:
-    """True when an acTL chunk (APNG animation control) comes before the image data."""
+def _png_chunks(data: bytes):
+    """(type, body offset, body length) of each PNG chunk in file order, up to IEND or the end of the data (no
+    body is copied: the image data of a frame is megabytes)."""
     pos = 8
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        yield kind, pos + 8, length
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+
+
+def png_is_animated(data: bytes) -> bool:
+    """True when an acTL chunk (APNG animation control) comes before the image data."""
+    for kind, _, _ in _png_chunks(data):
         if kind == b"acTL":
             return True
         if kind in (b"IDAT", b"IEND"):
             return False  # acTL must precede IDAT (APNG spec); after it, it is not an animation
-        pos += 12 + length
     return False
 
 
@@ -254,15 +263,8 @@ def exif_orientation(data: bytes, fmt: str) -> int:
                 length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
                 return _tiff_orientation(data[pos + 10:pos + 2 + length])
         return 1
-    if fmt == "PNG":
-        pos = 8   # every chunk: viewers honour an eXIf chunk after the image data too
-        while pos + 8 <= len(data):
-            length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-            if kind == b"eXIf":
-                return _tiff_orientation(data[pos + 8:pos + 8 + length])
-            if kind == b"IEND":
-                return 1
-            pos += 12 + length
+    if fmt == "PNG":   # every chunk: viewers honour an eXIf chunk after the image data too
+        return next((_tiff_orientation(data[at:at + n]) for kind, at, n in _png_chunks(data) if kind == b"eXIf"), 1)
     return 1
 
 
