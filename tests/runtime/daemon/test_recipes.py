@@ -690,12 +690,20 @@ def test_gpio_select_lines_that_cannot_be_claimed_fault_the_line(two_products, w
     running.stop()
 
 
-def started_on_cap_a(two_products, write_station, part_images_bytes, start_station):
-    """A triggered recipe station on looping parts, READY on cap-a: (running, recorder, switcher)."""
+def start_recipe_line(two_products, write_station, part_images_bytes, start_station, state_dir=None):
+    """A triggered recipe station on looping parts, started (not yet waited for): (running, recorder)."""
+    cfg = recipe_station(write_station, two_products)
+    if state_dir is not None:
+        cfg.state_dir = str(state_dir)
     rec = RecipeRecorder()
     source = ScriptedSource(steps=part_images_bytes)
     source.cfg.loop = True
-    running = start_station(recipe_station(write_station, two_products), source=source, outputs=[rec])
+    return start_station(cfg, source=source, outputs=[rec]), rec
+
+
+def started_on_cap_a(two_products, write_station, part_images_bytes, start_station):
+    """A triggered recipe station on looping parts, READY on cap-a: (running, recorder, switcher)."""
+    running, rec = start_recipe_line(two_products, write_station, part_images_bytes, start_station)
     switcher = running.station.line.recipes
     wait_until(lambda: switcher is not None and switcher.status == "ok" and rec.ready, what="ready")
     return running, rec, switcher
@@ -1021,12 +1029,7 @@ def test_a_selection_that_cannot_be_recorded_faults_parts_until_it_can(two_produ
     """Unrecorded, a restart would resume the product before the switch and pass the new product's parts (a probe:
     OK from recipe a after a restart whose last save had failed). FAULT and READY down until a save works."""
     state = tmp_path / "state"
-    cfg = recipe_station(write_station, two_products)
-    cfg.state_dir = str(state)
-    rec = RecipeRecorder()
-    source = ScriptedSource(steps=part_images_bytes)
-    source.cfg.loop = True
-    running = start_station(cfg, source=source, outputs=[rec])
+    running, rec = start_recipe_line(two_products, write_station, part_images_bytes, start_station, state)
     station, switcher = running.station, running.station.line.recipes
     wait_until(lambda: switcher.status == "ok" and rec.ready, what="ready")
     (state / "recipe_selected.json.tmp").mkdir()         # the save fails (as a full or read-only disk would)
@@ -1061,12 +1064,7 @@ def test_an_unknown_selection_faults_the_line_until_a_recipe_is_named(two_produc
     state = tmp_path / "state"
     state.mkdir()
     (state / name).write_text(content)
-    cfg = recipe_station(write_station, two_products)
-    cfg.state_dir = str(state)
-    rec = RecipeRecorder()
-    source = ScriptedSource(steps=part_images_bytes)
-    source.cfg.loop = True
-    running = start_station(cfg, source=source, outputs=[rec])
+    running, rec = start_recipe_line(two_products, write_station, part_images_bytes, start_station, state)
     station, switcher = running.station, running.station.line.recipes
     wait_until(lambda: words in (station.fault_reason or ""), what="FAULT naming the file")
     assert (state / name).read_text() == content     # left as it is until a recipe is named
