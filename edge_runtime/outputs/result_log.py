@@ -65,6 +65,14 @@ def encode_record(result: InspectionResult) -> bytes:
     return text.encode("ascii") + b"\n"
 
 
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
 def fsync_dir(path: str) -> None:
     """Make a create or rename in `path`'s directory durable (the file's own fsync does not cover its name)."""
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
@@ -139,8 +147,6 @@ class ResultLog(Output):
             if self._fd is None or self._replaced():
                 self._close_fd()
                 self._open()
-            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
-                raise OSError(errno.EIO, "not a regular file: only the next record can tell")
             st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
             if st.f_bavail * st.f_frsize < _PROBE_FREE_BYTES:
                 raise OSError(errno.ENOSPC, "disk full")
@@ -167,6 +173,10 @@ class ResultLog(Output):
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                # A FIFO, a device (a link to /dev/null) or a socket takes every write and keeps none: with
+                # fsync: never nothing would fail, and OK would reach the line with no record anywhere.
+                raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(st.st_mode)} at its path)")
             inode = (st.st_dev, st.st_ino)
             size = st.st_size
             if self._failed and inode == self._inode and size > self._good_size:

@@ -4,8 +4,9 @@ They implement the product's interfaces (FrameSource, Output, GpioLines) and reg
 registries on import, so a test's station mapping can name `type: scripted` or `type: recording`; they live here,
 not in the product, so a station file never can. tests/conftest.py imports this package.
 """
+from doubles.full_disk_log import FullDiskLog
 from doubles.gpio_lines import FakeGpioLines
 from doubles.recording_output import RecordingOutput, RecordingOutputConfig
 from doubles.scripted_source import ScriptedSource, ScriptedSourceConfig
 
-__all__ = ["FakeGpioLines", "RecordingOutput", "RecordingOutputConfig", "ScriptedSource", "ScriptedSourceConfig"]
+__all__ = ["FakeGpioLines", "FullDiskLog", "RecordingOutput", "RecordingOutputConfig", "ScriptedSource", "ScriptedSourceConfig"]

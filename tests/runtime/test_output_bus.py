@@ -11,7 +11,7 @@ import pytest
 
 from edge_runtime.output_bus import OutputBus
 from edge_runtime.outputs import ResultLog, ResultLogConfig
-from doubles import RecordingOutput, RecordingOutputConfig
+from doubles import FullDiskLog, RecordingOutput, RecordingOutputConfig
 from edge_runtime.outputs.base import OutputError
 from edge_runtime.outputs.serial_output import SerialConfig, SerialOutput
 from edge_runtime.records import InspectionResult, Verdict
@@ -66,7 +66,7 @@ def test_record_first_then_line_outputs_then_other_records():
 
 def test_a_part_that_cannot_be_recorded_is_fault_on_the_line_never_ok(tmp_path):
     line = RecordingOutput()
-    log = ResultLog(ResultLogConfig(path="/dev/full", fsync="never", on_record_failure="halt"))  # real ENOSPC
+    log = FullDiskLog(ResultLogConfig(path=str(tmp_path / "r.jsonl"), fsync="never", on_record_failure="halt"))
     bus = OutputBus([line, log])
     bus.start()
     result = make_result(3, Verdict.OK)
@@ -84,7 +84,7 @@ def test_a_log_written_before_one_that_failed_gets_the_superseding_fault(tmp_pat
     import json
 
     first = ResultLog(ResultLogConfig(path=str(tmp_path / "a.jsonl"), fsync="never"))
-    full = ResultLog(ResultLogConfig(path="/dev/full", fsync="never"))
+    full = FullDiskLog(ResultLogConfig(path=str(tmp_path / "full.jsonl"), fsync="never"))
     line = RecordingOutput()
     bus = OutputBus([first, full, line])
     bus.start()

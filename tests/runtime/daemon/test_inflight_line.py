@@ -12,7 +12,7 @@ from edge_runtime.config import load_station
 from edge_runtime.daemon import Station
 from edge_runtime.inflight import InFlight
 from edge_runtime.outputs import build_output
-from doubles import RecordingOutput
+from doubles import FullDiskLog, RecordingOutput
 from edge_runtime.records import Verdict
 from edge_runtime.schema import ConfigError
 from edge_runtime.sources import SourceError
@@ -109,15 +109,16 @@ def test_a_hung_frame_is_never_overtaken_and_stops_the_heartbeat(small_bundle, w
     assert len(rec.results) == 8 and all(r.verdict is not Verdict.FAULT for r in rec.results)
 
 
-def test_a_halt_turns_answers_still_in_flight_into_fault(small_bundle, write_station, part_images_bytes, wait_until):
+def test_a_halt_turns_answers_still_in_flight_into_fault(small_bundle, write_station, part_images_bytes, wait_until,
+                                                          tmp_path):
     good = part_images_bytes[:2] * 4
     rec = RecordingOutput()
     cfg = load_station(write_station(bundle=small_bundle, source={"type": "scripted"}, capture=WAIT,
                                      inference={"threads": 2, "workers": 2},
                                      recovery={"read_timeout_s": 0.1, "exit_when_exhausted": True},
-                                     outputs=[{"type": "result_log", "path": "/dev/full", "fsync": "never",
+                                     outputs=[{"type": "result_log", "path": str(tmp_path / "results.jsonl"), "fsync": "never",
                                                "on_record_failure": "halt"}]))
-    station = Station(cfg, source=LiveScripted(steps=good), outputs=[build_output(cfg.outputs[0]), rec])
+    station = Station(cfg, source=LiveScripted(steps=good), outputs=[FullDiskLog(cfg.outputs[0]), rec])
     runner = threading.Thread(target=station.run, daemon=True)
     runner.start()
     wait_until(lambda: station.fault_reason and station.fault_reason.startswith("halted"), what="halt")

@@ -18,7 +18,7 @@ from edge_runtime.config import load_station
 from edge_runtime.daemon import Station
 from edge_runtime.outputs import GpioConfig, GpioLine, GpioOutput, build_output
 from doubles import RecordingOutput
-from doubles import FakeGpioLines
+from doubles import FakeGpioLines, FullDiskLog
 from edge_runtime.records import Verdict
 from edge_runtime.sources import SourceError
 from doubles import ScriptedSource
@@ -191,11 +191,11 @@ def bundle_copy(small_bundle, tmp_path):
 
 
 def test_disk_full_result_log_makes_every_part_fault_and_health_says_so(small_bundle, images, write_station,
-                                                                        start_station):
+                                                                        start_station, tmp_path):
     rec = RecordingOutput()
     cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, http={"port": 0},
-                                     outputs=[{"type": "result_log", "path": "/dev/full", "fsync": "never"}]))
-    running = start_station(cfg, source=looping(images[:1]), outputs=[build_output(cfg.outputs[0]), rec])
+                                     outputs=[{"type": "result_log", "path": str(tmp_path / "results.jsonl"), "fsync": "never"}]))
+    running = start_station(cfg, source=looping(images[:1]), outputs=[FullDiskLog(cfg.outputs[0]), rec])
     station = running.station
     wait_until(lambda: len(rec.results) >= 5, what="parts")
     with pytest.raises(urllib.error.HTTPError) as err:
@@ -210,14 +210,14 @@ def test_disk_full_result_log_makes_every_part_fault_and_health_says_so(small_bu
         "the PLC got no verdict the log lacks"
 
 
-def test_on_record_failure_halt_stops_inspecting(small_bundle, images, write_station, start_station):
+def test_on_record_failure_halt_stops_inspecting(small_bundle, images, write_station, start_station, tmp_path):
     rec = RecordingOutput()
     cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, recovery=FAST_RECOVERY,
                                      trigger={"type": "software"},
-                                     outputs=[{"type": "result_log", "path": "/dev/full", "fsync": "never",
+                                     outputs=[{"type": "result_log", "path": str(tmp_path / "results.jsonl"), "fsync": "never",
                                                "on_record_failure": "halt"}]))
     camera = TriggeredCamera(images)
-    running = start_station(cfg, source=camera, outputs=[build_output(cfg.outputs[0]), rec])
+    running = start_station(cfg, source=camera, outputs=[FullDiskLog(cfg.outputs[0]), rec])
     station = running.station
     wait_until(lambda: station.status().state == "ready", what="READY")
     station.trigger.fire()

@@ -243,10 +243,33 @@ def test_reopen_on_request_switches_to_the_new_file(tmp_path):
     assert [r["frame_id"] for r in read_records(path)] == [2]
 
 
-def test_a_real_enospc_from_the_kernel_is_an_output_error_naming_the_frame():
-    """/dev/full answers every write with ENOSPC: the disk-full path without filling a disk."""
-    log = ResultLog(ResultLogConfig(path="/dev/full", fsync="never"))
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/null", "/dev/full"])
+def test_a_path_that_is_not_a_regular_file_is_refused_at_start_and_when_swapped_in(tmp_path, kind):
+    """With fsync: never nothing else fails on a FIFO or a device: every record would vanish while OK reached the
+    line (probe 33). Refused when opened, naming what took the path; the records before it stay in the old file."""
+    def make_bad(path):
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "link to /dev/null":
+            os.symlink("/dev/null", path)
+        else:
+            os.symlink("/dev/full", path)
+    expected = {"fifo": "a FIFO", "link to /dev/null": "a character device", "/dev/full": "a character device"}[kind]
+    bad = tmp_path / "bad.jsonl"
+    make_bad(bad)
+    with pytest.raises(OutputError, match=rf"{bad}: cannot open: not a regular file \({expected} at its path\)"):
+        ResultLog(ResultLogConfig(path=str(bad), fsync="never")).start()
+
+    path = tmp_path / "results.jsonl"
+    log = ResultLog(ResultLogConfig(path=str(path), fsync="never"))
     log.start()
-    with pytest.raises(OutputError, match=r"/dev/full: frame 9 not logged: disk full"):
-        log.publish(make_result(9))
+    log.publish(make_result(1))
+    os.rename(path, tmp_path / "results.jsonl.1")
+    make_bad(path)
+    with pytest.raises(OutputError, match=rf"frame 2 not logged: not a regular file \({expected}"):
+        log.publish(make_result(2))
+    os.unlink(path)
+    log.publish(make_result(3))                       # a regular file again: records resume there
     log.close()
+    assert [r["frame_id"] for r in read_records(tmp_path / "results.jsonl.1")] == [1]
+    assert [r["frame_id"] for r in read_records(path)] == [3]
