@@ -53,7 +53,8 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
     if current is None and not sec.allow_downgrade and not cfg.state_dir:
         log.warning("security.allow_downgrade is false but no state_dir is set: an older bundle_version is refused "
                     "on reload, not across restarts")
-    check_admission(bundle, sec.product, sec.allow_downgrade, cfg.state_dir, current)
+    check_admission(bundle, sec.product, sec.allow_downgrade, cfg.state_dir, current,
+                    scope=getattr(cfg, "floor_scope", None))
     check_station_against(cfg, bundle)
     inf = cfg.inference
     run_threads = inf.frame_threads

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from edge_runtime.bundle import Bundle, BundleError
@@ -50,11 +51,54 @@ def recorded_version(state_dir: str | None) -> int | None:
     return version
 
 
+@dataclass(frozen=True)
+class FloorScope:
+    """Where a station keeps version floors: `root` (its state_dir) and the folders of the lines and recipes its
+    station file has now (`live`). A floor under `root` in any other folder was left by a layout the file no
+    longer has (a single-line station rewritten with `lines:`, a line or recipe renamed)."""
+
+    root: str
+    live: frozenset[str]
+
+
+def _floor_files(root: str) -> list[Path]:
+    """Every floor a station's layouts keep: root, lines/<n>, recipes/<r>, lines/<n>/recipes/<r>."""
+    base = Path(root)
+    found: list[Path] = []
+    for pattern in (VERSION_STATE_FILE, f"lines/*/{VERSION_STATE_FILE}", f"recipes/*/{VERSION_STATE_FILE}",
+                    f"lines/*/recipes/*/{VERSION_STATE_FILE}"):
+        found += sorted(base.glob(pattern))
+    return found
+
+
+def inherited_floor(scope: FloorScope, product: str | None) -> tuple[int, Path] | None:
+    """The highest floor of `product` left by a line or recipe the station file no longer has, and its file.
+
+    Each line and recipe keeps its own floor (two cameras' bundles of one product are numbered independently),
+    so a folder with none of its own would start with no floor at all: restructuring the station file (probe 33:
+    a station rewritten with `lines:`, then 207 parts passed by an older bundle) or renaming a line would turn
+    the rollback protection off. Such a folder takes the floor the old layout left instead."""
+    live = {os.path.normpath(d) for d in scope.live}
+    best: tuple[int, Path] | None = None
+    for path in _floor_files(scope.root):
+        if os.path.normpath(path.parent) in live:
+            continue
+        version = recorded_version(str(path.parent))   # raises on an unreadable record, as the own one does
+        try:
+            recorded_product = json.loads(path.read_bytes()[:4096]).get("product")
+        except (OSError, ValueError, AttributeError):
+            recorded_product = None
+        if version is not None and recorded_product == product and (best is None or version > best[0]):
+            best = (version, path)
+    return best
+
+
 def check_admission(bundle: Bundle, product: str | None, allow_downgrade: bool, state_dir: str | None,
-                    current: Bundle | None = None) -> None:
+                    current: Bundle | None = None, scope: FloorScope | None = None) -> None:
     """Refuse (BundleError naming both values) a bundle for another product, or older than what was loaded.
 
-    `current` is the bundle in service (a reload must not go below it even without a state_dir).
+    `current` is the bundle in service (a reload must not go below it even without a state_dir). `scope`: the
+    station's floors, for a folder that has none of its own yet (inherited_floor).
     """
     where = bundle.root
     if product is not None and bundle.product != product:
@@ -63,6 +107,11 @@ def check_admission(bundle: Bundle, product: str | None, allow_downgrade: bool, 
     if allow_downgrade:
         return
     floor, source = recorded_version(state_dir), Path(state_dir or ".") / VERSION_STATE_FILE
+    if floor is None and state_dir and scope is not None:
+        inherited = inherited_floor(scope, bundle.product)
+        if inherited is not None:
+            floor, source = inherited[0], (f"{inherited[1]}, left by a line or recipe this station file no longer "
+                                           "has; remove that file deliberately to start this one afresh")
     serving = current.release_version if current is not None else None
     if serving is not None and (floor is None or serving > floor):
         floor, source = serving, f"bundle {current.bundle_id} in service"

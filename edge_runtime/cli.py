@@ -133,7 +133,8 @@ def check_against_bundles(cfg) -> list[str]:
             bundle = None
             try:
                 bundle = load_station_bundle(target, key)
-                check_admission(bundle, target.security.product, target.security.allow_downgrade, target.state_dir)
+                check_admission(bundle, target.security.product, target.security.allow_downgrade, target.state_dir,
+                                scope=target.floor_scope)
                 check_station_against(target, bundle)
             except StationMismatch as exc:
                 raise ConfigError(f"{where}{exc} (bundle {path})") from None

@@ -14,6 +14,7 @@ from typing import Literal
 
 import yaml
 
+from edge_runtime.bundle_policy import FloorScope
 from edge_runtime.decode import DecodeConfig
 from edge_runtime.http_endpoint import HttpConfig
 from edge_runtime.nn_search import EF_MAX
@@ -136,6 +137,9 @@ class SecurityConfig:
             raise ValueError("product: must not be empty (leave it out to accept any product)")
 
 
+DEFAULT_TOP_LEVEL_LOG = "results.jsonl"   # a station file without `outputs:` (with `lines:`: unused)
+
+
 @dataclass(kw_only=True)
 class StationConfig:
     name: str = "station"
@@ -151,7 +155,7 @@ class StationConfig:
     source: SourceConfig = None  # type: ignore[assignment]  # required unless the station has `lines:`
     trigger: TriggerConfig = field(default_factory=FreeRunTriggerConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)  # capture thread (edge_runtime/capture_queue.py)
-    outputs: list[OutputConfig] = field(default_factory=lambda: [ResultLogConfig(path="results.jsonl")])
+    outputs: list[OutputConfig] = field(default_factory=lambda: [ResultLogConfig(path=DEFAULT_TOP_LEVEL_LOG)])
     http: HttpConfig = field(default_factory=HttpConfig)
     page: PageConfig = field(default_factory=PageConfig)   # the operator's page (edge_runtime/operator_page)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -164,6 +168,9 @@ class StationConfig:
     lines: list[LineConfig] = field(default_factory=list)  # several cameras in one daemon (edge_runtime/lines_config.py)
     recipes: RecipesConfig | None = None  # one bundle per product, chosen by the controller (edge_runtime/recipes.py)
     mqtt: StationMqttConfig | None = None  # with `lines:`: one MQTT connection for every line (outputs/mqtt_station.py)
+    # Set by line_station_configs, not by the file: where every line's and recipe's version floor lives, so a
+    # folder without one inherits the floor an earlier layout of the station file left (bundle_policy).
+    floor_scope: FloorScope | None = field(default=None, metadata={"internal": True})
 
     def validate(self) -> None:
         validate_station_mqtt(self.mqtt, self.outputs, self.lines)
@@ -174,6 +181,12 @@ class StationConfig:
                 if out.type not in ("result_log", "mqtt"):
                     raise ValueError(f"outputs[{j}]: with `lines:` each line lists its own outputs; this {out.type} "
                                      "output would drive nothing: move it into the line's `outputs:`")
+                # The default top-level log (no `outputs:` key) is harmless; one the file names would stay empty
+                # while each line records elsewhere (probe 33), and the operator audits the one they named.
+                if isinstance(out, ResultLogConfig) and out.path != DEFAULT_TOP_LEVEL_LOG:
+                    raise ValueError(f"outputs[{j}]: with `lines:` each line records its parts in its own result "
+                                     f"log; {out.path} would stay empty: name it in a line's `outputs:` (a line "
+                                     "without outputs writes results-<name>.jsonl)")
             if self.bundle is None and self.recipes is None and any(ln.bundle is None and ln.recipes is None
                                                                     for ln in self.lines):
                 missing = next(i for i, ln in enumerate(self.lines) if ln.bundle is None and ln.recipes is None)

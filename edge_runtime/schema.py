@@ -131,7 +131,8 @@ def from_mapping(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {short_repr(data)}")
     hints = typing.get_type_hints(cls, include_extras=True)   # extras: a registry's annotation (convert)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    # Fields marked internal (metadata {"internal": True}) are set by the code, never by a file.
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key {short_repr(unknown[0])} (allowed: {', '.join(sorted(fields))})")

@@ -134,3 +134,82 @@ def test_daemon_refuses_a_rollback_on_reload_and_keeps_inspecting(editor, tmp_pa
     st._reload_worker()
     st._apply_reload()
     assert st.pipeline.bundle.bundle_version == 5 and st.counters.reload_failures == 1
+
+
+def lines_station(root: Path, state_dir: Path, names: list[str], **security) -> list[StationConfig]:
+    """The configs each line of a `lines:` station runs (one per name, all on `root`)."""
+    from edge_runtime.lines_config import line_station_configs
+
+    data = {"bundle": str(root), "state_dir": str(state_dir), "security": security,
+            "lines": [{"name": n, "source": {"type": "scripted"}} for n in names]}
+    return [c for _, c in line_station_configs(from_mapping(StationConfig, data, "test"))]
+
+
+def single_line(root: Path, state_dir: Path, **security) -> StationConfig:
+    from edge_runtime.lines_config import line_station_configs
+
+    ((_, cfg),) = line_station_configs(station(root, state_dir, **security))
+    return cfg
+
+
+def test_restructuring_the_station_file_keeps_the_floor(editor, tmp_path):
+    """Each line keeps its floor in state_dir/lines/<name>: a station rewritten with `lines:`, or a line renamed,
+    must not start that line with no floor at all (probe 33: 207 parts passed by an older bundle)."""
+    state = tmp_path / "state"
+    release(editor, 5)
+    load_pipeline(single_line(editor.root, state))
+    release(editor, 4)                                          # the older release, checksums intact
+    (cam1,) = lines_station(editor.root, state, ["cam1"])
+    with pytest.raises(BundleError, match=r"bundle_version 4 is lower than 5, the highest this station has loaded "
+                                          rf"\({state / VERSION_STATE_FILE}, left by a line or recipe"):
+        load_pipeline(cam1)
+    release(editor, 6)
+    load_pipeline(cam1)
+    assert json.loads((state / "lines" / "cam1" / VERSION_STATE_FILE).read_text())["bundle_version"] == 6
+    release(editor, 5)
+    (cam2,) = lines_station(editor.root, state, ["cam2"])         # cam1 renamed: its floor is cam2's
+    with pytest.raises(BundleError, match=r"bundle_version 5 is lower than 6, .*lines/cam1/bundle_version.json"):
+        load_pipeline(cam2)
+    (back,) = lines_station(editor.root, state, ["cam1"])
+    with pytest.raises(BundleError, match=r"bundle_version 5 is lower than 6"):
+        load_pipeline(back)
+    # Back to one line without `lines:`: the root has a floor of its own (5), the highest one left by lines is 6,
+    # but a folder's own floor is what it goes by, as before.
+    assert load_pipeline(single_line(editor.root, state)).bundle.bundle_version == 5
+
+
+def test_two_live_lines_of_one_product_keep_independent_floors(editor, tmp_path):
+    """Two cameras of one product have bundles numbered independently: a floor of a line the file still has is
+    never another line's, so the second line's older-numbered bundle is not refused."""
+    state = tmp_path / "state"
+    release(editor, 9)
+    top, side = lines_station(editor.root, state, ["top", "side"])
+    load_pipeline(top)
+    release(editor, 3)
+    assert load_pipeline(side).bundle.bundle_version == 3
+
+
+def test_a_floor_left_for_another_product_is_not_inherited(editor, tmp_path):
+    state = tmp_path / "state"
+    release(editor, 9, product="bracket")
+    load_pipeline(single_line(editor.root, state))
+    release(editor, 3, product="flange")
+    (cam1,) = lines_station(editor.root, state, ["cam1"])
+    assert load_pipeline(cam1).bundle.bundle_version == 3
+
+
+def test_a_renamed_recipe_keeps_its_floor(editor, tmp_path):
+    from edge_runtime.lines_config import line_station_configs
+    from edge_runtime.recipes import recipe_station_config
+
+    def recipe_cfg(name: str) -> StationConfig:
+        data = {"state_dir": str(tmp_path / "state"), "source": {"type": "scripted"},
+                "recipes": {"recipes": [{"name": name, "number": 1, "bundle": str(editor.root)}]}}
+        ((_, cfg),) = line_station_configs(from_mapping(StationConfig, data, "test"))
+        return recipe_station_config(cfg, cfg.recipes.recipes[0])
+
+    release(editor, 5)
+    load_pipeline(recipe_cfg("a"))
+    release(editor, 4)
+    with pytest.raises(BundleError, match=r"bundle_version 4 is lower than 5, .*recipes/a/bundle_version.json"):
+        load_pipeline(recipe_cfg("a_renamed"))
