@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Literal, Protocol, Union
 
+from edge_runtime.freeze_watch import FREEZE_WATCH, FreezeWatch
+
 log = logging.getLogger(__name__)
 
 SERIAL_TRIGGER_COMMAND = "TRG"
@@ -134,8 +136,12 @@ class SoftwareTrigger(Trigger):
 
     name = "software"
 
-    def __init__(self, cfg: SoftwareTriggerConfig | None = None) -> None:
+    def __init__(self, cfg: SoftwareTriggerConfig | None = None, freeze_watch: FreezeWatch | None = None) -> None:
         self.max_age_ms = (cfg or SoftwareTriggerConfig()).max_age_ms
+        if freeze_watch is None:   # the process's own, ticking on its thread (a test passes one it drives)
+            freeze_watch = FREEZE_WATCH
+            freeze_watch.start()
+        self._freeze_watch = freeze_watch
         self._cond = threading.Condition()
         self._pending: float | None = None   # arrival time of the newest unserved fire
         self._missed = 0
@@ -143,13 +149,16 @@ class SoftwareTrigger(Trigger):
         self.overruns = 0
 
     def fire(self, at: float | None = None) -> None:
-        """A part is there now (`at`: its time.monotonic(), default now)."""
+        """A part is there now (`at`: its time.monotonic(), default: when it was read, or the start of a freeze
+        of this process it was read right after: FreezeWatch)."""
+        if at is None:
+            at = self._freeze_watch.earliest(time.monotonic())
         with self._cond:
             self.fired += 1
             if self._pending is not None:
                 self.overruns += 1
                 self._missed += 1
-            self._pending = time.monotonic() if at is None else at
+            self._pending = at
             self._cond.notify_all()
 
     def handle_line(self, line: str) -> bool:

@@ -272,3 +272,47 @@ def test_sigusr1_reopens_the_result_log_after_logrotate(small_bundle, flange_tes
     ids = [r["frame_id"] for r in old + new]
     assert ids == list(range(len(ids))), "every record in exactly one of the two files, in order"
     assert "SIGUSR1: reopening log files" in output
+
+
+def test_a_trigger_that_waited_through_a_freeze_of_the_process_is_fault_not_a_late_capture(
+        small_bundle, flange_test_folder, write_station, notifications, spawn, read_log, free_port):
+    """SIGSTOP (a cgroup freeze, a VM pause, swap): a POST /trigger sent meanwhile waits in the kernel and is read
+    on SIGCONT. Dated when read, it passed max_age and the deadline and the part then in front of the camera was
+    answered OK seconds late (probe 35); it is as old as the freeze, so FAULT (expired)."""
+    port = free_port()
+    station = write_station(bundle=small_bundle, http={"port": port, "allow_trigger": True},
+                            trigger={"type": "software", "max_age_ms": 250},
+                            source={"type": "paced", "path": str(flange_test_folder[0]), "fps": 30},
+                            outputs=[{"type": "result_log", "path": "results.jsonl"}])
+    log_path = station.parent / "results.jsonl"
+    proc = spawn(station)
+    notifications.wait_for(lambda m: m == "READY=1")
+    deadline = time.monotonic() + 60
+    while True:   # inspecting (the source open): a trigger now gets a verdict
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+            break
+        except urllib.error.HTTPError:
+            assert time.monotonic() < deadline, "the station never became ready"
+            time.sleep(0.1)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/trigger", method="POST", data=b"")
+    assert urllib.request.urlopen(req, timeout=5).status == 202
+    wait_for_lines(log_path, 1, proc)
+    assert read_log(log_path)[0]["verdict"] != "FAULT", "a fresh trigger is inspected"
+
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:   # the kernel accepts it
+            conn.sendall(b"POST /trigger HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+            time.sleep(1.5)
+            proc.send_signal(signal.SIGCONT)
+            conn.settimeout(10)
+            assert b" 202 " in conn.recv(4096).split(b"\r\n", 1)[0] + b" "
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    wait_for_lines(log_path, 2, proc)
+    second = read_log(log_path)[1]
+    assert second["verdict"] == "FAULT" and "trigger expired" in second["error"], second
+    rc, out = stop(proc)
+    assert rc == 0, out
+    assert "did not run for" in out
