@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_runtime.records import Frame
 from edge_runtime.sources.base import SOURCES, FrameSource, SourceError, escape_name
+from edge_runtime.sources.frozen_frames import FrozenFrameCheck
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ class CameraSourceConfig:
     read_timeout_ms: int = 2000            # a frame (drain included) not delivered within this is a stalled camera:
                                            # SourceError -> FAULT and reopen with backoff (below the 10 s watchdog)
     open_timeout_ms: int = 5000            # opening and configuring the device
+    # A frame identical to the previous one, bit for bit, is a frozen camera (a sensor's noise never repeats):
+    # FAULT and reopen. "allow" only for a loopback device fed by a video stream (a still scene decodes to
+    # identical frames there).
+    repeated_frames: Literal["fault", "allow"] = "fault"
     name: str | None = None
 
     def validate(self) -> None:
@@ -162,6 +167,7 @@ class CameraSource(FrameSource):
         self._worker: CaptureWorker | None = None
         self._stuck: list[CaptureWorker] = []     # abandoned workers, until their blocked call returns
         self._next_id = start_frame_id
+        self._frozen = FrozenFrameCheck(self.name)
         self._drain_pending = False
         self._queued = self.cfg.buffer_size   # frames the driver says it queues (read back at open)
 
@@ -242,6 +248,8 @@ class CameraSource(FrameSource):
             image = worker.call(lambda: self._grab_and_retrieve(cap), self.cfg.read_timeout_ms / 1000.0,
                                 "reading a frame")
             image = check_image(image, self.name)
+            if self.cfg.repeated_frames == "fault":
+                self._frozen.check(image)
         except SourceError:
             # Drop the broken capture so the next open()/read() starts from a fresh device handle.
             self.close()

@@ -267,3 +267,50 @@ def test_stalled_open_becomes_a_source_error_and_stuck_handles_are_bounded():
 def test_read_timeout_is_validated_below_the_watchdog():
     with pytest.raises(ConfigError, match="read_timeout_ms: must be 1..8000, got 10000"):
         convert({"type": "camera", "read_timeout_ms": 10000}, SourceConfig, "source")
+
+
+def textured(seed: int, shape=(48, 64, 3)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_a_frozen_camera_repeating_its_last_picture_is_a_lost_camera_not_a_part():
+    """Probe 35: a capture answering every grab with the same picture had 196 parts passed OK in 10 s."""
+    still = textured(1)
+    cap = FakeCapture(frames=[textured(0), still, still.copy(), textured(2)])
+    src = CameraSource(CameraSourceConfig(device=0), capture_factory=lambda *a: cap)
+    src.open()
+    assert src.read(1.0) is not None and src.read(1.0) is not None
+    with pytest.raises(SourceError, match=r"camera:0: this frame is the previous one again, bit for bit"):
+        src.read(1.0)
+    assert cap.released, "a frozen capture is closed and reopened like a lost one"
+
+
+def test_a_frozen_picture_after_a_reopen_is_still_frozen_and_one_changed_row_is_a_new_frame():
+    still = textured(3)
+    caps = [FakeCapture(frames=[still]), FakeCapture(frames=[still.copy()])]
+    src = CameraSource(CameraSourceConfig(device=0), capture_factory=lambda *a: caps.pop(0))
+    src.open()
+    src.read(1.0)
+    src.close()
+    src.open()
+    with pytest.raises(SourceError, match="previous one again"):
+        src.read(1.0)
+    noisy = still.copy()
+    noisy[8, 5, 1] ^= 1   # sensor noise in one sampled row: a new picture
+    src = CameraSource(CameraSourceConfig(device=0), capture_factory=lambda *a: FakeCapture(frames=[still, noisy]))
+    src.open()
+    assert src.read(1.0) is not None and src.read(1.0) is not None
+
+
+def test_repeated_flat_frames_and_allowed_repeats_are_delivered():
+    """A capped lens or lights off repeat on a healthy camera (and carry no part to pass); a loopback device fed
+    by a stream repeats on a still scene: `repeated_frames: allow`."""
+    flat = np.full((48, 64, 3), 17, np.uint8)
+    src = CameraSource(CameraSourceConfig(device=0), capture_factory=lambda *a: FakeCapture(frames=[flat, flat, flat]))
+    src.open()
+    assert all(src.read(1.0) is not None for _ in range(3))
+    still = textured(4)
+    src = CameraSource(CameraSourceConfig(device=0, repeated_frames="allow"),
+                       capture_factory=lambda *a: FakeCapture(frames=[still, still, still]))
+    src.open()
+    assert all(src.read(1.0) is not None for _ in range(3))
