@@ -39,6 +39,7 @@ __all__ = ["FRAME_COUNTER_FILE", "Counters", "Line", "LineState", "Station", "St
 DEFAULT_WATCHDOG_PERIOD_S = 1.0
 STATE_LOCK_FILE = "edge-runtime.lock"
 STATE_LOCK_CHECK_S = 1.0     # how often the running daemon checks that its state_dir lock is still in place
+STALL_GUARD_PERIOD_S = 0.25  # how often the stall guard looks at each line (READY down within this of a stall)
 
 
 class StateDirBusy(RuntimeError):
@@ -100,7 +101,7 @@ class Station:
         self._http: HttpEndpoint | None = None
         self._state_lock: int | None = None    # fd holding <state_dir>/edge-runtime.lock while running
         self._lock_lost = False                 # another daemon took the state_dir: run() exits 1
-        self._lock_watch_stop = threading.Event()
+        self._background_stop = threading.Event()   # stops the state-lock watcher and the stall guard
         # The watcher and shutdown both use the lock's fd: one at a time, so the watcher never checks (and never
         # closes) an fd number shutdown has already closed and the process may have reused for another file.
         self._state_lock_guard = threading.Lock()
@@ -203,7 +204,7 @@ class Station:
         while running let a second daemon start on the same station and reuse frame ids. Re-taken at once; if
         another daemon got there first, this one stops (a dead process reads not-OK; the other keeps the line)."""
         with self._state_lock_guard:
-            if not self._lock_watch_stop.is_set():
+            if not self._background_stop.is_set():
                 self._check_state_lock()
 
     def _check_state_lock(self) -> None:
@@ -229,7 +230,7 @@ class Station:
 
     def _watch_state_lock(self) -> None:
         """Its own thread: every STATE_LOCK_CHECK_S, whatever the lines are waiting on."""
-        while not self._lock_watch_stop.wait(STATE_LOCK_CHECK_S):
+        while not self._background_stop.wait(STATE_LOCK_CHECK_S):
             self._keep_state_lock()
 
     def _beat(self, line: Line) -> None:
@@ -244,6 +245,15 @@ class Station:
             self._last_watchdog = now
             self._beaten.clear()
         systemd_notify.watchdog()
+
+    def _guard_stalls(self) -> None:
+        """Its own thread: READY down on a line's outputs while its loop is stuck (Line.guard_stall)."""
+        while not self._background_stop.wait(STALL_GUARD_PERIOD_S):
+            for line in self.lines:
+                try:
+                    line.guard_stall()
+                except Exception:   # noqa: BLE001 - the guard must outlive one line's failing output
+                    log.exception("stall guard: line %s", line.name)
 
     def _line_ended(self, line: Line) -> None:
         with self._beat_lock:
@@ -308,6 +318,7 @@ class Station:
                     log.error("http endpoint %s:%d not started: %s", self.cfg.http.host, self.cfg.http.port, exc)
                     self._http = None
             t0 = time.monotonic()
+            threading.Thread(target=self._guard_stalls, name="stall-guard", daemon=True).start()
             for line in self.lines:
                 line.start()
             # READY=1 tells systemd that start-up (including the self-tests) is over; whether we inspect is on the
@@ -358,7 +369,7 @@ class Station:
         if self._http is not None:
             self._http.stop()
             self._http = None
-        self._lock_watch_stop.set()
+        self._background_stop.set()
         with self._state_lock_guard:
             lock, self._state_lock = self._state_lock, None
         if lock is not None:

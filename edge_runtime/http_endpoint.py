@@ -132,13 +132,18 @@ def stalled_reason(status: StationStatus) -> str | None:
 
     "ready" only means something while frames come out: a decode that runs for a minute must not be
     reported healthy while the line waits for a verdict."""
-    if status.busy_s is not None and status.busy_s > status.stall_after_s:
-        return f"inspection stalled: the current frame has been in inspection for {status.busy_s:.1f} s (limit {status.stall_after_s:g} s)"
+    return stall_reason(status.busy_s, status.stall_after_s, status.last_heartbeat_age_s, status.loop_stall_after_s)
+
+
+def stall_reason(busy_s: float | None, stall_after_s: float, loop_age_s: float | None,
+                 loop_stall_after_s: float | None) -> str | None:
+    """The stall rule, for /healthz and for the line's stall guard (READY down on the outputs)."""
+    if busy_s is not None and busy_s > stall_after_s:
+        return f"inspection stalled: the current frame has been in inspection for {busy_s:.1f} s (limit {stall_after_s:g} s)"
     # Stuck anywhere else (a source read that blocks: a FIFO or a hung network share; an fsync; an output call):
     # the loop stops going round, and with it every answer to the line.
-    age, limit = status.last_heartbeat_age_s, status.loop_stall_after_s
-    if age is not None and limit is not None and age > limit:
-        return f"inspection loop stalled: last went round {age:.1f} s ago (limit {limit:g} s)"
+    if loop_age_s is not None and loop_stall_after_s is not None and loop_age_s > loop_stall_after_s:
+        return f"inspection loop stalled: last went round {loop_age_s:.1f} s ago (limit {loop_stall_after_s:g} s)"
     return None
 
 

@@ -27,7 +27,7 @@ from edge_runtime.bundle import BundleError, StationMismatch
 from edge_runtime.capture_queue import is_live, wrap_source
 from edge_runtime.config import StationConfig
 from edge_runtime.frame_counter import FrameCounter, FrameCounterError
-from edge_runtime.http_endpoint import StationStatus
+from edge_runtime.http_endpoint import StationStatus, stall_reason
 from edge_runtime.inflight import Finished, InFlight
 from edge_runtime.latency_stats import LatencyStats
 from edge_runtime.output_bus import BusCounters, OutputBus, RecordFailure
@@ -47,6 +47,7 @@ __all__ = ["Counters", "Line", "MAX_MISSED_ANSWERS", "SERIAL_ACK_COMMAND"]
 # At most this many FAULT answers for triggers folded into one (the rest are counted and logged).
 MAX_MISSED_ANSWERS = 16
 OUTPUT_RETRY_S = 1.0   # a failed line output is told the station's state again this often (it may be back)
+STALL_GUARD_LOCK_S = 0.5   # guard_stall waits this long for a state call in progress on the loop
 # With frames in flight (inference.workers > 1) the loop reads the next frame this long at a time, so that a
 # finished frame's verdict goes out within this much of the inspection's end.
 INFLIGHT_POLL_S = 0.002
@@ -99,6 +100,10 @@ class Line:
         deadline = cfg.inference.deadline_ms
         self.bus = OutputBus(self.outputs, late_after_s=deadline / 1000.0)
         self.trigger = trigger if trigger is not None else build_trigger(cfg.trigger)
+        if isinstance(self.trigger, SoftwareTrigger):
+            # The previous part's verdict is withdrawn before POST /trigger answers 202 (or a TRG returns): a PLC
+            # reading coil 0 right after its trigger read the previous part's OK (probe 35, 2 in 40).
+            self.trigger.on_fire = self.bus.acknowledge
         for out in self.outputs:
             # A PLC on the serial line may send "TRG" (capture one part) and "ACK" (withdraw the verdict).
             if isinstance(out, SerialOutput) and out.cfg.accept_trigger:
@@ -126,6 +131,11 @@ class Line:
         # (ready, fault reason) as one value for /healthz and state(), written once per change: the HTTP thread
         # must never see the fault cleared before READY is up ("not_ready" in passing, seen in CI).
         self._health: tuple[bool, str | None] = (False, "starting")
+        # What the outputs were last told (outputs start not READY), and the stall the guard shows instead of the
+        # line's state while the loop is stuck (guard_stall); _set_state and the guard drive them under one lock.
+        self._driven_ready, self._driven_fault = False, "starting"
+        self._stall_shown: str | None = None
+        self._state_lock = threading.RLock()
         self._halted: str | None = None       # set: the station stays in FAULT and inspects nothing until restart
         self._record_fault: str | None = None  # the last part could not be recorded (on_record_failure: fault)
         self._source_fault: str | None = None  # the camera / trigger input is lost and not yet reopened
@@ -191,18 +201,51 @@ class Line:
     def _set_state(self, ready: bool, fault: str | None) -> None:
         if self._halted:
             ready, fault = False, self._halted  # only a restart clears a halt
-        if fault != self.fault_reason:
-            if fault:
-                log.error(self._tag("FAULT: %s"), fault)
-            elif self.fault_reason:
-                log.info(self._tag("fault cleared (%s)"), self.fault_reason)
-            self.bus.set_fault(fault)
-            self.fault_reason = fault
-            systemd_notify.status(self._tag(f"fault: {fault}" if fault else "inspecting"))
-        if ready != self._ready:
-            self.bus.set_ready(ready)
+        with self._state_lock:
+            if fault != self.fault_reason:
+                if fault:
+                    log.error(self._tag("FAULT: %s"), fault)
+                elif self.fault_reason:
+                    log.info(self._tag("fault cleared (%s)"), self.fault_reason)
+                self.fault_reason = fault
+                systemd_notify.status(self._tag(f"fault: {fault}" if fault else "inspecting"))
             self._ready = ready
-        self._health = (self._ready, self.fault_reason)
+            self._health = (self._ready, self.fault_reason)
+            self._drive_state()
+
+    def _drive_state(self) -> None:
+        """READY and the fault on the outputs: the line's own state, except READY down and the stall as the fault
+        while the stall guard says the loop is stuck. Only changes are sent. Caller holds _state_lock."""
+        fault = self._stall_shown or self.fault_reason
+        ready = self._ready and self._stall_shown is None
+        if fault != self._driven_fault:
+            self.bus.set_fault(fault)
+            self._driven_fault = fault
+        if ready != self._driven_ready:
+            self.bus.set_ready(ready)
+            self._driven_ready = ready
+
+    def guard_stall(self) -> None:
+        """The daemon's stall guard (its own thread, a few times a second): a loop stuck in a blocking call (a hung
+        disk or network share, an output that blocks) cannot drop READY itself, and a PLC that feeds parts on
+        READY kept feeding a station that answered nothing (probe 35: READY up for as long as the hang lasted;
+        systemd's watchdog restarts it only after WatchdogSec, and without systemd never). READY goes down with
+        the stall as the fault on the outputs, and comes back with the line's own state when the loop runs."""
+        reason = stall_reason(self._busy_s(), self._stall_after_s(), time.monotonic() - self._last_heartbeat,
+                              self._loop_stall_after_s() if self._loop_running else None)
+        if not self._state_lock.acquire(timeout=STALL_GUARD_LOCK_S):
+            return   # the loop is inside a state call that blocks: the watchdog (pings stopped) is what is left
+        try:
+            if (reason is None) == (self._stall_shown is None):
+                return
+            if reason is not None:
+                log.error(self._tag("READY down until the loop goes round again: %s"), reason)
+            else:
+                log.info(self._tag("inspection loop runs again (%s)"), self._stall_shown)
+            self._stall_shown = reason
+            self._drive_state()
+        finally:
+            self._state_lock.release()
 
     def _resume(self) -> None:
         """Inspecting again after a condition cleared (a recipe switch, a reload, a record), unless another one
@@ -216,7 +259,8 @@ class Line:
         now = time.monotonic()
         if self._output_fault is not None and now >= self._next_output_retry:
             self._next_output_retry = now + OUTPUT_RETRY_S
-            self.bus.retry_failed_lines(self._ready, self.fault_reason)
+            with self._state_lock:
+                self.bus.retry_failed_lines(self._driven_ready, self._driven_fault)
         failure = self.bus.line_output_fault()
         if failure is not None:
             reason = f"output {failure}"
@@ -841,9 +885,10 @@ class Line:
     def shutdown(self) -> None:
         """Every output back to its safe state and flushed; source closed; counter saved."""
         self._stop.set()
-        self._ready = False
-        self._health = (False, self.fault_reason)
-        self.bus.set_ready(False)
+        with self._state_lock:
+            self._ready = False
+            self._health = (False, self.fault_reason)
+            self._drive_state()
         if self._inflight is not None:
             self._drain_inflight()   # a no-op after loop(): it drained on the way out
             self._inflight.close()

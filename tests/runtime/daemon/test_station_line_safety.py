@@ -16,7 +16,7 @@ from pymodbus.client import ModbusTcpClient
 
 from edge_runtime.config import load_station
 from edge_runtime.daemon import Station
-from edge_runtime.outputs import GpioConfig, GpioLine, GpioOutput, build_output
+from edge_runtime.outputs import GpioConfig, GpioLine, GpioOutput, ResultLog, build_output
 from doubles import RecordingOutput
 from doubles import FakeGpioLines, FullDiskLog
 from edge_runtime.records import Verdict
@@ -229,6 +229,43 @@ def test_on_record_failure_halt_stops_inspecting(small_bundle, images, write_sta
     assert [r.verdict for r in rec.results] == [Verdict.FAULT, Verdict.FAULT]
     assert "station not ready (halted: record" in rec.results[1].error and camera.read_calls == reads
     assert rec.ready is False and "halted" in rec.fault
+
+
+class HangingLog(ResultLog):
+    """The real result log, whose writes block while `hang` is set (a hung disk or network share)."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.hang = threading.Event()
+        self.release = threading.Event()
+
+    def _append(self, line: bytes) -> None:
+        if self.hang.is_set():
+            self.release.wait(30)
+        super()._append(line)
+
+
+def test_a_loop_stuck_in_a_blocking_call_drops_ready_on_the_outputs_until_it_runs_again(
+        small_bundle, images, write_station, start_station, tmp_path):
+    """The loop cannot drop READY while it is stuck: the daemon's stall guard does (probe 35: READY up for as long
+    as a record write hung), and the line's own state comes back when the loop runs again."""
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, http={"port": 0, "stall_after_s": 0.5},
+                                     outputs=[{"type": "result_log", "path": str(tmp_path / "results.jsonl")}]))
+    log = HangingLog(cfg.outputs[0])
+    running = start_station(cfg, source=looping(images[:2]), outputs=[log, rec])
+    wait_until(lambda: rec.ready and len(rec.results) >= 2, what="inspecting")
+    log.hang.set()
+    wait_until(lambda: not rec.ready, what="READY down while the record write hangs", timeout=10)
+    assert "inspection stalled" in rec.fault
+    answered = len(rec.results)
+    time.sleep(0.6)
+    assert len(rec.results) == answered and not rec.ready, "nothing answered, READY stays down"
+    log.hang.clear()
+    log.release.set()
+    wait_until(lambda: rec.ready and rec.fault is None and len(rec.results) > answered + 2,
+               what="READY back once the loop runs", timeout=10)
+    assert running.stop() == 0
 
 
 def test_a_failing_record_takes_ready_down_until_the_log_can_be_written_again(small_bundle, images, write_station,
@@ -651,3 +688,31 @@ def test_a_modbus_server_whose_port_is_freed_later_starts_and_the_line_comes_bac
     assert client.connect()
     client.close()
     assert running.stop() == 0
+
+
+def test_a_software_trigger_withdraws_the_previous_verdict_before_it_returns(small_bundle, write_station,
+                                                                              free_port):
+    """POST /trigger answers 202 (a serial TRG returns) only after the previous part's verdict is withdrawn: a
+    PLC reading coil 0 right after its trigger read the previous part's OK until the loop got to begin_part
+    (probe 35: 2 in 40)."""
+    from edge_runtime.records import InspectionResult
+
+    port = free_port()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     outputs=[{"type": "modbus", "host": "127.0.0.1", "port": port}]))
+    station = Station(cfg, source=ScriptedSource(steps=[]), outputs=[build_output(o) for o in cfg.outputs])
+    (line,) = station.lines
+    line.start_outputs()   # the loop is not running: nothing but the trigger can withdraw the verdict
+    client = ModbusTcpClient("127.0.0.1", port=port, timeout=3, retries=0)
+    try:
+        assert client.connect()
+        line.bus.begin_part(7)
+        line.bus.publish(InspectionResult(frame_id=7, source="cam", verdict=Verdict.OK, score=1.0,
+                                          normalized_score=0.2, threshold=2.0, timings_ms={}, bundle_id="b"))
+        assert client.read_coils(0, count=1, device_id=1).bits[0], "part 7's OK shows"
+        line.trigger.fire()
+        assert not client.read_coils(0, count=1, device_id=1).bits[0], "the OK stood after the next trigger"
+        assert client.read_holding_registers(0, count=1, device_id=1).registers == [0]
+    finally:
+        client.close()
+        line.bus.close()
