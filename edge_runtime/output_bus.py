@@ -111,7 +111,7 @@ class _Worker:
             if expires is not None and time.monotonic() > expires:
                 # The controller's wait for this part is over (it has rejected it, and may have triggered the next):
                 # a verdict sent now would be read as the answer to a later part.
-                self.bus._expired(self.output, args[0], time.monotonic() - queued)
+                self.bus._expired(self.output, args[0], time.monotonic() - queued, late_when_queued=expires <= queued)
                 continue
             self.bus._call(self.output, method, *args)
             if method == "publish" and time.monotonic() - queued > self.bus.late_after_s:
@@ -380,11 +380,14 @@ class OutputBus:
         elif method != "heartbeat":
             log.warning("output %s: stalled, %s dropped (queue of %d full)", out.name, method, self.queue_size)
 
-    def _expired(self, out: Output, result: InspectionResult, delay_s: float) -> None:
+    def _expired(self, out: Output, result: InspectionResult, delay_s: float, late_when_queued: bool = False) -> None:
+        """Not sent, whatever the verdict: a controller that has timed out on the part and counts answers would
+        read a late one (even FAULT) as the next part's, and every later answer one part off, OK included."""
         self._count("expired")
-        log.error("output %s: part %d %s not sent: its deadline passed %.0f ms after it was queued (the port was "
-                  "stalled); the controller has timed out on it", out.name, result.frame_id, result.verdict.value,
-                  delay_s * 1000.0)
+        why = ("its deadline had passed before it was queued (the inspection loop was late)" if late_when_queued
+               else f"its deadline passed {delay_s * 1000.0:.0f} ms after it was queued (the port was stalled)")
+        log.error("output %s: part %d %s not sent: %s; the controller has timed out on it", out.name,
+                  result.frame_id, result.verdict.value, why)
 
     def _late(self, out: Output, result: InspectionResult, delay_s: float) -> None:
         self._count("late")

@@ -142,6 +142,8 @@ class SoftwareTrigger(Trigger):
             freeze_watch = FREEZE_WATCH
             freeze_watch.start()
         self._freeze_watch = freeze_watch
+        # Called in the firing thread before the trigger is queued (the line: withdraw the previous verdict).
+        self.on_fire: Callable[[], None] | None = None
         self._cond = threading.Condition()
         self._pending: float | None = None   # arrival time of the newest unserved fire
         self._missed = 0
@@ -153,6 +155,8 @@ class SoftwareTrigger(Trigger):
         of this process it was read right after: FreezeWatch)."""
         if at is None:
             at = self._freeze_watch.earliest(time.monotonic())
+        if self.on_fire is not None:
+            self.on_fire()   # before the loop can capture: nothing of the previous part is readable after this
         with self._cond:
             self.fired += 1
             if self._pending is not None:

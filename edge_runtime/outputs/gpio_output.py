@@ -210,7 +210,7 @@ class GpioOutput(Output):
         self._last_result_faulted = False
         self._pulse_generation = 0
         self._pulse_timer: threading.Timer | None = None
-        self.acks = 0  # ACK edges seen from the PLC
+        self.acks = 0  # acknowledgements: ACK edges from the PLC, software triggers (each withdraws the verdict)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:

@@ -158,7 +158,7 @@ def test_a_stalled_output_never_blocks_the_loop_and_drops_are_counted():
     assert bus.output_counters()["output_dropped"] == bus.counters.dropped
 
 
-def test_a_verdict_queued_past_its_deadline_is_never_sent_late():
+def test_a_verdict_queued_past_its_deadline_is_never_sent_late(caplog):
     """A stalled serial port holds part 1's OK past the controller's timeout; by then the controller may have
     triggered part 2. The OK must not reach the port after the deadline; part 2's own verdict still does."""
     stalled, fast = Stalled(), RecordingOutput()
@@ -176,6 +176,23 @@ def test_a_verdict_queued_past_its_deadline_is_never_sent_late():
     assert [r.frame_id for r in stalled.results] == [0, 2], "part 1's OK was sent after its deadline"
     assert [r.frame_id for r in fast.results] == [0, 1, 2]
     assert bus.counters.expired == 1 and bus.output_counters()["output_expired"] == 1
+    assert "part 1 OK not sent: its deadline passed" in caplog.text and "(the port was stalled)" in caplog.text
+
+
+def test_a_part_already_late_when_published_is_not_blamed_on_the_port(caplog):
+    """An inspection loop that hung past the deadline: the part is FAULT on every output at once, and a slow
+    output drops it without waiting (a late answer would put a counting controller one part off); the log says
+    the loop was late, not the port (probe 35)."""
+    slow = RecordingOutput()
+    slow.slow = True
+    bus = OutputBus([slow])
+    bus.start()
+    bus.begin_part(3)
+    bus.publish(make_result(3, Verdict.OK), started=time.monotonic() - 5.0, deadline_ms=2000)
+    bus.close()
+    assert slow.results == [] and bus.counters.expired == 1
+    assert "part 3 FAULT not sent: its deadline had passed before it was queued (the inspection loop was late)" \
+        in caplog.text and "port was stalled" not in caplog.text
 
 
 def test_errors_from_any_output_are_counted_and_do_not_stop_the_others():
