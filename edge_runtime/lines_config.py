@@ -148,7 +148,9 @@ def line_station_configs(cfg) -> list[tuple[str | None, object]]:
     journal, highest bundle version) lives in <state_dir>/lines/<name>, so lines never share an id or a file."""
     lines: list[LineConfig] = getattr(cfg, "lines", None) or []
     if not lines:
-        return [(None, dataclasses.replace(cfg, floor_scope=floor_scope(cfg)))]
+        # The station's config itself, not a copy: the daemon and the line share it (a rollout moves its bundle).
+        cfg.floor_scope = floor_scope(cfg)
+        return [(None, cfg)]
     share = max(1, cfg.inference.threads // len(lines))
     out = []
     for ln in lines:
