@@ -21,6 +21,9 @@ import math
 
 import numpy as np
 
+# With calibration defects: the most good parts the zero-escape point may reject (modelled) as the NG threshold;
+# above it NG stays at this rate and the zero-escape point is a REVIEW band's lower edge (--max-frr).
+DEFAULT_MAX_FALSE_REJECT = 0.05
 XI_BOUNDS = (-0.5, 0.5)   # beyond these, 20-60 exceedances cannot tell a shape apart from noise
 # Below this many good scores the tail model rests on fewer than ten exceedances (TailModel's minimum): its
 # threshold is an extrapolation the data cannot check, so the reported interval takes the assumption-free
@@ -190,12 +193,15 @@ def score_outliers(good: np.ndarray, target_false_reject: float) -> np.ndarray:
 def operating_point(good: np.ndarray, defects: np.ndarray | None = None, target_false_reject: float = 0.005,
                     review_false_reject: float | None = None, bank_scores: np.ndarray | None = None,
                     defect_margin: float = 0.05, seed: int = 0,
-                    names: list[str] | None = None) -> tuple[float, float | None, dict]:
+                    names: list[str] | None = None,
+                    max_false_reject: float | None = DEFAULT_MAX_FALSE_REJECT) -> tuple[float, float | None, dict]:
     """(threshold, review_threshold or None, a record of how they were chosen and what they are expected to do).
 
     good: cross-fitted scores of good images; defects: calibration defect scores; bank_scores: scores of images
     whose patches are in the shipped bank, scored against it (the threshold is never at or below them); names:
-    the good images' names, in the order of `good`, for the warnings.
+    the good images' names, in the order of `good`, for the warnings. max_false_reject: the most good parts the
+    zero-escape point may reject (modelled); beyond it the NG threshold stays at that rate and the zero-escape
+    point becomes the lower edge of a REVIEW band (None: no limit).
     """
     good = np.asarray(good, dtype=np.float64)
     defects = np.asarray(defects if defects is not None else [], dtype=np.float64)
@@ -209,16 +215,40 @@ def operating_point(good: np.ndarray, defects: np.ndarray | None = None, target_
                   "defect_scores": score_stats(defects), "tail": tail.to_dict(),
                   "threshold_at_target": t_frr}
     threshold = t_frr
+    defect_review = None   # the zero-escape point, when it is too costly as the NG threshold
+    warnings = []
     method = (f"good-only: modelled {1 - target_false_reject:.4f} quantile of {len(good)} cross-fitted good scores")
     if len(defects):
         d_min = float(defects.min())
+        zero = d_min * (1 - defect_margin)
+        cost = tail.survival(zero)
         if t_frr < d_min:
             method += "; every calibration defect scores above it"
-        else:
-            threshold = d_min * (1 - defect_margin)
+        elif max_false_reject is None or cost <= max(max_false_reject, target_false_reject):   # (a cap below the
+            # target is the target)
+            threshold = zero
             method = (f"zero-escape: {defect_margin:.0%} below the lowest of {len(defects)} calibration defects "
                       f"(the {1 - target_false_reject:.4f} good quantile {t_frr:.4f} would let defects through)")
+        else:
+            # Probe 34: on parts whose defects overlap the good ones, the zero-escape point rejected 24% and 94% of
+            # good parts, shipped with exit 0 and no warning. NG stays at the most a line can throw away; the
+            # defects below it go to a person (REVIEW is never OK; a line without a REVIEW output counts it NG).
+            max_false_reject = max(max_false_reject, target_false_reject)
+            threshold = max(tail.quantile(max_false_reject), zero)
+            defect_review = zero
+            method = (f"capped: the zero-escape point {zero:.4f} ({defect_margin:.0%} below the lowest of "
+                      f"{len(defects)} calibration defects) would reject {cost:.1%} of good parts (modelled), over "
+                      f"--max-frr {max_false_reject:.1%}: NG from the modelled {1 - max_false_reject:.4f} good "
+                      f"quantile, REVIEW from the zero-escape point")
+            warnings.append(
+                f"the calibration defects overlap the good parts: a threshold that stops every one of them "
+                f"({zero:.4f}) rejects about {cost:.1%} of good parts. Shipped: NG from {threshold:.4f} (about "
+                f"{max_false_reject:.1%} of good parts) and a REVIEW band from {zero:.4f}, so no calibration defect "
+                f"is OK and about {cost:.1%} of good parts are REVIEW or NG; a line without a REVIEW output (GPIO, coil "
+                "or token) treats REVIEW as NG. Fit on more good images, an --roi on the part or a finer geometry "
+                "to separate them, or accept the rate with --max-frr")
         info["lowest_defect"] = d_min
+        info["zero_escape_point"] = {"threshold": zero, "modelled_false_reject": cost}
     if bank_scores is not None and len(bank_scores):
         floor = float(np.max(bank_scores))
         info["bank_scores_max"] = floor
@@ -226,27 +256,36 @@ def operating_point(good: np.ndarray, defects: np.ndarray | None = None, target_
             threshold = floor
             method += f"; raised to the highest score of an image in the bank ({floor:.4f})"
     threshold = _above(threshold)
-    if len(defects):  # after every adjustment: what the shipped threshold does to the calibration defects
-        info["defect_margin"] = float(defects.min()) / threshold - 1
-        info["calibration_escapes"] = int(np.sum(defects < threshold))
+
     review = None
+    if defect_review is not None and defect_review < threshold:
+        review = float(defect_review)
+        info["review_band"] = {"source": "calibration defects: the zero-escape point (--max-frr)",
+                               "review_threshold": review,
+                               "expected_review_or_ng": false_reject_interval(good, review, seed=seed, tail=tail)}
     if review_false_reject is not None:
         r = tail.quantile(review_false_reject)
-        if r < threshold:
+        if r < threshold and (review is None or r < review):
             review = float(r)
             info["review_band"] = {"target_review_rate": review_false_reject, "review_threshold": review,
                                    "expected_review_or_ng": false_reject_interval(good, review, seed=seed, tail=tail,
                                                                                  chosen_at=review_false_reject)}
-        else:
+        elif review is None:   # (a lower band from the calibration defects stands as it is)
             note = (f"no REVIEW band: the good parts' modelled {1 - review_false_reject:.4f} quantile {r:.4f} (review "
                     f"rate {review_false_reject:.2%}) is not below the threshold {threshold:.4f}"
                     + (" (the zero-escape point)" if len(defects) and threshold < t_frr else "")
                     + ": ask for a larger review rate, or no band")
             info["review_band"] = {"target_review_rate": review_false_reject, "review_threshold": None, "note": note}
+    if len(defects):  # after every adjustment: what the shipped thresholds do to the calibration defects
+        info["defect_margin"] = float(defects.min()) / threshold - 1
+        info["calibration_escapes"] = int(np.sum(defects < (review if review is not None else threshold)))
+        if review is not None:
+            info["calibration_review"] = int(np.sum((defects >= review) & (defects < threshold)))
     info["method"] = method
     chosen_at = target_false_reject if threshold == _above(t_frr) else None   # not moved by defects or the bank
+    if defect_review is not None and threshold == _above(tail.quantile(max_false_reject)):
+        chosen_at = max_false_reject   # the capped NG threshold is the good scores' own quantile too
     info["expected_false_reject"] = false_reject_interval(good, threshold, seed=seed, tail=tail, chosen_at=chosen_at)
-    warnings = []
     if len(good) < MIN_GOOD_FOR_TAIL:
         warnings.append(f"only {len(good)} good images: the threshold is extrapolated from too few scores to check "
                         f"it ({threshold / float(good.max()):.2f}x the highest good score); the false-reject "

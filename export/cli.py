@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from edge_runtime.geometry import DEFAULT_PIXELS, DEFAULT_RESAMPLE, RESAMPLE_METHODS
+from export.calibration import DEFAULT_MAX_FALSE_REJECT
 from edge_runtime.nn_search import HnswParams
 
 
@@ -95,7 +96,8 @@ def _fit(a: argparse.Namespace) -> int:
                     scale=a.scale, tile_overlap=a.tile_overlap, roi=a.roi, size_policy=a.size_policy, resample=a.resample,
                     aggregation_size=a.aggregation, input_norm=a.input_norm, seed=a.seed, projection_dim=a.projection_dim,
                     cross_fit_folds=a.cross_fit_folds, cross_fit_method=a.cross_fit_method, max_train=a.max_train, target_false_reject=a.target_frr,
-                    review_false_reject=a.review_frr, defect_margin=a.defect_margin, int8_target=a.int8_target,
+                    review_false_reject=a.review_frr, defect_margin=a.defect_margin, max_false_reject=a.max_frr,
+                    int8_target=a.int8_target,
                     keep_score_outliers=a.keep_score_outliers,
                     default_variant=a.default_variant, product=a.product, bundle_version=a.bundle_version,
                     hnsw=HnswParams(M=a.hnsw_m, ef_construction=a.hnsw_ef_construction, ef_search=a.ef,
@@ -140,7 +142,7 @@ def _recalibrate(a: argparse.Namespace) -> int:
     from export.recalibrate import recalibrate
 
     bundle = recalibrate(Path(a.bundle), Path(a.out), Path(a.calibration_defects) if a.calibration_defects else None,
-                         a.target_frr, a.review_frr, a.defect_margin, a.overwrite)
+                         a.target_frr, a.review_frr, a.defect_margin, a.overwrite, max_false_reject=a.max_frr)
     _print_bundle(bundle, a.out)
     return 0
 
@@ -324,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--defect-margin", type=_number(float, 0, 1, high_open=True), default=0.05,
                    help="with --calibration-defects: the threshold sits at least this fraction below the lowest "
                         "defect when the good-only threshold would let one through (default: 0.05)")
+    f.add_argument("--max-frr", type=_number(float, 0, 1, low_open=True, high_open=True),
+                   default=DEFAULT_MAX_FALSE_REJECT,
+                   help="with --calibration-defects: the most good parts (modelled rate) the zero-escape threshold "
+                        "may reject; when it would reject more, NG stays at this rate and the zero-escape point "
+                        "becomes the lower edge of a REVIEW band, with a warning (REVIEW is never OK; a line "
+                        f"without a REVIEW output counts it NG) (default: {DEFAULT_MAX_FALSE_REJECT})")
     f.add_argument("--max-train", type=_number(int, 2), default=None,
                    help="few-shot: at most this many bank images (default: no limit, all of them)")
     f.add_argument("--calibration-defects", default=None,
@@ -385,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="lower edge of a REVIEW band at this good-part rate (default: the bundle's fit setting)")
     rc.add_argument("--defect-margin", type=_number(float, 0, 1, high_open=True), default=None,
                     help="threshold at least this fraction below the lowest defect (default: the bundle's setting)")
+    rc.add_argument("--max-frr", type=_number(float, 0, 1, low_open=True, high_open=True), default=None,
+                    help="the most good parts the zero-escape threshold may reject before it becomes a REVIEW band "
+                         f"instead (default: the bundle's setting, else {DEFAULT_MAX_FALSE_REJECT})")
     rc.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (default: off, refuse)")
     rc.set_defaults(func=_recalibrate)
 

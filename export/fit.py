@@ -40,7 +40,7 @@ from edge_runtime.pipeline import Pipeline
 from edge_runtime.preprocess import NORMALIZATION, preprocess
 from export import backbone as backbone_mod
 from export import crossfit
-from export.calibration import OUTLIER_RATIO, OUTLIER_Z, operating_point, score_outliers
+from export.calibration import DEFAULT_MAX_FALSE_REJECT, OUTLIER_RATIO, OUTLIER_Z, operating_point, score_outliers
 from export.coreset import CHUNK_PATCHES, greedy_coreset
 from export.dataset import calibration_images, train_images
 from export.metrics import auroc
@@ -75,6 +75,8 @@ class FitSettings:
     # out of the threshold and named; True keeps them in.
     keep_score_outliers: bool = False
     defect_margin: float = 0.05            # the threshold sits at least this fraction below the lowest defect
+    # ... unless that rejects more good parts than this (modelled): NG at this rate, REVIEW from the zero-escape point
+    max_false_reject: float | None = DEFAULT_MAX_FALSE_REJECT
     int8_target: str = "x86-avx2"
     int8_calibration_images: int = 64
     hnsw: HnswParams = field(default_factory=HnswParams)
@@ -377,10 +379,12 @@ def cross_fit_scores(feats: dict[str, np.ndarray], indexes: dict, selected: np.n
 def set_operating_point(v: dict, name: str, good_scores: np.ndarray, defect_scores: np.ndarray,
                         bank_scores: np.ndarray | None, target_false_reject: float, review_false_reject: float | None,
                         defect_margin: float, seed: int = 0, cross_fitted: bool = True,
-                        cross_fit_method: str | None = None, names: list[str] | None = None) -> float | None:
+                        cross_fit_method: str | None = None, names: list[str] | None = None,
+                        max_false_reject: float | None = DEFAULT_MAX_FALSE_REJECT) -> float | None:
     """Thresholds of one variant into its manifest entry `v`; returns the calibration AUROC when defects exist."""
     threshold, review, info = operating_point(good_scores, defect_scores, target_false_reject, review_false_reject,
-                                              bank_scores, defect_margin, seed, names=names)
+                                              bank_scores, defect_margin, seed, names=names,
+                                              max_false_reject=max_false_reject)
     if not cross_fitted:
         info["method"] += " (NO cross-fitting: in-bank scores, for accuracy runs only)"
     elif cross_fit_method:
@@ -760,7 +764,8 @@ def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], def
                                   s.review_false_reject, s.defect_margin, s.seed, cross_fitted=bool(crossfit_scores),
                                   cross_fit_method=crossfit_record["method"] if crossfit_record else None,
                                   names=([p.name for p, u in zip(images, used_mask) if u]
-                                         if len(good_scores) == len(images) else None))
+                                         if len(good_scores) == len(images) else None),
+                                  max_false_reject=s.max_false_reject)
         if sep is not None:
             separation[name] = sep
         v["cross_fit_scores"] = ({p.name: round(float(x), 5) for p, x in zip(images, good_scores)}

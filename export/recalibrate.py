@@ -17,14 +17,15 @@ import numpy as np
 from edge_runtime.bundle import (MANIFEST, SIGNATURE, Bundle, BundleError, check_output_dir, sha256_file, staged_bundle,
                                  write_manifest)
 from edge_runtime.pipeline import Pipeline
-from export.calibration import score_outliers
+from export.calibration import DEFAULT_MAX_FALSE_REJECT, score_outliers
 from export.dataset import calibration_images
 from export.fit import calibration_score, choose_default_variant, log, set_operating_point
 
 
 def recalibrate(bundle_dir: Path, out: Path, calibration_defects: Path | None = None,
                 target_false_reject: float | None = None, review_false_reject: float | None = None,
-                defect_margin: float | None = None, overwrite: bool = False) -> Bundle:
+                defect_margin: float | None = None, overwrite: bool = False,
+                max_false_reject: float | None = None) -> Bundle:
     """Write `out`: `bundle_dir` with thresholds recomputed. Options left None keep the bundle's fit settings.
 
     Raises BundleError for a bundle fitted without cross-fitting (no good scores to model) and
@@ -36,6 +37,8 @@ def recalibrate(bundle_dir: Path, out: Path, calibration_defects: Path | None = 
     target = target_false_reject if target_false_reject is not None else settings.get("target_false_reject", 0.005)
     review = review_false_reject if review_false_reject is not None else settings.get("review_false_reject")
     margin = defect_margin if defect_margin is not None else settings.get("defect_margin", 0.05)
+    cap = (max_false_reject if max_false_reject is not None
+           else settings.get("max_false_reject", DEFAULT_MAX_FALSE_REJECT))
     for name, v in m["variants"].items():
         if not v.get("cross_fit_scores"):
             raise BundleError(f"{Path(bundle_dir) / MANIFEST}: variant {name} has no cross-fitted good scores "
@@ -48,7 +51,7 @@ def recalibrate(bundle_dir: Path, out: Path, calibration_defects: Path | None = 
     # Written beside `out` and moved there only when complete (as fit): a recalibration that fails (an image
     # it cannot read) leaves `out` as it was, never a copy of the source that looks recalibrated.
     with staged_bundle(out, overwrite, inputs) as stage:
-        _recalibrate_into(stage, src, m, bundle_dir, calibration_defects, settings, target, review, margin)
+        _recalibrate_into(stage, src, m, bundle_dir, calibration_defects, settings, target, review, margin, cap)
     bundle = Bundle.load(out)
     log(f"bundle {bundle.bundle_id} (recalibrated from {src.bundle_id}) written to {out}")
     return bundle
@@ -73,7 +76,8 @@ def left_out_outliers(m: dict, cross_fit_scores: dict, target: float) -> tuple[l
 
 
 def _recalibrate_into(out: Path, src: Bundle, m: dict, bundle_dir: Path, calibration_defects: Path | None,
-                      settings: dict, target: float, review: float | None, margin: float) -> None:
+                      settings: dict, target: float, review: float | None, margin: float,
+                      cap: float | None = DEFAULT_MAX_FALSE_REJECT) -> None:
     """The recalibration proper, into the new (staging) folder `out`."""
     shutil.copytree(bundle_dir, out, ignore=shutil.ignore_patterns(MANIFEST, SIGNATURE), dirs_exist_ok=True)
     (out / MANIFEST).write_bytes((Path(bundle_dir) / MANIFEST).read_bytes())
@@ -92,7 +96,8 @@ def _recalibrate_into(out: Path, src: Bundle, m: dict, bundle_dir: Path, calibra
         # Bundles from before fit.cross_fit was recorded re-ran the coreset per fold.
         method = (m.get("fit", {}).get("cross_fit") or {}).get("method", "refit")
         sep = set_operating_point(v, name, good, defect_scores, np.array([bank_max]) if bank_max else None,
-                                  target, review, margin, cross_fit_method=method, names=names)
+                                  target, review, margin, cross_fit_method=method, names=names,
+                                  max_false_reject=cap)
         if sep is not None:
             separation[name] = sep
     requested = settings.get("default_variant", m["default_variant"])
@@ -100,7 +105,7 @@ def _recalibrate_into(out: Path, src: Bundle, m: dict, bundle_dir: Path, calibra
     m["fit"] = {**m.get("fit", {}), "calibration_defects": [str(p) for p in defects],
                 "calibration_defect_sha256": [sha256_file(p) for p in defects],
                 "settings": {**settings, "target_false_reject": target, "review_false_reject": review,
-                             "defect_margin": margin},
+                             "defect_margin": margin, "max_false_reject": cap},
                 "recalibrated_from": src.bundle_id}
     m["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     m["bundle_id"] = None

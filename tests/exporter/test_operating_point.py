@@ -57,10 +57,35 @@ def test_defects_above_the_good_threshold_keep_it_and_report_the_margin():
 def test_a_low_defect_pulls_the_threshold_to_the_zero_escape_point():
     good = gumbel(200)
     defects = np.array([12.0, 25.0])                  # 12 is inside the good tail
-    t, _, info = operating_point(good, defects=defects, defect_margin=0.05)
+    t, _, info = operating_point(good, defects=defects, defect_margin=0.05, max_false_reject=None)
     assert t == pytest.approx(12.0 * 0.95, rel=1e-6) and info["calibration_escapes"] == 0
     assert np.all(defects >= t) and "zero-escape" in info["method"]
     assert info["expected_false_reject"]["modelled"] > 0.05   # the price is stated, not hidden
+
+
+def test_a_zero_escape_point_that_rejects_too_many_good_parts_becomes_a_review_band():
+    """Probe 34: calibration defects inside the good scores' spread put the zero-escape threshold where 24% and
+    94% of good parts were rejected, shipped with exit 0 and no warning. NG stays at --max-frr (5%); from the
+    zero-escape point down to it is REVIEW, so no calibration defect is OK; and fit says so."""
+    good = gumbel(300)
+    defects = np.array([11.0, 25.0])                  # 11 is deep inside the good scores (~30% of them above)
+    t, review, info = operating_point(good, defects=defects, defect_margin=0.05)
+    assert info["expected_false_reject"]["modelled"] == pytest.approx(0.05, rel=0.05)
+    lo, hi = info["expected_false_reject"]["modelled_ci95"]
+    assert lo < 0.05 < hi
+    assert review == pytest.approx(11.0 * 0.95, rel=1e-6) and review < t
+    assert info["calibration_escapes"] == 0 and info["calibration_review"] == 1
+    assert info["review_band"]["expected_review_or_ng"]["modelled"] > 0.25
+    assert "capped" in info["method"]
+    assert any(w.startswith("the calibration defects overlap the good parts") for w in info["warnings"])
+    # Within the limit the zero-escape point is the NG threshold, as before.
+    t2, review2, info2 = operating_point(good, defects=defects, max_false_reject=0.5)
+    assert t2 == pytest.approx(11.0 * 0.95, rel=1e-6) and review2 is None and "zero-escape" in info2["method"]
+    # A --review-frr band lower than the zero-escape one wins; a higher one leaves it.
+    _, low, _ = operating_point(good, defects=defects, review_false_reject=0.6)
+    assert low < 11.0 * 0.95
+    _, kept, _ = operating_point(good, defects=defects, review_false_reject=0.1)
+    assert kept == pytest.approx(11.0 * 0.95, rel=1e-6)
 
 
 def test_review_band_sits_below_the_threshold():
@@ -162,7 +187,8 @@ def test_recalibrate_moves_the_threshold_without_refitting(small_bundle, synthet
 
 def test_escapes_are_counted_after_the_bank_floor_raises_the_threshold():
     good = gumbel(200)
-    t, _, info = operating_point(good, defects=np.array([12.0, 25.0]), bank_scores=np.array([13.0]))
+    t, _, info = operating_point(good, defects=np.array([12.0, 25.0]), bank_scores=np.array([13.0]),
+                                 max_false_reject=None)
     assert t > 13.0 and info["calibration_escapes"] == 1 and info["defect_margin"] < 0
 
 
@@ -182,7 +208,8 @@ def test_copies_of_one_image_are_called_out():
 
 def test_a_review_band_that_cannot_be_made_says_so():
     good = np.random.default_rng(3).gumbel(20, 2, 200)
-    _, review, info = operating_point(good, np.array([21.0]), review_false_reject=0.05)   # zero-escape at ~20
+    _, review, info = operating_point(good, np.array([21.0]), review_false_reject=0.05,   # zero-escape at ~20
+                                      max_false_reject=None)
     assert review is None
     assert any(w.startswith("no REVIEW band") and "(the zero-escape point)" in w for w in info["warnings"])
 
