@@ -263,8 +263,11 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
             ways = ", ".join(f"--scale {sc} gives {len(tile_plan((w, h), sc, s)[3])} tiles"
                              for sc in (0.5, 0.25) if w * sc >= canvas[0] or h * sc >= canvas[1])
             notes.append(f"WARNING: the frames ({w}x{h}) are shrunk {shrink:.0f}x to one model input: one patch is "
-                         f"about {8 * shrink:.0f} frame pixels wide and smaller defects are averaged away; tile the "
-                         f"frame for thin or small defects ({ways or '--scale'}), at that many times the inspection time")
+                         f"about {8 * shrink:.0f} frame pixels wide and smaller defects are averaged away. If the part "
+                         "fills only some of the frame, crop to it with --roi X,Y,W,H first (one input, no extra "
+                         "cost: a bottle filling 5% of a 2048x1536 frame went from 5 of 54 defects passed to none); "
+                         f"else tile the frame for thin or small defects ({ways or '--scale'}), at that many times "
+                         "the inspection time and the fit's feature and coreset time")
     else:
         if not same:
             raise ValueError("tiling (--scale) needs training images (or ROIs) of one size; these vary "

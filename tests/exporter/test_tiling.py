@@ -68,6 +68,7 @@ def test_a_camera_size_frame_shrunk_to_one_input_is_warned_about_with_the_tiles_
     geom, info = plan_geometry(paths, FitSettings())
     warning = next(n for n in info["notes"] if n.startswith("WARNING"))
     assert geom.n_tiles == 1 and "shrunk 9x" in warning
+    assert "crop to it with --roi X,Y,W,H first" in warning, "the cheap way (probe 34) comes before tiling"
     # The counts it promises are the ones --scale then makes (it had divided by the one-input canvas: "about 6"
     # for what became 10 tiles).
     for sc in (0.5, 0.25):
