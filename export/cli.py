@@ -178,7 +178,7 @@ def _evaluate(a: argparse.Namespace) -> int:
     if result.get("pixel_auroc_note"):
         pix += f" ({result['pixel_auroc_note']})"
     img = "n/a" if result["image_auroc"] is None else f"{result['image_auroc']:.4f}"
-    print(f"{a.engine}/{a.knn}: image AUROC {img}, pixel AUROC {pix}, "
+    print(f"{result['engine']}/{a.knn}: image AUROC {img}, pixel AUROC {pix}, "
           f"{result['n_good']} good / {result['n_defect']} defect, threshold {result['threshold']:.4f}: "
           f"{result['false_rejects']} false rejects, {result['escapes']} escapes, "
           + (f"{len(result['faults'])} FAULT (could not be inspected), " if result["faults"] else "") +
@@ -405,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--json", required=True, help="file to write the metrics and per-image scores to (required)")
     e.add_argument("--report", default=None,
                    help="write a self-contained HTML report to this folder (report.html) (default: none)")
-    e.add_argument("--engine", choices=["reference", "onnx-fp32", "onnx-int8"], default="onnx-int8",
-                   help="what scores the images (default: onnx-int8, what the device runs); reference is the torch "
-                        "model, to check the export")
+    e.add_argument("--engine", choices=["reference", "onnx-fp32", "onnx-int8"], default=None,
+                   help="what scores the images (default: what the device runs, the bundle's default variant: "
+                        "onnx-int8 unless fit chose fp32); reference is the torch model, to check the export")
     e.add_argument("--knn", choices=["exact", "hnsw", "hnswlib", "ivf"], default="hnsw",
                    help="nearest-neighbour search (default: hnsw, the bundle's graph searched by faiss as on the "
                         "device; hnswlib: the same graph in hnswlib); exact to rule out the index; "

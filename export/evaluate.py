@@ -117,10 +117,13 @@ def false_reject_warning(observed: dict, expected: dict | None) -> str | None:
             "look at the rejected good images before trusting the threshold")
 
 
-def evaluate(bundle_dir: Path, data_dir: Path, engine: str = "onnx-int8", knn: str = "hnsw", threads: int = 2,
+def evaluate(bundle_dir: Path, data_dir: Path, engine: str | None = None, knn: str = "hnsw", threads: int = 2,
              report_dir: Path | None = None, ef_search: int | None = None, size_policy: str | None = None,
              seed_step: int | None = None, ef_seeded: int | None = None) -> dict:
+    """`engine` None: the variant the station runs unless its file says otherwise (the bundle's default_variant:
+    fit may choose FP32, and an INT8 evaluation of such a bundle reported an operating point no station had)."""
     bundle = Bundle.load(bundle_dir)
+    engine = engine or f"onnx-{bundle.manifest.get('default_variant', 'int8')}"
     scorer = make_scorer(bundle, engine, knn, threads, ef_search, seed_step, ef_seeded)
     if size_policy:
         scorer.geometry = scorer.geometry.with_overrides(size_policy=size_policy)

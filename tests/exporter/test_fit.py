@@ -154,6 +154,26 @@ def test_evaluate_scores_pixels_only_where_a_mask_says_where_the_defect_is(small
         evaluate(small_bundle, data)
 
 
+def test_evaluate_scores_the_variant_the_station_runs_unless_told_otherwise(small_bundle, synthetic_dataset, tmp_path):
+    """fit may choose FP32 as the default variant; evaluate's default engine follows it (probe 34: an INT8
+    evaluation of an FP32 bundle reported an operating point no station had)."""
+    import yaml
+
+    from edge_runtime.bundle import MANIFEST, content_id
+
+    copy = tmp_path / "b"
+    shutil.copytree(small_bundle, copy)
+    m = yaml.safe_load((copy / MANIFEST).read_text())
+    assert m["default_variant"] == "int8"
+    assert evaluate(copy, synthetic_dataset)["engine"] == "onnx-int8"
+    m["default_variant"] = "fp32"
+    m["bundle_id"] = content_id(m)
+    (copy / MANIFEST).write_text(yaml.safe_dump(m, sort_keys=False))
+    fp32 = evaluate(copy, synthetic_dataset)
+    assert fp32["engine"] == "onnx-fp32" and fp32["threshold"] == m["variants"]["fp32"]["threshold"]
+    assert evaluate(copy, synthetic_dataset, "onnx-int8")["engine"] == "onnx-int8"
+
+
 def test_verify_cli_detects_a_modified_file(small_bundle, tmp_path, capsys):
     assert export_main(["verify", str(small_bundle)]) == 0
     copy = tmp_path / "b"
