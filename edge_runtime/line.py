@@ -231,6 +231,8 @@ class Line:
         READY kept feeding a station that answered nothing (probe 35: READY up for as long as the hang lasted;
         systemd's watchdog restarts it only after WatchdogSec, and without systemd never). READY goes down with
         the stall as the fault on the outputs, and comes back with the line's own state when the loop runs."""
+        if self._stop.is_set():
+            return   # stopping: shutdown drives the outputs to their safe state itself
         reason = stall_reason(self._busy_s(), self._stall_after_s(), time.monotonic() - self._last_heartbeat,
                               self._loop_stall_after_s() if self._loop_running else None)
         if not self._state_lock.acquire(timeout=STALL_GUARD_LOCK_S):
