@@ -103,7 +103,7 @@ class Line:
         if isinstance(self.trigger, SoftwareTrigger):
             # The previous part's verdict is withdrawn before POST /trigger answers 202 (or a TRG returns): a PLC
             # reading coil 0 right after its trigger read the previous part's OK (probe 35, 2 in 40).
-            self.trigger.on_fire = self.bus.acknowledge
+            self.trigger.on_fire = self.bus.trigger_accepted
         for out in self.outputs:
             # A PLC on the serial line may send "TRG" (capture one part) and "ACK" (withdraw the verdict).
             if isinstance(out, SerialOutput) and out.cfg.accept_trigger:

@@ -175,9 +175,17 @@ class OutputBus:
 
     # -- one part ----------------------------------------------------------------------------------------------
     def begin_part(self, frame_id: int) -> None:
-        """A trigger fired / inspection of `frame_id` starts: line outputs withdraw the last verdict, show BUSY."""
+        """A trigger fired / inspection of `frame_id` starts: line outputs withdraw the last verdict, show BUSY;
+        records that show a current verdict (OPC UA's LastResult) withdraw it (`verdict_withdrawn`)."""
         for out in self.lines:
             self._dispatch(out, "begin_part", frame_id)
+        self.notify("verdict_withdrawn")
+
+    def trigger_accepted(self) -> None:
+        """A software trigger was accepted (before POST /trigger answers, a TRG returns): nothing of the previous
+        part stays readable as the answer, on the line outputs or on a record that shows a current verdict."""
+        self.acknowledge()
+        self.notify("verdict_withdrawn")
 
     def publish(self, result: InspectionResult, *, started: float | None = None,
                 deadline_ms: float | None = None) -> RecordFailure | None:

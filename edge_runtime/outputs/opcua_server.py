@@ -11,7 +11,9 @@ borrows the concepts of OPC 40100 (Machine Vision), not its full information mod
       ActiveRecipe/ExternalId, Number, SwitchStatus   with recipes: the product's recipe name and number, and
                                               where its last switch stands (ok / switching / failed)
       LastResult/FrameId, Verdict, IsPass, Score, NormalizedScore, BundleId, ResultTime, Error
-                                              (40100 ResultManagement / ResultType: ResultId, ResultState)
+                                              (40100 ResultManagement / ResultType: ResultId, ResultState);
+                                              Verdict empty and IsPass false from a part's trigger to its result,
+                                              IsPass false whenever the station is not ready
       Counters/Frames, OK, NG, REVIEW, FAULT
       StartSingleJob() -> Accepted            (40100 StartSingleJob: one inspection; only with a software trigger
                                                and `allow_trigger: true`; BadInvalidState when not ready)
@@ -215,6 +217,10 @@ class OpcUaServer(Output):
         self._fault = reason
         self._schedule(self._refresh_state)
 
+    def verdict_withdrawn(self) -> None:
+        """A part was triggered or begins (output bus): LastResult no longer shows a current verdict."""
+        self._schedule(self._withdraw_last)
+
     def close(self) -> None:
         loop, stopping = self._loop, self._stopping
         if loop is not None and stopping is not None and not loop.is_closed():
@@ -309,6 +315,7 @@ class OpcUaServer(Output):
         self._types = (S, D, I64, B)
 
         async def start_single_job(parent):
+            await self._withdraw_last()   # before the call returns: the previous part's IsPass is not the answer
             refused = self._start_single_job(ua)
             # asyncua turns a raised error into BadUnexpectedError: a StatusCode result reaches the client as is.
             return ua.StatusCode(refused) if refused is not None else [ua.Variant(True, B)]
@@ -451,6 +458,9 @@ class OpcUaServer(Output):
         await self._vars["VisionSystemState"].write_value(
             ua.Variant("Preoperational" if starting else VISION_STATE[state], S))
         await self._vars["Reason"].write_value(ua.Variant(reason, S))
+        if state != "ready":
+            # A station that cannot inspect has no passing part to show (probe 37: IsPass True through a stall).
+            await self._last["IsPass"][0].write_value(ua.Variant(False, self._last["IsPass"][1]))
         if summary.get("bundle_id"):
             await self._vars["BundleId"].write_value(ua.Variant(str(summary["bundle_id"]), S))
         if summary.get("bundle_version") is not None:
@@ -471,6 +481,16 @@ class OpcUaServer(Output):
             await self._vars["Number"].write_value(ua.Variant(int(number), I64))
             await self._vars["SwitchStatus"].write_value(ua.Variant(status, S))
         await self._refresh_state()
+
+    async def _withdraw_last(self) -> None:
+        """Verdict empty and IsPass false until the next result: a client reading right after a trigger read the
+        previous part's OK (probe 37: 8 of 16 reads after StartSingleJob)."""
+        ua = getattr(self, "_ua", None)
+        if ua is None:
+            return
+        for name, value in (("IsPass", False), ("Verdict", "")):
+            node, vtype = self._last[name]
+            await node.write_value(ua.Variant(value, vtype))
 
     async def _on_result(self, result: InspectionResult) -> None:
         ua = self._ua

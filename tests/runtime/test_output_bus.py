@@ -286,3 +286,23 @@ def test_an_output_failing_the_same_way_is_logged_once_not_on_every_retry(caplog
     assert len(errors) == 1 and "set_ready failed" in errors[0].getMessage()
     assert bus.counters.errors == 10
     assert any("works again" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+
+
+def test_a_part_beginning_or_a_trigger_withdraws_a_current_verdict_on_records_that_show_one():
+    """OPC UA's LastResult is a record, not a line output, yet a client reads IsPass as the answer: begin_part and
+    a software trigger tell every output that shows a current verdict (`verdict_withdrawn`); a trigger also
+    withdraws the line outputs' verdict (acknowledge)."""
+    class ShowsVerdict(RecordingOutput):
+        role = "record"
+
+        def verdict_withdrawn(self) -> None:
+            self._record("verdict_withdrawn", None)
+
+    line, shows = RecordingOutput(), ShowsVerdict()
+    bus = OutputBus([line, shows])
+    bus.start()
+    bus.begin_part(1)
+    assert shows.calls_to("verdict_withdrawn") == [None] and line.calls_to("begin_part") == [1]
+    bus.trigger_accepted()
+    assert len(shows.calls_to("verdict_withdrawn")) == 2 and len(line.calls_to("acknowledge")) == 1
+    bus.close()

@@ -99,6 +99,36 @@ def test_state_result_counters_event_and_single_job(server):
     assert server.counters() == {"opcua_events": 2, "opcua_jobs_started": 1}
 
 
+def test_last_result_shows_no_pass_from_a_trigger_to_its_result_or_while_not_ready(server):
+    """Probe 37: right after StartSingleJob, 8 of 16 reads of LastResult showed the previous part's IsPass True;
+    through a stall IsPass stayed True. IsPass is withdrawn before StartSingleJob returns, when the bus says a
+    part begins or was triggered elsewhere, and whenever the station is not ready."""
+    async def scenario():
+        async with Client(f"opc.tcp://127.0.0.1:{server.port}/patchcore-edge/") as client:
+            vs = await browse(client, "VisionSystem")
+            is_pass = await browse(client, "VisionSystem", "LastResult", "IsPass")
+            verdict = await browse(client, "VisionSystem", "LastResult", "Verdict")
+            server.set_fault(None)
+            server.set_ready(True)
+            assert await wait_value(await browse(client, "VisionSystem", "StationState"), "ready") == "ready"
+            server.publish(make_result(7, Verdict.OK, score=10.0))
+            assert await wait_value(is_pass, True) is True
+            assert await vs.call_method(f"{vs.nodeid.NamespaceIndex}:StartSingleJob") is True
+            assert await is_pass.read_value() is False and await verdict.read_value() == "", \
+                "the previous part's OK was readable after the trigger"
+            server.publish(make_result(8, Verdict.OK, score=10.0))
+            assert await wait_value(is_pass, True) is True
+            server.verdict_withdrawn()                 # a serial TRG or POST /trigger, through the output bus
+            assert await wait_value(is_pass, False) is False
+            server.publish(make_result(9, Verdict.OK, score=10.0))
+            assert await wait_value(is_pass, True) is True
+            server.set_fault("inspection stalled: the current frame has been in inspection for 2.5 s")
+            assert await wait_value(is_pass, False) is False
+            assert await verdict.read_value() == "OK", "the last verdict stays readable as history"
+
+    asyncio.run(scenario())
+
+
 def test_single_job_is_refused_unless_allowed():
     out = OpcUaServer(OpcUaConfig(port=0))
     out.bind_trigger(lambda: None)
