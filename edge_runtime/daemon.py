@@ -39,7 +39,9 @@ __all__ = ["FRAME_COUNTER_FILE", "Counters", "Line", "LineState", "Station", "St
 DEFAULT_WATCHDOG_PERIOD_S = 1.0
 STATE_LOCK_FILE = "edge-runtime.lock"
 STATE_LOCK_CHECK_S = 1.0     # how often the running daemon checks that its state_dir lock is still in place
-STALL_GUARD_PERIOD_S = 0.25  # how often the stall guard looks at each line (READY down within this of a stall)
+STALL_GUARD_PERIOD_S = 0.25  # how often the stall guard looks at each line (READY down within this of the moment
+                             # the stall rule holds: a frame in inspection past max(stall_after_s, deadline), or
+                             # the loop not round for its longest healthy gap)
 
 
 class StateDirBusy(RuntimeError):

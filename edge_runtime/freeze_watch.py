@@ -21,7 +21,10 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.01      # how often the ticker runs (a wake-up and a float store: negligible on a 2-core board)
 FREEZE_S = 0.1     # a gap this long is a freeze (well above scheduling jitter on a loaded 2-core board)
-SETTLE_S = 0.05    # after a freeze, inputs read this soon may have waited through it (readers wake within ms)
+# After a freeze, inputs read this soon after the ticker noticed it may have waited through it: every thread wakes
+# at once, and a reader with bytes waiting returns within a few ms. Longer would date fresh inputs from the freeze
+# (probe 36: triggers sent 20 and 40 ms after SIGCONT were dated 0.4 s old with a 50 ms window).
+SETTLE_S = 0.015
 LOG_FREEZE_S = 1.0 # freezes at least this long are logged (shorter ones happen under load and only date inputs)
 
 

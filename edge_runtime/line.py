@@ -233,7 +233,10 @@ class Line:
         the stall as the fault on the outputs, and comes back with the line's own state when the loop runs."""
         if self._stop.is_set():
             return   # stopping: shutdown drives the outputs to their safe state itself
-        reason = stall_reason(self._busy_s(), self._stall_after_s(), time.monotonic() - self._last_heartbeat,
+        # Not before the deadline: http.stall_after_s may be set low for /healthz, and a part still inside its
+        # deadline is not a stall on the line (probe 36: stall_after_s 0.3 flapped READY on every slow record).
+        busy_limit = max(self._stall_after_s(), self.cfg.inference.deadline_ms / 1000.0)
+        reason = stall_reason(self._busy_s(), busy_limit, time.monotonic() - self._last_heartbeat,
                               self._loop_stall_after_s() if self._loop_running else None)
         if not self._state_lock.acquire(timeout=STALL_GUARD_LOCK_S):
             return   # the loop is inside a state call that blocks: the watchdog (pings stopped) is what is left

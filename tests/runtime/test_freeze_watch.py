@@ -48,6 +48,8 @@ def test_an_input_read_just_after_the_ticker_noticed_is_dated_from_the_freeze_st
     watch.tick()                                      # the ticker ran first this time
     assert watch.freezes == 1
     assert watch.earliest(clock.now + SETTLE_S / 2) == frozen_at
+    # A trigger sent 20 ms after the process ran again is fresh (probe 36: a 50 ms window dated it 0.4 s old).
+    assert watch.earliest(clock.now + 0.02) == clock.now + 0.02
     ticking(clock, 2 * SETTLE_S, watch)
     assert watch.earliest(clock.now) == clock.now     # a trigger that came after the freeze
 

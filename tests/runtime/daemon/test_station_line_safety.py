@@ -268,6 +268,28 @@ def test_a_loop_stuck_in_a_blocking_call_drops_ready_on_the_outputs_until_it_run
     assert running.stop() == 0
 
 
+def test_a_slow_part_inside_its_deadline_never_drops_ready(small_bundle, images, write_station, start_station,
+                                                           tmp_path):
+    """http.stall_after_s set low (for /healthz) must not make the stall guard flap READY on parts answered inside
+    their deadline (probe 36: stall_after_s 0.3 and a 0.7 s record write dropped READY on every part)."""
+    class SlowLog(ResultLog):
+        def _append(self, line: bytes) -> None:
+            time.sleep(0.7)
+            super()._append(line)
+
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, http={"port": 0, "stall_after_s": 0.3},
+                                     outputs=[{"type": "result_log", "path": str(tmp_path / "results.jsonl")}]))
+    running = start_station(cfg, source=looping(images[:2]), outputs=[SlowLog(cfg.outputs[0]), rec])
+    wait_until(lambda: rec.ready, what="READY")
+    wait_until(lambda: len(rec.results) >= 4, what="four slow parts", timeout=30)
+    assert running.stop() == 0
+    readies = rec.calls_to("set_ready")
+    after = readies[readies.index(True):]
+    assert False not in after[:-1], f"READY flapped: {readies}"   # (the stop drops it, last)
+    assert all(r.verdict is not Verdict.FAULT for r in rec.results[:4])
+
+
 def test_a_failing_record_takes_ready_down_until_the_log_can_be_written_again(small_bundle, images, write_station,
                                                                               start_station, tmp_path):
     log_path = tmp_path / "records" / "results.jsonl"
