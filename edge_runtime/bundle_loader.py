@@ -77,7 +77,8 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
         except FeatureError as exc:
             raise BundleError(str(exc)) from None
     bundle.release()  # onnxruntime and the search hold their own copies of the verified bytes now
-    record_loaded(bundle, cfg.state_dir)
+    scope = getattr(cfg, "floor_scope", None)
+    record_loaded(bundle, cfg.state_dir, scope.source if scope is not None else None)
     pipeline.apply_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)
     pipeline.decode_limits = cfg.decode
     return pipeline

@@ -53,12 +53,22 @@ def recorded_version(state_dir: str | None) -> int | None:
 
 @dataclass(frozen=True)
 class FloorScope:
-    """Where a station keeps version floors: `root` (its state_dir) and the folders of the lines and recipes its
-    station file has now (`live`). A floor under `root` in any other folder was left by a layout the file no
-    longer has (a single-line station rewritten with `lines:`, a line or recipe renamed)."""
+    """Where a station keeps its version floors (`root`, its state_dir) and which camera this line inspects with
+    (`source`, e.g. "camera:/dev/video0"; recorded with each floor)."""
 
     root: str
-    live: frozenset[str]
+    source: str | None = None
+
+
+def source_key(src) -> str | None:
+    """A line's camera identity for its floor records: the source's type and device, path or URL."""
+    kind = getattr(src, "type", None)
+    if kind is None:
+        return None
+    ident = getattr(src, "device", None)
+    if ident is None:
+        ident = getattr(src, "path", None)
+    return f"{kind}:{ident}" if ident is not None else str(kind)
 
 
 def _floor_files(root: str) -> list[Path]:
@@ -71,24 +81,29 @@ def _floor_files(root: str) -> list[Path]:
     return found
 
 
-def inherited_floor(scope: FloorScope, product: str | None) -> tuple[int, Path] | None:
-    """The highest floor of `product` left by a line or recipe the station file no longer has, and its file.
+def station_floor(scope: FloorScope, product: str | None, own_dir: str) -> tuple[int, Path] | None:
+    """The highest floor of `product` recorded for the same camera in another folder of the station, and its file.
 
-    Each line and recipe keeps its own floor (two cameras' bundles of one product are numbered independently),
-    so a folder with none of its own would start with no floor at all: restructuring the station file (probe 33:
-    a station rewritten with `lines:`, then 207 parts passed by an older bundle) or renaming a line would turn
-    the rollback protection off. Such a folder takes the floor the old layout left instead."""
-    live = {os.path.normpath(d) for d in scope.live}
+    Each line and recipe keeps its floor in its own folder (two cameras' bundles of one product are numbered
+    independently), so the folder changes when the station file is restructured (a single line rewritten as
+    `lines:`, a line or recipe renamed) and changes back when the old file is restored. Either way the floor of
+    the camera and product goes with it (probe 33: a rewrite with `lines:` served an older bundle for 207 parts;
+    probe 36: restoring the old file did). A record from before sources were recorded counts for every camera."""
     best: tuple[int, Path] | None = None
+    own = os.path.normpath(own_dir)
     for path in _floor_files(scope.root):
-        if os.path.normpath(path.parent) in live:
+        if os.path.normpath(path.parent) == own:
             continue
         version = recorded_version(str(path.parent))   # raises on an unreadable record, as the own one does
         try:
-            recorded_product = json.loads(path.read_bytes()[:4096]).get("product")
-        except (OSError, ValueError, AttributeError):
-            recorded_product = None
-        if version is not None and recorded_product == product and (best is None or version > best[0]):
+            record = json.loads(path.read_bytes()[:4096])
+        except (OSError, ValueError):
+            record = {}
+        if not isinstance(record, dict) or record.get("product") != product:
+            continue
+        if "source" in record and record["source"] != scope.source:
+            continue   # another camera's series
+        if version is not None and (best is None or version > best[0]):
             best = (version, path)
     return best
 
@@ -107,11 +122,12 @@ def check_admission(bundle: Bundle, product: str | None, allow_downgrade: bool, 
     if allow_downgrade:
         return
     floor, source = recorded_version(state_dir), Path(state_dir or ".") / VERSION_STATE_FILE
-    if floor is None and state_dir and scope is not None:
-        inherited = inherited_floor(scope, bundle.product)
-        if inherited is not None:
-            floor, source = inherited[0], (f"{inherited[1]}, left by a line or recipe this station file no longer "
-                                           "has; remove that file deliberately to start this one afresh")
+    if state_dir and scope is not None:
+        other = station_floor(scope, bundle.product, state_dir)
+        if other is not None and (floor is None or other[0] > floor):
+            floor, source = other[0], (f"{other[1]}, recorded for the same camera and product under another line "
+                                       "or recipe name of this station; remove that file deliberately if it is "
+                                       "not this camera's")
     serving = current.release_version if current is not None else None
     if serving is not None and (floor is None or serving > floor):
         floor, source = serving, f"bundle {current.bundle_id} in service"
@@ -126,7 +142,7 @@ def check_admission(bundle: Bundle, product: str | None, allow_downgrade: bool, 
                           f"loaded ({source}); set security.allow_downgrade: true to roll back deliberately")
 
 
-def record_loaded(bundle: Bundle, state_dir: str | None) -> None:
+def record_loaded(bundle: Bundle, state_dir: str | None, source: str | None = None) -> None:
     """Persist the bundle's version in `state_dir` if it is the highest so far (atomic, fsync'd file and folder).
 
     Raises BundleError when it cannot be written: a station that cannot remember its floor would accept a
@@ -140,7 +156,8 @@ def record_loaded(bundle: Bundle, state_dir: str | None) -> None:
     folder = Path(state_dir)
     path = folder / VERSION_STATE_FILE
     tmp = folder / (VERSION_STATE_FILE + ".tmp")
-    record = json.dumps({"bundle_version": version, "bundle_id": bundle.bundle_id, "product": bundle.product})
+    record = json.dumps({"bundle_version": version, "bundle_id": bundle.bundle_id, "product": bundle.product,
+                         **({"source": source} if source is not None else {})})
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)

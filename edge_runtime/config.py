@@ -140,6 +140,10 @@ class SecurityConfig:
 DEFAULT_TOP_LEVEL_LOG = "results.jsonl"   # a station file without `outputs:` (with `lines:`: unused)
 
 
+class _DefaultOutputs(list):
+    """The outputs a station file without `outputs:` gets: with `lines:` unused, so not refused like a named one."""
+
+
 @dataclass(kw_only=True)
 class StationConfig:
     name: str = "station"
@@ -155,7 +159,8 @@ class StationConfig:
     source: SourceConfig = None  # type: ignore[assignment]  # required unless the station has `lines:`
     trigger: TriggerConfig = field(default_factory=FreeRunTriggerConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)  # capture thread (edge_runtime/capture_queue.py)
-    outputs: list[OutputConfig] = field(default_factory=lambda: [ResultLogConfig(path=DEFAULT_TOP_LEVEL_LOG)])
+    outputs: list[OutputConfig] = field(
+        default_factory=lambda: _DefaultOutputs([ResultLogConfig(path=DEFAULT_TOP_LEVEL_LOG)]))
     http: HttpConfig = field(default_factory=HttpConfig)
     page: PageConfig = field(default_factory=PageConfig)   # the operator's page (edge_runtime/operator_page)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -183,7 +188,7 @@ class StationConfig:
                                      "output would drive nothing: move it into the line's `outputs:`")
                 # The default top-level log (no `outputs:` key) is harmless; one the file names would stay empty
                 # while each line records elsewhere (probe 33), and the operator audits the one they named.
-                if isinstance(out, ResultLogConfig) and out.path != DEFAULT_TOP_LEVEL_LOG:
+                if isinstance(out, ResultLogConfig) and not isinstance(self.outputs, _DefaultOutputs):
                     raise ValueError(f"outputs[{j}]: with `lines:` each line records its parts in its own result "
                                      f"log; {out.path} would stay empty: name it in a line's `outputs:` (a line "
                                      "without outputs writes results-<name>.jsonl)")

@@ -15,7 +15,7 @@ from typing import Callable, Literal
 
 from edge_runtime.capture_queue import CaptureConfig
 from edge_runtime.recipes import RecipesConfig, resolve_recipe_paths
-from edge_runtime.bundle_policy import FloorScope
+from edge_runtime.bundle_policy import FloorScope, source_key
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
 from edge_runtime.sources import FolderSourceConfig, PacedSourceConfig, SourceConfig, VideoSourceConfig
 from edge_runtime.sources.video_source import is_stream_url
@@ -149,7 +149,7 @@ def line_station_configs(cfg) -> list[tuple[str | None, object]]:
     lines: list[LineConfig] = getattr(cfg, "lines", None) or []
     if not lines:
         # The station's config itself, not a copy: the daemon and the line share it (a rollout moves its bundle).
-        cfg.floor_scope = floor_scope(cfg)
+        cfg.floor_scope = FloorScope(cfg.state_dir, source_key(cfg.source)) if cfg.state_dir else None
         return [(None, cfg)]
     share = max(1, cfg.inference.threads // len(lines))
     out = []
@@ -165,23 +165,8 @@ def line_station_configs(cfg) -> list[tuple[str | None, object]]:
             trigger=ln.trigger or cfg.trigger, outputs=outputs, capture=ln.capture or cfg.capture,
             roi=ln.roi if ln.roi is not None else cfg.roi, size_policy=ln.size_policy or cfg.size_policy,
             inference=dataclasses.replace(cfg.inference, threads=ln.threads or share),
-            state_dir=state_dir, lines=[], floor_scope=floor_scope(cfg))
+            state_dir=state_dir, lines=[],
+            floor_scope=FloorScope(cfg.state_dir, source_key(ln.source)) if cfg.state_dir else None)
         out.append((ln.name, line_cfg))
     return out
 
-
-def floor_scope(cfg) -> FloorScope | None:
-    """The station's version-floor folders: each line's (<state_dir>/lines/<name>, or state_dir itself without
-    `lines:`), or with recipes each recipe's under it (recipe_station_config)."""
-    if not cfg.state_dir:
-        return None
-    live = []
-    for ln in (getattr(cfg, "lines", None) or [None]):
-        folder = os.path.join(cfg.state_dir, "lines", ln.name) if ln is not None else cfg.state_dir
-        recipes = cfg.recipes if ln is None else (ln.recipes if ln.recipes is not None else
-                                                  (cfg.recipes if ln.bundle is None else None))
-        if recipes is not None:
-            live += [os.path.join(folder, "recipes", r.name) for r in recipes.recipes]
-        else:
-            live.append(folder)
-    return FloorScope(root=cfg.state_dir, live=frozenset(live))

@@ -13,8 +13,8 @@ from edge_runtime.daemon import load_pipeline
 from edge_runtime.schema import from_mapping
 
 
-def station(root: Path, state_dir: Path | None = None, **security) -> StationConfig:
-    data = {"bundle": str(root), "source": {"type": "scripted"}, "security": security}
+def station(root: Path, state_dir: Path | None = None, source: dict | None = None, **security) -> StationConfig:
+    data = {"bundle": str(root), "source": source or {"type": "scripted"}, "security": security}
     if state_dir is not None:
         data["state_dir"] = str(state_dir)
     return from_mapping(StationConfig, data, "test")
@@ -136,32 +136,37 @@ def test_daemon_refuses_a_rollback_on_reload_and_keeps_inspecting(editor, tmp_pa
     assert st.pipeline.bundle.bundle_version == 5 and st.counters.reload_failures == 1
 
 
-def lines_station(root: Path, state_dir: Path, names: list[str], **security) -> list[StationConfig]:
-    """The configs each line of a `lines:` station runs (one per name, all on `root`)."""
+def lines_station(root: Path, state_dir: Path, names: list[str], cameras: list[str] | None = None,
+                  **security) -> list[StationConfig]:
+    """The configs each line of a `lines:` station runs (one per name, all on `root`; each on the camera of the
+    same place in `cameras`, else all on the one camera a single-line station() has)."""
     from edge_runtime.lines_config import line_station_configs
 
+    cameras = cameras or ["scripted"] * len(names)
     data = {"bundle": str(root), "state_dir": str(state_dir), "security": security,
-            "lines": [{"name": n, "source": {"type": "scripted"}} for n in names]}
+            "lines": [{"name": n, "source": {"type": "folder", "path": f"/frames/{cam}"} if cam != "scripted"
+                       else {"type": "scripted"}} for n, cam in zip(names, cameras)]}
     return [c for _, c in line_station_configs(from_mapping(StationConfig, data, "test"))]
 
 
-def single_line(root: Path, state_dir: Path, **security) -> StationConfig:
+def single_line(root: Path, state_dir: Path, source: dict | None = None, **security) -> StationConfig:
     from edge_runtime.lines_config import line_station_configs
 
-    ((_, cfg),) = line_station_configs(station(root, state_dir, **security))
+    ((_, cfg),) = line_station_configs(station(root, state_dir, source, **security))
     return cfg
 
 
 def test_restructuring_the_station_file_keeps_the_floor(editor, tmp_path):
-    """Each line keeps its floor in state_dir/lines/<name>: a station rewritten with `lines:`, or a line renamed,
-    must not start that line with no floor at all (probe 33: 207 parts passed by an older bundle)."""
+    """Each line keeps its floor in state_dir/lines/<name>: a station rewritten with `lines:`, a line renamed, or
+    the old file restored must not start that camera with no floor, or with its folder's older one (probe 33:
+    207 parts passed by an older bundle after a rewrite; probe 36: after restoring the old file)."""
     state = tmp_path / "state"
     release(editor, 5)
     load_pipeline(single_line(editor.root, state))
     release(editor, 4)                                          # the older release, checksums intact
     (cam1,) = lines_station(editor.root, state, ["cam1"])
     with pytest.raises(BundleError, match=r"bundle_version 4 is lower than 5, the highest this station has loaded "
-                                          rf"\({state / VERSION_STATE_FILE}, left by a line or recipe"):
+                                          rf"\({state / VERSION_STATE_FILE}, recorded for the same camera"):
         load_pipeline(cam1)
     release(editor, 6)
     load_pipeline(cam1)
@@ -170,26 +175,28 @@ def test_restructuring_the_station_file_keeps_the_floor(editor, tmp_path):
     (cam2,) = lines_station(editor.root, state, ["cam2"])         # cam1 renamed: its floor is cam2's
     with pytest.raises(BundleError, match=r"bundle_version 5 is lower than 6, .*lines/cam1/bundle_version.json"):
         load_pipeline(cam2)
-    (back,) = lines_station(editor.root, state, ["cam1"])
-    with pytest.raises(BundleError, match=r"bundle_version 5 is lower than 6"):
-        load_pipeline(back)
-    # Back to one line without `lines:`: the root has a floor of its own (5), the highest one left by lines is 6,
-    # but a folder's own floor is what it goes by, as before.
-    assert load_pipeline(single_line(editor.root, state)).bundle.bundle_version == 5
+    # The old single-line file restored: its folder's own floor (5) is older than what the camera has run (6).
+    with pytest.raises(BundleError, match=r"bundle_version 5 is lower than 6, .*lines/cam1/bundle_version.json"):
+        load_pipeline(single_line(editor.root, state))
+    release(editor, 7)
+    assert load_pipeline(single_line(editor.root, state)).bundle.bundle_version == 7
 
 
-def test_two_live_lines_of_one_product_keep_independent_floors(editor, tmp_path):
-    """Two cameras of one product have bundles numbered independently: a floor of a line the file still has is
-    never another line's, so the second line's older-numbered bundle is not refused."""
+def test_cameras_of_one_product_keep_independent_floors_whatever_the_layout(editor, tmp_path):
+    """Two cameras of one product have bundles numbered independently: one camera's floor is never another's,
+    whether both are new lines or one was the station's single line before (probe 36: the old root floor blocked
+    a new second camera)."""
     state = tmp_path / "state"
     release(editor, 9)
-    top, side = lines_station(editor.root, state, ["top", "side"])
-    load_pipeline(top)
+    load_pipeline(single_line(editor.root, state, {"type": "folder", "path": "/frames/top"}))
+    top, side = lines_station(editor.root, state, ["top", "side"], cameras=["top", "side"])
     release(editor, 3)
-    assert load_pipeline(side).bundle.bundle_version == 3
+    assert load_pipeline(side).bundle.bundle_version == 3     # the new camera's own series
+    with pytest.raises(BundleError, match=r"bundle_version 3 is lower than 9"):
+        load_pipeline(top)                                      # the old single line's camera keeps its floor
 
 
-def test_a_floor_left_for_another_product_is_not_inherited(editor, tmp_path):
+def test_a_floor_recorded_for_another_product_is_not_inherited(editor, tmp_path):
     state = tmp_path / "state"
     release(editor, 9, product="bracket")
     load_pipeline(single_line(editor.root, state))

@@ -201,9 +201,10 @@ def test_gpio_lines_a_line_inherits_and_chip_names_count_too(tmp_path):
            "lines": [{"name": "l1", "source": {"type": "folder", "path": "x"}}]}
     with pytest.raises(ConfigError, match=r"outputs\[0\]: with `lines:` each line lists its own outputs; this gpio"):
         load_station(write(tmp_path, top))
-    named_log = {**top, "outputs": [{"type": "result_log", "path": "audit.jsonl"}]}
-    with pytest.raises(ConfigError, match=r"outputs\[0\]: with `lines:` each line records its parts in its own "
-                                          r"result log; audit.jsonl would stay empty"):
-        load_station(write(tmp_path, named_log))
+    for path in ("audit.jsonl", "results.jsonl"):   # the default's name too, once the file names it (probe 36)
+        named_log = {**top, "outputs": [{"type": "result_log", "path": path}]}
+        with pytest.raises(ConfigError, match=r"outputs\[0\]: with `lines:` each line records its parts in its own "
+                                              rf"result log; {path} would stay empty"):
+            load_station(write(tmp_path, named_log))
     no_outputs = {key: value for key, value in top.items() if key != "outputs"}
     assert load_station(write(tmp_path, no_outputs)).lines[0].name == "l1"
