@@ -150,11 +150,15 @@ class SoftwareTrigger(Trigger):
         self.fired = 0
         self.overruns = 0
 
-    def fire(self, at: float | None = None) -> None:
+    def fire(self, at: float | None = None, sent_age_s: float | None = None) -> None:
         """A part is there now (`at`: its time.monotonic(), default: when it was read, or the start of a freeze
-        of this process it was read right after: FreezeWatch)."""
+        of this process it was read right after: FreezeWatch; `sent_age_s`: how long ago the sender says it sent
+        the trigger, when it says so: a broker that held it counts against max_age too)."""
         if at is None:
-            at = self._freeze_watch.earliest(time.monotonic())
+            now = time.monotonic()
+            at = self._freeze_watch.earliest(now)
+            if sent_age_s is not None and sent_age_s > 0:
+                at = min(at, now - sent_age_s)
         if self.on_fire is not None:
             self.on_fire()   # before the loop can capture: nothing of the previous part is readable after this
         with self._cond:

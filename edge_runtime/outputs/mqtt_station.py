@@ -21,6 +21,7 @@ line's bus starts and closes (draining, lines and node said offline) when the la
 from __future__ import annotations
 
 import json
+import math
 import logging
 import threading
 import time
@@ -162,7 +163,8 @@ class LineMqtt(Output):
         if handler is not None:
             handler(name, payload)
         elif name == "trigger" and cfg.allow_trigger and self._fire is not None:
-            self._fire()
+            age = trigger_sent_age(payload)
+            self._fire() if age is None else self._fire(sent_age_s=age)
         elif name == "recipe" and cfg.allow_recipe and self._recipes is not None:
             key: str | int = payload.decode("utf-8", "replace").strip()
             if isinstance(key, str) and key.isdigit():
@@ -176,6 +178,21 @@ class LineMqtt(Output):
                    "recipe": "needs mqtt.allow_recipe and recipes on this line",
                    "rollout": "needs rollout.enabled"}.get(name, f"unknown command (known: {', '.join(LINE_COMMANDS)})")
             log.warning("%s: command %r refused: %s", self.name, name, why)
+
+
+def trigger_sent_age(payload: bytes) -> float | None:
+    """Seconds since the plant sent a trigger whose payload says when: {"sent_at": <Unix seconds>}. A broker
+    that stalls holds a trigger as long as it likes (MQTT 3.1.1 has no expiry): an 8 s old trigger was captured
+    as a fresh part (probe 37). None when the payload does not say (any other payload fires as before)."""
+    if not payload.strip().startswith(b"{"):
+        return None
+    try:
+        sent = json.loads(payload[:1024]).get("sent_at")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(sent, bool) or not isinstance(sent, (int, float)) or not math.isfinite(sent):
+        return None
+    return time.time() - float(sent)
 
 
 class StationMqtt(MqttOutput):

@@ -157,3 +157,21 @@ def test_gpio_trigger_uses_the_edge_timestamp_and_drains_only_an_open_line():
     assert (event.at, event.missed) == (10.5, 1) and trig.max_age_ms == 100
     line.push_edge(at=11.0)
     assert [e.at for e in trig.drain()] == [11.0]
+
+
+def test_a_trigger_that_says_when_it_was_sent_is_as_old_as_that():
+    """An MQTT broker that stalls holds a trigger as long as it likes (probe 37: captured 8 s late as a fresh
+    part). A payload {"sent_at": <Unix seconds>} dates it from then; any other payload fires as before."""
+    import time
+
+    from edge_runtime.outputs.mqtt_station import trigger_sent_age
+
+    assert trigger_sent_age(b"") is None and trigger_sent_age(b"1") is None
+    assert trigger_sent_age(b'{"sent_at": "yesterday"}') is None and trigger_sent_age(b"{broken") is None
+    assert trigger_sent_age(b'{"sent_at": NaN}') is None
+    assert trigger_sent_age(f'{{"sent_at": {time.time() - 8.0}}}'.encode()) == pytest.approx(8.0, abs=0.5)
+    trig = SoftwareTrigger(SoftwareTriggerConfig(max_age_ms=250))
+    trig.fire(sent_age_s=8.0)
+    assert trig.wait(0.0).age_ms() >= 8000 > trig.max_age_ms     # answered FAULT (expired), not captured
+    trig.fire(sent_age_s=-3.0)                                     # a sender clock ahead: dated when read
+    assert trig.wait(0.0).age_ms() < 1000
