@@ -20,6 +20,7 @@ line's bus starts and closes (draining, lines and node said offline) when the la
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import logging
@@ -70,6 +71,9 @@ def validate_station_mqtt(mqtt: StationMqttConfig | None, outputs: list, lines: 
                              f"({', '.join(RESERVED_LINE_NAMES)}); choose another line name")
 
 
+RECENT_TRIGGERS = 64   # trigger identities remembered to refuse a second delivery of the same one
+
+
 class LineMqtt(Output):
     """One line's view of the station's MQTT connection: an Output on that line's bus. Its records go to
     <prefix>/<line>/result through the shared outbox; its ready/fault and state provider make <prefix>/<line>/state."""
@@ -92,6 +96,7 @@ class LineMqtt(Output):
         self._state_provider: StateProvider | None = None
         self._handlers: dict[str, CommandHandler] = {}
         self._fire: Callable[[], None] | None = None
+        self._recent_triggers: collections.deque = collections.deque(maxlen=RECENT_TRIGGERS)
         self._recipes = None
         self._last_bundle_id: str | None = None
 
@@ -163,7 +168,15 @@ class LineMqtt(Output):
         if handler is not None:
             handler(name, payload)
         elif name == "trigger" and cfg.allow_trigger and self._fire is not None:
-            age = trigger_sent_age(payload)
+            age, identity = parse_trigger(payload)
+            if identity is not None:
+                if identity in self._recent_triggers:
+                    # QoS 1 is at-least-once: a broker or a plant client resending after a reconnect delivers
+                    # the same trigger twice, and a second capture would answer one part twice.
+                    self.commands_refused += 1
+                    log.warning("%s: trigger %s refused: delivered twice", self.name, identity)
+                    return
+                self._recent_triggers.append(identity)
             self._fire() if age is None else self._fire(sent_age_s=age)
         elif name == "recipe" and cfg.allow_recipe and self._recipes is not None:
             key: str | int = payload.decode("utf-8", "replace").strip()
@@ -180,19 +193,28 @@ class LineMqtt(Output):
             log.warning("%s: command %r refused: %s", self.name, name, why)
 
 
-def trigger_sent_age(payload: bytes) -> float | None:
-    """Seconds since the plant sent a trigger whose payload says when: {"sent_at": <Unix seconds>}. A broker
-    that stalls holds a trigger as long as it likes (MQTT 3.1.1 has no expiry): an 8 s old trigger was captured
-    as a fresh part (probe 37). None when the payload does not say (any other payload fires as before)."""
+def parse_trigger(payload: bytes) -> tuple[float | None, tuple | None]:
+    """(seconds since the plant sent it, its identity) of a trigger whose payload says so: {"sent_at": <Unix
+    seconds>, "id": <any>}, either key optional; (None, None) for any other payload (it fires as before).
+
+    A broker that stalls holds a trigger as long as it likes (MQTT 3.1.1 has no expiry): an 8 s old trigger was
+    captured as a fresh part (probe 37); with `sent_at` it is as old as it is. The identity (id, sent_at) lets a
+    second delivery of the same trigger be refused."""
     if not payload.strip().startswith(b"{"):
-        return None
+        return None, None
     try:
-        sent = json.loads(payload[:1024]).get("sent_at")
-    except (ValueError, AttributeError):
-        return None
+        body = json.loads(payload[:1024])
+    except ValueError:
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    sent = body.get("sent_at")
     if isinstance(sent, bool) or not isinstance(sent, (int, float)) or not math.isfinite(sent):
-        return None
-    return time.time() - float(sent)
+        sent = None
+    ident = body.get("id")
+    ident = ident if isinstance(ident, (str, int)) and not isinstance(ident, bool) else None
+    identity = (ident, sent) if (ident is not None or sent is not None) else None
+    return (None if sent is None else time.time() - float(sent)), identity
 
 
 class StationMqtt(MqttOutput):

@@ -159,19 +159,35 @@ def test_gpio_trigger_uses_the_edge_timestamp_and_drains_only_an_open_line():
     assert [e.at for e in trig.drain()] == [11.0]
 
 
-def test_a_trigger_that_says_when_it_was_sent_is_as_old_as_that():
+def test_a_trigger_that_says_when_it_was_sent_is_as_old_as_that_and_is_served_once():
     """An MQTT broker that stalls holds a trigger as long as it likes (probe 37: captured 8 s late as a fresh
-    part). A payload {"sent_at": <Unix seconds>} dates it from then; any other payload fires as before."""
+    part). A payload {"sent_at": <Unix seconds>, "id": ...} dates it from then, and a second delivery of the same
+    one (QoS 1 is at-least-once) is refused; any other payload fires as before."""
     import time
+    from types import SimpleNamespace
 
-    from edge_runtime.outputs.mqtt_station import trigger_sent_age
+    from edge_runtime.outputs.mqtt_station import LineMqtt, parse_trigger
 
-    assert trigger_sent_age(b"") is None and trigger_sent_age(b"1") is None
-    assert trigger_sent_age(b'{"sent_at": "yesterday"}') is None and trigger_sent_age(b"{broken") is None
-    assert trigger_sent_age(b'{"sent_at": NaN}') is None
-    assert trigger_sent_age(f'{{"sent_at": {time.time() - 8.0}}}'.encode()) == pytest.approx(8.0, abs=0.5)
+    assert parse_trigger(b"") == (None, None) and parse_trigger(b"1") == (None, None)
+    assert parse_trigger(b'{"sent_at": "yesterday"}') == (None, None) and parse_trigger(b"{broken") == (None, None)
+    assert parse_trigger(b'{"sent_at": NaN}') == (None, None) and parse_trigger(b"[1]") == (None, None)
+    age, identity = parse_trigger(f'{{"sent_at": {time.time() - 8.0}}}'.encode())
+    assert age == pytest.approx(8.0, abs=0.5) and identity is not None
     trig = SoftwareTrigger(SoftwareTriggerConfig(max_age_ms=250))
     trig.fire(sent_age_s=8.0)
     assert trig.wait(0.0).age_ms() >= 8000 > trig.max_age_ms     # answered FAULT (expired), not captured
     trig.fire(sent_age_s=-3.0)                                     # a sender clock ahead: dated when read
     assert trig.wait(0.0).age_ms() < 1000
+
+    station = SimpleNamespace(cfg=SimpleNamespace(allow_trigger=True, allow_recipe=False, host="broker", port=1883,
+                                                  topic_prefix="plant/station"))
+    line = LineMqtt(station, "left")
+    fired = []
+    line.bind_trigger(lambda **kw: fired.append(kw))
+    sent = f'{{"sent_at": {time.time()}, "id": 17}}'.encode()
+    line.command("trigger", sent)
+    line.command("trigger", sent)                                  # the broker's redelivery
+    line.command("trigger", b"")
+    line.command("trigger", b"")                                   # no identity: two triggers
+    assert len(fired) == 3 and "sent_age_s" in fired[0] and fired[1] == fired[2] == {}
+    assert line.commands_refused == 1
