@@ -108,12 +108,20 @@ def station_floor(scope: FloorScope, product: str | None, own_dir: str) -> tuple
     return best
 
 
+def _recorded_source(state_dir: str) -> str | None:
+    try:
+        record = json.loads((Path(state_dir) / VERSION_STATE_FILE).read_bytes()[:4096])
+    except (OSError, ValueError):
+        return None
+    return record.get("source") if isinstance(record, dict) else None
+
+
 def check_admission(bundle: Bundle, product: str | None, allow_downgrade: bool, state_dir: str | None,
                     current: Bundle | None = None, scope: FloorScope | None = None) -> None:
     """Refuse (BundleError naming both values) a bundle for another product, or older than what was loaded.
 
     `current` is the bundle in service (a reload must not go below it even without a state_dir). `scope`: the
-    station's floors, for a folder that has none of its own yet (inherited_floor).
+    station's floors: those of the same camera and product in its other folders count too (station_floor).
     """
     where = bundle.root
     if product is not None and bundle.product != product:
@@ -151,8 +159,11 @@ def record_loaded(bundle: Bundle, state_dir: str | None, source: str | None = No
     version = bundle.release_version
     if not state_dir or version is None:
         return
-    if (recorded_version(state_dir) or -1) >= version:
+    recorded = recorded_version(state_dir)
+    if recorded is not None and recorded > version:
         return
+    if recorded == version and (source is None or _recorded_source(state_dir) is not None):
+        return   # (a record from before cameras were recorded gets its camera, so it stops counting for all)
     folder = Path(state_dir)
     path = folder / VERSION_STATE_FILE
     tmp = folder / (VERSION_STATE_FILE + ".tmp")

@@ -220,3 +220,21 @@ def test_a_renamed_recipe_keeps_its_floor(editor, tmp_path):
     release(editor, 4)
     with pytest.raises(BundleError, match=r"bundle_version 4 is lower than 5, .*recipes/a/bundle_version.json"):
         load_pipeline(recipe_cfg("a_renamed"))
+
+
+def test_a_floor_recorded_before_cameras_were_gets_its_camera_at_the_next_load(editor, tmp_path):
+    """A record without a camera counts for every camera of its product (the safe reading); loading the same
+    version again records the camera, so a second camera is no longer held to it."""
+    state = tmp_path / "state"
+    release(editor, 9)
+    (state / "lines" / "top").mkdir(parents=True)
+    (state / "lines" / "top" / VERSION_STATE_FILE).write_text(json.dumps({"bundle_version": 9, "product": "flange"}))
+    top, side = lines_station(editor.root, state, ["top", "side"], cameras=["top", "side"])
+    release(editor, 3)
+    with pytest.raises(BundleError, match=r"bundle_version 3 is lower than 9"):
+        load_pipeline(side)
+    release(editor, 9)
+    load_pipeline(top)
+    assert json.loads((state / "lines" / "top" / VERSION_STATE_FILE).read_text())["source"] == "folder:/frames/top"
+    release(editor, 3)
+    assert load_pipeline(side).bundle.bundle_version == 3
