@@ -53,21 +53,28 @@ def recorded_version(state_dir: str | None) -> int | None:
 
 @dataclass(frozen=True)
 class FloorScope:
-    """Where a station keeps its version floors (`root`, its state_dir) and which camera this line inspects with
-    (`source`, e.g. "camera:/dev/video0"; recorded with each floor)."""
+    """Where a station keeps its version floors (`root`, its state_dir), which camera this line inspects with
+    (`source`, e.g. "camera:/dev/video0"; recorded with each floor) and the cameras of the station's other lines
+    (`others`: their floors are theirs)."""
 
     root: str
     source: str | None = None
+    others: frozenset[str] = frozenset()
 
 
 def source_key(src) -> str | None:
-    """A line's camera identity for its floor records: the source's type and device, path or URL."""
+    """A line's camera identity for its floor records: the source's type and device, path or URL, one spelling
+    per device (an index N is /dev/videoN; a /dev/v4l/by-id link is the device it names, when it is there)."""
     kind = getattr(src, "type", None)
     if kind is None:
         return None
     ident = getattr(src, "device", None)
+    if isinstance(ident, int) and not isinstance(ident, bool):
+        ident = f"/dev/video{ident}"
     if ident is None:
         ident = getattr(src, "path", None)
+    if isinstance(ident, str) and ident.startswith("/") and "://" not in ident:
+        ident = os.path.realpath(ident)
     return f"{kind}:{ident}" if ident is not None else str(kind)
 
 
@@ -88,7 +95,9 @@ def station_floor(scope: FloorScope, product: str | None, own_dir: str) -> tuple
     independently), so the folder changes when the station file is restructured (a single line rewritten as
     `lines:`, a line or recipe renamed) and changes back when the old file is restored. Either way the floor of
     the camera and product goes with it (probe 33: a rewrite with `lines:` served an older bundle for 207 parts;
-    probe 36: restoring the old file did). A record from before sources were recorded counts for every camera."""
+    probe 36: restoring the old file did). Only the floors of cameras the station's other lines use now are left
+    out (two cameras of one product keep their own series); a camera spelled otherwise (probe 38: device 0 and
+    its /dev/v4l/by-id link) or replaced counts, on the safe side."""
     best: tuple[int, Path] | None = None
     own = os.path.normpath(own_dir)
     for path in _floor_files(scope.root):
@@ -101,8 +110,10 @@ def station_floor(scope: FloorScope, product: str | None, own_dir: str) -> tuple
             record = {}
         if not isinstance(record, dict) or record.get("product") != product:
             continue
-        if "source" in record and record["source"] != scope.source:
-            continue   # another camera's series
+        if "source" in record and record["source"] != scope.source and record["source"] in scope.others:
+            continue   # another line's camera: its own series
+        # Same camera, a record from before cameras were recorded, or a camera no line of the file names now (it
+        # may be this one spelled another way, or replaced): it counts; the message names the file to remove.
         if version is not None and (best is None or version > best[0]):
             best = (version, path)
     return best
@@ -133,9 +144,9 @@ def check_admission(bundle: Bundle, product: str | None, allow_downgrade: bool, 
     if state_dir and scope is not None:
         other = station_floor(scope, bundle.product, state_dir)
         if other is not None and (floor is None or other[0] > floor):
-            floor, source = other[0], (f"{other[1]}, recorded for the same camera and product under another line "
-                                       "or recipe name of this station; remove that file deliberately if it is "
-                                       "not this camera's")
+            floor, source = other[0], (f"{other[1]}, recorded for this product under another line or recipe name "
+                                       "of this station, by this camera or one no line names now; remove that "
+                                       "file deliberately if it is not this camera's")
     serving = current.release_version if current is not None else None
     if serving is not None and (floor is None or serving > floor):
         floor, source = serving, f"bundle {current.bundle_id} in service"

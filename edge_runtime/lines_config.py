@@ -166,7 +166,9 @@ def line_station_configs(cfg) -> list[tuple[str | None, object]]:
             roi=ln.roi if ln.roi is not None else cfg.roi, size_policy=ln.size_policy or cfg.size_policy,
             inference=dataclasses.replace(cfg.inference, threads=ln.threads or share),
             state_dir=state_dir, lines=[],
-            floor_scope=FloorScope(cfg.state_dir, source_key(ln.source)) if cfg.state_dir else None)
+            floor_scope=FloorScope(cfg.state_dir, source_key(ln.source),
+                                   frozenset(source_key(o.source) for o in lines if o is not ln) - {None})
+            if cfg.state_dir else None)
         out.append((ln.name, line_cfg))
     return out
 

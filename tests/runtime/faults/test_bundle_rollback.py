@@ -166,7 +166,7 @@ def test_restructuring_the_station_file_keeps_the_floor(editor, tmp_path):
     release(editor, 4)                                          # the older release, checksums intact
     (cam1,) = lines_station(editor.root, state, ["cam1"])
     with pytest.raises(BundleError, match=r"bundle_version 4 is lower than 5, the highest this station has loaded "
-                                          rf"\({state / VERSION_STATE_FILE}, recorded for the same camera"):
+                                          rf"\({state / VERSION_STATE_FILE}, recorded for this product under another"):
         load_pipeline(cam1)
     release(editor, 6)
     load_pipeline(cam1)
@@ -194,6 +194,24 @@ def test_cameras_of_one_product_keep_independent_floors_whatever_the_layout(edit
     assert load_pipeline(side).bundle.bundle_version == 3     # the new camera's own series
     with pytest.raises(BundleError, match=r"bundle_version 3 is lower than 9"):
         load_pipeline(top)                                      # the old single line's camera keeps its floor
+
+
+def test_a_camera_spelled_another_way_keeps_its_floor(editor, tmp_path):
+    """Probe 38: device 0 in the old single-line file and /dev/video0 or a /dev/v4l/by-id link in the new `lines:`
+    are one camera: an index is /dev/videoN, a link the device it names; a spelling that still differs names a
+    camera no line uses now, and its floor counts (safe side)."""
+    from edge_runtime.lines_config import line_station_configs
+
+    state = tmp_path / "state"
+    release(editor, 5)
+    load_pipeline(single_line(editor.root, state, {"type": "camera", "device": 0}))
+    release(editor, 4)
+    for device in ("/dev/video0", "/dev/v4l/by-id/usb-Acme_Cam_1234-video-index0"):
+        data = {"bundle": str(editor.root), "state_dir": str(state),
+                "lines": [{"name": "l1", "source": {"type": "camera", "device": device}}]}
+        ((_, l1),) = line_station_configs(from_mapping(StationConfig, data, "test"))
+        with pytest.raises(BundleError, match=r"bundle_version 4 is lower than 5"):
+            load_pipeline(l1)
 
 
 def test_a_floor_recorded_for_another_product_is_not_inherited(editor, tmp_path):
