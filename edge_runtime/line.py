@@ -111,7 +111,8 @@ class Line:
             if hasattr(out, "bind_state"):   # MQTT, OPC UA: state, bundle and counters for the plant
                 out.bind_state(self.plant_state)
             if hasattr(out, "bind_trigger") and isinstance(self.trigger, SoftwareTrigger):
-                out.bind_trigger(self.trigger.fire)   # OPC UA StartSingleJob, like POST /trigger
+                # OPC UA StartSingleJob and MQTT cmd/trigger, like POST /trigger
+                out.bind_trigger(self.trigger.fire, withdraw=self.bus.trigger_accepted)
             if hasattr(out, "bind_commands") and self.rollout is not None:
                 out.bind_commands(self.rollout.on_command)   # MQTT <prefix>/cmd/rollout
         self._source = source

@@ -21,6 +21,7 @@ line's bus starts and closes (draining, lines and node said offline) when the la
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import json
 import math
 import logging
@@ -71,7 +72,10 @@ def validate_station_mqtt(mqtt: StationMqttConfig | None, outputs: list, lines: 
                              f"({', '.join(RESERVED_LINE_NAMES)}); choose another line name")
 
 
-RECENT_TRIGGERS = 64   # trigger identities remembered to refuse a second delivery of the same one
+RECENT_TRIGGERS = 256      # trigger ids remembered to refuse a second delivery of the same one ...
+DUPLICATE_WINDOW_S = 10.0  # ... for this long (a redelivery follows a reconnect; a PLC's counter may wrap later)
+MAX_TRIGGER_PAYLOAD = 16384
+MILLISECONDS_FROM = 1e11   # a sent_at above this is milliseconds (1e11 s is the year 5138)
 
 
 class LineMqtt(Output):
@@ -96,7 +100,8 @@ class LineMqtt(Output):
         self._state_provider: StateProvider | None = None
         self._handlers: dict[str, CommandHandler] = {}
         self._fire: Callable[[], None] | None = None
-        self._recent_triggers: collections.deque = collections.deque(maxlen=RECENT_TRIGGERS)
+        self._recent_triggers: collections.deque = collections.deque(maxlen=RECENT_TRIGGERS)  # (id, monotonic)
+        self._withdraw: Callable[[], None] | None = None   # the line's bus.trigger_accepted
         self._recipes = None
         self._last_bundle_id: str | None = None
 
@@ -108,9 +113,11 @@ class LineMqtt(Output):
         """The line's rollout manager: <prefix>/<line>/cmd/rollout."""
         self._handlers["rollout"] = handler
 
-    def bind_trigger(self, fire: Callable[[], None]) -> None:
-        """The line's software trigger: <prefix>/<line>/cmd/trigger when `allow_trigger`."""
+    def bind_trigger(self, fire: Callable[..., None], withdraw: Callable[[], None] | None = None) -> None:
+        """The line's software trigger: <prefix>/<line>/cmd/trigger when `allow_trigger`; `withdraw`: the previous
+        verdict withdrawn without a capture (a refused second delivery)."""
         self._fire = fire
+        self._withdraw = withdraw
 
     def bind_recipes(self, switcher) -> None:
         """The line's RecipeSwitcher: <prefix>/<line>/cmd/recipe when `allow_recipe`."""
@@ -168,15 +175,24 @@ class LineMqtt(Output):
         if handler is not None:
             handler(name, payload)
         elif name == "trigger" and cfg.allow_trigger and self._fire is not None:
-            age, identity = parse_trigger(payload)
-            if identity is not None:
-                if identity in self._recent_triggers:
-                    # QoS 1 is at-least-once: a broker or a plant client resending after a reconnect delivers
-                    # the same trigger twice, and a second capture would answer one part twice.
-                    self.commands_refused += 1
-                    log.warning("%s: trigger %s refused: delivered twice", self.name, identity)
-                    return
-                self._recent_triggers.append(identity)
+            age, ident, problem = parse_trigger(payload)
+            if problem is not None:
+                log.warning("%s: trigger dated on arrival: %s", self.name, problem)
+            now = time.monotonic()
+            while self._recent_triggers and now - self._recent_triggers[0][1] > DUPLICATE_WINDOW_S:
+                self._recent_triggers.popleft()
+            if ident is not None and any(seen == ident for seen, _ in self._recent_triggers):
+                # QoS 1 is at-least-once: a broker or a plant client resending after a reconnect delivers the
+                # same trigger twice, and a second capture would answer one part twice. The previous verdict
+                # is withdrawn all the same: whatever the PLC reads now is not an OK (probe 38).
+                self.commands_refused += 1
+                log.warning("%s: trigger id %r refused: delivered again within %g s", self.name, ident,
+                            DUPLICATE_WINDOW_S)
+                if self._withdraw is not None:
+                    self._withdraw()
+                return
+            if ident is not None:
+                self._recent_triggers.append((ident, now))
             self._fire() if age is None else self._fire(sent_age_s=age)
         elif name == "recipe" and cfg.allow_recipe and self._recipes is not None:
             key: str | int = payload.decode("utf-8", "replace").strip()
@@ -193,28 +209,41 @@ class LineMqtt(Output):
             log.warning("%s: command %r refused: %s", self.name, name, why)
 
 
-def parse_trigger(payload: bytes) -> tuple[float | None, tuple | None]:
-    """(seconds since the plant sent it, its identity) of a trigger whose payload says so: {"sent_at": <Unix
-    seconds>, "id": <any>}, either key optional; (None, None) for any other payload (it fires as before).
+def parse_trigger(payload: bytes) -> tuple[float | None, object | None, str | None]:
+    """(seconds since the plant sent it, its id, what could not be read) of a trigger whose payload is a JSON
+    object with `sent_at` (Unix seconds, or milliseconds as JavaScript's Date.now() gives, or an ISO 8601 time
+    with its zone) and/or `id` (unique per trigger); (None, None, None) for any other payload (fires as before).
 
     A broker that stalls holds a trigger as long as it likes (MQTT 3.1.1 has no expiry): an 8 s old trigger was
-    captured as a fresh part (probe 37); with `sent_at` it is as old as it is. The identity (id, sent_at) lets a
-    second delivery of the same trigger be refused."""
+    captured as a fresh part (probe 37); with `sent_at` it is as old as it is."""
     if not payload.strip().startswith(b"{"):
-        return None, None
+        return None, None, None
+    if len(payload) > MAX_TRIGGER_PAYLOAD:
+        return None, None, f"payload of {len(payload)} bytes (over {MAX_TRIGGER_PAYLOAD}): not read"
     try:
-        body = json.loads(payload[:1024])
+        body = json.loads(payload)
     except ValueError:
-        return None, None
+        return None, None, "payload starts like JSON but is not"
     if not isinstance(body, dict):
-        return None, None
-    sent = body.get("sent_at")
-    if isinstance(sent, bool) or not isinstance(sent, (int, float)) or not math.isfinite(sent):
-        sent = None
+        return None, None, None
     ident = body.get("id")
     ident = ident if isinstance(ident, (str, int)) and not isinstance(ident, bool) else None
-    identity = (ident, sent) if (ident is not None or sent is not None) else None
-    return (None if sent is None else time.time() - float(sent)), identity
+    sent, problem = body.get("sent_at"), None
+    when: float | None = None
+    if isinstance(sent, str):
+        try:
+            parsed = dt.datetime.fromisoformat(sent)
+            if parsed.tzinfo is None:
+                problem = f"sent_at {sent!r} has no time zone"
+            else:
+                when = parsed.timestamp()
+        except ValueError:
+            problem = f"sent_at {sent!r} is not an ISO 8601 time"
+    elif isinstance(sent, (int, float)) and not isinstance(sent, bool) and math.isfinite(sent):
+        when = float(sent) / 1000.0 if sent > MILLISECONDS_FROM else float(sent)
+    elif sent is not None:
+        problem = f"sent_at {sent!r} is neither Unix seconds nor an ISO 8601 time"
+    return (None if when is None else time.time() - when), ident, problem
 
 
 class StationMqtt(MqttOutput):

@@ -182,8 +182,9 @@ class OpcUaServer(Output):
     def bind_state(self, provider: Callable[[], dict[str, Any]]) -> None:
         self._state_provider = provider
 
-    def bind_trigger(self, fire: Callable[[], None]) -> None:
-        """The station's software trigger (StartSingleJob fires it when allow_trigger is set)."""
+    def bind_trigger(self, fire: Callable[[], None], withdraw: Callable[[], None] | None = None) -> None:
+        """The station's software trigger (StartSingleJob fires it when allow_trigger is set; firing withdraws the
+        previous verdict itself, so `withdraw` is not needed here)."""
         self._fire = fire
 
     def bind_recipes(self, switcher) -> None:

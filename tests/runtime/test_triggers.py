@@ -161,18 +161,25 @@ def test_gpio_trigger_uses_the_edge_timestamp_and_drains_only_an_open_line():
 
 def test_a_trigger_that_says_when_it_was_sent_is_as_old_as_that_and_is_served_once():
     """An MQTT broker that stalls holds a trigger as long as it likes (probe 37: captured 8 s late as a fresh
-    part). A payload {"sent_at": <Unix seconds>, "id": ...} dates it from then, and a second delivery of the same
-    one (QoS 1 is at-least-once) is refused; any other payload fires as before."""
+    part). `sent_at` (Unix seconds or milliseconds, or ISO 8601 with a zone) dates it from then; a second
+    delivery of the same `id` within 10 s (QoS 1 is at-least-once) is refused and withdraws the previous verdict;
+    whole-second sent_at values and ids reused later are new triggers (probe 38)."""
     import time
     from types import SimpleNamespace
 
+    from edge_runtime.outputs import mqtt_station
     from edge_runtime.outputs.mqtt_station import LineMqtt, parse_trigger
 
-    assert parse_trigger(b"") == (None, None) and parse_trigger(b"1") == (None, None)
-    assert parse_trigger(b'{"sent_at": "yesterday"}') == (None, None) and parse_trigger(b"{broken") == (None, None)
-    assert parse_trigger(b'{"sent_at": NaN}') == (None, None) and parse_trigger(b"[1]") == (None, None)
-    age, identity = parse_trigger(f'{{"sent_at": {time.time() - 8.0}}}'.encode())
-    assert age == pytest.approx(8.0, abs=0.5) and identity is not None
+    assert parse_trigger(b"") == (None, None, None) and parse_trigger(b"1") == (None, None, None)
+    assert parse_trigger(b"[1]") == (None, None, None)
+    assert "not an ISO 8601 time" in parse_trigger(b'{"sent_at": "yesterday"}')[2]
+    assert "not" in parse_trigger(b"{broken")[2] and parse_trigger(b'{"sent_at": NaN}')[0] is None
+    now = time.time()
+    for payload in (f'{{"sent_at": {now - 8.0}}}', f'{{"sent_at": {int((now - 8.0) * 1000)}}}',
+                    '{"sent_at": "%s"}' % time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - 8.0))):
+        assert parse_trigger(payload.encode())[0] == pytest.approx(8.0, abs=1.5), payload
+    assert "no time zone" in parse_trigger(b'{"sent_at": "2026-12-02T10:00:00"}')[2]
+    assert parse_trigger(b'{"id": 7, "pad": "' + b"x" * 20000 + b'"}')[2].startswith("payload of")
     trig = SoftwareTrigger(SoftwareTriggerConfig(max_age_ms=250))
     trig.fire(sent_age_s=8.0)
     assert trig.wait(0.0).age_ms() >= 8000 > trig.max_age_ms     # answered FAULT (expired), not captured
@@ -182,12 +189,15 @@ def test_a_trigger_that_says_when_it_was_sent_is_as_old_as_that_and_is_served_on
     station = SimpleNamespace(cfg=SimpleNamespace(allow_trigger=True, allow_recipe=False, host="broker", port=1883,
                                                   topic_prefix="plant/station"))
     line = LineMqtt(station, "left")
-    fired = []
-    line.bind_trigger(lambda **kw: fired.append(kw))
+    fired, withdrawn = [], []
+    line.bind_trigger(lambda **kw: fired.append(kw), withdraw=lambda: withdrawn.append(1))
+    whole_second = f'{{"sent_at": {int(time.time())}}}'.encode()
+    for _ in range(3):
+        line.command("trigger", whole_second)                     # three parts within one second: three triggers
     sent = f'{{"sent_at": {time.time()}, "id": 17}}'.encode()
     line.command("trigger", sent)
     line.command("trigger", sent)                                  # the broker's redelivery
-    line.command("trigger", b"")
-    line.command("trigger", b"")                                   # no identity: two triggers
-    assert len(fired) == 3 and "sent_age_s" in fired[0] and fired[1] == fired[2] == {}
-    assert line.commands_refused == 1
+    assert len(fired) == 4 and withdrawn == [1] and line.commands_refused == 1
+    line._recent_triggers[-1] = (17, time.monotonic() - mqtt_station.DUPLICATE_WINDOW_S - 1)
+    line.command("trigger", b'{"id": 17}')                         # a PLC counter come round again, later
+    assert len(fired) == 5
