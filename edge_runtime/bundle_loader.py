@@ -112,6 +112,13 @@ def check_station_against(cfg: StationConfig, bundle: Bundle) -> None:
             raise StationMismatch(f"station file inference.review_threshold: {review} must lie between 0 and the "
                                   f"bundle's {variant.name} threshold {variant.threshold:.4f} (REVIEW is the band "
                                   "just below it)")
+        if variant.review_threshold is not None and review > variant.review_threshold:
+            # The bundle's band may be where fit put the calibration defects it could not make NG (--max-frr):
+            # a narrower one from the station file (a leftover from the previous bundle) passed 4 of 5 as OK
+            # (probe 38). Widening it is the station's choice; narrowing it is refitting.
+            raise StationMismatch(f"station file inference.review_threshold: {review} is above the bundle's "
+                                  f"{variant.name} REVIEW band, which starts at {variant.review_threshold:.4f}: "
+                                  "parts between them would be OK; remove the key, or set it at or below that")
 
 
 def release_freed_memory() -> None:

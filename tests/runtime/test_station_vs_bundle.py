@@ -157,3 +157,26 @@ def test_validate_checks_the_bundle_a_committed_rollout_put_in_service(small_bun
     (state / ROLLOUT_STATE_FILE).unlink()                      # without the rollout's record: v1 is below the floor
     assert runtime_main(["validate", str(out)]) == 2
     assert "lower than" in capsys.readouterr().err
+
+
+def test_a_station_may_widen_the_bundles_review_band_never_narrow_it(small_bundle, tmp_path):
+    """The bundle's band may be where fit put calibration defects it could not make NG (--max-frr): a station
+    file's higher review_threshold (a leftover) made 4 of 5 of them OK (probe 38)."""
+    import shutil
+
+    from edge_runtime.bundle import MANIFEST, content_id
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(small_bundle, copy)
+    m = yaml.safe_load((copy / MANIFEST).read_text())
+    threshold = m["variants"]["int8"]["threshold"]
+    m["variants"]["int8"]["review_threshold"] = threshold * 0.8
+    m["bundle_id"] = content_id(m)
+    (copy / MANIFEST).write_text(yaml.safe_dump(m, sort_keys=False))
+    bundle = Bundle.load(copy)
+    narrower = load_station(station(tmp_path, copy, **{"inference.review_threshold": threshold * 0.9}))
+    with pytest.raises(StationMismatch, match=r"inference.review_threshold: .* is above the bundle's int8 REVIEW "
+                                              r"band, which starts at .*: parts between them would be OK"):
+        check_station_against(narrower, bundle)
+    wider = load_station(station(tmp_path, copy, **{"inference.review_threshold": threshold * 0.7}))
+    check_station_against(wider, bundle)
