@@ -329,9 +329,11 @@ def test_a_driver_cycling_through_its_buffers_and_a_frozen_picture_under_a_live_
     overlaid = []
     for i in range(3):
         frame = frozen.copy()
-        frame[:16] = textured(100 + i)[:16]          # a live timestamp over the top 16 rows
+        frame[:48] = textured(100 + i)[:48]          # a live overlay over the top fifth (probe 38: 10% passed)
         overlaid.append(frame)
     assert [isinstance(r, SourceError) for r in reads(overlaid)] == [False, True, True]
+    six = [textured(20 + i) for i in range(6)]       # probe 38: five or more buffers passed a 4-frame history
+    assert [isinstance(r, SourceError) for r in reads(six + [f.copy() for f in six])] == [False] * 6 + [True] * 6
 
 
 def test_flat_and_clipped_scenes_and_allowed_repeats_are_delivered():
@@ -341,7 +343,9 @@ def test_flat_and_clipped_scenes_and_allowed_repeats_are_delivered():
     flat = np.full((240, 320, 3), 17, np.uint8)
     silhouette = np.zeros((240, 320, 3), np.uint8)
     silhouette[:, 100:220] = 255
-    for frames in ([flat] * 3, [silhouette] * 3):
+    mono12 = np.zeros((240, 320), np.uint16)          # probe 38: a 12-bit camera clips at 4095, not 65535
+    mono12[:, 100:220] = 4095
+    for frames in ([flat] * 3, [silhouette] * 3, [mono12] * 3, [mono12 << 4] * 3):
         assert all(not isinstance(r, SourceError) for r in reads(frames))
     still = textured(8)
     assert all(not isinstance(r, SourceError) for r in reads([still] * 3, repeated_frames="allow"))
