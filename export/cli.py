@@ -386,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("bundle", help="bundle directory from edge-export fit (fitted with cross-fitting)")
     rc.add_argument("--out", required=True, help="new bundle directory (required)")
     rc.add_argument("--calibration-defects", default=None,
-                    help="defect images: a flat folder or one subfolder per type (default: none)")
+                    help="defect images: a flat folder or one subfolder per type (default: the ones the bundle was "
+                         "calibrated with, when every one is still there unchanged; else none, with a warning)")
     rc.add_argument("--target-frr", type=_number(float, 0, 0.5, low_open=True), default=None,
                     help="target false-reject rate (default: the bundle's fit setting)")
     rc.add_argument("--review-frr", type=_number(float, 0, 1, low_open=True, high_open=True), default=None,

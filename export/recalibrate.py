@@ -75,6 +75,26 @@ def left_out_outliers(m: dict, cross_fit_scores: dict, target: float) -> tuple[l
     return [n for n, k in zip(names, keep) if k], scores[keep]
 
 
+def recorded_defects(m: dict) -> tuple[list[Path], str | None]:
+    """The calibration defects fit (or the last recalibration) used, when every one is still there unchanged
+    (sha256), and else why not. Recalibrating to another target without them had dropped the REVIEW band and
+    zero-escape point they set (probe 38)."""
+    fit = m.get("fit") or {}
+    paths = [Path(p) for p in fit.get("calibration_defects") or []]
+    digests = fit.get("calibration_defect_sha256") or []
+    if not paths:
+        return [], None
+    if len(digests) != len(paths):
+        return [], "their checksums are not recorded"
+    for path, digest in zip(paths, digests):
+        try:
+            if sha256_file(path) != digest:
+                return [], f"{path} has changed since"
+        except OSError as exc:
+            return [], f"{path}: {exc.strerror or exc}"
+    return paths, None
+
+
 def _recalibrate_into(out: Path, src: Bundle, m: dict, bundle_dir: Path, calibration_defects: Path | None,
                       settings: dict, target: float, review: float | None, margin: float,
                       cap: float | None = DEFAULT_MAX_FALSE_REJECT) -> None:
@@ -82,7 +102,17 @@ def _recalibrate_into(out: Path, src: Bundle, m: dict, bundle_dir: Path, calibra
     shutil.copytree(bundle_dir, out, ignore=shutil.ignore_patterns(MANIFEST, SIGNATURE), dirs_exist_ok=True)
     (out / MANIFEST).write_bytes((Path(bundle_dir) / MANIFEST).read_bytes())
     draft = Bundle.load(out)
-    defects = calibration_images(calibration_defects) if calibration_defects else []
+    if calibration_defects:
+        defects = calibration_images(calibration_defects)
+    else:
+        defects, missing = recorded_defects(m)
+        if defects:
+            log(f"the {len(defects)} calibration defects the bundle was calibrated with are used again "
+                "(give --calibration-defects for others)")
+        elif missing:
+            log(f"WARNING: the bundle's calibration defects cannot be used again ({missing}): the threshold is set "
+                "from good parts only, without the zero-escape point or REVIEW band they set; give "
+                "--calibration-defects")
     separation = {}
     for name, v in m["variants"].items():
         pipe = Pipeline(draft, precision=name, knn="hnsw", threads=2)

@@ -183,6 +183,16 @@ def test_recalibrate_moves_the_threshold_without_refitting(small_bundle, synthet
 
     r = evaluate(out, synthetic_dataset, "onnx-int8", "hnsw")
     assert r["excluded_calibration_defects"] == 4 and r["n_defect"] == 20 - 4
+    # Recalibrated again for another target without naming defects: the same four, still there unchanged, are
+    # used again (probe 38: they, and the band they set, had been dropped); one changed: good parts only, said.
+    again = tmp_path / "again"
+    assert export_main(["recalibrate", str(out), "--out", str(again), "--target-frr", "0.01"]) == 0
+    assert Bundle.load(again).variant("int8").info["threshold_info"]["defect_scores"]["n"] == 4
+    victim = sorted(defects.iterdir())[0]
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    third = tmp_path / "third"
+    assert export_main(["recalibrate", str(again), "--out", str(third)]) == 0
+    assert Bundle.load(third).variant("int8").info["threshold_info"]["defect_scores"] is None
 
 
 def test_escapes_are_counted_after_the_bank_floor_raises_the_threshold():
