@@ -65,7 +65,7 @@ class FreezeWatch:
     def earliest(self, read_at: float) -> float:
         last = self._last_tick
         if read_at - last > FREEZE_S:
-            return min(read_at, last)        # frozen until just now; the ticker has not run yet
+            return last   # frozen until just now: the ticker has not run yet
         freeze = self._freeze
         if freeze is not None and freeze[0] <= read_at <= freeze[1] + SETTLE_S:
             return freeze[0]   # read during the freeze (the ticker noticed it meanwhile) or just after

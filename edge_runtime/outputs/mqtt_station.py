@@ -23,8 +23,8 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import json
-import math
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -175,25 +175,7 @@ class LineMqtt(Output):
         if handler is not None:
             handler(name, payload)
         elif name == "trigger" and cfg.allow_trigger and self._fire is not None:
-            age, ident, problem = parse_trigger(payload)
-            if problem is not None:
-                log.warning("%s: trigger dated on arrival: %s", self.name, problem)
-            now = time.monotonic()
-            while self._recent_triggers and now - self._recent_triggers[0][1] > DUPLICATE_WINDOW_S:
-                self._recent_triggers.popleft()
-            if ident is not None and any(seen == ident for seen, _ in self._recent_triggers):
-                # QoS 1 is at-least-once: a broker or a plant client resending after a reconnect delivers the
-                # same trigger twice, and a second capture would answer one part twice. The previous verdict
-                # is withdrawn all the same: whatever the PLC reads now is not an OK (probe 38).
-                self.commands_refused += 1
-                log.warning("%s: trigger id %r refused: delivered again within %g s", self.name, ident,
-                            DUPLICATE_WINDOW_S)
-                if self._withdraw is not None:
-                    self._withdraw()
-                return
-            if ident is not None:
-                self._recent_triggers.append((ident, now))
-            self._fire() if age is None else self._fire(sent_age_s=age)
+            self._trigger(payload)
         elif name == "recipe" and cfg.allow_recipe and self._recipes is not None:
             key: str | int = payload.decode("utf-8", "replace").strip()
             if isinstance(key, str) and key.isdigit():
@@ -207,6 +189,27 @@ class LineMqtt(Output):
                    "recipe": "needs mqtt.allow_recipe and recipes on this line",
                    "rollout": "needs rollout.enabled"}.get(name, f"unknown command (known: {', '.join(LINE_COMMANDS)})")
             log.warning("%s: command %r refused: %s", self.name, name, why)
+
+    def _trigger(self, payload: bytes) -> None:
+        age, ident, problem = parse_trigger(payload)
+        if problem is not None:
+            log.warning("%s: trigger dated on arrival: %s", self.name, problem)
+        now = time.monotonic()
+        while self._recent_triggers and now - self._recent_triggers[0][1] > DUPLICATE_WINDOW_S:
+            self._recent_triggers.popleft()
+        if ident is not None and any(seen == ident for seen, _ in self._recent_triggers):
+            # QoS 1 is at-least-once: a broker or a plant client resending after a reconnect delivers the same
+            # trigger twice, and a second capture would answer one part twice. The previous verdict is withdrawn
+            # all the same: whatever the PLC reads now is not an OK (probe 38).
+            self.commands_refused += 1
+            log.warning("%s: trigger id %r refused: delivered again within %g s", self.name, ident,
+                        DUPLICATE_WINDOW_S)
+            if self._withdraw is not None:
+                self._withdraw()
+            return
+        if ident is not None:
+            self._recent_triggers.append((ident, now))
+        self._fire() if age is None else self._fire(sent_age_s=age)
 
 
 def parse_trigger(payload: bytes) -> tuple[float | None, object | None, str | None]:
