@@ -22,33 +22,55 @@ from pathlib import Path
 from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.safe_yaml import short_repr
 
-# In state_dir: {"bundle_version": N, "bundle_id": ..., "product": ...} of the highest version loaded.
+# In state_dir: {"bundle_version": N (the highest below, for older readers), "floors": [{"bundle_version",
+# "bundle_id", "product", "source"}, one per camera and product that ran in this folder]}. An older record is one
+# floor: {"bundle_version", "bundle_id", "product"(, "source")}.
 VERSION_STATE_FILE = "bundle_version.json"
 
 
-def recorded_version(state_dir: str | None) -> int | None:
-    """Highest bundle_version recorded in `state_dir`, None when nothing was recorded.
+@dataclass(frozen=True)
+class Floor:
+    """The highest release one camera (`source`) ran of one product. None: recorded before products or cameras
+    were (it counts for every one)."""
+
+    version: int
+    product: str | None
+    source: str | None
+    path: Path
+
+
+def read_floors(state_dir: str | None) -> list[Floor]:
+    """The floors recorded in `state_dir` ([] when none).
 
     Raises BundleError when the record exists but cannot be read: without it a rollback could not be
     detected, so the station stays in FAULT until a person repairs or deliberately removes the file.
     """
     if not state_dir:
-        return None
+        return []
     path = Path(state_dir) / VERSION_STATE_FILE
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return None
+        return []
     except OSError as exc:
         raise BundleError(f"{path}: cannot read the recorded bundle version ({exc.strerror or exc})") from None
     try:
-        version = json.loads(raw[:4096])["bundle_version"]
-    except (ValueError, KeyError, TypeError):
-        version = None
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        record = json.loads(raw[:65536])
+        entries = record.get("floors") or [record]
+        floors = [Floor(e["bundle_version"], e.get("product"), e.get("source"), path) for e in entries]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        floors = []
+    if not floors or any(not isinstance(f.version, int) or isinstance(f.version, bool) or f.version < 0
+                         for f in floors):
         raise BundleError(f"{path}: the recorded bundle version is unreadable ({short_repr(raw[:200])}); "
                           "repair or remove the file deliberately to accept any version")
-    return version
+    return floors
+
+
+def recorded_version(state_dir: str | None) -> int | None:
+    """Highest bundle_version recorded in `state_dir`, None when nothing was recorded (BundleError: unreadable)."""
+    floors = read_floors(state_dir)
+    return max(f.version for f in floors) if floors else None
 
 
 @dataclass(frozen=True)
@@ -88,43 +110,30 @@ def _floor_files(root: str) -> list[Path]:
     return found
 
 
-def station_floor(scope: FloorScope, product: str | None, own_dir: str) -> tuple[int, Path] | None:
-    """The highest floor of `product` recorded for the same camera in another folder of the station, and its file.
+def applicable_floor(product: str | None, state_dir: str | None, scope: FloorScope | None) -> Floor | None:
+    """The highest floor that holds a bundle of `product` on this line: from its own folder and, with a scope,
+    from every folder of the station, except floors of cameras the station's other lines use now.
 
-    Each line and recipe keeps its floor in its own folder (two cameras' bundles of one product are numbered
-    independently), so the folder changes when the station file is restructured (a single line rewritten as
-    `lines:`, a line or recipe renamed) and changes back when the old file is restored. Either way the floor of
-    the camera and product goes with it (probe 33: a rewrite with `lines:` served an older bundle for 207 parts;
-    probe 36: restoring the old file did). Only the floors of cameras the station's other lines use now are left
-    out (two cameras of one product keep their own series); a camera spelled otherwise (probe 38: device 0 and
-    its /dev/v4l/by-id link) or replaced counts, on the safe side."""
-    best: tuple[int, Path] | None = None
-    own = os.path.normpath(own_dir)
-    for path in _floor_files(scope.root):
-        if os.path.normpath(path.parent) == own:
-            continue
-        version = recorded_version(str(path.parent))   # raises on an unreadable record, as the own one does
-        try:
-            record = json.loads(path.read_bytes()[:4096])
-        except (OSError, ValueError):
-            record = {}
-        if not isinstance(record, dict) or record.get("product") != product:
-            continue
-        if "source" in record and record["source"] != scope.source and record["source"] in scope.others:
-            continue   # another line's camera: its own series
-        # Same camera, a record from before cameras were recorded, or a camera no line of the file names now (it
-        # may be this one spelled another way, or replaced): it counts; the message names the file to remove.
-        if version is not None and (best is None or version > best[0]):
-            best = (version, path)
+    Floors follow the camera and product, not the folder: each line and recipe keeps its floors in its own folder,
+    which changes when the station file is restructured (a single line rewritten as `lines:`, a line or recipe
+    renamed) and changes back when the old file is restored (probes 33, 36: an older bundle served each time).
+    A folder keeps one floor per camera that ran in it, so a line moved to another camera does not erase the
+    first camera's floor (probe 39). A camera spelled otherwise, or replaced, counts (safe side); two cameras of
+    one product in use keep their own series."""
+    dirs = [state_dir] if state_dir else []
+    if scope is not None:
+        dirs += [str(p.parent) for p in _floor_files(scope.root)
+                 if not state_dir or os.path.normpath(p.parent) != os.path.normpath(state_dir)]
+    best: Floor | None = None
+    for folder in dirs:
+        for f in read_floors(folder):
+            if f.product is not None and product is not None and f.product != product:
+                continue
+            if scope is not None and f.source is not None and f.source != scope.source and f.source in scope.others:
+                continue   # another line's camera now: its own series
+            if best is None or f.version > best.version:
+                best = f
     return best
-
-
-def _recorded_source(state_dir: str) -> str | None:
-    try:
-        record = json.loads((Path(state_dir) / VERSION_STATE_FILE).read_bytes()[:4096])
-    except (OSError, ValueError):
-        return None
-    return record.get("source") if isinstance(record, dict) else None
 
 
 def check_admission(bundle: Bundle, product: str | None, allow_downgrade: bool, state_dir: str | None,
@@ -132,7 +141,7 @@ def check_admission(bundle: Bundle, product: str | None, allow_downgrade: bool, 
     """Refuse (BundleError naming both values) a bundle for another product, or older than what was loaded.
 
     `current` is the bundle in service (a reload must not go below it even without a state_dir). `scope`: the
-    station's floors: those of the same camera and product in its other folders count too (station_floor).
+    station's floors in its other folders count too (applicable_floor).
     """
     where = bundle.root
     if product is not None and bundle.product != product:
@@ -140,13 +149,13 @@ def check_admission(bundle: Bundle, product: str | None, allow_downgrade: bool, 
         raise BundleError(f"{where}: bundle {have}; this station inspects security.product {short_repr(product)}")
     if allow_downgrade:
         return
-    floor, source = recorded_version(state_dir), Path(state_dir or ".") / VERSION_STATE_FILE
-    if state_dir and scope is not None:
-        other = station_floor(scope, bundle.product, state_dir)
-        if other is not None and (floor is None or other[0] > floor):
-            floor, source = other[0], (f"{other[1]}, recorded for this product under another line or recipe name "
-                                       "of this station, by this camera or one no line names now; remove that "
-                                       "file deliberately if it is not this camera's")
+    found = applicable_floor(bundle.product, state_dir, scope)
+    floor, source = (None, None) if found is None else (found.version, str(found.path))
+    if found is not None and found.source is not None and scope is not None and found.source != scope.source:
+        source += (f", recorded for camera {found.source}, which no line of this station names now (this camera "
+                   "spelled otherwise, or the one it replaced); remove that entry deliberately if it is not")
+    elif found is not None and state_dir and os.path.normpath(found.path.parent) != os.path.normpath(state_dir):
+        source += ", recorded for this camera and product under another line or recipe name of this station"
     serving = current.release_version if current is not None else None
     if serving is not None and (floor is None or serving > floor):
         floor, source = serving, f"bundle {current.bundle_id} in service"
@@ -162,7 +171,8 @@ def check_admission(bundle: Bundle, product: str | None, allow_downgrade: bool, 
 
 
 def record_loaded(bundle: Bundle, state_dir: str | None, source: str | None = None) -> None:
-    """Persist the bundle's version in `state_dir` if it is the highest so far (atomic, fsync'd file and folder).
+    """Persist the bundle's version as the floor of its camera (`source`) and product in `state_dir` if it is the
+    highest so far there (atomic, fsync'd file and folder); the folder's other floors are kept.
 
     Raises BundleError when it cannot be written: a station that cannot remember its floor would accept a
     rollback after the next restart.
@@ -170,16 +180,22 @@ def record_loaded(bundle: Bundle, state_dir: str | None, source: str | None = No
     version = bundle.release_version
     if not state_dir or version is None:
         return
-    recorded = recorded_version(state_dir)
-    if recorded is not None and recorded > version:
+    floors = read_floors(state_dir)
+    # This camera's floor of this product; one recorded here before cameras were is taken as this camera's (so it
+    # stops counting for every camera of the product).
+    mine = [f for f in floors if f.product in (bundle.product, None) and f.source in (source, None)]
+    if any(f.source == source and f.product == bundle.product and f.version >= version for f in mine) \
+            and all(f.source == source and f.product == bundle.product for f in mine):
         return
-    if recorded == version and (source is None or _recorded_source(state_dir) is not None):
-        return   # (a record from before cameras were recorded gets its camera, so it stops counting for all)
+    keep = [f for f in floors if f not in mine]
+    entries = [{"bundle_version": f.version, "product": f.product, **({"source": f.source} if f.source else {})}
+               for f in keep]
+    entries.append({"bundle_version": max([version] + [f.version for f in mine]), "bundle_id": bundle.bundle_id,
+                    "product": bundle.product, **({"source": source} if source is not None else {})})
     folder = Path(state_dir)
     path = folder / VERSION_STATE_FILE
     tmp = folder / (VERSION_STATE_FILE + ".tmp")
-    record = json.dumps({"bundle_version": version, "bundle_id": bundle.bundle_id, "product": bundle.product,
-                         **({"source": source} if source is not None else {})})
+    record = json.dumps({"bundle_version": max(e["bundle_version"] for e in entries), "floors": entries})
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)

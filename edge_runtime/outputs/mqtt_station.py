@@ -73,7 +73,9 @@ def validate_station_mqtt(mqtt: StationMqttConfig | None, outputs: list, lines: 
 
 
 RECENT_TRIGGERS = 256      # trigger ids remembered to refuse a second delivery of the same one ...
-DUPLICATE_WINDOW_S = 10.0  # ... for this long (a redelivery follows a reconnect; a PLC's counter may wrap later)
+# ... for this long: a redelivery follows a reconnect, which can take tens of seconds (probe 39: 11 s got a second
+# answer); a PLC counter used as the id must not come round within it.
+DUPLICATE_WINDOW_S = 60.0
 MAX_TRIGGER_PAYLOAD = 16384
 MILLISECONDS_FROM = 1e11   # a sent_at above this is milliseconds (1e11 s is the year 5138)
 

@@ -41,7 +41,8 @@ def test_older_version_is_refused_at_start_and_after_restart(editor, tmp_path):
     release(editor, 5)
     assert load_pipeline(station(editor.root, state)).bundle.bundle_version == 5
     record = json.loads((state / VERSION_STATE_FILE).read_text())
-    assert record["bundle_version"] == 5 and record["product"] == "flange"
+    assert record["bundle_version"] == 5 and [(f["bundle_version"], f["product"]) for f in record["floors"]] == \
+        [(5, "flange")]
     release(editor, 4)                                          # the old release, checksums intact
     with pytest.raises(BundleError, match=r"bundle_version 4 is lower than 5, the highest this station has loaded"):
         load_pipeline(station(editor.root, state))              # a fresh process reads the floor from state_dir
@@ -166,7 +167,7 @@ def test_restructuring_the_station_file_keeps_the_floor(editor, tmp_path):
     release(editor, 4)                                          # the older release, checksums intact
     (cam1,) = lines_station(editor.root, state, ["cam1"])
     with pytest.raises(BundleError, match=r"bundle_version 4 is lower than 5, the highest this station has loaded "
-                                          rf"\({state / VERSION_STATE_FILE}, recorded for this product under another"):
+                                          rf"\({state / VERSION_STATE_FILE}, recorded for this camera and product under another"):
         load_pipeline(cam1)
     release(editor, 6)
     load_pipeline(cam1)
@@ -253,6 +254,29 @@ def test_a_floor_recorded_before_cameras_were_gets_its_camera_at_the_next_load(e
         load_pipeline(side)
     release(editor, 9)
     load_pipeline(top)
-    assert json.loads((state / "lines" / "top" / VERSION_STATE_FILE).read_text())["source"] == "folder:/frames/top"
+    floors = json.loads((state / "lines" / "top" / VERSION_STATE_FILE).read_text())["floors"]
+    assert ("folder:/frames/top", 9) in [(f.get("source"), f["bundle_version"]) for f in floors]
     release(editor, 3)
     assert load_pipeline(side).bundle.bundle_version == 3
+
+
+def test_a_line_moved_to_another_camera_keeps_the_first_cameras_floor(editor, tmp_path):
+    """Probe 39: line A ran camera X at 5, then camera Y at 9; its folder's one record became Y's, and a new line
+    on X took an older bundle. A folder keeps one floor per camera; and a camera that moves to a line with an
+    older series is refused, naming the record (the floor follows the camera)."""
+    state = tmp_path / "state"
+    release(editor, 5)
+    (a_on_x,) = lines_station(editor.root, state, ["a"], cameras=["x"])
+    load_pipeline(a_on_x)
+    release(editor, 9)
+    (a_on_y,) = lines_station(editor.root, state, ["a"], cameras=["y"])
+    load_pipeline(a_on_y)
+    floors = json.loads((state / "lines" / "a" / VERSION_STATE_FILE).read_text())["floors"]
+    assert sorted((f["source"], f["bundle_version"]) for f in floors) == [("folder:/frames/x", 5),
+                                                                          ("folder:/frames/y", 9)]
+    release(editor, 4)
+    a, e = lines_station(editor.root, state, ["a", "e"], cameras=["y", "x"])
+    with pytest.raises(BundleError, match=r"bundle_version 4 is lower than 5, .*lines/a/bundle_version.json"):
+        load_pipeline(e)
+    release(editor, 5)
+    assert load_pipeline(e).bundle.bundle_version == 5          # camera X's own series goes on
