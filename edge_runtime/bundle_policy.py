@@ -85,8 +85,10 @@ class FloorScope:
 
 
 def source_key(src) -> str | None:
-    """A line's camera identity for its floor records: the source's type and device, path or URL, one spelling
-    per device (an index N is /dev/videoN; a /dev/v4l/by-id link is the device it names, when it is there)."""
+    """A line's camera identity for its floor records: the source's type and device, path or URL as the station
+    file writes it (an index N is /dev/videoN; a stream's password is left out). Not resolved through links: a
+    /dev/v4l/by-id name stays one camera when USB numbering changes at a reboot (probe 40); a camera written
+    another way is a camera no line names, whose floors count for every line (the safe side)."""
     kind = getattr(src, "type", None)
     if kind is None:
         return None
@@ -95,8 +97,9 @@ def source_key(src) -> str | None:
         ident = f"/dev/video{ident}"
     if ident is None:
         ident = getattr(src, "path", None)
-    if isinstance(ident, str) and ident.startswith("/") and "://" not in ident:
-        ident = os.path.realpath(ident)
+    if isinstance(ident, str) and "://" in ident:
+        from edge_runtime.sources.video_source import redact_url
+        ident = redact_url(ident)
     return f"{kind}:{ident}" if ident is not None else str(kind)
 
 
@@ -181,9 +184,11 @@ def record_loaded(bundle: Bundle, state_dir: str | None, source: str | None = No
     if not state_dir or version is None:
         return
     floors = read_floors(state_dir)
-    # This camera's floor of this product; one recorded here before cameras were is taken as this camera's (so it
-    # stops counting for every camera of the product).
-    mine = [f for f in floors if f.product in (bundle.product, None) and f.source in (source, None)]
+    # This camera's floor of this product; one of this product recorded here before cameras were is taken as this
+    # camera's (it stops counting for every camera). One recorded before products were stays as it is: it counts
+    # for every product (probe 40: it had been taken over by the next product loaded, and the first one's older
+    # release then loaded).
+    mine = [f for f in floors if f.product == bundle.product and f.source in (source, None)]
     if any(f.source == source and f.product == bundle.product and f.version >= version for f in mine) \
             and all(f.source == source and f.product == bundle.product for f in mine):
         return

@@ -72,7 +72,7 @@ class VideoSource(FrameSource):
         cfg.validate()
         self.cfg = cfg
         self.is_stream = is_stream_url(cfg.path)
-        self.name = escape_name(cfg.name or (f"video:{cfg.path}" if not self.is_stream else f"stream:{_redact(cfg.path)}"))
+        self.name = escape_name(cfg.name or (f"video:{cfg.path}" if not self.is_stream else f"stream:{redact_url(cfg.path)}"))
         self._factory = capture_factory or open_capture
         self._cap: CaptureLike | None = None
         self._next_id = start_frame_id
@@ -206,6 +206,6 @@ class VideoSource(FrameSource):
                 log.warning("%s: release failed: %s", self.name, exc)
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """Keep camera passwords out of logs, results and metrics: rtsp://user:secret@host -> rtsp://user:***@host."""
     return re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", url)

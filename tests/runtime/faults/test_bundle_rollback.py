@@ -280,3 +280,16 @@ def test_a_line_moved_to_another_camera_keeps_the_first_cameras_floor(editor, tm
         load_pipeline(e)
     release(editor, 5)
     assert load_pipeline(e).bundle.bundle_version == 5          # camera X's own series goes on
+
+
+def test_a_floor_recorded_before_products_were_is_not_taken_over_by_the_next_product(editor, tmp_path):
+    """Probe 40: {"bundle_version": 9} from older software became the next product's (cap's) floor when cap loaded,
+    and bottle's older release then loaded. It counts for every product and stays as it is."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / VERSION_STATE_FILE).write_text(json.dumps({"bundle_version": 9}))
+    release(editor, 12, product="cap")
+    load_pipeline(single_line(editor.root, state))
+    release(editor, 5, product="bottle")
+    with pytest.raises(BundleError, match=r"bundle_version 5 is lower than 9"):
+        load_pipeline(single_line(editor.root, state))
