@@ -198,9 +198,9 @@ def test_cameras_of_one_product_keep_independent_floors_whatever_the_layout(edit
 
 
 def test_a_camera_spelled_another_way_keeps_its_floor(editor, tmp_path):
-    """Probe 38: device 0 in the old single-line file and /dev/video0 or a /dev/v4l/by-id link in the new `lines:`
-    are one camera: an index is /dev/videoN, a link the device it names; a spelling that still differs names a
-    camera no line uses now, and its floor counts (safe side)."""
+    """Probe 38: device 0 in the old single-line file and /dev/video0 or a /dev/v4l/by-id link in the new `lines:`:
+    an index is /dev/videoN; a spelling that still differs (the by-id link, kept as written so that a reboot's
+    re-enumeration cannot swap cameras, probe 40) names a camera no line uses now, and its floor counts."""
     from edge_runtime.lines_config import line_station_configs
 
     state = tmp_path / "state"
