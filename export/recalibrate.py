@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +138,9 @@ def _recalibrate_into(out: Path, src: Bundle, m: dict, bundle_dir: Path, calibra
                 "recalibrated_from": src.bundle_id}
     m["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     m["bundle_id"] = None
-    if isinstance(m.get("bundle_version"), int):  # a recalibrated bundle is a newer release of the same product
-        m["bundle_version"] = max(m["bundle_version"] + 1, int(time.time()))
+    if isinstance(m.get("bundle_version"), int):
+        # The next release of the same lineage, not "now": a recalibrated older release numbered by the clock went
+        # above releases fitted after it, and after one recalibration every hand-numbered release (fit
+        # --bundle-version) was below it (probe 40).
+        m["bundle_version"] = m["bundle_version"] + 1
     write_manifest(out, m)
