@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from edge_runtime.outputs.base import Output, OutputError
+from edge_runtime.safe_yaml import short_repr
 from edge_runtime.outputs.mqtt_output import CommandHandler, MqttConfig, MqttOutput, StateProvider, online_state
 from edge_runtime.records import InspectionResult
 
@@ -77,7 +78,10 @@ RECENT_TRIGGERS = 256      # trigger ids remembered to refuse a second delivery 
 # answer); a PLC counter used as the id must not come round within it.
 DUPLICATE_WINDOW_S = 60.0
 MAX_TRIGGER_PAYLOAD = 16384
-MILLISECONDS_FROM = 1e11   # a sent_at above this is milliseconds (1e11 s is the year 5138)
+# A sent_at above 1e8 x these is nano-, micro- or milliseconds (Unix seconds are ~1.7e9 now; 1e11 s is the year
+# 5138).
+SENT_AT_SCALES = (1e9, 1e6, 1e3)
+FUTURE_SENT_AT_S = 1.0     # a sent_at further ahead than this is logged (it counts from arrival)
 
 
 class LineMqtt(Output):
@@ -216,39 +220,51 @@ class LineMqtt(Output):
 
 def parse_trigger(payload: bytes) -> tuple[float | None, object | None, str | None]:
     """(seconds since the plant sent it, its id, what could not be read) of a trigger whose payload is a JSON
-    object with `sent_at` (Unix seconds, or milliseconds as JavaScript's Date.now() gives, or an ISO 8601 time
-    with its zone) and/or `id` (unique per trigger); (None, None, None) for any other payload (fires as before).
+    object (a UTF-8 byte-order mark, or the object sent as a JSON string, are read too) with `sent_at` (Unix
+    seconds, milli-, micro- or nanoseconds, or ISO 8601 with its zone) and/or `id` (unique per trigger); (None,
+    None, None) for any other payload (it fires as before).
 
     A broker that stalls holds a trigger as long as it likes (MQTT 3.1.1 has no expiry): an 8 s old trigger was
     captured as a fresh part (probe 37); with `sent_at` it is as old as it is."""
-    if not payload.strip().startswith(b"{"):
+    text = payload.removeprefix(b"\xef\xbb\xbf").strip()
+    if not text.startswith((b"{", b'"')):
         return None, None, None
-    if len(payload) > MAX_TRIGGER_PAYLOAD:
-        return None, None, f"payload of {len(payload)} bytes (over {MAX_TRIGGER_PAYLOAD}): not read"
+    if len(text) > MAX_TRIGGER_PAYLOAD:
+        return None, None, f"payload of {len(text)} bytes (over {MAX_TRIGGER_PAYLOAD}): not read"
     try:
-        body = json.loads(payload)
-    except ValueError:
+        body = json.loads(text)
+        if isinstance(body, str) and body.lstrip().startswith("{"):   # the object encoded twice
+            body = json.loads(body)
+    except (ValueError, RecursionError):
         return None, None, "payload starts like JSON but is not"
     if not isinstance(body, dict):
         return None, None, None
     ident = body.get("id")
-    ident = ident if isinstance(ident, (str, int)) and not isinstance(ident, bool) else None
+    if ident is not None and not isinstance(ident, (str, int)) or isinstance(ident, bool):
+        ident = json.dumps(ident, sort_keys=True)   # a float or an object is an id too: compared as written
     sent, problem = body.get("sent_at"), None
     when: float | None = None
-    if isinstance(sent, str):
-        try:
+    try:
+        if isinstance(sent, str):
             parsed = dt.datetime.fromisoformat(sent)
             if parsed.tzinfo is None:
                 problem = f"sent_at {sent!r} has no time zone"
             else:
                 when = parsed.timestamp()
-        except ValueError:
-            problem = f"sent_at {sent!r} is not an ISO 8601 time"
-    elif isinstance(sent, (int, float)) and not isinstance(sent, bool) and math.isfinite(sent):
-        when = float(sent) / 1000.0 if sent > MILLISECONDS_FROM else float(sent)
-    elif sent is not None:
-        problem = f"sent_at {sent!r} is neither Unix seconds nor an ISO 8601 time"
-    return (None if when is None else time.time() - when), ident, problem
+        elif isinstance(sent, (int, float)) and not isinstance(sent, bool) and math.isfinite(float(sent)):
+            when = float(sent)
+            for scale in SENT_AT_SCALES:   # ns, us, ms: whichever puts it near the Unix seconds of today
+                if when > scale * 1e8:
+                    when /= scale
+                    break
+        elif sent is not None:
+            problem = f"sent_at {short_repr(sent)} is neither Unix time nor an ISO 8601 time"
+    except (ValueError, OverflowError):
+        problem = f"sent_at {short_repr(sent)} is not a time"
+    age = None if when is None else time.time() - when
+    if age is not None and age < -FUTURE_SENT_AT_S:
+        problem = f"sent_at is {-age:.1f} s ahead of this station's clock (clocks apart, or another unit)"
+    return age, ident, problem
 
 
 class StationMqtt(MqttOutput):

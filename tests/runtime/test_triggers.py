@@ -172,13 +172,22 @@ def test_a_trigger_that_says_when_it_was_sent_is_as_old_as_that_and_is_served_on
 
     assert parse_trigger(b"") == (None, None, None) and parse_trigger(b"1") == (None, None, None)
     assert parse_trigger(b"[1]") == (None, None, None)
-    assert "not an ISO 8601 time" in parse_trigger(b'{"sent_at": "yesterday"}')[2]
+    assert "is not a time" in parse_trigger(b'{"sent_at": "yesterday"}')[2]
     assert "not" in parse_trigger(b"{broken")[2] and parse_trigger(b'{"sent_at": NaN}')[0] is None
     now = time.time()
     for payload in (f'{{"sent_at": {now - 8.0}}}', f'{{"sent_at": {int((now - 8.0) * 1000)}}}',
                     '{"sent_at": "%s"}' % time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - 8.0))):
         assert parse_trigger(payload.encode())[0] == pytest.approx(8.0, abs=1.5), payload
     assert "no time zone" in parse_trigger(b'{"sent_at": "2026-12-02T10:00:00"}')[2]
+    # Probe 40: micro- and nanoseconds, a byte-order mark, the object encoded twice, float and object ids, a
+    # sent_at too large for a float, one ahead of the clock (dated on arrival, said).
+    for scale in (1e6, 1e9):
+        assert parse_trigger(f'{{"sent_at": {int((now - 8.0) * scale)}}}'.encode())[0] == pytest.approx(8.0, abs=1.5)
+    assert parse_trigger(b'\xef\xbb\xbf{"id": 3}')[1] == 3
+    assert parse_trigger(b'"{\\"id\\": 4}"')[1] == 4
+    assert parse_trigger(b'{"id": 1.5}')[1] == "1.5" and parse_trigger(b'{"id": {"a": 1}}')[1] == '{"a": 1}'
+    assert "is not a time" in parse_trigger(b'{"sent_at": ' + b"9" * 401 + b"}")[2]
+    assert "ahead of this station's clock" in parse_trigger(f'{{"sent_at": {now + 100}}}'.encode())[2]
     assert parse_trigger(b'{"id": 7, "pad": "' + b"x" * 20000 + b'"}')[2].startswith("payload of")
     trig = SoftwareTrigger(SoftwareTriggerConfig(max_age_ms=250))
     trig.fire(sent_age_s=8.0)
