@@ -104,12 +104,29 @@ def source_key(src) -> str | None:
 
 
 def _floor_files(root: str) -> list[Path]:
-    """Every floor a station's layouts keep: root, lines/<n>, recipes/<r>, lines/<n>/recipes/<r>."""
+    """Every floor a station's layouts keep: root, lines/<n>, recipes/<r>, lines/<n>/recipes/<r>. A folder that
+    cannot be listed is an error, not an empty one (Path.glob had skipped it, and the floor in it; probe 40)."""
+    def subfolders(folder: Path) -> list[Path]:
+        try:
+            return sorted(folder / name for name in os.listdir(folder) if (folder / name).is_dir())
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise BundleError(f"{folder}: cannot look for recorded bundle versions ({exc.strerror or exc})") from None
+
     base = Path(root)
-    found: list[Path] = []
-    for pattern in (VERSION_STATE_FILE, f"lines/*/{VERSION_STATE_FILE}", f"recipes/*/{VERSION_STATE_FILE}",
-                    f"lines/*/recipes/*/{VERSION_STATE_FILE}"):
-        found += sorted(base.glob(pattern))
+    folders = [base] + subfolders(base / "recipes")
+    for line in subfolders(base / "lines"):
+        folders += [line] + subfolders(line / "recipes")
+    found = []
+    for folder in folders:
+        try:
+            os.stat(folder / VERSION_STATE_FILE)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise BundleError(f"{folder}: cannot look for recorded bundle versions ({exc.strerror or exc})") from None
+        found.append(folder / VERSION_STATE_FILE)
     return found
 
 

@@ -293,3 +293,22 @@ def test_a_floor_recorded_before_products_were_is_not_taken_over_by_the_next_pro
     release(editor, 5, product="bottle")
     with pytest.raises(BundleError, match=r"bundle_version 5 is lower than 9"):
         load_pipeline(single_line(editor.root, state))
+
+
+def test_a_floor_folder_that_cannot_be_listed_is_a_fault_not_no_floor(editor, tmp_path, monkeypatch):
+    """Probe 40: Path.glob skipped a line folder the daemon's user could not open, and the floor in it."""
+    import os
+
+    state = tmp_path / "state"
+    release(editor, 5)
+    top, side = lines_station(editor.root, state, ["top", "side"], cameras=["top", "side"])
+    load_pipeline(top)
+    real = os.listdir
+
+    def listdir(path):
+        if str(path).endswith("lines"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(BundleError, match=r"state/lines: cannot look for recorded bundle versions \(Permission denied\)"):
+        load_pipeline(side)
