@@ -103,8 +103,9 @@ def source_key(src) -> str | None:
     return f"{kind}:{ident}" if ident is not None else str(kind)
 
 
-def _floor_files(root: str) -> list[Path]:
-    """Every floor a station's layouts keep: root, lines/<n>, recipes/<r>, lines/<n>/recipes/<r>. A folder that
+def _floor_folders(root: str) -> list[Path]:
+    """Every folder a station's layouts keep floors in: root, lines/<n>, recipes/<r>, lines/<n>/recipes/<r>
+    (read_floors reads each; one without a record has none). A folder that
     cannot be listed is an error, not an empty one (Path.glob had skipped it, and the floor in it; probe 40)."""
     def subfolders(folder: Path) -> list[Path]:
         try:
@@ -118,16 +119,7 @@ def _floor_files(root: str) -> list[Path]:
     folders = [base] + subfolders(base / "recipes")
     for line in subfolders(base / "lines"):
         folders += [line] + subfolders(line / "recipes")
-    found = []
-    for folder in folders:
-        try:
-            os.stat(folder / VERSION_STATE_FILE)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise BundleError(f"{folder}: cannot look for recorded bundle versions ({exc.strerror or exc})") from None
-        found.append(folder / VERSION_STATE_FILE)
-    return found
+    return folders
 
 
 def applicable_floor(product: str | None, state_dir: str | None, scope: FloorScope | None) -> Floor | None:
@@ -142,8 +134,8 @@ def applicable_floor(product: str | None, state_dir: str | None, scope: FloorSco
     one product in use keep their own series."""
     dirs = [state_dir] if state_dir else []
     if scope is not None:
-        dirs += [str(p.parent) for p in _floor_files(scope.root)
-                 if not state_dir or os.path.normpath(p.parent) != os.path.normpath(state_dir)]
+        dirs += [str(f) for f in _floor_folders(scope.root)
+                 if not state_dir or os.path.normpath(f) != os.path.normpath(state_dir)]
     best: Floor | None = None
     for folder in dirs:
         for f in read_floors(folder):
