@@ -105,8 +105,8 @@ def source_key(src) -> str | None:
 
 def _floor_folders(root: str) -> list[Path]:
     """Every folder a station's layouts keep floors in: root, lines/<n>, recipes/<r>, lines/<n>/recipes/<r>
-    (read_floors reads each; one without a record has none). A folder that
-    cannot be listed is an error, not an empty one (Path.glob had skipped it, and the floor in it; probe 40)."""
+    (read_floors reads each; one without a record has none). A folder that cannot be listed is an error, not an
+    empty one (Path.glob had skipped it, and the floor in it; probe 40)."""
     def subfolders(folder: Path) -> list[Path]:
         try:
             return sorted(folder / name for name in os.listdir(folder) if (folder / name).is_dir())
