@@ -224,9 +224,8 @@ def operating_point(good: np.ndarray, defects: np.ndarray | None = None, target_
         cost = tail.survival(zero)
         if t_frr < d_min:
             method += "; every calibration defect scores above it"
-        elif max_false_reject is None or cost <= max(max_false_reject, target_false_reject):   # (a cap below the
-            # target is the target)
-            threshold = zero
+        elif max_false_reject is None or cost <= max(max_false_reject, target_false_reject):
+            threshold = zero   # (a --max-frr below --target-frr counts as the target)
             method = (f"zero-escape: {defect_margin:.0%} below the lowest of {len(defects)} calibration defects "
                       f"(the {1 - target_false_reject:.4f} good quantile {t_frr:.4f} would let defects through)")
         else:
