@@ -36,11 +36,11 @@ class FrozenFrameCheck:
     def __init__(self, name: str) -> None:
         self.name = name
         self._history: collections.deque[np.ndarray] = collections.deque(maxlen=HISTORY)
-        self.repeats = 0
 
     def check(self, image: np.ndarray) -> None:
         step = max(8, image.shape[0] // SAMPLE_ROWS)
-        sample = np.ascontiguousarray(image[::step]).reshape(len(range(0, image.shape[0], step)), -1)
+        rows = image[::step]
+        sample = np.ascontiguousarray(rows).reshape(rows.shape[0], -1)
         earlier = [old for old in self._history if old.shape == sample.shape]
         self._history.append(sample)
         informative = self._informative(sample)
@@ -55,7 +55,6 @@ class FrozenFrameCheck:
                 continue
             same = (old == sample).all(axis=1)[informative]
             if same.mean() >= REPEATED_SHARE:
-                self.repeats += 1
                 raise SourceError(f"{self.name}: this frame repeats an earlier one, bit for bit in "
                                   f"{int(same.sum())} of {len(same)} sampled rows: the camera delivers no new images "
                                   "(a frozen driver or stream, a dead producer behind a loopback device)")
