@@ -173,8 +173,9 @@ class StationConfig:
     lines: list[LineConfig] = field(default_factory=list)  # several cameras in one daemon (edge_runtime/lines_config.py)
     recipes: RecipesConfig | None = None  # one bundle per product, chosen by the controller (edge_runtime/recipes.py)
     mqtt: StationMqttConfig | None = None  # with `lines:`: one MQTT connection for every line (outputs/mqtt_station.py)
-    # Set by line_station_configs, not by the file: where every line's and recipe's version floor lives, so a
-    # folder without one inherits the floor an earlier layout of the station file left (bundle_policy).
+    # Set by line_station_configs, not by the file: the station's state root, this line's camera and the other
+    # lines' cameras, so the version floors of its camera and product count wherever they were recorded
+    # (bundle_policy.applicable_floor).
     floor_scope: FloorScope | None = field(default=None, metadata={"internal": True})
 
     def validate(self) -> None:
