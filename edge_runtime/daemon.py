@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from typing import Callable
 
 from edge_runtime import systemd_notify
 from edge_runtime.bundle_loader import load_pipeline, load_public_key, release_freed_memory
@@ -42,6 +43,53 @@ STATE_LOCK_CHECK_S = 1.0     # how often the running daemon checks that its stat
 STALL_GUARD_PERIOD_S = 0.25  # how often the stall guard looks at each line (READY down within this of the moment
                              # the stall rule holds: a frame in inspection past max(stall_after_s, deadline), or
                              # the loop not round for its longest healthy gap)
+
+
+class SignalRelay:
+    """Signals acted on within milliseconds, wherever the main thread is.
+
+    Python runs a signal handler only when the main thread next executes bytecode; the main thread is the single
+    line's loop, which can sit up to `recovery.read_timeout_s` (1 s) in a trigger wait. A SIGTERM then left READY
+    up and POST /trigger answering 202 for that long, and a part accepted in that window was never answered
+    (probe 42). The C-level handler writes each signal's number to a wake-up pipe at once, from whichever thread
+    the kernel interrupted; this thread reads it and calls the action (the actions only set events or drive
+    outputs under their own locks). The Python-level handler does nothing: the relay has done it already."""
+
+    def __init__(self, handlers: dict[int, Callable[[], None]]) -> None:
+        self._handlers = {int(k): v for k, v in handlers.items()}
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)   # signal.set_wakeup_fd needs it: a full pipe must not block
+        self._previous_fd = -1
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def python_handler(signum, frame) -> None:   # noqa: ARG004 - the relay thread has acted on it
+        return None
+
+    def start(self) -> None:
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._relay, name="signals", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._write)   # the relay reads end-of-file and ends
+        if self._thread is not None:
+            self._thread.join(1.0)
+
+    def _relay(self) -> None:
+        try:
+            while data := os.read(self._read, 64):
+                for signum in data:
+                    action = self._handlers.get(signum)
+                    if action is None:
+                        continue
+                    try:
+                        action()
+                    except Exception:   # noqa: BLE001 - one failing action must not end signal handling
+                        log.exception("acting on signal %d", signum)
+        finally:
+            os.close(self._read)
 
 
 class StateDirBusy(RuntimeError):
@@ -264,17 +312,22 @@ class Station:
     # ---- run -----------------------------------------------------------------------------------------------------
     def run(self) -> int:
         previous: dict[int, object] = {}
+        relay = None
         if threading.current_thread() is threading.main_thread():
             handlers = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop,
                         signal.SIGHUP: self.request_reload, signal.SIGUSR1: self.request_reopen}
-            for signum, action in handlers.items():
-                previous[signum] = signal.signal(signum, lambda *_, act=action: act())
+            relay = SignalRelay(handlers)
+            for signum in handlers:
+                previous[signum] = signal.signal(signum, relay.python_handler)
+            relay.start()
         try:
             return self._run()
         finally:
             for signum, handler in previous.items():
                 # None: the old handler was not installed from Python; the default is the closest we can restore.
                 signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+            if relay is not None:
+                relay.stop()
 
     def _fire_trigger(self):
         trigger = self.lines[0].trigger

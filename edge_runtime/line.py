@@ -162,7 +162,18 @@ class Line:
 
     # ---- control (signal handlers and tests) ----------------------------------------------------------------
     def request_stop(self) -> None:
+        """Stop: READY goes down now, not when the loop notices (a part in inspection is still answered, and a
+        trigger that arrives from here on is answered FAULT, or refused with 503 over HTTP)."""
         self._stop.set()
+        # From the signal relay or another line's thread: a loop blocked inside a state call holds the lock, and
+        # shutdown drives the safe state anyway; do not wait on it for long.
+        if self._state_lock.acquire(timeout=STALL_GUARD_LOCK_S):
+            try:
+                self._ready = False
+                self._health = (False, self.fault_reason)
+                self._drive_state()
+            finally:
+                self._state_lock.release()
 
     def request_reload(self) -> None:
         self._reload.set()
@@ -202,6 +213,8 @@ class Line:
     def _set_state(self, ready: bool, fault: str | None) -> None:
         if self._halted:
             ready, fault = False, self._halted  # only a restart clears a halt
+        if self._stop.is_set():
+            ready = False   # stopping: READY stays down (request_stop)
         with self._state_lock:
             if fault != self.fault_reason:
                 if fault:
@@ -288,6 +301,8 @@ class Line:
         # A fault wins over READY: a station that cannot record its parts is not healthy even while it runs.
         ready, reason = self._health
         state = "fault" if reason else ("ready" if ready else "not_ready")
+        if self._stop.is_set() and not reason:
+            reason = "stopping"   # not a fault: says why, e.g. in the 503 POST /trigger gets
         c = self.counters
         pipeline = self.pipeline
         counters = {"source_errors": c.source_errors, "reloads": c.reloads, "reload_failures": c.reload_failures,
@@ -713,6 +728,9 @@ class Line:
                     break
                 self._stop.wait(rc_cfg.read_timeout_s)  # nothing more will come; do not spin
         self._drain_inflight()
+        if not self.trigger.is_free_run:
+            # A trigger accepted while the stop came in is answered, not left for a controller to time out on.
+            self._refuse_triggers("stopping", 0.0)
         return 0
 
     def _serve_one(self, pipeline: Pipeline) -> str:

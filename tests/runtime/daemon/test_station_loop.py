@@ -287,6 +287,49 @@ def test_software_trigger_drains_and_faults_parts_it_could_not_inspect(small_bun
     assert camera.events[:2] == ["trigger", "read"] and camera.events.count("trigger") == camera.events.count("read") == 4
 
 
+def test_sigterm_drops_ready_at_once_and_a_trigger_after_it_is_still_answered(small_bundle, part_images,
+                                                                               write_station):
+    """SIGTERM delivered to another thread while the loop (the main thread) waits for a trigger: Python would run
+    the handler only when that wait ends (probe 42: READY up and POST /trigger answered 202 for up to
+    read_timeout_s after SIGTERM, and the part accepted then never answered). The signal relay acts at once."""
+    images = list(part_images.values())
+    camera = TriggeredCamera([images[0], images[1]])
+    rec = RecordingOutput()
+    # A long trigger wait: without the relay the handler would run only after 60 s.
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     recovery={**FAST_RECOVERY, "read_timeout_s": 60.0}))
+    station = Station(cfg, source=camera, outputs=[rec])
+    trigger = station.trigger
+    seen: dict[str, object] = {}
+
+    def plc():
+        try:
+            wait_until(lambda: rec.ready, what="READY")
+            trigger.fire()
+            assert rec.wait_for("publish", 1, timeout=60)
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)   # not the main thread
+            wait_until(lambda: not rec.ready, timeout=20, what="READY down after SIGTERM")
+            status = station.status()
+            seen["state"] = (status.state, status.reason)
+            seen["loop_still_waiting"] = not rec.closed and len(rec.results) == 1
+            trigger.fire()   # e.g. a serial TRG that was already on its way
+        except BaseException as exc:   # noqa: BLE001 - reported by the main thread
+            seen["error"] = exc
+            station.request_stop()
+            trigger.fire()
+
+    controller = threading.Thread(target=plc)
+    controller.start()
+    assert station.run() == 0
+    controller.join()
+    assert "error" not in seen, seen.get("error")
+    assert seen == {"state": ("not_ready", "stopping"), "loop_still_waiting": True}
+    names = [name for name, _ in rec.calls]
+    assert len(rec.results) == 2, "the trigger that came after SIGTERM was answered"
+    assert names.index("close") > max(i for i, n in enumerate(names) if n == "publish"), "answered before close"
+    assert not rec.ready
+
+
 def test_sigterm_drives_gpio_lines_inactive_and_releases_them(small_bundle, part_images, write_station):
     """A real SIGTERM to this process while Station.run() owns the main thread, as under systemd."""
     lines = FakeGpioLines()
