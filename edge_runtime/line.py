@@ -47,6 +47,9 @@ __all__ = ["Counters", "Line", "MAX_MISSED_ANSWERS", "SERIAL_ACK_COMMAND"]
 # At most this many FAULT answers for triggers folded into one (the rest are counted and logged).
 MAX_MISSED_ANSWERS = 16
 OUTPUT_RETRY_S = 1.0   # a failed line output is told the station's state again this often (it may be back)
+# A bundle load still running at stop (SIGHUP reload, recipe switch) is waited for this long: the interpreter tearing
+# down while onnxruntime builds a session on another thread aborts the process (SIGABRT, probe 43).
+BACKGROUND_LOAD_JOIN_S = 30.0
 STALL_GUARD_LOCK_S = 0.5   # guard_stall waits this long for a state call in progress on the loop
 # With frames in flight (inference.workers > 1) the loop reads the next frame this long at a time, so that a
 # finished frame's verdict goes out within this much of the inspection's end.
@@ -167,13 +170,18 @@ class Line:
         self._stop.set()
         # From the signal relay or another line's thread: a loop blocked inside a state call holds the lock, and
         # shutdown drives the safe state anyway; do not wait on it for long.
-        if self._state_lock.acquire(timeout=STALL_GUARD_LOCK_S):
-            try:
-                self._ready = False
-                self._health = (False, self.fault_reason)
-                self._drive_state()
-            finally:
-                self._state_lock.release()
+        self._drop_ready(STALL_GUARD_LOCK_S)
+
+    def _drop_ready(self, timeout: float = -1) -> None:
+        """READY down on the outputs (the fault as it is); gives up after `timeout` s waiting for a state call."""
+        if not self._state_lock.acquire(timeout=timeout):
+            return
+        try:
+            self._ready = False
+            self._health = (False, self.fault_reason)
+            self._drive_state()
+        finally:
+            self._state_lock.release()
 
     def request_reload(self) -> None:
         self._reload.set()
@@ -405,6 +413,18 @@ class Line:
         self._reload_thread = threading.Thread(target=self._reload_worker, name="bundle-reload", daemon=True)
         self._reload_thread.start()
 
+    def _join_loads(self) -> None:
+        """Wait for a bundle load still running on its own thread (its outcome is dropped: the loop has ended)."""
+        workers = [self._reload_thread, self.recipes.worker if self.recipes is not None else None]
+        for worker in workers:
+            if worker is None or not worker.is_alive():
+                continue
+            log.info(self._tag("stopping: waiting for %s to finish loading"), worker.name)
+            worker.join(BACKGROUND_LOAD_JOIN_S)
+            if worker.is_alive():
+                log.warning(self._tag("%s still loading after %.0f s; exiting anyway"), worker.name,
+                            BACKGROUND_LOAD_JOIN_S)
+
     def _reload_worker(self) -> None:
         current = self.pipeline
         with self._reload_lock:
@@ -570,8 +590,8 @@ class Line:
             events = self.trigger.drain()
             self._stop.wait(timeout)
         for event in events:
-            for _ in range(min(event.missed, MAX_MISSED_ANSWERS) + 1):
-                self._answer_fault(f"station not ready ({reason})", event.at)
+            self._answer_missed(event)   # the folded ones: at most MAX_MISSED_ANSWERS, the rest counted and logged
+            self._answer_fault(f"station not ready ({reason})", event.at)
 
     def _fault_frames(self, reason: str, timeout: float) -> None:
         """Free run where every frame is a part, while the line cannot inspect: each frame read (and each one the
@@ -755,6 +775,11 @@ class Line:
                 return "served"
             return self._inspect(pipeline, frame, frame_id, started)
         self._answer_missed(event)
+        if self._stop.is_set():
+            # READY is down (request_stop): a serial or MQTT trigger sent after it gets FAULT, not an inspection
+            # the outputs close on before the PLC has read it (probe 43).
+            self._answer_fault("station not ready (stopping)", event.at)
+            return "served"
         if self._expired(event):
             return "served"
         stale = self.recipes.stale(triggered_mono=event.at) if self.recipes is not None else None
@@ -909,16 +934,14 @@ class Line:
     def shutdown(self) -> None:
         """Every output back to its safe state and flushed; source closed; counter saved."""
         self._stop.set()
-        with self._state_lock:
-            self._ready = False
-            self._health = (False, self.fault_reason)
-            self._drive_state()
+        self._drop_ready()
         if self._inflight is not None:
             self._drain_inflight()   # a no-op after loop(): it drained on the way out
             self._inflight.close()
         self._close_source()
         if self.recipes is not None:
             self.recipes.close_inputs()
+        self._join_loads()
         self.bus.close()  # every output returns to its safe state and flushes
         self.frame_ids.close()
         self._log_stats()

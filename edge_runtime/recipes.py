@@ -472,6 +472,11 @@ class RecipeSwitcher:
             self.status = "failed"
             self.line._set_state(False, message)
 
+    @property
+    def worker(self) -> threading.Thread | None:
+        """The thread loading or checking the recipe being switched to, if a switch is running."""
+        return self._thread
+
     def close_inputs(self) -> None:
         if self.gpio is not None:
             try:

@@ -186,6 +186,37 @@ def test_reload_with_a_corrupted_bundle_keeps_the_old_one(bundle_copy, part_imag
     assert rec.calls_to("set_ready")[:-1][-1] is True, "READY stayed up until the stop"
 
 
+def test_a_stop_during_a_reload_waits_for_the_load_before_the_outputs_close(bundle_copy, part_images, write_station,
+                                                                           start_station, monkeypatch):
+    """The interpreter tearing down while onnxruntime loads a bundle on another thread aborted the process
+    (probe 43: SIGTERM 150 ms after SIGHUP, exit -6, the unit left failed): shutdown waits for the load."""
+    from edge_runtime import bundle_loader
+
+    loading, events = threading.Event(), []
+    real_load = bundle_loader.load_pipeline
+
+    def slow_load(*args, **kwargs):
+        if threading.current_thread().name == "bundle-reload":
+            loading.set()
+            time.sleep(1.0)
+            events.append("reload finished")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(bundle_loader, "load_pipeline", slow_load)
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=bundle_copy, source=SCRIPTED, recovery=FAST_RECOVERY))
+    source = ScriptedSource(steps=list(part_images.values()))
+    source.cfg.loop = True
+    close = rec.close
+    rec.close = lambda: (events.append("outputs closed"), close())
+    running = start_station(cfg, source=source, outputs=[rec])
+    wait_until(lambda: len(rec.results) >= 1, what="first result")
+    running.station.request_reload()
+    assert loading.wait(30), "the reload started"
+    assert running.stop() == 0
+    assert events == ["reload finished", "outputs closed"]
+
+
 def test_a_reload_begun_before_a_rollout_install_never_puts_the_older_bundle_back(small_bundle, part_images,
                                                                                   write_station, start_station,
                                                                                   tmp_path, monkeypatch):
@@ -287,8 +318,8 @@ def test_software_trigger_drains_and_faults_parts_it_could_not_inspect(small_bun
     assert camera.events[:2] == ["trigger", "read"] and camera.events.count("trigger") == camera.events.count("read") == 4
 
 
-def test_sigterm_drops_ready_at_once_and_a_trigger_after_it_is_still_answered(small_bundle, part_images,
-                                                                               write_station):
+def test_sigterm_drops_ready_at_once_and_a_trigger_after_it_is_answered_fault(small_bundle, part_images,
+                                                                              write_station):
     """SIGTERM delivered to another thread while the loop (the main thread) waits for a trigger: Python would run
     the handler only when that wait ends (probe 42: READY up and POST /trigger answered 202 for up to
     read_timeout_s after SIGTERM, and the part accepted then never answered). The signal relay acts at once."""
@@ -307,11 +338,14 @@ def test_sigterm_drops_ready_at_once_and_a_trigger_after_it_is_still_answered(sm
             wait_until(lambda: rec.ready, what="READY")
             trigger.fire()
             assert rec.wait_for("publish", 1, timeout=60)
+            # The loop's next round has begun (its heartbeat comes after the stop check): it is in the trigger wait.
+            wait_until(lambda: ("heartbeat", None) in rec.calls[[n for n, _ in rec.calls].index("publish"):],
+                       what="the loop's next round")
             signal.pthread_kill(threading.get_ident(), signal.SIGTERM)   # not the main thread
             wait_until(lambda: not rec.ready, timeout=20, what="READY down after SIGTERM")
             status = station.status()
             seen["state"] = (status.state, status.reason)
-            seen["loop_still_waiting"] = not rec.closed and len(rec.results) == 1
+            seen["at_stop"] = {"results": len(rec.results), "closed": rec.closed}
             trigger.fire()   # e.g. a serial TRG that was already on its way
         except BaseException as exc:   # noqa: BLE001 - reported by the main thread
             seen["error"] = exc
@@ -323,9 +357,11 @@ def test_sigterm_drops_ready_at_once_and_a_trigger_after_it_is_still_answered(sm
     assert station.run() == 0
     controller.join()
     assert "error" not in seen, seen.get("error")
-    assert seen == {"state": ("not_ready", "stopping"), "loop_still_waiting": True}
+    assert seen == {"state": ("not_ready", "stopping"), "at_stop": {"results": 1, "closed": False}}
     names = [name for name, _ in rec.calls]
     assert len(rec.results) == 2, "the trigger that came after SIGTERM was answered"
+    assert rec.results[0].verdict is not Verdict.FAULT
+    assert rec.results[1].verdict is Verdict.FAULT and "stopping" in rec.results[1].error, "not inspected: READY was down"
     assert names.index("close") > max(i for i, n in enumerate(names) if n == "publish"), "answered before close"
     assert not rec.ready
 
