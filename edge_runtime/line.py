@@ -168,6 +168,8 @@ class Line:
         """Stop: READY goes down now, not when the loop notices (a part in inspection is still answered, and a
         trigger that arrives from here on is answered FAULT, or refused with 503 over HTTP)."""
         self._stop.set()
+        if self.rollout is not None:
+            self.rollout.stopping()
         # From the signal relay or another line's thread: a loop blocked inside a state call holds the lock, and
         # shutdown drives the safe state anyway; do not wait on it for long.
         self._drop_ready(STALL_GUARD_LOCK_S)

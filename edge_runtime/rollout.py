@@ -256,6 +256,11 @@ class RolloutManager(Output):
         self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
         self._thread.start()
 
+    def stopping(self) -> None:
+        """The line is stopping: no switch from now on (an offer being staged is dropped, offered again later)."""
+        with self._lock:
+            self._stop.set()
+
     def close(self) -> None:
         self._stop.set()
         self._offers.put(None)
@@ -363,9 +368,13 @@ class RolloutManager(Output):
                 continue
             self._state["seen"] = [*self._state.get("seen", []), key][-1000:]
             self._write_state()
-            self._take_offer(str(entry), "watch_dir")
+            if self._take_offer(str(entry), "watch_dir") == "stopping":
+                self._state["seen"] = [k for k in self._state["seen"] if k != key]   # taken again at the next start
+                self._write_state()
+                return
 
-    def _take_offer(self, location: str, origin: str) -> None:
+    def _take_offer(self, location: str, origin: str) -> str | None:
+        """Stage, verify and switch to an offered bundle; "stopping" when the station began to stop meanwhile."""
         src = Path(location)
         if self.status in ("staging", "probation"):
             self._event("rejected", f"{location} ({origin}): another rollout is in progress ({self.status})")
@@ -410,12 +419,24 @@ class RolloutManager(Output):
                 self.status, self.detail = previous_status
             return
         with self._lock:
-            self._previous, self._previous_version_record = current, version_record
-            self._previous_path = self._state.get("active") or (str(current.bundle.root) if current else None)
-            self._candidate_id, self._parts, self._faults = new.bundle_id, 0, []
-            self.status = "probation"
-            self.detail = (f"bundle {new.bundle_id} (version {new.bundle_version}) from {location}; previous "
-                           f"{current.bundle.bundle_id if current else 'none'}")
+            stopping = self._stop.is_set()
+            if not stopping:
+                self._previous, self._previous_version_record = current, version_record
+                self._previous_path = self._state.get("active") or (str(current.bundle.root) if current else None)
+                self._candidate_id, self._parts, self._faults = new.bundle_id, 0, []
+                self.status = "probation"
+                self.detail = (f"bundle {new.bundle_id} (version {new.bundle_version}) from {location}; previous "
+                               f"{current.bundle.bundle_id if current else 'none'}")
+        if stopping:
+            # The line began to stop while this offer was staged and verified (probe 44: the switch came after
+            # SIGTERM, the restart took it for a crash in probation and refused a bundle that never saw a part).
+            shutil.rmtree(dest, ignore_errors=True)
+            self._restore_version_record(version_record)
+            with self._lock:
+                self.status, self.detail = previous_status
+            log.warning("rollout: %s: the station is stopping; bundle %s not switched to (offered again at the "
+                        "next start)", location, new.bundle_id)
+            return "stopping"
         self._state.update(active=str(dest), previous=self._previous_path, status="probation",
                            candidate_id=new.bundle_id, rollouts=self._state.get("rollouts", 0) + 1,
                            previous_version_record=version_record.decode() if version_record else None)

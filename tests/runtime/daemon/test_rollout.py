@@ -446,3 +446,54 @@ def test_a_state_dir_that_cannot_be_used_is_a_clear_error_not_a_traceback(tmp_pa
 
     with pytest.raises(StateDirBusy, match=r"state_dir /proc/edge-runtime-state cannot be used .*give it a writable"):
         lock_state_dir("/proc/edge-runtime-state")
+
+
+def test_a_stop_during_staging_switches_nothing_and_the_offer_is_taken_again_at_the_next_start(tmp_path,
+                                                                                                device_bundle):
+    """Probe 44: SIGTERM while an offer was being verified; the rollout thread still switched the stopping line to
+    it and left 'probation' behind, so the restart refused a bundle that never inspected a part."""
+    from edge_runtime.bundle_loader import load_pipeline
+    from edge_runtime.config import StationConfig
+    from edge_runtime.rollout import RolloutConfig, RolloutManager
+
+    offers = tmp_path / "offers"
+    offers.mkdir()
+    shutil.copytree(device_bundle, offers / "v2")
+    installed, managers = [], []
+
+    def load_then_stop(path, current):
+        pipeline = load_pipeline(StationConfig(bundle=path))
+        managers[-1].stopping()   # the stop arrives while the offer is verified
+        return pipeline
+
+    def manager():
+        m = RolloutManager(RolloutConfig(enabled=True, watch_dir=str(offers), poll_interval_s=0.05,
+                                         staging_dir=str(tmp_path / "staging")),
+                           str(tmp_path / "state"), load=load_then_stop, install=installed.append,
+                           current=lambda: None, set_bundle_path=lambda p: None, withdraw=lambda reason: None)
+        managers.append(m)
+        return m
+
+    first = manager()
+    first.startup_bundle(str(device_bundle))
+    first.start()
+    first.line_loaded()
+    first._thread.join(60)
+    assert not first._thread.is_alive(), "the rollout thread ended with the stop"
+    first.close()
+    assert installed == [] and first.status == "idle"
+    state = json.loads((tmp_path / "state" / ROLLOUT_STATE_FILE).read_text())
+    assert state.get("status") != "probation" and not state.get("seen") and not state.get("rejected")
+    assert list((tmp_path / "staging").iterdir()) == [], "the staged copy is gone"
+
+    taken = []
+    second = manager()
+    assert second.startup_bundle(str(device_bundle)) == str(device_bundle)
+    second._take_offer = lambda location, origin: taken.append(location)
+    second.start()
+    try:
+        second.line_loaded()
+        wait_until(lambda: taken, timeout=10, what="the offer, again")
+        assert taken == [str(offers / "v2")]
+    finally:
+        second.close()
