@@ -73,6 +73,11 @@ def _print_bundle(bundle, where) -> None:
               f"{frr['modelled_ci95'][1]:.2%}); cross-fitted good images at or above it: "
               f"{frr['empirical_count']}/{frr['n']}"
               + (f"; lowest calibration defect {info['defect_margin']:+.1%} from it" if "defect_margin" in info else ""))
+        left = frr.get("if_left_out_are_good")
+        if left and left["empirical_count"] > frr["empirical_count"]:
+            print(f"    if the {left['left_out']} image(s) left out are good parts: {left['empirical_count']}/{left['n']} "
+                  f"cross-fitted good images at or above it ({left['empirical']:.1%}, 95% CI "
+                  f"{left['empirical_ci95'][0]:.1%}-{left['empirical_ci95'][1]:.1%})")
         for warning in info.get("warnings", []):
             print(f"    WARNING: {warning}")
     outliers = (bundle.manifest.get("fit", {}).get("score_outliers") or {}).get("images") or []

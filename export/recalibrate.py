@@ -18,7 +18,7 @@ from edge_runtime.bundle import (MANIFEST, SIGNATURE, Bundle, BundleError, check
 from edge_runtime.pipeline import Pipeline
 from export.calibration import DEFAULT_MAX_FALSE_REJECT, score_outliers
 from export.dataset import calibration_images
-from export.fit import calibration_score, choose_default_variant, log, set_operating_point
+from export.fit import calibration_score, choose_default_variant, left_out_rate, log, set_operating_point
 
 
 def recalibrate(bundle_dir: Path, out: Path, calibration_defects: Path | None = None,
@@ -129,6 +129,9 @@ def _recalibrate_into(out: Path, src: Bundle, m: dict, bundle_dir: Path, calibra
                                   max_false_reject=cap)
         if sep is not None:
             separation[name] = sep
+        if left:
+            every = np.array(list(v["cross_fit_scores"].values()), dtype=np.float64)
+            left_out_rate(v, name, every, np.array([n in kept for n in v["cross_fit_scores"]]))
     requested = settings.get("default_variant", m["default_variant"])
     m["default_variant"], m["default_variant_reason"] = choose_default_variant(requested, separation)
     m["fit"] = {**m.get("fit", {}), "calibration_defects": [str(p) for p in defects],

@@ -305,3 +305,10 @@ def test_recalibrated_threshold_stays_without_a_slipped_image(small_bundle, tmp_
     for name, threshold in thresholds.items():
         assert out.variant(name).threshold == pytest.approx(threshold, rel=1e-6)
     assert Bundle.load(src).variant("int8").threshold == thresholds["int8"]
+    # What the rate would be if the image left out is a good part after all: it is counted, beside the figure
+    # from the images the threshold was set from (probe 45: real good parts named on a flat background).
+    for name in thresholds:
+        frr = out.manifest["variants"][name]["threshold_info"]["expected_false_reject"]
+        left = frr["if_left_out_are_good"]
+        assert left["left_out"] == 1 and left["n"] == frr["n"] + 1
+        assert left["empirical_count"] == frr["empirical_count"] + 1
