@@ -417,7 +417,7 @@ def left_out_rate(v: dict, name: str, good_scores: np.ndarray, used: np.ndarray)
     v["threshold_info"]["expected_false_reject"]["if_left_out_are_good"] = {
         "empirical": k / len(good_scores), "empirical_count": k, "n": int(len(good_scores)),
         "empirical_ci95": [lo, hi], "left_out": int((~used).sum())}
-    if k > int(np.sum(good_scores[used] >= threshold)):
+    if np.any(good_scores[~used] >= threshold):
         log(f"{name}: WARNING: if the {int((~used).sum())} good image(s) left out of the threshold are good parts, "
             f"{k} of {len(good_scores)} cross-fitted good images score at or above it ({k / len(good_scores):.1%}, "
             f"95% CI {lo:.1%}-{hi:.1%}), not what the expected false-reject rate above says")
