@@ -144,6 +144,11 @@ def planned_start_bundle(state_dir: str | None, configured: str) -> str:
     return start_bundle(state, configured)
 
 
+# FAULT answers of parts that never reached the bundle (edge_runtime/line.py words them): a line controller that
+# triggers too fast or too late, or a station not ready, must not roll back a good bundle (probe 46).
+NOT_THE_BUNDLE = ("trigger overrun", "trigger expired", "station not ready")
+
+
 @dataclass(kw_only=True)
 class RolloutConfig:
     enabled: bool = False
@@ -273,6 +278,8 @@ class RolloutManager(Output):
         with self._lock:
             if self.status != "probation" or result.bundle_id != self._candidate_id:
                 return
+            if result.verdict is Verdict.FAULT and any(cause in (result.error or "") for cause in NOT_THE_BUNDLE):
+                return   # the part never reached the bundle: neither a part of its probation nor a fault of it
             self._parts += 1
             if result.verdict is Verdict.FAULT:
                 self._faults.append(f"frame {result.frame_id}: {result.error}")
@@ -432,10 +439,14 @@ class RolloutManager(Output):
             # SIGTERM, the restart took it for a crash in probation and refused a bundle that never saw a part).
             shutil.rmtree(dest, ignore_errors=True)
             self._restore_version_record(version_record)
-            with self._lock:
-                self.status, self.detail = previous_status
-            log.warning("rollout: %s: the station is stopping; bundle %s not switched to (offered again at the "
-                        "next start)", location, new.bundle_id)
+            if origin == "watch_dir":   # its key is forgotten: the next start takes it again
+                with self._lock:
+                    self.status, self.detail = previous_status
+                log.warning("rollout: %s: the station is stopping; bundle %s not switched to (offered again at the "
+                            "next start)", location, new.bundle_id)
+            else:   # an offer sent over MQTT is not kept across a restart: the sender hears it must send it again
+                self._event("rejected", f"{location} ({origin}): the station stopped while bundle {new.bundle_id} "
+                            "was staged; not switched to: offer it again")
             return "stopping"
         self._state.update(active=str(dest), previous=self._previous_path, status="probation",
                            candidate_id=new.bundle_id, rollouts=self._state.get("rollouts", 0) + 1,

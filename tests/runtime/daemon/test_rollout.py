@@ -441,6 +441,55 @@ def test_the_candidate_is_condemned_by_the_fault_that_fails_its_probation_not_la
     assert condemned == [("cand", "failed its probation")]
 
 
+def test_faults_of_parts_that_never_reached_the_candidate_do_not_count_in_its_probation(tmp_path):
+    """Probe 46: a 'trigger overrun' FAULT (the PLC triggering too fast) counted as one of the candidate's probation
+    faults; three would have rolled back and refused a good bundle for good."""
+    from edge_runtime.records import InspectionResult, Verdict
+    from edge_runtime.rollout import RolloutConfig, RolloutManager
+
+    condemned = []
+    manager = RolloutManager(RolloutConfig(enabled=True, staging_dir=str(tmp_path / "s"), probation_parts=5,
+                                           probation_max_faults=2),
+                             str(tmp_path / "state"), load=None, install=None, current=lambda: None,
+                             set_bundle_path=lambda p: None, withdraw=lambda reason: None,
+                             condemn=lambda bundle_id, reason: condemned.append(bundle_id))
+    manager.status, manager._candidate_id = "probation", "cand"
+
+    def part(i, error):
+        return InspectionResult(frame_id=i, source="cam", verdict=Verdict.FAULT if error else Verdict.OK,
+                                score=None if error else 1.0, normalized_score=None, threshold=2.0, timings_ms={},
+                                bundle_id="cand", error=error)
+
+    for i, why in enumerate(["trigger overrun: a newer trigger arrived before this one was served",
+                             "trigger expired: 900 ms old when the loop reached it > max_age_ms 250",
+                             "station not ready (source: camera gone)"]):
+        manager.publish(part(i, f"triggered part not inspected: {why}"))
+    assert condemned == [] and manager._parts == 0 and manager._faults == []
+    manager.publish(part(3, "frame 640x480 is not the 256x256 the bundle was fitted on"))
+    manager.publish(part(4, "frame 640x480 is not the 256x256 the bundle was fitted on"))
+    assert condemned == ["cand"], "faults of the bundle's own inspections still roll it back"
+
+
+def test_an_offer_sent_over_mqtt_and_staged_during_a_stop_is_reported_rejected(tmp_path, device_bundle):
+    """Probe 46: it was logged as 'offered again at the next start', which only a watch-folder offer is."""
+    from edge_runtime.bundle_loader import load_pipeline
+    from edge_runtime.config import StationConfig
+    from edge_runtime.rollout import RolloutConfig, RolloutManager
+
+    installed = []
+
+    def load_then_stop(path, current):
+        pipeline = load_pipeline(StationConfig(bundle=path))
+        manager.stopping()
+        return pipeline
+
+    manager = RolloutManager(RolloutConfig(enabled=True, staging_dir=str(tmp_path / "staging")),
+                             str(tmp_path / "state"), load=load_then_stop, install=installed.append,
+                             current=lambda: None, set_bundle_path=lambda p: None, withdraw=lambda reason: None)
+    assert manager._take_offer(str(device_bundle), "mqtt") == "stopping"
+    assert installed == [] and manager.status == "rejected" and "offer it again" in manager.detail
+
+
 def test_a_state_dir_that_cannot_be_used_is_a_clear_error_not_a_traceback(tmp_path):
     from edge_runtime.daemon import StateDirBusy, lock_state_dir
 
