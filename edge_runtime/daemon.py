@@ -231,12 +231,12 @@ class Station:
     def line_by_name(self, name: str) -> Line | None:
         return next((line for line in self.lines if line.name == name), None)
 
-    def _fire_line(self, name: str) -> bool:
+    def _fire_line(self, name: str) -> bool | None:
+        """None: no such line or no software trigger; else whether the trigger accepted the fire."""
         line = self.line_by_name(name)
         if line is None or not isinstance(line.trigger, SoftwareTrigger):
-            return False
-        line.trigger.fire()
-        return True
+            return None
+        return line.trigger.fire()
 
     @property
     def state(self) -> LineState:

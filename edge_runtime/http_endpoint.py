@@ -211,7 +211,7 @@ class HttpEndpoint:
     """ThreadingHTTPServer in a daemon thread. `start()` binds (raises OSError if the port is taken), `port` is
     the bound port, `stop()` shuts it down."""
 
-    def __init__(self, cfg: HttpConfig, status_provider: StatusProvider, fire_trigger: Callable[[], None] | None = None,
+    def __init__(self, cfg: HttpConfig, status_provider: StatusProvider, fire_trigger: Callable[[], bool | None] | None = None,
                  line_name: str | None = None) -> None:
         """`line_name`: the one line of a station file with `lines:`, whose trigger is also POST /trigger/<name>
         (the path a station with several lines takes)."""
@@ -319,7 +319,10 @@ class HttpEndpoint:
             reason = "station status unavailable" if status is None else f"station {status.state}: {status.reason}"
             doc = {"triggered": False, "error": f"not ready, part not captured ({reason[:200]})"}
             return HTTPStatus.SERVICE_UNAVAILABLE, "application/json", json.dumps(doc).encode()
-        self._fire_trigger()
+        if self._fire_trigger() is False:
+            doc = {"triggered": False, "error": "trigger refused: the station has a backlog of triggers it has not "
+                                                "served yet, part not captured"}
+            return HTTPStatus.SERVICE_UNAVAILABLE, "application/json", json.dumps(doc).encode()
         return HTTPStatus.ACCEPTED, "application/json", json.dumps({"triggered": True}).encode()
 
 

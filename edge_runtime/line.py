@@ -39,13 +39,14 @@ from edge_runtime.records import Frame, InspectionResult, Verdict
 from edge_runtime.rollout import RolloutManager
 from edge_runtime.sources import FrameSource, SourceError, build_source
 from edge_runtime.station_state import LineState
-from edge_runtime.triggers import SoftwareTrigger, Trigger, TriggerError, TriggerEvent, build_trigger
+from edge_runtime.triggers import MAX_FOLDED, SoftwareTrigger, Trigger, TriggerError, TriggerEvent, build_trigger
 
 log = logging.getLogger("edge_runtime.daemon")
 
 __all__ = ["Counters", "Line", "MAX_MISSED_ANSWERS", "SERIAL_ACK_COMMAND"]
-# At most this many FAULT answers for triggers folded into one (the rest are counted and logged).
-MAX_MISSED_ANSWERS = 16
+# At most this many FAULT answers for triggers folded into one (the rest are counted and logged); a software
+# trigger refuses more than that (triggers.MAX_FOLDED), so only GPIO edges can exceed it.
+MAX_MISSED_ANSWERS = MAX_FOLDED
 OUTPUT_RETRY_S = 1.0   # a failed line output is told the station's state again this often (it may be back)
 # A bundle load still running at stop (SIGHUP reload, recipe switch) is waited for this long: the interpreter tearing
 # down while onnxruntime builds a session on another thread aborts the process (SIGABRT, probe 43).
@@ -318,6 +319,7 @@ class Line:
         counters = {"source_errors": c.source_errors, "reloads": c.reloads, "reload_failures": c.reload_failures,
                     "missed_triggers": c.missed_triggers, "expired_triggers": c.expired_triggers,
                     "trigger_overruns": getattr(self.trigger, "overruns", 0),
+                    "trigger_refused": getattr(self.trigger, "refused", 0),
                     "dropped_frames": self.dropped_frames,
                     "stale_files": getattr(self._source, "stale", 0)}   # watch + trigger: files left out
         counters.update(self.bus.output_counters())

@@ -85,7 +85,7 @@ class RecipeHttpEndpoint(HttpEndpoint):
     "line": RecipeSwitcher}; POST is refused unless that line's `recipes.allow_http` is true."""
 
     def __init__(self, cfg: HttpConfig, status_provider: Callable[[], StationStatus],
-                 fire_trigger: Callable[[], None] | None, switchers: Callable[[], dict],
+                 fire_trigger: Callable[[], bool | None] | None, switchers: Callable[[], dict],
                  line_name: str | None = None) -> None:
         super().__init__(cfg, status_provider, fire_trigger, line_name)
         self._switchers = switchers
@@ -121,7 +121,7 @@ class RecipeHttpEndpoint(HttpEndpoint):
 
 class LinesHttpEndpoint(RecipeHttpEndpoint):
     """The endpoint of a multi-line daemon. `line_statuses()` -> {line name: StationStatus};
-    `fire(name)` fires that line's software trigger and returns False when it has none."""
+    `fire(name)` fires that line's software trigger: None when it has none, False when it refused the trigger."""
 
     def __init__(self, cfg: HttpConfig, line_statuses: Callable[[], dict[str, StationStatus]],
                  overall: Callable[[], StationStatus], fire: Callable[[str], bool],
@@ -159,7 +159,12 @@ class LinesHttpEndpoint(RecipeHttpEndpoint):
         if status.state != "ready":
             doc = {"triggered": False, "error": f"line {name} not ready, part not captured ({(status.reason or status.state)[:200]})"}
             return HTTPStatus.SERVICE_UNAVAILABLE, "application/json", json.dumps(doc).encode()
-        if not self._fire_line(name):
+        fired = self._fire_line(name)
+        if fired is None:
             doc = {"error": f"line {name}'s trigger is not 'software'"}
             return HTTPStatus.CONFLICT, "application/json", json.dumps(doc).encode()
+        if not fired:
+            doc = {"triggered": False, "error": f"line {name}: trigger refused: a backlog of triggers it has not "
+                                                "served yet, part not captured"}
+            return HTTPStatus.SERVICE_UNAVAILABLE, "application/json", json.dumps(doc).encode()
         return HTTPStatus.ACCEPTED, "application/json", json.dumps({"triggered": True, "line": name}).encode()

@@ -105,7 +105,7 @@ class LineMqtt(Output):
         self.commands_refused = 0
         self._state_provider: StateProvider | None = None
         self._handlers: dict[str, CommandHandler] = {}
-        self._fire: Callable[[], None] | None = None
+        self._fire: Callable[..., bool | None] | None = None
         self._recent_triggers: collections.deque = collections.deque(maxlen=RECENT_TRIGGERS)  # (id, monotonic)
         self._withdraw: Callable[[], None] | None = None   # the line's bus.trigger_accepted
         self._recipes = None
@@ -119,7 +119,7 @@ class LineMqtt(Output):
         """The line's rollout manager: <prefix>/<line>/cmd/rollout."""
         self._handlers["rollout"] = handler
 
-    def bind_trigger(self, fire: Callable[..., None], withdraw: Callable[[], None] | None = None) -> None:
+    def bind_trigger(self, fire: Callable[..., bool | None], withdraw: Callable[[], None] | None = None) -> None:
         """The line's software trigger: <prefix>/<line>/cmd/trigger when `allow_trigger`; `withdraw`: the previous
         verdict withdrawn without a capture (a refused second delivery)."""
         self._fire = fire
@@ -215,7 +215,8 @@ class LineMqtt(Output):
             return
         if ident is not None:
             self._recent_triggers.append((ident, now))
-        self._fire() if age is None else self._fire(sent_age_s=age)
+        if (self._fire() if age is None else self._fire(sent_age_s=age)) is False:
+            self.commands_refused += 1   # a backlog of triggers not served yet (logged by the trigger)
 
 
 def parse_trigger(payload: bytes) -> tuple[float | None, object | None, str | None]:

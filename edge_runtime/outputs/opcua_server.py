@@ -165,7 +165,7 @@ class OpcUaServer(Output):
         self.name = f"opcua:{cfg.host}:{cfg.port}"
         self.port: int | None = None          # the bound port once started
         self._state_provider: Callable[[], dict[str, Any]] | None = None
-        self._fire: Callable[[], None] | None = None
+        self._fire: Callable[[], bool | None] | None = None
         self._recipes = None                   # the line's RecipeSwitcher (edge_runtime/recipes.py), when it has one
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -182,7 +182,7 @@ class OpcUaServer(Output):
     def bind_state(self, provider: Callable[[], dict[str, Any]]) -> None:
         self._state_provider = provider
 
-    def bind_trigger(self, fire: Callable[[], None], withdraw: Callable[[], None] | None = None) -> None:
+    def bind_trigger(self, fire: Callable[[], bool | None], withdraw: Callable[[], None] | None = None) -> None:
         """The station's software trigger (StartSingleJob fires it when allow_trigger is set; firing withdraws the
         previous verdict itself, so `withdraw` is not needed here)."""
         self._fire = fire
@@ -435,7 +435,8 @@ class OpcUaServer(Output):
             return ua.StatusCodes.BadNotSupported   # the station's trigger is not 'software'
         if self._fault or not self._ready:
             return ua.StatusCodes.BadInvalidState   # the part would only be answered FAULT
-        self._fire()
+        if self._fire() is False:
+            return ua.StatusCodes.BadTooManyOperations   # a backlog of triggers not served yet: not captured
         self.jobs_started += 1
         return None
 

@@ -154,6 +154,18 @@ def test_trigger_fires_when_allowed(serve, station):
     assert trig.wait(0.0) is not None
 
 
+def test_a_trigger_refused_for_its_backlog_is_503_not_202(serve, station):
+    """A 202 promises an answer and a record; beyond MAX_FOLDED waiting triggers none would come (probe 47)."""
+    from edge_runtime.triggers import MAX_FOLDED
+
+    station.status = StationStatus(state="ready")
+    trig = SoftwareTrigger()
+    ep = serve(trigger=trig, allow_trigger=True)
+    codes = [request(ep, "/trigger", method="POST", data=b"")[0] for _ in range(MAX_FOLDED + 3)]
+    assert codes == [202] * (MAX_FOLDED + 1) + [503] * 2
+    assert trig.wait(0.0).missed == MAX_FOLDED
+
+
 def test_a_station_whose_lines_holds_one_line_takes_its_trigger_by_name_too(station):
     """POST /trigger/<line> (the path of a station with several lines) had been 404 for `lines:` with one line."""
     station.status = StationStatus(state="ready")

@@ -136,6 +136,23 @@ def test_software_trigger_events_carry_their_time_and_the_triggers_folded_into_t
     assert [e.at for e in trig.drain()] == [before]
 
 
+def test_a_software_trigger_refuses_a_fire_beyond_the_folds_every_accepted_one_is_answered():
+    """Probe 47: more than MAX_FOLDED triggers folded into one capture were accepted (StartSingleJob True, POST 202)
+    yet answered by neither a FAULT nor a record; now such a fire is refused and the caller says so."""
+    from edge_runtime.line import MAX_MISSED_ANSWERS
+    from edge_runtime.triggers import MAX_FOLDED
+
+    trig = SoftwareTrigger()
+    withdrawn = []
+    trig.on_fire = lambda: withdrawn.append(1)
+    assert all(trig.fire() for _ in range(MAX_FOLDED + 1)), "one waiting and MAX_FOLDED folded into it"
+    assert trig.fire() is False and trig.fire() is False
+    assert trig.refused == 2 and trig.fired == MAX_FOLDED + 1
+    event = trig.wait(0.0)
+    assert event.missed == MAX_FOLDED <= MAX_MISSED_ANSWERS, "each accepted one gets its FAULT answer"
+    assert trig.fire() is True, "served: accepted again"
+
+
 def test_triggers_expire_by_default_and_max_age_is_validated():
     assert build_trigger(SoftwareTriggerConfig()).max_age_ms == 250.0
     assert build_trigger(convert({"type": "software", "max_age_ms": 80}, TriggerConfig, "trigger")).max_age_ms == 80

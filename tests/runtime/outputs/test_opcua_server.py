@@ -78,6 +78,11 @@ def test_state_result_counters_event_and_single_job(server):
             await asyncio.sleep(0.3)
             assert await vs.call_method(f"{vs.nodeid.NamespaceIndex}:StartSingleJob") is True
             assert len(server.fired) == 1
+            # A trigger refused for its backlog (SoftwareTrigger.fire False) is not a started job (probe 47).
+            server.bind_trigger(lambda: False)
+            with pytest.raises(ua.UaStatusCodeError) as err:
+                await vs.call_method(f"{vs.nodeid.NamespaceIndex}:StartSingleJob")
+            assert err.value.code == ua.StatusCodes.BadTooManyOperations
             server.publish(make_result(41, Verdict.NG))
             server.publish(make_result(42, Verdict.FAULT, score=None))
             frame = await browse(client, "VisionSystem", "LastResult", "FrameId")
