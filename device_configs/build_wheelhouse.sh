@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build a wheelhouse for the device install, so a station installs with no compiler and no network:
-#   pip install --no-index --find-links WHEELHOUSE 'patchcore-edge[io]'
+#   pip install --no-index --find-links WHEELHOUSE 'patchcore-edge[io,sign]'
 #
 # Every runtime dependency has binary wheels for x86_64 and aarch64 (Python 3.10-3.12); they are downloaded as
 # they are, and nothing is compiled: the device searches the bundle's HNSW graph with faiss-cpu (wheels with run-time
@@ -12,7 +12,9 @@
 # the instruction-set floor (ISA below).
 #
 # Usage (run it on a machine of the TARGET architecture, e.g. once on one Pi, or under qemu/`docker buildx`):
-#   [WITH_HNSWLIB=1] device_configs/build_wheelhouse.sh [OUT_DIR] [ISA]
+#   [WITH_HNSWLIB=1] [EXTRAS=io,sign] device_configs/build_wheelhouse.sh [OUT_DIR] [ISA]
+#     EXTRAS   default io,sign: the package extras whose wheels are collected (add page for the operator's page,
+#              opcua for the OPC UA server, e.g. EXTRAS=io,sign,page,opcua); the core runtime is always included
 #     OUT_DIR  default ./wheelhouse
 #     ISA      (WITH_HNSWLIB=1 only) portable (default): the architecture's baseline (x86-64 = SSE2; aarch64 = armv8-a, which includes
 #                                  NEON): runs on every CPU of that architecture (Pi 4, Pi 5, Jetson, any PC)
@@ -26,6 +28,7 @@ OUT=${1:-wheelhouse}
 ISA=${2:-portable}
 PY=${PYTHON:-python3}
 HNSWLIB_VERSION=${HNSWLIB_VERSION:-0.8.0}
+EXTRAS=${EXTRAS:-io,sign}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 case "$ISA" in
@@ -42,11 +45,12 @@ if [ "${WITH_HNSWLIB:-0}" = 1 ]; then
   "$PY" -m pip wheel --no-deps --no-cache-dir --no-binary hnswlib "hnswlib==$HNSWLIB_VERSION" -w "$OUT"
 fi
 
-echo "== binary wheels of everything else the device runs (no torch: the 'export' extra is never installed there)"
+echo "== binary wheels of everything else the device runs, extras [$EXTRAS] (no torch: the 'export' extra is never installed there)"
 "$PY" -m pip wheel --no-deps "$REPO" -w "$OUT"
-"$PY" -m pip download --only-binary=:all: -d "$OUT" \
-    'numpy>=1.24' 'onnxruntime>=1.17' 'faiss-cpu>=1.8' 'threadpoolctl>=3.1' 'opencv-python-headless>=4.8' 'pyyaml>=6.0' \
-    'pyserial>=3.5,<4' 'pymodbus>=3.16,<3.17' 'gpiod>=2.2,<3' 'cryptography>=41'
+# The dependency list is read from the package's own metadata (pyproject.toml), never repeated here: a
+# hand-kept list once missed paho-mqtt and the documented install below failed on every station.
+WHEEL=$(ls -t "$OUT"/patchcore_edge-*.whl | head -n 1)
+"$PY" -m pip download --only-binary=:all: -d "$OUT" "$WHEEL[$EXTRAS]"
 
 echo "== wheelhouse $OUT ready; on the device:"
-echo "   pip install --no-index --find-links $OUT 'patchcore-edge[io,sign]'"
+echo "   pip install --no-index --find-links $OUT 'patchcore-edge[$EXTRAS]'"
