@@ -1,8 +1,9 @@
 """export.onnx_export.take_uint8_pixels: the INT8 graph's float input becomes the uint8 pixels, exactly."""
 import numpy as np
 import pytest
+from extras import require
 
-onnx = pytest.importorskip("onnx")
+onnx = require("onnx", "export")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from export.onnx_export import UINT8_INPUT, take_uint8_pixels  # noqa: E402

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from extras import require
 
 import faiss  # noqa: F401 - a core dependency: a device install without it is broken, not skipped
 from edge_runtime.hnsw_graph import _HEADER, FaissHnswSearch, GraphError, read_hnsw_graph
@@ -14,6 +15,7 @@ from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hn
 
 def saved_index(tmp_path: Path, n=3000, d=32, seed=0, threads=2):
     """A bank and its hnswlib index bytes; added on 2 threads, so internal ids are NOT the labels."""
+    require("hnswlib", "hnswlib")
     rng = np.random.default_rng(seed)
     scales = np.geomspace(3.0, 0.1, d).astype(np.float32)
     bank = (rng.normal(size=(n, d)) * scales).astype(np.float32)
@@ -77,6 +79,7 @@ def test_corrupt_graphs_are_refused_with_the_reason(tmp_path):
 
 
 def test_pipeline_default_search_is_the_faiss_engine_and_matches_hnswlib(small_bundle):
+    require("hnswlib", "hnswlib")
     from edge_runtime.bundle import Bundle
     from edge_runtime.pipeline import Pipeline
 
@@ -94,6 +97,7 @@ def test_pipeline_default_search_is_the_faiss_engine_and_matches_hnswlib(small_b
 
 
 def test_without_faiss_the_default_search_falls_back_to_hnswlib(small_bundle, monkeypatch, caplog):
+    require("hnswlib", "hnswlib")
     import sys
 
     from edge_runtime.bundle import Bundle
@@ -125,6 +129,7 @@ def test_a_device_without_hnswlib_runs_the_default_search(small_bundle, monkeypa
 def test_written_graph_round_trips_and_loads_in_hnswlib(tmp_path):
     """What page learning writes (faiss graph -> hnswlib's format) reads back identically, passes the bundle's
     header check and searches the same in hnswlib."""
+    require("hnswlib", "hnswlib")
     from edge_runtime.bundle import check_index_file
     from edge_runtime.hnsw_graph import write_hnsw_graph
 

@@ -387,5 +387,25 @@ def test_listening_beyond_loopback_without_authentication_warns(station, caplog,
     assert "POST /trigger is allowed" in text
     station_file = tmp_path / "station.yaml"
     station_file.write_text("bundle: b\nsource: {type: folder, path: x}\nhttp: {host: 0.0.0.0}\n")
-    assert cli.main(["validate", str(station_file)]) == 0
+    assert cli.main(["validate", str(station_file)]) == 1     # valid; bundle b and folder x are not here
     assert "warning: " in capsys.readouterr().err
+
+
+def test_a_taken_http_port_stops_the_start_with_the_reason_and_no_part_is_inspected(tmp_path, device_bundle, capsys):
+    # Another process on the port would answer /healthz for this station; running on without the endpoint hid it
+    # behind one ERROR line while the plant's monitor saw the other process.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"not inspected")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        station = tmp_path / "station.yaml"
+        station.write_text(f"bundle: {device_bundle}\nsource: {{type: folder, path: images}}\n"
+                           f"outputs: [{{type: result_log, path: results.jsonl}}]\n"
+                           f"http: {{port: {port}}}\nstate_dir: state\n")
+        assert cli.main(["run", "--config", str(station)]) == 1
+    err = capsys.readouterr().err
+    assert f"http endpoint 127.0.0.1:{port} cannot listen" in err and "ss -ltnp 'sport = :" in err
+    log = tmp_path / "results.jsonl"
+    assert not log.exists() or log.read_text() == ""

@@ -145,6 +145,14 @@ SOURCES = ["camera:0", "camera:/dev/v4l/by-id/usb-Cam-video-index0", "folder:ima
 OUTPUT_SETS = [list(c) for n in range(1, len(OUTPUT_KINDS) + 1) for c in itertools.combinations(OUTPUT_KINDS, n)]
 
 
+def valid_file(out: Path, capsys) -> bool:
+    """validate accepts the file itself (exit 0, or 1: valid, but what it names, such as this test's manifest-only
+    bundle or a camera, is not on this machine)."""
+    rc = runtime_main(["validate", str(out)])
+    captured = capsys.readouterr()
+    return rc in (0, 1) and f"{out}: valid" in captured.out and "invalid" not in captured.err
+
+
 @pytest.mark.parametrize("source", SOURCES)
 def test_every_source_and_output_combination_validates_as_written(tmp_path, source, capsys):
     bundle = _bundle(tmp_path)
@@ -152,7 +160,7 @@ def test_every_source_and_output_combination_validates_as_written(tmp_path, sour
         out = tmp_path / "stations" / f"s{i}.yaml"
         assert runtime_main(["init", "--bundle", str(bundle), "--source", source, "--output", *outputs,
                              "--device", "pi5", "--out", str(out)]) == 0
-        assert runtime_main(["validate", str(out)]) == 0, capsys.readouterr().err
+        assert valid_file(out, capsys)
         cfg = load_station(out)
         assert [o.type for o in cfg.outputs] == (["result_log"] if "result_log" not in outputs else []) + outputs
         assert cfg.source.type == source.split(":")[0] and cfg.device == "pi5"
@@ -161,11 +169,11 @@ def test_every_source_and_output_combination_validates_as_written(tmp_path, sour
 
 
 @pytest.mark.parametrize("device", [None, *DEVICE_INT8_TARGET])
-def test_every_device_validates_and_sets_its_values(tmp_path, device):
+def test_every_device_validates_and_sets_its_values(tmp_path, device, capsys):
     out = tmp_path / "station.yaml"
     args = ["init", "--bundle", str(_bundle(tmp_path)), "--source", "camera:0", "--output", *OUTPUT_KINDS,
             "--out", str(out)] + (["--device", device] if device else [])
-    assert runtime_main(args) == 0 and runtime_main(["validate", str(out)]) == 0
+    assert runtime_main(args) == 0 and valid_file(out, capsys)
     cfg = load_station(out)
     assert cfg.device == device
     assert cfg.inference.threads == (4 if device in ("pi5", "pi4", "jetson-orin") else 2)
@@ -242,3 +250,51 @@ def test_parse_source():
     for bad in ("camera:-1", "camera:99999"):   # named as the --source it is, not as an invalid generated file
         with pytest.raises(InitError, match=f"--source '{bad}': a camera index is 0-255"):
             parse_source(bad)
+
+
+def test_a_service_station_file_writes_only_where_the_systemd_unit_allows(tmp_path, capsys):
+    # The unit runs with ProtectSystem=strict: the station file lives under /etc (read-only to the service), so a
+    # result log beside it would fail every write and every part would be a FAULT.
+    unit = (Path(__file__).resolve().parents[2] / "systemd" / "edge-runtime.service").read_text()
+    writable = next(line for line in unit.splitlines() if line.startswith("ReadWritePaths="))
+    allowed = [Path(p) for p in writable.split("=", 1)[1].split()]
+    out = tmp_path / "etc" / "station.yaml"
+    assert runtime_main(["init", "--bundle", str(_bundle(tmp_path)), "--source", "camera:0", "--output", "result_log",
+                         "ng_images", "--service", "--out", str(out)]) == 0
+    cfg = load_station(out)
+    paths = [Path(o.path) for o in cfg.outputs if o.type == "result_log"] + \
+            [Path(o.dir) for o in cfg.outputs if o.type == "ng_images"]
+    assert len(paths) == 2
+    for path in paths:
+        assert any(path.is_relative_to(root) for root in allowed), (path, allowed)
+    # Without --service both stay beside the station file (a trial run as the user).
+    assert runtime_main(["init", "--bundle", str(_bundle(tmp_path)), "--source", "camera:0", "--output", "result_log",
+                         "ng_images", "--out", str(out), "--force"]) == 0
+    cfg = load_station(out)
+    assert {Path(o.path if o.type == "result_log" else o.dir).parent for o in cfg.outputs} == {out.parent}
+
+
+def test_validate_says_a_valid_file_is_not_ready_when_its_bundle_or_source_is_missing_here(tmp_path, device_bundle,
+                                                                                          capsys):
+    photos = tmp_path / "photos"
+    out = tmp_path / "station.yaml"
+    assert runtime_main(["init", "--bundle", str(device_bundle), "--source", f"folder:{photos}", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert runtime_main(["validate", str(out)]) == 1        # the folder is not there
+    captured = capsys.readouterr()
+    assert f"source.path {photos}: no such folder here" in captured.out
+    assert "valid, but not ready to run on this machine: 1 thing it needs missing here" in captured.out
+    photos.mkdir()
+    assert runtime_main(["validate", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"{out}: valid")
+    text = out.read_text().replace(str(device_bundle), str(tmp_path / "gone"))
+    out.write_text(text.replace(f"bundle: {device_bundle}", f"bundle: {tmp_path / 'gone'}"))
+    assert runtime_main(["validate", str(out)]) == 1
+    assert "gone: bundle directory does not exist" in capsys.readouterr().out
+    cam = tmp_path / "cam.yaml"
+    assert runtime_main(["init", "--bundle", str(device_bundle), "--source", "camera:/dev/video97", "--out",
+                         str(cam)]) == 0
+    capsys.readouterr()
+    assert runtime_main(["validate", str(cam)]) == 0      # a camera may be plugged in later: a note, still ready
+    assert "source.device '/dev/video97': /dev/video97 does not exist here (`edge-runtime cameras`" in \
+        capsys.readouterr().out

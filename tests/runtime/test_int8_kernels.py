@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from extras import require_program
 import yaml
 
 from edge_runtime import int8_kernels
@@ -46,8 +47,9 @@ def _cpu_flags() -> set[str]:
 
 def _emulated(code: str, *args: str) -> subprocess.CompletedProcess:
     """Run python code on an emulated Haswell (no AVX-512, no VNNI)."""
-    if platform.machine() != "x86_64" or shutil.which("qemu-x86_64") is None:
-        pytest.skip("needs an x86-64 host with qemu-user (apt-get install -y qemu-user; .ci/run installs it)")
+    if platform.machine() != "x86_64":
+        pytest.skip("emulates the other kind of x86 CPU: needs an x86-64 host")
+    require_program("qemu-x86_64", "qemu-user")
     return subprocess.run(["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", code, *args], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
 

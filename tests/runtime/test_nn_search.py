@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from extras import require
 
 from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw
 
@@ -20,6 +21,7 @@ def test_exact_search_matches_brute_force_differences():
 
 
 def test_hnsw_recheck_makes_the_image_score_exact_even_with_a_poor_index():
+    require("hnswlib", "hnswlib")
     bank, queries = bank_and_queries(1)
     # A deliberately weak graph (M=4, ef=2) so that approximate distances are often too large.
     params = HnswParams(M=4, ef_construction=10, ef_search=2)
@@ -34,6 +36,7 @@ def test_hnsw_recheck_makes_the_image_score_exact_even_with_a_poor_index():
 
 
 def test_hnsw_ef_is_set_on_every_load(tmp_path):
+    require("hnswlib", "hnswlib")
     bank, queries = bank_and_queries(2)
     params = HnswParams(ef_search=48)
     path = tmp_path / "i.hnsw"

@@ -5,6 +5,7 @@ import threading
 
 import numpy as np
 import pytest
+from extras import require
 
 from edge_runtime.hnsw_graph import FaissHnswSearch, read_hnsw_graph, seed_plan
 from edge_runtime.nn_search import ExactSearch, HnswParams, build_hnsw
@@ -48,6 +49,7 @@ def smooth_part(rng, rows, cols, d, scale=1.0):
 
 @pytest.fixture(scope="module")
 def graph_and_parts(tmp_path_factory):
+    require("hnswlib", "hnswlib")
     rng = np.random.default_rng(3)
     rows, cols, d = 24, 20, 24
     base = smooth_part(rng, rows, cols, d)
@@ -63,6 +65,12 @@ def graph_and_parts(tmp_path_factory):
     return graph, bank, np.concatenate(parts), (rows, cols)     # two tiles of one frame
 
 
+# Two FP32 exact computations of one distance (the re-check and ExactSearch) agree to float32 rounding, whose size
+# depends on the kernels: within 1e-6 on x86, 1.05e-6 measured on aarch64 (NEON). An approximate score is off by
+# percent, so 1e-5 still tells exact from approximate.
+EXACT = 1e-5
+
+
 def test_seeded_walk_finds_near_exact_neighbours_and_keeps_the_image_score_exact(graph_and_parts):
     graph, bank, queries, grid = graph_and_parts
     truth, _ = ExactSearch(bank).nearest(queries)
@@ -74,7 +82,7 @@ def test_seeded_walk_finds_near_exact_neighbours_and_keeps_the_image_score_exact
     approx = seeded.approximate(queries)
     assert np.all(approx >= truth - 1e-4)                             # real bank vectors: upper bounds
     assert np.mean(approx / truth - 1) < 0.05                         # and close: the seeds start next to the answer
-    assert seeded.distances(queries).max() == pytest.approx(truth.max(), rel=1e-6)   # re-checked image score
+    assert seeded.distances(queries).max() == pytest.approx(truth.max(), rel=EXACT)   # re-checked image score
 
 
 def test_tightening_before_the_recheck_only_lowers_bounds_and_spares_it_work(graph_and_parts, monkeypatch):
@@ -93,7 +101,7 @@ def test_tightening_before_the_recheck_only_lowers_bounds_and_spares_it_work(gra
     monkeypatch.setattr(FaissHnswSearch, "_tighten", lambda self, queries, dist: dist)
     loose = search.approximate(q)
     assert np.all(tightened <= loose) and np.all(tightened >= truth - 1e-4)
-    assert scores.max() == pytest.approx(truth.max(), rel=1e-6)
+    assert scores.max() == pytest.approx(truth.max(), rel=EXACT)
     search.distances(q)
     assert measured <= search.rechecked_last
 
@@ -196,4 +204,4 @@ def test_a_walk_that_finds_nothing_still_seeds_real_rows(graph_and_parts, monkey
     labels = search.labels(queries)
     assert labels.min() >= 0 and labels.max() < len(bank)
     truth, _ = ExactSearch(bank).nearest(queries)
-    assert search.distances(queries).max() == pytest.approx(truth.max(), rel=1e-6)   # still exact
+    assert search.distances(queries).max() == pytest.approx(truth.max(), rel=EXACT)   # still exact

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from extras import require
 import yaml
 
 from edge_runtime.bundle import Bundle, StationMismatch, write_manifest
@@ -99,6 +100,8 @@ def test_validate_refuses_what_the_daemon_would_refuse(small_bundle, tmp_path, c
     import json
     import shutil
 
+    if case == "unsigned":
+        require("cryptography", "sign")          # it writes a station key
     bundle = tmp_path / "b"
     shutil.copytree(small_bundle, bundle)
     keys: dict = {}

@@ -26,8 +26,10 @@ def test_device_config_is_a_valid_station_file(board, capsys):
     assert ResultLogConfig in kinds and NgImageStoreConfig in kinds
     assert cfg.inference.providers[-1] == "CPUExecutionProvider", "CPU last: it takes what the others cannot"
     assert cfg.recovery.exit_when_exhausted is False, "a live camera station must not exit"
-    assert cli_main(["validate", str(path)]) == 0
-    assert "valid" in capsys.readouterr().out
+    # Valid as shipped; on this machine its bundle (and camera) are not there, which validate says with exit 1.
+    assert cli_main(["validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}: valid, but not ready to run on this machine" in out and f"bundle {cfg.bundle} not read here" in out
 
 
 def test_board_specific_choices():

@@ -3,19 +3,15 @@ Mosquitto: one client at the broker, both lines' records in order per line with 
 and restart, each line's retained state and the node's state listing its lines."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import time
-from pathlib import Path
 
 from edge_runtime.config import load_station
 from edge_runtime.outputs.mqtt_station import LineMqtt, StationMqtt
+from extras import mqtt_broker
 
-REPO = Path(__file__).resolve().parents[3]
-_spec = importlib.util.spec_from_file_location("mosquitto_broker", REPO / "tests" / "fixtures" / "mosquitto_broker.py")
-mb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mb)
+mb = mqtt_broker()
 
 PREFIX = "acme/plant1/cell2/station9"
 FRAMES = 60

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import cv2
 import pytest
+from extras import require
 
-pytest.importorskip("starlette", reason="the page needs the optional extra: pip install 'patchcore-edge[page]'")
+require("starlette", "page")
+require("uvicorn", "page")
 
 from edge_runtime.operator_page.auth import hash_password  # noqa: E402
 

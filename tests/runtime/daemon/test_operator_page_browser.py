@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from extras import require
 
-pytest.importorskip("starlette", reason="the page needs the optional extra: pip install 'patchcore-edge[page]'")
+require("starlette", "page")
+require("uvicorn", "page")
 
 from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, write_manifest  # noqa: E402
 from edge_runtime.decode import load_image  # noqa: E402

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from extras import require
 import yaml
 
 from edge_runtime import bundle_loader
@@ -444,6 +445,7 @@ def test_serial_rcp_switches_and_is_acknowledged_on_the_wire(two_products, write
 # ---- OPC UA: VisionSystem/PrepareRecipe (40100 RecipeManagement), answered once the switch is over -------------
 
 def _opcua_recipe_station(two_products, write_station, part_images_bytes, start_station, **recipes):
+    require("asyncua", "opcua")
     from edge_runtime.outputs import OpcUaConfig, OpcUaServer
 
     cfg = recipe_station(write_station, two_products, **recipes)

@@ -3,7 +3,6 @@ to and rolled back automatically, with its log; a bundle whose self-test fails o
 never switched to; a good one offered over MQTT is committed; the running version is in /healthz and MQTT state."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+from extras import mqtt_broker, require
 import yaml
 
 from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, write_manifest
@@ -21,12 +21,8 @@ from edge_runtime.bundle_policy import VERSION_STATE_FILE
 from edge_runtime.config import load_station
 from edge_runtime.rollout import ROLLOUT_STATE_FILE
 
-signing = pytest.importorskip("export.signing", reason="bundle signing needs the 'cryptography' package (extra sign)")
-
-REPO = Path(__file__).resolve().parents[3]
-_spec = importlib.util.spec_from_file_location("mosquitto_broker", REPO / "tests" / "fixtures" / "mosquitto_broker.py")
-mb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mb)
+require("cryptography", "sign")
+signing = require("export.signing", "sign")
 
 
 def variant_of(src: Path, dest: Path, key_dir: Path, *, version: int, size_policy: str,
@@ -194,6 +190,7 @@ def test_an_offer_copied_in_place_is_taken_once_complete(plant, tmp_path, free_p
 
 
 def test_good_bundle_offered_over_mqtt_is_committed_and_reported(plant, tmp_path, free_port, start_station):
+    mb = mqtt_broker()  # only this test of the module needs a broker
     broker = mb.Broker(tmp_path / "broker").start()
     prefix = "acme/p1/l3/s7"
     sub = mb.Subscriber(broker.port, [f"{prefix}/state"], persistent=False)

@@ -2,17 +2,13 @@
 and the retained state carries the bundle in service, the counters and, after a clean stop, offline."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 from edge_runtime.config import load_station
+from extras import mqtt_broker
 
-REPO = Path(__file__).resolve().parents[3]
-_spec = importlib.util.spec_from_file_location("mosquitto_broker", REPO / "tests" / "fixtures" / "mosquitto_broker.py")
-mb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mb)
+mb = mqtt_broker()
 
 
 def test_station_publishes_every_logged_record_and_its_state(device_bundle, tmp_path, write_station, start_station,

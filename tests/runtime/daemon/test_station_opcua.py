@@ -6,7 +6,11 @@ import asyncio
 import shutil
 import time
 
-from asyncua import Client
+from extras import require
+
+require("asyncua", "opcua")
+
+from asyncua import Client  # noqa: E402
 
 from edge_runtime.config import load_station
 from edge_runtime.outputs import OpcUaServer

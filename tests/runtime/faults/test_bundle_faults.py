@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from extras import require
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -241,6 +242,7 @@ def test_symlink_loop_is_refused(bundle_copy):
 
 # ---- consistency that checksums cannot catch ----------------------------------------------------------------
 def test_index_of_another_dimension_is_refused_before_hnswlib_reads_it(editor):
+    require("hnswlib", "hnswlib")
     bundle = Bundle.load(editor.root)
     bank_size = bundle.variant().info["bank_size"]
     other = np.random.default_rng(0).normal(size=(bank_size, 64)).astype(np.float32)
@@ -257,6 +259,7 @@ def test_index_of_another_dimension_is_refused_before_hnswlib_reads_it(editor):
 
 
 def test_index_with_another_bank_size_is_refused(editor):
+    require("hnswlib", "hnswlib")
     bundle = Bundle.load(editor.root)
     fewer = np.random.default_rng(0).normal(size=(100, bundle.dim)).astype(np.float32)
     build_hnsw(fewer, HnswParams()).save_index(str(editor.root / INDEX))

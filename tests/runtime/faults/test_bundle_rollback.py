@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from extras import require
 
 from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.bundle_policy import VERSION_STATE_FILE
@@ -52,7 +53,7 @@ def test_older_version_is_refused_at_start_and_after_restart(editor, tmp_path):
 
 
 def test_signed_older_bundle_is_refused(editor, tmp_path):
-    pytest.importorskip("cryptography")
+    require("cryptography", "sign")
     from export.signing import generate_keypair, sign_bundle
 
     private, public = generate_keypair(tmp_path / "keys")

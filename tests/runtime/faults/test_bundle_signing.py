@@ -4,6 +4,7 @@ from __future__ import annotations
 import stat
 
 import pytest
+from extras import require
 import yaml
 
 from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError
@@ -12,7 +13,7 @@ from edge_runtime.daemon import load_pipeline, load_public_key
 from edge_runtime.schema import from_mapping
 from export.signing import SigningError, generate_keypair, public_key_bytes, sign_bundle
 
-pytest.importorskip("cryptography", reason="bundle signing is the optional 'sign' extra")
+require("cryptography", "sign")
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from extras import require
 import yaml
 
 from edge_runtime import bundle as bundle_mod
@@ -28,6 +29,7 @@ def _hostile_index(bundle: Bundle, path) -> None:
 
 
 def test_index_swapped_after_the_check_is_never_loaded(bundle_copy):
+    require("hnswlib", "hnswlib")
     good = load_image(bundle_copy / "golden" / "00_good.png")
     reference = Pipeline(Bundle.load(bundle_copy), threads=1).score_rgb(good).score
 
@@ -125,7 +127,7 @@ def _ladder(levels: int, width: int = 9) -> str:
 
 
 def test_unsigned_manifest_is_never_parsed_when_a_key_is_configured(bundle_copy, monkeypatch):
-    pytest.importorskip("cryptography")
+    require("cryptography", "sign")
     from export.signing import generate_keypair, public_key_bytes, sign_bundle
 
     private, public = generate_keypair(bundle_copy.parent / "keys")

@@ -48,8 +48,10 @@ def test_validate_builds_what_run_builds(tmp_path, capsys):
     assert "security.bundle_public_key" in out and str(tmp_path / "station.yaml") in out
 
 
-def test_valid_file_still_validates(tmp_path, capsys):
-    rc, out = validate(write(tmp_path, {**BASE, "logging": {"stats_window": 1, "stats_interval_s": 0.5}}), capsys)
+def test_valid_file_still_validates(tmp_path, capsys, device_bundle):
+    (tmp_path / "images").mkdir()
+    rc, out = validate(write(tmp_path, {**BASE, "bundle": str(device_bundle),
+                                        "logging": {"stats_window": 1, "stats_interval_s": 0.5}}), capsys)
     assert rc == 0 and out.strip().endswith(": valid")
 
 
@@ -208,3 +210,14 @@ def test_gpio_lines_a_line_inherits_and_chip_names_count_too(tmp_path):
             load_station(write(tmp_path, named_log))
     no_outputs = {key: value for key, value in top.items() if key != "outputs"}
     assert load_station(write(tmp_path, no_outputs)).lines[0].name == "l1"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("  - {type: result_log, path: r.jsonl, fsync: no}\n", "outputs[0].fsync: expected one of 'always', 'never', got False"),
+    ("  - {type: result_log, path: on}\n", "outputs[0].path: expected a string, got True"),
+])
+def test_a_yaml_boolean_where_a_word_was_meant_says_to_quote_it(tmp_path, capsys, text, key):
+    path = write(tmp_path, "bundle: bundle\nsource: {type: folder, path: images}\noutputs:\n" + text)
+    rc, out = validate(path, capsys)
+    assert rc == 2 and key in out
+    assert "YAML reads an unquoted yes, no, on, off, true or false as a boolean: quote the word you meant" in out

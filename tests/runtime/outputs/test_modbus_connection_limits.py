@@ -174,13 +174,14 @@ def test_validate_warns_about_an_open_modbus_server_and_an_ipv6_only_wildcard(tm
                                         "outputs": [{"type": "modbus", **modbus}]}))
         return path
 
-    assert cli_main(["validate", str(station({"host": "0.0.0.0", "allow_writes": True}))]) == 0
+    # exit 1: valid, but the bundle it names is not here
+    assert cli_main(["validate", str(station({"host": "0.0.0.0", "allow_writes": True}))]) == 1
     err = capsys.readouterr().err
     assert "outputs[0].host 0.0.0.0 without allowed_clients: any client that reaches this address reads the " \
            "results and writes the PLC area" in err
-    assert cli_main(["validate", str(station({"host": "::", "allowed_clients": ["fd00::/8"]}))]) == 0
+    assert cli_main(["validate", str(station({"host": "::", "allowed_clients": ["fd00::/8"]}))]) == 1
     err = capsys.readouterr().err
     assert "an IPv4 PLC cannot connect (use 0.0.0.0 for IPv4)" in err and "without allowed_clients" not in err
-    assert cli_main(["validate", str(station({"host": "0.0.0.0", "allowed_clients": ["10.0.0.5"]}))]) == 0
+    assert cli_main(["validate", str(station({"host": "0.0.0.0", "allowed_clients": ["10.0.0.5"]}))]) == 1
     assert "modbus" not in capsys.readouterr().err
     assert ModbusConfig().warnings() == []                      # loopback, the default

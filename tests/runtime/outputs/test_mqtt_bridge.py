@@ -2,18 +2,14 @@
 results and state to the plant broker and commands back down (two Mosquitto processes on free local ports)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
-from pathlib import Path
 
 from edge_runtime.outputs import MqttConfig, MqttOutput
 from edge_runtime.records import InspectionResult, Verdict
+from extras import mqtt_broker
 
-REPO = Path(__file__).resolve().parents[3]
-_spec = importlib.util.spec_from_file_location("mosquitto_broker", REPO / "tests" / "fixtures" / "mosquitto_broker.py")
-mb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mb)
+mb = mqtt_broker()
 
 
 def test_line_broker_bridged_to_plant_broker_carries_results_state_and_commands(tmp_path):

@@ -3,7 +3,6 @@ will marks the node offline naming its lines, commands reach the line they name,
 records whatever their line (counted per line), and the station file's `mqtt:` section and its conflicts."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,11 +16,10 @@ from edge_runtime.config import load_station
 from edge_runtime.outputs.mqtt_station import StationMqtt, StationMqttConfig
 from edge_runtime.records import InspectionResult, Verdict
 from edge_runtime.schema import ConfigError
+from extras import mqtt_broker
 
 REPO = Path(__file__).resolve().parents[3]
-_spec = importlib.util.spec_from_file_location("mosquitto_broker", REPO / "tests" / "fixtures" / "mosquitto_broker.py")
-mb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mb)
+mb = mqtt_broker()
 
 PREFIX = "acme/plant1/cell2/station9"
 

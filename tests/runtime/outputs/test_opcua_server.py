@@ -6,7 +6,11 @@ import asyncio
 import time
 
 import pytest
-from asyncua import Client, ua
+from extras import require
+
+require("asyncua", "opcua")
+
+from asyncua import Client, ua  # noqa: E402
 
 from edge_runtime.outputs import OpcUaConfig, OpcUaServer
 from edge_runtime.outputs.opcua_server import NAMESPACE_URI

@@ -1,6 +1,7 @@
 import cv2
 import numpy as np
 import pytest
+from pathlib import Path
 
 from edge_runtime.schema import ConfigError, convert
 from edge_runtime.sources import CameraSource, CameraSourceConfig, SourceConfig, SourceError, build_source
@@ -130,9 +131,15 @@ def test_a_driver_that_keeps_more_buffers_than_asked_is_drained_to_its_depth(cap
 def test_cannot_open_raises_source_error_and_releases():
     cap = FakeCapture(opened=False)
     src, _ = make(cap, device=3)
-    with pytest.raises(SourceError, match="cannot open camera 3"):
+    with pytest.raises(SourceError, match="cannot open camera 3") as err:
         src.open()
     assert cap.released
+    if not Path("/dev/video3").exists():
+        assert "(/dev/video3: no such device); `edge-runtime cameras` lists the cameras" in str(err.value)
+    cap = FakeCapture(opened=False)
+    src, _ = make(cap, device="/dev/null")     # there, but not a camera that opens
+    with pytest.raises(SourceError, match=r"/dev/null: the device is there but would not open \(busy"):
+        src.open()
 
 
 def test_grab_failure_raises_source_error():
