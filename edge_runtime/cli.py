@@ -24,13 +24,20 @@ def _run(a: argparse.Namespace) -> int:
     if not os.environ.get("JOURNAL_STREAM"):
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=getattr(logging, cfg.logging.level), stream=sys.stderr, format=fmt)
-    from edge_runtime.daemon import StateDirBusy
+    # faiss's loader logs at INFO that it "could not load library with AVX2 support": its wheels dispatch SIMD
+    # inside one library and there is no such module to load. Read as an error by every new user; its own
+    # warnings still show.
+    logging.getLogger("faiss.loader").setLevel(max(logging.WARNING, logging.getLogger().level))
+    from edge_runtime.daemon import HttpPortBusy, StateDirBusy
 
     try:
         return Station(cfg).run()
     except StateDirBusy as exc:
         print(f"edge-runtime: {exc}", file=sys.stderr)
         return 2
+    except HttpPortBusy as exc:   # exit 1: systemd restarts it (RestartSec), by when an old instance may be gone
+        print(f"edge-runtime: {exc}", file=sys.stderr)
+        return 1
 
 
 def _check(a: argparse.Namespace) -> int:
@@ -92,7 +99,8 @@ def check_against_bundles(cfg) -> list[str]:
     building the model: the active version's descent, every file's checksum, the signature
     (security.bundle_public_key), product and version floor (state_dir), and the station file's ROI, size policy
     and review threshold. Raises ConfigError naming the line, recipe and bundle for one the daemon would refuse;
-    returns notes for bundles or keys that are not here (validate may run away from the station)."""
+    returns (missing, notes): bundles or keys that are not here (validate may run away from the station, but the
+    daemon cannot start on it here), and what could not be checked for another reason."""
     from edge_runtime.bundle import Bundle, BundleError, StationMismatch
     from edge_runtime.bundle_loader import check_station_against, load_public_key
     from edge_runtime.bundle_policy import check_admission
@@ -102,7 +110,7 @@ def check_against_bundles(cfg) -> list[str]:
     from edge_runtime.rollout import planned_start_bundle
     from edge_runtime.schema import ConfigError
 
-    notes = []
+    missing, notes = [], []
     for name, c in line_station_configs(cfg):
         line = f"lines[{name}]: " if name else ""
         recipes = getattr(getattr(c, "recipes", None), "recipes", None) or []
@@ -121,13 +129,13 @@ def check_against_bundles(cfg) -> list[str]:
             try:
                 Bundle.load(path, verify=False)
             except (BundleError, OSError) as exc:   # no bundle here (yet): validate may run away from the station
-                notes.append(f"{where}bundle {path} not read here ({exc}): not checked against the station file; "
+                missing.append(f"{where}bundle {path} not read here ({exc}): not checked against the station file; "
                              "the daemon refuses it unless a readable bundle is there when it starts")
                 continue
             try:
                 key = load_public_key(target.security.bundle_public_key)
             except (OSError, ValueError, ImportError) as exc:
-                notes.append(f"{where}security.bundle_public_key {target.security.bundle_public_key} not read here "
+                missing.append(f"{where}security.bundle_public_key {target.security.bundle_public_key} not read here "
                              f"({exc}): bundle {path} not checked")
                 continue
             bundle = None
@@ -143,7 +151,30 @@ def check_against_bundles(cfg) -> list[str]:
             finally:
                 if bundle is not None:
                     bundle.release()   # the verified bytes: validate only checks them
-    return notes
+    return missing, notes
+
+
+def check_sources_here(cfg) -> tuple[list[str], list[str]]:
+    """(missing, notes) for sources that are not on this machine: a folder or video file that does not exist (the
+    daemon cannot inspect a part here without it), a camera device node that is absent (a note: the daemon waits
+    for a camera, reporting FAULT, and cameras get plugged in later). Not errors of the file: validate may run away
+    from the station."""
+    from edge_runtime.lines_config import line_station_configs
+
+    missing, notes = [], []
+    for name, c in line_station_configs(cfg):
+        where, source = (f"lines[{name}].source" if name else "source"), c.source
+        kind = getattr(source, "type", None)
+        if kind == "folder" and not os.path.isdir(source.path):
+            missing.append(f"{where}.path {source.path}: no such folder here")
+        elif kind == "video" and "://" not in str(source.path) and not os.path.isfile(source.path):
+            missing.append(f"{where}.path {source.path}: no such video file here")
+        elif kind == "camera":
+            node = f"/dev/video{source.device}" if isinstance(source.device, int) else str(source.device)
+            if not os.path.exists(node):
+                notes.append(f"{where}.device {source.device!r}: {node} does not exist here (`edge-runtime cameras` "
+                             "lists the cameras this machine has)")
+    return missing, notes
 
 
 def _page_ready(cfg) -> None:
@@ -175,7 +206,7 @@ def _validate(a: argparse.Namespace) -> int:
         print(f"invalid: {msg if msg.startswith(str(a.config)) else f'{a.config}: {msg}'}", file=sys.stderr)
         return 2
     try:
-        notes = check_against_bundles(cfg)
+        missing, notes = check_against_bundles(cfg)
     except ConfigError as exc:
         print(f"invalid: {a.config}: {exc}", file=sys.stderr)
         return 2
@@ -188,8 +219,14 @@ def _validate(a: argparse.Namespace) -> int:
     for where, out in located:
         for warning in getattr(out, "warnings", lambda: [])():
             print(f"warning: {a.config}: {where}.{warning}", file=sys.stderr)
-    for note in notes:    # not a fault of the file: validate may run away from the station's bundle
+    source_missing, source_notes = check_sources_here(cfg)
+    missing, notes = missing + source_missing, notes + source_notes
+    for note in notes + missing:    # not faults of the file: validate may run away from the station's bundle
         print(f"note: {a.config}: {note}")
+    if missing:   # a valid file the daemon could not start on here: say so in the verdict and the exit status
+        print(f"{a.config}: valid, but not ready to run on this machine: {len(missing)} thing"
+              f"{'s' if len(missing) > 1 else ''} it needs missing here (notes above)")
+        return 1
     print(f"{a.config}: valid")
     return 0
 
@@ -206,7 +243,7 @@ def _init(a: argparse.Namespace) -> int:
 
     try:
         warnings = write_station(Path(a.bundle), a.source, a.output or [], a.device, Path(a.out), a.name, a.force,
-                                 a.http_port)
+                                 a.http_port, a.service)
     except InitError as exc:
         print(f"edge-runtime: init: {exc}", file=sys.stderr)
         return 2
@@ -260,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("validate", help="validate a station file: schema, every object run builds (without "
                                         "opening devices), and each bundle the lines may run (recipes included) "
                                         "checked as the daemon's load checks it except for the model: checksums, "
-                                        "signature, product, version floor, ROI and size policy; exit 0 valid, "
+                                        "signature, product, version floor, ROI and size policy; exit 0 valid "
+                                        "and ready here, 1 valid but a bundle, key, source folder or video file "
+                                        "it needs is missing on this machine (an absent camera is only a note), "
                                         "2 invalid")
     v.add_argument("config", help="station YAML file to check; errors name the file and the key")
     v.set_defaults(func=_validate)
@@ -288,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
                         "running station")
     i.add_argument("--out", required=True, help="station file to write (required)")
     i.add_argument("--force", action="store_true", help="replace an existing --out (default: off, refuse)")
+    i.add_argument("--service", action="store_true",
+                   help="for systemd/edge-runtime.service: the result log goes to /var/log/edge-runtime/results.jsonl "
+                        "and NG images to /var/lib/edge-runtime/ng-images, the only places the unit may write "
+                        "(default: off, both beside the station file)")
     i.set_defaults(func=_init)
     from edge_runtime.adapt_cli import add_adapt_parser
 

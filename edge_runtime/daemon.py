@@ -96,6 +96,11 @@ class StateDirBusy(RuntimeError):
     """The station's state_dir is held by another daemon, or cannot be used at all (read-only, not ours)."""
 
 
+class HttpPortBusy(RuntimeError):
+    """http.enabled, but the endpoint cannot listen (the port is taken). The daemon does not start: /healthz is
+    how the plant sees a station, and another process answering on that port would speak for this one."""
+
+
 def lock_state_dir(state_dir: str | None) -> int | None:
     """An exclusive lock on <state_dir>/edge-runtime.lock, held until the process exits or the fd is closed.
 
@@ -370,8 +375,12 @@ class Station:
                     self._http.start()
                     log.info("http endpoint on %s:%d", self.cfg.http.host, self._http.port)
                 except OSError as exc:
-                    log.error("http endpoint %s:%d not started: %s", self.cfg.http.host, self.cfg.http.port, exc)
-                    self._http = None
+                    port = self.cfg.http.port
+                    raise HttpPortBusy(
+                        f"http endpoint {self.cfg.http.host}:{port} cannot listen ({exc.strerror or exc}): another "
+                        f"process holds the port (`ss -ltnp 'sport = :{port}'` names it); stop it, or set http.port "
+                        "in the station file (0 picks a free port; http.enabled: false runs without /healthz)"
+                    ) from None
             t0 = time.monotonic()
             threading.Thread(target=self._guard_stalls, name="stall-guard", daemon=True).start()
             for line in self.lines:

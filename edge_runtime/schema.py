@@ -35,6 +35,13 @@ def _is_union(tp: Any) -> bool:
     return get_origin(tp) in (Union, types.UnionType)
 
 
+def _yaml_bool_hint(value: Any) -> str:
+    # YAML 1.1 (PyYAML) reads unquoted yes/no/on/off/true/false as booleans, so `fsync: no` arrives as False.
+    if isinstance(value, bool):
+        return " (YAML reads an unquoted yes, no, on, off, true or false as a boolean: quote the word you meant)"
+    return ""
+
+
 def convert(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against annotation `tp`; return it converted (mappings become dataclasses)."""
     origin = get_origin(tp)
@@ -63,7 +70,7 @@ def convert(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {short_repr(value)}")
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {short_repr(value)}")
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {short_repr(value)}{_yaml_bool_hint(value)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, list):
@@ -104,7 +111,7 @@ def convert(value: Any, tp: Any, where: str) -> Any:
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {short_repr(value)}")
+            raise ConfigError(f"{where}: expected a string, got {short_repr(value)}{_yaml_bool_hint(value)}")
         return value
     raise TypeError(f"schema type {tp!r} at {where} is not supported")  # a bug in the schema, not the file
 

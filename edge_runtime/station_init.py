@@ -38,6 +38,11 @@ def int8_target_for(device: str) -> str:
         raise ValueError(f"unknown device {device!r}; known: {', '.join(DEVICE_INT8_TARGET)}") from None
 SOURCE_KINDS = ("camera", "folder", "video")
 
+# Where systemd/edge-runtime.service lets the daemon write (ProtectSystem=strict, ReadWritePaths=): a station file
+# installed under /etc with the default relative paths would log beside itself, read-only, and FAULT every part.
+SERVICE_RESULT_LOG = "/var/log/edge-runtime/results.jsonl"
+SERVICE_NG_IMAGES = "/var/lib/edge-runtime/ng-images"
+
 
 class InitError(ValueError):
     """The init request cannot produce a station file; the message says which argument and why."""
@@ -120,8 +125,11 @@ def _bundle_summary(bundle: Path) -> tuple[str, str | None]:
 
 
 def render_station(bundle: Path, source: str, outputs: list[str], device: str | None, station_path: Path,
-                   name: str = "station", http_port: int = 8088) -> tuple[str, list[str]]:
-    """The station file text and warnings for the user. Raises InitError for a bad source, output or bundle."""
+                   name: str = "station", http_port: int = 8088, service: bool = False) -> tuple[str, list[str]]:
+    """The station file text and warnings for the user. Raises InitError for a bad source, output or bundle.
+
+    service: write the paths the systemd unit may write to (SERVICE_RESULT_LOG, SERVICE_NG_IMAGES) instead of
+    paths beside the station file."""
     bundle, station_dir = Path(bundle), Path(station_path).resolve().parent
     kind, value = parse_source(source)
     outputs = list(outputs) or ["result_log"]
@@ -232,7 +240,9 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
         if out == "result_log":
             L += [
                 "  - type: result_log       # one JSON line per part: verdict, scores, latency, bundle id",
-                "    path: results.jsonl    # (required) under systemd: /var/log/edge-runtime/results.jsonl",
+                (f"    path: {SERVICE_RESULT_LOG}   # (required) where the systemd unit may write"
+                 if service else
+                 f"    path: results.jsonl    # (required) under systemd: {SERVICE_RESULT_LOG} (init --service)"),
                 "    max_bytes: 52428800    # rotate at this size (default: 52428800, 50 MiB)",
                 "    backups: 5             # rotated files kept (default: 5)",
                 "    fsync: always          # always: survives power cuts; never: less SD-card wear "
@@ -267,7 +277,9 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
         elif out == "ng_images":
             L += [
                 "  - type: ng_images        # NG/FAULT frames and heat-map overlays, bounded",
-                "    dir: ng_images         # (required) under systemd: /var/lib/edge-runtime/ng-images",
+                (f"    dir: {SERVICE_NG_IMAGES}   # (required) where the systemd unit may write"
+                 if service else
+                 f"    dir: ng_images         # (required) under systemd: {SERVICE_NG_IMAGES} (init --service)"),
                 "    max_files: 2000        # (default: 2000)",
                 "    max_bytes: 1073741824  # (default: 1073741824, 1 GiB; smaller on SD cards)",
             ]
@@ -301,7 +313,7 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
 
 
 def write_station(bundle: Path, source: str, outputs: list[str], device: str | None, out: Path,
-                  name: str = "station", force: bool = False, http_port: int = 8088) -> list[str]:
+                  name: str = "station", force: bool = False, http_port: int = 8088, service: bool = False) -> list[str]:
     """Write the station file and check it with the daemon's own loader; returns warnings for the user.
 
     Raises InitError for bad arguments, an existing file without `force`, or (a bug) a file that does not load."""
@@ -313,7 +325,7 @@ def write_station(bundle: Path, source: str, outputs: list[str], device: str | N
         raise InitError(f"{out}: exists (use --force to replace it)")
     if not 0 <= http_port <= 65535:
         raise InitError(f"--http-port {http_port}: expected 0..65535")
-    text, warnings = render_station(bundle, source, outputs, device, out, name, http_port)
+    text, warnings = render_station(bundle, source, outputs, device, out, name, http_port, service)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     try:

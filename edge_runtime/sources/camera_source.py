@@ -9,6 +9,7 @@ that overruns raises SourceError; the handle is abandoned and released by its wo
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -206,7 +207,12 @@ class CameraSource(FrameSource):
             raise SourceError(f"{self.name}: cannot open camera: {exc}") from exc
         if not cap.isOpened():
             cap.release()
-            raise SourceError(f"{self.name}: cannot open camera {cfg.device!r}")
+            node = f"/dev/video{cfg.device}" if isinstance(cfg.device, int) else str(cfg.device)
+            why = ("no such device" if node.startswith("/dev/") and not os.path.exists(node)
+                   else "the device is there but would not open (busy in another program, or no permission: the "
+                        "video group)")
+            raise SourceError(f"{self.name}: cannot open camera {cfg.device!r} ({node}: {why}); "
+                              "`edge-runtime cameras` lists the cameras this machine has")
         opened.append(cap)
         # FOURCC before the size: with V4L2 the pixel format decides which sizes exist.
         requests: list[tuple[str, int, float]] = []
