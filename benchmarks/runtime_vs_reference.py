@@ -210,7 +210,8 @@ def main() -> int:
                       "image AUROC", "verdicts differing from reference"],
                      [[e, s["max_rel_score_diff_vs_reference"], s["max_rel_score_diff_vs_exact_twin"], s["image_auroc"],
                        s["verdicts_differing_from_reference"]] for e, s in summary.items()]),
-            "", "INT8 engines score with their own INT8 bank and threshold (shared/BACKBONES.md), so their distance "
+            "", "INT8 engines score with their own INT8 bank and threshold (README.md, \"Why the bundle holds two "
+            "banks\"), so their distance "
             "to the FP32 reference is the quantisation error, not a search error; HNSW with exact re-check must "
             "match its exact twin (0 or float rounding)."]
     write_results("runtime_vs_reference" + ("_raw" if a.raw else ""),
