@@ -277,10 +277,17 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="edge-runtime", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run the inspection daemon")
+    r = sub.add_parser("run", help="run the inspection daemon",
+                       description="Run the inspection daemon on a station file until stopped (SIGTERM, Ctrl-C): "
+                                   "frames from its source are scored with its bundle and each verdict goes to its "
+                                   "outputs. Exit 2 for an invalid station file: check it with edge-runtime "
+                                   "validate first.")
     r.add_argument("--config", required=True, help="station YAML file (required; write one with edge-runtime init)")
     r.set_defaults(func=_run)
-    c = sub.add_parser("check", help="verify a bundle: integrity, golden scores, index recall; non-zero on failure")
+    c = sub.add_parser("check", help="verify a bundle: integrity, golden scores, index recall; non-zero on failure",
+                       description="Check a bundle on this machine: every file's checksum, the signature with "
+                                   "--public-key, the golden images re-scored to their recorded scores and the HNSW "
+                                   "recall against exact search. Exit 0 when every check passes, else 1.")
     c.add_argument("bundle", help="bundle directory to check")
     c.add_argument("--precision", action="append", choices=["int8", "fp32"],
                    help="variant to check, repeatable (default: the bundle's default variant)")
@@ -294,16 +301,20 @@ def main(argv: list[str] | None = None) -> int:
                         "verify against it (default: none, the signature is not checked; `validate` checks a "
                         "station's bundles with its key, product and version floor)")
     c.set_defaults(func=_check)
-    v = sub.add_parser("validate", help="validate a station file: schema, every object run builds (without "
-                                        "opening devices), and each bundle the lines may run (recipes included) "
-                                        "checked as the daemon's load checks it except for the model: checksums, "
-                                        "signature, product, version floor, ROI and size policy; exit 0 valid "
-                                        "and ready here, 1 valid but a bundle, key, source folder or video file "
-                                        "it needs is missing on this machine (an absent camera is only a note), "
-                                        "2 invalid")
+    v = sub.add_parser("validate", help="validate a station file and the bundles it names; exit 0 valid and ready "
+                                        "here, 1 valid but something it needs is missing here, 2 invalid",
+                       description="Validate a station file: the schema, every object run builds (without opening "
+                                   "devices), and each bundle the lines may run (recipes included) checked as the "
+                                   "daemon's load checks it except for the model: checksums, signature, product, "
+                                   "version floor, ROI and size policy. Exit 0 valid and ready here, 1 valid but a "
+                                   "bundle, key, source folder or video file it needs is missing on this machine (an "
+                                   "absent camera is only a note), 2 invalid.")
     v.add_argument("config", help="station YAML file to check; errors name the file and the key")
     v.set_defaults(func=_validate)
-    cam = sub.add_parser("cameras", help="list V4L2 cameras with their formats and frame sizes")
+    cam = sub.add_parser("cameras", help="list V4L2 cameras with their formats and frame sizes",
+                         description="List this machine's V4L2 cameras (/dev/video*) with their names, pixel formats "
+                                     "and frame sizes, for edge-runtime init --source camera:INDEX and a station "
+                                     "file's source.device. Opens nothing for streaming.")
     cam.add_argument("--dev", default="/dev", help="device folder holding video* nodes (default: /dev)")
     cam.add_argument("--sysfs", default="/sys/class/video4linux",
                      help="sysfs folder with the device names (default: /sys/class/video4linux)")
@@ -314,10 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--bundle", required=True, help="bundle directory from edge-export fit (required)")
     i.add_argument("--source", required=True,
                    help="camera:INDEX|/dev/videoN (see edge-runtime cameras), folder:PATH (images) or "
-                        "video:PATH|rtsp://URL (required)")
+                        "video:PATH|rtsp://URL (required). The station file has one more source type that init "
+                        "does not write: paced (a folder of images replayed at a fixed fps like a free-running "
+                        "camera, for trials); write it by hand, see README.md, \"Run a station\"")
     i.add_argument("--output", action="extend", nargs="+", choices=list(OUTPUT_KINDS), default=None,
                    help="outputs, one or more, repeatable; a result_log is always written, first (default: "
-                        "result_log)")
+                        "result_log). Init does not write mqtt or opcua outputs, nor the operator's page (page:): "
+                        "add them by hand, see README.md, \"Plant integration\" and \"The operator's page and learning "
+                        "from the line\"")
     i.add_argument("--device", choices=list(DEVICE_INT8_TARGET), default=None,
                    help="what the station runs on: sets threads and GPIO lines and warns when the bundle was "
                         "quantised for another CPU (default: none, generic x86 values)")
@@ -336,7 +351,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_adapt_parser(sub, _adapt)
     hp = sub.add_parser("hash-password", help="print a scrypt hash for page.users[].password_hash (reads the "
-                                              "password from stdin, or asks for it on a terminal)")
+                                              "password from stdin, or asks for it on a terminal)",
+                        description="Read a password from stdin (or ask for it on a terminal) and print its scrypt "
+                                    "hash for page.users[].password_hash in the station file; the password itself "
+                                    "is not stored. Exit 2 for an empty password.")
     hp.set_defaults(func=_hash_password)
     a = p.parse_args(argv)
     return a.func(a)

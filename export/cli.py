@@ -272,12 +272,14 @@ def main(argv: list[str] | None = None) -> int:
                                                 "unless --overwrite)")
     f.add_argument("--coreset-ratio", type=_number(float, 0, 1, low_open=True), default=0.1,
                    help="fraction of good patches kept in the memory bank (default: 0.1); 0.01 gives a 10x smaller "
-                        "bank and a faster fit, at the same image AUROC on bottle (shared/SEARCH.md)")
+                        "bank and a faster fit, at the same image AUROC on bottle "
+                        "(benchmarks/results/accuracy_levers.md, row bottle/coreset-1pct)")
     f.add_argument("--backbone", choices=["auto", "lite0", "lite2"], default="auto",
                    help="feature extractor (default: auto: with --calibration-defects, lite0 and lite2 are both fitted "
                         "and the one whose cross-fitted good scores separate your defects better is kept, lite0 on a "
-                        "tie, so the fit takes twice as long; without defects lite0). lite2: +3 AUROC points on thin "
-                        "cracks in shared/BACKBONES.md, about 1.5x the inference time")
+                        "tie, so the fit takes twice as long; without defects lite0). lite2: +3 image-AUROC points "
+                        "on thin cracks in portrait parts, level with lite0 on bottle "
+                        "(benchmarks/results/accuracy_levers.md), about 1.5x the inference time")
     f.add_argument("--input-size", type=_size, default=None, metavar="WxH",
                    help="model input (one tile) in pixels, multiples of 16 (default: chosen from the training "
                         "images: their median aspect ratio at about --pixels pixels)")
@@ -338,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
                         "becomes the lower edge of a REVIEW band, with a warning (REVIEW is never OK; a line "
                         f"without a REVIEW output counts it NG) (default: {DEFAULT_MAX_FALSE_REJECT})")
     f.add_argument("--max-train", type=_number(int, 2), default=None,
-                   help="few-shot: at most this many bank images (default: no limit, all of them)")
+                   help="few-shot: at most this many good images, for the bank and the threshold; with more in "
+                        "DATA_DIR, a random choice seeded by --seed (the same images and --seed pick the same ones; "
+                        "adding or removing an image can change the choice), the rest are not used (default: no "
+                        "limit, all of them)")
     f.add_argument("--calibration-defects", default=None,
                    help="defect images for the threshold: a flat folder or one subfolder per defect type "
                         "(default: none, threshold from good images only); a few per type are enough")
@@ -405,7 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (default: off, refuse)")
     rc.set_defaults(func=_recalibrate)
 
-    e = sub.add_parser("evaluate", help="score DATA_DIR/test/* with one engine; AUROC, errors at the threshold")
+    e = sub.add_parser("evaluate", help="score DATA_DIR/test/* with one engine; AUROC, errors at the threshold",
+                       description="Score every image in DATA_DIR/test/ (good/ and one folder per defect type) with "
+                                   "one engine and write the metrics and per-image scores to --json: image and pixel "
+                                   "AUROC, false rejects and escapes at the bundle's threshold, ms per image.")
     e.add_argument("bundle", help="bundle directory from edge-export fit")
     e.add_argument("data_dir", help="folder with test/good/ and test/<defect type>/ (optional ground_truth/)")
     e.add_argument("--json", required=True, help="file to write the metrics and per-image scores to (required)")
@@ -429,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="override the bundle's size policy for test images of another size (default: the bundle's)")
     e.set_defaults(func=_evaluate)
 
-    v = sub.add_parser("verify", help="check integrity and reproduce the golden scores")
+    v = sub.add_parser("verify", help="check integrity and reproduce the golden scores",
+                       description="Check a bundle before shipping it, as `edge-runtime check` does on the device: "
+                                   "every file's checksum, the golden images re-scored to their recorded scores and "
+                                   "the HNSW recall, for each variant. Exit 0 when every check passes, else 1.")
     v.add_argument("bundle", help="bundle directory to check")
     v.add_argument("--precision", choices=["fp32", "int8"], default=None,
                    help="check one variant only (default: both fp32 and int8)")
@@ -437,16 +448,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="search used for the golden scores (default: hnsw, as on the device)")
     v.set_defaults(func=_verify)
 
-    k = sub.add_parser("keygen", help="create an ed25519 key pair for signing bundles")
+    k = sub.add_parser("keygen", help="create an ed25519 key pair for signing bundles",
+                       description="Write a new ed25519 key pair into DIR: bundle_signing_key.pem signs bundles "
+                                   "(edge-export sign) and stays on the workstation; bundle_signing_key.pub goes to "
+                                   "each station's security.bundle_public_key. Never replaces an existing key.")
     k.add_argument("dir", help="folder to write the private and public key to")
     k.set_defaults(func=_keygen)
 
-    sg = sub.add_parser("sign", help="sign a verified bundle's manifest (writes manifest.sig)")
+    sg = sub.add_parser("sign", help="sign a verified bundle's manifest (writes manifest.sig)",
+                        description="Verify BUNDLE (every checksum), then sign its manifest with a private key from "
+                                    "edge-export keygen, writing manifest.sig beside it; a station with "
+                                    "security.bundle_public_key loads only bundles signed by the matching key.")
     sg.add_argument("bundle", help="bundle directory to sign")
     sg.add_argument("--key", required=True, help="private key from edge-export keygen (required)")
     sg.set_defaults(func=_sign)
 
-    d = sub.add_parser("demo", help="generate the embedded data set, fit, export and run the daemon on sample frames")
+    d = sub.add_parser("demo", help="generate the embedded data set, fit, export and run the daemon on sample frames",
+                       description="The whole product in one command: generate a synthetic data set, fit and export "
+                                   "a bundle with a few calibration defects, write a station file, run the daemon "
+                                   "(edge-runtime run) on mixed sample frames and print each verdict and the "
+                                   "per-stage latency. A second run reuses the bundle in --workdir.")
     d.add_argument("--workdir", default="demo_out", help="folder for the data, bundle and results (default: demo_out)")
     d.add_argument("--fresh", action="store_true",
                    help="delete the demo folder and start over, refitting (default: off, reuse its bundle); "

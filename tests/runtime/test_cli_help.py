@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+from pathlib import Path
 
 import pytest
 
@@ -76,13 +77,90 @@ def test_every_option_has_help_that_states_its_default(command, monkeypatch):
     assert checked > 3 and not problems, "\n".join(problems)
 
 
+def _parsers(parser: argparse.ArgumentParser, path: str):
+    """(command path, parser) for the command and every subcommand, nested ones included."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _parsers(child, f"{path} {name}")
+
+
 def test_every_subcommand_is_walked(monkeypatch):
     parser = _capture_parser(runtime_cli.main, monkeypatch)
     subs = {where.split()[1] for where, _ in _walk(parser, "edge-runtime") if len(where.split()) > 1}
     assert subs == {"run", "check", "validate", "cameras", "init", "adapt"}
+    assert {where for where, _ in _parsers(parser, "edge-runtime")} == {"edge-runtime"} | {
+        f"edge-runtime {s}" for s in subs | {"hash-password"}}            # hash-password has no options
     parser = _capture_parser(export_cli.main, monkeypatch)
     subs = {where.split()[1] for where, _ in _walk(parser, "edge-export") if len(where.split()) > 1}
     assert subs == {"fit", "recalibrate", "evaluate", "verify", "keygen", "sign", "demo"}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_help_says_what_it_does(command, monkeypatch, capsys):
+    # `CMD SUB --help` is read before the README: it must say what SUB does, not only show the usage line.
+    main = COMMANDS[command]
+    walked = list(_parsers(_capture_parser(main, monkeypatch), command))
+    assert len(walked) > 1 or command == "edge-bench"
+    for where, parser in walked:
+        text = " ".join((parser.description or "").split())
+        assert 20 <= len(text) <= 600, f"{where}: description missing or not one or two sentences: {text!r}"
+        with pytest.raises(SystemExit):
+            main([*where.split()[1:], "--help"])
+        assert text[:40] in " ".join(capsys.readouterr().out.split()), where
+
+
+def _all_help_text(monkeypatch) -> str:
+    text = []
+    for command, main in COMMANDS.items():
+        for _, parser in _parsers(_capture_parser(main, monkeypatch), command):
+            text += [parser.description or ""] + [a.help or "" for a in parser._actions]
+            text += [a.help or "" for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                     for a in a._choices_actions]
+    return " ".join(" ".join(text).split())
+
+
+def test_help_and_docs_cite_no_file_outside_the_repository(monkeypatch):
+    # shared/ sits beside the development checkout, not in the repository a user has.
+    assert "shared/" not in _all_help_text(monkeypatch)
+    repo = Path(__file__).resolve().parents[2]
+    docs = [repo / "README.md", repo / "benchmarks" / "README.md", *sorted((repo / "docs").rglob("*.md")),
+            *sorted((repo / "device_configs").glob("*.yaml"))]
+    cited = [f"{p.relative_to(repo)}: {n}" for p in docs for n in ("shared/BACKBONES", "shared/SEARCH")
+             if n in p.read_text()]
+    assert not cited, cited
+
+
+def test_max_train_help_says_how_the_images_are_chosen(capsys):
+    with pytest.raises(SystemExit):
+        export_cli.main(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "random choice seeded by --seed" in out and "(default: no limit, all of them)" in out
+
+
+def test_init_help_names_the_source_and_output_types_it_cannot_write(capsys):
+    # Every type the station file accepts is either one init writes or one its help sends to the README.
+    from edge_runtime.outputs import OUTPUTS
+    from edge_runtime.sources import SOURCES
+    from edge_runtime.station_init import OUTPUT_KINDS, SOURCE_KINDS
+
+    with pytest.raises(SystemExit):
+        runtime_cli.main(["init", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    out = out[out.index("options:"):]                                   # past the usage line
+    source_help = out[out.index("--source SOURCE"):out.index("--output {")]
+    output_help = out[out.index("--output {"):out.index("--device {")]
+    def shipped(registry) -> set[str]:     # not the doubles tests/doubles registers
+        return {k for c in registry.configs() if c.__module__.startswith("edge_runtime.") for k in registry._type_keys(c)}
+
+    sources, outputs = shipped(SOURCES), shipped(OUTPUTS)
+    assert set(SOURCE_KINDS) <= sources and set(OUTPUT_KINDS) <= outputs
+    for kind in sorted(sources):
+        assert kind in source_help, f"--source help does not name source type {kind!r}"
+    for kind in sorted(outputs - set(OUTPUT_KINDS)):
+        assert kind in output_help.split("(default:")[1], f"--output help does not say init cannot write {kind!r}"
+    assert "README" in source_help and "README" in output_help
 
 
 def test_the_helper_catches_a_missing_default(monkeypatch):
