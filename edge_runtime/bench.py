@@ -24,7 +24,7 @@ from edge_runtime.nn_search import EF_MAX, device_blas
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.records import Frame, Verdict
 
-STAGES = ("decode", "geometry", "preprocess", "features", "search", "scoring", "decision", "total")
+STAGES = ("decode", "geometry", "quality", "preprocess", "features", "search", "scoring", "decision", "total")
 THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
               "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}

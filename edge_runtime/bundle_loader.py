@@ -81,6 +81,7 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
     record_loaded(bundle, cfg.state_dir, scope.source if scope is not None else None)
     pipeline.apply_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)
     pipeline.decode_limits = cfg.decode
+    pipeline.frame_check = cfg.frame_check
     return pipeline
 
 

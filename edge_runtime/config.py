@@ -22,6 +22,8 @@ from edge_runtime.lines_config import (LineConfig, check_gpio_claims, gpio_claim
                                        validate_lines)
 from edge_runtime.operator_page.config import PageConfig
 from edge_runtime.recipes import RecipesConfig, resolve_recipe_paths
+from edge_runtime.drift_monitor import DriftConfig
+from edge_runtime.frame_quality import FrameCheckConfig
 from edge_runtime.outputs import NgImageStoreConfig, OutputConfig, ResultLogConfig
 from edge_runtime.outputs.mqtt_station import StationMqttConfig, validate_station_mqtt
 from edge_runtime.rollout import RolloutConfig
@@ -156,6 +158,10 @@ class StationConfig:
     size_policy: Literal["refuse", "resize", "letterbox"] | None = None
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    # Per frame: a frame far outside the training frames' brightness/sharpness is a FAULT (frame_quality.py).
+    frame_check: FrameCheckConfig = field(default_factory=FrameCheckConfig)
+    # Over the last parts: rolling score, brightness and sharpness warnings (drift_monitor.py).
+    drift: DriftConfig = field(default_factory=DriftConfig)
     source: SourceConfig = None  # type: ignore[assignment]  # required unless the station has `lines:`
     trigger: TriggerConfig = field(default_factory=FreeRunTriggerConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)  # capture thread (edge_runtime/capture_queue.py)

@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Literal
 
 from edge_runtime.client_filter import LOOPBACK_NAMES, ClientFilter, is_loopback, parse_networks
+from edge_runtime.drift_monitor import DriftState
 from edge_runtime.latency_stats import LatencyStats, escape_label
 from edge_runtime.records import Verdict
 
@@ -122,6 +123,7 @@ class StationStatus:
     counters: dict[str, float] = field(default_factory=dict)  # further monotonic counters, exported as edge_<name>_total
     bundle_version: int | None = None         # the manifest's bundle_version of the bundle in service
     rollout: dict | None = None               # signed rollout status (edge_runtime/rollout.py), when enabled
+    drift: DriftState | None = None           # drift warnings in force (edge_runtime/drift_monitor.py)
 
 
 StatusProvider = Callable[[], StationStatus]
@@ -159,6 +161,9 @@ def health_document(status: StationStatus) -> dict:
         "frames": status.frames,
         "last_verdict": status.last_verdict,
         "uptime_s": round(status.uptime_s, 3),
+        # Warnings, not faults: the station still inspects (the status stays "ready"), but someone should look.
+        **({"drift": sorted(status.drift.warnings.values())} if status.drift is not None and status.drift.warnings
+           else {}),
     }
 
 
@@ -194,6 +199,14 @@ def render_metrics(status: StationStatus) -> str:
                [("", status.last_heartbeat_age_s)])
     if status.bundle_id is not None:
         metric("edge_bundle_info", "gauge", "The model bundle in use.", [(f'{{bundle_id="{escape_label(status.bundle_id)}"}}', 1)])
+    if status.drift is not None and status.drift.checks:
+        metric("edge_drift_warning", "gauge", "1 while a rolling drift rule holds (edge_runtime/drift_monitor.py).",
+               [(f'{{check="{name}"}}', 1 if name in status.drift.warnings else 0) for name in status.drift.checks])
+        medians = [(f'{{value="{name}"}}', value) for name, value in status.drift.medians.items()
+                   if value is not None and name in status.drift.checks]
+        if medians:
+            metric("edge_drift_median", "gauge", "Median over the drift window: image score, frame brightness "
+                   "(0-255) and sharpness.", medians)
     if status.latency is not None:
         lines.extend(status.latency.prometheus_lines())
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ from edge_runtime import bundle_loader, systemd_notify
 from edge_runtime.bundle import BundleError, StationMismatch
 from edge_runtime.capture_queue import is_live, wrap_source
 from edge_runtime.config import StationConfig
+from edge_runtime.drift_monitor import DriftMonitor
 from edge_runtime.frame_counter import FrameCounter, FrameCounterError
 from edge_runtime.http_endpoint import StationStatus, stall_reason
 from edge_runtime.inflight import Finished, InFlight
@@ -128,6 +129,7 @@ class Line:
             if hasattr(out, "bind_recipes"):   # OPC UA PrepareRecipe, MQTT cmd/recipe: select through the switcher
                 out.bind_recipes(self.recipes)
         self.stats = LatencyStats(cfg.logging.stats_window)
+        self.drift: DriftMonitor | None = None   # rolling drift warnings of the bundle in service (drift_monitor.py)
         self.counters = Counters(bus=self.bus.counters)
         self.verdicts = {v.value: 0 for v in Verdict}
         self.fault_reason: str | None = "starting"
@@ -334,7 +336,9 @@ class Line:
             busy_s=self._busy_s(), stall_after_s=self._stall_after_s(),
             loop_stall_after_s=self._loop_stall_after_s() if self._loop_running else None,
             bundle_version=pipeline.bundle.bundle_version if pipeline else None,
-            rollout=self.rollout.report() if self.rollout is not None else None)
+            rollout=self.rollout.report() if self.rollout is not None else None,
+            drift=self.drift.state() if self.drift is not None and pipeline is not None
+            and self.drift.bundle_id == pipeline.bundle.bundle_id else None)
 
     def plant_state(self) -> dict:
         """The line's state for the plant (MQTT state message, OPC UA): edge_runtime/plant_report.py."""
@@ -548,12 +552,23 @@ class Line:
             log.warning("frame %d %s: FAULT: %s", result.frame_id, result.source, result.error)
         else:
             self.stats.add(result.timings_ms)
+        self._observe_drift(result)   # a frame the frame check refused still tells what the camera sees
         if failure is not None:
             self._record_failed(failure)
         elif self._record_fault is not None:
             self._record_fault = None
             self._resume()                      # the record works again
         self._check_outputs()
+
+    def _observe_drift(self, result: InspectionResult) -> None:
+        pipeline = self.pipeline
+        if pipeline is None or pipeline.bundle.bundle_id != result.bundle_id:
+            return   # answered on a bundle no longer in service: not evidence about the one that is
+        if self.drift is None or self.drift.bundle_id != result.bundle_id:   # a new bundle: fresh windows
+            good = pipeline.variant.info.get("threshold_info", {}).get("good_scores", {})
+            self.drift = DriftMonitor(self.cfg.drift, good.get("p50") if isinstance(good, dict) else None,
+                                      pipeline.quality_band, result.bundle_id)
+        self.drift.observe(result)
 
     def _record_failed(self, failure: RecordFailure) -> None:
         reason = f"record: {failure.output}: {failure.reason}"

@@ -1,4 +1,5 @@
-"""The device data path, in order: decode -> geometry -> preprocess -> features -> search -> scores -> decision.
+"""The device data path, in order: decode -> geometry -> frame quality -> preprocess -> features -> search -> scores
+-> decision.
 
 `Pipeline.inspect(frame)` is the whole inspection of one part. It never raises for a bad frame: anything that
 stops a frame from being inspected becomes a FAULT result with the reason, never an OK.
@@ -18,6 +19,9 @@ from edge_runtime import scoring
 from edge_runtime.bundle import Bundle, BundleError, check_index_file
 from edge_runtime.decode import DecodeConfig, ImageError, decode_image, load_image, to_rgb
 from edge_runtime.features import FeatureError, FeatureExtractor, make_session
+from edge_runtime.frame_quality import FrameCheckConfig, QualityBand
+from edge_runtime.frame_quality import check as check_frame
+from edge_runtime.frame_quality import measure as measure_quality
 from edge_runtime.geometry import cut_tiles, match_colour, region_of, to_canvas
 from edge_runtime.int8_kernels import check_quantization
 from edge_runtime.hnsw_graph import FaissHnswSearch, GraphError, read_hnsw_graph
@@ -105,6 +109,9 @@ class Pipeline:
         self.bundle = bundle
         self.threads = threads          # this inspection's cores: onnxruntime, the search, the geometry's resample
         self.decode_limits = DecodeConfig()  # the station file's `decode:` section replaces it (daemon)
+        self.frame_check = FrameCheckConfig()  # and its `frame_check:` section this
+        # The training frames' brightness and sharpness; None for a bundle fitted before they were recorded.
+        self.quality_band = QualityBand.from_manifest(bundle.manifest.get("frame_quality"))
         self.variant = bundle.variant(precision)
         self.geometry = bundle.geometry
         self.grid = bundle.grid
@@ -174,7 +181,7 @@ class Pipeline:
             timings[stage] = (now - t) * 1000.0
             t = now
 
-        region = None
+        region = quality = None
         try:
             if frame.unreadable is not None:
                 raise ImageError(f"{frame.source}: {frame.unreadable}")
@@ -190,6 +197,12 @@ class Pipeline:
                                       frame.source, self.threads)
             tiles = cut_tiles(canvas, self.geometry)
             lap("geometry")
+            quality = measure_quality(canvas)
+            if self.quality_band is not None and self.frame_check.enabled:
+                refused = check_frame(quality, self.quality_band, self.frame_check)
+                if refused is not None:   # not a frame this bank can judge: never OK, never NG by accident
+                    raise ImageError(f"{frame.source}: frame check: {refused}")
+            lap("quality")
             # An INT8 graph that takes the pixels needs no float tensor (FeatureExtractor.takes_pixels).
             tensor = tiles if self.extractor.takes_pixels else to_tensor(tiles)
             lap("preprocess")
@@ -213,7 +226,8 @@ class Pipeline:
         return InspectionResult(frame_id=frame.frame_id, source=frame.source, verdict=verdict, score=score,
                                 normalized_score=norm, threshold=self.threshold, timings_ms=timings,
                                 bundle_id=self.bundle.bundle_id, error=error, anomaly_map=heat, image=region,
-                                captured_at=frame.captured_at, review_threshold=self.review_threshold)
+                                captured_at=frame.captured_at, review_threshold=self.review_threshold,
+                                quality=quality)
 
 
 __all__ = ["Pipeline", "Scored", "decide", "score_frame"]

@@ -22,4 +22,7 @@ def station_summary(name: str, status: StationStatus) -> dict[str, Any]:
         "uptime_s": round(status.uptime_s, 1),
         "counters": dict(status.counters),
         **({"rollout": status.rollout} if status.rollout is not None else {}),
+        # Drift warnings in force (edge_runtime/drift_monitor.py): the plant sees a lamp ageing before the scrap.
+        **({"drift": sorted(status.drift.warnings.values())} if status.drift is not None and status.drift.warnings
+           else {}),
     }

@@ -5,9 +5,12 @@ import enum
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from edge_runtime.frame_quality import FrameQuality
 
 
 class Verdict(str, enum.Enum):
@@ -53,6 +56,7 @@ class InspectionResult:
     captured_at: float = 0.0
     review_threshold: float | None = None  # lower edge of the review band (REVIEW when it <= score < threshold)
     finished_at: float = field(default_factory=time.time)
+    quality: FrameQuality | None = None    # brightness and sharpness of the inspected region (frame_quality.py)
 
     @property
     def passed(self) -> bool:
@@ -73,6 +77,7 @@ class InspectionResult:
             "latency_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
             "bundle_id": self.bundle_id,
             "error": self.error,
+            **({"quality": self.quality.to_record()} if self.quality is not None else {}),
         }
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.decode import decode_image
+from edge_runtime.frame_quality import QualityBand
 from edge_runtime.int8_kernels import capability as int8_capability
 from edge_runtime.nn_search import upper_bounds
 from edge_runtime.preprocess import preprocess
@@ -36,6 +37,17 @@ def frames_taken(bundle: Bundle) -> str:
     roi = f", region of interest {list(g.roi)}" if g.roi else ""
     return (f"frames: {size}{roi}, {colour}, 16-bit pixels read as v >> {bundle.shift_16bit}; "
             f"{g.n_tiles} tile(s) of {g.input_size[0]}x{g.input_size[1]}")
+
+
+def frame_quality_summary(bundle: Bundle) -> str:
+    """The training frames' brightness and sharpness that the frame check and drift monitor compare against."""
+    band = QualityBand.from_manifest(bundle.manifest.get("frame_quality"))
+    if band is None:
+        return ("frame check: off (the bundle records no training-frame quality: fitted before it was recorded; "
+                "refit to check brightness and sharpness)")
+    b, s = band.brightness, band.sharpness
+    return (f"frame check: training frames' brightness {b.low:.1f}-{b.high:.1f} (median {b.median:.1f}), sharpness "
+            f"{s.low:.1f}-{s.high:.1f} (median {s.median:.1f}), {band.n} images, 0.5th-99.5th percentile")
 
 
 def golden_check(bundle: Bundle, pipeline: Pipeline) -> list[str]:
@@ -95,6 +107,7 @@ def run_self_test(bundle_dir: Path, precision: str | None = None, knn: str = "hn
         pipeline = Pipeline(bundle, precision=precision, knn=knn, threads=threads, providers=providers)
         report.checks.append(f"loaded variant {pipeline.variant.name}, {len(pipeline.search)} bank vectors, knn {knn}")
         report.checks.append(frames_taken(bundle))
+        report.checks.append(frame_quality_summary(bundle))
         quant = pipeline.variant.info.get("quantization") or {}
         if "activation" in quant:   # refused above if this machine computes it differently
             report.checks.append(f"INT8 {quant.get('target', '?')} model computed exactly here; this machine: "

@@ -31,13 +31,15 @@ from edge_runtime.bundle import (MANIFEST, SCHEMA_VERSION, SCHEMA_VERSION_SHIFT_
                                  install_bundle, sha256_file, stale_staging, staged_bundle, staging_dir,
                                  write_manifest)
 from edge_runtime.features import FeatureExtractor
+from edge_runtime.frame_quality import FrameQuality, QualityBand
+from edge_runtime.frame_quality import measure as measure_quality
 from edge_runtime.int8_kernels import check_quantization
 from edge_runtime.decode import SHIFT_16BIT, ImageError, declared_size, load_image
 from edge_runtime.geometry import (ASPECT_TOLERANCE, DEFAULT_PIXELS, DEFAULT_RESAMPLE, STRIDE, Geometry,
-                                   default_input_size, plan_tiles)
+                                   cut_tiles, default_input_size, match_colour, plan_tiles, region_of, to_canvas)
 from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw, upper_bounds
 from edge_runtime.pipeline import Pipeline
-from edge_runtime.preprocess import NORMALIZATION, preprocess
+from edge_runtime.preprocess import NORMALIZATION, preprocess, to_tensor
 from export import backbone as backbone_mod
 from export import crossfit
 from export.calibration import (DEFAULT_MAX_FALSE_REJECT, OUTLIER_RATIO, OUTLIER_Z, operating_point, score_outliers,
@@ -330,20 +332,28 @@ def pin_colour(geom: Geometry, paths: list[Path], grey: list[bool]) -> tuple[Geo
         f"{'that one' if len(odd) == 1 else 'those'} {done}; fit on one camera's images")
 
 
-def tensors(path: Path, geom: Geometry, shift_16bit: int = SHIFT_16BIT) -> np.ndarray:
-    return preprocess(load_image(path, shift_16bit), geom, str(path))[0]
+def tensors(path: Path, geom: Geometry, shift_16bit: int = SHIFT_16BIT,
+            quality: list[FrameQuality] | None = None) -> np.ndarray:
+    """The image's tile tensor, as the station makes it; `quality`, if given, receives the canvas's frame quality."""
+    rgb, name = load_image(path, shift_16bit), str(path)
+    if quality is None:
+        return preprocess(rgb, geom, name)[0]
+    canvas, _ = to_canvas(match_colour(region_of(rgb, geom, name), geom, name), geom, name)
+    quality.append(measure_quality(canvas))
+    return to_tensor(cut_tiles(canvas, geom))
 
 
 def onnx_features(extractors: dict[str, FeatureExtractor], paths: list[Path], geom: Geometry,
                   label: str = "features", grey: list[bool] | None = None,
-                  shift_16bit: int = SHIFT_16BIT) -> dict[str, np.ndarray]:
+                  shift_16bit: int = SHIFT_16BIT, quality: list[FrameQuality] | None = None) -> dict[str, np.ndarray]:
     """Per extractor, (len(paths) * patches_per_image, dim) float32 features, image-major; each image decoded once.
-    `grey`, if given, receives per image whether the model saw R = G = B everywhere (the colour pin's input)."""
+    `grey`, if given, receives per image whether the model saw R = G = B everywhere (the colour pin's input);
+    `quality` each image's frame quality (the manifest's training band)."""
     per_image = geom.n_tiles * geom.grid()[0] * geom.grid()[1]
     out = {name: np.empty((len(paths) * per_image, ex.dim), dtype=np.float32) for name, ex in extractors.items()}
     t0 = last = time.time()
     for i, p in enumerate(paths):
-        x = tensors(p, geom, shift_16bit)
+        x = tensors(p, geom, shift_16bit, quality)
         if grey is not None:   # the normalisation treats the channels alike, so equal pixels stay equal
             grey.append(bool(np.array_equal(x[:, 0], x[:, 1]) and np.array_equal(x[:, 0], x[:, 2])))
         for name, ex in extractors.items():
@@ -647,7 +657,8 @@ def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], def
     # The INT8 bank holds the INT8 extractor's features of the same coreset patches: a bank built from
     # FP32 features but queried with INT8 ones loses ~5 points of image AUROC (shared/BACKBONES.md).
     grey: list[bool] = []
-    all_feats = onnx_features(extractors, images, geom, "fp32 + int8 features", grey, shift_16bit)
+    qualities: list[FrameQuality] = []
+    all_feats = onnx_features(extractors, images, geom, "fp32 + int8 features", grey, shift_16bit, qualities)
     geom, odd, colour_note = pin_colour(geom, images, grey)
     geom_info["notes"].append(colour_note)
     log(colour_note)
@@ -661,6 +672,12 @@ def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], def
         keep[odd] = False
         all_feats = {name: x[np.repeat(keep, per_image)] for name, x in all_feats.items()}
         images = [p for p, k in zip(images, keep) if k]
+        qualities = [q for q, k in zip(qualities, keep) if k]
+    # The band of frames the bank was fitted on: the station's frame check and drift monitor compare against it.
+    quality_band = QualityBand.of(qualities)
+    log(f"training frames: brightness {quality_band.brightness.low:.1f}-{quality_band.brightness.high:.1f} "
+        f"(median {quality_band.brightness.median:.1f}), sharpness {quality_band.sharpness.low:.1f}-"
+        f"{quality_band.sharpness.high:.1f} (median {quality_band.sharpness.median:.1f}), 0.5th-99.5th percentile")
     del extractors
     t_feat = clock.mark("features")
     log(f"FP32 and INT8 features of {len(images)} images in {t_feat:.1f} s")
@@ -716,6 +733,7 @@ def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], def
                      "padding": "TensorFlow SAME (asymmetric at stride 2), computed for the fixed input size", "taps": list(model.backbone.tap_blocks),
                      "tap_channels": list(model.backbone.channels), "tap_strides": [8, 16]},
         "geometry": {**geom.to_manifest(), "chosen": geom_info},
+        "frame_quality": quality_band.to_manifest(),
         "preprocessing": {**NORMALIZATION, "shift_16bit": shift_16bit,
                           "from_16_bit": f"min(v >> {shift_16bit}, 255) for 16-bit pixels; 8-bit pixels as they are"},
         "features": {"input_norm": input_norm(s.input_norm),

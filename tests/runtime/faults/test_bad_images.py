@@ -365,9 +365,14 @@ def test_a_16_bit_frame_of_fewer_significant_bits_than_the_bundle_is_a_fault_not
     low = (part.astype(np.uint16) << (bits - 8))
     result = pipeline.inspect(Frame(frame_id=18, source=f"cam{bits}", image=low))
     assert_fault(result, f"cam{bits}", "16-bit frame whose highest value is", "fewer significant bits")
-    for ok_bits in (14, 16):
-        scored = pipeline.inspect(Frame(frame_id=19, source="cam", image=part.astype(np.uint16) << (ok_bits - 8)))
-        assert scored.verdict is not Verdict.FAULT, scored.error
+    scored = pipeline.inspect(Frame(frame_id=19, source="cam", image=part.astype(np.uint16) << 8))
+    assert scored.verdict is not Verdict.FAULT, scored.error
+    # 14-bit values pass the bit-depth rule; read as v >> 8 the frame is 4 x darker than the training frames, which
+    # the frame check (a separate stage) refuses on its own.
+    dim = pipeline.inspect(Frame(frame_id=20, source="cam", image=part.astype(np.uint16) << 6))
+    assert "fewer significant bits" not in (dim.error or "")
+    if pipeline.quality_band is not None:
+        assert dim.verdict is Verdict.FAULT and "frame check: frame brightness" in dim.error
 
 
 def _exif_block(orientation: int, big_endian: bool = False, long: bool = False) -> bytes:

@@ -1,0 +1,123 @@
+"""Drift: the conditions a station inspects under moving away from those its bundle was fitted on.
+
+One frame far outside the training band is refused by the frame check (edge_runtime/frame_quality.py). Slow
+drift is subtler: a lamp ageing, a camera losing focus, dust on the lens, another batch of material. Each frame
+still looks plausible, yet the scores move, and on magnetic tile a 30% gain drop let 11 more defects through
+while the good parts' median score stayed put (benchmarks/results/drift_monitor.md). Three rolling rules over the
+last `window` inspected parts, each a warning (status, /healthz, /metrics, log); none changes a verdict:
+
+- score: the median image score above `score_ratio` x the median of the bank's cross-fitted good scores (the
+  manifest's threshold_info.good_scores p50). Defects are a minority, so the median follows the good parts.
+- brightness / sharpness: the rolling median outside where the median of `window` training frames falls 999 times
+  in 1000 (from the manifest's percentiles: frame_quality.Band.median_band), widened by `brightness_margin` /
+  `sharpness_margin` of its value. Frames the frame check refused count here too.
+
+A warning starts when its rule has held for the full window and ends when the rule no longer holds; both are
+logged once. A new bundle (reload, recipe switch, rollout) starts the windows afresh.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_runtime.frame_quality import QualityBand
+from edge_runtime.records import InspectionResult, Verdict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DriftConfig:
+    """Station file `drift:`: the rolling drift warnings. The per-frame gate is `frame_check:`."""
+    enabled: bool = True             # false: no drift warnings (frame qualities are still recorded)
+    window: int = 50                 # inspected parts in each rolling median
+    score_ratio: float = 1.15        # warn when the median score exceeds this x the fit's median good score
+    brightness_margin: float = 0.05  # warn when the median brightness leaves the training band by more than this
+    sharpness_margin: float = 0.25   # the same for sharpness (it varies more from part to part)
+
+    def validate(self) -> None:   # the schema calls it and names the section
+        if not 5 <= self.window <= 100_000:
+            raise ValueError(f"window: must be 5..100000 parts, got {self.window}")
+        if not self.score_ratio > 1:
+            raise ValueError(f"score_ratio: must be > 1, got {self.score_ratio}")
+        for key in ("brightness_margin", "sharpness_margin"):
+            if not 0 <= getattr(self, key) < 10:
+                raise ValueError(f"{key}: must be in [0, 10), got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class DriftState:
+    """The drift warnings in force, and the rolling medians behind them (None until a window is full)."""
+    warnings: dict[str, str]                 # check -> message, for every rule that holds now
+    medians: dict[str, float | None]         # score / brightness / sharpness
+    checks: tuple[str, ...]                  # the rules this bundle allows (frame ones need the manifest's band)
+
+
+class DriftMonitor:
+    """Rolling drift rules for one bundle. `observe()` after every published result, from one thread (the line's);
+    `state()` from any."""
+
+    def __init__(self, cfg: DriftConfig, good_score_median: float | None, band: QualityBand | None,
+                 bundle_id: str = "") -> None:
+        self.cfg = cfg
+        self.bundle_id = bundle_id
+        self.good_score_median = good_score_median if good_score_median and good_score_median > 0 else None
+        self.band = band
+        self.values: dict[str, deque[float]] = {
+            name: deque(maxlen=cfg.window) for name in self._checks()}
+        self.active: dict[str, str] = {}
+        # What state() returns: made by observe() in the line's thread and replaced whole, so the HTTP thread never
+        # iterates a window while it is appended to.
+        self._state = DriftState({}, {"score": None, "brightness": None, "sharpness": None}, self._checks())
+
+    def _checks(self) -> tuple[str, ...]:
+        if not self.cfg.enabled:
+            return ()
+        return (("score",) if self.good_score_median is not None else ()) + \
+            (("brightness", "sharpness") if self.band is not None else ())
+
+    def observe(self, result: InspectionResult) -> None:
+        # A frame the frame check refused (FAULT, no score) still says what the camera sees: with a lamp at 20% most
+        # frames are refused, and the brightness window must fill with them, not wait for the few that pass.
+        if "score" in self.values and result.score is not None and result.verdict is not Verdict.FAULT:
+            self.values["score"].append(result.score)
+        if "brightness" in self.values and result.quality is not None:
+            self.values["brightness"].append(result.quality.brightness)
+            self.values["sharpness"].append(result.quality.sharpness)
+        now = self._evaluate()
+        for name in sorted(now.keys() - self.active.keys()):
+            log.warning("drift: %s (bundle %s); parts are still inspected, but check the lighting, camera and "
+                        "material before trusting the verdicts", now[name], self.bundle_id)
+        for name in sorted(self.active.keys() - now.keys()):
+            log.info("drift: %s back within bounds", name)
+        self.active = now
+        self._state = DriftState(dict(now), {name: self._median(name) for name in ("score", "brightness", "sharpness")},
+                                 self._checks())
+
+    def _median(self, name: str) -> float | None:
+        values = self.values.get(name)
+        return float(np.median(values)) if values is not None and len(values) == self.cfg.window else None
+
+    def _evaluate(self) -> dict[str, str]:
+        out, n = {}, self.cfg.window
+        score = self._median("score")
+        if score is not None and score > self.cfg.score_ratio * self.good_score_median:
+            out["score"] = (f"median score of the last {n} parts {score:.2f} is {score / self.good_score_median:.2f} "
+                            f"x the fit's good median {self.good_score_median:.2f} (limit {self.cfg.score_ratio:g} x)")
+        if "brightness" in self.values:
+            for name, band, margin in (("brightness", self.band.brightness, self.cfg.brightness_margin),
+                                       ("sharpness", self.band.sharpness, self.cfg.sharpness_margin)):
+                median = self._median(name)
+                low, high = band.median_band(n) or (band.low, band.high)
+                if median is not None and not low * (1 - margin) <= median <= high * (1 + margin):
+                    out[name] = (f"median {name} of the last {n} parts {median:.1f} is outside {low:.1f}-{high:.1f} "
+                                 f"(+-{margin:.0%}), where the median of {n} training frames falls")
+        return out
+
+    def state(self) -> DriftState:
+        """The warnings and medians as of the last observed part (any thread)."""
+        return self._state
+

@@ -1,0 +1,152 @@
+"""Frame quality: is this frame one the bundle can judge? Brightness and sharpness of the inspected region, against
+the band of the training frames that `edge-export fit` records in the manifest (`frame_quality`).
+
+PatchCore scores a frame against the good parts it was fitted on; a frame taken under other conditions scores
+something else. A dead lamp, a lens cap or a camera knocked out of focus gives frames that may score low enough to
+pass, and on magnetic tile a 30% gain drop let 11 more defects through with the good parts' median score unchanged
+(benchmarks/results/drift_monitor.md). Two numbers per frame, measured on the canvas (the region as the model
+sees it, at the bank's pixel density, so fit and station measure alike):
+
+- brightness: mean grey level (0-255);
+- sharpness: variance of the 3 x 3 Laplacian of the grey image (falls with defocus or motion blur, rises with
+  sensor noise).
+
+`check()` is the per-frame gate (a frame far outside the training band is not inspected: FAULT); the rolling
+rules that catch slow drift are edge_runtime/drift_monitor.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# The band is the training frames' 0.5th to 99.5th percentile: the extremes of a few hundred images, without the
+# one odd frame that min/max would let widen it.
+BAND_QUANTILES = (0.005, 0.5, 0.995)
+
+
+@dataclass(frozen=True)
+class FrameQuality:
+    brightness: float    # mean grey level, 0-255
+    sharpness: float     # variance of the Laplacian of the grey image
+
+    def to_record(self) -> dict:
+        return {"brightness": round(self.brightness, 2), "sharpness": round(self.sharpness, 2)}
+
+
+def measure(canvas: np.ndarray) -> FrameQuality:
+    """Brightness and sharpness of a uint8 H x W x 3 (or H x W) canvas."""
+    grey = canvas if canvas.ndim == 2 else cv2.cvtColor(canvas, cv2.COLOR_RGB2GRAY)
+    lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=1)
+    return FrameQuality(float(grey.mean()), float(lap.var()))
+
+
+# The percentiles 0, 1, ..., 100 of each quantity are recorded too: the drift monitor derives from them where the
+# median of a window of good frames falls (QualityBand.median_band).
+PERCENTILES = tuple(range(101))
+# Two-sided 0.999 normal quantile: a window median outside its band happens about once in a thousand full windows of
+# frames like the training frames, before the margin widens it.
+MEDIAN_Z = 3.29
+
+
+@dataclass(frozen=True)
+class Band:
+    low: float
+    median: float
+    high: float
+    percentiles: tuple[float, ...] = ()   # the 0th..100th percentile (empty in a hand-made band: no median band)
+
+    def median_band(self, window: int) -> tuple[float, float] | None:
+        """Where the median of `window` frames like the training frames falls, 999 times in 1000: the median of n
+        draws sits at probability 1/2 +- z / (2 sqrt(n + 2)) (the normal approximation of its Beta distribution),
+        mapped through the recorded percentiles. None without them."""
+        if len(self.percentiles) != len(PERCENTILES):
+            return None
+        half = min(0.5, MEDIAN_Z / (2.0 * (window + 2) ** 0.5))
+        pct = np.asarray(PERCENTILES, dtype=np.float64)
+        values = np.asarray(self.percentiles, dtype=np.float64)
+        return (float(np.interp(100 * (0.5 - half), pct, values)), float(np.interp(100 * (0.5 + half), pct, values)))
+
+
+@dataclass(frozen=True)
+class QualityBand:
+    """The training frames' brightness and sharpness (manifest `frame_quality`)."""
+    n: int
+    brightness: Band
+    sharpness: Band
+
+    @classmethod
+    def of(cls, qualities: list[FrameQuality]) -> "QualityBand":
+        def band(values: list[float]) -> Band:
+            x = np.asarray(values, dtype=np.float64)
+            low, median, high = np.quantile(x, BAND_QUANTILES)
+            return Band(float(low), float(median), float(high),
+                        tuple(float(v) for v in np.percentile(x, PERCENTILES)))
+        return cls(len(qualities), band([q.brightness for q in qualities]), band([q.sharpness for q in qualities]))
+
+    def to_manifest(self) -> dict:
+        return {"n": self.n, "quantiles": list(BAND_QUANTILES),
+                "measured_on": "the canvas (region at the bank's pixel density), grey = RGB2GRAY",
+                **{name: {"low": round(b.low, 4), "median": round(b.median, 4), "high": round(b.high, 4),
+                          "percentiles": [round(v, 3) for v in b.percentiles]}
+                   for name, b in (("brightness", self.brightness), ("sharpness", self.sharpness))}}
+
+    @classmethod
+    def from_manifest(cls, doc: object) -> "QualityBand | None":
+        """The band, or None for a bundle fitted before frame quality was recorded (or a malformed entry: the
+        checks are then off, which the daemon logs; the score is unaffected)."""
+        if not isinstance(doc, dict):
+            return None
+        try:
+            bands = []
+            for name in ("brightness", "sharpness"):
+                b = doc[name]
+                pct = tuple(float(v) for v in b.get("percentiles", ()))
+                band = Band(float(b["low"]), float(b["median"]), float(b["high"]), pct)
+                if not all(math.isfinite(v) and v >= 0 for v in (band.low, band.median, band.high, *pct)) or \
+                        not band.low <= band.median <= band.high or \
+                        (pct and (len(pct) != len(PERCENTILES) or any(x > y for x, y in zip(pct, pct[1:])))):
+                    return None
+                bands.append(band)
+            return cls(int(doc["n"]), *bands)
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class FrameCheckConfig:
+    """Station file `frame_check:`: how far outside the training band one frame may be and still be inspected.
+    A frame beyond a limit is a FAULT (never OK) with the reason; a bundle without a band checks nothing."""
+    enabled: bool = True       # false: every frame is inspected whatever its brightness and sharpness
+    dark: float = 0.5          # brightness below dark x the band's low end: lamp out, lens cap, exposure
+    bright: float = 0.5        # brightness above high + bright x (255 - high): this far from the band to white
+    blur: float = 0.25         # sharpness below blur x the band's low end: badly out of focus, motion blur, fog
+    noise: float = 3.0         # sharpness above noise x the band's high end: sensor noise, another scene
+
+    def validate(self) -> None:   # the schema calls it and names the section
+        for key in ("dark", "bright", "blur"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"{key}: must be in [0, 1], got {getattr(self, key)}")
+        if not self.noise >= 1:
+            raise ValueError(f"noise: must be >= 1, got {self.noise}")
+
+
+def check(q: FrameQuality, band: QualityBand, limits: FrameCheckConfig = FrameCheckConfig()) -> str | None:
+    """Why this frame is too far from the training frames to be judged, or None."""
+    b, s = band.brightness, band.sharpness
+    if q.brightness < limits.dark * b.low:
+        return (f"frame brightness {q.brightness:.1f} is below {limits.dark:g} x the darkest training frames "
+                f"({b.low:.1f}; median {b.median:.1f}): lamp, exposure or lens?")
+    bright_limit = b.high + limits.bright * (255.0 - b.high)
+    if q.brightness > bright_limit:
+        return (f"frame brightness {q.brightness:.1f} is above {bright_limit:.1f}, halfway from the brightest "
+                f"training frames ({b.high:.1f}) to white: exposure or stray light?")
+    if q.sharpness < limits.blur * s.low:
+        return (f"frame sharpness {q.sharpness:.1f} is below {limits.blur:g} x the least sharp training frames "
+                f"({s.low:.1f}; median {s.median:.1f}): focus, motion blur or a dirty lens?")
+    if q.sharpness > limits.noise * s.high:
+        return (f"frame sharpness {q.sharpness:.1f} is above {limits.noise:g} x the sharpest training frames "
+                f"({s.high:.1f}): sensor noise, gain or another scene?")
+    return None
