@@ -45,6 +45,9 @@ def run_demo(workdir: Path, fresh: bool = False) -> int:
         print(f"[demo] fitting PatchCore and exporting the bundle to {bundle}")
         fit(data, bundle, FitSettings(coreset_ratio=0.1), calibration_defects=calib,
             overwrite=True)
+    else:   # said, so a second run's speed and results are not mistaken for a fresh fit
+        created = (yaml.safe_load((bundle / "manifest.yaml").read_text()) or {}).get("created", "earlier")
+        print(f"[demo] reusing the bundle fitted {created} in {bundle} (--fresh deletes the folder and refits)")
     frames = workdir / "frames"
     write_sample_frames(frames, n_good=6, n_defect=6, seed=1)
     log = workdir / "results.jsonl"

@@ -380,8 +380,9 @@ def cross_fit_scores(feats: dict[str, np.ndarray], indexes: dict, selected: np.n
         return scores, record
     scores = {}
     for name, x in feats.items():
-        scores[name], stats = crossfit.bank_minus_fold_scores(x, selected, indexes[name], per_image, fold_of,
-                                                              threads=2, log=log)
+        scores[name], stats = crossfit.bank_minus_fold_scores(
+            x, selected, indexes[name], per_image, fold_of, threads=2,
+            log=lambda msg, name=name: log(f"[{name}] {msg}"))   # one set of folds per variant: say which
         record[f"{name}_rechecked_patches_per_image"] = round(stats["rechecked_patches_per_image"], 1)
     record["search"] = f"HNSW ef {crossfit.CROSS_FIT_EF} (fold vectors marked deleted) + exact re-check of the image score"
     record["bank"] = ("per fold: the shipped coreset less the vectors from the fold's own images (no coreset re-run; "

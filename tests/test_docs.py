@@ -59,6 +59,7 @@ def test_the_walk_through_runs_from_photos_to_a_validated_station(tmp_path):
     assert f"found {n_good} good images in {good} (flat folder)" in run.stdout
     assert "defect images in 5 types for calibration" in run.stdout
     assert "INT8 target arm (device pi5 from --device)" in run.stdout
+    assert "[fp32] cross-fit fold 1:" in log and "[int8] cross-fit fold 1:" in log   # which variant
     assert "trial.yaml: valid" in run.stdout and "station.yaml: valid" in run.stdout
     records = [json.loads(line) for line in (work / "pi" / "results.jsonl").read_text().splitlines()]
     assert len(records) == n_good and {r["verdict"] for r in records} <= {"OK", "NG", "REVIEW"}

@@ -136,3 +136,17 @@ def test_a_fit_names_what_a_run_killed_outright_left_and_deletes_none_of_it(synt
     assert export_main(["fit", str(data), "--out", str(tmp_path / "b")]) == 2
     assert f"WARNING: {left} was left by a run that was stopped outright" in capsys.readouterr().err
     assert left.is_dir() and leftovers(tmp_path) == [left.name]
+
+
+def test_a_second_demo_run_says_it_reuses_the_bundle(tmp_path, capsys, monkeypatch):
+    import export.demo as demo
+
+    work = tmp_path / "demo"
+    (work / "data" / "flange" / "train").mkdir(parents=True)
+    (work / "bundle").mkdir()
+    (work / "bundle" / "manifest.yaml").write_text("created: '2026-12-01T10:00:00+00:00'\n")
+    monkeypatch.setattr(demo, "fit", lambda *a, **k: pytest.fail("a second run must not refit"))
+    monkeypatch.setattr(demo, "write_sample_frames", lambda *a, **k: None)
+    monkeypatch.setattr(demo.subprocess, "call", lambda *a, **k: 3)      # the daemon part is not under test here
+    assert demo.run_demo(work) == 3
+    assert "[demo] reusing the bundle fitted 2026-12-01T10:00:00+00:00 in" in capsys.readouterr().out

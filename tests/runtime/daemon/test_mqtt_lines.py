@@ -121,7 +121,8 @@ def test_lines_with_one_line_keep_the_station_mqtt_section(small_bundle, flange_
         assert isinstance(running.station.mqtt, StationMqtt)
         assert running.join(120) == 0
         logged = [r["frame_id"] for r in read_log(tmp_path / "results-only.jsonl")]
-        assert len(logged) == 6
+        # A slow device (4 fps under emulation) drops frames of a 15 fps source; each is counted.
+        assert logged and len(logged) + running.station.lines[0].dropped_frames == 6
         assert sub.wait_for(lambda s: [r["frame_id"] for r in s.records(f"{PREFIX}/only/result")] == logged, timeout=30)
         assert json.loads(sub.payloads(f"{PREFIX}/state")[-1])["lines"] == ["only"]
     finally:
