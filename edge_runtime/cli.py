@@ -94,7 +94,7 @@ def build_station_objects(cfg) -> list[str]:
     return built
 
 
-def check_against_bundles(cfg) -> list[str]:
+def check_against_bundles(cfg) -> tuple[list[str], list[str]]:
     """Every bundle each line may run (its own, each recipe's), checked as the daemon's load checks it except for
     building the model: the active version's descent, every file's checksum, the signature
     (security.bundle_public_key), product and version floor (state_dir), and the station file's ROI, size policy
@@ -160,6 +160,7 @@ def check_sources_here(cfg) -> tuple[list[str], list[str]]:
     for a camera, reporting FAULT, and cameras get plugged in later). Not errors of the file: validate may run away
     from the station."""
     from edge_runtime.lines_config import line_station_configs
+    from edge_runtime.sources.camera_source import camera_node
 
     missing, notes = [], []
     for name, c in line_station_configs(cfg):
@@ -170,7 +171,7 @@ def check_sources_here(cfg) -> tuple[list[str], list[str]]:
         elif kind == "video" and "://" not in str(source.path) and not os.path.isfile(source.path):
             missing.append(f"{where}.path {source.path}: no such video file here")
         elif kind == "camera":
-            node = f"/dev/video{source.device}" if isinstance(source.device, int) else str(source.device)
+            node = camera_node(source.device)
             if not os.path.exists(node):
                 notes.append(f"{where}.device {source.device!r}: {node} does not exist here (`edge-runtime cameras` "
                              "lists the cameras this machine has)")

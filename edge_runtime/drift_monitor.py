@@ -2,8 +2,8 @@
 
 One frame far outside the training band is refused by the frame check (edge_runtime/frame_quality.py). Slow
 drift is subtler: a lamp ageing, a camera losing focus, dust on the lens, another batch of material. Each frame
-still looks plausible, yet the scores move, and on magnetic tile a 30% gain drop let 11 more defects through
-while the good parts' median score stayed put (benchmarks/results/drift_monitor.md). Three rolling rules over the
+still looks plausible, yet the scores move, and on magnetic tile a 30% gain drop let 18 more of 392 defects
+through while the good parts' median score stayed put (benchmarks/results/drift_monitor_magnetic_tile.md). Three rolling rules over the
 last `window` inspected parts, each a warning (status, /healthz, /metrics, log); none changes a verdict:
 
 - score: the median image score above `score_ratio` x the median of the bank's cross-fitted good scores (the

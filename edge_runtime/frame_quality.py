@@ -3,8 +3,8 @@ the band of the training frames that `edge-export fit` records in the manifest (
 
 PatchCore scores a frame against the good parts it was fitted on; a frame taken under other conditions scores
 something else. A dead lamp, a lens cap or a camera knocked out of focus gives frames that may score low enough to
-pass, and on magnetic tile a 30% gain drop let 11 more defects through with the good parts' median score unchanged
-(benchmarks/results/drift_monitor.md). Two numbers per frame, measured on the canvas (the region as the model
+pass, and on magnetic tile a 30% gain drop let 18 more of 392 defects through with the good parts' median score
+unchanged (benchmarks/results/drift_monitor_magnetic_tile.md). Two numbers per frame, measured on the canvas (the region as the model
 sees it, at the bank's pixel density, so fit and station measure alike):
 
 - brightness: mean grey level (0-255);
@@ -95,8 +95,8 @@ class QualityBand:
 
     @classmethod
     def from_manifest(cls, doc: object) -> "QualityBand | None":
-        """The band, or None for a bundle fitted before frame quality was recorded (or a malformed entry: the
-        checks are then off, which the daemon logs; the score is unaffected)."""
+        """The band, or None for a bundle fitted before frame quality was recorded or a malformed entry (the checks
+        are then off, which Pipeline logs for a malformed one; the score is unaffected)."""
         if not isinstance(doc, dict):
             return None
         try:
@@ -141,7 +141,8 @@ def check(q: FrameQuality, band: QualityBand, limits: FrameCheckConfig = FrameCh
                 f"({b.low:.1f}; median {b.median:.1f}): lamp, exposure or lens?")
     bright_limit = b.high + limits.bright * (255.0 - b.high)
     if q.brightness > bright_limit:
-        return (f"frame brightness {q.brightness:.1f} is above {bright_limit:.1f}, halfway from the brightest "
+        way = "halfway" if limits.bright == 0.5 else f"{limits.bright:g} of the way"
+        return (f"frame brightness {q.brightness:.1f} is above {bright_limit:.1f}, {way} from the brightest "
                 f"training frames ({b.high:.1f}) to white: exposure or stray light?")
     if q.sharpness < limits.blur * s.low:
         return (f"frame sharpness {q.sharpness:.1f} is below {limits.blur:g} x the least sharp training frames "

@@ -26,8 +26,15 @@ def to_tensor(tiles: np.ndarray) -> np.ndarray:
     return x
 
 
-def preprocess(rgb: np.ndarray, geom: Geometry, name: str = "<frame>") -> tuple[np.ndarray, Placement, tuple[int, int]]:
-    """RGB frame -> (tile tensor, where the region sits on the canvas, the region's (h, w)). Raises ImageError."""
+def canvas_of(rgb: np.ndarray, geom: Geometry, name: str = "<frame>") -> tuple[np.ndarray, Placement, tuple[int, int]]:
+    """RGB frame -> (the canvas the tiles are cut from, where the region sits on it, the region's (h, w)): what the
+    model sees before tiling, and what frame quality is measured on. Raises ImageError."""
     region = region_of(rgb, geom, name)
     canvas, place = to_canvas(match_colour(region, geom, name), geom, name)
-    return to_tensor(cut_tiles(canvas, geom)), place, region.shape[:2]
+    return canvas, place, region.shape[:2]
+
+
+def preprocess(rgb: np.ndarray, geom: Geometry, name: str = "<frame>") -> tuple[np.ndarray, Placement, tuple[int, int]]:
+    """RGB frame -> (tile tensor, where the region sits on the canvas, the region's (h, w)). Raises ImageError."""
+    canvas, place, region_hw = canvas_of(rgb, geom, name)
+    return to_tensor(cut_tiles(canvas, geom)), place, region_hw

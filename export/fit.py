@@ -36,10 +36,10 @@ from edge_runtime.frame_quality import measure as measure_quality
 from edge_runtime.int8_kernels import check_quantization
 from edge_runtime.decode import SHIFT_16BIT, ImageError, declared_size, load_image
 from edge_runtime.geometry import (ASPECT_TOLERANCE, DEFAULT_PIXELS, DEFAULT_RESAMPLE, STRIDE, Geometry,
-                                   cut_tiles, default_input_size, match_colour, plan_tiles, region_of, to_canvas)
+                                   cut_tiles, default_input_size, plan_tiles)
 from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw, upper_bounds
 from edge_runtime.pipeline import Pipeline
-from edge_runtime.preprocess import NORMALIZATION, preprocess, to_tensor
+from edge_runtime.preprocess import NORMALIZATION, canvas_of, preprocess, to_tensor
 from export import backbone as backbone_mod
 from export import crossfit
 from export.calibration import (DEFAULT_MAX_FALSE_REJECT, OUTLIER_RATIO, OUTLIER_Z, operating_point, score_outliers,
@@ -335,11 +335,9 @@ def pin_colour(geom: Geometry, paths: list[Path], grey: list[bool]) -> tuple[Geo
 def tensors(path: Path, geom: Geometry, shift_16bit: int = SHIFT_16BIT,
             quality: list[FrameQuality] | None = None) -> np.ndarray:
     """The image's tile tensor, as the station makes it; `quality`, if given, receives the canvas's frame quality."""
-    rgb, name = load_image(path, shift_16bit), str(path)
-    if quality is None:
-        return preprocess(rgb, geom, name)[0]
-    canvas, _ = to_canvas(match_colour(region_of(rgb, geom, name), geom, name), geom, name)
-    quality.append(measure_quality(canvas))
+    canvas, _, _ = canvas_of(load_image(path, shift_16bit), geom, str(path))
+    if quality is not None:
+        quality.append(measure_quality(canvas))
     return to_tensor(cut_tiles(canvas, geom))
 
 

@@ -57,6 +57,11 @@ def check_image(image: Any, where: str) -> np.ndarray:
     return image
 
 
+def camera_node(device: int | str) -> str:
+    """The device node a station file's `device` names: an index N is /dev/videoN (V4L2), a path is itself."""
+    return f"/dev/video{device}" if isinstance(device, int) else str(device)
+
+
 @dataclass(kw_only=True)
 class CameraSourceConfig:
     type: Literal["camera"] = "camera"
@@ -207,7 +212,7 @@ class CameraSource(FrameSource):
             raise SourceError(f"{self.name}: cannot open camera: {exc}") from exc
         if not cap.isOpened():
             cap.release()
-            node = f"/dev/video{cfg.device}" if isinstance(cfg.device, int) else str(cfg.device)
+            node = camera_node(cfg.device)
             why = ("no such device" if node.startswith("/dev/") and not os.path.exists(node)
                    else "the device is there but would not open (busy in another program, or no permission: the "
                         "video group)")

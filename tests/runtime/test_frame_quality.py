@@ -161,3 +161,13 @@ def test_frames_the_check_refused_still_fill_the_brightness_window():
     for _ in range(5):
         monitor.observe(_result(None, brightness=30.0, verdict=Verdict.FAULT))   # a lamp at 20%: refused frames
     assert set(monitor.state().warnings) == {"brightness"} and monitor.state().medians["score"] is None
+
+
+def test_a_malformed_band_turns_the_checks_off_and_says_so(device_bundle, caplog):
+    bundle = Bundle.load(device_bundle)
+    bundle.manifest["frame_quality"] = {"n": 3, "brightness": {"low": "dark"}}
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.pipeline"):
+        pipe = Pipeline(bundle, threads=1)
+    assert pipe.quality_band is None
+    assert "the manifest's frame_quality is malformed: the frame check and the brightness and sharpness drift " \
+           "warnings are off" in caplog.text
