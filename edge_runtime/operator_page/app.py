@@ -89,6 +89,9 @@ def status_document(status: StationStatus, history: PartHistory) -> dict:
             "shift": {"started": history.shift_started, "seconds": round(shift_s), "counts": counts,
                       "yield": yield_},
             "rate_per_min": rate,
+            # Drift warnings in force (edge_runtime/drift_monitor.py): lighting, focus or material moving away from
+            # the fit's conditions; the operator sees them beside the yield they may explain.
+            "drift": sorted(status.drift.warnings.values()) if status.drift is not None else [],
             "latency_ms": {k: {"p50": round(v["p50"], 2), "p95": round(v["p95"], 2)} for k, v in lat.items()
                            if isinstance(v, dict) and "p50" in v},
             "health": {"last_heartbeat_age_s": status.last_heartbeat_age_s, "faults": status.faults,

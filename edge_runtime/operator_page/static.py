@@ -92,6 +92,7 @@ function showStatus(st){
   const rows = [['state', st.state + (st.reason? ' ('+st.reason+')':'')], ['bundle', st.bundle_id + ' (self-test ' + st.health.self_test + ')'],
     ['shift', Object.entries(sh.counts).map(([k,v])=>k+' '+v).join(', ')], ['yield', y],
     ['rate', st.rate_per_min+' parts/min'], ['latency p50 ms', lat],
+    ['drift', st.drift && st.drift.length ? st.drift.join('; ') : 'none'],
     ['faults', st.health.faults + (lf ? '; last: part '+lf.frame_id+': '+lf.error : '')], ['outputs', JSON.stringify(st.health.outputs)]];
   t.innerHTML = rows.map(r=>'<tr><td>'+esc(r[0])+'</td><td>'+esc(r[1])+'</td></tr>').join('');
 }

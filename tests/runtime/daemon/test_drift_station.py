@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from doubles import RecordingOutput
+from extras import require
 from edge_runtime.config import load_station
 from edge_runtime.daemon import Station
 from edge_runtime.http_endpoint import health_document, render_metrics
@@ -62,3 +63,13 @@ def test_a_failed_lamp_faults_every_part_and_the_refused_frames_raise_the_warnin
     assert len(rec.results) == 12
     assert all(r.verdict is Verdict.FAULT and "frame check: frame brightness" in r.error for r in rec.results)
     assert "brightness" in station.line.status().drift.warnings
+
+
+def test_the_operator_page_shows_the_drift_warnings(tmp_path, small_bundle, write_station, synthetic_dataset):
+    require("starlette", "page")
+    from edge_runtime.operator_page.app import status_document
+    from edge_runtime.operator_page.part_history import PartHistory
+
+    station, _ = _station(tmp_path, small_bundle, write_station, synthetic_dataset, gain=0.8)
+    doc = status_document(station.line.status(), PartHistory())
+    assert doc["drift"] == health_document(station.line.status())["drift"] and doc["drift"]
