@@ -69,6 +69,11 @@ class DriftMonitor:
         self.values: dict[str, deque[float]] = {
             name: deque(maxlen=cfg.window) for name in self._checks()}
         self.active: dict[str, str] = {}
+        # Where the window median of each frame quantity may lie: fixed for the bundle and window, so derived once.
+        self.bounds = {} if band is None else {
+            name: (b.median_band(cfg.window) or (b.low, b.high), margin)
+            for name, b, margin in (("brightness", band.brightness, cfg.brightness_margin),
+                                    ("sharpness", band.sharpness, cfg.sharpness_margin))}
         # What state() returns: made by observe() in the line's thread and replaced whole, so the HTTP thread never
         # iterates a window while it is appended to.
         self._state = DriftState({}, {"score": None, "brightness": None, "sharpness": None}, self._checks())
@@ -87,31 +92,29 @@ class DriftMonitor:
         if "brightness" in self.values and result.quality is not None:
             self.values["brightness"].append(result.quality.brightness)
             self.values["sharpness"].append(result.quality.sharpness)
-        now = self._evaluate()
+        medians = {name: self._median(name) for name in ("score", "brightness", "sharpness")}
+        now = self._evaluate(medians)
         for name in sorted(now.keys() - self.active.keys()):
             log.warning("drift: %s (bundle %s); parts are still inspected, but check the lighting, camera and "
                         "material before trusting the verdicts", now[name], self.bundle_id)
         for name in sorted(self.active.keys() - now.keys()):
             log.info("drift: %s back within bounds", name)
         self.active = now
-        self._state = DriftState(dict(now), {name: self._median(name) for name in ("score", "brightness", "sharpness")},
-                                 self._checks())
+        self._state = DriftState(dict(now), medians, self._checks())
 
     def _median(self, name: str) -> float | None:
         values = self.values.get(name)
         return float(np.median(values)) if values is not None and len(values) == self.cfg.window else None
 
-    def _evaluate(self) -> dict[str, str]:
+    def _evaluate(self, medians: dict[str, float | None]) -> dict[str, str]:
         out, n = {}, self.cfg.window
-        score = self._median("score")
+        score = medians["score"]
         if score is not None and score > self.cfg.score_ratio * self.good_score_median:
             out["score"] = (f"median score of the last {n} parts {score:.2f} is {score / self.good_score_median:.2f} "
                             f"x the fit's good median {self.good_score_median:.2f} (limit {self.cfg.score_ratio:g} x)")
         if "brightness" in self.values:
-            for name, band, margin in (("brightness", self.band.brightness, self.cfg.brightness_margin),
-                                       ("sharpness", self.band.sharpness, self.cfg.sharpness_margin)):
-                median = self._median(name)
-                low, high = band.median_band(n) or (band.low, band.high)
+            for name, ((low, high), margin) in self.bounds.items():
+                median = medians[name]
                 if median is not None and not low * (1 - margin) <= median <= high * (1 + margin):
                     out[name] = (f"median {name} of the last {n} parts {median:.1f} is outside {low:.1f}-{high:.1f} "
                                  f"(+-{margin:.0%}), where the median of {n} training frames falls")
