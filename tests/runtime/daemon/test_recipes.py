@@ -969,6 +969,7 @@ def test_a_recipe_number_written_and_reset_between_two_reads_still_faults_the_pa
         first = line.fire()
         assert first["verdict"] != "FAULT" and first["bundle_id"] == IDS["cap-a"], first
         time.sleep(0.2)                            # the loop waits for the next trigger
+        switches_before = switcher.switches
         line.write(16, 2)                          # product 2 for one part ...
         line.write(16, reset)                      # ... back (or cleared to 0), before the loop looked
         for k in range(others):                    # then other PLC-area changes push those two out of a short log
@@ -979,7 +980,10 @@ def test_a_recipe_number_written_and_reset_between_two_reads_still_faults_the_pa
             wait_until(lambda: "changes were lost" in (line.station.fault_reason or ""), what="FAULT")
             assert line.fire()["verdict"] == "FAULT"
             line.write(16, 1)
-        wait_until(lambda: switcher.active.name == "cap-a" and switcher.status == "ok" and line.ready(),
+        # Recipe 1 was active throughout, so wait for the switch the writes caused (it re-verifies recipe 1), not
+        # only for recipe 1 and READY: under load the check could pass before that switch began.
+        wait_until(lambda: switcher.switches > switches_before and switcher.active.name == "cap-a"
+                   and switcher.status == "ok" and switcher.switching_to is None and line.ready(),
                    what="recipe 1 again")
         again = line.fire()
         assert again["verdict"] != "FAULT" and again["bundle_id"] == IDS["cap-a"], again
