@@ -81,7 +81,9 @@ def training_layout(data_dir: Path) -> tuple[str, Path]:
     elif others:
         hint = (f" (found only files of other types: {', '.join(others[:6])}; the formats read are "
                 f"{', '.join(sorted(IMAGE_EXTENSIONS))}: convert them, e.g. to PNG)")
-    raise DatasetError(f"{good}: missing. Expected layout: {LAYOUT}{hint}")
+    # Name the folder the user gave: "train/good missing" reads as a wrong path to someone who brought a flat folder.
+    raise DatasetError(f"{data_dir}: no good images found, neither in the folder itself nor in train/good "
+                       f"(missing). Expected layout: {LAYOUT}{hint}")
 
 
 def train_images(data_dir: Path) -> list[Path]:

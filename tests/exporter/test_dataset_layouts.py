@@ -47,7 +47,7 @@ def test_benchmark_layout_reads_train_good_only(tmp_path):
 
 def test_folder_with_images_only_in_subfolders_names_them(tmp_path):
     _images(tmp_path / "parts" / "good", 3)
-    with pytest.raises(DatasetError, match=r"train/good: missing\. Expected layout: a flat folder.*subfolders: good"):
+    with pytest.raises(DatasetError, match=r"parts: no good images found, neither in the folder itself nor in train/good \(missing\)\. Expected layout: a flat folder.*subfolders: good"):
         train_images(tmp_path / "parts")
     with pytest.raises(DatasetError, match="does not exist"):
         train_images(tmp_path / "nope")
@@ -96,7 +96,8 @@ def test_evaluation_images_from_two_flat_folders(tmp_path):
 def test_fit_cli_refuses_a_bad_layout_with_the_reason(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert export_main(["fit", str(tmp_path / "empty"), "--out", str(tmp_path / "b")]) == 2
-    assert "train/good: missing. Expected layout: a flat folder of good images" in capsys.readouterr().err
+    assert (f"{tmp_path / 'empty'}: no good images found, neither in the folder itself nor in train/good (missing). "
+            "Expected layout: a flat folder of good images") in capsys.readouterr().err
 
 
 def test_device_names_match_the_station_schema():
