@@ -7,7 +7,7 @@ variant, HNSW search) as it is and under each condition below, applied to the de
 pipeline (the station would see it so):
 
   gain x0.2 (a lamp failing) .. x1.2, offset -30 / +30, gamma 0.8 / 1.25, Gaussian blur sigma 1-3, sensor noise
-  sigma 4 / 8, JPEG quality 40, a black and a white frame.
+  sigma 2 / 4 / 8, JPEG quality 40, a black and a white frame.
 
 Per condition: good parts rejected (NG or REVIEW), defects passed (OK), frames refused by the frame check (FAULT;
 edge_runtime/frame_quality.py), against the unchanged frames. Then a line's stream: 400 parts drawn with
@@ -69,6 +69,7 @@ CONDITIONS = {
     "blur sigma 1": lambda img, rng: cv2.GaussianBlur(img, (0, 0), 1.0),
     "blur sigma 2": lambda img, rng: cv2.GaussianBlur(img, (0, 0), 2.0),
     "blur sigma 3": lambda img, rng: cv2.GaussianBlur(img, (0, 0), 3.0),
+    "noise sigma 2": _noise(2.0),
     "noise sigma 4": _noise(4.0),
     "noise sigma 8": _noise(8.0),
     "JPEG q40": _jpeg(40),
@@ -169,21 +170,21 @@ def main() -> int:
     body = [
         f"Bundle `{a.bundle}` ({pipe.bundle.bundle_id}, variant {pipe.variant.name}, search {pipe.knn}), "
         f"{len(items)} test images of `{a.data}`; threshold {pipe.threshold:.2f}. Training frames "
-        f"(manifest frame_quality, {band.n} images, 0.5th-99.5th percentile): brightness {band.brightness.low:.1f}-"
-        f"{band.brightness.high:.1f}, sharpness {band.sharpness.low:.1f}-{band.sharpness.high:.1f}.",
+        f"(manifest frame_quality, {band.n} images, 0.5th-99.5th percentile): {band.describe()}.",
         "", "## Verdicts per condition (frame check on, station defaults)", "",
         md_table(["condition", "good rejected", "defects passed", "refused (FAULT)", "frame-check rule", "median good score"],
                  vrows),
         "", f"## A line's stream: {a.parts} parts, 10% defects, drift monitor defaults (window {cfg.window}, score "
-            f"x{cfg.score_ratio:g}, brightness +-{cfg.brightness_margin:.0%}, sharpness +-{cfg.sharpness_margin:.0%})", "",
+            f"x{cfg.score_ratio:g}, brightness +-{cfg.brightness_margin:.0%}, sharpness +-{cfg.sharpness_margin:.0%}, noise "
+            f"+-{cfg.noise_margin:.0%})", "",
         md_table(["condition", "warnings (first part at which each holds)", "refused"], srows),
         "", f"Unchanged frames, 30% defects (a bad batch): {brows[0][1]}.", "",
-        f"Cost of measuring a frame's quality (the pipeline's `quality` stage, brightness + Laplacian variance of the "
-        f"canvas, and the check): median {np.median(q_ms):.3f} ms, p99 {np.percentile(q_ms, 99):.3f} ms over "
+        f"Cost of measuring a frame's quality (the pipeline's `quality` stage, brightness, Laplacian variance and noise "
+        f"estimate of the canvas, and the check): median {np.median(q_ms):.3f} ms, p99 {np.percentile(q_ms, 99):.3f} ms over "
         f"{len(q_ms)} frames.",
     ]
     data = {"bundle": str(a.bundle), "bundle_id": pipe.bundle.bundle_id, "threshold": pipe.threshold,
-            "band": {"brightness": vars(band.brightness), "sharpness": vars(band.sharpness), "n": band.n},
+            "band": {**{name: vars(b) for name, b in band.bands().items()}, "n": band.n},
             "verdicts": vdata, "stream_10pct_defects": sdata, "stream_30pct_defects_unchanged": bdata,
             "quality_stage_ms": {"median": float(np.median(q_ms)), "p99": float(np.percentile(q_ms, 99)),
                                  "n": len(q_ms)},

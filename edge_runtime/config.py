@@ -158,9 +158,9 @@ class StationConfig:
     size_policy: Literal["refuse", "resize", "letterbox"] | None = None
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-    # Per frame: a frame far outside the training frames' brightness/sharpness is a FAULT (frame_quality.py).
+    # Per frame: a frame far outside the training frames' brightness/sharpness/noise is a FAULT (frame_quality.py).
     frame_check: FrameCheckConfig = field(default_factory=FrameCheckConfig)
-    # Over the last parts: rolling score, brightness and sharpness warnings (drift_monitor.py).
+    # Over the last parts: rolling score, brightness, sharpness and noise warnings (drift_monitor.py).
     drift: DriftConfig = field(default_factory=DriftConfig)
     source: SourceConfig = None  # type: ignore[assignment]  # required unless the station has `lines:`
     trigger: TriggerConfig = field(default_factory=FreeRunTriggerConfig)

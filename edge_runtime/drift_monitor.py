@@ -8,9 +8,10 @@ last `window` inspected parts, each a warning (status, /healthz, /metrics, log);
 
 - score: the median image score above `score_ratio` x the median of the bank's cross-fitted good scores (the
   manifest's threshold_info.good_scores p50). Defects are a minority, so the median follows the good parts.
-- brightness / sharpness: the rolling median outside where the median of `window` training frames falls 999 times
-  in 1000 (from the manifest's percentiles: frame_quality.Band.median_band), widened by `brightness_margin` /
-  `sharpness_margin` of its value. Frames the frame check refused count here too.
+- brightness / sharpness / noise: the rolling median outside where the median of `window` training frames falls
+  999 times in 1000 (from the manifest's percentiles: frame_quality.Band.median_band), widened by
+  `brightness_margin` / `sharpness_margin` / `noise_margin` of its value. Frames the frame check refused count here
+  too. Noise needs a bundle that recorded it (fitted since frame noise was measured).
 
 A warning starts when its rule has held for the full window and ends when the rule no longer holds; both are
 logged once. A new bundle (reload, recipe switch, rollout) starts the windows afresh.
@@ -37,13 +38,14 @@ class DriftConfig:
     score_ratio: float = 1.15        # warn when the median score exceeds this x the fit's median good score
     brightness_margin: float = 0.05  # warn when the median brightness leaves the training band by more than this
     sharpness_margin: float = 0.25   # the same for sharpness (it varies more from part to part)
+    noise_margin: float = 0.25       # the same for pixel noise (sensor gain, exposure time)
 
     def validate(self) -> None:   # the schema calls it and names the section
         if not 5 <= self.window <= 100_000:
             raise ValueError(f"window: must be 5..100000 parts, got {self.window}")
         if not self.score_ratio > 1:
             raise ValueError(f"score_ratio: must be > 1, got {self.score_ratio}")
-        for key in ("brightness_margin", "sharpness_margin"):
+        for key in ("brightness_margin", "sharpness_margin", "noise_margin"):
             if not 0 <= getattr(self, key) < 10:
                 raise ValueError(f"{key}: must be in [0, 10), got {getattr(self, key)}")
 
@@ -52,7 +54,7 @@ class DriftConfig:
 class DriftState:
     """The drift warnings in force, and the rolling medians behind them (None until a window is full)."""
     warnings: dict[str, str]                 # check -> message, for every rule that holds now
-    medians: dict[str, float | None]         # score / brightness / sharpness
+    medians: dict[str, float | None]         # score / brightness / sharpness / noise
     checks: tuple[str, ...]                  # the rules this bundle allows (frame ones need the manifest's band)
 
 
@@ -70,29 +72,31 @@ class DriftMonitor:
             name: deque(maxlen=cfg.window) for name in self._checks()}
         self.active: dict[str, str] = {}
         # Where the window median of each frame quantity may lie: fixed for the bundle and window, so derived once.
+        margins = {"brightness": cfg.brightness_margin, "sharpness": cfg.sharpness_margin,
+                   "noise": cfg.noise_margin}
         self.bounds = {} if band is None else {
-            name: (b.median_band(cfg.window) or (b.low, b.high), margin)
-            for name, b, margin in (("brightness", band.brightness, cfg.brightness_margin),
-                                    ("sharpness", band.sharpness, cfg.sharpness_margin))}
+            name: (b.median_band(cfg.window) or (b.low, b.high), margins[name]) for name, b in band.bands().items()}
         # What state() returns: made by observe() in the line's thread and replaced whole, so the HTTP thread never
         # iterates a window while it is appended to.
-        self._state = DriftState({}, {"score": None, "brightness": None, "sharpness": None}, self._checks())
+        self._state = DriftState({}, {name: None for name in ("score", *self.bounds)}, self._checks())
 
     def _checks(self) -> tuple[str, ...]:
         if not self.cfg.enabled:
             return ()
         return (("score",) if self.good_score_median is not None else ()) + \
-            (("brightness", "sharpness") if self.band is not None else ())
+            (tuple(self.band.bands()) if self.band is not None else ())
 
     def observe(self, result: InspectionResult) -> None:
         # A frame the frame check refused (FAULT, no score) still says what the camera sees: with a lamp at 20% most
         # frames are refused, and the brightness window must fill with them, not wait for the few that pass.
         if "score" in self.values and result.score is not None and result.verdict is not Verdict.FAULT:
             self.values["score"].append(result.score)
-        if "brightness" in self.values and result.quality is not None:
-            self.values["brightness"].append(result.quality.brightness)
-            self.values["sharpness"].append(result.quality.sharpness)
-        medians = {name: self._median(name) for name in ("score", "brightness", "sharpness")}
+        if result.quality is not None:
+            for name in self.bounds.keys() & self.values.keys():
+                value = getattr(result.quality, name)
+                if value is not None:
+                    self.values[name].append(value)
+        medians = {name: self._median(name) for name in ("score", *self.bounds)}
         now = self._evaluate(medians)
         for name in sorted(now.keys() - self.active.keys()):
             log.warning("drift: %s (bundle %s); parts are still inspected, but check the lighting, camera and "
@@ -108,16 +112,16 @@ class DriftMonitor:
 
     def _evaluate(self, medians: dict[str, float | None]) -> dict[str, str]:
         out, n = {}, self.cfg.window
-        score = medians["score"]
+        score = medians.get("score")
         if score is not None and score > self.cfg.score_ratio * self.good_score_median:
             out["score"] = (f"median score of the last {n} parts {score:.2f} is {score / self.good_score_median:.2f} "
                             f"x the fit's good median {self.good_score_median:.2f} (limit {self.cfg.score_ratio:g} x)")
-        if "brightness" in self.values:
-            for name, ((low, high), margin) in self.bounds.items():
-                median = medians[name]
-                if median is not None and not low * (1 - margin) <= median <= high * (1 + margin):
-                    out[name] = (f"median {name} of the last {n} parts {median:.1f} is outside {low:.1f}-{high:.1f} "
-                                 f"(+-{margin:.0%}), where the median of {n} training frames falls")
+        for name, ((low, high), margin) in self.bounds.items():
+            median = medians.get(name)
+            if name in self.values and median is not None and not low * (1 - margin) <= median <= high * (1 + margin):
+                digits = 2 if name == "noise" else 1     # noise is a few grey levels
+                out[name] = (f"median {name} of the last {n} parts {median:.{digits}f} is outside {low:.{digits}f}-"
+                             f"{high:.{digits}f} (+-{margin:.0%}), where the median of {n} training frames falls")
         return out
 
     def state(self) -> DriftState:

@@ -206,7 +206,7 @@ def render_metrics(status: StationStatus) -> str:
                    if value is not None and name in status.drift.checks]
         if medians:
             metric("edge_drift_median", "gauge", "Median over the drift window: image score, frame brightness "
-                   "(0-255) and sharpness.", medians)
+                   "(0-255), sharpness and noise (grey levels).", medians)
     if status.latency is not None:
         lines.extend(status.latency.prometheus_lines())
     return "\n".join(lines) + "\n"

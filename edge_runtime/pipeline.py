@@ -110,11 +110,11 @@ class Pipeline:
         self.threads = threads          # this inspection's cores: onnxruntime, the search, the geometry's resample
         self.decode_limits = DecodeConfig()  # the station file's `decode:` section replaces it (daemon)
         self.frame_check = FrameCheckConfig()  # and its `frame_check:` section this
-        # The training frames' brightness and sharpness; None for a bundle fitted before they were recorded.
+        # The training frames' brightness, sharpness and noise; None for a bundle fitted before they were recorded.
         self.quality_band = QualityBand.from_manifest(bundle.manifest.get("frame_quality"))
         if self.quality_band is None and "frame_quality" in bundle.manifest:
-            log.warning("%s: the manifest's frame_quality is malformed: the frame check and the brightness and "
-                        "sharpness drift warnings are off for this bundle", bundle.root)
+            log.warning("%s: the manifest's frame_quality is malformed: the frame check and the brightness, "
+                        "sharpness and noise drift warnings are off for this bundle", bundle.root)
         self.variant = bundle.variant(precision)
         self.geometry = bundle.geometry
         self.grid = bundle.grid

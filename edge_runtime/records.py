@@ -56,7 +56,7 @@ class InspectionResult:
     captured_at: float = 0.0
     review_threshold: float | None = None  # lower edge of the review band (REVIEW when it <= score < threshold)
     finished_at: float = field(default_factory=time.time)
-    quality: FrameQuality | None = None    # brightness and sharpness of the inspected region (frame_quality.py)
+    quality: FrameQuality | None = None    # brightness, sharpness, noise of the inspected region (frame_quality.py)
 
     @property
     def passed(self) -> bool:

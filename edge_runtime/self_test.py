@@ -40,14 +40,13 @@ def frames_taken(bundle: Bundle) -> str:
 
 
 def frame_quality_summary(bundle: Bundle) -> str:
-    """The training frames' brightness and sharpness that the frame check and drift monitor compare against."""
+    """The training frames' brightness, sharpness and noise that the frame check and drift monitor compare against."""
     band = QualityBand.from_manifest(bundle.manifest.get("frame_quality"))
     if band is None:
         return ("frame check: off (the bundle records no training-frame quality: fitted before it was recorded; "
-                "refit to check brightness and sharpness)")
-    b, s = band.brightness, band.sharpness
-    return (f"frame check: training frames' brightness {b.low:.1f}-{b.high:.1f} (median {b.median:.1f}), sharpness "
-            f"{s.low:.1f}-{s.high:.1f} (median {s.median:.1f}), {band.n} images, 0.5th-99.5th percentile")
+                "refit to check brightness, sharpness and noise)")
+    older = "" if band.noise is not None else " (noise not recorded: fitted before it was; refit to check it)"
+    return f"frame check: training frames' {band.describe()}, {band.n} images, 0.5th-99.5th percentile{older}"
 
 
 def golden_check(bundle: Bundle, pipeline: Pipeline) -> list[str]:

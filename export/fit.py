@@ -674,9 +674,7 @@ def _fit_into(out: Path, data_dir: Path, s: FitSettings, images: list[Path], def
         qualities = [q for q, k in zip(qualities, keep) if k]
     # The band of frames the bank was fitted on: the station's frame check and drift monitor compare against it.
     quality_band = QualityBand.of(qualities)
-    log(f"training frames: brightness {quality_band.brightness.low:.1f}-{quality_band.brightness.high:.1f} "
-        f"(median {quality_band.brightness.median:.1f}), sharpness {quality_band.sharpness.low:.1f}-"
-        f"{quality_band.sharpness.high:.1f} (median {quality_band.sharpness.median:.1f}), 0.5th-99.5th percentile")
+    log(f"training frames: {quality_band.describe()}, 0.5th-99.5th percentile")
     del extractors
     t_feat = clock.mark("features")
     log(f"FP32 and INT8 features of {len(images)} images in {t_feat:.1f} s")

@@ -35,7 +35,8 @@ def test_committed_bundle_is_current_with_its_generator():
     report = run_self_test(BUNDLE, threads=1)
     assert report.ok, f"{REGENERATE}: {report.failures}"
     # The training frames' band (the frame check and drift monitor): a fixture made before it was recorded is stale.
-    assert QualityBand.from_manifest(bundle.manifest.get("frame_quality")) is not None, REGENERATE
+    band = QualityBand.from_manifest(bundle.manifest.get("frame_quality"))
+    assert band is not None and band.noise is not None, REGENERATE
 
 
 def test_committed_bundle_is_small():
