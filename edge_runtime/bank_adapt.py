@@ -417,7 +417,13 @@ def sign_version(bundle_dir: str | Path, private_key_pem: str | Path) -> None:
 
 
 # What a device-made version inherits unchanged from its signed ancestor: how a frame becomes patch scores.
-PINNED_SECTIONS = ("geometry", "preprocessing", "features", "score", "product")
+# What a station key can never change: what is inspected and how it is scored, the search settings, and the training
+# frames' brightness/sharpness band the frame check refuses frames outside of (a version widening it had dark and
+# blurred frames inspected, and passed, instead of FAULT).
+PINNED_SECTIONS = ("geometry", "preprocessing", "features", "score", "product", "index", "frame_quality")
+# Per variant: the INT8 kernels' pin (check_quantization refuses a model this CPU computes differently) and the
+# self-test's tolerance.
+PINNED_VARIANT_KEYS = ("quantization", "golden_tolerance")
 
 
 def verify_lineage(bundle: Bundle, workstation_key: bytes, station_key: bytes, base: Bundle | None = None) -> None:
@@ -470,6 +476,18 @@ def verify_lineage(bundle: Bundle, workstation_key: bytes, station_key: bytes, b
         if float(v["threshold"]) > float(pv["threshold"]) or int(v.get("bank_size", 0)) < int(pv.get("bank_size", 0)):
             raise BundleError(f"{bundle.root / MANIFEST}: variant {name} raised the threshold or shrank the bank "
                               "relative to the signed ancestor")
+        # The REVIEW band is a threshold too: parts in it are never OK. Learning scales it with the threshold (down);
+        # a version without it, or with its edge raised, passes as OK parts the signed release sends to REVIEW.
+        review, parent_review = v.get("review_threshold"), pv.get("review_threshold")
+        # (1e-9: learning's review * new / old threshold can round one ulp above the release's edge.)
+        if parent_review is not None and (review is None or float(review) > float(parent_review) * (1 + 1e-9)):
+            raise BundleError(f"{bundle.root / MANIFEST}: variant {name} review_threshold {short_repr(review)} drops "
+                              f"or narrows the signed ancestor's REVIEW band (from {parent_review}): parts in it "
+                              "would be OK")
+        for key in PINNED_VARIANT_KEYS:
+            if v.get(key) != pv.get(key):
+                raise BundleError(f"{bundle.root / MANIFEST}: variant {name} {key} differs from the signed ancestor's "
+                                  "(a station key may extend the bank and tighten thresholds, nothing else)")
 
 
 # ---- audit -----------------------------------------------------------------------------------------------------

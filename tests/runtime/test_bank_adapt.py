@@ -212,3 +212,85 @@ def test_station_key_cannot_bring_back_a_replaced_release_or_move_the_region(dev
     sign_version(moved, st_pem)
     with pytest.raises(BundleError, match="geometry differs from the signed ancestor's"):
         verify_lineage(Bundle.load(moved, public_key=st_pub), ws_pub, st_pub, releases[100])
+
+
+def _forge(version: Path, dest: Path, change, station_pem: Path) -> Path:
+    """A copy of a device-made `version` whose manifest `change(manifest)` edits, re-written and re-signed with the
+    station key: what anyone holding that key (it lives on the station) can make."""
+    import copy
+    import shutil
+
+    import yaml
+
+    from edge_runtime.bank_adapt import sign_version
+    from edge_runtime.bundle import write_manifest
+
+    shutil.copytree(version, dest)
+    (dest / SIGNATURE).unlink()
+    m = copy.deepcopy(yaml.safe_load((dest / MANIFEST).read_text()))
+    change(m)
+    m.pop("files")
+    m["bundle_id"] = None
+    write_manifest(dest, m)
+    sign_version(dest, station_pem)
+    return dest
+
+
+def _drop_review(m):
+    m["variants"]["int8"]["review_threshold"] = None
+
+
+def _raise_review(m):
+    v = m["variants"]["int8"]
+    v["review_threshold"] = (v["review_threshold"] + v["threshold"]) / 2
+
+
+def _widen_frame_band(m):
+    m["frame_quality"]["brightness"]["low"] = 0.0
+    m["frame_quality"]["sharpness"]["low"] = 0.0
+
+
+def _index_settings(m):
+    m["index"]["exact_recheck"] = False
+
+
+def _quantization_pin(m):
+    m["variants"]["int8"]["quantization"] = {}
+
+
+def _golden_tolerance(m):
+    m["variants"]["int8"]["golden_tolerance"] = {"relative": 1e9}
+
+
+@pytest.mark.parametrize("change", [_drop_review, _raise_review, _widen_frame_band, _index_settings,
+                                    _quantization_pin, _golden_tolerance])
+def test_station_key_cannot_loosen_what_the_release_pins(device_bundle, images, tmp_path, change):
+    """A station key may extend the bank and tighten thresholds, nothing else (probe 60: a station-signed version
+    without the release's REVIEW band, or with a frame-quality band that takes any brightness and sharpness,
+    verified and was loaded: parts in the band passed OK, dark frames were inspected instead of FAULT)."""
+    require("cryptography", "sign")
+    import shutil
+
+    import yaml
+
+    from edge_runtime.bank_adapt import sign_version
+    from edge_runtime.bundle import write_manifest
+
+    parent = tmp_path / "release"
+    shutil.copytree(device_bundle, parent)
+    m = yaml.safe_load((parent / MANIFEST).read_text())
+    m["variants"]["int8"]["review_threshold"] = 0.8 * m["variants"]["int8"]["threshold"]   # a release with a band
+    m.pop("files")
+    m["bundle_id"] = None
+    write_manifest(parent, m)
+    _, ws_pub, ws_pem = _keypair(tmp_path, "workstation")
+    _, st_pub, st_pem = _keypair(tmp_path, "station")
+    sign_version(parent, ws_pem)
+    base = Bundle.load(parent, public_key=ws_pub)
+    v2 = prepare(base, [InputImage.from_file(images["false_reject"])], [], threads=1).write(tmp_path / "v2",
+                                                                                             signing_key=st_pem)
+    assert v2.manifest["variants"]["int8"]["review_threshold"] is not None
+    verify_lineage(Bundle.load(v2.root, public_key=st_pub), ws_pub, st_pub, base)   # learning itself passes
+    forged = _forge(v2.root, tmp_path / "forged", change, st_pem)
+    with pytest.raises(BundleError, match="differs from the signed ancestor|REVIEW band"):
+        verify_lineage(Bundle.load(forged, public_key=st_pub), ws_pub, st_pub, base)
