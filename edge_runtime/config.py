@@ -18,8 +18,8 @@ from edge_runtime.bundle_policy import FloorScope
 from edge_runtime.decode import DecodeConfig
 from edge_runtime.http_endpoint import HttpConfig
 from edge_runtime.nn_search import EF_MAX
-from edge_runtime.lines_config import (LineConfig, check_gpio_claims, gpio_claims, resolve_line_paths,
-                                       validate_lines)
+from edge_runtime.lines_config import (LineConfig, check_gpio_claims, check_serial_ports, gpio_claims,
+                                       resolve_line_paths, validate_lines)
 from edge_runtime.operator_page.config import PageConfig
 from edge_runtime.recipes import RecipesConfig, resolve_recipe_paths
 from edge_runtime.drift_monitor import DriftConfig
@@ -227,6 +227,7 @@ class StationConfig:
             raise ValueError("outputs: two result logs write the same file")
         if not self.lines:
             check_gpio_claims(gpio_claims("", self.outputs, self.trigger, self.recipes))
+            check_serial_ports([(f"outputs[{j}]", o) for j, o in enumerate(self.outputs)])
 
 
 # The root of error messages while validating; replaced by the file name (see load_station).

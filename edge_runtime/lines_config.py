@@ -84,6 +84,21 @@ def check_gpio_claims(claims: list[tuple[str, int, str]]) -> None:
         seen[key] = where
 
 
+def check_serial_ports(located: list[tuple[str, object]]) -> None:
+    """One serial port, one output: two on one port (two lines, or one line twice) both write RES/RDY/ERR lines to
+    the same PLC with their own frame ids, and their receivers split the PLC's TRG and ACK bytes between them (probe
+    60: a faulted line's RDY 0 was followed by the other line's RDY 1, and a TRG meant for one line was answered
+    'RES 0 OK' by the other). A /dev/serial/by-id link and the device it names are one port."""
+    seen: dict[str, str] = {}
+    for where, out in located:
+        if getattr(out, "type", None) != "serial":
+            continue
+        key = os.path.realpath(out.port) if out.port.startswith("/") else out.port
+        if key in seen:
+            raise ValueError(f"{where}.port: serial port {out.port} is already used by {seen[key]}")
+        seen[key] = where
+
+
 def validate_lines(lines: list[LineConfig], trigger=None, recipes=None) -> None:
     """Checks across lines (called from StationConfig.validate): unique names, no file, port or GPIO line used
     twice. `trigger` and `recipes` are the station's, which a line without its own runs with."""
@@ -105,6 +120,8 @@ def validate_lines(lines: list[LineConfig], trigger=None, recipes=None) -> None:
     for port in ports:
         if ports.count(port) > 1:
             raise ValueError(f"lines: two lines serve Modbus on the same port {port}")
+    check_serial_ports([(f"lines[{i}].outputs[{j}]", o) for i, ln in enumerate(lines)
+                        for j, o in enumerate(ln.outputs or [])])
     claims = []
     for i, ln in enumerate(lines):
         # What the line runs with (line_station_configs): its own trigger and recipes, else the station's.

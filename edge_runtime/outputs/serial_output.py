@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -238,8 +239,12 @@ class SerialOutput(Output):
             return False
         self._serial_errors = (serial.SerialException, OSError)
         try:
+            # exclusive (POSIX: flock): a port another process (a second daemon, a terminal left open) already
+            # holds is refused, not shared: its lines would interleave with ours and its reads take the PLC's
+            # commands (probe 60).
+            extra = {"exclusive": True} if os.name == "posix" else {}
             port = serial.Serial(self.cfg.port, self.cfg.baudrate, timeout=self.cfg.timeout,
-                                 write_timeout=self.cfg.timeout)
+                                 write_timeout=self.cfg.timeout, **extra)
         except (*self._serial_errors, ValueError) as exc:  # ValueError: settings the driver rejects
             self._open_error = str(exc)
             return False

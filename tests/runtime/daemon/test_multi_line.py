@@ -99,3 +99,26 @@ def test_lines_errors_name_the_key(write_station, small_bundle, tmp_path):
             {"name": "b", "source": {"type": "scripted"}, "outputs": [{"type": "result_log", "path": "x.jsonl"}]}]))
     with pytest.raises(ConfigError, match=r"source: required key is missing"):
         load_station(write_station(bundle=small_bundle))
+
+
+def test_one_serial_port_serves_one_output(write_station, tmp_path):
+    """Probe 60: two lines on one serial port validated and ran: the PLC read one line's RDY 1 after the faulted
+    line's RDY 0, two answers 'RES 0 OK' and 'RES 0 FAULT', and a TRG meant for one line was served by the other."""
+    import os
+
+    by_id = tmp_path / "usb-FTDI-if00-port0"
+    os.symlink("/dev/ttyUSB7", by_id)      # a /dev/serial/by-id name and the device it names are one port
+    for second in ("/dev/ttyUSB7", str(by_id)):
+        with pytest.raises(ConfigError, match=r"lines\[1\]\.outputs\[1\]\.port: serial port .* is already used by "
+                                              r"lines\[0\]\.outputs\[1\]"):
+            load_station(write_station(bundle="bundle", lines=[
+                {"name": "a", "source": {"type": "scripted"},
+                 "outputs": [{"type": "result_log", "path": "a.jsonl"}, {"type": "serial", "port": "/dev/ttyUSB7"}]},
+                {"name": "b", "source": {"type": "scripted"},
+                 "outputs": [{"type": "result_log", "path": "b.jsonl"}, {"type": "serial", "port": second}]}]))
+    with pytest.raises(ConfigError, match=r"outputs\[1\]\.port: serial port /dev/ttyUSB7 is already used by outputs\[0\]"):
+        load_station(write_station(bundle="bundle", source={"type": "scripted"}, outputs=[
+            {"type": "serial", "port": "/dev/ttyUSB7"}, {"type": "serial", "port": "/dev/ttyUSB7", "baudrate": 9600}]))
+    load_station(write_station(bundle="bundle", lines=[        # distinct ports stay fine
+        {"name": "a", "source": {"type": "scripted"}, "outputs": [{"type": "serial", "port": "/dev/ttyUSB7"}]},
+        {"name": "b", "source": {"type": "scripted"}, "outputs": [{"type": "serial", "port": "/dev/ttyUSB8"}]}]))

@@ -321,3 +321,23 @@ def test_a_failing_read_reopens_the_port_with_a_new_reader(link, new_pty):
     os.write(plc.master, b"TRG\r\n")
     assert wait_for(lambda: handler.trg == 1), "a new reader serves the reopened port"
     out.close()
+
+
+def test_a_port_another_output_holds_is_refused_not_shared(new_pty, link):
+    """Probe 60: a second opener of the same port (another line, another daemon) had interleaved its RES and RDY
+    lines with the first one's and its receiver took half of the PLC's TRG bytes. The port is opened exclusively."""
+    plc = new_pty()
+    first = SerialOutput(SerialConfig(port=link))
+    first.start()
+    second = SerialOutput(SerialConfig(port=plc.slave_name))   # the same device, named without the link
+    try:
+        with pytest.raises(OutputError, match="cannot open port"):
+            second.start()
+        assert not second.connected
+    finally:
+        second.close()
+        first.close()
+    third = SerialOutput(SerialConfig(port=link))              # free again once the first one closed it
+    third.start()
+    assert third.connected
+    third.close()
