@@ -286,6 +286,7 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
     for ln in cfg.lines:
         if ln.outputs is not None and not any(isinstance(o, ResultLogConfig) for o in ln.outputs):
             ln.outputs.append(ResultLogConfig(path=os.path.join(cfg.state_dir, "lines", ln.name, DEFAULT_RESULT_LOG)))
+    check_result_log_paths(cfg)
     if cfg.security.bundle_public_key:
         cfg.security.bundle_public_key = absolute("security.bundle_public_key", cfg.security.bundle_public_key)
     # Outputs with files of their own (MQTT: TLS files, password, outbox; OPC UA: certificate, key) resolve them
@@ -305,6 +306,24 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
     if cfg.page.station_signing_key:
         cfg.page.station_signing_key = absolute("page.station_signing_key", cfg.page.station_signing_key)
     return cfg
+
+
+def check_result_log_paths(cfg: StationConfig) -> None:
+    """No two result logs the station writes are one file, however the file spells them (`x.jsonl` and
+    `./x.jsonl`, a line's default results-<name>.jsonl named by another line, a symlink): validate compares the
+    paths as written, before they are resolved (probe 60: two lines shared one log, with colliding frame ids, and
+    one line's recovery from a failed write cut the other line's acknowledged records off). Raises ConfigError."""
+    located = ([(f"lines[{i}].outputs[{j}]", o) for i, ln in enumerate(cfg.lines) for j, o in enumerate(ln.outputs or [])]
+               if cfg.lines else [(f"outputs[{j}]", o) for j, o in enumerate(cfg.outputs)])
+    seen: dict[str, str] = {}
+    for where, out in located:
+        if not isinstance(out, ResultLogConfig):
+            continue
+        key = os.path.realpath(out.path)
+        if key in seen:
+            raise ConfigError(f"{_ROOT}.{where}.path: result log {out.path} is the file {seen[key]} already writes "
+                              f"({key}): give each line its own result log")
+        seen[key] = where
 
 
 # A station file is a few kB; anything this large is not one (and must not reach the parser).

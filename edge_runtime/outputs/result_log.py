@@ -15,6 +15,7 @@ no record goes into a renamed or deleted file. SIGUSR1 makes the daemon reopen i
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import math
 import os
@@ -177,6 +178,13 @@ class ResultLog(Output):
                 # A FIFO, a device (a link to /dev/null) or a socket takes every write and keeps none: with
                 # fsync: never nothing would fail, and OK would reach the line with no record anywhere.
                 raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(st.st_mode)} at its path)")
+            try:
+                # One writer per file: a second result log on it (another line, another daemon) keeps its own idea
+                # of where the acknowledged records end, and its recovery from a failed write cut the other's
+                # records off (probe 60: acknowledged OK records of one line deleted by the other's reopen).
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OSError(errno.EBUSY, "another result log (a second line or daemon) is writing this file") from None
             inode = (st.st_dev, st.st_ino)
             size = st.st_size
             if self._failed and inode == self._inode and size > self._good_size:

@@ -122,3 +122,31 @@ def test_one_serial_port_serves_one_output(write_station, tmp_path):
     load_station(write_station(bundle="bundle", lines=[        # distinct ports stay fine
         {"name": "a", "source": {"type": "scripted"}, "outputs": [{"type": "serial", "port": "/dev/ttyUSB7"}]},
         {"name": "b", "source": {"type": "scripted"}, "outputs": [{"type": "serial", "port": "/dev/ttyUSB8"}]}]))
+
+
+def test_two_spellings_of_one_result_log_are_refused(write_station, tmp_path):
+    """Probe 60: validate compared result log paths as written: `x.jsonl` and `./x.jsonl`, or a line naming another
+    line's default results-<name>.jsonl, passed, and both lines wrote one file with colliding frame ids."""
+    import os
+
+    def scripted():   # a new mapping each time: yaml.safe_dump writes a shared one as an anchor, refused
+        return {"type": "scripted"}
+
+    cases = [
+        [{"name": "a", "source": scripted(), "outputs": [{"type": "result_log", "path": "x.jsonl"}]},
+         {"name": "b", "source": scripted(), "outputs": [{"type": "result_log", "path": "./x.jsonl"}]}],
+        [{"name": "a", "source": scripted()},
+         {"name": "b", "source": scripted(), "outputs": [{"type": "result_log", "path": "results-a.jsonl"}]}],
+        [{"name": "a", "source": scripted(), "outputs": [{"type": "result_log", "path": "sub/../x.jsonl"}]},
+         {"name": "b", "source": scripted(), "outputs": [{"type": "result_log", "path": "x.jsonl"}]}],
+    ]
+    os.symlink(tmp_path, tmp_path / "link")
+    cases.append([{"name": "a", "source": scripted(), "outputs": [{"type": "result_log", "path": "x.jsonl"}]},
+                  {"name": "b", "source": scripted(), "outputs": [{"type": "result_log", "path": "link/x.jsonl"}]}])
+    for lines in cases:
+        with pytest.raises(ConfigError, match=r"lines\[1\]\.outputs\[0\]\.path: result log .* is the file "
+                                              r"lines\[0\]\.outputs\[0\] already writes"):
+            load_station(write_station(bundle="bundle", lines=lines))
+    with pytest.raises(ConfigError, match=r"outputs\[1\]\.path: result log .* already writes"):
+        load_station(write_station(bundle="bundle", source=scripted(), outputs=[
+            {"type": "result_log", "path": "x.jsonl"}, {"type": "result_log", "path": "./x.jsonl", "fsync": "never"}]))

@@ -273,3 +273,23 @@ def test_a_path_that_is_not_a_regular_file_is_refused_at_start_and_when_swapped_
     log.close()
     assert [r["frame_id"] for r in read_records(tmp_path / "results.jsonl.1")] == [1]
     assert [r["frame_id"] for r in read_records(path)] == [3]
+
+
+def test_one_file_takes_one_result_log(tmp_path):
+    """Probe 60: two result logs on one file (two lines whose paths the station file spelled two ways) each kept
+    their own end of the acknowledged records, and one's recovery from a failed write cut off the other's OK
+    records. The second writer is refused (its parts are FAULT), and the file is free again once the first closes."""
+    path = tmp_path / "r.jsonl"
+    first = ResultLog(ResultLogConfig(path=str(path)))
+    first.start()
+    first.publish(make_result(1))
+    second = ResultLog(ResultLogConfig(path=str(tmp_path / "." / "r.jsonl")))
+    with pytest.raises(OutputError, match="another result log"):
+        second.start()
+    with pytest.raises(OutputError, match="another result log"):
+        second.publish(make_result(2))
+    first.publish(make_result(3))
+    first.close()
+    second.publish(make_result(4))
+    second.close()
+    assert [r["frame_id"] for r in read_records(path)] == [1, 3, 4]
