@@ -219,6 +219,12 @@ class StationConfig:
             # while another recipe is active (and skip that recipe's product and version checks).
             raise ValueError("rollout.enabled: not with recipes: update a recipe's bundle folder and send SIGHUP "
                              "(the recipe in service is re-read and verified), or run one line per product")
+        if self.rollout.enabled and not self.security.bundle_public_key and not self.rollout.allow_unsigned:
+            # Probe 60: an unsigned offer with its threshold x1000 (id recomputed, no key needed) was switched to,
+            # and a part with a large hole in it passed OK.
+            raise ValueError("rollout.enabled: needs security.bundle_public_key: without it an offered bundle is "
+                             "checked only against checksums its sender writes, so anyone who can offer one puts any "
+                             "bundle in service (rollout.allow_unsigned: true accepts that deliberately)")
         kinds = [o.type for o in self.outputs]
         if kinds.count("modbus") > 1:
             raise ValueError("outputs: at most one modbus server per station")

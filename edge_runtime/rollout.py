@@ -157,6 +157,9 @@ class RolloutConfig:
     poll_interval_s: float = 2.0       # how often watch_dir is listed
     probation_parts: int = 20          # the first parts on a new bundle that decide whether it stays
     probation_max_faults: int = 3      # this many FAULT results among them roll back to the previous bundle
+    # Offers are authenticated by security.bundle_public_key; without one, anyone who can rename a folder into
+    # watch_dir or publish cmd/rollout puts any bundle in service (its checksums and id are theirs to recompute).
+    allow_unsigned: bool = False
 
     def validate(self) -> None:
         if self.poll_interval_s <= 0:

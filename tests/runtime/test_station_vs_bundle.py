@@ -154,7 +154,7 @@ def test_validate_checks_the_bundle_a_committed_rollout_put_in_service(small_bun
     state = tmp_path / "state"
     (state / "bundle_version.json").write_text(json.dumps({"bundle_version": manifest["bundle_version"]}))
     (state / ROLLOUT_STATE_FILE).write_text(json.dumps({"active": str(v2), "status": "committed"}))
-    out = station(tmp_path, v1, state_dir=str(state), rollout={"enabled": True})
+    out = station(tmp_path, v1, state_dir=str(state), rollout={"enabled": True, "allow_unsigned": True})
     capsys.readouterr()
     assert runtime_main(["validate", str(out)]) == 0, capsys.readouterr().err
     (state / ROLLOUT_STATE_FILE).unlink()                      # without the rollout's record: v1 is below the floor

@@ -547,3 +547,20 @@ def test_a_stop_during_staging_switches_nothing_and_the_offer_is_taken_again_at_
         assert taken == [str(offers / "v2")]
     finally:
         second.close()
+
+
+def test_rollout_without_a_bundle_key_is_refused_unless_asked_for(tmp_path):
+    """Probe 60: rollout.enabled without security.bundle_public_key validated silently, and an offer with its
+    threshold raised 1000x (checksums and id recomputed: no key needed) was switched to; a part with a large hole
+    passed OK. Offers are authenticated by the key, or unsigned ones accepted deliberately."""
+    from edge_runtime.schema import ConfigError
+
+    path = tmp_path / "station.yaml"
+    station = {"bundle": "b", "source": {"type": "folder", "path": "i"}, "rollout": {"enabled": True}}
+    path.write_text(yaml.safe_dump(station))
+    with pytest.raises(ConfigError, match="rollout.enabled: needs security.bundle_public_key"):
+        load_station(path)
+    path.write_text(yaml.safe_dump({**station, "rollout": {"enabled": True, "allow_unsigned": True}}))
+    assert load_station(path).rollout.allow_unsigned
+    path.write_text(yaml.safe_dump({**station, "security": {"bundle_public_key": "key.pub"}}))
+    assert load_station(path).rollout.enabled
