@@ -339,6 +339,7 @@ class OutputBus:
         may never get (its HTTP trigger answers 503)."""
         with self._lock:
             failed = [o for o in self.lines if id(o) in self._line_failures]
+        failed += [o for o in self.lines if o not in failed and _own_failure(o) is not None]
         for out in failed:
             if id(out) in self._start_failed:
                 if self._call(out, "start") is not None:
@@ -349,9 +350,12 @@ class OutputBus:
 
     def line_output_fault(self) -> str | None:
         """Why a line output may be showing the controller something else than the station means (its last
-        verdict or state call failed), or None."""
+        verdict or state call failed, or it found a failure of its own: Output.failure()), or None."""
         with self._lock:
-            return next(iter(self._line_failures.values()), None)
+            failure = next(iter(self._line_failures.values()), None)
+        if failure is None:
+            failure = next((f"{o.name}: {f}" for o in self.lines if (f := _own_failure(o)) is not None), None)
+        return failure
 
     def _check_deadline(self, result: InspectionResult, started: float | None, deadline_ms: float | None) -> bool:
         """Turn a late verdict into FAULT; True when it did."""
@@ -402,3 +406,14 @@ class OutputBus:
         log.warning("output %s: part %d delivered %.0f ms after its verdict", out.name, result.frame_id,
                     delay_s * 1000.0)
 
+
+def _own_failure(out: Output) -> str | None:
+    """out.failure() where the output has one; one that raises counts as failed (a broken adapter must not read as
+    a working one)."""
+    failure = getattr(out, "failure", None)
+    if not callable(failure):
+        return None
+    try:
+        return failure()
+    except Exception as exc:  # noqa: BLE001
+        return f"failure() raised {type(exc).__name__}: {str(exc)[:200]}"

@@ -64,3 +64,9 @@ class Output(abc.ABC):
 
     def close(self) -> None:
         """Return to the safe state and release the device."""
+
+    def failure(self) -> str | None:
+        """A fault the output found on its own, outside any call the station made (GPIO: the timer that ends a
+        verdict pulse could not drop OK). A line output's failure holds the line in FAULT (READY down) until it
+        clears; None (the default) when there is none."""
+        return None

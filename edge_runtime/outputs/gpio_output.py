@@ -210,6 +210,8 @@ class GpioOutput(Output):
         self._last_result_faulted = False
         self._pulse_generation = 0
         self._pulse_timer: threading.Timer | None = None
+        # The pulse timer could not withdraw the verdict: the pins may still show it (failure() reports it).
+        self._pulse_failure: str | None = None
         self.acks = 0  # acknowledgements: ACK edges from the PLC, software triggers (each withdraws the verdict)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -342,14 +344,23 @@ class GpioOutput(Output):
             self._pulse_timer = None
             try:
                 self._withdraw_locked()
-            except OutputError:
-                pass  # nothing to report to from a timer thread; the next publish() raises the same fault
+            except OutputError as exc:
+                # No caller to raise to from a timer thread, and OK may stand until the next part: the pins owe the
+                # withdrawn state (every line is written on the next write), and failure() holds the line in
+                # FAULT until a write of every line succeeds (the heartbeat's, on the next loop, or the retry's).
+                self._state.update({role: False for role in (*VERDICT_ROLES, "result_valid")})
+                self._pulse_failure = f"ending the verdict pulse failed, OK may still show: {exc}"
+                log.error("%s: %s", self.name, self._pulse_failure)
 
     def _cancel_pulse_locked(self) -> None:
         self._pulse_generation += 1
         if self._pulse_timer is not None:
             self._pulse_timer.cancel()
             self._pulse_timer = None
+
+    def failure(self) -> str | None:
+        with self._lock:
+            return self._pulse_failure
 
     def _error_locked(self) -> bool:
         return self._fault_reason is not None or self._last_result_faulted
@@ -369,3 +380,5 @@ class GpioOutput(Output):
             self._unsure = True
             raise OutputError(f"GPIO {self.cfg.chip}: cannot set lines {values}: {exc}") from exc
         self._unsure = False
+        if only is None:   # every line written as the station means it: a failed pulse end is mended
+            self._pulse_failure = None

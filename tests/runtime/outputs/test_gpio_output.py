@@ -383,3 +383,41 @@ def test_a_failed_write_while_withdrawing_an_ok_never_leaves_it_standing_for_the
         if snapshot[VALID]:
             assert sum(snapshot[r] for r in (OK, NG, REVIEW)) == 1
     out.close()
+
+
+def test_a_pulse_end_that_cannot_drop_ok_holds_the_line_in_fault_until_every_line_is_written():
+    """The timer that ends a verdict pulse has no caller to raise to: its failure must still reach the line (FAULT,
+    READY down), and OK must not stand once any later write works (probe 60: OK stayed up until the next part)."""
+    from edge_runtime.output_bus import OutputBus
+
+    lines = FakeGpioLines()
+    out = GpioOutput(make_config(pulse_ms=60_000), lines)
+    bus = OutputBus([out])
+    assert bus.start() is None
+    bus.set_ready(True)
+    bus.publish(make_result(1, Verdict.OK))
+    assert lines.state[OK] is True and out.failure() is None and bus.line_output_fault() is None
+    lines.fail_with = OSError(5, "Input/output error")
+    out._end_pulse(out._pulse_generation)              # the timer fires; the chip refuses the write
+    assert lines.state[OK] is True                     # the pin still shows OK ...
+    assert "ending the verdict pulse failed, OK may still show" in out.failure()
+    assert bus.line_output_fault().startswith(f"{out.name}: ending the verdict pulse failed")   # ... so: FAULT
+    assert out.state["ok"] is False                    # what the station means: withdrawn
+    bus.retry_failed_lines(False, "output gpio")       # the line's retry writes every line, and it works now
+    assert lines.state[OK] is False and lines.state[READY] is False
+    assert out.failure() is None and bus.line_output_fault() is None
+    bus.close()
+
+
+def test_a_heartbeat_after_a_failed_pulse_end_writes_the_withdrawn_verdict():
+    lines = FakeGpioLines()
+    out = GpioOutput(make_config(pulse_ms=60_000), lines)
+    out.start()
+    out.set_ready(True)
+    out.publish(make_result(1, Verdict.OK))
+    lines.fail_with = OSError(5, "Input/output error")
+    out._end_pulse(out._pulse_generation)
+    assert lines.state[OK] is True and out.failure() is not None
+    out.heartbeat()                                    # the next loop's write goes to every line
+    assert lines.state[OK] is False and out.failure() is None
+    out.close()
