@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,7 +28,8 @@ class CaptureConfig:
 
     # auto: a capture thread for live sources (camera, stream, paced replay) in free-run mode; on: for every
     # free-running source; off: the line reads the source itself between inspections (capture does not overlap).
-    # A triggered line never gets one: the frame read after the trigger is the part's frame.
+    # A triggered line gets one only for a live source that cannot drop its buffered frames (a stream): see
+    # wrap_source. Otherwise the frame read after the trigger is the part's frame.
     thread: Literal["auto", "on", "off"] = "auto"
     # What the thread does when the line has not taken the previous frame yet. auto: drop for live sources
     # (the newest frame wins, each replaced frame counted as dropped), wait for replays (nothing is lost).
@@ -53,8 +55,21 @@ def is_live(source: FrameSource) -> bool:
 
 
 def wrap_source(source: FrameSource, cfg: CaptureConfig, free_run: bool) -> FrameSource:
-    """The source behind a capture thread when `cfg` asks for one, else the source itself."""
-    if not free_run or cfg.thread == "off" or isinstance(source, CaptureQueue):
+    """The source behind a capture thread when `cfg` asks for one, else the source itself.
+
+    A triggered line reads the source itself, except a live source that cannot drop what it buffered before a
+    trigger (a network stream: FFmpeg and the socket hold every frame sent while the line waited, and a read after
+    the trigger returned the oldest of them, seconds old, the previous part's picture). Such a source is read
+    continuously by a thread that keeps only the newest frame, and the line takes the first frame that arrived
+    after the trigger (`CaptureQueue.notify_trigger`), whatever `capture.thread` says: this is not a throughput
+    option but the part's own frame. A camera drops its buffered frames itself (`notify_trigger`)."""
+    if isinstance(source, CaptureQueue):
+        return source
+    if not free_run:
+        if is_live(source) and not callable(getattr(source, "notify_trigger", None)):
+            return CaptureQueue(source, drop=True, fresh_after_trigger=True)
+        return source
+    if cfg.thread == "off":
         return source
     live = is_live(source)
     if cfg.thread == "auto" and not live:
@@ -70,9 +85,15 @@ class CaptureQueue(FrameSource):
     reports as missed (`missed`, e.g. a paced replay that ticked while nobody read). `take_dropped()` returns
     the count since its last call (the line logs it against the next part)."""
 
-    def __init__(self, source: FrameSource, *, drop: bool, read_timeout_s: float = 0.5) -> None:
+    def __init__(self, source: FrameSource, *, drop: bool, read_timeout_s: float = 0.5,
+                 fresh_after_trigger: bool = False) -> None:
         self.source = source
         self.drop = drop
+        # Triggered line (wrap_source): frames replaced while no trigger waits are not parts, so not counted as
+        # dropped, and a read after notify_trigger() returns only a frame the thread got after the trigger.
+        self.fresh_after_trigger = fresh_after_trigger
+        self._not_before: float | None = None   # time.monotonic() of the trigger being served
+        self._slot_at = 0.0                      # when the thread got the frame in the slot (time.monotonic())
         self.name = source.name
         self._read_timeout_s = read_timeout_s
         self._cond = threading.Condition()
@@ -116,16 +137,18 @@ class CaptureQueue(FrameSource):
                     if self.source.exhausted:
                         return
                     continue
+                got_at = time.monotonic()
                 with self._cond:
                     self.captured += 1
                     if self._slot is not None:
                         if self.drop:
-                            self._queue_dropped += 1   # the newest frame wins; the replaced one is counted
+                            if not self.fresh_after_trigger:
+                                self._queue_dropped += 1   # the newest frame wins; the replaced one is counted
                         else:
                             self._cond.wait_for(lambda: self._slot is None or self._stop.is_set())
                             if self._stop.is_set():
                                 return
-                    self._slot = frame
+                    self._slot, self._slot_at = frame, got_at
                     self._cond.notify_all()
         except BaseException as exc:  # noqa: BLE001 - handed to the line, which faults and reopens
             with self._cond:
@@ -135,10 +158,26 @@ class CaptureQueue(FrameSource):
                 self._done = True
                 self._cond.notify_all()
 
+    def notify_trigger(self, at_wall: float | None = None, at: float | None = None) -> None:
+        """A trigger fired at `at` (time.monotonic(); default now): the next read returns a frame the thread got
+        after it, never one buffered or taken while the line waited for the trigger."""
+        with self._cond:
+            self._not_before = time.monotonic() if at is None else at
+
+    def _fresh(self) -> bool:
+        """The slot holds a frame the line may take (caller holds _cond); a stale one is discarded."""
+        if self._slot is None:
+            return False
+        if self._not_before is not None and self._slot_at < self._not_before:
+            self._slot = None
+            self._cond.notify_all()
+            return False
+        return True
+
     def read(self, timeout: float) -> Frame | None:
         with self._cond:
-            self._cond.wait_for(lambda: self._slot is not None or self._done, timeout)
-            frame, self._slot = self._slot, None
+            self._cond.wait_for(lambda: self._fresh() or self._done, timeout)
+            frame, self._slot = (self._slot, None) if self._fresh() else (None, None)
             if frame is not None:
                 self._cond.notify_all()       # a waiting replay thread may put the next one
                 return frame
