@@ -105,6 +105,12 @@ class CaptureQueue(FrameSource):
         self._queue_dropped = 0
         self._reported = 0
         self.captured = 0                    # frames the thread got from the source
+        # A source that refuses repeated pictures (a stream: VideoSource.repeat_check) is checked here, on the
+        # frames the line takes: frames read while the line waits for a trigger are no part's, and a still scene
+        # may decode to identical ones.
+        self._repeat_check = getattr(source, "repeat_check", None)
+        if self._repeat_check is not None:
+            source.check_repeats_on_read = False
 
     # passthrough for what the line reads from its source (skipped files, next_frame_id, read_calls, ...)
     def __getattr__(self, name: str):
@@ -180,7 +186,11 @@ class CaptureQueue(FrameSource):
             frame, self._slot = (self._slot, None) if self._fresh() else (None, None)
             if frame is not None:
                 self._cond.notify_all()       # a waiting replay thread may put the next one
-                return frame
+        if frame is not None:
+            if self._repeat_check is not None and frame.image is not None:
+                self._repeat_check.check(frame.image)   # SourceError: the line FAULTs and reconnects
+            return frame
+        with self._cond:
             if self._error is not None:
                 error, self._error = self._error, None
                 raise error

@@ -21,6 +21,7 @@ import cv2
 from edge_runtime.records import Frame
 from edge_runtime.sources.base import SOURCES, FrameSource, SourceError, escape_name
 from edge_runtime.sources.camera_source import BACKENDS, CaptureFactory, CaptureLike, check_image, open_capture
+from edge_runtime.sources.frozen_frames import FrozenFrameCheck
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ class VideoSourceConfig:
     open_timeout_s: float = 5.0
     read_timeout_s: float = 5.0                # streams, FFmpeg backend: a stalled stream fails after this long
     accept_damaged_frames: bool = False        # files: skip frames the decoder cannot decode instead of FAULT each
+    # A frame the line takes that repeats, bit for bit, one of the last frames it took is a frozen stream (an
+    # encoder or relay resending its last picture): FAULT and reconnect, never that picture's verdict again (probe
+    # 61: four defective parts passed OK on a frozen MJPEG stream). auto: fault for stream URLs, allow for files.
+    # allow: a free-running line on an H.264 stream of a still scene (which can decode to identical frames).
+    repeated_frames: Literal["auto", "fault", "allow"] = "auto"
     name: str | None = None
 
     def validate(self) -> None:
@@ -81,6 +87,12 @@ class VideoSource(FrameSource):
         self._frames_read = 0                  # position in the file, damaged frames included
         self._pending: list[Frame] = []        # read ahead while telling a damaged frame from the end of the file
         self.damaged_frames = 0
+        checks = cfg.repeated_frames == "fault" or (cfg.repeated_frames == "auto" and self.is_stream)
+        # Kept across reconnects: a stream that comes back with the same stale picture is still frozen.
+        self.repeat_check: FrozenFrameCheck | None = FrozenFrameCheck(self.name) if checks else None
+        # A capture thread in front (capture_queue.py) checks the frames the line takes instead of every frame
+        # read: between two triggers a still scene may decode to identical frames, and those are no part's.
+        self.check_repeats_on_read = True
 
     @property
     def next_frame_id(self) -> int:
@@ -121,7 +133,11 @@ class VideoSource(FrameSource):
 
     def read(self, timeout: float) -> Frame | None:
         try:
-            return self._read(timeout)
+            frame = self._read(timeout)
+            if frame is not None and frame.image is not None and self.repeat_check is not None \
+                    and self.check_repeats_on_read:
+                self.repeat_check.check(frame.image)
+            return frame
         except SourceError:
             # Drop the broken capture so the next open()/read() reconnects from scratch.
             self.close()

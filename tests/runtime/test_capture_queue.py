@@ -155,3 +155,49 @@ def test_a_triggered_stream_answers_with_a_frame_from_after_the_trigger_not_its_
     finally:
         src.close()
     assert frame is not None and int(frame.image.max()) == 2, "the part's frame, not one buffered before the trigger"
+
+
+class SceneStream:
+    """A network stream of a still scene: identical frames while `scene` stays (as H.264 may decode them), a new
+    picture when the part changes."""
+
+    def __init__(self) -> None:
+        self.scene = 1
+
+    def isOpened(self):
+        return True
+
+    def read(self):
+        time.sleep(0.002)
+        return True, np.random.default_rng(self.scene).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+
+    def release(self):
+        pass
+
+
+def _part(src, at=None):
+    src.notify_trigger(at_wall=time.time(), at=time.monotonic() if at is None else at)
+    return src.read(2.0)
+
+
+def test_a_triggered_frozen_stream_faults_the_part_but_a_still_scene_between_parts_does_not():
+    """Probe 61: a frozen MJPEG stream answered four defective parts with the good picture's OK. On a triggered
+    line the frames the line takes are compared (the parts' frames), not every frame the thread reads: the stream
+    of a still scene repeats pictures while the line waits, and that is no fault."""
+    from edge_runtime.sources.video_source import VideoSource, VideoSourceConfig
+
+    stream = SceneStream()
+    src = wrap_source(VideoSource(VideoSourceConfig(path="rtsp://10.0.0.5/stream1"), capture_factory=lambda *a: stream),
+                      CaptureConfig(), free_run=False)
+    src.open()
+    try:
+        assert _part(src) is not None
+        time.sleep(0.05)                              # identical frames while the line waits: no fault
+        stream.scene = 2                              # the next part arrives
+        time.sleep(0.02)
+        assert _part(src) is not None
+        time.sleep(0.02)                              # the encoder sticks: the part changes, the picture does not
+        with pytest.raises(SourceError, match="repeats an earlier one"):
+            _part(src)
+    finally:
+        src.close()

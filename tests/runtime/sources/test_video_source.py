@@ -180,3 +180,25 @@ def test_damaged_frames_are_skipped_when_the_station_accepts_them(video):
         frames.append(f)
     assert [abs(level(f) - want) <= 3 for f, want in zip(frames, [0, 60, 180, 240])] == [True] * 4
     assert len(frames) == 4 and src.damaged_frames == 1
+
+
+def _picture(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+
+
+def test_a_frozen_stream_is_a_fault_not_the_same_picture_inspected_again():
+    """Probe 61: an MJPEG camera whose encoder stuck kept sending its last picture; every part was answered that
+    picture's OK. A stream frame repeating an earlier one bit for bit is a SourceError (the line FAULTs and
+    reconnects); a video file replaying a still scene, or a stream set to allow it, is read as it comes."""
+    frozen = [_picture(1), _picture(2), _picture(2)]
+    src = VideoSource(VideoSourceConfig(path="http://cam/mjpeg"), capture_factory=lambda *a: StreamCapture(frozen))
+    src.open()
+    assert src.read(1.0) is not None and src.read(1.0) is not None
+    with pytest.raises(SourceError, match="repeats an earlier one, bit for bit"):
+        src.read(1.0)
+    allowed = VideoSource(VideoSourceConfig(path="http://cam/mjpeg", repeated_frames="allow"),
+                          capture_factory=lambda *a: StreamCapture([_picture(2)] * 3))
+    allowed.open()
+    assert all(allowed.read(1.0) is not None for _ in range(3))
+    assert VideoSource(VideoSourceConfig(path="clip.mp4")).repeat_check is None      # auto: files replay as they are
+    assert VideoSource(VideoSourceConfig(path="clip.mp4", repeated_frames="fault")).repeat_check is not None
