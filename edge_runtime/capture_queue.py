@@ -167,8 +167,10 @@ class CaptureQueue(FrameSource):
     def notify_trigger(self, at_wall: float | None = None, at: float | None = None) -> None:
         """A trigger fired at `at` (time.monotonic(); default now): the next read returns a frame the thread got
         after it, never one buffered or taken while the line waited for the trigger."""
+        # A stream's pictures arrive trigger_latency_s after the sensor took them (VideoSourceConfig.latency_ms).
+        latency = float(getattr(self.source, "trigger_latency_s", 0.0) or 0.0)
         with self._cond:
-            self._not_before = time.monotonic() if at is None else at
+            self._not_before = (time.monotonic() if at is None else at) + latency
 
     def _fresh(self) -> bool:
         """The slot holds a frame the line may take (caller holds _cond); a stale one is discarded."""

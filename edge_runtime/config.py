@@ -208,6 +208,15 @@ class StationConfig:
                 raise ValueError("bundle: required key is missing")
             if self.source is None:
                 raise ValueError("source: required key is missing")
+        sources = [(f"lines[{i}].source", ln.source) for i, ln in enumerate(self.lines)] if self.lines else \
+            [("source", self.source)]
+        for where, src in sources:
+            latency_s = float(getattr(src, "latency_ms", 0.0) or 0.0) / 1000.0
+            # After a trigger the line waits read_timeout_s for the part's frame, which comes latency_ms later.
+            if latency_s and latency_s + 0.25 > self.recovery.read_timeout_s:
+                raise ValueError(f"{where}.latency_ms: {latency_s * 1000:g} ms leaves no time to receive the part's "
+                                 f"frame within recovery.read_timeout_s {self.recovery.read_timeout_s:g} s: raise "
+                                 f"that to at least {latency_s + 0.25:g}")
         if self.roi is not None and (self.roi[2] <= 0 or self.roi[3] <= 0 or min(self.roi[:2]) < 0):
             raise ValueError(f"roi: expected x, y >= 0 and w, h > 0, got {list(self.roi)}")
         if self.bundle is not None and not self.bundle:

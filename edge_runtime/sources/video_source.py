@@ -54,6 +54,11 @@ class VideoSourceConfig:
     # 61: four defective parts passed OK on a frozen MJPEG stream). auto: fault for stream URLs, allow for files.
     # allow: a free-running line on an H.264 stream of a still scene (which can decode to identical frames).
     repeated_frames: Literal["auto", "fault", "allow"] = "auto"
+    # Streams on a triggered line: how long a picture takes from the camera's sensor to this station (encoder,
+    # network, decoder; an IP camera's RTSP stream is often 100-500 ms behind). The part's frame is the first one
+    # received at least this long after the trigger: one received sooner was taken before the trigger, when the
+    # part may not have been in place. Measure it: film a running stopwatch and compare with the station's clock.
+    latency_ms: float = 0.0
     name: str | None = None
 
     def validate(self) -> None:
@@ -61,6 +66,10 @@ class VideoSourceConfig:
             raise ValueError("path: must name a video file or stream URL")
         if self.loop and is_stream_url(self.path):
             raise ValueError("loop: applies only to video files, not stream URLs")
+        if not 0 <= self.latency_ms <= 5000:
+            raise ValueError(f"latency_ms: must be 0..5000, got {self.latency_ms}")
+        if self.latency_ms and not is_stream_url(self.path):
+            raise ValueError("latency_ms: applies only to stream URLs, not video files")
         for key in ("open_timeout_s", "read_timeout_s"):
             value = getattr(self, key)
             if not value > 0:
@@ -93,6 +102,9 @@ class VideoSource(FrameSource):
         # A capture thread in front (capture_queue.py) checks the frames the line takes instead of every frame
         # read: between two triggers a still scene may decode to identical frames, and those are no part's.
         self.check_repeats_on_read = True
+        # Read by a triggered line's capture thread (capture_queue.py): frames received sooner after a trigger were
+        # captured before it.
+        self.trigger_latency_s = cfg.latency_ms / 1000.0
 
     @property
     def next_frame_id(self) -> int:

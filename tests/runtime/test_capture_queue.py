@@ -201,3 +201,50 @@ def test_a_triggered_frozen_stream_faults_the_part_but_a_still_scene_between_par
             _part(src)
     finally:
         src.close()
+
+
+class LaggedStream:
+    """A stream `lag_s` behind the sensor: each frame shows the scene as it was lag_s before it is received."""
+
+    def __init__(self, lag_s: float) -> None:
+        self.lag_s = lag_s
+        self.changes = [(0.0, 1)]          # (time.monotonic(), scene) from then on
+
+    def show(self, scene: int) -> float:
+        at = time.monotonic()
+        self.changes.append((at, scene))
+        return at
+
+    def isOpened(self):
+        return True
+
+    def read(self):
+        time.sleep(0.005)
+        seen = time.monotonic() - self.lag_s
+        scene = [s for t, s in self.changes if t <= seen][-1]
+        return True, np.random.default_rng(scene).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+
+    def release(self):
+        pass
+
+
+@pytest.mark.parametrize("latency_ms, expected_scene", [(0, 1), (200, 2)])
+def test_a_stream_behind_the_sensor_answers_the_trigger_with_a_frame_taken_after_it(latency_ms, expected_scene):
+    """An IP camera's stream runs 100-500 ms behind its sensor: the first frame received after the trigger was
+    taken before it (the previous part, value 1). With the stream's latency_ms the part's frame is one taken
+    after the trigger (value 2)."""
+    from edge_runtime.sources.video_source import VideoSource, VideoSourceConfig
+
+    stream = LaggedStream(lag_s=0.2)
+    src = wrap_source(VideoSource(VideoSourceConfig(path="rtsp://10.0.0.5/stream1", latency_ms=latency_ms,
+                                                    repeated_frames="allow"),
+                                  capture_factory=lambda *a: stream), CaptureConfig(), free_run=False)
+    src.open()
+    try:
+        time.sleep(0.3)
+        at = stream.show(2)                        # the part is in place and the PLC triggers
+        frame = _part(src, at=at)
+    finally:
+        src.close()
+    expected = np.random.default_rng(expected_scene).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    assert frame is not None and np.array_equal(frame.image, expected)

@@ -202,3 +202,18 @@ def test_a_frozen_stream_is_a_fault_not_the_same_picture_inspected_again():
     assert all(allowed.read(1.0) is not None for _ in range(3))
     assert VideoSource(VideoSourceConfig(path="clip.mp4")).repeat_check is None      # auto: files replay as they are
     assert VideoSource(VideoSourceConfig(path="clip.mp4", repeated_frames="fault")).repeat_check is not None
+
+
+def test_stream_latency_is_validated_against_the_line_read_timeout(tmp_path):
+    with pytest.raises(ValueError, match="latency_ms: applies only to stream URLs"):
+        VideoSourceConfig(path="clip.mp4", latency_ms=100).validate()
+    with pytest.raises(ValueError, match="latency_ms: must be 0..5000"):
+        VideoSourceConfig(path="rtsp://cam/1", latency_ms=-1).validate()
+    from edge_runtime.config import load_station
+    station = tmp_path / "station.yaml"
+    station.write_text("bundle: b\nsource: {type: video, path: 'rtsp://cam/1', latency_ms: 900}\n")
+    with pytest.raises(Exception, match=r"source.latency_ms: 900 ms leaves no time .* raise that to at least 1.15"):
+        load_station(station)
+    station.write_text("bundle: b\nsource: {type: video, path: 'rtsp://cam/1', latency_ms: 900}\n"
+                       "recovery: {read_timeout_s: 1.5}\n")
+    assert load_station(station).source.latency_ms == 900
