@@ -225,7 +225,12 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
             "  open_timeout_s: 5.0      # streams: give up connecting after this long; above 8 (the 10 s watchdog) "
             "is capped (default: 5)",
             "  read_timeout_s: 5.0      # streams: a stalled stream fails after this long (default: 5)",
+            "  repeated_frames: auto    # auto | fault | allow: a stream frame repeating an earlier one is a frozen "
+            "stream, FAULT (auto: streams only; allow: free run on an H.264 stream of a still scene) (default: auto)",
         ]
+        if "://" in str(value):
+            L.append("  latency_ms: 0            # triggered line: the stream's delay behind its sensor (film a "
+                     "stopwatch); the part's frame is one received this long after the trigger (default: 0)")
     L += [
         "",
         "# When to inspect. free_run: every frame the source gives (default). A part-present sensor instead:",
