@@ -105,6 +105,7 @@ class Line:
         deadline = cfg.inference.deadline_ms
         self.bus = OutputBus(self.outputs, late_after_s=deadline / 1000.0)
         self.trigger = trigger if trigger is not None else build_trigger(cfg.trigger)
+        self._trigger_open = False   # the trigger input is requested (see _ensure_trigger)
         if isinstance(self.trigger, SoftwareTrigger):
             # The previous part's verdict is withdrawn before POST /trigger answers 202 (or a TRG returns): a PLC
             # reading coil 0 right after its trigger read the previous part's OK (probe 35, 2 in 40).
@@ -723,6 +724,7 @@ class Line:
                 self._drain_inflight()   # frames captured before this: their answers first, in order
                 # No bundle, halted, or a recipe switch running or failed: every trigger gets FAULT at once, and
                 # so does every frame where each is a part (not a burst of late answers when the line is back).
+                self._ensure_trigger_quietly()   # a GPIO trigger's edges are seen (and answered) while it lasts
                 if (source_open and self.trigger.is_free_run and self.cfg.capture.every_frame_is_a_part
                         and is_live(getattr(self._source, "source", self._source))):
                     # A live camera's frames go by (each a part); a watch folder's files wait for the line.
@@ -731,13 +733,16 @@ class Line:
                     self._refuse_triggers(self.fault_reason or "no bundle", rc_cfg.read_timeout_s)
                 continue
             if not source_open:
+                # The trigger input stays requested while the source is reopened: a GPIO line released meanwhile
+                # keeps no edges, so parts triggered then had no record and no answer (probe 62).
+                self._ensure_trigger_quietly()
                 if time.monotonic() < retry_at:
                     self._refuse_triggers(self.fault_reason or "source reopening",
                                           min(rc_cfg.read_timeout_s, max(0.0, retry_at - time.monotonic())))
                     continue
                 try:
+                    self._ensure_trigger()
                     self._source.open()
-                    self.trigger.open()
                     source_open = True
                     backoff = rc_cfg.backoff_initial_s
                     self._source_fault = None
@@ -746,7 +751,7 @@ class Line:
                     self.counters.source_errors += 1
                     self._source_fault = f"source: {exc}"
                     self._set_state(False, self._source_fault)
-                    self._close_source()
+                    self._close_source(trigger=isinstance(exc, TriggerError))
                     retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
                     continue
             try:
@@ -757,7 +762,7 @@ class Line:
                 self.counters.source_errors += 1
                 self._source_fault = f"source: {exc}"
                 self._set_state(False, self._source_fault)
-                self._close_source()
+                self._close_source(trigger=isinstance(exc, TriggerError))   # the trigger stays, unless it failed
                 source_open = False
                 retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
                 continue
@@ -939,12 +944,28 @@ class Line:
                                   "faster than the line inspects"), self._dropped_since_stats, self.dropped_frames)
             self._dropped_since_stats = 0
 
-    def _close_source(self) -> None:
+    def _ensure_trigger(self) -> None:
+        """The trigger input requested, once: re-requesting a GPIO line drops the edges it holds."""
+        if not self._trigger_open:
+            self.trigger.open()
+            self._trigger_open = True
+
+    def _ensure_trigger_quietly(self) -> None:
+        """_ensure_trigger() where the line cannot inspect anyway: a failure is reported when the source opens."""
+        try:
+            self._ensure_trigger()
+        except (TriggerError, OSError):
+            pass
+
+    def _close_source(self, trigger: bool = True) -> None:
         if self._source is not None:
             try:
                 self._source.close()
             except Exception:
                 log.exception("closing the source failed")
+        if not trigger:
+            return
+        self._trigger_open = False
         try:
             self.trigger.close()
         except Exception:
