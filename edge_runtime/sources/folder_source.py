@@ -396,6 +396,7 @@ class FolderSource(FrameSource):
                                                          # while written on after it
         self._seen: dict[str, float] = {}       # queued names -> when first seen (clock): seen before a trigger = old
         self._hold_from_ns: int | None = None   # before_trigger: files appearing from then on wait for the next trigger
+        self._trigger_open = False              # a trigger was notified and no file handed over for it yet
         self._next_id = start_frame_id
         self._extensions = {"." + _normalise_extension(e) for e in cfg.extensions}
         self._clock = clock
@@ -514,6 +515,7 @@ class FolderSource(FrameSource):
         self._queue.clear()
         self._seen.clear()
         self._stale_files = set()
+        self._trigger_open = True
         self._hold_from_ns = cutoff_ns if self.cfg.image_arrives == "before_trigger" else None
         now = self._clock()
         before, ahead, keep = [], [], {}
@@ -816,6 +818,11 @@ class FolderSource(FrameSource):
                     self._check_candidates()
                     if not self._queue:
                         return None
+                    if self._trigger_open:
+                        self._trigger_open = False
+                        ambiguous = self._ambiguous_for_trigger()
+                        if ambiguous is not None:
+                            return ambiguous
             path = self._queue.popleft()
             first_seen = self._seen.pop(path.name, None)
             frame = self._read_file(path)
@@ -823,6 +830,31 @@ class FolderSource(FrameSource):
                 if self.cfg.mode == "watch":
                     frame.arrived_at = self._arrived_wall(path.name, first_seen)
                 return frame
+
+    def _ambiguous_for_trigger(self) -> Frame | None:
+        """The first hand-over after a trigger: when more than one image is there for it (ready, or arrived and
+        still being checked; not those held for the next trigger), which one is this part's cannot be told: a
+        FAULT naming them, instead of the oldest one's verdict. An earlier part's late image that lands after the
+        next trigger beside that part's own image had been inspected as that part (probe 62: a missing hole passed
+        OK with the late good image's score). The files are left out at the next trigger (from before it)."""
+        names = [p.name for p in self._queue]
+        for name in self._candidates:
+            if name in names:
+                continue
+            if self._hold_from_ns is not None and (self._appeared_ns(name) or 0) >= self._hold_from_ns:
+                continue   # before_trigger: the next part's image
+            names.append(name)
+        if len(names) < 2:
+            return None
+        shown = ", ".join(escape_name(n) for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        reason = (f"{len(names)} images arrived for one trigger ({shown}): which one is this part's cannot be told "
+                  "(an earlier part's late image beside this part's own?)")
+        log.warning("folder source %s: %s", escape_name(self.cfg.path), reason)
+        frame = Frame(frame_id=self._next_id, source=escape_name(str(self._root / names[0])), encoded=None,
+                      unreadable=reason)
+        self._next_id += 1
+        self._frames_this_pass += 1
+        return frame
 
     def _arrived_wall(self, name: str, first_seen: float | None) -> float | None:
         """When the file arrived (wall clock): the earlier of when this source first saw it and when it appeared
