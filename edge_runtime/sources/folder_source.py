@@ -66,6 +66,9 @@ TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", "~")
 
 
 FUTURE_MTIME_S = 1.0   # watch + trigger: a file dated further ahead than this has a writer clock that cannot be trusted
+# after_trigger: a file renamed or linked in after the trigger that came into being more than this before it is an
+# earlier image (a file server's clock a little behind the station's must not fault every part)
+BORN_BEFORE_SLACK_S = 0.5
 BEFORE_TRIGGER_GRACE_S = 0.5   # before_trigger with no file before the trigger: one landing this soon after is its
 
 
@@ -397,6 +400,7 @@ class FolderSource(FrameSource):
         self._seen: dict[str, float] = {}       # queued names -> when first seen (clock): seen before a trigger = old
         self._hold_from_ns: int | None = None   # before_trigger: files appearing from then on wait for the next trigger
         self._trigger_open = False              # a trigger was notified and no file handed over for it yet
+        self._cutoff_ns: int | None = None      # after_trigger: the last trigger (wall ns); files born before it are not its
         self._next_id = start_frame_id
         self._extensions = {"." + _normalise_extension(e) for e in cfg.extensions}
         self._clock = clock
@@ -516,6 +520,7 @@ class FolderSource(FrameSource):
         self._seen.clear()
         self._stale_files = set()
         self._trigger_open = True
+        self._cutoff_ns = cutoff_ns if self.cfg.image_arrives == "after_trigger" else None
         self._hold_from_ns = cutoff_ns if self.cfg.image_arrives == "before_trigger" else None
         now = self._clock()
         before, ahead, keep = [], [], {}
@@ -731,6 +736,8 @@ class FolderSource(FrameSource):
                     log.warning("folder source %s: %s still incomplete after %g s; handing it over to be faulted",
                                 escape_name(self.cfg.path), escape_name(name), self.cfg.incomplete_timeout_s)
                 del self._candidates[name]
+                if self._born_before_trigger(name, sig):
+                    continue
                 ready.append((sig[1], name))
                 self._seen[name] = first_seen
                 self._note_rewrite(name, sig, now)
@@ -738,6 +745,30 @@ class FolderSource(FrameSource):
                 self._candidates[name] = (sig, first_seen)
         # Oldest first, so frames follow the order the camera PC wrote them in.
         self._queue.extend(self._root / name for _, name in sorted(ready))
+
+    def _born_before_trigger(self, name: str, sig: _Signature) -> bool:
+        """after_trigger: a file that arrived after the trigger (renamed or linked in) but came into being before
+        it is an earlier image, not this part's: left out (journalled, counted, logged), as notify_trigger leaves
+        out the files already there. A late image written under a temporary name before the trigger and renamed in
+        after it, or a link to an earlier part's image, had been inspected as this part (probe 62: OK). A file
+        written again in place (same name and inode as one handed over) keeps its first birth time and is dated by
+        its last write instead."""
+        if self._cutoff_ns is None:
+            return False
+        handed = self._handed.get(name)
+        if handed is not None and handed[0] == sig[2]:
+            born = sig[1]   # rewritten in place: its mtime
+        else:
+            born = self._appeared_ns(name)
+        if born is None or born >= self._cutoff_ns - int(BORN_BEFORE_SLACK_S * 1e9):
+            return False
+        self._journal.add((name, sig[0], sig[1]))
+        self._stale_files.add((name, sig[2]))
+        self.stale += 1
+        log.warning("folder source %s: %s arrived after the trigger but came into being %.2f s before it (renamed "
+                    "or linked in): an earlier image, never this part's; left out", escape_name(self.cfg.path),
+                    escape_name(name), (self._cutoff_ns - born) / 1e9)
+        return True
 
     def _note_rewrite(self, name: str, sig: _Signature, now: float) -> None:
         """Warn when the same file (name and inode) is handed over again soon after: a new part to the line, but

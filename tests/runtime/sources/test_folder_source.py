@@ -665,3 +665,49 @@ def test_one_image_per_trigger_is_handed_over_as_before(tmp_path):
         frame = src.read(1.0)
         assert frame is not None and frame.encoded == png(part)
     assert src.stale == 0
+
+
+def test_an_image_renamed_or_linked_in_after_the_trigger_but_made_before_it_is_left_out(tmp_path):
+    """after_trigger: an earlier part's late image, written under a temporary name before this part's trigger and
+    renamed into place after it, or a link made after the trigger to an earlier part's image, came into being
+    before the trigger: never this part's (probe 62: both were inspected as the part, OK). Where the file system
+    keeps birth times; ctime is moved by the rename itself."""
+    import os
+
+    from edge_runtime.sources.folder_source import _birth_time_ns
+
+    src, clock = watch(tmp_path)
+    late = write(tmp_path / ".late.png", png(b"LATE"))                  # part 1's image, under a temporary name
+    if _birth_time_ns(late) is None:
+        pytest.skip(f"{tmp_path}: this file system keeps no birth time (statx); ctime is all there is")
+    time.sleep(0.6)                                                      # more than BORN_BEFORE_SLACK_S
+    src.notify_trigger(at_wall=time.time())                              # part 2's trigger, 0.6 s later
+    os.rename(late, tmp_path / "late.png")                               # part 1's image lands now
+    clock.sleep(0.0625)
+    assert src.read(1.0) is None, "an image made before the trigger was taken as this part's"
+    assert src.stale == 1
+
+    src.notify_trigger(at_wall=time.time())                              # part 3's trigger
+    os.link(tmp_path / "late.png", tmp_path / "again.png")               # an earlier image linked in
+    clock.sleep(0.0625)
+    assert src.read(1.0) is None
+    write(tmp_path / "part3.png", png(b"PART3"))                         # part 3's own image
+    clock.sleep(0.0625)
+    frame = src.read(1.0)
+    assert frame is not None and frame.encoded == png(b"PART3")
+
+
+def test_a_file_rewritten_in_place_for_every_part_is_still_each_parts_image(tmp_path):
+    """A camera that writes one name in place for each part keeps one inode and one birth time: each new version,
+    written after its trigger, is that part's (dated by its write)."""
+    src, clock = watch(tmp_path)
+    for part in (b"A", b"B", b"C"):
+        time.sleep(0.02)
+        src.notify_trigger(at_wall=time.time())
+        time.sleep(0.02)
+        with open(tmp_path / "last.png", "r+b" if (tmp_path / "last.png").exists() else "wb") as f:
+            f.write(png(part))
+        clock.sleep(0.0625)
+        frame = src.read(1.0)
+        assert frame is not None and frame.encoded == png(part)
+    assert src.stale == 0
