@@ -813,10 +813,12 @@ class Line:
         frame_id = self._take_frame_id()
         self.bus.begin_part(frame_id)   # the previous verdict is withdrawn before this part is captured
         notify = getattr(self._source, "notify_trigger", None)
-        if notify is not None:
-            # A camera drops frames buffered before the trigger; a watch folder, files written before it.
-            notify(at_wall=time.time() - (time.monotonic() - event.at), at=event.at)
         try:
+            if notify is not None:
+                # A camera drops frames buffered before the trigger; a watch folder, files written before it. It
+                # may find the source gone (a watch folder removed or unmounted while the line was idle): this
+                # part, already begun with its id, is answered FAULT like a failed read (probe 63: no record).
+                notify(at_wall=time.time() - (time.monotonic() - event.at), at=event.at)
             frame = self._source.read(timeout)
         except (SourceError, TriggerError, OSError) as exc:
             self._answer_fault(f"source: {exc}", event.at, frame_id)

@@ -738,3 +738,31 @@ def test_a_software_trigger_withdraws_the_previous_verdict_before_it_returns(sma
     finally:
         client.close()
         line.bus.close()
+
+
+class VanishedWatchFolder(TriggeredCamera):
+    """A watch folder removed or unmounted while the line was idle: the trigger's notify finds it gone."""
+
+    def notify_trigger(self, at_wall=None, at=None) -> None:
+        if self.open_calls == 1:
+            raise SourceError("folder source /srv/parts: the folder was removed, moved or unmounted")
+
+
+def test_a_source_lost_when_the_trigger_is_noted_answers_that_part_fault(small_bundle, images, write_station,
+                                                                         start_station):
+    # Probe 63: a watch folder removed while the line was idle was noticed only by the next trigger's
+    # notify_trigger, outside the read's error handling: that part had its frame id and BUSY, but no record and no
+    # answer (RES, Modbus, MQTT); the PLC's next answer belonged to a later trigger.
+    camera = VanishedWatchFolder(images)
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     recovery=FAST_RECOVERY))
+    running = start_station(cfg, source=camera, outputs=[rec])
+    station = running.station
+    wait_until(lambda: station.status().state == "ready", what="READY")
+    station.trigger.fire()
+    wait_until(lambda: len(rec.results) == 1, timeout=5.0, what="the answer to the trigger")
+    assert running.stop() == 0
+    (answer,) = rec.results
+    assert answer.verdict is Verdict.FAULT and "the folder was removed" in answer.error
+    assert rec.calls_to("begin_part") == [answer.frame_id], "the part begun is the part answered"
