@@ -10,10 +10,15 @@ of a station in one order (edge_runtime/outputs/mqtt_station.py).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
 from dataclasses import dataclass, field
+
+
+class OutboxInUse(OSError):
+    """Another outbox (another daemon, or another output of this one) holds this file."""
 
 
 @dataclass
@@ -38,17 +43,26 @@ class Outbox:
         self._lock = threading.Lock()
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: each committed append survives a power cut, like the fsync'd result log; NORMAL survives a crash
-        # of the daemon and may lose the last appends on a power cut (the result log still has them).
-        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
-        self._db.execute("CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
-                         "queued_at REAL NOT NULL, payload BLOB NOT NULL, line TEXT NOT NULL DEFAULT '')")
-        columns = [row[1] for row in self._db.execute("PRAGMA table_info(outbox)")]
-        if "line" not in columns:   # an outbox written before records were tagged: all of its records are untagged
-            self._db.execute("ALTER TABLE outbox ADD COLUMN line TEXT NOT NULL DEFAULT ''")
-        self._size = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        # One sender per outbox: two daemons (two station files naming one `outbox:`) would each publish the
+        # other's records under its own topic prefix, a part the other station inspected announced as this
+        # station's result (probe 63: a station that inspected nothing published six OK records). The lock is a
+        # file beside the outbox (flock), held while it is open and released by the kernel if the daemon dies.
+        self._lock_fd = _lock(path + ".lock")
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: each committed append survives a power cut, like the fsync'd result log; NORMAL survives a crash
+            # of the daemon and may lose the last appends on a power cut (the result log still has them).
+            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self._db.execute("CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                             "queued_at REAL NOT NULL, payload BLOB NOT NULL, line TEXT NOT NULL DEFAULT '')")
+            columns = [row[1] for row in self._db.execute("PRAGMA table_info(outbox)")]
+            if "line" not in columns:   # an outbox written before records were tagged: all of its records are untagged
+                self._db.execute("ALTER TABLE outbox ADD COLUMN line TEXT NOT NULL DEFAULT ''")
+            self._size = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     def __len__(self) -> int:
         return self._size
@@ -121,3 +135,26 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)   # releases the flock
+                self._lock_fd = None
+
+
+def _lock(lock_path: str) -> int:
+    """Take the outbox's lock file (exclusive, not waiting); OutboxInUse naming the holder's pid if taken."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise OutboxInUse(f"{lock_path}: the outbox is in use by another MQTT output (pid {holder}); give each "
+                          f"station its own outbox (and state_dir)") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -277,3 +277,23 @@ def test_validate_warns_about_a_password_in_clear_and_start_names_an_unreadable_
     with pytest.raises(OutputError) as exc:
         out.start()
     assert f"password_file {tmp_path / 'missing.pw'}: cannot read it" in str(exc.value)
+
+
+def test_two_outputs_on_one_outbox_file_the_second_is_refused_naming_the_first(tmp_path):
+    # Probe 63: two station files naming one `outbox:` (each with its own state_dir) both started; after a broker
+    # outage station B, which had inspected nothing, published station A's six OK records under B's own topic
+    # prefix. One outbox has one sender: the second start is refused while the first holds it.
+    port = mb.free_port()
+    first = make_output(tmp_path, port, close_timeout_s=0.1)
+    first.start()
+    other_cfg = MqttConfig(host="127.0.0.1", port=port, topic_prefix="acme/plant1/line4/station9",
+                           outbox=str(tmp_path / "outbox.sqlite"))
+    other_cfg.validate()
+    second = MqttOutput(other_cfg)
+    try:
+        with pytest.raises(OutputError, match=r"in use by another MQTT output \(pid \d+\)"):
+            second.start()
+    finally:
+        first.close()
+    second.start()   # the first has let go of it: a restart of the station takes its own outbox again
+    second.close()
