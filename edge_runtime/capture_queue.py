@@ -164,6 +164,11 @@ class CaptureQueue(FrameSource):
                 self._done = True
                 self._cond.notify_all()
 
+    def probe(self) -> None:
+        probe = getattr(self.source, "probe", None)   # the thread's errors reach the line through read()
+        if callable(probe):
+            probe()
+
     def notify_trigger(self, at_wall: float | None = None, at: float | None = None) -> None:
         """A trigger fired at `at` (time.monotonic(); default now): the next read returns a frame the thread got
         after it, never one buffered or taken while the line waited for the trigger."""

@@ -785,13 +785,17 @@ class Line:
         timeout = self.cfg.recovery.read_timeout_s
         event = self.trigger.wait(timeout)
         if event is None:
+            self._probe_source()
             return "idle"
         if self._inflight is not None:   # free run with inference.workers > 1
             return self._serve_in_flight(pipeline)
         if self.trigger.is_free_run:
             frame = self._source.read(timeout)
             if frame is None:
-                return "exhausted" if self._source.exhausted else "idle"
+                if self._source.exhausted:
+                    return "exhausted"
+                self._probe_source()
+                return "idle"
             frame_id, started, stale = self._admit(frame)
             self.bus.begin_part(frame_id)
             if stale:
@@ -832,6 +836,13 @@ class Line:
             self._answer_fault(stale, event.at, frame_id, frame)
             return "served"
         return self._inspect(pipeline, frame, frame_id, event.at)
+
+    def _probe_source(self) -> None:
+        """While the line waits: a source lost meanwhile (a watch folder removed or unmounted) raises SourceError
+        now, dropping READY, instead of at the next part (probe 63: READY stayed up with the folder gone)."""
+        probe = getattr(self._source, "probe", None)
+        if callable(probe):
+            probe()
 
     def _admit(self, frame: Frame) -> tuple[int, float, str | None]:
         """A free-running frame read: drops before it counted (and, when every frame is a part, answered FAULT

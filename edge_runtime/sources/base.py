@@ -42,3 +42,7 @@ class FrameSource(abc.ABC):
 
     def close(self) -> None:
         """Release the device."""
+
+    def probe(self) -> None:
+        """While the line waits (no trigger, no frame): raise SourceError if the source is gone, so READY drops
+        then and not at the next part. Default: nothing to check."""

@@ -453,6 +453,8 @@ class FolderSource(FrameSource):
         if not resolved.is_dir():
             raise SourceError(f"folder source {escape_name(self.cfg.path)}: not a folder")
         self._root = resolved
+        st = resolved.stat()
+        self._root_id = (st.st_dev, st.st_ino)   # probe(): the folder opened, not another one in its place
         self._replay_done = False
         self._frames_this_pass = 0
         self._rejected.clear()
@@ -463,6 +465,20 @@ class FolderSource(FrameSource):
                             "/".join(sorted(self._extensions)))
             return
         self._open_watch()
+
+    def probe(self) -> None:
+        """Watch mode: the folder is still there and is the one opened (an unmounted share leaves its empty mount
+        point, another inode). A folder removed while a triggered line waited had left READY up until the next
+        trigger (probe 63)."""
+        if self.cfg.mode != "watch" or self._root is None:
+            return
+        try:
+            st = os.stat(self._root)
+        except OSError as exc:
+            raise SourceError(f"folder source {escape_name(self.cfg.path)}: the folder is gone: {exc.strerror or exc}") from exc
+        if (st.st_dev, st.st_ino) != self._root_id:
+            raise SourceError(f"folder source {escape_name(self.cfg.path)}: the folder was replaced (unmounted, or "
+                              "removed and made again) while the line waited")
 
     def read(self, timeout: float) -> Frame | None:
         self._acknowledge()

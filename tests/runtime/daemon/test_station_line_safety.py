@@ -766,3 +766,23 @@ def test_a_source_lost_when_the_trigger_is_noted_answers_that_part_fault(small_b
     (answer,) = rec.results
     assert answer.verdict is Verdict.FAULT and "the folder was removed" in answer.error
     assert rec.calls_to("begin_part") == [answer.frame_id], "the part begun is the part answered"
+
+
+def test_a_watch_folder_removed_while_the_line_waits_drops_ready_before_any_trigger(small_bundle, tmp_path,
+                                                                                   write_station, start_station):
+    """Probe 63: READY (and /healthz 'ready') stayed up for as long as nobody triggered after the folder was
+    removed; the line now notices while it waits, and comes back when the folder does."""
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    cfg = load_station(write_station(bundle=small_bundle, source={"type": "folder", "path": str(folder),
+                                                                  "mode": "watch"},
+                                     trigger={"type": "software"}, recovery=FAST_RECOVERY))
+    running = start_station(cfg)
+    station = running.station
+    wait_until(lambda: station.status().state == "ready", what="READY")
+    folder.rmdir()
+    wait_until(lambda: station.status().state == "fault", timeout=5.0, what="FAULT without a trigger")
+    assert "the folder is gone" in (station.status().reason or "")
+    folder.mkdir()
+    wait_until(lambda: station.status().state == "ready", timeout=5.0, what="READY again")
+    assert running.stop() == 0

@@ -711,3 +711,26 @@ def test_a_file_rewritten_in_place_for_every_part_is_still_each_parts_image(tmp_
         frame = src.read(1.0)
         assert frame is not None and frame.encoded == png(part)
     assert src.stale == 0
+
+
+def test_probe_finds_a_watch_folder_removed_or_replaced_while_the_line_waits(tmp_path):
+    """Probe 63: a watch folder removed (or a share unmounted, leaving its mount point) while a triggered line
+    waited left READY up until the next trigger. probe() is what the line calls while it waits."""
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    src = FolderSource(FolderSourceConfig(path=str(folder), mode="watch", poll_interval_s=0.05))
+    src.open()
+    src.probe()                                       # there: nothing to say
+    folder.rename(tmp_path / "away")
+    with pytest.raises(SourceError, match="parts: the folder is gone"):
+        src.probe()
+    folder.mkdir()                    # another folder under its name (a share unmounted: its empty mount point)
+    with pytest.raises(SourceError, match="the folder was replaced"):
+        src.probe()
+    src.open()                                        # the line's reopen takes the folder now there
+    src.probe()
+    src.close()
+    replay = FolderSource(FolderSourceConfig(path=str(folder)))
+    replay.open()
+    folder.rmdir()
+    replay.probe()                                    # a replay has read its list: nothing to watch
