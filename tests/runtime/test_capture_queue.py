@@ -228,11 +228,13 @@ class LaggedStream:
         pass
 
 
-@pytest.mark.parametrize("latency_ms, expected_scene", [(0, 1), (200, 2)])
+@pytest.mark.parametrize("latency_ms, expected_scene", [(0, 1), (500, 2)])
 def test_a_stream_behind_the_sensor_answers_the_trigger_with_a_frame_taken_after_it(latency_ms, expected_scene):
     """An IP camera's stream runs 100-500 ms behind its sensor: the first frame received after the trigger was
     taken before it (the previous part, value 1). With the stream's latency_ms the part's frame is one taken
-    after the trigger (value 2)."""
+    after the trigger (value 2). The stated latency is above the stream's real 200 ms, as an installer's margin
+    would be: a frame whose thread was held up between its decode and its time stamp (a loaded machine) is then
+    still one taken after the trigger."""
     from edge_runtime.sources.video_source import VideoSource, VideoSourceConfig
 
     stream = LaggedStream(lag_s=0.2)
