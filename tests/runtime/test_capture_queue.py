@@ -194,7 +194,7 @@ def test_a_triggered_frozen_stream_faults_the_part_but_a_still_scene_between_par
         assert _part(src) is not None
         time.sleep(0.05)                              # identical frames while the line waits: no fault
         stream.scene = 2                              # the next part arrives
-        time.sleep(0.02)
+        time.sleep(0.2)                               # (a frame of the old scene still in flight is long gone)
         assert _part(src) is not None
         time.sleep(0.02)                              # the encoder sticks: the part changes, the picture does not
         with pytest.raises(SourceError, match="repeats an earlier one"):
