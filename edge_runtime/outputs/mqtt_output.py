@@ -42,6 +42,10 @@ from edge_runtime.records import InspectionResult
 log = logging.getLogger(__name__)
 
 _TOPIC_FORBIDDEN = set("+#\0")
+# A connection the broker drops this soon after it began, SHORT_SESSIONS_TO_WARN times in a row, looks like another
+# client taking the client id over (mosquitto drops the older session at once; both reconnect within a second).
+SHORT_SESSION_S = 10.0
+SHORT_SESSIONS_TO_WARN = 3
 
 
 @dataclass(kw_only=True)
@@ -170,6 +174,9 @@ class MqttOutput(Output):
         self.reconnects = 0           # connections made after the first
         self.ignored_retained = 0     # retained commands the broker replayed, not acted on
         self.connections = 0
+        self._connected_since = 0.0       # time.monotonic() of the last connect
+        self._short_sessions = 0          # connections in a row that the broker dropped soon after they began
+        self._takeover_logged_at = -1e9
         self.last_error: str | None = None
         self._drop_logged_at = 0.0
         # (payload, queued_at, line tag), not yet committed; the tag is '' here, a line's name in StationMqtt.
@@ -426,6 +433,7 @@ class MqttOutput(Output):
             raise ConnectionError(f"{cfg.host}:{cfg.port}: broker refused: {rc}" if rc else
                                   f"{cfg.host}:{cfg.port}: no CONNACK within {cfg.connect_timeout_s:g} s")
         self._connected = True
+        self._connected_since = time.monotonic()
         self.connections += 1
         if self.connections > 1:
             self.reconnects += 1
@@ -509,6 +517,22 @@ class MqttOutput(Output):
             self._wake.wait(0.5)
         self._note_error("connection lost" + (f" ({len(inflight)} records unacknowledged, resent on reconnect)"
                                               if inflight else ""))
+        if not self._stop.is_set():
+            self._note_short_session(time.monotonic() - self._connected_since)
+
+    def _note_short_session(self, lasted_s: float) -> None:
+        """A broker drops an MQTT 3.1.1 session without a reason when another client connects with its client id:
+        two stations with one topic_prefix (the default client id comes from it) take the connection from each
+        other every second or two, their retained states alternating ready / offline / fault for every consumer
+        (probe 63). Each side sees only 'connection lost', so say what the pattern means."""
+        self._short_sessions = self._short_sessions + 1 if lasted_s < SHORT_SESSION_S else 0
+        now = time.monotonic()
+        if self._short_sessions >= SHORT_SESSIONS_TO_WARN and now - self._takeover_logged_at > 60.0:
+            self._takeover_logged_at = now
+            log.error("%s: the broker dropped the connection %d times in a row within %g s of connecting: another "
+                      "client with client_id %r is probably taking it over each time (a second station with the "
+                      "same topic_prefix or client_id?); give each station its own", self.name,
+                      self._short_sessions, SHORT_SESSION_S, self.cfg.effective_client_id)
 
     def _publish_state(self, client, online: bool = True) -> list:
         """Publish the retained state; returns paho's MessageInfo of each message."""

@@ -297,3 +297,41 @@ def test_two_outputs_on_one_outbox_file_the_second_is_refused_naming_the_first(t
         first.close()
     second.start()   # the first has let go of it: a restart of the station takes its own outbox again
     second.close()
+
+
+def test_two_stations_on_one_client_id_are_named_as_the_cause_of_the_dropped_connections(tmp_path, broker, caplog):
+    """Probe 63: two stations with one topic_prefix (so one default client id) took the broker session from each
+    other every second or two, their retained states alternating for every consumer, and each logged only
+    'connection lost'. The repeated short sessions are now logged as an error naming the client id."""
+    import logging
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = make_output(tmp_path / "a", broker.port), make_output(tmp_path / "b", broker.port)
+    assert first.cfg.effective_client_id == second.cfg.effective_client_id
+    with caplog.at_level(logging.ERROR, logger="edge_runtime.outputs.mqtt_output"):
+        first.start()
+        second.start()
+        try:
+            deadline = time.monotonic() + 60
+            while "taking it over each time" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            first.close()
+            second.close()
+    assert f"another client with client_id {first.cfg.effective_client_id!r} is probably taking it over" in caplog.text
+
+
+def test_one_station_alone_keeps_its_connection_and_logs_no_takeover(tmp_path, broker, caplog):
+    import logging
+
+    out = make_output(tmp_path, broker.port)
+    with caplog.at_level(logging.ERROR, logger="edge_runtime.outputs.mqtt_output"):
+        out.start()
+        try:
+            for i in range(3):
+                out.publish(make_result(i))
+            time.sleep(3)
+        finally:
+            out.close()
+    assert out.connections == 1 and "taking it over" not in caplog.text
