@@ -59,6 +59,8 @@ class Outbox:
             columns = [row[1] for row in self._db.execute("PRAGMA table_info(outbox)")]
             if "line" not in columns:   # an outbox written before records were tagged: all of its records are untagged
                 self._db.execute("ALTER TABLE outbox ADD COLUMN line TEXT NOT NULL DEFAULT ''")
+            # Who queued the records: a station publishes only records queued under its own topic prefix.
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self._size = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         except BaseException:
             os.close(self._lock_fd)
@@ -126,6 +128,23 @@ class Outbox:
             self._size -= deleted
             self.counters.acknowledged += deleted
             return deleted
+
+    def claim(self, topic_prefix: str) -> str | None:
+        """Record that this outbox's records are queued under `topic_prefix`. Returns the prefix its queued records
+        were queued under when that is another one (nothing is changed then), else None. An outbox reopened under
+        another prefix (a station file's prefix edited, a state_dir copied to another station) had published the
+        old records as the new prefix's results (probe 63)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'topic_prefix'").fetchone()
+            if row is not None and row[0] != topic_prefix and self._size:
+                return str(row[0])
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('topic_prefix', ?)", (topic_prefix,))
+            return None
+
+    def line_tags(self) -> set[str]:
+        """The line tags of the queued records ('' for a single-line station's)."""
+        with self._lock:
+            return {str(row[0]) for row in self._db.execute("SELECT DISTINCT line FROM outbox")}
 
     def oldest_queued_at(self) -> float | None:
         with self._lock:

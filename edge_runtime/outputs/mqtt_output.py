@@ -214,6 +214,12 @@ class MqttOutput(Output):
             self.outbox = Outbox(self.cfg.outbox, self.cfg.outbox_max_records, fsync=self.cfg.outbox_fsync)
         except Exception as exc:  # sqlite3.Error, OSError
             raise OutputError(f"{self.name}: outbox {self.cfg.outbox}: cannot open: {exc}") from exc
+        foreign = self._foreign_records()
+        if foreign is not None:
+            self.outbox.close()
+            self.outbox = None
+            raise OutputError(f"{self.name}: outbox {self.cfg.outbox}: {foreign}; deliver them from a station with "
+                              "that configuration, or move the outbox away to drop them")
         if len(self.outbox):
             log.info("%s: %d records from before the restart wait in the outbox", self.name, len(self.outbox))
         self._stop.clear()
@@ -444,6 +450,24 @@ class MqttOutput(Output):
         for topic in self._subscriptions():
             client.subscribe(topic, qos=1)
         return client
+
+    def _foreign_records(self) -> str | None:
+        """Why the queued records are not this output's to publish, or None: queued under another topic prefix,
+        or tagged by line (a multi-line station's) while this output publishes every record as <prefix>/result."""
+        assert self.outbox is not None
+        other = self.outbox.claim(self.cfg.topic_prefix)
+        if other is not None:
+            return (f"its {len(self.outbox)} records were queued under topic_prefix {other!r}, not this station's "
+                    f"{self.cfg.topic_prefix!r}")
+        tagged = sorted(t for t in self.outbox.line_tags() if t)
+        if tagged and not self._publishes_line_tags():
+            return (f"its records belong to lines {', '.join(tagged[:5])} of a multi-line station, and this station "
+                    "would publish them all as its one line's results")
+        return None
+
+    def _publishes_line_tags(self) -> bool:
+        """True where records tagged by line go to their line's topic (the station's shared connection)."""
+        return False
 
     # -- what a subclass (the station's shared connection, mqtt_station.py) changes ---------------------------
     def _will(self) -> tuple[str, str]:

@@ -307,6 +307,9 @@ class StationMqtt(MqttOutput):
     def publish(self, result: InspectionResult) -> None:   # pragma: no cover - records come through LineMqtt
         raise OutputError(f"{self.name}: the station's connection takes records through a line (LineMqtt)")
 
+    def _publishes_line_tags(self) -> bool:
+        return True
+
     def _result_topic(self, line: str) -> str:
         adapter = self.lines.get(line)
         # A record from an outbox written under another line layout (a line renamed or removed): keep its tag.

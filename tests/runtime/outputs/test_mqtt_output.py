@@ -335,3 +335,28 @@ def test_one_station_alone_keeps_its_connection_and_logs_no_takeover(tmp_path, b
         finally:
             out.close()
     assert out.connections == 1 and "taking it over" not in caplog.text
+
+
+def test_an_outbox_queued_under_another_prefix_or_by_lines_is_not_published_as_this_stations(tmp_path):
+    """Probe 63: an outbox reopened under another topic_prefix (a prefix edited, a state_dir copied) published its
+    records as the new prefix's results, and a multi-line station's outbox reopened by a single-line one published
+    every line's records as that station's. Such an outbox is refused at start, naming why; nothing is sent."""
+    from edge_runtime.outputs.mqtt_outbox import Outbox
+
+    path = tmp_path / "outbox.sqlite"
+    old = Outbox(str(path), 100)
+    assert old.claim("acme/plant1/line9/station2") is None
+    old.append(b'{"frame_id": 0, "verdict": "OK"}', time.time())
+    old.close()
+    out = make_output(tmp_path, mb.free_port())          # PREFIX, another station's name
+    with pytest.raises(OutputError, match=r"1 records were queued under topic_prefix 'acme/plant1/line9/station2', "
+                                          r"not this station's 'acme/plant1/line3/station7'"):
+        out.start()
+    reopened = Outbox(str(path), 100)                    # the lock was released; the records are still there
+    assert len(reopened) == 1
+    reopened.ack([s for s, *_ in reopened.peek(0, 10)])
+    assert reopened.claim(PREFIX) is None                # empty: any station may take it over
+    reopened.append(b'{"frame_id": 1, "verdict": "OK"}', time.time(), line="left")
+    reopened.close()
+    with pytest.raises(OutputError, match="its records belong to lines left of a multi-line station"):
+        make_output(tmp_path, mb.free_port()).start()
