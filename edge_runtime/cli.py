@@ -106,7 +106,7 @@ def check_against_bundles(cfg) -> tuple[list[str], list[str]]:
     from edge_runtime.bundle_policy import check_admission
     from edge_runtime.bundle_versions import load_station_bundle
     from edge_runtime.lines_config import line_station_configs
-    from edge_runtime.recipes import recipe_station_config
+    from edge_runtime.recipes import check_distinct_product, recipe_station_config
     from edge_runtime.rollout import planned_start_bundle
     from edge_runtime.schema import ConfigError
 
@@ -151,6 +151,15 @@ def check_against_bundles(cfg) -> tuple[list[str], list[str]]:
             finally:
                 if bundle is not None:
                     bundle.release()   # the verified bytes: validate only checks them
+        for r in recipes:   # each recipe its own product's bundle: the daemon refuses a pair it cannot tell apart
+            try:
+                mine = Bundle.load(r.bundle, verify=False)
+            except (BundleError, OSError):
+                continue   # reported above as missing
+            try:
+                check_distinct_product(c.recipes, r, mine)
+            except BundleError as exc:
+                raise ConfigError(f"{line}the daemon would refuse bundle {r.bundle}: {exc}") from None
     return missing, notes
 
 

@@ -105,6 +105,31 @@ class RecipesConfig:
         return None
 
 
+def check_distinct_product(cfg: RecipesConfig, recipe: RecipeConfig, bundle) -> None:
+    """Refuse (BundleError) the bundle of `recipe` when another recipe's bundle folder holds a bundle of the same
+    product (or the same bundle): the station could not tell which product each recipe inspects, and a PLC that
+    selects one product would get the other's verdicts acknowledged as its own (probe 64: recipe cap-b's folder
+    held cap-a's bundle, no recipe named a `product:`; Modbus register 7 read 2, status 2 'verified and active', and
+    cap-b's parts were inspected OK with cap-a's bundle). Checked on every load and switch, whatever `product:`
+    says, so it holds where no recipe names one; a folder that cannot be read is checked when it is loaded."""
+    from edge_runtime.bundle import Bundle, BundleError
+
+    for other in cfg.recipes:
+        if other.name == recipe.name:
+            continue
+        try:
+            theirs = Bundle.load(other.bundle, verify=False)
+        except (BundleError, OSError):
+            continue
+        same_id = theirs.bundle_id == bundle.bundle_id
+        if same_id or (bundle.product is not None and theirs.product == bundle.product):
+            what = f"the same bundle ({bundle.bundle_id})" if same_id else f"a bundle of the same product {bundle.product!r}"
+            raise BundleError(f"recipe {recipe.name}: its bundle ({bundle.root}) and recipe {other.name}'s "
+                              f"({other.bundle}) are {what}: the station cannot tell which product each recipe "
+                              "inspects; give each recipe its own product's bundle (edge-export fit --product) and "
+                              "name it in the recipe's `product:`")
+
+
 def resolve_recipe_paths(recipes: RecipesConfig | None, key: str, absolute: Callable[[str, str], str]) -> None:
     if recipes is None:
         return
@@ -281,6 +306,7 @@ class RecipeSwitcher:
         from edge_runtime import bundle_loader
 
         pipeline = bundle_loader.load_pipeline(self.recipe_cfg(recipe), load_threads=load_threads)
+        check_distinct_product(self.cfg, recipe, pipeline.bundle)
         self._pipelines[recipe.name] = pipeline
         return pipeline
 
@@ -560,6 +586,8 @@ class RecipeSwitcher:
                 self._pipelines.pop(recipe.name, None)
                 cached = None
             if cached is not None:
+                # Another recipe's folder may have been given this product's bundle since this one was loaded.
+                check_distinct_product(self.cfg, recipe, cached.bundle)
                 # Loaded and verified before, and still what is on disk: prove the model in memory still
                 # reproduces its golden scores.
                 failures = bundle_loader.golden_check(cached.bundle, cached)

@@ -209,6 +209,36 @@ def test_a_preloaded_recipe_is_switched_to_as_its_folder_is_now(two_products, wr
     assert refused.verdict is Verdict.FAULT and "does not match the manifest" in station.fault_reason
 
 
+def test_a_recipe_whose_folder_holds_another_recipes_product_is_refused_not_switched_to(
+        two_products, write_station, part_images_bytes, start_station, tmp_path, capsys):
+    """Probe 64: no recipe named a `product:`, and cap-b's folder was given cap-a's bundle (a copy to the wrong
+    folder). The switch to cap-b was 'verified and active' (Modbus register 7 read 2, status 2) and cap-b's parts
+    were inspected, OK, with cap-a's bundle. Now the switch fails (FAULT), and validate refuses the station file."""
+    from edge_runtime.cli import main as runtime_main
+
+    a, b = two_products
+    cfg = recipe_station(write_station, two_products)
+    rec = RecipeRecorder()
+    source = ScriptedSource(steps=part_images_bytes)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec])
+    station = running.station
+    wait_until(lambda: rec.ready and station.line.recipes.status == "ok", what="ready")
+    shutil.rmtree(b)
+    shutil.copytree(a, b)                                   # cap-a's bundle installed in cap-b's folder
+    station.line.recipes.request("cap-b", "test")
+    wait_until(lambda: station.line.recipes.status in ("ok", "failed") and station.line.recipes.switching_to is None
+               and station.line.recipes._pending is None and station.line.recipes.switches +
+               station.line.recipes.switch_failures > 0, what="the switch to end")
+    result = fire_and_wait(station, rec)
+    running.stop()
+    assert station.line.recipes.status == "failed" and station.line.recipes.active.name == "cap-a"
+    assert result.verdict is Verdict.FAULT and "recipe cap-a's" in station.fault_reason
+    capsys.readouterr()
+    assert runtime_main(["validate", str(tmp_path / "station.yaml")]) == 2
+    assert "the same bundle" in capsys.readouterr().err
+
+
 def test_modbus_register_selects_and_registers_acknowledge(two_products, write_station, part_images_bytes,
                                                            free_port, start_station):
     from pymodbus.client import ModbusTcpClient
