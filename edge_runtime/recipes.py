@@ -82,6 +82,14 @@ class RecipesConfig:
             for v in values:
                 if values.count(v) > 1:
                     raise ValueError(f"recipes: two recipes have {key} {v!r}")
+        for r in self.recipes:
+            other = next((o for o in self.recipes if o is not r and str(o.number) == r.name), None)
+            if other is not None:
+                # find() takes a name or a number: the PLC's register or select lines reading other.number (and
+                # serial RCP, MQTT, OPC UA naming it) would select this recipe, another product (probe 64).
+                raise ValueError(f"recipes: recipe {r.name!r} (number {r.number}) is named like recipe {other.name}'s "
+                                 f"number {other.number}: a request for {other.number} would select {r.name!r}; "
+                                 "rename it (a name that is a number must be the recipe's own number)")
         if self.initial is not None and self.initial not in [r.name for r in self.recipes]:
             raise ValueError(f"initial: expected one of {', '.join(r.name for r in self.recipes)}, got {self.initial!r}")
         if self.modbus_register is not None and not 16 <= self.modbus_register <= 31:

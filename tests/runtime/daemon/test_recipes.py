@@ -424,6 +424,18 @@ def test_recipe_errors_name_the_key(write_station, small_bundle):
             "modbus_register": 3, "recipes": [{"name": "a", "number": 1, "bundle": "x"}]}))
 
 
+def test_a_recipe_named_like_another_recipes_number_is_refused(write_station):
+    """Probe 64: recipes named by article number, {name: "2", number: 1} and {name: cap-b, number: 2}. The PLC wrote
+    2 to the recipe register; find("2") took the recipe *named* 2, product cap-a, 'verified and active' (status 2),
+    and cap-b's parts were inspected OK with cap-a's bundle (a GPIO controller's ACK rises the same way)."""
+    with pytest.raises(ConfigError, match=r"recipe '2' \(number 1\) is named like recipe cap-b's number 2"):
+        load_station(write_station(source={"type": "scripted"}, recipes={"recipes": [
+            {"name": "2", "number": 1, "bundle": "x"}, {"name": "cap-b", "number": 2, "bundle": "y"}]}))
+    cfg = load_station(write_station(source={"type": "scripted"}, recipes={"recipes": [   # its own number: fine
+        {"name": "2", "number": 2, "bundle": "x"}, {"name": "cap-b", "number": 1, "bundle": "y"}]}))
+    assert cfg.recipes.find(2).name == "2" and cfg.recipes.find(1).name == "cap-b"
+
+
 def test_serial_rcp_switches_and_is_acknowledged_on_the_wire(two_products, write_station, part_images_bytes,
                                                               start_station):
     import os
