@@ -172,7 +172,8 @@ class MqttOutput(Output):
         self._thread: threading.Thread | None = None
         self.published = 0            # records acknowledged by the broker
         self.reconnects = 0           # connections made after the first
-        self.ignored_retained = 0     # retained commands the broker replayed, not acted on
+        self.ignored_retained = 0     # retained commands the broker replayed, or empty ones (deleting a retained
+        #                               command), not acted on
         self.connections = 0
         self._connected_since = 0.0       # time.monotonic() of the last connect
         self._short_sessions = 0          # connections in a row that the broker dropped soon after they began
@@ -418,6 +419,15 @@ class MqttOutput(Output):
                 self.ignored_retained += 1
                 log.warning("%s: retained command on %s ignored (commands are acted on only when sent live; clear "
                             "it with an empty retained message)", self.name, msg.topic)
+                return
+            if not msg.payload:
+                # An empty message is MQTT's way of deleting a retained one, and a subscriber already there gets
+                # it live (retain flag cleared), like every message: clearing a retained trigger as the warning
+                # above says had fired a second capture, a record for a part nobody triggered (probe 65). No
+                # command is empty (a trigger's payload may be anything else, e.g. {"id": ...}).
+                self.ignored_retained += 1
+                log.warning("%s: empty message on %s ignored (it deletes a retained command; a command needs a "
+                            "payload)", self.name, msg.topic)
                 return
             try:
                 self._on_command(msg.topic, bytes(msg.payload))

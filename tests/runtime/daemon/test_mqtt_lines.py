@@ -95,7 +95,7 @@ def test_a_trigger_command_reaches_the_line_it_names(small_bundle, flange_test_f
         assert sub.wait_for(lambda s: all(s.payloads(f"{PREFIX}/{n}/state") and json.loads(
             s.payloads(f"{PREFIX}/{n}/state")[-1])["state"] == "ready" for n in ("left", "right")), timeout=60)
         for _ in range(2):
-            sub.client.publish(f"{PREFIX}/right/cmd/trigger", b"", qos=1)
+            sub.client.publish(f"{PREFIX}/right/cmd/trigger", b"go", qos=1)
         assert sub.wait_for(lambda s: len(s.payloads(f"{PREFIX}/right/result")) >= 2, timeout=60)
         time.sleep(0.5)
         assert sub.payloads(f"{PREFIX}/left/result") == [], "the command named the right line only"

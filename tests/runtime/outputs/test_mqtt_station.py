@@ -94,11 +94,11 @@ def test_commands_reach_the_line_they_name(tmp_path, broker):
     try:
         assert ctl.wait_for(lambda s: station._connected)
         time.sleep(0.3)   # the SUBACK of the station's command subscription
-        ctl.client.publish(f"{PREFIX}/right/cmd/trigger", b"", qos=1)
+        ctl.client.publish(f"{PREFIX}/right/cmd/trigger", b"go", qos=1)
         ctl.client.publish(f"{PREFIX}/right/cmd/rollout", b'{"bundle": "/b/v7"}', qos=1)
         ctl.client.publish(f"{PREFIX}/left/cmd/recipe", b"2", qos=1)      # no recipes on left: refused, counted
         ctl.client.publish(f"{PREFIX}/right/cmd/recipe", b"2", qos=1)     # a number selects by number
-        ctl.client.publish(f"{PREFIX}/nosuchline/cmd/trigger", b"", qos=1)
+        ctl.client.publish(f"{PREFIX}/nosuchline/cmd/trigger", b"go", qos=1)
         assert ctl.wait_for(lambda s: fired and rollout and station.adapter("left").commands_refused == 1)
         time.sleep(0.3)
         assert fired == ["right"] and rollout == [("rollout", b'{"bundle": "/b/v7"}')]
@@ -125,11 +125,50 @@ def test_a_retained_command_is_never_acted_on_only_a_live_one(tmp_path, broker):
         assert ctl.wait_for(lambda s: station._connected)
         assert ctl.wait_for(lambda s: station.ignored_retained == 1), "the broker's replay was not seen"
         assert fired == []
-        ctl.client.publish(f"{PREFIX}/right/cmd/trigger", b"", qos=1)
+        ctl.client.publish(f"{PREFIX}/right/cmd/trigger", b"go", qos=1)
         assert ctl.wait_for(lambda s: fired == ["right"])
         assert station.counters()["mqtt_retained_commands_ignored"] == 1
     finally:
         ctl.client.publish(f"{PREFIX}/right/cmd/trigger", b"", qos=1, retain=True)   # clears the retained one
+        ctl.close()
+        for name in ("left", "right"):
+            station.adapter(name).close()
+
+
+def test_clearing_a_retained_command_is_no_command(tmp_path, broker):
+    """Probe 65: a trigger published retained while the station is subscribed reaches it live (the broker clears
+    the retain flag for subscribers already there) and fires once; clearing it afterwards, with the empty retained
+    message the station's own warning tells the operator to send, reached the station as a live empty trigger and
+    fired a second capture: a result record for a part nobody triggered (right.jsonl held frames 0 and 1). An empty
+    message is how MQTT deletes a retained one; it is no command (trigger, recipe or rollout)."""
+    station = make_station(tmp_path, broker.port, allow_trigger=True, allow_recipe=True)
+    fired, recipes, rollout = [], [], []
+
+    class Switcher:
+        def request(self, key, origin):
+            recipes.append((key, origin))
+            return False, "unknown"
+
+    station.adapter("right").bind_trigger(lambda: fired.append("right"))
+    station.adapter("right").bind_recipes(Switcher())
+    station.adapter("left").bind_commands(lambda topic, payload: rollout.append((topic, payload)))
+    for name in ("left", "right"):
+        station.adapter(name).start()
+    ctl = mb.Subscriber(broker.port, [], client_id="controller", persistent=False)
+    try:
+        assert ctl.wait_for(lambda s: station._connected)
+        time.sleep(0.3)   # the SUBACK of the station's command subscription
+        ctl.client.publish(f"{PREFIX}/right/cmd/trigger", b"go", qos=1, retain=True).wait_for_publish(10)
+        assert ctl.wait_for(lambda s: fired == ["right"]), "a live trigger (retained by mistake) fires once"
+        for topic in ("right/cmd/trigger", "right/cmd/recipe", "left/cmd/rollout"):
+            ctl.client.publish(f"{PREFIX}/{topic}", b"", qos=1, retain=True).wait_for_publish(10)
+        marker = b'{"bundle": "/b/v7"}'   # a live command after them: once it is in, so are they
+        ctl.client.publish(f"{PREFIX}/left/cmd/rollout", marker, qos=1).wait_for_publish(10)
+        assert ctl.wait_for(lambda s: ("rollout", marker) in rollout)
+        assert fired == ["right"] and recipes == [] and rollout == [("rollout", marker)], \
+            "the empty retained messages (clearing) were taken as commands"
+        assert station.counters()["mqtt_retained_commands_ignored"] == 3
+    finally:
         ctl.close()
         for name in ("left", "right"):
             station.adapter(name).close()
