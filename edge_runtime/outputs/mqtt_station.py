@@ -50,6 +50,21 @@ class StationMqttConfig(MqttConfig):
     allow_trigger: bool = False    # <prefix>/<line>/cmd/trigger fires that line's `software` trigger
     allow_recipe: bool = False     # <prefix>/<line>/cmd/recipe (payload: recipe name or number) selects a recipe
 
+    def warnings(self) -> list[str]:
+        found = super().warnings()
+        allowed = [key for key, on in (("allow_trigger", self.allow_trigger), ("allow_recipe", self.allow_recipe)) if on]
+        if allowed and not self.username and not self.tls_cert:
+            # The station cannot tell who published a command: only the broker can. A station that connects
+            # without credentials is on a broker that takes anonymous clients, so any of them can (probe 65:
+            # validate said "valid" with no warning, where the OPC UA server's PrepareRecipe is warned about).
+            what = " and ".join(w for key, w in (("allow_trigger", "trigger captures"),
+                                                  ("allow_recipe", "change a line's product")) if key in allowed)
+            found.append(f"{'/'.join(allowed)}: the station connects to {self.host} without credentials (no "
+                         f"username or tls_cert), so the broker takes anonymous clients: any of them can {what} "
+                         f"through {self.topic_prefix}/<line>/cmd/; let only the line controller publish there "
+                         "(broker ACL) and give the station a username")
+        return found
+
 
 def validate_station_mqtt(mqtt: StationMqttConfig | None, outputs: list, lines: list) -> None:
     """Checks across the station file (StationConfig.validate): where MQTT may be declared, and line names."""

@@ -174,6 +174,22 @@ def test_clearing_a_retained_command_is_no_command(tmp_path, broker):
             station.adapter(name).close()
 
 
+def test_commands_allowed_on_an_anonymous_connection_are_warned_about():
+    """Probe 65: allow_trigger and allow_recipe on a station that connects without credentials (so to a broker that
+    takes anonymous clients) passed validate with no warning, while any anonymous client could change the line's
+    product over <prefix>/<line>/cmd/recipe (the OPC UA PrepareRecipe without users is warned about)."""
+    def warned(**kw) -> list[str]:
+        cfg = StationMqttConfig(host="127.0.0.1", topic_prefix=PREFIX, **kw)
+        cfg.validate()
+        return [w for w in cfg.warnings() if "cmd/" in w]
+
+    assert warned() == []
+    found = warned(allow_recipe=True)
+    assert len(found) == 1 and "change a line's product" in found[0] and "anonymous" in found[0]
+    assert "trigger captures" in warned(allow_trigger=True)[0]
+    assert warned(allow_recipe=True, allow_trigger=True, username="station7") == []
+
+
 def test_full_outbox_drops_the_oldest_of_any_line_counted_per_line(tmp_path):
     port = mb.free_port()   # the broker is down
     station = make_station(tmp_path, port, outbox_max_records=10)
