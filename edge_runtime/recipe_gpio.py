@@ -8,7 +8,9 @@ The handshake, as a PLC programmer sees it (`recipes.gpio` in the station file):
     ACK           ‾‾‾‾‾‾‾|_____________________|‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾   dropped at the strobe, raised when the recipe
     READY (gpio)  ‾‾‾‾‾‾‾‾|____________________|‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾   strobed last is verified and active
 
-The select lines must be stable before STROBE rises (the kernel debounces every input by `debounce_ms`). A strobe
+The select lines must be stable before STROBE rises (the kernel debounces every input by `debounce_ms`); they are
+read at the strobe and again `debounce_ms` (at least 2 ms) later, and two different numbers are a FAULT naming
+both (lines still changing: 1 -> 2 read mid-change is 0 or 3, another recipe), never a switch. A strobe
 while a switch runs is queued like any request: the newest number wins, and ACK rises only for the switch the last
 strobe asked for. A number that is no recipe (0 included: no select line set) puts the line in FAULT with a message
 naming the number, and ACK stays low until a strobe selects a recipe that switches well. The lines are behind a
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -176,13 +179,23 @@ class RecipeGpioSelector:
     def on_strobe(self) -> None:
         """STROBE rose (the watcher's thread): the select lines hold the number."""
         number = self.read_number()
+        # Read again one debounce period later: lines still settling (a PLC that sets them and STROBE in one scan,
+        # a slow relay) can read as a number between the old and the new, another product's recipe, and ACK would
+        # rise for it (probe 65, by reading).
+        time.sleep(max(self.cfg.debounce_ms, 2.0) / 1000.0)
+        again = self.read_number()
+        key: int | str = number
+        if again != number:
+            key = f"select lines changing ({number}, then {again})"
+            number = again
         with self._lock:
             self.strobes += 1
             self._generation += 1
             generation = self._generation
             self.lines.set_ack(False)
         origin = f"gpio strobe (select lines read {number})"
-        waiter = self.switcher.submit(number, origin, fault_if_unknown=True, from_plc=True)
+        # An unsteady reading is no recipe: the line FAULTs naming both numbers until a steady strobe.
+        waiter = self.switcher.submit(key, origin, fault_if_unknown=True, from_plc=True)
         waiter.add_done_callback(lambda f: self._outcome(generation, f))
 
     def _outcome(self, generation: int, waiter) -> None:

@@ -586,6 +586,8 @@ class FakeRecipeLines:
         self.ack_history: list[bool] = []
         self.on_strobe = None
         self.released = False
+        self.reads = 0
+        self.settle_after_first_read: int | None = None   # the lines read at the strobe change to this just after
 
     def request(self, cfg) -> None:
         self.cfg = cfg
@@ -596,6 +598,12 @@ class FakeRecipeLines:
         self.on_strobe = on_strobe
 
     def read(self, offsets):
+        self.reads += 1
+        if self.settle_after_first_read is not None and self.reads == 1:
+            values = [self.inputs[o] for o in offsets]
+            for i, offset in enumerate(self.cfg.select):     # the lines finish changing after the first read
+                self.inputs[offset] = bool(self.settle_after_first_read >> i & 1)
+            return values
         return [self.inputs[o] for o in offsets]
 
     def set_ack(self, asserted: bool) -> None:
@@ -697,6 +705,28 @@ def test_gpio_number_that_is_no_recipe_faults_the_line_naming_it(two_products, w
     wait_until(lambda: fake_recipe_lines.ack, what="ACK")
     assert station.line.recipes.status == "ok" and rec.ready
     assert fire_and_wait(station, rec).bundle_id == IDS["cap-a"]
+    running.stop()
+
+
+def test_gpio_select_lines_still_changing_at_the_strobe_fault_the_line_never_switch(
+        two_products, write_station, part_images_bytes, start_station, fake_recipe_lines):
+    """The PLC goes from recipe 1 (01) to 2 (10) and strobes while the lines change: read once, 11 = 3 (or 00 = 0)
+    could be another product's recipe, and ACK would rise for it. Two reads one debounce apart that differ are a
+    FAULT naming both numbers; a steady strobe then switches."""
+    running, rec = _gpio_station(two_products, write_station, part_images_bytes, start_station)
+    station = running.station
+    wait_until(lambda: fake_recipe_lines.on_strobe is not None, what="the strobe watched")
+    fake_recipe_lines.reads = 0
+    fake_recipe_lines.settle_after_first_read = 2
+    fake_recipe_lines.select(1)                     # read as 1 at the strobe, 2 a debounce period later
+    wait_until(lambda: station.line.recipes.status == "failed", what="the FAULT")
+    assert "select lines changing (1, then 2)" in station.fault_reason and fake_recipe_lines.ack is False
+    assert fire_and_wait(station, rec).verdict is Verdict.FAULT
+    fake_recipe_lines.settle_after_first_read = None
+    fake_recipe_lines.select(2)                     # steady: switched, ACK
+    wait_until(lambda: fake_recipe_lines.ack, what="ACK")
+    assert station.line.recipes.active.name == "cap-b"
+    assert fire_and_wait(station, rec).bundle_id == IDS["cap-b"]
     running.stop()
 
 
