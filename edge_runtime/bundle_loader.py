@@ -106,9 +106,14 @@ def check_station_against(cfg: StationConfig, bundle: Bundle) -> None:
         bundle.geometry.with_overrides(tuple(cfg.roi) if cfg.roi is not None else None, cfg.size_policy)
     except ValueError as exc:
         raise StationMismatch(f"station file {exc}") from None
+    try:
+        # inference.precision names a variant the bundle must hold: an int8-only bundle under `precision: fp32`
+        # was "valid" at validate and then FAULTed every part (probe 66).
+        variant = bundle.variant(cfg.inference.precision)
+    except BundleError as exc:
+        raise StationMismatch(f"station file inference.precision: {exc}") from None
     review = cfg.inference.review_threshold
     if review is not None:
-        variant = bundle.variant(cfg.inference.precision)
         if not 0 < review < variant.threshold:
             raise StationMismatch(f"station file inference.review_threshold: {review} must lie between 0 and the "
                                   f"bundle's {variant.name} threshold {variant.threshold:.4f} (REVIEW is the band "

@@ -183,3 +183,16 @@ def test_a_station_may_widen_the_bundles_review_band_never_narrow_it(small_bundl
         check_station_against(narrower, bundle)
     wider = load_station(station(tmp_path, copy, **{"inference.review_threshold": threshold * 0.7}))
     check_station_against(wider, bundle)
+
+
+def test_a_precision_the_bundle_does_not_hold_is_invalid(device_bundle, tmp_path, capsys):
+    """Probe 66: `inference.precision: fp32` on an int8-only bundle was "valid" at validate, and the daemon then
+    answered every part FAULT ("no variant 'fp32'")."""
+    variants = set(Bundle.load(device_bundle, verify=False).manifest["variants"])
+    missing = next(p for p in ("fp32", "int8") if p not in variants)
+    out = station(tmp_path, device_bundle, **{"inference.precision": missing})
+    capsys.readouterr()
+    assert runtime_main(["validate", str(out)]) == 2
+    assert "station file inference.precision" in capsys.readouterr().err
+    with pytest.raises(StationMismatch, match=r"^station file inference.precision:"):
+        load_pipeline(load_station(out))
