@@ -170,6 +170,13 @@ class FrameCheckConfig:
         if not self.noise >= 1:
             raise ValueError(f"noise: must be >= 1, got {self.noise}")
 
+    def warnings(self) -> list[str]:
+        """What validate and the start log say about these settings (the check off is a choice, and must be seen)."""
+        if not self.enabled:
+            return ["frame_check.enabled: false: every frame is inspected whatever its brightness, sharpness and "
+                    "noise; a dim, blurred or noisy frame (lamp, focus, gain) can score low enough to pass"]
+        return []
+
 
 def check(q: FrameQuality, band: QualityBand, limits: FrameCheckConfig = FrameCheckConfig()) -> str | None:
     """Why this frame is too far from the training frames to be judged, or None."""

@@ -660,6 +660,8 @@ class Line:
     def start(self) -> None:
         """Frame counter opened, bundle loaded and self-tested. A bad bundle leaves the line alive in an explained
         FAULT state."""
+        for warning in self.cfg.frame_check.warnings():
+            log.warning(self._tag("%s"), warning)
         self._open_frame_counter()
         t0 = time.monotonic()
         if self.rollout is not None:   # the rolled-out bundle, or the previous one after a crash in probation

@@ -222,3 +222,21 @@ def test_a_malformed_band_turns_the_checks_off_and_says_so(device_bundle, caplog
     assert pipe.quality_band is None
     assert "the manifest's frame_quality is malformed: the frame check and the brightness, sharpness and noise " \
            "drift warnings are off" in caplog.text
+
+
+def test_the_frame_check_turned_off_is_warned_about_at_validate(tmp_path, device_bundle):
+    """Probe 66: `frame_check.enabled: false` validated and ran without a word, and a blurred frame got a verdict."""
+    import subprocess
+    import sys
+
+    station = tmp_path / "station.yaml"
+    body = f"bundle: {device_bundle}\nsource: {{type: folder, path: {tmp_path}}}\n"
+    station.write_text(body + "frame_check: {enabled: false}\n")
+    off = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "validate", str(station)], capture_output=True,
+                         text=True)
+    assert off.returncode == 0 and "warning:" in off.stderr and \
+        "frame_check.enabled: false: every frame is inspected whatever its brightness" in off.stderr
+    station.write_text(body)
+    on = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "validate", str(station)], capture_output=True,
+                        text=True)
+    assert on.returncode == 0 and "frame_check" not in on.stderr
