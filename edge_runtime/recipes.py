@@ -445,10 +445,21 @@ class RecipeSwitcher:
 
     def on_serial(self, line: str) -> bool:
         words = line.strip().split()
-        if len(words) == 2 and words[0].upper() == "RCP":
-            self.request(words[1], "serial")
+        if not words or words[0].upper() != "RCP":
+            return False
+        # Every RCP gets a line back: a PLC waiting for RCP ... OK|ERR before it triggers had timed out on one that
+        # changed nothing or was refused, silence it cannot tell from a lost line (probe 66). Those answers go to
+        # the serial requester only (recipe_reply); a switch is acknowledged to every output (recipe_changed), an
+        # unknown recipe too (poll()).
+        if len(words) != 2:
+            self.line.bus.notify("recipe_reply", 0, "-", "failed", None, "expected RCP <number|name>")
             return True
-        return False
+        accepted, message, queued = self._request(words[1], "serial", False, False, False)
+        recipe = self.cfg.find(words[1])
+        if recipe is not None and not queued:   # already active, or the PLC's register / select lines choose
+            self.line.bus.notify("recipe_reply", recipe.number, recipe.name, "ok" if accepted else "failed",
+                                 0.0 if accepted else None, None if accepted else message)
+        return True
 
     # ---- the line's loop ----------------------------------------------------------------------------------
     @property

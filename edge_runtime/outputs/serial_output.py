@@ -214,6 +214,10 @@ class SerialOutput(Output):
         tail = f" {_ascii_reason(error)}" if error else (f" {ms:.0f}" if ms is not None else "")
         self._write_line(f"RCP {number} {_ascii_reason(name)} {word}{tail}")
 
+    def recipe_reply(self, number: int, name: str, status: str, ms: float | None, error: str | None) -> None:
+        """The answer to this port's own RCP that switched nothing (already active: OK 0; refused: ERR <reason>)."""
+        self.recipe_changed(number, name, status, ms, error)
+
     def _fault_line(self) -> str:
         return "ERR 0" if self._fault is None else f"ERR 1 {self._fault}"
 

@@ -473,6 +473,12 @@ def test_serial_rcp_switches_and_is_acknowledged_on_the_wire(two_products, write
         os.write(master, b"RCP 2\r\n")                # the PLC selects product 2
         text = read_until("RCP 2 cap-b OK")
         assert text.index("RCP 2 cap-b BUSY") < text.index("RCP 2 cap-b OK")
+        # Probe 66: an RCP that changes nothing, or is malformed, had no answer (a PLC waiting for one timed out).
+        received = b""
+        os.write(master, b"RCP cap-b\r\n")           # already active
+        read_until("RCP 2 cap-b OK 0")
+        os.write(master, b"RCP cap-b extra\r\n")
+        read_until("RCP 0 - ERR expected RCP <number|name>")
         os.write(master, b"TRG\r\n")
         read_until("RES ")
         running.stop()
