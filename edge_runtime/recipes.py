@@ -120,22 +120,46 @@ def check_distinct_product(cfg: RecipesConfig, recipe: RecipeConfig, bundle) -> 
     held cap-a's bundle, no recipe named a `product:`; Modbus register 7 read 2, status 2 'verified and active', and
     cap-b's parts were inspected OK with cap-a's bundle). Checked on every load and switch, whatever `product:`
     says, so it holds where no recipe names one; a folder that cannot be read is checked when it is loaded."""
-    from edge_runtime.bundle import Bundle, BundleError
+    from edge_runtime.bundle import BundleError
 
     for other in cfg.recipes:
         if other.name == recipe.name:
             continue
-        try:
-            theirs = Bundle.load(other.bundle, verify=False)
-        except (BundleError, OSError):
+        theirs = _bundle_identity(other.bundle)
+        if theirs is None:
             continue
-        same_id = theirs.bundle_id == bundle.bundle_id
-        if same_id or (bundle.product is not None and theirs.product == bundle.product):
+        same_id = theirs[0] == bundle.bundle_id
+        if same_id or (bundle.product is not None and theirs[1] == bundle.product):
             what = f"the same bundle ({bundle.bundle_id})" if same_id else f"a bundle of the same product {bundle.product!r}"
             raise BundleError(f"recipe {recipe.name}: its bundle ({bundle.root}) and recipe {other.name}'s "
                               f"({other.bundle}) are {what}: the station cannot tell which product each recipe "
                               "inspects; give each recipe its own product's bundle (edge-export fit --product) and "
                               "name it in the recipe's `product:`")
+
+
+# folder -> (manifest's stat signature, (bundle_id, product)): parsing a manifest takes ~40 ms, and every load and
+# switch asks about every other recipe's folder; a manifest changed, replaced or moved has another signature.
+_IDENTITIES: dict[str, tuple[tuple[int, int, int, int], tuple[str, str | None]]] = {}
+
+
+def _bundle_identity(folder: str) -> tuple[str, str | None] | None:
+    """(bundle_id, product) of the bundle in `folder` as its manifest says now, or None if it cannot be read."""
+    from edge_runtime.bundle import MANIFEST, Bundle, BundleError
+
+    try:
+        st = os.stat(os.path.join(folder, MANIFEST))
+    except OSError:
+        return None
+    signature = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    cached = _IDENTITIES.get(folder)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    try:
+        theirs = Bundle.load(folder, verify=False)
+    except (BundleError, OSError):
+        return None
+    _IDENTITIES[folder] = (signature, (theirs.bundle_id, theirs.product))
+    return _IDENTITIES[folder][1]
 
 
 def resolve_recipe_paths(recipes: RecipesConfig | None, key: str, absolute: Callable[[str, str], str]) -> None:
