@@ -250,6 +250,9 @@ class RecipeSwitcher:
             # Images that arrived before the last switch ended are still the previous product's after a restart
             # (a backlog in a watch folder): the guard survives it, or the resumed recipe would pass them.
             self.guard_wall = float(guard)
+            # That switch ended before this start: a frame captured from now on (monotonic) is after it, whatever
+            # the wall clock says (stepped back since, a guard saved under an RTC that ran years ahead).
+            self.guard_mono = time.monotonic()
         saved_active = self.cfg.find(doc.get("active", "")) if isinstance(doc.get("active"), str) else None
         recipe = saved_active
         requested = doc.get("requested")
@@ -727,7 +730,12 @@ class RecipeSwitcher:
             return "part triggered after a recipe switch was requested"
         if triggered_mono is not None and triggered_mono < self.guard_mono:
             return "part triggered during a recipe switch"
-        if captured_wall is not None and captured_wall < self.guard_wall:
+        # A frame handed over in this process is dated on the monotonic clock: on the wall clock, one stepped back
+        # after the switch (NTP) would date every later frame before it and fault them all, for as long as the step.
+        if captured_mono is not None:
+            if captured_mono < self.guard_mono:
+                return "frame captured during a recipe switch"
+        elif captured_wall is not None and captured_wall < self.guard_wall:
             return "frame captured during a recipe switch"
         if arrived_wall is not None and arrived_wall < self.guard_wall:
             return (f"image arrived {self.guard_wall - arrived_wall:.2f} s before the last recipe switch ended: it may "

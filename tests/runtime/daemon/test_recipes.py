@@ -1158,3 +1158,34 @@ def test_an_unknown_selection_faults_the_line_until_a_recipe_is_named(two_produc
     after = fire_and_wait(station, rec)
     running.stop()
     assert after.verdict is not Verdict.FAULT and after.bundle_id == IDS["cap-b"]
+
+
+def test_a_wall_clock_stepped_back_after_a_switch_does_not_fault_every_frame(two_products, write_station,
+                                                                             part_images_bytes, start_station,
+                                                                             monkeypatch, tmp_path):
+    """NTP stepping the wall clock back after a switch: a frame captured after the switch is after it on the
+    monotonic clock (a probe: a free-running line answered every part FAULT "frame captured during a recipe
+    switch" for an hour after a 1 h step back, READY up, and again after a restart, from the saved guard)."""
+    running, rec, switcher = started_on_cap_a(two_products, write_station, part_images_bytes, start_station)
+    switcher.request("cap-b", "plc")
+    wait_until(lambda: switcher.active.name == "cap-b" and switcher.status == "ok", what="cap-b active")
+    before_end = switcher.guard_mono - 0.01
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 3600.0)
+    assert switcher.stale(captured_wall=time.time(), captured_mono=time.monotonic()) is None
+    assert switcher.stale(captured_wall=time.time(), captured_mono=before_end) is not None   # still guarded
+    running.stop()
+    monkeypatch.setattr(time, "time", real)
+
+    # A guard saved while the clock ran years ahead (an RTC before NTP), restored at the next start.
+    state = tmp_path / "state2"
+    state.mkdir()
+    (state / "recipe_selected.json").write_text(json.dumps(
+        {"active": "cap-b", "plc": None, "requested": None, "guard_wall": time.time() + 10 * 365 * 86400.0}))
+    again, rec2 = start_recipe_line(two_products, write_station, part_images_bytes, start_station, state_dir=state)
+    switcher2 = again.station.line.recipes
+    wait_until(lambda: switcher2 is not None and switcher2.status == "ok" and rec2.ready, what="ready")
+    assert switcher2.active.name == "cap-b"
+    assert switcher2.stale(captured_wall=time.time(), captured_mono=time.monotonic()) is None
+    assert switcher2.stale(arrived_wall=time.time()) is not None   # a file's birth date cannot tell: FAULT, as before
+    again.stop()
