@@ -58,7 +58,7 @@ class Session:
     user: str
     role: str
     csrf: str
-    expires: float
+    expires: float   # time.monotonic(): NTP stepping the wall clock back must not keep a login alive for that long
 
 
 class Sessions:
@@ -82,7 +82,7 @@ class Sessions:
         if not (ok and user):
             return None
         sid = secrets.token_urlsafe(32)
-        s = Session(user.name, user.role, secrets.token_urlsafe(32), time.time() + self.timeout_s)
+        s = Session(user.name, user.role, secrets.token_urlsafe(32), time.monotonic() + self.timeout_s)
         with self._lock:
             self._sessions[sid] = s
         return sid, s
@@ -92,7 +92,7 @@ class Sessions:
             return None
         with self._lock:
             s = self._sessions.get(sid)
-            if s is not None and s.expires < time.time():
+            if s is not None and s.expires < time.monotonic():
                 del self._sessions[sid]
                 return None
             return s

@@ -85,7 +85,7 @@ class Feedback:
 
     def _keep(self, who: str, plan: Adaptation, frames: list[int], action: str, needs: str) -> str:
         """A preview kept for `PLAN_TTL_S`, to be applied once, as `action`, by a person whose role `needs` allows."""
-        now = time.time()
+        now = time.monotonic()   # not the wall clock: a step back (NTP) would keep a preview for as long as the step
         with self._lock:
             for k in [k for k, v in self._plans.items() if now - v[0] > PLAN_TTL_S]:
                 del self._plans[k]
@@ -96,6 +96,10 @@ class Feedback:
     def _apply(self, plan_id: str, who: str, action: str, role: str) -> dict:
         with self._lock:
             entry = self._plans.get(plan_id)
+            if entry is not None and time.monotonic() - entry[0] > PLAN_TTL_S:
+                # Expired, even when no later preview has purged it yet: the part history moved on since.
+                del self._plans[plan_id]
+                entry = None
             if entry is None:
                 raise FeedbackError("this preview has expired or was applied already; preview again")
             # The plan says what it is and who may apply it: an operator had applied an engineer's preview of a
