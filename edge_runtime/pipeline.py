@@ -26,7 +26,7 @@ from edge_runtime.geometry import cut_tiles, match_colour, region_of, to_canvas
 from edge_runtime.int8_kernels import check_quantization
 from edge_runtime.hnsw_graph import FaissHnswSearch, GraphError, read_hnsw_graph
 from edge_runtime.nn_search import ExactSearch, HnswSearch, IvfSearch, OnnxExactSearch
-from edge_runtime.preprocess import preprocess, to_tensor
+from edge_runtime.preprocess import canvas_of, preprocess, to_tensor
 from edge_runtime.records import Frame, InspectionResult, Verdict
 from edge_runtime.scoring import decide  # noqa: F401  (the decision stage, re-exported with the pipeline)
 
@@ -173,6 +173,19 @@ class Pipeline:
     def score_rgb(self, rgb: np.ndarray, name: str = "<frame>") -> Scored:
         return score_frame(self.score_tiles, self.geometry, rgb, name)
 
+    def refuse_quality(self, quality, name: str) -> None:
+        """ImageError when the frame check (the station file's `frame_check:`) refuses a frame of this quality."""
+        if self.quality_band is not None and self.frame_check.enabled:
+            refused = check_frame(quality, self.quality_band, self.frame_check)
+            if refused is not None:   # not a frame this bank can judge: never OK, never NG by accident
+                raise ImageError(f"{name}: frame check: {refused}")
+
+    def check_rgb(self, rgb: np.ndarray, name: str = "<frame>") -> None:
+        """ImageError when inspect() would FAULT this decoded frame before scoring it (its frame check): evaluate
+        and the calibration defects call it before score_rgb, so they score only what a station scores."""
+        if self.quality_band is not None and self.frame_check.enabled:
+            self.refuse_quality(measure_quality(canvas_of(rgb, self.geometry, name)[0]), name)
+
     # ---- one part, timed ------------------------------------------------------------------------------------
     def inspect(self, frame: Frame) -> InspectionResult:
         timings: dict[str, float] = {}
@@ -201,10 +214,7 @@ class Pipeline:
             tiles = cut_tiles(canvas, self.geometry)
             lap("geometry")
             quality = measure_quality(canvas)
-            if self.quality_band is not None and self.frame_check.enabled:
-                refused = check_frame(quality, self.quality_band, self.frame_check)
-                if refused is not None:   # not a frame this bank can judge: never OK, never NG by accident
-                    raise ImageError(f"{frame.source}: frame check: {refused}")
+            self.refuse_quality(quality, frame.source)
             lap("quality")
             # An INT8 graph that takes the pixels needs no float tensor (FeatureExtractor.takes_pixels).
             tensor = tiles if self.extractor.takes_pixels else to_tensor(tiles)

@@ -143,7 +143,13 @@ def evaluate(bundle_dir: Path, data_dir: Path, engine: str | None = None, knn: s
     faults = []
     for it in items:
         try:
-            result = scorer.score_rgb(load_image(it.path, bundle.shift_16bit), str(it.path))
+            rgb = load_image(it.path, bundle.shift_16bit)
+            # The station's frame check comes before the score: a frame it faults (too dark, blurred, noisy against
+            # the training frames) is a FAULT here too, not a score no station would give.
+            check = getattr(scorer, "check_rgb", None)
+            if check is not None:
+                check(rgb, str(it.path))
+            result = scorer.score_rgb(rgb, str(it.path))
         except ImageError as exc:
             # What the station would FAULT (another size under `refuse`, a grey frame for a colour bundle, a
             # corrupt file): rejected there, never passed, so a FAULT in the operating point; no score, so left

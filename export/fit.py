@@ -487,7 +487,9 @@ def calibration_score(pipe: Pipeline, path: Path) -> float:
     """A calibration defect's score, as the station would inspect it; ValueError naming the image (not the
     camera) when the station would fault it: it then says nothing about where defects score."""
     try:
-        return pipe.score_rgb(pipe.load_image(path), str(path)).score
+        rgb = pipe.load_image(path)
+        pipe.check_rgb(rgb, str(path))   # the station's frame check faults it before any score
+        return pipe.score_rgb(rgb, str(path)).score
     except ImageError as exc:
         raise ValueError(f"calibration defect {path} cannot be inspected like the training images ({exc}); "
                          "give defects from the same camera and set-up, or leave this one out") from None

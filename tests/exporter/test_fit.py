@@ -362,6 +362,24 @@ def test_a_bundle_fitted_on_12_bit_data_reads_12_bit_frames_as_fit_did(synthetic
     assert not report.ok and any("golden" in f for f in report.failures), report
 
 
+def test_evaluate_faults_what_the_station_frame_check_faults(small_bundle, synthetic_dataset, tmp_path):
+    """A test image the station's frame check refuses (a lamp at 30%) is a FAULT in evaluate too, not a score and a
+    verdict no station gives (probe 69: evaluate scored it NG or OK while Pipeline.inspect and the daemon faulted it)."""
+    from edge_runtime.records import Frame, Verdict
+
+    data = tmp_path / "set"
+    shutil.copytree(synthetic_dataset / "test", data / "test")
+    dim = sorted((data / "test" / "good").glob("*.png"))[0]
+    cv2.imwrite(str(dim), (cv2.imread(str(dim)) * 0.3).astype(np.uint8))
+    station = Pipeline(Bundle.load(small_bundle), precision="int8").inspect(
+        Frame(frame_id=0, source=str(dim), encoded=dim.read_bytes()))
+    assert station.verdict is Verdict.FAULT and "frame check" in station.error, station
+    r = evaluate(small_bundle, data, "onnx-int8", "hnsw")
+    assert [Path(f["file"]).name for f in r["faults"]] == [dim.name]
+    assert "frame check: frame brightness" in r["faults"][0]["error"]
+    assert r["operating_point"]["good"]["fault"]["count"] == 1
+
+
 def test_evaluate_counts_images_the_station_would_fault_as_rejected_and_lists_them(small_bundle, synthetic_dataset,
                                                                                     tmp_path):
     data = tmp_path / "set"
