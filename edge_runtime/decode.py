@@ -382,6 +382,12 @@ def _check_cost(data: bytes, fmt: str, width: int, height: int, name: str, limit
 MIN_TOP_16BIT = 32
 
 
+def colour_channels(image: np.ndarray) -> np.ndarray:
+    """The image without its alpha channel (a view): an opaque 16-bit alpha is 65535 whatever the colour data's
+    depth, so the depth is judged on the colour channels alone."""
+    return image[..., :3] if image.ndim == 3 and image.shape[2] == 4 else image
+
+
 def to_rgb(image: np.ndarray, name: str = "<frame>", assume_bgr: bool = True,
            shift_16bit: int = SHIFT_16BIT) -> np.ndarray:
     """Any camera/file array (gray, BGR, BGRA, 16-bit) -> HxWx3 uint8 RGB, or ImageError. 16-bit pixels become
@@ -404,9 +410,10 @@ def to_rgb(image: np.ndarray, name: str = "<frame>", assume_bgr: bool = True,
         if shift_16bit < 8:
             np.minimum(image, 255, out=image)
         image = image.astype(np.uint8)
-        top = int(image.max())
-        if top < MIN_TOP_16BIT and raw.any():   # e.g. 12-bit values read as the top byte: 0-15, not a dark part
-            raise ImageError(f"{name}: 16-bit frame whose highest value is {int(raw.max())}: read as v >> "
+        # Alpha (opaque: 65535) left out: 12-bit colour with it must not pass as a full-range frame.
+        top = int(colour_channels(image).max())
+        if top < MIN_TOP_16BIT and colour_channels(raw).any():   # e.g. 12-bit values read as the top byte: 0-15
+            raise ImageError(f"{name}: 16-bit frame whose highest value is {int(colour_channels(raw).max())}: read as v >> "
                              f"{shift_16bit} (the bundle's preprocessing.shift_16bit) its brightest pixel is {top} "
                              f"of 255 (under {MIN_TOP_16BIT}); the camera sends fewer significant bits than the bundle "
                              "was fitted on (send 8-bit frames, or fit on frames of this bit depth)")

@@ -34,7 +34,7 @@ from edge_runtime.features import FeatureExtractor
 from edge_runtime.frame_quality import FrameQuality, QualityBand
 from edge_runtime.frame_quality import measure as measure_quality
 from edge_runtime.int8_kernels import check_quantization
-from edge_runtime.decode import SHIFT_16BIT, ImageError, declared_size, load_image
+from edge_runtime.decode import SHIFT_16BIT, ImageError, colour_channels, declared_size, load_image
 from edge_runtime.geometry import (ASPECT_TOLERANCE, DEFAULT_PIXELS, DEFAULT_RESAMPLE, STRIDE, Geometry,
                                    cut_tiles, default_input_size, plan_tiles)
 from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw, upper_bounds
@@ -155,7 +155,8 @@ def sixteen_bit_shift(paths: list[Path], sample: int = 32) -> tuple[int, list[st
     if not wide:
         return SHIFT_16BIT, []
     picks = wide[:: max(1, len(wide) // sample)][:sample]
-    tops = {p: int(img.max()) for p, img in ((p, cv2.imread(str(p), cv2.IMREAD_UNCHANGED)) for p in picks)
+    # The colour channels only: an opaque alpha channel is 65535 whatever the data's depth (decode.colour_channels).
+    tops = {p: int(colour_channels(img).max()) for p, img in ((p, cv2.imread(str(p), cv2.IMREAD_UNCHANGED)) for p in picks)
             if img is not None}
     # A file two or more bits above the typical one is other data (a full-range file among 12-bit ones), not a
     # bright part: it must not set the shift that makes every other frame nearly black. Within a bit, it is.

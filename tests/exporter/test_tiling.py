@@ -105,6 +105,23 @@ def test_sixteen_bit_data_pins_the_shift_its_significant_bits_need(tmp_path):
                               and "full.png" in n for n in notes)
 
 
+def test_an_opaque_alpha_channel_does_not_decide_the_sixteen_bit_depth(tmp_path):
+    """12-bit colour in 16-bit RGBA files with an opaque alpha (65535): the shift comes from the colour (4), and the
+    same frame read through the top byte is refused, not inspected at 0-15 (probe 69: shift 8 and near-black
+    training images, the alpha's 65535 hiding both)."""
+    from edge_runtime.decode import ImageError, decode_image
+    from export.fit import sixteen_bit_shift
+
+    rgb = np.random.default_rng(0).integers(0, 4096, (40, 50, 3), dtype=np.uint16)
+    p = tmp_path / "rgba12.png"
+    cv2.imwrite(str(p), np.dstack([rgb, np.full((40, 50), 65535, np.uint16)]))
+    shift, notes = sixteen_bit_shift([p])
+    assert shift == 4 and "about 12 significant bits" in notes[0]
+    assert decode_image(p.read_bytes(), p.name, shift_16bit=4).max() == 255
+    with pytest.raises(ImageError, match=r"rgba12.png: 16-bit frame whose highest value is 40\d\d:"):
+        decode_image(p.read_bytes(), p.name)   # the default top byte: 0-15
+
+
 def test_an_roi_fit_pins_the_training_frame_size_and_says_what_it_checks(tmp_path):
     from export.fit import FitSettings, plan_geometry
 
