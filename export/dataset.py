@@ -138,6 +138,14 @@ def describe_training_data(data_dir: Path, calibration_defects: Path | None = No
     skipped = [p for p in good.iterdir() if p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS]
     if skipped:
         line += f"; {len(skipped)} hidden file{'s' if len(skipped) > 1 else ''} left out ({skipped[0].name})"
+    # Files of formats fit does not read (WebP, JPEG 2000, ...) beside ones it does: not silently a smaller set.
+    others = sorted(p for p in good.iterdir() if p.is_file() and p.suffix and not p.name.startswith(".")
+                    and p.suffix.lower() not in IMAGE_EXTENSIONS)
+    if others:
+        kinds = ", ".join(sorted({p.suffix.lower() for p in others})[:6])
+        line += (f"; {len(others)} file{'s' if len(others) > 1 else ''} of other types left out ({kinds}; first: "
+                 f"{others[0].name}; the formats read are {', '.join(sorted(IMAGE_EXTENSIONS))}: convert images, e.g. "
+                 "to PNG)")
     subs = [p for p in _subfolders_with_images(good) if p.name not in ("train", "test", "ground_truth")]
     if subs:
         line += (f"; images in subfolders are not used ({', '.join(f'{p.name}/: {len(list_images(p))}' for p in subs[:3])}"

@@ -148,6 +148,17 @@ def test_copies_hidden_files_and_subfolders_are_left_out_and_said(tmp_path):
     assert "batch2/: 3" in line
 
 
+def test_images_of_unread_types_beside_read_ones_are_said(tmp_path):
+    """A folder of PNGs and a few WebPs: the WebPs are left out, and the line says so, naming one (probe 69: 4 of
+    20 were dropped without a word)."""
+    made = _images(tmp_path / "good", 4)
+    (tmp_path / "good" / "img_009.webp").write_bytes(b"RIFF....WEBP")
+    assert train_images(tmp_path / "good") == made
+    line = describe_training_data(tmp_path / "good", None)
+    assert line.startswith("found 4 good images")
+    assert "1 file of other types left out (.webp; first: img_009.webp; the formats read are" in line
+
+
 def test_a_folder_of_unsupported_image_types_names_them(tmp_path):
     (tmp_path / "parts").mkdir()
     for name in ("a.webp", "b.webp", "c.jp2"):
