@@ -187,6 +187,9 @@ def sixteen_bit_shift(paths: list[Path], sample: int = 32) -> tuple[int, list[st
 def tile_plan(region: tuple[int, int], scale: float, s: FitSettings):
     """(canvas, tile input size, overlap, tile origins) for a region of this size at `scale` (--scale)."""
     rw, rh = region
+    # A side under 32 px at this scale is raised to 32 with the other in proportion: the canvas keeps the region's
+    # aspect (raising one side alone stretched a 9 x 300 strip 7x at --scale 0.5, a 48 x 40 part to a square).
+    scale = max(scale, 32 / min(rw, rh))
     canvas = (max(32, round(rw * scale)), max(32, round(rh * scale)))
     tw, th = s.input_size or default_input_size(1.0, s.pixels)
     tw = min(tw, max(32, canvas[0] // STRIDE * STRIDE))
@@ -281,6 +284,9 @@ def plan_geometry(paths: list[Path], s: FitSettings) -> tuple[Geometry, dict]:
         tw, th = input_size
         notes.append(f"{len(tiles)} tiles of {tw}x{th} (overlap >= {overlap} px) on a {canvas[0]}x{canvas[1]} canvas "
                      f"(scale {s.scale} of the {rw}x{rh} region)")
+        if min(rw, rh) * s.scale < 32:
+            notes.append(f"--scale {s.scale} makes the {rw}x{rh} region's short side under 32 px: raised to scale "
+                         f"{32 / min(rw, rh):.3g}, keeping its aspect")
     policy = s.size_policy or ("refuse" if same else "resize")
     done = {"resize": "resized", "letterbox": "letterboxed"}
     frame_size = frames[0] if s.roi is not None and len(frames) == 1 else None

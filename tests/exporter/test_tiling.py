@@ -105,6 +105,24 @@ def test_sixteen_bit_data_pins_the_shift_its_significant_bits_need(tmp_path):
                               and "full.png" in n for n in notes)
 
 
+def test_a_scale_that_leaves_a_side_under_32_px_keeps_the_region_aspect(tmp_path):
+    """--scale on a small or thin region: the canvas is raised to 32 px on the short side in proportion, never
+    stretched on that side alone (probe 69: 9 x 300 at 0.5 became a 32 x 150 canvas, 7x wider than the part)."""
+    from export.fit import FitSettings, plan_geometry
+
+    for (w, h), sc in (((9, 300), 0.5), ((48, 40), 0.5), ((2000, 40), 0.5)):
+        paths = []
+        for i in range(2):
+            p = tmp_path / f"{w}x{h}_{i}.png"
+            cv2.imwrite(str(p), np.zeros((h, w, 3), np.uint8))
+            paths.append(p)
+        geom, info = plan_geometry(paths, FitSettings(scale=sc))
+        cw, ch = geom.canvas_size
+        assert min(cw, ch) == 32 and abs(cw / ch / (w / h) - 1) < 0.05, (w, h, geom.canvas_size)
+        assert any("keeping its aspect" in n for n in info["notes"])
+    assert plan_geometry(paths, FitSettings(scale=1.0))[0].canvas_size == (2000, 40)   # 40 px: as it was
+
+
 def test_an_opaque_alpha_channel_does_not_decide_the_sixteen_bit_depth(tmp_path):
     """12-bit colour in 16-bit RGBA files with an opaque alpha (65535): the shift comes from the colour (4), and the
     same frame read through the top byte is refused, not inspected at 0-15 (probe 69: shift 8 and near-black
