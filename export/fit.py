@@ -120,7 +120,13 @@ def image_sizes(paths: list[Path]) -> list[tuple[int, int]]:
         try:
             _, w, h = declared_size(head)
         except Exception:
-            h, w = load_image(p).shape[:2]  # a header beyond the first 64 kB: decode this one
+            # A header beyond the first 64 kB (a TIFF's directory after its pixels, as OpenCV writes it): the whole
+            # file's. Not decoded: that reads 16-bit pixels at the default shift, before fit has pinned the data's
+            # own, and refused every 12-bit TIFF as too dark. An unreadable header: load_image names the file.
+            try:
+                _, w, h = declared_size(p.read_bytes())
+            except Exception:
+                h, w = load_image(p).shape[:2]
         sizes.append((int(w), int(h)))
     return sizes
 

@@ -123,6 +123,22 @@ def test_a_scale_that_leaves_a_side_under_32_px_keeps_the_region_aspect(tmp_path
     assert plan_geometry(paths, FitSettings(scale=1.0))[0].canvas_size == (2000, 40)   # 40 px: as it was
 
 
+def test_twelve_bit_tiffs_with_their_directory_after_the_pixels_can_be_fitted(tmp_path):
+    """OpenCV writes a TIFF's directory after its pixels: beyond fit's 64 kB header read for a 200 x 200 16-bit file.
+    Its size comes from the whole file's header, not from decoding at the default shift, which refused 12-bit data
+    as too dark before fit had pinned its shift (probe 69: every 12-bit TIFF folder failed to fit)."""
+    from export.fit import image_sizes, sixteen_bit_shift
+
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"{i}.tif"
+        cv2.imwrite(str(p), np.random.default_rng(i).integers(0, 4096, (200, 200, 3), dtype=np.uint16))
+        assert int.from_bytes(p.read_bytes()[4:8], "little") > 1 << 16   # the directory lies past 64 kB
+        paths.append(p)
+    assert image_sizes(paths) == [(200, 200), (200, 200)]
+    assert sixteen_bit_shift(paths)[0] == 4
+
+
 def test_an_opaque_alpha_channel_does_not_decide_the_sixteen_bit_depth(tmp_path):
     """12-bit colour in 16-bit RGBA files with an opaque alpha (65535): the shift comes from the colour (4), and the
     same frame read through the top byte is refused, not inspected at 0-15 (probe 69: shift 8 and near-black
