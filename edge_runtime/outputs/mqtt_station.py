@@ -88,10 +88,14 @@ def validate_station_mqtt(mqtt: StationMqttConfig | None, outputs: list, lines: 
                              f"({', '.join(RESERVED_LINE_NAMES)}); choose another line name")
 
 
-RECENT_TRIGGERS = 256      # trigger ids remembered to refuse a second delivery of the same one ...
-# ... for this long: a redelivery follows a reconnect, which can take tens of seconds (probe 39: 11 s got a second
-# answer); a PLC counter used as the id must not come round within it.
+# Trigger ids are remembered for this long to refuse a second delivery of the same one: a redelivery follows a
+# reconnect, which can take tens of seconds (probe 39: 11 s got a second answer); a PLC counter used as the id must
+# not come round within it.
 DUPLICATE_WINDOW_S = 60.0
+# A bound on memory only, never the window: at 256 ids a line at 4.3 triggers/s forgot an id before 60 s, and a
+# redelivery 44 s later was captured and answered OK as a part nobody triggered (probe 70). 16384 ids in 60 s is
+# 273 triggers/s, above any line; past it the oldest are forgotten, logged.
+RECENT_TRIGGERS = 16384
 MAX_TRIGGER_PAYLOAD = 16384
 # A sent_at above 1e8 x these is nano-, micro- or milliseconds (Unix seconds are ~1.7e9 now; 1e11 s is the year
 # 5138).
@@ -121,7 +125,7 @@ class LineMqtt(Output):
         self._state_provider: StateProvider | None = None
         self._handlers: dict[str, CommandHandler] = {}
         self._fire: Callable[..., bool | None] | None = None
-        self._recent_triggers: collections.deque = collections.deque(maxlen=RECENT_TRIGGERS)  # (id, monotonic)
+        self._recent_triggers: collections.OrderedDict = collections.OrderedDict()  # id -> monotonic, oldest first
         self._withdraw: Callable[[], None] | None = None   # the line's bus.trigger_accepted
         self._recipes = None
         self._last_bundle_id: str | None = None
@@ -216,9 +220,10 @@ class LineMqtt(Output):
         if problem is not None:
             log.warning("%s: trigger dated on arrival: %s", self.name, problem)
         now = time.monotonic()
-        while self._recent_triggers and now - self._recent_triggers[0][1] > DUPLICATE_WINDOW_S:
-            self._recent_triggers.popleft()
-        if ident is not None and any(seen == ident for seen, _ in self._recent_triggers):
+        recent = self._recent_triggers
+        while recent and now - next(iter(recent.values())) > DUPLICATE_WINDOW_S:
+            recent.popitem(last=False)
+        if ident is not None and ident in recent:
             # QoS 1 is at-least-once: a broker or a plant client resending after a reconnect delivers the same
             # trigger twice, and a second capture would answer one part twice. The previous verdict is withdrawn
             # all the same: whatever the PLC reads now is not an OK (probe 38).
@@ -229,7 +234,11 @@ class LineMqtt(Output):
                 self._withdraw()
             return
         if ident is not None:
-            self._recent_triggers.append((ident, now))
+            if len(recent) >= RECENT_TRIGGERS:
+                forgotten, at = recent.popitem(last=False)
+                log.warning("%s: over %d trigger ids within %g s: id %r, %.1f s old, forgotten (a redelivery of it "
+                            "would be captured)", self.name, RECENT_TRIGGERS, DUPLICATE_WINDOW_S, forgotten, now - at)
+            recent[ident] = now
         if (self._fire() if age is None else self._fire(sent_age_s=age)) is False:
             self.commands_refused += 1   # a backlog of triggers not served yet (logged by the trigger)
 

@@ -224,6 +224,25 @@ def test_a_trigger_that_says_when_it_was_sent_is_as_old_as_that_and_is_served_on
     line.command("trigger", sent)
     line.command("trigger", sent)                                  # the broker's redelivery
     assert len(fired) == 4 and withdrawn == [1] and line.commands_refused == 1
-    line._recent_triggers[-1] = (17, time.monotonic() - mqtt_station.DUPLICATE_WINDOW_S - 1)
+    line._recent_triggers[17] = time.monotonic() - mqtt_station.DUPLICATE_WINDOW_S - 1
     line.command("trigger", b'{"id": 17}')                         # a PLC counter come round again, later
     assert len(fired) == 5
+
+
+def test_a_redelivered_trigger_is_refused_within_the_window_however_many_triggers_came_between():
+    """Probe 70: ids were kept in a deque of 256, so a line at 6 triggers/s forgot an id within 44 s and the broker's
+    redelivery of it, well inside the 60 s window, was captured and answered OK: a part nobody triggered."""
+    import time
+    from types import SimpleNamespace
+
+    from edge_runtime.outputs.mqtt_station import LineMqtt
+
+    station = SimpleNamespace(cfg=SimpleNamespace(allow_trigger=True, allow_recipe=False, host="broker", port=1883,
+                                                  topic_prefix="plant/station"))
+    line = LineMqtt(station, "left")
+    fired, withdrawn = [], []
+    line.bind_trigger(lambda **kw: fired.append(kw), withdraw=lambda: withdrawn.append(1))
+    for i in range(270):   # 45 s of a line at 6 parts/s
+        line.command("trigger", f'{{"id": "part-{i}", "sent_at": {time.time()}}}'.encode())
+    line.command("trigger", f'{{"id": "part-0", "sent_at": {time.time()}}}'.encode())   # QoS 1 redelivery
+    assert len(fired) == 270 and withdrawn == [1] and line.commands_refused == 1
