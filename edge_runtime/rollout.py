@@ -432,7 +432,12 @@ class RolloutManager(Output):
             stopping = self._stop.is_set()
             if not stopping:
                 self._previous, self._previous_version_record = current, version_record
-                self._previous_path = self._state.get("active") or (str(current.bundle.root) if current else None)
+                # Not the previous bundle's own folder when that is a version learned on the station (the page's
+                # state_dir/bundles/v...): the station file's bundle, through whose active.json the loader finds
+                # that version and checks its lineage. Loaded by its own folder it is a base bundle signed by no
+                # workstation key: after a rollback SIGHUP was refused and a restart left the line in FAULT (probe 70).
+                self._previous_path = self._state.get("active") or (
+                    (self._configured or str(current.bundle.root)) if current else None)
                 self._candidate_id, self._parts, self._faults = new.bundle_id, 0, []
                 self.status = "probation"
                 self.detail = (f"bundle {new.bundle_id} (version {new.bundle_version}) from {location}; previous "

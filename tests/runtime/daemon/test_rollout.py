@@ -564,3 +564,45 @@ def test_rollout_without_a_bundle_key_is_refused_unless_asked_for(tmp_path):
     assert load_station(path).rollout.allow_unsigned
     path.write_text(yaml.safe_dump({**station, "security": {"bundle_public_key": "key.pub"}}))
     assert load_station(path).rollout.enabled
+
+
+def test_a_rollback_returns_to_a_learned_version_through_the_station_files_bundle_not_its_own_folder(tmp_path):
+    """Probe 70: with a version learned on the operator's page in service (state_dir/bundles/v..., signed by the
+    station key), a candidate that failed its probation rolled back to that version's own folder. Loaded by that
+    folder it is a base bundle the workstation key did not sign: SIGHUP was refused and a restart left the line in
+    FAULT. The way back is the station file's bundle, whose active.json names the version (lineage checked)."""
+    from types import SimpleNamespace
+
+    from edge_runtime.records import InspectionResult, Verdict
+    from edge_runtime.rollout import RolloutConfig, RolloutManager
+
+    state = tmp_path / "state"
+    configured = tmp_path / "bundles" / "flange-v1"          # the station file's bundle
+    learned = state / "bundles" / "v20261203T090824390307Z"   # the page's version of it, in service
+    offer = tmp_path / "offers" / "flange-v2"
+    offer.mkdir(parents=True)
+    (offer / "model.bin").write_bytes(b"x")
+    (offer / MANIFEST).write_text(yaml.safe_dump({"files": {"model.bin": {"bytes": 1, "sha256": "0" * 64}}}))
+
+    def pipeline(bundle_id, root):
+        return SimpleNamespace(bundle=SimpleNamespace(bundle_id=bundle_id, bundle_version=2, root=Path(root)))
+
+    in_service = [pipeline("learned", learned)]
+    paths = []
+    manager = RolloutManager(RolloutConfig(enabled=True, staging_dir=str(state / "rollout"), probation_max_faults=1),
+                             str(state), load=lambda path, current: pipeline("cand", path),
+                             install=in_service.append, current=lambda: in_service[-1],
+                             set_bundle_path=paths.append, withdraw=lambda reason: None)
+    assert manager.startup_bundle(str(configured)) == str(configured)
+    manager._take_offer(str(offer), "mqtt")
+    assert manager.status == "probation" and in_service[-1].bundle.bundle_id == "cand"
+    manager.publish(InspectionResult(frame_id=1, source="cam", verdict=Verdict.FAULT, score=None,
+                                     normalized_score=None, threshold=1.0, timings_ms={}, bundle_id="cand",
+                                     error="frame check: too dark"))
+    kind, args = manager._offers.get_nowait()
+    assert kind == "rollback"
+    manager._rollback(*args)
+    assert in_service[-1].bundle.bundle_id == "learned"      # the same pipeline back in memory
+    # ... and what a reload or a restart loads: the station file's bundle (its active.json names the version)
+    assert paths[-1] == str(configured)
+    assert json.loads((state / ROLLOUT_STATE_FILE).read_text())["active"] == str(configured)
