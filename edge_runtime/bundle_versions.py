@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 from edge_runtime.bank_adapt import (LINEAGE_DIR, AdaptError, append_audit, copy_verified, login_user,
                                      sign_version)
@@ -32,13 +33,19 @@ AUDIT_LOG = "bundle_audit.jsonl"
 
 
 class VersionStore:
-    """Versions of one station's bundle. `base` is the station file's bundle folder, `state_dir` the station's."""
+    """Versions of one station's bundle. `base` is the station file's bundle folder (or a callable returning the
+    folder the line loads now: a signed rollout moves it), `state_dir` the station's."""
 
-    def __init__(self, base: str | Path, state_dir: str | Path, signing_key: str | Path | None = None):
-        self.base = Path(base)
+    def __init__(self, base: str | Path | Callable[[], str | Path], state_dir: str | Path,
+                 signing_key: str | Path | None = None):
+        self._base = base
         self.state_dir = Path(state_dir)
         self.root = self.state_dir / VERSIONS_DIR
         self.signing_key = signing_key
+
+    @property
+    def base(self) -> Path:
+        return Path(self._base() if callable(self._base) else self._base)
 
     @property
     def audit_log(self) -> Path:

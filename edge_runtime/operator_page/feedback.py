@@ -54,8 +54,9 @@ class Feedback:
     returns once it is in service (or raises)."""
 
     def __init__(self, store: VersionStore, history: PartHistory, current_bundle: Callable[[], Bundle | None],
-                 reload: Callable[[str], None], threads: int = 1):
+                 reload: Callable[[str], None], threads: int = 1, held: Callable[[], str | None] = lambda: None):
         self.store = store
+        self.held = held     # why no version may go into service now (a rollout on probation), or None
         self.history = history
         self.current_bundle = current_bundle
         self.reload = reload
@@ -70,6 +71,11 @@ class Feedback:
         if b is None:
             raise FeedbackError("no bundle is in service")
         return Bundle.load(b.root)
+
+    def _check_not_held(self) -> None:
+        why = self.held()
+        if why:
+            raise FeedbackError(why)
 
     def _frame_image(self, frame_id: int) -> InputImage:
         part = self.history.get(frame_id)
@@ -110,6 +116,7 @@ class Feedback:
             if not role_allows(role, needs):
                 raise FeedbackError(f"this preview needs the {needs} role to be applied; {who} is {role}")
             del self._plans[plan_id]
+            self._check_not_held()
             current = self.current_bundle()
             if current is None or current.bundle_id != plan.parent.bundle_id:
                 raise FeedbackError("the bundle in service changed since the preview; preview again")
@@ -190,6 +197,7 @@ class Feedback:
 
     def rollback(self, name: str, who: str) -> dict:
         with self._lock:
+            self._check_not_held()
             try:
                 folder = self.store.rollback(name, self.current_bundle(), who)
             except AdaptError as exc:

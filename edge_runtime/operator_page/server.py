@@ -78,9 +78,14 @@ class OperatorPage:
                 feedback = RecipeFeedback(line, history, self.cfg.station_signing_key)
             else:
                 # The line's own state_dir (state_dir/lines/<name> with `lines:`): its versions, pointer and audit.
-                store = VersionStore(line.cfg.bundle, line.cfg.state_dir, self.cfg.station_signing_key)
+                # The bundle the line loads now, not the one at start: after a committed rollout a learned version
+                # was marked for the station file's bundle, the reload loaded the rollout's again, and the page
+                # waited 180 s for a version that could never come into service (probe 70).
+                store = VersionStore(lambda line=line: line.cfg.bundle, line.cfg.state_dir,
+                                     self.cfg.station_signing_key)
                 feedback = Feedback(store, history, _current_bundle(line), _reload(line),
-                                    threads=1)  # one thread: learning must not take the inspection loops' cores
+                                    threads=1,  # one thread: learning must not take the inspection loops' cores
+                                    held=_rollout_hold(line))
             self.views[name] = LineView(name, line.name or "", history, line.status, feedback, why)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
@@ -142,6 +147,18 @@ def _current_bundle(line) -> Callable[[], Bundle | None]:
         p = line.pipeline
         return p.bundle if p is not None else None
     return current
+
+
+def _rollout_hold(line) -> Callable[[], str | None]:
+    def held() -> str | None:
+        """A version put in service while a rollout's candidate is staged or on probation would end its probation
+        unseen (its parts count by the candidate's bundle id) and be dropped by its rollback."""
+        rollout = getattr(line, "rollout", None)
+        if rollout is not None and rollout.status in ("staging", "probation"):
+            return (f"a signed rollout is {rollout.status} ({rollout.detail}); learn or roll back once it is "
+                    "committed or rolled back")
+        return None
+    return held
 
 
 def _reload(line) -> Callable[[str], None]:

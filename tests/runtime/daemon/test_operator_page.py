@@ -537,3 +537,28 @@ def test_a_live_view_is_sent_its_own_line_at_the_page_rate_whatever_the_number_o
     views["a"].history.seq += 1
     assert "latest" in feed_a.next(200)
     assert set(LiveFeed(views["a"], None).next(0)) == {"latest", "status"}   # a single line: no summary
+
+
+def test_learning_follows_the_bundle_a_rollout_put_in_service_and_waits_for_its_probation(tmp_path):
+    """Probe 70: the page's versions were tied to the station file's bundle as it was at start. After a committed
+    rollout, a learned version was marked for that old bundle, the reload loaded the rollout's bundle again, and
+    the page waited 180 s for a version that could never come into service. And a version put in service while a
+    candidate is on probation would end the probation unseen (its parts count by the candidate's id)."""
+    from types import SimpleNamespace
+
+    from edge_runtime.operator_page.config import PageConfig
+    from edge_runtime.operator_page.feedback import FeedbackError
+    from edge_runtime.operator_page.server import OperatorPage
+
+    rollout = SimpleNamespace(status="idle", detail=None)
+    line = SimpleNamespace(name=None, recipes=None, rollout=rollout, status=lambda: None, pipeline=None,
+                           cfg=SimpleNamespace(bundle=str(tmp_path / "station-file-bundle"),
+                                               state_dir=str(tmp_path / "state")))
+    page = OperatorPage(PageConfig(enabled=True), [None])
+    page.attach([line])
+    feedback = page.feedback
+    line.cfg.bundle = str(tmp_path / "state" / "rollout" / "v2-20261203T091218-2811-505")   # a committed rollout
+    assert feedback.store.base == Path(line.cfg.bundle)
+    rollout.status, rollout.detail = "probation", "bundle cc00 (version 2)"
+    with pytest.raises(FeedbackError, match="rollout is probation"):
+        feedback.rollback("base", "eng")
