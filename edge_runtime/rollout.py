@@ -313,7 +313,7 @@ class RolloutManager(Output):
             if not isinstance(location, str) or not location:
                 raise ValueError("'bundle' must be a non-empty string")
         except (ValueError, KeyError, TypeError) as exc:
-            self._event("rejected", f"mqtt command: expected {{\"bundle\": \"/path\"}}, got {payload[:200]!r} ({exc})")
+            self._refuse_beside(f"mqtt command: expected {{\"bundle\": \"/path\"}}, got {payload[:200]!r} ({exc})")
             return
         self.offer(location, "mqtt")
 
@@ -387,7 +387,10 @@ class RolloutManager(Output):
         """Stage, verify and switch to an offered bundle; "stopping" when the station began to stop meanwhile."""
         src = Path(location)
         if self.status in ("staging", "probation"):
-            self._event("rejected", f"{location} ({origin}): another rollout is in progress ({self.status})")
+            # Refused, and the status left as it is: the rollout under way keeps its probation. A QoS 1 redelivery
+            # of the same command had set "rejected" here, which ended the probation unseen: the candidate stayed in
+            # service, FAULT on every part, never rolled back, while the plant read "rejected" (probe 70).
+            self._refuse_beside(f"{location} ({origin}): another rollout is in progress ({self.status})")
             return
         if not (src / MANIFEST).is_file():
             self._event("rejected", f"{location} ({origin}): not a bundle folder (no {MANIFEST})")
@@ -559,6 +562,17 @@ class RolloutManager(Output):
 
     def _record(self, what: str, detail: str | None) -> None:
         self.history.append({"event": what, "detail": detail, "time": time.time()})
+
+    def _refuse_beside(self, detail: str) -> None:
+        """A command or offer refused before it was taken: logged and in the history; the status changes only when no
+        rollout is under way (a malformed command during a probation must not end it, like a redelivered one)."""
+        with self._lock:
+            under_way = self.status in ("staging", "probation")
+        if under_way:
+            log.error("rollout: offer rejected: %s", detail)
+            self._record("rejected", detail)
+        else:
+            self._event("rejected", detail)
 
     def _event(self, status: str, detail: str, status_only: bool = False) -> None:
         if status == "rejected":

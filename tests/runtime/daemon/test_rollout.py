@@ -606,3 +606,25 @@ def test_a_rollback_returns_to_a_learned_version_through_the_station_files_bundl
     # ... and what a reload or a restart loads: the station file's bundle (its active.json names the version)
     assert paths[-1] == str(configured)
     assert json.loads((state / ROLLOUT_STATE_FILE).read_text())["active"] == str(configured)
+
+
+def test_an_offer_refused_during_a_probation_leaves_the_probation_running(tmp_path):
+    """Probe 70: the same MQTT rollout command delivered twice (QoS 1) was refused as 'another rollout is in
+    progress' and that refusal replaced the status 'probation': the candidate's parts were no longer counted, it
+    FAULTed every part and was never rolled back, and the plant's state read 'rejected'."""
+    from edge_runtime.records import InspectionResult, Verdict
+    from edge_runtime.rollout import RolloutConfig, RolloutManager
+
+    manager = RolloutManager(RolloutConfig(enabled=True, staging_dir=str(tmp_path / "s"), probation_max_faults=3),
+                             str(tmp_path / "state"), load=None, install=None, current=lambda: None,
+                             set_bundle_path=lambda p: None, withdraw=lambda reason: None)
+    manager.status, manager._candidate_id = "probation", "cand"      # as _take_offer leaves it
+    manager._take_offer(str(tmp_path / "offers" / "v2"), "mqtt")    # the redelivered command
+    assert manager.status == "probation" and manager.history[-1]["event"] == "rejected"
+    manager.on_command("rollout", b'{"bundle": ""}')                # a malformed one, from anyone on the broker
+    assert manager.status == "probation" and "non-empty" in manager.history[-1]["detail"]
+    for i in range(3):
+        manager.publish(InspectionResult(frame_id=i, source="cam", verdict=Verdict.FAULT, score=None,
+                                         normalized_score=None, threshold=1.0, timings_ms={}, bundle_id="cand",
+                                         error="frame check: too dark"))
+    assert manager._offers.get_nowait()[0] == "rollback"
