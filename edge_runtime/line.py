@@ -972,6 +972,14 @@ class Line:
         except (TriggerError, OSError):
             pass
 
+    def _answer_stopping(self) -> None:
+        if self.trigger.is_free_run:
+            return
+        try:
+            self._refuse_triggers("stopping", 0.0)
+        except Exception:  # noqa: BLE001 - shutdown goes on: the outputs must still reach their safe state
+            log.exception(self._tag("answering triggers at stop failed"))
+
     def _close_source(self, trigger: bool = True) -> None:
         if self._source is not None:
             try:
@@ -993,7 +1001,11 @@ class Line:
         if self._inflight is not None:
             self._drain_inflight()   # a no-op after loop(): it drained on the way out
             self._inflight.close()
+        self._answer_stopping()      # GPIO edges still held by the line about to be released
         self._close_source()
+        # A serial or MQTT trigger that came after the loop ended and before the trigger closed (software triggers
+        # refuse fires from here on): answered FAULT while the outputs are still open, not left unanswered.
+        self._answer_stopping()
         if self.recipes is not None:
             self.recipes.close_inputs()
         self._join_loads()

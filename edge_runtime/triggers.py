@@ -154,6 +154,9 @@ class SoftwareTrigger(Trigger):
         self.fired = 0
         self.overruns = 0
         self.refused = 0
+        # Set by close() (the station stops): a fire after it is refused, never queued for a loop that has ended
+        # (probe 67: serial TRGs sent in the second a stop took were left with no answer and no record).
+        self._closed = False
 
     def fire(self, at: float | None = None, sent_age_s: float | None = None) -> bool:
         """A part is there now (`at`: its time.monotonic(), default: when it was read, or the start of a freeze
@@ -166,6 +169,11 @@ class SoftwareTrigger(Trigger):
             at = self._freeze_watch.earliest(now)
             if sent_age_s is not None and sent_age_s > 0:
                 at = min(at, now - sent_age_s)
+        if self._closed:
+            with self._cond:
+                self.refused += 1
+            log.warning("trigger refused: the station is stopping (%d refused so far)", self.refused)
+            return False
         if self.on_fire is not None:
             self.on_fire()   # before the loop can capture: nothing of the previous part is readable after this
         with self._cond:
@@ -203,6 +211,13 @@ class SoftwareTrigger(Trigger):
     def drain(self) -> list[TriggerEvent]:
         event = self.wait(0.0)
         return [] if event is None else [event]
+
+    def open(self) -> None:
+        self._closed = False
+
+    def close(self) -> None:
+        """From now on fire() refuses (False); triggers already fired stay for drain() to answer."""
+        self._closed = True
 
 
 class EdgeLine(Protocol):

@@ -477,3 +477,44 @@ def test_a_daemon_that_lost_its_state_dir_to_another_stops_with_a_failure(small_
         assert not running.alive and running.exit_code == 1
     finally:
         os.close(other)
+
+
+def test_a_trigger_during_shutdown_is_answered_or_refused_never_dropped(small_bundle, part_images, write_station,
+                                                                       start_station):
+    """Probe 67: serial TRGs sent in the second a SIGTERM stop took (the loop ended, the outputs still closing) were
+    queued for a loop that had ended: no answer, no record, not counted. One that comes before the trigger closes is
+    answered FAULT while the outputs are open; one after it is refused (counted), like a fire beyond MAX_FOLDED."""
+    camera = TriggeredCamera([list(part_images.values())[0]])
+    seen: dict[str, object] = {}
+
+    class ClosingOutput(RecordingOutput):
+        def close(self) -> None:   # the outputs close: a TRG still arriving on the serial line
+            seen["fire_at_close"] = trigger.fire()
+            super().close()
+
+    rec = ClosingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     recovery=FAST_RECOVERY))
+    running = start_station(cfg, source=camera, outputs=[rec])
+    station = running.station
+    trigger = station.trigger
+    wait_until(lambda: rec.ready, what="READY")
+    trigger.fire()
+    assert rec.wait_for("publish", 1, timeout=60)
+    line = station.line
+    close_source = line._close_source
+
+    def close_source_after_a_late_trigger(*args, **kwargs):
+        seen["fire_after_loop"] = trigger.fire()   # the loop has ended; the trigger is still open
+        return close_source(*args, **kwargs)
+
+    line._close_source = close_source_after_a_late_trigger
+    assert running.stop() == 0
+    assert seen == {"fire_after_loop": True, "fire_at_close": False}
+    results = rec.results
+    assert len(results) == 2, "the trigger that came after the loop ended got its own answer"
+    assert results[1].verdict is Verdict.FAULT and "stopping" in results[1].error
+    assert results[1].frame_id == results[0].frame_id + 1
+    names = [name for name, _ in rec.calls]
+    assert names.index("close") > max(i for i, n in enumerate(names) if n == "publish"), "answered before close"
+    assert trigger.refused == 1 and station.status().counters["trigger_refused"] == 1
