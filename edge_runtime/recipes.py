@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from edge_runtime.recipe_gpio import RecipeGpioConfig, RecipeGpioSelector
-from edge_runtime.outputs.result_log import fsync_dir
+from edge_runtime.outputs.result_log import ResultLogConfig, fsync_dir, last_frame_id
 
 if TYPE_CHECKING:
     from edge_runtime.line import Line
@@ -238,6 +238,13 @@ class RecipeSwitcher:
         except FileNotFoundError:
             if os.path.exists(path + UNSAVED_SUFFIX):
                 self._selection_unknown(path, "the selection was not recorded before the restart")
+            elif (inspected := self._inspected_before()) is not None:
+                # Not a first start: the state_dir was lost, replaced or is another one (a station run by hand
+                # beside its service's StateDirectory). Starting on `initial` passed the other product's parts
+                # with READY up (probe 67: the PLC had chosen bottle-b, the restarted line said OK on bottle-a).
+                self._selection_unknown(path, f"missing, yet {inspected} holds parts this line inspected (the "
+                                              "state_dir was lost or is another one; first start with recipes: "
+                                              "name the recipe once)")
             return
         except (OSError, ValueError) as exc:
             doc = exc
@@ -284,6 +291,17 @@ class RecipeSwitcher:
                         "the PLC's choice" if isinstance(plc, str) else
                         "active" if recipe is saved_active else "requested", path)
         self.active = recipe
+
+    def _inspected_before(self) -> str | None:
+        """The line's result log that holds a record, if any: the line ran before this start."""
+        for out in getattr(self.line.cfg, "outputs", None) or []:
+            if isinstance(out, ResultLogConfig):
+                try:
+                    if last_frame_id(out.path) is not None:
+                        return out.path
+                except OSError:   # unreadable: the result log reports it when it starts
+                    continue
+        return None
 
     def _selection_unknown(self, path: str, why: str) -> None:
         """Which product the line was on is unknown after a restart: the initial recipe could pass another

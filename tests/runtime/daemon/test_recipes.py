@@ -1189,3 +1189,37 @@ def test_a_wall_clock_stepped_back_after_a_switch_does_not_fault_every_frame(two
     assert switcher2.stale(captured_wall=time.time(), captured_mono=time.monotonic()) is None
     assert switcher2.stale(arrived_wall=time.time()) is not None   # a file's birth date cannot tell: FAULT, as before
     again.stop()
+
+
+def test_a_lost_state_dir_faults_the_line_instead_of_starting_on_initial(two_products, write_station,
+                                                                          part_images_bytes, start_station, tmp_path):
+    """Probe 67: the PLC chose cap-b (serial RCP 2), the state_dir was lost (deleted, or another one: a station run
+    by hand beside its service's StateDirectory) and the restarted line came up READY on `initial`, answering OK
+    from cap-a's bundle for cap-b parts. The line's result log holding parts tells a lost selection from a first
+    start: FAULT until a recipe is named."""
+    state = tmp_path / "state"
+    running, rec = start_recipe_line(two_products, write_station, part_images_bytes, start_station, state)
+    results = Path(running.station.cfg.outputs[0].path)
+    running.stop()
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"frame_id": 41, "verdict": "OK", "bundle_id": IDS["cap-b"]}) + "\n")
+    shutil.rmtree(state)
+    running, rec = start_recipe_line(two_products, write_station, part_images_bytes, start_station, state)
+    station, switcher = running.station, running.station.line.recipes
+    wait_until(lambda: "holds parts this line inspected" in (station.fault_reason or ""), what="FAULT")
+    assert not rec.ready and fire_and_wait(station, rec).verdict is Verdict.FAULT
+    switcher.request("cap-b", "http")
+    wait_until(lambda: switcher.active.name == "cap-b" and switcher.status == "ok" and rec.ready, what="cap-b")
+    after = fire_and_wait(station, rec)
+    running.stop()
+    assert after.verdict is not Verdict.FAULT and after.bundle_id == IDS["cap-b"] and after.frame_id > 41
+
+
+def test_a_first_start_with_recipes_starts_on_initial(two_products, write_station, part_images_bytes,
+                                                      start_station, tmp_path):
+    running, rec = start_recipe_line(two_products, write_station, part_images_bytes, start_station,
+                                     tmp_path / "state")
+    switcher = running.station.line.recipes
+    wait_until(lambda: switcher.status == "ok" and rec.ready, what="ready on initial")
+    assert switcher.active.name == "cap-a"
+    running.stop()
