@@ -632,8 +632,11 @@ class Line:
             self._answer_fault(f"station not ready ({reason})", time.monotonic(), frame_id, frame)
 
     def _answer_missed(self, event: TriggerEvent) -> None:
-        for _ in range(min(event.missed, MAX_MISSED_ANSWERS)):
-            self._answer_fault("trigger overrun: a newer trigger arrived before this one was served", event.at)
+        for n in range(min(event.missed, MAX_MISSED_ANSWERS)):
+            # Dated by its own trigger: the serial line never sends an answer past that part's deadline (the
+            # controller has timed out on it and would read it as the next part's; output_bus.py).
+            at = event.folded_at[n] if n < len(event.folded_at) else event.at
+            self._answer_fault("trigger overrun: a newer trigger arrived before this one was served", at)
         if event.missed > MAX_MISSED_ANSWERS:
             self.counters.missed_triggers += event.missed - MAX_MISSED_ANSWERS
             log.error("%d more triggers folded into one were not answered individually", event.missed - MAX_MISSED_ANSWERS)

@@ -90,6 +90,10 @@ class TriggerEvent:
 
     at: float
     missed: int = 0
+    # When each folded trigger arrived (oldest first; may be shorter than `missed`): their FAULT answers are dated
+    # by their own trigger, so one whose deadline passed while the loop could not serve (a start-up's bundle load)
+    # is recorded but never sent on a serial line as the answer to a later part (probe 67).
+    folded_at: tuple[float, ...] = ()
 
     def age_ms(self, now: float | None = None) -> float:
         return ((time.monotonic() if now is None else now) - self.at) * 1000.0
@@ -151,6 +155,7 @@ class SoftwareTrigger(Trigger):
         self._cond = threading.Condition()
         self._pending: float | None = None   # arrival time of the newest unserved fire
         self._missed = 0
+        self._folded: list[float] = []       # arrival times of the fires folded into it, oldest first
         self.fired = 0
         self.overruns = 0
         self.refused = 0
@@ -187,6 +192,7 @@ class SoftwareTrigger(Trigger):
             if self._pending is not None:
                 self.overruns += 1
                 self._missed += 1
+                self._folded.append(self._pending)
             self._pending = at
             self._cond.notify_all()
         return True
@@ -204,8 +210,8 @@ class SoftwareTrigger(Trigger):
                 self._cond.wait_for(lambda: self._pending is not None, timeout=max(0.0, timeout))
             if self._pending is None:
                 return None
-            event = TriggerEvent(at=self._pending, missed=self._missed)
-            self._pending, self._missed = None, 0
+            event = TriggerEvent(at=self._pending, missed=self._missed, folded_at=tuple(self._folded))
+            self._pending, self._missed, self._folded = None, 0, []
             return event
 
     def drain(self) -> list[TriggerEvent]:
@@ -319,7 +325,7 @@ class GpioTrigger(Trigger):
         self.edges += len(edges)
         self.overruns += len(edges) - 1
         # The newest edge is the part in front of the camera now; the earlier ones were missed.
-        return TriggerEvent(at=edges[-1], missed=len(edges) - 1)
+        return TriggerEvent(at=edges[-1], missed=len(edges) - 1, folded_at=tuple(edges[:-1]))
 
     def drain(self) -> list[TriggerEvent]:
         if self._line is None:

@@ -18,6 +18,7 @@ from edge_runtime.config import load_station
 from edge_runtime.daemon import FRAME_COUNTER_FILE, Station
 from edge_runtime.outputs import GpioConfig, GpioLine, GpioOutput
 from doubles import RecordingOutput
+from doubles.recording_output import RecordingOutputConfig
 from doubles import FakeGpioLines
 from edge_runtime.records import Verdict
 from edge_runtime.sources import SourceError
@@ -518,3 +519,35 @@ def test_a_trigger_during_shutdown_is_answered_or_refused_never_dropped(small_bu
     names = [name for name, _ in rec.calls]
     assert names.index("close") > max(i for i, n in enumerate(names) if n == "publish"), "answered before close"
     assert trigger.refused == 1 and station.status().counters["trigger_refused"] == 1
+
+
+def test_a_trigger_folded_during_start_up_is_never_answered_on_a_serial_line_past_its_deadline(
+        small_bundle, part_images, write_station):
+    """Probe 67: a PLC that sends TRG, waits deadline_ms for the next RES line and then rejects the part and goes on,
+    kept sending TRGs while a restarted station loaded its bundle (its serial port already open). When the loop
+    began, the folded triggers' overrun FAULTs were dated by the newest trigger, so the serial worker's deadline
+    expiry let them out seconds late: the PLC read each as a later part's answer, and every answer after the
+    restart was two parts off, OK included. Each folded trigger is now dated by its own arrival."""
+    class SerialLike(RecordingOutput):   # on a worker with the deadline as expiry, like the serial output
+        slow = True
+
+    camera = TriggeredCamera([list(part_images.values())[0]])
+    direct, serial = RecordingOutput(), SerialLike(RecordingOutputConfig(name="serial-like"))
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED,
+                                     trigger={"type": "software", "max_age_ms": 60000.0}, recovery=FAST_RECOVERY))
+    station = Station(cfg, source=camera, outputs=[direct, serial])
+    deadline_s = cfg.inference.deadline_ms / 1000.0
+    station.trigger.fire(at=time.monotonic() - deadline_s - 3.0)   # read while the bundle loaded; timed out since
+    station.trigger.fire()                                          # the part in front of the camera now
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(station.run()), daemon=True)
+    runner.start()
+    assert direct.wait_for("publish", 2, timeout=60)
+    station.request_stop()
+    runner.join(60)
+    assert codes == [0]
+    overrun, part = direct.results
+    assert overrun.verdict is Verdict.FAULT and "overrun" in overrun.error, "on record"
+    assert part.verdict is not Verdict.FAULT
+    assert [r.frame_id for r in serial.results] == [part.frame_id], "the timed-out part's answer never went out late"
+    assert station.status().counters["output_expired"] == 1
