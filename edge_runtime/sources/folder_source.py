@@ -368,6 +368,23 @@ def last_record(result_log: str, tail: int = 256 * 1024) -> tuple[str, float] | 
     return None
 
 
+def newest_record_time(result_log: str, tail: int = 256 * 1024) -> float | None:
+    """`time` (when it was written) of the newest parseable record in a result log, or None."""
+    try:
+        with open(result_log, "rb") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, end - tail))
+            lines = fh.read().split(b"\n")
+    except OSError:
+        return None
+    for raw in reversed(lines):
+        try:
+            return float(json.loads(raw)["time"])
+        except (ValueError, KeyError, TypeError):
+            continue  # torn last line, or not a record
+    return None
+
+
 def default_journal_path(state_dir: str, folder: str) -> Path:
     """<state_dir>/folder-<hash of the folder path>.journal: one journal per watched folder."""
     digest = hashlib.sha256(os.fsencode(os.path.abspath(folder))).hexdigest()[:16]
@@ -634,10 +651,23 @@ class FolderSource(FrameSource):
                             escape_name(self.cfg.path))
             # Files there before the very first start are not parts (unless process_existing): journal them.
             baseline = not self.cfg.process_existing and not self._journal.existed
+        # No journal, yet the result log holds parts: not a first start but a lost journal (state_dir deleted or
+        # another one). Files written after the newest record arrived while the daemon was down: parts, inspected
+        # (probe 67: such a file was journalled as "there before the first start", no record, no answer).
+        recorded_until = self._recorded_until() if baseline else None
         self._known = {}
         for name, inode in entries.items():
             self._known[name] = inode
-            if baseline:
+            if baseline and recorded_until is not None:
+                sig = self._signature(name)
+                if sig is not None and sig[1] / 1e9 > recorded_until:
+                    log.warning("folder source %s: no journal, but %s was written after the result log's newest "
+                                "record: inspected as a part that arrived while the daemon was down",
+                                escape_name(self.cfg.path), escape_name(name))
+                    self._candidates.setdefault(name, (None, self._clock()))
+                elif sig is not None:
+                    self._journal.done.add((name, sig[0], sig[1]))
+            elif baseline:
                 sig = self._signature(name)
                 if sig is not None:
                     self._journal.done.add((name, sig[0], sig[1]))
@@ -650,6 +680,15 @@ class FolderSource(FrameSource):
         self._dir_mtime = self._folder_mtime()
         self._last_rescan = self._clock()
         self._last_check = None
+
+    def _recorded_until(self) -> float | None:
+        """The wall time of the newest record in the station's result logs (None: no record, a first start)."""
+        newest = None
+        for result_log in self._result_logs:
+            at = newest_record_time(result_log)
+            if at is not None and (newest is None or at > newest):
+                newest = at
+        return newest
 
     def _adopt_recorded(self, entries: dict[str, int]) -> None:
         """A crash between writing a part's record and acknowledging it leaves that part (only the newest record

@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -443,6 +444,32 @@ def test_file_name_with_a_newline_cannot_forge_a_log_or_journal_line(tmp_path, c
         src.open()
         src.read(1.0)
     assert "link\\nFAULT.png" in caplog.text and "link\nFAULT" not in caplog.text
+
+
+def test_a_lost_journal_still_inspects_parts_written_while_the_daemon_was_down(tmp_path):
+    """Probe 67: the state_dir (and with it the journal) was lost while the daemon was down; the restart took every
+    file there for history from before a first start, so a part written during the downtime got no record and no
+    answer. The result log's newest record tells a lost journal from a first start: files written after it are
+    parts, older ones history."""
+    folder, state, results = tmp_path / "in", tmp_path / "state", tmp_path / "results.jsonl"
+    folder.mkdir()
+    now = time.time()
+    old = write(folder / "a.png", png(b"A"))                  # inspected before the stop
+    os.utime(old, (now - 60, now - 60))
+    results.write_text(json.dumps({"frame_id": 7, "source": str(old), "captured_at": now - 59, "verdict": "OK",
+                                   "time": now - 58}) + "\n")
+    write(folder / "b.png", png(b"B"))                        # written while the daemon was down
+    cfg = FolderSourceConfig(path=str(folder), mode="watch", poll_interval_s=0.1)
+    clock = FakeClock()
+    src = FolderSource(cfg, state_dir=str(state), result_logs=[str(results)], clock=clock, sleep=clock.sleep)
+    src.open()
+    names = []
+    for _ in range(3):
+        frame = src.read(1.0)
+        if frame is not None:
+            names.append(Path(frame.source).name)
+    src.close()
+    assert names == ["b.png"]
 
 
 def test_part_recorded_but_not_acknowledged_at_a_crash_is_not_inspected_again(tmp_path):
