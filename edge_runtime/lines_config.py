@@ -182,6 +182,11 @@ def line_station_configs(cfg) -> list[tuple[str | None, object]]:
             trigger=ln.trigger or cfg.trigger, outputs=outputs, capture=ln.capture or cfg.capture,
             roi=ln.roi if ln.roi is not None else cfg.roi, size_policy=ln.size_policy or cfg.size_policy,
             inference=dataclasses.replace(cfg.inference, threads=ln.threads or share),
+            # Each line stages its offers in its own folder: a line's commit or rollback prunes every staged copy
+            # it does not keep, and in a shared one it deleted the other lines' bundles in service (probe 71: the
+            # other line restarted in FAULT, its station-file bundle below its floor).
+            rollout=dataclasses.replace(cfg.rollout, staging_dir=os.path.join(cfg.rollout.staging_dir, ln.name))
+            if cfg.rollout.staging_dir else cfg.rollout,
             state_dir=state_dir, lines=[],
             floor_scope=FloorScope(cfg.state_dir, source_key(ln.source),
                                    frozenset(source_key(o.source) for o in lines if o is not ln) - {None})

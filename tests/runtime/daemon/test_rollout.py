@@ -628,3 +628,33 @@ def test_an_offer_refused_during_a_probation_leaves_the_probation_running(tmp_pa
                                          normalized_score=None, threshold=1.0, timings_ms={}, bundle_id="cand",
                                          error="frame check: too dark"))
     assert manager._offers.get_nowait()[0] == "rollback"
+
+
+def test_lines_stage_offers_apart_so_one_lines_commit_never_deletes_anothers_bundle(tmp_path):
+    """Probe 71: with `lines:` every line's rollout staged into <state_dir>/rollout; the left line's commit pruned
+    the right line's committed copy (not in its keep set), and the right line restarted in FAULT: its station-file
+    bundle was below the floor the rolled-out one had set."""
+    from edge_runtime.lines_config import line_station_configs
+    from edge_runtime.rollout import STAGING_DIR, RolloutManager
+
+    path = tmp_path / "station.yaml"
+    path.write_text(yaml.safe_dump({
+        "bundle": "b", "state_dir": str(tmp_path / "state"),
+        "rollout": {"enabled": True, "allow_unsigned": True},
+        "lines": [{"name": "left", "source": {"type": "folder", "path": "l"}},
+                  {"name": "right", "source": {"type": "folder", "path": "r"}}]}))
+    cfg = load_station(path)
+    (_, left), (_, right) = line_station_configs(cfg)
+    assert left.rollout.staging_dir != right.rollout.staging_dir
+    assert cfg.rollout.staging_dir == str(tmp_path / "state" / STAGING_DIR)   # the station's own stays as it was
+
+    def manager(line_cfg):
+        return RolloutManager(line_cfg.rollout, line_cfg.state_dir, load=None, install=None, current=lambda: None,
+                              set_bundle_path=lambda p: None, withdraw=lambda reason: None)
+
+    right_active = Path(right.rollout.staging_dir) / "tile-20261203T092700-4242-978"
+    left_active = Path(left.rollout.staging_dir) / "bottle-20261203T092713-4242-26"
+    for d in (right_active, left_active):
+        d.mkdir(parents=True)
+    manager(left)._prune_staging(keep={str(left_active)})   # the left line commits
+    assert right_active.is_dir() and left_active.is_dir()
