@@ -185,8 +185,12 @@ def line_station_configs(cfg) -> list[tuple[str | None, object]]:
             # Each line stages its offers in its own folder: a line's commit or rollback prunes every staged copy
             # it does not keep, and in a shared one it deleted the other lines' bundles in service (probe 71: the
             # other line restarted in FAULT, its station-file bundle below its floor).
-            rollout=dataclasses.replace(cfg.rollout, staging_dir=os.path.join(cfg.rollout.staging_dir, ln.name))
-            if cfg.rollout.staging_dir else cfg.rollout,
+            # Offers by folder likewise: a line watches <watch_dir>/<line>, as it takes <prefix>/<line>/cmd/rollout.
+            # Every line watched the one folder and took every offer (probe 71: a magnetic-tile bundle dropped there
+            # was committed on the bottle line too, which then rejected every good bottle with the tile model).
+            rollout=dataclasses.replace(
+                cfg.rollout, staging_dir=os.path.join(cfg.rollout.staging_dir, ln.name) if cfg.rollout.staging_dir
+                else None, watch_dir=os.path.join(cfg.rollout.watch_dir, ln.name) if cfg.rollout.watch_dir else None),
             state_dir=state_dir, lines=[],
             floor_scope=FloorScope(cfg.state_dir, source_key(ln.source),
                                    frozenset(source_key(o.source) for o in lines if o is not ln) - {None})

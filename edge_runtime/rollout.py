@@ -363,6 +363,10 @@ class RolloutManager(Output):
     def _poll_watch_dir(self) -> None:
         folder = Path(self.cfg.watch_dir)
         try:
+            folder.mkdir(parents=True, exist_ok=True)   # a line's own folder (<watch_dir>/<line>) is there to see
+        except OSError:
+            pass
+        try:
             entries = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
                              and not p.name.endswith((".tmp", ".part")))
         except OSError:

@@ -658,3 +658,39 @@ def test_lines_stage_offers_apart_so_one_lines_commit_never_deletes_anothers_bun
         d.mkdir(parents=True)
     manager(left)._prune_staging(keep={str(left_active)})   # the left line commits
     assert right_active.is_dir() and left_active.is_dir()
+
+
+def test_each_line_takes_offers_only_from_its_own_watch_folder(tmp_path):
+    """Probe 71: every line of a station watched the one watch_dir, so a magnetic-tile bundle renamed into it was
+    staged, switched to and committed on the bottle line too (NG on every good bottle, the tile model's bundle id
+    in the bottle line's records). A line watches <watch_dir>/<line>, as it takes <prefix>/<line>/cmd/rollout."""
+    from edge_runtime.lines_config import line_station_configs
+    from edge_runtime.rollout import RolloutManager
+
+    offers = tmp_path / "offers"
+    path = tmp_path / "station.yaml"
+    path.write_text(yaml.safe_dump({
+        "bundle": "b", "state_dir": str(tmp_path / "state"),
+        "rollout": {"enabled": True, "allow_unsigned": True, "watch_dir": str(offers)},
+        "lines": [{"name": "left", "source": {"type": "folder", "path": "l"}},
+                  {"name": "right", "source": {"type": "folder", "path": "r"}}]}))
+    cfg = load_station(path)
+    (_, left), (_, right) = line_station_configs(cfg)
+    assert (left.rollout.watch_dir, right.rollout.watch_dir) == (str(offers / "left"), str(offers / "right"))
+    taken: dict[str, list[str]] = {"left": [], "right": []}
+
+    def manager(name, line_cfg):
+        m = RolloutManager(line_cfg.rollout, line_cfg.state_dir, load=None, install=None, current=lambda: None,
+                           set_bundle_path=lambda p: None, withdraw=lambda reason: None)
+        m._take_offer = lambda location, origin: taken[name].append(Path(location).name)
+        return m
+
+    managers = {name: manager(name, c) for name, c in (("left", left), ("right", right))}
+    for m in managers.values():
+        m._poll_watch_dir()   # creates the line's folder
+    offer = offers / "right" / "tile-v2"
+    offer.mkdir()
+    (offer / MANIFEST).write_text("bundle_id: x\n")
+    for m in managers.values():
+        m._poll_watch_dir()
+    assert taken == {"left": [], "right": ["tile-v2"]}
