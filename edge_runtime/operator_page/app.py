@@ -475,7 +475,8 @@ def build_app(cfg: PageConfig, views: dict[str, LineView], stopping: Callable[[]
         ("/api/shift", action("operator", lambda v, s, d: (v.history.new_shift(), {"ok": True})[1],
                               needs_feedback=False), ["POST"]),
         ("/api/feedback/good/preview", action("operator", lambda v, s, d: v.feedback.preview_good(
-            _fid(d), s.user, check_learnable(v.history, _fid(d), s.role, cfg.operator_learn_max))), ["POST"]),
+            _fid(d), s.user, check_learnable(v.history, _fid(d), s.role, cfg.operator_learn_max),
+            cfg.operator_learn_max)), ["POST"]),
         ("/api/feedback/good/apply",
          action("operator", lambda v, s, d: v.feedback.apply(str(d["plan"]), s.user, "learn-good", s.role)), ["POST"]),
         ("/api/feedback/bad", action("operator", lambda v, s, d: v.feedback.mark_bad(_fid(d), s.user)), ["POST"]),

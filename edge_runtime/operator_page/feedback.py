@@ -6,6 +6,7 @@ log. Changes are prepared first (`preview_*`) so the person sees their effect be
 """
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 import time
@@ -138,15 +139,24 @@ class Feedback:
         return {"bundle_id": new.bundle_id, "bundle_version": new.bundle_version, "folder": folder.name}
 
     # ---- this NG part is good ----------------------------------------------------------------------------------
-    def preview_good(self, frame_id: int, who: str, needs: str = "engineer") -> dict:
-        """`needs`: the role that may apply it (check_learnable)."""
+    def preview_good(self, frame_id: int, who: str, needs: str = "engineer", operator_max: float = 0.0) -> dict:
+        """`needs`: the role that may apply it (check_learnable, on the part's record); `operator_max`:
+        page.operator_learn_max, checked again against the bundle the plan changes."""
         img = self._frame_image(frame_id)
         bundle = self._bundle()
         try:
             plan = prepare(bundle, [img], [], threads=self.threads)
         except AdaptError as exc:
             raise FeedbackError(str(exc)) from None
-        return {"plan": self._keep(who, plan, [frame_id], "learn-good", needs), **plan.summary()}
+        # check_learnable read the part's record, i.e. the threshold of the bundle that inspected it; the plan changes
+        # the bundle in service, which may be another one since (a reload, a rollout, a version learned meanwhile).
+        # An operator teaches the part only if it lies within operator_max of that bundle's threshold too (probe 74:
+        # a contamination at 1.05 x the old bundle's threshold, 1.52 x the one in service, was taught by an operator).
+        ratio = max((i.before / ch.threshold_before for ch in plan.changes.values() for i in ch.images
+                     if i.kind == "learn" and ch.threshold_before > 0), default=math.inf)
+        if needs == "operator" and not ratio <= operator_max:
+            needs = "engineer"
+        return {"plan": self._keep(who, plan, [frame_id], "learn-good", needs), "needs": needs, **plan.summary()}
 
     def apply(self, plan_id: str, who: str, action: str, role: str) -> dict:
         return self._apply(plan_id, who, action, role)

@@ -92,10 +92,10 @@ class RecipeFeedback:
                                 f"recipe {self.line.recipes.active.name}'s versions: learn a part under its own recipe")
 
     # ---- Feedback's interface ----------------------------------------------------------------------------------
-    def preview_good(self, frame_id: int, who: str, needs: str = "engineer") -> dict:
+    def preview_good(self, frame_id: int, who: str, needs: str = "engineer", operator_max: float = 0.0) -> dict:
         fb = self._feedback()
         self._own_part(fb, frame_id)
-        return fb.preview_good(frame_id, who, needs)
+        return fb.preview_good(frame_id, who, needs, operator_max)
 
     def apply(self, plan_id: str, who: str, action: str, role: str) -> dict:
         fb = self._feedback()

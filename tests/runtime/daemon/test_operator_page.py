@@ -562,3 +562,51 @@ def test_learning_follows_the_bundle_a_rollout_put_in_service_and_waits_for_its_
     rollout.status, rollout.detail = "probation", "bundle cc00 (version 2)"
     with pytest.raises(FeedbackError, match="rollout is probation"):
         feedback.rollback("base", "eng")
+
+
+def test_an_operator_teaches_a_part_only_within_the_limit_of_the_bundle_the_plan_changes(device_bundle, tmp_path):
+    """Probe 74: the role check read the part's record (the threshold of the bundle that inspected it) while the plan
+    changed the bundle in service. After a reload to a bundle with a lower threshold an operator taught a bottle
+    contamination at 1.05 x the old threshold, 1.52 x the new one (page.operator_learn_max 1.25)."""
+    import yaml
+
+    from edge_runtime.bundle import MANIFEST, Bundle, content_id
+    from edge_runtime.bundle_versions import VersionStore
+    from edge_runtime.operator_page.feedback import Feedback, FeedbackError, check_learnable
+    from edge_runtime.operator_page.part_history import PartHistory
+    from edge_runtime.pipeline import Pipeline
+    from edge_runtime.records import Frame
+
+    strict = tmp_path / "strict"          # the same bundle at half the threshold: a recalibrated release
+    shutil.copytree(device_bundle, strict)
+    m = yaml.safe_load((strict / MANIFEST).read_text())
+    for v in m["variants"].values():
+        v["threshold"] /= 2
+        v["review_threshold"] = None if v.get("review_threshold") is None else v["review_threshold"] / 2
+    m["bundle_id"] = content_id(m)
+    (strict / MANIFEST).write_text(yaml.safe_dump(m, sort_keys=False))
+    images = part_images(device_bundle, tmp_path)
+    history = PartHistory()
+    result = Pipeline(Bundle.load(device_bundle)).inspect(Frame(7, "marked.png", encoded=images["marked"].read_bytes()))
+    history.publish(result)
+    limit = 2.0                           # the marked part scores about 1.5 x the threshold of the bundle it met
+    assert result.verdict.value == "NG" and result.score / result.threshold < limit
+
+    def feedback(bundle_dir: Path, state: str) -> Feedback:
+        in_service = Bundle.load(bundle_dir)
+        return Feedback(VersionStore(bundle_dir, tmp_path / state, None), history, lambda: in_service,
+                        reload=lambda bundle_id: None)
+
+    needs = check_learnable(history, 7, "operator", limit)
+    assert needs == "operator"            # on its record, an operator's part
+    after_reload = feedback(strict, "state-strict")
+    preview = after_reload.preview_good(7, "otto", needs, limit)
+    assert preview["needs"] == "engineer"   # about 3 x the threshold of the bundle in service
+    with pytest.raises(FeedbackError, match="needs the engineer role"):
+        after_reload.apply(preview["plan"], "otto", "learn-good", "operator")
+    assert not (tmp_path / "state-strict" / "bundles").exists() or not any((tmp_path / "state-strict" / "bundles").iterdir())
+    # On the bundle that inspected it the operator still may.
+    same = feedback(device_bundle, "state-same")
+    preview = same.preview_good(7, "otto", needs, limit)
+    assert preview["needs"] == "operator"
+    assert same.apply(preview["plan"], "otto", "learn-good", "operator")["bundle_id"]
