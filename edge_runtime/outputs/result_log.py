@@ -135,6 +135,7 @@ class ResultLog(Output):
             self._append(line)
         except OSError as exc:
             self._failed = True
+            self._cut_unacknowledged()
             self._close_fd()
             reason = exc.strerror or str(exc)
             if exc.errno == errno.ENOSPC:
@@ -234,6 +235,21 @@ class ResultLog(Output):
         if self.cfg.fsync == "always":
             fsync_dir(self.path)
         self._open()
+
+    def _cut_unacknowledged(self) -> None:
+        """Remove the record whose write or fsync just failed, now (best effort; _open cuts it otherwise).
+
+        A failed fsync leaves the whole record readable in the file: it goes to the line as FAULT, and a crash or
+        restart before the next open kept it there, a record of OK for a part the PLC was told FAULT (probe 75)."""
+        if self._fd is None:
+            return
+        try:
+            if os.fstat(self._fd).st_size > self._good_size:
+                os.ftruncate(self._fd, self._good_size)
+                if self.cfg.fsync == "always":
+                    os.fsync(self._fd)
+        except OSError:
+            pass  # the disk refuses this too: _failed stays set, so the next _open cuts it
 
     def _close_fd(self) -> None:
         if self._fd is not None:

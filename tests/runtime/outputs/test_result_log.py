@@ -185,6 +185,30 @@ def test_failed_fsync_is_not_acknowledged(tmp_path, monkeypatch):
     assert [r["frame_id"] for r in read_records(path)] == [1, 3]
 
 
+def test_a_record_whose_fsync_failed_is_gone_before_publish_returns(tmp_path, monkeypatch):
+    # The part went to the line as FAULT: a crash (or a halt and restart) before the next write must not leave
+    # its OK record in the file, readable after restart as the verdict of a part the PLC was told FAULT.
+    path = tmp_path / "r.jsonl"
+    log = ResultLog(ResultLogConfig(path=str(path)))
+    log.start()
+    log.publish(make_result(1))
+    real_fsync = os.fsync
+    failed = []
+
+    def fsync_fails_once(fd):
+        if not failed:
+            failed.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_fails_once)
+    with pytest.raises(OutputError, match="frame 2"):
+        log.publish(make_result(2))
+    # No further publish, no close: what a crash right now leaves on disk.
+    assert [r["frame_id"] for r in read_records(path)] == [1]
+    assert last_frame_id(str(path)) == 1
+
+
 def test_unwritable_location_names_the_path(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
