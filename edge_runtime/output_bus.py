@@ -8,7 +8,9 @@ For one part, `publish()` runs, in the inspection loop's thread:
                   faults or halts (`on_record_failure`). The PLC therefore never gets a verdict the log lacks,
                   and a log written before the one that failed gets a superseding FAULT record (all agree).
     3. deadline   checked again after the record: if writing it took the part past its deadline, the lines get
-                  FAULT and a superseding FAULT record with the same frame id is appended (the later one wins).
+                  FAULT and a superseding FAULT record with the same frame id is appended (the later one wins);
+                  a superseding record that cannot be written takes the superseded one with it (result_log) and is
+                  a record failure like 2.
     4. lines      line outputs (GPIO, Modbus, serial): the PLC's verdict
     5. records    the other records (NG image store), after the lines, off the critical path
 
@@ -211,10 +213,10 @@ class OutputBus:
             # superseding FAULT record too, so every log agrees with the line.
             for out, verdict in recorded:
                 if verdict is not Verdict.FAULT:
-                    self._call(out, "publish", result)
+                    self._supersede(out, result)
         elif self._check_deadline(result, started, deadline_ms):
             for out in self.critical:  # the superseding record: the line gets FAULT, so must the log
-                self._call(out, "publish", result)
+                failure = self._supersede(out, result) or failure
         # A line output on a worker (serial) gets the deadline as an expiry: a verdict still queued when the
         # controller has stopped waiting for it is dropped, never sent late (the bus checked the deadline above,
         # but a stalled port can hold the line for longer).
@@ -368,6 +370,15 @@ class OutputBus:
         result.verdict = Verdict.FAULT
         result.error = f"deadline exceeded: {elapsed:.1f} ms from trigger to output > {deadline_ms:g} ms"
         return True
+
+    def _supersede(self, out: Output, result: InspectionResult) -> RecordFailure | None:
+        """Write the superseding FAULT record of a part already recorded; one that fails is a record failure (the
+        log has cut the superseded record with it: no log keeps a verdict the line never got)."""
+        try:
+            out.publish(result)
+        except Exception as exc:  # noqa: BLE001 - the part is not on record: the station must know
+            return self._record_failed(out, result, exc)
+        return None
 
     def _record_failed(self, out: Output, result: InspectionResult, exc: Exception) -> RecordFailure:
         self._count("errors")

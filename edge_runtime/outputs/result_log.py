@@ -102,6 +102,9 @@ class ResultLog(Output):
         self._good_size = 0        # bytes of the current file that hold only acknowledged records
         self._failed = False       # the last write failed: the file may end in a torn, unacknowledged record
         self.reopened = 0          # external rotations detected
+        # (frame_id, offset, inode) of the last acknowledged record: a superseding record of the same part whose
+        # write fails takes it away too (_supersede_failed)
+        self._last: tuple[int, int, tuple[int, int] | None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -132,9 +135,12 @@ class ResultLog(Output):
                 self._open()
             if self._good_size > 0 and self._good_size + len(line) > self.cfg.max_bytes:
                 self._rotate()
+            start = self._good_size
             self._append(line)
+            self._last = (result.frame_id, start, self._inode)
         except OSError as exc:
             self._failed = True
+            self._supersede_failed(result)
             self._cut_unacknowledged()
             self._close_fd()
             reason = exc.strerror or str(exc)
@@ -235,6 +241,14 @@ class ResultLog(Output):
         if self.cfg.fsync == "always":
             fsync_dir(self.path)
         self._open()
+
+    def _supersede_failed(self, result: InspectionResult) -> None:
+        """A second record of the part just recorded is the bus's superseding FAULT record, written before any line
+        output is driven: when it cannot be written, the superseded verdict (OK after a missed deadline) was never
+        the line's answer and must not stay on record as it (probe 75: the line got FAULT, the log kept OK)."""
+        if self._last is not None and self._last[0] == result.frame_id and self._last[2] == self._inode:
+            self._good_size = min(self._good_size, self._last[1])
+            self._last = None
 
     def _cut_unacknowledged(self) -> None:
         """Remove the record whose write or fsync just failed, now (best effort; _open cuts it otherwise).

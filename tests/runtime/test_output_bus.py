@@ -125,6 +125,38 @@ def test_a_record_that_pushes_the_part_past_its_deadline_is_superseded(tmp_path)
     assert line.results[0].verdict is Verdict.FAULT
 
 
+def test_a_superseding_record_that_fails_takes_the_superseded_verdict_with_it(tmp_path):
+    """A dying disk: the fsync of part 1's OK record takes it past its deadline, then the superseding FAULT record
+    hits a full disk. The line gets FAULT: the log must not keep OK for the part (probe 75), and the station must
+    learn that the part is not on record."""
+    import errno
+
+    class DyingLog(ResultLog):
+        writes = 0
+
+        def _append(self, line):
+            DyingLog.writes += 1
+            if DyingLog.writes == 2:                    # the superseding record
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            super()._append(line)
+            time.sleep(0.05)                            # a slow fsync
+
+    line = RecordingOutput()
+    log = DyingLog(ResultLogConfig(path=str(tmp_path / "r.jsonl")))
+    bus = OutputBus([line, log])
+    bus.start()
+    failure = bus.publish(make_result(1), started=time.monotonic(), deadline_ms=20)
+    assert line.results[0].verdict is Verdict.FAULT
+    # Read before any other write or close: what a crash now leaves on disk.
+    records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["frame_id"], r["verdict"]) for r in records if r["verdict"] != "FAULT"] == []
+    assert failure is not None and "frame 1 not logged" in failure.reason
+    bus.publish(make_result(2), started=time.monotonic(), deadline_ms=60_000)
+    bus.close()
+    records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["frame_id"], r["verdict"]) for r in records] == [(2, "OK")]
+
+
 class Stalled(RecordingOutput):
     """A line output that blocks in publish until released, like a serial port the PLC stopped reading."""
 
