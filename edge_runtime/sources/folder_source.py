@@ -452,6 +452,11 @@ class FolderSource(FrameSource):
         return self._next_id
 
     @property
+    def acknowledges_reads(self) -> bool:
+        """Watch mode: a read journals the file handed over before it as done (capture_queue.wrap_source)."""
+        return self.cfg.mode == "watch"
+
+    @property
     def watch_method(self) -> str | None:
         """'inotify' or 'poll' while watching, None otherwise."""
         if self._root is None or self.cfg.mode != "watch":
