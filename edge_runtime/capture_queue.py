@@ -160,6 +160,7 @@ class CaptureQueue(FrameSource):
                         else:
                             self._cond.wait_for(lambda: self._slot is None or self._stop.is_set())
                             if self._stop.is_set():
+                                self._queue_dropped += 1   # read from the source, never inspected: counted
                                 return
                     self._slot, self._slot_at = frame, got_at
                     self._cond.notify_all()
@@ -217,7 +218,9 @@ class CaptureQueue(FrameSource):
         with self._cond:
             return self._done and self._slot is None and self._error is None and self.source.exhausted
 
-    def close(self) -> None:
+    def stop_capture(self) -> None:
+        """Stop the thread; a frame it got that the line did not take is counted as dropped (take_dropped), never
+        discarded unseen (probe 72: the frame in the slot at a stop had no record and no count)."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
@@ -228,5 +231,10 @@ class CaptureQueue(FrameSource):
             if thread.is_alive():
                 log.error("%s: capture thread did not stop within %.1f s", self.name, self._read_timeout_s + 5.0)
         with self._cond:
+            if self._slot is not None and not self.fresh_after_trigger:   # triggered: frames between parts
+                self._queue_dropped += 1
             self._slot = None
+
+    def close(self) -> None:
+        self.stop_capture()
         self.source.close()

@@ -780,7 +780,21 @@ class Line:
         if not self.trigger.is_free_run:
             # A trigger accepted while the stop came in is answered, not left for a controller to time out on.
             self._refuse_triggers("stopping", 0.0)
+        else:
+            self._stop_capture()
         return 0
+
+    def _stop_capture(self) -> None:
+        """The loop has ended: the capture thread stops, and the frames it got after the last one the loop read
+        are counted as dropped (and answered FAULT where every frame is a part), not discarded at close."""
+        stop = getattr(self._source, "stop_capture", None)
+        if not callable(stop):
+            return
+        stop()
+        dropped = self._count_dropped()
+        if self.cfg.capture.every_frame_is_a_part:
+            for _ in range(dropped):
+                self._answer_fault("frame captured while the station stopped: a part not inspected", time.monotonic())
 
     def _serve_one(self, pipeline: Pipeline) -> str:
         """Wait for one trigger (or free-run frame) and answer it. Returns "idle", "served" or "exhausted".

@@ -3,6 +3,9 @@ produced is either inspected or counted as dropped (stats, /metrics), and a lost
 from __future__ import annotations
 
 import re
+import time
+
+import pytest
 
 from edge_runtime.capture_queue import CaptureQueue
 from edge_runtime.config import load_station
@@ -76,3 +79,40 @@ def test_lost_camera_behind_the_capture_thread_faults_the_line(small_bundle, wri
     assert [r.verdict is not Verdict.FAULT for r in rec.results] == [True, True]
     assert "camera unplugged" in station.fault_reason and rec.ready is False
     assert station.counters.source_errors >= 1
+
+
+@pytest.mark.parametrize("every_frame_is_a_part", [True, False])
+def test_a_stop_leaves_no_captured_frame_unanswered_or_uncounted(small_bundle, write_station, part_images_bytes,
+                                                                start_station, wait_until, every_frame_is_a_part):
+    # Probe 72: at a stop the frame in the capture slot was discarded with no record and no count, and frames the
+    # thread replaced after the loop's last read were counted but, every frame being a part, never answered.
+    from doubles import ScriptedSource
+
+    class Camera(ScriptedSource):   # a free-running camera far faster than the line inspects
+        live = True
+        produced = 0
+
+        def read(self, timeout):
+            time.sleep(0.001)
+            frame = super().read(timeout)
+            if frame is not None:
+                self.produced += 1
+            return frame
+
+    camera = Camera(steps=list(part_images_bytes[:2]))
+    camera.cfg.loop = True
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source={"type": "scripted"},
+                                     capture={"every_frame_is_a_part": every_frame_is_a_part}))
+    running = start_station(cfg, source=camera, outputs=[rec])
+    wait_until(lambda: sum(r.verdict is not Verdict.FAULT for r in rec.results) >= 3, what="inspected parts")
+    assert running.stop() == 0
+    line = running.station.lines[0]
+    inspected = sum(r.verdict is not Verdict.FAULT for r in rec.results)
+    assert line.dropped_frames > 0
+    if every_frame_is_a_part:
+        assert len(rec.results) == camera.produced, "every frame the camera delivered is a part with a record"
+        ids = [r.frame_id for r in rec.results]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    else:
+        assert inspected + line.dropped_frames == camera.produced, "every frame inspected or counted as dropped"
