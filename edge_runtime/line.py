@@ -159,6 +159,7 @@ class Line:
         self._trim_pending = False     # a reload dropped the old pipeline: release its heap on the next iteration
         self.frame_ids = FrameCounter(None)
         self._dropped_since_stats = 0
+        self._missed_taken = 0   # _count_dropped: a source's own `missed` already taken (no capture thread)
         self._started = time.monotonic()
         self._last_heartbeat = time.monotonic()
         self._loop_running = False             # the loop has gone round once (before: loading, not stalled)
@@ -956,7 +957,13 @@ class Line:
 
     def _count_dropped(self) -> int:
         take = getattr(self._source, "take_dropped", None)
-        n = take() if take is not None else 0
+        if take is not None:
+            n = take()
+        else:
+            # Read without a capture thread (capture.thread: off), a source may still report what it missed (a paced
+            # replay): those are drops too, answered FAULT where every frame is a part (probe 72: /metrics only).
+            missed = int(getattr(self._source, "missed", 0) or 0)
+            n, self._missed_taken = missed - self._missed_taken, missed
         if n:
             self._dropped_since_stats += n
             # Per part at debug level (the frame before this part); totals at warning level with the stats.
