@@ -281,3 +281,27 @@ def test_a_watch_folder_is_never_read_ahead_by_a_thread_so_a_stop_loses_no_part(
         rest.append(frame.source.rsplit("/", 1)[-1])
     again.close()
     assert rest == ["part1.png", "part2.png", "part3.png"], "every file the line did not take is inspected after a restart"
+
+
+def test_a_triggered_line_counts_no_frames_between_triggers_as_dropped():
+    # Probe 72: a triggered line on a paced source reported the ticks its thread missed between triggers in
+    # edge_dropped_frames_total, though they were no part's (frames replaced in the slot were rightly not counted).
+    class Missing(LiveCounter):
+        def read(self, timeout):
+            frame = super().read(timeout)
+            self.missed = self.i   # a source that missed one tick before each frame it delivered
+            return frame
+
+    source = Missing(50)
+    source.missed = 0
+    triggered = wrap_source(source, CaptureConfig(), free_run=False)
+    assert isinstance(triggered, CaptureQueue) and triggered.fresh_after_trigger
+    triggered.open()
+    end = time.monotonic() + 10.0
+    while not triggered.exhausted and time.monotonic() < end:
+        triggered.read(0.1)
+    triggered.close()
+    assert source.missed > 0 and triggered.dropped == 0 and triggered.take_dropped() == 0
+    free = CaptureQueue(Missing(3), drop=True)   # free run: what the source missed is still a drop
+    free.source.missed = 5
+    assert free.dropped == 5 and free.take_dropped() == 5
