@@ -298,3 +298,42 @@ def test_validate_says_a_valid_file_is_not_ready_when_its_bundle_or_source_is_mi
     assert runtime_main(["validate", str(cam)]) == 0      # a camera may be plugged in later: a note, still ready
     assert "source.device '/dev/video97': /dev/video97 does not exist here (`edge-runtime cameras`" in \
         capsys.readouterr().out
+
+
+def _documented_defaults(text: str):
+    """(line index, indent, key, default) of every `key: value  # ... (default: X)` line whose X is a plain value."""
+    for i, line in enumerate(text.splitlines()):
+        m = re.match(r"^(\s+)(\w+):\s*[^#]*#.*\(default: ([^);,]+)", line)
+        if m:
+            yield i, m.group(1), m.group(2), m.group(3).strip()
+
+
+def test_every_default_init_states_is_the_one_the_code_uses(tmp_path):
+    """Probe 73: init wrote `pulse_ms: 0 ... (default: 0)`, but a gpio output without pulse_ms pulses 200 ms."""
+    import dataclasses
+
+    bundle, checked = _bundle(tmp_path), set()
+    for source in ("camera:0", "folder:photos", "video:clip.mp4", "video:rtsp://cam/x"):
+        text, _ = render_station(bundle, source, list(OUTPUT_KINDS), "pi5", tmp_path / "s.yaml")
+        lines = text.splitlines()
+        for i, indent, key, default in _documented_defaults(text):
+            try:
+                yaml.safe_load(default)
+            except yaml.YAMLError:
+                continue
+            stated, left_out = list(lines), list(lines)
+            stated[i], left_out[i] = f"{indent}{key}: {default}", ""
+            configs = []
+            for variant in (stated, left_out):
+                path = tmp_path / "v.yaml"
+                path.write_text("\n".join(variant))
+                try:
+                    configs.append(load_station(path))
+                except ValueError:
+                    configs.append(None)   # a default in words ('unset', 'CPU only'): not a value to compare
+            if None in configs:
+                continue
+            checked.add(key)
+            assert dataclasses.asdict(configs[0]) == dataclasses.asdict(configs[1]), \
+                f"{source}: {key}: init says the default is {default}, the code uses another"
+    assert {"pulse_ms", "threads", "deadline_ms", "read_timeout_s", "port"} <= checked
