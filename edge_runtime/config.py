@@ -113,6 +113,12 @@ class LoggingConfig:
             raise ValueError(f"stats_window: must be >= 1, got {self.stats_window}")
 
 
+# The longest one wait of the loop may be: an idle triggered line goes round (and pings the systemd watchdog) once per
+# wait, and systemd/edge-runtime.service kills it after WatchdogSec=10 without a ping (probe 73: read_timeout_s 12
+# validated, and the pings of an idle line came 12 s apart; 1e300 validated and raised OverflowError at the first wait).
+READ_TIMEOUT_MAX_S = 8.0
+
+
 @dataclass(kw_only=True)
 class RecoveryConfig:
     backoff_initial_s: float = 0.5     # camera/trigger reopen: first wait, doubled up to the maximum
@@ -126,6 +132,9 @@ class RecoveryConfig:
                              f"{self.backoff_initial_s} and {self.backoff_max_s}")
         if self.read_timeout_s <= 0:
             raise ValueError(f"read_timeout_s: must be > 0, got {self.read_timeout_s}")
+        if self.read_timeout_s > READ_TIMEOUT_MAX_S:
+            raise ValueError(f"read_timeout_s: must be at most {READ_TIMEOUT_MAX_S:g} s (an idle line pings the systemd "
+                             f"watchdog once per wait; the unit's WatchdogSec is 10), got {self.read_timeout_s:g}")
 
 
 @dataclass(kw_only=True)

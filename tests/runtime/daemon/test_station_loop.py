@@ -327,9 +327,9 @@ def test_sigterm_drops_ready_at_once_and_a_trigger_after_it_is_answered_fault(sm
     images = list(part_images.values())
     camera = TriggeredCamera([images[0], images[1]])
     rec = RecordingOutput()
-    # A long trigger wait: without the relay the handler would run only after 60 s.
+    # The longest trigger wait a station file takes: without the relay the handler would run only after 8 s.
     cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
-                                     recovery={**FAST_RECOVERY, "read_timeout_s": 60.0}))
+                                     recovery={**FAST_RECOVERY, "read_timeout_s": 8.0}))
     station = Station(cfg, source=camera, outputs=[rec])
     trigger = station.trigger
     seen: dict[str, object] = {}
@@ -343,7 +343,7 @@ def test_sigterm_drops_ready_at_once_and_a_trigger_after_it_is_answered_fault(sm
             wait_until(lambda: ("heartbeat", None) in rec.calls[[n for n, _ in rec.calls].index("publish"):],
                        what="the loop's next round")
             signal.pthread_kill(threading.get_ident(), signal.SIGTERM)   # not the main thread
-            wait_until(lambda: not rec.ready, timeout=20, what="READY down after SIGTERM")
+            wait_until(lambda: not rec.ready, timeout=4, what="READY down after SIGTERM")
             status = station.status()
             seen["state"] = (status.state, status.reason)
             seen["at_stop"] = {"results": len(rec.results), "closed": rec.closed}

@@ -93,6 +93,11 @@ def test_non_utf8_station_file_is_exit_2_naming_the_file(tmp_path):
     ({"inference": {"deadline_ms": -5}}, "inference.deadline_ms: must be a number of milliseconds > 0 (the controller's timeout), got -5.0"),
     ({"http": {"port": 70000}}, "http.port: must be 0..65535, got 70000"),
     ({"recovery": {"read_timeout_s": 0}}, "recovery.read_timeout_s: must be > 0, got 0.0"),
+    # Probe 73: 12 s stopped an idle line's watchdog pings for 12 s (WatchdogSec=10); 1e300 raised OverflowError.
+    ({"recovery": {"read_timeout_s": 12}}, "recovery.read_timeout_s: must be at most 8 s (an idle line pings the "
+                                           "systemd watchdog once per wait; the unit's WatchdogSec is 10), got 12"),
+    ({"recovery": {"read_timeout_s": 1e300}}, "recovery.read_timeout_s: must be at most 8 s (an idle line pings the "
+                                              "systemd watchdog once per wait; the unit's WatchdogSec is 10), got 1e+300"),
 ])
 def test_nested_errors_name_the_key_path_once(tmp_path, change, message):
     path = write(tmp_path, {**BASE, **change})
