@@ -282,7 +282,21 @@ def _adapt(a: argparse.Namespace) -> int:
     return run_adapt(a)
 
 
+def _threads(text: str) -> int:
+    """--threads as the station file's inference.threads takes it (onnxruntime refuses a count over a C int)."""
+    from edge_runtime.lines_config import MAX_THREADS
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be 1-{MAX_THREADS}, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    from edge_runtime.lines_config import MAX_THREADS
     from edge_runtime.station_init import DEVICE_INT8_TARGET, OUTPUT_KINDS
 
     p = argparse.ArgumentParser(prog="edge-runtime", description=__doc__)
@@ -305,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="search used for the golden scores (default: hnsw, the bundle's HNSW graph searched by "
                         "faiss, as the daemon runs); hnswlib: the same graph searched by hnswlib; onnx: exact "
                         "search as an onnxruntime graph; ivf: faiss IVF built from the bank + exact re-check")
-    c.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")
+    c.add_argument("--threads", type=_threads, default=2,
+                   help=f"onnxruntime and search threads, 1-{MAX_THREADS} (default: 2)")
     c.add_argument("--public-key", default=None, metavar="PATH",
                    help="ed25519 public key (a station's security.bundle_public_key): the manifest's signature must "
                         "verify against it (default: none, the signature is not checked; `validate` checks a "

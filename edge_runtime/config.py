@@ -18,7 +18,7 @@ from edge_runtime.bundle_policy import FloorScope
 from edge_runtime.decode import DecodeConfig
 from edge_runtime.http_endpoint import HttpConfig
 from edge_runtime.nn_search import EF_MAX
-from edge_runtime.lines_config import (LineConfig, check_gpio_claims, check_serial_ports, gpio_claims,
+from edge_runtime.lines_config import (MAX_THREADS, LineConfig, check_gpio_claims, check_serial_ports, gpio_claims,
                                        resolve_line_paths, validate_lines)
 from edge_runtime.operator_page.config import PageConfig
 from edge_runtime.recipes import RecipesConfig, resolve_recipe_paths
@@ -73,8 +73,8 @@ class InferenceConfig:
     review_threshold: float | None = None             # None: the bundle's review band (if any); raw image score
 
     def validate(self) -> None:
-        if self.threads < 1:
-            raise ValueError(f"threads: must be >= 1, got {self.threads}")
+        if not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads: must be 1-{MAX_THREADS} (one per physical core), got {self.threads}")
         if not 1 <= self.workers <= 8:
             raise ValueError(f"workers: must be 1-8, got {self.workers}")
         if self.ef_search is not None and not 1 <= self.ef_search <= EF_MAX:

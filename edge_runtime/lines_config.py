@@ -25,6 +25,11 @@ __all__ = ["LineConfig", "line_station_configs", "resolve_line_paths", "validate
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
+# inference.threads (and a line's threads): onnxruntime's intra-op pool and faiss's OpenMP take a C int, and every
+# thread beyond the cores only spins (probe 73: threads 2147483648 validated, then every bundle load failed with
+# onnxruntime's "incompatible function arguments" and the station stayed in FAULT).
+MAX_THREADS = 256
+
 
 @dataclass(kw_only=True)
 class LineConfig:
@@ -45,8 +50,8 @@ class LineConfig:
         if not _NAME.match(self.name):
             raise ValueError(f"name: expected 1-32 letters, digits, '_', '.', '-' (starting with a letter or "
                              f"digit), got {self.name!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads: must be >= 1, got {self.threads}")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads: must be 1-{MAX_THREADS} (one per physical core), got {self.threads}")
         if self.bundle is not None and not self.bundle:
             raise ValueError("bundle: must name the bundle directory (leave it out for the station's)")
 

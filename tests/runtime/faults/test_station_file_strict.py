@@ -89,7 +89,11 @@ def test_non_utf8_station_file_is_exit_2_naming_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"inference": {"threads": 0}}, "inference.threads: must be >= 1, got 0"),
+    ({"inference": {"threads": 0}}, "inference.threads: must be 1-256 (one per physical core), got 0"),
+    # Probe 73: 2**31 validated, then onnxruntime refused it at every bundle load (station in FAULT).
+    ({"inference": {"threads": 2**31}}, "inference.threads: must be 1-256 (one per physical core), got 2147483648"),
+    ({"lines": [{"name": "a", "source": {"type": "folder", "path": "a"}, "threads": 2**31}]},
+     "lines[0].threads: must be 1-256 (one per physical core), got 2147483648"),
     ({"inference": {"deadline_ms": -5}}, "inference.deadline_ms: must be a number of milliseconds > 0 (the controller's timeout), got -5.0"),
     ({"http": {"port": 70000}}, "http.port: must be 0..65535, got 70000"),
     ({"recovery": {"read_timeout_s": 0}}, "recovery.read_timeout_s: must be > 0, got 0.0"),
@@ -226,3 +230,11 @@ def test_a_yaml_boolean_where_a_word_was_meant_says_to_quote_it(tmp_path, capsys
     rc, out = validate(path, capsys)
     assert rc == 2 and key in out
     assert "YAML reads an unquoted yes, no, on, off, true or false as a boolean: quote the word you meant" in out
+
+
+@pytest.mark.parametrize("threads", ["0", "-3", "2147483648", "two"])
+def test_check_refuses_a_thread_count_the_station_file_refuses(threads, capsys):
+    """Probe 73: `check --threads 2147483648` stopped its self-test on onnxruntime's TypeError; 0 and -3 ran."""
+    with pytest.raises(SystemExit) as stop:
+        main(["check", str(REPO / "tests" / "fixtures" / "device_bundle"), "--threads", threads])
+    assert stop.value.code == 2 and "--threads" in capsys.readouterr().err
