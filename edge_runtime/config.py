@@ -252,6 +252,32 @@ class StationConfig:
         if not self.lines:
             check_gpio_claims(gpio_claims("", self.outputs, self.trigger, self.recipes))
             check_serial_ports([(f"outputs[{j}]", o) for j, o in enumerate(self.outputs)])
+        check_listen_ports(self)
+
+
+# A server on one of these listens on every address of its family: it shares a port with any other host.
+_ANY_ADDRESS = ("", "0.0.0.0", "::", "[::]", "*")
+
+
+def check_listen_ports(cfg: StationConfig) -> None:
+    """One TCP port, one server: the station's own HTTP endpoint, operator page, Modbus and OPC UA servers (the
+    lines' included) on one port and overlapping addresses cannot all listen (probe 73: http.port and a modbus
+    output's port both 15020 validated; run then stopped with 'another process holds the port', the Modbus server
+    being that process). Port 0 (a free port) never collides. Raises ValueError naming both keys."""
+    located = [("http.port", cfg.http)] if cfg.http.enabled else []
+    located += [("page.port", cfg.page)] if cfg.page.enabled else []
+    located += [(f"outputs[{j}].port", o) for j, o in enumerate(cfg.outputs)]
+    located += [(f"lines[{i}].outputs[{j}].port", o) for i, ln in enumerate(cfg.lines) for j, o in enumerate(ln.outputs or [])]
+    seen: list[tuple[str, str, str, int]] = []   # (key, address compared, host as written, port)
+    for where, server in located:
+        if getattr(server, "type", "server") not in ("server", "modbus", "opcua") or not server.port:
+            continue   # mqtt and serial outputs connect out; they listen on nothing
+        host = "127.0.0.1" if server.host.lower() in ("localhost", "localhost.") else server.host.lower()
+        for other_where, other, written, port in seen:
+            if port == server.port and (host == other or host in _ANY_ADDRESS or other in _ANY_ADDRESS):
+                raise ValueError(f"{where}: {port} on {server.host} is also {other_where} on {written}: the two "
+                                 "servers cannot both listen; give each its own port")
+        seen.append((where, host, server.host, server.port))
 
 
 # The root of error messages while validating; replaced by the file name (see load_station).

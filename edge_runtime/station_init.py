@@ -42,6 +42,7 @@ SOURCE_KINDS = ("camera", "folder", "video")
 # installed under /etc with the default relative paths would log beside itself, read-only, and FAULT every part.
 SERVICE_RESULT_LOG = "/var/log/edge-runtime/results.jsonl"
 SERVICE_NG_IMAGES = "/var/lib/edge-runtime/ng-images"
+MODBUS_PORT = 5020   # the modbus output's port in the file init writes
 
 
 class InitError(ValueError):
@@ -275,7 +276,7 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
             L += [
                 "  - type: modbus           # Modbus TCP server the PLC polls (coils OK/NG/READY/ERROR, registers)",
                 "    host: 127.0.0.1        # 0.0.0.0 to serve the plant network (default: 127.0.0.1)",
-                "    port: 5020             # 502 needs CAP_NET_BIND_SERVICE (default: 5020)",
+                f"    port: {MODBUS_PORT}             # 502 needs CAP_NET_BIND_SERVICE (default: 5020)",
                 "    unit_id: 1             # (default: 1)",
                 "    allow_writes: false    # PLC may write holding registers 16-31 (default: false)",
             ]
@@ -348,6 +349,9 @@ def write_station(bundle: Path, source: str, outputs: list[str], device: str | N
         raise InitError(f"{out}: exists (use --force to replace it)")
     if not 0 <= http_port <= 65535:
         raise InitError(f"--http-port {http_port}: expected 0..65535")
+    if http_port == MODBUS_PORT and "modbus" in outputs:   # the station file would refuse two servers on one port
+        raise InitError(f"--http-port {http_port}: the modbus output init writes serves Modbus on {MODBUS_PORT}; "
+                        "pick another port")
     text, warnings = render_station(bundle, source, outputs, device, out, name, http_port, service)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -238,3 +238,44 @@ def test_check_refuses_a_thread_count_the_station_file_refuses(threads, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["check", str(REPO / "tests" / "fixtures" / "device_bundle"), "--threads", threads])
     assert stop.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
+_LINE = {"name": "a", "source": {"type": "folder", "path": "a"}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"http": {"port": 15020}, "outputs": [{"type": "modbus", "port": 15020}]},
+     "outputs[0].port: 15020 on 127.0.0.1 is also http.port on 127.0.0.1"),
+    ({"outputs": [{"type": "opcua", "port": 4840}, {"type": "modbus", "host": "0.0.0.0", "port": 4840}]},
+     "outputs[1].port: 4840 on 0.0.0.0 is also outputs[0].port on 127.0.0.1"),
+    ({"http": {"port": 8090}, "page": {"enabled": True}}, "page.port: 8090 on 127.0.0.1 is also http.port on 127.0.0.1"),
+    ({"http": {"host": "localhost", "port": 8088}, "lines": [{**_LINE, "outputs": [{"type": "opcua", "port": 8088}]}]},
+     "lines[0].outputs[0].port: 8088 on 127.0.0.1 is also http.port on localhost"),
+    ({"lines": [{**_LINE, "outputs": [{"type": "opcua", "port": 4841}]},
+                {"name": "b", "source": {"type": "folder", "path": "b"}, "outputs": [{"type": "opcua", "port": 4841}]}]},
+     "lines[1].outputs[0].port: 4841 on 127.0.0.1 is also lines[0].outputs[0].port on 127.0.0.1"),
+])
+def test_two_servers_of_the_station_on_one_port_are_refused(tmp_path, change, message):
+    """Probe 73: http.port and a modbus output's port both 15020 validated; run stopped at once with 'another process
+    holds the port' (the station's own Modbus server)."""
+    data = {**BASE, "http": {"enabled": True, **change.pop("http", {})}, **change}
+    if "lines" in data:
+        data.pop("source")
+    with pytest.raises(ConfigError) as err:
+        load_station(write(tmp_path, data))
+    assert message in str(err.value) and "cannot both listen" in str(err.value)
+
+
+def test_servers_on_other_addresses_or_free_ports_share_a_number(tmp_path):
+    data = {**BASE, "http": {"enabled": True, "port": 0},
+            "outputs": [{"type": "modbus", "port": 4840}, {"type": "opcua", "host": "127.0.0.2", "port": 4840},
+                        {"type": "opcua", "port": 0}]}
+    load_station(write(tmp_path, data))
+
+
+def test_init_refuses_an_http_port_its_modbus_output_takes(tmp_path, capsys):
+    bundle = REPO / "tests" / "fixtures" / "device_bundle"
+    rc = main(["init", "--bundle", str(bundle), "--source", "camera:0", "--output", "modbus", "--http-port", "5020",
+               "--out", str(tmp_path / "s.yaml")])
+    assert rc == 2 and "--http-port 5020: the modbus output init writes serves Modbus on 5020" in capsys.readouterr().err
+    assert not (tmp_path / "s.yaml").exists()
