@@ -220,7 +220,9 @@ def _validate(a: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"invalid: {a.config}: {exc}", file=sys.stderr)
         return 2
-    for warning in cfg.http.warnings() + cfg.frame_check.warnings():
+    from edge_runtime.config import trigger_warnings
+
+    for warning in cfg.http.warnings() + cfg.frame_check.warnings() + trigger_warnings(cfg):
         print(f"warning: {a.config}: {warning}", file=sys.stderr)
     # Outputs that listen or send credentials (opcua, mqtt), the lines' too, and the station's shared MQTT.
     located = [(f"outputs[{i}]", out) for i, out in enumerate(cfg.outputs)]

@@ -255,6 +255,25 @@ class StationConfig:
         check_listen_ports(self)
 
 
+def trigger_warnings(cfg: StationConfig) -> list[str]:
+    """What validate and the start log say about a `software` trigger that nothing in the station file can fire:
+    the line then waits with READY up and inspects no part (probe 73: validate said valid, no warning, and such a
+    station ran READY for ever without one record). Code may still fire it (tests, an embedding program)."""
+    shared = (cfg.http.enabled and cfg.http.allow_trigger) or bool(cfg.mqtt is not None and cfg.mqtt.allow_trigger)
+    located = ([(f"lines[{i}]" if ln.trigger else f"lines[{i}] (the station's)", ln.trigger or cfg.trigger,
+                 ln.outputs or []) for i, ln in enumerate(cfg.lines)] or [("", cfg.trigger, cfg.outputs)])
+    found = []
+    for where, trigger, outputs in located:
+        if getattr(trigger, "type", None) != "software" or shared:
+            continue
+        if any(getattr(o, "accept_trigger", False) or getattr(o, "allow_trigger", False) for o in outputs):
+            continue   # a serial TRG, OPC UA StartSingleJob
+        found.append(f"{where + ' ' if where else ''}trigger.type: software, but nothing in this station file fires "
+                     "it (http.allow_trigger, a serial output's accept_trigger, an opcua output's allow_trigger or "
+                     "mqtt.allow_trigger): the line waits with READY up and inspects no part")
+    return found
+
+
 # A server on one of these listens on every address of its family: it shares a port with any other host.
 _ANY_ADDRESS = ("", "0.0.0.0", "::", "[::]", "*")
 

@@ -25,7 +25,7 @@ from typing import Callable
 from edge_runtime import bundle_loader, systemd_notify
 from edge_runtime.bundle import BundleError, StationMismatch
 from edge_runtime.capture_queue import is_live, wrap_source
-from edge_runtime.config import StationConfig
+from edge_runtime.config import StationConfig, trigger_warnings
 from edge_runtime.drift_monitor import DriftMonitor
 from edge_runtime.frame_counter import FrameCounter, FrameCounterError
 from edge_runtime.http_endpoint import StationStatus, stall_reason
@@ -664,7 +664,7 @@ class Line:
     def start(self) -> None:
         """Frame counter opened, bundle loaded and self-tested. A bad bundle leaves the line alive in an explained
         FAULT state."""
-        for warning in self.cfg.frame_check.warnings():
+        for warning in self.cfg.frame_check.warnings() + trigger_warnings(self.cfg):
             log.warning(self._tag("%s"), warning)
         self._open_frame_counter()
         t0 = time.monotonic()

@@ -279,3 +279,28 @@ def test_init_refuses_an_http_port_its_modbus_output_takes(tmp_path, capsys):
                "--out", str(tmp_path / "s.yaml")])
     assert rc == 2 and "--http-port 5020: the modbus output init writes serves Modbus on 5020" in capsys.readouterr().err
     assert not (tmp_path / "s.yaml").exists()
+
+
+@pytest.mark.parametrize("change, warned", [
+    ({}, "warning: {path}: trigger.type: software, but nothing in this station file fires it"),
+    ({"http": {"port": 0, "allow_trigger": True}}, None),
+    ({"http": {"enabled": False, "allow_trigger": True}}, "trigger.type: software, but nothing"),
+    ({"outputs": [{"type": "serial", "port": "/dev/ttyUSB9", "accept_trigger": True}]}, None),
+    ({"outputs": [{"type": "opcua", "port": 0, "allow_trigger": True}]}, None),
+    ({"source": None, "lines": [{"name": "a", "source": {"type": "folder", "path": "a"}},
+                                {"name": "b", "source": {"type": "folder", "path": "b"}, "trigger": {"type": "free_run"}}]},
+     "warning: {path}: lines[0] (the station's) trigger.type: software, but nothing"),
+])
+def test_a_software_trigger_nothing_can_fire_is_warned_about(tmp_path, capsys, change, warned):
+    """Probe 73: trigger software with http.allow_trigger off and no other trigger path validated with no word, and the
+    station ran READY for ever without inspecting a part."""
+    data = {**BASE, "trigger": {"type": "software"}, **change}
+    if data["source"] is None:
+        data.pop("source")
+    path = write(tmp_path, data)
+    rc, out = validate(path, capsys)
+    assert rc in (0, 1), out
+    if warned is None:
+        assert "nothing in this station file fires it" not in out
+    else:
+        assert warned.format(path=path) in out
