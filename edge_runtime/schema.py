@@ -42,6 +42,23 @@ def _yaml_bool_hint(value: Any) -> str:
     return ""
 
 
+# What YAML 1.2 and JSON read as a number but PyYAML (YAML 1.1) reads as a string: an exponent without a '.' in the
+# mantissa or a sign after the 'e' (1e3, 2.5e3; 1.0e+3 is a number).
+_YAML11_STRING_NUMBER = re.compile(r"([-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?)[eE]([-+]?)([0-9]+)")
+
+
+def _yaml_number_hint(value: Any, integer: bool = False) -> str:
+    # probe 73: `deadline_ms: 1e3` was refused as "expected a number, got '1e3'", a number to whoever wrote it.
+    match = _YAML11_STRING_NUMBER.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None or not any(c.isdigit() for c in match.group(1)):
+        return ""
+    if integer:
+        return " (YAML reads this exponent as a string: write the plain integer)"
+    mantissa, sign, exponent = match.groups()
+    spelled = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{sign or '+'}{exponent}"
+    return f" (YAML reads this exponent as a string: write {spelled} or the plain number)"
+
+
 def convert(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against annotation `tp`; return it converted (mappings become dataclasses)."""
     origin = get_origin(tp)
@@ -95,13 +112,13 @@ def convert(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {short_repr(value)}")
+            raise ConfigError(f"{where}: expected an integer, got {short_repr(value)}{_yaml_number_hint(value, integer=True)}")
         if abs(value) > 2**63 - 1:
             raise ConfigError(f"{where}: integer {value} is out of range")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {short_repr(value)}")
+            raise ConfigError(f"{where}: expected a number, got {short_repr(value)}{_yaml_number_hint(value)}")
         try:
             number = float(value)
         except OverflowError:

@@ -304,3 +304,27 @@ def test_a_software_trigger_nothing_can_fire_is_warned_about(tmp_path, capsys, c
         assert "nothing in this station file fires it" not in out
     else:
         assert warned.format(path=path) in out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("deadline_ms: 1e3", "inference.deadline_ms: expected a number, got '1e3' (YAML reads this exponent as a string: "
+                         "write 1.0e+3 or the plain number)"),
+    ("deadline_ms: 2.5e3", "got '2.5e3' (YAML reads this exponent as a string: write 2.5e+3 or the plain number)"),
+    ("threads: 2e0", "inference.threads: expected an integer, got '2e0' (YAML reads this exponent as a string: "
+                     "write the plain integer)"),
+])
+def test_an_exponent_yaml_reads_as_a_string_says_so(tmp_path, text, message):
+    """Probe 73: `deadline_ms: 1e3` was refused as "expected a number, got '1e3'": PyYAML (YAML 1.1) reads an exponent
+    without a '.' and a sign as a string, which the message did not say."""
+    path = write(tmp_path, yaml.safe_dump(BASE, sort_keys=False) + f"inference:\n  {text}\n")
+    with pytest.raises(ConfigError) as err:
+        load_station(path)
+    assert message in str(err.value)
+    assert yaml.safe_load("[1.0e+3, 2.5e+3]") == [1000.0, 2500.0]   # the spellings the message gives are numbers
+
+
+def test_a_string_that_is_no_number_gets_no_exponent_hint(tmp_path):
+    path = write(tmp_path, yaml.safe_dump(BASE, sort_keys=False) + "inference:\n  deadline_ms: e3\n")
+    with pytest.raises(ConfigError) as err:
+        load_station(path)
+    assert str(err.value).endswith("inference.deadline_ms: expected a number, got 'e3'")
