@@ -8,6 +8,7 @@ counter, trigger, stats and state.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -375,12 +376,21 @@ class Station:
                     self._http.start()
                     log.info("http endpoint on %s:%d", self.cfg.http.host, self._http.port)
                 except OSError as exc:
-                    port = self.cfg.http.port
-                    raise HttpPortBusy(
-                        f"http endpoint {self.cfg.http.host}:{port} cannot listen ({exc.strerror or exc}): another "
-                        f"process holds the port (`ss -ltnp 'sport = :{port}'` names it); stop it, or set http.port "
-                        "in the station file (0 picks a free port; http.enabled: false runs without /healthz)"
-                    ) from None
+                    port, host = self.cfg.http.port, self.cfg.http.host
+                    # Only a taken port is another process's doing (probe 73: an http.host that is no address here
+                    # was reported as "another process holds the port", with `ss ... sport = :0` for port 0).
+                    if exc.errno == errno.EADDRINUSE:
+                        why = (f"another process holds the port (`ss -ltnp 'sport = :{port}'` names it); stop it, or "
+                               "set http.port in the station file (0 picks a free port; http.enabled: false runs "
+                               "without /healthz)")
+                    elif exc.errno == errno.EACCES:
+                        why = (f"port {port} is below 1024, which needs CAP_NET_BIND_SERVICE: set http.port in the "
+                               "station file to 1024 or above")
+                    else:
+                        why = (f"http.host {host} is not an address of this machine (`ip -brief address` lists them): "
+                               "set it in the station file (127.0.0.1: this machine only; 0.0.0.0: every address)")
+                    raise HttpPortBusy(f"http endpoint {host}:{port} cannot listen ({exc.strerror or exc}): {why}"
+                                       ) from None
             t0 = time.monotonic()
             threading.Thread(target=self._guard_stalls, name="stall-guard", daemon=True).start()
             for line in self.lines:

@@ -409,3 +409,16 @@ def test_a_taken_http_port_stops_the_start_with_the_reason_and_no_part_is_inspec
     assert f"http endpoint 127.0.0.1:{port} cannot listen" in err and "ss -ltnp 'sport = :" in err
     log = tmp_path / "results.jsonl"
     assert not log.exists() or log.read_text() == ""
+
+
+def test_an_http_host_that_is_no_address_here_is_not_blamed_on_another_process(tmp_path, device_bundle, capsys):
+    """Probe 73: http.host 10.255.255.1 (no address of the machine) stopped the start with 'another process holds
+    the port (`ss -ltnp 'sport = :0'` names it)'."""
+    (tmp_path / "images").mkdir()
+    station = tmp_path / "station.yaml"
+    station.write_text(f"bundle: {device_bundle}\nsource: {{type: folder, path: images}}\n"
+                       "http: {host: 192.0.2.1, port: 0}\nstate_dir: state\n")   # 192.0.2.0/24: documentation only
+    assert cli.main(["run", "--config", str(station)]) == 1
+    err = capsys.readouterr().err
+    assert "http endpoint 192.0.2.1:0 cannot listen" in err and "another process" not in err
+    assert "http.host 192.0.2.1 is not an address of this machine" in err
