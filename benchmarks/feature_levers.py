@@ -90,6 +90,11 @@ ROWS: dict[str, tuple[Path, dict, str]] = {
     # Nineteenth session: the aggregation neighbourhood on magnetic tile (5 x 5 was worse than 3 x 3; is 1 better, as
     # on bottle's pixel AUROC?), and stride-4 features (stage 1, 24 ch, 2 x 2-averaged onto the stride-8 grid) for
     # the thin cracks, the weakest defect type.
+    # Twentieth session: the nearest neighbour by angle (cosine) instead of L2, the whole 152-d vector or each tap's
+    # part on its own (40 + 112 channels): a patch's feature magnitude follows its contrast, which differs between
+    # magnetic-tile images.
+    "tile/l2norm": (TILE, {"l2norm": "all"}, "patch features scaled to unit length (cosine nearest neighbour)"),
+    "tile/l2norm-taps": (TILE, {"l2norm": "taps"}, "each tap's part of the feature (40 + 112) scaled to unit length"),
     "tile/agg-1": (TILE, {"agg": 1}, "no local aggregation (each tap's own activations)"),
     "tile/stride4": (TILE, {"stride4": True}, "stage-1 (stride 4, 24 ch) features averaged 2 x 2 onto the stride-8 "
                      "grid, added to the two taps (176-d)"),
@@ -225,6 +230,14 @@ def run_row(name: str) -> dict:
                 x = torch.from_numpy(to_input(img if f is None else np.ascontiguousarray(cv2.flip(img, f)), s))
                 out.append(model(x)[0].numpy())
         return out
+
+    if s.get("l2norm"):   # the nearest neighbour by angle: unit vectors (each tap's part on its own for "taps")
+        feats_unnormed = feats
+
+        def feats(p: Path) -> np.ndarray:
+            f = feats_unnormed(p)
+            parts = np.split(f, [40], axis=1) if s["l2norm"] == "taps" else [f]
+            return np.concatenate([x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6) for x in parts], 1)
 
     train, tests = images(data)
     t0 = time.perf_counter()
