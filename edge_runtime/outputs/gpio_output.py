@@ -20,6 +20,10 @@ Every part gets its own signal, whichever mode is used. Timing (pulse mode, the 
   line when the station has a serial output with accept_trigger), until the next part's begin_part, or until
   READY drops / a fault. Without a RESULT_VALID or BUSY line a PLC sampling levels in level mode still sees
   OK fall at every begin_part; wire RESULT_VALID (or use pulse mode) so it knows when to sample.
+- Hold (`hold_ms: 20`): a PLC reads its inputs once per scan, so an answer shorter than a scan, or a gap between
+  two answers shorter than one, is not seen. Answers can come back to back (a folded trigger's FAULT and the part's
+  verdict, frames in flight finished together): begin_part and publish wait until the last answer has stood
+  hold_ms and the lines have been down hold_ms before the next one. ACK, a fault and READY down withdraw at once.
 
 Verdicts: OK is asserted only for an inspected good part. NG for an anomalous one. REVIEW (score in the review
 band: a person re-checks the part) asserts the REVIEW line and NEVER OK; it also asserts NG when `review_as_ng`
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -75,6 +80,7 @@ class GpioConfig:
     heartbeat: GpioLine | None = None     # toggled on every heartbeat() call, to feed an external watchdog
     ack: GpioLine | None = None           # INPUT: a rising (asserted) edge from the PLC withdraws the verdict
     pulse_ms: int = 200                   # >0: verdict + RESULT_VALID pulse this long; 0: hold until ACK/next part
+    hold_ms: int = 20                     # every answer stands, and the gap before the next lasts, at least this long
     review_as_ng: bool | None = None      # REVIEW also asserts NG; unset: only when no review line is configured
     consumer: str = "patchcore-edge"      # shown by `gpioinfo` as the owner of the lines
 
@@ -97,6 +103,10 @@ class GpioConfig:
             seen[line.offset] = role
         if self.pulse_ms < 0:
             raise ValueError(f"pulse_ms: must be 0 or more, got {self.pulse_ms}")
+        if self.hold_ms < 0:
+            raise ValueError(f"hold_ms: must be 0 or more, got {self.hold_ms}")
+        if self.pulse_ms > 0 and self.hold_ms > self.pulse_ms:
+            raise ValueError(f"hold_ms: must not exceed pulse_ms ({self.pulse_ms}), got {self.hold_ms}")
         if not self.chip:
             raise ValueError("chip: must not be empty")
 
@@ -213,6 +223,9 @@ class GpioOutput(Output):
         # The pulse timer could not withdraw the verdict: the pins may still show it (failure() reports it).
         self._pulse_failure: str | None = None
         self.acks = 0  # acknowledgements: ACK edges from the PLC, software triggers (each withdraws the verdict)
+        # When the last answer went up and when it was last withdrawn (monotonic): the hold (module docstring).
+        self._shown_at: float | None = None
+        self._withdrawn_at: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -252,6 +265,7 @@ class GpioOutput(Output):
 
     # -- Output ----------------------------------------------------------------------------------------------
     def begin_part(self, frame_id: int) -> None:
+        self._hold_shown()   # the last answer (a folded trigger's FAULT) stands hold_ms before it is withdrawn
         with self._lock:
             try:
                 self._begin_locked()
@@ -263,17 +277,23 @@ class GpioOutput(Output):
 
     def _begin_locked(self) -> None:
         self._withdraw_locked()
-        self._last_result_faulted = False
+        faulted, self._last_result_faulted = self._last_result_faulted, False
         self._state["busy"] = True
         self._drive_locked(only=("busy", "error"))
+        if faulted:
+            self._withdrawn_at = time.monotonic()   # ERROR of a FAULT answer dropped: the gap starts
 
     def publish(self, result: InspectionResult) -> None:
         v = result.verdict
+        self._hold_shown()   # a publish with no begin_part before it replaces the last answer: it stands first
         with self._lock:
             self._cancel_pulse_locked()
             if self._state["result_valid"]:
                 self._state["result_valid"] = False  # never show RESULT_VALID while the verdict lines change
                 self._drive_locked(only=("result_valid",))
+                self._withdrawn_at = time.monotonic()
+        self._hold_gap()     # down for hold_ms since the last answer: the PLC sees two answers, not one long one
+        with self._lock:
             # OK only for a part that was inspected and passed; anything else leaves OK de-energised.
             self._state["ok"] = v is Verdict.OK
             self._state["review"] = v is Verdict.REVIEW
@@ -283,6 +303,7 @@ class GpioOutput(Output):
             self._drive_locked(only=(*VERDICT_ROLES, "busy", "error"))
             self._state["result_valid"] = True
             self._drive_locked(only=("result_valid",))
+            self._shown_at = time.monotonic()
             if self.cfg.pulse_ms > 0:
                 self._pulse_generation += 1
                 timer = threading.Timer(self.cfg.pulse_ms / 1000.0, self._end_pulse, args=(self._pulse_generation,))
@@ -326,9 +347,32 @@ class GpioOutput(Output):
             return {**self._state, "error": self._error_locked()}
 
     # -- internals -------------------------------------------------------------------------------------------
+    def _showing_locked(self) -> bool:
+        """An answer is up: RESULT_VALID, a verdict line, or the ERROR of a FAULT answer."""
+        return self._state["result_valid"] or any(self._state[r] for r in VERDICT_ROLES) or self._last_result_faulted
+
+    def _hold_shown(self) -> None:
+        """Wait (without the lock: ACK and the pulse timer go on) until the answer up now has stood hold_ms."""
+        with self._lock:
+            if self._shown_at is None or not self._showing_locked():
+                return
+            remaining = self.cfg.hold_ms / 1000.0 - (time.monotonic() - self._shown_at)
+        if remaining > 0:
+            time.sleep(remaining)
+
+    def _hold_gap(self) -> None:
+        """Wait until the lines have been down hold_ms since the last answer was withdrawn."""
+        with self._lock:
+            if self._withdrawn_at is None:
+                return
+            remaining = self.cfg.hold_ms / 1000.0 - (time.monotonic() - self._withdrawn_at)
+        if remaining > 0:
+            time.sleep(remaining)
+
     def _withdraw_locked(self) -> None:
         """Drop RESULT_VALID, then the verdict lines (two writes: the PLC never sees valid with changing lines)."""
         self._cancel_pulse_locked()
+        shown = self._state["result_valid"] or any(self._state[r] for r in VERDICT_ROLES)
         if self._state["result_valid"] or self._unsure:
             self._state["result_valid"] = False
             self._drive_locked(only=("result_valid",))
@@ -336,6 +380,8 @@ class GpioOutput(Output):
             for role in VERDICT_ROLES:
                 self._state[role] = False
             self._drive_locked(only=VERDICT_ROLES)
+        if shown:
+            self._withdrawn_at = time.monotonic()
 
     def _end_pulse(self, generation: int) -> None:
         with self._lock:

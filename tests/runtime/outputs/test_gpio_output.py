@@ -421,3 +421,31 @@ def test_a_heartbeat_after_a_failed_pulse_end_writes_the_withdrawn_verdict():
     out.heartbeat()                                    # the next loop's write goes to every line
     assert lines.state[OK] is False and out.failure() is None
     out.close()
+
+
+def test_back_to_back_answers_each_stand_and_are_apart_for_hold_ms():
+    """A PLC reads its inputs once per scan: an answer withdrawn at once by the next part's begin_part (a folded
+    trigger's FAULT, frames in flight finished together) was never seen (probe 77)."""
+    out, lines = handshake_output(pulse_ms=200, hold_ms=30)
+    stamps = []
+    original = lines.set_values
+    lines.set_values = lambda values: (original(values), stamps.append((time.monotonic(), dict(lines.state))))
+    out.begin_part(1)
+    out.publish(make_result(1, Verdict.FAULT))
+    out.begin_part(2)
+    out.publish(make_result(2, Verdict.OK))
+    rises = [t for (t, s), (_, p) in zip(stamps[1:], stamps) if s[VALID] and not p[VALID]]
+    falls = [t for (t, s), (_, p) in zip(stamps[1:], stamps) if not s[VALID] and p[VALID]]
+    assert len(rises) == 2 and len(falls) == 1
+    assert falls[0] - rises[0] >= 0.025, "the FAULT answer stood its hold"
+    assert rises[1] - falls[0] >= 0.025, "RESULT_VALID stayed down for the hold between the two answers"
+    out.acknowledge()                      # the PLC's ACK withdraws at once, no hold
+    assert lines.state[OK] is False and lines.state[VALID] is False
+    out.close()
+
+
+def test_hold_ms_is_validated_against_the_pulse():
+    with pytest.raises(ValueError, match="hold_ms: must not exceed pulse_ms"):
+        GpioConfig(ok=GpioLine(offset=OK), pulse_ms=10, hold_ms=20).validate()
+    with pytest.raises(ValueError, match="hold_ms: must be 0 or more"):
+        GpioConfig(ok=GpioLine(offset=OK), hold_ms=-1).validate()
