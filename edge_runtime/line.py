@@ -608,8 +608,12 @@ class Line:
             event = self.trigger.wait(timeout)   # wakes on a fire: the answer goes out at once
             events = [] if event is None else [event]
         else:
-            events = self.trigger.drain()
-            self._stop.wait(timeout)
+            # Woken by an edge too: edges drained before a fixed sleep were answered after it, up to two
+            # read_timeout_s after their trigger, past the controller's timeout (probe 77: 1.7 s at 1 s).
+            began = time.monotonic()
+            events = self.trigger.drain(timeout)
+            if not events:   # a trigger that cannot wait (not requested, free run) returns at once
+                self._stop.wait(max(0.0, timeout - (time.monotonic() - began)))
         for event in events:
             self._answer_missed(event)   # the folded ones: at most MAX_MISSED_ANSWERS, the rest counted and logged
             self._answer_fault(f"station not ready ({reason})", event.at)

@@ -112,8 +112,9 @@ class Trigger(abc.ABC):
     def wait(self, timeout: float) -> TriggerEvent | None:
         """The trigger to serve now, or None when nothing fired within `timeout` seconds."""
 
-    def drain(self) -> list[TriggerEvent]:
-        """Triggers waiting now, without blocking (the station answers them FAULT while it cannot inspect)."""
+    def drain(self, timeout: float = 0.0) -> list[TriggerEvent]:
+        """Triggers waiting now, or the first to arrive within `timeout` s (the station answers them FAULT at once
+        while it cannot inspect); [] at once where the trigger cannot wait (the caller sleeps instead)."""
         return []
 
     @property
@@ -214,8 +215,8 @@ class SoftwareTrigger(Trigger):
             self._pending, self._missed, self._folded = None, 0, []
             return event
 
-    def drain(self) -> list[TriggerEvent]:
-        event = self.wait(0.0)
+    def drain(self, timeout: float = 0.0) -> list[TriggerEvent]:
+        event = self.wait(timeout)
         return [] if event is None else [event]
 
     def open(self) -> None:
@@ -327,11 +328,11 @@ class GpioTrigger(Trigger):
         # The newest edge is the part in front of the camera now; the earlier ones were missed.
         return TriggerEvent(at=edges[-1], missed=len(edges) - 1, folded_at=tuple(edges[:-1]))
 
-    def drain(self) -> list[TriggerEvent]:
+    def drain(self, timeout: float = 0.0) -> list[TriggerEvent]:
         if self._line is None:
             return []  # not requested: the kernel keeps no edges for us
         try:
-            event = self.wait(0.0)
+            event = self.wait(timeout)
         except TriggerError:
             return []
         return [] if event is None else [event]
