@@ -51,6 +51,8 @@ _CLOSE_TIMEOUT_S = 5.0
 # Calls that set what a line output shows the controller; one that fails leaves it unknown (heartbeat and
 # acknowledge are not among them: a missed toggle or ACK is caught by the controller's own watchdog/timeout).
 _STATE_METHODS = frozenset({"start", "begin_part", "publish", "set_ready", "set_fault"})
+# Calls a full worker queue drops last: what they say (READY, the fault) stands until the next one.
+_KEEP_WHEN_FULL = frozenset({"start", "set_ready", "set_fault", "close"})
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,14 @@ class _Worker:
         with self._cond:
             if self._closing:
                 return
+            if method == "heartbeat" and any(m == "heartbeat" for m, _, _, _ in self._queue):
+                return   # one waiting is enough: the loop's every round must not fill the queue (probe 77)
             if method != "close" and len(self._queue) >= self.maxsize:
-                dropped, dropped_args, _, _ = self._queue.popleft()
+                # The oldest call the PLC can do without goes first: a verdict not sent reads as not-OK, a READY or
+                # fault change not sent leaves it reading READY (probe 77: heartbeats pushed out RDY 0).
+                victim = next((i for i, (m, _, _, _) in enumerate(self._queue) if m not in _KEEP_WHEN_FULL), 0)
+                dropped, dropped_args, _, _ = self._queue[victim]
+                del self._queue[victim]
                 self.bus._dropped(self.output, dropped, dropped_args)
             self._queue.append((method, args, time.monotonic(), expires))
             if method == "close":

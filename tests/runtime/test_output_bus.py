@@ -338,3 +338,27 @@ def test_a_part_beginning_or_a_trigger_withdraws_a_current_verdict_on_records_th
     bus.trigger_accepted()
     assert len(shows.calls_to("verdict_withdrawn")) == 2 and len(line.calls_to("acknowledge")) == 1
     bus.close()
+
+
+def test_a_slow_line_output_never_loses_a_ready_change_to_the_loops_heartbeats():
+    """The loop hands every output a heartbeat each round (every 2 ms with frames in flight). Queued behind a slow
+    serial write they filled the queue and pushed out the oldest call, the `RDY 0` the station had just sent: the
+    PLC kept reading READY while the station had stopped inspecting (probe 77). Heartbeats coalesce, and a full
+    queue gives up a heartbeat or a verdict before a READY or fault change."""
+    stalled = Stalled()
+    bus = OutputBus([stalled], queue_size=8)
+    bus.start()
+    bus.publish(make_result(0))          # the worker is stuck writing this one
+    time.sleep(0.2)
+    bus.set_fault("record: disk full")
+    bus.set_ready(False)
+    for i in range(1, 4):
+        bus.begin_part(i)
+        bus.publish(make_result(i))
+    for _ in range(200):                 # the loop goes round while the port is slow
+        bus.heartbeat()
+    stalled.release.set()
+    bus.close()
+    assert stalled.calls_to("set_ready") == [False], "READY down reached the PLC"
+    assert stalled.calls_to("set_fault") == ["record: disk full"]
+    assert stalled.heartbeats <= 2, "heartbeats waiting behind a stalled port coalesce"
