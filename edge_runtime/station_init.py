@@ -263,7 +263,9 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
                 L.append(f"    {role + ':':<7} {{offset: {offset}}}   # {where}; line offset on the chip "
                          "(default: unset, the role is not driven)")
             L += ["    pulse_ms: 0            # 0: OK/NG hold until the PLC's ACK or the next part; >0: pulse this "
-                  "long (default: 200)"]
+                  "long (default: 200)",
+                  "    released: low          # what a line reads when the daemon is dead: low = the board's "
+                  "pull-downs (default: low)"]
         elif out == "serial":
             L += [
                 "  - type: serial           # ASCII lines to a PLC: RES <frame> <OK|NG|FAULT> <score> <norm>",

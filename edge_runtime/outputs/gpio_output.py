@@ -53,6 +53,8 @@ from edge_runtime.records import InspectionResult, Verdict
 log = logging.getLogger(__name__)
 
 VERDICT_ROLES = ("ok", "ng", "review")
+# Lines whose asserted state lets a part or the line go on: they must read not asserted when the daemon is dead.
+PASS_ROLES = ("ok", "ready")
 OUTPUT_ROLES = ("ok", "ng", "review", "busy", "result_valid", "ready", "error", "heartbeat")
 
 
@@ -83,6 +85,9 @@ class GpioConfig:
     hold_ms: int = 20                     # every answer stands, and the gap before the next lasts, at least this long
     review_as_ng: bool | None = None      # REVIEW also asserts NG; unset: only when no review line is configured
     consumer: str = "patchcore-edge"      # shown by `gpioinfo` as the owner of the lines
+    # What a line the daemon does not hold reads (a dead process, a released pin): the driver board's pull resistors.
+    # Pull-downs (systemd/INSTALL.md) read low. OK and READY must read not asserted then (PASS_ROLES).
+    released: Literal["low", "high"] = "low"
 
     def lines(self) -> dict[str, GpioLine]:
         """The configured output lines by role."""
@@ -109,6 +114,19 @@ class GpioConfig:
             raise ValueError(f"hold_ms: must not exceed pulse_ms ({self.pulse_ms}), got {self.hold_ms}")
         if not self.chip:
             raise ValueError("chip: must not be empty")
+        if self.released not in ("low", "high"):
+            raise ValueError(f"released: must be low or high, got {self.released!r}")
+        for role in PASS_ROLES:
+            line = getattr(self, role)
+            # An active-low OK line on a board with pull-downs (or an active-high one with pull-ups) reads asserted
+            # when the process dies and the kernel releases the pin: the PLC reads OK / READY from a dead station.
+            if line is not None and line.active_low == (self.released == "low"):
+                raise ValueError(
+                    f"{role}.active_low: an {'active-low' if line.active_low else 'active-high'} {role.upper()} line "
+                    f"reads asserted when the daemon dies and releases it (released: {self.released}, the board's "
+                    f"pull-{'downs' if self.released == 'low' else 'ups'}): wire {role.upper()} so that the released "
+                    f"level is not asserted (active_low: {str(not line.active_low).lower()}), or set released to "
+                    f"what the board's pull resistors really give")
 
 
 class GpioLines(Protocol):

@@ -449,3 +449,18 @@ def test_hold_ms_is_validated_against_the_pulse():
         GpioConfig(ok=GpioLine(offset=OK), pulse_ms=10, hold_ms=20).validate()
     with pytest.raises(ValueError, match="hold_ms: must be 0 or more"):
         GpioConfig(ok=GpioLine(offset=OK), hold_ms=-1).validate()
+
+
+def test_an_ok_or_ready_line_that_reads_asserted_when_released_is_refused():
+    """A dead daemon releases its lines to the board's pull resistors: an active-low OK line on pull-downs (the
+    default, `released: low`) then reads OK, an active-high one on pull-ups likewise (a probe: the libgpiod adapter
+    sets no bias, so nothing else stops it)."""
+    with pytest.raises(ValueError, match=r"ok.active_low: an active-low OK line reads asserted"):
+        GpioConfig(ok=GpioLine(offset=OK, active_low=True)).validate()
+    with pytest.raises(ValueError, match=r"ready.active_low: an active-high READY line .*released: high"):
+        GpioConfig(ready=GpioLine(offset=READY), released="high").validate()
+    GpioConfig(ok=GpioLine(offset=OK, active_low=True), ready=GpioLine(offset=READY, active_low=True),
+               released="high").validate()                                    # sinking driver with pull-ups
+    GpioConfig(ok=GpioLine(offset=OK), ng=GpioLine(offset=NG, active_low=True)).validate()   # NG may read asserted
+    with pytest.raises(ValueError, match="released: must be low or high"):
+        GpioConfig(ok=GpioLine(offset=OK), released="floating").validate()
