@@ -120,7 +120,11 @@ def check_against_bundles(cfg) -> tuple[list[str], list[str]]:
             ([(line, c)] if getattr(c, "bundle", None) else [])
         for where, target in targets:
             if getattr(target.rollout, "enabled", False):   # the daemon starts on the bundle its rollout put there
-                target = dataclasses.replace(target, bundle=planned_start_bundle(target.state_dir, target.bundle))
+                planned = planned_start_bundle(target.state_dir, target.bundle)
+                if planned != target.bundle:   # said, not silent: the station file names another bundle
+                    notes.append(f"{where}the daemon starts on the rolled-out bundle {planned} (state_dir rollout.json), "
+                                 f"not on the station file's bundle {target.bundle}: change `bundle:` to replace it")
+                target = dataclasses.replace(target, bundle=planned)
             if target.state_dir and os.path.isdir(target.state_dir) and not os.access(target.state_dir, os.R_OK | os.X_OK):
                 notes.append(f"{where}state_dir {target.state_dir} is not readable here: the version floor and "
                              "device-made versions not checked (the daemon's user reads them)")

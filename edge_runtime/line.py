@@ -439,15 +439,24 @@ class Line:
         current = self.pipeline
         with self._reload_lock:
             generation = self._install_generation
+        # After a rollout the line runs its staged copy; a station file's bundle changed since (a symlink switched to
+        # a new release) is what SIGHUP loads (rollout.py, "station").
+        path = self.rollout.reload_bundle(self.cfg.bundle) if self.rollout is not None else self.cfg.bundle
         try:
             # One thread while loading and self-testing: the inspection loop keeps its cores.
             outcome: tuple[Pipeline | None, Exception | None] = (
-                bundle_loader.load_pipeline(self.cfg, current.bundle if current is not None else None, load_threads=1), None)
+                bundle_loader.load_pipeline(dataclasses.replace(self.cfg, bundle=path),
+                                            current.bundle if current is not None else None, load_threads=1), None)
         except Exception as exc:  # noqa: BLE001 - reported to the loop thread, which decides what to do
             if not isinstance(exc, (BundleError, OSError)):
-                log.exception("reloading bundle %s failed unexpectedly", self.cfg.bundle)
+                log.exception("reloading bundle %s failed unexpectedly", path)
             outcome = (None, exc)
         with self._reload_lock:
+            if outcome[0] is not None and path != self.cfg.bundle:
+                if generation == self._install_generation and self.rollout.reloaded(path):
+                    self.cfg.bundle = path   # the station file's bundle from now on (a reload, a rollback's way back)
+                else:
+                    generation = -1      # a rollout began meanwhile: this reload is superseded
             if generation != self._install_generation:
                 # A rollout installed a newer bundle while this reload ran: applying this one would put the
                 # older bundle back in service. The reload runs again on what the station names now.

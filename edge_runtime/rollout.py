@@ -13,6 +13,9 @@ watched folder (a bundle folder renamed into `rollout.watch_dir`). For each offe
               back at once to the previous pipeline (and its bundle_version record); otherwise it is committed
     restart   rollout.json in state_dir holds the active folder; a daemon that stopped during a probation
               restarts on the previous bundle (the new one may be why it stopped)
+    station   rollout.json also holds the station file's bundle as it was at the switch (its path and manifest
+              digest): once the station file names another bundle, or that folder holds another one (a new release,
+              a switched symlink), the station file's bundle wins at the next start or SIGHUP, logged
 
 Every step is logged (logger edge_runtime.rollout) and reported in the state (MQTT state, /healthz `rollout`).
 """
@@ -32,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from edge_runtime.bundle import MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE, BundleError, read_regular, safe_member
+from edge_runtime.bundle import (MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE, BundleError, read_regular, safe_member,
+                                 sha256_file)
 from edge_runtime.safe_yaml import load_strict
 from edge_runtime.bundle_policy import VERSION_STATE_FILE
 from edge_runtime.outputs.base import Output
@@ -121,10 +125,41 @@ def offer_fingerprint(folder: Path, parsed: dict | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def station_bundle_record(configured: str | None) -> dict | None:
+    """The station file's bundle as it is now: its path and its manifest's sha256 (a symlink followed)."""
+    if not configured:
+        return None
+    try:
+        digest = sha256_file(Path(configured) / MANIFEST)
+    except OSError:
+        digest = None
+    return {"path": configured, "manifest_sha256": digest}
+
+
+def station_file_changed(state: dict, configured: str) -> str | None:
+    """Why the station file's bundle is no longer the one the last rollout switched over, or None: the station file
+    names another folder, or its folder holds another bundle (a new release unpacked there, a symlink switched).
+    An engineer who changed it and restarted (or sent SIGHUP) meant that bundle, not the rolled-out one (probe 76:
+    the station ran the rolled-out bundle, logged nothing and `validate` said valid). A state from before this
+    record (no `station_bundle`) is taken as unchanged."""
+    was = state.get("station_bundle")
+    if not state.get("active") or not isinstance(was, dict):
+        return None
+    if was.get("path") != configured:
+        return f"the station file's bundle is {configured}, it was {was.get('path')} at the rollout"
+    now = station_bundle_record(configured)["manifest_sha256"]
+    if now is not None and now != was.get("manifest_sha256"):
+        return f"the station file's bundle {configured} holds another manifest than at the rollout"
+    return None
+
+
 def start_bundle(state: dict, configured: str) -> str:
     """The bundle folder a line starts with, from its rollout state (ROLLOUT_STATE_FILE): the rolled-out one if it
-    is there, else the station file's. (A crash in probation is undone by RolloutManager.startup_bundle first.)"""
+    is there and the station file's bundle has not changed since, else the station file's. (A crash in probation
+    is undone by RolloutManager.startup_bundle first.)"""
     active = state.get("active")
+    if station_file_changed(state, configured):
+        return configured
     return active if active and Path(active).is_dir() else configured
 
 
@@ -139,7 +174,8 @@ def planned_start_bundle(state_dir: str | None, configured: str) -> str:
     if not isinstance(state, dict):
         return configured
     previous = state.get("previous")
-    if state.get("status") == "probation" and previous and Path(previous).is_dir():
+    if (state.get("status") == "probation" and previous and Path(previous).is_dir()
+            and not station_file_changed(state, configured)):
         return previous
     return start_bundle(state, configured)
 
@@ -244,6 +280,17 @@ class RolloutManager(Output):
         loaded, never the candidate served as if it had passed."""
         self._configured = configured
         active, previous = self._state.get("active"), self._state.get("previous")
+        changed = station_file_changed(self._state, configured)
+        if changed:
+            self._station_file_wins(changed, "start")
+            return configured
+        if active and not isinstance(self._state.get("station_bundle"), dict):
+            # A state written before the record: what the station file names now is what a change is measured from.
+            self._state["station_bundle"] = station_bundle_record(configured)
+            self._write_state()
+        if active and Path(active).is_dir() and active != configured and self._state.get("status") != "probation":
+            log.warning("rollout: starting on the rolled-out bundle %s (%s), not on the station file's bundle %s",
+                        active, self.state_dir / ROLLOUT_STATE_FILE, configured)
         if self._state.get("status") == "probation":
             back = previous if previous and Path(previous).is_dir() else configured
             log.error("rollout: the daemon stopped while bundle %s was on probation: starting on %s%s", active,
@@ -258,6 +305,49 @@ class RolloutManager(Output):
             self.status, self.detail = "rolled_back", "daemon stopped during probation"
             return back
         return start_bundle(self._state, configured)
+
+    def _station_file_wins(self, why: str, when: str) -> None:
+        """The station file's bundle replaces the rolled-out one (its state forgotten, its offers' history kept)."""
+        active = self._state.get("active")
+        log.warning("rollout: %s: the station file's bundle %s replaces the rolled-out bundle %s (%s)", when,
+                    self._configured, active, why)
+        if self._state.get("status") == "probation":
+            # The candidate saw its probation cut short by the engineer's bundle: the floor of the one before it.
+            self._restore_version_record(self._state.get("previous_version_record"))
+        self._state.update(active=None, previous=None, status="idle", previous_version_record=None,
+                           station_bundle=None)
+        self._write_state()
+        self._set_status("idle", f"station file's bundle {self._configured} replaced rolled-out {active} ({why})")
+        self._record("station_file", self.detail)
+
+    def reload_bundle(self, path: str) -> str:
+        """SIGHUP: the folder to reload: the station file's bundle when it changed since the rollout (a symlink
+        switched to a new release: the documented deploy), else `path`, the one in service. Not during a rollout:
+        its probation decides first."""
+        with self._lock:
+            busy = self.status in ("staging", "probation")
+        changed = self._configured is not None and station_file_changed(self._state, self._configured)
+        if not changed:
+            return path
+        if busy:
+            log.warning("rollout: SIGHUP: %s; it is taken at the first SIGHUP after the rollout under way (%s)",
+                        changed, self.status)
+            return path
+        return self._configured
+
+    def reloaded(self, path: str) -> bool:
+        """A SIGHUP reload of `path` verified and about to go into service (the line's reload lock held): the
+        rollout state follows when it is the station file's bundle replacing the rolled-out one. False: a rollout
+        began meanwhile and the reload must not go in."""
+        if path != self._configured or not self._state.get("active"):
+            return True
+        with self._lock:
+            if self.status in ("staging", "probation"):
+                return False
+        changed = station_file_changed(self._state, path)
+        if changed:
+            self._station_file_wins(changed, "SIGHUP")
+        return True
 
     # -- Output --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -465,6 +555,8 @@ class RolloutManager(Output):
             return "stopping"
         self._state.update(active=str(dest), previous=self._previous_path, status="probation",
                            candidate_id=new.bundle_id, rollouts=self._state.get("rollouts", 0) + 1,
+                           # what the station file named at the switch: a later change to it wins (start, SIGHUP)
+                           station_bundle=station_bundle_record(self._configured),
                            previous_version_record=version_record.decode() if version_record else None)
         self._write_state()
         self._set_bundle_path(str(dest))

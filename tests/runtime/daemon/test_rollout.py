@@ -694,3 +694,61 @@ def test_each_line_takes_offers_only_from_its_own_watch_folder(tmp_path):
     for m in managers.values():
         m._poll_watch_dir()
     assert taken == {"left": [], "right": ["tile-v2"]}
+
+
+def test_the_station_files_bundle_changed_since_a_rollout_wins_at_restart_and_sighup(tmp_path, caplog):
+    """Probe 76: after a rollout, an engineer who pointed the station file at a new release (or switched the
+    `bundle:` symlink to it, the documented deploy) and restarted (or sent SIGHUP) still ran the rolled-out bundle:
+    rollout.json's folder won, nothing was logged, `validate` said valid. The station file's bundle wins once it
+    changed since the rollout, logged and in the rollout report; unchanged, the rolled-out bundle stays."""
+    from types import SimpleNamespace
+
+    from edge_runtime.rollout import RolloutConfig, RolloutManager, planned_start_bundle
+
+    state = tmp_path / "state"
+    releases = tmp_path / "releases"
+    for name in ("v1", "v3"):
+        (releases / name).mkdir(parents=True)
+        (releases / name / MANIFEST).write_text(f"bundle_id: {name}\n")
+    current = tmp_path / "current"
+    current.symlink_to(releases / "v1")
+    offer = tmp_path / "offers" / "v2"
+    offer.mkdir(parents=True)
+    (offer / "model.bin").write_bytes(b"x")
+    (offer / MANIFEST).write_text(yaml.safe_dump({"files": {"model.bin": {"bytes": 1, "sha256": "0" * 64}}}))
+
+    def manager():
+        return RolloutManager(RolloutConfig(enabled=True, staging_dir=str(state / "rollout")), str(state),
+                              load=lambda path, current: SimpleNamespace(bundle=SimpleNamespace(
+                                  bundle_id="v2", bundle_version=2, root=Path(path))),
+                              install=lambda p: None, current=lambda: None, set_bundle_path=lambda p: None,
+                              withdraw=lambda reason: None)
+
+    first = manager()
+    assert first.startup_bundle(str(current)) == str(current)
+    first._take_offer(str(offer), "mqtt")
+    first._commit()
+    staged = json.loads((state / ROLLOUT_STATE_FILE).read_text())["active"]
+    # Unchanged station file: the rolled-out bundle stays in service across a restart and a SIGHUP.
+    again = manager()
+    assert again.startup_bundle(str(current)) == staged
+    assert planned_start_bundle(str(state), str(current)) == staged
+    assert again.reload_bundle(staged) == staged
+    # The deploy switches the symlink to v3 and sends SIGHUP: v3 is reloaded, and the state follows once it is in.
+    os.unlink(current)
+    current.symlink_to(releases / "v3")
+    assert again.reload_bundle(staged) == str(current)
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.rollout"):
+        assert again.reloaded(str(current))
+    assert "station file's bundle" in caplog.text and "replaces the rolled-out bundle" in caplog.text
+    assert json.loads((state / ROLLOUT_STATE_FILE).read_text())["active"] is None
+    assert "replaced rolled-out" in again.report()["detail"]
+    assert manager().startup_bundle(str(current)) == str(current)
+
+    # Another rollout, then the engineer edits `bundle:` to another folder and restarts: that folder.
+    again._take_offer(str(offer), "watch_dir")
+    again._commit()
+    assert manager().startup_bundle(str(current)) != str(current)
+    assert planned_start_bundle(str(state), str(releases / "v3")) == str(releases / "v3")
+    assert manager().startup_bundle(str(releases / "v3")) == str(releases / "v3")
+    assert json.loads((state / ROLLOUT_STATE_FILE).read_text())["active"] is None
