@@ -111,6 +111,9 @@ class StationStatus:
     bundle_id: str | None = None
     frames: int = 0                           # frames inspected or faulted since start
     last_verdict: str | None = None
+    # The bundle that scored last_verdict: after a switch (rollout, reload, recipe) bundle_id is the new one before
+    # any part was inspected on it, and the pair misnamed the verdict's bundle (probe 76).
+    last_bundle_id: str | None = None
     uptime_s: float = 0.0
     verdicts: dict[str, int] = field(default_factory=dict)   # counts by Verdict value
     faults: int = 0                           # FAULT results plus source/output faults
@@ -160,6 +163,8 @@ def health_document(status: StationStatus) -> dict:
         **({"rollout": status.rollout} if status.rollout is not None else {}),
         "frames": status.frames,
         "last_verdict": status.last_verdict,
+        # The bundle that scored it, once a part was answered (older readers see the same keys before that).
+        **({"last_bundle_id": status.last_bundle_id} if status.last_bundle_id is not None else {}),
         "uptime_s": round(status.uptime_s, 3),
         # Warnings, not faults: the station still inspects (the status stays "ready"), but someone should look.
         **({"drift": sorted(status.drift.warnings.values())} if status.drift is not None and status.drift.warnings

@@ -135,6 +135,7 @@ class Line:
         self.verdicts = {v.value: 0 for v in Verdict}
         self.fault_reason: str | None = "starting"
         self.last_verdict: str | None = None
+        self.last_bundle_id: str | None = None   # the bundle that scored last_verdict ("none": no bundle loaded)
         self._ready = False
         # (ready, fault reason) as one value for /healthz and state(), written once per change: the HTTP thread
         # must never see the fault cleared before READY is up ("not_ready" in passing, seen in CI).
@@ -332,7 +333,7 @@ class Line:
         return StationStatus(
             state=state, reason=reason,
             bundle_id=pipeline.bundle.bundle_id if pipeline else None, frames=c.frames,
-            last_verdict=self.last_verdict, uptime_s=time.monotonic() - self._started, verdicts=dict(self.verdicts),
+            last_verdict=self.last_verdict, last_bundle_id=self.last_bundle_id, uptime_s=time.monotonic() - self._started, verdicts=dict(self.verdicts),
             faults=c.faults + c.source_errors, skipped=getattr(self._source, "skipped", 0),
             last_heartbeat_age_s=time.monotonic() - self._last_heartbeat, latency=self.stats, counters=counters,
             busy_s=self._busy_s(), stall_after_s=self._stall_after_s(),
@@ -558,6 +559,7 @@ class Line:
         self.counters.frames += 1
         self.verdicts[result.verdict.value] += 1
         self.last_verdict = result.verdict.value
+        self.last_bundle_id = result.bundle_id
         if result.verdict is Verdict.FAULT:
             self.counters.faults += 1
             log.warning("frame %d %s: FAULT: %s", result.frame_id, result.source, result.error)

@@ -18,6 +18,7 @@ def station_summary(name: str, status: StationStatus) -> dict[str, Any]:
         "frames": status.frames,
         "verdicts": dict(status.verdicts),
         "last_verdict": status.last_verdict,
+        "last_bundle_id": status.last_bundle_id,   # the bundle that scored it, not always bundle_id (a switch since)
         "faults": status.faults,
         "uptime_s": round(status.uptime_s, 1),
         "counters": dict(status.counters),

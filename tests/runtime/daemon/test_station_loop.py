@@ -551,3 +551,37 @@ def test_a_trigger_folded_during_start_up_is_never_answered_on_a_serial_line_pas
     assert part.verdict is not Verdict.FAULT
     assert [r.frame_id for r in serial.results] == [part.frame_id], "the timed-out part's answer never went out late"
     assert station.status().counters["output_expired"] == 1
+
+
+def test_the_last_verdict_is_reported_with_the_bundle_that_scored_it_not_the_one_switched_to_since(
+        small_bundle, part_images, write_station, start_station, tmp_path):
+    """Probe 76: after a switch (a rollout, a SIGHUP reload, a recipe) and before the next part, the MQTT state and
+    /healthz paired the last part's verdict with the bundle now in service, which never scored it."""
+    import yaml
+
+    from edge_runtime.bundle import MANIFEST, content_id
+    from edge_runtime.http_endpoint import health_document
+    from edge_runtime.pipeline import Pipeline
+
+    newer = tmp_path / "newer"
+    shutil.copytree(small_bundle, newer)
+    m = yaml.safe_load((newer / MANIFEST).read_text())
+    m["product"] = "newer"
+    m["bundle_id"] = content_id(m)
+    (newer / MANIFEST).write_text(yaml.safe_dump(m, sort_keys=False))
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     recovery=FAST_RECOVERY))
+    running = start_station(cfg, source=TriggeredCamera([list(part_images.values())[0]]), outputs=[rec])
+    station = running.station
+    wait_until(lambda: rec.ready, what="READY")
+    station.trigger.fire()
+    wait_until(lambda: len(rec.results) == 1, what="the part")
+    scored_by = rec.results[0].bundle_id
+    station.line.install_pipeline(Pipeline(Bundle.load(newer), threads=1))   # what a rollout does
+    wait_until(lambda: station.pipeline.bundle.bundle_id == m["bundle_id"], what="the switch")
+    state, health = station.line.plant_state(), health_document(station.status())
+    assert running.stop() == 0
+    assert state["bundle_id"] == health["bundle_id"] == m["bundle_id"] != scored_by
+    assert state["last_verdict"] == health["last_verdict"] == rec.results[0].verdict.value
+    assert state["last_bundle_id"] == health["last_bundle_id"] == scored_by
