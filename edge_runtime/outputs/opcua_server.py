@@ -463,12 +463,14 @@ class OpcUaServer(Output):
         if state != "ready":
             # A station that cannot inspect has no passing part to show (probe 37: IsPass True through a stall).
             await self._last["IsPass"][0].write_value(ua.Variant(False, self._last["IsPass"][1]))
-        if summary.get("bundle_id"):
-            await self._vars["BundleId"].write_value(ua.Variant(str(summary["bundle_id"]), S))
-        if summary.get("bundle_version") is not None:
-            await self._vars["BundleVersion"].write_value(ua.Variant(int(summary["bundle_version"]), I64))
         verdicts = summary.get("verdicts", {})
         if summary:
+            # No bundle in service (withdrawn after a failed probation, a load that failed): empty and -1, as before
+            # the first load, not the last bundle's id (probe 76: a withdrawn candidate's id stayed while FAULT).
+            bundle_version = summary.get("bundle_version")
+            await self._vars["BundleId"].write_value(ua.Variant(str(summary.get("bundle_id") or ""), S))
+            await self._vars["BundleVersion"].write_value(
+                ua.Variant(-1 if bundle_version is None else int(bundle_version), I64))
             await self._counters["Frames"].write_value(ua.Variant(int(summary.get("frames", 0)), I64))
             for v in Verdict:
                 await self._counters[v.value].write_value(ua.Variant(int(verdicts.get(v.value, 0)), I64))

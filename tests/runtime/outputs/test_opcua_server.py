@@ -453,3 +453,25 @@ def test_station_file_opcua_recipe_errors_name_the_key(tmp_path, body, expected)
 def test_an_exposed_server_allowing_recipes_without_users_is_warned_about():
     found = OpcUaConfig(host="0.0.0.0", allow_recipe=True).warnings()
     assert any(w.startswith("allow_recipe: PrepareRecipe is allowed on 0.0.0.0 without users") for w in found)
+
+
+def test_active_bundle_is_cleared_when_no_bundle_is_in_service():
+    """Probe 76: a rollout candidate that failed its probation with no previous bundle was withdrawn (the line
+    FAULT, /healthz and MQTT bundle_id null), yet ActiveRecipe/BundleId and BundleVersion kept naming it."""
+    state = {"bundle_id": "cand-2", "bundle_version": 2, "frames": 2, "verdicts": {}}
+    out = OpcUaServer(OpcUaConfig(port=0, state_interval_s=0.1))
+    out.bind_state(lambda: dict(state))
+    out.start()
+    try:
+        async def run():
+            async with Client(f"opc.tcp://127.0.0.1:{out.port}/patchcore-edge/") as client:
+                bundle_id = await browse(client, "VisionSystem", "ActiveRecipe", "BundleId")
+                version = await browse(client, "VisionSystem", "ActiveRecipe", "BundleVersion")
+                assert await wait_value(bundle_id, "cand-2") == "cand-2"
+                state.update(bundle_id=None, bundle_version=None)   # withdrawn: FAULT until a verified bundle
+                out.set_fault("bundle: bundle cand-2 failed its probation and there is no previous bundle")
+                assert await wait_value(bundle_id, "") == ""
+                assert await wait_value(version, -1) == -1
+        asyncio.run(run())
+    finally:
+        out.close()
