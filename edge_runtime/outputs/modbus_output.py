@@ -396,7 +396,8 @@ def _bounded_server_class():
     `idle_timeout_s` is closed by a sweep on the server loop, which frees slots held by stale or idle sockets.
     When full, a newcomer takes the slot of the connection silent the longest if that one has been silent for
     half of idle_timeout_s, so a PLC reconnecting after a cable fault waits at most that long, not the full idle
-    timeout, behind a flood of idle sockets."""
+    timeout, behind a flood of idle sockets. Only a complete request counts as activity: bytes that never make
+    one (a header dripped a byte at a time) keep no slot."""
     from pymodbus.server import ModbusTcpServer
     from pymodbus.server.requesthandler import ServerRequestHandler
 
@@ -431,9 +432,13 @@ def _bounded_server_class():
             super().connection_made(transport)
             server.start_sweeper()
 
-        def data_received(self, data: bytes) -> None:
-            self.last_activity = asyncio.get_running_loop().time()
-            super().data_received(data)
+        def callback_data(self, data: bytes, addr: tuple | None = None) -> int:
+            used = super().callback_data(data, addr)
+            if self.last_pdu is not None:
+                # Activity is a whole request, not a byte: a client dripping a header that never completes (one
+                # byte every few seconds) had kept all 8 slots "active" and a reconnecting PLC out for ever.
+                self.last_activity = asyncio.get_running_loop().time()
+            return used
 
     class _BoundedServer(ModbusTcpServer):
         def __init__(self, *args, max_connections: int, idle_timeout_s: float, clients: ClientFilter,

@@ -185,3 +185,57 @@ def test_validate_warns_about_an_open_modbus_server_and_an_ipv6_only_wildcard(tm
     assert cli_main(["validate", str(station({"host": "0.0.0.0", "allowed_clients": ["10.0.0.5"]}))]) == 1
     assert "modbus" not in capsys.readouterr().err
     assert ModbusConfig().warnings() == []                      # loopback, the default
+
+
+def test_bytes_that_never_complete_a_request_keep_no_slot():
+    """Probe 79: eight sockets each dripping a byte of a request header that never completes counted as active,
+    so none was ever idle enough to give its slot: a PLC that reconnected was refused for as long as they dripped
+    (75 s on a running station, with no end). Only whole requests count as activity now."""
+    out = ModbusOutput(ModbusConfig(host="127.0.0.1", port=free_port(), unit_id=UNIT, max_connections=8,
+                                    idle_timeout_s=60.0))
+    out.start()
+    drips: list[socket.socket] = []
+    try:
+        out._server.evict_idle_s = 0.5              # half the idle timeout in service (30 s); short here
+        for _ in range(8):
+            drips.append(socket.create_connection(("127.0.0.1", out.cfg.port), timeout=5))
+        wait_until(lambda: out.connection_count() == 8, "the slots to fill")
+        header = bytes([0, 1, 0, 0, 0xFF, 0xFF])    # MBAP of a 65535-byte request: it never completes
+        deadline = time.monotonic() + 1.5
+        k = 0
+        while time.monotonic() < deadline:          # a byte on every socket every 0.1 s, well inside 0.5 s
+            for s in drips:
+                s.send(header[k:k + 1] if k < len(header) else b"\x00")
+            k += 1
+            time.sleep(0.1)
+        plc = ModbusTcpClient("127.0.0.1", port=out.cfg.port, timeout=3, retries=0)
+        assert plc.connect()
+        response = plc.read_holding_registers(0, count=1, device_id=UNIT)
+        assert not response.isError(), "the PLC took the slot of a socket that sent no request"
+        assert out._server.evicted >= 1
+        plc.close()
+    finally:
+        for s in drips:
+            s.close()
+        out.close()
+
+
+def test_a_client_that_polls_keeps_its_slot_as_active():
+    """Whole requests still count: a client polling faster than the eviction age is never evicted."""
+    out = ModbusOutput(ModbusConfig(host="127.0.0.1", port=free_port(), unit_id=UNIT, max_connections=1,
+                                    idle_timeout_s=60.0))
+    out.start()
+    try:
+        out._server.evict_idle_s = 0.5
+        plc = ModbusTcpClient("127.0.0.1", port=out.cfg.port, timeout=3, retries=0)
+        assert plc.connect()
+        for _ in range(8):
+            assert not plc.read_holding_registers(0, count=1, device_id=UNIT).isError()
+            time.sleep(0.1)
+        other = socket.create_connection(("127.0.0.1", out.cfg.port), timeout=5)
+        assert other.recv(10) == b"", "the polling PLC's slot is not given away"
+        other.close()
+        assert not plc.read_holding_registers(0, count=1, device_id=UNIT).isError()
+        plc.close()
+    finally:
+        out.close()
