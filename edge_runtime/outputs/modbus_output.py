@@ -13,7 +13,8 @@ Register map (stable; addresses are 0-based protocol addresses, unit id from the
     Holding registers (also mirrored as input registers 0-15)
       0    verdict of the last part: 0 none/fault/busy/acknowledged, 1 OK, 2 NG, 3 REVIEW (never a pass)
       1-2  frame id of the last part, uint32, high word first (register 1); it changes with every part,
-           together with register 0 (one update), so a PLC latches a new verdict when it changes
+           together with register 0 (one update), so a PLC latches a new verdict when it changes;
+           0xFFFF 0xFFFF until the first part since the server started (the first part's id is 0)
       3    raw score x 1000, clipped to 0..65535 (0 when not inspected)
       4    normalised score x 1000 (500 at the threshold, 1000 max)
       5    heartbeat counter, +1 per inspection-loop iteration, uint16, wraps
@@ -50,6 +51,9 @@ from edge_runtime.records import InspectionResult, Verdict
 log = logging.getLogger(__name__)
 
 STATION_REGISTERS = 16      # holding/input registers 0..15 and coils 0..15 belong to the station
+# Frame id registers 1-2 before any part: not 0, which is the first part's id (a new state_dir, or every start
+# without one), so that part changes them too; a PLC latching on a change had missed its verdict (probe 79).
+NO_FRAME = 0xFFFF
 PLC_AREA_START = 16
 PLC_AREA_SIZE = 16
 PLC_WRITE_LOG = 256   # PLC-area changes kept for plc_writes (the line reads them at least once a round)
@@ -143,6 +147,7 @@ class ModbusOutput(Output):
         self._lock = threading.Lock()  # the inspection thread writes the state, the server loop reads it
         self._coils = [False] * STATION_REGISTERS
         self._registers = [0] * STATION_REGISTERS
+        self._registers[HR_FRAME_HI] = self._registers[HR_FRAME_LO] = NO_FRAME
         self._station_fault = False
         self._last_faulted = False
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -55,7 +55,19 @@ def registers(client) -> list[int]:
 
 def test_safe_state_before_any_part(client):
     assert coils(client) == [False, False, False, False]
-    assert registers(client) == [0, 0, 0, 0, 0, 0, 0]
+    assert registers(client) == [0, 0xFFFF, 0xFFFF, 0, 0, 0, 0], "no verdict, and no frame id yet"
+
+
+def test_the_first_part_frame_id_0_changes_the_frame_registers(server, client):
+    """Probe 79: registers 1-2 read 0 before any part, and the first part of a new state_dir (of every start
+    without one) is frame 0: a PLC latching a verdict when the frame id changes never saw that part's."""
+    server.set_ready(True)
+    before = registers(client)[1:3]
+    server.begin_part(0)
+    server.publish(make_result(0, Verdict.OK))
+    after = registers(client)
+    assert after[1:3] == [0, 0] and after[1:3] != before, "the frame id changed with the first part"
+    assert after[0] == 1
 
 
 def test_ok_ng_and_fault_results(server, client):
