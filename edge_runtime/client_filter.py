@@ -51,9 +51,12 @@ def parse_networks(entries: list[str]) -> list:
 class ClientFilter:
     """admits(address): True when no networks are listed or the address lies in one of them."""
 
-    def __init__(self, networks: list, server: str) -> None:
+    def __init__(self, networks: list, server: str, *, key: str = "allowed_clients",
+                 refused: str = "a connection") -> None:
         self.networks = networks
         self.server = server
+        self.key = key            # the station file's list, and what is refused, for the log line
+        self.what = refused
         self.refused = 0
         self._reported: set[str] = set()
 
@@ -73,7 +76,8 @@ class ClientFilter:
         if host not in self._reported:
             if len(self._reported) < MAX_REPORTED:
                 self._reported.add(host)
-                log.warning("%s: refused a connection from %s: not in allowed_clients", self.server, host or "unknown")
+                log.warning("%s: refused %s from %s: not in %s", self.server, self.what, host or "unknown",
+                            self.key)
             elif len(self._reported) == MAX_REPORTED:
                 self._reported.add("")   # said once: the set stops growing here
                 log.warning("%s: more than %d addresses refused (a scan?): further ones are counted, not logged; "

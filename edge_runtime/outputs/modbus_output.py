@@ -25,7 +25,7 @@ Register map (stable; addresses are 0-based protocol addresses, unit id from the
       16-31 PLC area: writable by clients only with `allow_writes: true`; the station never interprets it
 
 All station-owned addresses are read-only for clients: a write is answered with exception 1 (illegal function)
-while `allow_writes` is false, and with exception 2 (illegal address) outside the PLC area when it is true.
+while `allow_writes` is false or the client is not in `write_clients` (when listed), and with exception 2 (illegal address) outside the PLC area when it is true.
 Per part: begin_part (the trigger) clears OK/NG/REVIEW and verdict register 0 and sets BUSY; publish sets the
 verdict, frame id and scores at once and clears BUSY; an ACK from the PLC (GPIO or serial) clears the verdict
 again. Like the GPIO output, a FAULT result, set_fault() and set_ready(False) drop OK (coil 0 false, verdict 0).
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import math
 import socket
@@ -67,6 +68,8 @@ FAULT_STATION, FAULT_NOT_INSPECTED = 1, 2
 _READ_BITS = {1, 2}
 _WRITE_FUNCTIONS = {5, 6, 15, 16, 22, 23}
 _START_TIMEOUT_S = 10.0
+# The address of the client whose request the action hook is serving (set per request task by the handler).
+_PEER: contextvars.ContextVar[str | None] = contextvars.ContextVar("modbus_peer", default=None)
 
 
 # When the server is full, a connection silent for this share of idle_timeout_s gives its slot to a new client
@@ -87,6 +90,9 @@ class ModbusConfig:
     # slot. Empty: any address (firewall the port then): otherwise a client polling every few seconds from
     # anywhere can hold slots a reconnecting PLC needs.
     allowed_clients: list[str] = field(default_factory=list)
+    # With allow_writes: addresses or networks that may write the PLC area (the recipe register); other admitted
+    # clients (a SCADA, a historian) read only. Empty: every admitted client may write.
+    write_clients: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -98,6 +104,12 @@ class ModbusConfig:
         if not 0 < self.idle_timeout_s <= 3600:
             raise ValueError(f"idle_timeout_s: must be > 0 and <= 3600, got {self.idle_timeout_s}")
         self.client_networks()
+        try:
+            parse_networks(self.write_clients)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("allowed_clients[", "write_clients[", 1)) from None
+        if self.write_clients and not self.allow_writes:
+            raise ValueError("write_clients: only with allow_writes: true (without it no client writes)")
 
     def client_networks(self) -> list:
         """allowed_clients parsed (edge_runtime.client_filter)."""
@@ -115,6 +127,10 @@ class ModbusConfig:
                          "results" + (" and writes the PLC area" if self.allow_writes else "")
                          + " and can hold connection slots a reconnecting PLC needs; list the PLCs in "
                            "allowed_clients, or firewall the port")
+        if self.allow_writes and not is_loopback(self.host) and not self.write_clients:
+            found.append(f"host {self.host}: allow_writes without write_clients: every client admitted to read (a "
+                         "SCADA, a historian) can also write the PLC area, the recipe register included; list the "
+                         "PLC in write_clients")
         return found
 
 
@@ -159,6 +175,8 @@ class ModbusOutput(Output):
         self._plc_writes: collections.deque = collections.deque(maxlen=PLC_WRITE_LOG)
         self._plc_write_seq = 0
         self._start_error: str | None = None     # why the last start() failed (the state calls' errors name it)
+        self._writers = ClientFilter(parse_networks(cfg.write_clients), f"modbus {cfg.host}:{cfg.port} write",
+                                     key="write_clients", refused="a write")
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -367,6 +385,9 @@ class ModbusOutput(Output):
         if func_code in _WRITE_FUNCTIONS and set_values is not None:
             if not self.cfg.allow_writes:
                 return ExcCodes.ILLEGAL_FUNCTION
+            if not self._writers.admits(_PEER.get()):
+                # A client admitted to read is not the PLC: probe 79, a second client switched the recipe.
+                return ExcCodes.ILLEGAL_FUNCTION
             is_register_write = func_code in {6, 16, 22, 23}
             if not is_register_write or address < PLC_AREA_START or address + count > PLC_AREA_START + PLC_AREA_SIZE:
                 return ExcCodes.ILLEGAL_ADDRESS
@@ -434,8 +455,13 @@ def _bounded_server_class():
                     transport.close()
                     return
             self.last_activity = asyncio.get_running_loop().time()
+            self.peer = peer[0] if peer else None
             super().connection_made(transport)
             server.start_sweeper()
+
+        async def handle_request(self):
+            _PEER.set(getattr(self, "peer", None))   # this request's task only: the action hook reads it
+            await super().handle_request()
 
         def callback_data(self, data: bytes, addr: tuple | None = None) -> int:
             used = super().callback_data(data, addr)

@@ -254,3 +254,42 @@ def test_plc_area_writes_that_change_a_value_are_logged_in_order_with_their_time
     finally:
         client.close()
         out.close()
+
+
+def test_write_clients_leave_other_admitted_clients_read_only():
+    """Probe 79: with allow_writes every admitted client could write the PLC area, so a SCADA polling results
+    switched the line's recipe (register 16). With write_clients only the PLC writes; the others still read."""
+    out = ModbusOutput(ModbusConfig(host="127.0.0.1", port=free_port(), unit_id=UNIT, allow_writes=True,
+                                    write_clients=["127.0.0.1"]))
+    out.start()
+    plc = ModbusTcpClient("127.0.0.1", port=out.cfg.port, timeout=3, retries=0, source_address=("127.0.0.1", 0))
+    scada = ModbusTcpClient("127.0.0.1", port=out.cfg.port, timeout=3, retries=0, source_address=("127.0.0.2", 0))
+    try:
+        assert plc.connect() and scada.connect()
+        assert not plc.write_register(16, 2, device_id=UNIT).isError()
+        for response in (scada.write_register(16, 1, device_id=UNIT),
+                         scada.write_registers(16, [1, 0], device_id=UNIT),
+                         scada.mask_write_register(address=16, and_mask=0, or_mask=1, device_id=UNIT),
+                         scada.readwrite_registers(read_address=0, read_count=1, write_address=16, values=[1],
+                                                   device_id=UNIT)):
+            assert response.isError() and response.exception_code == 1, response
+        assert out.plc_registers()[0] == 2, "the PLC's recipe number stands"
+        assert [w[4] for w in out.plc_writes(0)] == [[2]], "only the PLC's write reached the recipe manager"
+        assert not scada.read_holding_registers(0, count=3, device_id=UNIT).isError(), "the SCADA still reads"
+    finally:
+        plc.close()
+        scada.close()
+        out.close()
+
+
+def test_write_clients_are_checked_and_need_allow_writes():
+    from edge_runtime.config import ConfigError, from_mapping
+
+    with pytest.raises(ConfigError, match=r"write_clients\[0\]"):
+        from_mapping(ModbusConfig, {"allow_writes": True, "write_clients": ["plc-1"]}, "modbus")
+    with pytest.raises(ConfigError, match="write_clients: only with allow_writes"):
+        from_mapping(ModbusConfig, {"write_clients": ["10.0.0.5"]}, "modbus")
+    warned = ModbusConfig(host="0.0.0.0", allow_writes=True, allowed_clients=["10.0.0.0/24"]).warnings()
+    assert any("write_clients" in w for w in warned)
+    assert not any("write_clients" in w for w in ModbusConfig(
+        host="0.0.0.0", allow_writes=True, allowed_clients=["10.0.0.0/24"], write_clients=["10.0.0.5"]).warnings())
