@@ -199,6 +199,10 @@ class OpcUaServer(Output):
             raise OutputError(f"{self.name}: asyncua is not installed (pip install 'patchcore-edge[opcua]')") from exc
         for warning in self.cfg.warnings():
             log.warning("%s: %s", self.name, warning)
+        # asyncua logs at INFO every request (a Read: ~110 bytes), 16 lines per connection and ~1100 lines at start
+        # (probe 78: a SCADA reading once a second wrote ~10 MB a day, 97% of the station's log, into the journal,
+        # whose size limit then rotated the station's own lines out within days). Its warnings still show.
+        logging.getLogger("asyncua").setLevel(max(logging.WARNING, logging.getLogger().level))
         self._thread = threading.Thread(target=self._thread_main, name="opcua-server", daemon=True)
         self._thread.start()
         if not self._started.wait(30):

@@ -138,6 +138,23 @@ def test_last_result_shows_no_pass_from_a_trigger_to_its_result_or_while_not_rea
     asyncio.run(scenario())
 
 
+def test_reads_do_not_log_a_line_each(server, caplog):
+    """A client polling the server is no log volume (probe 78: every Read was an asyncua INFO line)."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+
+    async def scenario():
+        async with Client(f"opc.tcp://127.0.0.1:{server.port}/patchcore-edge/") as client:
+            state = await browse(client, "VisionSystem", "StationState")
+            for _ in range(50):
+                await state.read_value()
+
+    asyncio.run(scenario())
+    chatter = [r for r in caplog.records if r.name.startswith("asyncua") and r.levelno < logging.WARNING]
+    assert len(chatter) == 0
+
+
 def test_single_job_is_refused_unless_allowed():
     out = OpcUaServer(OpcUaConfig(port=0))
     out.bind_trigger(lambda: None)
