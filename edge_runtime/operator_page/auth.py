@@ -82,8 +82,13 @@ class Sessions:
         if not (ok and user):
             return None
         sid = secrets.token_urlsafe(32)
-        s = Session(user.name, user.role, secrets.token_urlsafe(32), time.monotonic() + self.timeout_s)
+        now = time.monotonic()
+        s = Session(user.name, user.role, secrets.token_urlsafe(32), now + self.timeout_s)
         with self._lock:
+            # Expired sessions go here too: one whose cookie the browser dropped is never presented again, and
+            # each login left one behind for the life of the process (probe 78: 500 logins held 500 sessions).
+            for key in [k for k, v in self._sessions.items() if v.expires < now]:
+                del self._sessions[key]
             self._sessions[sid] = s
         return sid, s
 

@@ -39,6 +39,19 @@ def test_a_login_expires_after_its_timeout_whatever_the_wall_clock_does(monkeypa
     assert sessions.get(sid) is not None
 
 
+def test_expired_logins_are_not_held_for_ever(monkeypatch):
+    """Sessions whose cookie is never presented again (the browser dropped it at max_age) are forgotten by a
+    later login: a page used for months holds only the logins of the last timeout_s."""
+    sessions = Sessions([PageUser(name="eng", role="engineer", password_hash=hash_password("pw"))], timeout_s=600.0)
+    clocks = Clocks(monkeypatch)
+    for _ in range(10):
+        sessions.login("eng", "pw")
+        clocks.mono += 601.0
+    sid, _ = sessions.login("eng", "pw")
+    assert len(sessions._sessions) == 1
+    assert sessions.get(sid) is not None
+
+
 def test_a_preview_expires_after_its_ttl_whatever_the_wall_clock_does(monkeypatch, tmp_path):
     fb = Feedback(VersionStore(tmp_path / "base", tmp_path / "state"), PartHistory(), lambda: None, lambda who: None)
     clocks = Clocks(monkeypatch)
