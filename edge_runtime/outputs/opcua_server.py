@@ -57,6 +57,77 @@ NAMESPACE_URI = "urn:patchcore-edge:vision-system"
 VISION_STATE = {"ready": "Operational", "not_ready": "Preoperational", "fault": "Error"}
 
 
+# Client connections the server holds (a socket, a task and a processor each); more are closed at once. A connection
+# that has no session this long after it opened is closed (discovery, GetEndpoints, is over well within it).
+OPCUA_MAX_CONNECTIONS = 32
+OPCUA_SESSION_TIMEOUT_S = 10.0
+
+
+def _install_connection_bounds() -> None:
+    """asyncua's binary server, with at most OPCUA_MAX_CONNECTIONS connections and none without a session for long.
+
+    asyncua accepts every connection and keeps one that never says Hello for ever: 4,200 idle sockets took every
+    file descriptor of a daemon under LimitNOFILE=4096, the folder source could not list its images, 127 of 180
+    parts FAULT, READY down, 78 MB of asyncio accept errors logged (probe 80). Server.start() builds its
+    BinaryServer by name, so the bounded one is put in its place (every OPC UA server of the process is bounded)."""
+    import asyncua.server.server as ua_server
+    from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
+
+    if getattr(ua_server.BinaryServer, "bounded", False):
+        return
+
+    class BoundedProtocol(OPCUAProtocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.clients) > OPCUA_MAX_CONNECTIONS:
+                if not _refusals.seen(self.peer_name):
+                    log.warning("OPC UA: connection from %s closed: %d connections already open", self.peer_name,
+                                OPCUA_MAX_CONNECTIONS)
+                transport.close()
+                return
+            self._no_session = asyncio.get_running_loop().call_later(OPCUA_SESSION_TIMEOUT_S, self._close_sessionless)
+
+        def _close_sessionless(self) -> None:
+            if self.processor is not None and self.processor.session is None:
+                self.transport.close()
+
+        def connection_lost(self, ex) -> None:
+            timer = getattr(self, "_no_session", None)
+            if timer is not None:
+                timer.cancel()
+            super().connection_lost(ex)
+
+    class BoundedBinaryServer(BinaryServer):
+        bounded = True
+
+        def _make_protocol(self):
+            return BoundedProtocol(iserver=self.iserver, policies=self._policies, clients=self.clients,
+                                   closing_tasks=self.closing_tasks, limits=self.limits)
+
+    ua_server.BinaryServer = BoundedBinaryServer
+
+
+class _Refusals:
+    """Addresses already logged as refused: one line each for the first 64, then one line saying more were."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self._seen: set = set()
+        self._limit = limit
+
+    def seen(self, peer) -> bool:
+        host = peer[0] if peer else None
+        if host in self._seen or len(self._seen) > self._limit:
+            return True
+        self._seen.add(host)
+        if len(self._seen) > self._limit:
+            log.warning("OPC UA: more addresses refused for too many connections; no longer logged")
+            return True
+        return False
+
+
+_refusals = _Refusals()
+
+
 # PrepareRecipe's Error output (40100: 0 OK, < 0 application-specific) for RecipeSwitcher.submit()'s outcomes.
 RECIPE_ERRORS = {"ok": 0, "unknown": -1, "failed": -2, "timeout": -3, "superseded": -4, "refused": -5}
 
@@ -333,6 +404,7 @@ class OpcUaServer(Output):
             [("FrameId", I64), ("Verdict", S), ("IsPass", B), ("Score", D), ("NormalizedScore", D), ("BundleId", S)])
         self._event = await server.get_event_generator(etype, vs)
         self._ua = ua
+        _install_connection_bounds()
         async with server:
             self.port = self._bound_port(server)
             self._started.set()
