@@ -64,3 +64,22 @@ def test_connections_beyond_the_limit_and_without_a_session_are_closed(server):
             return first, await state.read_value()
 
     assert asyncio.run(read_state()) == ("fault", "fault")   # "starting": nothing bound
+
+
+def test_a_chunk_over_the_receive_buffer_closes_its_connection(server, monkeypatch):
+    """Probe 80: a chunk header declaring 4 GB and bytes streamed after it were all kept in one growing buffer."""
+    monkeypatch.setattr(opcua_server, "OPCUA_SESSION_TIMEOUT_S", 300.0, raising=False)   # not what closes it here
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(b"HELF" + (0xFFFFFFF0).to_bytes(4, "little"))
+    sent, closed = 0, False
+    while sent < 16 * 2 ** 20 and not closed:
+        try:
+            sock.sendall(b"\0" * 65536)
+            sent += 65536
+        except OSError:
+            closed = True
+    deadline = time.monotonic() + 10
+    while not closed and time.monotonic() < deadline:
+        closed = _closed(sock)
+    sock.close()
+    assert closed                       # before: 16 MiB taken and the connection kept
