@@ -15,6 +15,8 @@ import numpy as np
 
 from edge_runtime.bundle import (MANIFEST, SIGNATURE, Bundle, BundleError, check_output_dir, sha256_file, staged_bundle,
                                  write_manifest)
+from edge_runtime.bank_adapt import FEEDBACK_KEY, stored_defects
+from edge_runtime.decode import decode_image
 from edge_runtime.pipeline import Pipeline
 from export.calibration import DEFAULT_MAX_FALSE_REJECT, score_outliers
 from export.dataset import calibration_images
@@ -94,6 +96,12 @@ def recorded_defects(m: dict) -> tuple[list[Path], str | None]:
     return paths, None
 
 
+def stored_defect_score(pipe: Pipeline, bundle: Bundle, rel: str) -> float:
+    """A defect stored in the bundle (feedback/defects/...), scored from its verified bytes as a station frame."""
+    rgb = decode_image(bundle.read_verified(rel), rel, shift_16bit=bundle.shift_16bit)
+    return pipe.score_rgb(rgb, rel).score
+
+
 def _recalibrate_into(out: Path, src: Bundle, m: dict, bundle_dir: Path, calibration_defects: Path | None,
                       settings: dict, target: float, review: float | None, margin: float,
                       cap: float | None = DEFAULT_MAX_FALSE_REJECT) -> None:
@@ -112,10 +120,16 @@ def _recalibrate_into(out: Path, src: Bundle, m: dict, bundle_dir: Path, calibra
             log(f"WARNING: the bundle's calibration defects cannot be used again ({missing}): the threshold is set "
                 "from good parts only, without the zero-escape point or REVIEW band they set; give "
                 "--calibration-defects")
+    # Defects a station stored in a device-made version (edge-runtime adapt --defect, the page's "this part was
+    # bad") are calibration defects too: left out, the threshold they had lowered came back and they passed as OK.
+    stored = stored_defects(draft)
+    if stored:
+        log(f"the {len(stored)} defects stored in the bundle ({FEEDBACK_KEY}.defects) are kept NG")
     separation = {}
     for name, v in m["variants"].items():
         pipe = Pipeline(draft, precision=name, knn="hnsw", threads=2)
-        defect_scores = np.array([calibration_score(pipe, p) for p in defects])
+        defect_scores = np.array([calibration_score(pipe, p) for p in defects]
+                                 + [stored_defect_score(pipe, draft, d["file"]) for d in stored])
         names, good = left_out_outliers(m, v["cross_fit_scores"], target)
         kept = set(names)
         left = [n for n in v["cross_fit_scores"] if n not in kept]

@@ -312,3 +312,42 @@ def test_recalibrated_threshold_stays_without_a_slipped_image(small_bundle, tmp_
         left = frr["if_left_out_are_good"]
         assert left["left_out"] == 1 and left["n"] == frr["n"] + 1
         assert left["empirical_count"] == frr["empirical_count"] + 1
+
+
+
+def test_recalibrate_keeps_the_defects_a_station_stored_ng(small_bundle, synthetic_dataset, tmp_path):
+    """A defect stored in a device-made version (edge-runtime adapt --defect, the page's "this part was bad") had
+    lowered its threshold; recalibrating that version left it out and the defect passed as OK again (probe 81:
+    bottle, a faint break at 20.3 stored, threshold 24.66 -> 19.35 -> recalibrated 24.66)."""
+    import cv2
+
+    from edge_runtime.bank_adapt import InputImage, prepare
+    from edge_runtime.bundle import Bundle
+    from edge_runtime.decode import load_image
+    from edge_runtime.pipeline import Pipeline
+    from export.recalibrate import recalibrate
+
+    release = Bundle.load(small_bundle)
+    pipes = [Pipeline(release, precision=name, threads=1) for name in release.manifest["variants"]]
+    good = cv2.imread(str(sorted((synthetic_dataset / "test" / "good").glob("*.png"))[0]))
+    faint = tmp_path / "faint.png"
+    for defect in sorted((synthetic_dataset / "test").glob("[!g]*/*.png")):   # a defect blended until it escapes
+        bad = cv2.imread(str(defect))
+        for alpha in (0.5, 0.4, 0.3, 0.25, 0.2, 0.15):
+            cv2.imwrite(str(faint), (alpha * bad + (1 - alpha) * good).round().astype("uint8"))
+            scores = [p.score_rgb(load_image(faint)).score / p.threshold for p in pipes]
+            if max(scores) < 1 and min(scores) > 0.85:
+                break
+        else:
+            continue
+        break
+    else:
+        pytest.fail("no blended defect escapes the release just under its threshold")
+
+    learned = prepare(small_bundle, [], [InputImage.from_file(faint)], threads=1).write(tmp_path / "v2")
+    recal = recalibrate(learned.root, tmp_path / "recal")
+    for bundle in (learned, recal):
+        for name in bundle.manifest["variants"]:
+            pipe = Pipeline(bundle, precision=name, threads=1)
+            score = pipe.score_rgb(load_image(faint)).score
+            assert score >= (pipe.variant.review_threshold or pipe.threshold), (bundle.root, name, score)
