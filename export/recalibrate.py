@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import (MANIFEST, SIGNATURE, Bundle, BundleError, check_output_dir, sha256_file, staged_bundle,
+from edge_runtime.bundle import (MANIFEST, Bundle, BundleError, check_output_dir, sha256_file, staged_bundle,
                                  write_manifest)
-from edge_runtime.bank_adapt import FEEDBACK_KEY, stored_defects
+from edge_runtime.bank_adapt import FEEDBACK_KEY, copy_verified, stored_defects
 from edge_runtime.decode import decode_image
 from edge_runtime.pipeline import Pipeline
 from export.calibration import DEFAULT_MAX_FALSE_REJECT, score_outliers
@@ -106,7 +105,10 @@ def _recalibrate_into(out: Path, src: Bundle, m: dict, bundle_dir: Path, calibra
                       settings: dict, target: float, review: float | None, margin: float,
                       cap: float | None = DEFAULT_MAX_FALSE_REJECT) -> None:
     """The recalibration proper, into the new (staging) folder `out`."""
-    shutil.copytree(bundle_dir, out, ignore=shutil.ignore_patterns(MANIFEST, SIGNATURE), dirs_exist_ok=True)
+    # Only the files the manifest pins, as the bytes that were verified (as adapt does): a copy of the whole folder
+    # had pinned whatever else lay there, unverified (a stray file, the half-written staging folder of an --out
+    # inside the bundle, copied into itself), and a file replaced after the check with its new checksum.
+    copy_verified(src, out)
     (out / MANIFEST).write_bytes((Path(bundle_dir) / MANIFEST).read_bytes())
     draft = Bundle.load(out)
     if calibration_defects:

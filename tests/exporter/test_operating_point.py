@@ -351,3 +351,22 @@ def test_recalibrate_keeps_the_defects_a_station_stored_ng(small_bundle, synthet
             pipe = Pipeline(bundle, precision=name, threads=1)
             score = pipe.score_rgb(load_image(faint)).score
             assert score >= (pipe.variant.review_threshold or pipe.threshold), (bundle.root, name, score)
+
+
+def test_recalibrate_copies_only_the_files_the_release_pins(small_bundle, tmp_path):
+    """A copy of the whole folder had pinned unverified files into the new bundle: a stray file beside the
+    manifest, and with --out inside the bundle its own half-written staging folder (probe 81: bottle recalibrated
+    into bottle/v2 held v2/.v2.partial-<pid>-<random>/... in its checksums)."""
+    import shutil
+
+    from edge_runtime.bundle import Bundle
+    from export.recalibrate import recalibrate
+
+    src = tmp_path / "release"
+    shutil.copytree(small_bundle, src)
+    (src / "notes.txt").write_text("not part of the release")
+    (src / "golden" / "99_extra.png").write_bytes((src / "golden" / "00_good.png").read_bytes())
+    pinned = set(Bundle.load(src).manifest["files"])
+    out = recalibrate(src, src / "v2")
+    assert set(out.manifest["files"]) == pinned
+    assert Bundle.load(out.root).variant().threshold > 0
