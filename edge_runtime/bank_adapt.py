@@ -345,6 +345,10 @@ def prepare(bundle: Bundle | str | Path, learn: list[InputImage], defects: list[
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)
     defects = list(defects or [])
+    # A negative radius never stops the greedy cover once every patch is in the bank (0 > -1 for ever: the process
+    # grew until killed); NaN stops it at once and records .nan in the manifest.
+    if coverage_radius is not None and not coverage_radius >= 0:
+        raise AdaptError(f"coverage radius (--coverage-radius) must be a distance >= 0, got {coverage_radius!r}")
     if not learn and not defects:
         raise AdaptError("nothing to do: give at least one good image to learn or one defect to store")
     stored = []

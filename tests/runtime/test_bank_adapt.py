@@ -294,3 +294,11 @@ def test_station_key_cannot_loosen_what_the_release_pins(device_bundle, images, 
     forged = _forge(v2.root, tmp_path / "forged", change, st_pem)
     with pytest.raises(BundleError, match="differs from the signed ancestor|REVIEW band"):
         verify_lineage(Bundle.load(forged, public_key=st_pub), ws_pub, st_pub, base)
+
+
+@pytest.mark.parametrize("radius", [-1.0, float("nan")])
+def test_a_coverage_radius_that_is_not_a_distance_is_refused(device_bundle, images, radius):
+    """--coverage-radius -1 had looped for ever (the greedy cover never gets every patch within a negative
+    distance), NaN learned nothing and wrote .nan into the manifest (probe 81)."""
+    with pytest.raises(AdaptError, match="--coverage-radius"):
+        prepare(device_bundle, [InputImage.from_file(images["false_reject"])], [], coverage_radius=radius, threads=1)
