@@ -328,7 +328,17 @@ def _write_extended_index(parent: Bundle, variant: str, new: np.ndarray | None, 
 
 
 def _image_features(pipe: Pipeline, img: InputImage) -> np.ndarray:
-    tensor, _, _ = preprocess(img.rgb, pipe.geometry, img.name)
+    """The image's patch features as the station computes them; AdaptError for an image the station would FAULT
+    before scoring it (another size, the frame check: too dark, blurred or noisy against the training frames):
+    learned as good, it put frames the station never judges into the bank (probe 81: a good part at 30% light
+    added over 200 vectors per variant); stored as a defect, it set a threshold from a score no station gives."""
+    from edge_runtime.decode import ImageError
+
+    try:
+        pipe.check_rgb(img.rgb, img.name)
+        tensor, _, _ = preprocess(img.rgb, pipe.geometry, img.name)
+    except ImageError as exc:
+        raise AdaptError(f"{exc}: the station would not inspect this image, so it cannot be learned or stored") from None
     return pipe.extractor(tensor)
 
 

@@ -302,3 +302,15 @@ def test_a_coverage_radius_that_is_not_a_distance_is_refused(device_bundle, imag
     distance), NaN learned nothing and wrote .nan into the manifest (probe 81)."""
     with pytest.raises(AdaptError, match="--coverage-radius"):
         prepare(device_bundle, [InputImage.from_file(images["false_reject"])], [], coverage_radius=radius, threads=1)
+
+
+def test_an_image_the_frame_check_refuses_is_neither_learned_nor_stored(device_bundle, tmp_path):
+    """A good part under 30% light: the station FAULTs such a frame before any score (its frame check), so learning
+    it put frames no station judges into the bank (probe 81: over 200 vectors per variant), and storing it as a
+    defect would set a threshold from a score no station gives."""
+    dark = tmp_path / "dark.png"
+    cv2.imwrite(str(dark), (cv2.imread(str(device_bundle / "golden" / "01_good.png")) * 0.3).astype("uint8"))
+    with pytest.raises(AdaptError, match=r"dark.png: frame check: .*cannot be learned or stored"):
+        prepare(device_bundle, [InputImage.from_file(dark)], [], threads=1)
+    with pytest.raises(AdaptError, match=r"dark.png: frame check"):
+        prepare(device_bundle, [], [InputImage.from_file(dark)], threads=1)
