@@ -361,8 +361,8 @@ def _journal_line(key: tuple[str, int, int]) -> str:
     return json.dumps({"name": key[0], "size": key[1], "mtime_ns": key[2]}) + "\n"
 
 
-def last_record(result_log: str, tail: int = 256 * 1024) -> tuple[str, float] | None:
-    """(source, captured_at) of the newest parseable record in a result log (JSON lines), or None."""
+def _newest(result_log: str, field, tail: int = 256 * 1024):
+    """field(record) of the newest record of a result log (JSON lines) for which it parses, or None."""
     try:
         with open(result_log, "rb") as fh:
             end = fh.seek(0, os.SEEK_END)
@@ -372,28 +372,20 @@ def last_record(result_log: str, tail: int = 256 * 1024) -> tuple[str, float] | 
         return None
     for raw in reversed(lines):
         try:
-            record = json.loads(raw)
-            return str(record["source"]), float(record["captured_at"])
+            return field(json.loads(raw))
         except (ValueError, KeyError, TypeError):
             continue  # torn last line, or not a record
     return None
+
+
+def last_record(result_log: str, tail: int = 256 * 1024) -> tuple[str, float] | None:
+    """(source, captured_at) of the newest parseable record in a result log (JSON lines), or None."""
+    return _newest(result_log, lambda r: (str(r["source"]), float(r["captured_at"])), tail)
 
 
 def newest_record_time(result_log: str, tail: int = 256 * 1024) -> float | None:
     """`time` (when it was written) of the newest parseable record in a result log, or None."""
-    try:
-        with open(result_log, "rb") as fh:
-            end = fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, end - tail))
-            lines = fh.read().split(b"\n")
-    except OSError:
-        return None
-    for raw in reversed(lines):
-        try:
-            return float(json.loads(raw)["time"])
-        except (ValueError, KeyError, TypeError):
-            continue  # torn last line, or not a record
-    return None
+    return _newest(result_log, lambda r: float(r["time"]), tail)
 
 
 def default_journal_path(state_dir: str, folder: str) -> Path:
