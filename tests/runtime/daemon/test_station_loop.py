@@ -37,6 +37,20 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Non
         time.sleep(0.02)
 
 
+def relabelled_copy(bundle: Path, dest: Path) -> Path:
+    """A copy of `bundle` under another product name, hence another bundle id (the same model and bank)."""
+    import yaml
+
+    from edge_runtime.bundle import MANIFEST, content_id
+
+    shutil.copytree(bundle, dest)
+    m = yaml.safe_load((dest / MANIFEST).read_text())
+    m["product"] = "newer"
+    m["bundle_id"] = content_id(m)
+    (dest / MANIFEST).write_text(yaml.safe_dump(m, sort_keys=False))
+    return dest
+
+
 def corrupt(bundle: Path) -> Path:
     """Flip one byte of the default variant's model: the sha256 check must refuse the bundle."""
     model = bundle / Bundle.load(bundle).variant().model_file
@@ -225,18 +239,11 @@ def test_a_reload_begun_before_a_rollout_install_never_puts_the_older_bundle_bac
     the path) while it runs: the reload's outcome is stale and must not be applied over the rollout's."""
     import dataclasses
 
-    import yaml
-
     from edge_runtime import bundle_loader
-    from edge_runtime.bundle import MANIFEST, content_id
     from edge_runtime.pipeline import Pipeline
 
-    newer = tmp_path / "newer"
-    shutil.copytree(small_bundle, newer)
-    m = yaml.safe_load((newer / MANIFEST).read_text())
-    m["product"] = "newer"
-    m["bundle_id"] = content_id(m)
-    (newer / MANIFEST).write_text(yaml.safe_dump(m, sort_keys=False))
+    newer = relabelled_copy(small_bundle, tmp_path / "newer")
+    new_id = Bundle.load(newer).bundle_id
     rec = RecordingOutput()
     cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, recovery=FAST_RECOVERY))
     source = ScriptedSource(steps=list(part_images.values()), start_frame_id=0)
@@ -258,14 +265,14 @@ def test_a_reload_begun_before_a_rollout_install_never_puts_the_older_bundle_bac
     monkeypatch.setattr(bundle_loader, "load_pipeline", real)
     station.cfg.bundle = str(newer)          # what the rollout does before it installs
     station.line.install_pipeline(Pipeline(Bundle.load(newer), threads=1))
-    wait_until(lambda: station.pipeline.bundle.bundle_id == m["bundle_id"], what="the rollout's bundle")
+    wait_until(lambda: station.pipeline.bundle.bundle_id == new_id, what="the rollout's bundle")
     release.set()
     time.sleep(2.0)                          # the stale reload has finished by now (and a fresh one run)
     n = len(rec.results)
     wait_until(lambda: len(rec.results) >= n + 2, what="more parts")
     assert running.stop() == 0
-    assert station.pipeline.bundle.bundle_id == m["bundle_id"] != old_id
-    assert {r.bundle_id for r in rec.results[n:]} == {m["bundle_id"]}
+    assert station.pipeline.bundle.bundle_id == new_id != old_id
+    assert {r.bundle_id for r in rec.results[n:]} == {new_id}
 
 
 def test_deadline_turns_late_verdicts_into_faults(small_bundle, part_images, write_station):
@@ -557,18 +564,11 @@ def test_the_last_verdict_is_reported_with_the_bundle_that_scored_it_not_the_one
         small_bundle, part_images, write_station, start_station, tmp_path):
     """Probe 76: after a switch (a rollout, a SIGHUP reload, a recipe) and before the next part, the MQTT state and
     /healthz paired the last part's verdict with the bundle now in service, which never scored it."""
-    import yaml
-
-    from edge_runtime.bundle import MANIFEST, content_id
     from edge_runtime.http_endpoint import health_document
     from edge_runtime.pipeline import Pipeline
 
-    newer = tmp_path / "newer"
-    shutil.copytree(small_bundle, newer)
-    m = yaml.safe_load((newer / MANIFEST).read_text())
-    m["product"] = "newer"
-    m["bundle_id"] = content_id(m)
-    (newer / MANIFEST).write_text(yaml.safe_dump(m, sort_keys=False))
+    newer = relabelled_copy(small_bundle, tmp_path / "newer")
+    new_id = Bundle.load(newer).bundle_id
     rec = RecordingOutput()
     cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
                                      recovery=FAST_RECOVERY))
@@ -579,9 +579,9 @@ def test_the_last_verdict_is_reported_with_the_bundle_that_scored_it_not_the_one
     wait_until(lambda: len(rec.results) == 1, what="the part")
     scored_by = rec.results[0].bundle_id
     station.line.install_pipeline(Pipeline(Bundle.load(newer), threads=1))   # what a rollout does
-    wait_until(lambda: station.pipeline.bundle.bundle_id == m["bundle_id"], what="the switch")
+    wait_until(lambda: station.pipeline.bundle.bundle_id == new_id, what="the switch")
     state, health = station.line.plant_state(), health_document(station.status())
     assert running.stop() == 0
-    assert state["bundle_id"] == health["bundle_id"] == m["bundle_id"] != scored_by
+    assert state["bundle_id"] == health["bundle_id"] == new_id != scored_by
     assert state["last_verdict"] == health["last_verdict"] == rec.results[0].verdict.value
     assert state["last_bundle_id"] == health["last_bundle_id"] == scored_by
