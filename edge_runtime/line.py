@@ -978,7 +978,8 @@ class Line:
             # Read without a capture thread (capture.thread: off), a source may still report what it missed (a paced
             # replay): those are drops too, answered FAULT where every frame is a part (probe 72: /metrics only).
             missed = int(getattr(self._source, "missed", 0) or 0)
-            n, self._missed_taken = missed - self._missed_taken, missed
+            # A count below the one taken is a reopened source counting from 0 again: all of it is new.
+            n, self._missed_taken = (missed - self._missed_taken if missed >= self._missed_taken else missed), missed
         if n:
             self._dropped_since_stats += n
             # Per part at debug level (the frame before this part); totals at warning level with the stats.
