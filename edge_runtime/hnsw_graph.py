@@ -14,6 +14,11 @@ search its bottom level from the neighbours found for the four walked patches ar
 search_level_0). Neighbouring patches have neighbouring bank vectors: about 1.6x faster on bottle with per-patch
 distances closer to exact (benchmarks/seeded_walk.py).
 
+The position prior (`FaissHnswSearch.set_prior` / `image_score`, built by edge_runtime.position_prior from the
+bundle's golden images): the exact image score from the bank rows each patch position took on the golden parts,
+walking only the patches those rows leave open; the per-patch distances are then the seeded walk's, made when the
+heat map is read. Same score, same heat map, less of the search before the verdict.
+
 The file is parsed here, not by hnswlib, so every field is checked before faiss sees it: a link that points
 outside the bank or a label that is not a row of the bank would make a search read past its buffers.
 """
@@ -21,10 +26,12 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from edge_runtime.nn_search import HnswParams, RecheckedSearch, ExactSearch, import_faiss
+from edge_runtime.nn_search import (ExactSearch, HnswParams, RecheckedSearch, exact_image_recheck, import_faiss,
+                                    single_threaded_blas)
 
 # hnswlib's saved-index header (hnswalg.h saveIndex), as edge_runtime.bundle.check_index_file reads it.
 _HEADER = struct.Struct("<QQQQQQiIQQQdQ")
@@ -145,6 +152,21 @@ class FaissHnswSearch(RecheckedSearch):
     REFINE_EF = 128
     REFINE_MAX = 8
 
+    # The position prior (`set_prior`, built by edge_runtime.position_prior from the bundle's golden images): for
+    # a part that sits where the golden parts sat, each patch's nearest bank row is almost always one of the rows
+    # nearest to the same patch of a golden part. `image_score` then finds the exact image score without walking
+    # every patch: bounds from those rows; the highest PRIOR_TOP_SHARE of them (at least PRIOR_TOP_MIN) walked
+    # from them; the exact distance of the highest (a floor under the image score: on good bottle frames the
+    # largest in 85% of them with 1/8 walked, 15% with 16); only the patches whose bound still exceeds it walked,
+    # the PRIOR_TIGHTEN highest of those re-searched from the top; the exact re-check from the floor. More than
+    # PRIOR_OPEN_SHARE of the patches over the floor (a part unlike the golden ones): the full walk instead.
+    # The per-patch distances (heat map) are the full search's, made when first read.
+    PRIOR_TOP_SHARE = 1 / 8
+    PRIOR_TOP_MIN = 16
+    PRIOR_TIGHTEN = 32
+    PRIOR_OPEN_SHARE = 0.25
+    PRIOR_SEEDS = 4
+
     def __init__(self, graph: HnswGraph, params: HnswParams, threads: int = 1):
         faiss = import_faiss("knn: hnsw")
         self._faiss = faiss
@@ -167,6 +189,7 @@ class FaissHnswSearch(RecheckedSearch):
         self.threads = threads
         self.rechecked_last = 0
         self.grid: tuple[int, int] | None = None
+        self._prior: np.ndarray | None = None
         self._plans: dict[tuple[int, int], SeedPlan | None] = {}   # by (queries, step): params may be replaced
 
     def _attach_bank(self) -> None:
@@ -222,6 +245,80 @@ class FaissHnswSearch(RecheckedSearch):
             self._plans[key] = seed_plan(self.grid, n_queries, step)
         return self._plans[key]
 
+    def set_prior(self, candidates: np.ndarray | None) -> None:
+        """Candidate bank rows per patch position, (patches per frame, k), for `image_score`; None: no prior."""
+        if candidates is None:
+            self._prior = None
+            return
+        rows = np.ascontiguousarray(candidates, dtype=np.int64)
+        # faiss reads these rows unchecked: one outside the bank would read past its storage.
+        if rows.ndim != 2 or not rows.size or rows.min() < 0 or rows.max() >= len(self):
+            raise ValueError(f"position prior: {rows.shape} rows must index the bank's {len(self)} vectors")
+        self._prior = rows
+
+    @property
+    def prior(self) -> np.ndarray | None:
+        return self._prior
+
+    def candidate_distances(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(m, k) squared distances (faiss's kernel) of each query to its own k bank rows (m, k)."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        out = np.empty(rows.shape, dtype=np.float32)
+        f = self._faiss
+        self._flat.compute_distance_subset(len(q), f.swig_ptr(q), rows.shape[1], f.swig_ptr(out), f.swig_ptr(rows))
+        return out
+
+    def image_score(self, queries: np.ndarray) -> float | None:
+        """The exact image score (the largest per-patch distance `distances` would give) found with the position
+        prior (see PRIOR_TOP_SHARE); None when there is no prior for frames of this many patches, or no re-check."""
+        prior = self._prior
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if prior is None or not self.recheck or len(q) != len(prior):
+            return None
+        opened = self._open_by_prior(q, prior)
+        bound, floor = opened.bound, opened.floor
+        if len(opened.over) > self.PRIOR_OPEN_SHARE * len(q):   # a part unlike the golden ones
+            dist = np.minimum(self.approximate(q), bound)
+        else:
+            rest = np.setdiff1d(opened.over, opened.walked)
+            if len(rest):
+                opened.walk(rest)
+            dist = self._tighten(q, bound, above=floor, limit=self.PRIOR_TIGHTEN)
+        dist, measured = exact_image_recheck(self.exact, q, dist, slack=self.bound_slack, known=(opened.top, floor))
+        self.rechecked_last = measured + 1   # and the floor's patch
+        return float(dist.max())
+
+    def prior_open_share(self, queries: np.ndarray, prior: np.ndarray) -> float:
+        """Share of a frame's patches `image_score` would still walk with this prior (over PRIOR_OPEN_SHARE: it
+        walks every patch instead): how well a prior fits a part (edge_runtime.position_prior.build)."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        return len(self._open_by_prior(q, np.ascontiguousarray(prior, dtype=np.int64)).over) / len(q)
+
+    def _open_by_prior(self, q: np.ndarray, prior: np.ndarray) -> "_Opened":
+        """Bounds from the prior's rows, the highest walked from them, the exact distance of the highest of those
+        (the floor), and the patches whose bound still lies above it."""
+        self._faiss.omp_set_num_threads(self.threads)
+        d2 = self.candidate_distances(q, prior)
+        bound = np.sqrt(np.maximum(d2.min(axis=1), 0.0)).astype(np.float32)
+
+        def walk(rows: np.ndarray) -> None:   # bounds of these patches from a walk that starts at their nearest rows
+            sub = d2[rows]
+            order = np.argsort(sub, axis=1, kind="stable")[:, :self.PRIOR_SEEDS]
+            seeds = np.take_along_axis(prior[rows], order, 1)
+            found_d2 = self._walk_level0(q[rows], seeds, np.take_along_axis(sub, order, 1), self.params.ef_seeded)[1]
+            bound[rows] = np.minimum(bound[rows], np.sqrt(np.maximum(found_d2, 0.0)))
+
+        walked = np.argsort(-bound, kind="stable")[:max(self.PRIOR_TOP_MIN, int(len(q) * self.PRIOR_TOP_SHARE))]
+        walk(walked)
+        i = int(np.argmax(bound))
+        with single_threaded_blas():
+            lower2 = self.exact.prefix_lower(q[i:i + 1])[0]
+            floor, row = self.exact.nearest_below(q[i], lower2, float(bound[i]) * (1.0 + self.bound_slack))
+            if row < 0:   # never for a real bank row's distance; the whole bank then
+                floor = self.exact.nearest_below(q[i], lower2, np.inf)[0]
+        return _Opened(bound, walk, walked, i, floor, np.flatnonzero(bound > floor))
+
     def labels(self, queries: np.ndarray) -> np.ndarray:
         """Bank row of each query's approximate nearest neighbour."""
         return self._search(queries)[0]
@@ -235,7 +332,6 @@ class FaissHnswSearch(RecheckedSearch):
         if plan is None:
             d2, rows = self.graph.search(q, 1)
             return np.maximum(rows[:, 0], 0).astype(np.int64), np.where(rows[:, 0] < 0, np.inf, d2[:, 0])
-        faiss = self._faiss
         out = np.empty(len(q), dtype=np.int64)
         out_d2 = np.empty(len(q), dtype=np.float32)
         walked_d2, walked = self.graph.search(np.ascontiguousarray(q[plan.walked]), 1)
@@ -247,23 +343,34 @@ class FaissHnswSearch(RecheckedSearch):
         out[plan.walked] = walked
         out_d2[plan.walked] = walked_d2
         seeds = np.ascontiguousarray(walked[plan.seeds])                      # (m, 4) bank rows, int64
-        rest = np.ascontiguousarray(q[plan.seeded])
+        rows, d2 = self._walk_level0(q[plan.seeded], seeds, None, self.params.ef_seeded)
+        out[plan.seeded], out_d2[plan.seeded] = rows, d2
+        return out, out_d2
+
+    def _walk_level0(self, queries: np.ndarray, seeds: np.ndarray, seed_d2: np.ndarray | None,
+                     ef: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bank row, squared distance) of each query's neighbour found by a bottom-level walk of the graph
+        from its own seed rows (m, k); a query for which faiss found nothing gets row 0 at distance inf."""
+        faiss = self._faiss
+        rest = np.ascontiguousarray(queries, dtype=np.float32)
+        seeds = np.ascontiguousarray(seeds, dtype=np.int64)
         m, k = seeds.shape
-        # The seeds enter the search with their true distances (faiss takes them as found results).
-        seed_d = np.empty((m, k), dtype=np.float32)
-        self._flat.compute_distance_subset(m, faiss.swig_ptr(rest), k, faiss.swig_ptr(seed_d), faiss.swig_ptr(seeds))
+        if seed_d2 is None:
+            # The seeds enter the search with their true distances (faiss takes them as found results).
+            seed_d2 = np.empty((m, k), dtype=np.float32)
+            self._flat.compute_distance_subset(m, faiss.swig_ptr(rest), k, faiss.swig_ptr(seed_d2),
+                                               faiss.swig_ptr(seeds))
+        seed_d2 = np.ascontiguousarray(seed_d2, dtype=np.float32)
         seeds32 = seeds.astype(np.int32)
         found_d = np.empty((m, 1), dtype=np.float32)
         found = np.empty((m, 1), dtype=np.int64)
         # Per call, not on the index: several inspection workers may search the same graph at once.
         params = faiss.SearchParametersHNSW()
-        params.efSearch = max(self.params.ef_seeded, 1)
+        params.efSearch = max(ef, 1)
         # search_type 2: one search per patch with all its seeds in the queue.
-        self.graph.search_level_0(m, faiss.swig_ptr(rest), 1, faiss.swig_ptr(seeds32), faiss.swig_ptr(seed_d),
+        self.graph.search_level_0(m, faiss.swig_ptr(rest), 1, faiss.swig_ptr(seeds32), faiss.swig_ptr(seed_d2),
                                   faiss.swig_ptr(found_d), faiss.swig_ptr(found), k, 2, params)
-        out[plan.seeded] = np.maximum(found[:, 0], 0)
-        out_d2[plan.seeded] = np.where(found[:, 0] < 0, np.inf, found_d[:, 0])
-        return out, out_d2
+        return np.maximum(found[:, 0], 0), np.where(found[:, 0] < 0, np.inf, found_d[:, 0])
 
     def approximate(self, queries: np.ndarray) -> np.ndarray:
         # faiss's own distances to the rows it found (not recomputed: 0.19 ms of a 2.8 ms search on bottle);
@@ -272,12 +379,21 @@ class FaissHnswSearch(RecheckedSearch):
         dist = np.sqrt(np.maximum(self._search(q)[1], 0.0)).astype(np.float32)
         return self._tighten(q, dist) if self.recheck and len(dist) else dist
 
-    def _tighten(self, queries: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    def _tighten(self, queries: np.ndarray, dist: np.ndarray, above: float | None = None,
+                 limit: int | None = None) -> np.ndarray:
         """`dist` with the candidates for the maximum re-searched from the top at REFINE_EF (each keeps the nearer
-        of its two rows: still a real bank vector's distance, so still an upper bound)."""
-        top = np.flatnonzero(dist >= dist.max() * np.float32(1.0 - self.REFINE_SHARE))
-        if len(top) > self.REFINE_MAX:   # the highest bounds first: they are the ones the re-check would measure
-            top = top[np.argsort(-dist[top], kind="stable")[:self.REFINE_MAX]]
+        of its two rows: still a real bank vector's distance, so still an upper bound). The candidates: bounds
+        within REFINE_SHARE of the largest, or every bound over `above` (a known lower bound of the maximum);
+        at most `limit` (REFINE_MAX) of them."""
+        if above is None:
+            top = np.flatnonzero(dist >= dist.max() * np.float32(1.0 - self.REFINE_SHARE))
+        else:
+            top = np.flatnonzero(dist > above)
+        limit = self.REFINE_MAX if limit is None else limit
+        if len(top) > limit:   # the highest bounds first: they are the ones the re-check would measure
+            top = top[np.argsort(-dist[top], kind="stable")[:limit]]
+        if not len(top):
+            return dist
         params = self._faiss.SearchParametersHNSW()
         params.efSearch = max(self.REFINE_EF, self.params.ef_search)
         d2, rows = self.graph.search(np.ascontiguousarray(queries[top]), 1, params=params)
@@ -285,6 +401,19 @@ class FaissHnswSearch(RecheckedSearch):
         d = np.sqrt(np.maximum(d2[found, 0], 0.0))
         dist[top[found]] = np.minimum(dist[top[found]], d)
         return dist
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """What `FaissHnswSearch._open_by_prior` leaves: per-patch bounds (updated in place by `walk`), the patches
+    walked, the patch whose exact distance is `floor`, and the patches whose bound lies above the floor."""
+
+    bound: np.ndarray
+    walk: Callable[[np.ndarray], None]
+    walked: np.ndarray
+    top: int
+    floor: float
+    over: np.ndarray
 
 
 @dataclass(frozen=True)

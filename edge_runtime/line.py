@@ -408,8 +408,9 @@ class Line:
                 log.exception("loading bundle %s failed unexpectedly", self.cfg.bundle)
             self._set_state(False, self._load_failure(exc))
             return False
-        log.info("bundle %s loaded: variant %s, knn %s, threshold %.4f", self.pipeline.bundle.bundle_id,
-                 self.pipeline.variant.name, self.pipeline.knn, self.pipeline.threshold)
+        log.info("bundle %s loaded: variant %s, knn %s, threshold %.4f, position prior %s",
+                 self.pipeline.bundle.bundle_id, self.pipeline.variant.name, self.pipeline.knn,
+                 self.pipeline.threshold, getattr(self.pipeline, "prior_note", "off"))
         return True
 
     def _start_reload(self) -> None:

@@ -10,13 +10,14 @@ shared/SEARCH.md: recall 99.7% alone still flips good parts to NG).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -499,6 +500,18 @@ class HnswSearch(RecheckedSearch):
         return np.sqrt(np.maximum(d2[:, 0], 0.0)).astype(np.float32)
 
 
+def image_score(search, queries: np.ndarray) -> tuple[float, Callable[[], np.ndarray]]:
+    """(the image score, the per-patch distances on demand). Both as `search.distances` gives them; a search
+    with a faster exact way to the score alone (`FaissHnswSearch.image_score`) leaves the per-patch
+    distances to be computed when read (the heat map, after the verdict has gone to the line)."""
+    fast = getattr(search, "image_score", None)
+    score = fast(queries) if fast is not None else None
+    if score is not None:
+        return score, functools.partial(search.distances, queries)
+    dist = search.distances(queries)
+    return float(dist.max()), lambda: dist
+
+
 def upper_bounds(bank: np.ndarray, queries: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Distance of each query to the bank vector `labels[i]`, in the same float32 kernel as
     `ExactSearch.nearest_below`, so it can never fall below the exact distance that kernel finds (an index's
@@ -512,7 +525,8 @@ RECHECK_BATCH = 8
 
 
 def exact_image_recheck(exact: ExactSearch, queries: np.ndarray, upper: np.ndarray,
-                        batch: int = RECHECK_BATCH, slack: float = 0.0) -> tuple[np.ndarray, int]:
+                        batch: int = RECHECK_BATCH, slack: float = 0.0,
+                        known: tuple[int, float] | None = None) -> tuple[np.ndarray, int]:
     """(per-patch distances whose maximum is the exact image score, patches measured exactly).
 
     `upper[i]` must be the distance of patch i to some real bank vector (an upper bound of its nearest one), in
@@ -525,11 +539,16 @@ def exact_image_recheck(exact: ExactSearch, queries: np.ndarray, upper: np.ndarr
     candidates), and in full only when nothing is that near, i.e. when it is the new maximum. On magnetic tile's
     73k bank the top patch alone settles the score in most frames, and patches that cannot win cost little
     (benchmarks/search_floor.py reports the re-check's share).
+    `known`: (patch, its exact distance in this kernel), measured already: the search starts from it as the best
+    so far and never measures it again.
     """
     dist = np.array(upper, dtype=np.float32)
     bound = dist * np.float32(1.0 + slack) if slack else dist   # measured patches get their exact value in both
-    order = np.argsort(-bound)
     best, pos, measured = -np.inf, 0, 0
+    if known is not None:
+        i, d = known
+        dist[i] = bound[i] = best = np.float32(d)
+    order = np.argsort(-bound)
     exact.candidates_last = 0
     with single_threaded_blas():
         while pos < len(order) and bound[order[pos]] > best:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from edge_runtime import scoring
+from edge_runtime import decode, position_prior, scoring
 from edge_runtime.bundle import Bundle, BundleError, check_index_file
 from edge_runtime.decode import DecodeConfig, ImageError, decode_image, load_image, to_rgb
 from edge_runtime.features import FeatureError, FeatureExtractor, make_session
@@ -25,7 +25,7 @@ from edge_runtime.frame_quality import measure as measure_quality
 from edge_runtime.geometry import cut_tiles, match_colour, region_of, to_canvas
 from edge_runtime.int8_kernels import check_quantization
 from edge_runtime.hnsw_graph import FaissHnswSearch, GraphError, read_hnsw_graph
-from edge_runtime.nn_search import ExactSearch, HnswSearch, IvfSearch, OnnxExactSearch
+from edge_runtime.nn_search import ExactSearch, HnswSearch, IvfSearch, OnnxExactSearch, image_score
 from edge_runtime.preprocess import canvas_of, preprocess, to_tensor
 from edge_runtime.records import Frame, InspectionResult, Verdict
 from edge_runtime.scoring import decide  # noqa: F401  (the decision stage, re-exported with the pipeline)
@@ -50,6 +50,10 @@ def score_frame(score_tiles, geometry, rgb: np.ndarray, name: str = "<frame>") -
     patch_scores = score_tiles(tensor)
     return Scored(scoring.image_score(patch_scores), patch_scores,
                   scoring.anomaly_map(patch_scores, geometry, place, region_hw))
+
+
+def _heat_map(patch_scores, geometry, place, region_hw) -> np.ndarray:
+    return scoring.anomaly_map(patch_scores(), geometry, place, region_hw)
 
 
 def open_search(knn: str, index_bytes: bytes, dim: int, params, threads: int, providers: list[str] | None,
@@ -105,7 +109,7 @@ class Pipeline:
     def __init__(self, bundle: Bundle, precision: str | None = None, knn: str = "hnsw", threads: int = 2,
                  providers: list[str] | None = None, ef_search: int | None = None,
                  review_threshold: float | None = None, ivf_nprobe: int | None = None,
-                 seed_step: int | None = None, ef_seeded: int | None = None):
+                 seed_step: int | None = None, ef_seeded: int | None = None, position_prior: bool = True):
         self.bundle = bundle
         self.threads = threads          # this inspection's cores: onnxruntime, the search, the geometry's resample
         self.decode_limits = DecodeConfig()  # the station file's `decode:` section replaces it (daemon)
@@ -145,6 +149,7 @@ class Pipeline:
         if hasattr(self.search, "set_grid"):   # the seeded walk reads queries as tiles of this patch grid
             self.search.set_grid(*self.grid)
         self.knn = knn
+        self.prior_note = self._attach_prior() if position_prior else "off"
 
     def set_threads(self, threads: int, providers: list[str] | None = None) -> None:
         """Run on `threads` cores from now on: a new onnxruntime session from the same verified model bytes (built,
@@ -156,6 +161,28 @@ class Pipeline:
         if set_search_threads is not None:
             set_search_threads(threads)
         self.threads = threads
+
+    def _attach_prior(self) -> str:
+        """The search's position prior from this variant's golden images (edge_runtime.position_prior); what
+        became of it, in words. It changes how long a part takes, never its score."""
+        set_prior = getattr(self.search, "set_prior", None)
+        if set_prior is None:
+            return f"not used by knn: {self.knn}"
+        feats = []
+        for g in self.variant.golden:
+            rel = g.get("file") if isinstance(g, dict) else None
+            try:
+                # Bundle data, decoded as the self-test decodes it (no station decode limits: not a camera's frame).
+                rgb = decode.decode_image(self.bundle.read_verified(rel), str(self.bundle.path(rel)),
+                                          shift_16bit=self.bundle.shift_16bit)
+                region = region_of(rgb, self.geometry, rel)
+                canvas, _ = to_canvas(match_colour(region, self.geometry, rel), self.geometry, rel, self.threads)
+                feats.append(self.extractor(to_tensor(cut_tiles(canvas, self.geometry))))
+            except Exception as exc:   # the self-test reports a bad golden image; here it only sits out
+                log.debug("%s: golden image %s left out of the position prior: %s", self.bundle.root, rel, exc)
+        prior, note = position_prior.build(self.search, feats, self.grid)
+        set_prior(prior)
+        return ("on: " if prior is not None else "off: ") + note
 
     def apply_overrides(self, roi: tuple[int, int, int, int] | None = None, size_policy: str | None = None) -> None:
         """The station file's ROI (same size as the bundle's region) and size policy."""
@@ -221,11 +248,11 @@ class Pipeline:
             lap("preprocess")
             feats = self.extractor(tensor)
             lap("features")
-            patch_scores = self.search.distances(feats)
+            # The exact image score; the per-patch distances may be left until the heat map is read.
+            score, patch_scores = image_score(self.search, feats)
             lap("search")
-            score = scoring.image_score(patch_scores)
             # Made on first read, after the verdict has gone to the line (InspectionResult.anomaly_map).
-            heat = functools.partial(scoring.anomaly_map, patch_scores, self.geometry, place, region.shape[:2])
+            heat = functools.partial(_heat_map, patch_scores, self.geometry, place, region.shape[:2])
             lap("scoring")
             verdict = scoring.decide(score, self.threshold, self.review_threshold)
             norm = scoring.normalized_score(score, self.threshold)

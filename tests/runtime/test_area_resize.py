@@ -102,6 +102,8 @@ def test_pipeline_resamples_within_its_own_thread_budget(device_bundle, monkeypa
     monkeypatch.setattr(geometry, "resample",
                         lambda img, size, method, threads=2: seen.append(threads) or real(img, size, method, threads))
     pipe = Pipeline(Bundle.load(device_bundle), threads=threads)
+    assert set(seen) <= {threads}                           # the golden images of the position prior, if any
+    seen.clear()
     pipe.apply_overrides(size_policy="resize")              # a frame larger than the bundle's: resampled
     frame = np.random.default_rng(6).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     result = pipe.inspect(Frame(frame_id=1, source="cam", image=frame))

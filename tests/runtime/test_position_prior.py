@@ -1,0 +1,169 @@
+"""The position prior (edge_runtime.position_prior): the image score found from the golden parts' bank rows is
+exactly the full search's, on parts that sit like the golden ones and on parts that do not."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from extras import require
+
+from edge_runtime import position_prior
+from edge_runtime.bundle import Bundle
+from edge_runtime.hnsw_graph import FaissHnswSearch, read_hnsw_graph
+from edge_runtime.nn_search import ExactSearch, HnswParams, build_hnsw, exact_image_recheck
+from edge_runtime.pipeline import Pipeline
+from edge_runtime.records import Frame
+
+ROWS, COLS, DIM = 24, 20, 24
+GOLDEN = range(100, 104)   # the golden parts' seeds
+
+
+def smooth_part(rng, scale=1.0):
+    """Patch features of a part in a fixture: a smooth field over the grid, as a CNN's are."""
+    r, c = np.mgrid[0:ROWS, 0:COLS] / 6.0
+    freq = rng.normal(size=(2, DIM))
+    phase = rng.uniform(0, 2 * np.pi, size=DIM)
+    return (np.sin(r[..., None] * freq[0] + c[..., None] * freq[1] + phase) * scale).reshape(-1, DIM).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def fixture_parts(tmp_path_factory):
+    """(graph, bank, a function making one more good part): 30 parts of one product in the bank."""
+    require("hnswlib", "hnswlib")
+    base = smooth_part(np.random.default_rng(5))
+    made = iter(range(1000, 10**6))
+
+    def part(seed: int | None = None) -> np.ndarray:
+        """One more part (seed: this very part, whichever test asks first)."""
+        rng = np.random.default_rng(next(made) if seed is None else seed)
+        return (base + 0.05 * smooth_part(rng) + rng.normal(scale=0.05, size=base.shape)).astype(np.float32)
+    bank = np.concatenate([part(k) for k in range(30)])
+    index = build_hnsw(bank, HnswParams(M=8, ef_construction=64), threads=2)
+    path = tmp_path_factory.mktemp("graph") / "i.hnsw"
+    index.save_index(str(path))
+    return read_hnsw_graph(path.read_bytes(), DIM), bank, part
+
+
+def _search(graph, threads: int = 2) -> FaissHnswSearch:
+    search = FaissHnswSearch(graph, HnswParams(M=8, ef_search=8, seed_step=4, ef_seeded=2), threads=threads)
+    search.set_grid(ROWS, COLS)
+    return search
+
+
+def _with_prior(graph, part) -> FaissHnswSearch:
+    search = _search(graph)
+    prior, note = position_prior.build(search, [part(k) for k in GOLDEN], (ROWS, COLS))
+    assert prior is not None, note
+    search.set_prior(prior)
+    return search
+
+
+def test_candidates_take_each_positions_rows_and_its_neighbours_on_the_same_tile():
+    grid = (3, 4)
+    # Two golden frames of two tiles: frame f, tile t, patch p found bank row 1000 f + 100 t + p.
+    labels = [np.array([1000 * f + 100 * t + p for t in range(2) for p in range(12)]) for f in range(2)]
+    same = position_prior.candidates(labels, grid, radius=0)
+    assert same.shape == (24, 2)
+    assert np.array_equal(same[13], [101, 1101])                   # tile 1, patch 1: its own rows, both frames
+    near = position_prior.candidates(labels, grid, radius=1)
+    assert near.shape == (24, 18)                                  # 3 x 3 positions x 2 frames
+    assert set(near[5]) == {f * 1000 + p for f in (0, 1) for p in (0, 1, 2, 4, 5, 6, 8, 9, 10)}
+    assert set(near[12]) == {f * 1000 + 100 + p for f in (0, 1) for p in (0, 1, 4, 5)}   # corner: clamped
+    assert all(row // 100 % 10 == 1 for row in near[12:].ravel())  # never a row of the other tile
+
+
+def test_the_image_score_is_the_full_searchs_for_good_parts_and_defects(fixture_parts, monkeypatch):
+    graph, bank, part = fixture_parts
+    search = _with_prior(graph, part)
+    full = _search(graph)
+    walked = []
+    real = FaissHnswSearch.approximate
+    monkeypatch.setattr(FaissHnswSearch, "approximate", lambda self, q: walked.append(len(q)) or real(self, q))
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        q = part(200 + k)
+        if k % 3 == 1:
+            q[rng.integers(0, len(q), 6)] += 0.8                   # a few scattered patches far from every part
+        elif k % 3 == 2:
+            q[50:80] += 0.6                                        # a defect: one patch region pushed away
+        walked.clear()
+        score = search.image_score(q)
+        # A defect stands out: the prior settles it without walking every patch. A good part of this data (its
+        # distances all alike, i.i.d. noise) may take either way; the score must be the same either way.
+        assert walked == [] or k % 3 == 0
+        truth = ExactSearch(bank).nearest(q)[0].max()
+        assert score == full.distances(q).max()                    # the very same value as the full search
+        assert score == pytest.approx(truth, rel=1e-5)
+        assert search.rechecked_last >= 1
+
+
+def test_a_part_unlike_the_golden_ones_takes_the_full_walk_and_the_same_score(fixture_parts, monkeypatch):
+    graph, bank, part = fixture_parts
+    search = _with_prior(graph, part)
+    walked = []
+    real = FaissHnswSearch.approximate
+    monkeypatch.setattr(FaissHnswSearch, "approximate", lambda self, q: walked.append(len(q)) or real(self, q))
+    q = part(400)[np.random.default_rng(1).permutation(ROWS * COLS)]  # its patches anywhere: no position is like a golden one
+    score = search.image_score(q)
+    assert walked == [len(q)]
+    assert score == _search(graph).distances(q).max()
+    assert score == pytest.approx(ExactSearch(bank).nearest(q)[0].max(), rel=1e-5)
+
+
+def test_no_prior_for_frames_of_another_size_or_without_one(fixture_parts):
+    graph, _, part = fixture_parts
+    search = _search(graph)
+    assert search.image_score(part()) is None                      # none set
+    search = _with_prior(graph, part)
+    assert search.image_score(part()[:-COLS]) is None              # not the prior's patches per frame
+
+
+def test_build_refuses_too_few_golden_frames_and_parts_that_sit_anywhere(fixture_parts):
+    graph, _, part = fixture_parts
+    search = _search(graph)
+    prior, note = position_prior.build(search, [part(k) for k in GOLDEN][:2], (ROWS, COLS))
+    assert prior is None and "3 needed" in note
+    rng = np.random.default_rng(2)
+    shuffled = [part(300 + k)[rng.permutation(ROWS * COLS)] for k in range(4)]
+    prior, note = position_prior.build(search, shuffled, (ROWS, COLS))
+    assert prior is None and "does not fit" in note
+    prior, note = position_prior.build(search, [part(k) for k in GOLDEN], (ROWS, COLS))
+    assert prior.shape == (ROWS * COLS, 9 * 4) and "left open" in note
+
+
+def test_prior_rows_outside_the_bank_are_refused(fixture_parts):
+    graph, bank, _ = fixture_parts
+    search = _search(graph)
+    with pytest.raises(ValueError, match="must index the bank"):
+        search.set_prior(np.full((ROWS * COLS, 3), len(bank)))
+    with pytest.raises(ValueError, match="must index the bank"):
+        search.set_prior(np.full((ROWS * COLS, 3), -1))
+
+
+def test_recheck_from_a_known_patch_never_measures_it_again(anisotropic):
+    bank, queries = anisotropic(seed=6, q=200)
+    search = ExactSearch(bank)
+    exact = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1)).min(1)
+    upper = (exact * 1.3).astype(np.float32)
+    top = int(np.argmax(exact))
+    dist, measured = exact_image_recheck(search, queries, upper, known=(top, float(exact[top])))
+    assert dist.max() == pytest.approx(exact.max(), rel=1e-5) and dist[top] == np.float32(exact[top])
+    plain, plain_measured = exact_image_recheck(search, queries, upper)
+    assert measured == plain_measured - 1 and plain.max() == pytest.approx(dist.max(), rel=1e-6)
+
+
+def test_bottle_scores_are_the_full_searchs_with_the_prior_on(bottle_bundle, bottle_dir):
+    """Real frames: the station's score (prior on) is bit for bit the evaluation path's, good parts and defects."""
+    bundle = Bundle.load(bottle_bundle)
+    pipe = Pipeline(bundle, threads=2)
+    assert pipe.prior_note.startswith("on"), pipe.prior_note
+    plain = Pipeline(bundle, threads=2, position_prior=False)
+    assert plain.prior_note == "off"
+    paths = [p for kind in ("good", "broken_large", "contamination")
+             for p in sorted((bottle_dir / "test" / kind).glob("*.png"))[:5]]
+    for i, path in enumerate(paths):
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        got = pipe.inspect(Frame(frame_id=i, source=str(path), image=image))
+        want = plain.score_rgb(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), str(path))
+        assert got.score == want.score, path
+        np.testing.assert_array_equal(got.anomaly_map, want.anomaly_map)
