@@ -47,6 +47,11 @@ class PartHistory(Output):
     name = "operator_page"
     role: Literal["record"] = "record"
     slow = True
+    # An OK part's heat map may cost a search of all its patches when read (the pipeline leaves it until then:
+    # edge_runtime.position_prior): drawn for at most one OK part in this many seconds, every NG and REVIEW part
+    # always. The live view still shows an OK part's heat map several times a second; a 60 parts/s line does not
+    # pay a second search per part for pictures nobody can follow. OK parts in between show their plain image.
+    OK_HEAT_INTERVAL_S = 0.2
 
     def __init__(self, history: int = 200, keep_frames: int = 32, view_px: int = 640, thumbnail_px: int = 160):
         self.history, self.keep_frames = history, keep_frames
@@ -57,13 +62,14 @@ class PartHistory(Output):
         self.shift_started = time.time()
         self.shift_counts: dict[str, int] = {"OK": 0, "NG": 0, "REVIEW": 0, "FAULT": 0}
         self.last_fault: dict | None = None
+        self._last_ok_heat = -float("inf")   # monotonic time of the newest OK part drawn with its heat map
 
     def publish(self, result: InspectionResult) -> None:
         record = result.to_record()
         overlay = thumb = None
         if result.image is not None:
             small = _fit(to_bgr(result.image), self.view_px)
-            if result.anomaly_map is not None:
+            if self._draws_heat(record["verdict"]) and result.anomaly_map is not None:
                 amap = cv2.resize(np.asarray(result.anomaly_map, np.float32), (small.shape[1], small.shape[0]))
                 small = heat_overlay(small, amap, result.threshold)
             overlay = _jpg(small)
@@ -83,6 +89,15 @@ class PartHistory(Output):
             if record["verdict"] == "FAULT":
                 self.last_fault = {"time": record["time"], "frame_id": record["frame_id"], "error": record["error"]}
             self.seq += 1
+
+    def _draws_heat(self, verdict: str) -> bool:
+        if verdict != "OK":
+            return True
+        now = time.monotonic()
+        if now - self._last_ok_heat < self.OK_HEAT_INTERVAL_S:
+            return False
+        self._last_ok_heat = now
+        return True
 
     def new_shift(self) -> None:
         with self._lock:
