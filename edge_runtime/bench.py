@@ -135,7 +135,8 @@ def load_images(bundle: Bundle, images_dir: Path | None, precision: str | None) 
 def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 200, warmup: int = 10,
               threads: int = 2, precision: str | None = None, knn: str = "hnsw", ef: int | None = None,
               providers: list[str] | None = None, gap_ms: float = 0.0, raw: bool = False,
-              ivf_nprobe: int | None = None, seed_step: int | None = None, ef_seeded: int | None = None) -> dict:
+              ivf_nprobe: int | None = None, seed_step: int | None = None, ef_seeded: int | None = None,
+              position_prior: bool = True) -> dict:
     """Inspect `frames` frames (images cycled) after `warmup` untimed ones; the full report as a plain dict.
 
     raw=True feeds each image as a camera would: an 8-bit BGR array decoded once before the run, so the
@@ -154,7 +155,8 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
     t0 = time.perf_counter()
     bundle = Bundle.load(bundle_dir)
     pipeline = Pipeline(bundle, precision=precision, knn=knn, threads=threads, providers=providers, ef_search=ef,
-                        ivf_nprobe=ivf_nprobe, seed_step=seed_step, ef_seeded=ef_seeded)
+                        ivf_nprobe=ivf_nprobe, seed_step=seed_step, ef_seeded=ef_seeded,
+                        position_prior=position_prior)
     load_s = time.perf_counter() - t0
     images = load_images(bundle, images_dir, precision)
     if raw:
@@ -196,14 +198,14 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
             result = inspect(warmup + i)
             for stage in STAGES:
                 per_stage[stage].append(result.timings_ms[stage])
+            if hnsw is not None or knn == "ivf":   # both re-check the image score exactly (read before the
+                rechecked.append(pipeline.search.rechecked_last)   # heat map, whose search re-checks again)
             # The heat map is made after the verdict, when first read (the NG image store, the page): its cost
             # is real CPU but not on the line's path, so it is timed on its own and kept out of `total`.
             t_map = time.perf_counter()
             result.anomaly_map
             heat_ms.append((time.perf_counter() - t_map) * 1000.0)
             verdicts[result.verdict.value] += 1
-            if hnsw is not None or knn == "ivf":   # both re-check the image score exactly
-                rechecked.append(pipeline.search.rechecked_last)
     loop_s = time.perf_counter() - loop_start - idle_s   # throughput counts working time only
 
     variant = pipeline.variant
@@ -226,6 +228,7 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
                      "ef_seeded": pipeline.search.params.ef_seeded if knn == "hnsw" else None,
                      "ivf_nprobe": getattr(pipeline.search, "nprobe", None) if knn == "ivf" else None,
                      "exact_recheck": pipeline.search.params.exact_recheck if hnsw is not None else None,
+                     "position_prior": pipeline.prior_note,
                      "opencv_threads": cv2.getNumThreads(),
                      # Thread pools that spin after work (OpenBLAS, OpenMP) change every stage's latency on 2 cores.
                      "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
@@ -259,6 +262,7 @@ def format_table(report: dict) -> str:
         + (f", seeded walk step {s['seed_step']} ef {s['ef_seeded']}" if s.get("seed_step") else "")
         + f", threads {s['threads']} (OpenCV {s['opencv_threads']}"
         + "".join(f", {k}={v}" for k, v in s["thread_env"].items())
+        + (f", position prior {s['position_prior']}" if s.get("position_prior") else "")
         + f"), {', '.join(s['providers'])}, {s['frames']} frames "
         f"({s['images']} images cycled, {s['warmup']} warm-up"
         + (f", {s['gap_ms']:g} ms idle between frames" if s["gap_ms"] else ", back to back") + f"); {s['input']}",
@@ -317,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
                         "the rest start from their neighbours'); 0: every patch from the top (default: the manifest's)")
     p.add_argument("--ef-seeded", type=int, default=None,
                    help="knn hnsw: search width of a seeded patch (default: the manifest's)")
+    p.add_argument("--position-prior", choices=["on", "off"], default="on",
+                   help="knn hnsw: start each part's search from the bank rows its patch positions took on the "
+                        "bundle's golden images, when they fit the part (default: on, as the daemon runs); off: "
+                        "every patch walks the graph before the verdict. The score is the same either way")
     p.add_argument("--ivf-nprobe", type=int, default=None,
                    help="knn ivf: cells scanned per patch (default: inference.ivf_nprobe's default, 2); 1 is faster, the image "
                         "score stays exact either way")
@@ -357,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_bench(a.bundle, a.images, a.frames, a.warmup, a.threads, a.precision, a.knn, a.ef,
                            providers=[x.strip() for x in a.providers.split(",") if x.strip()],
                            gap_ms=a.gap_ms, raw=a.raw, ivf_nprobe=a.ivf_nprobe, seed_step=a.seed_step,
-                           ef_seeded=a.ef_seeded)
+                           ef_seeded=a.ef_seeded, position_prior=a.position_prior == "on")
     except (BenchError, BundleError, FeatureError, OSError, ValueError) as exc:
         print(f"edge-bench: {exc}", file=sys.stderr)
         return 2
