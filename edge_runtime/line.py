@@ -495,8 +495,8 @@ class Line:
             self.counters.reloads += 1
             # The loop still holds the old pipeline until its next iteration: trim after that (see above).
             self._trim_pending = True
-            log.info("reloaded: bundle %s, variant %s, threshold %.4f", new.bundle.bundle_id, new.variant.name,
-                     new.threshold)
+            log.info("reloaded: bundle %s, variant %s, knn %s, threshold %.4f, position prior %s", new.bundle.bundle_id,
+                     new.variant.name, new.knn, new.threshold, getattr(new, "prior_note", "off"))
             if self.fault_reason and self.fault_reason.startswith("bundle"):
                 # READY comes back when the source opens or the next part is inspected; a lost camera or a
                 # failing record stays the fault meanwhile.

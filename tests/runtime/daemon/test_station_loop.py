@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -174,6 +175,25 @@ def test_reload_of_a_repaired_bundle_clears_the_fault(small_bundle, bundle_copy,
     assert running.join() == 0, "after the reload it inspects the scripted frames and ends"
     assert len(rec.results) == len(part_images) and running.station.counters.reloads == 1
     assert rec.calls_to("set_fault")[-1] is None
+
+
+def test_a_reload_says_whether_the_new_bundle_has_a_position_prior(bundle_copy, part_images, write_station,
+                                                                    start_station, caplog):
+    """The load line says it; a SIGHUP can bring a bundle whose golden images give none (or the other way round)."""
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=bundle_copy, source=SCRIPTED, recovery=FAST_RECOVERY))
+    source = ScriptedSource(steps=list(part_images.values()), start_frame_id=0)
+    source.cfg.loop = True
+    running = start_station(cfg, source=source, outputs=[rec])
+    wait_until(lambda: len(rec.results) >= 1, what="first results")
+    running.station.request_reload()
+    wait_until(lambda: running.station.counters.reloads == 1, what="the reload")
+    assert running.stop() == 0
+    loaded = [r.getMessage() for r in caplog.records if " loaded: " in r.getMessage()]
+    reloaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reloaded: ")]
+    assert loaded and "position prior on" in loaded[0]
+    assert reloaded and "position prior on" in reloaded[0] and "knn hnsw" in reloaded[0], reloaded
 
 
 def test_reload_with_a_corrupted_bundle_keeps_the_old_one(bundle_copy, part_images, write_station, start_station):
