@@ -79,6 +79,28 @@ class StrictSafeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+    def construct_yaml_int(self, node: Any) -> int:
+        _refuse_yaml11_number(node)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: Any) -> float:
+        _refuse_yaml11_number(node)
+        return super().construct_yaml_float(node)
+
+
+def _refuse_yaml11_number(node: Any) -> None:
+    """YAML 1.1 (PyYAML) reads `20:00` as the base-60 number 1200 and `0755` as the octal 493; whoever wrote them
+    meant a time, a mode or 755, and YAML 1.2 and JSON read neither so. Refused, naming the line, never
+    reinterpreted in silence (probe 73's leftover: `deadline_ms: 0250` ran as 168 ms)."""
+    text = str(node.value).replace("_", "").lstrip("+-")
+    if ":" in text or (len(text) > 1 and text[0] == "0" and text[1:].isdigit()):
+        raise YamlRefused(f"line {node.start_mark.line + 1}: {short_repr(node.value, 40)} is a base-60 or octal "
+                          "number in YAML 1.1; write the plain decimal number, or quote it if it is text")
+
+
+StrictSafeLoader.add_constructor("tag:yaml.org,2002:int", StrictSafeLoader.construct_yaml_int)
+StrictSafeLoader.add_constructor("tag:yaml.org,2002:float", StrictSafeLoader.construct_yaml_float)
+
 # Mappings built by SafeConstructor go through construct_yaml_map -> construct_mapping, so the checks above apply
 # to every level; nothing else needs registering.
 

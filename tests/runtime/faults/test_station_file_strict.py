@@ -328,3 +328,15 @@ def test_a_string_that_is_no_number_gets_no_exponent_hint(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_station(path)
     assert str(err.value).endswith("inference.deadline_ms: expected a number, got 'e3'")
+
+
+@pytest.mark.parametrize("value", ["0250", "20:00", "-0750", "1:30.5"])
+def test_yaml_11_base_60_and_octal_numbers_are_refused_not_reread(tmp_path, value):
+    """PyYAML reads `0250` as octal 168 and `20:00` as base-60 1200: a deadline of 250 ms ran as 168 ms."""
+    path = write(tmp_path, f"bundle: b\nsource: {{type: folder, path: x}}\ninference:\n  deadline_ms: {value}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: line 4: '{value}' is a base-60 or octal number in YAML 1.1"):
+        load_station(path)
+    quoted = write(tmp_path, "bundle: b\nsource: {type: folder, path: x}\nhttp: {enabled: false}\n"
+                   f"logging: {{level: '{value}'}}\n", "quoted.yaml")
+    with pytest.raises(ConfigError, match="logging.level"):   # text where text belongs: the schema judges it
+        load_station(quoted)
