@@ -182,9 +182,7 @@ class Pipeline:
                 # Bundle data, decoded as the self-test decodes it (no station decode limits: not a camera's frame).
                 rgb = decode.decode_image(self.bundle.read_verified(rel), str(self.bundle.path(rel)),
                                           shift_16bit=self.bundle.shift_16bit)
-                region = region_of(rgb, self.geometry, rel)
-                canvas, _ = to_canvas(match_colour(region, self.geometry, rel), self.geometry, rel, self.threads)
-                feats.append(self.extractor(to_tensor(cut_tiles(canvas, self.geometry))))
+                feats.append(self.extractor(preprocess(rgb, self.geometry, rel, self.threads)[0]))
             except Exception as exc:   # the self-test reports a bad golden image; here it only sits out
                 log.debug("%s: golden image %s left out of the position prior: %s", self.bundle.root, rel, exc)
         prior, note = position_prior.build(self.search, feats, self.grid)

@@ -26,15 +26,18 @@ def to_tensor(tiles: np.ndarray) -> np.ndarray:
     return x
 
 
-def canvas_of(rgb: np.ndarray, geom: Geometry, name: str = "<frame>") -> tuple[np.ndarray, Placement, tuple[int, int]]:
+def canvas_of(rgb: np.ndarray, geom: Geometry, name: str = "<frame>",
+              threads: int = 2) -> tuple[np.ndarray, Placement, tuple[int, int]]:
     """RGB frame -> (the canvas the tiles are cut from, where the region sits on it, the region's (h, w)): what the
-    model sees before tiling, and what frame quality is measured on. Raises ImageError."""
+    model sees before tiling, and what frame quality is measured on. Raises ImageError. `threads`: the
+    resample's thread budget (geometry.to_canvas)."""
     region = region_of(rgb, geom, name)
-    canvas, place = to_canvas(match_colour(region, geom, name), geom, name)
+    canvas, place = to_canvas(match_colour(region, geom, name), geom, name, threads)
     return canvas, place, region.shape[:2]
 
 
-def preprocess(rgb: np.ndarray, geom: Geometry, name: str = "<frame>") -> tuple[np.ndarray, Placement, tuple[int, int]]:
+def preprocess(rgb: np.ndarray, geom: Geometry, name: str = "<frame>",
+               threads: int = 2) -> tuple[np.ndarray, Placement, tuple[int, int]]:
     """RGB frame -> (tile tensor, where the region sits on the canvas, the region's (h, w)). Raises ImageError."""
-    canvas, place, region_hw = canvas_of(rgb, geom, name)
+    canvas, place, region_hw = canvas_of(rgb, geom, name, threads)
     return to_tensor(cut_tiles(canvas, geom)), place, region_hw
