@@ -7,9 +7,9 @@ bound from those rows is its exact distance). `FaissHnswSearch.image_score` star
 graph only where they leave the image score open; the score stays exact (re-check) whether the prior fits a
 frame or not, so the prior changes how long a part takes, never its verdict, score or heat map.
 
-It is built once per loaded bundle from its golden images, and only for bundles it fits: a texture (magnetic
-tile) or a part that sits anywhere leaves most patches open, and then it would only cost time. `fits` tries it
-on the golden images themselves, each against a prior built from the others.
+It is built once per loaded bundle from its good golden images (Pipeline._attach_prior), and only for bundles
+it fits: a texture (magnetic tile) or a part that sits anywhere leaves most patches open, and then it would only
+cost time. `build` tries it on the golden images themselves, each against a prior built from the others.
 """
 from __future__ import annotations
 
