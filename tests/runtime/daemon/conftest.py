@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import cv2
+import numpy as np
 import pytest
 import yaml
 
@@ -176,3 +178,14 @@ def part_images_bytes(flange_test_folder) -> list[bytes]:
     good = [n for n in names if n.startswith("good_")][:2]
     bad = [n for n in names if n.startswith(CLEAR_DEFECT)][:2]
     return [(folder / n).read_bytes() for n in good + bad]
+
+
+@pytest.fixture(scope="module")
+def good_part() -> bytes:
+    """A synthetic flange part, PNG-encoded: the frame the GPIO tests inspect."""
+    from export.synthetic_parts import _image_rng, render_part, sample_part_params
+
+    image, _ = render_part(sample_part_params(_image_rng(0, 2, 0), 224))
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
+    assert ok
+    return png.tobytes()

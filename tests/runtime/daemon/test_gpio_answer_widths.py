@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import time
 
-import cv2
-import numpy as np
 import pytest
 
 from doubles import FakeGpioLines, RecordingOutput, ScriptedSource
@@ -38,16 +36,6 @@ class TimedLines(FakeGpioLines):
 class TriggeredCamera(ScriptedSource):
     def notify_trigger(self, at_wall=None, at=None) -> None:
         pass
-
-
-@pytest.fixture(scope="module")
-def good_part() -> bytes:
-    from export.synthetic_parts import _image_rng, render_part, sample_part_params
-
-    image, _ = render_part(sample_part_params(_image_rng(0, 2, 0), 224))
-    ok, png = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
-    assert ok
-    return png.tobytes()
 
 
 def valid_phases(timed) -> list[tuple[bool, float]]:

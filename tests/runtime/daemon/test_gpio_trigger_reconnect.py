@@ -6,8 +6,6 @@ and a PLC that pairs answers with triggers in order then paired the next OK with
 """
 from __future__ import annotations
 
-import cv2
-import numpy as np
 import pytest
 
 from doubles import RecordingOutput, ScriptedSource
@@ -48,16 +46,6 @@ class Wire:
             self.lost += 1
         else:
             self.current.push_edge()
-
-
-@pytest.fixture(scope="module")
-def good_part() -> bytes:
-    from export.synthetic_parts import _image_rng, render_part, sample_part_params
-
-    image, _ = render_part(sample_part_params(_image_rng(0, 2, 0), 224))
-    ok, png = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
-    assert ok
-    return png.tobytes()
 
 
 def _station(device_bundle, write_station, start_station, source, wire):
