@@ -174,19 +174,25 @@ class ExactSearch:
         """(distance, index) of the nearest bank vector among those whose lower bound admits a distance <= `limit`;
         (inf, -1) when none does. The answer is the EXACT nearest whenever its distance is <= `limit`: every bank
         vector left out is farther than `limit`. Distances are measured in full, in the original coordinates."""
+        return self.nearest_below_or_whole(query, lower2, limit)[:2]
+
+    def nearest_below_or_whole(self, query: np.ndarray, lower2: np.ndarray, limit: float) -> tuple[float, int, bool]:
+        """`nearest_below`, and whether the answer is the nearest of the WHOLE bank whatever `limit` (True when so
+        many rows were candidates that the whole bank was scanned): then no wider search can change it."""
         if not np.isfinite(limit):
             cand = np.arange(len(self))
         else:
             cand = np.flatnonzero(lower2 <= limit * limit * (1.0 + self.BOUND_SLACK) + self.BOUND_SLACK)
         self.candidates_last += len(cand)
         if len(cand) == 0:
-            return np.inf, -1
-        if len(cand) > self.DENSE_SHARE * len(self):
+            return np.inf, -1, False
+        whole = len(cand) > self.DENSE_SHARE * len(self)
+        if whole:
             cand = self._near_minimum(query)   # the nearest is among these (and is a candidate if <= limit)
         diff = self.bank[cand] - query
         d2 = np.einsum("ij,ij->i", diff, diff)
         k = int(np.argmin(d2))
-        return float(np.sqrt(d2[k])), int(cand[k])
+        return float(np.sqrt(d2[k])), int(cand[k]), whole or len(cand) == len(self)
 
     def _near_minimum(self, query: np.ndarray) -> np.ndarray:
         """Rows whose squared distance in the expanded form (one GEMV over the whole bank, no gather) lies within
@@ -560,11 +566,13 @@ def exact_image_recheck(exact: ExactSearch, queries: np.ndarray, upper: np.ndarr
                 if bound[i] <= best:      # an earlier patch of this chunk already beat its bound
                     continue
                 measured += 1
-                d = exact.nearest_below(queries[i], lower2[j], best)[0] if best > -np.inf else np.inf
-                if d > best:              # nothing within `best`: this patch is the new maximum, measure it in full
-                    d, k = exact.nearest_below(queries[i], lower2[j], float(bound[i]))
-                    if k < 0:             # `upper` was not a valid bound (never for a real bank vector's distance)
-                        d = exact.nearest_below(queries[i], lower2[j], np.inf)[0]
+                d, _, whole = exact.nearest_below_or_whole(queries[i], lower2[j], best) if best > -np.inf \
+                    else (np.inf, -1, False)
+                if d > best:              # nothing within `best`: this patch is the new maximum
+                    if not whole:         # measure it in full (a whole-bank answer is that already)
+                        d, k = exact.nearest_below(queries[i], lower2[j], float(bound[i]))
+                        if k < 0:         # `upper` was not a valid bound (never for a real bank vector's distance)
+                            d = exact.nearest_below(queries[i], lower2[j], np.inf)[0]
                     best = d
                 dist[i] = d
                 if slack:

@@ -217,3 +217,30 @@ def test_faiss_threads_spin_briefly_then_sleep_unless_the_environment_says_other
             "print(os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["PASSIVE", given or str(FAISS_SPINCOUNT)]
+
+
+def test_recheck_scans_the_whole_bank_at_most_once_per_far_patch(monkeypatch):
+    """Defect patches far from every bank vector leave most of the bank as candidates: one whole-bank scan gives
+    such a patch's exact distance, and the re-check must not scan again for the same patch when that distance
+    turns out to be the new maximum (it did: 2 scans per far patch, ~1 ms each on the bottle bank)."""
+    from edge_runtime.nn_search import exact_image_recheck
+
+    rng = np.random.default_rng(3)
+    # Wider than the prefix (PREFIX_DIMS), so that the prefix bounds of a far patch exclude little of the bank.
+    bank = rng.normal(size=(4000, 152)).astype(np.float32)
+    queries = rng.normal(size=(50, 152)).astype(np.float32)
+    queries[:3] += 40.0                                         # three far patches, a new maximum each in turn
+    queries[1] += 1.0
+    queries[2] += 2.0
+    search = ExactSearch(bank)
+    exact = search.nearest(queries)[0]
+    upper = exact.copy()
+    # Bounds in the reverse order of the exact distances, each still over the one before: every far patch is
+    # measured, and each is the new maximum.
+    upper[:3] = exact[2] * np.array([1.3, 1.2, 1.01])
+    scans = []
+    real = ExactSearch._near_minimum
+    monkeypatch.setattr(ExactSearch, "_near_minimum", lambda self, q: scans.append(1) or real(self, q))
+    dist, measured = exact_image_recheck(search, queries, upper.astype(np.float32))
+    assert dist.max() == pytest.approx(exact.max(), rel=1e-6)
+    assert measured == 3 and len(scans) == 3                   # one whole-bank scan per far patch
