@@ -4,11 +4,12 @@
 
 With the prior (edge_runtime.position_prior) the search stage finds the exact image score from the bank rows the
 golden parts' patches took and leaves the per-patch distances until the heat map is read; without it every patch
-walks the graph before the verdict. Two pipelines of the same bundle inspect the same raw frames (decoded once,
-as a camera delivers them), frame by frame in turn, the order alternating, under the device's BLAS setting; the
-heat map is read after each verdict and timed on its own. Reported per setting and per kind of part (good /
-defect, by folder name): total and search-stage p50 / p90 / p99 (ms), the heat map, and how many scores and heat
-maps were identical between the two. Writes benchmarks/results/position_prior[_NAME].{json,md}.
+walks the graph before the verdict; the middle setting keeps the prior without its defect-first step (a part over
+the decision threshold after a few walks measures its worst patch first: FaissHnswSearch.PRIOR_FIRST). Three
+pipelines of the same bundle inspect the same raw frames (decoded once, as a camera delivers them), frame by frame
+in turn, the order alternating, under the device's BLAS setting; the heat map is read after each verdict and timed
+on its own. Reported per setting and per kind of part (good / defect, by folder name): total and search-stage
+p50 / p90 / p99 (ms), the heat map, and in how many frames the scores and heat maps of all three were identical. Writes benchmarks/results/position_prior[_NAME].{json,md}.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from edge_runtime.nn_search import device_blas  # noqa: E402
 from edge_runtime.pipeline import Pipeline  # noqa: E402
 from edge_runtime.records import Frame, Verdict  # noqa: E402
 
-SETTINGS = ("prior on (the default)", "prior off")
+SETTINGS = ("prior on (the default)", "prior on, no defect-first step", "prior off")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 
     bundle = Bundle.load(a.bundle)
     pipes = {SETTINGS[0]: Pipeline(bundle, threads=a.threads),
-             SETTINGS[1]: Pipeline(bundle, threads=a.threads, position_prior=False)}
+             SETTINGS[1]: Pipeline(bundle, threads=a.threads),
+             SETTINGS[2]: Pipeline(bundle, threads=a.threads, position_prior=False)}
+    no_first = pipes[SETTINGS[1]].search
+    if getattr(no_first, "prior", None) is not None:   # every part walks its top share before its floor
+        no_first.set_prior(no_first.prior, defect_above=None)
     note = pipes[SETTINGS[0]].prior_note
     paths = sorted(p for p in a.images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
     frames = [(p, cv2.imread(str(p), cv2.IMREAD_UNCHANGED)) for p in paths]
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(a.rounds):
             for i, ((path, image), kind) in enumerate(zip(frames, kinds)):
                 results = {}
-                for s in (SETTINGS if (i + r) % 2 else SETTINGS[::-1]):
+                for s in (SETTINGS if (i + r) % 2 else SETTINGS[::-1]):   # the order alternating
                     res = pipes[s].inspect(Frame(frame_id=i, source=str(path), image=image))
                     if res.verdict is Verdict.FAULT:
                         raise SystemExit(f"{path}: {res.error}")
@@ -71,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
                     st["total"].append(res.timings_ms["total"])
                     st["search"].append(res.timings_ms["search"])
                     results[s] = (res.score, heat)
-                if r == 0:
-                    (s1, h1), (s2, h2) = results[SETTINGS[0]], results[SETTINGS[1]]
-                    same_score += int(s1 == s2)
-                    same_map += int(np.array_equal(h1, h2))
+                if r == 0:   # every setting against the full walk (prior off)
+                    s0, h0 = results[SETTINGS[-1]]
+                    same_score += int(all(results[s][0] == s0 for s in SETTINGS))
+                    same_map += int(all(np.array_equal(results[s][1], h0) for s in SETTINGS))
     summary = load.stop()
     rows = []
     for s in SETTINGS:
@@ -86,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                          *np.percentile(st["total"], [50, 90, 99]).tolist(),
                          *np.percentile(st["search"], [50, 90]).tolist(), float(np.median(st["heat"])),
                          float(np.median(np.add(st["total"], st["heat"])))])
-    body = (f"{len(frames)} raw frames x {a.rounds} rounds, the two settings alternating per frame, {a.threads} "
+    body = (f"{len(frames)} raw frames x {a.rounds} rounds, the settings in turn per frame (order alternating), {a.threads} "
             f"threads; position prior: {note}. Scores identical in {same_score}/{len(frames)} frames, heat maps "
             f"identical in {same_map}/{len(frames)}.\n\n"
             + md_table(["search", "parts", "frames", "total p50 ms", "total p90 ms", "total p99 ms", "search p50 ms",
                         "search p90 ms", "heat map p50 ms", "total + heat map p50 ms"], rows))
     print(body)
     out = write_results("position_prior" + (f"_{a.name}" if a.name else ""),
-                        "Frame to verdict with and without the position prior", body,
+                        "Frame to verdict with and without the position prior (and its defect-first step)", body,
                         {"bundle": str(a.bundle), "prior": note, "stats_ms": stats, "same_score": same_score,
                          "same_heat_map": same_map, "frames": len(frames)}, summary, out_dir=a.results_dir)
     print(f"written: {out}")

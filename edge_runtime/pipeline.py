@@ -186,7 +186,9 @@ class Pipeline:
             except Exception as exc:   # the self-test reports a bad golden image; here it only sits out
                 log.debug("%s: golden image %s left out of the position prior: %s", self.bundle.root, rel, exc)
         prior, note = position_prior.build(self.search, feats, self.grid)
-        set_prior(prior)
+        # The lowest score this station does not pass: a part over it after a few walks starts from its worst patch.
+        lowest = self.review_threshold if self.review_threshold is not None else self.threshold
+        set_prior(prior, defect_above=lowest)
         return ("on: " if prior is not None else "off: ") + note
 
     def apply_overrides(self, roi: tuple[int, int, int, int] | None = None, size_policy: str | None = None) -> None:

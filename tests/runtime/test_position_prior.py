@@ -97,6 +97,40 @@ def test_the_image_score_is_the_full_searchs_for_good_parts_and_defects(fixture_
         assert search.rechecked_last >= 1
 
 
+def test_a_part_over_the_decision_threshold_measures_its_worst_patch_first_and_keeps_its_score(fixture_parts,
+                                                                                                   monkeypatch):
+    graph, bank, part = fixture_parts
+    walked = []
+    real = FaissHnswSearch._walk_level0
+    monkeypatch.setattr(FaissHnswSearch, "_walk_level0",
+                        lambda self, q, *a: walked.append(len(q)) or real(self, q, *a))
+    full = _search(graph)
+    good = part(300)
+    defect = part(301)
+    defect[200:206] += 0.9                                         # a small defect far from every good patch
+    good_score, defect_score = full.distances(good).max(), full.distances(defect).max()
+    share = max(FaissHnswSearch.PRIOR_TOP_MIN, int(len(good) * FaissHnswSearch.PRIOR_TOP_SHARE))
+    plain = _with_prior(graph, part)
+    first = _with_prior(graph, part)
+    first.set_prior(first.prior, defect_above=(good_score + defect_score) / 2)   # a threshold between the two
+    for q, score in ((good, good_score), (defect, defect_score)):
+        walks = {}
+        for name, search in (("plain", plain), ("first", first)):
+            walked.clear()
+            assert search.image_score(q) == score                  # the very same value either way
+            walks[name] = walked[0]                                # patches in the first walk from the prior
+        if q is defect:
+            assert walks == {"plain": share, "first": FaissHnswSearch.PRIOR_FIRST}
+        else:
+            assert walks == {"plain": share, "first": share}       # under the threshold: as without it
+    # A threshold under every patch's bound: every part takes the defect-first way, and its score stays exact.
+    first.set_prior(first.prior, defect_above=0.0)
+    for q in (good, defect, part(302)):
+        assert first.image_score(q) == full.distances(q).max()
+    with pytest.raises(ValueError, match="defect_above"):
+        first.set_prior(first.prior, defect_above=float("nan"))
+
+
 def test_a_part_unlike_the_golden_ones_takes_the_full_walk_and_the_same_score(fixture_parts, monkeypatch):
     graph, bank, part = fixture_parts
     search = _with_prior(graph, part)
