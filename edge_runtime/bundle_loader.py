@@ -62,7 +62,7 @@ def load_pipeline(cfg: StationConfig, current: Bundle | None = None, load_thread
     try:
         pipeline = Pipeline(bundle, precision=inf.precision, knn=inf.knn, threads=threads,
                             providers=inf.providers, ef_search=inf.ef_search, review_threshold=inf.review_threshold,
-                            ivf_nprobe=inf.ivf_nprobe)
+                            ivf_nprobe=inf.ivf_nprobe, position_prior=inf.position_prior)
     except FeatureError as exc:
         raise BundleError(str(exc)) from None
     # Golden scores were recorded with the bundle's own preprocessing, so the self-test runs before the

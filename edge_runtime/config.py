@@ -66,6 +66,10 @@ class InferenceConfig:
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     ef_search: int | None = None                      # None: the bundle's value
     ivf_nprobe: int = 2                               # knn: ivf cells scanned per patch: 1 faster, 2 closer heat map
+    # knn: hnsw: the search's position prior (edge_runtime/position_prior.py), where the bundle's golden images
+    # fit: faster verdicts, the same scores, but a heat map read costs a search of every patch (bottle 10%: 5 ms);
+    # false for a station that reads every part's heat map and is short of CPU.
+    position_prior: bool = True
     # A verdict later than this after the trigger (free run: after capture) is FAULT, and one a stalled serial port
     # still holds then is never sent: set it to the controller's own timeout. Always on: a station with no
     # deadline would hand a stalled inspection's OK to whichever part the controller is waiting for by then.

@@ -232,3 +232,37 @@ def test_golden_defects_sit_out_of_the_prior(device_bundle, monkeypatch):
     golden[0]["score"] = 10.0 * bundle.variant().threshold          # a golden defect: NG on the station
     Pipeline(bundle, threads=1)
     assert built[-1] == len(golden) - 1
+
+
+def test_the_station_file_turns_the_prior_off(device_bundle, tmp_path, monkeypatch):
+    """inference.position_prior: false (a station that reads every part's heat map) builds no prior; the
+    default builds it, with the station's lowest decision threshold as where a part's search starts defect-first."""
+    import yaml
+
+    from edge_runtime.bundle_loader import load_pipeline
+    from edge_runtime.config import ConfigError, load_station
+
+    built, handed = [], []
+    real = position_prior.build
+    monkeypatch.setattr(position_prior, "build", lambda *a: built.append(1) or real(*a))
+    real_set = FaissHnswSearch.set_prior
+    monkeypatch.setattr(FaissHnswSearch, "set_prior",
+                        lambda self, rows, defect_above=None: handed.append(defect_above) or
+                        real_set(self, rows, defect_above))
+    path = tmp_path / "station.yaml"
+    station = {"bundle": str(device_bundle), "source": {"type": "folder", "path": "images"},
+               "http": {"enabled": False}, "inference": {"threads": 1, "review_threshold": 0.5}}
+    path.write_text(yaml.safe_dump(station))
+    cfg = load_station(path)
+    assert cfg.inference.position_prior is True
+    pipe = load_pipeline(cfg)
+    assert built == [1] and pipe.prior_note != "off"
+    assert handed == [0.5]                                          # the review threshold: the lowest not passed
+    station["inference"]["position_prior"] = False
+    path.write_text(yaml.safe_dump(station))
+    pipe = load_pipeline(load_station(path))
+    assert built == [1] and handed == [0.5] and pipe.prior_note == "off" and pipe.search.prior is None
+    station["inference"]["position_prior"] = "sometimes"
+    path.write_text(yaml.safe_dump(station))
+    with pytest.raises(ConfigError, match="position_prior"):
+        load_station(path)
