@@ -19,6 +19,10 @@ engine instead inspects N frames back to back after --warm-ms of untimed inspect
 station), engines in random order per burst. A frame counts as quiet when other processes
 used < --quiet-cores CPU cores while its engines ran. Writes benchmarks/results/NAME.{json,md} (--name).
 Ours is built through the public Pipeline/Bundle API only: the run measures whatever the current pipeline is.
+Ours is timed to the score AND its heat map (read after each verdict: anomalib's graph makes its map too); a
+second table gives our time to the verdict alone from the same calls (what the line's outputs wait for), and
+--position-prior on off times our search with and without its position prior (which speeds the verdict and moves
+a search of every patch into the heat map's first read).
 """
 from __future__ import annotations
 
@@ -210,6 +214,7 @@ def ensure_anomalib(a, ratio: float, input_hw, frame_hw) -> dict:
 class OursEngine:
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
+        self.verdict_ms = 0.0   # the last frame's time to the verdict (what the line waits for), heat map excluded
 
     def inspect(self, name: str, data: bytes | np.ndarray) -> float:
         from edge_runtime.records import Frame, Verdict
@@ -219,6 +224,7 @@ class OursEngine:
         r = self.pipeline.inspect(frame)
         if r.verdict is Verdict.FAULT:
             raise RuntimeError(f"{name}: our pipeline faulted: {r.error}")
+        self.verdict_ms = r.timings_ms["total"]
         r.anomaly_map   # made after the verdict, on first read; anomalib's graph makes its map too: count ours
         return float(r.score)
 
@@ -279,6 +285,10 @@ def main(argv=None) -> int:
     p.add_argument("--knn", nargs="+", choices=("hnsw", "ivf", "exact", "onnx"), default=["hnsw"],
                    help="our search engines, each timed as its own engine in the same interleaved run "
                         "(default hnsw; ivf needs the ivf-search extra)")
+    p.add_argument("--position-prior", nargs="+", choices=("on", "off"), default=["on"],
+                   help="our search's position prior, each setting timed as its own engine in the same run "
+                        "(default on, as the station runs; `on off` shows what it costs when every heat map is "
+                        "read, as here)")
     p.add_argument("--passes", type=int, default=2, help="passes over the test set (default 2)")
     p.add_argument("--settle-ms", type=float, default=100.0,
                    help="idle time before each engine's frame, or before each burst (default 100)")
@@ -343,12 +353,15 @@ def main(argv=None) -> int:
     for ratio, path in bundles:
         bundle = Bundle.load(path)
         for knn in a.knn:
-            pipe = Pipeline(bundle, knn=knn, threads=a.threads)
-            ours = f"ours {ratio:.0%}" + ("" if a.knn == ["hnsw"] else f" {knn}")
-            engines[ours] = OursEngine(pipe)
-            info[ours] = {"bundle": str(path), "bundle_id": bundle.bundle_id, "precision": pipe.variant.name,
-                          "knn": pipe.knn, "bank_size": pipe.variant.info.get("bank_size"),
-                          "input_wh": list(pipe.geometry.input_size), "ratio": ratio}
+            for prior in a.position_prior:
+                pipe = Pipeline(bundle, knn=knn, threads=a.threads, position_prior=prior == "on")
+                ours = (f"ours {ratio:.0%}" + ("" if a.knn == ["hnsw"] else f" {knn}")
+                        + ("" if a.position_prior == ["on"] else f" prior {prior}"))
+                engines[ours] = OursEngine(pipe)
+                info[ours] = {"bundle": str(path), "bundle_id": bundle.bundle_id, "precision": pipe.variant.name,
+                              "knn": pipe.knn, "bank_size": pipe.variant.info.get("bank_size"),
+                              "input_wh": list(pipe.geometry.input_size), "ratio": ratio,
+                              "position_prior": pipe.prior_note}
         (w, h) = pipe.geometry.input_size
         frame = cv2.imread(str(items[0].path), cv2.IMREAD_COLOR)
         meta = ensure_anomalib(a, ratio, (h, w), frame.shape[:2])
@@ -373,6 +386,9 @@ def main(argv=None) -> int:
     rng = random.Random(a.seed)
     times = {f"{e} [{m}]": [] for e, m in variants}
     quiet_times = {k: [] for k in times}
+    # Our engines' time to the verdict in the same calls (Pipeline's own clock; the heat map comes after it).
+    verdict_times = {f"{e} [{m}]": [] for e, m in variants if isinstance(engines[e], OursEngine)}
+    quiet_verdict = {k: [] for k in verdict_times}
     scores: dict[str, list[float]] = {e: [] for e in engines}
     other_cores = []
     load = LoadMonitor()
@@ -396,13 +412,21 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     s = engines[e].inspect(name, data if m == "png" else raw)
                     this.setdefault(f"{e} [{m}]", []).append((time.perf_counter() - t0) * 1000.0)
+                    if isinstance(engines[e], OursEngine):
+                        this.setdefault(("verdict", f"{e} [{m}]"), []).append(engines[e].verdict_ms)
                     if pass_no == 0 and m == "png":
                         scores[e].append(s)
             other = mon.stop()["other_processes_cpu_cores"]
             other_cores.extend([other] * len(group))
+            quiet = other is not None and other < a.quiet_cores
             for k, v in this.items():
+                if isinstance(k, tuple):
+                    verdict_times[k[1]].extend(v)
+                    if quiet:
+                        quiet_verdict[k[1]].extend(v)
+                    continue
                 times[k].extend(v)
-                if other is not None and other < a.quiet_cores:
+                if quiet:
                     quiet_times[k].extend(v)
     load = load.stop()
 
@@ -430,6 +454,19 @@ def main(argv=None) -> int:
                      use["median_ms"] / ref["median_ms"], aurocs[e]])
     headers = ["engine", "input", "bank", f"median ms ({basis})", f"p90 ms ({basis})", f"p99 ms ({basis})",
                "x ours (median)", "image AUROC"]
+    # The verdict alone: what the line waits for (ours: Pipeline.inspect's total; the heat map is made after it,
+    # when the NG image store or the page reads it). anomalib's graph gives score and map in one run.
+    vrows = []
+    for k in verdict_times:
+        v = quiet_verdict[k] if basis == "quiet" else verdict_times[k]
+        if not v:
+            continue
+        e, m = k.rsplit(" [", 1)
+        peer = f"anomalib ONNX {info[e]['ratio']:.0%} [{m}"
+        peer_v = quiet_times.get(peer) if basis == "quiet" else times.get(peer)
+        vrows.append([e, m.rstrip("]"), median(v), percentile(v, 90), percentile(v, 99),
+                      median(peer_v) / median(v) if peer_v else float("nan")])
+        table[k]["to_verdict"] = stats(v)
     body = "\n".join([
         f"bottle test set, {len(frames)} frames x {a.passes} passes, {a.threads} threads per engine, "
         + (f"random engine order per frame, {a.settle_ms:g} ms idle before each" if burst == 1 else
@@ -439,6 +476,10 @@ def main(argv=None) -> int:
         f"{len(other_cores)} (other processes < {a.quiet_cores} cores); the table uses {basis} frames. Input png = encoded bytes to score, "
         "raw = decoded uint8 BGR frame to score.", "",
         md_table(headers, rows), "",
+        "Our engines to the verdict alone, in the same calls (Pipeline's own clock; the heat map above is made after "
+        "it):", "",
+        md_table(["engine", "input", f"median ms ({basis})", f"p90 ms ({basis})", f"p99 ms ({basis})",
+                  "anomalib (score + map) / ours to verdict, medians"], vrows), "",
         "anomalib: its Patchcore (k-center-greedy coreset, num_neighbors=9 score re-weighting, anomaly map with "
         "Gaussian blur) with our EfficientNet-Lite taps and input normalisation, exported by its to_onnx, run in "
         "onnxruntime; post-processor (score normalisation) not in the graph. Ours: edge_runtime.pipeline.Pipeline "
