@@ -192,7 +192,7 @@ class ExactSearch:
         diff = self.bank[cand] - query
         d2 = np.einsum("ij,ij->i", diff, diff)
         k = int(np.argmin(d2))
-        return float(np.sqrt(d2[k])), int(cand[k]), whole or len(cand) == len(self)
+        return float(np.sqrt(d2[k])), int(cand[k]), whole
 
     def _near_minimum(self, query: np.ndarray) -> np.ndarray:
         """Rows whose squared distance in the expanded form (one GEMV over the whole bank, no gather) lies within
