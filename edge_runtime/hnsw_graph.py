@@ -164,7 +164,9 @@ class FaissHnswSearch(RecheckedSearch):
     # A part whose highest bound stays above the decision threshold (`set_prior`'s defect_above) after only its
     # PRIOR_FIRST highest patches have walked is most likely a defect: its floor is measured at once, and when
     # that leaves no more than the top share open, the rest of the top share is never walked (bottle 10%, defect
-    # parts: search 2.3-2.5 -> 1.7-1.9 ms, good parts unchanged; scripts in benchmarks/position_prior.py).
+    # parts: search p50 2.55 -> 2.05 ms, benchmarks/position_prior.py). A good part that trips it (1 of 20 bottle
+    # good parts at the NG threshold; more with a review band under it) pays one more pruned exact search
+    # (~0.07 ms) and then walks the top share as before: good parts' p50 unchanged within noise.
     PRIOR_FIRST = 16
     PRIOR_TOP_SHARE = 1 / 8
     PRIOR_TOP_MIN = 16
