@@ -409,8 +409,9 @@ def test_prepare_recipe_is_absent_unless_allowed():
 
 
 def test_prepare_recipe_answers_after_the_switch_and_times_out():
-    recipes = FakeRecipes(delay_s=0.5)
-    out = OpcUaServer(OpcUaConfig(port=0, allow_recipe=True, recipe_timeout_s=0.5))
+    # The switch takes 0.2 s, well inside the 1.5 s timeout (0.5 and 0.5 raced: a loaded CI machine timed it out).
+    recipes = FakeRecipes(delay_s=0.2)
+    out = OpcUaServer(OpcUaConfig(port=0, allow_recipe=True, recipe_timeout_s=1.5))
     out.bind_recipes(recipes)
     out.start()
     try:
@@ -419,7 +420,7 @@ def test_prepare_recipe_answers_after_the_switch_and_times_out():
         assert recipes.asked[0][:2] == ("cap-b", "opcua")
         recipes.delay_s = None                        # a switch that never ends: Error -3, not a hung call
         outputs, name, _ = asyncio.run(call_prepare_recipe(out.port, "cap-a"))
-        assert outputs[:2] == [False, -3] and "not over within 0.5 s" in outputs[2] and name == "cap-b"
+        assert outputs[:2] == [False, -3] and "not over within 1.5 s" in outputs[2] and name == "cap-b"
     finally:
         out.close()
 
