@@ -326,11 +326,8 @@ class FaissHnswSearch(RecheckedSearch):
 
         def exact_at(i: int) -> float:        # patch i's exact distance, pruned by its bound
             with single_threaded_blas():
-                lower2 = self.exact.prefix_lower(q[i:i + 1])[0]
-                d, row = self.exact.nearest_below(q[i], lower2, float(bound[i]) * (1.0 + self.bound_slack))
-                if row < 0:   # never for a real bank row's distance; the whole bank then
-                    d = self.exact.nearest_below(q[i], lower2, np.inf)[0]
-            return d
+                limit = np.array([float(bound[i]) * (1.0 + self.bound_slack)])   # float64, like the bound it widens
+                return float(self.exact.nearest_within(q[i:i + 1], limit)[0][0])
 
         share = max(self.PRIOR_TOP_MIN, int(len(q) * self.PRIOR_TOP_SHARE))
         order = np.argsort(-bound, kind="stable")
