@@ -31,14 +31,20 @@ def fixture_parts(tmp_path_factory):
     """(graph, bank, a function making one more good part): 30 parts of one product in the bank."""
     require("hnswlib", "hnswlib")
     base = smooth_part(np.random.default_rng(5))
+    # Part-to-part noise is larger around one spot (an edge, a thread), as on real parts, whose worst patches sit
+    # well above the rest: with the same noise everywhere every patch is nearly the worst one, and whether a
+    # golden part fits the others' prior turned on the graph's chance shape (54% open on one machine, 18% here).
+    r, c = np.mgrid[0:ROWS, 0:COLS]
+    noise = (0.02 + 0.1 * np.exp(-((r - 6) ** 2 + (c - 14) ** 2) / 8.0)).reshape(-1, 1)
     made = iter(range(1000, 10**6))
 
     def part(seed: int | None = None) -> np.ndarray:
         """One more part (seed: this very part, whichever test asks first)."""
         rng = np.random.default_rng(next(made) if seed is None else seed)
-        return (base + 0.05 * smooth_part(rng) + rng.normal(scale=0.05, size=base.shape)).astype(np.float32)
+        return (base + 0.05 * smooth_part(rng) + noise * rng.normal(size=base.shape)).astype(np.float32)
     bank = np.concatenate([part(k) for k in range(30)])
-    index = build_hnsw(bank, HnswParams(M=8, ef_construction=64), threads=2)
+    # one thread: hnswlib's parallel insertion order, and so the graph, differs from run to run
+    index = build_hnsw(bank, HnswParams(M=8, ef_construction=64), threads=1)
     path = tmp_path_factory.mktemp("graph") / "i.hnsw"
     index.save_index(str(path))
     return read_hnsw_graph(path.read_bytes(), DIM), bank, part
@@ -88,9 +94,9 @@ def test_the_image_score_is_the_full_searchs_for_good_parts_and_defects(fixture_
             q[50:80] += 0.6                                        # a defect: one patch region pushed away
         walked.clear()
         score = search.image_score(q)
-        # A defect stands out: the prior settles it without walking every patch. A good part of this data (its
-        # distances all alike, i.i.d. noise) may take either way; the score must be the same either way.
-        assert walked == [] or k % 3 == 0
+        # Good parts sit like the golden ones and a defect stands out: the prior settles each without walking
+        # every patch (the full walk is approximate() on all of them).
+        assert walked == []
         truth = ExactSearch(bank).nearest(q)[0].max()
         assert score == full.distances(q).max()                    # the very same value as the full search
         assert score == pytest.approx(truth, rel=1e-5)

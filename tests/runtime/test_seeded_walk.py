@@ -56,7 +56,7 @@ def graph_and_parts(tmp_path_factory):
     # The bank: many good parts, each the base field with its own small deformation and noise.
     bank = np.concatenate([base + 0.15 * smooth_part(rng, rows, cols, d) + rng.normal(scale=0.05, size=base.shape)
                            for _ in range(30)]).astype(np.float32)
-    index = build_hnsw(bank, HnswParams(M=8, ef_construction=64), threads=2)
+    index = build_hnsw(bank, HnswParams(M=8, ef_construction=64), threads=1)   # one thread: the same graph every run
     path = tmp_path_factory.mktemp("graph") / "i.hnsw"
     index.save_index(str(path))
     graph = read_hnsw_graph(path.read_bytes(), d)
