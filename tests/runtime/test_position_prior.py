@@ -9,7 +9,7 @@ from extras import require
 
 from edge_runtime import position_prior
 from edge_runtime.bundle import Bundle
-from edge_runtime.hnsw_graph import FaissHnswSearch, read_hnsw_graph
+from edge_runtime.hnsw_graph import FaissHnswSearch, distinct_rows, read_hnsw_graph
 from edge_runtime.nn_search import ExactSearch, HnswParams, build_hnsw, exact_image_recheck
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.records import Frame
@@ -169,6 +169,28 @@ def test_build_refuses_too_few_golden_frames_and_parts_that_sit_anywhere(fixture
     assert prior is None and "does not fit" in note
     prior, note = position_prior.build(search, [part(k) for k in GOLDEN], (ROWS, COLS))
     assert prior.shape == (ROWS * COLS, 9 * 4) and "left open" in note
+
+
+def test_each_positions_rows_are_measured_once_and_a_position_of_one_row_still_seeds_its_walk(fixture_parts,
+                                                                                              monkeypatch):
+    rows = np.array([[5, 3, 5, 5], [7, 7, 7, 7], [1, 2, 3, 4]])
+    assert distinct_rows(rows).tolist() == [[3, 5, -1, -1], [7, -1, -1, -1], [1, 2, 3, 4]]
+    graph, bank, part = fixture_parts
+    search, full = _with_prior(graph, part), _search(graph)
+    # Every position but the first has one row (fewer than PRIOR_SEEDS, padded with -1 beside the first's many):
+    # its walk starts from that row, never from -1, and the score is exact.
+    one_row = np.repeat(search.prior[:, :1], search.prior.shape[1], axis=1)
+    one_row[0] = search.prior[0]
+    search.set_prior(one_row)
+    assert np.array_equal(search.prior, one_row)                   # what was set, repeats and all
+    seeds_seen = []
+    real = FaissHnswSearch._walk_level0
+    monkeypatch.setattr(FaissHnswSearch, "_walk_level0",
+                        lambda self, q, seeds, *a: seeds_seen.append(seeds.min()) or real(self, q, seeds, *a))
+    for q in (part(500), part(501)):
+        q[100:110] += 0.7
+        assert search.image_score(q) == full.distances(q).max()
+    assert seeds_seen and min(seeds_seen) >= 0
 
 
 def test_prior_rows_outside_the_bank_are_refused(fixture_parts):
