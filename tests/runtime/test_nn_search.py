@@ -164,6 +164,34 @@ def test_nearest_below_is_exact_within_its_limit_and_empty_beyond(anisotropic):
         assert k == -1 or d > d_true * 0.9
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_far_patches_are_screened_by_their_tail_norm_and_still_find_the_nearest(seed, anisotropic, monkeypatch):
+    """A defect-like patch leaves many rows under the prefix bound; the norm over the other axes drops those it
+    can, never the nearest: the answer is the brute-force one for any valid bound."""
+    bank, queries = anisotropic(seed=seed, q=40)
+    rng = np.random.default_rng(seed)
+    d = bank.shape[1]
+    search = ExactSearch(bank, prefix_dims=24)
+    plain = ExactSearch(bank, prefix_dims=24)
+    monkeypatch.setattr(plain, "TAIL_SCREEN_MIN", len(bank) + 1)   # never screens
+    queries[::4] = bank[rng.integers(0, len(bank), 10)]              # exactly on a bank row (distance 0)
+    queries[1::4] = bank[rng.integers(0, len(bank), 10)] + rng.normal(size=(10, d)).astype(np.float32) * 0.7
+    # Like a good patch along the axes where good patches vary most, far out along the others: the prefix bound
+    # keeps most of the bank, the tail's norm almost none of it.
+    tail = rng.normal(size=(10, d - 24)).astype(np.float32)
+    queries[2::4] = bank[rng.integers(0, len(bank), 10)] + 20.0 * (tail / np.linalg.norm(tail, axis=1, keepdims=True)) @ search._tail_axes.T
+    brute = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1))
+    true_d, true_i = brute.min(1), brute.argmin(1)
+    for factor in (1.0, 1.1, 1.5, 3.0):
+        for engine in (search, plain):
+            d_found, i_found = engine.nearest_within(queries, true_d * factor)
+            assert np.array_equal(i_found, true_i) and np.allclose(d_found, true_d, rtol=1e-5, atol=1e-5), factor
+    far = queries[2::4]
+    search.nearest_within(far, true_d[2::4] * 1.1)
+    plain.nearest_within(far, true_d[2::4] * 1.1)
+    assert search.candidates_last < 0.3 * plain.candidates_last    # 17-22% of the rows the prefix keeps
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_dense_path_returns_the_difference_kernels_own_nearest(seed, anisotropic):
     """A defect-like patch (far from every bank vector) leaves most of the bank as candidates: the nearest is then
