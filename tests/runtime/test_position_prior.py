@@ -137,6 +137,32 @@ def test_a_part_over_the_decision_threshold_measures_its_worst_patch_first_and_k
         first.set_prior(first.prior, defect_above=float("nan"))
 
 
+def test_a_likely_defects_worst_patch_is_searched_from_the_top_before_its_exact_distance(fixture_parts, monkeypatch):
+    """Its exact search is pruned by its bound: a walk from good parts' rows that stopped short leaves more of the
+    bank to read. The search from the top hands it the nearest row's distance; the score is the same either way."""
+    graph, bank, part = fixture_parts
+    full = _search(graph)
+    handed = []
+    real = ExactSearch.nearest_within
+    monkeypatch.setattr(ExactSearch, "nearest_within", lambda self, q, upper: handed.append(
+        float(upper[0]) / float(np.sqrt(((self.bank - q[0]) ** 2).sum(1)).min())) or real(self, q, upper))
+    ratios, on = {}, FaissHnswSearch.FLOOR_EF
+    for floor_ef in (on, 0):
+        monkeypatch.setattr(FaissHnswSearch, "FLOOR_EF", floor_ef)
+        ratios[floor_ef] = []
+        for seed in range(301, 311):
+            defect = part(seed)
+            defect[200:206] = part(seed + 50)[0:6] + 0.4      # patches like another place's, moved away
+            search = _with_prior(graph, part)
+            search.set_prior(search.prior, defect_above=float(full.distances(part(seed + 100)).max()))
+            handed.clear()
+            assert search.image_score(defect) == full.distances(defect).max()
+            ratios[floor_ef].append(handed[0])                # the floor's exact search, the first one
+    slack = 1.0 + _search(graph).bound_slack                 # the exact search is handed bound * (1 + slack)
+    assert max(ratios[on]) < slack * (1 + 1e-6)                # the nearest row's distance, to rounding
+    assert max(ratios[0]) > slack * 1.01                       # the walk alone stopped short (up to 1.06 here)
+
+
 def test_a_part_unlike_the_golden_ones_takes_the_full_walk_and_the_same_score(fixture_parts, monkeypatch):
     graph, bank, part = fixture_parts
     search = _with_prior(graph, part)
