@@ -314,3 +314,19 @@ def test_an_image_the_frame_check_refuses_is_neither_learned_nor_stored(device_b
         prepare(device_bundle, [InputImage.from_file(dark)], [], threads=1)
     with pytest.raises(AdaptError, match=r"dark.png: frame check"):
         prepare(device_bundle, [], [InputImage.from_file(dark)], threads=1)
+
+
+def test_cli_adapt_refuses_a_frame_the_station_would_fault(device_bundle, tmp_path, capsys):
+    """`adapt --good dark.png`: the station FAULTs a frame at 30% light, so adapt names the file and the frame check
+    and writes nothing, with --dry-run too (probe 84)."""
+    from edge_runtime.cli import main
+
+    dark = tmp_path / "dark.png"
+    cv2.imwrite(str(dark), (cv2.imread(str(device_bundle / "golden" / "01_good.png")) * 0.3).astype("uint8"))
+    for extra in ([], ["--dry-run"]):
+        assert main(["adapt", str(device_bundle), "--good", str(dark), "--out", str(tmp_path / "v2"),
+                     "--threads", "1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"edge-runtime adapt: {dark}: frame check: ") and "Traceback" not in err
+    assert not (tmp_path / "v2").exists() and not (tmp_path / "bundle_audit.jsonl").exists()
+
