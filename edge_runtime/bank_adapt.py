@@ -26,6 +26,7 @@ import datetime as dt
 import getpass
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -186,6 +187,20 @@ class Adaptation:
     @property
     def conflicts(self) -> list[str]:
         return [c for ch in self.changes.values() for c in ch.conflicts]
+
+    def above_learn_limit(self, limit: float) -> list[dict]:
+        """The images to learn that score above `limit` x the parent's threshold in some variant, one entry each
+        (image, variant, score, threshold, ratio). A false reject lies near the threshold; a part far above it is more
+        likely a defect, and learning it makes it and defects like it OK, so a person must confirm it
+        (page.operator_learn_max, `edge-runtime adapt --confirm-above-limit`)."""
+        over: dict[str, dict] = {}
+        for name, ch in self.changes.items():
+            for i in ch.images:
+                ratio = i.before / ch.threshold_before if ch.threshold_before > 0 else math.inf
+                if i.kind == "learn" and not ratio <= limit and i.name not in over:   # `not <=`: NaN is over
+                    over[i.name] = {"image": i.name, "variant": name, "score": i.before,
+                                    "threshold": ch.threshold_before, "ratio": ratio}
+        return list(over.values())
 
     def summary(self) -> dict:
         return {"parent": {"bundle_id": self.parent.bundle_id, "bundle_version": self.parent.bundle_version},

@@ -7,6 +7,9 @@ from typing import Literal
 from edge_runtime.client_filter import is_loopback
 
 ROLES = ("viewer", "operator", "engineer")
+# How far above the threshold (times it) a part may score and still be taught as good without an engineer's explicit
+# word: the page's default (page.operator_learn_max) and the limit of `edge-runtime adapt --good`.
+OPERATOR_LEARN_MAX = 1.25
 
 
 @dataclass(kw_only=True)
@@ -39,7 +42,7 @@ class PageConfig:
     station_signing_key: str | None = None  # ed25519 private key (PEM) signing device-made versions; see bank_adapt
     # An operator may teach as good a part scoring up to this many times the threshold (a false reject lies near
     # it; a part far above it is more likely a defect): an engineer confirms the rest. 0: engineers only.
-    operator_learn_max: float = 1.25
+    operator_learn_max: float = OPERATOR_LEARN_MAX
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:

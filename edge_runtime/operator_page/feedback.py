@@ -6,7 +6,6 @@ log. Changes are prepared first (`preview_*`) so the person sees their effect be
 """
 from __future__ import annotations
 
-import math
 import secrets
 import threading
 import time
@@ -152,9 +151,7 @@ class Feedback:
         # the bundle in service, which may be another one since (a reload, a rollout, a version learned meanwhile).
         # An operator teaches the part only if it lies within operator_max of that bundle's threshold too (probe 74:
         # a contamination at 1.05 x the old bundle's threshold, 1.52 x the one in service, was taught by an operator).
-        ratio = max((i.before / ch.threshold_before for ch in plan.changes.values() for i in ch.images
-                     if i.kind == "learn" and ch.threshold_before > 0), default=math.inf)
-        if needs == "operator" and not ratio <= operator_max:
+        if needs == "operator" and plan.above_learn_limit(operator_max):
             needs = "engineer"
         return {"plan": self._keep(who, plan, [frame_id], "learn-good", needs), "needs": needs, **plan.summary()}
 
