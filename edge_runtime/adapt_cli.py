@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from edge_runtime.operator_page.config import OPERATOR_LEARN_MAX
+
 
 def add_adapt_parser(sub, func) -> None:
     d = sub.add_parser("adapt", help="learn good images into the memory bank and store defects, as a new bundle "
@@ -27,6 +29,11 @@ def add_adapt_parser(sub, func) -> None:
     d.add_argument("--coverage-radius", type=float, default=None,
                    help="add learned patches until each is this close to the bank (default: None, the median "
                         "cross-fitted good score)")
+    d.add_argument("--confirm-above-limit", action="store_true",
+                   help=f"learn --good images even if they score above {OPERATOR_LEARN_MAX:g} x the threshold (the "
+                        "operator page's default page.operator_learn_max): you confirm these parts are good, and the "
+                        "audit log records which (default: off, such an image is refused: a part that far above the "
+                        "threshold is more likely a defect, and learning it makes it and others like it OK)")
     d.add_argument("--dry-run", action="store_true",
                    help="print the effect (scores before/after, new threshold) and write nothing (default: off)")
     d.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")
@@ -59,12 +66,24 @@ def run_adapt(a: argparse.Namespace) -> int:
     for c in plan.conflicts:
         print(f"conflict: {c}", file=sys.stderr)
     print(f"prepared in {plan.seconds:.2f} s")
+    # The operator page's limit, on the command line too: an NG part taught as good here turned OK silently.
+    over = plan.above_learn_limit(OPERATOR_LEARN_MAX)
+    for o in over:
+        print(f"edge-runtime adapt: {o['image']}: scores {o['score']:.4f}, {o['ratio']:.2f} x the {o['variant']} "
+              f"threshold {o['threshold']:.4f}, above the limit of {OPERATOR_LEARN_MAX:g} x for learning a part as "
+              "good (further above, a part is more likely a defect): "
+              + ("learned as confirmed by --confirm-above-limit" if a.confirm_above_limit
+                 else "pass --confirm-above-limit if it is good"), file=sys.stderr)
+    if over and not a.confirm_above_limit:
+        print("edge-runtime adapt: nothing written", file=sys.stderr)
+        return 2
     if a.dry_run:
         return 1 if plan.conflicts else 0
     out = Path(a.out)
+    audit = {"learn_limit_overridden": {"limit": OPERATOR_LEARN_MAX, "images": over}} if over else None
     try:
         bundle = plan.write(out, who=a.who, signing_key=a.signing_key,
-                            audit_log=a.audit_log or out.resolve().parent / AUDIT_FILE)
+                            audit_log=a.audit_log or out.resolve().parent / AUDIT_FILE, audit_fields=audit)
     except (AdaptError, BundleError, OSError) as exc:
         print(f"edge-runtime adapt: {exc}", file=sys.stderr)
         return 2

@@ -209,8 +209,10 @@ class Adaptation:
                 "variants": {k: v.summary() for k, v in self.changes.items()}, "conflicts": self.conflicts}
 
     def write(self, out: str | Path, *, who: str | None = None, signing_key: str | Path | None = None,
-              audit_log: str | Path | None = None, action: str = "adapt", overwrite: bool = False) -> Bundle:
+              audit_log: str | Path | None = None, action: str = "adapt", overwrite: bool = False,
+              audit_fields: dict | None = None) -> Bundle:
         """Write the new version to `out` and return it, loaded and self-tested. The parent is never modified.
+        `audit_fields`: added to the audit log's entry (e.g. which images a person confirmed above the learn limit).
 
         Raises AdaptError for a conflict, an existing `out`, a signed parent without `signing_key`, or a new
         version that does not load or reproduce its golden scores.
@@ -248,7 +250,7 @@ class Adaptation:
                 "after": {"bundle_id": bundle.bundle_id, "bundle_version": bundle.bundle_version, "path": str(out)},
                 "learned": [i.name for i in self.learn], "defects": [i.name for i in self.defects],
                 "thresholds": {k: [c.threshold_before, c.threshold_after] for k, c in self.changes.items()},
-                "bank": {k: [c.bank_before, c.bank_after] for k, c in self.changes.items()}})
+                "bank": {k: [c.bank_before, c.bank_after] for k, c in self.changes.items()}, **(audit_fields or {})})
         return bundle
 
     def _write_into(self, tmp: Path, out: Path, *, now: str, who: str, signing_key: str | Path | None, action: str,

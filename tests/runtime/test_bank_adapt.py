@@ -23,16 +23,21 @@ NO_TORCH = REPO / "tests" / "fixtures" / "no_torch"
 
 @pytest.fixture(scope="module")
 def images(device_bundle, tmp_path_factory) -> dict[str, Path]:
-    """A good part with a painted mark the bundle has never seen (a false reject) and a scratched part (a defect)."""
+    """A good part with a small painted mark the bundle has never seen (a false reject, ~1.14 x the threshold), one
+    with a larger mark (~1.34 x: above the 1.25 x learn limit, an engineer must confirm it) and a scratched part (a
+    defect)."""
     folder = tmp_path_factory.mktemp("adapt_images")
     good = cv2.imread(str(device_bundle / "golden" / "00_good.png"))
     marked = good.copy()
-    cv2.circle(marked, (60, 80), 12, (0, 0, 255), -1)
+    cv2.circle(marked, (60, 80), 9, (0, 0, 255), -1)
+    big_mark = good.copy()
+    cv2.circle(big_mark, (60, 80), 12, (0, 0, 255), -1)
     scratched = good.copy()
     cv2.line(scratched, (120, 30), (180, 160), (255, 255, 255), 5)
-    out = {"false_reject": folder / "marked.png", "defect": folder / "scratched.png",
-           "good": device_bundle / "golden" / "01_good.png"}
+    out = {"false_reject": folder / "marked.png", "above_limit": folder / "big_mark.png",
+           "defect": folder / "scratched.png", "good": device_bundle / "golden" / "01_good.png"}
     cv2.imwrite(str(out["false_reject"]), marked)
+    cv2.imwrite(str(out["above_limit"]), big_mark)
     cv2.imwrite(str(out["defect"]), scratched)
     return out
 
@@ -146,6 +151,7 @@ def test_cli_adapt_without_torch(device_bundle, images, tmp_path):
     assert lines[str(images["defect"])].split()[-2] == "NG"
     audit = json.loads((tmp_path / "bundle_audit.jsonl").read_text().splitlines()[-1])
     assert audit["who"] == "cli-test"
+    assert "learn_limit_overridden" not in audit, "a false reject under the learn limit needs no confirmation"
     assert Bundle.load(tmp_path / "v2").manifest["made_on_device"]["action"] == "adapt"
 
 
@@ -330,3 +336,30 @@ def test_cli_adapt_refuses_a_frame_the_station_would_fault(device_bundle, tmp_pa
         assert err.startswith(f"edge-runtime adapt: {dark}: frame check: ") and "Traceback" not in err
     assert not (tmp_path / "v2").exists() and not (tmp_path / "bundle_audit.jsonl").exists()
 
+
+def test_cli_adapt_learns_a_good_image_above_the_learn_limit_only_when_confirmed(device_bundle, images, tmp_path,
+                                                                                capsys):
+    """`adapt --good` of a part at 1.34 x the threshold turned an NG part OK silently (probe 84: a broken bottle at
+    2.2 x); like the operator page (page.operator_learn_max), adapt refuses parts above 1.25 x the threshold unless
+    the engineer confirms them, and the audit log says which were confirmed."""
+    from edge_runtime.cli import main
+
+    before, thr = score(device_bundle, images["above_limit"])
+    assert before > 1.25 * thr and score(device_bundle, images["false_reject"])[0] <= 1.25 * thr
+    image, out = str(images["above_limit"]), tmp_path / "v2"
+    args = ["adapt", str(device_bundle), "--good", image, "--out", str(out), "--who", "eng", "--threads", "1"]
+    for extra in (["--dry-run"], []):
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err
+        assert re.search(rf"{re.escape(image)}: scores \d+\.\d{{4}}, 1\.3\d x the int8 threshold {thr:.4f}, above the "
+                         r"limit of 1\.25 x .*pass --confirm-above-limit", err), err
+    assert not out.exists() and not (tmp_path / "bundle_audit.jsonl").exists()
+
+    assert main(args + ["--confirm-above-limit"]) == 0
+    after, new_thr = score(out, images["above_limit"])
+    assert after < new_thr, "confirmed, the part is learned as good"
+    audit = json.loads((tmp_path / "bundle_audit.jsonl").read_text().splitlines()[-1])
+    override = audit["learn_limit_overridden"]
+    assert audit["who"] == "eng" and override["limit"] == 1.25
+    assert [(o["image"], o["variant"], o["threshold"]) for o in override["images"]] == [(image, "int8", thr)]
+    assert override["images"][0]["ratio"] > 1.25
