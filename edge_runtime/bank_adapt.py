@@ -197,7 +197,9 @@ class Adaptation:
         for name, ch in self.changes.items():
             for i in ch.images:
                 ratio = i.before / ch.threshold_before if ch.threshold_before > 0 else math.inf
-                if i.kind == "learn" and not ratio <= limit and i.name not in over:   # `not <=`: NaN is over
+                worst = over.get(i.name, {}).get("ratio", -math.inf)
+                # `not <=`: NaN is over; the variant where the image lies furthest above is the one reported
+                if i.kind == "learn" and not ratio <= limit and not ratio <= worst:
                     over[i.name] = {"image": i.name, "variant": name, "score": i.before,
                                     "threshold": ch.threshold_before, "ratio": ratio}
         return list(over.values())
