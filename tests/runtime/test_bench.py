@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from edge_runtime.bench import STAGES, BenchError, cpu_info, format_table, main, run_bench, summarize
+from edge_runtime.bench import MODEL_ALONE_RUNS, STAGES, BenchError, cpu_info, format_table, main, run_bench, summarize
 
 # Timer granularity and the few statements between laps: stage sums may exceed total by this much, no more.
 EPS_MS = 0.05
@@ -29,6 +29,8 @@ def check_report(report: dict, frames: int) -> None:
     assert report["heat_map_ms"]["count"] == frames and report["heat_map_ms"]["p50"] > 0
     assert report["total_with_heat_map_ms"]["max"] >= report["stages_ms"]["total"]["max"]
     assert report["throughput_fps"] > 0
+    # The model alone, back to back after the frames: the machine's pace for the features stage in that minute.
+    assert report["model_alone_ms"]["count"] == MODEL_ALONE_RUNS and report["model_alone_ms"]["p50"] > 0
     assert sum(report["verdicts"].values()) == frames
     b = report["bundle"]
     assert b["model_bytes"] > 0 and b["index_bytes"] > 0 and b["bank_size"] > 0
@@ -56,7 +58,7 @@ def test_main_writes_consistent_json(small_bundle, tmp_path, capsys):
     table = capsys.readouterr().out
     for stage in STAGES:
         assert stage in table
-    assert "frames/s" in table and "VmHWM" in table
+    assert "frames/s" in table and "VmHWM" in table and "model alone" in table
 
 
 @pytest.mark.exporter  # the FP32 variant: only in the exporter-fitted bundle
