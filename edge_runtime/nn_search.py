@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
 FAISS_SPINCOUNT = 10_000   # libgomp spin iterations before an idle faiss thread sleeps (import_faiss)
 
 
@@ -123,16 +124,24 @@ class ExactSearch:
         m = min(prefix_dims or self.PREFIX_DIMS, d)
         # Principal axes of the bank (float64 for a stable eigendecomposition of a d x d matrix; cheap).
         self._mean = self.bank.mean(axis=0, dtype=np.float64).astype(np.float32)
+        # Centred in float64: the difference of two float32 values is exact there (the tail norms below need it).
+        centred = self.bank.astype(np.float64) - self._mean.astype(np.float64)
         if n > 1:
-            centred = (self.bank - self._mean).astype(np.float64)
             _, vecs = np.linalg.eigh(centred.T @ centred)
-            basis = np.ascontiguousarray(vecs[:, ::-1], dtype=np.float32)          # largest variance first
+            basis = np.ascontiguousarray(vecs[:, ::-1])                             # largest variance first
         else:
-            basis = np.eye(d, dtype=np.float32)
-        axes = np.ascontiguousarray(basis[:, :m])
+            basis = np.eye(d)
+        axes = np.ascontiguousarray(basis[:, :m], dtype=np.float32)
         self._axes = axes
+        # The tail's axes and norms in float64: the screen's |tail(q)| - |tail(b)| is the difference of two norms
+        # that can be far larger than it (a row far out along the tail); in float32 their rounding alone could
+        # exceed the slack and drop the nearest row (test_bounds_keep_the_nearest_row_of_a_query_far_from_the_mean).
         self._tail_axes = np.ascontiguousarray(basis[:, m:])
-        self._tail_norm = np.linalg.norm((self.bank - self._mean) @ self._tail_axes, axis=1).astype(np.float32)
+        self._tail_norm = np.linalg.norm(centred @ self._tail_axes, axis=1) if n else np.zeros(0)
+        # Float32 rounding of the prefix bound (the projection and the expanded form) grows with the vectors'
+        # distance from the mean, not with the limit: `_rounding2` of (|q - mean|^2 + this) covers it.
+        self._centred_sq_max = float(np.einsum("ij,ij->i", centred, centred).max()) if n else 0.0
+        del centred
         prefix = (self.bank - self._mean) @ axes                                 # (n, m): a third of the bank
         self._prefix_sq = np.einsum("ij,ij->i", prefix, prefix)
         # Held as (m, n): queries @ it is one row-major GEMM, 2x faster for a batch of 8 than against the
@@ -192,11 +201,17 @@ class ExactSearch:
         if not np.isfinite(limit):
             cand = np.arange(len(self))
         else:
-            limit2 = limit * limit * (1.0 + self.BOUND_SLACK) + self.BOUND_SLACK
+            centred = np.asarray(query, dtype=np.float64) - self._mean.astype(np.float64)
+            limit2 = float(limit) * float(limit) * (1.0 + self.BOUND_SLACK) + self.BOUND_SLACK
+            if limit2 < _F32_MAX:
+                # BOUND_SLACK is relative to the limit; the prefix bound's own float32 rounding is relative to the
+                # vectors' distance from the mean, which may be far larger (a query far out, near one row). Every
+                # finite float32 bound passes at _F32_MAX already; an overflowed one (inf) never did, nor does.
+                limit2 = min(limit2 + self._rounding2(float(centred @ centred)), _F32_MAX)
             cand = np.flatnonzero(lower2 <= limit2)
             if len(cand) > self.TAIL_SCREEN_MIN and self._tail_axes.shape[1]:
                 # |tail(q - b)| >= | |tail(q)| - |tail(b)| |: added to the prefix's part, still a lower bound
-                gap = np.linalg.norm((query - self._mean) @ self._tail_axes) - self._tail_norm[cand]
+                gap = np.linalg.norm(centred @ self._tail_axes) - self._tail_norm[cand]
                 cand = cand[lower2[cand] + gap * gap <= limit2]
         self.candidates_last += len(cand)
         if len(cand) == 0:
@@ -208,6 +223,14 @@ class ExactSearch:
         d2 = np.einsum("ij,ij->i", diff, diff)
         k = int(np.argmin(d2))
         return float(np.sqrt(d2[k])), int(cand[k]), whole
+
+    def _rounding2(self, query_centred_sq: float) -> float:
+        """Most the float32 prefix bound (`prefix_lower`) of a query this far from the mean (squared) can exceed
+        the true one by, absolute: its projections err by ~d and its expanded form by ~m units of rounding of
+        the vectors' centred norms (worst case ~3e-5 of them for d = 152, m = 48; this allows 8 d units, as
+        `_near_minimum` does). Real banks: ~1 against the limit's own slack of ~0.6 (bottle, squared units)."""
+        rel = self.EXPANDED_ULPS_PER_DIM * self.dim * float(np.finfo(np.float32).eps)
+        return rel * (query_centred_sq + self._centred_sq_max)
 
     def _near_minimum(self, query: np.ndarray) -> np.ndarray:
         """Rows whose squared distance in the expanded form (one GEMV over the whole bank, no gather) lies within

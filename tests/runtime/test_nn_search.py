@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from extras import require
 
-from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw
+from edge_runtime.nn_search import ExactSearch, HnswParams, HnswSearch, build_hnsw, exact_image_recheck
 
 
 def bank_and_queries(seed=0, n=4000, d=24, q=500):
@@ -190,6 +190,49 @@ def test_far_patches_are_screened_by_their_tail_norm_and_still_find_the_nearest(
     search.nearest_within(far, true_d[2::4] * 1.1)
     plain.nearest_within(far, true_d[2::4] * 1.1)
     assert search.candidates_last < 0.3 * plain.candidates_last    # 17-22% of the rows the prefix keeps
+
+
+def _far_out_bank(rng, d, along_tail, far, delta=1.0):
+    """(bank, query, nearest row): a bank whose nearest row to the query lies `far` from the bank's mean (or, with
+    `along_tail`, `far` out along its least-varying axes), `delta` from the query, with a decoy 0.04% farther than
+    it. Rotated, so every projection rounds."""
+    cl = np.zeros((300, d)); cl[:, :48] = rng.normal(size=(300, 48)) * 1e-3      # > TAIL_SCREEN_MIN candidates
+    half = rng.choice([-4 * far, 4 * far], size=(150, 48))
+    spread = np.zeros((300, d)); spread[:150, :48] = half; spread[150:, :48] = -half   # the prefix's variance
+    nearest = np.zeros(d)
+    if along_tail:
+        u = rng.normal(size=d - 48); u /= np.linalg.norm(u)
+        nearest[48:] = far * u
+        query = nearest.copy(); query[48:] += delta * u    # apart along the tail only: its norm bound is tight
+    else:
+        nearest[:48] = rng.normal(size=48); nearest[:48] *= far / np.linalg.norm(nearest[:48])
+        query = nearest.copy(); query[0] += delta          # apart along the prefix only: that bound is tight
+    decoy = query.copy(); decoy[1] += delta * 1.0004
+    rot, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    bank = (np.vstack([cl, spread, nearest, decoy]) @ rot).astype(np.float32)
+    return bank, (query @ rot).astype(np.float32), 600
+
+
+@pytest.mark.parametrize("along_tail", [True, False])
+@pytest.mark.parametrize("d", [50, 64, 152])
+def test_bounds_keep_the_nearest_row_of_a_query_far_from_the_mean(d, along_tail):
+    """The pruning's float32 rounding grows with how far the vectors lie from the bank's mean, not with the limit
+    (BOUND_SLACK's scale): 1e4 out (along the tail: its two norms, each rounded, differ by 1.0) or 2e3 out (the
+    prefix's expanded form), 1.0 from the query, the nearest row was dropped and the decoy returned, also as the
+    image score (tail screen: 1-3 of the 6 seeds per d, none without the screen; prefix: 2-3 of 6, before the
+    screen too)."""
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        bank, query, nearest = _far_out_bank(rng, d, along_tail, 1e4 if along_tail else 2e3)
+        diff = bank - query
+        d2 = np.einsum("ij,ij->i", diff, diff)
+        assert int(np.argmin(d2)) == nearest
+        true_d = np.sqrt(d2[nearest])
+        search = ExactSearch(bank)
+        for factor in (1.0, 1.0 + 1e-4):
+            dist, idx = search.nearest_within(query[None], np.array([float(true_d) * factor]))
+            assert (idx[0], dist[0]) == (nearest, true_d), (seed, factor)
+        assert exact_image_recheck(search, query[None], np.array([true_d]))[0][0] == true_d, seed
 
 
 @pytest.mark.parametrize("seed", range(4))
