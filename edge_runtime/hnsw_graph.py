@@ -280,7 +280,9 @@ class FaissHnswSearch(RecheckedSearch):
         """(m, k) squared distances (faiss's kernel) of each query to its own k bank rows (m, k); inf for row -1."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        out = np.empty(rows.shape, dtype=np.float32)
+        # Filled: faiss skips a row -1 without reading the bank, and writes inf there only since some release
+        # (older ones leave the entry as it was).
+        out = np.full(rows.shape, np.inf, dtype=np.float32)
         f = self._faiss
         self._flat.compute_distance_subset(len(q), f.swig_ptr(q), rows.shape[1], f.swig_ptr(out), f.swig_ptr(rows))
         return out

@@ -203,6 +203,10 @@ def test_each_positions_rows_are_measured_once_and_a_position_of_one_row_still_s
     assert distinct_rows(rows).tolist() == [[3, 5, -1, -1], [7, -1, -1, -1], [1, 2, 3, 4]]
     graph, bank, part = fixture_parts
     search, full = _with_prior(graph, part), _search(graph)
+    q = part(499)[:3]
+    d2 = search.candidate_distances(q, distinct_rows(rows))       # a padding -1 is never a distance
+    assert np.isinf(d2[0, 2:]).all() and np.isinf(d2[1, 1:]).all() and np.isfinite(d2[2]).all()
+    assert d2[1, 0] == pytest.approx(((q[1] - bank[7]) ** 2).sum(), rel=1e-5)
     # Every position but the first has one row (fewer than PRIOR_SEEDS, padded with -1 beside the first's many):
     # its walk starts from that row, never from -1, and the score is exact.
     one_row = np.repeat(search.prior[:, :1], search.prior.shape[1], axis=1)
