@@ -140,7 +140,8 @@ class ExactSearch:
         self._tail_norm = np.linalg.norm(centred @ self._tail_axes, axis=1) if n else np.zeros(0)
         # Float32 rounding of the prefix bound (the projection and the expanded form) grows with the vectors'
         # distance from the mean, not with the limit: `_rounding2` of (|q - mean|^2 + this) covers it.
-        self._centred_sq_max = float(np.einsum("ij,ij->i", centred, centred).max()) if n else 0.0
+        self._centred_sq = np.einsum("ij,ij->i", centred, centred).astype(np.float32)   # |b - mean|^2 (`nearest`)
+        self._centred_sq_max = float(self._centred_sq.max()) if n else 0.0
         del centred
         prefix = (self.bank - self._mean) @ axes                                 # (n, m): a third of the bank
         self._prefix_sq = np.einsum("ij,ij->i", prefix, prefix)
@@ -158,17 +159,20 @@ class ExactSearch:
 
     def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(distances, bank indices) of the nearest bank vector for each query row."""
-        q = np.ascontiguousarray(queries, dtype=np.float32)
+        # Both sides centred on the bank's mean: the expanded form's rounding grows with |q|^2 + |b|^2, so a bank
+        # far from the origin (all rows 1e3 out, 1 apart) lost every digit that tells its rows apart (0.0 for a
+        # distance of 0.665); around its mean the terms are as small as the distances allow.
+        q = np.ascontiguousarray(queries, dtype=np.float32) - self._mean
         q_sq = np.einsum("ij,ij->i", q, q)
         best = np.full(q.shape[0], np.inf, dtype=np.float32)
         best_idx = np.zeros(q.shape[0], dtype=np.int64)
         rows = np.arange(q.shape[0])
         for start in range(0, len(self), self.chunk):
-            block = self.bank[start:start + self.chunk]
+            block = self.bank[start:start + self.chunk] - self._mean
             # Chunks of 2048 bank vectors keep the queries x chunk distance block in cache.
             d2 = q @ block.T
             d2 *= -2.0
-            d2 += self.bank_sq[start:start + self.chunk]
+            d2 += self._centred_sq[start:start + self.chunk]
             idx = np.argmin(d2, axis=1)
             val = d2[rows, idx]
             better = val < best

@@ -46,6 +46,18 @@ def test_hnsw_ef_is_set_on_every_load(tmp_path):
     assert len(loaded) == len(bank) and np.allclose(loaded.exact.bank, bank)
 
 
+def test_brute_force_search_keeps_its_digits_for_a_bank_far_from_the_origin():
+    """|q|^2 + |b|^2 - 2 q.b for rows 1e3 out and 1 apart lost every digit that tells them apart (distance 0.0
+    for 0.665, the wrong row); around the bank's mean the expanded form is as precise as for any bank."""
+    rng = np.random.default_rng(0)
+    bank = (1e3 + rng.normal(size=(3000, 64))).astype(np.float32)
+    queries = (1e3 + rng.normal(size=(50, 64))).astype(np.float32)
+    ref = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1))
+    d, i = ExactSearch(bank, chunk=1000).nearest(queries)
+    assert np.array_equal(i, ref.argmin(1))
+    assert np.allclose(d, ref.min(1), rtol=1e-5, atol=1e-4)
+
+
 def test_pruned_search_is_the_brute_force_answer_for_any_valid_bound(anisotropic):
     bank, queries = anisotropic()
     search = ExactSearch(bank)
