@@ -124,8 +124,11 @@ class ExactSearch:
         m = min(prefix_dims or self.PREFIX_DIMS, d)
         # Principal axes of the bank (float64 for a stable eigendecomposition of a d x d matrix; cheap).
         self._mean = self.bank.mean(axis=0, dtype=np.float64).astype(np.float32)
+        self._mean64 = self._mean.astype(np.float64)
+        # Float32 rounding of an expanded-form distance, relative to |q|^2 + |b|^2 (`_rounding2`, `_near_minimum`).
+        self._expanded_rel = self.EXPANDED_ULPS_PER_DIM * d * float(np.finfo(np.float32).eps)
         # Centred in float64: the difference of two float32 values is exact there (the tail norms below need it).
-        centred = self.bank.astype(np.float64) - self._mean.astype(np.float64)
+        centred = self.bank.astype(np.float64) - self._mean64
         if n > 1:
             _, vecs = np.linalg.eigh(centred.T @ centred)
             basis = np.ascontiguousarray(vecs[:, ::-1])                             # largest variance first
@@ -205,7 +208,7 @@ class ExactSearch:
         if not np.isfinite(limit):
             cand = np.arange(len(self))
         else:
-            centred = np.asarray(query, dtype=np.float64) - self._mean.astype(np.float64)
+            centred = np.asarray(query, dtype=np.float64) - self._mean64
             limit2 = float(limit) * float(limit) * (1.0 + self.BOUND_SLACK) + self.BOUND_SLACK
             if limit2 < _F32_MAX:
                 # BOUND_SLACK is relative to the limit; the prefix bound's own float32 rounding is relative to the
@@ -233,8 +236,7 @@ class ExactSearch:
         the true one by, absolute: its projections err by ~d and its expanded form by ~m units of rounding of
         the vectors' centred norms (worst case ~3e-5 of them for d = 152, m = 48; this allows 8 d units, as
         `_near_minimum` does). Real banks: ~1 against the limit's own slack of ~0.6 (bottle, squared units)."""
-        rel = self.EXPANDED_ULPS_PER_DIM * self.dim * float(np.finfo(np.float32).eps)
-        return rel * (query_centred_sq + self._centred_sq_max)
+        return self._expanded_rel * (query_centred_sq + self._centred_sq_max)
 
     def _near_minimum(self, query: np.ndarray) -> np.ndarray:
         """Rows whose squared distance in the expanded form (one GEMV over the whole bank, no gather) lies within
@@ -245,8 +247,7 @@ class ExactSearch:
         e = self.bank @ query
         e *= -2.0
         e += self.bank_sq
-        rel = self.EXPANDED_ULPS_PER_DIM * self.dim * float(np.finfo(np.float32).eps)
-        tol = rel * (float(query @ query) + self._bank_sq_max)
+        tol = self._expanded_rel * (float(query @ query) + self._bank_sq_max)
         return np.flatnonzero(e <= float(e.min()) + 4.0 * tol)
 
     def nearest_within(self, queries: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
