@@ -213,7 +213,8 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
             heat_ms.append((time.perf_counter() - t_map) * 1000.0)
             verdicts[result.verdict.value] += 1
         loop_s = time.perf_counter() - loop_start - idle_s   # throughput counts working time only
-        alone_ms = model_alone(pipeline, images[-1], arrays[-1] if raw else None)
+        last = (warmup + frames - 1) % len(images)   # inspected without a fault, so its tiles can be made
+        alone_ms = model_alone(pipeline, images[last], arrays[last] if raw else None)
 
     variant = pipeline.variant
     geom = pipeline.geometry
@@ -259,7 +260,7 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
 
 
 def model_alone(pipeline: Pipeline, image: tuple[str, bytes], array: np.ndarray | None) -> list[float]:
-    """MODEL_ALONE_RUNS timings (ms) of the features model alone, back to back, on one frame's tiles."""
+    """MODEL_ALONE_RUNS timings (ms) of the features model alone, back to back, on one inspected frame's tiles."""
     name, data = image
     rgb = (to_rgb(array, name, shift_16bit=pipeline.bundle.shift_16bit) if array is not None
            else decode_image(data, name, pipeline.decode_limits, pipeline.bundle.shift_16bit))

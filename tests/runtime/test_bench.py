@@ -112,6 +112,17 @@ def test_faulting_frames_stop_the_benchmark(small_bundle, tmp_path):
         run_bench(small_bundle, images_dir=tmp_path, frames=2, warmup=0)
 
 
+def test_model_alone_times_a_frame_the_run_inspected(small_bundle, synthetic_dataset, tmp_path):
+    """A folder's last image may never be reached in a short run (and may be one the bundle refuses): the model
+    alone runs on the last frame inspected, never on an image the run skipped."""
+    good = sorted((synthetic_dataset / "test" / "good").glob("*.png"))
+    for i, src in enumerate(good[:2]):
+        (tmp_path / f"a{i}.png").write_bytes(src.read_bytes())
+    (tmp_path / "z_broken.png").write_bytes(b"\x89PNG not really")   # sorted last, never inspected below
+    report = run_bench(small_bundle, images_dir=tmp_path, frames=2, warmup=0)
+    check_report(report, 2)
+
+
 def test_invalid_settings_are_refused(small_bundle):
     for kwargs, field in (({"frames": 0}, "--frames"), ({"warmup": -1}, "--warmup"), ({"gap_ms": -1}, "--gap-ms")):
         with pytest.raises(BenchError, match=field):
