@@ -20,11 +20,11 @@ import numpy as np
 from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.decode import decode_image, to_rgb
 from edge_runtime.features import FeatureError
-from edge_runtime.geometry import cut_tiles, match_colour, region_of, to_canvas
+from edge_runtime.geometry import cut_tiles
 from edge_runtime.int8_kernels import capability as int8_capability
 from edge_runtime.nn_search import EF_MAX, device_blas
 from edge_runtime.pipeline import Pipeline
-from edge_runtime.preprocess import to_tensor
+from edge_runtime.preprocess import canvas_of, to_tensor
 from edge_runtime.records import Frame, Verdict
 
 STAGES = ("decode", "geometry", "quality", "preprocess", "features", "search", "scoring", "decision", "total")
@@ -264,8 +264,7 @@ def model_alone(pipeline: Pipeline, image: tuple[str, bytes], array: np.ndarray 
     name, data = image
     rgb = (to_rgb(array, name, shift_16bit=pipeline.bundle.shift_16bit) if array is not None
            else decode_image(data, name, pipeline.decode_limits, pipeline.bundle.shift_16bit))
-    geom = pipeline.geometry
-    tiles = cut_tiles(to_canvas(match_colour(region_of(rgb, geom, name), geom, name), geom, name)[0], geom)
+    tiles = cut_tiles(canvas_of(rgb, pipeline.geometry, name)[0], pipeline.geometry)
     tensor = tiles if pipeline.extractor.takes_pixels else to_tensor(tiles)
     timings = []
     for _ in range(MODEL_ALONE_RUNS):
