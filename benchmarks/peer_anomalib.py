@@ -21,8 +21,8 @@ used < --quiet-cores CPU cores while its engines ran. Writes benchmarks/results/
 Ours is built through the public Pipeline/Bundle API only: the run measures whatever the current pipeline is.
 Ours is timed to the score AND its heat map (read after each verdict: anomalib's graph makes its map too); a
 second table gives our time to the verdict alone from the same calls (what the line's outputs wait for), and
---position-prior on off times our search with and without its position prior (which speeds the verdict and moves
-a search of every patch into the heat map's first read).
+--position-prior on off times our search with and without its position prior (which speeds the verdict; with it
+the heat map takes the bounds that search left, without it every patch walks the graph).
 """
 from __future__ import annotations
 
@@ -287,8 +287,7 @@ def main(argv=None) -> int:
                         "(default hnsw; ivf needs the ivf-search extra)")
     p.add_argument("--position-prior", nargs="+", choices=("on", "off"), default=["on"],
                    help="our search's position prior, each setting timed as its own engine in the same run "
-                        "(default on, as the station runs; `on off` shows what it costs when every heat map is "
-                        "read, as here)")
+                        "(default on, as the station runs; `on off` times both)")
     p.add_argument("--passes", type=int, default=2, help="passes over the test set (default 2)")
     p.add_argument("--settle-ms", type=float, default=100.0,
                    help="idle time before each engine's frame, or before each burst (default 100)")

@@ -67,8 +67,8 @@ class InferenceConfig:
     ef_search: int | None = None                      # None: the bundle's value
     ivf_nprobe: int = 2                               # knn: ivf cells scanned per patch: 1 faster, 2 closer heat map
     # knn: hnsw: the search's position prior (edge_runtime/position_prior.py), where the bundle's golden images
-    # fit: faster verdicts, the same scores, but a heat map read costs a search of every patch (bottle 10%: 5 ms);
-    # false for a station that reads every part's heat map and is short of CPU.
+    # fit: faster verdicts, the same scores; the heat map takes the bounds that search left (pixel AUROC within
+    # 0.0001 on bottle, benchmarks/results/heat_map_source.md). false: every patch walks the graph before the verdict.
     position_prior: bool = True
     # A verdict later than this after the trigger (free run: after capture) is FAULT, and one a stalled serial port
     # still holds then is never sent: set it to the controller's own timeout. Always on: a station with no

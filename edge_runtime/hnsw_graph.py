@@ -16,8 +16,8 @@ distances closer to exact (benchmarks/seeded_walk.py).
 
 The position prior (`FaissHnswSearch.set_prior` / `image_score`, built by edge_runtime.position_prior from the
 bundle's golden images): the exact image score from the bank rows each patch position took on the golden parts,
-walking only the patches those rows leave open; the per-patch distances are then the seeded walk's, made when the
-heat map is read. Same score, same heat map, less of the search before the verdict.
+walking only the patches those rows leave open (`prior_scores`). Same image score; the heat map's per-patch
+distances are the bounds that search left (upper bounds, the largest exact), not a second, full walk.
 
 The file is parsed here, not by hnswlib, so every field is checked before faiss sees it: a link that points
 outside the bank or a label that is not a row of the bank would make a search read past its buffers.
@@ -160,7 +160,7 @@ class FaissHnswSearch(RecheckedSearch):
     # largest in 85% of them with 1/8 walked, 15% with 16); only the patches whose bound still exceeds it walked,
     # the PRIOR_TIGHTEN highest of those re-searched from the top; the exact re-check from the floor. More than
     # PRIOR_OPEN_SHARE of the patches over the floor (a part unlike the golden ones): the full walk instead.
-    # The per-patch distances (heat map) are the full search's, made when first read.
+    # The per-patch distances (heat map) are the bounds this leaves: no second walk after the verdict.
     # A part whose highest bound stays above the decision threshold (`set_prior`'s defect_above) after only its
     # PRIOR_FIRST highest patches have walked is most likely a defect: its floor is measured at once, and when
     # that leaves no more than the top share open, the rest of the top share is never walked (bottle 10%, defect
@@ -290,6 +290,15 @@ class FaissHnswSearch(RecheckedSearch):
     def image_score(self, queries: np.ndarray) -> float | None:
         """The exact image score (the largest per-patch distance `distances` would give) found with the position
         prior (see PRIOR_TOP_SHARE); None when there is no prior for frames of this many patches, or no re-check."""
+        dist = self.prior_scores(queries)
+        return None if dist is None else float(dist.max())
+
+    def prior_scores(self, queries: np.ndarray) -> np.ndarray | None:
+        """Per-patch distances whose maximum is the exact image score, found with the position prior (see
+        PRIOR_TOP_SHARE): every other patch's is an upper bound no higher than the score, from the prior's rows
+        and the walks the score needed. They are the heat map's (not a second full walk after the verdict: 4.4
+        -> 0.7 ms a heat map on bottle 10%); pixel AUROC moved by 0.0001 on bottle 10%, 1% and 224 px
+        (benchmarks/results/heat_map_source.md). None as for `image_score`."""
         prior = self._prior_rows
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if prior is None or not self.recheck or len(q) != len(prior):
@@ -305,7 +314,7 @@ class FaissHnswSearch(RecheckedSearch):
             dist = self._tighten(q, bound, above=floor, limit=self.PRIOR_TIGHTEN)
         dist, measured = exact_image_recheck(self.exact, q, dist, slack=self.bound_slack, known=(opened.top, floor))
         self.rechecked_last = measured + 1   # and the floor's patch
-        return float(dist.max())
+        return dist
 
     def prior_open_share(self, queries: np.ndarray, prior: np.ndarray) -> float:
         """Share of a frame's patches `image_score` would still walk with this prior (over PRIOR_OPEN_SHARE: it

@@ -10,14 +10,13 @@ shared/SEARCH.md: recall 99.7% alone still flips good parts to NG).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -549,16 +548,12 @@ class HnswSearch(RecheckedSearch):
         return np.sqrt(np.maximum(d2[:, 0], 0.0)).astype(np.float32)
 
 
-def image_score(search, queries: np.ndarray) -> tuple[float, Callable[[], np.ndarray]]:
-    """(the image score, the per-patch distances on demand). Both as `search.distances` gives them; a search
-    with a faster exact way to the score alone (`FaissHnswSearch.image_score`) leaves the per-patch
-    distances to be computed when read (the heat map, after the verdict has gone to the line)."""
-    fast = getattr(search, "image_score", None)
-    score = fast(queries) if fast is not None else None
-    if score is not None:
-        return score, functools.partial(search.distances, queries)
-    dist = search.distances(queries)
-    return float(dist.max()), lambda: dist
+def patch_scores(search, queries: np.ndarray) -> np.ndarray:
+    """Per-patch distances, the maximum exact (the image score): from the position prior where the search has one
+    that fits these queries (`FaissHnswSearch.prior_scores`), else `search.distances`."""
+    by_prior = getattr(search, "prior_scores", None)
+    dist = by_prior(queries) if by_prior is not None else None
+    return search.distances(queries) if dist is None else dist
 
 
 def upper_bounds(bank: np.ndarray, queries: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from edge_runtime.frame_quality import measure as measure_quality
 from edge_runtime.geometry import cut_tiles, match_colour, region_of, to_canvas
 from edge_runtime.int8_kernels import check_quantization
 from edge_runtime.hnsw_graph import FaissHnswSearch, GraphError, read_hnsw_graph
-from edge_runtime.nn_search import ExactSearch, HnswSearch, IvfSearch, OnnxExactSearch, image_score
+from edge_runtime.nn_search import ExactSearch, HnswSearch, IvfSearch, OnnxExactSearch, patch_scores
 from edge_runtime.preprocess import canvas_of, preprocess, to_tensor
 from edge_runtime.records import Frame, InspectionResult, Verdict
 from edge_runtime.scoring import decide  # noqa: F401  (the decision stage, re-exported with the pipeline)
@@ -50,10 +50,6 @@ def score_frame(score_tiles, geometry, rgb: np.ndarray, name: str = "<frame>") -
     patch_scores = score_tiles(tensor)
     return Scored(scoring.image_score(patch_scores), patch_scores,
                   scoring.anomaly_map(patch_scores, geometry, place, region_hw))
-
-
-def _heat_map(patch_scores, geometry, place, region_hw) -> np.ndarray:
-    return scoring.anomaly_map(patch_scores(), geometry, place, region_hw)
 
 
 def open_search(knn: str, index_bytes: bytes, dim: int, params, threads: int, providers: list[str] | None,
@@ -197,8 +193,9 @@ class Pipeline:
 
     # ---- the stages, callable one by one (evaluation, calibration and the self-test use them) ----------------
     def score_tiles(self, tensor: np.ndarray) -> np.ndarray:
-        """(n_tiles, 3, H, W) -> per-patch scores (n_tiles * rows * cols,)."""
-        return self.search.distances(self.extractor(tensor))
+        """(n_tiles, 3, H, W) -> per-patch scores (n_tiles * rows * cols,), as the station scores them: the
+        position prior's where it fits the part (nn_search.patch_scores)."""
+        return patch_scores(self.search, self.extractor(tensor))
 
     def load_image(self, path) -> np.ndarray:
         """An image file decoded as this bundle's frames are (its 16-bit pin): for evaluation and calibration."""
@@ -255,11 +252,11 @@ class Pipeline:
             lap("preprocess")
             feats = self.extractor(tensor)
             lap("features")
-            # The exact image score; the per-patch distances may be left until the heat map is read.
-            score, patch_scores = image_score(self.search, feats)
+            scores = patch_scores(self.search, feats)    # the maximum exact: the image score
+            score = scoring.image_score(scores)
             lap("search")
             # Made on first read, after the verdict has gone to the line (InspectionResult.anomaly_map).
-            heat = functools.partial(_heat_map, patch_scores, self.geometry, place, region.shape[:2])
+            heat = functools.partial(scoring.anomaly_map, scores, self.geometry, place, region.shape[:2])
             lap("scoring")
             verdict = scoring.decide(score, self.threshold, self.review_threshold)
             norm = scoring.normalized_score(score, self.threshold)

@@ -180,8 +180,8 @@ def render_station(bundle: Path, source: str, outputs: list[str], device: str | 
         "  ef_search: null          # HNSW search width; null: the bundle's value (default: null)",
         "  ivf_nprobe: 2            # knn: ivf cells scanned per patch: 1 faster, 2 closer heat map (default: 2)",
         "  position_prior: true     # knn: hnsw: start each part's search where the golden parts' patches landed "
-        "(faster verdict, same score; a heat map read then costs a full search); false: every patch searched "
-        "before the verdict (default: true)",
+        "(faster verdict, same score, heat map from that search's bounds); false: every patch searched before the "
+        "verdict (default: true)",
         "  review_threshold: null   # score from which a part is REVIEW (below the threshold, never OK); null: the "
         "bundle's band, if any (default: null)",
         "  deadline_ms: 2000        # a verdict later than this after the trigger is FAULT and never sent late; "

@@ -47,10 +47,9 @@ class PartHistory(Output):
     name = "operator_page"
     role: Literal["record"] = "record"
     slow = True
-    # An OK part's heat map may cost a search of all its patches when read (the pipeline leaves it until then:
-    # edge_runtime.position_prior): drawn for at most one OK part in this many seconds, every NG and REVIEW part
-    # always. The live view still shows an OK part's heat map several times a second; a 60 parts/s line does not
-    # pay a second search per part for pictures nobody can follow. OK parts in between show their plain image.
+    # An OK part's heat map costs CPU when read (the map is made then, and the page draws its overlay and
+    # thumbnail): drawn for at most one OK part in this many seconds, every NG and REVIEW part always. The live view still shows an OK part's heat map several times a second; a 60
+    # parts/s line does not pay for pictures nobody can follow. OK parts in between show their plain image.
     OK_HEAT_INTERVAL_S = 0.2
 
     def __init__(self, history: int = 200, keep_frames: int = 32, view_px: int = 640, thumbnail_px: int = 160):

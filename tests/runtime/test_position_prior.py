@@ -12,6 +12,7 @@ from edge_runtime.bundle import Bundle
 from edge_runtime.hnsw_graph import FaissHnswSearch, distinct_rows, read_hnsw_graph
 from edge_runtime.nn_search import ExactSearch, HnswParams, build_hnsw, exact_image_recheck
 from edge_runtime.pipeline import Pipeline
+from edge_runtime.preprocess import preprocess
 from edge_runtime.records import Frame
 
 ROWS, COLS, DIM = 24, 20, 24
@@ -64,6 +65,12 @@ def _with_prior(graph, part) -> FaissHnswSearch:
     return search
 
 
+def _nearest64(bank: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Each query's distance to its nearest bank vector, as differences summed in float64 (no expanded form)."""
+    b64 = bank.astype(np.float64)
+    return np.array([np.sqrt(((b64 - x) ** 2).sum(1).min()) for x in q.astype(np.float64)])
+
+
 def test_candidates_take_each_positions_rows_and_its_neighbours_on_the_same_tile():
     grid = (3, 4)
     # Two golden frames of two tiles: frame f, tile t, patch p found bank row 1000 f + 100 t + p.
@@ -97,10 +104,16 @@ def test_the_image_score_is_the_full_searchs_for_good_parts_and_defects(fixture_
         # Good parts sit like the golden ones and a defect stands out: the prior settles each without walking
         # every patch (the full walk is approximate() on all of them).
         assert walked == []
-        truth = ExactSearch(bank).nearest(q)[0].max()
+        exact = ExactSearch(bank).nearest(q)[0]
         assert score == full.distances(q).max()                    # the very same value as the full search
-        assert score == pytest.approx(truth, rel=1e-5)
+        assert score == pytest.approx(exact.max(), rel=1e-5)
         assert search.rechecked_last >= 1
+        # The heat map's per-patch distances: a bank vector's distance each (never under the exact one), the
+        # largest the score, none above it; the defect's patches are the hottest.
+        dist = search.prior_scores(q)
+        assert dist.max() == score and np.all(dist >= _nearest64(bank, q) * (1 - 1e-6))
+        if k % 3 == 2:
+            assert set(np.argsort(-dist)[:10]) <= set(range(50, 80))
 
 
 def test_a_part_over_the_decision_threshold_measures_its_worst_patch_first_and_keeps_its_score(fixture_parts,
@@ -245,7 +258,9 @@ def test_recheck_from_a_known_patch_never_measures_it_again(anisotropic):
 
 
 def test_bottle_scores_are_the_full_searchs_with_the_prior_on(bottle_bundle, bottle_dir):
-    """Real frames: the station's score (prior on) is bit for bit the evaluation path's, good parts and defects."""
+    """Real frames: the station's score (prior on) is bit for bit the full search's (prior off), good parts and
+    defects; its heat map, from the bounds the prior's search left, is the evaluation path's and shows what the
+    full walk's shows."""
     bundle = Bundle.load(bottle_bundle)
     pipe = Pipeline(bundle, threads=2)
     assert pipe.prior_note.startswith("on"), pipe.prior_note
@@ -256,9 +271,17 @@ def test_bottle_scores_are_the_full_searchs_with_the_prior_on(bottle_bundle, bot
     for i, path in enumerate(paths):
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         got = pipe.inspect(Frame(frame_id=i, source=str(path), image=image))
-        want = plain.score_rgb(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), str(path))
+        rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        want = plain.score_rgb(rgb, str(path))
         assert got.score == want.score, path
-        np.testing.assert_array_equal(got.anomaly_map, want.anomaly_map)
+        evaluated = pipe.score_rgb(rgb, str(path))              # edge-export evaluate scores as the station does
+        assert evaluated.score == got.score
+        np.testing.assert_array_equal(got.anomaly_map, evaluated.anomaly_map)
+        assert np.corrcoef(got.anomaly_map.ravel(), want.anomaly_map.ravel())[0, 1] > 0.9, path
+        # every patch a bank vector's distance: never under the exact nearest one's
+        feats = pipe.extractor(preprocess(rgb, pipe.geometry, str(path))[0])
+        assert np.all(evaluated.patch_scores >= _nearest64(pipe.search.exact.bank, feats) * (1 - 1e-6))
+        assert evaluated.patch_scores.max() == got.score
 
 
 def test_two_good_golden_frames_are_enough_each_against_the_other(fixture_parts):
