@@ -176,6 +176,37 @@ def test_a_likely_defects_worst_patch_is_searched_from_the_top_before_its_exact_
     assert max(ratios[0]) > slack * 1.01                       # the walk alone stopped short (up to 1.06 here)
 
 
+def test_more_exact_patches_raise_the_floor_walk_fewer_patches_and_keep_the_score(fixture_parts, monkeypatch):
+    """Many patches over the floor: the next-highest bounds are measured exactly too (FLOOR_MORE). The floor can
+    only rise, so no more patches are walked than without; here the score's patch is the third-highest bound, and
+    measuring it leaves nothing to walk. The score is the same either way."""
+    graph, bank, part = fixture_parts
+    search = _with_prior(graph, part)
+    full = _search(graph)
+    walked = []
+    real = FaissHnswSearch._walk_level0
+    monkeypatch.setattr(FaissHnswSearch, "_walk_level0",
+                        lambda self, q, *a: walked.append(len(q)) or real(self, q, *a))
+    # One walked patch before the floor, so the other bounds stay the prior's (bottle's top share leaves the same
+    # situation on a few real parts: good/003 and good/013 of the 10% bundle).
+    monkeypatch.setattr(FaissHnswSearch, "PRIOR_TOP_SHARE", 0.0)
+    monkeypatch.setattr(FaissHnswSearch, "PRIOR_TOP_MIN", 1)
+    monkeypatch.setattr(FaissHnswSearch, "FLOOR_MORE_OVER", 0)
+    for seed in range(500, 506):
+        q = part(seed)
+        q[0:2] = part(seed + 1000)[300:302]   # like another place's patches: far from their position's prior rows,
+        q[200] += 0.3                          # near the bank; and the score's patch, lower bound than those two
+        counts = {}
+        for more in (0, 4):
+            monkeypatch.setattr(FaissHnswSearch, "FLOOR_MORE", more)
+            walked.clear()
+            dist = search.prior_scores(q)
+            counts[more] = sum(walked)
+            assert dist.max() == full.distances(q).max()
+            assert np.all(dist >= _nearest64(bank, q) * (1 - 1e-6))
+        assert counts[4] == 1 < counts[0]                          # without: most of the part walked
+
+
 def test_a_part_unlike_the_golden_ones_takes_the_full_walk_and_the_same_score(fixture_parts, monkeypatch):
     graph, bank, part = fixture_parts
     search = _with_prior(graph, part)
