@@ -272,11 +272,15 @@ class FaissHnswSearch(RecheckedSearch):
         if candidates is None:
             self._prior = self._prior_rows = None
             return
+        rows = self._checked_prior(candidates)
+        self._prior, self._prior_rows = rows, distinct_rows(rows)
+
+    def _checked_prior(self, candidates: np.ndarray) -> np.ndarray:
         rows = np.ascontiguousarray(candidates, dtype=np.int64)
         # faiss reads these rows unchecked: one outside the bank would read past its storage.
         if rows.ndim != 2 or not rows.size or rows.min() < 0 or rows.max() >= len(self):
             raise ValueError(f"position prior: {rows.shape} rows must index the bank's {len(self)} vectors")
-        self._prior, self._prior_rows = rows, distinct_rows(rows)
+        return rows
 
     @property
     def prior(self) -> np.ndarray | None:
@@ -326,6 +330,9 @@ class FaissHnswSearch(RecheckedSearch):
         """Share of a frame's patches `image_score` would still walk with this prior (over PRIOR_OPEN_SHARE: it
         walks every patch instead): how well a prior fits a part (edge_runtime.position_prior.build)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
+        prior = self._checked_prior(prior)
+        if len(prior) != len(q):
+            raise ValueError(f"position prior: {len(prior)} positions for {len(q)} patches")
         return len(self._open_by_prior(q, distinct_rows(prior)).over) / len(q)
 
     def _open_by_prior(self, q: np.ndarray, prior: np.ndarray, defect_above: float | None = None) -> "_Opened":

@@ -268,12 +268,16 @@ def test_each_positions_rows_are_measured_once_and_a_position_of_one_row_still_s
 
 
 def test_prior_rows_outside_the_bank_are_refused(fixture_parts):
-    graph, bank, _ = fixture_parts
+    graph, bank, part = fixture_parts
     search = _search(graph)
     with pytest.raises(ValueError, match="must index the bank"):
         search.set_prior(np.full((ROWS * COLS, 3), len(bank)))
     with pytest.raises(ValueError, match="must index the bank"):
         search.set_prior(np.full((ROWS * COLS, 3), -1))
+    with pytest.raises(ValueError, match="must index the bank"):   # and by the fit check (position_prior.build)
+        search.prior_open_share(part(), np.full((ROWS * COLS, 3), len(bank)))
+    with pytest.raises(ValueError, match="positions for"):
+        search.prior_open_share(part(), np.zeros((ROWS * COLS - 1, 3), dtype=np.int64))
 
 
 def test_recheck_from_a_known_patch_never_measures_it_again(anisotropic):
