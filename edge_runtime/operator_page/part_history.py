@@ -48,8 +48,9 @@ class PartHistory(Output):
     role: Literal["record"] = "record"
     slow = True
     # An OK part's heat map costs CPU when read (the map is made then, and the page draws its overlay and
-    # thumbnail): drawn for at most one OK part in this many seconds, every NG and REVIEW part always. The live view still shows an OK part's heat map several times a second; a 60
-    # parts/s line does not pay for pictures nobody can follow. OK parts in between show their plain image.
+    # thumbnail): drawn for at most one OK part in this many seconds, every NG and REVIEW part always. The live
+    # view still shows an OK part's heat map several times a second; a 60 parts/s line does not pay for pictures
+    # nobody can follow. OK parts in between show their plain image.
     OK_HEAT_INTERVAL_S = 0.2
 
     def __init__(self, history: int = 200, keep_frames: int = 32, view_px: int = 640, thumbnail_px: int = 160):
