@@ -29,7 +29,7 @@ from bench_report import (BOTTLE, DEFAULT_BUNDLE, LoadMonitor, add_results_optio
 
 from edge_runtime.bench import run_bench  # noqa: E402
 from edge_runtime.bundle import Bundle  # noqa: E402
-from edge_runtime.features import make_session, model_input, takes_pixels  # noqa: E402
+from edge_runtime.features import make_session, model_input, pixel_channels, takes_pixels  # noqa: E402
 from edge_runtime.decode import load_image  # noqa: E402
 from edge_runtime.preprocess import preprocess  # noqa: E402
 
@@ -153,7 +153,8 @@ def op_profile(model_path: Path, tensors: list[np.ndarray], threads: int, runs: 
         opts.log_severity_level = 3
         sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
-        feeds = [model_input(t, takes_pixels(sess)) for t in tensors]   # uint8 pixels for INT8 graphs that take them
+        # uint8 pixels for INT8 graphs that take them
+        feeds = [model_input(t, takes_pixels(sess), pixel_channels(sess)) for t in tensors]
         for i in range(runs):
             sess.run(None, {name: feeds[i % len(feeds)]})
         events = json.loads(Path(sess.end_profiling()).read_text())

@@ -48,14 +48,14 @@ print(json.dumps({f"{a} x {w}": exact_products(a, w) for a in ("QUInt8", "QInt8"
 
 
 def model_tiles(pipe, path: Path) -> np.ndarray:
-    """The tiles the INT8 model takes for one image, as the pipeline makes them: (n_tiles, H, W, 3) uint8 pixels,
-    or the (n_tiles, 3, H, W) float tensor for a model without the pixel input (the arm target's s8 input)."""
+    """The tiles the INT8 model takes for one image, as the pipeline makes them: (n_tiles, H, W, 3 or 4) uint8
+    pixels, or the (n_tiles, 3, H, W) float tensor for a model without the pixel input (the arm target's s8 input)."""
     from edge_runtime.decode import decode_image
     from edge_runtime.features import model_input
     from edge_runtime.preprocess import preprocess
 
     tensor, _, _ = preprocess(decode_image(path.read_bytes(), str(path)), pipe.geometry, str(path))
-    return model_input(tensor, pipe.extractor.takes_pixels)
+    return model_input(tensor, pipe.extractor.takes_pixels, pipe.extractor.channels)
 
 
 def run_bundle(label: str, bundle_dir: Path, images: list[Path], prefix: list[str], env: dict, work: Path) -> dict:

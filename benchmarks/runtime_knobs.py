@@ -69,7 +69,7 @@ def spin_probe(a: argparse.Namespace) -> None:
     import numpy as np
 
     from edge_runtime.bundle import Bundle
-    from edge_runtime.features import make_session, model_input, takes_pixels
+    from edge_runtime.features import make_session, model_input, pixel_channels, takes_pixels
 
     bundle = Bundle.load(a.bundle)
     rng = np.random.default_rng(0)
@@ -80,7 +80,7 @@ def spin_probe(a: argparse.Namespace) -> None:
     session = make_session(bundle.path(bundle.variant(a.precision).model_file), a.threads)
     width, height = geom.input_size
     x = np.zeros((geom.n_tiles, 3, height, width), dtype=np.float32)   # one frame: every tile in one run
-    x = model_input(x, takes_pixels(session))                          # the pixels, for INT8 graphs taking them
+    x = model_input(x, takes_pixels(session), pixel_channels(session))   # the pixels, for INT8 graphs taking them
     name = session.get_inputs()[0].name
     print(json.dumps({
         "onnxruntime features run": idle_cpu_after(lambda: session.run(None, {name: x})),

@@ -18,7 +18,7 @@ import numpy as np
 from edge_runtime import decode, position_prior, scoring
 from edge_runtime.bundle import Bundle, BundleError, check_index_file
 from edge_runtime.decode import DecodeConfig, ImageError, decode_image, load_image, to_rgb
-from edge_runtime.features import FeatureError, FeatureExtractor, make_session
+from edge_runtime.features import FeatureError, FeatureExtractor, make_session, model_input
 from edge_runtime.frame_quality import FrameCheckConfig, QualityBand
 from edge_runtime.frame_quality import check as check_frame
 from edge_runtime.frame_quality import measure as measure_quality
@@ -247,8 +247,10 @@ class Pipeline:
             quality = measure_quality(canvas)
             self.refuse_quality(quality, frame.source)
             lap("quality")
-            # An INT8 graph that takes the pixels needs no float tensor (FeatureExtractor.takes_pixels).
-            tensor = tiles if self.extractor.takes_pixels else to_tensor(tiles)
+            # An INT8 graph that takes the pixels needs no float tensor (FeatureExtractor.takes_pixels); a 4-channel
+            # one gets RGBA here (features.model_input).
+            tensor = (model_input(tiles, True, self.extractor.channels) if self.extractor.takes_pixels
+                      else to_tensor(tiles))
             lap("preprocess")
             feats = self.extractor(tensor)
             lap("features")

@@ -118,7 +118,9 @@ def test_int8_graph_takes_the_pixels_and_scores_as_the_float_tensor_does(small_b
     graph = onnx.load(str(b.path(variant.model_file))).graph
     inp = graph.input[0]
     assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    assert [d.dim_value for d in inp.type.tensor_type.shape.dim][1:] == [*b.geometry.input_size[::-1], 3]
+    # RGB and a 4th channel the first convolution ignores (export.onnx_export.widen_pixel_input)
+    assert [d.dim_value for d in inp.type.tensor_type.shape.dim][1:] == [*b.geometry.input_size[::-1], 4]
+    assert variant.info["quantization"]["input_channels"] == 4
     assert not [n for n in graph.node if n.op_type == "QuantizeLinear" and inp.name in n.input]
     assert variant.info["quantization"]["input"].startswith("uint8 RGB pixels, NHWC")
     pipe = Pipeline(b, "int8", "hnsw", threads=1)
@@ -134,3 +136,26 @@ def test_int8_graph_takes_the_pixels_and_scores_as_the_float_tensor_does(small_b
     with pytest.raises(FeatureError, match="does not match the manifest's input_size"):
         w, h = b.geometry.input_size
         FeatureExtractor(b.read_verified(variant.model_file), (b.grid[0] * b.grid[1], b.dim, (w + 16, h), 1))
+
+
+def test_the_4_channel_int8_graph_gives_the_3_channel_graphs_features(small_bundle, synthetic_dataset, tmp_path):
+    """The fitted INT8 graph takes a 4th pixel channel (onnxruntime's faster stem kernel): the features are bit
+    for bit those of the same graph over RGB alone (what bundles before it shipped), and the station feeds it."""
+    from edge_runtime.features import FeatureExtractor
+    from export.onnx_export import narrow_pixel_input
+
+    b = Bundle.load(small_bundle)
+    variant = b.variant("int8")
+    narrow = tmp_path / "rgb.onnx"
+    narrow.write_bytes(b.read_verified(variant.model_file))
+    assert narrow_pixel_input(narrow)
+    pipe = Pipeline(b, "int8", "hnsw", threads=1)
+    assert pipe.extractor.channels == 4
+    rgb_only = FeatureExtractor(narrow, (b.grid[0] * b.grid[1], b.dim, b.geometry.input_size, b.geometry.n_tiles),
+                                threads=1)
+    assert rgb_only.channels == 3
+    for it in list_test_images(synthetic_dataset)[::3]:
+        x = preprocess(load_image(it.path), b.geometry)[0]
+        pixels = np.rint(x * 128 + 127).astype(np.uint8).transpose(0, 2, 3, 1)
+        assert np.array_equal(pipe.extractor(pixels), rgb_only(pixels))
+        assert np.array_equal(pipe.extractor(x), rgb_only(x))

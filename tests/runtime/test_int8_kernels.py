@@ -205,3 +205,27 @@ def test_fit_refuses_a_target_this_machine_cannot_compute_before_any_work(synthe
         fit(synthetic_dataset, out, FitSettings(int8_target="x86-vnni", coreset_ratio=0.05))
     assert not out.exists()
 
+
+
+@pytest.mark.exporter  # narrows the graph with the exporter's own pass (onnx package)
+def test_on_a_cpu_without_vnni_the_4_channel_stem_gives_the_3_channel_features(tmp_path):
+    """The widened stem (export.onnx_export.widen_pixel_input) runs on onnxruntime's symmetric conv kernel, the RGB
+    stem on im2col + GEMM: on the AVX2 kernels too, the two graphs give bit-identical features."""
+    from export.onnx_export import narrow_pixel_input
+
+    wide = REPO / "tests" / "fixtures" / "device_bundle" / "features_int8.onnx"
+    narrow = tmp_path / "rgb.onnx"
+    narrow.write_bytes(wide.read_bytes())
+    assert narrow_pixel_input(narrow)
+    code = ("import sys, numpy as np\n"
+            "from edge_runtime.features import make_session, model_input, pixel_channels\n"
+            "wide, narrow = make_session(sys.argv[1], 1), make_session(sys.argv[2], 1)\n"
+            "shape = [2] + wide.get_inputs()[0].shape[1:3] + [3]\n"
+            "x = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)\n"
+            "a = wide.run(None, {'image': model_input(x, True, pixel_channels(wide))})[0]\n"
+            "b = narrow.run(None, {'image': model_input(x, True, pixel_channels(narrow))})[0]\n"
+            "print(pixel_channels(wide), pixel_channels(narrow), bool(np.array_equal(a, b)), float(np.abs(a).max()))")
+    proc = _emulated(code, str(wide), str(narrow))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wide_c, narrow_c, same, peak = proc.stdout.split()[-4:]
+    assert (wide_c, narrow_c, same) == ("4", "3", "True") and float(peak) > 0

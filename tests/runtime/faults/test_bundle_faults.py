@@ -430,3 +430,39 @@ def test_any_manifest_value_is_refused_cleanly_or_usable(bundle_copy, where, val
             bundle.path(g["file"])
     finally:
         (bundle_copy / MANIFEST).write_bytes(original)
+
+
+def _model_with_input(path: Path, n_patches: int, dim: int, width: int, height: int, elem_type: int,
+                      layout: list) -> None:
+    """A graph that loads, with the manifest's output shape and the given input type and shape."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["image"], ["s"]),
+         helper.make_node("ConstantOfShape", ["dims"], ["patch_features"],
+                          value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0]))], "odd_input",
+        [helper.make_tensor_value_info("image", elem_type, layout)],
+        [helper.make_tensor_value_info("patch_features", TensorProto.FLOAT, ["tiles", n_patches, dim])],
+        initializer=[helper.make_tensor("dims", TensorProto.INT64, [3], [1, n_patches, dim])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.mark.exporter  # builds an ONNX graph with the onnx package
+@pytest.mark.parametrize("pixels, channels", [(True, 5), (True, 1), (False, 4)])
+def test_a_model_taking_another_channel_count_is_refused(editor, pixels, channels):
+    """Pixel graphs take RGB or RGBA (a 4th channel the first convolution ignores); float graphs RGB only."""
+    from onnx import TensorProto
+
+    bundle = Bundle.load(editor.root)
+    (rows, cols), (width, height) = bundle.grid, bundle.geometry.input_size
+    layout = ["tiles", height, width, channels] if pixels else ["tiles", channels, height, width]
+    _model_with_input(editor.root / MODEL, rows * cols, bundle.dim, width, height,
+                      TensorProto.UINT8 if pixels else TensorProto.FLOAT, layout)
+    editor.repin(MODEL)
+    with pytest.raises(FeatureError) as err:
+        Pipeline(Bundle.load(editor.root), threads=1)
+    want = "(tiles, H, W, 3 or 4) uint8" if pixels else "(tiles, 3, H, W) float32"
+    assert MODEL in str(err.value) and want in str(err.value) and str(channels) in str(err.value)
