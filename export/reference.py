@@ -37,7 +37,7 @@ class ReferenceScorer:
 
     @torch.no_grad()
     def features(self, tensor: np.ndarray) -> torch.Tensor:
-        return self.model(torch.from_numpy(tensor)).reshape(-1, self.model.dim)
+        return self.model.reference(torch.from_numpy(tensor)).reshape(-1, self.model.dim)
 
     @torch.no_grad()
     def score_tiles(self, tensor: np.ndarray) -> np.ndarray:

@@ -48,3 +48,23 @@ def test_imagenet_input_map_in_the_graph_equals_feeding_imagenet_statistics():
     assert input_norm("imagenet")["mean"] == list(IMAGENET_MEAN)
     with pytest.raises(ValueError, match="input normalisation"):
         PatchFeatures("lite0", input_norm="bgr")
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+@pytest.mark.parametrize("hw", [(64, 64), (232, 208), (272, 240), (40, 120)])
+def test_the_exported_matrix_head_computes_the_plain_aggregation(size, hw):
+    """forward (what is exported: pooling and upsampling as one matrix per axis on channels-last taps) gives
+    PatchCore's plain operations' features (avg_pool2d, bilinear F.interpolate, concatenation), on square and
+    odd grids (a 232-px side: 29 stride-8 rows from 15 stride-16 rows)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *hw)
+    m = PatchFeatures("lite0", aggregation_size=size, projection_dim=64 if size == 5 else None)
+    with torch.no_grad():
+        exported, plain = m(x), m.reference(x)
+    rows, cols = PatchFeatures.grid((hw[1], hw[0]))
+    assert exported.shape == plain.shape == (2, rows * cols, m.dim)
+    assert (exported - plain).abs().max() <= 1e-5 * plain.abs().max()
+    if size > 1:     # and not merely the taps: the aggregation is there
+        no_agg = PatchFeatures("lite0", aggregation_size=1, projection_dim=64 if size == 5 else None)
+        with torch.no_grad():
+            assert (no_agg(x) - plain).abs().max() > 1e-2
