@@ -100,9 +100,9 @@ class PatchFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The exported graph: each tap's aggregation (and the stride-16 tap's upsampling) as one small matrix per
         axis, applied to the tap channels-last, so rows come out patch-major with no transpose. Same numbers as
-        `reference` up to float rounding (~1e-6 of 30): onnxruntime's head 0.86 -> 0.49 ms of an INT8 bottle
-        run, where the AveragePools, their layout reorders, a Concat over channels and the final 1024 x 152
-        transpose went (benchmarks/feature_head.py)."""
+        `reference` up to float rounding (~1e-6 of 30). It replaces the AveragePools, their layout reorders and
+        the final 1024 x 152 transpose in onnxruntime: INT8 bottle features stage ~0.1 ms faster, interleaved
+        (benchmarks/feature_graphs.py)."""
         f8, f16 = self._taps(x)
         grid = (int(f8.shape[-2]), int(f8.shape[-1]))
         feats = torch.cat([self._aggregate(f8, grid), self._aggregate(f16, grid)], dim=2)   # (n, h*w, D)
