@@ -219,8 +219,9 @@ def take_uint8_pixels(path: Path) -> bool:
 
 # onnxruntime runs a quantised convolution on its symmetric indirect kernel (MlasConvSym: no im2col copy) only
 # when the input channels are a multiple of 4; the stem's 3 RGB channels fall back to im2col + GEMM. A zero 4th
-# channel puts the stem on that kernel with integer sums unchanged (the features are bit-identical): stem
-# 0.35 -> 0.16 ms, features model 0.2 ms faster on bottle 256 x 256, 2 threads (benchmarks/stem_channels.py).
+# channel puts the stem on that kernel with integer sums unchanged (the features are bit-identical): on bottle
+# 256 x 256, 2 threads, stem 0.36 -> 0.18 ms in the per-node profile, features stage p50 -0.4 ms interleaved
+# (benchmarks/stem_channels.py).
 def _pixel_conv_weights(g, channels: int) -> list | None:
     """The int8 weight initializers of the convolutions that read the dequantised uint8 pixels (input NHWC with
     `channels` channels -> Transpose -> DequantizeLinear -> Conv), each of their own and over `channels` inputs;
