@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_runtime.bundle import Bundle, BundleError
 from edge_runtime.decode import decode_image, to_rgb
-from edge_runtime.features import FeatureError
+from edge_runtime.features import FeatureError, model_input
 from edge_runtime.geometry import cut_tiles
 from edge_runtime.int8_kernels import capability as int8_capability
 from edge_runtime.nn_search import EF_MAX, device_blas
@@ -265,7 +265,10 @@ def model_alone(pipeline: Pipeline, image: tuple[str, bytes], array: np.ndarray 
     rgb = (to_rgb(array, name, shift_16bit=pipeline.bundle.shift_16bit) if array is not None
            else decode_image(data, name, pipeline.decode_limits, pipeline.bundle.shift_16bit))
     tiles = cut_tiles(canvas_of(rgb, pipeline.geometry, name)[0], pipeline.geometry)
-    tensor = tiles if pipeline.extractor.takes_pixels else to_tensor(tiles)
+    # What Pipeline.inspect hands the model: a 4-channel pixel graph's RGBA is made in the preprocess stage, not
+    # in the timed call (features.model_input).
+    tensor = (model_input(tiles, True, pipeline.extractor.channels) if pipeline.extractor.takes_pixels
+              else to_tensor(tiles))
     timings = []
     for _ in range(MODEL_ALONE_RUNS):
         t = time.perf_counter()

@@ -219,3 +219,31 @@ def test_sustained_mode_needs_images(small_bundle, capsys):
     with pytest.raises(SystemExit):
         main([str(small_bundle), "--sustained-fps", "60"])
     assert "--images" in capsys.readouterr().err
+
+
+def test_model_alone_times_the_model_on_the_input_the_station_gives_it(small_bundle, synthetic_dataset, monkeypatch):
+    """The model alone is timed on what Pipeline.inspect hands the model (a 4-channel pixel graph: RGBA, made in
+    the preprocess stage), not on RGB tiles the extractor would first have to widen inside the timed call."""
+    from edge_runtime.bench import model_alone
+    from edge_runtime.bundle import Bundle
+    from edge_runtime.features import FeatureExtractor
+    from edge_runtime.pipeline import Pipeline
+    from edge_runtime.records import Frame
+
+    pipe = Pipeline(Bundle.load(small_bundle), threads=1)
+    assert pipe.extractor.takes_pixels and pipe.extractor.channels == 4
+    seen = []
+    real_call = FeatureExtractor.__call__
+
+    def recording(self, tensor):
+        seen.append((tensor.dtype, tensor.shape))
+        return real_call(self, tensor)
+
+    monkeypatch.setattr(FeatureExtractor, "__call__", recording)
+    src = sorted((synthetic_dataset / "test" / "good").glob("*.png"))[0]
+    data = src.read_bytes()
+    assert pipe.inspect(Frame(frame_id=0, source=str(src), encoded=data)).error is None
+    station = seen[-1]
+    seen.clear()
+    model_alone(pipe, (str(src), data), None)
+    assert seen and set(seen) == {station} and station[1][-1] == 4
