@@ -130,6 +130,7 @@ class Pipeline:
         self.extractor = FeatureExtractor(bundle.read_verified(self.variant.model_file),
                                           (self.grid[0] * self.grid[1], bundle.dim, g.input_size, g.n_tiles),
                                           threads, providers, name=bundle.path(self.variant.model_file))
+        self._check_input_channels()
         params = bundle.hnsw_params
         overrides = {k: v for k, v in (("ef_search", ef_search), ("seed_step", seed_step), ("ef_seeded", ef_seeded))
                      if v is not None}
@@ -146,6 +147,16 @@ class Pipeline:
             self.search.set_grid(*self.grid)
         self.knn = knn
         self.prior_note = self._attach_prior() if position_prior else "off"
+
+    def _check_input_channels(self) -> None:
+        """The manifest pins the pixel channels its INT8 graph takes (3, or 4 with the widened stem): a model of
+        another count is not the one the bundle was fitted with. Older manifests pin none."""
+        quant = self.variant.info.get("quantization")
+        pinned = quant.get("input_channels") if isinstance(quant, dict) else None
+        if pinned is not None and self.extractor.takes_pixels and pinned != self.extractor.channels:
+            raise BundleError(f"{self.bundle.path(self.variant.model_file)}: the model takes "
+                              f"{self.extractor.channels} pixel channels, the manifest's "
+                              f"variants.{self.variant.name}.quantization.input_channels says {pinned!r}")
 
     def set_threads(self, threads: int, providers: list[str] | None = None) -> None:
         """Run on `threads` cores from now on: a new onnxruntime session from the same verified model bytes (built,

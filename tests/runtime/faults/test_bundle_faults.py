@@ -466,3 +466,22 @@ def test_a_model_taking_another_channel_count_is_refused(editor, pixels, channel
         Pipeline(Bundle.load(editor.root), threads=1)
     want = "(tiles, H, W, 3 or 4) uint8" if pixels else "(tiles, 3, H, W) float32"
     assert MODEL in str(err.value) and want in str(err.value) and str(channels) in str(err.value)
+
+
+@pytest.mark.parametrize("pinned", [3, 5, "4"])
+def test_a_manifest_pinning_other_pixel_channels_than_the_model_takes_is_refused(editor, pinned):
+    """The committed bundle's INT8 graph takes RGBA (the widened stem): a manifest that says otherwise describes
+    another model, so the station names the field instead of running it."""
+    assert Pipeline(Bundle.load(editor.root), threads=1).extractor.channels == 4
+    m = editor.manifest()
+    m["variants"]["int8"]["quantization"]["input_channels"] = pinned
+    editor.save(m)
+    with pytest.raises(BundleError) as err:
+        Pipeline(Bundle.load(editor.root), threads=1)
+    msg = str(err.value)
+    assert MODEL in msg and "quantization.input_channels" in msg and "takes 4 pixel channels" in msg
+    with pytest.raises(BundleError, match="input_channels"):
+        load_pipeline(station(editor.root))
+    m["variants"]["int8"]["quantization"].pop("input_channels")   # an older manifest pins none: it runs
+    editor.save(m)
+    assert Pipeline(Bundle.load(editor.root), threads=1).extractor.channels == 4
