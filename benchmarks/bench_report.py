@@ -157,6 +157,36 @@ DEFAULT_BUNDLE = Path("/tmp/bench_bundles/bottle10")
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 
 
+def node_profile(model, x: np.ndarray, threads: int = 2, runs: int = 100) -> list[tuple[str, str, float]]:
+    """onnxruntime's per-node profile of `model` (path or bytes) on input `x`: (operator type, node name, mean ms
+    per run) in execution order, the first run (memory planning, kernel selection) left out. The profile file goes
+    to a temporary folder, not the working directory."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "profile")
+        s = ort.InferenceSession(model if isinstance(model, (bytes, bytearray)) else str(model), opts,
+                                 providers=["CPUExecutionProvider"])
+        feed = {s.get_inputs()[0].name: x}
+        for _ in range(runs + 1):
+            s.run(None, feed)
+        events = json.loads(Path(s.end_profiling()).read_text())
+    model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    cutoff = model_runs[0]["ts"] + model_runs[0]["dur"]
+    total: dict[str, float] = {}
+    op_of: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= cutoff:
+            total[e["name"]] = total.get(e["name"], 0.0) + e["dur"]
+            op_of.setdefault(e["name"], e["args"].get("op_name", "?"))
+    return [(op_of[n], n[:-len("_kernel_time")], t / runs / 1000.0) for n, t in total.items()]
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'224' -> (224, 224); '320x224' -> (320, 224): a model input as (W, H)."""
     w, sep, h = text.lower().partition("x")

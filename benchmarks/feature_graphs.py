@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -27,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from bench_report import LoadMonitor, add_results_option, md_table, write_results  # noqa: E402
+from bench_report import LoadMonitor, add_results_option, md_table, node_profile, write_results  # noqa: E402
 
 from edge_runtime.bundle import Bundle  # noqa: E402
 from edge_runtime.features import model_input  # noqa: E402
@@ -38,24 +35,11 @@ from edge_runtime.preprocess import canvas_of, to_tensor  # noqa: E402
 STAGES = ("preprocess", "features", "total")
 
 
-def profile(model_bytes: bytes, x: np.ndarray, threads: int, runs: int = 100) -> dict[str, float]:
-    """Mean ms per run of each operator type (onnxruntime's per-node profile)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.enable_profiling = True
-    opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), "feature_graphs_profile")
-    s = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-    for _ in range(runs):
-        s.run(None, {s.get_inputs()[0].name: x})
-    path = s.end_profiling()
-    events = json.loads(Path(path).read_text())
-    os.unlink(path)
+def profile(model_bytes: bytes, x: np.ndarray, threads: int) -> dict[str, float]:
+    """Mean ms per run of each operator type (onnxruntime's per-node profile), largest first."""
     per_op: dict[str, float] = collections.defaultdict(float)
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            per_op[e["args"].get("op_name", "?")] += e["dur"] / runs / 1000.0
+    for op, _, ms in node_profile(model_bytes, x, threads):
+        per_op[op] += ms
     return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
 
 

@@ -18,12 +18,8 @@ Writes benchmarks/results/stem_channels[_NAME].{json,md}.
 from __future__ import annotations
 
 import argparse
-import collections
-import json
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import cv2
@@ -32,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from bench_report import LoadMonitor, add_results_option, md_table, write_results  # noqa: E402
+from bench_report import LoadMonitor, add_results_option, md_table, node_profile, write_results  # noqa: E402
 
 from edge_runtime.bundle import Bundle  # noqa: E402
 from edge_runtime.features import make_session, model_input, pixel_channels, takes_pixels  # noqa: E402
@@ -54,30 +50,10 @@ def twin_model(model_bytes: bytes, channels: int) -> bytes:
         return path.read_bytes()
 
 
-def stem_ms(model_bytes: bytes, tiles: np.ndarray, threads: int, runs: int = 100) -> dict:
-    """Per-node profile: the first convolution's mean kernel time and the whole graph's, in ms."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.enable_profiling = True
-    opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), "stem_channels_profile")
-    s = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-    x = model_input(tiles, True, pixel_channels(s))
-    for _ in range(runs):
-        s.run(None, {s.get_inputs()[0].name: x})
-    path = s.end_profiling()
-    events = json.loads(Path(path).read_text())
-    os.unlink(path)
-    per_node = collections.defaultdict(float)
-    order = []
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            if e["name"] not in per_node:
-                order.append((e["args"].get("op_name"), e["name"]))
-            per_node[e["name"]] += e["dur"]
-    first_conv = next(name for op, name in order if "Conv" in op)
-    return {"stem_ms": per_node[first_conv] / runs / 1000.0, "graph_ms": sum(per_node.values()) / runs / 1000.0}
+def stem_ms(model_bytes: bytes, tiles: np.ndarray, channels: int, threads: int) -> dict:
+    """The first convolution's and the whole graph's mean kernel time per run, ms (per-node profile)."""
+    nodes = node_profile(model_bytes, model_input(tiles, True, channels), threads)
+    return {"stem_ms": next(ms for op, _, ms in nodes if "Conv" in op), "graph_ms": sum(ms for _, _, ms in nodes)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         tiles = cut_tiles(canvas_of(rgb, pipes[3].geometry, str(p))[0], pipes[3].geometry)
         f = {c: pipe.extractor(tiles) for c, pipe in pipes.items()}
         identical += bool(np.array_equal(f[3], f[4]))
-    profile = {c: stem_ms(m, tiles, a.threads) for c, m in models.items()}
+    profile = {c: stem_ms(m, tiles, c, a.threads) for c, m in models.items()}
 
     load = LoadMonitor()
     laps = {c: {s: [] for s in STAGES} for c in pipes}
