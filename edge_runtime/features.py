@@ -91,10 +91,11 @@ def takes_pixels(session: ort.InferenceSession) -> bool:
 
 
 def pixel_channels(session: ort.InferenceSession) -> int:
-    """The channels a pixel graph takes (its input's last axis): 3, or 4 for a graph whose first convolution was
-    widened (export.onnx_export.widen_pixel_input); 3 for a float graph."""
+    """The channels a pixel graph takes (its input's last axis: 3, or 4 for a graph whose first convolution was
+    widened, export.onnx_export.widen_pixel_input); 3 for a float graph. FeatureExtractor refuses other counts."""
     inp = session.get_inputs()[0]
-    return inp.shape[3] if takes_pixels(session) and len(inp.shape) == 4 and inp.shape[3] == 4 else 3
+    last = inp.shape[3] if takes_pixels(session) and len(inp.shape) == 4 else 3
+    return last if isinstance(last, int) else 3
 
 
 def model_input(tensor: np.ndarray, pixels: bool, channels: int = 3) -> np.ndarray:
