@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 from bench_report import LoadMonitor, add_results_option, md_table, node_profile, write_results  # noqa: E402
 
+from edge_runtime.bench import IMAGE_SUFFIXES  # noqa: E402
 from edge_runtime.bundle import Bundle  # noqa: E402
 from edge_runtime.features import model_input  # noqa: E402
 from edge_runtime.geometry import cut_tiles  # noqa: E402
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("before", type=Path, help="bundle fitted with the code before the change")
     ap.add_argument("after", type=Path, help="bundle fitted with the code after it, on the same images")
-    ap.add_argument("images", type=Path, help="folder of frames (every .png/.jpg/.bmp below it, fed as raw BGR arrays)")
+    ap.add_argument("images", type=Path, help="folder of frames (every image file below it, fed as raw BGR arrays)")
     ap.add_argument("--variant", default="int8", help="the bundles' variant to run (default: int8)")
     ap.add_argument("--rounds", type=int, default=4, help="timed passes over the images (default: 4)")
     ap.add_argument("--threads", type=int, default=2, help="inference threads (default: 2)")
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     pipes = {k: Pipeline(b, a.variant, threads=a.threads) for k, b in bundles.items()}
     if bundles["before"].geometry.to_manifest() != bundles["after"].geometry.to_manifest():
         raise SystemExit("the two bundles cut frames differently (geometry): fit both on the same images and settings")
-    paths = sorted(p for p in a.images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    paths = sorted(p for p in a.images.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise SystemExit(f"{a.images}: no images")
     frames = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in paths]

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 from bench_report import LoadMonitor, add_results_option, md_table, node_profile, write_results  # noqa: E402
 
+from edge_runtime.bench import IMAGE_SUFFIXES  # noqa: E402
 from edge_runtime.bundle import Bundle  # noqa: E402
 from edge_runtime.features import make_session, model_input, pixel_channels, takes_pixels  # noqa: E402
 from edge_runtime.pipeline import Frame, Pipeline  # noqa: E402
@@ -59,7 +60,7 @@ def stem_ms(model_bytes: bytes, tiles: np.ndarray, channels: int, threads: int) 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("bundle", type=Path, help="bundle directory (its INT8 variant is measured)")
-    ap.add_argument("images", type=Path, help="folder of frames (every .png/.jpg/.bmp below it, fed as raw BGR arrays)")
+    ap.add_argument("images", type=Path, help="folder of frames (every image file below it, fed as raw BGR arrays)")
     ap.add_argument("--rounds", type=int, default=4, help="timed passes over the images (default: 4)")
     ap.add_argument("--threads", type=int, default=2, help="inference threads (default: 2)")
     ap.add_argument("--name", default=None, help="result name suffix (default: none)")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.extractor.session = make_session(model, a.threads)
         pipe.extractor.channels = c
         pipes[c] = pipe
-    paths = sorted(p for p in a.images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    paths = sorted(p for p in a.images.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise SystemExit(f"{a.images}: no images")
     frames = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in paths]
