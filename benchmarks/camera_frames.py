@@ -116,10 +116,9 @@ def main() -> int:
             f"false rejects / escapes at the shipped threshold.\n\n"
             + md_table(["resample", "round", "decode p50", "geometry p50", "features p50", "search p50",
                         "total p50", "total p99", "image AUROC", "pixel AUROC", "FR / esc"], rows))
-    out = write_results("camera_frames", "Camera-size frames: area vs halve-area resample", body,
+    write_results("camera_frames", "Camera-size frames: area vs halve-area resample", body,
                         {"size": [w, h], "runs": runs, "accuracy": accuracy,
                          "bundles": {m: str(b) for m, b in bundles.items()}}, load_summary, out_dir=a.results_dir)
-    print(f"written: {out}")
     return 0
 
 

@@ -4,13 +4,15 @@
 
 With the prior (edge_runtime.position_prior) the search stage finds the exact image score from the bank rows the
 golden parts' patches took, and its heat map takes the per-patch bounds that search left; without it every patch
-walks the graph before the verdict; the middle setting keeps the prior without its defect-first step (a part over
-the decision threshold after a few walks measures its worst patch first: FaissHnswSearch.PRIOR_FIRST). Three
-pipelines of the same bundle inspect the same raw frames (decoded once, as a camera delivers them), frame by frame
-in turn, the order alternating, under the device's BLAS setting; the heat map is read after each verdict and timed
-on its own. Reported per setting and per kind of part (good / defect, by folder name): total and search-stage
-p50 / p90 / p99 (ms), the heat map, in how many frames the scores of all three were identical, and how closely
-each heat map follows the full walk's (the lowest correlation; benchmarks/heat_map_source.py for pixel AUROC). Writes benchmarks/results/position_prior[_NAME].{json,md}.
+walks the graph before the verdict. Two more settings keep the prior but leave out one of its steps: the
+defect-first step (a part over the decision threshold after a few walks measures its worst patch first:
+FaissHnswSearch.PRIOR_FIRST), and the exact measure of the highest bound once the patches over the floor have
+walked (FaissHnswSearch.FLOOR_AFTER_WALK). Four pipelines of the same bundle inspect the same raw frames (decoded
+once, as a camera delivers them), frame by frame in turn, the order alternating, under the device's BLAS setting;
+the heat map is read after each verdict and timed on its own. Reported per setting and per kind of part (good /
+defect, by folder name): total and search-stage p50 / p90 / p99 (ms), the heat map, in how many frames the scores
+of all four were identical, and how closely each heat map follows the full walk's (the lowest correlation;
+benchmarks/heat_map_source.py for pixel AUROC). Writes benchmarks/results/position_prior[_NAME].{json,md}.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from edge_runtime.nn_search import device_blas  # noqa: E402
 from edge_runtime.pipeline import Pipeline  # noqa: E402
 from edge_runtime.records import Frame, Verdict  # noqa: E402
 
-SETTINGS = ("prior on (the default)", "prior on, no defect-first step", "prior off")
+SETTINGS = ("prior on (the default)", "prior on, no defect-first step", "prior on, no floor after the walks",
+            "prior off")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     bundle = Bundle.load(a.bundle)
     pipes = {SETTINGS[0]: Pipeline(bundle, threads=a.threads),
              SETTINGS[1]: Pipeline(bundle, threads=a.threads),
-             SETTINGS[2]: Pipeline(bundle, threads=a.threads, position_prior=False)}
+             SETTINGS[2]: Pipeline(bundle, threads=a.threads),
+             SETTINGS[3]: Pipeline(bundle, threads=a.threads, position_prior=False)}
+    pipes[SETTINGS[2]].search.FLOOR_AFTER_WALK = False   # FaissHnswSearch.FLOOR_AFTER_WALK
     no_first = pipes[SETTINGS[1]].search
     if getattr(no_first, "prior", None) is not None:   # every part walks its top share before its floor
         no_first.set_prior(no_first.prior, defect_above=None)
@@ -86,26 +91,24 @@ def main(argv: list[str] | None = None) -> int:
     summary = load.stop()
     rows = []
     for s in SETTINGS:
-        for kind in ("good", "defect"):
-            st = stats[s][kind]
+        every = {key: stats[s]["good"][key] + stats[s]["defect"][key] for key in ("total", "search", "heat")}
+        for kind, st in (("good", stats[s]["good"]), ("defect", stats[s]["defect"]), ("all", every)):
             if not st["total"]:
                 continue
             rows.append([s, kind, len(st["total"]) // a.rounds,
                          *np.percentile(st["total"], [50, 90, 99]).tolist(),
-                         *np.percentile(st["search"], [50, 90]).tolist(), float(np.median(st["heat"])),
+                         *np.percentile(st["search"], [50, 90, 99]).tolist(), float(np.median(st["heat"])),
                          float(np.median(np.add(st["total"], st["heat"])))])
     body = (f"{len(frames)} raw frames x {a.rounds} rounds, the settings in turn per frame (order alternating), {a.threads} "
             f"threads; position prior: {note}. Scores identical in {same_score}/{len(frames)} frames; heat maps "
             f"against the full walk's, lowest correlation: "
             + ", ".join(f"{s} {min(c):.4f}" for s, c in corr.items() if c) + ".\n\n"
             + md_table(["search", "parts", "frames", "total p50 ms", "total p90 ms", "total p99 ms", "search p50 ms",
-                        "search p90 ms", "heat map p50 ms", "total + heat map p50 ms"], rows))
-    print(body)
-    out = write_results("position_prior" + (f"_{a.name}" if a.name else ""),
+                        "search p90 ms", "search p99 ms", "heat map p50 ms", "total + heat map p50 ms"], rows))
+    write_results("position_prior" + (f"_{a.name}" if a.name else ""),
                         "Frame to verdict with and without the position prior (and its defect-first step)", body,
                         {"bundle": str(a.bundle), "prior": note, "stats_ms": stats, "same_score": same_score,
                          "heat_map_correlation_min": {s: min(c) for s, c in corr.items() if c}, "frames": len(frames)}, summary, out_dir=a.results_dir)
-    print(f"written: {out}")
     return 0
 
 

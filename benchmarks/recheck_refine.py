@@ -69,12 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{FaissHnswSearch.REFINE_SHARE}, REFINE_EF {FaissHnswSearch.REFINE_EF}.\n\n"
             + md_table(["search", "p50 ms", "p90 ms", "p99 ms", "max ms", "image score == exact",
                         "mean patch excess %"], rows))
-    print(body)
-    out = write_results("recheck_refine" + (f"_{a.name}" if a.name else ""), "Tightening before the re-check", body,
+    write_results("recheck_refine" + (f"_{a.name}" if a.name else ""), "Tightening before the re-check", body,
                         {"bundle": str(a.bundle), "times_ms": times, "exact_image_scores": exact_img,
                          "mean_excess": {k: float(np.mean(v)) for k, v in excess.items()}}, summary,
                         out_dir=a.results_dir)
-    print(f"written: {out}")
     return 0
 
 

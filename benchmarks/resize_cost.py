@@ -102,7 +102,6 @@ def main() -> int:
         "colour bundle adds per frame (geometry.match_colour: is the region grey? its middle row, then 8 rows, first); grey "
         "bundle: luma, then halve-area on one channel, copied to three (geometry.colour grey), against the "
         "halve-area column's three channels.\n")
-    print(f"written: {out}")
     return 0
 
 

@@ -180,6 +180,11 @@ class FaissHnswSearch(RecheckedSearch):
     # 48 over: no better.
     FLOOR_MORE = 1
     FLOOR_MORE_OVER = 16
+    # Still more than FLOOR_MORE_OVER over the floor once the patches over it have walked: the highest bound, now
+    # close to exact, is measured exactly before the tightening (a good bottle part with 71 left over its floor:
+    # none over the score after that one measure, against 32 searches from the top at REFINE_EF). Bottle 10%,
+    # benchmarks/position_prior.py, interleaved: see benchmarks/README.md.
+    FLOOR_AFTER_WALK = True
 
     def __init__(self, graph: HnswGraph, params: HnswParams, threads: int = 1):
         faiss = import_faiss("knn: hnsw")
@@ -314,16 +319,26 @@ class FaissHnswSearch(RecheckedSearch):
         if prior is None or not self.recheck or len(q) != len(prior):
             return None
         opened = self._open_by_prior(q, prior, self._defect_above)
-        bound, floor = opened.bound, opened.floor
+        bound, floor, top, extra = opened.bound, opened.floor, opened.top, 0
         if len(opened.over) > self.PRIOR_OPEN_SHARE * len(q):   # a part unlike the golden ones
             dist = np.minimum(self.approximate(q), bound)
         else:
             rest = np.setdiff1d(opened.over, opened.walked)
             if len(rest):
                 opened.walk(rest)
+            over = np.flatnonzero(bound > floor)
+            if self.FLOOR_AFTER_WALK and len(over) > self.FLOOR_MORE_OVER:
+                # Walked, most bounds lie close to their exact distances, so the highest is the score's patch or
+                # near it: its exact distance (few candidates within so close a bound) raises the floor past most
+                # of the others, which the tightening would otherwise search again from the top (FLOOR_AFTER_WALK).
+                j = int(over[np.argmax(bound[over])])
+                measured = opened.exact_at(j, search_first=False)
+                bound[j], extra = min(bound[j], measured), 1
+                if measured > floor:
+                    top, floor = j, measured
             dist = self._tighten(q, bound, above=floor, limit=self.PRIOR_TIGHTEN)
-        dist, measured = exact_image_recheck(self.exact, q, dist, slack=self.bound_slack, known=(opened.top, floor))
-        self.rechecked_last = measured + 1   # and the floor's patch
+        dist, measured = exact_image_recheck(self.exact, q, dist, slack=self.bound_slack, known=(top, floor))
+        self.rechecked_last = measured + 1 + extra   # and the floor's patch
         return dist
 
     def prior_open_share(self, queries: np.ndarray, prior: np.ndarray) -> float:
@@ -353,8 +368,8 @@ class FaissHnswSearch(RecheckedSearch):
             found_d2 = self._walk_level0(q[rows], seeds, seed_d2, self.params.ef_seeded)[1]
             bound[rows] = np.minimum(bound[rows], np.sqrt(np.maximum(found_d2, 0.0)))
 
-        def exact_at(i: int) -> float:        # patch i's exact distance, pruned by its bound
-            if self.FLOOR_EF and defect_above is not None and bound[i] > defect_above:
+        def exact_at(i: int, search_first: bool = True) -> float:   # patch i's exact distance, pruned by its bound
+            if search_first and self.FLOOR_EF and defect_above is not None and bound[i] > defect_above:
                 # Likely a defect: a walk from good parts' rows often stops 5-40% above its nearest, which leaves
                 # most of the bank to the exact search (a pass over all of it); one search from the top finds the
                 # nearest (bottle 10% defects: 1.00x in 58 of 63) and the exact search then reads a few hundred rows.
@@ -379,7 +394,7 @@ class FaissHnswSearch(RecheckedSearch):
             if bound[i] > defect_above:       # still over: measure it now, before walking any more
                 floor = exact_at(i)
                 if np.count_nonzero(bound > floor) <= share:
-                    return _Opened(bound, walk, order[:first], i, floor, np.flatnonzero(bound > floor))
+                    return _Opened(bound, walk, exact_at, order[:first], i, floor, np.flatnonzero(bound > floor))
             walk(order[first:share])          # not a clear defect after all: the top share, as for any part
             j = int(np.argmax(bound))
             if floor is None or (j != i and bound[j] > floor):
@@ -402,7 +417,7 @@ class FaissHnswSearch(RecheckedSearch):
             if measured > floor:
                 i, floor = j, measured
             over = np.flatnonzero(bound > floor)
-        return _Opened(bound, walk, order[:share], i, floor, over)
+        return _Opened(bound, walk, exact_at, order[:share], i, floor, over)
 
     def labels(self, queries: np.ndarray) -> np.ndarray:
         """Bank row of each query's approximate nearest neighbour."""
@@ -504,11 +519,13 @@ def distinct_rows(rows: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Opened:
-    """What `FaissHnswSearch._open_by_prior` leaves: per-patch bounds (updated in place by `walk`), the patches
-    walked, the patch whose exact distance is `floor`, and the patches whose bound lies above the floor."""
+    """What `FaissHnswSearch._open_by_prior` leaves: per-patch bounds (updated in place by `walk`), the exact
+    search of one patch, the patches walked, the patch whose exact distance is `floor`, and the patches whose bound
+    lies above the floor."""
 
     bound: np.ndarray
     walk: Callable[[np.ndarray], None]
+    exact_at: Callable[..., float]      # (patch, search_first=True) -> its exact distance
     walked: np.ndarray
     top: int
     floor: float

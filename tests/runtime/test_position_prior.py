@@ -207,6 +207,44 @@ def test_more_exact_patches_raise_the_floor_walk_fewer_patches_and_keep_the_scor
         assert counts[4] == 1 < counts[0]                          # without: most of the part walked
 
 
+def test_the_highest_bound_after_the_walks_raises_the_floor_and_spares_the_tightening(fixture_parts, monkeypatch):
+    """Once the patches over the floor have walked, their bounds lie close to exact and the highest is measured
+    exactly (FLOOR_AFTER_WALK): the floor rises to the score's patch, and fewer patches are left for the
+    tightening to search again from the top. The score and the per-patch bounds stay valid either way."""
+    graph, bank, part = fixture_parts
+    search = _with_prior(graph, part)
+    full = _search(graph)
+    tightened = []
+    real = FaissHnswSearch._tighten
+    monkeypatch.setattr(FaissHnswSearch, "_tighten", lambda self, q, dist, above=None, limit=None: (
+        above is not None and tightened.append(int(np.count_nonzero(dist > above)))) or real(self, q, dist, above,
+                                                                                             limit))
+    # The floor from the one highest prior bound, no second measure before the walks (as on good/013 of the
+    # bottle 10% bundle, where 71 patches were left over a floor 11% under the score).
+    monkeypatch.setattr(FaissHnswSearch, "PRIOR_TOP_SHARE", 0.0)
+    monkeypatch.setattr(FaissHnswSearch, "PRIOR_TOP_MIN", 1)
+    monkeypatch.setattr(FaissHnswSearch, "FLOOR_MORE", 0)
+    monkeypatch.setattr(FaissHnswSearch, "FLOOR_MORE_OVER", 2)
+    monkeypatch.setattr(FaissHnswSearch, "PRIOR_OPEN_SHARE", 1.0)   # never the full walk instead
+    spared = 0
+    for seed in range(520, 526):
+        q = part(seed)
+        q[0:2] = part(seed + 1000)[300:302]   # far from their position's prior rows, near the bank: a low floor
+        q[200] += 0.3                          # the score's patch
+        over = {}
+        for on in (False, True):
+            monkeypatch.setattr(FaissHnswSearch, "FLOOR_AFTER_WALK", on)
+            tightened.clear()
+            dist = search.prior_scores(q)
+            assert dist.max() == full.distances(q).max()
+            assert np.all(dist >= _nearest64(bank, q) * (1 - 1e-6))
+            over[on] = tightened[0]
+        assert over[True] <= over[False]       # the floor only rises
+        spared += over[False] - over[True]
+        assert over[False] > FaissHnswSearch.FLOOR_MORE_OVER   # the step's condition held on these parts
+    assert spared > 0
+
+
 def test_a_part_unlike_the_golden_ones_takes_the_full_walk_and_the_same_score(fixture_parts, monkeypatch):
     graph, bank, part = fixture_parts
     search = _with_prior(graph, part)
