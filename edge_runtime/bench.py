@@ -109,6 +109,38 @@ def load_average() -> list[float] | None:
         return None
 
 
+def cpu_counters(stat_text: str | None = None) -> dict | None:
+    """All CPUs' time since boot from /proc/stat, in jiffies: total, busy (not idle or waiting for I/O) and steal
+    (time the hypervisor ran something else while this VM's vCPUs had work); None where there is no /proc/stat."""
+    try:
+        text = stat_text if stat_text is not None else Path("/proc/stat").read_text()
+        fields = [int(x) for x in text.splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    fields += [0] * (8 - len(fields))   # kernels before 2.6.11 list no steal
+    total = sum(fields)
+    return {"total": total, "busy": total - fields[3] - fields[4], "steal": fields[7]}
+
+
+def cpu_during(before: dict | None, after: dict | None, own_cpu_s: float, wall_s: float) -> dict | None:
+    """What the machine did while the frames ran: the share of CPU time stolen by the hypervisor (a shared VM's
+    slow minutes) and the cores other processes kept busy. None without /proc/stat counters."""
+    if before is None or after is None or wall_s <= 0:
+        return None
+    total = after["total"] - before["total"]
+    if total <= 0:
+        return None
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy_s = (after["busy"] - after["steal"] - before["busy"] + before["steal"]) / tick
+    return {"steal_percent": round(100.0 * (after["steal"] - before["steal"]) / total, 2),
+            "other_processes_cores": round(max(busy_s - own_cpu_s, 0.0) / wall_s, 3)}
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 # ---- statistics ----------------------------------------------------------------------------------------------
 def summarize(values_ms: list[float] | np.ndarray) -> dict:
     v = np.asarray(values_ms, dtype=np.float64)
@@ -195,6 +227,7 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
         verdicts = {v.value: 0 for v in (Verdict.OK, Verdict.REVIEW, Verdict.NG)}
         hnsw = pipeline.search if pipeline.knn in ("hnsw", "hnswlib") else None
         idle_s = 0.0
+        counters, own_start = cpu_counters(), _own_cpu_s()
         loop_start = time.perf_counter()
         for i in range(frames):
             if gap_ms > 0:
@@ -212,7 +245,9 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
             result.anomaly_map
             heat_ms.append((time.perf_counter() - t_map) * 1000.0)
             verdicts[result.verdict.value] += 1
-        loop_s = time.perf_counter() - loop_start - idle_s   # throughput counts working time only
+        wall_s = time.perf_counter() - loop_start
+        during = cpu_during(counters, cpu_counters(), _own_cpu_s() - own_start, wall_s)
+        loop_s = wall_s - idle_s   # throughput counts working time only
         last = (warmup + frames - 1) % len(images)   # inspected without a fault, so its tiles can be made
         alone_ms = model_alone(pipeline, images[last], arrays[last] if raw else None)
 
@@ -254,7 +289,7 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
         "memory": {"before_load": mem_start, "after_load": mem_loaded, "after_run": memory_status()},
         "load_seconds": load_s,
         "machine": {"cpu": cpu_info(), "int8": int8_capability(providers), "software": software_info(),
-                    "load_average": load_average(), "hostname": platform.node()},
+                    "load_average": load_average(), "hostname": platform.node(), "during_run": during},
         "samples_ms": per_stage,
     }
 
@@ -296,6 +331,12 @@ def format_table(report: dict) -> str:
         f"cpu {cpu['model']} ({cpu['usable_cpus']}/{cpu['logical_cpus']} cpus usable; {isa}); "
         f"onnxruntime {report['machine']['software']['onnxruntime']}; load {report['machine']['load_average']}",
         f"int8 kernels: {report['machine'].get('int8', '?')}",
+    ]
+    during = report["machine"].get("during_run")
+    if during:
+        lines.append(f"during the frames: {during['steal_percent']:.1f}% of CPU time stolen by the hypervisor, "
+                     f"other processes {during['other_processes_cores']:.2f} cores busy")
+    lines += [
         "",
         f"{'stage':<11}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}{'mean ms':>9}",
     ]

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from edge_runtime.bench import MODEL_ALONE_RUNS, STAGES, BenchError, cpu_info, format_table, main, run_bench, summarize
+from edge_runtime.bench import (MODEL_ALONE_RUNS, STAGES, BenchError, cpu_counters, cpu_during, cpu_info, format_table,
+                                main, run_bench, summarize)
 
 # Timer granularity and the few statements between laps: stage sums may exceed total by this much, no more.
 EPS_MS = 0.05
@@ -41,6 +43,9 @@ def check_report(report: dict, frames: int) -> None:
     m = report["machine"]
     assert m["cpu"]["logical_cpus"] >= 1 and "avx2" in m["cpu"]["isa"] and "asimd" in m["cpu"]["isa"]
     assert m["software"]["onnxruntime"]
+    # What else the machine did meanwhile (Linux: /proc/stat), to read a slow run against.
+    during = m["during_run"]
+    assert 0.0 <= during["steal_percent"] <= 100.0 and during["other_processes_cores"] >= 0.0
 
 
 def test_main_writes_consistent_json(small_bundle, tmp_path, capsys):
@@ -142,6 +147,21 @@ def test_cpu_info_parses_x86_and_arm():
     assert x86["isa"]["avx2"] and x86["isa"]["avx512_vnni"] and not x86["isa"]["avx_vnni"] and not x86["isa"]["asimd"]
     arm = cpu_info("processor\t: 0\nFeatures\t: fp asimd evtstrm asimddp\nCPU part\t: 0xd0b\n")
     assert arm["isa"]["asimd"] and arm["isa"]["asimddp"] and not arm["isa"]["avx2"]
+
+
+def test_cpu_counters_read_steal_and_the_share_of_others():
+    before = cpu_counters("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 1 2 3\n")
+    assert before == {"total": 1000, "busy": 190, "steal": 40}
+    after = cpu_counters("cpu  300 0 100 1300 10 0 0 90 0 0\n")   # 800 more jiffies: 250 run, 50 stolen
+    tick = os.sysconf("SC_CLK_TCK")
+    own_s = 100 / tick                                                  # this process ran 100 of the 250
+    during = cpu_during(before, after, own_s, wall_s=400 / tick)
+    assert during["steal_percent"] == pytest.approx(100 * 50 / 800, abs=0.01)
+    assert during["other_processes_cores"] == pytest.approx(150 / 400, abs=1e-3)   # the other 150, over 400
+    # A kernel too old to list steal, and no /proc/stat at all
+    assert cpu_counters("cpu  100 0 50 800 10\n") == {"total": 960, "busy": 150, "steal": 0}
+    assert cpu_counters("") is None and cpu_during(None, after, 0.0, 1.0) is None
+    assert cpu_during(before, before, 0.0, 1.0) is None               # no time passed
 
 
 def test_summarize_percentiles():
