@@ -117,8 +117,8 @@ def main() -> int:
             + md_table(["resample", "round", "decode p50", "geometry p50", "features p50", "search p50",
                         "total p50", "total p99", "image AUROC", "pixel AUROC", "FR / esc"], rows))
     write_results("camera_frames", "Camera-size frames: area vs halve-area resample", body,
-                        {"size": [w, h], "runs": runs, "accuracy": accuracy,
-                         "bundles": {m: str(b) for m, b in bundles.items()}}, load_summary, out_dir=a.results_dir)
+                  {"size": [w, h], "runs": runs, "accuracy": accuracy,
+                   "bundles": {m: str(b) for m, b in bundles.items()}}, load_summary, out_dir=a.results_dir)
     return 0
 
 

@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             + f"\n\nA heat map read after the verdict, {a.rounds} rounds interleaved, {a.threads} threads:\n\n"
             + md_table(["heat map", "p50 ms", "p90 ms", "p99 ms"], crow))
     write_results("heat_map_source" + (f"_{a.name}" if a.name else ""),
-                        "The heat map from the position prior's bounds vs a full walk", body,
-                        {"bundle": str(a.bundle), "data_dir": str(a.data_dir), "prior": pipe.prior_note,
-                         "sources": res, "same_image_score": same_score, "images": len(items),
-                         "cost_ms": cost}, summary, out_dir=a.results_dir)
+                  "The heat map from the position prior's bounds vs a full walk", body,
+                  {"bundle": str(a.bundle), "data_dir": str(a.data_dir), "prior": pipe.prior_note,
+                   "sources": res, "same_image_score": same_score, "images": len(items),
+                   "cost_ms": cost}, summary, out_dir=a.results_dir)
     return 0
 
 

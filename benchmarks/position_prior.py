@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             + md_table(["search", "parts", "frames", "total p50 ms", "total p90 ms", "total p99 ms", "search p50 ms",
                         "search p90 ms", "search p99 ms", "heat map p50 ms", "total + heat map p50 ms"], rows))
     write_results("position_prior" + (f"_{a.name}" if a.name else ""),
-                        "Frame to verdict with and without the position prior (and its defect-first step)", body,
-                        {"bundle": str(a.bundle), "prior": note, "stats_ms": stats, "same_score": same_score,
-                         "heat_map_correlation_min": {s: min(c) for s, c in corr.items() if c}, "frames": len(frames)}, summary, out_dir=a.results_dir)
+                  "Frame to verdict with and without the position prior (and two of its steps)", body,
+                  {"bundle": str(a.bundle), "prior": note, "stats_ms": stats, "same_score": same_score,
+                   "heat_map_correlation_min": {s: min(c) for s, c in corr.items() if c}, "frames": len(frames)}, summary, out_dir=a.results_dir)
     return 0
 
 

@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             + md_table(["search", "p50 ms", "p90 ms", "p99 ms", "max ms", "image score == exact",
                         "mean patch excess %"], rows))
     write_results("recheck_refine" + (f"_{a.name}" if a.name else ""), "Tightening before the re-check", body,
-                        {"bundle": str(a.bundle), "times_ms": times, "exact_image_scores": exact_img,
-                         "mean_excess": {k: float(np.mean(v)) for k, v in excess.items()}}, summary,
-                        out_dir=a.results_dir)
+                  {"bundle": str(a.bundle), "times_ms": times, "exact_image_scores": exact_img,
+                   "mean_excess": {k: float(np.mean(v)) for k, v in excess.items()}}, summary,
+                  out_dir=a.results_dir)
     return 0
 
 

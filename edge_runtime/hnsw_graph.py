@@ -338,7 +338,7 @@ class FaissHnswSearch(RecheckedSearch):
                     top, floor = j, measured
             dist = self._tighten(q, bound, above=floor, limit=self.PRIOR_TIGHTEN)
         dist, measured = exact_image_recheck(self.exact, q, dist, slack=self.bound_slack, known=(top, floor))
-        self.rechecked_last = measured + 1 + extra   # and the floor's patch
+        self.rechecked_last = measured + 1 + extra   # and the floor's patch (and the one after the walks)
         return dist
 
     def prior_open_share(self, queries: np.ndarray, prior: np.ndarray) -> float:
