@@ -185,6 +185,8 @@ class FaissHnswSearch(RecheckedSearch):
     # none over the score after that one measure, against 32 searches from the top at REFINE_EF). Bottle 10%,
     # benchmarks/position_prior.py, interleaved: see benchmarks/README.md.
     FLOOR_AFTER_WALK = True
+    # The station lays the bank out around the prior's rows once it has one (`renumber`); False: the file's order.
+    RENUMBER_FOR_PRIOR = True
 
     def __init__(self, graph: HnswGraph, params: HnswParams, threads: int = 1):
         faiss = import_faiss("knn: hnsw")
@@ -205,6 +207,7 @@ class FaissHnswSearch(RecheckedSearch):
         h.efSearch = params.ef_search
         self.graph = index
         self._attach_bank()
+        self.file_rows = np.arange(n)    # the index file's row of each storage row (`renumber` moves them)
         self.threads = threads
         self.rechecked_last = 0
         self.grid: tuple[int, int] | None = None
@@ -242,6 +245,7 @@ class FaissHnswSearch(RecheckedSearch):
         self._faiss.omp_set_num_threads(self.threads)
         self.graph.add(np.ascontiguousarray(vectors, dtype=np.float32))
         self._attach_bank()
+        self.file_rows = np.concatenate([self.file_rows, np.arange(len(self.file_rows), self.graph.ntotal)])
 
     def graph_arrays(self) -> HnswGraph:
         """The graph as it stands (after `add`), for `write_hnsw_graph`; the vectors are the storage itself."""
@@ -250,6 +254,38 @@ class FaissHnswSearch(RecheckedSearch):
                          faiss.vector_to_array(h.offsets).astype(np.uint64),
                          faiss.vector_to_array(h.neighbors).astype(np.int32), int(h.entry_point), int(h.max_level),
                          int(h.nb_neighbors(1)), int(h.nb_neighbors(0)))
+
+    def renumber(self, first: np.ndarray) -> np.ndarray:
+        """Lay the bank out anew around `first` (bank rows, any shape; -1 ignored): its distinct rows come first in
+        order of first appearance, then the rest in breadth-first order of the graph from them (`locality_order`).
+        Returns the new row of each old one: row ids from before (labels, a prior) must be mapped through it.
+
+        Why: the position prior's candidate distances and the walks that start from its rows read 2,600 rows
+        scattered over bottle 10%'s 13 MB bank, which the features stage has evicted from the cache by then;
+        laid out together they are one 1.6 MB block and their graph neighbours follow (search stage -0.2 to
+        -0.3 ms a part on bottle 10%, benchmarks/bank_layout.py). Distances, and so every score and heat map, are
+        unchanged: the same vectors, the same links. In place: the one copy of the bank stays one."""
+        faiss = self._faiss
+        graph = self.graph_arrays()
+        order = locality_order(graph, first)
+        new = permute_graph(graph, order)
+        h = self.graph.hnsw
+        faiss.copy_array_to_vector(new.levels.astype(np.int32), h.levels)
+        faiss.copy_array_to_vector(new.offsets.astype(np.uint64), h.offsets)
+        faiss.copy_array_to_vector(new.neighbors.astype(np.int32), h.neighbors)
+        h.entry_point = new.entry
+        n, dim = self.graph.ntotal, self.graph.d
+        storage = faiss.rev_swig_ptr(self._flat.get_xb(), n * dim).reshape(n, dim)
+        storage[...] = new.vectors           # writable view of faiss's own storage: the vectors move, not copied
+        bank = faiss.rev_swig_ptr(self._flat.get_xb(), n * dim).reshape(n, dim)
+        bank.flags.writeable = False
+        self.exact = self.exact.renumbered(bank, order)
+        self.file_rows = self.file_rows[order]
+        new_of = np.empty(n, dtype=np.int64)
+        new_of[order] = np.arange(n)
+        if self._prior is not None:
+            self.set_prior(new_of[self._prior], self._defect_above)
+        return new_of
 
     def set_grid(self, rows: int, cols: int) -> None:
         """The patch grid of one tile (the bundle's features.grid): queries are then read as whole tiles of
@@ -501,6 +537,52 @@ class FaissHnswSearch(RecheckedSearch):
         d = np.sqrt(np.maximum(d2[found, 0], 0.0))
         dist[top[found]] = np.minimum(dist[top[found]], d)
         return dist
+
+
+def locality_order(graph: HnswGraph, first: np.ndarray) -> np.ndarray:
+    """A row order (order[new] = old row) that keeps together what one search reads together: the distinct rows
+    of `first` (-1 ignored) in order of first appearance, then every other row in breadth-first order of the
+    level-0 links from them (a row's neighbours in list order, rows in the order they were reached), then the
+    rows no link reaches, in id order."""
+    n = len(graph.levels)
+    first = np.asarray(first, dtype=np.int64).ravel()
+    first = first[(first >= 0) & (first < n)]
+    _, at = np.unique(first, return_index=True)
+    frontier = first[np.sort(at)]
+    seen = np.zeros(n, dtype=bool)
+    seen[frontier] = True
+    start = graph.offsets[:-1].astype(np.int64)
+    slots = np.arange(graph.max_m0)
+    parts = [frontier]
+    while len(frontier):
+        links = graph.neighbors[(start[frontier][:, None] + slots).ravel()].astype(np.int64)
+        links = links[links >= 0]
+        links = links[~seen[links]]
+        _, at = np.unique(links, return_index=True)
+        frontier = links[np.sort(at)]
+        seen[frontier] = True
+        parts.append(frontier)
+    parts.append(np.flatnonzero(~seen))
+    return np.concatenate(parts)
+
+
+def permute_graph(graph: HnswGraph, order: np.ndarray) -> HnswGraph:
+    """The same graph with its rows renumbered: new row i is old row order[i] (its vector, its levels and its
+    links, each link renumbered too)."""
+    n = len(order)
+    new_of = np.empty(n, dtype=np.int64)
+    new_of[order] = np.arange(n)
+    old_start = graph.offsets.astype(np.int64)
+    size = np.diff(old_start)[order]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(size)
+    # Each new slot's old slot: the node's old start plus the slot's place in its block.
+    slot = np.repeat(old_start[:-1][order] - offsets[:-1], size) + np.arange(offsets[-1])
+    links = graph.neighbors[slot].astype(np.int64)
+    neighbors = np.where(links >= 0, new_of[np.maximum(links, 0)], -1).astype(np.int32)
+    return HnswGraph(np.ascontiguousarray(graph.vectors[order]), np.ascontiguousarray(graph.levels[order]),
+                     offsets.astype(np.uint64), neighbors, int(new_of[graph.entry]), graph.max_level, graph.m,
+                     graph.max_m0)
 
 
 def distinct_rows(rows: np.ndarray) -> np.ndarray:

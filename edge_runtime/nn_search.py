@@ -10,6 +10,7 @@ shared/SEARCH.md: recall 99.7% alone still flips good parts to NG).
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import tempfile
@@ -151,6 +152,22 @@ class ExactSearch:
         # transposed (n, m) view (0.35 vs 0.75 ms on the bottle bank, one BLAS thread).
         self._prefix_t = np.ascontiguousarray(prefix.T)
         self.candidates_last = 0
+
+    def renumbered(self, bank: np.ndarray, order: np.ndarray) -> "ExactSearch":
+        """This search over the same rows in another order: `bank` row i is this bank's row order[i]. The same
+        principal axes (no second eigendecomposition at load, and every bound the same number as before); each
+        row's precomputed numbers move with it."""
+        if bank.shape != self.bank.shape or len(order) != len(self):
+            raise ValueError(f"renumbered: {bank.shape} bank and {len(order)} rows for a {self.bank.shape} bank")
+        new = copy.copy(self)
+        new.bank = bank
+        new.bank_sq = self.bank_sq[order]
+        new._tail_norm = self._tail_norm[order]
+        new._centred_sq = self._centred_sq[order]
+        new._prefix_sq = self._prefix_sq[order]
+        new._prefix_t = np.ascontiguousarray(self._prefix_t[:, order])
+        new.candidates_last = 0
+        return new
 
     @property
     def dim(self) -> int:

@@ -193,6 +193,9 @@ class Pipeline:
             except Exception as exc:   # the self-test reports a bad golden image; here it only sits out
                 log.debug("%s: golden image %s left out of the position prior: %s", self.bundle.root, rel, exc)
         prior, note = position_prior.build(self.search, feats, self.grid)
+        renumber = getattr(self.search, "renumber", None)
+        if prior is not None and renumber is not None and self.search.RENUMBER_FOR_PRIOR:
+            prior = renumber(prior)[prior]   # its rows laid out together (FaissHnswSearch.renumber)
         # The lowest score this station does not pass: a part over it after a few walks starts from its worst patch.
         lowest = self.review_threshold if self.review_threshold is not None else self.threshold
         set_prior(prior, defect_above=lowest)

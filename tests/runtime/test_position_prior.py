@@ -9,7 +9,8 @@ from extras import require
 
 from edge_runtime import position_prior
 from edge_runtime.bundle import Bundle
-from edge_runtime.hnsw_graph import FaissHnswSearch, distinct_rows, read_hnsw_graph
+from edge_runtime.hnsw_graph import (FaissHnswSearch, distinct_rows, locality_order, permute_graph,
+                                     read_hnsw_graph, write_hnsw_graph)
 from edge_runtime.nn_search import ExactSearch, HnswParams, build_hnsw, exact_image_recheck
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.preprocess import preprocess
@@ -245,6 +246,63 @@ def test_the_highest_bound_after_the_walks_raises_the_floor_and_spares_the_tight
     assert spared > 0
 
 
+def test_the_bank_laid_out_around_the_prior_gives_every_part_the_same_scores(fixture_parts):
+    """FaissHnswSearch.renumber: the prior's rows first, the graph around them next; the same vectors and links
+    renumbered, so every part's per-patch distances (heat map) and image score are bit for bit the file order's."""
+    graph, _, part = fixture_parts
+    plain = _with_prior(graph, part)
+    laid = _search(graph)
+    prior, _ = position_prior.build(laid, [part(k) for k in GOLDEN], (ROWS, COLS))
+    new_of = laid.renumber(prior)
+    laid.set_prior(new_of[prior])
+    n = len(graph.vectors)
+    assert np.array_equal(np.sort(new_of), np.arange(n)) and np.array_equal(new_of[laid.file_rows], np.arange(n))
+    assert np.array_equal(laid.exact.bank, graph.vectors[laid.file_rows])
+    distinct = np.unique(prior)
+    assert np.array_equal(np.sort(new_of[distinct]), np.arange(len(distinct)))   # the prior's rows come first
+    assert 0 < len(distinct) < n
+    rng = np.random.default_rng(3)
+    for k in range(9):
+        q = part(300 + k)
+        if k % 3 == 1:
+            q[rng.integers(0, len(q), 6)] += 0.8
+        elif k % 3 == 2:
+            q[50:80] += 0.6
+        np.testing.assert_array_equal(laid.prior_scores(q), plain.prior_scores(q))
+        assert laid.image_score(q) == plain.image_score(q)
+        assert np.array_equal(laid.labels(q), new_of[plain.labels(q)])
+        np.testing.assert_array_equal(laid.approximate(q), plain.approximate(q))   # the full walk too
+    # Written out and read back (an adapted bundle's index), the laid-out graph is the same graph.
+    again = _search(read_hnsw_graph(write_hnsw_graph(laid.graph_arrays(), 64), DIM))
+    again.set_prior(laid.prior)
+    q = part(400)
+    np.testing.assert_array_equal(again.prior_scores(q), laid.prior_scores(q))
+
+
+def test_permuting_a_graph_and_back_gives_it_unchanged(fixture_parts):
+    graph = fixture_parts[0]
+    order = np.random.default_rng(0).permutation(len(graph.vectors))
+    there = permute_graph(graph, order)
+    assert np.array_equal(there.vectors, graph.vectors[order]) and there.entry == int(np.flatnonzero(order == graph.entry)[0])
+    back = permute_graph(there, np.argsort(order))
+    for field in ("vectors", "levels", "offsets", "neighbors"):
+        assert np.array_equal(getattr(back, field), getattr(graph, field)), field
+    assert back.entry == graph.entry
+    # the locality order: a permutation, its first rows first, each later row linked from an earlier one
+    first = np.array([[7, 3, -1], [3, 11, 7]])
+    lo = locality_order(graph, first)
+    assert np.array_equal(np.sort(lo), np.arange(len(lo))) and list(lo[:3]) == [7, 3, 11]
+    pos = np.argsort(lo)
+    start = graph.offsets[:-1].astype(np.int64)
+    earliest = np.full(len(lo), len(lo))
+    for row in range(len(lo)):
+        links = graph.neighbors[start[row]:start[row] + graph.max_m0]
+        links = links[links >= 0]
+        earliest[links] = np.minimum(earliest[links], pos[row])
+    later = lo[3:]
+    assert np.all(earliest[later] < pos[later])                   # reached through a link from an earlier row
+
+
 def test_a_part_unlike_the_golden_ones_takes_the_full_walk_and_the_same_score(fixture_parts, monkeypatch):
     graph, bank, part = fixture_parts
     search = _with_prior(graph, part)
@@ -337,6 +395,8 @@ def test_bottle_scores_are_the_full_searchs_with_the_prior_on(bottle_bundle, bot
     bundle = Bundle.load(bottle_bundle)
     pipe = Pipeline(bundle, threads=2)
     assert pipe.prior_note.startswith("on"), pipe.prior_note
+    rows = np.unique(pipe.search.prior)
+    assert np.array_equal(rows, np.arange(len(rows)))             # the bank laid out around them, first
     plain = Pipeline(bundle, threads=2, position_prior=False)
     assert plain.prior_note == "off"
     paths = [p for kind in ("good", "broken_large", "contamination")
