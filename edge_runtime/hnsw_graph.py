@@ -17,7 +17,9 @@ distances closer to exact (benchmarks/seeded_walk.py).
 The position prior (`FaissHnswSearch.set_prior` / `image_score`, built by edge_runtime.position_prior from the
 bundle's golden images): the exact image score from the bank rows each patch position took on the golden parts,
 walking only the patches those rows leave open (`prior_scores`). Same image score; the heat map's per-patch
-distances are the bounds that search left (upper bounds, the largest exact), not a second, full walk.
+distances are the bounds that search left (upper bounds, the largest exact), not a second, full walk. With a
+prior, the pipeline lays the bank out around its rows at load (`FaissHnswSearch.renumber`): the same graph with
+its rows renumbered, so the rows one part's search reads lie together in memory.
 
 The file is parsed here, not by hnswlib, so every field is checked before faiss sees it: a link that points
 outside the bank or a label that is not a row of the bank would make a search read past its buffers.
