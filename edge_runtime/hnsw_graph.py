@@ -258,15 +258,18 @@ class FaissHnswSearch(RecheckedSearch):
                          int(h.nb_neighbors(1)), int(h.nb_neighbors(0)))
 
     def renumber(self, first: np.ndarray) -> np.ndarray:
-        """Lay the bank out anew around `first` (bank rows, any shape; -1 ignored): its distinct rows come first in
-        order of first appearance, then the rest in breadth-first order of the graph from them (`locality_order`).
-        Returns the new row of each old one: row ids from before (labels, a prior) must be mapped through it.
+        """Lay the bank out anew around `first` (bank rows, any shape): its distinct rows come first in order of
+        first appearance, then the rest in breadth-first order of the graph from them (`locality_order`). Returns
+        the new row of each old one: row ids from before (labels, a prior) must be mapped through it.
 
         Why: the position prior's candidate distances and the walks that start from its rows read 2,600 rows
         scattered over bottle 10%'s 13 MB bank, which the features stage has evicted from the cache by then;
         laid out together they are one 1.6 MB block and their graph neighbours follow (search stage -0.2 to
         -0.3 ms a part on bottle 10%, benchmarks/bank_layout.py). Distances, and so every score and heat map, are
         unchanged: the same vectors, the same links. In place: the one copy of the bank stays one."""
+        first = np.asarray(first, dtype=np.int64)
+        if first.size and (first.min() < 0 or first.max() >= len(self)):   # the caller maps them through the result
+            raise ValueError(f"renumber: rows {first.min()}..{first.max()} outside the bank's {len(self)}")
         faiss = self._faiss
         graph = self.graph_arrays()
         order = locality_order(graph, first)

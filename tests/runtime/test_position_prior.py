@@ -272,6 +272,8 @@ def test_the_bank_laid_out_around_the_prior_gives_every_part_the_same_scores(fix
         assert laid.image_score(q) == plain.image_score(q)
         assert np.array_equal(laid.labels(q), new_of[plain.labels(q)])
         np.testing.assert_array_equal(laid.approximate(q), plain.approximate(q))   # the full walk too
+    with pytest.raises(ValueError, match="outside the bank"):
+        laid.renumber(np.array([[0, -1]]))                          # -1 would map to the last row
     # Written out and read back (an adapted bundle's index), the laid-out graph is the same graph.
     again = _search(read_hnsw_graph(write_hnsw_graph(laid.graph_arrays(), 64), DIM))
     again.set_prior(laid.prior)
