@@ -581,12 +581,16 @@ def upper_bounds(bank: np.ndarray, queries: np.ndarray, labels: np.ndarray) -> n
     return np.sqrt(np.einsum("ij,ij->i", diff, diff))
 
 
-# Patches whose prefix bounds one small GEMM computes at a time in the re-check.
-RECHECK_BATCH = 8
+# Patches whose prefix bounds one GEMM computes at a time in the re-check. 1: each patch's own GEMV, when its turn
+# comes. OpenBLAS packs the whole prefix table for a GEMM of 2-8 rows (2 rows 0.25 ms against 0.08 for one GEMV on
+# the bottle bank, warm), and most patches of a batch of 8 never needed theirs (an earlier one already beat their
+# bound). Interleaved (benchmarks/recheck_batch.py), 8 -> 1: search p99 bottle 10% 5.03 -> 3.99 ms, magnetic tile
+# 10% 12.8 -> 10.5, bottle 1% within noise (2.02 / 2.74, 2.61 / 2.65); means equal or lower; scores identical.
+RECHECK_BATCH = 1
 
 
 def exact_image_recheck(exact: ExactSearch, queries: np.ndarray, upper: np.ndarray,
-                        batch: int = RECHECK_BATCH, slack: float = 0.0,
+                        batch: int | None = None, slack: float = 0.0,
                         known: tuple[int, float] | None = None) -> tuple[np.ndarray, int]:
     """(per-patch distances whose maximum is the exact image score, patches measured exactly).
 
@@ -595,14 +599,15 @@ def exact_image_recheck(exact: ExactSearch, queries: np.ndarray, upper: np.ndarr
     `slack` (relative): upper * (1 + slack) is then the bound, and the distances of patches left unmeasured are
     returned as given.
     Patches are taken in descending order of that bound until no unchecked bound exceeds the best exact
-    distance so far. The prefix bounds are computed for a batch of them at once (one small GEMM), the patches
-    are then settled one by one: a patch is first searched only within the best exact distance so far (few
+    distance so far. The prefix bounds are computed for `batch` of them at once (RECHECK_BATCH when None), the
+    patches then settled one by one: a patch is first searched only within the best exact distance so far (few
     candidates), and in full only when nothing is that near, i.e. when it is the new maximum. On magnetic tile's
     73k bank the top patch alone settles the score in most frames, and patches that cannot win cost little
     (benchmarks/search_floor.py reports the re-check's share).
     `known`: (patch, its exact distance in this kernel), measured already: the search starts from it as the best
     so far and never measures it again.
     """
+    batch = RECHECK_BATCH if batch is None else batch
     dist = np.array(upper, dtype=np.float32)
     bound = dist * np.float32(1.0 + slack) if slack else dist   # measured patches get their exact value in both
     best, pos, measured = -np.inf, 0, 0

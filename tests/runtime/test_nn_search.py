@@ -142,6 +142,11 @@ def test_recheck_gives_the_exact_image_score_for_any_valid_upper_bounds(seed, an
     assert 1 <= measured < len(queries)
     moved = np.abs(dist - upper.astype(np.float32)) > 1e-6
     assert np.allclose(dist[moved], exact[moved], atol=1e-4)
+    # How many patches' prefix bounds one GEMM computes changes nothing but speed (RECHECK_BATCH): the same
+    # patches measured, the same values.
+    for batch in (1, 3, 8):
+        again, n = exact_image_recheck(search, queries, upper.astype(np.float32), batch=batch)
+        assert n == measured and np.array_equal(again, dist), batch
 
 
 def test_recheck_slack_covers_bounds_from_a_kernel_that_rounds_lower():
