@@ -282,9 +282,8 @@ class FaissHnswSearch(RecheckedSearch):
         n, dim = self.graph.ntotal, self.graph.d
         storage = faiss.rev_swig_ptr(self._flat.get_xb(), n * dim).reshape(n, dim)
         storage[...] = new.vectors           # writable view of faiss's own storage: the vectors move, not copied
-        bank = faiss.rev_swig_ptr(self._flat.get_xb(), n * dim).reshape(n, dim)
-        bank.flags.writeable = False
-        self.exact = self.exact.renumbered(bank, order)
+        storage.flags.writeable = False
+        self.exact = self.exact.renumbered(storage, order)
         self.file_rows = self.file_rows[order]
         new_of = np.empty(n, dtype=np.int64)
         new_of[order] = np.arange(n)
