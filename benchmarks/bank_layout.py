@@ -39,7 +39,8 @@ LAYOUTS = ("laid out around the prior (the default)", "the index file's order")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("bundle", type=Path, help="bundle directory")
-    ap.add_argument("--images", type=Path, required=True, help="folder of test images, one subfolder per kind (required)")
+    ap.add_argument("--images", type=Path, required=True,
+                    help="folder of test images, one subfolder per kind (required)")
     ap.add_argument("--rounds", type=int, default=4, help="timed passes over the images (default: 4)")
     ap.add_argument("--threads", type=int, default=2, help="inference threads of each pipeline (default: 2)")
     ap.add_argument("--name", default=None, help="result name suffix (default: none)")

@@ -36,7 +36,8 @@ from edge_runtime.records import Frame, Verdict  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("bundle", type=Path, help="bundle directory")
-    ap.add_argument("--images", type=Path, required=True, help="folder of test images, one subfolder per kind (required)")
+    ap.add_argument("--images", type=Path, required=True,
+                    help="folder of test images, one subfolder per kind (required)")
     ap.add_argument("--batches", default="8,1",
                     help="comma-separated batch sizes to compare (default: 8,1; 1 is the station's)")
     ap.add_argument("--rounds", type=int, default=4, help="timed passes over the images (default: 4)")
