@@ -73,6 +73,7 @@ def bank_minus_fold_scores(feats: np.ndarray, bank_rows: np.ndarray, index, per_
     n_images = len(fold_of)
     bank = feats[bank_rows]
     owner_fold = fold_of[bank_rows // per_image]
+    check_folds_leave_a_bank(owner_fold, fold_of, n_images * per_image)
     scores = np.empty(n_images)
     checked = 0
     index.set_num_threads(threads)
@@ -85,6 +86,21 @@ def bank_minus_fold_scores(feats: np.ndarray, bank_rows: np.ndarray, index, per_
     finally:
         torch.set_num_threads(torch_threads)
     return scores, {"rechecked_patches_per_image": checked / max(1, n_images)}
+
+
+def check_folds_leave_a_bank(owner_fold: np.ndarray, fold_of: np.ndarray, n_patches: int) -> None:
+    """Raise ValueError, before any search, if some fold's images own every bank vector: the bank less that fold
+    is empty, and its images would have nothing to be scored against (hnswlib fails obscurely on a fully deleted
+    index; an empty exact bank has no minimum)."""
+    folds = int(fold_of.max()) + 1
+    for f in range(folds):
+        if len(owner_fold) and np.any(owner_fold != f):
+            continue
+        n_held = int(np.count_nonzero(fold_of == f))
+        raise ValueError(
+            f"cross-fit fold {f + 1} of {folds}: its {n_held} image(s) hold all {len(owner_fold)} vectors of the "
+            f"coreset bank ({len(owner_fold)} of {n_patches} patches), so no bank is left to score them against; "
+            "use a larger --coreset-ratio, fewer --cross-fit-folds or more good images")
 
 
 def _one_fold(f, feats, bank, owner_fold, fold_of, index, per_image, scores, log) -> int:
