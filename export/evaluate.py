@@ -35,12 +35,19 @@ def make_scorer(bundle: Bundle, engine: str, knn: str, threads: int = 2, ef_sear
 
 
 def load_mask(path: Path | None, shape: tuple[int, int], roi: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Ground truth at the inspected region's resolution (the heat map's), False where the part is good."""
+    """Ground truth at the inspected region's resolution (the heat map's), False where the part is good.
+
+    Any nonzero pixel is defect: masks come as 0/255 (MVTec AD), 0/1 or small class labels (other sets, VisA),
+    8- or 16-bit, grey or colour; a fixed cut such as > 127 read 0/1 masks as all background, and reading them
+    as 8-bit grey first turned a 16-bit 0/1 mask (>> 8) or a pure red/blue mask (luma < 128) into background too.
+    An alpha channel is not a mark and is ignored."""
     if path is None:
         return np.zeros(shape, dtype=bool)
-    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if m is None:
         raise ValueError(f"{path}: cannot read ground-truth mask")
+    if m.ndim == 3:   # colour (BGR, BGRA) or grey + alpha: a pixel is marked in any colour channel
+        m = m[..., :3 if m.shape[2] >= 3 else 1].max(axis=2)
     if roi is not None:
         x, y, w, h = roi
         m = m[y:y + h, x:x + w]
@@ -48,7 +55,7 @@ def load_mask(path: Path | None, shape: tuple[int, int], roi: tuple[int, int, in
         # A mask of another size marks other pixels than the defect's: stretching it would score a wrong answer.
         raise ValueError(f"{path}: ground-truth mask is {m.shape[1]}x{m.shape[0]} but its image's inspected region "
                          f"is {shape[1]}x{shape[0]}")
-    return m > 127
+    return m > 0
 
 
 def pixel_note(data_dir: Path, items: list, with_masks: bool, no_mask: list) -> str | None:

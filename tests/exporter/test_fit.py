@@ -154,6 +154,37 @@ def test_evaluate_scores_pixels_only_where_a_mask_says_where_the_defect_is(small
         evaluate(small_bundle, data)
 
 
+def test_ground_truth_masks_mark_every_nonzero_pixel_whatever_their_encoding(tmp_path):
+    """0/255 (MVTec AD), 0/1 and class-label masks (other sets), 16-bit and colour masks: the same defect pixels.
+    A > 127 cut had read 0/1 masks as all background (pixel AUROC of nothing but good pixels)."""
+    from export.evaluate import load_mask
+
+    want = np.zeros((10, 12), bool)
+    want[2:5, 3:9] = True
+    encodings = {"0-255": want.astype(np.uint8) * 255, "0-1": want.astype(np.uint8),
+                 "label-3": want.astype(np.uint8) * 3, "16-bit-0-1": want.astype(np.uint16),
+                 "16-bit-0-65535": want.astype(np.uint16) * 65535,
+                 "red": np.dstack([np.zeros_like(want, np.uint8)] * 2 + [want.astype(np.uint8) * 255]),
+                 "grey-opaque-alpha": np.dstack([want.astype(np.uint8) * 255] * 3 + [np.full(want.shape, 255, np.uint8)])}
+    for name, mask in encodings.items():
+        path = tmp_path / f"{name}_mask.png"
+        assert cv2.imwrite(str(path), mask)
+        assert np.array_equal(load_mask(path, want.shape), want), name
+    assert np.array_equal(load_mask(tmp_path / "0-1_mask.png", (3, 6), (3, 2, 6, 3)), want[2:5, 3:9])   # an ROI
+
+
+def test_evaluate_reads_0_1_masks_as_it_reads_0_255_ones(small_bundle, synthetic_dataset, tmp_path):
+    data = tmp_path / "set"
+    shutil.copytree(synthetic_dataset, data)
+    want = evaluate(small_bundle, data, "onnx-fp32", "exact")["pixel_auroc"]
+    for path in (data / "ground_truth").rglob("*_mask.png"):
+        m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        assert set(np.unique(m)) <= {0, 255}
+        assert cv2.imwrite(str(path), (m > 0).astype(np.uint8))     # the same masks stored as 0/1
+    got = evaluate(small_bundle, data, "onnx-fp32", "exact")["pixel_auroc"]
+    assert got == want and want > 0.8
+
+
 def test_evaluate_scores_the_variant_the_station_runs_unless_told_otherwise(small_bundle, synthetic_dataset, tmp_path):
     """fit may choose FP32 as the default variant; evaluate's default engine follows it (probe 34: an INT8
     evaluation of an FP32 bundle reported an operating point no station had)."""
