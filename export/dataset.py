@@ -91,9 +91,14 @@ def train_images(data_dir: Path) -> list[Path]:
 
     Raises DatasetError when the folder is missing, has neither layout, or holds fewer than 2 images."""
     _, good = training_layout(data_dir)
-    images, _ = unique_images(list_images(good))
+    images, repeats = unique_images(list_images(good))
     if len(images) < 2:
-        raise DatasetError(f"{good}: found {len(images)} images; at least 2 good images are needed to fit and calibrate")
+        # Say where the other files went: "found 1 images" of a folder of 8 copies of one frame reads as a bug.
+        copies = (f" ({len(repeats)} byte-identical cop{'ies' if len(repeats) > 1 else 'y'} of "
+                  f"{'it' if len(images) == 1 else 'them'} left out, first: {repeats[0][0].name} = {repeats[0][1].name})"
+                  if repeats else "")
+        raise DatasetError(f"{good}: found {len(images)} images{copies}; at least 2 good images are needed to fit and "
+                           "calibrate")
     return images
 
 

@@ -146,6 +146,11 @@ def test_copies_hidden_files_and_subfolders_are_left_out_and_said(tmp_path):
     assert "1 byte-identical copy left out (img_000_copy.png = img_000.png)" in line
     assert "1 hidden file left out (._img_001.png)" in line
     assert "batch2/: 3" in line
+    for i in range(1, 4):   # copies of one frame: the error says why a folder of 4 files holds 1 image
+        made[i].write_bytes(made[0].read_bytes())
+    with pytest.raises(DatasetError, match=r"good: found 1 images \(4 byte-identical copies of it left out, first: "
+                                           r"img_000_copy\.png = img_000\.png\); at least 2"):
+        train_images(tmp_path / "good")
 
 
 def test_images_of_unread_types_beside_read_ones_are_said(tmp_path):
