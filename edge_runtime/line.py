@@ -149,6 +149,9 @@ class Line:
         self._record_fault: str | None = None  # the last part could not be recorded (on_record_failure: fault)
         self._source_fault: str | None = None  # the camera / trigger input is lost and not yet reopened
         self._output_fault: str | None = None  # a line output failed to show a verdict or state (bus)
+        # Why no bundle is loaded (a failed load, a withdrawn one): held while pipeline is None, so another fault
+        # clearing cannot raise READY with nothing to inspect on.
+        self._bundle_fault: str | None = None
         self._next_record_probe = 0.0
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -282,11 +285,19 @@ class Line:
         finally:
             self._state_lock.release()
 
+    def _holding_fault(self) -> str | None:
+        """What still holds the line in FAULT whatever else cleared (no bundle, a lost camera, an unwritable record,
+        a failed line output, a recipe), or None."""
+        # Read off the pipeline itself, whoever left it None (a load hook, a recipe): no READY without a bundle.
+        bundle = (self._bundle_fault or "bundle: none loaded") if self.pipeline is None else None
+        return (bundle or self._source_fault or self._record_fault or self._output_fault
+                or (self.recipes.hold_reason() if self.recipes is not None else None))
+
     def _resume(self) -> None:
         """Inspecting again after a condition cleared (a recipe switch, a reload, a record), unless another one
-        still holds the line: a lost camera or an unwritable record keeps READY down whatever else cleared."""
-        fault = (self._source_fault or self._record_fault or self._output_fault
-                 or (self.recipes.hold_reason() if self.recipes is not None else None))
+        still holds the line: no bundle, a lost camera or an unwritable record keeps READY down whatever else
+        cleared."""
+        fault = self._holding_fault()
         self._set_state(fault is None, fault)
 
     def _check_outputs(self) -> None:
@@ -406,8 +417,10 @@ class Line:
             self.pipeline = None
             if not isinstance(exc, (BundleError, OSError)):
                 log.exception("loading bundle %s failed unexpectedly", self.cfg.bundle)
-            self._set_state(False, self._load_failure(exc))
+            self._bundle_fault = self._load_failure(exc)
+            self._set_state(False, self._bundle_fault)
             return False
+        self._bundle_fault = None
         log.info("bundle %s loaded: variant %s, knn %s, threshold %.4f, position prior %s",
                  self.pipeline.bundle.bundle_id, self.pipeline.variant.name, self.pipeline.knn,
                  self.pipeline.threshold, getattr(self.pipeline, "prior_note", "off"))
@@ -482,16 +495,19 @@ class Line:
             self.pipeline = None
             self._trim_pending = True
             log.error("bundle withdrawn: %s", error)
-            self._set_state(False, f"bundle: {error}")
+            self._bundle_fault = f"bundle: {error}"
+            self._set_state(False, self._bundle_fault)
         elif new is None:
             self.counters.reload_failures += 1
             if self.pipeline is not None:
                 # Keep inspecting with the verified old bundle rather than stopping the line.
                 log.error("reload refused, keeping bundle %s: %s", self.pipeline.bundle.bundle_id, error)
             else:
-                self._set_state(False, self._load_failure(error))
+                self._bundle_fault = self._load_failure(error)
+                self._set_state(False, self._bundle_fault)
         else:
             self.pipeline = new
+            self._bundle_fault = None
             self.counters.reloads += 1
             # The loop still holds the old pipeline until its next iteration: trim after that (see above).
             self._trim_pending = True

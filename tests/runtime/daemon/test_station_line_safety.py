@@ -786,3 +786,75 @@ def test_a_watch_folder_removed_while_the_line_waits_drops_ready_before_any_trig
     folder.mkdir()
     wait_until(lambda: station.status().state == "ready", timeout=5.0, what="READY again")
     assert running.stop() == 0
+
+
+class FlakyLineOutput(RecordingOutput):
+    """A line output that finds a failure of its own while `broken` is set (Output.failure(): a GPIO pulse timer
+    that could not drop OK), and works again once it is cleared."""
+
+    def __init__(self, broken: bool = False) -> None:
+        super().__init__()
+        self.name = "plc"
+        self.broken = threading.Event()
+        if broken:
+            self.broken.set()
+
+    def failure(self) -> str | None:
+        return "pins stuck" if self.broken.is_set() else None
+
+
+def withdrawn_with(station, rec, what: str) -> int:
+    """Take the bundle out of service (a rollout's failed probation); returns how many READY calls came before."""
+    station.line.withdraw_pipeline("failed its probation")
+    wait_until(lambda: station.pipeline is None and "failed its probation" in (station.fault_reason or ""),
+               what=f"the bundle withdrawn ({what} still failing)")
+    return len(rec.calls_to("set_ready"))
+
+
+def test_a_line_output_back_while_no_bundle_is_loaded_does_not_raise_ready(small_bundle, images, write_station,
+                                                                         start_station):
+    """The output fault clearing was enough for READY (and /healthz "ready") with no bundle to inspect on."""
+    plc, rec = FlakyLineOutput(), RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     recovery=FAST_RECOVERY))
+    running = start_station(cfg, source=TriggeredCamera(images), outputs=[plc, rec])
+    station = running.station
+    wait_until(lambda: station.status().state == "ready" and rec.ready, what="READY")
+    plc.broken.set()
+    wait_until(lambda: "output plc" in (station.fault_reason or ""), what="the output fault")
+    readies = withdrawn_with(station, rec, "the output")
+    plc.broken.clear()
+    wait_until(lambda: station.line._output_fault is None, what="the output working again")
+    time.sleep(0.3)                                    # a few loop rounds
+    assert True not in rec.calls_to("set_ready")[readies:], "READY never raised without a bundle"
+    status = station.status()
+    assert status.state == "fault" and "failed its probation" in status.reason
+    station.trigger.fire()
+    wait_until(lambda: len(rec.results) == 1, what="the part's answer")
+    assert running.stop() == 0
+    assert rec.results[0].verdict is Verdict.FAULT and "station not ready" in rec.results[0].error
+
+
+def test_a_record_writable_again_while_no_bundle_is_loaded_does_not_raise_ready(small_bundle, images, write_station,
+                                                                              start_station, tmp_path):
+    log_path = tmp_path / "records" / "results.jsonl"
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, recovery=FAST_RECOVERY,
+                                     trigger={"type": "software"},
+                                     outputs=[{"type": "result_log", "path": str(log_path)}]))
+    running = start_station(cfg, source=TriggeredCamera(images), outputs=[build_output(cfg.outputs[0]), rec])
+    station = running.station
+    wait_until(lambda: station.status().state == "ready", what="READY")
+    log_path.unlink()
+    log_path.mkdir()                                   # no record can be written
+    station.trigger.fire()
+    wait_until(lambda: station.line._record_fault is not None, what="the record fault")
+    readies = withdrawn_with(station, rec, "the record")
+    log_path.rmdir()                                   # the station's probe finds the log writable again
+    wait_until(lambda: station.line._record_fault is None, what="the record writable again")
+    time.sleep(0.3)
+    assert True not in rec.calls_to("set_ready")[readies:], "READY never raised without a bundle"
+    status = station.status()
+    assert status.state == "fault" and "failed its probation" in status.reason
+    assert running.stop() == 0
+
