@@ -506,6 +506,7 @@ class Line:
                 self._bundle_fault = self._load_failure(error)
                 self._set_state(False, self._bundle_fault)
         else:
+            had_none = self.pipeline is None
             self.pipeline = new
             self._bundle_fault = None
             self.counters.reloads += 1
@@ -513,10 +514,10 @@ class Line:
             self._trim_pending = True
             log.info("reloaded: bundle %s, variant %s, knn %s, threshold %.4f, position prior %s", new.bundle.bundle_id,
                      new.variant.name, new.knn, new.threshold, getattr(new, "prior_note", "off"))
-            if self.fault_reason and self.fault_reason.startswith("bundle"):
-                # READY comes back when the source opens or the next part is inspected; a lost camera or a
-                # failing record stays the fault meanwhile.
-                self._set_state(False, self._source_fault or self._record_fault)
+            if had_none:
+                # READY comes back when the source opens or the next part is inspected; a lost camera, a failing
+                # record or a line output stays the fault meanwhile: a reload clears only the bundle's own fault.
+                self._set_state(False, self._holding_fault())
         systemd_notify.ready()  # ends the RELOADING state either way
 
     # ---- frame ids ---------------------------------------------------------------------------------------------

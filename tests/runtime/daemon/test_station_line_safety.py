@@ -858,3 +858,31 @@ def test_a_record_writable_again_while_no_bundle_is_loaded_does_not_raise_ready(
     assert status.state == "fault" and "failed its probation" in status.reason
     assert running.stop() == 0
 
+
+def test_a_reload_after_a_withdrawn_bundle_keeps_a_line_output_fault(small_bundle, images, write_station,
+                                                                     start_station):
+    """The reload set the fault to the camera's or the record's only: a still-broken output read as healthy, and
+    the next part raised READY on it."""
+    plc, rec = FlakyLineOutput(), RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     recovery=FAST_RECOVERY))
+    running = start_station(cfg, source=TriggeredCamera(images), outputs=[plc, rec])
+    station = running.station
+    wait_until(lambda: station.status().state == "ready" and rec.ready, what="READY")
+    plc.broken.set()
+    wait_until(lambda: "output plc" in (station.fault_reason or ""), what="the output fault")
+    readies = withdrawn_with(station, rec, "the output")
+    station.request_reload()                           # SIGHUP: the station file's bundle, verified again
+    wait_until(lambda: station.pipeline is not None and station.counters.reloads == 1, what="the reload")
+    time.sleep(0.3)
+    status = station.status()
+    assert status.state == "fault" and "output plc: pins stuck" in status.reason, "the output is still broken"
+    station.trigger.fire()
+    wait_until(lambda: len(rec.results) == 1, what="the part's answer")
+    time.sleep(0.3)
+    assert True not in rec.calls_to("set_ready")[readies:], "READY never raised on a broken output"
+    assert station.status().state == "fault"
+    plc.broken.clear()                                 # the output works again: bundle and camera are there
+    wait_until(lambda: station.status().state == "ready" and rec.ready, what="READY back")
+    assert running.stop() == 0
+
