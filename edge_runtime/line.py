@@ -147,7 +147,9 @@ class Line:
         self._state_lock = threading.RLock()
         self._halted: str | None = None       # set: the station stays in FAULT and inspects nothing until restart
         self._record_fault: str | None = None  # the last part could not be recorded (on_record_failure: fault)
-        self._source_fault: str | None = None  # the camera / trigger input is lost and not yet reopened
+        # The camera / trigger input is lost and not yet reopened; "starting" until its first open, so a fault that
+        # clears before then cannot raise READY with no camera.
+        self._source_fault: str | None = "starting"
         self._output_fault: str | None = None  # a line output failed to show a verdict or state (bus)
         # Why no bundle is loaded (a failed load, a withdrawn one): held while pipeline is None, so another fault
         # clearing cannot raise READY with nothing to inspect on.

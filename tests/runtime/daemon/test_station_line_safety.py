@@ -886,3 +886,33 @@ def test_a_reload_after_a_withdrawn_bundle_keeps_a_line_output_fault(small_bundl
     wait_until(lambda: station.status().state == "ready" and rec.ready, what="READY back")
     assert running.stop() == 0
 
+
+def test_a_line_output_back_before_the_camera_ever_opened_does_not_raise_ready(small_bundle, images,
+                                                                               write_station):
+    """Start-up with a line output that did not start (a Modbus port still held): the output came back before the
+    camera's first open and READY went up with no camera, for as long as that open took."""
+    plc, rec = FlakyLineOutput(broken=True), RecordingOutput()
+    camera = TriggeredCamera(images, open_errors=[SourceError("camera away")] * 3)
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     recovery=FAST_RECOVERY))
+    station = Station(cfg, source=camera, outputs=[plc, rec])
+    loaded, load = threading.Event(), station.line.load_hook
+
+    def slow_load() -> bool:                           # a bundle that takes a while to load (a small board)
+        loaded.wait(30)
+        return load()
+
+    station.line.load_hook = slow_load
+    thread = threading.Thread(target=station.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: "output plc" in (station.fault_reason or ""), what="the output fault at start")
+        plc.broken.clear()                             # back while the bundle loads
+        loaded.set()
+        wait_until(lambda: camera.open_calls >= 1 and "camera away" in (station.fault_reason or ""),
+                   what="the camera's first open failing")
+        assert True not in rec.calls_to("set_ready"), "READY never raised before the camera opened"
+        wait_until(lambda: station.status().state == "ready" and rec.ready, what="READY once the camera opens")
+    finally:
+        station.request_stop()
+        thread.join(30)
