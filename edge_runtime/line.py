@@ -517,9 +517,10 @@ class Line:
             log.info("reloaded: bundle %s, variant %s, knn %s, threshold %.4f, position prior %s", new.bundle.bundle_id,
                      new.variant.name, new.knn, new.threshold, getattr(new, "prior_note", "off"))
             if had_none:
-                # READY comes back when the source opens or the next part is inspected; a lost camera, a failing
-                # record or a line output stays the fault meanwhile: a reload clears only the bundle's own fault.
-                self._set_state(False, self._holding_fault())
+                # A reload clears only the bundle's own fault: a lost camera, a failing record or a line output
+                # stays the fault. With nothing else holding the line READY comes back now, not at the next part:
+                # a line triggered only over HTTP gets 503 while READY is down and would never send that part.
+                self._resume()
         systemd_notify.ready()  # ends the RELOADING state either way
 
     # ---- frame ids ---------------------------------------------------------------------------------------------

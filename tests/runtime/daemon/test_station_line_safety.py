@@ -916,3 +916,24 @@ def test_a_line_output_back_before_the_camera_ever_opened_does_not_raise_ready(s
     finally:
         station.request_stop()
         thread.join(30)
+
+
+def test_a_reload_after_a_withdrawn_bundle_raises_ready_without_waiting_for_a_part(small_bundle, images,
+                                                                                   write_station, start_station):
+    """After a withdrawal the reload left READY down until the next part was inspected; a line triggered only over
+    HTTP gets 503 while READY is down, so it never sent that part and stayed out of service."""
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "software"},
+                                     recovery=FAST_RECOVERY))
+    running = start_station(cfg, source=TriggeredCamera(images), outputs=[rec])
+    station = running.station
+    wait_until(lambda: station.status().state == "ready" and rec.ready, what="READY")
+    readies = withdrawn_with(station, rec, "nothing else")
+    assert station.status().state == "fault"
+    station.request_reload()                           # SIGHUP: the station file's bundle, verified again
+    wait_until(lambda: station.status().state == "ready" and rec.ready, what="READY back with no part inspected")
+    assert True in rec.calls_to("set_ready")[readies:]
+    assert rec.results == [], "no part was needed to bring READY back"
+    station.trigger.fire()                             # and the line inspects again
+    wait_until(lambda: len(rec.results) == 1, what="the part's answer")
+    assert running.stop() == 0
