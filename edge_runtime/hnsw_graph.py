@@ -115,6 +115,14 @@ def read_hnsw_graph(raw: bytes, dim: int) -> HnswGraph:
             upper.append((i, np.where(used, blocks[:, 1:].astype(np.int64), -1)))
     if node_levels[entry] != max_level:
         raise GraphError(f"entry point {entry} is on level {node_levels[entry]}, the header says {max_level}")
+    # A level-L link must reach a node that has level L: a search there reads that node's level-L list, which a
+    # lower node does not have (hnswlib reads past its allocation: a crafted index segfaults it).
+    for i, links in upper:
+        low = (links >= 0) & (node_levels[np.maximum(links, 0)] < np.arange(1, len(links) + 1)[:, None])
+        if np.any(low):
+            lev, slot = np.argwhere(low)[0]
+            raise GraphError(f"node {i}: a level-{lev + 1} link points to node {links[lev, slot]}, which has no "
+                             f"level {lev + 1}")
 
     # Re-number nodes by label, so that storage row i is bank vector i (what every other search returns).
     order = np.argsort(labels)                      # order[j] = internal id of label j

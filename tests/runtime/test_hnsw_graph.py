@@ -78,6 +78,31 @@ def test_corrupt_graphs_are_refused_with_the_reason(tmp_path):
         read_hnsw_graph(raw, bank.shape[1] + 1)                # another dimension than the manifest's
 
 
+def _upper_blocks(raw: bytes) -> dict[int, int]:
+    """Internal id -> file offset of its upper-level blocks, for every node above level 0."""
+    (_, _, n, per, *_rest) = _HEADER.unpack_from(raw, 0)
+    pos, found = _HEADER.size + n * per, {}
+    for i in range(n):
+        (size,) = struct.unpack_from("<I", raw, pos)
+        if size:
+            found[i] = pos + 4
+        pos += 4 + size
+    return found
+
+
+def test_an_upper_level_link_to_a_node_without_that_level_is_refused(tmp_path):
+    """hnswlib follows a level-L link into the target's level-L list: a node of level 0 has none, and a crafted
+    index linking to one segfaults hnswlib. Refused with the node and level named."""
+    bank, raw, params, _ = saved_index(tmp_path, n=400, d=8)
+    upper = _upper_blocks(raw)
+    node, at = next(iter(upper.items()))
+    flat = next(i for i in range(len(bank)) if i not in upper)    # a node on level 0 only
+    bad = _patched(_patched(raw, at, "<I", 1), at + 4, "<I", flat)  # its level-1 list: [flat]
+    with pytest.raises(GraphError, match=rf"node {node}: a level-1 link points to node {flat}, which has no level 1"):
+        read_hnsw_graph(bad, bank.shape[1])
+    read_hnsw_graph(raw, bank.shape[1])                           # the untouched index passes
+
+
 def test_pipeline_default_search_is_the_faiss_engine_and_matches_hnswlib(small_bundle):
     require("hnswlib", "hnswlib")
     from edge_runtime.bundle import Bundle
