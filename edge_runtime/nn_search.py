@@ -527,19 +527,22 @@ class HnswSearch(RecheckedSearch):
 
     @classmethod
     def load(cls, source: Path | bytes, dim: int, params: HnswParams, threads: int = 1) -> "HnswSearch":
-        """Load a saved index from a file or from its bytes (the bundle's verified copy).
+        """Load a saved index from a file or from its bytes (the bundle's verified copy), once it has passed
+        `read_hnsw_graph`'s checks (GraphError, a ValueError, otherwise).
 
-        hnswlib reads only from a path, so bytes are handed over as an immutable private copy (see
-        `private_copy`): nobody can swap them between the check and the load.
+        hnswlib trusts the file (a link outside the bank or to a missing level crashes the process), so what it
+        loads is always the checked bytes, handed over as an immutable private copy (see `private_copy`): nobody
+        can swap them between the check and the load.
         """
         import hnswlib
 
+        from edge_runtime.hnsw_graph import read_hnsw_graph   # here: hnsw_graph imports this module
+
+        raw = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
+        read_hnsw_graph(raw, dim)
         index = hnswlib.Index(space=params.space, dim=dim)
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            with private_copy(bytes(source), "index.hnsw") as path:
-                index.load_index(path)
-        else:
-            index.load_index(str(source))
+        with private_copy(raw, "index.hnsw") as path:
+            index.load_index(path)
         return cls(index, params, threads)
 
     @property

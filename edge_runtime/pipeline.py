@@ -61,9 +61,11 @@ def open_search(knn: str, index_bytes: bytes, dim: int, params, threads: int, pr
     Raises BundleError naming the index file."""
     def in_hnswlib(missing: str) -> HnswSearch:
         try:
-            return HnswSearch.load(index_bytes, dim, params, threads)
+            return HnswSearch.load(index_bytes, dim, params, threads)   # checked by read_hnsw_graph first
         except ImportError:
             raise BundleError(f"{index_path}: {missing}") from None
+        except GraphError as exc:
+            raise BundleError(f"{index_path}: not a usable HNSW index ({exc})") from None
         except (RuntimeError, ValueError, MemoryError) as exc:
             raise BundleError(f"{index_path}: hnswlib cannot load the index ({exc})") from None
 

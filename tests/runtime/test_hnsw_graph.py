@@ -103,6 +103,24 @@ def test_an_upper_level_link_to_a_node_without_that_level_is_refused(tmp_path):
     read_hnsw_graph(raw, bank.shape[1])                           # the untouched index passes
 
 
+def test_hnswlib_loads_only_an_index_that_passed_the_graph_check(tmp_path):
+    """knn: hnswlib (and the fallback without faiss) hands the file to hnswlib, which trusts every link: it is
+    checked by read_hnsw_graph first, from bytes or from a path, as knn: hnsw is."""
+    require("hnswlib", "hnswlib")
+    from edge_runtime.bundle import BundleError
+    from edge_runtime.pipeline import open_search
+
+    bank, raw, params, _ = saved_index(tmp_path, n=400, d=8)
+    bad = _patched(raw, _HEADER.size + 4, "<i", len(bank) + 5)     # a level-0 link outside the bank
+    with pytest.raises(BundleError, match=r"bad\.hnsw: not a usable HNSW index \(a level-0 link points outside"):
+        open_search("hnswlib", bad, bank.shape[1], params, 1, None, None, tmp_path / "bad.hnsw")
+    (tmp_path / "bad.hnsw").write_bytes(bad)
+    with pytest.raises(GraphError, match="outside the bank"):
+        HnswSearch.load(tmp_path / "bad.hnsw", bank.shape[1], params)
+    search, knn = open_search("hnswlib", raw, bank.shape[1], params, 1, None, None, tmp_path / "i.hnsw")
+    assert knn == "hnswlib" and len(search) == len(bank)
+
+
 def test_pipeline_default_search_is_the_faiss_engine_and_matches_hnswlib(small_bundle):
     require("hnswlib", "hnswlib")
     from edge_runtime.bundle import Bundle
