@@ -39,7 +39,9 @@ SIGNATURE = "manifest.sig"
 # A manifest is a few kB; refusing anything this large keeps a hostile file from exhausting memory in the parser.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-HNSW_SPACES = ("l2", "ip", "cosine")
+# The score is an L2 distance (every search engine, the exact re-check and the thresholds measure L2); an index of
+# another space would give hnswlib neighbours by another metric than the one scored.
+HNSW_SPACES = ("l2",)
 
 
 class BundleError(RuntimeError):
@@ -378,7 +380,8 @@ class Bundle:
         if index.get("dim") != dim:
             raise BundleError(f"{where}: index.dim {index.get('dim')} does not match features.dim {dim}")
         if index.get("space") not in HNSW_SPACES:
-            raise BundleError(f"{where}: index.space must be one of {', '.join(HNSW_SPACES)}, got {short_repr(index.get('space'))}")
+            raise BundleError(f"{where}: index.space must be {' or '.join(map(repr, HNSW_SPACES))} (the score is an L2 "
+                              f"distance), got {short_repr(index.get('space'))}")
         for key in ("M", "ef_construction", "ef_search"):
             if not _positive_int(index.get(key)):
                 raise BundleError(f"{where}: index.{key} must be a positive integer, got {short_repr(index.get(key))}")

@@ -362,6 +362,17 @@ def test_models_swapped_between_variants(editor):
     assert "differs from the recorded" in failures and "variant int8" in failures
 
 
+@pytest.mark.parametrize("space", ["ip", "cosine", "L2", None])
+def test_an_index_space_other_than_l2_is_refused_by_name(editor, space):
+    """The score, the re-check and the thresholds are L2 distances: an ip or cosine graph would find neighbours by
+    another metric than the one scored."""
+    m = editor.manifest()
+    m["index"]["space"] = space
+    editor.save(m)
+    msg = refusal(editor.root)
+    assert MANIFEST in msg and "index.space must be 'l2'" in msg and repr(space) in msg
+
+
 @pytest.mark.parametrize("value", ["bicubic", "", 3, None])
 def test_an_unknown_resample_method_is_refused_by_name(editor, value):
     m = editor.manifest()
