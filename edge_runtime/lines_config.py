@@ -50,6 +50,10 @@ class LineConfig:
         if not _NAME.match(self.name):
             raise ValueError(f"name: expected 1-32 letters, digits, '_', '.', '-' (starting with a letter or "
                              f"digit), got {self.name!r}")
+        # As the station's roi (config.py): a negative origin or an empty crop would fault every frame, or cut from
+        # the far edge (numpy reads a negative index from the end).
+        if self.roi is not None and (self.roi[2] <= 0 or self.roi[3] <= 0 or min(self.roi[:2]) < 0):
+            raise ValueError(f"roi: expected x, y >= 0 and w, h > 0, got {list(self.roi)}")
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
             raise ValueError(f"threads: must be 1-{MAX_THREADS} (one per physical core), got {self.threads}")
         if self.bundle is not None and not self.bundle:

@@ -101,6 +101,17 @@ def test_lines_errors_name_the_key(write_station, small_bundle, tmp_path):
         load_station(write_station(bundle=small_bundle))
 
 
+@pytest.mark.parametrize("roi, why", [([-1, 0, 10, 10], "x, y >= 0"), ([0, 0, 0, 10], "w, h > 0"),
+                                      ([0, 0, 10, -5], "w, h > 0"), ([0, 0, 10.5, 10], "expected an integer"),
+                                      ([0, 0, 10], "expected 4 items")])
+def test_a_line_roi_is_range_checked_like_the_stations(write_station, small_bundle, roi, why):
+    """A line's roi overrides the station's and must pass the same check, named lines[i].roi."""
+    with pytest.raises(ConfigError, match=rf"lines\[1\]\.roi(\[\d\])?: .*{re.escape(why)}"):
+        load_station(write_station(bundle=small_bundle, lines=[
+            {"name": "a", "source": {"type": "scripted"}, "roi": [0, 0, 10, 10]},
+            {"name": "b", "source": {"type": "scripted"}, "roi": roi}]))
+
+
 def test_one_serial_port_serves_one_output(write_station, tmp_path):
     """Probe 60: two lines on one serial port validated and ran: the PLC read one line's RDY 1 after the faulted
     line's RDY 0, two answers 'RES 0 OK' and 'RES 0 FAULT', and a TRG meant for one line was served by the other."""
