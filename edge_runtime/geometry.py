@@ -12,6 +12,7 @@ model input can be inspected at full detail by tiling instead of being shrunk un
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 
 import cv2
@@ -49,6 +50,10 @@ MAX_TILES = 1024                     # bounds what a manifest can make the devic
 DEFAULT_PIXELS = 256 * 256
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where the region sits on the canvas: x, y, w, h in canvas pixels (the whole canvas unless letterboxed)."""
@@ -81,6 +86,15 @@ class Geometry:
             raise ValueError(f"size_policy must be one of {', '.join(SIZE_POLICIES)}, got {self.size_policy!r}")
         if self.resample not in RESAMPLE_METHODS:
             raise ValueError(f"resample must be one of {', '.join(RESAMPLE_METHODS)}, got {self.resample!r}")
+        # A bad manifest geometry fails here, with its field, instead of as a negative slice or a division by zero
+        # on every frame (numpy reads a negative roi from the far edge; letterbox divides by region_size).
+        if self.roi is not None and not (len(self.roi) == 4 and all(_is_int(v) for v in self.roi)
+                                         and min(self.roi[:2]) >= 0 and min(self.roi[2:]) >= 1):
+            raise ValueError(f"roi must be [x, y, w, h] integers with x, y >= 0 and w, h > 0, got {list(self.roi)}")
+        for name in ("region_size", "frame_size"):
+            size = getattr(self, name)
+            if size is not None and not (len(size) == 2 and all(_is_int(v) and v >= 1 for v in size)):
+                raise ValueError(f"{name} must be [width, height] positive integers, got {list(size)}")
         (tw, th), (cw, ch) = self.input_size, self.canvas_size
         if min(tw, th) < 1 or tw > cw or th > ch:
             raise ValueError(f"input {tw}x{th} must be positive and fit the {cw}x{ch} canvas")

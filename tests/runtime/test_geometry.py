@@ -96,6 +96,22 @@ def test_a_manifest_cannot_make_the_device_allocate_without_bound():
         Geometry((128, 64), (64, 64), ((0, 0),))
 
 
+@pytest.mark.parametrize("field, value, why", [
+    ("roi", [-1, 0, 32, 32], "roi must be"), ("roi", [0, 0, 0, 32], "roi must be"),
+    ("roi", [0, 0, 32], "roi must be"), ("region_size", [0, 32], "region_size must be"),
+    ("region_size", [-64, 32], "region_size must be"), ("frame_size", [640, 0], "frame_size must be")])
+def test_a_manifest_geometry_with_a_bad_roi_or_size_fails_at_load_with_the_field(field, value, why):
+    """Not on every frame, deep in numpy: a negative roi slices from the far edge, a zero region_size divides by 0."""
+    g = {"input_size": [32, 32], "canvas_size": [32, 32], "tiles": [[0, 0]], "size_policy": "letterbox",
+         "roi": [0, 0, 32, 32], "region_size": [32, 32], field: value}
+    with pytest.raises(ValueError, match=why):
+        Geometry.from_manifest(g)
+    with pytest.raises(ValueError, match=why):
+        Geometry((32, 32), (32, 32), ((0, 0),), **{field: tuple(value)})
+    with pytest.raises(ValueError, match="roi must be"):
+        Geometry((32, 32), (32, 32), ((0, 0),), roi=(0.5, 0, 32, 32))
+
+
 # ---- resampling the region onto the canvas --------------------------------------------------------------------
 def _part(w: int, h: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
