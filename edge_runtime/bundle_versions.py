@@ -66,7 +66,11 @@ class VersionStore:
         except (OSError, ValueError) as exc:
             log.error("%s: unreadable (%s); loading the station file's bundle", self.root / ACTIVE_FILE, exc)
             return self.base
-        name = record.get("name") if isinstance(record, dict) else None
+        if not isinstance(record, dict):   # valid JSON but not a record (a list, a number): as corrupt, not a crash
+            log.warning("%s: not a JSON object (%s); loading the station file's bundle", self.root / ACTIVE_FILE,
+                        type(record).__name__)
+            return self.base
+        name = record.get("name")
         if record.get("base_manifest_sha256") != self._base_sha():
             log.warning("%s: made for another base bundle than %s; loading the station file's bundle",
                         self.root / ACTIVE_FILE, self.base)

@@ -84,6 +84,17 @@ def test_a_new_base_bundle_overrides_the_device_versions(station, device_bundle)
     assert store.active_dir() == Path(cfg.bundle)
 
 
+@pytest.mark.parametrize("text", ["[]", "[\"v1\"]", "3", "null", "\"v1\""])
+def test_an_active_file_that_is_not_a_json_object_loads_the_base_bundle(tmp_path, caplog, text):
+    """Parseable but not a record (a list, a number): the station file's bundle, as for a corrupt file, not a crash
+    at every (re)load."""
+    (tmp_path / "state" / "bundles" / "v1").mkdir(parents=True)
+    (tmp_path / "state" / "bundles" / "active.json").write_text(text)
+    with caplog.at_level("WARNING"):
+        assert VersionStore(tmp_path / "base", tmp_path / "state").active_dir() == tmp_path / "base"
+    assert "active.json: not a JSON object" in caplog.text
+
+
 def _new_release(cfg, version: int) -> None:
     """The workstation delivers a new release into the station file's bundle folder."""
     from edge_runtime.bundle import write_manifest
