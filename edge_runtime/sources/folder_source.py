@@ -88,6 +88,13 @@ def _file_kind(mode: int) -> str:
     return "not a file"
 
 
+def _open_nonblocking(path: str, flags: int) -> int:
+    """open()'s opener for frame files: O_NONBLOCK, so a FIFO or device put under an image name after the scan
+    (a rename over it) is opened at once instead of blocking the station until a writer comes; the caller's fstat
+    then refuses it. No effect on reading a regular file."""
+    return os.open(path, flags | os.O_NONBLOCK)
+
+
 def _birth_time_ns(path: Path) -> int | None:
     """A file's birth time from statx(2) (glibc >= 2.28, Linux >= 4.11) when the file system records it, else
     None. struct statx: stx_mask at offset 0, stx_btime {tv_sec int64, tv_nsec uint32} at offset 80."""
@@ -177,7 +184,9 @@ def looks_complete(path: Path, size: int) -> bool:
     Formats it cannot judge are treated as complete; the stability check still applies to them."""
     ext = path.suffix.lower()
     try:
-        with open(path, "rb") as fh:
+        with open(path, "rb", opener=_open_nonblocking) as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return False   # swapped for a FIFO or device since the scan: the next scan leaves it out
             head = fh.read(16)
             if ext == ".png":
                 fh.seek(max(0, size - len(_PNG_END)))
@@ -1047,9 +1056,15 @@ class FolderSource(FrameSource):
         try:
             if not resolved.is_relative_to(self._root):
                 raise PermissionError(f"resolves to {escape_name(str(resolved))}, outside the folder")
-            with open(resolved, "rb") as fh:
+            with open(resolved, "rb", opener=_open_nonblocking) as fh:
                 st = os.fstat(fh.fileno())
-                if st.st_size > MAX_FILE_BYTES:   # refused before reading: a multi-GB file would stall the loop
+                if not stat.S_ISREG(st.st_mode):
+                    # Put in place of the file after the scan: never read (a FIFO would block, a device never end);
+                    # the part it stands for is answered FAULT like any unreadable one.
+                    unreadable = f"is not a regular file ({_file_kind(st.st_mode)})"
+                    log.warning("folder source %s: %s %s", escape_name(self.cfg.path), escape_name(path.name),
+                                unreadable)
+                elif st.st_size > MAX_FILE_BYTES:   # refused before reading: a multi-GB file would stall the loop
                     unreadable = (f"file of {st.st_size} bytes is over the {MAX_FILE_BYTES} byte limit of a frame "
                                   f"({MAX_PIXELS} pixels at {DEFAULT_LIMITS.max_bytes_per_pixel:g} bytes each)")
                 else:

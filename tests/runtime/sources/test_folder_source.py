@@ -215,6 +215,30 @@ def test_watch_names_a_named_pipe_under_an_image_name_once_and_does_not_hang(tmp
     assert len(said) == 1 and "not a regular file (a named pipe)" in said[0]
 
 
+def test_a_named_pipe_swapped_in_after_the_scan_is_a_faulted_frame_not_a_hang(tmp_path):
+    """A FIFO renamed over a listed image (or a device node) is opened without blocking and never read: the part is
+    answered FAULT with the reason. A blocking open waited for a writer that never comes, and the station hung."""
+    from edge_runtime.sources.folder_source import looks_complete
+
+    write(tmp_path / "a.png", png(b"A"))
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path)))
+    src.open()                                              # a.png listed as a regular file
+    (tmp_path / "a.png").unlink()
+    os.mkfifo(tmp_path / "a.png")
+    done: list = []
+    reader = threading.Thread(target=lambda: done.append((src.read(0), looks_complete(tmp_path / "a.png", 0))),
+                              daemon=True)
+    reader.start()
+    reader.join(5.0)
+    if reader.is_alive():                                   # blocked in open(): release it, then fail
+        os.close(os.open(tmp_path / "a.png", os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(5.0)
+        pytest.fail("opening a FIFO under an image name blocked the source")
+    (frame, complete), = done
+    assert frame.encoded is None and frame.unreadable == "is not a regular file (a named pipe)"
+    assert complete is False
+
+
 def test_watch_warns_when_the_same_file_is_handed_over_again_soon_after(tmp_path, caplog):
     """A camera that fills a preallocated file slowly is read before it is done, then again when done: two verdicts
     for one part (a probe). The second hand-over is a new part, as for a camera that rewrites one name per part, but
