@@ -165,12 +165,26 @@ class Geometry:
     @classmethod
     def from_manifest(cls, g: dict) -> "Geometry":
         """Raises ValueError/TypeError/KeyError for a malformed section (the bundle reader names the file)."""
-        pair = lambda v: (int(v[0]), int(v[1])) if v is not None else None  # noqa: E731
-        return cls(input_size=pair(g["input_size"]), canvas_size=pair(g["canvas_size"]),
-                   tiles=tuple(pair(t) for t in g["tiles"]), region_size=pair(g.get("region_size")),
-                   roi=tuple(int(v) for v in g["roi"]) if g.get("roi") else None,
+        def whole(v, field: str) -> int:
+            # Exactly a JSON integer: int() would truncate 255.7 or read "256", so a hand-edited manifest would
+            # score a geometry other than the one written down.
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"geometry.{field} must hold whole numbers, got {v!r}")
+            return v
+
+        def pair(v, field: str) -> tuple[int, int] | None:
+            if v is None:
+                return None
+            if not isinstance(v, (list, tuple)) or len(v) != 2:
+                raise ValueError(f"geometry.{field} must be a pair [w, h], got {v!r}")
+            return whole(v[0], field), whole(v[1], field)
+
+        return cls(input_size=pair(g["input_size"], "input_size"), canvas_size=pair(g["canvas_size"], "canvas_size"),
+                   tiles=tuple(pair(t, "tiles") for t in g["tiles"]),
+                   region_size=pair(g.get("region_size"), "region_size"),
+                   roi=tuple(whole(v, "roi") for v in g["roi"]) if g.get("roi") else None,
                    size_policy=g.get("size_policy", "refuse"), resample=g.get("resample", "area"),
-                   colour=g.get("colour"), frame_size=pair(g.get("frame_size")))
+                   colour=g.get("colour"), frame_size=pair(g.get("frame_size"), "frame_size"))
 
 
 # ---- planning (the exporter chooses; the manifest pins) --------------------------------------------------------

@@ -112,6 +112,17 @@ def test_a_manifest_geometry_with_a_bad_roi_or_size_fails_at_load_with_the_field
         Geometry((32, 32), (32, 32), ((0, 0),), roi=(0.5, 0, 32, 32))
 
 
+
+@pytest.mark.parametrize("field, value", [
+    ("roi", [0, 0, 31.7, 32]), ("roi", [0, "0", 32, 32]), ("region_size", [32.5, 32]), ("input_size", ["32", 32]),
+    ("canvas_size", [32, True]), ("frame_size", [640]), ("tiles", [[0.0, 0]])])
+def test_a_manifest_geometry_must_hold_whole_numbers(field, value):
+    """int() truncated 31.7 and read "0": a hand-edited manifest scored another geometry than the one written."""
+    g = {"input_size": [32, 32], "canvas_size": [32, 32], "tiles": [[0, 0]], "roi": [0, 0, 32, 32],
+         "region_size": [32, 32], field: value}
+    with pytest.raises(ValueError, match=f"geometry.{field} must"):
+        Geometry.from_manifest(g)
+
 # ---- resampling the region onto the canvas --------------------------------------------------------------------
 def _part(w: int, h: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
