@@ -385,6 +385,11 @@ class Bundle:
         for key in ("M", "ef_construction", "ef_search"):
             if not _positive_int(index.get(key)):
                 raise BundleError(f"{where}: index.{key} must be a positive integer, got {short_repr(index.get(key))}")
+        # true/false only: bool("false") is True and bool(0) is False, so a hand-edited value could switch off the
+        # re-check that makes the image score exact (the score definition) without a word.
+        recheck = index.get("exact_recheck", True)
+        if not isinstance(recheck, bool):
+            raise BundleError(f"{where}: index.exact_recheck must be true or false, got {short_repr(recheck)}")
         # The seeded walk (absent in bundles made before it: every patch walks from the top).
         for key in ("seed_step", "ef_seeded"):
             value = index.get(key, 0)

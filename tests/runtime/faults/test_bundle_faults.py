@@ -373,6 +373,16 @@ def test_an_index_space_other_than_l2_is_refused_by_name(editor, space):
     assert MANIFEST in msg and "index.space must be 'l2'" in msg and repr(space) in msg
 
 
+@pytest.mark.parametrize("value", [0, "false", 1, None])
+def test_an_exact_recheck_other_than_true_or_false_is_refused_by_name(editor, value):
+    """bool(0) switched the re-check (what makes the image score exact) off without a word; bool("false") on."""
+    m = editor.manifest()
+    m["index"]["exact_recheck"] = value
+    editor.save(m)
+    msg = refusal(editor.root)
+    assert MANIFEST in msg and "index.exact_recheck must be true or false" in msg
+
+
 @pytest.mark.parametrize("value", ["bicubic", "", 3, None])
 def test_an_unknown_resample_method_is_refused_by_name(editor, value):
     m = editor.manifest()
