@@ -22,6 +22,7 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
 
 import cv2  # noqa: E402  (after the environment variable above)
 import numpy as np  # noqa: E402
+import simplejpeg  # noqa: E402
 
 # The encoded formats the decode stage accepts: what line cameras and image folders deliver. Other OpenCV codecs
 # (WebP, JPEG 2000, OpenEXR, HDR, PNM, ...) are refused before any decoder runs: less attack surface, and every
@@ -341,9 +342,11 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: DecodeConfig | None
                          "are read as stored, so what a viewer shows is not what would be inspected: save the image "
                          "upright without the tag (e.g. exiftran -ai, mogrify -auto-orient) or set the camera to write "
                          "no rotation")
-    buf = np.frombuffer(data, dtype=np.uint8)
+    image = _decode_jpeg(data, name) if fmt == "JPEG" else None
+    bgr = image is None or image.ndim == 2   # simplejpeg's colour comes as RGB: no conversion pass
     try:
-        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        if image is None:
+            image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
         raise ImageError(f"{name}: cannot decode image ({exc.msg.strip() if hasattr(exc, 'msg') else exc})") from None
     if image is None:
@@ -351,7 +354,28 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: DecodeConfig | None
     if image.shape[:2] != (height, width):
         # The decoder must not have produced something other than what the header declared.
         raise ImageError(f"{name}: decoded {image.shape[1]}x{image.shape[0]} but the {fmt} header declares {width}x{height}")
-    return to_rgb(image, name, assume_bgr=True, shift_16bit=shift_16bit)
+    return to_rgb(image, name, assume_bgr=bgr, shift_16bit=shift_16bit)
+
+
+def _decode_jpeg(data: bytes, name: str) -> np.ndarray | None:
+    """A JPEG's pixels (H x W grey or H x W x 3 RGB; cv2.imdecode's, in RGB order), None for a colour space only
+    OpenCV converts (CMYK, YCCK: checked here, decoded there), or ImageError when libjpeg finds the compressed data
+    corrupt. OpenCV's decoder drops libjpeg's warnings: a scan cut short (an EOI marker after half the data), bit
+    errors or lost bytes decode "successfully", the rest of the image grey or smeared, and a part never fully seen
+    would be scored. simplejpeg runs libjpeg-turbo with its warnings as errors (strict), with OpenCV's settings
+    (accurate integer IDCT, smooth chroma upsampling): the same pixels (tests/runtime/faults/test_bad_images.py),
+    decoded once."""
+    try:
+        colourspace = simplejpeg.decode_jpeg_header(data, strict=True)[2]
+        if colourspace == "Gray":
+            return simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True)[..., 0]
+        if colourspace in ("YCbCr", "RGB"):
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        simplejpeg.decode_jpeg(data, colorspace="CMYK", strict=True)
+        return None
+    except (ValueError, RuntimeError) as exc:
+        why = " ".join(dict.fromkeys(str(exc).split("\n"))).strip()   # libjpeg repeats a warning per segment
+        raise ImageError(f"{name}: corrupt JPEG data ({why[:200]})") from None
 
 
 def _check_cost(data: bytes, fmt: str, width: int, height: int, name: str, limits: DecodeConfig) -> None:

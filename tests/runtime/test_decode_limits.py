@@ -117,10 +117,18 @@ def test_ordinary_progressive_and_baseline_jpegs_still_decode():
 
 
 def test_scan_limit_is_a_station_setting():
-    data = many_scan_jpeg(_part(256), 100)
-    assert decode_image(data, "x.jpg", DecodeConfig(max_jpeg_scans=200)).shape == (256, 256, 3)
+    data = _progressive_jpeg(_part(256))
+    scans = jpeg_scan_count(data, 64)
+    assert decode_image(data, "x.jpg", DecodeConfig(max_jpeg_scans=scans)).shape == (256, 256, 3)
+    with pytest.raises(ImageError, match=f"more than {scans - 1} scans"):
+        decode_image(data, "x.jpg", DecodeConfig(max_jpeg_scans=scans - 1))
+    # Repeated scans pass a raised limit and are then refused for what they are: a progression libjpeg only warned
+    # about (OpenCV decoded it), at a cost that grew with every copy.
+    repeated = many_scan_jpeg(_part(256), 100)
     with pytest.raises(ImageError, match="more than 64 scans"):
-        decode_image(data, "x.jpg")
+        decode_image(repeated, "x.jpg")
+    with pytest.raises(ImageError, match="x.jpg: corrupt JPEG data"):
+        decode_image(repeated, "x.jpg", DecodeConfig(max_jpeg_scans=200))
 
 
 def test_file_far_larger_than_its_pixels_is_refused():

@@ -15,6 +15,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+import simplejpeg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -115,6 +116,52 @@ def test_an_end_marker_inside_a_segment_does_not_make_a_cut_jpeg_whole(part):
     cut = data[:2] + app1 + data[2:len(data) // 2]
     with pytest.raises(ImageError, match="no end-of-image marker"):
         decode_image(cut, "cam0/part.jpg")
+
+
+@pytest.mark.parametrize("damage", ["scan cut short, end marker appended", "bytes lost mid-scan"])
+def test_a_jpeg_whose_compressed_data_is_corrupt_is_refused(pipeline, part, damage):
+    """The end marker is there, so the file looks whole; OpenCV decodes it "successfully" (libjpeg only warns),
+    grey or smeared where the data was lost: a part never fully seen would have been scored. (Bits flipped into
+    other valid codes cannot be seen by any decoder: JPEG carries no checksum.)"""
+    data = encode(part, ".jpg")
+    half = len(data) // 2
+    bad = data[:half] + b"\xff\xd9" if damage.startswith("scan cut") else data[:half] + data[half + 100:]
+    assert cv2.imdecode(np.frombuffer(bad, np.uint8), cv2.IMREAD_UNCHANGED) is not None   # what we guard against
+    with pytest.raises(ImageError, match=r"cam0/part\.jpg: corrupt JPEG data \(Corrupt JPEG data"):
+        decode_image(bad, "cam0/part.jpg")
+    result = pipeline.inspect(Frame(frame_id=1, source="cam0/part.jpg", encoded=bad))
+    assert result.verdict is Verdict.FAULT and "corrupt JPEG data" in result.error
+
+
+def _jpegs(part: np.ndarray):
+    grey = cv2.cvtColor(part, cv2.COLOR_BGR2GRAY)
+    for name, flags in [("q90 4:2:0", [cv2.IMWRITE_JPEG_QUALITY, 90]),
+                        ("q75 4:4:4", [cv2.IMWRITE_JPEG_QUALITY, 75, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                       cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]),
+                        ("q95 4:2:2", [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                       cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422]),
+                        ("progressive", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
+                        ("restart markers", [cv2.IMWRITE_JPEG_RST_INTERVAL, 4]),
+                        ("optimised Huffman", [cv2.IMWRITE_JPEG_OPTIMIZE, 1])]:
+        yield name, cv2.imencode(".jpg", part, flags)[1].tobytes()
+        yield f"grey {name}", cv2.imencode(".jpg", grey, flags)[1].tobytes()
+    rgb = np.ascontiguousarray(part[..., ::-1])
+    for sub in ("440", "411"):
+        yield f"4:{sub[1]}:{sub[2]}", simplejpeg.encode_jpeg(rgb, quality=85, colorsubsampling=sub)
+    cmyk = np.ascontiguousarray(np.dstack([255 - rgb, np.full(rgb.shape[:2], 20, np.uint8)]))
+    yield "YCCK (CMYK)", simplejpeg.encode_jpeg(cmyk, quality=85, colorspace="CMYK")
+
+
+def test_jpeg_pixels_are_those_opencv_decodes(part):
+    """The strict decoder must not change a score: every kind of JPEG a camera or a folder delivers decodes to
+    OpenCV's pixels exactly (fit and bundles made before it read JPEGs with OpenCV)."""
+    kinds = list(_jpegs(part))
+    assert len(kinds) == 15
+    for name, data in kinds:
+        want = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        want = cv2.cvtColor(want, cv2.COLOR_GRAY2RGB) if want.ndim == 2 else want[..., ::-1]
+        got = decode_image(data, f"{name}.jpg")
+        assert got.shape == want.shape and np.array_equal(got, want), name
 
 
 @pytest.mark.parametrize("data, words", [
