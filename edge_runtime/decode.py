@@ -141,7 +141,8 @@ def _jpeg_end(data: bytes) -> int | None:
     return None
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
+def _jpeg_frame(data: bytes) -> tuple[int, int, int, list[tuple[int, int, int]]]:
+    """(SOF marker, width, height, [(component id, h, v sampling factors), ...]) from the frame header."""
     for marker, pos in _jpeg_segments(data):
         if marker == 0xDA:
             break  # start of scan before any frame header
@@ -149,8 +150,50 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
             if pos + 9 > len(data):
                 break
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
-            return width, height
+            table = data[pos + 10:pos + 10 + 3 * data[pos + 9]] if pos + 9 < len(data) else b""
+            return marker, width, height, [(table[i], table[i + 1] >> 4, table[i + 1] & 15)
+                                           for i in range(0, len(table) - 2, 3)]
     raise ValueError("JPEG without a frame header (SOF) before the image data")
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    return _jpeg_frame(data)[1:3]
+
+
+def jpeg_unsent(data: bytes) -> str | None:
+    """What of the image no scan carries (a component never scanned, progressive coefficients never sent or not
+    refined to their last bit), None when the scans cover it all. A progressive or multi-scan file cut after a
+    scan, with an end marker appended, is valid to libjpeg (no warning): it shows blurred or in wrong colours.
+
+    Raises ValueError for a structure that cannot be walked."""
+    marker, _, _, components = _jpeg_frame(data)
+    progressive = marker in (0xC2, 0xC6, 0xCA, 0xCE)
+    # Per component: the successive-approximation bit (Al) each coefficient was last sent to; None: never sent.
+    sent: dict[int, list[int | None]] = {c[0]: [None] * (64 if progressive else 1) for c in components}
+    for seg, pos in _jpeg_segments(data):
+        if seg != 0xDA:
+            continue
+        count = data[pos + 4] if pos + 4 < len(data) else 0
+        header = data[pos + 5:pos + 8 + 2 * count]
+        if len(header) < 2 * count + 3:
+            raise ValueError(f"JPEG scan header cut short at byte {pos}")
+        start, end, approx = header[2 * count:]
+        for c in header[:2 * count:2]:
+            if c in sent:   # an unknown component: libjpeg refuses the file
+                for k in range(start, min(end, 63) + 1) if progressive else (0,):
+                    sent[c][k] = approx & 15
+    gaps = []
+    for i, bits in enumerate(sent.values()):
+        unsent = [k for k, b in enumerate(bits) if b is None]
+        coarse = [k for k, b in enumerate(bits) if b]
+        if unsent and not progressive:
+            gaps.append(f"component {i + 1} never scanned")
+        elif unsent:
+            gaps.append(f"component {i + 1} coefficients {unsent[0]}-{unsent[-1]} never sent" if len(unsent) > 1 else
+                        f"component {i + 1} coefficient {unsent[0]} never sent")
+        elif coarse:
+            gaps.append(f"component {i + 1} coefficients not refined to their last bit")
+    return "; ".join(gaps) or None
 
 
 def _bmp_size(data: bytes) -> tuple[int, int]:
@@ -332,6 +375,14 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: DecodeConfig | None
             raise ImageError(f"{name}: JPEG has no end-of-image marker (truncated file)")
         data = data[:end]   # a trailer after the image (motion photo, vendor data) is neither decoded nor costed
     _check_cost(data, fmt, width, height, name, limits)
+    if fmt == "JPEG":
+        try:
+            unsent = jpeg_unsent(data)
+        except (ValueError, struct.error) as exc:
+            raise ImageError(f"{name}: corrupt JPEG structure ({exc})") from None
+        if unsent:
+            raise ImageError(f"{name}: JPEG image data incomplete ({unsent}): a progressive or multi-scan file cut "
+                             "after a scan decodes blurred or in wrong colours")
     try:
         orientation = exif_orientation(data, fmt)
     except (ValueError, struct.error) as exc:
@@ -359,6 +410,10 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: DecodeConfig | None
     return to_rgb(image, name, assume_bgr=bgr, shift_16bit=shift_16bit)
 
 
+# Luma sampling factors of the layouts TurboJPEG decodes (chroma 1x1): 4:4:4, 4:2:2, 4:2:0, 4:4:0, 4:1:1, 4:4:1.
+_TURBOJPEG_LUMA = {(1, 1), (2, 1), (2, 2), (1, 2), (4, 1), (1, 4)}
+
+
 def _decode_jpeg(data: bytes, name: str) -> np.ndarray | None:
     """A JPEG's pixels (H x W grey or H x W x 3 RGB; cv2.imdecode's, in RGB order), None for a colour space only
     OpenCV converts (CMYK, YCCK: checked here, decoded there), or ImageError when libjpeg finds the compressed data
@@ -367,16 +422,24 @@ def _decode_jpeg(data: bytes, name: str) -> np.ndarray | None:
     would be scored. simplejpeg runs libjpeg-turbo with its warnings as errors (strict), with OpenCV's settings
     (accurate integer IDCT, smooth chroma upsampling): the same pixels (tests/runtime/faults/test_bad_images.py),
     decoded once."""
+    # Colour space from the component count, not simplejpeg.decode_jpeg_header: that raises KeyError for the
+    # subsampling codes it has no name for (4:4:1), which the decoder itself handles.
+    components = _jpeg_frame(data)[3]
     try:
-        colourspace = simplejpeg.decode_jpeg_header(data, strict=True)[2]
-        if colourspace == "Gray":
+        if len(components) == 1:
             return simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True)[..., 0]
-        if colourspace in ("YCbCr", "RGB"):
+        if len(components) == 3:   # YCbCr or RGB (Adobe): libjpeg converts either
             return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
         simplejpeg.decode_jpeg(data, colorspace="CMYK", strict=True)
         return None
     except (ValueError, RuntimeError) as exc:
         why = " ".join(dict.fromkeys(str(exc).split("\n"))).strip()   # libjpeg repeats a warning per segment
+        factors = [(h, v) for _, h, v in components]
+        usual = len(factors) in (1, 3, 4) and factors[0] in _TURBOJPEG_LUMA and set(factors[1:]) <= {(1, 1)}
+        if "determine subsampling" in why and not usual:   # a valid file TurboJPEG does not decode: not "corrupt"
+            layout = ",".join(f"{h}x{v}" for h, v in factors)
+            raise ImageError(f"{name}: JPEG with {len(factors)} components sampled {layout} is not supported by the "
+                             "strict decoder (usual layouts: 4:4:4, 4:2:2, 4:2:0 colour, or grey)") from None
         raise ImageError(f"{name}: corrupt JPEG data ({why[:200]})") from None
 
 

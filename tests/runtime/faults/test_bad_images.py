@@ -164,6 +164,54 @@ def test_jpeg_pixels_are_those_opencv_decodes(part):
         assert got.shape == want.shape and np.array_equal(got, want), name
 
 
+def _scan_starts(data: bytes) -> list[int]:
+    """Byte positions of a JPEG's start-of-scan markers (outside entropy data: 0xFF there is stuffed with 0x00)."""
+    return [k for k in range(len(data) - 1) if data[k] == 0xFF and data[k + 1] == 0xDA]
+
+
+@pytest.mark.parametrize("keep", ["first scan (DC only)", "all but the last scan"])
+def test_a_progressive_jpeg_cut_after_a_scan_is_refused(pipeline, part, keep):
+    """Cut at a scan boundary with the end marker appended, a progressive JPEG is valid to libjpeg (no warning):
+    it decodes blurred, as 8x8 blocks from the first scan alone, and would have been scored."""
+    data = cv2.imencode(".jpg", part, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    starts = _scan_starts(data)
+    # Cut before the tables (DHT) that precede the next scan, or before its SOS.
+    nxt = starts[1] if keep.startswith("first") else starts[-1]
+    cut = data[:nxt]
+    tables = cut.rfind(b"\xff\xc4")
+    if tables > _scan_starts(cut)[-1]:
+        cut = cut[:tables]
+    bad = cut + b"\xff\xd9"
+    assert cv2.imdecode(np.frombuffer(bad, np.uint8), cv2.IMREAD_UNCHANGED) is not None   # what we guard against
+    with pytest.raises(ImageError, match=r"cam0/part\.jpg: JPEG image data incomplete \(component 1 coefficients"):
+        decode_image(bad, "cam0/part.jpg")
+    result = pipeline.inspect(Frame(frame_id=1, source="cam0/part.jpg", encoded=bad))
+    assert result.verdict is Verdict.FAULT and "image data incomplete" in result.error
+
+
+def test_a_4_4_1_jpeg_decodes_to_opencvs_pixels(part):
+    """4:4:1 (luma sampled 1x4) is a layout libjpeg-turbo decodes but simplejpeg's header call cannot name
+    (KeyError: the exporter stopped with a traceback). A 64x64 4:1:1 file's blocks, read as 4:4:1, are one."""
+    rgb = np.ascontiguousarray(cv2.resize(part, (64, 64))[..., ::-1])
+    data = bytearray(simplejpeg.encode_jpeg(rgb, quality=85, colorsubsampling="411"))
+    sof = bytes(data).index(b"\xff\xc0")
+    assert data[sof + 11] == 0x41
+    data[sof + 11] = 0x14   # luma 4x1 -> 1x4: the same 4 + 1 + 1 blocks per MCU, 16 MCUs either way
+    want = cv2.imdecode(np.frombuffer(bytes(data), np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    assert np.array_equal(decode_image(bytes(data), "cam0/part.jpg"), want)
+
+
+def test_a_jpeg_layout_the_strict_decoder_lacks_is_refused_as_such_not_as_corrupt(part):
+    # 4:1:0 (luma 4x2): valid, and OpenCV decodes it; TurboJPEG decodes only the usual layouts.
+    data = bytearray(encode(part, ".jpg"))
+    sof = bytes(data).index(b"\xff\xc0")
+    assert data[sof + 11] == 0x22
+    data[sof + 11] = 0x42
+    with pytest.raises(ImageError, match=r"cam0/part\.jpg: JPEG with 3 components sampled 4x2,1x1,1x1 is not "
+                                         r"supported by the strict decoder"):
+        decode_image(bytes(data), "cam0/part.jpg")
+
+
 @pytest.mark.parametrize("data, words", [
     (b"", ("empty file",)),
     (b"hello, this is a text file\n" * 10, ("not a PNG, JPEG, BMP or TIFF",)),
