@@ -133,7 +133,10 @@ class ResultLog(Output):
                 self.reopened += 1
             if self._fd is None:
                 self._open()
-            if self._good_size > 0 and self._good_size + len(line) > self.cfg.max_bytes:
+            # A superseding record stays in the file of the record it supersedes, past max_bytes if need be: rotated
+            # away, that OK was out of reach of _supersede_failed and stayed on record when this write failed.
+            supersedes = self._last is not None and self._last[0] == result.frame_id and self._last[2] == self._inode
+            if self._good_size > 0 and self._good_size + len(line) > self.cfg.max_bytes and not supersedes:
                 self._rotate()
             start = self._good_size
             self._append(line)

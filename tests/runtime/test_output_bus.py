@@ -157,6 +157,38 @@ def test_a_superseding_record_that_fails_takes_the_superseded_verdict_with_it(tm
     assert [(r["frame_id"], r["verdict"]) for r in records] == [(2, "OK")]
 
 
+def test_a_superseding_record_that_fails_after_a_rotation_takes_the_superseded_verdict_with_it(tmp_path):
+    """As above, with the OK record the last that fits under max_bytes: the longer superseding FAULT record rotated
+    the log first, so its failure could not cut the OK, which stayed in r.jsonl.1 for a part the line got FAULT."""
+    import errno
+
+    from edge_runtime.outputs.result_log import encode_record
+
+    class DyingLog(ResultLog):
+        writes = 0
+
+        def _append(self, line):
+            DyingLog.writes += 1
+            if DyingLog.writes == 2:                    # the superseding record
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            super()._append(line)
+            time.sleep(0.05)                            # a slow fsync
+
+    path = tmp_path / "r.jsonl"
+    room = 1024 - len(encode_record(make_result(1))) - 30   # part 1's OK record (with its since_trigger) just fits
+    path.write_bytes(b'{"frame_id":0}' + b" " * (room - 15) + b"\n")
+    line = RecordingOutput()
+    log = DyingLog(ResultLogConfig(path=str(path), max_bytes=1024))
+    bus = OutputBus([line, log])
+    bus.start()
+    failure = bus.publish(make_result(1), started=time.monotonic(), deadline_ms=20)
+    assert line.results[0].verdict is Verdict.FAULT and failure is not None
+    kept = [(p.name, json.loads(x)["verdict"]) for p in sorted(tmp_path.iterdir())
+            for x in p.read_text().splitlines() if json.loads(x)["frame_id"] == 1]
+    assert [k for k in kept if k[1] != "FAULT"] == [], "no log keeps OK for a part the line got FAULT"
+    bus.close()
+
+
 class Stalled(RecordingOutput):
     """A line output that blocks in publish until released, like a serial port the PLC stopped reading."""
 
