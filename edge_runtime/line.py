@@ -767,6 +767,18 @@ class Line:
                 # No bundle, halted, or a recipe switch running or failed: every trigger gets FAULT at once, and
                 # so does every frame where each is a part (not a burst of late answers when the line is back).
                 self._ensure_trigger_quietly()   # a GPIO trigger's edges are seen (and answered) while it lasts
+                if source_open:
+                    try:
+                        # A source lost meanwhile (a watch folder removed) is its own fault now: the reload or
+                        # recipe switch that ends this raised READY on it until the next idle probe.
+                        self._probe_source()
+                    except (SourceError, TriggerError, OSError) as exc:
+                        self.counters.source_errors += 1
+                        self._source_fault = f"source: {exc}"
+                        self._set_state(False, self._source_fault)
+                        self._close_source(trigger=isinstance(exc, TriggerError))
+                        source_open = False
+                        retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
                 if (source_open and self.trigger.is_free_run and self.cfg.capture.every_frame_is_a_part
                         and is_live(getattr(self._source, "source", self._source))):
                     # A live camera's frames go by (each a part); a watch folder's files wait for the line.

@@ -937,3 +937,31 @@ def test_a_reload_after_a_withdrawn_bundle_raises_ready_without_waiting_for_a_pa
     station.trigger.fire()                             # and the line inspects again
     wait_until(lambda: len(rec.results) == 1, what="the part's answer")
     assert running.stop() == 0
+
+
+def test_a_reload_after_a_withdrawn_bundle_does_not_raise_ready_with_the_watch_folder_gone(small_bundle, tmp_path,
+                                                                                           write_station,
+                                                                                           start_station):
+    """While no bundle was loaded the line never probed its source: a watch folder removed then was not noticed,
+    and the reload that ended it raised READY (and /healthz 'ready') on a line with nothing to read from."""
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    rec = RecordingOutput()
+    cfg = load_station(write_station(bundle=small_bundle, source={"type": "folder", "path": str(folder),
+                                                                  "mode": "watch"},
+                                     trigger={"type": "software"}, recovery={**FAST_RECOVERY, "read_timeout_s": 0.5}))
+    running = start_station(cfg, outputs=[rec])
+    station = running.station
+    wait_until(lambda: station.status().state == "ready" and rec.ready, what="READY")
+    readies = withdrawn_with(station, rec, "nothing else")
+    folder.rmdir()
+    time.sleep(1.2)                                    # a few rounds of the line without a bundle
+    station.request_reload()                           # SIGHUP: the station file's bundle, verified again
+    wait_until(lambda: station.pipeline is not None and station.counters.reloads == 1, what="the reload")
+    time.sleep(0.3)
+    assert True not in rec.calls_to("set_ready")[readies:], "READY never raised with the watch folder gone"
+    status = station.status()
+    assert status.state == "fault" and status.reason.startswith("source: folder source")
+    folder.mkdir()
+    wait_until(lambda: station.status().state == "ready" and rec.ready, what="READY once the folder is back")
+    assert running.stop() == 0
