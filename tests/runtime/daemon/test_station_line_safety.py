@@ -955,7 +955,8 @@ def test_a_reload_after_a_withdrawn_bundle_does_not_raise_ready_with_the_watch_f
     wait_until(lambda: station.status().state == "ready" and rec.ready, what="READY")
     readies = withdrawn_with(station, rec, "nothing else")
     folder.rmdir()
-    time.sleep(1.2)                                    # a few rounds of the line without a bundle
+    # The line without a bundle notices (no fixed sleep: a loaded CI machine runs fewer rounds in a given time).
+    wait_until(lambda: (station.line._source_fault or "").startswith("source:"), what="the folder's loss seen")
     station.request_reload()                           # SIGHUP: the station file's bundle, verified again
     wait_until(lambda: station.pipeline is not None and station.counters.reloads == 1, what="the reload")
     time.sleep(0.3)
