@@ -157,6 +157,7 @@ class LibgpiodLines:
         self._stop = threading.Event()
         self._value = None  # gpiod.line.Value, bound on request()
         self._gpiod_errors: tuple[type[BaseException], ...] = ()
+        self.watch_failure: str | None = None  # why the ACK watcher ended on its own (GpioOutput.failure)
 
     def request(self, offsets: Mapping[int, bool]) -> None:
         import gpiod
@@ -188,18 +189,25 @@ class LibgpiodLines:
                                       debounce_period=timedelta(milliseconds=2))
         self._input = gpiod.request_lines(self.chip, consumer=self.consumer + "-ack", config={offset: settings})
         self._stop.clear()
+        self.watch_failure = None
         request = self._input
 
         def run() -> None:
             while not self._stop.is_set():
                 try:
-                    if request.wait_edge_events(timedelta(seconds=0.2)):
-                        request.read_edge_events()
-                        on_assert()
-                except Exception:  # noqa: BLE001 - a released request ends the watcher; anything else is logged
+                    if not request.wait_edge_events(timedelta(seconds=0.2)):
+                        continue
+                    request.read_edge_events()
+                except Exception as exc:  # noqa: BLE001 - a released request ends the watcher; anything else is logged
                     if not self._stop.is_set():
+                        # The input is gone: say so (GpioOutput.failure), a PLC's ACK no longer reaches the station.
+                        self.watch_failure = f"ACK input lost, ACK is ignored until restart: {exc}"
                         log.exception("GPIO %s: ACK input watcher failed; ACK is ignored until restart", self.chip)
                     return
+                try:
+                    on_assert()
+                except Exception:  # noqa: BLE001 - one failed withdrawal (EIO) must not end the watcher for good
+                    log.exception("GPIO %s: handling an ACK failed; the watcher goes on", self.chip)
 
         self._watcher = threading.Thread(target=run, name=f"gpio-ack:{self.chip}", daemon=True)
         self._watcher.start()
@@ -333,7 +341,16 @@ class GpioOutput(Output):
         with self._lock:
             self.acks += 1
             if self._requested:
-                self._withdraw_locked()
+                try:
+                    self._withdraw_locked()
+                except OutputError as exc:
+                    # Not a state call (the bus does not fault the line on it) and the ACK watcher has no caller:
+                    # the acknowledged OK may still stand, so failure() holds the line in FAULT until a write of
+                    # every line succeeds, as for a failed pulse end; that write withdraws it (the state says so).
+                    self._state.update({role: False for role in (*VERDICT_ROLES, "result_valid")})
+                    self._pulse_failure = f"withdrawing the verdict on ACK failed, OK may still show: {exc}"
+                    log.error("%s: %s", self.name, self._pulse_failure)
+                    raise
 
     def set_ready(self, ready: bool) -> None:
         with self._lock:
@@ -424,7 +441,10 @@ class GpioOutput(Output):
 
     def failure(self) -> str | None:
         with self._lock:
-            return self._pulse_failure
+            if self._pulse_failure is not None:
+                return self._pulse_failure
+        # The ACK input died (chip or line gone): level-mode verdicts can no longer be acknowledged.
+        return getattr(self._lines, "watch_failure", None)
 
     def _error_locked(self) -> bool:
         return self._fault_reason is not None or self._last_result_faulted

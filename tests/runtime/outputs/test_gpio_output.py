@@ -464,3 +464,88 @@ def test_an_ok_or_ready_line_that_reads_asserted_when_released_is_refused():
     GpioConfig(ok=GpioLine(offset=OK), ng=GpioLine(offset=NG, active_low=True)).validate()   # NG may read asserted
     with pytest.raises(ValueError, match="released: must be low or high"):
         GpioConfig(ok=GpioLine(offset=OK), released="floating").validate()
+
+
+def test_an_ack_that_cannot_withdraw_the_verdict_holds_the_line_in_fault_until_every_line_is_written():
+    """ACK is not a state call, so the bus never faulted the line on it: a failed withdrawal left the acknowledged
+    OK standing with READY up and nothing said (probe 99). failure() names it; the next full write withdraws it."""
+    from edge_runtime.output_bus import OutputBus
+
+    lines = FakeGpioLines()
+    out = GpioOutput(make_config(result_valid=GpioLine(offset=VALID), ack=GpioLine(offset=ACK)), lines)
+    bus = OutputBus([out])
+    assert bus.start() is None
+    bus.set_ready(True)
+    bus.begin_part(1)
+    bus.publish(make_result(1, Verdict.OK))
+    lines.fail_with = OSError(5, "Input/output error")
+    with pytest.raises(OutputError):
+        lines.press(ACK)                                # the PLC acknowledges; the chip refuses the write
+    assert lines.state[OK] is True                      # the pin still shows OK ...
+    assert bus.line_output_fault().startswith(f"{out.name}: withdrawing the verdict on ACK failed")  # ... FAULT
+    out.heartbeat()                                     # the next write goes to every line, and works
+    assert lines.state[OK] is False and lines.state[VALID] is False
+    assert out.failure() is None and bus.line_output_fault() is None
+    bus.close()
+
+
+class _FakeEdgeRequest:
+    """A gpiod input request: `edges` pending rising edges; `lost` makes the next wait fail (the chip is gone)."""
+
+    def __init__(self) -> None:
+        self.edges = 0
+        self.lost: Exception | None = None
+        self.lock = threading.Lock()
+
+    def wait_edge_events(self, timeout) -> bool:
+        time.sleep(0.005)
+        with self.lock:
+            if self.lost is not None:
+                raise self.lost
+            return self.edges > 0
+
+    def read_edge_events(self) -> None:
+        with self.lock:
+            self.edges -= 1
+
+    def release(self) -> None:
+        pass
+
+
+def _wait_for(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+def test_the_ack_watcher_survives_a_failed_ack_and_reports_a_lost_input(monkeypatch):
+    """One ACK whose withdrawal failed (EIO) ended the libgpiod watcher for good: every later ACK was ignored with
+    the line READY (probe 99). And an input that is gone must fault the line, not only be logged."""
+    import gpiod
+
+    from edge_runtime.outputs.gpio_output import LibgpiodLines
+
+    request = _FakeEdgeRequest()
+    monkeypatch.setattr(gpiod, "request_lines", lambda *a, **k: request)
+    lines = LibgpiodLines("/dev/gpiochip-fake", "test")
+    handled = []
+
+    def on_assert():
+        handled.append(1)
+        if len(handled) == 1:
+            raise OutputError("GPIO: cannot set lines: EIO")
+
+    lines.watch(ACK, False, on_assert)
+    try:
+        for n in (1, 2, 3):
+            with request.lock:
+                request.edges += 1
+            assert _wait_for(lambda: len(handled) == n), f"ACK {n} was not handled"
+        assert lines.watch_failure is None
+        out = GpioOutput(make_config(), lines)          # failure() reads the backend's watcher
+        request.lost = OSError(19, "No such device")
+        assert _wait_for(lambda: lines.watch_failure is not None)
+        assert "ACK input lost" in out.failure() and "No such device" in out.failure()
+    finally:
+        lines.release()
