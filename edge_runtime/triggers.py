@@ -73,8 +73,10 @@ class GpioTriggerConfig:
             raise ValueError(f"line: offset must be >= 0, got {self.line}")
         if isinstance(self.line, str) and not self.line:
             raise ValueError("line: must be an offset or a line name")
-        if self.debounce_ms < 0:
-            raise ValueError(f"debounce_ms: must be >= 0, got {self.debounce_ms}")
+        # As recipes.gpio.debounce_ms: a kernel debounce past a second only delays every part; and a huge one passed
+        # validate, then raised OverflowError building the timedelta at the trigger's open (a traceback, no station).
+        if not 0 <= self.debounce_ms <= 1000:
+            raise ValueError(f"debounce_ms: must be 0..1000, got {self.debounce_ms}")
 
 
 TriggerConfig = Union[FreeRunTriggerConfig, SoftwareTriggerConfig, GpioTriggerConfig]

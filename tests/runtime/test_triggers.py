@@ -117,6 +117,10 @@ def test_gpio_config_validation():
         convert({"type": "gpio", "line": 1, "debounce_ms": -1}, TriggerConfig, "trigger")
     with pytest.raises(ConfigError, match="edge"):
         convert({"type": "gpio", "line": 1, "edge": "up"}, TriggerConfig, "trigger")
+    # probe 100: 1.0e+17 validated, then the trigger's open raised OverflowError (timedelta) and run died with a
+    # traceback; refused as recipes.gpio.debounce_ms is.
+    with pytest.raises(ConfigError, match=r"debounce_ms: must be 0\.\.1000, got 1e\+17"):
+        convert({"type": "gpio", "line": 1, "debounce_ms": 1.0e17}, TriggerConfig, "trigger")
 
 
 def test_software_trigger_events_carry_their_time_and_the_triggers_folded_into_them():
