@@ -83,6 +83,9 @@ def split_received(buffer: bytearray) -> tuple[list[str], list[bytes]]:
     return lines, discarded
 
 
+SERIAL_TIMEOUT_MAX_S = 60.0
+
+
 @dataclass(kw_only=True)
 class SerialConfig:
     type: Literal["serial"] = "serial"
@@ -98,8 +101,11 @@ class SerialConfig:
             raise ValueError("port: must not be empty")
         if self.baudrate <= 0:
             raise ValueError(f"baudrate: must be positive, got {self.baudrate}")
-        if self.timeout <= 0:
-            raise ValueError(f"timeout: must be positive, got {self.timeout}")
+        # At most a minute: pyserial hands the timeout to select(), which raised OverflowError past time_t for a
+        # huge one (validate passed; every write and read then failed with a traceback); a write stalled longer
+        # answers no part within any controller's timeout anyway.
+        if not 0 < self.timeout <= SERIAL_TIMEOUT_MAX_S:
+            raise ValueError(f"timeout: must be > 0 and <= {SERIAL_TIMEOUT_MAX_S:g} s, got {self.timeout}")
         if self.reconnect_interval_s < 0 or self.heartbeat_interval_s < 0:
             raise ValueError("reconnect_interval_s and heartbeat_interval_s must be 0 or more")
 

@@ -341,3 +341,14 @@ def test_a_port_another_output_holds_is_refused_not_shared(new_pty, link):
     third.start()
     assert third.connected
     third.close()
+
+
+def test_a_timeout_select_cannot_take_is_refused_by_the_config():
+    """probe 100: `timeout: 1.0e+300` validated; pyserial's select() then raised OverflowError after every write
+    (a traceback per heartbeat) and in the receiver (TRG never read)."""
+    from edge_runtime.schema import ConfigError, convert
+    from edge_runtime.config import OutputConfig
+
+    with pytest.raises(ConfigError, match=r"outputs\[0\]\.timeout: must be > 0 and <= 60 s"):
+        convert({"type": "serial", "port": "/dev/ttyS0", "timeout": 1.0e300}, OutputConfig, "outputs[0]")
+    assert convert({"type": "serial", "port": "/dev/ttyS0", "timeout": 60}, OutputConfig, "outputs[0]").timeout == 60
