@@ -103,6 +103,11 @@ class MqttConfig:
                              f"{self.reconnect_min_s} and {self.reconnect_max_s}")
         if self.connect_timeout_s <= 0 or self.close_timeout_s < 0:
             raise ValueError("connect_timeout_s: must be > 0 (and close_timeout_s >= 0)")
+        # Each is a thread wait (Event.wait, Thread.join), which raises OverflowError past threading.TIMEOUT_MAX
+        # (~292 years): a huge one passed validate, then every connect failed and stopping logged a traceback.
+        for key, limit in (("connect_timeout_s", 60.0), ("close_timeout_s", 60.0), ("reconnect_max_s", 3600.0)):
+            if getattr(self, key) > limit:
+                raise ValueError(f"{key}: must be at most {limit:g} s, got {getattr(self, key):g}")
 
     def resolve_paths(self, absolute: Callable[[str, str], str], where: str, state_dir: str) -> None:
         """Make file paths absolute (relative to the station file); the outbox defaults into the state dir."""

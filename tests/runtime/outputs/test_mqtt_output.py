@@ -252,6 +252,11 @@ def test_station_file_mqtt_section_resolves_paths_and_defaults(tmp_path):
     ("host: b\ntopic_prefix: a\nqos: 2", "outputs[0].qos", "expected one of 0, 1, got 2"),
     ("host: b\ntopic_prefix: a\ntls_cert: c.pem", "outputs[0].tls_cert", "tls_cert and tls_key go together"),
     ("topic_prefix: a", "outputs[0].host", "required key is missing"),
+    # probe 100: 1.0e+300 validated; every connect then failed (Event.wait OverflowError) and stopping logged a
+    # traceback (Thread.join)
+    ("host: b\ntopic_prefix: a\nconnect_timeout_s: 1.0e+300", "outputs[0].connect_timeout_s", "at most 60 s"),
+    ("host: b\ntopic_prefix: a\nclose_timeout_s: 1.0e+300", "outputs[0].close_timeout_s", "at most 60 s"),
+    ("host: b\ntopic_prefix: a\nreconnect_max_s: 1.0e+300", "outputs[0].reconnect_max_s", "at most 3600 s"),
 ])
 def test_station_file_mqtt_errors_name_the_key(tmp_path, body, key, expected):
     with pytest.raises(ConfigError) as err:
