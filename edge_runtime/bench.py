@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -187,8 +188,8 @@ def run_bench(bundle_dir: Path, images_dir: Path | None = None, frames: int = 20
         raise BenchError(f"--frames must be at least 1, got {frames}")
     if warmup < 0:
         raise BenchError(f"--warmup must be >= 0, got {warmup}")
-    if gap_ms < 0:
-        raise BenchError(f"--gap-ms must be >= 0, got {gap_ms}")
+    if not 0 <= gap_ms < math.inf:   # NaN passed `< 0`; inf raised OverflowError in time.sleep after the load
+        raise BenchError(f"--gap-ms must be >= 0 and finite, got {gap_ms}")
     mem_start = memory_status()
     t0 = time.perf_counter()
     bundle = Bundle.load(bundle_dir)
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed frames (default: 200); more for stable tail percentiles")
     p.add_argument("--warmup", type=int, default=10, help="untimed frames first (default: 10)")
     p.add_argument("--threads", type=int, default=2,
-                   help="onnxruntime intra-op and HNSW search threads (default: 2); set to the station's "
+                   help="onnxruntime intra-op and HNSW search threads, 1-256 (default: 2); set to the station's "
                         "inference.threads")
     p.add_argument("--precision", choices=["int8", "fp32"], help="bundle variant (default: the bundle's default)")
     p.add_argument("--knn", choices=["hnsw", "hnswlib", "exact", "onnx", "ivf"], default="hnsw",
@@ -430,6 +431,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--ef-seeded must be 1-{EF_MAX}")
     if a.ivf_nprobe is not None and a.ivf_nprobe < 1:
         p.error("--ivf-nprobe must be a positive integer")
+    from edge_runtime.lines_config import MAX_THREADS
+
+    # As `edge-runtime check --threads` and inference.threads: 0 ran on onnxruntime's default pool (not what was
+    # asked), 999999 started that many threads and never finished.
+    if not 1 <= a.threads <= MAX_THREADS:
+        p.error(f"--threads must be 1-{MAX_THREADS}, got {a.threads}")
+    # Refused before the run, not after it: a folder here raised IsADirectoryError once every frame was timed.
+    if a.json_out is not None and a.json_out.is_dir():
+        p.error(f"--json {a.json_out}: is a folder; name the file to write")
     if a.sustained_fps is not None:
         return _sustained(p, a)
     try:
@@ -447,8 +457,12 @@ def _emit(table: str, report: dict, json_out: Path | None) -> int:
     """Print the table, keep the full report as JSON when asked; exit status 0."""
     print(table)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=1))
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(report, indent=1))
+        except OSError as exc:   # a full disk, a read-only folder: said, not a traceback
+            print(f"edge-bench: --json {json_out}: cannot write the report ({exc.strerror or exc})", file=sys.stderr)
+            return 2
         print(f"\nJSON written to {json_out}")
     return 0
 
@@ -456,8 +470,10 @@ def _emit(table: str, report: dict, json_out: Path | None) -> int:
 def _sustained(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     from edge_runtime.bench_sustained import format_sustained, run_sustained
 
-    if a.sustained_fps <= 0 or a.duration_s <= 0 or a.lines < 1 or not 1 <= a.workers <= 8:
-        p.error("--sustained-fps and --duration-s must be > 0, --lines >= 1, --workers 1-8")
+    # NaN passed `<= 0`, and inf (or a product past a float) raised OverflowError counting the frames.
+    if not (0 < a.sustained_fps and 0 < a.duration_s and math.isfinite(a.sustained_fps * a.duration_s)) \
+            or a.lines < 1 or not 1 <= a.workers <= 8:
+        p.error("--sustained-fps and --duration-s must be > 0 and finite, --lines >= 1, --workers 1-8")
     if a.images is None:
         p.error("--sustained-fps needs --images DIR (the frames the paced source replays)")
     try:

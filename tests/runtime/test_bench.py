@@ -129,7 +129,8 @@ def test_model_alone_times_a_frame_the_run_inspected(small_bundle, synthetic_dat
 
 
 def test_invalid_settings_are_refused(small_bundle):
-    for kwargs, field in (({"frames": 0}, "--frames"), ({"warmup": -1}, "--warmup"), ({"gap_ms": -1}, "--gap-ms")):
+    for kwargs, field in (({"frames": 0}, "--frames"), ({"warmup": -1}, "--warmup"), ({"gap_ms": -1}, "--gap-ms"),
+                          ({"gap_ms": float("nan")}, "--gap-ms"), ({"gap_ms": float("inf")}, "--gap-ms")):
         with pytest.raises(BenchError, match=field):
             run_bench(small_bundle, **kwargs)
 
@@ -233,6 +234,29 @@ def test_sustained_mode_accounts_for_every_offered_frame(small_bundle, synthetic
     assert line["inspected"] + line["faults"] + line["dropped"] == line["offered"] == line["accounted"]
     assert line["inspected"] > 0 and line["pipeline_ms"]["p50"] <= line["pipeline_ms"]["p99"]
     assert line["capture_to_verdict_ms"]["count"] == line["inspected"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--threads", "0"], "--threads must be 1-256, got 0"),
+    (["--threads", "999999"], "--threads must be 1-256"),
+    (["--sustained-fps", "nan", "--images", "."], "must be > 0 and finite"),
+    (["--sustained-fps", "1e308", "--images", "."], "must be > 0 and finite"),
+    (["--sustained-fps", "5", "--duration-s", "inf", "--images", "."], "must be > 0 and finite"),
+])
+def test_odd_arguments_are_refused_before_the_run(small_bundle, capsys, args, expected):
+    """probe 100: each of these ran (a traceback, a pool of 999999 threads, or NaN frames) instead of an error."""
+    with pytest.raises(SystemExit) as exit_:
+        main([str(small_bundle), *args])
+    assert exit_.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_json_to_a_folder_or_a_full_disk_is_an_error_not_a_traceback(small_bundle, tmp_path, capsys):
+    with pytest.raises(SystemExit):   # refused before the frames are timed
+        main([str(small_bundle), "--frames", "1", "--json", str(tmp_path)])
+    assert "is a folder" in capsys.readouterr().err
+    if os.path.exists("/dev/full"):
+        assert main([str(small_bundle), "--frames", "1", "--warmup", "0", "--json", "/dev/full"]) == 2
+        assert "cannot write the report" in capsys.readouterr().err
 
 
 def test_sustained_mode_needs_images(small_bundle, capsys):
