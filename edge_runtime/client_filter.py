@@ -83,3 +83,13 @@ class ClientFilter:
                 log.warning("%s: more than %d addresses refused (a scan?): further ones are counted, not logged; "
                             "a PLC missing from allowed_clients may be among them", self.server, MAX_REPORTED)
         return False
+
+
+def check_host_encodable(host: str) -> None:
+    """Raise ValueError (key `host`) for a host the socket layer cannot even encode: a lone surrogate ("x\\ud800"
+    from a YAML escape), an empty or over-long label (probe 100: validate said valid, then bind raised TypeError
+    'encoding of hostname failed' and run died with a traceback)."""
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        raise ValueError(f"host: {host!r} is not a host name or address ({exc})") from None

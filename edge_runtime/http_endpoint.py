@@ -16,7 +16,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Literal
 
-from edge_runtime.client_filter import LOOPBACK_NAMES, ClientFilter, is_loopback, parse_networks
+from edge_runtime.client_filter import LOOPBACK_NAMES, ClientFilter, check_host_encodable, is_loopback, parse_networks
 from edge_runtime.drift_monitor import DriftState
 from edge_runtime.latency_stats import LatencyStats, escape_label
 from edge_runtime.records import Verdict
@@ -53,6 +53,7 @@ class HttpConfig:
             raise ValueError(f"port: must be 0..65535, got {self.port}")
         if not self.host:
             raise ValueError("host: must not be empty")
+        check_host_encodable(self.host)
         if self.stall_after_s is not None and self.stall_after_s <= 0:
             raise ValueError(f"stall_after_s: must be > 0, got {self.stall_after_s}")
         if not 1 <= self.max_connections <= 1024:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from edge_runtime.client_filter import is_loopback
+from edge_runtime.client_filter import check_host_encodable, is_loopback
 
 ROLES = ("viewer", "operator", "engineer")
 # How far above the threshold (times it) a part may score and still be taught as good without an engineer's explicit
@@ -47,6 +47,7 @@ class PageConfig:
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be 0..65535, got {self.port}")
+        check_host_encodable(self.host)   # as http.host: uvicorn could not bind it either
         if not self.lan and not is_loopback(self.host):
             raise ValueError(f"host: {self.host} is not loopback; set page.lan: true to serve the page on the LAN")
         if self.history < 1 or self.keep_frames < 0 or self.keep_frames > self.history:

@@ -336,6 +336,21 @@ def test_connection_limits_are_validated():
         from_mapping(HttpConfig, {"idle_timeout_s": 0}, "http")
 
 
+def test_a_host_the_socket_cannot_encode_is_refused_by_validate(tmp_path, device_bundle, capsys):
+    """Probe 100: http.host "x\\ud800" (a YAML escape) validated, then run died with bind's TypeError 'encoding of
+    hostname failed' and a traceback; a 64-character label the same (run: a clean error, but validate said valid)."""
+    for host in ("x\ud800", "a" * 64 + ".example", "a..b"):
+        with pytest.raises(ConfigError, match=r"http.host: .* is not a host name or address"):
+            from_mapping(HttpConfig, {"host": host}, "http")
+    (tmp_path / "images").mkdir()
+    station = tmp_path / "station.yaml"
+    station.write_text(f"bundle: {device_bundle}\nsource: {{type: folder, path: images}}\n"
+                       'http: {host: "x\\ud800", port: 0}\nstate_dir: state\n')
+    assert cli.main(["validate", str(station)]) == 2
+    assert "http.host: 'x\\ud800' is not a host name or address" in capsys.readouterr().err
+    assert cli.main(["run", "--config", str(station)]) == 2
+
+
 # ---- Origin / Host (cross-site requests, DNS rebinding) --------------------------------------------------------
 
 def raw_request(endpoint: HttpEndpoint, path: str, method: str = "GET", headers: dict | None = None) -> tuple[int, bytes]:
