@@ -358,8 +358,15 @@ def write_station(bundle: Path, source: str, outputs: list[str], device: str | N
         raise InitError(f"--http-port {http_port}: the modbus output init writes serves Modbus on {MODBUS_PORT}; "
                         "pick another port")
     text, warnings = render_station(bundle, source, outputs, device, out, name, http_port, service)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    # Only a regular file is replaced: writing to a FIFO --out blocked for ever waiting for a reader, and a folder,
+    # a device or a read-only place raised a traceback (probe 100).
+    if out.exists() and not out.is_file():
+        raise InitError(f"--out {out}: exists and is not a regular file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    except OSError as exc:
+        raise InitError(f"--out {out}: cannot write the station file ({exc.strerror or exc})") from None
     try:
         load_station(out)
     except ConfigError as exc:   # the generator's bug, not the user's: say so plainly

@@ -218,6 +218,16 @@ def test_init_refuses_bad_requests_with_the_reason(tmp_path, capsys):
     assert "exists (use --force" in capsys.readouterr().err and out.read_text() == "keep me"
     assert runtime_main(["init", "--bundle", str(bundle), "--source", "camera:0", "--out", str(out), "--force"]) == 0
 
+    # probe 100: --force onto a FIFO blocked for ever (open for writing waits for a reader); onto a folder, or
+    # where nothing can be written, a traceback. Each is refused with the reason.
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    for bad, reason in ((fifo, "exists and is not a regular file"), (tmp_path, "exists and is not a regular file"),
+                        (tmp_path / "s.yaml" / "x.yaml", "cannot write the station file")):
+        assert runtime_main(["init", "--bundle", str(bundle), "--source", "camera:0", "--out", str(bad),
+                             "--force"]) == 2
+        assert reason in capsys.readouterr().err
+
 
 def test_init_warns_when_the_bundle_was_quantised_for_another_cpu(tmp_path, capsys):
     bundle = _bundle(tmp_path, int8_target="x86-avx2")
