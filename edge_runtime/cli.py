@@ -41,12 +41,13 @@ def _run(a: argparse.Namespace) -> int:
 
 
 def _check(a: argparse.Namespace) -> int:
+    from edge_runtime.bundle import BundleError
     from edge_runtime.bundle_loader import load_public_key
     from edge_runtime.self_test import run_self_test
 
     try:
         key = load_public_key(a.public_key)
-    except (OSError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, ImportError, BundleError) as exc:   # BundleError: not a regular file (/dev/zero)
         print(f"FAIL  --public-key {a.public_key}: cannot read the key ({exc})", file=sys.stderr)
         return 1
     ok = True

@@ -111,3 +111,7 @@ def test_check_verifies_the_signature_with_the_stations_key(bundle_copy, keys, t
     _, other = generate_keypair(tmp_path / "other")
     assert runtime_main(["check", str(bundle_copy), "--public-key", str(other)]) == 1
     assert "does not verify" in capsys.readouterr().err
+    # probe 100: a key that is no regular file (/dev/zero, a FIFO) raised BundleError out of `check` as a traceback
+    assert runtime_main(["check", str(bundle_copy), "--public-key", "/dev/zero"]) == 1
+    assert "--public-key /dev/zero: cannot read the key (/dev/zero: public key is not a regular file)" in \
+        capsys.readouterr().err
