@@ -36,7 +36,11 @@ def add_adapt_parser(sub, func) -> None:
                         "threshold is more likely a defect, and learning it makes it and others like it OK)")
     d.add_argument("--dry-run", action="store_true",
                    help="print the effect (scores before/after, new threshold) and write nothing (default: off)")
-    d.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")
+    from edge_runtime.cli import _threads   # 1-256, as check's: 999999 started that many threads (probe 100)
+    from edge_runtime.lines_config import MAX_THREADS
+
+    d.add_argument("--threads", type=_threads, default=2,
+                   help=f"onnxruntime and search threads, 1-{MAX_THREADS} (default: 2)")
     d.set_defaults(func=func)
 
 

@@ -123,11 +123,17 @@ class InputImage:
     @classmethod
     def from_file(cls, path: str | Path, shift_16bit: int = SHIFT_16BIT) -> "InputImage":
         """`shift_16bit`: the bundle's (Bundle.shift_16bit), so a 16-bit file reads as the bundle's frames do."""
+        from edge_runtime.bundle import read_regular
+        from edge_runtime.decode import DEFAULT_LIMITS, MAX_PIXELS
+
         path = Path(path)
+        # A regular file no larger than the decoder accepts (as the folder source reads): `--good /dev/zero` read
+        # for ever into memory, and a FIFO blocked (probe 100).
+        limit = int(MAX_PIXELS * DEFAULT_LIMITS.max_bytes_per_pixel) + DEFAULT_LIMITS.metadata_allowance_bytes
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise AdaptError(f"{path}: cannot read the image ({exc.strerror or exc})") from None
+            data = read_regular(path, limit, "image")
+        except BundleError as exc:
+            raise AdaptError(str(exc)) from None
         return cls.from_bytes(str(path), data, shift_16bit)
 
     @classmethod

@@ -94,10 +94,11 @@ def read_regular(path: Path, limit: int | None, what: str) -> bytes:
         if isinstance(exc, FileNotFoundError):
             raise BundleError(f"{path}: {what} is missing") from None
         raise BundleError(f"{path}: cannot open {what} ({exc.strerror or exc})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        os.close(fd)   # checked before fdopen, which raised IsADirectoryError for a folder (probe 100)
+        raise BundleError(f"{path}: {what} is not a regular file")
     with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-            raise BundleError(f"{path}: {what} is not a regular file")
         if limit is not None and st.st_size > limit:
             raise BundleError(f"{path}: {what} is {st.st_size} bytes, over the {limit} bytes expected")
         try:

@@ -166,6 +166,21 @@ def test_cli_adapt_names_an_image_of_another_size_without_a_traceback(device_bun
     assert err.startswith("edge-runtime adapt: ") and "400x300" in err and "Traceback" not in err
 
 
+def test_cli_adapt_refuses_an_image_that_is_no_regular_file_and_odd_threads(device_bundle, tmp_path, capsys):
+    """Probe 100: `--good /dev/zero` read for ever into memory, a FIFO blocked, a folder was an IsADirectoryError
+    traceback; --threads 999999 started that many threads. Each is an error naming the argument now."""
+    from edge_runtime.cli import main
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo), str(tmp_path)):
+        assert main(["adapt", str(device_bundle), "--good", path, "--out", str(tmp_path / "v2"), "--dry-run"]) == 2
+        assert f"edge-runtime adapt: {path}: image is not a regular file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["adapt", str(device_bundle), "--good", "x.png", "--out", str(tmp_path / "v2"), "--threads", "999999"])
+    assert "argument --threads: must be 1-256, got 999999" in capsys.readouterr().err
+
+
 def test_station_key_cannot_bring_back_a_replaced_release_or_move_the_region(device_bundle, images, tmp_path):
     """A version the station key made from another signed release than the station's bundle, or with the region
     inspected moved, is refused: the key may extend the bank and tighten thresholds, nothing else."""
