@@ -279,6 +279,11 @@ def _hash_password(a: argparse.Namespace) -> int:
     if not password:
         print("edge-runtime hash-password: empty password", file=sys.stderr)
         return 2
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:   # bytes that are not UTF-8 (read as surrogates): a traceback, and no browser sends them
+        print("edge-runtime hash-password: the password is not UTF-8 text", file=sys.stderr)
+        return 2
     print(hash_password(password))
     return 0
 

@@ -186,3 +186,11 @@ def test_fit_help_documents_the_device_to_int8_mapping(capsys):
         export_cli.main(["fit", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "pi5->arm" in out and "x86->x86-avx2" in out and "jetson-orin->arm" in out
+
+
+def test_hash_password_refuses_bytes_that_are_not_utf8(monkeypatch, capsys):
+    """Probe 100: `printf '\\xff\\xfe\\n' | edge-runtime hash-password` died with a UnicodeEncodeError traceback
+    (stdin reads undecodable bytes as surrogates); no browser can send such a password."""
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe\n"), errors="surrogateescape"))
+    assert runtime_cli.main(["hash-password"]) == 2
+    assert "edge-runtime hash-password: the password is not UTF-8 text" in capsys.readouterr().err
