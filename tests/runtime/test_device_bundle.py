@@ -58,3 +58,11 @@ def test_device_path_needs_no_exporter_package():
            "as v >> 8" in out.stdout, out.stdout
     assert "frame check: training frames' brightness " in out.stdout and "40 images, 0.5th-99.5th percentile" in \
         out.stdout, out.stdout
+
+
+def test_generator_help_writes_nothing():
+    """Probe 100: `make_device_bundle.py --help` ignored the option and regenerated the committed bundle."""
+    before = (FIXTURES / "device_bundle" / "manifest.yaml").read_bytes()
+    done = subprocess.run([sys.executable, str(GENERATOR), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Regenerate the committed device-test bundle" in done.stdout
+    assert (FIXTURES / "device_bundle" / "manifest.yaml").read_bytes() == before
