@@ -29,6 +29,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 # thread beyond the cores only spins (probe 73: threads 2147483648 validated, then every bundle load failed with
 # onnxruntime's "incompatible function arguments" and the station stayed in FAULT).
 MAX_THREADS = 256
+# Lines in one daemon: each loads its bundle (about 70 ms and tens of MiB each) and runs its own threads; a small
+# station runs a handful. A station file of 21,000 one-line entries kept `validate` busy for minutes (probe 100).
+MAX_LINES = 64
 
 
 @dataclass(kw_only=True)
@@ -111,6 +114,8 @@ def check_serial_ports(located: list[tuple[str, object]]) -> None:
 def validate_lines(lines: list[LineConfig], trigger=None, recipes=None) -> None:
     """Checks across lines (called from StationConfig.validate): unique names, no file, port or GPIO line used
     twice. `trigger` and `recipes` are the station's, which a line without its own runs with."""
+    if len(lines) > MAX_LINES:   # before anything per line (the checks below compare lines pairwise)
+        raise ValueError(f"lines: {len(lines)} lines, at most {MAX_LINES} run in one daemon")
     names = [ln.name for ln in lines]
     for name in names:
         if names.count(name) > 1:

@@ -112,6 +112,16 @@ def test_a_line_roi_is_range_checked_like_the_stations(write_station, small_bund
             {"name": "b", "source": {"type": "scripted"}, "roi": roi}]))
 
 
+def test_a_station_file_with_more_lines_than_a_daemon_runs_is_refused_at_once(write_station):
+    """Probe 100: 21,000 one-line entries kept `validate` busy for minutes (pairwise checks, then a bundle load each)."""
+    from edge_runtime.lines_config import MAX_LINES
+
+    many = [{"name": f"l{i}", "source": {"type": "scripted"}} for i in range(5000)]
+    with pytest.raises(ConfigError, match=rf"lines: 5000 lines, at most {MAX_LINES} run in one daemon"):
+        load_station(write_station(bundle="bundle", lines=many))
+    load_station(write_station(bundle="bundle", lines=many[:MAX_LINES]))   # the cap itself is a valid station
+
+
 def test_one_serial_port_serves_one_output(write_station, tmp_path):
     """Probe 60: two lines on one serial port validated and ran: the PLC read one line's RDY 1 after the faulted
     line's RDY 0, two answers 'RES 0 OK' and 'RES 0 FAULT', and a TRG meant for one line was served by the other."""
