@@ -116,6 +116,19 @@ def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
+def interleaved_median_ms(fns: list, n: int) -> list[float]:
+    """Median ms of each call, the calls taken in turn n times (the same load for all)."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(n):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [float(np.median(t) * 1000.0) for t in times]
+
+
 def add_results_option(p) -> None:
     """--results-dir: where write_results puts NAME.json / NAME.md (quick trial runs keep the committed ones)."""
     p.add_argument("--results-dir", type=Path, default=RESULTS,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -23,23 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from edge_runtime.bench import cpu_info, load_average  # noqa: E402
 from edge_runtime.decode import decode_image  # noqa: E402
+from bench_report import interleaved_median_ms  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 FRAMES = [(384, 384), (1280, 1024), (1920, 1080), (2592, 1944)]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "mvtec_ad" / "bottle" / "test" / "good"
-
-
-def median_ms(fns: list, n: int) -> list[float]:
-    """Median ms of each call, the calls taken in turn n times (the same load for all)."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(n):
-        for fn, t in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - t0)
-    return [float(np.median(t) * 1000.0) for t in times]
 
 
 def main() -> int:
@@ -65,7 +52,7 @@ def main() -> int:
                             ("progressive", [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_PROGRESSIVE, 1])):
             data = cv2.imencode(".jpg", frame, flags)[1].tobytes()
             buf = np.frombuffer(data, np.uint8)
-            station, opencv, plain = median_ms([
+            station, opencv, plain = interleaved_median_ms([
                 lambda: decode_image(data, "frame.jpg"),
                 lambda: cv2.imdecode(buf, cv2.IMREAD_UNCHANGED),
                 lambda: simplejpeg.decode_jpeg(data, colorspace="BGR")], a.repeats)

@@ -25,22 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from edge_runtime.bench import cpu_info, load_average  # noqa: E402
 from edge_runtime.geometry import Geometry, match_colour, resample, to_canvas  # noqa: E402
+from bench_report import interleaved_median_ms  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 FRAMES = [(384, 384), (640, 480), (900, 900), (1280, 1024), (1920, 1080), (1920, 1200), (2448, 2048), (4096, 3000)]
-
-
-def median_ms(fns: list, n: int) -> list[float]:
-    """Median ms of each call, the calls taken in turn n times (the same load for all)."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(n):
-        for fn, t in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - t0)
-    return [float(np.median(t) * 1000.0) for t in times]
 
 
 def main() -> int:
@@ -65,7 +53,7 @@ def main() -> int:
         size = (a.width, th)
         as_colour = Geometry(size, size, ((0, 0),), resample="halve-area", colour="colour")
         as_grey = Geometry(size, size, ((0, 0),), resample="halve-area", colour="grey")
-        area, single, halve, linear, rgb, check, grey = median_ms([lambda: resample(base, size, "area"),
+        area, single, halve, linear, rgb, check, grey = interleaved_median_ms([lambda: resample(base, size, "area"),
                                               lambda: cv2.resize(base, size, interpolation=cv2.INTER_AREA),
                                               lambda: resample(base, size, "halve-area"),
                                               lambda: cv2.resize(base, size, interpolation=cv2.INTER_LINEAR),
