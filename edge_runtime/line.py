@@ -773,10 +773,7 @@ class Line:
                         # recipe switch that ends this raised READY on it until the next idle probe.
                         self._probe_source()
                     except (SourceError, TriggerError, OSError) as exc:
-                        self.counters.source_errors += 1
-                        self._source_fault = f"source: {exc}"
-                        self._set_state(False, self._source_fault)
-                        self._close_source(trigger=isinstance(exc, TriggerError))
+                        self._lose_source(exc)
                         source_open = False
                         retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
                 if (source_open and self.trigger.is_free_run and self.cfg.capture.every_frame_is_a_part
@@ -802,10 +799,7 @@ class Line:
                     self._source_fault = None
                     self._resume()
                 except (SourceError, TriggerError, OSError) as exc:
-                    self.counters.source_errors += 1
-                    self._source_fault = f"source: {exc}"
-                    self._set_state(False, self._source_fault)
-                    self._close_source(trigger=isinstance(exc, TriggerError))
+                    self._lose_source(exc)
                     retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
                     continue
             try:
@@ -813,10 +807,7 @@ class Line:
             except (SourceError, TriggerError, OSError) as exc:
                 # Camera lost: not-OK on the outputs, no verdict for anything, reopen with backoff.
                 self._drain_inflight()   # frames captured before the loss were good frames: answered first
-                self.counters.source_errors += 1
-                self._source_fault = f"source: {exc}"
-                self._set_state(False, self._source_fault)
-                self._close_source(trigger=isinstance(exc, TriggerError))   # the trigger stays, unless it failed
+                self._lose_source(exc)
                 source_open = False
                 retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, rc_cfg.backoff_max_s)
                 continue
@@ -832,6 +823,14 @@ class Line:
         else:
             self._stop_capture()
         return 0
+
+    def _lose_source(self, exc: Exception) -> None:
+        """The camera or trigger input failed (to open, or while open): its own fault, not-OK on the outputs, the
+        source closed for a reopen with backoff (the trigger stays, unless it is what failed)."""
+        self.counters.source_errors += 1
+        self._source_fault = f"source: {exc}"
+        self._set_state(False, self._source_fault)
+        self._close_source(trigger=isinstance(exc, TriggerError))
 
     def _stop_capture(self) -> None:
         """The loop has ended: the capture thread stops, and the frames it got after the last one the loop read
