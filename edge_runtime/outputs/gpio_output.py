@@ -341,16 +341,8 @@ class GpioOutput(Output):
         with self._lock:
             self.acks += 1
             if self._requested:
-                try:
-                    self._withdraw_locked()
-                except OutputError as exc:
-                    # Not a state call (the bus does not fault the line on it) and the ACK watcher has no caller:
-                    # the acknowledged OK may still stand, so failure() holds the line in FAULT until a write of
-                    # every line succeeds, as for a failed pulse end; that write withdraws it (the state says so).
-                    self._state.update({role: False for role in (*VERDICT_ROLES, "result_valid")})
-                    self._pulse_failure = f"withdrawing the verdict on ACK failed, OK may still show: {exc}"
-                    log.error("%s: %s", self.name, self._pulse_failure)
-                    raise
+                # Not a state call (the bus does not fault the line on it) and the ACK watcher has no caller.
+                self._withdraw_or_hold("withdrawing the verdict on ACK failed", reraise=True)
 
     def set_ready(self, ready: bool) -> None:
         with self._lock:
@@ -423,21 +415,26 @@ class GpioOutput(Output):
             if generation != self._pulse_generation or not self._requested:
                 return  # a newer part or close() took over the lines
             self._pulse_timer = None
-            try:
-                self._withdraw_locked()
-            except OutputError as exc:
-                # No caller to raise to from a timer thread, and OK may stand until the next part: the pins owe the
-                # withdrawn state (every line is written on the next write), and failure() holds the line in
-                # FAULT until a write of every line succeeds (the heartbeat's, on the next loop, or the retry's).
-                self._state.update({role: False for role in (*VERDICT_ROLES, "result_valid")})
-                self._pulse_failure = f"ending the verdict pulse failed, OK may still show: {exc}"
-                log.error("%s: %s", self.name, self._pulse_failure)
+            self._withdraw_or_hold("ending the verdict pulse failed")   # no caller to raise to from a timer thread
 
     def _cancel_pulse_locked(self) -> None:
         self._pulse_generation += 1
         if self._pulse_timer is not None:
             self._pulse_timer.cancel()
             self._pulse_timer = None
+
+    def _withdraw_or_hold(self, what: str, reraise: bool = False) -> None:
+        """Withdraw the verdict lines (lock held). If that fails OK may still stand: the pins owe the withdrawn state
+        (every line is written on the next write), and failure() holds the line in FAULT until a write of every
+        line succeeds (the heartbeat's, on the next loop, or the retry's)."""
+        try:
+            self._withdraw_locked()
+        except OutputError as exc:
+            self._state.update({role: False for role in (*VERDICT_ROLES, "result_valid")})
+            self._pulse_failure = f"{what}, OK may still show: {exc}"
+            log.error("%s: %s", self.name, self._pulse_failure)
+            if reraise:
+                raise
 
     def failure(self) -> str | None:
         with self._lock:
