@@ -159,7 +159,10 @@ def load_images(bundle: Bundle, images_dir: Path | None, precision: str | None) 
     if images_dir is not None:
         images_dir = Path(images_dir)
         if not images_dir.is_dir():
-            raise BenchError(f"{images_dir}: image directory does not exist")
+            # A file given for the folder is named as such: "does not exist" sent users looking for a typo.
+            what = "is not a directory (--images takes a folder of images)" if images_dir.exists() \
+                else "image directory does not exist"
+            raise BenchError(f"{images_dir}: {what}")
         paths = sorted(p for p in images_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise BenchError(f"{images_dir}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")

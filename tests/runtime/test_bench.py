@@ -140,6 +140,12 @@ def test_cli_errors_exit_2(small_bundle, tmp_path, capsys):
     assert "bundle directory does not exist" in capsys.readouterr().err
     assert main([str(small_bundle), "--images", str(tmp_path), "--frames", "1"]) == 2
     assert "no image files" in capsys.readouterr().err
+    one = tmp_path / "part.png"
+    one.write_bytes(b"\x89PNG")
+    assert main([str(small_bundle), "--images", str(one), "--frames", "1"]) == 2
+    assert "part.png: is not a directory (--images takes a folder of images)" in capsys.readouterr().err
+    assert main([str(small_bundle), "--images", str(tmp_path / "gone"), "--frames", "1"]) == 2
+    assert "gone: image directory does not exist" in capsys.readouterr().err
 
 
 def test_cpu_info_parses_x86_and_arm():
