@@ -62,6 +62,17 @@ def camera_node(device: int | str) -> str:
     return f"/dev/video{device}" if isinstance(device, int) else str(device)
 
 
+def _node_id(node: str, strict: bool = False) -> tuple[int, int] | None:
+    """(inode, device number) of the device node, links followed; None when it cannot be read (strict: raise)."""
+    try:
+        st = os.stat(node)
+    except OSError:
+        if strict:
+            raise
+        return None
+    return st.st_ino, st.st_rdev
+
+
 @dataclass(kw_only=True)
 class CameraSourceConfig:
     type: Literal["camera"] = "camera"
@@ -176,6 +187,7 @@ class CameraSource(FrameSource):
         self._frozen = FrozenFrameCheck(self.name)
         self._drain_pending = False
         self._queued = self.cfg.buffer_size   # frames the driver says it queues (read back at open)
+        self._node_id: tuple[int, int] | None = None   # (inode, device number) of the node opened (probe)
 
     @property
     def next_frame_id(self) -> int:
@@ -203,6 +215,7 @@ class CameraSource(FrameSource):
             raise
         self._cap, self._worker = opened[0], worker
         self._drain_pending = False
+        self._node_id = _node_id(camera_node(self.cfg.device))
 
     def _open_in_worker(self, opened: list[CaptureLike]) -> None:
         cfg = self.cfg
@@ -244,6 +257,21 @@ class CameraSource(FrameSource):
         if max(cfg.drain_frames, self._queued) > cfg.drain_frames:
             log.warning("%s: the driver queues %d frames: draining %d after each trigger (drain_frames: %d)",
                         self.name, self._queued, self._queued, cfg.drain_frames)
+
+    def probe(self) -> None:
+        """While a triggered line waits: the device node opened is still there and the same device. A USB camera
+        unplugged between two parts had left READY up until the next trigger, whose part was then FAULT (probe
+        101); replugged, it is a new node, and the handle held is dead."""
+        if self._cap is None or self._node_id is None:
+            return   # not open, or opened by a node we could not stat (nothing to compare)
+        node = camera_node(self.cfg.device)
+        try:
+            now = _node_id(node, strict=True)
+        except OSError as exc:
+            raise SourceError(f"{self.name}: the camera is gone ({node}: {exc.strerror or exc}; unplugged?)") from exc
+        if now != self._node_id:
+            raise SourceError(f"{self.name}: {node} is another device now (the camera was unplugged and plugged "
+                              "back while the line waited)")
 
     def notify_trigger(self, at_wall: float | None = None, at: float | None = None) -> None:
         """The trigger just fired: the next read must show the part as it is now, not a buffered frame."""

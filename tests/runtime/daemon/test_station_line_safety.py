@@ -10,7 +10,9 @@ import time
 import tty
 import urllib.error
 import urllib.request
+from pathlib import Path
 
+import numpy as np
 import pytest
 from pymodbus.client import ModbusTcpClient
 
@@ -20,7 +22,7 @@ from edge_runtime.outputs import GpioConfig, GpioLine, GpioOutput, ResultLog, bu
 from doubles import RecordingOutput
 from doubles import FakeGpioLines, FullDiskLog
 from edge_runtime.records import Verdict
-from edge_runtime.sources import SourceError
+from edge_runtime.sources import CameraSource, SourceError
 from doubles import ScriptedSource
 
 SCRIPTED = {"type": "scripted"}
@@ -966,3 +968,62 @@ def test_a_reload_after_a_withdrawn_bundle_does_not_raise_ready_with_the_watch_f
     folder.mkdir()
     wait_until(lambda: station.status().state == "ready" and rec.ready, what="READY once the folder is back")
     assert running.stop() == 0
+
+
+class PluggedCamera:
+    """An OpenCV capture of a USB camera at `node`: opens while the node is there, grabs new frames until read
+    after an unplug (a real handle reports the loss only when it is used)."""
+
+    def __init__(self, node) -> None:
+        self.node = node
+
+    def isOpened(self) -> bool:
+        return self.node.exists()
+
+    def set(self, prop, value) -> bool:
+        return True
+
+    def get(self, prop) -> float:
+        return 0.0
+
+    def grab(self) -> bool:
+        return self.node.exists()
+
+    def retrieve(self):
+        return True, np.random.default_rng().integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+    def read(self):
+        return self.retrieve()
+
+    def release(self) -> None:
+        pass
+
+
+def test_a_camera_unplugged_while_a_triggered_line_waits_drops_ready_before_any_trigger(small_bundle, write_station,
+                                                                                       start_station):
+    """Probe 101: READY stayed up on the outputs (and /healthz 'ready') for as long as nobody triggered after the
+    USB camera was unplugged, as for a removed watch folder (probe 63); the line now notices while it waits, and
+    comes back when the camera does."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        pytest.skip("no writable /dev/shm for a stand-in camera node")
+    node = shm / f"edge-runtime-test-camera-{os.getpid()}"
+    node.touch()
+    try:
+        rec = RecordingOutput()
+        cfg = load_station(write_station(bundle=small_bundle, source={"type": "camera", "device": str(node)},
+                                         trigger={"type": "software"}, recovery=FAST_RECOVERY))
+        camera = CameraSource(cfg.source, capture_factory=lambda *a: PluggedCamera(node))
+        running = start_station(cfg, source=camera, outputs=[rec])
+        station = running.station
+        wait_until(lambda: station.status().state == "ready" and rec.ready, what="READY")
+        node.unlink()
+        wait_until(lambda: station.status().state == "fault" and not rec.ready, timeout=5.0,
+                   what="FAULT without a trigger")
+        assert "the camera is gone" in (station.line._source_fault or "") or "no such device" in station.fault_reason
+        node.touch()
+        wait_until(lambda: station.status().state == "ready" and rec.ready, timeout=5.0, what="READY again")
+        assert rec.results == [], "no part was triggered"
+        assert running.stop() == 0
+    finally:
+        node.unlink(missing_ok=True)

@@ -1,3 +1,5 @@
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -356,3 +358,38 @@ def test_flat_and_clipped_scenes_and_allowed_repeats_are_delivered():
         assert all(not isinstance(r, SourceError) for r in reads(frames))
     still = textured(8)
     assert all(not isinstance(r, SourceError) for r in reads([still] * 3, repeated_frames="allow"))
+
+
+@pytest.fixture
+def device_node():
+    """A stand-in for a camera's /dev node (CameraSourceConfig wants a /dev path): a file in /dev/shm."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        pytest.skip("no writable /dev/shm")
+    node = shm / f"edge-runtime-test-video-{os.getpid()}"
+    node.touch()
+    yield node
+    node.unlink(missing_ok=True)
+
+
+def test_a_camera_unplugged_or_replaced_while_the_line_waits_is_lost_at_the_probe(device_node):
+    """Probe 101: a USB camera unplugged while a triggered line waited left READY up until the next trigger (the
+    open handle reports nothing until it is read); the line probes its source while it waits."""
+    src = CameraSource(CameraSourceConfig(device=str(device_node)), capture_factory=lambda *a: FakeCapture())
+    src.open()
+    src.probe()                                     # there: nothing to say
+    device_node.unlink()
+    with pytest.raises(SourceError, match="the camera is gone"):
+        src.probe()
+    device_node.touch()                             # plugged back: a new node, while the handle is the old device's
+    with pytest.raises(SourceError, match="is another device now"):
+        src.probe()
+    src.close()
+    src.open()
+    src.probe()                                     # reopened on the device there now
+
+
+def test_a_camera_whose_node_cannot_be_read_at_open_is_not_probed():
+    src = CameraSource(CameraSourceConfig(device=7), capture_factory=lambda *a: FakeCapture())
+    src.open()                                      # /dev/video7 is not there: a fake capture opened anyway
+    src.probe()
