@@ -155,6 +155,8 @@ class CaptureQueue(FrameSource):
                         return
                     continue
                 got_at = time.monotonic()
+                if frame.captured_mono is None or frame.captured_mono > got_at:
+                    frame.captured_mono = got_at   # the line's deadline: a wall clock stepped back must not renew it
                 with self._cond:
                     self.captured += 1
                     if self._slot is not None:

@@ -914,7 +914,8 @@ class Line:
     def _admit(self, frame: Frame) -> tuple[int, float, str | None]:
         """A free-running frame read: drops before it counted (and, when every frame is a part, answered FAULT
         first, in order), its id, its start (the deadline runs from capture: the frame's wall-clock stamp mapped
-        onto the monotonic clock), and why it must be FAULT (recipe switch)."""
+        onto the monotonic clock, or its monotonic stamp where that is earlier), and why it must be FAULT (recipe
+        switch)."""
         dropped = self._count_dropped()
         if dropped and self.cfg.capture.every_frame_is_a_part:
             # Every one gets its id and record, however many (each is a part the controller counts): a FAULT
@@ -925,6 +926,10 @@ class Line:
                                    "inspected", time.monotonic())
         frame_id = self._take_frame_id()
         started = time.monotonic() - max(0.0, time.time() - frame.captured_at)
+        if frame.captured_mono is not None:
+            # A wall clock stepped back while the frame waited in the capture slot dated it after now: a frame held
+            # past its deadline (the loop late) was inspected and answered OK as if fresh (probe 101).
+            started = min(started, frame.captured_mono)
         stale = (self.recipes.stale(captured_wall=frame.captured_at, arrived_wall=frame.arrived_at,
                                     captured_mono=started) if self.recipes is not None else None)
         return frame_id, started, stale

@@ -36,6 +36,9 @@ class Frame:
     # Set instead of encoded/image when the source found a part it could not read (permissions, I/O error, a file
     # too large to read): the pipeline answers it FAULT with this reason, so the part is on record, not skipped.
     unreadable: str | None = None
+    # time.monotonic() by which the frame was captured, where this process knows it (the capture thread): the
+    # deadline runs from it too, since the wall clock may be stepped back while the frame waits (NTP).
+    captured_mono: float | None = None
 
 
 @dataclass

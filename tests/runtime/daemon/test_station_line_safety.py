@@ -21,7 +21,7 @@ from edge_runtime.daemon import Station
 from edge_runtime.outputs import GpioConfig, GpioLine, GpioOutput, ResultLog, build_output
 from doubles import RecordingOutput
 from doubles import FakeGpioLines, FullDiskLog
-from edge_runtime.records import Verdict
+from edge_runtime.records import Frame, Verdict
 from edge_runtime.sources import CameraSource, SourceError
 from doubles import ScriptedSource
 
@@ -1027,3 +1027,36 @@ def test_a_camera_unplugged_while_a_triggered_line_waits_drops_ready_before_any_
         assert running.stop() == 0
     finally:
         node.unlink(missing_ok=True)
+
+
+class SlowToRaiseReady(RecordingOutput):
+    """A line output whose READY write takes `delay_s` (a slow port): the loop is that late to its first frame."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    def set_ready(self, ready: bool) -> None:
+        if ready:
+            time.sleep(self.delay_s)
+        super().set_ready(ready)
+
+
+def test_a_frame_held_in_the_capture_slot_past_its_deadline_is_fault_after_a_clock_step_back(
+        small_bundle, images, write_station, start_station):
+    """Probe 101: the deadline of a free-running frame ran from its wall-clock capture stamp only. A wall clock
+    stepped back (NTP) while the frame waited in the capture slot dated it after now: a frame the loop took 0.6 s
+    late, past its 200 ms deadline, was inspected and answered OK as if fresh. The capture thread's monotonic
+    stamp bounds it."""
+    stepped_back = Frame(frame_id=0, source="cam", encoded=images[0], captured_at=time.time() + 30.0)
+    camera = ScriptedSource(steps=[stepped_back])
+    camera.live = True                                 # a camera: read by a capture thread into its slot
+    rec = SlowToRaiseReady(0.6)
+    cfg = load_station(write_station(bundle=small_bundle, source=SCRIPTED, trigger={"type": "free_run"},
+                                     inference={"deadline_ms": 200}, capture={"every_frame_is_a_part": True},
+                                     recovery=FAST_RECOVERY))
+    running = start_station(cfg, source=camera, outputs=[rec])
+    assert rec.wait_for("publish", 1, timeout=30.0), "the frame is answered"
+    assert running.stop() == 0
+    (answer,) = rec.results
+    assert answer.verdict is Verdict.FAULT and "deadline exceeded" in (answer.error or ""), answer
