@@ -206,8 +206,14 @@ def _bmp_size(data: bytes) -> tuple[int, int]:
     return abs(width), abs(height)  # negative height: rows stored top-down
 
 
+# PhotometricInterpretation values other than MinIsBlack (1) and RGB (2), named for the refusal below.
+_TIFF_PHOTOMETRIC = {0: "MinIsWhite", 3: "palette", 4: "mask", 5: "separated (CMYK)", 6: "YCbCr", 8: "CIELab",
+                     9: "ICCLab", 10: "ITULab", 32844: "LogL", 32845: "LogLuv"}
+
+
 def _tiff_size(data: bytes) -> tuple[int, int]:
-    """Width and height from the first IFD (the page cv2.imdecode reads); samples per pixel must be <= 4."""
+    """Width and height from the first IFD (the page cv2.imdecode reads); samples per pixel must be <= 4, and
+    samples wider than 8 bits must be MinIsBlack grey or RGB, interleaved (below)."""
     end = "<" if data[:2] == b"II" else ">"
     (ifd,) = struct.unpack(end + "I", data[4:8])
     if ifd + 2 > len(data):
@@ -219,12 +225,31 @@ def _tiff_size(data: bytes) -> tuple[int, int]:
         if len(entry) < 12:
             raise ValueError("TIFF directory is truncated")
         tag, kind, n = struct.unpack(end + "HHI", entry[:8])
-        if tag in (256, 257, 277) and n == 1 and kind in (3, 4):  # ImageWidth, ImageLength, SamplesPerPixel
+        # ImageWidth, ImageLength, SamplesPerPixel, PhotometricInterpretation, PlanarConfiguration
+        if tag in (256, 257, 277, 262, 284) and n == 1 and kind in (3, 4):
             tags[tag] = struct.unpack(end + ("H" if kind == 3 else "I"), entry[8:10] if kind == 3 else entry[8:12])[0]
+        elif tag == 258 and kind == 3 and n >= 1:   # BitsPerSample: one per sample, inline up to two
+            at = ifd + 10 + 12 * i if n <= 2 else struct.unpack(end + "I", entry[8:12])[0]
+            if at + 2 <= len(data):
+                tags[tag] = struct.unpack(end + "H", data[at:at + 2])[0]
     if 256 not in tags or 257 not in tags:
         raise ValueError("TIFF without ImageWidth/ImageLength in its first directory")
     if tags.get(277, 1) > 4:
         raise ValueError(f"TIFF with {tags[277]} samples per pixel (at most 4 are supported)")
+    bits, photometric = tags.get(258, 1), tags.get(262)
+    if bits > 8:
+        # OpenCV converts 8-bit TIFFs through libtiff's RGBA reader, but reads wider samples (12, 16, 32-bit) as
+        # stored: a 16-bit MinIsWhite frame came out inverted, CIELab as if RGB, and separate colour planes as one
+        # plane's values spread over three channels, each decoded "successfully" at the declared size.
+        if photometric is not None and photometric not in (1, 2):
+            what = _TIFF_PHOTOMETRIC.get(photometric, f"value {photometric}")
+            raise ValueError(f"{bits}-bit TIFF in PhotometricInterpretation {photometric} ({what}), which is read as "
+                             "stored, without its conversion (MinIsWhite would be inspected inverted): save it as "
+                             "MinIsBlack grey or RGB")
+        if tags.get(284, 1) == 2 and tags.get(277, 1) > 1:
+            raise ValueError(f"{bits}-bit TIFF with its samples in separate planes (PlanarConfiguration 2), which "
+                             "are read as if interleaved (a scrambled image): save it with interleaved samples "
+                             "(PlanarConfiguration 1)")
     return tags[256], tags[257]
 
 

@@ -540,3 +540,59 @@ def test_exif_orientation_forms_viewers_apply_are_refused_too_and_0_reads_as_sto
     with pytest.raises(ImageError, match="EXIF orientation tag \\(8"):
         decode_image(png[:iend] + chunk + png[iend:], "late.png")
     assert decode_image(_jpeg_with_orientation(jpeg, 0), "zero.jpg").shape[:2] == part.shape[:2]
+
+
+def _tiff(planes: list[bytes], width: int, height: int, bits: int, photometric: int, planar: int = 1) -> bytes:
+    """An uncompressed little-endian TIFF: one strip per plane (`planes`: the interleaved samples, or each plane)."""
+    spp = 1 if photometric in (0, 1) else 3
+    data = b"".join(planes)
+    offsets = [8 + sum(len(p) for p in planes[:i]) for i in range(len(planes))]
+    extra_at = 8 + len(data) + 2 + 12 * 10 + 4
+    bits_value = struct.pack("<HH", bits, 0) if spp == 1 else struct.pack("<I", extra_at)
+    extra = struct.pack(f"<{spp}H", *[bits] * spp) if spp > 1 else b""
+
+    def longs(values: list[int]) -> bytes:   # inline for one value, else after the directory
+        nonlocal extra
+        if len(values) == 1:
+            return struct.pack("<I", values[0])
+        at = extra_at + len(extra)
+        extra += struct.pack(f"<{len(values)}I", *values)
+        return struct.pack("<I", at)
+
+    entries = [struct.pack("<HHII", 256, 4, 1, width), struct.pack("<HHII", 257, 4, 1, height),
+               struct.pack("<HHI", 258, 3, spp) + bits_value, struct.pack("<HHIHH", 259, 3, 1, 1, 0),
+               struct.pack("<HHIHH", 262, 3, 1, photometric, 0),
+               struct.pack("<HHI", 273, 4, len(planes)) + longs(offsets),
+               struct.pack("<HHIHH", 277, 3, 1, spp, 0), struct.pack("<HHII", 278, 4, 1, height),
+               struct.pack("<HHI", 279, 4, len(planes)) + longs([len(p) for p in planes]),
+               struct.pack("<HHIHH", 284, 3, 1, planar, 0)]
+    return (b"II*\x00" + struct.pack("<I", 8 + len(data)) + data + struct.pack("<H", len(entries))
+            + b"".join(entries) + struct.pack("<I", 0) + extra)
+
+
+def test_a_wide_sample_tiff_opencv_would_read_as_stored_is_refused_naming_why(pipeline, part):
+    """OpenCV converts 8-bit TIFFs through libtiff's RGBA reader but reads 16-bit (and 12-, 32-bit) samples as
+    stored: a 16-bit MinIsWhite frame (X-ray panels write them) decoded inverted, and RGB in separate planes as the
+    red plane's values spread over three channels, both at the declared size and scored (probe 103). The same
+    pixels as MinIsBlack grey or interleaved RGB decode as sent."""
+    h, w = part.shape[:2]
+    grey = cv2.cvtColor(part, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257
+    rgb = part[..., ::-1].astype(np.uint16) * 257
+    assert np.array_equal(decode_image(_tiff([grey.tobytes()], w, h, 16, 1), "grey.tif")[..., 0], grey >> 8)
+    assert np.array_equal(decode_image(_tiff([rgb.tobytes()], w, h, 16, 2), "rgb.tif"), rgb >> 8)
+    assert np.array_equal(decode_image(_tiff([part[..., ::-1].tobytes()], w, h, 8, 2), "rgb8.tif"), part[..., ::-1])
+
+    inverted = _tiff([(65535 - grey).tobytes()], w, h, 16, 0)
+    with pytest.raises(ImageError, match=r"white\.tif: .*16-bit TIFF in PhotometricInterpretation 0 \(MinIsWhite\)"):
+        decode_image(inverted, "white.tif")
+    result = pipeline.inspect(Frame(frame_id=1, source="cam/white.tif", encoded=inverted))
+    assert_fault(result, "cam/white.tif", "MinIsWhite")
+    planes = [np.ascontiguousarray(rgb[..., c]).tobytes() for c in range(3)]
+    separate = _tiff(planes, w, h, 16, 2, planar=2)
+    with pytest.raises(ImageError, match=r"planes\.tif: .*separate planes \(PlanarConfiguration 2\)"):
+        decode_image(separate, "planes.tif")
+    # 8-bit TIFFs go through libtiff's conversion, which handles both: decoded as sent.
+    assert np.array_equal(decode_image(_tiff([(255 - (grey >> 8)).astype(np.uint8).tobytes()], w, h, 8, 0),
+                                       "white8.tif")[..., 0], grey >> 8)
+    planes8 = [np.ascontiguousarray(part[..., 2 - c]).tobytes() for c in range(3)]
+    assert np.array_equal(decode_image(_tiff(planes8, w, h, 8, 2, planar=2), "planes8.tif"), part[..., ::-1])
