@@ -122,6 +122,24 @@ def calibration_defects_by_type(folder: Path) -> dict[str, list[Path]]:
     return found
 
 
+def defects_among_good(defects: list[Path], good: list[Path]) -> list[tuple[Path, Path]]:
+    """(calibration defect, good image) pairs whose files are byte-identical: a good image copied among the defects
+    too. It scores like the good parts, so the zero-escape point drops under them (probe 103: one such copy among 4
+    bottle defects gave a REVIEW band that held every good part, written with exit 0 and advice to fit on more
+    images). Only files of a defect's size are read."""
+    import hashlib
+
+    def digest(p: Path) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    sizes = {p.stat().st_size for p in defects}
+    good_by_digest: dict[str, Path] = {}
+    for p in good:
+        if p.stat().st_size in sizes:
+            good_by_digest.setdefault(digest(p), p)
+    return [(d, good_by_digest[h]) for d in defects if (h := digest(d)) in good_by_digest] if good_by_digest else []
+
+
 def calibration_images(folder: Path) -> list[Path]:
     """All calibration defect images (flat folder or one subfolder per type), in a stable order."""
     return [p for paths in calibration_defects_by_type(folder).values() for p in paths]

@@ -45,7 +45,7 @@ from export import crossfit
 from export.calibration import (DEFAULT_MAX_FALSE_REJECT, OUTLIER_RATIO, OUTLIER_Z, operating_point, score_outliers,
                                 wilson_interval)
 from export.coreset import CHUNK_PATCHES, greedy_coreset
-from export.dataset import calibration_images, train_images
+from export.dataset import DatasetError, calibration_images, defects_among_good, train_images
 from export.metrics import auroc
 from export.onnx_export import INT8_TARGETS, export_fp32, quantize_int8
 from export.patch_features import PatchFeatures, aggregation, input_norm
@@ -606,10 +606,16 @@ def _fit(data_dir: Path, out: Path, s: FitSettings, calibration_defects: Path | 
     clock = StageClock()
     out = Path(out)
     images = train_images(data_dir)
+    defects = calibration_images(calibration_defects) if calibration_defects else []
+    copies = defects_among_good(defects, images)   # all the good images: one left out by --max-train is good too
+    if copies:
+        (d, g), more = copies[0], f" ({len(copies)} of {len(defects)} defects are)" if len(copies) > 1 else ""
+        raise DatasetError(f"calibration defect {d} is a byte-identical copy of the good image {g}{more}: a good part "
+                           "among the defects would put the threshold under the good parts; remove it from one of "
+                           "the two folders")
     if s.max_train is not None:  # few-shot: a seeded subset
         order = np.random.default_rng(s.seed).permutation(len(images))[:s.max_train]
         images = sorted(images[i] for i in order)
-    defects = calibration_images(calibration_defects) if calibration_defects else []
     inputs = {"training folder": data_dir, "calibration folder": calibration_defects}
     check_output_dir(out, overwrite, inputs)
     images, stray_note = drop_size_strays(images, s)

@@ -150,3 +150,21 @@ def test_a_second_demo_run_says_it_reuses_the_bundle(tmp_path, capsys, monkeypat
     monkeypatch.setattr(demo.subprocess, "call", lambda *a, **k: 3)      # the daemon part is not under test here
     assert demo.run_demo(work) == 3
     assert "[demo] reusing the bundle fitted 2026-12-01T10:00:00+00:00 in" in capsys.readouterr().out
+
+
+def test_a_calibration_defect_that_is_a_copy_of_a_good_image_is_refused_before_the_fit(synthetic_dataset, tmp_path,
+                                                                                       capsys):
+    """A good image left among the defects scores like the good parts: the zero-escape point fell under them and a
+    REVIEW band held every good part, written with exit 0 (probe 103: bottle, 24 good images and 4 defects, one of
+    them a copy of good/005.png). Refused, naming both files, before any work; a copy outside --max-train's subset
+    is a good part too."""
+    defects = calibration_set(synthetic_dataset, tmp_path / "defects")
+    good = sorted((synthetic_dataset / "train" / "good").glob("*.png"))[-1]
+    shutil.copy(good, defects / "scratch" / "also_bad.png")
+    t0 = time.monotonic()
+    assert export_main(["fit", str(synthetic_dataset), "--out", str(tmp_path / "b"), "--calibration-defects",
+                        str(defects), "--max-train", "2"]) == 2
+    err = capsys.readouterr().err
+    assert (f"calibration defect {defects / 'scratch' / 'also_bad.png'} is a byte-identical copy of the good image "
+            f"{good}") in err and time.monotonic() - t0 < 20
+    assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
