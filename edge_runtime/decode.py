@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import zlib
 from dataclasses import dataclass
 
 # Refuse decompression bombs before they exhaust a small board's memory.
@@ -253,6 +254,56 @@ def _tiff_size(data: bytes) -> tuple[int, int]:
     return tags[256], tags[257]
 
 
+def _tiff_numbers(data: bytes, end: str, entry: int) -> list[int]:
+    """The SHORT or LONG values of the IFD entry at byte `entry` (inline, or where its offset points); [] for
+    another type or values past the end of the data."""
+    kind, n = struct.unpack(end + "HI", data[entry + 2:entry + 8])
+    if kind not in (3, 4):
+        return []
+    size = 2 if kind == 3 else 4
+    at = entry + 8 if n * size <= 4 else struct.unpack(end + "I", data[entry + 8:entry + 12])[0]
+    if at + n * size > len(data):
+        return []
+    return list(struct.unpack(f"{end}{n}{'H' if kind == 3 else 'I'}", data[at:at + n * size]))
+
+
+def tiff_deflate_damage(data: bytes) -> str | None:
+    """What of a Deflate-compressed TIFF's first page does not inflate whole with its checksum (a strip or tile cut
+    short, or one whose bytes changed), None when all does or the page is not Deflate-compressed.
+
+    libtiff finds such damage, but OpenCV reads 8-bit TIFFs through libtiff's RGBA reader, which logs the error and
+    goes on: the strip decoded "successfully", wrong or zero from the damage on (probe 103). Each strip is inflated
+    here in 1 MB pieces and dropped: the check costs about one more inflate of the file."""
+    end = "<" if data[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(end + "I", data[4:8])
+    (count,) = struct.unpack(end + "H", data[ifd:ifd + 2])
+    tags: dict[int, list[int]] = {}
+    for i in range(count):
+        entry = ifd + 2 + 12 * i
+        if entry + 12 > len(data):
+            break
+        tag = struct.unpack(end + "H", data[entry:entry + 2])[0]
+        if tag in (259, 273, 279, 324, 325):   # Compression, Strip/TileOffsets, Strip/TileByteCounts
+            tags[tag] = _tiff_numbers(data, end, entry)
+    if tags.get(259, [1])[:1] not in ([8], [32946]):   # Deflate (Adobe, and the older code)
+        return None
+    offsets, counts = tags.get(273) or tags.get(324, []), tags.get(279) or tags.get(325, [])
+    what = "strip" if 273 in tags else "tile"
+    for i, (at, n) in enumerate(zip(offsets, counts)):
+        inflate, rest = zlib.decompressobj(), memoryview(data)[at:at + n]
+        try:
+            while not inflate.eof:
+                out = inflate.decompress(rest, 1 << 20)
+                rest = inflate.unconsumed_tail
+                if not out and not rest:
+                    break
+        except zlib.error as exc:
+            return f"{what} {i + 1} of {len(offsets)}: {exc}"
+        if not inflate.eof:
+            return f"{what} {i + 1} of {len(offsets)}: its Deflate stream is cut short"
+    return None
+
+
 def tiff_page_count(data: bytes, limit: int = 2) -> int:
     """Pages (IFDs) in a TIFF file, counted up to `limit` by following the next-IFD offsets."""
     end = "<" if data[:2] == b"II" else ">"
@@ -420,6 +471,13 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: DecodeConfig | None
                          "are read as stored, so what a viewer shows is not what would be inspected: save the image "
                          "upright without the tag (e.g. exiftran -ai, mogrify -auto-orient) or set the camera to write "
                          "no rotation")
+    if fmt == "TIFF":
+        try:
+            damage = tiff_deflate_damage(data)
+        except (ValueError, struct.error) as exc:
+            raise ImageError(f"{name}: corrupt TIFF structure ({exc})") from None
+        if damage:
+            raise ImageError(f"{name}: corrupt TIFF image data ({damage})")
     image = _decode_jpeg(data, name) if fmt == "JPEG" else None
     bgr = image is None or image.ndim == 2   # simplejpeg's colour comes as RGB: no conversion pass
     try:

@@ -596,3 +596,35 @@ def test_a_wide_sample_tiff_opencv_would_read_as_stored_is_refused_naming_why(pi
                                        "white8.tif")[..., 0], grey >> 8)
     planes8 = [np.ascontiguousarray(part[..., 2 - c]).tobytes() for c in range(3)]
     assert np.array_equal(decode_image(_tiff(planes8, w, h, 8, 2, planar=2), "planes8.tif"), part[..., ::-1])
+
+
+def _first_strip(tiff: bytes) -> tuple[int, int]:
+    """(offset, byte count) of the first strip of a little-endian TIFF's first page."""
+    (ifd,) = struct.unpack("<I", tiff[4:8])
+    (count,) = struct.unpack("<H", tiff[ifd:ifd + 2])
+    found = {}
+    for i in range(count):
+        tag, kind, n = struct.unpack("<HHI", tiff[ifd + 2 + 12 * i: ifd + 10 + 12 * i])
+        if tag in (273, 279):
+            at = ifd + 10 + 12 * i if n * (2 if kind == 3 else 4) <= 4 else struct.unpack(
+                "<I", tiff[ifd + 10 + 12 * i: ifd + 14 + 12 * i])[0]
+            found[tag] = struct.unpack("<H" if kind == 3 else "<I", tiff[at:at + (2 if kind == 3 else 4)])[0]
+    return found[273], found[279]
+
+
+@pytest.mark.parametrize("depth", [8, 16])
+def test_a_deflate_tiff_whose_data_does_not_inflate_whole_is_refused(pipeline, part, depth):
+    """Deflate strips carry a checksum libtiff checks, but OpenCV reads 8-bit TIFFs through libtiff's RGBA reader,
+    which logs the error and goes on: a byte changed in a strip decoded "successfully", wrong from there on, and
+    was scored (probe 103). The same file undamaged decodes to the part's pixels."""
+    image = part if depth == 8 else part.astype(np.uint16) * 257
+    ok, buf = cv2.imencode(".tiff", image, [cv2.IMWRITE_TIFF_COMPRESSION, 8])
+    tiff = buf.tobytes()
+    assert np.array_equal(decode_image(tiff, "whole.tif"), part[..., ::-1])
+    at, n = _first_strip(tiff)
+    damaged = bytearray(tiff)
+    damaged[at + n // 2] ^= 0x24
+    with pytest.raises(ImageError, match=r"changed\.tif: corrupt TIFF image data \(strip 1 of \d+: "):
+        decode_image(bytes(damaged), "changed.tif")
+    assert_fault(pipeline.inspect(Frame(frame_id=1, source="cam/changed.tif", encoded=bytes(damaged))),
+                 "cam/changed.tif")
