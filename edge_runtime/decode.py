@@ -289,12 +289,19 @@ def tiff_deflate_damage(data: bytes) -> str | None:
         return None
     offsets, counts = tags.get(273) or tags.get(324, []), tags.get(279) or tags.get(325, [])
     what = "strip" if 273 in tags else "tile"
+    # A Deflate bomb (1000:1) would keep this loop inflating long after any real page: no page holds more than
+    # 16 bytes a pixel (4 samples of 32 bits), plus tile padding.
+    width, height = _tiff_size(data)
+    budget = 16 * width * height + (1 << 20) * max(1, len(offsets))
     for i, (at, n) in enumerate(zip(offsets, counts)):
         inflate, rest = zlib.decompressobj(), memoryview(data)[at:at + n]
         try:
             while not inflate.eof:
                 out = inflate.decompress(rest, 1 << 20)
                 rest = inflate.unconsumed_tail
+                budget -= len(out)
+                if budget < 0:
+                    return f"{what} {i + 1} of {len(offsets)}: inflates to more than a {width}x{height} page holds"
                 if not out and not rest:
                     break
         except zlib.error as exc:

@@ -628,3 +628,23 @@ def test_a_deflate_tiff_whose_data_does_not_inflate_whole_is_refused(pipeline, p
         decode_image(bytes(damaged), "changed.tif")
     assert_fault(pipeline.inspect(Frame(frame_id=1, source="cam/changed.tif", encoded=bytes(damaged))),
                  "cam/changed.tif")
+
+
+def test_a_deflate_tiff_strip_that_inflates_past_its_page_is_refused_without_inflating_it_all():
+    """The Deflate check inflates each strip once more: a strip that inflates far past what its page can hold (a
+    Deflate bomb, 1000:1) is refused once it passes that, not inflated to the end."""
+    image = np.full((16, 16, 3), 128, np.uint8)
+    ok, buf = cv2.imencode(".tiff", image, [cv2.IMWRITE_TIFF_COMPRESSION, 8])
+    tiff = bytearray(buf.tobytes())
+    bomb = zlib.compress(bytes(64 << 20), 9)            # 64 MiB of zeros in ~64 kB
+    (ifd,) = struct.unpack("<I", tiff[4:8])
+    (count,) = struct.unpack("<H", tiff[ifd:ifd + 2])
+    for i in range(count):                               # one strip: its offset and count are inline
+        entry = ifd + 2 + 12 * i
+        tag, kind, n = struct.unpack("<HHI", tiff[entry:entry + 8])
+        if tag in (273, 279):
+            assert n == 1
+            struct.pack_into("<H" if kind == 3 else "<I", tiff, entry + 8, len(tiff) if tag == 273 else len(bomb))
+    with pytest.raises(ImageError, match=r"bomb\.tif: corrupt TIFF image data \(strip 1 of 1: inflates to more "
+                                         r"than a 16x16 page holds\)"):
+        decode_image(bytes(tiff) + bomb, "bomb.tif")
