@@ -86,7 +86,9 @@ def convert(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {short_repr(value)}")
     if origin is Literal:
-        if value not in get_args(tp):
+        # Same type as well as equal: 1.0 == 1 and True == 1, but mqtt's qos 1.0 validated and then killed the sender
+        # thread at its first publish (paho shifts it as an int; probe 102).
+        if not any(value == arg and type(value) is type(arg) for arg in get_args(tp)):
             raise ConfigError(f"{where}: expected {_type_name(tp)}, got {short_repr(value)}{_yaml_bool_hint(value)}")
         return value
     if origin in (list, tuple):

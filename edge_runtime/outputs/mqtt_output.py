@@ -94,8 +94,10 @@ class MqttConfig:
             raise ValueError(f"outbox_max_records: must be >= 1, got {self.outbox_max_records}")
         if not 1 <= self.max_inflight <= 1000:
             raise ValueError(f"max_inflight: must be 1..1000, got {self.max_inflight}")
-        if self.keepalive_s < 5:
-            raise ValueError(f"keepalive_s: must be >= 5, got {self.keepalive_s}")
+        # At most 65535: CONNECT carries it in two bytes (probe 102: 100000 validated, then every connect failed
+        # with paho's "'H' format requires 0 <= number <= 65535" and no record was ever sent).
+        if not 5 <= self.keepalive_s <= 65535:
+            raise ValueError(f"keepalive_s: must be 5..65535, got {self.keepalive_s}")
         if self.state_interval_s <= 0:
             raise ValueError(f"state_interval_s: must be > 0, got {self.state_interval_s}")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:

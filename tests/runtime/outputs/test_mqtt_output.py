@@ -257,6 +257,11 @@ def test_station_file_mqtt_section_resolves_paths_and_defaults(tmp_path):
     ("host: b\ntopic_prefix: a\nconnect_timeout_s: 1.0e+300", "outputs[0].connect_timeout_s", "at most 60 s"),
     ("host: b\ntopic_prefix: a\nclose_timeout_s: 1.0e+300", "outputs[0].close_timeout_s", "at most 60 s"),
     ("host: b\ntopic_prefix: a\nreconnect_max_s: 1.0e+300", "outputs[0].reconnect_max_s", "at most 3600 s"),
+    # probe 102: qos 1.0 validated and the sender thread died at its first publish (paho shifts qos as an int);
+    # keepalive_s 100000 validated and every connect failed (CONNECT carries it in two bytes)
+    ("host: b\ntopic_prefix: a\nqos: 1.0", "outputs[0].qos", "expected one of 0, 1, got 1.0"),
+    ("host: b\ntopic_prefix: a\nqos: 0.0", "outputs[0].qos", "expected one of 0, 1, got 0.0"),
+    ("host: b\ntopic_prefix: a\nkeepalive_s: 100000", "outputs[0].keepalive_s", "must be 5..65535"),
 ])
 def test_station_file_mqtt_errors_name_the_key(tmp_path, body, key, expected):
     with pytest.raises(ConfigError) as err:
