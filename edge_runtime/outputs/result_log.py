@@ -28,6 +28,8 @@ from edge_runtime.records import InspectionResult
 
 # How far back from the end last_frame_id() looks for a complete record before giving up on a file.
 _TAIL_CHUNK = 64 * 1024
+# Rotated files a log keeps at most: a rotation renames each in turn, on the inspection loop's thread.
+MAX_BACKUPS = 1000
 
 
 @dataclass(kw_only=True)
@@ -47,6 +49,10 @@ class ResultLogConfig:
         if self.backups < 1:
             # 0 would delete the whole log at each rotation: the records of the parts just passed with it
             raise ValueError(f"backups: must be at least 1 (0 would delete every record at rotation), got {self.backups}")
+        if self.backups > MAX_BACKUPS:
+            # Each rotation looks for every backup in turn (probe 102: 9223372036854775807 validated, and the first
+            # rotation held the inspection loop for ever: READY down, SIGTERM never answered).
+            raise ValueError(f"backups: must be at most {MAX_BACKUPS}, got {self.backups}")
 
 
 def _finite(value: Any) -> Any:

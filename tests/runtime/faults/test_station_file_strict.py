@@ -138,6 +138,8 @@ def test_outputs_without_a_result_log_get_one_so_no_verdict_goes_unrecorded(tmp_
     ({"recipes": {"recipes": [{"name": "a", "number": 1, "bundle": "a"}]}, "rollout": {"enabled": True}},
      "rollout.enabled: not with recipes"),
     ({"outputs": [{"type": "result_log", "path": "r.jsonl", "backups": 0}]}, "backups: must be at least 1"),
+    # probe 102: validated, then the first rotation looked for each of 2**63 backups: the loop hung, READY down
+    ({"outputs": [{"type": "result_log", "path": "r.jsonl", "backups": 2**63 - 1}]}, "backups: must be at most 1000"),
 ])
 def test_a_station_that_could_pass_a_part_without_record_or_deadline_is_invalid(tmp_path, capsys, section, message):
     base = {k: v for k, v in BASE.items() if not ("recipes" in section and k == "bundle")}
