@@ -31,6 +31,8 @@ def validate(path: Path, capsys) -> tuple[int, str]:
 
 @pytest.mark.parametrize("logging, message", [
     ({"stats_window": 0}, "logging.stats_window: must be >= 1, got 0"),
+    # probe 102: validated; every stage's window then kept every frame's timing, copied under the loop's lock
+    ({"stats_window": 2**63 - 1}, "logging.stats_window: must be at most 100000 frames, got 9223372036854775807"),
     ({"stats_interval_s": -1}, "logging.stats_interval_s: must be > 0, got -1.0"),
     ({"stats_interval_s": 0}, "logging.stats_interval_s: must be > 0, got 0.0"),
 ])
