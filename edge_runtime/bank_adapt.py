@@ -233,6 +233,8 @@ class Adaptation:
         if signed_parent and signing_key is None:
             raise AdaptError(f"{src / SIGNATURE}: the parent bundle is signed; a device-made version must be signed "
                              "with a station key (--signing-key) so a station that requires signatures can verify it")
+        if signed_parent:
+            check_station_signed(parent, signing_key)
         if out.resolve() == src.resolve():
             raise AdaptError("--out must differ from the bundle: the parent version is kept for rollback")
         inputs = {"bundle": src}
@@ -453,6 +455,24 @@ def sign_version(bundle_dir: str | Path, private_key_pem: str | Path) -> None:
         raise AdaptError(f"{path}: is a {type(key).__name__}; versions are signed with ed25519 keys")
     root = Path(bundle_dir)
     (root / SIGNATURE).write_bytes(key.sign((root / MANIFEST).read_bytes()))
+
+
+def check_station_signed(bundle: Bundle, signing_key: str | Path) -> None:
+    """Before a version made from `bundle` is signed with the station key (learning, adapt, a rollback's re-issue):
+    a device-made `bundle` that carries a signature must verify against that key, over a manifest of the content
+    read (its id). Signing vouches for what is copied: a version edited after it was signed, its checksums and id
+    recomputed, is refused at load, and was signed afresh by learning or a rollback from it (probe 102). A
+    workstation release's own signature is checked through lineage/ when its descendant loads. Raises AdaptError."""
+    if "made_on_device" not in bundle.manifest or not (bundle.root / SIGNATURE).is_file():
+        return
+    from edge_runtime.bundle_versions import station_public_key
+
+    try:
+        signed = Bundle.load(bundle.root, verify=False, public_key=station_public_key(signing_key))
+    except (BundleError, OSError, ValueError, TypeError, ImportError) as exc:
+        raise AdaptError(f"{bundle.root}: not signed by this station's key ({exc}); no version is made from it") from None
+    if signed.bundle_id != bundle.bundle_id:
+        raise AdaptError(f"{bundle.root}: the manifest changed since it was read; no version is made from it")
 
 
 # What a device-made version inherits unchanged from its signed ancestor: how a frame becomes patch scores.

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edge_runtime.bank_adapt import (LINEAGE_DIR, AdaptError, append_audit, copy_verified, login_user,
-                                     sign_version)
+from edge_runtime.bank_adapt import (LINEAGE_DIR, AdaptError, append_audit, check_station_signed, copy_verified,
+                                     login_user, sign_version)
 from edge_runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, read_regular, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
@@ -157,12 +157,16 @@ class VersionStore:
         out = self.new_folder()
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        copy_verified(target, tmp)
-        m = copy.deepcopy(target.manifest)
         signed = (target.root / SIGNATURE).is_file()
         if signed and self.signing_key is None:
             raise AdaptError(f"{target.root / SIGNATURE}: the version is signed; re-issuing it needs the station key "
                              "(page.station_signing_key)")
+        if signed:
+            # Re-issuing signs its content with the station key (probe 102: a version edited after signing, refused
+            # at load, was signed afresh by a rollback to it, and the re-issue loaded).
+            check_station_signed(target, self.signing_key)
+        copy_verified(target, tmp)
+        m = copy.deepcopy(target.manifest)
         if signed and "made_on_device" not in m:  # the workstation's own release: keep its signed manifest
             (tmp / LINEAGE_DIR).mkdir(exist_ok=True)
             (tmp / LINEAGE_DIR / f"{target.bundle_id}.manifest.yaml").write_bytes((target.root / MANIFEST).read_bytes())

@@ -137,6 +137,42 @@ def test_signed_parent_needs_a_station_key_and_the_chain_verifies(device_bundle,
         Bundle.load(v3.root, public_key=st_pub)
 
 
+def test_a_version_edited_after_its_station_signature_is_not_learned_from(device_bundle, images, tmp_path):
+    """Probe 102: `edge-runtime adapt --signing-key` on a station-signed version edited afterwards (a bank value
+    changed, checksums and id recomputed: refused at load) wrote a version signed with the station key, which then
+    loaded on the signed station with the edited bank."""
+    require("cryptography", "sign")
+    import shutil
+    import struct
+
+    import yaml
+
+    from edge_runtime.bank_adapt import sign_version
+    from edge_runtime.bundle import write_manifest
+
+    parent = tmp_path / "release"
+    shutil.copytree(device_bundle, parent)
+    _, ws_pub, ws_pem = _keypair(tmp_path, "workstation")
+    _, st_pub, st_pem = _keypair(tmp_path, "station")
+    sign_version(parent, ws_pem)
+    v2 = prepare(Bundle.load(parent, public_key=ws_pub), [InputImage.from_file(images["false_reject"])], [],
+                 threads=1).write(tmp_path / "v2", signing_key=st_pem)
+    index = v2.root / v2.manifest["variants"]["int8"]["index"]
+    data = bytearray(index.read_bytes())
+    data[96 + struct.unpack_from("<Q", data, 40)[0]] ^= 0x01   # the first bank value, past hnswlib's header
+    index.write_bytes(bytes(data))
+    m = yaml.safe_load((v2.root / MANIFEST).read_text())
+    m.pop("files")
+    m["bundle_id"] = None
+    write_manifest(v2.root, m)
+    with pytest.raises(BundleError, match="signature does not verify"):
+        Bundle.load(v2.root, public_key=st_pub)
+    plan = prepare(Bundle.load(v2.root), [InputImage.from_file(images["good"])], [], threads=1)
+    with pytest.raises(AdaptError, match="not signed by this station's key"):
+        plan.write(tmp_path / "v3", signing_key=st_pem)
+    assert not (tmp_path / "v3").exists()
+
+
 def test_cli_adapt_without_torch(device_bundle, images, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(NO_TORCH), str(REPO)])}
     out = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "adapt", str(device_bundle),

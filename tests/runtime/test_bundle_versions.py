@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import shutil
+import struct
 from pathlib import Path
 
 import cv2
 import pytest
 import yaml
+from extras import require
 
 from edge_runtime.bank_adapt import InputImage, prepare
 from edge_runtime.bundle import BundleError
@@ -140,3 +142,57 @@ def test_learning_on_the_station_does_not_lock_out_the_next_numbered_release(sta
     _new_release(cfg, 1)                                       # downgrade protection still holds for releases
     with pytest.raises(BundleError, match="lower than 2"):
         load_pipeline(cfg)
+
+
+def test_a_rollback_never_signs_a_version_whose_station_signature_does_not_verify(device_bundle, tmp_path):
+    """Probe 102: a device-made version edited after it was signed (its bank changed, checksums and id recomputed)
+    is refused at load, but a rollback to it re-issued it with a fresh station signature, and that copy loaded."""
+    require("cryptography", "sign")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edge_runtime.bank_adapt import AdaptError, sign_version
+    from edge_runtime.bundle import MANIFEST, Bundle, write_manifest
+
+    keys = {}
+    for name in ("workstation", "station"):
+        key = Ed25519PrivateKey.generate()
+        (tmp_path / f"{name}.pem").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (tmp_path / f"{name}.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                                             serialization.PublicFormat.Raw))
+        keys[name] = tmp_path / f"{name}.pem"
+    base = tmp_path / "base"
+    shutil.copytree(device_bundle, base)
+    sign_version(base, keys["workstation"])
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "station.yaml"
+    path.write_text(yaml.safe_dump({
+        "bundle": str(base), "source": {"type": "folder", "path": "in"}, "http": {"enabled": False},
+        "state_dir": "state", "inference": {"threads": 1},
+        "security": {"bundle_public_key": str(tmp_path / "workstation.pub")},
+        "page": {"station_signing_key": str(keys["station"])}}))
+    cfg = load_station(path)
+    store = VersionStore(cfg.bundle, cfg.state_dir, signing_key=keys["station"])
+    marked = cv2.imread(str(base / "golden" / "00_good.png"))
+    cv2.circle(marked, (60, 80), 12, (0, 0, 255), -1)
+    cv2.imwrite(str(tmp_path / "marked.png"), marked)
+    folder = store.new_folder()
+    learned = prepare(Bundle.load(base), [InputImage.from_file(tmp_path / "marked.png")], [],
+                      threads=1).write(folder, audit_log=store.audit_log, signing_key=keys["station"])
+    store.activate(folder)
+    assert load_pipeline(cfg).bundle.bundle_id == learned.bundle_id
+    # Edited after signing: one bank value changed, the checksums and id recomputed (no station key needed).
+    index = folder / learned.manifest["variants"]["int8"]["index"]
+    data = bytearray(index.read_bytes())
+    first_vector = 96 + struct.unpack_from("<Q", data, 40)[0]   # after hnswlib's header: offsetData of row 0
+    data[first_vector] ^= 0x01                                    # the lowest mantissa byte of its first value
+    index.write_bytes(bytes(data))
+    m = yaml.safe_load((folder / MANIFEST).read_text())
+    m.pop("files")
+    m["bundle_id"] = None
+    write_manifest(folder, m)
+    with pytest.raises(BundleError, match="signature does not verify"):
+        load_pipeline(cfg)
+    with pytest.raises(AdaptError, match="not signed by this station.s key"):
+        store.rollback(folder.name, None, who="tester")
