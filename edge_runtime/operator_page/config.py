@@ -12,6 +12,10 @@ ROLES = ("viewer", "operator", "engineer")
 OPERATOR_LEARN_MAX = 1.25
 
 
+PAGE_HISTORY_MAX = 2000      # parts (overlay + thumbnail JPEGs): ~200 MB at most
+PAGE_KEEP_FRAMES_MAX = 256   # full inspected regions
+
+
 @dataclass(kw_only=True)
 class PageUser:
     name: str
@@ -53,6 +57,11 @@ class PageConfig:
         if self.history < 1 or self.keep_frames < 0 or self.keep_frames > self.history:
             raise ValueError(f"history/keep_frames: need history >= 1 and 0 <= keep_frames <= history, "
                              f"got {self.history} and {self.keep_frames}")
+        # Held in memory: a part is its overlay and thumbnail JPEGs (~50-100 kB), a kept frame the whole inspected
+        # region (15 MB at 5 MP). Unbounded, the page could take a small board's memory away from the line.
+        if self.history > PAGE_HISTORY_MAX or self.keep_frames > PAGE_KEEP_FRAMES_MAX:
+            raise ValueError(f"history/keep_frames: at most {PAGE_HISTORY_MAX} and {PAGE_KEEP_FRAMES_MAX} (held in "
+                             f"memory), got {self.history} and {self.keep_frames}")
         if self.view_px < 64 or self.thumbnail_px < 16:
             raise ValueError(f"view_px/thumbnail_px: need >= 64 and >= 16, got {self.view_px} and {self.thumbnail_px}")
         names = [u.name for u in self.users]

@@ -83,6 +83,7 @@ def split_received(buffer: bytearray) -> tuple[list[str], list[bytes]]:
     return lines, discarded
 
 
+SERIAL_BAUD_MAX = 12_000_000
 SERIAL_TIMEOUT_MAX_S = 60.0
 
 
@@ -99,8 +100,10 @@ class SerialConfig:
     def validate(self) -> None:
         if not self.port:
             raise ValueError("port: must not be empty")
-        if self.baudrate <= 0:
-            raise ValueError(f"baudrate: must be positive, got {self.baudrate}")
+        # The fastest USB serial adapters run 12 Mbaud; a larger rate validated, then every open failed and the
+        # port stayed disconnected (probe 102).
+        if not 0 < self.baudrate <= SERIAL_BAUD_MAX:
+            raise ValueError(f"baudrate: must be 1..{SERIAL_BAUD_MAX}, got {self.baudrate}")
         # At most a minute: pyserial hands the timeout to select(), which raised OverflowError past time_t for a
         # huge one (validate passed; every write and read then failed with a traceback); a write stalled longer
         # answers no part within any controller's timeout anyway.

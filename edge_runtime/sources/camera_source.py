@@ -73,6 +73,9 @@ def _node_id(node: str, strict: bool = False) -> tuple[int, int] | None:
     return st.st_ino, st.st_rdev
 
 
+CAMERA_QUEUE_MAX = 32   # VIDEO_MAX_FRAME: the most buffers a V4L2 driver queues
+
+
 @dataclass(kw_only=True)
 class CameraSourceConfig:
     type: Literal["camera"] = "camera"
@@ -106,10 +109,12 @@ class CameraSourceConfig:
             raise ValueError(f"fps: must be > 0, got {self.fps}")
         if self.fourcc is not None and len(self.fourcc) != 4:
             raise ValueError(f"fourcc: must be 4 characters, got {self.fourcc!r}")
-        if self.buffer_size < 1:
-            raise ValueError(f"buffer_size: must be >= 1, got {self.buffer_size}")
-        if self.drain_frames < 0:
-            raise ValueError(f"drain_frames: must be >= 0, got {self.drain_frames}")
+        # V4L2 drivers queue at most 32 buffers; a drain longer than that only makes every part wait (and FAULT
+        # past read_timeout_ms) for frames no driver holds.
+        if not 1 <= self.buffer_size <= CAMERA_QUEUE_MAX:
+            raise ValueError(f"buffer_size: must be 1..{CAMERA_QUEUE_MAX}, got {self.buffer_size}")
+        if not 0 <= self.drain_frames <= CAMERA_QUEUE_MAX:
+            raise ValueError(f"drain_frames: must be 0..{CAMERA_QUEUE_MAX}, got {self.drain_frames}")
         # Both stay below the unit's WatchdogSec=10 so a stall is reported, not killed.
         if not 1 <= self.read_timeout_ms <= 8000:
             raise ValueError(f"read_timeout_ms: must be 1..8000, got {self.read_timeout_ms}")

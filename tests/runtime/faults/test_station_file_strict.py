@@ -104,6 +104,15 @@ def test_non_utf8_station_file_is_exit_2_naming_the_file(tmp_path):
                                            "systemd watchdog once per wait; the unit's WatchdogSec is 10), got 12"),
     ({"recovery": {"read_timeout_s": 1e300}}, "recovery.read_timeout_s: must be at most 8 s (an idle line pings the "
                                               "systemd watchdog once per wait; the unit's WatchdogSec is 10), got 1e+300"),
+    # Probe 102's notes: validated, then every part waited for (and FAULTed on) frames no driver queues; a port
+    # that never opened; a page history that could take the board's memory.
+    ({"source": {"type": "camera", "device": 0, "drain_frames": 10**9}}, "source.drain_frames: must be 0..32, got 1000000000"),
+    ({"source": {"type": "camera", "device": 0, "buffer_size": 33}}, "source.buffer_size: must be 1..32, got 33"),
+    ({"outputs": [{"type": "serial", "port": "/dev/ttyUSB0", "baudrate": 10**12}]},
+     "outputs[0].baudrate: must be 1..12000000, got 1000000000000"),
+    ({"page": {"history": 10**9}}, "page: history/keep_frames: at most 2000 and 256 (held in memory), got 1000000000 and 32"),
+    ({"page": {"history": 2000, "keep_frames": 2000}},
+     "page: history/keep_frames: at most 2000 and 256 (held in memory), got 2000 and 2000"),
 ])
 def test_nested_errors_name_the_key_path_once(tmp_path, change, message):
     path = write(tmp_path, {**BASE, **change})
