@@ -46,7 +46,9 @@ def aggregate_status(statuses: dict[str, StationStatus], uptime_s: float) -> Sta
         faults=sum(s.faults for s in statuses.values()), skipped=sum(s.skipped for s in statuses.values()),
         last_heartbeat_age_s=stuck[0].last_heartbeat_age_s if stuck else (max(ages) if ages else None),
         loop_stall_after_s=stuck[0].loop_stall_after_s if stuck else None,
-        busy_s=max(busy) if stalled or busy else None,
+        # A line stalled outside an inspection is busy with nothing: max() of no busy line had raised, and /healthz
+        # and /metrics answered 'station status unavailable' while one line's loop was stuck (probe 106).
+        busy_s=max(busy, default=None),
         stall_after_s=min((statuses[n].stall_after_s for n in stalled), default=max(
             (s.stall_after_s for s in statuses.values()), default=2.0)),
         counters=counters)

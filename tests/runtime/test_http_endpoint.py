@@ -437,3 +437,21 @@ def test_an_http_host_that_is_no_address_here_is_not_blamed_on_another_process(t
     err = capsys.readouterr().err
     assert "http endpoint 192.0.2.1:0 cannot listen" in err and "another process" not in err
     assert "http.host 192.0.2.1 is not an address of this machine" in err
+
+
+def test_lines_health_and_metrics_name_a_line_whose_loop_stalled_outside_an_inspection():
+    """Probe 106: one of two lines whose loop stopped going round with no frame in inspection (a source read on a hung
+    share) made the station's aggregate raise (max() of no busy line): /healthz answered only 'station status
+    unavailable (internal error)' and /metrics 503, with a traceback per request, while one line was stuck."""
+    from edge_runtime.lines_http import LinesHttpEndpoint, aggregate_status
+
+    statuses = {"a": StationStatus(state="ready", last_heartbeat_age_s=9.0, loop_stall_after_s=5.0),
+                "b": StationStatus(state="ready", last_heartbeat_age_s=0.1, loop_stall_after_s=5.0)}
+    endpoint = LinesHttpEndpoint(HttpConfig(port=0), lambda: statuses, lambda: aggregate_status(statuses, 1.0),
+                                 lambda name: True)
+    code, _, body = endpoint.handle_get("/healthz")
+    doc = json.loads(body)
+    assert code == 503 and doc["status"] == "stalled" and "last went round 9.0 s ago" in doc["reason"]
+    assert doc["lines"]["a"]["status"] == "stalled" and doc["lines"]["b"]["status"] == "ready"
+    code, _, body = endpoint.handle_get("/metrics")
+    assert code == 200 and 'edge_ready{line="b"} 1' in body.decode()
