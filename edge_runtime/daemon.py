@@ -422,6 +422,12 @@ class Station:
                 self.request_stop()
             finally:
                 self._line_ended(line)
+                if not self._stop.is_set():
+                    # Its replay ended while the other lines go on: it stops now (READY down, a trigger answered
+                    # or refused, outputs safe), not when they do; it had stayed 'ready' on /healthz and its outputs
+                    # and accepted POST /trigger with 202 for parts nothing would answer or record (probe 106).
+                    line.request_stop()
+                    line.shutdown()
 
         threads = [threading.Thread(target=run_line, args=(line,), name=f"line:{line.name}", daemon=True)
                    for line in self.lines]

@@ -156,6 +156,7 @@ class Line:
         self._bundle_fault: str | None = None
         self._next_record_probe = 0.0
         self._stop = threading.Event()
+        self._shut_down = False
         self._reload = threading.Event()
         self._reopen = threading.Event()
         self._reload_lock = threading.Lock()
@@ -822,6 +823,7 @@ class Line:
             self._refuse_triggers("stopping", 0.0)
         else:
             self._stop_capture()
+        self._loop_running = False   # ended, not stalled: its rounds stop for good (/healthz, the stall guard)
         return 0
 
     def _lose_source(self, exc: Exception) -> None:
@@ -1072,7 +1074,11 @@ class Line:
             log.exception("closing the trigger failed")
 
     def shutdown(self) -> None:
-        """Every output back to its safe state and flushed; source closed; counter saved."""
+        """Every output back to its safe state and flushed; source closed; counter saved. Once: a line whose replay
+        ended is shut down by the daemon then; the stop calls this for every line again."""
+        if self._shut_down:
+            return
+        self._shut_down = True
         self._stop.set()
         self._drop_ready()
         if self._inflight is not None:

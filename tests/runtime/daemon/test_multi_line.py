@@ -171,3 +171,53 @@ def test_two_spellings_of_one_result_log_are_refused(write_station, tmp_path):
     with pytest.raises(ConfigError, match=r"outputs\[1\]\.path: result log .* already writes"):
         load_station(write_station(bundle="bundle", source=scripted(), outputs=[
             {"type": "result_log", "path": "x.jsonl"}, {"type": "result_log", "path": "./x.jsonl", "fsync": "never"}]))
+
+
+def test_a_line_whose_replay_ends_stops_while_the_others_go_on(small_bundle, flange_test_folder, write_station,
+                                                              tmp_path, free_port, start_station, read_log,
+                                                              wait_until):
+    """Probe 106: line a's replay ended (exit_when_exhausted) while line b went on; line a stayed 'ready' on
+    /healthz and POST /trigger/a answered 202 for parts its ended loop never answered nor recorded."""
+    folder, index = flange_test_folder
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    for name in sorted(index)[:2]:
+        shutil.copyfile(folder / name, replay / name)
+    (tmp_path / "watch").mkdir()
+    port = free_port()
+    running = start_station(write_station(
+        bundle=small_bundle, http={"port": port, "allow_trigger": True}, trigger={"type": "software"},
+        state_dir=str(tmp_path / "state"),
+        lines=[{"name": "a", "source": {"type": "folder", "path": str(replay)}},
+               {"name": "b", "source": {"type": "folder", "mode": "watch", "path": str(tmp_path / "watch")}}]))
+    station = running.station
+    a, b = station.lines
+    wait_until(lambda: a.state.state.value == "ready" and b.state.state.value == "ready", 60, "both lines ready")
+    base = f"http://127.0.0.1:{port}"
+
+    def trigger() -> int:
+        try:
+            return urllib.request.urlopen(urllib.request.Request(f"{base}/trigger/a", method="POST"), timeout=5).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    accepted = 0
+    for n in range(3):   # two images, then a trigger the replay has no frame for (FAULT): the source is exhausted
+        assert trigger() == 202
+        accepted += 1
+        wait_until(lambda: a.counters.frames == accepted, 60, f"part {accepted} answered")
+    wait_until(lambda: a.stopping, 30, "line a stopped after its replay ended")
+    assert trigger() == 503, "a line that no longer inspects accepts no part"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{base}/healthz", timeout=5)
+    health = json.loads(err.value.read())
+    assert err.value.code == 503 and health["lines"]["a"]["status"] != "ready"
+    assert health["lines"]["b"]["status"] == "ready" and not b.stopping, "the other line goes on"
+    time.sleep(a._loop_stall_after_s() + 0.5)   # an ended loop is no stalled one
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{base}/healthz", timeout=5)
+    health = json.loads(err.value.read())
+    assert health["lines"]["a"]["status"] == "not_ready" and health["lines"]["a"]["reason"] == "stopping"
+    assert running.stop() == 0
+    records = read_log(tmp_path / "results-a.jsonl")
+    assert len(records) == accepted and [r["verdict"] for r in records][-1] == "FAULT"
