@@ -147,6 +147,11 @@ class Station:
         if len(self.lines) == 1:
             # A subclass (or a test) that overrides Station._load still decides how the single line loads.
             self.lines[0].load_hook = self._load
+        else:
+            for line in self.lines:
+                line.on_systemd = self._systemd
+        self._systemd_lock = threading.Lock()
+        self._reloading: set[int] = set()       # lines (by index) whose SIGHUP reload has not ended yet
         self._stop = threading.Event()
         self._started = time.monotonic()
         self._watchdog_period = DEFAULT_WATCHDOG_PERIOD_S
@@ -302,6 +307,26 @@ class Station:
             self._beaten.clear()
         systemd_notify.watchdog()
 
+    def _systemd(self, line: Line, event: str) -> None:
+        """One unit, several lines (Line.on_systemd): STATUS= names every line in fault, else "inspecting"; one
+        RELOADING=1 when the first line's reload begins, READY=1 when the last one's ends. Each line had sent its
+        own: `systemctl status` showed the last line whose fault changed ("line a: inspecting" while line b was
+        in FAULT), and the first reload done ended the unit's reload while another line still loaded (probe 106)."""
+        with self._systemd_lock:
+            index = self.lines.index(line)
+            if event == "reloading":
+                if not self._reloading:
+                    systemd_notify.reloading()
+                self._reloading.add(index)
+            elif event in ("reloaded", "ended"):   # ended: a line whose loop ended never applies its reload
+                begun = index in self._reloading
+                self._reloading.discard(index)
+                if not self._reloading and (begun or event == "reloaded"):
+                    systemd_notify.ready()
+            else:
+                faults = [f"line {ln.name}: fault: {ln.fault_reason}" for ln in self.lines if ln.fault_reason]
+                systemd_notify.status("; ".join(faults) or "inspecting")
+
     def _guard_stalls(self) -> None:
         """Its own thread: READY down on a line's outputs while its loop is stuck (Line.guard_stall)."""
         while not self._background_stop.wait(STALL_GUARD_PERIOD_S):
@@ -426,6 +451,7 @@ class Station:
                     # Its replay ended while the other lines go on: it stops now (READY down, a trigger answered
                     # or refused, outputs safe), not when they do; it had stayed 'ready' on /healthz and its outputs
                     # and accepted POST /trigger with 202 for parts nothing would answer or record (probe 106).
+                    self._systemd(line, "ended")
                     line.request_stop()
                     line.shutdown()
 

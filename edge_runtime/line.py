@@ -82,6 +82,8 @@ class Line:
     `name`: the line's label in logs and metrics (None: a single-line station, logs as before).
     `on_heartbeat(line)`: called each time the loop goes round (the daemon's watchdog).
     `load_hook`: replaces `_load` at start (the single-line Station routes it through its own `_load`).
+    `on_systemd(line, event)`: set by a daemon of several lines, which tells systemd for the whole unit what the
+    line would have sent itself ("status": its fault changed; "reloading" / "reloaded": a SIGHUP reload).
     `sinks`: outputs added after the configured ones (the station's operator page: this line's part history).
     """
 
@@ -92,6 +94,7 @@ class Line:
         self.name = name
         self.on_heartbeat = on_heartbeat
         self.load_hook: Callable[[], bool] | None = None
+        self.on_systemd: Callable[["Line", str], None] | None = None
         self.outputs = outputs if outputs is not None else [build_output(o) for o in cfg.outputs]
         self.rollout: RolloutManager | None = None
         if cfg.rollout.enabled:   # a sink of records too: it watches the first parts of a new bundle
@@ -244,10 +247,21 @@ class Line:
                 elif self.fault_reason:
                     log.info(self._tag("fault cleared (%s)"), self.fault_reason)
                 self.fault_reason = fault
-                systemd_notify.status(self._tag(f"fault: {fault}" if fault else "inspecting"))
+                self._systemd("status")
             self._ready = ready
             self._health = (self._ready, self.fault_reason)
             self._drive_state()
+
+    def _systemd(self, event: str) -> None:
+        """STATUS=, RELOADING=1 or READY=1 to systemd: the line's own, or through the daemon (on_systemd)."""
+        if self.on_systemd is not None:
+            self.on_systemd(self, event)
+        elif event == "status":
+            systemd_notify.status(self._tag(f"fault: {self.fault_reason}" if self.fault_reason else "inspecting"))
+        elif event == "reloading":
+            systemd_notify.reloading()
+        else:
+            systemd_notify.ready()
 
     def _drive_state(self) -> None:
         """READY and the fault on the outputs: the line's own state, except READY down and the stall as the fault
@@ -437,7 +451,7 @@ class Line:
             return  # the flag stays set: another reload follows the running one
         self._reload.clear()
         log.info("SIGHUP: reloading bundle %s", self.cfg.bundle)
-        systemd_notify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        self._systemd("reloading")
         self._reload_thread = threading.Thread(target=self._reload_worker, name="bundle-reload", daemon=True)
         self._reload_thread.start()
 
@@ -522,7 +536,7 @@ class Line:
                 # stays the fault. With nothing else holding the line READY comes back now, not at the next part:
                 # a line triggered only over HTTP gets 503 while READY is down and would never send that part.
                 self._resume()
-        systemd_notify.ready()  # ends the RELOADING state either way
+        self._systemd("reloaded")  # ends the RELOADING state either way
 
     # ---- frame ids ---------------------------------------------------------------------------------------------
     def _open_frame_counter(self) -> None:

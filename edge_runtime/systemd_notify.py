@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ def notify(message: str) -> bool:
 
 def ready() -> bool:
     return notify("READY=1")
+
+
+def reloading() -> bool:
+    """A reload begins; READY=1 ends it (sd_notify(3): RELOADING=1 carries the monotonic time)."""
+    return notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
 
 def watchdog() -> bool:

@@ -8,6 +8,7 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -221,3 +222,64 @@ def test_a_line_whose_replay_ends_stops_while_the_others_go_on(small_bundle, fla
     assert running.stop() == 0
     records = read_log(tmp_path / "results-a.jsonl")
     assert len(records) == accepted and [r["verdict"] for r in records][-1] == "FAULT"
+
+
+def _notifications(sock, into: list[str]) -> list[str]:
+    """Every datagram waiting on the notify socket, appended to `into` (returned)."""
+    sock.setblocking(False)
+    while True:
+        try:
+            into.append(sock.recv(65536).decode())
+        except BlockingIOError:
+            return into
+
+
+def test_systemd_hears_the_whole_station_not_the_last_line_that_spoke(small_bundle, write_station, tmp_path,
+                                                                      start_station, notify_socket, monkeypatch,
+                                                                      wait_until):
+    """Probe 106: each line sent its own STATUS= and RELOADING=1 / READY=1. With line b's bundle refused, `systemctl
+    status` said 'line a: inspecting' (line a's start-up cleared after b's fault); after SIGHUP the first line's
+    reload done ended the unit's reloading while the other line still loaded."""
+    from edge_runtime import bundle_loader
+    from edge_runtime.bundle import Bundle
+
+    broken = tmp_path / "bundle_b"
+    shutil.copytree(small_bundle, broken)
+    model = broken / Bundle.load(broken).variant().model_file
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    for name in ("wa", "wb"):
+        (tmp_path / name).mkdir()
+    running = start_station(write_station(
+        bundle=small_bundle, trigger={"type": "software"}, state_dir=str(tmp_path / "state"),
+        lines=[{"name": "a", "source": {"type": "folder", "mode": "watch", "path": str(tmp_path / "wa")}},
+               {"name": "b", "bundle": str(broken), "source": {"type": "folder", "mode": "watch",
+                                                                "path": str(tmp_path / "wb")}}]))
+    a, b = running.station.lines
+    seen: list[str] = []
+    wait_until(lambda: a.state.state.value == "ready" and b.fault_reason is not None
+               and "READY=1" in _notifications(notify_socket, seen), 60, "READY=1, a ready, b in FAULT")
+    statuses = [m for m in _notifications(notify_socket, seen) if m.startswith("STATUS=")]
+    assert statuses and statuses[-1].startswith("STATUS=line b: fault: bundle"), statuses
+
+    # SIGHUP with b repaired: one reload for the unit, over when both lines have reloaded (b's load made slow).
+    model.write_bytes((Path(small_bundle) / model.name).read_bytes())
+    real = bundle_loader.load_pipeline
+
+    def slow_for_b(cfg, *args, **kwargs):
+        if cfg.bundle == str(broken):
+            time.sleep(1.5)
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(bundle_loader, "load_pipeline", slow_for_b)
+    seen.clear()
+    running.station.request_reload()
+    wait_until(lambda: "READY=1" in _notifications(notify_socket, seen), 60, "READY=1 after the reload")
+    assert a.counters.reloads == 1 and b.counters.reloads == 1, \
+        "READY=1 (the reload is over) only once every line's reload has ended"
+    assert sum(m.startswith("RELOADING=1") for m in seen) == 1, seen
+    wait_until(lambda: b.state.state.value == "ready", 30, "b ready on its repaired bundle")
+    statuses = [m for m in _notifications(notify_socket, seen) if m.startswith("STATUS=")]
+    assert statuses[-1] == "STATUS=inspecting", statuses
+    assert running.stop() == 0
