@@ -433,12 +433,12 @@ class Line:
         except Exception as exc:  # noqa: BLE001 - whatever breaks the load, the station must stay up in FAULT
             self.pipeline = None
             if not isinstance(exc, (BundleError, OSError)):
-                log.exception("loading bundle %s failed unexpectedly", self.cfg.bundle)
+                log.exception(self._tag("loading bundle %s failed unexpectedly"), self.cfg.bundle)
             self._bundle_fault = self._load_failure(exc)
             self._set_state(False, self._bundle_fault)
             return False
         self._bundle_fault = None
-        log.info("bundle %s loaded: variant %s, knn %s, threshold %.4f, position prior %s",
+        log.info(self._tag("bundle %s loaded: variant %s, knn %s, threshold %.4f, position prior %s"),
                  self.pipeline.bundle.bundle_id, self.pipeline.variant.name, self.pipeline.knn,
                  self.pipeline.threshold, getattr(self.pipeline, "prior_note", "off"))
         return True
@@ -450,7 +450,7 @@ class Line:
         if self._reload_thread is not None and self._reload_thread.is_alive():
             return  # the flag stays set: another reload follows the running one
         self._reload.clear()
-        log.info("SIGHUP: reloading bundle %s", self.cfg.bundle)
+        log.info(self._tag("SIGHUP: reloading bundle %s"), self.cfg.bundle)
         self._systemd("reloading")
         self._reload_thread = threading.Thread(target=self._reload_worker, name="bundle-reload", daemon=True)
         self._reload_thread.start()
@@ -481,7 +481,7 @@ class Line:
                                             current.bundle if current is not None else None, load_threads=1), None)
         except Exception as exc:  # noqa: BLE001 - reported to the loop thread, which decides what to do
             if not isinstance(exc, (BundleError, OSError)):
-                log.exception("reloading bundle %s failed unexpectedly", path)
+                log.exception(self._tag("reloading bundle %s failed unexpectedly"), path)
             outcome = (None, exc)
         with self._reload_lock:
             if outcome[0] is not None and path != self.cfg.bundle:
@@ -492,7 +492,7 @@ class Line:
             if generation != self._install_generation:
                 # A rollout installed a newer bundle while this reload ran: applying this one would put the
                 # older bundle back in service. The reload runs again on what the station names now.
-                log.info("reload superseded by a rollout install; reloading again")
+                log.info(self._tag("reload superseded by a rollout install; reloading again"))
                 self._reload.set()
                 return
             self._reload_outcome = outcome
@@ -511,14 +511,14 @@ class Line:
         if new == "withdraw":
             self.pipeline = None
             self._trim_pending = True
-            log.error("bundle withdrawn: %s", error)
+            log.error(self._tag("bundle withdrawn: %s"), error)
             self._bundle_fault = f"bundle: {error}"
             self._set_state(False, self._bundle_fault)
         elif new is None:
             self.counters.reload_failures += 1
             if self.pipeline is not None:
                 # Keep inspecting with the verified old bundle rather than stopping the line.
-                log.error("reload refused, keeping bundle %s: %s", self.pipeline.bundle.bundle_id, error)
+                log.error(self._tag("reload refused, keeping bundle %s: %s"), self.pipeline.bundle.bundle_id, error)
             else:
                 self._bundle_fault = self._load_failure(error)
                 self._set_state(False, self._bundle_fault)
@@ -529,8 +529,10 @@ class Line:
             self.counters.reloads += 1
             # The loop still holds the old pipeline until its next iteration: trim after that (see above).
             self._trim_pending = True
-            log.info("reloaded: bundle %s, variant %s, knn %s, threshold %.4f, position prior %s", new.bundle.bundle_id,
-                     new.variant.name, new.knn, new.threshold, getattr(new, "prior_note", "off"))
+            # Tagged with the line, as every bundle line here: two lines on one bundle folder may end a SIGHUP on
+            # different bundles (one refused), and the journal said which bundle, not which line (probe 106).
+            log.info(self._tag("reloaded: bundle %s, variant %s, knn %s, threshold %.4f, position prior %s"),
+                     new.bundle.bundle_id, new.variant.name, new.knn, new.threshold, getattr(new, "prior_note", "off"))
             if had_none:
                 # A reload clears only the bundle's own fault: a lost camera, a failing record or a line output
                 # stays the fault. With nothing else holding the line READY comes back now, not at the next part:
@@ -598,7 +600,7 @@ class Line:
         self.last_bundle_id = result.bundle_id
         if result.verdict is Verdict.FAULT:
             self.counters.faults += 1
-            log.warning("frame %d %s: FAULT: %s", result.frame_id, result.source, result.error)
+            log.warning(self._tag("frame %d %s: FAULT: %s"), result.frame_id, result.source, result.error)
         else:
             self.stats.add(result.timings_ms)
         self._observe_drift(result)   # a frame the frame check refused still tells what the camera sees
@@ -828,7 +830,7 @@ class Line:
                 continue
             if outcome == "exhausted":
                 if rc_cfg.exit_when_exhausted:
-                    log.info("source exhausted after %d frames", self.counters.frames)
+                    log.info(self._tag("source exhausted after %d frames"), self.counters.frames)
                     break
                 self._stop.wait(rc_cfg.read_timeout_s)  # nothing more will come; do not spin
         self._drain_inflight()

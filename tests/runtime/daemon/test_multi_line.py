@@ -283,3 +283,33 @@ def test_systemd_hears_the_whole_station_not_the_last_line_that_spoke(small_bund
     statuses = [m for m in _notifications(notify_socket, seen) if m.startswith("STATUS=")]
     assert statuses[-1] == "STATUS=inspecting", statuses
     assert running.stop() == 0
+
+
+def test_a_reload_refused_on_one_line_names_the_line(small_bundle, write_station, tmp_path, start_station,
+                                                     wait_until, caplog):
+    """Probe 106: after SIGHUP the journal said 'reload refused, keeping bundle X' and 'reloaded: bundle Y' without a
+    line: with two lines (on one bundle folder, or two), nobody could tell which line was left on which bundle."""
+    from edge_runtime.bundle import Bundle
+
+    other = tmp_path / "bundle_b"
+    shutil.copytree(small_bundle, other)
+    for name in ("wa", "wb"):
+        (tmp_path / name).mkdir()
+    running = start_station(write_station(
+        bundle=small_bundle, trigger={"type": "software"}, state_dir=str(tmp_path / "state"),
+        lines=[{"name": "a", "source": {"type": "folder", "mode": "watch", "path": str(tmp_path / "wa")}},
+               {"name": "b", "bundle": str(other), "source": {"type": "folder", "mode": "watch",
+                                                               "path": str(tmp_path / "wb")}}]))
+    a, b = running.station.lines
+    wait_until(lambda: a.state.state.value == "ready" and b.state.state.value == "ready", 60, "both lines ready")
+    model = other / Bundle.load(other).variant().model_file
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with caplog.at_level("INFO", logger="edge_runtime.daemon"):
+        running.station.request_reload()
+        wait_until(lambda: a.counters.reloads == 1 and b.counters.reload_failures == 1, 60, "both reloads over")
+    assert running.stop() == 0
+    text = caplog.text
+    assert "line b: reload refused, keeping bundle" in text and "line a: reloaded: bundle" in text
+    assert "line a: SIGHUP: reloading bundle" in text and "line b: SIGHUP: reloading bundle" in text
