@@ -4,6 +4,7 @@ FAULT, READY down)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 
@@ -83,3 +84,30 @@ def test_a_chunk_over_the_receive_buffer_closes_its_connection(server, monkeypat
         closed = _closed(sock)
     sock.close()
     assert closed                       # before: 16 MiB taken and the connection kept
+
+
+def test_many_small_messages_in_one_read_close_the_connection_with_one_line(server, monkeypatch, caplog):
+    """Probe 105: asyncua queued each message of a read with a Buffer over all the bytes left and copied those for
+    the next, so 128 KiB of 9-byte messages held ~14,500 copies (870 MiB), and each logged a traceback (31 MB)."""
+    monkeypatch.setattr(opcua_server, "OPCUA_SESSION_TIMEOUT_S", 300.0, raising=False)   # not what closes it here
+    message = b"HELF" + (9).to_bytes(4, "little") + b"\0"       # a Hello with a 1-byte body: no Hello at all
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(message * 4000)
+    deadline = time.monotonic() + 10
+    closed = False
+    while not closed and time.monotonic() < deadline:
+        closed = _closed(sock)
+    sock.close()
+    assert closed                                               # before: kept until the session timeout
+    time.sleep(0.5)
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines[:5]]   # before: 4,000 tracebacks
+
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(b"ACKF" + (28).to_bytes(4, "little") + b"\0" * 20)   # a server's message: no client sends it
+    deadline = time.monotonic() + 5
+    closed = False
+    while not closed and time.monotonic() < deadline:
+        closed = _closed(sock)
+    sock.close()
+    assert closed
