@@ -111,3 +111,32 @@ def test_many_small_messages_in_one_read_close_the_connection_with_one_line(serv
         closed = _closed(sock)
     sock.close()
     assert closed
+
+
+def test_a_request_over_the_limit_is_refused_before_it_is_all_in(server):
+    """Probe 105: asyncua took requests of up to 100 MiB, keeping every chunk until the last: four anonymous clients
+    writing 90 MiB each to a read-only node grew the daemon by 580 MiB before each was told BadUserAccessDenied."""
+    from asyncua import ua
+
+    async def write_big():
+        async with Client(f"opc.tcp://127.0.0.1:{server.port}/patchcore-edge/", timeout=3) as client:
+            idx = await client.get_namespace_index(NAMESPACE_URI)
+            node = await client.nodes.objects.get_child([f"{idx}:VisionSystem", f"{idx}:Reason"])
+            value = ua.Variant(b"x" * (2 << 20), ua.VariantType.ByteString)   # 2 MiB, over the 1 MiB taken
+            try:
+                await node.write_value(value)
+            except (ConnectionError, ua.UaError) as exc:
+                return exc
+            return None
+
+    outcome = asyncio.run(write_big())
+    # Before: the whole request was read, decoded and answered (BadUserAccessDenied: the node is read-only).
+    assert outcome is not None and "BadUserAccessDenied" not in repr(outcome), outcome
+
+    async def read_state():   # the server still serves a client whose requests are of a usual size
+        async with Client(f"opc.tcp://127.0.0.1:{server.port}/patchcore-edge/") as client:
+            idx = await client.get_namespace_index(NAMESPACE_URI)
+            node = await client.nodes.objects.get_child([f"{idx}:VisionSystem", f"{idx}:StationState"])
+            return await node.read_value()
+
+    assert asyncio.run(read_state()) == "fault"
