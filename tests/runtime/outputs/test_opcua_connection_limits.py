@@ -140,3 +140,46 @@ def test_a_request_over_the_limit_is_refused_before_it_is_all_in(server):
             return await node.read_value()
 
     assert asyncio.run(read_state()) == "fault"
+
+
+def _server_side_backlog() -> tuple[int, int]:
+    """(bytes of answers waiting in the server's sockets, requests read and not yet served), over its connections."""
+    import gc
+
+    protocols = [o for o in gc.get_objects() if type(o).__name__ == "BoundedProtocol" and o.transport is not None
+                 and not o.transport.is_closing()]
+    return (sum(p.transport.get_write_buffer_size() for p in protocols), sum(p.messages.qsize() for p in protocols))
+
+
+def test_a_client_that_reads_no_answers_is_read_no_more(server):
+    """Probe 105: asyncua read every request a client sent and wrote every answer into the socket's buffer, so a
+    client that pipelined browses and read no answer grew the daemon from 141 to 365 MiB in 35 s, and growing."""
+    from asyncua import ua
+
+    async def pipeline_without_reading():
+        client = Client(f"opc.tcp://127.0.0.1:{server.port}/patchcore-edge/", timeout=30)
+        await client.connect()
+        try:
+            protocol = client.uaclient.protocol
+            protocol.transport.pause_reading()   # never reads another answer
+            description = ua.BrowseDescription()
+            description.NodeId = ua.NodeId(ua.ObjectIds.Server)
+            description.BrowseDirection = ua.BrowseDirection.Both
+            description.ResultMask = ua.BrowseResultMask.All
+            request = ua.BrowseRequest()
+            request.Parameters.NodesToBrowse = [description] * 20
+            for _ in range(30):
+                for _ in range(100):
+                    protocol._send_request(request, 30)
+                await asyncio.sleep(0.02)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                backlog = _server_side_backlog()
+            return backlog
+        finally:
+            client.uaclient.protocol.transport.abort()
+
+    unread, waiting = asyncio.run(pipeline_without_reading())
+    assert unread < 1 << 20, unread                     # before: tens of MiB of answers, and growing
+    assert waiting < 1000, waiting
