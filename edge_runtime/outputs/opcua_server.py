@@ -79,6 +79,7 @@ def _install_connection_bounds() -> None:
     file descriptor of a daemon under LimitNOFILE=4096, the folder source could not list its images, 127 of 180
     parts FAULT, READY down, 78 MB of asyncio accept errors logged (probe 80). Server.start() builds its
     BinaryServer by name, so the bounded one is put in its place (every OPC UA server of the process is bounded)."""
+    import asyncua
     import asyncua.server.server as ua_server
     from asyncua.common.utils import Buffer, NotEnoughData
     from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
@@ -86,6 +87,13 @@ def _install_connection_bounds() -> None:
 
     if getattr(ua_server.BinaryServer, "bounded", False):
         return
+    # The bounds replace asyncua 1.1's message loop (data_received feeding `messages`, `_process_one_msg`): a
+    # release that moved them would leave the server unbounded or deaf, so it is refused by name instead.
+    missing = [n for n in ("_process_one_msg", "data_received", "connection_made") if not hasattr(OPCUAProtocol, n)]
+    if missing:
+        raise RuntimeError(f"asyncua {getattr(asyncua, '__version__', '?')}: its OPCUAProtocol has no "
+                           f"{', '.join(missing)}; the OPC UA output is tested on asyncua 1.1 (pip install "
+                           "'asyncua>=1.1.5,<1.2')")
 
     class BoundedProtocol(OPCUAProtocol):
         def connection_made(self, transport) -> None:
