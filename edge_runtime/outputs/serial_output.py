@@ -57,30 +57,51 @@ def escape_bytes(data: bytes, limit: int = _LOG_BYTES_MAX) -> str:
     return shown + (f"...({len(data)} bytes)" if len(data) > limit else "")
 
 
-def split_received(buffer: bytearray) -> tuple[list[str], list[bytes]]:
-    """Take complete lines out of `buffer` (in place): (command lines as text, discarded bytes for the log).
+class ReceivedLines:
+    """Bytes from the PLC -> complete lines, across reads.
 
     A line ends at CR or LF. Within a line, bytes that are not printable ASCII are discarded. A partial line
-    stays in the buffer for the next read unless it is longer than _RX_LINE_MAX, then it is discarded."""
-    lines: list[str] = []
-    discarded: list[bytes] = []
-    while True:
-        ends = [i for i in (buffer.find(b"\r"), buffer.find(b"\n")) if i >= 0]
-        if not ends:
-            break
-        end = min(ends)
-        raw = bytes(buffer[:end])
-        del buffer[:end + 1]
-        kept = bytes(b for b in raw if 32 <= b < 127)
-        if len(kept) != len(raw):
-            discarded.append(bytes(b for b in raw if not 32 <= b < 127))
-        text = kept.decode("ascii").strip()
-        if text:
-            lines.append(text)
-    if len(buffer) > _RX_LINE_MAX:
-        discarded.append(bytes(buffer))
-        buffer.clear()
-    return lines, discarded
+    stays for the next read unless it is longer than _RX_LINE_MAX: then it is discarded, and so is the rest of
+    it up to the next line end. Its tail was read as a line of its own: "RCP " + 130 bytes in one read and "TRG"
+    in the next fired a capture, the same bytes in one read did not (probe 105); a PLC never sent that TRG."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.skipping = False      # inside an overlong line: discard up to its end
+
+    def clear(self) -> None:
+        self.buffer.clear()
+        self.skipping = False
+
+    def feed(self, chunk: bytes) -> tuple[list[str], list[bytes]]:
+        """(command lines as text, discarded bytes for the log) of what `chunk` completes."""
+        buffer = self.buffer
+        buffer += chunk
+        lines: list[str] = []
+        discarded: list[bytes] = []
+        while True:
+            ends = [i for i in (buffer.find(b"\r"), buffer.find(b"\n")) if i >= 0]
+            if not ends:
+                break
+            end = min(ends)
+            raw = bytes(buffer[:end])
+            del buffer[:end + 1]
+            if self.skipping:      # the end of an overlong line: none of it is a command
+                self.skipping = False
+                if raw:
+                    discarded.append(raw)
+                continue
+            kept = bytes(b for b in raw if 32 <= b < 127)
+            if len(kept) != len(raw):
+                discarded.append(bytes(b for b in raw if not 32 <= b < 127))
+            text = kept.decode("ascii").strip()
+            if text:
+                lines.append(text)
+        if len(buffer) > _RX_LINE_MAX:
+            discarded.append(bytes(buffer))
+            buffer.clear()
+            self.skipping = True
+        return lines, discarded
 
 
 SERIAL_BAUD_MAX = 12_000_000
@@ -297,7 +318,7 @@ class SerialOutput(Output):
 
         A failing read drops the port (the next heartbeat reopens it, which starts a new receiver); any other
         exception is logged and counted and the receiver goes on with an empty buffer."""
-        buffer = bytearray()
+        received = ReceivedLines()
         while self._serial is port:
             try:
                 try:
@@ -311,8 +332,7 @@ class SerialOutput(Output):
                     return
                 if not chunk:
                     continue
-                buffer += chunk
-                lines, discarded = split_received(buffer)
+                lines, discarded = received.feed(chunk)
                 for junk in discarded:
                     self.rx_discarded_bytes += len(junk)
                     log.warning("serial %s: discarded %d byte(s) from the PLC: %s", self.cfg.port, len(junk),
@@ -325,7 +345,7 @@ class SerialOutput(Output):
                                     escape_bytes(line.encode("ascii")))
             except Exception:  # noqa: BLE001 - a bug in a handler must not silently end the receiver
                 self.rx_errors += 1
-                buffer.clear()
+                received.clear()
                 log.exception("serial %s: receiving from the PLC failed; the receiver continues", self.cfg.port)
 
     def _drop(self, port, reason: str) -> None:

@@ -10,7 +10,7 @@ import tty
 import pytest
 
 from edge_runtime.outputs.base import OutputError
-from edge_runtime.outputs.serial_output import SerialConfig, SerialOutput, result_line
+from edge_runtime.outputs.serial_output import ReceivedLines, SerialConfig, SerialOutput, result_line
 from edge_runtime.records import InspectionResult, Verdict
 
 
@@ -283,6 +283,22 @@ def test_trg_after_noise_and_split_by_a_read_timeout_still_fires(link, new_pty, 
         assert out.rx_discarded_bytes >= 2 + 128
     finally:
         out.close()
+
+
+def test_an_overlong_line_is_discarded_up_to_its_end_however_the_reads_split_it():
+    """Probe 105: "RCP " + 130 bytes in one read and "TRG" in the next fired a capture (the overlong part was
+    dropped and its tail read as a line of its own), while the same bytes in one read were one unknown line: no
+    PLC sent that TRG. The tail of an overlong line is discarded with it, whatever the reads."""
+    line = b"RCP " + b"A" * 130 + b"TRG\r\n"
+    for split in (1, 60, 133, 134, 135, len(line) - 2):
+        received = ReceivedLines()
+        lines = received.feed(line[:split])[0] + received.feed(line[split:])[0]
+        assert "TRG" not in lines, (split, lines)
+        assert received.feed(b"TRG\r\n")[0] == ["TRG"], split      # the next line is read as before
+    received = ReceivedLines()
+    assert received.feed(b"x" * 129)[0] == [] and received.skipping
+    assert received.feed(b"y" * 500)[0] == [] and received.skipping   # still the same line: still skipped
+    assert received.feed(b"TRG\nACK\n")[0] == ["ACK"]
 
 
 def test_an_exception_in_the_handler_is_reported_and_the_reader_goes_on(link, new_pty, caplog):
