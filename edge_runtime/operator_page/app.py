@@ -323,9 +323,10 @@ def build_app(cfg: PageConfig, views: dict[str, LineView], stopping: Callable[[]
             if buttons and v.feedback is None:
                 buttons = f'<p class="err">{html.escape(v.no_feedback or "")}</p>'
         sc = "-" if r.get("score") is None else f"{r['score']:.3f}"
+        thr = "-" if r.get("threshold") is None else f"{r['threshold']:.3f}"   # none: FAULT with no bundle in service
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in part.feedback)
         body = f"""<main><h2>Part {fid} <span class="verdict-s v-{r['verdict']}">{r['verdict']}</span></h2>
-<p>score {sc} / threshold {r['threshold']:.3f}; source {html.escape(str(r.get('source')))}; bundle {html.escape(str(r['bundle_id']))}
+<p>score {sc} / threshold {thr}; source {html.escape(str(r.get('source')))}; bundle {html.escape(str(r['bundle_id']))}
 {('; ' + html.escape(r['error'])) if r.get('error') else ''}</p>
 <div class="actions">{buttons}</div><ul id="notes">{notes}</ul>
 <img class="full" id="full" src="{base}/img/{fid}/overlay.jpg" alt="overlay full size">

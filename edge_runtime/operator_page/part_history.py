@@ -16,6 +16,7 @@ import numpy as np
 
 from edge_runtime.outputs.base import Output
 from edge_runtime.outputs.ng_image_store import heat_overlay, to_bgr
+from edge_runtime.outputs.result_log import _finite
 from edge_runtime.records import InspectionResult
 
 
@@ -65,7 +66,10 @@ class PartHistory(Output):
         self._last_ok_heat = -float("inf")   # monotonic time of the newest OK part drawn with its heat map
 
     def publish(self, result: InspectionResult) -> None:
-        record = result.to_record()
+        # As the result log writes it: NaN/inf as null. A part FAULTed while no bundle was in service has threshold
+        # NaN, which JSON cannot hold: /api/parts answered 500 and the live view never opened its event stream for
+        # as long as that part was in the history (probe 104).
+        record = _finite(result.to_record())
         overlay = thumb = None
         if result.image is not None:
             small = _fit(to_bgr(result.image), self.view_px)
