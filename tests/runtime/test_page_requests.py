@@ -55,3 +55,20 @@ def test_a_part_faulted_with_no_bundle_in_service_is_on_the_page_as_the_result_l
     # The live stream carries JSON a browser parses (JSON.parse refuses NaN).
     latest = page.history.latest()
     assert json.loads(json.dumps(latest, allow_nan=False))["verdict"] == "FAULT"
+
+
+@pytest.mark.parametrize("headers", [{"Origin": "http://["}, {"Referer": "http://[x/login"}])
+def test_an_origin_or_referer_that_is_no_url_is_refused_not_a_server_error(page, headers):
+    """Probe 104: urlsplit raised 'Invalid IPv6 URL' on the cross-site check of any POST, logged in: a 500 and a
+    46-line traceback per request; 500 such requests wrote 1.6 MB (23,000 lines) to the log in a second."""
+    status, body = _get(page, "/login", headers, method="POST", body=b"name=a&password=b")
+    assert status == 403 and b"not a URL" in body
+
+
+@pytest.mark.parametrize("path", ["/part/", "/img/", "/line/line/part/"])
+def test_a_frame_id_of_thousands_of_digits_is_not_found_not_a_server_error(page, path):
+    """Probe 104: int() of a 5000-digit frame id raised (Python's 4300-digit limit): a 500 and a traceback."""
+    status, _ = _get(page, path + "9" * 5000 + ("/thumb.jpg" if path == "/img/" else ""))
+    assert status == 404
+    status, _ = _get(page, path + "12" + ("/thumb.jpg" if path == "/img/" else ""))
+    assert status == 404                 # an id of the right size is still looked up (not in the history)
