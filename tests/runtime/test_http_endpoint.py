@@ -455,3 +455,31 @@ def test_lines_health_and_metrics_name_a_line_whose_loop_stalled_outside_an_insp
     assert doc["lines"]["a"]["status"] == "stalled" and doc["lines"]["b"]["status"] == "ready"
     code, _, body = endpoint.handle_get("/metrics")
     assert code == 200 and 'edge_ready{line="b"} 1' in body.decode()
+
+
+def test_a_trigger_whose_body_never_came_whole_is_not_fired(serve, station):
+    """Probe 104: a POST /trigger declaring 100 bytes and dripping them never tripped the per-recv timeout; the reaper
+    shut the socket at the deadline, the read returned what had come, and the trigger fired 5.5 s after it was sent
+    for a request that got no answer (a client retrying would capture a second part)."""
+    station.status = StationStatus(state="ready", bundle_id="b", uptime_s=1.0)
+    trig = SoftwareTrigger()
+    ep = serve(trigger=trig, allow_trigger=True, idle_timeout_s=1.0)
+    with socket.create_connection(("127.0.0.1", ep.port), timeout=5) as s:
+        s.sendall(b"POST /trigger HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n")
+        deadline = time.monotonic() + 5
+        try:
+            while time.monotonic() < deadline:
+                s.sendall(b"x")
+                time.sleep(0.3)
+        except OSError:
+            pass                              # shut by the reaper
+        s.settimeout(2)
+        try:
+            answer = s.recv(1000)
+        except OSError:
+            answer = b""
+    assert answer == b""                      # no answer...
+    time.sleep(0.3)
+    assert trig.wait(0.0) is None             # ...and no part captured for it
+    code, _, _ = request(ep, "/trigger", method="POST", data=b"{}")
+    assert code == 202 and trig.wait(0.0) is not None   # a whole request still fires
