@@ -445,9 +445,14 @@ def build_app(cfg: PageConfig, views: dict[str, LineView], stopping: Callable[[]
             return refused(429, f"too many failed logins from {client}: wait {LOGIN_WINDOW_S:g} s")
         # One password check at a time: each is a deliberately costly scrypt, and the station's cores inspect parts.
         async with login_lock:
+            # Again once its turn comes: checked only on arrival, 40 guesses sent at once were all hashed, not 5
+            # (probe 104), so a client guessed 60 passwords a minute over the page's 64 connections.
+            if not login_gate.allowed(client):
+                return refused(429, f"too many failed logins from {client}: wait {LOGIN_WINDOW_S:g} s")
             got = await run_in_threadpool(sessions.login, form.get("name", ""), form.get("password", ""))
+            if got is None:
+                login_gate.failed(client)
         if got is None:
-            login_gate.failed(client)
             return RedirectResponse("/login?error=wrong+name+or+password", status_code=303)
         sid, _ = got
         resp = RedirectResponse("/", status_code=303)

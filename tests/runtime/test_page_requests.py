@@ -72,3 +72,36 @@ def test_a_frame_id_of_thousands_of_digits_is_not_found_not_a_server_error(page,
     assert status == 404
     status, _ = _get(page, path + "12" + ("/thumb.jpg" if path == "/img/" else ""))
     assert status == 404                 # an id of the right size is still looked up (not in the history)
+
+
+def test_wrong_passwords_sent_at_once_are_hashed_no_more_than_the_gate_allows(tmp_path):
+    """Probe 104: the failed-login gate was checked when a request arrived, before it queued for the one scrypt at a
+    time; 40 guesses sent at once were all hashed (all 303), not 5, so a client guessed ~60 passwords a minute."""
+    import threading
+
+    from edge_runtime.operator_page.app import LOGIN_FAILURES_ALLOWED
+    from edge_runtime.operator_page.auth import hash_password
+    from edge_runtime.operator_page.config import PageUser
+
+    line = SimpleNamespace(name=None, recipes=None, rollout=None, status=lambda: None, pipeline=None,
+                           cfg=SimpleNamespace(bundle=str(tmp_path / "bundle"), state_dir=None))
+    users = [PageUser(name="otto", role="operator", password_hash=hash_password("right", n=2 ** 12))]
+    p = OperatorPage(PageConfig(enabled=True, port=0, users=users), [None])
+    p.attach([line])
+    p.start()
+    try:
+        codes: list[int] = []
+
+        def guess(i: int) -> None:
+            codes.append(_get(p, "/login", {"Origin": f"http://127.0.0.1:{p.port}",
+                                            "Content-Type": "application/x-www-form-urlencoded"},
+                              method="POST", body=f"name=otto&password=guess{i}".encode())[0])
+
+        threads = [threading.Thread(target=guess, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(codes) == [303] * LOGIN_FAILURES_ALLOWED + [429] * (20 - LOGIN_FAILURES_ALLOWED)
+    finally:
+        p.stop()
