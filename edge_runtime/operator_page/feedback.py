@@ -21,6 +21,9 @@ from edge_runtime.operator_page.part_history import PartHistory
 PLAN_TTL_S = 600.0
 PLANS_KEPT = 4   # previews kept per line, newest first: a person applies the one they just saw
 PENDING_DEFECTS = "feedback_defects"
+# Escapes stored for the next recalibration: an operator's "this part was bad" wrote a PNG a click with no bound
+# (probe 104's note), and a recalibration reads every one of them into memory.
+PENDING_DEFECTS_MAX = 200
 
 
 class FeedbackError(RuntimeError):
@@ -181,6 +184,13 @@ class Feedback:
     # ---- this OK part was bad ------------------------------------------------------------------------------------
     def mark_bad(self, frame_id: int, who: str) -> dict:
         img = self._frame_image(frame_id)
+        pending = self.pending_defects()
+        stored = [p for p in pending if p.name.endswith(f"_{int(frame_id)}.png")]
+        if stored:   # once per part: a second click stores no second copy of the same frame
+            return {"stored": stored[0].name, "pending": len(pending)}
+        if len(pending) >= PENDING_DEFECTS_MAX:
+            raise FeedbackError(f"{len(pending)} escaped parts are stored already (at most {PENDING_DEFECTS_MAX}): "
+                                "an engineer recalibrates with them first")
         self.pending_dir.mkdir(parents=True, exist_ok=True)
         path = self.pending_dir / f"{int(time.time())}_{frame_id}.png"
         path.write_bytes(img.data)

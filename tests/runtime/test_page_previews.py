@@ -76,3 +76,21 @@ def test_at_most_a_few_previews_are_kept(tmp_path):
     with pytest.raises(FeedbackError, match="expired"):
         fb._apply(ids[0], "otto", "learn-good", "operator")
 
+
+
+def test_an_escaped_part_is_stored_once_and_the_store_is_bounded(station, monkeypatch):
+    """Probe 104's note: "this part was bad" wrote one more PNG at every click, with no bound on how many, and a
+    recalibration reads all of them into memory."""
+    fb, fid = station
+    first = fb.mark_bad(fid, "otto")
+    assert first["pending"] == 1
+    assert fb.mark_bad(fid, "otto") == first and len(fb.pending_defects()) == 1   # a second click: no second copy
+    monkeypatch.setattr(feedback_mod, "PENDING_DEFECTS_MAX", 3)
+    for name in ("1_100.png", "2_101.png"):
+        (fb.pending_dir / name).write_bytes(b"png")
+    assert fb.mark_bad(fid, "otto")["pending"] == 3                               # stored already: answered
+    (fb.pending_dir / first["stored"]).unlink()
+    (fb.pending_dir / "3_102.png").write_bytes(b"png")                            # three others, none this part
+    with pytest.raises(FeedbackError, match=r"3 escaped parts are stored already \(at most 3\)"):
+        fb.mark_bad(fid, "otto")
+    assert not (fb.pending_dir / first["stored"]).exists()

@@ -220,6 +220,8 @@ def test_feedback_learns_at_once_persists_across_restart_and_rolls_back(page_sta
     ok = feed(folder, images["good"], "c.png", c)
     status, body = c.post("/api/feedback/bad", {"frame_id": ok["frame_id"]})
     assert status == 200 and body["pending"] == 1
+    status, again_bad = c.post("/api/feedback/bad", {"frame_id": ok["frame_id"]})   # a second click: one copy
+    assert status == 200 and again_bad == body
     running.stop()
 
     # Restart: the learned version is still the one in service.
