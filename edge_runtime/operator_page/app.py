@@ -10,9 +10,11 @@ the login itself, a session whose role allows the action plus the session's CSRF
 from __future__ import annotations
 
 import asyncio
+import collections
 import html
 import json
 import time
+import weakref
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -74,6 +76,9 @@ class FailedLogins:
 UPDATE_PERIOD_S = 0.5    # live-view push period (see events()): per page, whatever the number of lines
 STATUS_PERIOD_S = 1.0    # the viewed line's status document, at most this often
 OVERVIEW_PERIOD_S = 2.0  # every line's summary (state, last verdict, yield, rate), at most this often
+# Live-update streams one client address may hold: each holds one of the page's PAGE_MAX_CONNECTIONS sockets for as
+# long as it is open, and one host opening 64 of them locked every operator out of the page (probe 104's note).
+STREAMS_PER_CLIENT = 8
 
 
 def shift_figures(history: PartHistory) -> tuple[dict, float | None, float]:
@@ -396,22 +401,43 @@ def build_app(cfg: PageConfig, views: dict[str, LineView], stopping: Callable[[]
             return refused(400, f"limit: expected a whole number 1-100000, got {text[:20]!r}")
         return JSONResponse(v.history.records(verdict, limit=int(text)))
 
+    streams: collections.Counter = collections.Counter()   # open live-update streams per client address
+
     async def events(request: Request, v: LineView, base: str) -> Response:
+        client = request.client.host if request.client else "?"
+        if streams[client] >= STREAMS_PER_CLIENT:
+            return refused(429, f"{STREAMS_PER_CLIENT} live views are open from this address already: close one")
         feed = LiveFeed(v, (lambda: overview_document(views)) if several else None)
+        streams[client] += 1   # counted from here; given back once, when the stream ends or is dropped unstarted
+        released = []
+
+        def release() -> None:
+            if not released:
+                released.append(True)
+                streams[client] -= 1
+                if streams[client] <= 0:
+                    del streams[client]
 
         async def stream():
-            yield "retry: 2000\n\n"
-            while not stopping() and not await request.is_disconnected():
-                # A new part goes out at once; the status (percentiles over the latency window) at most once a
-                # second, so a viewer costs the station the same at 2 parts/s or 20.
-                doc = feed.next(time.monotonic())
-                if doc:
-                    yield f"data: {json.dumps(doc)}\n\n"
-                # At most 2 views a second (the newest part wins), as fast as a person reads: a browser on the
-                # station's own 2 cores redrawing 10 times a second cost inspection 15% (benchmarks/page_overhead).
-                await asyncio.sleep(UPDATE_PERIOD_S)
+            try:
+                yield "retry: 2000\n\n"
+                while not stopping() and not await request.is_disconnected():
+                    # A new part goes out at once; the status (percentiles over the latency window) at most once a
+                    # second, so a viewer costs the station the same at 2 parts/s or 20.
+                    doc = feed.next(time.monotonic())
+                    if doc:
+                        yield f"data: {json.dumps(doc)}\n\n"
+                    # At most 2 views a second (the newest part wins), as fast as a person reads: a browser on the
+                    # station's own 2 cores redrawing 10 times a second cost inspection 15% (benchmarks/page_overhead).
+                    await asyncio.sleep(UPDATE_PERIOD_S)
+            finally:
+                release()
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
+        body = stream()
+        # A client gone before its stream started never runs the generator's finally: the object's end releases.
+        weakref.finalize(body, release)
+
+        return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ---- login -----------------------------------------------------------------------------------------------

@@ -69,3 +69,48 @@ def test_idle_sockets_beyond_the_limit_are_closed_and_idle_ones_time_out(page):
     assert conn.getresponse().status == 200
     for s in socks + [drip]:
         s.close()
+
+
+def test_one_address_holds_a_bounded_number_of_live_views(tmp_path, monkeypatch):
+    """Probe 104's note: each live view holds one of the page's sockets while open; one host opening as many as the
+    page holds locked every operator out. Past STREAMS_PER_CLIENT from one address: 429 at once; a closed view
+    gives its place back."""
+    from edge_runtime.operator_page import app as page_app
+
+    from edge_runtime.http_endpoint import StationStatus
+
+    monkeypatch.setattr(page_app, "STREAMS_PER_CLIENT", 3)
+    status = StationStatus(state="ready", bundle_id="x", uptime_s=1.0)
+    line = SimpleNamespace(name=None, recipes=None, rollout=None, status=lambda: status, pipeline=None,
+                           cfg=SimpleNamespace(bundle=str(tmp_path / "bundle"), state_dir=None))
+    p = OperatorPage(PageConfig(enabled=True, port=0), [None])
+    p.attach([line])
+    p.start()
+
+    def open_view():
+        conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=5)
+        conn.request("GET", "/events", headers={"Host": "127.0.0.1"})
+        r = conn.getresponse()
+        if r.status == 200:
+            assert r.read1(100).startswith(b"retry:")
+        return conn, r
+
+    try:
+        views = [open_view() for _ in range(3)]
+        assert [r.status for _, r in views] == [200, 200, 200]
+        conn, r = open_view()
+        assert r.status == 429 and b"3 live views are open from this address" in r.read()
+        conn.close()
+        views[0][0].close()
+        deadline = time.monotonic() + 10
+        while True:
+            conn, r = open_view()
+            if r.status == 200 or time.monotonic() > deadline:
+                break
+            conn.close()
+            time.sleep(0.2)
+        assert r.status == 200, "a closed view gave its place back"
+        for c, _ in views[1:] + [(conn, r)]:
+            c.close()
+    finally:
+        p.stop()
