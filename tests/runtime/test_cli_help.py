@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,11 @@ def _default_text(default) -> list[str]:
     return [f"default: {default}"]
 
 
+def _states(help_text: str, default) -> bool:
+    """Whether the help states `default` as a whole value: 'default: 16' does not state a default of 1."""
+    return any(re.search(re.escape(t) + r"(?!\w|\.\d)", help_text) for t in _default_text(default))
+
+
 COMMANDS = {"edge-runtime": runtime_cli.main, "edge-bench": bench_mod.main, "edge-export": export_cli.main}
 
 
@@ -66,7 +72,7 @@ def _problems(parser: argparse.ArgumentParser, command: str) -> tuple[int, list[
         elif action.default is None:
             if "default: " not in help_text:
                 problems.append(f"{where} {name}: no 'default: ...' for an option that defaults to unset")
-        elif not any(t in help_text for t in _default_text(action.default)):
+        elif not _states(help_text, action.default):
             problems.append(f"{where} {name}: help does not state its default {action.default!r}")
     return checked, problems
 
@@ -174,11 +180,13 @@ def test_the_helper_catches_a_missing_default(monkeypatch):
         s.add_argument("--fast", action="store_true", help="go fast")
         s.add_argument("--out", required=True, help="where")
         s.add_argument("--ef", type=int)
+        s.add_argument("--step", type=int, default=1, help="walk step (default: 16)")       # probe 107: a prefix
+        s.add_argument("--ratio", type=float, default=0.1, help="share (default: 0.15)")
         p.parse_args(argv)
 
     checked, problems = _problems(_capture_parser(bad_main, monkeypatch), "bad")
-    assert checked == 5 and [x.split(":")[0] for x in problems] == [
-        "bad go --knn", "bad go --fast", "bad go --out", "bad go --ef"], problems
+    assert checked == 7 and [x.split(":")[0] for x in problems] == [
+        "bad go --knn", "bad go --fast", "bad go --out", "bad go --ef", "bad go --step", "bad go --ratio"], problems
 
 
 def test_fit_help_documents_the_device_to_int8_mapping(capsys):
