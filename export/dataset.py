@@ -57,6 +57,12 @@ def unique_images(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]
     return kept, repeats
 
 
+def _missing_folder(path: Path, what: str) -> str:
+    """Why `path` is no folder: a file given for it is named as such (probe 107: `fit part.png` said "data
+    directory does not exist", which sends a user looking for a typo in a path that is there)."""
+    return f"is a file, not a folder (the {what})" if path.exists() else f"{what} does not exist"
+
+
 def _subfolders_with_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and list_images(p))
 
@@ -65,7 +71,7 @@ def training_layout(data_dir: Path) -> tuple[str, Path]:
     """('benchmark' | 'flat', the folder holding the good images). Raises DatasetError naming what was expected."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DatasetError(f"{data_dir}: data directory does not exist")
+        raise DatasetError(f"{data_dir}: {_missing_folder(data_dir, 'data directory')}")
     good = data_dir / "train" / "good"
     if good.is_dir():
         return "benchmark", good
@@ -108,7 +114,8 @@ def calibration_defects_by_type(folder: Path) -> dict[str, list[Path]]:
     (a calibration defect that is a good part would pull the threshold below good parts)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DatasetError(f"{folder}: calibration defects folder does not exist. Expected {DEFECT_LAYOUT}")
+        raise DatasetError(f"{folder}: {_missing_folder(folder, 'calibration defects folder')}. "
+                           f"Expected {DEFECT_LAYOUT}")
     found: dict[str, list[Path]] = {}
     if list_images(folder):
         found[UNTYPED] = list_images(folder)
@@ -220,7 +227,7 @@ def evaluation_images(good: Path, defects: Path) -> list[TestImage]:
     No masks (no pixel AUROC). Raises DatasetError for a missing or empty folder."""
     good = Path(good)
     if not good.is_dir():
-        raise DatasetError(f"{good}: folder of good images to evaluate does not exist")
+        raise DatasetError(f"{good}: {_missing_folder(good, 'folder of good images to evaluate')}")
     goods = list_images(good)
     if not goods:
         raise DatasetError(f"{good}: no images (expected good parts directly in this folder)")
