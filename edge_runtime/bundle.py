@@ -525,7 +525,11 @@ def staging_dir(out: Path) -> Path:
     file system, so the move is a rename."""
     target = Path(out).resolve()
     stage = target.parent / f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(3)}"
-    stage.mkdir(parents=True)
+    try:
+        stage.mkdir(parents=True)
+    except OSError as exc:   # probe 107: the error named only the hidden staging folder, never the --out given
+        raise OSError(f"{out}: cannot write a bundle there: no new folder can be made in {target.parent} "
+                      f"({exc.strerror or exc})") from None
     return stage
 
 
