@@ -12,6 +12,8 @@ from edge_runtime.geometry import DEFAULT_PIXELS, DEFAULT_RESAMPLE, RESAMPLE_MET
 from export.calibration import DEFAULT_MAX_FALSE_REJECT
 from edge_runtime.nn_search import HnswParams
 
+MAX_SEED = 2**32 - 1   # fit's --seed: a seed every generator it feeds takes (hnswlib refuses a negative one)
+
 
 def _size(text: str) -> tuple[int, int]:
     try:
@@ -46,8 +48,9 @@ def _number(kind: type, low: float | None = None, high: float | None = None, *, 
         ok = value == value and (low is None or (value > low if low_open else value >= low)) \
             and (high is None or (value < high if high_open else value <= high))
         if not ok:
-            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+            fmt = "d" if kind is int else "g"
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low:{fmt}}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high:{fmt}}"
             extra = "".join(f" or {a}" for a in also)
             raise argparse.ArgumentTypeError(f"must be {' and '.join(x for x in (lo, hi) if x)}{extra}, got {text}")
         return value
@@ -155,18 +158,32 @@ def _recalibrate(a: argparse.Namespace) -> int:
 def _ef(text: str) -> int:
     from edge_runtime.nn_search import EF_MAX
 
-    value = int(text)
+    value = _integer(text)
     if not 1 <= value <= EF_MAX:
         raise argparse.ArgumentTypeError(f"must be 1-{EF_MAX}, got {text}")
     return value
 
 
 def _ef_or_auto(text: str) -> int | str:
-    return "auto" if text == "auto" else _ef(text)
+    if text == "auto":
+        return "auto"
+    try:
+        int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {text!r}") from None
+    return _ef(text)
+
+
+def _integer(text: str) -> int:
+    """int(text) with argparse's own message: a bare ValueError read 'invalid _ef value' (probe 107)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def _seed_step(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 0 or value == 1:
         raise argparse.ArgumentTypeError(f"must be 0 (off) or >= 2, got {text}")
     return value
@@ -310,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                         "contrast, as torchvision and anomalib feed these weights. Measured: imagenet raises bottle "
                         "pixel AUROC 0.983 -> 0.987 but drops magnetic tile image AUROC 0.959 -> 0.906: compare "
                         "both with `evaluate` on your calibration defects (default: native)")
-    f.add_argument("--seed", type=int, default=0, help="random seed of coreset, projection and folds (default: 0)")
+    # Probe 107: --seed -1 ran the whole fit, then hnswlib's index build raised a TypeError traceback.
+    f.add_argument("--seed", type=_number(int, 0, MAX_SEED), default=0,
+                   help=f"random seed of coreset, projection and folds, 0-{MAX_SEED} (default: 0)")
     f.add_argument("--projection-dim", type=_number(int, 1), default=None,
                    help="random projection of patch features to fewer dimensions (default: none)")
     f.add_argument("--cross-fit-folds", type=_number(int, 2, 50, also=(0,)), default=5,
@@ -385,8 +404,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="station file whose 'device:' key picks the INT8 target like --device (default: none)")
     f.add_argument("--product", default=None, help="product name stored in the manifest; stations with "
                    "security.product refuse other products (default: the name of DATA_DIR)")
-    f.add_argument("--bundle-version", type=int, default=None, help="monotonic integer release number; stations "
-                   "refuse a lower one than they have loaded (default: UTC seconds since the epoch at fit time)")
+    # Probe 107: --bundle-version -5 was refused only by the load after the whole fit, the bundle left in --out.
+    f.add_argument("--bundle-version", type=_number(int, 0, 2**63 - 1), default=None,
+                   help="monotonic integer release number, 0 or more; stations refuse a lower one than they have "
+                        "loaded (default: UTC seconds since the epoch at fit time)")
     f.set_defaults(func=_fit)
 
     rc = sub.add_parser("recalibrate", help="new thresholds for a bundle without refitting (defects, target, review band)",
@@ -432,7 +453,11 @@ def main(argv: list[str] | None = None) -> int:
                         "manifest's)")
     e.add_argument("--ef-seeded", type=_ef, default=None,
                    help="override the manifest's search width of a seeded patch (default: the manifest's)")
-    e.add_argument("--threads", type=int, default=2, help="onnxruntime and search threads (default: 2)")
+    from edge_runtime.cli import _threads   # 1-256, as check's (probe 107: 0, -3 and 999999 were taken)
+    from edge_runtime.lines_config import MAX_THREADS
+
+    e.add_argument("--threads", type=_threads, default=2,
+                   help=f"onnxruntime and search threads, 1-{MAX_THREADS} (default: 2)")
     e.add_argument("--size-policy", choices=["refuse", "resize", "letterbox"], default=None,
                    help="override the bundle's size policy for test images of another size (default: the bundle's)")
     e.set_defaults(func=_evaluate)
@@ -474,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                         "refused if the folder holds anything the demo did not write")
     d.set_defaults(func=_demo)
 
-    a = p.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else list(argv), ("--roi",)))
+    a = p.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else list(argv), ("--roi", "--input-size")))
     from edge_runtime.bundle import BundleError
     from edge_runtime.features import FeatureError
     from export.dataset import DatasetError
@@ -487,6 +512,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, BundleError, FeatureError, OSError, ValueError) as exc:   # OSError: a read-only disk
         print(f"edge-export: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Probe 107: Ctrl-C printed a KeyboardInterrupt traceback. The staging folder is already removed (a
+        # bundle reaches --out only whole), so one line says so.
+        out = f"; nothing half-written is left in {a.out}" if getattr(a, "out", None) else ""
+        print(f"edge-export: {a.command}: stopped (Ctrl-C){out}", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, before)

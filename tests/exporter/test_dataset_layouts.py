@@ -100,6 +100,45 @@ def test_fit_cli_refuses_a_bad_layout_with_the_reason(tmp_path, capsys):
             "Expected layout: a flat folder of good images") in capsys.readouterr().err
 
 
+def test_a_file_given_for_a_folder_is_named_as_a_file(tmp_path, capsys):
+    """Probe 107: `fit part.png` said 'data directory does not exist' of a file that is there."""
+    part = _images(tmp_path / "g", 1)[0]
+    assert export_main(["fit", str(part), "--out", str(tmp_path / "b")]) == 2
+    assert f"edge-export: error: {part}: is a file, not a folder (the data directory)" in capsys.readouterr().err
+    with pytest.raises(DatasetError, match="img_000.png: is a file, not a folder \\(the calibration defects folder\\)"):
+        calibration_images(part)
+    with pytest.raises(DatasetError, match="img_000.png: is a file, not a folder \\(the folder of good images to"):
+        evaluation_images(part, tmp_path / "g")
+    assert export_main(["fit", str(tmp_path / "gone"), "--out", str(tmp_path / "b")]) == 2
+    assert "gone: data directory does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    # Probe 107: --seed -1 ran the whole fit, then died in hnswlib with a TypeError traceback.
+    (["fit", "D", "--seed", "-1"], "argument --seed: must be >= 0 and <= 4294967295, got -1"),
+    # Probe 107: --bundle-version -5 was refused only after the fit, by the load of the bundle left in --out.
+    (["fit", "D", "--bundle-version", "-5"], "argument --bundle-version: must be >= 0 and <= 9223372036854775807"),
+    # Probe 107: evaluate took --threads 0, -3 and 999999, which the station and check refuse.
+    (["evaluate", "B", "D", "--json", "j", "--threads", "0"], "argument --threads: must be 1-256, got 0"),
+    (["evaluate", "B", "D", "--json", "j", "--threads", "999999"], "argument --threads: must be 1-256, got 999999"),
+    # Probe 107: 'invalid _ef value' named a function, not what was expected.
+    (["fit", "D", "--ef", "abc"], "argument --ef: expected an integer, got 'abc'"),
+    (["fit", "D", "--ef-seeded", "wide"], "argument --ef-seeded: expected auto or an integer, got 'wide'"),
+    (["evaluate", "B", "D", "--json", "j", "--seed-step", "1.5"], "argument --seed-step: expected an integer"),
+    # Probe 107: a negative size read as an option: 'expected one argument'.
+    (["fit", "D", "--input-size", "-32x32"], "argument --input-size: input size -32x32: both sides must be"),
+])
+def test_odd_values_are_refused_naming_the_option_before_any_work(args, message, tmp_path, capsys):
+    argv = [a if a not in ("B", "D", "j") else str(tmp_path / a) for a in args]
+    if args[0] == "fit":
+        argv += ["--out", str(tmp_path / "b")]
+    with pytest.raises(SystemExit) as stop:
+        export_main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_device_names_match_the_station_schema():
     assert set(DEVICE_INT8_TARGET) == set(typing.get_args(Device))
     from export.onnx_export import INT8_TARGETS

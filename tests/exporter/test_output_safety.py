@@ -124,6 +124,34 @@ def test_a_stopped_fit_leaves_no_staging_folder(synthetic_dataset, tmp_path):
     assert leftovers(tmp_path) == [] and not (tmp_path / "b").exists()
 
 
+def test_ctrl_c_stops_a_fit_with_one_line_and_leaves_nothing(synthetic_dataset, tmp_path):
+    """Probe 107: Ctrl-C mid-fit printed a KeyboardInterrupt traceback (exit -2)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "export.cli", "fit", str(synthetic_dataset), "--out",
+                             str(tmp_path / "b")], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not leftovers(tmp_path) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)                                      # until it has made its staging folder
+    assert leftovers(tmp_path), "the fit never started writing"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 128 + signal.SIGINT
+    err = proc.stderr.read()
+    assert "Traceback" not in err and err.splitlines()[-1] == (
+        f"edge-export: fit: stopped (Ctrl-C); nothing half-written is left in {tmp_path / 'b'}")
+    assert leftovers(tmp_path) == [] and not (tmp_path / "b").exists()
+
+
+def test_an_out_no_folder_can_be_made_in_is_named_as_given(synthetic_dataset, tmp_path, capsys):
+    """Probe 107: the error named only the hidden staging folder ('.b.partial-<pid>-<hex>: Not a directory')."""
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    assert export_main(["fit", str(synthetic_dataset), "--out", str(afile / "b"), "--backbone", "lite0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"edge-export: error: {afile / 'b'}: cannot write a bundle there: no new folder can be made in "
+                   f"{afile} (Not a directory)")
+    assert leftovers(tmp_path) == []
+
+
 def test_a_fit_names_what_a_run_killed_outright_left_and_deletes_none_of_it(synthetic_dataset, tmp_path, capsys):
     data = tmp_path / "good"
     data.mkdir()
