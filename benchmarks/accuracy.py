@@ -111,7 +111,8 @@ def main() -> int:
     ap.add_argument("--keep-bundle", default=None, help="write the bundle here instead of a temp dir")
     ap.add_argument("--no-parity", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    a = ap.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(ap).parse_args()
     data_dir = Path(a.data_dir)
     result: dict = {"name": a.name, "data_dir": str(data_dir), "command": " ".join(sys.argv)}
     tmp = tempfile.TemporaryDirectory()

@@ -134,7 +134,8 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/accuracy_levers", help="where bundles are written (default: %(default)s)")
     ap.add_argument("--table", action="store_true", help="only print the table from the JSON")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results folder (default: %(default)s)")
-    a = ap.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(ap).parse_args()
     out = Path(a.out)
     path = out / "accuracy_levers.json"
     results = json.loads(path.read_text()) if path.exists() else {}

@@ -66,7 +66,8 @@ def main(argv=None) -> int:
                          "99th-percentile threshold bottle shipped with before the tail model (default: the bundle's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "adapt_bottle.json")
-    a = ap.parse_args(argv)
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(ap).parse_args(argv)
 
     from edge_runtime.bank_adapt import InputImage, prepare
 

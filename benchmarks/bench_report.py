@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import resource
 import shlex
 import sys
@@ -127,6 +128,36 @@ def interleaved_median_ms(fns: list, n: int) -> list[float]:
             fn()
             t.append(time.perf_counter() - t0)
     return [float(np.median(t) * 1000.0) for t in times]
+
+
+def state_defaults(parser):
+    """`parser` with every option's help ending in what it defaults to, where the help does not say so already:
+    "(default: X)", "(default: off|on)" for a flag, "(required)" (the rule of every command here: a new user
+    reads --help before the README). Call it on the finished parser, before parse_args."""
+    import argparse
+
+    for action in parser._actions:
+        if (not action.option_strings or action.help == argparse.SUPPRESS
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            continue
+        text = (action.help or "").replace("%(default)s", str(action.default))
+        if action.required:
+            extra = "" if "required" in text else "(required)"
+        elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            on = action.default is True
+            extra = "" if ("default: off" in text or "default: on" in text) else f"(default: {'on' if on else 'off'})"
+        elif re.search(r"\bdefault\b", text, re.I):   # "(default 16)", "default: off", "by default ..."
+            extra = ""
+        elif action.default is None:
+            extra = "(default: none)"
+        elif isinstance(action.default, (list, tuple)):
+            extra = f"(default: {' '.join(map(str, action.default)) or 'none'})"
+        else:
+            extra = f"(default: {action.default})"
+        if extra:   # the help is an argparse format string (%(default)s, %%): only the added words are escaped
+            extra = extra.replace("%", "%%")
+            action.help = f"{action.help} {extra}" if action.help else extra
+    return parser
 
 
 def add_results_option(p) -> None:

@@ -85,7 +85,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2, help="rounds, bundles alternating (default 2)")
     p.add_argument("--threads", type=int, default=2, help="inference threads (default 2)")
     add_results_option(p)
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
 
     w, h = a.size
     data = enlarge(a.data, a.work / f"{a.data.name}_{w}x{h}", a.size)

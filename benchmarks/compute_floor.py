@@ -229,7 +229,8 @@ def main() -> int:
     p.add_argument("--frames", type=int, default=83, help="timed frames per engine (default 83)")
     p.add_argument("--profile-runs", type=int, default=40, help="extractor runs under the profiler per model (default 40)")
     add_results_option(p)
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     ensure_bundle(a.bundle, a.data)
     bundle = Bundle.load(a.bundle)
     geom = bundle.geometry

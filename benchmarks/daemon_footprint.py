@@ -154,7 +154,8 @@ def main() -> int:
     p.add_argument("--frames", type=int, default=40, help="frames inspected before the steady-state reading (default 40)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime and HNSW search threads (default 2)")
     add_results_option(p)
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     bundle = ensure_bundle(a.bundle or DEFAULT_BUNDLE, a.data)
     manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
 

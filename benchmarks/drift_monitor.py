@@ -149,7 +149,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="inference threads (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and the streams (default: 0)")
     add_results_option(p)
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
 
     load = LoadMonitor()
     logging.getLogger("edge_runtime.drift_monitor").setLevel(logging.ERROR)   # one warning per simulated stream

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="inference threads (default: 2)")
     ap.add_argument("--name", default=None, help="result name suffix (default: none)")
     add_results_option(ap)
-    a = ap.parse_args(argv)
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(ap).parse_args(argv)
 
     names = ("before", "after")
     bundles = {"before": Bundle.load(a.before), "after": Bundle.load(a.after)}

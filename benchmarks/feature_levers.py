@@ -326,7 +326,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="run only rows whose name starts with this (default: all)")
     ap.add_argument("--table", action="store_true", help="print the table from the JSON and exit (default: off)")
-    a = ap.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(ap).parse_args()
     path = OUT.with_suffix(".json")
     results = json.loads(path.read_text()) if path.exists() else {}
     if not a.table:

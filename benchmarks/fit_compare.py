@@ -52,7 +52,8 @@ def main() -> int:
                         "instead of the manifests' fit.cpu_seconds, which older bundles lack (default: none)")
     p.add_argument("--name", default="fit_compare", help="results file stem (default fit_compare)")
     add_results_option(p)
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     monitor = LoadMonitor()
     runs = {"before": summary(a.before, a.eval[0] if a.eval else None),
             "after": summary(a.after, a.eval[1] if a.eval else None)}

@@ -75,7 +75,8 @@ def main() -> int:
                    help="where the fitted bundles go (default /tmp/bench_bundles/fit_scaling)")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     add_results_option(p)
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     try:
         input_size = parse_size(a.input_size) if a.input_size else None
     except ValueError as exc:

@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the frames (default 5)")
     p.add_argument("--threads", type=int, default=2, help="hnswlib query threads (default 2)")
     add_results_option(p)
-    a = p.parse_args(argv)
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args(argv)
 
     a.work_dir.mkdir(parents=True, exist_ok=True)
     q, info = queries(a.bundle, a.data, a.frames)

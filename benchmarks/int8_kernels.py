@@ -108,14 +108,15 @@ def main() -> int:
     ap.add_argument("--bundle", action="append", required=True, metavar="LABEL=DIR",
                     help="a bundle to run, labelled (e.g. x86-avx2=/tmp/b); repeat for each (required)")
     ap.add_argument("--images", type=Path, default=BOTTLE / "test",
-                    help="test folder with good/ and one folder per defect type (default: shared bottle test set)")
+                    help="test folder with good/ and one folder per defect type (default: ../shared/data/mvtec_ad/bottle/test)")
     ap.add_argument("--cpu", default="Haswell",
                     help="qemu CPU model for the other kind of CPU (default: Haswell: AVX2 and FMA, no AVX-512, no VNNI)")
     ap.add_argument("--via", choices=["qemu", "mask"], default="qemu",
                     help="how the other CPU is had: qemu emulation or the CPUID mask on this CPU (default: qemu)")
     ap.add_argument("--name", default=None, help="results file name (default: int8_kernels, int8_kernels_mask)")
     add_results_option(ap)
-    a = ap.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(ap).parse_args()
     if a.via == "qemu" and shutil.which("qemu-x86_64") is None:
         raise SystemExit("qemu-x86_64 not found: apt-get install -y qemu-user")
     name = a.name or ("int8_kernels" if a.via == "qemu" else "int8_kernels_mask")

@@ -36,7 +36,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=30, help="timed calls per case, interleaved (default: 30)")
     p.add_argument("--out", type=Path, default=RESULTS / "jpeg_decode.json",
                    help="JSON written here (default: benchmarks/results/jpeg_decode.json)")
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     paths = sorted(a.images.glob("*.png"))[:1]
     if not paths:
         p.error(f"--images {a.images}: no PNG images")

@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="interleaved runs with and without MQTT (default 2)")
     p.add_argument("--records", type=int, default=3000, help="records for the throughput part (default 3000)")
     add_results_option(p)
-    args = p.parse_args(argv)
+    from bench_report import state_defaults   # every option's help states its default
+    args = state_defaults(p).parse_args(argv)
     if args.two_lines:
         return main_two_lines(args)
     if args.bundle is None:

@@ -61,7 +61,7 @@ def main() -> int:
     ap.add_argument("--bundle", action="append", required=True, metavar="LABEL=DIR",
                     help="bundle to time, labelled (repeat for each; required)")
     ap.add_argument("--images", type=Path, default=BOTTLE / "test",
-                    help="images cycled as raw frames (default: the shared bottle test set)")
+                    help="images cycled as raw frames (default: ../shared/data/mvtec_ad/bottle/test)")
     ap.add_argument("--frames", type=int, default=166, help="timed frames per edge-bench run (default: 166)")
     ap.add_argument("--precisions", default="int8",
                     help="bundle variants to time, comma-separated (default: int8); int8,fp32 shows which one an "
@@ -69,7 +69,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="runs per bundle and kind, alternating (default: 3)")
     ap.add_argument("--name", default="non_vnni_latency", help="results file name (default: non_vnni_latency)")
     add_results_option(ap)
-    a = ap.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(ap).parse_args()
     load = LoadMonitor()
     runs: dict = {}
     def sees(env: dict) -> dict:

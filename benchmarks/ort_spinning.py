@@ -80,7 +80,8 @@ def main() -> int:
                    help="idle ms between frames, like part spacing on a triggered line (default: 0.0, back to back)")
     p.add_argument("--name", default="ort_spinning", help="results file name (default: ort_spinning)")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     if a.child:
         print(json.dumps(child(a.bundle, a.images, a.frames, a.threads, a.child, a.gap_ms)))
         return 0

@@ -84,13 +84,14 @@ def measure(bundle: Path, n_lines: int, seconds: float, fps: float, work: Path) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bundle", default=str(DEVICE_BUNDLE), help="bundle every line runs (default: the device "
-                                                                  "test bundle, tests/fixtures/device_bundle)")
+    ap.add_argument("--bundle", default=str(DEVICE_BUNDLE), help="bundle every line runs, the device test bundle "
+                                                                  "(default: tests/fixtures/device_bundle)")
     ap.add_argument("--lines", default="1,2,4", help="station sizes to measure, comma-separated (default: 1,2,4)")
     ap.add_argument("--seconds", type=float, default=12.0, help="how long the stream is read (default: 12)")
     ap.add_argument("--fps", type=float, default=10.0, help="parts per second each line replays (default: 10)")
-    ap.add_argument("--out", default=str(RESULTS / "page_lines.json"), help="JSON written (default: results/page_lines.json)")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(RESULTS / "page_lines.json"), help="JSON written (default: benchmarks/results/page_lines.json)")
+    from bench_report import state_defaults   # every option's help states its default
+    args = state_defaults(ap).parse_args()
     load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(Path(args.bundle).resolve(), int(n), args.seconds, args.fps, Path(tmp))

@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks/results/page_overhead.json")
-    a = ap.parse_args(argv)
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(ap).parse_args(argv)
     results: dict[str, list[float]] = {m: [] for m in a.modes}
     per_round: dict[str, list[float]] = {m: [] for m in a.modes}
     page_cpu: dict[str, list[float]] = {m: [] for m in a.modes}

@@ -316,7 +316,8 @@ def main(argv=None) -> int:
     p.add_argument("--input-hw", type=_parse_hw, default=None, help=argparse.SUPPRESS)
     p.add_argument("--frame-hw", type=_parse_hw, default=None, help=argparse.SUPPRESS)
     add_results_option(p)
-    a = p.parse_args(argv)
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args(argv)
 
     if a.fit_anomalib is not None:   # the child: torch + anomalib, then exit
         out = a.work_dir / f"coreset{a.fit_anomalib:g}"

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="inference threads of each pipeline (default: 2)")
     ap.add_argument("--name", default=None, help="result name suffix (default: none)")
     add_results_option(ap)
-    a = ap.parse_args(argv)
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(ap).parse_args(argv)
 
     bundle = Bundle.load(a.bundle)
     pipes = {SETTINGS[0]: Pipeline(bundle, threads=a.threads),

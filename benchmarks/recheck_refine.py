@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="timed passes over the frames (default: 3)")
     ap.add_argument("--name", default=None, help="result name suffix (default: none)")
     add_results_option(ap)
-    a = ap.parse_args(argv)
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(ap).parse_args(argv)
 
     _, pipe, _, feats = bundle_features(a.bundle, a.images, a.frames, 2)
     search = pipe.search

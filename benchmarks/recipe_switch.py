@@ -76,7 +76,8 @@ def main() -> int:
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory (required)")
     p.add_argument("--switches", type=int, default=6, help="switches per mode (default: 6)")
     p.add_argument("--threads", type=int, default=2, help="inference threads (default: 2)")
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="recipe-switch-") as tmp:
         warm = measure(a.bundle.resolve(), Path(tmp), a.switches, True, a.threads)

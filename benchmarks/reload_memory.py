@@ -70,11 +70,12 @@ def main() -> int:
     p.add_argument("bundle", help="bundle directory to reload")
     p.add_argument("--reloads", type=int, default=30, help="reloads per mode (default: 30)")
     p.add_argument("--threads", type=int, default=4, help="inference.threads of the station (default: 4)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)} (default: all)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)} (default: {','.join(MODES)})")
     p.add_argument("--json", default="benchmarks/results/reload_memory.json", help="where to write the figures "
                    "(default: benchmarks/results/reload_memory.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     if a.child:
         print(json.dumps(child(a.bundle, a.reloads, a.threads, a.child == "trim")))
         return 0

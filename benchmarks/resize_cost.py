@@ -35,7 +35,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", type=int, default=256, help="model input width; height keeps the aspect (default: 256)")
     p.add_argument("--repeats", type=int, default=60, help="timed calls per case, interleaved (default: 60)")
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     rng = np.random.default_rng(0)
     rows = []
     load_before = load_average()

@@ -143,7 +143,8 @@ def main() -> int:
     add_results_option(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spin-probe", action="store_true", help=argparse.SUPPRESS)
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     if a.worker:
         worker(a)
         return 0

@@ -124,7 +124,8 @@ def main() -> int:
                    help="feed every engine decoded BGR arrays, as a camera delivers them (default: off, encoded PNG "
                         "bytes, decoded by each engine); results go to runtime_vs_reference_raw")
     add_results_option(p)
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     ensure_bundle(a.bundle, a.data)
     torch.set_num_threads(a.threads)
     bundle = Bundle.load(a.bundle)

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the patch-score grids are kept between runs (default /tmp/score_levers)")
     ap.add_argument("--name", default=None, help="result name suffix (default: none)")
     add_results_option(ap)
-    a = ap.parse_args(argv)
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(ap).parse_args(argv)
 
     bundles = dict(spec.split("=", 1) for spec in a.bundle)
     load = LoadMonitor()

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--knn", nargs="+", default=["hnsw", "hnswlib", "exact", "ivf"],
                    help="engines to load, one process each (default: hnsw hnswlib exact ivf)")
     add_results_option(p)
-    a = p.parse_args(argv)
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args(argv)
     mon = LoadMonitor()
     rows, data = [], {}
     for knn in a.knn:

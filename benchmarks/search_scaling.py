@@ -157,7 +157,8 @@ def main() -> int:
     p.add_argument("--onnx-cache", type=Path, default=Path("/tmp/bench_bundles/sizes"),
                    help="where part B's exported extractors are kept between runs (default /tmp/bench_bundles/sizes)")
     add_results_option(p)
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     try:
         sizes = [parse_size(t) for t in a.sizes.split(",")]
     except ValueError as exc:

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="result name suffix (default: the bundle folder's name)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="JSON folder (default: "
                     "benchmarks/results)")
-    a = ap.parse_args(argv)
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(ap).parse_args(argv)
 
     load_before = load_average()
     bundle, pipe, _, feats = bundle_features(a.bundle, a.images, a.frames, a.threads)

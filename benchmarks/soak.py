@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="keep the run's files here (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak.json",
                     help="JSON report (default benchmarks/results/soak.json)")
-    args = ap.parse_args(argv)
+    from bench_report import state_defaults   # every option's help states its default
+    args = state_defaults(ap).parse_args(argv)
     if args.window < 1 or args.frames < 2 * args.window or args.warmup >= args.frames:
         ap.error(f"--frames must be >= 2 x --window ({2 * args.window}: the first and last --window frames are "
                  "compared) and larger than --warmup; --window must be >= 1")

@@ -40,7 +40,8 @@ def main() -> int:
     p.add_argument("--gap-ms", type=int, default=150,
                    help="idle ms between frames for the spaced-parts settings (default 150)")
     add_results_option(p)
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     ensure_bundle(a.bundle, a.data)
     monitor = LoadMonitor()
     reports, loads = {}, {}

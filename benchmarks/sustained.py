@@ -36,7 +36,8 @@ def main() -> int:
                    help="workers part: a rate above what the line inspects (default: 100)")
     p.add_argument("--rounds", type=int, default=2, help="workers part: alternating rounds (default: 2)")
     add_results_option(p)
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     RESULTS = a.results_dir
     RESULTS.mkdir(parents=True, exist_ok=True)
     # The machine's speed in this window: back-to-back latency of the same bundle (the sustained figures read

@@ -68,7 +68,8 @@ def main() -> int:
                    help=f"which bundles, comma-separated (default {','.join(LAYOUTS)})")
     p.add_argument("--fit", choices=list(LAYOUTS), help=argparse.SUPPRESS)   # child: fit one layout
     add_results_option(p)
-    a = p.parse_args()
+    from bench_report import state_defaults   # every option's help states its default
+    a = state_defaults(p).parse_args()
     if a.fit:
         fit_layout(a.work, a.data, a.fit, a.coreset, a.folds)
         return 0
