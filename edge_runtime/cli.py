@@ -192,6 +192,22 @@ def check_sources_here(cfg) -> tuple[list[str], list[str]]:
     return missing, notes
 
 
+def check_providers_here(cfg) -> list[str]:
+    """inference.providers this machine's onnxruntime lacks (a CPU-only build on a Jetson): the daemon would stay
+    in FAULT at start naming them, so validate says so rather than 'valid'."""
+    import onnxruntime as ort
+
+    from edge_runtime.lines_config import line_station_configs
+
+    wanted = {p: None for _, c in line_station_configs(cfg) for p in (c.inference.providers or [])}
+    available = ort.get_available_providers()
+    absent = [p for p in wanted if p not in available]
+    if not absent:
+        return []
+    return [f"inference.providers: onnxruntime here has no {', '.join(absent)} (available: {', '.join(available)}); "
+            "install the onnxruntime build that has it (systemd/INSTALL.md, step 3)"]
+
+
 def _page_ready(cfg) -> None:
     """With page.enabled, the optional extra must be installed and the station key readable (as run needs)."""
     if not cfg.page.enabled:
@@ -237,7 +253,7 @@ def _validate(a: argparse.Namespace) -> int:
         for warning in getattr(out, "warnings", lambda: [])():
             print(f"warning: {a.config}: {where}.{warning}", file=sys.stderr)
     source_missing, source_notes = check_sources_here(cfg)
-    missing, notes = missing + source_missing, notes + source_notes
+    missing, notes = missing + source_missing + check_providers_here(cfg), notes + source_notes
     for note in notes + missing:    # not faults of the file: validate may run away from the station's bundle
         print(f"note: {a.config}: {note}")
     if missing:   # a valid file the daemon could not start on here: say so in the verdict and the exit status

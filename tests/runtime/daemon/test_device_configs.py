@@ -147,3 +147,21 @@ def test_shipped_gpio_gives_every_part_its_own_signal(board):
         assert log.on_record_failure in ("fault", "halt")
     for store in (o for o in cfg.outputs if isinstance(o, NgImageStoreConfig)):
         assert store.min_free_mb > 0
+
+
+def test_validate_says_a_provider_this_onnxruntime_lacks_is_not_ready_here(tmp_path, device_bundle, capsys,
+                                                                           monkeypatch):
+    # probe 109: the Jetson file with a CPU-only onnxruntime (INSTALL.md step 4's validate) said "valid", and the
+    # daemon then stayed in FAULT at start naming the provider.
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    (tmp_path / "images").mkdir()
+    path = write(tmp_path, {"bundle": str(device_bundle), "source": {"type": "folder", "path": "images"},
+                            "inference": {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}})
+    assert cli_main(["validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "inference.providers: onnxruntime here has no CUDAExecutionProvider" in out
+    assert f"{path}: valid, but not ready to run on this machine: 1 thing" in out
+    path.write_text(path.read_text().replace("- CUDAExecutionProvider\n", ""))
+    assert cli_main(["validate", str(path)]) == 0
