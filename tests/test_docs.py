@@ -2,6 +2,9 @@
 every device-only block (root, the real Pi, a camera) has a documented stand-in that runs in its place."""
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -69,3 +72,76 @@ def test_the_walk_through_runs_from_photos_to_a_validated_station(tmp_path):
     assert "Could not load library" not in log and "Traceback" not in log
     service = (work / "pi" / "service.yaml").read_text()   # init --service: writes only where the unit may
     assert "path: /var/log/edge-runtime/results.jsonl" in service
+
+
+# The commands README.md, systemd/INSTALL.md and this page show: each names a real subcommand and options it has
+# (probe 109: a newcomer copies them as written).
+COMMAND_DOCS = [REPO / "README.md", REPO / "systemd" / "INSTALL.md", DOC]
+FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+TOOLS = ("edge-runtime", "edge-export", "edge-bench")
+
+
+def documented_commands(text: str) -> list[tuple[str, list[str]]]:
+    commands = []
+    inline = [" ".join(span.split()) for span in      # `edge-bench --raw`; `edge-export` alone names the tool
+              re.findall(r"`((?:sudo )?edge-(?:runtime|export|bench)\s[^`]*)`", FENCE.sub("", text))]
+    for block in FENCE.findall(text) + inline:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#.*", "", line)                # a comment, not a word of the command
+            for part in re.split(r"&&|;|\$\(", line):
+                words = part.split()
+                while words and (words[0] == "sudo" or "=" in words[0]):   # sudo, VAR=value before the tool
+                    words = words[1:]
+                if words[:1] == ["-u"]:                                        # sudo -u USER
+                    words = words[2:]
+                if words and words[0].split("/")[-1] in TOOLS:
+                    commands.append((words[0].split("/")[-1], [w.strip("[]|'\"") for w in words[1:]]))
+    return commands
+
+
+def _parser_tree(main) -> argparse.ArgumentParser:
+    made: list[argparse.ArgumentParser] = []
+    original = argparse.ArgumentParser.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    argparse.ArgumentParser.__init__ = spy
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+            main(["--help"])
+    finally:
+        argparse.ArgumentParser.__init__ = original
+    return made[0]
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return {name: child for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+            for name, child in a.choices.items()}
+
+
+def test_every_documented_command_names_a_real_subcommand_and_options():
+    from edge_runtime import bench, cli as runtime_cli
+    from export import cli as export_cli
+
+    parsers = {"edge-runtime": _parser_tree(runtime_cli.main), "edge-export": _parser_tree(export_cli.main),
+               "edge-bench": _parser_tree(bench.main)}
+    seen, problems = set(), []
+    for doc in COMMAND_DOCS:
+        for tool, words in documented_commands(doc.read_text()):
+            parser, subs = parsers[tool], _subparsers(parsers[tool])
+            if subs:
+                if not words or words[0] not in subs:
+                    problems.append(f"{doc.name}: {tool} {' '.join(words[:1])}: no such subcommand")
+                    continue
+                parser = subs[words[0]]
+                seen.add((doc.name, f"{tool} {words[0]}"))
+            options = {o for a in parser._actions for o in a.option_strings}
+            for word in words:
+                option = word.split("=", 1)[0]
+                if option.startswith("--") and option not in options:
+                    problems.append(f"{doc.name}: {tool} {' '.join(words[:1])}: no option {option}")
+    assert not problems, problems
+    # README's "Run a station" shows how the station file it validates and runs is written.
+    assert {("README.md", c) for c in ("edge-runtime init", "edge-runtime validate", "edge-runtime run")} <= seen
