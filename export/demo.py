@@ -78,9 +78,9 @@ def run_demo(workdir: Path, fresh: bool = False) -> int:
               f"{r['normalized_score'] or 0:>5.2f} {r['latency_ms']['total']:>6.1f}")
     print(f"\n{agree}/{len(records)} verdicts match the expected label")
     stages = [k for k in records[0]["latency_ms"]] if records else []
-    print(f"\n{'stage':<11} {'p50 ms':>7} {'p95 ms':>7} {'max ms':>7}")
+    print(f"\n{'stage':<13} {'p50 ms':>7} {'p95 ms':>7} {'max ms':>7}")
     for s in stages:
         v = np.array([r["latency_ms"][s] for r in records if s in r["latency_ms"]])
-        print(f"{s:<11} {np.percentile(v, 50):>7.2f} {np.percentile(v, 95):>7.2f} {v.max():>7.2f}")
+        print(f"{s:<13} {np.percentile(v, 50):>7.2f} {np.percentile(v, 95):>7.2f} {v.max():>7.2f}")
     print(f"\nresult log: {log}\nNG images and heat maps: {workdir / 'ng_images'}\nbundle: {bundle}")
     return 0
