@@ -258,7 +258,8 @@ def _validate(a: argparse.Namespace) -> int:
         print(f"note: {a.config}: {note}")
     if missing:   # a valid file the daemon could not start on here: say so in the verdict and the exit status
         print(f"{a.config}: valid, but not ready to run on this machine: {len(missing)} thing"
-              f"{'s' if len(missing) > 1 else ''} it needs missing here (notes above)")
+              f"{'s' if len(missing) > 1 else ''} it needs missing here (the last "
+              f"{f'{len(missing)} notes' if len(missing) > 1 else 'note'} above)")
         return 1
     print(f"{a.config}: valid")
     return 0

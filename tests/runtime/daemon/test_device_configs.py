@@ -162,6 +162,6 @@ def test_validate_says_a_provider_this_onnxruntime_lacks_is_not_ready_here(tmp_p
     assert cli_main(["validate", str(path)]) == 1
     out = capsys.readouterr().out
     assert "inference.providers: onnxruntime here has no CUDAExecutionProvider" in out
-    assert f"{path}: valid, but not ready to run on this machine: 1 thing" in out
+    assert f"{path}: valid, but not ready to run on this machine: 1 thing it needs missing here (the last note above)" in out
     path.write_text(path.read_text().replace("- CUDAExecutionProvider\n", ""))
     assert cli_main(["validate", str(path)]) == 0
