@@ -200,7 +200,11 @@ class ExactSearch:
         return np.sqrt(np.maximum(best + q_sq, 0.0)), best_idx
 
     def distances(self, queries: np.ndarray) -> np.ndarray:
-        return self.nearest(queries)[0]
+        # The rows found, measured in the difference kernel: a real bank vector's distance, never below the nearest
+        # one whatever the expanded form's rounding (probe 110: one bank row 1e10 out moved the mean so far that
+        # every expanded distance cancelled to 0.0, and every part, defects too, scored 0: OK).
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        return upper_bounds(self.bank, q, self.nearest(q)[1])
 
     def prefix_lower(self, queries: np.ndarray) -> np.ndarray:
         """(b, n) squared prefix distances of each query to every bank vector: lower bounds of the full ones (up to
@@ -347,7 +351,9 @@ class OnnxExactSearch:
         return np.sqrt(np.maximum(d2, 0.0)), args[rows, best_chunk] + self.chunk_starts[best_chunk]
 
     def distances(self, queries: np.ndarray) -> np.ndarray:
-        return self.nearest(queries)[0]
+        # As ExactSearch.distances: the rows found, measured in the difference kernel (never below the nearest).
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        return upper_bounds(self.exact.bank, q, self.nearest(q)[1])
 
 
 class RecheckedSearch:

@@ -58,6 +58,17 @@ def test_brute_force_search_keeps_its_digits_for_a_bank_far_from_the_origin():
     assert np.allclose(d, ref.min(1), rtol=1e-5, atol=1e-4)
 
 
+
+def test_brute_force_distances_never_fall_below_the_nearest_row_with_one_row_far_out():
+    """Probe 110: one bank row 1e10 out moved the bank's mean so far that every expanded-form distance cancelled
+    to 0.0 (knn: exact scored every part, defects too, 0: OK). The distance is the found row's, measured as a
+    difference: never below the nearest."""
+    bank, queries = bank_and_queries(3, n=2000, q=50)
+    bank[7] = 1e10
+    ref = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1)).min(1)
+    d = ExactSearch(bank, chunk=1000).distances(queries)
+    assert np.all(d >= ref * (1 - 1e-5))
+
 def test_pruned_search_is_the_brute_force_answer_for_any_valid_bound(anisotropic):
     bank, queries = anisotropic()
     search = ExactSearch(bank)
