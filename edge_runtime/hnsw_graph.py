@@ -32,8 +32,8 @@ from typing import Callable
 
 import numpy as np
 
-from edge_runtime.nn_search import (ExactSearch, HnswParams, RecheckedSearch, exact_image_recheck, import_faiss,
-                                    single_threaded_blas)
+from edge_runtime.nn_search import (_F32_MAX, ExactSearch, HnswParams, RecheckedSearch, exact_image_recheck,
+                                    import_faiss, single_threaded_blas)
 
 # hnswlib's saved-index header (hnswalg.h saveIndex), as edge_runtime.bundle.check_index_file reads it.
 _HEADER = struct.Struct("<QQQQQQiIQQQdQ")
@@ -141,6 +141,11 @@ def read_hnsw_graph(raw: bytes, dim: int) -> HnswGraph:
     vectors = level0[:, data_off:label_off].view("<f4")[order]     # the one copy, in label order
     if not np.all(np.isfinite(vectors)):
         raise GraphError("the bank holds NaN or infinite values")
+    # Every float32 squared distance between bank rows (at most 4 max|b|^2) must be finite: a row so far out that
+    # one overflows aborted faiss's k-means (knn: ivf) with a C++ exception, which ends the process (probe 110).
+    if len(vectors) and 4.0 * float(np.square(vectors, dtype=np.float64).sum(axis=1).max()) >= _F32_MAX:
+        raise GraphError("the bank holds a vector too large for float32 distances (squared norm over "
+                         f"{_F32_MAX / 4:.3g})")
     return HnswGraph(vectors, lev + 1, offsets, neighbors, int(labels[entry]), int(max_level), int(m), int(max_m0))
 
 

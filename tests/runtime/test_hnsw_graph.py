@@ -69,6 +69,7 @@ def test_corrupt_graphs_are_refused_with_the_reason(tmp_path):
         "longer than maxM0": _patched(raw, first, "<I", 1000),
         "entry point": _patched(raw, 52, "<I", n + 1),                       # enterpoint_node (after 6 Q + i)
         "NaN": _patched(raw, first + data_off, "<f", float("nan")),
+        "too large for float32 distances": _patched(raw, first + data_off, "<f", 1e19),   # probe 110: faiss abort
         "marked deleted": _patched(raw, first + 2, "<B", 1),                  # hnswlib's DELETE_MARK byte
     }
     for reason, data in cases.items():
