@@ -269,6 +269,12 @@ class Pipeline:
                       else to_tensor(tiles))
             lap("preprocess")
             feats = self.extractor(tensor)
+            if not np.isfinite(feats).all():
+                # A broken model or input: a NaN reaches the searches as an empty argmin (a FAULT reading "internal
+                # error: ValueError") or as a NaN score (NG); the part is a FAULT that says what went wrong.
+                bad = int(feats.size - np.count_nonzero(np.isfinite(feats)))
+                raise FeatureError(f"{frame.source}: the features model gave {bad} non-finite value(s) (NaN or "
+                                   "inf): the model or its input is broken")
             lap("features")
             scores = patch_scores(self.search, feats)    # the maximum exact: the image score
             score = scoring.image_score(scores)

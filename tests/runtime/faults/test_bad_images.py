@@ -648,3 +648,26 @@ def test_a_deflate_tiff_strip_that_inflates_past_its_page_is_refused_without_inf
     with pytest.raises(ImageError, match=r"bomb\.tif: corrupt TIFF image data \(strip 1 of 1: inflates to more "
                                          r"than a 16x16 page holds\)"):
         decode_image(bytes(tiff) + bomb, "bomb.tif")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_features_that_are_not_finite_fault_the_part_saying_so(pipeline, part, monkeypatch, bad):
+    """Probe 110's loose end: a NaN from a broken model reached the graph search as an empty argmin (FAULT reading
+    'internal error: ValueError: attempt to get argmin of an empty sequence') or the exact one as a NaN score (NG).
+    Either way not an OK, but the reason named nothing; the part is a FAULT that says the features are broken."""
+    real = pipeline.extractor
+
+    class Broken:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, tensor):
+            feats = real(tensor)
+            feats[3, 7] = bad
+            return feats
+
+    monkeypatch.setattr(pipeline, "extractor", Broken())
+    ok, buf = cv2.imencode(".png", part)
+    result = pipeline.inspect(Frame(frame_id=1, source="cam/nan.png", encoded=buf.tobytes()))
+    assert result.verdict is Verdict.FAULT, result
+    assert "cam/nan.png: the features model gave 1 non-finite value(s) (NaN or inf)" in result.error
