@@ -521,16 +521,26 @@ class MqttOutput(Output):
         goodbye: list = []                # the offline state messages of a clean stop (paho MessageInfo)
         self._state_dirty.set()           # birth: the retained state says online as soon as we are connected
         session = self._session
+        acked: list[tuple[int, str]] = []   # acknowledged by the broker, not yet deleted from the outbox
         while self._connected:
             self._wake.clear()
-            acked = []
             while self._acks:
                 s, mid = self._acks.popleft()
                 if s == session and mid in inflight:
                     acked.append(inflight.pop(mid))
             if acked:
-                self.published += self.outbox.ack([seq for seq, _line in acked])
-                self._acknowledged([line for _seq, line in acked])
+                # A delete writes too (the WAL): on a full disk it fails. Keep them and delete them on the next
+                # turn; the error had killed the sender thread, nothing was published again until a restart while
+                # the retained state still said ready (probe 111).
+                try:
+                    self.published += self.outbox.ack([seq for seq, _line in acked])
+                except Exception as exc:  # noqa: BLE001 - sqlite3.Error: disk full, I/O error
+                    self.outbox_errors += 1
+                    self._note_error(f"outbox {cfg.outbox}: cannot delete {len(acked)} delivered records ({exc}); "
+                                     "retrying")
+                else:
+                    self._acknowledged([line for _seq, line in acked])
+                    acked = []
             if self._stop.is_set():
                 if stopping_at is None:
                     stopping_at = time.monotonic()

@@ -370,3 +370,33 @@ def test_an_outbox_queued_under_another_prefix_or_by_lines_is_not_published_as_t
     reopened.close()
     with pytest.raises(OutputError, match="its records belong to lines left of a multi-line station"):
         make_output(tmp_path, mb.free_port()).start()
+
+
+def test_a_delete_that_fails_on_a_full_disk_is_retried_and_the_sender_goes_on(tmp_path, broker):
+    # probe 111: the outbox's delete of an acknowledged record raised "database or disk is full" on the sender
+    # thread, which died: nothing was published again until a restart, the retained state still said ready.
+    import sqlite3
+    sub = mb.Subscriber(broker.port, [RESULT], persistent=False)
+    out = make_output(tmp_path, broker.port)
+    out.start()
+    try:
+        assert sub.wait_for(lambda s: out._connected)
+        real, failures = out.outbox.ack, [1]
+
+        def ack(seqs):
+            if failures:
+                failures.pop()
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(seqs)
+
+        out.outbox.ack = ack
+        out.publish(make_result(1))
+        assert sub.wait_for(lambda s: not failures and frame_ids(s) == [1])
+        for i in range(2, 6):
+            out.publish(make_result(i))
+        assert sub.wait_for(lambda s: frame_ids(s) == [1, 2, 3, 4, 5] and out.queued() == 0)
+        assert out._thread.is_alive() and out.counters()["mqtt_published"] == 5
+        assert out.counters()["mqtt_outbox_errors"] == 1
+    finally:
+        out.close()
+        sub.close()
