@@ -193,6 +193,7 @@ class MqttOutput(Output):
         self._writer: threading.Thread | None = None
         self._writer_stop = False
         self.pending_dropped = 0
+        self._front_dropped = 0           # records _enqueue dropped from the queue's front since the writer's batch
         self._last_bundle_id: str | None = None
         self.outbox_errors = 0
 
@@ -255,6 +256,7 @@ class MqttOutput(Output):
             if len(self._pending) >= self.cfg.outbox_max_records:   # the disk itself is stuck: bound the memory
                 self._pending.popleft()
                 self.pending_dropped += 1
+                self._front_dropped += 1
                 self._log_drop()
             self._pending.append((payload, time.time(), line))
             self._pending_cond.notify()
@@ -290,6 +292,7 @@ class MqttOutput(Output):
                 if not self._pending and self._writer_stop:
                     return
                 batch = list(self._pending)
+                self._front_dropped = 0
             try:
                 dropped = self.outbox.append_many(batch)
             except Exception as exc:  # noqa: BLE001 - sqlite3.Error (disk full, I/O error): keep them, retry
@@ -301,7 +304,12 @@ class MqttOutput(Output):
                     self._pending_cond.wait(1.0)
                 continue
             with self._pending_cond:
-                for _ in range(len(batch)):
+                # Records dropped from the queue's front during the commit were the batch's oldest, written all
+                # the same: remove only the rest of the batch, never the records queued after it (probe 111: three
+                # records queued during the commit on a full queue were removed unwritten, lost uncounted).
+                written = min(self._front_dropped, len(batch))
+                self.pending_dropped -= written
+                for _ in range(len(batch) - written):
                     self._pending.popleft()
             if dropped:
                 self._log_drop()

@@ -400,3 +400,38 @@ def test_a_delete_that_fails_on_a_full_disk_is_retried_and_the_sender_goes_on(tm
     finally:
         out.close()
         sub.close()
+
+
+def test_records_queued_while_a_commit_runs_on_a_full_memory_queue_are_not_lost(tmp_path):
+    # probe 111: with the outbox's disk stuck, the memory queue filled and each new record dropped the oldest, which
+    # the writer's batch held; when the commit then went through, the writer removed as many records from the
+    # queue's front as it had written: the new ones, never written, lost uncounted.
+    import sqlite3
+    port = mb.free_port()   # broker down: everything stays in the outbox
+    out = make_output(tmp_path, port, outbox_max_records=10)
+    out.start()
+    try:
+        real = out.outbox.append_many
+        entered, release, calls = threading.Event(), threading.Event(), []
+
+        def append_many(records):
+            calls.append(len(records))
+            if len(calls) == 1:
+                raise sqlite3.OperationalError("database or disk is full")
+            entered.set()
+            release.wait(10)
+            return real(records)
+
+        out.outbox.append_many = append_many
+        for i in range(10):
+            out.publish(make_result(i))
+        assert entered.wait(10)            # the writer commits its batch (frames 0..9) ...
+        for i in range(10, 13):
+            out.publish(make_result(i))    # ... while three more come: the queue is full, 0..2 go
+        release.set()
+        assert out.wait_committed(10)
+        queued = [json.loads(p)["frame_id"] for _s, _t, p, _l in out.outbox.peek(0, 100)]
+        assert queued == list(range(3, 13))
+        assert out.dropped == 3
+    finally:
+        out.close()
