@@ -366,7 +366,7 @@ class MqttOutput(Output):
 
     # -- the sender thread -------------------------------------------------------------------------------------
     def _run(self) -> None:
-        backoff = self.cfg.reconnect_min_s
+        backoff, failing = self.cfg.reconnect_min_s, False
         while not self._stop.is_set():
             client = None
             try:
@@ -374,8 +374,16 @@ class MqttOutput(Output):
             except Exception as exc:  # noqa: BLE001 - refused, DNS, TLS: wait and retry, never give up
                 self._note_error(f"connect failed: {exc}")
             if client is not None:
-                backoff = self.cfg.reconnect_min_s
-                self._serve(client)
+                try:
+                    self._serve(client)
+                    backoff, failing = self.cfg.reconnect_min_s, False
+                except Exception:  # noqa: BLE001 - sqlite3.Error reading the outbox (I/O error): had killed the
+                    # sender for good, the connection kept open saying ready (probe 111); drop it, reconnect after
+                    # the backoff (growing: not a traceback every half second while the disk stays broken)
+                    if not failing:
+                        log.exception("%s: sender failed; reconnecting", self.name)
+                    failing = True
+                    self.last_error = "sender failed"
                 self._teardown(client)
                 if self._stop.is_set():
                     return

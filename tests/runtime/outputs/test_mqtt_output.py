@@ -435,3 +435,30 @@ def test_records_queued_while_a_commit_runs_on_a_full_memory_queue_are_not_lost(
         assert out.dropped == 3
     finally:
         out.close()
+
+
+def test_an_outbox_read_error_drops_the_connection_and_the_sender_comes_back(tmp_path, broker):
+    # probe 111: "disk I/O error" reading the outbox killed the sender thread; its connection stayed up, the retained
+    # state said ready and no record was published again until a restart.
+    import sqlite3
+    sub = mb.Subscriber(broker.port, [RESULT], persistent=False)
+    out = make_output(tmp_path, broker.port)
+    out.start()
+    try:
+        assert sub.wait_for(lambda s: out._connected)
+        real, failures = out.outbox.peek, [1]
+
+        def peek(after, limit):
+            if failures:
+                failures.pop()
+                raise sqlite3.OperationalError("disk I/O error")
+            return real(after, limit)
+
+        out.outbox.peek = peek
+        for i in range(1, 4):
+            out.publish(make_result(i))
+        assert sub.wait_for(lambda s: frame_ids(s) == [1, 2, 3] and out.queued() == 0)
+        assert out._thread.is_alive() and not failures
+    finally:
+        out.close()
+        sub.close()
