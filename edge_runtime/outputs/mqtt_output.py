@@ -333,6 +333,9 @@ class MqttOutput(Output):
                 self._pending_cond.notify()
             self._writer.join(10.0)   # what publish() accepted is on disk before we stop
             self._writer = None
+            if self._pending:   # the outbox could not be written (disk full): these are lost, say so (probe 111)
+                log.error("%s: %d records could not be written to the outbox %s and are lost for the broker (the "
+                          "result log has them, if it could write)", self.name, len(self._pending), self.cfg.outbox)
         if self._thread is not None:
             self._stop.set()
             self._wake.set()

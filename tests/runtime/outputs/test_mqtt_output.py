@@ -462,3 +462,20 @@ def test_an_outbox_read_error_drops_the_connection_and_the_sender_comes_back(tmp
     finally:
         out.close()
         sub.close()
+
+
+def test_records_the_outbox_could_not_take_before_a_stop_are_reported_lost(tmp_path, caplog):
+    # probe 111: with the outbox's disk full, records waited in memory; a stop then dropped them without a word.
+    import sqlite3
+    out = make_output(tmp_path, mb.free_port(), close_timeout_s=0.1)
+    out.start()
+
+    def append_many(records):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    out.outbox.append_many = append_many
+    for i in range(3):
+        out.publish(make_result(i))
+    out.close()
+    assert any("3 records could not be written to the outbox" in r.getMessage() and r.levelname == "ERROR"
+               for r in caplog.records)
