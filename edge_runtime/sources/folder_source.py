@@ -203,10 +203,34 @@ def looks_complete(path: Path, size: int) -> bool:
                     return False
                 fh.seek(ifd)
                 (count,) = struct.unpack(end + "H", fh.read(2))
-                return ifd + 2 + 12 * count + 4 <= size
+                if ifd + 2 + 12 * count + 4 > size:
+                    return False
+                # The directory may come first (PIL and tifffile write it before the pixels): the strips must lie
+                # inside the file too (probe 112: an in-place TIFF paused half-written was read, FAULT, then OK).
+                return _tiff_data_end(fh, end, fh.read(12 * count)) <= size
     except (OSError, struct.error):
         return False
     return True
+
+
+def _tiff_data_end(fh, end: str, entries: bytes) -> int:
+    """The byte just past the last strip or tile the TIFF directory `entries` point at (0: none declared)."""
+    values: dict[int, tuple[int, ...]] = {}
+    for i in range(0, len(entries) - 11, 12):
+        tag, kind, n = struct.unpack(end + "HHI", entries[i:i + 8])
+        if tag not in (273, 279, 324, 325) or kind not in (3, 4):   # Strip/TileOffsets, Strip/TileByteCounts
+            continue
+        width = 2 if kind == 3 else 4
+        if n * width <= 4:
+            raw = entries[i + 8:i + 8 + n * width]
+        else:
+            fh.seek(struct.unpack(end + "I", entries[i + 8:i + 12])[0])
+            raw = fh.read(n * width)
+            if len(raw) < n * width:
+                return sys.maxsize   # the list itself lies past the end: not written yet
+        values[tag] = struct.unpack(f"{end}{n}{'H' if kind == 3 else 'I'}", raw)
+    offsets, counts = values.get(273) or values.get(324, ()), values.get(279) or values.get(325, ())
+    return max((at + n for at, n in zip(offsets, counts)), default=0)
 
 
 # ---- inotify (Linux), through ctypes -----------------------------------------------------------------------

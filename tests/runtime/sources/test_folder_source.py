@@ -157,6 +157,32 @@ def test_watch_reads_new_file_only_when_complete_and_stable(tmp_path):
     assert not src.exhausted            # a watched folder never runs out
 
 
+def test_watch_waits_for_a_tiff_whose_directory_comes_before_its_strips(tmp_path):
+    """PIL and tifffile write the TIFF directory first, then the pixels: a directory inside the file is not a
+    complete file (probe 112: an in-place TIFF, paused half-written, was inspected FAULT, then again OK)."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 80, 40)).save(buf, format="TIFF", tiffinfo={278: 16})   # 4 strips
+    data = buf.getvalue()
+    assert struct.unpack("<I", data[4:8])[0] == 8   # the directory right after the header
+    clock = FakeClock()
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.125),
+                       clock=clock, sleep=clock.sleep)
+    src.open()
+    partial = tmp_path / "part.tif"
+    write(partial, data[:len(data) // 2])
+    assert src.read(0.5) is None        # stable for four polls, but the last strips are not there yet
+    with partial.open("ab") as f:
+        f.write(data[len(data) // 2:])
+    clock.sleep(0.0625)
+    assert src.read(1.0).encoded == data
+    assert src.read(1.0) is None
+
+
 def test_watch_waits_for_empty_files_to_get_content(tmp_path):
     clock = FakeClock()
     src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.125),
