@@ -479,6 +479,7 @@ class FolderSource(FrameSource):
         self._not_files: set[str] = set()              # FIFOs, sockets, devices under image names; logged once
         self._handed: dict[str, tuple[int, float]] = {}  # name -> (inode, clock) of its last hand-over
         self._rewritten: set[str] = set()                # handed over again in place (same inode) since last read
+        self._handed_files: dict[_Signature, str] = {}   # signature -> name of recent hand-overs (_handed_as)
         # What the watch cost, for tests and diagnostics.
         self.listings = 0
         self.stats = 0
@@ -832,7 +833,7 @@ class FolderSource(FrameSource):
                     log.warning("folder source %s: %s still incomplete after %g s; handing it over to be faulted",
                                 escape_name(self.cfg.path), escape_name(name), self.cfg.incomplete_timeout_s)
                 del self._candidates[name]
-                if self._born_before_trigger(name, sig):
+                if self._born_before_trigger(name, sig) or self._handed_as(name, sig):
                     continue
                 ready.append((sig[1], name))
                 self._seen[name] = first_seen
@@ -865,6 +866,25 @@ class FolderSource(FrameSource):
                     "or linked in): an earlier image, never this part's; left out", escape_name(self.cfg.path),
                     escape_name(name), (self._cutoff_ns - born) / 1e9)
         return True
+
+    def _handed_as(self, name: str, sig: _Signature) -> bool:
+        """The same file (inode, size and mtime) already handed over under another name, then renamed or linked to
+        this one (a camera PC writing under a temporary name with an image extension): the same image, not a new
+        part; left out (journalled, counted, logged). Else noted. Probe 112: cam_0001_writing.png, renamed to
+        cam_0001.png after it was inspected, was inspected again: one image, two NG records, nothing logged."""
+        earlier = self._handed_files.get(sig)
+        if earlier is not None and earlier != name:
+            self._journal.add((name, sig[0], sig[1]))
+            self.skipped += 1
+            log.warning("folder source %s: %s is %s, already inspected under that name (renamed or linked after it "
+                        "was read): the same image, not a new part; left out. Write images under a temporary name "
+                        "the folder source ignores (name.png.tmp, .name.png) and rename them when complete",
+                        escape_name(self.cfg.path), escape_name(name), escape_name(earlier))
+            return True
+        self._handed_files[sig] = name
+        if len(self._handed_files) > 4096:   # bounded: the oldest go first
+            del self._handed_files[next(iter(self._handed_files))]
+        return False
 
     def _note_rewrite(self, name: str, sig: _Signature, now: float) -> None:
         """Warn when the same file (name and inode) is handed over again soon after: a new part to the line, but

@@ -183,6 +183,29 @@ def test_watch_waits_for_a_tiff_whose_directory_comes_before_its_strips(tmp_path
     assert src.read(1.0) is None
 
 
+@pytest.mark.parametrize("how", ["rename", "link"])
+def test_a_file_inspected_then_renamed_or_linked_to_another_image_name_is_not_a_new_part(tmp_path, how, caplog):
+    """A camera PC writing under a temporary name that has an image extension, then renaming it: the image is
+    inspected under the first name; the same file under the new name is no second part (probe 112: two NG records
+    for one image)."""
+    clock = FakeClock()
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.125),
+                       clock=clock, sleep=clock.sleep)
+    src.open()
+    write(tmp_path / "cam_0001_writing.png", png(b"PART1"))
+    assert Path(src.read(1.0).source).name == "cam_0001_writing.png"
+    if how == "rename":
+        os.rename(tmp_path / "cam_0001_writing.png", tmp_path / "cam_0001.png")
+    else:
+        os.link(tmp_path / "cam_0001_writing.png", tmp_path / "cam_0001.png")
+    with caplog.at_level(logging.WARNING):
+        assert src.read(1.0) is None
+    assert src.skipped == 1
+    assert "cam_0001.png is cam_0001_writing.png, already inspected" in caplog.text
+    write(tmp_path / "cam_0002.png", png(b"PART2"))                  # the next part is still a part
+    assert src.read(1.0).encoded == png(b"PART2")
+
+
 def test_watch_waits_for_empty_files_to_get_content(tmp_path):
     clock = FakeClock()
     src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.125),
