@@ -479,7 +479,8 @@ class FolderSource(FrameSource):
         self._not_files: set[str] = set()              # FIFOs, sockets, devices under image names; logged once
         self._handed: dict[str, tuple[int, float]] = {}  # name -> (inode, clock) of its last hand-over
         self._rewritten: set[str] = set()                # handed over again in place (same inode) since last read
-        self._handed_files: dict[_Signature, str] = {}   # signature -> name of recent hand-overs (_handed_as)
+        # signature -> (name, sample digest) of recent hand-overs (_handed_as)
+        self._handed_files: dict[_Signature, tuple[str, bytes | None]] = {}
         # What the watch cost, for tests and diagnostics.
         self.listings = 0
         self.stats = 0
@@ -872,8 +873,11 @@ class FolderSource(FrameSource):
         this one (a camera PC writing under a temporary name with an image extension): the same image, not a new
         part; left out (journalled, counted, logged). Else noted. Probe 112: cam_0001_writing.png, renamed to
         cam_0001.png after it was inspected, was inspected again: one image, two NG records, nothing logged."""
-        earlier = self._handed_files.get(sig)
-        if earlier is not None and earlier != name:
+        seen, digest = self._handed_files.get(sig), self._sample_digest(name)
+        # The content too: a deleted file's inode is reused, and copies that keep the camera's timestamps (FAT: 2 s)
+        # of fixed-size frames (BMP, raw) can match in size and mtime: a new part then, not the same image.
+        if seen is not None and seen[0] != name and digest is not None and digest == seen[1]:
+            earlier = seen[0]
             self._journal.add((name, sig[0], sig[1]))
             self.skipped += 1
             log.warning("folder source %s: %s is %s, already inspected under that name (renamed or linked after it "
@@ -881,10 +885,29 @@ class FolderSource(FrameSource):
                         "the folder source ignores (name.png.tmp, .name.png) and rename them when complete",
                         escape_name(self.cfg.path), escape_name(name), escape_name(earlier))
             return True
-        self._handed_files[sig] = name
+        self._handed_files[sig] = (name, digest)
         if len(self._handed_files) > 4096:   # bounded: the oldest go first
             del self._handed_files[next(iter(self._handed_files))]
         return False
+
+    def _sample_digest(self, name: str) -> bytes | None:
+        """A digest of the file's first and last 64 KiB (`_handed_as`): what tells two frames of one size and time
+        apart; None when it cannot be read (never taken as the same image)."""
+        try:
+            fd = os.open(self._root / name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            h = hashlib.blake2b(os.pread(fd, 1 << 16, 0), digest_size=16)
+            size = os.fstat(fd).st_size
+            h.update(os.pread(fd, 1 << 16, max(0, size - (1 << 16))))
+            return h.digest()
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def _note_rewrite(self, name: str, sig: _Signature, now: float) -> None:
         """Warn when the same file (name and inode) is handed over again soon after: a new part to the line, but

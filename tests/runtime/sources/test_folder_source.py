@@ -206,6 +206,22 @@ def test_a_file_inspected_then_renamed_or_linked_to_another_image_name_is_not_a_
     assert src.read(1.0).encoded == png(b"PART2")
 
 
+def test_a_new_file_that_matches_an_inspected_ones_size_time_and_inode_is_still_a_new_part(tmp_path, monkeypatch):
+    """The rename check (above) compares content too: a deleted file's inode is reused, and fixed-size frames copied
+    with the camera's own timestamps (FAT: 2 s) can match size, mtime and inode; such a file is a new part."""
+    clock = FakeClock()
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.125),
+                       clock=clock, sleep=clock.sleep)
+    monkeypatch.setattr(src, "_signature", lambda name: (os.stat(tmp_path / name).st_size, 10**18, 7)
+                        if (tmp_path / name).exists() else None)
+    src.open()
+    write(tmp_path / "cam_0001.png", png(b"PART1"))
+    assert src.read(1.0).encoded == png(b"PART1")
+    os.unlink(tmp_path / "cam_0001.png")
+    write(tmp_path / "cam_0002.png", png(b"PART2"))                   # same size, "same" time and inode
+    assert src.read(1.0).encoded == png(b"PART2") and src.skipped == 0
+
+
 def test_watch_waits_for_empty_files_to_get_content(tmp_path):
     clock = FakeClock()
     src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.125),
