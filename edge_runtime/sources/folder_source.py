@@ -477,6 +477,7 @@ class FolderSource(FrameSource):
         self._last_rescan = float("-inf")
         self._rejected: set[str] = set()               # resolve outside the folder; counted once
         self._not_files: set[str] = set()              # FIFOs, sockets, devices under image names; logged once
+        self._subfolders: set[str] = set()             # sub-folders seen (their images are not read); logged once
         self._handed: dict[str, tuple[int, float]] = {}  # name -> (inode, clock) of its last hand-over
         self._rewritten: set[str] = set()                # handed over again in place (same inode) since last read
         # signature -> (name, sample digest) of recent hand-overs (_handed_as)
@@ -774,6 +775,8 @@ class FolderSource(FrameSource):
             for name in names:
                 if self._wanted(name):
                     self._candidates.setdefault(name, (None, now))
+                else:
+                    self._note_subfolder(name, lambda: (self._root / name).is_dir())
         else:
             self._pause(wait)
             self._poll_folder()
@@ -983,13 +986,27 @@ class FolderSource(FrameSource):
     def _wanted(self, name: str) -> bool:
         return not is_temporary_name(name) and os.path.splitext(name)[1].lower() in self._extensions
 
+    def _note_subfolder(self, name: str, is_dir: Callable[[], bool]) -> None:
+        """Only images directly in the folder are parts: a camera PC that files them in dated sub-folders had every
+        part ignored without a word (probe 112). Each sub-folder is named once."""
+        if name not in self._subfolders and not is_temporary_name(name) and is_dir():
+            self._subfolders.add(name)
+            log.warning("folder source %s: %s is a sub-folder: its images are not read (only images directly in the "
+                        "folder are parts)", escape_name(self.cfg.path), escape_name(name))
+
     def _list_entries(self) -> dict[str, int]:
         """Wanted names in the folder -> inode (from the directory listing itself: no stat per file)."""
         assert self._root is not None
         self.listings += 1
         try:
             with os.scandir(self._root) as it:
-                return {e.name: e.inode() for e in it if self._wanted(e.name)}
+                entries = {}
+                for e in it:
+                    if self._wanted(e.name):
+                        entries[e.name] = e.inode()
+                    else:
+                        self._note_subfolder(e.name, e.is_dir)
+                return entries
         except OSError as exc:
             raise SourceError(f"folder source {escape_name(self.cfg.path)}: cannot list folder: {exc}") from exc
 

@@ -222,6 +222,23 @@ def test_a_new_file_that_matches_an_inspected_ones_size_time_and_inode_is_still_
     assert src.read(1.0).encoded == png(b"PART2") and src.skipped == 0
 
 
+def test_a_sub_folder_of_images_is_named_once_not_ignored_without_a_word(tmp_path, caplog):
+    """Probe 112: images filed in a dated sub-folder were never read and nothing said so (a free-running line
+    inspected nothing, silently). Only images directly in the folder are parts; a sub-folder is named once."""
+    clock = FakeClock()
+    src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.125),
+                       clock=clock, sleep=clock.sleep)
+    src.open()
+    (tmp_path / "2026-12-04").mkdir()
+    write(tmp_path / "2026-12-04" / "p.png", png(b"PART"))
+    (tmp_path / ".cache").mkdir()                                     # hidden: the writer's own, not named
+    with caplog.at_level(logging.WARNING):
+        assert src.read(1.0) is None
+        assert src.read(1.0) is None
+    said = [r.getMessage() for r in caplog.records if "sub-folder" in r.getMessage()]
+    assert len(said) == 1 and "2026-12-04 is a sub-folder: its images are not read" in said[0], said
+
+
 def test_watch_waits_for_empty_files_to_get_content(tmp_path):
     clock = FakeClock()
     src = FolderSource(FolderSourceConfig(path=str(tmp_path), mode="watch", poll_interval_s=0.125),
