@@ -37,7 +37,7 @@ from typing import Any, Callable, Literal
 from edge_runtime.outputs.base import OUTPUTS, Output, OutputError
 from edge_runtime.outputs.mqtt_outbox import Outbox
 from edge_runtime.outputs.result_log import encode_record
-from edge_runtime.records import InspectionResult
+from edge_runtime.records import InspectionResult, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ class MqttOutput(Output):
         self.pending_dropped = 0
         self._front_dropped = 0           # records _enqueue dropped from the queue's front since the writer's batch
         self._last_bundle_id: str | None = None
+        self._last_passed = False   # the last part published was OK (publish: the state follows a non-OK)
         self.outbox_errors = 0
 
     # -- wiring (the daemon) -----------------------------------------------------------------------------------
@@ -245,6 +246,12 @@ class MqttOutput(Output):
         if result.bundle_id != self._last_bundle_id:   # a switch or rollback: say so in the state at once
             self._last_bundle_id = result.bundle_id
             self._state_changed()
+        # A part that is not OK after an OK one: the retained state's last_verdict said OK for up to
+        # state_interval_s after it (probe 111's note); at once now, at most once per such change.
+        passed = result.verdict is Verdict.OK
+        if self._last_passed and not passed:
+            self._state_changed()
+        self._last_passed = passed
         self._enqueue(result, "")
 
     def _enqueue(self, result: InspectionResult, line: str) -> None:

@@ -479,3 +479,27 @@ def test_records_the_outbox_could_not_take_before_a_stop_are_reported_lost(tmp_p
     out.close()
     assert any("3 records could not be written to the outbox" in r.getMessage() and r.levelname == "ERROR"
                for r in caplog.records)
+
+
+def test_the_retained_state_follows_a_part_that_is_not_ok_after_an_ok_one(tmp_path, broker):
+    """Probe 111's note: after an OK part, a FAULT while the line stayed ready left the retained state's
+    last_verdict at OK for up to state_interval_s (60 s here); the state goes out at once on such a change."""
+    sub = mb.Subscriber(broker.port, [STATE], persistent=False)
+    status = {"bundle_id": "b1", "last_verdict": None}
+    out = make_output(tmp_path, broker.port)
+    out.bind_state(lambda: dict(status))
+    out.start()
+    try:
+        out.set_fault(None)
+        out.set_ready(True)
+        status["last_verdict"] = "OK"
+        out.publish(make_result(1, Verdict.OK))
+        out.set_fault("x")                            # any change: the state with last_verdict OK goes out
+        out.set_fault(None)
+        assert sub.wait_for(lambda s: any(json.loads(p).get("last_verdict") == "OK" for p in s.payloads(STATE)))
+        status["last_verdict"] = "FAULT"
+        out.publish(make_result(2, Verdict.FAULT))
+        assert sub.wait_for(lambda s: json.loads(s.payloads(STATE)[-1]).get("last_verdict") == "FAULT", timeout=5)
+    finally:
+        out.close()
+        sub.close()
