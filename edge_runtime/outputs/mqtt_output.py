@@ -149,6 +149,16 @@ def online_state(ready: bool, fault: str | None, provider: StateProvider | None,
     return msg
 
 
+def state_news(holder, result: InspectionResult) -> bool:
+    """Whether `result` changes what the retained state says, so it goes out at once rather than at the next
+    state_interval_s: a bundle switch or rollback, or a part that is not OK after an OK one (the state's
+    last_verdict said OK for up to state_interval_s after a FAULT, probe 111's note). `holder` keeps
+    _last_bundle_id and _last_passed."""
+    news = result.bundle_id != holder._last_bundle_id or (holder._last_passed and result.verdict is not Verdict.OK)
+    holder._last_bundle_id, holder._last_passed = result.bundle_id, result.verdict is Verdict.OK
+    return news
+
+
 @OUTPUTS.register(MqttConfig)
 class MqttOutput(Output):
     """Publishes records and state to a broker; see the module docstring. Never raises from publish() for a
@@ -243,15 +253,8 @@ class MqttOutput(Output):
         """Hand the record to the outbox writer (group commit: one fsync for all records waiting); returns at once."""
         if self.outbox is None:
             raise OutputError(f"{self.name}: not started")
-        if result.bundle_id != self._last_bundle_id:   # a switch or rollback: say so in the state at once
-            self._last_bundle_id = result.bundle_id
+        if state_news(self, result):
             self._state_changed()
-        # A part that is not OK after an OK one: the retained state's last_verdict said OK for up to
-        # state_interval_s after it (probe 111's note); at once now, at most once per such change.
-        passed = result.verdict is Verdict.OK
-        if self._last_passed and not passed:
-            self._state_changed()
-        self._last_passed = passed
         self._enqueue(result, "")
 
     def _enqueue(self, result: InspectionResult, line: str) -> None:

@@ -32,7 +32,8 @@ from typing import Any, Callable
 
 from edge_runtime.outputs.base import Output, OutputError
 from edge_runtime.safe_yaml import short_repr
-from edge_runtime.outputs.mqtt_output import CommandHandler, MqttConfig, MqttOutput, StateProvider, online_state
+from edge_runtime.outputs.mqtt_output import (CommandHandler, MqttConfig, MqttOutput, StateProvider, online_state,
+                                               state_news)
 from edge_runtime.records import InspectionResult
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class LineMqtt(Output):
         self._withdraw: Callable[[], None] | None = None   # the line's bus.trigger_accepted
         self._recipes = None
         self._last_bundle_id: str | None = None
+        self._last_passed = False   # the last part published was OK (state_news)
 
     # -- wiring: the Line binds these like on a single-line MqttOutput -----------------------------------------
     def bind_state(self, provider: StateProvider) -> None:
@@ -159,8 +161,7 @@ class LineMqtt(Output):
         self.station.acquire(self)
 
     def publish(self, result: InspectionResult) -> None:
-        if result.bundle_id != self._last_bundle_id:   # a switch or rollback: say so in the line's state at once
-            self._last_bundle_id = result.bundle_id
+        if state_news(self, result):   # a switch, or a part not OK after an OK one: the line's state at once
             self.station._state_changed()
         self.station._enqueue(result, self.line)
 
