@@ -10,6 +10,7 @@ frame looked like the end of the file and every later part went uninspected, unr
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -24,6 +25,14 @@ from edge_runtime.sources.camera_source import BACKENDS, CaptureFactory, Capture
 from edge_runtime.sources.frozen_frames import FrozenFrameCheck
 
 log = logging.getLogger(__name__)
+
+# FFmpeg conceals a damaged frame with the previous frame's pixels and reports nothing through OpenCV: an MJPEG
+# frame cut mid-data came out as its top half over the previous part's bottom half, a picture of no part (probe
+# 112). `discardcorrupt` drops a packet the demuxer marks corrupt instead. OpenCV reads this variable at each open;
+# options the environment already has (rtsp_transport;tcp) are kept, and so are its own fflags.
+_options = os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS", "")
+if "fflags" not in _options:
+    os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "|".join(filter(None, [_options, "fflags;discardcorrupt"]))
 
 # Failed reads in a row after which a file is taken to have ended (a damaged run this long ends it, logged).
 MAX_DAMAGED_RUN = 30
@@ -174,6 +183,7 @@ class VideoSource(FrameSource):
             self._frames_read += damaged
         if not ok and not self.is_stream:
             if not self.cfg.loop:
+                self._note_missing()
                 self._exhausted = True
                 self.close()
                 return None
@@ -187,6 +197,18 @@ class VideoSource(FrameSource):
         if not ok:
             raise SourceError(f"{self.name}: stream read failed (stream ended or stalled)")
         return self._frame(image)
+
+    def _note_missing(self) -> None:
+        """At the end of a file: frames its header counts that were never decoded (dropped as corrupt) are said,
+        once. A warning, not FAULT records: some containers only estimate the count (duration x fps)."""
+        try:
+            count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT)) if self._cap is not None else 0
+        except Exception:  # noqa: BLE001 - a backend without the property
+            return
+        read = self._frames_since_open + self.damaged_frames   # delivered, or FAULTed as damaged
+        if count > read:
+            log.warning("%s: the file's header counts %d frames, %d were read: %d dropped as corrupt or cut "
+                        "(no part was inspected for them)", self.name, count, read, count - read)
 
     def _frame(self, image: object) -> Frame:
         frame = Frame(frame_id=self._next_id, source=self.name, image=check_image(image, self.name))

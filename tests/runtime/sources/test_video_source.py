@@ -217,3 +217,31 @@ def test_stream_latency_is_validated_against_the_line_read_timeout(tmp_path):
     station.write_text("bundle: b\nsource: {type: video, path: 'rtsp://cam/1', latency_ms: 900}\n"
                        "recovery: {read_timeout_s: 1.5}\n")
     assert load_station(station).source.latency_ms == 900
+
+
+def test_a_frame_cut_mid_data_is_not_delivered_as_the_previous_frames_pixels(tmp_path, caplog):
+    """Probe 112: FFmpeg conceals a damaged frame with the previous frame's pixels and OpenCV reports nothing: an
+    MJPEG frame cut mid-data came out as its own top over the previous part's bottom, a picture of no part. Corrupt
+    packets are dropped (OPENCV_FFMPEG_CAPTURE_OPTIONS fflags;discardcorrupt) and the shortfall is logged."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 5, (128, 96))
+    frames = [rng.integers(0, 256, (96, 128, 3), dtype=np.uint8) for _ in range(5)]
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    data = path.read_bytes()
+    starts = [i for i in range(len(data) - 2) if data[i:i + 3] == b"\xff\xd8\xff"]
+    assert len(starts) == 5
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[:(starts[3] + starts[4]) // 2])              # frame 4 cut in the middle of its data
+    src = VideoSource(VideoSourceConfig(path=str(cut)))
+    src.open()
+    read = []
+    with caplog.at_level("WARNING"):
+        while (f := src.read(1.0)) is not None:
+            read.append(f.image)
+    assert len(read) == 3, "the cut frame is not delivered"
+    bottom = [float(np.abs(r[60:].astype(int) - read[2][60:]).mean()) for r in read[:3]]
+    assert bottom[2] == 0 and min(bottom[:2]) > 20                    # three distinct pictures, no concealed copy
+    assert "frames, 3 were read" in caplog.text
