@@ -99,7 +99,7 @@ class Line:
         self.rollout: RolloutManager | None = None
         if cfg.rollout.enabled:   # a sink of records too: it watches the first parts of a new bundle
             self.rollout = RolloutManager(cfg.rollout, cfg.state_dir or "state", load=self._load_offered,
-                                          install=self.install_pipeline, current=lambda: self.pipeline,
+                                          install=self.install_pipeline, current=self._serving,
                                           set_bundle_path=lambda path: setattr(self.cfg, "bundle", path),
                                           withdraw=self.withdraw_pipeline, condemn=self.condemn_bundle)
             self.outputs = [*self.outputs, self.rollout]
@@ -381,6 +381,16 @@ class Line:
             # A reload (SIGHUP) started before this read the bundle path as it was: its outcome is stale now.
             self._install_generation += 1
             self._reload_outcome = (pipeline, None)
+
+    def _serving(self) -> Pipeline | None:
+        """The pipeline in service once the loop applies what is pending (a rollout's install or withdrawal, a
+        reload): the rollout's `current`. The loop swaps between two frames; an offer taken meanwhile, right after a
+        rollback, had taken the failed candidate still in self.pipeline as the bundle to return to (probe 114)."""
+        with self._reload_lock:
+            pending = self._reload_outcome
+        if pending is not None and pending[0] is not None:
+            return None if pending[0] == "withdraw" else pending[0]
+        return self.pipeline
 
     def condemn_bundle(self, bundle_id: str, reason: str) -> None:
         """No verdict from this bundle is published from now on (any thread): a part inspected on it but not yet

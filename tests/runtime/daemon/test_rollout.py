@@ -752,3 +752,55 @@ def test_the_station_files_bundle_changed_since_a_rollout_wins_at_restart_and_si
     assert planned_start_bundle(str(state), str(releases / "v3")) == str(releases / "v3")
     assert manager().startup_bundle(str(releases / "v3")) == str(releases / "v3")
     assert json.loads((state / ROLLOUT_STATE_FILE).read_text())["active"] is None
+
+
+def test_an_offer_taken_right_after_a_rollback_returns_to_the_previous_bundle_not_the_failed_one(tmp_path):
+    """Probe 114: the loop swaps a rolled-back candidate out between two frames; a second offer taken before that
+    (waiting in watch_dir or on MQTT behind the rollback) read the failed candidate, still in line.pipeline, as the
+    bundle in service: its own failed probation then 'rolled back' to that rejected candidate (condemned: FAULT on
+    every part, the station file's bundle never back until a restart), and its floor refused offers under it."""
+    from types import SimpleNamespace
+
+    from edge_runtime.line import Line
+    from edge_runtime.records import InspectionResult, Verdict
+
+    state = tmp_path / "state"
+    doc = {"name": "s7", "bundle": str(tmp_path / "flange-v1"), "state_dir": str(state),
+           "source": {"type": "folder", "path": str(tmp_path / "images")},
+           "rollout": {"enabled": True, "allow_unsigned": True, "staging_dir": str(state / "rollout"),
+                       "probation_parts": 5, "probation_max_faults": 1}}
+    (tmp_path / "station.yaml").write_text(yaml.safe_dump(doc))
+    line = Line(load_station(tmp_path / "station.yaml"), outputs=[])
+    manager = line.rollout
+
+    def pipeline(bundle_id, root):
+        return SimpleNamespace(bundle=SimpleNamespace(bundle_id=bundle_id, bundle_version=2, root=Path(root)),
+                               variant=SimpleNamespace(name="fp32"), knn=1, threshold=1.0)
+
+    def offer(name):
+        folder = tmp_path / "offers" / name
+        folder.mkdir(parents=True)
+        (folder / "model.bin").write_bytes(b"x")
+        (folder / MANIFEST).write_text(yaml.safe_dump({"files": {"model.bin": {"bytes": 1, "sha256": "0" * 64}}}))
+        return str(folder)
+
+    manager._load = lambda path, current: pipeline(Path(path).name.split("-")[0], path)
+    line.pipeline = v1 = pipeline("v1", tmp_path / "flange-v1")
+    assert manager.startup_bundle(line.cfg.bundle) == line.cfg.bundle
+    manager._take_offer(offer("c2"), "mqtt")
+    line._apply_reload()                                # the loop takes the candidate between two frames
+    assert line.pipeline.bundle.bundle_id == "c2"
+    manager.publish(InspectionResult(frame_id=1, source="cam", verdict=Verdict.FAULT, score=None,
+                                     normalized_score=None, threshold=1.0, timings_ms={}, bundle_id="c2",
+                                     error="frame check: too dark"))
+    manager._rollback(*manager._offers.get_nowait()[1])
+    # The next offer, before the loop has swapped c2 out: v1 is what it rolls back to.
+    manager._take_offer(offer("d3"), "mqtt")
+    assert manager.status == "probation" and manager._previous is v1
+    line._apply_reload()
+    manager.publish(InspectionResult(frame_id=2, source="cam", verdict=Verdict.FAULT, score=None,
+                                     normalized_score=None, threshold=1.0, timings_ms={}, bundle_id="d3",
+                                     error="frame check: too dark"))
+    manager._rollback(*manager._offers.get_nowait()[1])
+    line._apply_reload()
+    assert line.pipeline is v1 and line.cfg.bundle == str(tmp_path / "flange-v1")
