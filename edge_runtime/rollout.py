@@ -181,8 +181,11 @@ def planned_start_bundle(state_dir: str | None, configured: str) -> str:
 
 
 # FAULT answers of parts that never reached the bundle (edge_runtime/line.py words them): a line controller that
-# triggers too fast or too late, or a station not ready, must not roll back a good bundle (probe 46).
-NOT_THE_BUNDLE = ("trigger overrun", "trigger expired", "station not ready")
+# triggers too fast or too late, or a station not ready, must not roll back a good bundle (probe 46); nor a camera
+# that gave no frame for a trigger or was lost while it was read (probe 114: three such parts rolled back a good
+# candidate, which was then never taken again).
+NOT_THE_BUNDLE = ("trigger overrun", "trigger expired", "station not ready", "not inspected: source: ",
+                  "not inspected: no frame within ")
 
 
 @dataclass(kw_only=True)

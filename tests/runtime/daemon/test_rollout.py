@@ -804,3 +804,33 @@ def test_an_offer_taken_right_after_a_rollback_returns_to_the_previous_bundle_no
     manager._rollback(*manager._offers.get_nowait()[1])
     line._apply_reload()
     assert line.pipeline is v1 and line.cfg.bundle == str(tmp_path / "flange-v1")
+
+
+def test_a_camera_that_gives_no_frame_or_is_lost_does_not_fail_the_candidates_probation(tmp_path):
+    """Probe 114: 'no frame within 1 s of the trigger' and 'source: camera gone' (line.py's _serve_one: the part was
+    never read, so never reached the bundle) counted as the candidate's FAULTs; three camera hiccups in its first
+    parts rolled back a good bundle, which the station then refused for good."""
+    from edge_runtime.records import InspectionResult, Verdict
+    from edge_runtime.rollout import RolloutConfig, RolloutManager
+
+    condemned = []
+    manager = RolloutManager(RolloutConfig(enabled=True, staging_dir=str(tmp_path / "s"), probation_parts=5,
+                                           probation_max_faults=2),
+                             str(tmp_path / "state"), load=None, install=None, current=lambda: None,
+                             set_bundle_path=lambda p: None, withdraw=lambda reason: None,
+                             condemn=lambda bundle_id, reason: condemned.append(bundle_id))
+    manager.status, manager._candidate_id = "probation", "cand"
+
+    def part(i, error):
+        return InspectionResult(frame_id=i, source="cam", verdict=Verdict.FAULT if error else Verdict.OK,
+                                score=None if error else 1.0, normalized_score=None, threshold=2.0, timings_ms={},
+                                bundle_id="cand", error=error)
+
+    for i, error in enumerate(["triggered part not inspected: no frame within 1 s of the trigger",
+                               "triggered part not inspected: source: /dev/video0: camera gone",
+                               "triggered part not inspected: no frame within 1 s of the trigger"]):
+        manager.publish(part(i, error))
+    assert condemned == [] and manager._parts == 0 and manager._faults == []
+    manager.publish(part(3, "frame check: too dark"))
+    manager.publish(part(4, "frame check: too dark"))
+    assert condemned == ["cand"], "faults of the bundle's own inspections still roll it back"
