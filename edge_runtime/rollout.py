@@ -174,9 +174,10 @@ def planned_start_bundle(state_dir: str | None, configured: str) -> str:
     if not isinstance(state, dict):
         return configured
     previous = state.get("previous")
-    if (state.get("status") == "probation" and previous and Path(previous).is_dir()
-            and not station_file_changed(state, configured)):
-        return previous
+    if state.get("status") == "probation" and not station_file_changed(state, configured):
+        # As startup_bundle: never the candidate; with the previous folder gone or none, the station file's (probe
+        # 114: validate named and checked the candidate as the bundle the daemon starts on).
+        return previous if previous and Path(previous).is_dir() else configured
     return start_bundle(state, configured)
 
 

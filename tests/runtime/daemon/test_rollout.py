@@ -834,3 +834,25 @@ def test_a_camera_that_gives_no_frame_or_is_lost_does_not_fail_the_candidates_pr
     manager.publish(part(3, "frame check: too dark"))
     manager.publish(part(4, "frame check: too dark"))
     assert condemned == ["cand"], "faults of the bundle's own inspections still roll it back"
+
+
+@pytest.mark.parametrize("previous_there", [True, False])
+def test_validate_plans_the_bundle_the_daemon_starts_on_after_a_crash_in_probation(tmp_path, previous_there):
+    """Probe 114: with the previous bundle's folder gone (or none), `validate` named the candidate on probation as
+    the bundle the daemon starts on, and checked it; the daemon starts on the station file's bundle."""
+    from edge_runtime.rollout import RolloutConfig, RolloutManager, planned_start_bundle
+
+    state = tmp_path / "state"
+    state.mkdir()
+    previous, candidate, configured = tmp_path / "v1", tmp_path / "v2", tmp_path / "configured"
+    candidate.mkdir()
+    if previous_there:
+        previous.mkdir()
+    (state / ROLLOUT_STATE_FILE).write_text(json.dumps({
+        "active": str(candidate), "previous": str(previous), "status": "probation", "candidate_id": "c2",
+        "previous_version_record": None}))
+    planned = planned_start_bundle(str(state), str(configured))
+    manager = RolloutManager(RolloutConfig(enabled=True, staging_dir=str(state / "rollout")), str(state), load=None,
+                             install=None, current=lambda: None, set_bundle_path=lambda p: None,
+                             withdraw=lambda reason: None)
+    assert planned == manager.startup_bundle(str(configured)) != str(candidate)
