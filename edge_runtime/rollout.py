@@ -263,9 +263,16 @@ class RolloutManager(Output):
     # -- state file ----------------------------------------------------------------------------------------
     def _read_state(self) -> dict:
         try:
-            return json.loads((self.state_dir / ROLLOUT_STATE_FILE).read_text())
+            state = json.loads((self.state_dir / ROLLOUT_STATE_FILE).read_text())
         except (OSError, ValueError):
             return {}
+        if not isinstance(state, dict):
+            # As an unreadable one (and as planned_start_bundle reads it): a `null` or a list had stopped the line's
+            # start with an AttributeError, the daemon down while `validate` said valid (probe 114).
+            log.error("rollout: %s is not a JSON object (%s); starting without rollout state",
+                      self.state_dir / ROLLOUT_STATE_FILE, type(state).__name__)
+            return {}
+        return state
 
     def _write_state(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -856,3 +856,19 @@ def test_validate_plans_the_bundle_the_daemon_starts_on_after_a_crash_in_probati
                              install=None, current=lambda: None, set_bundle_path=lambda p: None,
                              withdraw=lambda reason: None)
     assert planned == manager.startup_bundle(str(configured)) != str(candidate)
+
+
+@pytest.mark.parametrize("body", ["null", "[]", '"probation"', "7"])
+def test_a_rollout_state_that_is_not_a_json_object_starts_on_the_station_files_bundle(tmp_path, body):
+    """Probe 114: valid JSON that is not an object stopped the line's start with an AttributeError (the daemon down,
+    restarted and down again) while `validate` read it as no state."""
+    from edge_runtime.rollout import RolloutConfig, RolloutManager, planned_start_bundle
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / ROLLOUT_STATE_FILE).write_text(body)
+    manager = RolloutManager(RolloutConfig(enabled=True, staging_dir=str(state / "rollout")), str(state), load=None,
+                             install=None, current=lambda: None, set_bundle_path=lambda p: None,
+                             withdraw=lambda reason: None)
+    configured = str(tmp_path / "configured")
+    assert manager.startup_bundle(configured) == planned_start_bundle(str(state), configured) == configured
