@@ -442,7 +442,12 @@ class RolloutManager(Output):
         while not self._stop.is_set():
             if self.cfg.watch_dir and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + self.cfg.poll_interval_s
-                self._poll_watch_dir()
+                try:
+                    self._poll_watch_dir()
+                except Exception:  # noqa: BLE001 - a full disk or an unreadable entry: this thread also commits
+                    # or rolls back a probation, so it must outlive the watch folder's errors (probe 114's note)
+                    log.exception("rollout: watching %s failed; trying again in %g s", self.cfg.watch_dir,
+                                  self.cfg.poll_interval_s)
             try:
                 item = self._offers.get(timeout=min(self.cfg.poll_interval_s, 1.0))
             except queue.Empty:

@@ -872,3 +872,34 @@ def test_a_rollout_state_that_is_not_a_json_object_starts_on_the_station_files_b
                              withdraw=lambda reason: None)
     configured = str(tmp_path / "configured")
     assert manager.startup_bundle(configured) == planned_start_bundle(str(state), configured) == configured
+
+
+def test_the_rollout_thread_outlives_an_error_watching_its_folder(tmp_path, caplog):
+    """Probe 114's note: the watch folder was listed outside the rollout thread's error handling, so one OSError
+    (disk full writing the state, an unreadable entry) ended the thread that also commits or rolls back a
+    probation. The error is logged and the folder watched again."""
+    import threading
+
+    from edge_runtime.rollout import RolloutConfig, RolloutManager
+
+    cfg = RolloutConfig(enabled=True, allow_unsigned=True, watch_dir=str(tmp_path / "offers"), poll_interval_s=0.05)
+    m = RolloutManager(cfg, str(tmp_path / "state"), load=None, install=None, current=lambda: None,
+                       set_bundle_path=lambda p: None, withdraw=lambda reason: None)
+    calls = []
+
+    def poll():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+
+    m._poll_watch_dir = poll
+    m._line_loaded.set()
+    t = threading.Thread(target=m._run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    m._offers.put(None)
+    t.join(5)
+    assert len(calls) >= 3, "the thread went on watching after the error"
+    assert "rollout: watching" in caplog.text and "No space left on device" in caplog.text
