@@ -368,6 +368,7 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
         if ln.outputs is not None and not any(isinstance(o, ResultLogConfig) for o in ln.outputs):
             ln.outputs.append(ResultLogConfig(path=os.path.join(cfg.state_dir, "lines", ln.name, DEFAULT_RESULT_LOG)))
     check_result_log_paths(cfg)
+    check_ng_image_dirs(cfg)
     if cfg.security.bundle_public_key:
         cfg.security.bundle_public_key = absolute("security.bundle_public_key", cfg.security.bundle_public_key)
     # Outputs with files of their own (MQTT: TLS files, password, outbox; OPC UA: certificate, key) resolve them
@@ -405,6 +406,25 @@ def check_result_log_paths(cfg: StationConfig) -> None:
             raise ConfigError(f"{_ROOT}.{where}.path: result log {out.path} is the file {seen[key]} already writes "
                               f"({key}): give each line its own result log")
         seen[key] = where
+
+
+def check_ng_image_dirs(cfg: StationConfig) -> None:
+    """No NG image folder is a folder a line's source reads: the station would inspect its own NG frames and
+    overlays as new parts (probe 113: ng_images dir = the watch folder; one bad bottle became 1,347 NG and FAULT
+    records in 20 s, each saved image read back as a part). Raises ConfigError."""
+    lines = cfg.lines or []
+    sources = ([(f"lines[{i}].source.path", ln.source) for i, ln in enumerate(lines)] if lines
+               else [("source.path", cfg.source)])
+    folders = {os.path.realpath(src.path): where for where, src in sources if isinstance(src, FolderSourceConfig)}
+    located = ([(f"lines[{i}].outputs[{j}]", o) for i, ln in enumerate(lines) for j, o in enumerate(ln.outputs or [])]
+               if lines else [(f"outputs[{j}]", o) for j, o in enumerate(cfg.outputs)])
+    for where, out in located:
+        if not isinstance(out, NgImageStoreConfig):
+            continue
+        key = os.path.realpath(out.dir)
+        if key in folders:
+            raise ConfigError(f"{_ROOT}.{where}.dir: NG image folder {out.dir} is the folder {folders[key]} reads "
+                              f"({key}): its saved frames would be inspected as new parts; give it another folder")
 
 
 # A station file is a few kB; anything this large is not one (and must not reach the parser).

@@ -174,6 +174,26 @@ def test_two_spellings_of_one_result_log_are_refused(write_station, tmp_path):
             {"type": "result_log", "path": "x.jsonl"}, {"type": "result_log", "path": "./x.jsonl", "fsync": "never"}]))
 
 
+def test_an_ng_image_folder_that_a_source_reads_is_refused(write_station, tmp_path):
+    """Probe 113: ng_images dir = the watch folder validated; the station read its own NG frames and overlays back
+    as new parts (one bad bottle became 1,347 NG and FAULT records in 20 s)."""
+    (tmp_path / "in").mkdir()
+    with pytest.raises(ConfigError, match=r"outputs\[1\]\.dir: NG image folder .* is the folder source\.path reads"):
+        load_station(write_station(bundle="bundle", source={"type": "folder", "path": "in", "mode": "watch"},
+                                   outputs=[{"type": "result_log", "path": "r.jsonl"},
+                                            {"type": "ng_images", "dir": "./in/"}]))
+    # With lines: another line's folder, spelt another way, is refused too.
+    with pytest.raises(ConfigError, match=r"lines\[1\]\.outputs\[1\]\.dir: NG image folder .* is the folder "
+                                          r"lines\[0\]\.source\.path reads"):
+        load_station(write_station(bundle="bundle", lines=[
+            {"name": "a", "source": {"type": "folder", "path": "in", "mode": "watch"}},
+            {"name": "b", "source": {"type": "scripted"},
+             "outputs": [{"type": "result_log", "path": "b.jsonl"}, {"type": "ng_images", "dir": "sub/../in"}]}]))
+    load_station(write_station(bundle="bundle", source={"type": "folder", "path": "in", "mode": "watch"},
+                               outputs=[{"type": "result_log", "path": "r.jsonl"},
+                                        {"type": "ng_images", "dir": "in/ng"}]))   # a sub-folder is never read
+
+
 def test_a_line_whose_replay_ends_stops_while_the_others_go_on(small_bundle, flange_test_folder, write_station,
                                                               tmp_path, free_port, start_station, read_log,
                                                               wait_until):
