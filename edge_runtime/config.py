@@ -411,13 +411,15 @@ def check_result_log_paths(cfg: StationConfig) -> None:
 def check_ng_image_dirs(cfg: StationConfig) -> None:
     """No NG image folder is a folder a line's source reads: the station would inspect its own NG frames and
     overlays as new parts (probe 113: ng_images dir = the watch folder; one bad bottle became 1,347 NG and FAULT
-    records in 20 s, each saved image read back as a part). Raises ConfigError."""
+    records in 20 s, each saved image read back as a part); nor one another NG image store writes. Raises
+    ConfigError."""
     lines = cfg.lines or []
     sources = ([(f"lines[{i}].source.path", ln.source) for i, ln in enumerate(lines)] if lines
                else [("source.path", cfg.source)])
     folders = {os.path.realpath(src.path): where for where, src in sources if isinstance(src, FolderSourceConfig)}
     located = ([(f"lines[{i}].outputs[{j}]", o) for i, ln in enumerate(lines) for j, o in enumerate(ln.outputs or [])]
                if lines else [(f"outputs[{j}]", o) for j, o in enumerate(cfg.outputs)])
+    stores: dict[str, str] = {}
     for where, out in located:
         if not isinstance(out, NgImageStoreConfig):
             continue
@@ -425,6 +427,12 @@ def check_ng_image_dirs(cfg: StationConfig) -> None:
         if key in folders:
             raise ConfigError(f"{_ROOT}.{where}.dir: NG image folder {out.dir} is the folder {folders[key]} reads "
                               f"({key}): its saved frames would be inspected as new parts; give it another folder")
+        if key in stores:
+            # Two stores name a part alike (time to the ms, frame id, verdict, file-name stem; two lines' ids run
+            # in step), so one overwrote the other's image, and each bounded only its own files (probe 113).
+            raise ConfigError(f"{_ROOT}.{where}.dir: NG image folder {out.dir} is the folder {stores[key]} already "
+                              f"writes ({key}): give each NG image store its own folder")
+        stores[key] = where
 
 
 # A station file is a few kB; anything this large is not one (and must not reach the parser).

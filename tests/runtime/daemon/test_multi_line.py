@@ -194,6 +194,24 @@ def test_an_ng_image_folder_that_a_source_reads_is_refused(write_station, tmp_pa
                                         {"type": "ng_images", "dir": "in/ng"}]))   # a sub-folder is never read
 
 
+def test_one_ng_image_folder_for_two_stores_is_refused(write_station, tmp_path):
+    """Probe 113: two lines naming one ng_images dir validated; their frame ids run in step, and two IP cameras'
+    streams ending in the same path (.../Channels/101) gave one name for both lines' part 7 in one millisecond:
+    the second line's image overwrote the first's, and each store bounded only its own files."""
+    with pytest.raises(ConfigError, match=r"lines\[1\]\.outputs\[1\]\.dir: NG image folder .* is the folder "
+                                          r"lines\[0\]\.outputs\[1\] already writes"):
+        load_station(write_station(bundle="bundle", lines=[
+            {"name": "a", "source": {"type": "scripted"},
+             "outputs": [{"type": "result_log", "path": "a.jsonl"}, {"type": "ng_images", "dir": "ng"}]},
+            {"name": "b", "source": {"type": "scripted"},
+             "outputs": [{"type": "result_log", "path": "b.jsonl"}, {"type": "ng_images", "dir": "./ng"}]}]))
+    load_station(write_station(bundle="bundle", lines=[
+        {"name": "a", "source": {"type": "scripted"},
+         "outputs": [{"type": "result_log", "path": "a.jsonl"}, {"type": "ng_images", "dir": "ng/a"}]},
+        {"name": "b", "source": {"type": "scripted"},
+         "outputs": [{"type": "result_log", "path": "b.jsonl"}, {"type": "ng_images", "dir": "ng/b"}]}]))
+
+
 def test_a_line_whose_replay_ends_stops_while_the_others_go_on(small_bundle, flange_test_folder, write_station,
                                                               tmp_path, free_port, start_station, read_log,
                                                               wait_until):
