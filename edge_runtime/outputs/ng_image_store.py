@@ -165,9 +165,12 @@ class NgImageStore(Output):
         self._make_room(len(data), path)
         tmp = path + ".part"
         try:
-            # Written under a temporary name and renamed, so a reader never sees half an image.
+            # Written under a temporary name and renamed, so a reader never sees half an image; fsync'd before the
+            # rename, or a power cut could leave the finished name on an empty or half-written file (probe 113).
             with open(tmp, "wb") as f:
                 f.write(data.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except OSError as exc:
             try:

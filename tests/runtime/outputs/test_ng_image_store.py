@@ -175,6 +175,23 @@ def test_write_failure_is_an_output_error_naming_the_path(tmp_path):
         s.publish(make_result(1, Verdict.NG))
 
 
+
+def test_each_image_is_on_disk_before_it_takes_its_name(tmp_path, monkeypatch):
+    """Probe 113: the temporary file was renamed unsynced; after a power cut the finished name (a new name, which
+    ext4's rename heuristic does not cover) could hold an empty or half-written image."""
+    import edge_runtime.outputs.ng_image_store as module
+    events = []
+    real_fsync, real_replace = module.os.fsync, module.os.replace
+    monkeypatch.setattr(module.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(module.os, "replace", lambda a, b: events.append(("replace", a)) or real_replace(a, b))
+    s = store(tmp_path)
+    s.publish(make_result(1, Verdict.NG))
+    replaced = [a for kind, a in events if kind == "replace"]
+    assert len(replaced) == 2
+    for tmp in replaced:
+        assert events.index(("fsync", tmp)) < events.index(("replace", tmp)), events
+
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="max_files"):
         NgImageStoreConfig(dir="x", max_files=1).validate()
