@@ -116,7 +116,15 @@ class NgImageStore(Output):
             entries = []
             with os.scandir(self.cfg.dir) as it:
                 for entry in it:
-                    if _OWN_FILE.match(entry.name) and entry.is_file(follow_symlinks=False):
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    if entry.name.endswith(".part") and _OWN_FILE.match(entry.name[:-len(".part")]):
+                        # Our write that a crash or power cut interrupted: never counted, it would stay for good.
+                        try:
+                            os.unlink(entry.path)
+                        except OSError:
+                            pass   # the folder still opens; the next start tries again
+                    elif _OWN_FILE.match(entry.name):
                         st = entry.stat(follow_symlinks=False)
                         entries.append((st.st_mtime, entry.name, st.st_size))
         except OSError as exc:

@@ -192,6 +192,16 @@ def test_each_image_is_on_disk_before_it_takes_its_name(tmp_path, monkeypatch):
     for tmp in replaced:
         assert events.index(("fsync", tmp)) < events.index(("replace", tmp)), events
 
+
+def test_a_write_a_crash_interrupted_is_removed_at_start(tmp_path):
+    """Probe 113: a .part left by a crash or power cut mid-write was neither counted nor ever deleted."""
+    (tmp_path / "ng").mkdir()
+    torn = tmp_path / "ng" / "20231114T221321.000Z_f1_NG_cam0.png.part"
+    torn.write_bytes(b"\x89PNG half")
+    (tmp_path / "ng" / "upload.part").write_bytes(b"not ours")
+    store(tmp_path)
+    assert files(tmp_path) == ["upload.part"]
+
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="max_files"):
         NgImageStoreConfig(dir="x", max_files=1).validate()
