@@ -6,6 +6,7 @@ log. Changes are prepared first (`preview_*`) so the person sees their effect be
 """
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
@@ -191,9 +192,20 @@ class Feedback:
         if len(pending) >= PENDING_DEFECTS_MAX:
             raise FeedbackError(f"{len(pending)} escaped parts are stored already (at most {PENDING_DEFECTS_MAX}): "
                                 "an engineer recalibrates with them first")
-        self.pending_dir.mkdir(parents=True, exist_ok=True)
         path = self.pending_dir / f"{int(time.time())}_{frame_id}.png"
-        path.write_bytes(img.data)
+        tmp = self.pending_dir / f".{path.name}.part"   # not *.png: never read as a stored defect
+        try:
+            # Whole or not at all (probe 113: a write cut short by a full disk left a torn PNG under the final
+            # name; the next click answered 'stored' and every recalibration failed on it until it was deleted).
+            self.pending_dir.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(img.data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise FeedbackError(f"part {frame_id} not stored: {exc.strerror or exc}") from None
         self.history.mark(frame_id, f"marked bad by {who}")
         from edge_runtime.bank_adapt import append_audit
 

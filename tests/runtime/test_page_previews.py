@@ -3,6 +3,8 @@ bounded memory: probe 104's operator ran 6 previews at once, each holding the wh
 bottle) for the preview's 10 minutes; the daemon grew from 213 to 917 MB in 2 s and inspection p50 from 10 to 68 ms."""
 from __future__ import annotations
 
+import resource
+import signal
 import threading
 
 import cv2
@@ -94,3 +96,21 @@ def test_an_escaped_part_is_stored_once_and_the_store_is_bounded(station, monkey
     with pytest.raises(FeedbackError, match=r"3 escaped parts are stored already \(at most 3\)"):
         fb.mark_bad(fid, "otto")
     assert not (fb.pending_dir / first["stored"]).exists()
+
+
+def test_an_escaped_part_whose_write_fails_is_not_stored(station):
+    """Probe 113: a write cut short (disk full) left a torn PNG under the final name; the next click answered
+    'stored' and every recalibration failed on it ('not a decodable PNG image') until someone deleted it."""
+    fb, fid = station
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))    # the disk fills after 2000 bytes
+    try:
+        with pytest.raises(FeedbackError, match="part 7 not stored: File too large"):
+            fb.mark_bad(fid, "otto")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert list(fb.pending_dir.iterdir()) == []
+    stored = fb.mark_bad(fid, "otto")                           # the disk has room again: stored whole
+    assert cv2.imread(str(fb.pending_dir / stored["stored"])) is not None
