@@ -232,7 +232,10 @@ class OutputBus:
         for out in self.lines:
             self._dispatch(out, "publish", result, expires=expires)
         for out in self.records:
-            self._dispatch(out, "publish", result)
+            # Parts an output ignores stay out of its worker's queue (probe 113: behind a slow NG image store, the
+            # OK parts it never saves filled the queue of 64 and pushed out two NG parts of a bad batch).
+            if out.wants(result):
+                self._dispatch(out, "publish", result)
         return failure
 
     def probe_records(self) -> str | None:

@@ -47,6 +47,11 @@ class Output(abc.ABC):
     def publish(self, result: InspectionResult) -> None:
         """Signal one inspected (or faulted) part."""
 
+    def wants(self, result: InspectionResult) -> bool:
+        """Whether publish(result) would do anything: a record output on a worker is not handed the parts it
+        ignores, so they never take a place in its bounded queue from the parts it keeps."""
+        return True
+
     def acknowledge(self) -> None:
         """The PLC acknowledged the last verdict: withdraw it (handshake mode)."""
 

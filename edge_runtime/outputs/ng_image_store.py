@@ -135,15 +135,18 @@ class NgImageStore(Output):
         self._started = True
         self._enforce_bounds()
 
-    def publish(self, result: InspectionResult) -> None:
+    def wants(self, result: InspectionResult) -> bool:
         if result.verdict is Verdict.OK:
-            return
+            return False
         if result.verdict is Verdict.FAULT and not self.cfg.save_faults:
-            return
+            return False
         if result.verdict is Verdict.REVIEW and not self.cfg.save_review:
+            return False
+        return result.image is not None  # a FAULT before decoding has no pixels to keep; the result log has the reason
+
+    def publish(self, result: InspectionResult) -> None:
+        if not self.wants(result):
             return
-        if result.image is None:
-            return  # a FAULT before decoding has no pixels to keep; the result log has the reason
         if not self._started:
             self.start()
         try:

@@ -222,6 +222,28 @@ def test_a_stalled_output_never_blocks_the_loop_and_drops_are_counted():
     assert bus.output_counters()["output_dropped"] == bus.counters.dropped
 
 
+
+def test_parts_the_ng_image_store_ignores_never_crowd_its_queue(tmp_path):
+    """Probe 113: behind a slow NG image store (a large frame's PNG on an SD card, ~1 s), the OK parts it never
+    saves filled its queue and pushed out the NG parts of a bad batch: 5 NG parts at 100 parts/s, 3 images."""
+    import numpy as np
+
+    from edge_runtime.outputs.ng_image_store import NgImageStore, NgImageStoreConfig
+
+    store = NgImageStore(NgImageStoreConfig(dir=str(tmp_path / "ng"), format="png", min_free_mb=0))
+    disk_free, real_save = threading.Event(), store._save
+    store._save = lambda *a: disk_free.wait(30) and real_save(*a)
+    bus = OutputBus([ResultLog(ResultLogConfig(path=str(tmp_path / "r.jsonl"), fsync="never")), store], queue_size=4)
+    bus.start()
+    for i in range(20):                                  # NG at 0 (being written), 1 and 2 (queued), then 17 OK
+        result = make_result(i, Verdict.NG if i < 3 else Verdict.OK)
+        result.image = np.zeros((8, 8, 3), np.uint8)
+        bus.publish(result)
+    disk_free.set()
+    bus.close()
+    assert sorted(int(n.split("_f")[1].split("_")[0]) for n in os.listdir(tmp_path / "ng")) == [0, 1, 2]
+    assert bus.counters.dropped == 0
+
 def test_a_verdict_queued_past_its_deadline_is_never_sent_late(caplog):
     """A stalled serial port holds part 1's OK past the controller's timeout; by then the controller may have
     triggered part 2. The OK must not reach the port after the deadline; part 2's own verdict still does."""
