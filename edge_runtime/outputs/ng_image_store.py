@@ -23,8 +23,9 @@ import numpy as np
 from edge_runtime.outputs.base import OUTPUTS, Output, OutputError
 from edge_runtime.records import InspectionResult, Verdict
 
-# <UTC time>_f<frame id>_<verdict>_<source stem>[_overlay].<ext>; the stem is reduced to [A-Za-z0-9-].
-_OWN_FILE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z_f\d+_(NG|REVIEW|FAULT)_[A-Za-z0-9-]*(_overlay)?\.(jpg|png)$")
+# <UTC time>_f<frame id>_<verdict>_<source stem>[_overlay].<ext>; the stem is reduced to [A-Za-z0-9-]. \Z, not $:
+# $ also matches before a final newline, and such a name is not one this store writes (it would be deleted).
+_OWN_FILE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z_f\d+_(NG|REVIEW|FAULT)_[A-Za-z0-9-]*(_overlay)?\.(jpg|png)\Z")
 # JET maps 0.875 to pure red: the threshold lands there, so red means "at or above threshold".
 _THRESHOLD_LEVEL = 224
 

@@ -167,6 +167,18 @@ def test_restart_counts_existing_files_and_never_deletes_foreign_ones(tmp_path):
     assert "operator-notes.txt" in names and not any("_f2_" in n for n in names)
 
 
+
+def test_a_foreign_name_that_only_adds_a_newline_is_never_deleted(tmp_path):
+    """Probe 113: the own-name pattern ended in $, which matches before a final newline: a file named like an
+    image of the store plus '\\n' was counted as the store's and deleted as its oldest."""
+    (tmp_path / "ng").mkdir()
+    foreign = "20000101T000000.000Z_f1_NG_cam0.png\n"
+    (tmp_path / "ng" / foreign).write_bytes(b"not ours")
+    s = store(tmp_path, max_files=2)
+    for frame_id in (1, 2):
+        s.publish(make_result(frame_id, Verdict.NG))
+    assert foreign in files(tmp_path) and len(s._files) == 2
+
 def test_write_failure_is_an_output_error_naming_the_path(tmp_path):
     s = store(tmp_path)
     os.rmdir(tmp_path / "ng")
