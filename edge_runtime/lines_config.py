@@ -23,7 +23,7 @@ from edge_runtime.triggers import TriggerConfig
 
 __all__ = ["LineConfig", "line_station_configs", "resolve_line_paths", "validate_lines"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")   # \Z: $ lets a final newline in (probe 113)
 
 # inference.threads (and a line's threads): onnxruntime's intra-op pool and faiss's OpenMP take a C int, and every
 # thread beyond the cores only spins (probe 73: threads 2147483648 validated, then every bundle load failed with

@@ -40,7 +40,7 @@ log = logging.getLogger("edge_runtime.recipes")
 
 __all__ = ["RecipeConfig", "RecipesConfig", "RecipeSwitcher", "RECIPE_STATUS"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")   # \Z: $ lets a final newline in (probe 113)
 # In the line's state_dir: the recipe active and the PLC's last choice, resumed after a restart.
 SELECTION_FILE = "recipe_selected.json"
 UNSAVED_SUFFIX = ".unsaved"   # the selection file set aside when a newer one could not be written

@@ -91,6 +91,9 @@ def test_lines_errors_name_the_key(write_station, small_bundle, tmp_path):
         load_station(write_station(bundle=small_bundle, lines=[{"name": "a", "source": {"type": "scripted"}}, {"name": "a", "source": {"type": "scripted"}}]))
     with pytest.raises(ConfigError, match=r"lines\[0\]\.name: expected 1-32 letters"):
         load_station(write_station(bundle=small_bundle, lines=[{"name": "a b", "source": {"type": "scripted"}}]))
+    # Probe 113: 'a\n' passed ($ matches before a final newline): results-a\n.jsonl, a newline in every topic.
+    with pytest.raises(ConfigError, match=r"lines\[0\]\.name: expected 1-32 letters"):
+        load_station(write_station(bundle=small_bundle, lines=[{"name": "a\n", "source": {"type": "scripted"}}]))
     with pytest.raises(ConfigError, match=r"lines\[1\]\.bundle: required when the station names no bundle"):
         load_station(write_station(lines=[{"name": "a", "source": {"type": "scripted"}, "bundle": str(small_bundle)},
                                           {"name": "b", "source": {"type": "scripted"}}]))

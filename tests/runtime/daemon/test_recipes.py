@@ -422,6 +422,9 @@ def test_recipe_errors_name_the_key(write_station, small_bundle):
     with pytest.raises(ConfigError, match=r"modbus_register: must be in the PLC area 16\.\.31"):
         load_station(write_station(source={"type": "scripted"}, recipes={
             "modbus_register": 3, "recipes": [{"name": "a", "number": 1, "bundle": "x"}]}))
+    # Probe 113: 'a\n' passed ($ matches before a final newline) and named a recipe folder and the journal's lines.
+    with pytest.raises(ConfigError, match=r"name: expected 1-32 letters, digits, '_', '\.', '-', got 'a\\n'"):
+        load_station(write_station(source=src, recipes={"recipes": [{"name": "a\n", "number": 1, "bundle": "x"}]}))
 
 
 def test_a_recipe_named_like_another_recipes_number_is_refused(write_station):
