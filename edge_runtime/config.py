@@ -390,15 +390,20 @@ def resolve_paths(cfg: StationConfig, base: Path) -> StationConfig:
     return cfg
 
 
+def _located_outputs(cfg: StationConfig) -> list[tuple[str, object]]:
+    """(key path, output config) of every output the station file declares: each line's, or the station's."""
+    if cfg.lines:
+        return [(f"lines[{i}].outputs[{j}]", o) for i, ln in enumerate(cfg.lines) for j, o in enumerate(ln.outputs or [])]
+    return [(f"outputs[{j}]", o) for j, o in enumerate(cfg.outputs)]
+
+
 def check_result_log_paths(cfg: StationConfig) -> None:
     """No two result logs the station writes are one file, however the file spells them (`x.jsonl` and
     `./x.jsonl`, a line's default results-<name>.jsonl named by another line, a symlink): validate compares the
     paths as written, before they are resolved (probe 60: two lines shared one log, with colliding frame ids, and
     one line's recovery from a failed write cut the other line's acknowledged records off). Raises ConfigError."""
-    located = ([(f"lines[{i}].outputs[{j}]", o) for i, ln in enumerate(cfg.lines) for j, o in enumerate(ln.outputs or [])]
-               if cfg.lines else [(f"outputs[{j}]", o) for j, o in enumerate(cfg.outputs)])
     seen: dict[str, str] = {}
-    for where, out in located:
+    for where, out in _located_outputs(cfg):
         if not isinstance(out, ResultLogConfig):
             continue
         key = os.path.realpath(out.path)
@@ -417,10 +422,8 @@ def check_ng_image_dirs(cfg: StationConfig) -> None:
     sources = ([(f"lines[{i}].source.path", ln.source) for i, ln in enumerate(lines)] if lines
                else [("source.path", cfg.source)])
     folders = {os.path.realpath(src.path): where for where, src in sources if isinstance(src, FolderSourceConfig)}
-    located = ([(f"lines[{i}].outputs[{j}]", o) for i, ln in enumerate(lines) for j, o in enumerate(ln.outputs or [])]
-               if lines else [(f"outputs[{j}]", o) for j, o in enumerate(cfg.outputs)])
     stores: dict[str, str] = {}
-    for where, out in located:
+    for where, out in _located_outputs(cfg):
         if not isinstance(out, NgImageStoreConfig):
             continue
         key = os.path.realpath(out.dir)
